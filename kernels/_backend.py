@@ -1,0 +1,34 @@
+"""Choosing between the Triton kernels and the plain-torch references."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKEND_ENV_VAR = "KIMI_HF_KERNEL_BACKEND"
+_BACKENDS = ("triton", "torch")
+
+
+def _triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
+    """Return ``"triton"`` or ``"torch"`` for an op called on ``tensor``.
+
+    Priority: the explicit ``backend`` argument, then the ``KIMI_HF_KERNEL_BACKEND`` environment
+    variable, then the default: Triton on CUDA tensors (and on CPU tensors when Triton's interpreter
+    is on, ``TRITON_INTERPRET=1``), the torch reference otherwise.
+    """
+    choice = backend if backend is not None else os.environ.get(BACKEND_ENV_VAR) or None
+    if choice is None:
+        return "triton" if tensor.is_cuda or _triton_interpreter_on() else "torch"
+    if choice not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {choice!r}: expected one of {_BACKENDS}")
+    if choice == "triton" and not (tensor.is_cuda or _triton_interpreter_on()):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {tensor.device}); "
+            "set TRITON_INTERPRET=1 to run the kernels on CPU under Triton's interpreter"
+        )
+    return choice
