@@ -18,12 +18,12 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op called on ``tensor``.
 
     Priority: the explicit ``backend`` argument, then the ``KIMI_HF_KERNEL_BACKEND`` environment
-    variable, then the default: Triton on CUDA tensors (and on CPU tensors when Triton's interpreter
-    is on, ``TRITON_INTERPRET=1``), the torch reference otherwise.
+    variable, then the default: Triton on CUDA tensors, the torch reference otherwise. Triton on CPU
+    tensors must be asked for explicitly and needs Triton's interpreter (``TRITON_INTERPRET=1``).
     """
     choice = backend if backend is not None else os.environ.get(BACKEND_ENV_VAR) or None
     if choice is None:
-        return "triton" if tensor.is_cuda or _triton_interpreter_on() else "torch"
+        return "triton" if tensor.is_cuda else "torch"
     if choice not in _BACKENDS:
         raise ValueError(f"unknown kernel backend {choice!r}: expected one of {_BACKENDS}")
     if choice == "triton" and not (tensor.is_cuda or _triton_interpreter_on()):
