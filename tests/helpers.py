@@ -1,4 +1,5 @@
-"""Assertions shared by the tests."""
+"""Assertions shared by the tests (importable as `helpers`: pytest puts tests/ on sys.path;
+the repository root must not be on it, or its `kernels/` folder would shadow Hugging Face's `kernels`)."""
 
 import torch
 
