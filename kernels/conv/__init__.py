@@ -1,0 +1,117 @@
+"""Short causal depthwise convolution (+ SiLU) of KDA layers: prefill/training and one-token decode.
+
+``causal_conv1d`` runs a whole (optionally packed, variable-length) batch and can return the conv
+state for decoding; ``causal_conv1d_update`` consumes one token per sequence and updates that state
+in place. Both dispatch to the Triton kernels or to the plain-torch reference (``naive.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .naive import naive_causal_conv1d, naive_causal_conv1d_update
+
+__all__ = ["causal_conv1d", "causal_conv1d_update", "naive_causal_conv1d", "naive_causal_conv1d_update"]
+
+_ACTIVATIONS = ("silu", None)
+
+
+def _check_weight_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, dim: int, activation: str | None
+) -> torch.Tensor:
+    """Validate and return weight as ``[D, W]`` (the checkpoint's ``[D, 1, W]`` is accepted)."""
+    if weight.dim() == 3 and weight.shape[1] == 1:
+        weight = weight.squeeze(1)
+    if weight.dim() != 2 or weight.shape[0] != dim:
+        raise ValueError(f"weight must be [D, W] or [D, 1, W] with D={dim}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (dim,):
+        raise ValueError(f"bias must be [D] with D={dim}, got {tuple(bias.shape)}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    return weight
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y[t] = act(sum_{j<W} weight[:, j] * x[t - W + 1 + j] + bias), per channel, causal.
+
+    Args:
+        x: ``[B, T, D]`` (B must be 1 when ``cu_seqlens`` is given).
+        weight: ``[D, W]`` or ``[D, 1, W]``.
+        bias: ``[D]`` or None.
+        activation: ``"silu"`` or None.
+        initial_state: ``[N, D, W]``, the last W inputs before t=0 of each sequence (oldest first),
+            or None for zero history. N = B, or ``len(cu_seqlens) - 1``.
+        output_final_state: also return the state ``[N, D, W]`` after the last token (x's dtype).
+        cu_seqlens: ``[N + 1]`` integer offsets of packed sequences along T, or None.
+        backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
+
+    Returns:
+        ``(y [B, T, D] in x's dtype, final_state or None)``. Differentiable w.r.t. x, weight, bias and
+        initial_state.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, D], got shape {tuple(x.shape)}")
+    batch, _, dim = x.shape
+    weight = _check_weight_bias(weight, bias, dim, activation)
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        if batch != 1:
+            raise ValueError(f"packed input (cu_seqlens) needs B == 1, got B={batch}")
+    num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (num_seqs, dim, weight.shape[1]):
+        raise ValueError(
+            f"initial_state must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(initial_state.shape)}"
+        )
+    if resolve_backend(backend, x) == "torch":
+        return naive_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+    raise NotImplementedError("the Triton causal_conv1d kernels are not written yet: use backend='torch'")
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decode one token per sequence with the short conv; ``conv_state`` is updated in place.
+
+    Args:
+        x: ``[N, D]`` or ``[N, 1, D]``.
+        conv_state: ``[N, D, W]`` (the last W inputs, oldest first); shifted left and x appended.
+        weight: ``[D, W]`` or ``[D, 1, W]``; bias ``[D]`` or None; activation ``"silu"`` or None.
+        backend: ``"triton"``, ``"torch"`` or None.
+
+    Returns:
+        y with x's shape and dtype: act(sum(conv_state * weight, -1) + bias) after the update.
+    """
+    squeeze = x.dim() == 3
+    if squeeze:
+        if x.shape[1] != 1:
+            raise ValueError(f"x must be [N, D] or [N, 1, D] (one token), got shape {tuple(x.shape)}")
+        x = x.squeeze(1)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D] or [N, 1, D], got shape {tuple(x.shape)}")
+    num_seqs, dim = x.shape
+    weight = _check_weight_bias(weight, bias, dim, activation)
+    if tuple(conv_state.shape) != (num_seqs, dim, weight.shape[1]):
+        raise ValueError(
+            f"conv_state must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(conv_state.shape)}"
+        )
+    if resolve_backend(backend, x) == "torch":
+        y = naive_causal_conv1d_update(x, conv_state, weight, bias, activation)
+    else:
+        raise NotImplementedError("the Triton causal_conv1d_update kernel is not written yet: use backend='torch'")
+    return y.unsqueeze(1) if squeeze else y

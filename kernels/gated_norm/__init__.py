@@ -1,0 +1,46 @@
+"""Gated RMSNorm of KDA's output: ``RMSNorm(x) * weight * act(gate)``, Triton or plain torch."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .naive import naive_gated_rms_norm
+
+__all__ = ["gated_rms_norm", "naive_gated_rms_norm"]
+
+_ACTIVATIONS = ("sigmoid", "silu")
+
+
+def gated_rms_norm(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    activation: str = "sigmoid",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = x * rsqrt(mean(x^2, -1) + eps) * weight * act(gate), computed in float32.
+
+    Args:
+        x: ``[..., D]``.
+        gate: same shape as x (pre-activation).
+        weight: ``[D]``.
+        eps: added to the mean square.
+        activation: ``"sigmoid"`` (Kimi Linear) or ``"silu"``.
+        backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
+
+    Returns:
+        y with x's shape and dtype; differentiable w.r.t. x, gate and weight.
+    """
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., D] with D > 0, got shape {tuple(x.shape)}")
+    if gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"weight must be [D] with D={x.shape[-1]}, got {tuple(weight.shape)}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if resolve_backend(backend, x) == "torch":
+        return naive_gated_rms_norm(x, gate, weight, eps, activation)
+    raise NotImplementedError("the Triton gated_rms_norm kernels are not written yet: use backend='torch'")
