@@ -1,0 +1,323 @@
+"""Configuration of Kimi Linear: hybrid KDA (Kimi Delta Attention) + MLA + MoE decoder.
+
+The field names and their meaning are those of the public checkpoints'
+(``moonshotai/Kimi-Linear-48B-A3B-*``) ``config.json``, which this class reads as it is and writes back
+in the same layout, so that the official remote code and transformers' native ``kimi_linear`` read
+what we save. In particular ``linear_attn_config["kda_layers"]`` and ``["full_attn_layers"]`` are
+**1-indexed** layer lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
+RESIDUAL_MODES = ("standard", "full", "block")
+
+_POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "num_experts",
+    "num_experts_per_token",
+    "moe_intermediate_size",
+    "moe_layer_freq",
+    "num_expert_group",
+    "topk_group",
+)
+
+
+def _default_linear_attn_config(num_hidden_layers: int) -> dict[str, Any]:
+    # The 48B model's pattern: full attention every 4th layer and at the last layer (1-indexed).
+    full = sorted({i for i in range(4, num_hidden_layers + 1, 4)} | {num_hidden_layers})
+    return {
+        "kda_layers": [i for i in range(1, num_hidden_layers + 1) if i not in full],
+        "full_attn_layers": full,
+        "num_heads": 32,
+        "head_dim": 128,
+        "short_conv_kernel_size": 4,
+    }
+
+
+class KimiLinearConfig(PreTrainedConfig):
+    r"""Configuration for :class:`~kimi_hf.KimiLinearModel` and :class:`~kimi_hf.KimiLinearForCausalLM`.
+
+    Defaults are those of Kimi-Linear-48B-A3B. Beyond the official fields:
+
+    - ``residual`` (``"standard"``, ``"full"`` or ``"block"``) and ``attn_res_block_size`` select
+      Attention Residuals (arXiv 2603.15031) in place of the residual sum. A config with AttnRes is
+      saved with ``model_type: "kimi_linear_attn_res"`` so that classes that would ignore the AttnRes
+      weights (transformers' native ``kimi_linear``, the official remote code) refuse it.
+    - ``router_bias_update_rate``: step size of the auxiliary-loss-free load balancing of the MoE
+      routers (the correction bias moves by this amount towards under-loaded experts at each training
+      forward; 0 keeps it frozen, as the official checkpoints expect for fine-tuning).
+    - ``output_router_logits``: return the routers' logits.
+
+    Raises:
+        ValueError: naming the field and the value, for inconsistent or out-of-range settings.
+    """
+
+    model_type = "kimi_linear"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    attribute_map = {
+        "num_local_experts": "num_experts",
+        "num_experts_per_tok": "num_experts_per_token",
+        "n_shared_experts": "num_shared_experts",
+        "n_routed_experts": "num_experts",
+        "max_position_embeddings": "model_max_length",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 163840,
+        hidden_size: int = 2304,
+        intermediate_size: int = 9216,
+        num_hidden_layers: int = 27,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = 72,
+        hidden_act: str = "silu",
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-5,
+        use_cache: bool = True,
+        pad_token_id: int | None = 163839,
+        bos_token_id: int | None = 163584,
+        eos_token_id: int | list[int] | None = 163586,
+        tie_word_embeddings: bool = False,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        model_max_length: int = 1048576,
+        attention_dropout: float = 0.0,
+        # MLA
+        q_lora_rank: int | None = None,
+        kv_lora_rank: int = 512,
+        qk_nope_head_dim: int = 128,
+        qk_rope_head_dim: int = 64,
+        v_head_dim: int = 128,
+        mla_use_nope: bool = True,
+        # MoE
+        num_experts: int = 256,
+        num_experts_per_token: int = 8,
+        num_shared_experts: int = 1,
+        moe_intermediate_size: int = 1024,
+        first_k_dense_replace: int = 1,
+        moe_layer_freq: int = 1,
+        moe_router_activation_func: str = "sigmoid",
+        moe_renormalize: bool = True,
+        routed_scaling_factor: float = 2.446,
+        use_grouped_topk: bool = True,
+        num_expert_group: int = 1,
+        topk_group: int = 1,
+        router_bias_update_rate: float = 0.0,
+        output_router_logits: bool = False,
+        # KDA
+        linear_attn_config: dict[str, Any] | None = None,
+        # Attention Residuals
+        residual: str = "standard",
+        attn_res_block_size: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim
+        self.hidden_act = hidden_act
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+        self.model_max_length = model_max_length
+        self.attention_dropout = attention_dropout
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.mla_use_nope = mla_use_nope
+        self.num_experts = num_experts
+        self.num_experts_per_token = num_experts_per_token
+        self.num_shared_experts = num_shared_experts
+        self.moe_intermediate_size = moe_intermediate_size
+        self.first_k_dense_replace = first_k_dense_replace
+        self.moe_layer_freq = moe_layer_freq
+        self.moe_router_activation_func = moe_router_activation_func
+        self.moe_renormalize = moe_renormalize
+        self.routed_scaling_factor = routed_scaling_factor
+        self.use_grouped_topk = use_grouped_topk
+        self.num_expert_group = num_expert_group
+        self.topk_group = topk_group
+        self.router_bias_update_rate = router_bias_update_rate
+        self.output_router_logits = output_router_logits
+        if linear_attn_config is None:
+            linear_attn_config = _default_linear_attn_config(num_hidden_layers)
+        # Copies, so that the caller's dict (often the json one) is never aliased.
+        self.linear_attn_config = dict(linear_attn_config)
+        self.residual = residual
+        self.attn_res_block_size = attn_res_block_size
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_kimi_linear()
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def kda_layers(self) -> list[int]:
+        """0-indexed KDA layers."""
+        return [i - 1 for i in self.linear_attn_config["kda_layers"]]
+
+    @property
+    def full_attn_layers(self) -> list[int]:
+        """0-indexed MLA (full attention) layers."""
+        return [i - 1 for i in self.linear_attn_config["full_attn_layers"]]
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Per layer (0-indexed): ``"linear_attention"`` (KDA) or ``"full_attention"`` (MLA)."""
+        kda = set(self.kda_layers)
+        return ["linear_attention" if i in kda else "full_attention" for i in range(self.num_hidden_layers)]
+
+    @property
+    def linear_num_heads(self) -> int:
+        return int(self.linear_attn_config["num_heads"])
+
+    @property
+    def linear_head_dim(self) -> int:
+        return int(self.linear_attn_config["head_dim"])
+
+    @property
+    def linear_conv_kernel_size(self) -> int:
+        return int(self.linear_attn_config.get("short_conv_kernel_size", 4))
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """The official rule (0-indexed): MoE from ``first_k_dense_replace`` on, every ``moe_layer_freq``."""
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    @property
+    def num_sublayers(self) -> int:
+        """Attention and MLP/MoE sublayers: the "layers" of Attention Residuals."""
+        return 2 * self.num_hidden_layers
+
+    # ------------------------------------------------------------------ validation
+    def validate_kimi_linear(self) -> None:
+        """Check every field; raise ``ValueError`` naming the first bad one."""
+        for name in _POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("qk_rope_head_dim", "num_shared_experts", "first_k_dense_replace"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise ValueError(f"q_lora_rank must be None or a positive integer, got {self.q_lora_rank!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must equal num_attention_heads "
+                f"({self.num_attention_heads}): MLA expands one latent into per-head keys and values"
+            )
+        if not self.mla_use_nope:
+            raise ValueError(
+                "mla_use_nope=False (rotary MLA) is not supported: Kimi Linear's MLA layers use no positional "
+                "encoding (the KDA layers carry position), and no public checkpoint sets it"
+            )
+        if self.num_experts_per_token > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_token ({self.num_experts_per_token}) must be <= num_experts ({self.num_experts})"
+            )
+        if self.moe_router_activation_func not in ROUTER_ACTIVATIONS:
+            raise ValueError(
+                f"moe_router_activation_func must be one of {ROUTER_ACTIVATIONS}, got {self.moe_router_activation_func!r}"
+            )
+        if self.num_experts % self.num_expert_group:
+            raise ValueError(
+                f"num_experts ({self.num_experts}) must be divisible by num_expert_group ({self.num_expert_group})"
+            )
+        if self.topk_group > self.num_expert_group:
+            raise ValueError(f"topk_group ({self.topk_group}) must be <= num_expert_group ({self.num_expert_group})")
+        if self.use_grouped_topk and self.num_experts_per_token > self.topk_group * (
+            self.num_experts // self.num_expert_group
+        ):
+            raise ValueError(
+                f"num_experts_per_token ({self.num_experts_per_token}) exceeds the experts reachable in topk_group "
+                f"({self.topk_group}) groups of {self.num_experts // self.num_expert_group}"
+            )
+        if self.router_bias_update_rate < 0:
+            raise ValueError(f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate!r}")
+        self._validate_linear_attn_config()
+        self._validate_residual()
+
+    def _validate_linear_attn_config(self) -> None:
+        cfg = self.linear_attn_config
+        for key in ("kda_layers", "full_attn_layers", "num_heads", "head_dim"):
+            if key not in cfg:
+                raise ValueError(f"linear_attn_config is missing {key!r} (got keys {sorted(cfg)})")
+        for key in ("num_heads", "head_dim", "short_conv_kernel_size"):
+            value = cfg.get(key, 4)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"linear_attn_config[{key!r}] must be a positive integer, got {value!r}")
+        n = self.num_hidden_layers
+        seen: dict[int, str] = {}
+        for key in ("kda_layers", "full_attn_layers"):
+            for layer in cfg[key]:
+                if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n:
+                    raise ValueError(
+                        f"linear_attn_config[{key!r}] names layer {layer!r}, outside 1..{n} "
+                        "(the lists are 1-indexed, num_hidden_layers={n})".format(n=n)
+                    )
+                if layer in seen:
+                    raise ValueError(
+                        f"linear_attn_config: layer {layer} is listed in both {seen[layer]!r} and {key!r}"
+                        if seen[layer] != key
+                        else f"linear_attn_config[{key!r}] lists layer {layer} twice"
+                    )
+                seen[layer] = key
+        missing = [i for i in range(1, n + 1) if i not in seen]
+        if missing:
+            raise ValueError(
+                f"linear_attn_config: layers {missing} (1-indexed) are in neither 'kda_layers' nor 'full_attn_layers'"
+            )
+
+    def _validate_residual(self) -> None:
+        if self.residual not in RESIDUAL_MODES:
+            raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
+        if self.residual == "block":
+            size = self.attn_res_block_size
+            if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.num_sublayers:
+                raise ValueError(
+                    f"attn_res_block_size must be an integer in 1..{self.num_sublayers} (the number of sublayers, "
+                    f"2 * num_hidden_layers) for residual='block', got {size!r}"
+                )
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        if self.residual != "standard":
+            output["model_type"] = "kimi_linear_attn_res"
+        return output
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        # Write every field, like the official config.json: readers with other defaults (the native class,
+        # the official remote code) must see our values, not theirs.
+        return self.to_dict()

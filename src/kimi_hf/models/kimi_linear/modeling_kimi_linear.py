@@ -1,0 +1,760 @@
+"""Kimi Linear (arXiv 2510.26692): hybrid KDA + MLA + MoE decoder as transformers classes.
+
+Module and parameter names are those of the public checkpoints (``moonshotai/Kimi-Linear-48B-A3B-*``),
+so their safetensors load as they are and what we save loads in the official remote code and in
+transformers' native ``kimi_linear``. Unlike the official remote code the MoE trains, the MLA cache
+keeps the compressed latent, and padded or packed batches never leak state between sequences.
+
+KDA math runs through :mod:`kimi_hf.kernels` (Triton on CUDA, the plain-torch reference elsewhere;
+``KIMI_HF_KERNEL_BACKEND=torch|triton`` forces one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
+from kimi_hf.kernels.gated_norm import gated_rms_norm
+from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
+
+from .cache_kimi_linear import KimiLinearCache
+from .configuration_kimi_linear import KimiLinearConfig
+
+logger = logging.get_logger(__name__)
+
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` (5.2x);
+# we accept both spellings and return the cache under the name the installed `generate()` reads.
+CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# Official checkpoint names (see REFERENCE.md); transformers' native class saves the dense MLP of
+# layer 0 under `block_sparse_moe.*`: `from_pretrained` maps it back.
+NATIVE_DENSE_MLP_KEY_MAPPING = {
+    r"^(model\.)?layers\.(\d+)\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.": r"\1layers.\2.mlp.\3.",
+}
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+@dataclass
+class SequenceLayout:
+    """Where the real tokens of a batch are, computed once per forward and shared by all layers.
+
+    Attributes:
+        indices: ``[n_real]`` flat indices of the real tokens in ``[B * T]``, or None when every token is
+            real and the batch is not packed (then layers run on the padded tensor as is).
+        cu_seqlens: ``[N + 1]`` int32 cumulative lengths of the real-token sequences (N = B when unpadding
+            a padded batch; the packed sequences for a packed batch), or None.
+        mla_mask: ``[B, 1, T, S]`` bool mask for MLA (True = attend), or None for plain causal attention.
+    """
+
+    indices: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    mla_mask: torch.Tensor | None
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, ...]`` -> ``[1, n_real, ...]`` (a view when nothing is removed)."""
+        if self.indices is None:
+            return x if self.cu_seqlens is None else x.reshape(1, -1, *x.shape[2:])
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.indices).unsqueeze(0)
+
+    def unpack(self, y: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+        """Inverse of :meth:`pack`; padding positions get zeros."""
+        if self.indices is None:
+            return y.reshape(batch, seq_len, *y.shape[2:])
+        out = y.new_zeros(batch * seq_len, *y.shape[2:])
+        out.index_copy_(0, self.indices, y.squeeze(0))
+        return out.view(batch, seq_len, *y.shape[2:])
+
+
+def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Sequence boundaries of a packed ``[1, T]`` batch from its restarting ``position_ids`` (as written by
+    ``DataCollatorWithFlattening``), or None when there is a single sequence."""
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    if starts.numel() <= 1 and (starts.numel() == 0 or starts[0] == 0):
+        return None
+    if starts.numel() == 0 or starts[0] != 0:
+        raise ValueError("packed position_ids must start every sequence at 0, including the first one")
+    total = torch.tensor([position_ids.shape[1]], device=starts.device)
+    return torch.cat([starts, total]).to(torch.int32)
+
+
+def build_sequence_layout(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    batch: int,
+    seq_len: int,
+    past_len: int,
+    device: torch.device,
+) -> SequenceLayout:
+    """Decide padding/packing once per forward (one host synchronisation at most)."""
+    if cu_seqlens is None and position_ids is not None and batch == 1 and seq_len > 1 and past_len == 0:
+        cu_seqlens = _packed_cu_seqlens(position_ids)
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
+        if past_len:
+            raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache")
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        if int(cu_seqlens[-1]) != seq_len or int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens must run from 0 to the sequence length {seq_len}, got {cu_seqlens.tolist()}")
+        segment = torch.repeat_interleave(
+            torch.arange(cu_seqlens.numel() - 1, device=device), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        )
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+        mask = causal & (segment[:, None] == segment[None, :])
+        return SequenceLayout(indices=None, cu_seqlens=cu_seqlens, mla_mask=mask[None, None])
+
+    if attention_mask is None:
+        return SequenceLayout(None, None, None)
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be 2-D [batch, past + seq_len], got shape {tuple(attention_mask.shape)}")
+    total = past_len + seq_len
+    if attention_mask.shape != (batch, total):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {total}) "
+            f"(past {past_len} + current {seq_len} tokens)"
+        )
+    keep = attention_mask.to(device=device, dtype=torch.bool)
+    if bool(keep.all()):
+        return SequenceLayout(None, None, None)
+    query_pos = torch.arange(past_len, total, device=device)
+    key_pos = torch.arange(total, device=device)
+    mask = (key_pos[None, :] <= query_pos[:, None])[None] & keep[:, None, :]
+    # A padding query may see nothing; let it see itself so that softmax stays finite (its output is
+    # never used by a real token: KDA layers drop padding and MLA masks padding keys).
+    mask |= (key_pos[None, :] == query_pos[:, None])[None]
+    mask = mask[:, None]
+    current = keep[:, past_len:]
+    # A decoded token is real in generate(): only a multi-token step can bring new padding.
+    if seq_len == 1 or bool(current.all()):
+        return SequenceLayout(None, None, mask)
+    lengths = current.sum(dim=1, dtype=torch.int32)
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    cu[1:] = lengths.cumsum(0)
+    return SequenceLayout(indices=current.flatten().nonzero().flatten(), cu_seqlens=cu, mla_mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------- norms
+class KimiLinearRMSNorm(nn.Module):
+    """RMSNorm computed in fp32; the weight multiplies the result cast back to the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class KimiLinearGatedRMSNorm(nn.Module):
+    """Per-head output norm of KDA: ``RMSNorm(o) * weight * sigmoid(gate)`` over the head dim (``o_norm``)."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(x, gate, self.weight, eps=self.variance_epsilon, activation="sigmoid")
+
+
+# ---------------------------------------------------------------------------------------------------- KDA
+class ShortConvolution(nn.Module):
+    """Depthwise causal convolution + SiLU over the sequence (``q_conv1d`` etc.; weight ``[D, 1, W]``)."""
+
+    def __init__(self, dim: int, kernel_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        output_final_state: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return causal_conv1d(
+            x, self.weight, activation="silu", initial_state=state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: ``x [N, D]``; ``state [N, D, W]`` is updated in place."""
+        return causal_conv1d_update(x, state, self.weight, activation="silu")
+
+
+class KimiDeltaAttention(nn.Module):
+    """Kimi Delta Attention: gated delta rule with a per-channel forget gate.
+
+    ``q, k = L2Norm(SiLU(ShortConv(W x)))``, ``v = SiLU(ShortConv(W_v x))``, ``beta = sigmoid(b_proj x)``,
+    ``g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)``; output ``o_proj(RMSNorm_head(o) * sigmoid(g_b(g_a(x))))``.
+    """
+
+    def __init__(self, config: KimiLinearConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.linear_num_heads
+        self.head_dim = config.linear_head_dim
+        hidden, inner = config.hidden_size, self.num_heads * self.head_dim
+        kernel = config.linear_conv_kernel_size
+        self.q_proj = nn.Linear(hidden, inner, bias=False)
+        self.k_proj = nn.Linear(hidden, inner, bias=False)
+        self.v_proj = nn.Linear(hidden, inner, bias=False)
+        self.q_conv1d = ShortConvolution(inner, kernel)
+        self.k_conv1d = ShortConvolution(inner, kernel)
+        self.v_conv1d = ShortConvolution(inner, kernel)
+        self.f_a_proj = nn.Linear(hidden, self.head_dim, bias=False)
+        self.f_b_proj = nn.Linear(self.head_dim, inner, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(inner, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(1, 1, self.num_heads, 1, dtype=torch.float32))
+        self.b_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.g_a_proj = nn.Linear(hidden, self.head_dim, bias=False)
+        self.g_b_proj = nn.Linear(self.head_dim, inner, bias=False)
+        self.o_norm = KimiLinearGatedRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        layout: SequenceLayout,
+        cache: KimiLinearCache | None = None,
+    ) -> torch.Tensor:
+        """``hidden_states [B, T, hidden]`` -> ``[B, T, hidden]``."""
+        batch, seq_len, _ = hidden_states.shape
+        decoding = cache is not None and cache.recurrent_states[self.layer_idx] is not None and seq_len == 1
+        x = hidden_states if decoding else layout.pack(hidden_states)  # [B or 1, T', hidden]
+        heads = (*x.shape[:2], self.num_heads, self.head_dim)
+
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if decoding:
+            conv_q, conv_k, conv_v = cache.conv_states[self.layer_idx]
+            q = self.q_conv1d.step(q[:, 0], conv_q)[:, None]
+            k = self.k_conv1d.step(k[:, 0], conv_k)[:, None]
+            v = self.v_conv1d.step(v[:, 0], conv_v)[:, None]
+        else:
+            states = cache.conv_states[self.layer_idx] if cache is not None else None
+            keep = cache is not None
+            q, sq = self.q_conv1d(q, layout.cu_seqlens, states[0] if states else None, keep)
+            k, sk = self.k_conv1d(k, layout.cu_seqlens, states[1] if states else None, keep)
+            v, sv = self.v_conv1d(v, layout.cu_seqlens, states[2] if states else None, keep)
+            if keep:
+                cache.conv_states[self.layer_idx] = (sq, sk, sv)
+
+        gate = self.f_b_proj(self.f_a_proj(x)).view(heads)
+        beta = torch.sigmoid(self.b_proj(x).float())
+        kda = fused_recurrent_kda if decoding else chunk_kda
+        initial_state = cache.recurrent_states[self.layer_idx] if cache is not None else None
+        o, final_state = kda(
+            q.view(heads), k.view(heads), v.view(heads), gate, beta,
+            initial_state=initial_state, output_final_state=cache is not None,
+            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+            cu_seqlens=None if decoding else layout.cu_seqlens,
+            **({"inplace_final_state": True} if decoding else {}),
+        )  # fmt: skip
+        if cache is not None:
+            cache.recurrent_states[self.layer_idx] = final_state
+
+        out_gate = self.g_b_proj(self.g_a_proj(x)).view(heads)
+        o = self.o_norm(o, out_gate).reshape(*x.shape[:2], -1)
+        o = self.o_proj(o)
+        return o if decoding else layout.unpack(o, batch, seq_len)
+
+
+# ---------------------------------------------------------------------------------------------------- MLA
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention. ``query [B, H, T, Dqk]``, ``key [B, H, S, Dqk]``, ``value [B, H, S, Dv]``; bool mask
+    ``[B, 1, T, S]`` (True = attend) or None for causal. Returns ``[B, T, H, Dv]`` and the weights."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is None:
+        t, s = scores.shape[-2:]
+        attention_mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
+    scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class KimiMLAAttention(nn.Module):
+    """Multi-head latent attention without positional encoding (``mla_use_nope``).
+
+    Keys and values are expanded from a normalised latent of size ``kv_lora_rank`` plus one shared
+    "rope" key of size ``qk_rope_head_dim`` used without rotation; the cache keeps the latent.
+    """
+
+    is_causal = True
+
+    def __init__(self, config: KimiLinearConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.scaling = config.qk_head_dim**-0.5
+        hidden, qk = config.hidden_size, self.num_heads * config.qk_head_dim
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = KimiLinearRMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = KimiLinearRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        layout: SequenceLayout,
+        cache: KimiLinearCache | None = None,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
+
+        latent, rope_key = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        if cache is not None:
+            latent, rope_key = cache.update_latents(self.layer_idx, latent, rope_key)
+        kv_len = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(batch, kv_len, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        rope_key = rope_key[:, None].expand(batch, self.num_heads, kv_len, self.rope_dim)
+        key = torch.cat([k_nope, rope_key], dim=-1)
+
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(
+            self, q, key, value, layout.mla_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling,
+        )  # fmt: skip
+        return self.o_proj(out.reshape(batch, seq_len, -1))
+
+
+# ---------------------------------------------------------------------------------------------------- MLP / MoE
+class KimiLinearMLP(nn.Module):
+    """SwiGLU MLP with the official names (``gate_proj``, ``up_proj``, ``down_proj``)."""
+
+    def __init__(self, config: KimiLinearConfig, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KimiLinearExpert(nn.Module):
+    """One routed expert, with the official names: ``w1`` gate, ``w3`` up, ``w2`` down."""
+
+    def __init__(self, config: KimiLinearConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.moe_intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+
+def _inside_backward() -> bool:
+    """True while autograd's engine runs (e.g. a gradient-checkpointing recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class KimiLinearRouter(nn.Module):
+    """Sigmoid (or softmax) router with an expert-selection bias (``gate.weight``, ``gate.e_score_correction_bias``).
+
+    The correction bias only chooses experts; the mixing weights are the unbiased scores of the
+    chosen experts, renormalised (``moe_renormalize``) and times ``routed_scaling_factor``. Grouped
+    top-k first keeps the ``topk_group`` groups with the best sum of their two best biased scores.
+    """
+
+    def __init__(self, config: KimiLinearConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_token
+        self.num_experts = config.num_experts
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        # Expert loads of the last training forward, applied to the bias at the next one (never in between,
+        # so that a checkpointing recomputation routes exactly as the forward it replays).
+        self._pending_load: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [N, hidden]`` -> router logits ``[N, E]`` (fp32), weights ``[N, k]`` (fp32), expert ids ``[N, k]``."""
+        cfg = self.config
+        if self.training and cfg.router_bias_update_rate > 0 and not _inside_backward():
+            self._apply_pending_bias_update()
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if cfg.moe_router_activation_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach() + self.e_score_correction_bias
+        if cfg.use_grouped_topk and cfg.num_expert_group > 1:
+            grouped = choice.view(-1, cfg.num_expert_group, self.num_experts // cfg.num_expert_group)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            best_groups = group_scores.topk(cfg.topk_group, dim=-1).indices
+            group_keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+            choice = grouped.masked_fill(~group_keep[..., None], float("-inf")).view(-1, self.num_experts)
+        expert_ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, expert_ids)
+        if cfg.moe_renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
+        if self.training and cfg.router_bias_update_rate > 0 and not _inside_backward():
+            self._pending_load = torch.bincount(expert_ids.flatten(), minlength=self.num_experts).float()
+        return logits, weights, expert_ids
+
+    @torch.no_grad()
+    def _apply_pending_bias_update(self) -> None:
+        """Auxiliary-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts."""
+        if self._pending_load is not None:
+            load = self._pending_load
+            self.e_score_correction_bias += self.config.router_bias_update_rate * torch.sign(load.mean() - load)
+            self._pending_load = None
+
+
+class KimiLinearSparseMoE(nn.Module):
+    """Routed experts plus shared experts (``block_sparse_moe``). Trainable: gradients reach the experts,
+    the router weight (through the mixing weights) and the shared experts."""
+
+    def __init__(self, config: KimiLinearConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.gate = KimiLinearRouter(config)
+        self.experts = nn.ModuleList([KimiLinearExpert(config) for _ in range(config.num_experts)])
+        self.shared_experts = (
+            KimiLinearMLP(config, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts > 0
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, hidden]`` -> output ``[B, T, hidden]`` and router logits ``[B*T, E]``."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits, weights, expert_ids = self.gate(x)
+        # Sort the (token, expert) pairs by expert so that each expert sees one contiguous slice.
+        flat_ids = expert_ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        token_of = order // expert_ids.shape[1]
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # the one host sync
+        routed_in = x.index_select(0, token_of).split(counts)
+        routed_out = [self.experts[e](chunk) for e, chunk in enumerate(routed_in) if counts[e]]
+        y = torch.cat(routed_out) * weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape), logits
+
+
+# ---------------------------------------------------------------------------------------------------- decoder
+class KimiLinearDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: KDA or MLA, then a dense MLP or the MoE."""
+
+    def __init__(self, config: KimiLinearConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_kda = config.layer_types[layer_idx] == "linear_attention"
+        self.self_attn = KimiDeltaAttention(config, layer_idx) if self.is_kda else KimiMLAAttention(config, layer_idx)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.block_sparse_moe = KimiLinearSparseMoE(config)
+        else:
+            self.mlp = KimiLinearMLP(config, config.intermediate_size)
+        self.input_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def attention(self, hidden_states: torch.Tensor, layout: SequenceLayout, cache: KimiLinearCache | None):
+        """The attention sublayer's raw output ``f(norm(h))``."""
+        return self.self_attn(self.input_layernorm(hidden_states), layout, cache)
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MLP/MoE sublayer's raw output and router logits (None for a dense layer)."""
+        h = self.post_attention_layernorm(hidden_states)
+        if self.is_moe:
+            return self.block_sparse_moe(h)
+        return self.mlp(h), None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        layout: SequenceLayout,
+        cache: KimiLinearCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden_states = hidden_states + self.attention(hidden_states, layout, cache)
+        ff, router_logits = self.feed_forward(hidden_states)
+        return hidden_states + ff, router_logits
+
+
+class KimiLinearPreTrainedModel(PreTrainedModel):
+    config_class = KimiLinearConfig
+    config: KimiLinearConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["KimiLinearDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _is_stateful = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight", "dt_bias", "A_log"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers.initialization skips tensors already loaded from a checkpoint.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            loaded = getattr(module.weight, "_is_hf_initialized", False)
+            if module.padding_idx is not None and module.padding_idx < module.weight.shape[0] and not loaded:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (KimiLinearRMSNorm, KimiLinearGatedRMSNorm)):
+            init.ones_(module.weight)
+        elif isinstance(module, ShortConvolution):
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+        elif isinstance(module, KimiLinearRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, KimiDeltaAttention):
+            # As in fla: decay rates A in [1, 16]; dt = softplus(dt_bias) log-uniform in [1e-3, 1e-1].
+            init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1.0, 16.0).log())
+            log_dt = torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1))
+            dt = log_dt.exp()
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+
+class KimiLinearModel(KimiLinearPreTrainedModel):
+    """The decoder stack without the LM head (``model.*`` in the checkpoints)."""
+
+    def __init__(self, config: KimiLinearConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(KimiLinearDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KimiLinearCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: KimiLinearCache | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        r"""
+        Args:
+            input_ids: ``[B, T]`` token ids (or ``inputs_embeds [B, T, hidden]``).
+            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding (left or right).
+            position_ids: only read to find packed sequences (``[1, T]`` restarting at 0, as written by
+                ``DataCollatorWithFlattening``); positions carry no other information in Kimi Linear.
+            past_key_values / cache: a :class:`KimiLinearCache` (either name).
+            cu_seqlens: ``[N + 1]`` boundaries of N sequences packed into a batch of one.
+        """
+        cache = cache if cache is not None else past_key_values
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False.")
+            use_cache = False
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = KimiLinearCache(self.config)
+        if not use_cache:
+            cache = None
+        if cache is not None and not isinstance(cache, KimiLinearCache):
+            raise ValueError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}")
+
+        batch, seq_len, _ = inputs_embeds.shape
+        past_len = cache.get_seq_length() if cache is not None else 0
+        layout = build_sequence_layout(
+            attention_mask, position_ids, cu_seqlens, batch, seq_len, past_len, inputs_embeds.device
+        )
+
+        hidden_states = inputs_embeds
+        all_hidden: list[torch.Tensor] = []
+        all_router_logits: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, router_logits = layer(hidden_states, layout=layout, cache=cache)
+            if output_router_logits and router_logits is not None:
+                all_router_logits.append(router_logits)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        if cache is not None:
+            cache.seen_tokens += seq_len
+
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            router_logits=tuple(all_router_logits) if output_router_logits else None,
+            **{CACHE_FIELD: cache},
+        )
+
+
+class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
+    """Kimi Linear with its (untied) LM head."""
+
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: KimiLinearConfig) -> None:
+        super().__init__(config)
+        self.model = KimiLinearModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As :meth:`transformers.PreTrainedModel.from_pretrained`; also reads checkpoints written by
+        transformers' native class (dense MLP saved as ``block_sparse_moe.{gate,up,down}_proj``)."""
+        kwargs.setdefault("key_mapping", NATIVE_DENSE_MLP_KEY_MAPPING)
+        return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: the model creates its KimiLinearCache itself.
+        return False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KimiLinearCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: KimiLinearCache | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast | tuple:
+        r"""
+        Args:
+            labels: ``[B, T]`` next-token targets (shifted inside; -100 ignored).
+            logits_to_keep: compute logits only for the last N positions (int) or the given indices (tensor).
+            Other arguments as in :meth:`KimiLinearModel.forward`.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+            cu_seqlens=cu_seqlens,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = MoeCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int | None = None,
+        **kwargs,
+    ) -> dict:
+        """Feed only the tokens the cache has not seen; the cache travels under the installed name."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if isinstance(cache, KimiLinearCache) else 0
+        if past > 0:
+            model_inputs: dict = {"input_ids": input_ids[:, past:]}
+        elif inputs_embeds is not None:
+            model_inputs = {"inputs_embeds": inputs_embeds}
+        else:
+            model_inputs = {"input_ids": input_ids}
+        model_inputs.update(attention_mask=attention_mask, use_cache=use_cache, **{CACHE_FIELD: cache})
+        if logits_to_keep is not None:
+            model_inputs["logits_to_keep"] = logits_to_keep
+        return model_inputs
+
+
+__all__ = ["KimiLinearCache", "KimiLinearForCausalLM", "KimiLinearModel", "KimiLinearPreTrainedModel"]
