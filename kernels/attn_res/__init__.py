@@ -1,0 +1,182 @@
+"""Depth attention of Attention Residuals (arXiv 2603.15031): public ops.
+
+A :class:`SourceBank` holds the completed depth sources of one forward pass (the embedding, then one
+representation per finished block) exactly once; it is immutable (``append_source`` returns a new bank
+sharing the buffers), which keeps decoder layers re-runnable under gradient checkpointing.
+
+    bank = new_source_bank(num_slots, embeddings)            # backend chosen here (resolve_backend)
+    bank = append_source(bank, embeddings)                   # v_0
+    h = depth_attention(bank, query, gain, partial)          # training / general path, differentiable
+    bank = append_source(bank, partial, last_output)         # b_n = partial + f(h), stored once
+    out, lse = depth_attention_phase1(bank, queries, gains)  # inference: a block's Q queries at once
+    h = depth_attention_phase2(out[j], lse[j], partial, queries[j], gains[j], eps)
+
+Triton backend (CUDA, or CPU under TRITON_INTERPRET=1): fused kernels (``fused.py``, ``two_phase.py``);
+torch backend: ``naive.py``. ``naive_depth_attention`` is the stacking reference used by the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .._backend import resolve_backend
+from .naive import naive_depth_attention, source_rstd, torch_depth_attention, torch_phase1, torch_phase2
+
+
+@dataclass(frozen=True)
+class SourceBank:
+    """Completed sources of one forward pass.
+
+    Attributes:
+        backend: "triton" or "torch".
+        eps: epsilon of the key RMSNorm.
+        capacity: number of slots.
+        handles: per source, the tensor autograd tracks (torch: the source itself; triton: a view of its slot).
+        rstds: torch backend: per-source cached rsqrt(mean(v^2) + eps) [..., 1] float32.
+        storage: triton backend: the shared ``SourceStorage`` ([capacity, M, D] store, rstd, grads).
+    """
+
+    backend: str
+    eps: float
+    capacity: int
+    handles: tuple[torch.Tensor, ...] = ()
+    rstds: tuple[torch.Tensor, ...] = ()
+    storage: object | None = None
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.handles)
+
+
+def new_source_bank(num_slots: int, like: torch.Tensor, eps: float = 1e-6, backend: str | None = None) -> SourceBank:
+    """An empty bank for ``num_slots`` sources shaped like ``like`` [..., D] (same dtype/device)."""
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+    choice = resolve_backend(backend, like)
+    storage = None
+    if choice == "triton":
+        from .fused import SourceStorage
+
+        storage = SourceStorage(num_slots, like, eps)
+    return SourceBank(backend=choice, eps=eps, capacity=num_slots, storage=storage)
+
+
+def append_source(bank: SourceBank, x: torch.Tensor, y: torch.Tensor | None = None) -> SourceBank:
+    """Return a bank with one more source, ``x + y`` (or ``x``), and its normalisation statistic cached."""
+    if bank.num_sources >= bank.capacity:
+        raise ValueError(f"source bank is full ({bank.capacity} slots)")
+    if y is not None and y.shape != x.shape:
+        raise ValueError(f"cannot add sources of shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if bank.backend == "triton":
+        from .fused import StoreSourceFunction
+
+        if tuple(x.shape) != tuple(bank.storage.shape) or x.dtype != bank.storage.store.dtype:
+            raise ValueError(
+                f"source {tuple(x.shape)} {x.dtype} does not match the bank's "
+                f"{tuple(bank.storage.shape)} {bank.storage.store.dtype}"
+            )
+        handle = StoreSourceFunction.apply(bank.storage, bank.num_sources, x, y)
+        return replace(bank, handles=bank.handles + (handle,))
+    v = x + y if y is not None else x
+    return replace(bank, handles=bank.handles + (v,), rstds=bank.rstds + (source_rstd(v, bank.eps),))
+
+
+def _check_query(query: torch.Tensor, d: int, name: str) -> None:
+    if query.shape[-1] != d:
+        raise ValueError(f"{name} has size {query.shape[-1]} in its last dimension, expected hidden size {d}")
+
+
+def depth_attention(
+    bank: SourceBank, query: torch.Tensor, gain: torch.Tensor, partial: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax_i(w . RMSNorm_g(v_i)) weighted sum over the bank's sources (+ ``partial``), differentiable.
+
+    Args:
+        bank: completed sources, each [..., D].
+        query: pseudo-query w [D]; gain: key RMSNorm gain g [D].
+        partial: optional extra source [..., D] (the partial sum of the running block).
+    Returns:
+        h [..., D].
+    """
+    if bank.num_sources == 0 and partial is None:
+        raise ValueError("depth_attention needs at least one source")
+    d = (bank.handles[0] if bank.num_sources else partial).shape[-1]
+    _check_query(query, d, "query")
+    _check_query(gain, d, "gain")
+    if bank.backend == "triton":
+        from .fused import DepthAttentionFunction
+
+        return DepthAttentionFunction.apply(bank.storage, bank.num_sources, query, gain, partial, *bank.handles)
+    sources, rstds = list(bank.handles), list(bank.rstds)
+    if partial is not None:
+        sources.append(partial)
+        rstds.append(source_rstd(partial, bank.eps))
+    return torch_depth_attention(sources, rstds, query, gain)
+
+
+def _inference_only(*tensors: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError("the two-phase depth attention is inference-only: call it under torch.no_grad()")
+
+
+def depth_attention_phase1(
+    bank: SourceBank, queries: torch.Tensor, gains: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1: Q pseudo-queries [Q, D] (gains [Q, D]) against all completed sources in one pass.
+
+    Returns out [Q, ..., D] (normalised over the sources) and lse [Q, ...] float32 (log-sum-exp of the scores).
+    """
+    _inference_only(queries, gains)
+    if bank.num_sources == 0:
+        raise ValueError("depth_attention_phase1 needs at least one completed source")
+    if queries.dim() != 2 or queries.shape != gains.shape:
+        raise ValueError(f"queries/gains must both be [Q, D], got {tuple(queries.shape)} / {tuple(gains.shape)}")
+    d = bank.handles[0].shape[-1]
+    _check_query(queries, d, "queries")
+    if bank.backend == "triton":
+        from .two_phase import phase1
+
+        u = queries.float() * gains.float()
+        out, lse = phase1(bank.storage, bank.num_sources, u)
+        lead = tuple(bank.storage.shape[:-1])
+        return out.view(len(queries), *lead, d), lse.view(len(queries), *lead)
+    return torch_phase1(bank.handles, bank.rstds, queries, gains)
+
+
+def depth_attention_phase2(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial: torch.Tensor,
+    query: torch.Tensor,
+    gain: torch.Tensor,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Phase 2: merge one query's phase-1 ``out`` [..., D] / ``lse`` [...] with ``partial`` [..., D] (exact)."""
+    _inference_only(query, gain, partial)
+    if out.shape != partial.shape or lse.shape != out.shape[:-1]:
+        raise ValueError(
+            f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {tuple(lse.shape)}, partial {tuple(partial.shape)}"
+        )
+    _check_query(query, out.shape[-1], "query")
+    if resolve_backend(backend, partial) == "triton":
+        from .two_phase import phase2
+
+        d = out.shape[-1]
+        u = query.float() * gain.float()
+        h = phase2(out.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous(), partial.reshape(-1, d).contiguous(), u, eps)
+        return h.view(partial.shape)
+    return torch_phase2(out, lse, partial, query, gain, eps)
+
+
+__all__ = [
+    "SourceBank",
+    "append_source",
+    "depth_attention",
+    "depth_attention_phase1",
+    "depth_attention_phase2",
+    "naive_depth_attention",
+    "new_source_bank",
+]

@@ -1,0 +1,188 @@
+"""Raw Triton kernels of the depth attention (launchers and autograd live in ``fused.py`` / ``two_phase.py``).
+
+Layout: every source is a row-major [M, D] matrix (M = batch * tokens). Completed sources live in one
+store [S_max, M, D] written once each (never stacked again) with their rsqrt statistics cached in
+rstd [S_max, M] float32. ``u = query * gain`` turns the key RMSNorm + dot into ``s_i = rstd_i * (u . v_i)``.
+One program handles one token row with the whole hidden dimension in registers (D <= 16384).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.constexpr, BLOCK_D: tl.constexpr):
+    """slot[row] = x[row] (+ y[row]); rstd[row] = rsqrt(mean(slot[row]^2) + eps) of the stored (rounded) value."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    v = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        v += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    v_stored = v.to(slot_ptr.dtype.element_ty)
+    tl.store(slot_ptr + row * D + cols, v_stored, mask=mask)
+    vf = v_stored.to(tl.float32)
+    tl.store(rstd_ptr + row, 1.0 / tl.sqrt(tl.sum(vf * vf, axis=0) / D + eps))
+
+
+@triton.jit
+def depth_attn_fwd_kernel(
+    store_ptr, rstd_ptr, part_ptr, u_ptr, out_ptr, lse_ptr,
+    n_src, M, D, eps,
+    HAS_PARTIAL: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """out[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum); one pass, online softmax."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    u = tl.load(u_ptr + cols, mask=mask, other=0.0)
+    m = tl.full((), float("-inf"), tl.float32)
+    denom = tl.full((), 0.0, tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(n_src):
+        v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(rstd_ptr + i * M + row) * tl.sum(u * v, axis=0)
+        m_new = tl.maximum(m, s)
+        scale = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        acc = acc * scale + p * v
+        denom = denom * scale + p
+        m = m_new
+    if HAS_PARTIAL:
+        v = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / D + eps)
+        s = r * tl.sum(u * v, axis=0)
+        m_new = tl.maximum(m, s)
+        scale = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        acc = acc * scale + p * v
+        denom = denom * scale + p
+        m = m_new
+    tl.store(out_ptr + row * D + cols, (acc / denom).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + row, m + tl.log(denom))
+
+
+@triton.jit
+def depth_attn_bwd_kernel(
+    store_ptr, rstd_ptr, part_ptr, u_ptr, dout_ptr, lse_ptr, gstore_ptr, dpart_ptr, du_ptr,
+    n_src, M, D, eps, rows_per_program,
+    HAS_PARTIAL: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
+):  # fmt: skip
+    """Backward of ``depth_attn_fwd_kernel`` for a range of rows.
+
+    dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D),  ds_i = alpha_i (dh.v_i - sum_j alpha_j dh.v_j),
+    du = sum_rows sum_i ds_i r_i v_i. Gradients of the stored sources are ACCUMULATED into gstore (the
+    gradient of a block sums over every later sublayer that reads it); the partial sum's gradient is written
+    to dpart; each program writes its partial du row (summed by the launcher, deterministic).
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    idx = tl.arange(0, N_PAD)
+    u = tl.load(u_ptr + cols, mask=mask, other=0.0)
+    du = tl.zeros((BLOCK_D,), tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: S_max * M * D may exceed 2^31
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row in range(row_start, row_end):
+        dh = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + row)
+        # pass 1: scores and dh . v_i of every source
+        scores = tl.zeros((N_PAD,), tl.float32)
+        dalpha = tl.zeros((N_PAD,), tl.float32)
+        for i in range(n_src):
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(rstd_ptr + i * M + row) * tl.sum(u * v, axis=0)
+            scores = tl.where(idx == i, s, scores)
+            dalpha = tl.where(idx == i, tl.sum(dh * v, axis=0), dalpha)
+        n_total = n_src
+        if HAS_PARTIAL:
+            vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            rp = 1.0 / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
+            scores = tl.where(idx == n_src, rp * tl.sum(u * vp, axis=0), scores)
+            dalpha = tl.where(idx == n_src, tl.sum(dh * vp, axis=0), dalpha)
+            n_total = n_src + 1
+        alpha = tl.where(idx < n_total, tl.exp(scores - lse), 0.0)
+        dscores = alpha * (dalpha - tl.sum(alpha * dalpha, axis=0))
+        # pass 2: gradients of the sources (re-read: the rows of one token are still in cache)
+        for i in range(n_src):
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(rstd_ptr + i * M + row)
+            a_i = tl.sum(tl.where(idx == i, alpha, 0.0), axis=0)
+            s_i = tl.sum(tl.where(idx == i, scores, 0.0), axis=0)
+            ds_i = tl.sum(tl.where(idx == i, dscores, 0.0), axis=0)
+            dv = a_i * dh + ds_i * (r * u - (s_i * r * r / D) * v)
+            g_ptrs = gstore_ptr + (i * M + row) * D + cols
+            g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_ptrs, (g + dv).to(gstore_ptr.dtype.element_ty), mask=mask)
+            du += (ds_i * r) * v
+        if HAS_PARTIAL:
+            a_p = tl.sum(tl.where(idx == n_src, alpha, 0.0), axis=0)
+            s_p = tl.sum(tl.where(idx == n_src, scores, 0.0), axis=0)
+            ds_p = tl.sum(tl.where(idx == n_src, dscores, 0.0), axis=0)
+            dvp = a_p * dh + ds_p * (rp * u - (s_p * rp * rp / D) * vp)
+            tl.store(dpart_ptr + row * D + cols, dvp.to(dpart_ptr.dtype.element_ty), mask=mask)
+            du += (ds_p * rp) * vp
+    tl.store(du_ptr + pid * D + cols, du, mask=mask)
+
+
+@triton.jit
+def phase1_kernel(
+    store_ptr, rstd_ptr, u_ptr, out_ptr, lse_ptr,
+    n_src, n_q, M, D,
+    Q_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Two-phase inference, phase 1: n_q pseudo-queries (u [n_q, D]) against the n_src completed sources.
+
+    Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. The hidden dimension is
+    walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile stays in registers.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    qs = tl.arange(0, Q_PAD)
+    idx = tl.arange(0, N_PAD)
+    q_mask = qs < n_q
+    scores = tl.zeros((Q_PAD, N_PAD), tl.float32)
+    for i in range(n_src):
+        dots = tl.zeros((Q_PAD,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = cols < D
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + qs[:, None] * D + cols[None, :], mask=q_mask[:, None] & mask[None, :], other=0.0)
+            dots += tl.sum(u * v[None, :], axis=1)
+        r = tl.load(rstd_ptr + i * M + row)
+        scores = tl.where(idx[None, :] == i, (r * dots)[:, None], scores)
+    valid = idx[None, :] < n_src
+    scores = tl.where(valid, scores, float("-inf"))
+    m = tl.max(scores, axis=1)
+    p = tl.where(valid, tl.exp(scores - m[:, None]), 0.0)
+    denom = tl.sum(p, axis=1)
+    alpha = p / denom[:, None]
+    tl.store(lse_ptr + qs * M + row, m + tl.log(denom), mask=q_mask)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        acc = tl.zeros((Q_PAD, BLOCK_D), tl.float32)
+        for i in range(n_src):
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            a_i = tl.sum(tl.where(idx[None, :] == i, alpha, 0.0), axis=1)
+            acc += a_i[:, None] * v[None, :]
+        o_ptrs = out_ptr + (qs[:, None] * M + row) * D + cols[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & mask[None, :])
+
+
+@triton.jit
+def phase2_kernel(o_ptr, lse_ptr, part_ptr, u_ptr, h_ptr, D, eps, BLOCK_D: tl.constexpr):
+    """Two-phase inference, phase 2: merge one query's phase-1 row with the partial-sum source (online softmax)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    u = tl.load(u_ptr + cols, mask=mask, other=0.0)
+    o = tl.load(o_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + row)
+    s = tl.sum(u * vp, axis=0) / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
+    m = tl.maximum(lse, s)
+    w_o = tl.exp(lse - m)
+    w_p = tl.exp(s - m)
+    h = (w_o * o + w_p * vp) / (w_o + w_p)
+    tl.store(h_ptr + row * D + cols, h.to(h_ptr.dtype.element_ty), mask=mask)

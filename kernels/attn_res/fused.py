@@ -1,0 +1,174 @@
+"""Launchers and autograd Functions of the fused Triton depth attention (training path).
+
+Why not plain autograd over a preallocated buffer: writing block b_n into ``store[n]`` in place would bump
+the version counter that every earlier reader saved, and a per-reader gradient of the whole buffer would
+cost a [S_max, M, D] tensor per sublayer. Instead:
+
+* ``StoreSourceFunction`` writes a finished source ONCE into its slot of the shared ``SourceStorage``
+  (fused with the last partial-sum addition of the block and with the rsqrt statistic, cached for every
+  later reader) and returns a handle that only carries the autograd edge.
+* ``DepthAttentionFunction`` reads the first ``n`` slots directly (handles are inputs only so that autograd
+  runs their backward after every reader's) and ACCUMULATES the slot gradients into ``storage.grad``;
+  the slot's ``StoreSourceFunction.backward`` then hands the summed gradient to the producer.
+
+The store is append-only and every slot is written exactly once per forward with deterministic values,
+so re-running a decoder layer under (non-reentrant) gradient checkpointing rewrites identical bytes and
+is safe. The storage is referenced from ``ctx`` (not saved tensors): it lives until the graph is freed.
+Backward may run once per forward (``retain_graph`` double backward would double-count ``storage.grad``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import _triton
+
+
+def block_d(d: int) -> int:
+    """Power-of-two register width covering the hidden size ``d`` (one token row per program)."""
+    if d > 16384:
+        raise ValueError(f"hidden size {d} too large for the fused depth attention (max 16384)")
+    return triton.next_power_of_2(d)
+
+
+def num_warps(d: int) -> int:
+    return 4 if d <= 1024 else (8 if d <= 4096 else 16)
+
+
+class SourceStorage:
+    """Shared, append-only buffers of one forward pass.
+
+    Attributes:
+        store: [num_slots, M, D] completed sources (embedding, then one per finished block).
+        rstd: [num_slots, M] float32 cached rsqrt(mean(v^2) + eps) of each stored source.
+        grad: [num_slots, M, D] gradient accumulators, allocated by the first backward that needs them.
+    """
+
+    def __init__(self, num_slots: int, like: torch.Tensor, eps: float) -> None:
+        d = like.shape[-1]
+        m = like.numel() // d
+        self.shape = like.shape
+        self.eps = eps
+        self.store = torch.empty((num_slots, m, d), dtype=like.dtype, device=like.device)
+        self.rstd = torch.empty((num_slots, m), dtype=torch.float32, device=like.device)
+        self.grad: torch.Tensor | None = None
+
+    def grad_buffer(self) -> torch.Tensor:
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.store)
+        return self.grad
+
+
+def store_source_fwd(storage: SourceStorage, slot: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
+    """Write ``x (+ y)`` into ``storage.store[slot]`` and its rstd into ``storage.rstd[slot]``."""
+    m, d = storage.store.shape[1:]
+    x2 = x.reshape(m, d).contiguous()
+    y2 = y.reshape(m, d).contiguous() if y is not None else x2
+    _triton.store_source_kernel[(m,)](
+        x2, y2, storage.store[slot], storage.rstd[slot], d, storage.eps,
+        HAS_Y=y is not None, BLOCK_D=block_d(d), num_warps=num_warps(d),
+    )  # fmt: skip
+
+
+def depth_attn_fwd(
+    storage: SourceStorage, n: int, partial: torch.Tensor | None, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward over the first ``n`` stored sources (+ ``partial`` [M, D]); ``u`` = query * gain (float32 [D]).
+
+    Returns out [M, D] and lse [M] float32.
+    """
+    m, d = storage.store.shape[1:]
+    out = torch.empty((m, d), dtype=storage.store.dtype, device=storage.store.device)
+    lse = torch.empty((m,), dtype=torch.float32, device=storage.store.device)
+    _triton.depth_attn_fwd_kernel[(m,)](
+        storage.store, storage.rstd, partial if partial is not None else out, u, out, lse,
+        n, m, d, storage.eps,
+        HAS_PARTIAL=partial is not None, BLOCK_D=block_d(d), num_warps=num_warps(d),
+    )  # fmt: skip
+    return out, lse
+
+
+def _backward_grid(m: int, device: torch.device) -> int:
+    """Programs of the backward kernel: enough to fill the GPU, few enough that the du partials stay small."""
+    if device.type == "cuda":
+        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * 8)
+    return min(m, 4)
+
+
+def depth_attn_bwd(
+    storage: SourceStorage, n: int, partial: torch.Tensor | None, u: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Accumulate the stored sources' gradients into ``storage.grad``; return (dpartial or None, du [D] float32)."""
+    m, d = storage.store.shape[1:]
+    grid = _backward_grid(m, dout.device)
+    rows = triton.cdiv(m, grid)
+    du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
+    dpart = torch.empty_like(partial) if partial is not None else None
+    gstore = storage.grad_buffer()
+    _triton.depth_attn_bwd_kernel[(grid,)](
+        storage.store, storage.rstd, partial if partial is not None else dout, u, dout, lse, gstore,
+        dpart if dpart is not None else dout, du_part,
+        n, m, d, storage.eps, rows,
+        HAS_PARTIAL=partial is not None, BLOCK_D=block_d(d),
+        N_PAD=max(2, triton.next_power_of_2(n + 1)), num_warps=num_warps(d),
+    )  # fmt: skip
+    return dpart, du_part.sum(0)
+
+
+class StoreSourceFunction(torch.autograd.Function):
+    """handle = store_source(x (+ y)): the stored value is read through ``storage``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, storage: SourceStorage, slot: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        store_source_fwd(storage, slot, x, y)
+        ctx.storage, ctx.slot, ctx.has_y = storage, slot, y is not None
+        # `.data` gives the handle its own version counter: later writes to other slots never invalidate it.
+        return storage.store.data[slot].view(storage.shape)
+
+    @staticmethod
+    def backward(ctx, grad_handle: torch.Tensor | None):
+        grad = ctx.storage.grad
+        g = grad[ctx.slot].view(ctx.storage.shape) if grad is not None else None
+        if grad_handle is not None:
+            g = grad_handle if g is None else g + grad_handle
+        return None, None, g, (g if ctx.has_y else None)
+
+
+class DepthAttentionFunction(torch.autograd.Function):
+    """h = depth attention over the first ``n`` stored sources (+ the partial sum) for one pseudo-query."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        storage: SourceStorage,
+        n: int,
+        query: torch.Tensor,
+        gain: torch.Tensor,
+        partial: torch.Tensor | None,
+        *handles: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        m, d = storage.store.shape[1:]
+        u = query.float() * gain.float()
+        part2 = partial.reshape(m, d).contiguous() if partial is not None else None
+        out, lse = depth_attn_fwd(storage, n, part2, u)
+        ctx.save_for_backward(query, gain, part2, lse)
+        ctx.storage, ctx.n = storage, n
+        return out.view(storage.shape)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor | None):
+        n_inputs = 5 + ctx.n
+        if dout is None:
+            return (None,) * n_inputs
+        query, gain, part2, lse = ctx.saved_tensors
+        storage = ctx.storage
+        m, d = storage.store.shape[1:]
+        u = query.float() * gain.float()
+        dpart, du = depth_attn_bwd(storage, ctx.n, part2, u, dout.reshape(m, d).contiguous(), lse)
+        dquery = (du * gain.float()).to(query.dtype)
+        dgain = (du * query.float()).to(gain.dtype)
+        dpartial = dpart.view(storage.shape) if dpart is not None else None
+        return (None, None, dquery, dgain, dpartial) + (None,) * ctx.n

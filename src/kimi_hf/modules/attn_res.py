@@ -1,0 +1,184 @@
+"""Attention Residuals (arXiv 2603.15031) as a drop-in replacement of the residual stream of any decoder.
+
+Every attention sublayer and every MLP/MoE sublayer is one "layer" (L = 2 * num_hidden_layers sublayers).
+Sources: v_0 = token embedding, v_i = raw output of sublayer i. With ``mode="block"`` and S sublayers per
+block, b_0 = embedding and b_n = sum of the raw outputs of block n; sublayer l of block n reads
+
+    h_l = sum_i softmax_i(w_l . RMSNorm_l(v_i)) v_i   over v in [b_0 .. b_{n-1}] (+ partial sum of block n)
+
+with a zero-initialised pseudo-query w_l [D] and a gain-only RMSNorm per sublayer (no 1/sqrt(D)). The final
+output aggregates all block representations with its own pseudo-query and norm. ``mode="full"`` is block
+size 1; ``mode="standard"`` is the usual residual stream (same loop, no parameters).
+
+Usage in any decoder loop (each sublayer keeps its own PreNorm: out = f(norm(h))):
+
+    attn_res = AttentionResiduals(hidden_size, num_sublayers=2 * num_layers, mode="block", block_size=8)
+    state = attn_res.begin(inputs_embeds)                 # [B, T, D]
+    for layer in layers:
+        h = attn_res.sublayer_input(state)                # input of the attention sublayer
+        state = attn_res.add_sublayer_output(state, layer.attn(layer.attn_norm(h)))
+        h = attn_res.sublayer_input(state)                # input of the MLP sublayer
+        state = attn_res.add_sublayer_output(state, layer.mlp(layer.mlp_norm(h)))
+    hidden = final_norm(attn_res.final_output(state))     # then the LM head
+
+``AttnResState`` is immutable (each call returns a new one), so a decoder layer that takes a state and
+returns a state can be re-run by non-reentrant gradient checkpointing (reentrant checkpointing only
+tracks tensor arguments: not supported). Under ``torch.no_grad()`` with ``two_phase=True`` the inference
+path runs: at the first sublayer of a block, phase 1 scores all of the block's pseudo-queries against the
+completed blocks in one pass; each sublayer then merges its running partial sum by online softmax (exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from kimi_hf.kernels.attn_res import (
+    SourceBank,
+    append_source,
+    depth_attention,
+    depth_attention_phase1,
+    depth_attention_phase2,
+    new_source_bank,
+)
+
+RESIDUAL_MODES = ("standard", "full", "block")
+
+
+@dataclass(frozen=True)
+class AttnResState:
+    """Residual state between sublayers of one forward pass (immutable; build it with ``begin``).
+
+    Attributes:
+        sublayer: index of the next sublayer to run (0..L).
+        partial: standard mode: the residual stream; block mode: the partial sum of the running block
+            (None at the start of a block).
+        bank: completed sources (embedding + finished blocks); None in standard mode.
+        phase1: inference cache shared by the states of one forward: block index -> (out [S, ..., D], lse).
+    """
+
+    sublayer: int
+    partial: torch.Tensor | None
+    bank: SourceBank | None = None
+    phase1: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+class AttentionResiduals(nn.Module):
+    """Pseudo-queries and key norms of all sublayers of one decoder, plus the bookkeeping of the sources.
+
+    Parameters (block/full modes): ``queries`` [L + 1, D] (zeros) and ``norm_weight`` [L + 1, D] (ones);
+    row L belongs to the final aggregation.
+
+    Args:
+        hidden_size: D.
+        num_sublayers: L (attention + MLP sublayers).
+        mode: "standard", "full" or "block".
+        block_size: sublayers per block (mode "block"); the last block takes the remainder.
+        eps: epsilon of the key RMSNorm.
+        two_phase: use the two-phase path when no gradient is needed.
+        backend: kernel backend ("triton", "torch" or None = :func:`kimi_hf.kernels.resolve_backend`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_sublayers: int,
+        mode: str = "block",
+        block_size: int | None = 8,
+        eps: float = 1e-6,
+        two_phase: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in RESIDUAL_MODES:
+            raise ValueError(f"unknown residual mode {mode!r}: expected one of {RESIDUAL_MODES}")
+        if num_sublayers < 1:
+            raise ValueError(f"num_sublayers must be >= 1, got {num_sublayers}")
+        if mode == "full":
+            block_size = 1
+        if mode == "block" and (not isinstance(block_size, int) or not 1 <= block_size <= num_sublayers):
+            raise ValueError(f"attn_res_block_size must be an int in [1, {num_sublayers}], got {block_size!r}")
+        self.hidden_size = hidden_size
+        self.num_sublayers = num_sublayers
+        self.mode = mode
+        self.block_size = block_size if mode != "standard" else None
+        self.eps = eps
+        self.two_phase = two_phase
+        self.backend = backend
+        if mode != "standard":
+            self.num_blocks = -(-num_sublayers // block_size)
+            self.queries = nn.Parameter(torch.zeros(num_sublayers + 1, hidden_size))
+            self.norm_weight = nn.Parameter(torch.ones(num_sublayers + 1, hidden_size))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, num_sublayers={self.num_sublayers}, block_size={self.block_size}, eps={self.eps}"
+
+    def reset_parameters(self) -> None:
+        """Paper initialisation: zero pseudo-queries (uniform average over the sources), unit key-norm gains."""
+        if self.mode != "standard":
+            nn.init.zeros_(self.queries)
+            nn.init.ones_(self.norm_weight)
+
+    def begin(self, embeddings: torch.Tensor) -> AttnResState:
+        """State before sublayer 0; ``embeddings`` [B, T, D] is v_0."""
+        if embeddings.shape[-1] != self.hidden_size:
+            raise ValueError(f"embeddings have size {embeddings.shape[-1]}, expected hidden size {self.hidden_size}")
+        if self.mode == "standard":
+            return AttnResState(sublayer=0, partial=embeddings)
+        bank = new_source_bank(self.num_blocks + 1, embeddings, self.eps, self.backend)
+        return AttnResState(sublayer=0, partial=None, bank=append_source(bank, embeddings))
+
+    def _check_running(self, state: AttnResState) -> int:
+        if not 0 <= state.sublayer < self.num_sublayers:
+            raise ValueError(f"all {self.num_sublayers} sublayers have run (state at sublayer {state.sublayer})")
+        return state.sublayer
+
+    def _use_two_phase(self) -> bool:
+        return self.two_phase and not torch.is_grad_enabled()
+
+    def sublayer_input(self, state: AttnResState) -> torch.Tensor:
+        """h_l [B, T, D], the input of the next sublayer (before its own PreNorm)."""
+        sub = self._check_running(state)
+        if self.mode == "standard":
+            return state.partial
+        block, pos = divmod(sub, self.block_size)
+        if not self._use_two_phase():
+            return depth_attention(state.bank, self.queries[sub], self.norm_weight[sub], state.partial)
+        if block not in state.phase1:
+            start = block * self.block_size
+            stop = min(start + self.block_size, self.num_sublayers)
+            state.phase1[block] = depth_attention_phase1(
+                state.bank, self.queries[start:stop], self.norm_weight[start:stop]
+            )
+        out, lse = state.phase1[block]
+        if state.partial is None:
+            return out[pos]
+        return depth_attention_phase2(
+            out[pos], lse[pos], state.partial, self.queries[sub], self.norm_weight[sub], self.eps, state.bank.backend
+        )
+
+    def add_sublayer_output(self, state: AttnResState, output: torch.Tensor) -> AttnResState:
+        """Record the raw output [B, T, D] of the sublayer that just ran; returns the next state."""
+        sub = self._check_running(state)
+        if self.mode == "standard":
+            return replace(state, sublayer=sub + 1, partial=state.partial + output)
+        ends_block = (sub + 1) % self.block_size == 0 or sub + 1 == self.num_sublayers
+        if not ends_block:
+            partial = output if state.partial is None else state.partial + output
+            return replace(state, sublayer=sub + 1, partial=partial)
+        if state.partial is None:
+            bank = append_source(state.bank, output)
+        else:
+            bank = append_source(state.bank, state.partial, output)
+        return replace(state, sublayer=sub + 1, partial=None, bank=bank)
+
+    def final_output(self, state: AttnResState) -> torch.Tensor:
+        """Aggregate of all block representations [B, T, D] (before the final norm); needs all L sublayers run."""
+        if state.sublayer != self.num_sublayers:
+            raise ValueError(f"final_output needs all {self.num_sublayers} sublayers run, state is at {state.sublayer}")
+        if self.mode == "standard":
+            return state.partial
+        last = self.num_sublayers
+        return depth_attention(state.bank, self.queries[last], self.norm_weight[last])
