@@ -1,0 +1,81 @@
+"""Triton kernel building CE-LoRA's packed gradient ``G = [dY B0 | dY[:, S]]`` in one read of ``dY``.
+
+Why a packing pass and not a GEMM that gathers ``dY[:, S]`` by index: the gathered dimension of
+``dY[:, S] @ R[S, :]`` is the reduction dimension, along which ``dY``'s kept columns are not contiguous,
+so an in-GEMM gather degrades the A-operand loads to scalar 2-byte loads that cannot be pipelined as
+async copies. Packing reads ``dY`` once (coalesced, full rows), writes the kept columns contiguously and
+computes the low-rank projection ``dY B0`` on the same tiles, so that the cost that remains is a single
+dense GEMM ``G @ [A0 ; R[S, :]]`` whose inner size ``r_pad + k`` is a multiple of 64 (cuBLAS's fast path).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ce_pack_kernel(
+    dy_ptr,
+    b0_ptr,
+    pos_ptr,
+    g_ptr,
+    n_rows,
+    n_cols,
+    stride_dy,
+    stride_g,
+    R_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One program: ``BLOCK_T`` rows of ``dY``, streamed over all ``n_cols`` output channels.
+
+    dy ``[n_rows, n_cols]`` (row stride ``stride_dy``), b0 ``[n_cols, R_PAD]`` contiguous, pos ``[n_cols]``
+    int32 (destination column in ``G`` or -1), g ``[n_rows, R_PAD + k]`` (row stride ``stride_g``).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < n_rows
+    rk = tl.arange(0, R_PAD)
+    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_O):
+        cols = start + tl.arange(0, BLOCK_O)
+        col_ok = cols < n_cols
+        tile = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :], mask=col_ok[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(tile, b0, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tile, b0, acc)
+        pos = tl.load(pos_ptr + cols, mask=col_ok, other=-1)
+        # kept channels are sorted, so each row's stores land on consecutive addresses of G
+        tl.store(g_ptr + rows[:, None] * stride_g + pos[None, :], tile, mask=row_ok[:, None] & (pos >= 0)[None, :])
+    tl.store(g_ptr + rows[:, None] * stride_g + rk[None, :], acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def triton_pack_grad_output(grad_output: torch.Tensor, b0_pad: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
+    """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]``, ``pos [O]`` int32."""
+    n_rows, n_cols = grad_output.shape
+    r_pad = b0_pad.shape[1]
+    packed = torch.empty(n_rows, r_pad + keep, device=grad_output.device, dtype=grad_output.dtype)
+    block_t = 32
+    grid = (triton.cdiv(n_rows, block_t),)
+    _ce_pack_kernel[grid](
+        grad_output,
+        b0_pad,
+        pos,
+        packed,
+        n_rows,
+        n_cols,
+        grad_output.stride(0),
+        packed.stride(0),
+        R_PAD=r_pad,
+        BLOCK_T=block_t,
+        BLOCK_O=128,
+        IEEE=grad_output.dtype == torch.float32,
+        num_warps=4,
+        num_stages=3,
+    )
+    return packed

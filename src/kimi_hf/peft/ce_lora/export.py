@@ -1,0 +1,62 @@
+"""Export a CE-LoRA adapter as a plain LoRA adapter that stock PEFT loads without kimi_hf.
+
+CE-LoRA trains exactly LoRA's parameters under LoRA's key names; only the backward differs. The export
+therefore keeps the weights and rewrites the config as a ``LoraConfig`` (the ``ce_*`` options dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .config import CELoraConfig
+
+_CONFIG_NAME = "adapter_config.json"
+
+
+def _lora_config_from(options: dict) -> LoraConfig:
+    """A ``LoraConfig`` with every LoRA option of a CE-LoRA config dict (``ce_*`` and ``peft_type`` dropped)."""
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init} - {"peft_type"}
+    return LoraConfig(**{k: v for k, v in options.items() if k in lora_fields})
+
+
+def export_as_lora(source: PeftModel | str | Path, save_directory: str | Path, adapter_name: str = "default") -> Path:
+    """Write ``source``'s CE-LoRA adapter to ``save_directory`` as a plain LoRA adapter.
+
+    Args:
+        source: a ``PeftModel`` holding a CE-LoRA adapter, or the directory a CE-LoRA adapter was saved to
+            with ``save_pretrained`` (``adapter_config.json`` + weights).
+        save_directory: where ``adapter_config.json`` (``peft_type: "LORA"``) and the weights go.
+        adapter_name: which adapter of a ``PeftModel`` to export (ignored for a directory).
+
+    Returns:
+        ``save_directory`` as a ``Path``.
+    """
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, PeftModel):
+        config = source.peft_config.get(adapter_name)
+        if not isinstance(config, CELoraConfig):
+            raise ValueError(f"adapter {adapter_name!r} is not a CE-LoRA adapter (config {type(config).__name__})")
+        lora_config = _lora_config_from(config.to_dict())
+        state = get_peft_model_state_dict(source, adapter_name=adapter_name)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / SAFETENSORS_WEIGHTS_NAME))
+    else:
+        src = Path(source)
+        options = json.loads((src / _CONFIG_NAME).read_text())
+        if options.get("peft_type") != "CE_LORA":
+            raise ValueError(f"{src / _CONFIG_NAME} is not a CE-LoRA adapter (peft_type {options.get('peft_type')!r})")
+        lora_config = _lora_config_from(options)
+        weights = [src / name for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if (src / name).exists()]
+        if not weights:
+            raise ValueError(f"no adapter weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}) in {src}")
+        if src.resolve() != out.resolve():
+            shutil.copyfile(weights[0], out / weights[0].name)
+    lora_config.save_pretrained(str(out))
+    return out

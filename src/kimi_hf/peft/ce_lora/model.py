@@ -1,0 +1,52 @@
+"""CE-LoRA tuner: PEFT's ``LoraModel`` that puts :class:`CELinear` on targeted ``nn.Linear`` modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import CELoraConfig
+from .layer import CELinear
+from .state import CEOptions
+
+
+class CELoraModel(LoraModel):
+    """LoRA with CE-LoRA's approximate frozen-weight backward (arXiv 2502.01378).
+
+    Everything but the layer class is LoRA's: trainable parameters, state-dict keys (prefix ``lora_``),
+    merging, multiple adapters. Targets that are not plain ``nn.Linear`` (embeddings, convolutions,
+    ``target_parameters``) get PEFT's ordinary LoRA layers.
+    """
+
+    prefix: str = "lora_"
+
+    def _create_and_replace(
+        self,
+        lora_config: CELoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
+        module = getattr(parent, target_name)
+        if isinstance(module, CELinear) and adapter_name in module.r:
+            options = CEOptions(
+                ratio=lora_config.ratio_for(current_key),
+                svd_rank=lora_config.svd_rank_for(module.r[adapter_name]),
+                recompute_every=lora_config.ce_recompute_every,
+                score=lora_config.ce_score,
+            )
+            module.set_ce_options(adapter_name, options)
+
+    @staticmethod
+    def _create_new_module(lora_config: CELoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if type(base) is nn.Linear and kwargs.get("parameter_name") is None:
+            return CELinear(target, adapter_name, config=lora_config, **kwargs)
+        return LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
