@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
+from .autograd import CausalConv1dFunction
 from .naive import naive_causal_conv1d, naive_causal_conv1d_update
+from .triton_kernels import causal_conv1d_update_fwd
 
 __all__ = ["causal_conv1d", "causal_conv1d_update", "naive_causal_conv1d", "naive_causal_conv1d_update"]
 
@@ -75,7 +77,9 @@ def causal_conv1d(
         )
     if resolve_backend(backend, x) == "torch":
         return naive_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
-    raise NotImplementedError("the Triton causal_conv1d kernels are not written yet: use backend='torch'")
+    return CausalConv1dFunction.apply(
+        x, weight, bias, initial_state, activation == "silu", output_final_state, cu_seqlens
+    )
 
 
 def causal_conv1d_update(
@@ -113,5 +117,6 @@ def causal_conv1d_update(
     if resolve_backend(backend, x) == "torch":
         y = naive_causal_conv1d_update(x, conv_state, weight, bias, activation)
     else:
-        raise NotImplementedError("the Triton causal_conv1d_update kernel is not written yet: use backend='torch'")
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        y = causal_conv1d_update_fwd(x, conv_state, weight.contiguous(), bias, activation == "silu")
     return y.unsqueeze(1) if squeeze else y

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
+from .autograd import GatedRMSNormFunction
 from .naive import naive_gated_rms_norm
 
 __all__ = ["gated_rms_norm", "naive_gated_rms_norm"]
@@ -43,4 +44,4 @@ def gated_rms_norm(
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if resolve_backend(backend, x) == "torch":
         return naive_gated_rms_norm(x, gate, weight, eps, activation)
-    raise NotImplementedError("the Triton gated_rms_norm kernels are not written yet: use backend='torch'")
+    return GatedRMSNormFunction.apply(x, gate, weight, eps, activation)

@@ -1,0 +1,314 @@
+"""Triton kernels of the short causal depthwise conv (+ SiLU) and its one-token decode update.
+
+Tokens are handled as rows of the flattened ``[B*T, D]`` input. Each row knows its sequence
+(``t // T``, or a per-token sequence id for packed varlen input) and that sequence's bounds, so a
+tile may straddle sequences without mixing them. Inputs before a sequence's start come from its
+initial state ``[N, D, W]`` (or are zero). The backward recomputes the pre-activation instead of
+storing it: W is tiny (4) and the extra loads hit the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _locate(rows, seq_ids, cu_seqlens, T, IS_VARLEN: tl.constexpr):
+    """Sequence index, first row and end row (exclusive) of each row, as int64 vectors."""
+    if IS_VARLEN:
+        seq = tl.load(seq_ids + rows).to(tl.int64)
+        bos = tl.load(cu_seqlens + seq).to(tl.int64)
+        eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    else:
+        seq = rows // T
+        bos = seq * T
+        eos = bos + T
+    return seq, bos, eos
+
+
+@triton.jit
+def _load_input(x, h, src, seq, bos, cols, row_mask, D, W: tl.constexpr, HAS_H: tl.constexpr):
+    """Input at rows ``src`` (may precede the sequence start ``bos``) -> fp32 ``[R, BD]``.
+
+    Rows before ``bos`` read the initial state: position src - bos = -p is slot W - p of the state.
+    """
+    col_mask = (cols < D)[None, :]
+    in_seq = (src >= bos) & row_mask
+    val = tl.load(x + src[:, None] * D + cols[None, :], mask=in_seq[:, None] & col_mask, other=0.0).to(tl.float32)
+    if HAS_H:
+        slot = W + src - bos
+        in_hist = row_mask & (src < bos) & (slot >= 0)
+        ptr = h + seq[:, None] * D * W + cols[None, :] * W + slot[:, None]
+        val += tl.load(ptr, mask=in_hist[:, None] & col_mask, other=0.0).to(tl.float32)
+    return val
+
+
+@triton.jit
+def _preact(x, w, b, h, t, seq, bos, cols, row_mask, D, W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr):
+    """z[t] = sum_j w[:, j] * input[t - W + 1 + j] + bias, fp32 ``[R, BD]``."""
+    col_mask = cols < D
+    acc = tl.zeros([t.shape[0], cols.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(W):
+        w_j = tl.load(w + cols * W + j, mask=col_mask, other=0.0).to(tl.float32)
+        acc += w_j[None, :] * _load_input(x, h, t + (j - W + 1), seq, bos, cols, row_mask, D, W, HAS_H)
+    if HAS_BIAS:
+        acc += tl.load(b + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _grad_preact(x, w, b, h, dy, t, seq, bos, eos, cols, row_mask, D, W: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, SILU: tl.constexpr):
+    """dL/dz at rows ``t`` (zero outside [bos, eos)), fp32 ``[R, BD]``."""
+    valid = row_mask & (t >= bos) & (t < eos)
+    mask = valid[:, None] & (cols < D)[None, :]
+    dz = tl.load(dy + t[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        z = _preact(x, w, b, h, t, seq, bos, cols, valid, D, W, HAS_BIAS, HAS_H)
+        sig = tl.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    return dz
+
+
+@triton.jit
+def _grad_input(x, w, b, h, dy, dfs, s, seq, bos, eos, cols, row_mask, D, W: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, HAS_DFS: tl.constexpr, SILU: tl.constexpr):
+    """dL/d input at rows ``s`` (s may precede bos: history slots), fp32 ``[R, BD]``.
+
+    Input s feeds z[s + k] through w[:, W - 1 - k], and the final state if s is among the last W rows.
+    """
+    col_mask = cols < D
+    acc = tl.zeros([s.shape[0], cols.shape[0]], dtype=tl.float32)
+    for k in tl.static_range(W):
+        w_k = tl.load(w + cols * W + (W - 1 - k), mask=col_mask, other=0.0).to(tl.float32)
+        dz = _grad_preact(x, w, b, h, dy, s + k, seq, bos, eos, cols, row_mask, D, W, HAS_BIAS, HAS_H, SILU)
+        acc += w_k[None, :] * dz
+    if HAS_DFS:
+        slot = s - eos + W
+        ok = row_mask & (slot >= 0)
+        ptr = dfs + seq[:, None] * D * W + cols[None, :] * W + slot[:, None]
+        acc += tl.load(ptr, mask=ok[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x, w, b, h, y, seq_ids, cu_seqlens, NT, T, D,
+    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    row_mask = rows < NT
+    seq, bos, _ = _locate(tl.where(row_mask, rows, 0), seq_ids, cu_seqlens, T, IS_VARLEN)
+    z = _preact(x, w, b, h, rows, seq, bos, cols, row_mask, D, W, HAS_BIAS, HAS_H)
+    if SILU:
+        z = z * tl.sigmoid(z)
+    tl.store(y + rows[:, None] * D + cols[None, :], z.to(y.dtype.element_ty), mask=row_mask[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _conv_final_state_kernel(
+    x, h, fs, cu_seqlens, T, D,
+    W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, HAS_H: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """fs[n, :, i] = input at row eos - W + i of sequence n (history or zero before its start)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    slots = tl.arange(0, BW)
+    seq = n + tl.zeros([BW], dtype=tl.int64)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + seq).to(tl.int64)
+        eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    else:
+        bos = seq * T
+        eos = bos + T
+    val = _load_input(x, h, eos - W + slots, seq, bos, cols, slots < W, D, W, HAS_H)
+    mask = (slots < W)[:, None] & (cols < D)[None, :]
+    tl.store(fs + n * D * W + cols[None, :] * W + slots[:, None], val.to(fs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x, w, b, h, dy, dfs, dx, dw_partial, db_partial, seq_ids, cu_seqlens, NT, T, D, SUB,
+    W: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, HAS_DFS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    """dx for SUB blocks of BT rows; weight/bias gradients summed over them into one partial row."""
+    pid_t = tl.program_id(0)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    slots = tl.arange(0, BW)
+    col_mask = cols < D
+    acc_w = tl.zeros([BD, BW], dtype=tl.float32)
+    acc_b = tl.zeros([BD], dtype=tl.float32)
+    for sub in range(SUB):
+        rows = ((pid_t * SUB + sub) * BT + tl.arange(0, BT)).to(tl.int64)
+        row_mask = rows < NT
+        seq, bos, eos = _locate(tl.where(row_mask, rows, 0), seq_ids, cu_seqlens, T, IS_VARLEN)
+        b_dx = _grad_input(x, w, b, h, dy, dfs, rows, seq, bos, eos, cols, row_mask, D, W,
+                           HAS_BIAS, HAS_H, HAS_DFS, SILU)
+        tl.store(dx + rows[:, None] * D + cols[None, :], b_dx.to(dx.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+        dz = _grad_preact(x, w, b, h, dy, rows, seq, bos, eos, cols, row_mask, D, W, HAS_BIAS, HAS_H, SILU)
+        for j in tl.static_range(W):
+            inp = _load_input(x, h, rows + (j - W + 1), seq, bos, cols, row_mask, D, W, HAS_H)
+            acc_w += tl.where(slots[None, :] == j, tl.sum(dz * inp, axis=0)[:, None], 0.0)
+        acc_b += tl.sum(dz, axis=0)
+    mask_w = col_mask[:, None] & (slots[None, :] < W)
+    tl.store(dw_partial + (pid_t * D + cols[:, None]) * W + slots[None, :], acc_w, mask=mask_w)
+    if HAS_BIAS:
+        tl.store(db_partial + pid_t * D + cols, acc_b, mask=col_mask)
+
+
+@triton.jit
+def _conv_bwd_initial_state_kernel(
+    x, w, b, h, dy, dfs, dh, cu_seqlens, T, D,
+    W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DFS: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
+):
+    """dh[n, :, i]: gradient of history slot i, i.e. of the input at row bos - W + i."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    slots = tl.arange(0, BW)
+    seq = n + tl.zeros([BW], dtype=tl.int64)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + seq).to(tl.int64)
+        eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    else:
+        bos = seq * T
+        eos = bos + T
+    grad = _grad_input(x, w, b, h, dy, dfs, bos - W + slots, seq, bos, eos, cols, slots < W, D, W,
+                       HAS_BIAS, True, HAS_DFS, SILU)
+    mask = (slots < W)[:, None] & (cols < D)[None, :]
+    tl.store(dh + n * D * W + cols[None, :] * W + slots[:, None], grad.to(dh.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_update_kernel(
+    x, state, w, b, y, D, stride_xn, stride_sn, stride_sd, stride_sw, stride_yn,
+    W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):
+    """One token per sequence: state <- [state[:, 1:], x]; y = act(sum(state * w) + b)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    slots = tl.arange(0, BW)
+    col_mask = cols < D
+    base = state + n * stride_sn + cols[:, None] * stride_sd
+    # The whole [BD, W] tile is read before it is written back, so the in-place shift is safe.
+    shifted = tl.load(base + (slots[None, :] + 1) * stride_sw, mask=col_mask[:, None] & (slots[None, :] + 1 < W), other=0.0)
+    b_x = tl.load(x + n * stride_xn + cols, mask=col_mask, other=0.0).to(shifted.dtype)
+    new = tl.where(slots[None, :] == W - 1, b_x[:, None], shifted)
+    tl.store(base + slots[None, :] * stride_sw, new, mask=col_mask[:, None] & (slots[None, :] < W))
+    b_w = tl.load(w + cols[:, None] * W + slots[None, :], mask=col_mask[:, None] & (slots[None, :] < W), other=0.0)
+    z = tl.sum(new.to(tl.float32) * b_w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        z += tl.load(b + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if SILU:
+        z = z * tl.sigmoid(z)
+    tl.store(y + n * stride_yn + cols, z.to(y.dtype.element_ty), mask=col_mask)
+
+
+def _seq_ids(cu_seqlens: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Sequence index of every packed row (no host sync: a device-side search)."""
+    rows = torch.arange(num_rows, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:], rows, right=True).to(torch.int32)
+
+
+def _fwd_blocks(dim: int, rows: int) -> tuple[int, int]:
+    return min(64, triton.next_power_of_2(max(rows, 1))), min(128, triton.next_power_of_2(dim))
+
+
+def causal_conv1d_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """x ``[B, T, D]`` contiguous, weight ``[D, W]`` contiguous, initial_state ``[N, D, W]`` contiguous.
+
+    Returns y ``[B, T, D]``, the final state ``[N, D, W]`` (x's dtype) or None, and the per-row
+    sequence ids (varlen only; reused by the backward).
+    """
+    batch, length, dim = x.shape
+    width = weight.shape[1]
+    rows = batch * length
+    num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    seq_ids = _seq_ids(cu_seqlens, rows) if cu_seqlens is not None else None
+    block_t, block_d = _fwd_blocks(dim, rows)
+    y = torch.empty_like(x)
+    _conv_fwd_kernel[(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))](
+        x, weight, bias, initial_state, y, seq_ids, cu_seqlens, rows, length, dim,
+        W=width, BT=block_t, BD=block_d, HAS_BIAS=bias is not None, HAS_H=initial_state is not None,
+        IS_VARLEN=cu_seqlens is not None, SILU=silu, num_warps=4,
+    )
+    final_state = None
+    if output_final_state:
+        final_state = x.new_empty(num_seqs, dim, width)
+        _conv_final_state_kernel[(num_seqs, triton.cdiv(dim, block_d))](
+            x, initial_state, final_state, cu_seqlens, length, dim,
+            W=width, BW=triton.next_power_of_2(width), BD=block_d, HAS_H=initial_state is not None,
+            IS_VARLEN=cu_seqlens is not None, num_warps=4,
+        )
+    return y, final_state, seq_ids
+
+
+def causal_conv1d_bwd(
+    dy: torch.Tensor,
+    dfinal_state: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    seq_ids: torch.Tensor | None,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dx, dweight, dbias, dinitial_state) in the dtypes of the respective inputs."""
+    batch, length, dim = x.shape
+    width = weight.shape[1]
+    rows = batch * length
+    block_t = min(32, triton.next_power_of_2(max(rows, 1)))
+    block_d = min(128, triton.next_power_of_2(dim))
+    sub = max(1, min(8, triton.cdiv(rows, block_t)))
+    programs_t = triton.cdiv(rows, block_t * sub)
+    dx = torch.empty_like(x)
+    dw_partial = torch.empty(programs_t, dim, width, device=x.device, dtype=torch.float32)
+    db_partial = torch.empty(programs_t, dim, device=x.device, dtype=torch.float32) if bias is not None else None
+    flags = dict(HAS_BIAS=bias is not None, HAS_DFS=dfinal_state is not None, IS_VARLEN=cu_seqlens is not None, SILU=silu)
+    _conv_bwd_kernel[(programs_t, triton.cdiv(dim, block_d))](
+        x, weight, bias, initial_state, dy, dfinal_state, dx, dw_partial, db_partial, seq_ids, cu_seqlens,
+        rows, length, dim, sub, W=width, BW=triton.next_power_of_2(width), BT=block_t, BD=block_d,
+        HAS_H=initial_state is not None,
+        num_warps=4, **flags,
+    )
+    dinitial_state = None
+    if initial_state is not None:
+        dinitial_state = torch.empty_like(initial_state)
+        _conv_bwd_initial_state_kernel[(initial_state.shape[0], triton.cdiv(dim, block_d))](
+            x, weight, bias, initial_state, dy, dfinal_state, dinitial_state, cu_seqlens, length, dim,
+            W=width, BW=triton.next_power_of_2(width), BD=block_d, num_warps=4, **flags,
+        )
+    dweight = dw_partial.sum(0).to(weight.dtype)
+    dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias, dinitial_state
+
+
+def causal_conv1d_update_fwd(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
+) -> torch.Tensor:
+    """x ``[N, D]`` (unit channel stride), conv_state ``[N, D, W]`` (any strides, updated in place)."""
+    num_seqs, dim = x.shape
+    width = weight.shape[1]
+    block_d = min(256, triton.next_power_of_2(dim))
+    y = torch.empty_like(x)
+    _conv_update_kernel[(num_seqs, triton.cdiv(dim, block_d))](
+        x, conv_state, weight, bias, y, dim, x.stride(0), *conv_state.stride(), y.stride(0),
+        W=width, BW=triton.next_power_of_2(width), BD=block_d, HAS_BIAS=bias is not None, SILU=silu, num_warps=4,
+    )
+    return y
