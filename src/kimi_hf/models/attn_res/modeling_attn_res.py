@@ -1,0 +1,396 @@
+"""Dense Llama-style decoder with Attention Residuals (arXiv 2603.15031), transformers 5.x conventions.
+
+Every attention sublayer and every MLP sublayer is one AttnRes "layer"; the residual stream between them is
+:class:`kimi_hf.modules.AttentionResiduals` (``config.residual``: standard / full / block). A decoder layer
+takes the input of its attention sublayer and the immutable residual state, and returns the next state, so
+that gradient checkpointing can re-run it.
+
+Works with transformers 5.17 (cache argument ``past_key_values``) and 5.24 (``cache``): both names are
+accepted, and outputs use the field name of the installed version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+from kimi_hf.modules import AttentionResiduals, AttnResState
+
+from .configuration_attn_res import AttnResConfig
+
+# transformers renamed the cache argument/output field from `past_key_values` (5.17) to `cache` (5.24).
+CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_OUTPUT_CACHE_NAME = (
+    "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+)
+
+
+def _pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the KV cache as either `cache` or `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+class AttnResRMSNorm(nn.Module):
+    """RMSNorm with a learnable gain, computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class AttnResRotaryEmbedding(nn.Module):
+    """Default RoPE: cos/sin [B, T, head_dim] for the given positions."""
+
+    def __init__(self, config: AttnResConfig) -> None:
+        super().__init__()
+        dim = config.head_dim
+        self.rope_theta = config.rope_theta
+        self.inv_freq = nn.Buffer(self._inv_freq(dim, config.rope_theta), persistent=False)
+
+    @staticmethod
+    def _inv_freq(dim: int, theta: float) -> torch.Tensor:
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, T, Dh], k [B, Hkv, T, Dh], cos/sin [B, T, Dh]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention (the ``"eager"`` implementation); returns output [B, T, H, Dh] and weights."""
+    groups = module.num_key_value_groups
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class AttnResAttention(nn.Module):
+    """GQA self-attention with RoPE through transformers' attention interface (eager, sdpa, flash...)."""
+
+    def __init__(self, config: AttnResConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """hidden_states [B, T, D] (already normalised) -> raw sublayer output [B, T, D]."""
+        batch, seq = hidden_states.shape[:2]
+        shape = (batch, seq, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, _ = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(batch, seq, -1).contiguous())
+
+
+class AttnResMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: AttnResConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class AttnResDecoderLayer(GradientCheckpointingLayer):
+    """Attention sublayer then MLP sublayer, each with its own PreNorm, joined by the AttnRes residual."""
+
+    def __init__(self, config: AttnResConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = AttnResAttention(config, layer_idx)
+        self.mlp = AttnResMLP(config)
+        self.input_layernorm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        residual_state: AttnResState,
+        attn_res: AttentionResiduals,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> AttnResState:
+        """hidden_states [B, T, D]: input of the attention sublayer (``attn_res.sublayer_input(residual_state)``).
+
+        Returns the residual state after both sublayers.
+        """
+        kwargs.pop("use_cache", None)
+        out = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=_pick_cache(past_key_values, cache),
+            **kwargs,
+        )
+        state = attn_res.add_sublayer_output(residual_state, out)
+        out = self.mlp(self.post_attention_layernorm(attn_res.sublayer_input(state)))
+        return attn_res.add_sublayer_output(state, out)
+
+
+class AttnResPreTrainedModel(PreTrainedModel):
+    config_class = AttnResConfig
+    config: AttnResConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AttnResDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, AttentionResiduals) and module.mode != "standard":
+            # paper: zero pseudo-queries (uniform average at init), unit key-norm gains
+            init.zeros_(module.queries)
+            init.ones_(module.norm_weight)
+
+
+class AttnResModel(AttnResPreTrainedModel):
+    """Embedding, decoder layers joined by Attention Residuals, final aggregation and norm."""
+
+    def __init__(self, config: AttnResConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([AttnResDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.attn_res = AttentionResiduals(
+            config.hidden_size,
+            config.num_sublayers,
+            mode=config.residual,
+            block_size=config.attn_res_block_size,
+            eps=config.attn_res_eps,
+            two_phase=config.attn_res_two_phase,
+            backend=config.attn_res_backend,
+        )
+        self.norm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = AttnResRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _check_checkpointing(self) -> None:
+        # Decoder layers exchange the residual state as a Python object: only non-reentrant checkpointing
+        # (the transformers default) sees the tensors inside it.
+        if not (self.gradient_checkpointing or any(layer.gradient_checkpointing for layer in self.layers)):
+            return
+        func = getattr(self.layers[0], "_gradient_checkpointing_func", None)
+        if getattr(func, "keywords", {}).get("use_reentrant", False):
+            raise ValueError(
+                "AttnRes decoder layers need non-reentrant gradient checkpointing: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Returns ``last_hidden_state`` [B, T, D] (final AttnRes aggregation, normalised), the KV cache and,
+        with ``output_hidden_states``, the input of every decoder layer's attention sublayer plus the final output.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = _pick_cache(past_key_values, cache)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        kwargs.pop("output_attentions", None)
+        if self.training:
+            self._check_checkpointing()
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{CACHE_NAME: cache},
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        state = self.attn_res.begin(inputs_embeds)
+        all_hidden = []
+        for layer in self.layers:
+            hidden = self.attn_res.sublayer_input(state)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            state = layer(
+                hidden,
+                state,
+                attn_res=self.attn_res,
+                position_embeddings=position_embeddings,
+                attention_mask=mask,
+                **{CACHE_NAME: cache},
+                **kwargs,
+            )
+        hidden = self.norm(self.attn_res.final_output(state))
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **{_OUTPUT_CACHE_NAME: cache if use_cache else None},
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
+    """:class:`AttnResModel` with a language-modelling head."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AttnResConfig) -> None:
+        super().__init__(config)
+        self.model = AttnResModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """``labels`` [B, T] (-100 ignored, shifted inside) give the causal-LM loss; ``logits_to_keep`` keeps the
+        last N positions (0 = all) or the given indices of the logits [B, T', vocab]."""
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            cache=_pick_cache(past_key_values, cache),
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{_OUTPUT_CACHE_NAME: getattr(outputs, _OUTPUT_CACHE_NAME)},
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["AttnResForCausalLM", "AttnResModel", "AttnResPreTrainedModel"]
