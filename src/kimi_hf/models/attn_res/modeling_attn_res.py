@@ -63,13 +63,13 @@ class AttnResRotaryEmbedding(nn.Module):
 
     def __init__(self, config: AttnResConfig) -> None:
         super().__init__()
-        dim = config.head_dim
+        self.dim = config.head_dim
         self.rope_theta = config.rope_theta
-        self.inv_freq = nn.Buffer(self._inv_freq(dim, config.rope_theta), persistent=False)
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
 
-    @staticmethod
-    def _inv_freq(dim: int, theta: float) -> torch.Tensor:
-        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    def compute_inv_freq(self) -> torch.Tensor:
+        """theta^(-2i/dim), [dim / 2] float32 (a non-persistent buffer: rebuilt by ``_init_weights`` on load)."""
+        return 1.0 / (self.rope_theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +228,10 @@ class AttnResPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, AttentionResiduals) and module.mode != "standard":
+        if isinstance(module, AttnResRotaryEmbedding):
+            # from_pretrained builds the model on the meta device: non-persistent buffers must be recomputed
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+        elif isinstance(module, AttentionResiduals) and module.mode != "standard":
             # paper: zero pseudo-queries (uniform average at init), unit key-norm gains
             init.zeros_(module.queries)
             init.ones_(module.norm_weight)

@@ -47,6 +47,22 @@ def _default_linear_attn_config(num_hidden_layers: int) -> dict[str, Any]:
     }
 
 
+def _linear_attn_config_from_layer_types(
+    layer_types: list[str], num_heads: int | None, head_dim: int | None, conv_size: int | None
+) -> dict[str, Any]:
+    """Rebuild the official ``linear_attn_config`` from a native-style (0-indexed) ``layer_types`` list."""
+    unknown = sorted({t for t in layer_types} - {"linear_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"layer_types may hold 'linear_attention' or 'full_attention', got {unknown}")
+    return {
+        "kda_layers": [i + 1 for i, t in enumerate(layer_types) if t == "linear_attention"],
+        "full_attn_layers": [i + 1 for i, t in enumerate(layer_types) if t == "full_attention"],
+        "num_heads": 32 if num_heads is None else num_heads,
+        "head_dim": 128 if head_dim is None else head_dim,
+        "short_conv_kernel_size": 4 if conv_size is None else conv_size,
+    }
+
+
 class KimiLinearConfig(PreTrainedConfig):
     r"""Configuration for :class:`~kimi_hf.KimiLinearModel` and :class:`~kimi_hf.KimiLinearForCausalLM`.
 
@@ -123,6 +139,13 @@ class KimiLinearConfig(PreTrainedConfig):
         # Attention Residuals
         residual: str = "standard",
         attn_res_block_size: int | None = None,
+        # Written by transformers' native class: derived views of the fields above, checked and not stored.
+        layer_types: list[str] | None = None,
+        mlp_layer_types: list[str] | None = None,
+        linear_num_heads: int | None = None,
+        linear_head_dim: int | None = None,
+        linear_conv_kernel_dim: int | None = None,
+        qk_head_dim: int | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -160,6 +183,10 @@ class KimiLinearConfig(PreTrainedConfig):
         self.topk_group = topk_group
         self.router_bias_update_rate = router_bias_update_rate
         self.output_router_logits = output_router_logits
+        if linear_attn_config is None and layer_types is not None:
+            linear_attn_config = _linear_attn_config_from_layer_types(
+                layer_types, linear_num_heads, linear_head_dim, linear_conv_kernel_dim
+            )
         if linear_attn_config is None:
             linear_attn_config = _default_linear_attn_config(num_hidden_layers)
         # Copies, so that the caller's dict (often the json one) is never aliased.
@@ -174,6 +201,7 @@ class KimiLinearConfig(PreTrainedConfig):
             **kwargs,
         )
         self.validate_kimi_linear()
+        self._check_native_views(layer_types, mlp_layer_types, linear_num_heads, linear_head_dim, qk_head_dim)
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -309,6 +337,36 @@ class KimiLinearConfig(PreTrainedConfig):
                     f"attn_res_block_size must be an integer in 1..{self.num_sublayers} (the number of sublayers, "
                     f"2 * num_hidden_layers) for residual='block', got {size!r}"
                 )
+
+    def _check_native_views(
+        self,
+        layer_types: list[str] | None,
+        mlp_layer_types: list[str] | None,
+        linear_num_heads: int | None,
+        linear_head_dim: int | None,
+        qk_head_dim: int | None,
+    ) -> None:
+        """A config written by transformers' native class repeats fields in derived form: they must agree."""
+        expected = {
+            "layer_types": self.layer_types,
+            "mlp_layer_types": ["sparse" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers)],
+            "linear_num_heads": self.linear_num_heads,
+            "linear_head_dim": self.linear_head_dim,
+            "qk_head_dim": self.qk_head_dim,
+        }
+        given = {
+            "layer_types": layer_types,
+            "mlp_layer_types": mlp_layer_types,
+            "linear_num_heads": linear_num_heads,
+            "linear_head_dim": linear_head_dim,
+            "qk_head_dim": qk_head_dim,
+        }
+        for name, value in given.items():
+            if value is None:
+                continue
+            value = list(value) if isinstance(value, (list, tuple)) else value
+            if value != expected[name]:
+                raise ValueError(f"{name}={value!r} contradicts the other fields, which give {expected[name]!r}")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -40,9 +40,7 @@ CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ 
 
 # Official checkpoint names (see REFERENCE.md); transformers' native class saves the dense MLP of
 # layer 0 under `block_sparse_moe.*`: `from_pretrained` maps it back.
-NATIVE_DENSE_MLP_KEY_MAPPING = {
-    r"^(model\.)?layers\.(\d+)\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.": r"\1layers.\2.mlp.\3.",
-}
+NATIVE_DENSE_MLP_KEY_MAPPING = {r"block_sparse_moe\.(?=gate_proj\.|up_proj\.|down_proj\.)": "mlp."}
 
 
 # ---------------------------------------------------------------------------------------------------- layout
@@ -665,7 +663,11 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         """As :meth:`transformers.PreTrainedModel.from_pretrained`; also reads checkpoints written by
         transformers' native class (dense MLP saved as ``block_sparse_moe.{gate,up,down}_proj``)."""
         kwargs.setdefault("key_mapping", NATIVE_DENSE_MLP_KEY_MAPPING)
-        return super().from_pretrained(*args, **kwargs)
+        model = super().from_pretrained(*args, **kwargs)
+        # transformers would replay the renaming backwards on save; our module names are already the
+        # official checkpoint names, which is what save_pretrained must write.
+        model._weight_conversions = None
+        return model
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
