@@ -9,7 +9,7 @@ For one sublayer with pseudo-query ``w`` [D] and key-norm gain ``g`` [D], over s
 ``naive_depth_attention`` is the paper's formula written out (stacks the sources: a reference only).
 ``torch_depth_attention`` / ``torch_phase1`` / ``torch_phase2`` are the plain-torch backend the module uses
 off-GPU: they loop over the sources (no stacking copy) and reuse per-source rsqrt statistics computed once.
-All score/softmax arithmetic is float32; outputs come back in the sources' dtype.
+All score/softmax arithmetic is float32 (float64 for float64 inputs); outputs come back in the sources' dtype.
 """
 
 from __future__ import annotations
@@ -19,9 +19,14 @@ from collections.abc import Sequence
 import torch
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 tensors."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def source_rstd(v: torch.Tensor, eps: float) -> torch.Tensor:
-    """``rsqrt(mean(v^2, -1) + eps)`` in float32, shape ``[..., 1]`` for a source ``v`` [..., D]."""
-    sq_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.float32).square()
+    """``rsqrt(mean(v^2, -1) + eps)`` in float32 (float64 for float64 ``v``), shape ``[..., 1]`` for ``v`` [..., D]."""
+    sq_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=_acc(v)).square()
     return torch.rsqrt(sq_norm / v.shape[-1] + eps)
 
 
@@ -38,16 +43,17 @@ def naive_depth_attention(
         h [..., D] in the sources' dtype.
     """
     values = torch.stack(list(sources)) if not isinstance(sources, torch.Tensor) else sources
-    v = values.float()
-    keys = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * gain.float()
-    scores = keys @ query.float()  # [N, ...]
+    acc = torch.promote_types(_acc(values), query.dtype)
+    v = values.to(acc)
+    keys = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * gain.to(acc)
+    scores = keys @ query.to(acc)  # [N, ...]
     alpha = torch.softmax(scores, dim=0)
     return (alpha.unsqueeze(-1) * v).sum(0).to(values.dtype)
 
 
 def _scores(sources: Sequence[torch.Tensor], rstds: Sequence[torch.Tensor], u: torch.Tensor) -> torch.Tensor:
     """Scores [..., N] of the sources against ``u`` [D, Q] (``w * g`` per query): r_i * (v_i @ u)."""
-    return torch.stack([r * (v @ u.to(v.dtype)).float() for v, r in zip(sources, rstds)], dim=-2)
+    return torch.stack([r * (v @ u.to(v.dtype)).to(r.dtype) for v, r in zip(sources, rstds)], dim=-2)
 
 
 def torch_depth_attention(
@@ -60,7 +66,7 @@ def torch_depth_attention(
 
     Differentiable (the rstds carry their own graph back to the sources). Returns h [..., D].
     """
-    u = (query.float() * gain.float()).unsqueeze(-1)  # [D, 1]
+    u = (query.to(_acc(query)) * gain.to(_acc(query))).unsqueeze(-1)  # [D, 1]
     alpha = torch.softmax(_scores(sources, rstds, u).squeeze(-1), dim=-1)  # [..., N]
     out = sum(alpha[..., i : i + 1] * v for i, v in enumerate(sources))
     return out.to(sources[0].dtype)
@@ -77,7 +83,7 @@ def torch_phase1(
     Returns:
         out [Q, ..., D] (softmax-normalised over the sources, sources' dtype) and lse [Q, ...] float32.
     """
-    u = (queries.float() * gains.float()).t()  # [D, Q]
+    u = (queries.to(_acc(queries)) * gains.to(_acc(queries))).t()  # [D, Q]
     scores = _scores(sources, rstds, u)  # [..., N, Q]
     lse = torch.logsumexp(scores, dim=-2)  # [..., Q]
     alpha = torch.exp(scores - lse.unsqueeze(-2))
@@ -92,7 +98,8 @@ def torch_phase2(
 
     The partial sum is one more source; online-softmax merging of the two parts is exact.
     """
-    s_p = source_rstd(partial, eps).squeeze(-1) * (partial @ (query.float() * gain.float()).to(partial.dtype)).float()
+    rstd = source_rstd(partial, eps).squeeze(-1)
+    s_p = rstd * (partial @ (query.to(rstd.dtype) * gain.to(rstd.dtype)).to(partial.dtype)).to(rstd.dtype)
     new_lse = torch.logaddexp(lse, s_p)
     h = torch.exp(lse - new_lse).unsqueeze(-1) * out + torch.exp(s_p - new_lse).unsqueeze(-1) * partial
     return h.to(partial.dtype)

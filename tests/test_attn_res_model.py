@@ -1,0 +1,154 @@
+"""AttnResForCausalLM: config validation, checkpointing, save/load (incl. remote code), cached generation."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import assert_close_rel
+
+import kimi_hf  # noqa: F401  (registers the Auto classes)
+from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM, register_auto
+
+
+def _config(**overrides) -> AttnResConfig:
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        residual="block",
+        attn_res_block_size=4,
+        attn_implementation="sdpa",
+    )
+    kwargs.update(overrides)
+    return AttnResConfig(**kwargs)
+
+
+def _model(seed: int = 0, **overrides) -> AttnResForCausalLM:
+    torch.manual_seed(seed)
+    model = AttnResForCausalLM(_config(**overrides))
+    if model.config.residual != "standard":
+        with torch.no_grad():  # move off the zero init so that the depth mixing matters
+            model.model.attn_res.queries.normal_()
+    return model
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"residual": "dense"}, "residual must be one of .* got 'dense'"),
+        ({"attn_res_block_size": 0}, "attn_res_block_size .* got 0"),
+        ({"attn_res_block_size": 7}, r"attn_res_block_size must be an int in \[1, 6\].* got 7"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads \\(3\\)"),
+        ({"hidden_size": -4}, "hidden_size must be a positive integer, got -4"),
+        ({"attn_res_backend": "cuda"}, "attn_res_backend .* got 'cuda'"),
+        ({"hidden_act": "gelu"}, "hidden_act must be 'silu'"),
+    ],
+)
+def test_config_validation(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**overrides)
+
+
+def test_block_size_only_checked_in_block_mode():
+    assert _config(residual="full", attn_res_block_size=None).num_sublayers == 6
+
+
+@pytest.mark.parametrize("residual", ["standard", "full", "block"])
+def test_loss_and_outputs(residual):
+    model = _model(residual=residual)
+    ids = torch.randint(0, 97, (2, 7))
+    out = model(ids, labels=ids, output_hidden_states=True)
+    assert out.logits.shape == (2, 7, 97) and torch.isfinite(out.loss)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert model(ids, logits_to_keep=1).logits.shape == (2, 1, 97)
+    out.loss.backward()
+    if residual != "standard":
+        assert model.model.attn_res.queries.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradient_checkpointing_gives_same_grads(backend):
+    model = _model(attn_res_backend=backend, num_hidden_layers=2, attn_res_block_size=3)
+    model.train()
+    ids = torch.randint(0, 97, (1, 5))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    checkpointed = grads()
+    for name, g in plain.items():
+        assert_close_rel(checkpointed[name], g, 1e-5, name)
+
+
+def test_reentrant_checkpointing_is_refused():
+    model = _model()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="non-reentrant"):
+        model(torch.randint(0, 97, (1, 4)))
+
+
+def test_cached_greedy_generation_equals_recompute():
+    model = _model(residual="block", attn_res_block_size=4).eval()
+    prompt = torch.randint(3, 97, (2, 5))
+    generated = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=0
+    )
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model(ids, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, ids)
+
+
+def test_save_load_round_trip(tmp_path):
+    register_auto()
+    model = _model().eval()
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert "model.safetensors" in files and "pytorch_model.bin" not in files
+    assert {"modeling_attn_res.py", "configuration_attn_res.py"} <= files
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is AttnResForCausalLM and loaded.config.residual == "block"
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        assert_close_rel(loaded(ids).logits, model(ids).logits, 1e-6, "logits after reload")
+
+
+def test_remote_code_load_in_fresh_process(tmp_path):
+    register_auto()
+    model = _model().eval()
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ref = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            err = (model(ref["ids"]).logits - ref["logits"]).abs().max().item()
+        print("MAXERR", err)
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = float(proc.stdout.split("MAXERR")[-1])
+    assert err < 1e-6, err

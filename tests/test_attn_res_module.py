@@ -1,0 +1,151 @@
+"""AttentionResiduals module: paper semantics (init, Full = block size 1, one block), two-phase, errors."""
+
+import pytest
+import torch
+from helpers import assert_close_rel
+
+from kimi_hf.kernels.attn_res import naive_depth_attention
+from kimi_hf.modules import AttentionResiduals
+
+D = 32
+
+
+def _sublayers(n: int, seed: int = 0) -> list[torch.nn.Module]:
+    """Stand-ins for attention/MLP sublayers: a norm then a random non-linear map."""
+    torch.manual_seed(seed)
+    return [torch.nn.Sequential(torch.nn.RMSNorm(D), torch.nn.Linear(D, D), torch.nn.Tanh()) for _ in range(n)]
+
+
+def _run(attn_res: AttentionResiduals, fns, x: torch.Tensor) -> torch.Tensor:
+    state = attn_res.begin(x)
+    for f in fns:
+        state = attn_res.add_sublayer_output(state, f(attn_res.sublayer_input(state)))
+    return attn_res.final_output(state)
+
+
+def _randomise(attn_res: AttentionResiduals, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        attn_res.queries.copy_(torch.randn(attn_res.queries.shape, generator=g))
+        attn_res.norm_weight.copy_(1 + 0.3 * torch.randn(attn_res.norm_weight.shape, generator=g))
+
+
+def _full_reference(x, fns, queries, gains):
+    """Full AttnRes written out: every sublayer attends over the embedding and all earlier raw outputs."""
+    sources = [x]
+    for l, f in enumerate(fns):
+        sources.append(f(naive_depth_attention(sources, queries[l], gains[l])))
+    return naive_depth_attention(sources, queries[-1], gains[-1])
+
+
+def test_init_is_uniform_average():
+    attn_res = AttentionResiduals(D, num_sublayers=4, mode="block", block_size=2)
+    assert torch.equal(attn_res.queries, torch.zeros(5, D)) and torch.equal(attn_res.norm_weight, torch.ones(5, D))
+    x = torch.randn(2, 3, D)
+    outs = [torch.randn(2, 3, D) for _ in range(4)]
+    state = attn_res.begin(x)
+    state = attn_res.add_sublayer_output(state, outs[0])
+    assert_close_rel(attn_res.sublayer_input(state), (x + outs[0]) / 2, 1e-6, "sources [b0, partial]")
+    state = attn_res.add_sublayer_output(state, outs[1])
+    b1 = outs[0] + outs[1]
+    assert_close_rel(attn_res.sublayer_input(state), (x + b1) / 2, 1e-6, "sources [b0, b1]")
+    state = attn_res.add_sublayer_output(state, outs[2])
+    assert_close_rel(attn_res.sublayer_input(state), (x + b1 + outs[2]) / 3, 1e-6, "sources [b0, b1, partial]")
+    state = attn_res.add_sublayer_output(state, outs[3])
+    assert_close_rel(attn_res.final_output(state), (x + b1 + outs[2] + outs[3]) / 3, 1e-6, "final")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_block_size_one_is_full_attn_res(backend):
+    fns = _sublayers(5)
+    attn_res = AttentionResiduals(D, num_sublayers=5, mode="block", block_size=1, backend=backend)
+    _randomise(attn_res)
+    x = torch.randn(2, 3, D)
+    ref = _full_reference(x, fns, attn_res.queries, attn_res.norm_weight)
+    assert_close_rel(_run(attn_res, fns, x), ref, 1e-5, "block size 1 vs Full")
+    full = AttentionResiduals(D, num_sublayers=5, mode="full", backend=backend)
+    full.load_state_dict(attn_res.state_dict())
+    assert_close_rel(_run(full, fns, x), ref, 1e-5, "mode full")
+
+
+def test_one_block_is_residual_with_embedding_apart():
+    """N = 1: sublayer l sees softmax over [embedding, sum of earlier outputs] (hand-written two-source mix)."""
+    fns = _sublayers(4, seed=3)
+    attn_res = AttentionResiduals(D, num_sublayers=4, mode="block", block_size=4)
+    _randomise(attn_res, seed=4)
+    q, g, eps = attn_res.queries, attn_res.norm_weight, attn_res.eps
+
+    def score(v, l):
+        return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * g[l]) @ q[l]
+
+    def mix(x, stream, l):
+        a = torch.sigmoid(score(x, l) - score(stream, l)).unsqueeze(-1)
+        return a * x + (1 - a) * stream
+
+    x = torch.randn(2, 3, D)
+    stream = fns[0](x)  # the first sublayer sees only the embedding
+    for l in range(1, 4):
+        stream = stream + fns[l](mix(x, stream, l))
+    expected = mix(x, stream, 4)
+    assert_close_rel(_run(attn_res, fns, x), expected, 1e-5, "one block")
+
+
+def test_standard_mode_is_plain_residual():
+    fns = _sublayers(3)
+    x = torch.randn(2, 3, D)
+    expected = x
+    for f in fns:
+        expected = expected + f(expected)
+    assert_close_rel(_run(AttentionResiduals(D, 3, mode="standard"), fns, x), expected, 1e-6, "standard")
+
+
+@pytest.mark.parametrize(
+    "backend,block_size", [("torch", 1), ("torch", 3), ("torch", 7), ("triton", 3)]  # interpreter: one case
+)
+def test_two_phase_inference_matches_training_path(backend, block_size):
+    fns = _sublayers(7, seed=5)
+    attn_res = AttentionResiduals(D, num_sublayers=7, mode="block", block_size=block_size, backend=backend)
+    _randomise(attn_res, seed=6)
+    x = torch.randn(2, 3, D)
+    with torch.no_grad():
+        two_phase = _run(attn_res, fns, x)
+        attn_res.two_phase = False
+        one_pass = _run(attn_res, fns, x)
+    assert_close_rel(two_phase, one_pass, 1e-5, "two-phase vs one-pass")
+
+
+def test_gradients_reach_every_pseudo_query():
+    fns = _sublayers(6)
+    attn_res = AttentionResiduals(D, num_sublayers=6, mode="block", block_size=4)
+    _run(attn_res, fns, torch.randn(2, 3, D)).pow(2).sum().backward()
+    # at init every row's gradient is non-zero: each sublayer mixes at least two sources except sublayer 0
+    row_norms = attn_res.queries.grad.norm(dim=-1)
+    assert row_norms[0] == 0 and bool((row_norms[1:] > 0).all()), row_norms
+    assert bool((attn_res.norm_weight.grad.norm(dim=-1)[1:] == 0).all()), "zero queries: gain grads vanish at init"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mode": "blocks"}, "unknown residual mode 'blocks'"),
+        ({"mode": "block", "block_size": 0}, "got 0"),
+        ({"mode": "block", "block_size": 9}, "got 9"),
+        ({"mode": "block", "block_size": None}, "got None"),
+    ],
+)
+def test_invalid_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttentionResiduals(D, num_sublayers=8, **kwargs)
+
+
+def test_misuse_raises():
+    attn_res = AttentionResiduals(D, num_sublayers=2, mode="block", block_size=2)
+    state = attn_res.begin(torch.randn(1, 2, D))
+    with pytest.raises(ValueError, match="final_output needs all 2 sublayers"):
+        attn_res.final_output(state)
+    for _ in range(2):
+        state = attn_res.add_sublayer_output(state, torch.randn(1, 2, D))
+    with pytest.raises(ValueError, match="all 2 sublayers have run"):
+        attn_res.sublayer_input(state)
+    with pytest.raises(ValueError, match="hidden size 32"):
+        attn_res.begin(torch.randn(1, 2, 8))

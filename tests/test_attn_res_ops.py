@@ -1,0 +1,147 @@
+"""Depth-attention ops of Attention Residuals: torch backend and Triton kernels vs the stacking reference.
+
+Triton runs under the interpreter on CPU (conftest sets TRITON_INTERPRET=1 without a GPU): fp32, tiny shapes.
+"""
+
+import pytest
+import torch
+from helpers import assert_close_rel
+
+from kimi_hf.kernels.attn_res import (
+    append_source,
+    depth_attention,
+    depth_attention_phase1,
+    depth_attention_phase2,
+    naive_depth_attention,
+    new_source_bank,
+)
+
+CPU_BACKENDS = ["torch", "triton"]
+
+
+def _inputs(n_blocks: int, shape=(2, 3, 48), dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    blocks = [torch.randn(shape, generator=g).mul(1 + i).to(device, dtype) for i in range(n_blocks)]
+    partial = torch.randn(shape, generator=g).to(device, dtype)
+    query = torch.randn(d, generator=g).to(device, dtype)
+    gain = (1 + 0.3 * torch.randn(d, generator=g)).to(device, dtype)
+    return blocks, partial, query, gain
+
+
+def _bank(blocks, backend):
+    bank = new_source_bank(len(blocks) + 1, blocks[0], backend=backend)
+    for b in blocks:
+        bank = append_source(bank, b)
+    return bank
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("with_partial", [False, True])
+def test_forward_matches_reference(backend, with_partial):
+    blocks, partial, query, gain = _inputs(3)
+    h = depth_attention(_bank(blocks, backend), query, gain, partial if with_partial else None)
+    ref = naive_depth_attention(blocks + ([partial] if with_partial else []), query.double(), gain.double())
+    assert_close_rel(h, ref, 1e-5, f"h ({backend})")
+
+
+def _graph(backend: str, seed: int = 0):
+    """Two readers of the same stored block plus a block stored from (partial, output): exercises the
+    accumulation of slot gradients and the StoreSource backward."""
+    blocks, partial, query, gain = _inputs(2, seed=seed)
+    leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain)]
+    b0, b1, p, q, g = leaves
+    bank = new_source_bank(3, b0, backend=backend)
+    bank = append_source(append_source(bank, b0), b1)
+    h1 = depth_attention(bank, q, g, p)
+    bank = append_source(bank, p, h1 * 0.5)
+    h2 = depth_attention(bank, q.flip(0), g)
+    w1, w2 = torch.randn_like(h1), torch.randn_like(h2)
+    loss = (h1 * w1).sum() + (h2 * w2).sum()
+    loss.backward()
+    return [h1, h2] + [t.grad for t in leaves]
+
+
+def test_triton_backward_matches_torch():
+    torch.manual_seed(0)
+    expected = _graph("torch")
+    torch.manual_seed(0)
+    actual = _graph("triton")
+    names = ["h1", "h2", "d_block0", "d_block1", "d_partial", "d_query", "d_gain"]
+    for a, e, name in zip(actual, expected, names):
+        assert_close_rel(a, e, 1e-5, name)
+
+
+def test_torch_backward_matches_reference():
+    """The torch backend's gradients (cached rstd, no stacking) equal autograd through the reference formula."""
+    blocks, partial, query, gain = _inputs(3)
+    leaves = [t.double().requires_grad_() for t in (*blocks, partial, query, gain)]
+    *srcs, q, g = leaves
+    bank = _bank(srcs[:-1], "torch")
+    w = torch.randn_like(srcs[0])
+    (depth_attention(bank, q, g, srcs[-1]) * w).sum().backward()
+    actual = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    (naive_depth_attention(srcs, q, g) * w).sum().backward()
+    for a, t in zip(actual, leaves):
+        assert_close_rel(a, t.grad, 1e-10, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_two_phase_matches_naive(backend):
+    blocks, partial, _, _ = _inputs(3, seed=1)
+    g = torch.Generator().manual_seed(2)
+    queries = torch.randn(4, blocks[0].shape[-1], generator=g)
+    gains = 1 + 0.3 * torch.randn(4, blocks[0].shape[-1], generator=g)
+    with torch.no_grad():
+        out, lse = depth_attention_phase1(_bank(blocks, backend), queries, gains)
+        for j in range(4):
+            assert_close_rel(out[j], naive_depth_attention(blocks, queries[j], gains[j]), 1e-5, f"phase1[{j}]")
+            h = depth_attention_phase2(out[j], lse[j], partial, queries[j], gains[j], backend=backend)
+            assert_close_rel(h, naive_depth_attention(blocks + [partial], queries[j], gains[j]), 1e-5, f"phase2[{j}]")
+
+
+def test_two_phase_refuses_gradients():
+    blocks, _, query, gain = _inputs(2)
+    with pytest.raises(ValueError, match="inference-only"):
+        depth_attention_phase1(_bank(blocks, "torch"), query[None].requires_grad_(), gain[None])
+
+
+def test_bad_inputs_raise():
+    blocks, partial, query, gain = _inputs(1)
+    bank = append_source(_bank(blocks, "torch"), partial)
+    with pytest.raises(ValueError, match="full"):
+        append_source(bank, partial)
+    with pytest.raises(ValueError, match="hidden size 48"):
+        depth_attention(bank, query[:10], gain)
+    with pytest.raises(ValueError, match="at least one source"):
+        depth_attention(new_source_bank(2, partial, backend="torch"), query, gain)
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        new_source_bank(2, partial, backend="cuda")
+    with pytest.raises(ValueError, match="num_slots"):
+        new_source_bank(0, partial)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_blocks,d", [(1, 2048), (4, 2048), (9, 1000)])
+def test_gpu_bf16_matches_reference(n_blocks, d):
+    blocks, partial, query, gain = _inputs(n_blocks, shape=(2, 257, d), dtype=torch.bfloat16, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain)]
+    *srcs, q, g = leaves
+    w = torch.randn_like(srcs[0])
+    h = depth_attention(_bank(srcs[:-1], "triton"), q, g, srcs[-1])
+    (h.float() * w).sum().backward()
+    grads = [t.grad.clone() for t in leaves]
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref = naive_depth_attention(ref_leaves[:-2], ref_leaves[-2], ref_leaves[-1])
+    (ref * w).sum().backward()
+    assert_close_rel(h, ref, 1e-2, "h")
+    for a, t in zip(grads, ref_leaves):
+        assert_close_rel(a, t.grad, 2e-2, "grad")
+    with torch.no_grad():
+        queries, gains = torch.stack([q, q.flip(0)]), torch.stack([g, g.flip(0)])
+        out, lse = depth_attention_phase1(_bank(srcs[:-1], "triton"), queries, gains)
+        h2 = depth_attention_phase2(out[1], lse[1], srcs[-1], queries[1], gains[1])
+        ref2 = naive_depth_attention([t.float() for t in srcs], queries[1].float(), gains[1].float())
+        assert_close_rel(h2, ref2, 1e-2, "two-phase")
