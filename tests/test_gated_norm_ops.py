@@ -50,3 +50,34 @@ def test_bad_input_raises(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         gated_rms_norm(**args)
+
+
+def _triton_vs_reference(shape, activation, dtype, device, rtol_y, rtol_grad):
+    x, g, w = _inputs(shape, seed=5)
+    leaves = [x.to(device, dtype), g.to(device, dtype), w.to(device)]
+    leaves = [t.requires_grad_() for t in leaves]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    y = gated_rms_norm(*leaves, activation=activation, backend="triton")
+    y_ref = naive_gated_rms_norm(*ref, 1e-5, activation)
+    assert y.dtype == dtype
+    assert_close_rel(y, y_ref, rtol_y, "y")
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    got = torch.autograd.grad(y, leaves, dy.to(device, dtype))
+    want = torch.autograd.grad(y_ref, ref, dy)
+    for name, a, e in zip(("dx", "dgate", "dweight"), got, want):
+        assert_close_rel(a, e, rtol_grad, name)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "silu"])
+@pytest.mark.parametrize("shape", [(3, 5, 24), (2, 9, 256)])
+def test_triton_matches_reference_interpreter(shape, activation):
+    """Triton kernels under the interpreter (fp32; D not a power of two, several row blocks per program)."""
+    _triton_vs_reference(shape, activation, torch.float32, "cpu", 1e-5, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("activation", ["sigmoid", "silu"])
+@pytest.mark.parametrize("shape", [(4, 1000, 128), (3, 77, 72), (2, 33, 256), (5, 1024)])
+def test_triton_matches_reference_gpu(shape, activation, dtype, rtol):
+    _triton_vs_reference(shape, activation, dtype, "cuda", rtol, 2 * rtol)
