@@ -155,16 +155,6 @@ def test_gradcheck_fused_gate_and_l2norm_fp64():
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_fused_recurrent_triton_without_kernel_file_is_clear():
-    import importlib.util
-
-    if importlib.util.find_spec("kimi_hf.kernels.kda.fused_recurrent") is not None:
-        pytest.skip("the Triton decode kernel exists; covered by tests/test_kda_triton.py")
-    q, k, v, g, beta, _ = make_inputs(T=2, state=False)
-    with pytest.raises(NotImplementedError, match="fused_recurrent"):
-        fused_recurrent_kda(q, k, v, g, beta, backend="triton")
-
-
 def _bad(**changes):
     q, k, v, g, beta, h0 = make_inputs(T=8, seed=11)
     args = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0)

@@ -101,6 +101,8 @@ def fused_recurrent_kda(
     Args:
         inplace_final_state: write the final state into ``initial_state`` (which must be given,
             fp32 and contiguous) and return that same tensor as the final state.
+
+    The Triton path is forward-only (decoding); the torch path is differentiable.
     """
     check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias)
     if inplace_final_state:
@@ -112,15 +114,8 @@ def fused_recurrent_kda(
                 f"{'' if initial_state.is_contiguous() else ' (non-contiguous)'}"
             )
     if resolve_backend(backend, q) == "triton":
-        try:
-            from .fused_recurrent import fused_recurrent_kda_fwd
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.fused_recurrent":
-                raise
-            raise NotImplementedError(
-                "the Triton fused_recurrent_kda kernel (kernels/kda/fused_recurrent.py) is not available yet; "
-                "use backend='torch'"
-            ) from err
+        from .fused_recurrent import fused_recurrent_kda_fwd
+
         return fused_recurrent_kda_fwd(
             q, k, v, g, beta,
             scale=q.shape[-1] ** -0.5 if scale is None else scale,

@@ -1,0 +1,257 @@
+"""Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
+
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> intra (A_qk, P, M, W, U per chunk) -> state
+(sequential over chunks, per head and V tile) -> output. Backward: state (reverse) -> intra.
+Everything runs on flattened ``[B*T, H, D]`` tensors with sequence offsets, so equal-length batches
+and packed (cu_seqlens) sequences share one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .chunk_bwd import kda_intra_bwd_kernel, kda_state_bwd_kernel
+from .chunk_fwd import kda_intra_fwd_kernel, kda_output_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel
+from .utils import L2NORM_EPS
+
+CHUNK = 64  # tokens per chunk (BT)
+SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
+MAX_HEAD_DIM = 256
+
+
+@dataclass
+class _Chunks:
+    """Sequence/chunk bookkeeping on the device: ``cu_seqlens [N+1]``, ``indices [NC, 2]`` (sequence,
+    chunk within it), ``offsets [N+1]`` (first chunk of each sequence)."""
+
+    cu_seqlens: torch.Tensor
+    indices: torch.Tensor
+    offsets: torch.Tensor
+    num_chunks: int
+    num_seqs: int
+
+
+def _chunks(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device) -> _Chunks:
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    counts = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK
+    offsets = torch.zeros(counts.numel() + 1, device=device, dtype=torch.int32)
+    offsets[1:] = counts.cumsum(0)
+    num_chunks = int(offsets[-1].item())
+    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=device, dtype=torch.int32), counts)
+    within = torch.arange(num_chunks, device=device, dtype=torch.int32) - offsets[:-1].repeat_interleave(counts)
+    indices = torch.stack([seq, within], dim=1).contiguous()
+    return _Chunks(cu, indices, offsets, num_chunks, counts.numel())
+
+
+def _dims(K: int, V: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 dots (tf32 would cost ~1e-3 relative error); bf16/fp16 operands ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kda_chunk_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    use_qk_l2norm: bool,
+    use_gate: bool,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    chunks: _Chunks,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Forward on flattened contiguous ``[TT, H, D]`` inputs (q, k, v of one dtype).
+
+    Returns ``o [TT, H, V]``, the final state ``[N, H, K, V]`` fp32 (or None) and the tensors the
+    backward needs.
+    """
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV = _dims(K, V)
+    dt = q.dtype
+    ieee = _precision(dt)
+    NC, N = chunks.num_chunks, chunks.num_seqs
+    dev = q.device
+    G = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+    qn, kn = (torch.empty_like(q), torch.empty_like(k)) if use_qk_l2norm else (q, k)
+    kda_prep_fwd_kernel[(NC, H)](
+        q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
+        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=4,
+    )  # fmt: skip
+    A_qk, P, M = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(3))
+    W = torch.empty(TT, H, K, device=dev, dtype=dt)
+    U = torch.empty(TT, H, V, device=dev, dtype=dt)
+    kda_intra_fwd_kernel[(NC, H)](
+        qn, kn, v, G, beta, A_qk, P, M, W, U, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BC=SUB, BK=BK, BV=BV, IEEE=ieee, num_warps=8 if BK >= 128 else 4,
+    )  # fmt: skip
+    h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
+    v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
+    ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    BVs = 32 if BK > 128 else BV
+    kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
+        kn, G, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
+        num_warps=4,
+    )  # fmt: skip
+    o = torch.empty(TT, H, V, device=dev, dtype=dt)
+    kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
+        qn, G, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=4,
+    )  # fmt: skip
+    saved = dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, h=h, v_new=v_new)
+    return o, ht, saved
+
+
+def kda_chunk_bwd(
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    has_initial_state: bool,
+    use_qk_l2norm: bool,
+    use_gate: bool,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    chunks: _Chunks,
+    saved: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """Backward on flattened inputs. Returns dq, dk, dv, dg (fp32), dbeta (fp32), dh0 (or None),
+    dA_log ``[H]`` and ddt_bias ``[H, K]`` (or None without the fused gate)."""
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV = _dims(K, V)
+    dt = q.dtype
+    ieee = _precision(dt)
+    NC, N = chunks.num_chunks, chunks.num_seqs
+    dev = q.device
+    dh = torch.empty(NC, H, K, V, device=dev, dtype=dt)
+    dv_new = torch.empty(TT, H, V, device=dev, dtype=dt)
+    dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if has_initial_state else None
+    BVs = 32 if BK > 128 else BV
+    kda_state_bwd_kernel[(N, H, triton.cdiv(V, BVs))](
+        saved["qn"], saved["kn"], saved["G"], saved["W"], saved["A_qk"], do, dh, dv_new, dht, dh0,
+        chunks.cu_seqlens, chunks.offsets, scale, H, K, V,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee, num_warps=4,
+    )  # fmt: skip
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dg = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+    dbeta = torch.empty(TT, H, device=dev, dtype=torch.float32)
+    dA_part = torch.empty(NC, H, device=dev, dtype=torch.float32) if use_gate else None
+    ddt_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32) if use_gate else None
+    kda_intra_bwd_kernel[(NC, H)](
+        saved["qn"], saved["kn"], v, saved["G"], beta, saved["P"], saved["M"], saved["h"], dh,
+        saved["v_new"], dv_new, do, q, k, g, A_log, dt_bias,
+        dq, dk, dv, dg, dbeta, dA_part, ddt_part, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BC=SUB, BK=BK, BV=BV, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, IEEE=ieee,
+        num_warps=8 if BK >= 128 else 4,
+    )  # fmt: skip
+    dA_log = dA_part.sum(0) if use_gate else None
+    ddt_bias = ddt_part.sum(0) if use_gate else None
+    return dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias
+
+
+class ChunkKDAFunction(torch.autograd.Function):
+    """Autograd wrapper of the chunked KDA kernels on ``[B, T, H, D]`` inputs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
+                use_qk_l2norm, use_gate, cu_seqlens):  # fmt: skip
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        dt = q.dtype
+        flat = lambda x, d: x.to(dt).reshape(B * T, H, d).contiguous()  # noqa: E731
+        qf, kf, vf = flat(q, K), flat(k, K), flat(v, V)
+        gf = g.reshape(B * T, H, K).contiguous()
+        bf = beta.reshape(B * T, H).contiguous()
+        A_logf = A_log.reshape(H).contiguous() if use_gate else None
+        dt_biasf = dt_bias.reshape(H, K).contiguous() if use_gate else None
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        chunks = _chunks(cu_seqlens, B, T, q.device)
+        o, ht, saved = kda_chunk_fwd(
+            qf, kf, vf, gf, bf, scale, h0, output_final_state, use_qk_l2norm, use_gate, A_logf, dt_biasf, chunks
+        )
+        ctx.save_for_backward(qf, kf, vf, gf, bf, A_logf, dt_biasf, *saved.values())
+        ctx.saved_names = list(saved)
+        ctx.chunks = chunks
+        ctx.meta = (B, T, H, K, V, scale, initial_state is not None, use_qk_l2norm, use_gate)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype)
+        ctx.param_shapes = (
+            (A_log.shape, A_log.dtype, dt_bias.shape, dt_bias.dtype) if use_gate else None,
+            initial_state.dtype if initial_state is not None else None,
+        )
+        return o.reshape(B, T, H, V), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        B, T, H, K, V, scale, has_h0, use_qk_l2norm, use_gate = ctx.meta
+        qf, kf, vf, gf, bf, A_logf, dt_biasf, *rest = ctx.saved_tensors
+        saved = dict(zip(ctx.saved_names, rest))
+        dof = do.to(qf.dtype).reshape(B * T, H, V).contiguous()
+        dhtf = dht.float().contiguous() if dht is not None else None
+        dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = kda_chunk_bwd(
+            dof, dhtf, qf, kf, vf, gf, bf, scale, has_h0, use_qk_l2norm, use_gate, A_logf, dt_biasf,
+            ctx.chunks, saved,
+        )  # fmt: skip
+        q_dt, k_dt, v_dt, g_dt, b_dt = ctx.dtypes
+        gate_meta, h0_dtype = ctx.param_shapes
+        if use_gate:
+            a_shape, a_dt, d_shape, d_dt = gate_meta
+            dA_log, ddt_bias = dA_log.reshape(a_shape).to(a_dt), ddt_bias.reshape(d_shape).to(d_dt)
+        return (
+            dq.reshape(B, T, H, K).to(q_dt),
+            dk.reshape(B, T, H, K).to(k_dt),
+            dv.reshape(B, T, H, V).to(v_dt),
+            dg.reshape(B, T, H, K).to(g_dt),
+            dbeta.reshape(B, T, H).to(b_dt),
+            dA_log,
+            ddt_bias,
+            dh0.to(h0_dtype) if dh0 is not None else None,
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+def chunk_kda_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    use_qk_l2norm_in_kernel: bool,
+    use_gate_in_kernel: bool,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`kimi_hf.kernels.kda.chunk_kda` on Triton, for already-validated inputs."""
+    K, V = q.shape[-1], v.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton KDA kernels take fp16/bf16/fp32 q, got {q.dtype}")
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton KDA kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
+    scale = K**-0.5 if scale is None else float(scale)
+    return ChunkKDAFunction.apply(
+        q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
+        use_qk_l2norm_in_kernel, use_gate_in_kernel, cu_seqlens,
+    )  # fmt: skip

@@ -1,0 +1,197 @@
+"""Triton kernels of the chunked KDA backward (raw kernels only; launchers live in ``chunk.py``).
+
+Layout and notation as in ``chunk_fwd.py``. With S the state at a chunk's start, dS' the gradient of
+the state at its end, R = V - (k * exp(G)) S and T = M Diag(beta):
+  dV' = A_qk^T dO + (k * exp(G_last - G)) dS'               (sequential pass, with dS)
+  dS  = exp(G_last) * dS' + scale (q * exp(G))^T dO - W^T dV'
+  dV  = T^T dV',  d(k exp G) = -dV S^T,  d(k exp(G_last - G)) = V' dS'^T,  d(q exp G) = scale dO S^T
+  dA_qk = tril(dO V'^T),  dT = tril(dV' R^T),  dM = dT Diag(beta),  d(beta P) = -strict_tril(M^T dM M^T)
+and the pairwise terms sum_d a_id b_jd exp(G_id - G_jd) send gradients to a, b and G (+ on the a
+side, - on the b side). The cumulative sum is undone by a reverse cumsum inside the chunk.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .chunk_fwd import _chunk_bounds, _load_cum_decay, _load_rows, _pick_row, _store_rows
+
+
+@triton.jit
+def kda_state_bwd_kernel(
+    q, k, G, W, A_qk, do, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (sequence, head, V tile), chunks in reverse: writes dS' (gradient of each chunk's end state)
+    to ``dh [NC, H, K, V]`` and dV' to ``dv_new``; the gradient of the initial state to ``dh0``."""
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    cols_k = tl.arange(0, BK)
+    kmask = cols_k < K
+    cols_v = i_v * BV + tl.arange(0, BV)
+    vmask = cols_v < V
+    st_offs = cols_k[:, None] * V + cols_v[None, :]
+    st_mask = kmask[:, None] & vmask[None, :]
+    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_dS += tl.load(dht + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, mask=st_mask, other=0.0)
+    NT = tl.cdiv(eos - bos, BT)
+    for i_r in range(0, NT):
+        i_t = NT - 1 - i_r
+        t0 = bos + i_t * BT
+        tl.store(dh + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_dS.to(dh.dtype.element_ty), mask=st_mask)
+        b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
+        b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
+        dt = b_w.dtype
+        b_do = _load_rows(do, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
+        b_A = _load_rows(A_qk, rows, rmask, idx, idx < BT, H, i_h, BT).to(dt)
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_kh = (b_k * tl.exp(b_last[None, :] - b_G)).to(dt)
+        b_dSd = b_dS.to(dt)
+        b_dvn = tl.dot(tl.trans(b_A), b_do, input_precision=IEEE) + tl.dot(b_kh, b_dSd, input_precision=IEEE)
+        _store_rows(dv_new, b_dvn, rows, rmask, cols_v, vmask, H, i_h, V)
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_qg = (b_q * tl.exp(b_G) * scale).to(dt)
+        b_dS = b_dS * tl.exp(b_last)[:, None]
+        b_dS += tl.dot(tl.trans(b_qg), b_do, input_precision=IEEE)
+        b_dS -= tl.dot(tl.trans(b_w), b_dvn.to(dt), input_precision=IEEE)
+    if STORE_DH0:
+        tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, b_dS, mask=st_mask)
+
+
+@triton.jit
+def kda_intra_bwd_kernel(
+    q, k, v, G, beta, P, M, h, dh, v_new, dv_new, do, q_raw, k_raw, g_raw, A_log, dt_bias,
+    dq, dk, dv, dg, dbeta, dA_log_part, ddt_bias_part, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): every remaining gradient (dq, dk, dv, dg, dbeta, and per-chunk partial
+    sums for dA_log / ddt_bias when the gate is fused), recomputing what is cheap."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
+    n_valid = tl.minimum(eos - t0, BT)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
+    tmask = idx < BT
+    b_M = _load_rows(M, rows, rmask, idx, tmask, H, i_h, BT)
+    b_P = _load_rows(P, rows, rmask, idx, tmask, H, i_h, BT)
+    b_gexp = tl.exp(b_G)
+    dt = h.dtype.element_ty
+    b_Mt = tl.trans(b_M).to(dt)
+    b_kg = (b_k * b_gexp).to(dt)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
+    b_dkg = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp G)
+    b_dkh = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp(G_last - G))
+    b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dlast = tl.zeros([BK], dtype=tl.float32)
+    st = (i_c * H + i_h).to(tl.int64) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        cols_v = i_v * BV + tl.arange(0, BV)
+        vmask = cols_v < V
+        st_offs = st + cols[:, None] * V + cols_v[None, :]
+        st_mask = cmask[:, None] & vmask[None, :]
+        b_S = tl.load(h + st_offs, mask=st_mask, other=0.0)
+        b_dS = tl.load(dh + st_offs, mask=st_mask, other=0.0)
+        b_vn = _load_rows(v_new, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
+        b_dvn = _load_rows(dv_new, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
+        b_do = _load_rows(do, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
+        b_v = _load_rows(v, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32)
+        b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=IEEE)
+        b_dkh += tl.dot(b_vn, tl.trans(b_dS), input_precision=IEEE)
+        b_dx = tl.dot(b_Mt, b_dvn, input_precision=IEEE) * b_beta[:, None]
+        _store_rows(dv, b_dx, rows, rmask, cols_v, vmask, H, i_h, V)
+        b_dkg -= tl.dot(b_dx.to(dt), tl.trans(b_S), input_precision=IEEE)
+        b_dAqk += tl.dot(b_do, tl.trans(b_vn), input_precision=IEEE)
+        b_R = b_v - tl.dot(b_kg, b_S, input_precision=IEEE)
+        b_dT += tl.dot(b_dvn, tl.trans(b_R.to(dt)), input_precision=IEEE)
+        b_dlast += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), axis=1)
+    lower = idx[:, None] >= idx[None, :]
+    strict = idx[:, None] > idx[None, :]
+    # T = M Diag(beta): dM = dT Diag(beta), dbeta_j += sum_i dT_ij M_ij; d(beta P) = -M^T dM M^T.
+    b_dT = tl.where(lower, b_dT, 0.0)
+    b_dbeta = tl.sum(b_dT * b_M, axis=0)
+    b_dM = b_dT * b_beta[None, :]
+    b_dA = tl.dot(tl.dot(tl.trans(b_M), b_dM, input_precision="ieee"), tl.trans(b_M), input_precision="ieee")
+    b_dA = tl.where(strict, -b_dA, 0.0)
+    b_dbeta += tl.sum(b_dA * b_P, axis=1)
+    b_dP = b_dA * b_beta[:, None]
+    b_dAqk = tl.where(lower & (rows < eos)[:, None], b_dAqk, 0.0)
+    # Pairwise terms; qs = scale * q. lo: this row is the later (query) side; hi: the earlier (key) side.
+    b_qs = b_q * scale
+    b_dqs = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk_lo = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk_hi = tl.zeros([BT, BK], dtype=tl.float32)
+    blk = idx // BC
+    for m in tl.static_range(1, BT // BC):
+        b_Gr = _pick_row(b_G, idx, m * BC)
+        b_to_row = tl.exp(tl.where((blk == m)[:, None], b_G - b_Gr[None, :], float("-inf")))
+        b_from_piv = tl.exp(tl.where((idx < m * BC)[:, None], b_Gr[None, :] - b_G, float("-inf")))
+        b_kp = b_k * b_from_piv
+        b_dqs += b_to_row * tl.dot(b_dAqk, b_kp, input_precision=IEEE)
+        b_dk_lo += b_to_row * tl.dot(b_dP, b_kp, input_precision=IEEE)
+        b_hi = tl.dot(tl.trans(b_dAqk), b_qs * b_to_row, input_precision=IEEE)
+        b_hi += tl.dot(tl.trans(b_dP), b_k * b_to_row, input_precision=IEEE)
+        b_dk_hi += b_from_piv * b_hi
+    b_dAqk_t = tl.trans(b_dAqk)
+    b_dP_t = tl.trans(b_dP)
+    for jj in range(0, BC):
+        p = blk * BC + jj
+        p_rows = t0 + p
+        p_in = p_rows < eos
+        lo = (p <= idx) & p_in
+        hi = (p >= idx) & p_in & rmask
+        b_kp = _load_rows(k, p_rows, p_in, cols, cmask, H, i_h, K).to(tl.float32)
+        b_qp = _load_rows(q, p_rows, p_in, cols, cmask, H, i_h, K).to(tl.float32) * scale
+        b_Gp = _load_rows(G, p_rows, p_in, cols, cmask, H, i_h, K).to(tl.float32)
+        b_elo = tl.exp(tl.where(lo[:, None], b_G - b_Gp, float("-inf")))
+        b_ehi = tl.exp(tl.where(hi[:, None], b_Gp - b_G, float("-inf")))
+        at_p = idx[None, :] == p[:, None]
+        z_qk_ip = tl.sum(tl.where(at_p, b_dAqk, 0.0), axis=1)
+        z_p_ip = tl.sum(tl.where(at_p, b_dP, 0.0), axis=1)
+        z_qk_pi = tl.sum(tl.where(at_p, b_dAqk_t, 0.0), axis=1)
+        z_p_pi = tl.sum(tl.where(at_p, b_dP_t, 0.0), axis=1)
+        b_dqs += z_qk_ip[:, None] * b_kp * b_elo
+        b_dk_lo += z_p_ip[:, None] * b_kp * b_elo
+        b_dk_hi += (z_qk_pi[:, None] * b_qp + z_p_pi[:, None] * b_kp) * b_ehi
+    b_dq = b_dq * b_gexp * scale + b_dqs * scale
+    b_dkg = b_dkg * b_gexp
+    b_dkh = b_dkh * tl.exp(b_last[None, :] - b_G)
+    # G enters q terms and the k exp(+G) terms with +, the k exp(-G) terms with -.
+    b_dG = b_q * b_dq + b_k * (b_dkg + b_dk_lo - b_dkh - b_dk_hi)
+    b_dlast = b_dlast * tl.exp(b_last) + tl.sum(b_dkh * b_k, axis=0)
+    b_dG += tl.where((idx == n_valid - 1)[:, None], b_dlast[None, :], 0.0)
+    b_dG = tl.where(rmask[:, None], b_dG, 0.0)
+    b_dg = tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
+    if GATE:
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+        b_x = _load_rows(g_raw, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_x += tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        b_sp = tl.where(b_x > 20.0, b_x, tl.log(1.0 + tl.exp(tl.minimum(b_x, 20.0))))
+        valid = rmask[:, None] & cmask[None, :]
+        # g = -a softplus(x): dg/dA_log = g, dg/dx = -a sigmoid(x)
+        tl.store(dA_log_part + i_c * H + i_h, tl.sum(tl.sum(tl.where(valid, -b_a * b_sp * b_dg, 0.0), axis=1)))
+        b_dg = tl.where(valid, -b_a * tl.sigmoid(b_x) * b_dg, 0.0)
+        tl.store(ddt_bias_part + (i_c * H + i_h) * K + cols, tl.sum(b_dg, axis=0), mask=cmask)
+    _store_rows(dg, b_dg, rows, rmask, cols, cmask, H, i_h, K)
+    tl.store(dbeta + rows.to(tl.int64) * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=rmask)
+    if L2NORM:
+        # x_n = x / sqrt(|x|^2 + eps): dx = (dx_n - x_n (x_n . dx_n)) / sqrt(|x|^2 + eps)
+        b_x = _load_rows(q_raw, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)
+        b_dq = (b_dq - b_q * tl.sum(b_q * b_dq, axis=1)[:, None]) * b_rstd[:, None]
+        b_x = _load_rows(k_raw, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)
+        b_dk = b_dkg + b_dkh + b_dk_lo + b_dk_hi
+        b_dk = (b_dk - b_k * tl.sum(b_k * b_dk, axis=1)[:, None]) * b_rstd[:, None]
+    else:
+        b_dk = b_dkg + b_dkh + b_dk_lo + b_dk_hi
+    _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)
+    _store_rows(dk, b_dk, rows, rmask, cols, cmask, H, i_h, K)

@@ -1,0 +1,212 @@
+"""Triton kernels of the chunked KDA forward (raw kernels only; launchers live in ``chunk.py``).
+
+All tensors are flattened over (batch, time): ``[TT, H, D]`` contiguous, with sequences given by
+``cu_seqlens`` (equal-length batches use ``cu_seqlens = arange(B + 1) * T``). Chunks of ``BT`` tokens
+never straddle two sequences; ``chunk_indices[c] = (sequence, chunk within it)`` and
+``chunk_offsets[n]`` = index of sequence n's first chunk. Rows past the end of a sequence are
+loaded as zeros (k = 0 adds nothing, g = 0 decays nothing) and never stored.
+
+Per chunk, with G the in-chunk cumulative log-decay (G_i includes g_i):
+  P[i, j]    = sum_d k_id k_jd exp(G_id - G_jd)             (j < i)
+  A_qk[i, j] = scale * sum_d q_id k_jd exp(G_id - G_jd)     (j <= i)
+  M = (I + Diag(beta) P)^-1,  W = M (beta * k * exp(G)),  U = M (beta * v)
+  V' = U - W S,  O = scale * (q * exp(G)) S + A_qk V',  S <- exp(G_last) * S + (k * exp(G_last - G))^T V'
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(ptr, rows, rmask, cols, cmask, H, i_h, D):
+    """Load rows ``rows`` (global token indices) of head ``i_h`` of a ``[TT, H, D]`` tensor: ``[len(rows), len(cols)]``."""
+    offs = (rows[:, None].to(tl.int64) * H + i_h) * D + cols[None, :]
+    return tl.load(ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, x, rows, rmask, cols, cmask, H, i_h, D):
+    offs = (rows[:, None].to(tl.int64) * H + i_h) * D + cols[None, :]
+    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _pick_row(x, idx, r):
+    """Row ``r`` of the register tile ``x`` (rows numbered by ``idx``), as a vector."""
+    return tl.sum(tl.where((idx == r)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
+    """(sequence, first token of the chunk, end of the sequence) of chunk ``i_c``."""
+    i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int32)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int32)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    return i_n, bos + i_t * BT, eos
+
+
+@triton.jit
+def _load_cum_decay(G, t0, eos, H, i_h, K, BT: tl.constexpr, BK: tl.constexpr):
+    """G rows of a chunk ``[BT, BK]`` fp32; rows past the sequence end repeat the last valid row
+    (as if g = 0 there). Also returns the row indices, their mask and the column mask."""
+    idx = tl.arange(0, BT)
+    rows = t0 + idx
+    rmask = rows < eos
+    cols = tl.arange(0, BK)
+    cmask = cols < K
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    n_valid = tl.minimum(eos - t0, BT)
+    b_last = _pick_row(b_G, idx, n_valid - 1)
+    b_G = tl.where(rmask[:, None], b_G, b_last[None, :])
+    return b_G, b_last, idx, rows, rmask, cols, cmask
+
+
+@triton.jit
+def kda_prep_fwd_kernel(
+    q, k, g, A_log, dt_bias, qn, kn, G, chunk_indices, cu_seqlens, H, K,
+    BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): optional L2 norm of q/k (written to qn/kn), optional gate, in-chunk cumsum -> G."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    rows = t0 + tl.arange(0, BT)
+    rmask = rows < eos
+    cols = tl.arange(0, BK)
+    cmask = cols < K
+    b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    if GATE:
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+        b_x = b_g + tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        # softplus with torch's threshold (x > 20 -> x)
+        b_sp = tl.where(b_x > 20.0, b_x, tl.log(1.0 + tl.exp(tl.minimum(b_x, 20.0))))
+        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * b_sp, 0.0)
+    _store_rows(G, tl.cumsum(b_g, axis=0), rows, rmask, cols, cmask, H, i_h, K)
+    if L2NORM:
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q, axis=1) + EPS)[:, None]
+        _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, axis=1) + EPS)[:, None]
+        _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
+
+
+@triton.jit
+def kda_intra_fwd_kernel(
+    q, k, v, G, beta, A_qk, P, M, W, U, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): A_qk and P with exact in-chunk decays, M = (I + Diag(beta) P)^-1, then W and U.
+
+    Pairs in different sub-blocks of BC rows use the first row r of the row's sub-block as a pivot,
+    exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with both factors <= 1, giving tensor-core dots;
+    pairs inside a sub-block are summed exactly, one partner column per step.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
+    blk = idx // BC
+    b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_P = tl.zeros([BT, BT], dtype=tl.float32)
+    for m in tl.static_range(1, BT // BC):
+        b_Gr = _pick_row(b_G, idx, m * BC)
+        b_to_row = tl.exp(tl.where((blk == m)[:, None], b_G - b_Gr[None, :], float("-inf")))
+        b_kp = b_k * tl.exp(tl.where((idx < m * BC)[:, None], b_Gr[None, :] - b_G, float("-inf")))
+        b_Aqk += tl.dot(b_q * b_to_row, tl.trans(b_kp), input_precision=IEEE)
+        b_P += tl.dot(b_k * b_to_row, tl.trans(b_kp), input_precision=IEEE)
+    for jj in range(0, BC):
+        p = blk * BC + jj  # partner row of every row, inside its sub-block
+        p_rows = t0 + p
+        p_ok = (p <= idx) & (p_rows < eos)
+        b_kj = _load_rows(k, p_rows, p_ok, cols, cmask, H, i_h, K).to(tl.float32)
+        b_Gj = _load_rows(G, p_rows, p_ok, cols, cmask, H, i_h, K).to(tl.float32)
+        b_e = tl.exp(tl.where(p_ok[:, None], b_G - b_Gj, float("-inf")))
+        b_kje = b_kj * b_e
+        at_p = idx[None, :] == p[:, None]
+        b_Aqk += tl.where(at_p, tl.sum(b_q * b_kje, axis=1)[:, None], 0.0)
+        b_P += tl.where(at_p & (p < idx)[:, None], tl.sum(b_k * b_kje, axis=1)[:, None], 0.0)
+    # M = (I + Diag(beta) P)^-1 by forward substitution: row i = e_i - sum_{j<i} beta_i P_ij M_j.
+    b_A = b_P * b_beta[:, None]
+    b_M = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    for i in range(1, tl.minimum(eos - t0, BT)):  # rows past the end have A = 0: M stays e_i
+        b_a = _pick_row(b_A, idx, i)
+        b_row = -tl.sum(b_a[:, None] * b_M, axis=0) + tl.where(idx == i, 1.0, 0.0)
+        b_M = tl.where((idx == i)[:, None], b_row[None, :], b_M)
+    cols_t = tl.arange(0, BT)
+    _store_rows(A_qk, b_Aqk, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
+    _store_rows(P, b_P, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
+    _store_rows(M, b_M, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
+    b_Md = b_M.to(W.dtype.element_ty)
+    b_w = (b_k * tl.exp(b_G) * b_beta[:, None]).to(W.dtype.element_ty)
+    _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        cols_v = i_v * BV + tl.arange(0, BV)
+        vmask = cols_v < V
+        b_v = _load_rows(v, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32) * b_beta[:, None]
+        b_u = tl.dot(b_Md, b_v.to(U.dtype.element_ty), input_precision=IEEE)
+        _store_rows(U, b_u, rows, rmask, cols_v, vmask, H, i_h, V)
+
+
+@triton.jit
+def kda_state_fwd_kernel(
+    k, G, W, U, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (sequence, head, V tile): the sequential state pass. Writes the state at the start of
+    every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``."""
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    cols_k = tl.arange(0, BK)
+    kmask = cols_k < K
+    cols_v = i_v * BV + tl.arange(0, BV)
+    vmask = cols_v < V
+    st_offs = cols_k[:, None] * V + cols_v[None, :]
+    st_mask = kmask[:, None] & vmask[None, :]
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, mask=st_mask, other=0.0)
+    for i_t in range(0, tl.cdiv(eos - bos, BT)):
+        t0 = bos + i_t * BT
+        tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_S.to(h.dtype.element_ty), mask=st_mask)
+        b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
+        b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
+        b_u = _load_rows(U, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32)
+        b_vn = b_u - tl.dot(b_w, b_S.to(b_w.dtype), input_precision=IEEE)
+        _store_rows(v_new, b_vn, rows, rmask, cols_v, vmask, H, i_h, V)
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_kh = (b_k * tl.exp(b_last[None, :] - b_G)).to(b_w.dtype)
+        b_S = b_S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(b_kh), b_vn.to(b_w.dtype), input_precision=IEEE)
+    if STORE_HT:
+        tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, b_S, mask=st_mask)
+
+
+@triton.jit
+def kda_output_fwd_kernel(
+    q, G, A_qk, h, v_new, o, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head, V tile): O = scale * (q * exp(G)) S + A_qk V'."""
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    vmask = cols_v < V
+    b_vn = _load_rows(v_new, rows, rmask, cols_v, vmask, H, i_h, V)
+    dt = b_vn.dtype
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_qg = (b_q * tl.exp(b_G) * scale).to(dt)
+    b_S = tl.load(
+        h + (i_c * H + i_h).to(tl.int64) * K * V + cols[:, None] * V + cols_v[None, :],
+        mask=cmask[:, None] & vmask[None, :], other=0.0,
+    ).to(dt)  # fmt: skip
+    b_A = _load_rows(A_qk, rows, rmask, idx, idx < BT, H, i_h, BT).to(dt)
+    b_o = tl.dot(b_qg, b_S, input_precision=IEEE) + tl.dot(b_A, b_vn, input_precision=IEEE)
+    _store_rows(o, b_o, rows, rmask, cols_v, vmask, H, i_h, V)

@@ -1,0 +1,102 @@
+"""KDA Triton kernels (chunked forward/backward, recurrent decode) under Triton's interpreter on CPU.
+
+fp32 only (bf16 is broken in the interpreter) and tiny shapes (it is slow). The float64 plain-torch
+references are the ground truth; the GPU suite (tests/test_kda_gpu.py) covers bf16 and long sequences.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_rel
+
+from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a CUDA GPU or Triton's interpreter (TRITON_INTERPRET=1)",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(T, N, H=2, K=16, V=16, B=1, seed=0, raw_gate=False):
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
+    g = rand(B, T, H, K) * 2 if raw_gate else -3 * torch.rand(B, T, H, K, generator=gen)
+    beta = torch.rand(B, T, H, generator=gen)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=rand(N, H, K, V))
+
+
+def _run(op, backend, inputs, params, dtype, grads=None, **options):
+    """Run ``op`` on copies of ``inputs`` cast to ``dtype``; return outputs and input gradients."""
+    leaves = {
+        n: x.detach().to(DEVICE, dtype).clone().requires_grad_(grads is not None)
+        for n, x in {**inputs, **params}.items()
+    }
+    o, s = op(**leaves, output_final_state=True, backend=backend, **options)
+    if grads is None:
+        return o, s, {}
+    do, ds = grads
+    ((o * do.to(o)).sum() + (s * ds.to(s)).sum()).backward()
+    return o, s, {n: x.grad for n, x in leaves.items()}
+
+
+def _check(inputs, params=None, backward=True, rtol=2e-5, **options):
+    params = params or {}
+    grads = None
+    if backward:
+        gen = torch.Generator().manual_seed(1)
+        N, H, K, V = inputs["initial_state"].shape
+        grads = (torch.randn(*inputs["v"].shape, generator=gen), torch.randn(N, H, K, V, generator=gen))
+    o, s, d = _run(chunk_kda, "triton", inputs, params, torch.float32, grads, **options)
+    o_ref, s_ref, d_ref = _run(chunk_kda, "torch", inputs, params, torch.float64, grads, **options)
+    assert_close_rel(o, o_ref, rtol, "o")
+    assert_close_rel(s, s_ref, rtol, "final state")
+    for name in d_ref:
+        assert_close_rel(d[name], d_ref[name], 10 * rtol, f"d{name}")
+
+
+def test_chunk_two_chunks_fwd_bwd():
+    """T = 70: one full chunk and a partial one, with initial state and final-state gradient."""
+    _check(_inputs(T=70, N=1), use_qk_l2norm_in_kernel=True)
+
+
+def test_chunk_varlen_fused_gate_fwd_bwd():
+    """Ragged packed sequences (lengths 17, 0, 1, 50), K != V, gate and L2 norm fused, dA_log / ddt_bias."""
+    cu = torch.tensor([0, 17, 17, 18, 68], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(2)
+    params = dict(A_log=torch.randn(1, 1, 2, 1, generator=gen), dt_bias=torch.randn(2 * 32, generator=gen))
+    _check(
+        _inputs(T=68, N=4, K=32, V=16, seed=3, raw_gate=True), params, cu_seqlens=cu.to(DEVICE),
+        use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True,
+    )  # fmt: skip
+
+
+def test_chunk_single_token_batch_and_strong_decay_forward():
+    """T = 1 with B = 2, and g ~ -U(0, 20) (exp(G) of a chunk far below fp32's range) stays exact."""
+    _check(_inputs(T=1, N=2, B=2, seed=4), backward=False)
+    inputs = _inputs(T=40, N=1, seed=5)
+    inputs["g"] = inputs["g"] * (20 / 3)
+    _check(inputs, backward=False, use_qk_l2norm_in_kernel=True)
+
+
+def test_fused_recurrent_decode_matches_reference():
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(6)
+    params = dict(A_log=torch.randn(2, generator=gen), dt_bias=torch.randn(2, 16, generator=gen))
+    inputs = _inputs(T=3, N=2, seed=7, raw_gate=True)
+    options = dict(cu_seqlens=cu.to(DEVICE), use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
+    o, s, _ = _run(fused_recurrent_kda, "triton", inputs, params, torch.float32, **options)
+    o_ref, s_ref, _ = _run(fused_recurrent_kda, "torch", inputs, params, torch.float64, **options)
+    assert_close_rel(o, o_ref, 2e-5, "o")
+    assert_close_rel(s, s_ref, 2e-5, "final state")
+    state = inputs["initial_state"].to(DEVICE).clone()
+    leaves = {n: x.to(DEVICE) for n, x in inputs.items() if n != "initial_state"}
+    o2, s2 = fused_recurrent_kda(**leaves, **{n: x.to(DEVICE) for n, x in params.items()}, initial_state=state,
+                                 inplace_final_state=True, backend="triton", **options)  # fmt: skip
+    assert s2 is state
+    assert_close_rel(state, s_ref, 2e-5, "state written in place")
