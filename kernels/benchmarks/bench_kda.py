@@ -1,0 +1,152 @@
+"""Benchmark kimi_hf's KDA kernels against fla 0.6.0 (same run, same inputs) and the torch reference.
+
+Chunked KDA (``chunk_kda``): forward and forward+backward at B1 T8192, B1 T32768, B8 T4096 (H32,
+D128, bf16 q/k/v/beta, fp32 gate precomputed as fla does, L2 norm of q/k inside the op). The plain
+torch reference is timed only at the first shape, forward only (it is slow). Decode
+(``fused_recurrent_kda``, one token) at B1 and B64 next to the state-bytes floor
+(read + write the fp32 state: 2 * N * H * K * V * 4 bytes at --bandwidth-tbs).
+Every time is a ``triton.testing.do_bench`` median in milliseconds.
+
+    python kernels/benchmarks/bench_kda.py [--json results.json] [--quick]
+
+For a combined run: ``from bench_kda import run_benchmarks, markdown_table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
+
+CHUNK_SHAPES = ((1, 8192), (1, 32768), (8, 4096))
+DECODE_BATCHES = (1, 64)
+
+
+def _fla():
+    """fla's chunk_kda / fused_recurrent_kda, or (None, None) when fla is not installed."""
+    try:
+        from fla.ops.kda import chunk_kda as fla_chunk, fused_recurrent_kda as fla_recurrent
+    except ImportError:
+        return None, None
+    return fla_chunk, fla_recurrent
+
+
+def _chunk_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, grad: bool) -> dict:
+    rand = lambda *s, dt=dtype: torch.randn(*s, device="cuda", dtype=dt).requires_grad_(grad)  # noqa: E731
+    g = (-torch.rand(B, T, H, D, device="cuda") * 2).requires_grad_(grad)
+    beta = torch.rand(B, T, H, device="cuda", dtype=dtype).requires_grad_(grad)
+    return dict(q=rand(B, T, H, D), k=rand(B, T, H, D), v=rand(B, T, H, D), g=g, beta=beta)
+
+
+def _step(fn: Callable, inputs: dict, backward: bool, **kw) -> Callable[[], None]:
+    if not backward:
+        return lambda: fn(**inputs, **kw)
+    do = torch.randn_like(inputs["v"])
+
+    def run():
+        o = fn(**inputs, **kw)[0]
+        o.backward(do)
+
+    return run
+
+
+def bench_chunk(B: int, T: int, H: int = 32, D: int = 128, with_torch: bool = False) -> list[dict]:
+    """Rows for one chunked shape: ours and fla, fwd and fwd+bwd (and the torch reference, fwd)."""
+    fla_chunk, _ = _fla()
+    rows = []
+    for backward in (False, True):
+        inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, backward)
+        grads = list(inputs.values()) if backward else None
+        ours = do_bench(_step(chunk_kda, inputs, backward, use_qk_l2norm_in_kernel=True), grad_to_none=grads)
+        anchor = None
+        if fla_chunk is not None:
+            anchor = do_bench(_step(fla_chunk, inputs, backward, use_qk_l2norm_in_kernel=True), grad_to_none=grads)
+        rows.append(dict(op="chunk_kda " + ("fwd+bwd" if backward else "fwd"), shape=f"B{B} T{T} H{H} D{D}",
+                         ours_ms=ours, fla_ms=anchor, floor_ms=None))  # fmt: skip
+        if with_torch and not backward:
+            ref = do_bench(_step(chunk_kda, inputs, False, use_qk_l2norm_in_kernel=True, backend="torch"), rep=500)
+            rows.append(dict(op="chunk_kda fwd (torch reference)", shape=rows[-1]["shape"], ours_ms=ref,
+                             fla_ms=None, floor_ms=None))  # fmt: skip
+        del inputs, grads
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_decode(B: int, H: int = 32, D: int = 128, bandwidth_tbs: float = 4.27) -> dict:
+    """One decode step (T = 1) with an fp32 state updated in place."""
+    _, fla_recurrent = _fla()
+    inputs = _chunk_inputs(B, 1, H, D, torch.bfloat16, False)
+    state = torch.randn(B, H, D, D, device="cuda")
+    ours = do_bench(lambda: fused_recurrent_kda(**inputs, initial_state=state, inplace_final_state=True,
+                                                use_qk_l2norm_in_kernel=True))  # fmt: skip
+    anchor = None
+    if fla_recurrent is not None:
+        anchor = do_bench(lambda: fla_recurrent(**inputs, initial_state=state, output_final_state=True,
+                                                use_qk_l2norm_in_kernel=True))  # fmt: skip
+    floor = 2 * B * H * D * D * 4 / (bandwidth_tbs * 1e12) * 1e3
+    return dict(op="fused_recurrent_kda decode", shape=f"B{B} T1 H{H} D{D}", ours_ms=ours, fla_ms=anchor,
+                floor_ms=floor)  # fmt: skip
+
+
+def run_benchmarks(quick: bool = False, bandwidth_tbs: float = 4.27) -> list[dict]:
+    """All rows (``quick``: only the first chunked shape and B1 decode)."""
+    shapes = CHUNK_SHAPES[:1] if quick else CHUNK_SHAPES
+    rows = []
+    for i, (B, T) in enumerate(shapes):
+        rows += bench_chunk(B, T, with_torch=i == 0)
+    for B in DECODE_BATCHES[:1] if quick else DECODE_BATCHES:
+        rows.append(bench_decode(B, bandwidth_tbs=bandwidth_tbs))
+    return rows
+
+
+def environment() -> dict:
+    try:
+        import fla
+
+        fla_version = fla.__version__
+    except ImportError:
+        fla_version = "not installed"
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, fla=fla_version)
+
+
+def markdown_table(rows: list[dict], env: dict) -> str:
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = [
+        f"GPU {env['gpu']}, torch {env['torch']}, triton {env['triton']}, fla {env['fla']}; "
+        "bf16, do_bench median ms; ratio = fla / ours (> 1: ours faster)",
+        "",
+        "| op | shape | ours (ms) | fla 0.6.0 (ms) | ratio vs fla | floor (ms) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        ratio = "-" if r["fla_ms"] is None else f"{r['fla_ms'] / r['ours_ms']:.2f}x"
+        lines.append(f"| {r['op']} | {r['shape']} | {fmt(r['ours_ms'])} | {fmt(r['fla_ms'])} | {ratio} | "
+                     f"{fmt(r['floor_ms'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", metavar="PATH", help="also write the rows and environment as JSON")
+    p.add_argument("--quick", action="store_true", help="first chunked shape and B1 decode only")
+    p.add_argument("--bandwidth-tbs", type=float, default=4.27, help="device copy bandwidth for the decode floor")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    rows = run_benchmarks(quick=args.quick, bandwidth_tbs=args.bandwidth_tbs)
+    env = environment()
+    print(markdown_table(rows, env))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(environment=env, rows=rows), f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
