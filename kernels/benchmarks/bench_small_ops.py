@@ -1,0 +1,296 @@
+"""Benchmark kimi_hf's small KDA-layer ops against fla 0.6.0 and the memory floor.
+
+Ops: the short causal conv (forward, forward+backward, one-token decode update), the gated RMSNorm
+(forward, forward+backward) and the KDA decode kernel (one token, eager and CUDA-graph captured).
+Every number is a triton.testing.do_bench median (L2 flushed between calls; the CUDA-graph rows use
+do_bench_cudagraph, unflushed). "floor" is the time to move the op's minimum bytes at
+--bandwidth-tbs (H200 device copy: 4.27 TB/s, see shared/REFERENCE.md).
+
+    python kernels/benchmarks/bench_small_ops.py              # full shapes, needs a CUDA GPU
+    TRITON_INTERPRET=1 python kernels/benchmarks/bench_small_ops.py --tiny   # CPU smoke run
+
+For a combined run: ``from bench_small_ops import run_benchmarks, markdown_table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+
+from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
+from kimi_hf.kernels.gated_norm import gated_rms_norm
+from kimi_hf.kernels.kda import fused_recurrent_kda
+from kimi_hf.kernels.kda.fused_recurrent import fused_recurrent_kda_fwd
+
+
+@dataclass
+class Row:
+    """One benchmark line: our time, the anchor's (fla) time and the memory floor, in microseconds."""
+
+    op: str
+    shape: str
+    ours_us: float
+    anchor: str
+    anchor_us: float | None
+    floor_us: float | None
+
+
+@dataclass
+class _Setup:
+    device: str
+    dtype: torch.dtype
+    tiny: bool
+    bandwidth: float  # bytes per second
+
+    def floor_us(self, num_bytes: float) -> float:
+        return num_bytes / self.bandwidth * 1e6
+
+
+def _time_us(fn: Callable[[], object], setup: _Setup, grad_to_none: list[torch.Tensor] | None = None,
+             graph: bool = False) -> float:
+    """Median microseconds of fn(). Off CUDA (--tiny smoke run) a wall-clock median of 3 calls."""
+    if setup.device != "cuda":
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, grad_to_none=grad_to_none, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median") * 1e3
+
+
+def _anchor_us(fn_factory: Callable[[], Callable[[], object]], setup: _Setup, **kw) -> float | None:
+    """Time an fla anchor; None (printed as n/a) where fla is missing or cannot run here (e.g. on CPU)."""
+    try:
+        fn = fn_factory()
+        return _time_us(fn, setup, **kw)
+    except Exception as err:  # noqa: BLE001 - an anchor that cannot run must not hide our numbers
+        print(f"  anchor unavailable: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
+        return None
+
+
+def bench_conv(setup: _Setup) -> list[Row]:
+    """Causal conv (W=4, SiLU, no bias as in Kimi Linear) fwd and fwd+bwd, and the decode update."""
+    B, T, D, W = (1, 64, 32, 4) if setup.tiny else (1, 8192, 4096, 4)
+    dev, dt = setup.device, setup.dtype
+    x = torch.randn(B, T, D, device=dev, dtype=dt, requires_grad=True)
+    w = (torch.randn(D, W, device=dev, dtype=dt) / 2).requires_grad_()
+    dy = torch.randn(B, T, D, device=dev, dtype=dt)
+    esize = x.element_size()
+    shape = f"B{B} T{T} D{D} W{W} {str(dt).removeprefix('torch.')}"
+
+    def fla_conv():
+        from fla.modules.causal_conv1d import causal_conv1d as fla_causal_conv1d
+
+        return lambda: fla_causal_conv1d(x, w, activation="silu")[0]
+
+    def fla_conv_fb():
+        from fla.modules.causal_conv1d import causal_conv1d as fla_causal_conv1d
+
+        return lambda: fla_causal_conv1d(x, w, activation="silu")[0].backward(dy)
+
+    rows = [
+        Row("causal_conv1d fwd", shape, _time_us(lambda: causal_conv1d(x, w)[0], setup), "fla causal_conv1d",
+            _anchor_us(fla_conv, setup), setup.floor_us(2 * x.numel() * esize)),
+        Row("causal_conv1d fwd+bwd", shape,
+            _time_us(lambda: causal_conv1d(x, w)[0].backward(dy), setup, grad_to_none=[x, w]), "fla causal_conv1d",
+            _anchor_us(fla_conv_fb, setup, grad_to_none=[x, w]), setup.floor_us(5 * x.numel() * esize)),
+    ]
+    for N in (1, 2) if setup.tiny else (1, 64):
+        xt = torch.randn(N, D, device=dev, dtype=dt)
+        state = torch.randn(N, D, W, device=dev, dtype=dt)
+        w_eval = w.detach()
+
+        def fla_update():
+            from fla.modules.causal_conv1d import causal_conv1d_update as fla_update_op
+
+            cache = state.clone()
+            return lambda: fla_update_op(xt, cache, weight=w_eval, activation="silu")
+
+        rows.append(Row(
+            "causal_conv1d_update (decode)", f"N{N} D{D} W{W}",
+            _time_us(lambda: causal_conv1d_update(xt, state, w_eval), setup), "fla causal_conv1d_update",
+            _anchor_us(fla_update, setup), setup.floor_us((2 * N * D * W + 2 * N * D) * esize),
+        ))
+    return rows
+
+
+def bench_gated_norm(setup: _Setup) -> list[Row]:
+    """Gated RMSNorm (sigmoid gate, as KDA's o_norm) over [tokens * heads, head_dim] rows."""
+    M, D = (64, 16) if setup.tiny else (8192 * 32, 128)
+    dev, dt = setup.device, setup.dtype
+    x = torch.randn(M, D, device=dev, dtype=dt, requires_grad=True)
+    g = torch.randn(M, D, device=dev, dtype=dt, requires_grad=True)
+    w = torch.ones(D, device=dev, dtype=torch.float32, requires_grad=True)
+    dy = torch.randn(M, D, device=dev, dtype=dt)
+    nbytes = x.numel() * x.element_size()
+    shape = f"[{M}, {D}] {str(dt).removeprefix('torch.')}"
+
+    def fla_norm():
+        from fla.modules.fused_norm_gate import rms_norm_gated
+
+        return lambda: rms_norm_gated(x, g, w, None, activation="sigmoid", eps=1e-5)
+
+    def fla_norm_fb():
+        from fla.modules.fused_norm_gate import rms_norm_gated
+
+        return lambda: rms_norm_gated(x, g, w, None, activation="sigmoid", eps=1e-5).backward(dy)
+
+    return [
+        Row("gated_rms_norm fwd", shape, _time_us(lambda: gated_rms_norm(x, g, w), setup), "fla rms_norm_gated",
+            _anchor_us(fla_norm, setup), setup.floor_us(3 * nbytes)),
+        Row("gated_rms_norm fwd+bwd", shape,
+            _time_us(lambda: gated_rms_norm(x, g, w).backward(dy), setup, grad_to_none=[x, g, w]),
+            "fla rms_norm_gated", _anchor_us(fla_norm_fb, setup, grad_to_none=[x, g, w]), setup.floor_us(8 * nbytes)),
+    ]
+
+
+def _kda_decode_inputs(N: int, H: int, D: int, setup: _Setup) -> dict[str, torch.Tensor]:
+    """One decode token per sequence, Kimi Linear's way: raw gate + A_log/dt_bias, q/k L2-normed in kernel."""
+    dev, dt = setup.device, setup.dtype
+    return dict(
+        q=torch.randn(N, 1, H, D, device=dev, dtype=dt),
+        k=torch.randn(N, 1, H, D, device=dev, dtype=dt),
+        v=torch.randn(N, 1, H, D, device=dev, dtype=dt),
+        g=torch.randn(N, 1, H, D, device=dev, dtype=torch.float32),
+        beta=torch.rand(N, 1, H, device=dev, dtype=dt),
+        A_log=torch.rand(H, device=dev, dtype=torch.float32),
+        dt_bias=torch.randn(H * D, device=dev, dtype=torch.float32),
+        state=torch.randn(N, H, D, D, device=dev, dtype=torch.float32) * 0.1,
+    )
+
+
+def bench_kda_decode(setup: _Setup) -> list[Row]:
+    """One KDA decode step: kernel entry (state in place), public op, and both in a CUDA graph."""
+    H, D = (2, 16) if setup.tiny else (32, 128)
+    rows = []
+    for N in (1, 2) if setup.tiny else (1, 64):
+        t = _kda_decode_inputs(N, H, D, setup)
+        qkvgb = [t[n] for n in ("q", "k", "v", "g", "beta")]
+        shape = f"B{N} H{H} K=V={D} {str(setup.dtype).removeprefix('torch.')}"
+        floor = setup.floor_us(2 * N * H * D * D * 4)
+        gate = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=t["A_log"], dt_bias=t["dt_bias"])
+
+        def ours_fwd():
+            return fused_recurrent_kda_fwd(
+                *qkvgb, D**-0.5, t["state"], True, True, True, t["A_log"], t["dt_bias"], None, True
+            )
+
+        def ours_public():
+            return fused_recurrent_kda(
+                *qkvgb, initial_state=t["state"], inplace_final_state=True, backend="triton", **gate
+            )
+
+        def fla_fwd():
+            from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_kernel_entry
+
+            state = t["state"].clone()
+            return lambda: fla_kernel_entry(*qkvgb, initial_state=state, scale=D**-0.5, output_final_state=True,
+                                            inplace_final_state=True, **gate)
+
+        def fla_public():
+            from fla.ops.kda import fused_recurrent_kda as fla_op
+
+            return lambda: fla_op(*qkvgb, initial_state=t["state"], output_final_state=True, **gate)
+
+        for graph in (False, True):
+            if graph and setup.device != "cuda":
+                continue
+            tag = " [CUDA graph]" if graph else ""
+            rows.append(Row(f"KDA decode: fused_recurrent_kda_fwd, state in place{tag}", shape,
+                            _time_us(ours_fwd, setup, graph=graph), "fla fused_recurrent_kda_fwd (inplace_final_state)",
+                            _anchor_us(fla_fwd, setup, graph=graph), floor))
+            rows.append(Row(f"KDA decode: public fused_recurrent_kda (checks + kernel){tag}", shape,
+                            _time_us(ours_public, setup, graph=graph), "fla fused_recurrent_kda (new final state)",
+                            _anchor_us(fla_public, setup, graph=graph), floor))
+    return rows
+
+
+def sweep_kda_block_v(setup: _Setup) -> list[Row]:
+    """Our decode kernel alone at each state tile width, to check the block_v heuristic."""
+    H, D = (2, 16) if setup.tiny else (32, 128)
+    rows = []
+    for N in (1, 2) if setup.tiny else (1, 64):
+        t = _kda_decode_inputs(N, H, D, setup)
+        args = [t[n] for n in ("q", "k", "v", "g", "beta")]
+        for block_v in (8, 16, 32, 64):
+            fn = lambda: fused_recurrent_kda_fwd(  # noqa: E731
+                *args, D**-0.5, t["state"], True, True, True, t["A_log"], t["dt_bias"], None, True, block_v=block_v
+            )
+            rows.append(Row(f"KDA decode kernel, block_v={block_v}", f"B{N} H{H} K=V={D}", _time_us(fn, setup),
+                            "-", None, setup.floor_us(2 * N * H * D * D * 4)))
+    return rows
+
+
+_SECTIONS = {"conv": bench_conv, "norm": bench_gated_norm, "kda": bench_kda_decode, "kda_sweep": sweep_kda_block_v}
+
+
+def run_benchmarks(tiny: bool = False, sections: tuple[str, ...] = ("conv", "norm", "kda"),
+                   bandwidth_tbs: float = 4.27) -> list[Row]:
+    """Run the chosen sections (conv, norm, kda, kda_sweep); tiny=True: tiny fp32 shapes, CPU interpreter works."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not tiny:
+        raise ValueError("full-size benchmarks need a CUDA GPU; use tiny=True (--tiny) for a CPU smoke run")
+    setup = _Setup(device, torch.float32 if device == "cpu" else torch.bfloat16, tiny, bandwidth_tbs * 1e12)
+    unknown = [s for s in sections if s not in _SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown sections {unknown}: expected some of {list(_SECTIONS)}")
+    rows = []
+    for name in sections:
+        print(f"running {name} ...", flush=True)
+        rows += _SECTIONS[name](setup)
+    return rows
+
+
+def _environment() -> str:
+    try:
+        import fla
+
+        fla_version = fla.__version__
+    except ImportError:
+        fla_version = "not installed"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter, timings meaningless)"
+    return f"{gpu}; torch {torch.__version__}, triton {triton.__version__}, fla {fla_version}"
+
+
+def markdown_table(rows: list[Row], bandwidth_tbs: float = 4.27) -> str:
+    """The rows as a markdown table (environment line first)."""
+
+    def num(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1f}"
+
+    lines = [
+        f"Environment: {_environment()}. Medians of triton.testing.do_bench; floor = minimum bytes at {bandwidth_tbs} TB/s.",
+        "",
+        "| op | shape | kimi_hf (us) | anchor | anchor (us) | speed-up vs anchor | floor (us) | floor / kimi_hf |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        speedup = f"{r.anchor_us / r.ours_us:.2f}x" if r.anchor_us is not None else "n/a"
+        of_floor = f"{r.floor_us / r.ours_us:.0%}" if r.floor_us is not None else "n/a"
+        lines.append(f"| {r.op} | {r.shape} | {num(r.ours_us)} | {r.anchor} | {num(r.anchor_us)} | {speedup} "
+                     f"| {num(r.floor_us)} | {of_floor} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny fp32 shapes: a smoke run (CPU: TRITON_INTERPRET=1)")
+    parser.add_argument("--sections", nargs="+", default=["conv", "norm", "kda"], choices=list(_SECTIONS),
+                        help="which ops (kda_sweep: the decode kernel at each state tile width)")
+    parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="peak copy bandwidth for the floor, TB/s")
+    args = parser.parse_args()
+    rows = run_benchmarks(args.tiny, tuple(args.sections), args.bandwidth_tbs)
+    print(markdown_table(rows, args.bandwidth_tbs))
+
+
+if __name__ == "__main__":
+    main()
