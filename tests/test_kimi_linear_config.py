@@ -6,7 +6,14 @@ import copy
 
 import pytest
 import torch
-from kimi_linear_utils import OFFICIAL_48B_CONFIG, OFFICIAL_48B_MLA_LAYERS, random_ids, tiny_config, tiny_config_dict
+from kimi_linear_utils import (  # noqa: F401 (single_thread: autouse fixture)
+    OFFICIAL_48B_CONFIG,
+    OFFICIAL_48B_MLA_LAYERS,
+    random_ids,
+    single_thread,
+    tiny_config,
+    tiny_config_dict,
+)
 
 from kimi_hf import KimiLinearConfig, KimiLinearForCausalLM
 

@@ -1,0 +1,340 @@
+"""KimiLinearModel / KimiLinearForCausalLM on CPU: shapes, gradients, loss, outputs, dtypes, training,
+gradient checkpointing, MoE routing, and padding/packing/attention-implementation equivalences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_rel
+from kimi_linear_utils import TINY_VOCAB, random_ids, single_thread, tiny_config, tiny_model  # noqa: F401
+
+from kimi_hf import KimiLinearForCausalLM, KimiLinearModel
+from kimi_hf.models.kimi_linear.modeling_kimi_linear import KimiLinearSparseMoE
+
+MOE_LAYERS = [1, 2, 3]  # of the tiny config: layer 0 dense
+
+
+def _routers(model: KimiLinearForCausalLM):
+    return [model.model.layers[i].block_sparse_moe.gate for i in MOE_LAYERS]
+
+
+def _expected_load(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Expert loads of one sigmoid router (one group): top-k of sigmoid(logits) + bias."""
+    ids = (router_logits.sigmoid() + bias).topk(top_k, dim=-1).indices
+    return torch.bincount(ids.flatten(), minlength=bias.numel()).float()
+
+
+# ---------------------------------------------------------------------------------------------- shapes, grads
+def test_base_model_forward_backward_shapes():
+    torch.manual_seed(0)
+    model = KimiLinearModel(tiny_config()).train()
+    ids = random_ids(2, 9)
+    out = model(ids)
+    assert out.last_hidden_state.shape == (2, 9, 32)
+    out.last_hidden_state.square().mean().backward()
+    assert model.embed_tokens.weight.grad.shape == (TINY_VOCAB, 32)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny_model(seed=6).train()
+    ids = random_ids(2, 24, seed=6)
+    out = model(ids, labels=ids, output_router_logits=True)
+    assert out.logits.shape == (2, 24, TINY_VOCAB)
+    # The test is only meaningful if every routed expert received tokens.
+    for logits, router in zip(out.router_logits, _routers(model)):
+        load = _expected_load(logits, router.e_score_correction_bias, 2)
+        assert (load > 0).all(), f"pick another seed: an expert got no token ({load.tolist()})"
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+    names = {n for n, _ in model.named_parameters()}
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names
+    assert "model.layers.0.self_attn.A_log" in names and "model.layers.1.block_sparse_moe.gate.weight" in names
+
+
+def test_labels_loss_is_the_shifted_cross_entropy():
+    model = tiny_model(seed=2)
+    ids = random_ids(2, 11, seed=2)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out = model(ids, labels=labels)
+    manual = F.cross_entropy(out.logits[:, :-1].reshape(-1, TINY_VOCAB).float(), labels[:, 1:].reshape(-1))
+    assert_close_rel(out.loss, manual, 1e-6, "loss")
+
+
+def test_logits_to_keep():
+    model = tiny_model(seed=3)
+    ids = random_ids(2, 10, seed=3)
+    with torch.no_grad():
+        full = model(ids).logits
+        last3 = model(ids, logits_to_keep=3).logits
+        picked = model(ids, logits_to_keep=torch.tensor([0, 4, 9])).logits
+    assert last3.shape == (2, 3, TINY_VOCAB)
+    assert_close_rel(last3, full[:, -3:], 1e-6, "logits_to_keep=3")
+    assert_close_rel(picked, full[:, [0, 4, 9]], 1e-6, "logits_to_keep=tensor")
+
+
+def test_output_hidden_states_and_router_logits():
+    model = tiny_model(seed=4)
+    ids = random_ids(2, 6, seed=4)
+    captured = []
+    hook = model.model.norm.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+    with torch.no_grad():
+        out = model.model(ids, output_hidden_states=True, output_router_logits=True)
+    hook.remove()
+    hs = out.hidden_states
+    assert len(hs) == model.config.num_hidden_layers + 1
+    assert_close_rel(hs[0], model.model.embed_tokens(ids), 0, "hidden_states[0] (embeddings)")
+    assert_close_rel(hs[-1], out.last_hidden_state, 0, "hidden_states[-1]")
+    # The last one is the final norm of the last layer's output.
+    (pre_norm,) = captured
+    x = pre_norm.double()
+    manual = model.model.norm.weight.double() * x / (x.square().mean(-1, keepdim=True) + 1e-5).sqrt()
+    assert_close_rel(hs[-1], manual, 1e-6, "hidden_states[-1] is normed")
+    assert not torch.allclose(hs[-1], pre_norm)
+    assert len(out.router_logits) == len(MOE_LAYERS)
+    for logits in out.router_logits:
+        assert logits.shape == (2 * 6, model.config.num_experts) and logits.dtype == torch.float32
+
+
+def test_bf16_forward_is_close_to_fp32():
+    model = tiny_model(seed=5)
+    ids = random_ids(2, 20, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = model.to(torch.bfloat16)(ids).logits
+    assert out.dtype == torch.bfloat16
+    assert_close_rel(out.float(), ref, 5e-2, "bf16 logits")
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny_model(seed=6).train()
+    ids = random_ids(2, 16, seed=6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first = None
+    for _ in range(60):
+        loss = model(ids, labels=ids).loss
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.1 * first:
+            break
+    assert loss.item() < 0.1 * first, f"loss {first:.3f} -> {loss.item():.3f}"
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    ids = random_ids(2, 12, seed=7)
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(seed=7).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.model.gradient_checkpointing
+        out = model(ids, labels=ids, output_router_logits=True)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    # Unrouted experts have no gradient either way; the same ones.
+    assert [n for n, g in ckpt_grads.items() if g is None] == [n for n, g in plain_grads.items() if g is None]
+    for a, b in zip(ckpt.router_logits, plain.router_logits):
+        assert torch.equal(a.topk(2).indices, b.topk(2).indices), "routing differs under checkpointing"
+    assert_close_rel(ckpt.loss, plain.loss, 1e-6, "loss")
+    for name, grad in plain_grads.items():
+        if grad is not None:
+            assert_close_rel(ckpt_grads[name], grad, 1e-5, f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------- MoE routing
+def _moe(**overrides) -> KimiLinearSparseMoE:
+    """An 8-expert MoE over hidden 8 whose router weight is the identity: router logits = the input."""
+    config = tiny_config(hidden_size=8, num_experts=8, moe_intermediate_size=4, **overrides)
+    torch.manual_seed(0)
+    moe = KimiLinearSparseMoE(config).eval()
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.eye(8))
+        for p in moe.experts.parameters():
+            p.normal_()
+        for p in moe.shared_experts.parameters():
+            p.normal_()
+    return moe
+
+
+def _manual_moe(moe: KimiLinearSparseMoE, x: torch.Tensor, chosen: list[list[int]]) -> torch.Tensor:
+    """Loop over tokens: sum over the chosen experts of (unbiased renormalised score * scale) * expert(x) + shared."""
+    scale = moe.gate.config.routed_scaling_factor
+    rows = []
+    for t, experts in enumerate(chosen):
+        scores = torch.sigmoid(x[t, experts])
+        weights = scores / scores.sum() * scale
+        y = sum(w * moe.experts[e](x[t : t + 1])[0] for w, e in zip(weights, experts))
+        rows.append(y + moe.shared_experts(x[t : t + 1])[0])
+    return torch.stack(rows)
+
+
+def test_moe_routing_hand_computed_bias_changes_the_choice():
+    moe = _moe(num_experts_per_token=2)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.copy_(torch.tensor([0.0, -0.5, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    x = torch.tensor(
+        [
+            # unbiased top-2 would be {0, 1}; biased scores 0.881, 0.231, 0.922, 0.269 -> {2, 0}
+            [2.0, 1.0, 0.5, -1.0, -2.0, -2.0, -2.0, -2.0],
+            # the bias does not change this one: {5, 6}
+            [-3.0, -3.0, -3.0, -3.0, -3.0, 3.0, 2.5, -3.0],
+        ]
+    )
+    logits, weights, ids = moe.gate(x)
+    assert_close_rel(logits, x, 1e-7, "router logits")
+    assert [sorted(r) for r in ids.tolist()] == [[0, 2], [5, 6]]
+    for t in range(2):
+        s = torch.sigmoid(x[t, ids[t]])
+        assert_close_rel(weights[t], s / s.sum() * 2.446, 1e-6, f"mixing weights of token {t}")
+    with torch.no_grad():
+        out, _ = moe(x[None])
+        assert_close_rel(out[0], _manual_moe(moe, x, [[0, 2], [5, 6]]), 1e-6, "MoE output")
+
+
+def test_moe_grouped_topk_picks_the_best_groups():
+    # 4 groups of 2 experts, keep 2 groups, 3 experts. Group scores (sum of both sigmoid scores):
+    # g0 = s(3) + s(-3) = 1, g1 = s(1) + s(0.9) = 1.44, g2 = s(2) + s(-2) = 1, g3 = s(.5) + s(.4) = 1.22.
+    # Plain top-3 would take experts 0, 4, 2; grouped top-k keeps groups 1 and 3 -> experts 2, 3, 6.
+    moe = _moe(num_experts_per_token=3, num_expert_group=4, topk_group=2)
+    x = torch.tensor([[3.0, -3.0, 1.0, 0.9, 2.0, -2.0, 0.5, 0.4]])
+    _, weights, ids = moe.gate(x)
+    assert sorted(ids[0].tolist()) == [2, 3, 6]
+    s = torch.sigmoid(x[0, ids[0]])
+    assert_close_rel(weights[0], s / s.sum() * 2.446, 1e-6, "grouped mixing weights")
+    with torch.no_grad():
+        out, _ = moe(x[None])
+        assert_close_rel(out[0], _manual_moe(moe, x, [[2, 3, 6]]), 1e-6, "grouped MoE output")
+
+
+def test_moe_output_matches_a_manual_loop_on_random_tokens():
+    moe = _moe(num_experts_per_token=2)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(1, 20, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, _ = moe(x)
+        _, _, ids = moe.gate(x[0])
+        assert_close_rel(out[0], _manual_moe(moe, x[0], ids.tolist()), 1e-6, "MoE output")
+
+
+def test_eval_routing_never_changes_the_bias():
+    model = tiny_model(seed=8, router_bias_update_rate=0.01)
+    before = [r.e_score_correction_bias.clone() for r in _routers(model)]
+    with torch.no_grad():
+        for seed in range(2):
+            model(random_ids(2, 8, seed=seed))
+    for b, r in zip(before, _routers(model)):
+        assert torch.equal(b, r.e_score_correction_bias)
+
+
+def test_bias_update_applies_at_the_next_forward_not_during_recomputation():
+    rate = 0.01
+    model = tiny_model(seed=9, router_bias_update_rate=rate).train()
+    model.gradient_checkpointing_enable()
+    routers = _routers(model)
+    bias0 = [r.e_score_correction_bias.clone() for r in routers]
+    ids1, ids2 = random_ids(2, 12, seed=1), random_ids(2, 12, seed=2)
+
+    out1 = model(ids1, labels=ids1, output_router_logits=True)
+    out1.loss.backward()  # recomputes every layer's forward
+    for b, r in zip(bias0, routers):
+        assert torch.equal(b, r.e_score_correction_bias), "bias moved during the forward or the recomputation"
+    loads = [_expected_load(lg.detach(), b, 2) for lg, b in zip(out1.router_logits, bias0)]
+    assert any(not torch.all(ld == ld.mean()) for ld in loads), "pick another seed: perfectly balanced loads"
+
+    model(ids2)  # applies the loads of the first forward
+    for b, r, load in zip(bias0, routers, loads):
+        expected = b + rate * torch.sign(load.mean() - load)
+        assert_close_rel(r.e_score_correction_bias, expected, 1e-7, "updated bias")
+        # under-loaded experts go up, over-loaded ones down
+        assert torch.all((r.e_score_correction_bias > b) == (load < load.mean()))
+
+    bias1 = [r.e_score_correction_bias.clone() for r in routers]
+    model.eval()
+    with torch.no_grad():
+        model(ids1)  # the pending loads of the second forward are not applied in eval mode
+    for b, r in zip(bias1, routers):
+        assert torch.equal(b, r.e_score_correction_bias)
+
+
+# ---------------------------------------------------------------------------------------------- padding, packing
+LENGTHS = (70, 23)  # the first crosses KDA's 64-token chunk boundary
+
+
+def _alone(model, seqs):
+    with torch.no_grad():
+        return [model(s[None]).logits[0] for s in seqs]
+
+
+def _seqs(seed=10):
+    return [random_ids(1, n, seed=seed + i)[0] for i, n in enumerate(LENGTHS)]
+
+
+def _padded(seqs, side: str):
+    total = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), total, dtype=torch.long)
+    mask = torch.zeros(len(seqs), total, dtype=torch.long)
+    spans = []
+    for row, s in enumerate(seqs):
+        start = total - len(s) if side == "left" else 0
+        ids[row, start : start + len(s)] = s
+        mask[row, start : start + len(s)] = 1
+        spans.append(slice(start, start + len(s)))
+    return ids, mask, spans
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_gives_the_logits_of_each_sequence_alone(side, dtype, rtol):
+    model = tiny_model(seed=11, dtype=dtype)
+    seqs = _seqs()
+    ids, mask, spans = _padded(seqs, side)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    for row, (span, ref) in enumerate(zip(spans, _alone(model, seqs))):
+        assert_close_rel(logits[row, span], ref, rtol, f"{side}-padded row {row}")
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seqlens"])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_packed_sequences_equal_separate_runs(how, dtype, rtol):
+    model = tiny_model(seed=12, dtype=dtype)
+    seqs = _seqs(seed=20) + [random_ids(1, 5, seed=30)[0]]
+    packed = torch.cat(seqs)[None]
+    bounds = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+    kwargs = (
+        {"position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None]}
+        if how == "position_ids"
+        else {"cu_seqlens": bounds.to(torch.int32)}
+    )
+    with torch.no_grad():
+        logits = model(packed, **kwargs).logits[0]
+    for i, ref in enumerate(_alone(model, seqs)):
+        assert_close_rel(logits[bounds[i] : bounds[i + 1]], ref, rtol, f"packed sequence {i}")
+
+
+def test_eager_and_sdpa_agree_on_the_4d_mask_path():
+    seqs = _seqs(seed=40)
+    ids, mask, spans = _padded(seqs, "left")
+    sdpa = tiny_model(seed=13)
+    assert sdpa.config._attn_implementation == "sdpa"
+    config = tiny_config()
+    config._attn_implementation = "eager"
+    eager = KimiLinearForCausalLM(config).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    from_config = KimiLinearForCausalLM._from_config(tiny_config(), attn_implementation="eager").eval()
+    from_config.load_state_dict(sdpa.state_dict())
+    assert eager.config._attn_implementation == "eager" == from_config.config._attn_implementation
+    with torch.no_grad():
+        ref = sdpa(ids, attention_mask=mask).logits
+        for model in (eager, from_config):
+            out = model(ids, attention_mask=mask).logits
+            for row, span in enumerate(spans):
+                assert_close_rel(out[row, span], ref[row, span], 1e-5, f"eager vs sdpa row {row}")
+            # and without a mask (plain causal, no 4-D mask built)
+            assert_close_rel(model(ids[:1, -20:]).logits, sdpa(ids[:1, -20:]).logits, 1e-5, "eager vs sdpa causal")
