@@ -1,0 +1,122 @@
+"""Generation with KimiLinearCache: cached vs uncached generate(), left-padded batches, the cache's
+contents (compressed MLA latent, KDA states) and step-by-step decoding against the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_rel
+from kimi_linear_utils import random_ids, single_thread, tiny_model  # noqa: F401 (single_thread: autouse fixture)
+
+from kimi_hf import KimiLinearCache
+from kimi_hf.models.kimi_linear.modeling_kimi_linear import CACHE_FIELD
+
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = tiny_model(seed=21)
+    # No early stop: every run makes NEW_TOKENS tokens, so that runs can be compared token for token.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    return model
+
+
+def _generate(model, ids, use_cache, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, use_cache=use_cache, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"do_sample": False},
+        {"do_sample": True, "top_k": 0, "temperature": 1.0},
+        {"do_sample": True, "num_return_sequences": 3},
+        {"do_sample": False, "num_beams": 2, "num_return_sequences": 2},
+    ],
+    ids=["greedy", "sampling", "num_return_sequences", "beam-search"],
+)
+def test_cached_generate_equals_uncached(model, kwargs):
+    ids = random_ids(2, 7, seed=1)
+    cached = _generate(model, ids, True, **kwargs)
+    uncached = _generate(model, ids, False, **kwargs)
+    rows = 2 * kwargs.get("num_return_sequences", 1)
+    assert cached.shape == (rows, 7 + NEW_TOKENS)
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padded_batch_generates_each_row_as_alone(model):
+    lengths = (9, 4, 6)
+    seqs = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    total = max(lengths)
+    ids = torch.full((len(seqs), total), model.config.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, total - len(s) :] = s
+        mask[row, total - len(s) :] = 1
+    for use_cache in (True, False):
+        batched = _generate(model, ids, use_cache, attention_mask=mask, do_sample=False)
+        for row, s in enumerate(seqs):
+            alone = _generate(model, s[None], True, do_sample=False)
+            assert torch.equal(batched[row, total:], alone[0, len(s) :]), f"row {row} (use_cache={use_cache})"
+
+
+def test_cache_holds_the_compressed_latent_and_kda_states(model):
+    cfg = model.config
+    ids = random_ids(3, 5, seed=2)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = getattr(out, CACHE_FIELD)
+        assert isinstance(cache, KimiLinearCache)
+        assert cache.get_seq_length() == 5
+        out = model(random_ids(3, 1, seed=3), use_cache=True, **{CACHE_FIELD: cache})
+    assert getattr(out, CACHE_FIELD) is cache and cache.get_seq_length() == 6
+    inner = cfg.linear_num_heads * cfg.linear_head_dim
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == "full_attention":
+            assert tuple(cache.latents[i].shape) == (3, 6, cfg.kv_lora_rank)
+            assert tuple(cache.rope_keys[i].shape) == (3, 6, cfg.qk_rope_head_dim)
+            assert cache.conv_states[i] is None and cache.recurrent_states[i] is None
+        else:
+            assert [tuple(s.shape) for s in cache.conv_states[i]] == [(3, inner, cfg.linear_conv_kernel_size)] * 3
+            state = cache.recurrent_states[i]
+            assert tuple(state.shape) == (3, cfg.linear_num_heads, cfg.linear_head_dim, cfg.linear_head_dim)
+            assert state.dtype == torch.float32
+            assert cache.latents[i] is None
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "ones-mask"])
+@pytest.mark.parametrize("chunks", [(5, 1, 1, 1, 1, 1), (1,) * 8, (5, 4, 1, 3)], ids=["prefill+steps", "steps", "chunks"])
+def test_decoding_with_the_cache_matches_the_full_forward(model, chunks, with_mask):
+    """"chunks" feeds several tokens at once after a cache (chunked prefill, assisted decoding): the MLA
+    layers must then align the causal mask to the end of the keys."""
+    ids = random_ids(2, sum(chunks), seed=4)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache, pieces, start = None, [], 0
+        for n in chunks:
+            mask = {"attention_mask": torch.ones(2, start + n, dtype=torch.long)} if with_mask else {}
+            out = model(ids[:, start : start + n], use_cache=True, **mask, **{CACHE_FIELD: cache})
+            cache = getattr(out, CACHE_FIELD)
+            pieces.append(out.logits)
+            start += n
+    assert_close_rel(torch.cat(pieces, dim=1), full, 1e-5, f"cached logits, chunks {chunks}")
+
+
+def test_padded_decoding_with_the_cache_matches_the_full_forward(model):
+    ids = random_ids(2, 10, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in row 1
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        pieces, cache = [out.logits], getattr(out, CACHE_FIELD)
+        for t in range(6, 10):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], use_cache=True, **{CACHE_FIELD: cache})
+            pieces.append(out.logits)
+    steps = torch.cat(pieces, dim=1)
+    assert_close_rel(steps[0], full[0], 1e-5, "unpadded row")
+    assert_close_rel(steps[1, 4:], full[1, 4:], 1e-5, "padded row, real tokens")
