@@ -125,6 +125,19 @@ def test_bad_input_raises(kwargs, match):
         causal_conv1d(**args)
 
 
+def test_triton_tokens_past_last_sequence_stay_in_bounds():
+    """cu_seqlens ending before T (not checked, to avoid a host sync) must not read out of bounds."""
+    from kimi_hf.kernels.conv.triton_kernels import _seq_ids
+
+    assert _seq_ids(torch.tensor([0, 2, 2, 4]), 6).tolist() == [0, 0, 2, 2, 2, 2]
+    x, w, b = _inputs(1, 6, 4, 4)
+    y, s = causal_conv1d(x, w, b, output_final_state=True, cu_seqlens=torch.tensor([0, 2, 4]), backend="triton")
+    y_ref, s_ref = causal_conv1d(x[:, :4], w, b, output_final_state=True, cu_seqlens=torch.tensor([0, 2, 4]),
+                                 backend="torch")
+    assert_close_rel(y[:, :4], y_ref, 1e-5, "y of the described sequences")
+    assert_close_rel(s, s_ref, 0, "final states")
+
+
 def test_update_bad_input_raises():
     with pytest.raises(ValueError, match="one token"):
         causal_conv1d_update(torch.randn(2, 3, 6), torch.randn(2, 6, 4), torch.randn(6, 4), backend="torch")
@@ -158,8 +171,12 @@ def _triton_vs_reference(x, w, b, h, activation, cu, output_final_state, device,
 _CASES = {
     "batch": dict(batch=2, lengths=None, dim=5, width=4, bias=True, activation="silu", init=False, final=False),
     "batch_states": dict(batch=2, lengths=None, dim=5, width=4, bias=True, activation="silu", init=True, final=True),
-    "varlen_ragged": dict(batch=1, lengths=[3, 0, 1, 7, 2], dim=6, width=4, bias=False, activation=None, init=True, final=True),
-    "varlen_width3": dict(batch=1, lengths=[2, 9, 1], dim=130, width=3, bias=True, activation="silu", init=False, final=True),
+    "varlen_ragged": dict(
+        batch=1, lengths=[3, 0, 1, 7, 2], dim=6, width=4, bias=False, activation=None, init=True, final=True
+    ),
+    "varlen_width3": dict(
+        batch=1, lengths=[2, 9, 1], dim=130, width=3, bias=True, activation="silu", init=False, final=True
+    ),
 }
 
 

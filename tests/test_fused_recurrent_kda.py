@@ -76,7 +76,9 @@ def _check(device, dtype, B, T, H, K, V, lengths, l2norm, gate, use_h0, inplace,
 _CASES = {
     "plain": dict(B=2, T=3, H=2, K=16, V=16, lengths=None, l2norm=False, gate=False, use_h0=False, inplace=False),
     "fused_prologue": dict(B=2, T=3, H=2, K=16, V=32, lengths=None, l2norm=True, gate=True, use_h0=True, inplace=False),
-    "varlen_ragged": dict(B=1, T=0, H=2, K=20, V=12, lengths=[2, 0, 5, 1], l2norm=True, gate=True, use_h0=True, inplace=False),
+    "varlen_ragged": dict(
+        B=1, T=0, H=2, K=20, V=12, lengths=[2, 0, 5, 1], l2norm=True, gate=True, use_h0=True, inplace=False
+    ),
     "decode_inplace": dict(B=3, T=1, H=2, K=32, V=48, lengths=None, l2norm=True, gate=False, use_h0=True, inplace=True),
 }
 

@@ -43,6 +43,7 @@ def test_reference_gradcheck(activation):
         (dict(gate=torch.randn(2, 5)), "gate must"),
         (dict(weight=torch.randn(5)), "weight must"),
         (dict(activation="relu"), "activation"),
+        (dict(x=torch.randn(1, 8200), gate=torch.randn(1, 8200), weight=torch.randn(8200), backend="triton"), "D <="),
     ],
 )
 def test_bad_input_raises(kwargs, match):

@@ -98,11 +98,12 @@ def bench_conv(setup: _Setup) -> list[Row]:
         return lambda: fla_causal_conv1d(x, w, activation="silu")[0].backward(dy)
 
     rows = [
-        Row("causal_conv1d fwd", shape, _time_us(lambda: causal_conv1d(x, w)[0], setup), "fla causal_conv1d",
-            _anchor_us(fla_conv, setup), setup.floor_us(2 * x.numel() * esize)),
+        Row("causal_conv1d fwd", shape, _time_us(lambda: causal_conv1d(x, w, backend="triton")[0], setup),
+            "fla causal_conv1d", _anchor_us(fla_conv, setup), setup.floor_us(2 * x.numel() * esize)),
         Row("causal_conv1d fwd+bwd", shape,
-            _time_us(lambda: causal_conv1d(x, w)[0].backward(dy), setup, grad_to_none=[x, w]), "fla causal_conv1d",
-            _anchor_us(fla_conv_fb, setup, grad_to_none=[x, w]), setup.floor_us(5 * x.numel() * esize)),
+            _time_us(lambda: causal_conv1d(x, w, backend="triton")[0].backward(dy), setup, grad_to_none=[x, w]),
+            "fla causal_conv1d", _anchor_us(fla_conv_fb, setup, grad_to_none=[x, w]),
+            setup.floor_us(5 * x.numel() * esize)),
     ]
     for N in (1, 2) if setup.tiny else (1, 64):
         xt = torch.randn(N, D, device=dev, dtype=dt)
@@ -117,8 +118,9 @@ def bench_conv(setup: _Setup) -> list[Row]:
 
         rows.append(Row(
             "causal_conv1d_update (decode)", f"N{N} D{D} W{W}",
-            _time_us(lambda: causal_conv1d_update(xt, state, w_eval), setup), "fla causal_conv1d_update",
-            _anchor_us(fla_update, setup), setup.floor_us((2 * N * D * W + 2 * N * D) * esize),
+            _time_us(lambda: causal_conv1d_update(xt, state, w_eval, backend="triton"), setup),
+            "fla causal_conv1d_update", _anchor_us(fla_update, setup),
+            setup.floor_us((2 * N * D * W + 2 * N * D) * esize),
         ))
     return rows
 
@@ -145,10 +147,10 @@ def bench_gated_norm(setup: _Setup) -> list[Row]:
         return lambda: rms_norm_gated(x, g, w, None, activation="sigmoid", eps=1e-5).backward(dy)
 
     return [
-        Row("gated_rms_norm fwd", shape, _time_us(lambda: gated_rms_norm(x, g, w), setup), "fla rms_norm_gated",
-            _anchor_us(fla_norm, setup), setup.floor_us(3 * nbytes)),
+        Row("gated_rms_norm fwd", shape, _time_us(lambda: gated_rms_norm(x, g, w, backend="triton"), setup),
+            "fla rms_norm_gated", _anchor_us(fla_norm, setup), setup.floor_us(3 * nbytes)),
         Row("gated_rms_norm fwd+bwd", shape,
-            _time_us(lambda: gated_rms_norm(x, g, w).backward(dy), setup, grad_to_none=[x, g, w]),
+            _time_us(lambda: gated_rms_norm(x, g, w, backend="triton").backward(dy), setup, grad_to_none=[x, g, w]),
             "fla rms_norm_gated", _anchor_us(fla_norm_fb, setup, grad_to_none=[x, g, w]), setup.floor_us(8 * nbytes)),
     ]
 
@@ -268,7 +270,8 @@ def markdown_table(rows: list[Row], bandwidth_tbs: float = 4.27) -> str:
         return "n/a" if x is None else f"{x:.1f}"
 
     lines = [
-        f"Environment: {_environment()}. Medians of triton.testing.do_bench; floor = minimum bytes at {bandwidth_tbs} TB/s.",
+        f"Environment: {_environment()}. Medians of triton.testing.do_bench; "
+        f"floor = minimum bytes at {bandwidth_tbs} TB/s.",
         "",
         "| op | shape | kimi_hf (us) | anchor | anchor (us) | speed-up vs anchor | floor (us) | floor / kimi_hf |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",

@@ -54,7 +54,8 @@ def causal_conv1d(
         initial_state: ``[N, D, W]``, the last W inputs before t=0 of each sequence (oldest first),
             or None for zero history. N = B, or ``len(cu_seqlens) - 1``.
         output_final_state: also return the state ``[N, D, W]`` after the last token (x's dtype).
-        cu_seqlens: ``[N + 1]`` integer offsets of packed sequences along T, or None.
+        cu_seqlens: ``[N + 1]`` integer offsets of packed sequences along T (rising from 0 to T; the
+            Triton path does not check this, which would need a host sync), or None.
         backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
 
     Returns:
@@ -67,9 +68,13 @@ def causal_conv1d(
     weight = _check_weight_bias(weight, bias, dim, activation)
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
         if batch != 1:
             raise ValueError(f"packed input (cu_seqlens) needs B == 1, got B={batch}")
+        if cu_seqlens.device != x.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
     num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (num_seqs, dim, weight.shape[1]):
         raise ValueError(

@@ -23,7 +23,9 @@ class CausalConv1dFunction(torch.autograd.Function):
     ):
         x, weight = x.contiguous(), weight.contiguous()
         initial_state = initial_state.contiguous() if initial_state is not None else None
-        y, final_state, seq_ids = causal_conv1d_fwd(x, weight, bias, initial_state, output_final_state, cu_seqlens, silu)
+        y, final_state, seq_ids = causal_conv1d_fwd(
+            x, weight, bias, initial_state, output_final_state, cu_seqlens, silu
+        )
         ctx.save_for_backward(x, weight, bias, initial_state, cu_seqlens, seq_ids)
         ctx.silu = silu
         return y, final_state

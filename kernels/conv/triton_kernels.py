@@ -106,7 +106,8 @@ def _conv_fwd_kernel(
     z = _preact(x, w, b, h, rows, seq, bos, cols, row_mask, D, W, HAS_BIAS, HAS_H)
     if SILU:
         z = z * tl.sigmoid(z)
-    tl.store(y + rows[:, None] * D + cols[None, :], z.to(y.dtype.element_ty), mask=row_mask[:, None] & (cols < D)[None, :])
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    tl.store(y + rows[:, None] * D + cols[None, :], z.to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -198,7 +199,9 @@ def _conv_update_kernel(
     col_mask = cols < D
     base = state + n * stride_sn + cols[:, None] * stride_sd
     # The whole [BD, W] tile is read before it is written back, so the in-place shift is safe.
-    shifted = tl.load(base + (slots[None, :] + 1) * stride_sw, mask=col_mask[:, None] & (slots[None, :] + 1 < W), other=0.0)
+    shifted = tl.load(
+        base + (slots[None, :] + 1) * stride_sw, mask=col_mask[:, None] & (slots[None, :] + 1 < W), other=0.0
+    )
     b_x = tl.load(x + n * stride_xn + cols, mask=col_mask, other=0.0).to(shifted.dtype)
     new = tl.where(slots[None, :] == W - 1, b_x[:, None], shifted)
     tl.store(base + slots[None, :] * stride_sw, new, mask=col_mask[:, None] & (slots[None, :] < W))
@@ -212,9 +215,13 @@ def _conv_update_kernel(
 
 
 def _seq_ids(cu_seqlens: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Sequence index of every packed row (no host sync: a device-side search)."""
+    """Sequence index of every packed row (no host sync: a device-side search).
+
+    Clamped to the last sequence so that rows past ``cu_seqlens[-1]`` never index out of bounds.
+    """
     rows = torch.arange(num_rows, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:], rows, right=True).to(torch.int32)
+    ids = torch.searchsorted(cu_seqlens[1:], rows, right=True)
+    return ids.clamp_(max=cu_seqlens.numel() - 2).to(torch.int32)
 
 
 def _fwd_blocks(dim: int, rows: int) -> tuple[int, int]:
@@ -280,7 +287,9 @@ def causal_conv1d_bwd(
     dx = torch.empty_like(x)
     dw_partial = torch.empty(programs_t, dim, width, device=x.device, dtype=torch.float32)
     db_partial = torch.empty(programs_t, dim, device=x.device, dtype=torch.float32) if bias is not None else None
-    flags = dict(HAS_BIAS=bias is not None, HAS_DFS=dfinal_state is not None, IS_VARLEN=cu_seqlens is not None, SILU=silu)
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_DFS=dfinal_state is not None, IS_VARLEN=cu_seqlens is not None, SILU=silu
+    )
     _conv_bwd_kernel[(programs_t, triton.cdiv(dim, block_d))](
         x, weight, bias, initial_state, dy, dfinal_state, dx, dw_partial, db_partial, seq_ids, cu_seqlens,
         rows, length, dim, sub, W=width, BW=triton.next_power_of_2(width), BT=block_t, BD=block_d,

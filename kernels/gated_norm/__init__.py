@@ -11,6 +11,7 @@ from .naive import naive_gated_rms_norm
 __all__ = ["gated_rms_norm", "naive_gated_rms_norm"]
 
 _ACTIVATIONS = ("sigmoid", "silu")
+MAX_TRITON_DIM = 8192
 
 
 def gated_rms_norm(
@@ -44,4 +45,6 @@ def gated_rms_norm(
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if resolve_backend(backend, x) == "torch":
         return naive_gated_rms_norm(x, gate, weight, eps, activation)
+    if x.shape[-1] > MAX_TRITON_DIM:
+        raise ValueError(f"the Triton gated_rms_norm keeps a row in registers: D <= {MAX_TRITON_DIM}, got {x.shape[-1]}")
     return GatedRMSNormFunction.apply(x, gate, weight, eps, activation)
