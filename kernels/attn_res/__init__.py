@@ -32,6 +32,7 @@ class SourceBank:
     Attributes:
         backend: "triton" or "torch".
         eps: epsilon of the key RMSNorm.
+        dtype: dtype the sources are kept in.
         capacity: number of slots.
         handles: per source, the tensor autograd tracks (torch: the source itself; triton: a view of its slot).
         rstds: torch backend: per-source cached rsqrt(mean(v^2) + eps) [..., 1] float32.
@@ -41,6 +42,7 @@ class SourceBank:
     backend: str
     eps: float
     capacity: int
+    dtype: torch.dtype
     handles: tuple[torch.Tensor, ...] = ()
     rstds: tuple[torch.Tensor, ...] = ()
     storage: object | None = None
@@ -60,11 +62,15 @@ def new_source_bank(num_slots: int, like: torch.Tensor, eps: float = 1e-6, backe
         from .fused import SourceStorage
 
         storage = SourceStorage(num_slots, like, eps)
-    return SourceBank(backend=choice, eps=eps, capacity=num_slots, storage=storage)
+    return SourceBank(backend=choice, eps=eps, capacity=num_slots, dtype=like.dtype, storage=storage)
 
 
 def append_source(bank: SourceBank, x: torch.Tensor, y: torch.Tensor | None = None) -> SourceBank:
-    """Return a bank with one more source, ``x + y`` (or ``x``), and its normalisation statistic cached."""
+    """Return a bank with one more source, ``x + y`` (or ``x``), and its normalisation statistic cached.
+
+    Sources are kept in the dtype of the bank's ``like`` tensor (e.g. float32 embeddings while autocast
+    produces bfloat16 sublayer outputs); depth-attention outputs come back in that dtype too.
+    """
     if bank.num_sources >= bank.capacity:
         raise ValueError(f"source bank is full ({bank.capacity} slots)")
     if y is not None and y.shape != x.shape:
@@ -72,14 +78,11 @@ def append_source(bank: SourceBank, x: torch.Tensor, y: torch.Tensor | None = No
     if bank.backend == "triton":
         from .fused import StoreSourceFunction
 
-        if tuple(x.shape) != tuple(bank.storage.shape) or x.dtype != bank.storage.store.dtype:
-            raise ValueError(
-                f"source {tuple(x.shape)} {x.dtype} does not match the bank's "
-                f"{tuple(bank.storage.shape)} {bank.storage.store.dtype}"
-            )
+        if tuple(x.shape) != tuple(bank.storage.shape):
+            raise ValueError(f"source of shape {tuple(x.shape)} does not match the bank's {tuple(bank.storage.shape)}")
         handle = StoreSourceFunction.apply(bank.storage, bank.num_sources, x, y)
         return replace(bank, handles=bank.handles + (handle,))
-    v = x + y if y is not None else x
+    v = (x + y if y is not None else x).to(bank.dtype)
     return replace(bank, handles=bank.handles + (v,), rstds=bank.rstds + (source_rstd(v, bank.eps),))
 
 

@@ -102,4 +102,4 @@ def torch_phase2(
     s_p = rstd * (partial @ (query.to(rstd.dtype) * gain.to(rstd.dtype)).to(partial.dtype)).to(rstd.dtype)
     new_lse = torch.logaddexp(lse, s_p)
     h = torch.exp(lse - new_lse).unsqueeze(-1) * out + torch.exp(s_p - new_lse).unsqueeze(-1) * partial
-    return h.to(partial.dtype)
+    return h.to(out.dtype)

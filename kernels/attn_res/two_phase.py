@@ -35,7 +35,7 @@ def phase1(storage: SourceStorage, n: int, u: torch.Tensor) -> tuple[torch.Tenso
 def phase2(out: torch.Tensor, lse: torch.Tensor, partial: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor:
     """Merge out [M, D] / lse [M] with the partial sum [M, D]; ``u`` [D] float32. Returns h [M, D]."""
     m, d = partial.shape
-    h = torch.empty_like(partial)
+    h = torch.empty_like(out)
     _triton.phase2_kernel[(m,)](
         out, lse, partial, u, h, d, eps, BLOCK_D=block_d(d), num_warps=num_warps(d)
     )  # fmt: skip
