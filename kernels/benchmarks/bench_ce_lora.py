@@ -1,0 +1,245 @@
+"""Benchmark CE-LoRA's approximate frozen-weight backward against PEFT LoRA's exact one.
+
+Two parts, printed as markdown tables (GPU, versions, shapes, medians, ratios vs anchors measured in the
+same run):
+
+1. Per layer, ``dX`` through a frozen ``W [O, I]`` for ``T`` tokens: PEFT LoRA's dense ``dY W`` (the
+   anchor), kimi_hf's packed backward (Triton packing pass + one GEMM), and the public code's approach
+   (gather ``dY`` columns and ``W`` rows, then dense GEMMs) as a second anchor. "FLOP bound" is the dense
+   time scaled by the FLOP fraction CE-LoRA keeps, ``ratio + r/I + r/O``; "of bound" = bound / measured.
+2. A full training step (forward + backward, no optimizer, bf16) of a ~0.9B Llama with LoRA on all seven
+   projections, LoRA vs CE-LoRA (the paper's ratios, and 0.5 everywhere), with and without gradient
+   checkpointing.
+
+``--tiny`` runs a seconds-long CPU smoke test (torch reference path, tiny shapes, wall-clock medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (out, in): q/o-like, down_proj, up/gate-like
+RATIOS = [0.25, 0.5, 0.65, 1.0]
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per layer backward (default 16384)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS, help="keep ratios to time per layer")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r; the SVD rank is 7r/8 (default 16)")
+    parser.add_argument("--batch", type=int, default=4, help="model step batch size (default 4)")
+    parser.add_argument("--seq", type=int, default=2048, help="model step sequence length (default 2048)")
+    parser.add_argument("--steps", type=int, default=10, help="timed model steps per setting (default 10)")
+    parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
+    parser.add_argument("--skip-model", action="store_true", help="skip the model-step part")
+    parser.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes and model, torch path")
+    return parser.parse_args()
+
+
+def bench(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds of ``fn``: triton's do_bench on CUDA, a wall-clock median on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    import peft
+    import transformers
+
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "absent"
+    return env
+
+
+def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    from kimi_hf.kernels.ce_lora import (
+        ce_grad_input,
+        ce_pack_grad_output,
+        channel_scores,
+        kept_channels,
+        low_rank_factors,
+        make_plan,
+        residual_row_norms,
+        select_channels,
+    )
+
+    shapes = [(256, 192), (192, 512)] if args.tiny else SHAPES
+    svd_rank = max(1, 7 * args.rank // 8)
+    rows = []
+    for out_features, in_features in shapes:
+        torch.manual_seed(0)
+        weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / math.sqrt(in_features)
+        grad_out = torch.randn(args.tokens, out_features, device=device, dtype=dtype)
+        b0, a0 = low_rank_factors(weight, svd_rank)
+        row_norms = residual_row_norms(weight, b0, a0)
+        scores = channel_scores(grad_out, row_norms, "activation_aware")
+        b0c, a0c = b0.to(dtype), a0.to(dtype)
+        dense_ms = bench(lambda: grad_out @ weight, device)
+        for ratio in args.ratios:
+            keep = kept_channels(out_features, ratio, svd_rank)
+            row = {"out": out_features, "in": in_features, "tokens": args.tokens, "ratio": ratio, "dense_ms": dense_ms}
+            row["bound_ms"] = dense_ms * (1.0 if keep is None else ratio + svd_rank / in_features + svd_rank / out_features)
+            if keep is None:  # CE-LoRA runs the exact GEMM itself
+                row.update(kept=out_features, ce_ms=dense_ms, pack_ms=0.0)
+            else:
+                plan = make_plan(weight, b0, a0, select_channels(scores, keep), dtype)
+                row.update(
+                    kept=keep,
+                    ce_ms=bench(lambda: ce_grad_input(grad_out, plan), device),
+                    pack_ms=bench(lambda: ce_pack_grad_output(grad_out, plan), device),
+                )
+            index = select_channels(scores, min(out_features, math.ceil(ratio * out_features)))
+            row["gather_ms"] = bench(
+                lambda: (grad_out @ b0c) @ a0c
+                + grad_out.index_select(1, index) @ (weight.index_select(0, index) - b0c.index_select(0, index) @ a0c),
+                device,
+            )
+            row["speedup_vs_dense"] = dense_ms / row["ce_ms"]
+            row["speedup_vs_gather"] = row["gather_ms"] / row["ce_ms"]
+            row["of_bound"] = row["bound_ms"] / row["ce_ms"]
+            rows.append(row)
+    return rows
+
+
+def build_llama(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.tiny:
+        config = LlamaConfig(
+            vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2,
+        )
+    else:  # the ~0.89B Llama of REFERENCE.md's CE-LoRA anchors
+        config = LlamaConfig(
+            vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+            num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=args.seq,
+        )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    from peft import LoraConfig, get_peft_model
+
+    from kimi_hf.peft import PAPER_RATIOS, CELoraConfig
+
+    settings = [
+        ("PEFT LoRA", LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS)),
+        ("CE-LoRA paper ratios", CELoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS,
+                                              ce_ratio=dict(PAPER_RATIOS))),
+        ("CE-LoRA 0.5 everywhere", CELoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS,
+                                                ce_ratio=0.5)),
+    ]
+    batch, seq = (2, 64) if args.tiny else (args.batch, args.seq)
+    rows = []
+    for checkpointing in (False, True):
+        anchor = None
+        for name, config in settings:
+            model = get_peft_model(build_llama(args, device, dtype), config)
+            if checkpointing:
+                model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+                model.enable_input_require_grads()
+            model.train()
+            ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+
+            def step() -> None:
+                model(input_ids=ids, labels=ids).loss.backward()
+                for p in model.parameters():
+                    p.grad = None
+
+            for _ in range(3):  # the first CE-LoRA backward factorises and is exact; later ones approximate
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(2 if args.tiny else args.steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - start) * 1e3)
+            ms = statistics.median(times)
+            anchor = ms if anchor is None else anchor
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            rows.append({"setting": name, "checkpointing": checkpointing, "batch": batch, "seq": seq,
+                         "step_ms": ms, "speedup_vs_lora": anchor / ms, "peak_gib": peak})
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def print_tables(env: dict, layers: list[dict], models: list[dict]) -> None:
+    print("## CE-LoRA benchmark\n")
+    print(" | ".join(f"{k} {v}" for k, v in env.items()) + "\n")
+    if layers:
+        print("### Frozen-weight backward dX = dY W, per layer (median ms)\n")
+        print("| O x I | T | ratio | kept | PEFT LoRA dense | gather (public code) | kimi_hf CE | of which pack |"
+              " vs dense | vs gather | FLOP bound | of bound |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in layers:
+            print(f"| {r['out']}x{r['in']} | {r['tokens']} | {r['ratio']} | {r['kept']} | {r['dense_ms']:.3f} |"
+                  f" {r['gather_ms']:.3f} | {r['ce_ms']:.3f} | {r['pack_ms']:.3f} | {r['speedup_vs_dense']:.2f}x |"
+                  f" {r['speedup_vs_gather']:.2f}x | {r['bound_ms']:.3f} | {100 * r['of_bound']:.0f}% |")
+        print()
+    if models:
+        print("### Training step (forward + backward, no optimizer), ~0.9B Llama, LoRA r16 on 7 projections\n")
+        print("| setting | grad. checkpointing | B x T | step ms | vs PEFT LoRA | peak GiB |")
+        print("|---|---|---|---|---|---|")
+        for r in models:
+            print(f"| {r['setting']} | {r['checkpointing']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f} |"
+                  f" {r['speedup_vs_lora']:.3f}x | {r['peak_gib']:.1f} |")
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.tiny:
+        raise SystemExit("no CUDA device: use --tiny for the CPU smoke test")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    if args.tiny:
+        args.tokens = min(args.tokens, 256)
+    env = environment(device)
+    layers = [] if args.skip_layers else layer_rows(args, device, dtype)
+    models = [] if args.skip_model else model_rows(args, device, dtype)
+    print_tables(env, layers, models)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "layers": layers, "model_steps": models}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""CE-LoRA: approximate-backward math, selection, step counting and the PEFT integration (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_close_rel
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kimi_hf.kernels.ce_lora import (
+    ce_grad_input,
+    ce_pack_grad_output,
+    channel_scores,
+    kept_channels,
+    low_rank_factors,
+    make_plan,
+    naive_ce_grad_input,
+    residual_row_norms,
+    select_channels,
+)
+from kimi_hf.peft import CELinear, CELoraConfig, export_as_lora
+from kimi_hf.peft.ce_lora import CEChannelState, CEOptions
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    """A random Llama whose projections are wide enough (256) for CE-LoRA to drop channels."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=256,
+        intermediate_size=384,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def ce_config(**kwargs) -> CELoraConfig:
+    kwargs.setdefault("r", 8)
+    kwargs.setdefault("lora_alpha", 16)
+    kwargs.setdefault("target_modules", ALL_PROJ)
+    kwargs.setdefault("init_lora_weights", False)  # random B: LoRA's branch is non-zero from the start
+    return CELoraConfig(task_type="CAUSAL_LM", **kwargs)
+
+
+def tokens(seed: int, batch: int = 2, length: int = 16) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 96, (batch, length), generator=gen)
+
+
+def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def train_backward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss
+
+
+def ce_states(model: torch.nn.Module, adapter: str = "default") -> list[CEChannelState]:
+    return [m.ce_state[adapter] for m in model.modules() if isinstance(m, CELinear) and not m.ce_state[adapter].exact]
+
+
+def decaying_matrix(out_features: int, in_features: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    """A weight with a decaying spectrum and uneven row norms, like a trained projection."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(out_features, out_features, generator=gen, dtype=dtype)).Q
+    v = torch.linalg.qr(torch.randn(in_features, in_features, generator=gen, dtype=dtype)).Q
+    n = min(out_features, in_features)
+    s = 1.0 / (1.0 + torch.arange(n, dtype=dtype)) ** 0.7
+    rows = torch.rand(out_features, 1, generator=gen, dtype=dtype) * 2 + 0.1
+    return rows * (u[:, :n] * s) @ v[:, :n].T
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ce_ratio": 0.0}, "ce_ratio"),
+        ({"ce_ratio": 1.5}, "ce_ratio"),
+        ({"ce_ratio": True}, "ce_ratio"),
+        ({"ce_ratio": {"v_proj": -0.1}}, "v_proj"),
+        ({"ce_ratio": {}}, "empty"),
+        ({"ce_svd_rank": 0}, "ce_svd_rank"),
+        ({"ce_recompute_every": 0}, "ce_recompute_every"),
+        ({"ce_score": "l1"}, "ce_score"),
+        ({"use_dora": True}, "use_dora"),
+    ],
+)
+def test_config_rejects_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CELoraConfig(**kwargs)
+
+
+def test_config_ratio_patterns_and_svd_rank():
+    config = CELoraConfig(r=16)
+    assert config.ratio_for("model.layers.3.self_attn.v_proj") == 0.55
+    assert config.ratio_for("model.layers.3.mlp.down_proj") == 0.65
+    assert config.ratio_for("model.layers.3.self_attn.q_proj") == 1.0  # the paper keeps q/k/gate exact
+    assert config.svd_rank_for(16) == 14  # 7/8 r
+    assert CELoraConfig(ce_ratio=0.3).ratio_for("anything") == 0.3
+    assert CELoraConfig(ce_ratio={r"layers\.0\..*": 0.4}).ratio_for("model.layers.0.mlp.up_proj") == 0.4
+
+
+def test_kept_channels_fill_whole_tiles():
+    for out_features, ratio, rank in [(4096, 0.65, 14), (14336, 0.55, 14), (4096, 0.25, 7), (1000, 0.3, 40)]:
+        keep = kept_channels(out_features, ratio, rank)
+        r_pad = 16 * math.ceil(rank / 16)
+        assert keep >= math.ceil(ratio * out_features)
+        assert (r_pad + keep) % 64 == 0 and r_pad + keep - 64 < r_pad + math.ceil(ratio * out_features)
+    assert kept_channels(4096, 1.0, 14) is None  # exact: nothing to save
+    assert kept_channels(64, 0.65, 14) is None  # rounding up reaches the full width
+
+
+# ----------------------------------------------------------------------------------------------- math
+
+
+def test_low_rank_factors_near_optimal():
+    w = decaying_matrix(192, 160, seed=1)
+    b0, a0 = low_rank_factors(w, 12)
+    assert b0.shape == (192, 12) and a0.shape == (12, 160)
+    s = torch.linalg.svdvals(w)
+    optimal = s[12:].norm() / s.norm()
+    achieved = (w - b0.double() @ a0.double()).norm() / w.norm()
+    assert achieved <= optimal * 1.01
+    b1, a1 = low_rank_factors(w, 12)
+    assert torch.equal(b0, b1) and torch.equal(a0, a1)  # deterministic: recomputed identically after loading
+
+
+def test_fused_backward_matches_unfused_reference():
+    w = decaying_matrix(256, 192, seed=2)
+    dy = torch.randn(48, 256, dtype=torch.float64)
+    b0, a0 = low_rank_factors(w, 14)
+    index = select_channels(channel_scores(dy, residual_row_norms(w, b0, a0), "activation_aware"), 100)
+    plan = make_plan(w, b0, a0, index, torch.float64)
+    expected = naive_ce_grad_input(dy, w, b0.double(), a0.double(), index)
+    assert_close_rel(ce_grad_input(dy, plan, backend="torch"), expected, 1e-12, "dX")
+    # keeping every channel is exact whatever the factorisation
+    full = make_plan(w, b0, a0, torch.arange(256), torch.float64)
+    assert_close_rel(ce_grad_input(dy, full, backend="torch"), dy @ w, 1e-12, "dX all channels")
+
+
+def test_gradient_error_falls_as_ratio_grows():
+    w = decaying_matrix(512, 256, seed=3)
+    dy = torch.randn(64, 512, dtype=torch.float64) * torch.rand(512, dtype=torch.float64) ** 2
+    exact = dy @ w
+    errors = []
+    for ratio in (0.1, 0.25, 0.5, 0.75):
+        state = CEChannelState(CEOptions(ratio, 14, 100, "activation_aware"), 512)
+        state.grad_input(dy, w)  # step 0: exact, selects from this dY
+        approx = state.grad_input(dy, w)
+        errors.append(((approx - exact).norm() / exact.norm()).item())
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.1, errors
+
+
+def test_activation_aware_score_beats_weight_norm():
+    """Same budget, same dY: ranking by ||dY_i|| ||R_i|| leaves a smaller error than ranking by ||R_i||."""
+    w = decaying_matrix(512, 256, seed=4)
+    dy = torch.randn(64, 512, dtype=torch.float64) * torch.rand(512, dtype=torch.float64) ** 3
+    errors = {}
+    for score in ("activation_aware", "weight_norm"):
+        state = CEChannelState(CEOptions(0.25, 14, 100, score), 512)
+        state.grad_input(dy, w)
+        errors[score] = ((state.grad_input(dy, w) - dy @ w).norm() / (dy @ w).norm()).item()
+    assert errors["activation_aware"] < errors["weight_norm"], errors
+
+
+def test_selection_follows_the_score():
+    """Hand-made case: W diagonal, so ||R_i|| = w_i (the rank-1 factor absorbs the largest row)."""
+    n = 128
+    w_diag = 1.0 + torch.arange(n, dtype=torch.float64) / n  # increasing row norms
+    weight = torch.diag(w_diag)
+    dy = torch.ones(4, n, dtype=torch.float64) / w_diag**2  # product score 1/w_i: decreasing
+    keep = kept_channels(n, 0.25, 1)
+    for score, expected in [
+        ("activation_aware", torch.arange(keep)),  # smallest w_i win
+        ("weight_norm", torch.arange(n - 1 - keep, n - 1)),  # largest residual rows (row n-1 is in B0 A0)
+    ]:
+        state = CEChannelState(CEOptions(0.25, 1, 10, score), n)
+        state.grad_input(dy, weight)
+        assert torch.equal(state.plan.index, expected), score
+
+
+def test_reselection_period_and_exact_first_step():
+    w = decaying_matrix(256, 128, seed=5)
+    state = CEChannelState(CEOptions(0.25, 8, 3, "activation_aware"), 256)
+    gen = torch.Generator().manual_seed(0)
+    selected = []
+    for step in range(8):
+        dy = torch.randn(16, 256, generator=gen, dtype=torch.float64) * torch.rand(256, generator=gen, dtype=torch.float64)
+        dx = state.grad_input(dy, w)
+        is_exact = torch.allclose(dx, dy @ w, rtol=1e-12, atol=1e-12)
+        assert is_exact == (step % 3 == 0), step
+        selected.append(state.plan.index.clone())
+    assert state.steps == 8 and state.selections == 3
+    assert torch.equal(selected[0], selected[2]) and not torch.equal(selected[2], selected[3])
+
+
+def test_factors_follow_weight_changes():
+    w = decaying_matrix(256, 128, seed=6)
+    state = CEChannelState(CEOptions(0.25, 8, 100, "activation_aware"), 256)
+    dy = torch.randn(16, 256, dtype=torch.float64)
+    state.grad_input(dy, w)
+    state.grad_input(dy, w)
+    with torch.no_grad():
+        w.mul_(2.0)  # e.g. merging an adapter: version counter moves
+    assert torch.allclose(state.grad_input(dy, w), dy @ w)  # refactorised, exact, reselected
+    assert state.selections == 2
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or TRITON_INTERPRET=1"
+)
+def test_triton_pack_matches_torch_reference():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = decaying_matrix(200, 96, seed=7, dtype=torch.float32).to(device)  # 200: a partial last column tile
+    dy = torch.randn(37, 200, device=device)  # 37 rows: a partial row block
+    b0, a0 = low_rank_factors(w, 5)
+    index = select_channels(channel_scores(dy, residual_row_norms(w, b0, a0), "activation_aware"), kept_channels(200, 0.3, 5))
+    plan = make_plan(w, b0, a0, index, torch.float32)
+    assert_close_rel(ce_pack_grad_output(dy, plan, "triton"), ce_pack_grad_output(dy, plan, "torch"), 1e-5, "G")
+    assert_close_rel(ce_grad_input(dy, plan, "triton"), ce_grad_input(dy, plan, "torch"), 1e-5, "dX")
+
+
+# ---------------------------------------------------------------------------------------- PEFT model
+
+
+def test_ratio_one_gives_loras_gradients_exactly():
+    ids = tokens(0)
+    torch.manual_seed(1)  # same adapter init for both
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJ, init_lora_weights=False))
+    torch.manual_seed(1)
+    ce = get_peft_model(tiny_llama(), ce_config(ce_ratio=1.0))
+    for model in (lora, ce):
+        train_backward(model, ids)
+    expected, actual = lora_grads(lora), lora_grads(ce)
+    assert expected.keys() == actual.keys() and len(expected) == 2 * 7 * 2
+    for name, grad in expected.items():
+        assert torch.equal(actual[name], grad), name
+
+
+def test_approximate_steps_change_gradients_by_a_bounded_amount():
+    ids = tokens(1)
+    torch.manual_seed(1)
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJ, init_lora_weights=False))
+    torch.manual_seed(1)
+    ce = get_peft_model(tiny_llama(), ce_config(ce_ratio=0.5, ce_recompute_every=100))
+    train_backward(lora, ids)
+    expected = lora_grads(lora)
+    train_backward(ce, ids)  # step 0: exact
+    for name, grad in lora_grads(ce).items():
+        assert_close_rel(grad, expected[name], 1e-5, name)
+    ce.zero_grad()
+    train_backward(ce, ids)  # step 1: approximate below the top layer
+    actual = lora_grads(ce)
+    total = sum((actual[n] - g).norm() ** 2 for n, g in expected.items()) ** 0.5
+    ref = sum(g.norm() ** 2 for g in expected.values()) ** 0.5
+    assert 1e-4 < total / ref < 0.5
+
+
+def test_eval_and_no_grad_forward_do_not_count_steps():
+    model = get_peft_model(tiny_llama(), ce_config(ce_ratio=0.5))
+    ids = tokens(2)
+    with torch.no_grad():
+        model.train()
+        model(input_ids=ids)
+    model.eval()
+    model(input_ids=ids, labels=ids).loss.backward()  # eval mode: LoRA's exact backward
+    assert all(s.steps == 0 for s in ce_states(model))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_counts_backward_passes_not_forwards(use_reentrant):
+    torch.manual_seed(3)
+    plain = get_peft_model(tiny_llama(layers=1), ce_config(ce_ratio=0.5, ce_recompute_every=2))
+    torch.manual_seed(3)
+    ckpt = get_peft_model(tiny_llama(layers=1), ce_config(ce_ratio=0.5, ce_recompute_every=2))
+    ckpt.base_model.model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+    for model in (plain, ckpt):  # every projection's input then needs a gradient: all layers use CE-LoRA
+        model.enable_input_require_grads()
+    for step in range(3):
+        ids = tokens(10 + step)
+        for model in (plain, ckpt):
+            model.zero_grad()
+            train_backward(model, ids)
+        expected, actual = lora_grads(plain), lora_grads(ckpt)
+        for name, grad in expected.items():
+            assert_close_rel(actual[name], grad, 1e-5, f"step {step} {name}")
+    states = ce_states(ckpt)
+    assert len(states) == 5  # q, o, gate, up, down; k/v (128 outputs) would keep every tile: exact
+    assert [s.steps for s in states] == [3] * len(states)
+    assert [s.selections for s in states] == [2] * len(states)
+
+
+def test_gradient_accumulation_sums_micro_batch_gradients():
+    torch.manual_seed(4)
+    acc = get_peft_model(tiny_llama(), ce_config(ce_ratio=0.5, ce_recompute_every=1000))
+    torch.manual_seed(4)
+    single = get_peft_model(tiny_llama(), ce_config(ce_ratio=0.5, ce_recompute_every=1000))
+    batches = [tokens(20 + i) for i in range(3)]
+    for ids in batches:
+        train_backward(acc, ids)  # gradients accumulate in .grad
+    expected = {}
+    for ids in batches:
+        single.zero_grad()
+        train_backward(single, ids)
+        for name, grad in lora_grads(single).items():
+            expected[name] = expected.get(name, 0) + grad
+    for name, grad in lora_grads(acc).items():
+        assert_close_rel(grad, expected[name], 1e-5, name)
+
+
+def test_bf16_backward_matches_float64_reference():
+    w = decaying_matrix(512, 256, seed=8)
+    dy = torch.randn(128, 512, dtype=torch.float64)
+    dy16, w16 = dy.bfloat16(), w.bfloat16()
+    state = CEChannelState(CEOptions(0.5, 14, 100, "activation_aware"), 512)
+    state.grad_input(dy16, w16)
+    approx = state.grad_input(dy16, w16)
+    assert approx.dtype == torch.bfloat16 and state.selections == 1
+    b0, a0 = state.b0.double(), state.a0.double()
+    expected = naive_ce_grad_input(dy16.double(), w16.double(), b0, a0, state.plan.index)
+    assert (expected - dy16.double() @ w16.double()).norm() > 0.05 * expected.norm()  # really approximate
+    assert_close_rel(approx, expected, 2e-2, "bf16 dX")
+
+
+def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def trained_ce_model(seed: int = 5, **kwargs) -> PeftModel:
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_llama(), ce_config(**kwargs))
+    train_backward(model, tokens(30))
+    return model
+
+
+def test_save_load_and_auto_class_round_trip(tmp_path):
+    model = trained_ce_model(ce_ratio={"v_proj": 0.4, "down_proj": 0.5}, ce_score="weight_norm")
+    ids = tokens(31)
+    expected = outputs(model, ids)
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().save_pretrained(base_dir)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    model.save_pretrained(adapter_dir)
+
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "CE_LORA"
+    assert saved["ce_ratio"] == {"v_proj": 0.4, "down_proj": 0.5} and saved["ce_score"] == "weight_norm"
+    assert saved["ce_recompute_every"] == 200
+
+    loaded = PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+    config = loaded.peft_config["default"]
+    assert isinstance(config, CELoraConfig) and config.ce_ratio == {"v_proj": 0.4, "down_proj": 0.5}
+    assert_close_rel(outputs(loaded, ids), expected, 1e-6, "PeftModel.from_pretrained")
+    v_proj = loaded.base_model.model.model.layers[0].self_attn.v_proj
+    assert isinstance(v_proj, CELinear) and v_proj.ce_state["default"].options.ratio == 0.4
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+    assert_close_rel(outputs(auto, ids), expected, 1e-6, "AutoPeftModelForCausalLM")
+    # factors are never saved: only LoRA's tensors are in the adapter file
+    from safetensors.torch import load_file
+
+    keys = load_file(str(adapter_dir / "adapter_model.safetensors")).keys()
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+
+def test_merge_and_unload_keeps_outputs():
+    model = trained_ce_model(ce_ratio=0.5)
+    ids = tokens(32)
+    expected = outputs(model, ids)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, CELinear) for m in merged.modules())
+    assert_close_rel(outputs(merged, ids), expected, 1e-5, "merged")
+
+
+def test_multiple_adapters_and_set_adapter():
+    torch.manual_seed(6)
+    model = get_peft_model(tiny_llama(), ce_config(ce_ratio=0.5), adapter_name="first")
+    torch.manual_seed(7)
+    model.add_adapter("second", ce_config(ce_ratio=0.25, target_modules=["v_proj", "down_proj"]))
+    ids = tokens(33)
+    out_first = outputs(model, ids)
+    model.set_adapter("second")
+    out_second = outputs(model, ids)
+    assert not torch.allclose(out_first, out_second)
+    v_proj = model.base_model.model.model.layers[1].self_attn.v_proj  # layer 0's input needs no gradient
+    assert v_proj.ce_state["second"].options.ratio == 0.25 and v_proj.ce_state["first"].options.ratio == 0.5
+
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()  # trains "second" only
+    assert v_proj.ce_state["second"].steps == 1 and v_proj.ce_state["first"].steps == 0
+    grads = lora_grads(model)
+    assert grads and all(".second." in n for n in grads)
+
+    model.set_adapter("first")
+    assert_close_rel(outputs(model, ids), out_first, 1e-6, "back to first")
+    model.delete_adapter("second")
+    assert "second" not in v_proj.ce_state
+
+
+def test_export_loads_in_stock_peft_without_kimi_hf(tmp_path):
+    model = trained_ce_model(ce_ratio=0.5, lora_dropout=0.0)
+    ids = tokens(34)
+    expected = outputs(model, ids)
+    base_dir, ce_dir, from_model, from_dir = (tmp_path / n for n in ("base", "ce", "lora_model", "lora_dir"))
+    tiny_llama().save_pretrained(base_dir)
+    model.save_pretrained(ce_dir)
+    export_as_lora(model, from_model)
+    export_as_lora(ce_dir, from_dir)
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+for adapter in sys.argv[1:]:
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), adapter).eval()
+    assert type(model.peft_config["default"]).__name__ == "LoraConfig"
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits, adapter + "/logits.pt")
+assert "kimi_hf" not in sys.modules
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script, str(from_model), str(from_dir)], check=True, env=env, cwd=tmp_path)
+    for adapter in (from_model, from_dir):
+        assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        assert_close_rel(torch.load(adapter / "logits.pt"), expected, 1e-6, f"exported {adapter.name}")
+
+
+def test_register_is_idempotent_and_get_peft_model_dispatches():
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import PeftType
+
+    from kimi_hf.peft import CELoraModel, register_ce_lora
+
+    register_ce_lora()
+    register_ce_lora()
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["CE_LORA"] is CELoraConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.CE_LORA] is CELoraModel
+    assert list(PeftType).count(PeftType.CE_LORA) == 1
+    model = get_peft_model(tiny_llama(layers=1), ce_config())
+    assert isinstance(model.base_model, CELoraModel)
+
+
+def with_decaying_spectra(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every hidden projection a decaying spectrum, as trained weights have (random ones do not)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is torch.nn.Linear and module.out_features != model.config.vocab_size:
+                u, s, vh = torch.linalg.svd(module.weight, full_matrices=False)
+                module.weight.copy_((u * (s[0] / (1 + torch.arange(len(s))) ** 0.8)) @ vh)
+    return model
+
+
+def test_toy_fine_tune_reaches_loras_loss():
+    """Same init, data and budget: CE-LoRA (ratio 0.5, reselect every 10 steps) ends within 5% of LoRA's loss."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 96, (8, 12), generator=gen)
+    data = torch.cat([base, base], dim=1)  # copy task: the second half repeats the first
+    final = {}
+    for name, config in [
+        ("lora", LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJ)),
+        ("ce", CELoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJ, ce_ratio=0.5, ce_recompute_every=10)),
+    ]:
+        torch.manual_seed(8)
+        model = get_peft_model(with_decaying_spectra(tiny_llama(layers=1)), config)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        for _ in range(30):
+            opt.zero_grad()
+            loss = train_backward(model, data)
+            opt.step()
+        final[name] = loss.item()
+    assert final["lora"] < 0.7 * math.log(96), final  # it learned something
+    assert abs(final["ce"] - final["lora"]) <= 0.05 * final["lora"], final
