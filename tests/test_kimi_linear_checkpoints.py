@@ -1,0 +1,300 @@
+"""Checkpoints: our save/load round trip, the official state-dict names and config layout, and
+interoperability with transformers' native ``kimi_linear`` and with remote-code loading.
+
+The native class is run in a subprocess with fla blocked (``sys.modules["fla"] = None``): with fla
+installed it would pick fla's Triton kernels, which fail on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_close_rel
+from kimi_linear_utils import (  # noqa: F401 (single_thread: autouse fixture)
+    random_ids,
+    run_python,
+    single_thread,
+    tiny_config,
+    tiny_config_dict,
+    tiny_model,
+    write_config_json,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kimi_hf import KimiLinearForCausalLM
+
+FP32_NAMES = ("A_log", "dt_bias", "gate.weight", "e_score_correction_bias")
+
+
+def official_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an official Kimi Linear checkpoint with its shape, written out from REFERENCE.md
+    (independently of the model code) for a config.json dict."""
+    hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    lac = cfg["linear_attn_config"]
+    heads, head_dim, conv = lac["num_heads"], lac["head_dim"], lac["short_conv_kernel_size"]
+    inner = heads * head_dim
+    mla_heads, nope, rope, v = (
+        cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    )  # fmt: skip
+    rank, moe_inter = cfg["kv_lora_rank"], cfg["moe_intermediate_size"]
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        a = p + "self_attn."
+        if i + 1 in lac["kda_layers"]:
+            for name in ("q", "k", "v"):
+                shapes[a + f"{name}_proj.weight"] = (inner, hidden)
+                shapes[a + f"{name}_conv1d.weight"] = (inner, 1, conv)
+            shapes.update({
+                a + "f_a_proj.weight": (head_dim, hidden), a + "f_b_proj.weight": (inner, head_dim),
+                a + "g_a_proj.weight": (head_dim, hidden), a + "g_b_proj.weight": (inner, head_dim),
+                a + "dt_bias": (inner,), a + "A_log": (1, 1, heads, 1), a + "b_proj.weight": (heads, hidden),
+                a + "o_norm.weight": (head_dim,), a + "o_proj.weight": (hidden, inner),
+            })  # fmt: skip
+        else:
+            shapes.update({
+                a + "q_proj.weight": (mla_heads * (nope + rope), hidden),
+                a + "kv_a_proj_with_mqa.weight": (rank + rope, hidden),
+                a + "kv_a_layernorm.weight": (rank,),
+                a + "kv_b_proj.weight": (mla_heads * (nope + v), rank),
+                a + "o_proj.weight": (hidden, mla_heads * v),
+            })  # fmt: skip
+        if i >= cfg["first_k_dense_replace"] and i % cfg["moe_layer_freq"] == 0:
+            m = p + "block_sparse_moe."
+            shapes[m + "gate.weight"] = (cfg["num_experts"], hidden)
+            shapes[m + "gate.e_score_correction_bias"] = (cfg["num_experts"],)
+            for j in range(cfg["num_experts"]):
+                shapes[m + f"experts.{j}.w1.weight"] = (moe_inter, hidden)
+                shapes[m + f"experts.{j}.w3.weight"] = (moe_inter, hidden)
+                shapes[m + f"experts.{j}.w2.weight"] = (hidden, moe_inter)
+            shared = moe_inter * cfg["num_shared_experts"]
+            shapes[m + "shared_experts.gate_proj.weight"] = (shared, hidden)
+            shapes[m + "shared_experts.up_proj.weight"] = (shared, hidden)
+            shapes[m + "shared_experts.down_proj.weight"] = (hidden, shared)
+        else:
+            inter = cfg["intermediate_size"]
+            shapes.update({
+                p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            })  # fmt: skip
+    return shapes
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    assert files, f"no safetensors in {path}"
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny model of ours saved with save_pretrained, its input ids and logits."""
+    path = tmp_path_factory.mktemp("ours")
+    model = tiny_model(seed=31)
+    model.save_pretrained(path)
+    ids = random_ids(2, 9, seed=31)
+    torch.save(ids, path / "ids.pt")
+    logits = _logits(model, ids)
+    return path, ids, logits
+
+
+# ---------------------------------------------------------------------------------------------- ours
+def test_save_load_round_trip_gives_identical_logits(saved):
+    path, ids, logits = saved
+    loaded = KimiLinearForCausalLM.from_pretrained(path).eval()
+    assert torch.equal(_logits(loaded, ids), logits)
+    tensors = _read_safetensors(path)
+    state = loaded.state_dict()
+    assert sorted(state) == sorted(tensors)
+    for name, t in tensors.items():
+        assert torch.equal(state[name], t), name
+
+
+def test_from_pretrained_output_loading_info(saved):
+    path, _, _ = saved
+    out = KimiLinearForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert isinstance(out, tuple) and len(out) == 2
+    model, info = out
+    assert isinstance(model, KimiLinearForCausalLM)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_saved_keys_are_exactly_the_official_names(saved):
+    path, _, _ = saved
+    tensors = _read_safetensors(path)
+    expected = official_shapes(tiny_config_dict())
+    assert sorted(tensors) == sorted(expected)
+    assert {k: tuple(t.shape) for k, t in tensors.items()} == expected
+    kda = "model.layers.0.self_attn."
+    assert tuple(tensors[kda + "q_conv1d.weight"].shape) == (32, 1, 4)
+    assert tensors[kda + "A_log"].dtype == torch.float32 and tuple(tensors[kda + "A_log"].shape) == (1, 1, 2, 1)
+    assert tensors[kda + "dt_bias"].dtype == torch.float32
+    assert "model.layers.0.mlp.gate_proj.weight" in tensors
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in tensors
+    assert "model.layers.3.block_sparse_moe.gate.e_score_correction_bias" in tensors
+    assert "model.layers.2.block_sparse_moe.shared_experts.down_proj.weight" in tensors
+
+
+def test_saved_files_and_config_json(saved):
+    path, _, _ = saved
+    files = {p.name for p in path.iterdir()}
+    assert "model.safetensors" in files or "model.safetensors.index.json" in files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in files - {"ids.pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "kimi_linear"
+    assert cfg["architectures"] == ["KimiLinearForCausalLM"]
+    assert cfg["linear_attn_config"]["kda_layers"] == [1, 3]
+    assert cfg["linear_attn_config"]["full_attn_layers"] == [2, 4]
+    assert "AutoConfig" in cfg["auto_map"] and "AutoModelForCausalLM" in cfg["auto_map"]
+    for ref in cfg["auto_map"].values():
+        assert (path / (ref.split(".")[0] + ".py")).exists(), f"auto_map points to a missing file: {ref}"
+    # every official field is written (readers with other defaults must see our values)
+    for key in ("num_experts", "moe_layer_freq", "first_k_dense_replace", "use_grouped_topk", "mla_use_nope", "kv_lora_rank"):
+        assert key in cfg, key
+
+
+def test_bf16_load_keeps_the_fp32_parameters_and_resaves_them_fp32(saved, tmp_path):
+    path, _, _ = saved
+    model = KimiLinearForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, tensor in params.items():
+        expected = torch.float32 if name.endswith(FP32_NAMES) or ".gate.weight" in name else torch.bfloat16
+        assert tensor.dtype == expected, f"{name}: {tensor.dtype}"
+    model.save_pretrained(tmp_path)
+    tensors = _read_safetensors(tmp_path)
+    assert tensors["model.layers.0.self_attn.A_log"].dtype == torch.float32
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
+def test_hand_written_official_checkpoint_loads(tmp_path):
+    """A checkpoint laid out as the public ones (official names, bf16 with fp32 A_log/dt_bias, 48B-style
+    config.json with the official auto_map), written without our model code."""
+    cfg = tiny_config_dict(torch_dtype="bfloat16")
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in official_shapes(cfg).items():
+        fp32 = name.endswith(("A_log", "dt_bias", "e_score_correction_bias"))
+        t = 0.1 * torch.randn(shape, generator=gen)
+        tensors[name] = t if fp32 else t.to(torch.bfloat16)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    write_config_json(tmp_path, cfg)
+    model = KimiLinearForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    state = model.state_dict()
+    assert sorted(state) == sorted(tensors)
+    for name, t in tensors.items():
+        assert torch.equal(state[name], t.float()), name
+    assert model.config.layer_types == tiny_config().layer_types
+    logits = _logits(model.eval(), random_ids(1, 5))
+    assert torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------- native, remote
+NATIVE_SCRIPT = """
+import sys
+sys.modules["fla"] = None  # fla's Triton kernels fail on CPU: force the native class's torch path
+import json, torch
+torch.set_num_threads(1)
+import transformers
+assert "kimi_hf" not in sys.modules
+ours, out = sys.argv_paths
+ids = torch.load(ours + "/ids.pt")
+model = transformers.KimiLinearForCausalLM.from_pretrained(ours).eval()
+with torch.no_grad():
+    torch.save(model(ids).logits, out + "/native_reads_ours.pt")
+
+# A checkpoint written by the native class itself.
+cfg = json.load(open(ours + "/config.json"))
+for key in ("auto_map", "architectures", "transformers_version", "_name_or_path"):
+    cfg.pop(key, None)
+torch.manual_seed(5)
+native = transformers.KimiLinearForCausalLM(transformers.KimiLinearConfig(**cfg)).eval()
+with torch.no_grad():
+    for name, t in list(native.named_parameters()) + list(native.named_buffers()):
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            t.copy_(1 + 0.2 * torch.randn_like(t))
+        elif name.endswith("e_score_correction_bias"):
+            t.copy_(0.05 * torch.randn_like(t))
+native.save_pretrained(out + "/native_ckpt")
+with torch.no_grad():
+    torch.save(native(ids).logits, out + "/native_logits.pt")
+print("native ok", type(native).__module__)
+"""
+
+
+@pytest.fixture(scope="module")
+def native_run(saved, tmp_path_factory):
+    """One subprocess: the native class reads our checkpoint, and writes one of its own."""
+    path, _, _ = saved
+    out = tmp_path_factory.mktemp("native")
+    code = NATIVE_SCRIPT.replace("sys.argv_paths", repr((str(path), str(out))))
+    stdout = run_python(code, timeout=300)
+    assert "native ok transformers.models.kimi_linear" in stdout
+    return out
+
+
+def test_native_transformers_reads_our_checkpoint(saved, native_run):
+    _, _, logits = saved
+    assert_close_rel(torch.load(native_run / "native_reads_ours.pt"), logits, 1e-5, "native logits on our checkpoint")
+
+
+def test_we_read_a_native_checkpoint_and_resave_official_names(saved, native_run, tmp_path):
+    _, ids, _ = saved
+    native_path = native_run / "native_ckpt"
+    model = KimiLinearForCausalLM.from_pretrained(native_path)
+    model.save_pretrained(tmp_path)
+    tensors = _read_safetensors(tmp_path)
+    assert sorted(tensors) == sorted(official_shapes(tiny_config_dict()))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "kimi_linear" and cfg["linear_attn_config"]["kda_layers"] == [1, 3]
+    # The re-saved tensors are the loaded ones: the native names were mapped, not re-initialised.
+    again = KimiLinearForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(_logits(again, ids), _logits(model.eval(), ids))
+    state = model.state_dict()
+    for name, t in tensors.items():
+        assert torch.equal(state[name], t), name
+
+
+def test_native_checkpoint_gives_the_native_logits_in_ours(saved, native_run):
+    _, ids, _ = saved
+    model = KimiLinearForCausalLM.from_pretrained(native_run / "native_ckpt").eval()
+    assert_close_rel(_logits(model, ids), torch.load(native_run / "native_logits.pt"), 1e-5, "our logits, native ckpt")
+
+
+REMOTE_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from transformers import AutoModelForCausalLM
+path = sys.argv_path
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+ids = torch.load(path + "/ids.pt")
+with torch.no_grad():
+    torch.save(model(ids).logits, path + "/remote_logits.pt")
+print("remote ok", type(model).__name__)
+"""
+
+
+def test_remote_code_load_in_a_fresh_process(saved, tmp_path):
+    path, _, logits = saved
+    # A copy, so that the remote-code run writes nowhere the other tests read.
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    stdout = run_python(textwrap.dedent(REMOTE_SCRIPT).replace("sys.argv_path", repr(str(tmp_path))), timeout=300)
+    assert "remote ok KimiLinearForCausalLM" in stdout
+    assert torch.equal(torch.load(tmp_path / "remote_logits.pt"), logits)
