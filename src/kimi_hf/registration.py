@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
-from .models.kimi_linear import KimiLinearConfig, KimiLinearForCausalLM, KimiLinearModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .models.attn_res import register_auto as register_attn_res_auto
+from .models.kimi_linear import (
+    KimiLinearAttnResConfig,
+    KimiLinearAttnResForCausalLM,
+    KimiLinearAttnResModel,
+    KimiLinearConfig,
+    KimiLinearForCausalLM,
+    KimiLinearModel,
+)
+from .peft.ce_lora import register_ce_lora
 
 
 def register_all() -> None:
-    """Idempotent. Plain Kimi Linear keeps ``model_type: kimi_linear``, which transformers' native class
-    owns in the Auto mappings: we do not take it over. Our classes are reached directly, or through
-    the ``auto_map`` that ``save_pretrained`` writes (``trust_remote_code=True``)."""
+    """Register everything (idempotent).
+
+    - ``kimi_linear_attn_res`` and ``kimi_attn_res`` (our own model types) with AutoConfig, AutoModel
+      and AutoModelForCausalLM.
+    - Plain ``kimi_linear`` is left to transformers' native class, which owns that name in the Auto
+      mappings; our classes are reached directly or through the ``auto_map`` that ``save_pretrained``
+      writes (``trust_remote_code=True``).
+    - CE-LoRA with PEFT.
+    """
     KimiLinearConfig.register_for_auto_class()
     KimiLinearModel.register_for_auto_class("AutoModel")
     KimiLinearForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    AutoConfig.register(KimiLinearAttnResConfig.model_type, KimiLinearAttnResConfig, exist_ok=True)
+    AutoModel.register(KimiLinearAttnResConfig, KimiLinearAttnResModel, exist_ok=True)
+    AutoModelForCausalLM.register(KimiLinearAttnResConfig, KimiLinearAttnResForCausalLM, exist_ok=True)
+    register_attn_res_auto()
+    register_ce_lora()

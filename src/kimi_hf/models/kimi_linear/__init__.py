@@ -1,8 +1,17 @@
 from .cache_kimi_linear import KimiLinearCache
-from .configuration_kimi_linear import KimiLinearConfig
-from .modeling_kimi_linear import KimiLinearForCausalLM, KimiLinearModel, KimiLinearPreTrainedModel
+from .configuration_kimi_linear import KimiLinearAttnResConfig, KimiLinearConfig
+from .modeling_kimi_linear import (
+    KimiLinearAttnResForCausalLM,
+    KimiLinearAttnResModel,
+    KimiLinearForCausalLM,
+    KimiLinearModel,
+    KimiLinearPreTrainedModel,
+)
 
 __all__ = [
+    "KimiLinearAttnResConfig",
+    "KimiLinearAttnResForCausalLM",
+    "KimiLinearAttnResModel",
     "KimiLinearCache",
     "KimiLinearConfig",
     "KimiLinearForCausalLM",

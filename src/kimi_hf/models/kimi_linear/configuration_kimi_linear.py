@@ -369,13 +369,36 @@ class KimiLinearConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={value!r} contradicts the other fields, which give {expected[name]!r}")
 
     # ------------------------------------------------------------------ serialisation
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") in (KimiLinearConfig.model_type, KimiLinearAttnResConfig.model_type):
+            # Both spellings are ours; the `residual` field, not the class, decides which one is written.
+            config_dict = {k: v for k, v in config_dict.items() if k != "model_type"}
+        return config_dict, kwargs
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        if self.residual != "standard":
-            output["model_type"] = "kimi_linear_attn_res"
+        output["model_type"] = (
+            KimiLinearConfig.model_type if self.residual == "standard" else KimiLinearAttnResConfig.model_type
+        )
         return output
 
     def to_diff_dict(self) -> dict[str, Any]:
         # Write every field, like the official config.json: readers with other defaults (the native class,
         # the official remote code) must see our values, not theirs.
         return self.to_dict()
+
+
+class KimiLinearAttnResConfig(KimiLinearConfig):
+    """Kimi Linear with Attention Residuals (``model_type: "kimi_linear_attn_res"``).
+
+    The same fields as :class:`KimiLinearConfig`, with Block AttnRes by default (6 sublayers per block,
+    as the paper's 48B model). Its own model type keeps classes that would ignore the AttnRes
+    weights (transformers' native ``kimi_linear``, the official remote code) from taking the checkpoint.
+    """
+
+    model_type = "kimi_linear_attn_res"
+
+    def __init__(self, residual: str = "block", attn_res_block_size: int | None = 6, **kwargs) -> None:
+        super().__init__(residual=residual, attn_res_block_size=attn_res_block_size, **kwargs)

@@ -29,8 +29,11 @@ from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
 
+from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
+from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
+
 from .cache_kimi_linear import KimiLinearCache
-from .configuration_kimi_linear import KimiLinearConfig
+from .configuration_kimi_linear import KimiLinearAttnResConfig, KimiLinearConfig
 
 logger = logging.get_logger(__name__)
 
@@ -480,7 +483,11 @@ class KimiLinearSparseMoE(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- decoder
 class KimiLinearDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: KDA or MLA, then a dense MLP or the MoE."""
+    """Two sublayers, each with its PreNorm: KDA or MLA, then a dense MLP or the MoE.
+
+    How their outputs combine is the model's :class:`~kimi_hf.modules.AttentionResiduals`: the usual
+    residual sum (``residual="standard"``, the official architecture) or depth attention (full/block AttnRes).
+    """
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int) -> None:
         super().__init__()
@@ -495,26 +502,24 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def attention(self, hidden_states: torch.Tensor, layout: SequenceLayout, cache: KimiLinearCache | None):
-        """The attention sublayer's raw output ``f(norm(h))``."""
-        return self.self_attn(self.input_layernorm(hidden_states), layout, cache)
-
-    def feed_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The MLP/MoE sublayer's raw output and router logits (None for a dense layer)."""
-        h = self.post_attention_layernorm(hidden_states)
-        if self.is_moe:
-            return self.block_sparse_moe(h)
-        return self.mlp(h), None
-
     def forward(
         self,
         hidden_states: torch.Tensor,
+        residual_state: AttnResState,
+        attn_res: AttentionResiduals,
         layout: SequenceLayout,
         cache: KimiLinearCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden_states = hidden_states + self.attention(hidden_states, layout, cache)
-        ff, router_logits = self.feed_forward(hidden_states)
-        return hidden_states + ff, router_logits
+    ) -> tuple[AttnResState, torch.Tensor | None]:
+        """``hidden_states [B, T, hidden]`` is the attention sublayer's input (``attn_res.sublayer_input``).
+
+        Returns the residual state after both sublayers and the router logits (None for a dense layer).
+        """
+        state = attn_res.add_sublayer_output(
+            residual_state, self.self_attn(self.input_layernorm(hidden_states), layout, cache)
+        )
+        h = self.post_attention_layernorm(attn_res.sublayer_input(state))
+        ff, router_logits = self.block_sparse_moe(h) if self.is_moe else (self.mlp(h), None)
+        return attn_res.add_sublayer_output(state, ff), router_logits
 
 
 class KimiLinearPreTrainedModel(PreTrainedModel):
@@ -546,6 +551,10 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
         elif isinstance(module, KimiLinearRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, AttentionResiduals):
+            if module.mode != "standard":
+                init.zeros_(module.queries)  # uniform average over the sources at initialisation
+                init.ones_(module.norm_weight)
         elif isinstance(module, KimiDeltaAttention):
             # As in fla: decay rates A in [1, 16]; dt = softplus(dt_bias) log-uniform in [1e-3, 1e-1].
             init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1.0, 16.0).log())
@@ -562,6 +571,14 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(KimiLinearDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        # Standard mode has no parameters: plain checkpoints keep the official state-dict names.
+        self.attn_res = AttentionResiduals(
+            config.hidden_size,
+            num_sublayers=config.num_sublayers,
+            mode=config.residual,
+            block_size=config.attn_res_block_size,
+            eps=config.rms_norm_eps,
+        )
         self.norm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -623,16 +640,19 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             attention_mask, position_ids, cu_seqlens, batch, seq_len, past_len, inputs_embeds.device
         )
 
-        hidden_states = inputs_embeds
+        if self.training:
+            check_non_reentrant_checkpointing(self.layers)
+        state = self.attn_res.begin(inputs_embeds)
         all_hidden: list[torch.Tensor] = []
         all_router_logits: list[torch.Tensor] = []
         for layer in self.layers:
+            hidden_states = self.attn_res.sublayer_input(state)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            hidden_states, router_logits = layer(hidden_states, layout=layout, cache=cache)
+            state, router_logits = layer(hidden_states, state, attn_res=self.attn_res, layout=layout, cache=cache)
             if output_router_logits and router_logits is not None:
                 all_router_logits.append(router_logits)
-        hidden_states = self.norm(hidden_states)
+        hidden_states = self.norm(self.attn_res.final_output(state))
         if output_hidden_states:
             all_hidden.append(hidden_states)
         if cache is not None:
@@ -759,4 +779,23 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         return model_inputs
 
 
-__all__ = ["KimiLinearCache", "KimiLinearForCausalLM", "KimiLinearModel", "KimiLinearPreTrainedModel"]
+class KimiLinearAttnResModel(KimiLinearModel):
+    """:class:`KimiLinearModel` for ``model_type: "kimi_linear_attn_res"`` checkpoints (Auto classes)."""
+
+    config_class = KimiLinearAttnResConfig
+
+
+class KimiLinearAttnResForCausalLM(KimiLinearForCausalLM):
+    """:class:`KimiLinearForCausalLM` for ``model_type: "kimi_linear_attn_res"`` checkpoints (Auto classes)."""
+
+    config_class = KimiLinearAttnResConfig
+
+
+__all__ = [
+    "KimiLinearAttnResForCausalLM",
+    "KimiLinearAttnResModel",
+    "KimiLinearCache",
+    "KimiLinearForCausalLM",
+    "KimiLinearModel",
+    "KimiLinearPreTrainedModel",
+]

@@ -1,0 +1,214 @@
+"""``kimi-hf`` command line.
+
+``kimi-hf demo`` is the package's main job at CPU size: build a small Kimi Linear, train it with the
+transformers Trainer on text the machine already has, evaluate, generate with the hybrid cache
+(checked against recomputation), save as safetensors and reload it twice (our class, and remote
+code through ``AutoModelForCausalLM(..., trust_remote_code=True)``), checking the logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _demo_config(args: argparse.Namespace, vocab_size: int, pad: int, bos: int, eos: int):
+    from kimi_hf import KimiLinearConfig
+
+    layers = args.layers
+    full = sorted({layers} | set(range(4, layers + 1, 4)))  # the 48B model's pattern, scaled down
+    return KimiLinearConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=4 * args.hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        num_experts=8,
+        num_experts_per_token=2,
+        moe_intermediate_size=args.hidden_size,
+        routed_scaling_factor=1.0,
+        router_bias_update_rate=1e-3,
+        linear_attn_config={
+            "kda_layers": [i for i in range(1, layers + 1) if i not in full],
+            "full_attn_layers": full,
+            "num_heads": 4,
+            "head_dim": args.hidden_size // 4,
+            "short_conv_kernel_size": 4,
+        },
+        residual=args.residual,
+        attn_res_block_size=args.attn_res_block_size if args.residual == "block" else None,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        model_max_length=args.seq_len,
+    )
+
+
+def _lm_datasets(tokenizer, seq_len: int, eval_fraction: float = 0.05):
+    """Train/eval splits of the stdlib corpus, tokenised and cut into blocks of ``seq_len`` tokens."""
+    from datasets import Dataset
+
+    from kimi_hf.data import stdlib_corpus
+
+    docs = Dataset.from_dict({"text": stdlib_corpus()})
+
+    def tokenize(batch):
+        return tokenizer([t + tokenizer.eos_token for t in batch["text"]], add_special_tokens=False)
+
+    def blocks(batch):
+        ids = [i for seq in batch["input_ids"] for i in seq]
+        n = len(ids) // seq_len * seq_len
+        chunks = [ids[i : i + seq_len] for i in range(0, n, seq_len)]
+        return {"input_ids": chunks, "attention_mask": [[1] * seq_len for _ in chunks]}
+
+    tokenized = docs.map(tokenize, batched=True, remove_columns=["text"], desc="tokenize")
+    grouped = tokenized.map(blocks, batched=True, remove_columns=tokenized.column_names, desc="group")
+    split = grouped.train_test_split(test_size=eval_fraction, seed=0)
+    return split["train"], split["test"]
+
+
+def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """Train, evaluate, generate, save and reload; return a summary dict (also printed as JSON)."""
+    import subprocess
+
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+
+    from kimi_hf import KimiLinearForCausalLM
+    from kimi_hf.data import ByteTokenizer
+
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+    tokenizer = ByteTokenizer()
+    config = _demo_config(args, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = KimiLinearForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Kimi Linear demo model: {n_params / 1e6:.2f}M parameters, layers {config.layer_types}", flush=True)
+
+    train, evaluation = _lm_datasets(tokenizer, args.seq_len)
+    training_args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.steps // 10),
+        weight_decay=0.01,
+        logging_steps=max(1, args.steps // 10),
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        use_cpu=args.device == "cpu",
+        bf16=args.device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation.select(range(min(len(evaluation), args.eval_blocks))),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+    train_result = trainer.train()
+    metrics = trainer.evaluate()
+    model = trainer.model.eval()
+
+    # Batched, left-padded generation with the hybrid cache, checked against full recomputation.
+    tokenizer.padding_side = "left"
+    prompts = ["Return a new", "The logging module"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    gen_kwargs = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        cached = model.generate(**batch, **gen_kwargs)
+        recomputed = model.generate(**batch, use_cache=False, **gen_kwargs)
+    texts = tokenizer.batch_decode(cached[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    for prompt, text in zip(prompts, texts):
+        print(f"  {prompt!r} -> {text!r}")
+
+    save_dir = out / "model"
+    model.save_pretrained(save_dir)
+    tokenizer.save_pretrained(save_dir)
+    probe = batch["input_ids"]
+    with torch.no_grad():
+        reference = model(probe, attention_mask=batch["attention_mask"]).logits.float().cpu()
+        reloaded = KimiLinearForCausalLM.from_pretrained(save_dir).to(model.device).eval()
+        ours = reloaded(probe, attention_mask=batch["attention_mask"]).logits.float().cpu()
+    # Remote code in a fresh interpreter that never imported kimi_hf itself.
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM;"
+        f"m = AutoModelForCausalLM.from_pretrained({str(save_dir)!r}, trust_remote_code=True).eval();"
+        f"ids = torch.tensor({probe.cpu().tolist()}); mask = torch.tensor({batch['attention_mask'].cpu().tolist()});"
+        "torch.save(m(ids, attention_mask=mask).logits.float(), sys.argv[1])"
+    )
+    remote_path = out / "remote_logits.pt"
+    subprocess.run([sys.executable, "-c", code, str(remote_path)], check=True, capture_output=True, text=True)
+    remote = torch.load(remote_path)
+
+    summary = {
+        "parameters": n_params,
+        "train_loss": train_result.training_loss,
+        "eval_loss": metrics["eval_loss"],
+        "eval_perplexity": math.exp(metrics["eval_loss"]),
+        "cached_generation_equals_recomputation": bool(torch.equal(cached, recomputed)),
+        "reload_rel_diff": _max_rel_diff(ours, reference),
+        "remote_code_rel_diff": _max_rel_diff(remote, reference),
+        "saved_to": str(save_dir),
+        "files": sorted(p.name for p in save_dir.iterdir()),
+    }
+    print(json.dumps(summary, indent=2))
+    if not summary["cached_generation_equals_recomputation"]:
+        raise SystemExit("cached generation differs from recomputation")
+    if summary["reload_rel_diff"] > 1e-5 or summary["remote_code_rel_diff"] > 1e-5:
+        raise SystemExit("reloaded model's logits differ")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kimi-hf", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="train, evaluate, generate with, save and reload a small Kimi Linear (CPU-sized by default)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the trained model is saved")
+    demo.add_argument("--steps", type=int, default=60, help="training steps")
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per training block")
+    demo.add_argument("--hidden-size", type=int, default=128)
+    demo.add_argument("--layers", type=int, default=4, help="decoder layers (MLA every 4th and at the last)")
+    demo.add_argument("--learning-rate", type=float, default=3e-3)
+    demo.add_argument("--residual", choices=["standard", "block", "full"], default="standard",
+                      help="residual connection: standard, or Attention Residuals (block/full)")  # fmt: skip
+    demo.add_argument("--attn-res-block-size", type=int, default=2, help="sublayers per block with --residual block")
+    demo.add_argument("--gradient-checkpointing", action="store_true")
+    demo.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks to evaluate on")
+    demo.add_argument("--new-tokens", type=int, default=24, help="tokens to generate per prompt")
+    demo.add_argument("--device", choices=["cpu", "auto"], default="cpu", help="'auto' uses a GPU when present")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        run_demo(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

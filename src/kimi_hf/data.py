@@ -1,0 +1,94 @@
+"""Offline data for demos, tests and recipes: a byte-level tokenizer and a text corpus built from what
+every Python installation ships (the standard library's docstrings). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+
+from transformers import PreTrainedTokenizer
+
+# Modules whose docstrings make the corpus: plain English prose about programming, present in every CPython.
+CORPUS_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv",
+    "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "glob",
+    "gzip", "hashlib", "heapq", "html", "http.client", "inspect", "io", "ipaddress", "itertools", "json",
+    "logging", "mailbox", "math", "mimetypes", "operator", "os", "pathlib", "pickle", "pprint", "queue",
+    "random", "re", "sched", "secrets", "shelve", "shutil", "socket", "sqlite3", "statistics", "string",
+    "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
+    "traceback", "typing", "unittest", "urllib.parse", "uuid", "warnings", "wave", "weakref", "zipfile",
+)  # fmt: skip
+
+
+def stdlib_corpus(min_chars: int = 200) -> list[str]:
+    """Documents (one per docstring of at least ``min_chars`` characters) from :data:`CORPUS_MODULES`,
+    in a fixed order. About 1.5 MB of text on CPython 3.11."""
+    documents: list[str] = []
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        for _, obj in [("", module), *sorted(vars(module).items())]:
+            doc = inspect.getdoc(obj) if (obj is module or getattr(obj, "__module__", None) == name) else None
+            if doc and len(doc) >= min_chars:
+                documents.append(doc)
+    return list(dict.fromkeys(documents))  # drop repeats, keep order
+
+
+class ByteTokenizer(PreTrainedTokenizer):
+    """Byte-level tokenizer: ids 0-2 are ``<pad>``, ``<s>``, ``</s>``; id ``3 + b`` is byte ``b``.
+
+    A real :class:`~transformers.PreTrainedTokenizer` (padding, batching, ``save_pretrained``,
+    ``from_pretrained``) that needs no vocabulary file, so tests and recipes run offline.
+    """
+
+    vocab_files_names: dict[str, str] = {}
+    model_input_names = ["input_ids", "attention_mask"]
+    SPECIALS = ("<pad>", "<s>", "</s>")
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("pad_token", "<pad>")
+        kwargs.setdefault("bos_token", "<s>")
+        kwargs.setdefault("eos_token", "</s>")
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.SPECIALS) + 256
+
+    def get_vocab(self) -> dict[str, int]:
+        vocab = {tok: i for i, tok in enumerate(self.SPECIALS)}
+        vocab.update({chr(b) if b >= 32 else f"<0x{b:02X}>": len(self.SPECIALS) + b for b in range(256)})
+        return vocab
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        # One token per UTF-8 byte, spelled as a latin-1 character so it maps back losslessly.
+        return [chr(b) for b in text.encode("utf-8")]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        if token in self.SPECIALS:
+            return self.SPECIALS.index(token)
+        if len(token) != 1 or ord(token) > 255:
+            raise ValueError(f"ByteTokenizer has no token {token!r}")
+        return len(self.SPECIALS) + ord(token)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        if index < len(self.SPECIALS):
+            return self.SPECIALS[index]
+        return chr(index - len(self.SPECIALS))
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        data = bytes(ord(t) for t in tokens if t not in self.SPECIALS)
+        return data.decode("utf-8", errors="replace")
+
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
+        ids = [self.bos_token_id, *token_ids_0]
+        return ids if token_ids_1 is None else [*ids, self.eos_token_id, *token_ids_1]
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        # The vocabulary is implicit; record what it is so that the folder documents itself.
+        path = os.path.join(save_directory, (filename_prefix or "") + "byte_vocab.json")
+        with open(path, "w") as f:
+            json.dump({"specials": list(self.SPECIALS), "byte_offset": len(self.SPECIALS)}, f)
+        return (path,)

@@ -1,0 +1,25 @@
+"""Gradient-checkpointing rules shared by kimi_hf's decoders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+
+def check_non_reentrant_checkpointing(layers: Iterable[nn.Module]) -> None:
+    """Raise if any checkpointed decoder layer uses reentrant checkpointing.
+
+    Our decoder layers pass the residual state (:class:`~kimi_hf.modules.attn_res.AttnResState`) as a
+    Python object; reentrant checkpointing only tracks tensor arguments and would silently drop the
+    gradients flowing through it. Non-reentrant checkpointing (transformers' default) sees them.
+    """
+    for layer in layers:
+        if not getattr(layer, "gradient_checkpointing", False):
+            continue
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(func, "keywords", {}).get("use_reentrant", False):
+            raise ValueError(
+                "use_reentrant=True is not supported: kimi_hf decoder layers need non-reentrant gradient "
+                "checkpointing, e.g. gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
