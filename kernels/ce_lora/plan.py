@@ -21,9 +21,10 @@ def padded_rank(rank: int) -> int:
 def kept_channels(out_features: int, ratio: float, rank: int) -> int | None:
     """Channels to keep: ``ceil(ratio * O)`` rounded up so that ``r_pad + k`` is a multiple of 64.
 
-    Rounding up keeps extra channels for free (the GEMM runs full tiles anyway) and avoids the slow
-    GEMM path of odd inner sizes. Returns ``None`` when the packed GEMM would be as large as the exact
-    one (``r_pad + k >= O``): then the exact ``dY W`` is both cheaper and exact.
+    ``rank`` is the width of the low-rank block (SVD rank, plus the LoRA rank when LoRA's own input
+    gradient rides along). Rounding up keeps extra channels for free (the GEMM runs full tiles anyway)
+    and avoids the slow GEMM path of odd inner sizes. Returns ``None`` when the packed GEMM would be as
+    large as the exact one (``r_pad + k >= O``): then the exact ``dY W`` is both cheaper and exact.
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"CE-LoRA keep ratio must be in (0, 1], got {ratio}")
@@ -37,28 +38,58 @@ def kept_channels(out_features: int, ratio: float, rank: int) -> int | None:
 class CEPlan:
     """Fast-backward operands of one layer (all on the weight's device, in the compute dtype).
 
-    b0_pad ``[O, r_pad]``, stack ``[r_pad + k, I]`` (= ``[A0 ; R[S, :]]``), index ``[k]`` int64 sorted,
-    pos ``[O]`` int32 (``G`` column of each output channel, -1 if dropped).
+    b0_pad ``[O, r_pad]`` = ``[B0 | s*B_lora | 0]``, stack ``[r_pad + k, I]`` = ``[A0 ; A_lora ; 0 ; R[S, :]]``,
+    index ``[k]`` int64 sorted, pos ``[O]`` int32 (``G`` column of each output channel, -1 if dropped).
+    The LoRA slots (``svd_rank : svd_rank + lora_rank``) let LoRA's own input gradient ``s (dY B) A``
+    ride in the same GEMM; they hold zeros when it does not (:meth:`set_lora`).
     """
 
     b0_pad: torch.Tensor
     stack: torch.Tensor
     index: torch.Tensor
     pos: torch.Tensor
+    svd_rank: int
+    lora_rank: int
 
     @property
     def keep(self) -> int:
         return self.index.numel()
 
+    @property
+    def lora_slots(self) -> slice:
+        return slice(self.svd_rank, self.svd_rank + self.lora_rank)
+
+    def set_lora(self, lora_a: torch.Tensor | None, lora_b_scaled: torch.Tensor | None) -> None:
+        """Write LoRA's current ``A [r, I]`` and ``s*B [O, r]`` into the slots (``None``: zeros)."""
+        if self.lora_rank == 0:
+            return
+        if lora_a is None:
+            self.b0_pad[:, self.lora_slots].zero_()
+            self.stack[self.lora_slots].zero_()
+        else:
+            self.b0_pad[:, self.lora_slots].copy_(lora_b_scaled)
+            self.stack[self.lora_slots].copy_(lora_a)
+
 
 def make_plan(
-    weight: torch.Tensor, b0: torch.Tensor, a0: torch.Tensor, index: torch.Tensor, dtype: torch.dtype
+    weight: torch.Tensor,
+    b0: torch.Tensor,
+    a0: torch.Tensor,
+    index: torch.Tensor,
+    dtype: torch.dtype,
+    lora_rank: int = 0,
 ) -> CEPlan:
-    """Build a :class:`CEPlan` from the frozen weight ``[O, I]``, fp32 factors and the kept ``index``."""
-    r_pad = padded_rank(b0.shape[1])
+    """Build a :class:`CEPlan` from the frozen weight ``[O, I]``, fp32 factors and the kept ``index``.
+
+    ``lora_rank`` reserves (zeroed) slots for LoRA's factors next to ``B0``/``A0``.
+    """
+    svd_rank = b0.shape[1]
+    r_pad = padded_rank(svd_rank + lora_rank)
     return CEPlan(
         b0_pad=pad_b0(b0, r_pad, dtype),
         stack=build_stack(weight, b0, a0, index, r_pad, dtype),
         index=index,
         pos=pack_positions(index, weight.shape[0], r_pad),
+        svd_rank=svd_rank,
+        lora_rank=lora_rank,
     )

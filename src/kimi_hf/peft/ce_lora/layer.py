@@ -8,7 +8,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from .function import ce_linear
+from .function import ce_linear, ce_lora_linear
 from .state import CEChannelState, CEOptions
 
 
@@ -16,10 +16,11 @@ class CELinear(LoraLinear):
     """LoRA on an ``nn.Linear``; in training, ``dX`` through the frozen weight follows CE-LoRA.
 
     Forward values, LoRA's branch and all parameter gradients are PEFT LoRA's. Only the input gradient
-    through the frozen base weight ``W [O, I]`` is approximated (see :class:`CEChannelState`). The
-    approximation is used when the layer trains (``self.training``, grad enabled, ``x`` needs a gradient,
-    adapters enabled and unmerged, ``W`` frozen, no forward hooks on the base layer); every other call is
-    LoRA's own forward.
+    through the frozen base weight ``W [O, I]`` is approximated (see :class:`CEChannelState`). The CE
+    path is taken when the layer trains (``self.training``, grad enabled, adapters enabled and unmerged,
+    ``W`` frozen, no forward hooks on the base layer, no extra forward arguments); every other call is
+    LoRA's own forward. With one active adapter, no dropout and no LoRA bias, base and LoRA branch run
+    as one fused autograd Function (:func:`ce_lora_linear`).
     """
 
     other_param_names = LoraLinear.other_param_names + ("ce_state",)
@@ -32,33 +33,36 @@ class CELinear(LoraLinear):
         """Attach (or replace) ``adapter_name``'s CE options; its factors are built at its first backward."""
         self.ce_state[adapter_name] = CEChannelState(options, self.out_features)
 
-    def _active_ce_state(self, x: torch.Tensor, args: tuple, kwargs: dict) -> CEChannelState | None:
-        """The state whose approximation applies to this call, or ``None`` for LoRA's exact forward."""
-        if not (self.training and torch.is_grad_enabled() and x.requires_grad):
+    def _ce_adapters(self, x: torch.Tensor, args: tuple, kwargs: dict) -> list[str] | None:
+        """Active adapters of this layer when the CE path applies to this call, else ``None``."""
+        if not (self.training and torch.is_grad_enabled()) or args or kwargs:
             return None
-        if self.disable_adapters or self.merged or args or kwargs:
+        if self.disable_adapters or self.merged:
             return None
         base = self.get_base_layer()
         if type(base) is not nn.Linear or base.weight.requires_grad:
             return None
         if base._forward_hooks or base._forward_pre_hooks or getattr(base, "_hf_hook", None) is not None:
             return None  # e.g. accelerate offloading: the hook must see the call
-        for name in self.active_adapters:  # the first active CE adapter decides (they share the base weight)
-            state = self.ce_state.get(name)
-            if state is not None and name in self.lora_A:
-                return None if state.exact else state
-        return None
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if not names or names[0] not in self.ce_state:
+            return None
+        return names
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        state = self._active_ce_state(x, args, kwargs)
-        if state is None:
+        names = self._ce_adapters(x, args, kwargs)
+        if names is None:
             return super().forward(x, *args, **kwargs)
+        state = self.ce_state[names[0]]  # adapters share the base weight: the first one's options decide
         base = self.get_base_layer()
+        lora_a, lora_b = self.lora_A[names[0]], self.lora_B[names[0]]
+        if len(names) == 1 and isinstance(self.lora_dropout[names[0]], nn.Identity) and lora_b.bias is None:
+            return ce_lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[names[0]], state)
+        if state.exact or not x.requires_grad:
+            return super().forward(x, *args, **kwargs)
         result = ce_linear(x, base.weight, base.bias, state)
         result_dtype = result.dtype
-        for name in self.active_adapters:  # PEFT LoRA's (vanilla) branch, unchanged
-            if name not in self.lora_A:
-                continue
+        for name in names:  # PEFT LoRA's (vanilla) branch, unchanged
             lora_a = self.lora_A[name]
             x_a = self._cast_input_dtype(x, lora_a.weight.dtype)
             result = result + self.lora_B[name](lora_a(self.lora_dropout[name](x_a))) * self.scaling[name]

@@ -41,6 +41,7 @@ class CELoraModel(LoraModel):
                 svd_rank=lora_config.svd_rank_for(module.r[adapter_name]),
                 recompute_every=lora_config.ce_recompute_every,
                 score=lora_config.ce_score,
+                lora_rank=module.r[adapter_name],
             )
             module.set_ce_options(adapter_name, options)
 

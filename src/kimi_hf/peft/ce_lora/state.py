@@ -14,7 +14,7 @@ import torch
 
 from kimi_hf.kernels.ce_lora import (
     CEPlan,
-    ce_grad_input,
+    ce_pack_grad_output,
     channel_scores,
     kept_channels,
     low_rank_factors,
@@ -32,6 +32,7 @@ class CEOptions:
     svd_rank: int
     recompute_every: int
     score: str
+    lora_rank: int = 0  # slots for LoRA's own input gradient in the packed GEMM
 
 
 class CEChannelState:
@@ -45,7 +46,7 @@ class CEChannelState:
     def __init__(self, options: CEOptions, out_features: int, backend: str | None = None) -> None:
         self.options = options
         self.backend = backend
-        self.keep = kept_channels(out_features, options.ratio, options.svd_rank)
+        self.keep = kept_channels(out_features, options.ratio, options.svd_rank + options.lora_rank)
         self.steps = 0
         self.selections = 0
         self.b0: torch.Tensor | None = None  # [O, r] fp32
@@ -59,20 +60,39 @@ class CEChannelState:
         """True when the kept channels would cost as much as the exact GEMM (e.g. ratio 1)."""
         return self.keep is None
 
-    def grad_input(self, grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``dX [T, I]`` (dtype of ``grad_output``) for ``dY [T, O]`` through the frozen ``weight [O, I]``."""
-        if self.exact:
-            return grad_output @ weight.to(grad_output.dtype)
-        self._sync_factors(weight)
-        if self.steps % self.options.recompute_every == 0 or self.plan is None:
-            grad_input = grad_output @ weight.to(grad_output.dtype)
-            self._reselect(grad_output, weight)
-        else:
-            if self.plan.stack.dtype != grad_output.dtype:  # e.g. autocast switched on or off
-                self.plan = make_plan(weight, self.b0, self.a0, self.plan.index, grad_output.dtype)
-            grad_input = ce_grad_input(grad_output, self.plan, self.backend)
+    def grad_input(
+        self,
+        grad_output: torch.Tensor,
+        weight: torch.Tensor,
+        lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``dX [T, I]`` (dtype of ``grad_output``) for ``dY [T, O]`` through the frozen ``weight [O, I]``.
+
+        With ``lora = (A [r, I], s*B [O, r])`` (``grad_output``'s dtype) LoRA's own input gradient
+        ``(dY s B) A`` is added to ``dX`` (in the same GEMM on approximate steps) and ``dY s B [T, r]``,
+        which LoRA's ``A`` gradient needs, is returned as well (else ``None``).
+        """
+        dtype = grad_output.dtype
+        if self.exact or self._due(weight):
+            grad_input = grad_output @ weight.to(dtype)
+            if not self.exact:
+                self._reselect(grad_output, weight)
+                self.steps += 1
+            if lora is None:
+                return grad_input, None
+            dy_b = grad_output @ lora[1]
+            return grad_input.addmm_(dy_b, lora[0]), dy_b
+        if self.plan.stack.dtype != dtype:  # e.g. autocast switched on or off
+            self.plan = make_plan(weight, self.b0, self.a0, self.plan.index, dtype, self.options.lora_rank)
+        self.plan.set_lora(*(lora if lora is not None else (None, None)))
+        packed = ce_pack_grad_output(grad_output, self.plan, self.backend)
         self.steps += 1
-        return grad_input
+        return packed @ self.plan.stack, (packed[:, self.plan.lora_slots] if lora is not None else None)
+
+    def _due(self, weight: torch.Tensor) -> bool:
+        """Whether this backward is exact and reselects (every ``recompute_every``-th, or no valid plan)."""
+        self._sync_factors(weight)
+        return self.steps % self.options.recompute_every == 0 or self.plan is None
 
     def _sync_factors(self, weight: torch.Tensor) -> None:
         key = (weight.device, weight.data_ptr(), weight._version, tuple(weight.shape))
@@ -88,5 +108,5 @@ class CEChannelState:
     def _reselect(self, grad_output: torch.Tensor, weight: torch.Tensor) -> None:
         scores = channel_scores(grad_output, self.row_norms, self.options.score)
         index = select_channels(scores, self.keep)
-        self.plan = make_plan(weight, self.b0, self.a0, index, grad_output.dtype)
+        self.plan = make_plan(weight, self.b0, self.a0, index, grad_output.dtype, self.options.lora_rank)
         self.selections += 1
