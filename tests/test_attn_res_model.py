@@ -152,3 +152,39 @@ def test_remote_code_load_in_fresh_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = float(proc.stdout.split("MAXERR")[-1])
     assert err < 1e-6, err
+
+
+@pytest.mark.gpu
+def test_gpu_triton_backend_matches_torch_backend_bf16():
+    ids = torch.randint(0, 97, (2, 64), device="cuda")
+    results = {}
+    for backend in ("torch", "triton"):
+        model = _model(attn_res_backend=backend, hidden_size=256, num_attention_heads=4).cuda().to(torch.bfloat16)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[backend] = (loss.detach().float(), model.model.attn_res.queries.grad.float())
+        if backend == "triton":
+            model.zero_grad()
+            model.gradient_checkpointing_enable()
+            model(ids, labels=ids).loss.backward()
+            assert_close_rel(model.model.attn_res.queries.grad, results["triton"][1], 1e-2, "checkpointed grads")
+    assert_close_rel(results["triton"][0], results["torch"][0], 1e-2, "loss")
+    assert_close_rel(results["triton"][1], results["torch"][1], 5e-2, "pseudo-query grads")
+
+
+@pytest.mark.gpu
+def test_gpu_two_phase_and_cached_generation_fp32():
+    model = _model(attn_res_backend="triton", hidden_size=128).cuda().eval()
+    ids = torch.randint(3, 97, (2, 9), device="cuda")
+    with torch.no_grad():
+        two_phase = model(ids).logits
+        model.model.attn_res.two_phase = False
+        one_pass = model(ids).logits
+        model.model.attn_res.two_phase = True
+    assert_close_rel(two_phase, one_pass, 1e-5, "two-phase vs one-pass logits")
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, seq)

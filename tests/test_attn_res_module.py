@@ -149,3 +149,20 @@ def test_misuse_raises():
         attn_res.sublayer_input(state)
     with pytest.raises(ValueError, match="hidden size 32"):
         attn_res.begin(torch.randn(1, 2, 8))
+
+
+@pytest.mark.parametrize("backend,grad", [("torch", True), ("torch", False), ("triton", True), ("triton", False)])
+def test_fused_prenorm_equals_norm_of_input(backend, grad):
+    from kimi_hf.kernels.attn_res import rms_norm
+
+    attn_res = AttentionResiduals(D, num_sublayers=3, mode="block", block_size=2, backend=backend)
+    _randomise(attn_res, seed=7)
+    weight = 1 + 0.2 * torch.randn(D)
+    state = attn_res.begin(torch.randn(2, 3, D))
+    with torch.set_grad_enabled(grad):  # grad off: the two-phase path, norm applied after the merge
+        for _ in range(3):
+            fused = attn_res.sublayer_input(state, weight, 1e-5)
+            assert_close_rel(fused, rms_norm(attn_res.sublayer_input(state), weight, 1e-5), 1e-5, "sublayer")
+            state = attn_res.add_sublayer_output(state, torch.tanh(fused))
+        fused = attn_res.final_output(state, weight, 1e-5)
+        assert_close_rel(fused, rms_norm(attn_res.final_output(state), weight, 1e-5), 1e-5, "final")

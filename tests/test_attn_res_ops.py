@@ -45,31 +45,37 @@ def test_forward_matches_reference(backend, with_partial):
     assert_close_rel(h, ref, 1e-5, f"h ({backend})")
 
 
-def _graph(backend: str, seed: int = 0):
+def _graph(backend: str, with_norm: bool):
     """Two readers of the same stored block plus a block stored from (partial, output): exercises the
-    accumulation of slot gradients and the StoreSource backward."""
-    blocks, partial, query, gain = _inputs(2, seed=seed)
-    leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain)]
-    b0, b1, p, q, g = leaves
+    accumulation of slot gradients, the StoreSource backward and (optionally) the fused PreNorm."""
+    blocks, partial, query, gain = _inputs(2)
+    norm_w = 1 + 0.2 * torch.randn_like(query)
+    leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain, norm_w)]
+    b0, b1, p, q, g, wn = leaves
+    norm = dict(norm_weight=wn, norm_eps=1e-5) if with_norm else {}
     bank = new_source_bank(3, b0, backend=backend)
     bank = append_source(append_source(bank, b0), b1)
-    h1 = depth_attention(bank, q, g, p)
+    h1 = depth_attention(bank, q, g, p, **norm)
     bank = append_source(bank, p, h1 * 0.5)
-    h2 = depth_attention(bank, q.flip(0), g)
+    h2 = depth_attention(bank, q.flip(0), g, **norm)
     w1, w2 = torch.randn_like(h1), torch.randn_like(h2)
     loss = (h1 * w1).sum() + (h2 * w2).sum()
     loss.backward()
-    return [h1, h2] + [t.grad for t in leaves]
+    return [h1, h2] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
 
 
-def test_triton_backward_matches_torch():
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_triton_backward_matches_torch(with_norm):
     torch.manual_seed(0)
-    expected = _graph("torch")
+    expected = _graph("torch", with_norm)
     torch.manual_seed(0)
-    actual = _graph("triton")
-    names = ["h1", "h2", "d_block0", "d_block1", "d_partial", "d_query", "d_gain"]
+    actual = _graph("triton", with_norm)
+    names = ["h1", "h2", "d_block0", "d_block1", "d_partial", "d_query", "d_gain", "d_norm_weight"]
     for a, e, name in zip(actual, expected, names):
-        assert_close_rel(a, e, 1e-5, name)
+        if name == "d_norm_weight" and not with_norm:
+            assert not a.any() and not e.any()
+        else:
+            assert_close_rel(a, e, 1e-5, name)
 
 
 def test_torch_backward_matches_reference():

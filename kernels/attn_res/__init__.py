@@ -7,6 +7,7 @@ sharing the buffers), which keeps decoder layers re-runnable under gradient chec
     bank = new_source_bank(num_slots, embeddings)            # backend chosen here (resolve_backend)
     bank = append_source(bank, embeddings)                   # v_0
     h = depth_attention(bank, query, gain, partial)          # training / general path, differentiable
+    x = depth_attention(bank, query, gain, partial, norm_weight=w)  # ... with the sublayer's PreNorm fused
     bank = append_source(bank, partial, last_output)         # b_n = partial + f(h), stored once
     out, lse = depth_attention_phase1(bank, queries, gains)  # inference: a block's Q queries at once
     h = depth_attention_phase2(out[j], lse[j], partial, queries[j], gains[j], eps)
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .._backend import resolve_backend
-from .naive import naive_depth_attention, source_rstd, torch_depth_attention, torch_phase1, torch_phase2
+from .naive import naive_depth_attention, rms_norm, source_rstd, torch_depth_attention, torch_phase1, torch_phase2
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,12 @@ def _check_query(query: torch.Tensor, d: int, name: str) -> None:
 
 
 def depth_attention(
-    bank: SourceBank, query: torch.Tensor, gain: torch.Tensor, partial: torch.Tensor | None = None
+    bank: SourceBank,
+    query: torch.Tensor,
+    gain: torch.Tensor,
+    partial: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """softmax_i(w . RMSNorm_g(v_i)) weighted sum over the bank's sources (+ ``partial``), differentiable.
 
@@ -100,23 +106,31 @@ def depth_attention(
         bank: completed sources, each [..., D].
         query: pseudo-query w [D]; gain: key RMSNorm gain g [D].
         partial: optional extra source [..., D] (the partial sum of the running block).
+        norm_weight: optional [D]: return the sublayer's PreNorm of h instead of h,
+            ``norm_weight * (h * rsqrt(mean(h^2) + norm_eps)).to(h.dtype)`` (fused on the Triton backend,
+            where h is recomputed in backward rather than stored).
     Returns:
-        h [..., D].
+        h [..., D] (or its PreNorm).
     """
     if bank.num_sources == 0 and partial is None:
         raise ValueError("depth_attention needs at least one source")
     d = (bank.handles[0] if bank.num_sources else partial).shape[-1]
     _check_query(query, d, "query")
     _check_query(gain, d, "gain")
+    if norm_weight is not None:
+        _check_query(norm_weight, d, "norm_weight")
     if bank.backend == "triton":
         from .fused import DepthAttentionFunction
 
-        return DepthAttentionFunction.apply(bank.storage, bank.num_sources, query, gain, partial, *bank.handles)
+        return DepthAttentionFunction.apply(
+            bank.storage, bank.num_sources, query, gain, partial, norm_weight, norm_eps, *bank.handles
+        )
     sources, rstds = list(bank.handles), list(bank.rstds)
     if partial is not None:
         sources.append(partial)
         rstds.append(source_rstd(partial, bank.eps))
-    return torch_depth_attention(sources, rstds, query, gain)
+    h = torch_depth_attention(sources, rstds, query, gain)
+    return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
 
 
 def _inference_only(*tensors: torch.Tensor) -> None:
@@ -182,4 +196,5 @@ __all__ = [
     "depth_attention_phase2",
     "naive_depth_attention",
     "new_source_bank",
+    "rms_norm",
 ]

@@ -27,11 +27,15 @@ def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.cons
 
 @triton.jit
 def depth_attn_fwd_kernel(
-    store_ptr, rstd_ptr, part_ptr, u_ptr, out_ptr, lse_ptr,
-    n_src, M, D, eps,
-    HAS_PARTIAL: tl.constexpr, BLOCK_D: tl.constexpr,
+    store_ptr, rstd_ptr, part_ptr, u_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
+    n_src, M, D, eps, norm_eps,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """out[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum); one pass, online softmax."""
+    """h[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum); one pass, online softmax.
+
+    With HAS_NORM the sublayer's PreNorm is fused: out = wn * (h * rsqrt(mean(h^2) + norm_eps)) (rounded to the
+    output dtype before the gain, as transformers' RMSNorm does) and h itself is never written.
+    """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -58,22 +62,32 @@ def depth_attn_fwd_kernel(
         acc = acc * scale + p * v
         denom = denom * scale + p
         m = m_new
-    tl.store(out_ptr + row * D + cols, (acc / denom).to(out_ptr.dtype.element_ty), mask=mask)
+    h = (acc / denom).to(out_ptr.dtype.element_ty)
+    if HAS_NORM:
+        hf = h.to(tl.float32)
+        hr = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + norm_eps)
+        tl.store(hrstd_ptr + row, hr)
+        wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        h = ((hf * hr).to(out_ptr.dtype.element_ty).to(tl.float32) * wn).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * D + cols, h, mask=mask)
     tl.store(lse_ptr + row, m + tl.log(denom))
 
 
 @triton.jit
 def depth_attn_bwd_kernel(
-    store_ptr, rstd_ptr, part_ptr, u_ptr, dout_ptr, lse_ptr, gstore_ptr, dpart_ptr, du_ptr,
+    store_ptr, rstd_ptr, part_ptr, u_ptr, wn_ptr, dout_ptr, lse_ptr, hrstd_ptr, gstore_ptr, dpart_ptr, du_ptr, dwn_ptr,
     n_src, M, D, eps, rows_per_program,
-    HAS_PARTIAL: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
 ):  # fmt: skip
-    """Backward of ``depth_attn_fwd_kernel`` for a range of rows.
+    """Backward of ``depth_attn_fwd_kernel`` for a range of rows (three passes over a row's sources, which
+    stay in cache after the first).
 
+    Pass 1: scores s_i (alpha_i = exp(s_i - lse)) and, with HAS_NORM, h = sum alpha_i v_i recomputed to run
+    the PreNorm backward (dh from dout; the gain's gradient dwn). Pass 2: dh . v_i. Pass 3:
     dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D),  ds_i = alpha_i (dh.v_i - sum_j alpha_j dh.v_j),
-    du = sum_rows sum_i ds_i r_i v_i. Gradients of the stored sources are ACCUMULATED into gstore (the
-    gradient of a block sums over every later sublayer that reads it); the partial sum's gradient is written
-    to dpart; each program writes its partial du row (summed by the launcher, deterministic).
+    du = sum_rows sum_i ds_i r_i v_i. Stored sources' gradients are ACCUMULATED into gstore (a block's
+    gradient sums over every later reader); the partial sum's gradient is written to dpart; each program
+    writes its partial du (and dwn) row, summed by the launcher (deterministic).
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -81,29 +95,51 @@ def depth_attn_bwd_kernel(
     idx = tl.arange(0, N_PAD)
     u = tl.load(u_ptr + cols, mask=mask, other=0.0)
     du = tl.zeros((BLOCK_D,), tl.float32)
+    dwn = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_NORM:
+        wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: S_max * M * D may exceed 2^31
     row_end = tl.minimum(row_start + rows_per_program, M)
     for row in range(row_start, row_end):
-        dh = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + row)
-        # pass 1: scores and dh . v_i of every source
+        n_total = n_src
+        # pass 1: scores (and h for the PreNorm backward)
         scores = tl.zeros((N_PAD,), tl.float32)
-        dalpha = tl.zeros((N_PAD,), tl.float32)
+        h = tl.zeros((BLOCK_D,), tl.float32)
         for i in range(n_src):
             v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
             s = tl.load(rstd_ptr + i * M + row) * tl.sum(u * v, axis=0)
             scores = tl.where(idx == i, s, scores)
-            dalpha = tl.where(idx == i, tl.sum(dh * v, axis=0), dalpha)
-        n_total = n_src
+            if HAS_NORM:
+                h += tl.exp(s - lse) * v
         if HAS_PARTIAL:
             vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             rp = 1.0 / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
-            scores = tl.where(idx == n_src, rp * tl.sum(u * vp, axis=0), scores)
-            dalpha = tl.where(idx == n_src, tl.sum(dh * vp, axis=0), dalpha)
+            s_p = rp * tl.sum(u * vp, axis=0)
+            scores = tl.where(idx == n_src, s_p, scores)
+            if HAS_NORM:
+                h += tl.exp(s_p - lse) * vp
             n_total = n_src + 1
         alpha = tl.where(idx < n_total, tl.exp(scores - lse), 0.0)
+        if HAS_NORM:
+            hf = h.to(dout_ptr.dtype.element_ty).to(tl.float32)  # the rounded h the forward normalised
+            hr = tl.load(hrstd_ptr + row)
+            xhat = hf * hr
+            dwn += dout * xhat.to(dout_ptr.dtype.element_ty).to(tl.float32)
+            g = dout * wn
+            dh = hr * (g - xhat * (tl.sum(g * xhat, axis=0) / D))
+        else:
+            dh = dout
+        # pass 2: dh . v_i
+        dalpha = tl.zeros((N_PAD,), tl.float32)
+        for i in range(n_src):
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            dalpha = tl.where(idx == i, tl.sum(dh * v, axis=0), dalpha)
+        if HAS_PARTIAL:
+            dalpha = tl.where(idx == n_src, tl.sum(dh * vp, axis=0), dalpha)
         dscores = alpha * (dalpha - tl.sum(alpha * dalpha, axis=0))
-        # pass 2: gradients of the sources (re-read: the rows of one token are still in cache)
+        # pass 3: gradients of the sources
         for i in range(n_src):
             v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
             r = tl.load(rstd_ptr + i * M + row)
@@ -112,17 +148,18 @@ def depth_attn_bwd_kernel(
             ds_i = tl.sum(tl.where(idx == i, dscores, 0.0), axis=0)
             dv = a_i * dh + ds_i * (r * u - (s_i * r * r / D) * v)
             g_ptrs = gstore_ptr + (i * M + row) * D + cols
-            g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(g_ptrs, (g + dv).to(gstore_ptr.dtype.element_ty), mask=mask)
+            g_old = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_ptrs, (g_old + dv).to(gstore_ptr.dtype.element_ty), mask=mask)
             du += (ds_i * r) * v
         if HAS_PARTIAL:
             a_p = tl.sum(tl.where(idx == n_src, alpha, 0.0), axis=0)
-            s_p = tl.sum(tl.where(idx == n_src, scores, 0.0), axis=0)
             ds_p = tl.sum(tl.where(idx == n_src, dscores, 0.0), axis=0)
             dvp = a_p * dh + ds_p * (rp * u - (s_p * rp * rp / D) * vp)
             tl.store(dpart_ptr + row * D + cols, dvp.to(dpart_ptr.dtype.element_ty), mask=mask)
             du += (ds_p * rp) * vp
     tl.store(du_ptr + pid * D + cols, du, mask=mask)
+    if HAS_NORM:
+        tl.store(dwn_ptr + pid * D + cols, dwn, mask=mask)
 
 
 @triton.jit

@@ -72,21 +72,31 @@ def store_source_fwd(storage: SourceStorage, slot: int, x: torch.Tensor, y: torc
 
 
 def depth_attn_fwd(
-    storage: SourceStorage, n: int, partial: torch.Tensor | None, u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    storage: SourceStorage,
+    n: int,
+    partial: torch.Tensor | None,
+    u: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward over the first ``n`` stored sources (+ ``partial`` [M, D]); ``u`` = query * gain (float32 [D]).
 
-    Returns out [M, D] and lse [M] float32.
+    Returns out [M, D] (h, or the PreNorm of h with ``norm_weight``), lse [M] float32 and, with the norm,
+    h's rsqrt statistic [M] float32.
     """
     m, d = storage.store.shape[1:]
-    out = torch.empty((m, d), dtype=storage.store.dtype, device=storage.store.device)
-    lse = torch.empty((m,), dtype=torch.float32, device=storage.store.device)
+    dev = storage.store.device
+    out = torch.empty((m, d), dtype=storage.store.dtype, device=dev)
+    lse = torch.empty((m,), dtype=torch.float32, device=dev)
+    h_rstd = torch.empty((m,), dtype=torch.float32, device=dev) if norm_weight is not None else None
     _triton.depth_attn_fwd_kernel[(m,)](
-        storage.store, storage.rstd, partial if partial is not None else out, u, out, lse,
-        n, m, d, storage.eps,
-        HAS_PARTIAL=partial is not None, BLOCK_D=block_d(d), num_warps=num_warps(d),
+        storage.store, storage.rstd, partial if partial is not None else out, u,
+        norm_weight if norm_weight is not None else u, out, lse, h_rstd if h_rstd is not None else lse,
+        n, m, d, storage.eps, norm_eps,
+        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
+        BLOCK_D=block_d(d), num_warps=num_warps(d),
     )  # fmt: skip
-    return out, lse
+    return out, lse, h_rstd
 
 
 def _backward_grid(m: int, device: torch.device) -> int:
@@ -97,23 +107,35 @@ def _backward_grid(m: int, device: torch.device) -> int:
 
 
 def depth_attn_bwd(
-    storage: SourceStorage, n: int, partial: torch.Tensor | None, u: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Accumulate the stored sources' gradients into ``storage.grad``; return (dpartial or None, du [D] float32)."""
+    storage: SourceStorage,
+    n: int,
+    partial: torch.Tensor | None,
+    u: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    h_rstd: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Accumulate the stored sources' gradients into ``storage.grad``.
+
+    Returns (dpartial [M, D] or None, du [D] float32, dnorm_weight [D] float32 or None).
+    """
     m, d = storage.store.shape[1:]
     grid = _backward_grid(m, dout.device)
     rows = triton.cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
+    dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
     gstore = storage.grad_buffer()
     _triton.depth_attn_bwd_kernel[(grid,)](
-        storage.store, storage.rstd, partial if partial is not None else dout, u, dout, lse, gstore,
-        dpart if dpart is not None else dout, du_part,
+        storage.store, storage.rstd, partial if partial is not None else dout, u,
+        norm_weight if norm_weight is not None else u, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
+        dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
         n, m, d, storage.eps, rows,
-        HAS_PARTIAL=partial is not None, BLOCK_D=block_d(d),
+        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
         N_PAD=max(2, triton.next_power_of_2(n + 1)), num_warps=num_warps(d),
     )  # fmt: skip
-    return dpart, du_part.sum(0)
+    return dpart, du_part.sum(0), (dwn_part.sum(0) if dwn_part is not None else None)
 
 
 class StoreSourceFunction(torch.autograd.Function):
@@ -137,7 +159,9 @@ class StoreSourceFunction(torch.autograd.Function):
 
 
 class DepthAttentionFunction(torch.autograd.Function):
-    """h = depth attention over the first ``n`` stored sources (+ the partial sum) for one pseudo-query."""
+    """h = depth attention over the first ``n`` stored sources (+ the partial sum) for one pseudo-query,
+    optionally followed by the fused PreNorm ``norm_weight * rmsnorm(h)`` (then h is recomputed in backward
+    instead of being kept: the sublayer input costs no activation memory beyond the partial sum)."""
 
     @staticmethod
     def forward(
@@ -147,28 +171,32 @@ class DepthAttentionFunction(torch.autograd.Function):
         query: torch.Tensor,
         gain: torch.Tensor,
         partial: torch.Tensor | None,
+        norm_weight: torch.Tensor | None,
+        norm_eps: float,
         *handles: torch.Tensor,
     ) -> torch.Tensor:
         ctx.set_materialize_grads(False)
         m, d = storage.store.shape[1:]
         u = query.float() * gain.float()
         part2 = partial.reshape(m, d).contiguous() if partial is not None else None
-        out, lse = depth_attn_fwd(storage, n, part2, u)
-        ctx.save_for_backward(query, gain, part2, lse)
+        wn = norm_weight.contiguous() if norm_weight is not None else None
+        out, lse, h_rstd = depth_attn_fwd(storage, n, part2, u, wn, norm_eps)
+        ctx.save_for_backward(query, gain, part2, wn, lse, h_rstd)
         ctx.storage, ctx.n = storage, n
         return out.view(storage.shape)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor | None):
-        n_inputs = 5 + ctx.n
         if dout is None:
-            return (None,) * n_inputs
-        query, gain, part2, lse = ctx.saved_tensors
+            return (None,) * (7 + ctx.n)
+        query, gain, part2, wn, lse, h_rstd = ctx.saved_tensors
         storage = ctx.storage
         m, d = storage.store.shape[1:]
         u = query.float() * gain.float()
-        dpart, du = depth_attn_bwd(storage, ctx.n, part2, u, dout.reshape(m, d).contiguous(), lse)
+        dout2 = dout.reshape(m, d).to(storage.store.dtype).contiguous()
+        dpart, du, dwn = depth_attn_bwd(storage, ctx.n, part2, u, wn, dout2, lse, h_rstd)
         dquery = (du * gain.float()).to(query.dtype)
         dgain = (du * query.float()).to(gain.dtype)
         dpartial = dpart.view(storage.shape) if dpart is not None else None
-        return (None, None, dquery, dgain, dpartial) + (None,) * ctx.n
+        dnorm = dwn.to(wn.dtype) if dwn is not None else None
+        return (None, None, dquery, dgain, dpartial, dnorm, None) + (None,) * ctx.n

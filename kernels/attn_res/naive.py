@@ -30,6 +30,12 @@ def source_rstd(v: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(sq_norm / v.shape[-1] + eps)
 
 
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """A sublayer's PreNorm as transformers writes it: ``weight * (h * rsqrt(mean(h^2) + eps)).to(h.dtype)``."""
+    hf = h.to(_acc(h))
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
 def naive_depth_attention(
     sources: Sequence[torch.Tensor] | torch.Tensor, query: torch.Tensor, gain: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:

@@ -21,6 +21,13 @@ Usage in any decoder loop (each sublayer keeps its own PreNorm: out = f(norm(h))
         state = attn_res.add_sublayer_output(state, layer.mlp(layer.mlp_norm(h)))
     hidden = final_norm(attn_res.final_output(state))     # then the LM head
 
+Weight-only RMSNorms (transformers' ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``) can be fused instead
+of called, which on the Triton path also avoids storing h (recomputed in backward):
+
+        x = attn_res.sublayer_input(state, layer.attn_norm.weight, layer.attn_norm.variance_epsilon)
+        state = attn_res.add_sublayer_output(state, layer.attn(x))
+    hidden = attn_res.final_output(state, final_norm.weight, final_norm.variance_epsilon)
+
 ``AttnResState`` is immutable (each call returns a new one), so a decoder layer that takes a state and
 returns a state can be re-run by non-reentrant gradient checkpointing (reentrant checkpointing only
 tracks tensor arguments: not supported). Under ``torch.no_grad()`` with ``two_phase=True`` the inference
@@ -42,6 +49,7 @@ from kimi_hf.kernels.attn_res import (
     depth_attention_phase1,
     depth_attention_phase2,
     new_source_bank,
+    rms_norm,
 )
 
 RESIDUAL_MODES = ("standard", "full", "block")
@@ -138,14 +146,28 @@ class AttentionResiduals(nn.Module):
     def _use_two_phase(self) -> bool:
         return self.two_phase and not torch.is_grad_enabled()
 
-    def sublayer_input(self, state: AttnResState) -> torch.Tensor:
-        """h_l [B, T, D], the input of the next sublayer (before its own PreNorm)."""
+    def sublayer_input(
+        self, state: AttnResState, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6
+    ) -> torch.Tensor:
+        """h_l [B, T, D], the input of the next sublayer.
+
+        With ``norm_weight`` [D] (the sublayer's weight-only RMSNorm) it returns the PreNorm of h_l,
+        ``norm_weight * (h * rsqrt(mean(h^2) + norm_eps)).to(h.dtype)``: on the Triton training path the norm
+        is fused and h_l is recomputed in backward instead of stored (saves one [B, T, D] per sublayer).
+        """
         sub = self._check_running(state)
         if self.mode == "standard":
-            return state.partial
+            h = state.partial
+        elif not self._use_two_phase():
+            return depth_attention(
+                state.bank, self.queries[sub], self.norm_weight[sub], state.partial, norm_weight, norm_eps
+            )
+        else:
+            h = self._two_phase_input(state, sub)
+        return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
+
+    def _two_phase_input(self, state: AttnResState, sub: int) -> torch.Tensor:
         block, pos = divmod(sub, self.block_size)
-        if not self._use_two_phase():
-            return depth_attention(state.bank, self.queries[sub], self.norm_weight[sub], state.partial)
         if block not in state.phase1:
             start = block * self.block_size
             stop = min(start + self.block_size, self.num_sublayers)
@@ -174,11 +196,17 @@ class AttentionResiduals(nn.Module):
             bank = append_source(state.bank, state.partial, output)
         return replace(state, sublayer=sub + 1, partial=None, bank=bank)
 
-    def final_output(self, state: AttnResState) -> torch.Tensor:
-        """Aggregate of all block representations [B, T, D] (before the final norm); needs all L sublayers run."""
+    def final_output(
+        self, state: AttnResState, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6
+    ) -> torch.Tensor:
+        """Aggregate of all block representations [B, T, D]; needs all L sublayers run.
+
+        With ``norm_weight`` the final norm is applied (fused on the Triton path), as in ``sublayer_input``.
+        """
         if state.sublayer != self.num_sublayers:
             raise ValueError(f"final_output needs all {self.num_sublayers} sublayers run, state is at {state.sublayer}")
         if self.mode == "standard":
-            return state.partial
+            h = state.partial
+            return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
         last = self.num_sublayers
-        return depth_attention(state.bank, self.queries[last], self.norm_weight[last])
+        return depth_attention(state.bank, self.queries[last], self.norm_weight[last], None, norm_weight, norm_eps)

@@ -2,8 +2,8 @@
 
 Every attention sublayer and every MLP sublayer is one AttnRes "layer"; the residual stream between them is
 :class:`kimi_hf.modules.AttentionResiduals` (``config.residual``: standard / full / block). A decoder layer
-takes the input of its attention sublayer and the immutable residual state, and returns the next state, so
-that gradient checkpointing can re-run it.
+takes the immutable residual state and returns the next one, so that gradient checkpointing can re-run it;
+the sublayers' PreNorms are fused into their AttnRes inputs (``sublayer_input(state, norm.weight, eps)``).
 
 Works with transformers 5.17 (cache argument ``past_key_values``) and 5.24 (``cache``): both names are
 accepted, and outputs use the field name of the installed version.
@@ -26,6 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
+from kimi_hf.kernels.attn_res import rms_norm
 from kimi_hf.modules import AttentionResiduals, AttnResState
 
 from .configuration_attn_res import AttnResConfig
@@ -44,7 +45,8 @@ def _pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | N
 
 
 class AttnResRMSNorm(nn.Module):
-    """RMSNorm with a learnable gain, computed in float32."""
+    """RMSNorm with a learnable gain, computed in float32. The decoder fuses it into the AttnRes inputs
+    (its ``weight`` and ``variance_epsilon`` are passed to ``sublayer_input`` / ``final_output``)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -52,10 +54,7 @@ class AttnResRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 class AttnResRotaryEmbedding(nn.Module):
@@ -188,7 +187,6 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
         residual_state: AttnResState,
         attn_res: AttentionResiduals,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
@@ -197,20 +195,22 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs,
     ) -> AttnResState:
-        """hidden_states [B, T, D]: input of the attention sublayer (``attn_res.sublayer_input(residual_state)``).
+        """Run both sublayers from ``residual_state``; return the residual state after them.
 
-        Returns the residual state after both sublayers.
+        Each sublayer's PreNorm is fused into its AttnRes input (``sublayer_input(state, norm.weight, eps)``).
         """
         kwargs.pop("use_cache", None)
+        norm = self.input_layernorm
         out = self.self_attn(
-            self.input_layernorm(hidden_states),
+            attn_res.sublayer_input(residual_state, norm.weight, norm.variance_epsilon),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             cache=_pick_cache(past_key_values, cache),
             **kwargs,
         )
         state = attn_res.add_sublayer_output(residual_state, out)
-        out = self.mlp(self.post_attention_layernorm(attn_res.sublayer_input(state)))
+        norm = self.post_attention_layernorm
+        out = self.mlp(attn_res.sublayer_input(state, norm.weight, norm.variance_epsilon))
         return attn_res.add_sublayer_output(state, out)
 
 
@@ -316,11 +316,9 @@ class AttnResModel(AttnResPreTrainedModel):
         state = self.attn_res.begin(inputs_embeds)
         all_hidden = []
         for layer in self.layers:
-            hidden = self.attn_res.sublayer_input(state)
-            if output_hidden_states:
-                all_hidden.append(hidden)
+            if output_hidden_states:  # the (un-normalised) input of the layer's attention sublayer
+                all_hidden.append(self.attn_res.sublayer_input(state))
             state = layer(
-                hidden,
                 state,
                 attn_res=self.attn_res,
                 position_embeddings=position_embeddings,
@@ -328,7 +326,7 @@ class AttnResModel(AttnResPreTrainedModel):
                 **{CACHE_NAME: cache},
                 **kwargs,
             )
-        hidden = self.norm(self.attn_res.final_output(state))
+        hidden = self.attn_res.final_output(state, self.norm.weight, self.norm.variance_epsilon)
         if output_hidden_states:
             all_hidden.append(hidden)
         output = BaseModelOutputWithPast(
