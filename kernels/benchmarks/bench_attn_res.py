@@ -5,12 +5,14 @@ training step (forward + backward of the LM loss, no optimizer) and its peak mem
 (forward without cache at the training shape, under no_grad) and per-token decode latency (B1, KV cache).
 
 Implementations of the depth attention:
-  triton  kimi_hf's fused kernels (sources stored once, cached rstd; two-phase at inference)
+  triton  kimi_hf's fused kernels (sources stored once, cached rstd, sublayer PreNorm fused and h recomputed in
+          backward; two-phase at inference)
   torch   kimi_hf's plain-torch backend (sources kept once, per-source loop; two-phase at inference)
   stack   the naive formula: stack all sources + RMSNorm + softmax at every sublayer (REFERENCE's 1.75x)
   liger   Liger-Kernel 0.8.5's fused AttnRes op (stacks the sources at every sublayer), if importable
 
-Median times by triton.testing.do_bench on CUDA (time.perf_counter medians with --tiny on CPU).
+The standard residual runs transformers-style (residual add + eager RMSNorm), as the AttnRes variants other
+than triton do. Median times by triton.testing.do_bench on CUDA (time.perf_counter medians with --tiny on CPU).
 Examples:
   python kernels/benchmarks/bench_attn_res.py                       # ~1B dense, B4 T2048 bf16, on a GPU
   python kernels/benchmarks/bench_attn_res.py --tiny                # CPU smoke test
@@ -31,7 +33,7 @@ import torch
 import transformers
 
 import kimi_hf.modules.attn_res as attn_res_module
-from kimi_hf.kernels.attn_res import SourceBank, naive_depth_attention
+from kimi_hf.kernels.attn_res import SourceBank, naive_depth_attention, rms_norm
 
 DENSE_1B = dict(
     vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -81,14 +83,18 @@ def depth_attention_impl(impl: str, eps: float):
         return
     if impl == "stack":
 
-        def op(bank, query, gain, partial=None):
+        def mix(bank, query, gain, partial):
             return naive_depth_attention(_stacked(bank, partial), query, gain, eps)
 
     else:
         liger = _liger_function()
 
-        def op(bank, query, gain, partial=None):
+        def mix(bank, query, gain, partial):
             return liger.apply(_stacked(bank, partial), query, gain, eps)
+
+    def op(bank, query, gain, partial=None, norm_weight=None, norm_eps=1e-6):
+        h = mix(bank, query, gain, partial)
+        return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
 
     original = attn_res_module.depth_attention
     attn_res_module.depth_attention = op
