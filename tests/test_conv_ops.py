@@ -198,6 +198,15 @@ def test_triton_matches_reference_interpreter(name):
     _triton_vs_reference(x, w, b, h, case["activation"], cu, case["final"], "cpu", 1e-5, 1e-5)
 
 
+def test_triton_weight_grad_partials_interpreter(monkeypatch):
+    """One row tile per backward program: the weight/bias gradients are sums of several partials."""
+    from kimi_hf.kernels.conv import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "_BWD_TILES_PER_PROGRAM", 1)
+    x, w, b, h, cu = _case_inputs(_CASES["batch_states"], length=20)
+    _triton_vs_reference(x, w, b, h, "silu", cu, True, "cpu", 1e-5, 1e-5)
+
+
 @pytest.mark.parametrize("squeeze", [True, False])
 def test_triton_update_matches_reference_interpreter(squeeze):
     x, w, b = _inputs(3, 1, 6, 4)

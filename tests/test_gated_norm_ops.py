@@ -76,6 +76,11 @@ def test_triton_matches_reference_interpreter(shape, activation):
     _triton_vs_reference(shape, activation, torch.float32, "cpu", 1e-5, 1e-5)
 
 
+def test_triton_backward_programs_walk_several_blocks_interpreter():
+    """80 rows of 256 = 10 blocks of 8 rows: two backward programs, the second one partly past the end."""
+    _triton_vs_reference((2, 40, 256), "silu", torch.float32, "cpu", 1e-5, 1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("activation", ["sigmoid", "silu"])
