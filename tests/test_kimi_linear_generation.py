@@ -89,7 +89,9 @@ def test_cache_holds_the_compressed_latent_and_kda_states(model):
 
 
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "ones-mask"])
-@pytest.mark.parametrize("chunks", [(5, 1, 1, 1, 1, 1), (1,) * 8, (5, 4, 1, 3)], ids=["prefill+steps", "steps", "chunks"])
+@pytest.mark.parametrize(
+    "chunks", [(5, 1, 1, 1, 1, 1), (1,) * 8, (5, 4, 1, 3)], ids=["prefill+steps", "steps", "chunks"]
+)
 def test_decoding_with_the_cache_matches_the_full_forward(model, chunks, with_mask):
     """"chunks" feeds several tokens at once after a cache (chunked prefill, assisted decoding): the MLA
     layers must then align the causal mask to the end of the keys."""

@@ -264,6 +264,9 @@ def test_bias_update_applies_at_the_next_forward_not_during_recomputation():
 
 # ---------------------------------------------------------------------------------------------- padding, packing
 LENGTHS = (70, 23)  # the first crosses KDA's 64-token chunk boundary
+# fp64 models still compute RMSNorm and the router in fp32 (as the official code), so fp64 runs that
+# differ only in summation order can disagree at fp32 rounding of those steps: ~1e-9, not 1e-15.
+DTYPES = [(torch.float32, 1e-5), (torch.float64, 1e-7)]
 
 
 def _alone(model, seqs):
@@ -288,7 +291,7 @@ def _padded(seqs, side: str):
     return ids, mask, spans
 
 
-@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("dtype, rtol", DTYPES)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_gives_the_logits_of_each_sequence_alone(side, dtype, rtol):
     model = tiny_model(seed=11, dtype=dtype)
@@ -301,7 +304,7 @@ def test_padding_gives_the_logits_of_each_sequence_alone(side, dtype, rtol):
 
 
 @pytest.mark.parametrize("how", ["position_ids", "cu_seqlens"])
-@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("dtype, rtol", DTYPES)
 def test_packed_sequences_equal_separate_runs(how, dtype, rtol):
     model = tiny_model(seed=12, dtype=dtype)
     seqs = _seqs(seed=20) + [random_ids(1, 5, seed=30)[0]]
