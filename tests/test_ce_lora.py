@@ -31,6 +31,15 @@ from kimi_hf.peft.ce_lora import CEChannelState, CEOptions
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny shapes run much faster on one intra-op thread on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     """A random Llama whose projections are wide enough (256) for CE-LoRA to drop channels."""
     torch.manual_seed(seed)
@@ -487,7 +496,7 @@ for adapter in sys.argv[1:]:
         torch.save(model(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits, adapter + "/logits.pt")
 assert "kimi_hf" not in sys.modules
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", script, str(from_model), str(from_dir)], check=True, env=env, cwd=tmp_path)
     for adapter in (from_model, from_dir):
         assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"

@@ -9,7 +9,8 @@ same run):
    time scaled by the FLOP fraction CE-LoRA keeps, ``ratio + r/I + r/O``; "of bound" = bound / measured.
 2. A full training step (forward + backward, no optimizer, bf16) of a ~0.9B Llama with LoRA on all seven
    projections, LoRA vs CE-LoRA (the paper's ratios, and 0.5 everywhere), with and without gradient
-   checkpointing.
+   checkpointing. CE-LoRA's layer also fuses LoRA's branch into the base GEMMs; the "ratio 1.0" row
+   (exact backward) shows how much of the step-time gain comes from that alone.
 
 ``--tiny`` runs a seconds-long CPU smoke test (torch reference path, tiny shapes, wall-clock medians).
 """
@@ -159,6 +160,9 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                                               ce_ratio=dict(PAPER_RATIOS))),
         ("CE-LoRA 0.5 everywhere", CELoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS,
                                                 ce_ratio=0.5)),
+        # exact backward: isolates what the fused layer (LoRA branch inside the base GEMMs) alone gains
+        ("CE-LoRA layer at ratio 1.0 (exact)", CELoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                                                            target_modules=PROJECTIONS, ce_ratio=1.0)),
     ]
     batch, seq = (2, 64) if args.tiny else (args.batch, args.seq)
     rows = []

@@ -10,9 +10,19 @@ dense GEMM ``G @ [A0 ; R[S, :]]`` whose inner size ``r_pad + k`` is a multiple o
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# Tile shapes tried on a GPU (keyed by the channel count and low-rank width; the row count only sets the
+# grid). The interpreter runs one fixed tile: autotuning there would only multiply a slow run.
+_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_O": bo}, num_warps=w, num_stages=s)
+    for bt, bo, w, s in [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (32, 256, 8, 3), (128, 64, 8, 3), (16, 256, 4, 3)]
+]
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -38,6 +48,7 @@ def _ce_pack_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < n_rows
+    rows = rows.to(tl.int64)  # rows * stride overflows int32 beyond 2**31 elements
     rk = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_O):
@@ -55,14 +66,16 @@ def _ce_pack_kernel(
     tl.store(g_ptr + rows[:, None] * stride_g + rk[None, :], acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+_ce_pack_tuned = _ce_pack_kernel if _INTERPRETED else triton.autotune(configs=_CONFIGS, key=["n_cols", "R_PAD"])(_ce_pack_kernel)
+
+
 def triton_pack_grad_output(grad_output: torch.Tensor, b0_pad: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
     """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]``, ``pos [O]`` int32."""
     n_rows, n_cols = grad_output.shape
     r_pad = b0_pad.shape[1]
     packed = torch.empty(n_rows, r_pad + keep, device=grad_output.device, dtype=grad_output.dtype)
-    block_t = 32
-    grid = (triton.cdiv(n_rows, block_t),)
-    _ce_pack_kernel[grid](
+    tiles = {"BLOCK_T": 32, "BLOCK_O": 64} if _INTERPRETED else {}
+    _ce_pack_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_T"]),)](
         grad_output,
         b0_pad,
         pos,
@@ -72,10 +85,7 @@ def triton_pack_grad_output(grad_output: torch.Tensor, b0_pad: torch.Tensor, pos
         grad_output.stride(0),
         packed.stride(0),
         R_PAD=r_pad,
-        BLOCK_T=block_t,
-        BLOCK_O=128,
         IEEE=grad_output.dtype == torch.float32,
-        num_warps=4,
-        num_stages=3,
+        **tiles,
     )
     return packed

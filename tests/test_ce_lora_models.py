@@ -1,0 +1,92 @@
+"""CE-LoRA on the architectures kimi_hf targets: Llama-like, DeepSeek-V3 (Kimi K2), Kimi K2.5, Kimi Linear.
+
+Tiny random configs built locally. Each model gets CE-LoRA on its projections wide enough to drop
+channels, trains two steps (gradient flows, CE states step, nothing is NaN) and merges back to the same
+outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from kimi_hf.peft import CELinear, CELoraConfig
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny shapes run much faster on one intra-op thread on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def deepseek_v3_config():
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=96, hidden_size=256, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=2,
+        first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1,
+    )  # fmt: skip
+
+
+def check_ce_lora_trains(model: torch.nn.Module, target_modules: list[str] | str, ids: torch.Tensor) -> None:
+    config = CELoraConfig(r=8, lora_alpha=16, target_modules=target_modules, ce_ratio=0.5, init_lora_weights=False)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, config)
+    peft_model.enable_input_require_grads()
+    layers = [m for m in peft_model.modules() if isinstance(m, CELinear)]
+    approximated = [m.ce_state["default"] for m in layers if not m.ce_state["default"].exact]
+    assert approximated, "no targeted layer is wide enough to drop channels"
+    peft_model.train()
+    for _ in range(2):
+        peft_model.zero_grad()
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+    grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(state.steps == 2 and state.selections == 1 for state in approximated)
+
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()
+        actual = merged(input_ids=ids).logits
+    assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_deepseek_v3_kimi_k2_architecture():
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(deepseek_v3_config())
+    targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    check_ce_lora_trains(model, targets, torch.randint(0, 96, (2, 12)))
+
+
+def test_kimi_k25_text_path():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Kimi_K25ForConditionalGeneration"):
+        pytest.skip("this transformers has no kimi_k25")
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                  pos_emb_height=8, pos_emb_width=8)  # fmt: skip
+    config = transformers.Kimi_K25Config(
+        text_config=deepseek_v3_config().to_dict(), vision_config=vision, projection_hidden_size=64
+    )
+    torch.manual_seed(0)
+    model = transformers.Kimi_K25ForConditionalGeneration(config)
+    # the language model's projections only (the vision tower stays frozen, untouched)
+    targets = r".*language_model.*\.(o_proj|q_b_proj|gate_proj|up_proj|down_proj)"
+    check_ce_lora_trains(model, targets, torch.randint(0, 96, (2, 12)))
+
+
+def test_kimi_linear():
+    kimi_linear_utils = pytest.importorskip("kimi_linear_utils")
+    model = kimi_linear_utils.tiny_model(hidden_size=256, intermediate_size=384)
+    ids = kimi_linear_utils.random_ids(2, 12)
+    check_ce_lora_trains(model, ["o_proj", "gate_proj", "up_proj", "down_proj", "w2"], ids)
