@@ -1,0 +1,218 @@
+"""Model-level speed of kimi_hf's KimiLinearForCausalLM against transformers' native class (with fla).
+
+On the reference ~1B MoE Kimi Linear config of REFERENCE.md (hidden 2048, 8 layers: KDA at 1,2,3,5,6,7 and
+MLA at 4,8; 16 experts top-4; vocab 32000; sdpa; bf16), in one run:
+
+- training step (forward + backward with the LM loss, no optimizer) at B2 T4096 and B1 T2048;
+- greedy decoding at B1 (512-token prompt, 64 new tokens: ms per new token) and B32 throughput;
+- a parity check of the logits of both classes on the same weights.
+
+Medians of ``triton.testing.do_bench`` (training) and of repeated timed ``generate`` calls (decoding).
+Prints a markdown table (GPU, versions, ratios) and optionally writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def reference_config(tiny: bool = False):
+    """The ~1B MoE config of REFERENCE.md (or a CPU-sized one with ``tiny``)."""
+    from kimi_hf import KimiLinearConfig
+
+    if tiny:
+        return KimiLinearConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_experts=4,
+            num_experts_per_token=2, moe_intermediate_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            linear_attn_config={"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 2, "head_dim": 32},
+        )  # fmt: skip
+    return KimiLinearConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=16,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_experts=16,
+        num_experts_per_token=4, moe_intermediate_size=1024, num_shared_experts=1, first_k_dense_replace=1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        linear_attn_config={
+            "kda_layers": [1, 2, 3, 5, 6, 7], "full_attn_layers": [4, 8], "num_heads": 16, "head_dim": 128,
+            "short_conv_kernel_size": 4,
+        },
+    )  # fmt: skip
+
+
+def _median_ms(fn, device: torch.device, reps: int) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=3, rep=reps, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def train_step_ms(model, batch: int, seq_len: int, device: torch.device, reps: int) -> tuple[float, float]:
+    """Median ms of forward+backward with labels, and peak memory (GiB) during it."""
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq_len), device=device)
+    model.train()
+
+    def step():
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ms = _median_ms(step, device, reps)
+    model.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return ms, peak
+
+
+@torch.no_grad()
+def decode_ms_per_token(model, batch: int, prompt: int, new: int, device: torch.device, repeats: int) -> float:
+    """(time(generate new tokens) - time(generate 1 token)) / (new - 1), median over ``repeats``."""
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(4)  # warm-up (kernel compilation, autotuning)
+    samples = [(timed(new) - timed(1)) * 1e3 / (new - 1) for _ in range(repeats)]
+    return statistics.median(samples)
+
+
+def _versions() -> dict:
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import fla
+
+        info["fla"] = getattr(fla, "__version__", "installed")
+    except ImportError:
+        info["fla"] = "not installed"
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def load_native(path: str, dtype: torch.dtype, device: torch.device):
+    """transformers' native KimiLinearForCausalLM on the weights saved at ``path`` (None if unavailable)."""
+    try:
+        from transformers.models.kimi_linear import KimiLinearForCausalLM as NativeKimiLinear
+    except ImportError:
+        return None
+    return NativeKimiLinear.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from kimi_hf import KimiLinearForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    config = reference_config(args.tiny)
+    config._attn_implementation = "sdpa"
+    ours = KimiLinearForCausalLM(config).to(device=device, dtype=dtype)
+    results: dict = {"versions": _versions(), "parameters": sum(p.numel() for p in ours.parameters()), "rows": []}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp)
+        native = None if args.skip_native else load_native(tmp, dtype, device)
+
+    train_shapes = [(1, 64)] if args.tiny else [(2, 4096), (1, 2048)]
+    prompt, new = (16, 8) if args.tiny else (512, 64)
+    decode_batches = [1, 4] if args.tiny else [1, 32]
+
+    if native is not None:
+        ids = torch.randint(3, config.vocab_size, (1, 256 if not args.tiny else 32), device=device)
+        with torch.no_grad():
+            a, b = ours.eval()(ids).logits.float(), native.eval()(ids).logits.float()
+        results["parity_rel_err"] = ((a - b).norm() / b.norm()).item()
+
+    def add(name: str, ours_value: float, native_value: float | None, unit: str, extra: str = "") -> None:
+        ratio = native_value / ours_value if native_value else None
+        results["rows"].append(
+            {"measure": name, "ours": ours_value, "native": native_value, "unit": unit, "speedup": ratio, "note": extra}
+        )
+
+    for batch, seq_len in train_shapes:
+        ms, peak = train_step_ms(ours, batch, seq_len, device, args.rep)
+        native_ms = native_peak = None
+        if native is not None:
+            native_ms, native_peak = train_step_ms(native, batch, seq_len, device, args.rep)
+        note = f"peak {peak:.1f} GiB" + (f" vs {native_peak:.1f} GiB" if native_peak else "")
+        add(f"train step B{batch} T{seq_len}", ms, native_ms, "ms", note)
+        tokens = batch * seq_len
+        add(f"train throughput B{batch} T{seq_len}", tokens / ms, tokens / native_ms if native_ms else None, "Ktok/s")
+    for batch in decode_batches:
+        ms = decode_ms_per_token(ours, batch, prompt, new, device, args.decode_repeats)
+        native_ms = None
+        if native is not None:
+            native_ms = decode_ms_per_token(native, batch, prompt, new, device, args.decode_repeats)
+        add(f"greedy decode B{batch} (prompt {prompt})", ms, native_ms, "ms/token")
+        add(f"decode throughput B{batch}", batch * 1e3 / ms, batch * 1e3 / native_ms if native_ms else None, "tok/s")
+    # Throughput rows are "higher is better": flip their ratio.
+    for row in results["rows"]:
+        if row["unit"] in ("Ktok/s", "tok/s") and row["speedup"]:
+            row["speedup"] = 1 / row["speedup"]
+    return results
+
+
+def markdown(results: dict) -> str:
+    v = results["versions"]
+    lines = [
+        f"GPU: {v.get('gpu', 'none (CPU)')}; torch {v['torch']}, triton {v.get('triton', '-')}, "
+        f"transformers {v['transformers']}, fla {v['fla']}; {results['parameters'] / 1e9:.2f}B parameters",
+    ]
+    if "parity_rel_err" in results:
+        lines.append(f"Logits parity ours vs native (bf16, same weights): relative error {results['parity_rel_err']:.2e}")
+    lines += ["", "| measure | ours | native | unit | ours vs native | note |", "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        native = f"{r['native']:.2f}" if r["native"] else "-"
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        lines.append(f"| {r['measure']} | {r['ours']:.2f} | {native} | {r['unit']} | {speed} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
+    parser.add_argument("--skip-native", action="store_true", help="do not time transformers' native class")
+    parser.add_argument("--rep", type=int, default=200, help="do_bench time budget per training measurement (ms)")
+    parser.add_argument("--decode-repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    results = run(args)
+    print(markdown(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
