@@ -178,6 +178,11 @@ def test_bf16_load_keeps_the_fp32_parameters_and_resaves_them_fp32(saved, tmp_pa
     for name, tensor in params.items():
         expected = torch.float32 if name.endswith(FP32_NAMES) or ".gate.weight" in name else torch.bfloat16
         assert tensor.dtype == expected, f"{name}: {tensor.dtype}"
+    # The mixed-dtype model (fp32 gate parameters, bf16 activations) runs and stays close to fp32.
+    path, ids, logits = saved
+    out = _logits(model.eval(), ids)
+    assert out.dtype == torch.bfloat16
+    assert_close_rel(out.float(), logits, 5e-2, "bf16-loaded logits")
     model.save_pretrained(tmp_path)
     tensors = _read_safetensors(tmp_path)
     assert tensors["model.layers.0.self_attn.A_log"].dtype == torch.float32

@@ -124,13 +124,14 @@ def test_tiny_model_overfits_one_batch():
     assert loss.item() < 0.1 * first, f"loss {first:.3f} -> {loss.item():.3f}"
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}], ids=["default", "non-reentrant"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kwargs):
     ids = random_ids(2, 12, seed=7)
     results = []
     for checkpointing in (False, True):
         model = tiny_model(seed=7).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             assert model.model.gradient_checkpointing
         out = model(ids, labels=ids, output_router_logits=True)
         out.loss.backward()
@@ -144,6 +145,14 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     for name, grad in plain_grads.items():
         if grad is not None:
             assert_close_rel(ckpt_grads[name], grad, 1e-5, f"grad {name}")
+
+
+def test_reentrant_checkpointing_is_refused_clearly():
+    model = tiny_model(seed=7).train()
+    ids = random_ids(1, 6)
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model(ids, labels=ids).loss.backward()
 
 
 # ---------------------------------------------------------------------------------------------- MoE routing
@@ -232,10 +241,11 @@ def test_eval_routing_never_changes_the_bias():
         assert torch.equal(b, r.e_score_correction_bias)
 
 
-def test_bias_update_applies_at_the_next_forward_not_during_recomputation():
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}], ids=["default", "non-reentrant"])
+def test_bias_update_applies_at_the_next_forward_not_during_recomputation(kwargs):
     rate = 0.01
     model = tiny_model(seed=9, router_bias_update_rate=rate).train()
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     routers = _routers(model)
     bias0 = [r.e_score_correction_bias.clone() for r in routers]
     ids1, ids2 = random_ids(2, 12, seed=1), random_ids(2, 12, seed=2)
@@ -319,6 +329,36 @@ def test_packed_sequences_equal_separate_runs(how, dtype, rtol):
         logits = model(packed, **kwargs).logits[0]
     for i, ref in enumerate(_alone(model, seqs)):
         assert_close_rel(logits[bounds[i] : bounds[i + 1]], ref, rtol, f"packed sequence {i}")
+
+
+@pytest.mark.parametrize("layout", ["packed", "right-padded"])
+def test_packed_and_padded_gradients_equal_separate_runs(layout):
+    """Training on a packed or padded batch gives the gradients of the separate sequences (summed)."""
+    seqs = [random_ids(1, n, seed=50 + i)[0] for i, n in enumerate((13, 6))]
+    gen = torch.Generator().manual_seed(0)
+    probes = [torch.randn(len(s), TINY_VOCAB, generator=gen) for s in seqs]  # a fixed linear "loss" per token
+
+    def grads(model):
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = tiny_model(seed=14).train()
+    for s, probe in zip(seqs, probes):
+        (model(s[None]).logits[0] * probe).sum().backward()
+    expected = grads(model)
+
+    model = tiny_model(seed=14).train()
+    if layout == "packed":
+        position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+        logits = model(torch.cat(seqs)[None], position_ids=position_ids).logits[0]
+        (logits * torch.cat(probes)).sum().backward()
+    else:
+        ids, mask, spans = _padded(seqs, "right")
+        logits = model(ids, attention_mask=mask).logits
+        sum((logits[row, span] * probe).sum() for row, (span, probe) in enumerate(zip(spans, probes))).backward()
+    got = grads(model)
+    assert sorted(got) == sorted(expected)
+    for name, grad in expected.items():
+        assert_close_rel(got[name], grad, 1e-5, f"{layout} grad {name}")
 
 
 def test_eager_and_sdpa_agree_on_the_4d_mask_path():
