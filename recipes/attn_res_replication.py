@@ -31,11 +31,11 @@ from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM  # noqa: E
 
 PRESETS = {
     "tiny": dict(hidden=64, layers=2, heads=4, intermediate=128, seq=64, batch=8, steps=30, eval_every=10,
-                 eval_batches=4, lr=3e-3, warmup=5, block_size=2),
+                 eval_batches=4, lr=3e-3, warmup=5, block_size=2, docs=4000),
     "cpu": dict(hidden=128, layers=4, heads=4, intermediate=320, seq=128, batch=16, steps=300, eval_every=50,
-                eval_batches=8, lr=2e-3, warmup=30, block_size=4),
+                eval_batches=8, lr=2e-3, warmup=30, block_size=4, docs=4000),
     "gpu": dict(hidden=512, layers=12, heads=8, intermediate=1408, seq=512, batch=32, steps=2000, eval_every=200,
-                eval_batches=16, lr=1e-3, warmup=100, block_size=6),
+                eval_batches=16, lr=1e-3, warmup=100, block_size=6, docs=40000),
 }  # fmt: skip
 
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--tiny", action="store_true", help="shorthand for --preset tiny")
     p.add_argument("--modes", nargs="+", default=["standard", "block", "full"], choices=("standard", "block", "full"))
-    p.add_argument("--corpus", choices=CORPORA, default="grammar")
+    p.add_argument("--corpus", choices=CORPORA, default="grammar", help="--docs sets the grammar corpus' size")
     p.add_argument("--out", default="attn_res_replication", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -191,7 +191,7 @@ def write_outputs(rows: list[dict], args) -> str:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    train, val, tokenizer = token_splits(args.corpus, args.seq, seed=args.seed)
+    train, val, tokenizer = token_splits(args.corpus, args.seq, seed=args.seed, num_docs=args.docs)
     print(f"{args.corpus}: {train.numel():,} train / {val.numel():,} validation tokens; device {device}")
     rows = []
     for mode in args.modes:

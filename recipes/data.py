@@ -55,11 +55,12 @@ def grammar_corpus(num_docs: int = 4000, seed: int = 0) -> list[str]:
     return docs
 
 
-def documents(corpus: str, seed: int = 0) -> list[str]:
+def documents(corpus: str, seed: int = 0, num_docs: int = 4000) -> list[str]:
+    """The documents of ``corpus`` (``num_docs`` only applies to the generated grammar corpus)."""
     if corpus == "stdlib":
         return stdlib_corpus()
     if corpus == "grammar":
-        return grammar_corpus(seed=seed)
+        return grammar_corpus(num_docs=num_docs, seed=seed)
     raise ValueError(f"unknown corpus {corpus!r}: expected one of {CORPORA}")
 
 
@@ -80,12 +81,14 @@ def _blocks(tokenizer: ByteTokenizer, docs: list[str], seq_len: int) -> torch.Te
 
 
 def token_splits(
-    corpus: str, seq_len: int, val_fraction: float = 0.05, seed: int = 0
+    corpus: str, seq_len: int, val_fraction: float = 0.05, seed: int = 0, num_docs: int = 4000
 ) -> tuple[torch.Tensor, torch.Tensor, ByteTokenizer]:
-    """Train and validation blocks [N, seq_len] / [M, seq_len] (documents shuffled with ``seed`` then split)."""
+    """Train and validation blocks [N, seq_len] / [M, seq_len] (documents shuffled with ``seed`` then split).
+
+    The grammar corpus has about 280 tokens per document (``num_docs=4000``: 1.1M tokens)."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    docs = documents(corpus, seed)
+    docs = documents(corpus, seed, num_docs)
     random.Random(seed).shuffle(docs)
     n_val = max(1, int(len(docs) * val_fraction))
     tokenizer = ByteTokenizer()
