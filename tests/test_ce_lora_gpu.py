@@ -1,0 +1,89 @@
+"""CE-LoRA on a CUDA GPU: the Triton packing kernel in bf16 at real sizes, and training through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_rel
+from peft import get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kimi_hf.kernels.ce_lora import (
+    ce_grad_input,
+    ce_pack_grad_output,
+    channel_scores,
+    kept_channels,
+    low_rank_factors,
+    make_plan,
+    naive_ce_grad_input,
+    residual_row_norms,
+    select_channels,
+)
+from kimi_hf.peft import CELinear, CELoraConfig
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (1000, 333)])
+@pytest.mark.parametrize("ratio", [0.25, 0.65])
+def test_triton_pack_bf16_matches_reference(shape, ratio):
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features, device="cuda") / in_features**0.5
+    dy = torch.randn(2048 + 17, out_features, device="cuda")
+    b0, a0 = low_rank_factors(weight, 14)
+    keep = kept_channels(out_features, ratio, 14 + 16)
+    index = select_channels(channel_scores(dy, residual_row_norms(weight, b0, a0), "activation_aware"), keep)
+    plan = make_plan(weight, b0, a0, index, torch.bfloat16, lora_rank=16)
+    plan.set_lora(torch.randn(16, in_features, device="cuda").bfloat16(), torch.randn(out_features, 16, device="cuda").bfloat16())
+    dy16 = dy.bfloat16()
+    packed = ce_pack_grad_output(dy16, plan, "triton")
+    reference = ce_pack_grad_output(dy16, plan, "torch")
+    r_pad = plan.b0_pad.shape[1]
+    assert torch.equal(packed[:, r_pad:], reference[:, r_pad:])  # the kept columns are copies
+    assert_close_rel(packed[:, :r_pad], reference[:, :r_pad], 1e-2, "low-rank block")
+    expected = naive_ce_grad_input(dy.double(), weight.double(), b0.double(), a0.double(), index)
+    expected += (dy.double() @ plan.b0_pad[:, plan.lora_slots].double()) @ plan.stack[plan.lora_slots].double()
+    assert_close_rel(ce_grad_input(dy16, plan, "triton"), expected, 2e-2, "dX")
+
+
+def test_bf16_training_triton_matches_torch_backend():
+    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    ids = torch.randint(0, 512, (2, 256), device="cuda")
+    grads = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+        model = get_peft_model(model, CELoraConfig(r=16, lora_alpha=32, ce_ratio=0.5, init_lora_weights=False,
+                                                   target_modules=["q_proj", "o_proj", "up_proj", "down_proj"]))  # fmt: skip
+        states = [m.ce_state["default"] for m in model.modules() if isinstance(m, CELinear)]
+        for state in states:
+            state.backend = backend
+        model.train()
+        for _ in range(3):
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+        assert {s.steps for s in states if not s.exact} == {0, 3}  # 0: layer 0's q_proj input needs no dX
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[1].items():
+        assert_close_rel(grads[0][name], grad, 3e-2, name)
+
+
+def test_autocast_with_fp32_master_weights():
+    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config).cuda(), CELoraConfig(r=16, ce_ratio=0.5, init_lora_weights=False,
+                                                                          target_modules=["o_proj", "down_proj"]))  # fmt: skip
+    model.train()
+    ids = torch.randint(0, 512, (2, 128), device="cuda")
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in params)
