@@ -33,10 +33,8 @@ def _inputs(B, T, H, K, V, N=None, seed=0, decay=(0.0, 3.0), raw_gate=False):
 
 def _outputs(inputs, params, dtype, grads, backend, **options):
     low = {"q", "k", "v", "beta"}
-    leaves = {
-        n: x.detach().to(dtype if (n in low or dtype == torch.float64) else x.dtype).clone().requires_grad_(grads is not None)
-        for n, x in {**inputs, **params}.items()
-    }  # fmt: skip
+    cast = lambda n, x: x.to(dtype if (n in low or dtype == torch.float64) else x.dtype)  # noqa: E731
+    leaves = {n: cast(n, x).detach().clone().requires_grad_(grads is not None) for n, x in {**inputs, **params}.items()}
     o, s = chunk_kda(**leaves, output_final_state=True, backend=backend, **options)
     out = {"o": o, "final state": s}
     if grads is not None:

@@ -56,8 +56,8 @@ def _step(fn: Callable, inputs: dict, backward: bool, **kw) -> Callable[[], None
     return run
 
 
-def bench_chunk(B: int, T: int, H: int = 32, D: int = 128, with_torch: bool = False) -> list[dict]:
-    """Rows for one chunked shape: ours and fla, fwd and fwd+bwd (and the torch reference, fwd)."""
+def bench_chunk(B: int, T: int, H: int = 32, D: int = 128) -> list[dict]:
+    """Rows for one chunked shape: ours and fla, fwd and fwd+bwd."""
     fla_chunk, _ = _fla()
     rows = []
     for backward in (False, True):
@@ -69,13 +69,17 @@ def bench_chunk(B: int, T: int, H: int = 32, D: int = 128, with_torch: bool = Fa
             anchor = do_bench(_step(fla_chunk, inputs, backward, use_qk_l2norm_in_kernel=True), grad_to_none=grads)
         rows.append(dict(op="chunk_kda " + ("fwd+bwd" if backward else "fwd"), shape=f"B{B} T{T} H{H} D{D}",
                          ours_ms=ours, fla_ms=anchor, floor_ms=None))  # fmt: skip
-        if with_torch and not backward:
-            ref = do_bench(_step(chunk_kda, inputs, False, use_qk_l2norm_in_kernel=True, backend="torch"), rep=500)
-            rows.append(dict(op="chunk_kda fwd (torch reference)", shape=rows[-1]["shape"], ours_ms=ref,
-                             fla_ms=None, floor_ms=None))  # fmt: skip
         del inputs, grads
         torch.cuda.empty_cache()
     return rows
+
+
+def bench_torch_reference(B: int, T: int, H: int = 32, D: int = 128) -> list[dict]:
+    """The plain-torch chunked reference (our CPU path), forward only, on the GPU."""
+    inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, False)
+    ref = do_bench(_step(chunk_kda, inputs, False, use_qk_l2norm_in_kernel=True, backend="torch"), warmup=1, rep=1)
+    return [dict(op="chunk_kda fwd, torch reference", shape=f"B{B} T{T} H{H} D{D}", ours_ms=ref, fla_ms=None,
+                 floor_ms=None)]  # fmt: skip
 
 
 def bench_decode(B: int, H: int = 32, D: int = 128, bandwidth_tbs: float = 4.27) -> dict:
@@ -94,14 +98,26 @@ def bench_decode(B: int, H: int = 32, D: int = 128, bandwidth_tbs: float = 4.27)
                 floor_ms=floor)  # fmt: skip
 
 
-def run_benchmarks(quick: bool = False, bandwidth_tbs: float = 4.27) -> list[dict]:
-    """All rows (``quick``: only the first chunked shape and B1 decode)."""
+def run_benchmarks(
+    quick: bool = False, bandwidth_tbs: float = 4.27, report: Callable[[dict], None] | None = None
+) -> list[dict]:
+    """All rows (``quick``: only the first chunked shape and B1 decode); ``report`` sees each row as
+    it is measured. Order: first chunked shape, decode, the other shapes, the torch reference last."""
+    rows: list[dict] = []
+
+    def add(new: list[dict]) -> None:
+        rows.extend(new)
+        for row in new:
+            if report is not None:
+                report(row)
+
     shapes = CHUNK_SHAPES[:1] if quick else CHUNK_SHAPES
-    rows = []
-    for i, (B, T) in enumerate(shapes):
-        rows += bench_chunk(B, T, with_torch=i == 0)
+    add(bench_chunk(*shapes[0]))
     for B in DECODE_BATCHES[:1] if quick else DECODE_BATCHES:
-        rows.append(bench_decode(B, bandwidth_tbs=bandwidth_tbs))
+        add([bench_decode(B, bandwidth_tbs=bandwidth_tbs)])
+    for B, T in shapes[1:]:
+        add(bench_chunk(B, T))
+    add(bench_torch_reference(*shapes[0]))
     return rows
 
 
@@ -139,8 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    rows = run_benchmarks(quick=args.quick, bandwidth_tbs=args.bandwidth_tbs)
     env = environment()
+    rows = run_benchmarks(quick=args.quick, bandwidth_tbs=args.bandwidth_tbs, report=lambda r: print(r, flush=True))
     print(markdown_table(rows, env))
     if args.json:
         with open(args.json, "w") as f:

@@ -53,6 +53,21 @@ def _dims(K: int, V: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
 
 
+def _state_block_v(BK: int, V: int, programs_per_tile: int) -> int:
+    """V tile of the sequential state kernels: narrow enough to give every SM work (the pass is
+    latency-bound), and narrow for K = 256 to keep the [K, BV] fp32 state in registers."""
+    if BK > 128:
+        return 16
+    wide = min(64, max(16, triton.next_power_of_2(V)))
+    return 32 if programs_per_tile * triton.cdiv(V, wide) < 2 * _num_sms() else wide
+
+
+def _num_sms() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 1
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 dots (tf32 would cost ~1e-3 relative error); bf16/fp16 operands ignore it.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -91,28 +106,32 @@ def kda_chunk_fwd(
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=4,
     )  # fmt: skip
-    A_qk, P, M = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(3))
-    W = torch.empty(TT, H, K, device=dev, dtype=dt)
+    P, M = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(2))
+    A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
+    W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
+    gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     kda_intra_fwd_kernel[(NC, H)](
-        qn, kn, v, G, beta, A_qk, P, M, W, U, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=BK, BV=BV, IEEE=ieee, num_warps=8 if BK >= 128 else 4,
+        qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BC=SUB, BK=BK, BV=BV, IEEE=ieee,
+        num_warps=8 if BK >= 128 else 4, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    BVs = 32 if BK > 128 else BV
+    BVs = _state_block_v(BK, V, N * H)
+    # num_stages=1: software pipelining of the chunk loop would need more shared memory than Hopper has.
     kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
-        kn, G, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
+        kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=4,
+        num_warps=4, num_stages=1,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
     kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
-        qn, G, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=4,
+        qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
+        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=4, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
-    saved = dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, h=h, v_new=v_new)
+    saved = dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, qg=qg, kh=kh, gl=gl, h=h, v_new=v_new)
     return o, ht, saved
 
 
@@ -145,11 +164,12 @@ def kda_chunk_bwd(
     dh = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     dv_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if has_initial_state else None
-    BVs = 32 if BK > 128 else BV
+    BVs = _state_block_v(BK, V, N * H)
     kda_state_bwd_kernel[(N, H, triton.cdiv(V, BVs))](
-        saved["qn"], saved["kn"], saved["G"], saved["W"], saved["A_qk"], do, dh, dv_new, dht, dh0,
-        chunks.cu_seqlens, chunks.offsets, scale, H, K, V,
+        saved["qg"], saved["kh"], saved["gl"], saved["W"], saved["A_qk"], do, dh, dv_new, dht, dh0,
+        chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee, num_warps=4,
+        num_stages=1,
     )  # fmt: skip
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -162,7 +182,7 @@ def kda_chunk_bwd(
         saved["v_new"], dv_new, do, q, k, g, A_log, dt_bias,
         dq, dk, dv, dg, dbeta, dA_part, ddt_part, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BC=SUB, BK=BK, BV=BV, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, IEEE=ieee,
-        num_warps=8 if BK >= 128 else 4,
+        num_warps=8 if BK >= 128 else 4, num_stages=1,
     )  # fmt: skip
     dA_log = dA_part.sum(0) if use_gate else None
     ddt_bias = ddt_part.sum(0) if use_gate else None

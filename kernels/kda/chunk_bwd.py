@@ -20,45 +20,57 @@ from .chunk_fwd import _chunk_bounds, _load_cum_decay, _load_rows, _pick_row, _s
 
 @triton.jit
 def kda_state_bwd_kernel(
-    q, k, G, W, A_qk, do, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, scale, H, K, V,
+    qg, kh, gl, W, A_qk, do, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (sequence, head, V tile), chunks in reverse: writes dS' (gradient of each chunk's end state)
-    to ``dh [NC, H, K, V]`` and dV' to ``dv_new``; the gradient of the initial state to ``dh0``."""
+    to ``dh [NC, H, K, V]`` and dV' to ``dv_new``; the gradient of the initial state to ``dh0``.
+    The previous chunk's tiles are loaded before the current chunk's dots."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu_seqlens + i_n).to(tl.int32)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    cols_k = tl.arange(0, BK)
-    kmask = cols_k < K
+    idx = tl.arange(0, BT)
+    cols = tl.arange(0, BK)
+    cmask = cols < K
     cols_v = i_v * BV + tl.arange(0, BV)
     vmask = cols_v < V
-    st_offs = cols_k[:, None] * V + cols_v[None, :]
-    st_mask = kmask[:, None] & vmask[None, :]
+    st_offs = cols[:, None] * V + cols_v[None, :]
+    st_mask = cmask[:, None] & vmask[None, :]
     b_dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         b_dS += tl.load(dht + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, mask=st_mask, other=0.0)
     NT = tl.cdiv(eos - bos, BT)
+    i_t = NT - 1
+    rows = bos + i_t * BT + idx
+    rmask = (rows < eos) & (rows >= bos)
+    b_qg = _load_rows(qg, rows, rmask, cols, cmask, H, i_h, K)
+    b_kh = _load_rows(kh, rows, rmask, cols, cmask, H, i_h, K)
+    b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
+    b_A = _load_rows(A_qk, rows, rmask, idx, idx < BT, H, i_h, BT)
+    b_do = _load_rows(do, rows, rmask, cols_v, vmask, H, i_h, V)
+    b_gl = tl.load(gl + ((c0 + i_t) * H + i_h) * K + cols, mask=cols < K * tl.minimum(NT, 1), other=0.0)
     for i_r in range(0, NT):
         i_t = NT - 1 - i_r
-        t0 = bos + i_t * BT
         tl.store(dh + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_dS.to(dh.dtype.element_ty), mask=st_mask)
-        b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
-        b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
+        prows = rows - BT
+        pmask = prows >= bos
+        p_qg = _load_rows(qg, prows, pmask, cols, cmask, H, i_h, K)
+        p_kh = _load_rows(kh, prows, pmask, cols, cmask, H, i_h, K)
+        p_w = _load_rows(W, prows, pmask, cols, cmask, H, i_h, K)
+        p_A = _load_rows(A_qk, prows, pmask, idx, idx < BT, H, i_h, BT)
+        p_do = _load_rows(do, prows, pmask, cols_v, vmask, H, i_h, V)
+        has_prev = tl.minimum(i_t, 1)
+        p_gl = tl.load(gl + ((c0 + i_t - 1) * H + i_h) * K + cols, mask=cols < K * has_prev, other=0.0)
         dt = b_w.dtype
-        b_do = _load_rows(do, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
-        b_A = _load_rows(A_qk, rows, rmask, idx, idx < BT, H, i_h, BT).to(dt)
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        b_kh = (b_k * tl.exp(b_last[None, :] - b_G)).to(dt)
-        b_dSd = b_dS.to(dt)
-        b_dvn = tl.dot(tl.trans(b_A), b_do, input_precision=IEEE) + tl.dot(b_kh, b_dSd, input_precision=IEEE)
+        b_dvn = tl.dot(tl.trans(b_A), b_do, input_precision=IEEE)
+        b_dvn += tl.dot(b_kh, b_dS.to(dt), input_precision=IEEE)
         _store_rows(dv_new, b_dvn, rows, rmask, cols_v, vmask, H, i_h, V)
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        b_qg = (b_q * tl.exp(b_G) * scale).to(dt)
-        b_dS = b_dS * tl.exp(b_last)[:, None]
+        b_dS = b_dS * b_gl[:, None]
         b_dS += tl.dot(tl.trans(b_qg), b_do, input_precision=IEEE)
         b_dS -= tl.dot(tl.trans(b_w), b_dvn.to(dt), input_precision=IEEE)
+        rows, rmask, b_qg, b_kh, b_w, b_A, b_do, b_gl = prows, pmask, p_qg, p_kh, p_w, p_A, p_do, p_gl
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, b_dS, mask=st_mask)
 

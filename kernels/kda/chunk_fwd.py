@@ -21,7 +21,7 @@ import triton.language as tl
 
 @triton.jit
 def _load_rows(ptr, rows, rmask, cols, cmask, H, i_h, D):
-    """Load rows ``rows`` (global token indices) of head ``i_h`` of a ``[TT, H, D]`` tensor: ``[len(rows), len(cols)]``."""
+    """Rows ``rows`` (global token indices) of head ``i_h`` of a ``[TT, H, D]`` tensor, columns ``cols``."""
     offs = (rows[:, None].to(tl.int64) * H + i_h) * D + cols[None, :]
     return tl.load(ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0)
 
@@ -95,10 +95,12 @@ def kda_prep_fwd_kernel(
 
 @triton.jit
 def kda_intra_fwd_kernel(
-    q, k, v, G, beta, A_qk, P, M, W, U, chunk_indices, cu_seqlens, scale, H, K, V,
+    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): A_qk and P with exact in-chunk decays, M = (I + Diag(beta) P)^-1, then W and U.
+    Also what the sequential kernels would otherwise recompute: qg = scale * q * exp(G),
+    kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
 
     Pairs in different sub-blocks of BC rows use the first row r of the row's sub-block as a pivot,
     exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with both factors <= 1, giving tensor-core dots;
@@ -141,8 +143,12 @@ def kda_intra_fwd_kernel(
     _store_rows(A_qk, b_Aqk, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
     _store_rows(P, b_P, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
     _store_rows(M, b_M, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
+    b_gexp = tl.exp(b_G)
+    _store_rows(qg, b_q * b_gexp, rows, rmask, cols, cmask, H, i_h, K)
+    _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
+    tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
     b_Md = b_M.to(W.dtype.element_ty)
-    b_w = (b_k * tl.exp(b_G) * b_beta[:, None]).to(W.dtype.element_ty)
+    b_w = (b_k * b_gexp * b_beta[:, None]).to(W.dtype.element_ty)
     _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
     for i_v in range(0, tl.cdiv(V, BV)):
         cols_v = i_v * BV + tl.arange(0, BV)
@@ -154,59 +160,71 @@ def kda_intra_fwd_kernel(
 
 @triton.jit
 def kda_state_fwd_kernel(
-    k, G, W, U, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H, K, V,
+    kh, gl, W, U, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (sequence, head, V tile): the sequential state pass. Writes the state at the start of
-    every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``."""
+    every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
+    loaded before the current chunk's dots, so memory latency overlaps the math."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu_seqlens + i_n).to(tl.int32)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    cols_k = tl.arange(0, BK)
-    kmask = cols_k < K
+    cols = tl.arange(0, BK)
+    cmask = cols < K
     cols_v = i_v * BV + tl.arange(0, BV)
     vmask = cols_v < V
-    st_offs = cols_k[:, None] * V + cols_v[None, :]
-    st_mask = kmask[:, None] & vmask[None, :]
+    st_offs = cols[:, None] * V + cols_v[None, :]
+    st_mask = cmask[:, None] & vmask[None, :]
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, mask=st_mask, other=0.0)
-    for i_t in range(0, tl.cdiv(eos - bos, BT)):
-        t0 = bos + i_t * BT
+    NT = tl.cdiv(eos - bos, BT)
+    rows = bos + tl.arange(0, BT)
+    rmask = rows < eos
+    b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
+    b_u = _load_rows(U, rows, rmask, cols_v, vmask, H, i_h, V)
+    b_kh = _load_rows(kh, rows, rmask, cols, cmask, H, i_h, K)
+    b_gl = tl.load(gl + (c0 * H + i_h) * K + cols, mask=cols < K * tl.minimum(NT, 1), other=0.0)
+    for i_t in range(0, NT):
         tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_S.to(h.dtype.element_ty), mask=st_mask)
-        b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
-        b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
-        b_u = _load_rows(U, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32)
-        b_vn = b_u - tl.dot(b_w, b_S.to(b_w.dtype), input_precision=IEEE)
+        nrows = rows + BT
+        nmask = nrows < eos
+        n_w = _load_rows(W, nrows, nmask, cols, cmask, H, i_h, K)
+        n_u = _load_rows(U, nrows, nmask, cols_v, vmask, H, i_h, V)
+        n_kh = _load_rows(kh, nrows, nmask, cols, cmask, H, i_h, K)
+        has_next = tl.minimum(NT - 1 - i_t, 1)
+        n_gl = tl.load(gl + ((c0 + i_t + 1) * H + i_h) * K + cols, mask=cols < K * has_next, other=0.0)
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype), input_precision=IEEE)
         _store_rows(v_new, b_vn, rows, rmask, cols_v, vmask, H, i_h, V)
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        b_kh = (b_k * tl.exp(b_last[None, :] - b_G)).to(b_w.dtype)
-        b_S = b_S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(b_kh), b_vn.to(b_w.dtype), input_precision=IEEE)
+        b_S = b_S * b_gl[:, None] + tl.dot(tl.trans(b_kh), b_vn.to(b_w.dtype), input_precision=IEEE)
+        rows, rmask, b_w, b_u, b_kh, b_gl = nrows, nmask, n_w, n_u, n_kh, n_gl
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, b_S, mask=st_mask)
 
 
 @triton.jit
 def kda_output_fwd_kernel(
-    q, G, A_qk, h, v_new, o, chunk_indices, cu_seqlens, scale, H, K, V,
+    qg, A_qk, h, v_new, o, chunk_indices, cu_seqlens, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head, V tile): O = scale * (q * exp(G)) S + A_qk V'."""
+    """Per (chunk, head, V tile): O = qg S + A_qk V' (qg = scale * q * exp(G))."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
+    idx = tl.arange(0, BT)
+    rows = t0 + idx
+    rmask = rows < eos
+    cols = tl.arange(0, BK)
+    cmask = cols < K
     cols_v = i_v * BV + tl.arange(0, BV)
     vmask = cols_v < V
     b_vn = _load_rows(v_new, rows, rmask, cols_v, vmask, H, i_h, V)
-    dt = b_vn.dtype
-    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    b_qg = (b_q * tl.exp(b_G) * scale).to(dt)
+    b_qg = _load_rows(qg, rows, rmask, cols, cmask, H, i_h, K)
     b_S = tl.load(
         h + (i_c * H + i_h).to(tl.int64) * K * V + cols[:, None] * V + cols_v[None, :],
         mask=cmask[:, None] & vmask[None, :], other=0.0,
-    ).to(dt)  # fmt: skip
-    b_A = _load_rows(A_qk, rows, rmask, idx, idx < BT, H, i_h, BT).to(dt)
+    )  # fmt: skip
+    b_A = _load_rows(A_qk, rows, rmask, idx, idx < BT, H, i_h, BT)
     b_o = tl.dot(b_qg, b_S, input_precision=IEEE) + tl.dot(b_A, b_vn, input_precision=IEEE)
     _store_rows(o, b_o, rows, rmask, cols_v, vmask, H, i_h, V)
