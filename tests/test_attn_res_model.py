@@ -182,7 +182,9 @@ def test_gpu_two_phase_and_cached_generation_fp32():
         one_pass = model(ids).logits
         model.model.attn_res.two_phase = True
     assert_close_rel(two_phase, one_pass, 1e-5, "two-phase vs one-pass logits")
-    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    generated = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0
+    )
     seq = ids
     with torch.no_grad():
         for _ in range(8):

@@ -183,8 +183,8 @@ def depth_attention_phase2(
 
         d = out.shape[-1]
         u = query.float() * gain.float()
-        h = phase2(out.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous(), partial.reshape(-1, d).contiguous(), u, eps)
-        return h.view(partial.shape)
+        flat = (out.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous(), partial.reshape(-1, d).contiguous())
+        return phase2(*flat, u, eps).view(partial.shape)
     return torch_phase2(out, lse, partial, query, gain, eps)
 
 

@@ -130,7 +130,9 @@ class AttnResConfig(PreTrainedConfig):
                     f"(2 * num_hidden_layers sublayers), got {size!r}"
                 )
         if self.attn_res_backend is not None and self.attn_res_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"attn_res_backend must be None or one of {KERNEL_BACKENDS}, got {self.attn_res_backend!r}")
+            raise ValueError(
+                f"attn_res_backend must be None or one of {KERNEL_BACKENDS}, got {self.attn_res_backend!r}"
+            )
 
 
 __all__ = ["AttnResConfig"]

@@ -28,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from kimi_hf.kernels.attn_res import rms_norm
 from kimi_hf.modules import AttentionResiduals, AttnResState
+from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
 
 from .configuration_attn_res import AttnResConfig
 
@@ -259,18 +260,6 @@ class AttnResModel(AttnResPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _check_checkpointing(self) -> None:
-        # Decoder layers exchange the residual state as a Python object: only non-reentrant checkpointing
-        # (the transformers default) sees the tensors inside it.
-        if not (self.gradient_checkpointing or any(layer.gradient_checkpointing for layer in self.layers)):
-            return
-        func = getattr(self.layers[0], "_gradient_checkpointing_func", None)
-        if getattr(func, "keywords", {}).get("use_reentrant", False):
-            raise ValueError(
-                "AttnRes decoder layers need non-reentrant gradient checkpointing: "
-                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
-            )
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -296,8 +285,8 @@ class AttnResModel(AttnResPreTrainedModel):
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         kwargs.pop("output_attentions", None)
-        if self.training:
-            self._check_checkpointing()
+        if self.training:  # the residual state is a Python object: only non-reentrant checkpointing sees it
+            check_non_reentrant_checkpointing(self.layers)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
