@@ -25,6 +25,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
+from kimi_hf.kernels.attn_res import rms_norm
 from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
@@ -149,7 +150,8 @@ def build_sequence_layout(
 
 # ---------------------------------------------------------------------------------------------------- norms
 class KimiLinearRMSNorm(nn.Module):
-    """RMSNorm computed in fp32; the weight multiplies the result cast back to the input dtype."""
+    """RMSNorm computed in fp32 (fp64 for fp64 inputs); the weight multiplies the result cast back to the
+    input dtype. The decoder layers' PreNorms run fused into the residual stream's read (see the layer)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -157,10 +159,7 @@ class KimiLinearRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 class KimiLinearGatedRMSNorm(nn.Module):
@@ -526,20 +525,21 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
         residual_state: AttnResState,
         attn_res: AttentionResiduals,
         layout: SequenceLayout,
         cache: KimiLinearCache | None = None,
     ) -> tuple[AttnResState, torch.Tensor | None]:
-        """``hidden_states [B, T, hidden]`` is the attention sublayer's input (``attn_res.sublayer_input``).
+        """Run both sublayers; returns the residual state after them and the router logits (None if dense).
 
-        Returns the residual state after both sublayers and the router logits (None for a dense layer).
+        Each PreNorm is fused into its sublayer's input (``attn_res.sublayer_input(state, weight, eps)``):
+        with AttnRes on the Triton training path the input is then recomputed in backward, not stored.
         """
-        state = attn_res.add_sublayer_output(
-            residual_state, self.self_attn(self.input_layernorm(hidden_states), layout, cache)
-        )
-        h = self.post_attention_layernorm(attn_res.sublayer_input(state))
+        norm = self.input_layernorm
+        h = attn_res.sublayer_input(residual_state, norm.weight, norm.variance_epsilon)
+        state = attn_res.add_sublayer_output(residual_state, self.self_attn(h, layout, cache))
+        norm = self.post_attention_layernorm
+        h = attn_res.sublayer_input(state, norm.weight, norm.variance_epsilon)
         ff, router_logits = self.block_sparse_moe(h) if self.is_moe else (self.mlp(h), None)
         return attn_res.add_sublayer_output(state, ff), router_logits
 
@@ -668,10 +668,9 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         all_hidden: list[torch.Tensor] = []
         all_router_logits: list[torch.Tensor] = []
         for layer in self.layers:
-            hidden_states = self.attn_res.sublayer_input(state)
             if output_hidden_states:
-                all_hidden.append(hidden_states)
-            state, router_logits = layer(hidden_states, state, attn_res=self.attn_res, layout=layout, cache=cache)
+                all_hidden.append(self.attn_res.sublayer_input(state))
+            state, router_logits = layer(state, attn_res=self.attn_res, layout=layout, cache=cache)
             if output_router_logits and router_logits is not None:
                 all_router_logits.append(router_logits)
         hidden_states = self.norm(self.attn_res.final_output(state))
