@@ -46,5 +46,7 @@ def gated_rms_norm(
     if resolve_backend(backend, x) == "torch":
         return naive_gated_rms_norm(x, gate, weight, eps, activation)
     if x.shape[-1] > MAX_TRITON_DIM:
-        raise ValueError(f"the Triton gated_rms_norm keeps a row in registers: D <= {MAX_TRITON_DIM}, got {x.shape[-1]}")
+        raise ValueError(
+            f"the Triton gated_rms_norm keeps a row in registers: D <= {MAX_TRITON_DIM}, got {x.shape[-1]}"
+        )
     return GatedRMSNormFunction.apply(x, gate, weight, eps, activation)

@@ -25,8 +25,8 @@ def _fused_recurrent_kda_fwd_kernel(
     L2_EPS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1).to(tl.int64)
+    i_nh = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -110,7 +110,8 @@ def fused_recurrent_kda_fwd(
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``.
         g: ``[B, T, H, K]`` log-decay, or with ``use_gate_in_kernel`` the raw gate turned into
-            ``-exp(A_log[h]) * softplus(g + dt_bias)`` (A_log ``[H]``/``[1, 1, H, 1]``, dt_bias ``[H*K]``/``[H, K]``).
+            ``-exp(A_log[h]) * softplus(g + dt_bias)`` (A_log ``[H]`` or ``[1, 1, H, 1]``, dt_bias
+            ``[H*K]`` or ``[H, K]``).
         scale: query scale.
         initial_state: ``[N, H, K, V]`` (read as fp32) or None; N = B or ``len(cu_seqlens) - 1``.
         output_final_state: return the final ``[N, H, K, V]`` fp32 state.
@@ -125,8 +126,8 @@ def fused_recurrent_kda_fwd(
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    q, k, v, g, beta = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v, g, beta))
-    if initial_state is not None and not inplace_final_state and not initial_state.is_contiguous():
+    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    if initial_state is not None and not inplace_final_state:
         initial_state = initial_state.contiguous()
     if use_gate_in_kernel:
         A_log, dt_bias = (t.contiguous() for t in gate_params(A_log, dt_bias, H, K))
@@ -139,7 +140,8 @@ def fused_recurrent_kda_fwd(
     o = q.new_empty(B, T, H, V)
     block_k = triton.next_power_of_2(K)
     block_v = _block_v(N * H, V) if block_v is None else block_v
-    _fused_recurrent_kda_fwd_kernel[(triton.cdiv(V, block_v), N * H)](
+    # N * H on the first grid axis: the others stop at 65535 programs.
+    _fused_recurrent_kda_fwd_kernel[(N * H, triton.cdiv(V, block_v))](
         q, k, v, g, beta, o, initial_state, final_state, A_log, dt_bias, cu_seqlens, scale, T,
         H=H, K=K, V=V, BK=block_k, BV=block_v, L2_EPS=L2NORM_EPS,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
