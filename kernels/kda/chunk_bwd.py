@@ -136,22 +136,26 @@ def kda_intra_bwd_kernel(
     b_dbeta += tl.sum(b_dA * b_P, axis=1)
     b_dP = b_dA * b_beta[:, None]
     b_dAqk = tl.where(lower & (rows < eos)[:, None], b_dAqk, 0.0)
+    # Direct terms, then the pairwise ones added in place (3 accumulators keep register use down):
+    # dkp collects the k terms that carry exp(+G), dkm those with exp(-G); G's gradient is
+    # q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
+    b_dq = b_dq * b_gexp * scale
+    b_dkp = b_dkg * b_gexp
+    b_dkm = b_dkh * tl.exp(b_last[None, :] - b_G)
+    b_dlast = b_dlast * tl.exp(b_last) + tl.sum(b_dkm * b_k, axis=0)
     # Pairwise terms; qs = scale * q. lo: this row is the later (query) side; hi: the earlier (key) side.
     b_qs = b_q * scale
-    b_dqs = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk_lo = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk_hi = tl.zeros([BT, BK], dtype=tl.float32)
     blk = idx // BC
     for m in tl.static_range(1, BT // BC):
         b_Gr = _pick_row(b_G, idx, m * BC)
         b_to_row = tl.exp(tl.where((blk == m)[:, None], b_G - b_Gr[None, :], float("-inf")))
         b_from_piv = tl.exp(tl.where((idx < m * BC)[:, None], b_Gr[None, :] - b_G, float("-inf")))
         b_kp = b_k * b_from_piv
-        b_dqs += b_to_row * tl.dot(b_dAqk, b_kp, input_precision=IEEE)
-        b_dk_lo += b_to_row * tl.dot(b_dP, b_kp, input_precision=IEEE)
+        b_dq += b_to_row * tl.dot(b_dAqk, b_kp, input_precision=IEEE) * scale
+        b_dkp += b_to_row * tl.dot(b_dP, b_kp, input_precision=IEEE)
         b_hi = tl.dot(tl.trans(b_dAqk), b_qs * b_to_row, input_precision=IEEE)
         b_hi += tl.dot(tl.trans(b_dP), b_k * b_to_row, input_precision=IEEE)
-        b_dk_hi += b_from_piv * b_hi
+        b_dkm += b_from_piv * b_hi
     b_dAqk_t = tl.trans(b_dAqk)
     b_dP_t = tl.trans(b_dP)
     for jj in range(0, BC):
@@ -163,22 +167,17 @@ def kda_intra_bwd_kernel(
         b_kp = _load_rows(k, p_rows, p_in, cols, cmask, H, i_h, K).to(tl.float32)
         b_qp = _load_rows(q, p_rows, p_in, cols, cmask, H, i_h, K).to(tl.float32) * scale
         b_Gp = _load_rows(G, p_rows, p_in, cols, cmask, H, i_h, K).to(tl.float32)
-        b_elo = tl.exp(tl.where(lo[:, None], b_G - b_Gp, float("-inf")))
+        b_kelo = b_kp * tl.exp(tl.where(lo[:, None], b_G - b_Gp, float("-inf")))
         b_ehi = tl.exp(tl.where(hi[:, None], b_Gp - b_G, float("-inf")))
         at_p = idx[None, :] == p[:, None]
         z_qk_ip = tl.sum(tl.where(at_p, b_dAqk, 0.0), axis=1)
         z_p_ip = tl.sum(tl.where(at_p, b_dP, 0.0), axis=1)
         z_qk_pi = tl.sum(tl.where(at_p, b_dAqk_t, 0.0), axis=1)
         z_p_pi = tl.sum(tl.where(at_p, b_dP_t, 0.0), axis=1)
-        b_dqs += z_qk_ip[:, None] * b_kp * b_elo
-        b_dk_lo += z_p_ip[:, None] * b_kp * b_elo
-        b_dk_hi += (z_qk_pi[:, None] * b_qp + z_p_pi[:, None] * b_kp) * b_ehi
-    b_dq = b_dq * b_gexp * scale + b_dqs * scale
-    b_dkg = b_dkg * b_gexp
-    b_dkh = b_dkh * tl.exp(b_last[None, :] - b_G)
-    # G enters q terms and the k exp(+G) terms with +, the k exp(-G) terms with -.
-    b_dG = b_q * b_dq + b_k * (b_dkg + b_dk_lo - b_dkh - b_dk_hi)
-    b_dlast = b_dlast * tl.exp(b_last) + tl.sum(b_dkh * b_k, axis=0)
+        b_dq += (z_qk_ip * scale)[:, None] * b_kelo
+        b_dkp += z_p_ip[:, None] * b_kelo
+        b_dkm += (z_qk_pi[:, None] * b_qp + z_p_pi[:, None] * b_kp) * b_ehi
+    b_dG = b_q * b_dq + b_k * (b_dkp - b_dkm)
     b_dG += tl.where((idx == n_valid - 1)[:, None], b_dlast[None, :], 0.0)
     b_dG = tl.where(rmask[:, None], b_dG, 0.0)
     b_dg = tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
@@ -201,9 +200,9 @@ def kda_intra_bwd_kernel(
         b_dq = (b_dq - b_q * tl.sum(b_q * b_dq, axis=1)[:, None]) * b_rstd[:, None]
         b_x = _load_rows(k_raw, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
         b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)
-        b_dk = b_dkg + b_dkh + b_dk_lo + b_dk_hi
+        b_dk = b_dkp + b_dkm
         b_dk = (b_dk - b_k * tl.sum(b_k * b_dk, axis=1)[:, None]) * b_rstd[:, None]
     else:
-        b_dk = b_dkg + b_dkh + b_dk_lo + b_dk_hi
+        b_dk = b_dkp + b_dkm
     _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(dk, b_dk, rows, rmask, cols, cmask, H, i_h, K)
