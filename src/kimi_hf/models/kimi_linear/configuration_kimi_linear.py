@@ -9,6 +9,7 @@ what we save. In particular ``linear_attn_config["kda_layers"]`` and ``["full_at
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -189,8 +190,8 @@ class KimiLinearConfig(PreTrainedConfig):
             )
         if linear_attn_config is None:
             linear_attn_config = _default_linear_attn_config(num_hidden_layers)
-        # Copies, so that the caller's dict (often the json one) is never aliased.
-        self.linear_attn_config = dict(linear_attn_config)
+        # A deep copy, so that the caller's dict (often the json one) and its lists are never aliased.
+        self.linear_attn_config = copy.deepcopy(dict(linear_attn_config))
         self.residual = residual
         self.attn_res_block_size = attn_res_block_size
         super().__init__(

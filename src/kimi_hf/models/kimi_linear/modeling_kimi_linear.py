@@ -91,6 +91,18 @@ def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([starts, total]).to(torch.int32)
 
 
+def _mla_mask(keep: torch.Tensor | None, past_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[B or 1, 1, T, past + T]`` causal mask (True = attend) over keys that ``keep [B, past + T]`` marks real."""
+    query_pos = torch.arange(past_len, past_len + seq_len, device=device)
+    key_pos = torch.arange(past_len + seq_len, device=device)
+    mask = (key_pos[None, :] <= query_pos[:, None])[None]
+    if keep is not None:
+        # A padding query may see nothing; let it see itself so that softmax stays finite (its output is
+        # never used by a real token: KDA layers drop padding and MLA masks padding keys).
+        mask = (mask & keep[:, None, :]) | (key_pos[None, :] == query_pos[:, None])[None]
+    return mask[:, None]
+
+
 def build_sequence_layout(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
@@ -118,26 +130,26 @@ def build_sequence_layout(
         mask = causal & (segment[:, None] == segment[None, :])
         return SequenceLayout(indices=None, cu_seqlens=cu_seqlens, mla_mask=mask[None, None])
 
-    if attention_mask is None:
-        return SequenceLayout(None, None, None)
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be 2-D [batch, past + seq_len], got shape {tuple(attention_mask.shape)}")
-    total = past_len + seq_len
-    if attention_mask.shape != (batch, total):
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {total}) "
-            f"(past {past_len} + current {seq_len} tokens)"
-        )
-    keep = attention_mask.to(device=device, dtype=torch.bool)
-    if bool(keep.all()):
-        return SequenceLayout(None, None, None)
-    query_pos = torch.arange(past_len, total, device=device)
-    key_pos = torch.arange(total, device=device)
-    mask = (key_pos[None, :] <= query_pos[:, None])[None] & keep[:, None, :]
-    # A padding query may see nothing; let it see itself so that softmax stays finite (its output is
-    # never used by a real token: KDA layers drop padding and MLA masks padding keys).
-    mask |= (key_pos[None, :] == query_pos[:, None])[None]
-    mask = mask[:, None]
+    keep = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, past + seq_len], got shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.shape != (batch, past_len + seq_len):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {past_len + seq_len}) "
+                f"(past {past_len} + current {seq_len} tokens)"
+            )
+        keep = attention_mask.to(device=device, dtype=torch.bool)
+        if bool(keep.all()):
+            keep = None
+    if keep is None:
+        # Causal attention needs no mask unless several new tokens follow cached ones (sdpa's is_causal
+        # aligns the triangle to the top-left corner).
+        mask = _mla_mask(None, past_len, seq_len, device) if past_len and seq_len > 1 else None
+        return SequenceLayout(None, None, mask)
+    mask = _mla_mask(keep, past_len, seq_len, device)
     current = keep[:, past_len:]
     # A decoded token is real in generate(): only a multi-token step can bring new padding.
     if seq_len == 1 or bool(current.all()):
@@ -704,11 +716,12 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         """As :meth:`transformers.PreTrainedModel.from_pretrained`; also reads checkpoints written by
         transformers' native class (dense MLP saved as ``block_sparse_moe.{gate,up,down}_proj``)."""
         kwargs.setdefault("key_mapping", NATIVE_DENSE_MLP_KEY_MAPPING)
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
         # transformers would replay the renaming backwards on save; our module names are already the
         # official checkpoint names, which is what save_pretrained must write.
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
         model._weight_conversions = None
-        return model
+        return loaded
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
