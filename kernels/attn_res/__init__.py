@@ -155,8 +155,7 @@ def depth_attention_phase1(
     if bank.backend == "triton":
         from .two_phase import phase1
 
-        u = queries.float() * gains.float()
-        out, lse = phase1(bank.storage, bank.num_sources, u)
+        out, lse = phase1(bank.storage, bank.num_sources, queries, gains)
         lead = tuple(bank.storage.shape[:-1])
         return out.view(len(queries), *lead, d), lse.view(len(queries), *lead)
     return torch_phase1(bank.handles, bank.rstds, queries, gains)
@@ -165,27 +164,35 @@ def depth_attention_phase1(
 def depth_attention_phase2(
     out: torch.Tensor,
     lse: torch.Tensor,
-    partial: torch.Tensor,
+    partial: torch.Tensor | None,
     query: torch.Tensor,
     gain: torch.Tensor,
     eps: float = 1e-6,
     backend: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Phase 2: merge one query's phase-1 ``out`` [..., D] / ``lse`` [...] with ``partial`` [..., D] (exact)."""
-    _inference_only(query, gain, partial)
-    if out.shape != partial.shape or lse.shape != out.shape[:-1]:
-        raise ValueError(
-            f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {tuple(lse.shape)}, partial {tuple(partial.shape)}"
-        )
-    _check_query(query, out.shape[-1], "query")
-    if resolve_backend(backend, partial) == "triton":
+    """Phase 2: merge one query's phase-1 ``out`` [..., D] / ``lse`` [...] with ``partial`` [..., D] (exact).
+
+    ``partial=None`` (first sublayer of a block) returns ``out``; ``norm_weight`` applies the sublayer's PreNorm
+    as in :func:`depth_attention` (fused into the same kernel on the Triton backend).
+    """
+    _inference_only(query, gain, *([partial] if partial is not None else []))
+    if lse.shape != out.shape[:-1] or (partial is not None and partial.shape != out.shape):
+        shape = tuple(partial.shape) if partial is not None else None
+        raise ValueError(f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {tuple(lse.shape)}, partial {shape}")
+    d = out.shape[-1]
+    _check_query(query, d, "query")
+    if partial is None and norm_weight is None:
+        return out
+    if resolve_backend(backend, out) == "triton":
         from .two_phase import phase2
 
-        d = out.shape[-1]
-        u = query.float() * gain.float()
-        flat = (out.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous(), partial.reshape(-1, d).contiguous())
-        return phase2(*flat, u, eps).view(partial.shape)
-    return torch_phase2(out, lse, partial, query, gain, eps)
+        flat = (out.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous())
+        part = partial.reshape(-1, d).contiguous() if partial is not None else None
+        return phase2(*flat, part, query, gain, eps, norm_weight, norm_eps).view(out.shape)
+    h = torch_phase2(out, lse, partial, query, gain, eps) if partial is not None else out
+    return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
 
 
 __all__ = [

@@ -2,12 +2,20 @@
 
 Layout: every source is a row-major [M, D] matrix (M = batch * tokens). Completed sources live in one
 store [S_max, M, D] written once each (never stacked again) with their rsqrt statistics cached in
-rstd [S_max, M] float32. ``u = query * gain`` turns the key RMSNorm + dot into ``s_i = rstd_i * (u . v_i)``.
+rstd [S_max, M] float32. ``u = query * gain`` (formed in-kernel) turns the key RMSNorm + dot into
+``s_i = rstd_i * (u . v_i)``.
 One program handles one token row with the whole hidden dimension in registers (D <= 16384).
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _query_key(q_ptr, g_ptr, offsets, mask):
+    """u = query * gain in float32: the key RMSNorm's gain folded into the pseudo-query."""
+    q = tl.load(q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return q * tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -27,7 +35,7 @@ def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.cons
 
 @triton.jit
 def depth_attn_fwd_kernel(
-    store_ptr, rstd_ptr, part_ptr, u_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
+    store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
     n_src, M, D, eps, norm_eps,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -39,7 +47,7 @@ def depth_attn_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    u = tl.load(u_ptr + cols, mask=mask, other=0.0)
+    u = _query_key(q_ptr, g_ptr, cols, mask)
     m = tl.full((), float("-inf"), tl.float32)
     denom = tl.full((), 0.0, tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -75,7 +83,8 @@ def depth_attn_fwd_kernel(
 
 @triton.jit
 def depth_attn_bwd_kernel(
-    store_ptr, rstd_ptr, part_ptr, u_ptr, wn_ptr, dout_ptr, lse_ptr, hrstd_ptr, gstore_ptr, dpart_ptr, du_ptr, dwn_ptr,
+    store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, dout_ptr, lse_ptr, hrstd_ptr, gstore_ptr, dpart_ptr, du_ptr,
+    dwn_ptr,
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
 ):  # fmt: skip
@@ -93,7 +102,7 @@ def depth_attn_bwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     idx = tl.arange(0, N_PAD)
-    u = tl.load(u_ptr + cols, mask=mask, other=0.0)
+    u = _query_key(q_ptr, g_ptr, cols, mask)
     du = tl.zeros((BLOCK_D,), tl.float32)
     dwn = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_NORM:
@@ -164,11 +173,11 @@ def depth_attn_bwd_kernel(
 
 @triton.jit
 def phase1_kernel(
-    store_ptr, rstd_ptr, u_ptr, out_ptr, lse_ptr,
+    store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr,
     n_src, n_q, M, D,
     Q_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Two-phase inference, phase 1: n_q pseudo-queries (u [n_q, D]) against the n_src completed sources.
+    """Two-phase inference, phase 1: n_q pseudo-queries (q, g [n_q, D]) against the n_src completed sources.
 
     Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. The hidden dimension is
     walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile stays in registers.
@@ -184,7 +193,7 @@ def phase1_kernel(
             cols = d0 + tl.arange(0, BLOCK_D)
             mask = cols < D
             v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + qs[:, None] * D + cols[None, :], mask=q_mask[:, None] & mask[None, :], other=0.0)
+            u = _query_key(q_ptr, g_ptr, qs[:, None] * D + cols[None, :], q_mask[:, None] & mask[None, :])
             dots += tl.sum(u * v[None, :], axis=1)
         r = tl.load(rstd_ptr + i * M + row)
         scores = tl.where(idx[None, :] == i, (r * dots)[:, None], scores)
@@ -208,18 +217,29 @@ def phase1_kernel(
 
 
 @triton.jit
-def phase2_kernel(o_ptr, lse_ptr, part_ptr, u_ptr, h_ptr, D, eps, BLOCK_D: tl.constexpr):
-    """Two-phase inference, phase 2: merge one query's phase-1 row with the partial-sum source (online softmax)."""
+def phase2_kernel(
+    o_ptr, lse_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, D, eps, norm_eps,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Two-phase inference, phase 2: merge one query's phase-1 row with the partial-sum source (online softmax),
+    then (HAS_NORM) the sublayer's PreNorm, as in ``depth_attn_fwd_kernel``: one launch per sublayer."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    u = tl.load(u_ptr + cols, mask=mask, other=0.0)
-    o = tl.load(o_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + row)
-    s = tl.sum(u * vp, axis=0) / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
-    m = tl.maximum(lse, s)
-    w_o = tl.exp(lse - m)
-    w_p = tl.exp(s - m)
-    h = (w_o * o + w_p * vp) / (w_o + w_p)
-    tl.store(h_ptr + row * D + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
+    h = tl.load(o_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PARTIAL:
+        u = _query_key(q_ptr, g_ptr, cols, mask)
+        vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + row)
+        s = tl.sum(u * vp, axis=0) / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
+        m = tl.maximum(lse, s)
+        w_o = tl.exp(lse - m)
+        w_p = tl.exp(s - m)
+        h = (w_o * h + w_p * vp) / (w_o + w_p)
+    h = h.to(h_ptr.dtype.element_ty)
+    if HAS_NORM:
+        hf = h.to(tl.float32)
+        hr = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + norm_eps)
+        wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        h = ((hf * hr).to(h_ptr.dtype.element_ty).to(tl.float32) * wn).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + row * D + cols, h, mask=mask)

@@ -75,11 +75,12 @@ def depth_attn_fwd(
     storage: SourceStorage,
     n: int,
     partial: torch.Tensor | None,
-    u: torch.Tensor,
+    query: torch.Tensor,
+    gain: torch.Tensor,
     norm_weight: torch.Tensor | None,
     norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Forward over the first ``n`` stored sources (+ ``partial`` [M, D]); ``u`` = query * gain (float32 [D]).
+    """Forward over the first ``n`` stored sources (+ ``partial`` [M, D]) for ``query``/``gain`` [D].
 
     Returns out [M, D] (h, or the PreNorm of h with ``norm_weight``), lse [M] float32 and, with the norm,
     h's rsqrt statistic [M] float32.
@@ -90,8 +91,8 @@ def depth_attn_fwd(
     lse = torch.empty((m,), dtype=torch.float32, device=dev)
     h_rstd = torch.empty((m,), dtype=torch.float32, device=dev) if norm_weight is not None else None
     _triton.depth_attn_fwd_kernel[(m,)](
-        storage.store, storage.rstd, partial if partial is not None else out, u,
-        norm_weight if norm_weight is not None else u, out, lse, h_rstd if h_rstd is not None else lse,
+        storage.store, storage.rstd, partial if partial is not None else out, query, gain,
+        norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
         BLOCK_D=block_d(d), num_warps=num_warps(d),
@@ -110,7 +111,8 @@ def depth_attn_bwd(
     storage: SourceStorage,
     n: int,
     partial: torch.Tensor | None,
-    u: torch.Tensor,
+    query: torch.Tensor,
+    gain: torch.Tensor,
     norm_weight: torch.Tensor | None,
     dout: torch.Tensor,
     lse: torch.Tensor,
@@ -118,7 +120,8 @@ def depth_attn_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Accumulate the stored sources' gradients into ``storage.grad``.
 
-    Returns (dpartial [M, D] or None, du [D] float32, dnorm_weight [D] float32 or None).
+    Returns (dpartial [M, D] or None, du [D] float32 (gradient of u = query * gain), dnorm_weight [D] float32
+    or None).
     """
     m, d = storage.store.shape[1:]
     grid = _backward_grid(m, dout.device)
@@ -128,8 +131,8 @@ def depth_attn_bwd(
     dpart = torch.empty_like(partial) if partial is not None else None
     gstore = storage.grad_buffer()
     _triton.depth_attn_bwd_kernel[(grid,)](
-        storage.store, storage.rstd, partial if partial is not None else dout, u,
-        norm_weight if norm_weight is not None else u, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
+        storage.store, storage.rstd, partial if partial is not None else dout, query, gain,
+        norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
         dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
@@ -177,10 +180,10 @@ class DepthAttentionFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.set_materialize_grads(False)
         m, d = storage.store.shape[1:]
-        u = query.float() * gain.float()
+        query, gain = query.contiguous(), gain.contiguous()
         part2 = partial.reshape(m, d).contiguous() if partial is not None else None
         wn = norm_weight.contiguous() if norm_weight is not None else None
-        out, lse, h_rstd = depth_attn_fwd(storage, n, part2, u, wn, norm_eps)
+        out, lse, h_rstd = depth_attn_fwd(storage, n, part2, query, gain, wn, norm_eps)
         ctx.save_for_backward(query, gain, part2, wn, lse, h_rstd)
         ctx.storage, ctx.n = storage, n
         return out.view(storage.shape)
@@ -192,9 +195,8 @@ class DepthAttentionFunction(torch.autograd.Function):
         query, gain, part2, wn, lse, h_rstd = ctx.saved_tensors
         storage = ctx.storage
         m, d = storage.store.shape[1:]
-        u = query.float() * gain.float()
         dout2 = dout.reshape(m, d).to(storage.store.dtype).contiguous()
-        dpart, du, dwn = depth_attn_bwd(storage, ctx.n, part2, u, wn, dout2, lse, h_rstd)
+        dpart, du, dwn = depth_attn_bwd(storage, ctx.n, part2, query, gain, wn, dout2, lse, h_rstd)
         dquery = (du * gain.float()).to(query.dtype)
         dgain = (du * query.float()).to(gain.dtype)
         dpartial = dpart.view(storage.shape) if dpart is not None else None

@@ -157,16 +157,11 @@ class AttentionResiduals(nn.Module):
         """
         sub = self._check_running(state)
         if self.mode == "standard":
-            h = state.partial
-        elif not self._use_two_phase():
+            return rms_norm(state.partial, norm_weight, norm_eps) if norm_weight is not None else state.partial
+        if not self._use_two_phase():
             return depth_attention(
                 state.bank, self.queries[sub], self.norm_weight[sub], state.partial, norm_weight, norm_eps
             )
-        else:
-            h = self._two_phase_input(state, sub)
-        return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
-
-    def _two_phase_input(self, state: AttnResState, sub: int) -> torch.Tensor:
         block, pos = divmod(sub, self.block_size)
         if block not in state.phase1:
             start = block * self.block_size
@@ -175,11 +170,10 @@ class AttentionResiduals(nn.Module):
                 state.bank, self.queries[start:stop], self.norm_weight[start:stop]
             )
         out, lse = state.phase1[block]
-        if state.partial is None:
-            return out[pos]
         return depth_attention_phase2(
-            out[pos], lse[pos], state.partial, self.queries[sub], self.norm_weight[sub], self.eps, state.bank.backend
-        )
+            out[pos], lse[pos], state.partial, self.queries[sub], self.norm_weight[sub], self.eps,
+            state.bank.backend, norm_weight, norm_eps,
+        )  # fmt: skip
 
     def add_sublayer_output(self, state: AttnResState, output: torch.Tensor) -> AttnResState:
         """Record the raw output [B, T, D] of the sublayer that just ran; returns the next state."""
