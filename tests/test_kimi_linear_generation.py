@@ -122,3 +122,19 @@ def test_padded_decoding_with_the_cache_matches_the_full_forward(model):
     steps = torch.cat(pieces, dim=1)
     assert_close_rel(steps[0], full[0], 1e-5, "unpadded row")
     assert_close_rel(steps[1, 4:], full[1, 4:], 1e-5, "padded row, real tokens")
+
+
+def test_generate_from_inputs_embeds_equals_generate_from_ids(model):
+    """With ``inputs_embeds`` the prompt never enters ``input_ids`` (which then holds only the generated
+    tokens), so the tokens to feed cannot be found by slicing ``input_ids`` at the cache length."""
+    ids = random_ids(2, 6, seed=6)
+    mask = torch.ones_like(ids)
+    from_ids = _generate(model, ids, True, attention_mask=mask, do_sample=False)
+    embeds = model.get_input_embeddings()(ids)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        from_embeds = model.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )  # fmt: skip
+    assert torch.equal(from_embeds[:, -NEW_TOKENS:], from_ids[:, -NEW_TOKENS:])
