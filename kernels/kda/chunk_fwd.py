@@ -132,16 +132,19 @@ def kda_intra_fwd_kernel(
         at_p = idx[None, :] == p[:, None]
         b_Aqk += tl.where(at_p, tl.sum(b_q * b_kje, axis=1)[:, None], 0.0)
         b_P += tl.where(at_p & (p < idx)[:, None], tl.sum(b_k * b_kje, axis=1)[:, None], 0.0)
-    # M = (I + Diag(beta) P)^-1 by forward substitution: row i = e_i - sum_{j<i} beta_i P_ij M_j.
-    b_A = b_P * b_beta[:, None]
-    b_M = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
-    for i in range(1, tl.minimum(eos - t0, BT)):  # rows past the end have A = 0: M stays e_i
-        b_a = _pick_row(b_A, idx, i)
-        b_row = -tl.sum(b_a[:, None] * b_M, axis=0) + tl.where(idx == i, 1.0, 0.0)
-        b_M = tl.where((idx == i)[:, None], b_row[None, :], b_M)
     cols_t = tl.arange(0, BT)
     _store_rows(A_qk, b_Aqk, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
     _store_rows(P, b_P, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
+    # M = (I + Diag(beta) P)^-1 by forward substitution: row i = e_i - sum_{j<i} beta_i P_ij M_j.
+    # Row i of P is read back from memory (just written by this program, hence the barrier): cheaper
+    # than extracting it from the register tile with a cross-warp reduction at each of the 63 steps.
+    tl.debug_barrier()
+    b_M = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    for i in range(1, tl.minimum(eos - t0, BT)):  # rows past the end have A = 0: M stays e_i
+        row = (t0 + i).to(tl.int64) * H + i_h
+        b_a = tl.load(P + row * BT + idx) * tl.load(beta + row).to(tl.float32)
+        b_row = -tl.sum(b_a[:, None] * b_M, axis=0) + tl.where(idx == i, 1.0, 0.0)
+        b_M = tl.where((idx == i)[:, None], b_row[None, :], b_M)
     _store_rows(M, b_M, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
     b_gexp = tl.exp(b_G)
     _store_rows(qg, b_q * b_gexp, rows, rmask, cols, cmask, H, i_h, K)
