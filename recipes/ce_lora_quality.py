@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="ce_lora_quality", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     for name, value in PRESETS["gpu"].items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None, help=f"override the preset's {name}")
+        flag = f"--{name.replace('_', '-')}"
+        p.add_argument(flag, type=type(value), default=None, help=f"override the preset's {name}")
     args = p.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"

@@ -212,7 +212,8 @@ def test_reselection_period_and_exact_first_step():
     gen = torch.Generator().manual_seed(0)
     selected = []
     for step in range(8):
-        dy = torch.randn(16, 256, generator=gen, dtype=torch.float64) * torch.rand(256, generator=gen, dtype=torch.float64)
+        scale = torch.rand(256, generator=gen, dtype=torch.float64)
+        dy = torch.randn(16, 256, generator=gen, dtype=torch.float64) * scale
         dx, _ = state.grad_input(dy, w)
         is_exact = torch.allclose(dx, dy @ w, rtol=1e-12, atol=1e-12)
         assert is_exact == (step % 3 == 0), step
@@ -234,14 +235,16 @@ def test_factors_follow_weight_changes():
 
 
 @pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or TRITON_INTERPRET=1"
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1",
 )
 def test_triton_pack_matches_torch_reference():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     w = decaying_matrix(200, 96, seed=7, dtype=torch.float32).to(device)  # 200: a partial last column tile
     dy = torch.randn(37, 200, device=device)  # 37 rows: a partial row block
     b0, a0 = low_rank_factors(w, 5)
-    index = select_channels(channel_scores(dy, residual_row_norms(w, b0, a0), "activation_aware"), kept_channels(200, 0.3, 5))
+    scores = channel_scores(dy, residual_row_norms(w, b0, a0), "activation_aware")
+    index = select_channels(scores, kept_channels(200, 0.3, 5))
     plan = make_plan(w, b0, a0, index, torch.float32)
     assert_close_rel(ce_pack_grad_output(dy, plan, "triton"), ce_pack_grad_output(dy, plan, "torch"), 1e-5, "G")
     assert_close_rel(ce_grad_input(dy, plan, "triton"), ce_grad_input(dy, plan, "torch"), 1e-5, "dX")
@@ -316,7 +319,8 @@ def test_fused_layer_function_matches_explicit_formula():
 def test_approximate_steps_change_gradients_by_a_bounded_amount():
     ids = tokens(1)
     torch.manual_seed(1)
-    lora = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJ, init_lora_weights=False))
+    lora_config = LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJ, init_lora_weights=False)
+    lora = get_peft_model(tiny_llama(), lora_config)
     torch.manual_seed(1)
     ce = get_peft_model(tiny_llama(), ce_config(ce_ratio=0.5, ce_recompute_every=100))
     train_backward(lora, ids)

@@ -38,7 +38,8 @@ def test_triton_pack_bf16_matches_reference(shape, ratio):
     keep = kept_channels(out_features, ratio, 14 + 16)
     index = select_channels(channel_scores(dy, residual_row_norms(weight, b0, a0), "activation_aware"), keep)
     plan = make_plan(weight, b0, a0, index, torch.bfloat16, lora_rank=16)
-    plan.set_lora(torch.randn(16, in_features, device="cuda").bfloat16(), torch.randn(out_features, 16, device="cuda").bfloat16())
+    lora_a = torch.randn(16, in_features, device="cuda").bfloat16()
+    plan.set_lora(lora_a, torch.randn(out_features, 16, device="cuda").bfloat16())
     dy16 = dy.bfloat16()
     packed = ce_pack_grad_output(dy16, plan, "triton")
     reference = ce_pack_grad_output(dy16, plan, "torch")
@@ -58,8 +59,9 @@ def test_bf16_training_triton_matches_torch_backend():
     for backend in ("triton", "torch"):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
-        model = get_peft_model(model, CELoraConfig(r=16, lora_alpha=32, ce_ratio=0.5, init_lora_weights=False,
-                                                   target_modules=["q_proj", "o_proj", "up_proj", "down_proj"]))  # fmt: skip
+        targets = ["q_proj", "o_proj", "up_proj", "down_proj"]
+        ce_config = CELoraConfig(r=16, lora_alpha=32, ce_ratio=0.5, init_lora_weights=False, target_modules=targets)
+        model = get_peft_model(model, ce_config)
         states = [m.ce_state["default"] for m in model.modules() if isinstance(m, CELinear)]
         for state in states:
             state.backend = backend
@@ -77,8 +79,8 @@ def test_autocast_with_fp32_master_weights():
     config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
     torch.manual_seed(0)
-    model = get_peft_model(LlamaForCausalLM(config).cuda(), CELoraConfig(r=16, ce_ratio=0.5, init_lora_weights=False,
-                                                                          target_modules=["o_proj", "down_proj"]))  # fmt: skip
+    ce_config = CELoraConfig(r=16, ce_ratio=0.5, init_lora_weights=False, target_modules=["o_proj", "down_proj"])
+    model = get_peft_model(LlamaForCausalLM(config).cuda(), ce_config)
     model.train()
     ids = torch.randint(0, 512, (2, 128), device="cuda")
     for _ in range(2):

@@ -108,7 +108,8 @@ def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         for ratio in args.ratios:
             keep = kept_channels(out_features, ratio, svd_rank)
             row = {"out": out_features, "in": in_features, "tokens": args.tokens, "ratio": ratio, "dense_ms": dense_ms}
-            row["bound_ms"] = dense_ms * (1.0 if keep is None else ratio + svd_rank / in_features + svd_rank / out_features)
+            kept_flops = 1.0 if keep is None else ratio + svd_rank / in_features + svd_rank / out_features
+            row["bound_ms"] = dense_ms * kept_flops
             if keep is None:  # CE-LoRA runs the exact GEMM itself
                 row.update(kept=out_features, ce_ms=dense_ms, pack_ms=0.0)
             else:

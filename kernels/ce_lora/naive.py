@@ -102,7 +102,10 @@ def build_stack(
 
 
 def pack_positions(index: torch.Tensor, out_features: int, r_pad: int) -> torch.Tensor:
-    """``pos [O]`` int32: column of ``G`` that output channel ``i`` goes to (``r_pad + j`` if kept as the j-th, else -1)."""
+    """``pos [O]`` int32: the column of ``G`` that output channel ``i`` goes to.
+
+    ``r_pad + j`` if ``i`` is the j-th kept channel, else -1.
+    """
     pos = torch.full((out_features,), -1, device=index.device, dtype=torch.int32)
     pos[index] = torch.arange(r_pad, r_pad + index.numel(), device=index.device, dtype=torch.int32)
     return pos

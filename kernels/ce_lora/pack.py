@@ -20,7 +20,9 @@ import triton.language as tl
 # grid). The interpreter runs one fixed tile: autotuning there would only multiply a slow run.
 _CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_O": bo}, num_warps=w, num_stages=s)
-    for bt, bo, w, s in [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (32, 256, 8, 3), (128, 64, 8, 3), (16, 256, 4, 3)]
+    for bt, bo, w, s in [
+        (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (32, 256, 8, 3), (128, 64, 8, 3), (16, 256, 4, 3)
+    ]  # fmt: skip
 ]
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -54,7 +56,8 @@ def _ce_pack_kernel(
     for start in range(0, n_cols, BLOCK_O):
         cols = start + tl.arange(0, BLOCK_O)
         col_ok = cols < n_cols
-        tile = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        tile = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=tile_ok, other=0.0)
         b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :], mask=col_ok[:, None], other=0.0)
         if IEEE:
             acc = tl.dot(tile, b0, acc, input_precision="ieee")
@@ -66,10 +69,14 @@ def _ce_pack_kernel(
     tl.store(g_ptr + rows[:, None] * stride_g + rk[None, :], acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-_ce_pack_tuned = _ce_pack_kernel if _INTERPRETED else triton.autotune(configs=_CONFIGS, key=["n_cols", "R_PAD"])(_ce_pack_kernel)
+_ce_pack_tuned = (
+    _ce_pack_kernel if _INTERPRETED else triton.autotune(configs=_CONFIGS, key=["n_cols", "R_PAD"])(_ce_pack_kernel)
+)
 
 
-def triton_pack_grad_output(grad_output: torch.Tensor, b0_pad: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
+def triton_pack_grad_output(
+    grad_output: torch.Tensor, b0_pad: torch.Tensor, pos: torch.Tensor, keep: int
+) -> torch.Tensor:
     """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]``, ``pos [O]`` int32."""
     n_rows, n_cols = grad_output.shape
     r_pad = b0_pad.shape[1]

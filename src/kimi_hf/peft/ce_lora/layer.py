@@ -55,9 +55,10 @@ class CELinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         state = self.ce_state[names[0]]  # adapters share the base weight: the first one's options decide
         base = self.get_base_layer()
-        lora_a, lora_b = self.lora_A[names[0]], self.lora_B[names[0]]
-        if len(names) == 1 and isinstance(self.lora_dropout[names[0]], nn.Identity) and lora_b.bias is None:
-            return ce_lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[names[0]], state)
+        name = names[0]
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        if len(names) == 1 and isinstance(self.lora_dropout[name], nn.Identity) and lora_b.bias is None:
+            return ce_lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], state)
         if state.exact or not x.requires_grad:
             return super().forward(x, *args, **kwargs)
         result = ce_linear(x, base.weight, base.bias, state)
