@@ -75,7 +75,7 @@ def _grad_preact(x, w, b, h, dy, t, seq, bos, eos, cols, row_mask, D, W: tl.cons
 @triton.jit
 def _grad_input(x, w, b, h, dy, dfs, s, seq, bos, eos, cols, row_mask, D, W: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, HAS_DFS: tl.constexpr, SILU: tl.constexpr):
-    """dL/d input at rows ``s`` (s may precede bos: history slots), fp32 ``[R, BD]``.
+    """(dL/d input, dL/dz) at rows ``s`` (s may precede bos: history slots), fp32 ``[R, BD]`` each.
 
     Input s feeds z[s + k] through w[:, W - 1 - k], and the final state if s is among the last W rows.
     """
@@ -85,12 +85,14 @@ def _grad_input(x, w, b, h, dy, dfs, s, seq, bos, eos, cols, row_mask, D, W: tl.
         w_k = tl.load(w + cols * W + (W - 1 - k), mask=col_mask, other=0.0).to(tl.float32)
         dz = _grad_preact(x, w, b, h, dy, s + k, seq, bos, eos, cols, row_mask, D, W, HAS_BIAS, HAS_H, SILU)
         acc += w_k[None, :] * dz
+        if k == 0:
+            dz_here = dz
     if HAS_DFS:
         slot = s - eos + W
         ok = row_mask & (slot >= 0)
         ptr = dfs + seq[:, None] * D * W + cols[None, :] * W + slot[:, None]
         acc += tl.load(ptr, mask=ok[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    return acc
+    return acc, dz_here
 
 
 @triton.jit
@@ -149,11 +151,10 @@ def _conv_bwd_kernel(
         rows = ((pid_t * SUB + sub) * BT + tl.arange(0, BT)).to(tl.int64)
         row_mask = rows < NT
         seq, bos, eos = _locate(tl.where(row_mask, rows, 0), seq_ids, cu_seqlens, T, IS_VARLEN)
-        b_dx = _grad_input(x, w, b, h, dy, dfs, rows, seq, bos, eos, cols, row_mask, D, W,
-                           HAS_BIAS, HAS_H, HAS_DFS, SILU)
+        b_dx, dz = _grad_input(x, w, b, h, dy, dfs, rows, seq, bos, eos, cols, row_mask, D, W,
+                               HAS_BIAS, HAS_H, HAS_DFS, SILU)
         tl.store(dx + rows[:, None] * D + cols[None, :], b_dx.to(dx.dtype.element_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
-        dz = _grad_preact(x, w, b, h, dy, rows, seq, bos, eos, cols, row_mask, D, W, HAS_BIAS, HAS_H, SILU)
         for j in tl.static_range(W):
             inp = _load_input(x, h, rows + (j - W + 1), seq, bos, cols, row_mask, D, W, HAS_H)
             acc_w += tl.where(slots[None, :] == j, tl.sum(dz * inp, axis=0)[:, None], 0.0)
@@ -181,8 +182,8 @@ def _conv_bwd_initial_state_kernel(
     else:
         bos = seq * T
         eos = bos + T
-    grad = _grad_input(x, w, b, h, dy, dfs, bos - W + slots, seq, bos, eos, cols, slots < W, D, W,
-                       HAS_BIAS, True, HAS_DFS, SILU)
+    grad, _ = _grad_input(x, w, b, h, dy, dfs, bos - W + slots, seq, bos, eos, cols, slots < W, D, W,
+                          HAS_BIAS, True, HAS_DFS, SILU)
     mask = (slots < W)[:, None] & (cols < D)[None, :]
     tl.store(dh + n * D * W + cols[None, :] * W + slots[:, None], grad.to(dh.dtype.element_ty), mask=mask)
 
