@@ -121,6 +121,10 @@ def test_bad_inputs_raise():
         append_source(bank, partial)
     with pytest.raises(ValueError, match="hidden size 48"):
         depth_attention(bank, query[:10], gain)
+    with pytest.raises(ValueError, match=r"partial has shape \(2, 3, 8\)"):
+        depth_attention(_bank(blocks, "torch"), query, gain, partial[..., :8])
+    with pytest.raises(ValueError, match=r"source has shape \(3, 48\)"):
+        append_source(_bank(blocks, "torch"), partial[0])
     with pytest.raises(ValueError, match="at least one source"):
         depth_attention(new_source_bank(2, partial, backend="torch"), query, gain)
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):

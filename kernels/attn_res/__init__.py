@@ -10,7 +10,7 @@ sharing the buffers), which keeps decoder layers re-runnable under gradient chec
     x = depth_attention(bank, query, gain, partial, norm_weight=w)  # ... with the sublayer's PreNorm fused
     bank = append_source(bank, partial, last_output)         # b_n = partial + f(h), stored once
     out, lse = depth_attention_phase1(bank, queries, gains)  # inference: a block's Q queries at once
-    h = depth_attention_phase2(out[j], lse[j], partial, queries[j], gains[j], eps)
+    h = depth_attention_phase2(out[j], lse[j], partial, queries[j], gains[j], eps, norm_weight=w)
 
 Triton backend (CUDA, or CPU under TRITON_INTERPRET=1): fused kernels (``fused.py``, ``two_phase.py``);
 torch backend: ``naive.py``. ``naive_depth_attention`` is the stacking reference used by the tests.
@@ -34,6 +34,7 @@ class SourceBank:
         backend: "triton" or "torch".
         eps: epsilon of the key RMSNorm.
         dtype: dtype the sources are kept in.
+        shape: shape of every source [..., D].
         capacity: number of slots.
         handles: per source, the tensor autograd tracks (torch: the source itself; triton: a view of its slot).
         rstds: torch backend: per-source cached rsqrt(mean(v^2) + eps) [..., 1] float32.
@@ -44,6 +45,7 @@ class SourceBank:
     eps: float
     capacity: int
     dtype: torch.dtype
+    shape: tuple[int, ...]
     handles: tuple[torch.Tensor, ...] = ()
     rstds: tuple[torch.Tensor, ...] = ()
     storage: object | None = None
@@ -63,7 +65,14 @@ def new_source_bank(num_slots: int, like: torch.Tensor, eps: float = 1e-6, backe
         from .fused import SourceStorage
 
         storage = SourceStorage(num_slots, like, eps)
-    return SourceBank(backend=choice, eps=eps, capacity=num_slots, dtype=like.dtype, storage=storage)
+    return SourceBank(
+        backend=choice, eps=eps, capacity=num_slots, dtype=like.dtype, shape=tuple(like.shape), storage=storage
+    )
+
+
+def _check_shape(bank: SourceBank, t: torch.Tensor, name: str) -> None:
+    if tuple(t.shape) != bank.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, the bank's sources have {bank.shape}")
 
 
 def append_source(bank: SourceBank, x: torch.Tensor, y: torch.Tensor | None = None) -> SourceBank:
@@ -74,13 +83,12 @@ def append_source(bank: SourceBank, x: torch.Tensor, y: torch.Tensor | None = No
     """
     if bank.num_sources >= bank.capacity:
         raise ValueError(f"source bank is full ({bank.capacity} slots)")
-    if y is not None and y.shape != x.shape:
-        raise ValueError(f"cannot add sources of shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    _check_shape(bank, x, "source")
+    if y is not None:
+        _check_shape(bank, y, "second summand")
     if bank.backend == "triton":
         from .fused import StoreSourceFunction
 
-        if tuple(x.shape) != tuple(bank.storage.shape):
-            raise ValueError(f"source of shape {tuple(x.shape)} does not match the bank's {tuple(bank.storage.shape)}")
         handle = StoreSourceFunction.apply(bank.storage, bank.num_sources, x, y)
         return replace(bank, handles=bank.handles + (handle,))
     v = (x + y if y is not None else x).to(bank.dtype)
@@ -114,7 +122,9 @@ def depth_attention(
     """
     if bank.num_sources == 0 and partial is None:
         raise ValueError("depth_attention needs at least one source")
-    d = (bank.handles[0] if bank.num_sources else partial).shape[-1]
+    if partial is not None:
+        _check_shape(bank, partial, "partial")
+    d = bank.shape[-1]
     _check_query(query, d, "query")
     _check_query(gain, d, "gain")
     if norm_weight is not None:
