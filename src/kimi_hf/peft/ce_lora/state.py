@@ -2,8 +2,8 @@
 
 Kept as plain tensors on a plain object, not as module buffers: they are derived from the frozen
 weight (never saved; recomputed deterministically after loading), must not be broadcast by DDP every
-step, and must not appear in ``state_dict``. They follow the weight's device and are rebuilt whenever
-the weight's storage or version counter changes (``.to()``, merging, in-place edits).
+step, and must not appear in ``state_dict``. They are rebuilt whenever the weight's device, dtype or
+values change (``.to()``, merging, in-place edits).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class CEChannelState:
         self.row_norms: torch.Tensor | None = None  # [O] fp32, ||R[i, :]||
         self.plan: CEPlan | None = None
         self._weight_key: tuple | None = None
+        self._fingerprint: torch.Tensor | None = None
 
     @property
     def exact(self) -> bool:
@@ -95,14 +96,27 @@ class CEChannelState:
         return self.steps % self.options.recompute_every == 0 or self.plan is None
 
     def _sync_factors(self, weight: torch.Tensor) -> None:
-        key = (weight.device, weight.data_ptr(), weight._version, tuple(weight.shape))
+        """(Re)build the factors when the weight's device, dtype, shape or values changed.
+
+        A bumped version counter alone is not a change: FSDP, for one, rewrites the same values into the
+        weight's storage every step. Only then is a fingerprint (sum and norm, one read of ``W``) compared.
+        """
+        key = (weight.device, weight.dtype, tuple(weight.shape), weight._version)
         if key == self._weight_key:
             return
         with torch.no_grad():
-            self.b0, self.a0 = low_rank_factors(weight, self.options.svd_rank)
-            self.row_norms = residual_row_norms(weight, self.b0, self.a0)
-        self.plan = None  # the next backward is exact and reselects against the new weight
-        self._weight_key = key
+            acc = torch.promote_types(weight.dtype, torch.float32)
+            fingerprint = torch.stack([weight.sum(dtype=acc), torch.linalg.vector_norm(weight, dtype=acc)])
+            same_values = (
+                self._weight_key is not None
+                and key[:3] == self._weight_key[:3]
+                and torch.equal(fingerprint, self._fingerprint)
+            )
+            if not same_values:
+                self.b0, self.a0 = low_rank_factors(weight, self.options.svd_rank)
+                self.row_norms = residual_row_norms(weight, self.b0, self.a0)
+                self.plan = None  # the next backward is exact and reselects against the new weight
+        self._weight_key, self._fingerprint = key, fingerprint
 
     @torch.no_grad()
     def _reselect(self, grad_output: torch.Tensor, weight: torch.Tensor) -> None:
