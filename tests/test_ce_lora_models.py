@@ -1,4 +1,4 @@
-"""CE-LoRA on the architectures kimi_hf targets: Llama-like, DeepSeek-V3 (Kimi K2), Kimi K2.5, Kimi Linear.
+"""CE-LoRA on the architectures kimi_hf targets: DeepSeek-V3 (Kimi K2), Kimi K2.5, Kimi Linear, AttnRes.
 
 Tiny random configs built locally. Each model gets CE-LoRA on its projections wide enough to drop
 channels, trains two steps (gradient flows, CE states step, nothing is NaN) and merges back to the same
@@ -90,3 +90,14 @@ def test_kimi_linear():
     model = kimi_linear_utils.tiny_model(hidden_size=256, intermediate_size=384)
     ids = kimi_linear_utils.random_ids(2, 12)
     check_ce_lora_trains(model, ["o_proj", "gate_proj", "up_proj", "down_proj", "w2"], ids)
+
+
+def test_attn_res_model():
+    attn_res = pytest.importorskip("kimi_hf.models.attn_res")
+    config = attn_res.AttnResConfig(
+        vocab_size=96, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, residual="block", attn_res_block_size=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = attn_res.AttnResForCausalLM(config)
+    check_ce_lora_trains(model, ["q_proj", "o_proj", "up_proj", "down_proj"], torch.randint(0, 96, (2, 12)))
