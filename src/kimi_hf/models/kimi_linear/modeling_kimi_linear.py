@@ -290,6 +290,11 @@ class KimiDeltaAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- MLA
+# The official remote code (and transformers' native class) build the MLA LoRA norms without passing
+# an eps, so they use RMSNorm's default 1e-6, not config.rms_norm_eps (1e-5) as every other norm does.
+MLA_LORA_NORM_EPS = 1e-6
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -335,10 +340,10 @@ class KimiMLAAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, qk, bias=False)
         else:
             self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=False)
-            self.q_a_layernorm = KimiLinearRMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_a_layernorm = KimiLinearRMSNorm(config.q_lora_rank, eps=MLA_LORA_NORM_EPS)
             self.q_b_proj = nn.Linear(config.q_lora_rank, qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_a_layernorm = KimiLinearRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_a_layernorm = KimiLinearRMSNorm(self.kv_lora_rank, eps=MLA_LORA_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
 
@@ -431,7 +436,8 @@ class KimiLinearRouter(nn.Module):
         cfg = self.config
         if self.training and cfg.router_bias_update_rate > 0 and not _inside_backward():
             self._apply_pending_bias_update()
-        logits = F.linear(x.float(), self.weight.float())
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 routing, fp64 in fp64 models
+        logits = F.linear(x.to(acc), self.weight.to(acc))
         scores = logits.sigmoid() if cfg.moe_router_activation_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() + self.e_score_correction_bias
         if cfg.use_grouped_topk and cfg.num_expert_group > 1:
@@ -802,7 +808,12 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if isinstance(cache, KimiLinearCache) else 0
         if past > 0:
-            model_inputs: dict = {"input_ids": input_ids[:, past:]}
+            # generate() says how many tokens are new (transformers >= 5.2x); else the full-length mask does:
+            # input_ids lacks the prompt when it was given as inputs_embeds.
+            new = kwargs.get("next_sequence_length")
+            if new is None:
+                new = (attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]) - past
+            model_inputs: dict = {"input_ids": input_ids[:, input_ids.shape[1] - new :]}
         elif inputs_embeds is not None:
             model_inputs = {"inputs_embeds": inputs_embeds}
         else:
