@@ -242,13 +242,16 @@ def test_factors_follow_weight_changes():
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
 def test_triton_pack_matches_torch_reference():
+    """fp32, tiny: 200 channels (a partial column tile), 37 rows (a partial row block), LoRA slots filled."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    w = decaying_matrix(200, 96, seed=7, dtype=torch.float32).to(device)  # 200: a partial last column tile
-    dy = torch.randn(37, 200, device=device)  # 37 rows: a partial row block
-    b0, a0 = low_rank_factors(w, 5)
+    w = decaying_matrix(200, 96, seed=7, dtype=torch.float32).to(device)
+    dy = torch.randn(37, 200, device=device)
+    b0, a0 = low_rank_factors(w, 14)
     scores = channel_scores(dy, residual_row_norms(w, b0, a0), "activation_aware")
-    index = select_channels(scores, kept_channels(200, 0.3, 5))
-    plan = make_plan(w, b0, a0, index, torch.float32)
+    index = select_channels(scores, kept_channels(200, 0.3, 14 + 8))
+    plan = make_plan(w, b0, a0, index, torch.float32, lora_rank=8)
+    assert plan.b0_pad.shape[1] == 32
+    plan.set_lora(torch.randn(8, 96, device=device), torch.randn(200, 8, device=device))
     assert_close_rel(ce_pack_grad_output(dy, plan, "triton"), ce_pack_grad_output(dy, plan, "torch"), 1e-5, "G")
     assert_close_rel(ce_grad_input(dy, plan, "triton"), ce_grad_input(dy, plan, "torch"), 1e-5, "dX")
 
