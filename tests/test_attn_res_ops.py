@@ -14,6 +14,7 @@ from kimi_hf.kernels.attn_res import (
     depth_attention_phase2,
     naive_depth_attention,
     new_source_bank,
+    rms_norm,
 )
 
 CPU_BACKENDS = ["torch", "triton"]
@@ -76,6 +77,23 @@ def test_triton_backward_matches_torch(with_norm):
             assert not a.any() and not e.any()
         else:
             assert_close_rel(a, e, 1e-5, name)
+
+
+def test_triton_many_sources_matches_reference():
+    """Nine stored sources: the kernels' dynamic source loop (the unrolled one covers up to 8)."""
+    blocks, partial, query, gain = _inputs(9, shape=(1, 2, 24))
+    norm_w = 1 + 0.2 * torch.randn_like(query)
+    leaves = [t.double().requires_grad_() for t in (*blocks, partial, query, gain, norm_w)]
+    w = torch.randn(1, 2, 24, dtype=torch.float64)
+    *srcs, q, g, wn = leaves
+    ref = rms_norm(naive_depth_attention(srcs, q, g), wn, 1e-6)
+    expected = torch.autograd.grad((ref * w).sum(), leaves)
+    fleaves = [t.detach().float().requires_grad_() for t in leaves]
+    *fsrcs, fq, fg, fwn = fleaves
+    h = depth_attention(_bank(fsrcs[:-1], "triton"), fq, fg, fsrcs[-1], fwn, 1e-6)
+    assert_close_rel(h, ref, 1e-5, "h")
+    for a, e in zip(torch.autograd.grad((h * w.float()).sum(), fleaves), expected):
+        assert_close_rel(a, e, 1e-5, "grad")
 
 
 def test_torch_backward_matches_reference():

@@ -34,15 +34,40 @@ def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.cons
 
 
 @triton.jit
+def _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask):
+    """Row ``row`` of stored source i and its cached rstd; zeros when i >= n_src (unrolled loops run to N_PAD).
+
+    The validity is a vector mask and the rstd a one-lane vector load: Triton's interpreter rejects 0-d masks.
+    """
+    valid = (cols * 0 + i) < n_src
+    v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask & valid, other=0.0).to(tl.float32)
+    r = tl.sum(tl.load(rstd_ptr + i * M + row + cols * 0, mask=valid & (cols == 0), other=0.0), axis=0)
+    return v, r, valid
+
+
+@triton.jit
+def _fwd_source(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, m, denom, acc):
+    """Online-softmax step over stored source i (a no-op when i >= n_src)."""
+    v, r, _ = _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask)
+    s = tl.where(i < n_src, r * tl.sum(u * v, axis=0), float("-inf"))
+    m_new = tl.maximum(m, s)
+    scale = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
+    p = tl.where(i < n_src, tl.exp(s - m_new), 0.0)
+    return m_new, denom * scale + p, acc * scale + p * v
+
+
+@triton.jit
 def depth_attn_fwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
     n_src, M, D, eps, norm_eps,
-    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
 ):  # fmt: skip
     """h[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum); one pass, online softmax.
 
     With HAS_NORM the sublayer's PreNorm is fused: out = wn * (h * rsqrt(mean(h^2) + norm_eps)) (rounded to the
     output dtype before the gain, as transformers' RMSNorm does) and h itself is never written.
+    With N_PAD <= 8 the source loop is unrolled with masked loads, so that all source rows are in flight at
+    once (the kernel is latency-bound otherwise: one row load per program at a time).
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -51,15 +76,12 @@ def depth_attn_fwd_kernel(
     m = tl.full((), float("-inf"), tl.float32)
     denom = tl.full((), 0.0, tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    for i in range(n_src):
-        v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(rstd_ptr + i * M + row) * tl.sum(u * v, axis=0)
-        m_new = tl.maximum(m, s)
-        scale = tl.exp(m - m_new)
-        p = tl.exp(s - m_new)
-        acc = acc * scale + p * v
-        denom = denom * scale + p
-        m = m_new
+    if N_PAD <= 8:
+        for i in tl.static_range(N_PAD):
+            m, denom, acc = _fwd_source(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, m, denom, acc)
+    else:
+        for i in range(n_src):
+            m, denom, acc = _fwd_source(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, m, denom, acc)
     if HAS_PARTIAL:
         v = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         r = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / D + eps)
@@ -82,6 +104,41 @@ def depth_attn_fwd_kernel(
 
 
 @triton.jit
+def _bwd_scores(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, lse, idx, scores, h, HAS_NORM: tl.constexpr):
+    """Pass 1 for stored source i: its score into ``scores`` and (HAS_NORM) alpha_i v_i into h."""
+    v, r, _ = _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask)
+    s = r * tl.sum(u * v, axis=0)
+    scores = tl.where((idx == i) & (idx < n_src), s, scores)
+    if HAS_NORM:
+        h += tl.exp(s - lse) * v  # v is zero for i >= n_src
+    return scores, h
+
+
+@triton.jit
+def _bwd_dalpha(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, dh, idx, dalpha):
+    """Pass 2 for stored source i: dh . v_i into ``dalpha``."""
+    v, _, _ = _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask)
+    return tl.where((idx == i) & (idx < n_src), tl.sum(dh * v, axis=0), dalpha)
+
+
+@triton.jit
+def _bwd_source_grad(
+    store_ptr, rstd_ptr, gstore_ptr, i, n_src, M, row, D, cols, mask, u, dh, idx, alpha, scores, dscores, du
+):  # fmt: skip
+    """Pass 3 for stored source i: accumulate dv_i into gstore, return du + ds_i r_i v_i."""
+    v, r, valid = _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask)
+    sel = (idx == i) & (idx < n_src)
+    a_i = tl.sum(tl.where(sel, alpha, 0.0), axis=0)
+    s_i = tl.sum(tl.where(sel, scores, 0.0), axis=0)
+    ds_i = tl.sum(tl.where(sel, dscores, 0.0), axis=0)
+    dv = a_i * dh + ds_i * (r * u - (s_i * r * r / D) * v)
+    g_ptrs = gstore_ptr + (i * M + row) * D + cols
+    g_old = tl.load(g_ptrs, mask=mask & valid, other=0.0).to(tl.float32)
+    tl.store(g_ptrs, (g_old + dv).to(gstore_ptr.dtype.element_ty), mask=mask & valid)
+    return du + (ds_i * r) * v
+
+
+@triton.jit
 def depth_attn_bwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, dout_ptr, lse_ptr, hrstd_ptr, gstore_ptr, dpart_ptr, du_ptr,
     dwn_ptr,
@@ -89,7 +146,8 @@ def depth_attn_bwd_kernel(
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel`` for a range of rows (three passes over a row's sources, which
-    stay in cache after the first).
+    stay in cache after the first). The source loops stay dynamic: unrolling them (as the forward does)
+    needs 150-255 registers per thread here, i.e. one program per SM, and spills at N_PAD = 8.
 
     Pass 1: scores s_i (alpha_i = exp(s_i - lse)) and, with HAS_NORM, h = sum alpha_i v_i recomputed to run
     the PreNorm backward (dh from dout; the gain's gradient dwn). Pass 2: dh . v_i. Pass 3:
@@ -117,11 +175,9 @@ def depth_attn_bwd_kernel(
         scores = tl.zeros((N_PAD,), tl.float32)
         h = tl.zeros((BLOCK_D,), tl.float32)
         for i in range(n_src):
-            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
-            s = tl.load(rstd_ptr + i * M + row) * tl.sum(u * v, axis=0)
-            scores = tl.where(idx == i, s, scores)
-            if HAS_NORM:
-                h += tl.exp(s - lse) * v
+            scores, h = _bwd_scores(
+                store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, lse, idx, scores, h, HAS_NORM
+            )
         if HAS_PARTIAL:
             vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             rp = 1.0 / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
@@ -143,23 +199,15 @@ def depth_attn_bwd_kernel(
         # pass 2: dh . v_i
         dalpha = tl.zeros((N_PAD,), tl.float32)
         for i in range(n_src):
-            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
-            dalpha = tl.where(idx == i, tl.sum(dh * v, axis=0), dalpha)
+            dalpha = _bwd_dalpha(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, dh, idx, dalpha)
         if HAS_PARTIAL:
             dalpha = tl.where(idx == n_src, tl.sum(dh * vp, axis=0), dalpha)
         dscores = alpha * (dalpha - tl.sum(alpha * dalpha, axis=0))
         # pass 3: gradients of the sources
         for i in range(n_src):
-            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
-            r = tl.load(rstd_ptr + i * M + row)
-            a_i = tl.sum(tl.where(idx == i, alpha, 0.0), axis=0)
-            s_i = tl.sum(tl.where(idx == i, scores, 0.0), axis=0)
-            ds_i = tl.sum(tl.where(idx == i, dscores, 0.0), axis=0)
-            dv = a_i * dh + ds_i * (r * u - (s_i * r * r / D) * v)
-            g_ptrs = gstore_ptr + (i * M + row) * D + cols
-            g_old = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(g_ptrs, (g_old + dv).to(gstore_ptr.dtype.element_ty), mask=mask)
-            du += (ds_i * r) * v
+            du = _bwd_source_grad(
+                store_ptr, rstd_ptr, gstore_ptr, i, n_src, M, row, D, cols, mask, u, dh, idx, alpha, scores, dscores, du
+            )
         if HAS_PARTIAL:
             a_p = tl.sum(tl.where(idx == n_src, alpha, 0.0), axis=0)
             ds_p = tl.sum(tl.where(idx == n_src, dscores, 0.0), axis=0)

@@ -95,7 +95,7 @@ def depth_attn_fwd(
         norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), num_warps=num_warps(d),
+        BLOCK_D=block_d(d), N_PAD=max(2, triton.next_power_of_2(n)), num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, h_rstd
 
