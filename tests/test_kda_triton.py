@@ -100,3 +100,12 @@ def test_fused_recurrent_decode_matches_reference():
                                  inplace_final_state=True, backend="triton", **options)  # fmt: skip
     assert s2 is state
     assert_close_rel(state, s_ref, 2e-5, "state written in place")
+
+
+def test_triton_path_rejects_unsupported_inputs():
+    inputs = _inputs(T=2, N=1)
+    with pytest.raises(ValueError, match="fp16/bf16/fp32"):
+        chunk_kda(**{n: x.double().to(DEVICE) for n, x in inputs.items()}, backend="triton")
+    wide = _inputs(T=2, N=1, K=512, V=16)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        chunk_kda(**{n: x.to(DEVICE) for n, x in wide.items()}, backend="triton")

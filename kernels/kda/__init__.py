@@ -53,8 +53,9 @@ def chunk_kda(
 
     Args:
         q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]``. beta: ``[B, T, H]``, already sigmoid.
-        g: ``[B, T, H, K]`` natural-log decay (fp32 recommended); with ``use_gate_in_kernel`` the raw
-            gate pre-activation, turned into ``-exp(A_log) * softplus(g + dt_bias)`` by the op.
+        g: ``[B, T, H, K]`` natural-log decay, <= 0 (fp32 recommended; the kernels factor in-chunk
+            decays through pivots, exact and overflow-free for decays); with ``use_gate_in_kernel``
+            the raw gate pre-activation, turned into ``-exp(A_log) * softplus(g + dt_bias)`` by the op.
         scale: query scale, default ``K ** -0.5``.
         initial_state: ``[N, H, K, V]`` fp32; N = B, or ``len(cu_seqlens) - 1``.
         output_final_state: also return the final ``[N, H, K, V]`` fp32 state.

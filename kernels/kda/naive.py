@@ -200,8 +200,9 @@ def naive_chunk_kda(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA in chunkwise (WY) form: same arguments and results as :func:`naive_recurrent_kda`.
 
-    Vectorised over batch and heads, looping only over chunks of ``chunk_size`` tokens (the last
-    one may be shorter). Memory per chunk is ``B * H * chunk_size^2 * K`` decay factors.
+    The intra-chunk part is batched over batch, heads and chunks (T is zero-padded to a multiple of
+    ``chunk_size``); only the state recurrence loops over chunks. Memory: about
+    ``B * H * T * 16 * K`` exact in-block decay factors, plus pivoted ones of the same order.
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
