@@ -34,7 +34,7 @@ PRESETS = {
                  eval_batches=4, lr=3e-3, warmup=5, block_size=2, docs=4000),
     "cpu": dict(hidden=128, layers=4, heads=4, intermediate=320, seq=128, batch=16, steps=300, eval_every=50,
                 eval_batches=8, lr=2e-3, warmup=30, block_size=4, docs=4000),
-    "gpu": dict(hidden=512, layers=12, heads=8, intermediate=1408, seq=512, batch=32, steps=2000, eval_every=200,
+    "gpu": dict(hidden=512, layers=12, heads=8, intermediate=1408, seq=512, batch=32, steps=1200, eval_every=200,
                 eval_batches=16, lr=1e-3, warmup=100, block_size=6, docs=40000),
 }  # fmt: skip
 
