@@ -53,13 +53,12 @@ def _dims(K: int, V: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
 
 
-def _state_block_v(BK: int, V: int, programs_per_tile: int) -> int:
-    """V tile of the sequential state kernels: narrow enough to give every SM work (the pass is
-    latency-bound), and narrow for K = 256 to keep the [K, BV] fp32 state in registers."""
+def _state_block_v(BK: int, BV: int, V: int, programs_per_tile: int) -> int:
+    """V tile of the sequential state kernels: ``BV`` narrowed to 32 when that is needed to give every
+    SM work (the pass is latency-bound), and to 16 for K = 256 to keep the [K, BV] fp32 state in registers."""
     if BK > 128:
         return 16
-    wide = min(64, max(16, triton.next_power_of_2(V)))
-    return 32 if programs_per_tile * triton.cdiv(V, wide) < 2 * _num_sms() else wide
+    return min(BV, 32) if programs_per_tile * triton.cdiv(V, BV) < 2 * _num_sms() else BV
 
 
 def _num_sms() -> int:
@@ -119,7 +118,7 @@ def kda_chunk_fwd(
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    BVs = _state_block_v(BK, V, N * H)
+    BVs = _state_block_v(BK, BV, V, N * H)
     # num_stages=1: software pipelining of the chunk loop would need more shared memory than Hopper has.
     kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
@@ -164,7 +163,7 @@ def kda_chunk_bwd(
     dh = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     dv_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if has_initial_state else None
-    BVs = _state_block_v(BK, V, N * H)
+    BVs = _state_block_v(BK, BV, V, N * H)
     kda_state_bwd_kernel[(N, H, triton.cdiv(V, BVs))](
         saved["qg"], saved["kh"], saved["gl"], saved["W"], saved["A_qk"], do, dh, dv_new, dht, dh0,
         chunks.cu_seqlens, chunks.offsets, H, K, V,
