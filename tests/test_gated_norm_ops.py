@@ -64,7 +64,7 @@ def _triton_vs_reference(shape, activation, dtype, device, rtol_y, rtol_grad):
     assert_close_rel(y, y_ref, rtol_y, "y")
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     got = torch.autograd.grad(y, leaves, dy.to(device, dtype))
-    want = torch.autograd.grad(y_ref, ref, dy)
+    want = torch.autograd.grad(y_ref, ref, dy.to(device))
     for name, a, e in zip(("dx", "dgate", "dweight"), got, want):
         assert_close_rel(a, e, rtol_grad, name)
 
