@@ -152,12 +152,13 @@ def run(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             a, b = ours.eval()(ids).logits.float(), native.eval()(ids).logits.float()
         results["parity_rel_err"] = ((a - b).norm() / b.norm()).item()
+        print(f"parity rel err {results['parity_rel_err']:.2e}", flush=True)
 
     def add(name: str, ours_value: float, native_value: float | None, unit: str, extra: str = "") -> None:
         ratio = native_value / ours_value if native_value else None
-        results["rows"].append(
-            {"measure": name, "ours": ours_value, "native": native_value, "unit": unit, "speedup": ratio, "note": extra}
-        )
+        row = {"measure": name, "ours": ours_value, "native": native_value, "unit": unit, "speedup": ratio, "note": extra}
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)  # progressive: a run cut short keeps what it measured
 
     for batch, seq_len in train_shapes:
         ms, peak = train_step_ms(ours, batch, seq_len, device, args.rep)
