@@ -81,7 +81,7 @@ def chunk_kda(
         from .chunk import chunk_kda_triton
 
         dtype = q.dtype
-        if dtype != torch.float32 and not TRITON_CHUNK_LOW_PRECISION:
+        if dtype in (torch.bfloat16, torch.float16) and not TRITON_CHUNK_LOW_PRECISION:
             q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
         o, final_state = chunk_kda_triton(
             q, k, v, g, beta, scale, initial_state, output_final_state,
