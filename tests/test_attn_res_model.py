@@ -43,7 +43,7 @@ def _model(seed: int = 0, **overrides) -> AttnResForCausalLM:
     [
         ({"residual": "dense"}, "residual must be one of .* got 'dense'"),
         ({"attn_res_block_size": 0}, "attn_res_block_size .* got 0"),
-        ({"attn_res_block_size": 7}, r"attn_res_block_size must be an int in \[1, 6\].* got 7"),
+        ({"attn_res_block_size": 7}, r"attn_res_block_size must be an integer in \[1, 6\].* got 7"),
         ({"num_key_value_heads": 3}, "num_key_value_heads \\(3\\)"),
         ({"hidden_size": -4}, "hidden_size must be a positive integer, got -4"),
         ({"attn_res_backend": "cuda"}, "attn_res_backend .* got 'cuda'"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-RESIDUAL_MODES = ("standard", "full", "block")
+from kimi_hf.models.validation import check_positive_ints, check_residual
 KERNEL_BACKENDS = ("triton", "torch")
 
 _POSITIVE_INT_FIELDS = (
@@ -104,10 +104,7 @@ class AttnResConfig(PreTrainedConfig):
 
     def validate_attn_res_config(self) -> None:
         """Check every field; raise ``ValueError`` naming the first bad one."""
-        for name in _POSITIVE_INT_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, _POSITIVE_INT_FIELDS)
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -120,15 +117,7 @@ class AttnResConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
-        if self.residual not in RESIDUAL_MODES:
-            raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
-        if self.residual == "block":
-            size = self.attn_res_block_size
-            if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= self.num_sublayers:
-                raise ValueError(
-                    f"attn_res_block_size must be an int in [1, {self.num_sublayers}] "
-                    f"(2 * num_hidden_layers sublayers), got {size!r}"
-                )
+        check_residual(self.residual, self.attn_res_block_size, self.num_sublayers)
         if self.attn_res_backend is not None and self.attn_res_backend not in KERNEL_BACKENDS:
             raise ValueError(
                 f"attn_res_backend must be None or one of {KERNEL_BACKENDS}, got {self.attn_res_backend!r}"

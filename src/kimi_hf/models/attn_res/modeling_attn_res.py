@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
-from kimi_hf.kernels.attn_res import rms_norm
+from kimi_hf.modules.norm import RMSNorm
 from kimi_hf.modules import AttentionResiduals, AttnResState
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
 
@@ -43,19 +43,6 @@ def _pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | N
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("pass the KV cache as either `cache` or `past_key_values`, not both")
     return cache if cache is not None else past_key_values
-
-
-class AttnResRMSNorm(nn.Module):
-    """RMSNorm with a learnable gain, computed in float32. The decoder fuses it into the AttnRes inputs
-    (its ``weight`` and ``variance_epsilon`` are passed to ``sublayer_input`` / ``final_output``)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 class AttnResRotaryEmbedding(nn.Module):
@@ -183,8 +170,8 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = AttnResAttention(config, layer_idx)
         self.mlp = AttnResMLP(config)
-        self.input_layernorm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -255,7 +242,7 @@ class AttnResModel(AttnResPreTrainedModel):
             two_phase=config.attn_res_two_phase,
             backend=config.attn_res_backend,
         )
-        self.norm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = AttnResRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()

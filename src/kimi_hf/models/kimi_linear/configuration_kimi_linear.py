@@ -14,8 +14,9 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from kimi_hf.models.validation import check_positive_ints, check_residual
+
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
-RESIDUAL_MODES = ("standard", "full", "block")
 
 _POSITIVE_INT_FIELDS = (
     "vocab_size",
@@ -249,10 +250,7 @@ class KimiLinearConfig(PreTrainedConfig):
     # ------------------------------------------------------------------ validation
     def validate_kimi_linear(self) -> None:
         """Check every field; raise ``ValueError`` naming the first bad one."""
-        for name in _POSITIVE_INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, _POSITIVE_INT_FIELDS)
         for name in ("qk_rope_head_dim", "num_shared_experts", "first_k_dense_replace"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -295,7 +293,7 @@ class KimiLinearConfig(PreTrainedConfig):
         if self.router_bias_update_rate < 0:
             raise ValueError(f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate!r}")
         self._validate_linear_attn_config()
-        self._validate_residual()
+        check_residual(self.residual, self.attn_res_block_size, self.num_sublayers)
 
     def _validate_linear_attn_config(self) -> None:
         cfg = self.linear_attn_config
@@ -327,17 +325,6 @@ class KimiLinearConfig(PreTrainedConfig):
             raise ValueError(
                 f"linear_attn_config: layers {missing} (1-indexed) are in neither 'kda_layers' nor 'full_attn_layers'"
             )
-
-    def _validate_residual(self) -> None:
-        if self.residual not in RESIDUAL_MODES:
-            raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
-        if self.residual == "block":
-            size = self.attn_res_block_size
-            if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.num_sublayers:
-                raise ValueError(
-                    f"attn_res_block_size must be an integer in 1..{self.num_sublayers} (the number of sublayers, "
-                    f"2 * num_hidden_layers) for residual='block', got {size!r}"
-                )
 
     def _check_native_views(
         self,

@@ -25,13 +25,13 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from kimi_hf.kernels.attn_res import rms_norm
 from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
 
 from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
+from kimi_hf.modules.norm import RMSNorm
 
 from .cache_kimi_linear import KimiLinearCache
 from .configuration_kimi_linear import KimiLinearAttnResConfig, KimiLinearConfig
@@ -161,19 +161,6 @@ def build_sequence_layout(
 
 
 # ---------------------------------------------------------------------------------------------------- norms
-class KimiLinearRMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (fp64 for fp64 inputs); the weight multiplies the result cast back to the
-    input dtype. The decoder layers' PreNorms run fused into the residual stream's read (see the layer)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-
-
 class KimiLinearGatedRMSNorm(nn.Module):
     """Per-head output norm of KDA: ``RMSNorm(o) * weight * sigmoid(gate)`` over the head dim (``o_norm``)."""
 
@@ -340,10 +327,10 @@ class KimiMLAAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, qk, bias=False)
         else:
             self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=False)
-            self.q_a_layernorm = KimiLinearRMSNorm(config.q_lora_rank, eps=MLA_LORA_NORM_EPS)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, eps=MLA_LORA_NORM_EPS)
             self.q_b_proj = nn.Linear(config.q_lora_rank, qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_a_layernorm = KimiLinearRMSNorm(self.kv_lora_rank, eps=MLA_LORA_NORM_EPS)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=MLA_LORA_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
 
@@ -538,8 +525,8 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
             self.block_sparse_moe = KimiLinearSparseMoE(config)
         else:
             self.mlp = KimiLinearMLP(config, config.intermediate_size)
-        self.input_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -584,7 +571,7 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
             loaded = getattr(module.weight, "_is_hf_initialized", False)
             if module.padding_idx is not None and module.padding_idx < module.weight.shape[0] and not loaded:
                 module.weight[module.padding_idx].zero_()
-        elif isinstance(module, (KimiLinearRMSNorm, KimiLinearGatedRMSNorm)):
+        elif isinstance(module, (RMSNorm, KimiLinearGatedRMSNorm)):
             init.ones_(module.weight)
         elif isinstance(module, ShortConvolution):
             init.kaiming_uniform_(module.weight, a=5**0.5)
@@ -619,7 +606,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             block_size=config.attn_res_block_size,
             eps=config.rms_norm_eps,
         )
-        self.norm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
 
