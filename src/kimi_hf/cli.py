@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--output-dir", default="outputs/demo", help="where the trained model is saved")
-    demo.add_argument("--steps", type=int, default=60, help="training steps")
+    demo.add_argument("--steps", type=int, default=200, help="training steps")
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per training block")
     demo.add_argument("--hidden-size", type=int, default=128)
