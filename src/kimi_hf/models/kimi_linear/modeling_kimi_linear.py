@@ -28,7 +28,6 @@ from transformers.utils import logging
 from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
-
 from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
 from kimi_hf.modules.norm import RMSNorm
@@ -82,13 +81,12 @@ class SequenceLayout:
 def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Sequence boundaries of a packed ``[1, T]`` batch from its restarting ``position_ids`` (as written by
     ``DataCollatorWithFlattening``), or None when there is a single sequence."""
-    starts = (position_ids[0] == 0).nonzero().flatten()
-    if starts.numel() <= 1 and (starts.numel() == 0 or starts[0] == 0):
-        return None
-    if starts.numel() == 0 or starts[0] != 0:
-        raise ValueError("packed position_ids must start every sequence at 0, including the first one")
-    total = torch.tensor([position_ids.shape[1]], device=starts.device)
-    return torch.cat([starts, total]).to(torch.int32)
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    if not starts or starts == [0]:
+        return None  # one sequence (positions carry no other information in Kimi Linear)
+    if starts[0] != 0:
+        raise ValueError(f"packed position_ids restart at {starts} but the first sequence does not start at 0")
+    return torch.tensor([*starts, position_ids.shape[1]], dtype=torch.int32, device=position_ids.device)
 
 
 def _mla_mask(keep: torch.Tensor | None, past_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -112,7 +110,8 @@ def build_sequence_layout(
     past_len: int,
     device: torch.device,
 ) -> SequenceLayout:
-    """Decide padding/packing once per forward (one host synchronisation at most)."""
+    """Decide padding/packing once per forward, for all layers (a few host synchronisations; none for a
+    batch without ``attention_mask``, ``position_ids`` or ``cu_seqlens``)."""
     if cu_seqlens is None and position_ids is not None and batch == 1 and seq_len > 1 and past_len == 0:
         cu_seqlens = _packed_cu_seqlens(position_ids)
     if cu_seqlens is not None:
