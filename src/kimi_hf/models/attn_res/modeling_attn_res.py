@@ -28,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from kimi_hf.modules.norm import RMSNorm
 from kimi_hf.modules import AttentionResiduals, AttnResState
+from kimi_hf.modules.attention import eager_attention_forward
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
 
 from .configuration_attn_res import AttnResConfig
@@ -76,28 +77,6 @@ def apply_rotary_pos_emb(
     """q [B, H, T, Dh], k [B, Hkv, T, Dh], cos/sin [B, T, Dh]."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention (the ``"eager"`` implementation); returns output [B, T, H, Dh] and weights."""
-    groups = module.num_key_value_groups
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class AttnResAttention(nn.Module):

@@ -29,6 +29,7 @@ from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
 from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
+from kimi_hf.modules.attention import eager_attention_forward
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
 from kimi_hf.modules.norm import RMSNorm
 
@@ -279,28 +280,6 @@ class KimiDeltaAttention(nn.Module):
 # The official remote code (and transformers' native class) build the MLA LoRA norms without passing
 # an eps, so they use RMSNorm's default 1e-6, not config.rms_norm_eps (1e-5) as every other norm does.
 MLA_LORA_NORM_EPS = 1e-6
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention. ``query [B, H, T, Dqk]``, ``key [B, H, S, Dqk]``, ``value [B, H, S, Dv]``; bool mask
-    ``[B, 1, T, S]`` (True = attend) or None for causal. Returns ``[B, T, H, Dv]`` and the weights."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is None:
-        t, s = scores.shape[-2:]
-        attention_mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
-    scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class KimiMLAAttention(nn.Module):
