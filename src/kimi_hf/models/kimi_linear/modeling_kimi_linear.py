@@ -237,7 +237,14 @@ class KimiDeltaAttention(nn.Module):
     ) -> torch.Tensor:
         """``hidden_states [B, T, hidden]`` -> ``[B, T, hidden]``."""
         batch, seq_len, _ = hidden_states.shape
-        decoding = cache is not None and cache.recurrent_states[self.layer_idx] is not None and seq_len == 1
+        # One new token with a filled cache takes the in-place decode kernels, which are forward-only; with
+        # autograd on (e.g. a model called outside torch.no_grad) the chunked path handles it differentiably.
+        decoding = (
+            cache is not None
+            and cache.recurrent_states[self.layer_idx] is not None
+            and seq_len == 1
+            and not torch.is_grad_enabled()
+        )
         x = hidden_states if decoding else layout.pack(hidden_states)  # [B or 1, T', hidden]
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
 
