@@ -138,3 +138,16 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids(model):
             do_sample=False,
         )  # fmt: skip
     assert torch.equal(from_embeds[:, -NEW_TOKENS:], from_ids[:, -NEW_TOKENS:])
+
+
+def test_cached_step_with_autograd_on_matches_the_full_forward_and_backpropagates(model):
+    """Outside torch.no_grad a one-token step with a cache takes the differentiable chunked path."""
+    ids = random_ids(2, 10, seed=5)
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        cache = getattr(model(ids[:, :9], use_cache=True), CACHE_FIELD)
+    step = model(ids[:, 9:], use_cache=True, **{CACHE_FIELD: cache}).logits[:, -1]
+    assert_close_rel(step, full, 1e-5, "cached step with autograd on")
+    step.sum().backward()
+    assert model.lm_head.weight.grad is not None
+    model.zero_grad(set_to_none=True)
