@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call that checks and times everything, within the 10-minute limit of a call on a fresh
+# GPU checks and timings, grouped so that each device call fits the 10-minute limit on a fresh
 # machine. Run from the repository root on the GPU machine (carry .whl):
 #   bash kernels/benchmarks/gpu_session.sh [tests|kda|model|attn_res|ce_lora|small_ops ...]
 # With no argument it runs the GPU tests and the model benchmark (about 8 minutes); give the other
