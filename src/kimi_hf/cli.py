@@ -113,8 +113,11 @@ def run_demo(args: argparse.Namespace) -> dict:
         seed=args.seed,
         use_cpu=args.device == "cpu",
         bf16=args.device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=args.gradient_checkpointing,
     )
+    if args.gradient_checkpointing:
+        # transformers >= 5.2x renamed it `activation_checkpointing_enable`; 5.17 only has the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     trainer = Trainer(
         model=model,
         args=training_args,
