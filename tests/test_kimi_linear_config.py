@@ -194,3 +194,31 @@ def test_native_style_config_written_by_transformers_parses():
 def test_contradictory_native_style_config_raises(changes, field):
     with pytest.raises(ValueError, match=field):
         KimiLinearConfig(**_native_style(**changes))
+
+
+def test_auto_registration_leaves_the_native_kimi_linear_alone():
+    """Importing kimi_hf registers our own model types; `kimi_linear` stays transformers' native class."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    import kimi_hf
+
+    assert CONFIG_MAPPING["kimi_linear"].__module__.startswith("transformers.")
+    assert CONFIG_MAPPING["kimi_linear_attn_res"] is kimi_hf.KimiLinearAttnResConfig
+    assert CONFIG_MAPPING["kimi_attn_res"] is kimi_hf.AttnResConfig
+    assert MODEL_FOR_CAUSAL_LM_MAPPING[kimi_hf.KimiLinearAttnResConfig] is kimi_hf.KimiLinearAttnResForCausalLM
+    assert MODEL_FOR_CAUSAL_LM_MAPPING[kimi_hf.AttnResConfig] is kimi_hf.AttnResForCausalLM
+    config = AutoConfig.for_model("kimi_linear_attn_res", num_hidden_layers=2, hidden_size=64, vocab_size=64,
+                                  intermediate_size=64, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                                  qk_rope_head_dim=8, v_head_dim=8, num_experts=4, num_experts_per_token=2,
+                                  moe_intermediate_size=16, attn_res_block_size=2, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2,
+                                  linear_attn_config={"kda_layers": [1], "full_attn_layers": [2], "num_heads": 2,
+                                                      "head_dim": 16})  # fmt: skip
+    assert type(AutoModelForCausalLM.from_config(config)) is kimi_hf.KimiLinearAttnResForCausalLM
+
+
+def test_special_token_ids_must_fit_the_vocabulary():
+    with pytest.raises(ValueError, match="pad_token_id must be None or in \\[0, vocab_size=64\\), got 163839"):
+        KimiLinearConfig(vocab_size=64, bos_token_id=1, eos_token_id=2)

@@ -259,6 +259,10 @@ class KimiLinearConfig(PreTrainedConfig):
             raise ValueError(f"q_lora_rank must be None or a positive integer, got {self.q_lora_rank!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            token = getattr(self, name)
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name} must be None or in [0, vocab_size={self.vocab_size}), got {token!r}")
         if self.num_key_value_heads != self.num_attention_heads:
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must equal num_attention_heads "
