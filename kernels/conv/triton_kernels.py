@@ -15,16 +15,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _bounds(seq, cu_seqlens, T, IS_VARLEN: tl.constexpr):
+    """First row and end row (exclusive) of sequences ``seq`` (int64 vectors)."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + seq).to(tl.int64)
+        eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    else:
+        bos = seq * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
 def _locate(rows, seq_ids, cu_seqlens, T, IS_VARLEN: tl.constexpr):
     """Sequence index, first row and end row (exclusive) of each row, as int64 vectors."""
     if IS_VARLEN:
         seq = tl.load(seq_ids + rows).to(tl.int64)
-        bos = tl.load(cu_seqlens + seq).to(tl.int64)
-        eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
     else:
         seq = rows // T
-        bos = seq * T
-        eos = bos + T
+    bos, eos = _bounds(seq, cu_seqlens, T, IS_VARLEN)
     return seq, bos, eos
 
 
@@ -122,12 +131,7 @@ def _conv_final_state_kernel(
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     slots = tl.arange(0, BW)
     seq = n + tl.zeros([BW], dtype=tl.int64)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + seq).to(tl.int64)
-        eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    else:
-        bos = seq * T
-        eos = bos + T
+    bos, eos = _bounds(seq, cu_seqlens, T, IS_VARLEN)
     val = _load_input(x, h, eos - W + slots, seq, bos, cols, slots < W, D, W, HAS_H)
     mask = (slots < W)[:, None] & (cols < D)[None, :]
     tl.store(fs + n * D * W + cols[None, :] * W + slots[:, None], val.to(fs.dtype.element_ty), mask=mask)
@@ -176,12 +180,7 @@ def _conv_bwd_initial_state_kernel(
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     slots = tl.arange(0, BW)
     seq = n + tl.zeros([BW], dtype=tl.int64)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + seq).to(tl.int64)
-        eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    else:
-        bos = seq * T
-        eos = bos + T
+    bos, eos = _bounds(seq, cu_seqlens, T, IS_VARLEN)
     grad, _ = _grad_input(x, w, b, h, dy, dfs, bos - W + slots, seq, bos, eos, cols, slots < W, D, W,
                           HAS_BIAS, True, HAS_DFS, SILU)
     mask = (slots < W)[:, None] & (cols < D)[None, :]
