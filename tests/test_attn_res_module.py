@@ -99,6 +99,31 @@ def test_standard_mode_is_plain_residual():
     assert_close_rel(_run(AttentionResiduals(D, 3, mode="standard"), fns, x), expected, 1e-6, "standard")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_standard_mode_prenorm_is_rms_norm_of_stream(backend):
+    """Standard mode's fused PreNorm (the Triton kernel on that backend) equals RMSNorm of the stream, with grads."""
+    from kimi_hf.kernels.attn_res import rms_norm
+
+    attn_res = AttentionResiduals(D, num_sublayers=2, mode="standard", backend=backend)
+    weight = (1 + 0.2 * torch.randn(D)).requires_grad_()
+    x = torch.randn(2, 3, D, requires_grad=True)
+    state = attn_res.begin(x)
+    fused = attn_res.sublayer_input(state, weight, 1e-5)
+    expected = rms_norm(x, weight, 1e-5)
+    assert_close_rel(fused, expected, 1e-5, "sublayer")
+    state = attn_res.add_sublayer_output(state, torch.tanh(fused))
+    state = attn_res.add_sublayer_output(state, torch.tanh(attn_res.sublayer_input(state, weight, 1e-5)))
+    out = attn_res.final_output(state, weight, 1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (x, weight))
+    x_ref, w_ref = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    stream = x_ref
+    for _ in range(2):
+        stream = stream + torch.tanh(rms_norm(stream, w_ref, 1e-5))
+    ref_grads = torch.autograd.grad(rms_norm(stream, w_ref, 1e-5).square().sum(), (x_ref, w_ref))
+    for a, e, name in zip(grads, ref_grads, ("d_x", "d_weight")):
+        assert_close_rel(a, e, 1e-5, name)
+
+
 @pytest.mark.parametrize(
     "backend,block_size", [("torch", 1), ("torch", 3), ("torch", 7), ("triton", 3)]  # interpreter: one case
 )

@@ -14,6 +14,7 @@ from kimi_hf.kernels.attn_res import (
     depth_attention_phase2,
     naive_depth_attention,
     new_source_bank,
+    prenorm,
     rms_norm,
 )
 
@@ -149,6 +150,36 @@ def test_bad_inputs_raise():
         new_source_bank(2, partial, backend="cuda")
     with pytest.raises(ValueError, match="num_slots"):
         new_source_bank(0, partial)
+
+
+def _prenorm_check(shape, dtype, weight_dtype, device, rtol):
+    """Triton prenorm vs autograd through the float64 formula: output, dh and dweight."""
+    g = torch.Generator().manual_seed(3)
+    h = (3 * torch.randn(shape, generator=g)).to(device, dtype).requires_grad_()
+    weight = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(device, weight_dtype).requires_grad_()
+    w = torch.randn(shape, generator=g).to(device)
+    y = prenorm(h, weight, 1e-5, backend="triton")
+    assert y.dtype == torch.promote_types(dtype, weight_dtype)
+    (y.float() * w).sum().backward()
+    ref_h, ref_w = h.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = rms_norm(ref_h, ref_w, 1e-5)
+    (ref * w.double()).sum().backward()
+    assert_close_rel(y, ref, rtol, "prenorm")
+    assert_close_rel(h.grad, ref_h.grad, rtol, "d_h")
+    assert_close_rel(weight.grad, ref_w.grad, rtol, "d_weight")
+
+
+def test_triton_prenorm_matches_reference():
+    """The standard residual's PreNorm kernel, rows not a multiple of the row block, D not a power of two."""
+    _prenorm_check((3, 7, 48), torch.float32, torch.float32, "cpu", 1e-5)
+    with pytest.raises(ValueError, match=r"weight \[D\]"):
+        prenorm(torch.randn(2, 8), torch.ones(7))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,weight_dtype,d", [(torch.bfloat16, torch.bfloat16, 2048), (torch.bfloat16, torch.float32, 1000)])
+def test_gpu_prenorm_matches_reference(dtype, weight_dtype, d):
+    _prenorm_check((4, 513, d), dtype, weight_dtype, "cuda", 1e-2)
 
 
 @pytest.mark.gpu

@@ -11,9 +11,11 @@ sharing the buffers), which keeps decoder layers re-runnable under gradient chec
     bank = append_source(bank, partial, last_output)         # b_n = partial + f(h), stored once
     out, lse = depth_attention_phase1(bank, queries, gains)  # inference: a block's Q queries at once
     h = depth_attention_phase2(out[j], lse[j], partial, queries[j], gains[j], eps, norm_weight=w)
+    x = prenorm(h, w, eps)                                   # standard residual: the same PreNorm, one kernel
 
 Triton backend (CUDA, or CPU under TRITON_INTERPRET=1): fused kernels (``fused.py``, ``two_phase.py``);
-torch backend: ``naive.py``. ``naive_depth_attention`` is the stacking reference used by the tests.
+torch backend: ``naive.py``. ``prenorm`` (Triton: ``norm.py``) is the standard residual's PreNorm, so that
+it is compared with AttnRes's fused read at its best. ``naive_depth_attention`` is the stacking reference used by the tests.
 """
 
 from __future__ import annotations
@@ -143,6 +145,25 @@ def depth_attention(
     return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
 
 
+def prenorm(h: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str | None = None) -> torch.Tensor:
+    """A sublayer's PreNorm, RMSNorm as transformers writes it: ``weight * (h * rsqrt(mean(h^2) + eps)).to(h.dtype)``.
+
+    Args:
+        h: [..., D]; weight: [D]; eps: added to the mean square.
+        backend: "triton" (one kernel forward, one backward; keeps h and a float32 rstd per row),
+            "torch" (:func:`rms_norm`) or None (:func:`kimi_hf.kernels.resolve_backend`).
+    Returns:
+        [..., D] in the promotion of h's and weight's dtypes, differentiable w.r.t. h and weight.
+    """
+    if h.dim() < 1 or tuple(weight.shape) != (h.shape[-1],):
+        raise ValueError(f"prenorm needs h [..., D] and weight [D], got {tuple(h.shape)} / {tuple(weight.shape)}")
+    if resolve_backend(backend, h) == "torch":
+        return rms_norm(h, weight, eps)
+    from .norm import RMSNormFunction
+
+    return RMSNormFunction.apply(h, weight, eps)
+
+
 def _inference_only(*tensors: torch.Tensor) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise ValueError("the two-phase depth attention is inference-only: call it under torch.no_grad()")
@@ -213,5 +234,6 @@ __all__ = [
     "depth_attention_phase2",
     "naive_depth_attention",
     "new_source_bank",
+    "prenorm",
     "rms_norm",
 ]

@@ -291,3 +291,46 @@ def phase2_kernel(
         wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         h = ((hf * hr).to(h_ptr.dtype.element_ty).to(tl.float32) * wn).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + row * D + cols, h, mask=mask)
+
+
+@triton.jit
+def rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, BR: tl.constexpr, BLOCK_D: tl.constexpr):
+    """y = w * (x * rsqrt(mean(x^2) + eps)).to(x dtype), in y's dtype (the promotion of x's and w's); rstd [M]."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < M)[:, None] & (cols < D)[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    xhat = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)  # rounded before the gain, as transformers does
+    tl.store(y_ptr + offs, (xhat * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+
+
+@triton.jit
+def rms_norm_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, D,
+    BR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr,
+):  # fmt: skip
+    """dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w; each program walks BLOCKS row blocks and writes
+    its partial weight gradient sum(dy * xhat_rounded) as one row of dw [P, D] (summed by the launcher)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    w = tl.load(w_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), tl.float32)
+    for block in range(pid * BLOCKS, pid * BLOCKS + BLOCKS):
+        rows = (block * BR + tl.arange(0, BR)).to(tl.int64)
+        mask = (rows < M)[:, None] & mask_d[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+        xhat = x.to(tl.float32) * rstd[:, None]
+        dw += tl.sum(dy * xhat.to(x.dtype).to(tl.float32), axis=0)
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / D)[:, None])
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + pid * D + cols, dw, mask=mask_d)

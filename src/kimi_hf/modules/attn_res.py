@@ -49,7 +49,7 @@ from kimi_hf.kernels.attn_res import (
     depth_attention_phase1,
     depth_attention_phase2,
     new_source_bank,
-    rms_norm,
+    prenorm,
 )
 
 RESIDUAL_MODES = ("standard", "full", "block")
@@ -154,10 +154,13 @@ class AttentionResiduals(nn.Module):
         With ``norm_weight`` [D] (the sublayer's weight-only RMSNorm) it returns the PreNorm of h_l,
         ``norm_weight * (h * rsqrt(mean(h^2) + norm_eps)).to(h.dtype)``: on the Triton training path the norm
         is fused and h_l is recomputed in backward instead of stored (saves one [B, T, D] per sublayer).
+        In standard mode the norm is :func:`~kimi_hf.kernels.attn_res.prenorm` (one Triton kernel on that
+        backend), so that the baseline gets a fused PreNorm too.
         """
         sub = self._check_running(state)
         if self.mode == "standard":
-            return rms_norm(state.partial, norm_weight, norm_eps) if norm_weight is not None else state.partial
+            h = state.partial
+            return prenorm(h, norm_weight, norm_eps, self.backend) if norm_weight is not None else h
         if not self._use_two_phase():
             return depth_attention(
                 state.bank, self.queries[sub], self.norm_weight[sub], state.partial, norm_weight, norm_eps
@@ -201,6 +204,6 @@ class AttentionResiduals(nn.Module):
             raise ValueError(f"final_output needs all {self.num_sublayers} sublayers run, state is at {state.sublayer}")
         if self.mode == "standard":
             h = state.partial
-            return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
+            return prenorm(h, norm_weight, norm_eps, self.backend) if norm_weight is not None else h
         last = self.num_sublayers
         return depth_attention(state.bank, self.queries[last], self.norm_weight[last], None, norm_weight, norm_eps)
