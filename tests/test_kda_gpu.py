@@ -10,19 +10,12 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel
 
-import kimi_hf.kernels.kda as kda
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda, naive_chunk_kda
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _low_precision_kernels(monkeypatch):
-    """Test the bf16 kernels themselves, not the fp32 fallback that chunk_kda uses by default for now."""
-    monkeypatch.setattr(kda, "TRITON_CHUNK_LOW_PRECISION", True)
 
 
 # Relative-error budgets: bf16 inputs/intermediates vs exact fp32 dots.

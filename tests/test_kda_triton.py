@@ -1,7 +1,8 @@
 """KDA Triton kernels (chunked forward/backward, recurrent decode) under Triton's interpreter on CPU.
 
-fp32 only (bf16 is broken in the interpreter) and tiny shapes (it is slow). The float64 plain-torch
-references are the ground truth; the GPU suite (tests/test_kda_gpu.py) covers bf16 and long sequences.
+fp32, and fp16 for the low-precision code path (the interpreter's bf16 dots are broken), at tiny shapes
+(it is slow). The float64 plain-torch references are the ground truth; the GPU suite
+(tests/test_kda_gpu.py) covers bf16 and long sequences.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ def _inputs(T, N, H=2, K=16, V=16, B=1, seed=0, raw_gate=False):
 
 
 def _run(op, backend, inputs, params, dtype, grads=None, **options):
-    """Run ``op`` on copies of ``inputs`` cast to ``dtype``; return outputs and input gradients."""
+    """Run ``op`` on copies of ``inputs`` (q, k, v, beta cast to ``dtype``; the gate and the state stay
+    fp32 unless ``dtype`` is fp64); return outputs and input gradients."""
+    cast = lambda n: dtype if n in ("q", "k", "v", "beta") or dtype == torch.float64 else torch.float32  # noqa: E731
     leaves = {
-        n: x.detach().to(DEVICE, dtype).clone().requires_grad_(grads is not None)
+        n: x.detach().to(DEVICE, cast(n)).clone().requires_grad_(grads is not None)
         for n, x in {**inputs, **params}.items()
     }
     o, s = op(**leaves, output_final_state=True, backend=backend, **options)
@@ -45,14 +48,16 @@ def _run(op, backend, inputs, params, dtype, grads=None, **options):
     return o, s, {n: x.grad for n, x in leaves.items()}
 
 
-def _check(inputs, params=None, backward=True, rtol=2e-5, **options):
+def _check(inputs, params=None, backward=True, rtol=2e-5, dtype=torch.float32, **options):
     params = params or {}
+    # Both sides see the same rounded q, k, v, beta: only the kernels' own error is measured.
+    inputs = {n: x.to(dtype).float() if n in ("q", "k", "v", "beta") else x for n, x in inputs.items()}
     grads = None
     if backward:
         gen = torch.Generator().manual_seed(1)
         N, H, K, V = inputs["initial_state"].shape
         grads = (torch.randn(*inputs["v"].shape, generator=gen), torch.randn(N, H, K, V, generator=gen))
-    o, s, d = _run(chunk_kda, "triton", inputs, params, torch.float32, grads, **options)
+    o, s, d = _run(chunk_kda, "triton", inputs, params, dtype, grads, **options)
     o_ref, s_ref, d_ref = _run(chunk_kda, "torch", inputs, params, torch.float64, grads, **options)
     assert_close_rel(o, o_ref, rtol, "o")
     assert_close_rel(s, s_ref, rtol, "final state")
@@ -63,6 +68,11 @@ def _check(inputs, params=None, backward=True, rtol=2e-5, **options):
 def test_chunk_two_chunks_fwd_bwd():
     """T = 70: one full chunk and a partial one, with initial state and final-state gradient."""
     _check(_inputs(T=70, N=1), use_qk_l2norm_in_kernel=True)
+
+
+def test_chunk_fp16_fwd_bwd():
+    """The low-precision variant (fp16 operands in the tensor-core dots, fp32 accumulation)."""
+    _check(_inputs(T=100, N=1, K=32, V=32, seed=8), rtol=3e-3, dtype=torch.float16, use_qk_l2norm_in_kernel=True)
 
 
 def test_chunk_varlen_fused_gate_fwd_bwd():

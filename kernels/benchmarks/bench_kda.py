@@ -56,8 +56,28 @@ def _step(fn: Callable, inputs: dict, backward: bool, **kw) -> Callable[[], None
     return run
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp64 (NaN anywhere gives NaN)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def parity_with_fla(inputs: dict, fla_chunk: Callable) -> dict[str, float]:
+    """Relative differences of ours vs fla (same bf16 inputs): the output and every input gradient."""
+    do = torch.randn_like(inputs["v"])
+    results = []
+    for fn in (chunk_kda, fla_chunk):
+        leaves = {n: x.detach().clone().requires_grad_() for n, x in inputs.items()}
+        o = fn(**leaves, use_qk_l2norm_in_kernel=True)[0]
+        o.backward(do)
+        results.append({"o": o.detach(), **{f"d{n}": x.grad for n, x in leaves.items()}})
+    ours, anchor = results
+    return {name: _rel(ours[name], anchor[name]) for name in anchor}
+
+
 def bench_chunk(B: int, T: int, H: int = 32, D: int = 128) -> list[dict]:
-    """Rows for one chunked shape: ours and fla, fwd and fwd+bwd."""
+    """Rows for one chunked shape: ours and fla, fwd and fwd+bwd; the fwd+bwd row also carries the
+    relative difference of ours vs fla (output and input gradients) on those inputs."""
     fla_chunk, _ = _fla()
     rows = []
     for backward in (False, True):
@@ -69,6 +89,8 @@ def bench_chunk(B: int, T: int, H: int = 32, D: int = 128) -> list[dict]:
             anchor = do_bench(_step(fla_chunk, inputs, backward, use_qk_l2norm_in_kernel=True), grad_to_none=grads)
         rows.append(dict(op="chunk_kda " + ("fwd+bwd" if backward else "fwd"), shape=f"B{B} T{T} H{H} D{D}",
                          ours_ms=ours, fla_ms=anchor, floor_ms=None))  # fmt: skip
+        if backward and fla_chunk is not None:
+            rows[-1]["rel_diff_vs_fla"] = parity_with_fla(inputs, fla_chunk)
         del inputs, grads
         torch.cuda.empty_cache()
     return rows
@@ -96,6 +118,31 @@ def bench_decode(B: int, H: int = 32, D: int = 128, bandwidth_tbs: float = 4.27)
     floor = 2 * B * H * D * D * 4 / (bandwidth_tbs * 1e12) * 1e3
     return dict(op="fused_recurrent_kda decode", shape=f"B{B} T1 H{H} D{D}", ours_ms=ours, fla_ms=anchor,
                 floor_ms=floor)  # fmt: skip
+
+
+def kernel_breakdown(B: int = 1, T: int = 8192, H: int = 32, D: int = 128, iters: int = 5) -> str:
+    """Per-kernel GPU time of one fwd+bwd (ours and fla), from the torch profiler: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fla_chunk, _ = _fla()
+    inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, True)
+    lines = []
+    for name, fn in (("ours", chunk_kda), ("fla", fla_chunk)):
+        if fn is None:
+            continue
+        step = _step(fn, inputs, True, use_qk_l2norm_in_kernel=True)
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                step()
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in events) / iters / 1e3
+        lines.append(f"{name}: fwd+bwd B{B} T{T} H{H} D{D}, {total:.3f} ms of GPU time per step")
+        for e in events[:12]:
+            lines.append(f"  {e.self_device_time_total / iters / 1e3:8.3f} ms  {e.key[:90]}")
+    return "\n".join(lines)
 
 
 def run_benchmarks(
@@ -135,15 +182,17 @@ def markdown_table(rows: list[dict], env: dict) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [
         f"GPU {env['gpu']}, torch {env['torch']}, triton {env['triton']}, fla {env['fla']}; "
-        "bf16, do_bench median ms; ratio = fla / ours (> 1: ours faster)",
+        "bf16, do_bench median ms; "
+        "ratio = fla / ours (> 1: ours faster); diff vs fla = largest relative difference over o and the input grads",
         "",
-        "| op | shape | ours (ms) | fla 0.6.0 (ms) | ratio vs fla | floor (ms) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| op | shape | ours (ms) | fla 0.6.0 (ms) | ratio vs fla | floor (ms) | diff vs fla |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         ratio = "-" if r["fla_ms"] is None else f"{r['fla_ms'] / r['ours_ms']:.2f}x"
+        diff = max(r["rel_diff_vs_fla"].values()) if "rel_diff_vs_fla" in r else None
         lines.append(f"| {r['op']} | {r['shape']} | {fmt(r['ours_ms'])} | {fmt(r['fla_ms'])} | {ratio} | "
-                     f"{fmt(r['floor_ms'])} |")  # fmt: skip
+                     f"{fmt(r['floor_ms'])} | {'-' if diff is None else f'{diff:.1e}'} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -152,10 +201,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", metavar="PATH", help="also write the rows and environment as JSON")
     p.add_argument("--quick", action="store_true", help="first chunked shape and B1 decode only")
     p.add_argument("--bandwidth-tbs", type=float, default=4.27, help="device copy bandwidth for the decode floor")
+    p.add_argument("--profile", action="store_true", help="first print the per-kernel GPU time of ours and fla")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     env = environment()
+    if args.profile:
+        print(kernel_breakdown(), flush=True)
     rows = run_benchmarks(quick=args.quick, bandwidth_tbs=args.bandwidth_tbs, report=lambda r: print(r, flush=True))
     print(markdown_table(rows, env))
     if args.json:

@@ -13,14 +13,6 @@ from .._backend import resolve_backend
 from .naive import naive_chunk_kda, naive_recurrent_kda
 from .utils import check_kda_inputs, kda_gate, l2norm
 
-# The bf16/fp16 variants of the chunked Triton kernels (bf16 tensor-core dots) failed their first GPU
-# verification (a bf16 model step stalled, its logits differed from transformers' by 20%, and a CUDA
-# illegal-memory-access surfaced next to them), while the fp32 variants passed inside the model on an
-# H200 (logits 1e-4, gradients 1e-3 relative to the torch reference). Until the low-precision variants pass
-# `tests/test_kda_gpu.py` and `tests/test_kimi_linear_gpu.py`, bf16/fp16 inputs run the verified fp32
-# kernels (inputs cast up, output cast back). Set True to use the low-precision kernels anyway.
-TRITON_CHUNK_LOW_PRECISION = False
-
 __all__ = ["chunk_kda", "fused_recurrent_kda", "kda_gate", "naive_chunk_kda", "naive_recurrent_kda"]
 
 
@@ -80,14 +72,10 @@ def chunk_kda(
     if resolve_backend(backend, q) == "triton":
         from .chunk import chunk_kda_triton
 
-        dtype = q.dtype
-        if dtype in (torch.bfloat16, torch.float16) and not TRITON_CHUNK_LOW_PRECISION:
-            q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
-        o, final_state = chunk_kda_triton(
+        return chunk_kda_triton(
             q, k, v, g, beta, scale, initial_state, output_final_state,
             use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, cu_seqlens,
         )  # fmt: skip
-        return o.to(dtype), final_state
     q, k, g = _torch_prologue(q, k, g, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias)
     return naive_chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 

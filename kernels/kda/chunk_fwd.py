@@ -135,16 +135,31 @@ def kda_intra_fwd_kernel(
     cols_t = tl.arange(0, BT)
     _store_rows(A_qk, b_Aqk, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
     _store_rows(P, b_P, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
-    # M = (I + Diag(beta) P)^-1 by forward substitution: row i = e_i - sum_{j<i} beta_i P_ij M_j.
-    # Row i of P is read back from memory (just written by this program, hence the barrier): cheaper
-    # than extracting it from the register tile with a cross-warp reduction at each of the 63 steps.
+    # M = (I + Diag(beta) P)^-1 in two stages (stable: the operations of blocked forward substitution).
+    # 1. The BC x BC diagonal blocks by forward substitution, all blocks at once: step i writes row i of
+    #    every block. Rows of P are read back from memory (just written by this program, hence the
+    #    barrier): cheaper than extracting them from the register tile. Rows past the end keep M = e_i.
     tl.debug_barrier()
-    b_M = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
-    for i in range(1, tl.minimum(eos - t0, BT)):  # rows past the end have A = 0: M stays e_i
-        row = (t0 + i).to(tl.int64) * H + i_h
-        b_a = tl.load(P + row * BT + idx) * tl.load(beta + row).to(tl.float32)
-        b_row = -tl.sum(b_a[:, None] * b_M, axis=0) + tl.where(idx == i, 1.0, 0.0)
-        b_M = tl.where((idx == i)[:, None], b_row[None, :], b_M)
+    eye = idx[:, None] == idx[None, :]
+    same_blk = blk[:, None] == blk[None, :]
+    sub = idx - blk * BC
+    b_Md = tl.where(eye, 1.0, 0.0)
+    for i in range(1, BC):
+        # For every row j: the row r = i of j's block, and beta_r P[r, j] where j comes before r.
+        r_rows = t0 + blk * BC + i
+        r_ok = (sub < i) & (r_rows < eos)
+        r_offs = r_rows.to(tl.int64) * H + i_h
+        b_a = tl.load(P + r_offs * BT + idx, mask=r_ok, other=0.0)
+        b_a *= tl.load(beta + r_offs, mask=r_ok, other=0.0).to(tl.float32)
+        # Rows j of block b only reach columns of block b, so one reduction serves all blocks.
+        b_new = tl.where(eye, 1.0, 0.0) - tl.sum(b_a[:, None] * b_Md, axis=0)[None, :]
+        b_Md = tl.where((sub == i)[:, None] & same_blk, b_new, b_Md)
+    # 2. With D the block diagonal of L = I + Diag(beta) P and E its part below the blocks,
+    #    M = (I + X)^-1 D^-1 with X = D^-1 E, i.e. M = D^-1 - X M: block row b is exact after b sweeps.
+    b_X = tl.dot(b_Md, tl.where(blk[:, None] > blk[None, :], b_beta[:, None] * b_P, 0.0), input_precision="ieee")
+    b_M = b_Md
+    for _ in tl.static_range(1, BT // BC):
+        b_M = b_Md - tl.dot(b_X, b_M, input_precision="ieee")
     _store_rows(M, b_M, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
     b_gexp = tl.exp(b_G)
     _store_rows(qg, b_q * b_gexp, rows, rmask, cols, cmask, H, i_h, K)
