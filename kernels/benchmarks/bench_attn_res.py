@@ -1,22 +1,31 @@
-"""Benchmark Attention Residuals in a ~1B dense decoder: standard residual vs Block / Full AttnRes.
+"""Benchmark Attention Residuals in ~1B models: standard residual vs Block / Full AttnRes, same run.
 
-Per variant (one model per residual mode, the depth-attention implementation switched in place):
-training step (forward + backward of the LM loss, no optimizer) and its peak memory, prefill latency
-(forward without cache at the training shape, under no_grad) and per-token decode latency (B1, KV cache).
+Models (``--model``, one or both; rows are printed as each finishes):
+  dense        our Llama-style ``AttnResForCausalLM`` (d 2048, 16 layers = 32 sublayers, SwiGLU 5632), B4 T2048
+  kimi_linear  REFERENCE.md's ~1B MoE ``KimiLinearForCausalLM`` (8 layers = 16 sublayers, KDA + MLA), B2 T4096
 
-Implementations of the depth attention:
-  triton  kimi_hf's fused kernels (sources stored once, cached rstd, sublayer PreNorm fused and h recomputed in
-          backward; two-phase at inference)
-  torch   kimi_hf's plain-torch backend (sources kept once, per-source loop; two-phase at inference)
+Per variant: training step (forward + backward of the LM loss, no optimizer) and its peak memory, prefill
+(forward without cache at the training shape, no_grad) and decode latency per token (B1, greedy, with the
+model's cache after a prompt: median of single cached one-token steps). Every path runs before it is timed
+(Triton compilation and autotuning never counted): two training steps, one prefill, a few decode steps.
+
+The standard residual is the anchor of every ratio, given its best shot: its PreNorm runs as one Triton
+kernel forward and one backward (``prenorm``), as AttnRes's own read fuses its PreNorm ("triton" baseline).
+The "torch" baseline is the transformers-style eager RMSNorm, and for the dense model transformers'
+``LlamaForCausalLM`` with the same shape checks that our standard decoder is not slower than the usual one.
+
+Depth-attention implementations of Block / Full (``--impls``):
+  triton  kimi_hf's fused kernels (sources stored once, cached rstd, PreNorm fused; two-phase at inference)
+  torch   kimi_hf's plain-torch backend (per-source loop; two-phase at inference)
   stack   the naive formula: stack all sources + RMSNorm + softmax at every sublayer (REFERENCE's 1.75x)
   liger   Liger-Kernel 0.8.5's fused AttnRes op (stacks the sources at every sublayer), if importable
 
-The standard residual runs transformers-style (residual add + eager RMSNorm), as the AttnRes variants other
-than triton do. Median times by triton.testing.do_bench on CUDA (time.perf_counter medians with --tiny on CPU).
-Examples:
-  python kernels/benchmarks/bench_attn_res.py                       # ~1B dense, B4 T2048 bf16, on a GPU
-  python kernels/benchmarks/bench_attn_res.py --tiny                # CPU smoke test
-  python kernels/benchmarks/bench_attn_res.py --model kimi_linear   # ~1B Kimi Linear MoE config
+Median times: triton.testing.do_bench on CUDA; time.perf_counter medians with --tiny on CPU (where the
+Triton impls are skipped and the KDA model runs its torch reference path: a smoke test, not a measurement).
+
+  python kernels/benchmarks/bench_attn_res.py --json out.json       # both models on a GPU (~4 min fresh)
+  python kernels/benchmarks/bench_attn_res.py --model dense         # one model
+  python kernels/benchmarks/bench_attn_res.py --tiny                # CPU smoke test of every code path
 """
 
 from __future__ import annotations
@@ -60,7 +69,13 @@ KIMI_LINEAR_TINY = dict(
     num_experts=4, num_experts_per_token=2, moe_intermediate_size=32, num_shared_experts=1,
     first_k_dense_replace=1, intermediate_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
+MODELS = ("dense", "kimi_linear")
+# Per model: (batch, seq, sublayers per block) on the GPU, and with --tiny.
+SHAPES = {"dense": (4, 2048, 8), "kimi_linear": (2, 4096, 4)}
+TINY_SHAPES = {"dense": (2, 32, 2), "kimi_linear": (2, 32, 2)}
 IMPLS = ("triton", "torch", "stack", "liger")
+BASELINES = ("triton", "torch")
+LLAMA = "transformers Llama"
 
 
 def _liger_function():
@@ -112,11 +127,19 @@ def _configure(model: torch.nn.Module, impl: str) -> None:
             module.two_phase = impl in ("triton", "torch")
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
+    """Median milliseconds of ``fn`` after one untimed call (callers have already warmed it up)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: do_bench(fn, warmup=max(1, reps // 4) * 25, rep=reps * 100, return_mode="median")
+        # do_bench sizes its warm-up and repetitions in ms from a 5-call estimate: ~reps timed calls of a
+        # 100 ms step, more of faster ones, bounded so that the whole run stays within a few minutes.
+        return lambda fn: do_bench(fn, warmup=50, rep=reps * 100, return_mode="median")
 
     def cpu_median(fn):
         fn()
@@ -130,73 +153,99 @@ def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], 
     return cpu_median
 
 
-def build_model(args: argparse.Namespace, residual: str, device: torch.device, dtype: torch.dtype):
-    overrides = {"residual": residual, "attn_res_block_size": args.block_size, "attn_implementation": args.attn}
-    if args.model == "dense":
+def _shape(args: argparse.Namespace, model_name: str) -> tuple[int, int, int]:
+    batch, seq, block = (TINY_SHAPES if args.tiny else SHAPES)[model_name]
+    return args.batch or batch, args.seq or seq, args.block_size or block
+
+
+def build_model(args, model_name: str, residual: str, device: torch.device, dtype: torch.dtype):
+    block_size = _shape(args, model_name)[2]
+    overrides = {"residual": residual, "attn_res_block_size": block_size, "attn_implementation": args.attn}
+    if model_name == "dense":
         from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM
 
-        config = AttnResConfig(**(DENSE_TINY if args.tiny else DENSE_1B), **overrides)
-        cls = AttnResForCausalLM
+        config, cls = AttnResConfig(**(DENSE_TINY if args.tiny else DENSE_1B), **overrides), AttnResForCausalLM
     else:
-        import kimi_hf
+        from kimi_hf import KimiLinearConfig, KimiLinearForCausalLM
 
-        cls = getattr(kimi_hf, "KimiLinearForCausalLM", None)
-        config_cls = getattr(kimi_hf, "KimiLinearConfig", None)
-        if cls is None or config_cls is None:
-            raise SystemExit("kimi_hf.KimiLinearForCausalLM is not available in this installation")
-        config = config_cls(**(KIMI_LINEAR_TINY if args.tiny else KIMI_LINEAR_1B), **overrides)
+        config = KimiLinearConfig(**(KIMI_LINEAR_TINY if args.tiny else KIMI_LINEAR_1B), **overrides)
+        cls = KimiLinearForCausalLM
     torch.manual_seed(0)
     with torch.device(device):
-        model = cls(config).to(dtype)
-    return model
+        return cls(config).to(dtype)
 
 
-def bench_variant(model, impl: str, args, device, timer) -> dict:
-    _configure(model, impl)
+def build_llama(args, device: torch.device, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM with the dense model's shape (untied embeddings, same eps and RoPE)."""
+    from kimi_hf.models.attn_res import AttnResConfig
+
+    ours = AttnResConfig(**(DENSE_TINY if args.tiny else DENSE_1B), residual="standard")
+    config = transformers.LlamaConfig(
+        vocab_size=ours.vocab_size, hidden_size=ours.hidden_size, intermediate_size=ours.intermediate_size,
+        num_hidden_layers=ours.num_hidden_layers, num_attention_heads=ours.num_attention_heads,
+        num_key_value_heads=ours.num_key_value_heads, max_position_embeddings=ours.max_position_embeddings,
+        rms_norm_eps=ours.rms_norm_eps, tie_word_embeddings=False, attn_implementation=args.attn,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def decode_ms(model, prompt: torch.Tensor, warmup: int, steps: int, device: torch.device) -> float:
+    """Median latency of one greedy cached one-token step at B1 (after ``warmup`` untimed steps)."""
+    out = model(prompt, use_cache=True)
+    cache = _cache_of(out)
+    token = out.logits[:, -1:].argmax(-1)
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench_variant(model, impl: str | None, args, shape: tuple[int, int], device, timer) -> dict:
+    """Time one model with one depth-attention implementation (``impl=None``: leave the model as it is)."""
+    if impl is not None:
+        _configure(model, impl)
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(device)
+    ids = torch.randint(0, vocab, shape, generator=gen).to(device)
     eps = getattr(model.config, "attn_res_eps", 1e-6)
     row: dict = {}
-    with depth_attention_impl(impl, eps):
+    with depth_attention_impl(impl or "torch", eps):
         model.train()
 
         def step():
             model(ids, labels=ids, use_cache=False).loss.backward()
             model.zero_grad(set_to_none=True)
 
-        step()
+        step()  # compiles; the second step is the one whose peak memory is read
+        _sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
+        step()
+        _sync(device)
+        if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["train_ms"] = timer(step)
         model.eval()
         with torch.no_grad():
+            model(ids, use_cache=False)  # warm-up (timer adds one more untimed call)
             row["prefill_ms"] = timer(lambda: model(ids, use_cache=False))
             prompt = torch.randint(0, vocab, (1, args.decode_prompt), generator=gen).to(device)
-            row["decode_ms"] = _decode_ms(model, prompt, args.decode_tokens, device)
+            decode_ms(model, prompt, 0, args.decode_warmup, device)  # compiles the one-token kernels
+            row["decode_ms"] = decode_ms(model, prompt, args.decode_warmup, args.decode_tokens, device)
     return row
-
-
-def _decode_ms(model, prompt: torch.Tensor, steps: int, device: torch.device) -> float:
-    """Median latency of one greedy decoding step with the KV cache (the model's own cache object)."""
-    out = model(prompt, use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    token = out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = model(token, use_cache=True, past_key_values=cache)
-        token = out.logits[:, -1:].argmax(-1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:] if len(times) > 1 else times)
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -207,7 +256,9 @@ def markdown(results: list[dict], header: dict) -> str:
     base = next((r for r in results if r["residual"] == "standard"), None)
     lines = [f"### AttnRes benchmark ({header['model']})", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    columns = ["residual", "depth attention"]
+    if base:
+        lines.append(f"- ratios (x std): against the standard residual with the '{base['impl']}' PreNorm")
+    columns = ["residual", "implementation"]
     columns += ["train step ms", "x std", "peak GiB", "x std", "prefill ms", "x std", "decode ms/token", "x std"]
     lines += ["", "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * 8]
     for r in results:
@@ -222,30 +273,101 @@ def markdown(results: list[dict], header: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("dense", "kimi_linear"), default="dense")
-    p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test); times are not meaningful")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 4; 2 with --tiny)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; 32 with --tiny)")
-    p.add_argument("--block-size", type=int, default=None, help="sublayers per block (default 8; 2 with --tiny)")
+    p.add_argument("--model", nargs="+", default=list(MODELS), choices=MODELS, help="models, in this order")
+    p.add_argument("--tiny", action="store_true", help="tiny configs on CPU (smoke test); times are not meaningful")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: dense 4, kimi_linear 2; tiny 2)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: dense 2048, kimi_linear 4096)")
+    p.add_argument("--block-size", type=int, default=None, help="sublayers per block (default: dense 8 of 32, "
+                   "kimi_linear 4 of 16; tiny 2)")  # fmt: skip
     p.add_argument("--modes", nargs="+", default=["standard", "block", "full"], choices=("standard", "block", "full"))
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES,
+                   help="PreNorm of the standard residual; the first is the anchor of the ratios")  # fmt: skip
+    p.add_argument("--impls", nargs="+", default=["triton", "liger"], choices=IMPLS,
+                   help="depth-attention implementations of Block/Full")  # fmt: skip
+    p.add_argument("--llama-anchor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time transformers' LlamaForCausalLM of the dense shape")  # fmt: skip
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, ...)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--reps", type=int, default=None, help="timing repetitions (default 10; 2 with --tiny)")
+    p.add_argument("--reps", type=int, default=None, help="~timed calls of a 100 ms step (default 6; 2 tiny)")
     p.add_argument("--decode-prompt", type=int, default=None, help="decode prompt length (default 512; 8 tiny)")
-    p.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed (default 32; 3 tiny)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--decode-warmup", type=int, default=None, help="untimed decode steps (default 4; 1 tiny)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 24; 3 tiny)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (rewritten after each row)")
     args = p.parse_args(argv)
     tiny = args.tiny
-    args.batch = args.batch or (2 if tiny else 4)
-    args.seq = args.seq or (32 if tiny else 2048)
-    args.reps = args.reps or (2 if tiny else 10)
+    args.reps = args.reps or (2 if tiny else 6)
     args.decode_prompt = args.decode_prompt or (8 if tiny else 512)
-    args.decode_tokens = args.decode_tokens or (3 if tiny else 32)
-    args.block_size = args.block_size or (2 if tiny else 8)
-    if args.block_size < 1:
-        p.error(f"--block-size must be >= 1, got {args.block_size}")
+    args.decode_warmup = args.decode_warmup or (1 if tiny else 4)
+    args.decode_tokens = args.decode_tokens or (3 if tiny else 24)
+    for name in ("batch", "seq", "block_size", "reps", "decode_prompt", "decode_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
+
+
+def _header(args, model_name: str, device: torch.device, dtype: torch.dtype) -> dict:
+    batch, seq, block = _shape(args, model_name)
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    if device.type == "cuda":
+        versions += f", triton {__import__('triton').__version__}"
+    return {
+        "model": f"{model_name}{' tiny' if args.tiny else ' ~1B'}",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": versions,
+        "shape": f"B{batch} T{seq} {str(dtype).removeprefix('torch.')}, attention {args.attn}, block size {block} "
+        f"sublayers; decode B1 after a {args.decode_prompt}-token prompt, median of {args.decode_tokens} steps",
+        "timing": "triton.testing.do_bench median, warmed up" if device.type == "cuda" else "perf_counter median",
+    }
+
+
+def _variants(args, model_name: str, device: torch.device, impls: list[str]) -> list[tuple[str, str | None]]:
+    """(residual, impl) pairs in run order; impl None is transformers' Llama."""
+    pairs = []
+    for residual in args.modes:
+        if residual == "standard":
+            baselines = [b for b in args.baselines if b != "triton" or device.type == "cuda"]
+            pairs += [("standard", b) for b in baselines or ["torch"]]
+            if model_name == "dense" and args.llama_anchor:
+                pairs.append(("standard", None))
+        else:
+            pairs += [(residual, impl) for impl in impls]
+    return pairs
+
+
+def run_model(args, model_name: str, device, dtype, impls, timer, report: dict) -> list[dict]:
+    """All variants of one model; prints each row (JSON, flushed) as it finishes and rewrites ``--json``
+    with ``report`` ({"headers": {model: header}, "results": [rows of every model so far]})."""
+    batch, seq, _ = _shape(args, model_name)
+    header = report["headers"][model_name] = _header(args, model_name, device, dtype)
+    results: list[dict] = []
+    model, built_for = None, None
+    for residual, impl in _variants(args, model_name, device, impls):
+        row = {"model": model_name, "residual": residual, "impl": impl or LLAMA}
+        start = time.perf_counter()
+        try:
+            if built_for != (residual, impl is None):
+                model = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if impl is None:
+                    model = build_llama(args, device, dtype)
+                else:
+                    model = build_model(args, model_name, residual, device, dtype)
+                built_for = (residual, impl is None)
+            row.update(bench_variant(model, impl, args, (batch, seq), device, timer))
+        except torch.OutOfMemoryError:  # e.g. Full AttnRes with the stacking reference: report, go on
+            row["impl"] += " (OOM)"
+            model, built_for = None, None
+            torch.cuda.empty_cache()
+        row["wall_s"] = round(time.perf_counter() - start, 1)
+        results.append(row)
+        report["results"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+    print(markdown(results, header), flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -254,41 +376,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     impls = list(args.impls)
     if "liger" in impls and (_liger_function() is None or device.type != "cuda"):
-        print("liger-kernel's AttnRes op is not importable here (or no CUDA): skipping the 'liger' anchor")
+        print("liger-kernel's AttnRes op is not importable here (or no CUDA): skipping the 'liger' anchor", flush=True)
         impls.remove("liger")
     if "triton" in impls and device.type != "cuda":
         impls.remove("triton")  # Triton's interpreter would only time Python
+        impls = impls or ["torch"]
     timer = _timer(device, args.reps)
-    results = []
-    for residual in args.modes:
-        model = build_model(args, residual, device, dtype)
-        for impl in ["torch"] if residual == "standard" else impls:
-            row = {"residual": residual, "impl": "-" if residual == "standard" else impl}
-            try:
-                row.update(bench_variant(model, impl, args, device, timer))
-            except torch.OutOfMemoryError:  # e.g. Full AttnRes with the stacking reference: report, go on
-                row["impl"] += " (OOM)"
-                model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-            results.append(row)
-            print(json.dumps(row), flush=True)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    header = {
-        "model": f"{args.model}{' tiny' if args.tiny else ' ~1B'}",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        + (f"triton {__import__('triton').__version__}" if device.type == "cuda" else "no triton timing"),
-        "shape": f"B{args.batch} T{args.seq} {str(dtype).removeprefix('torch.')}, attention {args.attn}, "
-        f"block size {args.block_size} sublayers; decode B1 after a {args.decode_prompt}-token prompt",
-        "timing": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
-    }
-    print(markdown(results, header))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "results": results}, f, indent=2)
-    return results
+    report: dict = {"headers": {}, "results": []}
+    for model_name in args.model:
+        print(f"== {model_name}", flush=True)
+        run_model(args, model_name, device, dtype, impls, timer, report)
+    return report["results"]
 
 
 if __name__ == "__main__":
