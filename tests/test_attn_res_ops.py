@@ -177,7 +177,9 @@ def test_triton_prenorm_matches_reference():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,weight_dtype,d", [(torch.bfloat16, torch.bfloat16, 2048), (torch.bfloat16, torch.float32, 1000)])
+@pytest.mark.parametrize(
+    "dtype,weight_dtype,d", [(torch.bfloat16, torch.bfloat16, 2048), (torch.bfloat16, torch.float32, 1000)]
+)
 def test_gpu_prenorm_matches_reference(dtype, weight_dtype, d):
     _prenorm_check((4, 513, d), dtype, weight_dtype, "cuda", 1e-2)
 

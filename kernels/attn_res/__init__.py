@@ -14,8 +14,9 @@ sharing the buffers), which keeps decoder layers re-runnable under gradient chec
     x = prenorm(h, w, eps)                                   # standard residual: the same PreNorm, one kernel
 
 Triton backend (CUDA, or CPU under TRITON_INTERPRET=1): fused kernels (``fused.py``, ``two_phase.py``);
-torch backend: ``naive.py``. ``prenorm`` (Triton: ``norm.py``) is the standard residual's PreNorm, so that
-it is compared with AttnRes's fused read at its best. ``naive_depth_attention`` is the stacking reference used by the tests.
+torch backend: ``naive.py``. ``naive_depth_attention`` is the stacking reference used by the tests.
+``prenorm`` (Triton: ``norm.py``) is the standard residual's PreNorm, so that the baseline gets a fused norm
+as AttnRes's read does.
 """
 
 from __future__ import annotations
