@@ -22,6 +22,7 @@ from kimi_hf.kernels.ce_lora import (
     low_rank_factors,
     make_plan,
     naive_ce_grad_input,
+    projection_bounds,
     residual_row_norms,
     select_channels,
 )
@@ -237,23 +238,48 @@ def test_factors_follow_weight_changes():
     assert state.selections == 2
 
 
+def test_projection_bounds_partition_channels_around_kept_tiles():
+    gen = torch.Generator().manual_seed(0)
+    for out_features, keep in [(1000, 300), (200, 64), (4096, 2096), (130, 10)]:
+        index = torch.randperm(out_features, generator=gen)[:keep].sort().values
+        bounds = projection_bounds(index, out_features).long() * 16
+        assert bounds[0] == 0 and bounds[-1] == 16 * math.ceil(out_features / 16)
+        assert (bounds[1:] >= bounds[:-1]).all() and bounds.numel() == math.ceil(keep / 64) + 1
+        for tile, chunk in enumerate(index.split(64)):  # a tile's kept channels end its range (rounded up)
+            assert bounds[tile] - 16 < chunk.min() and chunk.max() < bounds[tile + 1]
+            assert tile == bounds.numel() - 2 or bounds[tile + 1] <= chunk.max() + 16
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
-def test_triton_pack_matches_torch_reference():
-    """fp32, tiny: 200 channels (a partial column tile), 37 rows (a partial row block), LoRA slots filled."""
+@pytest.mark.parametrize(
+    "out_features, rows, ratio, lora_rank, dtype",
+    [
+        (200, 37, 0.3, 8, torch.float32),  # a partial kept tile and row block, LoRA slots filled
+        (1000, 21, 0.5, 0, torch.float32),  # 8 kept tiles, O not a multiple of 16
+        (512, 18, 0.25, 16, torch.float16),  # half precision (bf16 is broken in the interpreter)
+    ],
+)
+def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_rank, dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    w = decaying_matrix(200, 96, seed=7, dtype=torch.float32).to(device)
-    dy = torch.randn(37, 200, device=device)
+    in_features = 96
+    w = decaying_matrix(out_features, in_features, seed=7, dtype=torch.float32).to(device)
+    dy = torch.randn(rows, out_features, device=device) * torch.rand(out_features, device=device)
     b0, a0 = low_rank_factors(w, 14)
     scores = channel_scores(dy, residual_row_norms(w, b0, a0), "activation_aware")
-    index = select_channels(scores, kept_channels(200, 0.3, 14 + 8))
-    plan = make_plan(w, b0, a0, index, torch.float32, lora_rank=8)
-    assert plan.b0_pad.shape[1] == 32
-    plan.set_lora(torch.randn(8, 96, device=device), torch.randn(200, 8, device=device))
-    assert_close_rel(ce_pack_grad_output(dy, plan, "triton"), ce_pack_grad_output(dy, plan, "torch"), 1e-5, "G")
-    assert_close_rel(ce_grad_input(dy, plan, "triton"), ce_grad_input(dy, plan, "torch"), 1e-5, "dX")
+    index = select_channels(scores, kept_channels(out_features, ratio, 14 + lora_rank))
+    plan = make_plan(w, b0, a0, index, dtype, lora_rank=lora_rank)
+    if lora_rank:
+        plan.set_lora(torch.randn(lora_rank, in_features, device=device), torch.randn(out_features, lora_rank))
+    dy = dy.to(dtype)
+    packed, reference = ce_pack_grad_output(dy, plan, "triton"), ce_pack_grad_output(dy, plan, "torch")
+    r_pad = plan.b0_pad.shape[1]
+    assert torch.equal(packed[:, r_pad:], reference[:, r_pad:])  # the kept columns are copies
+    rtol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert_close_rel(packed[:, :r_pad], reference[:, :r_pad], rtol, "low-rank block")
+    assert_close_rel(ce_grad_input(dy, plan, "triton"), ce_grad_input(dy, plan, "torch"), rtol, "dX")
 
 
 # ---------------------------------------------------------------------------------------- PEFT model

@@ -20,7 +20,7 @@ from .naive import (
     residual_row_norms,
     select_channels,
 )
-from .plan import CEPlan, kept_channels, make_plan, padded_rank
+from .plan import CEPlan, kept_channels, make_plan, padded_rank, projection_bounds
 
 __all__ = [
     "SCORES",
@@ -34,6 +34,7 @@ __all__ = [
     "naive_ce_grad_input",
     "naive_pack_grad_output",
     "padded_rank",
+    "projection_bounds",
     "residual_row_norms",
     "select_channels",
 ]
@@ -57,7 +58,7 @@ def ce_pack_grad_output(grad_output: torch.Tensor, plan: CEPlan, backend: str | 
     if resolve_backend(backend, grad_output) == "triton":
         from .pack import triton_pack_grad_output  # triton is imported only when used
 
-        return triton_pack_grad_output(grad_output, plan.b0_pad, plan.pos, plan.keep)
+        return triton_pack_grad_output(grad_output, plan.b0_pad, plan.index, plan.bounds)
     return naive_pack_grad_output(grad_output, plan.b0_pad, plan.index)
 
 

@@ -101,16 +101,6 @@ def build_stack(
     return stack
 
 
-def pack_positions(index: torch.Tensor, out_features: int, r_pad: int) -> torch.Tensor:
-    """``pos [O]`` int32: the column of ``G`` that output channel ``i`` goes to.
-
-    ``r_pad + j`` if ``i`` is the j-th kept channel, else -1.
-    """
-    pos = torch.full((out_features,), -1, device=index.device, dtype=torch.int32)
-    pos[index] = torch.arange(r_pad, r_pad + index.numel(), device=index.device, dtype=torch.int32)
-    return pos
-
-
 def naive_pack_grad_output(grad_output: torch.Tensor, b0_pad: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``G = [dY B0 | dY[:, index]]``: ``[T, r_pad + k]`` from ``dY [T, O]``, ``B0 [O, r_pad]``, ``index [k]``."""
     acc = torch.promote_types(grad_output.dtype, torch.float32)

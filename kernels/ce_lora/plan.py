@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .naive import build_stack, pack_positions, pad_b0
+from .naive import build_stack, pad_b0
 
 TILE = 64  # the packed GEMM's inner size is rounded up to this (cuBLAS/Triton fast path)
 MIN_DOT = 16  # smallest tensor-core dot width
+KEPT_TILE = 64  # granularity of the packing kernel's kept-column tiles (its BLOCK_K is a multiple)
+BOUND_UNIT = 16  # projection bounds are multiples of this, so the kernel's channel loads stay aligned
 
 
 def padded_rank(rank: int) -> int:
@@ -34,12 +36,30 @@ def kept_channels(out_features: int, ratio: float, rank: int) -> int | None:
     return keep if r_pad + keep < out_features else None
 
 
+def projection_bounds(index: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Which output channels the packing kernel projects onto ``B0`` alongside each kept-column tile.
+
+    Kept sub-tile ``s`` (kept columns ``[64 s, 64 s + 64)``) gets channels ``[16 b[s], 16 b[s + 1])``: up to
+    its last kept channel, rounded up to a multiple of :data:`BOUND_UNIT`, the last one to the end. The
+    ranges partition ``[0, O)`` (each channel is projected exactly once) and each one holds the channels
+    its tile gathers (but for at most 15 at its start, taken by the previous range when rounding up), so
+    the gather re-reads what the projection has just loaded. Returns ``b`` in units
+    of ``BOUND_UNIT``, int32 ``[cdiv(k, 64) + 1]`` (sorted ``index [k]``).
+    """
+    n_sub = -(-index.numel() // KEPT_TILE)
+    last = index[KEPT_TILE - 1 :: KEPT_TILE][: n_sub - 1]  # last kept channel of every sub-tile but the last
+    ends = torch.div(last + BOUND_UNIT, BOUND_UNIT, rounding_mode="floor")  # ceil((last + 1) / UNIT)
+    edges = [torch.zeros(1, device=index.device, dtype=ends.dtype), ends]
+    edges.append(torch.full((1,), -(-out_features // BOUND_UNIT), device=index.device, dtype=ends.dtype))
+    return torch.cat(edges).to(torch.int32)
+
+
 @dataclass
 class CEPlan:
     """Fast-backward operands of one layer (all on the weight's device, in the compute dtype).
 
     b0_pad ``[O, r_pad]`` = ``[B0 | s*B_lora | 0]``, stack ``[r_pad + k, I]`` = ``[A0 ; A_lora ; 0 ; R[S, :]]``,
-    index ``[k]`` int64 sorted, pos ``[O]`` int32 (``G`` column of each output channel, -1 if dropped).
+    index ``[k]`` int64 sorted, bounds ``[cdiv(k, KEPT_TILE) + 1]`` int32 (:func:`projection_bounds`).
     The LoRA slots (``svd_rank : svd_rank + lora_rank``) let LoRA's own input gradient ``s (dY B) A``
     ride in the same GEMM; they hold zeros when it does not (:meth:`set_lora`).
     """
@@ -47,7 +67,7 @@ class CEPlan:
     b0_pad: torch.Tensor
     stack: torch.Tensor
     index: torch.Tensor
-    pos: torch.Tensor
+    bounds: torch.Tensor
     svd_rank: int
     lora_rank: int
 
@@ -89,7 +109,7 @@ def make_plan(
         b0_pad=pad_b0(b0, r_pad, dtype),
         stack=build_stack(weight, b0, a0, index, r_pad, dtype),
         index=index,
-        pos=pack_positions(index, weight.shape[0], r_pad),
+        bounds=projection_bounds(index, weight.shape[0]),
         svd_rank=svd_rank,
         lora_rank=lora_rank,
     )
