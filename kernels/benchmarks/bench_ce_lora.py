@@ -4,13 +4,19 @@ Two parts, printed as markdown tables (GPU, versions, shapes, medians, ratios vs
 same run):
 
 1. Per layer, ``dX`` through a frozen ``W [O, I]`` for ``T`` tokens: PEFT LoRA's dense ``dY W`` (the
-   anchor), kimi_hf's packed backward (Triton packing pass + one GEMM), and the public code's approach
-   (gather ``dY`` columns and ``W`` rows, then dense GEMMs) as a second anchor. "FLOP bound" is the dense
-   time scaled by the FLOP fraction CE-LoRA keeps, ``ratio + r/I + r/O``; "of bound" = bound / measured.
+   anchor), kimi_hf's packed backward (Triton packing pass + one GEMM, also timed apart), and the public
+   code's approach (gather ``dY`` columns and ``W`` rows, then dense GEMMs) as a second anchor. "FLOP
+   bound" is the dense time scaled by the FLOP fraction CE-LoRA keeps, ``ratio + r/I + r/O``; "of bound"
+   = bound / measured. The packing pass's memory floor is its bytes (read ``dY``, write ``G``) at
+   ``--hbm-tbps`` (default 4.0 TB/s, about what an H200 copy kernel reaches).
 2. A full training step (forward + backward, no optimizer, bf16) of a ~0.9B Llama with LoRA on all seven
    projections, LoRA vs CE-LoRA (the paper's ratios, and 0.5 everywhere), with and without gradient
    checkpointing. CE-LoRA's layer also fuses LoRA's branch into the base GEMMs; the "ratio 1.0" row
    (exact backward) shows how much of the step-time gain comes from that alone.
+
+Every result is also printed as one JSON line (``{"part": ...}``) the moment it is measured, and
+``--json`` is rewritten after each one, so a run cut short keeps what it measured. On a fresh H200 the
+whole run takes about 3-4 minutes, Triton compilation included (the autotune list is three configs).
 
 ``--tiny`` runs a seconds-long CPU smoke test (torch reference path, tiny shapes, wall-clock medians).
 """
@@ -39,7 +45,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r; the SVD rank is 7r/8 (default 16)")
     parser.add_argument("--batch", type=int, default=4, help="model step batch size (default 4)")
     parser.add_argument("--seq", type=int, default=2048, help="model step sequence length (default 2048)")
-    parser.add_argument("--steps", type=int, default=10, help="timed model steps per setting (default 10)")
+    parser.add_argument("--steps", type=int, default=8, help="timed model steps per setting (default 8)")
+    parser.add_argument("--hbm-tbps", type=float, default=4.0, help="bandwidth of the memory floor (TB/s)")
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
     parser.add_argument("--skip-model", action="store_true", help="skip the model-step part")
     parser.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
@@ -52,7 +59,7 @@ def bench(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()
     times = []
     for _ in range(5):
@@ -81,7 +88,23 @@ def environment(device: torch.device) -> dict[str, str]:
     return env
 
 
-def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+class Recorder:
+    """Collects result rows; prints each as a JSON line at once and rewrites ``--json`` after each."""
+
+    def __init__(self, env: dict, path: str | None) -> None:
+        self.results: dict = {"environment": env, "layers": [], "model_steps": []}
+        self.path = path
+        print(json.dumps({"part": "environment", **env}), flush=True)
+
+    def add(self, part: str, row: dict) -> None:
+        self.results[part].append(row)
+        print(json.dumps({"part": part, **row}), flush=True)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.results, f, indent=2)
+
+
+def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, record: Recorder) -> None:
     from kimi_hf.kernels.ce_lora import (
         ce_grad_input,
         ce_pack_grad_output,
@@ -95,7 +118,7 @@ def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 
     shapes = [(256, 192), (192, 512)] if args.tiny else SHAPES
     svd_rank = max(1, 7 * args.rank // 8)
-    rows = []
+    elem = torch.finfo(dtype).bits // 8
     for out_features, in_features in shapes:
         torch.manual_seed(0)
         weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / math.sqrt(in_features)
@@ -111,14 +134,20 @@ def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             kept_flops = 1.0 if keep is None else ratio + svd_rank / in_features + svd_rank / out_features
             row["bound_ms"] = dense_ms * kept_flops
             if keep is None:  # CE-LoRA runs the exact GEMM itself
-                row.update(kept=out_features, ce_ms=dense_ms, pack_ms=0.0)
+                row.update(kept=out_features, ce_ms=dense_ms, pack_ms=0.0, gemm_ms=dense_ms, pack_floor_ms=0.0)
             else:
                 plan = make_plan(weight, b0, a0, select_channels(scores, keep), dtype)
+                packed = ce_pack_grad_output(grad_out, plan)
+                width = packed.shape[1]
                 row.update(
                     kept=keep,
                     ce_ms=bench(lambda: ce_grad_input(grad_out, plan), device),
                     pack_ms=bench(lambda: ce_pack_grad_output(grad_out, plan), device),
+                    gemm_ms=bench(lambda: packed @ plan.stack, device),
+                    # read dY once, write G once (B0 and the index are negligible)
+                    pack_floor_ms=args.tokens * (out_features + width) * elem / (args.hbm_tbps * 1e9),
                 )
+                del packed
             index = select_channels(scores, min(out_features, math.ceil(ratio * out_features)))
             row["gather_ms"] = bench(
                 lambda: (grad_out @ b0c) @ a0c
@@ -128,8 +157,8 @@ def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             row["speedup_vs_dense"] = dense_ms / row["ce_ms"]
             row["speedup_vs_gather"] = row["gather_ms"] / row["ce_ms"]
             row["of_bound"] = row["bound_ms"] / row["ce_ms"]
-            rows.append(row)
-    return rows
+            row["pack_of_floor"] = row["pack_floor_ms"] / row["pack_ms"] if row["pack_ms"] else None
+            record.add("layers", row)
 
 
 def build_llama(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -151,23 +180,20 @@ def build_llama(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         return LlamaForCausalLM(config).to(dtype=dtype)
 
 
-def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, record: Recorder) -> None:
     from peft import LoraConfig, get_peft_model
 
     from kimi_hf.peft import PAPER_RATIOS, CELoraConfig
 
-    settings = [
-        ("PEFT LoRA", LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS)),
-        ("CE-LoRA paper ratios", CELoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS,
-                                              ce_ratio=dict(PAPER_RATIOS))),
-        ("CE-LoRA 0.5 everywhere", CELoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS,
-                                                ce_ratio=0.5)),
+    common = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS)
+    settings = [  # the headline pair first, so that a run cut short still has it
+        ("PEFT LoRA", LoraConfig(**common)),
+        ("CE-LoRA 0.5 everywhere", CELoraConfig(ce_ratio=0.5, **common)),
+        ("CE-LoRA paper ratios", CELoraConfig(ce_ratio=dict(PAPER_RATIOS), **common)),
         # exact backward: isolates what the fused layer (LoRA branch inside the base GEMMs) alone gains
-        ("CE-LoRA layer at ratio 1.0 (exact)", CELoraConfig(r=args.rank, lora_alpha=2 * args.rank,
-                                                            target_modules=PROJECTIONS, ce_ratio=1.0)),
+        ("CE-LoRA layer at ratio 1.0 (exact)", CELoraConfig(ce_ratio=1.0, **common)),
     ]
     batch, seq = (2, 64) if args.tiny else (args.batch, args.seq)
-    rows = []
     for checkpointing in (False, True):
         anchor = None
         for name, config in settings:
@@ -183,7 +209,8 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                 for p in model.parameters():
                     p.grad = None
 
-            for _ in range(3):  # the first CE-LoRA backward factorises and is exact; later ones approximate
+            # the first CE-LoRA backward factorises and is exact; the second autotunes the packing kernel
+            for _ in range(3):
                 step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -200,12 +227,16 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             ms = statistics.median(times)
             anchor = ms if anchor is None else anchor
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            rows.append({"setting": name, "checkpointing": checkpointing, "batch": batch, "seq": seq,
-                         "step_ms": ms, "speedup_vs_lora": anchor / ms, "peak_gib": peak})
+            record.add("model_steps", {"setting": name, "checkpointing": checkpointing, "batch": batch, "seq": seq,
+                                       "step_ms": ms, "speedup_vs_lora": anchor / ms, "peak_gib": peak,
+                                       "tokens_per_s": batch * seq / ms * 1e3})  # fmt: skip
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return rows
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def print_tables(env: dict, layers: list[dict], models: list[dict]) -> None:
@@ -213,21 +244,22 @@ def print_tables(env: dict, layers: list[dict], models: list[dict]) -> None:
     print(" | ".join(f"{k} {v}" for k, v in env.items()) + "\n")
     if layers:
         print("### Frozen-weight backward dX = dY W, per layer (median ms)\n")
-        print("| O x I | T | ratio | kept | PEFT LoRA dense | gather (public code) | kimi_hf CE | of which pack |"
-              " vs dense | vs gather | FLOP bound | of bound |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| O x I | T | ratio | kept | PEFT LoRA dense | gather (public code) | kimi_hf CE | pack | GEMM |"
+              " pack floor | pack of floor | vs dense | vs gather | FLOP bound | of bound |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in layers:
             print(f"| {r['out']}x{r['in']} | {r['tokens']} | {r['ratio']} | {r['kept']} | {r['dense_ms']:.3f} |"
-                  f" {r['gather_ms']:.3f} | {r['ce_ms']:.3f} | {r['pack_ms']:.3f} | {r['speedup_vs_dense']:.2f}x |"
+                  f" {r['gather_ms']:.3f} | {r['ce_ms']:.3f} | {r['pack_ms']:.3f} | {r['gemm_ms']:.3f} |"
+                  f" {r['pack_floor_ms']:.3f} | {_percent(r['pack_of_floor'])} | {r['speedup_vs_dense']:.2f}x |"
                   f" {r['speedup_vs_gather']:.2f}x | {r['bound_ms']:.3f} | {100 * r['of_bound']:.0f}% |")
         print()
     if models:
         print("### Training step (forward + backward, no optimizer), ~0.9B Llama, LoRA r16 on 7 projections\n")
-        print("| setting | grad. checkpointing | B x T | step ms | vs PEFT LoRA | peak GiB |")
-        print("|---|---|---|---|---|---|")
+        print("| setting | grad. checkpointing | B x T | step ms | tokens/s | vs PEFT LoRA | peak GiB |")
+        print("|---|---|---|---|---|---|---|")
         for r in models:
             print(f"| {r['setting']} | {r['checkpointing']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f} |"
-                  f" {r['speedup_vs_lora']:.3f}x | {r['peak_gib']:.1f} |")
+                  f" {r['tokens_per_s']:.0f} | {r['speedup_vs_lora']:.3f}x | {r['peak_gib']:.1f} |")
 
 
 def main() -> None:
@@ -238,13 +270,12 @@ def main() -> None:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     if args.tiny:
         args.tokens = min(args.tokens, 256)
-    env = environment(device)
-    layers = [] if args.skip_layers else layer_rows(args, device, dtype)
-    models = [] if args.skip_model else model_rows(args, device, dtype)
-    print_tables(env, layers, models)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "layers": layers, "model_steps": models}, f, indent=2)
+    record = Recorder(environment(device), args.json)
+    if not args.skip_layers:
+        layer_rows(args, device, dtype, record)
+    if not args.skip_model:
+        model_rows(args, device, dtype, record)
+    print_tables(record.results["environment"], record.results["layers"], record.results["model_steps"])
 
 
 if __name__ == "__main__":
