@@ -2,27 +2,32 @@
 
 Trains a Llama-style decoder from scratch three times, with the standard residual, Block AttnRes and Full
 AttnRes, on the same data in the same order with the same seed and steps, and evaluates the validation loss
-on held-out documents periodically. Writes a CSV of the curves, a PNG plot and a markdown table.
+on held-out documents periodically. Writes the curves (CSV, JSON), a PNG plot and a markdown table into
+``--output-dir``, rewritten after each model so that a run cut short keeps the models it finished.
 
 Data never leaves the machine: a synthetic grammar language (default) or the Python standard library's
 docstrings, byte-level tokenised (``recipes/data.py``).
 
-  python recipes/attn_res_replication.py --tiny          # ~1 minute on a CPU (smoke test)
-  python recipes/attn_res_replication.py                 # CPU-small (~5M parameters)
-  python recipes/attn_res_replication.py --preset gpu    # ~40M parameters, a few minutes per model on one GPU
+With ``--budget-s`` (the gpu preset sets it) a few calibration steps of every mode (which also compile the
+kernels) time the step; the step count, the same for every mode, is then lowered so that all the training
+and evaluation fits in the budget.
+
+  python recipes/attn_res_replication.py --tiny          # seconds on a CPU (smoke test)
+  python recipes/attn_res_replication.py                 # CPU-small (0.8M parameters)
+  python recipes/attn_res_replication.py --preset gpu --output-dir out   # 25M parameters, ~2.5 min on an H200
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/data.py, without the repo root
 from data import CORPORA, token_splits  # noqa: E402
@@ -31,12 +36,14 @@ from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM  # noqa: E
 
 PRESETS = {
     "tiny": dict(hidden=64, layers=2, heads=4, intermediate=128, seq=64, batch=8, steps=30, eval_every=10,
-                 eval_batches=4, lr=3e-3, warmup=5, block_size=2, docs=4000),
+                 eval_batches=4, lr=3e-3, warmup=5, block_size=2, docs=4000, budget_s=0.0),
     "cpu": dict(hidden=128, layers=4, heads=4, intermediate=320, seq=128, batch=16, steps=300, eval_every=50,
-                eval_batches=8, lr=2e-3, warmup=30, block_size=4, docs=4000),
-    "gpu": dict(hidden=512, layers=12, heads=8, intermediate=1408, seq=512, batch=32, steps=1200, eval_every=200,
-                eval_batches=16, lr=1e-3, warmup=100, block_size=6, docs=40000),
+                eval_batches=8, lr=2e-3, warmup=30, block_size=4, docs=4000, budget_s=0.0),
+    # 25.7M parameters, 16 sublayers in 8 blocks of 2 (the paper's N ~ 8); 16K tokens per step, bf16 autocast.
+    "gpu": dict(hidden=512, layers=8, heads=8, intermediate=1408, seq=512, batch=32, steps=2000, eval_every=200,
+                eval_batches=16, lr=1.5e-3, warmup=100, block_size=2, docs=40000, budget_s=100.0),
 }  # fmt: skip
+CALIBRATION_STEPS = (3, 5)  # untimed (compilation), timed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,12 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="shorthand for --preset tiny")
     p.add_argument("--modes", nargs="+", default=["standard", "block", "full"], choices=("standard", "block", "full"))
     p.add_argument("--corpus", choices=CORPORA, default="grammar", help="--docs sets the grammar corpus' size")
-    p.add_argument("--out", default="attn_res_replication", help="output folder")
+    p.add_argument("--output-dir", "--out", dest="out", default="attn_res_replication", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     for name in PRESETS["cpu"]:
-        kind = float if name == "lr" else int
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"override the preset's {name}")
+        kind = float if name in ("lr", "budget_s") else int
+        extra = " (seconds of training + evaluation of all modes; 0: none)" if name == "budget_s" else ""
+        flag = f"--{name.replace('_', '-')}"
+        p.add_argument(flag, type=kind, default=None, help=f"override the preset's {name}{extra}")
     args = p.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
@@ -89,13 +98,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights), plain fp32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 @torch.no_grad()
-def evaluate(model, val: torch.Tensor, args, device, autocast) -> float:
+def evaluate(model, val: torch.Tensor, args, device) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, min(len(val), args.eval_batches * args.batch), args.batch):
         x = val[start : start + args.batch].to(device)
-        with autocast():
+        with _autocast(device):
             loss = model(x, labels=x).loss
         total += loss.item() * x.numel()
         count += x.numel()
@@ -103,10 +117,68 @@ def evaluate(model, val: torch.Tensor, args, device, autocast) -> float:
     return total / count
 
 
-def train_one(mode: str, args, train: torch.Tensor, val: torch.Tensor, vocab_size: int, device) -> list[dict]:
+def _setup(args, mode: str, vocab_size: int, device):
     model = build_model(args, mode, vocab_size).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95))
+    return model, opt
+
+
+def _train_step(model, opt, x: torch.Tensor, device) -> torch.Tensor:
+    with _autocast(device):
+        loss = model(x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def calibrate(args, train: torch.Tensor, vocab_size: int, device) -> dict[str, float]:
+    """Seconds per training step of every mode, after untimed steps that compile the kernels (throwaway models)."""
+    untimed, timed = CALIBRATION_STEPS
+    seconds = {}
+    for mode in args.modes:
+        model, opt = _setup(args, mode, vocab_size, device)
+        batches = torch.randint(len(train), (untimed + timed, args.batch), generator=torch.Generator().manual_seed(1))
+        for i, idx in enumerate(batches):
+            if i == untimed:
+                _sync(device)
+                start = time.perf_counter()
+            _train_step(model, opt, train[idx].to(device), device)
+        _sync(device)
+        seconds[mode] = (time.perf_counter() - start) / timed
+        print(f"calibration: {mode} {seconds[mode] * 1e3:.1f} ms/step", flush=True)
+        del model, opt
+    return seconds
+
+
+def fit_budget(args, seconds: dict[str, float]) -> None:
+    """Lower ``args.steps`` (same for every mode) so that training + evaluation of all modes fits ``budget_s``.
+
+    An evaluation batch is costed at a third of a training step (forward only); the number of evaluations
+    (steps / eval_every of the preset) is kept, and so is the warm-up fraction of the schedule.
+    """
+    evals = max(1, args.steps // args.eval_every)
+    step_s = sum(seconds.values())
+    eval_s = evals * args.eval_batches * step_s / 3
+    steps = int((args.budget_s - eval_s) / step_s)
+    if steps < evals:
+        raise SystemExit(f"budget {args.budget_s:.0f} s leaves {steps} steps at {step_s:.3f} s per step of all modes")
+    if steps < args.steps:
+        args.warmup = max(1, args.warmup * steps // args.steps)
+        args.steps = steps
+        args.eval_every = max(1, steps // evals)
+    print(f"budget {args.budget_s:.0f} s: {args.steps} steps per mode, evaluation every {args.eval_every}", flush=True)
+
+
+def train_one(mode: str, args, train: torch.Tensor, val: torch.Tensor, vocab_size: int, device) -> list[dict]:
+    model, opt = _setup(args, mode, vocab_size, device)
+    n_params = sum(p.numel() for p in model.parameters())
 
     def lr_factor(step: int) -> float:
         if step < args.warmup:
@@ -115,46 +187,40 @@ def train_one(mode: str, args, train: torch.Tensor, val: torch.Tensor, vocab_siz
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    use_bf16 = device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
     order = torch.Generator().manual_seed(args.seed)  # the same batches, in the same order, for every mode
     rows, start = [], time.perf_counter()
+    print(f"{mode}: {n_params / 1e6:.2f}M parameters, {args.steps} steps", flush=True)
     model.train()
-    bar = tqdm(range(1, args.steps + 1), desc=f"{mode:>8}", dynamic_ncols=True)
-    for step in bar:
+    for step in range(1, args.steps + 1):
         x = train[torch.randint(len(train), (args.batch,), generator=order)].to(device)
-        with autocast():
-            loss = model(x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = _train_step(model, opt, x, device)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         if step % args.eval_every == 0 or step == args.steps:
-            val_loss = evaluate(model, val, args, device, autocast)
+            val_loss = evaluate(model, val, args, device)
             elapsed = time.perf_counter() - start
             rows.append(dict(mode=mode, step=step, train_loss=loss.item(), val_loss=val_loss,
                              params=n_params, elapsed_s=elapsed))  # fmt: skip
-            bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
+            print(f"  {mode:>8} step {step:>5}/{args.steps}  train {loss.item():.4f}  val {val_loss:.4f}  "
+                  f"{elapsed:.1f} s", flush=True)  # fmt: skip
     return rows
 
 
-def write_outputs(rows: list[dict], args) -> str:
+def write_outputs(rows: list[dict], args, device: torch.device) -> str:
+    """CSV and JSON of the curves, the PNG plot and the markdown table of the modes trained so far."""
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attn_res_replication.csv"), "w", newline="") as f:
+    path = os.path.join(args.out, "attn_res_replication")
+    with open(path + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    modes = [m for m in args.modes if any(r["mode"] == m for r in rows)]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in args.modes:
+    for mode in modes:
         curve = [r for r in rows if r["mode"] == mode]
         ax.plot([r["step"] for r in curve], [r["val_loss"] for r in curve], marker="o", label=mode)
     ax.set_xlabel("step")
@@ -162,17 +228,22 @@ def write_outputs(rows: list[dict], args) -> str:
     ax.set_title(f"AttnRes replication ({args.corpus}, preset {args.preset})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "attn_res_replication.png"), dpi=120)
+    fig.savefig(path + ".png", dpi=120)
     plt.close(fig)
 
-    finals = {m: [r for r in rows if r["mode"] == m][-1] for m in args.modes}
+    finals = {m: [r for r in rows if r["mode"] == m][-1] for m in modes}
     base = finals.get("standard")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    setup = (
+        f"corpus {args.corpus}, preset {args.preset}, {args.steps} steps of {args.batch}x{args.seq} tokens, "
+        f"d {args.hidden}, {args.layers} layers ({2 * args.layers} sublayers), block size {args.block_size}, "
+        f"lr {args.lr}, seed {args.seed}; {device_name}, {precision}, torch {torch.__version__}"
+    )
     lines = [
-        f"AttnRes replication: corpus {args.corpus}, preset {args.preset}, {args.steps} steps of "
-        f"{args.batch}x{args.seq} tokens, d {args.hidden}, {args.layers} layers ({2 * args.layers} sublayers), "
-        f"block size {args.block_size}, seed {args.seed}",
+        f"AttnRes replication: {setup}",
         "",
-        "| residual | params | final val loss | best val loss | vs standard | s/step |",
+        "| residual | params | final val loss | best val loss | vs standard | s/step (with evaluation) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode, last in finals.items():
@@ -183,22 +254,30 @@ def write_outputs(rows: list[dict], args) -> str:
             f"{last['elapsed_s'] / args.steps:.3f} |"
         )
     table = "\n".join(lines)
-    with open(os.path.join(args.out, "attn_res_replication.md"), "w") as f:
+    with open(path + ".md", "w") as f:
         f.write(table + "\n")
+    with open(path + ".json", "w") as f:
+        json.dump({"setup": setup, "final_val_loss": {m: r["val_loss"] for m, r in finals.items()}, "rows": rows},
+                  f, indent=2)  # fmt: skip
     return table
 
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls outside autocast
+    begin = time.perf_counter()
     train, val, tokenizer = token_splits(args.corpus, args.seq, seed=args.seed, num_docs=args.docs)
-    print(f"{args.corpus}: {train.numel():,} train / {val.numel():,} validation tokens; device {device}")
-    rows = []
+    print(f"{args.corpus}: {train.numel():,} train / {val.numel():,} validation tokens; device {device}", flush=True)
+    if args.budget_s > 0:
+        fit_budget(args, calibrate(args, train, tokenizer.vocab_size, device))
+    rows, table = [], ""
     for mode in args.modes:
         rows += train_one(mode, args, train, val, tokenizer.vocab_size, device)
-    table = write_outputs(rows, args)
+        table = write_outputs(rows, args, device)  # after every mode: a run cut short keeps what it finished
     print(table)
-    print(f"wrote {args.out}/attn_res_replication.{{csv,png,md}}")
+    print(f"wrote {args.out}/attn_res_replication.{{csv,json,png,md}} in {time.perf_counter() - begin:.0f} s")
     return table
 
 
