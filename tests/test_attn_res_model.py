@@ -193,3 +193,19 @@ def test_gpu_two_phase_and_cached_generation_fp32():
         for _ in range(8):
             seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, seq)
+
+
+@pytest.mark.gpu
+def test_gpu_standard_residual_triton_prenorm_matches_torch_bf16():
+    """The standard residual's Triton PreNorm (the benchmark's baseline) trains like the eager one."""
+    ids = torch.randint(0, 97, (2, 64), device="cuda")
+    results = {}
+    for backend in ("torch", "triton"):
+        model = _model(residual="standard", attn_res_backend=backend, hidden_size=256, num_attention_heads=4)
+        model = model.cuda().to(torch.bfloat16)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads = (model.model.embed_tokens.weight.grad, model.model.layers[0].input_layernorm.weight.grad)
+        results[backend] = (loss.detach().float(), *(g.float() for g in grads))
+    for a, e, name in zip(results["triton"], results["torch"], ("loss", "d_embedding", "d_norm_weight")):
+        assert_close_rel(a, e, 2e-2, name)
