@@ -36,6 +36,7 @@ import json
 import platform
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -262,7 +263,7 @@ def markdown(results: list[dict], header: dict) -> str:
     columns += ["train step ms", "x std", "peak GiB", "x std", "prefill ms", "x std", "decode ms/token", "x std"]
     lines += ["", "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * 8]
     for r in results:
-        cells = [r["residual"], r["impl"]]
+        cells = [r["residual"], r["impl"] + (" (failed: see the log)" if "error" in r else "")]
         for key in ("train_ms", "peak_gib", "prefill_ms", "decode_ms"):
             value = r.get(key)
             ratio = value / base[key] if base and value is not None and base.get(key) else None
@@ -359,6 +360,10 @@ def run_model(args, model_name: str, device, dtype, impls, timer, report: dict) 
             row["impl"] += " (OOM)"
             model, built_for = None, None
             torch.cuda.empty_cache()
+        except Exception as exc:  # one GPU run must still time the other variants: the row says what failed
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            model, built_for = None, None
         row["wall_s"] = round(time.perf_counter() - start, 1)
         results.append(row)
         report["results"].append(row)
