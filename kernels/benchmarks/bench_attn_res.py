@@ -134,7 +134,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of ``fn`` after one untimed call (callers have already warmed it up)."""
+    """Median milliseconds of ``fn``, after untimed calls of its own (callers have already compiled it)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
