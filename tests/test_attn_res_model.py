@@ -207,5 +207,7 @@ def test_gpu_standard_residual_triton_prenorm_matches_torch_bf16():
         loss.backward()
         grads = (model.model.embed_tokens.weight.grad, model.model.layers[0].input_layernorm.weight.grad)
         results[backend] = (loss.detach().float(), *(g.float() for g in grads))
-    for a, e, name in zip(results["triton"], results["torch"], ("loss", "d_embedding", "d_norm_weight")):
-        assert_close_rel(a, e, 2e-2, name)
+    # bf16: the eager norm rounds its intermediate gradients to bf16, the kernel keeps them in fp32
+    for a, e, name, rtol in zip(results["triton"], results["torch"], ("loss", "d_embedding", "d_norm_weight"),
+                                (1e-2, 5e-2, 5e-2)):  # fmt: skip
+        assert_close_rel(a, e, rtol, name)
