@@ -1,6 +1,8 @@
 """Benchmark Attention Residuals in ~1B models: standard residual vs Block / Full AttnRes, same run.
 
-Models (``--model``, one or both; rows are printed as each finishes):
+Models (``--model``, one or both). Rows are printed (JSON lines, and ``--json`` rewritten) as each finishes, in
+two passes: first the rows the targets are read from (standard with the first baseline, Block and Full with
+the first impl) for every model, then the anchors; the markdown tables come at the end.
   dense        our Llama-style ``AttnResForCausalLM`` (d 2048, 16 layers = 32 sublayers, SwiGLU 5632), B4 T2048
   kimi_linear  REFERENCE.md's ~1B MoE ``KimiLinearForCausalLM`` (8 layers = 16 sublayers, KDA + MLA), B2 T4096
 
@@ -254,7 +256,8 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 
 
 def markdown(results: list[dict], header: dict) -> str:
-    base = next((r for r in results if r["residual"] == "standard"), None)
+    """Table of one model's rows; ratios against its first standard-residual row (the first baseline)."""
+    base = next((r for r in results if r["residual"] == "standard" and "error" not in r), None)
     lines = [f"### AttnRes benchmark ({header['model']})", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     if base:
@@ -321,28 +324,33 @@ def _header(args, model_name: str, device: torch.device, dtype: torch.dtype) -> 
     }
 
 
-def _variants(args, model_name: str, device: torch.device, impls: list[str]) -> list[tuple[str, str | None]]:
-    """(residual, impl) pairs in run order; impl None is transformers' Llama."""
-    pairs = []
+def _passes(args, model_name: str, device: torch.device, impls: list[str]) -> list[list[tuple[str, str | None]]]:
+    """(residual, impl) pairs of one model in two passes; impl None is transformers' Llama.
+
+    The first pass holds the rows the targets are read from (the first baseline, the first impl); the main
+    loop runs it for every model before any second pass (the other baselines and impls, the Llama anchor),
+    so that a run cut short loses anchors rather than a model.
+    """
+    baselines = [b for b in args.baselines if b != "triton" or device.type == "cuda"] or ["torch"]
+    first, second = [], []
     for residual in args.modes:
         if residual == "standard":
-            baselines = [b for b in args.baselines if b != "triton" or device.type == "cuda"]
-            pairs += [("standard", b) for b in baselines or ["torch"]]
+            first.append(("standard", baselines[0]))
+            second += [("standard", b) for b in baselines[1:]]
             if model_name == "dense" and args.llama_anchor:
-                pairs.append(("standard", None))
+                second.append(("standard", None))
         else:
-            pairs += [(residual, impl) for impl in impls]
-    return pairs
+            first.append((residual, impls[0]))
+            second += [(residual, impl) for impl in impls[1:]]
+    return [first, second]
 
 
-def run_model(args, model_name: str, device, dtype, impls, timer, report: dict) -> list[dict]:
-    """All variants of one model; prints each row (JSON, flushed) as it finishes and rewrites ``--json``
-    with ``report`` ({"headers": {model: header}, "results": [rows of every model so far]})."""
+def run_variants(args, model_name: str, pairs, device, dtype, timer, report: dict) -> None:
+    """Time ``pairs`` of one model; prints each row (JSON, flushed) as it finishes and rewrites ``--json``
+    with ``report`` ({"headers": {model: header}, "results": [rows so far]})."""
     batch, seq, _ = _shape(args, model_name)
-    header = report["headers"][model_name] = _header(args, model_name, device, dtype)
-    results: list[dict] = []
     model, built_for = None, None
-    for residual, impl in _variants(args, model_name, device, impls):
+    for residual, impl in pairs:
         row = {"model": model_name, "residual": residual, "impl": impl or LLAMA}
         start = time.perf_counter()
         try:
@@ -365,14 +373,14 @@ def run_model(args, model_name: str, device, dtype, impls, timer, report: dict) 
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             model, built_for = None, None
         row["wall_s"] = round(time.perf_counter() - start, 1)
-        results.append(row)
         report["results"].append(row)
         print(json.dumps(row), flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)
-    print(markdown(results, header), flush=True)
-    return results
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -385,12 +393,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         impls.remove("liger")
     if "triton" in impls and device.type != "cuda":
         impls.remove("triton")  # Triton's interpreter would only time Python
-        impls = impls or ["torch"]
+    impls = impls or ["torch"]
     timer = _timer(device, args.reps)
-    report: dict = {"headers": {}, "results": []}
+    report: dict = {"headers": {m: _header(args, m, device, dtype) for m in args.model}, "results": []}
+    passes = {m: _passes(args, m, device, impls) for m in args.model}
+    for index in range(2):
+        for model_name in args.model:
+            print(f"== {model_name}, pass {index + 1}", flush=True)
+            run_variants(args, model_name, passes[model_name][index], device, dtype, timer, report)
     for model_name in args.model:
-        print(f"== {model_name}", flush=True)
-        run_model(args, model_name, device, dtype, impls, timer, report)
+        rows = [r for r in report["results"] if r["model"] == model_name]
+        print(markdown(rows, report["headers"][model_name]), flush=True)
     return report["results"]
 
 
