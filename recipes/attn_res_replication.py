@@ -41,7 +41,7 @@ PRESETS = {
                 eval_batches=8, lr=2e-3, warmup=30, block_size=4, docs=4000, budget_s=0.0),
     # 25.7M parameters, 16 sublayers in 8 blocks of 2 (the paper's N ~ 8); 16K tokens per step, bf16 autocast.
     "gpu": dict(hidden=512, layers=8, heads=8, intermediate=1408, seq=512, batch=32, steps=2000, eval_every=200,
-                eval_batches=16, lr=1.5e-3, warmup=100, block_size=2, docs=40000, budget_s=100.0),
+                eval_batches=16, lr=1.5e-3, warmup=100, block_size=2, docs=40000, budget_s=90.0),
 }  # fmt: skip
 CALIBRATION_STEPS = (3, 5)  # untimed (compilation), timed
 
