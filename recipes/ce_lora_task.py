@@ -1,10 +1,17 @@
-"""Multi-digit addition as text, generated locally, for the CE-LoRA quality recipe.
+"""Digit-table tasks as text, generated locally, for the CE-LoRA quality recipe.
 
-An example is ``"0123+0456=" -> "97500"``: fixed-width (zero-padded) operands and the sum written
-least-significant digit first, so that each answer digit depends only on digits already seen (the carry
-can be computed left to right). Every prompt of a task has the same length, so a batch decodes greedily
-without padding. ``carry=False`` gives the carry-less variant (digit-wise sum mod 10) that the base model
-is pre-trained on; fine-tuning must then learn the carries.
+An example is a line of ``pairs`` single-digit problems written back to back, ``"3+4=72+5=7..."``, then
+``<eos>``. The task sets the table: ``"digit_sum"`` answers ``(a + b) mod 10``, ``"digit_product"``
+``(a * b) mod 10``. Only the answers (and ``<eos>``) are labelled.
+
+Each answer reads the two digits just before it, an attention pattern a small model learns in a few
+hundred steps. A base model pre-trained on one table can then be fine-tuned to the other: attention
+stays, the 100-entry table its MLPs compute changes.
+
+Exact match: an example counts when every answer digit and the ``<eos>`` are the model's top-1
+predictions given the true prefix. Since each answer depends only on its own prefix, this is the same as
+greedy decoding of every answer, in one forward pass. A constant guess gets ``0.1**pairs`` on the sum
+table and ``0.27**pairs`` on the product table (whose answer is 0 for 27 of its 100 entries).
 
 Tokens: ``<pad>``, ``<eos>``, digits, ``+`` and ``=`` (one token per character).
 """
@@ -15,43 +22,25 @@ import torch
 
 VOCAB = ["<pad>", "<eos>", *"0123456789", "+", "="]
 PAD, EOS = 0, 1
-_ID = {ch: i for i, ch in enumerate(VOCAB)}
+DIGIT0, PLUS, EQUALS = 2, 12, 13  # ids of "0", "+", "="
+TASKS = ("digit_sum", "digit_product")
+PROBLEM = 5  # tokens per problem: a + b = c
 
 
-def encode(text: str) -> list[int]:
-    return [_ID[ch] for ch in text]
-
-
-def decode(ids: list[int]) -> str:
-    return "".join(VOCAB[i] for i in ids if i > EOS)
-
-
-def answer(a: int, b: int, digits: int, carry: bool) -> str:
-    """The reversed sum (``digits + 1`` characters): true sum with carries, or digit-wise mod 10 without."""
-    if carry:
-        total = f"{a + b:0{digits + 1}d}"
-    else:
-        da, db = f"{a:0{digits}d}", f"{b:0{digits}d}"
-        total = "0" + "".join(str((int(x) + int(y)) % 10) for x, y in zip(da, db))
-    return total[::-1]
-
-
-def make_examples(count: int, digits: int, carry: bool, seed: int) -> dict[str, list]:
-    """``count`` problems: ``input_ids`` (prompt + answer + eos), ``labels`` (-100 on the prompt), and the
-    ``prompt`` / ``target`` strings for exact-match evaluation."""
+def make_examples(count: int, pairs: int, task: str, seed: int) -> dict[str, torch.Tensor]:
+    """``count`` lines of ``pairs`` problems: ``input_ids`` and ``labels`` (-100 off the answers), both
+    ``[count, PROBLEM * pairs + 1]`` int64."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
     gen = torch.Generator().manual_seed(seed)
-    ops = torch.randint(0, 10**digits, (count, 2), generator=gen).tolist()
-    out: dict[str, list] = {"input_ids": [], "labels": [], "prompt": [], "target": []}
-    for a, b in ops:
-        prompt = f"{a:0{digits}d}+{b:0{digits}d}="
-        target = answer(a, b, digits, carry)
-        ids = encode(prompt + target) + [EOS]
-        n_prompt = len(prompt)
-        out["input_ids"].append(ids)
-        out["labels"].append([-100] * n_prompt + ids[n_prompt:])
-        out["prompt"].append(prompt)
-        out["target"].append(target)
-    return out
+    a, b = torch.randint(0, 10, (2, count, pairs), generator=gen)
+    c = (a + b) % 10 if task == "digit_sum" else (a * b) % 10
+    ops = torch.full_like(a, PLUS), torch.full_like(a, EQUALS)
+    ids = torch.stack([a + DIGIT0, ops[0], b + DIGIT0, ops[1], c + DIGIT0], dim=-1).reshape(count, -1)
+    ids = torch.cat([ids, torch.full((count, 1), EOS)], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[:, PROBLEM - 1 :: PROBLEM] = ids[:, PROBLEM - 1 :: PROBLEM]  # the answers, then <eos>
+    return {"input_ids": ids, "labels": labels}
 
 
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -63,17 +52,14 @@ def collate(features: list[dict]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def exact_match(model: torch.nn.Module, prompts: list[str], targets: list[str], batch_size: int = 256) -> float:
-    """Fraction of prompts whose greedy continuation equals the target exactly."""
+def exact_match(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Fraction of examples whose every labelled token is the model's top-1 prediction (teacher forcing)."""
     model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for start in range(0, len(prompts), batch_size):
-        ids = torch.tensor([encode(p) for p in prompts[start : start + batch_size]], device=device)
-        width = len(targets[start])
-        for _ in range(width):  # greedy, no cache needed at these lengths
-            logits = model(input_ids=ids).logits[:, -1]
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        for row, target in zip(ids[:, -width:].tolist(), targets[start : start + batch_size]):
-            correct += decode(row) == target
-    return correct / len(prompts)
+    for start in range(0, len(input_ids), batch_size):
+        ids = input_ids[start : start + batch_size].to(device)
+        target = labels[start : start + batch_size, 1:].to(device)
+        predicted = model(input_ids=ids).logits[:, :-1].argmax(-1)
+        correct += ((predicted == target) | (target == -100)).all(dim=1).sum().item()
+    return correct / len(input_ids)

@@ -35,7 +35,7 @@ from .plan import BOUND_UNIT, KEPT_TILE
 # small fixed tile, so that tiny test shapes still take several loop iterations.
 _CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_O": bo}, num_warps=w, num_stages=s)
-    for bt, bk, bo, w, s in [(64, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 64, 64, 4, 4)]
+    for bt, bk, bo, w, s in [(64, 128, 128, 4, 3), (32, 128, 128, 4, 3), (32, 256, 128, 4, 3)]
 ]
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
