@@ -86,6 +86,14 @@ def test_chunk_varlen_fused_gate_fwd_bwd():
     )  # fmt: skip
 
 
+def test_chunk_key_blocks_fwd_bwd():
+    """K = 96: the backward splits key channels into blocks of 64 (the second one partial)."""
+    gen = torch.Generator().manual_seed(9)
+    params = dict(A_log=torch.randn(2, generator=gen), dt_bias=torch.randn(2, 96, generator=gen))
+    _check(_inputs(T=70, N=1, K=96, V=32, seed=10, raw_gate=True), params, use_gate_in_kernel=True,
+           use_qk_l2norm_in_kernel=True)  # fmt: skip
+
+
 def test_chunk_single_token_batch_and_strong_decay_forward():
     """T = 1 with B = 2, and g ~ -U(0, 20) (exp(G) of a chunk far below fp32's range) stays exact."""
     _check(_inputs(T=1, N=2, B=2, seed=4), backward=False)

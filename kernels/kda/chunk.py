@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .chunk_bwd import kda_intra_bwd_kernel, kda_state_bwd_kernel
+from .chunk_bwd import kda_key_bwd_kernel, kda_pair_bwd_kernel, kda_state_bwd_kernel, l2norm_bwd_kernel
 from .chunk_fwd import kda_intra_fwd_kernel, kda_output_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel
 from .utils import L2NORM_EPS
 
 CHUNK = 64  # tokens per chunk (BT)
 SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
+KEY_BLOCK = 64  # key channels per block in the per-chunk kernels: their [CHUNK, KEY_BLOCK] tiles fit in registers
 
 
 @dataclass
@@ -112,8 +113,7 @@ def kda_chunk_fwd(
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     kda_intra_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=BK, BV=BV, IEEE=ieee,
-        num_warps=8 if BK >= 128 else 4, num_stages=1 if BK > 128 else 2,
+        BT=CHUNK, BC=SUB, BK=min(BK, KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=4, num_stages=1,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
@@ -132,6 +132,19 @@ def kda_chunk_fwd(
     )  # fmt: skip
     saved = dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, qg=qg, kh=kh, gl=gl, h=h, v_new=v_new)
     return o, ht, saved
+
+
+def _l2norm_bwd(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Gradient through ``x / sqrt(|x|^2 + eps)`` over the last dim, for ``x [TT, H, K]`` and ``dy``
+    (the gradient of the normalised x, fp32); returns x's dtype."""
+    K = x.shape[-1]
+    rows = x.numel() // K
+    dx = torch.empty_like(x)
+    BR = 16
+    l2norm_bwd_kernel[(triton.cdiv(rows, BR),)](
+        x, dy, dx, rows, K, EPS=L2NORM_EPS, BR=BR, BD=max(16, triton.next_power_of_2(K)), num_warps=4
+    )
+    return dx
 
 
 def kda_chunk_bwd(
@@ -170,20 +183,35 @@ def kda_chunk_bwd(
         BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee, num_warps=4,
         num_stages=1,
     )  # fmt: skip
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv = torch.empty_like(v)
-    dg = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
     dbeta = torch.empty(TT, H, device=dev, dtype=torch.float32)
-    dA_part = torch.empty(NC, H, device=dev, dtype=torch.float32) if use_gate else None
-    ddt_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32) if use_gate else None
-    kda_intra_bwd_kernel[(NC, H)](
-        saved["qn"], saved["kn"], v, saved["G"], beta, saved["P"], saved["M"], saved["h"], dh,
-        saved["v_new"], dv_new, do, q, k, g, A_log, dt_bias,
-        dq, dk, dv, dg, dbeta, dA_part, ddt_part, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=BK, BV=BV, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, IEEE=ieee,
-        num_warps=8 if BK >= 128 else 4, num_stages=1,
+    dA_qk, dP = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(2))
+    BVp = min(BV, 32)  # the [BT, BT] accumulators plus per-V-tile operands stay in registers
+    kda_pair_bwd_kernel[(NC, H)](
+        saved["kn"], v, beta, saved["P"], saved["M"], saved["h"], saved["v_new"], dv_new, do, dv, dbeta,
+        dA_qk, dP, saved["G"], chunks.indices, chunks.cu_seqlens, H, K, V,
+        BT=CHUNK, BK=BK, BV=BVp, IEEE=ieee, num_warps=8 if BK >= 128 else 4, num_stages=1,
     )  # fmt: skip
-    dA_log = dA_part.sum(0) if use_gate else None
+    # The key-side gradients per block of KEY_BLOCK channels; with the L2 norm they are first taken with
+    # respect to the normalised q/k (fp32), then through the norm.
+    BKs = min(BK, KEY_BLOCK)
+    NKB = triton.cdiv(K, BKs)
+    dq, dk = (
+        (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(2))
+        if use_qk_l2norm
+        else (torch.empty_like(q), torch.empty_like(k))
+    )
+    dg = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+    dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None
+    ddt_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32) if use_gate else None
+    kda_key_bwd_kernel[(NC, H, NKB)](
+        saved["qn"], saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dA_qk, dP, g, A_log, dt_bias,
+        dq, dk, dg, dA_part, ddt_part, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BC=SUB, BK=BKs, BV=BV, GATE=use_gate, IEEE=ieee, num_warps=8, num_stages=1,
+    )  # fmt: skip
+    if use_qk_l2norm:
+        dq, dk = _l2norm_bwd(q, dq), _l2norm_bwd(k, dk)
+    dA_log = dA_part.sum((0, 2)) if use_gate else None
     ddt_bias = ddt_part.sum(0) if use_gate else None
     return dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias
 

@@ -76,33 +76,73 @@ def kda_state_bwd_kernel(
 
 
 @triton.jit
-def kda_intra_bwd_kernel(
-    q, k, v, G, beta, P, M, h, dh, v_new, dv_new, do, q_raw, k_raw, g_raw, A_log, dt_bias,
-    dq, dk, dv, dg, dbeta, dA_log_part, ddt_bias_part, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr, IEEE: tl.constexpr,
+def kda_pair_bwd_kernel(
+    k, v, beta, P, M, h, v_new, dv_new, do, dv, dbeta, dA_qk, dP, G, chunk_indices, cu_seqlens, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): every remaining gradient (dq, dk, dv, dg, dbeta, and per-chunk partial
-    sums for dA_log / ddt_bias when the gate is fused), recomputing what is cheap."""
+    """Per (chunk, head): what needs whole rows of K and V. Writes dv = beta * M^T dV', dbeta, and the
+    gradients of the two pairwise matrices, dA_qk = tril(dO V'^T) and d(P) (``[TT, H, BT]`` fp32), for
+    :func:`kda_key_bwd_kernel`."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
-    n_valid = tl.minimum(eos - t0, BT)
-    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_G, _, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, 0, BT, BK)
+    dt = h.dtype.element_ty
     b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_kg = (b_k * tl.exp(b_G)).to(dt)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
     tmask = idx < BT
     b_M = _load_rows(M, rows, rmask, idx, tmask, H, i_h, BT)
-    b_P = _load_rows(P, rows, rmask, idx, tmask, H, i_h, BT)
-    b_gexp = tl.exp(b_G)
-    dt = h.dtype.element_ty
     b_Mt = tl.trans(b_M).to(dt)
-    b_kg = (b_k * b_gexp).to(dt)
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
-    b_dkg = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp G)
-    b_dkh = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp(G_last - G))
     b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    st = (i_c * H + i_h).to(tl.int64) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        cols_v = i_v * BV + tl.arange(0, BV)
+        vmask = cols_v < V
+        b_S = tl.load(h + st + cols[:, None] * V + cols_v[None, :], mask=cmask[:, None] & vmask[None, :], other=0.0)
+        b_vn = _load_rows(v_new, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
+        b_dvn = _load_rows(dv_new, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
+        b_do = _load_rows(do, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
+        b_v = _load_rows(v, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32)
+        _store_rows(dv, tl.dot(b_Mt, b_dvn, input_precision=IEEE) * b_beta[:, None], rows, rmask, cols_v, vmask,
+                    H, i_h, V)  # fmt: skip
+        b_dAqk += tl.dot(b_do, tl.trans(b_vn), input_precision=IEEE)
+        b_R = b_v - tl.dot(b_kg, b_S, input_precision=IEEE)
+        b_dT += tl.dot(b_dvn, tl.trans(b_R.to(dt)), input_precision=IEEE)
+    lower = idx[:, None] >= idx[None, :]
+    strict = idx[:, None] > idx[None, :]
+    # T = M Diag(beta): dM = dT Diag(beta), dbeta_j += sum_i dT_ij M_ij; d(beta P) = -M^T dM M^T.
+    b_dT = tl.where(lower, b_dT, 0.0)
+    b_dbeta = tl.sum(b_dT * b_M, axis=0)
+    b_dM = b_dT * b_beta[None, :]
+    b_dA = tl.dot(tl.dot(tl.trans(b_M), b_dM, input_precision="ieee"), tl.trans(b_M), input_precision="ieee")
+    b_dA = tl.where(strict, -b_dA, 0.0)
+    b_P = _load_rows(P, rows, rmask, idx, tmask, H, i_h, BT)
+    b_dbeta += tl.sum(b_dA * b_P, axis=1)
+    tl.store(dbeta + rows.to(tl.int64) * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=rmask)
+    _store_rows(dP, b_dA * b_beta[:, None], rows, rmask, idx, tmask, H, i_h, BT)
+    _store_rows(dA_qk, tl.where(lower, b_dAqk, 0.0), rows, rmask, idx, tmask, H, i_h, BT)
+
+
+@triton.jit
+def kda_key_bwd_kernel(
+    q, k, G, h, dh, v_new, dv, do, dA_qk, dP, g_raw, A_log, dt_bias,
+    dq, dk, dg, dA_log_part, ddt_bias_part, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head, block of BK key channels): dq, dk (with respect to the normalised q/k), dg and
+    the fused gate's per-chunk partial sums. Every term is a sum over key channels of per-channel
+    products, so the channel blocks are independent; splitting them keeps the tiles in registers."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, i_k * BK, BT, BK)
+    n_valid = tl.minimum(eos - t0, BT)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    dt = h.dtype.element_ty
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
+    b_dkg = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp G) = -dv S^T
+    b_dkh = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp(G_last - G)) = V' dS'^T
     b_dlast = tl.zeros([BK], dtype=tl.float32)
     st = (i_c * H + i_h).to(tl.int64) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -112,33 +152,20 @@ def kda_intra_bwd_kernel(
         st_mask = cmask[:, None] & vmask[None, :]
         b_S = tl.load(h + st_offs, mask=st_mask, other=0.0)
         b_dS = tl.load(dh + st_offs, mask=st_mask, other=0.0)
-        b_vn = _load_rows(v_new, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
-        b_dvn = _load_rows(dv_new, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
         b_do = _load_rows(do, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
-        b_v = _load_rows(v, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32)
+        b_vn = _load_rows(v_new, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
+        b_dx = _load_rows(dv, rows, rmask, cols_v, vmask, H, i_h, V).to(dt)
         b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=IEEE)
         b_dkh += tl.dot(b_vn, tl.trans(b_dS), input_precision=IEEE)
-        b_dx = tl.dot(b_Mt, b_dvn, input_precision=IEEE) * b_beta[:, None]
-        _store_rows(dv, b_dx, rows, rmask, cols_v, vmask, H, i_h, V)
-        b_dkg -= tl.dot(b_dx.to(dt), tl.trans(b_S), input_precision=IEEE)
-        b_dAqk += tl.dot(b_do, tl.trans(b_vn), input_precision=IEEE)
-        b_R = b_v - tl.dot(b_kg, b_S, input_precision=IEEE)
-        b_dT += tl.dot(b_dvn, tl.trans(b_R.to(dt)), input_precision=IEEE)
+        b_dkg -= tl.dot(b_dx, tl.trans(b_S), input_precision=IEEE)
         b_dlast += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), axis=1)
-    lower = idx[:, None] >= idx[None, :]
-    strict = idx[:, None] > idx[None, :]
-    # T = M Diag(beta): dM = dT Diag(beta), dbeta_j += sum_i dT_ij M_ij; d(beta P) = -M^T dM M^T.
-    b_dT = tl.where(lower, b_dT, 0.0)
-    b_dbeta = tl.sum(b_dT * b_M, axis=0)
-    b_dM = b_dT * b_beta[None, :]
-    b_dA = tl.dot(tl.dot(tl.trans(b_M), b_dM, input_precision="ieee"), tl.trans(b_M), input_precision="ieee")
-    b_dA = tl.where(strict, -b_dA, 0.0)
-    b_dbeta += tl.sum(b_dA * b_P, axis=1)
-    b_dP = b_dA * b_beta[:, None]
-    b_dAqk = tl.where(lower & (rows < eos)[:, None], b_dAqk, 0.0)
+    tmask = idx < BT
+    b_dAqk = _load_rows(dA_qk, rows, rmask, idx, tmask, H, i_h, BT)
+    b_dP = _load_rows(dP, rows, rmask, idx, tmask, H, i_h, BT)
     # Direct terms, then the pairwise ones added in place (3 accumulators keep register use down):
     # dkp collects the k terms that carry exp(+G), dkm those with exp(-G); G's gradient is
     # q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
+    b_gexp = tl.exp(b_G)
     b_dq = b_dq * b_gexp * scale
     b_dkp = b_dkg * b_gexp
     b_dkm = b_dkh * tl.exp(b_last[None, :] - b_G)
@@ -188,21 +215,25 @@ def kda_intra_bwd_kernel(
         b_sp = tl.where(b_x > 20.0, b_x, tl.log(1.0 + tl.exp(tl.minimum(b_x, 20.0))))
         valid = rmask[:, None] & cmask[None, :]
         # g = -a softplus(x): dg/dA_log = g, dg/dx = -a sigmoid(x)
-        tl.store(dA_log_part + i_c * H + i_h, tl.sum(tl.sum(tl.where(valid, -b_a * b_sp * b_dg, 0.0), axis=1)))
+        part = (i_c * H + i_h) * tl.num_programs(2) + i_k
+        tl.store(dA_log_part + part, tl.sum(tl.sum(tl.where(valid, -b_a * b_sp * b_dg, 0.0), axis=1)))
         b_dg = tl.where(valid, -b_a * tl.sigmoid(b_x) * b_dg, 0.0)
         tl.store(ddt_bias_part + (i_c * H + i_h) * K + cols, tl.sum(b_dg, axis=0), mask=cmask)
     _store_rows(dg, b_dg, rows, rmask, cols, cmask, H, i_h, K)
-    tl.store(dbeta + rows.to(tl.int64) * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=rmask)
-    if L2NORM:
-        # x_n = x / sqrt(|x|^2 + eps): dx = (dx_n - x_n (x_n . dx_n)) / sqrt(|x|^2 + eps)
-        b_x = _load_rows(q_raw, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)
-        b_dq = (b_dq - b_q * tl.sum(b_q * b_dq, axis=1)[:, None]) * b_rstd[:, None]
-        b_x = _load_rows(k_raw, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)
-        b_dk = b_dkp + b_dkm
-        b_dk = (b_dk - b_k * tl.sum(b_k * b_dk, axis=1)[:, None]) * b_rstd[:, None]
-    else:
-        b_dk = b_dkp + b_dkm
     _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)
-    _store_rows(dk, b_dk, rows, rmask, cols, cmask, H, i_h, K)
+    _store_rows(dk, b_dkp + b_dkm, rows, rmask, cols, cmask, H, i_h, K)
+
+
+@triton.jit
+def l2norm_bwd_kernel(x, dy, dx, n_rows, D, EPS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """Rows of ``[n_rows, D]``: y = x / sqrt(|x|^2 + eps), dx = (dy - y (y . dy)) / sqrt(|x|^2 + eps)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    b_x = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+    b_dy = tl.load(dy + offs, mask=mask, other=0.0).to(tl.float32)
+    b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)
+    b_y = b_x * b_rstd[:, None]
+    b_dx = (b_dy - b_y * tl.sum(b_y * b_dy, axis=1)[:, None]) * b_rstd[:, None]
+    tl.store(dx + offs, b_dx.to(dx.dtype.element_ty), mask=mask)

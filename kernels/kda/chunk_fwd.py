@@ -49,13 +49,14 @@ def _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
 
 
 @triton.jit
-def _load_cum_decay(G, t0, eos, H, i_h, K, BT: tl.constexpr, BK: tl.constexpr):
-    """G rows of a chunk ``[BT, BK]`` fp32; rows past the sequence end repeat the last valid row
-    (as if g = 0 there). Also returns the row indices, their mask and the column mask."""
+def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexpr):
+    """G rows of a chunk, channels ``k0 .. k0 + BK`` (``[BT, BK]`` fp32); rows past the sequence end
+    repeat the last valid row (as if g = 0 there). Also returns the last row, the row indices, the
+    rows, their mask, the columns and the column mask."""
     idx = tl.arange(0, BT)
     rows = t0 + idx
     rmask = rows < eos
-    cols = tl.arange(0, BK)
+    cols = k0 + tl.arange(0, BK)
     cmask = cols < K
     b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     n_valid = tl.minimum(eos - t0, BT)
@@ -98,7 +99,8 @@ def kda_intra_fwd_kernel(
     q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): A_qk and P with exact in-chunk decays, M = (I + Diag(beta) P)^-1, then W and U.
+    """Per (chunk, head): A_qk and P with exact in-chunk decays, M = (I + Diag(beta) P)^-1, then W and U,
+    taking the key channels in blocks of ``BK``.
     Also what the sequential kernels would otherwise recompute: qg = scale * q * exp(G),
     kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
 
@@ -108,30 +110,35 @@ def kda_intra_fwd_kernel(
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, BT, BK)
-    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    idx = tl.arange(0, BT)
+    rows = t0 + idx
+    rmask = rows < eos
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
     blk = idx // BC
     b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_P = tl.zeros([BT, BT], dtype=tl.float32)
-    for m in tl.static_range(1, BT // BC):
-        b_Gr = _pick_row(b_G, idx, m * BC)
-        b_to_row = tl.exp(tl.where((blk == m)[:, None], b_G - b_Gr[None, :], float("-inf")))
-        b_kp = b_k * tl.exp(tl.where((idx < m * BC)[:, None], b_Gr[None, :] - b_G, float("-inf")))
-        b_Aqk += tl.dot(b_q * b_to_row, tl.trans(b_kp), input_precision=IEEE)
-        b_P += tl.dot(b_k * b_to_row, tl.trans(b_kp), input_precision=IEEE)
-    for jj in range(0, BC):
-        p = blk * BC + jj  # partner row of every row, inside its sub-block
-        p_rows = t0 + p
-        p_ok = (p <= idx) & (p_rows < eos)
-        b_kj = _load_rows(k, p_rows, p_ok, cols, cmask, H, i_h, K).to(tl.float32)
-        b_Gj = _load_rows(G, p_rows, p_ok, cols, cmask, H, i_h, K).to(tl.float32)
-        b_e = tl.exp(tl.where(p_ok[:, None], b_G - b_Gj, float("-inf")))
-        b_kje = b_kj * b_e
-        at_p = idx[None, :] == p[:, None]
-        b_Aqk += tl.where(at_p, tl.sum(b_q * b_kje, axis=1)[:, None], 0.0)
-        b_P += tl.where(at_p & (p < idx)[:, None], tl.sum(b_k * b_kje, axis=1)[:, None], 0.0)
+    # Both matrices are sums over key channels: accumulate them block by block of BK channels, which
+    # keeps the [BT, BK] tiles in registers.
+    for k0 in range(0, K, BK):
+        b_G, _, _, _, _, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        for m in tl.static_range(1, BT // BC):
+            b_Gr = _pick_row(b_G, idx, m * BC)
+            b_to_row = tl.exp(tl.where((blk == m)[:, None], b_G - b_Gr[None, :], float("-inf")))
+            b_kp = b_k * tl.exp(tl.where((idx < m * BC)[:, None], b_Gr[None, :] - b_G, float("-inf")))
+            b_Aqk += tl.dot(b_q * b_to_row, tl.trans(b_kp), input_precision=IEEE)
+            b_P += tl.dot(b_k * b_to_row, tl.trans(b_kp), input_precision=IEEE)
+        for jj in range(0, BC):
+            p = blk * BC + jj  # partner row of every row, inside its sub-block
+            p_rows = t0 + p
+            p_ok = (p <= idx) & (p_rows < eos)
+            b_kj = _load_rows(k, p_rows, p_ok, cols, cmask, H, i_h, K).to(tl.float32)
+            b_Gj = _load_rows(G, p_rows, p_ok, cols, cmask, H, i_h, K).to(tl.float32)
+            b_kje = b_kj * tl.exp(tl.where(p_ok[:, None], b_G - b_Gj, float("-inf")))
+            at_p = idx[None, :] == p[:, None]
+            b_Aqk += tl.where(at_p, tl.sum(b_q * b_kje, axis=1)[:, None], 0.0)
+            b_P += tl.where(at_p & (p < idx)[:, None], tl.sum(b_k * b_kje, axis=1)[:, None], 0.0)
     cols_t = tl.arange(0, BT)
     _store_rows(A_qk, b_Aqk, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
     _store_rows(P, b_P, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
@@ -161,13 +168,17 @@ def kda_intra_fwd_kernel(
     for _ in tl.static_range(1, BT // BC):
         b_M = b_Md - tl.dot(b_X, b_M, input_precision="ieee")
     _store_rows(M, b_M, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
-    b_gexp = tl.exp(b_G)
-    _store_rows(qg, b_q * b_gexp, rows, rmask, cols, cmask, H, i_h, K)
-    _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
-    tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
     b_Md = b_M.to(W.dtype.element_ty)
-    b_w = (b_k * b_gexp * b_beta[:, None]).to(W.dtype.element_ty)
-    _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
+    for k0 in range(0, K, BK):
+        b_G, b_last, _, _, _, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+        b_gexp = tl.exp(b_G)
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
+        tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
+        b_w = (b_k * b_gexp * b_beta[:, None]).to(W.dtype.element_ty)
+        _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
     for i_v in range(0, tl.cdiv(V, BV)):
         cols_v = i_v * BV + tl.arange(0, BV)
         vmask = cols_v < V
