@@ -32,7 +32,8 @@ from .plan import BOUND_UNIT, KEPT_TILE
 
 # Tile shapes tried on a GPU (keyed by channel count, kept count and low-rank width; the row count only
 # sets the grid). Kept short: every config is compiled on a fresh machine. The interpreter runs one
-# small fixed tile, so that tiny test shapes still take several loop iterations.
+# small fixed tile, so that tiny test shapes still take several loop iterations, with kept tiles of two
+# sub-tiles (the general case of the projection bounds' indexing).
 _CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_O": bo}, num_warps=w, num_stages=s)
     for bt, bk, bo, w, s in [(64, 128, 128, 4, 3), (32, 128, 128, 4, 3), (32, 256, 128, 4, 3)]
@@ -115,7 +116,7 @@ def triton_pack_grad_output(
     n_rows, n_cols = grad_output.shape
     r_pad, keep = b0_pad.shape[1], index.numel()
     packed = torch.empty(n_rows, r_pad + keep, device=grad_output.device, dtype=grad_output.dtype)
-    tiles = {"BLOCK_T": 16, "BLOCK_K": KEPT_TILE, "BLOCK_O": 32} if _INTERPRETED else {}
+    tiles = {"BLOCK_T": 16, "BLOCK_K": 2 * KEPT_TILE, "BLOCK_O": 32} if _INTERPRETED else {}
     _ce_pack_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_T"]),)](
         grad_output,
         b0_pad,
