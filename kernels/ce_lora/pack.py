@@ -6,13 +6,14 @@ so an in-GEMM gather degrades the A-operand loads to scalar loads that cannot be
 copies. Packing leaves a single dense GEMM ``G @ [A0 ; R[S, :]]`` whose inner size ``r_pad + k`` is a
 multiple of 64 (cuBLAS's fast path).
 
-How the pass stays at its memory floor (read ``dY`` once, write ``G`` once):
+How the pass aims at its memory floor (read ``dY`` once, write ``G`` once):
 
 * The kept columns are written by *gathering* loads and *contiguous* stores: a program takes a tile of
   ``BLOCK_K`` consecutive kept columns, loads ``dY[rows, index[j]]`` (scattered 2-byte loads, but within a
   short span of each row, so whole cache lines are used) and stores ``G[rows, r_pad + j]`` as aligned
   vectors. (A first version did the opposite, contiguous loads and scattered stores through a position
-  map, and ran at ~125 GB/s: its time grew with ``k``, not with the bytes of ``dY`` it read.)
+  map, and ran ~10x off the floor on an H200: its time grew with ``k``, the bytes it stored, and not with
+  the bytes of ``dY`` it read.)
 * The low-rank projection ``dY B0`` runs on the same rows in the same program: before gathering kept
   tile ``t`` it consumes, with contiguous vectorised loads and a tensor-core dot, the channel range that
   ends at tile ``t``'s last kept channel (``bounds``, built with the plan). Every channel is projected
