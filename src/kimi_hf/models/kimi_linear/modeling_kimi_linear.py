@@ -663,7 +663,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             state, router_logits = layer(state, attn_res=self.attn_res, layout=layout, cache=cache)
             if output_router_logits and router_logits is not None:
                 all_router_logits.append(router_logits)
-        hidden_states = self.norm(self.attn_res.final_output(state))
+        hidden_states = self.attn_res.final_output(state, self.norm.weight, self.norm.variance_epsilon)
         if output_hidden_states:
             all_hidden.append(hidden_states)
         if cache is not None:
