@@ -24,6 +24,7 @@ whole run takes about 3-4 minutes, Triton compilation included (the autotune lis
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -230,7 +231,8 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             record.add("model_steps", {"setting": name, "checkpointing": checkpointing, "batch": batch, "seq": seq,
                                        "step_ms": ms, "speedup_vs_lora": anchor / ms, "peak_gib": peak,
                                        "tokens_per_s": batch * seq / ms * 1e3})  # fmt: skip
-            del model
+            del model, step  # the closure holds the model too: free both before the next one's peak memory
+            gc.collect()  # PEFT wrappers hold reference cycles
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
