@@ -159,7 +159,11 @@ def run(args: argparse.Namespace) -> dict:
     decode_batches = [1, 4] if args.tiny else [1, 32]
 
     def add(name: str, ours_value: float, native_value: float | None, unit: str, extra: str = "") -> None:
-        ratio = native_value / ours_value if native_value else None
+        # speedup > 1: ours is better (times: lower is better; throughputs: higher is better)
+        higher_is_better = unit in ("Ktok/s", "tok/s")
+        ratio = None
+        if native_value:
+            ratio = ours_value / native_value if higher_is_better else native_value / ours_value
         row = {"measure": name, "ours": ours_value, "native": native_value, "unit": unit, "speedup": ratio, "note": extra}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)  # progressive: a run cut short keeps what it measured
@@ -180,10 +184,6 @@ def run(args: argparse.Namespace) -> dict:
             native_ms = decode_ms_per_token(native, batch, prompt, new, device, args.decode_repeats)
         add(f"greedy decode B{batch} (prompt {prompt})", ms, native_ms, "ms/token")
         add(f"decode throughput B{batch}", batch * 1e3 / ms, batch * 1e3 / native_ms if native_ms else None, "tok/s")
-    # Throughput rows are "higher is better": flip their ratio.
-    for row in results["rows"]:
-        if row["unit"] in ("Ktok/s", "tok/s") and row["speedup"]:
-            row["speedup"] = 1 / row["speedup"]
     return results
 
 
