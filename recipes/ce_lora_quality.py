@@ -27,7 +27,6 @@ import sys
 import time
 
 import torch
-from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/ce_lora_task.py, without the repo root
@@ -46,7 +45,7 @@ PRESETS = {
     # ~2-3 minutes on one H200 (mostly per-step overhead). Sized from a CPU run of d 128 x 2 layers, batch 64:
     # pre-training reached 81% exact match (6 pairs) in 400 steps, LoRA 32% of the new table in 80 steps.
     # recompute_every 200 is the paper's (and CELoraConfig's) default.
-    "gpu": dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1408, pairs=8, pretrain_steps=800,
+    "gpu": dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1408, pairs=8, pretrain_steps=1000,
                 finetune_steps=200, batch=256, train_size=51200, eval_size=4096, pretrain_lr=2e-3, lr=2e-3,
                 recompute_every=200, eval_every=25),
 }  # fmt: skip
@@ -62,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", choices=TASKS, default="digit_product", help="task the adapters are fine-tuned on")
     p.add_argument("--output-dir", "--out", dest="out", default="ce_lora_quality", help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", action="store_true", help="only redraw loss.png from --output-dir's curves.csv")
     for name, value in PRESETS["gpu"].items():
         flag = f"--{name.replace('_', '-')}"
         p.add_argument(flag, type=type(value), default=None, help=f"override the preset's {name}")
@@ -118,8 +118,9 @@ def training_args(args: argparse.Namespace, out: str, steps: int, lr: float, eva
     )
 
 
-def as_dataset(examples: dict[str, torch.Tensor]) -> Dataset:
-    return Dataset.from_dict({k: v.tolist() for k, v in examples.items()})
+def as_dataset(examples: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """One dict per example: a map-style dataset for ``Trainer`` (no ``datasets`` needed on the GPU image)."""
+    return [{"input_ids": ids, "labels": labels} for ids, labels in zip(examples["input_ids"], examples["labels"])]
 
 
 def pretrain(
@@ -191,6 +192,29 @@ def fine_tune(args, name, peft_config, weights, config, train, evaluation, eval_
     return row, curves
 
 
+def plot_losses(folder: str) -> None:
+    """``loss.png`` (train and eval loss per fine-tuning step, one line per method) from ``curves.csv``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(folder, "curves.csv")) as f:
+        curves = list(csv.DictReader(f))
+    methods = list(dict.fromkeys(c["method"] for c in curves))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind in zip(axes, ("train", "eval")):
+        for method in methods:
+            pts = [(int(c["step"]), float(c["loss"])) for c in curves if c["method"] == method and c["kind"] == kind]
+            if pts:
+                ax.plot(*zip(*pts), label=method, marker="o" if kind == "eval" else None, markersize=3)
+        ax.set(title=f"{kind} loss", xlabel="fine-tuning step", ylabel="loss", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "loss.png"), dpi=120)
+    plt.close(fig)
+
+
 def write_outputs(
     args: argparse.Namespace, rows: list[dict], curves: list[dict], base_accuracy: tuple[float, float]
 ) -> str:
@@ -202,22 +226,6 @@ def write_outputs(
         writer = csv.DictWriter(f, fieldnames=list(curves[0]))
         writer.writeheader()
         writer.writerows(curves)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, kind in zip(axes, ("train", "eval")):
-        for row in rows:
-            pts = [(c["step"], c["loss"]) for c in curves if c["method"] == row["method"] and c["kind"] == kind]
-            if pts:
-                ax.plot(*zip(*pts), label=row["method"], marker="o" if kind == "eval" else None, markersize=3)
-        ax.set(title=f"{kind} loss", xlabel="fine-tuning step", ylabel="loss", yscale="log")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "loss.png"), dpi=120)
-
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [
         f"CE-LoRA vs LoRA: {args.task} over {args.pairs} pairs, Llama d {args.hidden} x {args.layers} layers "
@@ -243,6 +251,9 @@ def write_outputs(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        plot_losses(args.out)
+        return
     os.makedirs(args.out, exist_ok=True)
     eval_data = make_examples(args.eval_size, args.pairs, args.task, seed=args.seed + 3)
     weights, config, base_accuracy = pretrain(args, eval_data)
@@ -256,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
         table = write_outputs(args, rows, curves, base_accuracy)  # after each method: a cut-short run keeps them
     print(table)
+    try:
+        plot_losses(args.out)
+    except ImportError:
+        print("matplotlib is not installed: loss.png not written (redraw it elsewhere with --replot)")
 
 
 if __name__ == "__main__":

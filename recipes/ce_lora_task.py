@@ -43,12 +43,9 @@ def make_examples(count: int, pairs: int, task: str, seed: int) -> dict[str, tor
     return {"input_ids": ids, "labels": labels}
 
 
-def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+def collate(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack equal-length examples (every example of a task has the same length)."""
-    return {
-        "input_ids": torch.tensor([f["input_ids"] for f in features]),
-        "labels": torch.tensor([f["labels"] for f in features]),
-    }
+    return {key: torch.stack([f[key] for f in features]) for key in ("input_ids", "labels")}
 
 
 @torch.no_grad()
