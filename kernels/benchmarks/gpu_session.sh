@@ -18,7 +18,7 @@ step_command() {
   case "$1" in
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
-    kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --json $OUT/$2kda_quick.json" ;;
+    kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --json $OUT/$2model.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --rep 1 --decode-repeats 1" ;;
     attn_res) echo "timeout 250 python3 kernels/benchmarks/bench_attn_res.py --json $OUT/$2attn_res.json" ;;

@@ -113,7 +113,7 @@ def kda_chunk_fwd(
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     kda_intra_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=min(BK, KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=4, num_stages=1,
+        BT=CHUNK, BC=SUB, BK=min(BK, KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=8, num_stages=1,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
