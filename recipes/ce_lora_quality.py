@@ -42,10 +42,12 @@ PRESETS = {
     "tiny": dict(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, pairs=4, pretrain_steps=10,
                  finetune_steps=8, batch=32, train_size=1024, eval_size=64, pretrain_lr=3e-3, lr=3e-3,
                  recompute_every=3, eval_every=4),
-    # ~2-3 minutes on one H200 (mostly per-step overhead). Sized from a CPU run of d 128 x 2 layers, batch 64:
-    # pre-training reached 81% exact match (6 pairs) in 400 steps, LoRA 32% of the new table in 80 steps.
-    # recompute_every 200 is the paper's (and CELoraConfig's) default.
-    "gpu": dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1408, pairs=8, pretrain_steps=1000,
+    # ~2 minutes on one H200 (mostly per-step overhead). Sized from CPU runs at batch 32: pre-training first
+    # sits at chance loss, then learns the attention pattern; d 256 x 4 layers did so after ~100 steps with
+    # 4 pairs (87% exact match at 300), but not within 200 with 6 or 8 pairs (longer lines dilute attention
+    # at init). LoRA then reached 58% on the product table in 120 steps. recompute_every 200 is the
+    # paper's (and CELoraConfig's) default.
+    "gpu": dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1408, pairs=4, pretrain_steps=1000,
                 finetune_steps=200, batch=256, train_size=51200, eval_size=4096, pretrain_lr=2e-3, lr=2e-3,
                 recompute_every=200, eval_every=25),
 }  # fmt: skip
