@@ -43,8 +43,8 @@ def projection_bounds(index: torch.Tensor, out_features: int) -> torch.Tensor:
     its last kept channel, rounded up to a multiple of :data:`BOUND_UNIT`, the last one to the end. The
     ranges partition ``[0, O)`` (each channel is projected exactly once) and each one holds the channels
     its tile gathers (but for at most 15 at its start, taken by the previous range when rounding up), so
-    the gather re-reads what the projection has just loaded. Returns ``b`` in units
-    of ``BOUND_UNIT``, int32 ``[cdiv(k, 64) + 1]`` (sorted ``index [k]``).
+    the gather re-reads what the projection has just loaded. Returns ``b`` (units of ``BOUND_UNIT``),
+    int32 ``[cdiv(k, 64) + 1]``, for the sorted kept channels ``index [k]``.
     """
     n_sub = -(-index.numel() // KEPT_TILE)
     last = index[KEPT_TILE - 1 :: KEPT_TILE][: n_sub - 1]  # last kept channel of every sub-tile but the last
