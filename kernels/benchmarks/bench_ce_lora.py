@@ -15,10 +15,11 @@ same run):
    (exact backward) shows how much of the step-time gain comes from that alone.
 
 Every result is also printed as one JSON line (``{"part": ...}``) the moment it is measured, and
-``--json`` is rewritten after each one, so a run cut short keeps what it measured. On a fresh H200 the
-whole run takes about 3-4 minutes, Triton compilation included (the autotune list is three configs).
+``--json`` is rewritten after each one, so a run cut short keeps what it measured. The run is sized to
+finish within 6 minutes on a fresh H200, Triton compilation included (three autotune configs; short
+``do_bench`` windows; 8 timed model steps per setting).
 
-``--tiny`` runs a seconds-long CPU smoke test (torch reference path, tiny shapes, wall-clock medians).
+``--tiny`` runs a CPU smoke test (torch reference path, tiny shapes and model, wall-clock medians).
 """
 
 from __future__ import annotations
