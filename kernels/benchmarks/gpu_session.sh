@@ -25,6 +25,8 @@ step_command() {
     attn_res_replication)
       echo "timeout 170 python3 recipes/attn_res_replication.py --preset gpu --output-dir $OUT/attn_res_replication" ;;
     ce_lora) echo "timeout 360 python3 kernels/benchmarks/bench_ce_lora.py --json $OUT/$2ce_lora.json" ;;
+    ce_lora_quality)
+      echo "timeout 240 python3 recipes/ce_lora_quality.py --preset gpu --output-dir $OUT/ce_lora_quality" ;;
     small_ops) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections conv norm kda" ;;
     *) return 1 ;;
   esac
