@@ -85,7 +85,7 @@ def kda_pair_bwd_kernel(
     :func:`kda_key_bwd_kernel`."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    b_G, _, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, 0, BT, BK)
+    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, 0, BT, BK)
     dt = h.dtype.element_ty
     b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     b_kg = (b_k * tl.exp(b_G)).to(dt)

@@ -120,7 +120,7 @@ def kda_intra_fwd_kernel(
     # Both matrices are sums over key channels: accumulate them block by block of BK channels, which
     # keeps the [BT, BK] tiles in registers.
     for k0 in range(0, K, BK):
-        b_G, _, _, _, _, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+        b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
         b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
         b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
         for m in tl.static_range(1, BT // BC):
@@ -165,12 +165,12 @@ def kda_intra_fwd_kernel(
     #    M = (I + X)^-1 D^-1 with X = D^-1 E, i.e. M = D^-1 - X M: block row b is exact after b sweeps.
     b_X = tl.dot(b_Md, tl.where(blk[:, None] > blk[None, :], b_beta[:, None] * b_P, 0.0), input_precision="ieee")
     b_M = b_Md
-    for _ in tl.static_range(1, BT // BC):
+    for _sweep in tl.static_range(1, BT // BC):
         b_M = b_Md - tl.dot(b_X, b_M, input_precision="ieee")
     _store_rows(M, b_M, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
     b_Md = b_M.to(W.dtype.element_ty)
     for k0 in range(0, K, BK):
-        b_G, b_last, _, _, _, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+        b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
         b_gexp = tl.exp(b_G)
         b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
         _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)

@@ -440,9 +440,13 @@ class KimiLinearSparseMoE(nn.Module):
     """Routed experts plus shared experts (``block_sparse_moe``). Trainable: gradients reach the experts,
     the router weight (through the mixing weights) and the shared experts."""
 
-    # One grouped GEMM per projection on CUDA in bf16/fp16, with no host synchronisation; elsewhere a
-    # loop over the experts (the reference). Set False to force the loop.
-    use_grouped_mm: bool = hasattr(torch, "_grouped_mm")
+    # True: one grouped GEMM per projection on CUDA in bf16/fp16 (torch._grouped_mm), with no host
+    # synchronisation; otherwise a loop over the experts (one host synchronisation per layer). Off by default:
+    # on the H200 (torch 2.11) the grouped path hit a CUDA illegal memory access in
+    # tests/test_kimi_linear_gpu.py; its groups are now padded to GROUP_ALIGN rows (torch's documented
+    # alignment, and no empty group in the backward), which has not been run on a GPU yet.
+    use_grouped_mm: bool = False
+    GROUP_ALIGN = 16
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__()
@@ -467,7 +471,7 @@ class KimiLinearSparseMoE(nn.Module):
         routed_in = x.index_select(0, token_of)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         if self.use_grouped_mm and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-            routed_out = self._experts_grouped(routed_in, counts)
+            routed_out = self._experts_grouped(routed_in, flat_ids[order], counts)
         else:
             routed_out = self._experts_loop(routed_in, counts)
         y = routed_out * weights.flatten()[order, None].to(x.dtype)
@@ -482,14 +486,29 @@ class KimiLinearSparseMoE(nn.Module):
         chunks = routed_in.split(sizes)
         return torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks) if sizes[e]])
 
-    def _experts_grouped(self, routed_in: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offsets = counts.cumsum(0).to(torch.int32)
+    def _experts_grouped(self, routed_in: torch.Tensor, expert_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``routed_in [M, hidden]`` sorted by expert, ``expert_of [M]`` its experts, ``counts [E]`` -> ``[M, hidden]``.
+
+        Each expert's rows go to a slot of its count rounded up to ``GROUP_ALIGN`` (at least one block, so no
+        group is empty) in a zero-filled buffer of static size (no host synchronisation); padding rows are
+        zero, so they add nothing to the weight gradients, and only real rows are read back.
+        """
+        align = self.GROUP_ALIGN
+        slots = ((counts + align - 1) // align * align).clamp_min(align)
+        ends = slots.cumsum(0)
+        first = counts.cumsum(0) - counts  # first sorted row of each expert
+        rank = torch.arange(routed_in.shape[0], device=routed_in.device) - first[expert_of]
+        rows = ends[expert_of] - slots[expert_of] + rank
+        capacity = routed_in.shape[0] + align * self.num_experts  # >= sum(slots)
+        padded = routed_in.new_zeros(capacity, routed_in.shape[1]).index_copy(0, rows, routed_in)
+        offsets = ends.to(torch.int32)
         # Experts keep the official per-expert modules; stacking their weights costs one read of them.
         w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts])  # [E, 2I, hidden]
         w2 = torch.stack([e.w2.weight for e in self.experts])  # [E, hidden, I]
-        gate, up = torch._grouped_mm(routed_in, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        gate, up = torch._grouped_mm(padded, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         act = self.experts[0].act_fn(gate) * up
-        return torch._grouped_mm(act, w2.transpose(1, 2), offs=offsets)
+        # Rows past offsets[-1] are left unwritten by _grouped_mm: never read them.
+        return torch._grouped_mm(act, w2.transpose(1, 2), offs=offsets).index_select(0, rows)
 
 
 # ---------------------------------------------------------------------------------------------------- decoder
