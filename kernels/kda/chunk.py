@@ -20,7 +20,14 @@ from .utils import L2NORM_EPS
 CHUNK = 64  # tokens per chunk (BT)
 SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
-KEY_BLOCK = 64  # key channels per block in the per-chunk kernels: their [CHUNK, KEY_BLOCK] tiles fit in registers
+# Tiles of the per-chunk kernels, sized so that ptxas (sm_90, triton 3.6) reports few or no register spills
+# at 8 warps: key channels per block in the forward intra kernel and in the backward key kernel, value
+# columns per tile in the backward pair kernel. (With whole 128-wide rows every kernel spilled 1-2.5 KB per
+# thread.) Check with the compile-only report of kernels/benchmarks/kda_registers.py.
+INTRA_KEY_BLOCK = 16
+BWD_KEY_BLOCK = 16
+BWD_PAIR_BLOCK_V = 16
+NUM_WARPS = 8
 
 
 @dataclass
@@ -54,18 +61,11 @@ def _dims(K: int, V: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
 
 
-def _state_block_v(BK: int, BV: int, V: int, programs_per_tile: int) -> int:
-    """V tile of the sequential state kernels: ``BV`` narrowed to 32 when that is needed to give every
-    SM work (the pass is latency-bound), and to 16 for K = 256 to keep the [K, BV] fp32 state in registers."""
-    if BK > 128:
-        return 16
-    return min(BV, 32) if programs_per_tile * triton.cdiv(V, BV) < 2 * _num_sms() else BV
-
-
-def _num_sms() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return 1
+def _state_block_v(BK: int, BV: int) -> int:
+    """V tile of the sequential state kernels: 32 columns (16 for K = 256), so that the [K, BV] fp32 state
+    and the prefetched tiles of the next chunk fit in registers (wider tiles spill; see kda_registers.py)
+    and even a small batch gives the SMs several programs each (the pass is latency-bound)."""
+    return 16 if BK > 128 else min(BV, 32)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -104,7 +104,7 @@ def kda_chunk_fwd(
     qn, kn = (torch.empty_like(q), torch.empty_like(k)) if use_qk_l2norm else (q, k)
     kda_prep_fwd_kernel[(NC, H)](
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
-        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=4,
+        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
     P, M = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(2))
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
@@ -113,22 +113,22 @@ def kda_chunk_fwd(
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     kda_intra_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=min(BK, KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=8, num_stages=1,
+        BT=CHUNK, BC=SUB, BK=min(BK, INTRA_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    BVs = _state_block_v(BK, BV, V, N * H)
+    BVs = _state_block_v(BK, BV)
     # num_stages=1: software pipelining of the chunk loop would need more shared memory than Hopper has.
     kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=4, num_stages=1,
+        num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
     kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
         qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
-        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=4, num_stages=1 if BK > 128 else 2,
+        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
     saved = dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, qg=qg, kh=kh, gl=gl, h=h, v_new=v_new)
     return o, ht, saved
@@ -176,25 +176,24 @@ def kda_chunk_bwd(
     dh = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     dv_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if has_initial_state else None
-    BVs = _state_block_v(BK, BV, V, N * H)
+    BVs = _state_block_v(BK, BV)
     kda_state_bwd_kernel[(N, H, triton.cdiv(V, BVs))](
         saved["qg"], saved["kh"], saved["gl"], saved["W"], saved["A_qk"], do, dh, dv_new, dht, dh0,
         chunks.cu_seqlens, chunks.offsets, H, K, V,
-        BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee, num_warps=4,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee, num_warps=NUM_WARPS,
         num_stages=1,
     )  # fmt: skip
     dv = torch.empty_like(v)
     dbeta = torch.empty(TT, H, device=dev, dtype=torch.float32)
     dA_qk, dP = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(2))
-    BVp = min(BV, 32)  # the [BT, BT] accumulators plus per-V-tile operands stay in registers
     kda_pair_bwd_kernel[(NC, H)](
         saved["kn"], v, beta, saved["P"], saved["M"], saved["h"], saved["v_new"], dv_new, do, dv, dbeta,
         dA_qk, dP, saved["G"], chunks.indices, chunks.cu_seqlens, H, K, V,
-        BT=CHUNK, BK=BK, BV=BVp, IEEE=ieee, num_warps=8 if BK >= 128 else 4, num_stages=1,
+        BT=CHUNK, BK=BK, BV=min(BV, BWD_PAIR_BLOCK_V), IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
-    # The key-side gradients per block of KEY_BLOCK channels; with the L2 norm they are first taken with
+    # The key-side gradients per block of BWD_KEY_BLOCK channels; with the L2 norm they are first taken with
     # respect to the normalised q/k (fp32), then through the norm.
-    BKs = min(BK, KEY_BLOCK)
+    BKs = min(BK, BWD_KEY_BLOCK)
     NKB = triton.cdiv(K, BKs)
     dq, dk = (
         (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(2))
@@ -207,7 +206,7 @@ def kda_chunk_bwd(
     kda_key_bwd_kernel[(NC, H, NKB)](
         saved["qn"], saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dA_qk, dP, g, A_log, dt_bias,
         dq, dk, dg, dA_part, ddt_part, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=BKs, BV=BV, GATE=use_gate, IEEE=ieee, num_warps=8, num_stages=1,
+        BT=CHUNK, BC=SUB, BK=BKs, BV=BV, GATE=use_gate, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
     if use_qk_l2norm:
         dq, dk = _l2norm_bwd(q, dq), _l2norm_bwd(k, dk)

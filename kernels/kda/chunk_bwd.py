@@ -115,7 +115,7 @@ def kda_pair_bwd_kernel(
     b_dT = tl.where(lower, b_dT, 0.0)
     b_dbeta = tl.sum(b_dT * b_M, axis=0)
     b_dM = b_dT * b_beta[None, :]
-    b_dA = tl.dot(tl.dot(tl.trans(b_M), b_dM, input_precision="ieee"), tl.trans(b_M), input_precision="ieee")
+    b_dA = tl.dot(tl.dot(tl.trans(b_M), b_dM, input_precision=IEEE), tl.trans(b_M), input_precision=IEEE)
     b_dA = tl.where(strict, -b_dA, 0.0)
     b_P = _load_rows(P, rows, rmask, idx, tmask, H, i_h, BT)
     b_dbeta += tl.sum(b_dA * b_P, axis=1)

@@ -163,10 +163,10 @@ def kda_intra_fwd_kernel(
         b_Md = tl.where((sub == i)[:, None] & same_blk, b_new, b_Md)
     # 2. With D the block diagonal of L = I + Diag(beta) P and E its part below the blocks,
     #    M = (I + X)^-1 D^-1 with X = D^-1 E, i.e. M = D^-1 - X M: block row b is exact after b sweeps.
-    b_X = tl.dot(b_Md, tl.where(blk[:, None] > blk[None, :], b_beta[:, None] * b_P, 0.0), input_precision="ieee")
+    b_X = tl.dot(b_Md, tl.where(blk[:, None] > blk[None, :], b_beta[:, None] * b_P, 0.0), input_precision=IEEE)
     b_M = b_Md
     for _sweep in tl.static_range(1, BT // BC):
-        b_M = b_Md - tl.dot(b_X, b_M, input_precision="ieee")
+        b_M = b_Md - tl.dot(b_X, b_M, input_precision=IEEE)
     _store_rows(M, b_M, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
     b_Md = b_M.to(W.dtype.element_ty)
     for k0 in range(0, K, BK):

@@ -1,0 +1,111 @@
+"""Register use and spills of the chunked KDA Triton kernels on Hopper, compiled without a GPU.
+
+Each kernel is compiled for sm_90 with the tile sizes and warps that ``kimi_hf.kernels.kda.chunk``
+launches (bf16 inputs, K = V = 128 unless given), and ptxas reports its registers per thread and the
+bytes it spills to local memory. Spills in these kernels cost far more than the arithmetic, so this is
+the first check of a kernel change, and it runs on any machine with triton installed (no CUDA device).
+
+    python kernels/benchmarks/kda_registers.py [--head-dim 128] [--ptxas PATH]
+
+The PTX is assembled with the ptxas that ships with triton (the newest one that accepts the PTX
+version). Register allocation depends on the triton version: compare under the one the GPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # a real compilation, not the interpreter
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kimi_hf.kernels.kda import chunk, chunk_bwd, chunk_fwd  # noqa: E402
+
+_FP32_POINTERS = {
+    "G", "P", "M", "gl", "h0", "ht", "dht", "dh0", "dA_qk", "dP", "dg", "dbeta", "dA_log_part", "ddt_bias_part",
+    "A_log", "dt_bias", "g", "g_raw", "beta",
+}  # fmt: skip
+_INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
+_SCALARS = {"scale": "fp32", "H": "i32", "K": "i32", "V": "i32"}
+
+
+def _signature(fn, constexprs: dict) -> dict:
+    """Every argument of ``fn``: constexpr, scalar, or pointer (bf16 unless it is an fp32/int buffer)."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _SCALARS:
+            sig[name] = _SCALARS[name]
+        else:
+            sig[name] = "*fp32" if name in _FP32_POINTERS else "*i32" if name in _INT_POINTERS else "*bf16"
+    return sig
+
+
+def launch_configs(head_dim: int) -> list[tuple[object, dict, int]]:
+    """(kernel, constexprs, num_warps) as the launchers in ``chunk.py`` use them for bf16 and K = V = head_dim."""
+    BK, BV = chunk._dims(head_dim, head_dim)
+    state_widths = [chunk._state_block_v(BK, BV)]
+    common = dict(BT=chunk.CHUNK, IEEE="tf32")
+    return [
+        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), chunk.NUM_WARPS),
+        (chunk_fwd.kda_intra_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.INTRA_KEY_BLOCK), BV=BV),
+         chunk.NUM_WARPS),
+        *[(chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bv, HAS_H0=True, STORE_HT=True), chunk.NUM_WARPS)
+          for bv in state_widths],
+        (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), chunk.NUM_WARPS),
+        *[(chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bv, HAS_DHT=True, STORE_DH0=True), chunk.NUM_WARPS)
+          for bv in state_widths],
+        (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)), chunk.NUM_WARPS),
+        (chunk_bwd.kda_key_bwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), BV=BV, GATE=True),
+         chunk.NUM_WARPS),
+    ]  # fmt: skip
+
+
+def default_ptxas() -> str:
+    """The newest ptxas bundled with triton (the plain one can be older than the PTX triton emits)."""
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"no ptxas in {folder}; pass --ptxas")
+
+
+def report(fn, constexprs: dict, num_warps: int, ptxas: str) -> str:
+    """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90."""
+    src = ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    stores, loads = (spill.group(1), spill.group(2)) if spill else ("0", "0")
+    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BV"))
+    return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {regs.group(1) if regs else '?'} | {stores} | {loads} |"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head-dim", type=int, default=128, help="K = V (default 128)")
+    parser.add_argument("--ptxas", default=None, help="ptxas binary (default: the newest bundled with triton)")
+    args = parser.parse_args(argv)
+    ptxas = args.ptxas or default_ptxas()
+    print(f"triton {triton.__version__}, sm_90, bf16, K = V = {args.head_dim}")
+    print("| kernel | tiles | warps | registers | spill stores (B) | spill loads (B) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for fn, constexprs, warps in launch_configs(args.head_dim):
+        print(report(fn, constexprs, warps, ptxas), flush=True)
+
+
+if __name__ == "__main__":
+    main()
