@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
         ratio = None
         if native_value:
             ratio = ours_value / native_value if higher_is_better else native_value / ours_value
-        row = {"measure": name, "ours": ours_value, "native": native_value, "unit": unit, "speedup": ratio, "note": extra}
+        row = {"measure": name, "ours": ours_value, "native": native_value, "unit": unit, "speedup": ratio}
+        row["note"] = extra
         results["rows"].append(row)
         print(json.dumps(row), flush=True)  # progressive: a run cut short keeps what it measured
 

@@ -69,7 +69,9 @@ def _state_block_v(BK: int, BV: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 dots (tf32 would cost ~1e-3 relative error); bf16/fp16 operands ignore it.
+    # Precision of the dots whose operands are fp32 (decay-weighted pairs, the inverse, dA). fp32 inputs get
+    # exact fp32 (tf32 would cost ~1e-3 relative error, but the FMA lowering needs many more registers);
+    # with bf16/fp16 inputs, tf32's error is below the inputs' own and the dots run on tensor cores.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
