@@ -1,7 +1,9 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
 Forward: prep (L2 norm, gate, in-chunk cumsum) -> intra (A_qk, P, M, W, U per chunk) -> state
-(sequential over chunks, per head and V tile) -> output. Backward: state (reverse) -> intra.
+(sequential over chunks, per head and V tile) -> output. Backward: state (reverse) -> pair (dv, dbeta and
+the gradients of the in-chunk pair matrices, per chunk) -> key (dq, dk, dg per chunk and block of key
+channels) -> L2-norm backward.
 Everything runs on flattened ``[B*T, H, D]`` tensors with sequence offsets, so equal-length batches
 and packed (cu_seqlens) sequences share one code path.
 """
