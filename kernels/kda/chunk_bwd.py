@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _chunk_bounds, _load_cum_decay, _load_rows, _pick_row, _store_rows
+from .chunk_fwd import _chunk_bounds, _load_cum_decay, _load_rows, _pick_row, _state_tile, _store_rows
 
 
 @triton.jit
@@ -28,19 +28,10 @@ def kda_state_bwd_kernel(
     to ``dh [NC, H, K, V]`` and dV' to ``dv_new``; the gradient of the initial state to ``dh0``.
     The previous chunk's tiles are loaded before the current chunk's dots."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    bos, eos, c0, cols, cmask, st_offs, st_mask, b_dS, cols_v, vmask = _state_tile(
+        cu_seqlens, chunk_offsets, dht, i_n, i_h, i_v, H, K, V, BK, BV, HAS_DHT
+    )
     idx = tl.arange(0, BT)
-    cols = tl.arange(0, BK)
-    cmask = cols < K
-    cols_v = i_v * BV + tl.arange(0, BV)
-    vmask = cols_v < V
-    st_offs = cols[:, None] * V + cols_v[None, :]
-    st_mask = cmask[:, None] & vmask[None, :]
-    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        b_dS += tl.load(dht + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, mask=st_mask, other=0.0)
     NT = tl.cdiv(eos - bos, BT)
     i_t = NT - 1
     rows = bos + i_t * BT + idx

@@ -66,6 +66,27 @@ def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexp
 
 
 @triton.jit
+def _state_tile(cu_seqlens, chunk_offsets, s0, i_n, i_h, i_v, H, K, V,
+                BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):  # fmt: skip
+    """Start of a sequential state kernel's program (sequence ``i_n``, head ``i_h``, V tile ``i_v``): the
+    sequence's token range and first chunk, the ``[BK, BV]`` tile's offsets/mask within a ``[K, V]`` state,
+    and the fp32 tile itself, loaded from ``s0 [N, H, K, V]`` or zero."""
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    cols = tl.arange(0, BK)
+    cmask = cols < K
+    cols_v = i_v * BV + tl.arange(0, BV)
+    vmask = cols_v < V
+    st_offs = cols[:, None] * V + cols_v[None, :]
+    st_mask = cmask[:, None] & vmask[None, :]
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_S0:
+        b_S += tl.load(s0 + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, mask=st_mask, other=0.0)
+    return bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask
+
+
+@triton.jit
 def kda_prep_fwd_kernel(
     q, k, g, A_log, dt_bias, qn, kn, G, chunk_indices, cu_seqlens, H, K,
     BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr,
@@ -197,18 +218,9 @@ def kda_state_fwd_kernel(
     every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
     loaded before the current chunk's dots, so memory latency overlaps the math."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    cols = tl.arange(0, BK)
-    cmask = cols < K
-    cols_v = i_v * BV + tl.arange(0, BV)
-    vmask = cols_v < V
-    st_offs = cols[:, None] * V + cols_v[None, :]
-    st_mask = cmask[:, None] & vmask[None, :]
-    b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, mask=st_mask, other=0.0)
+    bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
+        cu_seqlens, chunk_offsets, h0, i_n, i_h, i_v, H, K, V, BK, BV, HAS_H0
+    )
     NT = tl.cdiv(eos - bos, BT)
     rows = bos + tl.arange(0, BT)
     rmask = rows < eos
