@@ -15,7 +15,51 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _chunk_bounds, _load_cum_decay, _load_rows, _pick_row, _state_tile, _store_rows
+from .chunk_fwd import (
+    _chunk_bounds, _load_cum_decay, _load_rows, _pick_row, _state_tile, _store_rows, _sub_block_decay,
+)  # fmt: skip
+
+
+@triton.jit
+def _stack_rows(a, b):
+    """``[R, C]`` tiles -> ``[2R, C]``, a's rows first."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
+
+
+@triton.jit
+def _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, k0,
+                         BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Gradients of the pairs inside the sub-block at row ``m0`` for channels ``k0 .. k0 + BK``, with
+    E = exp(G_i - G_j) (j <= i): dq_i = scale sum_j dA_qk[i, j] k_j E_ij, the k terms that carry exp(+G)
+    (sum_j dP[i, j] k_j E_ij) and those that carry exp(-G) (sum_i (scale dA_qk[i, j] q_i + dP[i, j] k_i) E_ij),
+    each ``[BC, BK]``."""
+    b_E, rows, rmask, cols, cmask = _sub_block_decay(G, t0, m0, eos, H, i_h, K, k0, BC, BK)
+    pcols = m0 + tl.arange(0, BC)
+    b_dA = _load_rows(dA_qk, rows, rmask, pcols, pcols < BT, H, i_h, BT)
+    b_dP = _load_rows(dP, rows, rmask, pcols, pcols < BT, H, i_h, BT)
+    b_qs = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_kE = b_E * b_k[None, :, :]
+    b_dq = tl.sum(b_dA[:, :, None] * b_kE, axis=1) * scale
+    b_dkp = tl.sum(b_dP[:, :, None] * b_kE, axis=1)
+    b_dkm = tl.sum((b_dA[:, :, None] * b_qs[:, None, :] + b_dP[:, :, None] * b_k[:, None, :]) * b_E, axis=0)
+    return b_dq, b_dkp, b_dkm
+
+
+@triton.jit
+def _diag_pairs_bwd(q, k, G, dA_qk, dP, t0, eos, scale, H, i_h, K, k0,
+                    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """:func:`_sub_block_pairs_bwd` for the four sub-blocks of a chunk, stacked into ``[BT, BK]`` tiles."""
+    tl.static_assert(BT == 4 * BC)
+    a0, b0, c0 = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, 0, eos, scale, H, i_h, K, k0, BT, BC, BK)
+    a1, b1, c1 = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, BC, eos, scale, H, i_h, K, k0, BT, BC, BK)
+    a2, b2, c2 = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, 2 * BC, eos, scale, H, i_h, K, k0, BT, BC, BK)
+    a3, b3, c3 = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, 3 * BC, eos, scale, H, i_h, K, k0, BT, BC, BK)
+    return (
+        _stack_rows(_stack_rows(a0, a1), _stack_rows(a2, a3)),
+        _stack_rows(_stack_rows(b0, b1), _stack_rows(b2, b3)),
+        _stack_rows(_stack_rows(c0, c1), _stack_rows(c2, c3)),
+    )
 
 
 @triton.jit
@@ -174,27 +218,11 @@ def kda_key_bwd_kernel(
         b_hi = tl.dot(tl.trans(b_dAqk), b_qs * b_to_row, input_precision=IEEE)
         b_hi += tl.dot(tl.trans(b_dP), b_k * b_to_row, input_precision=IEEE)
         b_dkm += b_from_piv * b_hi
-    b_dAqk_t = tl.trans(b_dAqk)
-    b_dP_t = tl.trans(b_dP)
-    for jj in range(0, BC):
-        p = blk * BC + jj
-        p_rows = t0 + p
-        p_in = p_rows < eos
-        lo = (p <= idx) & p_in
-        hi = (p >= idx) & p_in & rmask
-        b_kp = _load_rows(k, p_rows, p_in, cols, cmask, H, i_h, K).to(tl.float32)
-        b_qp = _load_rows(q, p_rows, p_in, cols, cmask, H, i_h, K).to(tl.float32) * scale
-        b_Gp = _load_rows(G, p_rows, p_in, cols, cmask, H, i_h, K).to(tl.float32)
-        b_kelo = b_kp * tl.exp(tl.where(lo[:, None], b_G - b_Gp, float("-inf")))
-        b_ehi = tl.exp(tl.where(hi[:, None], b_Gp - b_G, float("-inf")))
-        at_p = idx[None, :] == p[:, None]
-        z_qk_ip = tl.sum(tl.where(at_p, b_dAqk, 0.0), axis=1)
-        z_p_ip = tl.sum(tl.where(at_p, b_dP, 0.0), axis=1)
-        z_qk_pi = tl.sum(tl.where(at_p, b_dAqk_t, 0.0), axis=1)
-        z_p_pi = tl.sum(tl.where(at_p, b_dP_t, 0.0), axis=1)
-        b_dq += (z_qk_ip * scale)[:, None] * b_kelo
-        b_dkp += z_p_ip[:, None] * b_kelo
-        b_dkm += (z_qk_pi[:, None] * b_qp + z_p_pi[:, None] * b_kp) * b_ehi
+    # Pairs inside a sub-block, exact.
+    d_dq, d_dkp, d_dkm = _diag_pairs_bwd(q, k, G, dA_qk, dP, t0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK)
+    b_dq += d_dq
+    b_dkp += d_dkp
+    b_dkm += d_dkm
     b_dG = b_q * b_dq + b_k * (b_dkp - b_dkm)
     b_dG += tl.where((idx == n_valid - 1)[:, None], b_dlast[None, :], 0.0)
     b_dG = tl.where(rmask[:, None], b_dG, 0.0)

@@ -20,16 +20,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_offsets(rows, cols, H, i_h, D):
+    """Offsets of rows ``rows`` (global token indices), columns ``cols`` of head ``i_h`` in ``[TT, H, D]``."""
+    return (rows[:, None].to(tl.int64) * H + i_h) * D + cols[None, :]
+
+
+@triton.jit
 def _load_rows(ptr, rows, rmask, cols, cmask, H, i_h, D):
-    """Rows ``rows`` (global token indices) of head ``i_h`` of a ``[TT, H, D]`` tensor, columns ``cols``."""
-    offs = (rows[:, None].to(tl.int64) * H + i_h) * D + cols[None, :]
-    return tl.load(ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    """Rows ``rows`` of head ``i_h`` of a ``[TT, H, D]`` tensor, columns ``cols`` (masked entries: 0)."""
+    return tl.load(ptr + _tile_offsets(rows, cols, H, i_h, D), mask=rmask[:, None] & cmask[None, :], other=0.0)
 
 
 @triton.jit
 def _store_rows(ptr, x, rows, rmask, cols, cmask, H, i_h, D):
-    offs = (rows[:, None].to(tl.int64) * H + i_h) * D + cols[None, :]
-    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    tl.store(ptr + _tile_offsets(rows, cols, H, i_h, D), x.to(ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -63,6 +67,39 @@ def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexp
     b_last = _pick_row(b_G, idx, n_valid - 1)
     b_G = tl.where(rmask[:, None], b_G, b_last[None, :])
     return b_G, b_last, idx, rows, rmask, cols, cmask
+
+
+@triton.jit
+def _sub_block_decay(G, t0, m0, eos, H, i_h, K, k0, BC: tl.constexpr, BK: tl.constexpr):
+    """For the sub-block of BC rows starting at row ``m0`` of the chunk at token ``t0``, channels
+    ``k0 .. k0 + BK``: E[i, j, d] = exp(G_id - G_jd) for j <= i, else 0 (``[BC, BC, BK]`` fp32, exact: every
+    factor is <= 1). Also returns the rows, their mask, the columns and the column mask."""
+    ii = tl.arange(0, BC)
+    rows = t0 + m0 + ii
+    rmask = rows < eos
+    cols = k0 + tl.arange(0, BK)
+    cmask = cols < K
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    pair_ok = (ii[:, None] >= ii[None, :]) & rmask[:, None] & rmask[None, :]
+    b_E = tl.exp(tl.where(pair_ok[:, :, None], b_G[:, None, :] - b_G[None, :, :], float("-inf")))
+    return b_E, rows, rmask, cols, cmask
+
+
+@triton.jit
+def _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC: tl.constexpr, BK: tl.constexpr):
+    """The diagonal ``[BC, BC]`` tiles of A_qk and P (strictly lower) for the sub-block at row ``m0``,
+    summed channel by channel with exact decays, BK channels at a time."""
+    ii = tl.arange(0, BC)
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    b_P = tl.zeros([BC, BC], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        b_E, rows, rmask, cols, cmask = _sub_block_decay(G, t0, m0, eos, H, i_h, K, k0, BC, BK)
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_kE = b_E * b_k[None, :, :]
+        b_A += tl.sum(b_q[:, None, :] * b_kE, axis=2)
+        b_P += tl.sum(b_k[:, None, :] * b_kE, axis=2)
+    return b_A, tl.where(ii[:, None] > ii[None, :], b_P, 0.0)
 
 
 @triton.jit
@@ -127,7 +164,7 @@ def kda_intra_fwd_kernel(
 
     Pairs in different sub-blocks of BC rows use the first row r of the row's sub-block as a pivot,
     exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with both factors <= 1, giving tensor-core dots;
-    pairs inside a sub-block are summed exactly, one partner column per step.
+    pairs inside a sub-block are summed exactly, as [BC, BC, BK] products.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
@@ -138,6 +175,13 @@ def kda_intra_fwd_kernel(
     blk = idx // BC
     b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_P = tl.zeros([BT, BT], dtype=tl.float32)
+    # Pairs inside a sub-block first, straight to memory (the dots below leave those tiles zero).
+    for m0 in tl.static_range(0, BT, BC):
+        b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BK)
+        d_cols = m0 + tl.arange(0, BC)
+        d_rows = t0 + d_cols
+        _store_rows(A_qk, b_Ad, d_rows, d_rows < eos, d_cols, d_cols < BT, H, i_h, BT)
+        _store_rows(P, b_Pd, d_rows, d_rows < eos, d_cols, d_cols < BT, H, i_h, BT)
     # Both matrices are sums over key channels: accumulate them block by block of BK channels, which
     # keeps the [BT, BK] tiles in registers.
     for k0 in range(0, K, BK):
@@ -150,19 +194,10 @@ def kda_intra_fwd_kernel(
             b_kp = b_k * tl.exp(tl.where((idx < m * BC)[:, None], b_Gr[None, :] - b_G, float("-inf")))
             b_Aqk += tl.dot(b_q * b_to_row, tl.trans(b_kp), input_precision=IEEE)
             b_P += tl.dot(b_k * b_to_row, tl.trans(b_kp), input_precision=IEEE)
-        for jj in range(0, BC):
-            p = blk * BC + jj  # partner row of every row, inside its sub-block
-            p_rows = t0 + p
-            p_ok = (p <= idx) & (p_rows < eos)
-            b_kj = _load_rows(k, p_rows, p_ok, cols, cmask, H, i_h, K).to(tl.float32)
-            b_Gj = _load_rows(G, p_rows, p_ok, cols, cmask, H, i_h, K).to(tl.float32)
-            b_kje = b_kj * tl.exp(tl.where(p_ok[:, None], b_G - b_Gj, float("-inf")))
-            at_p = idx[None, :] == p[:, None]
-            b_Aqk += tl.where(at_p, tl.sum(b_q * b_kje, axis=1)[:, None], 0.0)
-            b_P += tl.where(at_p & (p < idx)[:, None], tl.sum(b_k * b_kje, axis=1)[:, None], 0.0)
     cols_t = tl.arange(0, BT)
-    _store_rows(A_qk, b_Aqk, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
-    _store_rows(P, b_P, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
+    off_diag = (blk[:, None] != blk[None, :]) & rmask[:, None]
+    tl.store(A_qk + _tile_offsets(rows, cols_t, H, i_h, BT), b_Aqk.to(A_qk.dtype.element_ty), mask=off_diag)
+    tl.store(P + _tile_offsets(rows, cols_t, H, i_h, BT), b_P, mask=off_diag)
     # M = (I + Diag(beta) P)^-1 in two stages (stable: the operations of blocked forward substitution).
     # 1. The BC x BC diagonal blocks by forward substitution, all blocks at once: step i writes row i of
     #    every block. Rows of P are read back from memory (just written by this program, hence the
