@@ -436,16 +436,23 @@ class KimiLinearRouter(nn.Module):
             self._pending_load = None
 
 
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    """Whether the grouped-GEMM experts serve ``x``: CUDA bf16/fp16 on a Hopper (sm_90) or newer GPU."""
+    return (
+        x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
 class KimiLinearSparseMoE(nn.Module):
     """Routed experts plus shared experts (``block_sparse_moe``). Trainable: gradients reach the experts,
     the router weight (through the mixing weights) and the shared experts."""
 
     # True: one grouped GEMM per projection on CUDA in bf16/fp16 (torch._grouped_mm), with no host
-    # synchronisation; otherwise a loop over the experts (one host synchronisation per layer). Off by default:
-    # on the H200 (torch 2.11) the grouped path hit a CUDA illegal memory access in
-    # tests/test_kimi_linear_gpu.py; its groups are now padded to GROUP_ALIGN rows (torch's documented
-    # alignment, and no empty group in the backward), which has not been run on a GPU yet.
-    use_grouped_mm: bool = False
+    # synchronisation; False (or fp32, or CPU): a loop over the experts (one host synchronisation per layer).
+    # Groups are padded to GROUP_ALIGN rows with none empty: unpadded groups hit a CUDA illegal memory access
+    # on the H200 (torch 2.11); padded, tests/test_kimi_linear_gpu.py passes there. Only verified on Hopper,
+    # so older GPUs take the loop.
+    use_grouped_mm: bool = True
     GROUP_ALIGN = 16
 
     def __init__(self, config: KimiLinearConfig) -> None:
@@ -470,7 +477,7 @@ class KimiLinearSparseMoE(nn.Module):
         token_of = order // expert_ids.shape[1]
         routed_in = x.index_select(0, token_of)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
-        if self.use_grouped_mm and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        if self.use_grouped_mm and _grouped_mm_ok(x):
             routed_out = self._experts_grouped(routed_in, flat_ids[order], counts)
         else:
             routed_out = self._experts_loop(routed_in, counts)
