@@ -434,6 +434,44 @@ def test_bf16_backward_matches_float64_reference():
     assert_close_rel(approx, expected, 2e-2, "bf16 dX")
 
 
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_bf16_layer_follows_loras_adapter_dtype(autocast_adapter_dtype):
+    """A bf16 layer at ratio 1: LoRA's branch and gradients in the adapters' dtype, as PEFT's LoRA does.
+
+    PEFT's default (``autocast_adapter_dtype=True``) keeps the adapters in fp32 and runs the branch on an
+    fp32 copy of ``x``: ``A`` and ``B``'s gradients must then match PEFT's to fp32 accuracy, which a
+    branch computed in bf16 misses by ~1e-3. CE-LoRA saves ``x`` as it came (widening is exact), not the copy.
+    """
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 256, generator=gen).bfloat16().requires_grad_()
+    dy = torch.randn(64, 384, generator=gen).bfloat16()
+    results = []
+    for config in (
+        LoraConfig(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False),
+        CELoraConfig(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False, ce_ratio=1.0),
+    ):
+        torch.manual_seed(4)
+        base = torch.nn.Sequential(torch.nn.Linear(256, 384)).bfloat16().requires_grad_(False)
+        model = get_peft_model(base, config, autocast_adapter_dtype=autocast_adapter_dtype).train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = model(x)
+        layer = model.base_model.model[0]
+        params = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        grads = torch.autograd.grad(out, (x, *params), dy)
+        results.append((out, grads, params[0].dtype, saved))
+    (lora_out, lora_grads_, lora_dtype, _), (ce_out, ce_grads, ce_dtype, ce_saved) = results
+    assert ce_dtype == lora_dtype == (torch.float32 if autocast_adapter_dtype else torch.bfloat16)
+    assert ce_out.dtype == torch.bfloat16
+    assert_close_rel(ce_out, lora_out, 1e-2, "out")
+    assert_close_rel(ce_grads[0], lora_grads_[0], 1e-2, "dX")
+    rtol = 1e-5 if autocast_adapter_dtype else 2e-2
+    for name, got, expected in zip(("dA", "dB"), ce_grads[1:], lora_grads_[1:]):
+        assert got.dtype == expected.dtype == lora_dtype
+        assert_close_rel(got, expected, rtol, name)
+    assert not [t for t in ce_saved if t.shape == (64, 256) and t.dtype == torch.float32], "an fp32 copy of x"
+
+
 def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():

@@ -3,14 +3,18 @@
 Two Functions:
 
 * :func:`ce_lora_linear` -- the whole layer ``y = x W^T + b + s (x A^T) B^T`` in one Function (one
-  adapter, no dropout): the LoRA branch adds into the base GEMM's output (``addmm``), and in backward
-  LoRA's input gradient ``s (dY B) A`` rides in CE-LoRA's packed GEMM. Saves what PEFT's LoRA saves
-  (``x`` for ``A``'s gradient, ``x A^T`` for ``B``'s), in the compute dtype.
+  adapter, no dropout). Saves ``x`` for ``A``'s gradient and ``x A^T`` for ``B``'s, like PEFT's LoRA.
 * :func:`ce_linear` -- the base layer alone, for every other case (dropout, several adapters, LoRA
   bias); PEFT's LoRA branch then runs beside it. Saves nothing.
 
-The compute dtype is the base output's dtype (the activation dtype, or autocast's); LoRA parameters
-(often fp32 in PEFT) are cast to it, and their gradients come back in their own dtype.
+Dtypes follow PEFT's LoRA ``Linear``: the base GEMM runs in the activations' dtype (or autocast's), the
+LoRA branch in the adapter weights' dtype -- fp32 under ``get_peft_model``'s default
+``autocast_adapter_dtype=True``, even for a bf16 model -- or in autocast's dtype when autocast is on; the
+sum is rounded once to the base output's dtype, and LoRA's gradients are computed in the branch's dtype.
+When branch and base share a dtype, the branch adds into the base GEMM's output (``addmm``) and, in
+backward, LoRA's input gradient ``s (dY B) A`` rides in CE-LoRA's packed GEMM. Unlike PEFT, ``x`` is
+saved as it came when the branch's dtype only widens it (bf16 to fp32 is exact) and widened again in
+backward: same values, no fp32 copy of every adapted layer's input held until backward.
 """
 
 from __future__ import annotations
@@ -47,34 +51,44 @@ class _CELoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, state):
         out = F.linear(x, weight, bias).contiguous()
         dtype = out.dtype
-        x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        xa = x_2d @ lora_a.to(dtype).T  # [T, r]
-        out.view(-1, out.shape[-1]).addmm_(xa, lora_b.to(dtype).T, alpha=scaling)
+        lora_dtype = dtype if torch.is_autocast_enabled(x.device.type) else lora_a.dtype
+        x_2d = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
+        xa = x_2d.to(lora_dtype) @ a.T  # [T, r]
+        out_2d = out.view(-1, out.shape[-1])
+        if lora_dtype == dtype:
+            out_2d.addmm_(xa, b.T, alpha=scaling)
+        else:  # PEFT adds the branch to the base output in the branch's dtype, then rounds
+            out_2d.copy_(torch.addmm(out_2d.to(lora_dtype), xa, b.T, alpha=scaling))
+        widening = torch.promote_types(x.dtype, lora_dtype) == lora_dtype
         ctx.save_for_backward(
-            x_2d if ctx.needs_input_grad[3] else None,
+            (x_2d if widening else x_2d.to(lora_dtype)) if ctx.needs_input_grad[3] else None,
             xa if ctx.needs_input_grad[4] else None,
             lora_a,
             lora_b,
         )
-        ctx.state, ctx.weight, ctx.scaling, ctx.x_dtype = state, weight, scaling, x.dtype
+        ctx.state, ctx.weight, ctx.scaling, ctx.x_dtype, ctx.lora_dtype = state, weight, scaling, x.dtype, lora_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x_2d, xa, lora_a, lora_b = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        dtype = grad_2d.dtype
-        a, b_scaled = lora_a.to(dtype), lora_b.to(dtype) * ctx.scaling
+        dtype, lora_dtype = grad_2d.dtype, ctx.lora_dtype
+        a, b_scaled = lora_a.to(lora_dtype), lora_b.to(lora_dtype) * ctx.scaling
+        grad_lora = grad_2d.to(lora_dtype)  # dY as LoRA's branch sees it (no copy when the dtypes agree)
+        fused = lora_dtype == dtype  # LoRA's dX term joins CE's packed GEMM only in the GEMM's dtype
         grad_x = dy_b = None
         if ctx.needs_input_grad[0]:
-            grad_x, dy_b = ctx.state.grad_input(grad_2d, ctx.weight, (a, b_scaled))
+            grad_x, dy_b = ctx.state.grad_input(grad_2d, ctx.weight, (a, b_scaled) if fused else None)
+        if dy_b is None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
+            dy_b = grad_lora @ b_scaled  # [T, r]
+        if grad_x is not None:
+            if not fused:  # as PEFT: LoRA's input gradient in the branch's dtype, rounded, then added
+                grad_x.add_((dy_b @ a).to(dtype))
             grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
-        grad_a = grad_b = None
-        if ctx.needs_input_grad[3]:
-            dy_b = grad_2d @ b_scaled if dy_b is None else dy_b
-            grad_a = dy_b.T @ x_2d
-        if ctx.needs_input_grad[4]:
-            grad_b = (grad_2d.T @ xa).mul_(ctx.scaling)
+        grad_a = dy_b.T @ x_2d.to(lora_dtype) if ctx.needs_input_grad[3] else None
+        grad_b = (grad_lora.T @ xa).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
         grad_bias = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
 

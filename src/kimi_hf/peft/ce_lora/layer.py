@@ -20,7 +20,8 @@ class CELinear(LoraLinear):
     path is taken when the layer trains (``self.training``, grad enabled, adapters enabled and unmerged,
     ``W`` frozen, no forward hooks on the base layer, no extra forward arguments); every other call is
     LoRA's own forward. With one active adapter, no dropout and no LoRA bias, base and LoRA branch run
-    as one fused autograd Function (:func:`ce_lora_linear`).
+    as one fused autograd Function (:func:`ce_lora_linear`), in PEFT LoRA's dtypes (the branch in the
+    adapter's dtype: fp32 under ``autocast_adapter_dtype=True``, PEFT's default).
     """
 
     other_param_names = LoraLinear.other_param_names + ("ce_state",)
@@ -57,7 +58,10 @@ class CELinear(LoraLinear):
         base = self.get_base_layer()
         name = names[0]
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        if len(names) == 1 and isinstance(self.lora_dropout[name], nn.Identity) and lora_b.bias is None:
+        fusable = isinstance(self.lora_dropout[name], nn.Identity) and lora_b.bias is None
+        # with input casting off (peft.helpers.disable_input_dtype_casting), x meets A in its own dtype
+        fusable = fusable and (getattr(self, "cast_input_dtype_enabled", True) or x.dtype == lora_a.weight.dtype)
+        if len(names) == 1 and fusable:
             return ce_lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], state)
         if state.exact or not x.requires_grad:
             return super().forward(x, *args, **kwargs)
