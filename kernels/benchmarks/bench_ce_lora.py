@@ -10,14 +10,18 @@ same run):
    = bound / measured. The packing pass's memory floor is its bytes (read ``dY``, write ``G``) at
    ``--hbm-tbps`` (default 4.0 TB/s, about what an H200 copy kernel reaches).
 2. A full training step (forward + backward, no optimizer, bf16) of a ~0.9B Llama with LoRA on all seven
-   projections, LoRA vs CE-LoRA (the paper's ratios, and 0.5 everywhere), with and without gradient
-   checkpointing. CE-LoRA's layer also fuses LoRA's branch into the base GEMMs; the "ratio 1.0" row
-   (exact backward) shows how much of the step-time gain comes from that alone.
+   projections, with and without gradient checkpointing, for both adapter dtypes of ``get_peft_model``:
+   fp32 adapters (``autocast_adapter_dtype=True``, PEFT's default: LoRA's branch runs in fp32) and bf16
+   adapters (``False``). Within one group every row computes in the same dtypes, and the gain splits in two:
+   "kimi_hf layer, exact dX" is our layer at ratio 1.0 -- LoRA's exact math, same FLOPs -- so its gain over
+   PEFT LoRA is implementation (LoRA's branch added inside the base GEMM's output, LoRA's dX inside the
+   backward GEMM, ``x`` saved once instead of also as an fp32 copy); the CE-LoRA rows' gain over it
+   ("vs exact layer") is what CE-LoRA's approximate backward itself buys.
 
 Every result is also printed as one JSON line (``{"part": ...}``) the moment it is measured, and
-``--json`` is rewritten after each one, so a run cut short keeps what it measured. The run is sized to
-finish within 6 minutes on a fresh H200, Triton compilation included (three autotune configs; short
-``do_bench`` windows; 8 timed model steps per setting).
+``--json`` is rewritten after each one, so a run cut short keeps what it measured. With one adapter dtype
+the run finishes within 6 minutes on a fresh H200, Triton compilation included (three autotune configs;
+short ``do_bench`` windows; 8 timed model steps per setting); both dtypes double the model part.
 
 ``--tiny`` runs a CPU smoke test (torch reference path, tiny shapes and model, wall-clock medians).
 """
@@ -38,6 +42,9 @@ import torch
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (out, in): q/o-like, down_proj, up/gate-like
 RATIOS = [0.25, 0.5, 0.65, 1.0]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# get_peft_model's autocast_adapter_dtype per group: PEFT's default keeps bf16 models' adapters in fp32
+ADAPTER_DTYPES = {"fp32": True, "bf16": False}
+EXACT_LAYER = "kimi_hf layer, exact dX (ratio 1.0)"
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=2048, help="model step sequence length (default 2048)")
     parser.add_argument("--steps", type=int, default=8, help="timed model steps per setting (default 8)")
     parser.add_argument("--hbm-tbps", type=float, default=4.0, help="bandwidth of the memory floor (TB/s)")
+    parser.add_argument("--adapter-dtypes", nargs="+", choices=sorted(ADAPTER_DTYPES), default=list(ADAPTER_DTYPES),
+                        help="model-step groups: fp32 adapters (PEFT's default) and/or bf16 adapters")
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
     parser.add_argument("--skip-model", action="store_true", help="skip the model-step part")
     parser.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
@@ -188,18 +197,21 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     from kimi_hf.peft import PAPER_RATIOS, CELoraConfig
 
     common = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS)
-    settings = [  # the headline pair first, so that a run cut short still has it
+    settings = [  # anchors first, so that a run cut short still has them
         ("PEFT LoRA", LoraConfig(**common)),
-        ("CE-LoRA 0.5 everywhere", CELoraConfig(ce_ratio=0.5, **common)),
+        # LoRA's exact math in our layer: its gain over PEFT LoRA is implementation, not CE-LoRA
+        (EXACT_LAYER, CELoraConfig(ce_ratio=1.0, **common)),
         ("CE-LoRA paper ratios", CELoraConfig(ce_ratio=dict(PAPER_RATIOS), **common)),
-        # exact backward: isolates what the fused layer (LoRA branch inside the base GEMMs) alone gains
-        ("CE-LoRA layer at ratio 1.0 (exact)", CELoraConfig(ce_ratio=1.0, **common)),
+        ("CE-LoRA 0.5 everywhere", CELoraConfig(ce_ratio=0.5, **common)),
     ]
     batch, seq = (2, 64) if args.tiny else (args.batch, args.seq)
-    for checkpointing in (False, True):
-        anchor = None
+    groups = [(c, a) for a in args.adapter_dtypes for c in (False, True)]
+    for checkpointing, adapters in groups:
+        anchor = exact = None
         for name, config in settings:
-            model = get_peft_model(build_llama(args, device, dtype), config)
+            model = get_peft_model(
+                build_llama(args, device, dtype), config, autocast_adapter_dtype=ADAPTER_DTYPES[adapters]
+            )
             if checkpointing:
                 model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
                 model.enable_input_require_grads()
@@ -228,10 +240,13 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                 times.append((time.perf_counter() - start) * 1e3)
             ms = statistics.median(times)
             anchor = ms if anchor is None else anchor
+            exact = ms if name == EXACT_LAYER else exact
+            adapter_dtype = str(next(p for p in model.parameters() if p.requires_grad).dtype).removeprefix("torch.")
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            record.add("model_steps", {"setting": name, "checkpointing": checkpointing, "batch": batch, "seq": seq,
-                                       "step_ms": ms, "speedup_vs_lora": anchor / ms, "peak_gib": peak,
-                                       "tokens_per_s": batch * seq / ms * 1e3})  # fmt: skip
+            record.add("model_steps", {"setting": name, "adapters": adapter_dtype, "checkpointing": checkpointing,
+                                       "batch": batch, "seq": seq, "step_ms": ms, "speedup_vs_lora": anchor / ms,
+                                       "speedup_vs_exact_layer": exact / ms if exact is not None else None,
+                                       "peak_gib": peak, "tokens_per_s": batch * seq / ms * 1e3})  # fmt: skip
             del model, step  # the closure holds the model too: free both before the next one's peak memory
             gc.collect()  # PEFT wrappers hold reference cycles
             if device.type == "cuda":
@@ -258,11 +273,17 @@ def print_tables(env: dict, layers: list[dict], models: list[dict]) -> None:
         print()
     if models:
         print("### Training step (forward + backward, no optimizer), ~0.9B Llama, LoRA r16 on 7 projections\n")
-        print("| setting | grad. checkpointing | B x T | step ms | tokens/s | vs PEFT LoRA | peak GiB |")
-        print("|---|---|---|---|---|---|---|")
+        print("Rows of one group (adapter dtype x checkpointing) compute in the same dtypes. 'vs PEFT LoRA' of the"
+              " exact layer = implementation only (same math and FLOPs); 'vs exact layer' = CE-LoRA's approximate"
+              " backward alone.\n")
+        print("| setting | adapters | grad. checkpointing | B x T | step ms | tokens/s | vs PEFT LoRA |"
+              " vs exact layer | peak GiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in models:
-            print(f"| {r['setting']} | {r['checkpointing']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f} |"
-                  f" {r['tokens_per_s']:.0f} | {r['speedup_vs_lora']:.3f}x | {r['peak_gib']:.1f} |")
+            vs_exact = "-" if r["speedup_vs_exact_layer"] is None else f"{r['speedup_vs_exact_layer']:.3f}x"
+            print(f"| {r['setting']} | {r['adapters']} | {r['checkpointing']} | {r['batch']}x{r['seq']} |"
+                  f" {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_lora']:.3f}x | {vs_exact} |"
+                  f" {r['peak_gib']:.1f} |")
 
 
 def main() -> None:
