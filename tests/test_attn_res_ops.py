@@ -93,8 +93,9 @@ def test_triton_many_sources_matches_reference():
     *fsrcs, fq, fg, fwn = fleaves
     h = depth_attention(_bank(fsrcs[:-1], "triton"), fq, fg, fsrcs[-1], fwn, 1e-6)
     assert_close_rel(h, ref, 1e-5, "h")
+    # 3e-5: fp32 kernels; the query/gain gradients sum a softmax cancellation (dh . v_i - dh . h) over rows
     for a, e in zip(torch.autograd.grad((h * w.float()).sum(), fleaves), expected):
-        assert_close_rel(a, e, 1e-5, "grad")
+        assert_close_rel(a, e, 3e-5, "grad")
 
 
 def test_torch_backward_matches_reference():

@@ -5,6 +5,10 @@ store [S_max, M, D] written once each (never stacked again) with their rsqrt sta
 rstd [S_max, M] float32. ``u = query * gain`` (formed in-kernel) turns the key RMSNorm + dot into
 ``s_i = rstd_i * (u . v_i)``.
 One program handles one token row with the whole hidden dimension in registers (D <= 16384).
+
+Length-like integer arguments (M, n_src, n_q, P, rows per program) are never specialised
+(``do_not_specialize``): Triton would otherwise compile another variant whenever such a value becomes 1 or
+a multiple of 16 (a new prompt length or batch size), i.e. inside a user's loop.
 """
 
 import triton
@@ -56,7 +60,7 @@ def _fwd_source(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, m, deno
     return m_new, denom * scale + p, acc * scale + p * v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_src", "M"])
 def depth_attn_fwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
     n_src, M, D, eps, norm_eps,
@@ -104,62 +108,37 @@ def depth_attn_fwd_kernel(
 
 
 @triton.jit
-def _bwd_scores(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, lse, idx, scores, h, HAS_NORM: tl.constexpr):
-    """Pass 1 for stored source i: its score into ``scores`` and (HAS_NORM) alpha_i v_i into h."""
-    v, r, _ = _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask)
+def _bwd_row_source(v, r, u, lse, dh, dh_h, D):
+    """For one source row v (rstd r): dv = alpha dh + ds (r u - s r^2 v / D) and ds r, where
+    s = r (u . v), alpha = exp(s - lse), ds = alpha (dh . v - dh . h)."""
     s = r * tl.sum(u * v, axis=0)
-    scores = tl.where((idx == i) & (idx < n_src), s, scores)
-    if HAS_NORM:
-        h += tl.exp(s - lse) * v  # v is zero for i >= n_src
-    return scores, h
+    alpha = tl.exp(s - lse)
+    ds = alpha * (tl.sum(dh * v, axis=0) - dh_h)
+    return alpha * dh + ds * (r * u - (s * r * r / D) * v), ds * r
 
 
-@triton.jit
-def _bwd_dalpha(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, dh, idx, dalpha):
-    """Pass 2 for stored source i: dh . v_i into ``dalpha``."""
-    v, _, _ = _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask)
-    return tl.where((idx == i) & (idx < n_src), tl.sum(dh * v, axis=0), dalpha)
-
-
-@triton.jit
-def _bwd_source_grad(
-    store_ptr, rstd_ptr, gstore_ptr, i, n_src, M, row, D, cols, mask, u, dh, idx, alpha, scores, dscores, du
-):  # fmt: skip
-    """Pass 3 for stored source i: accumulate dv_i into gstore, return du + ds_i r_i v_i."""
-    v, r, valid = _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask)
-    sel = (idx == i) & (idx < n_src)
-    a_i = tl.sum(tl.where(sel, alpha, 0.0), axis=0)
-    s_i = tl.sum(tl.where(sel, scores, 0.0), axis=0)
-    ds_i = tl.sum(tl.where(sel, dscores, 0.0), axis=0)
-    dv = a_i * dh + ds_i * (r * u - (s_i * r * r / D) * v)
-    g_ptrs = gstore_ptr + (i * M + row) * D + cols
-    g_old = tl.load(g_ptrs, mask=mask & valid, other=0.0).to(tl.float32)
-    tl.store(g_ptrs, (g_old + dv).to(gstore_ptr.dtype.element_ty), mask=mask & valid)
-    return du + (ds_i * r) * v
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["n_src", "M", "rows_per_program"])
 def depth_attn_bwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, dout_ptr, lse_ptr, hrstd_ptr, gstore_ptr, dpart_ptr, du_ptr,
     dwn_ptr,
     n_src, M, D, eps, rows_per_program,
-    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Backward of ``depth_attn_fwd_kernel`` for a range of rows (three passes over a row's sources, which
-    stay in cache after the first). The source loops stay dynamic: unrolling them (as the forward does)
-    needs 150-255 registers per thread here, i.e. one program per SM, and spills at N_PAD = 8.
+    """Backward of ``depth_attn_fwd_kernel`` for a range of rows: two passes over a row's sources (the
+    second reads them from cache). The source loops stay dynamic: unrolling them (as the forward does)
+    keeps every source row in registers (150-255 per thread) and spills at 8 sources.
 
-    Pass 1: scores s_i (alpha_i = exp(s_i - lse)) and, with HAS_NORM, h = sum alpha_i v_i recomputed to run
-    the PreNorm backward (dh from dout; the gain's gradient dwn). Pass 2: dh . v_i. Pass 3:
-    dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D),  ds_i = alpha_i (dh.v_i - sum_j alpha_j dh.v_j),
-    du = sum_rows sum_i ds_i r_i v_i. Stored sources' gradients are ACCUMULATED into gstore (a block's
-    gradient sums over every later reader); the partial sum's gradient is written to dpart; each program
-    writes its partial du (and dwn) row, summed by the launcher (deterministic).
+    Pass 1: h = sum_i alpha_i v_i with alpha_i = exp(s_i - lse) (the forward's log-sum-exp), and with
+    HAS_NORM the PreNorm backward (dh from dout and the recomputed h; the gain's gradient dwn).
+    Pass 2, per source: ds_i = alpha_i (dh . v_i - dh . h)  (dh . h = sum_j alpha_j dh . v_j, so no third
+    pass for the softmax's mean), dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D), du += ds_i r_i v_i.
+    Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader);
+    the partial sum's gradient is written to dpart; each program writes its partial du (and dwn) row,
+    reduced by ``param_grad_kernel`` (deterministic).
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    idx = tl.arange(0, N_PAD)
     u = _query_key(q_ptr, g_ptr, cols, mask)
     du = tl.zeros((BLOCK_D,), tl.float32)
     dwn = tl.zeros((BLOCK_D,), tl.float32)
@@ -170,23 +149,16 @@ def depth_attn_bwd_kernel(
     for row in range(row_start, row_end):
         dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + row)
-        n_total = n_src
-        # pass 1: scores (and h for the PreNorm backward)
-        scores = tl.zeros((N_PAD,), tl.float32)
+        # pass 1: h (recomputed; needed for dh . h and, with the norm, for the PreNorm backward)
         h = tl.zeros((BLOCK_D,), tl.float32)
         for i in range(n_src):
-            scores, h = _bwd_scores(
-                store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, lse, idx, scores, h, HAS_NORM
-            )
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(rstd_ptr + i * M + row)
+            h += tl.exp(r * tl.sum(u * v, axis=0) - lse) * v
         if HAS_PARTIAL:
             vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             rp = 1.0 / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
-            s_p = rp * tl.sum(u * vp, axis=0)
-            scores = tl.where(idx == n_src, s_p, scores)
-            if HAS_NORM:
-                h += tl.exp(s_p - lse) * vp
-            n_total = n_src + 1
-        alpha = tl.where(idx < n_total, tl.exp(scores - lse), 0.0)
+            h += tl.exp(rp * tl.sum(u * vp, axis=0) - lse) * vp
         if HAS_NORM:
             hf = h.to(dout_ptr.dtype.element_ty).to(tl.float32)  # the rounded h the forward normalised
             hr = tl.load(hrstd_ptr + row)
@@ -196,30 +168,49 @@ def depth_attn_bwd_kernel(
             dh = hr * (g - xhat * (tl.sum(g * xhat, axis=0) / D))
         else:
             dh = dout
-        # pass 2: dh . v_i
-        dalpha = tl.zeros((N_PAD,), tl.float32)
+        dh_h = tl.sum(dh * h, axis=0)
+        # pass 2: gradients of the sources (127 registers at D = 2048 in bf16, as the former three passes:
+        # two 8-warp programs per SM)
         for i in range(n_src):
-            dalpha = _bwd_dalpha(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, dh, idx, dalpha)
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(rstd_ptr + i * M + row)
+            dv, ds_r = _bwd_row_source(v, r, u, lse, dh, dh_h, D)
+            g_ptrs = gstore_ptr + (i * M + row) * D + cols
+            g_old = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_ptrs, (g_old + dv).to(gstore_ptr.dtype.element_ty), mask=mask)
+            du += ds_r * v
         if HAS_PARTIAL:
-            dalpha = tl.where(idx == n_src, tl.sum(dh * vp, axis=0), dalpha)
-        dscores = alpha * (dalpha - tl.sum(alpha * dalpha, axis=0))
-        # pass 3: gradients of the sources
-        for i in range(n_src):
-            du = _bwd_source_grad(
-                store_ptr, rstd_ptr, gstore_ptr, i, n_src, M, row, D, cols, mask, u, dh, idx, alpha, scores, dscores, du
-            )
-        if HAS_PARTIAL:
-            a_p = tl.sum(tl.where(idx == n_src, alpha, 0.0), axis=0)
-            ds_p = tl.sum(tl.where(idx == n_src, dscores, 0.0), axis=0)
-            dvp = a_p * dh + ds_p * (rp * u - (s_p * rp * rp / D) * vp)
+            dvp, ds_r = _bwd_row_source(vp, rp, u, lse, dh, dh_h, D)
             tl.store(dpart_ptr + row * D + cols, dvp.to(dpart_ptr.dtype.element_ty), mask=mask)
-            du += (ds_p * rp) * vp
+            du += ds_r * vp
     tl.store(du_ptr + pid * D + cols, du, mask=mask)
     if HAS_NORM:
         tl.store(dwn_ptr + pid * D + cols, dwn, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
+def param_grad_kernel(
+    du_ptr, dwn_ptr, q_ptr, g_ptr, dq_ptr, dg_ptr, dwn_out_ptr, P, D, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """Finish the depth attention's backward in one launch: sum the P per-program rows of du (and dwn) [P, D],
+    then dq = du * g and dg = du * q (u = q * g), each in its parameter's dtype."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < D
+    du = tl.zeros((BLOCK,), tl.float32)
+    dwn = tl.zeros((BLOCK,), tl.float32)
+    for p in range(P):
+        du += tl.load(du_ptr + p * D + cols, mask=mask, other=0.0)
+        if HAS_NORM:
+            dwn += tl.load(dwn_ptr + p * D + cols, mask=mask, other=0.0)
+    q = tl.load(q_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dq_ptr + cols, (du * g).to(dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + cols, (du * q).to(dg_ptr.dtype.element_ty), mask=mask)
+    if HAS_NORM:
+        tl.store(dwn_out_ptr + cols, dwn.to(dwn_out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_src", "n_q", "M"])
 def phase1_kernel(
     store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr,
     n_src, n_q, M, D,
@@ -293,7 +284,7 @@ def phase2_kernel(
     tl.store(h_ptr + row * D + cols, h, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, BR: tl.constexpr, BLOCK_D: tl.constexpr):
     """y = w * (x * rsqrt(mean(x^2) + eps)).to(x dtype), in y's dtype (the promotion of x's and w's); rstd [M]."""
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -309,7 +300,7 @@ def rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, BR: tl.constex
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def rms_norm_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, D,
     BR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr,

@@ -117,11 +117,10 @@ def depth_attn_bwd(
     dout: torch.Tensor,
     lse: torch.Tensor,
     h_rstd: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """Accumulate the stored sources' gradients into ``storage.grad``.
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Accumulate the stored sources' gradients into ``storage.grad``; two launches in all.
 
-    Returns (dpartial [M, D] or None, du [D] float32 (gradient of u = query * gain), dnorm_weight [D] float32
-    or None).
+    Returns (dpartial [M, D] or None, dquery [D], dgain [D], dnorm_weight [D] or None), each in its input's dtype.
     """
     m, d = storage.store.shape[1:]
     grid = _backward_grid(m, dout.device)
@@ -135,10 +134,16 @@ def depth_attn_bwd(
         norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
         dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
         n, m, d, storage.eps, rows,
-        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
-        N_PAD=max(2, triton.next_power_of_2(n + 1)), num_warps=num_warps(d),
+        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d), num_warps=num_warps(d),
     )  # fmt: skip
-    return dpart, du_part.sum(0), (dwn_part.sum(0) if dwn_part is not None else None)
+    dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
+    dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
+    width = min(block_d(d), 1024)
+    _triton.param_grad_kernel[(triton.cdiv(d, width),)](
+        du_part, dwn_part if dwn_part is not None else du_part, query, gain, dquery, dgain,
+        dnorm if dnorm is not None else dquery, grid, d, HAS_NORM=norm_weight is not None, BLOCK=width, num_warps=4,
+    )  # fmt: skip
+    return dpart, dquery, dgain, dnorm
 
 
 class StoreSourceFunction(torch.autograd.Function):
@@ -196,9 +201,6 @@ class DepthAttentionFunction(torch.autograd.Function):
         storage = ctx.storage
         m, d = storage.store.shape[1:]
         dout2 = dout.reshape(m, d).to(storage.store.dtype).contiguous()
-        dpart, du, dwn = depth_attn_bwd(storage, ctx.n, part2, query, gain, wn, dout2, lse, h_rstd)
-        dquery = (du * gain.float()).to(query.dtype)
-        dgain = (du * query.float()).to(gain.dtype)
+        dpart, dquery, dgain, dnorm = depth_attn_bwd(storage, ctx.n, part2, query, gain, wn, dout2, lse, h_rstd)
         dpartial = dpart.view(storage.shape) if dpart is not None else None
-        dnorm = dwn.to(wn.dtype) if dwn is not None else None
         return (None, None, dquery, dgain, dpartial, dnorm, None) + (None,) * ctx.n

@@ -1,15 +1,21 @@
 """Benchmark Attention Residuals in ~1B models: standard residual vs Block / Full AttnRes, same run.
 
-Models (``--model``, one or both). Rows are printed (JSON lines, and ``--json`` rewritten) as each finishes, in
-two passes: first the rows the targets are read from (standard with the first baseline, Block and Full with
-the first impl) for every model, then the anchors; the markdown tables come at the end.
+Models (``--model``, one or both). First an untimed warm-up pass runs every configuration once (each model
+class, kernel variant, cuBLAS/sdpa choice and decode shape is then compiled or initialised before any timing:
+without it the first configuration of each model ran 1.2-4x slow on the H200, see BENCHMARKS.md). Then rows
+are printed (JSON lines, and ``--json`` rewritten) as each finishes, in two passes: first the rows the targets
+are read from (standard with the first baseline, Block and Full with the first impl) for every model, then the
+anchors and a repeat of the standard row (its drift says how far apart two measurements of one configuration
+are in this run); the markdown tables come at the end.
   dense        our Llama-style ``AttnResForCausalLM`` (d 2048, 16 layers = 32 sublayers, SwiGLU 5632), B4 T2048
   kimi_linear  REFERENCE.md's ~1B MoE ``KimiLinearForCausalLM`` (8 layers = 16 sublayers, KDA + MLA), B2 T4096
 
-Per variant: training step (forward + backward of the LM loss, no optimizer) and its peak memory, prefill
+Per variant: training step (forward + backward of the LM loss, no optimizer), its peak memory and the memory
+its forward leaves for the backward (activations: what the residual stream costs shows here; the peak is set
+by the LM head's float32 logits in the loss and is the same for every residual of this design), prefill
 (forward without cache at the training shape, no_grad) and decode latency per token (B1, greedy, with the
-model's cache after a prompt: median of single cached one-token steps). Every path runs before it is timed
-(Triton compilation and autotuning never counted): two training steps, one prefill, a few decode steps.
+model's cache after a prompt: median of single cached one-token steps, after 20 untimed ones so that every
+cache length modulo 16 has been seen). Within a row, every path also runs before it is timed.
 
 The standard residual is the anchor of every ratio, given its best shot: its PreNorm runs as one Triton
 kernel forward and one backward (``prenorm``), as AttnRes's own read fuses its PreNorm ("triton" baseline).
@@ -25,7 +31,7 @@ Depth-attention implementations of Block / Full (``--impls``):
 Median times: triton.testing.do_bench on CUDA; time.perf_counter medians with --tiny on CPU (where the
 Triton impls are skipped and the KDA model runs its torch reference path: a smoke test, not a measurement).
 
-  python kernels/benchmarks/bench_attn_res.py --json out.json       # both models on a GPU (~4 min fresh)
+  python kernels/benchmarks/bench_attn_res.py --json out.json       # both models on a GPU (~5 min fresh)
   python kernels/benchmarks/bench_attn_res.py --model dense         # one model
   python kernels/benchmarks/bench_attn_res.py --tiny                # CPU smoke test of every code path
 """
@@ -140,9 +146,9 @@ def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], 
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        # do_bench sizes its warm-up and repetitions in ms from a 5-call estimate: ~reps timed calls of a
-        # 100 ms step, more of faster ones, bounded so that the whole run stays within a few minutes.
-        return lambda fn: do_bench(fn, warmup=50, rep=reps * 100, return_mode="median")
+        # do_bench sizes its warm-up and repetitions in ms from a 5-call estimate: ~3 untimed and ~reps timed
+        # calls of a 100 ms step, more of faster ones, bounded so that the whole run stays within a few minutes.
+        return lambda fn: do_bench(fn, warmup=300, rep=reps * 100, return_mode="median")
 
     def cpu_median(fn):
         fn()
@@ -199,7 +205,7 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
-def decode_ms(model, prompt: torch.Tensor, warmup: int, steps: int, device: torch.device) -> float:
+def decode_ms(model, prompt: torch.Tensor, warmup: int, steps: int, device: torch.device) -> float | None:
     """Median latency of one greedy cached one-token step at B1 (after ``warmup`` untimed steps)."""
     out = model(prompt, use_cache=True)
     cache = _cache_of(out)
@@ -213,11 +219,20 @@ def decode_ms(model, prompt: torch.Tensor, warmup: int, steps: int, device: torc
         _sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times) if times else None
 
 
-def bench_variant(model, impl: str | None, args, shape: tuple[int, int], device, timer) -> dict:
-    """Time one model with one depth-attention implementation (``impl=None``: leave the model as it is)."""
+def _memory(device: torch.device) -> float:
+    return torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+
+
+def bench_variant(
+    model, impl: str | None, args, shape: tuple[int, int], device, timer, warm_only: bool = False
+) -> dict:
+    """Time one model with one depth-attention implementation (``impl=None``: leave the model as it is).
+
+    ``warm_only``: run every path once (one step, one prefill, the decode warm-up), time nothing.
+    """
     if impl is not None:
         _configure(model, impl)
     vocab = model.config.vocab_size
@@ -232,22 +247,31 @@ def bench_variant(model, impl: str | None, args, shape: tuple[int, int], device,
             model(ids, labels=ids, use_cache=False).loss.backward()
             model.zero_grad(set_to_none=True)
 
-        step()  # compiles; the second step is the one whose peak memory is read
+        step()  # compiles; the second step is the one whose memory is read
         _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        step()
-        _sync(device)
-        if device.type == "cuda":
+        if device.type == "cuda" and not warm_only:
+            torch.cuda.reset_peak_memory_stats()  # per configuration: the max of this step only
+            before = _memory(device)
+            loss = model(ids, labels=ids, use_cache=False).loss
+            _sync(device)
+            row["act_gib"] = _memory(device) - before  # what the forward keeps for the backward (+ the logits)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            del loss
+            _sync(device)
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["train_ms"] = timer(step)
+        if not warm_only:
+            row["train_ms"] = timer(step)
         model.eval()
         with torch.no_grad():
             model(ids, use_cache=False)  # warm-up (timer adds one more untimed call)
-            row["prefill_ms"] = timer(lambda: model(ids, use_cache=False))
+            if not warm_only:
+                row["prefill_ms"] = timer(lambda: model(ids, use_cache=False))
             prompt = torch.randint(0, vocab, (1, args.decode_prompt), generator=gen).to(device)
-            decode_ms(model, prompt, 0, args.decode_warmup, device)  # compiles the one-token kernels
-            row["decode_ms"] = decode_ms(model, prompt, args.decode_warmup, args.decode_tokens, device)
+            if warm_only:
+                decode_ms(model, prompt, args.decode_warmup, 0, device)
+            else:
+                row["decode_ms"] = decode_ms(model, prompt, args.decode_warmup, args.decode_tokens, device)
     return row
 
 
@@ -262,12 +286,19 @@ def markdown(results: list[dict], header: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in header.items()]
     if base:
         lines.append(f"- ratios (x std): against the standard residual with the '{base['impl']}' PreNorm")
-    columns = ["residual", "implementation"]
-    columns += ["train step ms", "x std", "peak GiB", "x std", "prefill ms", "x std", "decode ms/token", "x std"]
-    lines += ["", "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * 8]
+    repeat = next((r for r in results if r.get("repeat") and "error" not in r), None)
+    if base and repeat:
+        drift = ", ".join(
+            f"{key} {repeat[key] / base[key]:.3f}" for key in ("train_ms", "prefill_ms", "decode_ms") if base.get(key)
+        )
+        lines.append(f"- anchor measured twice (first / last row): repeat / first = {drift}")
+    columns = ["residual", "implementation", "train step ms", "x std", "peak GiB", "x std", "activations GiB", "x std"]
+    columns += ["prefill ms", "x std", "decode ms/token", "x std"]
+    lines += ["", "| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * 10]
     for r in results:
-        cells = [r["residual"], r["impl"] + (" (failed: see the log)" if "error" in r else "")]
-        for key in ("train_ms", "peak_gib", "prefill_ms", "decode_ms"):
+        impl = r["impl"] + (" (repeat)" if r.get("repeat") else "")
+        cells = [r["residual"], impl + (" (failed: see the log)" if "error" in r else "")]
+        for key in ("train_ms", "peak_gib", "act_gib", "prefill_ms", "decode_ms"):
             value = r.get(key)
             ratio = value / base[key] if base and value is not None and base.get(key) else None
             cells += [_fmt(value), _fmt(ratio, ".3f")]
@@ -294,16 +325,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--reps", type=int, default=None, help="~timed calls of a 100 ms step (default 6; 2 tiny)")
     p.add_argument("--decode-prompt", type=int, default=None, help="decode prompt length (default 512; 8 tiny)")
-    p.add_argument("--decode-warmup", type=int, default=None, help="untimed decode steps (default 4; 1 tiny)")
+    p.add_argument("--decode-warmup", type=int, default=None, help="untimed decode steps before the timed ones "
+                   "(default 20: every cache length modulo 16; 2 tiny)")  # fmt: skip
     p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 24; 3 tiny)")
+    p.add_argument("--warmup-pass", action=argparse.BooleanOptionalAction, default=True,
+                   help="run every configuration once, untimed, before the timed passes")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this JSON file (rewritten after each row)")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.reps = args.reps or (2 if tiny else 6)
     args.decode_prompt = args.decode_prompt or (8 if tiny else 512)
-    args.decode_warmup = args.decode_warmup or (1 if tiny else 4)
+    args.decode_warmup = args.decode_warmup or (2 if tiny else 20)
     args.decode_tokens = args.decode_tokens or (3 if tiny else 24)
-    for name in ("batch", "seq", "block_size", "reps", "decode_prompt", "decode_tokens"):
+    for name in ("batch", "seq", "block_size", "reps", "decode_prompt", "decode_warmup", "decode_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -328,8 +362,8 @@ def _passes(args, model_name: str, device: torch.device, impls: list[str]) -> li
     """(residual, impl) pairs of one model in two passes; impl None is transformers' Llama.
 
     The first pass holds the rows the targets are read from (the first baseline, the first impl); the main
-    loop runs it for every model before any second pass (the other baselines and impls, the Llama anchor),
-    so that a run cut short loses anchors rather than a model.
+    loop runs it for every model before any second pass (the other baselines and impls, the Llama anchor,
+    then the first row again), so that a run cut short loses anchors rather than a model.
     """
     baselines = [b for b in args.baselines if b != "triton" or device.type == "cuda"] or ["torch"]
     first, second = [], []
@@ -342,16 +376,22 @@ def _passes(args, model_name: str, device: torch.device, impls: list[str]) -> li
         else:
             first.append((residual, impls[0]))
             second += [(residual, impl) for impl in impls[1:]]
+    if first:
+        second.append(first[0])  # the repeat: same configuration, measured last
     return [first, second]
 
 
-def run_variants(args, model_name: str, pairs, device, dtype, timer, report: dict) -> None:
+def run_variants(args, model_name: str, pairs, device, dtype, timer, report: dict, warm_only: bool = False) -> None:
     """Time ``pairs`` of one model; prints each row (JSON, flushed) as it finishes and rewrites ``--json``
-    with ``report`` ({"headers": {model: header}, "results": [rows so far]})."""
+    with ``report`` ({"headers": {model: header}, "results": [rows so far]}). ``warm_only``: the untimed
+    warm-up pass (rows are printed with their wall time only, not recorded)."""
     batch, seq, _ = _shape(args, model_name)
     model, built_for = None, None
+    done = {(r["residual"], r["impl"]) for r in report["results"] if r["model"] == model_name}
     for residual, impl in pairs:
         row = {"model": model_name, "residual": residual, "impl": impl or LLAMA}
+        if (residual, row["impl"]) in done and not warm_only:
+            row["repeat"] = True
         start = time.perf_counter()
         try:
             if built_for != (residual, impl is None):
@@ -363,7 +403,7 @@ def run_variants(args, model_name: str, pairs, device, dtype, timer, report: dic
                 else:
                     model = build_model(args, model_name, residual, device, dtype)
                 built_for = (residual, impl is None)
-            row.update(bench_variant(model, impl, args, (batch, seq), device, timer))
+            row.update(bench_variant(model, impl, args, (batch, seq), device, timer, warm_only))
         except torch.OutOfMemoryError:  # e.g. Full AttnRes with the stacking reference: report, go on
             row["impl"] += " (OOM)"
             model, built_for = None, None
@@ -373,6 +413,9 @@ def run_variants(args, model_name: str, pairs, device, dtype, timer, report: dic
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             model, built_for = None, None
         row["wall_s"] = round(time.perf_counter() - start, 1)
+        if warm_only:
+            print(json.dumps({**row, "warm-up": True}), flush=True)
+            continue
         report["results"].append(row)
         print(json.dumps(row), flush=True)
         if args.json:
@@ -397,6 +440,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     timer = _timer(device, args.reps)
     report: dict = {"headers": {m: _header(args, m, device, dtype) for m in args.model}, "results": []}
     passes = {m: _passes(args, m, device, impls) for m in args.model}
+    if args.warmup_pass:
+        for model_name in args.model:
+            print(f"== {model_name}, untimed warm-up of every configuration", flush=True)
+            pairs = [pair for one_pass in passes[model_name] for pair in one_pass]
+            run_variants(args, model_name, list(dict.fromkeys(pairs)), device, dtype, timer, report, warm_only=True)
     for index in range(2):
         for model_name in args.model:
             print(f"== {model_name}, pass {index + 1}", flush=True)

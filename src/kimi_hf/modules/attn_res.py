@@ -65,12 +65,16 @@ class AttnResState:
             (None at the start of a block).
         bank: completed sources (embedding + finished blocks); None in standard mode.
         phase1: inference cache shared by the states of one forward: block index -> (out [S, ..., D], lse).
+        rows: when gradients are needed, (pseudo-queries, key-norm gains) unbound once into per-sublayer
+            rows [D]: one backward node gathers all their gradients (indexing each sublayer's row would
+            cost a zero-filled [L + 1, D] gradient and an accumulation per sublayer).
     """
 
     sublayer: int
     partial: torch.Tensor | None
     bank: SourceBank | None = None
     phase1: dict = field(default_factory=dict, compare=False, repr=False)
+    rows: tuple | None = field(default=None, compare=False, repr=False)
 
 
 class AttentionResiduals(nn.Module):
@@ -136,7 +140,16 @@ class AttentionResiduals(nn.Module):
         if self.mode == "standard":
             return AttnResState(sublayer=0, partial=embeddings)
         bank = new_source_bank(self.num_blocks + 1, embeddings, self.eps, self.backend)
-        return AttnResState(sublayer=0, partial=None, bank=append_source(bank, embeddings))
+        rows = None
+        if torch.is_grad_enabled() and (self.queries.requires_grad or self.norm_weight.requires_grad):
+            rows = (self.queries.unbind(0), self.norm_weight.unbind(0))
+        return AttnResState(sublayer=0, partial=None, bank=append_source(bank, embeddings), rows=rows)
+
+    def _query_gain(self, state: AttnResState, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pseudo-query and key-norm gain [D] of sublayer ``index`` (L: the final aggregation)."""
+        if state.rows is not None:
+            return state.rows[0][index], state.rows[1][index]
+        return self.queries[index], self.norm_weight[index]
 
     def _check_running(self, state: AttnResState) -> int:
         if not 0 <= state.sublayer < self.num_sublayers:
@@ -162,9 +175,7 @@ class AttentionResiduals(nn.Module):
             h = state.partial
             return prenorm(h, norm_weight, norm_eps, self.backend) if norm_weight is not None else h
         if not self._use_two_phase():
-            return depth_attention(
-                state.bank, self.queries[sub], self.norm_weight[sub], state.partial, norm_weight, norm_eps
-            )
+            return depth_attention(state.bank, *self._query_gain(state, sub), state.partial, norm_weight, norm_eps)
         block, pos = divmod(sub, self.block_size)
         if block not in state.phase1:
             start = block * self.block_size
@@ -206,4 +217,4 @@ class AttentionResiduals(nn.Module):
             h = state.partial
             return prenorm(h, norm_weight, norm_eps, self.backend) if norm_weight is not None else h
         last = self.num_sublayers
-        return depth_attention(state.bank, self.queries[last], self.norm_weight[last], None, norm_weight, norm_eps)
+        return depth_attention(state.bank, *self._query_gain(state, last), None, norm_weight, norm_eps)
