@@ -22,12 +22,13 @@ from .utils import L2NORM_EPS
 CHUNK = 64  # tokens per chunk (BT)
 SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
-# Tiles of the per-chunk kernels, sized so that ptxas (sm_90, triton 3.6) reports few or no register spills
-# at 8 warps: key channels per block in the forward intra kernel and in the backward key kernel, value
-# columns per tile in the backward pair kernel. (With whole 128-wide rows every kernel spilled 1-2.5 KB per
-# thread.) Check with the compile-only report of kernels/benchmarks/kda_registers.py.
-INTRA_KEY_BLOCK = 16
-BWD_KEY_BLOCK = 16
+# Tiles of the per-chunk kernels: key channels per block in the forward intra kernel and in the backward key
+# kernel, value columns per tile in the backward pair kernel. Chosen by timing on the H200 (B1 T8192 H32 D128
+# bf16): 32-channel key blocks beat 16 in both kernels (forward 4.5 vs 5.4 ms; fwd+bwd 14.7 vs 17.1 ms) even
+# though ptxas reports spills at 32 (20 B and 720 B per thread; kernels/benchmarks/kda_registers.py), since
+# fewer blocks mean fewer rounds of dependent loads per program.
+INTRA_KEY_BLOCK = 32
+BWD_KEY_BLOCK = 32
 BWD_PAIR_BLOCK_V = 16
 NUM_WARPS = 8
 
