@@ -98,6 +98,26 @@ def test_triton_many_sources_matches_reference():
         assert_close_rel(a, e, 3e-5, "grad")
 
 
+def test_triton_parameter_gradient_kernel_sums_many_tiles():
+    """The backward's finishing kernel over 300 per-program partial rows (three 128-row tiles) and 40 columns
+    (two 32-column programs): dq = sum(du) * gain, dg = sum(du) * query, dnorm = sum(dwn)."""
+    import triton
+
+    from kimi_hf.kernels.attn_res import _triton
+
+    g = torch.Generator().manual_seed(3)
+    du, dwn = torch.randn(300, 40, generator=g), torch.randn(300, 40, generator=g)
+    query, gain = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    dq, dg, dnorm = torch.empty(40), torch.empty(40), torch.empty(40)
+    _triton.param_grad_kernel[(triton.cdiv(40, 32),)](
+        du, dwn, query, gain, dq, dg, dnorm, 300, 40, HAS_NORM=True, BLOCK=32, ROWS=128
+    )
+    du_sum = du.double().sum(0)
+    assert_close_rel(dq, du_sum * gain.double(), 1e-6, "d_query")
+    assert_close_rel(dg, du_sum * query.double(), 1e-6, "d_gain")
+    assert_close_rel(dnorm, dwn.double().sum(0), 1e-6, "d_norm_weight")
+
+
 def test_torch_backward_matches_reference():
     """The torch backend's gradients (cached rstd, no stacking) equal autograd through the reference formula."""
     blocks, partial, query, gain = _inputs(3)

@@ -190,18 +190,23 @@ def depth_attn_bwd_kernel(
 
 @triton.jit(do_not_specialize=["P"])
 def param_grad_kernel(
-    du_ptr, dwn_ptr, q_ptr, g_ptr, dq_ptr, dg_ptr, dwn_out_ptr, P, D, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr
+    du_ptr, dwn_ptr, q_ptr, g_ptr, dq_ptr, dg_ptr, dwn_out_ptr, P, D,
+    HAS_NORM: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     """Finish the depth attention's backward in one launch: sum the P per-program rows of du (and dwn) [P, D],
-    then dq = du * g and dg = du * q (u = q * g), each in its parameter's dtype."""
+    then dq = du * g and dg = du * q (u = q * g), each in its parameter's dtype. A program owns BLOCK columns
+    and reads [ROWS, BLOCK] tiles (a row at a time would leave the loop bound by load latency)."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
     du = tl.zeros((BLOCK,), tl.float32)
     dwn = tl.zeros((BLOCK,), tl.float32)
-    for p in range(P):
-        du += tl.load(du_ptr + p * D + cols, mask=mask, other=0.0)
+    for p0 in range(0, P, ROWS):
+        rows = p0 + tl.arange(0, ROWS)
+        tile_mask = (rows < P)[:, None] & mask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        du += tl.sum(tl.load(du_ptr + offs, mask=tile_mask, other=0.0), axis=0)
         if HAS_NORM:
-            dwn += tl.load(dwn_ptr + p * D + cols, mask=mask, other=0.0)
+            dwn += tl.sum(tl.load(dwn_ptr + offs, mask=tile_mask, other=0.0), axis=0)
     q = tl.load(q_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(dq_ptr + cols, (du * g).to(dq_ptr.dtype.element_ty), mask=mask)

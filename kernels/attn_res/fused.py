@@ -138,10 +138,11 @@ def depth_attn_bwd(
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
-    width = min(block_d(d), 1024)
-    _triton.param_grad_kernel[(triton.cdiv(d, width),)](
+    # 32 columns (one 128-byte line of float32) per program: D / 32 programs, [128, 32] tiles of the partials
+    _triton.param_grad_kernel[(triton.cdiv(d, 32),)](
         du_part, dwn_part if dwn_part is not None else du_part, query, gain, dquery, dgain,
-        dnorm if dnorm is not None else dquery, grid, d, HAS_NORM=norm_weight is not None, BLOCK=width, num_warps=4,
+        dnorm if dnorm is not None else dquery, grid, d, HAS_NORM=norm_weight is not None, BLOCK=32, ROWS=128,
+        num_warps=4,
     )  # fmt: skip
     return dpart, dquery, dgain, dnorm
 
