@@ -95,7 +95,7 @@ def decode_ms_per_token(model, batch: int, prompt: int, new: int, device: torch.
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    timed(4)  # warm-up (kernel compilation, autotuning)
+    timed(new)  # warm-up over every cache length the timed runs see (compilation, autotuning, allocator)
     samples = [(timed(new) - timed(1)) * 1e3 / (new - 1) for _ in range(repeats)]
     return statistics.median(samples)
 

@@ -19,9 +19,9 @@ step_command() {
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
-    model) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --json $OUT/$2model.json" ;;
-    model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --rep 1 --decode-repeats 1" ;;
-    attn_res) echo "timeout 250 python3 kernels/benchmarks/bench_attn_res.py --json $OUT/$2attn_res.json" ;;
+    model) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --json $OUT/$2model.json" ;;
+    model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;
+    attn_res) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res.py --json $OUT/$2attn_res.json" ;;
     attn_res_replication)
       echo "timeout 170 python3 recipes/attn_res_replication.py --preset gpu --output-dir $OUT/attn_res_replication" ;;
     ce_lora) echo "timeout 360 python3 kernels/benchmarks/bench_ce_lora.py --json $OUT/$2ce_lora.json" ;;
