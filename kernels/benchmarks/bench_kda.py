@@ -8,6 +8,10 @@ torch reference is timed only at the first shape, forward only (it is slow). Dec
 Every time is a ``triton.testing.do_bench`` median in milliseconds.
 
     python kernels/benchmarks/bench_kda.py [--json results.json] [--quick]
+    python kernels/benchmarks/bench_kda.py --sweep INTRA_KEY_BLOCK=16,32,64 NUM_WARPS=4,8
+
+``--sweep`` times ours alone at the first shape for every combination of the given launch constants of
+``kimi_hf.kernels.kda.chunk`` (tile sizes, warps), and checks each against the first combination.
 
 For a combined run: ``from bench_kda import run_benchmarks, markdown_table``.
 """
@@ -15,6 +19,7 @@ For a combined run: ``from bench_kda import run_benchmarks, markdown_table``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from typing import Callable
 
@@ -22,7 +27,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
+from kimi_hf.kernels.kda import chunk, chunk_kda, fused_recurrent_kda
 
 CHUNK_SHAPES = ((1, 8192), (1, 32768), (8, 4096))
 DECODE_BATCHES = (1, 64)
@@ -168,6 +173,48 @@ def run_benchmarks(
     return rows
 
 
+def _parse_sweep(specs: list[str]) -> dict[str, list[int]]:
+    """``["NAME=1,2", ...]`` -> ``{"NAME": [1, 2]}`` for integer launch constants of ``chunk``."""
+    grid = {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        if not isinstance(getattr(chunk, name, None), int) or not values:
+            raise ValueError(f"--sweep takes NAME=v1,v2 with NAME an integer constant of kda.chunk, got {spec!r}")
+        grid[name] = [int(v) for v in values.split(",")]
+    return grid
+
+
+def sweep_launch_constants(grid: dict[str, list[int]], B: int = 1, T: int = 8192, H: int = 32, D: int = 128) -> None:
+    """Print fwd and fwd+bwd times of ours for every combination in ``grid`` (constants restored after),
+    with the largest relative difference of the output and input gradients against the first combination."""
+    saved = {name: getattr(chunk, name) for name in grid}
+    inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, True)
+    grads = list(inputs.values())
+    do = torch.randn_like(inputs["v"])
+    first = None
+    print(f"ours at B{B} T{T} H{H} D{D} bf16, {torch.cuda.get_device_name()}, triton {triton.__version__}\n")
+    print("| " + " | ".join(grid) + " | fwd (ms) | fwd+bwd (ms) | diff vs first |")
+    print("| --- " * (len(grid) + 3) + "|")
+    try:
+        for values in itertools.product(*grid.values()):
+            for name, value in zip(grid, values):
+                setattr(chunk, name, value)
+            for t in grads:
+                t.grad = None
+            o = chunk_kda(**inputs, use_qk_l2norm_in_kernel=True)[0]
+            o.backward(do)
+            result = [o.float()] + [t.grad.float() for t in grads]
+            first = first or result
+            diff = max(_rel(a, b) for a, b in zip(result, first))
+            fwd = do_bench(_step(chunk_kda, inputs, False, use_qk_l2norm_in_kernel=True))
+            both = do_bench(_step(chunk_kda, inputs, True, use_qk_l2norm_in_kernel=True), grad_to_none=grads)
+            cells = " | ".join(str(v) for v in values)
+            print(f"| {cells} | {fwd:.3f} | {both:.3f} | {diff:.1e} |", flush=True)
+    finally:
+        for name, value in saved.items():
+            setattr(chunk, name, value)
+
+
 def environment() -> dict:
     try:
         import fla
@@ -202,9 +249,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="first chunked shape and B1 decode only")
     p.add_argument("--bandwidth-tbs", type=float, default=4.27, help="device copy bandwidth for the decode floor")
     p.add_argument("--profile", action="store_true", help="first print the per-kernel GPU time of ours and fla")
+    p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
+                   help="only time ours over combinations of kda.chunk's launch constants (e.g. NUM_WARPS=4,8)")
     args = p.parse_args(argv)
+    grid = _parse_sweep(args.sweep) if args.sweep else None
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
+    if grid:
+        sweep_launch_constants(grid)
+        return []
     env = environment()
     if args.profile:
         print(kernel_breakdown(), flush=True)
