@@ -72,8 +72,8 @@ def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexp
 @triton.jit
 def _sub_block_decay(G, t0, m0, eos, H, i_h, K, k0, BC: tl.constexpr, BK: tl.constexpr):
     """For the sub-block of BC rows starting at row ``m0`` of the chunk at token ``t0``, channels
-    ``k0 .. k0 + BK``: E[i, j, d] = exp(G_id - G_jd) for j <= i, else 0 (``[BC, BC, BK]`` fp32, exact: every
-    factor is <= 1). Also returns the rows, their mask, the columns and the column mask."""
+    ``k0 .. k0 + BK``: E[i, j, d] = exp(G_id - G_jd) for j <= i, else 0 (``[BC, BC, BK]`` fp32; G falls along
+    the chunk, so every entry is <= 1). Also returns the rows, their mask, the columns and the column mask."""
     ii = tl.arange(0, BC)
     rows = t0 + m0 + ii
     rmask = rows < eos
