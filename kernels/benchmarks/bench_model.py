@@ -192,7 +192,8 @@ def run(args: argparse.Namespace) -> dict:
             note = f"peak {peak:.1f} GiB" + (f" vs {native_peak:.1f} GiB" if native_peak else "")
             add(f"train step B{batch} T{seq_len}", ms, native_ms, "ms", note)
             tokens = batch * seq_len
-            add(f"train throughput B{batch} T{seq_len}", tokens / ms, tokens / native_ms if native_ms else None, "Ktok/s")
+            native_tput = tokens / native_ms if native_ms else None
+            add(f"train throughput B{batch} T{seq_len}", tokens / ms, native_tput, "Ktok/s")
         else:
             batch = key[1]
             add(f"greedy decode B{batch} (prompt {prompt})", value, other, "ms/token")
@@ -207,7 +208,8 @@ def markdown(results: dict) -> str:
         f"transformers {v['transformers']}, fla {v['fla']}; {results['parameters'] / 1e9:.2f}B parameters",
     ]
     if "parity_rel_err" in results:
-        lines.append(f"Logits parity ours vs native (fp32, same weights): relative error {results['parity_rel_err']:.2e}")
+        err = results["parity_rel_err"]
+        lines.append(f"Logits parity ours vs native (fp32, same weights): relative error {err:.2e}")
     lines += ["", "| measure | ours | native | unit | ours vs native | note |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         native = f"{r['native']:.2f}" if r["native"] else "-"

@@ -48,23 +48,26 @@ def _signature(fn, constexprs: dict) -> dict:
     return sig
 
 
-def launch_configs(head_dim: int) -> list[tuple[object, dict, int]]:
-    """(kernel, constexprs, num_warps) as the launchers in ``chunk.py`` use them for bf16 and K = V = head_dim."""
+def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
+    """(kernel, constexprs, num_warps, num_stages) as the launchers in ``chunk.py`` use them for bf16 and
+    K = V = head_dim."""
     BK, BV = chunk._dims(head_dim, head_dim)
-    state_widths = [chunk._state_block_v(BK, BV)]
+    bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
+    warps = chunk.NUM_WARPS
     return [
-        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), chunk.NUM_WARPS),
-        (chunk_fwd.kda_intra_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.INTRA_KEY_BLOCK), BV=BV),
-         chunk.NUM_WARPS),
-        *[(chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bv, HAS_H0=True, STORE_HT=True), chunk.NUM_WARPS)
-          for bv in state_widths],
-        (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), chunk.NUM_WARPS),
-        *[(chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bv, HAS_DHT=True, STORE_DH0=True), chunk.NUM_WARPS)
-          for bv in state_widths],
-        (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)), chunk.NUM_WARPS),
+        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
+        (chunk_fwd.kda_pairs_fwd_kernel,
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), BKD=min(BK, chunk.PAIRS_DIAG_KEY_BLOCK)),
+         chunk.PAIRS_WARPS, chunk.PAIRS_STAGES),
+        (chunk_fwd.kda_solve_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.SOLVE_KEY_BLOCK), BV=BV),
+         chunk.SOLVE_WARPS, 1),
+        (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True), warps, 1),
+        (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
+        (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
+        (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)), warps, 1),
         (chunk_bwd.kda_key_bwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), BV=BV, GATE=True),
-         chunk.NUM_WARPS),
+         warps, 1),
     ]  # fmt: skip
 
 
@@ -77,10 +80,11 @@ def default_ptxas() -> str:
     raise FileNotFoundError(f"no ptxas in {folder}; pass --ptxas")
 
 
-def report(fn, constexprs: dict, num_warps: int, ptxas: str) -> str:
+def report(fn, constexprs: dict, num_warps: int, num_stages: int, ptxas: str) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90."""
     src = ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
@@ -90,8 +94,9 @@ def report(fn, constexprs: dict, num_warps: int, ptxas: str) -> str:
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     stores, loads = (spill.group(1), spill.group(2)) if spill else ("0", "0")
-    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BV"))
-    return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {regs.group(1) if regs else '?'} | {stores} | {loads} |"
+    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BKD", "BV"))
+    used = regs.group(1) if regs else "?"
+    return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {num_stages} | {used} | {stores} | {loads} |"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ptxas = args.ptxas or default_ptxas()
     print(f"triton {triton.__version__}, sm_90, bf16, K = V = {args.head_dim}")
-    print("| kernel | tiles | warps | registers | spill stores (B) | spill loads (B) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for fn, constexprs, warps in launch_configs(args.head_dim):
-        print(report(fn, constexprs, warps, ptxas), flush=True)
+    print("| kernel | tiles | warps | stages | registers | spill stores (B) | spill loads (B) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for fn, constexprs, warps, stages in launch_configs(args.head_dim):
+        print(report(fn, constexprs, warps, stages, ptxas), flush=True)
 
 
 if __name__ == "__main__":
