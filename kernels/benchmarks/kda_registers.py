@@ -57,11 +57,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     warps = chunk.NUM_WARPS
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
-        (chunk_fwd.kda_pairs_fwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), BKD=min(BK, chunk.PAIRS_DIAG_KEY_BLOCK)),
-         chunk.PAIRS_WARPS, chunk.PAIRS_STAGES),
-        (chunk_fwd.kda_solve_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.SOLVE_KEY_BLOCK), BV=BV),
-         chunk.SOLVE_WARPS, 1),
+        (chunk_fwd.kda_intra_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.INTRA_KEY_BLOCK), BV=BV), warps, 1),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True), warps, 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
