@@ -57,7 +57,8 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     warps = chunk.NUM_WARPS
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
-        (chunk_fwd.kda_intra_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.INTRA_KEY_BLOCK), BV=BV), warps, 1),
+        (chunk_fwd.kda_intra_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.INTRA_KEY_BLOCK), BV=BV),
+         warps, 1),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True), warps, 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
@@ -90,7 +91,7 @@ def report(fn, constexprs: dict, num_warps: int, num_stages: int, ptxas: str) ->
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     stores, loads = (spill.group(1), spill.group(2)) if spill else ("0", "0")
-    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BKD", "BV"))
+    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BV"))
     used = regs.group(1) if regs else "?"
     return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {num_stages} | {used} | {stores} | {loads} |"
 

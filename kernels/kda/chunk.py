@@ -24,7 +24,7 @@ SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
 # Tiles of the per-chunk kernels: key channels per block in the forward intra kernel and in the backward key
 # kernel, value columns per tile in the backward pair kernel. Chosen by timing on the H200 (B1 T8192 H32 D128
-# bf16): 32-channel key blocks beat 16 in both kernels (forward 4.5 vs 5.4 ms; fwd+bwd 14.7 vs 17.1 ms) even
+# bf16): 32-channel key blocks beat 16 in both kernels (forward 4.5 vs 5.4 ms; fwd+bwd 14.1 vs 17.1 ms) even
 # though ptxas reports spills at 32 (20 B and 720 B per thread; kernels/benchmarks/kda_registers.py), since
 # fewer blocks mean fewer rounds of dependent loads per program.
 INTRA_KEY_BLOCK = 32

@@ -33,7 +33,8 @@ def _load_rows(ptr, rows, rmask, cols, cmask, H, i_h, D):
 
 @triton.jit
 def _store_rows(ptr, x, rows, rmask, cols, cmask, H, i_h, D):
-    tl.store(ptr + _tile_offsets(rows, cols, H, i_h, D), x.to(ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    mask = rmask[:, None] & cmask[None, :]
+    tl.store(ptr + _tile_offsets(rows, cols, H, i_h, D), x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
