@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import assert_close_rel
 
 from kimi_hf.kernels.kda import chunk_bwd, chunk_fwd, chunk_kda, fused_recurrent_kda

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from kimi_hf.models.validation import check_positive_ints, check_residual
+
 KERNEL_BACKENDS = ("triton", "torch")
 
 _POSITIVE_INT_FIELDS = (

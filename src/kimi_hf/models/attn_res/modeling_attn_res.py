@@ -26,10 +26,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
-from kimi_hf.modules.norm import RMSNorm
 from kimi_hf.modules import AttentionResiduals, AttnResState
 from kimi_hf.modules.attention import eager_attention_forward
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
+from kimi_hf.modules.norm import RMSNorm
 
 from .configuration_attn_res import AttnResConfig
 

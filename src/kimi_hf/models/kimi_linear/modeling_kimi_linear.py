@@ -28,8 +28,8 @@ from transformers.utils import logging
 from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
-from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
 from kimi_hf.modules.attention import eager_attention_forward
+from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
 from kimi_hf.modules.norm import RMSNorm
 
