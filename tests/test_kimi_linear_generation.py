@@ -1,5 +1,6 @@
 """Generation with KimiLinearCache: cached vs uncached generate(), left-padded batches, the cache's
-contents (compressed MLA latent, KDA states) and step-by-step decoding against the full forward."""
+contents (compressed MLA latent, KDA states) and step-by-step decoding against the full forward; the same
+for KimiLinearStaticCache's eager path (its CUDA graphs are tested in test_kimi_linear_gpu.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from helpers import assert_close_rel
 from kimi_linear_utils import random_ids, single_thread, tiny_model  # noqa: F401 (single_thread: autouse fixture)
 
-from kimi_hf import KimiLinearCache
+from kimi_hf import KimiLinearCache, KimiLinearStaticCache
 from kimi_hf.models.kimi_linear.modeling_kimi_linear import CACHE_FIELD
 
 NEW_TOKENS = 6
@@ -46,6 +47,8 @@ def test_cached_generate_equals_uncached(model, kwargs):
     rows = 2 * kwargs.get("num_return_sequences", 1)
     assert cached.shape == (rows, 7 + NEW_TOKENS)
     assert torch.equal(cached, uncached)
+    static = _generate(model, ids, True, **{CACHE_FIELD: KimiLinearStaticCache(model.config, 7 + NEW_TOKENS)}, **kwargs)
+    assert torch.equal(static, cached)
 
 
 def test_left_padded_batch_generates_each_row_as_alone(model):
@@ -57,8 +60,9 @@ def test_left_padded_batch_generates_each_row_as_alone(model):
     for row, s in enumerate(seqs):
         ids[row, total - len(s) :] = s
         mask[row, total - len(s) :] = 1
-    for use_cache in (True, False):
-        batched = _generate(model, ids, use_cache, attention_mask=mask, do_sample=False)
+    for use_cache in (True, False, "static"):
+        static = {CACHE_FIELD: KimiLinearStaticCache(model.config, total + NEW_TOKENS)} if use_cache == "static" else {}
+        batched = _generate(model, ids, bool(use_cache), attention_mask=mask, do_sample=False, **static)
         for row, s in enumerate(seqs):
             alone = _generate(model, s[None], True, do_sample=False)
             assert torch.equal(batched[row, total:], alone[0, len(s) :]), f"row {row} (use_cache={use_cache})"
@@ -88,17 +92,19 @@ def test_cache_holds_the_compressed_latent_and_kda_states(model):
             assert cache.latents[i] is None
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "ones-mask"])
 @pytest.mark.parametrize(
     "chunks", [(5, 1, 1, 1, 1, 1), (1,) * 8, (5, 4, 1, 3)], ids=["prefill+steps", "steps", "chunks"]
 )
-def test_decoding_with_the_cache_matches_the_full_forward(model, chunks, with_mask):
-    """"chunks" feeds several tokens at once after a cache (chunked prefill, assisted decoding): the MLA
-    layers must then align the causal mask to the end of the keys."""
+def test_decoding_with_the_cache_matches_the_full_forward(model, chunks, with_mask, static):
+    """ "chunks" feeds several tokens at once after a cache (chunked prefill, assisted decoding): the MLA
+    layers must then align the causal mask to the end of the keys (the static cache: to its positions)."""
     ids = random_ids(2, sum(chunks), seed=4)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cache, pieces, start = None, [], 0
+        cache = KimiLinearStaticCache(model.config, max_cache_len=sum(chunks) + 3) if static else None
+        pieces, start = [], 0
         for n in chunks:
             mask = {"attention_mask": torch.ones(2, start + n, dtype=torch.long)} if with_mask else {}
             out = model(ids[:, start : start + n], use_cache=True, **mask, **{CACHE_FIELD: cache})
@@ -108,13 +114,15 @@ def test_decoding_with_the_cache_matches_the_full_forward(model, chunks, with_ma
     assert_close_rel(torch.cat(pieces, dim=1), full, 1e-5, f"cached logits, chunks {chunks}")
 
 
-def test_padded_decoding_with_the_cache_matches_the_full_forward(model):
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_padded_decoding_with_the_cache_matches_the_full_forward(model, static):
     ids = random_ids(2, 10, seed=5)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding in row 1
+    cache = {CACHE_FIELD: KimiLinearStaticCache(model.config, max_cache_len=16)} if static else {}
     with torch.no_grad():
         full = model(ids, attention_mask=mask, use_cache=False).logits
-        out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True, **cache)
         pieces, cache = [out.logits], getattr(out, CACHE_FIELD)
         for t in range(6, 10):
             out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], use_cache=True, **{CACHE_FIELD: cache})
@@ -151,3 +159,38 @@ def test_cached_step_with_autograd_on_matches_the_full_forward_and_backpropagate
     step.sum().backward()
     assert model.lm_head.weight.grad is not None
     model.zero_grad(set_to_none=True)
+
+
+def test_static_cache_is_reused_after_reset_and_keeps_its_buffers(model):
+    ids = random_ids(2, 5, seed=7)
+    expected = _generate(model, ids, True, do_sample=False)
+    cache = KimiLinearStaticCache(model.config, max_cache_len=5 + NEW_TOKENS)
+    first = _generate(model, ids, True, do_sample=False, **{CACHE_FIELD: cache})
+
+    def addresses():
+        tensors = [cache.key_mask, *cache.recurrent_states, *cache.latents]
+        return [t.data_ptr() for t in tensors if t is not None]
+
+    buffers = addresses()
+    cache.reset()
+    second = _generate(model, ids, True, do_sample=False, **{CACHE_FIELD: cache})
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert addresses() == buffers
+    # A new batch size after reset() re-allocates; without reset() it is refused.
+    cache.reset()
+    third = _generate(model, ids[:1], True, do_sample=False, **{CACHE_FIELD: cache})
+    assert torch.equal(third, expected[:1]) and cache.key_mask.shape[0] == 1
+    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad():
+        model(ids[:, :1], use_cache=True, **{CACHE_FIELD: cache})
+
+
+def test_static_cache_refuses_to_overflow_and_bad_sizes(model):
+    cache = KimiLinearStaticCache(model.config, max_cache_len=6)
+    with torch.no_grad():
+        model(random_ids(1, 6, seed=8), use_cache=True, **{CACHE_FIELD: cache})
+        full = r"max_cache_len=6\) is full: it holds 6 positions and this forward adds 1"
+        with pytest.raises(ValueError, match=full):
+            model(random_ids(1, 1, seed=9), use_cache=True, **{CACHE_FIELD: cache})
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
+            KimiLinearStaticCache(model.config, max_cache_len=bad)

@@ -1,6 +1,6 @@
 """Kimi Linear on CUDA: each Triton op the model dispatches to gives the torch reference's logits and
-gradients inside the model, the grouped-GEMM MoE equals the expert loop, and the model gives the logits of
-transformers' native class."""
+gradients inside the model, the grouped-GEMM MoE equals the expert loop, CUDA-graph decoding with the static
+cache equals eager decoding, and the model gives the logits of transformers' native class."""
 
 import functools
 
@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close_rel
 
 import kimi_hf.models.kimi_linear.modeling_kimi_linear as modeling
-from kimi_hf import KimiLinearConfig, KimiLinearForCausalLM
+from kimi_hf import KimiLinearConfig, KimiLinearForCausalLM, KimiLinearStaticCache
 
 pytestmark = pytest.mark.gpu
 
@@ -63,6 +63,41 @@ def test_grouped_mm_moe_matches_the_expert_loop(monkeypatch):
     assert_close_rel(logits, ref_logits, 2e-2, "logits")
     for name, g in ref_grads.items():
         assert_close_rel(grads[name], g, 5e-2, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_graph_decoding_equals_eager_decoding(dtype, batch):
+    """Same tokens and scores as the static cache's eager path (same kernels); after reset() the graph is
+    replayed, not captured again; fp32 scores also match the growing cache's. Batch 3 is left-padded."""
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(_config()).cuda().to(dtype).eval()
+    prompt, new = 40, 12
+    ids = torch.randint(3, 256, (batch, prompt), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1:, :7] = 0
+
+    def generate(cache):
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+            eos_token_id=None, output_scores=True, return_dict_in_generate=True,
+            **({modeling.CACHE_FIELD: cache} if cache is not None else {}),
+        )  # fmt: skip
+        return out.sequences, torch.stack(out.scores)
+
+    eager_ids, eager_scores = generate(KimiLinearStaticCache(model.config, prompt + new, cuda_graphs=False))
+    cache = KimiLinearStaticCache(model.config, prompt + new)
+    graph_ids, graph_scores = generate(cache)
+    graph = cache._decode_graph.graph
+    assert graph is not None, "no CUDA graph was captured"
+    assert torch.equal(graph_ids, eager_ids)
+    assert_close_rel(graph_scores, eager_scores, 1e-6 if dtype == torch.float32 else 1e-2, "graph vs eager scores")
+    cache.reset()
+    again_ids, _ = generate(cache)
+    assert cache._decode_graph.graph is graph and torch.equal(again_ids, eager_ids)
+    if dtype == torch.float32:
+        _, dynamic_scores = generate(None)
+        assert_close_rel(graph_scores, dynamic_scores, 1e-5, "graph vs growing-cache scores")
 
 
 def test_logits_match_transformers_native_class(tmp_path):

@@ -4,7 +4,8 @@ On the reference ~1B MoE Kimi Linear config of REFERENCE.md (hidden 2048, 8 laye
 MLA at 4,8; 16 experts top-4; vocab 32000; sdpa; bf16), in one run:
 
 - training step (forward + backward with the LM loss, no optimizer) at B2 T4096 and B1 T2048;
-- greedy decoding at B1 (512-token prompt, 64 new tokens: ms per new token) and B32 throughput;
+- greedy decoding at B1 (512-token prompt, 64 new tokens: ms per new token) and B32 throughput; ours both
+  with its growing cache and with ``KimiLinearStaticCache`` (CUDA graphs), the native class with its own;
 - a parity check of the logits of both classes on the same weights, in fp32: in bf16 a randomly initialised
   MoE flips expert choices on rounding (our own model in bf16 differs from itself in fp32 by ~10% in logits),
   so bf16 logits cannot tell a bug from rounding.
@@ -80,13 +81,28 @@ def train_step_ms(model, batch: int, seq_len: int, device: torch.device, reps: i
 
 
 @torch.no_grad()
-def decode_ms_per_token(model, batch: int, prompt: int, new: int, device: torch.device, repeats: int) -> float:
-    """(time(generate new tokens) - time(generate 1 token)) / (new - 1), median over ``repeats``."""
+def decode_ms_per_token(
+    model, batch: int, prompt: int, new: int, device: torch.device, repeats: int, static_cache: bool = False
+) -> float:
+    """(time(generate new tokens) - time(generate 1 token)) / (new - 1), median over ``repeats``.
+
+    ``static_cache``: ours with a :class:`~kimi_hf.KimiLinearStaticCache` (CUDA graphs on CUDA), one cache
+    reused (``reset()``) by every call, so that the graph is captured in the untimed warm-up call.
+    """
     model.eval()
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    cache = None
+    if static_cache:
+        from kimi_hf import KimiLinearStaticCache
+        from kimi_hf.models.kimi_linear.modeling_kimi_linear import CACHE_FIELD
+
+        cache = KimiLinearStaticCache(model.config, max_cache_len=prompt + new)
+        kwargs[CACHE_FIELD] = cache
 
     def timed(n: int) -> float:
+        if cache is not None:
+            cache.reset()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -157,20 +173,23 @@ def run(args: argparse.Namespace) -> dict:
     prompt, new = (16, 8) if args.tiny else (512, 64)
     decode_batches = [1, 4] if args.tiny else [1, 32]
 
-    def measure(model, label: str) -> dict:
+    def measure(model, label: str, static_cache: bool = False) -> dict:
         """Every measurement of one model, printed as it finishes (a run cut short keeps what it measured)."""
         out = {}
         for batch, seq_len in train_shapes if "train" in args.parts else []:
             out[("train", batch, seq_len)] = train_step_ms(model, batch, seq_len, device, args.rep)
             print(f"{label}: train step B{batch} T{seq_len}: {out[('train', batch, seq_len)][0]:.2f} ms", flush=True)
         for batch in decode_batches if "decode" in args.parts else []:
-            out[("decode", batch)] = decode_ms_per_token(model, batch, prompt, new, device, args.decode_repeats)
-            print(f"{label}: greedy decode B{batch}: {out[('decode', batch)]:.2f} ms/token", flush=True)
+            for static in (True, False) if static_cache else (False,):
+                key = ("decode_static" if static else "decode", batch)
+                out[key] = decode_ms_per_token(model, batch, prompt, new, device, args.decode_repeats, static)
+                kind = "static cache + CUDA graphs" if static else "growing cache"
+                print(f"{label}: greedy decode B{batch}, {kind}: {out[key]:.2f} ms/token", flush=True)
         return out
 
     # Ours first, then the native class, so that a run cut short (the native path's first calls autotune
     # fla's kernels) still has our numbers.
-    mine = measure(ours, "ours")
+    mine = measure(ours, "ours", static_cache=True)
     ours.cpu()
     theirs = measure(native.to(dtype), "native") if native is not None else {}
 
@@ -194,10 +213,17 @@ def run(args: argparse.Namespace) -> dict:
             tokens = batch * seq_len
             native_tput = tokens / native_ms if native_ms else None
             add(f"train throughput B{batch} T{seq_len}", tokens / ms, native_tput, "Ktok/s")
-        else:
-            batch = key[1]
-            add(f"greedy decode B{batch} (prompt {prompt})", value, other, "ms/token")
-            add(f"decode throughput B{batch}", batch * 1e3 / value, batch * 1e3 / other if other else None, "tok/s")
+        else:  # decoding; ratios against the native class's growing-cache decoding
+            kind, batch = key
+            other = theirs.get(("decode", batch))
+            note = (
+                "growing cache"
+                if kind == "decode"
+                else "static cache" + (" + CUDA graphs" if device.type == "cuda" else "")
+            )
+            add(f"greedy decode B{batch} (prompt {prompt})", value, other, "ms/token", note)
+            tput = batch * 1e3 / other if other else None
+            add(f"decode throughput B{batch}", batch * 1e3 / value, tput, "tok/s", note)
     return results
 
 
@@ -222,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
     parser.add_argument("--skip-native", action="store_true", help="do not time transformers' native class")
-    parser.add_argument("--parity", action=argparse.BooleanOptionalAction, default=True,
-                        help="check the fp32 logits against the native class first (compiles fp32 kernels)")
+    parser.add_argument(
+        "--parity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check the fp32 logits against the native class first (compiles fp32 kernels)",
+    )
     parser.add_argument("--parts", nargs="+", choices=("train", "decode"), default=["train", "decode"],
                         help="what to time (default: both)")  # fmt: skip
     parser.add_argument("--rep", type=int, default=200, help="do_bench time budget per training measurement (ms)")

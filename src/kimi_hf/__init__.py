@@ -14,6 +14,7 @@ from .models.kimi_linear import (
     KimiLinearForCausalLM,
     KimiLinearModel,
     KimiLinearPreTrainedModel,
+    KimiLinearStaticCache,
 )
 from .modules import AttentionResiduals
 from .peft import CELoraConfig, CELoraModel, export_as_lora
@@ -38,5 +39,6 @@ __all__ = [
     "KimiLinearForCausalLM",
     "KimiLinearModel",
     "KimiLinearPreTrainedModel",
+    "KimiLinearStaticCache",
     "export_as_lora",
 ]

@@ -1,4 +1,4 @@
-from .cache_kimi_linear import KimiLinearCache
+from .cache_kimi_linear import KimiLinearCache, KimiLinearStaticCache
 from .configuration_kimi_linear import KimiLinearAttnResConfig, KimiLinearConfig
 from .modeling_kimi_linear import (
     KimiLinearAttnResForCausalLM,
@@ -17,4 +17,5 @@ __all__ = [
     "KimiLinearForCausalLM",
     "KimiLinearModel",
     "KimiLinearPreTrainedModel",
+    "KimiLinearStaticCache",
 ]

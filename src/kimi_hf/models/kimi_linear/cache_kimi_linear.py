@@ -1,25 +1,37 @@
-"""The hybrid generation cache of Kimi Linear.
+"""The hybrid generation caches of Kimi Linear.
 
-Per KDA layer it holds the short-convolution states of q, k and v (``[B, D, W]`` each: the last W
+Per KDA layer a cache holds the short-convolution states of q, k and v (``[B, D, W]`` each: the last W
 inputs) and the recurrent state ``[B, H, K, V]`` (fp32); per MLA layer the *compressed* latent
 KV: the normalised latent ``[B, S, kv_lora_rank]`` and the shared rope key ``[B, S, qk_rope_head_dim]``
 (the official remote code keeps the expanded per-head keys and values instead: 2 * H * 128 numbers
 per token against 576 here).
 
-The class implements what ``generate()`` asks of a cache (sequence length, beam reordering, batch
+:class:`KimiLinearCache` grows with the sequence. :class:`KimiLinearStaticCache` preallocates the MLA
+latents for ``max_cache_len`` positions and keeps every tensor at a fixed address, which is what a CUDA
+graph needs: on CUDA it captures the one-token decode step once and replays it for every later token.
+
+The classes implement what ``generate()`` asks of a cache (sequence length, beam reordering, batch
 expansion and selection) without depending on ``transformers.Cache``'s constructor, which changed
 between the transformers versions we support.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 
 from .configuration_kimi_linear import KimiLinearConfig
 
+if TYPE_CHECKING:
+    from .modeling_kimi_linear import KimiLinearForCausalLM
+
+ConvStates = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 class KimiLinearCache:
-    """Generation cache for :class:`~kimi_hf.KimiLinearForCausalLM`.
+    """Generation cache for :class:`~kimi_hf.KimiLinearForCausalLM` that grows with the sequence.
 
     Args:
         config: the model's config (decides which layers are KDA and which MLA).
@@ -33,11 +45,33 @@ class KimiLinearCache:
     def __init__(self, config: KimiLinearConfig) -> None:
         self.layer_types = config.layer_types
         n = config.num_hidden_layers
-        self.conv_states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * n
+        self.conv_states: list[ConvStates | None] = [None] * n
         self.recurrent_states: list[torch.Tensor | None] = [None] * n
         self.latents: list[torch.Tensor | None] = [None] * n
         self.rope_keys: list[torch.Tensor | None] = [None] * n
         self.seen_tokens = 0
+
+    # ------------------------------------------------------------------ per forward (called by the model)
+    def begin_forward(
+        self, batch: int, seq_len: int, new_tokens_mask: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """Called once per forward before the layers; a static cache returns the MLA mask (None here: the
+        model builds it from the attention mask)."""
+        return None
+
+    def end_forward(self, seq_len: int) -> None:
+        self.seen_tokens += seq_len
+
+    # ------------------------------------------------------------------ KDA
+    def kda_states(self, layer_idx: int) -> tuple[ConvStates, torch.Tensor] | None:
+        """The conv states and recurrent state of a KDA layer, or None before the layer's first forward."""
+        if self.recurrent_states[layer_idx] is None:
+            return None
+        return self.conv_states[layer_idx], self.recurrent_states[layer_idx]
+
+    def update_kda(self, layer_idx: int, conv_states: ConvStates, recurrent_state: torch.Tensor) -> None:
+        self.conv_states[layer_idx] = conv_states
+        self.recurrent_states[layer_idx] = recurrent_state
 
     # ------------------------------------------------------------------ MLA
     def update_latents(
@@ -61,13 +95,21 @@ class KimiLinearCache:
     def __len__(self) -> int:
         return len(self.layer_types)
 
-    def _apply(self, fn) -> None:
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer: True for KDA (a recurrent state, no per-token keys), as transformers' caches report it."""
+        return [kind == "linear_attention" for kind in self.layer_types]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for i in range(len(self.layer_types)):
             if self.conv_states[i] is not None:
-                self.conv_states[i] = tuple(fn(s) for s in self.conv_states[i])
+                self.conv_states[i] = tuple(self._replace(s, fn(s)) for s in self.conv_states[i])
             for states in (self.recurrent_states, self.latents, self.rope_keys):
                 if states[i] is not None:
-                    states[i] = fn(states[i])
+                    states[i] = self._replace(states[i], fn(states[i]))
+
+    def _replace(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return new
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep, for each new row, the state of row ``beam_idx[row]``."""
@@ -86,3 +128,176 @@ class KimiLinearCache:
         self.latents = [None] * n
         self.rope_keys = [None] * n
         self.seen_tokens = 0
+
+
+class KimiLinearStaticCache(KimiLinearCache):
+    """Cache of fixed size and fixed tensor addresses, for CUDA-graph decoding.
+
+    Pass it to ``generate`` (``past_key_values=`` / ``cache=``) with ``max_cache_len`` >= prompt + new tokens::
+
+        cache = KimiLinearStaticCache(model.config, max_cache_len=prompt_len + max_new_tokens)
+        out = model.generate(input_ids, max_new_tokens=max_new_tokens, past_key_values=cache)
+
+    On CUDA (``cuda_graphs=True``) the first one-token step runs eagerly on a side stream (it compiles the
+    kernels), the second captures the step into a CUDA graph, and every later step replays it: one launch per
+    token instead of hundreds. A decode step treats its token as real (as ``generate`` does) and cannot return
+    hidden states or router logits; such calls, prefill, autograd and CPU run the eager path, which computes
+    the same as :class:`KimiLinearCache`. ``reset()`` clears the cache for a new prompt of the same batch size
+    and keeps the graph (its tensors stay where they are); a new batch size re-allocates and re-captures.
+
+    Args:
+        config: the model's config.
+        max_cache_len: positions the MLA layers can hold (prompt, padding included, plus generated tokens).
+        cuda_graphs: capture and replay decode steps on CUDA.
+    """
+
+    def __init__(self, config: KimiLinearConfig, max_cache_len: int, cuda_graphs: bool = True) -> None:
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+        super().__init__(config)
+        self.max_cache_len = max_cache_len
+        self.cuda_graphs = cuda_graphs
+        self.key_mask: torch.Tensor | None = None  # [B, max_cache_len] bool: written real positions
+        self.position: torch.Tensor | None = None  # [1] int64 on the device: next position to write
+        self._positions: torch.Tensor | None = None  # [T] positions of the current forward
+        self._decode_graph: DecodeGraph | None = None
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_cache_len
+
+    def begin_forward(
+        self, batch: int, seq_len: int, new_tokens_mask: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """Record the new positions; returns the MLA mask ``[B, 1, T, max_cache_len]`` (True = attend).
+
+        Without host synchronisation (it runs inside the captured decode step). ``new_tokens_mask [B, T]``
+        marks the real new tokens (None: all real).
+        """
+        if self.seen_tokens + seq_len > self.max_cache_len:
+            raise ValueError(
+                f"KimiLinearStaticCache(max_cache_len={self.max_cache_len}) is full: it holds {self.seen_tokens} "
+                f"positions and this forward adds {seq_len}; build the cache with a larger max_cache_len"
+            )
+        if self.key_mask is None or self.key_mask.shape[0] != batch or self.key_mask.device != device:
+            if self.seen_tokens:
+                raise ValueError(
+                    f"this KimiLinearStaticCache holds batch size {self.key_mask.shape[0]} on "
+                    f"{self.key_mask.device}, got batch {batch} on {device}; call reset() first"
+                )
+            self._allocate(batch, device)
+        if self.seen_tokens == 0:
+            self.key_mask.zero_()
+            self.position.zero_()
+        positions = self.position + torch.arange(seq_len, device=device)
+        if new_tokens_mask is None:
+            new_tokens_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        self.key_mask.index_copy_(1, positions, new_tokens_mask.to(torch.bool))
+        self._positions = positions
+        keys = torch.arange(self.max_cache_len, device=device)
+        causal = keys[None, :] <= positions[:, None]  # [T, S]
+        # A padding query attends to itself only, so that its softmax stays finite (never read by real tokens).
+        mask = (self.key_mask[:, None, :] & causal) | (keys[None, :] == positions[:, None])
+        return mask[:, None]
+
+    def end_forward(self, seq_len: int) -> None:
+        self.position += seq_len
+        self.seen_tokens += seq_len
+
+    def _allocate(self, batch: int, device: torch.device) -> None:
+        """Fresh buffers for a new batch size or device (layer states are allocated on their first write)."""
+        super().reset()
+        self.key_mask = torch.zeros(batch, self.max_cache_len, dtype=torch.bool, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self._decode_graph = None
+
+    def kda_states(self, layer_idx: int) -> tuple[ConvStates, torch.Tensor] | None:
+        # After reset() the buffers keep their old values: a new sequence starts from no state.
+        return super().kda_states(layer_idx) if self.seen_tokens else None
+
+    def update_kda(self, layer_idx: int, conv_states: ConvStates, recurrent_state: torch.Tensor) -> None:
+        if self.recurrent_states[layer_idx] is None:
+            super().update_kda(layer_idx, conv_states, recurrent_state)
+            return
+        for dst, src in zip((*self.conv_states[layer_idx], self.recurrent_states[layer_idx]),
+                            (*conv_states, recurrent_state)):  # fmt: skip
+            if dst is not src:  # decode kernels update the buffers in place
+                dst.copy_(src)
+
+    def update_latents(
+        self, layer_idx: int, latent: torch.Tensor, rope_key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``latent [B, T, R]`` and ``rope_key [B, T, P]`` at this forward's positions; returns the
+        ``[B, max_cache_len, .]`` buffers (unwritten positions hold zeros or old values and are masked)."""
+        if self.latents[layer_idx] is None:
+            batch = latent.shape[0]
+            self.latents[layer_idx] = latent.new_zeros(batch, self.max_cache_len, latent.shape[-1])
+            self.rope_keys[layer_idx] = rope_key.new_zeros(batch, self.max_cache_len, rope_key.shape[-1])
+        self.latents[layer_idx].index_copy_(1, self._positions, latent)
+        self.rope_keys[layer_idx].index_copy_(1, self._positions, rope_key)
+        return self.latents[layer_idx], self.rope_keys[layer_idx]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super()._apply(fn)
+        if self.key_mask is not None:
+            self.key_mask = self._replace(self.key_mask, fn(self.key_mask))
+
+    def _replace(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if new.shape == old.shape:
+            return old.copy_(new)  # same addresses: a captured graph stays valid (beam reordering)
+        self._decode_graph = None
+        return new
+
+    def reset(self) -> None:
+        """Start a new sequence; keeps the buffers (and the captured graph) for the same batch size."""
+        self.seen_tokens = 0
+
+    def decode_graph(self, model: KimiLinearForCausalLM) -> DecodeGraph:
+        """The decode-step graph of ``model`` on this cache (built on first use)."""
+        if self._decode_graph is None or self._decode_graph.model is not model:
+            self._decode_graph = DecodeGraph(model, self)
+        return self._decode_graph
+
+
+class DecodeGraph:
+    """The one-token decode step of ``model`` on ``cache``, captured in a CUDA graph.
+
+    ``step(input_ids [B, 1])`` returns the logits ``[B, 1, V]``: eagerly on a side stream the first time
+    (kernels compile and libraries initialise outside the capture, as CUDA graphs require), then captured, then
+    replayed. The graph reads its input from, and writes the logits to, tensors of its own; everything else
+    it touches is the model's weights and the cache's buffers, whose addresses do not change.
+    """
+
+    def __init__(self, model: KimiLinearForCausalLM, cache: KimiLinearStaticCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmed_up = False
+        self.input_ids: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.model(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state
+        return self.model.lm_head(hidden)
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.warmed_up:
+            side = torch.cuda.Stream(device=input_ids.device)
+            side.wait_stream(torch.cuda.current_stream(input_ids.device))
+            with torch.cuda.stream(side):
+                logits = self._forward(input_ids)
+            torch.cuda.current_stream(input_ids.device).wait_stream(side)
+            self.warmed_up = True
+            return logits
+        if self.graph is None:
+            self.input_ids = input_ids.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            seen = self.cache.seen_tokens
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward(self.input_ids)
+            # Capturing ran the step's host-side bookkeeping but none of its GPU work: the replay below does it.
+            self.cache.seen_tokens = seen
+        else:
+            self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        self.cache.seen_tokens += input_ids.shape[1]
+        return self.logits.clone()  # the next replay overwrites self.logits

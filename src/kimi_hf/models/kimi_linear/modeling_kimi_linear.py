@@ -12,7 +12,7 @@ KDA math runs through :mod:`kimi_hf.kernels` (Triton on CUDA, the plain-torch re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
 from kimi_hf.modules.norm import RMSNorm
 
-from .cache_kimi_linear import KimiLinearCache
+from .cache_kimi_linear import KimiLinearCache, KimiLinearStaticCache
 from .configuration_kimi_linear import KimiLinearAttnResConfig, KimiLinearConfig
 
 logger = logging.get_logger(__name__)
@@ -237,36 +237,29 @@ class KimiDeltaAttention(nn.Module):
     ) -> torch.Tensor:
         """``hidden_states [B, T, hidden]`` -> ``[B, T, hidden]``."""
         batch, seq_len, _ = hidden_states.shape
+        states = cache.kda_states(self.layer_idx) if cache is not None else None
         # One new token with a filled cache takes the in-place decode kernels, which are forward-only; with
         # autograd on (e.g. a model called outside torch.no_grad) the chunked path handles it differentiably.
-        decoding = (
-            cache is not None
-            and cache.recurrent_states[self.layer_idx] is not None
-            and seq_len == 1
-            and not torch.is_grad_enabled()
-        )
+        decoding = states is not None and seq_len == 1 and not torch.is_grad_enabled()
+        conv_states, initial_state = states if states is not None else ((None, None, None), None)
         x = hidden_states if decoding else layout.pack(hidden_states)  # [B or 1, T', hidden]
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
 
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if decoding:
-            conv_q, conv_k, conv_v = cache.conv_states[self.layer_idx]
-            q = self.q_conv1d.step(q[:, 0], conv_q)[:, None]
-            k = self.k_conv1d.step(k[:, 0], conv_k)[:, None]
-            v = self.v_conv1d.step(v[:, 0], conv_v)[:, None]
+            q = self.q_conv1d.step(q[:, 0], conv_states[0])[:, None]
+            k = self.k_conv1d.step(k[:, 0], conv_states[1])[:, None]
+            v = self.v_conv1d.step(v[:, 0], conv_states[2])[:, None]
         else:
-            states = cache.conv_states[self.layer_idx] if cache is not None else None
             keep = cache is not None
-            q, sq = self.q_conv1d(q, layout.cu_seqlens, states[0] if states else None, keep)
-            k, sk = self.k_conv1d(k, layout.cu_seqlens, states[1] if states else None, keep)
-            v, sv = self.v_conv1d(v, layout.cu_seqlens, states[2] if states else None, keep)
-            if keep:
-                cache.conv_states[self.layer_idx] = (sq, sk, sv)
+            q, sq = self.q_conv1d(q, layout.cu_seqlens, conv_states[0], keep)
+            k, sk = self.k_conv1d(k, layout.cu_seqlens, conv_states[1], keep)
+            v, sv = self.v_conv1d(v, layout.cu_seqlens, conv_states[2], keep)
+            conv_states = (sq, sk, sv)
 
         gate = self.f_b_proj(self.f_a_proj(x)).view(heads)
         beta = torch.sigmoid(self.b_proj(x).float())
         kda = fused_recurrent_kda if decoding else chunk_kda
-        initial_state = cache.recurrent_states[self.layer_idx] if cache is not None else None
         o, final_state = kda(
             q.view(heads), k.view(heads), v.view(heads), gate, beta,
             initial_state=initial_state, output_final_state=cache is not None,
@@ -275,7 +268,7 @@ class KimiDeltaAttention(nn.Module):
             **({"inplace_final_state": True} if decoding else {}),
         )  # fmt: skip
         if cache is not None:
-            cache.recurrent_states[self.layer_idx] = final_state
+            cache.update_kda(self.layer_idx, conv_states, final_state)
 
         out_gate = self.g_b_proj(self.g_a_proj(x)).view(heads)
         o = self.o_norm(o, out_gate).reshape(*x.shape[:2], -1)
@@ -454,6 +447,11 @@ class KimiLinearSparseMoE(nn.Module):
     # so older GPUs take the loop.
     use_grouped_mm: bool = True
     GROUP_ALIGN = 16
+    # Inference on CUDA with at most this many tokens (decoding) runs every expert on every token, scaled by
+    # its mixing weight (zero where not chosen): no sorting and no host synchronisation, so that the step
+    # can be captured in a CUDA graph, and each expert's weights are read once, as the grouped GEMM would
+    # (which also stacks them first); the extra FLOPs are negligible at these sizes.
+    DENSE_MAX_TOKENS = 64
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__()
@@ -471,6 +469,28 @@ class KimiLinearSparseMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         logits, weights, expert_ids = self.gate(x)
+        out = (
+            self._experts_dense(x, weights, expert_ids)
+            if self._use_dense_experts(x)
+            else self._routed(x, weights, expert_ids)
+        )
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape), logits
+
+    def _use_dense_experts(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and not torch.is_grad_enabled() and x.shape[0] <= self.DENSE_MAX_TOKENS
+
+    def _experts_dense(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """``x [N, hidden]``, mixing ``weights`` and ``expert_ids [N, k]`` -> routed output ``[N, hidden]``."""
+        mix = x.new_zeros(x.shape[0], self.num_experts).scatter_(1, expert_ids, weights.to(x.dtype))
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out.addcmul_(expert(x), mix[:, e, None])
+        return out
+
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Each token through its chosen experts only: ``x [N, hidden]`` -> ``[N, hidden]``."""
         # Sort the (token, expert) pairs by expert so that each expert sees one contiguous slice.
         flat_ids = expert_ids.flatten()
         order = flat_ids.argsort(stable=True)
@@ -482,10 +502,7 @@ class KimiLinearSparseMoE(nn.Module):
         else:
             routed_out = self._experts_loop(routed_in, counts)
         y = routed_out * weights.flatten()[order, None].to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of, y)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out.view(shape), logits
+        return torch.zeros_like(x).index_add_(0, token_of, y)
 
     def _experts_loop(self, routed_in: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``routed_in [M, hidden]`` sorted by expert, ``counts [E]`` -> ``[M, hidden]``."""
@@ -677,6 +694,11 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         layout = build_sequence_layout(
             attention_mask, position_ids, cu_seqlens, batch, seq_len, past_len, inputs_embeds.device
         )
+        if cache is not None:
+            new_tokens_mask = attention_mask[:, past_len:] if attention_mask is not None else None
+            static_mask = cache.begin_forward(batch, seq_len, new_tokens_mask, inputs_embeds.device)
+            if static_mask is not None:  # a static cache: MLA attends over its fixed-size buffers
+                layout = replace(layout, mla_mask=static_mask)
 
         if self.training:
             check_non_reentrant_checkpointing(self.layers)
@@ -693,7 +715,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         if output_hidden_states:
             all_hidden.append(hidden_states)
         if cache is not None:
-            cache.seen_tokens += seq_len
+            cache.end_forward(seq_len)
 
         return MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -767,11 +789,16 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             logits_to_keep: compute logits only for the last N positions (int) or the given indices (tensor).
             Other arguments as in :meth:`KimiLinearModel.forward`.
         """
+        cache = cache if cache is not None else past_key_values
+        if self._replays_decode_graph(cache, input_ids, labels, output_hidden_states, output_router_logits):
+            logits = cache.decode_graph(self).step(input_ids)
+            output = MoeCausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
+            return output if return_dict is not False else output.to_tuple()
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -792,6 +819,30 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def _replays_decode_graph(
+        self,
+        cache: KimiLinearCache | None,
+        input_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        output_hidden_states: bool | None,
+        output_router_logits: bool | None,
+    ) -> bool:
+        """Whether this forward is a one-token decode step that a :class:`KimiLinearStaticCache` runs as a
+        CUDA graph: inference on CUDA, after a prefill, with only logits to return."""
+        return (
+            isinstance(cache, KimiLinearStaticCache)
+            and cache.cuda_graphs
+            and cache.get_seq_length() > 0
+            and input_ids is not None
+            and input_ids.is_cuda
+            and input_ids.shape[1] == 1
+            and not self.training
+            and not torch.is_grad_enabled()
+            and labels is None
+            and not (output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+            and not (output_router_logits if output_router_logits is not None else self.config.output_router_logits)
+        )
 
     def prepare_inputs_for_generation(
         self,
