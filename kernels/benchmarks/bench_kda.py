@@ -8,7 +8,7 @@ torch reference is timed only at the first shape, forward only (it is slow). Dec
 Every time is a ``triton.testing.do_bench`` median in milliseconds.
 
     python kernels/benchmarks/bench_kda.py [--json results.json] [--quick]
-    python kernels/benchmarks/bench_kda.py --sweep INTRA_KEY_BLOCK=16,32,64 NUM_WARPS=4,8
+    python kernels/benchmarks/bench_kda.py --sweep PAIRS_KEY_BLOCK=16,32,64 PAIRS_WARPS=2,4,8
 
 ``--sweep`` times ours alone at the first shape for every combination of the given launch constants of
 ``kimi_hf.kernels.kda.chunk`` (tile sizes, warps), and checks each against the first combination.

@@ -28,7 +28,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from kimi_hf.kernels.kda import chunk, chunk_bwd, chunk_fwd  # noqa: E402
 
 _FP32_POINTERS = {
-    "G", "P", "M", "gl", "h0", "ht", "dht", "dh0", "dA_qk", "dP", "dg", "dbeta", "dA_log_part", "ddt_bias_part",
+    "G", "P", "M", "gl", "h0", "ht", "dht", "dh0", "dA_qk", "dP", "dg", "dG", "dlast_part", "dbeta", "dA_log_part",
+    "ddt_bias_part",
     "A_log", "dt_bias", "g", "g_raw", "beta",
 }  # fmt: skip
 _INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
@@ -57,14 +58,19 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     warps = chunk.NUM_WARPS
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
-        (chunk_fwd.kda_intra_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.INTRA_KEY_BLOCK), BV=BV),
-         warps, 1),
+        (chunk_fwd.kda_pairs_fwd_kernel,
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), BKD=min(BK, chunk.PAIRS_DIAG_KEY_BLOCK)),
+         chunk.PAIRS_WARPS, chunk.PAIRS_STAGES),
+        (chunk_fwd.kda_solve_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.SOLVE_KEY_BLOCK), BV=BV),
+         chunk.SOLVE_WARPS, 1),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True), warps, 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)), warps, 1),
-        (chunk_bwd.kda_key_bwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), BV=BV, GATE=True),
-         warps, 1),
+        (chunk_bwd.kda_key_bwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), BV=BV),
+         chunk.BWD_KEY_WARPS, 1),
+        (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True),
+         4, 1),
     ]  # fmt: skip
 
 
@@ -91,7 +97,7 @@ def report(fn, constexprs: dict, num_warps: int, num_stages: int, ptxas: str) ->
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     stores, loads = (spill.group(1), spill.group(2)) if spill else ("0", "0")
-    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BV"))
+    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BKD", "BV"))
     used = regs.group(1) if regs else "?"
     return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {num_stages} | {used} | {stores} | {loads} |"
 

@@ -1,9 +1,10 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: prep (L2 norm, gate, in-chunk cumsum) -> intra (A_qk, P, M, W, U per chunk) -> state
-(sequential over chunks, per head and V tile) -> output. Backward: state (reverse) -> pair (dv, dbeta and
-the gradients of the in-chunk pair matrices, per chunk) -> key (dq, dk, dg per chunk and block of key
-channels) -> L2-norm backward.
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P per sub-block of rows) -> solve (M, W,
+U per chunk) -> state (sequential over chunks, per head and V tile) -> output. Backward: state (reverse)
+-> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> key (dq, dk and dG per
+chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm
+backward.
 Everything runs on flattened ``[B*T, H, D]`` tensors with sequence offsets, so equal-length batches
 and packed (cu_seqlens) sequences share one code path.
 """
@@ -15,20 +16,33 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .chunk_bwd import kda_key_bwd_kernel, kda_pair_bwd_kernel, kda_state_bwd_kernel, l2norm_bwd_kernel
-from .chunk_fwd import kda_intra_fwd_kernel, kda_output_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel
+from .chunk_bwd import (
+    kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel, kda_state_bwd_kernel, l2norm_bwd_kernel,
+)  # fmt: skip
+from .chunk_fwd import (
+    kda_output_fwd_kernel, kda_pairs_fwd_kernel, kda_prep_fwd_kernel, kda_solve_fwd_kernel, kda_state_fwd_kernel,
+)  # fmt: skip
 from .utils import L2NORM_EPS
 
 CHUNK = 64  # tokens per chunk (BT)
 SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
-# Tiles of the per-chunk kernels: key channels per block in the forward intra kernel and in the backward key
-# kernel, value columns per tile in the backward pair kernel. Chosen by timing on the H200 (B1 T8192 H32 D128
-# bf16): 32-channel key blocks beat 16 in both kernels (forward 4.5 vs 5.4 ms; fwd+bwd 14.1 vs 17.1 ms) even
-# though ptxas reports spills at 32 (20 B and 720 B per thread; kernels/benchmarks/kda_registers.py), since
-# fewer blocks mean fewer rounds of dependent loads per program.
-INTRA_KEY_BLOCK = 32
+# Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in two (pairs, solve):
+# the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds of
+# dependent loads (BENCHMARKS.md). The pairs kernel, with most of the arithmetic, now compiles to 128
+# registers without spills at 8 warps (two programs per SM, four times as many programs); the solve kernel
+# keeps 255 at 8 warps (16 warps spill). Key channels per block: 32, and 16 for the pairs kernel's
+# [16, 16, BK] diagonal products; 32 beat 16 on the H200 in the backward key kernel despite its spills
+# (fewer rounds of per-block work). Value columns per tile in the backward pair kernel: 16.
+# Registers and spills without a GPU: kernels/benchmarks/kda_registers.py; timings: bench_kda.py --sweep.
+PAIRS_KEY_BLOCK = 32
+PAIRS_DIAG_KEY_BLOCK = 16
+PAIRS_WARPS = 8
+PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
+SOLVE_KEY_BLOCK = 32
+SOLVE_WARPS = 8
 BWD_KEY_BLOCK = 32
+BWD_KEY_WARPS = 4
 BWD_PAIR_BLOCK_V = 16
 NUM_WARPS = 8
 
@@ -116,9 +130,14 @@ def kda_chunk_fwd(
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    kda_intra_fwd_kernel[(NC, H)](
-        qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=min(BK, INTRA_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
+    kda_pairs_fwd_kernel[(NC, H, CHUNK // SUB)](
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), BKD=min(BK, PAIRS_DIAG_KEY_BLOCK), IEEE=ieee,
+        num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
+    )  # fmt: skip
+    kda_solve_fwd_kernel[(NC, H)](
+        qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=SOLVE_WARPS, num_stages=1,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
@@ -196,22 +215,27 @@ def kda_chunk_bwd(
         dA_qk, dP, saved["G"], chunks.indices, chunks.cu_seqlens, H, K, V,
         BT=CHUNK, BK=BK, BV=min(BV, BWD_PAIR_BLOCK_V), IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
-    # The key-side gradients per block of BWD_KEY_BLOCK channels; with the L2 norm they are first taken with
-    # respect to the normalised q/k (fp32), then through the norm.
+    # The key-side gradients per block of BWD_KEY_BLOCK channels and sub-block of rows; with the L2 norm they
+    # are first taken with respect to the normalised q/k (fp32), then through the norm. dg first holds dG.
     BKs = min(BK, BWD_KEY_BLOCK)
-    NKB = triton.cdiv(K, BKs)
+    NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
     dq, dk = (
         (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(2))
         if use_qk_l2norm
         else (torch.empty_like(q), torch.empty_like(k))
     )
     dg = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+    dlast_part = torch.empty(NC, H, NS, K, device=dev, dtype=torch.float32)
+    kda_key_bwd_kernel[(NC, H, NKB * NS)](
+        saved["qn"], saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dA_qk, dP, dq, dk, dg,
+        dlast_part, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BC=SUB, BK=BKs, BV=BV, IEEE=ieee, num_warps=BWD_KEY_WARPS, num_stages=1,
+    )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None
     ddt_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32) if use_gate else None
-    kda_key_bwd_kernel[(NC, H, NKB)](
-        saved["qn"], saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dA_qk, dP, g, A_log, dt_bias,
-        dq, dk, dg, dA_part, ddt_part, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=BKs, BV=BV, GATE=use_gate, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
+    kda_gate_bwd_kernel[(NC, H, NKB)](
+        dg, dlast_part, g, A_log, dt_bias, dA_part, ddt_part, chunks.indices, chunks.cu_seqlens, H, K,
+        BT=CHUNK, BC=SUB, BK=BKs, GATE=use_gate, num_warps=4,
     )  # fmt: skip
     if use_qk_l2norm:
         dq, dk = _l2norm_bwd(q, dq), _l2norm_bwd(k, dk)

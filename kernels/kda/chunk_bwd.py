@@ -21,12 +21,6 @@ from .chunk_fwd import (
 
 
 @triton.jit
-def _stack_rows(a, b):
-    """``[R, C]`` tiles -> ``[2R, C]``, a's rows first."""
-    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
-
-
-@triton.jit
 def _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, k0,
                          BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """Gradients of the pairs inside the sub-block at row ``m0`` for channels ``k0 .. k0 + BK``, with
@@ -44,22 +38,6 @@ def _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, k0,
     b_dkp = tl.sum(b_dP[:, :, None] * b_kE, axis=1)
     b_dkm = tl.sum((b_dA[:, :, None] * b_qs[:, None, :] + b_dP[:, :, None] * b_k[:, None, :]) * b_E, axis=0)
     return b_dq, b_dkp, b_dkm
-
-
-@triton.jit
-def _diag_pairs_bwd(q, k, G, dA_qk, dP, t0, eos, scale, H, i_h, K, k0,
-                    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """:func:`_sub_block_pairs_bwd` for the four sub-blocks of a chunk, stacked into ``[BT, BK]`` tiles."""
-    tl.static_assert(BT == 4 * BC)
-    a0, b0, c0 = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, 0, eos, scale, H, i_h, K, k0, BT, BC, BK)
-    a1, b1, c1 = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, BC, eos, scale, H, i_h, K, k0, BT, BC, BK)
-    a2, b2, c2 = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, 2 * BC, eos, scale, H, i_h, K, k0, BT, BC, BK)
-    a3, b3, c3 = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, 3 * BC, eos, scale, H, i_h, K, k0, BT, BC, BK)
-    return (
-        _stack_rows(_stack_rows(a0, a1), _stack_rows(a2, a3)),
-        _stack_rows(_stack_rows(b0, b1), _stack_rows(b2, b3)),
-        _stack_rows(_stack_rows(c0, c1), _stack_rows(c2, c3)),
-    )
 
 
 @triton.jit
@@ -161,23 +139,39 @@ def kda_pair_bwd_kernel(
 
 @triton.jit
 def kda_key_bwd_kernel(
-    q, k, G, h, dh, v_new, dv, do, dA_qk, dP, g_raw, A_log, dt_bias,
-    dq, dk, dg, dA_log_part, ddt_bias_part, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr,
+    q, k, G, h, dh, v_new, dv, do, dA_qk, dP, dq, dk, dG, dlast_part, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head, block of BK key channels): dq, dk (with respect to the normalised q/k), dg and
-    the fused gate's per-chunk partial sums. Every term is a sum over key channels of per-channel
-    products, so the channel blocks are independent; splitting them keeps the tiles in registers."""
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Per (chunk, head, block of BK key channels, sub-block of BC rows): dq and dk of those rows (with respect
+    to the normalised q/k), their dG before the in-chunk reverse cumsum (to ``dG``), and their part of the
+    gradient of the chunk's last G (to ``dlast_part [NC, H, BT // BC, K]``). Every term is a sum over key
+    channels of per-channel products, so channel blocks are independent; a program holds [BC, BK] and
+    [BT, BK] tiles only.
+
+    Pairs with earlier rows use this sub-block's first row p as a pivot (exp(G_i - G_p) exp(G_p - G_j)),
+    pairs with later rows its last row l (exp(G_i - G_l) exp(G_l - G_j)): every factor is <= 1, and each side
+    is one tensor-core dot. Pairs inside the sub-block are summed exactly, as [BC, BC, BK] products.
+    """
+    i_c, i_h, i_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NS: tl.constexpr = BT // BC
+    i_k, i_s = i_ks // NS, i_ks % NS
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, i_k * BK, BT, BK)
-    n_valid = tl.minimum(eos - t0, BT)
+    m0 = i_s * BC
+    # the whole chunk's rows, as the other side of the pairs
+    b_Gc, b_last, idx, c_rows, c_mask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, i_k * BK, BT, BK)
+    b_qc = _load_rows(q, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+    b_kc = _load_rows(k, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32)
+    # this sub-block's rows
+    rows = t0 + m0 + tl.arange(0, BC)
+    rmask = rows < eos
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    # Direct terms through the chunk-start state S and the end-state gradient dS'.
     dt = h.dtype.element_ty
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
-    b_dkg = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp G) = -dv S^T
-    b_dkh = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp(G_last - G)) = V' dS'^T
+    b_dq = tl.zeros([BC, BK], dtype=tl.float32)  # dO S^T
+    b_dkg = tl.zeros([BC, BK], dtype=tl.float32)  # d(k exp G) = -dv S^T
+    b_dkh = tl.zeros([BC, BK], dtype=tl.float32)  # d(k exp(G_last - G)) = V' dS'^T
     b_dlast = tl.zeros([BK], dtype=tl.float32)
     st = (i_c * H + i_h).to(tl.int64) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -194,36 +188,64 @@ def kda_key_bwd_kernel(
         b_dkh += tl.dot(b_vn, tl.trans(b_dS), input_precision=IEEE)
         b_dkg -= tl.dot(b_dx, tl.trans(b_S), input_precision=IEEE)
         b_dlast += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), axis=1)
-    tmask = idx < BT
-    b_dAqk = _load_rows(dA_qk, rows, rmask, idx, tmask, H, i_h, BT)
-    b_dP = _load_rows(dP, rows, rmask, idx, tmask, H, i_h, BT)
-    # Direct terms, then the pairwise ones added in place (3 accumulators keep register use down):
     # dkp collects the k terms that carry exp(+G), dkm those with exp(-G); G's gradient is
     # q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
     b_gexp = tl.exp(b_G)
     b_dq = b_dq * b_gexp * scale
     b_dkp = b_dkg * b_gexp
     b_dkm = b_dkh * tl.exp(b_last[None, :] - b_G)
-    b_dlast = b_dlast * tl.exp(b_last) + tl.sum(b_dkm * b_k, axis=0)
-    # Pairwise terms; qs = scale * q. lo: this row is the later (query) side; hi: the earlier (key) side.
-    b_qs = b_q * scale
-    blk = idx // BC
-    for m in tl.static_range(1, BT // BC):
-        b_Gr = _pick_row(b_G, idx, m * BC)
-        b_to_row = tl.exp(tl.where((blk == m)[:, None], b_G - b_Gr[None, :], float("-inf")))
-        b_from_piv = tl.exp(tl.where((idx < m * BC)[:, None], b_Gr[None, :] - b_G, float("-inf")))
-        b_kp = b_k * b_from_piv
-        b_dq += b_to_row * tl.dot(b_dAqk, b_kp, input_precision=IEEE) * scale
-        b_dkp += b_to_row * tl.dot(b_dP, b_kp, input_precision=IEEE)
-        b_hi = tl.dot(tl.trans(b_dAqk), b_qs * b_to_row, input_precision=IEEE)
-        b_hi += tl.dot(tl.trans(b_dP), b_k * b_to_row, input_precision=IEEE)
-        b_dkm += b_from_piv * b_hi
-    # Pairs inside a sub-block, exact.
-    d_dq, d_dkp, d_dkm = _diag_pairs_bwd(q, k, G, dA_qk, dP, t0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK)
+    # G_last enters through kh = k exp(G_last - G) (every row) and the state decay (once per chunk).
+    b_part = tl.sum(b_dkm * b_k, axis=0) + tl.where(i_s == 0, b_dlast * tl.exp(b_last), 0.0)
+    tl.store(dlast_part + ((i_c * H + i_h) * NS + i_s).to(tl.int64) * K + cols, b_part, mask=cmask)
+    # Pairs with earlier sub-blocks: these rows are the later (query) side.
+    b_Gp = _pick_row(b_Gc, idx, m0)
+    b_kp = b_kc * tl.exp(tl.where((idx < m0)[:, None], b_Gp[None, :] - b_Gc, float("-inf")))
+    b_to_row = tl.exp(tl.where(rmask[:, None], b_G - b_Gp[None, :], float("-inf")))
+    b_dA_row = _load_rows(dA_qk, rows, rmask, idx, idx < BT, H, i_h, BT)
+    b_dP_row = _load_rows(dP, rows, rmask, idx, idx < BT, H, i_h, BT)
+    b_dq += b_to_row * tl.dot(b_dA_row, b_kp, input_precision=IEEE) * scale
+    b_dkp += b_to_row * tl.dot(b_dP_row, b_kp, input_precision=IEEE)
+    # Pairs with later sub-blocks: these rows are the earlier (key) side.
+    b_Gl = _pick_row(b_Gc, idx, m0 + BC - 1)
+    b_from_piv = tl.exp(tl.where((idx >= m0 + BC)[:, None], b_Gc - b_Gl[None, :], float("-inf")))
+    sub_cols = m0 + tl.arange(0, BC)
+    b_dA_col = _load_rows(dA_qk, c_rows, c_mask, sub_cols, sub_cols < BT, H, i_h, BT)
+    b_dP_col = _load_rows(dP, c_rows, c_mask, sub_cols, sub_cols < BT, H, i_h, BT)
+    b_hi = tl.dot(tl.trans(b_dA_col), b_qc * b_from_piv, input_precision=IEEE)
+    b_hi += tl.dot(tl.trans(b_dP_col), b_kc * b_from_piv, input_precision=IEEE)
+    b_dkm += tl.exp(tl.where(rmask[:, None], b_Gl[None, :] - b_G, float("-inf"))) * b_hi
+    # Pairs inside the sub-block.
+    d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK)
     b_dq += d_dq
     b_dkp += d_dkp
     b_dkm += d_dkm
-    b_dG = b_q * b_dq + b_k * (b_dkp - b_dkm)
+    _store_rows(dG, b_q * b_dq + b_k * (b_dkp - b_dkm), rows, rmask, cols, cmask, H, i_h, K)
+    _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)
+    _store_rows(dk, b_dkp + b_dkm, rows, rmask, cols, cmask, H, i_h, K)
+
+
+@triton.jit
+def kda_gate_bwd_kernel(
+    dg, dlast_part, g_raw, A_log, dt_bias, dA_log_part, ddt_bias_part, chunk_indices, cu_seqlens, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head, block of BK key channels), in place on ``dg`` (holding dG): the gradient of the
+    chunk's last G joins its last row, the in-chunk cumulative sum is undone by a reverse cumsum, and with
+    the fused gate (g = -exp(A_log) softplus(x + dt_bias)) dg goes through it, with per-chunk partial sums
+    for A_log and dt_bias."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NS: tl.constexpr = BT // BC
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    idx = tl.arange(0, BT)
+    rows = t0 + idx
+    rmask = rows < eos
+    cols = i_k * BK + tl.arange(0, BK)
+    cmask = cols < K
+    b_dG = _load_rows(dg, rows, rmask, cols, cmask, H, i_h, K)
+    parts = (i_c * H + i_h) * NS + tl.arange(0, NS)
+    b_dlast = tl.sum(tl.load(dlast_part + parts[:, None].to(tl.int64) * K + cols[None, :], mask=cmask[None, :],
+                             other=0.0), axis=0)  # fmt: skip
+    n_valid = tl.minimum(eos - t0, BT)
     b_dG += tl.where((idx == n_valid - 1)[:, None], b_dlast[None, :], 0.0)
     b_dG = tl.where(rmask[:, None], b_dG, 0.0)
     b_dg = tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
@@ -239,8 +261,6 @@ def kda_key_bwd_kernel(
         b_dg = tl.where(valid, -b_a * tl.sigmoid(b_x) * b_dg, 0.0)
         tl.store(ddt_bias_part + (i_c * H + i_h) * K + cols, tl.sum(b_dg, axis=0), mask=cmask)
     _store_rows(dg, b_dg, rows, rmask, cols, cmask, H, i_h, K)
-    _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)
-    _store_rows(dk, b_dkp + b_dkm, rows, rmask, cols, cmask, H, i_h, K)
 
 
 @triton.jit

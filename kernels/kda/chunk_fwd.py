@@ -154,19 +154,57 @@ def kda_prep_fwd_kernel(
 
 
 @triton.jit
-def kda_intra_fwd_kernel(
-    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
+def kda_pairs_fwd_kernel(
+    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head, sub-block of BC rows): those rows of A_qk and P (``[TT, H, BT]``), with exact
+    in-chunk decays, the key channels taken in blocks of ``BK`` (``BKD`` for the diagonal tile, whose
+    [BC, BC, BKD] products take the most registers).
+
+    Columns in earlier sub-blocks use the sub-block's first row p as a pivot, exp(G_i - G_j) =
+    exp(G_i - G_p) exp(G_p - G_j) with both factors <= 1, giving one tensor-core dot per key block; pairs
+    inside the sub-block are summed exactly, as [BC, BC, BK] products. A program holds only [BC, BT] and
+    [BT, BK] tiles, so several run per SM.
+    """
+    i_c, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    m0 = i_s * BC
+    rows = t0 + m0 + tl.arange(0, BC)
+    rmask = rows < eos
+    b_A = tl.zeros([BC, BT], dtype=tl.float32)
+    b_P = tl.zeros([BC, BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        # every row of the chunk as a column (rows past the end repeat the last G, with k = 0)
+        b_Gc, b_last, idx, c_rows, c_mask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+        b_Gp = _pick_row(b_Gc, idx, m0)
+        b_kc = _load_rows(k, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_kp = b_kc * tl.exp(tl.where((idx < m0)[:, None], b_Gp[None, :] - b_Gc, float("-inf")))
+        b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_to_row = tl.exp(tl.where(rmask[:, None], b_G - b_Gp[None, :], float("-inf")))
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_A += tl.dot(b_q * b_to_row, tl.trans(b_kp), input_precision=IEEE)
+        b_P += tl.dot(b_k * b_to_row, tl.trans(b_kp), input_precision=IEEE)
+    # The dots give the columns before the sub-block and zeros after it; the diagonal tile comes apart.
+    cols_t = tl.arange(0, BT)
+    off_diag = rmask[:, None] & ((cols_t < m0) | (cols_t >= m0 + BC))[None, :]
+    tl.store(A_qk + _tile_offsets(rows, cols_t, H, i_h, BT), b_A.to(A_qk.dtype.element_ty), mask=off_diag)
+    tl.store(P + _tile_offsets(rows, cols_t, H, i_h, BT), b_P, mask=off_diag)
+    b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
+    d_cols = m0 + tl.arange(0, BC)
+    _store_rows(A_qk, b_Ad, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
+    _store_rows(P, b_Pd, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
+
+
+@triton.jit
+def kda_solve_fwd_kernel(
+    q, k, v, G, beta, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): A_qk and P with exact in-chunk decays, M = (I + Diag(beta) P)^-1, then W and U,
-    taking the key channels in blocks of ``BK``.
-    Also what the sequential kernels would otherwise recompute: qg = scale * q * exp(G),
-    kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
-
-    Pairs in different sub-blocks of BC rows use the first row r of the row's sub-block as a pivot,
-    exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with both factors <= 1, giving tensor-core dots;
-    pairs inside a sub-block are summed exactly, as [BC, BC, BK] products.
-    """
+    """Per (chunk, head): M = (I + Diag(beta) P)^-1, then W = M (beta * k * exp(G)) and U = M (beta * v),
+    taking the key channels in blocks of ``BK``. Also what the sequential kernels would otherwise
+    recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
@@ -174,36 +212,9 @@ def kda_intra_fwd_kernel(
     rmask = rows < eos
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
     blk = idx // BC
-    b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_P = tl.zeros([BT, BT], dtype=tl.float32)
-    # Pairs inside a sub-block first, straight to memory (the dots below leave those tiles zero).
-    for m0 in tl.static_range(0, BT, BC):
-        b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BK)
-        d_cols = m0 + tl.arange(0, BC)
-        d_rows = t0 + d_cols
-        _store_rows(A_qk, b_Ad, d_rows, d_rows < eos, d_cols, d_cols < BT, H, i_h, BT)
-        _store_rows(P, b_Pd, d_rows, d_rows < eos, d_cols, d_cols < BT, H, i_h, BT)
-    # Both matrices are sums over key channels: accumulate them block by block of BK channels, which
-    # keeps the [BT, BK] tiles in registers.
-    for k0 in range(0, K, BK):
-        b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        for m in tl.static_range(1, BT // BC):
-            b_Gr = _pick_row(b_G, idx, m * BC)
-            b_to_row = tl.exp(tl.where((blk == m)[:, None], b_G - b_Gr[None, :], float("-inf")))
-            b_kp = b_k * tl.exp(tl.where((idx < m * BC)[:, None], b_Gr[None, :] - b_G, float("-inf")))
-            b_Aqk += tl.dot(b_q * b_to_row, tl.trans(b_kp), input_precision=IEEE)
-            b_P += tl.dot(b_k * b_to_row, tl.trans(b_kp), input_precision=IEEE)
-    cols_t = tl.arange(0, BT)
-    off_diag = (blk[:, None] != blk[None, :]) & rmask[:, None]
-    tl.store(A_qk + _tile_offsets(rows, cols_t, H, i_h, BT), b_Aqk.to(A_qk.dtype.element_ty), mask=off_diag)
-    tl.store(P + _tile_offsets(rows, cols_t, H, i_h, BT), b_P, mask=off_diag)
-    # M = (I + Diag(beta) P)^-1 in two stages (stable: the operations of blocked forward substitution).
+    # M in two stages (stable: the operations of blocked forward substitution).
     # 1. The BC x BC diagonal blocks by forward substitution, all blocks at once: step i writes row i of
-    #    every block. Rows of P are read back from memory (just written by this program, hence the
-    #    barrier): cheaper than extracting them from the register tile. Rows past the end keep M = e_i.
-    tl.debug_barrier()
+    #    every block, reading rows of P from memory. Rows past the end keep M = e_i.
     eye = idx[:, None] == idx[None, :]
     same_blk = blk[:, None] == blk[None, :]
     sub = idx - blk * BC
@@ -220,11 +231,12 @@ def kda_intra_fwd_kernel(
         b_Md = tl.where((sub == i)[:, None] & same_blk, b_new, b_Md)
     # 2. With D the block diagonal of L = I + Diag(beta) P and E its part below the blocks,
     #    M = (I + X)^-1 D^-1 with X = D^-1 E, i.e. M = D^-1 - X M: block row b is exact after b sweeps.
+    b_P = _load_rows(P, rows, rmask, idx, idx < BT, H, i_h, BT)
     b_X = tl.dot(b_Md, tl.where(blk[:, None] > blk[None, :], b_beta[:, None] * b_P, 0.0), input_precision=IEEE)
     b_M = b_Md
     for _sweep in tl.static_range(1, BT // BC):
         b_M = b_Md - tl.dot(b_X, b_M, input_precision=IEEE)
-    _store_rows(M, b_M, rows, rmask, cols_t, cols_t < BT, H, i_h, BT)
+    _store_rows(M, b_M, rows, rmask, idx, idx < BT, H, i_h, BT)
     b_Md = b_M.to(W.dtype.element_ty)
     for k0 in range(0, K, BK):
         b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
