@@ -73,6 +73,14 @@ def test_chunk_two_chunks_fwd_bwd():
     _check(_inputs(T=70, N=1), use_qk_l2norm_in_kernel=True)
 
 
+def test_chunk_without_in_kernel_l2norm_fwd_bwd():
+    """q, k normalised by the caller: dq, dk leave the kernels in the inputs' dtype, not through the norm."""
+    inputs = _inputs(T=70, N=1, K=32, V=16, seed=11)
+    for name in ("q", "k"):
+        inputs[name] = inputs[name] / inputs[name].norm(dim=-1, keepdim=True)
+    _check(inputs, use_qk_l2norm_in_kernel=False)
+
+
 def test_chunk_fp16_fwd_bwd():
     """The low-precision variant (fp16 operands in the tensor-core dots, fp32 accumulation)."""
     _check(_inputs(T=100, N=1, K=32, V=32, seed=8), rtol=3e-3, dtype=torch.float16, use_qk_l2norm_in_kernel=True)

@@ -29,7 +29,7 @@ from kimi_hf.kernels.kda import chunk, chunk_bwd, chunk_fwd  # noqa: E402
 
 _FP32_POINTERS = {
     "G", "P", "M", "gl", "h0", "ht", "dht", "dh0", "dA_qk", "dP", "dg", "dG", "dlast_part", "dbeta", "dA_log_part",
-    "ddt_bias_part",
+    "ddt_bias_part", "dq", "dk", "dkp", "dkm",
     "A_log", "dt_bias", "g", "g_raw", "beta",
 }  # fmt: skip
 _INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
@@ -67,10 +67,11 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)), warps, 1),
-        (chunk_bwd.kda_key_bwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), BV=BV),
+        (chunk_bwd.kda_direct_bwd_kernel,
+         dict(common, BK=min(BK, chunk.BWD_DIRECT_KEY_BLOCK), BV=min(BV, chunk.BWD_DIRECT_BLOCK_V)), warps, 1),
+        (chunk_bwd.kda_key_bwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK)),
          chunk.BWD_KEY_WARPS, 1),
-        (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True),
-         4, 1),
+        (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True), 4, 1),
     ]  # fmt: skip
 
 

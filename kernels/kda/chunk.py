@@ -17,7 +17,8 @@ import torch
 import triton
 
 from .chunk_bwd import (
-    kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel, kda_state_bwd_kernel, l2norm_bwd_kernel,
+    kda_direct_bwd_kernel, kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel, kda_state_bwd_kernel,
+    l2norm_bwd_kernel,
 )  # fmt: skip
 from .chunk_fwd import (
     kda_output_fwd_kernel, kda_pairs_fwd_kernel, kda_prep_fwd_kernel, kda_solve_fwd_kernel, kda_state_fwd_kernel,
@@ -33,7 +34,10 @@ MAX_HEAD_DIM = 256
 # registers without spills at 8 warps (two programs per SM, four times as many programs); the solve kernel
 # keeps 255 at 8 warps (16 warps spill). Key channels per block: 32, and 16 for the pairs kernel's
 # [16, 16, BK] diagonal products; 32 beat 16 on the H200 in the backward key kernel despite its spills
-# (fewer rounds of per-block work). Value columns per tile in the backward pair kernel: 16.
+# (fewer rounds of per-block work). Value columns per tile in the backward pair kernel: 16. The backward's
+# terms through the states are [64, V] x [V, BK] dots per chunk in their own kernel (64 channels, 32 value
+# columns per step): inside the per-sub-block key kernel they were [16, V] dots repeated for each of the 4
+# sub-blocks, with the state tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
 # Registers and spills without a GPU: kernels/benchmarks/kda_registers.py; timings: bench_kda.py --sweep.
 PAIRS_KEY_BLOCK = 32
 PAIRS_DIAG_KEY_BLOCK = 16
@@ -41,6 +45,8 @@ PAIRS_WARPS = 8
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
 SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
+BWD_DIRECT_KEY_BLOCK = 64
+BWD_DIRECT_BLOCK_V = 32
 BWD_KEY_BLOCK = 32
 BWD_KEY_WARPS = 4
 BWD_PAIR_BLOCK_V = 16
@@ -215,30 +221,34 @@ def kda_chunk_bwd(
         dA_qk, dP, saved["G"], chunks.indices, chunks.cu_seqlens, H, K, V,
         BT=CHUNK, BK=BK, BV=min(BV, BWD_PAIR_BLOCK_V), IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
-    # The key-side gradients per block of BWD_KEY_BLOCK channels and sub-block of rows; with the L2 norm they
-    # are first taken with respect to the normalised q/k (fp32), then through the norm. dg first holds dG.
+    # The key-side gradients, taken with respect to the normalised q/k (fp32; with the L2 norm then through
+    # the norm): first the terms through the states, per chunk and block of BWD_DIRECT_KEY_BLOCK channels
+    # (dq, dk and dg hold dq, dkp and dkm), then the in-chunk pairs per block of BWD_KEY_BLOCK channels and
+    # sub-block of rows (dq, dk in place; dg gets dG), then the gate.
+    dq, dk, dg = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(3))
+    dlast_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
+    BKd = min(BK, BWD_DIRECT_KEY_BLOCK)
+    kda_direct_bwd_kernel[(NC, H, triton.cdiv(K, BKd))](
+        saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dq, dk, dg, dlast_part,
+        chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
+    )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
-    dq, dk = (
-        (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(2))
-        if use_qk_l2norm
-        else (torch.empty_like(q), torch.empty_like(k))
-    )
-    dg = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
-    dlast_part = torch.empty(NC, H, NS, K, device=dev, dtype=torch.float32)
     kda_key_bwd_kernel[(NC, H, NKB * NS)](
-        saved["qn"], saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dA_qk, dP, dq, dk, dg,
-        dlast_part, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=BKs, BV=BV, IEEE=ieee, num_warps=BWD_KEY_WARPS, num_stages=1,
+        saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, dg, chunks.indices, chunks.cu_seqlens,
+        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee, num_warps=BWD_KEY_WARPS, num_stages=1,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None
     ddt_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32) if use_gate else None
     kda_gate_bwd_kernel[(NC, H, NKB)](
         dg, dlast_part, g, A_log, dt_bias, dA_part, ddt_part, chunks.indices, chunks.cu_seqlens, H, K,
-        BT=CHUNK, BC=SUB, BK=BKs, GATE=use_gate, num_warps=4,
+        BT=CHUNK, BK=BKs, GATE=use_gate, num_warps=4,
     )  # fmt: skip
     if use_qk_l2norm:
         dq, dk = _l2norm_bwd(q, dq), _l2norm_bwd(k, dk)
+    else:
+        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
     dA_log = dA_part.sum((0, 2)) if use_gate else None
     ddt_bias = ddt_part.sum(0) if use_gate else None
     return dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias

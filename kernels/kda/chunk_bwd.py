@@ -138,40 +138,22 @@ def kda_pair_bwd_kernel(
 
 
 @triton.jit
-def kda_key_bwd_kernel(
-    q, k, G, h, dh, v_new, dv, do, dA_qk, dP, dq, dk, dG, dlast_part, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+def kda_direct_bwd_kernel(
+    k, G, h, dh, v_new, dv, do, dq, dkp, dkm, dlast_part, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head, block of BK key channels, sub-block of BC rows): dq and dk of those rows (with respect
-    to the normalised q/k), their dG before the in-chunk reverse cumsum (to ``dG``), and their part of the
-    gradient of the chunk's last G (to ``dlast_part [NC, H, BT // BC, K]``). Every term is a sum over key
-    channels of per-channel products, so channel blocks are independent; a program holds [BC, BK] and
-    [BT, BK] tiles only.
-
-    Pairs with earlier rows use this sub-block's first row p as a pivot (exp(G_i - G_p) exp(G_p - G_j)),
-    pairs with later rows its last row l (exp(G_i - G_l) exp(G_l - G_j)): every factor is <= 1, and each side
-    is one tensor-core dot. Pairs inside the sub-block are summed exactly, as [BC, BC, BK] products.
-    """
-    i_c, i_h, i_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NS: tl.constexpr = BT // BC
-    i_k, i_s = i_ks // NS, i_ks % NS
+    """Per (chunk, head, block of BK key channels), all BT rows: the terms through the chunk-start state S
+    and the end-state gradient dS' (``[BT, V] x [V, BK]`` dots). Writes, fp32 ``[TT, H, K]``: dq = scale
+    exp(G) dO S^T, dkp = -exp(G) dv S^T (k terms that carry exp(+G)) and dkm = exp(G_last - G) V' dS'^T
+    (those with exp(-G)), which :func:`kda_key_bwd_kernel` completes with the in-chunk pairs; and the
+    gradient of the chunk's last G to ``dlast_part [NC, H, K]``."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    m0 = i_s * BC
-    # the whole chunk's rows, as the other side of the pairs
-    b_Gc, b_last, idx, c_rows, c_mask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, i_k * BK, BT, BK)
-    b_qc = _load_rows(q, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-    b_kc = _load_rows(k, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32)
-    # this sub-block's rows
-    rows = t0 + m0 + tl.arange(0, BC)
-    rmask = rows < eos
-    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    # Direct terms through the chunk-start state S and the end-state gradient dS'.
+    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, i_k * BK, BT, BK)
     dt = h.dtype.element_ty
-    b_dq = tl.zeros([BC, BK], dtype=tl.float32)  # dO S^T
-    b_dkg = tl.zeros([BC, BK], dtype=tl.float32)  # d(k exp G) = -dv S^T
-    b_dkh = tl.zeros([BC, BK], dtype=tl.float32)  # d(k exp(G_last - G)) = V' dS'^T
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
+    b_dkg = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp G) = -dv S^T
+    b_dkh = tl.zeros([BT, BK], dtype=tl.float32)  # d(k exp(G_last - G)) = V' dS'^T
     b_dlast = tl.zeros([BK], dtype=tl.float32)
     st = (i_c * H + i_h).to(tl.int64) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -188,15 +170,48 @@ def kda_key_bwd_kernel(
         b_dkh += tl.dot(b_vn, tl.trans(b_dS), input_precision=IEEE)
         b_dkg -= tl.dot(b_dx, tl.trans(b_S), input_precision=IEEE)
         b_dlast += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), axis=1)
-    # dkp collects the k terms that carry exp(+G), dkm those with exp(-G); G's gradient is
-    # q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
     b_gexp = tl.exp(b_G)
-    b_dq = b_dq * b_gexp * scale
-    b_dkp = b_dkg * b_gexp
     b_dkm = b_dkh * tl.exp(b_last[None, :] - b_G)
+    _store_rows(dq, b_dq * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
+    _store_rows(dkp, b_dkg * b_gexp, rows, rmask, cols, cmask, H, i_h, K)
+    _store_rows(dkm, b_dkm, rows, rmask, cols, cmask, H, i_h, K)
     # G_last enters through kh = k exp(G_last - G) (every row) and the state decay (once per chunk).
-    b_part = tl.sum(b_dkm * b_k, axis=0) + tl.where(i_s == 0, b_dlast * tl.exp(b_last), 0.0)
-    tl.store(dlast_part + ((i_c * H + i_h) * NS + i_s).to(tl.int64) * K + cols, b_part, mask=cmask)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_part = tl.sum(b_dkm * b_k, axis=0) + b_dlast * tl.exp(b_last)
+    tl.store(dlast_part + (i_c * H + i_h).to(tl.int64) * K + cols, b_part, mask=cmask)
+
+
+@triton.jit
+def kda_key_bwd_kernel(
+    q, k, G, dA_qk, dP, dq, dk, dkm, dG, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
+    direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dkm``, fp32) and
+    writes dq and dk (with respect to the normalised q/k; in place) and dG before the in-chunk reverse
+    cumsum (to ``dG``, which may be ``dkm`` itself). Every term is a sum over key channels of per-channel
+    products, so channel blocks are independent; a program holds [BC, BK] and [BT, BK] tiles only.
+
+    Pairs with earlier rows use this sub-block's first row p as a pivot (exp(G_i - G_p) exp(G_p - G_j)),
+    pairs with later rows its last row l (exp(G_i - G_l) exp(G_l - G_j)): every factor is <= 1, and each side
+    is one tensor-core dot. Pairs inside the sub-block are summed exactly, as [BC, BC, BK] products.
+    """
+    i_c, i_h, i_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NS: tl.constexpr = BT // BC
+    i_k, i_s = i_ks // NS, i_ks % NS
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    m0 = i_s * BC
+    # the whole chunk's rows, as the other side of the pairs
+    b_Gc, b_last, idx, c_rows, c_mask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, i_k * BK, BT, BK)
+    b_qc = _load_rows(q, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+    b_kc = _load_rows(k, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32)
+    # this sub-block's rows and their direct terms
+    rows = t0 + m0 + tl.arange(0, BC)
+    rmask = rows < eos
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_dq = _load_rows(dq, rows, rmask, cols, cmask, H, i_h, K)
+    b_dkp = _load_rows(dk, rows, rmask, cols, cmask, H, i_h, K)
+    b_dkm = _load_rows(dkm, rows, rmask, cols, cmask, H, i_h, K)
     # Pairs with earlier sub-blocks: these rows are the later (query) side.
     b_Gp = _pick_row(b_Gc, idx, m0)
     b_kp = b_kc * tl.exp(tl.where((idx < m0)[:, None], b_Gp[None, :] - b_Gc, float("-inf")))
@@ -219,6 +234,9 @@ def kda_key_bwd_kernel(
     b_dq += d_dq
     b_dkp += d_dkp
     b_dkm += d_dkm
+    # G's gradient is q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     _store_rows(dG, b_q * b_dq + b_k * (b_dkp - b_dkm), rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(dk, b_dkp + b_dkm, rows, rmask, cols, cmask, H, i_h, K)
@@ -227,14 +245,13 @@ def kda_key_bwd_kernel(
 @triton.jit
 def kda_gate_bwd_kernel(
     dg, dlast_part, g_raw, A_log, dt_bias, dA_log_part, ddt_bias_part, chunk_indices, cu_seqlens, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, block of BK key channels), in place on ``dg`` (holding dG): the gradient of the
     chunk's last G joins its last row, the in-chunk cumulative sum is undone by a reverse cumsum, and with
     the fused gate (g = -exp(A_log) softplus(x + dt_bias)) dg goes through it, with per-chunk partial sums
     for A_log and dt_bias."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NS: tl.constexpr = BT // BC
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
     rows = t0 + idx
@@ -242,9 +259,7 @@ def kda_gate_bwd_kernel(
     cols = i_k * BK + tl.arange(0, BK)
     cmask = cols < K
     b_dG = _load_rows(dg, rows, rmask, cols, cmask, H, i_h, K)
-    parts = (i_c * H + i_h) * NS + tl.arange(0, NS)
-    b_dlast = tl.sum(tl.load(dlast_part + parts[:, None].to(tl.int64) * K + cols[None, :], mask=cmask[None, :],
-                             other=0.0), axis=0)  # fmt: skip
+    b_dlast = tl.load(dlast_part + (i_c * H + i_h).to(tl.int64) * K + cols, mask=cmask, other=0.0)
     n_valid = tl.minimum(eos - t0, BT)
     b_dG += tl.where((idx == n_valid - 1)[:, None], b_dlast[None, :], 0.0)
     b_dG = tl.where(rmask[:, None], b_dG, 0.0)
