@@ -51,7 +51,9 @@ import torch
 import transformers
 
 import kimi_hf.modules.attn_res as attn_res_module
+from kimi_hf import KimiLinearForCausalLM, KimiLinearStaticCache
 from kimi_hf.kernels.attn_res import SourceBank, naive_depth_attention, rms_norm
+from kimi_hf.models.kimi_linear.modeling_kimi_linear import CACHE_FIELD
 
 DENSE_1B = dict(
     vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -205,9 +207,18 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
-def decode_ms(model, prompt: torch.Tensor, warmup: int, steps: int, device: torch.device) -> float | None:
-    """Median latency of one greedy cached one-token step at B1 (after ``warmup`` untimed steps)."""
-    out = model(prompt, use_cache=True)
+def decode_ms(
+    model, prompt: torch.Tensor, warmup: int, steps: int, device: torch.device, static_cache: bool = False
+) -> float | None:
+    """Median latency of one greedy cached one-token step at B1 (after ``warmup`` untimed steps).
+
+    ``static_cache`` (Kimi Linear): a :class:`~kimi_hf.KimiLinearStaticCache`, so that on CUDA the steps
+    after the first are one CUDA-graph replay each (GPU-bound instead of host-bound).
+    """
+    static = {}
+    if static_cache and isinstance(model, KimiLinearForCausalLM):
+        static = {CACHE_FIELD: KimiLinearStaticCache(model.config, prompt.shape[1] + warmup + steps)}
+    out = model(prompt, use_cache=True, **static)
     cache = _cache_of(out)
     token = out.logits[:, -1:].argmax(-1)
     times = []
@@ -269,9 +280,11 @@ def bench_variant(
                 row["prefill_ms"] = timer(lambda: model(ids, use_cache=False))
             prompt = torch.randint(0, vocab, (1, args.decode_prompt), generator=gen).to(device)
             if warm_only:
-                decode_ms(model, prompt, args.decode_warmup, 0, device)
+                decode_ms(model, prompt, args.decode_warmup, 0, device, args.static_cache)
             else:
-                row["decode_ms"] = decode_ms(model, prompt, args.decode_warmup, args.decode_tokens, device)
+                row["decode_ms"] = decode_ms(
+                    model, prompt, args.decode_warmup, args.decode_tokens, device, args.static_cache
+                )
     return row
 
 
@@ -328,6 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-warmup", type=int, default=None, help="untimed decode steps before the timed ones "
                    "(default 20: every cache length modulo 16; 2 tiny)")  # fmt: skip
     p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 24; 3 tiny)")
+    p.add_argument("--static-cache", action="store_true", help="Kimi Linear decodes with KimiLinearStaticCache "
+                   "(CUDA graphs on CUDA); the dense model keeps its growing cache")  # fmt: skip
     p.add_argument("--warmup-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="run every configuration once, untimed, before the timed passes")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this JSON file (rewritten after each row)")
@@ -353,7 +368,8 @@ def _header(args, model_name: str, device: torch.device, dtype: torch.dtype) -> 
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "versions": versions,
         "shape": f"B{batch} T{seq} {str(dtype).removeprefix('torch.')}, attention {args.attn}, block size {block} "
-        f"sublayers; decode B1 after a {args.decode_prompt}-token prompt, median of {args.decode_tokens} steps",
+        f"sublayers; decode B1 after a {args.decode_prompt}-token prompt, median of {args.decode_tokens} steps"
+        + (" (KimiLinearStaticCache)" if args.static_cache and model_name == "kimi_linear" else ""),
         "timing": "triton.testing.do_bench median, warmed up" if device.type == "cuda" else "perf_counter median",
     }
 

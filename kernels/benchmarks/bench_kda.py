@@ -203,7 +203,9 @@ def sweep_launch_constants(grid: dict[str, list[int]], B: int = 1, T: int = 8192
                 t.grad = None
             o = chunk_kda(**inputs, use_qk_l2norm_in_kernel=True)[0]
             o.backward(do)
-            result = [o.float()] + [t.grad.float() for t in grads]
+            # Copies: .float() of an fp32 tensor is the tensor itself, and do_bench's first call below
+            # accumulates into the existing .grad in place.
+            result = [o.detach().float().clone()] + [t.grad.float().clone() for t in grads]
             first = first or result
             diff = max(_rel(a, b) for a, b in zip(result, first))
             fwd = do_bench(_step(chunk_kda, inputs, False, use_qk_l2norm_in_kernel=True))
