@@ -194,3 +194,17 @@ def test_static_cache_refuses_to_overflow_and_bad_sizes(model):
     for bad in (0, -3, 2.5, True, None):
         with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
             KimiLinearStaticCache(model.config, max_cache_len=bad)
+
+
+@pytest.mark.parametrize("kwargs", [{"do_sample": False}, {"num_beams": 2}], ids=["greedy", "beam-search"])
+def test_cache_implementation_static_builds_a_static_cache(model, kwargs):
+    ids = random_ids(2, 7, seed=12)
+    expected = _generate(model, ids, True, **kwargs)
+    out = _generate(model, ids, True, cache_implementation="static", return_dict_in_generate=True, **kwargs)
+    cache = getattr(out, CACHE_FIELD)
+    assert isinstance(cache, KimiLinearStaticCache) and cache.max_cache_len == 7 + NEW_TOKENS - 1
+    assert torch.equal(out.sequences, expected)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        _generate(
+            model, ids, True, cache_implementation="static", **{CACHE_FIELD: KimiLinearStaticCache(model.config, 20)}
+        )

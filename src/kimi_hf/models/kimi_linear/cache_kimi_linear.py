@@ -133,7 +133,9 @@ class KimiLinearCache:
 class KimiLinearStaticCache(KimiLinearCache):
     """Cache of fixed size and fixed tensor addresses, for CUDA-graph decoding.
 
-    Pass it to ``generate`` (``past_key_values=`` / ``cache=``) with ``max_cache_len`` >= prompt + new tokens::
+    ``generate(..., cache_implementation="static")`` builds one per call; or pass one to ``generate``
+    (``past_key_values=`` / ``cache=``) with ``max_cache_len`` >= prompt + new tokens, and ``reset()`` it between
+    calls to keep its captured graph::
 
         cache = KimiLinearStaticCache(model.config, max_cache_len=prompt_len + max_new_tokens)
         out = model.generate(input_ids, max_new_tokens=max_new_tokens, past_key_values=cache)

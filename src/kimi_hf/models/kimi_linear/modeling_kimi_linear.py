@@ -754,6 +754,23 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         # generate() must not build a DynamicCache: the model creates its KimiLinearCache itself.
         return False
 
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """``generate(..., cache_implementation="static")`` decodes with a :class:`KimiLinearStaticCache` of
+        ``max_cache_length`` positions (CUDA graphs on CUDA); everything else is transformers' own handling (which
+        refuses a cache passed together with ``cache_implementation``, and leaves the growing cache to the model)."""
+        if (
+            generation_config.cache_implementation == "static"
+            and model_kwargs.get(CACHE_FIELD) is None
+            and generation_config.use_cache is not False
+        ):
+            model_kwargs[CACHE_FIELD] = KimiLinearStaticCache(self.config, max_cache_len=max_cache_length)
+            return
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
