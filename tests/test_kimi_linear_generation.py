@@ -208,3 +208,20 @@ def test_cache_implementation_static_builds_a_static_cache(model, kwargs):
         _generate(
             model, ids, True, cache_implementation="static", **{CACHE_FIELD: KimiLinearStaticCache(model.config, 20)}
         )
+
+
+def test_decode_graph_checks_its_input_and_room_and_follows_the_weights():
+    """The host-side checks of a CUDA-graph step run before any CUDA call (a replay runs no forward Python, so
+    the step itself must refuse a wrong batch or a full cache); a moved or cast model gets a new graph."""
+    model = tiny_model(seed=3)
+    cache = KimiLinearStaticCache(model.config, max_cache_len=6)
+    with torch.no_grad():
+        model(random_ids(2, 6, seed=13), use_cache=True, **{CACHE_FIELD: cache})
+    graph = cache.decode_graph(model)
+    assert cache.decode_graph(model) is graph
+    with pytest.raises(ValueError, match=r"batch size 2: a decode step needs input_ids of shape \(2, 1\)"):
+        graph.step(random_ids(1, 1, seed=14))
+    with pytest.raises(ValueError, match="is full"):
+        graph.step(random_ids(2, 1, seed=14))
+    model.to(torch.float64)
+    assert cache.decode_graph(model) is not graph

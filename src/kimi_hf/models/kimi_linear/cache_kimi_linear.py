@@ -175,11 +175,7 @@ class KimiLinearStaticCache(KimiLinearCache):
         Without host synchronisation (it runs inside the captured decode step). ``new_tokens_mask [B, T]``
         marks the real new tokens (None: all real).
         """
-        if self.seen_tokens + seq_len > self.max_cache_len:
-            raise ValueError(
-                f"KimiLinearStaticCache(max_cache_len={self.max_cache_len}) is full: it holds {self.seen_tokens} "
-                f"positions and this forward adds {seq_len}; build the cache with a larger max_cache_len"
-            )
+        self.check_room(seq_len)
         if self.key_mask is None or self.key_mask.shape[0] != batch or self.key_mask.device != device:
             if self.seen_tokens:
                 raise ValueError(
@@ -204,6 +200,14 @@ class KimiLinearStaticCache(KimiLinearCache):
     def end_forward(self, seq_len: int) -> None:
         self.position += seq_len
         self.seen_tokens += seq_len
+
+    def check_room(self, seq_len: int) -> None:
+        """Raise if ``seq_len`` more positions do not fit (checked on the host: the device would index out of bounds)."""
+        if self.seen_tokens + seq_len > self.max_cache_len:
+            raise ValueError(
+                f"KimiLinearStaticCache(max_cache_len={self.max_cache_len}) is full: it holds {self.seen_tokens} "
+                f"positions and this forward adds {seq_len}; build the cache with a larger max_cache_len"
+            )
 
     def _allocate(self, batch: int, device: torch.device) -> None:
         """Fresh buffers for a new batch size or device (layer states are allocated on their first write)."""
@@ -254,8 +258,9 @@ class KimiLinearStaticCache(KimiLinearCache):
         self.seen_tokens = 0
 
     def decode_graph(self, model: KimiLinearForCausalLM) -> DecodeGraph:
-        """The decode-step graph of ``model`` on this cache (built on first use)."""
-        if self._decode_graph is None or self._decode_graph.model is not model:
+        """The decode-step graph of ``model`` on this cache (built on first use, and again when the model or
+        the place of its weights changed, e.g. after ``model.to(...)``)."""
+        if self._decode_graph is None or self._decode_graph.weights != DecodeGraph.weights_of(model):
             self._decode_graph = DecodeGraph(model, self)
         return self._decode_graph
 
@@ -272,22 +277,37 @@ class DecodeGraph:
     def __init__(self, model: KimiLinearForCausalLM, cache: KimiLinearStaticCache) -> None:
         self.model = model
         self.cache = cache
+        self.weights = self.weights_of(model)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed_up = False
         self.input_ids: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
+
+    @staticmethod
+    def weights_of(model: KimiLinearForCausalLM) -> tuple:
+        """Which model, and where its first and last weights live (moving or casting the model moves them all)."""
+        return id(model), model.model.embed_tokens.weight.data_ptr(), model.lm_head.weight.data_ptr()
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.model.model(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state
         return self.model.lm_head(hidden)
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        batch = self.cache.key_mask.shape[0]
+        if tuple(input_ids.shape) != (batch, 1):
+            raise ValueError(
+                f"this KimiLinearStaticCache holds batch size {batch}: a decode step needs input_ids of shape "
+                f"({batch}, 1), got {tuple(input_ids.shape)}"
+            )
+        self.cache.check_room(1)  # a replay does not run the forward's Python, which checks this
         if not self.warmed_up:
+            current = torch.cuda.current_stream(input_ids.device)
             side = torch.cuda.Stream(device=input_ids.device)
-            side.wait_stream(torch.cuda.current_stream(input_ids.device))
+            side.wait_stream(current)
             with torch.cuda.stream(side):
                 logits = self._forward(input_ids)
-            torch.cuda.current_stream(input_ids.device).wait_stream(side)
+            current.wait_stream(side)
+            logits.record_stream(current)  # allocated on the side stream, used on the current one
             self.warmed_up = True
             return logits
         if self.graph is None:
