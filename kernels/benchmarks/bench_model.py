@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
     parser.add_argument("--skip-native", action="store_true", help="do not time transformers' native class")
     parser.add_argument("--parity", action=argparse.BooleanOptionalAction, default=True,
-                        help="check the fp32 logits against the native class first (compiles fp32 kernels)")  # fmt: skip
+                        help="check the fp32 logits against the native class (compiles fp32 kernels)")  # fmt: skip
     parser.add_argument("--parts", nargs="+", choices=("train", "decode"), default=["train", "decode"],
                         help="what to time (default: both)")  # fmt: skip
     parser.add_argument("--rep", type=int, default=200, help="do_bench time budget per training measurement (ms)")

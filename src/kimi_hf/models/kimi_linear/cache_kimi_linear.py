@@ -202,7 +202,7 @@ class KimiLinearStaticCache(KimiLinearCache):
         self.seen_tokens += seq_len
 
     def check_room(self, seq_len: int) -> None:
-        """Raise if ``seq_len`` more positions do not fit (checked on the host: the device would index out of bounds)."""
+        """Raise if ``seq_len`` more positions do not fit (on the host: the device would index out of bounds)."""
         if self.seen_tokens + seq_len > self.max_cache_len:
             raise ValueError(
                 f"KimiLinearStaticCache(max_cache_len={self.max_cache_len}) is full: it holds {self.seen_tokens} "

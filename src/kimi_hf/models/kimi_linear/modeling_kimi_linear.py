@@ -807,7 +807,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             Other arguments as in :meth:`KimiLinearModel.forward`.
         """
         cache = cache if cache is not None else past_key_values
-        if self._replays_decode_graph(cache, input_ids, labels, output_hidden_states, output_router_logits):
+        if self._replays_decode_graph(cache, input_ids, labels, use_cache, output_hidden_states, output_router_logits):
             logits = cache.decode_graph(self).step(input_ids)
             output = MoeCausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
             return output if return_dict is not False else output.to_tuple()
@@ -842,6 +842,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         cache: KimiLinearCache | None,
         input_ids: torch.Tensor | None,
         labels: torch.Tensor | None,
+        use_cache: bool | None,
         output_hidden_states: bool | None,
         output_router_logits: bool | None,
     ) -> bool:
@@ -850,6 +851,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         return (
             isinstance(cache, KimiLinearStaticCache)
             and cache.cuda_graphs
+            and use_cache is not False
             and cache.get_seq_length() > 0
             and input_ids is not None
             and input_ids.is_cuda
