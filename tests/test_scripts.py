@@ -1,0 +1,30 @@
+"""Every user-facing script answers ``--help`` (which also checks that it imports on this machine)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = [
+    "kernels/benchmarks/bench_attn_res.py",
+    "kernels/benchmarks/bench_ce_lora.py",
+    "kernels/benchmarks/bench_kda.py",
+    "kernels/benchmarks/bench_model.py",
+    "kernels/benchmarks/bench_small_ops.py",
+    "kernels/benchmarks/kda_registers.py",
+    "recipes/attn_res_replication.py",
+    "recipes/ce_lora_quality.py",
+]
+
+
+@pytest.mark.parametrize("command", [[s] for s in SCRIPTS] + [["-m", "kimi_hf.cli"]], ids=[*SCRIPTS, "kimi-hf"])
+def test_script_answers_help(command):
+    done = subprocess.run(
+        [sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: "), done.stdout[:500]
