@@ -191,6 +191,33 @@ def build_llama(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         return LlamaForCausalLM(config).to(dtype=dtype)
 
 
+def _step_times_ms(model, ids: torch.Tensor, steps: int, device: torch.device) -> list[float]:
+    """Wall times (ms) of ``steps`` training steps (forward + backward of the LM loss, no optimizer) after three
+    untimed ones; CUDA's peak-memory counter is reset after those."""
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    # the first CE-LoRA backward factorises and is exact; the second autotunes the packing kernel
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, record: Recorder) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -217,27 +244,7 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                 model.enable_input_require_grads()
             model.train()
             ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-
-            def step() -> None:
-                model(input_ids=ids, labels=ids).loss.backward()
-                for p in model.parameters():
-                    p.grad = None
-
-            # the first CE-LoRA backward factorises and is exact; the second autotunes the packing kernel
-            for _ in range(3):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(2 if args.tiny else args.steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - start) * 1e3)
+            times = _step_times_ms(model, ids, 2 if args.tiny else args.steps, device)
             ms = statistics.median(times)
             anchor = ms if anchor is None else anchor
             exact = ms if name == EXACT_LAYER else exact
@@ -247,7 +254,7 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                                        "batch": batch, "seq": seq, "step_ms": ms, "speedup_vs_lora": anchor / ms,
                                        "speedup_vs_exact_layer": exact / ms if exact is not None else None,
                                        "peak_gib": peak, "tokens_per_s": batch * seq / ms * 1e3})  # fmt: skip
-            del model, step  # the closure holds the model too: free both before the next one's peak memory
+            del model  # free it before the next one's peak memory
             gc.collect()  # PEFT wrappers hold reference cycles
             if device.type == "cuda":
                 torch.cuda.empty_cache()

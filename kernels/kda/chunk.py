@@ -2,7 +2,8 @@
 
 Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P per sub-block of rows) -> solve (M, W,
 U per chunk) -> state (sequential over chunks, per head and V tile) -> output. Backward: state (reverse)
--> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> key (dq, dk and dG per
+-> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct (the dq, dk terms
+through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk and dG per
 chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm
 backward.
 Everything runs on flattened ``[B*T, H, D]`` tensors with sequence offsets, so equal-length batches
@@ -210,8 +211,8 @@ def kda_chunk_bwd(
     kda_state_bwd_kernel[(N, H, triton.cdiv(V, BVs))](
         saved["qg"], saved["kh"], saved["gl"], saved["W"], saved["A_qk"], do, dh, dv_new, dht, dh0,
         chunks.cu_seqlens, chunks.offsets, H, K, V,
-        BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee, num_warps=NUM_WARPS,
-        num_stages=1,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee,
+        num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
     dv = torch.empty_like(v)
     dbeta = torch.empty(TT, H, device=dev, dtype=torch.float32)
@@ -236,7 +237,7 @@ def kda_chunk_bwd(
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
     kda_key_bwd_kernel[(NC, H, NKB * NS)](
-        saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, dg, chunks.indices, chunks.cu_seqlens,
+        saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
         scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee, num_warps=BWD_KEY_WARPS, num_stages=1,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None

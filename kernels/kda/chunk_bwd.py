@@ -183,13 +183,13 @@ def kda_direct_bwd_kernel(
 
 @triton.jit
 def kda_key_bwd_kernel(
-    q, k, G, dA_qk, dP, dq, dk, dkm, dG, chunk_indices, cu_seqlens, scale, H, K,
+    q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
-    direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dkm``, fp32) and
-    writes dq and dk (with respect to the normalised q/k; in place) and dG before the in-chunk reverse
-    cumsum (to ``dG``, which may be ``dkm`` itself). Every term is a sum over key channels of per-channel
+    direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dG`` (= dkm), fp32)
+    and writes, in place, dq and dk (with respect to the normalised q/k) and dG before the in-chunk reverse
+    cumsum. Every term is a sum over key channels of per-channel
     products, so channel blocks are independent; a program holds [BC, BK] and [BT, BK] tiles only.
 
     Pairs with earlier rows use this sub-block's first row p as a pivot (exp(G_i - G_p) exp(G_p - G_j)),
@@ -211,7 +211,7 @@ def kda_key_bwd_kernel(
     b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     b_dq = _load_rows(dq, rows, rmask, cols, cmask, H, i_h, K)
     b_dkp = _load_rows(dk, rows, rmask, cols, cmask, H, i_h, K)
-    b_dkm = _load_rows(dkm, rows, rmask, cols, cmask, H, i_h, K)
+    b_dkm = _load_rows(dG, rows, rmask, cols, cmask, H, i_h, K)
     # Pairs with earlier sub-blocks: these rows are the later (query) side.
     b_Gp = _pick_row(b_Gc, idx, m0)
     b_kp = b_kc * tl.exp(tl.where((idx < m0)[:, None], b_Gp[None, :] - b_Gc, float("-inf")))
