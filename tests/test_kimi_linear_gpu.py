@@ -114,3 +114,16 @@ def test_logits_match_transformers_native_class(tmp_path):
     ids = torch.randint(3, 256, (2, 300), device="cuda")
     with torch.no_grad():
         assert_close_rel(model(ids).logits, native(ids).logits, 5e-3, "logits vs transformers' native class")
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_decode_experts_match_the_routed_experts(dtype, rtol, monkeypatch):
+    """The MoE's small-batch Triton path (decode steps) gives the routed path's logits, prompt and steps alike."""
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(_config(num_experts_per_token=3)).cuda().to(dtype).eval()
+    ids = torch.randint(3, 256, (5, 9), device="cuda")  # 45 tokens: the decode path takes the whole prompt
+    with torch.no_grad():
+        logits = model(ids).logits
+        monkeypatch.setattr(modeling.KimiLinearSparseMoE, "_use_decode_experts", lambda self, x: False)
+        ref_logits = model(ids).logits
+    assert_close_rel(logits, ref_logits, rtol, "logits with the decode experts")

@@ -232,19 +232,19 @@ def test_moe_output_matches_a_manual_loop_on_random_tokens():
         assert_close_rel(out[0], _manual_moe(moe, x[0], ids.tolist()), 1e-6, "MoE output")
 
 
-def test_dense_decode_experts_match_the_routed_experts(monkeypatch):
-    """The inference path for few tokens (every expert on every token, weighted by its mixing weight; on CUDA it
-    runs without host synchronisation, for CUDA graphs) equals the routed path, forced here on CPU."""
+def test_decode_experts_match_the_routed_experts(monkeypatch):
+    """The inference path for few tokens (kimi_hf.kernels.moe, without host synchronisation, for CUDA graphs;
+    on CUDA it is Triton) equals the routed path, forced here on CPU with the op's torch path."""
     moe = _moe(num_experts_per_token=3)
     with torch.no_grad():
         moe.gate.e_score_correction_bias.normal_(0, 0.1)
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert not moe._use_dense_experts(x[0])  # CPU: the routed path
+        assert not moe._use_decode_experts(x[0])  # CPU: the routed path
         routed, _ = moe(x)
-        monkeypatch.setattr(KimiLinearSparseMoE, "_use_dense_experts", lambda self, x: True)
-        dense, _ = moe(x)
-    assert_close_rel(dense, routed, 1e-6, "dense decode experts")
+        monkeypatch.setattr(KimiLinearSparseMoE, "_use_decode_experts", lambda self, x: True)
+        decoded, _ = moe(x)
+    assert_close_rel(decoded, routed, 1e-6, "decode experts")
 
 
 def _cpu_grouped_mm_available() -> bool:

@@ -28,6 +28,8 @@ from transformers.utils import logging
 from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
+from kimi_hf.kernels.moe import MAX_TOKENS as MOE_MAX_TOKENS
+from kimi_hf.kernels.moe import ExpertTable, moe_experts
 from kimi_hf.modules.attention import eager_attention_forward
 from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
@@ -447,11 +449,6 @@ class KimiLinearSparseMoE(nn.Module):
     # so older GPUs take the loop.
     use_grouped_mm: bool = True
     GROUP_ALIGN = 16
-    # Inference on CUDA with at most this many tokens (decoding) runs every expert on every token, scaled by
-    # its mixing weight (zero where not chosen): no sorting and no host synchronisation, so that the step
-    # can be captured in a CUDA graph, and each expert's weights are read once, as the grouped GEMM would
-    # (which also stacks them first); the extra FLOPs are negligible at these sizes.
-    DENSE_MAX_TOKENS = 64
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__()
@@ -463,6 +460,7 @@ class KimiLinearSparseMoE(nn.Module):
             if config.num_shared_experts > 0
             else None
         )
+        self._expert_table = ExpertTable()  # the experts' weight addresses, for the decode kernels
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, T, hidden]`` -> output ``[B, T, hidden]`` and router logits ``[B*T, E]``."""
@@ -470,24 +468,25 @@ class KimiLinearSparseMoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         logits, weights, expert_ids = self.gate(x)
         out = (
-            self._experts_dense(x, weights, expert_ids)
-            if self._use_dense_experts(x)
+            self._experts_decode(x, weights, expert_ids)
+            if self._use_decode_experts(x)
             else self._routed(x, weights, expert_ids)
         )
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape), logits
 
-    def _use_dense_experts(self, x: torch.Tensor) -> bool:
-        return x.is_cuda and not torch.is_grad_enabled() and x.shape[0] <= self.DENSE_MAX_TOKENS
+    def _use_decode_experts(self, x: torch.Tensor) -> bool:
+        """Inference on CUDA with few tokens (decoding) takes the small-batch experts op: each chosen expert's
+        weights are read once for all the tokens that chose it, in two Triton kernels with no sorting and no
+        host synchronisation, so the step can be captured in a CUDA graph."""
+        few_tokens = x.shape[0] <= MOE_MAX_TOKENS
+        return x.is_cuda and not torch.is_grad_enabled() and few_tokens and self.config.hidden_act == "silu"
 
-    def _experts_dense(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def _experts_decode(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """``x [N, hidden]``, mixing ``weights`` and ``expert_ids [N, k]`` -> routed output ``[N, hidden]``."""
-        mix = x.new_zeros(x.shape[0], self.num_experts).scatter_(1, expert_ids, weights.to(x.dtype))
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            out.addcmul_(expert(x), mix[:, e, None])
-        return out
+        w1, w3, w2 = ([getattr(e, name).weight for e in self.experts] for name in ("w1", "w3", "w2"))
+        return moe_experts(x, expert_ids, weights, w1, w3, w2, table=self._expert_table)
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Each token through its chosen experts only: ``x [N, hidden]`` -> ``[N, hidden]``."""

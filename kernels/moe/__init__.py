@@ -1,0 +1,124 @@
+"""Routed experts for a few tokens (decoding): every chosen expert's SwiGLU in two Triton kernels, or torch.
+
+The training and prefill path of the model sorts (token, expert) pairs and runs grouped GEMMs; for the
+handful of tokens of a decode step that costs more in launches and host synchronisation than it saves.
+``moe_experts`` reads each chosen expert's weights once, for all tokens that chose it, skips the others,
+and never synchronises with the host, so a decode step that uses it can be captured in a CUDA graph.
+Inference only (no autograd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+
+from .._backend import resolve_backend
+from .naive import naive_moe_experts
+from .triton_kernels import moe_down_kernel, moe_gate_up_kernel
+
+__all__ = ["MAX_TOKENS", "ExpertTable", "moe_experts", "naive_moe_experts"]
+
+MAX_TOKENS = 64  # the kernels hold all tokens as the rows of one tile
+# Tiles (bench_model.py times them in the model): intermediate columns per gate/up program, hidden columns
+# per down program, and the reduction steps.
+GATE_UP_BLOCK_I = 16
+GATE_UP_BLOCK_H = 128
+DOWN_BLOCK_D = 64
+DOWN_BLOCK_I = 128
+
+
+class ExpertTable:
+    """The ``[3, E]`` int64 device table of the experts' weight addresses (w1, w3, w2) that the kernels read.
+
+    Built on first use and rebuilt whenever a weight's address changes (``model.to``, a new dtype), so
+    keep one per MoE layer. Building copies to the device, which a CUDA-graph capture does not allow:
+    use the layer once before capturing (a warm-up step does).
+    """
+
+    def __init__(self) -> None:
+        self._addresses: tuple[int, ...] | None = None
+        self._table: torch.Tensor | None = None
+
+    def __call__(
+        self, w1: Sequence[torch.Tensor], w3: Sequence[torch.Tensor], w2: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        addresses = tuple(w.data_ptr() for group in (w1, w3, w2) for w in group)
+        if addresses != self._addresses:
+            self._table = torch.tensor(addresses, dtype=torch.int64).view(3, len(w1)).to(w1[0].device)
+            self._addresses = addresses
+        return self._table
+
+
+def _check(x, expert_ids, weights, w1, w3, w2) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, hidden], got shape {tuple(x.shape)}")
+    n, hidden = x.shape
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != n or expert_ids.is_floating_point():
+        raise ValueError(f"expert_ids must be an integer [N, k] tensor with N={n}, got {expert_ids.dtype} "
+                         f"{tuple(expert_ids.shape)}")  # fmt: skip
+    if tuple(weights.shape) != tuple(expert_ids.shape):
+        raise ValueError(f"weights must have expert_ids' shape {tuple(expert_ids.shape)}, got {tuple(weights.shape)}")
+    if not len(w1) == len(w3) == len(w2) > 0:
+        raise ValueError(f"w1, w3 and w2 must hold one weight per expert, got {len(w1)}, {len(w3)} and {len(w2)}")
+    inter = w1[0].shape[0]
+    for name, group, shape in (("w1", w1, (inter, hidden)), ("w3", w3, (inter, hidden)), ("w2", w2, (hidden, inter))):
+        for e, w in enumerate(group):
+            if tuple(w.shape) != shape or w.dtype != x.dtype or w.device != x.device:
+                raise ValueError(f"{name}[{e}] must be {shape} {x.dtype} on {x.device} (x's dtype and device), got "
+                                 f"{tuple(w.shape)} {w.dtype} on {w.device}")  # fmt: skip
+
+
+def moe_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: Sequence[torch.Tensor],
+    w3: Sequence[torch.Tensor],
+    w2: Sequence[torch.Tensor],
+    table: ExpertTable | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """out[n] = sum_j weights[n, j] * w2[e] (silu(w1[e] x_n) * (w3[e] x_n)), e = expert_ids[n, j].
+
+    Args:
+        x: ``[N, hidden]``, N <= ``MAX_TOKENS`` on the Triton path.
+        expert_ids: ``[N, k]`` integer, values in ``[0, E)`` (not checked, which would need a host
+            synchronisation: an id outside that range adds nothing).
+        weights: ``[N, k]`` mixing weights.
+        w1, w3: the E experts' gate and up weights, each ``[I, hidden]``; w2: their down weights
+            ``[hidden, I]``; x's dtype and device.
+        table: the layer's :class:`ExpertTable` (so the address table is built once); None builds one.
+        backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
+
+    Returns:
+        ``[N, hidden]`` in x's dtype. Not differentiable.
+    """
+    _check(x, expert_ids, weights, w1, w3, w2)
+    if resolve_backend(backend, x) == "torch":
+        return naive_moe_experts(x, expert_ids, weights, w1, w3, w2)
+    n, hidden = x.shape
+    if n > MAX_TOKENS:
+        raise ValueError(f"the Triton moe_experts takes at most {MAX_TOKENS} tokens, got {n}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *w1, *w3, *w2)):
+        raise ValueError("moe_experts is inference-only: call it under torch.no_grad()")
+    num_experts, inter, topk = len(w1), w1[0].shape[0], expert_ids.shape[1]
+    if not all(w.is_contiguous() for group in (w1, w3, w2) for w in group):
+        raise ValueError("moe_experts reads the expert weights in place: they must be contiguous")
+    ptrs = (table or ExpertTable())(w1, w3, w2)
+    x, expert_ids, weights = x.contiguous(), expert_ids.contiguous(), weights.contiguous()
+    BN = max(16, triton.next_power_of_2(n))
+    BJ = triton.next_power_of_2(topk)
+    ieee = "ieee" if x.dtype == torch.float32 else "tf32"
+    act = x.new_empty(num_experts, n, inter)
+    moe_gate_up_kernel[(num_experts, triton.cdiv(inter, GATE_UP_BLOCK_I))](
+        x, expert_ids, weights, ptrs, act, n, num_experts, hidden, inter,
+        TOPK=topk, BN=BN, BJ=BJ, BI=GATE_UP_BLOCK_I, BH=GATE_UP_BLOCK_H, IEEE=ieee,
+    )  # fmt: skip
+    partial = x.new_empty(num_experts, n, hidden, dtype=torch.float32)
+    moe_down_kernel[(num_experts, triton.cdiv(hidden, DOWN_BLOCK_D))](
+        act, expert_ids, weights, ptrs, partial, n, num_experts, hidden, inter,
+        TOPK=topk, BN=BN, BJ=BJ, BD=DOWN_BLOCK_D, BI=DOWN_BLOCK_I, IEEE=ieee,
+    )  # fmt: skip
+    return partial.sum(0).to(x.dtype)

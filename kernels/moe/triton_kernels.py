@@ -1,0 +1,86 @@
+"""Triton kernels of the small-batch routed experts (raw kernels only; the launcher is in ``__init__.py``).
+
+The experts' weights stay where the model keeps them (one tensor per expert and projection, the checkpoint's
+layout): ``table [3, E]`` holds their addresses (w1, w3, w2), read in the kernel as typed pointers. A program
+owns one expert and first checks whether any token chose it, so the unchosen experts' weights are never read:
+at one token with top-4 of 16 experts, a quarter of them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mix_of_expert(expert_ids, weights, e, N, TOPK: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+    """Token rows ``[BN]`` and the mixing weight of expert ``e`` for each token (0 if not chosen), fp32,
+    and how many tokens chose it."""
+    n = tl.arange(0, BN)
+    j = tl.arange(0, BJ)
+    mask = (n < N)[:, None] & (j < TOPK)[None, :]
+    offs = n[:, None] * TOPK + j[None, :]
+    b_ids = tl.load(expert_ids + offs, mask=mask, other=-1)
+    b_w = tl.load(weights + offs, mask=mask, other=0.0).to(tl.float32)
+    hit = b_ids == e
+    return n, tl.sum(tl.where(hit, b_w, 0.0), axis=1), tl.sum(hit.to(tl.int32))
+
+
+@triton.jit
+def moe_gate_up_kernel(
+    x, expert_ids, weights, table, act, N, E, HID, INTER,
+    TOPK: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (expert e, block of BI intermediate columns): act[e, n] = mix[n, e] * silu(x_n w1[e]^T) * (x_n w3[e]^T)
+    for every token n (``act [E, N, INTER]``, x's dtype); left unwritten if no token chose e."""
+    e, i_i = tl.program_id(0), tl.program_id(1)
+    n, b_mix, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
+    if chosen > 0:
+        dt = x.dtype.element_ty
+        w1 = tl.load(table + e).to(tl.pointer_type(dt))
+        w3 = tl.load(table + E + e).to(tl.pointer_type(dt))
+        cols = i_i * BI + tl.arange(0, BI)
+        cmask = cols < INTER
+        nmask = n < N
+        b_g = tl.zeros([BN, BI], dtype=tl.float32)
+        b_u = tl.zeros([BN, BI], dtype=tl.float32)
+        for h0 in range(0, HID, BH):
+            hs = h0 + tl.arange(0, BH)
+            hmask = hs < HID
+            b_x = tl.load(x + n[:, None] * HID + hs[None, :], mask=nmask[:, None] & hmask[None, :], other=0.0)
+            w_offs = cols[None, :].to(tl.int64) * HID + hs[:, None]  # [BH, BI]: w[e]^T
+            w_mask = hmask[:, None] & cmask[None, :]
+            b_g += tl.dot(b_x, tl.load(w1 + w_offs, mask=w_mask, other=0.0), input_precision=IEEE)
+            b_u += tl.dot(b_x, tl.load(w3 + w_offs, mask=w_mask, other=0.0), input_precision=IEEE)
+        b_act = b_g * tl.sigmoid(b_g) * b_u * b_mix[:, None]
+        offs = (e * N + n[:, None]).to(tl.int64) * INTER + cols[None, :]
+        tl.store(act + offs, b_act.to(dt), mask=nmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def moe_down_kernel(
+    act, expert_ids, weights, table, partial, N, E, HID, INTER,
+    TOPK: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (expert e, block of BD output columns): partial[e, n] = act[e, n] w2[e]^T (``partial [E, N, HID]``
+    fp32; zeros if no token chose e, so that the sum over experts needs no mask)."""
+    e, i_d = tl.program_id(0), tl.program_id(1)
+    n, _, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
+    nmask = n < N
+    cols = i_d * BD + tl.arange(0, BD)
+    cmask = cols < HID
+    b_o = tl.zeros([BN, BD], dtype=tl.float32)
+    if chosen > 0:
+        w2 = tl.load(table + 2 * E + e).to(tl.pointer_type(act.dtype.element_ty))
+        for i0 in range(0, INTER, BI):
+            ci = i0 + tl.arange(0, BI)
+            imask = ci < INTER
+            a_offs = (e * N + n[:, None]).to(tl.int64) * INTER + ci[None, :]
+            b_a = tl.load(act + a_offs, mask=nmask[:, None] & imask[None, :], other=0.0)
+            w_offs = cols[None, :].to(tl.int64) * INTER + ci[:, None]  # [BI, BD]: w2[e]^T
+            b_w = tl.load(w2 + w_offs, mask=imask[:, None] & cmask[None, :], other=0.0)
+            b_o += tl.dot(b_a, b_w, input_precision=IEEE)
+    offs = (e * N + n[:, None]).to(tl.int64) * HID + cols[None, :]
+    tl.store(partial + offs, b_o, mask=nmask[:, None] & cmask[None, :])
