@@ -42,6 +42,8 @@ MAX_HEAD_DIM = 256
 # Registers and spills without a GPU: kernels/benchmarks/kda_registers.py; timings: bench_kda.py --sweep.
 PAIRS_KEY_BLOCK = 32
 PAIRS_DIAG_KEY_BLOCK = 16
+# 1: in-sub-block pairs one partner column at a time on [16, BK] tiles; 0: as [16, 16, BK] products.
+DIAG_COLUMNS = 1
 PAIRS_WARPS = 8
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
 SOLVE_KEY_BLOCK = 32
@@ -140,6 +142,7 @@ def kda_chunk_fwd(
     kda_pairs_fwd_kernel[(NC, H, CHUNK // SUB)](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), BKD=min(BK, PAIRS_DIAG_KEY_BLOCK), IEEE=ieee,
+        DIAG_COLUMNS=DIAG_COLUMNS,
         num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
     )  # fmt: skip
     kda_solve_fwd_kernel[(NC, H)](
@@ -238,7 +241,8 @@ def kda_chunk_bwd(
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
     kda_key_bwd_kernel[(NC, H, NKB * NS)](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee, num_warps=BWD_KEY_WARPS, num_stages=1,
+        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee, DIAG_COLUMNS=DIAG_COLUMNS, num_warps=BWD_KEY_WARPS,
+        num_stages=1,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None
     ddt_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32) if use_gate else None

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import (
-    _chunk_bounds, _load_cum_decay, _load_rows, _pick_row, _state_tile, _store_rows, _sub_block_decay,
+    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _pick_row, _state_tile, _store_rows, _sub_block_decay,
 )  # fmt: skip
 
 
@@ -38,6 +38,36 @@ def _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, k0,
     b_dkp = tl.sum(b_dP[:, :, None] * b_kE, axis=1)
     b_dkm = tl.sum((b_dA[:, :, None] * b_qs[:, None, :] + b_dP[:, :, None] * b_k[:, None, :]) * b_E, axis=0)
     return b_dq, b_dkp, b_dkm
+
+
+@triton.jit
+def _sub_block_pairs_bwd_columns(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, k0,
+                                 BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """:func:`_sub_block_pairs_bwd` one partner column j at a time, on ``[BC, BK]`` tiles of one layout."""
+    ii = tl.arange(0, BC)
+    rows = t0 + m0 + ii
+    rmask = rows < eos
+    cols = k0 + tl.arange(0, BK)
+    cmask = cols < K
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_qs = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_dq = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dkp = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dkm = tl.zeros([BC, BK], dtype=tl.float32)
+    pair_offs = (rows.to(tl.int64) * H + i_h) * BT + m0
+    for j in range(0, BC):
+        r = t0 + m0 + j
+        b_kj = _load_row(k, r, eos, cols, H, i_h, K)
+        b_gj = _load_row(G, r, eos, cols, H, i_h, K)
+        b_dAj = tl.load(dA_qk + pair_offs + j, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        b_dPj = tl.load(dP + pair_offs + j, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        b_e = tl.exp(tl.where(((ii >= j) & rmask)[:, None], b_G - b_gj[None, :], float("-inf")))
+        b_ke = b_e * b_kj[None, :]
+        b_dq += b_dAj * b_ke
+        b_dkp += b_dPj * b_ke
+        b_dkm += tl.where(ii[:, None] == j, tl.sum((b_dAj * b_qs + b_dPj * b_k) * b_e, axis=0)[None, :], 0.0)
+    return b_dq * scale, b_dkp, b_dkm
 
 
 @triton.jit
@@ -184,7 +214,7 @@ def kda_direct_bwd_kernel(
 @triton.jit
 def kda_key_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, DIAG_COLUMNS: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
     direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dG`` (= dkm), fp32)
@@ -230,7 +260,14 @@ def kda_key_bwd_kernel(
     b_hi += tl.dot(tl.trans(b_dP_col), b_kc * b_from_piv, input_precision=IEEE)
     b_dkm += tl.exp(tl.where(rmask[:, None], b_Gl[None, :] - b_G, float("-inf"))) * b_hi
     # Pairs inside the sub-block.
-    d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK)
+    if DIAG_COLUMNS:
+        d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd_columns(
+            q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK
+        )
+    else:
+        d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(
+            q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK
+        )
     b_dq += d_dq
     b_dkp += d_dkp
     b_dkm += d_dkm

@@ -104,6 +104,41 @@ def _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC: tl.constexpr, BK
 
 
 @triton.jit
+def _load_row(ptr, r, eos, cols, H, i_h, D):
+    """Row ``r`` (a global token index) of head ``i_h`` of a ``[TT, H, D]`` tensor, columns ``cols``, as an fp32
+    vector (zeros for columns past D, and everywhere if ``r`` is past the sequence end ``eos``)."""
+    limit = tl.where(r < eos, D, 0)
+    return tl.load(ptr + (r.to(tl.int64) * H + i_h) * D + cols, mask=cols < limit, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _diag_pairs_fwd_columns(q, k, G, t0, m0, eos, scale, H, i_h, K, BC: tl.constexpr, BK: tl.constexpr):
+    """:func:`_diag_pairs_fwd` one column j at a time: each step is elementwise work on ``[BC, BK]`` tiles
+    of one layout, where the ``[BC, BC, BK]`` products need two broadcasts of the same tile (layout
+    conversions through shared memory)."""
+    ii = tl.arange(0, BC)
+    rows = t0 + m0 + ii
+    rmask = rows < eos
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    b_P = tl.zeros([BC, BC], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        for j in range(0, BC):
+            r = t0 + m0 + j
+            b_kj = _load_row(k, r, eos, cols, H, i_h, K)
+            b_gj = _load_row(G, r, eos, cols, H, i_h, K)
+            # rows i >= j of this sub-block (a row past the end never pairs: its G is not loaded)
+            b_e = tl.exp(tl.where(((ii >= j) & rmask)[:, None], b_G - b_gj[None, :], float("-inf"))) * b_kj[None, :]
+            b_A += tl.where(ii[None, :] == j, tl.sum(b_q * b_e, axis=1)[:, None], 0.0)
+            b_P += tl.where(ii[None, :] == j, tl.sum(tl.where((ii > j)[:, None], b_k * b_e, 0.0), axis=1)[:, None], 0.0)
+    return b_A, b_P
+
+
+@triton.jit
 def _state_tile(cu_seqlens, chunk_offsets, s0, i_n, i_h, i_v, H, K, V,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):  # fmt: skip
     """Start of a sequential state kernel's program (sequence ``i_n``, head ``i_h``, V tile ``i_v``): the
@@ -157,6 +192,7 @@ def kda_prep_fwd_kernel(
 def kda_pairs_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, IEEE: tl.constexpr,
+    DIAG_COLUMNS: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, sub-block of BC rows): those rows of A_qk and P (``[TT, H, BT]``), with exact
     in-chunk decays, the key channels taken in blocks of ``BK`` (``BKD`` for the diagonal tile, whose
@@ -191,7 +227,10 @@ def kda_pairs_fwd_kernel(
     off_diag = rmask[:, None] & ((cols_t < m0) | (cols_t >= m0 + BC))[None, :]
     tl.store(A_qk + _tile_offsets(rows, cols_t, H, i_h, BT), b_A.to(A_qk.dtype.element_ty), mask=off_diag)
     tl.store(P + _tile_offsets(rows, cols_t, H, i_h, BT), b_P, mask=off_diag)
-    b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
+    if DIAG_COLUMNS:
+        b_Ad, b_Pd = _diag_pairs_fwd_columns(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
+    else:
+        b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
     d_cols = m0 + tl.arange(0, BC)
     _store_rows(A_qk, b_Ad, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
     _store_rows(P, b_Pd, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)

@@ -453,6 +453,7 @@ class KimiLinearSparseMoE(nn.Module):
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__()
         self.num_experts = config.num_experts
+        self.hidden_act = config.hidden_act
         self.gate = KimiLinearRouter(config)
         self.experts = nn.ModuleList([KimiLinearExpert(config) for _ in range(config.num_experts)])
         self.shared_experts = (
@@ -481,7 +482,7 @@ class KimiLinearSparseMoE(nn.Module):
         weights are read once for all the tokens that chose it, in two Triton kernels with no sorting and no
         host synchronisation, so the step can be captured in a CUDA graph."""
         few_tokens = x.shape[0] <= MOE_MAX_TOKENS
-        return x.is_cuda and not torch.is_grad_enabled() and few_tokens and self.config.hidden_act == "silu"
+        return self.hidden_act == "silu" and x.is_cuda and not torch.is_grad_enabled() and few_tokens
 
     def _experts_decode(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """``x [N, hidden]``, mixing ``weights`` and ``expert_ids [N, k]`` -> routed output ``[N, hidden]``."""
