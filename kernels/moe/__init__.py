@@ -25,8 +25,10 @@ MAX_TOKENS = 64  # the kernels hold all tokens as the rows of one tile
 # per down program, and the reduction steps.
 GATE_UP_BLOCK_I = 16
 GATE_UP_BLOCK_H = 128
+GATE_UP_WARPS = 4
 DOWN_BLOCK_D = 64
 DOWN_BLOCK_I = 128
+DOWN_WARPS = 4
 
 
 class ExpertTable:
@@ -114,11 +116,11 @@ def moe_experts(
     act = x.new_empty(num_experts, n, inter)
     moe_gate_up_kernel[(num_experts, triton.cdiv(inter, GATE_UP_BLOCK_I))](
         x, expert_ids, weights, ptrs, act, n, num_experts, hidden, inter,
-        TOPK=topk, BN=BN, BJ=BJ, BI=GATE_UP_BLOCK_I, BH=GATE_UP_BLOCK_H, IEEE=ieee,
+        TOPK=topk, BN=BN, BJ=BJ, BI=GATE_UP_BLOCK_I, BH=GATE_UP_BLOCK_H, IEEE=ieee, num_warps=GATE_UP_WARPS,
     )  # fmt: skip
     partial = x.new_empty(num_experts, n, hidden, dtype=torch.float32)
     moe_down_kernel[(num_experts, triton.cdiv(hidden, DOWN_BLOCK_D))](
         act, expert_ids, weights, ptrs, partial, n, num_experts, hidden, inter,
-        TOPK=topk, BN=BN, BJ=BJ, BD=DOWN_BLOCK_D, BI=DOWN_BLOCK_I, IEEE=ieee,
+        TOPK=topk, BN=BN, BJ=BJ, BD=DOWN_BLOCK_D, BI=DOWN_BLOCK_I, IEEE=ieee, num_warps=DOWN_WARPS,
     )  # fmt: skip
     return partial.sum(0).to(x.dtype)
