@@ -59,8 +59,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
         (chunk_fwd.kda_pairs_fwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), BKD=min(BK, chunk.PAIRS_DIAG_KEY_BLOCK),
-              DIAG_COLUMNS=chunk.DIAG_COLUMNS),
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), BKD=min(BK, chunk.PAIRS_DIAG_KEY_BLOCK)),
          chunk.PAIRS_WARPS, chunk.PAIRS_STAGES),
         (chunk_fwd.kda_solve_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.SOLVE_KEY_BLOCK), BV=BV),
          chunk.SOLVE_WARPS, 1),
@@ -70,8 +69,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)), warps, 1),
         (chunk_bwd.kda_direct_bwd_kernel,
          dict(common, BK=min(BK, chunk.BWD_DIRECT_KEY_BLOCK), BV=min(BV, chunk.BWD_DIRECT_BLOCK_V)), warps, 1),
-        (chunk_bwd.kda_key_bwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), DIAG_COLUMNS=chunk.DIAG_COLUMNS),
+        (chunk_bwd.kda_key_bwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK)),
          chunk.BWD_KEY_WARPS, 1),
         (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True), 4, 1),
     ]  # fmt: skip
@@ -100,7 +98,7 @@ def report(fn, constexprs: dict, num_warps: int, num_stages: int, ptxas: str) ->
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     stores, loads = (spill.group(1), spill.group(2)) if spill else ("0", "0")
-    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BKD", "BV", "DIAG_COLUMNS"))
+    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BKD", "BV"))
     used = regs.group(1) if regs else "?"
     return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {num_stages} | {used} | {stores} | {loads} |"
 

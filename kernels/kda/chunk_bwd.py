@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import (
-    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _pick_row, _state_tile, _store_rows, _sub_block_decay,
+    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _pick_row, _state_tile, _store_rows,
 )  # fmt: skip
 
 
@@ -26,24 +26,8 @@ def _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, k0,
     """Gradients of the pairs inside the sub-block at row ``m0`` for channels ``k0 .. k0 + BK``, with
     E = exp(G_i - G_j) (j <= i): dq_i = scale sum_j dA_qk[i, j] k_j E_ij, the k terms that carry exp(+G)
     (sum_j dP[i, j] k_j E_ij) and those that carry exp(-G) (sum_i (scale dA_qk[i, j] q_i + dP[i, j] k_i) E_ij),
-    each ``[BC, BK]``."""
-    b_E, rows, rmask, cols, cmask = _sub_block_decay(G, t0, m0, eos, H, i_h, K, k0, BC, BK)
-    pcols = m0 + tl.arange(0, BC)
-    b_dA = _load_rows(dA_qk, rows, rmask, pcols, pcols < BT, H, i_h, BT)
-    b_dP = _load_rows(dP, rows, rmask, pcols, pcols < BT, H, i_h, BT)
-    b_qs = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    b_kE = b_E * b_k[None, :, :]
-    b_dq = tl.sum(b_dA[:, :, None] * b_kE, axis=1) * scale
-    b_dkp = tl.sum(b_dP[:, :, None] * b_kE, axis=1)
-    b_dkm = tl.sum((b_dA[:, :, None] * b_qs[:, None, :] + b_dP[:, :, None] * b_k[:, None, :]) * b_E, axis=0)
-    return b_dq, b_dkp, b_dkm
-
-
-@triton.jit
-def _sub_block_pairs_bwd_columns(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, k0,
-                                 BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """:func:`_sub_block_pairs_bwd` one partner column j at a time, on ``[BC, BK]`` tiles of one layout."""
+    each ``[BC, BK]``; one partner column j at a time, on ``[BC, BK]`` tiles of one layout (see
+    :func:`~.chunk_fwd._diag_pairs_fwd`)."""
     ii = tl.arange(0, BC)
     rows = t0 + m0 + ii
     rmask = rows < eos
@@ -214,7 +198,7 @@ def kda_direct_bwd_kernel(
 @triton.jit
 def kda_key_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, DIAG_COLUMNS: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
     direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dG`` (= dkm), fp32)
@@ -224,7 +208,7 @@ def kda_key_bwd_kernel(
 
     Pairs with earlier rows use this sub-block's first row p as a pivot (exp(G_i - G_p) exp(G_p - G_j)),
     pairs with later rows its last row l (exp(G_i - G_l) exp(G_l - G_j)): every factor is <= 1, and each side
-    is one tensor-core dot. Pairs inside the sub-block are summed exactly, as [BC, BC, BK] products.
+    is one tensor-core dot. Pairs inside the sub-block are summed exactly, one partner at a time.
     """
     i_c, i_h, i_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NS: tl.constexpr = BT // BC
@@ -260,14 +244,7 @@ def kda_key_bwd_kernel(
     b_hi += tl.dot(tl.trans(b_dP_col), b_kc * b_from_piv, input_precision=IEEE)
     b_dkm += tl.exp(tl.where(rmask[:, None], b_Gl[None, :] - b_G, float("-inf"))) * b_hi
     # Pairs inside the sub-block.
-    if DIAG_COLUMNS:
-        d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd_columns(
-            q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK
-        )
-    else:
-        d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(
-            q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK
-        )
+    d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK)
     b_dq += d_dq
     b_dkp += d_dkp
     b_dkm += d_dkm

@@ -71,39 +71,6 @@ def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexp
 
 
 @triton.jit
-def _sub_block_decay(G, t0, m0, eos, H, i_h, K, k0, BC: tl.constexpr, BK: tl.constexpr):
-    """For the sub-block of BC rows starting at row ``m0`` of the chunk at token ``t0``, channels
-    ``k0 .. k0 + BK``: E[i, j, d] = exp(G_id - G_jd) for j <= i, else 0 (``[BC, BC, BK]`` fp32; G falls along
-    the chunk, so every entry is <= 1). Also returns the rows, their mask, the columns and the column mask."""
-    ii = tl.arange(0, BC)
-    rows = t0 + m0 + ii
-    rmask = rows < eos
-    cols = k0 + tl.arange(0, BK)
-    cmask = cols < K
-    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    pair_ok = (ii[:, None] >= ii[None, :]) & rmask[:, None] & rmask[None, :]
-    b_E = tl.exp(tl.where(pair_ok[:, :, None], b_G[:, None, :] - b_G[None, :, :], float("-inf")))
-    return b_E, rows, rmask, cols, cmask
-
-
-@triton.jit
-def _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC: tl.constexpr, BK: tl.constexpr):
-    """The diagonal ``[BC, BC]`` tiles of A_qk and P (strictly lower) for the sub-block at row ``m0``,
-    summed channel by channel with exact decays, BK channels at a time."""
-    ii = tl.arange(0, BC)
-    b_A = tl.zeros([BC, BC], dtype=tl.float32)
-    b_P = tl.zeros([BC, BC], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        b_E, rows, rmask, cols, cmask = _sub_block_decay(G, t0, m0, eos, H, i_h, K, k0, BC, BK)
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        b_kE = b_E * b_k[None, :, :]
-        b_A += tl.sum(b_q[:, None, :] * b_kE, axis=2)
-        b_P += tl.sum(b_k[:, None, :] * b_kE, axis=2)
-    return b_A, tl.where(ii[:, None] > ii[None, :], b_P, 0.0)
-
-
-@triton.jit
 def _load_row(ptr, r, eos, cols, H, i_h, D):
     """Row ``r`` (a global token index) of head ``i_h`` of a ``[TT, H, D]`` tensor, columns ``cols``, as an fp32
     vector (zeros for columns past D, and everywhere if ``r`` is past the sequence end ``eos``)."""
@@ -112,10 +79,12 @@ def _load_row(ptr, r, eos, cols, H, i_h, D):
 
 
 @triton.jit
-def _diag_pairs_fwd_columns(q, k, G, t0, m0, eos, scale, H, i_h, K, BC: tl.constexpr, BK: tl.constexpr):
-    """:func:`_diag_pairs_fwd` one column j at a time: each step is elementwise work on ``[BC, BK]`` tiles
-    of one layout, where the ``[BC, BC, BK]`` products need two broadcasts of the same tile (layout
-    conversions through shared memory)."""
+def _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC: tl.constexpr, BK: tl.constexpr):
+    """The diagonal ``[BC, BC]`` tiles of A_qk and P (strictly lower) for the sub-block at row ``m0``, with exact
+    decays exp(G_i - G_j) (j <= i, every factor <= 1), BK key channels at a time and one partner column j at a
+    time: each step is elementwise work on ``[BC, BK]`` tiles of one layout. (As ``[BC, BC, BK]`` products the
+    same sums need two broadcasts of one tile, i.e. layout conversions through shared memory: 22% slower on
+    the H200 for the whole fwd+bwd, BENCHMARKS.md.)"""
     ii = tl.arange(0, BC)
     rows = t0 + m0 + ii
     rmask = rows < eos
@@ -192,15 +161,13 @@ def kda_prep_fwd_kernel(
 def kda_pairs_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, IEEE: tl.constexpr,
-    DIAG_COLUMNS: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, sub-block of BC rows): those rows of A_qk and P (``[TT, H, BT]``), with exact
-    in-chunk decays, the key channels taken in blocks of ``BK`` (``BKD`` for the diagonal tile, whose
-    [BC, BC, BKD] products take the most registers).
+    in-chunk decays, the key channels taken in blocks of ``BK`` (``BKD`` for the diagonal tile).
 
     Columns in earlier sub-blocks use the sub-block's first row p as a pivot, exp(G_i - G_j) =
     exp(G_i - G_p) exp(G_p - G_j) with both factors <= 1, giving one tensor-core dot per key block; pairs
-    inside the sub-block are summed exactly, as [BC, BC, BK] products. A program holds only [BC, BT] and
+    inside the sub-block are summed exactly, one partner at a time. A program holds only [BC, BT] and
     [BT, BK] tiles, so several run per SM.
     """
     i_c, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -227,10 +194,7 @@ def kda_pairs_fwd_kernel(
     off_diag = rmask[:, None] & ((cols_t < m0) | (cols_t >= m0 + BC))[None, :]
     tl.store(A_qk + _tile_offsets(rows, cols_t, H, i_h, BT), b_A.to(A_qk.dtype.element_ty), mask=off_diag)
     tl.store(P + _tile_offsets(rows, cols_t, H, i_h, BT), b_P, mask=off_diag)
-    if DIAG_COLUMNS:
-        b_Ad, b_Pd = _diag_pairs_fwd_columns(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
-    else:
-        b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
+    b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
     d_cols = m0 + tl.arange(0, BC)
     _store_rows(A_qk, b_Ad, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
     _store_rows(P, b_Pd, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
