@@ -21,8 +21,10 @@ from .triton_kernels import moe_down_kernel, moe_gate_up_kernel
 __all__ = ["MAX_TOKENS", "ExpertTable", "moe_experts", "naive_moe_experts"]
 
 MAX_TOKENS = 64  # the kernels hold all tokens as the rows of one tile
-# Tiles (bench_model.py times them in the model): intermediate columns per gate/up program, hidden columns
-# per down program, and the reduction steps.
+# Tiles: intermediate columns per gate/up program and hidden columns per step; output columns per down program
+# and intermediate columns per step. Timed in the ~1B model's decode on the H200 (BENCHMARKS.md, session 5);
+# a sweep of the op alone is host-bound at one token, and at 32 tokens found gate/up 20% faster with 256
+# hidden columns per step (not adopted: unmeasured at one token, where decoding spends its time).
 GATE_UP_BLOCK_I = 16
 GATE_UP_BLOCK_H = 128
 GATE_UP_WARPS = 4
@@ -53,7 +55,15 @@ class ExpertTable:
         return self._table
 
 
-def _check(x, expert_ids, weights, w1, w3, w2) -> None:
+def _check(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: Sequence[torch.Tensor],
+    w3: Sequence[torch.Tensor],
+    w2: Sequence[torch.Tensor],
+) -> None:
+    """Shapes, dtypes and devices of :func:`moe_experts`' arguments (raises ValueError naming the bad one)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [N, hidden], got shape {tuple(x.shape)}")
     n, hidden = x.shape
