@@ -117,7 +117,8 @@ def fused_recurrent_kda(
     if resolve_backend(backend, q) == "triton":
         from .fused_recurrent import fused_recurrent_kda_fwd
 
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias)):
+        tensors = (q, k, v, g, beta, A_log, dt_bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             raise ValueError(
                 "the Triton fused_recurrent_kda is forward-only (decoding): call it under torch.no_grad(), "
                 "use chunk_kda for training, or backend='torch' for a differentiable recurrence"

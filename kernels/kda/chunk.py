@@ -35,21 +35,29 @@ MAX_HEAD_DIM = 256
 # than 8 on the H200); the solve kernel keeps 255 registers at 8 warps (16 warps spill). Pairs inside a
 # sub-block are summed one partner column at a time on [16, BK] tiles (session 5: 22% off fwd+bwd against
 # [16, 16, BK] products); key channels per block: 32, and 64 for the pairs kernel's diagonal tiles (best of
-# 16/64/128); 32 beat 16 and 64 on the H200 in the backward key kernel, at 4 warps (8: 1.5x slower). Value columns per tile in the backward pair kernel: 16. The backward's
-# terms through the states are [64, V] x [V, BK] dots per chunk in their own kernel (64 channels, 32 value
-# columns per step): inside the per-sub-block key kernel they were [16, V] dots repeated for each of the 4
-# sub-blocks, with the state tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
+# 16/64/128); 32 beat 16 and 64 on the H200 in the backward key kernel, at 4 warps (8: 1.5x slower).
+# Value columns per tile in the backward pair kernel: 16. The backward's terms through the states are
+# [64, V] x [V, BK] dots per chunk in their own kernel (64 channels, 32 value columns per step): inside the
+# per-sub-block key kernel they were [16, V] dots repeated for each of the 4 sub-blocks, with the state
+# tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
 # Registers and spills without a GPU: kernels/benchmarks/kda_registers.py; timings: bench_kda.py --sweep.
 PAIRS_KEY_BLOCK = 32
 PAIRS_DIAG_KEY_BLOCK = 64
 PAIRS_WARPS = 4
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
+# 1: the pairs forward takes the earlier sub-blocks one at a time ([16, BK] tiles, only the partners that exist);
+# 0: whole-chunk [64, BK] tiles, masked. Not yet timed on the GPU.
+PAIRS_PARTNER_BLOCKS = 0
 SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
 BWD_KEY_BLOCK = 32
 BWD_KEY_WARPS = 4
+BWD_KEY_STAGES = 1
+# 1: the key backward takes the other sub-blocks one at a time ([16, BK] tiles, only the partners that exist);
+# 0: whole-chunk [64, BK] tiles, masked. Not yet timed on the GPU.
+BWD_KEY_PARTNER_BLOCKS = 0
 BWD_PAIR_BLOCK_V = 16
 NUM_WARPS = 8
 
@@ -140,6 +148,7 @@ def kda_chunk_fwd(
     kda_pairs_fwd_kernel[(NC, H, CHUNK // SUB)](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), BKD=min(BK, PAIRS_DIAG_KEY_BLOCK), IEEE=ieee,
+        PARTNER_BLOCKS=PAIRS_PARTNER_BLOCKS,
         num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
     )  # fmt: skip
     kda_solve_fwd_kernel[(NC, H)](
@@ -238,7 +247,8 @@ def kda_chunk_bwd(
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
     kda_key_bwd_kernel[(NC, H, NKB * NS)](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee, num_warps=BWD_KEY_WARPS, num_stages=1,
+        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee, PARTNER_BLOCKS=BWD_KEY_PARTNER_BLOCKS,
+        num_warps=BWD_KEY_WARPS, num_stages=BWD_KEY_STAGES,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None
     ddt_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32) if use_gate else None

@@ -196,9 +196,68 @@ def kda_direct_bwd_kernel(
 
 
 @triton.jit
+def _direct_terms(G, dq, dk, dG, rows, rmask, cols, cmask, H, i_h, K):
+    """A sub-block's decays G and the direct terms of :func:`kda_direct_bwd_kernel` (dq, dkp in ``dk``, dkm in
+    ``dG``), each ``[BC, BK]`` fp32."""
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_dq = _load_rows(dq, rows, rmask, cols, cmask, H, i_h, K)
+    b_dkp = _load_rows(dk, rows, rmask, cols, cmask, H, i_h, K)
+    b_dkm = _load_rows(dG, rows, rmask, cols, cmask, H, i_h, K)
+    return b_G, b_dq, b_dkp, b_dkm
+
+
+@triton.jit
+def _earlier_pairs_bwd(k, G, dA_qk, dP, t0, m0, eos, b_G, rows, rmask, cols, cmask, H, i_h, K,
+                       BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """For the sub-block at row ``m0`` (``b_G`` its ``[BC, BK]`` decays), the pairs with the earlier sub-blocks of
+    the chunk, one ``[BC, BC] x [BC, BK]`` dot per partner sub-block, through the pivot p = the sub-block's first
+    row (the last valid row if the sub-block starts past the end): returns sum_j dA_qk[i, j] k_j exp(G_i - G_j)
+    and the same with dP, each ``[BC, BK]``."""
+    b_Gp = _load_row(G, tl.minimum(t0 + m0, eos - 1), eos, cols, H, i_h, K)
+    b_aq = tl.zeros([BC, cols.shape[0]], dtype=tl.float32)
+    b_ak = tl.zeros([BC, cols.shape[0]], dtype=tl.float32)
+    pcols = tl.arange(0, BC)
+    for j0 in range(0, m0, BC):
+        p_rows = t0 + j0 + tl.arange(0, BC)
+        p_mask = p_rows < eos
+        b_Gj = _load_rows(G, p_rows, p_mask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_kj = _load_rows(k, p_rows, p_mask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_kp = b_kj * tl.exp(tl.where(p_mask[:, None], b_Gp[None, :] - b_Gj, float("-inf")))
+        b_dA = _load_rows(dA_qk, rows, rmask, j0 + pcols, pcols < BC, H, i_h, BT)
+        b_dPb = _load_rows(dP, rows, rmask, j0 + pcols, pcols < BC, H, i_h, BT)
+        b_aq += tl.dot(b_dA, b_kp, input_precision=IEEE)
+        b_ak += tl.dot(b_dPb, b_kp, input_precision=IEEE)
+    b_to_row = tl.exp(tl.where(rmask[:, None], b_G - b_Gp[None, :], float("-inf")))
+    return b_to_row * b_aq, b_to_row * b_ak
+
+
+@triton.jit
+def _later_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, b_G, rmask, cols, cmask, H, i_h, K,
+                     BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """For the sub-block at row ``m0``, the pairs with the later sub-blocks, one dot pair per partner sub-block,
+    through the pivot l = the sub-block's last valid row: sum_i (scale dA_qk[i, j] q_i + dP[i, j] k_i)
+    exp(G_i - G_j) for the rows j of this sub-block (``[BC, BK]``)."""
+    b_Gl = _load_row(G, tl.minimum(t0 + m0 + BC, eos) - 1, eos, cols, H, i_h, K)
+    b_acc = tl.zeros([BC, cols.shape[0]], dtype=tl.float32)
+    sub_cols = m0 + tl.arange(0, BC)
+    for j0 in range(m0 + BC, BT, BC):
+        p_rows = t0 + j0 + tl.arange(0, BC)
+        p_mask = p_rows < eos
+        b_Gj = _load_rows(G, p_rows, p_mask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_from = tl.exp(tl.where(p_mask[:, None], b_Gj - b_Gl[None, :], float("-inf")))
+        b_qj = _load_rows(q, p_rows, p_mask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+        b_kj = _load_rows(k, p_rows, p_mask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_dA = _load_rows(dA_qk, p_rows, p_mask, sub_cols, sub_cols < BT, H, i_h, BT)
+        b_dPb = _load_rows(dP, p_rows, p_mask, sub_cols, sub_cols < BT, H, i_h, BT)
+        b_acc += tl.dot(tl.trans(b_dA), b_qj * b_from, input_precision=IEEE)
+        b_acc += tl.dot(tl.trans(b_dPb), b_kj * b_from, input_precision=IEEE)
+    return tl.exp(tl.where(rmask[:, None], b_Gl[None, :] - b_G, float("-inf"))) * b_acc
+
+
+@triton.jit
 def kda_key_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, PARTNER_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
     direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dG`` (= dkm), fp32)
@@ -207,42 +266,52 @@ def kda_key_bwd_kernel(
     products, so channel blocks are independent; a program holds [BC, BK] and [BT, BK] tiles only.
 
     Pairs with earlier rows use this sub-block's first row p as a pivot (exp(G_i - G_p) exp(G_p - G_j)),
-    pairs with later rows its last row l (exp(G_i - G_l) exp(G_l - G_j)): every factor is <= 1, and each side
-    is one tensor-core dot. Pairs inside the sub-block are summed exactly, one partner at a time.
+    pairs with later rows its last row l (exp(G_i - G_l) exp(G_l - G_j)): every factor is <= 1. With
+    ``PARTNER_BLOCKS`` each other sub-block is one [BC, BC] x [BC, BK] dot (only the partners that exist, on
+    [BC, BK] tiles); without, each side is one dot over the whole chunk's [BT, BK] tiles, masked. Pairs inside
+    the sub-block are summed exactly, one partner at a time.
     """
     i_c, i_h, i_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NS: tl.constexpr = BT // BC
     i_k, i_s = i_ks // NS, i_ks % NS
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     m0 = i_s * BC
-    # the whole chunk's rows, as the other side of the pairs
-    b_Gc, b_last, idx, c_rows, c_mask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, i_k * BK, BT, BK)
-    b_qc = _load_rows(q, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-    b_kc = _load_rows(k, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32)
-    # this sub-block's rows and their direct terms
+    cols = i_k * BK + tl.arange(0, BK)
+    cmask = cols < K
     rows = t0 + m0 + tl.arange(0, BC)
     rmask = rows < eos
-    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    b_dq = _load_rows(dq, rows, rmask, cols, cmask, H, i_h, K)
-    b_dkp = _load_rows(dk, rows, rmask, cols, cmask, H, i_h, K)
-    b_dkm = _load_rows(dG, rows, rmask, cols, cmask, H, i_h, K)
-    # Pairs with earlier sub-blocks: these rows are the later (query) side.
-    b_Gp = _pick_row(b_Gc, idx, m0)
-    b_kp = b_kc * tl.exp(tl.where((idx < m0)[:, None], b_Gp[None, :] - b_Gc, float("-inf")))
-    b_to_row = tl.exp(tl.where(rmask[:, None], b_G - b_Gp[None, :], float("-inf")))
-    b_dA_row = _load_rows(dA_qk, rows, rmask, idx, idx < BT, H, i_h, BT)
-    b_dP_row = _load_rows(dP, rows, rmask, idx, idx < BT, H, i_h, BT)
-    b_dq += b_to_row * tl.dot(b_dA_row, b_kp, input_precision=IEEE) * scale
-    b_dkp += b_to_row * tl.dot(b_dP_row, b_kp, input_precision=IEEE)
-    # Pairs with later sub-blocks: these rows are the earlier (key) side.
-    b_Gl = _pick_row(b_Gc, idx, m0 + BC - 1)
-    b_from_piv = tl.exp(tl.where((idx >= m0 + BC)[:, None], b_Gc - b_Gl[None, :], float("-inf")))
-    sub_cols = m0 + tl.arange(0, BC)
-    b_dA_col = _load_rows(dA_qk, c_rows, c_mask, sub_cols, sub_cols < BT, H, i_h, BT)
-    b_dP_col = _load_rows(dP, c_rows, c_mask, sub_cols, sub_cols < BT, H, i_h, BT)
-    b_hi = tl.dot(tl.trans(b_dA_col), b_qc * b_from_piv, input_precision=IEEE)
-    b_hi += tl.dot(tl.trans(b_dP_col), b_kc * b_from_piv, input_precision=IEEE)
-    b_dkm += tl.exp(tl.where(rmask[:, None], b_Gl[None, :] - b_G, float("-inf"))) * b_hi
+    if PARTNER_BLOCKS:
+        b_G, b_dq, b_dkp, b_dkm = _direct_terms(G, dq, dk, dG, rows, rmask, cols, cmask, H, i_h, K)
+        # the other sub-blocks one at a time: [BC, BK] tiles, and only the partners that exist
+        d_q, d_kp = _earlier_pairs_bwd(k, G, dA_qk, dP, t0, m0, eos, b_G, rows, rmask, cols, cmask, H, i_h, K,
+                                       BT, BC, IEEE)  # fmt: skip
+        b_dq += d_q * scale
+        b_dkp += d_kp
+        b_dkm += _later_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, b_G, rmask, cols, cmask, H, i_h, K,
+                                  BT, BC, IEEE)  # fmt: skip
+    else:
+        # the whole chunk's rows, as the other side of the pairs
+        b_Gc, _, idx, c_rows, c_mask, _, _ = _load_cum_decay(G, t0, eos, H, i_h, K, i_k * BK, BT, BK)
+        b_qc = _load_rows(q, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+        b_kc = _load_rows(k, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_G, b_dq, b_dkp, b_dkm = _direct_terms(G, dq, dk, dG, rows, rmask, cols, cmask, H, i_h, K)
+        # Pairs with earlier sub-blocks: these rows are the later (query) side.
+        b_Gp = _pick_row(b_Gc, idx, m0)
+        b_kp = b_kc * tl.exp(tl.where((idx < m0)[:, None], b_Gp[None, :] - b_Gc, float("-inf")))
+        b_to_row = tl.exp(tl.where(rmask[:, None], b_G - b_Gp[None, :], float("-inf")))
+        b_dA_row = _load_rows(dA_qk, rows, rmask, idx, idx < BT, H, i_h, BT)
+        b_dP_row = _load_rows(dP, rows, rmask, idx, idx < BT, H, i_h, BT)
+        b_dq += b_to_row * tl.dot(b_dA_row, b_kp, input_precision=IEEE) * scale
+        b_dkp += b_to_row * tl.dot(b_dP_row, b_kp, input_precision=IEEE)
+        # Pairs with later sub-blocks: these rows are the earlier (key) side.
+        b_Gl = _pick_row(b_Gc, idx, m0 + BC - 1)
+        b_from_piv = tl.exp(tl.where((idx >= m0 + BC)[:, None], b_Gc - b_Gl[None, :], float("-inf")))
+        sub_cols = m0 + tl.arange(0, BC)
+        b_dA_col = _load_rows(dA_qk, c_rows, c_mask, sub_cols, sub_cols < BT, H, i_h, BT)
+        b_dP_col = _load_rows(dP, c_rows, c_mask, sub_cols, sub_cols < BT, H, i_h, BT)
+        b_hi = tl.dot(tl.trans(b_dA_col), b_qc * b_from_piv, input_precision=IEEE)
+        b_hi += tl.dot(tl.trans(b_dP_col), b_kc * b_from_piv, input_precision=IEEE)
+        b_dkm += tl.exp(tl.where(rmask[:, None], b_Gl[None, :] - b_G, float("-inf"))) * b_hi
     # Pairs inside the sub-block.
     d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK)
     b_dq += d_dq
