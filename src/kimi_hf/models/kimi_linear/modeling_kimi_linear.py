@@ -480,8 +480,9 @@ class KimiLinearSparseMoE(nn.Module):
     def _use_decode_experts(self, x: torch.Tensor) -> bool:
         """Inference on CUDA with few tokens (decoding) takes the small-batch experts op: each chosen expert's
         weights are read once for all the tokens that chose it, in two Triton kernels with no sorting and no
-        host synchronisation, so the step can be captured in a CUDA graph."""
-        few_tokens = x.shape[0] <= MOE_MAX_TOKENS
+        host synchronisation, so the step can be captured in a CUDA graph. Inputs of another dtype than the
+        weights (autocast) take the routed path, whose linear layers autocast handles."""
+        few_tokens = x.shape[0] <= MOE_MAX_TOKENS and x.dtype == self.experts[0].w1.weight.dtype
         return self.hidden_act == "silu" and x.is_cuda and not torch.is_grad_enabled() and few_tokens
 
     def _experts_decode(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
