@@ -9,6 +9,8 @@
 # and their timings are thrown away (they share the GPU). The steps after `--` then run one at a time on
 # a warm cache; only their numbers count. Each step has its own timeout and writes $OUT/<step>.log
 # (warm runs: $OUT/warm_<step>.log) progressively, so a step cut short keeps what it measured.
+# At the end the autotuning choices go to $OUT/triton_autotune.tgz (.ci/gpu-keep-autotune.sh): unpack them into
+# .triton_cache/ and carry that folder next time, and fla's kernels skip their minutes of re-tuning.
 set -u
 cd "$(dirname "$0")/../.."
 source .ci/gpu-setup.sh > "${OUT:=/tmp/out}/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
@@ -56,3 +58,4 @@ for step in "${timed[@]}"; do
   echo "== $step (exit $?)"
   grep -v -i "warn" "$OUT/$step.log" | tail -n 30
 done
+bash .ci/gpu-keep-autotune.sh
