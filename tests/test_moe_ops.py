@@ -45,8 +45,15 @@ def test_reference_matches_per_token_oracle():
 _CASES = [(1, 40, 24, 8, 2), (3, 150, 70, 5, 3), (20, 33, 130, 4, 2)]
 
 
+@pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("case", _CASES)
-def test_triton_matches_reference_interpreter(case):
+def test_triton_matches_reference_interpreter(case, split, monkeypatch):
+    """``split``: slices of the hidden dimension in the gate/up kernel (3 with 32-column steps: a ragged last
+    slice, or fewer slices than asked where hidden is small)."""
+    import kimi_hf.kernels.moe as moe
+
+    monkeypatch.setattr(moe, "GATE_UP_SPLIT", split)
+    monkeypatch.setattr(moe, "GATE_UP_BLOCK_H", 32)
     args = _inputs(*case)
     assert_close_rel(moe_experts(*args, backend="triton"), _oracle(*args), 1e-5, "out")
 
@@ -71,6 +78,8 @@ def test_bad_inputs_are_named():
         moe_experts(x.repeat(40, 1), ids.repeat(40, 1), weights.repeat(40, 1), w1, w3, w2, backend="triton")
     with pytest.raises(ValueError, match="contiguous"):
         moe_experts(x, ids, weights, [w.t().contiguous().t() for w in w1], w3, w2, backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        moe_experts(x.double(), ids, weights, *([w.double() for w in g] for g in (w1, w3, w2)), backend="triton")
     with pytest.raises(ValueError, match="inference-only"):
         moe_experts(x.requires_grad_(), ids, weights, w1, w3, w2, backend="triton")
 

@@ -11,7 +11,8 @@ MLA at 4,8; 16 experts top-4; vocab 32000; sdpa; bf16), in one run:
   so bf16 logits cannot tell a bug from rounding.
 
 Medians of ``triton.testing.do_bench`` (training) and of repeated timed ``generate`` calls (decoding).
-Prints a markdown table (GPU, versions, ratios) and optionally writes JSON.
+Prints a markdown table (GPU, versions, ratios) and optionally writes JSON. ``--set`` overrides integer launch
+constants of ``kimi_hf.kernels`` for the run, e.g. ``--set moe.GATE_UP_SPLIT=4 kda.chunk.PAIRS_PARTNER_BLOCKS=1``.
 """
 
 from __future__ import annotations
@@ -233,6 +234,8 @@ def markdown(results: dict) -> str:
         f"GPU: {v.get('gpu', 'none (CPU)')}; torch {v['torch']}, triton {v.get('triton', '-')}, "
         f"transformers {v['transformers']}, fla {v['fla']}; {results['parameters'] / 1e9:.2f}B parameters",
     ]
+    if results.get("launch_constants"):
+        lines.append("Launch constants set: " + ", ".join(f"{k}={v}" for k, v in results["launch_constants"].items()))
     if "parity_rel_err" in results:
         err = results["parity_rel_err"]
         lines.append(f"Logits parity ours vs native (fp32, same weights): relative error {err:.2e}")
@@ -242,6 +245,26 @@ def markdown(results: dict) -> str:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         lines.append(f"| {r['measure']} | {r['ours']:.2f} | {native} | {r['unit']} | {speed} | {r['note']} |")
     return "\n".join(lines)
+
+
+def set_launch_constants(specs: list[str]) -> dict[str, int]:
+    """``["moe.GATE_UP_SPLIT=4", ...]``: set integer constants of ``kimi_hf.kernels`` modules; returns what was set."""
+    import importlib
+
+    done = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = importlib.import_module(f"kimi_hf.kernels.{module_name}")
+        except ImportError:
+            module = None
+        if module is None or not isinstance(getattr(module, attr, None), int) or not value.lstrip("-").isdigit():
+            raise ValueError(f"--set takes MODULE.NAME=INT with NAME an integer constant of kimi_hf.kernels.MODULE, "
+                             f"got {spec!r}")  # fmt: skip
+        setattr(module, attr, int(value))
+        done[name] = int(value)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,8 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep", type=int, default=200, help="do_bench time budget per training measurement (ms)")
     parser.add_argument("--decode-repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
+                        help="launch constants of kimi_hf.kernels for this run (e.g. moe.GATE_UP_SPLIT=4)")  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        overrides = set_launch_constants(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     results = run(args)
+    results["launch_constants"] = overrides
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:

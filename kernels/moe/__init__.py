@@ -16,9 +16,9 @@ import triton
 
 from .._backend import resolve_backend
 from .naive import naive_moe_experts
-from .triton_kernels import moe_down_kernel, moe_gate_up_kernel
+from .triton_kernels import moe_act_kernel, moe_down_kernel, moe_gate_up_kernel
 
-__all__ = ["MAX_TOKENS", "ExpertTable", "moe_experts", "naive_moe_experts"]
+__all__ = ["MAX_TOKENS", "TRITON_DTYPES", "ExpertTable", "moe_experts", "naive_moe_experts"]
 
 MAX_TOKENS = 64  # the kernels hold all tokens as the rows of one tile
 # Tiles: intermediate columns per gate/up program and hidden columns per step; output columns per down program
@@ -28,9 +28,17 @@ MAX_TOKENS = 64  # the kernels hold all tokens as the rows of one tile
 GATE_UP_BLOCK_I = 16
 GATE_UP_BLOCK_H = 128
 GATE_UP_WARPS = 4
+# Slices of the hidden dimension per gate/up program group (1: none). More slices give a one-token step more
+# programs (at one token only 4 of 16 experts have work: 256 programs at 16 columns); a third kernel then sums
+# the slices' fp32 partial sums (ACT_BLOCK_I columns per program). Not yet timed on the GPU.
+GATE_UP_SPLIT = 1
+ACT_BLOCK_I = 32
 DOWN_BLOCK_D = 64
 DOWN_BLOCK_I = 128
 DOWN_WARPS = 4
+
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton path takes
 
 
 class ExpertTable:
@@ -113,6 +121,8 @@ def moe_experts(
     n, hidden = x.shape
     if n > MAX_TOKENS:
         raise ValueError(f"the Triton moe_experts takes at most {MAX_TOKENS} tokens, got {n}")
+    if x.dtype not in TRITON_DTYPES:
+        raise ValueError(f"the Triton moe_experts takes {TRITON_DTYPES}, got {x.dtype}: use backend='torch'")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *w1, *w3, *w2)):
         raise ValueError("moe_experts is inference-only: call it under torch.no_grad()")
     num_experts, inter, topk = len(w1), w1[0].shape[0], expert_ids.shape[1]
@@ -123,11 +133,24 @@ def moe_experts(
     BN = max(16, triton.next_power_of_2(n))
     BJ = triton.next_power_of_2(topk)
     ieee = "ieee" if x.dtype == torch.float32 else "tf32"
+    split = max(1, min(GATE_UP_SPLIT, triton.cdiv(hidden, GATE_UP_BLOCK_H)))
+    per_split = triton.cdiv(triton.cdiv(hidden, split), GATE_UP_BLOCK_H) * GATE_UP_BLOCK_H
     act = x.new_empty(num_experts, n, inter)
-    moe_gate_up_kernel[(num_experts, triton.cdiv(inter, GATE_UP_BLOCK_I))](
-        x, expert_ids, weights, ptrs, act, n, num_experts, hidden, inter,
-        TOPK=topk, BN=BN, BJ=BJ, BI=GATE_UP_BLOCK_I, BH=GATE_UP_BLOCK_H, IEEE=ieee, num_warps=GATE_UP_WARPS,
+    if split > 1:  # the slices' fp32 partial sums
+        gate = x.new_empty(split, num_experts, n, inter, dtype=torch.float32)
+        up = torch.empty_like(gate)
+    else:  # the gate/up kernel writes act itself
+        gate = up = act
+    moe_gate_up_kernel[(num_experts, triton.cdiv(inter, GATE_UP_BLOCK_I), split)](
+        x, expert_ids, weights, ptrs, act, gate, up, n, num_experts, hidden, inter, per_split,
+        TOPK=topk, BN=BN, BJ=BJ, BI=GATE_UP_BLOCK_I, BH=GATE_UP_BLOCK_H, SPLIT=split, IEEE=ieee,
+        num_warps=GATE_UP_WARPS,
     )  # fmt: skip
+    if split > 1:
+        moe_act_kernel[(num_experts, triton.cdiv(inter, ACT_BLOCK_I))](
+            gate, up, expert_ids, weights, act, n, num_experts, inter,
+            TOPK=topk, BN=BN, BJ=BJ, BI=ACT_BLOCK_I, SPLIT=split,
+        )  # fmt: skip
     partial = x.new_empty(num_experts, n, hidden, dtype=torch.float32)
     moe_down_kernel[(num_experts, triton.cdiv(hidden, DOWN_BLOCK_D))](
         act, expert_ids, weights, ptrs, partial, n, num_experts, hidden, inter,

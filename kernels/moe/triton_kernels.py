@@ -28,13 +28,16 @@ def _mix_of_expert(expert_ids, weights, e, N, TOPK: tl.constexpr, BN: tl.constex
 
 @triton.jit
 def moe_gate_up_kernel(
-    x, expert_ids, weights, table, act, N, E, HID, INTER,
+    x, expert_ids, weights, table, act, gate, up, N, E, HID, INTER, HID_PER_SPLIT,
     TOPK: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr,
-    IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (expert e, block of BI intermediate columns): act[e, n] = mix[n, e] * silu(x_n w1[e]^T) * (x_n w3[e]^T)
-    for every token n (``act [E, N, INTER]``, x's dtype); left unwritten if no token chose e."""
-    e, i_i = tl.program_id(0), tl.program_id(1)
+    """Per (expert e, block of BI intermediate columns, slice s of the hidden dimension), for every token n:
+    with one slice, act[e, n] = mix[n, e] * silu(x_n w1[e]^T) * (x_n w3[e]^T) (``act [E, N, INTER]``, x's
+    dtype); with SPLIT slices, the slice's partial sums of x_n w1[e]^T and x_n w3[e]^T into ``gate`` and
+    ``up`` (``[SPLIT, E, N, INTER]`` fp32, finished by :func:`moe_act_kernel`). Nothing is written if no
+    token chose e. More slices give a one-token step more programs, each streaming a slice of the weights."""
+    e, i_i, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b_mix, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
     if chosen > 0:
         dt = x.dtype.element_ty
@@ -45,17 +48,45 @@ def moe_gate_up_kernel(
         nmask = n < N
         b_g = tl.zeros([BN, BI], dtype=tl.float32)
         b_u = tl.zeros([BN, BI], dtype=tl.float32)
-        for h0 in range(0, HID, BH):
+        h_end = tl.minimum(HID, (i_s + 1) * HID_PER_SPLIT)
+        for h0 in range(i_s * HID_PER_SPLIT, h_end, BH):
             hs = h0 + tl.arange(0, BH)
-            hmask = hs < HID
+            hmask = hs < h_end
             b_x = tl.load(x + n[:, None] * HID + hs[None, :], mask=nmask[:, None] & hmask[None, :], other=0.0)
             w_offs = cols[None, :].to(tl.int64) * HID + hs[:, None]  # [BH, BI]: w[e]^T
             w_mask = hmask[:, None] & cmask[None, :]
             b_g += tl.dot(b_x, tl.load(w1 + w_offs, mask=w_mask, other=0.0), input_precision=IEEE)
             b_u += tl.dot(b_x, tl.load(w3 + w_offs, mask=w_mask, other=0.0), input_precision=IEEE)
-        b_act = b_g * tl.sigmoid(b_g) * b_u * b_mix[:, None]
+        out_mask = nmask[:, None] & cmask[None, :]
+        if SPLIT == 1:
+            offs = (e * N + n[:, None]).to(tl.int64) * INTER + cols[None, :]
+            tl.store(act + offs, (b_g * tl.sigmoid(b_g) * b_u * b_mix[:, None]).to(dt), mask=out_mask)
+        else:
+            offs = ((i_s * E + e) * N + n[:, None]).to(tl.int64) * INTER + cols[None, :]
+            tl.store(gate + offs, b_g, mask=out_mask)
+            tl.store(up + offs, b_u, mask=out_mask)
+
+
+@triton.jit
+def moe_act_kernel(
+    gate, up, expert_ids, weights, act, N, E, INTER,
+    TOPK: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Per (expert e, block of BI intermediate columns): act[e, n] = mix[n, e] * silu(g) * u, with g and u the
+    sums of the SPLIT partial sums of :func:`moe_gate_up_kernel`; nothing is written if no token chose e."""
+    e, i_i = tl.program_id(0), tl.program_id(1)
+    n, b_mix, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
+    if chosen > 0:
+        cols = i_i * BI + tl.arange(0, BI)
+        mask = (n < N)[:, None] & (cols < INTER)[None, :]
+        b_g = tl.zeros([BN, BI], dtype=tl.float32)
+        b_u = tl.zeros([BN, BI], dtype=tl.float32)
+        for i_s in tl.static_range(SPLIT):
+            offs = ((i_s * E + e) * N + n[:, None]).to(tl.int64) * INTER + cols[None, :]
+            b_g += tl.load(gate + offs, mask=mask, other=0.0)
+            b_u += tl.load(up + offs, mask=mask, other=0.0)
         offs = (e * N + n[:, None]).to(tl.int64) * INTER + cols[None, :]
-        tl.store(act + offs, b_act.to(dt), mask=nmask[:, None] & cmask[None, :])
+        tl.store(act + offs, (b_g * tl.sigmoid(b_g) * b_u * b_mix[:, None]).to(act.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -29,6 +29,7 @@ from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
 from kimi_hf.kernels.moe import MAX_TOKENS as MOE_MAX_TOKENS
+from kimi_hf.kernels.moe import TRITON_DTYPES as MOE_DTYPES
 from kimi_hf.kernels.moe import ExpertTable, moe_experts
 from kimi_hf.modules.attention import eager_attention_forward
 from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
@@ -481,8 +482,9 @@ class KimiLinearSparseMoE(nn.Module):
         """Inference on CUDA with few tokens (decoding) takes the small-batch experts op: each chosen expert's
         weights are read once for all the tokens that chose it, in two Triton kernels with no sorting and no
         host synchronisation, so the step can be captured in a CUDA graph. Inputs of another dtype than the
-        weights (autocast) take the routed path, whose linear layers autocast handles."""
-        few_tokens = x.shape[0] <= MOE_MAX_TOKENS and x.dtype == self.experts[0].w1.weight.dtype
+        weights (autocast) take the routed path, whose linear layers autocast handles, as does float64."""
+        dtype_ok = x.dtype in MOE_DTYPES and x.dtype == self.experts[0].w1.weight.dtype
+        few_tokens = x.shape[0] <= MOE_MAX_TOKENS and dtype_ok
         return self.hidden_act == "silu" and x.is_cuda and not torch.is_grad_enabled() and few_tokens
 
     def _experts_decode(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
