@@ -21,21 +21,18 @@ from .chunk_fwd import (
 
 
 @triton.jit
-def _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, k0,
-                         BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """Gradients of the pairs inside the sub-block at row ``m0`` for channels ``k0 .. k0 + BK``, with
-    E = exp(G_i - G_j) (j <= i): dq_i = scale sum_j dA_qk[i, j] k_j E_ij, the k terms that carry exp(+G)
-    (sum_j dP[i, j] k_j E_ij) and those that carry exp(-G) (sum_i (scale dA_qk[i, j] q_i + dP[i, j] k_i) E_ij),
-    each ``[BC, BK]``; one partner column j at a time, on ``[BC, BK]`` tiles of one layout (see
-    :func:`~.chunk_fwd._diag_pairs_fwd`)."""
+def _sub_block_pairs_bwd(k, G, dA_qk, dP, t0, m0, eos, scale, b_G, b_q, b_k, cols, H, i_h, K,
+                         BT: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    """Gradients of the pairs inside the sub-block at row ``m0`` for the key channels ``cols`` (``b_G``, ``b_q``,
+    ``b_k``: the sub-block's ``[BC, BK]`` tiles, q unscaled), with E = exp(G_i - G_j) (j <= i):
+    dq_i = scale sum_j dA_qk[i, j] k_j E_ij, the k terms that carry exp(+G) (sum_j dP[i, j] k_j E_ij) and those
+    that carry exp(-G) (sum_i (scale dA_qk[i, j] q_i + dP[i, j] k_i) E_ij), each ``[BC, BK]``; one partner
+    column j at a time, on ``[BC, BK]`` tiles of one layout (see :func:`~.chunk_fwd._diag_pairs_fwd`)."""
     ii = tl.arange(0, BC)
     rows = t0 + m0 + ii
     rmask = rows < eos
-    cols = k0 + tl.arange(0, BK)
-    cmask = cols < K
-    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    b_qs = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_qs = b_q * scale
+    BK: tl.constexpr = cols.shape[0]
     b_dq = tl.zeros([BC, BK], dtype=tl.float32)
     b_dkp = tl.zeros([BC, BK], dtype=tl.float32)
     b_dkm = tl.zeros([BC, BK], dtype=tl.float32)
@@ -313,13 +310,14 @@ def kda_key_bwd_kernel(
         b_hi += tl.dot(tl.trans(b_dP_col), b_kc * b_from_piv, input_precision=IEEE)
         b_dkm += tl.exp(tl.where(rmask[:, None], b_Gl[None, :] - b_G, float("-inf"))) * b_hi
     # Pairs inside the sub-block.
-    d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, H, i_h, K, i_k * BK, BT, BC, BK)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(k, G, dA_qk, dP, t0, m0, eos, scale, b_G, b_q, b_k, cols, H, i_h, K,
+                                              BT, BC)  # fmt: skip
     b_dq += d_dq
     b_dkp += d_dkp
     b_dkm += d_dkm
     # G's gradient is q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
-    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     _store_rows(dG, b_q * b_dq + b_k * (b_dkp - b_dkm), rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(dk, b_dkp + b_dkm, rows, rmask, cols, cmask, H, i_h, K)

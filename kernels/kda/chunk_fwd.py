@@ -71,6 +71,15 @@ def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexp
 
 
 @triton.jit
+def _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K):
+    """The ``[rows, cols]`` tiles of G, scale * q and k of head ``i_h``, fp32."""
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    return b_G, b_q, b_k
+
+
+@triton.jit
 def _load_row(ptr, r, eos, cols, H, i_h, D):
     """Row ``r`` (a global token index) of head ``i_h`` of a ``[TT, H, D]`` tensor, columns ``cols``, as an fp32
     vector (zeros for columns past D, and everywhere if ``r`` is past the sequence end ``eos``)."""
@@ -93,9 +102,7 @@ def _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC: tl.constexpr, BK
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         cmask = cols < K
-        b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_G, b_q, b_k = _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K)
         for j in range(0, BC):
             r = t0 + m0 + j
             b_kj = _load_row(k, r, eos, cols, H, i_h, K)
@@ -173,11 +180,11 @@ def _earlier_pairs_fwd(q, k, G, A_qk, P, t0, m0, eos, scale, rows, rmask, H, i_h
         for k0 in range(0, K, BK):
             cols = k0 + tl.arange(0, BK)
             cmask = cols < K
+            # this sub-block's tiles again for each partner (L1 hits): the [BC, BC] sums live in registers, so
+            # the partner loop must be the outer one
             b_Gp = _load_row(G, r_p, eos, cols, H, i_h, K)
-            b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+            b_G, b_q, b_k = _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K)
             b_to_row = tl.exp(tl.where(rmask[:, None], b_G - b_Gp[None, :], float("-inf")))
-            b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-            b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
             b_Gj = _load_rows(G, p_rows, p_mask, cols, cmask, H, i_h, K).to(tl.float32)
             b_kj = _load_rows(k, p_rows, p_mask, cols, cmask, H, i_h, K).to(tl.float32)
             b_kp = b_kj * tl.exp(tl.where(p_mask[:, None], b_Gp[None, :] - b_Gj, float("-inf")))
@@ -221,10 +228,8 @@ def kda_pairs_fwd_kernel(
             b_Gp = _pick_row(b_Gc, idx, m0)
             b_kc = _load_rows(k, c_rows, c_mask, cols, cmask, H, i_h, K).to(tl.float32)
             b_kp = b_kc * tl.exp(tl.where((idx < m0)[:, None], b_Gp[None, :] - b_Gc, float("-inf")))
-            b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+            b_G, b_q, b_k = _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K)
             b_to_row = tl.exp(tl.where(rmask[:, None], b_G - b_Gp[None, :], float("-inf")))
-            b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-            b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
             b_A += tl.dot(b_q * b_to_row, tl.trans(b_kp), input_precision=IEEE)
             b_P += tl.dot(b_k * b_to_row, tl.trans(b_kp), input_precision=IEEE)
         # The dots give the columns before the sub-block and zeros after it; the diagonal tile comes apart.

@@ -42,52 +42,64 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Trito
 
 
 class ExpertTable:
-    """The ``[3, E]`` int64 device table of the experts' weight addresses (w1, w3, w2) that the kernels read.
+    """One MoE layer's record of its experts' weights: whether they were checked against the inputs, and the
+    ``[3, E]`` int64 device table of their addresses (w1, w3, w2) that the kernels read.
 
-    Built on first use and rebuilt whenever a weight's address changes (``model.to``, a new dtype), so
-    keep one per MoE layer. Building copies to the device, which a CUDA-graph capture does not allow:
-    use the layer once before capturing (a warm-up step does).
+    The per-weight checks and the table are redone only when a weight's address (or x's hidden size, dtype or
+    device) changes, e.g. after ``model.to``: a decode step then spends no host time on them. Building the
+    table copies to the device, which a CUDA-graph capture does not allow: use the layer once before
+    capturing (a warm-up step does). Keep one per MoE layer.
     """
 
     def __init__(self) -> None:
-        self._addresses: tuple[int, ...] | None = None
+        self._checked: tuple | None = None
         self._table: torch.Tensor | None = None
+        self.contiguous = False
 
-    def __call__(
-        self, w1: Sequence[torch.Tensor], w3: Sequence[torch.Tensor], w2: Sequence[torch.Tensor]
-    ) -> torch.Tensor:
+    def check(
+        self, x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence[torch.Tensor], w2: Sequence[torch.Tensor]
+    ) -> None:
+        """Raise ValueError naming the first weight whose shape, dtype or device does not fit ``x [N, hidden]``."""
         addresses = tuple(w.data_ptr() for group in (w1, w3, w2) for w in group)
-        if addresses != self._addresses:
-            self._table = torch.tensor(addresses, dtype=torch.int64).view(3, len(w1)).to(w1[0].device)
-            self._addresses = addresses
+        key = (addresses, x.shape[1], x.dtype, x.device)
+        if key != self._checked:
+            self.contiguous = _check_weights(x, w1, w3, w2)
+            self._checked, self._table = key, None
+
+    def pointers(self) -> torch.Tensor:
+        """The address table of the weights last passed to :meth:`check`."""
+        if self._table is None:
+            addresses, _, _, device = self._checked
+            self._table = torch.tensor(addresses, dtype=torch.int64).view(3, -1).to(device)
         return self._table
 
 
-def _check(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    w1: Sequence[torch.Tensor],
-    w3: Sequence[torch.Tensor],
-    w2: Sequence[torch.Tensor],
-) -> None:
-    """Shapes, dtypes and devices of :func:`moe_experts`' arguments (raises ValueError naming the bad one)."""
+def _check_inputs(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+    """Shapes of :func:`moe_experts`' token arguments (raises ValueError naming the bad one)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [N, hidden], got shape {tuple(x.shape)}")
-    n, hidden = x.shape
+    n = x.shape[0]
     if expert_ids.dim() != 2 or expert_ids.shape[0] != n or expert_ids.is_floating_point():
         raise ValueError(f"expert_ids must be an integer [N, k] tensor with N={n}, got {expert_ids.dtype} "
                          f"{tuple(expert_ids.shape)}")  # fmt: skip
     if tuple(weights.shape) != tuple(expert_ids.shape):
         raise ValueError(f"weights must have expert_ids' shape {tuple(expert_ids.shape)}, got {tuple(weights.shape)}")
+
+
+def _check_weights(
+    x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence[torch.Tensor], w2: Sequence[torch.Tensor]
+) -> bool:
+    """Shapes, dtypes and devices of the experts' weights against ``x [N, hidden]`` (raises ValueError naming the
+    bad one); returns whether all are contiguous."""
     if not len(w1) == len(w3) == len(w2) > 0:
         raise ValueError(f"w1, w3 and w2 must hold one weight per expert, got {len(w1)}, {len(w3)} and {len(w2)}")
-    inter = w1[0].shape[0]
+    hidden, inter = x.shape[1], w1[0].shape[0]
     for name, group, shape in (("w1", w1, (inter, hidden)), ("w3", w3, (inter, hidden)), ("w2", w2, (hidden, inter))):
         for e, w in enumerate(group):
             if tuple(w.shape) != shape or w.dtype != x.dtype or w.device != x.device:
                 raise ValueError(f"{name}[{e}] must be {shape} {x.dtype} on {x.device} (x's dtype and device), got "
                                  f"{tuple(w.shape)} {w.dtype} on {w.device}")  # fmt: skip
+    return all(w.is_contiguous() for group in (w1, w3, w2) for w in group)
 
 
 def moe_experts(
@@ -109,13 +121,16 @@ def moe_experts(
         weights: ``[N, k]`` mixing weights.
         w1, w3: the E experts' gate and up weights, each ``[I, hidden]``; w2: their down weights
             ``[hidden, I]``; x's dtype and device.
-        table: the layer's :class:`ExpertTable` (so the address table is built once); None builds one.
+        table: the layer's :class:`ExpertTable` (so the weights are checked and their address table built once
+            while they stay where they are); None uses a new one.
         backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
 
     Returns:
         ``[N, hidden]`` in x's dtype. Not differentiable.
     """
-    _check(x, expert_ids, weights, w1, w3, w2)
+    _check_inputs(x, expert_ids, weights)
+    table = table or ExpertTable()
+    table.check(x, w1, w3, w2)
     if resolve_backend(backend, x) == "torch":
         return naive_moe_experts(x, expert_ids, weights, w1, w3, w2)
     n, hidden = x.shape
@@ -126,9 +141,9 @@ def moe_experts(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *w1, *w3, *w2)):
         raise ValueError("moe_experts is inference-only: call it under torch.no_grad()")
     num_experts, inter, topk = len(w1), w1[0].shape[0], expert_ids.shape[1]
-    if not all(w.is_contiguous() for group in (w1, w3, w2) for w in group):
+    if not table.contiguous:
         raise ValueError("moe_experts reads the expert weights in place: they must be contiguous")
-    ptrs = (table or ExpertTable())(w1, w3, w2)
+    ptrs = table.pointers()
     x, expert_ids, weights = x.contiguous(), expert_ids.contiguous(), weights.contiguous()
     BN = max(16, triton.next_power_of_2(n))
     BJ = triton.next_power_of_2(topk)
