@@ -94,7 +94,8 @@ def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
 
 
 def _mla_mask(keep: torch.Tensor | None, past_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """Bool ``[B or 1, 1, T, past + T]`` causal mask (True = attend) over keys that ``keep [B, past + T]`` marks real."""
+    """Bool ``[B or 1, 1, T, past + T]`` causal mask (True = attend) over the keys that ``keep [B, past + T]``
+    marks real."""
     query_pos = torch.arange(past_len, past_len + seq_len, device=device)
     key_pos = torch.arange(past_len + seq_len, device=device)
     mask = (key_pos[None, :] <= query_pos[:, None])[None]
@@ -480,12 +481,12 @@ class KimiLinearSparseMoE(nn.Module):
 
     def _use_decode_experts(self, x: torch.Tensor) -> bool:
         """Inference on CUDA with few tokens (decoding) takes the small-batch experts op: each chosen expert's
-        weights are read once for all the tokens that chose it, in two Triton kernels with no sorting and no
-        host synchronisation, so the step can be captured in a CUDA graph. Inputs of another dtype than the
-        weights (autocast) take the routed path, whose linear layers autocast handles, as does float64."""
-        dtype_ok = x.dtype in MOE_DTYPES and x.dtype == self.experts[0].w1.weight.dtype
-        few_tokens = x.shape[0] <= MOE_MAX_TOKENS and dtype_ok
-        return self.hidden_act == "silu" and x.is_cuda and not torch.is_grad_enabled() and few_tokens
+        weights are read once for all the tokens that chose it, in Triton kernels with no sorting and no host
+        synchronisation, so the step can be captured in a CUDA graph. Inputs of another dtype than the weights
+        (autocast) take the routed path, whose linear layers autocast handles, as does float64."""
+        if self.hidden_act != "silu" or not x.is_cuda or torch.is_grad_enabled() or x.shape[0] > MOE_MAX_TOKENS:
+            return False
+        return x.dtype in MOE_DTYPES and x.dtype == self.experts[0].w1.weight.dtype
 
     def _experts_decode(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """``x [N, hidden]``, mixing ``weights`` and ``expert_ids [N, k]`` -> routed output ``[N, hidden]``."""
