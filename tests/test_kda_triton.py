@@ -98,13 +98,9 @@ def test_chunk_varlen_fused_gate_fwd_bwd():
 
 
 @pytest.mark.parametrize("lengths", [[17, 0, 1, 50], [130, 64, 3]], ids=["ragged", "multi-chunk"])
-def test_chunk_partner_blocks(lengths, monkeypatch):
-    """The pairs forward and the key backward taking the other sub-blocks one at a time equal the reference
-    (ragged ends: sub-blocks past the end, pivots clamped to the last valid row)."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, "PAIRS_PARTNER_BLOCKS", 1)
-    monkeypatch.setattr(chunk, "BWD_KEY_PARTNER_BLOCKS", 1)
+def test_chunk_ragged_sub_blocks(lengths):
+    """Packed sequences that end inside a sub-block, or before it: the key backward's partner sub-blocks past the
+    end and its pivots clamped to the last valid row, against the reference."""
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=5), {}, cu_seqlens=cu.to(DEVICE))
 

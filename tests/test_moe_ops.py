@@ -53,6 +53,7 @@ def test_triton_matches_reference_interpreter(case, split, monkeypatch):
     import kimi_hf.kernels.moe as moe
 
     monkeypatch.setattr(moe, "GATE_UP_SPLIT", split)
+    monkeypatch.setattr(moe, "GATE_UP_SPLIT_MAX_TOKENS", moe.MAX_TOKENS)
     monkeypatch.setattr(moe, "GATE_UP_BLOCK_H", 32)
     args = _inputs(*case)
     assert_close_rel(moe_experts(*args, backend="triton"), _oracle(*args), 1e-5, "out")

@@ -59,8 +59,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
         (chunk_fwd.kda_pairs_fwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), BKD=min(BK, chunk.PAIRS_DIAG_KEY_BLOCK),
-              PARTNER_BLOCKS=chunk.PAIRS_PARTNER_BLOCKS),
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), BKD=min(BK, chunk.PAIRS_DIAG_KEY_BLOCK)),
          chunk.PAIRS_WARPS, chunk.PAIRS_STAGES),
         (chunk_fwd.kda_solve_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.SOLVE_KEY_BLOCK), BV=BV),
          chunk.SOLVE_WARPS, 1),
@@ -71,7 +70,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_bwd.kda_direct_bwd_kernel,
          dict(common, BK=min(BK, chunk.BWD_DIRECT_KEY_BLOCK), BV=min(BV, chunk.BWD_DIRECT_BLOCK_V)), warps, 1),
         (chunk_bwd.kda_key_bwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), PARTNER_BLOCKS=chunk.BWD_KEY_PARTNER_BLOCKS),
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK)),
          chunk.BWD_KEY_WARPS, chunk.BWD_KEY_STAGES),
         (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True), 4, 1),
     ]  # fmt: skip

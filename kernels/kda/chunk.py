@@ -45,19 +45,13 @@ PAIRS_KEY_BLOCK = 32
 PAIRS_DIAG_KEY_BLOCK = 64
 PAIRS_WARPS = 4
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
-# 1: the pairs forward takes the earlier sub-blocks one at a time ([16, BK] tiles, only the partners that exist);
-# 0: whole-chunk [64, BK] tiles, masked. Not yet timed on the GPU.
-PAIRS_PARTNER_BLOCKS = 0
 SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
 BWD_KEY_BLOCK = 32
 BWD_KEY_WARPS = 4
-BWD_KEY_STAGES = 1
-# 1: the key backward takes the other sub-blocks one at a time ([16, BK] tiles, only the partners that exist);
-# 0: whole-chunk [64, BK] tiles, masked. Not yet timed on the GPU.
-BWD_KEY_PARTNER_BLOCKS = 0
+BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
 BWD_PAIR_BLOCK_V = 16
 NUM_WARPS = 8
 
@@ -75,16 +69,26 @@ class _Chunks:
 
 
 def _chunks(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device) -> _Chunks:
+    """Equal-length batches (``cu_seqlens`` None) are laid out from B and T alone, without waiting for the device:
+    a host synchronisation here stalled every forward until the GPU drained. Packed sequences read the offsets
+    once (their validation has already done so)."""
     if cu_seqlens is None:
+        per_seq = triton.cdiv(T, CHUNK)
         cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
-    else:
-        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        offsets = torch.arange(B + 1, device=device, dtype=torch.int32) * per_seq
+        flat = torch.arange(B * per_seq, device=device, dtype=torch.int32)
+        indices = torch.stack([flat // per_seq, flat % per_seq], dim=1)
+        return _Chunks(cu, indices, offsets, B * per_seq, B)
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    bounds = cu_seqlens.tolist()
+    num_chunks = sum(triton.cdiv(end - start, CHUNK) for start, end in zip(bounds[:-1], bounds[1:]))
     counts = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK
     offsets = torch.zeros(counts.numel() + 1, device=device, dtype=torch.int32)
     offsets[1:] = counts.cumsum(0)
-    num_chunks = int(offsets[-1].item())
-    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=device, dtype=torch.int32), counts)
-    within = torch.arange(num_chunks, device=device, dtype=torch.int32) - offsets[:-1].repeat_interleave(counts)
+    seq = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=device, dtype=torch.int32), counts, output_size=num_chunks
+    )
+    within = torch.arange(num_chunks, device=device, dtype=torch.int32) - offsets[seq.long()]
     indices = torch.stack([seq, within], dim=1).contiguous()
     return _Chunks(cu, indices, offsets, num_chunks, counts.numel())
 
@@ -148,7 +152,6 @@ def kda_chunk_fwd(
     kda_pairs_fwd_kernel[(NC, H, CHUNK // SUB)](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), BKD=min(BK, PAIRS_DIAG_KEY_BLOCK), IEEE=ieee,
-        PARTNER_BLOCKS=PAIRS_PARTNER_BLOCKS,
         num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
     )  # fmt: skip
     kda_solve_fwd_kernel[(NC, H)](
@@ -247,7 +250,7 @@ def kda_chunk_bwd(
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
     kda_key_bwd_kernel[(NC, H, NKB * NS)](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee, PARTNER_BLOCKS=BWD_KEY_PARTNER_BLOCKS,
+        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee,
         num_warps=BWD_KEY_WARPS, num_stages=BWD_KEY_STAGES,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None

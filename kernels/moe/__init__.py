@@ -28,10 +28,13 @@ MAX_TOKENS = 64  # the kernels hold all tokens as the rows of one tile
 GATE_UP_BLOCK_I = 16
 GATE_UP_BLOCK_H = 128
 GATE_UP_WARPS = 4
-# Slices of the hidden dimension per gate/up program group (1: none). More slices give a one-token step more
-# programs (at one token only 4 of 16 experts have work: 256 programs at 16 columns); a third kernel then sums
-# the slices' fp32 partial sums (ACT_BLOCK_I columns per program). Not yet timed on the GPU.
-GATE_UP_SPLIT = 1
+# Slices of the hidden dimension per gate/up program group, for steps of at most GATE_UP_SPLIT_MAX_TOKENS tokens
+# (more tokens: unsliced). Slices give a few-token step more programs (at one token only 4 of 16 experts have
+# work: 256 programs at 16 columns); a third kernel then sums the slices' fp32 partial sums (ACT_BLOCK_I columns
+# per program). The op alone in a CUDA graph on the H200 (session 6; 16 experts top-4, hidden 2048, I 1024, bf16;
+# BENCHMARKS.md): 1 token 80.8 -> 67.7 us with 4 slices, 4 tokens 145.6 -> 140.4 us, 32 tokens 170.6 -> 189.0 us.
+GATE_UP_SPLIT = 4
+GATE_UP_SPLIT_MAX_TOKENS = 4
 ACT_BLOCK_I = 32
 DOWN_BLOCK_D = 64
 DOWN_BLOCK_I = 128
@@ -148,7 +151,8 @@ def moe_experts(
     BN = max(16, triton.next_power_of_2(n))
     BJ = triton.next_power_of_2(topk)
     ieee = "ieee" if x.dtype == torch.float32 else "tf32"
-    split = max(1, min(GATE_UP_SPLIT, triton.cdiv(hidden, GATE_UP_BLOCK_H)))
+    wanted = GATE_UP_SPLIT if n <= GATE_UP_SPLIT_MAX_TOKENS else 1
+    split = max(1, min(wanted, triton.cdiv(hidden, GATE_UP_BLOCK_H)))
     per_split = triton.cdiv(triton.cdiv(hidden, split), GATE_UP_BLOCK_H) * GATE_UP_BLOCK_H
     act = x.new_empty(num_experts, n, inter)
     if split > 1:  # the slices' fp32 partial sums
