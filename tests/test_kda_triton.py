@@ -105,6 +105,11 @@ def test_chunk_ragged_sub_blocks(lengths):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=5), {}, cu_seqlens=cu.to(DEVICE))
 
 
+def test_chunk_head_groups():
+    """H = 6: the one-token-per-program diagonal kernels take heads in groups of 4 (the second one partial)."""
+    _check(_inputs(T=37, N=1, H=6, seed=11), {})
+
+
 def test_chunk_key_blocks_fwd_bwd():
     """K = 96: the backward splits key channels into blocks of 64 (the second one partial)."""
     gen = torch.Generator().manual_seed(9)

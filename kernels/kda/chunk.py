@@ -18,11 +18,12 @@ import torch
 import triton
 
 from .chunk_bwd import (
-    kda_direct_bwd_kernel, kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel, kda_state_bwd_kernel,
-    l2norm_bwd_kernel,
+    kda_diag_bwd_kernel, kda_direct_bwd_kernel, kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel,
+    kda_state_bwd_kernel, l2norm_bwd_kernel,
 )  # fmt: skip
 from .chunk_fwd import (
-    kda_output_fwd_kernel, kda_pairs_fwd_kernel, kda_prep_fwd_kernel, kda_solve_fwd_kernel, kda_state_fwd_kernel,
+    kda_diag_fwd_kernel, kda_output_fwd_kernel, kda_pairs_fwd_kernel, kda_prep_fwd_kernel, kda_solve_fwd_kernel,
+    kda_state_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
@@ -45,6 +46,11 @@ PAIRS_KEY_BLOCK = 32
 PAIRS_DIAG_KEY_BLOCK = 64
 PAIRS_WARPS = 4
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
+# 1: the diagonal sub-block tiles one token per program (kda_diag_fwd_kernel, DIAG_HEADS heads at a time, DIAG_WARPS
+# warps); 0: inside the pairs kernel. Not yet timed on the GPU.
+DIAG_TOKEN_PARALLEL = 1
+DIAG_HEADS = 4
+DIAG_WARPS = 4
 SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
 BWD_DIRECT_KEY_BLOCK = 64
@@ -52,6 +58,9 @@ BWD_DIRECT_BLOCK_V = 32
 BWD_KEY_BLOCK = 32
 BWD_KEY_WARPS = 4
 BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
+# 1: the backward's pairs inside a sub-block one token per program (kda_diag_bwd_kernel, DIAG_HEADS heads at a
+# time), before the key kernel; 0: inside the key kernel. Not yet timed on the GPU.
+BWD_DIAG_TOKEN_PARALLEL = 1
 BWD_PAIR_BLOCK_V = 16
 NUM_WARPS = 8
 
@@ -152,8 +161,13 @@ def kda_chunk_fwd(
     kda_pairs_fwd_kernel[(NC, H, CHUNK // SUB)](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), BKD=min(BK, PAIRS_DIAG_KEY_BLOCK), IEEE=ieee,
-        num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
+        DIAG=not DIAG_TOKEN_PARALLEL, num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
     )  # fmt: skip
+    if DIAG_TOKEN_PARALLEL:
+        kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+            BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+        )  # fmt: skip
     kda_solve_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=SOLVE_WARPS, num_stages=1,
@@ -246,11 +260,16 @@ def kda_chunk_bwd(
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
+    if BWD_DIAG_TOKEN_PARALLEL:
+        kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+            saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
+            scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+        )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
     kda_key_bwd_kernel[(NC, H, NKB * NS)](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee,
+        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee, DIAG=not BWD_DIAG_TOKEN_PARALLEL,
         num_warps=BWD_KEY_WARPS, num_stages=BWD_KEY_STAGES,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None

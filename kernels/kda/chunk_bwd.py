@@ -252,9 +252,58 @@ def _later_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, b_G, rmask, cols, c
 
 
 @triton.jit
+def kda_diag_bwd_kernel(
+    q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Per (token t, group of BH heads): the gradients of the pairs inside t's sub-block (the terms of
+    :func:`_sub_block_pairs_bwd`), added in place to the direct terms that :func:`kda_direct_bwd_kernel` wrote
+    (``dq``, ``dk`` = dkp, ``dG`` = dkm, fp32), before :func:`kda_key_bwd_kernel` adds the other sub-blocks' pairs.
+    As a row, t gets dq_t = scale sum_{j <= t} dA_qk[t, j] k_j E_tj and dkp_t = sum_{j < t} dP[t, j] k_j E_tj; as
+    a column, dkm_t = sum_{i >= t} (scale dA_qk[i, t] q_i + dP[i, t] k_i) E_it, with E_ij = exp(G_i - G_j).
+    The program id's first axis is chunk * BT + row. One token per program, as :func:`~.chunk_fwd.kda_diag_fwd_kernel`.
+    """
+    i_ct, i_hg = tl.program_id(0), tl.program_id(1)
+    i_c, r = i_ct // BT, i_ct % BT
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    t = t0 + r
+    if t < eos:
+        heads = i_hg * BH + tl.arange(0, BH)
+        hmask = heads < H
+        cols = tl.arange(0, BK)
+        mask = hmask[:, None] & (cols < K)[None, :]
+        offs = heads[:, None] * K + cols[None, :]
+        row = t.to(tl.int64) * H * K
+        b_G = tl.load(G + row + offs, mask=mask, other=0.0)
+        n = r % BC  # row within the sub-block
+        sub0 = (t - n).to(tl.int64)  # the sub-block's first token
+        first = sub0 * H * K
+        pair_row = (t.to(tl.int64) * H + heads) * BT + (r - n)  # + jj: row t, the sub-block's column jj
+        pair_col = (sub0 * H + heads) * BT + r  # + jj * H * BT: the sub-block's row jj, column t
+        b_dq = tl.zeros([BH, BK], dtype=tl.float32)
+        b_dkp = tl.zeros([BH, BK], dtype=tl.float32)
+        for jj in range(0, n + 1):
+            b_e = tl.exp(b_G - tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0))
+            b_ke = b_e * tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)
+            b_dq += tl.load(dA_qk + pair_row + jj, mask=hmask, other=0.0)[:, None] * b_ke
+            b_dkp += tl.load(dP + pair_row + jj, mask=hmask, other=0.0)[:, None] * b_ke
+        b_dkm = tl.zeros([BH, BK], dtype=tl.float32)
+        for jj in range(n, tl.minimum(BC, eos - (t - n))):
+            b_e = tl.exp(tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0) - b_G)
+            b_qi = tl.load(q + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32) * scale
+            b_ki = tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)
+            b_dA = tl.load(dA_qk + pair_col + jj * H * BT, mask=hmask, other=0.0)[:, None]
+            b_dPi = tl.load(dP + pair_col + jj * H * BT, mask=hmask, other=0.0)[:, None]
+            b_dkm += (b_dA * b_qi + b_dPi * b_ki) * b_e
+        tl.store(dq + row + offs, tl.load(dq + row + offs, mask=mask) + b_dq * scale, mask=mask)
+        tl.store(dk + row + offs, tl.load(dk + row + offs, mask=mask) + b_dkp, mask=mask)
+        tl.store(dG + row + offs, tl.load(dG + row + offs, mask=mask) + b_dkm, mask=mask)
+
+
+@triton.jit
 def kda_key_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, DIAG: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
     direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dG`` (= dkm), fp32)
@@ -285,14 +334,14 @@ def kda_key_bwd_kernel(
     b_dkp += d_kp
     b_dkm += _later_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, b_G, rmask, cols, cmask, H, i_h, K,
                               BT, BC, IEEE)  # fmt: skip
-    # Pairs inside the sub-block.
     b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(k, G, dA_qk, dP, t0, m0, eos, scale, b_G, b_q, b_k, cols, H, i_h, K,
-                                              BT, BC)  # fmt: skip
-    b_dq += d_dq
-    b_dkp += d_dkp
-    b_dkm += d_dkm
+    if DIAG:  # pairs inside the sub-block (else already added by kda_diag_bwd_kernel)
+        d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(k, G, dA_qk, dP, t0, m0, eos, scale, b_G, b_q, b_k, cols, H, i_h,
+                                                  K, BT, BC)  # fmt: skip
+        b_dq += d_dq
+        b_dkp += d_dkp
+        b_dkm += d_dkm
     # G's gradient is q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
     _store_rows(dG, b_q * b_dq + b_k * (b_dkp - b_dkm), rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)

@@ -115,6 +115,47 @@ def _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC: tl.constexpr, BK
 
 
 @triton.jit
+def kda_diag_fwd_kernel(
+    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Per (token i, group of BH heads): row i's entries of the diagonal ``[BC, BC]`` tile of its sub-block in A_qk
+    and P, with exact decays: A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i, P[i, j] the same
+    with k_i for j < i, zeros after i. The program id's first axis is chunk * BT + row.
+
+    One token per program, all its key channels and BH heads at once: each partner j is one ``[BH, BK]`` load of
+    k and G (a token's heads are contiguous) and a row reduction, stored straight to its column. (Inside the
+    per-sub-block pairs kernel the same sums ran 16 partners over [BC, BK] tiles, with a layout conversion per
+    partner to place each column in the [BC, BC] result.)
+    """
+    i_ct, i_hg = tl.program_id(0), tl.program_id(1)
+    i_c, r = i_ct // BT, i_ct % BT
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    t = t0 + r
+    if t < eos:
+        heads = i_hg * BH + tl.arange(0, BH)
+        hmask = heads < H
+        cols = tl.arange(0, BK)
+        mask = hmask[:, None] & (cols < K)[None, :]
+        offs = heads[:, None] * K + cols[None, :]
+        row = t.to(tl.int64) * H * K
+        b_q = tl.load(q + row + offs, mask=mask, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(k + row + offs, mask=mask, other=0.0).to(tl.float32)
+        b_G = tl.load(G + row + offs, mask=mask, other=0.0)
+        n = r % BC  # row within the sub-block
+        first = (t - n).to(tl.int64) * H * K  # the sub-block's first token
+        out = (t.to(tl.int64) * H + heads) * BT + (r - n)  # + jj: the sub-block's column jj of row t
+        for jj in range(0, n + 1):
+            b_kj = tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)
+            b_e = tl.exp(b_G - tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0)) * b_kj
+            tl.store(A_qk + out + jj, tl.sum(b_q * b_e, axis=1).to(A_qk.dtype.element_ty), mask=hmask)
+            tl.store(P + out + jj, tl.where(jj < n, tl.sum(b_k * b_e, axis=1), 0.0), mask=hmask)
+        for jj in range(n + 1, BC):
+            tl.store(A_qk + out + jj, tl.zeros([BH], dtype=tl.float32).to(A_qk.dtype.element_ty), mask=hmask)
+            tl.store(P + out + jj, tl.zeros([BH], dtype=tl.float32), mask=hmask)
+
+
+@triton.jit
 def _state_tile(cu_seqlens, chunk_offsets, s0, i_n, i_h, i_v, H, K, V,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):  # fmt: skip
     """Start of a sequential state kernel's program (sequence ``i_n``, head ``i_h``, V tile ``i_v``): the
@@ -168,9 +209,11 @@ def kda_prep_fwd_kernel(
 def kda_pairs_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, IEEE: tl.constexpr,
+    DIAG: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, sub-block of BC rows): those rows of A_qk and P (``[TT, H, BT]``), with exact
-    in-chunk decays, the key channels taken in blocks of ``BK`` (``BKD`` for the diagonal tile).
+    in-chunk decays, the key channels taken in blocks of ``BK`` (``BKD`` for the diagonal tile); with ``DIAG``
+    false, all but the diagonal tile (:func:`kda_diag_fwd_kernel` writes it).
 
     Columns in earlier sub-blocks use the sub-block's first row p as a pivot, exp(G_i - G_j) =
     exp(G_i - G_p) exp(G_p - G_j) with both factors <= 1: one masked [BC, BT] dot over the whole chunk per key
@@ -199,10 +242,11 @@ def kda_pairs_fwd_kernel(
     off_diag = rmask[:, None] & ((cols_t < m0) | (cols_t >= m0 + BC))[None, :]
     tl.store(A_qk + _tile_offsets(rows, cols_t, H, i_h, BT), b_A.to(A_qk.dtype.element_ty), mask=off_diag)
     tl.store(P + _tile_offsets(rows, cols_t, H, i_h, BT), b_P, mask=off_diag)
-    b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
-    d_cols = m0 + tl.arange(0, BC)
-    _store_rows(A_qk, b_Ad, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
-    _store_rows(P, b_Pd, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
+    if DIAG:
+        b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
+        d_cols = m0 + tl.arange(0, BC)
+        _store_rows(A_qk, b_Ad, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
+        _store_rows(P, b_Pd, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
 
 
 @triton.jit
