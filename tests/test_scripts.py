@@ -28,3 +28,16 @@ def test_script_answers_help(command):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage: "), done.stdout[:500]
+
+
+def test_set_launch_constants_sets_ints_and_names_bad_specs(monkeypatch):
+    import re
+
+    from kimi_hf.kernels import _launch, moe
+
+    monkeypatch.setattr(moe, "GATE_UP_SPLIT", moe.GATE_UP_SPLIT)  # restored after the test
+    assert _launch.set_launch_constants(["moe.GATE_UP_SPLIT=2"]) == {"moe.GATE_UP_SPLIT": 2}
+    assert moe.GATE_UP_SPLIT == 2
+    for bad in ["moe.NOPE=1", "nomodule.X=1", "moe.GATE_UP_SPLIT=two", "moe.TRITON_DTYPES=1"]:
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            _launch.set_launch_constants([bad])

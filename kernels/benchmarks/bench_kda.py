@@ -27,6 +27,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from kimi_hf.kernels._launch import set_launch_constants
 from kimi_hf.kernels.kda import chunk, chunk_kda, fused_recurrent_kda
 
 CHUNK_SHAPES = ((1, 8192), (1, 32768), (8, 4096))
@@ -234,6 +235,7 @@ def markdown_table(rows: list[dict], env: dict) -> str:
         "bf16, do_bench median ms; "
         "ratio = fla / ours (> 1: ours faster); diff vs fla = largest relative difference over o and the input grads",
         "",
+        *([f"Launch constants set: {env['launch_constants']}", ""] if env.get("launch_constants") else []),
         "| op | shape | ours (ms) | fla 0.6.0 (ms) | ratio vs fla | floor (ms) | diff vs fla |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -253,14 +255,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true", help="first print the per-kernel GPU time of ours and fla")
     p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
                    help="only time ours over combinations of kda.chunk's launch constants (e.g. NUM_WARPS=4,8)")
+    p.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
+                   help="launch constants of kimi_hf.kernels for this run (e.g. kda.chunk.PAIRS_WARPS=2)")
     args = p.parse_args(argv)
     grid = _parse_sweep(args.sweep) if args.sweep else None
+    try:
+        overrides = set_launch_constants(args.set)
+    except ValueError as e:
+        p.error(str(e))
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     if grid:
         sweep_launch_constants(grid)
         return []
-    env = environment()
+    env = dict(environment(), launch_constants=overrides)
     if args.profile:
         print(kernel_breakdown(), flush=True)
     rows = run_benchmarks(quick=args.quick, bandwidth_tbs=args.bandwidth_tbs, report=lambda r: print(r, flush=True))

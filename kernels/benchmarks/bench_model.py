@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from kimi_hf.kernels._launch import set_launch_constants
+
 
 def reference_config(tiny: bool = False):
     """The ~1B MoE config of REFERENCE.md (or a CPU-sized one with ``tiny``)."""
@@ -245,26 +247,6 @@ def markdown(results: dict) -> str:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         lines.append(f"| {r['measure']} | {r['ours']:.2f} | {native} | {r['unit']} | {speed} | {r['note']} |")
     return "\n".join(lines)
-
-
-def set_launch_constants(specs: list[str]) -> dict[str, int]:
-    """``["moe.GATE_UP_SPLIT=4", ...]``: set integer constants of ``kimi_hf.kernels`` modules; returns what was set."""
-    import importlib
-
-    done = {}
-    for spec in specs:
-        name, _, value = spec.partition("=")
-        module_name, _, attr = name.rpartition(".")
-        try:
-            module = importlib.import_module(f"kimi_hf.kernels.{module_name}")
-        except ImportError:
-            module = None
-        if module is None or not isinstance(getattr(module, attr, None), int) or not value.lstrip("-").isdigit():
-            raise ValueError(f"--set takes MODULE.NAME=INT with NAME an integer constant of kimi_hf.kernels.MODULE, "
-                             f"got {spec!r}")  # fmt: skip
-        setattr(module, attr, int(value))
-        done[name] = int(value)
-    return done
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,32 @@
+"""Overriding integer launch constants (tiles, warps, variant switches) of ``kimi_hf.kernels`` modules for one run.
+
+The benchmarks' ``--set MODULE.NAME=INT`` (e.g. ``kda.chunk.PAIRS_WARPS=2``, ``moe.GATE_UP_SPLIT=1``): the
+launchers read these module constants at each call, so a setting applies from the next call on.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+def set_launch_constants(specs: list[str]) -> dict[str, int]:
+    """Apply ``["MODULE.NAME=INT", ...]`` (MODULE relative to ``kimi_hf.kernels``); returns what was set.
+
+    Raises ``ValueError`` naming the spec when NAME is not an integer constant of the module or INT not an integer.
+    """
+    done = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = importlib.import_module(f"kimi_hf.kernels.{module_name}")
+        except ImportError:
+            module = None
+        current = getattr(module, attr, None)
+        if module is None or not isinstance(current, int) or not value.lstrip("-").isdigit():
+            raise ValueError(
+                f"--set takes MODULE.NAME=INT with NAME an integer constant of kimi_hf.kernels.MODULE, got {spec!r}"
+            )
+        setattr(module, attr, int(value))
+        done[name] = int(value)
+    return done
