@@ -59,8 +59,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
         (chunk_fwd.kda_pairs_fwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), BKD=min(BK, chunk.PAIRS_DIAG_KEY_BLOCK),
-              DIAG=not chunk.DIAG_TOKEN_PARALLEL),
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)),
          chunk.PAIRS_WARPS, chunk.PAIRS_STAGES),
         (chunk_fwd.kda_diag_fwd_kernel, dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
          chunk.DIAG_WARPS, 1),
@@ -75,7 +74,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_bwd.kda_diag_bwd_kernel, dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
          chunk.DIAG_WARPS, 1),
         (chunk_bwd.kda_key_bwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), DIAG=not chunk.BWD_DIAG_TOKEN_PARALLEL),
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK)),
          chunk.BWD_KEY_WARPS, chunk.BWD_KEY_STAGES),
         (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True), 4, 1),
     ]  # fmt: skip
@@ -104,7 +103,7 @@ def report(fn, constexprs: dict, num_warps: int, num_stages: int, ptxas: str) ->
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     stores, loads = (spill.group(1), spill.group(2)) if spill else ("0", "0")
-    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BKD", "BV"))
+    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BV", "BH"))
     used = regs.group(1) if regs else "?"
     return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {num_stages} | {used} | {stores} | {loads} |"
 

@@ -1,11 +1,12 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P per sub-block of rows) -> solve (M, W,
-U per chunk) -> state (sequential over chunks, per head and V tile) -> output. Backward: state (reverse)
--> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct (the dq, dk terms
-through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk and dG per
-chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm
-backward.
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P between sub-blocks, per sub-block of rows)
+-> diagonal (A_qk, P inside each sub-block, per token) -> solve (M, W, U per chunk) -> state (sequential over
+chunks, per head and V tile) -> output. Backward: state (reverse) -> pair (dv, dbeta and the gradients of the
+in-chunk pair matrices, per chunk) -> direct (the dq, dk terms through the states, per chunk and block of key
+channels) -> diagonal (adds the pairs inside each sub-block, per token) -> key (adds the pairs between
+sub-blocks: dq, dk and dG per chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum,
+fused gate) -> L2-norm backward.
 Everything runs on flattened ``[B*T, H, D]`` tensors with sequence offsets, so equal-length batches
 and packed (cu_seqlens) sequences share one code path.
 """
@@ -30,27 +31,24 @@ from .utils import L2NORM_EPS
 CHUNK = 64  # tokens per chunk (BT)
 SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
-# Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in two (pairs, solve):
-# the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds of
-# dependent loads (BENCHMARKS.md). The pairs kernel, with most of the arithmetic, runs at 4 warps (faster
-# than 8 on the H200); the solve kernel keeps 255 registers at 8 warps (16 warps spill). Pairs inside a
-# sub-block are summed one partner column at a time on [16, BK] tiles (session 5: 22% off fwd+bwd against
-# [16, 16, BK] products); key channels per block: 32, and 64 for the pairs kernel's diagonal tiles (best of
-# 16/64/128); 32 beat 16 and 64 on the H200 in the backward key kernel, at 4 warps (8: 1.5x slower).
-# Value columns per tile in the backward pair kernel: 16. The backward's terms through the states are
-# [64, V] x [V, BK] dots per chunk in their own kernel (64 channels, 32 value columns per step): inside the
-# per-sub-block key kernel they were [16, V] dots repeated for each of the 4 sub-blocks, with the state
-# tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
+# Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in three (pairs, diagonal,
+# solve): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds
+# of dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 4 warps
+# (faster than 8 on the H200); the solve kernel keeps 255 registers at 8 warps (16 warps spill). The pairs inside
+# a sub-block run one token per program, DIAG_HEADS heads at a time, in the forward and the backward
+# (kda_diag_fwd_kernel, kda_diag_bwd_kernel; session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing
+# them inside the pairs and key kernels; 2, 4 or 8 heads and 2 or 4 warps within 3%). Key channels per block:
+# 32; 32 beat 16 and 64 on the H200 in the backward key kernel, at 4 warps (8: 1.5x slower). Value columns
+# per tile in the backward pair kernel: 16. The backward's terms through the states are [64, V] x [V, BK] dots
+# per chunk in their own kernel (64 channels, 32 value columns per step): inside the per-sub-block key kernel
+# they were [16, V] dots repeated for each of the 4 sub-blocks, with the state tiles reloaded each time (that
+# kernel was 5.6 of 10.3 ms on the H200).
 # Registers and spills without a GPU: kernels/benchmarks/kda_registers.py; timings: bench_kda.py --sweep.
 PAIRS_KEY_BLOCK = 32
-PAIRS_DIAG_KEY_BLOCK = 64
 PAIRS_WARPS = 4
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
-# 1: the diagonal sub-block tiles one token per program (kda_diag_fwd_kernel, DIAG_HEADS heads at a time, DIAG_WARPS
-# warps); 0: inside the pairs kernel. Not yet timed on the GPU.
-DIAG_TOKEN_PARALLEL = 1
 DIAG_HEADS = 4
-DIAG_WARPS = 4
+DIAG_WARPS = 2
 SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
 BWD_DIRECT_KEY_BLOCK = 64
@@ -58,9 +56,6 @@ BWD_DIRECT_BLOCK_V = 32
 BWD_KEY_BLOCK = 32
 BWD_KEY_WARPS = 4
 BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
-# 1: the backward's pairs inside a sub-block one token per program (kda_diag_bwd_kernel, DIAG_HEADS heads at a
-# time), before the key kernel; 0: inside the key kernel. Not yet timed on the GPU.
-BWD_DIAG_TOKEN_PARALLEL = 1
 BWD_PAIR_BLOCK_V = 16
 NUM_WARPS = 8
 
@@ -160,14 +155,12 @@ def kda_chunk_fwd(
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     kda_pairs_fwd_kernel[(NC, H, CHUNK // SUB)](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), BKD=min(BK, PAIRS_DIAG_KEY_BLOCK), IEEE=ieee,
-        DIAG=not DIAG_TOKEN_PARALLEL, num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
+        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
     )  # fmt: skip
-    if DIAG_TOKEN_PARALLEL:
-        kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
-        )  # fmt: skip
+    kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+    )  # fmt: skip
     kda_solve_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=SOLVE_WARPS, num_stages=1,
@@ -260,16 +253,15 @@ def kda_chunk_bwd(
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
-    if BWD_DIAG_TOKEN_PARALLEL:
-        kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-            saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-            scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
-        )  # fmt: skip
+    kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+        saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
+        scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+    )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
     kda_key_bwd_kernel[(NC, H, NKB * NS)](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee, DIAG=not BWD_DIAG_TOKEN_PARALLEL,
+        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee,
         num_warps=BWD_KEY_WARPS, num_stages=BWD_KEY_STAGES,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None

@@ -21,37 +21,6 @@ from .chunk_fwd import (
 
 
 @triton.jit
-def _sub_block_pairs_bwd(k, G, dA_qk, dP, t0, m0, eos, scale, b_G, b_q, b_k, cols, H, i_h, K,
-                         BT: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-    """Gradients of the pairs inside the sub-block at row ``m0`` for the key channels ``cols`` (``b_G``, ``b_q``,
-    ``b_k``: the sub-block's ``[BC, BK]`` tiles, q unscaled), with E = exp(G_i - G_j) (j <= i):
-    dq_i = scale sum_j dA_qk[i, j] k_j E_ij, the k terms that carry exp(+G) (sum_j dP[i, j] k_j E_ij) and those
-    that carry exp(-G) (sum_i (scale dA_qk[i, j] q_i + dP[i, j] k_i) E_ij), each ``[BC, BK]``; one partner
-    column j at a time, on ``[BC, BK]`` tiles of one layout (see :func:`~.chunk_fwd._diag_pairs_fwd`)."""
-    ii = tl.arange(0, BC)
-    rows = t0 + m0 + ii
-    rmask = rows < eos
-    b_qs = b_q * scale
-    BK: tl.constexpr = cols.shape[0]
-    b_dq = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dkp = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dkm = tl.zeros([BC, BK], dtype=tl.float32)
-    pair_offs = (rows.to(tl.int64) * H + i_h) * BT + m0
-    for j in range(0, BC):
-        r = t0 + m0 + j
-        b_kj = _load_row(k, r, eos, cols, H, i_h, K)
-        b_gj = _load_row(G, r, eos, cols, H, i_h, K)
-        b_dAj = tl.load(dA_qk + pair_offs + j, mask=rmask, other=0.0).to(tl.float32)[:, None]
-        b_dPj = tl.load(dP + pair_offs + j, mask=rmask, other=0.0).to(tl.float32)[:, None]
-        b_e = tl.exp(tl.where(((ii >= j) & rmask)[:, None], b_G - b_gj[None, :], float("-inf")))
-        b_ke = b_e * b_kj[None, :]
-        b_dq += b_dAj * b_ke
-        b_dkp += b_dPj * b_ke
-        b_dkm += tl.where(ii[:, None] == j, tl.sum((b_dAj * b_qs + b_dPj * b_k) * b_e, axis=0)[None, :], 0.0)
-    return b_dq * scale, b_dkp, b_dkm
-
-
-@triton.jit
 def kda_state_bwd_kernel(
     qg, kh, gl, W, A_qk, do, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -256,12 +225,15 @@ def kda_diag_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """Per (token t, group of BH heads): the gradients of the pairs inside t's sub-block (the terms of
-    :func:`_sub_block_pairs_bwd`), added in place to the direct terms that :func:`kda_direct_bwd_kernel` wrote
-    (``dq``, ``dk`` = dkp, ``dG`` = dkm, fp32), before :func:`kda_key_bwd_kernel` adds the other sub-blocks' pairs.
-    As a row, t gets dq_t = scale sum_{j <= t} dA_qk[t, j] k_j E_tj and dkp_t = sum_{j < t} dP[t, j] k_j E_tj; as
-    a column, dkm_t = sum_{i >= t} (scale dA_qk[i, t] q_i + dP[i, t] k_i) E_it, with E_ij = exp(G_i - G_j).
-    The program id's first axis is chunk * BT + row. One token per program, as :func:`~.chunk_fwd.kda_diag_fwd_kernel`.
+    """Per (token t, group of BH heads): the gradients of the pairs inside t's sub-block, added in place to the
+    direct terms that :func:`kda_direct_bwd_kernel` wrote (``dq``, ``dk`` = dkp, ``dG`` = dkm, fp32), before
+    :func:`kda_key_bwd_kernel` adds the other sub-blocks' pairs. With E_ij = exp(G_i - G_j): as a row, t gets
+    dq_t = scale sum_{j <= t} dA_qk[t, j] k_j E_tj and dkp_t = sum_{j < t} dP[t, j] k_j E_tj; as a column,
+    dkm_t = sum_{i >= t} (scale dA_qk[i, t] q_i + dP[i, t] k_i) E_it. The program id's first axis is
+    chunk * BT + row. One token per program, as :func:`~.chunk_fwd.kda_diag_fwd_kernel`: inside the key kernel
+    these sums took 16 partners over [BC, BK] tiles, and both kernels together now take 1.45 ms where the key
+    kernel alone took 2.1-2.9 (H200, B1 T8192 H32 D128, session 6), the read-modify-write of three fp32
+    gradients included.
     """
     i_ct, i_hg = tl.program_id(0), tl.program_id(1)
     i_c, r = i_ct // BT, i_ct % BT
@@ -303,7 +275,7 @@ def kda_diag_bwd_kernel(
 @triton.jit
 def kda_key_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, DIAG: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
     direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dG`` (= dkm), fp32)
@@ -315,7 +287,7 @@ def kda_key_bwd_kernel(
     pairs with later rows its last row l (exp(G_i - G_l) exp(G_l - G_j)): every factor is <= 1. Each other
     sub-block is one [BC, BC] x [BC, BK] dot, on [BC, BK] tiles and only for the partners that exist (against
     one masked dot over the whole chunk's [BT, BK] tiles: 161 registers instead of 255 with spills, and 11% off
-    fwd+bwd on the H200). Pairs inside the sub-block are summed exactly, one partner at a time.
+    fwd+bwd on the H200). The pairs inside the sub-block are already in the direct terms (:func:`kda_diag_bwd_kernel`).
     """
     i_c, i_h, i_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NS: tl.constexpr = BT // BC
@@ -336,12 +308,6 @@ def kda_key_bwd_kernel(
                               BT, BC, IEEE)  # fmt: skip
     b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    if DIAG:  # pairs inside the sub-block (else already added by kda_diag_bwd_kernel)
-        d_dq, d_dkp, d_dkm = _sub_block_pairs_bwd(k, G, dA_qk, dP, t0, m0, eos, scale, b_G, b_q, b_k, cols, H, i_h,
-                                                  K, BT, BC)  # fmt: skip
-        b_dq += d_dq
-        b_dkp += d_dkp
-        b_dkm += d_dkm
     # G's gradient is q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
     _store_rows(dG, b_q * b_dq + b_k * (b_dkp - b_dkm), rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)

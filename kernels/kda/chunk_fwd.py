@@ -88,33 +88,6 @@ def _load_row(ptr, r, eos, cols, H, i_h, D):
 
 
 @triton.jit
-def _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC: tl.constexpr, BK: tl.constexpr):
-    """The diagonal ``[BC, BC]`` tiles of A_qk and P (strictly lower) for the sub-block at row ``m0``, with exact
-    decays exp(G_i - G_j) (j <= i, every factor <= 1), BK key channels at a time and one partner column j at a
-    time: each step is elementwise work on ``[BC, BK]`` tiles of one layout. (As ``[BC, BC, BK]`` products the
-    same sums need two broadcasts of one tile, i.e. layout conversions through shared memory: 22% slower on
-    the H200 for the whole fwd+bwd, BENCHMARKS.md.)"""
-    ii = tl.arange(0, BC)
-    rows = t0 + m0 + ii
-    rmask = rows < eos
-    b_A = tl.zeros([BC, BC], dtype=tl.float32)
-    b_P = tl.zeros([BC, BC], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        b_G, b_q, b_k = _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K)
-        for j in range(0, BC):
-            r = t0 + m0 + j
-            b_kj = _load_row(k, r, eos, cols, H, i_h, K)
-            b_gj = _load_row(G, r, eos, cols, H, i_h, K)
-            # rows i >= j of this sub-block (a row past the end never pairs: its G is not loaded)
-            b_e = tl.exp(tl.where(((ii >= j) & rmask)[:, None], b_G - b_gj[None, :], float("-inf"))) * b_kj[None, :]
-            b_A += tl.where(ii[None, :] == j, tl.sum(b_q * b_e, axis=1)[:, None], 0.0)
-            b_P += tl.where(ii[None, :] == j, tl.sum(tl.where((ii > j)[:, None], b_k * b_e, 0.0), axis=1)[:, None], 0.0)
-    return b_A, b_P
-
-
-@triton.jit
 def kda_diag_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
@@ -208,17 +181,16 @@ def kda_prep_fwd_kernel(
 @triton.jit
 def kda_pairs_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, IEEE: tl.constexpr,
-    DIAG: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, sub-block of BC rows): those rows of A_qk and P (``[TT, H, BT]``), with exact
-    in-chunk decays, the key channels taken in blocks of ``BK`` (``BKD`` for the diagonal tile); with ``DIAG``
-    false, all but the diagonal tile (:func:`kda_diag_fwd_kernel` writes it).
+    in-chunk decays, the key channels taken in blocks of ``BK``, all but the diagonal ``[BC, BC]`` tile
+    (:func:`kda_diag_fwd_kernel` writes it).
 
     Columns in earlier sub-blocks use the sub-block's first row p as a pivot, exp(G_i - G_j) =
     exp(G_i - G_p) exp(G_p - G_j) with both factors <= 1: one masked [BC, BT] dot over the whole chunk per key
-    block (one [BC, BC] dot per earlier sub-block was 6% slower on the H200, at fewer registers). Pairs inside
-    the sub-block are summed exactly, one partner at a time.
+    block (one [BC, BC] dot per earlier sub-block was 6% slower on the H200, at fewer registers, when this kernel
+    still summed the diagonal tile too).
     """
     i_c, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
@@ -242,11 +214,6 @@ def kda_pairs_fwd_kernel(
     off_diag = rmask[:, None] & ((cols_t < m0) | (cols_t >= m0 + BC))[None, :]
     tl.store(A_qk + _tile_offsets(rows, cols_t, H, i_h, BT), b_A.to(A_qk.dtype.element_ty), mask=off_diag)
     tl.store(P + _tile_offsets(rows, cols_t, H, i_h, BT), b_P, mask=off_diag)
-    if DIAG:
-        b_Ad, b_Pd = _diag_pairs_fwd(q, k, G, t0, m0, eos, scale, H, i_h, K, BC, BKD)
-        d_cols = m0 + tl.arange(0, BC)
-        _store_rows(A_qk, b_Ad, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
-        _store_rows(P, b_Pd, rows, rmask, d_cols, d_cols < BT, H, i_h, BT)
 
 
 @triton.jit
