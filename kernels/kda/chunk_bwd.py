@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import (
-    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _state_tile, _store_rows,
+    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _state_tile, _store_rows, _token_program,
 )  # fmt: skip
 
 
@@ -235,19 +235,10 @@ def kda_diag_bwd_kernel(
     kernel alone took 2.1-2.9 (H200, B1 T8192 H32 D128, session 6), the read-modify-write of three fp32
     gradients included.
     """
-    i_ct, i_hg = tl.program_id(0), tl.program_id(1)
-    i_c, r = i_ct // BT, i_ct % BT
-    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    t = t0 + r
+    t, eos, r, n, heads, hmask, mask, offs = _token_program(chunk_indices, cu_seqlens, H, K, BT, BC, BH, BK)
     if t < eos:
-        heads = i_hg * BH + tl.arange(0, BH)
-        hmask = heads < H
-        cols = tl.arange(0, BK)
-        mask = hmask[:, None] & (cols < K)[None, :]
-        offs = heads[:, None] * K + cols[None, :]
         row = t.to(tl.int64) * H * K
         b_G = tl.load(G + row + offs, mask=mask, other=0.0)
-        n = r % BC  # row within the sub-block
         sub0 = (t - n).to(tl.int64)  # the sub-block's first token
         first = sub0 * H * K
         pair_row = (t.to(tl.int64) * H + heads) * BT + (r - n)  # + jj: row t, the sub-block's column jj
