@@ -33,19 +33,20 @@ SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
 # Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in three (pairs, diagonal,
 # solve): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds
-# of dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 4 warps
-# (faster than 8 on the H200); the solve kernel keeps 255 registers at 8 warps (16 warps spill). The pairs inside
-# a sub-block run one token per program, DIAG_HEADS heads at a time, in the forward and the backward
-# (kda_diag_fwd_kernel, kda_diag_bwd_kernel; session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing
-# them inside the pairs and key kernels; 2, 4 or 8 heads and 2 or 4 warps within 3%). Key channels per block:
-# 32; 32 beat 16 and 64 on the H200 in the backward key kernel, at 4 warps (8: 1.5x slower). Value columns
-# per tile in the backward pair kernel: 16. The backward's terms through the states are [64, V] x [V, BK] dots
-# per chunk in their own kernel (64 channels, 32 value columns per step): inside the per-sub-block key kernel
-# they were [16, V] dots repeated for each of the 4 sub-blocks, with the state tiles reloaded each time (that
-# kernel was 5.6 of 10.3 ms on the H200).
+# of dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 2 warps
+# (session 6: 1.93 ms forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike); the
+# solve kernel keeps 255 registers at 8 warps (16 warps spill). The pairs inside a sub-block run one token per
+# program, DIAG_HEADS heads at a time, in the forward and the backward (kda_diag_fwd_kernel, kda_diag_bwd_kernel;
+# session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them inside the pairs and key kernels; 2, 4 or 8
+# heads and 2 or 4 warps within 3%). The backward key kernel (the pairs between sub-blocks): 64 key channels per
+# block at 2 warps (session 6: fwd+bwd 5.21 ms against 5.46 at 32 channels and 4 warps, the best before the
+# diagonal moved out; 8 warps were 1.5x slower then). Value columns per tile in the backward pair kernel: 16.
+# The backward's terms through the states are [64, V] x [V, BK] dots per chunk in their own kernel (64 channels,
+# 32 value columns per step): inside the per-sub-block key kernel they were [16, V] dots repeated for each of the
+# 4 sub-blocks, with the state tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
 # Registers and spills without a GPU: kernels/benchmarks/kda_registers.py; timings: bench_kda.py --sweep.
 PAIRS_KEY_BLOCK = 32
-PAIRS_WARPS = 4
+PAIRS_WARPS = 2
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
 DIAG_HEADS = 4
 DIAG_WARPS = 2
@@ -53,8 +54,8 @@ SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
-BWD_KEY_BLOCK = 32
-BWD_KEY_WARPS = 4
+BWD_KEY_BLOCK = 64
+BWD_KEY_WARPS = 2
 BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
 BWD_PAIR_BLOCK_V = 16
 NUM_WARPS = 8
