@@ -68,6 +68,28 @@ def _check(inputs, params=None, backward=True, rtol=2e-5, dtype=torch.float32, *
         assert_close_rel(d[name], d_ref[name], 10 * rtol, f"d{name}")
 
 
+def test_chunk_layout_of_equal_lengths_matches_packed_and_reads_no_device_value(monkeypatch):
+    """Equal-length batches are laid out from B and T alone (no host synchronisation: no ``.item()``/``.tolist()``),
+    and the layout is the one packed sequences of the same lengths get."""
+    from kimi_hf.kernels.kda.chunk import _chunks
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the equal-length layout read a device value")
+
+    B, T = 3, 130
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_read)
+        m.setattr(torch.Tensor, "tolist", no_read)
+        equal = _chunks(None, B, T, torch.device("cpu"))
+    packed = _chunks(torch.arange(B + 1) * T, 1, B * T, torch.device("cpu"))
+    for name in ("cu_seqlens", "indices", "offsets"):
+        assert torch.equal(getattr(equal, name), getattr(packed, name)), name
+    assert (equal.num_chunks, equal.num_seqs) == (packed.num_chunks, packed.num_seqs) == (9, 3)
+    ragged = _chunks(torch.tensor([0, 1, 64, 65, 300]), 1, 300, torch.device("cpu"))
+    assert ragged.indices.tolist() == [[0, 0], [1, 0], [2, 0], [3, 0], [3, 1], [3, 2], [3, 3]]
+    assert ragged.offsets.tolist() == [0, 1, 2, 3, 7]
+
+
 def test_chunk_two_chunks_fwd_bwd():
     """T = 70: one full chunk and a partial one, with initial state and final-state gradient."""
     _check(_inputs(T=70, N=1), use_qk_l2norm_in_kernel=True)
