@@ -24,7 +24,7 @@ from .chunk_bwd import (
 )  # fmt: skip
 from .chunk_fwd import (
     kda_diag_fwd_kernel, kda_output_fwd_kernel, kda_pairs_fwd_kernel, kda_prep_fwd_kernel, kda_solve_fwd_kernel,
-    kda_state_fwd_kernel,
+    kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
@@ -52,6 +52,11 @@ DIAG_HEADS = 4
 DIAG_WARPS = 2
 SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
+# 1: the solve kernel computes only M, and W, U, qg, kh, gl run one key or value block per program
+# (kda_wu_fwd_kernel, WU_WARPS warps, more programs); 0: the solve kernel runs them all in turn. Built after
+# session 6's device time was spent; not yet timed on the GPU, so off.
+SOLVE_SPLIT_WU = 0
+WU_WARPS = 4
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
 BWD_KEY_BLOCK = 64
@@ -164,8 +169,15 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_solve_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=SOLVE_WARPS, num_stages=1,
+        BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, SPLIT_WU=bool(SOLVE_SPLIT_WU),
+        num_warps=SOLVE_WARPS, num_stages=1,
     )  # fmt: skip
+    if SOLVE_SPLIT_WU:
+        BKw = min(BK, SOLVE_KEY_BLOCK)
+        kda_wu_fwd_kernel[(NC, H, triton.cdiv(K, BKw) + triton.cdiv(V, BV))](
+            qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+            BT=CHUNK, BK=BKw, BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
+        )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None

@@ -229,10 +229,12 @@ def kda_pairs_fwd_kernel(
 def kda_solve_fwd_kernel(
     q, k, v, G, beta, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_WU: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): M = (I + Diag(beta) P)^-1, then W = M (beta * k * exp(G)) and U = M (beta * v),
     taking the key channels in blocks of ``BK``. Also what the sequential kernels would otherwise
-    recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``)."""
+    recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
+    With ``SPLIT_WU`` only M: :func:`kda_wu_fwd_kernel` does the rest, one block per program."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
@@ -265,23 +267,60 @@ def kda_solve_fwd_kernel(
     for _sweep in tl.static_range(1, BT // BC):
         b_M = b_Md - tl.dot(b_X, b_M, input_precision=IEEE)
     _store_rows(M, b_M, rows, rmask, idx, idx < BT, H, i_h, BT)
-    b_Md = b_M.to(W.dtype.element_ty)
-    for k0 in range(0, K, BK):
-        b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
-        b_gexp = tl.exp(b_G)
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
-        tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
-        b_w = (b_k * b_gexp * b_beta[:, None]).to(W.dtype.element_ty)
-        _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        cols_v = i_v * BV + tl.arange(0, BV)
-        vmask = cols_v < V
-        b_v = _load_rows(v, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32) * b_beta[:, None]
-        b_u = tl.dot(b_Md, b_v.to(U.dtype.element_ty), input_precision=IEEE)
-        _store_rows(U, b_u, rows, rmask, cols_v, vmask, H, i_h, V)
+    if not SPLIT_WU:
+        b_Md = b_M.to(W.dtype.element_ty)
+        for k0 in range(0, K, BK):
+            _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
+        for v0 in range(0, V, BV):
+            _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
+
+
+@triton.jit
+def _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K,
+                  BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Key channels ``k0 .. k0 + BK`` of a chunk: W = M (beta * k * exp(G)), qg, kh and gl (see
+    :func:`kda_solve_fwd_kernel`); ``b_Md`` is M ``[BT, BT]`` in W's dtype, ``b_beta`` the chunk's beta."""
+    b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+    b_gexp = tl.exp(b_G)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
+    tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
+    b_w = (b_k * b_gexp * b_beta[:, None]).to(W.dtype.element_ty)
+    _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
+
+
+@triton.jit
+def _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV: tl.constexpr, IEEE: tl.constexpr):
+    """Value columns ``v0 .. v0 + BV`` of a chunk: U = M (beta * v)."""
+    cols_v = v0 + tl.arange(0, BV)
+    vmask = cols_v < V
+    b_v = _load_rows(v, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32) * b_beta[:, None]
+    b_u = tl.dot(b_Md, b_v.to(U.dtype.element_ty), input_precision=IEEE)
+    _store_rows(U, b_u, rows, rmask, cols_v, vmask, H, i_h, V)
+
+
+@triton.jit
+def kda_wu_fwd_kernel(
+    q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head, block): the part of :func:`kda_solve_fwd_kernel` after M, from the stored M, one block
+    per program: blocks ``0 .. cdiv(K, BK) - 1`` are key blocks (W, qg, kh, gl), the rest value blocks (U). In
+    the solve kernel one program per chunk and head runs them all in turn, at 255 registers."""
+    i_c, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    idx = tl.arange(0, BT)
+    rows = t0 + idx
+    rmask = rows < eos
+    b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
+    b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
+    n_key = tl.cdiv(K, BK)
+    if i_b < n_key:
+        _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, i_b * BK, scale, H, i_h, K, BT, BK, IEEE)
+    else:
+        _wu_value_block(v, U, b_Md, b_beta, rows, rmask, (i_b - n_key) * BV, H, i_h, V, BV, IEEE)
 
 
 @triton.jit
