@@ -59,11 +59,13 @@ SOLVE_SPLIT_WU = 0
 WU_WARPS = 4
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
+BWD_DIRECT_WARPS = 8  # 255 registers with 60 bytes of spills on sm_90; other warp counts untimed
 BWD_KEY_BLOCK = 64
 BWD_KEY_WARPS = 2
 BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
 BWD_PAIR_BLOCK_V = 16
-NUM_WARPS = 8
+BWD_PAIR_WARPS = 8  # 255 registers with 8 bytes of spills on sm_90; other warp counts untimed
+NUM_WARPS = 8  # the other kernels
 
 
 @dataclass
@@ -252,7 +254,7 @@ def kda_chunk_bwd(
     kda_pair_bwd_kernel[(NC, H)](
         saved["kn"], v, beta, saved["P"], saved["M"], saved["h"], saved["v_new"], dv_new, do, dv, dbeta,
         dA_qk, dP, saved["G"], chunks.indices, chunks.cu_seqlens, H, K, V,
-        BT=CHUNK, BK=BK, BV=min(BV, BWD_PAIR_BLOCK_V), IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
+        BT=CHUNK, BK=BK, BV=min(BV, BWD_PAIR_BLOCK_V), IEEE=ieee, num_warps=BWD_PAIR_WARPS, num_stages=1,
     )  # fmt: skip
     # The key-side gradients, taken with respect to the normalised q/k (fp32; with the L2 norm then through
     # the norm): first the terms through the states, per chunk and block of BWD_DIRECT_KEY_BLOCK channels
@@ -264,7 +266,7 @@ def kda_chunk_bwd(
     kda_direct_bwd_kernel[(NC, H, triton.cdiv(K, BKd))](
         saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dq, dk, dg, dlast_part,
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=NUM_WARPS, num_stages=1,
+        BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=BWD_DIRECT_WARPS, num_stages=1,
     )  # fmt: skip
     kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
