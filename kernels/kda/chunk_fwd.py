@@ -208,7 +208,8 @@ def kda_pairs_fwd_kernel(
     rmask = rows < eos
     b_A = tl.zeros([BC, BT], dtype=tl.float32)
     b_P = tl.zeros([BC, BT], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    # the first sub-block has no earlier one: its entries outside the diagonal tile are zeros, without the dots
+    for k0 in range(0, K if m0 > 0 else 0, BK):
         # every row of the chunk as a column (rows past the end repeat the last G, with k = 0)
         b_Gc, b_last, idx, c_rows, c_mask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
         b_Gp = _pick_row(b_Gc, idx, m0)
