@@ -247,6 +247,28 @@ def test_decode_experts_match_the_routed_experts(monkeypatch):
     assert_close_rel(decoded, routed, 1e-6, "decode experts")
 
 
+def test_wrapped_experts_are_called_as_modules(monkeypatch):
+    """Experts wrapped by a PEFT adapter are called as modules: the grouped-GEMM and decode paths, which read the
+    weights directly (LoRA's ``weight`` is the frozen base weight), are not taken, even where they would be."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from kimi_hf.models.kimi_linear import modeling_kimi_linear as modeling
+
+    moe = _moe(num_experts_per_token=3)
+    assert moe._experts_read_in_place()
+    inject_adapter_in_model(LoraConfig(target_modules=["w1", "w2"], r=2, init_lora_weights=False), moe)
+    assert not moe._experts_read_in_place()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        moe.use_grouped_mm = False
+        looped, _ = moe(x)  # each chosen expert called as a module, adapters included
+        moe.use_grouped_mm = True
+        monkeypatch.setattr(modeling, "_grouped_mm_ok", lambda x: True)
+        monkeypatch.setattr(modeling.KimiLinearSparseMoE, "_experts_grouped", None)  # would fail if called
+        routed, _ = moe(x)
+    assert torch.equal(routed, looped)
+
+
 def _cpu_grouped_mm_available() -> bool:
     """Whether this torch has torch._grouped_mm with a CPU fp32 kernel (probed on a tiny input)."""
     if not hasattr(torch, "_grouped_mm"):

@@ -486,7 +486,13 @@ class KimiLinearSparseMoE(nn.Module):
         (autocast) take the routed path, whose linear layers autocast handles, as does float64."""
         if self.hidden_act != "silu" or not x.is_cuda or torch.is_grad_enabled() or x.shape[0] > MOE_MAX_TOKENS:
             return False
-        return x.dtype in MOE_DTYPES and x.dtype == self.experts[0].w1.weight.dtype
+        return self._experts_read_in_place() and x.dtype in MOE_DTYPES and x.dtype == self.experts[0].w1.weight.dtype
+
+    def _experts_read_in_place(self) -> bool:
+        """Whether every expert projection is a plain ``nn.Linear``, whose weight the grouped-GEMM and decode paths
+        may read directly. A wrapped projection (a PEFT adapter, a quantised layer) must be called as a module:
+        reading its ``.weight`` would skip the wrapper (LoRA's ``weight`` is the frozen base weight)."""
+        return all(type(getattr(e, name)) is nn.Linear for e in self.experts for name in ("w1", "w3", "w2"))
 
     def _experts_decode(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """``x [N, hidden]``, mixing ``weights`` and ``expert_ids [N, k]`` -> routed output ``[N, hidden]``."""
@@ -501,7 +507,7 @@ class KimiLinearSparseMoE(nn.Module):
         token_of = order // expert_ids.shape[1]
         routed_in = x.index_select(0, token_of)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
-        if self.use_grouped_mm and _grouped_mm_ok(x):
+        if self.use_grouped_mm and _grouped_mm_ok(x) and self._experts_read_in_place():
             routed_out = self._experts_grouped(routed_in, flat_ids[order], counts)
         else:
             routed_out = self._experts_loop(routed_in, counts)
