@@ -56,6 +56,9 @@ SOLVE_WARPS = 8
 # (kda_wu_fwd_kernel, WU_WARPS warps, more programs); 0: the solve kernel runs them all in turn. Built after
 # session 6's device time was spent; not yet timed on the GPU, so off.
 SOLVE_SPLIT_WU = 0
+# 1: the forward substitution of M's diagonal blocks picks its rows of beta * P from the register tile (one
+# [BT, BT] masked reduction per step); 0: it loads them from memory, 15 dependent rounds per program. Not yet timed.
+SOLVE_P_IN_REGS = 0
 WU_WARPS = 4
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
@@ -172,7 +175,7 @@ def kda_chunk_fwd(
     kda_solve_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, SPLIT_WU=bool(SOLVE_SPLIT_WU),
-        num_warps=SOLVE_WARPS, num_stages=1,
+        P_IN_REGS=bool(SOLVE_P_IN_REGS), num_warps=SOLVE_WARPS, num_stages=1,
     )  # fmt: skip
     if SOLVE_SPLIT_WU:
         BKw = min(BK, SOLVE_KEY_BLOCK)

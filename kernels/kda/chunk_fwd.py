@@ -230,7 +230,7 @@ def kda_pairs_fwd_kernel(
 def kda_solve_fwd_kernel(
     q, k, v, G, beta, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT_WU: tl.constexpr,
+    SPLIT_WU: tl.constexpr, P_IN_REGS: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): M = (I + Diag(beta) P)^-1, then W = M (beta * k * exp(G)) and U = M (beta * v),
     taking the key channels in blocks of ``BK``. Also what the sequential kernels would otherwise
@@ -250,20 +250,24 @@ def kda_solve_fwd_kernel(
     same_blk = blk[:, None] == blk[None, :]
     sub = idx - blk * BC
     b_Md = tl.where(eye, 1.0, 0.0)
+    b_bP = b_beta[:, None] * _load_rows(P, rows, rmask, idx, idx < BT, H, i_h, BT)
     for i in range(1, BC):
         # For every row j: the row r = i of j's block, and beta_r P[r, j] where j comes before r.
-        r_rows = t0 + blk * BC + i
-        r_ok = (sub < i) & (r_rows < eos)
-        r_offs = r_rows.to(tl.int64) * H + i_h
-        b_a = tl.load(P + r_offs * BT + idx, mask=r_ok, other=0.0)
-        b_a *= tl.load(beta + r_offs, mask=r_ok, other=0.0).to(tl.float32)
+        if P_IN_REGS:
+            r_sel = (idx[:, None] == (blk * BC + i)[None, :]) & (sub < i)[None, :]
+            b_a = tl.sum(tl.where(r_sel, b_bP, 0.0), axis=0)
+        else:
+            r_rows = t0 + blk * BC + i
+            r_ok = (sub < i) & (r_rows < eos)
+            r_offs = r_rows.to(tl.int64) * H + i_h
+            b_a = tl.load(P + r_offs * BT + idx, mask=r_ok, other=0.0)
+            b_a *= tl.load(beta + r_offs, mask=r_ok, other=0.0).to(tl.float32)
         # Rows j of block b only reach columns of block b, so one reduction serves all blocks.
         b_new = tl.where(eye, 1.0, 0.0) - tl.sum(b_a[:, None] * b_Md, axis=0)[None, :]
         b_Md = tl.where((sub == i)[:, None] & same_blk, b_new, b_Md)
     # 2. With D the block diagonal of L = I + Diag(beta) P and E its part below the blocks,
     #    M = (I + X)^-1 D^-1 with X = D^-1 E, i.e. M = D^-1 - X M: block row b is exact after b sweeps.
-    b_P = _load_rows(P, rows, rmask, idx, idx < BT, H, i_h, BT)
-    b_X = tl.dot(b_Md, tl.where(blk[:, None] > blk[None, :], b_beta[:, None] * b_P, 0.0), input_precision=IEEE)
+    b_X = tl.dot(b_Md, tl.where(blk[:, None] > blk[None, :], b_bP, 0.0), input_precision=IEEE)
     b_M = b_Md
     for _sweep in tl.static_range(1, BT // BC):
         b_M = b_Md - tl.dot(b_X, b_M, input_precision=IEEE)
