@@ -27,6 +27,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from _profile import gpu_time_table
+
 from kimi_hf.kernels._launch import set_launch_constants
 from kimi_hf.kernels.kda import chunk, chunk_kda, fused_recurrent_kda
 
@@ -126,29 +128,16 @@ def bench_decode(B: int, H: int = 32, D: int = 128, bandwidth_tbs: float = 4.27)
                 floor_ms=floor)  # fmt: skip
 
 
-def kernel_breakdown(B: int = 1, T: int = 8192, H: int = 32, D: int = 128, iters: int = 5) -> str:
+def kernel_breakdown(B: int = 1, T: int = 8192, H: int = 32, D: int = 128) -> str:
     """Per-kernel GPU time of one fwd+bwd (ours and fla), from the torch profiler: where the time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
     fla_chunk, _ = _fla()
     inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, True)
-    lines = []
-    for name, fn in (("ours", chunk_kda), ("fla", fla_chunk)):
-        if fn is None:
-            continue
-        step = _step(fn, inputs, True, use_qk_l2norm_in_kernel=True)
-        step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                step()
-            torch.cuda.synchronize()
-        events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
-        total = sum(e.self_device_time_total for e in events) / iters / 1e3
-        lines.append(f"{name}: fwd+bwd B{B} T{T} H{H} D{D}, {total:.3f} ms of GPU time per step")
-        for e in events[:12]:
-            lines.append(f"  {e.self_device_time_total / iters / 1e3:8.3f} ms  {e.key[:90]}")
-    return "\n".join(lines)
+    tables = [
+        gpu_time_table(_step(fn, inputs, True, use_qk_l2norm_in_kernel=True), f"{name}: fwd+bwd B{B} T{T} H{H} D{D}")
+        for name, fn in (("ours", chunk_kda), ("fla", fla_chunk))
+        if fn is not None
+    ]
+    return "\n".join(tables)
 
 
 def run_benchmarks(

@@ -65,14 +65,21 @@ def _median_ms(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def train_step_ms(model, batch: int, seq_len: int, device: torch.device, reps: int) -> tuple[float, float]:
-    """Median ms of forward+backward with labels, and peak memory (GiB) during it."""
+def train_step(model, batch: int, seq_len: int, device: torch.device):
+    """A training step (forward + backward with the LM loss on random ids) as a closure; puts ``model`` in train
+    mode."""
     ids = torch.randint(3, model.config.vocab_size, (batch, seq_len), device=device)
     model.train()
 
     def step():
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
+    return step
+
+
+def train_step_ms(model, batch: int, seq_len: int, device: torch.device, reps: int) -> tuple[float, float]:
+    """Median ms of forward+backward with labels, and peak memory (GiB) during it."""
+    step = train_step(model, batch, seq_len, device)
     step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -179,6 +186,13 @@ def run(args: argparse.Namespace) -> dict:
     def measure(model, label: str, static_cache: bool = False) -> dict:
         """Every measurement of one model, printed as it finishes (a run cut short keeps what it measured)."""
         out = {}
+        if args.profile and device.type == "cuda":
+            from _profile import gpu_time_table
+
+            batch, seq_len = train_shapes[0]
+            step = train_step(model, batch, seq_len, device)
+            print(gpu_time_table(step, f"{label}: train step B{batch} T{seq_len}", iters=3, top=30), flush=True)
+            model.zero_grad(set_to_none=True)
         for batch, seq_len in train_shapes if "train" in args.parts else []:
             out[("train", batch, seq_len)] = train_step_ms(model, batch, seq_len, device, args.rep)
             print(f"{label}: train step B{batch} T{seq_len}: {out[('train', batch, seq_len)][0]:.2f} ms", flush=True)
@@ -260,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep", type=int, default=200, help="do_bench time budget per training measurement (ms)")
     parser.add_argument("--decode-repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="first print per-kernel GPU time of each model's first training shape")  # fmt: skip
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
                         help="launch constants of kimi_hf.kernels for this run (e.g. moe.GATE_UP_SPLIT=4)")  # fmt: skip
     args = parser.parse_args(argv)
