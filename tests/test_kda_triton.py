@@ -127,15 +127,12 @@ def test_chunk_ragged_sub_blocks(lengths):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=5), {}, cu_seqlens=cu.to(DEVICE))
 
 
-@pytest.mark.parametrize("switch", ["SOLVE_SPLIT_WU", "SOLVE_P_IN_REGS"])
 @pytest.mark.parametrize("lengths", [[17, 0, 1, 50], [130, 64, 3]], ids=["ragged", "multi-chunk"])
-def test_chunk_solve_variants(lengths, switch, monkeypatch):
-    """The solve kernel's variants against the reference: SOLVE_SPLIT_WU (W, U, qg, kh, gl one block per program
-    from the stored M, kda_wu_fwd_kernel, with V wider than one value block) and SOLVE_P_IN_REGS (the forward
-    substitution's rows of P picked from registers, with sequences ending inside a sub-block)."""
+def test_chunk_solve_blocks(lengths, monkeypatch):
+    """The solve kernel's W, qg, kh over two key blocks and U over two value blocks (V wider than one), against
+    the reference."""
     from kimi_hf.kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, switch, 1)
     monkeypatch.setattr(chunk, "SOLVE_KEY_BLOCK", 16)  # two key blocks at K = 32
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=80, seed=6), {}, cu_seqlens=cu.to(DEVICE))

@@ -24,7 +24,7 @@ from .chunk_bwd import (
 )  # fmt: skip
 from .chunk_fwd import (
     kda_diag_fwd_kernel, kda_output_fwd_kernel, kda_pairs_fwd_kernel, kda_prep_fwd_kernel, kda_solve_fwd_kernel,
-    kda_state_fwd_kernel, kda_wu_fwd_kernel,
+    kda_state_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
@@ -35,7 +35,9 @@ MAX_HEAD_DIM = 256
 # solve): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds
 # of dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 2 warps
 # (session 6: 1.93 ms forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike); the
-# solve kernel keeps 255 registers at 8 warps (16 warps spill). The pairs inside a sub-block run one token per
+# solve kernel keeps 255 registers at 8 warps (16 warps spill); session 7: running W, U, qg, kh in a kernel of
+# their own from the stored M (1.85 ms forward against 1.74), or picking the substitution's rows of P from the
+# register tile instead of loading them (1.94), were slower. The pairs inside a sub-block run one token per
 # program, DIAG_HEADS heads at a time, in the forward and the backward (kda_diag_fwd_kernel, kda_diag_bwd_kernel;
 # session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them inside the pairs and key kernels; 2, 4 or 8
 # heads and 2 or 4 warps within 3%). The backward key kernel (the pairs between sub-blocks): 64 key channels per
@@ -52,22 +54,17 @@ DIAG_HEADS = 4
 DIAG_WARPS = 2
 SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
-# 1: the solve kernel computes only M, and W, U, qg, kh, gl run one key or value block per program
-# (kda_wu_fwd_kernel, WU_WARPS warps, more programs); 0: the solve kernel runs them all in turn. Built after
-# session 6's device time was spent; not yet timed on the GPU, so off.
-SOLVE_SPLIT_WU = 0
-# 1: the forward substitution of M's diagonal blocks picks its rows of beta * P from the register tile (one
-# [BT, BT] masked reduction per step); 0: it loads them from memory, 15 dependent rounds per program. Not yet timed.
-SOLVE_P_IN_REGS = 0
-WU_WARPS = 4
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
-BWD_DIRECT_WARPS = 8  # 255 registers with 60 bytes of spills on sm_90; other warp counts untimed
+# The backward's direct and pair kernels at 4 warps (session 7, B1 T8192: fwd+bwd 4.61 ms against 5.03 at 8 and 8,
+# 4.80 and 4.84 with one of them at 4), although they spill more there (kda_registers.py): twice the programs per SM
+# hide more latency.
+BWD_DIRECT_WARPS = 4
 BWD_KEY_BLOCK = 64
 BWD_KEY_WARPS = 2
 BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
 BWD_PAIR_BLOCK_V = 16
-BWD_PAIR_WARPS = 8  # 255 registers with 8 bytes of spills on sm_90; other warp counts untimed
+BWD_PAIR_WARPS = 4
 NUM_WARPS = 8  # the other kernels
 
 
@@ -174,15 +171,8 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_solve_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, SPLIT_WU=bool(SOLVE_SPLIT_WU),
-        P_IN_REGS=bool(SOLVE_P_IN_REGS), num_warps=SOLVE_WARPS, num_stages=1,
+        BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=SOLVE_WARPS, num_stages=1,
     )  # fmt: skip
-    if SOLVE_SPLIT_WU:
-        BKw = min(BK, SOLVE_KEY_BLOCK)
-        kda_wu_fwd_kernel[(NC, H, triton.cdiv(K, BKw) + triton.cdiv(V, BV))](
-            qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-            BT=CHUNK, BK=BKw, BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
-        )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None

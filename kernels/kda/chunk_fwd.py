@@ -230,12 +230,10 @@ def kda_pairs_fwd_kernel(
 def kda_solve_fwd_kernel(
     q, k, v, G, beta, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT_WU: tl.constexpr, P_IN_REGS: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): M = (I + Diag(beta) P)^-1, then W = M (beta * k * exp(G)) and U = M (beta * v),
     taking the key channels in blocks of ``BK``. Also what the sequential kernels would otherwise
-    recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
-    With ``SPLIT_WU`` only M: :func:`kda_wu_fwd_kernel` does the rest, one block per program."""
+    recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
@@ -253,15 +251,11 @@ def kda_solve_fwd_kernel(
     b_bP = b_beta[:, None] * _load_rows(P, rows, rmask, idx, idx < BT, H, i_h, BT)
     for i in range(1, BC):
         # For every row j: the row r = i of j's block, and beta_r P[r, j] where j comes before r.
-        if P_IN_REGS:
-            r_sel = (idx[:, None] == (blk * BC + i)[None, :]) & (sub < i)[None, :]
-            b_a = tl.sum(tl.where(r_sel, b_bP, 0.0), axis=0)
-        else:
-            r_rows = t0 + blk * BC + i
-            r_ok = (sub < i) & (r_rows < eos)
-            r_offs = r_rows.to(tl.int64) * H + i_h
-            b_a = tl.load(P + r_offs * BT + idx, mask=r_ok, other=0.0)
-            b_a *= tl.load(beta + r_offs, mask=r_ok, other=0.0).to(tl.float32)
+        r_rows = t0 + blk * BC + i
+        r_ok = (sub < i) & (r_rows < eos)
+        r_offs = r_rows.to(tl.int64) * H + i_h
+        b_a = tl.load(P + r_offs * BT + idx, mask=r_ok, other=0.0)
+        b_a *= tl.load(beta + r_offs, mask=r_ok, other=0.0).to(tl.float32)
         # Rows j of block b only reach columns of block b, so one reduction serves all blocks.
         b_new = tl.where(eye, 1.0, 0.0) - tl.sum(b_a[:, None] * b_Md, axis=0)[None, :]
         b_Md = tl.where((sub == i)[:, None] & same_blk, b_new, b_Md)
@@ -272,12 +266,11 @@ def kda_solve_fwd_kernel(
     for _sweep in tl.static_range(1, BT // BC):
         b_M = b_Md - tl.dot(b_X, b_M, input_precision=IEEE)
     _store_rows(M, b_M, rows, rmask, idx, idx < BT, H, i_h, BT)
-    if not SPLIT_WU:
-        b_Md = b_M.to(W.dtype.element_ty)
-        for k0 in range(0, K, BK):
-            _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
-        for v0 in range(0, V, BV):
-            _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
+    b_Md = b_M.to(W.dtype.element_ty)
+    for k0 in range(0, K, BK):
+        _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
+    for v0 in range(0, V, BV):
+        _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
 
 
 @triton.jit
@@ -304,28 +297,6 @@ def _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV: tl.const
     b_v = _load_rows(v, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32) * b_beta[:, None]
     b_u = tl.dot(b_Md, b_v.to(U.dtype.element_ty), input_precision=IEEE)
     _store_rows(U, b_u, rows, rmask, cols_v, vmask, H, i_h, V)
-
-
-@triton.jit
-def kda_wu_fwd_kernel(
-    q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """Per (chunk, head, block): the part of :func:`kda_solve_fwd_kernel` after M, from the stored M, one block
-    per program: blocks ``0 .. cdiv(K, BK) - 1`` are key blocks (W, qg, kh, gl), the rest value blocks (U). In
-    the solve kernel one program per chunk and head runs them all in turn, at 255 registers."""
-    i_c, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    idx = tl.arange(0, BT)
-    rows = t0 + idx
-    rmask = rows < eos
-    b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
-    b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
-    n_key = tl.cdiv(K, BK)
-    if i_b < n_key:
-        _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, i_b * BK, scale, H, i_h, K, BT, BK, IEEE)
-    else:
-        _wu_value_block(v, U, b_Md, b_beta, rows, rmask, (i_b - n_key) * BV, H, i_h, V, BV, IEEE)
 
 
 @triton.jit
