@@ -232,6 +232,44 @@ def test_moe_output_matches_a_manual_loop_on_random_tokens():
         assert_close_rel(out[0], _manual_moe(moe, x[0], ids.tolist()), 1e-6, "MoE output")
 
 
+def test_moe_gradients_match_a_manual_loop():
+    """The routed path's gather-only dispatch and combine (their backwards are gathers too): output, input gradient
+    and expert gradients in float64 against the per-token loop, on the same routing."""
+    moe = _moe(num_experts_per_token=3).double()
+    x = torch.randn(1, 13, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    _, _, ids = moe.gate(x[0])
+    dy = torch.randn(13, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = []
+    for routed in (True, False):
+        moe.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = moe(xi)[0][0] if routed else _manual_moe(moe, xi[0], ids.tolist())
+        out.backward(dy)
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in moe.experts.named_parameters()
+                                                if p.grad is not None}))  # fmt: skip
+    (out, dx, grads), (out_ref, dx_ref, grads_ref) = results
+    assert_close_rel(out, out_ref, 1e-12, "MoE output")
+    assert_close_rel(dx, dx_ref, 1e-12, "input gradient (router included)")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert_close_rel(grads[name], grads_ref[name], 1e-12, f"grad {name}")
+
+
+def test_pair_gathers_pass_gradcheck():
+    from kimi_hf.models.kimi_linear.modeling_kimi_linear import _CombinePairs, _DispatchToPairs, _TakeRows
+
+    gen = torch.Generator().manual_seed(6)
+    N, k = 5, 3
+    order = torch.randperm(N * k, generator=gen)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(N * k)
+    x = torch.randn(N, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(N * k, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _DispatchToPairs.apply(t, order // k, inverse, k), (x,))
+    assert torch.autograd.gradcheck(lambda t: _CombinePairs.apply(t, order // k, inverse, k), (y,))
+    assert torch.autograd.gradcheck(lambda t: _TakeRows.apply(t, torch.tensor([4, 0, 13, 7])), (y,))
+
+
 def test_decode_experts_match_the_routed_experts(monkeypatch):
     """The inference path for few tokens (kimi_hf.kernels.moe, without host synchronisation, for CUDA graphs;
     on CUDA it is Triton) equals the routed path, forced here on CPU with the op's torch path."""

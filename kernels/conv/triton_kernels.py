@@ -4,7 +4,8 @@ Tokens are handled as rows of the flattened ``[B*T, D]`` input. Each row knows i
 (``t // T``, or a per-token sequence id for packed varlen input) and that sequence's bounds, so a
 tile may straddle sequences without mixing them. Inputs before a sequence's start come from its
 initial state ``[N, D, W]`` (or are zero). The backward recomputes the pre-activation instead of
-storing it: W is tiny (4) and the extra loads hit the cache.
+storing it (W is tiny, 4, and the extra loads hit the cache), stores dL/d(pre-activation) once in fp32, and
+takes dx from W shifted rows of it.
 """
 
 from __future__ import annotations
@@ -82,26 +83,27 @@ def _grad_preact(x, w, b, h, dy, t, seq, bos, eos, cols, row_mask, D, W: tl.cons
 
 
 @triton.jit
-def _grad_input(x, w, b, h, dy, dfs, s, seq, bos, eos, cols, row_mask, D, W: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, HAS_DFS: tl.constexpr, SILU: tl.constexpr):
-    """(dL/d input, dL/dz) at rows ``s`` (s may precede bos: history slots), fp32 ``[R, BD]`` each.
+def _dx_from_dz(w, dz, dfs, s, seq, bos, eos, cols, row_mask, D, W: tl.constexpr, HAS_DFS: tl.constexpr):
+    """dL/d input at rows ``s`` (s may precede bos: history slots) from the stored dz ``[NT, D]`` fp32, fp32
+    ``[R, BD]``.
 
-    Input s feeds z[s + k] through w[:, W - 1 - k], and the final state if s is among the last W rows.
+    Input s feeds z[s + k] through w[:, W - 1 - k] (only where s + k lies in the sequence), and the final state if
+    s is among the last W rows.
     """
     col_mask = cols < D
     acc = tl.zeros([s.shape[0], cols.shape[0]], dtype=tl.float32)
     for k in tl.static_range(W):
         w_k = tl.load(w + cols * W + (W - 1 - k), mask=col_mask, other=0.0).to(tl.float32)
-        dz = _grad_preact(x, w, b, h, dy, s + k, seq, bos, eos, cols, row_mask, D, W, HAS_BIAS, HAS_H, SILU)
-        acc += w_k[None, :] * dz
-        if k == 0:
-            dz_here = dz
+        t = s + k
+        ok = row_mask & (t >= bos) & (t < eos)
+        acc += w_k[None, :] * tl.load(dz + t[:, None] * D + cols[None, :], mask=ok[:, None] & col_mask[None, :],
+                                      other=0.0)
     if HAS_DFS:
-        slot = s - eos + W
-        ok = row_mask & (slot >= 0)
+        slot = s - eos + W  # >= W only for rows past the last sequence, which get no gradient
+        ok = row_mask & (slot >= 0) & (slot < W)
         ptr = dfs + seq[:, None] * D * W + cols[None, :] * W + slot[:, None]
         acc += tl.load(ptr, mask=ok[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    return acc, dz_here
+    return acc
 
 
 @triton.jit
@@ -138,13 +140,14 @@ def _conv_final_state_kernel(
 
 
 @triton.jit
-def _conv_bwd_kernel(
-    x, w, b, h, dy, dfs, dx, dw_partial, db_partial, seq_ids, cu_seqlens, NT, T, D, SUB,
+def _conv_bwd_dz_kernel(
+    x, w, b, h, dy, dz, dw_partial, db_partial, seq_ids, cu_seqlens, NT, T, D, SUB,
     W: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, HAS_DFS: tl.constexpr, IS_VARLEN: tl.constexpr,
-    SILU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
 ):
-    """dx for SUB blocks of BT rows; weight/bias gradients summed over them into one partial row."""
+    """For SUB blocks of BT rows: dz = dL/d(pre-activation), stored fp32 (zero outside the sequences), and the
+    weight/bias gradients summed over those rows into one partial row, dw[:, j] = sum_t dz[t] input[t - W + 1 + j]
+    (the same shifted inputs as the recomputed pre-activation, so they hit the cache)."""
     pid_t = tl.program_id(0)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     slots = tl.arange(0, BW)
@@ -155,14 +158,12 @@ def _conv_bwd_kernel(
         rows = ((pid_t * SUB + sub) * BT + tl.arange(0, BT)).to(tl.int64)
         row_mask = rows < NT
         seq, bos, eos = _locate(tl.where(row_mask, rows, 0), seq_ids, cu_seqlens, T, IS_VARLEN)
-        b_dx, dz = _grad_input(x, w, b, h, dy, dfs, rows, seq, bos, eos, cols, row_mask, D, W,
-                               HAS_BIAS, HAS_H, HAS_DFS, SILU)
-        tl.store(dx + rows[:, None] * D + cols[None, :], b_dx.to(dx.dtype.element_ty),
-                 mask=row_mask[:, None] & col_mask[None, :])
+        b_dz = _grad_preact(x, w, b, h, dy, rows, seq, bos, eos, cols, row_mask, D, W, HAS_BIAS, HAS_H, SILU)
+        tl.store(dz + rows[:, None] * D + cols[None, :], b_dz, mask=row_mask[:, None] & col_mask[None, :])
         for j in tl.static_range(W):
             inp = _load_input(x, h, rows + (j - W + 1), seq, bos, cols, row_mask, D, W, HAS_H)
-            acc_w += tl.where(slots[None, :] == j, tl.sum(dz * inp, axis=0)[:, None], 0.0)
-        acc_b += tl.sum(dz, axis=0)
+            acc_w += tl.where(slots[None, :] == j, tl.sum(b_dz * inp, axis=0)[:, None], 0.0)
+        acc_b += tl.sum(b_dz, axis=0)
     mask_w = col_mask[:, None] & (slots[None, :] < W)
     tl.store(dw_partial + (pid_t * D + cols[:, None]) * W + slots[None, :], acc_w, mask=mask_w)
     if HAS_BIAS:
@@ -170,19 +171,32 @@ def _conv_bwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_initial_state_kernel(
-    x, w, b, h, dy, dfs, dh, cu_seqlens, T, D,
-    W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_DFS: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
+def _conv_bwd_dx_kernel(
+    w, dz, dfs, dx, seq_ids, cu_seqlens, NT, T, D,
+    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_DFS: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dh[n, :, i]: gradient of history slot i, i.e. of the input at row bos - W + i."""
+    """dx for a tile of BT rows from the stored dz."""
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    row_mask = rows < NT
+    seq, bos, eos = _locate(tl.where(row_mask, rows, 0), seq_ids, cu_seqlens, T, IS_VARLEN)
+    b_dx = _dx_from_dz(w, dz, dfs, rows, seq, bos, eos, cols, row_mask, D, W, HAS_DFS)
+    tl.store(dx + rows[:, None] * D + cols[None, :], b_dx.to(dx.dtype.element_ty),
+             mask=row_mask[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _conv_bwd_initial_state_kernel(
+    w, dz, dfs, dh, cu_seqlens, T, D,
+    W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, HAS_DFS: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """dh[n, :, i]: gradient of history slot i, i.e. of the input at row bos - W + i, from the stored dz."""
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     slots = tl.arange(0, BW)
     seq = n + tl.zeros([BW], dtype=tl.int64)
     bos, eos = _bounds(seq, cu_seqlens, T, IS_VARLEN)
-    grad, _ = _grad_input(x, w, b, h, dy, dfs, bos - W + slots, seq, bos, eos, cols, slots < W, D, W,
-                          HAS_BIAS, True, HAS_DFS, SILU)
+    grad = _dx_from_dz(w, dz, dfs, bos - W + slots, seq, bos, eos, cols, slots < W, D, W, HAS_DFS)
     mask = (slots < W)[:, None] & (cols < D)[None, :]
     tl.store(dh + n * D * W + cols[None, :] * W + slots[:, None], grad.to(dh.dtype.element_ty), mask=mask)
 
@@ -224,15 +238,17 @@ def _seq_ids(cu_seqlens: torch.Tensor, num_rows: int) -> torch.Tensor:
     return ids.clamp_(max=cu_seqlens.numel() - 2).to(torch.int32)
 
 
-# Tile shapes from the sm_90 register counts of the compiled kernels (no spills): the forward runs
-# [32 rows x 128 channels] tiles (~66 registers at 8 warps); the backward, which recomputes W
-# pre-activations of W taps per tile, [8 x 128] tiles (~115-130 registers at 8 warps), 16 tiles per
-# program so that the weight-gradient partial sums stay small.
-_FWD_ROWS, _BWD_ROWS, _CHANNELS, _WARPS, _BWD_TILES_PER_PROGRAM = 32, 8, 128, 8, 16
+# Tile shapes: [32 rows x 128 channels] (~66 registers at 8 warps for the forward). The backward runs in two
+# passes: dz (the pre-activation recomputed from W shifted inputs, times the SiLU derivative) with the weight
+# gradient, then dx from W shifted rows of the stored dz. One pass that recomputed dz for each of the W taps of dx
+# (W * W input loads per element, [8 x 128] tiles to stay under the register limit) took 13.3 ms of a 103 ms
+# Kimi Linear training step on the H200 (session 7 profile, 18 convs of [8192, 2048]). A dz program takes
+# 4 row tiles, so that the weight-gradient partial sums stay small.
+_ROWS, _CHANNELS, _WARPS, _BWD_TILES_PER_PROGRAM = 32, 128, 8, 4
 
 
-def _tile(rows: int, dim: int, max_rows: int) -> tuple[int, int]:
-    return min(max_rows, triton.next_power_of_2(max(rows, 1))), min(_CHANNELS, triton.next_power_of_2(dim))
+def _tile(rows: int, dim: int) -> tuple[int, int]:
+    return min(_ROWS, triton.next_power_of_2(max(rows, 1))), min(_CHANNELS, triton.next_power_of_2(dim))
 
 
 def causal_conv1d_fwd(
@@ -254,7 +270,7 @@ def causal_conv1d_fwd(
     rows = batch * length
     num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     seq_ids = _seq_ids(cu_seqlens, rows) if cu_seqlens is not None else None
-    block_t, block_d = _tile(rows, dim, _FWD_ROWS)
+    block_t, block_d = _tile(rows, dim)
     y = torch.empty_like(x)
     _conv_fwd_kernel[(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))](
         x, weight, bias, initial_state, y, seq_ids, cu_seqlens, rows, length, dim,
@@ -287,27 +303,30 @@ def causal_conv1d_bwd(
     batch, length, dim = x.shape
     width = weight.shape[1]
     rows = batch * length
-    block_t, block_d = _tile(rows, dim, _BWD_ROWS)
+    block_t, block_d = _tile(rows, dim)
     sub = max(1, min(_BWD_TILES_PER_PROGRAM, triton.cdiv(rows, block_t)))
     programs_t = triton.cdiv(rows, block_t * sub)
-    dx = torch.empty_like(x)
+    dz = torch.empty(rows, dim, device=x.device, dtype=torch.float32)
     dw_partial = torch.empty(programs_t, dim, width, device=x.device, dtype=torch.float32)
     db_partial = torch.empty(programs_t, dim, device=x.device, dtype=torch.float32) if bias is not None else None
-    flags = dict(
-        HAS_BIAS=bias is not None, HAS_DFS=dfinal_state is not None, IS_VARLEN=cu_seqlens is not None, SILU=silu
+    is_varlen, has_dfs = cu_seqlens is not None, dfinal_state is not None
+    _conv_bwd_dz_kernel[(programs_t, triton.cdiv(dim, block_d))](
+        x, weight, bias, initial_state, dy, dz, dw_partial, db_partial, seq_ids, cu_seqlens, rows, length, dim, sub,
+        W=width, BW=triton.next_power_of_2(width), BT=block_t, BD=block_d, HAS_BIAS=bias is not None,
+        HAS_H=initial_state is not None, IS_VARLEN=is_varlen, SILU=silu, num_warps=_WARPS,
     )
-    _conv_bwd_kernel[(programs_t, triton.cdiv(dim, block_d))](
-        x, weight, bias, initial_state, dy, dfinal_state, dx, dw_partial, db_partial, seq_ids, cu_seqlens,
-        rows, length, dim, sub, W=width, BW=triton.next_power_of_2(width), BT=block_t, BD=block_d,
-        HAS_H=initial_state is not None,
-        num_warps=_WARPS, **flags,
+    dx = torch.empty_like(x)
+    _conv_bwd_dx_kernel[(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))](
+        weight, dz, dfinal_state, dx, seq_ids, cu_seqlens, rows, length, dim,
+        W=width, BT=block_t, BD=block_d, HAS_DFS=has_dfs, IS_VARLEN=is_varlen, num_warps=_WARPS,
     )
     dinitial_state = None
     if initial_state is not None:
         dinitial_state = torch.empty_like(initial_state)
         _conv_bwd_initial_state_kernel[(initial_state.shape[0], triton.cdiv(dim, block_d))](
-            x, weight, bias, initial_state, dy, dfinal_state, dinitial_state, cu_seqlens, length, dim,
-            W=width, BW=triton.next_power_of_2(width), BD=block_d, num_warps=4, **flags,
+            weight, dz, dfinal_state, dinitial_state, cu_seqlens, length, dim,
+            W=width, BW=triton.next_power_of_2(width), BD=block_d, HAS_DFS=has_dfs, IS_VARLEN=is_varlen,
+            num_warps=4,
         )
     dweight = dw_partial.sum(0).to(weight.dtype)
     dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None

@@ -42,7 +42,7 @@ MAX_HEAD_DIM = 256
 # session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them inside the pairs and key kernels; 2, 4 or 8
 # heads and 2 or 4 warps within 3%). The backward key kernel (the pairs between sub-blocks): 64 key channels per
 # block at 2 warps (session 6: fwd+bwd 5.21 ms against 5.46 at 32 channels and 4 warps, the best before the
-# diagonal moved out; 8 warps were 1.5x slower then). Value columns per tile in the backward pair kernel: 16.
+# diagonal moved out; 8 warps were 1.5x slower then).
 # The backward's terms through the states are [64, V] x [V, BK] dots per chunk in their own kernel (64 channels,
 # 32 value columns per step): inside the per-sub-block key kernel they were [16, V] dots repeated for each of the
 # 4 sub-blocks, with the state tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
@@ -58,12 +58,13 @@ BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
 # The backward's direct and pair kernels at 4 warps (session 7, B1 T8192: fwd+bwd 4.61 ms against 5.03 at 8 and 8,
 # 4.80 and 4.84 with one of them at 4), although they spill more there (kda_registers.py): twice the programs per SM
-# hide more latency.
+# hide more latency. A second sweep: 2 warps slower (4.74-10.3 ms), 32 direct key channels slower (4.75-4.95),
+# 32 value columns per pair tile 1% faster than 16 (4.55 ms).
 BWD_DIRECT_WARPS = 4
 BWD_KEY_BLOCK = 64
 BWD_KEY_WARPS = 2
 BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
-BWD_PAIR_BLOCK_V = 16
+BWD_PAIR_BLOCK_V = 32
 BWD_PAIR_WARPS = 4
 NUM_WARPS = 8  # the other kernels
 
