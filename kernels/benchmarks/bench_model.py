@@ -167,14 +167,22 @@ def run(args: argparse.Namespace) -> dict:
     ours = KimiLinearForCausalLM(config).to(device=device)
     results: dict = {"versions": _versions(), "parameters": sum(p.numel() for p in ours.parameters()), "rows": []}
 
+    # The native class waits on the CPU while ours is measured: on the GPU its fp32 weights (4 GiB) would count in
+    # our peak memory.
+    skip_native = args.skip_native
+    if device.type == "cpu" and results["versions"]["fla"] != "not installed" and not skip_native:
+        # transformers' native class calls fla's Triton kernels whenever fla is importable; they need a GPU.
+        print("native class skipped: fla is installed and there is no GPU for its Triton kernels", flush=True)
+        skip_native = True
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(tmp)
-        native = None if args.skip_native else load_native(tmp, torch.float32, device)
+        native = None if skip_native else load_native(tmp, torch.float32, torch.device("cpu"))
 
     if native is not None and args.parity:
         ids = torch.randint(3, config.vocab_size, (1, 256 if not args.tiny else 32), device=device)
         with torch.no_grad():
-            a, b = ours.eval()(ids).logits.double(), native.eval()(ids).logits.double()
+            a, b = ours.eval()(ids).logits.double(), native.to(device).eval()(ids).logits.double()
+        native.cpu()
         results["parity_rel_err"] = ((a - b).norm() / b.norm()).item()
         print(f"parity (fp32) rel err {results['parity_rel_err']:.2e}", flush=True)
     ours.to(dtype)
@@ -189,10 +197,10 @@ def run(args: argparse.Namespace) -> dict:
         if args.profile and device.type == "cuda":
             from _profile import gpu_time_table
 
-            batch, seq_len = train_shapes[0]
-            step = train_step(model, batch, seq_len, device)
-            print(gpu_time_table(step, f"{label}: train step B{batch} T{seq_len}", iters=3, top=30), flush=True)
-            model.zero_grad(set_to_none=True)
+            for batch, seq_len in train_shapes:
+                step = train_step(model, batch, seq_len, device)
+                print(gpu_time_table(step, f"{label}: train step B{batch} T{seq_len}", iters=3, top=30), flush=True)
+                model.zero_grad(set_to_none=True)
         for batch, seq_len in train_shapes if "train" in args.parts else []:
             out[("train", batch, seq_len)] = train_step_ms(model, batch, seq_len, device, args.rep)
             print(f"{label}: train step B{batch} T{seq_len}: {out[('train', batch, seq_len)][0]:.2f} ms", flush=True)
@@ -208,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
     # fla's kernels) still has our numbers.
     mine = measure(ours, "ours", static_cache=True)
     ours.cpu()
-    theirs = measure(native.to(dtype), "native") if native is not None else {}
+    theirs = measure(native.to(device=device, dtype=dtype), "native") if native is not None else {}
 
     def add(name: str, ours_value: float, native_value: float | None, unit: str, extra: str = "") -> None:
         # speedup > 1: ours is better (times: lower is better; throughputs: higher is better)
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--profile", action="store_true",
-                        help="first print per-kernel GPU time of each model's first training shape")  # fmt: skip
+                        help="print each model's per-kernel GPU time and wall time per training shape")  # fmt: skip
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
                         help="launch constants of kimi_hf.kernels for this run (e.g. moe.GATE_UP_SPLIT=4)")  # fmt: skip
     args = parser.parse_args(argv)
