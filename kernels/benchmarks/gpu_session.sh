@@ -20,9 +20,9 @@ step_command() {
   case "$1" in
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
-    kda_sweep) echo "timeout 300 python3 kernels/benchmarks/bench_kda.py --sweep BWD_PAIR_WARPS=4,2 BWD_DIRECT_WARPS=4,2 BWD_DIRECT_KEY_BLOCK=64,32" ;;
+    kda_sweep) echo "timeout 300 python3 kernels/benchmarks/bench_kda.py --sweep BWD_PAIR_WARPS=4,2 BWD_PAIR_BLOCK_V=16,32 PAIRS_WARPS=2,4" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
-    model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --json $OUT/$2model.json" ;;
+    model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;
     attn_res) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res.py --json $OUT/$2attn_res.json" ;;
     attn_res_graphs) echo "timeout 200 python3 kernels/benchmarks/bench_attn_res.py --model kimi_linear --impls triton \
