@@ -15,6 +15,7 @@ For a combined run: ``from bench_small_ops import run_benchmarks, markdown_table
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -217,18 +218,21 @@ def bench_kda_decode(setup: _Setup) -> list[Row]:
 
 
 def sweep_kda_block_v(setup: _Setup) -> list[Row]:
-    """Our decode kernel alone at each state tile width, to check the block_v heuristic."""
+    """Our decode kernel alone at each state tile width and warp count (in a CUDA graph on the GPU: the launch is
+    not what is measured), to check the block_v / num_warps heuristics."""
     H, D = (2, 16) if setup.tiny else (32, 128)
     rows = []
     for N in (1, 2) if setup.tiny else (1, 64):
         t = _kda_decode_inputs(N, H, D, setup)
         args = [t[n] for n in ("q", "k", "v", "g", "beta")]
-        for block_v in (8, 16, 32, 64):
+        for block_v, warps in itertools.product((16, 32, 64), (2, 4, 8)):
             fn = lambda: fused_recurrent_kda_fwd(  # noqa: E731
-                *args, D**-0.5, t["state"], True, True, True, t["A_log"], t["dt_bias"], None, True, block_v=block_v
-            )
-            rows.append(Row(f"KDA decode kernel, block_v={block_v}", f"B{N} H{H} K=V={D}", _time_us(fn, setup),
-                            "-", None, setup.floor_us(2 * N * H * D * D * 4)))
+                *args, D**-0.5, t["state"], True, True, True, t["A_log"], t["dt_bias"], None, True,
+                block_v=block_v, num_warps=warps,
+            )  # fmt: skip
+            rows.append(Row(f"KDA decode kernel, block_v={block_v}, {warps} warps", f"B{N} H{H} K=V={D}",
+                            _time_us(fn, setup, graph=setup.device == "cuda"), "-", None,
+                            setup.floor_us(2 * N * H * D * D * 4)))  # fmt: skip
     return rows
 
 

@@ -104,6 +104,7 @@ def fused_recurrent_kda_fwd(
     inplace_final_state: bool,
     *,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA recurrence in one launch (inputs already validated by the public op).
 
@@ -119,6 +120,7 @@ def fused_recurrent_kda_fwd(
         cu_seqlens: ``[N + 1]`` offsets of sequences packed along T (B == 1), or None.
         inplace_final_state: write the final state into ``initial_state`` (contiguous fp32) and return it.
         block_v: state columns per program (a power of two; default from the number of heads), for tuning.
+        num_warps: warps per program (default: 16 state elements per thread), for tuning.
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, final state or None)``.
@@ -146,6 +148,6 @@ def fused_recurrent_kda_fwd(
         H=H, K=K, V=V, BK=block_k, BV=block_v, L2_EPS=L2NORM_EPS,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
         USE_QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, IS_VARLEN=cu_seqlens is not None,
-        num_warps=_num_warps(block_k, block_v),
+        num_warps=_num_warps(block_k, block_v) if num_warps is None else num_warps,
     )
     return o, final_state
