@@ -65,6 +65,25 @@ def test_grouped_mm_moe_matches_the_expert_loop(monkeypatch):
         assert_close_rel(grads[name], g, 5e-2, f"grad {name}")
 
 
+def test_grouped_mm_moe_trains_without_host_synchronisation():
+    """The routed MoE with grouped GEMMs (bf16, Hopper), forward and backward, under CUDA's sync debug mode: no
+    operation in it waits for the device (torch.bincount did, once per layer)."""
+    if not modeling._grouped_mm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("the grouped-GEMM experts need a Hopper or newer GPU")
+    torch.manual_seed(0)
+    moe = modeling.KimiLinearSparseMoE(_config()).cuda().to(torch.bfloat16).train()
+    x = torch.randn(1, 200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    moe(x)[0].sum().backward()  # warm-up: kernels compiled and cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = moe(x)
+        out.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cuda_graph_decoding_equals_eager_decoding(dtype, batch):

@@ -381,6 +381,14 @@ def _inside_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of ``expert_ids`` (int64, any shape) chose each expert, ``[num_experts]`` int64. A scatter-add, not
+    ``torch.bincount``: on CUDA bincount reads the largest id back to the host to size its output, a synchronisation
+    in every MoE layer."""
+    flat = expert_ids.flatten()
+    return torch.zeros(num_experts, device=flat.device, dtype=torch.long).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class KimiLinearRouter(nn.Module):
     """Sigmoid (or softmax) router with an expert-selection bias (``gate.weight``, ``gate.e_score_correction_bias``).
 
@@ -421,7 +429,7 @@ class KimiLinearRouter(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * cfg.routed_scaling_factor
         if self.training and cfg.router_bias_update_rate > 0 and not _inside_backward():
-            self._pending_load = torch.bincount(expert_ids.flatten(), minlength=self.num_experts).float()
+            self._pending_load = _expert_counts(expert_ids, self.num_experts).float()
         return logits, weights, expert_ids
 
     @torch.no_grad()
@@ -565,10 +573,9 @@ class KimiLinearSparseMoE(nn.Module):
         flat_ids = expert_ids.flatten()
         order = flat_ids.argsort(stable=True)
         token_of = order // k
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         routed_in = _DispatchToPairs.apply(x, token_of, inverse, k)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        counts = _expert_counts(flat_ids, self.num_experts)
         if self.use_grouped_mm and _grouped_mm_ok(x) and self._experts_read_in_place():
             routed_out = self._experts_grouped(routed_in, flat_ids[order], counts)
         else:
