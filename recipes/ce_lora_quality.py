@@ -191,7 +191,7 @@ def fine_tune(args, name, peft_config, weights, config, train, evaluation, eval_
     accuracy = exact_match(model, eval_data["input_ids"], eval_data["labels"])
     steady = timer.times[len(timer.times) // 10 :] or timer.times  # skip warm-up (and CE-LoRA's first exact step)
     row = {"method": name, "eval_loss": eval_loss, "exact_match": accuracy,
-           "step_ms": 1e3 * statistics.median(steady), "steps": args.finetune_steps}  # fmt: skip
+           "step_ms": 1e3 * statistics.median(steady), "steps": args.finetune_steps, "seed": args.seed}  # fmt: skip
     curves = [
         {"method": name, "step": h["step"], "kind": "eval" if "eval_loss" in h else "train",
          "loss": h.get("eval_loss", h.get("loss"))}
@@ -227,10 +227,11 @@ def plot_losses(folder: str) -> None:
 def write_outputs(
     args: argparse.Namespace, rows: list[dict], curves: list[dict], base_accuracy: tuple[float, float]
 ) -> str:
+    base = {"base_pretrain_exact_match": base_accuracy[0], "base_task_exact_match": base_accuracy[1]}
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], *base])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(row | base for row in rows)
     with open(os.path.join(args.out, "curves.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(curves[0]))
         writer.writeheader()

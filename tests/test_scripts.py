@@ -18,6 +18,7 @@ SCRIPTS = [
     "kernels/benchmarks/kda_registers.py",
     "recipes/attn_res_replication.py",
     "recipes/ce_lora_quality.py",
+    "recipes/ce_lora_seeds.py",
 ]
 
 
