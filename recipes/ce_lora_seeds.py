@@ -10,8 +10,8 @@ each CE-LoRA setting with LoRA on the same seed:
 - over the seeds: mean, standard deviation and a two-sided 95% Student-t interval of the mean;
 - "not worse than LoRA": the interval's worse end within the criterion (loss gap <= +2%, exact-match gap >= -1).
 
-Seeds whose base model did not learn its pre-training task (exact match below ``--min-base-exact-match``) are
-listed and left out: their fine-tuning starts from noise.
+Seeds whose base model did not learn its pre-training task (exact match below ``--min-base-exact-match``, default
+10%; guessing gets about 0) are listed and left out: their fine-tuning starts from noise.
 
     python recipes/ce_lora_seeds.py --preset cpu_unsaturated --seeds 10 11 12 13 --output-dir seeds
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", required=True, help="seeds of the recipe, one run each")
     p.add_argument("--preset", choices=sorted(ce_lora_quality.PRESETS), default="cpu_unsaturated")
     p.add_argument("--output-dir", "--out", dest="out", default="ce_lora_seeds", help="output folder")
-    p.add_argument("--min-base-exact-match", type=float, default=0.5,
+    p.add_argument("--min-base-exact-match", type=float, default=0.1,
                    help="leave out seeds whose base model scores below this on its pre-training task")  # fmt: skip
     args = p.parse_args(argv)
     if not 0.0 <= args.min_base_exact_match <= 1.0:
