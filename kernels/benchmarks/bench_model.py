@@ -167,8 +167,6 @@ def run(args: argparse.Namespace) -> dict:
     ours = KimiLinearForCausalLM(config).to(device=device)
     results: dict = {"versions": _versions(), "parameters": sum(p.numel() for p in ours.parameters()), "rows": []}
 
-    # The native class waits on the CPU while ours is measured: on the GPU its fp32 weights (4 GiB) would count in
-    # our peak memory.
     skip_native = args.skip_native
     if device.type == "cpu" and results["versions"]["fla"] != "not installed" and not skip_native:
         # transformers' native class calls fla's Triton kernels whenever fla is importable; they need a GPU.
@@ -176,6 +174,8 @@ def run(args: argparse.Namespace) -> dict:
         skip_native = True
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(tmp)
+        # Loaded onto the CPU, and moved to the GPU only while it is measured: there its fp32 weights (4 GiB) would
+        # count in our peak memory.
         native = None if skip_native else load_native(tmp, torch.float32, torch.device("cpu"))
 
     if native is not None and args.parity:
