@@ -80,6 +80,10 @@ _CASES = {
         B=1, T=0, H=2, K=20, V=12, lengths=[2, 0, 5, 1], l2norm=True, gate=True, use_h0=True, inplace=False
     ),
     "decode_inplace": dict(B=3, T=1, H=2, K=32, V=48, lengths=None, l2norm=True, gate=False, use_h0=True, inplace=True),
+    # 1024 head states: the wide default tiling (64 state columns per program)
+    "decode_wide_tiling": dict(
+        B=64, T=1, H=16, K=16, V=64, lengths=None, l2norm=True, gate=True, use_h0=True, inplace=True
+    ),
 }
 
 

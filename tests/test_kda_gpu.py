@@ -111,3 +111,27 @@ def test_decode_fused_recurrent(dtype):
                                        backend="torch", **options)  # fmt: skip
     assert_close_rel(o, o_ref, RTOL[dtype], "o")
     assert_close_rel(s, s_ref, RTOL[dtype], "final state")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 32, 64])
+def test_decode_steps_in_place_each_tiling(dtype, batch):
+    """Three one-token steps updating the state in place, at the batch sizes of each default tiling (B1: 8 state
+    columns per program; B32/B64 at H32: 64 columns, 4 warps), against the float64 torch path."""
+    H, K = 32, 128
+    inputs = _inputs(batch, 3, H, K, K, seed=11 + batch, raw_gate=True)
+    params = dict(A_log=torch.randn(H, device="cuda"), dt_bias=torch.randn(H, K, device="cuda"))
+    options = dict(use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
+    low = {n: x.to(dtype) if n in ("q", "k", "v", "beta") else x for n, x in inputs.items()}
+    state = low.pop("initial_state").clone()
+    ref_state = state.double()
+    for t in range(3):
+        step = {n: x[:, t : t + 1] for n, x in low.items()}
+        o, s = fused_recurrent_kda(**step, **params, initial_state=state, inplace_final_state=True, **options)
+        assert s is state
+        o_ref, ref_state = fused_recurrent_kda(
+            **{n: x.double() for n, x in step.items()}, **{n: x.double() for n, x in params.items()},
+            initial_state=ref_state, output_final_state=True, backend="torch", **options,
+        )  # fmt: skip
+        assert_close_rel(o, o_ref, RTOL[dtype], f"o at step {t}")
+        assert_close_rel(state, ref_state, RTOL[dtype], f"state after step {t}")

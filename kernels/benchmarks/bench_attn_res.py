@@ -273,6 +273,11 @@ def bench_variant(
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if not warm_only:
             row["train_ms"] = timer(step)
+            if args.profile and device.type == "cuda":
+                from _profile import gpu_time_table
+
+                title = f"{model.config.model_type} {impl}: train step"
+                print(gpu_time_table(step, title, iters=3, top=40), flush=True)
         model.eval()
         with torch.no_grad():
             model(ids, use_cache=False)  # warm-up (timer adds one more untimed call)
@@ -346,6 +351,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="run every configuration once, untimed, before the timed passes")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this JSON file (rewritten after each row)")
+    p.add_argument("--profile", action="store_true", help="after each timed training step, print its per-kernel "
+                   "GPU time and wall time (CUDA)")  # fmt: skip
     args = p.parse_args(argv)
     tiny = args.tiny
     args.reps = args.reps or (2 if tiny else 6)

@@ -76,15 +76,21 @@ def _fused_recurrent_kda_fwd_kernel(
         tl.store(ht + p_state, b_h, mask=mask_h)
 
 
-def _block_v(num_heads_total: int, V: int) -> int:
-    """Column tile: narrow for few heads (enough programs to spread the state over the SMs), wider for many."""
-    block_v = 32 if num_heads_total >= 512 else 16 if num_heads_total >= 128 else 8
-    return min(block_v, triton.next_power_of_2(V))
+def _tiling(num_heads_total: int, K: int, V: int, block_v: int | None = None) -> tuple[int, int]:
+    """State columns per program (``block_v``, unless given) and warps, for N * H head states of [K, V].
 
-
-def _num_warps(block_k: int, block_v: int) -> int:
-    """16 state elements per thread (four 16-byte loads): 56-80 registers on sm_90 at K = 128, no spills."""
-    return max(1, min(8, block_k * block_v // 512))
+    Few heads: narrow tiles at 16 state elements per thread (56-80 registers on sm_90 at K = 128), so that
+    even batch 1 spreads the state over the SMs. From 1024 head states (B32 at H32) the grid has waves to
+    spare, and wider tiles at 64 elements per thread keep more of the state in flight per program: 64
+    columns at 4 warps took 77.2 us per step at B64 H32 K=V=128 against 84.7 us for 32 columns at 8 warps
+    (BENCHMARKS.md, session 7 sweep).
+    """
+    wide = num_heads_total >= 1024
+    if block_v is None:
+        block_v = 64 if wide else 32 if num_heads_total >= 512 else 16 if num_heads_total >= 128 else 8
+        block_v = min(block_v, triton.next_power_of_2(V))
+    per_thread = 64 if wide else 16
+    return block_v, max(1, min(8, triton.next_power_of_2(K) * block_v // (32 * per_thread)))
 
 
 def fused_recurrent_kda_fwd(
@@ -120,7 +126,7 @@ def fused_recurrent_kda_fwd(
         cu_seqlens: ``[N + 1]`` offsets of sequences packed along T (B == 1), or None.
         inplace_final_state: write the final state into ``initial_state`` (contiguous fp32) and return it.
         block_v: state columns per program (a power of two; default from the number of heads), for tuning.
-        num_warps: warps per program (default: 16 state elements per thread), for tuning.
+        num_warps: warps per program (default: :func:`_tiling`), for tuning.
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, final state or None)``.
@@ -141,13 +147,13 @@ def fused_recurrent_kda_fwd(
         final_state = None
     o = q.new_empty(B, T, H, V)
     block_k = triton.next_power_of_2(K)
-    block_v = _block_v(N * H, V) if block_v is None else block_v
+    block_v, default_warps = _tiling(N * H, K, V, block_v)
     # N * H on the first grid axis: the others stop at 65535 programs.
     _fused_recurrent_kda_fwd_kernel[(N * H, triton.cdiv(V, block_v))](
         q, k, v, g, beta, o, initial_state, final_state, A_log, dt_bias, cu_seqlens, scale, T,
         H=H, K=K, V=V, BK=block_k, BV=block_v, L2_EPS=L2NORM_EPS,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
         USE_QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, IS_VARLEN=cu_seqlens is not None,
-        num_warps=_num_warps(block_k, block_v) if num_warps is None else num_warps,
+        num_warps=default_warps if num_warps is None else num_warps,
     )
     return o, final_state
