@@ -42,3 +42,15 @@ def test_set_launch_constants_sets_ints_and_names_bad_specs(monkeypatch):
     for bad in ["moe.NOPE=1", "nomodule.X=1", "moe.GATE_UP_SPLIT=two", "moe.TRITON_DTYPES=1"]:
         with pytest.raises(ValueError, match=re.escape(repr(bad))):
             _launch.set_launch_constants([bad])
+
+
+def test_small_ops_depth_attention_section_runs_tiny():
+    """The depth-attention rows of ``bench_small_ops.py`` build their bank and run fwd / fwd+bwd (interpreter)."""
+    sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
+    try:
+        from bench_small_ops import run_benchmarks
+    finally:
+        sys.path.pop(0)
+    rows = run_benchmarks(tiny=True, sections=("attn_res",))
+    assert [r.op.rsplit(", ", 1)[1] for r in rows] == ["fwd", "fwd+bwd"] * 3
+    assert all(r.ours_us > 0 and r.anchor_us > 0 for r in rows)

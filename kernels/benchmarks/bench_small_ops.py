@@ -1,7 +1,8 @@
 """Benchmark kimi_hf's small KDA-layer ops against fla 0.6.0 and the memory floor.
 
 Ops: the short causal conv (forward, forward+backward, one-token decode update), the gated RMSNorm
-(forward, forward+backward) and the KDA decode kernel (one token, eager and CUDA-graph captured).
+(forward, forward+backward), the KDA decode kernel (one token, eager and CUDA-graph captured) and
+AttnRes's depth attention (``--sections attn_res``; its anchor is the standard residual's PreNorm).
 Every number is a triton.testing.do_bench median (L2 flushed between calls; the CUDA-graph rows use
 do_bench_cudagraph, unflushed). "floor" is the time to move the op's minimum bytes at
 --bandwidth-tbs (H200 device copy: 4.27 TB/s, see shared/REFERENCE.md).
@@ -24,6 +25,7 @@ from typing import Callable
 import torch
 import triton
 
+from kimi_hf.kernels.attn_res import append_source, depth_attention, new_source_bank, prenorm
 from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import fused_recurrent_kda
@@ -236,7 +238,51 @@ def sweep_kda_block_v(setup: _Setup) -> list[Row]:
     return rows
 
 
-_SECTIONS = {"conv": bench_conv, "norm": bench_gated_norm, "kda": bench_kda_decode, "kda_sweep": sweep_kda_block_v}
+def bench_depth_attention(setup: _Setup) -> list[Row]:
+    """AttnRes's training-path read of one sublayer: the depth attention over n stored sources plus the block's
+    partial sum, with the sublayer's PreNorm fused (forward, forward+backward), against the standard residual's
+    PreNorm (one Triton kernel each way), the op it replaces. Minimum bytes in [M, D] passes: forward n + 2
+    (read the sources and the partial, write the output), backward 3n + 3 (dout, the sources, the partial, a
+    read-modify-write of each stored source's gradient, the partial's gradient); PreNorm 2 and 3."""
+    M, D = (16, 64) if setup.tiny else (8192, 2048)
+    dev, dt = setup.device, setup.dtype
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dt, generator=gen)  # noqa: E731
+    dy = rand(M, D)
+    w = torch.ones(D, device=dev, dtype=dt, requires_grad=True)
+    h = rand(M, D).requires_grad_()
+    shape = f"M{M} D{D} {str(dt).removeprefix('torch.')}"
+    bytes_per_pass = M * D * dy.element_size()
+    norm = ("standard residual: prenorm (Triton)", lambda: prenorm(h, w, backend="triton"))
+    rows = []
+    for n in (1, 2, 4):
+        bank = new_source_bank(n, dy, backend="triton")
+        for _ in range(n):
+            bank = append_source(bank, rand(M, D))
+        q = (rand(D) * 0.1).requires_grad_()
+        gain = torch.ones(D, device=dev, dtype=dt, requires_grad=True)
+        partial = rand(M, D).requires_grad_()
+
+        def attend(bank=bank, q=q, gain=gain, partial=partial):
+            return depth_attention(bank, q, gain, partial, norm_weight=w)
+
+        leaves = [q, gain, partial, w, h]
+        op = f"depth attention, {n} stored source{'s' if n > 1 else ''} + partial, PreNorm fused"
+        rows.append(Row(f"{op}, fwd", shape, _time_us(attend, setup), norm[0], _time_us(norm[1], setup),
+                        setup.floor_us((n + 2) * bytes_per_pass)))  # fmt: skip
+        rows.append(Row(f"{op}, fwd+bwd", shape, _time_us(lambda: attend().backward(dy), setup, grad_to_none=leaves),
+                        norm[0], _time_us(lambda: norm[1]().backward(dy), setup, grad_to_none=leaves),
+                        setup.floor_us((4 * n + 5) * bytes_per_pass)))  # fmt: skip
+    return rows
+
+
+_SECTIONS = {
+    "conv": bench_conv,
+    "norm": bench_gated_norm,
+    "kda": bench_kda_decode,
+    "kda_sweep": sweep_kda_block_v,
+    "attn_res": bench_depth_attention,
+}
 
 
 def run_benchmarks(tiny: bool = False, sections: tuple[str, ...] = ("conv", "norm", "kda"),
@@ -292,7 +338,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 shapes: a smoke run (CPU: TRITON_INTERPRET=1)")
     parser.add_argument("--sections", nargs="+", default=["conv", "norm", "kda"], choices=list(_SECTIONS),
-                        help="which ops (kda_sweep: the decode kernel at each state tile width)")
+                        help="which ops (kda_sweep: the decode kernel at each state tile width; "
+                        "attn_res: the depth attention)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="peak copy bandwidth for the floor, TB/s")
     args = parser.parse_args()
     rows = run_benchmarks(args.tiny, tuple(args.sections), args.bandwidth_tbs)
