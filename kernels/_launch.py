@@ -9,6 +9,24 @@ from __future__ import annotations
 import importlib
 
 
+def _module_constant(name: str):
+    """(module, attribute) of ``MODULE.NAME`` (MODULE relative to ``kimi_hf.kernels``); module None if not found."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        return importlib.import_module(f"kimi_hf.kernels.{module_name}"), attr
+    except ImportError:
+        return None, attr
+
+
+def get_launch_constant(name: str) -> int:
+    """Current value of the integer launch constant ``MODULE.NAME``; ``ValueError`` naming it if there is none."""
+    module, attr = _module_constant(name)
+    current = getattr(module, attr, None)
+    if module is None or not isinstance(current, int):
+        raise ValueError(f"{name!r} is not an integer constant of a kimi_hf.kernels module")
+    return current
+
+
 def set_launch_constants(specs: list[str]) -> dict[str, int]:
     """Apply ``["MODULE.NAME=INT", ...]`` (MODULE relative to ``kimi_hf.kernels``); returns what was set.
 
@@ -17,11 +35,7 @@ def set_launch_constants(specs: list[str]) -> dict[str, int]:
     done = {}
     for spec in specs:
         name, _, value = spec.partition("=")
-        module_name, _, attr = name.rpartition(".")
-        try:
-            module = importlib.import_module(f"kimi_hf.kernels.{module_name}")
-        except ImportError:
-            module = None
+        module, attr = _module_constant(name)
         current = getattr(module, attr, None)
         if module is None or not isinstance(current, int) or not value.lstrip("-").isdigit():
             raise ValueError(

@@ -80,8 +80,14 @@ def test_triton_backward_matches_torch(with_norm):
             assert_close_rel(a, e, 1e-5, name)
 
 
-def test_triton_many_sources_matches_reference():
-    """Nine stored sources: the kernels' dynamic source loop (the unrolled one covers up to 8)."""
+@pytest.mark.parametrize("fwd_tile,bwd_tile", [(8, 8), (4, 2), (1, 16)])
+def test_triton_many_sources_matches_reference(fwd_tile, bwd_tile, monkeypatch):
+    """Nine stored sources and the partial sum, in source tiles of each size: online softmax across tiles (the
+    partial in the last one), the backward's two passes over tiles, and (bwd tile 16) its one-tile path."""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "FWD_SOURCE_TILE", fwd_tile)
+    monkeypatch.setattr(fused, "BWD_SOURCE_TILE", bwd_tile)
     blocks, partial, query, gain = _inputs(9, shape=(1, 2, 24))
     norm_w = 1 + 0.2 * torch.randn_like(query)
     leaves = [t.double().requires_grad_() for t in (*blocks, partial, query, gain, norm_w)]

@@ -38,63 +38,83 @@ def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.cons
 
 
 @triton.jit
-def _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask):
-    """Row ``row`` of stored source i and its cached rstd; zeros when i >= n_src (unrolled loops run to N_PAD).
-
-    The validity is a vector mask and the rstd a one-lane vector load: Triton's interpreter rejects 0-d masks.
-    """
-    valid = (cols * 0 + i) < n_src
-    v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask & valid, other=0.0).to(tl.float32)
-    r = tl.sum(tl.load(rstd_ptr + i * M + row + cols * 0, mask=valid & (cols == 0), other=0.0), axis=0)
-    return v, r, valid
+def _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL: tl.constexpr):
+    """The running block's partial sum (row ``row``) in float32 and its rstd, computed here (it is never stored)."""
+    if HAS_PARTIAL:
+        vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        rp = 1.0 / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
+    else:
+        vp = cols.to(tl.float32) * 0.0
+        rp = tl.full((), 0.0, tl.float32)
+    return vp, rp
 
 
 @triton.jit
-def _fwd_source(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, m, denom, acc):
-    """Online-softmax step over stored source i (a no-op when i >= n_src)."""
-    v, r, _ = _source_row(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask)
-    s = tl.where(i < n_src, r * tl.sum(u * v, axis=0), float("-inf"))
-    m_new = tl.maximum(m, s)
-    scale = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
-    p = tl.where(i < n_src, tl.exp(s - m_new), 0.0)
-    return m_new, denom * scale + p, acc * scale + p * v
+def _source_tile(
+    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D,
+    HAS_PARTIAL: tl.constexpr, SRC_TILE: tl.constexpr,
+):  # fmt: skip
+    """Sources s0 .. s0 + SRC_TILE - 1 of one row as a [SRC_TILE, BLOCK_D] float32 tile, every row's load issued at
+    once (one memory latency per tile, not per source). Source n_src is the partial sum (vp, rstd rp) with
+    HAS_PARTIAL; rows past it are zeros. Returns (tile, rstd [SRC_TILE], stored, is_partial): ``stored`` marks the
+    rows read from the store, ``is_partial`` the partial's row."""
+    idx = s0 + tl.arange(0, SRC_TILE)
+    stored = idx < n_src
+    offs = (idx.to(tl.int64) * M + row) * D
+    v = tl.load(store_ptr + offs[:, None] + cols[None, :], mask=stored[:, None] & mask[None, :], other=0.0)
+    v = v.to(tl.float32)
+    r = tl.load(rstd_ptr + idx.to(tl.int64) * M + row, mask=stored, other=0.0)
+    is_partial = idx == n_src
+    if HAS_PARTIAL:
+        v = tl.where(is_partial[:, None], vp[None, :], v)
+        r = tl.where(is_partial, rp, r)
+    else:
+        is_partial = is_partial & stored  # no partial row: all false
+    return v, r, stored, is_partial
+
+
+@triton.jit
+def _tile_scores(v, r, valid, u, lse):
+    """Scores s = r (u . v) [SRC_TILE] of a source tile and, given the log-sum-exp, the weights exp(s - lse)
+    (zero on padding rows)."""
+    s = r * tl.sum(v * u[None, :], axis=1)
+    return s, tl.where(valid, tl.exp(s - lse), 0.0)
 
 
 @triton.jit(do_not_specialize=["n_src", "M"])
 def depth_attn_fwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
     n_src, M, D, eps, norm_eps,
-    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
 ):  # fmt: skip
-    """h[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum); one pass, online softmax.
+    """h[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum), online softmax over tiles of
+    SRC_TILE sources (one tile for Block AttnRes at the usual block counts: all its loads in flight together, and
+    one cross-warp reduction per tile instead of one per source).
 
     With HAS_NORM the sublayer's PreNorm is fused: out = wn * (h * rsqrt(mean(h^2) + norm_eps)) (rounded to the
     output dtype before the gain, as transformers' RMSNorm does) and h itself is never written.
-    With N_PAD <= 8 the source loop is unrolled with masked loads, so that all source rows are in flight at
-    once (the kernel is latency-bound otherwise: one row load per program at a time).
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     u = _query_key(q_ptr, g_ptr, cols, mask)
+    vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
+    n_all = n_src
+    if HAS_PARTIAL:
+        n_all = n_src + 1
     m = tl.full((), float("-inf"), tl.float32)
     denom = tl.full((), 0.0, tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    if N_PAD <= 8:
-        for i in tl.static_range(N_PAD):
-            m, denom, acc = _fwd_source(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, m, denom, acc)
-    else:
-        for i in range(n_src):
-            m, denom, acc = _fwd_source(store_ptr, rstd_ptr, i, n_src, M, row, D, cols, mask, u, m, denom, acc)
-    if HAS_PARTIAL:
-        v = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / D + eps)
-        s = r * tl.sum(u * v, axis=0)
-        m_new = tl.maximum(m, s)
-        scale = tl.exp(m - m_new)
+    for s0 in range(0, n_all, SRC_TILE):
+        v, r, stored, is_partial = _source_tile(
+            store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+        )
+        s = tl.where(stored | is_partial, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))  # finite: every tile holds a source
         p = tl.exp(s - m_new)
-        acc = acc * scale + p * v
-        denom = denom * scale + p
+        scale = tl.exp(m - m_new)
+        denom = denom * scale + tl.sum(p, axis=0)
+        acc = acc * scale + tl.sum(p[:, None] * v, axis=0)
         m = m_new
     h = (acc / denom).to(out_ptr.dtype.element_ty)
     if HAS_NORM:
@@ -108,13 +128,20 @@ def depth_attn_fwd_kernel(
 
 
 @triton.jit
-def _bwd_row_source(v, r, u, lse, dh, dh_h, D):
-    """For one source row v (rstd r): dv = alpha dh + ds (r u - s r^2 v / D) and ds r, where
-    s = r (u . v), alpha = exp(s - lse), ds = alpha (dh . v - dh . h)."""
-    s = r * tl.sum(u * v, axis=0)
-    alpha = tl.exp(s - lse)
-    ds = alpha * (tl.sum(dh * v, axis=0) - dh_h)
-    return alpha * dh + ds * (r * u - (s * r * r / D) * v), ds * r
+def _prenorm_bwd(h, dout, wn, hr, D, dtype: tl.constexpr):
+    """Backward of the fused PreNorm out = wn * (h * hr).to(dtype): (dh, this row's gain gradient)."""
+    xhat = h.to(dtype).to(tl.float32) * hr  # the rounded h the forward normalised
+    g = dout * wn
+    return hr * (g - xhat * (tl.sum(g * xhat, axis=0) / D)), dout * xhat.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _tile_grad(v, r, s, alpha, u, dh, dh_h, D):
+    """Gradients of a source tile: dv = alpha dh + ds (r u - s r^2 v / D) [SRC_TILE, BLOCK_D] and ds r [SRC_TILE],
+    with ds = alpha (dh . v - dh . h)."""
+    ds = alpha * (tl.sum(v * dh[None, :], axis=1) - dh_h)
+    dv = alpha[:, None] * dh[None, :] + ds[:, None] * (r[:, None] * u[None, :] - (s * r * r / D)[:, None] * v)
+    return dv, ds * r
 
 
 @triton.jit(do_not_specialize=["n_src", "M", "rows_per_program"])
@@ -122,19 +149,20 @@ def depth_attn_bwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, dout_ptr, lse_ptr, hrstd_ptr, gstore_ptr, dpart_ptr, du_ptr,
     dwn_ptr,
     n_src, M, D, eps, rows_per_program,
-    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """Backward of ``depth_attn_fwd_kernel`` for a range of rows: two passes over a row's sources (the
-    second reads them from cache). The source loops stay dynamic: unrolling them (as the forward does)
-    keeps every source row in registers (150-255 per thread) and spills at 8 sources.
+    """Backward of ``depth_attn_fwd_kernel`` for a range of rows, with the forward's log-sum-exp:
+    alpha_i = exp(s_i - lse), h = sum_i alpha_i v_i (recomputed; with HAS_NORM also the PreNorm backward: dh from
+    dout, and the gain's gradient dwn), then per source ds_i = alpha_i (dh . v_i - dh . h) (dh . h is the softmax's
+    mean), dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D), du += ds_i r_i v_i.
 
-    Pass 1: h = sum_i alpha_i v_i with alpha_i = exp(s_i - lse) (the forward's log-sum-exp), and with
-    HAS_NORM the PreNorm backward (dh from dout and the recomputed h; the gain's gradient dwn).
-    Pass 2, per source: ds_i = alpha_i (dh . v_i - dh . h)  (dh . h = sum_j alpha_j dh . v_j, so no third
-    pass for the softmax's mean), dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D), du += ds_i r_i v_i.
-    Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader);
-    the partial sum's gradient is written to dpart; each program writes its partial du (and dwn) row,
-    reduced by ``param_grad_kernel`` (deterministic).
+    ONE_TILE (all sources and the partial fit one tile of SRC_TILE): the tile is loaded once, together with the
+    stored sources' gradient rows, and kept in registers. Otherwise two passes over the tiles (h, then the
+    gradients; the second reads the row's sources again, from cache).
+    Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader); the
+    partial sum's gradient is written to dpart; each program writes its partial du (and dwn) row, reduced by
+    ``param_grad_kernel`` (deterministic).
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -144,45 +172,59 @@ def depth_attn_bwd_kernel(
     dwn = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_NORM:
         wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    n_all = n_src
+    if HAS_PARTIAL:
+        n_all = n_src + 1
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: S_max * M * D may exceed 2^31
     row_end = tl.minimum(row_start + rows_per_program, M)
     for row in range(row_start, row_end):
         dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + row)
-        # pass 1: h (recomputed; needed for dh . h and, with the norm, for the PreNorm backward)
-        h = tl.zeros((BLOCK_D,), tl.float32)
-        for i in range(n_src):
-            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
-            r = tl.load(rstd_ptr + i * M + row)
-            h += tl.exp(r * tl.sum(u * v, axis=0) - lse) * v
-        if HAS_PARTIAL:
-            vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-            rp = 1.0 / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
-            h += tl.exp(rp * tl.sum(u * vp, axis=0) - lse) * vp
+        vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
+        if ONE_TILE:
+            v, r, stored, is_partial = _source_tile(
+                store_ptr, rstd_ptr, vp, rp, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+            )
+            g_offs = ((tl.arange(0, SRC_TILE).to(tl.int64) * M + row) * D)[:, None] + cols[None, :]
+            g_mask = stored[:, None] & mask[None, :]
+            g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
+            s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
+            h = tl.sum(alpha[:, None] * v, axis=0)
+        else:
+            h = tl.zeros((BLOCK_D,), tl.float32)
+            for s0 in range(0, n_all, SRC_TILE):
+                v, r, stored, is_partial = _source_tile(
+                    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+                )
+                s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
+                h += tl.sum(alpha[:, None] * v, axis=0)
         if HAS_NORM:
-            hf = h.to(dout_ptr.dtype.element_ty).to(tl.float32)  # the rounded h the forward normalised
-            hr = tl.load(hrstd_ptr + row)
-            xhat = hf * hr
-            dwn += dout * xhat.to(dout_ptr.dtype.element_ty).to(tl.float32)
-            g = dout * wn
-            dh = hr * (g - xhat * (tl.sum(g * xhat, axis=0) / D))
+            dh, dwn_row = _prenorm_bwd(h, dout, wn, tl.load(hrstd_ptr + row), D, dout_ptr.dtype.element_ty)
+            dwn += dwn_row
         else:
             dh = dout
         dh_h = tl.sum(dh * h, axis=0)
-        # pass 2: gradients of the sources (127 registers at D = 2048 in bf16, as the former three passes:
-        # two 8-warp programs per SM)
-        for i in range(n_src):
-            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
-            r = tl.load(rstd_ptr + i * M + row)
-            dv, ds_r = _bwd_row_source(v, r, u, lse, dh, dh_h, D)
-            g_ptrs = gstore_ptr + (i * M + row) * D + cols
-            g_old = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(g_ptrs, (g_old + dv).to(gstore_ptr.dtype.element_ty), mask=mask)
-            du += ds_r * v
+        if ONE_TILE:
+            dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, dh_h, D)
+            tl.store(gstore_ptr + g_offs, (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty), mask=g_mask)
+            du += tl.sum(ds_r[:, None] * v, axis=0)
+            dvp = tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
+        else:
+            dvp = tl.zeros((BLOCK_D,), tl.float32)
+            for s0 in range(0, n_all, SRC_TILE):
+                v, r, stored, is_partial = _source_tile(
+                    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+                )
+                s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
+                dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, dh_h, D)
+                g_offs = (((s0 + tl.arange(0, SRC_TILE)).to(tl.int64) * M + row) * D)[:, None] + cols[None, :]
+                g_mask = stored[:, None] & mask[None, :]
+                g_new = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32) + dv
+                tl.store(gstore_ptr + g_offs, g_new.to(gstore_ptr.dtype.element_ty), mask=g_mask)
+                du += tl.sum(ds_r[:, None] * v, axis=0)
+                dvp += tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
         if HAS_PARTIAL:
-            dvp, ds_r = _bwd_row_source(vp, rp, u, lse, dh, dh_h, D)
             tl.store(dpart_ptr + row * D + cols, dvp.to(dpart_ptr.dtype.element_ty), mask=mask)
-            du += ds_r * vp
     tl.store(du_ptr + pid * D + cols, du, mask=mask)
     if HAS_NORM:
         tl.store(dwn_ptr + pid * D + cols, dwn, mask=mask)

@@ -36,6 +36,19 @@ def num_warps(d: int) -> int:
     return 4 if d <= 1024 else (8 if d <= 4096 else 16)
 
 
+# Launch constants of the depth attention (``--set attn_res.fused.NAME=INT`` in the benchmarks).
+FWD_SOURCE_TILE = 8  # sources (stored + the partial sum) whose loads a forward program issues together
+BWD_SOURCE_TILE = 8  # the same in backward; up to this many the tile stays in registers between the two passes
+FWD_ELEMENTS_PER_THREAD = 8  # of each row of D: warps = padded D / (32 * this), at most 16
+BWD_ELEMENTS_PER_THREAD = 4
+BWD_PROGRAMS_PER_SM = 8  # backward programs (and rows of the parameter-gradient partials) per SM
+PARAM_GRAD_COLUMNS = 32  # columns per program of the parameter-gradient reduction
+
+
+def _warps(width: int, elements_per_thread: int) -> int:
+    return max(1, min(16, width // (32 * elements_per_thread)))
+
+
 class SourceStorage:
     """Shared, append-only buffers of one forward pass.
 
@@ -95,7 +108,7 @@ def depth_attn_fwd(
         norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), N_PAD=max(2, triton.next_power_of_2(n)), num_warps=num_warps(d),
+        BLOCK_D=block_d(d), SRC_TILE=FWD_SOURCE_TILE, num_warps=_warps(block_d(d), FWD_ELEMENTS_PER_THREAD),
     )  # fmt: skip
     return out, lse, h_rstd
 
@@ -103,7 +116,7 @@ def depth_attn_fwd(
 def _backward_grid(m: int, device: torch.device) -> int:
     """Programs of the backward kernel: enough to fill the GPU, few enough that the du partials stay small."""
     if device.type == "cuda":
-        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * 8)
+        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * BWD_PROGRAMS_PER_SM)
     return min(m, 4)
 
 
@@ -134,15 +147,17 @@ def depth_attn_bwd(
         norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
         dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
         n, m, d, storage.eps, rows,
-        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d), num_warps=num_warps(d),
+        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
+        SRC_TILE=BWD_SOURCE_TILE, ONE_TILE=n + (partial is not None) <= BWD_SOURCE_TILE,
+        num_warps=_warps(block_d(d), BWD_ELEMENTS_PER_THREAD),
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
-    # 32 columns (one 128-byte line of float32) per program: D / 32 programs, [128, 32] tiles of the partials
-    _triton.param_grad_kernel[(triton.cdiv(d, 32),)](
+    # [128, PARAM_GRAD_COLUMNS] tiles of the partials, one column block per program
+    _triton.param_grad_kernel[(triton.cdiv(d, PARAM_GRAD_COLUMNS),)](
         du_part, dwn_part if dwn_part is not None else du_part, query, gain, dquery, dgain,
-        dnorm if dnorm is not None else dquery, grid, d, HAS_NORM=norm_weight is not None, BLOCK=32, ROWS=128,
-        num_warps=4,
+        dnorm if dnorm is not None else dquery, grid, d, HAS_NORM=norm_weight is not None, BLOCK=PARAM_GRAD_COLUMNS,
+        ROWS=128, num_warps=4,
     )  # fmt: skip
     return dpart, dquery, dgain, dnorm
 

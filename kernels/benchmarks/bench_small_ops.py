@@ -16,6 +16,7 @@ For a combined run: ``from bench_small_ops import run_benchmarks, markdown_table
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import time
@@ -25,6 +26,7 @@ from typing import Callable
 import torch
 import triton
 
+from kimi_hf.kernels._launch import get_launch_constant, set_launch_constants
 from kimi_hf.kernels.attn_res import append_source, depth_attention, new_source_bank, prenorm
 from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
@@ -341,8 +343,35 @@ def main() -> None:
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
                         "attn_res: the depth attention)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="peak copy bandwidth for the floor, TB/s")
+    parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
+                        help="run the sections once per combination of these launch constants of kimi_hf.kernels "
+                        "(e.g. attn_res.fused.BWD_SOURCE_TILE=4,8); each row names its combination")  # fmt: skip
+    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
+                        help="launch constants of kimi_hf.kernels for the whole run (before --sweep's)")  # fmt: skip
     args = parser.parse_args()
-    rows = run_benchmarks(args.tiny, tuple(args.sections), args.bandwidth_tbs)
+    try:
+        set_launch_constants(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
+    grid = {}
+    for spec in args.sweep:
+        name, _, values = spec.partition("=")
+        try:
+            grid[name] = [int(v) for v in values.split(",")]
+            get_launch_constant(name)
+        except ValueError as exc:
+            parser.error(f"--sweep takes MODULE.NAME=V1,V2 (integers), got {spec!r}: {exc}")
+    saved = {name: get_launch_constant(name) for name in grid}
+    rows = []
+    try:
+        for values in itertools.product(*grid.values()):
+            combination = [f"{name}={value}" for name, value in zip(grid, values)]
+            set_launch_constants(combination)
+            tag = f" [{', '.join(combination)}]" if combination else ""
+            for row in run_benchmarks(args.tiny, tuple(args.sections), args.bandwidth_tbs):
+                rows.append(dataclasses.replace(row, op=row.op + tag))
+    finally:
+        set_launch_constants([f"{name}={value}" for name, value in saved.items()])
     print(markdown_table(rows, args.bandwidth_tbs))
 
 
