@@ -8,10 +8,12 @@ from typing import Callable
 import torch
 
 
-def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: int = 12) -> str:
+def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: int = 12, host_top: int = 0) -> str:
     """Run ``step`` once untimed, ``iters`` times for the wall time, then ``iters`` times under the profiler; returns
     ``title``, the GPU time and the wall time per step (a wall time well above the GPU time: the host, launches or
-    synchronisations, bound the step) and the ``top`` kernels by self GPU time per step (ms), one per line."""
+    synchronisations, bound the step) and the ``top`` kernels by self GPU time per step (ms), one per line.
+    ``host_top`` > 0 also profiles the host and lists that many operators by self CPU time per step (what to cut
+    when the step is host-bound; the profiler's own overhead inflates these times, not their order)."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -21,7 +23,8 @@ def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: in
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / iters * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host_top else [])
+    with profile(activities=activities) as prof:
         for _ in range(iters):
             step()
         torch.cuda.synchronize()
@@ -29,4 +32,12 @@ def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: in
     total = sum(e.self_device_time_total for e in events) / iters / 1e3
     lines = [f"{title}: {total:.3f} ms of GPU time per step, {wall:.3f} ms wall per step (unprofiled)"]
     lines += [f"  {e.self_device_time_total / iters / 1e3:8.3f} ms  {e.key[:90]}" for e in events[:top]]
+    if host_top:
+        host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total_host = sum(e.self_cpu_time_total for e in host) / iters / 1e3
+        lines.append(f"host: {total_host:.3f} ms of profiled CPU time per step; top operators by self CPU time:")
+        lines += [
+            f"  {e.self_cpu_time_total / iters / 1e3:8.3f} ms  {e.count // iters:6d} calls  {e.key[:80]}"
+            for e in host[:host_top]
+        ]
     return "\n".join(lines)

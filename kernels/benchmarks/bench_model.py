@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> dict:
 
             for batch, seq_len in train_shapes:
                 step = train_step(model, batch, seq_len, device)
-                print(gpu_time_table(step, f"{label}: train step B{batch} T{seq_len}", iters=3, top=30), flush=True)
+                title = f"{label}: train step B{batch} T{seq_len}"
+                print(gpu_time_table(step, title, iters=3, top=30, host_top=args.profile_host), flush=True)
                 model.zero_grad(set_to_none=True)
         for batch, seq_len in train_shapes if "train" in args.parts else []:
             out[("train", batch, seq_len)] = train_step_ms(model, batch, seq_len, device, args.rep)
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--profile", action="store_true",
                         help="print each model's per-kernel GPU time and wall time per training shape")  # fmt: skip
+    parser.add_argument("--profile-host", type=int, default=0, metavar="N",
+                        help="with --profile: also list the N host operators with the most self CPU time")  # fmt: skip
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
                         help="launch constants of kimi_hf.kernels for this run (e.g. moe.GATE_UP_SPLIT=4)")  # fmt: skip
     args = parser.parse_args(argv)
