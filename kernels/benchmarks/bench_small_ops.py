@@ -72,6 +72,23 @@ def _time_us(fn: Callable[[], object], setup: _Setup, grad_to_none: list[torch.T
     return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median") * 1e3
 
 
+def _kernel_us(fn: Callable[[], object], setup: _Setup, calls: int = 20) -> float:
+    """GPU time of fn()'s kernels per call (torch profiler: the sum of their durations), for ops whose eager call is
+    bound by the host (autograd and launches of a sub-100 us op): do_bench would time the host. Off CUDA: as
+    ``_time_us``."""
+    if setup.device != "cuda":
+        return _time_us(fn, setup)
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
+
+
 def _anchor_us(fn_factory: Callable[[], Callable[[], object]], setup: _Setup, **kw) -> float | None:
     """Time an fla anchor; None (printed as n/a) where fla is missing or cannot run here (e.g. on CPU)."""
     try:
@@ -245,7 +262,8 @@ def bench_depth_attention(setup: _Setup) -> list[Row]:
     partial sum, with the sublayer's PreNorm fused (forward, forward+backward), against the standard residual's
     PreNorm (one Triton kernel each way), the op it replaces. Minimum bytes in [M, D] passes: forward n + 2
     (read the sources and the partial, write the output), backward 3n + 3 (dout, the sources, the partial, a
-    read-modify-write of each stored source's gradient, the partial's gradient); PreNorm 2 and 3."""
+    read-modify-write of each stored source's gradient, the partial's gradient); PreNorm 2 and 3.
+    Times are the GPU time of the kernels (``_kernel_us``): eager, these autograd calls are host-bound."""
     M, D = (16, 64) if setup.tiny else (8192, 2048)
     dev, dt = setup.device, setup.dtype
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -268,12 +286,18 @@ def bench_depth_attention(setup: _Setup) -> list[Row]:
         def attend(bank=bank, q=q, gain=gain, partial=partial):
             return depth_attention(bank, q, gain, partial, norm_weight=w)
 
-        leaves = [q, gain, partial, w, h]
         op = f"depth attention, {n} stored source{'s' if n > 1 else ''} + partial, PreNorm fused"
-        rows.append(Row(f"{op}, fwd", shape, _time_us(attend, setup), norm[0], _time_us(norm[1], setup),
+        leaves = [q, gain, partial, w, h]
+
+        def backward(forward, leaves=leaves):
+            for t in leaves:  # a fresh .grad each call: no accumulation kernels in the times
+                t.grad = None
+            forward().backward(dy)
+
+        rows.append(Row(f"{op}, fwd", shape, _kernel_us(attend, setup), norm[0], _kernel_us(norm[1], setup),
                         setup.floor_us((n + 2) * bytes_per_pass)))  # fmt: skip
-        rows.append(Row(f"{op}, fwd+bwd", shape, _time_us(lambda: attend().backward(dy), setup, grad_to_none=leaves),
-                        norm[0], _time_us(lambda: norm[1]().backward(dy), setup, grad_to_none=leaves),
+        rows.append(Row(f"{op}, fwd+bwd", shape, _kernel_us(lambda: backward(attend), setup), norm[0],
+                        _kernel_us(lambda: backward(norm[1]), setup),
                         setup.floor_us((4 * n + 5) * bytes_per_pass)))  # fmt: skip
     return rows
 
