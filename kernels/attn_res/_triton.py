@@ -88,8 +88,8 @@ def depth_attn_fwd_kernel(
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
 ):  # fmt: skip
     """h[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum), online softmax over tiles of
-    SRC_TILE sources (one tile for Block AttnRes at the usual block counts: all its loads in flight together, and
-    one cross-warp reduction per tile instead of one per source).
+    SRC_TILE sources (a tile's loads are issued together, with one cross-warp reduction per tile; which tile is
+    fastest is measured, not assumed: ``fused.FWD_SOURCE_TILE``).
 
     With HAS_NORM the sublayer's PreNorm is fused: out = wn * (h * rsqrt(mean(h^2) + norm_eps)) (rounded to the
     output dtype before the gain, as transformers' RMSNorm does) and h itself is never written.

@@ -36,13 +36,14 @@ def num_warps(d: int) -> int:
     return 4 if d <= 1024 else (8 if d <= 4096 else 16)
 
 
-# Launch constants of the depth attention (``--set attn_res.fused.NAME=INT`` in the benchmarks).
-FWD_SOURCE_TILE = 8  # sources (stored + the partial sum) whose loads a forward program issues together
-BWD_SOURCE_TILE = 8  # the same in backward; up to this many the tile stays in registers between the two passes
-FWD_ELEMENTS_PER_THREAD = 8  # of each row of D: warps = padded D / (32 * this), at most 16
-BWD_ELEMENTS_PER_THREAD = 4
-BWD_PROGRAMS_PER_SM = 8  # backward programs (and rows of the parameter-gradient partials) per SM
-PARAM_GRAD_COLUMNS = 32  # columns per program of the parameter-gradient reduction
+# Launch constants of the depth attention (``--set attn_res.fused.NAME=INT`` in the benchmarks). Defaults: the best of
+# a session-8 sweep by kernel GPU time on an H200 (bench_small_ops.py --sections attn_res, D 2048 bf16; BENCHMARKS.md).
+FWD_SOURCE_TILE = 1  # sources (stored + the partial sum) whose loads a forward program issues together
+BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in registers between the two passes
+FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
+BWD_ELEMENTS_PER_THREAD = 16
+BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient partials) per SM
+PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 
 
 def _warps(width: int, elements_per_thread: int) -> int:

@@ -14,6 +14,7 @@ def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: in
     synchronisations, bound the step) and the ``top`` kernels by self GPU time per step (ms), one per line.
     ``host_top`` > 0 also profiles the host and lists that many operators by self CPU time per step (what to cut
     when the step is host-bound; the profiler's own overhead inflates these times, not their order)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -28,12 +29,15 @@ def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: in
         for _ in range(iters):
             step()
         torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    # Kernels only: with the host profiled too, each operator also reports its kernels' time as its own.
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    events = sorted(kernels, key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events) / iters / 1e3
     lines = [f"{title}: {total:.3f} ms of GPU time per step, {wall:.3f} ms wall per step (unprofiled)"]
     lines += [f"  {e.self_device_time_total / iters / 1e3:8.3f} ms  {e.key[:90]}" for e in events[:top]]
     if host_top:
-        host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        host = sorted((e for e in averages if e.device_type == DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
         total_host = sum(e.self_cpu_time_total for e in host) / iters / 1e3
         lines.append(f"host: {total_host:.3f} ms of profiled CPU time per step; top operators by self CPU time:")
         lines += [
