@@ -75,10 +75,30 @@ def _source_tile(
 
 @triton.jit
 def _tile_scores(v, r, valid, u, lse):
-    """Scores s = r (u . v) [SRC_TILE] of a source tile and, given the log-sum-exp, the weights exp(s - lse)
-    (zero on padding rows)."""
+    """Scores s = r (u . v) [SRC_TILE] of a source tile and, given the forward's log-sum-exp, the weights
+    alpha = exp(s - lse) (zero on padding rows)."""
     s = r * tl.sum(v * u[None, :], axis=1)
     return s, tl.where(valid, tl.exp(s - lse), 0.0)
+
+
+@triton.jit
+def _scored_tile(
+    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse,
+    HAS_PARTIAL: tl.constexpr, SRC_TILE: tl.constexpr,
+):  # fmt: skip
+    """``_source_tile`` and its ``_tile_scores``: (tile, rstd, stored, is_partial, s, alpha)."""
+    v, r, stored, is_partial = _source_tile(
+        store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+    )
+    s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
+    return v, r, stored, is_partial, s, alpha
+
+
+@triton.jit
+def _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE: tl.constexpr):
+    """Offsets [SRC_TILE, BLOCK_D] and mask of the stored sources' gradient rows of a tile starting at source s0."""
+    offs = (((s0 + tl.arange(0, SRC_TILE)).to(tl.int64) * M + row) * D)[:, None] + cols[None, :]
+    return offs, stored[:, None] & mask[None, :]
 
 
 @triton.jit(do_not_specialize=["n_src", "M"])
@@ -185,18 +205,17 @@ def depth_attn_bwd_kernel(
             v, r, stored, is_partial = _source_tile(
                 store_ptr, rstd_ptr, vp, rp, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
             )
-            g_offs = ((tl.arange(0, SRC_TILE).to(tl.int64) * M + row) * D)[:, None] + cols[None, :]
-            g_mask = stored[:, None] & mask[None, :]
+            # the gradient rows' loads go out with the tile's, before the first reduction waits on them
+            g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
             g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
             s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
             h = tl.sum(alpha[:, None] * v, axis=0)
         else:
             h = tl.zeros((BLOCK_D,), tl.float32)
             for s0 in range(0, n_all, SRC_TILE):
-                v, r, stored, is_partial = _source_tile(
-                    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+                v, r, stored, is_partial, s, alpha = _scored_tile(
+                    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse, HAS_PARTIAL, SRC_TILE
                 )
-                s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
                 h += tl.sum(alpha[:, None] * v, axis=0)
         if HAS_NORM:
             dh, dwn_row = _prenorm_bwd(h, dout, wn, tl.load(hrstd_ptr + row), D, dout_ptr.dtype.element_ty)
@@ -212,13 +231,11 @@ def depth_attn_bwd_kernel(
         else:
             dvp = tl.zeros((BLOCK_D,), tl.float32)
             for s0 in range(0, n_all, SRC_TILE):
-                v, r, stored, is_partial = _source_tile(
-                    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+                v, r, stored, is_partial, s, alpha = _scored_tile(
+                    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse, HAS_PARTIAL, SRC_TILE
                 )
-                s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
                 dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, dh_h, D)
-                g_offs = (((s0 + tl.arange(0, SRC_TILE)).to(tl.int64) * M + row) * D)[:, None] + cols[None, :]
-                g_mask = stored[:, None] & mask[None, :]
+                g_offs, g_mask = _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE)
                 g_new = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32) + dv
                 tl.store(gstore_ptr + g_offs, g_new.to(gstore_ptr.dtype.element_ty), mask=g_mask)
                 du += tl.sum(ds_r[:, None] * v, axis=0)

@@ -33,6 +33,7 @@ def block_d(d: int) -> int:
 
 
 def num_warps(d: int) -> int:
+    """Warps of the one-row-per-program kernels that store sources and run the two inference phases."""
     return 4 if d <= 1024 else (8 if d <= 4096 else 16)
 
 
@@ -47,6 +48,7 @@ PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reductio
 
 
 def _warps(width: int, elements_per_thread: int) -> int:
+    """Warps for a row of ``width`` (padded D) at ``elements_per_thread`` of it per thread, 1 to 16."""
     return max(1, min(16, width // (32 * elements_per_thread)))
 
 
