@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from kimi_hf import GraphedLossStep
 from kimi_hf.kernels._launch import set_launch_constants
 
 
@@ -88,6 +89,18 @@ def train_step_ms(model, batch: int, seq_len: int, device: torch.device, reps: i
     model.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return ms, peak
+
+
+def graphed_train_step_ms(model, batch: int, seq_len: int, device: torch.device, reps: int) -> float:
+    """Median ms of the same training step replayed from a CUDA graph (:class:`kimi_hf.GraphedLossStep`)."""
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq_len), device=device)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    batch_tensors = {"input_ids": ids, "labels": ids}
+    step = GraphedLossStep(model, batch_tensors, forward_kwargs={"use_cache": False})
+    ms = _median_ms(lambda: step(batch_tensors), device, reps)
+    model.zero_grad(set_to_none=True)
+    return ms
 
 
 @torch.no_grad()
@@ -191,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
     prompt, new = (16, 8) if args.tiny else (512, 64)
     decode_batches = [1, 4] if args.tiny else [1, 32]
 
-    def measure(model, label: str, static_cache: bool = False) -> dict:
+    def measure(model, label: str, static_cache: bool = False, graph: bool = False) -> dict:
         """Every measurement of one model, printed as it finishes (a run cut short keeps what it measured)."""
         out = {}
         if args.profile and device.type == "cuda":
@@ -205,6 +218,10 @@ def run(args: argparse.Namespace) -> dict:
         for batch, seq_len in train_shapes if "train" in args.parts else []:
             out[("train", batch, seq_len)] = train_step_ms(model, batch, seq_len, device, args.rep)
             print(f"{label}: train step B{batch} T{seq_len}: {out[('train', batch, seq_len)][0]:.2f} ms", flush=True)
+            if graph and device.type == "cuda":
+                out[("train_graph", batch, seq_len)] = graphed_train_step_ms(model, batch, seq_len, device, args.rep)
+                ms = out[("train_graph", batch, seq_len)]
+                print(f"{label}: train step B{batch} T{seq_len}, CUDA graph: {ms:.2f} ms", flush=True)
         for batch in decode_batches if "decode" in args.parts else []:
             for static in (True, False) if static_cache else (False,):
                 key = ("decode_static" if static else "decode", batch)
@@ -215,7 +232,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # Ours first, then the native class, so that a run cut short (the native path's first calls autotune
     # fla's kernels) still has our numbers.
-    mine = measure(ours, "ours", static_cache=True)
+    mine = measure(ours, "ours", static_cache=True, graph=args.graph)
     ours.cpu()
     theirs = measure(native.to(device=device, dtype=dtype), "native") if native is not None else {}
 
@@ -231,7 +248,12 @@ def run(args: argparse.Namespace) -> dict:
 
     for key, value in mine.items():
         other = theirs.get(key)
-        if key[0] == "train":
+        if key[0] == "train_graph":  # ratio against the native class's eager step
+            _, batch, seq_len = key
+            native_ms = (theirs.get(("train", batch, seq_len)) or (None,))[0]
+            add(f"train step B{batch} T{seq_len}, CUDA graph (GraphedLossStep)", value, native_ms, "ms",
+                "native: eager")  # fmt: skip
+        elif key[0] == "train":
             (ms, peak), (_, batch, seq_len) = value, key
             native_ms, native_peak = other if other else (None, None)
             note = f"peak {peak:.1f} GiB" + (f" vs {native_peak:.1f} GiB" if native_peak else "")
@@ -285,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--profile", action="store_true",
                         help="print each model's per-kernel GPU time and wall time per training shape")  # fmt: skip
+    parser.add_argument("--graph", action="store_true",
+                        help="also time our training step replayed from a CUDA graph (kimi_hf.GraphedLossStep)")
     parser.add_argument("--profile-host", type=int, default=0, metavar="N",
                         help="with --profile: also list the N host operators with the most self CPU time")  # fmt: skip
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",

@@ -4,6 +4,7 @@ Importing the package registers its model types with transformers' Auto classes 
 ``kimi_linear``, which transformers' native class owns) and CE-LoRA with PEFT.
 """
 
+from .graphs import GraphedLossStep
 from .models.attn_res import AttnResConfig, AttnResForCausalLM, AttnResModel
 from .models.kimi_linear import (
     KimiLinearAttnResConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "AttnResModel",
     "CELoraConfig",
     "CELoraModel",
+    "GraphedLossStep",
     "KimiLinearAttnResConfig",
     "KimiLinearAttnResForCausalLM",
     "KimiLinearAttnResModel",
