@@ -78,8 +78,11 @@ class GraphedLossStep:
         self._clear_grads()
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._loss = model(**kwargs).loss
-            self._loss.backward()
+            loss = model(**kwargs).loss
+            loss.backward()
+        # Keep the loss's memory, not its autograd graph: live nodes of the capture (the parameters' gradient
+        # accumulators) would otherwise be reused, on the capture's stream, by eager steps taken in between.
+        self._loss = loss.detach()
         self._grads = [p.grad for p in self._params]
 
     @staticmethod
