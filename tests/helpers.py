@@ -1,4 +1,4 @@
-"""Assertions shared by the tests (importable as `helpers`: pytest puts tests/ on sys.path;
+"""Assertions and configs shared by the tests (importable as `helpers`: pytest puts tests/ on sys.path;
 the repository root must not be on it, or its `kernels/` folder would shadow Hugging Face's `kernels`)."""
 
 import torch
@@ -22,3 +22,17 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     rel = err / max(ref, 1e-30)
     if not rel <= rtol:
         raise AssertionError(f"{name}: relative error {rel:.3e} > {rtol:.1e} (abs {err:.3e}, ref norm {ref:.3e})")
+
+
+def tiny_kimi_linear_config(**overrides):
+    """A 4-layer Kimi Linear (KDA at layers 1, 2, 4; MLA at 3; 8 experts, top 2) for GPU tests; ``overrides`` replace
+    any argument of :class:`kimi_hf.KimiLinearConfig`."""
+    from kimi_hf import KimiLinearConfig
+
+    kwargs = dict(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_experts=8,
+        num_experts_per_token=2, moe_intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        linear_attn_config={"kda_layers": [1, 2, 4], "full_attn_layers": [3], "num_heads": 2, "head_dim": 64},
+    )  # fmt: skip
+    return KimiLinearConfig(**{**kwargs, **overrides})

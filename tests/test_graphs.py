@@ -2,21 +2,11 @@
 
 import pytest
 import torch
-from helpers import assert_close_rel
+from helpers import assert_close_rel, tiny_kimi_linear_config
 from peft import get_peft_model
 
 import kimi_hf.models.kimi_linear.modeling_kimi_linear as modeling
-from kimi_hf import CELoraConfig, GraphedLossStep, KimiLinearConfig, KimiLinearForCausalLM
-
-
-def _config(**overrides) -> KimiLinearConfig:
-    return KimiLinearConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_experts=8,
-        num_experts_per_token=2, moe_intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        linear_attn_config={"kda_layers": [1, 2, 4], "full_attn_layers": [3], "num_heads": 2, "head_dim": 64},
-        **overrides,
-    )  # fmt: skip
+from kimi_hf import CELoraConfig, GraphedLossStep, KimiLinearForCausalLM
 
 
 def _batch(device="cpu", seed=0):
@@ -25,7 +15,7 @@ def _batch(device="cpu", seed=0):
 
 
 def test_refuses_cpu_models_and_bad_arguments():
-    model = KimiLinearForCausalLM(_config())
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config())
     with pytest.raises(ValueError, match=r"one CUDA device, got \['cpu'\]"):
         GraphedLossStep(model, _batch())
     with pytest.raises(ValueError, match="warmup_steps must be >= 1, got 0"):
@@ -36,8 +26,9 @@ def test_refuses_cpu_models_and_bad_arguments():
 
 def test_refuses_python_side_state_it_cannot_replay():
     with pytest.raises(ValueError, match="router_bias_update_rate=0.01"):
-        GraphedLossStep(KimiLinearForCausalLM(_config(router_bias_update_rate=0.01)), _batch())
-    peft_model = get_peft_model(KimiLinearForCausalLM(_config()), CELoraConfig(r=4, target_modules=["o_proj"]))
+        GraphedLossStep(KimiLinearForCausalLM(tiny_kimi_linear_config(router_bias_update_rate=0.01)), _batch())
+    ce_lora = CELoraConfig(r=4, target_modules=["o_proj"])
+    peft_model = get_peft_model(KimiLinearForCausalLM(tiny_kimi_linear_config()), ce_lora)
     with pytest.raises(ValueError, match="CE-LoRA adapters reselect"):
         GraphedLossStep(peft_model, _batch())
 
@@ -50,7 +41,7 @@ def test_replays_equal_eager_steps():
     if not modeling._grouped_mm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("the capturable (grouped-GEMM) MoE needs a Hopper or newer GPU")
     torch.manual_seed(0)
-    model = KimiLinearForCausalLM(_config()).cuda().to(torch.bfloat16).train()
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config()).cuda().to(torch.bfloat16).train()
     step = GraphedLossStep(model, _batch("cuda", seed=0))
     for seed in (1, 2):
         batch = _batch("cuda", seed=seed)

@@ -6,24 +6,14 @@ import functools
 
 import pytest
 import torch
-from helpers import assert_close_rel
+from helpers import assert_close_rel, tiny_kimi_linear_config
 
 import kimi_hf.models.kimi_linear.modeling_kimi_linear as modeling
-from kimi_hf import KimiLinearConfig, KimiLinearForCausalLM, KimiLinearStaticCache
+from kimi_hf import KimiLinearForCausalLM, KimiLinearStaticCache
 
 pytestmark = pytest.mark.gpu
 
 OPS = ("chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm")
-
-
-def _config(num_experts_per_token: int = 2) -> KimiLinearConfig:
-    return KimiLinearConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_experts=8,
-        num_experts_per_token=num_experts_per_token, moe_intermediate_size=64, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-        linear_attn_config={"kda_layers": [1, 2, 4], "full_attn_layers": [3], "num_heads": 2, "head_dim": 64},
-    )  # fmt: skip
 
 
 def _run(model, ids, mask):
@@ -37,7 +27,7 @@ def _run(model, ids, mask):
 @pytest.mark.parametrize("op", OPS)
 def test_triton_op_matches_torch_inside_the_model(op, monkeypatch):
     torch.manual_seed(0)
-    model = KimiLinearForCausalLM(_config()).cuda()
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config()).cuda()
     ids = torch.randint(3, 256, (2, 150), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :37] = 0  # left padding: the varlen path
@@ -54,7 +44,7 @@ def test_triton_op_matches_torch_inside_the_model(op, monkeypatch):
 
 def test_grouped_mm_moe_matches_the_expert_loop(monkeypatch):
     torch.manual_seed(0)
-    model = KimiLinearForCausalLM(_config()).cuda().to(torch.bfloat16)
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config()).cuda().to(torch.bfloat16)
     ids = torch.randint(3, 256, (2, 64), device="cuda")
     monkeypatch.setattr(modeling.KimiLinearSparseMoE, "use_grouped_mm", False)
     ref_logits, ref_grads = _run(model, ids, None)
@@ -71,7 +61,7 @@ def test_grouped_mm_moe_trains_without_host_synchronisation():
     if not modeling._grouped_mm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("the grouped-GEMM experts need a Hopper or newer GPU")
     torch.manual_seed(0)
-    moe = modeling.KimiLinearSparseMoE(_config()).cuda().to(torch.bfloat16).train()
+    moe = modeling.KimiLinearSparseMoE(tiny_kimi_linear_config()).cuda().to(torch.bfloat16).train()
     x = torch.randn(1, 200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     moe(x)[0].sum().backward()  # warm-up: kernels compiled and cached
     torch.cuda.synchronize()
@@ -90,7 +80,7 @@ def test_cuda_graph_decoding_equals_eager_decoding(dtype, batch):
     """Same tokens and scores as the static cache's eager path (same kernels); after reset() the graph is
     replayed, not captured again; fp32 scores also match the growing cache's. Batch 3 is left-padded."""
     torch.manual_seed(0)
-    model = KimiLinearForCausalLM(_config()).cuda().to(dtype).eval()
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config()).cuda().to(dtype).eval()
     prompt, new = 40, 12
     ids = torch.randint(3, 256, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids)
@@ -127,7 +117,7 @@ def test_logits_match_transformers_native_class(tmp_path):
         "transformers.models.kimi_linear", reason="this transformers has no native kimi_linear"
     ).KimiLinearForCausalLM
     torch.manual_seed(0)
-    model = KimiLinearForCausalLM(_config(num_experts_per_token=8)).cuda().eval()
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config(num_experts_per_token=8)).cuda().eval()
     model.save_pretrained(tmp_path)
     native = native_cls.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
     ids = torch.randint(3, 256, (2, 300), device="cuda")
@@ -139,7 +129,7 @@ def test_logits_match_transformers_native_class(tmp_path):
 def test_decode_experts_match_the_routed_experts(dtype, rtol, monkeypatch):
     """The MoE's small-batch Triton path (decode steps) gives the routed path's logits, prompt and steps alike."""
     torch.manual_seed(0)
-    model = KimiLinearForCausalLM(_config(num_experts_per_token=3)).cuda().to(dtype).eval()
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config(num_experts_per_token=3)).cuda().to(dtype).eval()
     ids = torch.randint(3, 256, (5, 9), device="cuda")  # 45 tokens: the decode path takes the whole prompt
     with torch.no_grad():
         logits = model(ids).logits

@@ -8,6 +8,20 @@ from typing import Callable
 import torch
 
 
+def kernel_time_us(fn: Callable[[], object], calls: int = 20) -> float:
+    """GPU time of ``fn()``'s kernels per call in microseconds (the sum of their durations over ``calls`` profiled
+    calls, after one untimed call): what an op costs the GPU when its eager call is bound by the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
+
+
 def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: int = 12, host_top: int = 0) -> str:
     """Run ``step`` once untimed, ``iters`` times for the wall time, then ``iters`` times under the profiler; returns
     ``title``, the GPU time and the wall time per step (a wall time well above the GPU time: the host, launches or

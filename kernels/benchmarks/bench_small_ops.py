@@ -72,21 +72,14 @@ def _time_us(fn: Callable[[], object], setup: _Setup, grad_to_none: list[torch.T
     return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median") * 1e3
 
 
-def _kernel_us(fn: Callable[[], object], setup: _Setup, calls: int = 20) -> float:
-    """GPU time of fn()'s kernels per call (torch profiler: the sum of their durations), for ops whose eager call is
-    bound by the host (autograd and launches of a sub-100 us op): do_bench would time the host. Off CUDA: as
-    ``_time_us``."""
+def _kernel_us(fn: Callable[[], object], setup: _Setup) -> float:
+    """GPU time of fn()'s kernels per call (``_profile.kernel_time_us``), for ops whose eager call is bound by the
+    host (autograd and launches of a sub-100 us op): do_bench would time the host. Off CUDA: as ``_time_us``."""
     if setup.device != "cuda":
         return _time_us(fn, setup)
-    from torch.profiler import ProfilerActivity, profile
+    from _profile import kernel_time_us
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
+    return kernel_time_us(fn)
 
 
 def _anchor_us(fn_factory: Callable[[], Callable[[], object]], setup: _Setup, **kw) -> float | None:
