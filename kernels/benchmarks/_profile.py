@@ -8,18 +8,24 @@ from typing import Callable
 import torch
 
 
-def kernel_time_us(fn: Callable[[], object], calls: int = 20) -> float:
-    """GPU time of ``fn()``'s kernels per call in microseconds (the sum of their durations over ``calls`` profiled
-    calls, after one untimed call): what an op costs the GPU when its eager call is bound by the host."""
+def _profile_calls(fn: Callable[[], object], calls: int, host: bool = False) -> list:
+    """The profiler's per-name averages over ``calls`` calls of ``fn`` (kernels; with ``host`` also CPU operators)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=activities) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
+    return prof.key_averages()
+
+
+def kernel_time_us(fn: Callable[[], object], calls: int = 20) -> float:
+    """GPU time of ``fn()``'s kernels per call in microseconds (the sum of their durations over ``calls`` profiled
+    calls, after one untimed call): what an op costs the GPU when its eager call is bound by the host."""
+    fn()
+    torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in _profile_calls(fn, calls)) / calls
 
 
 def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: int = 12, host_top: int = 0) -> str:
@@ -29,7 +35,6 @@ def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: in
     ``host_top`` > 0 also profiles the host and lists that many operators by self CPU time per step (what to cut
     when the step is host-bound; the profiler's own overhead inflates these times, not their order)."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     step()
     torch.cuda.synchronize()
@@ -38,13 +43,8 @@ def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: in
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / iters * 1e3
-    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host_top else [])
-    with profile(activities=activities) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
+    averages = _profile_calls(step, iters, host=bool(host_top))
     # Kernels only: with the host profiled too, each operator also reports its kernels' time as its own.
-    averages = prof.key_averages()
     kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
     events = sorted(kernels, key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events) / iters / 1e3

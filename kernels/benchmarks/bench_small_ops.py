@@ -370,15 +370,14 @@ def main() -> None:
         set_launch_constants(args.set)
     except ValueError as exc:
         parser.error(str(exc))
-    grid = {}
+    grid, saved = {}, {}  # the values to sweep, and each constant's value to restore afterwards
     for spec in args.sweep:
         name, _, values = spec.partition("=")
         try:
             grid[name] = [int(v) for v in values.split(",")]
-            get_launch_constant(name)
+            saved[name] = get_launch_constant(name)
         except ValueError as exc:
             parser.error(f"--sweep takes MODULE.NAME=V1,V2 (integers), got {spec!r}: {exc}")
-    saved = {name: get_launch_constant(name) for name in grid}
     rows = []
     try:
         for values in itertools.product(*grid.values()):
