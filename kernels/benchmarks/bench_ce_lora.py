@@ -58,6 +58,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hbm-tbps", type=float, default=4.0, help="bandwidth of the memory floor (TB/s)")
     parser.add_argument("--adapter-dtypes", nargs="+", choices=sorted(ADAPTER_DTYPES), default=list(ADAPTER_DTYPES),
                         help="model-step groups: fp32 adapters (PEFT's default) and/or bf16 adapters")
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
+                        help="model-step groups without and/or with gradient checkpointing (default both)")
+    parser.add_argument("--profile", action="store_true",
+                        help="model steps: also print each setting's GPU time per step next to its wall time, "
+                        "and its kernels by GPU time (torch profiler; CUDA only)")
+    parser.add_argument("--profile-host", type=int, default=0, metavar="N",
+                        help="with --profile: also list the N host operators with the most self CPU time")
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
     parser.add_argument("--skip-model", action="store_true", help="skip the model-step part")
     parser.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
@@ -191,15 +198,20 @@ def build_llama(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         return LlamaForCausalLM(config).to(dtype=dtype)
 
 
-def _step_times_ms(model, ids: torch.Tensor, steps: int, device: torch.device) -> list[float]:
-    """Wall times (ms) of ``steps`` training steps (forward + backward of the LM loss, no optimizer) after three
-    untimed ones; CUDA's peak-memory counter is reset after those."""
+def _train_step(model, ids: torch.Tensor) -> Callable[[], None]:
+    """One training step: forward + backward of the LM loss, no optimizer, gradients dropped."""
 
     def step() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         for p in model.parameters():
             p.grad = None
 
+    return step
+
+
+def _step_times_ms(step: Callable[[], None], steps: int, device: torch.device) -> list[float]:
+    """Wall times (ms) of ``steps`` calls of ``step`` after three untimed ones; CUDA's peak-memory counter is reset
+    after those."""
     # the first CE-LoRA backward factorises and is exact; the second autotunes the packing kernel
     for _ in range(3):
         step()
@@ -232,7 +244,8 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         ("CE-LoRA 0.5 everywhere", CELoraConfig(ce_ratio=0.5, **common)),
     ]
     batch, seq = (2, 64) if args.tiny else (args.batch, args.seq)
-    groups = [(c, a) for a in args.adapter_dtypes for c in (False, True)]
+    checkpointing_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]
+    groups = [(c, a) for a in args.adapter_dtypes for c in checkpointing_modes]
     for checkpointing, adapters in groups:
         anchor = exact = None
         for name, config in settings:
@@ -244,8 +257,8 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                 model.enable_input_require_grads()
             model.train()
             ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-            times = _step_times_ms(model, ids, 2 if args.tiny else args.steps, device)
-            ms = statistics.median(times)
+            step = _train_step(model, ids)
+            ms = statistics.median(_step_times_ms(step, 2 if args.tiny else args.steps, device))
             anchor = ms if anchor is None else anchor
             exact = ms if name == EXACT_LAYER else exact
             adapter_dtype = str(next(p for p in model.parameters() if p.requires_grad).dtype).removeprefix("torch.")
@@ -254,7 +267,12 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                                        "batch": batch, "seq": seq, "step_ms": ms, "speedup_vs_lora": anchor / ms,
                                        "speedup_vs_exact_layer": exact / ms if exact is not None else None,
                                        "peak_gib": peak, "tokens_per_s": batch * seq / ms * 1e3})  # fmt: skip
-            del model  # free it before the next one's peak memory
+            if args.profile and device.type == "cuda":
+                from _profile import gpu_time_table
+
+                title = f"{name}, {adapter_dtype} adapters, checkpointing {checkpointing}"
+                print(gpu_time_table(step, title, iters=3, top=25, host_top=args.profile_host), flush=True)
+            del model, step  # free it before the next one's peak memory
             gc.collect()  # PEFT wrappers hold reference cycles
             if device.type == "cuda":
                 torch.cuda.empty_cache()

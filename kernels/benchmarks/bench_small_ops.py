@@ -239,7 +239,7 @@ def sweep_kda_block_v(setup: _Setup) -> list[Row]:
     for N in (1, 2) if setup.tiny else (1, 64):
         t = _kda_decode_inputs(N, H, D, setup)
         args = [t[n] for n in ("q", "k", "v", "g", "beta")]
-        for block_v, warps in itertools.product((16, 32, 64), (2, 4, 8)):
+        for block_v, warps in itertools.product((16, 32, 64, 128), (2, 4, 8)):
             fn = lambda: fused_recurrent_kda_fwd(  # noqa: E731
                 *args, D**-0.5, t["state"], True, True, True, t["A_log"], t["dt_bias"], None, True,
                 block_v=block_v, num_warps=warps,
