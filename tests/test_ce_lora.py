@@ -18,11 +18,11 @@ from kimi_hf.kernels.ce_lora import (
     ce_grad_input,
     ce_pack_grad_output,
     channel_scores,
+    channel_tiles,
     kept_channels,
     low_rank_factors,
     make_plan,
     naive_ce_grad_input,
-    projection_bounds,
     residual_row_norms,
     select_channels,
 )
@@ -238,16 +238,18 @@ def test_factors_follow_weight_changes():
     assert state.selections == 2
 
 
-def test_projection_bounds_partition_channels_around_kept_tiles():
+def test_channel_tiles_map_every_kept_channel_once():
     gen = torch.Generator().manual_seed(0)
-    for out_features, keep in [(1000, 300), (200, 64), (4096, 2096), (130, 10)]:
+    for out_features, keep, tile in [(1000, 300, 128), (200, 64, 32), (4096, 2096, 128), (130, 10, 64), (64, 64, 64)]:
         index = torch.randperm(out_features, generator=gen)[:keep].sort().values
-        bounds = projection_bounds(index, out_features).long() * 16
-        assert bounds[0] == 0 and bounds[-1] == 16 * math.ceil(out_features / 16)
-        assert (bounds[1:] >= bounds[:-1]).all() and bounds.numel() == math.ceil(keep / 64) + 1
-        for tile, chunk in enumerate(index.split(64)):  # a tile's kept channels end its range (rounded up)
-            assert bounds[tile] - 16 < chunk.min() and chunk.max() < bounds[tile + 1]
-            assert tile == bounds.numel() - 2 or bounds[tile + 1] <= chunk.max() + 16
+        starts, local = channel_tiles(index, out_features, tile)
+        n_tiles = math.ceil(out_features / tile)
+        assert starts.dtype == local.dtype == torch.int32 and local.shape == (n_tiles, tile)
+        assert starts[0] == 0 and starts[-1] == keep and (starts[1:] >= starts[:-1]).all()
+        rebuilt = [tile * t + local[t, : starts[t + 1] - starts[t]] for t in range(n_tiles)]
+        assert torch.equal(torch.cat(rebuilt).long(), index)  # in G's order, each kept channel once
+        for t in range(n_tiles):  # slots past a tile's count point at column 0 (never stored)
+            assert (local[t, starts[t + 1] - starts[t] :] == 0).all()
 
 
 @pytest.mark.skipif(
@@ -255,14 +257,14 @@ def test_projection_bounds_partition_channels_around_kept_tiles():
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
 @pytest.mark.parametrize(
-    "out_features, rows, ratio, lora_rank, dtype",
+    "out_features, rows, ratio, lora_rank, dtype, channel_tile",
     [
-        (200, 37, 0.3, 8, torch.float32),  # a partial kept tile and row block, LoRA slots filled
-        (1000, 21, 0.5, 0, torch.float32),  # 8 kept tiles, O not a multiple of 16
-        (512, 18, 0.25, 16, torch.float16),  # half precision (bf16 is broken in the interpreter)
+        (200, 37, 0.3, 8, torch.float32, 128),  # a partial channel tile and row block, LoRA slots filled
+        (1000, 21, 0.5, 0, torch.float32, 32),  # 32 channel tiles, O not a multiple of 16
+        (512, 18, 0.25, 16, torch.float16, 64),  # half precision (bf16 is broken in the interpreter)
     ],
 )
-def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_rank, dtype):
+def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_rank, dtype, channel_tile):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     in_features = 96
     w = decaying_matrix(out_features, in_features, seed=7, dtype=torch.float32).to(device)
@@ -270,7 +272,7 @@ def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_ran
     b0, a0 = low_rank_factors(w, 14)
     scores = channel_scores(dy, residual_row_norms(w, b0, a0), "activation_aware")
     index = select_channels(scores, kept_channels(out_features, ratio, 14 + lora_rank))
-    plan = make_plan(w, b0, a0, index, dtype, lora_rank=lora_rank)
+    plan = make_plan(w, b0, a0, index, dtype, lora_rank=lora_rank, channel_tile=channel_tile)
     if lora_rank:
         plan.set_lora(torch.randn(lora_rank, in_features, device=device), torch.randn(out_features, lora_rank))
     dy = dy.to(dtype)

@@ -110,7 +110,7 @@ class Recorder:
     """Collects result rows; prints each as a JSON line at once and rewrites ``--json`` after each."""
 
     def __init__(self, env: dict, path: str | None) -> None:
-        self.results: dict = {"environment": env, "layers": [], "model_steps": []}
+        self.results: dict = {"environment": env, "layers": [], "host": [], "model_steps": []}
         self.path = path
         print(json.dumps({"part": "environment", **env}), flush=True)
 
@@ -177,6 +177,53 @@ def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             row["of_bound"] = row["bound_ms"] / row["ce_ms"]
             row["pack_of_floor"] = row["pack_floor_ms"] / row["pack_ms"] if row["pack_ms"] else None
             record.add("layers", row)
+
+
+class _Projection(torch.nn.Module):
+    """One ``nn.Linear`` as a model for ``get_peft_model`` (host-cost rows)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(size, size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def host_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, record: Recorder) -> None:
+    """Host time of one adapted projection's forward + backward: tiny inputs, so that the launches and Python are
+    what is timed (wall time of back-to-back calls, one synchronisation at the end). A training step is host-bound
+    when this, summed over its projections, nears its GPU time."""
+    from peft import LoraConfig, get_peft_model
+
+    from kimi_hf.peft import CELoraConfig
+
+    size, rows, calls = (256, 8, 20) if args.tiny else (2048, 64, 300)
+    common = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=["proj"])
+    settings = [("PEFT LoRA", LoraConfig(**common)), (EXACT_LAYER, CELoraConfig(ce_ratio=1.0, **common)),
+                ("CE-LoRA 0.5", CELoraConfig(ce_ratio=0.5, **common))]  # fmt: skip
+    x = torch.randn(rows, size, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(rows, size, device=device, dtype=dtype)
+    for adapters, autocast_adapter_dtype in ADAPTER_DTYPES.items():
+        for name, config in settings:
+            torch.manual_seed(0)
+            model = get_peft_model(_Projection(size).to(device=device, dtype=dtype), config,
+                                   autocast_adapter_dtype=autocast_adapter_dtype).train()  # fmt: skip
+
+            def call() -> None:
+                model(x).backward(grad)
+
+            for _ in range(3):  # factorisation, selection, compilation
+                call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            host_us = (time.perf_counter() - start) / calls * 1e6
+            record.add("host", {"setting": name, "adapters": adapters, "size": size, "rows": rows, "host_us": host_us})
 
 
 def build_llama(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -282,7 +329,7 @@ def _percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
-def print_tables(env: dict, layers: list[dict], models: list[dict]) -> None:
+def print_tables(env: dict, layers: list[dict], host: list[dict], models: list[dict]) -> None:
     print("## CE-LoRA benchmark\n")
     print(" | ".join(f"{k} {v}" for k, v in env.items()) + "\n")
     if layers:
@@ -295,6 +342,13 @@ def print_tables(env: dict, layers: list[dict], models: list[dict]) -> None:
                   f" {r['gather_ms']:.3f} | {r['ce_ms']:.3f} | {r['pack_ms']:.3f} | {r['gemm_ms']:.3f} |"
                   f" {r['pack_floor_ms']:.3f} | {_percent(r['pack_of_floor'])} | {r['speedup_vs_dense']:.2f}x |"
                   f" {r['speedup_vs_gather']:.2f}x | {r['bound_ms']:.3f} | {100 * r['of_bound']:.0f}% |")
+        print()
+    if host:
+        print("### Host time of one adapted projection, forward + backward (us per call, tiny inputs)\n")
+        print("| setting | adapters | size | rows | host us |")
+        print("|---|---|---|---|---|")
+        for r in host:
+            print(f"| {r['setting']} | {r['adapters']} | {r['size']} | {r['rows']} | {r['host_us']:.1f} |")
         print()
     if models:
         print("### Training step (forward + backward, no optimizer), ~0.9B Llama, LoRA r16 on 7 projections\n")
@@ -322,9 +376,11 @@ def main() -> None:
     record = Recorder(environment(device), args.json)
     if not args.skip_layers:
         layer_rows(args, device, dtype, record)
+        host_rows(args, device, dtype, record)
     if not args.skip_model:
         model_rows(args, device, dtype, record)
-    print_tables(record.results["environment"], record.results["layers"], record.results["model_steps"])
+    results = record.results
+    print_tables(results["environment"], results["layers"], results["host"], results["model_steps"])
 
 
 if __name__ == "__main__":

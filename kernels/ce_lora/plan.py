@@ -11,8 +11,7 @@ from .naive import build_stack, pad_b0
 
 TILE = 64  # the packed GEMM's inner size is rounded up to this (cuBLAS/Triton fast path)
 MIN_DOT = 16  # smallest tensor-core dot width
-KEPT_TILE = 64  # granularity of the packing kernel's kept-column tiles (its BLOCK_K is a multiple)
-BOUND_UNIT = 16  # projection bounds are multiples of this, so the kernel's channel loads stay aligned
+CHANNEL_TILE = 128  # dY channels per step of the packing kernel (the plan's kept-column map is laid out per tile)
 
 
 def padded_rank(rank: int) -> int:
@@ -36,22 +35,26 @@ def kept_channels(out_features: int, ratio: float, rank: int) -> int | None:
     return keep if r_pad + keep < out_features else None
 
 
-def projection_bounds(index: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Which output channels the packing kernel projects onto ``B0`` alongside each kept-column tile.
+def channel_tiles(
+    index: torch.Tensor, out_features: int, tile: int = CHANNEL_TILE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each tile of ``tile`` consecutive output channels puts its kept channels in ``G``.
 
-    Kept sub-tile ``s`` (kept columns ``[64 s, 64 s + 64)``) gets channels ``[16 b[s], 16 b[s + 1])``: up to
-    its last kept channel, rounded up to a multiple of :data:`BOUND_UNIT`, the last one to the end. The
-    ranges partition ``[0, O)`` (each channel is projected exactly once) and each one holds the channels
-    its tile gathers (but for at most 15 at its start, taken by the previous range when rounding up), so
-    the gather re-reads what the projection has just loaded. Returns ``b`` (units of ``BOUND_UNIT``),
-    int32 ``[cdiv(k, 64) + 1]``, for the sorted kept channels ``index [k]``.
+    For the sorted kept channels ``index [k]``, returns ``starts`` int32 ``[n + 1]`` (``n = cdiv(O, tile)``): tile
+    ``t``'s kept channels are ``G``'s kept columns ``[starts[t], starts[t + 1])``, and ``local`` int32 ``[n, tile]``:
+    the ``j``-th of them is channel ``tile * t + local[t, j]`` (entries past the tile's count are 0). The packing
+    kernel reads ``dY`` tile by tile and picks these columns out of the tile it holds.
     """
-    n_sub = -(-index.numel() // KEPT_TILE)
-    last = index[KEPT_TILE - 1 :: KEPT_TILE][: n_sub - 1]  # last kept channel of every sub-tile but the last
-    ends = torch.div(last + BOUND_UNIT, BOUND_UNIT, rounding_mode="floor")  # ceil((last + 1) / UNIT)
-    edges = [torch.zeros(1, device=index.device, dtype=ends.dtype), ends]
-    edges.append(torch.full((1,), -(-out_features // BOUND_UNIT), device=index.device, dtype=ends.dtype))
-    return torch.cat(edges).to(torch.int32)
+    n_tiles = -(-out_features // tile)
+    tile_of = torch.div(index, tile, rounding_mode="floor")
+    counts = torch.zeros(n_tiles, device=index.device, dtype=torch.int64)
+    counts.index_add_(0, tile_of, torch.ones_like(tile_of))  # not bincount: on CUDA it reads the max back to the host
+    starts = torch.zeros(n_tiles + 1, device=index.device, dtype=torch.int64)
+    starts[1:] = counts.cumsum(0)
+    rank_in_tile = torch.arange(index.numel(), device=index.device) - starts[tile_of]
+    local = torch.zeros(n_tiles, tile, device=index.device, dtype=torch.int32)
+    local[tile_of, rank_in_tile] = (index - tile * tile_of).to(torch.int32)
+    return starts.to(torch.int32), local
 
 
 @dataclass
@@ -59,7 +62,8 @@ class CEPlan:
     """Fast-backward operands of one layer (all on the weight's device, in the compute dtype).
 
     b0_pad ``[O, r_pad]`` = ``[B0 | s*B_lora | 0]``, stack ``[r_pad + k, I]`` = ``[A0 ; A_lora ; 0 ; R[S, :]]``,
-    index ``[k]`` int64 sorted, bounds ``[cdiv(k, KEPT_TILE) + 1]`` int32 (:func:`projection_bounds`).
+    index ``[k]`` int64 sorted; tile_starts ``[cdiv(O, tile) + 1]`` and tile_local ``[cdiv(O, tile), tile]`` int32,
+    the kept channels per channel tile (:func:`channel_tiles`).
     The LoRA slots (``svd_rank : svd_rank + lora_rank``) let LoRA's own input gradient ``s (dY B) A``
     ride in the same GEMM; they hold zeros when it does not (:meth:`set_lora`).
     """
@@ -67,7 +71,8 @@ class CEPlan:
     b0_pad: torch.Tensor
     stack: torch.Tensor
     index: torch.Tensor
-    bounds: torch.Tensor
+    tile_starts: torch.Tensor
+    tile_local: torch.Tensor
     svd_rank: int
     lora_rank: int
 
@@ -98,18 +103,22 @@ def make_plan(
     index: torch.Tensor,
     dtype: torch.dtype,
     lora_rank: int = 0,
+    channel_tile: int = CHANNEL_TILE,
 ) -> CEPlan:
     """Build a :class:`CEPlan` from the frozen weight ``[O, I]``, fp32 factors and the kept ``index``.
 
-    ``lora_rank`` reserves (zeroed) slots for LoRA's factors next to ``B0``/``A0``.
+    ``lora_rank`` reserves (zeroed) slots for LoRA's factors next to ``B0``/``A0``; ``channel_tile`` (a power of
+    two) is the packing kernel's step over ``dY``'s channels.
     """
     svd_rank = b0.shape[1]
     r_pad = padded_rank(svd_rank + lora_rank)
+    tile_starts, tile_local = channel_tiles(index, weight.shape[0], channel_tile)
     return CEPlan(
         b0_pad=pad_b0(b0, r_pad, dtype),
         stack=build_stack(weight, b0, a0, index, r_pad, dtype),
         index=index,
-        bounds=projection_bounds(index, weight.shape[0]),
+        tile_starts=tile_starts,
+        tile_local=tile_local,
         svd_rank=svd_rank,
         lora_rank=lora_rank,
     )

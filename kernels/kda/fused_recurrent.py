@@ -17,17 +17,13 @@ import triton.language as tl
 
 from .utils import L2NORM_EPS, gate_params
 
-# 1: the state is streamed past the caches (loads evict-first, stores ".cs"): each program reads and writes its
-# tile exactly once, so keeping it in L2 only displaces the small per-token inputs. A launch constant for sweeps.
-STREAM_STATE = 0
-
 
 @triton.jit
 def _fused_recurrent_kda_fwd_kernel(
     q, k, v, g, beta, o, h0, ht, A_log, dt_bias, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     L2_EPS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, IS_VARLEN: tl.constexpr, STREAM: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_nh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
@@ -47,10 +43,9 @@ def _fused_recurrent_kda_fwd_kernel(
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        if STREAM:
-            b_h += tl.load(h0 + p_state, mask=mask_h, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        else:
-            b_h += tl.load(h0 + p_state, mask=mask_h, other=0.0).to(tl.float32)
+        # The state is streamed past the caches (evict-first loads, ".cs" stores): each program reads and writes
+        # its tile once, and in L2 it would only displace the per-token inputs. B64 H32: 71.6 us against 73.2.
+        b_h += tl.load(h0 + p_state, mask=mask_h, other=0.0, eviction_policy="evict_first").to(tl.float32)
     if USE_GATE:
         decay_rate = tl.exp(tl.load(A_log + i_h).to(tl.float32))
         b_dt = tl.load(dt_bias + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -80,10 +75,7 @@ def _fused_recurrent_kda_fwd_kernel(
         p_vo += H * V
         p_beta += H
     if STORE_FINAL_STATE:
-        if STREAM:
-            tl.store(ht + p_state, b_h, mask=mask_h, cache_modifier=".cs")
-        else:
-            tl.store(ht + p_state, b_h, mask=mask_h)
+        tl.store(ht + p_state, b_h, mask=mask_h, cache_modifier=".cs")
 
 
 def _tiling(num_heads_total: int, K: int, V: int, block_v: int | None = None) -> tuple[int, int]:
@@ -164,6 +156,6 @@ def fused_recurrent_kda_fwd(
         H=H, K=K, V=V, BK=block_k, BV=block_v, L2_EPS=L2NORM_EPS,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
         USE_QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, IS_VARLEN=cu_seqlens is not None,
-        STREAM=bool(STREAM_STATE), num_warps=default_warps if num_warps is None else num_warps,
+        num_warps=default_warps if num_warps is None else num_warps,
     )
     return o, final_state
