@@ -79,24 +79,31 @@ def select_channels(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.topk(scores, keep, sorted=False).indices.sort().values
 
 
-def pad_b0(b0: torch.Tensor, r_pad: int, dtype: torch.dtype) -> torch.Tensor:
-    """Zero-pad ``B0 [O, r] -> [O, r_pad]`` (contiguous) in ``dtype``."""
+def pad_b0(b0: torch.Tensor, r_pad: int, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+    """Zero-pad ``B0 [O, r] -> [O, r_pad]`` (contiguous) in ``dtype``, ``B0`` in columns ``[offset, offset + r)``."""
     b0_pad = torch.zeros(b0.shape[0], r_pad, device=b0.device, dtype=dtype)
-    b0_pad[:, : b0.shape[1]] = b0
+    b0_pad[:, offset : offset + b0.shape[1]] = b0
     return b0_pad
 
 
 def build_stack(
-    weight: torch.Tensor, b0: torch.Tensor, a0: torch.Tensor, index: torch.Tensor, r_pad: int, dtype: torch.dtype
+    weight: torch.Tensor,
+    b0: torch.Tensor,
+    a0: torch.Tensor,
+    index: torch.Tensor,
+    r_pad: int,
+    dtype: torch.dtype,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """The stacked right operand ``M = [A0 (zero-padded to r_pad rows) ; R[index, :]]``, ``[r_pad + k, I]``.
+    """The stacked right operand ``M = [A0 (zero-padded to r_pad rows) ; R[index, :]]``, ``[r_pad + k, I]``, with
+    ``A0`` in rows ``[offset, offset + r)`` (matching :func:`pad_b0`).
 
     Residual rows are formed in (at least) fp32 and cast once to ``dtype``.
     """
     acc = torch.promote_types(weight.dtype, torch.float32)
     rows = weight.index_select(0, index).to(acc) - b0.index_select(0, index).to(acc) @ a0.to(acc)
     stack = torch.zeros(r_pad + index.numel(), weight.shape[1], device=weight.device, dtype=dtype)
-    stack[: a0.shape[0]] = a0
+    stack[offset : offset + a0.shape[0]] = a0
     stack[r_pad:] = rows
     return stack
 
