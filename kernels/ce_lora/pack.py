@@ -31,6 +31,9 @@ _CONFIGS = [
     for bt, w, s in [(16, 4, 4), (32, 4, 3), (32, 8, 3), (64, 8, 3)]
 ]
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# How the kept columns leave the tile: 0 = picked with tl.gather and stored contiguously; 1 = stored straight from
+# the tile through the per-channel slot map (scattered addresses, masked where dropped). A launch constant for sweeps.
+SCATTER = 0
 
 
 @triton.jit
@@ -39,6 +42,7 @@ def _ce_pack_kernel(
     b0_ptr,
     starts_ptr,
     local_ptr,
+    slots_ptr,
     g_ptr,
     n_rows,
     n_cols,
@@ -49,6 +53,7 @@ def _ce_pack_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     IEEE: tl.constexpr,
+    PICK_SCATTER: tl.constexpr,
 ):
     """One program: ``BLOCK_T`` rows of ``dY``, all channel tiles in order.
 
@@ -74,18 +79,24 @@ def _ce_pack_kernel(
             acc = tl.dot(values, b0, acc, input_precision="ieee")
         else:
             acc = tl.dot(values, b0, acc)
-        first = tl.load(starts_ptr + tile)
-        count = tl.load(starts_ptr + tile + 1) - first
-        local = tl.load(local_ptr + tile * BLOCK_O + slots)
-        kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
-        tl.store(g_kept + first + slots[None, :], kept, mask=row_ok[:, None] & (slots < count)[None, :])
+        if PICK_SCATTER:
+            slot = tl.load(slots_ptr + cols, mask=col_ok, other=-1)
+            tl.store(g_kept + slot[None, :], values, mask=row_ok[:, None] & (slot >= 0)[None, :])
+        else:
+            first = tl.load(starts_ptr + tile)
+            count = tl.load(starts_ptr + tile + 1) - first
+            local = tl.load(local_ptr + tile * BLOCK_O + slots)
+            kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
+            tl.store(g_kept + first + slots[None, :], kept, mask=row_ok[:, None] & (slots < count)[None, :])
     tl.store(g_ptr + rows[:, None] * stride_g + rk[None, :], acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 _ce_pack_tuned = (
     _ce_pack_kernel
     if _INTERPRETED
-    else triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O"])(_ce_pack_kernel)
+    else triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O", "PICK_SCATTER"])(
+        _ce_pack_kernel
+    )
 )
 
 
@@ -95,6 +106,7 @@ def triton_pack_grad_output(
     keep: int,
     tile_starts: torch.Tensor,
     tile_local: torch.Tensor,
+    slots: torch.Tensor,
 ) -> torch.Tensor:
     """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]`` and the kept-column map
     ``tile_starts``/``tile_local`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_tiles`."""
@@ -107,6 +119,7 @@ def triton_pack_grad_output(
         b0_pad,
         tile_starts,
         tile_local,
+        slots,
         packed,
         n_rows,
         n_cols,
@@ -116,6 +129,7 @@ def triton_pack_grad_output(
         R_PAD=r_pad,
         BLOCK_O=tile_local.shape[1],
         IEEE=grad_output.dtype == torch.float32,
+        PICK_SCATTER=bool(SCATTER),
         **tiles,
     )
     return packed
