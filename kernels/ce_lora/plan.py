@@ -94,15 +94,15 @@ class CEPlan:
         # svd_rank cuBLAS fell back to a 2-element-aligned kernel, 2.3 ms per step of the ~0.9B Llama)
         return slice(0, self.lora_rank)
 
-    def set_lora(self, lora_a: torch.Tensor | None, lora_b_scaled: torch.Tensor | None) -> None:
-        """Write LoRA's current ``A [r, I]`` and ``s*B [O, r]`` into the slots (``None``: zeros)."""
+    def set_lora(self, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float = 1.0) -> None:
+        """Write LoRA's current ``A [r, I]`` and ``scaling * B [O, r]`` into the slots (``None``: zeros)."""
         if self.lora_rank == 0:
             return
         if lora_a is None:
             self.b0_pad[:, self.lora_slots].zero_()
             self.stack[self.lora_slots].zero_()
         else:
-            self.b0_pad[:, self.lora_slots].copy_(lora_b_scaled)
+            torch.mul(lora_b, scaling, out=self.b0_pad[:, self.lora_slots])  # scaled and copied in one kernel
             self.stack[self.lora_slots].copy_(lora_a)
 
 

@@ -75,20 +75,22 @@ class _CELoraLinearFunction(torch.autograd.Function):
         x_2d, xa, lora_a, lora_b = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         dtype, lora_dtype = grad_2d.dtype, ctx.lora_dtype
-        a, b_scaled = lora_a.to(lora_dtype), lora_b.to(lora_dtype) * ctx.scaling
+        a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
         grad_lora = grad_2d.to(lora_dtype)  # dY as LoRA's branch sees it (no copy when the dtypes agree)
         fused = lora_dtype == dtype  # LoRA's dX term joins CE's packed GEMM only in the GEMM's dtype
         grad_x = dy_b = None
         if ctx.needs_input_grad[0]:
-            grad_x, dy_b = ctx.state.grad_input(grad_2d, ctx.weight, (a, b_scaled) if fused else None)
+            grad_x, dy_b = ctx.state.grad_input(grad_2d, ctx.weight, (a, b, ctx.scaling) if fused else None)
         if dy_b is None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
-            dy_b = grad_lora @ b_scaled  # [T, r]
+            dy_b = grad_lora @ (b * ctx.scaling)  # [T, r]
         if grad_x is not None:
             if not fused:  # as PEFT: LoRA's input gradient in the branch's dtype, rounded, then added
                 grad_x.add_((dy_b @ a).to(dtype))
             grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
         grad_a = dy_b.T @ x_2d.to(lora_dtype) if ctx.needs_input_grad[3] else None
-        grad_b = (grad_lora.T @ xa).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+        grad_b = None
+        if ctx.needs_input_grad[4]:  # s dY^T (x A^T) in one GEMM (beta=0: the input is only a shape, never read)
+            grad_b = torch.addmm(b, grad_lora.T, xa, beta=0, alpha=ctx.scaling)
         grad_bias = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
 

@@ -65,11 +65,11 @@ class CEChannelState:
         self,
         grad_output: torch.Tensor,
         weight: torch.Tensor,
-        lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+        lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``dX [T, I]`` (dtype of ``grad_output``) for ``dY [T, O]`` through the frozen ``weight [O, I]``.
 
-        With ``lora = (A [r, I], s*B [O, r])`` (``grad_output``'s dtype) LoRA's own input gradient
+        With ``lora = (A [r, I], B [O, r], s)`` (``grad_output``'s dtype) LoRA's own input gradient
         ``(dY s B) A`` is added to ``dX`` (in the same GEMM on approximate steps) and ``dY s B [T, r]``,
         which LoRA's ``A`` gradient needs, is returned as well (else ``None``).
         """
@@ -81,11 +81,12 @@ class CEChannelState:
                 self.steps += 1
             if lora is None:
                 return grad_input, None
-            dy_b = grad_output @ lora[1]
-            return grad_input.addmm_(dy_b, lora[0]), dy_b
+            lora_a, lora_b, scaling = lora
+            dy_b = grad_output @ (lora_b * scaling)
+            return grad_input.addmm_(dy_b, lora_a), dy_b
         if self.plan.stack.dtype != dtype:  # e.g. autocast switched on or off
             self.plan = make_plan(weight, self.b0, self.a0, self.plan.index, dtype, self.options.lora_rank)
-        self.plan.set_lora(*(lora if lora is not None else (None, None)))
+        self.plan.set_lora(*(lora if lora is not None else (None, None, 1.0)))
         packed = ce_pack_grad_output(grad_output, self.plan, self.backend)
         self.steps += 1
         return packed @ self.plan.stack, (packed[:, self.plan.lora_slots] if lora is not None else None)
