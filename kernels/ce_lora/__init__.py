@@ -59,7 +59,7 @@ def ce_pack_grad_output(grad_output: torch.Tensor, plan: CEPlan, backend: str | 
         from .pack import triton_pack_grad_output  # triton is imported only when used
 
         return triton_pack_grad_output(
-            grad_output, plan.b0_pad, plan.keep, plan.tile_starts, plan.tile_local, plan.slots
+            grad_output, plan.b0_pad, plan.keep, plan.tile_starts, plan.tile_local
         )
     return naive_pack_grad_output(grad_output, plan.b0_pad, plan.index)
 

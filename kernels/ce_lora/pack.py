@@ -12,7 +12,8 @@ Triton pipelines them as async copies). Each tile feeds the tensor-core dot of `
 the kept columns: ``tl.gather`` picks the tile's kept channels (the plan's per-tile map, :func:`~.plan.
 channel_tiles`) into the leading slots and one contiguous masked store writes them to their place in ``G``.
 (Two earlier designs gathered the kept columns from memory, scattered 2-byte loads after the projection's
-loads: at 20-36% of the floor on an H200, latency-bound with few programs per SM.)
+loads: 20-36% of the floor on an H200. Storing the tile's kept columns straight through a per-channel slot map,
+scattered masked stores, ran at 9-15%; this one at 33-39%.)
 """
 
 from __future__ import annotations
@@ -24,16 +25,14 @@ import triton
 import triton.language as tl
 
 # Tile shapes tried on a GPU (keyed by channel count, kept count and low-rank width; the row count only sets the
-# grid). Kept short: every config is compiled on a fresh machine. Few rows per program: at 8K-16K tokens a
-# program per 16-32 rows still gives the SMs several programs each.
+# grid). Kept short: every config is compiled on a fresh machine. Rows per program trade B0's reuse (each row block
+# re-reads its [BLOCK_O, R_PAD] tiles from L2: at 16 rows they outweigh dY's) against programs per SM; at 16K tokens
+# the autotuner picked 64 rows at 8 warps for every layer shape of the benchmark.
 _CONFIGS = [
     triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s)
     for bt, w, s in [(16, 4, 4), (32, 4, 3), (32, 8, 3), (64, 8, 3)]
 ]
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# How the kept columns leave the tile: 0 = picked with tl.gather and stored contiguously; 1 = stored straight from
-# the tile through the per-channel slot map (scattered addresses, masked where dropped). A launch constant for sweeps.
-SCATTER = 0
 
 
 @triton.jit
@@ -42,7 +41,6 @@ def _ce_pack_kernel(
     b0_ptr,
     starts_ptr,
     local_ptr,
-    slots_ptr,
     g_ptr,
     n_rows,
     n_cols,
@@ -53,7 +51,6 @@ def _ce_pack_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     IEEE: tl.constexpr,
-    PICK_SCATTER: tl.constexpr,
 ):
     """One program: ``BLOCK_T`` rows of ``dY``, all channel tiles in order.
 
@@ -79,25 +76,18 @@ def _ce_pack_kernel(
             acc = tl.dot(values, b0, acc, input_precision="ieee")
         else:
             acc = tl.dot(values, b0, acc)
-        if PICK_SCATTER:
-            slot = tl.load(slots_ptr + cols, mask=col_ok, other=-1)
-            tl.store(g_kept + slot[None, :], values, mask=row_ok[:, None] & (slot >= 0)[None, :])
-        else:
-            first = tl.load(starts_ptr + tile)
-            count = tl.load(starts_ptr + tile + 1) - first
-            local = tl.load(local_ptr + tile * BLOCK_O + slots)
-            kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
-            tl.store(g_kept + first + slots[None, :], kept, mask=row_ok[:, None] & (slots < count)[None, :])
+        first = tl.load(starts_ptr + tile)
+        count = tl.load(starts_ptr + tile + 1) - first
+        local = tl.load(local_ptr + tile * BLOCK_O + slots)
+        kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
+        tl.store(g_kept + first + slots[None, :], kept, mask=row_ok[:, None] & (slots < count)[None, :])
     tl.store(g_ptr + rows[:, None] * stride_g + rk[None, :], acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-_ce_pack_tuned = (
-    _ce_pack_kernel
-    if _INTERPRETED
-    else triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O", "PICK_SCATTER"])(
-        _ce_pack_kernel
-    )
-)
+_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O"])(_ce_pack_kernel)
+# The autotuner's pick per layer shape, launched directly afterwards: the autotuner's per-call bookkeeping doubled
+# the host cost of a launch on the H200's host (69.7 against 27.5 us), and a LoRA training step is near host-bound.
+_PICKED: dict[tuple, triton.Config] = {}
 
 
 def triton_pack_grad_output(
@@ -106,30 +96,25 @@ def triton_pack_grad_output(
     keep: int,
     tile_starts: torch.Tensor,
     tile_local: torch.Tensor,
-    slots: torch.Tensor,
 ) -> torch.Tensor:
     """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]`` and the kept-column map
     ``tile_starts``/``tile_local`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_tiles`."""
     n_rows, n_cols = grad_output.shape
-    r_pad = b0_pad.shape[1]
+    r_pad, block_o = b0_pad.shape[1], tile_local.shape[1]
     packed = torch.empty(n_rows, r_pad + keep, device=grad_output.device, dtype=grad_output.dtype)
-    tiles = {"BLOCK_T": 16} if _INTERPRETED else {}
-    _ce_pack_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_T"]),)](
-        grad_output,
-        b0_pad,
-        tile_starts,
-        tile_local,
-        slots,
-        packed,
-        n_rows,
-        n_cols,
-        keep,
-        grad_output.stride(0),
-        packed.stride(0),
-        R_PAD=r_pad,
-        BLOCK_O=tile_local.shape[1],
-        IEEE=grad_output.dtype == torch.float32,
-        PICK_SCATTER=bool(SCATTER),
-        **tiles,
-    )
+    args = (grad_output, b0_pad, tile_starts, tile_local, packed, n_rows, n_cols, keep, grad_output.stride(0),
+            packed.stride(0))  # fmt: skip
+    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": grad_output.dtype == torch.float32}
+    if _INTERPRETED:  # one small tile, so that tiny test shapes still take several row blocks
+        _ce_pack_kernel[(triton.cdiv(n_rows, 16),)](*args, BLOCK_T=16, **meta)
+        return packed
+    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype)
+    config = _PICKED.get(key)
+    if config is None:
+        _ce_pack_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_T"]),)](*args, **meta)
+        _PICKED[key] = _ce_pack_tuned.best_config
+    else:
+        _ce_pack_kernel[(triton.cdiv(n_rows, config.kwargs["BLOCK_T"]),)](
+            *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
     return packed

@@ -57,13 +57,6 @@ def channel_tiles(
     return starts.to(torch.int32), local
 
 
-def channel_slots(index: torch.Tensor, out_features: int) -> torch.Tensor:
-    """int32 ``[O]``: the kept column of ``G`` that output channel ``i`` goes to (``-1`` if dropped)."""
-    slots = torch.full((out_features,), -1, device=index.device, dtype=torch.int32)
-    slots[index] = torch.arange(index.numel(), device=index.device, dtype=torch.int32)
-    return slots
-
-
 @dataclass
 class CEPlan:
     """Fast-backward operands of one layer (all on the weight's device, in the compute dtype).
@@ -80,7 +73,6 @@ class CEPlan:
     index: torch.Tensor
     tile_starts: torch.Tensor
     tile_local: torch.Tensor
-    slots: torch.Tensor
     svd_rank: int
     lora_rank: int
 
@@ -129,7 +121,6 @@ def make_plan(
         index=index,
         tile_starts=tile_starts,
         tile_local=tile_local,
-        slots=channel_slots(index, weight.shape[0]),
         svd_rank=svd_rank,
         lora_rank=lora_rank,
     )
