@@ -274,7 +274,8 @@ def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_ran
     index = select_channels(scores, kept_channels(out_features, ratio, 14 + lora_rank))
     plan = make_plan(w, b0, a0, index, dtype, lora_rank=lora_rank, channel_tile=channel_tile)
     if lora_rank:
-        plan.set_lora(torch.randn(lora_rank, in_features, device=device), torch.randn(out_features, lora_rank))
+        lora_a, lora_b = torch.randn(lora_rank, in_features, device=device), torch.randn(out_features, lora_rank)
+        plan.set_lora(lora_a, lora_b.to(device), 0.5)
     dy = dy.to(dtype)
     packed, reference = ce_pack_grad_output(dy, plan, "triton"), ce_pack_grad_output(dy, plan, "torch")
     r_pad = plan.b0_pad.shape[1]
