@@ -284,6 +284,11 @@ def bench_variant(
             model(ids, use_cache=False)  # warm-up (timer adds one more untimed call)
             if not warm_only:
                 row["prefill_ms"] = timer(lambda: model(ids, use_cache=False))
+                if args.profile and device.type == "cuda":
+                    from _profile import gpu_time_table
+
+                    title = f"{model.config.model_type} {impl}: prefill"
+                    print(gpu_time_table(lambda: model(ids, use_cache=False), title, iters=3, top=25), flush=True)
             prompt = torch.randint(0, vocab, (1, args.decode_prompt), generator=gen).to(device)
             if warm_only:
                 decode_ms(model, prompt, args.decode_warmup, 0, device, args.static_cache)
@@ -354,8 +359,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file (rewritten after each row)")
     p.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
                    help="launch constants of kimi_hf.kernels for this run (e.g. attn_res.fused.BWD_SOURCE_TILE=4)")
-    p.add_argument("--profile", action="store_true", help="after each timed training step, print its per-kernel "
-                   "GPU time and wall time (CUDA)")  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="after each timed training step and prefill, print its "
+                   "per-kernel GPU time and wall time (CUDA)")  # fmt: skip
     args = p.parse_args(argv)
     try:
         args.launch_constants = set_launch_constants(args.set)
