@@ -60,6 +60,8 @@ def parse_args() -> argparse.Namespace:
                         help="model-step groups: fp32 adapters (PEFT's default) and/or bf16 adapters")
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
                         help="model-step groups without and/or with gradient checkpointing (default both)")
+    parser.add_argument("--settings", nargs="+", default=[], metavar="WORD",
+                        help="model steps: only the settings whose name contains one of these words (default all)")
     parser.add_argument("--profile", action="store_true",
                         help="model steps: also print each setting's GPU time per step next to its wall time, "
                         "and its kernels by GPU time (torch profiler; CUDA only)")
@@ -302,6 +304,8 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     for checkpointing, adapters in groups:
         anchor = exact = None
         for name, config in settings:
+            if args.settings and not any(word in name for word in args.settings):
+                continue
             model = get_peft_model(
                 build_llama(args, device, dtype), config, autocast_adapter_dtype=ADAPTER_DTYPES[adapters]
             )
@@ -312,12 +316,13 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
             step = _train_step(model, ids)
             ms = statistics.median(_step_times_ms(step, 2 if args.tiny else args.steps, device))
-            anchor = ms if anchor is None else anchor
+            anchor = ms if name == "PEFT LoRA" else anchor
             exact = ms if name == EXACT_LAYER else exact
             adapter_dtype = str(next(p for p in model.parameters() if p.requires_grad).dtype).removeprefix("torch.")
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             record.add("model_steps", {"setting": name, "adapters": adapter_dtype, "checkpointing": checkpointing,
-                                       "batch": batch, "seq": seq, "step_ms": ms, "speedup_vs_lora": anchor / ms,
+                                       "batch": batch, "seq": seq, "step_ms": ms,
+                                       "speedup_vs_lora": anchor / ms if anchor is not None else None,
                                        "speedup_vs_exact_layer": exact / ms if exact is not None else None,
                                        "peak_gib": peak, "tokens_per_s": batch * seq / ms * 1e3})  # fmt: skip
             if args.profile and device.type == "cuda":
@@ -366,8 +371,9 @@ def print_tables(env: dict, layers: list[dict], host: list[dict], models: list[d
         print("|---|---|---|---|---|---|---|---|---|")
         for r in models:
             vs_exact = "-" if r["speedup_vs_exact_layer"] is None else f"{r['speedup_vs_exact_layer']:.3f}x"
+            vs_lora = "-" if r["speedup_vs_lora"] is None else f"{r['speedup_vs_lora']:.3f}x"
             print(f"| {r['setting']} | {r['adapters']} | {r['checkpointing']} | {r['batch']}x{r['seq']} |"
-                  f" {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_lora']:.3f}x | {vs_exact} |"
+                  f" {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {vs_lora} | {vs_exact} |"
                   f" {r['peak_gib']:.1f} |")
 
 
