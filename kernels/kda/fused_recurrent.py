@@ -17,24 +17,18 @@ import triton.language as tl
 
 from .utils import L2NORM_EPS, gate_params
 
-# 1: one grid axis with a head's column tiles next to each other in launch order (they read the two halves of the
-# same state rows); 0: a second grid axis over the column tiles. A launch constant for sweeps.
-V_TILES_ADJACENT = 0
-
 
 @triton.jit
 def _fused_recurrent_kda_fwd_kernel(
     q, k, v, g, beta, o, h0, ht, A_log, dt_bias, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     L2_EPS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, IS_VARLEN: tl.constexpr, ADJACENT: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    if ADJACENT:
-        pid = tl.program_id(0).to(tl.int64)
-        i_nh, i_v = pid // tl.cdiv(V, BV), pid % tl.cdiv(V, BV)
-    else:
-        i_nh = tl.program_id(0).to(tl.int64)
-        i_v = tl.program_id(1)
+    # One grid axis, a head's column tiles next to each other in launch order: they read the parts of the same state
+    # rows, which the DRAM serves better together (B64 H32: 69.4 us against 71.7 with a second grid axis over tiles).
+    pid = tl.program_id(0).to(tl.int64)
+    i_nh, i_v = pid // tl.cdiv(V, BV), pid % tl.cdiv(V, BV)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -158,13 +152,12 @@ def fused_recurrent_kda_fwd(
     o = q.new_empty(B, T, H, V)
     block_k = triton.next_power_of_2(K)
     block_v, default_warps = _tiling(N * H, K, V, block_v)
-    # N * H on the first grid axis: the others stop at 65535 programs.
-    grid = (N * H * triton.cdiv(V, block_v),) if V_TILES_ADJACENT else (N * H, triton.cdiv(V, block_v))
-    _fused_recurrent_kda_fwd_kernel[grid](
+    # one grid axis (the others stop at 65535 programs)
+    _fused_recurrent_kda_fwd_kernel[(N * H * triton.cdiv(V, block_v),)](
         q, k, v, g, beta, o, initial_state, final_state, A_log, dt_bias, cu_seqlens, scale, T,
         H=H, K=K, V=V, BK=block_k, BV=block_v, L2_EPS=L2NORM_EPS,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
         USE_QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, IS_VARLEN=cu_seqlens is not None,
-        ADJACENT=bool(V_TILES_ADJACENT), num_warps=default_warps if num_warps is None else num_warps,
+        num_warps=default_warps if num_warps is None else num_warps,
     )
     return o, final_state
