@@ -250,6 +250,11 @@ def test_channel_tiles_map_every_kept_channel_once():
         assert torch.equal(torch.cat(rebuilt).long(), index)  # in G's order, each kept channel once
         for t in range(n_tiles):  # slots past a tile's count point at column 0 (never stored)
             assert (local[t, starts[t + 1] - starts[t] :] == 0).all()
+    w = torch.randn(64, 32)
+    b0, a0 = low_rank_factors(w, 4)
+    for bad in (48, 8):
+        with pytest.raises(ValueError, match=f"channel_tile must be a power of two >= 16, got {bad}"):
+            make_plan(w, b0, a0, torch.arange(8), torch.float32, channel_tile=bad)
 
 
 @pytest.mark.skipif(

@@ -69,8 +69,6 @@ def parse_args() -> argparse.Namespace:
                         help="with --profile: also list the N host operators with the most self CPU time")
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
     parser.add_argument("--skip-model", action="store_true", help="skip the model-step part")
-    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
-                        help="launch constants of kimi_hf.kernels for the run (e.g. ce_lora.pack.SCATTER=1)")
     parser.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes and model, torch path")
     return parser.parse_args()
@@ -379,12 +377,6 @@ def print_tables(env: dict, layers: list[dict], host: list[dict], models: list[d
 
 def main() -> None:
     args = parse_args()
-    from kimi_hf.kernels._launch import set_launch_constants
-
-    try:
-        print(f"launch constants set: {set_launch_constants(args.set)}", flush=True)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from exc
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("no CUDA device: use --tiny for the CPU smoke test")

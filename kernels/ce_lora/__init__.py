@@ -58,9 +58,7 @@ def ce_pack_grad_output(grad_output: torch.Tensor, plan: CEPlan, backend: str | 
     if resolve_backend(backend, grad_output) == "triton":
         from .pack import triton_pack_grad_output  # triton is imported only when used
 
-        return triton_pack_grad_output(
-            grad_output, plan.b0_pad, plan.keep, plan.tile_starts, plan.tile_local
-        )
+        return triton_pack_grad_output(grad_output, plan.b0_pad, plan.keep, plan.tile_starts, plan.tile_local)
     return naive_pack_grad_output(grad_output, plan.b0_pad, plan.index)
 
 

@@ -56,7 +56,7 @@ def _ce_pack_kernel(
 
     dy ``[n_rows, n_cols]`` (row stride ``stride_dy``), b0 ``[n_cols, R_PAD]`` contiguous, starts
     ``[cdiv(n_cols, BLOCK_O) + 1]`` and local ``[cdiv(n_cols, BLOCK_O), BLOCK_O]`` int32 (the plan's kept-column
-    map), g ``[n_rows, R_PAD + n_keep]`` (row stride ``stride_g``).
+    map), g ``[n_rows, R_PAD + n_keep]`` (row stride ``stride_g``); ``n_keep`` only keys the autotuner.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)

@@ -112,6 +112,8 @@ def make_plan(
     ``lora_rank`` reserves (zeroed) slots for LoRA's factors next to ``B0``/``A0``; ``channel_tile`` (a power of
     two) is the packing kernel's step over ``dY``'s channels.
     """
+    if channel_tile < MIN_DOT or channel_tile & (channel_tile - 1):
+        raise ValueError(f"channel_tile must be a power of two >= {MIN_DOT}, got {channel_tile}")
     svd_rank = b0.shape[1]
     r_pad = padded_rank(svd_rank + lora_rank)
     tile_starts, tile_local = channel_tiles(index, weight.shape[0], channel_tile)
