@@ -9,22 +9,23 @@ from __future__ import annotations
 import importlib
 
 
-def _module_constant(name: str):
-    """(module, attribute) of ``MODULE.NAME`` (MODULE relative to ``kimi_hf.kernels``); module None if not found."""
+def _int_constant(name: str) -> tuple | None:
+    """(module, attribute) of the integer launch constant ``MODULE.NAME`` (MODULE relative to ``kimi_hf.kernels``), or
+    None if there is no such constant."""
     module_name, _, attr = name.rpartition(".")
     try:
-        return importlib.import_module(f"kimi_hf.kernels.{module_name}"), attr
+        module = importlib.import_module(f"kimi_hf.kernels.{module_name}")
     except ImportError:
-        return None, attr
+        return None
+    return (module, attr) if isinstance(getattr(module, attr, None), int) else None
 
 
 def get_launch_constant(name: str) -> int:
     """Current value of the integer launch constant ``MODULE.NAME``; ``ValueError`` naming it if there is none."""
-    module, attr = _module_constant(name)
-    current = getattr(module, attr, None)
-    if module is None or not isinstance(current, int):
+    found = _int_constant(name)
+    if found is None:
         raise ValueError(f"{name!r} is not an integer constant of a kimi_hf.kernels module")
-    return current
+    return getattr(*found)
 
 
 def set_launch_constants(specs: list[str]) -> dict[str, int]:
@@ -35,12 +36,11 @@ def set_launch_constants(specs: list[str]) -> dict[str, int]:
     done = {}
     for spec in specs:
         name, _, value = spec.partition("=")
-        module, attr = _module_constant(name)
-        current = getattr(module, attr, None)
-        if module is None or not isinstance(current, int) or not value.lstrip("-").isdigit():
+        found = _int_constant(name)
+        if found is None or not value.lstrip("-").isdigit():
             raise ValueError(
                 f"--set takes MODULE.NAME=INT with NAME an integer constant of kimi_hf.kernels.MODULE, got {spec!r}"
             )
-        setattr(module, attr, int(value))
+        setattr(*found, int(value))
         done[name] = int(value)
     return done
