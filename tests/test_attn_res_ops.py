@@ -80,18 +80,21 @@ def test_triton_backward_matches_torch(with_norm):
             assert_close_rel(a, e, 1e-5, name)
 
 
-@pytest.mark.parametrize("fwd_tile,bwd_tile", [(8, 8), (4, 2), (1, 16)])
-def test_triton_many_sources_matches_reference(fwd_tile, bwd_tile, monkeypatch):
-    """Nine stored sources and the partial sum, in source tiles of each size: online softmax across tiles (the
-    partial in the last one), the backward's two passes over tiles, and (bwd tile 16) its one-tile path."""
+@pytest.mark.parametrize("fwd_tile,bwd_rows,bwd_tile", [(8, 2, 512), (4, 4, 4096), (1, 1, 256)])
+def test_triton_many_sources_matches_reference(fwd_tile, bwd_rows, bwd_tile, monkeypatch):
+    """Nine stored sources and the partial sum over 13 rows: the forward in source tiles of each size (online softmax
+    across tiles, the partial in the last one); the backward in row blocks of 2, 4 and 1 rows (the last one ragged;
+    four programs, so that each walks several row blocks and accumulates its du rows) and hidden chunks of 16
+    (two, the second partial) or all 24."""
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "FWD_SOURCE_TILE", fwd_tile)
-    monkeypatch.setattr(fused, "BWD_SOURCE_TILE", bwd_tile)
-    blocks, partial, query, gain = _inputs(9, shape=(1, 2, 24))
+    monkeypatch.setattr(fused, "BWD_ROWS", bwd_rows)
+    monkeypatch.setattr(fused, "BWD_TILE_ELEMENTS", bwd_tile)
+    blocks, partial, query, gain = _inputs(9, shape=(1, 13, 24))
     norm_w = 1 + 0.2 * torch.randn_like(query)
     leaves = [t.double().requires_grad_() for t in (*blocks, partial, query, gain, norm_w)]
-    w = torch.randn(1, 2, 24, dtype=torch.float64)
+    w = torch.randn(1, 13, 24, dtype=torch.float64)
     *srcs, q, g, wn = leaves
     ref = rms_norm(naive_depth_attention(srcs, q, g), wn, 1e-6)
     expected = torch.autograd.grad((ref * w).sum(), leaves)
@@ -141,14 +144,19 @@ def test_torch_backward_matches_reference():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_two_phase_matches_naive(backend):
-    blocks, partial, _, _ = _inputs(3, seed=1)
+@pytest.mark.parametrize(
+    "shape,n_q",
+    [((2, 3, 48), 4), ((2, 19, 300), 8), ((1, 40, 48), 3), ((1, 17, 20), 1)],
+    ids=["one-row-block", "hidden-chunks", "ragged-rows", "one-query"],
+)
+def test_two_phase_matches_naive(backend, shape, n_q):
+    blocks, partial, _, _ = _inputs(3, shape=shape, seed=1)
     g = torch.Generator().manual_seed(2)
-    queries = torch.randn(4, blocks[0].shape[-1], generator=g)
-    gains = 1 + 0.3 * torch.randn(4, blocks[0].shape[-1], generator=g)
+    queries = torch.randn(n_q, shape[-1], generator=g)
+    gains = 1 + 0.3 * torch.randn(n_q, shape[-1], generator=g)
     with torch.no_grad():
         out, lse = depth_attention_phase1(_bank(blocks, backend), queries, gains)
-        for j in range(4):
+        for j in range(n_q):
             assert_close_rel(out[j], naive_depth_attention(blocks, queries[j], gains[j]), 1e-5, f"phase1[{j}]")
             h = depth_attention_phase2(out[j], lse[j], partial, queries[j], gains[j], backend=backend)
             assert_close_rel(h, naive_depth_attention(blocks + [partial], queries[j], gains[j]), 1e-5, f"phase2[{j}]")

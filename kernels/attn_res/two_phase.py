@@ -15,19 +15,31 @@ from . import _triton
 from .fused import SourceStorage, block_d, num_warps
 
 
-def phase1(storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Launch constants of phase 1 (``--set attn_res.two_phase.NAME=INT`` in the benchmarks): rows per program, and the
+# float32 elements of its [Q_PAD, rows, hidden chunk] output accumulator (the chunk is the widest power of two
+# within this budget, at least 16 for the dot).
+PHASE1_ROWS = 16
+PHASE1_ACC_ELEMENTS = 4096
+PHASE1_WARPS = 4
+
+
+def phase1(
+    storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``queries``/``gains`` [Q, D] against the first ``n`` stored sources -> (out [Q, M, D], lse [Q, M] float32)."""
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
-    out = torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
-    lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
-    q_pad = max(2, triton.next_power_of_2(q))
-    # keep the [Q_PAD, BLOCK_D] float32 query tile at <= 8K elements per program
-    chunk = min(block_d(d), max(16, 8192 // q_pad))
-    _triton.phase1_kernel[(m,)](
-        storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse,
-        n, q, m, d,
-        Q_PAD=q_pad, N_PAD=max(2, triton.next_power_of_2(n)), BLOCK_D=chunk, num_warps=num_warps(d),
+    dev = storage.store.device
+    out = torch.empty((q, m, d), dtype=storage.store.dtype, device=dev)
+    lse = torch.empty((q, m), dtype=torch.float32, device=dev)
+    scores = torch.empty((n, q, m), dtype=torch.float32, device=dev)
+    u = queries.float() * gains.float()  # [Q, D]: the key gain folded into each query, once per block
+    q_pad = triton.next_power_of_2(q)
+    chunk = max(16, min(triton.next_power_of_2(d), PHASE1_ACC_ELEMENTS // (q_pad * PHASE1_ROWS)))
+    _triton.phase1_kernel[(triton.cdiv(m, PHASE1_ROWS),)](
+        storage.store, storage.rstd, u, out, lse, scores, n, q, m, d,
+        BM=PHASE1_ROWS, Q_PAD=q_pad, Q_DOT=max(16, q_pad), BLOCK_D=chunk,
+        SPLIT_BF16=storage.store.dtype == torch.bfloat16, num_warps=PHASE1_WARPS,
     )  # fmt: skip
     return out, lse
 

@@ -2,7 +2,8 @@
 
 Ops: the short causal conv (forward, forward+backward, one-token decode update), the gated RMSNorm
 (forward, forward+backward), the KDA decode kernel (one token, eager and CUDA-graph captured) and
-AttnRes's depth attention (``--sections attn_res``; its anchor is the standard residual's PreNorm).
+AttnRes's depth attention (``--sections attn_res``; its anchor is the standard residual's PreNorm) and its two-phase
+inference (``--sections attn_res_prefill``).
 Every number is a triton.testing.do_bench median (L2 flushed between calls; the CUDA-graph rows use
 do_bench_cudagraph, unflushed). "floor" is the time to move the op's minimum bytes at
 --bandwidth-tbs (H200 device copy: 4.27 TB/s, see shared/REFERENCE.md).
@@ -27,7 +28,13 @@ import torch
 import triton
 
 from kimi_hf.kernels._launch import get_launch_constant, set_launch_constants
-from kimi_hf.kernels.attn_res import append_source, depth_attention, new_source_bank, prenorm
+from kimi_hf.kernels.attn_res import (
+    append_source,
+    depth_attention,
+    depth_attention_phase1,
+    new_source_bank,
+    prenorm,
+)
 from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import fused_recurrent_kda
@@ -295,18 +302,47 @@ def bench_depth_attention(setup: _Setup) -> list[Row]:
     return rows
 
 
+def bench_two_phase(setup: _Setup) -> list[Row]:
+    """AttnRes's inference (prefill) path: phase 1 of a block, its Q pseudo-queries against the n completed sources
+    in one pass, at the shapes of the ~1B models (Kimi Linear: Q 4; dense: Q 8). Minimum bytes in [M, D] passes:
+    n + Q (read the sources, write Q outputs). The anchor column is the standard residual's PreNorm forward, one
+    sublayer's worth of the op the block's reads replace. Kernel GPU time per call."""
+    M, D = (16, 64) if setup.tiny else (8192, 2048)
+    dev, dt = setup.device, setup.dtype
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dt, generator=gen)  # noqa: E731
+    shape = f"M{M} D{D} {str(dt).removeprefix('torch.')}"
+    bytes_per_pass = M * D * torch.finfo(dt).bits // 8
+    h, w = rand(M, D), torch.ones(D, device=dev, dtype=dt)
+    with torch.no_grad():
+        norm_us = _kernel_us(lambda: prenorm(h, w, backend="triton"), setup)
+        rows = []
+        for n_q in (4, 8):
+            for n in (1, 2, 4):
+                bank = new_source_bank(n, h, backend="triton")
+                for _ in range(n):
+                    bank = append_source(bank, rand(M, D))
+                queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
+                op = f"two-phase phase 1, {n_q} queries x {n} source{'s' if n > 1 else ''}"
+                ours = _kernel_us(lambda: depth_attention_phase1(bank, queries, gains), setup)
+                floor = setup.floor_us((n + n_q) * bytes_per_pass)
+                rows.append(Row(op, shape, ours, "prenorm fwd (Triton)", norm_us, floor))
+    return rows
+
+
 _SECTIONS = {
     "conv": bench_conv,
     "norm": bench_gated_norm,
     "kda": bench_kda_decode,
     "kda_sweep": sweep_kda_block_v,
     "attn_res": bench_depth_attention,
+    "attn_res_prefill": bench_two_phase,
 }
 
 
 def run_benchmarks(tiny: bool = False, sections: tuple[str, ...] = ("conv", "norm", "kda"),
                    bandwidth_tbs: float = 4.27) -> list[Row]:
-    """Run the chosen sections (conv, norm, kda, kda_sweep); tiny=True: tiny fp32 shapes, CPU interpreter works."""
+    """Run the chosen sections (names of ``_SECTIONS``); tiny=True: tiny fp32 shapes, CPU interpreter works."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not tiny:
         raise ValueError("full-size benchmarks need a CUDA GPU; use tiny=True (--tiny) for a CPU smoke run")
@@ -358,7 +394,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 shapes: a smoke run (CPU: TRITON_INTERPRET=1)")
     parser.add_argument("--sections", nargs="+", default=["conv", "norm", "kda"], choices=list(_SECTIONS),
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
-                        "attn_res: the depth attention)")
+                        "attn_res: the depth attention; attn_res_prefill: its two-phase inference)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="peak copy bandwidth for the floor, TB/s")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "
