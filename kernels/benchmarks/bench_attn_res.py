@@ -208,29 +208,48 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
+DECODE_PROFILE_ITERS = 5  # profiled decode steps (gpu_time_table runs 1 + 2 * this steps)
+
+
 def decode_ms(
-    model, prompt: torch.Tensor, warmup: int, steps: int, device: torch.device, static_cache: bool = False
+    model,
+    prompt: torch.Tensor,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    static_cache: bool = False,
+    profile_title: str | None = None,
 ) -> float | None:
     """Median latency of one greedy cached one-token step at B1 (after ``warmup`` untimed steps).
 
     ``static_cache`` (Kimi Linear): a :class:`~kimi_hf.KimiLinearStaticCache`, so that on CUDA the steps
     after the first are one CUDA-graph replay each (GPU-bound instead of host-bound).
+    ``profile_title``: then also print the GPU time of a decode step (``gpu_time_table``, after the timed steps).
     """
+    extra = 1 + 2 * DECODE_PROFILE_ITERS if profile_title else 0
     static = {}
     if static_cache and isinstance(model, KimiLinearForCausalLM):
-        static = {CACHE_FIELD: KimiLinearStaticCache(model.config, prompt.shape[1] + warmup + steps)}
+        static = {CACHE_FIELD: KimiLinearStaticCache(model.config, prompt.shape[1] + warmup + steps + extra)}
     out = model(prompt, use_cache=True, **static)
     cache = _cache_of(out)
     token = out.logits[:, -1:].argmax(-1)
+
+    def step():
+        nonlocal token
+        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
     times = []
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
+        step()
         _sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
+    if profile_title:
+        from _profile import gpu_time_table
+
+        print(gpu_time_table(step, profile_title, iters=DECODE_PROFILE_ITERS, top=15), flush=True)
     return statistics.median(times) if times else None
 
 
@@ -293,8 +312,9 @@ def bench_variant(
             if warm_only:
                 decode_ms(model, prompt, args.decode_warmup, 0, device, args.static_cache)
             else:
+                title = f"{model.config.model_type} {impl}: decode" if args.profile and device.type == "cuda" else None
                 row["decode_ms"] = decode_ms(
-                    model, prompt, args.decode_warmup, args.decode_tokens, device, args.static_cache
+                    model, prompt, args.decode_warmup, args.decode_tokens, device, args.static_cache, title
                 )
     return row
 
@@ -359,8 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file (rewritten after each row)")
     p.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
                    help="launch constants of kimi_hf.kernels for this run (e.g. attn_res.fused.BWD_SOURCE_TILE=4)")
-    p.add_argument("--profile", action="store_true", help="after each timed training step and prefill, print its "
-                   "per-kernel GPU time and wall time (CUDA)")  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="after each timed training step, prefill and decode, print "
+                   "its per-kernel GPU time and wall time (CUDA)")  # fmt: skip
     args = p.parse_args(argv)
     try:
         args.launch_constants = set_launch_constants(args.set)
