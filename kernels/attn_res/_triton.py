@@ -279,13 +279,13 @@ def param_grad_kernel(
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])
 def phase1_kernel(
-    store_ptr, rstd_ptr, u_ptr, out_ptr, lse_ptr, score_ptr,
+    store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, score_ptr,
     n_src, n_q, M, D,
     BM: tl.constexpr, Q_PAD: tl.constexpr, Q_DOT: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_BF16: tl.constexpr,
 ):  # fmt: skip
     """Two-phase inference, phase 1: n_q pseudo-queries against the n_src completed sources for BM rows.
 
-    ``u`` [n_q, D] float32 holds query * gain (the key RMSNorm's gain folded in). Writes out [n_q, M, D]
+    ``q``, ``g`` [n_q, D]: the queries and key gains, u = q * g formed in float32. Writes out [n_q, M, D]
     (softmax-normalised over the sources), lse [n_q, M], and uses ``score`` [n_src, n_q, M] float32 as this
     program's scratch for the raw scores between its two passes over the sources.
 
@@ -293,6 +293,8 @@ def phase1_kernel(
     [BLOCK_D, Q_DOT]: the queries are read once per row block, not once per row and source. With SPLIT_BF16 (bf16
     sources) the float32 ``u`` enters the tensor cores as two bf16 halves, hi + lo (about 16 mantissa bits);
     otherwise the dot runs in float32. Pass 2 re-reads each source chunk once (from cache) for all the queries.
+    (u is formed in-kernel rather than once by the launcher: in a decode step, the launches of that small product
+    would cost more GPU time than the re-reads of q and g, from cache, cost here.)
     """
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64: n_src * M * D may exceed 2^31
     row_mask = rows < M
@@ -309,7 +311,7 @@ def phase1_kernel(
                 mask=row_mask[:, None] & (cols < D)[None, :], other=0.0,
             )  # fmt: skip
             u_mask = (qd < n_q)[None, :] & (cols < D)[:, None]
-            u = tl.load(u_ptr + qd[None, :] * D + cols[:, None], mask=u_mask, other=0.0)  # [BLOCK_D, Q_DOT]
+            u = _query_key(q_ptr, g_ptr, qd[None, :] * D + cols[:, None], u_mask)  # [BLOCK_D, Q_DOT]
             if SPLIT_BF16:
                 u_hi = u.to(tl.bfloat16)
                 s = tl.dot(v, u_hi, s)

@@ -33,11 +33,10 @@ def phase1(
     out = torch.empty((q, m, d), dtype=storage.store.dtype, device=dev)
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     scores = torch.empty((n, q, m), dtype=torch.float32, device=dev)
-    u = queries.float() * gains.float()  # [Q, D]: the key gain folded into each query, once per block
     q_pad = triton.next_power_of_2(q)
     chunk = max(16, min(triton.next_power_of_2(d), PHASE1_ACC_ELEMENTS // (q_pad * PHASE1_ROWS)))
     _triton.phase1_kernel[(triton.cdiv(m, PHASE1_ROWS),)](
-        storage.store, storage.rstd, u, out, lse, scores, n, q, m, d,
+        storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse, scores, n, q, m, d,
         BM=PHASE1_ROWS, Q_PAD=q_pad, Q_DOT=max(16, q_pad), BLOCK_D=chunk,
         SPLIT_BF16=storage.store.dtype == torch.bfloat16, num_warps=PHASE1_WARPS,
     )  # fmt: skip
