@@ -126,17 +126,17 @@ def depth_attn_fwd_kernel(
 @triton.jit
 def _chunk_sources(store_ptr, part_ptr, n_src, M, D, rows, row_mask, cols, col_mask,
                    HAS_PARTIAL: tl.constexpr, N_PAD: tl.constexpr):  # fmt: skip
-    """One hidden chunk of a row block's sources as an [N_PAD, BM, BLOCK_D] float32 tile, every load issued at once:
+    """One hidden chunk of a row block's sources as a [BM, N_PAD, BLOCK_D] float32 tile, every load issued at once:
     stored sources 0 .. n_src - 1, then (HAS_PARTIAL) the partial sum at n_src, zeros past them. Returns (tile,
     offsets and mask of the stored rows, in the store's and its gradient's layout)."""
     idx = tl.arange(0, N_PAD)
     rc_mask = row_mask[:, None] & col_mask[None, :]
-    offs = (idx[:, None, None].to(tl.int64) * M + rows[None, :, None]) * D + cols[None, None, :]
-    mask = (idx < n_src)[:, None, None] & rc_mask[None, :, :]
+    offs = (idx[None, :, None].to(tl.int64) * M + rows[:, None, None]) * D + cols[None, None, :]
+    mask = (idx < n_src)[None, :, None] & rc_mask[:, None, :]
     v = tl.load(store_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_PARTIAL:
         vp = tl.load(part_ptr + rows[:, None] * D + cols[None, :], mask=rc_mask, other=0.0).to(tl.float32)
-        v = tl.where((idx == n_src)[:, None, None], vp[None, :, :], v)
+        v = tl.where((idx == n_src)[None, :, None], vp[:, None, :], v)
     return v, offs, mask
 
 
@@ -148,7 +148,9 @@ def depth_attn_bwd_kernel(
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Backward of ``depth_attn_fwd_kernel``, BM rows at a time (a program walks row blocks pid, pid + P, ...).
+    """Backward of ``depth_attn_fwd_kernel``, BM rows at a time (a program walks row blocks pid, pid + P, ...),
+    one warp per row (BM = num_warps): a row's sum over its sources stays within a thread, over its hidden chunk
+    within its warp.
 
     With the forward's scores s_i and log-sum-exp: alpha_i = exp(s_i - lse), h = sum_i alpha_i v_i. Per source
     ds_i = alpha_i (dh . v_i - dh . h) and dv_i = alpha_i dh + ds_i r_i u - ds_i s_i r_i^2 v_i / D, du += ds_i r_i v_i.
@@ -163,7 +165,7 @@ def depth_attn_bwd_kernel(
     """
     pid = tl.program_id(0)
     idx = tl.arange(0, N_PAD)
-    is_partial = idx == n_src
+    is_partial = (idx == n_src)[None, :]
     n_all = n_src
     if HAS_PARTIAL:
         n_all = n_src + 1
@@ -171,16 +173,16 @@ def depth_attn_bwd_kernel(
     for rb in range(pid, tl.cdiv(M, BM), tl.num_programs(0)):
         rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)  # int64 offsets: S_max * M * D may exceed 2^31
         row_mask = rows < M
-        sr_mask = (idx < n_all)[:, None] & row_mask[None, :]
-        s = tl.load(score_ptr + idx[:, None] * M + rows[None, :], mask=sr_mask, other=0.0)  # [N_PAD, BM]
+        rs_mask = row_mask[:, None] & (idx < n_all)[None, :]
+        s = tl.load(score_ptr + idx[None, :] * M + rows[:, None], mask=rs_mask, other=0.0)  # [BM, N_PAD]
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        alpha = tl.where(sr_mask, tl.exp(s - lse[None, :]), 0.0)
-        r = tl.load(rstd_ptr + idx[:, None] * M + rows[None, :], mask=(idx < n_src)[:, None] & row_mask[None, :],
+        alpha = tl.where(rs_mask, tl.exp(s - lse[:, None]), 0.0)
+        r = tl.load(rstd_ptr + idx[None, :] * M + rows[:, None], mask=row_mask[:, None] & (idx < n_src)[None, :],
                     other=0.0)  # fmt: skip
         hr = tl.load(hrstd_ptr + rows, mask=row_mask, other=0.0) if HAS_NORM else lse
         # pass 1: g . v_i (a), xhat . v_i (b), g . xhat (c), g . h, xhat . h, and the partial's sum of squares
-        a = tl.zeros((N_PAD, BM), tl.float32)
-        b = tl.zeros((N_PAD, BM), tl.float32)
+        a = tl.zeros((BM, N_PAD), tl.float32)
+        b = tl.zeros((BM, N_PAD), tl.float32)
         c = tl.zeros((BM,), tl.float32)
         gh = tl.zeros((BM,), tl.float32)
         xh = tl.zeros((BM,), tl.float32)
@@ -191,28 +193,28 @@ def depth_attn_bwd_kernel(
             v, _, _ = _chunk_sources(
                 store_ptr, part_ptr, n_src, M, D, rows, row_mask, cols, col_mask, HAS_PARTIAL, N_PAD
             )
-            h = tl.sum(alpha[:, :, None] * v, axis=0)
+            h = tl.sum(alpha[:, :, None] * v, axis=1)
             g = tl.load(dout_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
                         other=0.0).to(tl.float32)  # fmt: skip
             if HAS_NORM:
                 g *= tl.load(wn_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
                 xhat = h.to(dtype).to(tl.float32) * hr[:, None]  # the rounded h the forward normalised
-                b += tl.sum(xhat[None, :, :] * v, axis=2)
+                b += tl.sum(xhat[:, None, :] * v, axis=2)
                 c += tl.sum(g * xhat, axis=1)
                 xh += tl.sum(xhat * h, axis=1)
-            a += tl.sum(g[None, :, :] * v, axis=2)
+            a += tl.sum(g[:, None, :] * v, axis=2)
             gh += tl.sum(g * h, axis=1)
             if HAS_PARTIAL:
-                pp += tl.sum(tl.sum(tl.where(is_partial[:, None, None], v * v, 0.0), axis=0), axis=1)
+                pp += tl.sum(tl.sum(tl.where(is_partial[:, :, None], v * v, 0.0), axis=2), axis=1)
         k = c / D
         if HAS_NORM:
-            ds = alpha * (hr[None, :] * (a - k[None, :] * b) - (hr * (gh - k * xh))[None, :])
+            ds = alpha * (hr[:, None] * (a - k[:, None] * b) - (hr * (gh - k * xh))[:, None])
         else:
-            ds = alpha * (a - gh[None, :])
+            ds = alpha * (a - gh[:, None])
         if HAS_PARTIAL:
-            r = tl.where(is_partial[:, None], (1.0 / tl.sqrt(pp / D + eps))[None, :], r)
+            r = tl.where(is_partial, (1.0 / tl.sqrt(pp / D + eps))[:, None], r)
         cu = ds * r  # dv_i's coefficient of u, and du's of v_i
-        cv = -ds * s * r * r / D  # dv_i's coefficient of v_i (zero on padding rows: ds is)
+        cv = -ds * s * r * r / D  # dv_i's coefficient of v_i (zero on padding: ds is)
         # pass 2: dh, the sources' gradients, and this row block's share of du and dwn
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -224,7 +226,7 @@ def depth_attn_bwd_kernel(
             g_old = tl.load(gstore_ptr + offs, mask=mask, other=0.0)
             dout = tl.load(dout_ptr + rows[:, None] * D + cols[None, :], mask=rc_mask, other=0.0).to(tl.float32)
             if HAS_NORM:
-                h = tl.sum(alpha[:, :, None] * v, axis=0)
+                h = tl.sum(alpha[:, :, None] * v, axis=1)
                 xhat = h.to(dtype).to(tl.float32) * hr[:, None]
                 wn = tl.load(wn_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
                 dh = hr[:, None] * (dout * wn[None, :] - xhat * k[:, None])
@@ -232,13 +234,13 @@ def depth_attn_bwd_kernel(
             else:
                 dh = dout
             u = _query_key(q_ptr, g_ptr, cols, col_mask)
-            dv = alpha[:, :, None] * dh[None, :, :] + cu[:, :, None] * u[None, None, :] + cv[:, :, None] * v
+            dv = alpha[:, :, None] * dh[:, None, :] + cu[:, :, None] * u[None, None, :] + cv[:, :, None] * v
             tl.store(gstore_ptr + offs, (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty), mask=mask)
             if HAS_PARTIAL:
-                dvp = tl.sum(tl.where(is_partial[:, None, None], dv, 0.0), axis=0)
+                dvp = tl.sum(tl.where(is_partial[:, :, None], dv, 0.0), axis=1)
                 dp_ptrs = dpart_ptr + rows[:, None] * D + cols[None, :]
                 tl.store(dp_ptrs, dvp.to(dpart_ptr.dtype.element_ty), mask=rc_mask)
-            du = tl.sum(tl.sum(cu[:, :, None] * v, axis=0), axis=0)
+            du = tl.sum(tl.sum(cu[:, :, None] * v, axis=1), axis=0)
             # this program's rows of du / dwn: written at its first row block, then read-modify-written; the barrier
             # orders the previous row block's writes of other threads before this read
             tl.debug_barrier()
@@ -282,6 +284,7 @@ def phase1_kernel(
     store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, score_ptr,
     n_src, n_q, M, D,
     BM: tl.constexpr, Q_PAD: tl.constexpr, Q_DOT: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_BF16: tl.constexpr,
+    OUT_ROWS: tl.constexpr, OUT_D: tl.constexpr,
 ):  # fmt: skip
     """Two-phase inference, phase 1: n_q pseudo-queries against the n_src completed sources for BM rows.
 
@@ -292,7 +295,9 @@ def phase1_kernel(
     Pass 1 takes every query's scores of a row block as one dot per source and hidden chunk, [BM, BLOCK_D] x
     [BLOCK_D, Q_DOT]: the queries are read once per row block, not once per row and source. With SPLIT_BF16 (bf16
     sources) the float32 ``u`` enters the tensor cores as two bf16 halves, hi + lo (about 16 mantissa bits);
-    otherwise the dot runs in float32. Pass 2 re-reads each source chunk once (from cache) for all the queries.
+    otherwise the dot runs in float32. Pass 2 re-reads each source chunk once (from cache) for all the queries,
+    OUT_ROWS rows (one per warp) by OUT_D columns at a time: its [OUT_ROWS, Q_PAD, OUT_D] accumulator keeps a row's
+    queries in one thread and its columns in one warp.
     (u is formed in-kernel rather than once by the launcher: in a decode step, the launches of that small product
     would cost more GPU time than the re-reads of q and g, from cache, cost here.)
     """
@@ -326,19 +331,26 @@ def phase1_kernel(
     tl.store(lse_ptr + qd[None, :] * M + rows[:, None], m + tl.log(denom), mask=rq_mask)
     tl.debug_barrier()  # pass 2 reads scores and lse written by other threads of this program
     qs = tl.arange(0, Q_PAD)
-    qr_mask = (qs < n_q)[:, None] & row_mask[None, :]
-    qr = qs[:, None] * M + rows[None, :]  # [Q_PAD, BM] offsets into [n_q, M]
-    lse = tl.load(lse_ptr + qr, mask=qr_mask, other=0.0)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        acc = tl.zeros((Q_PAD, BM, BLOCK_D), tl.float32)
-        for i in range(n_src):
-            v = tl.load(store_ptr + (i * M + rows[:, None]) * D + cols[None, :], mask=mask, other=0.0)
-            alpha = tl.exp(tl.load(score_ptr + i * n_q * M + qr, mask=qr_mask, other=0.0) - lse)
-            acc += alpha[:, :, None] * v.to(tl.float32)[None, :, :]
-        o_ptrs = out_ptr + qr[:, :, None] * D + cols[None, None, :]
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=qr_mask[:, :, None] & (cols < D)[None, None, :])
+    for r0 in range(0, BM, OUT_ROWS):
+        rows2 = tl.program_id(0).to(tl.int64) * BM + r0 + tl.arange(0, OUT_ROWS)
+        rq2_mask = (rows2 < M)[:, None] & (qs < n_q)[None, :]
+        rq2 = qs[None, :] * M + rows2[:, None]  # [OUT_ROWS, Q_PAD] offsets into [n_q, M]
+        lse = tl.load(lse_ptr + rq2, mask=rq2_mask, other=0.0)
+        for d0 in range(0, D, OUT_D):
+            cols = d0 + tl.arange(0, OUT_D)
+            # [OUT_ROWS, 1, OUT_D] loads, and the accumulator started from the first source's product rather than
+            # zeros: the accumulator then takes the loads' layout (a row per warp), not a default one that would
+            # convert every load through shared memory
+            offs = rows2[:, None, None] * D + cols[None, None, :]
+            mask = (rows2 < M)[:, None, None] & (cols < D)[None, None, :]
+            alpha = tl.exp(tl.load(score_ptr + rq2, mask=rq2_mask, other=0.0) - lse)
+            acc = alpha[:, :, None] * tl.load(store_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            for i in range(1, n_src):
+                v = tl.load(store_ptr + i * M * D + offs, mask=mask, other=0.0)
+                alpha = tl.exp(tl.load(score_ptr + i * n_q * M + rq2, mask=rq2_mask, other=0.0) - lse)
+                acc += alpha[:, :, None] * v.to(tl.float32)
+            o_ptrs = out_ptr + rq2[:, :, None] * D + cols[None, None, :]
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rq2_mask[:, :, None] & (cols < D)[None, None, :])
 
 
 @triton.jit

@@ -41,9 +41,8 @@ def num_warps(d: int) -> int:
 # a sweep by kernel GPU time on an H200 (bench_small_ops.py --sections attn_res, D 2048 bf16; BENCHMARKS.md).
 FWD_SOURCE_TILE = 1  # sources (stored + the partial sum) whose loads a forward program issues together
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
-BWD_ROWS = 4  # rows per backward row block
-BWD_TILE_ELEMENTS = 4096  # elements of a backward [sources, rows, hidden chunk] tile (sets the chunk width)
-BWD_WARPS = 4
+BWD_WARPS = 4  # backward: warps, one row each (rows per row block)
+BWD_CHUNK = 256  # backward: hidden chunk (a warp's 32 threads x 8 elements: 16-byte bf16 loads)
 BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient partials) per SM
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 
@@ -142,9 +141,7 @@ def depth_attn_bwd(
     Returns (dpartial [M, D] or None, dquery [D], dgain [D], dnorm_weight [D] or None), each in its input's dtype.
     """
     m, d = storage.store.shape[1:]
-    grid = _backward_grid(triton.cdiv(m, BWD_ROWS), dout.device)
-    n_pad = triton.next_power_of_2(n + (partial is not None))
-    chunk = max(16, min(triton.next_power_of_2(d), BWD_TILE_ELEMENTS // (n_pad * BWD_ROWS)))
+    grid = _backward_grid(triton.cdiv(m, BWD_WARPS), dout.device)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
@@ -154,8 +151,9 @@ def depth_attn_bwd(
         norm_weight if norm_weight is not None else gain, dout, lse, scores, h_rstd if h_rstd is not None else lse,
         gstore, dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
         n, m, d, storage.eps,
-        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, N_PAD=n_pad, BM=BWD_ROWS, BLOCK_D=chunk,
-        num_warps=BWD_WARPS,
+        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
+        N_PAD=triton.next_power_of_2(n + (partial is not None)), BM=BWD_WARPS,
+        BLOCK_D=min(triton.next_power_of_2(d), BWD_CHUNK), num_warps=BWD_WARPS,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None

@@ -15,12 +15,13 @@ from . import _triton
 from .fused import SourceStorage, block_d, num_warps
 
 
-# Launch constants of phase 1 (``--set attn_res.two_phase.NAME=INT`` in the benchmarks): rows per program, and the
-# float32 elements of its [Q_PAD, rows, hidden chunk] output accumulator (the chunk is the widest power of two
-# within this budget, at least 16 for the dot).
-PHASE1_ROWS = 16
-PHASE1_ACC_ELEMENTS = 4096
+# Launch constants of phase 1 (``--set attn_res.two_phase.NAME=INT`` in the benchmarks): rows per program and hidden
+# chunk of its scores pass (dots of [rows, chunk] x [chunk, queries]; rows >= 16), warps (the outputs pass takes one
+# row per warp at a time) and hidden chunk of the outputs pass.
+PHASE1_ROWS = 32
+PHASE1_SCORE_CHUNK = 128
 PHASE1_WARPS = 4
+PHASE1_OUT_CHUNK = 256
 
 
 def phase1(
@@ -34,11 +35,12 @@ def phase1(
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     scores = torch.empty((n, q, m), dtype=torch.float32, device=dev)
     q_pad = triton.next_power_of_2(q)
-    chunk = max(16, min(triton.next_power_of_2(d), PHASE1_ACC_ELEMENTS // (q_pad * PHASE1_ROWS)))
+    width = triton.next_power_of_2(d)
     _triton.phase1_kernel[(triton.cdiv(m, PHASE1_ROWS),)](
         storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse, scores, n, q, m, d,
-        BM=PHASE1_ROWS, Q_PAD=q_pad, Q_DOT=max(16, q_pad), BLOCK_D=chunk,
-        SPLIT_BF16=storage.store.dtype == torch.bfloat16, num_warps=PHASE1_WARPS,
+        BM=PHASE1_ROWS, Q_PAD=q_pad, Q_DOT=max(16, q_pad), BLOCK_D=max(16, min(width, PHASE1_SCORE_CHUNK)),
+        SPLIT_BF16=storage.store.dtype == torch.bfloat16, OUT_ROWS=PHASE1_WARPS, OUT_D=min(width, PHASE1_OUT_CHUNK),
+        num_warps=PHASE1_WARPS,
     )  # fmt: skip
     return out, lse
 
