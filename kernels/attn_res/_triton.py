@@ -146,7 +146,7 @@ def depth_attn_bwd_kernel(
     gstore_ptr, dpart_ptr, du_ptr, dwn_ptr,
     n_src, M, D, eps,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel``, BM rows at a time (a program walks row blocks pid, pid + P, ...),
     one warp per row (BM = num_warps): a row's sum over its sources stays within a thread, over its hidden chunk
@@ -160,7 +160,8 @@ def depth_attn_bwd_kernel(
          taken apart: dh . v_i = hr (g . v_i - (g . xhat) / D xhat . v_i), likewise dh . h;
       2. dh and every dv_i, chunk by chunk: stored sources' gradients are ACCUMULATED into gstore (a block's gradient
          sums over every later reader), the partial's written to dpart.
-    The second pass re-reads the row block's sources from cache. Each program accumulates its rows' du (and the
+    The second pass re-reads the row block's sources from cache. Both loops are software-pipelined over STAGES chunks
+    (the next chunks' loads in flight while one is computed: a warp's own loads are too few to hide the latency). Each program accumulates its rows' du (and the
     PreNorm gain's dwn) in its own row of du / dwn [P, D], reduced by ``param_grad_kernel`` (deterministic).
     """
     pid = tl.program_id(0)
@@ -187,7 +188,7 @@ def depth_attn_bwd_kernel(
         gh = tl.zeros((BM,), tl.float32)
         xh = tl.zeros((BM,), tl.float32)
         pp = tl.zeros((BM,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             v, _, _ = _chunk_sources(
@@ -216,7 +217,7 @@ def depth_attn_bwd_kernel(
         cu = ds * r  # dv_i's coefficient of u, and du's of v_i
         cv = -ds * s * r * r / D  # dv_i's coefficient of v_i (zero on padding: ds is)
         # pass 2: dh, the sources' gradients, and this row block's share of du and dwn
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             rc_mask = row_mask[:, None] & col_mask[None, :]
@@ -281,76 +282,47 @@ def param_grad_kernel(
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])
 def phase1_kernel(
-    store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, score_ptr,
+    store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr,
     n_src, n_q, M, D,
-    BM: tl.constexpr, Q_PAD: tl.constexpr, Q_DOT: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_BF16: tl.constexpr,
-    OUT_ROWS: tl.constexpr, OUT_D: tl.constexpr,
+    Q_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Two-phase inference, phase 1: n_q pseudo-queries against the n_src completed sources for BM rows.
+    """Two-phase inference, phase 1: n_q pseudo-queries (q, g [n_q, D]) against the n_src completed sources.
 
-    ``q``, ``g`` [n_q, D]: the queries and key gains, u = q * g formed in float32. Writes out [n_q, M, D]
-    (softmax-normalised over the sources), lse [n_q, M], and uses ``score`` [n_src, n_q, M] float32 as this
-    program's scratch for the raw scores between its two passes over the sources.
-
-    Pass 1 takes every query's scores of a row block as one dot per source and hidden chunk, [BM, BLOCK_D] x
-    [BLOCK_D, Q_DOT]: the queries are read once per row block, not once per row and source. With SPLIT_BF16 (bf16
-    sources) the float32 ``u`` enters the tensor cores as two bf16 halves, hi + lo (about 16 mantissa bits);
-    otherwise the dot runs in float32. Pass 2 re-reads each source chunk once (from cache) for all the queries,
-    OUT_ROWS rows (one per warp) by OUT_D columns at a time: its [OUT_ROWS, Q_PAD, OUT_D] accumulator keeps a row's
-    queries in one thread and its columns in one warp.
-    (u is formed in-kernel rather than once by the launcher: in a decode step, the launches of that small product
-    would cost more GPU time than the re-reads of q and g, from cache, cost here.)
+    Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. The hidden dimension is
+    walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile stays in registers.
     """
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64: n_src * M * D may exceed 2^31
-    row_mask = rows < M
-    qd = tl.arange(0, Q_DOT)
-    rq_mask = row_mask[:, None] & (qd < n_q)[None, :]
-    m = tl.full((BM, Q_DOT), float("-inf"), tl.float32)
-    denom = tl.zeros((BM, Q_DOT), tl.float32)
+    row = tl.program_id(0).to(tl.int64)
+    qs = tl.arange(0, Q_PAD)
+    idx = tl.arange(0, N_PAD)
+    q_mask = qs < n_q
+    scores = tl.zeros((Q_PAD, N_PAD), tl.float32)
     for i in range(n_src):
-        s = tl.zeros((BM, Q_DOT), tl.float32)
+        dots = tl.zeros((Q_PAD,), tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            v = tl.load(
-                store_ptr + (i * M + rows[:, None]) * D + cols[None, :],
-                mask=row_mask[:, None] & (cols < D)[None, :], other=0.0,
-            )  # fmt: skip
-            u_mask = (qd < n_q)[None, :] & (cols < D)[:, None]
-            u = _query_key(q_ptr, g_ptr, qd[None, :] * D + cols[:, None], u_mask)  # [BLOCK_D, Q_DOT]
-            if SPLIT_BF16:
-                u_hi = u.to(tl.bfloat16)
-                s = tl.dot(v, u_hi, s)
-                s = tl.dot(v, (u - u_hi.to(tl.float32)).to(tl.bfloat16), s)
-            else:
-                s = tl.dot(v.to(tl.float32), u, s, input_precision="ieee")
-        s *= tl.load(rstd_ptr + i * M + rows, mask=row_mask, other=0.0)[:, None]
-        tl.store(score_ptr + (i * n_q + qd[None, :]) * M + rows[:, None], s, mask=rq_mask)
-        m_new = tl.maximum(m, s)
-        denom = denom * tl.exp(m - m_new) + tl.exp(s - m_new)
-        m = m_new
-    tl.store(lse_ptr + qd[None, :] * M + rows[:, None], m + tl.log(denom), mask=rq_mask)
-    tl.debug_barrier()  # pass 2 reads scores and lse written by other threads of this program
-    qs = tl.arange(0, Q_PAD)
-    for r0 in range(0, BM, OUT_ROWS):
-        rows2 = tl.program_id(0).to(tl.int64) * BM + r0 + tl.arange(0, OUT_ROWS)
-        rq2_mask = (rows2 < M)[:, None] & (qs < n_q)[None, :]
-        rq2 = qs[None, :] * M + rows2[:, None]  # [OUT_ROWS, Q_PAD] offsets into [n_q, M]
-        lse = tl.load(lse_ptr + rq2, mask=rq2_mask, other=0.0)
-        for d0 in range(0, D, OUT_D):
-            cols = d0 + tl.arange(0, OUT_D)
-            # [OUT_ROWS, 1, OUT_D] loads, and the accumulator started from the first source's product rather than
-            # zeros: the accumulator then takes the loads' layout (a row per warp), not a default one that would
-            # convert every load through shared memory
-            offs = rows2[:, None, None] * D + cols[None, None, :]
-            mask = (rows2 < M)[:, None, None] & (cols < D)[None, None, :]
-            alpha = tl.exp(tl.load(score_ptr + rq2, mask=rq2_mask, other=0.0) - lse)
-            acc = alpha[:, :, None] * tl.load(store_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            for i in range(1, n_src):
-                v = tl.load(store_ptr + i * M * D + offs, mask=mask, other=0.0)
-                alpha = tl.exp(tl.load(score_ptr + i * n_q * M + rq2, mask=rq2_mask, other=0.0) - lse)
-                acc += alpha[:, :, None] * v.to(tl.float32)
-            o_ptrs = out_ptr + rq2[:, :, None] * D + cols[None, None, :]
-            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rq2_mask[:, :, None] & (cols < D)[None, None, :])
+            mask = cols < D
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            u = _query_key(q_ptr, g_ptr, qs[:, None] * D + cols[None, :], q_mask[:, None] & mask[None, :])
+            dots += tl.sum(u * v[None, :], axis=1)
+        r = tl.load(rstd_ptr + i * M + row)
+        scores = tl.where(idx[None, :] == i, (r * dots)[:, None], scores)
+    valid = idx[None, :] < n_src
+    scores = tl.where(valid, scores, float("-inf"))
+    m = tl.max(scores, axis=1)
+    p = tl.where(valid, tl.exp(scores - m[:, None]), 0.0)
+    denom = tl.sum(p, axis=1)
+    alpha = p / denom[:, None]
+    tl.store(lse_ptr + qs * M + row, m + tl.log(denom), mask=q_mask)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        acc = tl.zeros((Q_PAD, BLOCK_D), tl.float32)
+        for i in range(n_src):
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            a_i = tl.sum(tl.where(idx[None, :] == i, alpha, 0.0), axis=1)
+            acc += a_i[:, None] * v[None, :]
+        o_ptrs = out_ptr + (qs[:, None] * M + row) * D + cols[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & mask[None, :])
 
 
 @triton.jit

@@ -43,6 +43,7 @@ FWD_SOURCE_TILE = 1  # sources (stored + the partial sum) whose loads a forward 
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_WARPS = 4  # backward: warps, one row each (rows per row block)
 BWD_CHUNK = 256  # backward: hidden chunk (a warp's 32 threads x 8 elements: 16-byte bf16 loads)
+BWD_STAGES = 2  # backward: hidden chunks in flight (software pipelining of its two loops)
 BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient partials) per SM
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 
@@ -153,7 +154,7 @@ def depth_attn_bwd(
         n, m, d, storage.eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
         N_PAD=triton.next_power_of_2(n + (partial is not None)), BM=BWD_WARPS,
-        BLOCK_D=min(triton.next_power_of_2(d), BWD_CHUNK), num_warps=BWD_WARPS,
+        BLOCK_D=min(triton.next_power_of_2(d), BWD_CHUNK), STAGES=BWD_STAGES, num_warps=BWD_WARPS,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None

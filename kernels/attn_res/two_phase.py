@@ -15,32 +15,19 @@ from . import _triton
 from .fused import SourceStorage, block_d, num_warps
 
 
-# Launch constants of phase 1 (``--set attn_res.two_phase.NAME=INT`` in the benchmarks): rows per program and hidden
-# chunk of its scores pass (dots of [rows, chunk] x [chunk, queries]; rows >= 16), warps (the outputs pass takes one
-# row per warp at a time) and hidden chunk of the outputs pass.
-PHASE1_ROWS = 32
-PHASE1_SCORE_CHUNK = 128
-PHASE1_WARPS = 4
-PHASE1_OUT_CHUNK = 256
-
-
-def phase1(
-    storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def phase1(storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``queries``/``gains`` [Q, D] against the first ``n`` stored sources -> (out [Q, M, D], lse [Q, M] float32)."""
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
-    dev = storage.store.device
-    out = torch.empty((q, m, d), dtype=storage.store.dtype, device=dev)
-    lse = torch.empty((q, m), dtype=torch.float32, device=dev)
-    scores = torch.empty((n, q, m), dtype=torch.float32, device=dev)
-    q_pad = triton.next_power_of_2(q)
-    width = triton.next_power_of_2(d)
-    _triton.phase1_kernel[(triton.cdiv(m, PHASE1_ROWS),)](
-        storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse, scores, n, q, m, d,
-        BM=PHASE1_ROWS, Q_PAD=q_pad, Q_DOT=max(16, q_pad), BLOCK_D=max(16, min(width, PHASE1_SCORE_CHUNK)),
-        SPLIT_BF16=storage.store.dtype == torch.bfloat16, OUT_ROWS=PHASE1_WARPS, OUT_D=min(width, PHASE1_OUT_CHUNK),
-        num_warps=PHASE1_WARPS,
+    out = torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
+    lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
+    q_pad = max(2, triton.next_power_of_2(q))
+    # keep the [Q_PAD, BLOCK_D] float32 query tile at <= 8K elements per program
+    chunk = min(block_d(d), max(16, 8192 // q_pad))
+    _triton.phase1_kernel[(m,)](
+        storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse,
+        n, q, m, d,
+        Q_PAD=q_pad, N_PAD=max(2, triton.next_power_of_2(n)), BLOCK_D=chunk, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse
 
