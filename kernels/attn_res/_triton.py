@@ -73,9 +73,37 @@ def _source_tile(
     return v, r, stored, is_partial
 
 
+@triton.jit
+def _tile_scores(v, r, valid, u, lse):
+    """Scores s = r (u . v) [SRC_TILE] of a source tile and, given the forward's log-sum-exp, the weights
+    alpha = exp(s - lse) (zero on padding rows)."""
+    s = r * tl.sum(v * u[None, :], axis=1)
+    return s, tl.where(valid, tl.exp(s - lse), 0.0)
+
+
+@triton.jit
+def _scored_tile(
+    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse,
+    HAS_PARTIAL: tl.constexpr, SRC_TILE: tl.constexpr,
+):  # fmt: skip
+    """``_source_tile`` and its ``_tile_scores``: (tile, rstd, stored, is_partial, s, alpha)."""
+    v, r, stored, is_partial = _source_tile(
+        store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+    )
+    s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
+    return v, r, stored, is_partial, s, alpha
+
+
+@triton.jit
+def _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE: tl.constexpr):
+    """Offsets [SRC_TILE, BLOCK_D] and mask of the stored sources' gradient rows of a tile starting at source s0."""
+    offs = (((s0 + tl.arange(0, SRC_TILE)).to(tl.int64) * M + row) * D)[:, None] + cols[None, :]
+    return offs, stored[:, None] & mask[None, :]
+
+
 @triton.jit(do_not_specialize=["n_src", "M"])
 def depth_attn_fwd_kernel(
-    store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, score_ptr, hrstd_ptr,
+    store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
     n_src, M, D, eps, norm_eps,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
 ):  # fmt: skip
@@ -85,8 +113,6 @@ def depth_attn_fwd_kernel(
 
     With HAS_NORM the sublayer's PreNorm is fused: out = wn * (h * rsqrt(mean(h^2) + norm_eps)) (rounded to the
     output dtype before the gain, as transformers' RMSNorm does) and h itself is never written.
-    The raw scores go to score [n_src (+ 1), M] float32 (the partial's last) for the backward, which then needs no
-    pass of its own to recompute them.
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -103,9 +129,7 @@ def depth_attn_fwd_kernel(
         v, r, stored, is_partial = _source_tile(
             store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
         )
-        valid = stored | is_partial
-        s = tl.where(valid, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
-        tl.store(score_ptr + (s0 + tl.arange(0, SRC_TILE)) * M + row, s, mask=valid)
+        s = tl.where(stored | is_partial, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))  # finite: every tile holds a source
         p = tl.exp(s - m_new)
         scale = tl.exp(m - m_new)
@@ -124,133 +148,103 @@ def depth_attn_fwd_kernel(
 
 
 @triton.jit
-def _chunk_sources(store_ptr, part_ptr, n_src, M, D, rows, row_mask, cols, col_mask,
-                   HAS_PARTIAL: tl.constexpr, N_PAD: tl.constexpr):  # fmt: skip
-    """One hidden chunk of a row block's sources as a [BM, N_PAD, BLOCK_D] float32 tile, every load issued at once:
-    stored sources 0 .. n_src - 1, then (HAS_PARTIAL) the partial sum at n_src, zeros past them. Returns (tile,
-    offsets and mask of the stored rows, in the store's and its gradient's layout)."""
-    idx = tl.arange(0, N_PAD)
-    rc_mask = row_mask[:, None] & col_mask[None, :]
-    offs = (idx[None, :, None].to(tl.int64) * M + rows[:, None, None]) * D + cols[None, None, :]
-    mask = (idx < n_src)[None, :, None] & rc_mask[:, None, :]
-    v = tl.load(store_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_PARTIAL:
-        vp = tl.load(part_ptr + rows[:, None] * D + cols[None, :], mask=rc_mask, other=0.0).to(tl.float32)
-        v = tl.where((idx == n_src)[None, :, None], vp[:, None, :], v)
-    return v, offs, mask
+def _prenorm_bwd(h, dout, wn, hr, D, dtype: tl.constexpr):
+    """Backward of the fused PreNorm out = wn * (h * hr).to(dtype): (dh, this row's gain gradient)."""
+    xhat = h.to(dtype).to(tl.float32) * hr  # the rounded h the forward normalised
+    g = dout * wn
+    return hr * (g - xhat * (tl.sum(g * xhat, axis=0) / D)), dout * xhat.to(dtype).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["n_src", "M"])
+@triton.jit
+def _tile_grad(v, r, s, alpha, u, dh, dh_h, D):
+    """Gradients of a source tile: dv = alpha dh + ds (r u - s r^2 v / D) [SRC_TILE, BLOCK_D] and ds r [SRC_TILE],
+    with ds = alpha (dh . v - dh . h)."""
+    ds = alpha * (tl.sum(v * dh[None, :], axis=1) - dh_h)
+    dv = alpha[:, None] * dh[None, :] + ds[:, None] * (r[:, None] * u[None, :] - (s * r * r / D)[:, None] * v)
+    return dv, ds * r
+
+
+@triton.jit(do_not_specialize=["n_src", "M", "rows_per_program"])
 def depth_attn_bwd_kernel(
-    store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, dout_ptr, lse_ptr, score_ptr, hrstd_ptr,
-    gstore_ptr, dpart_ptr, du_ptr, dwn_ptr,
-    n_src, M, D, eps,
-    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BM: tl.constexpr,
-    BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, dout_ptr, lse_ptr, hrstd_ptr, gstore_ptr, dpart_ptr, du_ptr,
+    dwn_ptr,
+    n_src, M, D, eps, rows_per_program,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """Backward of ``depth_attn_fwd_kernel``, BM rows at a time (a program walks row blocks pid, pid + P, ...),
-    one warp per row (BM = num_warps): a row's sum over its sources stays within a thread, over its hidden chunk
-    within its warp.
+    """Backward of ``depth_attn_fwd_kernel`` for a range of rows, with the forward's log-sum-exp:
+    alpha_i = exp(s_i - lse), h = sum_i alpha_i v_i (recomputed; with HAS_NORM also the PreNorm backward: dh from
+    dout, and the gain's gradient dwn), then per source ds_i = alpha_i (dh . v_i - dh . h) (dh . h is the softmax's
+    mean), dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D), du += ds_i r_i v_i.
 
-    With the forward's scores s_i and log-sum-exp: alpha_i = exp(s_i - lse), h = sum_i alpha_i v_i. Per source
-    ds_i = alpha_i (dh . v_i - dh . h) and dv_i = alpha_i dh + ds_i r_i u - ds_i s_i r_i^2 v_i / D, du += ds_i r_i v_i.
-    The hidden dimension is walked in chunks, twice:
-      1. the row dot products that ds needs. dh is not known yet (with HAS_NORM, the PreNorm's backward
-         dh = hr (g - xhat (g . xhat) / D), g = dout * wn, xhat = h hr, needs a whole-row sum first), so its dots are
-         taken apart: dh . v_i = hr (g . v_i - (g . xhat) / D xhat . v_i), likewise dh . h;
-      2. dh and every dv_i, chunk by chunk: stored sources' gradients are ACCUMULATED into gstore (a block's gradient
-         sums over every later reader), the partial's written to dpart.
-    The second pass re-reads the row block's sources from cache. Both loops are software-pipelined over STAGES chunks
-    (the next chunks' loads in flight while one is computed: a warp's own loads are too few to hide the latency). Each program accumulates its rows' du (and the
-    PreNorm gain's dwn) in its own row of du / dwn [P, D], reduced by ``param_grad_kernel`` (deterministic).
+    ONE_TILE (all sources and the partial fit one tile of SRC_TILE): the tile is loaded once, together with the
+    stored sources' gradient rows, and kept in registers. Otherwise two passes over the tiles (h, then the
+    gradients; the second reads the row's sources again, from cache).
+    Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader); the
+    partial sum's gradient is written to dpart; each program writes its partial du (and dwn) row, reduced by
+    ``param_grad_kernel`` (deterministic).
     """
     pid = tl.program_id(0)
-    idx = tl.arange(0, N_PAD)
-    is_partial = (idx == n_src)[None, :]
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    u = _query_key(q_ptr, g_ptr, cols, mask)
+    du = tl.zeros((BLOCK_D,), tl.float32)
+    dwn = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_NORM:
+        wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     n_all = n_src
     if HAS_PARTIAL:
         n_all = n_src + 1
-    dtype = dout_ptr.dtype.element_ty
-    for rb in range(pid, tl.cdiv(M, BM), tl.num_programs(0)):
-        rows = (rb * BM + tl.arange(0, BM)).to(tl.int64)  # int64 offsets: S_max * M * D may exceed 2^31
-        row_mask = rows < M
-        rs_mask = row_mask[:, None] & (idx < n_all)[None, :]
-        s = tl.load(score_ptr + idx[None, :] * M + rows[:, None], mask=rs_mask, other=0.0)  # [BM, N_PAD]
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        alpha = tl.where(rs_mask, tl.exp(s - lse[:, None]), 0.0)
-        r = tl.load(rstd_ptr + idx[None, :] * M + rows[:, None], mask=row_mask[:, None] & (idx < n_src)[None, :],
-                    other=0.0)  # fmt: skip
-        hr = tl.load(hrstd_ptr + rows, mask=row_mask, other=0.0) if HAS_NORM else lse
-        # pass 1: g . v_i (a), xhat . v_i (b), g . xhat (c), g . h, xhat . h, and the partial's sum of squares
-        a = tl.zeros((BM, N_PAD), tl.float32)
-        b = tl.zeros((BM, N_PAD), tl.float32)
-        c = tl.zeros((BM,), tl.float32)
-        gh = tl.zeros((BM,), tl.float32)
-        xh = tl.zeros((BM,), tl.float32)
-        pp = tl.zeros((BM,), tl.float32)
-        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_mask = cols < D
-            v, _, _ = _chunk_sources(
-                store_ptr, part_ptr, n_src, M, D, rows, row_mask, cols, col_mask, HAS_PARTIAL, N_PAD
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: S_max * M * D may exceed 2^31
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row in range(row_start, row_end):
+        dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + row)
+        vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
+        if ONE_TILE:
+            v, r, stored, is_partial = _source_tile(
+                store_ptr, rstd_ptr, vp, rp, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
             )
-            h = tl.sum(alpha[:, :, None] * v, axis=1)
-            g = tl.load(dout_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                        other=0.0).to(tl.float32)  # fmt: skip
-            if HAS_NORM:
-                g *= tl.load(wn_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                xhat = h.to(dtype).to(tl.float32) * hr[:, None]  # the rounded h the forward normalised
-                b += tl.sum(xhat[:, None, :] * v, axis=2)
-                c += tl.sum(g * xhat, axis=1)
-                xh += tl.sum(xhat * h, axis=1)
-            a += tl.sum(g[:, None, :] * v, axis=2)
-            gh += tl.sum(g * h, axis=1)
-            if HAS_PARTIAL:
-                pp += tl.sum(tl.sum(tl.where(is_partial[:, :, None], v * v, 0.0), axis=2), axis=1)
-        k = c / D
-        if HAS_NORM:
-            ds = alpha * (hr[:, None] * (a - k[:, None] * b) - (hr * (gh - k * xh))[:, None])
+            # the gradient rows' loads go out with the tile's, before the first reduction waits on them
+            g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
+            g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
+            s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
+            h = tl.sum(alpha[:, None] * v, axis=0)
         else:
-            ds = alpha * (a - gh[:, None])
+            h = tl.zeros((BLOCK_D,), tl.float32)
+            for s0 in range(0, n_all, SRC_TILE):
+                v, r, stored, is_partial, s, alpha = _scored_tile(
+                    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse, HAS_PARTIAL, SRC_TILE
+                )
+                h += tl.sum(alpha[:, None] * v, axis=0)
+        if HAS_NORM:
+            dh, dwn_row = _prenorm_bwd(h, dout, wn, tl.load(hrstd_ptr + row), D, dout_ptr.dtype.element_ty)
+            dwn += dwn_row
+        else:
+            dh = dout
+        dh_h = tl.sum(dh * h, axis=0)
+        if ONE_TILE:
+            dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, dh_h, D)
+            tl.store(gstore_ptr + g_offs, (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty), mask=g_mask)
+            du += tl.sum(ds_r[:, None] * v, axis=0)
+            dvp = tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
+        else:
+            dvp = tl.zeros((BLOCK_D,), tl.float32)
+            for s0 in range(0, n_all, SRC_TILE):
+                v, r, stored, is_partial, s, alpha = _scored_tile(
+                    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse, HAS_PARTIAL, SRC_TILE
+                )
+                dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, dh_h, D)
+                g_offs, g_mask = _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE)
+                g_new = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32) + dv
+                tl.store(gstore_ptr + g_offs, g_new.to(gstore_ptr.dtype.element_ty), mask=g_mask)
+                du += tl.sum(ds_r[:, None] * v, axis=0)
+                dvp += tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
         if HAS_PARTIAL:
-            r = tl.where(is_partial, (1.0 / tl.sqrt(pp / D + eps))[:, None], r)
-        cu = ds * r  # dv_i's coefficient of u, and du's of v_i
-        cv = -ds * s * r * r / D  # dv_i's coefficient of v_i (zero on padding: ds is)
-        # pass 2: dh, the sources' gradients, and this row block's share of du and dwn
-        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_mask = cols < D
-            rc_mask = row_mask[:, None] & col_mask[None, :]
-            v, offs, mask = _chunk_sources(
-                store_ptr, part_ptr, n_src, M, D, rows, row_mask, cols, col_mask, HAS_PARTIAL, N_PAD
-            )
-            g_old = tl.load(gstore_ptr + offs, mask=mask, other=0.0)
-            dout = tl.load(dout_ptr + rows[:, None] * D + cols[None, :], mask=rc_mask, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                h = tl.sum(alpha[:, :, None] * v, axis=1)
-                xhat = h.to(dtype).to(tl.float32) * hr[:, None]
-                wn = tl.load(wn_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                dh = hr[:, None] * (dout * wn[None, :] - xhat * k[:, None])
-                dwn = tl.sum(dout * xhat.to(dtype).to(tl.float32), axis=0)
-            else:
-                dh = dout
-            u = _query_key(q_ptr, g_ptr, cols, col_mask)
-            dv = alpha[:, :, None] * dh[:, None, :] + cu[:, :, None] * u[None, None, :] + cv[:, :, None] * v
-            tl.store(gstore_ptr + offs, (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty), mask=mask)
-            if HAS_PARTIAL:
-                dvp = tl.sum(tl.where(is_partial[:, :, None], dv, 0.0), axis=1)
-                dp_ptrs = dpart_ptr + rows[:, None] * D + cols[None, :]
-                tl.store(dp_ptrs, dvp.to(dpart_ptr.dtype.element_ty), mask=rc_mask)
-            du = tl.sum(tl.sum(cu[:, :, None] * v, axis=1), axis=0)
-            # this program's rows of du / dwn: written at its first row block, then read-modify-written; the barrier
-            # orders the previous row block's writes of other threads before this read
-            tl.debug_barrier()
-            later = rb > pid  # the rows hold an earlier row block's sums (before that: whatever memory held)
-            du += tl.where(later, tl.load(du_ptr + pid * D + cols, mask=col_mask, other=0.0), 0.0)
-            tl.store(du_ptr + pid * D + cols, du, mask=col_mask)
-            if HAS_NORM:
-                dwn += tl.where(later, tl.load(dwn_ptr + pid * D + cols, mask=col_mask, other=0.0), 0.0)
-                tl.store(dwn_ptr + pid * D + cols, dwn, mask=col_mask)
+            tl.store(dpart_ptr + row * D + cols, dvp.to(dpart_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + pid * D + cols, du, mask=mask)
+    if HAS_NORM:
+        tl.store(dwn_ptr + pid * D + cols, dwn, mask=mask)
 
 
 @triton.jit(do_not_specialize=["P"])

@@ -38,12 +38,11 @@ def num_warps(d: int) -> int:
 
 
 # Launch constants of the depth attention (``--set attn_res.fused.NAME=INT`` in the benchmarks). Defaults: the best of
-# a sweep by kernel GPU time on an H200 (bench_small_ops.py --sections attn_res, D 2048 bf16; BENCHMARKS.md).
+# a session-8 sweep by kernel GPU time on an H200 (bench_small_ops.py --sections attn_res, D 2048 bf16; BENCHMARKS.md).
 FWD_SOURCE_TILE = 1  # sources (stored + the partial sum) whose loads a forward program issues together
+BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in registers between the two passes
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
-BWD_WARPS = 4  # backward: warps, one row each (rows per row block)
-BWD_CHUNK = 256  # backward: hidden chunk (a warp's 32 threads x 8 elements: 16-byte bf16 loads)
-BWD_STAGES = 2  # backward: hidden chunks in flight (software pipelining of its two loops)
+BWD_ELEMENTS_PER_THREAD = 16
 BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient partials) per SM
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 
@@ -99,30 +98,29 @@ def depth_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward over the first ``n`` stored sources (+ ``partial`` [M, D]) for ``query``/``gain`` [D].
 
-    Returns out [M, D] (h, or the PreNorm of h with ``norm_weight``), lse [M] float32, the scores [n (+ 1), M]
-    float32 (the partial's last) and, with the norm, h's rsqrt statistic [M] float32.
+    Returns out [M, D] (h, or the PreNorm of h with ``norm_weight``), lse [M] float32 and, with the norm,
+    h's rsqrt statistic [M] float32.
     """
     m, d = storage.store.shape[1:]
     dev = storage.store.device
     out = torch.empty((m, d), dtype=storage.store.dtype, device=dev)
     lse = torch.empty((m,), dtype=torch.float32, device=dev)
-    scores = torch.empty((n + (partial is not None), m), dtype=torch.float32, device=dev)
     h_rstd = torch.empty((m,), dtype=torch.float32, device=dev) if norm_weight is not None else None
     _triton.depth_attn_fwd_kernel[(m,)](
         storage.store, storage.rstd, partial if partial is not None else out, query, gain,
-        norm_weight if norm_weight is not None else gain, out, lse, scores, h_rstd if h_rstd is not None else lse,
+        norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
         BLOCK_D=block_d(d), SRC_TILE=FWD_SOURCE_TILE, num_warps=_warps(block_d(d), FWD_ELEMENTS_PER_THREAD),
     )  # fmt: skip
-    return out, lse, scores, h_rstd
+    return out, lse, h_rstd
 
 
-def _backward_grid(row_blocks: int, device: torch.device) -> int:
+def _backward_grid(m: int, device: torch.device) -> int:
     """Programs of the backward kernel: enough to fill the GPU, few enough that the du partials stay small."""
     if device.type == "cuda":
-        return min(row_blocks, torch.cuda.get_device_properties(device).multi_processor_count * BWD_PROGRAMS_PER_SM)
-    return min(row_blocks, 4)
+        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * BWD_PROGRAMS_PER_SM)
+    return min(m, 4)
 
 
 def depth_attn_bwd(
@@ -134,7 +132,6 @@ def depth_attn_bwd(
     norm_weight: torch.Tensor | None,
     dout: torch.Tensor,
     lse: torch.Tensor,
-    scores: torch.Tensor,
     h_rstd: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Accumulate the stored sources' gradients into ``storage.grad``; two launches in all.
@@ -142,19 +139,20 @@ def depth_attn_bwd(
     Returns (dpartial [M, D] or None, dquery [D], dgain [D], dnorm_weight [D] or None), each in its input's dtype.
     """
     m, d = storage.store.shape[1:]
-    grid = _backward_grid(triton.cdiv(m, BWD_WARPS), dout.device)
+    grid = _backward_grid(m, dout.device)
+    rows = triton.cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
     gstore = storage.grad_buffer()
     _triton.depth_attn_bwd_kernel[(grid,)](
         storage.store, storage.rstd, partial if partial is not None else dout, query, gain,
-        norm_weight if norm_weight is not None else gain, dout, lse, scores, h_rstd if h_rstd is not None else lse,
-        gstore, dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
-        n, m, d, storage.eps,
-        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        N_PAD=triton.next_power_of_2(n + (partial is not None)), BM=BWD_WARPS,
-        BLOCK_D=min(triton.next_power_of_2(d), BWD_CHUNK), STAGES=BWD_STAGES, num_warps=BWD_WARPS,
+        norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
+        dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
+        n, m, d, storage.eps, rows,
+        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
+        SRC_TILE=BWD_SOURCE_TILE, ONE_TILE=n + (partial is not None) <= BWD_SOURCE_TILE,
+        num_warps=_warps(block_d(d), BWD_ELEMENTS_PER_THREAD),
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
@@ -209,8 +207,8 @@ class DepthAttentionFunction(torch.autograd.Function):
         query, gain = query.contiguous(), gain.contiguous()
         part2 = partial.reshape(m, d).contiguous() if partial is not None else None
         wn = norm_weight.contiguous() if norm_weight is not None else None
-        out, lse, scores, h_rstd = depth_attn_fwd(storage, n, part2, query, gain, wn, norm_eps)
-        ctx.save_for_backward(query, gain, part2, wn, lse, scores, h_rstd)
+        out, lse, h_rstd = depth_attn_fwd(storage, n, part2, query, gain, wn, norm_eps)
+        ctx.save_for_backward(query, gain, part2, wn, lse, h_rstd)
         ctx.storage, ctx.n = storage, n
         return out.view(storage.shape)
 
@@ -218,12 +216,10 @@ class DepthAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor | None):
         if dout is None:
             return (None,) * (7 + ctx.n)
-        query, gain, part2, wn, lse, scores, h_rstd = ctx.saved_tensors
+        query, gain, part2, wn, lse, h_rstd = ctx.saved_tensors
         storage = ctx.storage
         m, d = storage.store.shape[1:]
         dout2 = dout.reshape(m, d).to(storage.store.dtype).contiguous()
-        dpart, dquery, dgain, dnorm = depth_attn_bwd(
-            storage, ctx.n, part2, query, gain, wn, dout2, lse, scores, h_rstd
-        )
+        dpart, dquery, dgain, dnorm = depth_attn_bwd(storage, ctx.n, part2, query, gain, wn, dout2, lse, h_rstd)
         dpartial = dpart.view(storage.shape) if dpart is not None else None
         return (None, None, dquery, dgain, dpartial, dnorm, None) + (None,) * ctx.n
