@@ -144,7 +144,7 @@ def test_torch_backward_matches_reference():
 @pytest.mark.parametrize(
     "shape,n_q",
     [((2, 3, 48), 4), ((2, 19, 300), 8), ((1, 40, 48), 3), ((1, 17, 20), 1)],
-    ids=["one-row-block", "hidden-chunks", "ragged-rows", "one-query"],
+    ids=["M6-D48-Q4", "M38-D300-Q8", "M40-D48-Q3", "M17-D20-Q1"],
 )
 def test_two_phase_matches_naive(backend, shape, n_q):
     blocks, partial, _, _ = _inputs(3, shape=shape, seed=1)
