@@ -257,6 +257,27 @@ def sweep_kda_block_v(setup: _Setup) -> list[Row]:
     return rows
 
 
+def _depth_inputs(setup: _Setup) -> tuple[int, int, Callable[..., torch.Tensor], str, int]:
+    """Shared by the AttnRes sections: (M, D, a seeded ``rand(*shape)`` in the run's dtype, the shape label, the
+    bytes of one [M, D] pass)."""
+    M, D = (16, 64) if setup.tiny else (8192, 2048)
+    gen = torch.Generator(device=setup.device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=setup.device, dtype=setup.dtype, generator=gen)
+
+    label = f"M{M} D{D} {str(setup.dtype).removeprefix('torch.')}"
+    return M, D, rand, label, M * D * torch.finfo(setup.dtype).bits // 8
+
+
+def _filled_bank(n: int, like: torch.Tensor, rand: Callable[..., torch.Tensor]):
+    """A Triton source bank holding ``n`` random sources shaped like ``like`` [M, D]."""
+    bank = new_source_bank(n, like, backend="triton")
+    for _ in range(n):
+        bank = append_source(bank, rand(*like.shape))
+    return bank
+
+
 def bench_depth_attention(setup: _Setup) -> list[Row]:
     """AttnRes's training-path read of one sublayer: the depth attention over n stored sources plus the block's
     partial sum, with the sublayer's PreNorm fused (forward, forward+backward), against the standard residual's
@@ -264,21 +285,15 @@ def bench_depth_attention(setup: _Setup) -> list[Row]:
     (read the sources and the partial, write the output), backward 3n + 3 (dout, the sources, the partial, a
     read-modify-write of each stored source's gradient, the partial's gradient); PreNorm 2 and 3.
     Times are the GPU time of the kernels (``_kernel_us``): eager, these autograd calls are host-bound."""
-    M, D = (16, 64) if setup.tiny else (8192, 2048)
+    M, D, rand, shape, bytes_per_pass = _depth_inputs(setup)
     dev, dt = setup.device, setup.dtype
-    gen = torch.Generator(device=dev).manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dt, generator=gen)  # noqa: E731
     dy = rand(M, D)
     w = torch.ones(D, device=dev, dtype=dt, requires_grad=True)
     h = rand(M, D).requires_grad_()
-    shape = f"M{M} D{D} {str(dt).removeprefix('torch.')}"
-    bytes_per_pass = M * D * dy.element_size()
     norm = ("standard residual: prenorm (Triton)", lambda: prenorm(h, w, backend="triton"))
     rows = []
     for n in (1, 2, 4):
-        bank = new_source_bank(n, dy, backend="triton")
-        for _ in range(n):
-            bank = append_source(bank, rand(M, D))
+        bank = _filled_bank(n, dy, rand)
         q = (rand(D) * 0.1).requires_grad_()
         gain = torch.ones(D, device=dev, dtype=dt, requires_grad=True)
         partial = rand(M, D).requires_grad_()
@@ -307,21 +322,14 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
     in one pass, at the shapes of the ~1B models (Kimi Linear: Q 4; dense: Q 8). Minimum bytes in [M, D] passes:
     n + Q (read the sources, write Q outputs). The anchor column is the standard residual's PreNorm forward, one
     sublayer's worth of the op the block's reads replace. Kernel GPU time per call."""
-    M, D = (16, 64) if setup.tiny else (8192, 2048)
-    dev, dt = setup.device, setup.dtype
-    gen = torch.Generator(device=dev).manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dt, generator=gen)  # noqa: E731
-    shape = f"M{M} D{D} {str(dt).removeprefix('torch.')}"
-    bytes_per_pass = M * D * torch.finfo(dt).bits // 8
-    h, w = rand(M, D), torch.ones(D, device=dev, dtype=dt)
+    M, D, rand, shape, bytes_per_pass = _depth_inputs(setup)
+    h, w = rand(M, D), torch.ones(D, device=setup.device, dtype=setup.dtype)
     with torch.no_grad():
         norm_us = _kernel_us(lambda: prenorm(h, w, backend="triton"), setup)
         rows = []
         for n_q in (4, 8):
             for n in (1, 2, 4):
-                bank = new_source_bank(n, h, backend="triton")
-                for _ in range(n):
-                    bank = append_source(bank, rand(M, D))
+                bank = _filled_bank(n, h, rand)
                 queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
                 op = f"two-phase phase 1, {n_q} queries x {n} source{'s' if n > 1 else ''}"
                 ours = _kernel_us(lambda: depth_attention_phase1(bank, queries, gains), setup)
