@@ -131,12 +131,13 @@ def depth_attention_impl(impl: str, eps: float):
         attn_res_module.depth_attention = original
 
 
-def _configure(model: torch.nn.Module, impl: str) -> None:
-    """Point the model's AttentionResiduals at ``impl`` (two-phase inference only for kimi_hf's own backends)."""
+def _configure(model: torch.nn.Module, impl: str, one_pass: bool) -> None:
+    """Point the model's AttentionResiduals at ``impl`` (two-phase inference only for kimi_hf's own backends, and
+    not with ``one_pass``)."""
     for module in model.modules():
         if isinstance(module, attn_res_module.AttentionResiduals):
             module.backend = "triton" if impl == "triton" else "torch"
-            module.two_phase = impl in ("triton", "torch")
+            module.two_phase = impl in ("triton", "torch") and not one_pass
 
 
 def _sync(device: torch.device) -> None:
@@ -249,7 +250,7 @@ def decode_ms(
     if profile_title:
         from _profile import gpu_time_table
 
-        print(gpu_time_table(step, profile_title, iters=DECODE_PROFILE_ITERS, top=15), flush=True)
+        print(gpu_time_table(step, profile_title, iters=DECODE_PROFILE_ITERS, top=30), flush=True)
     return statistics.median(times) if times else None
 
 
@@ -265,7 +266,7 @@ def bench_variant(
     ``warm_only``: run every path once (one step, one prefill, the decode warm-up), time nothing.
     """
     if impl is not None:
-        _configure(model, impl)
+        _configure(model, impl, args.one_pass)
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, shape, generator=gen).to(device)
@@ -379,6 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file (rewritten after each row)")
     p.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
                    help="launch constants of kimi_hf.kernels for this run (e.g. attn_res.fused.BWD_SOURCE_TILE=4)")
+    p.add_argument("--one-pass", action="store_true", help="Block/Full inference (prefill, decode) through the "
+                   "one-pass depth attention of training, not the two-phase path (AttentionResiduals.two_phase=False)")
     p.add_argument("--profile", action="store_true", help="after each timed training step, prefill and decode, print "
                    "its per-kernel GPU time and wall time (CUDA)")  # fmt: skip
     args = p.parse_args(argv)
