@@ -146,14 +146,7 @@ def test_torch_backward_matches_reference():
     [((2, 3, 48), 4), ((2, 19, 300), 8), ((1, 40, 48), 3), ((1, 17, 20), 1)],
     ids=["M6-D48-Q4", "M38-D300-Q8", "M40-D48-Q3", "M17-D20-Q1"],
 )
-@pytest.mark.parametrize("query_tile", [8192, 64], ids=["one-chunk", "chunks"])
-def test_two_phase_matches_naive(backend, shape, n_q, query_tile, monkeypatch):
-    """Phase 1 (every program walks several rows on CPU) and phase 2 against the naive formula; with a query tile of
-    64 elements Triton's phase 1 walks D in chunks of 16 (the query tile re-formed per chunk) instead of keeping it
-    (but for one query at D 20: one chunk of 32)."""
-    from kimi_hf.kernels.attn_res import two_phase
-
-    monkeypatch.setattr(two_phase, "PHASE1_QUERY_TILE", query_tile)
+def test_two_phase_matches_naive(backend, shape, n_q):
     blocks, partial, _, _ = _inputs(3, shape=shape, seed=1)
     g = torch.Generator().manual_seed(2)
     queries = torch.randn(n_q, shape[-1], generator=g)

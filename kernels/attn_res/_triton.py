@@ -278,54 +278,45 @@ def param_grad_kernel(
 def phase1_kernel(
     store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr,
     n_src, n_q, M, D,
-    Q_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    Q_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Two-phase inference, phase 1: n_q pseudo-queries (q, g [n_q, D]) against the n_src completed sources.
 
-    Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. A program walks rows pid,
-    pid + P, ...; the hidden dimension is walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile
-    u = q * g stays in registers. When one chunk covers D, u is formed once per program and kept across its rows:
-    formed per row and source, it read n_src x Q x D x 2 parameter elements from cache per row, several times the
-    row's own bytes (ONE_CHUNK: BLOCK_D >= D).
+    Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. The hidden dimension is
+    walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile stays in registers.
     """
+    row = tl.program_id(0).to(tl.int64)
     qs = tl.arange(0, Q_PAD)
     idx = tl.arange(0, N_PAD)
     q_mask = qs < n_q
-    if ONE_CHUNK:
-        cols = tl.arange(0, BLOCK_D)
-        u_row = _query_key(q_ptr, g_ptr, qs[:, None] * D + cols[None, :], q_mask[:, None] & (cols < D)[None, :])
-    for row in range(tl.program_id(0).to(tl.int64), M, tl.num_programs(0)):
-        scores = tl.zeros((Q_PAD, N_PAD), tl.float32)
-        for i in range(n_src):
-            dots = tl.zeros((Q_PAD,), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                mask = cols < D
-                v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
-                if ONE_CHUNK:
-                    u = u_row
-                else:
-                    u = _query_key(q_ptr, g_ptr, qs[:, None] * D + cols[None, :], q_mask[:, None] & mask[None, :])
-                dots += tl.sum(u * v[None, :], axis=1)
-            r = tl.load(rstd_ptr + i * M + row)
-            scores = tl.where(idx[None, :] == i, (r * dots)[:, None], scores)
-        valid = idx[None, :] < n_src
-        scores = tl.where(valid, scores, float("-inf"))
-        m = tl.max(scores, axis=1)
-        p = tl.where(valid, tl.exp(scores - m[:, None]), 0.0)
-        denom = tl.sum(p, axis=1)
-        alpha = p / denom[:, None]
-        tl.store(lse_ptr + qs * M + row, m + tl.log(denom), mask=q_mask)
+    scores = tl.zeros((Q_PAD, N_PAD), tl.float32)
+    for i in range(n_src):
+        dots = tl.zeros((Q_PAD,), tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             mask = cols < D
-            acc = tl.zeros((Q_PAD, BLOCK_D), tl.float32)
-            for i in range(n_src):
-                v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
-                a_i = tl.sum(tl.where(idx[None, :] == i, alpha, 0.0), axis=1)
-                acc += a_i[:, None] * v[None, :]
-            o_ptrs = out_ptr + (qs[:, None] * M + row) * D + cols[None, :]
-            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & mask[None, :])
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            u = _query_key(q_ptr, g_ptr, qs[:, None] * D + cols[None, :], q_mask[:, None] & mask[None, :])
+            dots += tl.sum(u * v[None, :], axis=1)
+        r = tl.load(rstd_ptr + i * M + row)
+        scores = tl.where(idx[None, :] == i, (r * dots)[:, None], scores)
+    valid = idx[None, :] < n_src
+    scores = tl.where(valid, scores, float("-inf"))
+    m = tl.max(scores, axis=1)
+    p = tl.where(valid, tl.exp(scores - m[:, None]), 0.0)
+    denom = tl.sum(p, axis=1)
+    alpha = p / denom[:, None]
+    tl.store(lse_ptr + qs * M + row, m + tl.log(denom), mask=q_mask)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        acc = tl.zeros((Q_PAD, BLOCK_D), tl.float32)
+        for i in range(n_src):
+            v = tl.load(store_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+            a_i = tl.sum(tl.where(idx[None, :] == i, alpha, 0.0), axis=1)
+            acc += a_i[:, None] * v[None, :]
+        o_ptrs = out_ptr + (qs[:, None] * M + row) * D + cols[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & mask[None, :])
 
 
 @triton.jit

@@ -47,7 +47,7 @@ BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 
 
-def row_warps(width: int, elements_per_thread: int) -> int:
+def _warps(width: int, elements_per_thread: int) -> int:
     """Warps for a row of ``width`` (padded D) at ``elements_per_thread`` of it per thread, 1 to 16."""
     return max(1, min(16, width // (32 * elements_per_thread)))
 
@@ -111,16 +111,15 @@ def depth_attn_fwd(
         norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), SRC_TILE=FWD_SOURCE_TILE, num_warps=row_warps(block_d(d), FWD_ELEMENTS_PER_THREAD),
+        BLOCK_D=block_d(d), SRC_TILE=FWD_SOURCE_TILE, num_warps=_warps(block_d(d), FWD_ELEMENTS_PER_THREAD),
     )  # fmt: skip
     return out, lse, h_rstd
 
 
-def persistent_grid(m: int, device: torch.device, per_sm: int) -> int:
-    """Programs of a kernel whose programs walk the m rows: ``per_sm`` per SM on CUDA (4 in all elsewhere: the
-    interpreter then still runs several rows per program), at most m."""
+def _backward_grid(m: int, device: torch.device) -> int:
+    """Programs of the backward kernel: enough to fill the GPU, few enough that the du partials stay small."""
     if device.type == "cuda":
-        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * per_sm)
+        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * BWD_PROGRAMS_PER_SM)
     return min(m, 4)
 
 
@@ -140,8 +139,7 @@ def depth_attn_bwd(
     Returns (dpartial [M, D] or None, dquery [D], dgain [D], dnorm_weight [D] or None), each in its input's dtype.
     """
     m, d = storage.store.shape[1:]
-    # enough programs to fill the GPU, few enough that the du partials stay small
-    grid = persistent_grid(m, dout.device, BWD_PROGRAMS_PER_SM)
+    grid = _backward_grid(m, dout.device)
     rows = triton.cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
@@ -154,7 +152,7 @@ def depth_attn_bwd(
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
         SRC_TILE=BWD_SOURCE_TILE, ONE_TILE=n + (partial is not None) <= BWD_SOURCE_TILE,
-        num_warps=row_warps(block_d(d), BWD_ELEMENTS_PER_THREAD),
+        num_warps=_warps(block_d(d), BWD_ELEMENTS_PER_THREAD),
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None

@@ -12,32 +12,22 @@ import torch
 import triton
 
 from . import _triton
-from .fused import SourceStorage, block_d, num_warps, persistent_grid, row_warps
+from .fused import SourceStorage, block_d, num_warps
 
 
-# Launch constants of phase 1 (``--set attn_res.two_phase.NAME=INT`` in the benchmarks): programs per SM (each walks
-# rows), the float32 elements of its [Q_PAD, hidden chunk] query tile (the chunk is the widest power of two within
-# it; when it covers D, the tile stays in registers across the program's rows), and elements of a row per thread.
-PHASE1_PROGRAMS_PER_SM = 4
-PHASE1_QUERY_TILE = 8192
-PHASE1_ELEMENTS_PER_THREAD = 8
-
-
-def phase1(
-    storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def phase1(storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``queries``/``gains`` [Q, D] against the first ``n`` stored sources -> (out [Q, M, D], lse [Q, M] float32)."""
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
     out = torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
     lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
     q_pad = max(2, triton.next_power_of_2(q))
-    chunk = min(block_d(d), max(16, PHASE1_QUERY_TILE // q_pad))
-    _triton.phase1_kernel[(persistent_grid(m, out.device, PHASE1_PROGRAMS_PER_SM),)](
+    # keep the [Q_PAD, BLOCK_D] float32 query tile at <= 8K elements per program
+    chunk = min(block_d(d), max(16, 8192 // q_pad))
+    _triton.phase1_kernel[(m,)](
         storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse,
         n, q, m, d,
-        Q_PAD=q_pad, N_PAD=max(2, triton.next_power_of_2(n)), BLOCK_D=chunk, ONE_CHUNK=chunk >= d,
-        num_warps=row_warps(block_d(d), PHASE1_ELEMENTS_PER_THREAD),
+        Q_PAD=q_pad, N_PAD=max(2, triton.next_power_of_2(n)), BLOCK_D=chunk, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse
 
