@@ -274,18 +274,45 @@ def param_grad_kernel(
         tl.store(dwn_out_ptr + cols, dwn.to(dwn_out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row,
+                     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Phase 1 of one row whose n_src <= N_PAD sources fit one [N_PAD, BLOCK_D] register tile (BLOCK_D >= D): the
+    tile is loaded once, every load in flight together, and each query takes all its scores in one reduction over
+    D and its output in one over the sources (within a thread)."""
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    v, r, stored, _ = _source_tile(
+        store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
+    )
+    for j in range(n_q):
+        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
+        s = tl.where(stored, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
+        m = tl.max(s, axis=0)
+        p = tl.exp(s - m)  # zero on padding rows
+        denom = tl.sum(p, axis=0)
+        tl.store(lse_ptr + j * M + row, m + tl.log(denom))
+        h = tl.sum((p / denom)[:, None] * v, axis=0)
+        tl.store(out_ptr + (j * M + row) * D + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])
 def phase1_kernel(
     store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr,
     n_src, n_q, M, D,
-    Q_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
     """Two-phase inference, phase 1: n_q pseudo-queries (q, g [n_q, D]) against the n_src completed sources.
 
-    Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. The hidden dimension is
-    walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile stays in registers.
+    Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. ONE_TILE: the row's sources
+    fit one register tile (``_phase1_one_tile``). Otherwise the sources are read one at a time, twice (scores,
+    then outputs), and the hidden dimension is walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile
+    stays in registers.
     """
     row = tl.program_id(0).to(tl.int64)
+    if ONE_TILE:
+        _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row, N_PAD, BLOCK_D)
+        return
     qs = tl.arange(0, Q_PAD)
     idx = tl.arange(0, N_PAD)
     q_mask = qs < n_q

@@ -15,19 +15,27 @@ from . import _triton
 from .fused import SourceStorage, block_d, num_warps
 
 
-def phase1(storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Launch constant (``--set attn_res.two_phase.PHASE1_SOURCE_TILE=INT``): up to this many completed sources (padded to a
+# power of two) phase 1 holds a row's sources in one register tile; 0 never does.
+PHASE1_SOURCE_TILE = 8
+
+
+def phase1(
+    storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``queries``/``gains`` [Q, D] against the first ``n`` stored sources -> (out [Q, M, D], lse [Q, M] float32)."""
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
     out = torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
     lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
-    q_pad = max(2, triton.next_power_of_2(q))
-    # keep the [Q_PAD, BLOCK_D] float32 query tile at <= 8K elements per program
-    chunk = min(block_d(d), max(16, 8192 // q_pad))
+    q_pad, n_pad = max(2, triton.next_power_of_2(q)), max(2, triton.next_power_of_2(n))
+    one_tile = n_pad <= PHASE1_SOURCE_TILE
+    # one tile: the [N_PAD, D] sources in registers; otherwise the [Q_PAD, BLOCK_D] float32 query tile, <= 8K elements
+    chunk = block_d(d) if one_tile else min(block_d(d), max(16, 8192 // q_pad))
     _triton.phase1_kernel[(m,)](
         storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse,
         n, q, m, d,
-        Q_PAD=q_pad, N_PAD=max(2, triton.next_power_of_2(n)), BLOCK_D=chunk, num_warps=num_warps(d),
+        Q_PAD=q_pad, N_PAD=n_pad, BLOCK_D=chunk, ONE_TILE=one_tile, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse
 
