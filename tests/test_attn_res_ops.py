@@ -146,13 +146,13 @@ def test_torch_backward_matches_reference():
     [((2, 3, 48), 4), ((2, 19, 300), 8), ((1, 40, 48), 3), ((1, 17, 20), 1)],
     ids=["M6-D48-Q4", "M38-D300-Q8", "M40-D48-Q3", "M17-D20-Q1"],
 )
-@pytest.mark.parametrize("source_tile", [8, 0], ids=["sources-in-registers", "sources-one-at-a-time"])
-def test_two_phase_matches_naive(backend, shape, n_q, source_tile, monkeypatch):
+@pytest.mark.parametrize("tile_elements", [16384, 0], ids=["sources-in-registers", "sources-one-at-a-time"])
+def test_two_phase_matches_naive(backend, shape, n_q, tile_elements, monkeypatch):
     """Phase 1 and phase 2 against the naive formula; Triton's phase 1 through both of its paths (a row's sources
     in one register tile, or read one at a time)."""
     from kimi_hf.kernels.attn_res import two_phase
 
-    monkeypatch.setattr(two_phase, "PHASE1_SOURCE_TILE", source_tile)
+    monkeypatch.setattr(two_phase, "PHASE1_TILE_ELEMENTS", tile_elements)
     blocks, partial, _, _ = _inputs(3, shape=shape, seed=1)
     g = torch.Generator().manual_seed(2)
     queries = torch.randn(n_q, shape[-1], generator=g)

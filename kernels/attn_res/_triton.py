@@ -282,7 +282,7 @@ def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src,
     D and its output in one over the sources (within a thread)."""
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    v, r, stored, _ = _source_tile(
+    v, r, stored, _ = _source_tile(  # no partial sum in phase 1: its row and rstd arguments are unused
         store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
     )
     for j in range(n_q):

@@ -15,9 +15,10 @@ from . import _triton
 from .fused import SourceStorage, block_d, num_warps
 
 
-# Launch constant (``--set attn_res.two_phase.PHASE1_SOURCE_TILE=INT``): up to this many completed sources (padded to a
-# power of two) phase 1 holds a row's sources in one register tile; 0 never does.
-PHASE1_SOURCE_TILE = 8
+# Launch constant (``--set attn_res.two_phase.PHASE1_TILE_ELEMENTS=INT``): phase 1 holds a row's completed sources in
+# one [N_PAD, padded D] register tile while it has at most this many elements (0: never). 16384 is 8 sources at D 2048,
+# 64 float32 registers per thread at 8 warps (119 in all for sm_90): the largest tile compiled and measured.
+PHASE1_TILE_ELEMENTS = 16384
 
 
 def phase1(
@@ -29,7 +30,7 @@ def phase1(
     out = torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
     lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
     q_pad, n_pad = max(2, triton.next_power_of_2(q)), max(2, triton.next_power_of_2(n))
-    one_tile = n_pad <= PHASE1_SOURCE_TILE
+    one_tile = n_pad * block_d(d) <= PHASE1_TILE_ELEMENTS
     # one tile: the [N_PAD, D] sources in registers; otherwise the [Q_PAD, BLOCK_D] float32 query tile, <= 8K elements
     chunk = block_d(d) if one_tile else min(block_d(d), max(16, 8192 // q_pad))
     _triton.phase1_kernel[(m,)](
