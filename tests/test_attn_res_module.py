@@ -139,6 +139,42 @@ def test_two_phase_inference_matches_training_path(backend, block_size):
     assert_close_rel(two_phase, one_pass, 1e-5, "two-phase vs one-pass")
 
 
+@pytest.mark.parametrize(
+    "backend,mode,block_size",
+    [("torch", "standard", None), ("triton", "standard", None), ("triton", "full", None), ("triton", "block", 3)],
+)
+def test_inference_path_with_fused_norms_and_reads(backend, mode, block_size):
+    """The inference path (outputs added by the next read, block boundaries stored by the next phase 1) against the
+    training path, with each sublayer's PreNorm fused, the hidden state read first without it (as
+    ``output_hidden_states`` does) and one sublayer whose input is never read."""
+    fns = _sublayers(7, seed=8)
+    attn_res = AttentionResiduals(D, num_sublayers=7, mode=mode, block_size=block_size, backend=backend)
+    if mode != "standard":
+        _randomise(attn_res, seed=9)
+    weights = [1 + 0.2 * torch.randn(D) for _ in range(8)]
+    x = torch.randn(2, 3, D)
+
+    def run(with_hidden_reads: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        state, inputs = attn_res.begin(x), []
+        for i, f in enumerate(fns):
+            if with_hidden_reads:
+                inputs.append(attn_res.sublayer_input(state))
+            out = f(attn_res.sublayer_input(state, weights[i], 1e-5)) if i != 4 else torch.tanh(x)
+            state = attn_res.add_sublayer_output(state, out)
+        return attn_res.final_output(state, weights[7], 1e-5), inputs
+
+    with torch.no_grad():
+        fused, hidden = run(True)
+        assert fused.shape == x.shape
+    with torch.enable_grad():
+        reference, hidden_ref = run(True)
+    assert_close_rel(fused, reference, 1e-5, f"{mode}: final output")
+    for i, (a, e) in enumerate(zip(hidden, hidden_ref)):
+        assert_close_rel(a, e, 1e-5, f"{mode}: hidden state {i}")
+    with torch.no_grad():
+        assert_close_rel(run(False)[0], reference, 1e-5, f"{mode}: without the hidden-state reads")
+
+
 def test_gradients_reach_every_pseudo_query():
     fns = _sublayers(6)
     attn_res = AttentionResiduals(D, num_sublayers=6, mode="block", block_size=4)

@@ -8,10 +8,13 @@ import torch
 from helpers import assert_close_rel
 
 from kimi_hf.kernels.attn_res import (
+    add_prenorm,
     append_source,
+    append_source_phase1,
     depth_attention,
     depth_attention_phase1,
     depth_attention_phase2,
+    depth_attention_phase2_add,
     naive_depth_attention,
     new_source_bank,
     prenorm,
@@ -163,6 +166,79 @@ def test_two_phase_matches_naive(backend, shape, n_q, tile_elements, monkeypatch
             assert_close_rel(out[j], naive_depth_attention(blocks, queries[j], gains[j]), 1e-5, f"phase1[{j}]")
             h = depth_attention_phase2(out[j], lse[j], partial, queries[j], gains[j], backend=backend)
             assert_close_rel(h, naive_depth_attention(blocks + [partial], queries[j], gains[j]), 1e-5, f"phase2[{j}]")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n_prev,with_y,with_norm", [(0, False, True), (2, True, True), (3, True, False)])
+@pytest.mark.parametrize("tile_elements", [16384, 0], ids=["one-kernel", "store-phase1-phase2"])
+def test_block_boundary_matches_its_parts(backend, n_prev, with_y, with_norm, tile_elements, monkeypatch):
+    """append_source_phase1 (Triton: one kernel, or its three parts when the sources do not fit the tile) against
+    the naive formula over the sources with x (+ y) appended, and query 0's PreNorm; the stored source and its
+    rstd against a plain append_source."""
+    from kimi_hf.kernels.attn_res import two_phase
+
+    monkeypatch.setattr(two_phase, "PHASE1_TILE_ELEMENTS", tile_elements)
+    blocks, partial, _, _ = _inputs(n_prev + 2, shape=(2, 5, 300), seed=3)
+    blocks, x, y = blocks[:n_prev], blocks[n_prev], (blocks[n_prev + 1] if with_y else None)
+    g = torch.Generator().manual_seed(4)
+    queries, gains = torch.randn(3, 300, generator=g), 1 + 0.3 * torch.randn(3, 300, generator=g)
+    norm_w = 1 + 0.2 * torch.randn(300, generator=g) if with_norm else None
+    bank = new_source_bank(n_prev + 1, x, backend=backend)
+    for b in blocks:
+        bank = append_source(bank, b)
+    with torch.no_grad():
+        new_bank, out, lse, first = append_source_phase1(bank, x, y, queries, gains, norm_w, 1e-5)
+        plain = append_source(bank, x, y)
+    new_source = x + y if with_y else x
+    sources = blocks + [new_source]
+    assert new_bank.num_sources == n_prev + 1 and out.shape == (3, 2, 5, 300) and lse.shape == (3, 2, 5)
+    for j in range(3):
+        assert_close_rel(out[j], naive_depth_attention(sources, queries[j], gains[j]), 1e-5, f"out[{j}]")
+    if with_norm:
+        assert_close_rel(first, rms_norm(out[0], norm_w, 1e-5), 1e-5, "query 0's PreNorm")
+    else:
+        assert first is None
+    if backend == "triton":  # the fused store wrote the same bytes and statistic as the plain one
+        assert torch.equal(new_bank.storage.store[n_prev], plain.storage.store[n_prev])
+        assert_close_rel(new_bank.storage.rstd[n_prev], plain.storage.rstd[n_prev], 1e-6, "rstd")
+    with torch.no_grad():  # the new bank serves later reads like any other
+        h = depth_attention(new_bank, queries[1], gains[1], partial)
+    assert_close_rel(h, naive_depth_attention(sources + [partial], queries[1], gains[1]), 1e-5, "later read")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_phase2_add_matches_add_then_phase2(backend, with_norm):
+    blocks, partial, _, _ = _inputs(3, shape=(2, 7, 48), seed=5)
+    addend = torch.randn_like(partial)
+    g = torch.Generator().manual_seed(6)
+    queries, gains = torch.randn(2, 48, generator=g), 1 + 0.3 * torch.randn(2, 48, generator=g)
+    norm_w = 1 + 0.2 * torch.randn(48, generator=g) if with_norm else None
+    with torch.no_grad():
+        out, lse = depth_attention_phase1(_bank(blocks, backend), queries, gains)
+        x, new_partial = depth_attention_phase2_add(
+            out[1], lse[1], partial, addend, queries[1], gains[1], backend=backend, norm_weight=norm_w, norm_eps=1e-5
+        )
+    assert torch.equal(new_partial, partial + addend)  # rounded once, as the eager addition
+    h = naive_depth_attention(blocks + [partial + addend], queries[1], gains[1])
+    assert_close_rel(x, rms_norm(h, norm_w, 1e-5) if with_norm else h, 1e-5, "phase 2 after the addition")
+    with pytest.raises(ValueError, match="addend has shape"):
+        depth_attention_phase2_add(out[1], lse[1], partial, addend[:, :1], queries[1], gains[1], backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_add_prenorm_matches_add_then_norm(backend):
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(3, 5, 300, generator=g), torch.randn(3, 5, 300, generator=g)
+    weight = 1 + 0.2 * torch.randn(300, generator=g)
+    with torch.no_grad():
+        total, normed = add_prenorm(x, y, weight, 1e-5, backend)
+    assert torch.equal(total, x + y)
+    assert_close_rel(normed, rms_norm(x + y, weight, 1e-5), 1e-6, "PreNorm of the sum")
+    with pytest.raises(ValueError, match="inference-only"):
+        add_prenorm(x, y.requires_grad_(), weight, 1e-5, backend)
+    with pytest.raises(ValueError, match=r"weight \[D\], got \(3, 5, 300\) / \(3, 5, 300\) / \(4,\)"):
+        add_prenorm(x, x, weight[:4], 1e-5, backend)
 
 
 def test_two_phase_refuses_gradients():

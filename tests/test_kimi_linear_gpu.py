@@ -76,11 +76,17 @@ def test_grouped_mm_moe_trains_without_host_synchronisation():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_cuda_graph_decoding_equals_eager_decoding(dtype, batch):
+@pytest.mark.parametrize("residual", ["standard", "block"])
+def test_cuda_graph_decoding_equals_eager_decoding(dtype, batch, residual):
     """Same tokens and scores as the static cache's eager path (same kernels); after reset() the graph is
-    replayed, not captured again; fp32 scores also match the growing cache's. Batch 3 is left-padded."""
+    replayed, not captured again; fp32 scores also match the growing cache's. Batch 3 is left-padded. Block
+    AttnRes (3 sublayers per block, the last block shorter) decodes through its fused inference kernels."""
     torch.manual_seed(0)
-    model = KimiLinearForCausalLM(tiny_kimi_linear_config()).cuda().to(dtype).eval()
+    overrides = {"residual": "block", "attn_res_block_size": 3} if residual == "block" else {}
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config(**overrides)).cuda().to(dtype).eval()
+    if residual == "block":  # random pseudo-queries: the mixing is not the uniform average of initialisation
+        with torch.no_grad():
+            model.model.attn_res.queries.normal_()
     prompt, new = 40, 12
     ids = torch.randint(3, 256, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids)

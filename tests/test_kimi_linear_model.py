@@ -79,8 +79,11 @@ def test_output_hidden_states_and_router_logits():
     model = tiny_model(seed=4)
     ids = random_ids(2, 6, seed=4)
     captured = []
-    # The residual stream after the last layer (standard residuals: the state's running sum).
-    hook = model.model.layers[-1].register_forward_hook(lambda mod, args, out: captured.append(out[0].partial))
+    # The residual stream after the last layer (standard residuals, inference path: the state's running sum and
+    # the last output, which the final norm adds).
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda mod, args, out: captured.append(out[0].partial + out[0].pending)
+    )
     with torch.no_grad():
         out = model.model(ids, output_hidden_states=True, output_router_logits=True)
     hook.remove()

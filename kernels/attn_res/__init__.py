@@ -13,6 +13,12 @@ sharing the buffers), which keeps decoder layers re-runnable under gradient chec
     h = depth_attention_phase2(out[j], lse[j], partial, queries[j], gains[j], eps, norm_weight=w)
     x = prenorm(h, w, eps)                                   # standard residual: the same PreNorm, one kernel
 
+Inference with the residual bookkeeping fused into the reads (one launch per sublayer on Triton):
+
+    bank, out, lse, x0 = append_source_phase1(bank, partial, last_output, queries, gains, w0)  # block boundary
+    x, partial = depth_attention_phase2_add(out[j], lse[j], partial, last_output, queries[j], gains[j], eps, w)
+    h, x = add_prenorm(h, last_output, w, eps)               # standard residual: add + PreNorm
+
 Triton backend (CUDA, or CPU under TRITON_INTERPRET=1): fused kernels (``fused.py``, ``two_phase.py``);
 torch backend: ``naive.py``. ``naive_depth_attention`` is the stacking reference used by the tests.
 ``prenorm`` (Triton: ``norm.py``) is the standard residual's PreNorm, so that the baseline gets a fused norm
@@ -193,6 +199,13 @@ def depth_attention_phase1(
     return torch_phase1(bank.handles, bank.rstds, queries, gains)
 
 
+def _check_phase2(out: torch.Tensor, lse: torch.Tensor, partial: torch.Tensor | None, query: torch.Tensor) -> None:
+    if lse.shape != out.shape[:-1] or (partial is not None and partial.shape != out.shape):
+        shape = tuple(partial.shape) if partial is not None else None
+        raise ValueError(f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {tuple(lse.shape)}, partial {shape}")
+    _check_query(query, out.shape[-1], "query")
+
+
 def depth_attention_phase2(
     out: torch.Tensor,
     lse: torch.Tensor,
@@ -210,29 +223,136 @@ def depth_attention_phase2(
     as in :func:`depth_attention` (fused into the same kernel on the Triton backend).
     """
     _inference_only(query, gain, *([partial] if partial is not None else []))
-    if lse.shape != out.shape[:-1] or (partial is not None and partial.shape != out.shape):
-        shape = tuple(partial.shape) if partial is not None else None
-        raise ValueError(f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {tuple(lse.shape)}, partial {shape}")
-    d = out.shape[-1]
-    _check_query(query, d, "query")
+    _check_phase2(out, lse, partial, query)
     if partial is None and norm_weight is None:
         return out
     if resolve_backend(backend, out) == "triton":
         from .two_phase import phase2
 
+        d = out.shape[-1]
         flat = (out.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous())
         part = partial.reshape(-1, d).contiguous() if partial is not None else None
-        return phase2(*flat, part, query, gain, eps, norm_weight, norm_eps).view(out.shape)
+        return phase2(*flat, part, query, gain, eps, norm_weight, norm_eps)[0].view(out.shape)
     h = torch_phase2(out, lse, partial, query, gain, eps) if partial is not None else out
     return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
 
 
+def depth_attention_phase2_add(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial: torch.Tensor,
+    addend: torch.Tensor,
+    query: torch.Tensor,
+    gain: torch.Tensor,
+    eps: float = 1e-6,
+    backend: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 2 with the partial sum first brought up to date: ``partial + addend`` (the last sublayer's output).
+
+    Returns (h [..., D], or its PreNorm with ``norm_weight``; the new partial sum ``partial + addend``); on the
+    Triton backend both come from one kernel, with the sum rounded as the eager addition rounds it.
+    """
+    _inference_only(query, gain, partial, addend)
+    _check_phase2(out, lse, partial, query)
+    if addend.shape != partial.shape:
+        raise ValueError(f"addend has shape {tuple(addend.shape)}, the partial sum {tuple(partial.shape)}")
+    if resolve_backend(backend, out) == "triton":
+        from .two_phase import phase2
+
+        d = out.shape[-1]
+        flat = (out.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous())
+        part, add = (t.reshape(-1, d).contiguous() for t in (partial, addend))
+        h, new_partial = phase2(*flat, part, query, gain, eps, norm_weight, norm_eps, add)
+        return h.view(out.shape), new_partial.view(partial.shape)
+    new_partial = partial + addend
+    return depth_attention_phase2(out, lse, new_partial, query, gain, eps, "torch", norm_weight, norm_eps), new_partial
+
+
+def append_source_phase1(
+    bank: SourceBank,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    queries: torch.Tensor,
+    gains: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> tuple[SourceBank, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A block boundary at inference: append ``x (+ y)`` [..., D] as the bank's next source, then phase 1 of
+    ``queries``/``gains`` [Q, D] against all sources, the new one included.
+
+    Returns (the new bank, out [Q, ..., D], lse [Q, ...] float32, query 0's sublayer input or None): with
+    ``norm_weight`` [D] the last is the PreNorm of out[0], the input of the block's first sublayer (it has no
+    partial sum to merge). Triton: one kernel while the sources fit phase 1's register tile
+    (``two_phase.fits_one_tile``), otherwise the store, phase 1 and phase 2 kernels in turn.
+    """
+    _inference_only(queries, gains, x, *([y] if y is not None else []))
+    if queries.dim() != 2 or queries.shape != gains.shape:
+        raise ValueError(f"queries/gains must both be [Q, D], got {tuple(queries.shape)} / {tuple(gains.shape)}")
+    _check_query(queries, bank.shape[-1], "queries")
+    n = bank.num_sources
+    if bank.backend == "triton" and n < bank.capacity:
+        from .two_phase import fits_one_tile, store_phase1
+
+        d = bank.shape[-1]
+        if fits_one_tile(n + 1, d):
+            _check_shape(bank, x, "source")
+            if y is not None:
+                _check_shape(bank, y, "second summand")
+            storage = bank.storage
+            out, lse, first = store_phase1(
+                storage, n, x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous() if y is not None else None,
+                queries, gains, norm_weight, norm_eps,
+            )  # fmt: skip
+            bank = replace(bank, handles=bank.handles + (storage.store[n],))
+            lead = tuple(bank.shape[:-1])
+            first = first.view(bank.shape) if first is not None else None
+            return bank, out.view(len(queries), *lead, d), lse.view(len(queries), *lead), first
+    bank = append_source(bank, x, y)
+    out, lse = depth_attention_phase1(bank, queries, gains)
+    first = None
+    if norm_weight is not None:
+        first = depth_attention_phase2(
+            out[0], lse[0], None, queries[0], gains[0], bank.eps, bank.backend, norm_weight, norm_eps
+        )
+    return bank, out, lse, first
+
+
+def add_prenorm(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference: the standard residual's addition fused into the next PreNorm.
+
+    Args:
+        x, y: [..., D] (the residual stream and the last sublayer's output); weight: [D].
+    Returns:
+        (x + y, :func:`prenorm` of it); one kernel on the Triton backend.
+    """
+    _inference_only(x, y, weight)
+    if x.shape != y.shape or x.dim() < 1 or tuple(weight.shape) != (x.shape[-1],):
+        shapes = f"{tuple(x.shape)} / {tuple(y.shape)} / {tuple(weight.shape)}"
+        raise ValueError(f"add_prenorm needs x, y [..., D] and weight [D], got {shapes}")
+    if resolve_backend(backend, x) == "torch":
+        total = x + y
+        return total, rms_norm(total, weight, eps)
+    from .norm import rms_norm_fwd
+
+    d = x.shape[-1]
+    x2, y2 = x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous()
+    normed, _, total = rms_norm_fwd(x2, weight.contiguous(), eps, y2)
+    return total.view(x.shape), normed.view(x.shape)
+
+
 __all__ = [
     "SourceBank",
+    "add_prenorm",
     "append_source",
+    "append_source_phase1",
     "depth_attention",
     "depth_attention_phase1",
     "depth_attention_phase2",
+    "depth_attention_phase2_add",
     "naive_depth_attention",
     "new_source_bank",
     "prenorm",

@@ -38,6 +38,16 @@ def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.cons
 
 
 @triton.jit
+def _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps):
+    """A sublayer's PreNorm of the row h (already in the output dtype): wn * (h * rsqrt(mean(h^2) + norm_eps)),
+    rounded to h's dtype before the gain, as transformers' RMSNorm does. Returns (normed row, its rsqrt)."""
+    hf = h.to(tl.float32)
+    hr = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + norm_eps)
+    wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return ((hf * hr).to(h.dtype).to(tl.float32) * wn).to(h.dtype), hr
+
+
+@triton.jit
 def _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL: tl.constexpr):
     """The running block's partial sum (row ``row``) in float32 and its rstd, computed here (it is never stored)."""
     if HAS_PARTIAL:
@@ -138,11 +148,8 @@ def depth_attn_fwd_kernel(
         m = m_new
     h = (acc / denom).to(out_ptr.dtype.element_ty)
     if HAS_NORM:
-        hf = h.to(tl.float32)
-        hr = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + norm_eps)
+        h, hr = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
         tl.store(hrstd_ptr + row, hr)
-        wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        h = ((hf * hr).to(out_ptr.dtype.element_ty).to(tl.float32) * wn).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * D + cols, h, mask=mask)
     tl.store(lse_ptr + row, m + tl.log(denom))
 
@@ -275,25 +282,52 @@ def param_grad_kernel(
 
 
 @triton.jit
-def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row,
-                     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """Phase 1 of one row whose n_src <= N_PAD sources fit one [N_PAD, BLOCK_D] register tile (BLOCK_D >= D): the
-    tile is loaded once, every load in flight together, and each query takes all its scores in one reduction over
-    D and its output in one over the sources (within a thread)."""
+def _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask):
+    """Phase 1 of query j for one row whose sources are the register tile v [N_PAD, BLOCK_D] (rstd r, rows
+    ``valid``): all its scores in one reduction over D, its output in one over the sources (within a thread).
+    Stores out[j, row] and lse[j, row]; returns the output row (rounded to out's dtype)."""
+    u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
+    s = tl.where(valid, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
+    m = tl.max(s, axis=0)
+    p = tl.exp(s - m)  # zero on padding rows
+    denom = tl.sum(p, axis=0)
+    tl.store(lse_ptr + j * M + row, m + tl.log(denom))
+    h = tl.sum((p / denom)[:, None] * v, axis=0).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (j * M + row) * D + cols, h, mask=mask)
+    return h
+
+
+@triton.jit(do_not_specialize=["n_prev", "n_q", "M"])
+def store_phase1_kernel(
+    x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
+    n_prev, n_q, M, D, eps, norm_eps,
+    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """A block boundary at inference in one launch: source n_prev = x (+ y) is stored with its rstd (as
+    ``store_source_kernel``), then phase 1 runs the n_q queries against sources 0 .. n_prev, held in one
+    [N_PAD, BLOCK_D] register tile (the new source straight from registers). With HAS_NORM, query 0's sublayer
+    input goes to first [M, D]: the PreNorm of its output (a block's first sublayer has no partial sum)."""
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    v, r, stored, _ = _source_tile(  # no partial sum in phase 1: its row and rstd arguments are unused
-        store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
+    v_new = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        v_new += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    v_new = v_new.to(store_ptr.dtype.element_ty)
+    tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
+    v_new = v_new.to(tl.float32)
+    r_new = 1.0 / tl.sqrt(tl.sum(v_new * v_new, axis=0) / D + eps)
+    tl.store(rstd_ptr + n_prev * M + row, r_new)
+    v, r, stored, is_new = _source_tile(
+        store_ptr, rstd_ptr, v_new, r_new, 0, n_prev, M, row, cols, mask, D, True, N_PAD
     )
-    for j in range(n_q):
-        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
-        s = tl.where(stored, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
-        m = tl.max(s, axis=0)
-        p = tl.exp(s - m)  # zero on padding rows
-        denom = tl.sum(p, axis=0)
-        tl.store(lse_ptr + j * M + row, m + tl.log(denom))
-        h = tl.sum((p / denom)[:, None] * v, axis=0)
-        tl.store(out_ptr + (j * M + row) * D + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
+    valid = stored | is_new
+    h = _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, 0, M, D, row, cols, mask)
+    if HAS_NORM:
+        first, _ = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
+        tl.store(first_ptr + row * D + cols, first, mask=mask)
+    for j in range(1, n_q):
+        _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
 
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])
@@ -305,13 +339,19 @@ def phase1_kernel(
     """Two-phase inference, phase 1: n_q pseudo-queries (q, g [n_q, D]) against the n_src completed sources.
 
     Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. ONE_TILE: the row's sources
-    fit one register tile (``_phase1_one_tile``). Otherwise the sources are read one at a time, twice (scores,
+    fit one register tile (``_phase1_query`` per query). Otherwise the sources are read one at a time, twice (scores,
     then outputs), and the hidden dimension is walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile
     stays in registers.
     """
     row = tl.program_id(0).to(tl.int64)
-    if ONE_TILE:
-        _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row, N_PAD, BLOCK_D)
+    if ONE_TILE:  # BLOCK_D >= D: the row's sources loaded once, every load in flight together
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        v, r, stored, _ = _source_tile(  # no partial sum in phase 1: its row and rstd arguments are unused
+            store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
+        )
+        for j in range(n_q):
+            _phase1_query(v, r, stored, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
         return
     qs = tl.arange(0, Q_PAD)
     idx = tl.arange(0, N_PAD)
@@ -348,11 +388,15 @@ def phase1_kernel(
 
 @triton.jit
 def phase2_kernel(
-    o_ptr, lse_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, D, eps, norm_eps,
-    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, D, eps, norm_eps,
+    HAS_PARTIAL: tl.constexpr, HAS_ADD: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Two-phase inference, phase 2: merge one query's phase-1 row with the partial-sum source (online softmax),
-    then (HAS_NORM) the sublayer's PreNorm, as in ``depth_attn_fwd_kernel``: one launch per sublayer."""
+    then (HAS_NORM) the sublayer's PreNorm, as in ``depth_attn_fwd_kernel``: one launch per sublayer.
+
+    HAS_ADD: the partial sum is first brought up to date, part + add (rounded to its dtype, as the eager addition
+    rounds), and written to new_part: the previous sublayer's output is added in this launch instead of its own.
+    """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -360,6 +404,11 @@ def phase2_kernel(
     if HAS_PARTIAL:
         u = _query_key(q_ptr, g_ptr, cols, mask)
         vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            vp += tl.load(add_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            vp = vp.to(new_part_ptr.dtype.element_ty)
+            tl.store(new_part_ptr + row * D + cols, vp, mask=mask)
+            vp = vp.to(tl.float32)
         lse = tl.load(lse_ptr + row)
         s = tl.sum(u * vp, axis=0) / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
         m = tl.maximum(lse, s)
@@ -368,21 +417,28 @@ def phase2_kernel(
         h = (w_o * h + w_p * vp) / (w_o + w_p)
     h = h.to(h_ptr.dtype.element_ty)
     if HAS_NORM:
-        hf = h.to(tl.float32)
-        hr = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + norm_eps)
-        wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        h = ((hf * hr).to(h_ptr.dtype.element_ty).to(tl.float32) * wn).to(h_ptr.dtype.element_ty)
+        h, _ = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
     tl.store(h_ptr + row * D + cols, h, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])
-def rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, BR: tl.constexpr, BLOCK_D: tl.constexpr):
-    """y = w * (x * rsqrt(mean(x^2) + eps)).to(x dtype), in y's dtype (the promotion of x's and w's); rstd [M]."""
+def rms_norm_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr, add_ptr, sum_ptr, M, D, eps,
+    BR: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ADD: tl.constexpr,
+):  # fmt: skip
+    """y = w * (x * rsqrt(mean(x^2) + eps)).to(x dtype), in y's dtype (the promotion of x's and w's); rstd [M].
+
+    HAS_ADD (inference): x is first replaced by x + add, rounded to sum's dtype and written to sum [M, D] (the
+    standard residual's addition, fused into the next PreNorm)."""
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < M)[:, None] & (cols < D)[None, :]
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_ADD:
+        x = x.to(tl.float32) + tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)

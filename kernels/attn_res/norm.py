@@ -23,16 +23,24 @@ def _rows_and_warps(d: int) -> tuple[int, int, int]:
     return max(1, min(64, 2048 // width)), width, 4 if width <= 1024 else (8 if width <= 4096 else 16)
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, D] contiguous, weight [D] -> (y [M, D] in promote(x, weight) dtype, rstd [M] float32)."""
+def rms_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, D] contiguous, weight [D] -> (y [M, D] in promote(x, weight) dtype, rstd [M] float32, normed input).
+
+    With ``add`` [M, D] contiguous the normed input is x + add (in promote(x, add) dtype, written by the same
+    kernel: the standard residual's addition fused into the next PreNorm); without it, x itself.
+    """
     m, d = x.shape
     rows, width, warps = _rows_and_warps(d)
     y = torch.empty((m, d), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    total = x if add is None else torch.empty((m, d), dtype=torch.promote_types(x.dtype, add.dtype), device=x.device)
     _triton.rms_norm_fwd_kernel[(triton.cdiv(m, rows),)](
-        x, weight, y, rstd, m, d, eps, BR=rows, BLOCK_D=width, num_warps=warps
-    )
-    return y, rstd
+        x, weight, y, rstd, add if add is not None else x, total, m, d, eps,
+        BR=rows, BLOCK_D=width, HAS_ADD=add is not None, num_warps=warps,
+    )  # fmt: skip
+    return y, rstd, total
 
 
 def rms_norm_bwd(
@@ -59,7 +67,7 @@ class RMSNormFunction(torch.autograd.Function):
         d = x.shape[-1]
         x2 = x.reshape(-1, d).contiguous()
         w = weight.contiguous()
-        y, rstd = rms_norm_fwd(x2, w, eps)
+        y, rstd, _ = rms_norm_fwd(x2, w, eps)
         ctx.save_for_backward(x2, w, rstd)
         return y.view(x.shape)
 

@@ -4,6 +4,11 @@ Phase 1 runs once per block, at its first sublayer: the block's Q pseudo-queries
 once and get (out [Q, M, D], lse [Q, M]). Phase 2 runs per sublayer and merges the intra-block partial sum
 into its query's phase-1 result by online softmax (exact), with the sublayer's PreNorm fused: one launch
 per sublayer. Traffic per sublayer: N/Q + 3 rows of D instead of N + 2 for the one-query kernel.
+
+The model's inference path also folds the residual bookkeeping into these launches: phase 2 adds the previous
+sublayer's output to the partial sum (``add``), and a block boundary stores the finished block and runs the next
+block's phase 1 (with its first sublayer's PreNorm) in one kernel (``store_phase1``), so that a block of S
+sublayers costs S launches, as many as the standard residual's fused add + PreNorm.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ def phase1(
     out = torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
     lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
     q_pad, n_pad = max(2, triton.next_power_of_2(q)), max(2, triton.next_power_of_2(n))
-    one_tile = n_pad * block_d(d) <= PHASE1_TILE_ELEMENTS
+    one_tile = fits_one_tile(n, d)
     # one tile: the [N_PAD, D] sources in registers; otherwise the [Q_PAD, BLOCK_D] float32 query tile, <= 8K elements
     chunk = block_d(d) if one_tile else min(block_d(d), max(16, 8192 // q_pad))
     _triton.phase1_kernel[(m,)](
@@ -39,6 +44,44 @@ def phase1(
         Q_PAD=q_pad, N_PAD=n_pad, BLOCK_D=chunk, ONE_TILE=one_tile, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse
+
+
+def fits_one_tile(n_sources: int, d: int) -> bool:
+    """Whether phase 1 over ``n_sources`` sources of hidden size ``d`` holds them in one register tile (the fast
+    path, and the only one of the fused block boundary ``store_phase1``)."""
+    return max(2, triton.next_power_of_2(n_sources)) * block_d(d) <= PHASE1_TILE_ELEMENTS
+
+
+def store_phase1(
+    storage: SourceStorage,
+    n_prev: int,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    queries: torch.Tensor,
+    gains: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Store ``x (+ y)`` [M, D] as source ``n_prev``, then phase 1 of ``queries``/``gains`` [Q, D] against sources
+    0 .. n_prev, in one launch (needs ``fits_one_tile(n_prev + 1, D)``).
+
+    Returns out [Q, M, D], lse [Q, M] float32 and, with ``norm_weight``, query 0's sublayer input [M, D] (the
+    PreNorm of out[0]), else None.
+    """
+    m, d = storage.store.shape[1:]
+    q = queries.shape[0]
+    dev = storage.store.device
+    out = torch.empty((q, m, d), dtype=storage.store.dtype, device=dev)
+    lse = torch.empty((q, m), dtype=torch.float32, device=dev)
+    first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
+    _triton.store_phase1_kernel[(m,)](
+        x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
+        norm_weight.contiguous() if norm_weight is not None else gains, out, lse, first if first is not None else out,
+        n_prev, q, m, d, storage.eps, norm_eps,
+        HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=max(2, triton.next_power_of_2(n_prev + 1)),
+        BLOCK_D=block_d(d), num_warps=num_warps(d),
+    )  # fmt: skip
+    return out, lse, first
 
 
 def phase2(
@@ -50,13 +93,23 @@ def phase2(
     eps: float,
     norm_weight: torch.Tensor | None,
     norm_eps: float,
-) -> torch.Tensor:
-    """Merge out [M, D] / lse [M] with the partial sum [M, D] (if any), then the optional PreNorm: h [M, D]."""
+    add: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Merge out [M, D] / lse [M] with the partial sum [M, D] (if any), then the optional PreNorm.
+
+    With ``add`` [M, D] the partial sum merged is ``partial + add``, formed and written in the same launch.
+    Returns (h [M, D], the partial sum merged: ``partial`` itself without ``add``).
+    """
     m, d = out.shape
     h = torch.empty_like(out)
+    new_partial = partial
+    if add is not None:
+        new_partial = torch.empty((m, d), dtype=torch.promote_types(partial.dtype, add.dtype), device=out.device)
     _triton.phase2_kernel[(m,)](
-        out, lse, partial if partial is not None else out, query.contiguous(), gain.contiguous(),
+        out, lse, partial if partial is not None else out, add if add is not None else out,
+        new_partial if add is not None else out, query.contiguous(), gain.contiguous(),
         norm_weight.contiguous() if norm_weight is not None else gain, h, d, eps, norm_eps,
-        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d), num_warps=num_warps(d),
+        HAS_PARTIAL=partial is not None, HAS_ADD=add is not None, HAS_NORM=norm_weight is not None,
+        BLOCK_D=block_d(d), num_warps=num_warps(d),
     )  # fmt: skip
-    return h
+    return h, new_partial

@@ -18,7 +18,9 @@ model's cache after a prompt: median of single cached one-token steps, after 20 
 cache length modulo 16 has been seen). Within a row, every path also runs before it is timed.
 
 The standard residual is the anchor of every ratio, given its best shot: its PreNorm runs as one Triton
-kernel forward and one backward (``prenorm``), as AttnRes's own read fuses its PreNorm ("triton" baseline).
+kernel forward and one backward (``prenorm``), as AttnRes's own read fuses its PreNorm ("triton" baseline); at
+inference the residual addition is fused into that kernel too (``add_prenorm``), as AttnRes's inference path
+fuses its own bookkeeping into its reads.
 The "torch" baseline is the transformers-style eager RMSNorm, and for the dense model transformers'
 ``LlamaForCausalLM`` with the same shape checks that our standard decoder is not slower than the usual one.
 

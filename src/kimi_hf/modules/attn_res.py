@@ -30,9 +30,14 @@ of called, which on the Triton path also avoids storing h (recomputed in backwar
 
 ``AttnResState`` is immutable (each call returns a new one), so a decoder layer that takes a state and
 returns a state can be re-run by non-reentrant gradient checkpointing (reentrant checkpointing only
-tracks tensor arguments: not supported). Under ``torch.no_grad()`` with ``two_phase=True`` the inference
-path runs: at the first sublayer of a block, phase 1 scores all of the block's pseudo-queries against the
-completed blocks in one pass; each sublayer then merges its running partial sum by online softmax (exact).
+tracks tensor arguments: not supported).
+
+Under ``torch.no_grad()`` with ``two_phase=True`` (the default) the inference path runs, chosen once by
+``begin``: at the first sublayer of a block, phase 1 scores all of the block's pseudo-queries against the
+completed blocks in one pass; each sublayer then merges its running partial sum by online softmax (exact). A
+sublayer's output is not added when it is recorded but by the next read, in the same kernel: the partial sum's
+update by phase 2, a finished block's store by the next block's phase 1 (standard mode: the addition by the
+next PreNorm). So every sublayer costs one launch on the Triton backend, in all three modes.
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ from torch import nn
 
 from kimi_hf.kernels.attn_res import (
     SourceBank,
+    add_prenorm,
     append_source,
+    append_source_phase1,
     depth_attention,
-    depth_attention_phase1,
     depth_attention_phase2,
+    depth_attention_phase2_add,
     new_source_bank,
     prenorm,
 )
@@ -64,7 +71,11 @@ class AttnResState:
         partial: standard mode: the residual stream; block mode: the partial sum of the running block
             (None at the start of a block).
         bank: completed sources (embedding + finished blocks); None in standard mode.
-        phase1: inference cache shared by the states of one forward: block index -> (out [S, ..., D], lse).
+        pending: inference path only: the output of the last sublayer (at sublayer 0 the embedding), not yet
+            added to ``partial`` or stored in ``bank``: the next read does it in its own kernel.
+        cache: inference path only, shared by the states of one forward: the running block's phase 1
+            ("phase1": (block, out, lse)) and, per sublayer read, the partial sum and bank with ``pending`` folded
+            in (taken by ``add_sublayer_output``, so that each lives only as long as the eager path's would).
         rows: when gradients are needed, (pseudo-queries, key-norm gains) unbound once into per-sublayer
             rows [D]: one backward node gathers all their gradients (indexing each sublayer's row would
             cost a zero-filled [L + 1, D] gradient and an accumulation per sublayer).
@@ -73,8 +84,14 @@ class AttnResState:
     sublayer: int
     partial: torch.Tensor | None
     bank: SourceBank | None = None
-    phase1: dict = field(default_factory=dict, compare=False, repr=False)
+    pending: torch.Tensor | None = None
+    cache: dict | None = field(default=None, compare=False, repr=False)
     rows: tuple | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def inference(self) -> bool:
+        """Whether this forward runs the inference path (outputs are added by the next read)."""
+        return self.cache is not None
 
 
 class AttentionResiduals(nn.Module):
@@ -89,7 +106,8 @@ class AttentionResiduals(nn.Module):
         mode: "standard", "full" or "block".
         block_size: sublayers per block (mode "block"); the last block takes the remainder.
         eps: epsilon of the key RMSNorm.
-        two_phase: use the two-phase path when no gradient is needed.
+        two_phase: run the inference path when no gradient is needed (two-phase depth attention, and each
+            sublayer's output added by the next read's kernel; standard mode: addition fused into the PreNorm).
         backend: kernel backend ("triton", "torch" or None = :func:`kimi_hf.kernels.resolve_backend`).
     """
 
@@ -134,12 +152,20 @@ class AttentionResiduals(nn.Module):
             nn.init.ones_(self.norm_weight)
 
     def begin(self, embeddings: torch.Tensor) -> AttnResState:
-        """State before sublayer 0; ``embeddings`` [B, T, D] is v_0."""
+        """State before sublayer 0; ``embeddings`` [B, T, D] is v_0.
+
+        Chooses the path of the whole forward: the inference path when ``two_phase`` is set and no gradient is
+        needed (``torch.no_grad()``), else the differentiable one.
+        """
         if embeddings.shape[-1] != self.hidden_size:
             raise ValueError(f"embeddings have size {embeddings.shape[-1]}, expected hidden size {self.hidden_size}")
+        bank = None
+        if self.mode != "standard":
+            bank = new_source_bank(self.num_blocks + 1, embeddings, self.eps, self.backend)
+        if self.two_phase and not torch.is_grad_enabled():
+            return AttnResState(sublayer=0, partial=None, bank=bank, pending=embeddings, cache={})
         if self.mode == "standard":
             return AttnResState(sublayer=0, partial=embeddings)
-        bank = new_source_bank(self.num_blocks + 1, embeddings, self.eps, self.backend)
         rows = None
         if torch.is_grad_enabled() and (self.queries.requires_grad or self.norm_weight.requires_grad):
             rows = (self.queries.unbind(0), self.norm_weight.unbind(0))
@@ -156,9 +182,6 @@ class AttentionResiduals(nn.Module):
             raise ValueError(f"all {self.num_sublayers} sublayers have run (state at sublayer {state.sublayer})")
         return state.sublayer
 
-    def _use_two_phase(self) -> bool:
-        return self.two_phase and not torch.is_grad_enabled()
-
     def sublayer_input(
         self, state: AttnResState, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6
     ) -> torch.Tensor:
@@ -171,27 +194,74 @@ class AttentionResiduals(nn.Module):
         backend), so that the baseline gets a fused PreNorm too.
         """
         sub = self._check_running(state)
+        if state.inference:
+            return self._inference_read(state, sub, norm_weight, norm_eps)
         if self.mode == "standard":
             h = state.partial
             return prenorm(h, norm_weight, norm_eps, self.backend) if norm_weight is not None else h
-        if not self._use_two_phase():
-            return depth_attention(state.bank, *self._query_gain(state, sub), state.partial, norm_weight, norm_eps)
-        block, pos = divmod(sub, self.block_size)
-        if block not in state.phase1:
-            start = block * self.block_size
-            stop = min(start + self.block_size, self.num_sublayers)
-            state.phase1[block] = depth_attention_phase1(
-                state.bank, self.queries[start:stop], self.norm_weight[start:stop]
+        return depth_attention(state.bank, *self._query_gain(state, sub), state.partial, norm_weight, norm_eps)
+
+    def _inference_read(
+        self, state: AttnResState, index: int, norm_weight: torch.Tensor | None, norm_eps: float
+    ) -> torch.Tensor:
+        """Inference: the input of sublayer ``index`` (L: the final aggregation), with ``state.pending`` folded
+        into the partial sum or the bank by the same kernel; the folded state goes to ``state.cache[index]``.
+        A second read of one state (e.g. ``output_hidden_states`` before the layer's own) reuses the fold."""
+        folded = state.cache.get(index)
+        if self.mode == "standard":
+            if folded is not None or state.partial is None:
+                h = folded[0] if folded is not None else state.pending
+                x = prenorm(h, norm_weight, norm_eps, self.backend) if norm_weight is not None else h
+            elif norm_weight is not None:
+                h, x = add_prenorm(state.partial, state.pending, norm_weight, norm_eps, self.backend)
+            else:
+                h = x = state.partial + state.pending
+            state.cache[index] = (h, None)
+            return x
+        query, gain = self.queries[index], self.norm_weight[index]
+        block, pos = divmod(index, self.block_size)
+        if index == self.num_sublayers or pos == 0:  # a block boundary: the finished block (or v_0) is stored
+            if folded is None:
+                last = self.num_sublayers
+                stop = last + 1 if index == last else min(index + self.block_size, last)
+                summands = (state.pending, None) if state.partial is None else (state.partial, state.pending)
+                bank, out, lse, x = append_source_phase1(
+                    state.bank, *summands, self.queries[index:stop], self.norm_weight[index:stop], norm_weight, norm_eps
+                )
+                state.cache["phase1"] = (block, out, lse)
+                state.cache[index] = (None, bank)
+                return x if norm_weight is not None else out[0]
+            _, out, lse = state.cache["phase1"]
+            return depth_attention_phase2(
+                out[0], lse[0], None, query, gain, self.eps, self.backend, norm_weight, norm_eps
             )
-        out, lse = state.phase1[block]
-        return depth_attention_phase2(
-            out[pos], lse[pos], state.partial, self.queries[sub], self.norm_weight[sub], self.eps,
-            state.bank.backend, norm_weight, norm_eps,
-        )  # fmt: skip
+        _, out, lse = state.cache["phase1"]
+        if folded is not None:
+            partial = folded[0]
+            x = depth_attention_phase2(
+                out[pos], lse[pos], partial, query, gain, self.eps, self.backend, norm_weight, norm_eps
+            )
+        elif state.partial is None:  # the block's second sublayer: its partial sum is the first one's output
+            partial = state.pending
+            x = depth_attention_phase2(
+                out[pos], lse[pos], partial, query, gain, self.eps, self.backend, norm_weight, norm_eps
+            )
+        else:
+            x, partial = depth_attention_phase2_add(
+                out[pos], lse[pos], state.partial, state.pending, query, gain, self.eps, self.backend,
+                norm_weight, norm_eps,
+            )  # fmt: skip
+        state.cache[index] = (partial, state.bank)
+        return x
 
     def add_sublayer_output(self, state: AttnResState, output: torch.Tensor) -> AttnResState:
         """Record the raw output [B, T, D] of the sublayer that just ran; returns the next state."""
         sub = self._check_running(state)
+        if state.inference:
+            if sub not in state.cache:  # the sublayer never read its input: fold the pending output now
+                self._inference_read(state, sub, None, 1e-6)
+            partial, bank = state.cache.pop(sub)
+            return replace(state, sublayer=sub + 1, partial=partial, bank=bank, pending=output)
         if self.mode == "standard":
             return replace(state, sublayer=sub + 1, partial=state.partial + output)
         ends_block = (sub + 1) % self.block_size == 0 or sub + 1 == self.num_sublayers
@@ -213,6 +283,8 @@ class AttentionResiduals(nn.Module):
         """
         if state.sublayer != self.num_sublayers:
             raise ValueError(f"final_output needs all {self.num_sublayers} sublayers run, state is at {state.sublayer}")
+        if state.inference:
+            return self._inference_read(state, self.num_sublayers, norm_weight, norm_eps)
         if self.mode == "standard":
             h = state.partial
             return prenorm(h, norm_weight, norm_eps, self.backend) if norm_weight is not None else h
