@@ -39,6 +39,8 @@ from collections.abc import Callable
 
 import torch
 
+from kimi_hf.kernels._launch import set_launch_constants
+
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (out, in): q/o-like, down_proj, up/gate-like
 RATIOS = [0.25, 0.5, 0.65, 1.0]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,7 +73,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-model", action="store_true", help="skip the model-step part")
     parser.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes and model, torch path")
-    return parser.parse_args()
+    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
+                        help="launch constants of kimi_hf.kernels for this run (e.g. ce_lora.pack.COLUMN_MAJOR=0)")
+    args = parser.parse_args()
+    try:
+        args.launch_constants = set_launch_constants(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def bench(fn: Callable[[], object], device: torch.device) -> float:
@@ -383,7 +392,7 @@ def main() -> None:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     if args.tiny:
         args.tokens = min(args.tokens, 256)
-    record = Recorder(environment(device), args.json)
+    record = Recorder(dict(environment(device), launch_constants=args.launch_constants), args.json)
     if not args.skip_layers:
         layer_rows(args, device, dtype, record)
         host_rows(args, device, dtype, record)
