@@ -297,36 +297,60 @@ def _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, col
     return h
 
 
-@triton.jit(do_not_specialize=["n_prev", "n_q", "M"])
+@triton.jit
+def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row,
+                     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Phase 1 of one row whose n_src <= N_PAD sources fit one [N_PAD, BLOCK_D] register tile (BLOCK_D >= D): the
+    tile is loaded once, every load in flight together. (A function of its own: in the kernel's body its 2-D tile
+    would share a name with the other path's 1-D rows, which Triton's loops refuse.)"""
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    v, r, stored, _ = _source_tile(  # no partial sum in phase 1: its row and rstd arguments are unused
+        store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
+    )
+    for j in range(n_q):
+        _phase1_query(v, r, stored, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
+
+
+@triton.jit(do_not_specialize=["n_prev", "n_q", "M", "per_program"])
 def store_phase1_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
-    n_prev, n_q, M, D, eps, norm_eps,
+    n_prev, n_q, M, D, eps, norm_eps, per_program,
     HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """A block boundary at inference in one launch: source n_prev = x (+ y) is stored with its rstd (as
     ``store_source_kernel``), then phase 1 runs the n_q queries against sources 0 .. n_prev, held in one
     [N_PAD, BLOCK_D] register tile (the new source straight from registers). With HAS_NORM, query 0's sublayer
-    input goes to first [M, D]: the PreNorm of its output (a block's first sublayer has no partial sum)."""
-    row = tl.program_id(0).to(tl.int64)
+    input goes to first [M, D]: the PreNorm of its output (a block's first sublayer has no partial sum).
+
+    Program ``row * cdiv(n_q, per_program) + p`` runs queries p * per_program .. (p + 1) * per_program - 1 of its
+    row; the p = 0 program stores the new source. One program per row (per_program = n_q) reads the row's sources
+    once; one per query (1) runs the queries side by side (a row's programs adjacent in launch order, so that its
+    sources come from L2 after the first read), which shortens a launch whose rows cannot fill the GPU (decoding)."""
+    programs_per_row = tl.cdiv(n_q, per_program)
+    row = (tl.program_id(0) // programs_per_row).to(tl.int64)
+    j0 = (tl.program_id(0) % programs_per_row) * per_program
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     v_new = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_Y:
         v_new += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     v_new = v_new.to(store_ptr.dtype.element_ty)
-    tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
-    v_new = v_new.to(tl.float32)
-    r_new = 1.0 / tl.sqrt(tl.sum(v_new * v_new, axis=0) / D + eps)
-    tl.store(rstd_ptr + n_prev * M + row, r_new)
+    v_new_f = v_new.to(tl.float32)
+    r_new = 1.0 / tl.sqrt(tl.sum(v_new_f * v_new_f, axis=0) / D + eps)
+    if j0 == 0:
+        tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
+        tl.store(rstd_ptr + n_prev * M + row, r_new)
     v, r, stored, is_new = _source_tile(
-        store_ptr, rstd_ptr, v_new, r_new, 0, n_prev, M, row, cols, mask, D, True, N_PAD
+        store_ptr, rstd_ptr, v_new_f, r_new, 0, n_prev, M, row, cols, mask, D, True, N_PAD
     )
     valid = stored | is_new
-    h = _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, 0, M, D, row, cols, mask)
+    h = _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
     if HAS_NORM:
-        first, _ = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
-        tl.store(first_ptr + row * D + cols, first, mask=mask)
-    for j in range(1, n_q):
+        if j0 == 0:
+            first, _ = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
+            tl.store(first_ptr + row * D + cols, first, mask=mask)
+    for j in range(j0 + 1, tl.minimum(j0 + per_program, n_q)):
         _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
 
 
@@ -339,19 +363,13 @@ def phase1_kernel(
     """Two-phase inference, phase 1: n_q pseudo-queries (q, g [n_q, D]) against the n_src completed sources.
 
     Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. ONE_TILE: the row's sources
-    fit one register tile (``_phase1_query`` per query). Otherwise the sources are read one at a time, twice (scores,
+    fit one register tile (``_phase1_one_tile``). Otherwise the sources are read one at a time, twice (scores,
     then outputs), and the hidden dimension is walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile
     stays in registers.
     """
     row = tl.program_id(0).to(tl.int64)
-    if ONE_TILE:  # BLOCK_D >= D: the row's sources loaded once, every load in flight together
-        cols = tl.arange(0, BLOCK_D)
-        mask = cols < D
-        v, r, stored, _ = _source_tile(  # no partial sum in phase 1: its row and rstd arguments are unused
-            store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
-        )
-        for j in range(n_q):
-            _phase1_query(v, r, stored, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
+    if ONE_TILE:
+        _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row, N_PAD, BLOCK_D)
         return
     qs = tl.arange(0, Q_PAD)
     idx = tl.arange(0, N_PAD)

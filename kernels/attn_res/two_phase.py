@@ -24,6 +24,10 @@ from .fused import SourceStorage, block_d, num_warps
 # one [N_PAD, padded D] register tile while it has at most this many elements (0: never). 16384 is 8 sources at D 2048,
 # 64 float32 registers per thread at 8 warps (119 in all for sm_90): the largest tile compiled and measured.
 PHASE1_TILE_ELEMENTS = 16384
+# Launch constant: the fused block boundary (``store_phase1``) gives each query a program of its own up to this many
+# rows (decoding: one row per sequence, where one program per row left the launch a chain of Q queries), and one
+# program per row above it (prefill: each row's sources read once).
+STORE_PHASE1_SPLIT_ROWS = 256
 
 
 def phase1(
@@ -74,10 +78,11 @@ def store_phase1(
     out = torch.empty((q, m, d), dtype=storage.store.dtype, device=dev)
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
-    _triton.store_phase1_kernel[(m,)](
+    per_program = 1 if m <= STORE_PHASE1_SPLIT_ROWS else q
+    _triton.store_phase1_kernel[(m * triton.cdiv(q, per_program),)](
         x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
         norm_weight.contiguous() if norm_weight is not None else gains, out, lse, first if first is not None else out,
-        n_prev, q, m, d, storage.eps, norm_eps,
+        n_prev, q, m, d, storage.eps, norm_eps, per_program,
         HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=max(2, triton.next_power_of_2(n_prev + 1)),
         BLOCK_D=block_d(d), num_warps=num_warps(d),
     )  # fmt: skip

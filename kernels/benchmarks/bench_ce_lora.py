@@ -69,6 +69,9 @@ def parse_args() -> argparse.Namespace:
                         "and its kernels by GPU time (torch profiler; CUDA only)")
     parser.add_argument("--profile-host", type=int, default=0, metavar="N",
                         help="with --profile: also list the N host operators with the most self CPU time")
+    parser.add_argument("--liger", action="store_true",
+                        help="model steps: Liger-Kernel's fused Llama ops (RMSNorm, RoPE, SwiGLU, fused linear cross "
+                        "entropy) in the base model of every setting, so that its elementwise passes shrink")
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
     parser.add_argument("--skip-model", action="store_true", help="skip the model-step part")
     parser.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
@@ -305,6 +308,10 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         ("CE-LoRA paper ratios", CELoraConfig(ce_ratio=dict(PAPER_RATIOS), **common)),
         ("CE-LoRA 0.5 everywhere", CELoraConfig(ce_ratio=0.5, **common)),
     ]
+    if args.liger:  # patches transformers' Llama classes, before any model is built: every setting gets them
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
     batch, seq = (2, 64) if args.tiny else (args.batch, args.seq)
     checkpointing_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]
     groups = [(c, a) for a in args.adapter_dtypes for c in checkpointing_modes]
@@ -328,7 +335,7 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             adapter_dtype = str(next(p for p in model.parameters() if p.requires_grad).dtype).removeprefix("torch.")
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             record.add("model_steps", {"setting": name, "adapters": adapter_dtype, "checkpointing": checkpointing,
-                                       "batch": batch, "seq": seq, "step_ms": ms,
+                                       "liger": args.liger, "batch": batch, "seq": seq, "step_ms": ms,
                                        "speedup_vs_lora": anchor / ms if anchor is not None else None,
                                        "speedup_vs_exact_layer": exact / ms if exact is not None else None,
                                        "peak_gib": peak, "tokens_per_s": batch * seq / ms * 1e3})  # fmt: skip
@@ -369,7 +376,8 @@ def print_tables(env: dict, layers: list[dict], host: list[dict], models: list[d
             print(f"| {r['setting']} | {r['adapters']} | {r['size']} | {r['rows']} | {r['host_us']:.1f} |")
         print()
     if models:
-        print("### Training step (forward + backward, no optimizer), ~0.9B Llama, LoRA r16 on 7 projections\n")
+        liger = " (base model with Liger-Kernel's fused ops)" if any(r.get("liger") for r in models) else ""
+        print(f"### Training step (forward + backward, no optimizer), ~0.9B Llama{liger}, LoRA r16 on 7 projections\n")
         print("Rows of one group (adapter dtype x checkpointing) compute in the same dtypes. 'vs PEFT LoRA' of the"
               " exact layer = implementation only (same math and FLOPs); 'vs exact layer' = CE-LoRA's approximate"
               " backward alone.\n")

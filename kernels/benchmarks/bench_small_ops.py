@@ -29,9 +29,10 @@ import triton
 
 from kimi_hf.kernels._launch import get_launch_constant, set_launch_constants
 from kimi_hf.kernels.attn_res import (
+    add_prenorm,
     append_source,
+    append_source_phase1,
     depth_attention,
-    depth_attention_phase1,
     new_source_bank,
     prenorm,
 )
@@ -270,9 +271,9 @@ def _depth_inputs(setup: _Setup) -> tuple[int, int, Callable[..., torch.Tensor],
     return M, D, rand, label, M * D * torch.finfo(setup.dtype).bits // 8
 
 
-def _filled_bank(n: int, like: torch.Tensor, rand: Callable[..., torch.Tensor]):
-    """A Triton source bank holding ``n`` random sources shaped like ``like`` [M, D]."""
-    bank = new_source_bank(n, like, backend="triton")
+def _filled_bank(n: int, like: torch.Tensor, rand: Callable[..., torch.Tensor], capacity: int | None = None):
+    """A Triton source bank holding ``n`` random sources shaped like ``like`` [M, D] (room for ``capacity``)."""
+    bank = new_source_bank(capacity or n, like, backend="triton")
     for _ in range(n):
         bank = append_source(bank, rand(*like.shape))
     return bank
@@ -318,23 +319,26 @@ def bench_depth_attention(setup: _Setup) -> list[Row]:
 
 
 def bench_two_phase(setup: _Setup) -> list[Row]:
-    """AttnRes's inference (prefill) path: phase 1 of a block, its Q pseudo-queries against the n completed sources
-    in one pass, at the shapes of the ~1B models (Kimi Linear: Q 4; dense: Q 8). Minimum bytes in [M, D] passes:
-    n + Q (read the sources, write Q outputs). The anchor column is the standard residual's PreNorm forward, one
-    sublayer's worth of the op the block's reads replace. Kernel GPU time per call."""
+    """AttnRes's inference (prefill) path at a block boundary, as the models run it (``append_source_phase1``): the
+    finished block (partial sum + last output) is stored, then the next block's Q pseudo-queries read all n sources
+    (the new one included) and the first sublayer's PreNorm is applied, at the shapes of the ~1B models (Kimi
+    Linear: Q 4; dense: Q 8). Minimum bytes in [M, D] passes: n + Q + 2 (read the two summands and the n - 1
+    stored sources, write the new source, Q outputs and the first sublayer's input). The anchor column is the
+    standard residual's add + PreNorm, one sublayer's worth of the op the block's reads replace. Kernel GPU time
+    per call."""
     M, D, rand, shape, bytes_per_pass = _depth_inputs(setup)
-    h, w = rand(M, D), torch.ones(D, device=setup.device, dtype=setup.dtype)
+    h, out, w = rand(M, D), rand(M, D), torch.ones(D, device=setup.device, dtype=setup.dtype)
     with torch.no_grad():
-        norm_us = _kernel_us(lambda: prenorm(h, w, backend="triton"), setup)
+        norm_us = _kernel_us(lambda: add_prenorm(h, out, w, backend="triton"), setup)
         rows = []
         for n_q in (4, 8):
             for n in (1, 2, 4):
-                bank = _filled_bank(n, h, rand)
+                bank = _filled_bank(n - 1, h, rand, capacity=n)
                 queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
-                op = f"two-phase phase 1, {n_q} queries x {n} source{'s' if n > 1 else ''}"
-                ours = _kernel_us(lambda: depth_attention_phase1(bank, queries, gains), setup)
-                floor = setup.floor_us((n + n_q) * bytes_per_pass)
-                rows.append(Row(op, shape, ours, "prenorm fwd (Triton)", norm_us, floor))
+                op = f"block boundary: store + phase 1, {n_q} queries x {n} source{'s' if n > 1 else ''} + PreNorm"
+                ours = _kernel_us(lambda: append_source_phase1(bank, h, out, queries, gains, w), setup)
+                floor = setup.floor_us((n + n_q + 2) * bytes_per_pass)
+                rows.append(Row(op, shape, ours, "add + prenorm fwd (Triton)", norm_us, floor))
     return rows
 
 
@@ -402,7 +406,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 shapes: a smoke run (CPU: TRITON_INTERPRET=1)")
     parser.add_argument("--sections", nargs="+", default=["conv", "norm", "kda"], choices=list(_SECTIONS),
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
-                        "attn_res: the depth attention; attn_res_prefill: its two-phase inference)")
+                        "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="peak copy bandwidth for the floor, TB/s")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "
