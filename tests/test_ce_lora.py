@@ -269,7 +269,15 @@ def test_channel_tiles_map_every_kept_channel_once():
         (512, 18, 0.25, 16, torch.float16, 64),  # half precision (bf16 is broken in the interpreter)
     ],
 )
-def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_rank, dtype, channel_tile):
+@pytest.mark.parametrize("shares", [0, 3], ids=["auto-shares", "3-shares"])
+def test_triton_pack_matches_torch_reference(
+    out_features, rows, ratio, lora_rank, dtype, channel_tile, shares, monkeypatch
+):
+    """The packing kernel against the torch reference; with 3 channel shares per row block, the partial products'
+    hand-over (the last program of a row block sums them) is exercised too."""
+    from kimi_hf.kernels.ce_lora import pack
+
+    monkeypatch.setattr(pack, "SHARES", shares)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     in_features = 96
     w = decaying_matrix(out_features, in_features, seed=7, dtype=torch.float32).to(device)

@@ -77,7 +77,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes and model, torch path")
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
-                        help="launch constants of kimi_hf.kernels for this run (e.g. ce_lora.pack.COLUMN_MAJOR=0)")
+                        help="launch constants of kimi_hf.kernels for this run (e.g. ce_lora.pack.SHARES=1)")
     args = parser.parse_args()
     try:
         args.launch_constants = set_launch_constants(args.set)

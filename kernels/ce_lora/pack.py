@@ -7,17 +7,24 @@ copies. Packing leaves a single dense GEMM ``G @ [A0 ; R[S, :]]`` whose inner si
 multiple of 64 (cuBLAS's fast path).
 
 How the pass aims at its memory floor (read ``dY`` once, write ``G`` once): a program owns ``BLOCK_T`` rows
-and walks their channels in tiles of ``BLOCK_O`` with plain contiguous loads (the same loop as a GEMM's, so
+and a share of their channel tiles of ``BLOCK_O``, walked with plain contiguous loads (the same loop as a GEMM's, so
 Triton pipelines them as async copies). Each tile feeds the tensor-core dot of ``dY B0`` and, from registers,
 the kept columns: ``tl.gather`` picks the tile's kept channels (the plan's per-tile map, :func:`~.plan.
-channel_tiles`) into the leading slots and one contiguous masked store writes them to their place in ``G``.
-(Two earlier designs gathered the kept columns from memory, scattered 2-byte loads after the projection's
-loads: 20-36% of the floor on an H200. Storing the tile's kept columns straight through a per-channel slot map,
-scattered masked stores, ran at 9-15%; this one at 33-39%.)
+channel_tiles`) into the leading slots and one masked store writes them to their place in ``G``. ``G`` is
+column-major in memory (``G^T``, rows padded to a multiple of 8), so that each kept channel is a contiguous run of
+the program's rows, stored 16 bytes at a time; the GEMM takes ``G`` as its transposed view (cuBLAS reads either
+layout). When there are too few row blocks to fill the GPU, their channel tiles are shared between programs and
+the last program of a row block sums the partial ``dY B0`` products.
+(Earlier designs on an H200: gathering the kept columns from memory, scattered 2-byte loads after the projection's
+loads, 20-36% of the floor; storing the kept columns through a per-channel slot map, scattered masked stores,
+9-15%; this kernel with ``G`` row-major, where no store of a tile's kept columns at an arbitrary column could be
+proven aligned and each went out two bytes at a time, 33-39%, 1.4-1.6x slower than column-major; one program per
+64-row block walking every channel tile, 128 programs at 8K tokens: 29% of the floor in a training step.)
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,12 +40,11 @@ _CONFIGS = [
     for bt, w, s in [(16, 4, 4), (32, 4, 3), (32, 8, 3), (64, 8, 3)]
 ]
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# ``G``'s layout in memory (``--set ce_lora.pack.COLUMN_MAJOR=0|1``). Row-major, a tile's kept columns go to
-# ``G[rows, first : first + count]`` at an arbitrary column ``first``: no vector store can be proven aligned, and
-# each thread stores its values two bytes at a time (32 scalar stores per tile at 64 rows, 8 warps; sm_90 PTX).
-# Column-major (``G^T`` in memory, rows padded to a multiple of 8), each kept channel is a contiguous run of the
-# program's rows: 16-byte stores. The GEMM takes ``G`` as its transposed view; cuBLAS reads either layout.
-COLUMN_MAJOR = 1
+# Channel shares per row block (``--set ce_lora.pack.SHARES=N``; 0: enough for about PROGRAMS_PER_SM programs on
+# every SM). At 8K tokens one program per 64-row block launched 128 programs, fewer than the H200's SMs, each walking
+# every channel tile in turn; shares split the channel tiles between programs.
+SHARES = 0
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -48,6 +54,8 @@ def _ce_pack_kernel(
     starts_ptr,
     local_ptr,
     g_ptr,
+    part_ptr,
+    count_ptr,
     n_rows,
     n_cols,
     n_keep,
@@ -57,28 +65,32 @@ def _ce_pack_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     IEEE: tl.constexpr,
-    COL_MAJOR: tl.constexpr,
 ):
-    """One program: ``BLOCK_T`` rows of ``dY``, all channel tiles in order.
+    """One program: ``BLOCK_T`` rows of ``dY`` and one share of their channel tiles, walked in order.
 
     dy ``[n_rows, n_cols]`` (row stride ``stride_dy``), b0 ``[n_cols, R_PAD]`` contiguous, starts
     ``[cdiv(n_cols, BLOCK_O) + 1]`` and local ``[cdiv(n_cols, BLOCK_O), BLOCK_O]`` int32 (the plan's kept-column
-    map), g ``[n_rows, R_PAD + n_keep]``: element (t, c) at ``t * stride_g + c``, or with COL_MAJOR at
-    ``c * stride_g + t``; ``n_keep`` only keys the autotuner.
+    map), g ``[n_rows, R_PAD + n_keep]`` column-major (element (t, c) at ``c * stride_g + t``); ``n_keep`` only keys
+    the autotuner.
+
+    The grid holds ``shares`` programs per row block (adjacent in launch order), each with a contiguous share of
+    the channel tiles. With one share the program writes its ``dY B0`` rows itself. With several, each writes its
+    partial product (float32) to part ``[shares, n_rows, R_PAD]`` and counts itself done in count ``[row blocks]``
+    (int32, zeros); the last of a row block to finish sums the partials in share order (the result does not depend
+    on which program is last), writes them and zeroes the count again.
     """
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    n_tiles = tl.cdiv(n_cols, BLOCK_O)
+    shares = tl.num_programs(0) // tl.cdiv(n_rows, BLOCK_T)
+    block, share = tl.program_id(0) // shares, tl.program_id(0) % shares
+    per_share = tl.cdiv(n_tiles, shares)
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < n_rows
     rows = rows.to(tl.int64)  # rows * stride overflows int32 beyond 2**31 elements
     dy_rows = dy_ptr + rows[:, None] * stride_dy
-    if COL_MAJOR:
-        g_row, g_col = rows[:, None], stride_g
-    else:
-        g_row, g_col = rows[:, None] * stride_g, 1
     rk = tl.arange(0, R_PAD)
     slots = tl.arange(0, BLOCK_O)
     acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
-    for tile in range(0, tl.cdiv(n_cols, BLOCK_O)):
+    for tile in range(share * per_share, tl.minimum(share * per_share + per_share, n_tiles)):
         cols = tile * BLOCK_O + slots
         col_ok = cols < n_cols
         values = tl.load(dy_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -91,17 +103,43 @@ def _ce_pack_kernel(
         count = tl.load(starts_ptr + tile + 1) - first
         local = tl.load(local_ptr + tile * BLOCK_O + slots)
         kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
-        g_kept = g_ptr + g_row + (R_PAD + first + slots[None, :]).to(tl.int64) * g_col
+        g_kept = g_ptr + rows[:, None] + (R_PAD + first + slots[None, :]).to(tl.int64) * stride_g
         tl.store(g_kept, kept, mask=row_ok[:, None] & (slots < count)[None, :])
-    tl.store(g_ptr + g_row + rk[None, :] * g_col, acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
+    g_low = g_ptr + rows[:, None] + rk[None, :] * stride_g
+    if shares == 1:
+        tl.store(g_low, acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = part_ptr + rows[:, None] * R_PAD + rk[None, :]
+        tl.store(part + share * n_rows * R_PAD, acc, mask=row_ok[:, None])
+        tl.debug_barrier()  # every thread's partial stored before the count says so (release, GPU scope)
+        if tl.atomic_add(count_ptr + block, 1, sem="acq_rel") == shares - 1:
+            total = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+            for other in range(shares):  # .cg: from L2, where the other programs' stores are visible
+                total += tl.load(part + other * n_rows * R_PAD, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            tl.store(g_low, total.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.atomic_xchg(count_ptr + block, 0)  # zeros again: the autotuner relaunches with the same buffers
 
 
-_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O", "COL_MAJOR"])(
+_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O"])(
     _ce_pack_kernel
 )
 # The autotuner's pick per layer shape, launched directly afterwards: the autotuner's per-call bookkeeping doubled
 # the host cost of a launch on the H200's host (69.7 against 27.5 us), and a LoRA training step is near host-bound.
 _PICKED: dict[tuple, triton.Config] = {}
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _shares(n_blocks: int, n_tiles: int, device: torch.device) -> int:
+    """Channel shares per row block: ``SHARES`` if set, else enough programs for ``PROGRAMS_PER_SM`` per SM."""
+    if SHARES:
+        return max(1, min(SHARES, n_tiles))
+    if _INTERPRETED:
+        return 1
+    return max(1, min(n_tiles, -(-PROGRAMS_PER_SM * _sm_count(device) // n_blocks)))
 
 
 def triton_pack_grad_output(
@@ -112,29 +150,37 @@ def triton_pack_grad_output(
     tile_local: torch.Tensor,
 ) -> torch.Tensor:
     """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]`` and the kept-column map
-    ``tile_starts``/``tile_local`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_tiles`. With ``COLUMN_MAJOR``
-    the result is the transposed view of a ``[r_pad + keep, T rounded up to 8]`` buffer."""
+    ``tile_starts``/``tile_local`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_tiles`: the transposed view of a
+    ``[r_pad + keep, T rounded up to 8]`` buffer."""
     n_rows, n_cols = grad_output.shape
     r_pad, block_o = b0_pad.shape[1], tile_local.shape[1]
-    options = {"device": grad_output.device, "dtype": grad_output.dtype}
-    if COLUMN_MAJOR:
-        buffer = torch.empty(r_pad + keep, -(-n_rows // 8) * 8, **options)
-        packed, stride = buffer[:, :n_rows].T, buffer.stride(0)
-    else:
-        packed = torch.empty(n_rows, r_pad + keep, **options)
-        stride = packed.stride(0)
-    args = (grad_output, b0_pad, tile_starts, tile_local, packed, n_rows, n_cols, keep, grad_output.stride(0), stride)
-    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": grad_output.dtype == torch.float32, "COL_MAJOR": COLUMN_MAJOR}
+    device = grad_output.device
+    buffer = torch.empty(r_pad + keep, -(-n_rows // 8) * 8, device=device, dtype=grad_output.dtype)
+    packed = buffer[:, :n_rows].T
+    n_tiles = -(-n_cols // block_o)
+    block_rows = (16,) if _INTERPRETED else tuple(c.kwargs["BLOCK_T"] for c in _CONFIGS)
+    max_shares = max(_shares(-(-n_rows // rows), n_tiles, device) for rows in block_rows)
+    split = max_shares > 1
+    partials = torch.empty(max_shares if split else 0, n_rows, r_pad, device=device, dtype=torch.float32)
+    counts = torch.zeros(-(-n_rows // min(block_rows)) if split else 0, device=device, dtype=torch.int32)
+
+    def grid(meta: dict) -> tuple[int]:
+        n_blocks = triton.cdiv(n_rows, meta["BLOCK_T"])
+        return (n_blocks * _shares(n_blocks, n_tiles, device),)
+
+    args = (grad_output, b0_pad, tile_starts, tile_local, packed, partials, counts, n_rows, n_cols, keep,
+            grad_output.stride(0), buffer.stride(0))  # fmt: skip
+    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": grad_output.dtype == torch.float32}
     if _INTERPRETED:  # one small tile, so that tiny test shapes still take several row blocks
-        _ce_pack_kernel[(triton.cdiv(n_rows, 16),)](*args, BLOCK_T=16, **meta)
+        _ce_pack_kernel[grid({"BLOCK_T": 16})](*args, BLOCK_T=16, **meta)
         return packed
-    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype, COLUMN_MAJOR)
+    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype)
     config = _PICKED.get(key)
     if config is None:
-        _ce_pack_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_T"]),)](*args, **meta)
+        _ce_pack_tuned[grid](*args, **meta)
         _PICKED[key] = _ce_pack_tuned.best_config
     else:
-        _ce_pack_kernel[(triton.cdiv(n_rows, config.kwargs["BLOCK_T"]),)](
+        _ce_pack_kernel[grid(config.kwargs)](
             *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
         )
     return packed
