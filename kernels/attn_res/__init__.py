@@ -206,6 +206,31 @@ def _check_phase2(out: torch.Tensor, lse: torch.Tensor, partial: torch.Tensor | 
     _check_query(query, out.shape[-1], "query")
 
 
+def _phase2(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial: torch.Tensor | None,
+    addend: torch.Tensor | None,
+    query: torch.Tensor,
+    gain: torch.Tensor,
+    eps: float,
+    backend: str | None,
+    norm_weight: torch.Tensor | None,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both phase-2 ops, checked: (h or its PreNorm, the partial sum merged: ``partial + addend`` with ``addend``)."""
+    if resolve_backend(backend, out) == "triton":
+        from .two_phase import phase2
+
+        d = out.shape[-1]
+        out2, part2, add2 = (t.reshape(-1, d).contiguous() if t is not None else None for t in (out, partial, addend))
+        h, merged = phase2(out2, lse.reshape(-1).contiguous(), part2, query, gain, eps, norm_weight, norm_eps, add2)
+        return h.view(out.shape), merged.view(out.shape) if merged is not None else None
+    merged = partial + addend if addend is not None else partial
+    h = torch_phase2(out, lse, merged, query, gain, eps) if merged is not None else out
+    return (rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h), merged
+
+
 def depth_attention_phase2(
     out: torch.Tensor,
     lse: torch.Tensor,
@@ -226,15 +251,7 @@ def depth_attention_phase2(
     _check_phase2(out, lse, partial, query)
     if partial is None and norm_weight is None:
         return out
-    if resolve_backend(backend, out) == "triton":
-        from .two_phase import phase2
-
-        d = out.shape[-1]
-        flat = (out.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous())
-        part = partial.reshape(-1, d).contiguous() if partial is not None else None
-        return phase2(*flat, part, query, gain, eps, norm_weight, norm_eps)[0].view(out.shape)
-    h = torch_phase2(out, lse, partial, query, gain, eps) if partial is not None else out
-    return rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
+    return _phase2(out, lse, partial, None, query, gain, eps, backend, norm_weight, norm_eps)[0]
 
 
 def depth_attention_phase2_add(
@@ -258,16 +275,7 @@ def depth_attention_phase2_add(
     _check_phase2(out, lse, partial, query)
     if addend.shape != partial.shape:
         raise ValueError(f"addend has shape {tuple(addend.shape)}, the partial sum {tuple(partial.shape)}")
-    if resolve_backend(backend, out) == "triton":
-        from .two_phase import phase2
-
-        d = out.shape[-1]
-        flat = (out.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous())
-        part, add = (t.reshape(-1, d).contiguous() for t in (partial, addend))
-        h, new_partial = phase2(*flat, part, query, gain, eps, norm_weight, norm_eps, add)
-        return h.view(out.shape), new_partial.view(partial.shape)
-    new_partial = partial + addend
-    return depth_attention_phase2(out, lse, new_partial, query, gain, eps, "torch", norm_weight, norm_eps), new_partial
+    return _phase2(out, lse, partial, addend, query, gain, eps, backend, norm_weight, norm_eps)
 
 
 def append_source_phase1(

@@ -23,18 +23,26 @@ def _query_key(q_ptr, g_ptr, offsets, mask):
 
 
 @triton.jit
+def _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, dtype: tl.constexpr, HAS_Y: tl.constexpr):
+    """Row ``row`` of a new source x (+ y), rounded to the store's dtype: (that row, it in float32, its rstd
+    rsqrt(mean(v^2) + eps) of the rounded value)."""
+    v = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        v += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    v = v.to(dtype)
+    vf = v.to(tl.float32)
+    return v, vf, 1.0 / tl.sqrt(tl.sum(vf * vf, axis=0) / D + eps)
+
+
+@triton.jit
 def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.constexpr, BLOCK_D: tl.constexpr):
     """slot[row] = x[row] (+ y[row]); rstd[row] = rsqrt(mean(slot[row]^2) + eps) of the stored (rounded) value."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    v = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Y:
-        v += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    v_stored = v.to(slot_ptr.dtype.element_ty)
-    tl.store(slot_ptr + row * D + cols, v_stored, mask=mask)
-    vf = v_stored.to(tl.float32)
-    tl.store(rstd_ptr + row, 1.0 / tl.sqrt(tl.sum(vf * vf, axis=0) / D + eps))
+    v, _, rstd = _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, slot_ptr.dtype.element_ty, HAS_Y)
+    tl.store(slot_ptr + row * D + cols, v, mask=mask)
+    tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
@@ -332,12 +340,7 @@ def store_phase1_kernel(
     j0 = (tl.program_id(0) % programs_per_row) * per_program
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    v_new = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Y:
-        v_new += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    v_new = v_new.to(store_ptr.dtype.element_ty)
-    v_new_f = v_new.to(tl.float32)
-    r_new = 1.0 / tl.sqrt(tl.sum(v_new_f * v_new_f, axis=0) / D + eps)
+    v_new, v_new_f, r_new = _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, store_ptr.dtype.element_ty, HAS_Y)
     if j0 == 0:
         tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
         tl.store(rstd_ptr + n_prev * M + row, r_new)

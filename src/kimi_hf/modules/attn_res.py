@@ -74,7 +74,7 @@ class AttnResState:
         pending: inference path only: the output of the last sublayer (at sublayer 0 the embedding), not yet
             added to ``partial`` or stored in ``bank``: the next read does it in its own kernel.
         cache: inference path only, shared by the states of one forward: the running block's phase 1
-            ("phase1": (block, out, lse)) and, per sublayer read, the partial sum and bank with ``pending`` folded
+            ("phase1": (out, lse)) and, per sublayer read, the partial sum and bank with ``pending`` folded
             in (taken by ``add_sublayer_output``, so that each lives only as long as the eager path's would).
         rows: when gradients are needed, (pseudo-queries, key-norm gains) unbound once into per-sublayer
             rows [D]: one backward node gathers all their gradients (indexing each sublayer's row would
@@ -219,30 +219,26 @@ class AttentionResiduals(nn.Module):
             state.cache[index] = (h, None)
             return x
         query, gain = self.queries[index], self.norm_weight[index]
-        block, pos = divmod(index, self.block_size)
+        pos = index % self.block_size
         if index == self.num_sublayers or pos == 0:  # a block boundary: the finished block (or v_0) is stored
-            if folded is None:
-                last = self.num_sublayers
-                stop = last + 1 if index == last else min(index + self.block_size, last)
-                summands = (state.pending, None) if state.partial is None else (state.partial, state.pending)
-                bank, out, lse, x = append_source_phase1(
-                    state.bank, *summands, self.queries[index:stop], self.norm_weight[index:stop], norm_weight, norm_eps
+            if folded is not None:
+                out, lse = state.cache["phase1"]
+                return depth_attention_phase2(
+                    out[0], lse[0], None, query, gain, self.eps, self.backend, norm_weight, norm_eps
                 )
-                state.cache["phase1"] = (block, out, lse)
-                state.cache[index] = (None, bank)
-                return x if norm_weight is not None else out[0]
-            _, out, lse = state.cache["phase1"]
-            return depth_attention_phase2(
-                out[0], lse[0], None, query, gain, self.eps, self.backend, norm_weight, norm_eps
+            last = self.num_sublayers
+            stop = last + 1 if index == last else min(index + self.block_size, last)
+            summands = (state.pending, None) if state.partial is None else (state.partial, state.pending)
+            bank, out, lse, x = append_source_phase1(
+                state.bank, *summands, self.queries[index:stop], self.norm_weight[index:stop], norm_weight, norm_eps
             )
-        _, out, lse = state.cache["phase1"]
-        if folded is not None:
-            partial = folded[0]
-            x = depth_attention_phase2(
-                out[pos], lse[pos], partial, query, gain, self.eps, self.backend, norm_weight, norm_eps
-            )
-        elif state.partial is None:  # the block's second sublayer: its partial sum is the first one's output
-            partial = state.pending
+            state.cache["phase1"] = (out, lse)  # the running block's: replaced at the next boundary
+            state.cache[index] = (None, bank)
+            return x if norm_weight is not None else out[0]
+        out, lse = state.cache["phase1"]
+        if folded is not None or state.partial is None:
+            # a repeated read, or the block's second sublayer, whose partial sum is the first one's output
+            partial = folded[0] if folded is not None else state.pending
             x = depth_attention_phase2(
                 out[pos], lse[pos], partial, query, gain, self.eps, self.backend, norm_weight, norm_eps
             )

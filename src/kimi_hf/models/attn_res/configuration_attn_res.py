@@ -32,7 +32,8 @@ class AttnResConfig(PreTrainedConfig):
       sublayer each: ``2 * num_hidden_layers`` sublayers; the last block takes the remainder).
 
     Other AttnRes fields: ``attn_res_eps`` (key RMSNorm epsilon), ``attn_res_two_phase`` (the inference path
-    under ``torch.no_grad()``: two-phase depth attention, residual additions fused into the next read), ``attn_res_backend`` (``"triton"``, ``"torch"`` or None = automatic).
+    under ``torch.no_grad()``: two-phase depth attention, residual additions fused into the next read),
+    ``attn_res_backend`` (``"triton"``, ``"torch"`` or None = automatic).
 
     Raises:
         ValueError: naming the field and the value, for inconsistent or out-of-range settings.
