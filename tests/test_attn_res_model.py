@@ -176,8 +176,11 @@ def test_gpu_triton_backend_matches_torch_backend_bf16():
 
 
 @pytest.mark.gpu
-def test_gpu_two_phase_and_cached_generation_fp32():
-    model = _model(attn_res_backend="triton", hidden_size=128).cuda().eval()
+@pytest.mark.parametrize("residual", ["block", "standard"])
+def test_gpu_two_phase_and_cached_generation_fp32(residual):
+    """The inference path (Block: two-phase with the additions in its reads; standard: addition fused into the
+    PreNorm) against the eager one, then cached greedy generation against recomputation."""
+    model = _model(residual=residual, attn_res_backend="triton", hidden_size=128).cuda().eval()
     ids = torch.randint(3, 97, (2, 9), device="cuda")
     with torch.no_grad():
         two_phase = model(ids).logits
