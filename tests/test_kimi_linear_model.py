@@ -497,3 +497,33 @@ def test_eager_and_sdpa_agree_on_the_4d_mask_path():
                 assert_close_rel(out[row, span], ref[row, span], 1e-5, f"eager vs sdpa row {row}")
             # and without a mask (plain causal, no 4-D mask built)
             assert_close_rel(model(ids[:1, -20:]).logits, sdpa(ids[:1, -20:]).logits, 1e-5, "eager vs sdpa causal")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"residual": "block", "attn_res_block_size": 3}, {"residual": "full"}],
+    ids=["standard", "block-3", "full"],
+)
+def test_inference_path_equals_eager_residuals(overrides):
+    """Under no_grad the residual bookkeeping rides in the reads' kernels (AttnRes: two-phase, additions in phase 2,
+    block stores with the next phase 1; standard: addition in the PreNorm): logits and hidden states as the eager
+    path's, and cached greedy generation as recomputation."""
+    model = tiny_model(seed=6, **overrides)
+    if model.config.residual != "standard":
+        with torch.no_grad():  # off the zero init, so that the depth mixing matters
+            model.model.attn_res.queries.copy_(torch.randn(model.model.attn_res.queries.shape))
+    ids = random_ids(2, 7, seed=6)
+    with torch.no_grad():
+        fused = model(ids, output_hidden_states=True)
+        model.model.attn_res.two_phase = False
+        eager = model(ids, output_hidden_states=True)
+        model.model.attn_res.two_phase = True
+    assert_close_rel(fused.logits, eager.logits, 1e-5, "logits")
+    for i, (a, e) in enumerate(zip(fused.hidden_states, eager.hidden_states)):
+        assert_close_rel(a, e, 1e-5, f"hidden state {i}")
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, seq)
