@@ -18,8 +18,10 @@ the last program of a row block sums the partial ``dY B0`` products.
 (Earlier designs on an H200: gathering the kept columns from memory, scattered 2-byte loads after the projection's
 loads, 20-36% of the floor; storing the kept columns through a per-channel slot map, scattered masked stores,
 9-15%; this kernel with ``G`` row-major, where no store of a tile's kept columns at an arbitrary column could be
-proven aligned and each went out two bytes at a time, 33-39%, 1.4-1.6x slower than column-major; one program per
-64-row block walking every channel tile, 128 programs at 8K tokens: 29% of the floor in a training step.)
+proven aligned and each went out two bytes at a time, 33-39%, 1.4-1.6x slower than column-major. One program per
+64-row block walking every channel tile left SMs idle at 8K tokens (128 programs); the shares make the pass 5-20%
+faster per layer there, but in a ~1B Llama training step it still runs at 28-47% of its floor, for reasons not yet
+measured: BENCHMARKS.md, session 11.)
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ _CONFIGS = [
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Channel shares per row block (``--set ce_lora.pack.SHARES=N``; 0: enough for about PROGRAMS_PER_SM programs on
 # every SM). At 8K tokens one program per 64-row block launched 128 programs, fewer than the H200's SMs, each walking
-# every channel tile in turn; shares split the channel tiles between programs.
+# every channel tile in turn; shares split the channel tiles between programs. PROGRAMS_PER_SM 1-16 were within the
+# run-to-run spread of a training step (session 11); 4 is the per-layer measurement's pick.
 SHARES = 0
 PROGRAMS_PER_SM = 4
 
