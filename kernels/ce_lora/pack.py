@@ -45,7 +45,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Channel shares per row block (``--set ce_lora.pack.SHARES=N``; 0: enough for about PROGRAMS_PER_SM programs on
 # every SM). At 8K tokens one program per 64-row block launched 128 programs, fewer than the H200's SMs, each walking
 # every channel tile in turn; shares split the channel tiles between programs. PROGRAMS_PER_SM 1-16 were within the
-# run-to-run spread of a training step (session 11); 4 is the per-layer measurement's pick.
+# run-to-run spread of a training step (session 11); 4 is what the per-layer comparison (shared or not) ran with.
 SHARES = 0
 PROGRAMS_PER_SM = 4
 
