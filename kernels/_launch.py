@@ -6,6 +6,7 @@ launchers read these module constants at each call, so a setting applies from th
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
 
@@ -44,3 +45,17 @@ def set_launch_constants(specs: list[str]) -> dict[str, int]:
         setattr(*found, int(value))
         done[name] = int(value)
     return done
+
+
+def add_set_option(parser: argparse.ArgumentParser, example: str, scope: str = "this run") -> None:
+    """The benchmarks' ``--set MODULE.NAME=INT [...]`` option; ``example`` names one constant in its help."""
+    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
+                        help=f"launch constants of kimi_hf.kernels for {scope} (e.g. {example})")  # fmt: skip
+
+
+def apply_set_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, int]:
+    """Apply ``args.set`` (see :func:`set_launch_constants`); a bad spec exits through ``parser.error``."""
+    try:
+        return set_launch_constants(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))

@@ -299,15 +299,15 @@ def append_source_phase1(
     if queries.dim() != 2 or queries.shape != gains.shape:
         raise ValueError(f"queries/gains must both be [Q, D], got {tuple(queries.shape)} / {tuple(gains.shape)}")
     _check_query(queries, bank.shape[-1], "queries")
+    _check_shape(bank, x, "source")
+    if y is not None:
+        _check_shape(bank, y, "second summand")
     n = bank.num_sources
     if bank.backend == "triton" and n < bank.capacity:
         from .two_phase import fits_one_tile, store_phase1
 
         d = bank.shape[-1]
         if fits_one_tile(n + 1, d):
-            _check_shape(bank, x, "source")
-            if y is not None:
-                _check_shape(bank, y, "second summand")
             storage = bank.storage
             out, lse, first = store_phase1(
                 storage, n, x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous() if y is not None else None,

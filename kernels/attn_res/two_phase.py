@@ -30,6 +30,17 @@ PHASE1_TILE_ELEMENTS = 16384
 STORE_PHASE1_SPLIT_ROWS = 256
 
 
+def _sources_pad(n_sources: int) -> int:
+    """Rows of a source tile holding ``n_sources`` sources (a power of two, at least 2)."""
+    return max(2, triton.next_power_of_2(n_sources))
+
+
+def fits_one_tile(n_sources: int, d: int) -> bool:
+    """Whether phase 1 over ``n_sources`` sources of hidden size ``d`` holds them in one register tile (the fast
+    path, and the only one of the fused block boundary ``store_phase1``)."""
+    return _sources_pad(n_sources) * block_d(d) <= PHASE1_TILE_ELEMENTS
+
+
 def phase1(
     storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,22 +49,16 @@ def phase1(
     q = queries.shape[0]
     out = torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
     lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
-    q_pad, n_pad = max(2, triton.next_power_of_2(q)), max(2, triton.next_power_of_2(n))
+    q_pad = max(2, triton.next_power_of_2(q))
     one_tile = fits_one_tile(n, d)
     # one tile: the [N_PAD, D] sources in registers; otherwise the [Q_PAD, BLOCK_D] float32 query tile, <= 8K elements
     chunk = block_d(d) if one_tile else min(block_d(d), max(16, 8192 // q_pad))
     _triton.phase1_kernel[(m,)](
         storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse,
         n, q, m, d,
-        Q_PAD=q_pad, N_PAD=n_pad, BLOCK_D=chunk, ONE_TILE=one_tile, num_warps=num_warps(d),
+        Q_PAD=q_pad, N_PAD=_sources_pad(n), BLOCK_D=chunk, ONE_TILE=one_tile, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse
-
-
-def fits_one_tile(n_sources: int, d: int) -> bool:
-    """Whether phase 1 over ``n_sources`` sources of hidden size ``d`` holds them in one register tile (the fast
-    path, and the only one of the fused block boundary ``store_phase1``)."""
-    return max(2, triton.next_power_of_2(n_sources)) * block_d(d) <= PHASE1_TILE_ELEMENTS
 
 
 def store_phase1(
@@ -83,7 +88,7 @@ def store_phase1(
         x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
         norm_weight.contiguous() if norm_weight is not None else gains, out, lse, first if first is not None else out,
         n_prev, q, m, d, storage.eps, norm_eps, per_program,
-        HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=max(2, triton.next_power_of_2(n_prev + 1)),
+        HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=_sources_pad(n_prev + 1),
         BLOCK_D=block_d(d), num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, first

@@ -54,7 +54,7 @@ import transformers
 
 import kimi_hf.modules.attn_res as attn_res_module
 from kimi_hf import KimiLinearForCausalLM, KimiLinearStaticCache
-from kimi_hf.kernels._launch import set_launch_constants
+from kimi_hf.kernels._launch import add_set_option, apply_set_option
 from kimi_hf.kernels.attn_res import SourceBank, naive_depth_attention, rms_norm
 from kimi_hf.models.kimi_linear.modeling_kimi_linear import CACHE_FIELD
 
@@ -380,17 +380,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="run every configuration once, untimed, before the timed passes")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this JSON file (rewritten after each row)")
-    p.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
-                   help="launch constants of kimi_hf.kernels for this run (e.g. attn_res.fused.BWD_SOURCE_TILE=4)")
+    add_set_option(p, "attn_res.fused.BWD_SOURCE_TILE=4")
     p.add_argument("--one-pass", action="store_true", help="Block/Full inference (prefill, decode) through the "
                    "one-pass depth attention of training, not the two-phase path (AttentionResiduals.two_phase=False)")
     p.add_argument("--profile", action="store_true", help="after each timed training step, prefill and decode, print "
                    "its per-kernel GPU time and wall time (CUDA)")  # fmt: skip
     args = p.parse_args(argv)
-    try:
-        args.launch_constants = set_launch_constants(args.set)
-    except ValueError as exc:
-        p.error(str(exc))
+    args.launch_constants = apply_set_option(p, args)
     tiny = args.tiny
     args.reps = args.reps or (2 if tiny else 6)
     args.decode_prompt = args.decode_prompt or (8 if tiny else 512)

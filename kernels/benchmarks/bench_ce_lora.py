@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from kimi_hf.kernels._launch import set_launch_constants
+from kimi_hf.kernels._launch import add_set_option, apply_set_option
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (out, in): q/o-like, down_proj, up/gate-like
 RATIOS = [0.25, 0.5, 0.65, 1.0]
@@ -76,13 +76,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-model", action="store_true", help="skip the model-step part")
     parser.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes and model, torch path")
-    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
-                        help="launch constants of kimi_hf.kernels for this run (e.g. ce_lora.pack.SHARES=1)")
+    add_set_option(parser, "ce_lora.pack.SHARES=1")
     args = parser.parse_args()
-    try:
-        args.launch_constants = set_launch_constants(args.set)
-    except ValueError as exc:
-        parser.error(str(exc))
+    args.launch_constants = apply_set_option(parser, args)
     return args
 
 

@@ -29,7 +29,7 @@ from triton.testing import do_bench
 
 from _profile import gpu_time_table
 
-from kimi_hf.kernels._launch import set_launch_constants
+from kimi_hf.kernels._launch import add_set_option, apply_set_option
 from kimi_hf.kernels.kda import chunk, chunk_kda, fused_recurrent_kda
 
 CHUNK_SHAPES = ((1, 8192), (1, 32768), (8, 4096))
@@ -244,14 +244,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true", help="first print the per-kernel GPU time of ours and fla")
     p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
                    help="only time ours over combinations of kda.chunk's launch constants (e.g. NUM_WARPS=4,8)")
-    p.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
-                   help="launch constants of kimi_hf.kernels for this run (e.g. kda.chunk.PAIRS_WARPS=2)")
+    add_set_option(p, "kda.chunk.PAIRS_WARPS=2")
     args = p.parse_args(argv)
     grid = _parse_sweep(args.sweep) if args.sweep else None
-    try:
-        overrides = set_launch_constants(args.set)
-    except ValueError as e:
-        p.error(str(e))
+    overrides = apply_set_option(p, args)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     if grid:

@@ -27,7 +27,7 @@ import time
 import torch
 
 from kimi_hf import GraphedLossStep
-from kimi_hf.kernels._launch import set_launch_constants
+from kimi_hf.kernels._launch import add_set_option, apply_set_option
 
 
 def reference_config(tiny: bool = False):
@@ -311,13 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time our training step replayed from a CUDA graph (kimi_hf.GraphedLossStep)")
     parser.add_argument("--profile-host", type=int, default=0, metavar="N",
                         help="with --profile: also list the N host operators with the most self CPU time")  # fmt: skip
-    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
-                        help="launch constants of kimi_hf.kernels for this run (e.g. moe.GATE_UP_SPLIT=4)")  # fmt: skip
+    add_set_option(parser, "moe.GATE_UP_SPLIT=4")
     args = parser.parse_args(argv)
-    try:
-        overrides = set_launch_constants(args.set)
-    except ValueError as exc:
-        parser.error(str(exc))
+    overrides = apply_set_option(parser, args)
     results = run(args)
     results["launch_constants"] = overrides
     print(markdown(results))

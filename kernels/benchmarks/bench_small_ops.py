@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import triton
 
-from kimi_hf.kernels._launch import get_launch_constant, set_launch_constants
+from kimi_hf.kernels._launch import add_set_option, apply_set_option, get_launch_constant, set_launch_constants
 from kimi_hf.kernels.attn_res import (
     add_prenorm,
     append_source,
@@ -411,13 +411,9 @@ def main() -> None:
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "
                         "(e.g. attn_res.fused.BWD_SOURCE_TILE=4,8); each row names its combination")  # fmt: skip
-    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
-                        help="launch constants of kimi_hf.kernels for the whole run (before --sweep's)")  # fmt: skip
+    add_set_option(parser, "attn_res.fused.BWD_SOURCE_TILE=4", "the whole run (before --sweep's)")
     args = parser.parse_args()
-    try:
-        set_launch_constants(args.set)
-    except ValueError as exc:
-        parser.error(str(exc))
+    apply_set_option(parser, args)
     grid, saved = {}, {}  # the values to sweep, and each constant's value to restore afterwards
     for spec in args.sweep:
         name, _, values = spec.partition("=")
