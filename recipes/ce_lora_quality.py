@@ -10,7 +10,9 @@
    model's exact match on both tasks before fine-tuning.
 
 Writes ``results.csv``, ``curves.csv`` (train/eval loss per step), ``loss.png`` and ``results.md`` to
-``--output-dir``. Everything is generated locally (``recipes/ce_lora_task.py``); nothing is downloaded.
+``--output-dir``. With ``--base-dir`` the base model is saved there (safetensors) and later runs with the same
+pre-training settings fine-tune it again instead of pre-training their own (``--seed`` then varies only the
+fine-tuning: data, adapter init, data order). Everything is generated locally (``recipes/ce_lora_task.py``); nothing is downloaded.
 
   python recipes/ce_lora_quality.py --tiny                       # CPU smoke test (~30 s; learns nothing)
   python recipes/ce_lora_quality.py --preset cpu_unsaturated      # ~4 minutes on CPU; LoRA not saturated
@@ -69,7 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-task", choices=TASKS, default="digit_sum", help="task the base model learns")
     p.add_argument("--task", choices=TASKS, default="digit_product", help="task the adapters are fine-tuned on")
     p.add_argument("--output-dir", "--out", dest="out", default="ce_lora_quality", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning data, adapter init and data order")
+    p.add_argument("--base-seed", type=int, default=None,
+                   help="seed of the base model's pre-training (default: --seed)")  # fmt: skip
+    p.add_argument("--base-dir", default=None,
+                   help="keep the pre-trained base model here (safetensors) and reuse it when it is already there, "
+                   "so that several fine-tuning seeds start from one base model")  # fmt: skip
     p.add_argument("--replot", action="store_true", help="only redraw loss.png from --output-dir's curves.csv")
     for name, value in PRESETS["gpu"].items():
         flag = f"--{name.replace('_', '-')}"
@@ -77,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
+    if args.base_seed is None:
+        args.base_seed = args.seed
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -104,7 +113,9 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def training_args(args: argparse.Namespace, out: str, steps: int, lr: float, evaluate: bool) -> TrainingArguments:
+def training_args(
+    args: argparse.Namespace, out: str, steps: int, lr: float, evaluate: bool, seed: int
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out,
         max_steps=steps,
@@ -121,8 +132,8 @@ def training_args(args: argparse.Namespace, out: str, steps: int, lr: float, eva
         report_to=[],
         bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
-        seed=args.seed,
-        data_seed=args.seed,
+        seed=seed,
+        data_seed=seed,
         dataloader_drop_last=True,
     )
 
@@ -132,33 +143,63 @@ def as_dataset(examples: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor
     return [{"input_ids": ids, "labels": labels} for ids, labels in zip(examples["input_ids"], examples["labels"])]
 
 
-def pretrain(
-    args: argparse.Namespace, task_eval: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], LlamaConfig, tuple[float, float]]:
-    """Pre-train the base model on ``--pretrain-task``.
+# The settings a base model depends on: a saved one is reused only when they all match.
+BASE_SETTINGS = ("base_seed", "pretrain_task", "pretrain_steps", "pretrain_lr", "hidden", "layers", "heads",
+                 "kv_heads", "intermediate", "pairs", "batch", "train_size")  # fmt: skip
 
-    Returns its weights, config and exact match on held-out problems of the pre-training task and of
-    ``task_eval`` (the fine-tuning task, before fine-tuning).
-    """
+
+def pretrain(args: argparse.Namespace) -> LlamaForCausalLM:
+    """A Llama trained from scratch (all weights) on ``--pretrain-task`` with ``--base-seed``."""
     config = LlamaConfig(
         vocab_size=len(VOCAB), hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=PROBLEM * args.pairs + 8, pad_token_id=0, bos_token_id=None, eos_token_id=1,
     )  # fmt: skip
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.base_seed)
     model = LlamaForCausalLM(config)
-    train = as_dataset(make_examples(args.train_size, args.pairs, args.pretrain_task, seed=args.seed + 1))
+    train = as_dataset(make_examples(args.train_size, args.pairs, args.pretrain_task, seed=args.base_seed + 1))
+    folder = os.path.join(args.out, "pretrain")
     Trainer(
         model=model,
-        args=training_args(args, os.path.join(args.out, "pretrain"), args.pretrain_steps, args.pretrain_lr, False),
+        args=training_args(args, folder, args.pretrain_steps, args.pretrain_lr, False, args.base_seed),
         train_dataset=train,
         data_collator=collate,
     ).train()
-    own_eval = make_examples(args.eval_size, args.pairs, args.pretrain_task, seed=args.seed + 4)
+    return model
+
+
+def base_model(args: argparse.Namespace) -> LlamaForCausalLM:
+    """The base model: read from ``--base-dir`` when it holds one pre-trained with these settings, else
+    pre-trained now (and saved there, as safetensors, when ``--base-dir`` is given)."""
+    settings = {name: getattr(args, name) for name in BASE_SETTINGS}
+    record = os.path.join(args.base_dir, "base_settings.json") if args.base_dir else None
+    if record and os.path.exists(record):
+        with open(record) as f:
+            saved = json.load(f)
+        if saved != settings:
+            diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+            raise ValueError(f"--base-dir {args.base_dir} holds a base model pre-trained with other settings "
+                             f"(saved, requested): {diff}")  # fmt: skip
+        print(f"base model read from {args.base_dir}", flush=True)
+        return LlamaForCausalLM.from_pretrained(args.base_dir, use_safetensors=True)
+    model = pretrain(args)
+    if record:
+        model.save_pretrained(args.base_dir, safe_serialization=True)
+        with open(record, "w") as f:
+            json.dump(settings, f, indent=1)
+    return model
+
+
+def base_accuracy(
+    args: argparse.Namespace, model: LlamaForCausalLM, task_eval: dict[str, torch.Tensor]
+) -> tuple[float, float]:
+    """The base model's exact match on held-out problems of its pre-training task and of ``task_eval`` (the
+    fine-tuning task, before fine-tuning)."""
+    own_eval = make_examples(args.eval_size, args.pairs, args.pretrain_task, seed=args.base_seed + 4)
     accuracy = (exact_match(model, own_eval["input_ids"], own_eval["labels"]),
                 exact_match(model, task_eval["input_ids"], task_eval["labels"]))  # fmt: skip
     print(f"base model exact match: {args.pretrain_task} {accuracy[0]:.4f}, {args.task} {accuracy[1]:.4f}", flush=True)
-    return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}, config, accuracy
+    return accuracy
 
 
 def method_configs(args: argparse.Namespace) -> list[tuple[str, LoraConfig]]:
@@ -180,7 +221,7 @@ def fine_tune(args, name, peft_config, weights, config, train, evaluation, eval_
     folder = os.path.join(args.out, name.replace(" ", "_"))
     trainer = Trainer(
         model=model,
-        args=training_args(args, folder, args.finetune_steps, args.lr, True),
+        args=training_args(args, folder, args.finetune_steps, args.lr, True, args.seed),
         train_dataset=train,
         eval_dataset=evaluation,
         data_collator=collate,
@@ -225,9 +266,9 @@ def plot_losses(folder: str) -> None:
 
 
 def write_outputs(
-    args: argparse.Namespace, rows: list[dict], curves: list[dict], base_accuracy: tuple[float, float]
+    args: argparse.Namespace, rows: list[dict], curves: list[dict], accuracy: tuple[float, float]
 ) -> str:
-    base = {"base_pretrain_exact_match": base_accuracy[0], "base_task_exact_match": base_accuracy[1]}
+    base = {"base_seed": args.base_seed, "base_pretrain_exact_match": accuracy[0], "base_task_exact_match": accuracy[1]}
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0], *base])
         writer.writeheader()
@@ -239,9 +280,9 @@ def write_outputs(
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [
         f"CE-LoRA vs LoRA: {args.task} over {args.pairs} pairs, Llama d {args.hidden} x {args.layers} layers "
-        f"pre-trained on {args.pretrain_task} (exact match {100 * base_accuracy[0]:.1f}% on it, "
-        f"{100 * base_accuracy[1]:.1f}% on {args.task}), {args.finetune_steps} fine-tuning steps x batch "
-        f"{args.batch}, {device}, seed {args.seed}",
+        f"pre-trained on {args.pretrain_task} (seed {args.base_seed}; exact match {100 * accuracy[0]:.1f}% on it, "
+        f"{100 * accuracy[1]:.1f}% on {args.task}), {args.finetune_steps} fine-tuning steps x batch "
+        f"{args.batch}, {device}, fine-tuning seed {args.seed}",
         "",
         "| method | eval loss | vs LoRA | exact match | vs LoRA (points) | step ms | step time vs LoRA |",
         "|---|---|---|---|---|---|---|",
@@ -266,7 +307,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.makedirs(args.out, exist_ok=True)
     eval_data = make_examples(args.eval_size, args.pairs, args.task, seed=args.seed + 3)
-    weights, config, base_accuracy = pretrain(args, eval_data)
+    base = base_model(args)
+    accuracy = base_accuracy(args, base, eval_data)
+    weights, config = {k: v.detach().clone().cpu() for k, v in base.state_dict().items()}, base.config
+    del base
     train = as_dataset(make_examples(args.train_size, args.pairs, args.task, seed=args.seed + 2))
     evaluation = as_dataset(eval_data)
     rows, curves = [], []
@@ -275,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         curves.extend(curve)
         print(json.dumps(row), flush=True)
-        table = write_outputs(args, rows, curves, base_accuracy)  # after each method: a cut-short run keeps them
+        table = write_outputs(args, rows, curves, accuracy)  # after each method: a cut-short run keeps them
     print(table)
     try:
         plot_losses(args.out)

@@ -13,7 +13,12 @@ each CE-LoRA setting with LoRA on the same seed:
 Seeds whose base model did not learn its pre-training task (exact match below ``--min-base-exact-match``, default
 10%; guessing gets about 0) are listed and left out: their fine-tuning starts from noise.
 
+By default each seed pre-trains its own base model, so the spread over seeds mixes base models and fine-tuning runs.
+``--base-seed S`` pre-trains one base model (seed ``S``, kept in ``<output-dir>/base``) and fine-tunes it once per
+seed: the spread is then that of fine-tuning alone. Arguments after ``--`` go to every run of the recipe.
+
     python recipes/ce_lora_seeds.py --preset cpu_unsaturated --seeds 10 11 12 13 --output-dir seeds
+    python recipes/ce_lora_seeds.py --seeds 0 1 2 3 --base-seed 0 --output-dir shared -- --pretrain-steps 600
 
 Writes ``summary.csv`` (one row per seed and setting) and ``summary.md`` (the table and the intervals).
 """
@@ -22,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
+import random
 import statistics
 import sys
 
@@ -50,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", "--out", dest="out", default="ce_lora_seeds", help="output folder")
     p.add_argument("--min-base-exact-match", type=float, default=0.1,
                    help="leave out seeds whose base model scores below this on its pre-training task")  # fmt: skip
-    args = p.parse_args(argv)
+    p.add_argument("--base-seed", type=int, default=None,
+                   help="fine-tune one base model, pre-trained with this seed, for every seed")  # fmt: skip
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:split])
+    args.recipe_args = argv[split + 1 :]
     if not 0.0 <= args.min_base_exact_match <= 1.0:
         p.error(f"--min-base-exact-match is a fraction in [0, 1], got {args.min_base_exact_match}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -63,14 +75,38 @@ def _read_rows(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_seed(seed: int, preset: str, out: str) -> list[dict]:
+def recipe_argv(args: argparse.Namespace, seed: int) -> list[str]:
+    """The recipe's command line for ``seed``."""
+    argv = ["--preset", args.preset, "--seed", str(seed), "--output-dir", os.path.join(args.out, f"seed_{seed}")]
+    if args.base_seed is not None:
+        argv += ["--base-seed", str(args.base_seed), "--base-dir", os.path.join(args.out, "base")]
+    return argv + args.recipe_args
+
+
+def check_folder(args: argparse.Namespace) -> None:
+    """Record the sweep's settings in ``<output-dir>/sweep.json``, or refuse a folder that holds another sweep's
+    runs (they would be read back as if they were this one's)."""
+    settings = {"preset": args.preset, "base_seed": args.base_seed, "recipe_args": args.recipe_args}
+    path = os.path.join(args.out, "sweep.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != settings:
+            raise ValueError(f"--output-dir {args.out} holds runs of another sweep: {saved}, not {settings}")
+    else:
+        with open(path, "w") as f:
+            json.dump(settings, f)
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     """The recipe's ``results.csv`` rows for ``seed`` (run now, or read back when the folder holds every method)."""
-    folder = os.path.join(out, f"seed_{seed}")
+    argv = recipe_argv(args, seed)
+    folder = argv[argv.index("--output-dir") + 1]
     results = os.path.join(folder, "results.csv")
-    expected = 1 + len(ce_lora_quality.parse_args([]).ratios)  # LoRA and one row per default ratio
+    expected = 1 + len(ce_lora_quality.parse_args(argv).ratios)  # LoRA and one row per CE-LoRA ratio
     if not (os.path.exists(results) and len(_read_rows(results)) == expected):
-        print(f"== seed {seed}: running {preset} into {folder}", flush=True)
-        ce_lora_quality.main(["--preset", preset, "--seed", str(seed), "--output-dir", folder])
+        print(f"== seed {seed}: running {' '.join(argv)}", flush=True)
+        ce_lora_quality.main(argv)
     else:
         print(f"== seed {seed}: reusing {results}", flush=True)
     return _read_rows(results)
@@ -87,6 +123,7 @@ def paired_gaps(rows: list[dict]) -> list[dict]:
         for method, r in runs.items():
             gaps.append({
                 "seed": int(seed), "method": method,
+                "eval_loss": float(r["eval_loss"]), "lora_eval_loss": float(lora["eval_loss"]),
                 "loss_gap_pct": 100 * (float(r["eval_loss"]) / float(lora["eval_loss"]) - 1),
                 "exact_match_gap_points": 100 * (float(r["exact_match"]) - float(lora["exact_match"])),
             })  # fmt: skip
@@ -104,12 +141,27 @@ def interval(values: list[float]) -> tuple[float, float, float, float]:
     return mean, std, mean - half, mean + half
 
 
-def summarize(gaps: list[dict], excluded: dict[int, float], preset: str) -> str:
+def ratio_of_means(pairs: list[tuple[float, float]], resamples: int = 10_000) -> tuple[float, float, float]:
+    """100 * (mean of the first / mean of the second - 1) over ``pairs`` (here CE-LoRA's and LoRA's eval loss per
+    seed), with a 95% percentile bootstrap interval that resamples whole seeds (fixed generator: reproducible).
+
+    Unlike the mean of per-seed ratios it is not carried by the seeds where LoRA's loss is near zero."""
+    ours, theirs = zip(*pairs)
+    point = 100 * (sum(ours) / sum(theirs) - 1)
+    rng = random.Random(0)
+    draws = sorted(
+        100 * (sum(ours[i] for i in idx) / sum(theirs[i] for i in idx) - 1)
+        for idx in ([rng.randrange(len(pairs)) for _ in pairs] for _ in range(resamples))
+    )
+    return point, draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
+
+
+def summarize(gaps: list[dict], excluded: dict[int, float], recipe: str) -> str:
     """The markdown summary: per-seed gaps, then per setting the intervals and the criterion verdicts."""
     methods = list(dict.fromkeys(g["method"] for g in gaps))
     seeds = sorted({g["seed"] for g in gaps})
     lines = [
-        f"CE-LoRA vs LoRA over {len(seeds)} seeds (`ce_lora_quality.py --preset {preset}`); gaps against LoRA on the "
+        f"CE-LoRA vs LoRA over {len(seeds)} seeds (`ce_lora_quality.py {recipe}`); gaps against LoRA on the "
         "same seed (loss: % of LoRA's eval loss, > 0 worse; exact match: points, < 0 worse)",
         "",
     ]
@@ -139,15 +191,23 @@ def summarize(gaps: list[dict], excluded: dict[int, float], preset: str) -> str:
                 verdict = f"{'yes' if met else 'not shown'} (worse end {worse_end:+.2f}{unit}, limit {limit:+g}{unit})"
             lines.append(f"| {m} | {label} | {mean:+.2f}{unit} | {median:+.2f}{unit} | {std:.2f} | "
                          f"[{low:+.2f}, {high:+.2f}] | {verdict} |")  # fmt: skip
+    limit = CRITERIA[0][3]
+    lines += ["", "| setting | mean eval loss against LoRA's | 95% bootstrap interval over seeds | within the limit |",
+              "|---" * 4 + "|"]  # fmt: skip
+    for m in methods:
+        point, low, high = ratio_of_means([(g["eval_loss"], g["lora_eval_loss"]) for g in gaps if g["method"] == m])
+        verdict = f"{'yes' if high <= limit else 'not shown'} (worse end {high:+.2f}%, limit {limit:+g}%)"
+        lines.append(f"| {m} | {point:+.2f}% | [{low:+.2f}, {high:+.2f}]% | {verdict} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    check_folder(args)
     rows, excluded = [], {}
     for seed in args.seeds:
-        seed_rows = run_seed(seed, args.preset, args.out)
+        seed_rows = run_seed(seed, args)
         base = float(seed_rows[0]["base_pretrain_exact_match"])
         if base < args.min_base_exact_match:
             excluded[seed] = base
@@ -159,7 +219,9 @@ def main(argv: list[str] | None = None) -> str:
             writer = csv.DictWriter(f, fieldnames=list(gaps[0]))
             writer.writeheader()
             writer.writerows(gaps)
-    table = summarize(gaps, excluded, args.preset) if gaps else f"no seed passed pre-training: {excluded}"
+    shared_base = [] if args.base_seed is None else ["--base-seed", str(args.base_seed)]
+    recipe = " ".join(["--preset", args.preset, *shared_base, *args.recipe_args])
+    table = summarize(gaps, excluded, recipe) if gaps else f"no seed passed pre-training: {excluded}"
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(table + "\n")
     print(table)

@@ -10,19 +10,42 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ce_lora_quality.py"
 
 
-def test_tiny_preset_writes_table_and_plot(tmp_path):
+def _run_tiny(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(RECIPE), "--tiny", "--output-dir", str(tmp_path)], check=True, env=env)
-    with open(tmp_path / "results.csv") as f:
+    return subprocess.run([sys.executable, str(RECIPE), "--tiny", *args], capture_output=True, text=True, env=env)
+
+
+def test_tiny_preset_writes_table_and_plot(tmp_path):
+    """A run writes its table and plot; a second one with another fine-tuning seed reads the base model back from
+    ``--base-dir`` (same weights: same base accuracy), and one asking for another base model is refused."""
+    first = _run_tiny("--output-dir", str(tmp_path / "a"), "--base-dir", str(tmp_path / "base"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    with open(tmp_path / "a" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["LoRA", "CE-LoRA paper ratios", "CE-LoRA 0.5"]
     for row in rows:
         assert 0.0 < float(row["eval_loss"]) < 10.0 and 0.0 <= float(row["exact_match"]) <= 1.0
-    assert (tmp_path / "loss.png").stat().st_size > 0
-    assert "| LoRA |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 0
+    assert "| LoRA |" in (tmp_path / "a" / "results.md").read_text()
+    assert (tmp_path / "base" / "model.safetensors").exists() and "base model read" not in first.stdout
+
+    second = _run_tiny("--output-dir", str(tmp_path / "b"), "--base-dir", str(tmp_path / "base"), "--seed", "5",
+                       "--base-seed", "0", "--ratios", "0.5")  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "base model read from" in second.stdout
+    with open(tmp_path / "b" / "results.csv") as f:
+        again = list(csv.DictReader(f))
+    assert [r["method"] for r in again] == ["LoRA", "CE-LoRA 0.5"] and again[0]["seed"] == "5"
+    assert again[0]["base_seed"] == "0"
+    assert again[0]["base_pretrain_exact_match"] == rows[0]["base_pretrain_exact_match"]
+
+    other = _run_tiny("--output-dir", str(tmp_path / "c"), "--base-dir", str(tmp_path / "base"), "--base-seed", "3")
+    assert other.returncode != 0 and "'base_seed': (0, 3)" in other.stderr
 
 
 def _fake_recipe(calls: list[int], table: dict[int, dict[str, tuple[float, float]]], base: dict[int, float]):
@@ -72,3 +95,36 @@ def test_seeds_summary_pairs_each_seed_with_lora(tmp_path, monkeypatch):
     assert f"[{low:+.2f}, {high:+.2f}]" in text
     ce_lora_seeds.main(["--seeds", "1", "2", "3", "4", "--output-dir", str(tmp_path)])
     assert calls == [1, 2, 3, 4], "finished seeds are read back, not run again"
+    with pytest.raises(ValueError, match="another sweep"):
+        ce_lora_seeds.main(["--seeds", "1", "--base-seed", "7", "--output-dir", str(tmp_path)])
+
+
+def test_seeds_share_one_base_model(tmp_path, monkeypatch):
+    """``--base-seed`` hands every run the same base seed and folder, and the arguments after ``--`` reach the
+    recipe (here ``--ratios 0.5``: one CE-LoRA row per seed is then a complete run)."""
+    sys.path.insert(0, str(RECIPE.parent))
+    import ce_lora_quality
+    import ce_lora_seeds
+
+    argvs: list[list[str]] = []
+    fake = _fake_recipe([], {s: {"LoRA": (0.2, 0.5), "CE-LoRA 0.5": (0.21, 0.5)} for s in (1, 2)}, {1: 0.9, 2: 0.9})
+    monkeypatch.setattr(ce_lora_quality, "main", lambda argv: (argvs.append(argv), fake(argv)))
+    argv = ["--seeds", "1", "2", "--base-seed", "9", "--output-dir", str(tmp_path), "--", "--ratios", "0.5"]
+    text = ce_lora_seeds.main(argv)
+    base = ["--base-seed", "9", "--base-dir", str(tmp_path / "base")]
+    assert [a[a.index("--seed") + 1] for a in argvs] == ["1", "2"]
+    assert all(a[-6:] == [*base, "--ratios", "0.5"] for a in argvs), argvs
+    assert "--preset cpu_unsaturated --base-seed 9 --ratios 0.5" in text
+    ce_lora_seeds.main(argv)
+    assert len(argvs) == 2, "finished seeds are read back, not run again"
+
+
+def test_ratio_of_means_and_its_bootstrap():
+    """The point estimate by hand; identical pairs give a zero-width interval; the interval holds the point."""
+    sys.path.insert(0, str(RECIPE.parent))
+    import ce_lora_seeds
+
+    pairs = [(0.30, 0.20), (0.10, 0.20), (1.00, 0.90), (0.50, 0.40)]
+    point, low, high = ce_lora_seeds.ratio_of_means(pairs, resamples=2000)
+    assert abs(point - 100 * (1.9 / 1.7 - 1)) < 1e-9 and low <= point <= high and low < high
+    assert ce_lora_seeds.ratio_of_means([(0.3, 0.2)] * 5, resamples=100)[1:] == pytest.approx((50.0, 50.0))
