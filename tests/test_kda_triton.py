@@ -129,11 +129,11 @@ def test_chunk_ragged_sub_blocks(lengths):
 
 @pytest.mark.parametrize("lengths", [[17, 0, 1, 50], [130, 64, 3]], ids=["ragged", "multi-chunk"])
 def test_chunk_solve_blocks(lengths, monkeypatch):
-    """The solve kernel's W, qg, kh over two key blocks and U over two value blocks (V wider than one), against
+    """The W/U kernel's W, qg, kh over two key blocks and U over two value blocks (V wider than one), against
     the reference."""
     from kimi_hf.kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, "SOLVE_KEY_BLOCK", 16)  # two key blocks at K = 32
+    monkeypatch.setattr(chunk, "WU_KEY_BLOCK", 16)  # two key blocks at K = 32
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=80, seed=6), {}, cu_seqlens=cu.to(DEVICE))
 

@@ -1,7 +1,8 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
 Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P between sub-blocks, per sub-block of rows)
--> diagonal (A_qk, P inside each sub-block, per token) -> solve (M, W, U per chunk) -> state (sequential over
+-> diagonal (A_qk, P inside each sub-block, per token) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
+qg, kh per chunk, from the stored M) -> state (sequential over
 chunks, per head and V tile) -> output. Backward: state (reverse) -> pair (dv, dbeta and the gradients of the
 in-chunk pair matrices, per chunk) -> direct (the dq, dk terms through the states, per chunk and block of key
 channels) -> diagonal (adds the pairs inside each sub-block, per token) -> key (adds the pairs between
@@ -23,21 +24,24 @@ from .chunk_bwd import (
     kda_state_bwd_kernel, l2norm_bwd_kernel,
 )  # fmt: skip
 from .chunk_fwd import (
-    kda_diag_fwd_kernel, kda_output_fwd_kernel, kda_pairs_fwd_kernel, kda_prep_fwd_kernel, kda_solve_fwd_kernel,
-    kda_state_fwd_kernel,
+    kda_diag_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel, kda_pairs_fwd_kernel, kda_prep_fwd_kernel,
+    kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
 CHUNK = 64  # tokens per chunk (BT)
 SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
-# Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in three (pairs, diagonal,
-# solve): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds
+# Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in four (pairs, diagonal,
+# inverse, W/U): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds
 # of dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 2 warps
-# (session 6: 1.93 ms forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike); the
-# solve kernel keeps 255 registers at 8 warps (16 warps spill); session 7: running W, U, qg, kh in a kernel of
-# their own from the stored M (1.85 ms forward against 1.74), or picking the substitution's rows of P from the
-# register tile instead of loading them (1.94), were slower. The pairs inside a sub-block run one token per
+# (session 6: 1.93 ms forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike). Until
+# session 12 one solve kernel computed M by substitution on the whole [64, 64] tile (4x the work of its
+# [16, 16] diagonal blocks), then W, U, qg, kh: 255 registers at 8 warps, one program per SM, 0.56 ms of the
+# 1.72 ms forward at B1 T8192. Session 7: W, U, qg, kh in a kernel of their own from the stored M were slower
+# with that substitution (1.85 ms forward against 1.74), and so was picking its rows of P from the register
+# tile instead of loading them (1.94). The inverse now works on [16, 16] blocks (168 registers at 2 warps, six
+# programs per SM, compiled for sm_90 without a GPU), and W/U run apart. The pairs inside a sub-block run one token per
 # program, DIAG_HEADS heads at a time, in the forward and the backward (kda_diag_fwd_kernel, kda_diag_bwd_kernel;
 # session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them inside the pairs and key kernels; 2, 4 or 8
 # heads and 2 or 4 warps within 3%). The backward key kernel (the pairs between sub-blocks): 64 key channels per
@@ -52,8 +56,12 @@ PAIRS_WARPS = 2
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
 DIAG_HEADS = 4
 DIAG_WARPS = 2
-SOLVE_KEY_BLOCK = 32
-SOLVE_WARPS = 8
+# Candidate constants of the inverse and W/U kernels, not yet measured on the GPU (W/U: 249 registers at 8 warps
+# with 32 key channels per block, spills at 4 warps or 64 channels).
+INVERSE_WARPS = 2
+WU_KEY_BLOCK = 32
+WU_WARPS = 8
+WU_STAGES = 1
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
 # The backward's direct and pair kernels at 4 warps (session 7, B1 T8192: fwd+bwd 4.61 ms against 5.03 at 8 and 8,
@@ -170,9 +178,12 @@ def kda_chunk_fwd(
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
     )  # fmt: skip
-    kda_solve_fwd_kernel[(NC, H)](
-        qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=SOLVE_WARPS, num_stages=1,
+    kda_inverse_fwd_kernel[(NC, H)](
+        P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
+    )  # fmt: skip
+    kda_wu_fwd_kernel[(NC, H)](
+        qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)

@@ -227,46 +227,100 @@ def kda_pairs_fwd_kernel(
 
 
 @triton.jit
-def kda_solve_fwd_kernel(
-    q, k, v, G, beta, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+def _substitution_step(P, beta, b_inv, idx, t0, eos, s, i, H, i_h, BT: tl.constexpr, BC: tl.constexpr):
+    """Row ``i`` of ``(I + Diag(beta) P_ss)^-1``, the inverse of sub-block ``s``'s diagonal ``[BC, BC]`` tile, from
+    its rows before ``i`` (forward substitution: row_i = e_i - sum_{j<i} beta_i P[i, j] row_j). A row past the
+    sequence end stays e_i."""
+    r = t0 + s * BC + i
+    off = r.to(tl.int64) * H + i_h
+    b_a = tl.load(P + off * BT + s * BC + idx, mask=idx < tl.where(r < eos, i, 0), other=0.0)
+    b_a *= tl.load(beta + off, mask=r < eos, other=0.0).to(tl.float32)
+    b_row = tl.where(idx == i, 1.0, 0.0) - tl.sum(b_a[:, None] * b_inv, axis=0)
+    return tl.where((idx == i)[:, None], b_row[None, :], b_inv)
+
+
+@triton.jit
+def _lower_block(P, beta, idx, t0, eos, s, t, H, i_h, BT: tl.constexpr, BC: tl.constexpr):
+    """Block ``(s, t)``, t < s, of ``L = I + Diag(beta) P`` (``[BC, BC]`` fp32; rows past the sequence end 0)."""
+    rows = t0 + s * BC + idx
+    rmask = rows < eos
+    b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
+    return b_beta[:, None] * _load_rows(P, rows, rmask, t * BC + idx, idx < BC, H, i_h, BT)
+
+
+@triton.jit
+def _store_block_row(M, b0, b1, b2, b3, idx, t0, eos, s, H, i_h, BT: tl.constexpr, BC: tl.constexpr):
+    """Rows of sub-block ``s`` of ``M [TT, H, BT]``: its four ``[BC, BC]`` blocks, left to right."""
+    rows = t0 + s * BC + idx
+    rmask = rows < eos
+    cmask = idx < BC
+    _store_rows(M, b0, rows, rmask, idx, cmask, H, i_h, BT)
+    _store_rows(M, b1, rows, rmask, BC + idx, cmask, H, i_h, BT)
+    _store_rows(M, b2, rows, rmask, 2 * BC + idx, cmask, H, i_h, BT)
+    _store_rows(M, b3, rows, rmask, 3 * BC + idx, cmask, H, i_h, BT)
+
+
+@triton.jit
+def kda_inverse_fwd_kernel(
+    P, beta, M, chunk_indices, cu_seqlens, H,
+    BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): M = (I + Diag(beta) P)^-1, then W = M (beta * k * exp(G)) and U = M (beta * v),
-    taking the key channels in blocks of ``BK``. Also what the sequential kernels would otherwise
-    recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``)."""
+    """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]`` fp32, zeros above the diagonal), by blocked
+    forward substitution on the four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks' inverses step by
+    step, the four side by side, then the blocks below them by dots, M_st = -M_ss sum_{t <= u < s} L_su M_ut.
+
+    Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
+    share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
+    :func:`kda_wu_fwd_kernel`.
+    """
+    tl.static_assert(BT == 4 * BC, "the blocked inverse is written out for four sub-blocks")
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    idx = tl.arange(0, BC)
+    eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    m00, m11, m22, m33 = eye, eye, eye, eye
+    for i in range(1, BC):
+        m00 = _substitution_step(P, beta, m00, idx, t0, eos, 0, i, H, i_h, BT, BC)
+        m11 = _substitution_step(P, beta, m11, idx, t0, eos, 1, i, H, i_h, BT, BC)
+        m22 = _substitution_step(P, beta, m22, idx, t0, eos, 2, i, H, i_h, BT, BC)
+        m33 = _substitution_step(P, beta, m33, idx, t0, eos, 3, i, H, i_h, BT, BC)
+    l10 = _lower_block(P, beta, idx, t0, eos, 1, 0, H, i_h, BT, BC)
+    l20 = _lower_block(P, beta, idx, t0, eos, 2, 0, H, i_h, BT, BC)
+    l21 = _lower_block(P, beta, idx, t0, eos, 2, 1, H, i_h, BT, BC)
+    l30 = _lower_block(P, beta, idx, t0, eos, 3, 0, H, i_h, BT, BC)
+    l31 = _lower_block(P, beta, idx, t0, eos, 3, 1, H, i_h, BT, BC)
+    l32 = _lower_block(P, beta, idx, t0, eos, 3, 2, H, i_h, BT, BC)
+    m10 = -tl.dot(m11, tl.dot(l10, m00, input_precision=IEEE), input_precision=IEEE)
+    m21 = -tl.dot(m22, tl.dot(l21, m11, input_precision=IEEE), input_precision=IEEE)
+    m32 = -tl.dot(m33, tl.dot(l32, m22, input_precision=IEEE), input_precision=IEEE)
+    m20 = -tl.dot(m22, tl.dot(l20, m00, input_precision=IEEE) + tl.dot(l21, m10, input_precision=IEEE),
+                  input_precision=IEEE)  # fmt: skip
+    m31 = -tl.dot(m33, tl.dot(l31, m11, input_precision=IEEE) + tl.dot(l32, m21, input_precision=IEEE),
+                  input_precision=IEEE)  # fmt: skip
+    b_sum = tl.dot(l30, m00, input_precision=IEEE) + tl.dot(l31, m10, input_precision=IEEE)
+    m30 = -tl.dot(m33, b_sum + tl.dot(l32, m20, input_precision=IEEE), input_precision=IEEE)
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    _store_block_row(M, m00, zero, zero, zero, idx, t0, eos, 0, H, i_h, BT, BC)
+    _store_block_row(M, m10, m11, zero, zero, idx, t0, eos, 1, H, i_h, BT, BC)
+    _store_block_row(M, m20, m21, m22, zero, idx, t0, eos, 2, H, i_h, BT, BC)
+    _store_block_row(M, m30, m31, m32, m33, idx, t0, eos, 3, H, i_h, BT, BC)
+
+
+@triton.jit
+def kda_wu_fwd_kernel(
+    q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
+    channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
+    otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
     rows = t0 + idx
     rmask = rows < eos
+    b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
-    blk = idx // BC
-    # M in two stages (stable: the operations of blocked forward substitution).
-    # 1. The BC x BC diagonal blocks by forward substitution, all blocks at once: step i writes row i of
-    #    every block, reading rows of P from memory. Rows past the end keep M = e_i.
-    eye = idx[:, None] == idx[None, :]
-    same_blk = blk[:, None] == blk[None, :]
-    sub = idx - blk * BC
-    b_Md = tl.where(eye, 1.0, 0.0)
-    b_bP = b_beta[:, None] * _load_rows(P, rows, rmask, idx, idx < BT, H, i_h, BT)
-    for i in range(1, BC):
-        # For every row j: the row r = i of j's block, and beta_r P[r, j] where j comes before r.
-        r_rows = t0 + blk * BC + i
-        r_ok = (sub < i) & (r_rows < eos)
-        r_offs = r_rows.to(tl.int64) * H + i_h
-        b_a = tl.load(P + r_offs * BT + idx, mask=r_ok, other=0.0)
-        b_a *= tl.load(beta + r_offs, mask=r_ok, other=0.0).to(tl.float32)
-        # Rows j of block b only reach columns of block b, so one reduction serves all blocks.
-        b_new = tl.where(eye, 1.0, 0.0) - tl.sum(b_a[:, None] * b_Md, axis=0)[None, :]
-        b_Md = tl.where((sub == i)[:, None] & same_blk, b_new, b_Md)
-    # 2. With D the block diagonal of L = I + Diag(beta) P and E its part below the blocks,
-    #    M = (I + X)^-1 D^-1 with X = D^-1 E, i.e. M = D^-1 - X M: block row b is exact after b sweeps.
-    b_X = tl.dot(b_Md, tl.where(blk[:, None] > blk[None, :], b_bP, 0.0), input_precision=IEEE)
-    b_M = b_Md
-    for _sweep in tl.static_range(1, BT // BC):
-        b_M = b_Md - tl.dot(b_X, b_M, input_precision=IEEE)
-    _store_rows(M, b_M, rows, rmask, idx, idx < BT, H, i_h, BT)
-    b_Md = b_M.to(W.dtype.element_ty)
     for k0 in range(0, K, BK):
         _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
     for v0 in range(0, V, BV):
@@ -277,7 +331,7 @@ def kda_solve_fwd_kernel(
 def _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K,
                   BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """Key channels ``k0 .. k0 + BK`` of a chunk: W = M (beta * k * exp(G)), qg, kh and gl (see
-    :func:`kda_solve_fwd_kernel`); ``b_Md`` is M ``[BT, BT]`` in W's dtype, ``b_beta`` the chunk's beta."""
+    :func:`kda_wu_fwd_kernel`); ``b_Md`` is M ``[BT, BT]`` in W's dtype, ``b_beta`` the chunk's beta."""
     b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
     b_gexp = tl.exp(b_G)
     b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
