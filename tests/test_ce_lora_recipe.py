@@ -49,7 +49,8 @@ def test_tiny_preset_writes_table_and_plot(tmp_path):
 
 
 def _fake_recipe(calls: list[int], table: dict[int, dict[str, tuple[float, float]]], base: dict[int, float]):
-    """A stand-in for ce_lora_quality.main that writes a results.csv of given (eval loss, exact match) per method."""
+    """A stand-in for ce_lora_quality.main that writes a results.csv of given (eval loss, exact match) per method,
+    and a curves.csv whose eval loss falls to it."""
 
     def main(argv):
         seed, out = int(argv[argv.index("--seed") + 1]), argv[argv.index("--output-dir") + 1]
@@ -60,6 +61,12 @@ def _fake_recipe(calls: list[int], table: dict[int, dict[str, tuple[float, float
             writer.writerow(["method", "eval_loss", "exact_match", "seed", "base_pretrain_exact_match"])
             for method, (loss, em) in table[seed].items():
                 writer.writerow([method, loss, em, seed, base[seed]])
+        with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["method", "step", "kind", "loss"])
+            for method, (loss, _) in table[seed].items():
+                writer.writerows([[method, 10, "eval", 2 * loss], [method, 10, "train", 3 * loss],
+                                  [method, 20, "eval", loss]])  # fmt: skip
 
     return main
 
@@ -93,6 +100,7 @@ def test_seeds_summary_pairs_each_seed_with_lora(tmp_path, monkeypatch):
     half = 4.303 * statistics.stdev(expected) / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
     assert abs(mean - statistics.fmean(expected)) < 1e-12 and abs(high - mean - half) < 1e-9
     assert f"[{low:+.2f}, {high:+.2f}]" in text
+    assert (tmp_path / "curves.png").stat().st_size > 0
     ce_lora_seeds.main(["--seeds", "1", "2", "3", "4", "--output-dir", str(tmp_path)])
     assert calls == [1, 2, 3, 4], "finished seeds are read back, not run again"
     with pytest.raises(ValueError, match="another sweep"):
