@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
     args.recipe_args = argv[split + 1 :]
+    reserved = {"--seed", "--output-dir", "--out", "--preset", "--tiny", "--base-seed", "--base-dir"}
+    taken = sorted(reserved & {a.split("=")[0] for a in args.recipe_args})
+    if taken:
+        p.error(f"the sweep sets {', '.join(taken)} itself; drop it from the recipe arguments after --")
     if not 0.0 <= args.min_base_exact_match <= 1.0:
         p.error(f"--min-base-exact-match is a fraction in [0, 1], got {args.min_base_exact_match}")
     if len(set(args.seeds)) != len(args.seeds):

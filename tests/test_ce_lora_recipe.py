@@ -125,6 +125,8 @@ def test_seeds_share_one_base_model(tmp_path, monkeypatch):
     assert "--preset cpu_unsaturated --base-seed 9 --ratios 0.5" in text
     ce_lora_seeds.main(argv)
     assert len(argvs) == 2, "finished seeds are read back, not run again"
+    with pytest.raises(SystemExit):  # the sweep owns each run's seed and folder
+        ce_lora_seeds.parse_args(["--seeds", "1", "--", "--output-dir=elsewhere"])
 
 
 def test_ratio_of_means_and_its_bootstrap():
