@@ -31,22 +31,23 @@ from .utils import L2NORM_EPS
 CHUNK = 64  # tokens per chunk (BT)
 SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
-# Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in three (pairs, diagonal,
-# solve): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds
-# of dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 2 warps
-# (session 6: 1.93 ms forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike); the
-# solve kernel keeps 255 registers at 8 warps (16 warps spill); session 7: running W, U, qg, kh in a kernel of
-# their own from the stored M (1.85 ms forward against 1.74), or picking the substitution's rows of P from the
-# register tile instead of loading them (1.94), were slower. The pairs inside a sub-block run one token per
-# program, DIAG_HEADS heads at a time, in the forward and the backward (kda_diag_fwd_kernel, kda_diag_bwd_kernel;
-# session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them inside the pairs and key kernels; 2, 4 or 8
-# heads and 2 or 4 warps within 3%). The backward key kernel (the pairs between sub-blocks): 64 key channels per
-# block at 2 warps (session 6: fwd+bwd 5.21 ms against 5.46 at 32 channels and 4 warps, the best before the
-# diagonal moved out; 8 warps were 1.5x slower then).
-# The backward's terms through the states are [64, V] x [V, BK] dots per chunk in their own kernel (64 channels,
-# 32 value columns per step): inside the per-sub-block key kernel they were [16, V] dots repeated for each of the
-# 4 sub-blocks, with the state tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
-# Registers and spills without a GPU: kernels/benchmarks/kda_registers.py; timings: bench_kda.py --sweep.
+# Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in three (pairs, diagonal, solve):
+# the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds of dependent
+# loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 2 warps (session 6: 1.93 ms
+# forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike); the solve kernel runs at 8 warps
+# (128 registers as launched; 221 at 4 warps); session 7: running W, U, qg, kh in a kernel of their own from the
+# stored M (1.85 ms forward against 1.74), or picking the substitution's rows of P from the register tile instead of
+# loading them (1.94), were slower. The pairs inside a sub-block run one token per program, DIAG_HEADS heads at a
+# time, in the forward and the backward (kda_diag_fwd_kernel, kda_diag_bwd_kernel; session 6: fwd+bwd 6.90 -> 5.45 ms
+# at B1 T8192 against summing them inside the pairs and key kernels; 2, 4 or 8 heads and 2 or 4 warps within 3%). The
+# backward key kernel (the pairs between sub-blocks): 64 key channels per block at 2 warps (session 6: fwd+bwd 5.21 ms
+# against 5.46 at 32 channels and 4 warps, the best before the diagonal moved out; 8 warps were 1.5x slower then). The
+# backward's terms through the states are [64, V] x [V, BK] dots per chunk in their own kernel (64 channels, 32 value
+# columns per step): inside the per-sub-block key kernel they were [16, V] dots repeated for each of the 4 sub-blocks,
+# with the state tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200). Registers and spills without a
+# GPU: kernels/benchmarks/kda_registers.py (until session 12 it compiled without the launcher's 16-byte alignment
+# facts and reported 255 registers and spills where the launched kernels have far fewer, e.g. the solve kernel 255 for
+# 128); timings: bench_kda.py --sweep.
 PAIRS_KEY_BLOCK = 32
 PAIRS_WARPS = 2
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
@@ -57,9 +58,9 @@ SOLVE_WARPS = 8
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
 # The backward's direct and pair kernels at 4 warps (session 7, B1 T8192: fwd+bwd 4.61 ms against 5.03 at 8 and 8,
-# 4.80 and 4.84 with one of them at 4), although they spill more there (kda_registers.py): twice the programs per SM
-# hide more latency. A second sweep: 2 warps slower (4.74-10.3 ms), 32 direct key channels slower (4.75-4.95),
-# 32 value columns per pair tile 1% faster than 16 (4.55 ms).
+# 4.80 and 4.84 with one of them at 4), at 255 registers there (224 and 130 at 8 warps; kda_registers.py): twice the
+# programs per SM hide more latency. A second sweep: 2 warps slower (4.74-10.3 ms), 32 direct key channels slower
+# (4.75-4.95), 32 value columns per pair tile 1% faster than 16 (4.55 ms).
 BWD_DIRECT_WARPS = 4
 BWD_KEY_BLOCK = 64
 BWD_KEY_WARPS = 2
