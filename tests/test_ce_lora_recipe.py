@@ -15,6 +15,16 @@ import pytest
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ce_lora_quality.py"
 
 
+@pytest.fixture
+def recipes():
+    """The recipe modules, imported from ``recipes/`` (not a package)."""
+    sys.path.insert(0, str(RECIPE.parent))
+    import ce_lora_quality
+    import ce_lora_seeds
+
+    return ce_lora_quality, ce_lora_seeds
+
+
 def _run_tiny(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(RECIPE), "--tiny", *args], capture_output=True, text=True, env=env)
@@ -71,12 +81,10 @@ def _fake_recipe(calls: list[int], table: dict[int, dict[str, tuple[float, float
     return main
 
 
-def test_seeds_summary_pairs_each_seed_with_lora(tmp_path, monkeypatch):
+def test_seeds_summary_pairs_each_seed_with_lora(tmp_path, monkeypatch, recipes):
     """Paired gaps per seed, the mean and its Student-t interval by hand, a seed whose pre-training failed left out,
     and a second run reusing the finished seeds."""
-    sys.path.insert(0, str(RECIPE.parent))
-    import ce_lora_quality
-    import ce_lora_seeds
+    ce_lora_quality, ce_lora_seeds = recipes
 
     methods = ("LoRA", "CE-LoRA paper ratios", "CE-LoRA 0.5")
     table = {
@@ -107,12 +115,10 @@ def test_seeds_summary_pairs_each_seed_with_lora(tmp_path, monkeypatch):
         ce_lora_seeds.main(["--seeds", "1", "--base-seed", "7", "--output-dir", str(tmp_path)])
 
 
-def test_seeds_share_one_base_model(tmp_path, monkeypatch):
+def test_seeds_share_one_base_model(tmp_path, monkeypatch, recipes):
     """``--base-seed`` hands every run the same base seed and folder, and the arguments after ``--`` reach the
     recipe (here ``--ratios 0.5``: one CE-LoRA row per seed is then a complete run)."""
-    sys.path.insert(0, str(RECIPE.parent))
-    import ce_lora_quality
-    import ce_lora_seeds
+    ce_lora_quality, ce_lora_seeds = recipes
 
     argvs: list[list[str]] = []
     fake = _fake_recipe([], {s: {"LoRA": (0.2, 0.5), "CE-LoRA 0.5": (0.21, 0.5)} for s in (1, 2)}, {1: 0.9, 2: 0.9})
@@ -129,10 +135,9 @@ def test_seeds_share_one_base_model(tmp_path, monkeypatch):
         ce_lora_seeds.parse_args(["--seeds", "1", "--", "--output-dir=elsewhere"])
 
 
-def test_ratio_of_means_and_its_bootstrap():
+def test_ratio_of_means_and_its_bootstrap(recipes):
     """The point estimate by hand; identical pairs give a zero-width interval; the interval holds the point."""
-    sys.path.insert(0, str(RECIPE.parent))
-    import ce_lora_seeds
+    ce_lora_seeds = recipes[1]
 
     pairs = [(0.30, 0.20), (0.10, 0.20), (1.00, 0.90), (0.50, 0.40)]
     point, low, high = ce_lora_seeds.ratio_of_means(pairs, resamples=2000)
