@@ -39,6 +39,8 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def _worker(rank: int, mode: str, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
+    if os.path.exists("/sys/class/net/lo"):  # gloo over loopback: no dependence on the host's network setup
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         model = _model()
