@@ -296,6 +296,8 @@ def test_triton_pack_matches_torch_reference(
     rtol = 1e-5 if dtype == torch.float32 else 2e-3
     assert_close_rel(packed[:, :r_pad], reference[:, :r_pad], rtol, "low-rank block")
     assert_close_rel(ce_grad_input(dy, plan, "triton"), ce_grad_input(dy, plan, "torch"), rtol, "dX")
+    for counters in pack._COUNTERS.values():  # left zeroed for the next launch, which reuses them (the one above did)
+        assert not counters.any()
 
 
 # ---------------------------------------------------------------------------------------- PEFT model

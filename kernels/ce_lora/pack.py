@@ -79,8 +79,8 @@ def _ce_pack_kernel(
     The grid holds ``shares`` programs per row block (adjacent in launch order), each with a contiguous share of
     the channel tiles. With one share the program writes its ``dY B0`` rows itself. With several, each writes its
     partial product (float32) to part ``[shares, n_rows, R_PAD]`` and counts itself done in count ``[row blocks]``
-    (int32, zeros); the last of a row block to finish sums the partials in share order (the result does not depend
-    on which program is last), writes them and zeroes the count again.
+    (int32, zeros on entry); the last of a row block to finish sums the partials in share order (the result does
+    not depend on which program is last), writes them and zeroes the count again.
     """
     n_tiles = tl.cdiv(n_cols, BLOCK_O)
     shares = tl.num_programs(0) // tl.cdiv(n_rows, BLOCK_T)
@@ -120,12 +120,28 @@ def _ce_pack_kernel(
             for other in range(shares):  # .cg: from L2, where the other programs' stores are visible
                 total += tl.load(part + other * n_rows * R_PAD, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
             tl.store(g_low, total.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
-            tl.atomic_xchg(count_ptr + block, 0)  # zeros again: the autotuner relaunches with the same buffers
+            tl.atomic_xchg(count_ptr + block, 0)  # zeros again: later launches reuse the buffer (_zeroed_counters)
 
 
 _ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O"])(
     _ce_pack_kernel
 )
+# Completion counters of the shared row blocks, per (device, stream). The kernel sets each counter back to zero when
+# its row block is done, so one zeroed buffer serves every later launch on that stream (and every replay of a CUDA
+# graph that captured it); a fresh ``torch.zeros`` per call cost a fill launch per CE-LoRA layer backward, on a
+# training step whose wall time follows the host. Keyed by stream: launches on two streams may run at once.
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _zeroed_counters(size: int, device: torch.device) -> torch.Tensor:
+    """An int32 buffer of at least ``size`` zeros for launches on the current stream of ``device``."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    counters = _COUNTERS.get((device, stream))
+    if counters is None or counters.numel() < size:
+        counters = _COUNTERS[(device, stream)] = torch.zeros(size, device=device, dtype=torch.int32)
+    return counters
+
+
 # The autotuner's pick per layer shape, launched directly afterwards: the autotuner's per-call bookkeeping doubled
 # the host cost of a launch on the H200's host (69.7 against 27.5 us), and a LoRA training step is near host-bound.
 _PICKED: dict[tuple, triton.Config] = {}
@@ -165,7 +181,7 @@ def triton_pack_grad_output(
     max_shares = max(_shares(-(-n_rows // rows), n_tiles, device) for rows in block_rows)
     split = max_shares > 1
     partials = torch.empty(max_shares if split else 0, n_rows, r_pad, device=device, dtype=torch.float32)
-    counts = torch.zeros(-(-n_rows // min(block_rows)) if split else 0, device=device, dtype=torch.int32)
+    counts = _zeroed_counters(-(-n_rows // min(block_rows)) if split else 0, device)
 
     def grid(meta: dict) -> tuple[int]:
         n_blocks = triton.cdiv(n_rows, meta["BLOCK_T"])
