@@ -9,6 +9,9 @@ gradients. The steps cover an exact step that selects the channels and approxima
 from __future__ import annotations
 
 import os
+import time
+import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from test_ce_lora import ce_config, ce_states, tiny_llama, tokens
 WORLD = 2
 STEPS = 4  # recompute_every 2: exact steps 0 and 2 select, steps 1 and 3 use the selection
 LR = 0.5
+TIMEOUT = 120  # seconds: a collective that waits longer fails, and the test fails after twice that
 
 
 def _model() -> torch.nn.Module:
@@ -38,33 +42,46 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _worker(rank: int, mode: str, init_file: str, out: str) -> None:
+    """Trains and saves, then leaves with ``os._exit``: torch's ``destroy_process_group`` (and the process group's
+    destructor at interpreter exit) joins gloo's worker thread while holding the GIL, and that thread can be
+    waiting for the GIL to release a finished allreduce's Python state: a deadlock seen with torch 2.13 (see
+    pytorch/pytorch#56297). The results are on disk by then; a failure prints its traceback and exits 1."""
+    try:
+        _train_and_save(rank, mode, init_file, out)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def _train_and_save(rank: int, mode: str, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     if os.path.exists("/sys/class/net/lo"):  # gloo over loopback: no dependence on the host's network setup
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        model = _model()
-        if mode == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=TIMEOUT)
+    )
+    model = _model()
+    if mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
 
-            for layer in model.base_model.model.model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        optimizer = torch.optim.SGD(_trainable(model), lr=LR)
-        for step in range(STEPS):
-            ids = _batch(step, rank)
-            wrapped(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        # full_tensor() gathers an FSDP shard (a collective: every rank calls it)
-        params = {n: getattr(p, "full_tensor", p.detach)().detach().contiguous()
-                  for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
-        selections = torch.tensor([s.selections for s in ce_states(model)], dtype=torch.float32)
-        save_file(params | {"selections": selections}, os.path.join(out, f"rank{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    optimizer = torch.optim.SGD(_trainable(model), lr=LR)
+    for step in range(STEPS):
+        ids = _batch(step, rank)
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # full_tensor() gathers an FSDP shard (a collective: every rank calls it)
+    params = {n: getattr(p, "full_tensor", p.detach)().detach().contiguous()
+              for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    selections = torch.tensor([s.selections for s in ce_states(model)], dtype=torch.float32)
+    save_file(params | {"selections": selections}, os.path.join(out, f"rank{rank}.safetensors"))
+    dist.barrier()  # neither rank leaves while the other may still need it
 
 
 def _emulated() -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -88,7 +105,13 @@ def _emulated() -> tuple[dict[str, torch.Tensor], list[int]]:
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_data_parallel_matches_emulation(mode, tmp_path):
-    mp.spawn(_worker, args=(mode, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    workers = mp.spawn(_worker, args=(mode, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 2 * TIMEOUT
+    while not workers.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the {mode} workers did not finish within {2 * TIMEOUT} s")
     expected, selections = _emulated()
     # two selections (steps 0 and 2) in every layer whose input needs a gradient (not layer 0's q/k/v: the frozen
     # embedding's output does not)

@@ -67,6 +67,14 @@ BWD_KEY_WARPS = 2
 BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
 BWD_PAIR_BLOCK_V = 32
 BWD_PAIR_WARPS = 4
+# The sequential state passes (forward and backward) run 8 warps and 32 value columns per program; neither was swept
+# (fla's forward state pass, 0.21 ms against our 0.27 in session 7's profile, autotunes over 2 and 4 warps on Hopper).
+# As compiled for sm_90 (kda_registers.py): forward 164 registers at 8 warps, 230 at 4 (192 at 16 columns), no
+# spills; backward 220 at 8 warps, spilling at 4 (492-692 B). STATE_BLOCK_V = 0: the automatic tile of
+# _state_block_v (else a power of two >= 16).
+STATE_FWD_WARPS = 8
+STATE_BWD_WARPS = 8
+STATE_BLOCK_V = 0
 NUM_WARPS = 8  # the other kernels
 
 
@@ -114,7 +122,12 @@ def _dims(K: int, V: int) -> tuple[int, int]:
 def _state_block_v(BK: int, BV: int) -> int:
     """V tile of the sequential state kernels: 32 columns (16 for K = 256), so that the [K, BV] fp32 state
     and the prefetched tiles of the next chunk fit in registers (wider tiles spill; see kda_registers.py)
-    and even a small batch gives the SMs several programs each (the pass is latency-bound)."""
+    and even a small batch gives the SMs several programs each (the pass is latency-bound). ``STATE_BLOCK_V``,
+    when set, replaces the automatic choice."""
+    if STATE_BLOCK_V:
+        if STATE_BLOCK_V < 16 or STATE_BLOCK_V & (STATE_BLOCK_V - 1):
+            raise ValueError(f"STATE_BLOCK_V must be 0 or a power of two >= 16, got {STATE_BLOCK_V}")
+        return min(BV, STATE_BLOCK_V)
     return 16 if BK > 128 else min(BV, 32)
 
 
@@ -183,7 +196,7 @@ def kda_chunk_fwd(
     kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=NUM_WARPS, num_stages=1,
+        num_warps=STATE_FWD_WARPS, num_stages=1,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
     kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
@@ -241,7 +254,7 @@ def kda_chunk_bwd(
         saved["qg"], saved["kh"], saved["gl"], saved["W"], saved["A_qk"], do, dh, dv_new, dht, dh0,
         chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee,
-        num_warps=NUM_WARPS, num_stages=1,
+        num_warps=STATE_BWD_WARPS, num_stages=1,
     )  # fmt: skip
     dv = torch.empty_like(v)
     dbeta = torch.empty(TT, H, device=dev, dtype=torch.float32)
