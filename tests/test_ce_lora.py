@@ -589,7 +589,9 @@ for adapter in sys.argv[1:]:
 assert "kimi_hf" not in sys.modules
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", script, str(from_model), str(from_dir)], check=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-c", script, str(from_model), str(from_dir)], check=True, env=env, cwd=tmp_path, timeout=300
+    )
     for adapter in (from_model, from_dir):
         assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
         assert_close_rel(torch.load(adapter / "logits.pt"), expected, 1e-6, f"exported {adapter.name}")

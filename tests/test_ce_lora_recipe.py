@@ -27,7 +27,9 @@ def recipes():
 
 def _run_tiny(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(RECIPE), "--tiny", *args], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, str(RECIPE), "--tiny", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_tiny_preset_writes_table_and_plot(tmp_path):
