@@ -23,6 +23,18 @@ def _query_key(q_ptr, g_ptr, offsets, mask):
 
 
 @triton.jit
+def _add_pairs(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _dot_and_square(u, v):
+    """(sum(u * v), sum(v * v)) over a row in one reduction: one round of warp shuffles and block barriers where two
+    tl.sum calls take two (at decode, one program per row, these rounds are most of a launch's time)."""
+    return tl.reduce((u * v, v * v), 0, _add_pairs)
+
+
+@triton.jit
 def _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, dtype: tl.constexpr, HAS_Y: tl.constexpr):
     """Row ``row`` of a new source x (+ y), rounded to the store's dtype: (that row, it in float32, its rstd
     rsqrt(mean(v^2) + eps) of the rounded value)."""
@@ -46,12 +58,20 @@ def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.cons
 
 
 @triton.jit
-def _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps):
-    """A sublayer's PreNorm of the row h (already in the output dtype): wn * (h * rsqrt(mean(h^2) + norm_eps)),
-    rounded to h's dtype before the gain, as transformers' RMSNorm does. Returns (normed row, its rsqrt)."""
+def _gain(wn_ptr, cols, mask):
+    """A PreNorm's gain [BLOCK_D] in float32. The one-row kernels load it with their inputs, at the top: loaded
+    where it is used, after the row's reductions (and after a store, which the load could alias), its latency
+    came on top of theirs."""
+    return tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _prenorm_row(h, wn, D, norm_eps):
+    """A sublayer's PreNorm of the row h (already in the output dtype) with the gain wn (float32, ``_gain``):
+    wn * (h * rsqrt(mean(h^2) + norm_eps)), rounded to h's dtype before the gain, as transformers' RMSNorm does.
+    Returns (normed row, its rsqrt)."""
     hf = h.to(tl.float32)
     hr = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + norm_eps)
-    wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return ((hf * hr).to(h.dtype).to(tl.float32) * wn).to(h.dtype), hr
 
 
@@ -156,8 +176,8 @@ def depth_attn_fwd_kernel(
         m = m_new
     h = (acc / denom).to(out_ptr.dtype.element_ty)
     if HAS_NORM:
-        h, hr = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
-        tl.store(hrstd_ptr + row, hr)
+        h, hr = _prenorm_row(h, _gain(wn_ptr, cols, mask), D, norm_eps)  # loaded here: the source loop holds
+        tl.store(hrstd_ptr + row, hr)  # enough registers
     tl.store(out_ptr + row * D + cols, h, mask=mask)
     tl.store(lse_ptr + row, m + tl.log(denom))
 
@@ -206,7 +226,7 @@ def depth_attn_bwd_kernel(
     du = tl.zeros((BLOCK_D,), tl.float32)
     dwn = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_NORM:
-        wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        wn = _gain(wn_ptr, cols, mask)
     n_all = n_src
     if HAS_PARTIAL:
         n_all = n_src + 1
@@ -340,6 +360,8 @@ def store_phase1_kernel(
     j0 = (tl.program_id(0) % programs_per_row) * per_program
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    if HAS_NORM:
+        wn = _gain(wn_ptr, cols, mask)
     v_new, v_new_f, r_new = _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, store_ptr.dtype.element_ty, HAS_Y)
     if j0 == 0:
         tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
@@ -351,7 +373,7 @@ def store_phase1_kernel(
     h = _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
     if HAS_NORM:
         if j0 == 0:
-            first, _ = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
+            first, _ = _prenorm_row(h, wn, D, norm_eps)
             tl.store(first_ptr + row * D + cols, first, mask=mask)
     for j in range(j0 + 1, tl.minimum(j0 + per_program, n_q)):
         _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
@@ -421,24 +443,27 @@ def phase2_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    if HAS_NORM:
+        wn = _gain(wn_ptr, cols, mask)
     h = tl.load(o_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_PARTIAL:
         u = _query_key(q_ptr, g_ptr, cols, mask)
         vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + row)  # before the store below, which it would otherwise wait behind
         if HAS_ADD:
             vp += tl.load(add_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             vp = vp.to(new_part_ptr.dtype.element_ty)
             tl.store(new_part_ptr + row * D + cols, vp, mask=mask)
             vp = vp.to(tl.float32)
-        lse = tl.load(lse_ptr + row)
-        s = tl.sum(u * vp, axis=0) / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
+        dot, square = _dot_and_square(u, vp)
+        s = dot / tl.sqrt(square / D + eps)
         m = tl.maximum(lse, s)
         w_o = tl.exp(lse - m)
         w_p = tl.exp(s - m)
         h = (w_o * h + w_p * vp) / (w_o + w_p)
     h = h.to(h_ptr.dtype.element_ty)
     if HAS_NORM:
-        h, _ = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
+        h, _ = _prenorm_row(h, wn, D, norm_eps)
     tl.store(h_ptr + row * D + cols, h, mask=mask)
 
 
@@ -453,6 +478,7 @@ def rms_norm_fwd_kernel(
     standard residual's addition, fused into the next PreNorm)."""
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BLOCK_D)
+    w = _gain(w_ptr, cols, cols < D)
     mask = (rows < M)[:, None] & (cols < D)[None, :]
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -462,7 +488,6 @@ def rms_norm_fwd_kernel(
         tl.store(sum_ptr + offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     xhat = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)  # rounded before the gain, as transformers does
     tl.store(y_ptr + offs, (xhat * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)

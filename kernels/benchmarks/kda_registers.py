@@ -94,18 +94,29 @@ def default_ptxas() -> str:
     raise FileNotFoundError(f"no ptxas in {folder}; pass --ptxas")
 
 
-def _aligned(fn, signature: dict) -> dict:
+def _aligned(fn, signature: dict, divisible_ints: tuple[str, ...]) -> dict:
     """What Triton's launcher tells the compiler at the benchmark shapes: every pointer 16-byte aligned, and the
-    head count and head dims (H = 32, K = V = 128) multiples of 16. Without it the compiler cannot prove vector
-    accesses aligned, and the registers it reports are not those of the kernel that runs."""
-    divisible = [i for i, name in enumerate(fn.arg_names) if signature[name].startswith("*") or name in ("H", "K", "V")]
+    integers ``divisible_ints`` (KDA: the head count and head dims, H = 32, K = V = 128) multiples of 16. Without it
+    the compiler cannot prove vector accesses aligned, and the registers it reports are not those of the kernel
+    that runs."""
+    divisible = [i for i, name in enumerate(fn.arg_names) if signature[name].startswith("*") or name in divisible_ints]
     return {(i,): [["tt.divisibility", 16]] for i in divisible}
 
 
-def report(fn, constexprs: dict, num_warps: int, num_stages: int, ptxas: str) -> str:
-    """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90."""
-    signature = _signature(fn, constexprs)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_aligned(fn, signature))
+def report(
+    fn,
+    constexprs: dict,
+    num_warps: int,
+    num_stages: int,
+    ptxas: str,
+    signature: dict | None = None,
+    divisible_ints: tuple[str, ...] = ("H", "K", "V"),
+    shown: tuple[str, ...] = ("BK", "BV", "BH"),
+) -> str:
+    """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
+    ``signature`` (Triton's argument types, constexprs included) defaults to the KDA kernels' naming conventions."""
+    signature = signature or _signature(fn, constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_aligned(fn, signature, divisible_ints))
     options = {"num_warps": num_warps, "num_stages": num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +128,7 @@ def report(fn, constexprs: dict, num_warps: int, num_stages: int, ptxas: str) ->
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     stores, loads = (spill.group(1), spill.group(2)) if spill else ("0", "0")
-    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BV", "BH"))
+    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in shown)
     used = regs.group(1) if regs else "?"
     return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {num_stages} | {used} | {stores} | {loads} |"
 
