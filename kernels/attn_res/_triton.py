@@ -310,11 +310,11 @@ def param_grad_kernel(
 
 
 @triton.jit
-def _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask):
-    """Phase 1 of query j for one row whose sources are the register tile v [N_PAD, BLOCK_D] (rstd r, rows
-    ``valid``): all its scores in one reduction over D, its output in one over the sources (within a thread).
+def _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask):
+    """Phase 1 of query j (u = its pseudo-query times its key-norm gain, ``_query_key``) for one row whose sources
+    are the register tile v [N_PAD, BLOCK_D] (rstd r, rows ``valid``): all its scores in one reduction over D, its
+    output in one over the sources (within a thread).
     Stores out[j, row] and lse[j, row]; returns the output row (rounded to out's dtype)."""
-    u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
     s = tl.where(valid, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
     m = tl.max(s, axis=0)
     p = tl.exp(s - m)  # zero on padding rows
@@ -337,7 +337,8 @@ def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src,
         store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
     )
     for j in range(n_q):
-        _phase1_query(v, r, stored, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
+        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
+        _phase1_query(v, r, stored, u, out_ptr, lse_ptr, j, M, D, row, cols, mask)
 
 
 @triton.jit(do_not_specialize=["n_prev", "n_q", "M", "per_program"])
@@ -360,23 +361,30 @@ def store_phase1_kernel(
     j0 = (tl.program_id(0) % programs_per_row) * per_program
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    # Every load first (the stored sources, the first query, the gain, the new source's summands): in program order
+    # after the new source's reduction and store, the tile's loads waited for them (a second memory latency).
+    v, r, stored, _ = _source_tile(  # rows 0 .. n_prev - 1; the new source's row n_prev is filled below
+        store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_prev, M, row, cols, mask, D, False, N_PAD
+    )
+    u = _query_key(q_ptr + j0 * D, g_ptr + j0 * D, cols, mask)
     if HAS_NORM:
         wn = _gain(wn_ptr, cols, mask)
     v_new, v_new_f, r_new = _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, store_ptr.dtype.element_ty, HAS_Y)
     if j0 == 0:
         tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
         tl.store(rstd_ptr + n_prev * M + row, r_new)
-    v, r, stored, is_new = _source_tile(
-        store_ptr, rstd_ptr, v_new_f, r_new, 0, n_prev, M, row, cols, mask, D, True, N_PAD
-    )
+    is_new = tl.arange(0, N_PAD) == n_prev
+    v = tl.where(is_new[:, None], v_new_f[None, :], v)
+    r = tl.where(is_new, r_new, r)
     valid = stored | is_new
-    h = _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
+    h = _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
     if HAS_NORM:
         if j0 == 0:
-            first, _ = _prenorm_row(h, wn, D, norm_eps)
+            first = _prenorm_row(h, wn, D, norm_eps)[0]
             tl.store(first_ptr + row * D + cols, first, mask=mask)
     for j in range(j0 + 1, tl.minimum(j0 + per_program, n_q)):
-        _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
+        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
+        _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask)
 
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])
