@@ -23,15 +23,12 @@ def _query_key(q_ptr, g_ptr, offsets, mask):
 
 
 @triton.jit
-def _add_pairs(a0, b0, a1, b1):
-    return a0 + a1, b0 + b1
-
-
-@triton.jit
-def _dot_and_square(u, v):
-    """(sum(u * v), sum(v * v)) over a row in one reduction: one round of warp shuffles and block barriers where two
-    tl.sum calls take two (at decode, one program per row, these rounds are most of a launch's time)."""
-    return tl.reduce((u * v, v * v), 0, _add_pairs)
+def _sum_pair(a, b, axis: tl.constexpr):
+    """(sum(a, axis), sum(b, axis)) in one reduction: one round of warp shuffles and block barriers where two tl.sum
+    calls take two (for a row per program, these rounds are most of a short launch's time). Joined into one
+    tensor rather than reduced as a tuple: Triton's interpreter sums a tuple sequentially, float32 error growing
+    with D, and a backward's recomputed scores must match the forward's."""
+    return tl.split(tl.sum(tl.join(a, b), axis=axis))
 
 
 @triton.jit
@@ -191,10 +188,10 @@ def _prenorm_bwd(h, dout, wn, hr, D, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile_grad(v, r, s, alpha, u, dh, dh_h, D):
+def _tile_grad(v, r, s, alpha, u, dh, v_dh, dh_h, D):
     """Gradients of a source tile: dv = alpha dh + ds (r u - s r^2 v / D) [SRC_TILE, BLOCK_D] and ds r [SRC_TILE],
-    with ds = alpha (dh . v - dh . h)."""
-    ds = alpha * (tl.sum(v * dh[None, :], axis=1) - dh_h)
+    with ds = alpha (dh . v - dh . h) (v_dh = dh . v per source)."""
+    ds = alpha * (v_dh - dh_h)
     dv = alpha[:, None] * dh[None, :] + ds[:, None] * (r[:, None] * u[None, :] - (s * r * r / D)[:, None] * v)
     return dv, ds * r
 
@@ -207,14 +204,15 @@ def depth_attn_bwd_kernel(
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
     ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """Backward of ``depth_attn_fwd_kernel`` for a range of rows, with the forward's log-sum-exp:
-    alpha_i = exp(s_i - lse), h = sum_i alpha_i v_i (recomputed; with HAS_NORM also the PreNorm backward: dh from
-    dout, and the gain's gradient dwn), then per source ds_i = alpha_i (dh . v_i - dh . h) (dh . h is the softmax's
-    mean), dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D), du += ds_i r_i v_i.
+    """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
+    h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
+    per source ds_i = alpha_i (dh . v_i - dh . h) (dh . h is the softmax's mean),
+    dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D), du += ds_i r_i v_i.
 
     ONE_TILE (all sources and the partial fit one tile of SRC_TILE): the tile is loaded once, together with the
-    stored sources' gradient rows, and kept in registers. Otherwise two passes over the tiles (h, then the
-    gradients; the second reads the row's sources again, from cache).
+    stored sources' gradient rows, and kept in registers; alpha is the softmax of its scores. Otherwise two passes
+    over the tiles (h, then the gradients; the second reads the row's sources again, from cache), with
+    alpha_i = exp(s_i - lse) from the forward's log-sum-exp.
     Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader); the
     partial sum's gradient is written to dpart; each program writes its partial du (and dwn) row, reduced by
     ``param_grad_kernel`` (deterministic).
@@ -234,18 +232,36 @@ def depth_attn_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     for row in range(row_start, row_end):
         dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        lse = tl.load(lse_ptr + row)
-        vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
+        if HAS_NORM:
+            hr = tl.load(hrstd_ptr + row)
         if ONE_TILE:
+            # Every load of the row goes out before the first reduction (the sources with the partial sum's raw row,
+            # their gradient rows; the partial's rstd reduction came first, so they waited for it), and that rstd
+            # comes from the scores' reduction: two sums per source (v . u, v . v) in one round. Each round of a
+            # row's chain (warp shuffles, block barriers) is latency its program cannot hide: five rounds, now four.
+            vp = cols.to(tl.float32)  # a placeholder without a partial sum (``_source_tile`` then ignores it)
+            if HAS_PARTIAL:
+                vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             v, r, stored, is_partial = _source_tile(
-                store_ptr, rstd_ptr, vp, rp, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+                store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
             )
-            # the gradient rows' loads go out with the tile's, before the first reduction waits on them
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
             g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
-            s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
+            if HAS_PARTIAL:
+                v_u, v_v = _sum_pair(v * u[None, :], v * v, 1)
+                r = tl.where(is_partial, 1.0 / tl.sqrt(v_v / D + eps), r)
+            else:
+                v_u = tl.sum(v * u[None, :], axis=1)
+            # the softmax of the recomputed scores (the whole row is in the tile): its weights sum to one, where
+            # exp(s - lse) with the forward's lse carried the two summations' difference into every gradient
+            s = r * v_u
+            valid = stored | is_partial
+            p = tl.where(valid, tl.exp(s - tl.max(tl.where(valid, s, float("-inf")), axis=0)), 0.0)
+            alpha = p / tl.sum(p, axis=0)
             h = tl.sum(alpha[:, None] * v, axis=0)
         else:
+            lse = tl.load(lse_ptr + row)
+            vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
             h = tl.zeros((BLOCK_D,), tl.float32)
             for s0 in range(0, n_all, SRC_TILE):
                 v, r, stored, is_partial, s, alpha = _scored_tile(
@@ -253,23 +269,27 @@ def depth_attn_bwd_kernel(
                 )
                 h += tl.sum(alpha[:, None] * v, axis=0)
         if HAS_NORM:
-            dh, dwn_row = _prenorm_bwd(h, dout, wn, tl.load(hrstd_ptr + row), D, dout_ptr.dtype.element_ty)
+            dh, dwn_row = _prenorm_bwd(h, dout, wn, hr, D, dout_ptr.dtype.element_ty)
             dwn += dwn_row
         else:
             dh = dout
-        dh_h = tl.sum(dh * h, axis=0)
         if ONE_TILE:
-            dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, dh_h, D)
+            # Two sums, not one _sum_pair: the two terms of ds nearly cancel, and joined (or dh . h taken as
+            # sum_i alpha_i dh . v_i) they lost 2-20x in accuracy against float64 under the interpreter.
+            v_dh = tl.sum(v * dh[None, :], axis=1)
+            dh_h = tl.sum(dh * h, axis=0)
+            dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, v_dh, dh_h, D)
             tl.store(gstore_ptr + g_offs, (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty), mask=g_mask)
             du += tl.sum(ds_r[:, None] * v, axis=0)
             dvp = tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
         else:
+            dh_h = tl.sum(dh * h, axis=0)
             dvp = tl.zeros((BLOCK_D,), tl.float32)
             for s0 in range(0, n_all, SRC_TILE):
                 v, r, stored, is_partial, s, alpha = _scored_tile(
                     store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse, HAS_PARTIAL, SRC_TILE
                 )
-                dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, dh_h, D)
+                dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, tl.sum(v * dh[None, :], axis=1), dh_h, D)
                 g_offs, g_mask = _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE)
                 g_new = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32) + dv
                 tl.store(gstore_ptr + g_offs, g_new.to(gstore_ptr.dtype.element_ty), mask=g_mask)
@@ -463,7 +483,7 @@ def phase2_kernel(
             vp = vp.to(new_part_ptr.dtype.element_ty)
             tl.store(new_part_ptr + row * D + cols, vp, mask=mask)
             vp = vp.to(tl.float32)
-        dot, square = _dot_and_square(u, vp)
+        dot, square = _sum_pair(u * vp, vp * vp, 0)
         s = dot / tl.sqrt(square / D + eps)
         m = tl.maximum(lse, s)
         w_o = tl.exp(lse - m)
