@@ -275,7 +275,8 @@ def test_triton_pack_matches_torch_reference(
     out_features, rows, ratio, lora_rank, dtype, channel_tile, shares, gather_dot, monkeypatch
 ):
     """The packing kernel against the torch reference; with 3 channel shares per row block, the partial products'
-    hand-over (the last program of a row block sums them) is exercised too; both ways of picking the kept columns."""
+    hand-over (the last program of a row block sums them) is exercised too; both ways of picking the kept columns
+    (the one-hot product only for 16-bit inputs: the fp16 case)."""
     from kimi_hf.kernels.ce_lora import pack
 
     monkeypatch.setattr(pack, "SHARES", shares)

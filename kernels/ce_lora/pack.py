@@ -54,7 +54,8 @@ PROGRAMS_PER_SM = 4
 # tile's bytes take to arrive, and not overlapped with the loads. 1: a tensor-core product with a one-hot [channel,
 # slot] matrix (exact: one nonzero product per output, accumulated in float32; a NaN or inf in dY spreads over its
 # row's kept columns, whose dY B0 it already spoils), 1M MACs per tile, asynchronous, at the cost of registers (225
-# against 118 at 64 rows and 8 warps) and shared memory. Not yet timed on a GPU.
+# against 118 at 64 rows and 8 warps) and shared memory. 16-bit inputs only: fp32 tiles at IEEE precision leave the
+# tensor cores (8-15 KB of stack per thread on sm_90), so they keep tl.gather. Not yet timed on a GPU.
 GATHER_DOT = 0
 
 
@@ -115,11 +116,7 @@ def _ce_pack_kernel(
         count = tl.load(starts_ptr + tile + 1) - first
         local = tl.load(local_ptr + tile * BLOCK_O + slots)
         if GATHER_DOT:  # values @ one-hot [channel, slot]: exact (one product per output, fp32 accumulation)
-            pick = (slots[:, None] == local[None, :]).to(values.dtype)
-            if IEEE:
-                kept = tl.dot(values, pick, input_precision="ieee").to(values.dtype)
-            else:
-                kept = tl.dot(values, pick).to(values.dtype)
+            kept = tl.dot(values, (slots[:, None] == local[None, :]).to(values.dtype)).to(values.dtype)
         else:
             kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
         g_kept = g_ptr + rows[:, None] + (R_PAD + first + slots[None, :]).to(tl.int64) * stride_g
@@ -205,11 +202,12 @@ def triton_pack_grad_output(
 
     args = (grad_output, b0_pad, tile_starts, tile_local, packed, partials, counts, n_rows, n_cols, keep,
             grad_output.stride(0), buffer.stride(0))  # fmt: skip
-    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": grad_output.dtype == torch.float32, "GATHER_DOT": GATHER_DOT}
+    ieee = grad_output.dtype == torch.float32
+    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": ieee, "GATHER_DOT": bool(GATHER_DOT) and not ieee}
     if _INTERPRETED:  # one small tile, so that tiny test shapes still take several row blocks
         _ce_pack_kernel[grid({"BLOCK_T": 16})](*args, BLOCK_T=16, **meta)
         return packed
-    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype, GATHER_DOT)
+    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype, meta["GATHER_DOT"])
     config = _PICKED.get(key)
     if config is None:
         _ce_pack_tuned[grid](*args, **meta)
