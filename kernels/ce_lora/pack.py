@@ -13,8 +13,8 @@ the kept columns: ``tl.gather`` (or a one-hot product, ``GATHER_DOT``) picks the
 per-tile map, :func:`~.plan.channel_tiles`) into the leading slots and one masked store writes them to their place
 in ``G``. ``G`` is column-major in memory (``G^T``, rows padded to a multiple of 8), so that each kept channel is a
 contiguous run of the program's rows, stored 16 bytes at a time; the GEMM takes ``G`` as its transposed view (cuBLAS
-reads either layout). When there are too few row blocks to fill the GPU, their channel tiles are shared between programs and
-the last program of a row block sums the partial ``dY B0`` products.
+reads either layout). When there are too few row blocks to fill the GPU, their channel tiles are shared between
+programs and the last program of a row block sums the partial ``dY B0`` products.
 (Earlier designs on an H200: gathering the kept columns from memory, scattered 2-byte loads after the projection's
 loads, 20-36% of the floor; storing the kept columns through a per-channel slot map, scattered masked stores,
 9-15%; this kernel with ``G`` row-major, where no store of a tile's kept columns at an arbitrary column could be
