@@ -105,15 +105,18 @@ def _ce_pack_kernel(
     for tile in range(share * per_share, tl.minimum(share * per_share + per_share, n_tiles)):
         cols = tile * BLOCK_O + slots
         col_ok = cols < n_cols
+        # the tile's kept-column map first: loaded after the dot (as until session 13), the map's start and count
+        # went out after the gather, right before the store that needs them (sm_90 SASS): one exposed L2 latency
+        # per tile
+        first = tl.load(starts_ptr + tile)
+        count = tl.load(starts_ptr + tile + 1) - first
+        local = tl.load(local_ptr + tile * BLOCK_O + slots)
         values = tl.load(dy_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :], mask=col_ok[:, None], other=0.0)
         if IEEE:
             acc = tl.dot(values, b0, acc, input_precision="ieee")
         else:
             acc = tl.dot(values, b0, acc)
-        first = tl.load(starts_ptr + tile)
-        count = tl.load(starts_ptr + tile + 1) - first
-        local = tl.load(local_ptr + tile * BLOCK_O + slots)
         if GATHER_DOT:  # values @ one-hot [channel, slot]: exact (one product per output, fp32 accumulation)
             kept = tl.dot(values, (slots[:, None] == local[None, :]).to(values.dtype)).to(values.dtype)
         else:
