@@ -105,9 +105,8 @@ def _ce_pack_kernel(
     for tile in range(share * per_share, tl.minimum(share * per_share + per_share, n_tiles)):
         cols = tile * BLOCK_O + slots
         col_ok = cols < n_cols
-        # the tile's kept-column map first: loaded after the dot (as until session 13), the map's start and count
-        # went out after the gather, right before the store that needs them (sm_90 SASS): one exposed L2 latency
-        # per tile
+        # The tile's kept-column map first: loaded after the dot, its start and count went out only after the
+        # gather, right before the store that needs them (sm_90 SASS), an exposed L2 latency per tile.
         first = tl.load(starts_ptr + tile)
         count = tl.load(starts_ptr + tile + 1) - first
         local = tl.load(local_ptr + tile * BLOCK_O + slots)
