@@ -75,7 +75,13 @@ def _graph(backend: str, with_norm: bool):
 
 
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_triton_backward_matches_torch(with_norm):
+@pytest.mark.parametrize("stages", [1, 2], ids=["plain-loops", "pipelined-loops"])
+def test_triton_backward_matches_torch(with_norm, stages, monkeypatch):
+    """(The interpreter ignores software pipelining: ``stages`` 2 checks that the launchers pass it.)"""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "FWD_STAGES", stages)
+    monkeypatch.setattr(fused, "BWD_STAGES", stages)
     torch.manual_seed(0)
     expected = _graph("torch", with_norm)
     torch.manual_seed(0)
@@ -310,7 +316,13 @@ def test_gpu_prenorm_matches_reference(dtype, weight_dtype, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_blocks,d", [(1, 2048), (4, 2048), (9, 1000)])
-def test_gpu_bf16_matches_reference(n_blocks, d):
+@pytest.mark.parametrize("stages", [1, 2], ids=["plain-loops", "pipelined-loops"])
+def test_gpu_bf16_matches_reference(n_blocks, d, stages, monkeypatch):
+    """bf16 against float32, with the training kernels' loops plain and software-pipelined (``fused.*_STAGES``)."""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "FWD_STAGES", stages)
+    monkeypatch.setattr(fused, "BWD_STAGES", stages)
     blocks, partial, query, gain = _inputs(n_blocks, shape=(2, 257, d), dtype=torch.bfloat16, device="cuda")
     leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain)]
     *srcs, q, g = leaves

@@ -3,7 +3,8 @@
 Every kernel of ``kimi_hf.kernels.attn_res._triton`` is compiled for sm_90 with the tiles and warps its launcher
 picks at hidden size D (default 2048, the ~1B models'; bf16 activations, float32 statistics), in the variants the
 models launch: with and without the partial sum, the fused PreNorm and the fused addition; phase 1 with its
-sources in one register tile and without; the backward with one source tile and several. It shows what Triton's
+sources in one register tile and without; the backward with one source tile and several; the training kernels'
+loops with and without software pipelining (``fused.FWD_STAGES``/``BWD_STAGES``). It shows what Triton's
 interpreter cannot: a kernel that does not compile for the GPU (a session-11 edit of phase 1 compiled under the
 interpreter and failed on the H200) and one that spills. The compile step is ``kda_registers.py``'s.
 
@@ -54,14 +55,17 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
     q_pad = triton.next_power_of_2(8)  # a block of 8 sublayers
     configs = [(_triton.store_source_kernel, dict(HAS_Y=True, BLOCK_D=width), warps)]
     for partial in (True, False):
-        configs.append((_triton.depth_attn_fwd_kernel,
-                        dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=fused.FWD_SOURCE_TILE),
-                        fwd_warps))  # fmt: skip
+        for stages in dict.fromkeys((fused.FWD_STAGES, 2)):  # the launched value, and software pipelining
+            configs.append((_triton.depth_attn_fwd_kernel,
+                            dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=fused.FWD_SOURCE_TILE,
+                                 STAGES=stages),
+                            fwd_warps))  # fmt: skip
         for one_tile in (True, False):
-            configs.append((_triton.depth_attn_bwd_kernel,
-                            dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width,
-                                 SRC_TILE=fused.BWD_SOURCE_TILE, ONE_TILE=one_tile),
-                            bwd_warps))  # fmt: skip
+            for stages in dict.fromkeys((fused.BWD_STAGES, 2)):
+                configs.append((_triton.depth_attn_bwd_kernel,
+                                dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width,
+                                     SRC_TILE=fused.BWD_SOURCE_TILE, ONE_TILE=one_tile, STAGES=stages),
+                                bwd_warps))  # fmt: skip
     configs.append((_triton.param_grad_kernel, dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=128), 4))
     for n_sources in (2, _BLOCK_SOURCES):
         configs.append((_triton.store_phase1_kernel,

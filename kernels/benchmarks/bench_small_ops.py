@@ -441,7 +441,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 shapes: a smoke run (CPU: TRITON_INTERPRET=1)")
     parser.add_argument("--sections", nargs="+", default=["conv", "norm", "kda"], choices=list(_SECTIONS),
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
-                        "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary)")
+                        "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary; "
+                        "attn_res_decode: its reads at one token)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="peak copy bandwidth for the floor, TB/s")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "
