@@ -53,6 +53,10 @@ PAIRS_WARPS = 2
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
 DIAG_HEADS = 4
 DIAG_WARPS = 2
+# Software pipelining of the diagonal kernels' partner loops (session 13, not yet timed): with 2 the sm_90 SASS shows
+# the partners' loads as asynchronous copies, the next partner's in flight (forward: 61 registers either way, 3 KB of
+# shared memory). 1: plain loads, one memory latency per partner, as measured so far.
+DIAG_STAGES = 1
 SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
 BWD_DIRECT_KEY_BLOCK = 64
@@ -182,7 +186,7 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, STAGES=DIAG_STAGES, num_warps=DIAG_WARPS,
     )  # fmt: skip
     kda_solve_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
@@ -278,7 +282,7 @@ def kda_chunk_bwd(
     )  # fmt: skip
     kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+        scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, STAGES=DIAG_STAGES, num_warps=DIAG_WARPS,
     )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
