@@ -59,6 +59,13 @@ DIAG_WARPS = 2
 DIAG_STAGES = 1
 SOLVE_KEY_BLOCK = 32
 SOLVE_WARPS = 8
+# Software pipelining by Triton (num_stages) of the solve kernel and the backward's pair and direct kernels, never
+# swept (session 13, not yet timed): at 2 their loops' loads become asynchronous copies (sm_90 SASS: 10, 24 and 20
+# LDGSTS; the solve kernel at the same 128 registers, the backward kernels with 32 and 16 B of spills). 1: as
+# measured so far.
+SOLVE_STAGES = 1
+BWD_PAIR_STAGES = 1
+BWD_DIRECT_STAGES = 1
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
 # The backward's direct and pair kernels at 4 warps (session 7, B1 T8192: fwd+bwd 4.61 ms against 5.03 at 8 and 8,
@@ -190,7 +197,8 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_solve_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=SOLVE_WARPS, num_stages=1,
+        BT=CHUNK, BC=SUB, BK=min(BK, SOLVE_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=SOLVE_WARPS,
+        num_stages=SOLVE_STAGES,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
@@ -266,7 +274,8 @@ def kda_chunk_bwd(
     kda_pair_bwd_kernel[(NC, H)](
         saved["kn"], v, beta, saved["P"], saved["M"], saved["h"], saved["v_new"], dv_new, do, dv, dbeta,
         dA_qk, dP, saved["G"], chunks.indices, chunks.cu_seqlens, H, K, V,
-        BT=CHUNK, BK=BK, BV=min(BV, BWD_PAIR_BLOCK_V), IEEE=ieee, num_warps=BWD_PAIR_WARPS, num_stages=1,
+        BT=CHUNK, BK=BK, BV=min(BV, BWD_PAIR_BLOCK_V), IEEE=ieee, num_warps=BWD_PAIR_WARPS,
+        num_stages=BWD_PAIR_STAGES,
     )  # fmt: skip
     # The key-side gradients, taken with respect to the normalised q/k (fp32; with the L2 norm then through
     # the norm): first the terms through the states, per chunk and block of BWD_DIRECT_KEY_BLOCK channels
@@ -278,7 +287,8 @@ def kda_chunk_bwd(
     kda_direct_bwd_kernel[(NC, H, triton.cdiv(K, BKd))](
         saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dq, dk, dg, dlast_part,
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=BWD_DIRECT_WARPS, num_stages=1,
+        BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=BWD_DIRECT_WARPS,
+        num_stages=BWD_DIRECT_STAGES,
     )  # fmt: skip
     kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
