@@ -32,8 +32,17 @@ def block_d(d: int) -> int:
     return triton.next_power_of_2(d)
 
 
+# Warps of the one-row-per-program kernels (``--set attn_res.fused.ROW_WARPS=4``): the source stores, the inference
+# phases and the standard residual's RMSNorm, the anchor, so that a sweep moves both sides alike. 0: by D. At decode
+# each of these launches is one row, and the warps set how many threads share its reductions (sm_90, D 2048: phase 2
+# 64 registers at 4 warps, 39 at 8; the block boundary 216 and 115, and it spills at 2). Not yet swept.
+ROW_WARPS = 0
+
+
 def num_warps(d: int) -> int:
-    """Warps of the one-row-per-program kernels that store sources and run the two inference phases."""
+    """Warps of the one-row-per-program kernels: ``ROW_WARPS`` if set, else 4 up to D 1024, 8 up to 4096, 16 above."""
+    if ROW_WARPS:
+        return ROW_WARPS
     return 4 if d <= 1024 else (8 if d <= 4096 else 16)
 
 
