@@ -19,30 +19,15 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # a real compilation, not the interpreter
 
 import triton  # noqa: E402
-from kda_registers import default_ptxas, report  # noqa: E402
+from kda_registers import default_ptxas, report, signature  # noqa: E402
 
 from kimi_hf.kernels.attn_res import _triton, fused, norm, two_phase  # noqa: E402
 
 _FP32_POINTERS = {"rstd_ptr", "lse_ptr", "hrstd_ptr", "du_ptr", "dwn_ptr", "dw_ptr"}
-_INTS = {"n_src", "M", "D", "n_prev", "n_q", "per_program", "rows_per_program", "P"}
-_FLOATS = {"eps", "norm_eps"}
+_INTS = ("n_src", "M", "D", "n_prev", "n_q", "per_program", "rows_per_program", "P")
+_SCALARS = {name: "i32" for name in _INTS} | {"eps": "fp32", "norm_eps": "fp32"}
 # Sources of the dense ~1B Block model at its last boundary (embedding + 4 blocks), and of a 32-sublayer Full one.
 _BLOCK_SOURCES, _FULL_SOURCES = 5, 33
-
-
-def signature(fn, constexprs: dict) -> dict:
-    """Triton's argument types of ``fn``: the statistics and gradient partials float32, activations bf16."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in _INTS:
-            sig[name] = "i32"
-        elif name in _FLOATS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "*fp32" if name in _FP32_POINTERS else "*bf16"
-    return sig
 
 
 def launch_configs(d: int) -> list[tuple[object, dict, int]]:
@@ -99,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| kernel | variant | warps | stages | registers | spill stores (B) | spill loads (B) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for fn, constexprs, warps in launch_configs(args.hidden_size):
-        sig = signature(fn, constexprs)
+        types = signature(fn, constexprs, _SCALARS, _FP32_POINTERS, set())  # statistics and partials fp32, else bf16
         variant = tuple(k for k in constexprs if k != "BLOCK_D")
-        print(report(fn, constexprs, warps, 1, ptxas, sig, divisible, variant), flush=True)
+        print(report(fn, constexprs, warps, 1, ptxas, types, divisible, variant), flush=True)
 
 
 if __name__ == "__main__":

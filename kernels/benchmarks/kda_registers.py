@@ -36,16 +36,23 @@ _INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
 _SCALARS = {"scale": "fp32", "H": "i32", "K": "i32", "V": "i32"}
 
 
-def _signature(fn, constexprs: dict) -> dict:
-    """Every argument of ``fn``: constexpr, scalar, or pointer (bf16 unless it is an fp32/int buffer)."""
+def signature(
+    fn,
+    constexprs: dict,
+    scalars: dict = _SCALARS,
+    fp32_pointers: set = _FP32_POINTERS,
+    int_pointers: set = _INT_POINTERS,
+) -> dict:
+    """Triton's type of every argument of ``fn``: constexpr, a scalar (``scalars``: name -> type), or a pointer (bf16
+    unless it is an fp32 or int32 buffer). The defaults are the KDA kernels' names."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in _SCALARS:
-            sig[name] = _SCALARS[name]
+        elif name in scalars:
+            sig[name] = scalars[name]
         else:
-            sig[name] = "*fp32" if name in _FP32_POINTERS else "*i32" if name in _INT_POINTERS else "*bf16"
+            sig[name] = "*fp32" if name in fp32_pointers else "*i32" if name in int_pointers else "*bf16"
     return sig
 
 
@@ -111,14 +118,14 @@ def report(
     num_warps: int,
     num_stages: int,
     ptxas: str,
-    signature: dict | None = None,
+    types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
     shown: tuple[str, ...] = ("BK", "BV", "BH"),
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
-    ``signature`` (Triton's argument types, constexprs included) defaults to the KDA kernels' naming conventions."""
-    signature = signature or _signature(fn, constexprs)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_aligned(fn, signature, divisible_ints))
+    ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""
+    types = types or signature(fn, constexprs)
+    src = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=_aligned(fn, types, divisible_ints))
     options = {"num_warps": num_warps, "num_stages": num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
