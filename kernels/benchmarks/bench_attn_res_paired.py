@@ -29,6 +29,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
+from _profile import kernel_times_us
 from bench_attn_res import MODELS, build_model, configure_impl, shape_of
 
 from kimi_hf import KimiLinearForCausalLM, KimiLinearStaticCache
@@ -51,26 +52,11 @@ def residual_kernel_names() -> frozenset[str]:
     )
 
 
-def gpu_time_us(fn: Callable[[], object], calls: int, residual_kernels: frozenset[str]) -> tuple[float, float]:
-    """(GPU time of all kernels, of the residual's kernels) per call of ``fn`` in microseconds, over ``calls``
-    profiled calls (the caller has run ``fn`` before)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in kernels)
-    own = sum(e.self_device_time_total for e in kernels if e.key in residual_kernels)
-    return total / calls, own / calls
-
-
 def wall_time_us(fn: Callable[[], object], calls: int) -> float:
-    """CPU smoke test: wall time per call (no GPU, no profiler)."""
+    """CPU smoke test: wall time per call after one untimed call (no GPU, no profiler)."""
     import time
 
+    fn()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -125,10 +111,10 @@ def measure_model(args: argparse.Namespace, model_name: str, device: torch.devic
         for phase in args.phases:
             for residual in RESIDUALS if rep % 2 == 0 else RESIDUALS[::-1]:
                 fn = getattr(subjects[residual], phase)
-                fn()  # the profiled calls start from a warm step of this model, not the other's
-                calls = args.calls_per_phase[phase]
+                calls = args.calls_per_phase[phase]  # after one untimed call: a warm step of this model, not the other
                 if device.type == "cuda":
-                    total, own = gpu_time_us(fn, calls, names)
+                    times = kernel_times_us(fn, calls)
+                    total, own = sum(times.values()), sum(t for name, t in times.items() if name in names)
                     if own == 0:  # a renamed kernel would drop out of the residual's share: say so, keep the totals
                         print(f"WARNING: no kernel of {sorted(names)} in the {residual} model's {phase} profile; "
                               "its residual share is not measured", flush=True)  # fmt: skip

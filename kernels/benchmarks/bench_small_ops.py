@@ -350,12 +350,7 @@ def bench_decode_reads(setup: _Setup) -> list[Row]:
     sources, one program per query, and the first sublayer's PreNorm), against the standard residual's add +
     PreNorm at one token. A one-row launch is a chain of loads and reductions, not bytes: no floor. Kernel GPU time
     per call."""
-    D = 64 if setup.tiny else 2048
-    gen = torch.Generator(device=setup.device).manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device=setup.device, dtype=setup.dtype, generator=gen)
-
+    _, D, rand, _, _ = _depth_inputs(setup)  # the other AttnRes sections' hidden size and seeded inputs, one row
     shape = f"M1 D{D} {str(setup.dtype).removeprefix('torch.')}"
     h, out, addend, w = rand(1, D), rand(1, D), rand(1, D), torch.ones(D, device=setup.device, dtype=setup.dtype)
     lse = torch.zeros(1, device=setup.device, dtype=torch.float32)
