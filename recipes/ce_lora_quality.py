@@ -12,7 +12,8 @@
 Writes ``results.csv``, ``curves.csv`` (train/eval loss per step), ``loss.png`` and ``results.md`` to
 ``--output-dir``. With ``--base-dir`` the base model is saved there (safetensors) and later runs with the same
 pre-training settings fine-tune it again instead of pre-training their own (``--seed`` then varies only the
-fine-tuning: data, adapter init, data order). Everything is generated locally (``recipes/ce_lora_task.py``); nothing is downloaded.
+fine-tuning: data, adapter init, data order). Everything is generated locally (``recipes/ce_lora_task.py``);
+nothing is downloaded.
 
   python recipes/ce_lora_quality.py --tiny                       # CPU smoke test (~30 s; learns nothing)
   python recipes/ce_lora_quality.py --preset cpu_unsaturated      # ~4 minutes on CPU; LoRA not saturated

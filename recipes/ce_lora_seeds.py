@@ -20,7 +20,8 @@ seed: the spread is then that of fine-tuning alone. Arguments after ``--`` go to
     python recipes/ce_lora_seeds.py --preset cpu_unsaturated --seeds 10 11 12 13 --output-dir seeds
     python recipes/ce_lora_seeds.py --seeds 0 1 2 3 --base-seed 0 --output-dir shared -- --pretrain-steps 600
 
-Writes ``summary.csv`` (one row per seed and setting) and ``summary.md`` (the table and the intervals).
+Writes ``summary.csv`` (one row per seed and setting), ``summary.md`` (the table and the intervals) and
+``curves.png`` (the eval loss per step, averaged over the seeds).
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
     args.recipe_args = argv[split + 1 :]
+    reserved = {"--seed", "--output-dir", "--out", "--preset", "--tiny", "--base-seed", "--base-dir"}
+    taken = sorted(reserved & {a.split("=")[0] for a in args.recipe_args})
+    if taken:
+        p.error(f"the sweep sets {', '.join(taken)} itself; drop it from the recipe arguments after --")
     if not 0.0 <= args.min_base_exact_match <= 1.0:
         p.error(f"--min-base-exact-match is a fraction in [0, 1], got {args.min_base_exact_match}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -201,6 +206,37 @@ def summarize(gaps: list[dict], excluded: dict[int, float], recipe: str) -> str:
     return "\n".join(lines)
 
 
+def plot_mean_curves(out: str, seeds: list[int]) -> None:
+    """``curves.png``: each method's eval loss per fine-tuning step, averaged over ``seeds`` (left), and that mean
+    against LoRA's (right, %), from the seeds' ``curves.csv``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sums: dict[str, dict[int, list[float]]] = {}
+    for seed in seeds:
+        with open(os.path.join(out, f"seed_{seed}", "curves.csv")) as f:
+            for c in csv.DictReader(f):
+                if c["kind"] == "eval":
+                    sums.setdefault(c["method"], {}).setdefault(int(c["step"]), []).append(float(c["loss"]))
+    mean = {m: {step: statistics.fmean(v) for step, v in sorted(by_step.items())} for m, by_step in sums.items()}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, curve in mean.items():
+        left.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=method)
+        if method != "LoRA":
+            gap = [100 * (curve[s] / mean["LoRA"][s] - 1) for s in curve]
+            right.plot(list(curve), gap, marker="o", markersize=3, label=method)
+    left.set(title=f"eval loss, mean over {len(seeds)} seeds", xlabel="fine-tuning step", ylabel="loss", yscale="log")
+    right.axhline(0.0, color="gray", linewidth=0.8)
+    right.set(title="mean eval loss against LoRA's", xlabel="fine-tuning step", ylabel="%")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -225,6 +261,11 @@ def main(argv: list[str] | None = None) -> str:
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    if gaps:
+        try:
+            plot_mean_curves(args.out, sorted({g["seed"] for g in gaps}))
+        except ImportError:
+            print("matplotlib is not installed: curves.png not written")
     return table
 
 

@@ -148,7 +148,9 @@ def test_remote_code_load_in_fresh_process(tmp_path):
         """
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = float(proc.stdout.split("MAXERR")[-1])
     assert err < 1e-6, err

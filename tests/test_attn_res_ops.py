@@ -3,6 +3,11 @@
 Triton runs under the interpreter on CPU (conftest sets TRITON_INTERPRET=1 without a GPU): fp32, tiny shapes.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import assert_close_rel
@@ -70,7 +75,13 @@ def _graph(backend: str, with_norm: bool):
 
 
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_triton_backward_matches_torch(with_norm):
+@pytest.mark.parametrize("stages", [1, 2], ids=["plain-loops", "pipelined-loops"])
+def test_triton_backward_matches_torch(with_norm, stages, monkeypatch):
+    """(The interpreter ignores software pipelining: ``stages`` 2 checks that the launchers pass it.)"""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "FWD_STAGES", stages)
+    monkeypatch.setattr(fused, "BWD_STAGES", stages)
     torch.manual_seed(0)
     expected = _graph("torch", with_norm)
     torch.manual_seed(0)
@@ -305,7 +316,13 @@ def test_gpu_prenorm_matches_reference(dtype, weight_dtype, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_blocks,d", [(1, 2048), (4, 2048), (9, 1000)])
-def test_gpu_bf16_matches_reference(n_blocks, d):
+@pytest.mark.parametrize("stages", [1, 2], ids=["plain-loops", "pipelined-loops"])
+def test_gpu_bf16_matches_reference(n_blocks, d, stages, monkeypatch):
+    """bf16 against float32, with the training kernels' loops plain and software-pipelined (``fused.*_STAGES``)."""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "FWD_STAGES", stages)
+    monkeypatch.setattr(fused, "BWD_STAGES", stages)
     blocks, partial, query, gain = _inputs(n_blocks, shape=(2, 257, d), dtype=torch.bfloat16, device="cuda")
     leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain)]
     *srcs, q, g = leaves
@@ -325,3 +342,24 @@ def test_gpu_bf16_matches_reference(n_blocks, d):
         h2 = depth_attention_phase2(out[1], lse[1], srcs[-1], queries[1], gains[1])
         ref2 = naive_depth_attention([t.float() for t in srcs], queries[1].float(), gains[1].float())
         assert_close_rel(h2, ref2, 1e-2, "two-phase")
+
+
+def test_kernels_compile_for_hopper():
+    """Every kernel, in each variant its launchers use at D 2048 (and the odd D 1000), compiles for sm_90 with the
+    installed triton: the interpreter never generates code, so it misses what only code generation refuses (a
+    session-11 phase-1 edit passed here and failed to compile on the H200). Runs the compile-only register report
+    in a process without TRITON_INTERPRET."""
+    from kimi_hf.kernels.attn_res import _triton
+
+    script = Path(__file__).resolve().parents[1] / "kernels" / "benchmarks" / "attn_res_registers.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for hidden in ("2048", "1000"):
+        run = subprocess.run(
+            [sys.executable, str(script), "--hidden-size", hidden], env=env, capture_output=True, text=True, timeout=900
+        )
+        if run.returncode != 0 and "no ptxas" in run.stderr:
+            pytest.skip("this triton has no bundled ptxas")
+        assert run.returncode == 0, run.stderr[-3000:]
+        kernels = {name for name in dir(_triton) if name.endswith("_kernel")}
+        reported = {line.split("|")[1].strip() for line in run.stdout.splitlines() if line.endswith(" |")}
+        assert kernels <= reported, run.stdout

@@ -270,14 +270,17 @@ def test_channel_tiles_map_every_kept_channel_once():
     ],
 )
 @pytest.mark.parametrize("shares", [0, 3], ids=["auto-shares", "3-shares"])
+@pytest.mark.parametrize("gather_dot", [0, 1], ids=["gather", "gather-by-dot"])
 def test_triton_pack_matches_torch_reference(
-    out_features, rows, ratio, lora_rank, dtype, channel_tile, shares, monkeypatch
+    out_features, rows, ratio, lora_rank, dtype, channel_tile, shares, gather_dot, monkeypatch
 ):
     """The packing kernel against the torch reference; with 3 channel shares per row block, the partial products'
-    hand-over (the last program of a row block sums them) is exercised too."""
+    hand-over (the last program of a row block sums them) is exercised too; both ways of picking the kept columns
+    (the one-hot product only for 16-bit inputs: the fp16 case)."""
     from kimi_hf.kernels.ce_lora import pack
 
     monkeypatch.setattr(pack, "SHARES", shares)
+    monkeypatch.setattr(pack, "GATHER_DOT", gather_dot)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     in_features = 96
     w = decaying_matrix(out_features, in_features, seed=7, dtype=torch.float32).to(device)
@@ -296,6 +299,8 @@ def test_triton_pack_matches_torch_reference(
     rtol = 1e-5 if dtype == torch.float32 else 2e-3
     assert_close_rel(packed[:, :r_pad], reference[:, :r_pad], rtol, "low-rank block")
     assert_close_rel(ce_grad_input(dy, plan, "triton"), ce_grad_input(dy, plan, "torch"), rtol, "dX")
+    for counters in pack._COUNTERS.values():  # left zeroed for the next launch, which reuses them (the one above did)
+        assert not counters.any()
 
 
 # ---------------------------------------------------------------------------------------- PEFT model
@@ -587,7 +592,9 @@ for adapter in sys.argv[1:]:
 assert "kimi_hf" not in sys.modules
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", script, str(from_model), str(from_dir)], check=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-c", script, str(from_model), str(from_dir)], check=True, env=env, cwd=tmp_path, timeout=300
+    )
     for adapter in (from_model, from_dir):
         assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
         assert_close_rel(torch.load(adapter / "logits.pt"), expected, 1e-6, f"exported {adapter.name}")

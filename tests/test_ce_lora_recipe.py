@@ -15,9 +15,21 @@ import pytest
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ce_lora_quality.py"
 
 
+@pytest.fixture
+def recipes():
+    """The recipe modules, imported from ``recipes/`` (not a package)."""
+    sys.path.insert(0, str(RECIPE.parent))
+    import ce_lora_quality
+    import ce_lora_seeds
+
+    return ce_lora_quality, ce_lora_seeds
+
+
 def _run_tiny(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(RECIPE), "--tiny", *args], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, str(RECIPE), "--tiny", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_tiny_preset_writes_table_and_plot(tmp_path):
@@ -49,7 +61,8 @@ def test_tiny_preset_writes_table_and_plot(tmp_path):
 
 
 def _fake_recipe(calls: list[int], table: dict[int, dict[str, tuple[float, float]]], base: dict[int, float]):
-    """A stand-in for ce_lora_quality.main that writes a results.csv of given (eval loss, exact match) per method."""
+    """A stand-in for ce_lora_quality.main that writes a results.csv of given (eval loss, exact match) per method,
+    and a curves.csv whose eval loss falls to it."""
 
     def main(argv):
         seed, out = int(argv[argv.index("--seed") + 1]), argv[argv.index("--output-dir") + 1]
@@ -60,16 +73,20 @@ def _fake_recipe(calls: list[int], table: dict[int, dict[str, tuple[float, float
             writer.writerow(["method", "eval_loss", "exact_match", "seed", "base_pretrain_exact_match"])
             for method, (loss, em) in table[seed].items():
                 writer.writerow([method, loss, em, seed, base[seed]])
+        with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["method", "step", "kind", "loss"])
+            for method, (loss, _) in table[seed].items():
+                writer.writerows([[method, 10, "eval", 2 * loss], [method, 10, "train", 3 * loss],
+                                  [method, 20, "eval", loss]])  # fmt: skip
 
     return main
 
 
-def test_seeds_summary_pairs_each_seed_with_lora(tmp_path, monkeypatch):
+def test_seeds_summary_pairs_each_seed_with_lora(tmp_path, monkeypatch, recipes):
     """Paired gaps per seed, the mean and its Student-t interval by hand, a seed whose pre-training failed left out,
     and a second run reusing the finished seeds."""
-    sys.path.insert(0, str(RECIPE.parent))
-    import ce_lora_quality
-    import ce_lora_seeds
+    ce_lora_quality, ce_lora_seeds = recipes
 
     methods = ("LoRA", "CE-LoRA paper ratios", "CE-LoRA 0.5")
     table = {
@@ -93,18 +110,17 @@ def test_seeds_summary_pairs_each_seed_with_lora(tmp_path, monkeypatch):
     half = 4.303 * statistics.stdev(expected) / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
     assert abs(mean - statistics.fmean(expected)) < 1e-12 and abs(high - mean - half) < 1e-9
     assert f"[{low:+.2f}, {high:+.2f}]" in text
+    assert (tmp_path / "curves.png").stat().st_size > 0
     ce_lora_seeds.main(["--seeds", "1", "2", "3", "4", "--output-dir", str(tmp_path)])
     assert calls == [1, 2, 3, 4], "finished seeds are read back, not run again"
     with pytest.raises(ValueError, match="another sweep"):
         ce_lora_seeds.main(["--seeds", "1", "--base-seed", "7", "--output-dir", str(tmp_path)])
 
 
-def test_seeds_share_one_base_model(tmp_path, monkeypatch):
+def test_seeds_share_one_base_model(tmp_path, monkeypatch, recipes):
     """``--base-seed`` hands every run the same base seed and folder, and the arguments after ``--`` reach the
     recipe (here ``--ratios 0.5``: one CE-LoRA row per seed is then a complete run)."""
-    sys.path.insert(0, str(RECIPE.parent))
-    import ce_lora_quality
-    import ce_lora_seeds
+    ce_lora_quality, ce_lora_seeds = recipes
 
     argvs: list[list[str]] = []
     fake = _fake_recipe([], {s: {"LoRA": (0.2, 0.5), "CE-LoRA 0.5": (0.21, 0.5)} for s in (1, 2)}, {1: 0.9, 2: 0.9})
@@ -117,12 +133,13 @@ def test_seeds_share_one_base_model(tmp_path, monkeypatch):
     assert "--preset cpu_unsaturated --base-seed 9 --ratios 0.5" in text
     ce_lora_seeds.main(argv)
     assert len(argvs) == 2, "finished seeds are read back, not run again"
+    with pytest.raises(SystemExit):  # the sweep owns each run's seed and folder
+        ce_lora_seeds.parse_args(["--seeds", "1", "--", "--output-dir=elsewhere"])
 
 
-def test_ratio_of_means_and_its_bootstrap():
+def test_ratio_of_means_and_its_bootstrap(recipes):
     """The point estimate by hand; identical pairs give a zero-width interval; the interval holds the point."""
-    sys.path.insert(0, str(RECIPE.parent))
-    import ce_lora_seeds
+    ce_lora_seeds = recipes[1]
 
     pairs = [(0.30, 0.20), (0.10, 0.20), (1.00, 0.90), (0.50, 0.40)]
     point, low, high = ce_lora_seeds.ratio_of_means(pairs, resamples=2000)

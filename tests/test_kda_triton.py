@@ -90,9 +90,14 @@ def test_chunk_layout_of_equal_lengths_matches_packed_and_reads_no_device_value(
     assert ragged.offsets.tolist() == [0, 1, 2, 3, 7]
 
 
-def test_chunk_two_chunks_fwd_bwd():
-    """T = 70: one full chunk and a partial one, with initial state and final-state gradient."""
-    _check(_inputs(T=70, N=1), use_qk_l2norm_in_kernel=True)
+@pytest.mark.parametrize("state_block_v", [0, 16], ids=["auto-state-tile", "16-column-state-tile"])
+def test_chunk_two_chunks_fwd_bwd(state_block_v, monkeypatch):
+    """T = 70: one full chunk and a partial one, with initial state and final-state gradient; V = 48, so that the
+    state passes take two value tiles at their automatic width (32) and three at 16 columns (``STATE_BLOCK_V``)."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "STATE_BLOCK_V", state_block_v)
+    _check(_inputs(T=70, N=1, V=48), use_qk_l2norm_in_kernel=True)
 
 
 def test_chunk_without_in_kernel_l2norm_fwd_bwd():
@@ -138,8 +143,13 @@ def test_chunk_solve_blocks(lengths, monkeypatch):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=80, seed=6), {}, cu_seqlens=cu.to(DEVICE))
 
 
-def test_chunk_head_groups():
-    """H = 6: the one-token-per-program diagonal kernels take heads in groups of 4 (the second one partial)."""
+@pytest.mark.parametrize("stages", [1, 2], ids=["plain-loops", "pipelined-loops"])
+def test_chunk_head_groups(stages, monkeypatch):
+    """H = 6: the one-token-per-program diagonal kernels take heads in groups of 4 (the second one partial); their
+    partner loops plain and software-pipelined (the interpreter ignores pipelining: this checks the launchers)."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "DIAG_STAGES", stages)
     _check(_inputs(T=37, N=1, H=6, seed=11), {})
 
 

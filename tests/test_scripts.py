@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [
     "kernels/benchmarks/bench_attn_res.py",
+    "kernels/benchmarks/bench_attn_res_paired.py",
     "kernels/benchmarks/bench_ce_lora.py",
     "kernels/benchmarks/bench_kda.py",
     "kernels/benchmarks/bench_model.py",
@@ -45,15 +46,30 @@ def test_set_launch_constants_sets_ints_and_names_bad_specs(monkeypatch):
 
 
 def test_small_ops_depth_attention_section_runs_tiny():
-    """The depth-attention rows of ``bench_small_ops.py`` build their bank and run fwd / fwd+bwd and the block
-    boundary (interpreter)."""
+    """The depth-attention rows of ``bench_small_ops.py`` build their bank and run fwd / fwd+bwd, the block
+    boundary and the one-token reads (interpreter)."""
     sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
     try:
         from bench_small_ops import run_benchmarks
     finally:
         sys.path.pop(0)
-    rows = run_benchmarks(tiny=True, sections=("attn_res", "attn_res_prefill"))
+    rows = run_benchmarks(tiny=True, sections=("attn_res", "attn_res_prefill", "attn_res_decode"))
     assert [r.op.rsplit(", ", 1)[1] for r in rows[:6]] == ["fwd", "fwd+bwd"] * 3
-    assert [r.op.rsplit(", ", 1)[1] for r in rows[6:]] == [f"{q} queries x {n} + PreNorm" for q in (4, 8) for n in (
+    assert [r.op.rsplit(", ", 1)[1] for r in rows[6:12]] == [f"{q} queries x {n} + PreNorm" for q in (4, 8) for n in (
         "1 source", "2 sources", "4 sources")]
+    assert [r.shape.split()[0] for r in rows[12:]] == ["M1"] * 5  # the one-token reads
     assert all(r.ours_us > 0 and r.anchor_us > 0 for r in rows)
+
+
+def test_paired_attn_res_benchmark_runs_tiny():
+    """``bench_attn_res_paired.py --tiny``: both residuals measured alternately in every phase, one ratio per pair."""
+    sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
+    try:
+        from bench_attn_res_paired import main
+    finally:
+        sys.path.pop(0)
+    summary = main(["--tiny", "--model", "dense", "--reps", "2"])
+    assert [(s["model"], s["phase"], s["reps"]) for s in summary] == [
+        ("dense", phase, 2) for phase in ("train", "prefill", "decode")
+    ]
+    assert all(s["ratio_min"] <= s["ratio_median"] <= s["ratio_max"] and s["standard_us"] > 0 for s in summary)

@@ -23,6 +23,15 @@ def _query_key(q_ptr, g_ptr, offsets, mask):
 
 
 @triton.jit
+def _sum_pair(a, b, axis: tl.constexpr):
+    """(sum(a, axis), sum(b, axis)) in one reduction: one round of warp shuffles and block barriers where two tl.sum
+    calls take two (for a row per program, these rounds are most of a short launch's time). Joined into one tensor:
+    ``tl.reduce`` of the tuple (a, b) needs as many barriers but put the training backward over its register limit
+    (56 B of stack on sm_90)."""
+    return tl.split(tl.sum(tl.join(a, b), axis=axis))
+
+
+@triton.jit
 def _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, dtype: tl.constexpr, HAS_Y: tl.constexpr):
     """Row ``row`` of a new source x (+ y), rounded to the store's dtype: (that row, it in float32, its rstd
     rsqrt(mean(v^2) + eps) of the rounded value)."""
@@ -46,12 +55,20 @@ def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.cons
 
 
 @triton.jit
-def _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps):
-    """A sublayer's PreNorm of the row h (already in the output dtype): wn * (h * rsqrt(mean(h^2) + norm_eps)),
-    rounded to h's dtype before the gain, as transformers' RMSNorm does. Returns (normed row, its rsqrt)."""
+def _gain(wn_ptr, cols, mask):
+    """A PreNorm's gain [BLOCK_D] in float32. The one-row kernels load it with their inputs, at the top: loaded
+    where it is used, after the row's reductions (and after a store, which the load could alias), its latency
+    came on top of theirs."""
+    return tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _prenorm_row(h, wn, D, norm_eps):
+    """A sublayer's PreNorm of the row h (already in the output dtype) with the gain wn (float32, ``_gain``):
+    wn * (h * rsqrt(mean(h^2) + norm_eps)), rounded to h's dtype before the gain, as transformers' RMSNorm does.
+    Returns (normed row, its rsqrt)."""
     hf = h.to(tl.float32)
     hr = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + norm_eps)
-    wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return ((hf * hr).to(h.dtype).to(tl.float32) * wn).to(h.dtype), hr
 
 
@@ -124,6 +141,7 @@ def depth_attn_fwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
     n_src, M, D, eps, norm_eps,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """h[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum), online softmax over tiles of
     SRC_TILE sources (a tile's loads are issued together, with one cross-warp reduction per tile; which tile is
@@ -136,6 +154,8 @@ def depth_attn_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     u = _query_key(q_ptr, g_ptr, cols, mask)
+    if HAS_NORM:  # with the inputs, in its own dtype until used (96 registers at D 2048, 4 warps; 90 before)
+        wn = tl.load(wn_ptr + cols, mask=mask, other=0.0)
     vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
     n_all = n_src
     if HAS_PARTIAL:
@@ -143,7 +163,7 @@ def depth_attn_fwd_kernel(
     m = tl.full((), float("-inf"), tl.float32)
     denom = tl.full((), 0.0, tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    for s0 in range(0, n_all, SRC_TILE):
+    for s0 in tl.range(0, n_all, SRC_TILE, num_stages=STAGES):  # STAGES > 1: the next tile's loads are in flight
         v, r, stored, is_partial = _source_tile(
             store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
         )
@@ -156,7 +176,7 @@ def depth_attn_fwd_kernel(
         m = m_new
     h = (acc / denom).to(out_ptr.dtype.element_ty)
     if HAS_NORM:
-        h, hr = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
+        h, hr = _prenorm_row(h, wn.to(tl.float32), D, norm_eps)
         tl.store(hrstd_ptr + row, hr)
     tl.store(out_ptr + row * D + cols, h, mask=mask)
     tl.store(lse_ptr + row, m + tl.log(denom))
@@ -171,10 +191,10 @@ def _prenorm_bwd(h, dout, wn, hr, D, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile_grad(v, r, s, alpha, u, dh, dh_h, D):
+def _tile_grad(v, r, s, alpha, u, dh, v_dh, dh_h, D):
     """Gradients of a source tile: dv = alpha dh + ds (r u - s r^2 v / D) [SRC_TILE, BLOCK_D] and ds r [SRC_TILE],
-    with ds = alpha (dh . v - dh . h)."""
-    ds = alpha * (tl.sum(v * dh[None, :], axis=1) - dh_h)
+    with ds = alpha (dh . v - dh . h) (v_dh = dh . v per source)."""
+    ds = alpha * (v_dh - dh_h)
     dv = alpha[:, None] * dh[None, :] + ds[:, None] * (r[:, None] * u[None, :] - (s * r * r / D)[:, None] * v)
     return dv, ds * r
 
@@ -185,16 +205,17 @@ def depth_attn_bwd_kernel(
     dwn_ptr,
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """Backward of ``depth_attn_fwd_kernel`` for a range of rows, with the forward's log-sum-exp:
-    alpha_i = exp(s_i - lse), h = sum_i alpha_i v_i (recomputed; with HAS_NORM also the PreNorm backward: dh from
-    dout, and the gain's gradient dwn), then per source ds_i = alpha_i (dh . v_i - dh . h) (dh . h is the softmax's
-    mean), dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D), du += ds_i r_i v_i.
+    """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
+    h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
+    per source ds_i = alpha_i (dh . v_i - dh . h) (dh . h is the softmax's mean),
+    dv_i = alpha_i dh + ds_i (r_i u - s_i r_i^2 v_i / D), du += ds_i r_i v_i.
 
     ONE_TILE (all sources and the partial fit one tile of SRC_TILE): the tile is loaded once, together with the
-    stored sources' gradient rows, and kept in registers. Otherwise two passes over the tiles (h, then the
-    gradients; the second reads the row's sources again, from cache).
+    stored sources' gradient rows, and kept in registers; alpha is the softmax of its scores. Otherwise two passes
+    over the tiles (h, then the gradients; the second reads the row's sources again, from cache), with
+    alpha_i = exp(s_i - lse) from the forward's log-sum-exp.
     Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader); the
     partial sum's gradient is written to dpart; each program writes its partial du (and dwn) row, reduced by
     ``param_grad_kernel`` (deterministic).
@@ -206,26 +227,44 @@ def depth_attn_bwd_kernel(
     du = tl.zeros((BLOCK_D,), tl.float32)
     dwn = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_NORM:
-        wn = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        wn = _gain(wn_ptr, cols, mask)
     n_all = n_src
     if HAS_PARTIAL:
         n_all = n_src + 1
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: S_max * M * D may exceed 2^31
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row in range(row_start, row_end):
+    for row in tl.range(row_start, row_end, num_stages=STAGES):  # STAGES > 1: the next row's loads are in flight
         dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        lse = tl.load(lse_ptr + row)
-        vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
+        if HAS_NORM:
+            hr = tl.load(hrstd_ptr + row)
         if ONE_TILE:
+            # Every load of the row goes out before the first reduction (the sources with the partial sum's raw row,
+            # their gradient rows; the partial's rstd reduction came first, so they waited for it), and that rstd
+            # comes from the scores' reduction: two sums per source (v . u, v . v) in one round. Each round of a
+            # row's chain (warp shuffles, block barriers) is latency its program cannot hide: five rounds, now four.
+            vp = cols.to(tl.float32)  # a placeholder without a partial sum (``_source_tile`` then ignores it)
+            if HAS_PARTIAL:
+                vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             v, r, stored, is_partial = _source_tile(
-                store_ptr, rstd_ptr, vp, rp, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+                store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
             )
-            # the gradient rows' loads go out with the tile's, before the first reduction waits on them
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
             g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
-            s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
+            if HAS_PARTIAL:
+                v_u, v_v = _sum_pair(v * u[None, :], v * v, 1)
+                r = tl.where(is_partial, 1.0 / tl.sqrt(v_v / D + eps), r)
+            else:
+                v_u = tl.sum(v * u[None, :], axis=1)
+            # the softmax of the recomputed scores (the whole row is in the tile): its weights sum to one, where
+            # exp(s - lse) with the forward's lse carried the two summations' difference into every gradient
+            s = r * v_u
+            valid = stored | is_partial
+            p = tl.where(valid, tl.exp(s - tl.max(tl.where(valid, s, float("-inf")), axis=0)), 0.0)
+            alpha = p / tl.sum(p, axis=0)
             h = tl.sum(alpha[:, None] * v, axis=0)
         else:
+            lse = tl.load(lse_ptr + row)
+            vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
             h = tl.zeros((BLOCK_D,), tl.float32)
             for s0 in range(0, n_all, SRC_TILE):
                 v, r, stored, is_partial, s, alpha = _scored_tile(
@@ -233,23 +272,27 @@ def depth_attn_bwd_kernel(
                 )
                 h += tl.sum(alpha[:, None] * v, axis=0)
         if HAS_NORM:
-            dh, dwn_row = _prenorm_bwd(h, dout, wn, tl.load(hrstd_ptr + row), D, dout_ptr.dtype.element_ty)
+            dh, dwn_row = _prenorm_bwd(h, dout, wn, hr, D, dout_ptr.dtype.element_ty)
             dwn += dwn_row
         else:
             dh = dout
-        dh_h = tl.sum(dh * h, axis=0)
         if ONE_TILE:
-            dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, dh_h, D)
+            # Two sums, not one _sum_pair: the two terms of ds nearly cancel, and joined (or dh . h taken as
+            # sum_i alpha_i dh . v_i) they lost 2-20x in accuracy against float64 under the interpreter.
+            v_dh = tl.sum(v * dh[None, :], axis=1)
+            dh_h = tl.sum(dh * h, axis=0)
+            dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, v_dh, dh_h, D)
             tl.store(gstore_ptr + g_offs, (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty), mask=g_mask)
             du += tl.sum(ds_r[:, None] * v, axis=0)
             dvp = tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
         else:
+            dh_h = tl.sum(dh * h, axis=0)
             dvp = tl.zeros((BLOCK_D,), tl.float32)
             for s0 in range(0, n_all, SRC_TILE):
                 v, r, stored, is_partial, s, alpha = _scored_tile(
                     store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse, HAS_PARTIAL, SRC_TILE
                 )
-                dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, dh_h, D)
+                dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, tl.sum(v * dh[None, :], axis=1), dh_h, D)
                 g_offs, g_mask = _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE)
                 g_new = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32) + dv
                 tl.store(gstore_ptr + g_offs, g_new.to(gstore_ptr.dtype.element_ty), mask=g_mask)
@@ -290,11 +333,11 @@ def param_grad_kernel(
 
 
 @triton.jit
-def _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask):
-    """Phase 1 of query j for one row whose sources are the register tile v [N_PAD, BLOCK_D] (rstd r, rows
-    ``valid``): all its scores in one reduction over D, its output in one over the sources (within a thread).
+def _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask):
+    """Phase 1 of query j (u = its pseudo-query times its key-norm gain, ``_query_key``) for one row whose sources
+    are the register tile v [N_PAD, BLOCK_D] (rstd r, rows ``valid``): all its scores in one reduction over D, its
+    output in one over the sources (within a thread).
     Stores out[j, row] and lse[j, row]; returns the output row (rounded to out's dtype)."""
-    u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
     s = tl.where(valid, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
     m = tl.max(s, axis=0)
     p = tl.exp(s - m)  # zero on padding rows
@@ -317,7 +360,8 @@ def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src,
         store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
     )
     for j in range(n_q):
-        _phase1_query(v, r, stored, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
+        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
+        _phase1_query(v, r, stored, u, out_ptr, lse_ptr, j, M, D, row, cols, mask)
 
 
 @triton.jit(do_not_specialize=["n_prev", "n_q", "M", "per_program"])
@@ -340,21 +384,30 @@ def store_phase1_kernel(
     j0 = (tl.program_id(0) % programs_per_row) * per_program
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    # Every load first (the stored sources, the first query, the gain, the new source's summands): in program order
+    # after the new source's reduction and store, the tile's loads waited for them (a second memory latency).
+    v, r, stored, _ = _source_tile(  # rows 0 .. n_prev - 1; the new source's row n_prev is filled below
+        store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_prev, M, row, cols, mask, D, False, N_PAD
+    )
+    u = _query_key(q_ptr + j0 * D, g_ptr + j0 * D, cols, mask)
+    if HAS_NORM:
+        wn = _gain(wn_ptr, cols, mask)
     v_new, v_new_f, r_new = _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, store_ptr.dtype.element_ty, HAS_Y)
     if j0 == 0:
         tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
         tl.store(rstd_ptr + n_prev * M + row, r_new)
-    v, r, stored, is_new = _source_tile(
-        store_ptr, rstd_ptr, v_new_f, r_new, 0, n_prev, M, row, cols, mask, D, True, N_PAD
-    )
+    is_new = tl.arange(0, N_PAD) == n_prev
+    v = tl.where(is_new[:, None], v_new_f[None, :], v)
+    r = tl.where(is_new, r_new, r)
     valid = stored | is_new
-    h = _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
+    h = _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
     if HAS_NORM:
         if j0 == 0:
-            first, _ = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
+            first = _prenorm_row(h, wn, D, norm_eps)[0]
             tl.store(first_ptr + row * D + cols, first, mask=mask)
     for j in range(j0 + 1, tl.minimum(j0 + per_program, n_q)):
-        _phase1_query(v, r, valid, q_ptr, g_ptr, out_ptr, lse_ptr, j, M, D, row, cols, mask)
+        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
+        _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask)
 
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])
@@ -421,24 +474,27 @@ def phase2_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    if HAS_NORM:
+        wn = _gain(wn_ptr, cols, mask)
     h = tl.load(o_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_PARTIAL:
         u = _query_key(q_ptr, g_ptr, cols, mask)
         vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + row)  # before the store below, which it would otherwise wait behind
         if HAS_ADD:
             vp += tl.load(add_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             vp = vp.to(new_part_ptr.dtype.element_ty)
             tl.store(new_part_ptr + row * D + cols, vp, mask=mask)
             vp = vp.to(tl.float32)
-        lse = tl.load(lse_ptr + row)
-        s = tl.sum(u * vp, axis=0) / tl.sqrt(tl.sum(vp * vp, axis=0) / D + eps)
+        dot, square = _sum_pair(u * vp, vp * vp, 0)
+        s = dot / tl.sqrt(square / D + eps)
         m = tl.maximum(lse, s)
         w_o = tl.exp(lse - m)
         w_p = tl.exp(s - m)
         h = (w_o * h + w_p * vp) / (w_o + w_p)
     h = h.to(h_ptr.dtype.element_ty)
     if HAS_NORM:
-        h, _ = _prenorm_row(h, wn_ptr, cols, mask, D, norm_eps)
+        h, _ = _prenorm_row(h, wn, D, norm_eps)
     tl.store(h_ptr + row * D + cols, h, mask=mask)
 
 
@@ -453,6 +509,7 @@ def rms_norm_fwd_kernel(
     standard residual's addition, fused into the next PreNorm)."""
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BLOCK_D)
+    w = _gain(w_ptr, cols, cols < D)
     mask = (rows < M)[:, None] & (cols < D)[None, :]
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -462,7 +519,6 @@ def rms_norm_fwd_kernel(
         tl.store(sum_ptr + offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     xhat = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)  # rounded before the gain, as transformers does
     tl.store(y_ptr + offs, (xhat * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)

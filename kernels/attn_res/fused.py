@@ -32,8 +32,17 @@ def block_d(d: int) -> int:
     return triton.next_power_of_2(d)
 
 
+# Warps of the one-row-per-program kernels (``--set attn_res.fused.ROW_WARPS=4``): the source stores, the inference
+# phases and the standard residual's RMSNorm, the anchor, so that a sweep moves both sides alike. 0: by D. At decode
+# each of these launches is one row, and the warps set how many threads share its reductions (sm_90, D 2048: phase 2
+# 64 registers at 4 warps, 39 at 8; the block boundary 216 and 115, and it spills at 2). Not yet swept.
+ROW_WARPS = 0
+
+
 def num_warps(d: int) -> int:
-    """Warps of the one-row-per-program kernels that store sources and run the two inference phases."""
+    """Warps of the one-row-per-program kernels: ``ROW_WARPS`` if set, else 4 up to D 1024, 8 up to 4096, 16 above."""
+    if ROW_WARPS:
+        return ROW_WARPS
     return 4 if d <= 1024 else (8 if d <= 4096 else 16)
 
 
@@ -41,6 +50,12 @@ def num_warps(d: int) -> int:
 # a session-8 sweep by kernel GPU time on an H200 (bench_small_ops.py --sections attn_res, D 2048 bf16; BENCHMARKS.md).
 FWD_SOURCE_TILE = 1  # sources (stored + the partial sum) whose loads a forward program issues together
 BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in registers between the two passes
+# Software pipelining (session 13, not yet timed): with 2, Triton turns the forward's source loop and the backward's
+# row loop into asynchronous copies through shared memory, the next tile's (row's) loads in flight while the
+# current one is reduced (sm_90 SASS: 50 LDGSTS in the backward, 41 KB of shared memory, 72 B of stack; the forward
+# keeps 96 registers). 1: plain loads, each issued after the previous tile's (row's) reductions, as measured so far.
+FWD_STAGES = 1
+BWD_STAGES = 1
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_ELEMENTS_PER_THREAD = 16
 BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient partials) per SM
@@ -111,7 +126,8 @@ def depth_attn_fwd(
         norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), SRC_TILE=FWD_SOURCE_TILE, num_warps=_warps(block_d(d), FWD_ELEMENTS_PER_THREAD),
+        BLOCK_D=block_d(d), SRC_TILE=FWD_SOURCE_TILE, STAGES=FWD_STAGES,
+        num_warps=_warps(block_d(d), FWD_ELEMENTS_PER_THREAD),
     )  # fmt: skip
     return out, lse, h_rstd
 
@@ -151,7 +167,7 @@ def depth_attn_bwd(
         dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
-        SRC_TILE=BWD_SOURCE_TILE, ONE_TILE=n + (partial is not None) <= BWD_SOURCE_TILE,
+        SRC_TILE=BWD_SOURCE_TILE, ONE_TILE=n + (partial is not None) <= BWD_SOURCE_TILE, STAGES=BWD_STAGES,
         num_warps=_warps(block_d(d), BWD_ELEMENTS_PER_THREAD),
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)

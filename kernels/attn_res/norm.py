@@ -11,16 +11,17 @@ import torch
 import triton
 
 from . import _triton
-from .fused import block_d
+from .fused import block_d, num_warps
 
 # Backward programs walk this many row blocks each: the weight-gradient partials stay small ([P, D]).
 _BWD_BLOCKS_PER_PROGRAM = 8
 
 
 def _rows_and_warps(d: int) -> tuple[int, int, int]:
-    """(rows per program block, padded D, warps): about 2K elements per block, as the gated norm kernels."""
+    """(rows per program block, padded D, warps): about 2K elements per block, as the gated norm kernels; the warps
+    of AttnRes's one-row kernels (``fused.num_warps``), whose anchor this is."""
     width = block_d(d)
-    return max(1, min(64, 2048 // width)), width, 4 if width <= 1024 else (8 if width <= 4096 else 16)
+    return max(1, min(64, 2048 // width)), width, num_warps(d)
 
 
 def rms_norm_fwd(

@@ -20,12 +20,18 @@ def _profile_calls(fn: Callable[[], object], calls: int, host: bool = False) -> 
     return prof.key_averages()
 
 
+def kernel_times_us(fn: Callable[[], object], calls: int = 20) -> dict[str, float]:
+    """GPU time per call of each of ``fn()``'s kernels (name -> microseconds), from ``calls`` profiled calls after one
+    untimed call."""
+    fn()
+    torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / calls for e in _profile_calls(fn, calls) if e.self_device_time_total}
+
+
 def kernel_time_us(fn: Callable[[], object], calls: int = 20) -> float:
     """GPU time of ``fn()``'s kernels per call in microseconds (the sum of their durations over ``calls`` profiled
     calls, after one untimed call): what an op costs the GPU when its eager call is bound by the host."""
-    fn()
-    torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in _profile_calls(fn, calls)) / calls
+    return sum(kernel_times_us(fn, calls).values())
 
 
 def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: int = 12, host_top: int = 0) -> str:

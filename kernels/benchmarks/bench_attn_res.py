@@ -133,7 +133,7 @@ def depth_attention_impl(impl: str, eps: float):
         attn_res_module.depth_attention = original
 
 
-def _configure(model: torch.nn.Module, impl: str, one_pass: bool) -> None:
+def configure_impl(model: torch.nn.Module, impl: str, one_pass: bool) -> None:
     """Point the model's AttentionResiduals at ``impl`` (two-phase inference only for kimi_hf's own backends, and
     not with ``one_pass``)."""
     for module in model.modules():
@@ -168,13 +168,13 @@ def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], 
     return cpu_median
 
 
-def _shape(args: argparse.Namespace, model_name: str) -> tuple[int, int, int]:
+def shape_of(args: argparse.Namespace, model_name: str) -> tuple[int, int, int]:
     batch, seq, block = (TINY_SHAPES if args.tiny else SHAPES)[model_name]
     return args.batch or batch, args.seq or seq, args.block_size or block
 
 
 def build_model(args, model_name: str, residual: str, device: torch.device, dtype: torch.dtype):
-    block_size = _shape(args, model_name)[2]
+    block_size = shape_of(args, model_name)[2]
     overrides = {"residual": residual, "attn_res_block_size": block_size, "attn_implementation": args.attn}
     if model_name == "dense":
         from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM
@@ -268,7 +268,7 @@ def bench_variant(
     ``warm_only``: run every path once (one step, one prefill, the decode warm-up), time nothing.
     """
     if impl is not None:
-        _configure(model, impl, args.one_pass)
+        configure_impl(model, impl, args.one_pass)
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, shape, generator=gen).to(device)
@@ -399,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _header(args, model_name: str, device: torch.device, dtype: torch.dtype) -> dict:
-    batch, seq, block = _shape(args, model_name)
+    batch, seq, block = shape_of(args, model_name)
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     if device.type == "cuda":
         versions += f", triton {__import__('triton').__version__}"
@@ -442,7 +442,7 @@ def run_variants(args, model_name: str, pairs, device, dtype, timer, report: dic
     """Time ``pairs`` of one model; prints each row (JSON, flushed) as it finishes and rewrites ``--json``
     with ``report`` ({"headers": {model: header}, "results": [rows so far]}). ``warm_only``: the untimed
     warm-up pass (rows are printed with their wall time only, not recorded)."""
-    batch, seq, _ = _shape(args, model_name)
+    batch, seq, _ = shape_of(args, model_name)
     model, built_for = None, None
     done = {(r["residual"], r["impl"]) for r in report["results"] if r["model"] == model_name}
     for residual, impl in pairs:

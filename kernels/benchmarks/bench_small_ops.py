@@ -3,7 +3,7 @@
 Ops: the short causal conv (forward, forward+backward, one-token decode update), the gated RMSNorm
 (forward, forward+backward), the KDA decode kernel (one token, eager and CUDA-graph captured) and
 AttnRes's depth attention (``--sections attn_res``; its anchor is the standard residual's PreNorm) and its two-phase
-inference (``--sections attn_res_prefill``).
+inference (``--sections attn_res_prefill``, and at one token ``attn_res_decode``).
 Every number is a triton.testing.do_bench median (L2 flushed between calls; the CUDA-graph rows use
 do_bench_cudagraph, unflushed). "floor" is the time to move the op's minimum bytes at
 --bandwidth-tbs (H200 device copy: 4.27 TB/s, see shared/REFERENCE.md).
@@ -33,6 +33,7 @@ from kimi_hf.kernels.attn_res import (
     append_source,
     append_source_phase1,
     depth_attention,
+    depth_attention_phase2_add,
     new_source_bank,
     prenorm,
 )
@@ -342,6 +343,34 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
     return rows
 
 
+def bench_decode_reads(setup: _Setup) -> list[Row]:
+    """AttnRes's inference reads at one token (B1 decode), as the ~1B models run them: phase 2 with the previous
+    sublayer's output added to the partial sum and the PreNorm fused (``depth_attention_phase2_add``, all but a
+    block's first sublayer), and the block boundary (``append_source_phase1``: store, phase 1 of Q queries over n
+    sources, one program per query, and the first sublayer's PreNorm), against the standard residual's add +
+    PreNorm at one token. A one-row launch is a chain of loads and reductions, not bytes: no floor. Kernel GPU time
+    per call."""
+    _, D, rand, _, _ = _depth_inputs(setup)  # the other AttnRes sections' hidden size and seeded inputs, one row
+    shape = f"M1 D{D} {str(setup.dtype).removeprefix('torch.')}"
+    h, out, addend, w = rand(1, D), rand(1, D), rand(1, D), torch.ones(D, device=setup.device, dtype=setup.dtype)
+    lse = torch.zeros(1, device=setup.device, dtype=torch.float32)
+    query, gain = rand(D) * 0.1, 1 + 0.1 * rand(D)
+    anchor = "add + prenorm fwd (Triton)"
+    with torch.no_grad():
+        norm_us = _kernel_us(lambda: add_prenorm(h, out, w, backend="triton"), setup)
+        rows = [Row("decode phase 2: partial + last output, merge, PreNorm", shape,
+                    _kernel_us(lambda: depth_attention_phase2_add(out, lse, h, addend, query, gain,
+                                                                  backend="triton", norm_weight=w), setup),
+                    anchor, norm_us, None)]  # fmt: skip
+        for n_q, n in ((4, 2), (4, 5), (8, 2), (8, 5)):
+            bank = _filled_bank(n - 1, h, rand, capacity=n)
+            queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
+            op = f"decode block boundary: store + phase 1, {n_q} queries x {n} sources + PreNorm"
+            ours = _kernel_us(lambda: append_source_phase1(bank, h, out, queries, gains, w), setup)
+            rows.append(Row(op, shape, ours, anchor, norm_us, None))
+    return rows
+
+
 _SECTIONS = {
     "conv": bench_conv,
     "norm": bench_gated_norm,
@@ -349,6 +378,7 @@ _SECTIONS = {
     "kda_sweep": sweep_kda_block_v,
     "attn_res": bench_depth_attention,
     "attn_res_prefill": bench_two_phase,
+    "attn_res_decode": bench_decode_reads,
 }
 
 
@@ -406,7 +436,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 shapes: a smoke run (CPU: TRITON_INTERPRET=1)")
     parser.add_argument("--sections", nargs="+", default=["conv", "norm", "kda"], choices=list(_SECTIONS),
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
-                        "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary)")
+                        "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary; "
+                        "attn_res_decode: its reads at one token)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="peak copy bandwidth for the floor, TB/s")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "

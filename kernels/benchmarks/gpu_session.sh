@@ -27,6 +27,7 @@ step_command() {
     attn_res) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res.py --json $OUT/$2attn_res.json" ;;
     attn_res_graphs) echo "timeout 200 python3 kernels/benchmarks/bench_attn_res.py --model kimi_linear --impls triton \
       --baselines triton --static-cache --json $OUT/$2attn_res_graphs.json" ;;
+    attn_res_paired) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res_paired.py --json $OUT/$2attn_res_paired.json" ;;
     attn_res_replication)
       echo "timeout 170 python3 recipes/attn_res_replication.py --preset gpu --output-dir $OUT/attn_res_replication" ;;
     ce_lora) echo "timeout 360 python3 kernels/benchmarks/bench_ce_lora.py --json $OUT/$2ce_lora.json" ;;

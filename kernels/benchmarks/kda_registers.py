@@ -36,16 +36,23 @@ _INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
 _SCALARS = {"scale": "fp32", "H": "i32", "K": "i32", "V": "i32"}
 
 
-def _signature(fn, constexprs: dict) -> dict:
-    """Every argument of ``fn``: constexpr, scalar, or pointer (bf16 unless it is an fp32/int buffer)."""
+def signature(
+    fn,
+    constexprs: dict,
+    scalars: dict = _SCALARS,
+    fp32_pointers: set = _FP32_POINTERS,
+    int_pointers: set = _INT_POINTERS,
+) -> dict:
+    """Triton's type of every argument of ``fn``: constexpr, a scalar (``scalars``: name -> type), or a pointer (bf16
+    unless it is an fp32 or int32 buffer). The defaults are the KDA kernels' names."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in _SCALARS:
-            sig[name] = _SCALARS[name]
+        elif name in scalars:
+            sig[name] = scalars[name]
         else:
-            sig[name] = "*fp32" if name in _FP32_POINTERS else "*i32" if name in _INT_POINTERS else "*bf16"
+            sig[name] = "*fp32" if name in fp32_pointers else "*i32" if name in int_pointers else "*bf16"
     return sig
 
 
@@ -61,20 +68,23 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_fwd.kda_pairs_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)),
          chunk.PAIRS_WARPS, chunk.PAIRS_STAGES),
-        (chunk_fwd.kda_diag_fwd_kernel, dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
+        (chunk_fwd.kda_diag_fwd_kernel,
+         dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK, STAGES=chunk.DIAG_STAGES),
          chunk.DIAG_WARPS, 1),
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS,
          chunk.WU_STAGES),
-        (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True), warps, 1),
+        (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
+         chunk.STATE_FWD_WARPS, 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)),
-         chunk.BWD_PAIR_WARPS, 1),
+         chunk.BWD_PAIR_WARPS, chunk.BWD_PAIR_STAGES),
         (chunk_bwd.kda_direct_bwd_kernel,
          dict(common, BK=min(BK, chunk.BWD_DIRECT_KEY_BLOCK), BV=min(BV, chunk.BWD_DIRECT_BLOCK_V)),
-         chunk.BWD_DIRECT_WARPS, 1),
-        (chunk_bwd.kda_diag_bwd_kernel, dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
+         chunk.BWD_DIRECT_WARPS, chunk.BWD_DIRECT_STAGES),
+        (chunk_bwd.kda_diag_bwd_kernel,
+         dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK, STAGES=chunk.DIAG_STAGES),
          chunk.DIAG_WARPS, 1),
         (chunk_bwd.kda_key_bwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK)),
@@ -92,9 +102,29 @@ def default_ptxas() -> str:
     raise FileNotFoundError(f"no ptxas in {folder}; pass --ptxas")
 
 
-def report(fn, constexprs: dict, num_warps: int, num_stages: int, ptxas: str) -> str:
-    """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90."""
-    src = ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs)
+def _aligned(fn, signature: dict, divisible_ints: tuple[str, ...]) -> dict:
+    """What Triton's launcher tells the compiler at the benchmark shapes: every pointer 16-byte aligned, and the
+    integers ``divisible_ints`` (KDA: the head count and head dims, H = 32, K = V = 128) multiples of 16. Without it
+    the compiler cannot prove vector accesses aligned, and the registers it reports are not those of the kernel
+    that runs."""
+    divisible = [i for i, name in enumerate(fn.arg_names) if signature[name].startswith("*") or name in divisible_ints]
+    return {(i,): [["tt.divisibility", 16]] for i in divisible}
+
+
+def report(
+    fn,
+    constexprs: dict,
+    num_warps: int,
+    num_stages: int,
+    ptxas: str,
+    types: dict | None = None,
+    divisible_ints: tuple[str, ...] = ("H", "K", "V"),
+    shown: tuple[str, ...] = ("BK", "BV", "BH"),
+) -> str:
+    """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
+    ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""
+    types = types or signature(fn, constexprs)
+    src = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=_aligned(fn, types, divisible_ints))
     options = {"num_warps": num_warps, "num_stages": num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +136,7 @@ def report(fn, constexprs: dict, num_warps: int, num_stages: int, ptxas: str) ->
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     stores, loads = (spill.group(1), spill.group(2)) if spill else ("0", "0")
-    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BK", "BV", "BH"))
+    tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in shown)
     used = regs.group(1) if regs else "?"
     return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {num_stages} | {used} | {stores} | {loads} |"
 

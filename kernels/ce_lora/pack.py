@@ -9,12 +9,12 @@ multiple of 64 (cuBLAS's fast path).
 How the pass aims at its memory floor (read ``dY`` once, write ``G`` once): a program owns ``BLOCK_T`` rows
 and a share of their channel tiles of ``BLOCK_O``, walked with plain contiguous loads (the same loop as a GEMM's, so
 Triton pipelines them as async copies). Each tile feeds the tensor-core dot of ``dY B0`` and, from registers,
-the kept columns: ``tl.gather`` picks the tile's kept channels (the plan's per-tile map, :func:`~.plan.
-channel_tiles`) into the leading slots and one masked store writes them to their place in ``G``. ``G`` is
-column-major in memory (``G^T``, rows padded to a multiple of 8), so that each kept channel is a contiguous run of
-the program's rows, stored 16 bytes at a time; the GEMM takes ``G`` as its transposed view (cuBLAS reads either
-layout). When there are too few row blocks to fill the GPU, their channel tiles are shared between programs and
-the last program of a row block sums the partial ``dY B0`` products.
+the kept columns: ``tl.gather`` (or a one-hot product, ``GATHER_DOT``) picks the tile's kept channels (the plan's
+per-tile map, :func:`~.plan.channel_tiles`) into the leading slots and one masked store writes them to their place
+in ``G``. ``G`` is column-major in memory (``G^T``, rows padded to a multiple of 8), so that each kept channel is a
+contiguous run of the program's rows, stored 16 bytes at a time; the GEMM takes ``G`` as its transposed view (cuBLAS
+reads either layout). When there are too few row blocks to fill the GPU, their channel tiles are shared between
+programs and the last program of a row block sums the partial ``dY B0`` products.
 (Earlier designs on an H200: gathering the kept columns from memory, scattered 2-byte loads after the projection's
 loads, 20-36% of the floor; storing the kept columns through a per-channel slot map, scattered masked stores,
 9-15%; this kernel with ``G`` row-major, where no store of a tile's kept columns at an arbitrary column could be
@@ -48,6 +48,14 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # run-to-run spread of a training step (session 11); 4 is what the per-layer comparison (shared or not) ran with.
 SHARES = 0
 PROGRAMS_PER_SM = 4
+# How a tile's kept columns are picked (``--set ce_lora.pack.GATHER_DOT=1``). 0: ``tl.gather``, which Triton lowers to
+# warp shuffles: 129 SHFL instructions per tile at 64 rows and 8 warps in the sm_90 SASS, about as many cycles as the
+# tile's bytes take to arrive, and not overlapped with the loads. 1: a tensor-core product with a one-hot [channel,
+# slot] matrix (exact: one nonzero product per output, accumulated in float32; a NaN or inf in dY spreads over its
+# row's kept columns, whose dY B0 it already spoils), 1M MACs per tile, asynchronous, at the cost of registers (225
+# against 118 at 64 rows and 8 warps) and shared memory. 16-bit inputs only: fp32 tiles at IEEE precision leave the
+# tensor cores (8-15 KB of stack per thread on sm_90), so they keep tl.gather. Not yet timed on a GPU.
+GATHER_DOT = 0
 
 
 @triton.jit
@@ -68,6 +76,7 @@ def _ce_pack_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     IEEE: tl.constexpr,
+    GATHER_DOT: tl.constexpr,
 ):
     """One program: ``BLOCK_T`` rows of ``dY`` and one share of their channel tiles, walked in order.
 
@@ -79,8 +88,8 @@ def _ce_pack_kernel(
     The grid holds ``shares`` programs per row block (adjacent in launch order), each with a contiguous share of
     the channel tiles. With one share the program writes its ``dY B0`` rows itself. With several, each writes its
     partial product (float32) to part ``[shares, n_rows, R_PAD]`` and counts itself done in count ``[row blocks]``
-    (int32, zeros); the last of a row block to finish sums the partials in share order (the result does not depend
-    on which program is last), writes them and zeroes the count again.
+    (int32, zeros on entry); the last of a row block to finish sums the partials in share order (the result does
+    not depend on which program is last), writes them and zeroes the count again.
     """
     n_tiles = tl.cdiv(n_cols, BLOCK_O)
     shares = tl.num_programs(0) // tl.cdiv(n_rows, BLOCK_T)
@@ -96,16 +105,21 @@ def _ce_pack_kernel(
     for tile in range(share * per_share, tl.minimum(share * per_share + per_share, n_tiles)):
         cols = tile * BLOCK_O + slots
         col_ok = cols < n_cols
+        # The tile's kept-column map first: loaded after the dot, its start and count went out only after the
+        # gather, right before the store that needs them (sm_90 SASS), an exposed L2 latency per tile.
+        first = tl.load(starts_ptr + tile)
+        count = tl.load(starts_ptr + tile + 1) - first
+        local = tl.load(local_ptr + tile * BLOCK_O + slots)
         values = tl.load(dy_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :], mask=col_ok[:, None], other=0.0)
         if IEEE:
             acc = tl.dot(values, b0, acc, input_precision="ieee")
         else:
             acc = tl.dot(values, b0, acc)
-        first = tl.load(starts_ptr + tile)
-        count = tl.load(starts_ptr + tile + 1) - first
-        local = tl.load(local_ptr + tile * BLOCK_O + slots)
-        kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
+        if GATHER_DOT:  # values @ one-hot [channel, slot]: exact (one product per output, fp32 accumulation)
+            kept = tl.dot(values, (slots[:, None] == local[None, :]).to(values.dtype)).to(values.dtype)
+        else:
+            kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
         g_kept = g_ptr + rows[:, None] + (R_PAD + first + slots[None, :]).to(tl.int64) * stride_g
         tl.store(g_kept, kept, mask=row_ok[:, None] & (slots < count)[None, :])
     g_low = g_ptr + rows[:, None] + rk[None, :] * stride_g
@@ -120,12 +134,28 @@ def _ce_pack_kernel(
             for other in range(shares):  # .cg: from L2, where the other programs' stores are visible
                 total += tl.load(part + other * n_rows * R_PAD, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
             tl.store(g_low, total.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
-            tl.atomic_xchg(count_ptr + block, 0)  # zeros again: the autotuner relaunches with the same buffers
+            tl.atomic_xchg(count_ptr + block, 0)  # zeros again: later launches reuse the buffer (_zeroed_counters)
 
 
-_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O"])(
+_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O", "GATHER_DOT"])(
     _ce_pack_kernel
 )
+# Completion counters of the shared row blocks, per (device, stream). The kernel sets each counter back to zero when
+# its row block is done, so one zeroed buffer serves every later launch on that stream (and every replay of a CUDA
+# graph that captured it); a fresh ``torch.zeros`` per call cost a fill launch per CE-LoRA layer backward, on a
+# training step whose wall time follows the host. Keyed by stream: launches on two streams may run at once.
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _zeroed_counters(size: int, device: torch.device) -> torch.Tensor:
+    """An int32 buffer of at least ``size`` zeros for launches on the current stream of ``device``."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    counters = _COUNTERS.get((device, stream))
+    if counters is None or counters.numel() < size:
+        counters = _COUNTERS[(device, stream)] = torch.zeros(size, device=device, dtype=torch.int32)
+    return counters
+
+
 # The autotuner's pick per layer shape, launched directly afterwards: the autotuner's per-call bookkeeping doubled
 # the host cost of a launch on the H200's host (69.7 against 27.5 us), and a LoRA training step is near host-bound.
 _PICKED: dict[tuple, triton.Config] = {}
@@ -165,7 +195,7 @@ def triton_pack_grad_output(
     max_shares = max(_shares(-(-n_rows // rows), n_tiles, device) for rows in block_rows)
     split = max_shares > 1
     partials = torch.empty(max_shares if split else 0, n_rows, r_pad, device=device, dtype=torch.float32)
-    counts = torch.zeros(-(-n_rows // min(block_rows)) if split else 0, device=device, dtype=torch.int32)
+    counts = _zeroed_counters(-(-n_rows // min(block_rows)) if split else 0, device)
 
     def grid(meta: dict) -> tuple[int]:
         n_blocks = triton.cdiv(n_rows, meta["BLOCK_T"])
@@ -173,11 +203,12 @@ def triton_pack_grad_output(
 
     args = (grad_output, b0_pad, tile_starts, tile_local, packed, partials, counts, n_rows, n_cols, keep,
             grad_output.stride(0), buffer.stride(0))  # fmt: skip
-    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": grad_output.dtype == torch.float32}
+    ieee = grad_output.dtype == torch.float32
+    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": ieee, "GATHER_DOT": bool(GATHER_DOT) and not ieee}
     if _INTERPRETED:  # one small tile, so that tiny test shapes still take several row blocks
         _ce_pack_kernel[grid({"BLOCK_T": 16})](*args, BLOCK_T=16, **meta)
         return packed
-    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype)
+    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype, meta["GATHER_DOT"])
     config = _PICKED.get(key)
     if config is None:
         _ce_pack_tuned[grid](*args, **meta)

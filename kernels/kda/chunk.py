@@ -36,12 +36,12 @@ MAX_HEAD_DIM = 256
 # inverse, W/U): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds
 # of dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 2 warps
 # (session 6: 1.93 ms forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike). Until
-# session 12 one solve kernel computed M by substitution on the whole [64, 64] tile (4x the work of its
-# [16, 16] diagonal blocks), then W, U, qg, kh: 255 registers at 8 warps, one program per SM, 0.56 ms of the
-# 1.72 ms forward at B1 T8192. Session 7: W, U, qg, kh in a kernel of their own from the stored M were slower
-# with that substitution (1.85 ms forward against 1.74), and so was picking its rows of P from the register
-# tile instead of loading them (1.94). The inverse now works on [16, 16] blocks (168 registers at 2 warps, six
-# programs per SM, compiled for sm_90 without a GPU), and W/U run apart. The pairs inside a sub-block run one token per
+# session 14 one solve kernel computed M by substitution on the whole [64, 64] tile (4x the work of its [16, 16]
+# diagonal blocks), then W, U, qg, kh: 0.565 ms of the 1.75 ms forward at B1 T8192 on the H200. The inverse now works
+# on [16, 16] blocks in a kernel of its own (168 registers at 2 warps) and W/U run apart from the stored M: 0.133 +
+# 0.276 ms, forward 1.60 ms (session 14, same machine). Fusing the pairs between sub-blocks into the inverse kernel,
+# as fla does, was slower (0.621 + 0.274 ms for pairs, inverse and W/U against 0.362 + 0.133 + 0.276; branch
+# kda-solve-blocks). The pairs inside a sub-block run one token per
 # program, DIAG_HEADS heads at a time, in the forward and the backward (kda_diag_fwd_kernel, kda_diag_bwd_kernel;
 # session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them inside the pairs and key kernels; 2, 4 or 8
 # heads and 2 or 4 warps within 3%). The backward key kernel (the pairs between sub-blocks): 64 key channels per
@@ -50,30 +50,49 @@ MAX_HEAD_DIM = 256
 # The backward's terms through the states are [64, V] x [V, BK] dots per chunk in their own kernel (64 channels,
 # 32 value columns per step): inside the per-sub-block key kernel they were [16, V] dots repeated for each of the
 # 4 sub-blocks, with the state tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
-# Registers and spills without a GPU: kernels/benchmarks/kda_registers.py; timings: bench_kda.py --sweep.
+# Registers and spills without a GPU: kernels/benchmarks/kda_registers.py (until session 12 it compiled without the
+# launcher's 16-byte alignment facts and reported 255 registers and spills where the launched kernels have far fewer,
+# e.g. the former solve kernel 255 for 128); timings: bench_kda.py --sweep.
 PAIRS_KEY_BLOCK = 32
 PAIRS_WARPS = 2
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
 DIAG_HEADS = 4
 DIAG_WARPS = 2
-# Candidate constants of the inverse and W/U kernels, not yet measured on the GPU (W/U: 249 registers at 8 warps
-# with 32 key channels per block, spills at 4 warps or 64 channels).
+# The inverse and W/U kernels, as compiled for sm_90: 166 registers at 2 warps, 72 at 8 warps with 32 key channels
+# per block; neither kernel's constants swept yet.
 INVERSE_WARPS = 2
 WU_KEY_BLOCK = 32
 WU_WARPS = 8
 WU_STAGES = 1
+# Software pipelining of the diagonal kernels' partner loops: with 2 the sm_90 SASS shows the partners' loads as
+# asynchronous copies, the next partner's in flight; measured slower on the H200 (session 14: forward 1.85 ms against
+# 1.75 at 1). 1: plain loads.
+DIAG_STAGES = 1
+# Software pipelining by Triton (num_stages) of the backward's pair and direct kernels (session 14 sweep on the H200,
+# B1 T8192: fwd+bwd 4.51 ms with the pair kernel's loop pipelined against 4.58 plain; the direct kernel's at 2 was
+# 0.3% slower, kept plain).
+BWD_PAIR_STAGES = 2
+BWD_DIRECT_STAGES = 1
 BWD_DIRECT_KEY_BLOCK = 64
 BWD_DIRECT_BLOCK_V = 32
 # The backward's direct and pair kernels at 4 warps (session 7, B1 T8192: fwd+bwd 4.61 ms against 5.03 at 8 and 8,
-# 4.80 and 4.84 with one of them at 4), although they spill more there (kda_registers.py): twice the programs per SM
-# hide more latency. A second sweep: 2 warps slower (4.74-10.3 ms), 32 direct key channels slower (4.75-4.95),
-# 32 value columns per pair tile 1% faster than 16 (4.55 ms).
+# 4.80 and 4.84 with one of them at 4), at 255 registers there (224 and 130 at 8 warps; kda_registers.py): twice the
+# programs per SM hide more latency. A second sweep: 2 warps slower (4.74-10.3 ms), 32 direct key channels slower
+# (4.75-4.95), 32 value columns per pair tile 1% faster than 16 (4.55 ms).
 BWD_DIRECT_WARPS = 4
 BWD_KEY_BLOCK = 64
 BWD_KEY_WARPS = 2
 BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
 BWD_PAIR_BLOCK_V = 32
 BWD_PAIR_WARPS = 4
+# The sequential state passes (forward and backward) run 8 warps and 32 value columns per program (session 14 sweep
+# on the H200, B1 T8192: 16 columns fwd 1.85 / fwd+bwd 4.91 ms, the backward at 4 warps fwd+bwd 4.95 ms, against
+# 1.75 / 4.58; the backward at 4 warps with 16 columns, spilling 492-692 B, stopped with an illegal memory access,
+# not investigated, so its warps are not a constant). The forward at 4 warps (230 registers as compiled for sm_90,
+# 164 at 8) is not yet timed (fla's forward state pass, 0.21 ms against our 0.27, autotunes over 2 and 4 warps on
+# Hopper). STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
+STATE_FWD_WARPS = 8
+STATE_BLOCK_V = 0
 NUM_WARPS = 8  # the other kernels
 
 
@@ -121,7 +140,12 @@ def _dims(K: int, V: int) -> tuple[int, int]:
 def _state_block_v(BK: int, BV: int) -> int:
     """V tile of the sequential state kernels: 32 columns (16 for K = 256), so that the [K, BV] fp32 state
     and the prefetched tiles of the next chunk fit in registers (wider tiles spill; see kda_registers.py)
-    and even a small batch gives the SMs several programs each (the pass is latency-bound)."""
+    and even a small batch gives the SMs several programs each (the pass is latency-bound). ``STATE_BLOCK_V``,
+    when set, replaces the automatic choice."""
+    if STATE_BLOCK_V:
+        if STATE_BLOCK_V < 16 or STATE_BLOCK_V & (STATE_BLOCK_V - 1):
+            raise ValueError(f"STATE_BLOCK_V must be 0 or a power of two >= 16, got {STATE_BLOCK_V}")
+        return min(BV, STATE_BLOCK_V)
     return 16 if BK > 128 else min(BV, 32)
 
 
@@ -176,7 +200,7 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, STAGES=DIAG_STAGES, num_warps=DIAG_WARPS,
     )  # fmt: skip
     kda_inverse_fwd_kernel[(NC, H)](
         P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
@@ -193,7 +217,7 @@ def kda_chunk_fwd(
     kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=NUM_WARPS, num_stages=1,
+        num_warps=STATE_FWD_WARPS, num_stages=1,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
     kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
@@ -259,7 +283,8 @@ def kda_chunk_bwd(
     kda_pair_bwd_kernel[(NC, H)](
         saved["kn"], v, beta, saved["P"], saved["M"], saved["h"], saved["v_new"], dv_new, do, dv, dbeta,
         dA_qk, dP, saved["G"], chunks.indices, chunks.cu_seqlens, H, K, V,
-        BT=CHUNK, BK=BK, BV=min(BV, BWD_PAIR_BLOCK_V), IEEE=ieee, num_warps=BWD_PAIR_WARPS, num_stages=1,
+        BT=CHUNK, BK=BK, BV=min(BV, BWD_PAIR_BLOCK_V), IEEE=ieee, num_warps=BWD_PAIR_WARPS,
+        num_stages=BWD_PAIR_STAGES,
     )  # fmt: skip
     # The key-side gradients, taken with respect to the normalised q/k (fp32; with the L2 norm then through
     # the norm): first the terms through the states, per chunk and block of BWD_DIRECT_KEY_BLOCK channels
@@ -271,11 +296,12 @@ def kda_chunk_bwd(
     kda_direct_bwd_kernel[(NC, H, triton.cdiv(K, BKd))](
         saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dq, dk, dg, dlast_part,
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=BWD_DIRECT_WARPS, num_stages=1,
+        BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=BWD_DIRECT_WARPS,
+        num_stages=BWD_DIRECT_STAGES,
     )  # fmt: skip
     kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+        scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, STAGES=DIAG_STAGES, num_warps=DIAG_WARPS,
     )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB

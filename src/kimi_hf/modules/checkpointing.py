@@ -21,5 +21,6 @@ def check_non_reentrant_checkpointing(layers: Iterable[nn.Module]) -> None:
         if getattr(func, "keywords", {}).get("use_reentrant", False):
             raise ValueError(
                 "use_reentrant=True is not supported: kimi_hf decoder layers need non-reentrant gradient "
-                "checkpointing, e.g. gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+                "checkpointing, e.g. "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
             )

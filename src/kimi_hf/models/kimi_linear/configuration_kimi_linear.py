@@ -279,7 +279,8 @@ class KimiLinearConfig(PreTrainedConfig):
             )
         if self.moe_router_activation_func not in ROUTER_ACTIVATIONS:
             raise ValueError(
-                f"moe_router_activation_func must be one of {ROUTER_ACTIVATIONS}, got {self.moe_router_activation_func!r}"
+                f"moe_router_activation_func must be one of {ROUTER_ACTIVATIONS}, "
+                f"got {self.moe_router_activation_func!r}"
             )
         if self.num_experts % self.num_expert_group:
             raise ValueError(

@@ -1,0 +1,93 @@
+"""Register use and spills of the Attention Residuals Triton kernels on Hopper, compiled without a GPU.
+
+Every kernel of ``kimi_hf.kernels.attn_res._triton`` is compiled for sm_90 with the tiles and warps its launcher
+picks at hidden size D (default 2048, the ~1B models'; bf16 activations, float32 statistics), in the variants the
+models launch: with and without the partial sum, the fused PreNorm and the fused addition; phase 1 with its
+sources in one register tile and without; the backward with one source tile and several; the training kernels'
+loops with and without software pipelining (``fused.FWD_STAGES``/``BWD_STAGES``). It shows what Triton's
+interpreter cannot: a kernel that does not compile for the GPU (a session-11 edit of phase 1 compiled under the
+interpreter and failed on the H200) and one that spills. The compile step is ``kda_registers.py``'s.
+
+    python kernels/benchmarks/attn_res_registers.py [--hidden-size 2048] [--ptxas PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # a real compilation, not the interpreter
+
+import triton  # noqa: E402
+from kda_registers import default_ptxas, report, signature  # noqa: E402
+
+from kimi_hf.kernels.attn_res import _triton, fused, norm, two_phase  # noqa: E402
+
+_FP32_POINTERS = {"rstd_ptr", "lse_ptr", "hrstd_ptr", "du_ptr", "dwn_ptr", "dw_ptr"}
+_INTS = ("n_src", "M", "D", "n_prev", "n_q", "per_program", "rows_per_program", "P")
+_SCALARS = {name: "i32" for name in _INTS} | {"eps": "fp32", "norm_eps": "fp32"}
+# Sources of the dense ~1B Block model at its last boundary (embedding + 4 blocks), and of a 32-sublayer Full one.
+_BLOCK_SOURCES, _FULL_SOURCES = 5, 33
+
+
+def launch_configs(d: int) -> list[tuple[object, dict, int]]:
+    """(kernel, constexprs, num_warps) as the launchers in ``fused.py``, ``two_phase.py`` and ``norm.py`` pick them
+    for hidden size ``d``."""
+    width, warps = fused.block_d(d), fused.num_warps(d)
+    fwd_warps = fused._warps(width, fused.FWD_ELEMENTS_PER_THREAD)
+    bwd_warps = fused._warps(width, fused.BWD_ELEMENTS_PER_THREAD)
+    rows, norm_width, norm_warps = norm._rows_and_warps(d)
+    q_pad = triton.next_power_of_2(8)  # a block of 8 sublayers
+    configs = [(_triton.store_source_kernel, dict(HAS_Y=True, BLOCK_D=width), warps)]
+    for partial in (True, False):
+        for stages in dict.fromkeys((fused.FWD_STAGES, 2)):  # the launched value, and software pipelining
+            configs.append((_triton.depth_attn_fwd_kernel,
+                            dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=fused.FWD_SOURCE_TILE,
+                                 STAGES=stages),
+                            fwd_warps))  # fmt: skip
+        for one_tile in (True, False):
+            for stages in dict.fromkeys((fused.BWD_STAGES, 2)):
+                configs.append((_triton.depth_attn_bwd_kernel,
+                                dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width,
+                                     SRC_TILE=fused.BWD_SOURCE_TILE, ONE_TILE=one_tile, STAGES=stages),
+                                bwd_warps))  # fmt: skip
+    configs.append((_triton.param_grad_kernel, dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=128), 4))
+    for n_sources in (2, _BLOCK_SOURCES):
+        configs.append((_triton.store_phase1_kernel,
+                        dict(HAS_Y=True, HAS_NORM=True, N_PAD=two_phase._sources_pad(n_sources), BLOCK_D=width),
+                        warps))  # fmt: skip
+    configs.append((_triton.phase1_kernel,
+                    dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_BLOCK_SOURCES), BLOCK_D=width, ONE_TILE=True),
+                    warps))  # fmt: skip
+    configs.append((_triton.phase1_kernel,
+                    dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_FULL_SOURCES),
+                         BLOCK_D=min(width, max(16, 8192 // q_pad)), ONE_TILE=False),
+                    warps))  # fmt: skip
+    for partial, add in ((True, True), (True, False), (False, False)):
+        configs.append((_triton.phase2_kernel,
+                        dict(HAS_PARTIAL=partial, HAS_ADD=add, HAS_NORM=True, BLOCK_D=width), warps))  # fmt: skip
+    for add in (True, False):
+        configs.append((_triton.rms_norm_fwd_kernel, dict(BR=rows, BLOCK_D=norm_width, HAS_ADD=add), norm_warps))
+    configs.append((_triton.rms_norm_bwd_kernel,
+                    dict(BR=rows, BLOCK_D=norm_width, BLOCKS=norm._BWD_BLOCKS_PER_PROGRAM), norm_warps))  # fmt: skip
+    return configs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden-size", type=int, default=2048, help="D (default 2048)")
+    parser.add_argument("--ptxas", default=None, help="ptxas binary (default: the newest bundled with triton)")
+    args = parser.parse_args(argv)
+    ptxas = args.ptxas or default_ptxas()
+    divisible = ("D",) if args.hidden_size % 16 == 0 else ()
+    print(f"triton {triton.__version__}, sm_90, bf16, D = {args.hidden_size}")
+    print("| kernel | variant | warps | stages | registers | spill stores (B) | spill loads (B) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for fn, constexprs, warps in launch_configs(args.hidden_size):
+        types = signature(fn, constexprs, _SCALARS, _FP32_POINTERS, set())  # statistics and partials fp32, else bf16
+        variant = tuple(k for k in constexprs if k != "BLOCK_D")
+        print(report(fn, constexprs, warps, 1, ptxas, types, divisible, variant), flush=True)
+
+
+if __name__ == "__main__":
+    main()
