@@ -98,18 +98,28 @@ def test_reentrant_checkpointing_is_refused():
         model(torch.randint(0, 97, (1, 4)))
 
 
-def test_cached_greedy_generation_equals_recompute():
-    model = _model(residual="block", attn_res_block_size=4).eval()
-    prompt = torch.randint(3, 97, (2, 5))
+def _greedy_cached_and_recomputed(
+    model: AttnResForCausalLM, prompt: torch.Tensor, new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy continuations ``[B, T + new_tokens]`` of ``prompt [B, T]``: by ``generate`` with the cache, and by
+    recomputing the whole sequence for each token."""
+    # No end-of-sequence token: a random model that draws it would have generate() pad the rest of its row (seen on
+    # the H200: token 2 then the pad 0), while the recomputation goes on.
+    model.generation_config.eos_token_id = None
     generated = model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=0
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
     )
     ids = prompt
     with torch.no_grad():
-        for _ in range(5):
-            logits = model(ids, use_cache=False).logits[:, -1]
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, ids)
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return generated, ids
+
+
+def test_cached_greedy_generation_equals_recompute():
+    model = _model(residual="block", attn_res_block_size=4).eval()
+    generated, recomputed = _greedy_cached_and_recomputed(model, torch.randint(3, 97, (2, 5)), 5)
+    assert torch.equal(generated, recomputed)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -190,14 +200,8 @@ def test_gpu_two_phase_and_cached_generation_fp32(residual):
         one_pass = model(ids).logits
         model.model.attn_res.two_phase = True
     assert_close_rel(two_phase, one_pass, 1e-5, "two-phase vs one-pass logits")
-    generated = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0
-    )
-    seq = ids
-    with torch.no_grad():
-        for _ in range(8):
-            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, seq)
+    generated, recomputed = _greedy_cached_and_recomputed(model, ids, 8)
+    assert torch.equal(generated, recomputed)
 
 
 @pytest.mark.gpu

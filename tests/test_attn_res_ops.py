@@ -75,13 +75,7 @@ def _graph(backend: str, with_norm: bool):
 
 
 @pytest.mark.parametrize("with_norm", [False, True])
-@pytest.mark.parametrize("stages", [1, 2], ids=["plain-loops", "pipelined-loops"])
-def test_triton_backward_matches_torch(with_norm, stages, monkeypatch):
-    """(The interpreter ignores software pipelining: ``stages`` 2 checks that the launchers pass it.)"""
-    from kimi_hf.kernels.attn_res import fused
-
-    monkeypatch.setattr(fused, "FWD_STAGES", stages)
-    monkeypatch.setattr(fused, "BWD_STAGES", stages)
+def test_triton_backward_matches_torch(with_norm):
     torch.manual_seed(0)
     expected = _graph("torch", with_norm)
     torch.manual_seed(0)
@@ -94,15 +88,19 @@ def test_triton_backward_matches_torch(with_norm, stages, monkeypatch):
             assert_close_rel(a, e, 1e-5, name)
 
 
-@pytest.mark.parametrize("fwd_tile,bwd_tile", [(8, 8), (4, 2), (1, 16)])
-def test_triton_many_sources_matches_reference(fwd_tile, bwd_tile, monkeypatch):
-    """Nine stored sources and the partial sum, in source tiles of each size: online softmax across tiles (the
-    partial in the last one), the backward's two passes over tiles, and (bwd tile 16) its one-tile path."""
+@pytest.mark.parametrize(
+    "fwd_tile,bwd_tile,one_tile_sources,n_blocks", [(8, 8, 8, 9), (4, 2, 2, 9), (1, 16, 16, 9), (1, 4, 8, 6), (1, 4, 8, 9)]
+)
+def test_triton_many_sources_matches_reference(fwd_tile, bwd_tile, one_tile_sources, n_blocks, monkeypatch):
+    """Stored sources and the partial sum, in source tiles of each size: online softmax across tiles (the partial in
+    the last one), the backward's two passes over tiles, its one-tile path (bwd tile 16), and its one-tile path on a
+    wider tile than ``BWD_SOURCE_TILE`` (6 stored + the partial in a tile of 8; 10 sources stay on two passes)."""
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "FWD_SOURCE_TILE", fwd_tile)
     monkeypatch.setattr(fused, "BWD_SOURCE_TILE", bwd_tile)
-    blocks, partial, query, gain = _inputs(9, shape=(1, 2, 24))
+    monkeypatch.setattr(fused, "BWD_ONE_TILE_SOURCES", one_tile_sources)
+    blocks, partial, query, gain = _inputs(n_blocks, shape=(1, 2, 24))
     norm_w = 1 + 0.2 * torch.randn_like(query)
     leaves = [t.double().requires_grad_() for t in (*blocks, partial, query, gain, norm_w)]
     w = torch.randn(1, 2, 24, dtype=torch.float64)
@@ -316,13 +314,13 @@ def test_gpu_prenorm_matches_reference(dtype, weight_dtype, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_blocks,d", [(1, 2048), (4, 2048), (9, 1000)])
-@pytest.mark.parametrize("stages", [1, 2], ids=["plain-loops", "pipelined-loops"])
-def test_gpu_bf16_matches_reference(n_blocks, d, stages, monkeypatch):
-    """bf16 against float32, with the training kernels' loops plain and software-pipelined (``fused.*_STAGES``)."""
+@pytest.mark.parametrize("one_tile_sources", [4, 8])
+def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
+    """bf16 against float32; the rows of 4 stored sources and the partial on the backward's two passes
+    (``fused.BWD_ONE_TILE_SOURCES`` 4) and on one tile of 8 (8)."""
     from kimi_hf.kernels.attn_res import fused
 
-    monkeypatch.setattr(fused, "FWD_STAGES", stages)
-    monkeypatch.setattr(fused, "BWD_STAGES", stages)
+    monkeypatch.setattr(fused, "BWD_ONE_TILE_SOURCES", one_tile_sources)
     blocks, partial, query, gain = _inputs(n_blocks, shape=(2, 257, d), dtype=torch.bfloat16, device="cuda")
     leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain)]
     *srcs, q, g = leaves

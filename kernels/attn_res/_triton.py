@@ -141,7 +141,6 @@ def depth_attn_fwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
     n_src, M, D, eps, norm_eps,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
-    STAGES: tl.constexpr,
 ):  # fmt: skip
     """h[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum), online softmax over tiles of
     SRC_TILE sources (a tile's loads are issued together, with one cross-warp reduction per tile; which tile is
@@ -163,7 +162,7 @@ def depth_attn_fwd_kernel(
     m = tl.full((), float("-inf"), tl.float32)
     denom = tl.full((), 0.0, tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    for s0 in tl.range(0, n_all, SRC_TILE, num_stages=STAGES):  # STAGES > 1: the next tile's loads are in flight
+    for s0 in range(0, n_all, SRC_TILE):
         v, r, stored, is_partial = _source_tile(
             store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
         )
@@ -205,7 +204,7 @@ def depth_attn_bwd_kernel(
     dwn_ptr,
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
-    ONE_TILE: tl.constexpr, STAGES: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
     h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
@@ -233,7 +232,7 @@ def depth_attn_bwd_kernel(
         n_all = n_src + 1
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: S_max * M * D may exceed 2^31
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row in tl.range(row_start, row_end, num_stages=STAGES):  # STAGES > 1: the next row's loads are in flight
+    for row in range(row_start, row_end):
         dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_NORM:
             hr = tl.load(hrstd_ptr + row)

@@ -48,14 +48,16 @@ def num_warps(d: int) -> int:
 
 # Launch constants of the depth attention (``--set attn_res.fused.NAME=INT`` in the benchmarks). Defaults: the best of
 # a session-8 sweep by kernel GPU time on an H200 (bench_small_ops.py --sections attn_res, D 2048 bf16; BENCHMARKS.md).
+# Software pipelining of the forward's source loop and the backward's row loop (Triton's num_stages 2) was no faster
+# there in session 14 (fwd+bwd 182-214 us against 182-203 plain), so the loops are plain.
 FWD_SOURCE_TILE = 1  # sources (stored + the partial sum) whose loads a forward program issues together
 BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in registers between the two passes
-# Software pipelining (session 13, not yet timed): with 2, Triton turns the forward's source loop and the backward's
-# row loop into asynchronous copies through shared memory, the next tile's (row's) loads in flight while the
-# current one is reduced (sm_90 SASS: 50 LDGSTS in the backward, 41 KB of shared memory, 72 B of stack; the forward
-# keeps 96 registers). 1: plain loads, each issued after the previous tile's (row's) reductions, as measured so far.
-FWD_STAGES = 1
-BWD_STAGES = 1
+# Rows with more sources than BWD_SOURCE_TILE and at most this many (a power of two) also take the one-tile backward,
+# on a tile of the next power of two with proportionally more warps, so that each thread holds as many elements as
+# at BWD_SOURCE_TILE (D 2048: 8 sources at 8 warps, like 4 at 4). Otherwise such rows take two passes over the tiles,
+# reading their sources twice: 443 us fwd+bwd for 4 stored sources and the partial at M 8192 against 203 for 2
+# (session 14, D 2048 bf16). 4 (= BWD_SOURCE_TILE): as measured so far; 8: a candidate, not yet timed.
+BWD_ONE_TILE_SOURCES = 4
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_ELEMENTS_PER_THREAD = 16
 BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient partials) per SM
@@ -126,10 +128,19 @@ def depth_attn_fwd(
         norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), SRC_TILE=FWD_SOURCE_TILE, STAGES=FWD_STAGES,
+        BLOCK_D=block_d(d), SRC_TILE=FWD_SOURCE_TILE,
         num_warps=_warps(block_d(d), FWD_ELEMENTS_PER_THREAD),
     )  # fmt: skip
     return out, lse, h_rstd
+
+
+def backward_tile(n_all: int, width: int) -> tuple[int, bool, int]:
+    """(source tile, one tile, warps) of the backward for ``n_all`` sources (stored + the partial sum) of padded
+    width ``width``."""
+    wide = triton.next_power_of_2(n_all)
+    if BWD_SOURCE_TILE < n_all and wide <= BWD_ONE_TILE_SOURCES:
+        return wide, True, _warps(width, max(1, BWD_ELEMENTS_PER_THREAD * BWD_SOURCE_TILE // wide))
+    return BWD_SOURCE_TILE, n_all <= BWD_SOURCE_TILE, _warps(width, BWD_ELEMENTS_PER_THREAD)
 
 
 def _backward_grid(m: int, device: torch.device) -> int:
@@ -161,14 +172,14 @@ def depth_attn_bwd(
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
     gstore = storage.grad_buffer()
+    src_tile, one_tile, warps = backward_tile(n + (partial is not None), block_d(d))
     _triton.depth_attn_bwd_kernel[(grid,)](
         storage.store, storage.rstd, partial if partial is not None else dout, query, gain,
         norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
         dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
-        SRC_TILE=BWD_SOURCE_TILE, ONE_TILE=n + (partial is not None) <= BWD_SOURCE_TILE, STAGES=BWD_STAGES,
-        num_warps=_warps(block_d(d), BWD_ELEMENTS_PER_THREAD),
+        SRC_TILE=src_tile, ONE_TILE=one_tile, num_warps=warps,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
