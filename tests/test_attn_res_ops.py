@@ -89,7 +89,8 @@ def test_triton_backward_matches_torch(with_norm):
 
 
 @pytest.mark.parametrize(
-    "fwd_tile,bwd_tile,one_tile_sources,n_blocks", [(8, 8, 8, 9), (4, 2, 2, 9), (1, 16, 16, 9), (1, 4, 8, 6), (1, 4, 8, 9)]
+    "fwd_tile,bwd_tile,one_tile_sources,n_blocks",
+    [(8, 8, 8, 9), (4, 2, 2, 9), (1, 16, 16, 9), (1, 4, 8, 6), (1, 4, 8, 9)],
 )
 def test_triton_many_sources_matches_reference(fwd_tile, bwd_tile, one_tile_sources, n_blocks, monkeypatch):
     """Stored sources and the partial sum, in source tiles of each size: online softmax across tiles (the partial in

@@ -143,13 +143,8 @@ def test_chunk_solve_blocks(lengths, monkeypatch):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=80, seed=6), {}, cu_seqlens=cu.to(DEVICE))
 
 
-@pytest.mark.parametrize("stages", [1, 2], ids=["plain-loops", "pipelined-loops"])
-def test_chunk_head_groups(stages, monkeypatch):
-    """H = 6: the one-token-per-program diagonal kernels take heads in groups of 4 (the second one partial); their
-    partner loops plain and software-pipelined (the interpreter ignores pipelining: this checks the launchers)."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, "DIAG_STAGES", stages)
+def test_chunk_head_groups():
+    """H = 6: the one-token-per-program diagonal kernels take heads in groups of 4 (the second one partial)."""
     _check(_inputs(T=37, N=1, H=6, seed=11), {})
 
 

@@ -54,10 +54,11 @@ FWD_SOURCE_TILE = 1  # sources (stored + the partial sum) whose loads a forward 
 BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in registers between the two passes
 # Rows with more sources than BWD_SOURCE_TILE and at most this many (a power of two) also take the one-tile backward,
 # on a tile of the next power of two with proportionally more warps, so that each thread holds as many elements as
-# at BWD_SOURCE_TILE (D 2048: 8 sources at 8 warps, like 4 at 4). Otherwise such rows take two passes over the tiles,
-# reading their sources twice: 443 us fwd+bwd for 4 stored sources and the partial at M 8192 against 203 for 2
-# (session 14, D 2048 bf16). 4 (= BWD_SOURCE_TILE): as measured so far; 8: a candidate, not yet timed.
-BWD_ONE_TILE_SOURCES = 4
+# at BWD_SOURCE_TILE (D 2048: 8 sources at 8 warps, like 4 at 4; 255 registers, no spills on sm_90). Wider rows take
+# two passes over the tiles, reading their sources twice (and spilling 200 B with the partial sum). Session 14, H200,
+# M 8192 D 2048 bf16, 4 stored sources and the partial: fwd+bwd 390 us against 438 on two passes (4 = off); rows of
+# up to 4 sources unchanged.
+BWD_ONE_TILE_SOURCES = 8
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_ELEMENTS_PER_THREAD = 16
 BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient partials) per SM

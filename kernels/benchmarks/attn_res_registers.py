@@ -3,9 +3,10 @@
 Every kernel of ``kimi_hf.kernels.attn_res._triton`` is compiled for sm_90 with the tiles and warps its launcher
 picks at hidden size D (default 2048, the ~1B models'; bf16 activations, float32 statistics), in the variants the
 models launch: with and without the partial sum, the fused PreNorm and the fused addition; phase 1 with its
-sources in one register tile and without; the backward with one source tile, with several, and with one wider
-tile (``fused.BWD_ONE_TILE_SOURCES``). It shows what Triton's interpreter cannot: a kernel that does not compile for the GPU (a session-11 edit of phase 1 compiled under the
-interpreter and failed on the H200) and one that spills. The compile step is ``kda_registers.py``'s.
+sources in one register tile and without; the backward on one tile of a few sources, on one wider tile
+(``fused.BWD_ONE_TILE_SOURCES``) and on two passes. It shows what Triton's interpreter cannot: a kernel that does
+not compile for the GPU (a session-11 edit of phase 1 compiled under the interpreter and failed on the H200) and
+one that spills. The compile step is ``kda_registers.py``'s.
 
     python kernels/benchmarks/attn_res_registers.py [--hidden-size 2048] [--ptxas PATH]
 """
@@ -13,7 +14,6 @@ interpreter and failed on the H200) and one that spills. The compile step is ``k
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # a real compilation, not the interpreter
@@ -30,16 +30,6 @@ _SCALARS = {name: "i32" for name in _INTS} | {"eps": "fp32", "norm_eps": "fp32"}
 _BLOCK_SOURCES, _FULL_SOURCES = 5, 33
 
 
-@contextlib.contextmanager
-def _one_tile_sources(value: int):
-    """``fused.BWD_ONE_TILE_SOURCES`` set to ``value`` for the block."""
-    saved, fused.BWD_ONE_TILE_SOURCES = fused.BWD_ONE_TILE_SOURCES, value
-    try:
-        yield
-    finally:
-        fused.BWD_ONE_TILE_SOURCES = saved
-
-
 def launch_configs(d: int) -> list[tuple[object, dict, int]]:
     """(kernel, constexprs, num_warps) as the launchers in ``fused.py``, ``two_phase.py`` and ``norm.py`` pick them
     for hidden size ``d``."""
@@ -52,10 +42,9 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
         configs.append((_triton.depth_attn_fwd_kernel,
                         dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=fused.FWD_SOURCE_TILE),
                         fwd_warps))  # fmt: skip
-        # one tile, two passes, and one tile of 8 sources (the BWD_ONE_TILE_SOURCES candidate), as backward_tile picks
-        for n_all in dict.fromkeys((fused.BWD_SOURCE_TILE, fused.BWD_SOURCE_TILE + 1, 8)):
-            with _one_tile_sources(8 if n_all == 8 else fused.BWD_ONE_TILE_SOURCES):
-                src_tile, one_tile, bwd_warps = fused.backward_tile(n_all, width)
+        # as backward_tile picks them for rows of a few sources, of up to BWD_ONE_TILE_SOURCES, and of more
+        for n_all in (fused.BWD_SOURCE_TILE, fused.BWD_ONE_TILE_SOURCES, fused.BWD_ONE_TILE_SOURCES + 1):
+            src_tile, one_tile, bwd_warps = fused.backward_tile(n_all, width)
             configs.append((_triton.depth_attn_bwd_kernel,
                             dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
                                  ONE_TILE=one_tile),

@@ -64,10 +64,8 @@ INVERSE_WARPS = 2
 WU_KEY_BLOCK = 32
 WU_WARPS = 8
 WU_STAGES = 1
-# Software pipelining of the diagonal kernels' partner loops: with 2 the sm_90 SASS shows the partners' loads as
-# asynchronous copies, the next partner's in flight; measured slower on the H200 (session 14: forward 1.85 ms against
-# 1.75 at 1). 1: plain loads.
-DIAG_STAGES = 1
+# The diagonal kernels' partner loops are plain: software-pipelined (Triton's num_stages 2) they were slower on the
+# H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd 4.88 against 4.58).
 # Software pipelining by Triton (num_stages) of the backward's pair and direct kernels (session 14 sweep on the H200,
 # B1 T8192: fwd+bwd 4.51 ms with the pair kernel's loop pipelined against 4.58 plain; the direct kernel's at 2 was
 # 0.3% slower, kept plain).
@@ -200,7 +198,7 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, STAGES=DIAG_STAGES, num_warps=DIAG_WARPS,
+        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
     )  # fmt: skip
     kda_inverse_fwd_kernel[(NC, H)](
         P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
@@ -301,7 +299,7 @@ def kda_chunk_bwd(
     )  # fmt: skip
     kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, STAGES=DIAG_STAGES, num_warps=DIAG_WARPS,
+        scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
     )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB

@@ -223,7 +223,7 @@ def _later_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, b_G, rmask, cols, c
 @triton.jit
 def kda_diag_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """Per (token t, group of BH heads): the gradients of the pairs inside t's sub-block, added in place to the
     direct terms that :func:`kda_direct_bwd_kernel` wrote (``dq``, ``dk`` = dkp, ``dG`` = dkm, fp32), before
@@ -245,13 +245,13 @@ def kda_diag_bwd_kernel(
         pair_col = (sub0 * H + heads) * BT + r  # + jj * H * BT: the sub-block's row jj, column t
         b_dq = tl.zeros([BH, BK], dtype=tl.float32)
         b_dkp = tl.zeros([BH, BK], dtype=tl.float32)
-        for jj in tl.range(0, n + 1, num_stages=STAGES):  # STAGES > 1: the next partner's loads in flight
+        for jj in range(0, n + 1):
             b_e = tl.exp(b_G - tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0))
             b_ke = b_e * tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)
             b_dq += tl.load(dA_qk + pair_row + jj, mask=hmask, other=0.0)[:, None] * b_ke
             b_dkp += tl.load(dP + pair_row + jj, mask=hmask, other=0.0)[:, None] * b_ke
         b_dkm = tl.zeros([BH, BK], dtype=tl.float32)
-        for jj in tl.range(n, tl.minimum(BC, eos - (t - n)), num_stages=STAGES):
+        for jj in range(n, tl.minimum(BC, eos - (t - n))):
             b_e = tl.exp(tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0) - b_G)
             b_qi = tl.load(q + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32) * scale
             b_ki = tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)

@@ -107,7 +107,7 @@ def _token_program(chunk_indices, cu_seqlens, H, K,
 @triton.jit
 def kda_diag_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """Per (token i, group of BH heads): row i's entries of the diagonal ``[BC, BC]`` tile of its sub-block in A_qk
     and P, with exact decays: A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i, P[i, j] the same
@@ -127,7 +127,7 @@ def kda_diag_fwd_kernel(
         b_G = tl.load(G + row + offs, mask=mask, other=0.0)
         first = (t - n).to(tl.int64) * H * K  # the sub-block's first token
         out = (t.to(tl.int64) * H + heads) * BT + (r - n)  # + jj: the sub-block's column jj of row t
-        for jj in tl.range(0, n + 1, num_stages=STAGES):  # STAGES > 1: the next partner's loads in flight
+        for jj in range(0, n + 1):
             b_kj = tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)
             b_e = tl.exp(b_G - tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0)) * b_kj
             tl.store(A_qk + out + jj, tl.sum(b_q * b_e, axis=1).to(A_qk.dtype.element_ty), mask=hmask)
