@@ -9,12 +9,12 @@ multiple of 64 (cuBLAS's fast path).
 How the pass aims at its memory floor (read ``dY`` once, write ``G`` once): a program owns ``BLOCK_T`` rows
 and a share of their channel tiles of ``BLOCK_O``, walked with plain contiguous loads (the same loop as a GEMM's, so
 Triton pipelines them as async copies). Each tile feeds the tensor-core dot of ``dY B0`` and, from registers,
-the kept columns: ``tl.gather`` (or a one-hot product, ``GATHER_DOT``) picks the tile's kept channels (the plan's
-per-tile map, :func:`~.plan.channel_tiles`) into the leading slots and one masked store writes them to their place
-in ``G``. ``G`` is column-major in memory (``G^T``, rows padded to a multiple of 8), so that each kept channel is a
-contiguous run of the program's rows, stored 16 bytes at a time; the GEMM takes ``G`` as its transposed view (cuBLAS
-reads either layout). When there are too few row blocks to fill the GPU, their channel tiles are shared between
-programs and the last program of a row block sums the partial ``dY B0`` products.
+the kept columns: ``tl.gather`` picks the tile's kept channels (the plan's per-tile map, :func:`~.plan.
+channel_tiles`) into the leading slots and one masked store writes them to their place in ``G``. ``G`` is
+column-major in memory (``G^T``, rows padded to a multiple of 8), so that each kept channel is a contiguous run of
+the program's rows, stored 16 bytes at a time; the GEMM takes ``G`` as its transposed view (cuBLAS reads either
+layout). When there are too few row blocks to fill the GPU, their channel tiles are shared between programs and
+the last program of a row block sums the partial ``dY B0`` products.
 (Earlier designs on an H200: gathering the kept columns from memory, scattered 2-byte loads after the projection's
 loads, 20-36% of the floor; storing the kept columns through a per-channel slot map, scattered masked stores,
 9-15%; this kernel with ``G`` row-major, where no store of a tile's kept columns at an arbitrary column could be
@@ -48,14 +48,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # run-to-run spread of a training step (session 11); 4 is what the per-layer comparison (shared or not) ran with.
 SHARES = 0
 PROGRAMS_PER_SM = 4
-# How a tile's kept columns are picked (``--set ce_lora.pack.GATHER_DOT=1``). 0: ``tl.gather``, which Triton lowers to
-# warp shuffles: 129 SHFL instructions per tile at 64 rows and 8 warps in the sm_90 SASS, about as many cycles as the
-# tile's bytes take to arrive, and not overlapped with the loads. 1: a tensor-core product with a one-hot [channel,
-# slot] matrix (exact: one nonzero product per output, accumulated in float32; a NaN or inf in dY spreads over its
-# row's kept columns, whose dY B0 it already spoils), 1M MACs per tile, asynchronous, at the cost of registers (225
-# against 118 at 64 rows and 8 warps) and shared memory. 16-bit inputs only: fp32 tiles at IEEE precision leave the
-# tensor cores (8-15 KB of stack per thread on sm_90), so they keep tl.gather. Not yet timed on a GPU.
-GATHER_DOT = 0
+# A tile's kept columns are picked by ``tl.gather``, which Triton lowers to warp shuffles (129 SHFL per tile at 64 rows
+# and 8 warps in the sm_90 SASS, not overlapped with the loads). A tensor-core product with a one-hot [channel, slot]
+# matrix instead (exact, 225 registers against 118) made the layer's backward 2-7% slower in all nine cells of the
+# per-layer benchmark (session 14, H200), so it was removed.
 
 
 @triton.jit
@@ -76,7 +72,6 @@ def _ce_pack_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     IEEE: tl.constexpr,
-    GATHER_DOT: tl.constexpr,
 ):
     """One program: ``BLOCK_T`` rows of ``dY`` and one share of their channel tiles, walked in order.
 
@@ -116,10 +111,7 @@ def _ce_pack_kernel(
             acc = tl.dot(values, b0, acc, input_precision="ieee")
         else:
             acc = tl.dot(values, b0, acc)
-        if GATHER_DOT:  # values @ one-hot [channel, slot]: exact (one product per output, fp32 accumulation)
-            kept = tl.dot(values, (slots[:, None] == local[None, :]).to(values.dtype)).to(values.dtype)
-        else:
-            kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
+        kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
         g_kept = g_ptr + rows[:, None] + (R_PAD + first + slots[None, :]).to(tl.int64) * stride_g
         tl.store(g_kept, kept, mask=row_ok[:, None] & (slots < count)[None, :])
     g_low = g_ptr + rows[:, None] + rk[None, :] * stride_g
@@ -137,7 +129,7 @@ def _ce_pack_kernel(
             tl.atomic_xchg(count_ptr + block, 0)  # zeros again: later launches reuse the buffer (_zeroed_counters)
 
 
-_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O", "GATHER_DOT"])(
+_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O"])(
     _ce_pack_kernel
 )
 # Completion counters of the shared row blocks, per (device, stream). The kernel sets each counter back to zero when
@@ -203,12 +195,11 @@ def triton_pack_grad_output(
 
     args = (grad_output, b0_pad, tile_starts, tile_local, packed, partials, counts, n_rows, n_cols, keep,
             grad_output.stride(0), buffer.stride(0))  # fmt: skip
-    ieee = grad_output.dtype == torch.float32
-    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": ieee, "GATHER_DOT": bool(GATHER_DOT) and not ieee}
+    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": grad_output.dtype == torch.float32}
     if _INTERPRETED:  # one small tile, so that tiny test shapes still take several row blocks
         _ce_pack_kernel[grid({"BLOCK_T": 16})](*args, BLOCK_T=16, **meta)
         return packed
-    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype, meta["GATHER_DOT"])
+    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype)
     config = _PICKED.get(key)
     if config is None:
         _ce_pack_tuned[grid](*args, **meta)
