@@ -35,7 +35,9 @@ def block_d(d: int) -> int:
 # Warps of the one-row-per-program kernels (``--set attn_res.fused.ROW_WARPS=4``): the source stores, the inference
 # phases and the standard residual's RMSNorm, the anchor, so that a sweep moves both sides alike. 0: by D. At decode
 # each of these launches is one row, and the warps set how many threads share its reductions (sm_90, D 2048: phase 2
-# 64 registers at 4 warps, 39 at 8; the block boundary 216 and 115, and it spills at 2). Not yet swept.
+# 64 registers at 4 warps, 39 at 8; the block boundary 216 and 115, and it spills at 2). Session 14 at decode (H200,
+# D 2048): phase 2 1.7 us at 4 and 8 warps, 1.9 at 16; the boundary 2.1-2.9 us at 4, 2.2-3.1 at 8, 5.3-6.0 at 16; the
+# anchor 1.2 us at each. Kept by D: the warps also set these kernels at prefill, not timed at 4.
 ROW_WARPS = 0
 
 
@@ -48,9 +50,11 @@ def num_warps(d: int) -> int:
 
 # Launch constants of the depth attention (``--set attn_res.fused.NAME=INT`` in the benchmarks). Defaults: the best of
 # a session-8 sweep by kernel GPU time on an H200 (bench_small_ops.py --sections attn_res, D 2048 bf16; BENCHMARKS.md).
-# Software pipelining of the forward's source loop and the backward's row loop (Triton's num_stages 2) was no faster
-# there in session 14 (fwd+bwd 182-214 us against 182-203 plain), so the loops are plain.
-FWD_SOURCE_TILE = 1  # sources (stored + the partial sum) whose loads a forward program issues together
+# The training kernels' loops are plain: software-pipelined (Triton's num_stages 2) they were no faster in session 14
+# (fwd+bwd 182-214 us against 182-203).
+# Sources (stored + the partial sum) whose loads a forward program issues together. Session 14: tiles of 8 sources
+# were 1.4-2.3x slower at 4 warps (the tile spills) and 4.4-7.7x at 16.
+FWD_SOURCE_TILE = 1
 BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in registers between the two passes
 # Rows with more sources than BWD_SOURCE_TILE and at most this many (a power of two) also take the one-tile backward,
 # on a tile of the next power of two with proportionally more warps, so that each thread holds as many elements as
