@@ -2,12 +2,11 @@
 
 Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P between sub-blocks, per sub-block of rows)
 -> diagonal (A_qk, P inside each sub-block, per token) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
-qg, kh per chunk, from the stored M) -> state (sequential over
-chunks, per head and V tile) -> output. Backward: state (reverse) -> pair (dv, dbeta and the gradients of the
-in-chunk pair matrices, per chunk) -> direct (the dq, dk terms through the states, per chunk and block of key
-channels) -> diagonal (adds the pairs inside each sub-block, per token) -> key (adds the pairs between
-sub-blocks: dq, dk and dG per chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum,
-fused gate) -> L2-norm backward.
+qg, kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
+Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
+(the dq, dk terms through the states, per chunk and block of key channels) -> diagonal (adds the pairs inside each
+sub-block, per token) -> key (adds the pairs between sub-blocks: dq, dk and dG per chunk, block of key channels and
+sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm backward.
 Everything runs on flattened ``[B*T, H, D]`` tensors with sequence offsets, so equal-length batches
 and packed (cu_seqlens) sequences share one code path.
 """
@@ -32,21 +31,21 @@ from .utils import L2NORM_EPS
 CHUNK = 64  # tokens per chunk (BT)
 SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
-# Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in four (pairs, diagonal,
-# inverse, W/U): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds
-# of dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 2 warps
-# (session 6: 1.93 ms forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike). Until
-# session 14 one solve kernel computed M by substitution on the whole [64, 64] tile (4x the work of its [16, 16]
-# diagonal blocks), then W, U, qg, kh: 0.565 ms of the 1.75 ms forward at B1 T8192 on the H200. The inverse now works
-# on [16, 16] blocks in a kernel of its own (168 registers at 2 warps) and W/U run apart from the stored M: 0.133 +
-# 0.276 ms, forward 1.60 ms (session 14, same machine). Fusing the pairs between sub-blocks into the inverse kernel,
-# as fla does, was slower (0.621 + 0.274 ms for pairs, inverse and W/U against 0.362 + 0.133 + 0.276; branch
-# kda-solve-blocks). The pairs inside a sub-block run one token per
-# program, DIAG_HEADS heads at a time, in the forward and the backward (kda_diag_fwd_kernel, kda_diag_bwd_kernel;
-# session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them inside the pairs and key kernels; 2, 4 or 8
-# heads and 2 or 4 warps within 3%). The backward key kernel (the pairs between sub-blocks): 64 key channels per
-# block at 2 warps (session 6: fwd+bwd 5.21 ms against 5.46 at 32 channels and 4 warps, the best before the
-# diagonal moved out; 8 warps were 1.5x slower then).
+# Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in four (pairs, diagonal, inverse,
+# W/U): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds of
+# dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 2 warps (session
+# 6: 1.93 ms forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike).
+# Until session 14 one solve kernel computed M by substitution on the whole [64, 64] tile (4x the work of its
+# [16, 16] diagonal blocks), then W, U, qg, kh: 0.565 ms of the 1.75 ms forward at B1 T8192 on the H200. The inverse
+# now works on [16, 16] blocks in a kernel of its own (166 registers at 2 warps) and W/U run apart from the stored M:
+# 0.133 + 0.276 ms, forward 1.60 ms (session 14, same machine). Fusing the pairs between sub-blocks into the inverse
+# kernel, as fla does, was slower (0.621 + 0.274 ms for pairs, inverse and W/U against 0.362 + 0.133 + 0.276; branch
+# kda-solve-blocks).
+# The pairs inside a sub-block run one token per program, DIAG_HEADS heads at a time, in the forward and the backward
+# (kda_diag_fwd_kernel, kda_diag_bwd_kernel; session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them
+# inside the pairs and key kernels; 2, 4 or 8 heads and 2 or 4 warps within 3%). The backward key kernel (the pairs
+# between sub-blocks): 64 key channels per block at 2 warps (session 6: fwd+bwd 5.21 ms against 5.46 at 32 channels
+# and 4 warps, the best before the diagonal moved out; 8 warps were 1.5x slower then).
 # The backward's terms through the states are [64, V] x [V, BK] dots per chunk in their own kernel (64 channels,
 # 32 value columns per step): inside the per-sub-block key kernel they were [16, V] dots repeated for each of the
 # 4 sub-blocks, with the state tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
