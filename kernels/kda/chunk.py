@@ -23,8 +23,8 @@ from .chunk_bwd import (
     kda_state_bwd_kernel, l2norm_bwd_kernel,
 )  # fmt: skip
 from .chunk_fwd import (
-    kda_diag_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel, kda_pairs_fwd_kernel, kda_prep_fwd_kernel,
-    kda_state_fwd_kernel, kda_wu_fwd_kernel,
+    kda_diag_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel, kda_pairs_chunk_fwd_kernel,
+    kda_pairs_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
@@ -55,6 +55,15 @@ MAX_HEAD_DIM = 256
 PAIRS_KEY_BLOCK = 32
 PAIRS_WARPS = 2
 PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
+# A candidate, not yet timed (session 14): the pairs between sub-blocks by one program per (chunk, head) instead of one
+# per sub-block (kda_pairs_chunk_fwd_kernel: each sub-block's tiles loaded once per key block, six [16, 16] tiles as
+# dots; the per-sub-block kernel took 0.362 ms of the 1.59 ms forward at B1 T8192, against fla's 0.204 for these pairs
+# and the inverse together). 0: the per-sub-block kernel, as measured. As compiled for sm_90: 168 registers at 4 warps
+# and 16 key channels per block (three programs per SM), 211 at 32 channels, 180 with the loop pipelined.
+PAIRS_PER_CHUNK = 0
+PAIRS_CHUNK_KEY_BLOCK = 16
+PAIRS_CHUNK_WARPS = 4
+PAIRS_CHUNK_STAGES = 1
 DIAG_HEADS = 4
 DIAG_WARPS = 2
 # The inverse and W/U kernels, as compiled for sm_90: 166 registers at 2 warps, 72 at 8 warps with 32 key channels
@@ -191,10 +200,17 @@ def kda_chunk_fwd(
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    kda_pairs_fwd_kernel[(NC, H, CHUNK // SUB)](
-        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
-    )  # fmt: skip
+    if PAIRS_PER_CHUNK:
+        kda_pairs_chunk_fwd_kernel[(NC, H)](
+            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_CHUNK_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_CHUNK_WARPS,
+            num_stages=PAIRS_CHUNK_STAGES,
+        )  # fmt: skip
+    else:
+        kda_pairs_fwd_kernel[(NC, H, CHUNK // SUB)](
+            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
+        )  # fmt: skip
     kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,

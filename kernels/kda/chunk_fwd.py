@@ -227,6 +227,85 @@ def kda_pairs_fwd_kernel(
 
 
 @triton.jit
+def _sub_block_tiles(q, k, G, b_Glast, t0, eos, s, cols, cmask, scale, H, i_h, K, BC: tl.constexpr):
+    """Sub-block ``s``'s ``[BC, BK]`` tiles of G, scale * q and k (fp32; rows past the sequence end: G of its last
+    row, q = k = 0) and its pivot, G's first row (the last row's G if that row is past the end too)."""
+    rows = t0 + s * BC + tl.arange(0, BC)
+    rmask = rows < eos
+    b_G, b_q, b_k = _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K)
+    b_G = tl.where(rmask[:, None], b_G, b_Glast[None, :])
+    first = t0 + s * BC
+    return b_G, b_q, b_k, tl.where(first < eos, _load_row(G, first, eos, cols, H, i_h, K), b_Glast)
+
+
+@triton.jit
+def _store_block(A_qk, P, b_A, b_P, t0, eos, i, j, H, i_h, BT: tl.constexpr, BC: tl.constexpr):
+    """The ``[BC, BC]`` tile (sub-block ``i`` of rows, ``j`` of columns) of A_qk and P."""
+    rows = t0 + i * BC + tl.arange(0, BC)
+    cols = j * BC + tl.arange(0, BC)
+    offs = _tile_offsets(rows, cols, H, i_h, BT)
+    mask = (rows < eos)[:, None] & (cols < BT)[None, :]
+    tl.store(A_qk + offs, b_A.to(A_qk.dtype.element_ty), mask=mask)
+    tl.store(P + offs, b_P, mask=mask)
+
+
+@triton.jit
+def kda_pairs_chunk_fwd_kernel(
+    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): A_qk and P outside the diagonal ``[BC, BC]`` tiles (:func:`kda_diag_fwd_kernel` writes
+    those), as :func:`kda_pairs_fwd_kernel` computes them, for BT = 4 BC: each sub-block's tiles loaded once per
+    block of ``BK`` key channels, and the six tiles (i, j < i) as ``[BC, BK] x [BK, BC]`` dots with sub-block i's
+    first row p as the pivot, exp(G_r - G_c) = exp(G_r - G_p) exp(G_p - G_c), both factors <= 1. The tiles above the
+    diagonal are zeros. (The per-sub-block kernel loads the chunk's k and G once per sub-block, and its dots span
+    all BT columns.)"""
+    tl.static_assert(BT == 4 * BC)
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
+    P10, P20, P21, P30, P31, P32 = zero, zero, zero, zero, zero, zero
+    last = t0 + tl.minimum(eos - t0, BT) - 1
+    for kb in range(0, K, BK):
+        cols = kb + tl.arange(0, BK)
+        cmask = cols < K
+        b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
+        G0, _, k0, _ = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 0, cols, cmask, scale, H, i_h, K, BC)
+        G1, q1, k1, p1 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 1, cols, cmask, scale, H, i_h, K, BC)
+        G2, q2, k2, p2 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 2, cols, cmask, scale, H, i_h, K, BC)
+        G3, q3, k3, p3 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 3, cols, cmask, scale, H, i_h, K, BC)
+        # rows of sub-block i decayed to its pivot; the columns (sub-blocks j < i) from it
+        e1, e2, e3 = tl.exp(G1 - p1[None, :]), tl.exp(G2 - p2[None, :]), tl.exp(G3 - p3[None, :])
+        c10 = tl.trans(k0 * tl.exp(p1[None, :] - G0))
+        c20, c21 = tl.trans(k0 * tl.exp(p2[None, :] - G0)), tl.trans(k1 * tl.exp(p2[None, :] - G1))
+        c30 = tl.trans(k0 * tl.exp(p3[None, :] - G0))
+        c31, c32 = tl.trans(k1 * tl.exp(p3[None, :] - G1)), tl.trans(k2 * tl.exp(p3[None, :] - G2))
+        qe1, ke1, qe2, ke2, qe3, ke3 = q1 * e1, k1 * e1, q2 * e2, k2 * e2, q3 * e3, k3 * e3
+        A10 = tl.dot(qe1, c10, A10, input_precision=IEEE)
+        P10 = tl.dot(ke1, c10, P10, input_precision=IEEE)
+        A20 = tl.dot(qe2, c20, A20, input_precision=IEEE)
+        P20 = tl.dot(ke2, c20, P20, input_precision=IEEE)
+        A21 = tl.dot(qe2, c21, A21, input_precision=IEEE)
+        P21 = tl.dot(ke2, c21, P21, input_precision=IEEE)
+        A30 = tl.dot(qe3, c30, A30, input_precision=IEEE)
+        P30 = tl.dot(ke3, c30, P30, input_precision=IEEE)
+        A31 = tl.dot(qe3, c31, A31, input_precision=IEEE)
+        P31 = tl.dot(ke3, c31, P31, input_precision=IEEE)
+        A32 = tl.dot(qe3, c32, A32, input_precision=IEEE)
+        P32 = tl.dot(ke3, c32, P32, input_precision=IEEE)
+    _store_block(A_qk, P, A10, P10, t0, eos, 1, 0, H, i_h, BT, BC)
+    _store_block(A_qk, P, A20, P20, t0, eos, 2, 0, H, i_h, BT, BC)
+    _store_block(A_qk, P, A21, P21, t0, eos, 2, 1, H, i_h, BT, BC)
+    _store_block(A_qk, P, A30, P30, t0, eos, 3, 0, H, i_h, BT, BC)
+    _store_block(A_qk, P, A31, P31, t0, eos, 3, 1, H, i_h, BT, BC)
+    _store_block(A_qk, P, A32, P32, t0, eos, 3, 2, H, i_h, BT, BC)
+    for i in tl.static_range(0, 3):  # above the diagonal: zeros
+        for j in tl.static_range(i + 1, 4):
+            _store_block(A_qk, P, zero, zero, t0, eos, i, j, H, i_h, BT, BC)
+
+
+@triton.jit
 def _substitution_step(P, beta, b_inv, idx, t0, eos, s, i, H, i_h, BT: tl.constexpr, BC: tl.constexpr):
     """Row ``i`` of ``(I + Diag(beta) P_ss)^-1``, the inverse of sub-block ``s``'s diagonal ``[BC, BC]`` tile, from
     its rows before ``i`` (forward substitution: row_i = e_i - sum_{j<i} beta_i P[i, j] row_j). A row past the
