@@ -239,6 +239,12 @@ def _sub_block_tiles(q, k, G, b_Glast, t0, eos, s, cols, cmask, scale, H, i_h, K
 
 
 @triton.jit
+def _pair_dots(b_qe, b_ke, b_c, b_A, b_P, IEEE: tl.constexpr):
+    """One [BC, BC] tile's sums for a key block: A += qe c and P += ke c (``c``: the columns' ``[BK, BC]``)."""
+    return tl.dot(b_qe, b_c, b_A, input_precision=IEEE), tl.dot(b_ke, b_c, b_P, input_precision=IEEE)
+
+
+@triton.jit
 def _store_block(A_qk, P, b_A, b_P, t0, eos, i, j, H, i_h, BT: tl.constexpr, BC: tl.constexpr):
     """The ``[BC, BC]`` tile (sub-block ``i`` of rows, ``j`` of columns) of A_qk and P."""
     rows = t0 + i * BC + tl.arange(0, BC)
@@ -282,18 +288,12 @@ def kda_pairs_chunk_fwd_kernel(
         c30 = tl.trans(k0 * tl.exp(p3[None, :] - G0))
         c31, c32 = tl.trans(k1 * tl.exp(p3[None, :] - G1)), tl.trans(k2 * tl.exp(p3[None, :] - G2))
         qe1, ke1, qe2, ke2, qe3, ke3 = q1 * e1, k1 * e1, q2 * e2, k2 * e2, q3 * e3, k3 * e3
-        A10 = tl.dot(qe1, c10, A10, input_precision=IEEE)
-        P10 = tl.dot(ke1, c10, P10, input_precision=IEEE)
-        A20 = tl.dot(qe2, c20, A20, input_precision=IEEE)
-        P20 = tl.dot(ke2, c20, P20, input_precision=IEEE)
-        A21 = tl.dot(qe2, c21, A21, input_precision=IEEE)
-        P21 = tl.dot(ke2, c21, P21, input_precision=IEEE)
-        A30 = tl.dot(qe3, c30, A30, input_precision=IEEE)
-        P30 = tl.dot(ke3, c30, P30, input_precision=IEEE)
-        A31 = tl.dot(qe3, c31, A31, input_precision=IEEE)
-        P31 = tl.dot(ke3, c31, P31, input_precision=IEEE)
-        A32 = tl.dot(qe3, c32, A32, input_precision=IEEE)
-        P32 = tl.dot(ke3, c32, P32, input_precision=IEEE)
+        A10, P10 = _pair_dots(qe1, ke1, c10, A10, P10, IEEE)
+        A20, P20 = _pair_dots(qe2, ke2, c20, A20, P20, IEEE)
+        A21, P21 = _pair_dots(qe2, ke2, c21, A21, P21, IEEE)
+        A30, P30 = _pair_dots(qe3, ke3, c30, A30, P30, IEEE)
+        A31, P31 = _pair_dots(qe3, ke3, c31, A31, P31, IEEE)
+        A32, P32 = _pair_dots(qe3, ke3, c32, A32, P32, IEEE)
     _store_block(A_qk, P, A10, P10, t0, eos, 1, 0, H, i_h, BT, BC)
     _store_block(A_qk, P, A20, P20, t0, eos, 2, 0, H, i_h, BT, BC)
     _store_block(A_qk, P, A21, P21, t0, eos, 2, 1, H, i_h, BT, BC)
