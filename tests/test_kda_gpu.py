@@ -74,19 +74,6 @@ def test_varlen_fused_gate_vs_fp64(dtype):
     _check(inputs, dtype, params, cu_seqlens=cu, use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_pairs_per_chunk_candidate_vs_fp64(dtype, monkeypatch):
-    """The pairs between sub-blocks by one program per chunk (``chunk.PAIRS_PER_CHUNK``, not the default): equal
-    and packed lengths, and a very negative decay."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, "PAIRS_PER_CHUNK", 1)
-    _check(_inputs(2, 1000, 4, 128, 128, seed=7), dtype, use_qk_l2norm_in_kernel=True)
-    cu = torch.tensor([0, 1, 65, 200, 200, 777, 1200], device="cuda", dtype=torch.int32)
-    _check(_inputs(1, 1200, 4, 128, 128, N=6, seed=8), dtype, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
-    _check(_inputs(1, 700, 2, 128, 128, seed=9, decay=(0.0, 20.0)), dtype, use_qk_l2norm_in_kernel=True)
-
-
 @pytest.mark.parametrize("decay", [(0.0, 1e-4), (0.0, 20.0)], ids=["near-zero", "very-negative"])
 def test_decay_extremes(decay):
     _check(_inputs(1, 700, 2, 128, 128, seed=3, decay=decay), torch.bfloat16, use_qk_l2norm_in_kernel=True)

@@ -144,13 +144,12 @@ def test_chunk_solve_blocks(lengths, monkeypatch):
 
 
 @pytest.mark.parametrize("lengths", [[17, 0, 1, 50], [130, 64, 3]], ids=["ragged", "multi-chunk"])
-def test_chunk_pairs_per_chunk(lengths, monkeypatch):
-    """The pairs between sub-blocks by one program per chunk (``PAIRS_PER_CHUNK``) over two key blocks, with
-    sequences ending inside and before a sub-block, against the reference."""
+def test_chunk_pairs_key_blocks(lengths, monkeypatch):
+    """The pairs between sub-blocks over two key blocks, with sequences ending inside and before a sub-block,
+    against the reference."""
     from kimi_hf.kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, "PAIRS_PER_CHUNK", 1)
-    monkeypatch.setattr(chunk, "PAIRS_CHUNK_KEY_BLOCK", 16)  # two key blocks at K = 32
+    monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)  # two key blocks at K = 32
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 

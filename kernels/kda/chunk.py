@@ -1,6 +1,6 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P between sub-blocks, per sub-block of rows)
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P between sub-blocks, per chunk)
 -> diagonal (A_qk, P inside each sub-block, per token) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
 qg, kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
@@ -24,7 +24,7 @@ from .chunk_bwd import (
 )  # fmt: skip
 from .chunk_fwd import (
     kda_diag_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel, kda_pairs_chunk_fwd_kernel,
-    kda_pairs_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
+    kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
@@ -33,8 +33,7 @@ SUB = 16  # rows per sub-block whose pairs are summed exactly (BC)
 MAX_HEAD_DIM = 256
 # Tiles and warps of the per-chunk kernels. The forward's in-chunk work is split in four (pairs, diagonal, inverse,
 # W/U): the H200 profile showed the former single kernel at 255 registers, one program per SM, bound by rounds of
-# dependent loads (BENCHMARKS.md). The pairs kernel (the pairs between sub-blocks, as dots) runs at 2 warps (session
-# 6: 1.93 ms forward against 1.98 at 4 and 2.30 at 8; 32 or 64 key channels per block alike).
+# dependent loads (BENCHMARKS.md).
 # Until session 14 one solve kernel computed M by substitution on the whole [64, 64] tile (4x the work of its
 # [16, 16] diagonal blocks), then W, U, qg, kh: 0.565 ms of the 1.75 ms forward at B1 T8192 on the H200. The inverse
 # now works on [16, 16] blocks in a kernel of its own (166 registers at 2 warps) and W/U run apart from the stored M:
@@ -52,26 +51,21 @@ MAX_HEAD_DIM = 256
 # Registers and spills without a GPU: kernels/benchmarks/kda_registers.py (until session 12 it compiled without the
 # launcher's 16-byte alignment facts and reported 255 registers and spills where the launched kernels have far fewer,
 # e.g. the former solve kernel 255 for 128); timings: bench_kda.py --sweep.
-PAIRS_KEY_BLOCK = 32
-PAIRS_WARPS = 2
-PAIRS_STAGES = 2  # software-pipelined key-block loop: its loads overlap the previous block's dots
-# A candidate, not yet timed (session 14): the pairs between sub-blocks by one program per (chunk, head) instead of one
-# per sub-block (kda_pairs_chunk_fwd_kernel: each sub-block's tiles loaded once per key block, six [16, 16] tiles as
-# dots; the per-sub-block kernel took 0.362 ms of the 1.59 ms forward at B1 T8192, against fla's 0.204 for these pairs
-# and the inverse together). 0: the per-sub-block kernel, as measured. As compiled for sm_90: 168 registers at 4 warps
-# and 16 key channels per block (three programs per SM), 211 at 32 channels, 180 with the loop pipelined.
-PAIRS_PER_CHUNK = 0
-PAIRS_CHUNK_KEY_BLOCK = 16
-PAIRS_CHUNK_WARPS = 4
-PAIRS_CHUNK_STAGES = 1
+# The pairs between sub-blocks run one program per (chunk, head) (kda_pairs_chunk_fwd_kernel; since session 15: the
+# former kernel, one program per sub-block, took 0.362 ms of the 1.59 ms forward at B1 T8192 on the H200, this one
+# 0.218, forward 1.46 against 1.59 ms in one sweep). 16 key channels per block at 4 warps: 168 registers as compiled
+# for sm_90, three programs per SM (session 15 sweep: 32 channels 1.458 ms forward, 8 warps 1.645-1.789, against
+# 1.451).
+PAIRS_KEY_BLOCK = 16
+PAIRS_WARPS = 4
 DIAG_HEADS = 4
 DIAG_WARPS = 2
-# The inverse and W/U kernels, as compiled for sm_90: 166 registers at 2 warps, 72 at 8 warps with 32 key channels
-# per block; neither kernel's constants swept yet.
+# The inverse at 2 warps (166 registers as compiled for sm_90) and W/U at 4 warps with 32 key channels per block
+# (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps 0.10-0.11 ms slower in every W/U setting;
+# W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its loop pipelined within 0.015 ms).
 INVERSE_WARPS = 2
 WU_KEY_BLOCK = 32
-WU_WARPS = 8
-WU_STAGES = 1
+WU_WARPS = 4
 # The diagonal kernels' partner loops are plain: software-pipelined (Triton's num_stages 2) they were slower on the
 # H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd 4.88 against 4.58).
 # Software pipelining by Triton (num_stages) of the backward's pair and direct kernels (session 14 sweep on the H200,
@@ -91,13 +85,13 @@ BWD_KEY_WARPS = 2
 BWD_KEY_STAGES = 2  # pipelined partner loop (session 6 sweep: 2 beat 1 by 1-3% of fwd+bwd)
 BWD_PAIR_BLOCK_V = 32
 BWD_PAIR_WARPS = 4
-# The sequential state passes (forward and backward) run 8 warps and 32 value columns per program (session 14 sweep
-# on the H200, B1 T8192: 16 columns fwd 1.85 / fwd+bwd 4.91 ms, the backward at 4 warps fwd+bwd 4.95 ms, against
-# 1.75 / 4.58; the backward at 4 warps with 16 columns, spilling 492-692 B, stopped with an illegal memory access,
-# not investigated, so its warps are not a constant). The forward at 4 warps (230 registers as compiled for sm_90,
-# 164 at 8) is not yet timed (fla's forward state pass, 0.21 ms against our 0.27, autotunes over 2 and 4 warps on
-# Hopper). STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
-STATE_FWD_WARPS = 8
+# The sequential state passes run 32 value columns per program, the backward at 8 warps (session 14 sweep on the
+# H200, B1 T8192: 16 columns fwd 1.85 / fwd+bwd 4.91 ms, the backward at 4 warps fwd+bwd 4.95 ms, against 1.75 /
+# 4.58; the backward at 4 warps with 16 columns, spilling 492-692 B, stopped with an illegal memory access, not
+# investigated, so its warps are not a constant), the forward at 4 warps (230 registers as compiled for sm_90, 164 at
+# 8; session 15: forward 1.400 against 1.457 ms at 8, outputs identical; fla's forward state pass autotunes over 2
+# and 4 warps on Hopper). STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
+STATE_FWD_WARPS = 4
 STATE_BLOCK_V = 0
 NUM_WARPS = 8  # the other kernels
 
@@ -200,17 +194,10 @@ def kda_chunk_fwd(
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    if PAIRS_PER_CHUNK:
-        kda_pairs_chunk_fwd_kernel[(NC, H)](
-            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_CHUNK_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_CHUNK_WARPS,
-            num_stages=PAIRS_CHUNK_STAGES,
-        )  # fmt: skip
-    else:
-        kda_pairs_fwd_kernel[(NC, H, CHUNK // SUB)](
-            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=PAIRS_STAGES,
-        )  # fmt: skip
+    kda_pairs_chunk_fwd_kernel[(NC, H)](
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+    )  # fmt: skip
     kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
@@ -220,7 +207,7 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_wu_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
