@@ -42,9 +42,12 @@ MAX_HEAD_DIM = 256
 # kda-solve-blocks).
 # The pairs inside a sub-block run one token per program, DIAG_HEADS heads at a time, in the forward and the backward
 # (kda_diag_fwd_kernel, kda_diag_bwd_kernel; session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them
-# inside the pairs and key kernels; 2, 4 or 8 heads and 2 or 4 warps within 3%). The backward key kernel (the pairs
-# between sub-blocks): 64 key channels per block at 2 warps (session 6: fwd+bwd 5.21 ms against 5.46 at 32 channels
-# and 4 warps, the best before the diagonal moved out; 8 warps were 1.5x slower then).
+# inside the pairs and key kernels; 2, 4 or 8 heads and 2 or 4 warps within 3%), now 2 heads at 1 warp (session 15
+# sweep on the H200, B1 T8192: forward 1.347 / fwd+bwd 4.082 ms against 1.364 / 4.116 at 4 heads and 2 warps, outputs
+# identical; 2 heads at 4 warps 1.903 / 4.952, the other settings 1.368-1.444 / 4.116-4.297).
+# The backward key kernel (the pairs between sub-blocks): 64 key channels per block at 2 warps (session 6: fwd+bwd
+# 5.21 ms against 5.46 at 32 channels and 4 warps, the best before the diagonal moved out; 8 warps were 1.5x slower
+# then).
 # The backward's terms through the states are [64, V] x [V, BK] dots per chunk in their own kernel (64 channels,
 # 32 value columns per step): inside the per-sub-block key kernel they were [16, V] dots repeated for each of the
 # 4 sub-blocks, with the state tiles reloaded each time (that kernel was 5.6 of 10.3 ms on the H200).
@@ -58,8 +61,8 @@ MAX_HEAD_DIM = 256
 # 1.451).
 PAIRS_KEY_BLOCK = 16
 PAIRS_WARPS = 4
-DIAG_HEADS = 4
-DIAG_WARPS = 2
+DIAG_HEADS = 2
+DIAG_WARPS = 1
 # The inverse at 2 warps (166 registers as compiled for sm_90) and W/U at 4 warps with 32 key channels per block
 # (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps 0.10-0.11 ms slower in every W/U setting;
 # W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its loop pipelined within 0.015 ms).
