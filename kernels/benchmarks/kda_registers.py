@@ -73,7 +73,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS, 1),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
-         chunk.STATE_FWD_WARPS, 1),
+         chunk._state_fwd_warps(BK), 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)),

@@ -91,9 +91,10 @@ BWD_PAIR_WARPS = 4
 # The sequential state passes run 32 value columns per program, the backward at 8 warps (session 14 sweep on the
 # H200, B1 T8192: 16 columns fwd 1.85 / fwd+bwd 4.91 ms, the backward at 4 warps fwd+bwd 4.95 ms, against 1.75 /
 # 4.58; the backward at 4 warps with 16 columns, spilling 492-692 B, stopped with an illegal memory access, not
-# investigated, so its warps are not a constant), the forward at 4 warps (230 registers as compiled for sm_90, 164 at
-# 8; session 15: forward 1.400 against 1.457 ms at 8, outputs identical; fla's forward state pass autotunes over 2
-# and 4 warps on Hopper). STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
+# investigated, so its warps are not a constant), the forward at STATE_FWD_WARPS up to K = 128 (4: 230 registers as
+# compiled for sm_90, 164 at 8; session 15: forward 1.400 against 1.457 ms at 8, outputs identical; fla's forward
+# state pass autotunes over 2 and 4 warps on Hopper) and at twice that above (see _state_fwd_warps).
+# STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
 STATE_FWD_WARPS = 4
 STATE_BLOCK_V = 0
 NUM_WARPS = 8  # the other kernels
@@ -150,6 +151,13 @@ def _state_block_v(BK: int, BV: int) -> int:
             raise ValueError(f"STATE_BLOCK_V must be 0 or a power of two >= 16, got {STATE_BLOCK_V}")
         return min(BV, STATE_BLOCK_V)
     return 16 if BK > 128 else min(BV, 32)
+
+
+def _state_fwd_warps(BK: int) -> int:
+    """Warps of the forward state pass: ``STATE_FWD_WARPS``, doubled for K > 128. At K = 256 and 4 warps the
+    [256, 16] state tiles spill 576 B per thread (kda_registers.py); the head-dim-256 GPU test ran at 8 warps, and the
+    backward state pass with similar spills at 4 warps stopped with an illegal memory access (session 14)."""
+    return STATE_FWD_WARPS * 2 if BK > 128 else STATE_FWD_WARPS
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -220,7 +228,7 @@ def kda_chunk_fwd(
     kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=STATE_FWD_WARPS, num_stages=1,
+        num_warps=_state_fwd_warps(BK), num_stages=1,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
     kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
