@@ -155,8 +155,8 @@ def _state_block_v(BK: int, BV: int) -> int:
 
 def _state_fwd_warps(BK: int) -> int:
     """Warps of the forward state pass: ``STATE_FWD_WARPS``, doubled for K > 128. At K = 256 and 4 warps the
-    [256, 16] state tiles spill 576 B per thread (kda_registers.py); the head-dim-256 GPU test ran at 8 warps, and the
-    backward state pass with similar spills at 4 warps stopped with an illegal memory access (session 14)."""
+    [256, 16] state tiles spill 576 B per thread, at 8 none (198 registers; kda_registers.py). Both passed the
+    head-dim-256 GPU test (sessions 14 and 15); K = 256 was not timed at either."""
     return STATE_FWD_WARPS * 2 if BK > 128 else STATE_FWD_WARPS
 
 
