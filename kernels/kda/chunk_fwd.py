@@ -211,7 +211,7 @@ def _store_block(A_qk, P, b_A, b_P, t0, eos, i, j, H, i_h, BT: tl.constexpr, BC:
     rows = t0 + i * BC + tl.arange(0, BC)
     cols = j * BC + tl.arange(0, BC)
     offs = _tile_offsets(rows, cols, H, i_h, BT)
-    mask = (rows < eos)[:, None] & (cols < BT)[None, :]
+    mask = (rows < eos)[:, None]  # every column is inside the chunk; the store broadcasts the rows' mask
     tl.store(A_qk + offs, b_A.to(A_qk.dtype.element_ty), mask=mask)
     tl.store(P + offs, b_P, mask=mask)
 
