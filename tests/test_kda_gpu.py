@@ -85,6 +85,22 @@ def test_head_dim_256_and_unequal_dims():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prep_in_pairs_candidate(dtype, monkeypatch):
+    """The candidate ``PREP_IN_PAIRS = 1`` (prep inside the pairs kernel): varlen with the fused gate, decays near 0
+    and very negative, head dim 256, against float64."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "PREP_IN_PAIRS", 1)
+    cu = torch.tensor([0, 1, 65, 200, 200, 777, 1200], device="cuda", dtype=torch.int32)
+    params = dict(A_log=torch.randn(1, 1, 4, 1, device="cuda"), dt_bias=torch.randn(4 * 128, device="cuda"))
+    inputs = _inputs(1, 1200, 4, 128, 128, N=6, seed=21, raw_gate=True)
+    _check(inputs, dtype, params, cu_seqlens=cu, use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
+    for seed, decay in ((22, (0.0, 1e-4)), (23, (0.0, 20.0))):
+        _check(_inputs(1, 700, 2, 128, 128, seed=seed, decay=decay), dtype, use_qk_l2norm_in_kernel=True)
+    _check(_inputs(1, 300, 2, 256, 256, seed=24), dtype, use_qk_l2norm_in_kernel=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_long_sequence_forward(dtype):
     """T = 32K, forward only, vs the float64 chunked reference."""
     inputs = _inputs(1, 32768, 2, 128, 128, seed=6)

@@ -154,6 +154,44 @@ def test_chunk_pairs_key_blocks(lengths, monkeypatch):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 
 
+@pytest.mark.parametrize(
+    "case", ["fused-gate-ragged", "two-key-blocks", "caller-normalised", "fp16", "strong-decay", "head-dim-48"]
+)
+def test_chunk_prep_in_pairs(case, monkeypatch):
+    """The candidate ``PREP_IN_PAIRS = 1``: L2 norms, gate and cumsum inside the pairs kernel, which writes qn, kn, G
+    for the later kernels. Ragged packed sequences with the fused gate, two key blocks, q/k normalised by the caller,
+    the fp16 path, decays far below fp32's range, and K = 48 (norms over a padded 64-channel tile), against the
+    float64 reference, forward and backward."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "PREP_IN_PAIRS", 1)
+    gen = torch.Generator().manual_seed(12)
+    if case == "fused-gate-ragged":
+        cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)
+        params = dict(A_log=torch.randn(2, generator=gen), dt_bias=torch.randn(2 * 32, generator=gen))
+        _check(_inputs(T=200, N=5, K=32, V=16, seed=13, raw_gate=True), params, cu_seqlens=cu.to(DEVICE),
+               use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)  # fmt: skip
+    elif case == "two-key-blocks":
+        monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)
+        cu = torch.tensor([0, 130, 194, 197], dtype=torch.int32)
+        _check(_inputs(T=197, N=3, K=32, V=16, seed=14), cu_seqlens=cu.to(DEVICE), use_qk_l2norm_in_kernel=True)
+    elif case == "caller-normalised":
+        inputs = _inputs(T=70, N=1, K=32, V=16, seed=15)
+        for name in ("q", "k"):
+            inputs[name] = inputs[name] / inputs[name].norm(dim=-1, keepdim=True)
+        _check(inputs, use_qk_l2norm_in_kernel=False)
+    elif case == "fp16":
+        _check(_inputs(T=100, N=1, K=32, V=32, seed=16), rtol=3e-3, dtype=torch.float16, use_qk_l2norm_in_kernel=True)
+    elif case == "strong-decay":
+        inputs = _inputs(T=90, N=1, seed=17)
+        inputs["g"] = inputs["g"] * (20 / 3)
+        _check(inputs, backward=False, use_qk_l2norm_in_kernel=True)
+    else:
+        params = dict(A_log=torch.randn(2, generator=gen), dt_bias=torch.randn(2, 48, generator=gen))
+        _check(_inputs(T=70, N=1, K=48, V=16, seed=18, raw_gate=True), params, use_gate_in_kernel=True,
+               use_qk_l2norm_in_kernel=True)  # fmt: skip
+
+
 def test_chunk_head_groups():
     """H = 6: the one-token-per-program diagonal kernels take heads in groups of 4 (the second one partial)."""
     _check(_inputs(T=37, N=1, H=6, seed=11), {})

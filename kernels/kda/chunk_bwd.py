@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import (
-    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _state_tile, _store_rows, _token_program,
+    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _state_tile, _store_rows, _token_program, softplus,
 )  # fmt: skip
 
 
@@ -331,7 +331,7 @@ def kda_gate_bwd_kernel(
         b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
         b_x = _load_rows(g_raw, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
         b_x += tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        b_sp = tl.where(b_x > 20.0, b_x, tl.log(1.0 + tl.exp(tl.minimum(b_x, 20.0))))
+        b_sp = softplus(b_x)
         valid = rmask[:, None] & cmask[None, :]
         # g = -a softplus(x): dg/dA_log = g, dg/dx = -a sigmoid(x)
         part = (i_c * H + i_h) * tl.num_programs(2) + i_k

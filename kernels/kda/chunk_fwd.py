@@ -38,6 +38,13 @@ def _store_rows(ptr, x, rows, rmask, cols, cmask, H, i_h, D):
 
 
 @triton.jit
+def softplus(x):
+    """``log(1 + exp(x))`` with torch's threshold: linear past 20 (the gate ``-exp(A_log) * softplus(g + dt_bias)``
+    of every KDA kernel)."""
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
 def _pick_row(x, idx, r):
     """Row ``r`` of the register tile ``x`` (rows numbered by ``idx``), as a vector."""
     return tl.sum(tl.where((idx == r)[:, None], x, 0.0), axis=0)
@@ -174,9 +181,7 @@ def kda_prep_fwd_kernel(
     if GATE:
         b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
         b_x = b_g + tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        # softplus with torch's threshold (x > 20 -> x)
-        b_sp = tl.where(b_x > 20.0, b_x, tl.log(1.0 + tl.exp(tl.minimum(b_x, 20.0))))
-        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * b_sp, 0.0)
+        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_x), 0.0)
     _store_rows(G, tl.cumsum(b_g, axis=0), rows, rmask, cols, cmask, H, i_h, K)
     if L2NORM:
         b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
@@ -217,16 +222,53 @@ def _store_block(A_qk, P, b_A, b_P, t0, eos, i, j, H, i_h, BT: tl.constexpr, BC:
 
 
 @triton.jit
+def _pairs_accumulate(G0, k0, G1, q1, k1, p1, G2, q2, k2, p2, G3, q3, k3, p3,
+                      A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE: tl.constexpr):  # fmt: skip
+    """Adds one block of key channels to the six ``[BC, BC]`` tiles (i, j < i) of A_qk and P between sub-blocks:
+    ``[BC, BK] x [BK, BC]`` dots with sub-block i's first row p_i as the pivot, exp(G_r - G_c) = exp(G_r - G_p)
+    exp(G_p - G_c), both factors <= 1. Sub-block s's tiles: ``Gs`` (cumulative decays), ``qs`` (scale * q), ``ks``."""
+    # rows of sub-block i decayed to its pivot; the columns (sub-blocks j < i) from it
+    e1, e2, e3 = tl.exp(G1 - p1[None, :]), tl.exp(G2 - p2[None, :]), tl.exp(G3 - p3[None, :])
+    c10 = tl.trans(k0 * tl.exp(p1[None, :] - G0))
+    c20, c21 = tl.trans(k0 * tl.exp(p2[None, :] - G0)), tl.trans(k1 * tl.exp(p2[None, :] - G1))
+    c30 = tl.trans(k0 * tl.exp(p3[None, :] - G0))
+    c31, c32 = tl.trans(k1 * tl.exp(p3[None, :] - G1)), tl.trans(k2 * tl.exp(p3[None, :] - G2))
+    qe1, ke1, qe2, ke2, qe3, ke3 = q1 * e1, k1 * e1, q2 * e2, k2 * e2, q3 * e3, k3 * e3
+    A10, P10 = _pair_dots(qe1, ke1, c10, A10, P10, IEEE)
+    A20, P20 = _pair_dots(qe2, ke2, c20, A20, P20, IEEE)
+    A21, P21 = _pair_dots(qe2, ke2, c21, A21, P21, IEEE)
+    A30, P30 = _pair_dots(qe3, ke3, c30, A30, P30, IEEE)
+    A31, P31 = _pair_dots(qe3, ke3, c31, A31, P31, IEEE)
+    A32, P32 = _pair_dots(qe3, ke3, c32, A32, P32, IEEE)
+    return A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32
+
+
+@triton.jit
+def _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h,
+                 BT: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    """A chunk's tiles of A_qk and P outside the diagonal: the six below it, zeros above."""
+    _store_block(A_qk, P, A10, P10, t0, eos, 1, 0, H, i_h, BT, BC)
+    _store_block(A_qk, P, A20, P20, t0, eos, 2, 0, H, i_h, BT, BC)
+    _store_block(A_qk, P, A21, P21, t0, eos, 2, 1, H, i_h, BT, BC)
+    _store_block(A_qk, P, A30, P30, t0, eos, 3, 0, H, i_h, BT, BC)
+    _store_block(A_qk, P, A31, P31, t0, eos, 3, 1, H, i_h, BT, BC)
+    _store_block(A_qk, P, A32, P32, t0, eos, 3, 2, H, i_h, BT, BC)
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    for i in tl.static_range(0, 3):
+        for j in tl.static_range(i + 1, 4):
+            _store_block(A_qk, P, zero, zero, t0, eos, i, j, H, i_h, BT, BC)
+
+
+@triton.jit
 def kda_pairs_chunk_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles
-    (:func:`kda_diag_fwd_kernel` writes those), for BT = 4 BC. Each sub-block's tiles are loaded once per block of
-    ``BK`` key channels, and the six tiles (i, j < i) are ``[BC, BK] x [BK, BC]`` dots with sub-block i's first row
-    p as the pivot, exp(G_r - G_c) = exp(G_r - G_p) exp(G_p - G_c), both factors <= 1. The tiles above the diagonal
-    are zeros. (Until session 15 one program per sub-block reloaded the chunk's k and G for each of them, with
-    [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)"""
+    (:func:`kda_diag_fwd_kernel` writes those), for BT = 4 BC, from the prepared q, k and G. Each sub-block's tiles
+    are loaded once per block of ``BK`` key channels (:func:`_pairs_accumulate`). (Until session 15 one program per
+    sub-block reloaded the chunk's k and G for each of them, with [BC, BT] dots over the whole chunk: 0.362 against
+    0.218 ms at B1 T8192 H32 on the H200.)"""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
@@ -242,28 +284,103 @@ def kda_pairs_chunk_fwd_kernel(
         G1, q1, k1, p1 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 1, cols, cmask, scale, H, i_h, K, BC)
         G2, q2, k2, p2 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 2, cols, cmask, scale, H, i_h, K, BC)
         G3, q3, k3, p3 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 3, cols, cmask, scale, H, i_h, K, BC)
-        # rows of sub-block i decayed to its pivot; the columns (sub-blocks j < i) from it
-        e1, e2, e3 = tl.exp(G1 - p1[None, :]), tl.exp(G2 - p2[None, :]), tl.exp(G3 - p3[None, :])
-        c10 = tl.trans(k0 * tl.exp(p1[None, :] - G0))
-        c20, c21 = tl.trans(k0 * tl.exp(p2[None, :] - G0)), tl.trans(k1 * tl.exp(p2[None, :] - G1))
-        c30 = tl.trans(k0 * tl.exp(p3[None, :] - G0))
-        c31, c32 = tl.trans(k1 * tl.exp(p3[None, :] - G1)), tl.trans(k2 * tl.exp(p3[None, :] - G2))
-        qe1, ke1, qe2, ke2, qe3, ke3 = q1 * e1, k1 * e1, q2 * e2, k2 * e2, q3 * e3, k3 * e3
-        A10, P10 = _pair_dots(qe1, ke1, c10, A10, P10, IEEE)
-        A20, P20 = _pair_dots(qe2, ke2, c20, A20, P20, IEEE)
-        A21, P21 = _pair_dots(qe2, ke2, c21, A21, P21, IEEE)
-        A30, P30 = _pair_dots(qe3, ke3, c30, A30, P30, IEEE)
-        A31, P31 = _pair_dots(qe3, ke3, c31, A31, P31, IEEE)
-        A32, P32 = _pair_dots(qe3, ke3, c32, A32, P32, IEEE)
-    _store_block(A_qk, P, A10, P10, t0, eos, 1, 0, H, i_h, BT, BC)
-    _store_block(A_qk, P, A20, P20, t0, eos, 2, 0, H, i_h, BT, BC)
-    _store_block(A_qk, P, A21, P21, t0, eos, 2, 1, H, i_h, BT, BC)
-    _store_block(A_qk, P, A30, P30, t0, eos, 3, 0, H, i_h, BT, BC)
-    _store_block(A_qk, P, A31, P31, t0, eos, 3, 1, H, i_h, BT, BC)
-    _store_block(A_qk, P, A32, P32, t0, eos, 3, 2, H, i_h, BT, BC)
-    for i in tl.static_range(0, 3):  # above the diagonal: zeros
-        for j in tl.static_range(i + 1, 4):
-            _store_block(A_qk, P, zero, zero, t0, eos, i, j, H, i_h, BT, BC)
+        A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32 = _pairs_accumulate(
+            G0, k0, G1, q1, k1, p1, G2, q2, k2, p2, G3, q3, k3, p3,
+            A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
+        )  # fmt: skip
+    _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
+
+
+@triton.jit
+def _l2_norm_denominators(x, t0, eos, s, H, i_h, K, EPS: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
+    """``sqrt(|x_r|^2 + EPS)`` over all K channels for the rows r of sub-block ``s`` (``[BC]`` fp32)."""
+    rows = t0 + s * BC + tl.arange(0, BC)
+    cols = tl.arange(0, KP)
+    b_x = _load_rows(x, rows, rows < eos, cols, cols < K, H, i_h, K).to(tl.float32)
+    return tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)
+
+
+@triton.jit
+def _prep_sub_block(q, k, g, qn, kn, G, b_carry, b_dq, b_dk, b_a, b_bias, t0, eos, s, cols, cmask, scale, H, i_h, K,
+                    BC: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr):  # fmt: skip
+    """Sub-block ``s``'s prep for one block of key channels: the gate (fused or read), G = the cumulative sum from
+    the chunk's start (``b_carry``: the sum of the earlier sub-blocks' gates), q and k divided by their L2 norms'
+    denominators ``b_dq``, ``b_dk`` (when L2NORM), each written out for the later kernels. Returns the tiles the pairs
+    take (G, scale * q and k, fp32, q and k rounded to the stored dtype), the pivot (G's first row) and the carry
+    past the sub-block. Rows past the sequence end get g = 0 (G repeats the last valid row) and q = k = 0."""
+    rows = t0 + s * BC + tl.arange(0, BC)
+    rmask = rows < eos
+    b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    if GATE:
+        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_g + b_bias[None, :]), 0.0)
+    b_G = b_carry[None, :] + tl.cumsum(b_g, axis=0)
+    _store_rows(G, b_G, rows, rmask, cols, cmask, H, i_h, K)
+    # G's first row, from the same addition as the tile's (bitwise equal to it)
+    b_g0 = _load_row(g, t0 + s * BC, eos, cols, H, i_h, K)
+    if GATE:
+        b_g0 = tl.where((t0 + s * BC < eos) & cmask, -b_a * softplus(b_g0 + b_bias), 0.0)
+    b_p = b_carry + b_g0
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K)
+    if L2NORM:
+        b_q = (b_q.to(tl.float32) / b_dq[:, None]).to(qn.dtype.element_ty)
+        b_k = (b_k.to(tl.float32) / b_dk[:, None]).to(kn.dtype.element_ty)
+        _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
+        _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
+    return b_G, b_q.to(tl.float32) * scale, b_k.to(tl.float32), b_p, b_carry + tl.sum(b_g, axis=0)
+
+
+@triton.jit
+def kda_prep_pairs_fwd_kernel(
+    q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, L2NORM: tl.constexpr,
+    GATE: tl.constexpr, EPS: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """:func:`kda_prep_fwd_kernel` and :func:`kda_pairs_chunk_fwd_kernel` in one program per (chunk, head): the
+    optional L2 norms of q and k (over all ``KP`` >= K channels first, per sub-block), then per block of ``BK`` key
+    channels the gate, the cumulative sum and the normalised q, k, written to G, qn, kn, and the same tiles, still in
+    registers, summed into the pairs between sub-blocks. The pairs kernel then no longer reads qn, kn and G back
+    (two bf16 and one fp32 ``[TT, H, K]`` tensors, about 0.27 GB at B1 T8192 H32 D128), and one launch is saved."""
+    tl.static_assert(BT == 4 * BC)
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    ones = tl.full([BC], 1.0, dtype=tl.float32)
+    dq0, dq1, dq2, dq3, dk0, dk1, dk2, dk3 = ones, ones, ones, ones, ones, ones, ones, ones
+    if L2NORM:
+        dq0, dk0 = _l2_norm_denominators(q, t0, eos, 0, H, i_h, K, EPS, BC, KP), \
+            _l2_norm_denominators(k, t0, eos, 0, H, i_h, K, EPS, BC, KP)
+        dq1, dk1 = _l2_norm_denominators(q, t0, eos, 1, H, i_h, K, EPS, BC, KP), \
+            _l2_norm_denominators(k, t0, eos, 1, H, i_h, K, EPS, BC, KP)
+        dq2, dk2 = _l2_norm_denominators(q, t0, eos, 2, H, i_h, K, EPS, BC, KP), \
+            _l2_norm_denominators(k, t0, eos, 2, H, i_h, K, EPS, BC, KP)
+        dq3, dk3 = _l2_norm_denominators(q, t0, eos, 3, H, i_h, K, EPS, BC, KP), \
+            _l2_norm_denominators(k, t0, eos, 3, H, i_h, K, EPS, BC, KP)
+    b_a = 0.0
+    if GATE:
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
+    P10, P20, P21, P30, P31, P32 = zero, zero, zero, zero, zero, zero
+    for kb in range(0, K, BK):
+        cols = kb + tl.arange(0, BK)
+        cmask = cols < K
+        b_bias = tl.zeros([BK], dtype=tl.float32)
+        if GATE:
+            b_bias = tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)
+        c0 = tl.zeros([BK], dtype=tl.float32)
+        G0, _, k0, _, c1 = _prep_sub_block(q, k, g, qn, kn, G, c0, dq0, dk0, b_a, b_bias, t0, eos, 0, cols, cmask,
+                                           scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
+        G1, q1, k1, p1, c2 = _prep_sub_block(q, k, g, qn, kn, G, c1, dq1, dk1, b_a, b_bias, t0, eos, 1, cols, cmask,
+                                             scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
+        G2, q2, k2, p2, c3 = _prep_sub_block(q, k, g, qn, kn, G, c2, dq2, dk2, b_a, b_bias, t0, eos, 2, cols, cmask,
+                                             scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
+        G3, q3, k3, p3, _ = _prep_sub_block(q, k, g, qn, kn, G, c3, dq3, dk3, b_a, b_bias, t0, eos, 3, cols, cmask,
+                                            scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
+        A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32 = _pairs_accumulate(
+            G0, k0, G1, q1, k1, p1, G2, q2, k2, p2, G3, q3, k3, p3,
+            A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
+        )  # fmt: skip
+    _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
 
 
 @triton.jit

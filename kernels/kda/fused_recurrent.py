@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_fwd import softplus
 from .utils import L2NORM_EPS, gate_params
 
 
@@ -65,9 +66,7 @@ def _fused_recurrent_kda_fwd_kernel(
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2_EPS)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + L2_EPS)
         if USE_GATE:
-            # -exp(A_log) * softplus(g + dt_bias); softplus is linear past 20, as torch's.
-            z = b_g + b_dt
-            b_g = -decay_rate * tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0))))
+            b_g = -decay_rate * softplus(b_g + b_dt)
         b_h *= tl.exp(b_g)[:, None]
         b_u = (b_v - tl.sum(b_h * b_k[:, None], axis=0)) * b_beta
         b_h += b_k[:, None] * b_u[None, :]
