@@ -154,17 +154,25 @@ def test_chunk_pairs_key_blocks(lengths, monkeypatch):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 
 
+@pytest.mark.parametrize("diag_in_pairs", [0, 1], ids=["diagonal-kernel", "diagonal-in-pairs"])
+@pytest.mark.parametrize("prep_in_pairs", [0, 1], ids=["prep-kernel", "prep-in-pairs"])
 @pytest.mark.parametrize(
-    "case", ["fused-gate-ragged", "two-key-blocks", "caller-normalised", "fp16", "strong-decay", "head-dim-48"]
+    "case",
+    ["fused-gate-ragged", "two-key-blocks", "caller-normalised", "fp16", "strong-decay", "mixed-decay", "head-dim-48"],
 )
-def test_chunk_prep_in_pairs(case, monkeypatch):
-    """The candidate ``PREP_IN_PAIRS = 1``: L2 norms, gate and cumsum inside the pairs kernel, which writes qn, kn, G
-    for the later kernels. Ragged packed sequences with the fused gate, two key blocks, q/k normalised by the caller,
-    the fp16 path, decays far below fp32's range, and K = 48 (norms over a padded 64-channel tile), against the
-    float64 reference, forward and backward."""
+def test_chunk_forward_candidates(case, prep_in_pairs, diag_in_pairs, monkeypatch):
+    """The forward's candidates (``PREP_IN_PAIRS``: L2 norms, gate and cumsum inside the pairs kernel, which writes qn,
+    kn, G for the later kernels; ``DIAG_IN_PAIRS``: the pairs inside each sub-block as dots through its middle row,
+    with the exact path past ``DIAG_DOT_SPAN``), each alone and both: ragged packed sequences with the fused gate, two
+    key blocks, q/k normalised by the caller, the fp16 path, decays far below fp32's range (every sub-block on the
+    exact path) and strong in part of a chunk (both paths in one program), and K = 48 (norms over a padded 64-channel
+    tile), against the float64 reference, forward and backward."""
     from kimi_hf.kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, "PREP_IN_PAIRS", 1)
+    if not (prep_in_pairs or diag_in_pairs):
+        pytest.skip("the default kernels: the other tests")
+    monkeypatch.setattr(chunk, "PREP_IN_PAIRS", prep_in_pairs)
+    monkeypatch.setattr(chunk, "DIAG_IN_PAIRS", diag_in_pairs)
     gen = torch.Generator().manual_seed(12)
     if case == "fused-gate-ragged":
         cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)
@@ -186,6 +194,10 @@ def test_chunk_prep_in_pairs(case, monkeypatch):
         inputs = _inputs(T=90, N=1, seed=17)
         inputs["g"] = inputs["g"] * (20 / 3)
         _check(inputs, backward=False, use_qk_l2norm_in_kernel=True)
+    elif case == "mixed-decay":  # sub-blocks 1 and 2 of the first chunk past the span, the others within it
+        inputs = _inputs(T=130, N=1, seed=19)
+        inputs["g"][:, 20:40] *= 20 / 3
+        _check(inputs, use_qk_l2norm_in_kernel=True)
     else:
         params = dict(A_log=torch.randn(2, generator=gen), dt_bias=torch.randn(2, 48, generator=gen))
         _check(_inputs(T=70, N=1, K=48, V=16, seed=18, raw_gate=True), params, use_gate_in_kernel=True,

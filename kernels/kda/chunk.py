@@ -67,6 +67,16 @@ PAIRS_WARPS = 4
 # 4.1 TB/s at B1 T8192 H32 D128) fewer. Prep took 0.140 ms and the pairs 0.218 in session 15's profile. The
 # default stays the measured pair of kernels until bench_kda.py --sweep kda.chunk.PREP_IN_PAIRS=0,1 times both.
 PREP_IN_PAIRS = 0
+# A second candidate, not timed yet (session 16): DIAG_IN_PAIRS = 1 sums the pairs inside each sub-block in the pairs
+# kernel too, as tensor-core dots through the sub-block's middle row m (exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c)),
+# and the forward's diagonal kernel (0.257 ms of the 1.347 ms forward at B1 T8192 in session 15) is not launched. The
+# split is exact while every |G_r - G_m| in the sub-block is at most DIAG_DOT_SPAN (both factors within e^+-40, far
+# inside fp32's range); a sub-block whose decays span more (per-token log-decays beyond about -5 on average over 8
+# tokens) takes an exact one-column-at-a-time path in the same program. Timed by bench_kda.py --sweep
+# kda.chunk.DIAG_IN_PAIRS=0,1; the interpreter and GPU tests cover both paths.
+DIAG_IN_PAIRS = 0
+DIAG_DOT_SPAN = 40.0
+DIAG_KEY_BLOCK = 64  # key channels per step of that diagonal phase (its own: it runs after the pairs' accumulators)
 DIAG_HEADS = 2
 DIAG_WARPS = 1
 # The inverse at 2 warps (166 registers as compiled for sm_90) and W/U at 4 warps with 32 key channels per block
@@ -204,11 +214,12 @@ def kda_chunk_fwd(
     qn, kn = (torch.empty_like(q), torch.empty_like(k)) if use_qk_l2norm else (q, k)
     P, M = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(2))
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
+    diag = dict(DIAG=bool(DIAG_IN_PAIRS), DBK=min(BK, DIAG_KEY_BLOCK), SPAN=DIAG_DOT_SPAN)
     if PREP_IN_PAIRS:
         kda_prep_pairs_fwd_kernel[(NC, H)](
             q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
             BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), KP=BK, L2NORM=use_qk_l2norm, GATE=use_gate,
-            EPS=L2NORM_EPS, IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+            EPS=L2NORM_EPS, **diag, IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
         )  # fmt: skip
     else:
         kda_prep_fwd_kernel[(NC, H)](
@@ -217,15 +228,16 @@ def kda_chunk_fwd(
         )  # fmt: skip
         kda_pairs_chunk_fwd_kernel[(NC, H)](
             qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), **diag, IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+        )  # fmt: skip
+    if not DIAG_IN_PAIRS:
+        kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+            BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
         )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
-    )  # fmt: skip
     kda_inverse_fwd_kernel[(NC, H)](
         P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
     )  # fmt: skip

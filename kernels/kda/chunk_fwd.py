@@ -260,15 +260,81 @@ def _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31,
 
 
 @triton.jit
+def _diag_accumulate(b_G, b_q, b_k, b_A, b_P, b_span, BC: tl.constexpr, IEEE: tl.constexpr):
+    """Adds one block of key channels to a sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P as tensor-core
+    dots through the sub-block's middle row m: exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c). ``b_span`` carries
+    the largest |G_r - G_m| seen: while it is at most the kernels' SPAN, every factor stays within fp32's range and
+    the entries on and below the diagonal are exact; above it they may overflow and are masked at the store
+    (:func:`_diag_tiles`)."""
+    b_m = _pick_row(b_G, tl.arange(0, BC), BC // 2)
+    b_d = b_G - b_m[None, :]
+    b_span = tl.maximum(b_span, tl.max(tl.abs(b_d)))
+    b_e = tl.exp(b_d)
+    b_c = tl.trans(b_k * tl.exp(-b_d))
+    b_A, b_P = _pair_dots(b_q * b_e, b_k * b_e, b_c, b_A, b_P, IEEE)
+    return b_A, b_P, b_span
+
+
+@triton.jit
+def _diag_exact(q, k, G, t0, eos, s, scale, H, i_h, K, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Sub-block ``s``'s diagonal tiles of A_qk and P with exact decays, one column at a time from the stored q, k and
+    G (entries above the diagonal: garbage, masked at the store). The pairs kernels' path for a sub-block whose decays
+    span more than SPAN, where the split through the middle row would leave fp32's range."""
+    idx = tl.arange(0, BC)
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    b_P = tl.zeros([BC, BC], dtype=tl.float32)
+    last = t0 + tl.minimum(eos - t0, BT) - 1
+    for kb in range(0, K, BK):
+        cols = kb + tl.arange(0, BK)
+        cmask = cols < K
+        b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
+        b_G, b_q, b_k, _ = _sub_block_tiles(q, k, G, b_Glast, t0, eos, s, cols, cmask, scale, H, i_h, K, BC)
+        for j in range(0, BC):
+            r = t0 + s * BC + j
+            b_e = tl.exp(b_G - _load_row(G, r, eos, cols, H, i_h, K)[None, :]) * _load_row(k, r, eos, cols, H, i_h, K)
+            on = (idx == j)[None, :]
+            b_A += tl.where(on, tl.sum(b_q * b_e, axis=1)[:, None], 0.0)
+            b_P += tl.where(on, tl.sum(b_k * b_e, axis=1)[:, None], 0.0)
+    return b_A, b_P
+
+
+@triton.jit
+def _diag_tiles(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K, SPAN: tl.constexpr, BT: tl.constexpr,
+                BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """The pairs kernels' diagonal ``[BC, BC]`` tiles (DIAG), after the tiles between sub-blocks are stored, so that
+    their accumulators are free and the key blocks can be wider (``BK``, not the pairs' own): per sub-block, the dots
+    of :func:`_diag_accumulate` from the stored q, k and G (cache hits: this program has just read or written them),
+    or, when its decays spanned more than SPAN, :func:`_diag_exact`; A_qk on and below the diagonal, P below it."""
+    idx = tl.arange(0, BC)
+    last = t0 + tl.minimum(eos - t0, BT) - 1
+    for s in range(0, BT // BC):
+        b_A = tl.zeros([BC, BC], dtype=tl.float32)
+        b_P = tl.zeros([BC, BC], dtype=tl.float32)
+        b_span = tl.zeros([], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            cols = kb + tl.arange(0, BK)
+            b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
+            b_G, b_q, b_k, _ = _sub_block_tiles(q, k, G, b_Glast, t0, eos, s, cols, cols < K, scale, H, i_h, K, BC)
+            b_A, b_P, b_span = _diag_accumulate(b_G, b_q, b_k, b_A, b_P, b_span, BC, IEEE)
+        if b_span > SPAN:
+            b_A, b_P = _diag_exact(q, k, G, t0, eos, s, scale, H, i_h, K, BT, BC, BK)
+        b_A = tl.where(idx[:, None] >= idx[None, :], b_A, 0.0)
+        b_P = tl.where(idx[:, None] > idx[None, :], b_P, 0.0)
+        _store_block(A_qk, P, b_A, b_P, t0, eos, s, s, H, i_h, BT, BC)
+
+
+@triton.jit
 def kda_pairs_chunk_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DIAG: tl.constexpr, DBK: tl.constexpr,
+    SPAN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles
-    (:func:`kda_diag_fwd_kernel` writes those), for BT = 4 BC, from the prepared q, k and G. Each sub-block's tiles
-    are loaded once per block of ``BK`` key channels (:func:`_pairs_accumulate`). (Until session 15 one program per
-    sub-block reloaded the chunk's k and G for each of them, with [BC, BT] dots over the whole chunk: 0.362 against
-    0.218 ms at B1 T8192 H32 on the H200.)"""
+    """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles,
+    for BT = 4 BC, from the prepared q, k and G; with DIAG the diagonal tiles too (:func:`_diag_tiles`, ``DBK`` key
+    channels at a time), else :func:`kda_diag_fwd_kernel` writes them. Each sub-block's tiles are loaded once per
+    block of ``BK`` key channels (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the
+    chunk's k and G for each of them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32
+    on the H200.)"""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
@@ -289,6 +355,8 @@ def kda_pairs_chunk_fwd_kernel(
             A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
         )  # fmt: skip
     _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
+    if DIAG:
+        _diag_tiles(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K, SPAN, BT, BC, DBK, IEEE)
 
 
 @triton.jit
@@ -334,13 +402,15 @@ def _prep_sub_block(q, k, g, qn, kn, G, b_carry, b_dq, b_dk, b_a, b_bias, t0, eo
 def kda_prep_pairs_fwd_kernel(
     q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, L2NORM: tl.constexpr,
-    GATE: tl.constexpr, EPS: tl.constexpr, IEEE: tl.constexpr,
+    GATE: tl.constexpr, EPS: tl.constexpr, DIAG: tl.constexpr, DBK: tl.constexpr, SPAN: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     """:func:`kda_prep_fwd_kernel` and :func:`kda_pairs_chunk_fwd_kernel` in one program per (chunk, head): the
     optional L2 norms of q and k (over all ``KP`` >= K channels first, per sub-block), then per block of ``BK`` key
     channels the gate, the cumulative sum and the normalised q, k, written to G, qn, kn, and the same tiles, still in
-    registers, summed into the pairs between sub-blocks. The pairs kernel then no longer reads qn, kn and G back
-    (two bf16 and one fp32 ``[TT, H, K]`` tensors, about 0.27 GB at B1 T8192 H32 D128), and one launch is saved."""
+    registers, summed into the pairs between sub-blocks (and with DIAG inside them, as in the pairs kernel). The pairs
+    kernel then no longer reads qn, kn and G back (two bf16 and one fp32 ``[TT, H, K]`` tensors, about 0.27 GB at B1
+    T8192 H32 D128), and one launch is saved."""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
@@ -381,6 +451,9 @@ def kda_prep_pairs_fwd_kernel(
             A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
         )  # fmt: skip
     _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
+    if DIAG:
+        tl.debug_barrier()  # the diagonal reads back qn, kn and G, which other threads of this program stored
+        _diag_tiles(qn, kn, G, A_qk, P, t0, eos, scale, H, i_h, K, SPAN, BT, BC, DBK, IEEE)
 
 
 @triton.jit
