@@ -84,22 +84,25 @@ def test_head_dim_256_and_unequal_dims():
     _check(_inputs(1, 300, 2, 64, 192, seed=5), torch.bfloat16, use_qk_l2norm_in_kernel=True)
 
 
-@pytest.mark.parametrize("candidates", [(1, 0), (0, 1), (1, 1)], ids=["prep-in-pairs", "diag-in-pairs", "both"])
+_CANDIDATES = ("PREP_IN_PAIRS", "DIAG_IN_PAIRS", "BWD_DIAG_IN_KEY")
+
+
+@pytest.mark.parametrize("candidates", [(name,) for name in _CANDIDATES] + [_CANDIDATES], ids=lambda c: "+".join(c))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_forward_candidates(dtype, candidates, monkeypatch):
-    """The forward's candidates (``PREP_IN_PAIRS``, ``DIAG_IN_PAIRS``): varlen with the fused gate, decays near 0 and
-    very negative (the diagonal's exact path), strong in one stretch only (both paths in one chunk), head dim 256,
-    against float64."""
+def test_kernel_candidates(dtype, candidates, monkeypatch):
+    """Session 16's candidates (``PREP_IN_PAIRS``, ``DIAG_IN_PAIRS``, ``BWD_DIAG_IN_KEY``), each alone and all three:
+    varlen with the fused gate, decays near 0 and very negative (the diagonal's exact paths), strong in one stretch
+    only (both paths in one chunk), head dim 256, against float64, forward and backward."""
     from kimi_hf.kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, "PREP_IN_PAIRS", candidates[0])
-    monkeypatch.setattr(chunk, "DIAG_IN_PAIRS", candidates[1])
+    for name in candidates:
+        monkeypatch.setattr(chunk, name, 1)
     cu = torch.tensor([0, 1, 65, 200, 200, 777, 1200], device="cuda", dtype=torch.int32)
     params = dict(A_log=torch.randn(1, 1, 4, 1, device="cuda"), dt_bias=torch.randn(4 * 128, device="cuda"))
     inputs = _inputs(1, 1200, 4, 128, 128, N=6, seed=21, raw_gate=True)
     _check(inputs, dtype, params, cu_seqlens=cu, use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
-    for seed, decay in ((22, (0.0, 1e-4)), (23, (0.0, 20.0))):
-        _check(_inputs(1, 700, 2, 128, 128, seed=seed, decay=decay), dtype, use_qk_l2norm_in_kernel=True)
+    for seed, decay in ((22, (0.0, 1e-4)), (23, (0.0, 20.0))):  # bf16, as test_decay_extremes
+        _check(_inputs(1, 700, 2, 128, 128, seed=seed, decay=decay), torch.bfloat16, use_qk_l2norm_in_kernel=True)
     mixed = _inputs(1, 700, 2, 128, 128, seed=24)
     mixed["g"][:, 100:300] *= 20 / 3
     _check(mixed, dtype, use_qk_l2norm_in_kernel=True)

@@ -154,33 +154,40 @@ def test_chunk_pairs_key_blocks(lengths, monkeypatch):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 
 
-@pytest.mark.parametrize("diag_in_pairs", [0, 1], ids=["diagonal-kernel", "diagonal-in-pairs"])
-@pytest.mark.parametrize("prep_in_pairs", [0, 1], ids=["prep-kernel", "prep-in-pairs"])
+_CANDIDATES = ("PREP_IN_PAIRS", "DIAG_IN_PAIRS", "BWD_DIAG_IN_KEY")
+_CANDIDATE_CASES = [
+    "fused-gate-ragged", "two-key-blocks", "caller-normalised", "fp16", "strong-decay", "mixed-decay", "head-dim-48",
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "case",
-    ["fused-gate-ragged", "two-key-blocks", "caller-normalised", "fp16", "strong-decay", "mixed-decay", "head-dim-48"],
+    "case, candidates",
+    [(case, _CANDIDATES) for case in _CANDIDATE_CASES]
+    + [(case, (name,)) for name in _CANDIDATES for case in ("fused-gate-ragged", "two-key-blocks", "mixed-decay")],
+    ids=lambda x: x if isinstance(x, str) else "+".join(x),
 )
-def test_chunk_forward_candidates(case, prep_in_pairs, diag_in_pairs, monkeypatch):
-    """The forward's candidates (``PREP_IN_PAIRS``: L2 norms, gate and cumsum inside the pairs kernel, which writes qn,
-    kn, G for the later kernels; ``DIAG_IN_PAIRS``: the pairs inside each sub-block as dots through its middle row,
-    with the exact path past ``DIAG_DOT_SPAN``), each alone and both: ragged packed sequences with the fused gate, two
-    key blocks, q/k normalised by the caller, the fp16 path, decays far below fp32's range (every sub-block on the
-    exact path) and strong in part of a chunk (both paths in one program), and K = 48 (norms over a padded 64-channel
-    tile), against the float64 reference, forward and backward."""
+def test_chunk_kernel_candidates(case, candidates, monkeypatch):
+    """The candidates of session 16, all three together on every case and each alone on three
+    (``PREP_IN_PAIRS``: L2 norms, gate and cumsum inside the pairs kernel, which writes qn, kn, G for the later
+    kernels; ``DIAG_IN_PAIRS``: the forward's pairs inside each sub-block as dots through its middle row;
+    ``BWD_DIAG_IN_KEY``: their gradients the same way in the key kernel; both with the exact path past
+    ``DIAG_DOT_SPAN``): ragged packed sequences with the fused gate, two key blocks, q/k normalised by the caller,
+    the fp16 path, decays far below fp32's range (every sub-block on the exact path) and strong in part of a chunk
+    (both paths in one program), and K = 48 (norms over a padded 64-channel tile), against the float64 reference,
+    forward and backward."""
     from kimi_hf.kernels.kda import chunk
 
-    if not (prep_in_pairs or diag_in_pairs):
-        pytest.skip("the default kernels: the other tests")
-    monkeypatch.setattr(chunk, "PREP_IN_PAIRS", prep_in_pairs)
-    monkeypatch.setattr(chunk, "DIAG_IN_PAIRS", diag_in_pairs)
+    for name in candidates:
+        monkeypatch.setattr(chunk, name, 1)
     gen = torch.Generator().manual_seed(12)
     if case == "fused-gate-ragged":
         cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)
         params = dict(A_log=torch.randn(2, generator=gen), dt_bias=torch.randn(2 * 32, generator=gen))
         _check(_inputs(T=200, N=5, K=32, V=16, seed=13, raw_gate=True), params, cu_seqlens=cu.to(DEVICE),
                use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)  # fmt: skip
-    elif case == "two-key-blocks":
-        monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)
+    elif case == "two-key-blocks":  # every per-chunk kernel's key channels in two blocks at K = 32
+        for name in ("PAIRS_KEY_BLOCK", "DIAG_KEY_BLOCK", "BWD_KEY_BLOCK"):
+            monkeypatch.setattr(chunk, name, 16)
         cu = torch.tensor([0, 130, 194, 197], dtype=torch.int32)
         _check(_inputs(T=197, N=3, K=32, V=16, seed=14), cu_seqlens=cu.to(DEVICE), use_qk_l2norm_in_kernel=True)
     elif case == "caller-normalised":

@@ -20,7 +20,8 @@ step_command() {
   case "$1" in
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
-    kda_sweep) echo "timeout 300 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 PAIRS_WARPS=4,2 WU_KEY_BLOCK=32,16" ;;
+    kda_sweep) echo "timeout 420 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 DIAG_IN_PAIRS=0,1 \
+      BWD_DIAG_IN_KEY=0,1 BWD_KEY_WARPS=2,4" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;

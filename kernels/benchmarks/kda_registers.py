@@ -89,9 +89,9 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_bwd.kda_diag_bwd_kernel,
          dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
          chunk.DIAG_WARPS, 1),
-        (chunk_bwd.kda_key_bwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK)),
-         chunk.BWD_KEY_WARPS, chunk.BWD_KEY_STAGES),
+        *((chunk_bwd.kda_key_bwd_kernel,
+           dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), DIAG=diag, SPAN=chunk.DIAG_DOT_SPAN),
+           chunk.BWD_KEY_WARPS, chunk.BWD_KEY_STAGES) for diag in (False, True)),  # with the candidate BWD_DIAG_IN_KEY
         (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True), 4, 1),
     ]  # fmt: skip
 

@@ -77,6 +77,11 @@ PREP_IN_PAIRS = 0
 DIAG_IN_PAIRS = 0
 DIAG_DOT_SPAN = 40.0
 DIAG_KEY_BLOCK = 64  # key channels per step of that diagonal phase (its own: it runs after the pairs' accumulators)
+# The backward's counterpart, also a candidate (session 16): BWD_DIAG_IN_KEY = 1 adds the gradients of the pairs inside
+# each sub-block in the key kernel, by the same split (exact path past DIAG_DOT_SPAN, decided per key block there),
+# and kda_diag_bwd_kernel (0.525 ms of the fwd+bwd step at B1 T8192 in session 7's profile, most of it a
+# read-modify-write of three fp32 gradients that the key kernel reads and writes anyway) is not launched.
+BWD_DIAG_IN_KEY = 0
 DIAG_HEADS = 2
 DIAG_WARPS = 1
 # The inverse at 2 warps (166 registers as compiled for sm_90) and W/U at 4 warps with 32 key channels per block
@@ -335,15 +340,16 @@ def kda_chunk_bwd(
         BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=BWD_DIRECT_WARPS,
         num_stages=BWD_DIRECT_STAGES,
     )  # fmt: skip
-    kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-        saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
-    )  # fmt: skip
+    if not BWD_DIAG_IN_KEY:
+        kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+            saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
+            scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+        )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
     kda_key_bwd_kernel[(NC, H, NKB * NS)](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, IEEE=ieee,
+        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, DIAG=bool(BWD_DIAG_IN_KEY), SPAN=DIAG_DOT_SPAN, IEEE=ieee,
         num_warps=BWD_KEY_WARPS, num_stages=BWD_KEY_STAGES,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None

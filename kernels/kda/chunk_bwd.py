@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import (
-    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _state_tile, _store_rows, _token_program, softplus,
+    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _pick_row, _state_tile, _store_rows, _token_program,
+    softplus,
 )  # fmt: skip
 
 
@@ -221,6 +222,52 @@ def _later_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, b_G, rmask, cols, c
 
 
 @triton.jit
+def _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows, rmask, cols, cmask, H, i_h, K,
+                    SPAN: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """For the sub-block at row ``m0`` (``b_G``, ``b_q``, ``b_k``: its ``[BC, BK]`` decays, q and k; fp32), the pairs
+    inside it, as :func:`kda_diag_bwd_kernel` sums them one token at a time: returns dq and dkp before the scale,
+    sum_{j <= i} dA_qk[i, j] k_j E_ij and the same with dP, and dkm, sum_{i >= t} (scale dA_qk[i, t] q_i + dP[i, t]
+    k_i) E_it (E_ij = exp(G_i - G_j)). Tensor-core dots through the sub-block's middle row m, E_ij = exp(G_i - G_m)
+    exp(G_m - G_j), when every |G_i - G_m| of this key block is at most SPAN (each factor then far inside fp32's
+    range); else one partner at a time with exact decays."""
+    idx = tl.arange(0, BC)
+    n_valid = tl.minimum(eos - (t0 + m0), BC)
+    b_m = _pick_row(b_G, idx, tl.minimum(BC // 2, n_valid - 1))
+    b_G = tl.where(rmask[:, None], b_G, b_m[None, :])  # rows past the end: no decay from m
+    b_d = b_G - b_m[None, :]
+    lower = idx[:, None] >= idx[None, :]
+    pair_cols = m0 + idx
+    b_dA = tl.where(lower, _load_rows(dA_qk, rows, rmask, pair_cols, idx < BC, H, i_h, BT), 0.0)
+    b_dPs = tl.where(lower, _load_rows(dP, rows, rmask, pair_cols, idx < BC, H, i_h, BT), 0.0)
+    if tl.max(tl.abs(b_d)) <= SPAN:
+        b_up, b_down = tl.exp(b_d), tl.exp(-b_d)
+        b_kd = b_k * b_down
+        d_q = b_up * tl.dot(b_dA, b_kd, input_precision=IEEE)
+        d_kp = b_up * tl.dot(b_dPs, b_kd, input_precision=IEEE)
+        d_km = tl.dot(tl.trans(b_dA), b_q * (scale * b_up), input_precision=IEEE)
+        d_km = b_down * tl.dot(tl.trans(b_dPs), b_k * b_up, d_km, input_precision=IEEE)
+    else:
+        d_q = tl.zeros(b_G.shape, dtype=tl.float32)
+        d_kp = tl.zeros(b_G.shape, dtype=tl.float32)
+        d_km = tl.zeros(b_G.shape, dtype=tl.float32)
+        for j in range(0, BC):
+            r = t0 + m0 + j
+            b_Gj = _load_row(G, r, eos, cols, H, i_h, K)
+            b_kj = _load_row(k, r, eos, cols, H, i_h, K)
+            b_qj = _load_row(q, r, eos, cols, H, i_h, K) * scale
+            on = (idx == j)[None, :]
+            # row i's partner j (j <= i) and column t's partner j (j >= t)
+            b_to = tl.exp(tl.where((idx >= j)[:, None], b_G - b_Gj[None, :], float("-inf"))) * b_kj[None, :]
+            d_q += tl.sum(tl.where(on, b_dA, 0.0), axis=1)[:, None] * b_to
+            d_kp += tl.sum(tl.where(on, b_dPs, 0.0), axis=1)[:, None] * b_to
+            b_from = tl.exp(tl.where((idx <= j)[:, None], b_Gj[None, :] - b_G, float("-inf")))
+            dA_row = tl.sum(tl.where((idx == j)[:, None], b_dA, 0.0), axis=0)
+            dP_row = tl.sum(tl.where((idx == j)[:, None], b_dPs, 0.0), axis=0)
+            d_km += (dA_row[:, None] * b_qj[None, :] + dP_row[:, None] * b_kj[None, :]) * b_from
+    return d_q, d_kp, d_km
+
+
+@triton.jit
 def kda_diag_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
@@ -266,7 +313,8 @@ def kda_diag_bwd_kernel(
 @triton.jit
 def kda_key_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DIAG: tl.constexpr, SPAN: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
     direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dG`` (= dkm), fp32)
@@ -278,7 +326,8 @@ def kda_key_bwd_kernel(
     pairs with later rows its last row l (exp(G_i - G_l) exp(G_l - G_j)): every factor is <= 1. Each other
     sub-block is one [BC, BC] x [BC, BK] dot, on [BC, BK] tiles and only for the partners that exist (against
     one masked dot over the whole chunk's [BT, BK] tiles: 161 registers instead of 255 with spills, and 11% off
-    fwd+bwd on the H200). The pairs inside the sub-block are already in the direct terms (:func:`kda_diag_bwd_kernel`).
+    fwd+bwd on the H200). The pairs inside the sub-block are already in the direct terms (:func:`kda_diag_bwd_kernel`)
+    or, with DIAG, added here last (:func:`_diag_pairs_bwd`), once the other pairs' tiles are dead.
     """
     i_c, i_h, i_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NS: tl.constexpr = BT // BC
@@ -299,6 +348,12 @@ def kda_key_bwd_kernel(
                               BT, BC, IEEE)  # fmt: skip
     b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    if DIAG:
+        d_q, d_kp, d_km = _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows, rmask, cols,
+                                          cmask, H, i_h, K, SPAN, BT, BC, IEEE)  # fmt: skip
+        b_dq += d_q * scale
+        b_dkp += d_kp
+        b_dkm += d_km
     # G's gradient is q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
     _store_rows(dG, b_q * b_dq + b_k * (b_dkp - b_dkm), rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)
