@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks and timings, grouped so that one device call (10-minute limit, fresh machine) does as much
-# as it can. Run from the repository root on the GPU machine (carry .whl):
+# as it can. Run from the repository root on the GPU machine (carry .whl, filled by scripts/fetch_gpu_wheels.sh):
 #   bash kernels/benchmarks/gpu_session.sh [WARM_STEP ...] -- [TIMED_STEP ...]
 # e.g.  bash kernels/benchmarks/gpu_session.sh tests kda_quick model_quick -- kda_quick model
 #
@@ -20,8 +20,9 @@ step_command() {
   case "$1" in
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
-    kda_sweep) echo "timeout 420 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 DIAG_IN_PAIRS=0,1 \
-      BWD_DIAG_IN_KEY=0,1 BWD_KEY_WARPS=2,4" ;;
+    kda_sweep) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 DIAG_IN_PAIRS=0,1" ;;
+    kda_sweep_bwd) echo "timeout 360 python3 kernels/benchmarks/bench_kda.py --sweep BWD_DIAG_IN_KEY=0,1 \
+      BWD_KEY_WARPS=2,4 BWD_KEY_BLOCK=64,32" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;
