@@ -75,7 +75,8 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_fwd.kda_diag_fwd_kernel,
          dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
          chunk.DIAG_WARPS, 1),
-        (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
+        *((chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB, PRODUCT=product), chunk.INVERSE_WARPS, 1)
+          for product in (False, True)),  # with the candidate INVERSE_PRODUCT
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS, 1),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
          chunk._state_fwd_warps(BK), 1),
@@ -122,7 +123,7 @@ def report(
     ptxas: str,
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
-    shown: tuple[str, ...] = ("BK", "BV", "BH", "DIAG", "DBK"),
+    shown: tuple[str, ...] = ("BK", "BV", "BH", "DIAG", "DBK", "PRODUCT"),
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""

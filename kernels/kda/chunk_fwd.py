@@ -470,8 +470,22 @@ def _substitution_step(P, beta, b_inv, idx, t0, eos, s, i, H, i_h, BT: tl.conste
 
 
 @triton.jit
+def _unit_lower_inverse(b_N, eye, IEEE: tl.constexpr):
+    """``(I + N)^-1`` for a strictly lower triangular ``[16, 16]`` N, as the product (I - N)(I + N^2)(I + N^4)(I + N^8)
+    = sum_{k < 16} (-N)^k (N^16 = 0): six dots, four in a dependent chain, in place of fifteen substitution steps."""
+    b_N2 = tl.dot(b_N, b_N, input_precision=IEEE)
+    b_N4 = tl.dot(b_N2, b_N2, input_precision=IEEE)
+    b_N8 = tl.dot(b_N4, b_N4, input_precision=IEEE)
+    b_X = eye - b_N
+    b_X = tl.dot(b_X, b_N2, b_X, input_precision=IEEE)
+    b_X = tl.dot(b_X, b_N4, b_X, input_precision=IEEE)
+    return tl.dot(b_X, b_N8, b_X, input_precision=IEEE)
+
+
+@triton.jit
 def _lower_block(P, beta, idx, t0, eos, s, t, H, i_h, BT: tl.constexpr, BC: tl.constexpr):
-    """Block ``(s, t)``, t < s, of ``L = I + Diag(beta) P`` (``[BC, BC]`` fp32; rows past the sequence end 0)."""
+    """Block ``(s, t)``, t < s, of ``L = I + Diag(beta) P`` (``[BC, BC]`` fp32; rows past the sequence end 0); for
+    t = s its strictly lower part, Diag(beta) P_ss (P is zero on and above the diagonal)."""
     rows = t0 + s * BC + idx
     rmask = rows < eos
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
@@ -493,11 +507,12 @@ def _store_block_row(M, b0, b1, b2, b3, idx, t0, eos, s, H, i_h, BT: tl.constexp
 @triton.jit
 def kda_inverse_fwd_kernel(
     P, beta, M, chunk_indices, cu_seqlens, H,
-    BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, PRODUCT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]`` fp32, zeros above the diagonal), by blocked
     forward substitution on the four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks' inverses step by
-    step, the four side by side, then the blocks below them by dots, M_st = -M_ss sum_{t <= u < s} L_su M_ut.
+    step, the four side by side (with PRODUCT, as products of powers of their strictly lower parts:
+    :func:`_unit_lower_inverse`), then the blocks below them by dots, M_st = -M_ss sum_{t <= u < s} L_su M_ut.
 
     Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
     share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
@@ -508,12 +523,19 @@ def kda_inverse_fwd_kernel(
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BC)
     eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
-    m00, m11, m22, m33 = eye, eye, eye, eye
-    for i in range(1, BC):
-        m00 = _substitution_step(P, beta, m00, idx, t0, eos, 0, i, H, i_h, BT, BC)
-        m11 = _substitution_step(P, beta, m11, idx, t0, eos, 1, i, H, i_h, BT, BC)
-        m22 = _substitution_step(P, beta, m22, idx, t0, eos, 2, i, H, i_h, BT, BC)
-        m33 = _substitution_step(P, beta, m33, idx, t0, eos, 3, i, H, i_h, BT, BC)
+    if PRODUCT:
+        tl.static_assert(BC == 16, "the product form is written out for 16 rows")
+        m00 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 0, 0, H, i_h, BT, BC), eye, IEEE)
+        m11 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 1, 1, H, i_h, BT, BC), eye, IEEE)
+        m22 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 2, 2, H, i_h, BT, BC), eye, IEEE)
+        m33 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 3, 3, H, i_h, BT, BC), eye, IEEE)
+    else:
+        m00, m11, m22, m33 = eye, eye, eye, eye
+        for i in range(1, BC):
+            m00 = _substitution_step(P, beta, m00, idx, t0, eos, 0, i, H, i_h, BT, BC)
+            m11 = _substitution_step(P, beta, m11, idx, t0, eos, 1, i, H, i_h, BT, BC)
+            m22 = _substitution_step(P, beta, m22, idx, t0, eos, 2, i, H, i_h, BT, BC)
+            m33 = _substitution_step(P, beta, m33, idx, t0, eos, 3, i, H, i_h, BT, BC)
     l10 = _lower_block(P, beta, idx, t0, eos, 1, 0, H, i_h, BT, BC)
     l20 = _lower_block(P, beta, idx, t0, eos, 2, 0, H, i_h, BT, BC)
     l21 = _lower_block(P, beta, idx, t0, eos, 2, 1, H, i_h, BT, BC)
