@@ -235,11 +235,10 @@ def _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows,
     b_m = _pick_row(b_G, idx, tl.minimum(BC // 2, n_valid - 1))
     b_G = tl.where(rmask[:, None], b_G, b_m[None, :])  # rows past the end: no decay from m
     b_d = b_G - b_m[None, :]
-    lower = idx[:, None] >= idx[None, :]
-    pair_cols = m0 + idx
-    b_dA = tl.where(lower, _load_rows(dA_qk, rows, rmask, pair_cols, idx < BC, H, i_h, BT), 0.0)
-    b_dPs = tl.where(lower, _load_rows(dP, rows, rmask, pair_cols, idx < BC, H, i_h, BT), 0.0)
     if tl.max(tl.abs(b_d)) <= SPAN:
+        lower = idx[:, None] >= idx[None, :]
+        b_dA = tl.where(lower, _load_rows(dA_qk, rows, rmask, m0 + idx, idx < BC, H, i_h, BT), 0.0)
+        b_dPs = tl.where(lower, _load_rows(dP, rows, rmask, m0 + idx, idx < BC, H, i_h, BT), 0.0)
         b_up, b_down = tl.exp(b_d), tl.exp(-b_d)
         b_kd = b_k * b_down
         d_q = b_up * tl.dot(b_dA, b_kd, input_precision=IEEE)
@@ -255,15 +254,17 @@ def _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows,
             b_Gj = _load_row(G, r, eos, cols, H, i_h, K)
             b_kj = _load_row(k, r, eos, cols, H, i_h, K)
             b_qj = _load_row(q, r, eos, cols, H, i_h, K) * scale
-            on = (idx == j)[None, :]
-            # row i's partner j (j <= i) and column t's partner j (j >= t)
+            # row i's partner j (j <= i): column j of dA_qk, dP; column t's partner j (j >= t): their row j
+            col = (rows.to(tl.int64) * H + i_h) * BT + m0 + j
+            row = (r.to(tl.int64) * H + i_h) * BT + m0 + idx
             b_to = tl.exp(tl.where((idx >= j)[:, None], b_G - b_Gj[None, :], float("-inf"))) * b_kj[None, :]
-            d_q += tl.sum(tl.where(on, b_dA, 0.0), axis=1)[:, None] * b_to
-            d_kp += tl.sum(tl.where(on, b_dPs, 0.0), axis=1)[:, None] * b_to
+            d_q += tl.load(dA_qk + col, mask=rmask, other=0.0)[:, None] * b_to
+            d_kp += tl.load(dP + col, mask=rmask, other=0.0)[:, None] * b_to
             b_from = tl.exp(tl.where((idx <= j)[:, None], b_Gj[None, :] - b_G, float("-inf")))
-            dA_row = tl.sum(tl.where((idx == j)[:, None], b_dA, 0.0), axis=0)
-            dP_row = tl.sum(tl.where((idx == j)[:, None], b_dPs, 0.0), axis=0)
-            d_km += (dA_row[:, None] * b_qj[None, :] + dP_row[:, None] * b_kj[None, :]) * b_from
+            on = idx <= tl.where(r < eos, j, -1)  # t <= j, none past the sequence end
+            b_dA_row = tl.load(dA_qk + row, mask=on, other=0.0)
+            b_dP_row = tl.load(dP + row, mask=on, other=0.0)
+            d_km += (b_dA_row[:, None] * b_qj[None, :] + b_dP_row[:, None] * b_kj[None, :]) * b_from
     return d_q, d_kp, d_km
 
 
