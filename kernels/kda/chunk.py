@@ -65,22 +65,24 @@ PAIRS_WARPS = 4
 # the pairs kernel (kda_prep_pairs_fwd_kernel), which then takes q, k, g as given and writes qn, kn and G for the
 # later kernels while it holds their tiles: one launch and one read of qn, kn and G (about 0.27 GB, 0.065 ms at
 # 4.1 TB/s at B1 T8192 H32 D128) fewer. Prep took 0.140 ms and the pairs 0.218 in session 15's profile. The
-# default stays the measured pair of kernels until bench_kda.py --sweep kda.chunk.PREP_IN_PAIRS=0,1 times both.
+# default stays the measured pair of kernels until bench_kda.py --sweep PREP_IN_PAIRS=0,1 times both.
 PREP_IN_PAIRS = 0
 # A second candidate, not timed yet (session 16): DIAG_IN_PAIRS = 1 sums the pairs inside each sub-block in the pairs
 # kernel too, as tensor-core dots through the sub-block's middle row m (exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c)),
 # and the forward's diagonal kernel (0.257 ms of the 1.347 ms forward at B1 T8192 in session 15) is not launched. The
 # split is exact while every |G_r - G_m| in the sub-block is at most DIAG_DOT_SPAN (both factors within e^+-40, far
 # inside fp32's range); a sub-block whose decays span more (per-token log-decays beyond about -5 on average over 8
-# tokens) takes an exact one-column-at-a-time path in the same program. Timed by bench_kda.py --sweep
-# kda.chunk.DIAG_IN_PAIRS=0,1; the interpreter and GPU tests cover both paths.
+# tokens) takes an exact one-column-at-a-time path in the same program. To be timed by bench_kda.py --sweep
+# DIAG_IN_PAIRS=0,1; the interpreter and GPU tests cover both paths.
 DIAG_IN_PAIRS = 0
 DIAG_DOT_SPAN = 40.0
 DIAG_KEY_BLOCK = 64  # key channels per step of that diagonal phase (its own: it runs after the pairs' accumulators)
 # The backward's counterpart, also a candidate (session 16): BWD_DIAG_IN_KEY = 1 adds the gradients of the pairs inside
 # each sub-block in the key kernel, by the same split (exact path past DIAG_DOT_SPAN, decided per key block there),
 # and kda_diag_bwd_kernel (0.525 ms of the fwd+bwd step at B1 T8192 in session 7's profile, most of it a
-# read-modify-write of three fp32 gradients that the key kernel reads and writes anyway) is not launched.
+# read-modify-write of three fp32 gradients that the key kernel reads and writes anyway) is not launched. With it the
+# key kernel spills 176 B at its default 2 warps and 64 channels (167 registers at 4 warps, or 2 warps and 32
+# channels; kda_registers.py), so its sweep takes BWD_KEY_WARPS and BWD_KEY_BLOCK too (gpu_session.sh kda_sweep_bwd).
 BWD_DIAG_IN_KEY = 0
 DIAG_HEADS = 2
 DIAG_WARPS = 1

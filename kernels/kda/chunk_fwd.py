@@ -278,8 +278,8 @@ def _diag_accumulate(b_G, b_q, b_k, b_A, b_P, b_span, BC: tl.constexpr, IEEE: tl
 @triton.jit
 def _diag_exact(q, k, G, t0, eos, s, scale, H, i_h, K, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """Sub-block ``s``'s diagonal tiles of A_qk and P with exact decays, one column at a time from the stored q, k and
-    G (entries above the diagonal: garbage, masked at the store). The pairs kernels' path for a sub-block whose decays
-    span more than SPAN, where the split through the middle row would leave fp32's range."""
+    G (zeros above the diagonal). The pairs kernels' path for a sub-block whose decays span more than SPAN, where the
+    split through the middle row would leave fp32's range."""
     idx = tl.arange(0, BC)
     b_A = tl.zeros([BC, BC], dtype=tl.float32)
     b_P = tl.zeros([BC, BC], dtype=tl.float32)
@@ -291,7 +291,9 @@ def _diag_exact(q, k, G, t0, eos, s, scale, H, i_h, K, BT: tl.constexpr, BC: tl.
         b_G, b_q, b_k, _ = _sub_block_tiles(q, k, G, b_Glast, t0, eos, s, cols, cmask, scale, H, i_h, K, BC)
         for j in range(0, BC):
             r = t0 + s * BC + j
-            b_e = tl.exp(b_G - _load_row(G, r, eos, cols, H, i_h, K)[None, :]) * _load_row(k, r, eos, cols, H, i_h, K)
+            b_Gj = _load_row(G, r, eos, cols, H, i_h, K)
+            b_e = tl.exp(tl.where((idx >= j)[:, None], b_G - b_Gj[None, :], float("-inf")))
+            b_e *= _load_row(k, r, eos, cols, H, i_h, K)[None, :]
             on = (idx == j)[None, :]
             b_A += tl.where(on, tl.sum(b_q * b_e, axis=1)[:, None], 0.0)
             b_P += tl.where(on, tl.sum(b_k * b_e, axis=1)[:, None], 0.0)
