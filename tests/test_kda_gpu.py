@@ -84,15 +84,16 @@ def test_head_dim_256_and_unequal_dims():
     _check(_inputs(1, 300, 2, 64, 192, seed=5), torch.bfloat16, use_qk_l2norm_in_kernel=True)
 
 
-_CANDIDATES = ("PREP_IN_PAIRS", "DIAG_IN_PAIRS", "BWD_DIAG_IN_KEY", "INVERSE_PRODUCT")
+_CANDIDATES = ("PREP_IN_PAIRS", "DIAG_IN_PAIRS", "BWD_DIAG_IN_KEY", "INVERSE_PRODUCT", "WU_SPLIT")
 
 
 @pytest.mark.parametrize("candidates", [(name,) for name in _CANDIDATES] + [_CANDIDATES], ids=lambda c: "+".join(c))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_candidates(dtype, candidates, monkeypatch):
-    """Session 16's candidates (``PREP_IN_PAIRS``, ``DIAG_IN_PAIRS``, ``BWD_DIAG_IN_KEY``, ``INVERSE_PRODUCT``), each
-    alone and all together: varlen with the fused gate, decays near 0 and very negative (the diagonal's exact paths),
-    strong in one stretch only (both paths in one chunk), head dim 256, against float64, forward and backward."""
+    """Session 16's candidates (``PREP_IN_PAIRS``, ``DIAG_IN_PAIRS``, ``BWD_DIAG_IN_KEY``, ``INVERSE_PRODUCT``,
+    ``WU_SPLIT``), each alone and all together: varlen with the fused gate, decays near 0 and very negative (the
+    diagonal's exact paths), strong in one stretch only (both paths in one chunk), head dim 256, against float64,
+    forward and backward."""
     from kimi_hf.kernels.kda import chunk
 
     for name in candidates:

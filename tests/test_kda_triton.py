@@ -182,9 +182,9 @@ def test_inverse_kernel_against_float64(product):
             assert torch.all(M[start : start + n, h, n:] == 0), "M above the diagonal past the sequence end"
 
 
-_CANDIDATES = ("PREP_IN_PAIRS", "DIAG_IN_PAIRS", "BWD_DIAG_IN_KEY", "INVERSE_PRODUCT")
+_CANDIDATES = ("PREP_IN_PAIRS", "DIAG_IN_PAIRS", "BWD_DIAG_IN_KEY", "INVERSE_PRODUCT", "WU_SPLIT")
 _CANDIDATE_CASES = [
-    "fused-gate-ragged", "two-key-blocks", "caller-normalised", "fp16", "strong-decay", "mixed-decay", "head-dim-48",
+    "fused-gate-ragged", "two-blocks", "caller-normalised", "fp16", "strong-decay", "mixed-decay", "head-dim-48",
 ]  # fmt: skip
 
 
@@ -199,10 +199,11 @@ def test_chunk_kernel_candidates(case, candidates, monkeypatch):
     (``PREP_IN_PAIRS``: L2 norms, gate and cumsum inside the pairs kernel, which writes qn, kn, G for the later
     kernels; ``DIAG_IN_PAIRS``: the forward's pairs inside each sub-block as dots through its middle row;
     ``BWD_DIAG_IN_KEY``: their gradients the same way in the key kernel; both with the exact path past
-    ``DIAG_DOT_SPAN``; ``INVERSE_PRODUCT``: the diagonal blocks' inverses as products of powers): ragged packed
-    sequences with the fused gate, two key blocks, q/k normalised by the caller, the fp16 path, decays far below
-    fp32's range (every sub-block on the exact path) and strong in part of a chunk (both paths in one program), and
-    K = 48 (norms over a padded 64-channel tile), against the float64 reference, forward and backward."""
+    ``DIAG_DOT_SPAN``; ``INVERSE_PRODUCT``: the diagonal blocks' inverses as products of powers; ``WU_SPLIT``: a
+    program per W/U block): ragged packed sequences with the fused gate, two key blocks in every per-chunk kernel and
+    two value blocks in W/U, q/k normalised by the caller, the fp16 path, decays far below fp32's range (every
+    sub-block on the exact path) and strong in part of a chunk (both paths in one program), and K = 48 (norms over a
+    padded 64-channel tile), against the float64 reference, forward and backward."""
     from kimi_hf.kernels.kda import chunk
 
     for name in candidates:
@@ -213,11 +214,11 @@ def test_chunk_kernel_candidates(case, candidates, monkeypatch):
         params = dict(A_log=torch.randn(2, generator=gen), dt_bias=torch.randn(2 * 32, generator=gen))
         _check(_inputs(T=200, N=5, K=32, V=16, seed=13, raw_gate=True), params, cu_seqlens=cu.to(DEVICE),
                use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)  # fmt: skip
-    elif case == "two-key-blocks":  # every per-chunk kernel's key channels in two blocks at K = 32
-        for name in ("PAIRS_KEY_BLOCK", "DIAG_KEY_BLOCK", "BWD_KEY_BLOCK"):
+    elif case == "two-blocks":  # every per-chunk kernel's key channels in two blocks at K = 32, W/U's values at V = 80
+        for name in ("PAIRS_KEY_BLOCK", "DIAG_KEY_BLOCK", "BWD_KEY_BLOCK", "WU_KEY_BLOCK"):
             monkeypatch.setattr(chunk, name, 16)
         cu = torch.tensor([0, 130, 194, 197], dtype=torch.int32)
-        _check(_inputs(T=197, N=3, K=32, V=16, seed=14), cu_seqlens=cu.to(DEVICE), use_qk_l2norm_in_kernel=True)
+        _check(_inputs(T=197, N=3, K=32, V=80, seed=14), cu_seqlens=cu.to(DEVICE), use_qk_l2norm_in_kernel=True)
     elif case == "caller-normalised":
         inputs = _inputs(T=70, N=1, K=32, V=16, seed=15)
         for name in ("q", "k"):

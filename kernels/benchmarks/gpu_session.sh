@@ -20,8 +20,8 @@ step_command() {
   case "$1" in
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
-    kda_sweep) echo "timeout 330 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 DIAG_IN_PAIRS=0,1 \
-      INVERSE_PRODUCT=0,1" ;;
+    kda_sweep) echo "timeout 480 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 DIAG_IN_PAIRS=0,1 \
+      INVERSE_PRODUCT=0,1 WU_SPLIT=0,1" ;;
     kda_sweep_bwd) echo "timeout 360 python3 kernels/benchmarks/bench_kda.py --sweep BWD_DIAG_IN_KEY=0,1 \
       BWD_KEY_WARPS=2,4 BWD_KEY_BLOCK=64,32" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;

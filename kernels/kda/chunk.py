@@ -96,6 +96,10 @@ INVERSE_WARPS = 2
 INVERSE_PRODUCT = 0
 WU_KEY_BLOCK = 32
 WU_WARPS = 4
+# A candidate (session 16, not timed): WU_SPLIT = 1 gives each of W/U's key and value blocks a program of its own
+# (4096 programs of 4 warps at B1 T8192 H32 walked 4 key and 2 value blocks each, one after the other; W/U took 0.240
+# ms for about 0.67 GB, 2.8 TB/s, against fla's 0.16 ms).
+WU_SPLIT = 0
 # The diagonal kernels' partner loops are plain: software-pipelined (Triton's num_stages 2) they were slower on the
 # H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd 4.88 against 4.58).
 # Software pipelining by Triton (num_stages) of the backward's pair and direct kernels (session 14 sweep on the H200,
@@ -253,9 +257,10 @@ def kda_chunk_fwd(
         P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, PRODUCT=bool(INVERSE_PRODUCT), IEEE=ieee,
         num_warps=INVERSE_WARPS,
     )  # fmt: skip
-    kda_wu_fwd_kernel[(NC, H)](
+    BKw = min(BK, WU_KEY_BLOCK)
+    kda_wu_fwd_kernel[(NC, H, triton.cdiv(K, BKw) + triton.cdiv(V, BV) if WU_SPLIT else 1)](
         qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
+        BT=CHUNK, BK=BKw, BV=BV, SPLIT=bool(WU_SPLIT), IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)

@@ -563,11 +563,13 @@ def kda_inverse_fwd_kernel(
 @triton.jit
 def kda_wu_fwd_kernel(
     q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
-    otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``)."""
+    otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
+    With SPLIT each block is a program of its own (the third program id: the key blocks, then the value blocks),
+    each loading M (from L2 after the first), so that more programs share the latency of the loads."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
@@ -575,10 +577,17 @@ def kda_wu_fwd_kernel(
     rmask = rows < eos
     b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
-    for k0 in range(0, K, BK):
-        _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
-    for v0 in range(0, V, BV):
-        _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
+    if SPLIT:
+        i_b, n_kb = tl.program_id(2), tl.cdiv(K, BK)
+        if i_b < n_kb:
+            _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, i_b * BK, scale, H, i_h, K, BT, BK, IEEE)
+        else:
+            _wu_value_block(v, U, b_Md, b_beta, rows, rmask, (i_b - n_kb) * BV, H, i_h, V, BV, IEEE)
+    else:
+        for k0 in range(0, K, BK):
+            _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
+        for v0 in range(0, V, BV):
+            _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
 
 
 @triton.jit
