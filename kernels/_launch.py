@@ -48,14 +48,25 @@ def set_launch_constants(specs: list[str]) -> dict[str, int]:
 
 
 def add_set_option(parser: argparse.ArgumentParser, example: str, scope: str = "this run") -> None:
-    """The benchmarks' ``--set MODULE.NAME=INT [...]`` option; ``example`` names one constant in its help."""
+    """The benchmarks' ``--set MODULE.NAME=INT [...]`` option, and ``--set-file PATH [...]`` (the same specs read
+    from files, e.g. the best combination a sweep wrote); ``example`` names one constant in the help."""
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
                         help=f"launch constants of kimi_hf.kernels for {scope} (e.g. {example})")  # fmt: skip
+    parser.add_argument("--set-file", nargs="+", default=[], metavar="PATH",
+                        help="files of MODULE.NAME=INT specs (whitespace-separated), applied before --set")  # fmt: skip
 
 
 def apply_set_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, int]:
-    """Apply ``args.set`` (see :func:`set_launch_constants`); a bad spec exits through ``parser.error``."""
+    """Apply ``args.set_file``'s specs, then ``args.set`` (see :func:`set_launch_constants`); a bad spec or a missing
+    file exits through ``parser.error``."""
+    specs = []
+    for path in args.set_file:
+        try:
+            with open(path) as f:
+                specs += f.read().split()
+        except OSError as exc:
+            parser.error(f"--set-file: {exc}")
     try:
-        return set_launch_constants(args.set)
+        return set_launch_constants(specs + args.set)
     except ValueError as exc:
         parser.error(str(exc))

@@ -45,6 +45,28 @@ def test_set_launch_constants_sets_ints_and_names_bad_specs(monkeypatch):
             _launch.set_launch_constants([bad])
 
 
+def test_set_file_is_applied_before_set_and_a_missing_file_is_an_error(monkeypatch, tmp_path, capsys):
+    """``--set-file`` (a sweep's fastest combination, e.g. from ``bench_kda.py --best-to``): its specs apply first,
+    ``--set`` after them; a missing file stops the run with its name."""
+    import argparse
+
+    from kimi_hf.kernels import _launch, moe
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(moe, "GATE_UP_SPLIT", moe.GATE_UP_SPLIT)
+    monkeypatch.setattr(chunk, "PAIRS_WARPS", chunk.PAIRS_WARPS)
+    best = tmp_path / "best.txt"
+    best.write_text("kda.chunk.PAIRS_WARPS=2 moe.GATE_UP_SPLIT=2\n")
+    parser = argparse.ArgumentParser()
+    _launch.add_set_option(parser, "moe.GATE_UP_SPLIT=4")
+    args = parser.parse_args(["--set-file", str(best), "--set", "moe.GATE_UP_SPLIT=3"])
+    assert _launch.apply_set_option(parser, args) == {"kda.chunk.PAIRS_WARPS": 2, "moe.GATE_UP_SPLIT": 3}
+    assert (chunk.PAIRS_WARPS, moe.GATE_UP_SPLIT) == (2, 3)
+    with pytest.raises(SystemExit):
+        _launch.apply_set_option(parser, parser.parse_args(["--set-file", str(tmp_path / "missing.txt")]))
+    assert "missing.txt" in capsys.readouterr().err
+
+
 def test_small_ops_depth_attention_section_runs_tiny():
     """The depth-attention rows of ``bench_small_ops.py`` build their bank and run fwd / fwd+bwd, the block
     boundary and the one-token reads (interpreter)."""

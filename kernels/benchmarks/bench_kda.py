@@ -163,6 +163,11 @@ def run_benchmarks(
     return rows
 
 
+# A sweep's combinations must reproduce the first one's output and input gradients to this relative difference
+# (bf16; the candidates change summation orders and take some products in tf32) to be picked as the fastest.
+SWEEP_MAX_DIFF = 5e-3
+
+
 def _parse_sweep(specs: list[str]) -> dict[str, list[int]]:
     """``["NAME=1,2", ...]`` -> ``{"NAME": [1, 2]}`` for integer launch constants of ``chunk``."""
     grid = {}
@@ -174,14 +179,26 @@ def _parse_sweep(specs: list[str]) -> dict[str, list[int]]:
     return grid
 
 
-def sweep_launch_constants(grid: dict[str, list[int]], B: int = 1, T: int = 8192, H: int = 32, D: int = 128) -> None:
+def sweep_launch_constants(
+    grid: dict[str, list[int]],
+    B: int = 1,
+    T: int = 8192,
+    H: int = 32,
+    D: int = 128,
+    best_by: str = "fwd+bwd",
+    best_to: str | None = None,
+) -> list[str]:
     """Print fwd and fwd+bwd times of ours for every combination in ``grid`` (constants restored after),
-    with the largest relative difference of the output and input gradients against the first combination."""
+    with the largest relative difference of the output and input gradients against the first combination.
+
+    Returns the fastest combination by ``best_by`` ("fwd" or "fwd+bwd") among those within ``SWEEP_MAX_DIFF`` of
+    the first, as ``--set`` specs (``kda.chunk.NAME=V``), also written to ``best_to`` each time it changes (so that
+    a sweep cut short by its time limit leaves the best it found)."""
     saved = {name: getattr(chunk, name) for name in grid}
     inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, True)
     grads = list(inputs.values())
     do = torch.randn_like(inputs["v"])
-    first = None
+    first = best = None
     print(f"ours at B{B} T{T} H{H} D{D} bf16, {torch.cuda.get_device_name()}, triton {triton.__version__}\n")
     print("| " + " | ".join(grid) + " | fwd (ms) | fwd+bwd (ms) | diff vs first |")
     print("| --- " * (len(grid) + 3) + "|")
@@ -202,9 +219,19 @@ def sweep_launch_constants(grid: dict[str, list[int]], B: int = 1, T: int = 8192
             both = do_bench(_step(chunk_kda, inputs, True, use_qk_l2norm_in_kernel=True), grad_to_none=grads)
             cells = " | ".join(str(v) for v in values)
             print(f"| {cells} | {fwd:.3f} | {both:.3f} | {diff:.1e} |", flush=True)
+            key = fwd if best_by == "fwd" else both
+            if diff <= SWEEP_MAX_DIFF and (best is None or key < best[0]):  # NaN never compares true
+                best = (key, [f"kda.chunk.{name}={value}" for name, value in zip(grid, values)])
+                if best_to:
+                    with open(best_to, "w") as f:
+                        f.write(" ".join(best[1]) + "\n")
     finally:
         for name, value in saved.items():
             setattr(chunk, name, value)
+    if best is None:
+        raise RuntimeError("no combination of the sweep matched the first one's results")
+    print(f"\nfastest by {best_by} within {SWEEP_MAX_DIFF:.0e} of the first: {' '.join(best[1])}")
+    return best[1]
 
 
 def environment() -> dict:
@@ -244,6 +271,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true", help="first print the per-kernel GPU time of ours and fla")
     p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
                    help="only time ours over combinations of kda.chunk's launch constants (e.g. NUM_WARPS=4,8)")
+    p.add_argument("--best-by", choices=("fwd", "fwd+bwd"), default="fwd+bwd",
+                   help="with --sweep: the time that picks the fastest combination (default fwd+bwd)")
+    p.add_argument("--best-to", metavar="PATH",
+                   help="with --sweep: write the fastest combination as --set specs, for a later --set-file")
     add_set_option(p, "kda.chunk.PAIRS_WARPS=2")
     args = p.parse_args(argv)
     grid = _parse_sweep(args.sweep) if args.sweep else None
@@ -251,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     if grid:
-        sweep_launch_constants(grid)
+        sweep_launch_constants(grid, best_by=args.best_by, best_to=args.best_to)
         return []
     env = dict(environment(), launch_constants=overrides)
     if args.profile:

@@ -20,10 +20,15 @@ step_command() {
   case "$1" in
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
+    # the candidates of session 16: each sweep writes its fastest combination for kda_best and model_best
     kda_sweep) echo "timeout 480 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 DIAG_IN_PAIRS=0,1 \
-      INVERSE_PRODUCT=0,1 WU_SPLIT=0,1" ;;
+      INVERSE_PRODUCT=0,1 WU_SPLIT=0,1 --best-by fwd --best-to $OUT/kda_best_fwd.txt" ;;
     kda_sweep_bwd) echo "timeout 360 python3 kernels/benchmarks/bench_kda.py --sweep BWD_DIAG_IN_KEY=0,1 \
-      BWD_KEY_WARPS=2,4 BWD_KEY_BLOCK=64,32" ;;
+      BWD_KEY_WARPS=2,4 BWD_KEY_BLOCK=64,32 --best-to $OUT/kda_best_bwd.txt" ;;
+    kda_best) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --profile --json $OUT/$2kda_best.json \
+      --set-file $OUT/kda_best_fwd.txt $OUT/kda_best_bwd.txt" ;;
+    model_best) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile \
+      --json $OUT/$2model_best.json --set-file $OUT/kda_best_fwd.txt $OUT/kda_best_bwd.txt" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;
