@@ -8,7 +8,10 @@ Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk p
 sub-block, per token) -> key (adds the pairs between sub-blocks: dq, dk and dG per chunk, block of key channels and
 sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm backward.
 Everything runs on flattened ``[B*T, H, D]`` tensors with sequence offsets, so equal-length batches
-and packed (cu_seqlens) sequences share one code path.
+and packed (cu_seqlens) sequences share one code path. Candidates not yet timed, off by default (session 16): the
+prep inside the pairs kernel (``PREP_IN_PAIRS``), the diagonal inside the pairs kernel (``DIAG_IN_PAIRS``) and
+inside the key kernel (``BWD_DIAG_IN_KEY``), the inverse's diagonal blocks as products (``INVERSE_PRODUCT``), and a
+program per W/U block (``WU_SPLIT``).
 """
 
 from __future__ import annotations
