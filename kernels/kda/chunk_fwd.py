@@ -419,14 +419,14 @@ def kda_prep_pairs_fwd_kernel(
     ones = tl.full([BC], 1.0, dtype=tl.float32)
     dq0, dq1, dq2, dq3, dk0, dk1, dk2, dk3 = ones, ones, ones, ones, ones, ones, ones, ones
     if L2NORM:
-        dq0, dk0 = _l2_norm_denominators(q, t0, eos, 0, H, i_h, K, EPS, BC, KP), \
-            _l2_norm_denominators(k, t0, eos, 0, H, i_h, K, EPS, BC, KP)
-        dq1, dk1 = _l2_norm_denominators(q, t0, eos, 1, H, i_h, K, EPS, BC, KP), \
-            _l2_norm_denominators(k, t0, eos, 1, H, i_h, K, EPS, BC, KP)
-        dq2, dk2 = _l2_norm_denominators(q, t0, eos, 2, H, i_h, K, EPS, BC, KP), \
-            _l2_norm_denominators(k, t0, eos, 2, H, i_h, K, EPS, BC, KP)
-        dq3, dk3 = _l2_norm_denominators(q, t0, eos, 3, H, i_h, K, EPS, BC, KP), \
-            _l2_norm_denominators(k, t0, eos, 3, H, i_h, K, EPS, BC, KP)
+        dq0 = _l2_norm_denominators(q, t0, eos, 0, H, i_h, K, EPS, BC, KP)
+        dq1 = _l2_norm_denominators(q, t0, eos, 1, H, i_h, K, EPS, BC, KP)
+        dq2 = _l2_norm_denominators(q, t0, eos, 2, H, i_h, K, EPS, BC, KP)
+        dq3 = _l2_norm_denominators(q, t0, eos, 3, H, i_h, K, EPS, BC, KP)
+        dk0 = _l2_norm_denominators(k, t0, eos, 0, H, i_h, K, EPS, BC, KP)
+        dk1 = _l2_norm_denominators(k, t0, eos, 1, H, i_h, K, EPS, BC, KP)
+        dk2 = _l2_norm_denominators(k, t0, eos, 2, H, i_h, K, EPS, BC, KP)
+        dk3 = _l2_norm_denominators(k, t0, eos, 3, H, i_h, K, EPS, BC, KP)
     b_a = 0.0
     if GATE:
         b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
