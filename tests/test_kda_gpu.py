@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rel
+from helpers import KDA_CANDIDATES, assert_close_rel
 
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda, naive_chunk_kda
 
@@ -84,10 +84,9 @@ def test_head_dim_256_and_unequal_dims():
     _check(_inputs(1, 300, 2, 64, 192, seed=5), torch.bfloat16, use_qk_l2norm_in_kernel=True)
 
 
-_CANDIDATES = ("PREP_IN_PAIRS", "DIAG_IN_PAIRS", "BWD_DIAG_IN_KEY", "INVERSE_PRODUCT", "WU_SPLIT")
-
-
-@pytest.mark.parametrize("candidates", [(name,) for name in _CANDIDATES] + [_CANDIDATES], ids=lambda c: "+".join(c))
+@pytest.mark.parametrize(
+    "candidates", [(name,) for name in KDA_CANDIDATES] + [KDA_CANDIDATES], ids=lambda c: "+".join(c)
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_candidates(dtype, candidates, monkeypatch):
     """Session 16's candidates (``PREP_IN_PAIRS``, ``DIAG_IN_PAIRS``, ``BWD_DIAG_IN_KEY``, ``INVERSE_PRODUCT``,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close_rel
+from helpers import KDA_CANDIDATES, assert_close_rel
 
 from kimi_hf.kernels.kda import chunk_bwd, chunk_fwd, chunk_kda, fused_recurrent_kda
 
@@ -182,7 +182,6 @@ def test_inverse_kernel_against_float64(product):
             assert torch.all(M[start : start + n, h, n:] == 0), "M above the diagonal past the sequence end"
 
 
-_CANDIDATES = ("PREP_IN_PAIRS", "DIAG_IN_PAIRS", "BWD_DIAG_IN_KEY", "INVERSE_PRODUCT", "WU_SPLIT")
 _CANDIDATE_CASES = [
     "fused-gate-ragged", "two-blocks", "caller-normalised", "fp16", "strong-decay", "mixed-decay", "head-dim-48",
 ]  # fmt: skip
@@ -190,8 +189,8 @@ _CANDIDATE_CASES = [
 
 @pytest.mark.parametrize(
     "case, candidates",
-    [(case, _CANDIDATES) for case in _CANDIDATE_CASES]
-    + [("mixed-decay", (name,)) for name in _CANDIDATES],
+    [(case, KDA_CANDIDATES) for case in _CANDIDATE_CASES]
+    + [("mixed-decay", (name,)) for name in KDA_CANDIDATES],
     ids=lambda x: x if isinstance(x, str) else "+".join(x),
 )
 def test_chunk_kernel_candidates(case, candidates, monkeypatch):

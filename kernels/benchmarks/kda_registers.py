@@ -62,16 +62,14 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     BK, BV = chunk._dims(head_dim, head_dim)
     bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
-    pairs = dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), DBK=min(BK, chunk.DIAG_KEY_BLOCK),
-                 SPAN=chunk.DIAG_DOT_SPAN)
+    pairs = dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), KP=BK, L2NORM=True, GATE=True, EPS=1e-6,
+                 DBK=min(BK, chunk.DIAG_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN)
     warps = chunk.NUM_WARPS
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
-        # the pairs kernels with and without the candidates (PREP_IN_PAIRS, DIAG_IN_PAIRS)
-        *((chunk_fwd.kda_pairs_chunk_fwd_kernel, dict(pairs, DIAG=diag), chunk.PAIRS_WARPS, 1)
-          for diag in (False, True)),
-        *((chunk_fwd.kda_prep_pairs_fwd_kernel, dict(pairs, KP=BK, L2NORM=True, GATE=True, EPS=1e-6, DIAG=diag),
-           chunk.PAIRS_WARPS, 1) for diag in (False, True)),
+        # the pairs kernel with and without the candidates (PREP_IN_PAIRS, DIAG_IN_PAIRS)
+        *((chunk_fwd.kda_pairs_chunk_fwd_kernel, dict(pairs, PREP=prep, DIAG=diag), chunk.PAIRS_WARPS, 1)
+          for prep in (False, True) for diag in (False, True)),
         (chunk_fwd.kda_diag_fwd_kernel,
          dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
          chunk.DIAG_WARPS, 1),
@@ -124,7 +122,7 @@ def report(
     ptxas: str,
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
-    shown: tuple[str, ...] = ("BK", "BV", "BH", "DIAG", "DBK", "PRODUCT", "SPLIT"),
+    shown: tuple[str, ...] = ("BK", "BV", "BH", "PREP", "DIAG", "DBK", "PRODUCT", "SPLIT"),
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""

@@ -27,7 +27,7 @@ from .chunk_bwd import (
 )  # fmt: skip
 from .chunk_fwd import (
     kda_diag_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel, kda_pairs_chunk_fwd_kernel,
-    kda_prep_fwd_kernel, kda_prep_pairs_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
+    kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
@@ -65,7 +65,7 @@ MAX_HEAD_DIM = 256
 PAIRS_KEY_BLOCK = 16
 PAIRS_WARPS = 4
 # A candidate, not timed yet (session 16, no GPU): PREP_IN_PAIRS = 1 runs the prep (L2 norms, gate, cumsum) inside
-# the pairs kernel (kda_prep_pairs_fwd_kernel), which then takes q, k, g as given and writes qn, kn and G for the
+# the pairs kernel (its PREP variant), which then takes q, k, g as given and writes qn, kn and G for the
 # later kernels while it holds their tiles: one launch and one read of qn, kn and G (about 0.27 GB, 0.065 ms at
 # 4.1 TB/s at B1 T8192 H32 D128) fewer. Prep took 0.140 ms and the pairs 0.218 in session 15's profile. The
 # default stays the measured pair of kernels until bench_kda.py --sweep PREP_IN_PAIRS=0,1 times both.
@@ -232,22 +232,17 @@ def kda_chunk_fwd(
     qn, kn = (torch.empty_like(q), torch.empty_like(k)) if use_qk_l2norm else (q, k)
     P, M = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(2))
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
-    diag = dict(DIAG=bool(DIAG_IN_PAIRS), DBK=min(BK, DIAG_KEY_BLOCK), SPAN=DIAG_DOT_SPAN)
-    if PREP_IN_PAIRS:
-        kda_prep_pairs_fwd_kernel[(NC, H)](
-            q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), KP=BK, L2NORM=use_qk_l2norm, GATE=use_gate,
-            EPS=L2NORM_EPS, **diag, IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
-        )  # fmt: skip
-    else:
+    if not PREP_IN_PAIRS:
         kda_prep_fwd_kernel[(NC, H)](
             q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
             BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
         )  # fmt: skip
-        kda_pairs_chunk_fwd_kernel[(NC, H)](
-            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), **diag, IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
-        )  # fmt: skip
+    kda_pairs_chunk_fwd_kernel[(NC, H)](
+        q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), PREP=bool(PREP_IN_PAIRS), KP=BK, L2NORM=use_qk_l2norm,
+        GATE=use_gate, EPS=L2NORM_EPS, DIAG=bool(DIAG_IN_PAIRS), DBK=min(BK, DIAG_KEY_BLOCK), SPAN=DIAG_DOT_SPAN,
+        IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+    )  # fmt: skip
     if not DIAG_IN_PAIRS:
         kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
             qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,

@@ -326,42 +326,6 @@ def _diag_tiles(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K, SPAN: tl.constexpr,
 
 
 @triton.jit
-def kda_pairs_chunk_fwd_kernel(
-    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DIAG: tl.constexpr, DBK: tl.constexpr,
-    SPAN: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles,
-    for BT = 4 BC, from the prepared q, k and G; with DIAG the diagonal tiles too (:func:`_diag_tiles`, ``DBK`` key
-    channels at a time), else :func:`kda_diag_fwd_kernel` writes them. Each sub-block's tiles are loaded once per
-    block of ``BK`` key channels (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the
-    chunk's k and G for each of them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32
-    on the H200.)"""
-    tl.static_assert(BT == 4 * BC)
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
-    zero = tl.zeros([BC, BC], dtype=tl.float32)
-    A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
-    P10, P20, P21, P30, P31, P32 = zero, zero, zero, zero, zero, zero
-    last = t0 + tl.minimum(eos - t0, BT) - 1
-    for kb in range(0, K, BK):
-        cols = kb + tl.arange(0, BK)
-        cmask = cols < K
-        b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
-        G0, _, k0, _ = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 0, cols, cmask, scale, H, i_h, K, BC)
-        G1, q1, k1, p1 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 1, cols, cmask, scale, H, i_h, K, BC)
-        G2, q2, k2, p2 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 2, cols, cmask, scale, H, i_h, K, BC)
-        G3, q3, k3, p3 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 3, cols, cmask, scale, H, i_h, K, BC)
-        A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32 = _pairs_accumulate(
-            G0, k0, G1, q1, k1, p1, G2, q2, k2, p2, G3, q3, k3, p3,
-            A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
-        )  # fmt: skip
-    _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
-    if DIAG:
-        _diag_tiles(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K, SPAN, BT, BC, DBK, IEEE)
-
-
-@triton.jit
 def _l2_norm_denominators(x, t0, eos, s, H, i_h, K, EPS: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
     """``sqrt(|x_r|^2 + EPS)`` over all K channels for the rows r of sub-block ``s`` (``[BC]`` fp32)."""
     rows = t0 + s * BC + tl.arange(0, BC)
@@ -401,24 +365,30 @@ def _prep_sub_block(q, k, g, qn, kn, G, b_carry, b_dq, b_dk, b_a, b_bias, t0, eo
 
 
 @triton.jit
-def kda_prep_pairs_fwd_kernel(
+def kda_pairs_chunk_fwd_kernel(
     q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, L2NORM: tl.constexpr,
-    GATE: tl.constexpr, EPS: tl.constexpr, DIAG: tl.constexpr, DBK: tl.constexpr, SPAN: tl.constexpr,
-    IEEE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREP: tl.constexpr, KP: tl.constexpr,
+    L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr, DIAG: tl.constexpr, DBK: tl.constexpr,
+    SPAN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """:func:`kda_prep_fwd_kernel` and :func:`kda_pairs_chunk_fwd_kernel` in one program per (chunk, head): the
-    optional L2 norms of q and k (over all ``KP`` >= K channels first, per sub-block), then per block of ``BK`` key
-    channels the gate, the cumulative sum and the normalised q, k, written to G, qn, kn, and the same tiles, still in
-    registers, summed into the pairs between sub-blocks (and with DIAG inside them, as in the pairs kernel). The pairs
-    kernel then no longer reads qn, kn and G back (two bf16 and one fp32 ``[TT, H, K]`` tensors, about 0.27 GB at B1
-    T8192 H32 D128), and one launch is saved."""
+    """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles,
+    for BT = 4 BC; with DIAG the diagonal tiles too (:func:`_diag_tiles`, ``DBK`` key channels at a time), else
+    :func:`kda_diag_fwd_kernel` writes them. Each sub-block's tiles are loaded once per block of ``BK`` key channels
+    (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
+    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)
+
+    Without PREP the tiles are read from qn, kn and G, which :func:`kda_prep_fwd_kernel` wrote (q, k, g, A_log and
+    dt_bias are unused). With PREP (the candidate ``PREP_IN_PAIRS``) this kernel does the prep itself: the optional
+    L2 norms of q and k (over all ``KP`` >= K channels first, per sub-block), then per key block the gate, the
+    cumulative sum and the normalised q, k, written to G, qn, kn, and the same tiles, still in registers, summed into
+    the pairs. It then reads no qn, kn and G back (two bf16 and one fp32 ``[TT, H, K]`` tensors, about 0.27 GB at B1
+    T8192 H32 D128), and the prep's launch is saved."""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
     ones = tl.full([BC], 1.0, dtype=tl.float32)
     dq0, dq1, dq2, dq3, dk0, dk1, dk2, dk3 = ones, ones, ones, ones, ones, ones, ones, ones
-    if L2NORM:
+    if PREP and L2NORM:
         dq0 = _l2_norm_denominators(q, t0, eos, 0, H, i_h, K, EPS, BC, KP)
         dq1 = _l2_norm_denominators(q, t0, eos, 1, H, i_h, K, EPS, BC, KP)
         dq2 = _l2_norm_denominators(q, t0, eos, 2, H, i_h, K, EPS, BC, KP)
@@ -428,33 +398,42 @@ def kda_prep_pairs_fwd_kernel(
         dk2 = _l2_norm_denominators(k, t0, eos, 2, H, i_h, K, EPS, BC, KP)
         dk3 = _l2_norm_denominators(k, t0, eos, 3, H, i_h, K, EPS, BC, KP)
     b_a = 0.0
-    if GATE:
+    if PREP and GATE:
         b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
     P10, P20, P21, P30, P31, P32 = zero, zero, zero, zero, zero, zero
+    last = t0 + tl.minimum(eos - t0, BT) - 1
     for kb in range(0, K, BK):
         cols = kb + tl.arange(0, BK)
         cmask = cols < K
-        b_bias = tl.zeros([BK], dtype=tl.float32)
-        if GATE:
-            b_bias = tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)
-        c0 = tl.zeros([BK], dtype=tl.float32)
-        G0, _, k0, _, c1 = _prep_sub_block(q, k, g, qn, kn, G, c0, dq0, dk0, b_a, b_bias, t0, eos, 0, cols, cmask,
-                                           scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
-        G1, q1, k1, p1, c2 = _prep_sub_block(q, k, g, qn, kn, G, c1, dq1, dk1, b_a, b_bias, t0, eos, 1, cols, cmask,
-                                             scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
-        G2, q2, k2, p2, c3 = _prep_sub_block(q, k, g, qn, kn, G, c2, dq2, dk2, b_a, b_bias, t0, eos, 2, cols, cmask,
-                                             scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
-        G3, q3, k3, p3, _ = _prep_sub_block(q, k, g, qn, kn, G, c3, dq3, dk3, b_a, b_bias, t0, eos, 3, cols, cmask,
-                                            scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
+        if PREP:
+            b_bias = tl.zeros([BK], dtype=tl.float32)
+            if GATE:
+                b_bias = tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)
+            c0 = tl.zeros([BK], dtype=tl.float32)
+            G0, _, k0, _, c1 = _prep_sub_block(q, k, g, qn, kn, G, c0, dq0, dk0, b_a, b_bias, t0, eos, 0, cols,
+                                               cmask, scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
+            G1, q1, k1, p1, c2 = _prep_sub_block(q, k, g, qn, kn, G, c1, dq1, dk1, b_a, b_bias, t0, eos, 1, cols,
+                                                 cmask, scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
+            G2, q2, k2, p2, c3 = _prep_sub_block(q, k, g, qn, kn, G, c2, dq2, dk2, b_a, b_bias, t0, eos, 2, cols,
+                                                 cmask, scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
+            G3, q3, k3, p3, _ = _prep_sub_block(q, k, g, qn, kn, G, c3, dq3, dk3, b_a, b_bias, t0, eos, 3, cols,
+                                                cmask, scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
+        else:
+            b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
+            G0, _, k0, _ = _sub_block_tiles(qn, kn, G, b_Glast, t0, eos, 0, cols, cmask, scale, H, i_h, K, BC)
+            G1, q1, k1, p1 = _sub_block_tiles(qn, kn, G, b_Glast, t0, eos, 1, cols, cmask, scale, H, i_h, K, BC)
+            G2, q2, k2, p2 = _sub_block_tiles(qn, kn, G, b_Glast, t0, eos, 2, cols, cmask, scale, H, i_h, K, BC)
+            G3, q3, k3, p3 = _sub_block_tiles(qn, kn, G, b_Glast, t0, eos, 3, cols, cmask, scale, H, i_h, K, BC)
         A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32 = _pairs_accumulate(
             G0, k0, G1, q1, k1, p1, G2, q2, k2, p2, G3, q3, k3, p3,
             A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
         )  # fmt: skip
     _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
     if DIAG:
-        tl.debug_barrier()  # the diagonal reads back qn, kn and G, which other threads of this program stored
+        if PREP:
+            tl.debug_barrier()  # the diagonal reads back qn, kn and G, which other threads of this program stored
         _diag_tiles(qn, kn, G, A_qk, P, t0, eos, scale, H, i_h, K, SPAN, BT, BC, DBK, IEEE)
 
 
