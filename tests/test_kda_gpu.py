@@ -89,10 +89,11 @@ def test_head_dim_256_and_unequal_dims():
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_candidates(dtype, candidates, monkeypatch):
-    """Session 16's candidates (``PREP_IN_PAIRS``, ``DIAG_IN_PAIRS``, ``BWD_DIAG_IN_KEY``, ``INVERSE_PRODUCT``,
-    ``WU_SPLIT``), each alone and all together: varlen with the fused gate, decays near 0 and very negative (the
-    diagonal's exact paths), strong in one stretch only (both paths in one chunk), head dim 256, against float64,
-    forward and backward."""
+    """The candidates of sessions 16 and 17 (``PREP_IN_PAIRS``, ``DIAG_IN_PAIRS``, ``BWD_DIAG_IN_KEY``,
+    ``INVERSE_PRODUCT``, ``WU_SPLIT``, ``OUTPUT_IN_STATE``), each alone and all together: varlen with the fused gate
+    (also as an inference forward, which with ``OUTPUT_IN_STATE`` stores no h), decays near 0 and very negative (the
+    diagonal's exact paths), strong in one stretch only (both paths in one chunk), head dim 256 (where the output
+    keeps its own kernel), against float64, forward and backward."""
     from kimi_hf.kernels.kda import chunk
 
     for name in candidates:
@@ -101,6 +102,7 @@ def test_kernel_candidates(dtype, candidates, monkeypatch):
     params = dict(A_log=torch.randn(1, 1, 4, 1, device="cuda"), dt_bias=torch.randn(4 * 128, device="cuda"))
     inputs = _inputs(1, 1200, 4, 128, 128, N=6, seed=21, raw_gate=True)
     _check(inputs, dtype, params, cu_seqlens=cu, use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
+    _check(inputs, dtype, params, backward=False, cu_seqlens=cu, use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
     for seed, decay in ((22, (0.0, 1e-4)), (23, (0.0, 20.0))):  # bf16, as test_decay_extremes
         _check(_inputs(1, 700, 2, 128, 128, seed=seed, decay=decay), torch.bfloat16, use_qk_l2norm_in_kernel=True)
     mixed = _inputs(1, 700, 2, 128, 128, seed=24)

@@ -194,15 +194,16 @@ _CANDIDATE_CASES = [
     ids=lambda x: x if isinstance(x, str) else "+".join(x),
 )
 def test_chunk_kernel_candidates(case, candidates, monkeypatch):
-    """The candidates of session 16, all together on every case and each alone on the case with both diagonal paths
-    (``PREP_IN_PAIRS``: L2 norms, gate and cumsum inside the pairs kernel, which writes qn, kn, G for the later
+    """The candidates of sessions 16 and 17, all together on every case and each alone on the case with both diagonal
+    paths (``PREP_IN_PAIRS``: L2 norms, gate and cumsum inside the pairs kernel, which writes qn, kn, G for the later
     kernels; ``DIAG_IN_PAIRS``: the forward's pairs inside each sub-block as dots through its middle row;
     ``BWD_DIAG_IN_KEY``: their gradients the same way in the key kernel; both with the exact path past
     ``DIAG_DOT_SPAN``; ``INVERSE_PRODUCT``: the diagonal blocks' inverses as products of powers; ``WU_SPLIT``: a
     program per W/U block): ragged packed sequences with the fused gate, two key blocks in every per-chunk kernel and
     two value blocks in W/U, q/k normalised by the caller, the fp16 path, decays far below fp32's range (every
     sub-block on the exact path) and strong in part of a chunk (both paths in one program), and K = 48 (norms over a
-    padded 64-channel tile), against the float64 reference, forward and backward."""
+    padded 64-channel tile), against the float64 reference, forward and backward. ``OUTPUT_IN_STATE`` (the output in
+    the state pass) has a test of its own below."""
     from kimi_hf.kernels.kda import chunk
 
     for name in candidates:
@@ -237,6 +238,46 @@ def test_chunk_kernel_candidates(case, candidates, monkeypatch):
         params = dict(A_log=torch.randn(2, generator=gen), dt_bias=torch.randn(2, 48, generator=gen))
         _check(_inputs(T=70, N=1, K=48, V=16, seed=18, raw_gate=True), params, use_gate_in_kernel=True,
                use_qk_l2norm_in_kernel=True)  # fmt: skip
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("state_block_v", [0, 16], ids=["auto-state-tile", "16-column-state-tile"])
+def test_output_in_state_pass(state_block_v, monkeypatch):
+    """``OUTPUT_IN_STATE``: the output computed in the forward state pass, against the float64 reference, on packed
+    sequences (a partial chunk, an empty and a one-token sequence, one of three chunks) with an initial state and V = 48
+    (two or three value tiles). Training (a backward to come: h and v_new stored for it) and inference (no input needs
+    a gradient, or grad mode off: neither stored); the separate output kernel is never launched."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "OUTPUT_IN_STATE", 1)
+    monkeypatch.setattr(chunk, "STATE_BLOCK_V", state_block_v)
+    monkeypatch.setattr(chunk, "kda_output_fwd_kernel", None)  # launching it would raise
+    spy = _LaunchSpy(chunk.kda_state_fwd_kernel)
+    monkeypatch.setattr(chunk, "kda_state_fwd_kernel", spy)
+    cu = torch.tensor([0, 17, 17, 18, 68, 198], dtype=torch.int32).to(DEVICE)
+    inputs = _inputs(T=198, N=5, K=32, V=48, seed=21)
+    _check(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    _check(inputs, backward=False, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    assert [(launch["OUTPUT"], launch["SAVE"]) for launch in spy.launches] == [(True, True), (True, False)]
+    with torch.no_grad():
+        leaves = {n: x.to(DEVICE).requires_grad_() for n, x in inputs.items()}
+        o, _ = chunk_kda(**leaves, cu_seqlens=cu, use_qk_l2norm_in_kernel=True, backend="triton")
+        o_ref, _ = chunk_kda(**leaves, cu_seqlens=cu, use_qk_l2norm_in_kernel=True, backend="torch")
+    assert spy.launches[-1]["SAVE"] is False, "a forward under no_grad stored h and v_new"
+    assert_close_rel(o, o_ref, 2e-5, "o under no_grad")
 
 
 def test_chunk_head_groups():

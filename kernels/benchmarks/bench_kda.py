@@ -189,7 +189,8 @@ def sweep_launch_constants(
     best_to: str | None = None,
 ) -> list[str]:
     """Print fwd and fwd+bwd times of ours for every combination in ``grid`` (constants restored after),
-    with the largest relative difference of the output and input gradients against the first combination.
+    with the largest relative difference of the output and input gradients against the first combination. The fwd
+    time is an inference forward (no input needs a gradient), as in :func:`bench_chunk`'s fwd rows.
 
     Returns the fastest combination by ``best_by`` ("fwd" or "fwd+bwd") among those within ``SWEEP_MAX_DIFF`` of
     the first, as ``--set`` specs (``kda.chunk.NAME=V``), also written to ``best_to`` each time it changes (so that
@@ -197,6 +198,7 @@ def sweep_launch_constants(
     saved = {name: getattr(chunk, name) for name in grid}
     inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, True)
     grads = list(inputs.values())
+    fwd_inputs = {name: x.detach() for name, x in inputs.items()}
     do = torch.randn_like(inputs["v"])
     first = best = None
     print(f"ours at B{B} T{T} H{H} D{D} bf16, {torch.cuda.get_device_name()}, triton {triton.__version__}\n")
@@ -215,7 +217,7 @@ def sweep_launch_constants(
             result = [o.detach().float().clone()] + [t.grad.float().clone() for t in grads]
             first = first or result
             diff = max(_rel(a, b) for a, b in zip(result, first))
-            fwd = do_bench(_step(chunk_kda, inputs, False, use_qk_l2norm_in_kernel=True))
+            fwd = do_bench(_step(chunk_kda, fwd_inputs, False, use_qk_l2norm_in_kernel=True))
             both = do_bench(_step(chunk_kda, inputs, True, use_qk_l2norm_in_kernel=True), grad_to_none=grads)
             cells = " | ".join(str(v) for v in values)
             print(f"| {cells} | {fwd:.3f} | {both:.3f} | {diff:.1e} |", flush=True)

@@ -16,19 +16,28 @@ cd "$(dirname "$0")/../.."
 source .ci/gpu-setup.sh > "${OUT:=/tmp/out}/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
 head -n 1 "$OUT/setup.log"
 
+# --set-file with the sweeps' picks present in $OUT (carried there from an earlier call, or written by this one)
+best_files() {
+  local files=("$OUT"/kda_best_*.txt)
+  [ -e "${files[0]}" ] && echo "--set-file ${files[*]}"
+}
+
 step_command() {
   case "$1" in
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
-    # the candidates of session 16: each sweep writes its fastest combination for kda_best and model_best
+    # the candidates of sessions 16 and 17: each sweep writes its fastest combination to $OUT/kda_best_*.txt, which
+    # kda_best and model_best apply (those present when they start)
     kda_sweep) echo "timeout 480 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 DIAG_IN_PAIRS=0,1 \
       INVERSE_PRODUCT=0,1 WU_SPLIT=0,1 --best-by fwd --best-to $OUT/kda_best_fwd.txt" ;;
+    kda_sweep_state) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --sweep OUTPUT_IN_STATE=0,1 \
+      STATE_BLOCK_V=0,16 --best-by fwd --best-to $OUT/kda_best_state.txt" ;;
     kda_sweep_bwd) echo "timeout 360 python3 kernels/benchmarks/bench_kda.py --sweep BWD_DIAG_IN_KEY=0,1 \
       BWD_KEY_WARPS=2,4 BWD_KEY_BLOCK=64,32 --best-to $OUT/kda_best_bwd.txt" ;;
     kda_best) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --profile --json $OUT/$2kda_best.json \
-      --set-file $OUT/kda_best_fwd.txt $OUT/kda_best_bwd.txt" ;;
+      $(best_files)" ;;
     model_best) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile \
-      --json $OUT/$2model_best.json --set-file $OUT/kda_best_fwd.txt $OUT/kda_best_bwd.txt" ;;
+      --json $OUT/$2model_best.json $(best_files)" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;

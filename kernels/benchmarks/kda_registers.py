@@ -77,8 +77,14 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
           for product in (False, True)),  # with the candidate INVERSE_PRODUCT
         *((chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV, SPLIT=split),
            chunk.WU_WARPS, 1) for split in (False, True)),  # with the candidate WU_SPLIT
-        (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
+        # the state pass as launched, then with the candidate OUTPUT_IN_STATE (training, inference; up to K = 128) at
+        # the V tiles its sweep covers
+        (chunk_fwd.kda_state_fwd_kernel,
+         dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True, OUTPUT=chunk._output_in_state(BK), SAVE=True),
          chunk._state_fwd_warps(BK), 1),
+        *((chunk_fwd.kda_state_fwd_kernel,
+           dict(common, BK=BK, BV=bv, HAS_H0=True, STORE_HT=True, OUTPUT=True, SAVE=save), chunk.OUTPUT_STATE_WARPS, 1)
+          for save in (True, False) for bv in sorted({bvs, 16}) if BK <= 128),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)),
@@ -122,7 +128,7 @@ def report(
     ptxas: str,
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
-    shown: tuple[str, ...] = ("BK", "BV", "BH", "PREP", "DIAG", "DBK", "PRODUCT", "SPLIT"),
+    shown: tuple[str, ...] = ("BK", "BV", "BH", "PREP", "DIAG", "DBK", "PRODUCT", "SPLIT", "OUTPUT", "SAVE"),
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""

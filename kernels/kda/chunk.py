@@ -8,10 +8,11 @@ Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk p
 sub-block, per token) -> key (adds the pairs between sub-blocks: dq, dk and dG per chunk, block of key channels and
 sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm backward.
 Everything runs on flattened ``[B*T, H, D]`` tensors with sequence offsets, so equal-length batches
-and packed (cu_seqlens) sequences share one code path. Candidates not yet timed, off by default (session 16): the
-prep inside the pairs kernel (``PREP_IN_PAIRS``), the diagonal inside the pairs kernel (``DIAG_IN_PAIRS``) and
-inside the key kernel (``BWD_DIAG_IN_KEY``), the inverse's diagonal blocks as products (``INVERSE_PRODUCT``), and a
-program per W/U block (``WU_SPLIT``).
+and packed (cu_seqlens) sequences share one code path. Candidates not yet timed, off by default (sessions 16-17):
+the prep inside the pairs kernel (``PREP_IN_PAIRS``), the diagonal inside the pairs kernel (``DIAG_IN_PAIRS``) and
+inside the key kernel (``BWD_DIAG_IN_KEY``), the inverse's diagonal blocks as products (``INVERSE_PRODUCT``), a
+program per W/U block (``WU_SPLIT``), and the output inside the state pass (``OUTPUT_IN_STATE``; an inference
+forward then stores no per-chunk state).
 """
 
 from __future__ import annotations
@@ -131,6 +132,16 @@ BWD_PAIR_WARPS = 4
 # STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
 STATE_FWD_WARPS = 4
 STATE_BLOCK_V = 0
+# A candidate (session 17, not timed): OUTPUT_IN_STATE = 1 computes each chunk's output O = qg S + A_qk V' inside the
+# forward state pass, from the state and V' it holds, and kda_output_fwd_kernel (about 0.13 ms of the forward at B1
+# T8192 H32 D128 in sessions 14-15; it reads h and v_new back, about 0.2 GB) is not launched. An inference forward
+# (no input needs a gradient) then writes neither h nor v_new. The dots it adds sit beside the state's chain, not on it
+# (nothing later in the loop depends on O), and its loads go out with the next chunk's: its cost is the state pass's
+# registers. With the output's tiles (qg, A_qk and the next chunk's) it spills at 4 warps (K = 128: 136-660 B per
+# thread over the V tiles of 16 and 32, with and without h stored) and fits at 8 (169-242 registers; kda_registers.py),
+# hence a warp count of its own. gpu_session.sh kda_sweep_state times it at V tiles of 32 and 16.
+OUTPUT_IN_STATE = 0
+OUTPUT_STATE_WARPS = 8
 NUM_WARPS = 8  # the other kernels
 
 
@@ -187,10 +198,20 @@ def _state_block_v(BK: int, BV: int) -> int:
     return 16 if BK > 128 else min(BV, 32)
 
 
+def _output_in_state(BK: int) -> bool:
+    """Whether the forward state pass computes the output too (``OUTPUT_IN_STATE``): up to K = 128 only. At K = 256
+    the state pass with the output's tiles spills at every warp count (8 warps: 8 B per thread, 164 B without h and
+    v_new stored; 16 warps: over 100 B; kda_registers.py), so the output keeps its own kernel there."""
+    return bool(OUTPUT_IN_STATE) and BK <= 128
+
+
 def _state_fwd_warps(BK: int) -> int:
-    """Warps of the forward state pass: ``STATE_FWD_WARPS``, doubled for K > 128. At K = 256 and 4 warps the
-    [256, 16] state tiles spill 576 B per thread, at 8 none (198 registers; kda_registers.py). Both passed the
-    head-dim-256 GPU test (sessions 14 and 15); K = 256 was not timed at either."""
+    """Warps of the forward state pass: ``STATE_FWD_WARPS``, doubled for K > 128, and ``OUTPUT_STATE_WARPS`` when it
+    computes the output. At K = 256 and 4 warps the [256, 16] state tiles spill 576 B per thread, at 8 none (198
+    registers; kda_registers.py). Both passed the head-dim-256 GPU test (sessions 14 and 15); K = 256 was not timed at
+    either."""
+    if _output_in_state(BK):
+        return OUTPUT_STATE_WARPS
     return STATE_FWD_WARPS * 2 if BK > 128 else STATE_FWD_WARPS
 
 
@@ -215,11 +236,12 @@ def kda_chunk_fwd(
     A_log: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     chunks: _Chunks,
+    for_backward: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Forward on flattened contiguous ``[TT, H, D]`` inputs (q, k, v of one dtype).
 
     Returns ``o [TT, H, V]``, the final state ``[N, H, K, V]`` fp32 (or None) and the tensors the
-    backward needs.
+    backward needs (empty without ``for_backward``).
     """
     TT, H, K = q.shape
     V = v.shape[-1]
@@ -260,21 +282,29 @@ def kda_chunk_fwd(
         qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=BKw, BV=BV, SPLIT=bool(WU_SPLIT), IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
     )  # fmt: skip
-    h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
-    v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
+    # Without a backward to come, the fused output leaves h and v_new unwritten (0.13 and 0.07 GB at B1 T8192 H32
+    # D128 bf16).
+    fuse_output = _output_in_state(BK)
+    save = for_backward or not fuse_output
+    h = torch.empty(NC, H, K, V, device=dev, dtype=dt) if save else None
+    v_new = torch.empty(TT, H, V, device=dev, dtype=dt) if save else None
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    o = torch.empty(TT, H, V, device=dev, dtype=dt)
     BVs = _state_block_v(BK, BV)
     # num_stages=1: software pipelining of the chunk loop would need more shared memory than Hopper has.
     kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
-        kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
-        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=_state_fwd_warps(BK), num_stages=1,
+        kh, gl, W, U, h if save else o, v_new if save else o, initial_state, ht, qg, A_qk, o,
+        chunks.cu_seqlens, chunks.offsets, H, K, V,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+        OUTPUT=fuse_output, SAVE=save, IEEE=ieee, num_warps=_state_fwd_warps(BK), num_stages=1,
     )  # fmt: skip
-    o = torch.empty(TT, H, V, device=dev, dtype=dt)
-    kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
-        qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
-        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
-    )  # fmt: skip
+    if not fuse_output:
+        kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
+            qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
+            BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
+        )  # fmt: skip
+    if not for_backward:
+        return o, ht, {}
     saved = dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, qg=qg, kh=kh, gl=gl, h=h, v_new=v_new)
     return o, ht, saved
 
@@ -382,7 +412,7 @@ class ChunkKDAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
-                use_qk_l2norm, use_gate, cu_seqlens):  # fmt: skip
+                use_qk_l2norm, use_gate, cu_seqlens, for_backward):  # fmt: skip
         B, T, H, K = q.shape
         V = v.shape[-1]
         dt = q.dtype
@@ -395,8 +425,11 @@ class ChunkKDAFunction(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         chunks = _chunks(cu_seqlens, B, T, q.device)
         o, ht, saved = kda_chunk_fwd(
-            qf, kf, vf, gf, bf, scale, h0, output_final_state, use_qk_l2norm, use_gate, A_logf, dt_biasf, chunks
+            qf, kf, vf, gf, bf, scale, h0, output_final_state, use_qk_l2norm, use_gate, A_logf, dt_biasf, chunks,
+            for_backward,
         )
+        if not for_backward:
+            return o.reshape(B, T, H, V), ht
         ctx.save_for_backward(qf, kf, vf, gf, bf, A_logf, dt_biasf, *saved.values())
         ctx.saved_names = list(saved)
         ctx.chunks = chunks
@@ -433,7 +466,7 @@ class ChunkKDAFunction(torch.autograd.Function):
             dA_log,
             ddt_bias,
             dh0.to(h0_dtype) if dh0 is not None else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -459,7 +492,11 @@ def chunk_kda_triton(
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise ValueError(f"the Triton KDA kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
     scale = K**-0.5 if scale is None else float(scale)
+    # Whether autograd will record this call (Function.forward runs with grad mode off, so ask here): an inference
+    # forward keeps nothing for a backward.
+    inputs = (q, k, v, g, beta, A_log, dt_bias, initial_state)
+    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     return ChunkKDAFunction.apply(
         q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
-        use_qk_l2norm_in_kernel, use_gate_in_kernel, cu_seqlens,
+        use_qk_l2norm_in_kernel, use_gate_in_kernel, cu_seqlens, for_backward,
     )  # fmt: skip

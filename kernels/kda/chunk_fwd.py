@@ -597,26 +597,34 @@ def _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV: tl.const
 
 @triton.jit
 def kda_state_fwd_kernel(
-    kh, gl, W, U, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H, K, V,
+    kh, gl, W, U, h, v_new, h0, ht, qg, A_qk, o, cu_seqlens, chunk_offsets, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, OUTPUT: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (sequence, head, V tile): the sequential state pass. Writes the state at the start of
-    every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
-    loaded before the current chunk's dots, so memory latency overlaps the math."""
+    """Per (sequence, head, V tile): the sequential state pass. With ``SAVE``, writes the state at the start
+    of every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new`` (the output kernel's and the
+    backward's inputs). With ``OUTPUT``, also the chunk's output O = qg S + A_qk V' (``kda_output_fwd_kernel``'s,
+    from the same bf16-rounded S and V'), so that an inference forward needs neither h nor v_new. The next
+    chunk's tiles are loaded before the current chunk's dots, so memory latency overlaps the math."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
         cu_seqlens, chunk_offsets, h0, i_n, i_h, i_v, H, K, V, BK, BV, HAS_H0
     )
     NT = tl.cdiv(eos - bos, BT)
-    rows = bos + tl.arange(0, BT)
+    idx = tl.arange(0, BT)
+    rows = bos + idx
     rmask = rows < eos
     b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
     b_u = _load_rows(U, rows, rmask, cols_v, vmask, H, i_h, V)
     b_kh = _load_rows(kh, rows, rmask, cols, cmask, H, i_h, K)
     b_gl = tl.load(gl + (c0 * H + i_h) * K + cols, mask=cols < K * tl.minimum(NT, 1), other=0.0)
+    if OUTPUT:
+        b_qg = _load_rows(qg, rows, rmask, cols, cmask, H, i_h, K)
+        b_A = _load_rows(A_qk, rows, rmask, idx, idx < BT, H, i_h, BT)
     for i_t in range(0, NT):
-        tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_S.to(h.dtype.element_ty), mask=st_mask)
+        b_Sd = b_S.to(b_w.dtype)
+        if SAVE:
+            tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_Sd, mask=st_mask)
         nrows = rows + BT
         nmask = nrows < eos
         n_w = _load_rows(W, nrows, nmask, cols, cmask, H, i_h, K)
@@ -624,9 +632,18 @@ def kda_state_fwd_kernel(
         n_kh = _load_rows(kh, nrows, nmask, cols, cmask, H, i_h, K)
         has_next = tl.minimum(NT - 1 - i_t, 1)
         n_gl = tl.load(gl + ((c0 + i_t + 1) * H + i_h) * K + cols, mask=cols < K * has_next, other=0.0)
-        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype), input_precision=IEEE)
-        _store_rows(v_new, b_vn, rows, rmask, cols_v, vmask, H, i_h, V)
-        b_S = b_S * b_gl[:, None] + tl.dot(tl.trans(b_kh), b_vn.to(b_w.dtype), input_precision=IEEE)
+        if OUTPUT:
+            n_qg = _load_rows(qg, nrows, nmask, cols, cmask, H, i_h, K)
+            n_A = _load_rows(A_qk, nrows, nmask, idx, idx < BT, H, i_h, BT)
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_Sd, input_precision=IEEE)
+        b_vnd = b_vn.to(b_w.dtype)
+        if SAVE:
+            _store_rows(v_new, b_vnd, rows, rmask, cols_v, vmask, H, i_h, V)
+        if OUTPUT:
+            b_o = tl.dot(b_qg, b_Sd, input_precision=IEEE) + tl.dot(b_A, b_vnd, input_precision=IEEE)
+            _store_rows(o, b_o, rows, rmask, cols_v, vmask, H, i_h, V)
+            b_qg, b_A = n_qg, n_A
+        b_S = b_S * b_gl[:, None] + tl.dot(tl.trans(b_kh), b_vnd, input_precision=IEEE)
         rows, rmask, b_w, b_u, b_kh, b_gl = nrows, nmask, n_w, n_u, n_kh, n_gl
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, b_S, mask=st_mask)
