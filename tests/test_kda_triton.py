@@ -254,24 +254,26 @@ class _LaunchSpy:
         return launch
 
 
-@pytest.mark.parametrize("state_block_v", [0, 16], ids=["auto-state-tile", "16-column-state-tile"])
-def test_output_in_state_pass(state_block_v, monkeypatch):
+def test_output_in_state_pass(monkeypatch):
     """``OUTPUT_IN_STATE``: the output computed in the forward state pass, against the float64 reference, on packed
-    sequences (a partial chunk, an empty and a one-token sequence, one of three chunks) with an initial state and V = 48
-    (two or three value tiles). Training (a backward to come: h and v_new stored for it) and inference (no input needs
-    a gradient, or grad mode off: neither stored); the separate output kernel is never launched."""
+    sequences (a partial chunk, an empty and a one-token sequence, one of two chunks) with an initial state and V = 48.
+    Training (a backward to come: h and v_new stored for it) at the automatic V tile (two tiles), inference (no input
+    needs a gradient: neither stored) at 16 columns (three tiles) and under ``torch.no_grad()`` with inputs that
+    require gradients; the separate output kernel is never launched."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "OUTPUT_IN_STATE", 1)
-    monkeypatch.setattr(chunk, "STATE_BLOCK_V", state_block_v)
     monkeypatch.setattr(chunk, "kda_output_fwd_kernel", None)  # launching it would raise
     spy = _LaunchSpy(chunk.kda_state_fwd_kernel)
     monkeypatch.setattr(chunk, "kda_state_fwd_kernel", spy)
-    cu = torch.tensor([0, 17, 17, 18, 68, 198], dtype=torch.int32).to(DEVICE)
-    inputs = _inputs(T=198, N=5, K=32, V=48, seed=21)
+    cu = torch.tensor([0, 17, 17, 18, 88], dtype=torch.int32).to(DEVICE)
+    inputs = _inputs(T=88, N=4, K=32, V=48, seed=21)
     _check(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    monkeypatch.setattr(chunk, "STATE_BLOCK_V", 16)
     _check(inputs, backward=False, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
-    assert [(launch["OUTPUT"], launch["SAVE"]) for launch in spy.launches] == [(True, True), (True, False)]
+    assert [(launch["OUTPUT"], launch["SAVE"], launch["BV"]) for launch in spy.launches] == [
+        (True, True, 32), (True, False, 16)
+    ]  # fmt: skip
     with torch.no_grad():
         leaves = {n: x.to(DEVICE).requires_grad_() for n, x in inputs.items()}
         o, _ = chunk_kda(**leaves, cu_seqlens=cu, use_qk_l2norm_in_kernel=True, backend="triton")

@@ -493,7 +493,7 @@ def chunk_kda_triton(
         raise ValueError(f"the Triton KDA kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
     scale = K**-0.5 if scale is None else float(scale)
     # Whether autograd will record this call (Function.forward runs with grad mode off, so ask here): an inference
-    # forward keeps nothing for a backward.
+    # forward need not store what only the backward reads (with OUTPUT_IN_STATE: h and v_new).
     inputs = (q, k, v, g, beta, A_log, dt_bias, initial_state)
     for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     return ChunkKDAFunction.apply(

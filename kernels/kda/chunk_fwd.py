@@ -604,8 +604,8 @@ def kda_state_fwd_kernel(
     """Per (sequence, head, V tile): the sequential state pass. With ``SAVE``, writes the state at the start
     of every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new`` (the output kernel's and the
     backward's inputs). With ``OUTPUT``, also the chunk's output O = qg S + A_qk V' (``kda_output_fwd_kernel``'s,
-    from the same bf16-rounded S and V'), so that an inference forward needs neither h nor v_new. The next
-    chunk's tiles are loaded before the current chunk's dots, so memory latency overlaps the math."""
+    from S and V' rounded to the inputs' dtype, as stored), so that an inference forward needs neither h nor
+    v_new. The next chunk's tiles are loaded before the current chunk's dots, so memory latency overlaps the math."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
         cu_seqlens, chunk_offsets, h0, i_n, i_h, i_v, H, K, V, BK, BV, HAS_H0
