@@ -236,7 +236,7 @@ def kda_chunk_fwd(
     A_log: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     chunks: _Chunks,
-    for_backward: bool = True,
+    for_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Forward on flattened contiguous ``[TT, H, D]`` inputs (q, k, v of one dtype).
 
