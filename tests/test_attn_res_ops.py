@@ -181,18 +181,26 @@ def test_two_phase_matches_naive(backend, shape, n_q, tile_elements, monkeypatch
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("n_prev,with_y,with_norm", [(0, False, True), (2, True, True), (3, True, False)])
 @pytest.mark.parametrize(
-    "tile_elements,split_rows",
-    [(16384, 256), (16384, 0), (0, 256)],
-    ids=["one-kernel-program-per-query", "one-kernel-program-per-row", "store-phase1-phase2"],
-)
-def test_block_boundary_matches_its_parts(backend, n_prev, with_y, with_norm, tile_elements, split_rows, monkeypatch):
-    """append_source_phase1 (Triton: one kernel with a program per query or per row, or its three parts when the
-    sources do not fit the tile) against the naive formula over the sources with x (+ y) appended, and query 0's
-    PreNorm; the stored source and its rstd against a plain append_source."""
+    "tile_elements,split_rows,group_elements",
+    [(16384, 256, 0), (16384, 0, 0), (16384, 0, 32), (0, 256, 0)],
+    ids=["one-kernel-program-per-query", "one-kernel-program-per-row", "one-kernel-query-groups",
+         "store-phase1-phase2"],
+)  # fmt: skip
+def test_block_boundary_matches_its_parts(
+    backend, n_prev, with_y, with_norm, tile_elements, split_rows, group_elements, monkeypatch
+):
+    """append_source_phase1 (Triton: one kernel with a program per query or per row, the latter also with the queries
+    in groups (``PHASE1_GROUP_ELEMENTS``: at D 300 one group of 4 for 3 queries x 1 source, two groups of 2, the
+    second part padding, for 3-4 sources), or its three parts when the sources do not fit the tile) against the naive
+    formula over the sources with x (+ y) appended, and query 0's PreNorm; the stored source and its rstd against a
+    plain append_source."""
     from kimi_hf.kernels.attn_res import two_phase
 
     monkeypatch.setattr(two_phase, "PHASE1_TILE_ELEMENTS", tile_elements)
     monkeypatch.setattr(two_phase, "STORE_PHASE1_SPLIT_ROWS", split_rows)
+    monkeypatch.setattr(two_phase, "PHASE1_GROUP_ELEMENTS", group_elements)
+    if group_elements:
+        assert two_phase.query_group(3, two_phase._sources_pad(n_prev + 1), 300) == (4 if n_prev == 0 else 2)
     blocks, partial, _, _ = _inputs(n_prev + 2, shape=(2, 5, 300), seed=3)
     blocks, x, y = blocks[:n_prev], blocks[n_prev], (blocks[n_prev + 1] if with_y else None)
     g = torch.Generator().manual_seed(4)
@@ -341,6 +349,32 @@ def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
         h2 = depth_attention_phase2(out[1], lse[1], srcs[-1], queries[1], gains[1])
         ref2 = naive_depth_attention([t.float() for t in srcs], queries[1].float(), gains[1].float())
         assert_close_rel(h2, ref2, 1e-2, "two-phase")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_prev", [1, 4])
+@pytest.mark.parametrize("group_elements", [0, 128], ids=["query-at-a-time", "query-groups"])
+def test_gpu_block_boundary_bf16(n_prev, group_elements, monkeypatch):
+    """The fused block boundary with a program per row (514 rows) in bf16 against float32, 8 queries at D 2048 over 2
+    and 5 sources: one query at a time and in groups (``PHASE1_GROUP_ELEMENTS`` 128: groups of 8 and of 2)."""
+    from kimi_hf.kernels.attn_res import two_phase
+
+    monkeypatch.setattr(two_phase, "PHASE1_GROUP_ELEMENTS", group_elements)
+    blocks, _, _, _ = _inputs(n_prev + 1, shape=(2, 257, 2048), dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    queries = torch.randn(8, 2048, generator=g, device="cuda", dtype=torch.bfloat16)
+    gains = (1 + 0.3 * torch.randn(8, 2048, generator=g, device="cuda")).to(torch.bfloat16)
+    norm_w = (1 + 0.2 * torch.randn(2048, generator=g, device="cuda")).to(torch.bfloat16)
+    bank = new_source_bank(n_prev + 1, blocks[0], backend="triton")
+    for b in blocks[:-1]:
+        bank = append_source(bank, b)
+    with torch.no_grad():
+        _, out, _, first = append_source_phase1(bank, blocks[-1], None, queries, gains, norm_w, 1e-5)
+    sources = [b.float() for b in blocks]
+    for j in range(8):
+        ref = naive_depth_attention(sources, queries[j].float(), gains[j].float())
+        assert_close_rel(out[j], ref, 1e-2, f"out[{j}]")
+    assert_close_rel(first, rms_norm(out[0].float(), norm_w.float(), 1e-5), 1e-2, "query 0's PreNorm")
 
 
 def test_kernels_compile_for_hopper():

@@ -47,6 +47,11 @@ step_command() {
     attn_res_paired) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res_paired.py --json $OUT/$2attn_res_paired.json" ;;
     attn_res_sweep) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections attn_res \
       --sweep attn_res.fused.FWD_SOURCE_TILE=1,2,4 attn_res.fused.FWD_ELEMENTS_PER_THREAD=16,8" ;;
+    # session 17's candidate: the block boundary's queries in groups, the kernel alone, then Block's prefill in pairs
+    attn_res_prefill_sweep) echo "timeout 150 python3 kernels/benchmarks/bench_small_ops.py \
+      --sections attn_res_prefill --sweep attn_res.two_phase.PHASE1_GROUP_ELEMENTS=0,64,128" ;;
+    attn_res_prefill_groups) echo "timeout 240 python3 kernels/benchmarks/bench_attn_res_paired.py --phases prefill \
+      --set attn_res.two_phase.PHASE1_GROUP_ELEMENTS=128 --json $OUT/$2attn_res_prefill_groups.json" ;;
     attn_res_replication)
       echo "timeout 170 python3 recipes/attn_res_replication.py --preset gpu --output-dir $OUT/attn_res_replication" ;;
     ce_lora) echo "timeout 360 python3 kernels/benchmarks/bench_ce_lora.py --json $OUT/$2ce_lora.json" ;;
