@@ -33,8 +33,10 @@ STORE_PHASE1_SPLIT_ROWS = 256
 # of one per query: a row per program, those rounds are what the kernel waits on; it ran at 46-58% of its byte floor
 # in session 11, and Block's dense prefill stayed +2.6-2.7%, target 2%). Groups as large as fit: QG a power of two
 # with QG x N_PAD x (padded D / threads) <= PHASE1_GROUP_ELEMENTS, the [QG, N_PAD, D] products of one thread (0: one
-# query at a time). sm_90, D 2048 at 8 warps (8 elements of D per thread), registers: 8 queries x 2 sources 154,
-# 4 x 4 174, no spills; 8 x 4 spills 92 B and 4 x 8 224 B (attn_res_registers.py), hence 128.
+# query at a time). sm_90, D 2048 at 8 warps (8 elements of D per thread), registers at 128: groups of 8 queries x 2
+# sources 148, 4 x 4 198, 2 x 8 202, no spills (one query at a time: 54-115); 8 x 4 spills 92 B and 4 x 8 224 B
+# (attn_res_registers.py), hence 128. The sweep (gpu_session.sh attn_res_prefill_sweep) weighs the fewer rounds
+# against the fewer programs per SM those registers leave.
 PHASE1_GROUP_ELEMENTS = 0
 
 
