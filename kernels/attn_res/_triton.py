@@ -14,6 +14,8 @@ a multiple of 16 (a new prompt length or batch size), i.e. inside a user's loop.
 import triton
 import triton.language as tl
 
+from .._triton_helpers import pick_row
+
 
 @triton.jit
 def _query_key(q_ptr, g_ptr, offsets, mask):
@@ -427,7 +429,7 @@ def store_phase1_kernel(
     valid = stored | is_new
     if QG:
         hq = _phase1_queries(v, r, valid, U, qs, n_q, out_ptr, lse_ptr, M, D, row, cols, mask)
-        h = tl.sum(tl.where((qs == 0)[:, None], hq, 0.0), axis=0).to(hq.dtype)  # query 0's row
+        h = pick_row(hq, qs, 0).to(hq.dtype)  # query 0's row
     else:
         h = _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
     if HAS_NORM:

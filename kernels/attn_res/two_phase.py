@@ -51,12 +51,13 @@ def fits_one_tile(n_sources: int, d: int) -> bool:
     return _sources_pad(n_sources) * block_d(d) <= PHASE1_TILE_ELEMENTS
 
 
-def query_group(n_q: int, n_pad: int, d: int) -> int:
-    """Queries per group of the fused block boundary with one program per row (``PHASE1_GROUP_ELEMENTS``): the
-    largest power of two up to n_q's whose [group, n_pad, d] products take at most that many elements per thread,
-    or 0 (one query at a time) when no group of two does."""
+def query_group(n_q: int, n_pad: int, d: int, elements: int | None = None) -> int:
+    """Queries per group of the fused block boundary with one program per row: the largest power of two up to n_q's
+    whose [group, n_pad, d] products take at most ``elements`` (default ``PHASE1_GROUP_ELEMENTS``) per thread, or 0
+    (one query at a time) when no group of two does."""
+    elements = PHASE1_GROUP_ELEMENTS if elements is None else elements
     per_thread = n_pad * max(1, block_d(d) // (32 * num_warps(d)))  # a thread holds at least one element of D
-    group = min(triton.next_power_of_2(n_q), PHASE1_GROUP_ELEMENTS // per_thread)
+    group = min(triton.next_power_of_2(n_q), elements // per_thread)
     return triton.next_power_of_2(group + 1) // 2 if group >= 2 else 0
 
 

@@ -30,15 +30,6 @@ _SCALARS = {name: "i32" for name in _INTS} | {"eps": "fp32", "norm_eps": "fp32"}
 _BLOCK_SOURCES, _FULL_SOURCES = 5, 33
 
 
-def _query_group(n_q: int, n_pad: int, d: int, elements: int) -> int:
-    """``two_phase.query_group`` at ``PHASE1_GROUP_ELEMENTS = elements``."""
-    saved, two_phase.PHASE1_GROUP_ELEMENTS = two_phase.PHASE1_GROUP_ELEMENTS, elements
-    try:
-        return two_phase.query_group(n_q, n_pad, d)
-    finally:
-        two_phase.PHASE1_GROUP_ELEMENTS = saved
-
-
 def launch_configs(d: int) -> list[tuple[object, dict, int]]:
     """(kernel, constexprs, num_warps) as the launchers in ``fused.py``, ``two_phase.py`` and ``norm.py`` pick them
     for hidden size ``d``."""
@@ -62,7 +53,7 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
     for n_sources in (2, 4, _BLOCK_SOURCES):
         n_pad = two_phase._sources_pad(n_sources)
         # one query at a time, then in groups (the candidate PHASE1_GROUP_ELEMENTS at 128, for 8 queries)
-        for group in sorted({0, _query_group(8, n_pad, d, 128)}):
+        for group in sorted({0, two_phase.query_group(8, n_pad, d, elements=128)}):
             configs.append((_triton.store_phase1_kernel,
                             dict(HAS_Y=True, HAS_NORM=True, N_PAD=n_pad, BLOCK_D=width, QG=group), warps))
     configs.append((_triton.phase1_kernel,

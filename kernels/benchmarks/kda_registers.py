@@ -84,7 +84,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
          chunk._state_fwd_warps(BK), 1),
         *((chunk_fwd.kda_state_fwd_kernel,
            dict(common, BK=BK, BV=bv, HAS_H0=True, STORE_HT=True, OUTPUT=True, SAVE=save), chunk.OUTPUT_STATE_WARPS, 1)
-          for save in (True, False) for bv in sorted({bvs, 16}) if BK <= 128),
+          for save in (True, False) for bv in sorted({bvs, 16}) if chunk._output_fits_state(BK)),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)),

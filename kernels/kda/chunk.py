@@ -198,11 +198,16 @@ def _state_block_v(BK: int, BV: int) -> int:
     return 16 if BK > 128 else min(BV, 32)
 
 
+def _output_fits_state(BK: int) -> bool:
+    """Whether the forward state pass can take the output's tiles: up to K = 128. At K = 256 it spills at every warp
+    count (8 warps: 8 B per thread, 164 B without h and v_new stored; 16 warps: over 100 B; kda_registers.py), so the
+    output keeps its own kernel there."""
+    return BK <= 128
+
+
 def _output_in_state(BK: int) -> bool:
-    """Whether the forward state pass computes the output too (``OUTPUT_IN_STATE``): up to K = 128 only. At K = 256
-    the state pass with the output's tiles spills at every warp count (8 warps: 8 B per thread, 164 B without h and
-    v_new stored; 16 warps: over 100 B; kda_registers.py), so the output keeps its own kernel there."""
-    return bool(OUTPUT_IN_STATE) and BK <= 128
+    """Whether the forward state pass computes the output too: ``OUTPUT_IN_STATE`` where it fits."""
+    return bool(OUTPUT_IN_STATE) and _output_fits_state(BK)
 
 
 def _state_fwd_warps(BK: int) -> int:
