@@ -7,11 +7,15 @@
 # Compiling the Triton kernels (ours and fla's autotuned ones) takes minutes on a fresh machine and is
 # CPU-bound, so the steps before `--` run concurrently: they fill the Triton cache and check correctness,
 # and their timings are thrown away (they share the GPU). The steps after `--` then run one at a time on
-# a warm cache; only their numbers count. Each step has its own timeout and writes $OUT/<step>.log
+# a warm cache; only their numbers count. Each step has its own timeout; no warm step runs past
+# GPU_WARM_SECONDS (default 300) and no timed step past GPU_SESSION_SECONDS (default 560) from the start, so
+# that the autotuning choices below are kept within the device call's 10 minutes. Each step writes $OUT/<step>.log
 # (warm runs: $OUT/warm_<step>.log) progressively, so a step cut short keeps what it measured.
 # At the end the autotuning choices go to $OUT/triton_autotune.tgz (.ci/gpu-keep-autotune.sh): unpack them into
 # .triton_cache/ and carry that folder next time, and fla's kernels skip their minutes of re-tuning.
 set -u
+start=$SECONDS
+deadline=${GPU_SESSION_SECONDS:-560}
 cd "$(dirname "$0")/../.."
 source .ci/gpu-setup.sh > "${OUT:=/tmp/out}/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
 head -n 1 "$OUT/setup.log"
@@ -25,15 +29,20 @@ best_files() {
 step_command() {
   case "$1" in
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
+    # the KDA kernels' GPU tests (all candidates) and the model's in-model op tests: a shorter warm step for calls
+    # that mostly time KDA
+    kda_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_kda_gpu.py tests/test_kimi_linear_gpu.py \
+      -p no:cacheprovider --tb=short -rf \
+      --deselect tests/test_kimi_linear_gpu.py::test_logits_match_transformers_native_class" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
     # the candidates of sessions 16 and 17: each sweep writes its fastest combination to $OUT/kda_best_*.txt, which
     # kda_best and model_best apply (those present when they start)
     kda_sweep) echo "timeout 480 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 DIAG_IN_PAIRS=0,1 \
-      INVERSE_PRODUCT=0,1 WU_SPLIT=0,1 --best-by fwd --best-to $OUT/kda_best_fwd.txt" ;;
+      INVERSE_PRODUCT=0,1 WU_SPLIT=0,1 --best-by fwd --best-to $OUT/$2kda_best_fwd.txt" ;;
     kda_sweep_state) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --sweep OUTPUT_IN_STATE=0,1 \
-      STATE_BLOCK_V=0,16 --best-by fwd --best-to $OUT/kda_best_state.txt" ;;
+      STATE_BLOCK_V=0,16 --best-by fwd --best-to $OUT/$2kda_best_state.txt" ;;
     kda_sweep_bwd) echo "timeout 360 python3 kernels/benchmarks/bench_kda.py --sweep BWD_DIAG_IN_KEY=0,1 \
-      BWD_KEY_WARPS=2,4 BWD_KEY_BLOCK=64,32 --best-to $OUT/kda_best_bwd.txt" ;;
+      BWD_KEY_WARPS=2,4 BWD_KEY_BLOCK=64,32 --best-to $OUT/$2kda_best_bwd.txt" ;;
     kda_best) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --profile --json $OUT/$2kda_best.json \
       $(best_files)" ;;
     model_best) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile \
@@ -72,14 +81,16 @@ for arg in "$@"; do
 done
 
 for step in "${warm[@]}"; do
-  ( $(step_command "$step" warm_) > "$OUT/warm_$step.log" 2>&1; echo "== warm $step (exit $?)" ) &
+  ( timeout "${GPU_WARM_SECONDS:-300}" $(step_command "$step" warm_) > "$OUT/warm_$step.log" 2>&1; echo "== warm $step (exit $?)" ) &
 done
 wait
 for step in "${warm[@]}"; do
   grep -E "passed|failed|error|Error" "$OUT/warm_$step.log" | grep -v -i warn | tail -n 8
 done
 for step in "${timed[@]}"; do
-  $(step_command "$step" "") > "$OUT/$step.log" 2>&1
+  left=$((deadline - (SECONDS - start)))
+  if [ $left -lt 30 ]; then echo "== $step skipped: ${left} s left of GPU_SESSION_SECONDS"; continue; fi
+  timeout $left $(step_command "$step" "") > "$OUT/$step.log" 2>&1
   echo "== $step (exit $?)"
   grep -v -i "warn" "$OUT/$step.log" | tail -n 30
 done
