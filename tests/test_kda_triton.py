@@ -229,7 +229,7 @@ def test_chunk_kernel_candidates(case, candidates, monkeypatch):
     elif case == "strong-decay":
         inputs = _inputs(T=90, N=1, seed=17)
         inputs["g"] = inputs["g"] * (20 / 3)
-        _check(inputs, backward=False, use_qk_l2norm_in_kernel=True)
+        _check(inputs, use_qk_l2norm_in_kernel=True)
     elif case == "mixed-decay":  # sub-blocks 1 and 2 of the first chunk past the span, the others within it
         inputs = _inputs(T=130, N=1, seed=19)
         inputs["g"][:, 20:40] *= 20 / 3

@@ -12,7 +12,8 @@
 # that the autotuning choices below are kept within the device call's 10 minutes. Each step writes $OUT/<step>.log
 # (warm runs: $OUT/warm_<step>.log) progressively, so a step cut short keeps what it measured.
 # At the end the autotuning choices go to $OUT/triton_autotune.tgz (.ci/gpu-keep-autotune.sh): unpack them into
-# .triton_cache/ and carry that folder next time, and fla's kernels skip their minutes of re-tuning.
+# .triton_cache/ and carry that folder next time, and fla's kernels skip their minutes of re-tuning. The logs and
+# results go back as $OUT/session.tgz (a device call returns at most 8 files).
 set -u
 start=$SECONDS
 deadline=${GPU_SESSION_SECONDS:-560}
@@ -34,6 +35,8 @@ step_command() {
     kda_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_kda_gpu.py tests/test_kimi_linear_gpu.py \
       -p no:cacheprovider --tb=short -rf \
       --deselect tests/test_kimi_linear_gpu.py::test_logits_match_transformers_native_class" ;;
+    attn_res_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_attn_res_ops.py tests/test_attn_res_model.py \
+      -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
     # the candidates of sessions 16 and 17: each sweep writes its fastest combination to $OUT/kda_best_*.txt, which
     # kda_best and model_best apply (those present when they start)
@@ -95,3 +98,6 @@ for step in "${timed[@]}"; do
   grep -v -i "warn" "$OUT/$step.log" | tail -n 30
 done
 bash .ci/gpu-keep-autotune.sh
+# A device call returns at most 8 files: everything but the autotuning choices goes back as one archive.
+cd "$OUT" && tar czf /tmp/session.tgz --exclude=triton_autotune.tgz . \
+  && find . -type f ! -name triton_autotune.tgz -delete && mv /tmp/session.tgz .

@@ -87,7 +87,7 @@ DIAG_KEY_BLOCK = 64  # key channels per step of that diagonal phase (its own: it
 # read-modify-write of three fp32 gradients that the key kernel reads and writes anyway) is not launched. With it the
 # key kernel spills 176 B at its default 2 warps and 64 channels (167 registers at 4 warps, or 2 warps and 32
 # channels; kda_registers.py), so its sweep takes BWD_KEY_WARPS and BWD_KEY_BLOCK too (gpu_session.sh kda_sweep_bwd).
-BWD_DIAG_IN_KEY = 0
+BWD_DIAG_IN_KEY = 1
 DIAG_HEADS = 2
 DIAG_WARPS = 1
 # The inverse at 2 warps (166 registers as compiled for sm_90) and W/U at 4 warps with 32 key channels per block
@@ -97,7 +97,7 @@ INVERSE_WARPS = 2
 # A candidate (session 16, not timed): INVERSE_PRODUCT = 1 inverts the four diagonal [16, 16] blocks as
 # (I - N)(I + N^2)(I + N^4)(I + N^8), N = Diag(beta) P_ss strictly lower (six dots per block, one load of each block),
 # in place of fifteen substitution steps, each a load of P's next row and a reduction across the tile's rows.
-INVERSE_PRODUCT = 0
+INVERSE_PRODUCT = 1
 WU_KEY_BLOCK = 32
 WU_WARPS = 4
 # A candidate (session 16, not timed): WU_SPLIT = 1 gives each of W/U's key and value blocks a program of its own

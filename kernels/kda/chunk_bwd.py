@@ -260,8 +260,9 @@ def _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows,
             b_to = tl.exp(tl.where((idx >= j)[:, None], b_G - b_Gj[None, :], float("-inf"))) * b_kj[None, :]
             d_q += tl.load(dA_qk + col, mask=rmask, other=0.0)[:, None] * b_to
             d_kp += tl.load(dP + col, mask=rmask, other=0.0)[:, None] * b_to
-            b_from = tl.exp(tl.where((idx <= j)[:, None], b_Gj[None, :] - b_G, float("-inf")))
             on = idx <= tl.where(r < eos, j, -1)  # t <= j, none past the sequence end
+            # masked in the exponent: past the end b_Gj is 0, and exp(0 - G_t) overflows for strong decays (inf * 0)
+            b_from = tl.exp(tl.where(on[:, None], b_Gj[None, :] - b_G, float("-inf")))
             b_dA_row = tl.load(dA_qk + row, mask=on, other=0.0)
             b_dP_row = tl.load(dP + row, mask=on, other=0.0)
             d_km += (b_dA_row[:, None] * b_qj[None, :] + b_dP_row[:, None] * b_kj[None, :]) * b_from
