@@ -4,13 +4,6 @@ the repository root must not be on it, or its `kernels/` folder would shadow Hug
 import torch
 
 
-# The KDA kernels' untimed candidates (integer launch constants of kimi_hf.kernels.kda.chunk, 0 by default), which the
-# interpreter and GPU tests switch on alone and together.
-KDA_CANDIDATES = (
-    "PREP_IN_PAIRS", "DIAG_IN_PAIRS", "BWD_DIAG_IN_KEY", "INVERSE_PRODUCT", "WU_SPLIT", "OUTPUT_IN_STATE",
-)  # fmt: skip
-
-
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "tensor") -> None:
     """Assert ``||actual - expected|| <= rtol * ||expected||`` (Frobenius norms, in float64).
 

@@ -181,26 +181,18 @@ def test_two_phase_matches_naive(backend, shape, n_q, tile_elements, monkeypatch
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("n_prev,with_y,with_norm", [(0, False, True), (2, True, True), (3, True, False)])
 @pytest.mark.parametrize(
-    "tile_elements,split_rows,group_elements",
-    [(16384, 256, 0), (16384, 0, 0), (16384, 0, 32), (0, 256, 0)],
-    ids=["one-kernel-program-per-query", "one-kernel-program-per-row", "one-kernel-query-groups",
-         "store-phase1-phase2"],
-)  # fmt: skip
-def test_block_boundary_matches_its_parts(
-    backend, n_prev, with_y, with_norm, tile_elements, split_rows, group_elements, monkeypatch
-):
-    """append_source_phase1 (Triton: one kernel with a program per query or per row, the latter also with the queries
-    in groups (``PHASE1_GROUP_ELEMENTS``: at D 300 one group of 4 for 3 queries x 1 source, two groups of 2, the
-    second part padding, for 3-4 sources), or its three parts when the sources do not fit the tile) against the naive
-    formula over the sources with x (+ y) appended, and query 0's PreNorm; the stored source and its rstd against a
-    plain append_source."""
+    "tile_elements,split_rows",
+    [(16384, 256), (16384, 0), (0, 256)],
+    ids=["one-kernel-program-per-query", "one-kernel-program-per-row", "store-phase1-phase2"],
+)
+def test_block_boundary_matches_its_parts(backend, n_prev, with_y, with_norm, tile_elements, split_rows, monkeypatch):
+    """append_source_phase1 (Triton: one kernel with a program per query or per row, or its three parts when the
+    sources do not fit the tile) against the naive formula over the sources with x (+ y) appended, and query 0's
+    PreNorm; the stored source and its rstd against a plain append_source."""
     from kimi_hf.kernels.attn_res import two_phase
 
     monkeypatch.setattr(two_phase, "PHASE1_TILE_ELEMENTS", tile_elements)
     monkeypatch.setattr(two_phase, "STORE_PHASE1_SPLIT_ROWS", split_rows)
-    monkeypatch.setattr(two_phase, "PHASE1_GROUP_ELEMENTS", group_elements)
-    if group_elements:
-        assert two_phase.query_group(3, two_phase._sources_pad(n_prev + 1), 300) == (4 if n_prev == 0 else 2)
     blocks, partial, _, _ = _inputs(n_prev + 2, shape=(2, 5, 300), seed=3)
     blocks, x, y = blocks[:n_prev], blocks[n_prev], (blocks[n_prev + 1] if with_y else None)
     g = torch.Generator().manual_seed(4)
@@ -353,13 +345,9 @@ def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_prev", [1, 4])
-@pytest.mark.parametrize("group_elements", [0, 128], ids=["query-at-a-time", "query-groups"])
-def test_gpu_block_boundary_bf16(n_prev, group_elements, monkeypatch):
+def test_gpu_block_boundary_bf16(n_prev):
     """The fused block boundary with a program per row (514 rows) in bf16 against float32, 8 queries at D 2048 over 2
-    and 5 sources: one query at a time and in groups (``PHASE1_GROUP_ELEMENTS`` 128: groups of 8 and of 2)."""
-    from kimi_hf.kernels.attn_res import two_phase
-
-    monkeypatch.setattr(two_phase, "PHASE1_GROUP_ELEMENTS", group_elements)
+    and 5 sources."""
     blocks, _, _, _ = _inputs(n_prev + 1, shape=(2, 257, 2048), dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(7)
     queries = torch.randn(8, 2048, generator=g, device="cuda", dtype=torch.bfloat16)

@@ -14,8 +14,6 @@ a multiple of 16 (a new prompt length or batch size), i.e. inside a user's loop.
 import triton
 import triton.language as tl
 
-from .._triton_helpers import pick_row
-
 
 @triton.jit
 def _query_key(q_ptr, g_ptr, offsets, mask):
@@ -350,26 +348,6 @@ def _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask):
 
 
 @triton.jit
-def _phase1_queries(v, r, valid, U, qs, n_q, out_ptr, lse_ptr, M, D, row, cols, mask):
-    """Phase 1 of a group of queries of one row at once (U [QG, BLOCK_D]: queries ``qs``, ``_query_key``, zero rows
-    past n_q) against its source tile v [N_PAD, BLOCK_D] (rstd r, rows ``valid``): the group's QG x N scores in ONE
-    reduction over D, where ``_phase1_query`` takes one per query, each a round of warp shuffles and block barriers
-    behind the last (a row per program: those rounds are the launch's time). The outputs are sums over the sources
-    within a thread. Stores out[j, row] and lse[j, row] for the group's j < n_q; returns its output rows
-    [QG, BLOCK_D] (rounded to out's dtype)."""
-    s = tl.sum(U[:, None, :] * v[None, :, :], axis=2) * r[None, :]
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m = tl.max(s, axis=1)
-    p = tl.exp(s - m[:, None])  # zero on padding sources
-    denom = tl.sum(p, axis=1)
-    q_mask = qs < n_q
-    tl.store(lse_ptr + qs * M + row, m + tl.log(denom), mask=q_mask)
-    h = tl.sum((p / denom[:, None])[:, :, None] * v[None, :, :], axis=1).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + (qs[:, None] * M + row) * D + cols[None, :], h, mask=q_mask[:, None] & mask[None, :])
-    return h
-
-
-@triton.jit
 def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row,
                      N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """Phase 1 of one row whose n_src <= N_PAD sources fit one [N_PAD, BLOCK_D] register tile (BLOCK_D >= D): the
@@ -389,7 +367,7 @@ def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src,
 def store_phase1_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
     n_prev, n_q, M, D, eps, norm_eps, per_program,
-    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, QG: tl.constexpr,
+    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """A block boundary at inference in one launch: source n_prev = x (+ y) is stored with its rstd (as
     ``store_source_kernel``), then phase 1 runs the n_q queries against sources 0 .. n_prev, held in one
@@ -399,9 +377,7 @@ def store_phase1_kernel(
     Program ``row * cdiv(n_q, per_program) + p`` runs queries p * per_program .. (p + 1) * per_program - 1 of its
     row; the p = 0 program stores the new source. One program per row (per_program = n_q) reads the row's sources
     once; one per query (1) runs the queries side by side (a row's programs adjacent in launch order, so that its
-    sources come from L2 after the first read), which shortens a launch whose rows cannot fill the GPU (decoding).
-    QG > 0 (one program per row only): the queries in groups of QG, each group's scores in one reduction
-    (``_phase1_queries``), instead of one reduction per query (``_phase1_query``)."""
+    sources come from L2 after the first read), which shortens a launch whose rows cannot fill the GPU (decoding)."""
     programs_per_row = tl.cdiv(n_q, per_program)
     row = (tl.program_id(0) // programs_per_row).to(tl.int64)
     j0 = (tl.program_id(0) % programs_per_row) * per_program
@@ -412,11 +388,7 @@ def store_phase1_kernel(
     v, r, stored, _ = _source_tile(  # rows 0 .. n_prev - 1; the new source's row n_prev is filled below
         store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_prev, M, row, cols, mask, D, False, N_PAD
     )
-    if QG:
-        qs = tl.arange(0, QG)
-        U = _query_key(q_ptr, g_ptr, qs[:, None] * D + cols[None, :], (qs < n_q)[:, None] & mask[None, :])
-    else:
-        u = _query_key(q_ptr + j0 * D, g_ptr + j0 * D, cols, mask)
+    u = _query_key(q_ptr + j0 * D, g_ptr + j0 * D, cols, mask)
     if HAS_NORM:
         wn = _gain(wn_ptr, cols, mask)
     v_new, v_new_f, r_new = _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, store_ptr.dtype.element_ty, HAS_Y)
@@ -427,24 +399,14 @@ def store_phase1_kernel(
     v = tl.where(is_new[:, None], v_new_f[None, :], v)
     r = tl.where(is_new, r_new, r)
     valid = stored | is_new
-    if QG:
-        hq = _phase1_queries(v, r, valid, U, qs, n_q, out_ptr, lse_ptr, M, D, row, cols, mask)
-        h = pick_row(hq, qs, 0).to(hq.dtype)  # query 0's row
-    else:
-        h = _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
+    h = _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
     if HAS_NORM:
         if j0 == 0:
             first = _prenorm_row(h, wn, D, norm_eps)[0]
             tl.store(first_ptr + row * D + cols, first, mask=mask)
-    if QG:
-        for j1 in range(QG, n_q, QG):
-            qj = j1 + qs
-            U = _query_key(q_ptr, g_ptr, qj[:, None] * D + cols[None, :], (qj < n_q)[:, None] & mask[None, :])
-            _phase1_queries(v, r, valid, U, qj, n_q, out_ptr, lse_ptr, M, D, row, cols, mask)
-    else:
-        for j in range(j0 + 1, tl.minimum(j0 + per_program, n_q)):
-            u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
-            _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask)
+    for j in range(j0 + 1, tl.minimum(j0 + per_program, n_q)):
+        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
+        _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask)
 
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])

@@ -28,16 +28,6 @@ PHASE1_TILE_ELEMENTS = 16384
 # rows (decoding: one row per sequence, where one program per row left the launch a chain of Q queries), and one
 # program per row above it (prefill: each row's sources read once).
 STORE_PHASE1_SPLIT_ROWS = 256
-# A candidate, not timed (session 17, no GPU): with one program per row, the fused block boundary takes its queries in
-# groups, each group's scores in one reduction over D (one round of warp shuffles and block barriers per group instead
-# of one per query: a row per program, those rounds are what the kernel waits on; it ran at 46-58% of its byte floor
-# in session 11, and Block's dense prefill stayed +2.6-2.7%, target 2%). Groups as large as fit: QG a power of two
-# with QG x N_PAD x (padded D / threads) <= PHASE1_GROUP_ELEMENTS, the [QG, N_PAD, D] products of one thread (0: one
-# query at a time). sm_90, D 2048 at 8 warps (8 elements of D per thread), registers at 128: groups of 8 queries x 2
-# sources 148, 4 x 4 198, 2 x 8 202, no spills (one query at a time: 54-115); 8 x 4 spills 92 B and 4 x 8 224 B
-# (attn_res_registers.py), hence 128. The sweep (gpu_session.sh attn_res_prefill_sweep) weighs the fewer rounds
-# against the fewer programs per SM those registers leave.
-PHASE1_GROUP_ELEMENTS = 0
 
 
 def _sources_pad(n_sources: int) -> int:
@@ -49,16 +39,6 @@ def fits_one_tile(n_sources: int, d: int) -> bool:
     """Whether phase 1 over ``n_sources`` sources of hidden size ``d`` holds them in one register tile (the fast
     path, and the only one of the fused block boundary ``store_phase1``)."""
     return _sources_pad(n_sources) * block_d(d) <= PHASE1_TILE_ELEMENTS
-
-
-def query_group(n_q: int, n_pad: int, d: int, elements: int | None = None) -> int:
-    """Queries per group of the fused block boundary with one program per row: the largest power of two up to n_q's
-    whose [group, n_pad, d] products take at most ``elements`` (default ``PHASE1_GROUP_ELEMENTS``) per thread, or 0
-    (one query at a time) when no group of two does."""
-    elements = PHASE1_GROUP_ELEMENTS if elements is None else elements
-    per_thread = n_pad * max(1, block_d(d) // (32 * num_warps(d)))  # a thread holds at least one element of D
-    group = min(triton.next_power_of_2(n_q), elements // per_thread)
-    return triton.next_power_of_2(group + 1) // 2 if group >= 2 else 0
 
 
 def phase1(
@@ -104,13 +84,12 @@ def store_phase1(
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
     per_program = 1 if m <= STORE_PHASE1_SPLIT_ROWS else q
-    n_pad = _sources_pad(n_prev + 1)
     _triton.store_phase1_kernel[(m * triton.cdiv(q, per_program),)](
         x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
         norm_weight.contiguous() if norm_weight is not None else gains, out, lse, first if first is not None else out,
         n_prev, q, m, d, storage.eps, norm_eps, per_program,
-        HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=n_pad, BLOCK_D=block_d(d),
-        QG=query_group(q, n_pad, d) if per_program == q else 0, num_warps=num_warps(d),
+        HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=_sources_pad(n_prev + 1),
+        BLOCK_D=block_d(d), num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, first
 

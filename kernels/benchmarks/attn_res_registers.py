@@ -50,12 +50,10 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
                                  ONE_TILE=one_tile),
                             bwd_warps))  # fmt: skip
     configs.append((_triton.param_grad_kernel, dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=128), 4))
-    for n_sources in (2, 4, _BLOCK_SOURCES):
-        n_pad = two_phase._sources_pad(n_sources)
-        # one query at a time, then in groups (the candidate PHASE1_GROUP_ELEMENTS at 128, for 8 queries)
-        for group in sorted({0, two_phase.query_group(8, n_pad, d, elements=128)}):
-            configs.append((_triton.store_phase1_kernel,
-                            dict(HAS_Y=True, HAS_NORM=True, N_PAD=n_pad, BLOCK_D=width, QG=group), warps))
+    for n_sources in (2, 4, _BLOCK_SOURCES):  # N_PAD 2, 4 and 8: the Block model's boundaries
+        configs.append((_triton.store_phase1_kernel,
+                        dict(HAS_Y=True, HAS_NORM=True, N_PAD=two_phase._sources_pad(n_sources), BLOCK_D=width),
+                        warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
                     dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_BLOCK_SOURCES), BLOCK_D=width, ONE_TILE=True),
                     warps))  # fmt: skip

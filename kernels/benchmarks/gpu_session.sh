@@ -21,16 +21,10 @@ cd "$(dirname "$0")/../.."
 source .ci/gpu-setup.sh > "${OUT:=/tmp/out}/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
 head -n 1 "$OUT/setup.log"
 
-# --set-file with the sweeps' picks present in $OUT (carried there from an earlier call, or written by this one)
-best_files() {
-  local files=("$OUT"/kda_best_*.txt)
-  [ -e "${files[0]}" ] && echo "--set-file ${files[*]}"
-}
-
 step_command() {
   case "$1" in
     tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
-    # the KDA kernels' GPU tests (all candidates) and the model's in-model op tests: a shorter warm step for calls
+    # the KDA kernels' GPU tests and the model's in-model op tests: a shorter warm step for calls
     # that mostly time KDA
     kda_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_kda_gpu.py tests/test_kimi_linear_gpu.py \
       -p no:cacheprovider --tb=short -rf \
@@ -38,18 +32,6 @@ step_command() {
     attn_res_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_attn_res_ops.py tests/test_attn_res_model.py \
       -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
-    # the candidates of sessions 16 and 17: each sweep writes its fastest combination to $OUT/kda_best_*.txt, which
-    # kda_best and model_best apply (those present when they start)
-    kda_sweep) echo "timeout 480 python3 kernels/benchmarks/bench_kda.py --sweep PREP_IN_PAIRS=0,1 DIAG_IN_PAIRS=0,1 \
-      INVERSE_PRODUCT=0,1 WU_SPLIT=0,1 --best-by fwd --best-to $OUT/$2kda_best_fwd.txt" ;;
-    kda_sweep_state) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --sweep OUTPUT_IN_STATE=0,1 \
-      STATE_BLOCK_V=0,16 --best-by fwd --best-to $OUT/$2kda_best_state.txt" ;;
-    kda_sweep_bwd) echo "timeout 360 python3 kernels/benchmarks/bench_kda.py --sweep BWD_DIAG_IN_KEY=0,1 \
-      BWD_KEY_WARPS=2,4 BWD_KEY_BLOCK=64,32 --best-to $OUT/$2kda_best_bwd.txt" ;;
-    kda_best) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --profile --json $OUT/$2kda_best.json \
-      $(best_files)" ;;
-    model_best) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile \
-      --json $OUT/$2model_best.json $(best_files)" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;
@@ -59,11 +41,6 @@ step_command() {
     attn_res_paired) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res_paired.py --json $OUT/$2attn_res_paired.json" ;;
     attn_res_sweep) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections attn_res \
       --sweep attn_res.fused.FWD_SOURCE_TILE=1,2,4 attn_res.fused.FWD_ELEMENTS_PER_THREAD=16,8" ;;
-    # session 17's candidate: the block boundary's queries in groups, the kernel alone, then Block's prefill in pairs
-    attn_res_prefill_sweep) echo "timeout 150 python3 kernels/benchmarks/bench_small_ops.py \
-      --sections attn_res_prefill --sweep attn_res.two_phase.PHASE1_GROUP_ELEMENTS=0,64,128" ;;
-    attn_res_prefill_groups) echo "timeout 240 python3 kernels/benchmarks/bench_attn_res_paired.py --phases prefill \
-      --set attn_res.two_phase.PHASE1_GROUP_ELEMENTS=128 --json $OUT/$2attn_res_prefill_groups.json" ;;
     attn_res_replication)
       echo "timeout 170 python3 recipes/attn_res_replication.py --preset gpu --output-dir $OUT/attn_res_replication" ;;
     ce_lora) echo "timeout 360 python3 kernels/benchmarks/bench_ce_lora.py --json $OUT/$2ce_lora.json" ;;

@@ -62,29 +62,18 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     BK, BV = chunk._dims(head_dim, head_dim)
     bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
-    pairs = dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), KP=BK, L2NORM=True, GATE=True, EPS=1e-6,
-                 DBK=min(BK, chunk.DIAG_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN)
     warps = chunk.NUM_WARPS
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
-        # the pairs kernel with and without the candidates (PREP_IN_PAIRS, DIAG_IN_PAIRS)
-        *((chunk_fwd.kda_pairs_chunk_fwd_kernel, dict(pairs, PREP=prep, DIAG=diag), chunk.PAIRS_WARPS, 1)
-          for prep in (False, True) for diag in (False, True)),
+        (chunk_fwd.kda_pairs_chunk_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)),
+         chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_fwd_kernel,
          dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
          chunk.DIAG_WARPS, 1),
-        *((chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB, PRODUCT=product), chunk.INVERSE_WARPS, 1)
-          for product in (False, True)),  # with the candidate INVERSE_PRODUCT
-        *((chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV, SPLIT=split),
-           chunk.WU_WARPS, 1) for split in (False, True)),  # with the candidate WU_SPLIT
-        # the state pass as launched, then with the candidate OUTPUT_IN_STATE (training, inference; up to K = 128) at
-        # the V tiles its sweep covers
-        (chunk_fwd.kda_state_fwd_kernel,
-         dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True, OUTPUT=chunk._output_in_state(BK), SAVE=True),
+        (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
+        (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS, 1),
+        (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
          chunk._state_fwd_warps(BK), 1),
-        *((chunk_fwd.kda_state_fwd_kernel,
-           dict(common, BK=BK, BV=bv, HAS_H0=True, STORE_HT=True, OUTPUT=True, SAVE=save), chunk.OUTPUT_STATE_WARPS, 1)
-          for save in (True, False) for bv in sorted({bvs, 16}) if chunk._output_fits_state(BK)),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)),
@@ -92,12 +81,9 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_bwd.kda_direct_bwd_kernel,
          dict(common, BK=min(BK, chunk.BWD_DIRECT_KEY_BLOCK), BV=min(BV, chunk.BWD_DIRECT_BLOCK_V)),
          chunk.BWD_DIRECT_WARPS, chunk.BWD_DIRECT_STAGES),
-        (chunk_bwd.kda_diag_bwd_kernel,
-         dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
-         chunk.DIAG_WARPS, 1),
-        *((chunk_bwd.kda_key_bwd_kernel,
-           dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), DIAG=diag, SPAN=chunk.DIAG_DOT_SPAN),
-           chunk.BWD_KEY_WARPS, chunk.BWD_KEY_STAGES) for diag in (False, True)),  # with the candidate BWD_DIAG_IN_KEY
+        (chunk_bwd.kda_key_bwd_kernel,
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN),
+         chunk.BWD_KEY_WARPS, chunk.BWD_KEY_STAGES),
         (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True), 4, 1),
     ]  # fmt: skip
 

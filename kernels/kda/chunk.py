@@ -4,15 +4,11 @@ Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P between sub-blo
 -> diagonal (A_qk, P inside each sub-block, per token) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
 qg, kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
-(the dq, dk terms through the states, per chunk and block of key channels) -> diagonal (adds the pairs inside each
-sub-block, per token) -> key (adds the pairs between sub-blocks: dq, dk and dG per chunk, block of key channels and
-sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm backward.
+(the dq, dk terms through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk
+and dG per chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm
+backward.
 Everything runs on flattened ``[B*T, H, D]`` tensors with sequence offsets, so equal-length batches
-and packed (cu_seqlens) sequences share one code path. Candidates not yet timed, off by default (sessions 16-17):
-the prep inside the pairs kernel (``PREP_IN_PAIRS``), the diagonal inside the pairs kernel (``DIAG_IN_PAIRS``) and
-inside the key kernel (``BWD_DIAG_IN_KEY``), the inverse's diagonal blocks as products (``INVERSE_PRODUCT``), a
-program per W/U block (``WU_SPLIT``), and the output inside the state pass (``OUTPUT_IN_STATE``; an inference
-forward then stores no per-chunk state).
+and packed (cu_seqlens) sequences share one code path.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import torch
 import triton
 
 from .chunk_bwd import (
-    kda_diag_bwd_kernel, kda_direct_bwd_kernel, kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel,
+    kda_direct_bwd_kernel, kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel,
     kda_state_bwd_kernel, l2norm_bwd_kernel,
 )  # fmt: skip
 from .chunk_fwd import (
@@ -44,9 +40,9 @@ MAX_HEAD_DIM = 256
 # 0.133 + 0.276 ms, forward 1.60 ms (session 14, same machine). Fusing the pairs between sub-blocks into the inverse
 # kernel, as fla does, was slower (0.621 + 0.274 ms for pairs, inverse and W/U against 0.362 + 0.133 + 0.276; branch
 # kda-solve-blocks).
-# The pairs inside a sub-block run one token per program, DIAG_HEADS heads at a time, in the forward and the backward
-# (kda_diag_fwd_kernel, kda_diag_bwd_kernel; session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them
-# inside the pairs and key kernels; 2, 4 or 8 heads and 2 or 4 warps within 3%), now 2 heads at 1 warp (session 15
+# The forward's pairs inside a sub-block run one token per program, DIAG_HEADS heads at a time (kda_diag_fwd_kernel;
+# session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them, forward and backward, inside the pairs and key
+# kernels one partner at a time; 2, 4 or 8 heads and 2 or 4 warps within 3%), now 2 heads at 1 warp (session 15
 # sweep on the H200, B1 T8192: forward 1.347 / fwd+bwd 4.082 ms against 1.364 / 4.116 at 4 heads and 2 warps, outputs
 # identical; 2 heads at 4 warps 1.903 / 4.952, the other settings 1.368-1.444 / 4.116-4.297).
 # The backward key kernel (the pairs between sub-blocks): 64 key channels per block at 2 warps (session 6: fwd+bwd
@@ -65,47 +61,30 @@ MAX_HEAD_DIM = 256
 # 1.451).
 PAIRS_KEY_BLOCK = 16
 PAIRS_WARPS = 4
-# A candidate, not timed yet (session 16, no GPU): PREP_IN_PAIRS = 1 runs the prep (L2 norms, gate, cumsum) inside
-# the pairs kernel (its PREP variant), which then takes q, k, g as given and writes qn, kn and G for the
-# later kernels while it holds their tiles: one launch and one read of qn, kn and G (about 0.27 GB, 0.065 ms at
-# 4.1 TB/s at B1 T8192 H32 D128) fewer. Prep took 0.140 ms and the pairs 0.218 in session 15's profile. The
-# default stays the measured pair of kernels until bench_kda.py --sweep PREP_IN_PAIRS=0,1 times both.
-PREP_IN_PAIRS = 0
-# A second candidate, not timed yet (session 16): DIAG_IN_PAIRS = 1 sums the pairs inside each sub-block in the pairs
-# kernel too, as tensor-core dots through the sub-block's middle row m (exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c)),
-# and the forward's diagonal kernel (0.257 ms of the 1.347 ms forward at B1 T8192 in session 15) is not launched. The
-# split is exact while every |G_r - G_m| in the sub-block is at most DIAG_DOT_SPAN (both factors within e^+-40, far
-# inside fp32's range); a sub-block whose decays span more (per-token log-decays beyond about -5 on average over 8
-# tokens) takes an exact one-column-at-a-time path in the same program. To be timed by bench_kda.py --sweep
-# DIAG_IN_PAIRS=0,1; the interpreter and GPU tests cover both paths.
-DIAG_IN_PAIRS = 0
+# Session 18's sweep on the H200 (B1 T8192, forward 1.346 / fwd+bwd 4.080 ms at session 15's kernels) timed the
+# candidates of sessions 16-17 and kept two: the inverse's diagonal blocks as products (forward 1.285 ms) and the
+# backward's pairs inside each sub-block in the key kernel (fwd+bwd 3.757 ms). Dropped, each slower in every
+# combination: the prep inside the pairs kernel (forward 1.77-1.93 ms), the forward's pairs inside each sub-block in
+# the pairs kernel (+0.01-0.02 ms), a program per W/U block (+0.09 ms) and the output inside the state pass at 8 warps
+# (1.401 ms; an inference forward then stored no h). BENCHMARKS.md has the tables.
+# The backward's pairs inside each sub-block: in the key kernel, as tensor-core dots through the sub-block's middle
+# row m (exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c)), exact while every |G_r - G_m| of a key block is at most
+# DIAG_DOT_SPAN (both factors within e^+-40, far inside fp32's range); a sub-block whose decays span more (per-token
+# log-decays beyond about -5 on average over 8 tokens) takes an exact one-partner-at-a-time path in the same program.
+# The key kernel then spills 176 B at 2 warps and 64 channels (kda_registers.py) and is still the fastest setting
+# (session 18: 4 warps or 32 channels 0.01-0.21 ms slower in fwd+bwd).
 DIAG_DOT_SPAN = 40.0
-DIAG_KEY_BLOCK = 64  # key channels per step of that diagonal phase (its own: it runs after the pairs' accumulators)
-# The backward's counterpart, also a candidate (session 16): BWD_DIAG_IN_KEY = 1 adds the gradients of the pairs inside
-# each sub-block in the key kernel, by the same split (exact path past DIAG_DOT_SPAN, decided per key block there),
-# and kda_diag_bwd_kernel (0.525 ms of the fwd+bwd step at B1 T8192 in session 7's profile, most of it a
-# read-modify-write of three fp32 gradients that the key kernel reads and writes anyway) is not launched. With it the
-# key kernel spills 176 B at its default 2 warps and 64 channels (167 registers at 4 warps, or 2 warps and 32
-# channels; kda_registers.py), so its sweep takes BWD_KEY_WARPS and BWD_KEY_BLOCK too (gpu_session.sh kda_sweep_bwd).
-BWD_DIAG_IN_KEY = 1
 DIAG_HEADS = 2
 DIAG_WARPS = 1
 # The inverse at 2 warps (166 registers as compiled for sm_90) and W/U at 4 warps with 32 key channels per block
 # (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps 0.10-0.11 ms slower in every W/U setting;
 # W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its loop pipelined within 0.015 ms).
 INVERSE_WARPS = 2
-# A candidate (session 16, not timed): INVERSE_PRODUCT = 1 inverts the four diagonal [16, 16] blocks as
-# (I - N)(I + N^2)(I + N^4)(I + N^8), N = Diag(beta) P_ss strictly lower (six dots per block, one load of each block),
-# in place of fifteen substitution steps, each a load of P's next row and a reduction across the tile's rows.
-INVERSE_PRODUCT = 1
 WU_KEY_BLOCK = 32
 WU_WARPS = 4
-# A candidate (session 16, not timed): WU_SPLIT = 1 gives each of W/U's key and value blocks a program of its own
-# (4096 programs of 4 warps at B1 T8192 H32 walked 4 key and 2 value blocks each, one after the other; W/U took 0.240
-# ms for about 0.67 GB, 2.8 TB/s, against fla's 0.16 ms).
-WU_SPLIT = 0
-# The diagonal kernels' partner loops are plain: software-pipelined (Triton's num_stages 2) they were slower on the
-# H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd 4.88 against 4.58).
+# The forward diagonal kernel's partner loop is plain: software-pipelined (Triton's num_stages 2), with the
+# backward's former one, it was slower on the H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd
+# 4.88 against 4.58).
 # Software pipelining by Triton (num_stages) of the backward's pair and direct kernels (session 14 sweep on the H200,
 # B1 T8192: fwd+bwd 4.51 ms with the pair kernel's loop pipelined against 4.58 plain; the direct kernel's at 2 was
 # 0.3% slower, kept plain).
@@ -132,16 +111,6 @@ BWD_PAIR_WARPS = 4
 # STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
 STATE_FWD_WARPS = 4
 STATE_BLOCK_V = 0
-# A candidate (session 17, not timed): OUTPUT_IN_STATE = 1 computes each chunk's output O = qg S + A_qk V' inside the
-# forward state pass, from the state and V' it holds, and kda_output_fwd_kernel (about 0.13 ms of the forward at B1
-# T8192 H32 D128 in sessions 14-15; it reads h and v_new back, about 0.2 GB) is not launched. An inference forward
-# (no input needs a gradient) then writes neither h nor v_new. The dots it adds sit beside the state's chain, not on it
-# (nothing later in the loop depends on O), and its loads go out with the next chunk's: its cost is the state pass's
-# registers. With the output's tiles (qg, A_qk and the next chunk's) it spills at 4 warps (K = 128: 136-660 B per
-# thread over the V tiles of 16 and 32, with and without h stored) and fits at 8 (169-242 registers; kda_registers.py),
-# hence a warp count of its own. gpu_session.sh kda_sweep_state times it at V tiles of 32 and 16.
-OUTPUT_IN_STATE = 0
-OUTPUT_STATE_WARPS = 8
 NUM_WARPS = 8  # the other kernels
 
 
@@ -198,25 +167,10 @@ def _state_block_v(BK: int, BV: int) -> int:
     return 16 if BK > 128 else min(BV, 32)
 
 
-def _output_fits_state(BK: int) -> bool:
-    """Whether the forward state pass can take the output's tiles: up to K = 128. At K = 256 it spills at every warp
-    count (8 warps: 8 B per thread, 164 B without h and v_new stored; 16 warps: over 100 B; kda_registers.py), so the
-    output keeps its own kernel there."""
-    return BK <= 128
-
-
-def _output_in_state(BK: int) -> bool:
-    """Whether the forward state pass computes the output too: ``OUTPUT_IN_STATE`` where it fits."""
-    return bool(OUTPUT_IN_STATE) and _output_fits_state(BK)
-
-
 def _state_fwd_warps(BK: int) -> int:
-    """Warps of the forward state pass: ``STATE_FWD_WARPS``, doubled for K > 128, and ``OUTPUT_STATE_WARPS`` when it
-    computes the output. At K = 256 and 4 warps the [256, 16] state tiles spill 576 B per thread, at 8 none (198
-    registers; kda_registers.py). Both passed the head-dim-256 GPU test (sessions 14 and 15); K = 256 was not timed at
-    either."""
-    if _output_in_state(BK):
-        return OUTPUT_STATE_WARPS
+    """Warps of the forward state pass: ``STATE_FWD_WARPS``, doubled for K > 128. At K = 256 and 4 warps the
+    [256, 16] state tiles spill 576 B per thread, at 8 none (198 registers; kda_registers.py). Both passed the
+    head-dim-256 GPU test (sessions 14 and 15); K = 256 was not timed at either."""
     return STATE_FWD_WARPS * 2 if BK > 128 else STATE_FWD_WARPS
 
 
@@ -241,12 +195,11 @@ def kda_chunk_fwd(
     A_log: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     chunks: _Chunks,
-    for_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Forward on flattened contiguous ``[TT, H, D]`` inputs (q, k, v of one dtype).
 
     Returns ``o [TT, H, V]``, the final state ``[N, H, K, V]`` fp32 (or None) and the tensors the
-    backward needs (empty without ``for_backward``).
+    backward needs.
     """
     TT, H, K = q.shape
     V = v.shape[-1]
@@ -259,57 +212,43 @@ def kda_chunk_fwd(
     qn, kn = (torch.empty_like(q), torch.empty_like(k)) if use_qk_l2norm else (q, k)
     P, M = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(2))
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
-    if not PREP_IN_PAIRS:
-        kda_prep_fwd_kernel[(NC, H)](
-            q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
-            BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
-        )  # fmt: skip
-    kda_pairs_chunk_fwd_kernel[(NC, H)](
-        q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), PREP=bool(PREP_IN_PAIRS), KP=BK, L2NORM=use_qk_l2norm,
-        GATE=use_gate, EPS=L2NORM_EPS, DIAG=bool(DIAG_IN_PAIRS), DBK=min(BK, DIAG_KEY_BLOCK), SPAN=DIAG_DOT_SPAN,
-        IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+    kda_prep_fwd_kernel[(NC, H)](
+        q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
+        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
-    if not DIAG_IN_PAIRS:
-        kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
-        )  # fmt: skip
+    kda_pairs_chunk_fwd_kernel[(NC, H)](
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+    )  # fmt: skip
+    kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+    )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     kda_inverse_fwd_kernel[(NC, H)](
-        P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, PRODUCT=bool(INVERSE_PRODUCT), IEEE=ieee,
-        num_warps=INVERSE_WARPS,
+        P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
     )  # fmt: skip
-    BKw = min(BK, WU_KEY_BLOCK)
-    kda_wu_fwd_kernel[(NC, H, triton.cdiv(K, BKw) + triton.cdiv(V, BV) if WU_SPLIT else 1)](
+    kda_wu_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=BKw, BV=BV, SPLIT=bool(WU_SPLIT), IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
     )  # fmt: skip
-    # Without a backward to come, the fused output leaves h and v_new unwritten (0.13 and 0.07 GB at B1 T8192 H32
-    # D128 bf16).
-    fuse_output = _output_in_state(BK)
-    save = for_backward or not fuse_output
-    h = torch.empty(NC, H, K, V, device=dev, dtype=dt) if save else None
-    v_new = torch.empty(TT, H, V, device=dev, dtype=dt) if save else None
+    h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
+    v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    o = torch.empty(TT, H, V, device=dev, dtype=dt)
     BVs = _state_block_v(BK, BV)
     # num_stages=1: software pipelining of the chunk loop would need more shared memory than Hopper has.
     kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
-        kh, gl, W, U, h if save else o, v_new if save else o, initial_state, ht, qg, A_qk, o,
-        chunks.cu_seqlens, chunks.offsets, H, K, V,
-        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
-        OUTPUT=fuse_output, SAVE=save, IEEE=ieee, num_warps=_state_fwd_warps(BK), num_stages=1,
+        kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
+        num_warps=_state_fwd_warps(BK), num_stages=1,
     )  # fmt: skip
-    if not fuse_output:
-        kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
-            qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
-            BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
-        )  # fmt: skip
-    if not for_backward:
-        return o, ht, {}
+    o = torch.empty(TT, H, V, device=dev, dtype=dt)
+    kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
+        qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
+        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
+    )  # fmt: skip
     saved = dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, qg=qg, kh=kh, gl=gl, h=h, v_new=v_new)
     return o, ht, saved
 
@@ -385,16 +324,11 @@ def kda_chunk_bwd(
         BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=BWD_DIRECT_WARPS,
         num_stages=BWD_DIRECT_STAGES,
     )  # fmt: skip
-    if not BWD_DIAG_IN_KEY:
-        kda_diag_bwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-            saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-            scale, H, K, BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
-        )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
     kda_key_bwd_kernel[(NC, H, NKB * NS)](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, DIAG=bool(BWD_DIAG_IN_KEY), SPAN=DIAG_DOT_SPAN, IEEE=ieee,
+        scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, SPAN=DIAG_DOT_SPAN, IEEE=ieee,
         num_warps=BWD_KEY_WARPS, num_stages=BWD_KEY_STAGES,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None
@@ -417,7 +351,7 @@ class ChunkKDAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
-                use_qk_l2norm, use_gate, cu_seqlens, for_backward):  # fmt: skip
+                use_qk_l2norm, use_gate, cu_seqlens):  # fmt: skip
         B, T, H, K = q.shape
         V = v.shape[-1]
         dt = q.dtype
@@ -430,11 +364,8 @@ class ChunkKDAFunction(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         chunks = _chunks(cu_seqlens, B, T, q.device)
         o, ht, saved = kda_chunk_fwd(
-            qf, kf, vf, gf, bf, scale, h0, output_final_state, use_qk_l2norm, use_gate, A_logf, dt_biasf, chunks,
-            for_backward,
+            qf, kf, vf, gf, bf, scale, h0, output_final_state, use_qk_l2norm, use_gate, A_logf, dt_biasf, chunks
         )
-        if not for_backward:
-            return o.reshape(B, T, H, V), ht
         ctx.save_for_backward(qf, kf, vf, gf, bf, A_logf, dt_biasf, *saved.values())
         ctx.saved_names = list(saved)
         ctx.chunks = chunks
@@ -497,11 +428,7 @@ def chunk_kda_triton(
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise ValueError(f"the Triton KDA kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
     scale = K**-0.5 if scale is None else float(scale)
-    # Whether autograd will record this call (Function.forward runs with grad mode off, so ask here): an inference
-    # forward need not store what only the backward reads (with OUTPUT_IN_STATE: h and v_new).
-    inputs = (q, k, v, g, beta, A_log, dt_bias, initial_state)
-    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     return ChunkKDAFunction.apply(
         q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
-        use_qk_l2norm_in_kernel, use_gate_in_kernel, cu_seqlens, for_backward,
+        use_qk_l2norm_in_kernel, use_gate_in_kernel, cu_seqlens,
     )  # fmt: skip

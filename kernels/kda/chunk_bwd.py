@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .._triton_helpers import pick_row
 from .chunk_fwd import (
-    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _state_tile, _store_rows, _token_program, softplus,
+    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _state_tile, _store_rows, softplus,
 )  # fmt: skip
 
 
@@ -225,7 +225,7 @@ def _later_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, b_G, rmask, cols, c
 def _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows, rmask, cols, cmask, H, i_h, K,
                     SPAN: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """For the sub-block at row ``m0`` (``b_G``, ``b_q``, ``b_k``: its ``[BC, BK]`` decays, q and k; fp32), the pairs
-    inside it, as :func:`kda_diag_bwd_kernel` sums them one token at a time: returns dq and dkp before the scale,
+    inside it: returns dq and dkp before the scale,
     sum_{j <= i} dA_qk[i, j] k_j E_ij and the same with dP, and dkm, sum_{i >= t} (scale dA_qk[i, t] q_i + dP[i, t]
     k_i) E_it (E_ij = exp(G_i - G_j)). Tensor-core dots through the sub-block's middle row m, E_ij = exp(G_i - G_m)
     exp(G_m - G_j), when every |G_i - G_m| of this key block is at most SPAN (each factor then far inside fp32's
@@ -270,53 +270,9 @@ def _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows,
 
 
 @triton.jit
-def kda_diag_bwd_kernel(
-    q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """Per (token t, group of BH heads): the gradients of the pairs inside t's sub-block, added in place to the
-    direct terms that :func:`kda_direct_bwd_kernel` wrote (``dq``, ``dk`` = dkp, ``dG`` = dkm, fp32), before
-    :func:`kda_key_bwd_kernel` adds the other sub-blocks' pairs. With E_ij = exp(G_i - G_j): as a row, t gets
-    dq_t = scale sum_{j <= t} dA_qk[t, j] k_j E_tj and dkp_t = sum_{j < t} dP[t, j] k_j E_tj; as a column,
-    dkm_t = sum_{i >= t} (scale dA_qk[i, t] q_i + dP[i, t] k_i) E_it. The program id's first axis is
-    chunk * BT + row. One token per program, as :func:`~.chunk_fwd.kda_diag_fwd_kernel`: inside the key kernel
-    these sums took 16 partners over [BC, BK] tiles. On the H200 (B1 T8192 H32 D128, session 6, 86d7353) this
-    kernel took 0.52 ms and the key kernel 0.93, where the key kernel alone had taken 2.92 (the session-5 tree),
-    the read-modify-write of three fp32 gradients included.
-    """
-    t, eos, r, n, heads, hmask, mask, offs = _token_program(chunk_indices, cu_seqlens, H, K, BT, BC, BH, BK)
-    if t < eos:
-        row = t.to(tl.int64) * H * K
-        b_G = tl.load(G + row + offs, mask=mask, other=0.0)
-        sub0 = (t - n).to(tl.int64)  # the sub-block's first token
-        first = sub0 * H * K
-        pair_row = (t.to(tl.int64) * H + heads) * BT + (r - n)  # + jj: row t, the sub-block's column jj
-        pair_col = (sub0 * H + heads) * BT + r  # + jj * H * BT: the sub-block's row jj, column t
-        b_dq = tl.zeros([BH, BK], dtype=tl.float32)
-        b_dkp = tl.zeros([BH, BK], dtype=tl.float32)
-        for jj in range(0, n + 1):
-            b_e = tl.exp(b_G - tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0))
-            b_ke = b_e * tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)
-            b_dq += tl.load(dA_qk + pair_row + jj, mask=hmask, other=0.0)[:, None] * b_ke
-            b_dkp += tl.load(dP + pair_row + jj, mask=hmask, other=0.0)[:, None] * b_ke
-        b_dkm = tl.zeros([BH, BK], dtype=tl.float32)
-        for jj in range(n, tl.minimum(BC, eos - (t - n))):
-            b_e = tl.exp(tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0) - b_G)
-            b_qi = tl.load(q + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32) * scale
-            b_ki = tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)
-            b_dA = tl.load(dA_qk + pair_col + jj * H * BT, mask=hmask, other=0.0)[:, None]
-            b_dPi = tl.load(dP + pair_col + jj * H * BT, mask=hmask, other=0.0)[:, None]
-            b_dkm += (b_dA * b_qi + b_dPi * b_ki) * b_e
-        tl.store(dq + row + offs, tl.load(dq + row + offs, mask=mask) + b_dq * scale, mask=mask)
-        tl.store(dk + row + offs, tl.load(dk + row + offs, mask=mask) + b_dkp, mask=mask)
-        tl.store(dG + row + offs, tl.load(dG + row + offs, mask=mask) + b_dkm, mask=mask)
-
-
-@triton.jit
 def kda_key_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DIAG: tl.constexpr, SPAN: tl.constexpr,
-    IEEE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
     direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dG`` (= dkm), fp32)
@@ -328,8 +284,9 @@ def kda_key_bwd_kernel(
     pairs with later rows its last row l (exp(G_i - G_l) exp(G_l - G_j)): every factor is <= 1. Each other
     sub-block is one [BC, BC] x [BC, BK] dot, on [BC, BK] tiles and only for the partners that exist (against
     one masked dot over the whole chunk's [BT, BK] tiles: 161 registers instead of 255 with spills, and 11% off
-    fwd+bwd on the H200). The pairs inside the sub-block are already in the direct terms (:func:`kda_diag_bwd_kernel`)
-    or, with DIAG, added here last (:func:`_diag_pairs_bwd`), once the other pairs' tiles are dead.
+    fwd+bwd on the H200). The pairs inside the sub-block are added last (:func:`_diag_pairs_bwd`), once the other
+    pairs' tiles are dead. (Until session 18 a kernel of one token per program added them to the direct terms first,
+    a read-modify-write of three fp32 gradients: fwd+bwd 4.080 against 3.757 ms at B1 T8192 on the H200.)
     """
     i_c, i_h, i_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NS: tl.constexpr = BT // BC
@@ -350,12 +307,11 @@ def kda_key_bwd_kernel(
                               BT, BC, IEEE)  # fmt: skip
     b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    if DIAG:
-        d_q, d_kp, d_km = _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows, rmask, cols,
-                                          cmask, H, i_h, K, SPAN, BT, BC, IEEE)  # fmt: skip
-        b_dq += d_q * scale
-        b_dkp += d_kp
-        b_dkm += d_km
+    d_q, d_kp, d_km = _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows, rmask, cols,
+                                      cmask, H, i_h, K, SPAN, BT, BC, IEEE)  # fmt: skip
+    b_dq += d_q * scale
+    b_dkp += d_kp
+    b_dkm += d_km
     # G's gradient is q * dq + k * (dkp - dkm) because q only ever appears with exp(+G).
     _store_rows(dG, b_q * b_dq + b_k * (b_dkp - b_dkm), rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(dq, b_dq, rows, rmask, cols, cmask, H, i_h, K)

@@ -256,146 +256,18 @@ def _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31,
 
 
 @triton.jit
-def _diag_accumulate(b_G, b_q, b_k, b_A, b_P, b_span, BC: tl.constexpr, IEEE: tl.constexpr):
-    """Adds one block of key channels to a sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P as tensor-core
-    dots through the sub-block's middle row m: exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c). ``b_span`` carries
-    the largest |G_r - G_m| seen: while it is at most the kernels' SPAN, every factor stays within fp32's range and
-    the entries on and below the diagonal are exact; above it they may overflow and are masked at the store
-    (:func:`_diag_tiles`)."""
-    b_m = pick_row(b_G, tl.arange(0, BC), BC // 2)
-    b_d = b_G - b_m[None, :]
-    b_span = tl.maximum(b_span, tl.max(tl.abs(b_d)))
-    b_e = tl.exp(b_d)
-    b_c = tl.trans(b_k * tl.exp(-b_d))
-    b_A, b_P = _pair_dots(b_q * b_e, b_k * b_e, b_c, b_A, b_P, IEEE)
-    return b_A, b_P, b_span
-
-
-@triton.jit
-def _diag_exact(q, k, G, t0, eos, s, scale, H, i_h, K, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """Sub-block ``s``'s diagonal tiles of A_qk and P with exact decays, one column at a time from the stored q, k and
-    G (zeros above the diagonal). The pairs kernels' path for a sub-block whose decays span more than SPAN, where the
-    split through the middle row would leave fp32's range."""
-    idx = tl.arange(0, BC)
-    b_A = tl.zeros([BC, BC], dtype=tl.float32)
-    b_P = tl.zeros([BC, BC], dtype=tl.float32)
-    last = t0 + tl.minimum(eos - t0, BT) - 1
-    for kb in range(0, K, BK):
-        cols = kb + tl.arange(0, BK)
-        cmask = cols < K
-        b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
-        b_G, b_q, b_k, _ = _sub_block_tiles(q, k, G, b_Glast, t0, eos, s, cols, cmask, scale, H, i_h, K, BC)
-        for j in range(0, BC):
-            r = t0 + s * BC + j
-            b_Gj = _load_row(G, r, eos, cols, H, i_h, K)
-            b_e = tl.exp(tl.where((idx >= j)[:, None], b_G - b_Gj[None, :], float("-inf")))
-            b_e *= _load_row(k, r, eos, cols, H, i_h, K)[None, :]
-            on = (idx == j)[None, :]
-            b_A += tl.where(on, tl.sum(b_q * b_e, axis=1)[:, None], 0.0)
-            b_P += tl.where(on, tl.sum(b_k * b_e, axis=1)[:, None], 0.0)
-    return b_A, b_P
-
-
-@triton.jit
-def _diag_tiles(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K, SPAN: tl.constexpr, BT: tl.constexpr,
-                BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """The pairs kernels' diagonal ``[BC, BC]`` tiles (DIAG), after the tiles between sub-blocks are stored, so that
-    their accumulators are free and the key blocks can be wider (``BK``, not the pairs' own): per sub-block, the dots
-    of :func:`_diag_accumulate` from the stored q, k and G (cache hits: this program has just read or written them),
-    or, when its decays spanned more than SPAN, :func:`_diag_exact`; A_qk on and below the diagonal, P below it."""
-    idx = tl.arange(0, BC)
-    last = t0 + tl.minimum(eos - t0, BT) - 1
-    for s in range(0, BT // BC):
-        b_A = tl.zeros([BC, BC], dtype=tl.float32)
-        b_P = tl.zeros([BC, BC], dtype=tl.float32)
-        b_span = tl.zeros([], dtype=tl.float32)
-        for kb in range(0, K, BK):
-            cols = kb + tl.arange(0, BK)
-            b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
-            b_G, b_q, b_k, _ = _sub_block_tiles(q, k, G, b_Glast, t0, eos, s, cols, cols < K, scale, H, i_h, K, BC)
-            b_A, b_P, b_span = _diag_accumulate(b_G, b_q, b_k, b_A, b_P, b_span, BC, IEEE)
-        if b_span > SPAN:
-            b_A, b_P = _diag_exact(q, k, G, t0, eos, s, scale, H, i_h, K, BT, BC, BK)
-        b_A = tl.where(idx[:, None] >= idx[None, :], b_A, 0.0)
-        b_P = tl.where(idx[:, None] > idx[None, :], b_P, 0.0)
-        _store_block(A_qk, P, b_A, b_P, t0, eos, s, s, H, i_h, BT, BC)
-
-
-@triton.jit
-def _l2_norm_denominators(x, t0, eos, s, H, i_h, K, EPS: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr):
-    """``sqrt(|x_r|^2 + EPS)`` over all K channels for the rows r of sub-block ``s`` (``[BC]`` fp32)."""
-    rows = t0 + s * BC + tl.arange(0, BC)
-    cols = tl.arange(0, KP)
-    b_x = _load_rows(x, rows, rows < eos, cols, cols < K, H, i_h, K).to(tl.float32)
-    return tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)
-
-
-@triton.jit
-def _prep_sub_block(q, k, g, qn, kn, G, b_carry, b_dq, b_dk, b_a, b_bias, t0, eos, s, cols, cmask, scale, H, i_h, K,
-                    BC: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr):  # fmt: skip
-    """Sub-block ``s``'s prep for one block of key channels: the gate (fused or read), G = the cumulative sum from
-    the chunk's start (``b_carry``: the sum of the earlier sub-blocks' gates), q and k divided by their L2 norms'
-    denominators ``b_dq``, ``b_dk`` (when L2NORM), each written out for the later kernels. Returns the tiles the pairs
-    take (G, scale * q and k, fp32, q and k rounded to the stored dtype), the pivot (G's first row) and the carry
-    past the sub-block. Rows past the sequence end get g = 0 (G repeats the last valid row) and q = k = 0."""
-    rows = t0 + s * BC + tl.arange(0, BC)
-    rmask = rows < eos
-    b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    if GATE:
-        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_g + b_bias[None, :]), 0.0)
-    b_G = b_carry[None, :] + tl.cumsum(b_g, axis=0)
-    _store_rows(G, b_G, rows, rmask, cols, cmask, H, i_h, K)
-    # G's first row, from the same addition as the tile's (bitwise equal to it)
-    b_g0 = _load_row(g, t0 + s * BC, eos, cols, H, i_h, K)
-    if GATE:
-        b_g0 = tl.where((t0 + s * BC < eos) & cmask, -b_a * softplus(b_g0 + b_bias), 0.0)
-    b_p = b_carry + b_g0
-    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K)
-    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K)
-    if L2NORM:
-        b_q = (b_q.to(tl.float32) / b_dq[:, None]).to(qn.dtype.element_ty)
-        b_k = (b_k.to(tl.float32) / b_dk[:, None]).to(kn.dtype.element_ty)
-        _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
-        _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
-    return b_G, b_q.to(tl.float32) * scale, b_k.to(tl.float32), b_p, b_carry + tl.sum(b_g, axis=0)
-
-
-@triton.jit
 def kda_pairs_chunk_fwd_kernel(
-    q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREP: tl.constexpr, KP: tl.constexpr,
-    L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr, DIAG: tl.constexpr, DBK: tl.constexpr,
-    SPAN: tl.constexpr, IEEE: tl.constexpr,
+    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles,
-    for BT = 4 BC; with DIAG the diagonal tiles too (:func:`_diag_tiles`, ``DBK`` key channels at a time), else
-    :func:`kda_diag_fwd_kernel` writes them. Each sub-block's tiles are loaded once per block of ``BK`` key channels
+    """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles
+    (:func:`kda_diag_fwd_kernel` writes those), for BT = 4 BC, from the normalised q, k and the cumulative decays G
+    that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of ``BK`` key channels
     (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
-    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)
-
-    Without PREP the tiles are read from qn, kn and G, which :func:`kda_prep_fwd_kernel` wrote (q, k, g, A_log and
-    dt_bias are unused). With PREP (the candidate ``PREP_IN_PAIRS``) this kernel does the prep itself: the optional
-    L2 norms of q and k (over all ``KP`` >= K channels first, per sub-block), then per key block the gate, the
-    cumulative sum and the normalised q, k, written to G, qn, kn, and the same tiles, still in registers, summed into
-    the pairs. It then reads no qn, kn and G back (two bf16 and one fp32 ``[TT, H, K]`` tensors, about 0.27 GB at B1
-    T8192 H32 D128), and the prep's launch is saved."""
+    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)"""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
-    ones = tl.full([BC], 1.0, dtype=tl.float32)
-    dq0, dq1, dq2, dq3, dk0, dk1, dk2, dk3 = ones, ones, ones, ones, ones, ones, ones, ones
-    if PREP and L2NORM:
-        dq0 = _l2_norm_denominators(q, t0, eos, 0, H, i_h, K, EPS, BC, KP)
-        dq1 = _l2_norm_denominators(q, t0, eos, 1, H, i_h, K, EPS, BC, KP)
-        dq2 = _l2_norm_denominators(q, t0, eos, 2, H, i_h, K, EPS, BC, KP)
-        dq3 = _l2_norm_denominators(q, t0, eos, 3, H, i_h, K, EPS, BC, KP)
-        dk0 = _l2_norm_denominators(k, t0, eos, 0, H, i_h, K, EPS, BC, KP)
-        dk1 = _l2_norm_denominators(k, t0, eos, 1, H, i_h, K, EPS, BC, KP)
-        dk2 = _l2_norm_denominators(k, t0, eos, 2, H, i_h, K, EPS, BC, KP)
-        dk3 = _l2_norm_denominators(k, t0, eos, 3, H, i_h, K, EPS, BC, KP)
-    b_a = 0.0
-    if PREP and GATE:
-        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
     P10, P20, P21, P30, P31, P32 = zero, zero, zero, zero, zero, zero
@@ -403,53 +275,24 @@ def kda_pairs_chunk_fwd_kernel(
     for kb in range(0, K, BK):
         cols = kb + tl.arange(0, BK)
         cmask = cols < K
-        if PREP:
-            b_bias = tl.zeros([BK], dtype=tl.float32)
-            if GATE:
-                b_bias = tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)
-            c0 = tl.zeros([BK], dtype=tl.float32)
-            G0, _, k0, _, c1 = _prep_sub_block(q, k, g, qn, kn, G, c0, dq0, dk0, b_a, b_bias, t0, eos, 0, cols,
-                                               cmask, scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
-            G1, q1, k1, p1, c2 = _prep_sub_block(q, k, g, qn, kn, G, c1, dq1, dk1, b_a, b_bias, t0, eos, 1, cols,
-                                                 cmask, scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
-            G2, q2, k2, p2, c3 = _prep_sub_block(q, k, g, qn, kn, G, c2, dq2, dk2, b_a, b_bias, t0, eos, 2, cols,
-                                                 cmask, scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
-            G3, q3, k3, p3, _ = _prep_sub_block(q, k, g, qn, kn, G, c3, dq3, dk3, b_a, b_bias, t0, eos, 3, cols,
-                                                cmask, scale, H, i_h, K, BC, L2NORM, GATE)  # fmt: skip
-        else:
-            b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
-            G0, _, k0, _ = _sub_block_tiles(qn, kn, G, b_Glast, t0, eos, 0, cols, cmask, scale, H, i_h, K, BC)
-            G1, q1, k1, p1 = _sub_block_tiles(qn, kn, G, b_Glast, t0, eos, 1, cols, cmask, scale, H, i_h, K, BC)
-            G2, q2, k2, p2 = _sub_block_tiles(qn, kn, G, b_Glast, t0, eos, 2, cols, cmask, scale, H, i_h, K, BC)
-            G3, q3, k3, p3 = _sub_block_tiles(qn, kn, G, b_Glast, t0, eos, 3, cols, cmask, scale, H, i_h, K, BC)
+        b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
+        G0, _, k0, _ = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 0, cols, cmask, scale, H, i_h, K, BC)
+        G1, q1, k1, p1 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 1, cols, cmask, scale, H, i_h, K, BC)
+        G2, q2, k2, p2 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 2, cols, cmask, scale, H, i_h, K, BC)
+        G3, q3, k3, p3 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 3, cols, cmask, scale, H, i_h, K, BC)
         A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32 = _pairs_accumulate(
             G0, k0, G1, q1, k1, p1, G2, q2, k2, p2, G3, q3, k3, p3,
             A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
         )  # fmt: skip
     _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
-    if DIAG:
-        if PREP:
-            tl.debug_barrier()  # the diagonal reads back qn, kn and G, which other threads of this program stored
-        _diag_tiles(qn, kn, G, A_qk, P, t0, eos, scale, H, i_h, K, SPAN, BT, BC, DBK, IEEE)
-
-
-@triton.jit
-def _substitution_step(P, beta, b_inv, idx, t0, eos, s, i, H, i_h, BT: tl.constexpr, BC: tl.constexpr):
-    """Row ``i`` of ``(I + Diag(beta) P_ss)^-1``, the inverse of sub-block ``s``'s diagonal ``[BC, BC]`` tile, from
-    its rows before ``i`` (forward substitution: row_i = e_i - sum_{j<i} beta_i P[i, j] row_j). A row past the
-    sequence end stays e_i."""
-    r = t0 + s * BC + i
-    off = r.to(tl.int64) * H + i_h
-    b_a = tl.load(P + off * BT + s * BC + idx, mask=idx < tl.where(r < eos, i, 0), other=0.0)
-    b_a *= tl.load(beta + off, mask=r < eos, other=0.0).to(tl.float32)
-    b_row = tl.where(idx == i, 1.0, 0.0) - tl.sum(b_a[:, None] * b_inv, axis=0)
-    return tl.where((idx == i)[:, None], b_row[None, :], b_inv)
 
 
 @triton.jit
 def _unit_lower_inverse(b_N, eye, IEEE: tl.constexpr):
     """``(I + N)^-1`` for a strictly lower triangular ``[16, 16]`` N, as the product (I - N)(I + N^2)(I + N^4)(I + N^8)
-    = sum_{k < 16} (-N)^k (N^16 = 0): six dots, four in a dependent chain, in place of fifteen substitution steps."""
+    = sum_{k < 16} (-N)^k (N^16 = 0): six dots, four in a dependent chain. (Until session 18: fifteen substitution
+    steps, each a load of P's next row and a reduction across the tile; the H200 forward at B1 T8192 took 1.346 ms
+    with them against 1.285 with the product.)"""
     b_N2 = tl.dot(b_N, b_N, input_precision=IEEE)
     b_N4 = tl.dot(b_N2, b_N2, input_precision=IEEE)
     b_N8 = tl.dot(b_N4, b_N4, input_precision=IEEE)
@@ -484,12 +327,12 @@ def _store_block_row(M, b0, b1, b2, b3, idx, t0, eos, s, H, i_h, BT: tl.constexp
 @triton.jit
 def kda_inverse_fwd_kernel(
     P, beta, M, chunk_indices, cu_seqlens, H,
-    BT: tl.constexpr, BC: tl.constexpr, PRODUCT: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]`` fp32, zeros above the diagonal), by blocked
-    forward substitution on the four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks' inverses step by
-    step, the four side by side (with PRODUCT, as products of powers of their strictly lower parts:
-    :func:`_unit_lower_inverse`), then the blocks below them by dots, M_st = -M_ss sum_{t <= u < s} L_su M_ut.
+    """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]`` fp32, zeros above the diagonal), blockwise on
+    the four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks' inverses as products of powers of their
+    strictly lower parts (:func:`_unit_lower_inverse`), then the blocks below them by dots,
+    M_st = -M_ss sum_{t <= u < s} L_su M_ut.
 
     Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
     share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
@@ -500,19 +343,11 @@ def kda_inverse_fwd_kernel(
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BC)
     eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
-    if PRODUCT:
-        tl.static_assert(BC == 16, "the product form is written out for 16 rows")
-        m00 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 0, 0, H, i_h, BT, BC), eye, IEEE)
-        m11 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 1, 1, H, i_h, BT, BC), eye, IEEE)
-        m22 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 2, 2, H, i_h, BT, BC), eye, IEEE)
-        m33 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 3, 3, H, i_h, BT, BC), eye, IEEE)
-    else:
-        m00, m11, m22, m33 = eye, eye, eye, eye
-        for i in range(1, BC):
-            m00 = _substitution_step(P, beta, m00, idx, t0, eos, 0, i, H, i_h, BT, BC)
-            m11 = _substitution_step(P, beta, m11, idx, t0, eos, 1, i, H, i_h, BT, BC)
-            m22 = _substitution_step(P, beta, m22, idx, t0, eos, 2, i, H, i_h, BT, BC)
-            m33 = _substitution_step(P, beta, m33, idx, t0, eos, 3, i, H, i_h, BT, BC)
+    tl.static_assert(BC == 16, "the product form is written out for 16 rows")
+    m00 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 0, 0, H, i_h, BT, BC), eye, IEEE)
+    m11 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 1, 1, H, i_h, BT, BC), eye, IEEE)
+    m22 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 2, 2, H, i_h, BT, BC), eye, IEEE)
+    m33 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 3, 3, H, i_h, BT, BC), eye, IEEE)
     l10 = _lower_block(P, beta, idx, t0, eos, 1, 0, H, i_h, BT, BC)
     l20 = _lower_block(P, beta, idx, t0, eos, 2, 0, H, i_h, BT, BC)
     l21 = _lower_block(P, beta, idx, t0, eos, 2, 1, H, i_h, BT, BC)
@@ -538,13 +373,13 @@ def kda_inverse_fwd_kernel(
 @triton.jit
 def kda_wu_fwd_kernel(
     q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
     otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
-    With SPLIT each block is a program of its own (the third program id: the key blocks, then the value blocks),
-    each loading M (from L2 after the first), so that more programs share the latency of the loads."""
+    (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
+    1.346 ms at B1 T8192.)"""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
@@ -552,17 +387,10 @@ def kda_wu_fwd_kernel(
     rmask = rows < eos
     b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
-    if SPLIT:
-        i_b, n_kb = tl.program_id(2), tl.cdiv(K, BK)
-        if i_b < n_kb:
-            _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, i_b * BK, scale, H, i_h, K, BT, BK, IEEE)
-        else:
-            _wu_value_block(v, U, b_Md, b_beta, rows, rmask, (i_b - n_kb) * BV, H, i_h, V, BV, IEEE)
-    else:
-        for k0 in range(0, K, BK):
-            _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
-        for v0 in range(0, V, BV):
-            _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
+    for k0 in range(0, K, BK):
+        _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
+    for v0 in range(0, V, BV):
+        _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
 
 
 @triton.jit
@@ -593,34 +421,26 @@ def _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV: tl.const
 
 @triton.jit
 def kda_state_fwd_kernel(
-    kh, gl, W, U, h, v_new, h0, ht, qg, A_qk, o, cu_seqlens, chunk_offsets, H, K, V,
+    kh, gl, W, U, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, OUTPUT: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (sequence, head, V tile): the sequential state pass. With ``SAVE``, writes the state at the start
-    of every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new`` (the output kernel's and the
-    backward's inputs). With ``OUTPUT``, also the chunk's output O = qg S + A_qk V' (``kda_output_fwd_kernel``'s,
-    from S and V' rounded to the inputs' dtype, as stored), so that an inference forward needs neither h nor
-    v_new. The next chunk's tiles are loaded before the current chunk's dots, so memory latency overlaps the math."""
+    """Per (sequence, head, V tile): the sequential state pass. Writes the state at the start of
+    every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
+    loaded before the current chunk's dots, so memory latency overlaps the math."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
         cu_seqlens, chunk_offsets, h0, i_n, i_h, i_v, H, K, V, BK, BV, HAS_H0
     )
     NT = tl.cdiv(eos - bos, BT)
-    idx = tl.arange(0, BT)
-    rows = bos + idx
+    rows = bos + tl.arange(0, BT)
     rmask = rows < eos
     b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
     b_u = _load_rows(U, rows, rmask, cols_v, vmask, H, i_h, V)
     b_kh = _load_rows(kh, rows, rmask, cols, cmask, H, i_h, K)
     b_gl = tl.load(gl + (c0 * H + i_h) * K + cols, mask=cols < K * tl.minimum(NT, 1), other=0.0)
-    if OUTPUT:
-        b_qg = _load_rows(qg, rows, rmask, cols, cmask, H, i_h, K)
-        b_A = _load_rows(A_qk, rows, rmask, idx, idx < BT, H, i_h, BT)
     for i_t in range(0, NT):
-        b_Sd = b_S.to(b_w.dtype)
-        if SAVE:
-            tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_Sd, mask=st_mask)
+        tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_S.to(h.dtype.element_ty), mask=st_mask)
         nrows = rows + BT
         nmask = nrows < eos
         n_w = _load_rows(W, nrows, nmask, cols, cmask, H, i_h, K)
@@ -628,18 +448,9 @@ def kda_state_fwd_kernel(
         n_kh = _load_rows(kh, nrows, nmask, cols, cmask, H, i_h, K)
         has_next = tl.minimum(NT - 1 - i_t, 1)
         n_gl = tl.load(gl + ((c0 + i_t + 1) * H + i_h) * K + cols, mask=cols < K * has_next, other=0.0)
-        if OUTPUT:
-            n_qg = _load_rows(qg, nrows, nmask, cols, cmask, H, i_h, K)
-            n_A = _load_rows(A_qk, nrows, nmask, idx, idx < BT, H, i_h, BT)
-        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_Sd, input_precision=IEEE)
-        b_vnd = b_vn.to(b_w.dtype)
-        if SAVE:
-            _store_rows(v_new, b_vnd, rows, rmask, cols_v, vmask, H, i_h, V)
-        if OUTPUT:
-            b_o = tl.dot(b_qg, b_Sd, input_precision=IEEE) + tl.dot(b_A, b_vnd, input_precision=IEEE)
-            _store_rows(o, b_o, rows, rmask, cols_v, vmask, H, i_h, V)
-            b_qg, b_A = n_qg, n_A
-        b_S = b_S * b_gl[:, None] + tl.dot(tl.trans(b_kh), b_vnd, input_precision=IEEE)
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype), input_precision=IEEE)
+        _store_rows(v_new, b_vn, rows, rmask, cols_v, vmask, H, i_h, V)
+        b_S = b_S * b_gl[:, None] + tl.dot(tl.trans(b_kh), b_vn.to(b_w.dtype), input_precision=IEEE)
         rows, rmask, b_w, b_u, b_kh, b_gl = nrows, nmask, n_w, n_u, n_kh, n_gl
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, b_S, mask=st_mask)
