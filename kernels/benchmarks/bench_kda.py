@@ -128,15 +128,19 @@ def bench_decode(B: int, H: int = 32, D: int = 128, bandwidth_tbs: float = 4.27)
                 floor_ms=floor)  # fmt: skip
 
 
-def kernel_breakdown(B: int = 1, T: int = 8192, H: int = 32, D: int = 128) -> str:
-    """Per-kernel GPU time of one fwd+bwd (ours and fla), from the torch profiler: where the time goes."""
+def kernel_breakdown(H: int = 32, D: int = 128) -> str:
+    """Per-kernel GPU time (ours and fla), from the torch profiler: one fwd+bwd at the first chunked shape, and one
+    inference forward (no input needs a gradient) at the last, where the forward trails fla."""
     fla_chunk, _ = _fla()
-    inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, True)
-    tables = [
-        gpu_time_table(_step(fn, inputs, True, use_qk_l2norm_in_kernel=True), f"{name}: fwd+bwd B{B} T{T} H{H} D{D}")
-        for name, fn in (("ours", chunk_kda), ("fla", fla_chunk))
-        if fn is not None
-    ]
+    tables = []
+    for (B, T), backward in ((CHUNK_SHAPES[0], True), (CHUNK_SHAPES[-1], False)):
+        inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, backward)
+        title = f"{'fwd+bwd' if backward else 'fwd'} B{B} T{T} H{H} D{D}"
+        tables += [
+            gpu_time_table(_step(fn, inputs, backward, use_qk_l2norm_in_kernel=True), f"{name}: {title}")
+            for name, fn in (("ours", chunk_kda), ("fla", fla_chunk))
+            if fn is not None
+        ]
     return "\n".join(tables)
 
 
