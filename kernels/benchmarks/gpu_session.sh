@@ -31,7 +31,7 @@ step_command() {
       --deselect tests/test_kimi_linear_gpu.py::test_logits_match_transformers_native_class" ;;
     attn_res_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_attn_res_ops.py tests/test_attn_res_model.py \
       -p no:cacheprovider --tb=short -rf" ;;
-    kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --json $OUT/$2kda.json" ;;
+    kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --profile --json $OUT/$2kda.json" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;
