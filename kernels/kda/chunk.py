@@ -76,9 +76,10 @@ PAIRS_WARPS = 4
 DIAG_DOT_SPAN = 40.0
 DIAG_HEADS = 2
 DIAG_WARPS = 1
-# The inverse at 2 warps (166 registers as compiled for sm_90) and W/U at 4 warps with 32 key channels per block
-# (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps 0.10-0.11 ms slower in every W/U setting;
-# W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its loop pipelined within 0.015 ms).
+# The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
+# warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
+# 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
+# loop pipelined within 0.015 ms).
 INVERSE_WARPS = 2
 WU_KEY_BLOCK = 32
 WU_WARPS = 4
