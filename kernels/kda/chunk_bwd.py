@@ -225,11 +225,10 @@ def _later_pairs_bwd(q, k, G, dA_qk, dP, t0, m0, eos, scale, b_G, rmask, cols, c
 def _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows, rmask, cols, cmask, H, i_h, K,
                     SPAN: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """For the sub-block at row ``m0`` (``b_G``, ``b_q``, ``b_k``: its ``[BC, BK]`` decays, q and k; fp32), the pairs
-    inside it: returns dq and dkp before the scale,
-    sum_{j <= i} dA_qk[i, j] k_j E_ij and the same with dP, and dkm, sum_{i >= t} (scale dA_qk[i, t] q_i + dP[i, t]
-    k_i) E_it (E_ij = exp(G_i - G_j)). Tensor-core dots through the sub-block's middle row m, E_ij = exp(G_i - G_m)
-    exp(G_m - G_j), when every |G_i - G_m| of this key block is at most SPAN (each factor then far inside fp32's
-    range); else one partner at a time with exact decays."""
+    inside it: returns dq and dkp before the scale, sum_{j <= i} dA_qk[i, j] k_j E_ij and the same with dP, and dkm,
+    sum_{i >= t} (scale dA_qk[i, t] q_i + dP[i, t] k_i) E_it (E_ij = exp(G_i - G_j)). Tensor-core dots through the
+    sub-block's middle row m, E_ij = exp(G_i - G_m) exp(G_m - G_j), when every |G_i - G_m| of this key block is at
+    most SPAN (each factor then far inside fp32's range); else one partner at a time with exact decays."""
     idx = tl.arange(0, BC)
     n_valid = tl.minimum(eos - (t0 + m0), BC)
     b_m = pick_row(b_G, idx, tl.minimum(BC // 2, n_valid - 1))
