@@ -403,7 +403,7 @@ class ChunkKDAFunction(torch.autograd.Function):
             dA_log,
             ddt_bias,
             dh0.to(h0_dtype) if dh0 is not None else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None,
         )  # fmt: skip
 
 

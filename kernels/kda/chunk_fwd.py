@@ -18,8 +18,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton_helpers import pick_row
-
 
 @triton.jit
 def _tile_offsets(rows, cols, H, i_h, D):
@@ -47,6 +45,13 @@ def softplus(x):
 
 
 @triton.jit
+def _pick_row(x, idx, r):
+    """Row ``r`` of the register tile ``x`` (rows numbered by ``idx``), as a vector: a sum over the rows, which a
+    thread holds whole where the tile's rows are within one thread."""
+    return tl.sum(tl.where((idx == r)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
 def _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
     """(sequence, first token of the chunk, end of the sequence) of chunk ``i_c``."""
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int32)
@@ -68,7 +73,7 @@ def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexp
     cmask = cols < K
     b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     n_valid = tl.minimum(eos - t0, BT)
-    b_last = pick_row(b_G, idx, n_valid - 1)
+    b_last = _pick_row(b_G, idx, n_valid - 1)
     b_G = tl.where(rmask[:, None], b_G, b_last[None, :])
     return b_G, b_last, idx, rows, rmask, cols, cmask
 
