@@ -10,8 +10,9 @@ Every time is a ``triton.testing.do_bench`` median in milliseconds.
     python kernels/benchmarks/bench_kda.py [--json results.json] [--quick]
     python kernels/benchmarks/bench_kda.py --sweep PAIRS_KEY_BLOCK=16,32,64 PAIRS_WARPS=2,4,8
 
-``--sweep`` times ours alone at the first shape for every combination of the given launch constants of
-``kimi_hf.kernels.kda.chunk`` (tile sizes, warps), and checks each against the first combination.
+``--sweep`` times ours alone at one shape (``--sweep-shape``, default the first) for every combination of the
+given launch constants of ``kimi_hf.kernels.kda.chunk`` (tile sizes, warps, candidate paths), and checks each
+against the first combination.
 
 For a combined run: ``from bench_kda import run_benchmarks, markdown_table``.
 """
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true", help="first print the per-kernel GPU time of ours and fla")
     p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
                    help="only time ours over combinations of kda.chunk's launch constants (e.g. NUM_WARPS=4,8)")
+    p.add_argument("--sweep-shape", default="1x8192", metavar="BxT",
+                   help="with --sweep: batch and sequence length to time at (default 1x8192)")
     p.add_argument("--best-by", choices=("fwd", "fwd+bwd"), default="fwd+bwd",
                    help="with --sweep: the time that picks the fastest combination (default fwd+bwd)")
     p.add_argument("--best-to", metavar="PATH",
@@ -288,7 +291,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     if grid:
-        sweep_launch_constants(grid, best_by=args.best_by, best_to=args.best_to)
+        B, _, T = args.sweep_shape.partition("x")
+        if not (B.isdigit() and T.isdigit()):
+            p.error(f"--sweep-shape takes BxT, e.g. 8x4096, got {args.sweep_shape!r}")
+        sweep_launch_constants(grid, B=int(B), T=int(T), best_by=args.best_by, best_to=args.best_to)
         return []
     env = dict(environment(), launch_constants=overrides)
     if args.profile:

@@ -32,6 +32,10 @@ step_command() {
     attn_res_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_attn_res_ops.py tests/test_attn_res_model.py \
       -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --profile --json $OUT/$2kda.json" ;;
+    # KDA_SWEEP="NAME=v1,v2 ..." (constants of kda.chunk), at KDA_SWEEP_SHAPE (BxT, default 1x8192), fastest by
+    # KDA_SWEEP_BY (fwd or fwd+bwd, default fwd+bwd)
+    kda_sweep) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --sweep ${KDA_SWEEP:?set KDA_SWEEP} \
+      --sweep-shape ${KDA_SWEEP_SHAPE:-1x8192} --best-by ${KDA_SWEEP_BY:-fwd+bwd}" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;

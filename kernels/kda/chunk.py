@@ -83,6 +83,13 @@ DIAG_WARPS = 1
 INVERSE_WARPS = 2
 WU_KEY_BLOCK = 32
 WU_WARPS = 4
+# Session 19 candidate, not yet timed: the inverse inside the W/U kernel (one launch less; M stored and read back
+# within the program, so it is read from the SM's caches rather than by another launch).
+INVERSE_IN_WU = 0
+# Session 19 candidate, not yet timed: M stored in the inputs' dtype (W/U rounds it to that dtype for its dots
+# anyway, so the forward's output is unchanged; the backward's dA = M^T dM M^T then starts from the rounded M, as
+# fla's backward does). Half of M's bytes in the forward and the backward.
+M_IN_INPUT_DTYPE = 0
 # The forward diagonal kernel's partner loop is plain: software-pipelined (Triton's num_stages 2), with the
 # backward's former one, it was slower on the H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd
 # 4.88 against 4.58).
@@ -211,7 +218,8 @@ def kda_chunk_fwd(
     dev = q.device
     G = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
     qn, kn = (torch.empty_like(q), torch.empty_like(k)) if use_qk_l2norm else (q, k)
-    P, M = (torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) for _ in range(2))
+    P = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+    M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt if M_IN_INPUT_DTYPE else torch.float32)
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     kda_prep_fwd_kernel[(NC, H)](
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
@@ -228,12 +236,14 @@ def kda_chunk_fwd(
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    kda_inverse_fwd_kernel[(NC, H)](
-        P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
-    )  # fmt: skip
+    if not INVERSE_IN_WU:
+        kda_inverse_fwd_kernel[(NC, H)](
+            P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
+        )  # fmt: skip
     kda_wu_fwd_kernel[(NC, H)](
-        qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
+        qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BC=SUB, BK=min(BK, WU_KEY_BLOCK), BV=BV, INVERT=bool(INVERSE_IN_WU), IEEE=ieee,
+        num_warps=WU_WARPS, num_stages=1,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)

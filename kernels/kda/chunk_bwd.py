@@ -84,7 +84,7 @@ def kda_pair_bwd_kernel(
     b_kg = (b_k * tl.exp(b_G)).to(dt)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
     tmask = idx < BT
-    b_M = _load_rows(M, rows, rmask, idx, tmask, H, i_h, BT)
+    b_M = _load_rows(M, rows, rmask, idx, tmask, H, i_h, BT).to(tl.float32)
     b_Mt = tl.trans(b_M).to(dt)
     b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)

@@ -330,25 +330,15 @@ def _store_block_row(M, b0, b1, b2, b3, idx, t0, eos, s, H, i_h, BT: tl.constexp
 
 
 @triton.jit
-def kda_inverse_fwd_kernel(
-    P, beta, M, chunk_indices, cu_seqlens, H,
-    BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]`` fp32, zeros above the diagonal), blockwise on
-    the four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks' inverses as products of powers of their
-    strictly lower parts (:func:`_unit_lower_inverse`), then the blocks below them by dots,
-    M_st = -M_ss sum_{t <= u < s} L_su M_ut.
-
-    Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
-    share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
-    :func:`kda_wu_fwd_kernel`.
-    """
+def _chunk_inverse(P, beta, M, t0, eos, H, i_h, BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):
+    """Stores one chunk's M = (I + Diag(beta) P)^-1 (rows ``t0 ..``, zeros above the diagonal), blockwise on the
+    four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks' inverses as products of powers of their strictly
+    lower parts (:func:`_unit_lower_inverse`), then the blocks below them by dots, M_st = -M_ss sum_{t <= u < s}
+    L_su M_ut."""
     tl.static_assert(BT == 4 * BC, "the blocked inverse is written out for four sub-blocks")
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    tl.static_assert(BC == 16, "the product form is written out for 16 rows")
     idx = tl.arange(0, BC)
     eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
-    tl.static_assert(BC == 16, "the product form is written out for 16 rows")
     m00 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 0, 0, H, i_h, BT, BC), eye, IEEE)
     m11 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 1, 1, H, i_h, BT, BC), eye, IEEE)
     m22 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 2, 2, H, i_h, BT, BC), eye, IEEE)
@@ -376,17 +366,42 @@ def kda_inverse_fwd_kernel(
 
 
 @triton.jit
+def kda_inverse_fwd_kernel(
+    P, beta, M, chunk_indices, cu_seqlens, H,
+    BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]`` fp32, zeros above the diagonal; see
+    :func:`_chunk_inverse`).
+
+    Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
+    share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
+    :func:`kda_wu_fwd_kernel` (which can also take the inverse in: ``INVERT``).
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    _chunk_inverse(P, beta, M, t0, eos, H, i_h, BT, BC, IEEE)
+
+
+@triton.jit
 def kda_wu_fwd_kernel(
-    q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+    q, k, v, G, beta, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, INVERT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
     otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
     (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
-    1.346 ms at B1 T8192.)"""
+    1.346 ms at B1 T8192.)
+
+    With ``INVERT`` the program first computes and stores the chunk's M itself (:func:`_chunk_inverse`, from P), then
+    reads it back after a barrier: the store leaves it in the SM's caches, and one launch less lets programs busy
+    with the inverse's dependent dots share an SM with programs streaming keys and values."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    if INVERT:
+        _chunk_inverse(P, beta, M, t0, eos, H, i_h, BT, BC, IEEE)
+        tl.debug_barrier()  # every thread's part of M is stored before any thread reads the whole of it
     idx = tl.arange(0, BT)
     rows = t0 + idx
     rmask = rows < eos
