@@ -154,12 +154,15 @@ def test_chunk_pairs_key_blocks(lengths, monkeypatch):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 
 
-def test_chunk_inverse_in_wu(monkeypatch):
-    """The inverse inside the W/U kernel (``INVERSE_IN_WU``), on sequences ending inside a sub-block, a chunk and
-    a chunk boundary, against the reference."""
+@pytest.mark.parametrize("flag", ["INVERSE_IN_WU", "PAIRS_IN_WU"])
+def test_chunk_inverse_in_wu(flag, monkeypatch):
+    """The inverse (``INVERSE_IN_WU``), or the pairs between sub-blocks and the inverse (``PAIRS_IN_WU``, two key
+    blocks), inside the W/U kernel, on sequences ending inside a sub-block, a chunk and at a chunk boundary, against
+    the reference."""
     from kimi_hf.kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, "INVERSE_IN_WU", 1)
+    monkeypatch.setattr(chunk, flag, 1)
+    monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)
     cu = torch.tensor([0, 17, 18, 68, 198, 262], dtype=torch.int32)
     _check(_inputs(T=262, N=5, K=32, V=16, seed=8), {}, cu_seqlens=cu.to(DEVICE))
 

@@ -71,8 +71,10 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
          dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
          chunk.DIAG_WARPS, 1),
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
-        *((chunk_fwd.kda_wu_fwd_kernel, dict(common, BC=chunk.SUB, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV, INVERT=inv),
-           chunk.WU_WARPS, 1) for inv in (False, True)),
+        *((chunk_fwd.kda_wu_fwd_kernel,
+           dict(common, BC=chunk.SUB, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV, BKP=min(BK, chunk.PAIRS_KEY_BLOCK),
+                PAIRS=pairs, INVERT=inv), chunk.WU_WARPS, 1)
+          for pairs, inv in ((False, False), (False, True), (True, True))),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
          chunk._state_fwd_warps(BK), 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
@@ -115,7 +117,7 @@ def report(
     ptxas: str,
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
-    shown: tuple[str, ...] = ("BK", "BV", "BH", "INVERT"),
+    shown: tuple[str, ...] = ("BK", "BV", "BH", "PAIRS", "INVERT"),
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""

@@ -90,6 +90,10 @@ INVERSE_IN_WU = 0
 # anyway, so the forward's output is unchanged; the backward's dA = M^T dM M^T then starts from the rounded M, as
 # fla's backward does). Half of M's bytes in the forward and the backward.
 M_IN_INPUT_DTYPE = 0
+# Session 19 candidate, not yet timed: the pairs between sub-blocks inside the W/U kernel too (with the inverse), so
+# the forward's in-chunk work is one launch after the diagonal kernel's, and the inverse reads P from the SM's
+# caches.
+PAIRS_IN_WU = 0
 # The forward diagonal kernel's partner loop is plain: software-pipelined (Triton's num_stages 2), with the
 # backward's former one, it was slower on the H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd
 # 4.88 against 4.58).
@@ -225,10 +229,11 @@ def kda_chunk_fwd(
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
-    kda_pairs_chunk_fwd_kernel[(NC, H)](
-        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
-    )  # fmt: skip
+    if not PAIRS_IN_WU:
+        kda_pairs_chunk_fwd_kernel[(NC, H)](
+            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+        )  # fmt: skip
     kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
@@ -236,14 +241,15 @@ def kda_chunk_fwd(
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    if not INVERSE_IN_WU:
+    invert = bool(INVERSE_IN_WU or PAIRS_IN_WU)
+    if not invert:
         kda_inverse_fwd_kernel[(NC, H)](
             P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
         )  # fmt: skip
     kda_wu_fwd_kernel[(NC, H)](
-        qn, kn, v, G, beta, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=min(BK, WU_KEY_BLOCK), BV=BV, INVERT=bool(INVERSE_IN_WU), IEEE=ieee,
-        num_warps=WU_WARPS, num_stages=1,
+        qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BC=SUB, BK=min(BK, WU_KEY_BLOCK), BV=BV, BKP=min(BK, PAIRS_KEY_BLOCK), PAIRS=bool(PAIRS_IN_WU),
+        INVERT=invert, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)

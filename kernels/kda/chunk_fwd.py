@@ -270,9 +270,16 @@ def kda_pairs_chunk_fwd_kernel(
     that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of ``BK`` key channels
     (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
     them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)"""
-    tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    _chunk_pairs(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K, BT, BC, BK, IEEE)
+
+
+@triton.jit
+def _chunk_pairs(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K,
+                 BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Stores one chunk's A_qk and P outside the diagonal tiles (see :func:`kda_pairs_chunk_fwd_kernel`)."""
+    tl.static_assert(BT == 4 * BC)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
     P10, P20, P21, P30, P31, P32 = zero, zero, zero, zero, zero, zero
@@ -384,9 +391,9 @@ def kda_inverse_fwd_kernel(
 
 @triton.jit
 def kda_wu_fwd_kernel(
-    q, k, v, G, beta, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, INVERT: tl.constexpr,
-    IEEE: tl.constexpr,
+    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKP: tl.constexpr,
+    PAIRS: tl.constexpr, INVERT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
@@ -396,9 +403,15 @@ def kda_wu_fwd_kernel(
 
     With ``INVERT`` the program first computes and stores the chunk's M itself (:func:`_chunk_inverse`, from P), then
     reads it back after a barrier: the store leaves it in the SM's caches, and one launch less lets programs busy
-    with the inverse's dependent dots share an SM with programs streaming keys and values."""
+    with the inverse's dependent dots share an SM with programs streaming keys and values. With ``PAIRS`` (and
+    ``INVERT``) it first also computes the pairs between sub-blocks (:func:`_chunk_pairs`, key blocks of ``BKP``
+    channels), which the inverse then reads back: the forward's in-chunk work in one launch after the diagonal's."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    if PAIRS:
+        tl.static_assert(INVERT, "the pairs inside W/U need the inverse there too")
+        _chunk_pairs(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K, BT, BC, BKP, IEEE)
+        tl.debug_barrier()  # the chunk's P is stored before the inverse reads it
     if INVERT:
         _chunk_inverse(P, beta, M, t0, eos, H, i_h, BT, BC, IEEE)
         tl.debug_barrier()  # every thread's part of M is stored before any thread reads the whole of it
