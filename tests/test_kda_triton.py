@@ -154,29 +154,6 @@ def test_chunk_pairs_key_blocks(lengths, monkeypatch):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 
 
-@pytest.mark.parametrize("flag", ["INVERSE_IN_WU", "PAIRS_IN_WU"])
-def test_chunk_inverse_in_wu(flag, monkeypatch):
-    """The inverse (``INVERSE_IN_WU``), or the pairs between sub-blocks and the inverse (``PAIRS_IN_WU``, two key
-    blocks), inside the W/U kernel, on sequences ending inside a sub-block, a chunk and at a chunk boundary, against
-    the reference."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, flag, 1)
-    monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)
-    cu = torch.tensor([0, 17, 18, 68, 198, 262], dtype=torch.int32)
-    _check(_inputs(T=262, N=5, K=32, V=16, seed=8), {}, cu_seqlens=cu.to(DEVICE))
-
-
-def test_chunk_m_in_input_dtype(monkeypatch):
-    """M stored in the inputs' dtype (``M_IN_INPUT_DTYPE``), with the inverse in W/U, on the fp16 path against the
-    reference (the fp32 path stores M in fp32 either way)."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, "M_IN_INPUT_DTYPE", 1)
-    monkeypatch.setattr(chunk, "INVERSE_IN_WU", 1)
-    _check(_inputs(T=100, N=1, K=32, V=32, seed=16), rtol=3e-3, dtype=torch.float16, use_qk_l2norm_in_kernel=True)
-
-
 def test_inverse_kernel_against_float64():
     """The inverse kernel alone, M = (I + Diag(beta) P)^-1 per chunk, against float64 on P's strictly lower entries
     drawn from U(-1, 1) and beta from U(0.5, 1): large enough that every power of the diagonal blocks' strictly

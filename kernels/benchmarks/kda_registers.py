@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from kimi_hf.kernels.kda import chunk, chunk_bwd, chunk_fwd  # noqa: E402
 
 _FP32_POINTERS = {
-    "G", "P", "M", "gl", "h0", "ht", "dht", "dh0", "dA_qk", "dP", "dg", "dG", "dlast_part", "dbeta", "dA_log_part",
+    "G", "P", "gl", "h0", "ht", "dht", "dh0", "dA_qk", "dP", "dg", "dG", "dlast_part", "dbeta", "dA_log_part",
     "ddt_bias_part", "dq", "dk", "dkp", "dkm",
     "A_log", "dt_bias", "g", "g_raw", "beta",
 }  # fmt: skip
@@ -71,10 +71,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
          dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
          chunk.DIAG_WARPS, 1),
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
-        *((chunk_fwd.kda_wu_fwd_kernel,
-           dict(common, BC=chunk.SUB, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV, BKP=min(BK, chunk.PAIRS_KEY_BLOCK),
-                PAIRS=pairs, INVERT=inv), chunk.WU_WARPS, 1)
-          for pairs, inv in ((False, False), (False, True), (True, True))),
+        (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS, 1),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
          chunk._state_fwd_warps(BK), 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
@@ -117,7 +114,7 @@ def report(
     ptxas: str,
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
-    shown: tuple[str, ...] = ("BK", "BV", "BH", "PAIRS", "INVERT"),
+    shown: tuple[str, ...] = ("BK", "BV", "BH", "PREP", "DIAG", "DBK", "PRODUCT", "SPLIT", "OUTPUT", "SAVE"),
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""

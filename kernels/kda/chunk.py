@@ -80,20 +80,11 @@ DIAG_WARPS = 1
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
 # loop pipelined within 0.015 ms).
+# Session 19 (H100, B8 T4096 forward): the inverse inside the W/U kernel (M stored and read back after a barrier)
+# took 6.83 ms against 6.09, with the pairs between sub-blocks in it too 6.71; both removed.
 INVERSE_WARPS = 2
 WU_KEY_BLOCK = 32
 WU_WARPS = 4
-# Session 19 candidate, not yet timed: the inverse inside the W/U kernel (one launch less; M stored and read back
-# within the program, so it is read from the SM's caches rather than by another launch).
-INVERSE_IN_WU = 0
-# Session 19 candidate, not yet timed: M stored in the inputs' dtype (W/U rounds it to that dtype for its dots
-# anyway, so the forward's output is unchanged; the backward's dA = M^T dM M^T then starts from the rounded M, as
-# fla's backward does). Half of M's bytes in the forward and the backward.
-M_IN_INPUT_DTYPE = 0
-# Session 19 candidate, not yet timed: the pairs between sub-blocks inside the W/U kernel too (with the inverse), so
-# the forward's in-chunk work is one launch after the diagonal kernel's, and the inverse reads P from the SM's
-# caches.
-PAIRS_IN_WU = 0
 # The forward diagonal kernel's partner loop is plain: software-pipelined (Triton's num_stages 2), with the
 # backward's former one, it was slower on the H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd
 # 4.88 against 4.58).
@@ -223,17 +214,19 @@ def kda_chunk_fwd(
     G = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
     qn, kn = (torch.empty_like(q), torch.empty_like(k)) if use_qk_l2norm else (q, k)
     P = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
-    M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt if M_IN_INPUT_DTYPE else torch.float32)
+    # M in the inputs' dtype: W/U rounds it to that dtype for its dots anyway, and the backward's dA = M^T dM M^T
+    # starts from the rounded M, as fla's does (session 19 on an H100, B8 T4096: forward 5.995 against 6.085 ms
+    # with M in fp32, fwd+bwd unchanged).
+    M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     kda_prep_fwd_kernel[(NC, H)](
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
-    if not PAIRS_IN_WU:
-        kda_pairs_chunk_fwd_kernel[(NC, H)](
-            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
-        )  # fmt: skip
+    kda_pairs_chunk_fwd_kernel[(NC, H)](
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+    )  # fmt: skip
     kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
@@ -241,28 +234,25 @@ def kda_chunk_fwd(
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    invert = bool(INVERSE_IN_WU or PAIRS_IN_WU)
-    if not invert:
-        kda_inverse_fwd_kernel[(NC, H)](
-            P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
-        )  # fmt: skip
+    kda_inverse_fwd_kernel[(NC, H)](
+        P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
+    )  # fmt: skip
     kda_wu_fwd_kernel[(NC, H)](
-        qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BC=SUB, BK=min(BK, WU_KEY_BLOCK), BV=BV, BKP=min(BK, PAIRS_KEY_BLOCK), PAIRS=bool(PAIRS_IN_WU),
-        INVERT=invert, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
+        qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BVs = _state_block_v(BK, BV)
     # num_stages=1: software pipelining of the chunk loop would need more shared memory than Hopper has.
-    kda_state_fwd_kernel[(N, H, triton.cdiv(V, BVs))](
+    kda_state_fwd_kernel[(N * triton.cdiv(V, BVs), H)](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
         num_warps=_state_fwd_warps(BK), num_stages=1,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
-    kda_output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
+    kda_output_fwd_kernel[(NC * triton.cdiv(V, BV), H)](
         qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
         BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
@@ -313,7 +303,7 @@ def kda_chunk_bwd(
     dv_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if has_initial_state else None
     BVs = _state_block_v(BK, BV)
-    kda_state_bwd_kernel[(N, H, triton.cdiv(V, BVs))](
+    kda_state_bwd_kernel[(N * triton.cdiv(V, BVs), H)](
         saved["qg"], saved["kh"], saved["gl"], saved["W"], saved["A_qk"], do, dh, dv_new, dht, dh0,
         chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee,
@@ -335,7 +325,7 @@ def kda_chunk_bwd(
     dq, dk, dg = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(3))
     dlast_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     BKd = min(BK, BWD_DIRECT_KEY_BLOCK)
-    kda_direct_bwd_kernel[(NC, H, triton.cdiv(K, BKd))](
+    kda_direct_bwd_kernel[(NC * triton.cdiv(K, BKd), H)](
         saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dq, dk, dg, dlast_part,
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=BWD_DIRECT_WARPS,
@@ -343,14 +333,14 @@ def kda_chunk_bwd(
     )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
     NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
-    kda_key_bwd_kernel[(NC, H, NKB * NS)](
+    kda_key_bwd_kernel[(NC * NKB * NS, H)](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
         scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, SPAN=DIAG_DOT_SPAN, IEEE=ieee,
         num_warps=BWD_KEY_WARPS, num_stages=BWD_KEY_STAGES,
     )  # fmt: skip
     dA_part = torch.empty(NC, H, NKB, device=dev, dtype=torch.float32) if use_gate else None
     ddt_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32) if use_gate else None
-    kda_gate_bwd_kernel[(NC, H, NKB)](
+    kda_gate_bwd_kernel[(NC * NKB, H)](
         dg, dlast_part, g, A_log, dt_bias, dA_part, ddt_part, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BKs, GATE=use_gate, num_warps=4,
     )  # fmt: skip

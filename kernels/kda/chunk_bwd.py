@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import (
-    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _pick_row, _state_tile, _store_rows, softplus,
+    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _pick_row, _state_tile, _store_rows, _tile_and_item,
+    softplus,
 )  # fmt: skip
 
 
@@ -26,10 +27,11 @@ def kda_state_bwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (sequence, head, V tile), chunks in reverse: writes dS' (gradient of each chunk's end state)
+    """Per (sequence, V tile; head), chunks in reverse: writes dS' (gradient of each chunk's end state)
     to ``dh [NC, H, K, V]`` and dV' to ``dv_new``; the gradient of the initial state to ``dh0``.
     The previous chunk's tiles are loaded before the current chunk's dots."""
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_n = _tile_and_item(tl.cdiv(V, BV))
+    i_h = tl.program_id(1)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_dS, cols_v, vmask = _state_tile(
         cu_seqlens, chunk_offsets, dht, i_n, i_h, i_v, H, K, V, BK, BV, HAS_DHT
     )
@@ -122,12 +124,13 @@ def kda_direct_bwd_kernel(
     k, G, h, dh, v_new, dv, do, dq, dkp, dkm, dlast_part, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head, block of BK key channels), all BT rows: the terms through the chunk-start state S
+    """Per (chunk, block of BK key channels; head), all BT rows: the terms through the chunk-start state S
     and the end-state gradient dS' (``[BT, V] x [V, BK]`` dots). Writes, fp32 ``[TT, H, K]``: dq = scale
     exp(G) dO S^T, dkp = -exp(G) dv S^T (k terms that carry exp(+G)) and dkm = exp(G_last - G) V' dS'^T
     (those with exp(-G)), which :func:`kda_key_bwd_kernel` completes with the in-chunk pairs; and the
     gradient of the chunk's last G to ``dlast_part [NC, H, K]``."""
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_c = _tile_and_item(tl.cdiv(K, BK))
+    i_h = tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     b_G, b_last, idx, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, i_k * BK, BT, BK)
     dt = h.dtype.element_ty
@@ -272,7 +275,7 @@ def kda_key_bwd_kernel(
     q, k, G, dA_qk, dP, dq, dk, dG, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head, block of BK key channels, sub-block of BC rows): adds the in-chunk pair terms to the
+    """Per (chunk, block of BK key channels, sub-block of BC rows; head): adds the in-chunk pair terms to the
     direct terms of :func:`kda_direct_bwd_kernel` (read from ``dq``, ``dk`` (= dkp) and ``dG`` (= dkm), fp32)
     and writes, in place, dq and dk (with respect to the normalised q/k) and dG before the in-chunk reverse
     cumsum. Every term is a sum over key channels of per-channel
@@ -286,8 +289,9 @@ def kda_key_bwd_kernel(
     pairs' tiles are dead. (Until session 18 a kernel of one token per program added them to the direct terms first,
     a read-modify-write of three fp32 gradients: fwd+bwd 4.080 against 3.757 ms at B1 T8192 on the H200.)
     """
-    i_c, i_h, i_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NS: tl.constexpr = BT // BC
+    i_ks, i_c = _tile_and_item(tl.cdiv(K, BK) * NS)
+    i_h = tl.program_id(1)
     i_k, i_s = i_ks // NS, i_ks % NS
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     m0 = i_s * BC
@@ -321,11 +325,13 @@ def kda_gate_bwd_kernel(
     dg, dlast_part, g_raw, A_log, dt_bias, dA_log_part, ddt_bias_part, chunk_indices, cu_seqlens, H, K,
     BT: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head, block of BK key channels), in place on ``dg`` (holding dG): the gradient of the
+    """Per (chunk, block of BK key channels; head), in place on ``dg`` (holding dG): the gradient of the
     chunk's last G joins its last row, the in-chunk cumulative sum is undone by a reverse cumsum, and with
     the fused gate (g = -exp(A_log) softplus(x + dt_bias)) dg goes through it, with per-chunk partial sums
     for A_log and dt_bias."""
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NKB = tl.cdiv(K, BK)
+    i_k, i_c = _tile_and_item(NKB)
+    i_h = tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
     rows = t0 + idx
@@ -345,7 +351,7 @@ def kda_gate_bwd_kernel(
         b_sp = softplus(b_x)
         valid = rmask[:, None] & cmask[None, :]
         # g = -a softplus(x): dg/dA_log = g, dg/dx = -a sigmoid(x)
-        part = (i_c * H + i_h) * tl.num_programs(2) + i_k
+        part = (i_c * H + i_h) * NKB + i_k
         tl.store(dA_log_part + part, tl.sum(tl.sum(tl.where(valid, -b_a * b_sp * b_dg, 0.0), axis=1)))
         b_dg = tl.where(valid, -b_a * tl.sigmoid(b_x) * b_dg, 0.0)
         tl.store(ddt_bias_part + (i_c * H + i_h) * K + cols, tl.sum(b_dg, axis=0), mask=cmask)

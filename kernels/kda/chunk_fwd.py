@@ -52,6 +52,17 @@ def _pick_row(x, idx, r):
 
 
 @triton.jit
+def _tile_and_item(n_tiles):
+    """(tile, item) of a program whose first grid axis counts ``item * n_tiles + tile`` (the second is the head): the
+    tiles of one item (a sequence's or a chunk's tiles of value columns or key channels) are launched next to each
+    other, so the rows that all of them read come from L2, not once per tile from memory. (With the tiles on the
+    last grid axis, each tile of every item ran in its own waves at large batches: session 19, H100, B8 T4096 H32,
+    the forward state pass took 1.38 ms against fla's 0.93, whose V tiles are adjacent.)"""
+    pid = tl.program_id(0)
+    return pid % n_tiles, pid // n_tiles
+
+
+@triton.jit
 def _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
     """(sequence, first token of the chunk, end of the sequence) of chunk ``i_c``."""
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int32)
@@ -270,16 +281,9 @@ def kda_pairs_chunk_fwd_kernel(
     that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of ``BK`` key channels
     (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
     them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)"""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    _chunk_pairs(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K, BT, BC, BK, IEEE)
-
-
-@triton.jit
-def _chunk_pairs(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K,
-                 BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """Stores one chunk's A_qk and P outside the diagonal tiles (see :func:`kda_pairs_chunk_fwd_kernel`)."""
     tl.static_assert(BT == 4 * BC)
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
     P10, P20, P21, P30, P31, P32 = zero, zero, zero, zero, zero, zero
@@ -337,15 +341,25 @@ def _store_block_row(M, b0, b1, b2, b3, idx, t0, eos, s, H, i_h, BT: tl.constexp
 
 
 @triton.jit
-def _chunk_inverse(P, beta, M, t0, eos, H, i_h, BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):
-    """Stores one chunk's M = (I + Diag(beta) P)^-1 (rows ``t0 ..``, zeros above the diagonal), blockwise on the
-    four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks' inverses as products of powers of their strictly
-    lower parts (:func:`_unit_lower_inverse`), then the blocks below them by dots, M_st = -M_ss sum_{t <= u < s}
-    L_su M_ut."""
+def kda_inverse_fwd_kernel(
+    P, beta, M, chunk_indices, cu_seqlens, H,
+    BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]``, zeros above the diagonal; computed in fp32,
+    stored in the inputs' dtype), blockwise on the four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks'
+    inverses as products of powers of their strictly lower parts (:func:`_unit_lower_inverse`), then the blocks
+    below them by dots, M_st = -M_ss sum_{t <= u < s} L_su M_ut.
+
+    Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
+    share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
+    :func:`kda_wu_fwd_kernel`.
+    """
     tl.static_assert(BT == 4 * BC, "the blocked inverse is written out for four sub-blocks")
-    tl.static_assert(BC == 16, "the product form is written out for 16 rows")
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BC)
     eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    tl.static_assert(BC == 16, "the product form is written out for 16 rows")
     m00 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 0, 0, H, i_h, BT, BC), eye, IEEE)
     m11 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 1, 1, H, i_h, BT, BC), eye, IEEE)
     m22 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 2, 2, H, i_h, BT, BC), eye, IEEE)
@@ -373,48 +387,17 @@ def _chunk_inverse(P, beta, M, t0, eos, H, i_h, BT: tl.constexpr, BC: tl.constex
 
 
 @triton.jit
-def kda_inverse_fwd_kernel(
-    P, beta, M, chunk_indices, cu_seqlens, H,
-    BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]`` fp32, zeros above the diagonal; see
-    :func:`_chunk_inverse`).
-
-    Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
-    share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
-    :func:`kda_wu_fwd_kernel` (which can also take the inverse in: ``INVERT``).
-    """
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    _chunk_inverse(P, beta, M, t0, eos, H, i_h, BT, BC, IEEE)
-
-
-@triton.jit
 def kda_wu_fwd_kernel(
-    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKP: tl.constexpr,
-    PAIRS: tl.constexpr, INVERT: tl.constexpr, IEEE: tl.constexpr,
+    q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
     otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
     (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
-    1.346 ms at B1 T8192.)
-
-    With ``INVERT`` the program first computes and stores the chunk's M itself (:func:`_chunk_inverse`, from P), then
-    reads it back after a barrier: the store leaves it in the SM's caches, and one launch less lets programs busy
-    with the inverse's dependent dots share an SM with programs streaming keys and values. With ``PAIRS`` (and
-    ``INVERT``) it first also computes the pairs between sub-blocks (:func:`_chunk_pairs`, key blocks of ``BKP``
-    channels), which the inverse then reads back: the forward's in-chunk work in one launch after the diagonal's."""
+    1.346 ms at B1 T8192.)"""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    if PAIRS:
-        tl.static_assert(INVERT, "the pairs inside W/U need the inverse there too")
-        _chunk_pairs(q, k, G, A_qk, P, t0, eos, scale, H, i_h, K, BT, BC, BKP, IEEE)
-        tl.debug_barrier()  # the chunk's P is stored before the inverse reads it
-    if INVERT:
-        _chunk_inverse(P, beta, M, t0, eos, H, i_h, BT, BC, IEEE)
-        tl.debug_barrier()  # every thread's part of M is stored before any thread reads the whole of it
     idx = tl.arange(0, BT)
     rows = t0 + idx
     rmask = rows < eos
@@ -458,10 +441,11 @@ def kda_state_fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (sequence, head, V tile): the sequential state pass. Writes the state at the start of
+    """Per (sequence, V tile; head): the sequential state pass. Writes the state at the start of
     every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
     loaded before the current chunk's dots, so memory latency overlaps the math."""
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_n = _tile_and_item(tl.cdiv(V, BV))
+    i_h = tl.program_id(1)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
         cu_seqlens, chunk_offsets, h0, i_n, i_h, i_v, H, K, V, BK, BV, HAS_H0
     )
@@ -494,8 +478,9 @@ def kda_output_fwd_kernel(
     qg, A_qk, h, v_new, o, chunk_indices, cu_seqlens, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head, V tile): O = qg S + A_qk V' (qg = scale * q * exp(G))."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Per (chunk, V tile; head): O = qg S + A_qk V' (qg = scale * q * exp(G))."""
+    i_v, i_c = _tile_and_item(tl.cdiv(V, BV))
+    i_h = tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
     rows = t0 + idx
