@@ -85,6 +85,7 @@ DIAG_WARPS = 1
 INVERSE_WARPS = 2
 WU_KEY_BLOCK = 32
 WU_WARPS = 4
+WU_STAGES = 1  # Triton's software pipelining of W/U's key and value loops (fla's W/U autotunes over 2-4)
 # The forward diagonal kernel's partner loop is plain: software-pipelined (Triton's num_stages 2), with the
 # backward's former one, it was slower on the H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd
 # 4.88 against 4.58).
@@ -239,7 +240,7 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_wu_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=1,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
