@@ -74,6 +74,28 @@ def test_grouped_mm_moe_trains_without_host_synchronisation():
     assert torch.isfinite(x.grad).all()
 
 
+def test_grouped_mm_moe_reads_no_unwritten_memory():
+    """The grouped-GEMM MoE's forward and backward with the caching allocator's free memory filled with NaN first:
+    a row that no kernel wrote (``_grouped_mm`` leaves rows past its last offset unwritten) shows up as a NaN
+    gradient. Session 19's GPU run saw all-NaN input gradients in the test above once, with other processes' freed
+    memory in the buffers."""
+    if not modeling._grouped_mm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("the grouped-GEMM experts need a Hopper or newer GPU")
+    torch.manual_seed(0)
+    moe = modeling.KimiLinearSparseMoE(tiny_kimi_linear_config()).cuda().to(torch.bfloat16).train()
+    x = torch.randn(1, 200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for _ in range(3):
+        torch.empty(2**26, device="cuda", dtype=torch.bfloat16).fill_(float("nan"))  # freed again at once
+        x.grad = None
+        moe.zero_grad(set_to_none=True)
+        out, _ = moe(x)
+        out.float().sum().backward()
+        assert torch.isfinite(out).all()
+        assert torch.isfinite(x.grad).all(), "input gradient"
+        for name, p in moe.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), f"gradient of {name}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("residual", ["standard", "block"])

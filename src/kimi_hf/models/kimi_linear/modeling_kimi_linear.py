@@ -594,7 +594,10 @@ class KimiLinearSparseMoE(nn.Module):
 
         Each expert's rows go to a slot of its count rounded up to ``GROUP_ALIGN`` (at least one block, so no
         group is empty) in a zero-filled buffer of static size (no host synchronisation); padding rows are
-        zero, so they add nothing to the weight gradients, and only real rows are read back.
+        zero, so they add nothing to the weight gradients, and only real rows are read back. The last expert's
+        group runs to the end of the buffer: ``_grouped_mm`` leaves rows past its last offset unwritten, and
+        those rows of uninitialised memory went on into the activation's backward (a GPU test saw NaN gradients
+        once in session 19, with freed memory holding NaN); zero rows in a group come out as zeros.
         """
         align = self.GROUP_ALIGN
         slots = ((counts + align - 1) // align * align).clamp_min(align)
@@ -602,15 +605,15 @@ class KimiLinearSparseMoE(nn.Module):
         first = counts.cumsum(0) - counts  # first sorted row of each expert
         rank = torch.arange(routed_in.shape[0], device=routed_in.device) - first[expert_of]
         rows = ends[expert_of] - slots[expert_of] + rank
-        capacity = routed_in.shape[0] + align * self.num_experts  # >= sum(slots)
+        # >= sum(slots), and a multiple of the alignment, as every group end must be
+        capacity = -(-routed_in.shape[0] // align) * align + align * self.num_experts
         padded = routed_in.new_zeros(capacity, routed_in.shape[1]).index_copy(0, rows, routed_in)
-        offsets = ends.to(torch.int32)
+        offsets = torch.cat([ends[:-1], ends.new_full((1,), capacity)]).to(torch.int32)
         # Experts keep the official per-expert modules; stacking their weights costs one read of them.
         w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts])  # [E, 2I, hidden]
         w2 = torch.stack([e.w2.weight for e in self.experts])  # [E, hidden, I]
         gate, up = torch._grouped_mm(padded, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         act = self.experts[0].act_fn(gate) * up
-        # Rows past offsets[-1] are left unwritten by _grouped_mm: never read them.
         return _TakeRows.apply(torch._grouped_mm(act, w2.transpose(1, 2), offs=offsets), rows)
 
 
