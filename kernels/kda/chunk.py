@@ -85,7 +85,10 @@ DIAG_WARPS = 1
 INVERSE_WARPS = 2
 WU_KEY_BLOCK = 32
 WU_WARPS = 4
-WU_STAGES = 1  # Triton's software pipelining of W/U's key and value loops (fla's W/U autotunes over 2-4)
+# Session 19 sweep on an H100 at B8 T4096 (forward 5.209 ms at these defaults): W/U at 8 warps, 64 key channels or
+# its loops pipelined by Triton (WU_STAGES 2; fla's W/U autotunes over 2-4) were 0.02-0.15 ms slower, the forward
+# state pass at 8 warps 0.37-0.40 ms slower.
+WU_STAGES = 1
 # The forward diagonal kernel's partner loop is plain: software-pipelined (Triton's num_stages 2), with the
 # backward's former one, it was slower on the H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd
 # 4.88 against 4.58).
