@@ -77,8 +77,8 @@ def test_grouped_mm_moe_trains_without_host_synchronisation():
 def test_grouped_mm_moe_reads_no_unwritten_memory():
     """The grouped-GEMM MoE's forward and backward with the caching allocator's free memory filled with NaN first:
     a row that no kernel wrote (``_grouped_mm`` leaves rows past its last offset unwritten) shows up as a NaN
-    gradient. Session 19's GPU run saw all-NaN input gradients in the test above once, with other processes' freed
-    memory in the buffers."""
+    gradient. Session 19's GPU run saw all-NaN input gradients in the test above once (seeded inputs that had passed
+    before: the memory differed)."""
     if not modeling._grouped_mm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("the grouped-GEMM experts need a Hopper or newer GPU")
     torch.manual_seed(0)
