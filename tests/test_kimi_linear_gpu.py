@@ -74,22 +74,29 @@ def test_grouped_mm_moe_trains_without_host_synchronisation():
     assert torch.isfinite(x.grad).all()
 
 
-def test_grouped_mm_moe_reads_no_unwritten_memory():
-    """The grouped-GEMM MoE's forward and backward with the caching allocator's free memory filled with NaN first:
-    a row that no kernel wrote (``_grouped_mm`` leaves rows past its last offset unwritten) shows up as a NaN
-    gradient. Session 19's GPU run saw all-NaN input gradients in the test above once (seeded inputs that had passed
-    before: the memory differed)."""
+def _fill_free_memory_with_nan() -> None:
+    """Leave NaN in the blocks the caching allocator hands out next: small ones (under 1 MB, carved from 2 MB
+    segments) and a large one, all held at once, then freed."""
+    blocks = [torch.empty(n, device="cuda", dtype=torch.bfloat16).fill_(float("nan")) for n in [2**17] * 64 + [2**26]]
+    del blocks
+
+
+def test_grouped_mm_moe_computes_on_no_unwritten_rows():
+    """The grouped-GEMM MoE's forward and backward under autograd's anomaly mode, after NaN was left in free memory:
+    a row that no kernel wrote (``_grouped_mm`` leaves rows past its last offset unwritten) and that an op then
+    computes on returns NaN from that op's backward, which anomaly mode reports; every gradient must be finite."""
     if not modeling._grouped_mm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("the grouped-GEMM experts need a Hopper or newer GPU")
     torch.manual_seed(0)
     moe = modeling.KimiLinearSparseMoE(tiny_kimi_linear_config()).cuda().to(torch.bfloat16).train()
     x = torch.randn(1, 200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     for _ in range(3):
-        torch.empty(2**26, device="cuda", dtype=torch.bfloat16).fill_(float("nan"))  # freed again at once
+        _fill_free_memory_with_nan()
         x.grad = None
         moe.zero_grad(set_to_none=True)
-        out, _ = moe(x)
-        out.float().sum().backward()
+        with torch.autograd.detect_anomaly(check_nan=True):
+            out, _ = moe(x)
+            out.float().sum().backward()
         assert torch.isfinite(out).all()
         assert torch.isfinite(x.grad).all(), "input gradient"
         for name, p in moe.named_parameters():

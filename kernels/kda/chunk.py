@@ -89,8 +89,6 @@ WU_WARPS = 4
 # its loops pipelined by Triton (WU_STAGES 2; fla's W/U autotunes over 2-4) were 0.02-0.15 ms slower, the forward
 # state pass at 8 warps 0.37-0.40 ms slower.
 WU_STAGES = 1
-# Session 19 candidate, not yet timed: W/U loads G's last row instead of picking it out of the tile by a reduction.
-WU_LOAD_LAST = 0
 # The forward diagonal kernel's partner loop is plain: software-pipelined (Triton's num_stages 2), with the
 # backward's former one, it was slower on the H200 (session 14, B1 T8192: forward 1.85 ms against 1.75, fwd+bwd
 # 4.88 against 4.58).
@@ -245,8 +243,7 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_wu_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, LOAD_LAST=bool(WU_LOAD_LAST), IEEE=ieee, num_warps=WU_WARPS,
-        num_stages=WU_STAGES,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)

@@ -595,9 +595,9 @@ class KimiLinearSparseMoE(nn.Module):
         Each expert's rows go to a slot of its count rounded up to ``GROUP_ALIGN`` (at least one block, so no
         group is empty) in a zero-filled buffer of static size (no host synchronisation); padding rows are
         zero, so they add nothing to the weight gradients, and only real rows are read back. The last expert's
-        group runs to the end of the buffer: ``_grouped_mm`` leaves rows past its last offset unwritten, and such
-        rows of uninitialised memory would feed the activation and its backward (a GPU test saw all-NaN
-        gradients once in session 19, the likely cause); zero rows in a group come out as zeros.
+        group runs to the end of the buffer: ``_grouped_mm`` leaves rows past its last offset unwritten, and the
+        activation and its backward would compute on those rows of uninitialised memory (not read back, but NaN
+        there trips autograd's anomaly mode); zero rows in a group come out as zeros.
         """
         align = self.GROUP_ALIGN
         slots = ((counts + align - 1) // align * align).clamp_min(align)
