@@ -154,6 +154,18 @@ def test_chunk_pairs_key_blocks(lengths, monkeypatch):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 
 
+@pytest.mark.parametrize("key_block", [16, 32], ids=["two-key-blocks", "one-key-block"])
+def test_chunk_inverse_in_pairs(key_block, monkeypatch):
+    """The inverse inside the pairs kernel (``INVERSE_IN_PAIRS``, a candidate) on sequences ending inside a
+    sub-block, a chunk and at a chunk boundary, against the reference."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "INVERSE_IN_PAIRS", 1)
+    monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", key_block)
+    cu = torch.tensor([0, 17, 18, 68, 198, 262], dtype=torch.int32)
+    _check(_inputs(T=262, N=5, K=32, V=16, seed=8), {}, cu_seqlens=cu.to(DEVICE))
+
+
 def test_inverse_kernel_against_float64():
     """The inverse kernel alone, M = (I + Diag(beta) P)^-1 per chunk, against float64 on P's strictly lower entries
     drawn from U(-1, 1) and beta from U(0.5, 1): large enough that every power of the diagonal blocks' strictly

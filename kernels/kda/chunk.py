@@ -61,6 +61,10 @@ MAX_HEAD_DIM = 256
 # 1.451).
 PAIRS_KEY_BLOCK = 16
 PAIRS_WARPS = 4
+# Session 19 candidate, not yet timed: the inverse inside the pairs kernel, from the pairs between sub-blocks it holds
+# in registers (fla's inter-block kernel solves its system the same way; at B8 T4096 on an H100 our pairs + inverse
+# took 0.853 + 0.262 ms against that kernel's 0.827).
+INVERSE_IN_PAIRS = 0
 # Session 18's sweep on the H200 (B1 T8192, forward 1.346 / fwd+bwd 4.080 ms at session 15's kernels) timed the
 # candidates of sessions 16-17 and kept two: the inverse's diagonal blocks as products (forward 1.285 ms) and the
 # backward's pairs inside each sub-block in the key kernel (fwd+bwd 3.757 ms). Dropped, each slower in every
@@ -227,20 +231,29 @@ def kda_chunk_fwd(
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
-    kda_pairs_chunk_fwd_kernel[(NC, H)](
-        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
-    )  # fmt: skip
-    kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
-    )  # fmt: skip
+    def pairs() -> None:
+        kda_pairs_chunk_fwd_kernel[(NC, H)](
+            qn, kn, G, A_qk, P, beta, M, chunks.indices, chunks.cu_seqlens, scale, H, K,
+            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), INVERT=bool(INVERSE_IN_PAIRS), IEEE=ieee,
+            num_warps=PAIRS_WARPS, num_stages=1,
+        )  # fmt: skip
+
+    def diagonal() -> None:
+        kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+            BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+        )  # fmt: skip
+
+    # With INVERSE_IN_PAIRS the pairs kernel reads the diagonal's blocks of P, so the diagonal goes first.
+    for launch in (diagonal, pairs) if INVERSE_IN_PAIRS else (pairs, diagonal):
+        launch()
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    kda_inverse_fwd_kernel[(NC, H)](
-        P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
-    )  # fmt: skip
+    if not INVERSE_IN_PAIRS:
+        kda_inverse_fwd_kernel[(NC, H)](
+            P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
+        )  # fmt: skip
     kda_wu_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,

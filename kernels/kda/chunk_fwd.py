@@ -273,14 +273,18 @@ def _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31,
 
 @triton.jit
 def kda_pairs_chunk_fwd_kernel(
-    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    q, k, G, A_qk, P, beta, M, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, INVERT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles
     (:func:`kda_diag_fwd_kernel` writes those), for BT = 4 BC, from the normalised q, k and the cumulative decays G
     that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of ``BK`` key channels
     (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
-    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)"""
+    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)
+
+    With ``INVERT`` the program also stores M (:func:`_store_inverse`) from the pairs it holds, as fla's
+    inter-block kernel solves its system: the blocks below the diagonal never round-trip through memory, and the
+    diagonal blocks are read from P, which :func:`kda_diag_fwd_kernel` has then written before."""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
@@ -301,6 +305,21 @@ def kda_pairs_chunk_fwd_kernel(
             A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
         )  # fmt: skip
     _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
+    if INVERT:
+        idx = tl.arange(0, BC)
+        b1 = _sub_block_beta(beta, idx, t0, eos, 1, H, i_h, BC)
+        b2 = _sub_block_beta(beta, idx, t0, eos, 2, H, i_h, BC)
+        b3 = _sub_block_beta(beta, idx, t0, eos, 3, H, i_h, BC)
+        m00, m11, m22, m33 = _diagonal_inverses(P, beta, idx, t0, eos, H, i_h, BT, BC, IEEE)
+        _store_inverse(M, m00, m11, m22, m33, b1[:, None] * P10, b2[:, None] * P20, b2[:, None] * P21,
+                       b3[:, None] * P30, b3[:, None] * P31, b3[:, None] * P32, idx, t0, eos, H, i_h, BT, BC, IEEE)
+
+
+@triton.jit
+def _sub_block_beta(beta, idx, t0, eos, s, H, i_h, BC: tl.constexpr):
+    """beta of sub-block ``s``'s rows (fp32; 0 past the sequence end)."""
+    rows = t0 + s * BC + idx
+    return tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rows < eos, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -323,9 +342,8 @@ def _lower_block(P, beta, idx, t0, eos, s, t, H, i_h, BT: tl.constexpr, BC: tl.c
     """Block ``(s, t)``, t < s, of ``L = I + Diag(beta) P`` (``[BC, BC]`` fp32; rows past the sequence end 0); for
     t = s its strictly lower part, Diag(beta) P_ss (P is zero on and above the diagonal)."""
     rows = t0 + s * BC + idx
-    rmask = rows < eos
-    b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
-    return b_beta[:, None] * _load_rows(P, rows, rmask, t * BC + idx, idx < BC, H, i_h, BT)
+    b_beta = _sub_block_beta(beta, idx, t0, eos, s, H, i_h, BC)
+    return b_beta[:, None] * _load_rows(P, rows, rows < eos, t * BC + idx, idx < BC, H, i_h, BT)
 
 
 @triton.jit
@@ -354,22 +372,37 @@ def kda_inverse_fwd_kernel(
     share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
     :func:`kda_wu_fwd_kernel`.
     """
-    tl.static_assert(BT == 4 * BC, "the blocked inverse is written out for four sub-blocks")
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BC)
-    eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
-    tl.static_assert(BC == 16, "the product form is written out for 16 rows")
-    m00 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 0, 0, H, i_h, BT, BC), eye, IEEE)
-    m11 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 1, 1, H, i_h, BT, BC), eye, IEEE)
-    m22 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 2, 2, H, i_h, BT, BC), eye, IEEE)
-    m33 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 3, 3, H, i_h, BT, BC), eye, IEEE)
+    m00, m11, m22, m33 = _diagonal_inverses(P, beta, idx, t0, eos, H, i_h, BT, BC, IEEE)
     l10 = _lower_block(P, beta, idx, t0, eos, 1, 0, H, i_h, BT, BC)
     l20 = _lower_block(P, beta, idx, t0, eos, 2, 0, H, i_h, BT, BC)
     l21 = _lower_block(P, beta, idx, t0, eos, 2, 1, H, i_h, BT, BC)
     l30 = _lower_block(P, beta, idx, t0, eos, 3, 0, H, i_h, BT, BC)
     l31 = _lower_block(P, beta, idx, t0, eos, 3, 1, H, i_h, BT, BC)
     l32 = _lower_block(P, beta, idx, t0, eos, 3, 2, H, i_h, BT, BC)
+    _store_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, idx, t0, eos, H, i_h, BT, BC, IEEE)
+
+
+@triton.jit
+def _diagonal_inverses(P, beta, idx, t0, eos, H, i_h, BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):
+    """The inverses of a chunk's four diagonal ``[BC, BC]`` blocks of L = I + Diag(beta) P, from P."""
+    tl.static_assert(BT == 4 * BC, "the blocked inverse is written out for four sub-blocks")
+    tl.static_assert(BC == 16, "the product form is written out for 16 rows")
+    eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    m00 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 0, 0, H, i_h, BT, BC), eye, IEEE)
+    m11 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 1, 1, H, i_h, BT, BC), eye, IEEE)
+    m22 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 2, 2, H, i_h, BT, BC), eye, IEEE)
+    m33 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 3, 3, H, i_h, BT, BC), eye, IEEE)
+    return m00, m11, m22, m33
+
+
+@triton.jit
+def _store_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, idx, t0, eos, H, i_h,
+                   BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Stores a chunk's M = L^-1 (see :func:`kda_inverse_fwd_kernel`) from the inverses of L's diagonal blocks
+    (:func:`_diagonal_inverses`) and its blocks below them, ``l_st = Diag(beta_s) P_st`` (``[BC, BC]`` fp32)."""
     m10 = -tl.dot(m11, tl.dot(l10, m00, input_precision=IEEE), input_precision=IEEE)
     m21 = -tl.dot(m22, tl.dot(l21, m11, input_precision=IEEE), input_precision=IEEE)
     m32 = -tl.dot(m33, tl.dot(l32, m22, input_precision=IEEE), input_precision=IEEE)
