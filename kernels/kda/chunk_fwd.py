@@ -76,15 +76,19 @@ def _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
 def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexpr):
     """G rows of a chunk, channels ``k0 .. k0 + BK`` (``[BT, BK]`` fp32); rows past the sequence end
     repeat the last valid row (as if g = 0 there). Also returns the last row, the row indices, the
-    rows, their mask, the columns and the column mask."""
+    rows, their mask, the columns and the column mask.
+
+    The last row is loaded (a cached row: the tile was just read), not picked out of the tile by a reduction across
+    its rows: in W/U that took the forward from 5.215 to 5.178 ms (session 19, H100, B8 T4096, outputs identical).
+    In the backward's pair and direct kernels it also cut their spills (68 -> 60 and 56 -> 0 B, kda_registers.py);
+    their time with it was not measured."""
     idx = tl.arange(0, BT)
     rows = t0 + idx
     rmask = rows < eos
     cols = k0 + tl.arange(0, BK)
     cmask = cols < K
     b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    n_valid = tl.minimum(eos - t0, BT)
-    b_last = _pick_row(b_G, idx, n_valid - 1)
+    b_last = _load_row(G, t0 + tl.minimum(eos - t0, BT) - 1, eos, cols, H, i_h, K)
     b_G = tl.where(rmask[:, None], b_G, b_last[None, :])
     return b_G, b_last, idx, rows, rmask, cols, cmask
 
@@ -446,17 +450,8 @@ def kda_wu_fwd_kernel(
 def _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K,
                   BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """Key channels ``k0 .. k0 + BK`` of a chunk: W = M (beta * k * exp(G)), qg, kh and gl (see
-    :func:`kda_wu_fwd_kernel`); ``b_Md`` is M ``[BT, BT]`` in W's dtype, ``b_beta`` the chunk's beta.
-
-    G's last row is loaded (a cached row: the tile was just read), not picked out of the tile by a reduction across
-    its rows as :func:`_load_cum_decay` does (session 19, H100, B8 T4096: forward 5.178 against 5.215 ms, outputs
-    identical). Rows past the sequence end keep G = 0: their k is 0 and their stores are masked."""
-    rows = t0 + tl.arange(0, BT)
-    rmask = rows < eos
-    cols = k0 + tl.arange(0, BK)
-    cmask = cols < K
-    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K)
-    b_last = _load_row(G, t0 + tl.minimum(eos - t0, BT) - 1, eos, cols, H, i_h, K)
+    :func:`kda_wu_fwd_kernel`); ``b_Md`` is M ``[BT, BT]`` in W's dtype, ``b_beta`` the chunk's beta."""
+    b_G, b_last, _, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
     b_gexp = tl.exp(b_G)
     b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
