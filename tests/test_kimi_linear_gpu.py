@@ -55,14 +55,21 @@ def test_grouped_mm_moe_matches_the_expert_loop(monkeypatch):
         assert_close_rel(grads[name], g, 5e-2, f"grad {name}")
 
 
-def test_grouped_mm_moe_trains_without_host_synchronisation():
-    """The routed MoE with grouped GEMMs (bf16, Hopper), forward and backward, under CUDA's sync debug mode: no
-    operation in it waits for the device (torch.bincount did, once per layer)."""
+def _grouped_moe_and_input() -> tuple[modeling.KimiLinearSparseMoE, torch.Tensor]:
+    """The tiny config's MoE in bf16, training, and a seeded input ``[1, 200, hidden]`` that needs a gradient; skips
+    where the grouped-GEMM experts do not run."""
     if not modeling._grouped_mm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("the grouped-GEMM experts need a Hopper or newer GPU")
     torch.manual_seed(0)
     moe = modeling.KimiLinearSparseMoE(tiny_kimi_linear_config()).cuda().to(torch.bfloat16).train()
     x = torch.randn(1, 200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return moe, x
+
+
+def test_grouped_mm_moe_trains_without_host_synchronisation():
+    """The routed MoE with grouped GEMMs (bf16, Hopper), forward and backward, under CUDA's sync debug mode: no
+    operation in it waits for the device (torch.bincount did, once per layer)."""
+    moe, x = _grouped_moe_and_input()
     moe(x)[0].sum().backward()  # warm-up: kernels compiled and cached
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -85,11 +92,7 @@ def test_grouped_mm_moe_computes_on_no_unwritten_rows():
     """The grouped-GEMM MoE's forward and backward under autograd's anomaly mode, after NaN was left in free memory:
     a row that no kernel wrote (``_grouped_mm`` leaves rows past its last offset unwritten) and that an op then
     computes on returns NaN from that op's backward, which anomaly mode reports; every gradient must be finite."""
-    if not modeling._grouped_mm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
-        pytest.skip("the grouped-GEMM experts need a Hopper or newer GPU")
-    torch.manual_seed(0)
-    moe = modeling.KimiLinearSparseMoE(tiny_kimi_linear_config()).cuda().to(torch.bfloat16).train()
-    x = torch.randn(1, 200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    moe, x = _grouped_moe_and_input()
     for _ in range(3):
         _fill_free_memory_with_nan()
         x.grad = None

@@ -1,7 +1,7 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: prep (L2 norm, gate, in-chunk cumsum) -> pairs (A_qk, P between sub-blocks, per chunk)
--> diagonal (A_qk, P inside each sub-block, per token) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> diagonal (A_qk, P inside each sub-block, per token)
+-> pairs (A_qk, P between sub-blocks, per chunk) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
 qg, kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
 (the dq, dk terms through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk
@@ -231,22 +231,17 @@ def kda_chunk_fwd(
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
-    def pairs() -> None:
-        kda_pairs_chunk_fwd_kernel[(NC, H)](
-            qn, kn, G, A_qk, P, beta, M, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), INVERT=bool(INVERSE_IN_PAIRS), IEEE=ieee,
-            num_warps=PAIRS_WARPS, num_stages=1,
-        )  # fmt: skip
-
-    def diagonal() -> None:
-        kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
-        )  # fmt: skip
-
-    # With INVERSE_IN_PAIRS the pairs kernel reads the diagonal's blocks of P, so the diagonal goes first.
-    for launch in (diagonal, pairs) if INVERSE_IN_PAIRS else (pairs, diagonal):
-        launch()
+    # The diagonal first: with INVERSE_IN_PAIRS the pairs kernel reads its blocks of P (otherwise the two are
+    # independent; until session 19 the pairs kernel ran first).
+    kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+    )  # fmt: skip
+    kda_pairs_chunk_fwd_kernel[(NC, H)](
+        qn, kn, G, A_qk, P, beta, M, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), INVERT=bool(INVERSE_IN_PAIRS), IEEE=ieee,
+        num_warps=PAIRS_WARPS, num_stages=1,
+    )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
