@@ -28,7 +28,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from _profile import gpu_time_table
+from _profile import gpu_time_table, kernel_time_us, kernel_times_us
 
 from kimi_hf.kernels._launch import add_set_option, apply_set_option
 from kimi_hf.kernels.kda import chunk, chunk_kda, fused_recurrent_kda
@@ -131,7 +131,8 @@ def bench_decode(B: int, H: int = 32, D: int = 128, bandwidth_tbs: float = 4.27)
 
 def kernel_breakdown(H: int = 32, D: int = 128) -> str:
     """Per-kernel GPU time (ours and fla), from the torch profiler: one fwd+bwd at the first chunked shape, and one
-    inference forward (no input needs a gradient) at the last, where the forward trails fla."""
+    inference forward (no input needs a gradient) at the last, where the forward trails fla, with that forward's
+    bytes against its GPU time (:func:`traffic_table`)."""
     fla_chunk, _ = _fla()
     tables = []
     for (B, T), backward in ((CHUNK_SHAPES[0], True), (CHUNK_SHAPES[-1], False)):
@@ -142,7 +143,69 @@ def kernel_breakdown(H: int = 32, D: int = 128) -> str:
             for name, fn in (("ours", chunk_kda), ("fla", fla_chunk))
             if fn is not None
         ]
+    tables.append(traffic_table(*CHUNK_SHAPES[-1], H, D))
     return "\n".join(tables)
+
+
+def forward_bytes(K: int, V: int) -> dict[str, int]:
+    """Bytes that each kernel of our inference forward reads or writes per (token, head), as ``bench_chunk`` calls it
+    (bf16 q/k/v/beta, fp32 g, L2 norm inside): every tensor a kernel touches counted once (a chunk's rows re-read
+    from the caches are not counted), fp32 G and P, the chunk-start state h ``[K, V]`` bf16 shared by a chunk's
+    tokens. Summed over the B T H (token, head) pairs, it is the least memory traffic of this decomposition."""
+    bt, sub = chunk.CHUNK, chunk.SUB
+    e, f = 2, 4  # bytes of bf16 and fp32
+    state = e * K * V // bt
+    pairs = (2 * e + f) * K + (e + f) * (bt - sub)
+    if chunk.INVERSE_IN_PAIRS:
+        pairs += f * sub + e + e * bt  # the diagonal blocks of P and beta in, M out
+    out = {
+        "kda_prep_fwd_kernel": 2 * (f + 2 * e) * K,  # g, q, k in; G, qn, kn out
+        "kda_diag_fwd_kernel": (2 * e + f) * K + (e + f) * sub,  # q, k, G in; A_qk, P diagonal blocks out
+        "kda_pairs_chunk_fwd_kernel": pairs,  # q, k, G in; A_qk, P below the diagonal blocks (and zeros) out
+    }
+    if not chunk.INVERSE_IN_PAIRS:
+        out["kda_inverse_fwd_kernel"] = f * bt + e + e * bt  # P, beta in; M out
+    out["kda_wu_fwd_kernel"] = (2 * e + f) * K + e * V + e * bt + e + 3 * e * K + e * V  # q k G v M beta; W qg kh U
+    out["kda_state_fwd_kernel"] = 2 * e * K + e * V + e * V + state  # kh, W, U in; v_new, h out
+    out["kda_output_fwd_kernel"] = e * K + e * bt + state + e * V + e * V  # qg, A_qk, h, v_new in; o out
+    return out
+
+
+def copy_bandwidth_tbs(n_bytes: int = 2**30) -> float:
+    """The device's copy bandwidth (TB/s, bytes read plus written), a do_bench median of one ``n_bytes`` copy."""
+    x = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * n_bytes / (do_bench(lambda: y.copy_(x)) * 1e-3) / 1e12
+
+
+def traffic_table(B: int, T: int, H: int = 32, D: int = 128) -> str:
+    """Our inference forward's kernels against their byte floor (:func:`forward_bytes`) at the device's copy
+    bandwidth, measured in this run: GPU time, bytes, achieved bandwidth; and what the 1.2x target against fla's
+    GPU time at this shape asks of the whole forward."""
+    fla_chunk, _ = _fla()
+    inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, grad=False)
+    times = kernel_times_us(_step(chunk_kda, inputs, False, use_qk_l2norm_in_kernel=True))
+    copy = copy_bandwidth_tbs()
+    pairs = B * T * H
+    lines = [f"ours, fwd B{B} T{T} H{H} D{D}: bytes against GPU time (device copy bandwidth {copy:.2f} TB/s)",
+             "| kernel | ms | GB | TB/s | floor ms | time / floor |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    total_ms = total_gb = 0.0
+    for name, per_pair in forward_bytes(D, D).items():
+        ms = sum(us for key, us in times.items() if key.startswith(name)) / 1e3
+        gb = per_pair * pairs / 1e9
+        floor = gb / copy
+        total_ms, total_gb = total_ms + ms, total_gb + gb
+        lines.append(f"| {name} | {ms:.3f} | {gb:.2f} | {gb / ms:.2f} | {floor:.3f} | {ms / floor:.2f} |")
+    floor = total_gb / copy
+    lines.append(f"| all of the above | {total_ms:.3f} | {total_gb:.2f} | {total_gb / total_ms:.2f} | {floor:.3f} "
+                 f"| {total_ms / floor:.2f} |")
+    other = sum(times.values()) / 1e3 - total_ms
+    lines.append(f"other kernels (copies, indices): {other:.3f} ms")
+    if fla_chunk is not None:
+        target = kernel_time_us(_step(fla_chunk, inputs, False, use_qk_l2norm_in_kernel=True)) / 1e3 / 1.2
+        lines.append(f"1.2x fla's GPU time: {target:.3f} ms for all of ours, i.e. {total_gb / (target - other):.2f} "
+                     f"TB/s over the kernels above ({total_gb / (target - other) / copy:.0%} of the copy bandwidth)")
+    return "\n".join(lines)
 
 
 def run_benchmarks(
