@@ -166,6 +166,17 @@ def test_chunk_inverse_in_pairs(key_block, monkeypatch):
     _check(_inputs(T=262, N=5, K=32, V=16, seed=8), {}, cu_seqlens=cu.to(DEVICE))
 
 
+def test_chunk_diagonal_row_store(monkeypatch):
+    """The diagonal kernel's rows stored once at the end (``DIAG_ROW_STORE``, a candidate), forward and backward on
+    sequences ending inside a sub-block and at a chunk boundary, with three heads (a half-full group of two), against
+    the reference."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "DIAG_ROW_STORE", 1)
+    cu = torch.tensor([0, 5, 69, 100], dtype=torch.int32)
+    _check(_inputs(T=100, N=3, H=3, K=32, V=16, seed=9), {}, cu_seqlens=cu.to(DEVICE))
+
+
 def test_inverse_kernel_against_float64():
     """The inverse kernel alone, M = (I + Diag(beta) P)^-1 per chunk, against float64 on P's strictly lower entries
     drawn from U(-1, 1) and beta from U(0.5, 1): large enough that every power of the diagonal blocks' strictly

@@ -68,9 +68,10 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         *((chunk_fwd.kda_pairs_chunk_fwd_kernel,
            dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), INVERT=invert), chunk.PAIRS_WARPS, 1)
           for invert in (False, True)),
-        (chunk_fwd.kda_diag_fwd_kernel,
-         dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK),
-         chunk.DIAG_WARPS, 1),
+        *((chunk_fwd.kda_diag_fwd_kernel,
+           dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK, ROW_STORE=row_store),
+           chunk.DIAG_WARPS, 1)
+          for row_store in (False, True)),
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS,
          chunk.WU_STAGES),
@@ -116,7 +117,7 @@ def report(
     ptxas: str,
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
-    shown: tuple[str, ...] = ("BK", "BV", "BH", "INVERT"),
+    shown: tuple[str, ...] = ("BK", "BV", "BH", "INVERT", "ROW_STORE"),
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""

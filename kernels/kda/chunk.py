@@ -80,6 +80,9 @@ INVERSE_IN_PAIRS = 0
 DIAG_DOT_SPAN = 40.0
 DIAG_HEADS = 2
 DIAG_WARPS = 1
+# Session 20 candidate, not yet timed: the diagonal kernel's row of each head stored once, contiguous, instead of one
+# element per partner (32 scattered stores per token and head).
+DIAG_ROW_STORE = 0
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
@@ -235,7 +238,7 @@ def kda_chunk_fwd(
     # independent; until session 19 the pairs kernel ran first).
     kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, num_warps=DIAG_WARPS,
+        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, ROW_STORE=bool(DIAG_ROW_STORE), num_warps=DIAG_WARPS,
     )  # fmt: skip
     kda_pairs_chunk_fwd_kernel[(NC, H)](
         qn, kn, G, A_qk, P, beta, M, chunks.indices, chunks.cu_seqlens, scale, H, K,

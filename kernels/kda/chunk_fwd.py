@@ -130,7 +130,7 @@ def _token_program(chunk_indices, cu_seqlens, H, K,
 @triton.jit
 def kda_diag_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, ROW_STORE: tl.constexpr,
 ):  # fmt: skip
     """Per (token i, group of BH heads): row i's entries of the diagonal ``[BC, BC]`` tile of its sub-block in A_qk
     and P, with exact decays: A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i, P[i, j] the same
@@ -141,6 +141,9 @@ def kda_diag_fwd_kernel(
     per-sub-block pairs kernel the same sums ran 16 partners over [BC, BK] tiles, with a layout conversion per
     partner to place each column in the [BC, BC] result. On the H200 (B1 T8192 H32 D128, session 6, 86d7353) this
     kernel took 0.26 ms and the smaller pairs kernel 0.52, where the pairs kernel alone had taken 0.95.
+
+    With ``ROW_STORE`` (a candidate) the row's ``BC`` entries per head are kept in registers and stored at the end as
+    one contiguous row each, instead of ``2 BC`` one-element stores per head.
     """
     t, eos, r, n, heads, hmask, mask, offs = _token_program(chunk_indices, cu_seqlens, H, K, BT, BC, BH, BK)
     if t < eos:
@@ -150,14 +153,28 @@ def kda_diag_fwd_kernel(
         b_G = tl.load(G + row + offs, mask=mask, other=0.0)
         first = (t - n).to(tl.int64) * H * K  # the sub-block's first token
         out = (t.to(tl.int64) * H + heads) * BT + (r - n)  # + jj: the sub-block's column jj of row t
+        jjs = tl.arange(0, BC)
+        b_a = tl.zeros([BH, BC], dtype=tl.float32)
+        b_p = tl.zeros([BH, BC], dtype=tl.float32)
         for jj in range(0, n + 1):
             b_kj = tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)
             b_e = tl.exp(b_G - tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0)) * b_kj
-            tl.store(A_qk + out + jj, tl.sum(b_q * b_e, axis=1).to(A_qk.dtype.element_ty), mask=hmask)
-            tl.store(P + out + jj, tl.where(jj < n, tl.sum(b_k * b_e, axis=1), 0.0), mask=hmask)
-        for jj in range(n + 1, BC):
-            tl.store(A_qk + out + jj, tl.zeros([BH], dtype=tl.float32).to(A_qk.dtype.element_ty), mask=hmask)
-            tl.store(P + out + jj, tl.zeros([BH], dtype=tl.float32), mask=hmask)
+            a_j = tl.sum(b_q * b_e, axis=1)
+            p_j = tl.where(jj < n, tl.sum(b_k * b_e, axis=1), 0.0)
+            if ROW_STORE:
+                b_a = tl.where((jjs == jj)[None, :], a_j[:, None], b_a)
+                b_p = tl.where((jjs == jj)[None, :], p_j[:, None], b_p)
+            else:
+                tl.store(A_qk + out + jj, a_j.to(A_qk.dtype.element_ty), mask=hmask)
+                tl.store(P + out + jj, p_j, mask=hmask)
+        if ROW_STORE:
+            rows_out = out[:, None] + jjs[None, :]
+            tl.store(A_qk + rows_out, b_a.to(A_qk.dtype.element_ty), mask=hmask[:, None])
+            tl.store(P + rows_out, b_p, mask=hmask[:, None])
+        else:
+            for jj in range(n + 1, BC):
+                tl.store(A_qk + out + jj, tl.zeros([BH], dtype=tl.float32).to(A_qk.dtype.element_ty), mask=hmask)
+                tl.store(P + out + jj, tl.zeros([BH], dtype=tl.float32), mask=hmask)
 
 
 @triton.jit
