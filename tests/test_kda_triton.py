@@ -177,6 +177,20 @@ def test_chunk_diagonal_row_store(monkeypatch):
     _check(_inputs(T=100, N=3, H=3, K=32, V=16, seed=9), {}, cu_seqlens=cu.to(DEVICE))
 
 
+@pytest.mark.parametrize(
+    "case", ["fused-gate-ragged", "two-blocks", "fp16", "strong-decay", "mixed-decay", "head-dim-48"]
+)
+def test_chunk_diagonal_dots(case, monkeypatch):
+    """The diagonal tiles as dots through each sub-block's middle row (``DIAG_DOTS``, a candidate) on
+    :func:`test_chunk_cases`' inputs: ragged sequences (sub-blocks past a sequence's end), two key blocks, fp16, every
+    sub-block on the exact path, both paths in one chunk, and a padded key block."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "DIAG_DOTS", 1)
+    monkeypatch.setattr(chunk, "DIAG_DOTS_KEY_BLOCK", 16 if case == "two-blocks" else 64)
+    test_chunk_cases(case, monkeypatch)
+
+
 def test_inverse_kernel_against_float64():
     """The inverse kernel alone, M = (I + Diag(beta) P)^-1 per chunk, against float64 on P's strictly lower entries
     drawn from U(-1, 1) and beta from U(0.5, 1): large enough that every power of the diagonal blocks' strictly

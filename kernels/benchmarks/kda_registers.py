@@ -72,6 +72,9 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
            dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK, ROW_STORE=row_store),
            chunk.DIAG_WARPS, 1)
           for row_store in (False, True)),
+        (chunk_fwd.kda_diag_dots_fwd_kernel,
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN),
+         chunk.DIAG_DOTS_WARPS, 1),
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS,
          chunk.WU_STAGES),

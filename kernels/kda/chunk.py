@@ -23,8 +23,8 @@ from .chunk_bwd import (
     kda_state_bwd_kernel, l2norm_bwd_kernel,
 )  # fmt: skip
 from .chunk_fwd import (
-    kda_diag_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel, kda_pairs_chunk_fwd_kernel,
-    kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
+    kda_diag_dots_fwd_kernel, kda_diag_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel,
+    kda_pairs_chunk_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
@@ -83,6 +83,12 @@ DIAG_WARPS = 1
 # Session 20 candidate, not yet timed: the diagonal kernel's row of each head stored once, contiguous, instead of one
 # element per partner (32 scattered stores per token and head).
 DIAG_ROW_STORE = 0
+# Session 20 candidate, not yet timed: the diagonal tiles as tensor-core dots through each sub-block's middle row
+# (kda_diag_dots_fwd_kernel, the backward's way), one program per sub-block: 2 K exps per row where the per-token
+# kernel takes about 8.5 K (that kernel: 0.925 ms of the 5.26 ms forward at B8 T4096 on an H100, session 19).
+DIAG_DOTS = 0
+DIAG_DOTS_KEY_BLOCK = 64
+DIAG_DOTS_WARPS = 2
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
@@ -236,10 +242,17 @@ def kda_chunk_fwd(
     )  # fmt: skip
     # The diagonal first: with INVERSE_IN_PAIRS the pairs kernel reads its blocks of P (otherwise the two are
     # independent; until session 19 the pairs kernel ran first).
-    kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, ROW_STORE=bool(DIAG_ROW_STORE), num_warps=DIAG_WARPS,
-    )  # fmt: skip
+    if DIAG_DOTS:
+        kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
+            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+            BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee,
+            num_warps=DIAG_DOTS_WARPS,
+        )  # fmt: skip
+    else:
+        kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
+            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+            BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, ROW_STORE=bool(DIAG_ROW_STORE), num_warps=DIAG_WARPS,
+        )  # fmt: skip
     kda_pairs_chunk_fwd_kernel[(NC, H)](
         qn, kn, G, A_qk, P, beta, M, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), INVERT=bool(INVERSE_IN_PAIRS), IEEE=ieee,

@@ -178,6 +178,56 @@ def kda_diag_fwd_kernel(
 
 
 @triton.jit
+def kda_diag_dots_fwd_kernel(
+    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, sub-block; head): the sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P, as
+    :func:`kda_diag_fwd_kernel` writes them (a candidate in its place), as tensor-core dots through the sub-block's
+    middle row m: exp(G_i - G_j) = exp(G_i - G_m) exp(G_m - G_j), taken block of ``BK`` key channels by block. A block
+    whose |G_i - G_m| are all at most SPAN (both factors far inside fp32's range) is two ``[BC, BK] x [BK, BC]``
+    dots; any other block goes one partner at a time with exact decays. Each block's share of the sums is exact
+    either way, so the two paths mix freely within a sub-block. The per-token kernel takes an exp per partner and
+    channel (about 8.5 K per row on average), this one 2 K per row."""
+    NS: tl.constexpr = BT // BC
+    i_s, i_c = _tile_and_item(NS)
+    i_h = tl.program_id(1)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    s0 = t0 + i_s * BC  # the sub-block's first token
+    if s0 < eos:
+        idx = tl.arange(0, BC)
+        rows = s0 + idx
+        rmask = rows < eos
+        mid = s0 + tl.minimum(BC // 2, eos - s0 - 1)
+        b_A = tl.zeros([BC, BC], dtype=tl.float32)
+        b_P = tl.zeros([BC, BC], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            cols = kb + tl.arange(0, BK)
+            cmask = cols < K
+            b_G, b_q, b_k = _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K)
+            b_d = tl.where(rmask[:, None], b_G - _load_row(G, mid, eos, cols, H, i_h, K)[None, :], 0.0)
+            if tl.max(tl.abs(b_d)) <= SPAN:
+                b_up = tl.exp(b_d)
+                b_kd = tl.trans(b_k * tl.exp(-b_d))
+                b_A = tl.dot(b_q * b_up, b_kd, b_A, input_precision=IEEE)
+                b_P = tl.dot(b_k * b_up, b_kd, b_P, input_precision=IEEE)
+            else:
+                for j in range(0, BC):
+                    b_Gj = _load_row(G, s0 + j, eos, cols, H, i_h, K)
+                    b_kj = _load_row(k, s0 + j, eos, cols, H, i_h, K)
+                    # masked in the exponent: an upper or out-of-sequence entry would overflow before a mask
+                    on = ((idx >= j) & rmask)[:, None]
+                    b_e = tl.exp(tl.where(on, b_G - b_Gj[None, :], float("-inf"))) * b_kj[None, :]
+                    hit = (idx == j)[None, :]
+                    b_A += tl.where(hit, tl.sum(b_q * b_e, axis=1)[:, None], 0.0)
+                    b_P += tl.where(hit, tl.sum(b_k * b_e, axis=1)[:, None], 0.0)
+        offs = _tile_offsets(rows, i_s * BC + idx, H, i_h, BT)
+        lower = idx[:, None] >= idx[None, :]
+        tl.store(A_qk + offs, tl.where(lower, b_A, 0.0).to(A_qk.dtype.element_ty), mask=rmask[:, None])
+        tl.store(P + offs, tl.where(idx[:, None] > idx[None, :], b_P, 0.0), mask=rmask[:, None])
+
+
+@triton.jit
 def _state_tile(cu_seqlens, chunk_offsets, s0, i_n, i_h, i_v, H, K, V,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):  # fmt: skip
     """Start of a sequential state kernel's program (sequence ``i_n``, head ``i_h``, V tile ``i_v``): the
