@@ -86,7 +86,7 @@ DIAG_ROW_STORE = 0
 # Session 20 candidate, not yet timed: the diagonal tiles as tensor-core dots through each sub-block's middle row
 # (kda_diag_dots_fwd_kernel, the backward's way), one program per sub-block: 2 K exps per row where the per-token
 # kernel takes about 8.5 K (that kernel: 0.925 ms of the 5.26 ms forward at B8 T4096 on an H100, session 19).
-DIAG_DOTS = 0
+DIAG_DOTS = 1
 DIAG_DOTS_KEY_BLOCK = 64
 DIAG_DOTS_WARPS = 2
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
