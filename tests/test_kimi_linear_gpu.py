@@ -61,7 +61,11 @@ def _grouped_moe_and_input() -> tuple[modeling.KimiLinearSparseMoE, torch.Tensor
     if not modeling._grouped_mm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("the grouped-GEMM experts need a Hopper or newer GPU")
     torch.manual_seed(0)
-    moe = modeling.KimiLinearSparseMoE(tiny_kimi_linear_config()).cuda().to(torch.bfloat16).train()
+    moe = modeling.KimiLinearSparseMoE(tiny_kimi_linear_config())
+    # The router weight is torch.empty until the model's _init_weights sets it; a bare module must be given values
+    # (left as it was, whatever the allocator held, NaN at times, made every gradient NaN in two GPU runs).
+    torch.nn.init.normal_(moe.gate.weight, std=0.02)
+    moe = moe.cuda().to(torch.bfloat16).train()
     x = torch.randn(1, 200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     return moe, x
 

@@ -160,7 +160,8 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
         pairs += f * sub + e + e * bt  # the diagonal blocks of P and beta in, M out
     out = {
         "kda_prep_fwd_kernel": 2 * (f + 2 * e) * K,  # g, q, k in; G, qn, kn out
-        "kda_diag_fwd_kernel": (2 * e + f) * K + (e + f) * sub,  # q, k, G in; A_qk, P diagonal blocks out
+        # q, k, G in; A_qk, P diagonal blocks out
+        "kda_diag_dots_fwd_kernel" if chunk.DIAG_DOTS else "kda_diag_fwd_kernel": (2 * e + f) * K + (e + f) * sub,
         "kda_pairs_chunk_fwd_kernel": pairs,  # q, k, G in; A_qk, P below the diagonal blocks (and zeros) out
     }
     if not chunk.INVERSE_IN_PAIRS:
@@ -192,6 +193,8 @@ def traffic_table(B: int, T: int, H: int = 32, D: int = 128) -> str:
     total_ms = total_gb = 0.0
     for name, per_pair in forward_bytes(D, D).items():
         ms = sum(us for key, us in times.items() if key.startswith(name)) / 1e3
+        if ms == 0:
+            raise RuntimeError(f"{name} is not among the profiled kernels {sorted(times)}: forward_bytes is stale")
         gb = per_pair * pairs / 1e9
         floor = gb / copy
         total_ms, total_gb = total_ms + ms, total_gb + gb
