@@ -154,43 +154,6 @@ def test_chunk_pairs_key_blocks(lengths, monkeypatch):
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 
 
-@pytest.mark.parametrize("key_block", [16, 32], ids=["two-key-blocks", "one-key-block"])
-def test_chunk_inverse_in_pairs(key_block, monkeypatch):
-    """The inverse inside the pairs kernel (``INVERSE_IN_PAIRS``, a candidate) on sequences ending inside a
-    sub-block, a chunk and at a chunk boundary, against the reference."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, "INVERSE_IN_PAIRS", 1)
-    monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", key_block)
-    cu = torch.tensor([0, 17, 18, 68, 198, 262], dtype=torch.int32)
-    _check(_inputs(T=262, N=5, K=32, V=16, seed=8), {}, cu_seqlens=cu.to(DEVICE))
-
-
-def test_chunk_diagonal_row_store(monkeypatch):
-    """The diagonal kernel's rows stored once at the end (``DIAG_ROW_STORE``, a candidate), forward and backward on
-    sequences ending inside a sub-block and at a chunk boundary, with three heads (a half-full group of two), against
-    the reference."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, "DIAG_ROW_STORE", 1)
-    cu = torch.tensor([0, 5, 69, 100], dtype=torch.int32)
-    _check(_inputs(T=100, N=3, H=3, K=32, V=16, seed=9), {}, cu_seqlens=cu.to(DEVICE))
-
-
-@pytest.mark.parametrize(
-    "case", ["fused-gate-ragged", "two-blocks", "fp16", "strong-decay", "mixed-decay", "head-dim-48"]
-)
-def test_chunk_diagonal_dots(case, monkeypatch):
-    """The diagonal tiles as dots through each sub-block's middle row (``DIAG_DOTS``, a candidate) on
-    :func:`test_chunk_cases`' inputs: ragged sequences (sub-blocks past a sequence's end), two key blocks, fp16, every
-    sub-block on the exact path, both paths in one chunk, and a padded key block."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, "DIAG_DOTS", 1)
-    monkeypatch.setattr(chunk, "DIAG_DOTS_KEY_BLOCK", 16 if case == "two-blocks" else 64)
-    test_chunk_cases(case, monkeypatch)
-
-
 def test_inverse_kernel_against_float64():
     """The inverse kernel alone, M = (I + Diag(beta) P)^-1 per chunk, against float64 on P's strictly lower entries
     drawn from U(-1, 1) and beta from U(0.5, 1): large enough that every power of the diagonal blocks' strictly
@@ -225,9 +188,9 @@ def test_inverse_kernel_against_float64():
 def test_chunk_cases(case, monkeypatch):
     """Forward and backward against the float64 reference on: ragged packed sequences with the fused gate, two key
     blocks in every per-chunk kernel and two value blocks in W/U, q/k normalised by the caller, the fp16 path, decays
-    far below fp32's range (every sub-block on the key kernel's exact diagonal path, sequences ending inside a
-    sub-block), strong in part of a chunk (both diagonal paths in one program), and K = 48 (norms over a padded
-    64-channel tile)."""
+    far below fp32's range (every sub-block on the exact diagonal paths of the forward's diagonal kernel and the
+    backward's key kernel, sequences ending inside a sub-block), strong in part of a chunk (both diagonal paths in one
+    program), and K = 48 (norms over a padded 64-channel tile)."""
     from kimi_hf.kernels.kda import chunk
 
     gen = torch.Generator().manual_seed(12)
@@ -237,7 +200,7 @@ def test_chunk_cases(case, monkeypatch):
         _check(_inputs(T=200, N=5, K=32, V=16, seed=13, raw_gate=True), params, cu_seqlens=cu.to(DEVICE),
                use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)  # fmt: skip
     elif case == "two-blocks":  # every per-chunk kernel's key channels in two blocks at K = 32, W/U's values at V = 80
-        for name in ("PAIRS_KEY_BLOCK", "BWD_KEY_BLOCK", "WU_KEY_BLOCK"):
+        for name in ("DIAG_DOTS_KEY_BLOCK", "PAIRS_KEY_BLOCK", "BWD_KEY_BLOCK", "WU_KEY_BLOCK"):
             monkeypatch.setattr(chunk, name, 16)
         cu = torch.tensor([0, 130, 194, 197], dtype=torch.int32)
         _check(_inputs(T=197, N=3, K=32, V=80, seed=14), cu_seqlens=cu.to(DEVICE), use_qk_l2norm_in_kernel=True)
@@ -263,7 +226,7 @@ def test_chunk_cases(case, monkeypatch):
 
 
 def test_chunk_head_groups():
-    """H = 5: the forward's one-token-per-program diagonal kernel takes heads in groups of 2 (the last one partial)."""
+    """H = 5, an odd head count (until session 20 the forward's diagonal kernel took heads in pairs)."""
     _check(_inputs(T=37, N=1, H=5, seed=11), {})
 
 

@@ -155,21 +155,15 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
     bt, sub = chunk.CHUNK, chunk.SUB
     e, f = 2, 4  # bytes of bf16 and fp32
     state = e * K * V // bt
-    pairs = (2 * e + f) * K + (e + f) * (bt - sub)
-    if chunk.INVERSE_IN_PAIRS:
-        pairs += f * sub + e + e * bt  # the diagonal blocks of P and beta in, M out
-    out = {
+    return {
         "kda_prep_fwd_kernel": 2 * (f + 2 * e) * K,  # g, q, k in; G, qn, kn out
-        # q, k, G in; A_qk, P diagonal blocks out
-        "kda_diag_dots_fwd_kernel" if chunk.DIAG_DOTS else "kda_diag_fwd_kernel": (2 * e + f) * K + (e + f) * sub,
-        "kda_pairs_chunk_fwd_kernel": pairs,  # q, k, G in; A_qk, P below the diagonal blocks (and zeros) out
+        "kda_diag_dots_fwd_kernel": (2 * e + f) * K + (e + f) * sub,  # q, k, G in; A_qk, P diagonal tiles out
+        "kda_pairs_chunk_fwd_kernel": (2 * e + f) * K + (e + f) * (bt - sub),  # the same; the other tiles out
+        "kda_inverse_fwd_kernel": f * bt + e + e * bt,  # P, beta in; M out
+        "kda_wu_fwd_kernel": (2 * e + f) * K + e * V + e * bt + e + 3 * e * K + e * V,  # q k G v M beta; W qg kh U
+        "kda_state_fwd_kernel": 2 * e * K + e * V + e * V + state,  # kh, W, U in; v_new, h out
+        "kda_output_fwd_kernel": e * K + e * bt + state + e * V + e * V,  # qg, A_qk, h, v_new in; o out
     }
-    if not chunk.INVERSE_IN_PAIRS:
-        out["kda_inverse_fwd_kernel"] = f * bt + e + e * bt  # P, beta in; M out
-    out["kda_wu_fwd_kernel"] = (2 * e + f) * K + e * V + e * bt + e + 3 * e * K + e * V  # q k G v M beta; W qg kh U
-    out["kda_state_fwd_kernel"] = 2 * e * K + e * V + e * V + state  # kh, W, U in; v_new, h out
-    out["kda_output_fwd_kernel"] = e * K + e * bt + state + e * V + e * V  # qg, A_qk, h, v_new in; o out
-    return out
 
 
 def copy_bandwidth_tbs(n_bytes: int = 2**30) -> float:

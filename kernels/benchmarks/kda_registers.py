@@ -65,13 +65,8 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     warps = chunk.NUM_WARPS
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
-        *((chunk_fwd.kda_pairs_chunk_fwd_kernel,
-           dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK), INVERT=invert), chunk.PAIRS_WARPS, 1)
-          for invert in (False, True)),
-        *((chunk_fwd.kda_diag_fwd_kernel,
-           dict(BT=chunk.CHUNK, BC=chunk.SUB, BH=chunk.DIAG_HEADS, BK=BK, ROW_STORE=row_store),
-           chunk.DIAG_WARPS, 1)
-          for row_store in (False, True)),
+        (chunk_fwd.kda_pairs_chunk_fwd_kernel,
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN),
          chunk.DIAG_DOTS_WARPS, 1),
@@ -120,7 +115,7 @@ def report(
     ptxas: str,
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
-    shown: tuple[str, ...] = ("BK", "BV", "BH", "INVERT", "ROW_STORE"),
+    shown: tuple[str, ...] = ("BK", "BV"),
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""

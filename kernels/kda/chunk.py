@@ -1,6 +1,6 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: prep (L2 norm, gate, in-chunk cumsum) -> diagonal (A_qk, P inside each sub-block, per token)
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> diagonal (A_qk, P inside each sub-block, per sub-block)
 -> pairs (A_qk, P between sub-blocks, per chunk) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
 qg, kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
@@ -23,7 +23,7 @@ from .chunk_bwd import (
     kda_state_bwd_kernel, l2norm_bwd_kernel,
 )  # fmt: skip
 from .chunk_fwd import (
-    kda_diag_dots_fwd_kernel, kda_diag_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel,
+    kda_diag_dots_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel,
     kda_pairs_chunk_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
@@ -40,11 +40,13 @@ MAX_HEAD_DIM = 256
 # 0.133 + 0.276 ms, forward 1.60 ms (session 14, same machine). Fusing the pairs between sub-blocks into the inverse
 # kernel, as fla does, was slower (0.621 + 0.274 ms for pairs, inverse and W/U against 0.362 + 0.133 + 0.276; branch
 # kda-solve-blocks).
-# The forward's pairs inside a sub-block run one token per program, DIAG_HEADS heads at a time (kda_diag_fwd_kernel;
-# session 6: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against summing them, forward and backward, inside the pairs and key
-# kernels one partner at a time; 2, 4 or 8 heads and 2 or 4 warps within 3%), now 2 heads at 1 warp (session 15
-# sweep on the H200, B1 T8192: forward 1.347 / fwd+bwd 4.082 ms against 1.364 / 4.116 at 4 heads and 2 warps, outputs
-# identical; 2 heads at 4 warps 1.903 / 4.952, the other settings 1.368-1.444 / 4.116-4.297).
+# The forward's pairs inside a sub-block (the diagonal [16, 16] tiles of A_qk and P): one program per sub-block, as
+# tensor-core dots through its middle row where the decays allow (kda_diag_dots_fwd_kernel, see DIAG_DOT_SPAN below;
+# 64 key channels per block at 2 warps, 162 registers). Session 20: forward 4.121 against 4.536 ms at B8 T4096 on the
+# H200, fwd+bwd 12.72 against 13.12 (32 channels or 4 warps 0.09-0.55 ms slower); on an H100 that kernel took 0.539 ms
+# where the former one, a token per program with one exp per partner and channel, took 0.925 (session 19). That
+# kernel (sessions 6-19: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against the partners summed inside the pairs and key
+# kernels) is removed; storing its rows whole instead of an element per partner was 0.15 ms slower.
 # The backward key kernel (the pairs between sub-blocks): 64 key channels per block at 2 warps (session 6: fwd+bwd
 # 5.21 ms against 5.46 at 32 channels and 4 warps, the best before the diagonal moved out; 8 warps were 1.5x slower
 # then).
@@ -61,32 +63,22 @@ MAX_HEAD_DIM = 256
 # 1.451).
 PAIRS_KEY_BLOCK = 16
 PAIRS_WARPS = 4
-# Session 19 candidate, not yet timed: the inverse inside the pairs kernel, from the pairs between sub-blocks it holds
-# in registers (fla's inter-block kernel solves its system the same way; at B8 T4096 on an H100 our pairs + inverse
-# took 0.853 + 0.262 ms against that kernel's 0.827).
-INVERSE_IN_PAIRS = 0
+# Session 20 (H200, B8 T4096): the inverse inside the pairs kernel, from the pairs between sub-blocks it held in
+# registers (as fla's inter-block kernel solves its system), took the forward to 5.003 ms against 4.536; removed.
 # Session 18's sweep on the H200 (B1 T8192, forward 1.346 / fwd+bwd 4.080 ms at session 15's kernels) timed the
 # candidates of sessions 16-17 and kept two: the inverse's diagonal blocks as products (forward 1.285 ms) and the
 # backward's pairs inside each sub-block in the key kernel (fwd+bwd 3.757 ms). Dropped, each slower in every
 # combination: the prep inside the pairs kernel (forward 1.77-1.93 ms), the forward's pairs inside each sub-block in
 # the pairs kernel (+0.01-0.02 ms), a program per W/U block (+0.09 ms) and the output inside the state pass at 8 warps
 # (1.401 ms; an inference forward then stored no h). BENCHMARKS.md has the tables.
-# The backward's pairs inside each sub-block: in the key kernel, as tensor-core dots through the sub-block's middle
+# The pairs inside each sub-block, forward (since session 20) and backward (in the key kernel): tensor-core dots
+# through the sub-block's middle
 # row m (exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c)), exact while every |G_r - G_m| of a key block is at most
 # DIAG_DOT_SPAN (both factors within e^+-40, far inside fp32's range); a sub-block whose decays span more (per-token
 # log-decays beyond about -5 on average over 8 tokens) takes an exact one-partner-at-a-time path in the same program.
 # The key kernel then spills 176 B at 2 warps and 64 channels (kda_registers.py) and is still the fastest setting
 # (session 18: 4 warps or 32 channels 0.01-0.21 ms slower in fwd+bwd).
 DIAG_DOT_SPAN = 40.0
-DIAG_HEADS = 2
-DIAG_WARPS = 1
-# Session 20 candidate, not yet timed: the diagonal kernel's row of each head stored once, contiguous, instead of one
-# element per partner (32 scattered stores per token and head).
-DIAG_ROW_STORE = 0
-# Session 20 candidate, not yet timed: the diagonal tiles as tensor-core dots through each sub-block's middle row
-# (kda_diag_dots_fwd_kernel, the backward's way), one program per sub-block: 2 K exps per row where the per-token
-# kernel takes about 8.5 K (that kernel: 0.925 ms of the 5.26 ms forward at B8 T4096 on an H100, session 19).
-DIAG_DOTS = 1
 DIAG_DOTS_KEY_BLOCK = 64
 DIAG_DOTS_WARPS = 2
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
@@ -240,31 +232,20 @@ def kda_chunk_fwd(
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
-    # The diagonal first: with INVERSE_IN_PAIRS the pairs kernel reads its blocks of P (otherwise the two are
-    # independent; until session 19 the pairs kernel ran first).
-    if DIAG_DOTS:
-        kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
-            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee,
-            num_warps=DIAG_DOTS_WARPS,
-        )  # fmt: skip
-    else:
-        kda_diag_fwd_kernel[(NC * CHUNK, triton.cdiv(H, DIAG_HEADS))](
-            qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-            BT=CHUNK, BC=SUB, BH=DIAG_HEADS, BK=BK, ROW_STORE=bool(DIAG_ROW_STORE), num_warps=DIAG_WARPS,
-        )  # fmt: skip
+    kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee, num_warps=DIAG_DOTS_WARPS,
+    )  # fmt: skip
     kda_pairs_chunk_fwd_kernel[(NC, H)](
-        qn, kn, G, A_qk, P, beta, M, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), INVERT=bool(INVERSE_IN_PAIRS), IEEE=ieee,
-        num_warps=PAIRS_WARPS, num_stages=1,
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
+    )  # fmt: skip
+    kda_inverse_fwd_kernel[(NC, H)](
+        P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
     )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    if not INVERSE_IN_PAIRS:
-        kda_inverse_fwd_kernel[(NC, H)](
-            P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
-        )  # fmt: skip
     kda_wu_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,

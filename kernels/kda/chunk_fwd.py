@@ -111,84 +111,18 @@ def _load_row(ptr, r, eos, cols, H, i_h, D):
 
 
 @triton.jit
-def _token_program(chunk_indices, cu_seqlens, H, K,
-                   BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """Start of a one-token program (program ids: chunk * BT + row, group of BH heads): the token t, the end of its
-    sequence, its row r in the chunk and n in its sub-block, the heads and their mask, and the ``[BH, BK]`` mask and
-    offsets of those heads' channels within a token's ``[H, K]`` slice."""
-    i_ct, i_hg = tl.program_id(0), tl.program_id(1)
-    i_c, r = i_ct // BT, i_ct % BT
-    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    heads = i_hg * BH + tl.arange(0, BH)
-    hmask = heads < H
-    cols = tl.arange(0, BK)
-    mask = hmask[:, None] & (cols < K)[None, :]
-    offs = heads[:, None] * K + cols[None, :]
-    return t0 + r, eos, r, r % BC, heads, hmask, mask, offs
-
-
-@triton.jit
-def kda_diag_fwd_kernel(
-    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, ROW_STORE: tl.constexpr,
-):  # fmt: skip
-    """Per (token i, group of BH heads): row i's entries of the diagonal ``[BC, BC]`` tile of its sub-block in A_qk
-    and P, with exact decays: A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i, P[i, j] the same
-    with k_i for j < i, zeros after i. The program id's first axis is chunk * BT + row.
-
-    One token per program, all its key channels and BH heads at once: each partner j is one ``[BH, BK]`` load of
-    k and G (a token's heads are contiguous) and a row reduction, stored straight to its column. Inside the
-    per-sub-block pairs kernel the same sums ran 16 partners over [BC, BK] tiles, with a layout conversion per
-    partner to place each column in the [BC, BC] result. On the H200 (B1 T8192 H32 D128, session 6, 86d7353) this
-    kernel took 0.26 ms and the smaller pairs kernel 0.52, where the pairs kernel alone had taken 0.95.
-
-    With ``ROW_STORE`` (a candidate) the row's ``BC`` entries per head are kept in registers and stored at the end as
-    one contiguous row each, instead of ``2 BC`` one-element stores per head.
-    """
-    t, eos, r, n, heads, hmask, mask, offs = _token_program(chunk_indices, cu_seqlens, H, K, BT, BC, BH, BK)
-    if t < eos:
-        row = t.to(tl.int64) * H * K
-        b_q = tl.load(q + row + offs, mask=mask, other=0.0).to(tl.float32) * scale
-        b_k = tl.load(k + row + offs, mask=mask, other=0.0).to(tl.float32)
-        b_G = tl.load(G + row + offs, mask=mask, other=0.0)
-        first = (t - n).to(tl.int64) * H * K  # the sub-block's first token
-        out = (t.to(tl.int64) * H + heads) * BT + (r - n)  # + jj: the sub-block's column jj of row t
-        jjs = tl.arange(0, BC)
-        b_a = tl.zeros([BH, BC], dtype=tl.float32)
-        b_p = tl.zeros([BH, BC], dtype=tl.float32)
-        for jj in range(0, n + 1):
-            b_kj = tl.load(k + first + jj * H * K + offs, mask=mask, other=0.0).to(tl.float32)
-            b_e = tl.exp(b_G - tl.load(G + first + jj * H * K + offs, mask=mask, other=0.0)) * b_kj
-            a_j = tl.sum(b_q * b_e, axis=1)
-            p_j = tl.where(jj < n, tl.sum(b_k * b_e, axis=1), 0.0)
-            if ROW_STORE:
-                b_a = tl.where((jjs == jj)[None, :], a_j[:, None], b_a)
-                b_p = tl.where((jjs == jj)[None, :], p_j[:, None], b_p)
-            else:
-                tl.store(A_qk + out + jj, a_j.to(A_qk.dtype.element_ty), mask=hmask)
-                tl.store(P + out + jj, p_j, mask=hmask)
-        if ROW_STORE:
-            rows_out = out[:, None] + jjs[None, :]
-            tl.store(A_qk + rows_out, b_a.to(A_qk.dtype.element_ty), mask=hmask[:, None])
-            tl.store(P + rows_out, b_p, mask=hmask[:, None])
-        else:
-            for jj in range(n + 1, BC):
-                tl.store(A_qk + out + jj, tl.zeros([BH], dtype=tl.float32).to(A_qk.dtype.element_ty), mask=hmask)
-                tl.store(P + out + jj, tl.zeros([BH], dtype=tl.float32), mask=hmask)
-
-
-@triton.jit
 def kda_diag_dots_fwd_kernel(
     q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, sub-block; head): the sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P, as
-    :func:`kda_diag_fwd_kernel` writes them (a candidate in its place), as tensor-core dots through the sub-block's
-    middle row m: exp(G_i - G_j) = exp(G_i - G_m) exp(G_m - G_j), taken block of ``BK`` key channels by block. A block
-    whose |G_i - G_m| are all at most SPAN (both factors far inside fp32's range) is two ``[BC, BK] x [BK, BC]``
-    dots; any other block goes one partner at a time with exact decays. Each block's share of the sums is exact
-    either way, so the two paths mix freely within a sub-block. The per-token kernel takes an exp per partner and
-    channel (about 8.5 K per row on average), this one 2 K per row."""
+    """Per (chunk, sub-block; head): the sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P with exact in-chunk
+    decays, A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i and P[i, j] the same with k_i for j < i
+    (zeros above), as tensor-core dots through the sub-block's middle row m: exp(G_i - G_j) = exp(G_i - G_m)
+    exp(G_m - G_j), block of ``BK`` key channels by block. A block whose |G_i - G_m| are all at most SPAN (both
+    factors far inside fp32's range) is two ``[BC, BK] x [BK, BC]`` dots; any other block goes one partner at a time
+    with exact decays. Each block's share of the sums is exact either way, so the two paths mix freely within a
+    sub-block. (Until session 20 a kernel of one token per program took an exp per partner and channel, about 8.5 K
+    per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.)"""
     NS: tl.constexpr = BT // BC
     i_s, i_c = _tile_and_item(NS)
     i_h = tl.program_id(1)
@@ -344,18 +278,14 @@ def _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31,
 
 @triton.jit
 def kda_pairs_chunk_fwd_kernel(
-    q, k, G, A_qk, P, beta, M, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, INVERT: tl.constexpr, IEEE: tl.constexpr,
+    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles
-    (:func:`kda_diag_fwd_kernel` writes those), for BT = 4 BC, from the normalised q, k and the cumulative decays G
+    (:func:`kda_diag_dots_fwd_kernel` writes those), for BT = 4 BC, from the normalised q, k and the cumulative decays G
     that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of ``BK`` key channels
     (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
-    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)
-
-    With ``INVERT`` the program also stores M (:func:`_store_inverse`) from the pairs it holds, as fla's
-    inter-block kernel solves its system: the blocks below the diagonal never round-trip through memory, and the
-    diagonal blocks are read from P, which :func:`kda_diag_fwd_kernel` has then written before."""
+    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)"""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
@@ -376,14 +306,6 @@ def kda_pairs_chunk_fwd_kernel(
             A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
         )  # fmt: skip
     _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
-    if INVERT:
-        idx = tl.arange(0, BC)
-        b1 = _sub_block_beta(beta, idx, t0, eos, 1, H, i_h, BC)
-        b2 = _sub_block_beta(beta, idx, t0, eos, 2, H, i_h, BC)
-        b3 = _sub_block_beta(beta, idx, t0, eos, 3, H, i_h, BC)
-        m00, m11, m22, m33 = _diagonal_inverses(P, beta, idx, t0, eos, H, i_h, BT, BC, IEEE)
-        _store_inverse(M, m00, m11, m22, m33, b1[:, None] * P10, b2[:, None] * P20, b2[:, None] * P21,
-                       b3[:, None] * P30, b3[:, None] * P31, b3[:, None] * P32, idx, t0, eos, H, i_h, BT, BC, IEEE)
 
 
 @triton.jit
