@@ -286,3 +286,30 @@ def test_chunk_kernels_compile_for_hopper():
     kernels = {name for module in (chunk_fwd, chunk_bwd) for name in dir(module) if name.startswith("kda_")}
     reported = {line.split("|")[1].strip() for line in run.stdout.splitlines() if line.startswith("| kda_")}
     assert reported == kernels, run.stdout
+
+
+def test_benchmark_byte_table_names_every_forward_kernel(monkeypatch):
+    """``bench_kda.forward_bytes`` (the forward's bytes against its GPU time) has one entry for each kernel the
+    inference forward launches and no other, so that a kernel added, renamed or removed cannot leave it stale."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "kernels" / "benchmarks"))
+    import bench_kda
+
+    launched = set()
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.add(self.kernel.fn.__name__)
+            return self.kernel[grid]
+
+    for name in dir(chunk):
+        if name.startswith("kda_") and name.endswith("_kernel"):
+            monkeypatch.setattr(chunk, name, Recorder(getattr(chunk, name)))
+    inputs = _inputs(T=70, N=1, K=32, V=16, seed=21)
+    with torch.no_grad():
+        chunk_kda(**{n: x.to(DEVICE) for n, x in inputs.items()}, use_qk_l2norm_in_kernel=True, backend="triton")
+    assert launched == set(bench_kda.forward_bytes(32, 16))
