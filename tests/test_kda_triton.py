@@ -304,7 +304,8 @@ def test_chunk_kernels_compile_for_hopper():
     assert reported == kernels, run.stdout
 
 
-def test_benchmark_byte_table_names_every_forward_kernel(monkeypatch):
+@pytest.mark.parametrize("diag_in_prep", [0, 1], ids=["diagonal-kernel", "diagonal-in-prep"])
+def test_benchmark_byte_table_names_every_forward_kernel(diag_in_prep, monkeypatch):
     """``bench_kda.forward_bytes`` (the forward's bytes against its GPU time) has one entry for each kernel the
     inference forward launches and no other, so that a kernel added, renamed or removed cannot leave it stale."""
     from kimi_hf.kernels.kda import chunk
@@ -322,6 +323,7 @@ def test_benchmark_byte_table_names_every_forward_kernel(monkeypatch):
             launched.add(self.kernel.fn.__name__)
             return self.kernel[grid]
 
+    monkeypatch.setattr(chunk, "DIAG_IN_PREP", diag_in_prep)
     for name in dir(chunk):
         if name.startswith("kda_") and name.endswith("_kernel"):
             monkeypatch.setattr(chunk, name, Recorder(getattr(chunk, name)))
