@@ -72,10 +72,10 @@ PAIRS_WARPS = 4
 # the pairs kernel (+0.01-0.02 ms), a program per W/U block (+0.09 ms) and the output inside the state pass at 8 warps
 # (1.401 ms; an inference forward then stored no h). BENCHMARKS.md has the tables.
 # The pairs inside each sub-block, forward (since session 20) and backward (in the key kernel): tensor-core dots
-# through the sub-block's middle
-# row m (exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c)), exact while every |G_r - G_m| of a key block is at most
-# DIAG_DOT_SPAN (both factors within e^+-40, far inside fp32's range); a sub-block whose decays span more (per-token
-# log-decays beyond about -5 on average over 8 tokens) takes an exact one-partner-at-a-time path in the same program.
+# through the sub-block's middle row m (exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c)), exact while every
+# |G_r - G_m| of a key block is at most DIAG_DOT_SPAN (both factors within e^+-40, far inside fp32's range); a
+# sub-block whose decays span more (per-token log-decays beyond about -5 on average over 8 tokens) takes an exact
+# one-partner-at-a-time path in the same program.
 # The key kernel then spills 176 B at 2 warps and 64 channels (kda_registers.py) and is still the fastest setting
 # (session 18: 4 warps or 32 channels 0.01-0.21 ms slower in fwd+bwd).
 DIAG_DOT_SPAN = 40.0
