@@ -233,7 +233,7 @@ def test_chunk_diagonal_in_prep(case, monkeypatch):
     """The diagonal tiles written by the prep kernel (``DIAG_IN_PREP``, a candidate), the diagonal kernel redoing the
     chunks whose decays span too far, on :func:`test_chunk_cases`' inputs: two channel passes at K = 32 (and a
     partial one at K = 48), q/k normalised by the caller (the prep kernel reads them as they are), fp16, every chunk
-    on the exact path, and one chunk of two on it."""
+    on the exact path, and one chunk of three on it."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "DIAG_IN_PREP", 1)
