@@ -16,8 +16,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import (
-    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _pick_row, _state_tile, _store_rows, _tile_and_item,
-    softplus,
+    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _state_tile, _store_rows, _tile_and_item, softplus,
 )  # fmt: skip
 
 
@@ -233,7 +232,7 @@ def _diag_pairs_bwd(q, k, G, dA_qk, dP, b_G, b_q, b_k, t0, m0, eos, scale, rows,
     most SPAN (each factor then far inside fp32's range); else one partner at a time with exact decays."""
     idx = tl.arange(0, BC)
     n_valid = tl.minimum(eos - (t0 + m0), BC)
-    b_m = _pick_row(b_G, idx, tl.minimum(BC // 2, n_valid - 1))
+    b_m = _load_row(G, t0 + m0 + tl.minimum(BC // 2, n_valid - 1), eos, cols, H, i_h, K)  # its middle row
     b_G = tl.where(rmask[:, None], b_G, b_m[None, :])  # rows past the end: no decay from m
     b_d = b_G - b_m[None, :]
     if tl.max(tl.abs(b_d)) <= SPAN:

@@ -45,13 +45,6 @@ def softplus(x):
 
 
 @triton.jit
-def _pick_row(x, idx, r):
-    """Row ``r`` of the register tile ``x`` (rows numbered by ``idx``), as a vector: a sum over the rows, which a
-    thread holds whole where the tile's rows are within one thread."""
-    return tl.sum(tl.where((idx == r)[:, None], x, 0.0), axis=0)
-
-
-@triton.jit
 def _tile_and_item(n_tiles):
     """(tile, item) of a program whose first grid axis counts ``item * n_tiles + tile`` (the second is the head): the
     tiles of one item (a sequence's or a chunk's tiles of value columns or key channels) are launched next to each
@@ -251,13 +244,13 @@ def _prep_diag(q, k, g, A_log, dt_bias, qn, A_qk, P, wide, q_norm, k_norm, rows,
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     b_P = tl.zeros([BT, BT], dtype=tl.float32)
     span = tl.zeros([BKD], dtype=tl.float32)
+    dt = qn.dtype.element_ty
     for kb in range(0, K, BKD):
         cols = kb + tl.arange(0, BKD)
         cmask = cols < K
         b_G = tl.cumsum(_gate(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE), axis=0)
         b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) / q_norm[:, None]
         b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) / k_norm[:, None]
-        dt = qn.dtype.element_ty
         b_q = b_q.to(dt).to(tl.float32) * scale
         b_k = b_k.to(dt).to(tl.float32)
         b_G3 = tl.reshape(b_G, (NS, BC, BKD))
