@@ -86,24 +86,11 @@ def test_head_dim_256_and_unequal_dims():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_mixed_decay_paths(dtype):
-    """Decays strong in one stretch only: in the forward's diagonal kernel and the backward's key kernel both
-    diagonal paths (the dots through the middle row and the exact one past ``DIAG_DOT_SPAN``) in one chunk, against
-    float64."""
+    """Decays strong in one stretch only: in the backward's key kernel both diagonal paths (the dots through the
+    middle row and the exact one past ``DIAG_DOT_SPAN``) in one chunk, against float64."""
     mixed = _inputs(1, 700, 2, 128, 128, seed=24)
     mixed["g"][:, 100:300] *= 20 / 3
     _check(mixed, dtype, use_qk_l2norm_in_kernel=True)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_diagonal_in_prep_candidate(dtype, monkeypatch):
-    """``DIAG_IN_PREP`` (a candidate, off by default): the prep kernel writes the diagonal tiles and the diagonal
-    kernel redoes the chunks whose decays span too far; varlen with the fused gate, and decays strong in one stretch
-    (both kinds of chunk), against float64."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, "DIAG_IN_PREP", 1)
-    test_varlen_fused_gate_vs_fp64(dtype)
-    test_mixed_decay_paths(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -225,22 +225,6 @@ def test_chunk_cases(case, monkeypatch):
                use_qk_l2norm_in_kernel=True)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["fused-gate-ragged", "two-blocks", "caller-normalised", "fp16", "strong-decay", "mixed-decay", "head-dim-48"],
-)
-def test_chunk_diagonal_in_prep(case, monkeypatch):
-    """The diagonal tiles written by the prep kernel (``DIAG_IN_PREP``, a candidate), the diagonal kernel redoing the
-    chunks whose decays span too far, on :func:`test_chunk_cases`' inputs: two channel passes at K = 32 (and a
-    partial one at K = 48), q/k normalised by the caller (the prep kernel reads them as they are), fp16, every chunk
-    on the exact path, and one chunk of three on it."""
-    from kimi_hf.kernels.kda import chunk
-
-    monkeypatch.setattr(chunk, "DIAG_IN_PREP", 1)
-    monkeypatch.setattr(chunk, "DIAG_IN_PREP_KEY_BLOCK", 16 if case == "two-blocks" else 32)
-    test_chunk_cases(case, monkeypatch)
-
-
 def test_chunk_head_groups():
     """H = 5, an odd head count (until session 20 the forward's diagonal kernel took heads in pairs)."""
     _check(_inputs(T=37, N=1, H=5, seed=11), {})
@@ -304,8 +288,7 @@ def test_chunk_kernels_compile_for_hopper():
     assert reported == kernels, run.stdout
 
 
-@pytest.mark.parametrize("diag_in_prep", [0, 1], ids=["diagonal-kernel", "diagonal-in-prep"])
-def test_benchmark_byte_table_names_every_forward_kernel(diag_in_prep, monkeypatch):
+def test_benchmark_byte_table_names_every_forward_kernel(monkeypatch):
     """``bench_kda.forward_bytes`` (the forward's bytes against its GPU time) has one entry for each kernel the
     inference forward launches and no other, so that a kernel added, renamed or removed cannot leave it stale."""
     from kimi_hf.kernels.kda import chunk
@@ -323,7 +306,6 @@ def test_benchmark_byte_table_names_every_forward_kernel(diag_in_prep, monkeypat
             launched.add(self.kernel.fn.__name__)
             return self.kernel[grid]
 
-    monkeypatch.setattr(chunk, "DIAG_IN_PREP", diag_in_prep)
     for name in dir(chunk):
         if name.startswith("kda_") and name.endswith("_kernel"):
             monkeypatch.setattr(chunk, name, Recorder(getattr(chunk, name)))

@@ -155,13 +155,10 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
     bt, sub = chunk.CHUNK, chunk.SUB
     e, f = 2, 4  # bytes of bf16 and fp32
     state = e * K * V // bt
-    diag = (e + f) * sub  # the diagonal tiles of A_qk and P out
     return {
-        # g, q, k in; G, qn, kn (with DIAG_IN_PREP the diagonal tiles too) out
-        "kda_prep_fwd_kernel": 2 * (f + 2 * e) * K + (diag if chunk.DIAG_IN_PREP else 0),
-        # q, k, G in, the diagonal tiles out (with DIAG_IN_PREP only for the chunks it redoes: not counted)
-        "kda_diag_dots_fwd_kernel": 0 if chunk.DIAG_IN_PREP else (2 * e + f) * K + diag,
-        "kda_pairs_chunk_fwd_kernel": (2 * e + f) * K + (e + f) * (bt - sub),  # q, k, G in; the other tiles out
+        "kda_prep_fwd_kernel": 2 * (f + 2 * e) * K,  # g, q, k in; G, qn, kn out
+        "kda_diag_dots_fwd_kernel": (2 * e + f) * K + (e + f) * sub,  # q, k, G in; A_qk, P diagonal tiles out
+        "kda_pairs_chunk_fwd_kernel": (2 * e + f) * K + (e + f) * (bt - sub),  # the same; the other tiles out
         "kda_inverse_fwd_kernel": f * bt + e + e * bt,  # P, beta in; M out
         "kda_wu_fwd_kernel": (2 * e + f) * K + e * V + e * bt + e + 3 * e * K + e * V,  # q k G v M beta; W qg kh U
         "kda_state_fwd_kernel": 2 * e * K + e * V + e * V + state,  # kh, W, U in; v_new, h out
@@ -195,8 +192,7 @@ def traffic_table(B: int, T: int, H: int = 32, D: int = 128) -> str:
         gb = per_pair * pairs / 1e9
         floor = gb / copy
         total_ms, total_gb = total_ms + ms, total_gb + gb
-        ratio = f"{ms / floor:.2f}" if floor else "-"
-        lines.append(f"| {name} | {ms:.3f} | {gb:.2f} | {gb / ms:.2f} | {floor:.3f} | {ratio} |")
+        lines.append(f"| {name} | {ms:.3f} | {gb:.2f} | {gb / ms:.2f} | {floor:.3f} | {ms / floor:.2f} |")
     floor = total_gb / copy
     lines.append(f"| all of the above | {total_ms:.3f} | {total_gb:.2f} | {total_gb / total_ms:.2f} | {floor:.3f} "
                  f"| {total_ms / floor:.2f} |")

@@ -32,7 +32,7 @@ _FP32_POINTERS = {
     "ddt_bias_part", "dq", "dk", "dkp", "dkm",
     "A_log", "dt_bias", "g", "g_raw", "beta",
 }  # fmt: skip
-_INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets", "wide"}
+_INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
 _SCALARS = {"scale": "fp32", "H": "i32", "K": "i32", "V": "i32"}
 
 
@@ -64,14 +64,11 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
     warps = chunk.NUM_WARPS
     return [
-        *((chunk_fwd.kda_prep_fwd_kernel,
-           dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6, DIAG=diag, BC=chunk.SUB,
-                BKD=min(BK, chunk.DIAG_IN_PREP_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN, IEEE="tf32"), warps, 1)
-          for diag in (False, True)),
+        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN, ONLY_WIDE=False),
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN),
          chunk.DIAG_DOTS_WARPS, 1),
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS,
@@ -118,7 +115,7 @@ def report(
     ptxas: str,
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
-    shown: tuple[str, ...] = ("BK", "BV", "DIAG", "BKD"),
+    shown: tuple[str, ...] = ("BK", "BV"),
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""

@@ -81,12 +81,6 @@ PAIRS_WARPS = 4
 DIAG_DOT_SPAN = 40.0
 DIAG_DOTS_KEY_BLOCK = 64
 DIAG_DOTS_WARPS = 2
-# Session 20 candidate, not yet timed: the diagonal tiles inside the prep kernel, from a second pass over the rows it
-# has just read (from the caches), each sub-block's decays split at the middle of their range: the diagonal kernel's
-# read of q, k and G (1.17 GB of the forward's 10.74 at B8 T4096, 0.54 ms on an H100) goes, and that kernel only
-# redoes the chunks whose decays span too far for the dots. DIAG_IN_PREP_KEY_BLOCK channels per pass.
-DIAG_IN_PREP = 0
-DIAG_IN_PREP_KEY_BLOCK = 32
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
@@ -234,17 +228,13 @@ def kda_chunk_fwd(
     # with M in fp32, fwd+bwd unchanged).
     M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
-    # With DIAG_IN_PREP: 1 where a chunk's diagonal tiles need the exact path (the prep kernel writes every entry)
-    wide = torch.empty(NC, H, device=dev, dtype=torch.int32) if DIAG_IN_PREP else None
     kda_prep_fwd_kernel[(NC, H)](
-        q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, wide, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, DIAG=bool(DIAG_IN_PREP), BC=SUB,
-        BKD=min(BK, DIAG_IN_PREP_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee, num_warps=NUM_WARPS,
+        q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
+        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
-        qn, kn, G, A_qk, P, wide, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee,
-        ONLY_WIDE=bool(DIAG_IN_PREP), num_warps=DIAG_DOTS_WARPS,
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee, num_warps=DIAG_DOTS_WARPS,
     )  # fmt: skip
     kda_pairs_chunk_fwd_kernel[(NC, H)](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,

@@ -105,9 +105,8 @@ def _load_row(ptr, r, eos, cols, H, i_h, D):
 
 @triton.jit
 def kda_diag_dots_fwd_kernel(
-    q, k, G, A_qk, P, wide, chunk_indices, cu_seqlens, scale, H, K,
+    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
-    ONLY_WIDE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, sub-block; head): the sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P with exact in-chunk
     decays, A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i and P[i, j] the same with k_i for j < i
@@ -116,19 +115,13 @@ def kda_diag_dots_fwd_kernel(
     factors far inside fp32's range) is two ``[BC, BK] x [BK, BC]`` dots; any other block goes one partner at a time
     with exact decays. Each block's share of the sums is exact either way, so the two paths mix freely within a
     sub-block. (Until session 20 a kernel of one token per program took an exp per partner and channel, about 8.5 K
-    per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.)
-
-    With ``ONLY_WIDE`` (the prep kernel wrote the tiles, :func:`_prep_diag`) only the (chunk, head) pairs that
-    ``wide [NC, H]`` marks are computed again."""
+    per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.)"""
     NS: tl.constexpr = BT // BC
     i_s, i_c = _tile_and_item(NS)
     i_h = tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     s0 = t0 + i_s * BC  # the sub-block's first token
-    todo = s0 < eos
-    if ONLY_WIDE:
-        todo = todo & (tl.load(wide + i_c * H + i_h) != 0)
-    if todo:
+    if s0 < eos:
         idx = tl.arange(0, BC)
         rows = s0 + idx
         rmask = rows < eos
@@ -184,90 +177,29 @@ def _state_tile(cu_seqlens, chunk_offsets, s0, i_n, i_h, i_v, H, K, V,
 
 @triton.jit
 def kda_prep_fwd_kernel(
-    q, k, g, A_log, dt_bias, qn, kn, G, A_qk, P, wide, chunk_indices, cu_seqlens, scale, H, K,
+    q, k, g, A_log, dt_bias, qn, kn, G, chunk_indices, cu_seqlens, H, K,
     BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr,
-    DIAG: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): optional L2 norm of q/k (written to qn/kn), optional gate, in-chunk cumsum -> G.
-
-    With ``DIAG`` (a candidate) it also writes the diagonal ``[BC, BC]`` tiles of A_qk and P, as
-    :func:`kda_diag_dots_fwd_kernel` does, from a second pass over blocks of ``BKD`` channels (:func:`_prep_diag`),
-    and ``wide [NC, H]`` (int32): 1 where some sub-block's decays span more than the dots allow, whose tiles that
-    kernel then rewrites on its exact path."""
+    """Per (chunk, head): optional L2 norm of q/k (written to qn/kn), optional gate, in-chunk cumsum -> G."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     rows = t0 + tl.arange(0, BT)
     rmask = rows < eos
     cols = tl.arange(0, BK)
     cmask = cols < K
-    b_g = _gate(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE)
-    _store_rows(G, tl.cumsum(b_g, axis=0), rows, rmask, cols, cmask, H, i_h, K)
-    q_norm = tl.full([BT], 1.0, dtype=tl.float32)
-    k_norm = tl.full([BT], 1.0, dtype=tl.float32)
-    if L2NORM:
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        q_norm = tl.sqrt(tl.sum(b_q * b_q, axis=1) + EPS)
-        _store_rows(qn, b_q / q_norm[:, None], rows, rmask, cols, cmask, H, i_h, K)
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        k_norm = tl.sqrt(tl.sum(b_k * b_k, axis=1) + EPS)
-        _store_rows(kn, b_k / k_norm[:, None], rows, rmask, cols, cmask, H, i_h, K)
-    if DIAG:
-        _prep_diag(q, k, g, A_log, dt_bias, qn, A_qk, P, wide, q_norm, k_norm, rows, rmask, i_c, scale, H, i_h, K,
-                   BT, BC, BKD, GATE, SPAN, IEEE)  # fmt: skip
-
-
-@triton.jit
-def _gate(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE: tl.constexpr):
-    """The per-token log-decays of rows ``rows``, channels ``cols`` (fp32; 0 outside the masks): g as given, or with
-    ``GATE`` ``-exp(A_log) * softplus(g + dt_bias)``."""
     b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     if GATE:
         b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
         b_x = b_g + tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_x), 0.0)
-    return b_g
-
-
-@triton.jit
-def _prep_diag(q, k, g, A_log, dt_bias, qn, A_qk, P, wide, q_norm, k_norm, rows, rmask, i_c, scale, H, i_h, K,
-               BT: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, SPAN: tl.constexpr,
-               IEEE: tl.constexpr):  # fmt: skip
-    """The chunk's diagonal ``[BC, BC]`` tiles of A_qk and P (as :func:`kda_diag_dots_fwd_kernel` writes them) from
-    the rows the prep kernel just read (again, now from the caches), ``BKD`` channels at a time: q and k normalised
-    as stored (divided by ``q_norm``/``k_norm`` and rounded to qn's dtype), G by the same cumsum. Each sub-block's
-    decays are split at the middle of their range per channel, c = (max + min) / 2, one value for all its rows, so
-    exp(G_i - G_j) = exp(G_i - c) exp(c - G_j) for i, j in it; one [BT, BKD] x [BKD, BT] dot per matrix then
-    gives every sub-block's pairs at once (the entries between sub-blocks are not stored). Where some |G_i - c|
-    exceeds SPAN the factors may leave fp32's range: ``wide`` marks the (chunk, head) for the exact path."""
-    NS: tl.constexpr = BT // BC
-    idx = tl.arange(0, BT)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    b_P = tl.zeros([BT, BT], dtype=tl.float32)
-    span = tl.zeros([BKD], dtype=tl.float32)
-    dt = qn.dtype.element_ty
-    for kb in range(0, K, BKD):
-        cols = kb + tl.arange(0, BKD)
-        cmask = cols < K
-        b_G = tl.cumsum(_gate(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE), axis=0)
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) / q_norm[:, None]
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) / k_norm[:, None]
-        b_q = b_q.to(dt).to(tl.float32) * scale
-        b_k = b_k.to(dt).to(tl.float32)
-        b_G3 = tl.reshape(b_G, (NS, BC, BKD))
-        b_c3 = (tl.max(b_G3, axis=1) + tl.min(b_G3, axis=1)) * 0.5
-        b_d = b_G - tl.reshape(tl.broadcast_to(b_c3[:, None, :], (NS, BC, BKD)), (BT, BKD))
-        span = tl.maximum(span, tl.max(tl.abs(b_d), axis=0))
-        # clamped: past the span the tiles are garbage that the exact path rewrites, but finite
-        b_up = tl.exp(tl.minimum(b_d, SPAN))
-        b_kd = tl.trans(b_k * tl.exp(tl.minimum(-b_d, SPAN)))
-        b_A = tl.dot(b_q * b_up, b_kd, b_A, input_precision=IEEE)
-        b_P = tl.dot(b_k * b_up, b_kd, b_P, input_precision=IEEE)
-    same = (idx[:, None] // BC) == (idx[None, :] // BC)
-    offs = _tile_offsets(rows, idx, H, i_h, BT)
-    mask = rmask[:, None] & same
-    tl.store(A_qk + offs, tl.where(idx[:, None] >= idx[None, :], b_A, 0.0).to(A_qk.dtype.element_ty), mask=mask)
-    tl.store(P + offs, tl.where(idx[:, None] > idx[None, :], b_P, 0.0), mask=mask)
-    tl.store(wide + i_c * H + i_h, (tl.max(span) > SPAN).to(tl.int32))
+    _store_rows(G, tl.cumsum(b_g, axis=0), rows, rmask, cols, cmask, H, i_h, K)
+    if L2NORM:
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q, axis=1) + EPS)[:, None]
+        _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, axis=1) + EPS)[:, None]
+        _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
 
 
 @triton.jit
