@@ -1,4 +1,5 @@
-"""Where a benchmark's GPU time goes: the torch profiler's per-kernel table, shared by the benchmark scripts."""
+"""Where a benchmark's GPU time goes, shared by the benchmark scripts: the torch profiler's per-kernel table, and the
+device's copy bandwidth that the byte floors are measured against."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import time
 from typing import Callable
 
 import torch
+from triton.testing import do_bench
+
+
+def copy_bandwidth_tbs(n_bytes: int = 2**30) -> float:
+    """The device's copy bandwidth (TB/s, bytes read plus written), a do_bench median of one ``n_bytes`` copy."""
+    x = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * n_bytes / (do_bench(lambda: y.copy_(x)) * 1e-3) / 1e12
 
 
 def _profile_calls(fn: Callable[[], object], calls: int, host: bool = False) -> list:

@@ -4,7 +4,8 @@ Chunked KDA (``chunk_kda``): forward and forward+backward at B1 T8192, B1 T32768
 D128, bf16 q/k/v/beta, fp32 gate precomputed as fla does, L2 norm of q/k inside the op). The plain
 torch reference is timed only at the first shape, forward only (it is slow). Decode
 (``fused_recurrent_kda``, one token) at B1 and B64 next to the state-bytes floor
-(read + write the fp32 state: 2 * N * H * K * V * 4 bytes at --bandwidth-tbs).
+(read + write the fp32 state: 2 * N * H * K * V * 4 bytes at the device's copy bandwidth, measured in the run
+unless --bandwidth-tbs gives it).
 Every time is a ``triton.testing.do_bench`` median in milliseconds.
 
     python kernels/benchmarks/bench_kda.py [--json results.json] [--quick]
@@ -28,7 +29,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from _profile import gpu_time_table, kernel_time_us, kernel_times_us
+from _profile import copy_bandwidth_tbs, gpu_time_table, kernel_time_us, kernel_times_us
 
 from kimi_hf.kernels._launch import add_set_option, apply_set_option
 from kimi_hf.kernels.kda import chunk, chunk_kda, fused_recurrent_kda
@@ -113,8 +114,8 @@ def bench_torch_reference(B: int, T: int, H: int = 32, D: int = 128) -> list[dic
                  floor_ms=None)]  # fmt: skip
 
 
-def bench_decode(B: int, H: int = 32, D: int = 128, bandwidth_tbs: float = 4.27) -> dict:
-    """One decode step (T = 1) with an fp32 state updated in place."""
+def bench_decode(B: int, bandwidth_tbs: float, H: int = 32, D: int = 128) -> dict:
+    """One decode step (T = 1) with an fp32 state updated in place; its floor moves the state at ``bandwidth_tbs``."""
     _, fla_recurrent = _fla()
     inputs = _chunk_inputs(B, 1, H, D, torch.bfloat16, False)
     state = torch.randn(B, H, D, D, device="cuda")
@@ -129,7 +130,7 @@ def bench_decode(B: int, H: int = 32, D: int = 128, bandwidth_tbs: float = 4.27)
                 floor_ms=floor)  # fmt: skip
 
 
-def kernel_breakdown(H: int = 32, D: int = 128) -> str:
+def kernel_breakdown(bandwidth_tbs: float, H: int = 32, D: int = 128) -> str:
     """Per-kernel GPU time (ours and fla), from the torch profiler: one fwd+bwd at the first chunked shape, and one
     inference forward (no input needs a gradient) at the last, where the forward trails fla, with that forward's
     bytes against its GPU time (:func:`traffic_table`)."""
@@ -143,7 +144,7 @@ def kernel_breakdown(H: int = 32, D: int = 128) -> str:
             for name, fn in (("ours", chunk_kda), ("fla", fla_chunk))
             if fn is not None
         ]
-    tables.append(traffic_table(*CHUNK_SHAPES[-1], H, D))
+    tables.append(traffic_table(*CHUNK_SHAPES[-1], bandwidth_tbs, H, D))
     return "\n".join(tables)
 
 
@@ -166,23 +167,15 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
     }
 
 
-def copy_bandwidth_tbs(n_bytes: int = 2**30) -> float:
-    """The device's copy bandwidth (TB/s, bytes read plus written), a do_bench median of one ``n_bytes`` copy."""
-    x = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * n_bytes / (do_bench(lambda: y.copy_(x)) * 1e-3) / 1e12
-
-
-def traffic_table(B: int, T: int, H: int = 32, D: int = 128) -> str:
+def traffic_table(B: int, T: int, bandwidth_tbs: float, H: int = 32, D: int = 128) -> str:
     """Our inference forward's kernels against their byte floor (:func:`forward_bytes`) at the device's copy
-    bandwidth, measured in this run: GPU time, bytes, achieved bandwidth; and what the 1.2x target against fla's
-    GPU time at this shape asks of the whole forward."""
+    bandwidth ``bandwidth_tbs``: GPU time, bytes, achieved bandwidth; and what the 1.2x target against fla's GPU
+    time at this shape asks of the whole forward."""
     fla_chunk, _ = _fla()
     inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, grad=False)
     times = kernel_times_us(_step(chunk_kda, inputs, False, use_qk_l2norm_in_kernel=True))
-    copy = copy_bandwidth_tbs()
     pairs = B * T * H
-    lines = [f"ours, fwd B{B} T{T} H{H} D{D}: bytes against GPU time (device copy bandwidth {copy:.2f} TB/s)",
+    lines = [f"ours, fwd B{B} T{T} H{H} D{D}: bytes against GPU time (device copy bandwidth {bandwidth_tbs:.2f} TB/s)",
              "| kernel | ms | GB | TB/s | floor ms | time / floor |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     total_ms = total_gb = 0.0
     for name, per_pair in forward_bytes(D, D).items():
@@ -190,23 +183,24 @@ def traffic_table(B: int, T: int, H: int = 32, D: int = 128) -> str:
         if ms == 0:
             raise RuntimeError(f"{name} is not among the profiled kernels {sorted(times)}: forward_bytes is stale")
         gb = per_pair * pairs / 1e9
-        floor = gb / copy
+        floor = gb / bandwidth_tbs
         total_ms, total_gb = total_ms + ms, total_gb + gb
         lines.append(f"| {name} | {ms:.3f} | {gb:.2f} | {gb / ms:.2f} | {floor:.3f} | {ms / floor:.2f} |")
-    floor = total_gb / copy
+    floor = total_gb / bandwidth_tbs
     lines.append(f"| all of the above | {total_ms:.3f} | {total_gb:.2f} | {total_gb / total_ms:.2f} | {floor:.3f} "
                  f"| {total_ms / floor:.2f} |")
     other = sum(times.values()) / 1e3 - total_ms
     lines.append(f"other kernels (copies, indices): {other:.3f} ms")
     if fla_chunk is not None:
         target = kernel_time_us(_step(fla_chunk, inputs, False, use_qk_l2norm_in_kernel=True)) / 1e3 / 1.2
-        lines.append(f"1.2x fla's GPU time: {target:.3f} ms for all of ours, i.e. {total_gb / (target - other):.2f} "
-                     f"TB/s over the kernels above ({total_gb / (target - other) / copy:.0%} of the copy bandwidth)")
+        needed = total_gb / (target - other)
+        lines.append(f"1.2x fla's GPU time: {target:.3f} ms for all of ours, i.e. {needed:.2f} TB/s over the kernels "
+                     f"above ({needed / bandwidth_tbs:.0%} of the copy bandwidth)")
     return "\n".join(lines)
 
 
 def run_benchmarks(
-    quick: bool = False, bandwidth_tbs: float = 4.27, report: Callable[[dict], None] | None = None
+    bandwidth_tbs: float, quick: bool = False, report: Callable[[dict], None] | None = None
 ) -> list[dict]:
     """All rows (``quick``: only the first chunked shape and B1 decode); ``report`` sees each row as
     it is measured. Order: first chunked shape, decode, the other shapes, the torch reference last."""
@@ -221,7 +215,7 @@ def run_benchmarks(
     shapes = CHUNK_SHAPES[:1] if quick else CHUNK_SHAPES
     add(bench_chunk(*shapes[0]))
     for B in DECODE_BATCHES[:1] if quick else DECODE_BATCHES:
-        add([bench_decode(B, bandwidth_tbs=bandwidth_tbs)])
+        add([bench_decode(B, bandwidth_tbs)])
     for B, T in shapes[1:]:
         add(bench_chunk(B, T))
     add(bench_torch_reference(*shapes[0]))
@@ -315,7 +309,7 @@ def markdown_table(rows: list[dict], env: dict) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [
         f"GPU {env['gpu']}, torch {env['torch']}, triton {env['triton']}, fla {env['fla']}; "
-        "bf16, do_bench median ms; "
+        f"bf16, do_bench median ms; floors at {env['copy_bandwidth_tbs']:.2f} TB/s; "
         "ratio = fla / ours (> 1: ours faster); diff vs fla = largest relative difference over o and the input grads",
         "",
         *([f"Launch constants set: {env['launch_constants']}", ""] if env.get("launch_constants") else []),
@@ -334,7 +328,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="PATH", help="also write the rows and environment as JSON")
     p.add_argument("--quick", action="store_true", help="first chunked shape and B1 decode only")
-    p.add_argument("--bandwidth-tbs", type=float, default=4.27, help="device copy bandwidth for the decode floor")
+    p.add_argument("--bandwidth-tbs", type=float,
+                   help="device copy bandwidth (TB/s) for the floors (default: a 1 GiB copy measured in this run)")
     p.add_argument("--profile", action="store_true", help="first print the per-kernel GPU time of ours and fla")
     p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
                    help="only time ours over combinations of kda.chunk's launch constants (e.g. NUM_WARPS=4,8)")
@@ -356,10 +351,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             p.error(f"--sweep-shape takes BxT, e.g. 8x4096, got {args.sweep_shape!r}")
         sweep_launch_constants(grid, B=int(B), T=int(T), best_by=args.best_by, best_to=args.best_to)
         return []
-    env = dict(environment(), launch_constants=overrides)
+    bandwidth = args.bandwidth_tbs or copy_bandwidth_tbs()
+    env = dict(environment(), launch_constants=overrides, copy_bandwidth_tbs=bandwidth)
     if args.profile:
-        print(kernel_breakdown(), flush=True)
-    rows = run_benchmarks(quick=args.quick, bandwidth_tbs=args.bandwidth_tbs, report=lambda r: print(r, flush=True))
+        print(kernel_breakdown(bandwidth), flush=True)
+    rows = run_benchmarks(bandwidth, quick=args.quick, report=lambda r: print(r, flush=True))
     print(markdown_table(rows, env))
     if args.json:
         with open(args.json, "w") as f:

@@ -5,8 +5,9 @@ Ops: the short causal conv (forward, forward+backward, one-token decode update),
 AttnRes's depth attention (``--sections attn_res``; its anchor is the standard residual's PreNorm) and its two-phase
 inference (``--sections attn_res_prefill``, and at one token ``attn_res_decode``).
 Every number is a triton.testing.do_bench median (L2 flushed between calls; the CUDA-graph rows use
-do_bench_cudagraph, unflushed). "floor" is the time to move the op's minimum bytes at
---bandwidth-tbs (H200 device copy: 4.27 TB/s, see shared/REFERENCE.md).
+do_bench_cudagraph, unflushed). "floor" is the time to move the op's minimum bytes at the device's copy
+bandwidth, measured in the run (a 1 GiB copy) unless --bandwidth-tbs gives it; the CPU smoke run, whose timings mean
+nothing, uses the H200's 4.27 TB/s (shared/REFERENCE.md).
 
     python kernels/benchmarks/bench_small_ops.py              # full shapes, needs a CUDA GPU
     TRITON_INTERPRET=1 python kernels/benchmarks/bench_small_ops.py --tiny   # CPU smoke run
@@ -26,6 +27,7 @@ from typing import Callable
 
 import torch
 import triton
+from _profile import copy_bandwidth_tbs, kernel_time_us
 
 from kimi_hf.kernels._launch import add_set_option, apply_set_option, get_launch_constant, set_launch_constants
 from kimi_hf.kernels.attn_res import (
@@ -41,6 +43,8 @@ from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import fused_recurrent_kda
 from kimi_hf.kernels.kda.fused_recurrent import fused_recurrent_kda_fwd
+
+H200_COPY_TBS = 4.27  # shared/REFERENCE.md: the floors of a CPU smoke run, whose timings mean nothing
 
 
 @dataclass
@@ -86,8 +90,6 @@ def _kernel_us(fn: Callable[[], object], setup: _Setup) -> float:
     host (autograd and launches of a sub-100 us op): do_bench would time the host. Off CUDA: as ``_time_us``."""
     if setup.device != "cuda":
         return _time_us(fn, setup)
-    from _profile import kernel_time_us
-
     return kernel_time_us(fn)
 
 
@@ -382,12 +384,21 @@ _SECTIONS = {
 }
 
 
+def floor_bandwidth_tbs(given: float | None = None) -> float:
+    """The copy bandwidth (TB/s) the floors are taken at: ``given``, else measured on the GPU, else (CPU) the H200's."""
+    if given is not None:
+        return given
+    return copy_bandwidth_tbs() if torch.cuda.is_available() else H200_COPY_TBS
+
+
 def run_benchmarks(tiny: bool = False, sections: tuple[str, ...] = ("conv", "norm", "kda"),
-                   bandwidth_tbs: float = 4.27) -> list[Row]:
-    """Run the chosen sections (names of ``_SECTIONS``); tiny=True: tiny fp32 shapes, CPU interpreter works."""
+                   bandwidth_tbs: float | None = None) -> list[Row]:
+    """Run the chosen sections (names of ``_SECTIONS``); tiny=True: tiny fp32 shapes, CPU interpreter works. The
+    floors are at ``bandwidth_tbs`` (default: :func:`floor_bandwidth_tbs`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not tiny:
         raise ValueError("full-size benchmarks need a CUDA GPU; use tiny=True (--tiny) for a CPU smoke run")
+    bandwidth_tbs = floor_bandwidth_tbs(bandwidth_tbs)
     setup = _Setup(device, torch.float32 if device == "cpu" else torch.bfloat16, tiny, bandwidth_tbs * 1e12)
     unknown = [s for s in sections if s not in _SECTIONS]
     if unknown:
@@ -410,7 +421,7 @@ def _environment() -> str:
     return f"{gpu}; torch {torch.__version__}, triton {triton.__version__}, fla {fla_version}"
 
 
-def markdown_table(rows: list[Row], bandwidth_tbs: float = 4.27) -> str:
+def markdown_table(rows: list[Row], bandwidth_tbs: float) -> str:
     """The rows as a markdown table (environment line first)."""
 
     def num(x: float | None) -> str:
@@ -418,7 +429,7 @@ def markdown_table(rows: list[Row], bandwidth_tbs: float = 4.27) -> str:
 
     lines = [
         f"Environment: {_environment()}. Medians of triton.testing.do_bench; "
-        f"floor = minimum bytes at {bandwidth_tbs} TB/s.",
+        f"floor = minimum bytes at {bandwidth_tbs:.2f} TB/s.",
         "",
         "| op | shape | kimi_hf (us) | anchor | anchor (us) | speed-up vs anchor | floor (us) | floor / kimi_hf |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
@@ -438,7 +449,8 @@ def main() -> None:
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
                         "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary; "
                         "attn_res_decode: its reads at one token)")
-    parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="peak copy bandwidth for the floor, TB/s")
+    parser.add_argument("--bandwidth-tbs", type=float,
+                        help="copy bandwidth for the floors, TB/s (default: a 1 GiB copy measured in this run)")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "
                         "(e.g. attn_res.fused.BWD_SOURCE_TILE=4,8); each row names its combination")  # fmt: skip
@@ -453,17 +465,18 @@ def main() -> None:
             saved[name] = get_launch_constant(name)
         except ValueError as exc:
             parser.error(f"--sweep takes MODULE.NAME=V1,V2 (integers), got {spec!r}: {exc}")
+    bandwidth = floor_bandwidth_tbs(args.bandwidth_tbs)
     rows = []
     try:
         for values in itertools.product(*grid.values()):
             combination = [f"{name}={value}" for name, value in zip(grid, values)]
             set_launch_constants(combination)
             tag = f" [{', '.join(combination)}]" if combination else ""
-            for row in run_benchmarks(args.tiny, tuple(args.sections), args.bandwidth_tbs):
+            for row in run_benchmarks(args.tiny, tuple(args.sections), bandwidth):
                 rows.append(dataclasses.replace(row, op=row.op + tag))
     finally:
         set_launch_constants([f"{name}={value}" for name, value in saved.items()])
-    print(markdown_table(rows, args.bandwidth_tbs))
+    print(markdown_table(rows, bandwidth))
 
 
 if __name__ == "__main__":
