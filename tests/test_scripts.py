@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [
@@ -95,3 +96,25 @@ def test_paired_attn_res_benchmark_runs_tiny():
         ("dense", phase, 2) for phase in ("train", "prefill", "decode")
     ]
     assert all(s["ratio_min"] <= s["ratio_median"] <= s["ratio_max"] and s["standard_us"] > 0 for s in summary)
+
+
+def test_bandwidth_option_rejects_non_positive_values_and_the_floor_falls_back_off_the_gpu(capsys):
+    """``--bandwidth-tbs`` (the benchmarks' byte floors): a value that is not positive is refused by name; without it
+    the floors use the GPU's measured copy bandwidth, or on CPU (smoke runs) the H200's from REFERENCE.md."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
+    try:
+        import _profile
+    finally:
+        sys.path.pop(0)
+    parser = argparse.ArgumentParser()
+    _profile.add_bandwidth_option(parser)
+    assert parser.parse_args(["--bandwidth-tbs", "3.0"]).bandwidth_tbs == 3.0
+    for bad in ["0", "-1", "nan"]:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--bandwidth-tbs", bad])
+        assert f"the bandwidth must be positive, got {bad}" in capsys.readouterr().err
+    assert _profile.floor_bandwidth_tbs(2.5) == 2.5
+    if not torch.cuda.is_available():
+        assert _profile.floor_bandwidth_tbs() == _profile.H200_COPY_TBS

@@ -3,6 +3,7 @@ device's copy bandwidth that the byte floors are measured against."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Callable
 
@@ -10,11 +11,34 @@ import torch
 from triton.testing import do_bench
 
 
+H200_COPY_TBS = 4.27  # shared/REFERENCE.md: the floors of a CPU smoke run, whose timings mean nothing
+
+
 def copy_bandwidth_tbs(n_bytes: int = 2**30) -> float:
     """The device's copy bandwidth (TB/s, bytes read plus written), a do_bench median of one ``n_bytes`` copy."""
     x = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     return 2 * n_bytes / (do_bench(lambda: y.copy_(x)) * 1e-3) / 1e12
+
+
+def add_bandwidth_option(parser: argparse.ArgumentParser) -> None:
+    """``--bandwidth-tbs``: the copy bandwidth the byte floors are taken at (see :func:`floor_bandwidth_tbs`)."""
+
+    def positive(text: str) -> float:
+        value = float(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"the bandwidth must be positive, got {text}")
+        return value
+
+    parser.add_argument("--bandwidth-tbs", type=positive, metavar="TBS",
+                        help="copy bandwidth for the floors, TB/s (default: a 1 GiB copy measured in this run)")
+
+
+def floor_bandwidth_tbs(given: float | None = None) -> float:
+    """The copy bandwidth (TB/s) the floors are taken at: ``given``, else measured on the GPU, else (CPU) the H200's."""
+    if given is not None:
+        return given
+    return copy_bandwidth_tbs() if torch.cuda.is_available() else H200_COPY_TBS
 
 
 def _profile_calls(fn: Callable[[], object], calls: int, host: bool = False) -> list:

@@ -29,7 +29,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from _profile import copy_bandwidth_tbs, gpu_time_table, kernel_time_us, kernel_times_us
+from _profile import add_bandwidth_option, floor_bandwidth_tbs, gpu_time_table, kernel_time_us, kernel_times_us
 
 from kimi_hf.kernels._launch import add_set_option, apply_set_option
 from kimi_hf.kernels.kda import chunk, chunk_kda, fused_recurrent_kda
@@ -328,8 +328,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="PATH", help="also write the rows and environment as JSON")
     p.add_argument("--quick", action="store_true", help="first chunked shape and B1 decode only")
-    p.add_argument("--bandwidth-tbs", type=float,
-                   help="device copy bandwidth (TB/s) for the floors (default: a 1 GiB copy measured in this run)")
+    add_bandwidth_option(p)
     p.add_argument("--profile", action="store_true", help="first print the per-kernel GPU time of ours and fla")
     p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
                    help="only time ours over combinations of kda.chunk's launch constants (e.g. NUM_WARPS=4,8)")
@@ -351,7 +350,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             p.error(f"--sweep-shape takes BxT, e.g. 8x4096, got {args.sweep_shape!r}")
         sweep_launch_constants(grid, B=int(B), T=int(T), best_by=args.best_by, best_to=args.best_to)
         return []
-    bandwidth = args.bandwidth_tbs or copy_bandwidth_tbs()
+    bandwidth = floor_bandwidth_tbs(args.bandwidth_tbs)
     env = dict(environment(), launch_constants=overrides, copy_bandwidth_tbs=bandwidth)
     if args.profile:
         print(kernel_breakdown(bandwidth), flush=True)

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 import triton
-from _profile import copy_bandwidth_tbs, kernel_time_us
+from _profile import add_bandwidth_option, floor_bandwidth_tbs, kernel_time_us
 
 from kimi_hf.kernels._launch import add_set_option, apply_set_option, get_launch_constant, set_launch_constants
 from kimi_hf.kernels.attn_res import (
@@ -43,8 +43,6 @@ from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import fused_recurrent_kda
 from kimi_hf.kernels.kda.fused_recurrent import fused_recurrent_kda_fwd
-
-H200_COPY_TBS = 4.27  # shared/REFERENCE.md: the floors of a CPU smoke run, whose timings mean nothing
 
 
 @dataclass
@@ -384,13 +382,6 @@ _SECTIONS = {
 }
 
 
-def floor_bandwidth_tbs(given: float | None = None) -> float:
-    """The copy bandwidth (TB/s) the floors are taken at: ``given``, else measured on the GPU, else (CPU) the H200's."""
-    if given is not None:
-        return given
-    return copy_bandwidth_tbs() if torch.cuda.is_available() else H200_COPY_TBS
-
-
 def run_benchmarks(tiny: bool = False, sections: tuple[str, ...] = ("conv", "norm", "kda"),
                    bandwidth_tbs: float | None = None) -> list[Row]:
     """Run the chosen sections (names of ``_SECTIONS``); tiny=True: tiny fp32 shapes, CPU interpreter works. The
@@ -449,8 +440,7 @@ def main() -> None:
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
                         "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary; "
                         "attn_res_decode: its reads at one token)")
-    parser.add_argument("--bandwidth-tbs", type=float,
-                        help="copy bandwidth for the floors, TB/s (default: a 1 GiB copy measured in this run)")
+    add_bandwidth_option(parser)
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "
                         "(e.g. attn_res.fused.BWD_SOURCE_TILE=4,8); each row names its combination")  # fmt: skip
