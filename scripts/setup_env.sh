@@ -4,6 +4,7 @@
 #   bash scripts/setup_env.sh test       plus the test extras (pytest, fla 0.6.0 as an independent reference)
 # torch is pinned to the 2.13.0 CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
+source "$(dirname "$0")/_usage.sh" "$@"
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 python3 -m venv .venv

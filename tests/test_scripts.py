@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,24 @@ def test_script_answers_help(command):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage: "), done.stdout[:500]
+
+
+SHELL_SCRIPTS = [
+    "scripts/setup_env.sh", "scripts/fetch_gpu_wheels.sh", "scripts/test.sh", "kernels/benchmarks/gpu_session.sh",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shell_script_answers_help_before_doing_anything(script, tmp_path):
+    """``--help`` prints the script's header comment and exits 0 before any install, download or test run: with
+    only ``dirname`` and ``awk`` on the PATH, a script that went on would fail at its first ``python3``."""
+    for tool in ("dirname", "awk"):
+        (tmp_path / tool).symlink_to(shutil.which(tool))
+    done = subprocess.run([shutil.which("bash"), str(ROOT / script), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30, check=False, env={"PATH": str(tmp_path)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    header = (ROOT / script).read_text().splitlines()[1].removeprefix("# ")
+    assert done.stdout.splitlines()[0] == header and not done.stderr
 
 
 def test_set_launch_constants_sets_ints_and_names_bad_specs(monkeypatch):

@@ -15,6 +15,7 @@
 # .triton_cache/ and carry that folder next time, and fla's kernels skip their minutes of re-tuning. The logs and
 # results go back as $OUT/session.tgz (a device call returns at most 8 files).
 set -u
+source "$(dirname "$0")/../../scripts/_usage.sh" "$@"
 start=$SECONDS
 deadline=${GPU_SESSION_SECONDS:-560}
 cd "$(dirname "$0")/../.."
