@@ -110,6 +110,7 @@ def decaying_matrix(out_features: int, in_features: int, seed: int, dtype=torch.
         ({"ce_recompute_every": 0}, "ce_recompute_every"),
         ({"ce_score": "l1"}, "ce_score"),
         ({"use_dora": True}, "use_dora"),
+        ({"ce_ratio": {"v_proj(": 0.5}}, r"ce_ratio key 'v_proj\(' is not a valid regular expression"),
     ],
 )
 def test_config_rejects_bad_options(kwargs, message):
@@ -236,6 +237,10 @@ def test_factors_follow_weight_changes():
         w.mul_(2.0)  # e.g. merging an adapter: new values
     assert torch.allclose(state.grad_input(dy, w)[0], dy @ w)  # refactorised, exact, reselected
     assert state.selections == 2
+    state.grad_input(dy, w)
+    fresh = decaying_matrix(256, 128, seed=7)  # a new weight tensor: version 0 again, like the first one
+    assert fresh._version == 0 and torch.allclose(state.grad_input(dy, fresh)[0], dy @ fresh)
+    assert state.selections == 3
 
 
 def test_channel_tiles_map_every_kept_channel_once():
@@ -531,6 +536,43 @@ def test_save_load_and_auto_class_round_trip(tmp_path):
 
     keys = load_file(str(adapter_dir / "adapter_model.safetensors")).keys()
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+
+def test_fan_in_fan_out_is_switched_off_on_linear_targets_and_merging_keeps_outputs():
+    """As PEFT's LoRA: an ``nn.Linear`` weight is ``[out, in]``, so ``fan_in_fan_out=True`` is corrected (with a
+    warning); merging then keeps the outputs, for square and non-square targets."""
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        model = get_peft_model(tiny_llama(), ce_config(target_modules=["o_proj", "up_proj"], fan_in_fan_out=True))
+    assert not model.peft_config["default"].fan_in_fan_out
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    ids = tokens(35)
+    expected = outputs(model, ids)
+    model.merge_adapter()
+    assert_close_rel(outputs(model, ids), expected, 1e-5, "merged with fan_in_fan_out=True asked")
+
+
+def test_pissa_adapter_converts_to_lora_on_save(tmp_path):
+    """``save_pretrained(path_initial_model_for_weight_conversion=...)`` (PiSSA/OLoRA): PEFT resets the initial
+    adapter's ``init_weights`` for methods other than LoRA, which CE-LoRA maps onto ``init_lora_weights``."""
+    model = get_peft_model(tiny_llama(), ce_config(target_modules=["q_proj"], init_lora_weights="pissa"))
+    config = model.peft_config["default"]
+    config.init_lora_weights = True
+    model.save_pretrained(tmp_path / "init")
+    config.init_lora_weights = "pissa"
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+    ids = tokens(36)
+    expected = outputs(model, ids)
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "init")
+    assert json.loads((tmp_path / "init" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    converted = PeftModel.from_pretrained(tiny_llama(), tmp_path / "converted")
+    assert converted.peft_config["default"].r == 2 * config.r  # the conversion stacks the two adapters
+    assert_close_rel(outputs(converted, ids), expected, 1e-5, "converted PiSSA adapter on the original base")
 
 
 def test_merge_and_unload_keeps_outputs():

@@ -82,6 +82,10 @@ class CELoraConfig(LoraConfig):
             for pattern, ratio in self.ce_ratio.items():
                 if not isinstance(pattern, str) or not pattern:
                     raise ValueError(f"ce_ratio keys must be non-empty module-name patterns, got {pattern!r}")
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"ce_ratio key {pattern!r} is not a valid regular expression: {exc}") from None
                 self.ce_ratio[pattern] = _check_ratio(ratio, f"ce_ratio[{pattern!r}]")
         else:
             self.ce_ratio = _check_ratio(self.ce_ratio, "ce_ratio")
@@ -97,6 +101,17 @@ class CELoraConfig(LoraConfig):
             raise ValueError(f"ce_recompute_every must be a positive int, got {self.ce_recompute_every!r}")
         if self.ce_score not in SCORES:
             raise ValueError(f"ce_score must be one of {SCORES}, got {self.ce_score!r}")
+
+    @property
+    def init_weights(self) -> bool | str:
+        """LoRA's ``init_lora_weights`` under the name PEFT uses for every other method: ``save_pretrained(...,
+        path_initial_model_for_weight_conversion=...)`` resets ``init_weights`` unless the type is LoRA's, and
+        CE-LoRA's initialisation (PiSSA, OLoRA, ...) is LoRA's."""
+        return self.init_lora_weights
+
+    @init_weights.setter
+    def init_weights(self, value: bool | str) -> None:
+        self.init_lora_weights = value
 
     def ratio_for(self, module_name: str) -> float:
         """Keep ratio of the module called ``module_name`` (1.0 = exact backward)."""

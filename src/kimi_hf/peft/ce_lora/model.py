@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from peft.tuners.lora import LoraModel
@@ -49,5 +50,9 @@ class CELoraModel(LoraModel):
     def _create_new_module(lora_config: CELoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if type(base) is nn.Linear and kwargs.get("parameter_name") is None:
+            if lora_config.fan_in_fan_out:  # as PEFT's LoRA: an nn.Linear weight is [out, in]
+                warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                              "Setting fan_in_fan_out to False.")  # fmt: skip
+                lora_config.fan_in_fan_out = False
             return CELinear(target, adapter_name, config=lora_config, **kwargs)
         return LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)

@@ -2,8 +2,10 @@
 
 Kept as plain tensors on a plain object, not as module buffers: they are derived from the frozen
 weight (never saved; recomputed deterministically after loading), must not be broadcast by DDP every
-step, and must not appear in ``state_dict``. They are rebuilt whenever the weight's device, dtype or
-values change (``.to()``, merging, in-place edits).
+step, and must not appear in ``state_dict``. They are rebuilt whenever the weight's device, dtype, storage or
+values change (``.to()``, merging, in-place edits, a new weight tensor). Writes through ``weight.data`` are the
+exception: they bypass torch's version counter, so the factors would follow the old values until the weight's
+version next changes; edit a frozen weight in place under ``torch.no_grad()`` instead.
 """
 
 from __future__ import annotations
@@ -99,10 +101,11 @@ class CEChannelState:
     def _sync_factors(self, weight: torch.Tensor) -> None:
         """(Re)build the factors when the weight's device, dtype, shape or values changed.
 
-        A bumped version counter alone is not a change: FSDP, for one, rewrites the same values into the
-        weight's storage every step. Only then is a fingerprint (sum and norm, one read of ``W``) compared.
+        A bumped version counter or new storage alone is not a change: FSDP, for one, rewrites the same values
+        into the weight's storage every step. Only then is a fingerprint (sum and norm, one read of ``W``)
+        compared. The storage's address is in the key because a new weight tensor starts at version 0 again.
         """
-        key = (weight.device, weight.dtype, tuple(weight.shape), weight._version)
+        key = (weight.device, weight.dtype, tuple(weight.shape), weight._version, weight.data_ptr())
         if key == self._weight_key:
             return
         with torch.no_grad():
