@@ -48,6 +48,10 @@ def _model(seed: int = 0, **overrides) -> AttnResForCausalLM:
         ({"hidden_size": -4}, "hidden_size must be a positive integer, got -4"),
         ({"attn_res_backend": "cuda"}, "attn_res_backend .* got 'cuda'"),
         ({"hidden_act": "gelu"}, "hidden_act must be 'silu'"),
+        ({"attn_res_eps": None}, "attn_res_eps must be a number > 0, got None"),
+        ({"rope_theta": "1e4"}, "rope_theta must be a number > 0, got '1e4'"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a number > 0, got 0.0"),
+        ({"attn_res_two_phase": "no"}, "attn_res_two_phase must be True or False, got 'no'"),
     ],
 )
 def test_config_validation(overrides, match):

@@ -24,6 +24,7 @@ from kimi_linear_utils import (  # noqa: F401 (single_thread: autouse fixture)
 )
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoModel
 
 from kimi_hf import KimiLinearForCausalLM
 
@@ -162,13 +163,33 @@ def test_saved_files_and_config_json(saved):
     assert cfg["architectures"] == ["KimiLinearForCausalLM"]
     assert cfg["linear_attn_config"]["kda_layers"] == [1, 3]
     assert cfg["linear_attn_config"]["full_attn_layers"] == [2, 4]
-    assert "AutoConfig" in cfg["auto_map"] and "AutoModelForCausalLM" in cfg["auto_map"]
+    assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}  # as the official one
     for ref in cfg["auto_map"].values():
         assert (path / (ref.split(".")[0] + ".py")).exists(), f"auto_map points to a missing file: {ref}"
     # every official field is written (readers with other defaults must see our values)
     fields = ("num_experts", "moe_layer_freq", "first_k_dense_replace", "use_grouped_topk", "mla_use_nope")
     for key in fields:
         assert key in cfg, key
+
+
+def test_auto_model_loads_the_base_model_of_a_saved_causal_lm(saved):
+    path, ids, _ = saved
+    base = AutoModel.from_pretrained(path, trust_remote_code=True)
+    assert type(base).__name__ == "KimiLinearModel"
+    ours = KimiLinearForCausalLM.from_pretrained(path).model
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, ours(ids).last_hidden_state)
+
+
+def test_tied_embeddings_are_tied_saved_once_and_reloaded_tied(tmp_path):
+    """``tie_word_embeddings=True`` (False in every public checkpoint) ties the LM head to the embeddings."""
+    model = tiny_model(seed=33, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in _read_safetensors(tmp_path)
+    loaded = KimiLinearForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_bf16_load_keeps_the_fp32_parameters_and_resaves_them_fp32(saved, tmp_path):

@@ -122,11 +122,12 @@ def _lac(**changes):
         ({"residual": "block", "attn_res_block_size": 0}, ["attn_res_block_size", "0"]),
         ({"residual": "block", "attn_res_block_size": 9}, ["attn_res_block_size", "9"]),
         ({"router_bias_update_rate": -0.1}, ["router_bias_update_rate", "-0.1"]),
+        ({"hidden_act": "swish_x"}, ["hidden_act", "swish_x", "silu"]),
     ],
     ids=[
         "overlapping-layers", "missing-layer", "layer-0", "layer-n+1", "kda-heads", "hidden", "experts", "kv-lora",
         "topk>experts", "router-fn", "kv-heads", "topk_group>groups", "experts%groups", "rotary-mla",
-        "residual-mode", "block-size-0", "block-size>sublayers", "bias-rate",
+        "residual-mode", "block-size-0", "block-size>sublayers", "bias-rate", "activation",
     ],
 )  # fmt: skip
 def test_validation_errors_name_field_and_value(overrides, words):
@@ -198,7 +199,7 @@ def test_contradictory_native_style_config_raises(changes, field):
 
 def test_auto_registration_leaves_the_native_kimi_linear_alone():
     """Importing kimi_hf registers our own model types; `kimi_linear` stays transformers' native class."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -217,6 +218,9 @@ def test_auto_registration_leaves_the_native_kimi_linear_alone():
                                   linear_attn_config={"kda_layers": [1], "full_attn_layers": [2], "num_heads": 2,
                                                       "head_dim": 16})  # fmt: skip
     assert type(AutoModelForCausalLM.from_config(config)) is kimi_hf.KimiLinearAttnResForCausalLM
+    # our KimiLinearConfig shares the native one's class name: the Auto classes must still build ours from it
+    assert type(AutoModelForCausalLM.from_config(tiny_config())) is kimi_hf.KimiLinearForCausalLM
+    assert type(AutoModel.from_config(tiny_config())) is kimi_hf.KimiLinearModel
 
 
 def test_special_token_ids_must_fit_the_vocabulary():

@@ -51,6 +51,23 @@ def test_cached_generate_equals_uncached(model, kwargs):
     assert torch.equal(static, cached)
 
 
+def test_generate_returns_the_hidden_states_of_every_step(model):
+    """``output_hidden_states`` reaches the model through generate(): one tuple per step (the prompt, then one
+    token each), every layer's input and the final norm's output, equal to the full forward's."""
+    ids = random_ids(2, 7, seed=3)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                             output_hidden_states=True)  # fmt: skip
+        full = model(out.sequences[:, :-1], output_hidden_states=True).hidden_states
+    assert len(out.hidden_states) == 3
+    assert [step[0].shape[1] for step in out.hidden_states] == [7, 1, 1]
+    for step, states in enumerate(out.hidden_states):
+        assert len(states) == model.config.num_hidden_layers + 1
+        span = slice(0, 7) if step == 0 else slice(6 + step, 7 + step)
+        for layer, (got, ref) in enumerate(zip(states, full)):
+            assert_close_rel(got, ref[:, span], 1e-5, f"step {step} layer {layer}")
+
+
 def test_left_padded_batch_generates_each_row_as_alone(model):
     lengths = (9, 4, 6)
     seqs = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]

@@ -3,6 +3,8 @@ gradient checkpointing, MoE routing, and padding/packing/attention-implementatio
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,8 @@ from helpers import assert_close_rel
 from kimi_linear_utils import TINY_VOCAB, random_ids, single_thread, tiny_config, tiny_model  # noqa: F401
 
 from kimi_hf import KimiLinearForCausalLM, KimiLinearModel
-from kimi_hf.models.kimi_linear.modeling_kimi_linear import KimiLinearSparseMoE
+from kimi_hf.models.kimi_linear import KimiLinearCache
+from kimi_hf.models.kimi_linear.modeling_kimi_linear import CACHE_FIELD, KimiLinearSparseMoE
 
 MOE_LAYERS = [1, 2, 3]  # of the tiny config: layer 0 dense
 
@@ -445,6 +448,20 @@ def test_packed_sequences_equal_separate_runs(how, dtype, rtol):
         logits = model(packed, **kwargs).logits[0]
     for i, ref in enumerate(_alone(model, seqs)):
         assert_close_rel(logits[bounds[i] : bounds[i + 1]], ref, rtol, f"packed sequence {i}")
+
+
+def test_packed_sequences_build_no_cache_and_refuse_one():
+    """Packed sequences have no single continuation: no cache by default in eval, an explicit one is refused, and
+    boundaries that go back are refused by value."""
+    model = tiny_model(seed=12).eval()
+    ids, position_ids = random_ids(1, 6, seed=40), torch.tensor([[0, 1, 0, 1, 2, 3]])
+    with torch.no_grad():
+        assert getattr(model(ids, position_ids=position_ids), CACHE_FIELD) is None
+        for kwargs in ({"use_cache": True}, {"cache": KimiLinearCache(model.config)}):
+            with pytest.raises(ValueError, match="packed sequences .* cannot fill a cache"):
+                model(ids, position_ids=position_ids, **kwargs)
+        with pytest.raises(ValueError, match=re.escape("without decreasing, got [0, 4, 2, 6]")):
+            model(ids, cu_seqlens=torch.tensor([0, 4, 2, 6]))
 
 
 @pytest.mark.parametrize("layout", ["packed", "right-padded"])

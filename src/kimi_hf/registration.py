@@ -23,12 +23,16 @@ def register_all() -> None:
       and AutoModelForCausalLM.
     - Plain ``kimi_linear`` is left to transformers' native class, which owns that name in the Auto
       mappings; our classes are reached directly or through the ``auto_map`` that ``save_pretrained``
-      writes (``trust_remote_code=True``).
+      writes (``trust_remote_code=True``). Our config class maps to our models in AutoModel and
+      AutoModelForCausalLM (``from_config``): those mappings are keyed by the class itself, so the native
+      config still maps to the native models (by name alone, the two ``KimiLinearConfig`` would collide).
     - CE-LoRA with PEFT.
     """
     KimiLinearConfig.register_for_auto_class()
     KimiLinearModel.register_for_auto_class("AutoModel")
     KimiLinearForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    AutoModel.register(KimiLinearConfig, KimiLinearModel, exist_ok=True)
+    AutoModelForCausalLM.register(KimiLinearConfig, KimiLinearForCausalLM, exist_ok=True)
     AutoConfig.register(KimiLinearAttnResConfig.model_type, KimiLinearAttnResConfig, exist_ok=True)
     AutoModel.register(KimiLinearAttnResConfig, KimiLinearAttnResModel, exist_ok=True)
     AutoModelForCausalLM.register(KimiLinearAttnResConfig, KimiLinearAttnResForCausalLM, exist_ok=True)

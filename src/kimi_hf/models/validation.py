@@ -19,6 +19,14 @@ def check_positive_ints(config: object, names: Iterable[str]) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_positive_numbers(config: object, names: Iterable[str]) -> None:
+    """Every attribute in ``names`` must be a real number > 0 (an int or float, not a bool)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
 def check_residual(residual: str, block_size: int | None, num_sublayers: int) -> None:
     """``residual`` is one of :data:`RESIDUAL_MODES`; Block AttnRes needs 1 <= block size <= sublayers."""
     if residual not in RESIDUAL_MODES:

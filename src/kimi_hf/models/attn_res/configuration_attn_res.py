@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from kimi_hf.models.validation import check_positive_ints, check_residual
+from kimi_hf.models.validation import check_positive_ints, check_positive_numbers, check_residual
 
 KERNEL_BACKENDS = ("triton", "torch")
 
@@ -114,9 +114,9 @@ class AttnResConfig(PreTrainedConfig):
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        for name in ("rms_norm_eps", "attn_res_eps", "rope_theta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        check_positive_numbers(self, ("rms_norm_eps", "attn_res_eps", "rope_theta"))
+        if not isinstance(self.attn_res_two_phase, bool):
+            raise ValueError(f"attn_res_two_phase must be True or False, got {self.attn_res_two_phase!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         check_residual(self.residual, self.attn_res_block_size, self.num_sublayers)

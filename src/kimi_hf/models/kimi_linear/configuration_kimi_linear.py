@@ -13,8 +13,9 @@ import copy
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
-from kimi_hf.models.validation import check_positive_ints, check_residual
+from kimi_hf.models.validation import check_positive_ints, check_positive_numbers, check_residual
 
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 
@@ -257,8 +258,10 @@ class KimiLinearConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise ValueError(f"q_lora_rank must be None or a positive integer, got {self.q_lora_rank!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        check_positive_numbers(self, ("rms_norm_eps",))
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act must be one of transformers' activations {sorted(ACT2FN)}, "
+                             f"got {self.hidden_act!r}")  # fmt: skip
         for name in ("pad_token_id", "bos_token_id"):
             token = getattr(self, name)
             if token is not None and not 0 <= token < self.vocab_size:

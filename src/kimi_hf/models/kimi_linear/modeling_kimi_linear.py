@@ -12,6 +12,7 @@ KDA math runs through :mod:`kimi_hf.kernels` (Triton on CUDA, the plain-torch re
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,6 +67,11 @@ class SequenceLayout:
     indices: torch.Tensor | None
     cu_seqlens: torch.Tensor | None
     mla_mask: torch.Tensor | None
+
+    @property
+    def packed(self) -> bool:
+        """Several sequences packed into one row (``cu_seqlens`` given or read from restarting positions)."""
+        return self.indices is None and self.cu_seqlens is not None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, ...]`` -> ``[1, n_real, ...]`` (a view when nothing is removed)."""
@@ -125,8 +131,11 @@ def build_sequence_layout(
         if past_len:
             raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache")
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        if int(cu_seqlens[-1]) != seq_len or int(cu_seqlens[0]) != 0:
-            raise ValueError(f"cu_seqlens must run from 0 to the sequence length {seq_len}, got {cu_seqlens.tolist()}")
+        if int(cu_seqlens[-1]) != seq_len or int(cu_seqlens[0]) != 0 or bool((cu_seqlens.diff() < 0).any()):
+            raise ValueError(
+                f"cu_seqlens must rise from 0 to the sequence length {seq_len} without decreasing, "
+                f"got {cu_seqlens.tolist()}"
+            )
         segment = torch.repeat_interleave(
             torch.arange(cu_seqlens.numel() - 1, device=device), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         )
@@ -670,6 +679,19 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight", "dt_bias", "A_log"]
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """As :meth:`transformers.PreTrainedModel.save_pretrained`. Once registered for ``auto_map``
+        (:func:`kimi_hf.register_all`), the saved ``auto_map`` names the base model under ``AutoModel`` too, as the
+        official checkpoints' does: transformers writes only the saved class's entry, and an ``AutoModel`` entry
+        read from another checkpoint would point at a file that is not saved here."""
+        if self._auto_class is not None:
+            base = type(self.base_model)
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": f"{base.__module__.rsplit('.', 1)[-1]}.{base.__name__}",
+            }
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # transformers.initialization skips tensors already loaded from a checkpoint.
@@ -748,8 +770,12 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
                 ``DataCollatorWithFlattening``); positions carry no other information in Kimi Linear.
             past_key_values / cache: a :class:`KimiLinearCache` (either name).
             cu_seqlens: ``[N + 1]`` boundaries of N sequences packed into a batch of one.
+
+        Packed sequences have no single continuation to cache: with ``use_cache`` left to the config they
+        return no cache, and asking for one (``use_cache=True`` or a cache passed in) is an error.
         """
         cache = cache if cache is not None else past_key_values
+        cache_requested = use_cache is True or cache is not None
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -776,6 +802,13 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         layout = build_sequence_layout(
             attention_mask, position_ids, cu_seqlens, batch, seq_len, past_len, inputs_embeds.device
         )
+        if layout.packed and cache is not None:
+            if cache_requested:
+                raise ValueError(
+                    "packed sequences (cu_seqlens, or position_ids restarting at 0) cannot fill a cache: "
+                    "pass use_cache=False, or one sequence per batch row"
+                )
+            cache = None
         if cache is not None:
             new_tokens_mask = attention_mask[:, past_len:] if attention_mask is not None else None
             static_mask = cache.begin_forward(batch, seq_len, new_tokens_mask, inputs_embeds.device)
@@ -810,7 +843,8 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
 class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     """Kimi Linear with its (untied) LM head."""
 
-    _tied_weights_keys: dict[str, str] = {}
+    # tied only where the config asks (tie_word_embeddings, False in every public checkpoint)
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__(config)
@@ -971,6 +1005,11 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         model_inputs.update(attention_mask=attention_mask, use_cache=use_cache, **{CACHE_FIELD: cache})
         if logits_to_keep is not None:
             model_inputs["logits_to_keep"] = logits_to_keep
+        # The rest goes on to forward as transformers' own method passes it (output_hidden_states,
+        # output_router_logits, ...); positions only mark packed prompts, and the prompt's would not fit a step.
+        skip = {"cache", "past_key_values", "next_sequence_length", "labels", "position_ids", "cache_position"}
+        skip |= model_inputs.keys()
+        model_inputs.update({key: value for key, value in kwargs.items() if key not in skip})
         return model_inputs
 
 
