@@ -554,6 +554,21 @@ def test_fan_in_fan_out_is_switched_off_on_linear_targets_and_merging_keeps_outp
     assert_close_rel(outputs(model, ids), expected, 1e-5, "merged with fan_in_fan_out=True asked")
 
 
+def test_targets_left_to_lora_are_named_in_a_warning():
+    """A GPT-2 ``Conv1D`` target gets LoRA's exact backward and a warning naming it; an embedding (no input gradient
+    to approximate) gets none."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0))
+    with pytest.warns(UserWarning) as caught:
+        model = get_peft_model(base, CELoraConfig(r=4, target_modules=["c_attn", "wte"], ce_ratio=0.5,
+                                                  fan_in_fan_out=True))  # fmt: skip
+    messages = [str(w.message) for w in caught if "CE-LoRA approximates" in str(w.message)]
+    assert messages == ["CE-LoRA approximates the backward of nn.Linear targets only: transformer.h.0.attn.c_attn "
+                        "(Conv1D) gets LoRA's exact backward"]  # fmt: skip
+    assert not any(isinstance(m, CELinear) for m in model.modules())
+
+
 def test_pissa_adapter_converts_to_lora_on_save(tmp_path):
     """``save_pretrained(path_initial_model_for_weight_conversion=...)`` (PiSSA/OLoRA): PEFT resets the initial
     adapter's ``init_weights`` for methods other than LoRA, which CE-LoRA maps onto ``init_lora_weights``."""

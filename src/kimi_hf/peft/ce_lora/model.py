@@ -19,7 +19,8 @@ class CELoraModel(LoraModel):
 
     Everything but the layer class is LoRA's: trainable parameters, state-dict keys (prefix ``lora_``),
     merging, multiple adapters. Targets that are not plain ``nn.Linear`` (embeddings, convolutions,
-    ``target_parameters``) get PEFT's ordinary LoRA layers.
+    ``target_parameters``) get PEFT's ordinary LoRA layers, with a warning where a keep ratio below 1 asked for the
+    approximation.
     """
 
     prefix: str = "lora_"
@@ -36,6 +37,12 @@ class CELoraModel(LoraModel):
     ) -> None:
         super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
         module = getattr(parent, target_name)
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        # An embedding has no input gradient to approximate; any other target left to LoRA loses the speed-up.
+        approximated = isinstance(module, CELinear) or isinstance(base, nn.Embedding)
+        if not approximated and lora_config.ratio_for(current_key) < 1.0:
+            warnings.warn(f"CE-LoRA approximates the backward of nn.Linear targets only: {current_key} "
+                          f"({type(base).__name__}) gets LoRA's exact backward")  # fmt: skip
         if isinstance(module, CELinear) and adapter_name in module.r:
             options = CEOptions(
                 ratio=lora_config.ratio_for(current_key),
