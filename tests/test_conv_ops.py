@@ -116,6 +116,9 @@ def test_reference_gradcheck():
         (dict(initial_state=torch.randn(2, 6, 3)), "initial_state"),
         (dict(cu_seqlens=torch.tensor([0, 2, 4])), "B == 1"),
         (dict(cu_seqlens=torch.tensor([0.0, 4.0])), "cu_seqlens"),
+        (dict(x=torch.randn(1, 4, 6), cu_seqlens=torch.tensor([0, 3])), r"rise from 0 to T=4, got \[0, 3\]"),
+        (dict(x=torch.randn(1, 4, 6), cu_seqlens=torch.tensor([0, 3, 2, 4])), r"got \[0, 3, 2, 4\]"),
+        (dict(x=torch.ones(2, 4, 6, dtype=torch.int64)), "floating-point tensor, got torch.int64"),
     ],
 )
 def test_bad_input_raises(kwargs, match):
@@ -205,6 +208,20 @@ def test_triton_weight_grad_partials_interpreter(monkeypatch):
     monkeypatch.setattr(triton_kernels, "_BWD_TILES_PER_PROGRAM", 1)
     x, w, b, h, cu = _case_inputs(_CASES["batch_states"], length=20)
     _triton_vs_reference(x, w, b, h, "silu", cu, True, "cpu", 1e-5, 1e-5)
+
+
+def test_triton_reads_a_strided_bias_and_weight_interpreter():
+    """A bias or weight that is a strided view (e.g. a column of a larger tensor) reaches the kernels as its values."""
+    x, w, b = _inputs(1, 9, 6, 4)
+    wide_b, wide_w = torch.stack([b, -b], dim=1), torch.stack([w, -w], dim=2)
+    strided_b, strided_w = wide_b[:, 0], wide_w[..., 0]
+    assert not strided_b.is_contiguous() and not strided_w.is_contiguous()
+    y, _ = causal_conv1d(x, strided_w, strided_b, backend="triton")
+    assert_close_rel(y, causal_conv1d(x, w, b, backend="torch")[0], 1e-5, "y")
+    tokens, state = x[0, :2], torch.randn(2, 6, 4)  # one token for each of two sequences
+    step = causal_conv1d_update(tokens, state.clone(), strided_w, strided_b, backend="triton")
+    ref = causal_conv1d_update(tokens, state.clone(), w, b, backend="torch")
+    assert_close_rel(step, ref, 1e-5, "update")
 
 
 @pytest.mark.parametrize("squeeze", [True, False])

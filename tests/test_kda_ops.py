@@ -186,6 +186,36 @@ def test_bad_inputs_raise(changes, match):
         chunk_kda(**_bad(**changes))
 
 
+def test_positional_arguments_follow_flas_order():
+    """fla 0.6.0 orders ``fused_recurrent_kda``'s arguments (A_log, dt_bias, scale, initial_state, ...) unlike its
+    ``chunk_kda`` (scale, initial_state, ...); ours follow each, and take the rest by keyword only."""
+    import inspect
+
+    q, k, v, g, beta, h0 = make_inputs(B=1, T=9, seed=13)
+    o, s = fused_recurrent_kda(q, k, v, g, beta, None, None, 0.5, h0, True)
+    o_ref, s_ref = naive_recurrent_kda(q, k, v, g, beta, scale=0.5, initial_state=h0, output_final_state=True)
+    assert_close_rel(o, o_ref, 1e-6, "o, positional")
+    assert_close_rel(s, s_ref, 1e-6, "final state, positional")
+    o, s = chunk_kda(q, k, v, g, beta, 0.5, h0, True)
+    assert_close_rel(o, o_ref, 1e-5, "chunk o, positional")
+    fla_kda = pytest.importorskip("fla.ops.kda")
+    pairs = ((fused_recurrent_kda, fla_kda.fused_recurrent_kda, 12), (chunk_kda, fla_kda.chunk_kda, 10))
+    for ours, theirs, shared in pairs:
+        names = list(inspect.signature(ours).parameters)
+        assert names[:shared] == list(inspect.signature(theirs).parameters)[:shared], ours.__name__
+        kinds = [p.kind for p in inspect.signature(ours).parameters.values()]
+        assert set(kinds[shared:]) == {inspect.Parameter.KEYWORD_ONLY}, ours.__name__
+
+
+def test_inplace_final_state_refuses_autograd():
+    """The in-place decode overwrites the state the backward would read: refused under autograd, on either path."""
+    q, k, v, g, beta, h0 = make_inputs(B=1, T=1, seed=14)
+    with pytest.raises(ValueError, match="overwrites initial_state, which the backward needs"):
+        fused_recurrent_kda(q.requires_grad_(), k, v, g, beta, initial_state=h0, inplace_final_state=True)
+    with torch.no_grad():
+        fused_recurrent_kda(q, k, v, g, beta, initial_state=h0, inplace_final_state=True)
+
+
 def test_bad_cu_seqlens_and_inplace_raise():
     q, k, v, g, beta, _ = make_inputs(B=1, T=8, seed=12, state=False)
     with pytest.raises(ValueError, match="cu_seqlens must rise"):

@@ -20,9 +20,12 @@ _ACTIVATIONS = ("silu", None)
 
 
 def _check_weight_bias(
-    weight: torch.Tensor, bias: torch.Tensor | None, dim: int, activation: str | None
-) -> torch.Tensor:
-    """Validate and return weight as ``[D, W]`` (the checkpoint's ``[D, 1, W]`` is accepted)."""
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int, activation: str | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate x's dtype and return weight as ``[D, W]`` (the checkpoint's ``[D, 1, W]`` is accepted) and bias,
+    both contiguous (the Triton kernels index them as such)."""
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     if weight.dim() == 3 and weight.shape[1] == 1:
         weight = weight.squeeze(1)
     if weight.dim() != 2 or weight.shape[0] != dim:
@@ -31,7 +34,7 @@ def _check_weight_bias(
         raise ValueError(f"bias must be [D] with D={dim}, got {tuple(bias.shape)}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    return weight
+    return weight.contiguous(), (None if bias is None else bias.contiguous())
 
 
 def causal_conv1d(
@@ -54,8 +57,8 @@ def causal_conv1d(
         initial_state: ``[N, D, W]``, the last W inputs before t=0 of each sequence (oldest first),
             or None for zero history. N = B, or ``len(cu_seqlens) - 1``.
         output_final_state: also return the state ``[N, D, W]`` after the last token (x's dtype).
-        cu_seqlens: ``[N + 1]`` integer offsets of packed sequences along T (rising from 0 to T; the
-            Triton path does not check this, which would need a host sync), or None.
+        cu_seqlens: ``[N + 1]`` integer offsets of packed sequences along T (rising from 0 to T; checked on the
+            torch path, not on the Triton path, where it would need a host sync), or None.
         backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
 
     Returns:
@@ -64,8 +67,8 @@ def causal_conv1d(
     """
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, D], got shape {tuple(x.shape)}")
-    batch, _, dim = x.shape
-    weight = _check_weight_bias(weight, bias, dim, activation)
+    batch, seq_len, dim = x.shape
+    weight, bias = _check_weight_bias(x, weight, bias, dim, activation)
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
             raise ValueError(
@@ -81,6 +84,10 @@ def causal_conv1d(
             f"initial_state must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(initial_state.shape)}"
         )
     if resolve_backend(backend, x) == "torch":
+        if cu_seqlens is not None and (
+            int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len or bool((cu_seqlens.diff() < 0).any())
+        ):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={seq_len}, got {cu_seqlens.tolist()}")
         return naive_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     return CausalConv1dFunction.apply(
         x, weight, bias, initial_state, activation == "silu", output_final_state, cu_seqlens
@@ -114,7 +121,7 @@ def causal_conv1d_update(
     if x.dim() != 2:
         raise ValueError(f"x must be [N, D] or [N, 1, D], got shape {tuple(x.shape)}")
     num_seqs, dim = x.shape
-    weight = _check_weight_bias(weight, bias, dim, activation)
+    weight, bias = _check_weight_bias(x, weight, bias, dim, activation)
     if tuple(conv_state.shape) != (num_seqs, dim, weight.shape[1]):
         raise ValueError(
             f"conv_state must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(conv_state.shape)}"
@@ -123,5 +130,5 @@ def causal_conv1d_update(
         y = naive_causal_conv1d_update(x, conv_state, weight, bias, activation)
     else:
         x = x if x.stride(-1) == 1 else x.contiguous()
-        y = causal_conv1d_update_fwd(x, conv_state, weight.contiguous(), bias, activation == "silu")
+        y = causal_conv1d_update_fwd(x, conv_state, weight, bias, activation == "silu")
     return y.unsqueeze(1) if squeeze else y

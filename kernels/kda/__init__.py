@@ -44,12 +44,16 @@ def chunk_kda(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     use_gate_in_kernel: bool = False,
+    *,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA over whole sequences in chunks of 64 tokens (training and prefill). Differentiable.
+
+    fla 0.6.0's ``chunk_kda`` signature: the same positional arguments up to ``use_gate_in_kernel``, the rest
+    keyword-only (fla's next positions are options we do not have).
 
     Args:
         q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]``. beta: ``[B, T, H]``, already sigmoid.
@@ -86,26 +90,33 @@ def fused_recurrent_kda(
     v: torch.Tensor,
     g: torch.Tensor,
     beta: torch.Tensor,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     use_gate_in_kernel: bool = False,
-    A_log: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
+    *,
     cu_seqlens: torch.Tensor | None = None,
     inplace_final_state: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """KDA token by token, for decoding (small T). Same arguments and math as :func:`chunk_kda`, plus:
+    """KDA token by token, for decoding (small T). Same arguments and math as :func:`chunk_kda`, in the order of
+    fla 0.6.0's ``fused_recurrent_kda`` (``A_log`` and ``dt_bias`` after ``beta``; keyword-only from
+    ``cu_seqlens``, where fla's positions are options we do not have), plus:
 
     Args:
         inplace_final_state: write the final state into ``initial_state`` (which must be given,
-            fp32 and contiguous) and return that same tensor as the final state.
+            fp32 and contiguous) and return that same tensor as the final state. Not under autograd: the
+            backward would need the state it overwrites.
 
     The Triton path is forward-only (decoding); the torch path is differentiable.
     """
     check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias, initial_state)
+    )
     if inplace_final_state:
         if initial_state is None:
             raise ValueError("inplace_final_state=True needs an initial_state to write into")
@@ -114,11 +125,15 @@ def fused_recurrent_kda(
                 f"inplace_final_state=True needs a contiguous fp32 initial_state, got {initial_state.dtype}"
                 f"{'' if initial_state.is_contiguous() else ' (non-contiguous)'}"
             )
+        if needs_grad:
+            raise ValueError(
+                "inplace_final_state=True overwrites initial_state, which the backward needs: under autograd "
+                "use output_final_state=True, or call it under torch.no_grad() to decode"
+            )
     if resolve_backend(backend, q) == "triton":
         from .fused_recurrent import fused_recurrent_kda_fwd
 
-        tensors = (q, k, v, g, beta, A_log, dt_bias)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if needs_grad:
             raise ValueError(
                 "the Triton fused_recurrent_kda is forward-only (decoding): call it under torch.no_grad(), "
                 "use chunk_kda for training, or backend='torch' for a differentiable recurrence"
