@@ -18,15 +18,21 @@ def test_refuses_cpu_models_and_bad_arguments():
     model = KimiLinearForCausalLM(tiny_kimi_linear_config())
     with pytest.raises(ValueError, match=r"one CUDA device, got \['cpu'\]"):
         GraphedLossStep(model, _batch())
-    with pytest.raises(ValueError, match="warmup_steps must be >= 1, got 0"):
-        GraphedLossStep(model, _batch(), warmup_steps=0)
-    with pytest.raises(ValueError, match="example_batch must map names to tensors"):
+    for steps in (0, 1.5, "3", True):
+        with pytest.raises(ValueError, match=f"warmup_steps must be an int >= 1, got {steps!r}"):
+            GraphedLossStep(model, _batch(), warmup_steps=steps)
+    with pytest.raises(ValueError, match=r"example_batch\['input_ids'\] must be a tensor, got list"):
         GraphedLossStep(model, {"input_ids": [1, 2]})
+    for batch in (_batch()["input_ids"], [_batch()["input_ids"]], {}):
+        with pytest.raises(ValueError, match="example_batch must map names to tensors"):
+            GraphedLossStep(model, batch)
 
 
 def test_refuses_python_side_state_it_cannot_replay():
-    with pytest.raises(ValueError, match="router_bias_update_rate=0.01"):
-        GraphedLossStep(KimiLinearForCausalLM(tiny_kimi_linear_config(router_bias_update_rate=0.01)), _batch())
+    balancing = KimiLinearForCausalLM(tiny_kimi_linear_config(router_bias_update_rate=0.01))
+    for model in (balancing, torch.nn.Sequential(balancing)):  # also inside a wrapper
+        with pytest.raises(ValueError, match="router_bias_update_rate=0.01"):
+            GraphedLossStep(model, _batch())
     ce_lora = CELoraConfig(r=4, target_modules=["o_proj"])
     peft_model = get_peft_model(KimiLinearForCausalLM(tiny_kimi_linear_config()), ce_lora)
     with pytest.raises(ValueError, match="CE-LoRA adapters reselect"):

@@ -201,6 +201,38 @@ def test_static_cache_is_reused_after_reset_and_keeps_its_buffers(model):
         model(ids[:, :1], use_cache=True, **{CACHE_FIELD: cache})
 
 
+def test_static_cache_follows_the_models_dtype_after_reset():
+    """``reset()`` then ``model.to(torch.bfloat16)``: the empty cache re-allocates its buffers in the new dtype (as
+    for a new batch size or device) and decodes as a fresh cache does; a filled one refuses the new dtype."""
+    model = tiny_model(seed=22)
+    model.generation_config.eos_token_id = None
+    ids = random_ids(1, 5, seed=23)
+    cache = KimiLinearStaticCache(model.config, max_cache_len=5 + NEW_TOKENS)
+    _generate(model, ids, True, do_sample=False, **{CACHE_FIELD: cache})
+    cache.reset()
+    model.to(torch.bfloat16)
+    again = _generate(model, ids, True, do_sample=False, **{CACHE_FIELD: cache})
+    fresh = _generate(model, ids, True, do_sample=False, **{CACHE_FIELD: KimiLinearStaticCache(model.config, 11)})
+    assert torch.equal(again, fresh) and cache.latents[1].dtype == torch.bfloat16
+    model.float()
+    with pytest.raises(ValueError, match="in torch.bfloat16, got batch 1 .* in torch.float32; call reset"):
+        with torch.no_grad():
+            model(ids[:, :1], use_cache=True, **{CACHE_FIELD: cache})
+
+
+def test_a_cache_refuses_a_model_of_another_configuration(model):
+    """A cache filled by one model, given to a model whose layers or state shapes differ, is refused by name (it
+    was used as is: the prompt silently ignored, or an IndexError deep in a layer)."""
+    cache = KimiLinearCache(model.config)
+    with torch.no_grad():
+        model(random_ids(1, 5, seed=24), use_cache=True, **{CACHE_FIELD: cache})
+        lac = {**model.config.linear_attn_config, "kda_layers": [2, 4], "full_attn_layers": [1, 3]}
+        for other, words in ((tiny_model(linear_attn_config=lac), "layer_types"),
+                             (tiny_model(kv_lora_rank=8), "kv_lora_rank 16 in the cache, 8 in the model")):  # fmt: skip
+            with pytest.raises(ValueError, match=f"another model configuration: {words}"):
+                other(random_ids(1, 1, seed=25), use_cache=True, **{CACHE_FIELD: cache})
+
+
 def test_static_cache_refuses_to_overflow_and_bad_sizes(model):
     cache = KimiLinearStaticCache(model.config, max_cache_len=6)
     with torch.no_grad():

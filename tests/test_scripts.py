@@ -133,7 +133,22 @@ def test_bandwidth_option_rejects_non_positive_values_and_the_floor_falls_back_o
     for bad in ["0", "-1", "nan"]:
         with pytest.raises(SystemExit):
             parser.parse_args(["--bandwidth-tbs", bad])
-        assert f"the bandwidth must be positive, got {bad}" in capsys.readouterr().err
+        assert f"argument --bandwidth-tbs: must be > 0, got {bad}" in capsys.readouterr().err
     assert _profile.floor_bandwidth_tbs(2.5) == 2.5
     if not torch.cuda.is_available():
         assert _profile.floor_bandwidth_tbs() == _profile.H200_COPY_TBS
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--steps", "0"), ("--steps", "-1"), ("--seq-len", "0"), ("--eval-blocks", "0"), ("--new-tokens", "0"),
+     ("--batch-size", "0"), ("--learning-rate", "-1"), ("--learning-rate", "nan")],
+)  # fmt: skip
+def test_demo_refuses_non_positive_sizes_before_any_work(option, value, capsys):
+    """``kimi-hf demo``'s sizes and rate must be positive: argparse names the option before anything is built (a
+    negative --steps used to start an epoch-long run, --seq-len 0 divided by zero after loading the data)."""
+    from kimi_hf.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", option, value])
+    assert f"argument {option}: must be" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from triton.testing import do_bench
 
+from kimi_hf.cli import positive_float
 
 H200_COPY_TBS = 4.27  # shared/REFERENCE.md: the floors of a CPU smoke run, whose timings mean nothing
 
@@ -23,14 +24,7 @@ def copy_bandwidth_tbs(n_bytes: int = 2**30) -> float:
 
 def add_bandwidth_option(parser: argparse.ArgumentParser) -> None:
     """``--bandwidth-tbs``: the copy bandwidth the byte floors are taken at (see :func:`floor_bandwidth_tbs`)."""
-
-    def positive(text: str) -> float:
-        value = float(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"the bandwidth must be positive, got {text}")
-        return value
-
-    parser.add_argument("--bandwidth-tbs", type=positive, metavar="TBS",
+    parser.add_argument("--bandwidth-tbs", type=positive_float, metavar="TBS",
                         help="copy bandwidth for the floors, TB/s (default: a 1 GiB copy measured in this run)")
 
 

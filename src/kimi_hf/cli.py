@@ -179,6 +179,22 @@ def run_demo(args: argparse.Namespace) -> dict:
     return summary
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the option's name is added by argparse)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0 (NaN refused)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimi-hf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -189,18 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--output-dir", default="outputs/demo", help="where the trained model is saved")
-    demo.add_argument("--steps", type=int, default=200, help="training steps")
-    demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per training block")
-    demo.add_argument("--hidden-size", type=int, default=128)
-    demo.add_argument("--layers", type=int, default=4, help="decoder layers (MLA every 4th and at the last)")
-    demo.add_argument("--learning-rate", type=float, default=3e-3)
+    demo.add_argument("--steps", type=positive_int, default=200, help="training steps")
+    demo.add_argument("--batch-size", type=positive_int, default=8)
+    demo.add_argument("--seq-len", type=positive_int, default=128, help="tokens (bytes) per training block")
+    demo.add_argument("--hidden-size", type=positive_int, default=128)
+    demo.add_argument("--layers", type=positive_int, default=4, help="decoder layers (MLA every 4th and at the last)")
+    demo.add_argument("--learning-rate", type=positive_float, default=3e-3)
     demo.add_argument("--residual", choices=["standard", "block", "full"], default="standard",
                       help="residual connection: standard, or Attention Residuals (block/full)")  # fmt: skip
-    demo.add_argument("--attn-res-block-size", type=int, default=2, help="sublayers per block with --residual block")
+    demo.add_argument("--attn-res-block-size", type=positive_int, default=2,
+                      help="sublayers per block with --residual block")  # fmt: skip
     demo.add_argument("--gradient-checkpointing", action="store_true")
-    demo.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks to evaluate on")
-    demo.add_argument("--new-tokens", type=int, default=24, help="tokens to generate per prompt")
+    demo.add_argument("--eval-blocks", type=positive_int, default=64, help="held-out blocks to evaluate on")
+    demo.add_argument("--new-tokens", type=positive_int, default=24, help="tokens to generate per prompt")
     demo.add_argument("--device", choices=["cpu", "auto"], default="cpu", help="'auto' uses a GPU when present")
     demo.add_argument("--seed", type=int, default=0)
     return parser

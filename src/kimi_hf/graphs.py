@@ -51,10 +51,13 @@ class GraphedLossStep:
         warmup_steps: int = 3,
         forward_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        if warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
-        if not example_batch or not all(isinstance(t, torch.Tensor) for t in example_batch.values()):
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        if not isinstance(example_batch, Mapping) or not example_batch:
             raise ValueError(f"example_batch must map names to tensors, got {type(example_batch).__name__}")
+        for name, value in example_batch.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"example_batch[{name!r}] must be a tensor, got {type(value).__name__}")
         self._refuse_python_state(model)
         self._params = [p for p in model.parameters() if p.requires_grad]
         if not self._params:
@@ -88,7 +91,8 @@ class GraphedLossStep:
     @staticmethod
     def _refuse_python_state(model: nn.Module) -> None:
         """Refuse the models of this package whose forward hands Python-side state from one step to the next."""
-        rate = getattr(getattr(model, "config", None), "router_bias_update_rate", 0.0)
+        rates = {getattr(m.config, "router_bias_update_rate", 0.0) for m in model.modules() if hasattr(m, "config")}
+        rate = max(rates, default=0.0)  # any model of ours inside a wrapper (a PEFT model, nn.Sequential, ...)
         if rate:
             raise ValueError(
                 f"router_bias_update_rate={rate}: the MoE router's bias update hands each forward's expert loads to "

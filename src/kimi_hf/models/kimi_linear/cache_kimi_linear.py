@@ -30,6 +30,18 @@ if TYPE_CHECKING:
 ConvStates = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def _cache_layout(config: KimiLinearConfig) -> dict[str, object]:
+    """What a cache's entries depend on: which layers are KDA or MLA and the shapes of their states."""
+    return {
+        "layer_types": tuple(config.layer_types),
+        "kda heads": config.linear_num_heads,
+        "kda head_dim": config.linear_head_dim,
+        "conv kernel size": config.linear_conv_kernel_size,
+        "kv_lora_rank": config.kv_lora_rank,
+        "qk_rope_head_dim": config.qk_rope_head_dim,
+    }
+
+
 class KimiLinearCache:
     """Generation cache for :class:`~kimi_hf.KimiLinearForCausalLM` that grows with the sequence.
 
@@ -44,6 +56,7 @@ class KimiLinearCache:
 
     def __init__(self, config: KimiLinearConfig) -> None:
         self.layer_types = config.layer_types
+        self.layout = _cache_layout(config)
         n = config.num_hidden_layers
         self.conv_states: list[ConvStates | None] = [None] * n
         self.recurrent_states: list[torch.Tensor | None] = [None] * n
@@ -52,11 +65,23 @@ class KimiLinearCache:
         self.seen_tokens = 0
 
     # ------------------------------------------------------------------ per forward (called by the model)
+    def check_config(self, config: KimiLinearConfig) -> None:
+        """Raise if this cache was built for a model whose layers or state shapes differ from ``config``'s."""
+        layout = _cache_layout(config)
+        if layout != self.layout:
+            differ = [
+                f"{name} {self.layout[name]!r} in the cache, {value!r} in the model"
+                for name, value in layout.items()
+                if self.layout[name] != value
+            ]
+            raise ValueError(f"this cache was built for another model configuration: {'; '.join(differ)}")
+
     def begin_forward(
-        self, batch: int, seq_len: int, new_tokens_mask: torch.Tensor | None, device: torch.device
+        self, batch: int, seq_len: int, new_tokens_mask: torch.Tensor | None, device: torch.device,
+        dtype: torch.dtype,
     ) -> torch.Tensor | None:
-        """Called once per forward before the layers; a static cache returns the MLA mask (None here: the
-        model builds it from the attention mask)."""
+        """Called once per forward before the layers, with the batch's size, device and activation dtype; a
+        static cache returns the MLA mask (None here: the model builds it from the attention mask)."""
         return None
 
     def end_forward(self, seq_len: int) -> None:
@@ -162,27 +187,32 @@ class KimiLinearStaticCache(KimiLinearCache):
         self.key_mask: torch.Tensor | None = None  # [B, max_cache_len] bool: written real positions
         self.position: torch.Tensor | None = None  # [1] int64 on the device: next position to write
         self._positions: torch.Tensor | None = None  # [T] positions of the current forward
+        self.dtype: torch.dtype | None = None  # the activations' dtype the layer buffers were allocated in
         self._decode_graph: DecodeGraph | None = None
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len
 
     def begin_forward(
-        self, batch: int, seq_len: int, new_tokens_mask: torch.Tensor | None, device: torch.device
+        self, batch: int, seq_len: int, new_tokens_mask: torch.Tensor | None, device: torch.device,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
         """Record the new positions; returns the MLA mask ``[B, 1, T, max_cache_len]`` (True = attend).
 
         Without host synchronisation (it runs inside the captured decode step). ``new_tokens_mask [B, T]``
-        marks the real new tokens (None: all real).
+        marks the real new tokens (None: all real). A new batch size, device or dtype (e.g. after
+        ``model.to(torch.bfloat16)``) re-allocates the buffers of an empty cache.
         """
         self.check_room(seq_len)
-        if self.key_mask is None or self.key_mask.shape[0] != batch or self.key_mask.device != device:
+        held = None if self.key_mask is None else (self.key_mask.shape[0], self.key_mask.device, self.dtype)
+        if held != (batch, device, dtype):
             if self.seen_tokens:
                 raise ValueError(
-                    f"this KimiLinearStaticCache holds batch size {self.key_mask.shape[0]} on "
-                    f"{self.key_mask.device}, got batch {batch} on {device}; call reset() first"
+                    f"this KimiLinearStaticCache holds batch size {held[0]} on {held[1]} in {held[2]}, got batch "
+                    f"{batch} on {device} in {dtype}; call reset() first"
                 )
             self._allocate(batch, device)
+            self.dtype = dtype
         if self.seen_tokens == 0:
             self.key_mask.zero_()
             self.position.zero_()

@@ -796,6 +796,8 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             cache = None
         if cache is not None and not isinstance(cache, KimiLinearCache):
             raise ValueError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}")
+        if cache is not None:
+            cache.check_config(self.config)
 
         batch, seq_len, _ = inputs_embeds.shape
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -811,7 +813,9 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             cache = None
         if cache is not None:
             new_tokens_mask = attention_mask[:, past_len:] if attention_mask is not None else None
-            static_mask = cache.begin_forward(batch, seq_len, new_tokens_mask, inputs_embeds.device)
+            static_mask = cache.begin_forward(
+                batch, seq_len, new_tokens_mask, inputs_embeds.device, inputs_embeds.dtype
+            )
             if static_mask is not None:  # a static cache: MLA attends over its fixed-size buffers
                 layout = replace(layout, mla_mask=static_mask)
 
