@@ -267,7 +267,7 @@ def test_bad_inputs_raise():
     bank = append_source(_bank(blocks, "torch"), partial)
     with pytest.raises(ValueError, match="full"):
         append_source(bank, partial)
-    with pytest.raises(ValueError, match="hidden size 48"):
+    with pytest.raises(ValueError, match=r"query must be \[D\] = \[48\] \(the hidden size\), got shape \(10,\)"):
         depth_attention(bank, query[:10], gain)
     with pytest.raises(ValueError, match=r"partial has shape \(2, 3, 8\)"):
         depth_attention(_bank(blocks, "torch"), query, gain, partial[..., :8])
@@ -279,6 +279,59 @@ def test_bad_inputs_raise():
         new_source_bank(2, partial, backend="cuda")
     with pytest.raises(ValueError, match="num_slots"):
         new_source_bank(0, partial)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batched_per_channel_parameters_are_refused(backend):
+    """A query, gain or PreNorm weight with a batch dimension would broadcast on the torch path and be read as its
+    first row by the kernels: refused by name on both paths."""
+    blocks, partial, query, gain = _inputs(2)
+    bank = _bank(blocks, backend)
+    batched = query.expand(2, -1)
+    for kwargs, name in ((dict(query=batched), "query"), (dict(gain=batched), "gain"),
+                         (dict(norm_weight=batched), "norm_weight"), (dict(query=query[0]), "query")):  # fmt: skip
+        args = dict(query=query, gain=gain, partial=partial) | kwargs
+        with pytest.raises(ValueError, match=f"{name} must be \\[D\\] = \\[48\\]"):
+            depth_attention(bank, **args)
+    out, lse = depth_attention_phase1(bank, query[None], gain[None])
+    with pytest.raises(ValueError, match="gain must be"), torch.no_grad():
+        depth_attention_phase2(out[0], lse[0], partial, query, batched, backend=backend)
+
+
+def test_triton_refuses_a_second_backward_through_a_bank():
+    """Two losses over one bank backwarded apart: the Triton bank sums its readers' gradients once per forward, so
+    the second backward is refused (as the torch path's autograd refuses it) instead of counting them twice."""
+    blocks, partial, query, gain = _inputs(1)
+    source = blocks[0].clone().requires_grad_()
+    bank = append_source(new_source_bank(2, source, backend="triton"), source)
+    first, second = depth_attention(bank, query, gain, partial), depth_attention(bank, query, gain, 2 * partial)
+    first.sum().backward()
+    with pytest.raises(RuntimeError, match="a second time"):
+        second.sum().backward()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_prenorm_weight_of_another_dtype_promotes_on_both_paths(backend):
+    """fp16 sources with an fp32 PreNorm weight: the output follows :func:`prenorm`'s promotion (fp32) on the
+    kernels' path too (they fuse the PreNorm only for a weight of the sources' dtype), with the reference's values."""
+    blocks, partial, query, gain = _inputs(2, dtype=torch.float16)
+    weight = 1 + 0.3 * torch.randn(48, generator=torch.Generator().manual_seed(5))
+    bank = _bank(blocks, backend)
+    expected = rms_norm(naive_depth_attention([b.float() for b in blocks] + [partial.float()], query.float(),
+                                              gain.float()), weight, 1e-6)  # fmt: skip
+    got = depth_attention(bank, query, gain, partial, norm_weight=weight)
+    assert got.dtype == torch.float32
+    assert_close_rel(got, expected, 5e-3, "depth attention + PreNorm")
+    with torch.no_grad():
+        out, lse = depth_attention_phase1(bank, query[None], gain[None])
+        h = depth_attention_phase2(out[0], lse[0], partial, query, gain, backend=backend, norm_weight=weight)
+        _, _, _, first = append_source_phase1(_bank(blocks[:1], backend), blocks[1], None, query[None], gain[None],
+                                              norm_weight=weight)  # fmt: skip
+    assert h.dtype == first.dtype == torch.float32
+    assert_close_rel(h, expected, 5e-3, "phase 2 + PreNorm")
+    block_first = rms_norm(naive_depth_attention([b.float() for b in blocks], query.float(), gain.float()), weight,
+                           1e-6)  # fmt: skip
+    assert_close_rel(first, block_first, 5e-3, "block boundary + PreNorm")
 
 
 def _prenorm_check(shape, dtype, weight_dtype, device, rtol):

@@ -104,9 +104,23 @@ def append_source(bank: SourceBank, x: torch.Tensor, y: torch.Tensor | None = No
     return replace(bank, handles=bank.handles + (v,), rstds=bank.rstds + (source_rstd(v, bank.eps),))
 
 
-def _check_query(query: torch.Tensor, d: int, name: str) -> None:
-    if query.shape[-1] != d:
-        raise ValueError(f"{name} has size {query.shape[-1]} in its last dimension, expected hidden size {d}")
+def _check_hidden_size(queries: torch.Tensor, d: int, name: str) -> None:
+    if queries.shape[-1] != d:
+        raise ValueError(f"{name} has size {queries.shape[-1]} in its last dimension, expected hidden size {d}")
+
+
+def _fuses_prenorm(norm_weight: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether a kernel can fuse the PreNorm: its output is in the sources' dtype, which the PreNorm keeps only
+    for a weight of that dtype (another promotes it, as :func:`prenorm` does; that case runs the two apart)."""
+    return norm_weight is None or norm_weight.dtype == dtype
+
+
+def _check_vectors(d: int, **vectors: torch.Tensor | None) -> None:
+    """Per-channel parameters (one pseudo-query, gains, PreNorm weights) must be exactly [D]: a batched one would
+    broadcast on the torch path and be read as its first row by the kernels."""
+    for name, vector in vectors.items():
+        if vector is not None and tuple(vector.shape) != (d,):
+            raise ValueError(f"{name} must be [D] = [{d}] (the hidden size), got shape {tuple(vector.shape)}")
 
 
 def depth_attention(
@@ -133,13 +147,12 @@ def depth_attention(
         raise ValueError("depth_attention needs at least one source")
     if partial is not None:
         _check_shape(bank, partial, "partial")
-    d = bank.shape[-1]
-    _check_query(query, d, "query")
-    _check_query(gain, d, "gain")
-    if norm_weight is not None:
-        _check_query(norm_weight, d, "norm_weight")
+    _check_vectors(bank.shape[-1], query=query, gain=gain, norm_weight=norm_weight)
     if bank.backend == "triton":
         from .fused import DepthAttentionFunction
+
+        if not _fuses_prenorm(norm_weight, bank.dtype):
+            return prenorm(depth_attention(bank, query, gain, partial), norm_weight, norm_eps, backend="triton")
 
         return DepthAttentionFunction.apply(
             bank.storage, bank.num_sources, query, gain, partial, norm_weight, norm_eps, *bank.handles
@@ -189,7 +202,7 @@ def depth_attention_phase1(
     if queries.dim() != 2 or queries.shape != gains.shape:
         raise ValueError(f"queries/gains must both be [Q, D], got {tuple(queries.shape)} / {tuple(gains.shape)}")
     d = bank.handles[0].shape[-1]
-    _check_query(queries, d, "queries")
+    _check_hidden_size(queries, d, "queries")
     if bank.backend == "triton":
         from .two_phase import phase1
 
@@ -199,11 +212,18 @@ def depth_attention_phase1(
     return torch_phase1(bank.handles, bank.rstds, queries, gains)
 
 
-def _check_phase2(out: torch.Tensor, lse: torch.Tensor, partial: torch.Tensor | None, query: torch.Tensor) -> None:
+def _check_phase2(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial: torch.Tensor | None,
+    query: torch.Tensor,
+    gain: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+) -> None:
     if lse.shape != out.shape[:-1] or (partial is not None and partial.shape != out.shape):
         shape = tuple(partial.shape) if partial is not None else None
         raise ValueError(f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {tuple(lse.shape)}, partial {shape}")
-    _check_query(query, out.shape[-1], "query")
+    _check_vectors(out.shape[-1], query=query, gain=gain, norm_weight=norm_weight)
 
 
 def _phase2(
@@ -222,6 +242,9 @@ def _phase2(
     if resolve_backend(backend, out) == "triton":
         from .two_phase import phase2
 
+        if not _fuses_prenorm(norm_weight, out.dtype):
+            h, merged = _phase2(out, lse, partial, addend, query, gain, eps, backend, None, norm_eps)
+            return prenorm(h, norm_weight, norm_eps, backend), merged
         d = out.shape[-1]
         out2, part2, add2 = (t.reshape(-1, d).contiguous() if t is not None else None for t in (out, partial, addend))
         h, merged = phase2(out2, lse.reshape(-1).contiguous(), part2, query, gain, eps, norm_weight, norm_eps, add2)
@@ -248,7 +271,7 @@ def depth_attention_phase2(
     as in :func:`depth_attention` (fused into the same kernel on the Triton backend).
     """
     _inference_only(query, gain, *([partial] if partial is not None else []))
-    _check_phase2(out, lse, partial, query)
+    _check_phase2(out, lse, partial, query, gain, norm_weight)
     if partial is None and norm_weight is None:
         return out
     return _phase2(out, lse, partial, None, query, gain, eps, backend, norm_weight, norm_eps)[0]
@@ -272,7 +295,7 @@ def depth_attention_phase2_add(
     Triton backend both come from one kernel, with the sum rounded as the eager addition rounds it.
     """
     _inference_only(query, gain, partial, addend)
-    _check_phase2(out, lse, partial, query)
+    _check_phase2(out, lse, partial, query, gain, norm_weight)
     if addend.shape != partial.shape:
         raise ValueError(f"addend has shape {tuple(addend.shape)}, the partial sum {tuple(partial.shape)}")
     return _phase2(out, lse, partial, addend, query, gain, eps, backend, norm_weight, norm_eps)
@@ -298,7 +321,8 @@ def append_source_phase1(
     _inference_only(queries, gains, x, *([y] if y is not None else []))
     if queries.dim() != 2 or queries.shape != gains.shape:
         raise ValueError(f"queries/gains must both be [Q, D], got {tuple(queries.shape)} / {tuple(gains.shape)}")
-    _check_query(queries, bank.shape[-1], "queries")
+    _check_hidden_size(queries, bank.shape[-1], "queries")
+    _check_vectors(bank.shape[-1], norm_weight=norm_weight)
     _check_shape(bank, x, "source")
     if y is not None:
         _check_shape(bank, y, "second summand")
@@ -307,7 +331,7 @@ def append_source_phase1(
         from .two_phase import fits_one_tile, store_phase1
 
         d = bank.shape[-1]
-        if fits_one_tile(n + 1, d):
+        if fits_one_tile(n + 1, d) and _fuses_prenorm(norm_weight, bank.dtype):
             storage = bank.storage
             out, lse, first = store_phase1(
                 storage, n, x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous() if y is not None else None,

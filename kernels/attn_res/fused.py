@@ -14,7 +14,8 @@ cost a [S_max, M, D] tensor per sublayer. Instead:
 The store is append-only and every slot is written exactly once per forward with deterministic values,
 so re-running a decoder layer under (non-reentrant) gradient checkpointing rewrites identical bytes and
 is safe. The storage is referenced from ``ctx`` (not saved tensors): it lives until the graph is freed.
-Backward may run once per forward (``retain_graph`` double backward would double-count ``storage.grad``).
+Backward may run once per forward: a second one through a stored source (``retain_graph``, or two losses over one
+bank backwarded apart) raises, where it would double-count ``storage.grad``.
 """
 
 from __future__ import annotations
@@ -204,12 +205,21 @@ class StoreSourceFunction(torch.autograd.Function):
     def forward(ctx, storage: SourceStorage, slot: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         ctx.set_materialize_grads(False)
         store_source_fwd(storage, slot, x, y)
-        ctx.storage, ctx.slot, ctx.has_y = storage, slot, y is not None
+        ctx.storage, ctx.slot, ctx.has_y, ctx.used = storage, slot, y is not None, False
         # `.data` gives the handle its own version counter: later writes to other slots never invalidate it.
         return storage.store.data[slot].view(storage.shape)
 
     @staticmethod
     def backward(ctx, grad_handle: torch.Tensor | None):
+        # storage.grad sums every reader's slot gradient once: a second backward through this node (two losses
+        # over one bank backwarded apart, or retain_graph) would hand it on again. Nothing is saved here, so
+        # autograd itself would not notice; refuse as it does.
+        if ctx.used:
+            raise RuntimeError(
+                "Trying to backward through an AttnRes source bank a second time (backend='triton' sums the "
+                "readers' gradients once per forward): backward one loss over all its readers, or use backend='torch'"
+            )
+        ctx.used = True
         grad = ctx.storage.grad
         g = grad[ctx.slot].view(ctx.storage.shape) if grad is not None else None
         if grad_handle is not None:
