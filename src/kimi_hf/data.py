@@ -25,7 +25,7 @@ CORPUS_MODULES = (
 
 def stdlib_corpus(min_chars: int = 200) -> list[str]:
     """Documents (one per docstring of at least ``min_chars`` characters) from :data:`CORPUS_MODULES`,
-    in a fixed order. About 1.5 MB of text on CPython 3.11."""
+    in a fixed order (about 0.3 MB of text in some 430 documents on CPython 3.11)."""
     documents: list[str] = []
     for name in CORPUS_MODULES:
         module = importlib.import_module(name)
@@ -79,8 +79,16 @@ class ByteTokenizer(PreTrainedTokenizer):
         return chr(index - len(self.SPECIALS))
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        data = bytes(ord(t) for t in tokens if t not in self.SPECIALS)
-        return data.decode("utf-8", errors="replace")
+        # Runs of bytes decode together (a character may span several); special tokens, which reach here only
+        # with skip_special_tokens=False, keep their text.
+        pieces, run = [], bytearray()
+        for token in tokens:
+            if token in self.SPECIALS:
+                pieces += [run.decode("utf-8", errors="replace"), token]
+                run = bytearray()
+            else:
+                run.append(ord(token))
+        return "".join(pieces) + run.decode("utf-8", errors="replace")
 
     def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
         ids = [self.bos_token_id, *token_ids_0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .data import ByteTokenizer
 from .models.attn_res import register_auto as register_attn_res_auto
 from .models.kimi_linear import (
     KimiLinearAttnResConfig,
@@ -26,6 +27,8 @@ def register_all() -> None:
       writes (``trust_remote_code=True``). Our config class maps to our models in AutoModel and
       AutoModelForCausalLM (``from_config``): those mappings are keyed by the class itself, so the native
       config still maps to the native models (by name alone, the two ``KimiLinearConfig`` would collide).
+    - :class:`~kimi_hf.data.ByteTokenizer` for ``auto_map``: a saved tokenizer folder carries its code, so
+      ``AutoTokenizer.from_pretrained(path, trust_remote_code=True)`` loads it (no model type owns it).
     - CE-LoRA with PEFT.
     """
     KimiLinearConfig.register_for_auto_class()
@@ -36,5 +39,6 @@ def register_all() -> None:
     AutoConfig.register(KimiLinearAttnResConfig.model_type, KimiLinearAttnResConfig, exist_ok=True)
     AutoModel.register(KimiLinearAttnResConfig, KimiLinearAttnResModel, exist_ok=True)
     AutoModelForCausalLM.register(KimiLinearAttnResConfig, KimiLinearAttnResForCausalLM, exist_ok=True)
+    ByteTokenizer.register_for_auto_class("AutoTokenizer")
     register_attn_res_auto()
     register_ce_lora()

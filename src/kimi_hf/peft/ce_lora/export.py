@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -36,27 +37,35 @@ def export_as_lora(source: PeftModel | str | Path, save_directory: str | Path, a
         adapter_name: which adapter of a ``PeftModel`` to export (ignored for a directory).
 
     Returns:
-        ``save_directory`` as a ``Path``.
+        ``save_directory`` as a ``Path``. The weights are always written as ``adapter_model.safetensors`` (a
+        folder saved with ``safe_serialization=False`` is converted), which PEFT reads before any other file.
     """
     out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
     if isinstance(source, PeftModel):
         config = source.peft_config.get(adapter_name)
         if not isinstance(config, CELoraConfig):
             raise ValueError(f"adapter {adapter_name!r} is not a CE-LoRA adapter (config {type(config).__name__})")
         lora_config = _lora_config_from(config.to_dict())
         state = get_peft_model_state_dict(source, adapter_name=adapter_name)
+        out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / SAFETENSORS_WEIGHTS_NAME))
-    else:
+    elif isinstance(source, (str, Path)):
         src = Path(source)
         options = json.loads((src / _CONFIG_NAME).read_text())
         if options.get("peft_type") != "CE_LORA":
             raise ValueError(f"{src / _CONFIG_NAME} is not a CE-LoRA adapter (peft_type {options.get('peft_type')!r})")
         lora_config = _lora_config_from(options)
-        weights = [src / name for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if (src / name).exists()]
-        if not weights:
+        if (src / SAFETENSORS_WEIGHTS_NAME).exists():
+            out.mkdir(parents=True, exist_ok=True)
+            if src.resolve() != out.resolve():
+                shutil.copyfile(src / SAFETENSORS_WEIGHTS_NAME, out / SAFETENSORS_WEIGHTS_NAME)
+        elif (src / WEIGHTS_NAME).exists():
+            state = torch.load(src / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out / SAFETENSORS_WEIGHTS_NAME))
+        else:
             raise ValueError(f"no adapter weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}) in {src}")
-        if src.resolve() != out.resolve():
-            shutil.copyfile(weights[0], out / weights[0].name)
+    else:
+        raise TypeError(f"source must be a PeftModel or an adapter directory, got {type(source).__name__}")
     lora_config.save_pretrained(str(out))
     return out
