@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/data.py, without the repo root
 from data import CORPORA, token_splits  # noqa: E402
 
+from kimi_hf.cli import positive_float, positive_int  # noqa: E402
 from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM  # noqa: E402
 
 PRESETS = {
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     for name in PRESETS["cpu"]:
-        kind = float if name in ("lr", "budget_s") else int
+        kind = {"lr": positive_float, "budget_s": non_negative_float}.get(name, positive_int)
         extra = " (seconds of training + evaluation of all modes; 0: none)" if name == "budget_s" else ""
         flag = f"--{name.replace('_', '-')}"
         p.add_argument(flag, type=kind, default=None, help=f"override the preset's {name}{extra}")
@@ -67,8 +68,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.block_size > 2 * args.layers:
-        p.error(f"--block-size {args.block_size} exceeds the {2 * args.layers} sublayers")
+        p.error(f"--block-size {args.block_size} exceeds the {2 * args.layers} sublayers of --layers {args.layers}")
+    if args.docs < 2:
+        p.error(f"--docs must be >= 2 (training and validation documents), got {args.docs}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--output-dir {args.out} exists and is not a folder")
     return args
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def build_model(args: argparse.Namespace, mode: str, vocab_size: int) -> AttnResForCausalLM:
@@ -205,15 +218,8 @@ def train_one(mode: str, args, train: torch.Tensor, val: torch.Tensor, vocab_siz
     return rows
 
 
-def write_outputs(rows: list[dict], args, device: torch.device) -> str:
-    """CSV and JSON of the curves, the PNG plot and the markdown table of the modes trained so far."""
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "attn_res_replication")
-    with open(path + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    modes = [m for m in args.modes if any(r["mode"] == m for r in rows)]
+def plot_curves(rows: list[dict], modes: list[str], path: str, title: str) -> None:
+    """The validation-loss curve of each mode, as a PNG at ``path`` (needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,11 +231,26 @@ def write_outputs(rows: list[dict], args, device: torch.device) -> str:
         ax.plot([r["step"] for r in curve], [r["val_loss"] for r in curve], marker="o", label=mode)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(f"AttnRes replication ({args.corpus}, preset {args.preset})")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_outputs(rows: list[dict], args, device: torch.device) -> str:
+    """CSV and JSON of the curves, the PNG plot and the markdown table of the modes trained so far."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "attn_res_replication")
+    with open(path + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    modes = [m for m in args.modes if any(r["mode"] == m for r in rows)]
+    try:
+        plot_curves(rows, modes, path + ".png", f"AttnRes replication ({args.corpus}, preset {args.preset})")
+    except ImportError:
+        print("matplotlib is not installed: the .png plot is not written (the .csv holds its curves)")
 
     finals = {m: [r for r in rows if r["mode"] == m][-1] for m in modes}
     base = finals.get("standard")
@@ -268,6 +289,7 @@ def main(argv: list[str] | None = None) -> str:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls outside autocast
     begin = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)  # before any training: a folder that cannot be made fails at once
     train, val, tokenizer = token_splits(args.corpus, args.seq, seed=args.seed, num_docs=args.docs)
     print(f"{args.corpus}: {train.numel():,} train / {val.numel():,} validation tokens; device {device}", flush=True)
     if args.budget_s > 0:
@@ -277,7 +299,8 @@ def main(argv: list[str] | None = None) -> str:
         rows += train_one(mode, args, train, val, tokenizer.vocab_size, device)
         table = write_outputs(rows, args, device)  # after every mode: a run cut short keeps what it finished
     print(table)
-    print(f"wrote {args.out}/attn_res_replication.{{csv,json,png,md}} in {time.perf_counter() - begin:.0f} s")
+    print(f"wrote {args.out}/attn_res_replication.{{csv,json,md}} (and .png with matplotlib) in "
+          f"{time.perf_counter() - begin:.0f} s")
     return table
 
 

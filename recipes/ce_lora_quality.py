@@ -38,6 +38,7 @@ from ce_lora_task import PROBLEM, TASKS, VOCAB, collate, exact_match, make_examp
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
+from kimi_hf.cli import positive_float, positive_int  # noqa: E402
 from kimi_hf.peft import PAPER_RATIOS, CELoraConfig  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,7 +65,10 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: ce_lora_seeds.py forwards arguments here and refuses the ones it sets itself by name
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     p.add_argument("--tiny", action="store_true", help="shorthand for --preset tiny (CPU smoke test)")
     p.add_argument("--ratios", nargs="+", default=["paper", "0.5"],
@@ -81,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replot", action="store_true", help="only redraw loss.png from --output-dir's curves.csv")
     for name, value in PRESETS["gpu"].items():
         flag = f"--{name.replace('_', '-')}"
-        p.add_argument(flag, type=type(value), default=None, help=f"override the preset's {name}")
+        kind = positive_float if isinstance(value, float) else positive_int
+        p.add_argument(flag, type=kind, default=None, help=f"override the preset's {name}")
     args = p.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
@@ -91,7 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     for ratio in args.ratios:
-        if ratio != "paper" and not 0.0 < float(ratio) <= 1.0:
+        try:
+            valid = ratio == "paper" or 0.0 < float(ratio) <= 1.0
+        except ValueError:
+            valid = False
+        if not valid:
             p.error(f"--ratios: {ratio!r} is neither 'paper' nor a number in (0, 1]")
     return args
 

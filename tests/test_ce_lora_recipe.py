@@ -137,6 +137,23 @@ def test_seeds_share_one_base_model(tmp_path, monkeypatch, recipes):
         ce_lora_seeds.parse_args(["--seeds", "1", "--", "--output-dir=elsewhere"])
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--finetune-steps", "-1"], "argument --finetune-steps: must be >= 1, got -1"),
+        (["--pairs", "0"], "argument --pairs: must be >= 1, got 0"),
+        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--ratios", "abc"], "--ratios: 'abc' is neither 'paper' nor a number in (0, 1]"),
+        (["--see", "5"], "unrecognized arguments: --see 5"),  # no abbreviation slips past the seeds sweep's guard
+    ],
+)
+def test_quality_recipe_refuses_bad_options(args, message, recipes, capsys):
+    ce_lora_quality, _ = recipes
+    with pytest.raises(SystemExit):
+        ce_lora_quality.parse_args(["--tiny", *args])
+    assert message in capsys.readouterr().err
+
+
 def test_ratio_of_means_and_its_bootstrap(recipes):
     """The point estimate by hand; identical pairs give a zero-width interval; the interval holds the point."""
     ce_lora_seeds = recipes[1]

@@ -1,0 +1,73 @@
+"""The AttnRes replication recipe: its tiny preset end to end (with and without matplotlib) and its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "attn_res_replication.py"
+
+
+def _run_tiny(out: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env |= {"OMP_NUM_THREADS": "1"} | ({"PYTHONPATH": pythonpath} if pythonpath else {})
+    return subprocess.run([sys.executable, str(RECIPE), "--tiny", "--modes", "standard", "block", "--output-dir",
+                           str(out)], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+
+def test_tiny_preset_writes_every_output_and_skips_the_plot_without_matplotlib(tmp_path):
+    done = _run_tiny(tmp_path / "with")
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = {p.name for p in (tmp_path / "with").iterdir()}
+    assert files == {f"attn_res_replication.{ext}" for ext in ("csv", "json", "md", "png")}
+    losses = json.loads((tmp_path / "with" / "attn_res_replication.json").read_text())["final_val_loss"]
+    assert set(losses) == {"standard", "block"} and all(0 < v < 10 for v in losses.values())
+
+    stub = tmp_path / "stub" / "matplotlib"  # an installation without matplotlib (not a core dependency)
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    done = _run_tiny(tmp_path / "without", pythonpath=str(tmp_path / "stub"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "matplotlib is not installed" in done.stdout
+    files = {p.name for p in (tmp_path / "without").iterdir()}
+    assert files == {f"attn_res_replication.{ext}" for ext in ("csv", "json", "md")}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--eval-every", "0"], "argument --eval-every: must be >= 1, got 0"),
+        (["--seq", "-4"], "argument --seq: must be >= 1, got -4"),
+        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--budget-s", "-1"], "argument --budget-s: must be >= 0, got -1"),
+        (["--docs", "1"], "--docs must be >= 2"),
+        (["--layers", "1", "--block-size", "3"], "--block-size 3 exceeds the 2 sublayers of --layers 1"),
+    ],
+)
+def test_bad_sizes_are_refused_before_any_work(args, message, capsys):
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        import attn_res_replication
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit):
+        attn_res_replication.parse_args(["--tiny", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        import attn_res_replication
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit):
+        attn_res_replication.parse_args(["--tiny", "--output-dir", str(tmp_path / "afile")])
+    assert "exists and is not a folder" in capsys.readouterr().err
