@@ -1,7 +1,8 @@
 """Per-layer CE-LoRA state: frozen factorisation, current channel selection, backward counter.
 
-Kept as plain tensors on a plain object, not as module buffers: they are derived from the frozen
-weight (never saved; recomputed deterministically after loading), must not be broadcast by DDP every
+Kept as plain tensors on a plain object, not as module buffers: the factors are derived from the frozen
+weight (never saved; recomputed deterministically after loading; the backward counter and the channel selection
+are not saved either, so a resumed run selects again on its first backward), must not be broadcast by DDP every
 step, and must not appear in ``state_dict``. They are rebuilt whenever the weight's device, dtype, storage or
 values change (``.to()``, merging, in-place edits, a new weight tensor). Writes through ``weight.data`` are the
 exception: they bypass torch's version counter, so the factors would follow the old values until the weight's
