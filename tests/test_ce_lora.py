@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from helpers import assert_close_rel
-from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kimi_hf.kernels.ce_lora import (
@@ -654,24 +654,18 @@ assert "kimi_hf" not in sys.modules
         assert_close_rel(torch.load(adapter / "logits.pt"), expected, 1e-6, f"exported {adapter.name}")
 
 
-def test_export_writes_safetensors_from_a_bin_folder_and_refuses_other_sources(tmp_path):
-    """A CE-LoRA folder saved with ``safe_serialization=False`` exports as ``adapter_model.safetensors`` (copied as
-    a .bin file before, and a stale safetensors file left in the output folder was what PEFT then loaded)."""
+def test_export_reads_and_writes_safetensors_only_and_refuses_other_sources(tmp_path):
+    """A CE-LoRA folder saved with ``safe_serialization=False`` is refused, by file (its pickled .bin used to be
+    copied as is, next to any stale safetensors file, which PEFT then loaded); a wrong source type is named and
+    no folder is made for it."""
     model = trained_ce_model(ce_ratio=0.5, lora_dropout=0.0)
-    export_as_lora(trained_ce_model(seed=6, ce_ratio=0.5), tmp_path / "out")  # another adapter's weights there
     model.save_pretrained(tmp_path / "bin", safe_serialization=False)
-    assert (tmp_path / "bin" / "adapter_model.bin").exists()
-    export_as_lora(tmp_path / "bin", tmp_path / "out")
-    from safetensors.torch import load_file
-
-    exported = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
-    expected = get_peft_model_state_dict(model)
-    assert exported.keys() == expected.keys()
-    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="only a pickled adapter_model.bin: save it with safe_serialization=True"):
+        export_as_lora(tmp_path / "bin", tmp_path / "out")
     for bad in (tiny_llama(), 3):
         with pytest.raises(TypeError, match="a PeftModel or an adapter directory"):
             export_as_lora(bad, tmp_path / "never")
-    assert not (tmp_path / "never").exists()
+    assert not (tmp_path / "never").exists() and not (tmp_path / "out").exists()
 
 
 def test_register_is_idempotent_and_get_peft_model_dispatches():

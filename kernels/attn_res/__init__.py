@@ -149,10 +149,9 @@ def depth_attention(
         _check_shape(bank, partial, "partial")
     _check_vectors(bank.shape[-1], query=query, gain=gain, norm_weight=norm_weight)
     if bank.backend == "triton":
-        from .fused import DepthAttentionFunction
-
         if not _fuses_prenorm(norm_weight, bank.dtype):
             return prenorm(depth_attention(bank, query, gain, partial), norm_weight, norm_eps, backend="triton")
+        from .fused import DepthAttentionFunction
 
         return DepthAttentionFunction.apply(
             bank.storage, bank.num_sources, query, gain, partial, norm_weight, norm_eps, *bank.handles
@@ -240,11 +239,11 @@ def _phase2(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Both phase-2 ops, checked: (h or its PreNorm, the partial sum merged: ``partial + addend`` with ``addend``)."""
     if resolve_backend(backend, out) == "triton":
-        from .two_phase import phase2
-
         if not _fuses_prenorm(norm_weight, out.dtype):
             h, merged = _phase2(out, lse, partial, addend, query, gain, eps, backend, None, norm_eps)
             return prenorm(h, norm_weight, norm_eps, backend), merged
+        from .two_phase import phase2
+
         d = out.shape[-1]
         out2, part2, add2 = (t.reshape(-1, d).contiguous() if t is not None else None for t in (out, partial, addend))
         h, merged = phase2(out2, lse.reshape(-1).contiguous(), part2, query, gain, eps, norm_weight, norm_eps, add2)

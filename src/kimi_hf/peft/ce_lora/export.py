@@ -11,7 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -37,8 +36,8 @@ def export_as_lora(source: PeftModel | str | Path, save_directory: str | Path, a
         adapter_name: which adapter of a ``PeftModel`` to export (ignored for a directory).
 
     Returns:
-        ``save_directory`` as a ``Path``. The weights are always written as ``adapter_model.safetensors`` (a
-        folder saved with ``safe_serialization=False`` is converted), which PEFT reads before any other file.
+        ``save_directory`` as a ``Path``. The weights are read and written as ``adapter_model.safetensors`` only
+        (a folder saved with ``safe_serialization=False`` is refused), which PEFT reads before any other file.
     """
     out = Path(save_directory)
     if isinstance(source, PeftModel):
@@ -55,16 +54,14 @@ def export_as_lora(source: PeftModel | str | Path, save_directory: str | Path, a
         if options.get("peft_type") != "CE_LORA":
             raise ValueError(f"{src / _CONFIG_NAME} is not a CE-LoRA adapter (peft_type {options.get('peft_type')!r})")
         lora_config = _lora_config_from(options)
-        if (src / SAFETENSORS_WEIGHTS_NAME).exists():
-            out.mkdir(parents=True, exist_ok=True)
-            if src.resolve() != out.resolve():
-                shutil.copyfile(src / SAFETENSORS_WEIGHTS_NAME, out / SAFETENSORS_WEIGHTS_NAME)
-        elif (src / WEIGHTS_NAME).exists():
-            state = torch.load(src / WEIGHTS_NAME, map_location="cpu", weights_only=True)
-            out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(out / SAFETENSORS_WEIGHTS_NAME))
-        else:
-            raise ValueError(f"no adapter weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}) in {src}")
+        if not (src / SAFETENSORS_WEIGHTS_NAME).exists():
+            legacy = " (only a pickled adapter_model.bin: save it with safe_serialization=True, PEFT's default)"
+            raise ValueError(
+                f"no {SAFETENSORS_WEIGHTS_NAME} in {src}{legacy if (src / WEIGHTS_NAME).exists() else ''}"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        if src.resolve() != out.resolve():
+            shutil.copyfile(src / SAFETENSORS_WEIGHTS_NAME, out / SAFETENSORS_WEIGHTS_NAME)
     else:
         raise TypeError(f"source must be a PeftModel or an adapter directory, got {type(source).__name__}")
     lora_config.save_pretrained(str(out))
