@@ -25,10 +25,11 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     if choice is None:
         return "triton" if tensor.is_cuda else "torch"
     if choice not in _BACKENDS:
-        raise ValueError(f"unknown kernel backend {choice!r}: expected one of {_BACKENDS}")
+        source = "backend" if backend is not None else BACKEND_ENV_VAR
+        raise ValueError(f"unknown kernel backend {choice!r} (from {source}): expected one of {_BACKENDS}")
     if choice == "triton" and not (tensor.is_cuda or _triton_interpreter_on()):
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (got device {tensor.device}); "
-            "set TRITON_INTERPRET=1 to run the kernels on CPU under Triton's interpreter"
+            f"backend='triton' needs CUDA tensors (got device {tensor.device}); set TRITON_INTERPRET=1 before "
+            "triton is first imported (it is read then) to run the kernels on CPU under Triton's interpreter"
         )
     return choice

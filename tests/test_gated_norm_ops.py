@@ -76,6 +76,13 @@ def test_triton_matches_reference_interpreter(shape, activation):
     _triton_vs_reference(shape, activation, torch.float32, "cpu", 1e-5, 1e-5)
 
 
+def test_triton_backward_of_no_rows_interpreter():
+    """An empty batch: empty input gradients and a zero weight gradient, as on the torch path (it divided by zero)."""
+    x, g, w = (torch.randn(0, 8).requires_grad_(), torch.randn(0, 8).requires_grad_(), torch.randn(8).requires_grad_())
+    gated_rms_norm(x, g, w, backend="triton").sum().backward()
+    assert x.grad.shape == (0, 8) and g.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros(8))
+
+
 def test_triton_backward_programs_walk_several_blocks_interpreter():
     """80 rows of 256 = 10 blocks of 8 rows: two backward programs, the second one partly past the end."""
     _triton_vs_reference((2, 40, 256), "silu", torch.float32, "cpu", 1e-5, 1e-5)

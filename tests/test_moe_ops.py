@@ -59,6 +59,24 @@ def test_triton_matches_reference_interpreter(case, split, monkeypatch):
     assert_close_rel(moe_experts(*args, backend="triton"), _oracle(*args), 1e-5, "out")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unchosen_experts_and_out_of_range_ids_add_nothing(backend):
+    """A token's output never depends on experts it did not choose: an expert full of NaN that only token 1 chose
+    leaves token 0 finite (the torch path multiplied every expert by a zero weight, and 0 * NaN is NaN); an id
+    outside [0, E) adds nothing on either path (the torch path raised from scatter_add_)."""
+    x, ids, weights, w1, w3, w2 = _inputs(2, 20, 18, 4, 2)
+    ids = torch.tensor([[0, 1], [3, 2]])
+    w1 = [*w1[:3], torch.full_like(w1[3], float("nan"))]
+    out = moe_experts(x, ids, weights, w1, w3, w2, backend=backend)
+    assert_close_rel(out[0], _oracle(x[:1], ids[:1], weights[:1], w1, w3, w2)[0], 1e-5, "token 0")
+    assert torch.isnan(out[1]).all()
+    w1[3] = w1[2].clone()
+    outside = torch.tensor([[0, 7], [-1, 2]])
+    kept = torch.tensor([[0, 0], [2, 2]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]) * weights  # the same, in range
+    assert_close_rel(moe_experts(x, outside, weights, w1, w3, w2, backend=backend), _oracle(x, *kept, w1, w3, w2),
+                     1e-5, "ids outside [0, E)")  # fmt: skip
+
+
 def test_table_follows_moved_weights():
     x, ids, weights, w1, w3, w2 = _inputs(2, 20, 18, 3, 2)
     table = ExpertTable()
@@ -83,6 +101,8 @@ def test_bad_inputs_are_named():
         moe_experts(x.double(), ids, weights, *([w.double() for w in g] for g in (w1, w3, w2)), backend="triton")
     with pytest.raises(ValueError, match="inference-only"):
         moe_experts(x.requires_grad_(), ids, weights, w1, w3, w2, backend="triton")
+    with pytest.raises(ValueError, match="at least one expert per token, got k = 0"):
+        moe_experts(x, ids[:, :0], weights[:, :0], w1, w3, w2, backend="triton")
 
 
 @pytest.mark.gpu

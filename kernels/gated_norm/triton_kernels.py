@@ -101,6 +101,8 @@ def gated_rms_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, dgate in the inputs' dtypes, dweight in weight's dtype); all ``[M, D]`` contiguous."""
     rows, dim = x.shape
+    if rows == 0:  # no program to launch; the weight gets no gradient contribution
+        return torch.empty_like(x), torch.empty_like(gate), torch.zeros_like(weight)
     block_r, block_d = _block_rows(dim)
     blocks = min(_BWD_BLOCKS_PER_PROGRAM, triton.cdiv(rows, block_r))
     programs = triton.cdiv(rows, block_r * blocks)

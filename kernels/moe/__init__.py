@@ -49,9 +49,10 @@ class ExpertTable:
     ``[3, E]`` int64 device table of their addresses (w1, w3, w2) that the kernels read.
 
     The per-weight checks and the table are redone only when a weight's address (or x's hidden size, dtype or
-    device) changes, e.g. after ``model.to``: a decode step then spends no host time on them. Building the
-    table copies to the device, which a CUDA-graph capture does not allow: use the layer once before
-    capturing (a warm-up step does). Keep one per MoE layer.
+    device) changes, e.g. after ``model.to``: a decode step then spends no host time on them. A weight replaced
+    by a view of another shape or stride at the same address is therefore not checked again: use a new table.
+    Building the table copies to the device, which a CUDA-graph capture does not allow: use the layer once
+    before capturing (a warm-up step does). Keep one per MoE layer.
     """
 
     def __init__(self) -> None:
@@ -87,6 +88,8 @@ def _check_inputs(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
                          f"{tuple(expert_ids.shape)}")  # fmt: skip
     if tuple(weights.shape) != tuple(expert_ids.shape):
         raise ValueError(f"weights must have expert_ids' shape {tuple(expert_ids.shape)}, got {tuple(weights.shape)}")
+    if expert_ids.shape[1] == 0:
+        raise ValueError("expert_ids must choose at least one expert per token, got k = 0")
 
 
 def _check_weights(
@@ -100,8 +103,9 @@ def _check_weights(
     for name, group, shape in (("w1", w1, (inter, hidden)), ("w3", w3, (inter, hidden)), ("w2", w2, (hidden, inter))):
         for e, w in enumerate(group):
             if tuple(w.shape) != shape or w.dtype != x.dtype or w.device != x.device:
-                raise ValueError(f"{name}[{e}] must be {shape} {x.dtype} on {x.device} (x's dtype and device), got "
-                                 f"{tuple(w.shape)} {w.dtype} on {w.device}")  # fmt: skip
+                raise ValueError(f"{name}[{e}] must be {shape} {x.dtype} on {x.device} (x's hidden size, dtype and "
+                                 f"device; the intermediate size of w1[0]), got {tuple(w.shape)} {w.dtype} on "
+                                 f"{w.device}")  # fmt: skip
     return all(w.is_contiguous() for group in (w1, w3, w2) for w in group)
 
 
@@ -129,7 +133,7 @@ def moe_experts(
         backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
 
     Returns:
-        ``[N, hidden]`` in x's dtype. Not differentiable.
+        ``[N, hidden]`` in x's dtype. The Triton path is inference-only; the torch path is differentiable.
     """
     _check_inputs(x, expert_ids, weights)
     table = table or ExpertTable()

@@ -14,8 +14,9 @@ import triton.language as tl
 
 @triton.jit
 def _mix_of_expert(expert_ids, weights, e, N, TOPK: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
-    """Token rows ``[BN]`` and the mixing weight of expert ``e`` for each token (0 if not chosen), fp32,
-    and how many tokens chose it."""
+    """Token rows ``[BN]``, the mixing weight of expert ``e`` for each token (0 if not chosen, fp32), whether
+    each token chose it, and how many tokens did. A token that did not choose ``e`` must get exactly nothing from
+    it (``where``, not a zero weight: an overflow or NaN of ``e`` on its row times 0 would still be NaN)."""
     n = tl.arange(0, BN)
     j = tl.arange(0, BJ)
     mask = (n < N)[:, None] & (j < TOPK)[None, :]
@@ -23,7 +24,8 @@ def _mix_of_expert(expert_ids, weights, e, N, TOPK: tl.constexpr, BN: tl.constex
     b_ids = tl.load(expert_ids + offs, mask=mask, other=-1)
     b_w = tl.load(weights + offs, mask=mask, other=0.0).to(tl.float32)
     hit = b_ids == e
-    return n, tl.sum(tl.where(hit, b_w, 0.0), axis=1), tl.sum(hit.to(tl.int32))
+    picked = tl.sum(hit.to(tl.int32), axis=1) > 0
+    return n, tl.sum(tl.where(hit, b_w, 0.0), axis=1), picked, tl.sum(hit.to(tl.int32))
 
 
 @triton.jit
@@ -38,7 +40,7 @@ def moe_gate_up_kernel(
     ``up`` (``[SPLIT, E, N, INTER]`` fp32, finished by :func:`moe_act_kernel`). Nothing is written if no
     token chose e. More slices give a one-token step more programs, each streaming a slice of the weights."""
     e, i_i, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, b_mix, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
+    n, b_mix, picked, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
     if chosen > 0:
         dt = x.dtype.element_ty
         w1 = tl.load(table + e).to(tl.pointer_type(dt))
@@ -60,7 +62,8 @@ def moe_gate_up_kernel(
         out_mask = nmask[:, None] & cmask[None, :]
         if SPLIT == 1:
             offs = (e * N + n[:, None]).to(tl.int64) * INTER + cols[None, :]
-            tl.store(act + offs, (b_g * tl.sigmoid(b_g) * b_u * b_mix[:, None]).to(dt), mask=out_mask)
+            b_act = tl.where(picked[:, None], b_g * tl.sigmoid(b_g) * b_u * b_mix[:, None], 0.0)
+            tl.store(act + offs, b_act.to(dt), mask=out_mask)
         else:
             offs = ((i_s * E + e) * N + n[:, None]).to(tl.int64) * INTER + cols[None, :]
             tl.store(gate + offs, b_g, mask=out_mask)
@@ -75,7 +78,7 @@ def moe_act_kernel(
     """Per (expert e, block of BI intermediate columns): act[e, n] = mix[n, e] * silu(g) * u, with g and u the
     sums of the SPLIT partial sums of :func:`moe_gate_up_kernel`; nothing is written if no token chose e."""
     e, i_i = tl.program_id(0), tl.program_id(1)
-    n, b_mix, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
+    n, b_mix, picked, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
     if chosen > 0:
         cols = i_i * BI + tl.arange(0, BI)
         mask = (n < N)[:, None] & (cols < INTER)[None, :]
@@ -86,7 +89,8 @@ def moe_act_kernel(
             b_g += tl.load(gate + offs, mask=mask, other=0.0)
             b_u += tl.load(up + offs, mask=mask, other=0.0)
         offs = (e * N + n[:, None]).to(tl.int64) * INTER + cols[None, :]
-        tl.store(act + offs, (b_g * tl.sigmoid(b_g) * b_u * b_mix[:, None]).to(act.dtype.element_ty), mask=mask)
+        b_act = tl.where(picked[:, None], b_g * tl.sigmoid(b_g) * b_u * b_mix[:, None], 0.0)
+        tl.store(act + offs, b_act.to(act.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -96,9 +100,9 @@ def moe_down_kernel(
     IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (expert e, block of BD output columns): partial[e, n] = act[e, n] w2[e]^T (``partial [E, N, HID]``
-    fp32; zeros if no token chose e, so that the sum over experts needs no mask)."""
+    fp32; zeros for the tokens that did not choose e, so that the sum over experts needs no mask)."""
     e, i_d = tl.program_id(0), tl.program_id(1)
-    n, _, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
+    n, _, picked, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
     nmask = n < N
     cols = i_d * BD + tl.arange(0, BD)
     cmask = cols < HID
@@ -114,4 +118,4 @@ def moe_down_kernel(
             b_w = tl.load(w2 + w_offs, mask=imask[:, None] & cmask[None, :], other=0.0)
             b_o += tl.dot(b_a, b_w, input_precision=IEEE)
     offs = (e * N + n[:, None]).to(tl.int64) * HID + cols[None, :]
-    tl.store(partial + offs, b_o, mask=nmask[:, None] & cmask[None, :])
+    tl.store(partial + offs, tl.where(picked[:, None], b_o, 0.0), mask=nmask[:, None] & cmask[None, :])

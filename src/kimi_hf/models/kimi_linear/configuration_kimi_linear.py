@@ -163,7 +163,8 @@ class KimiLinearConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
+        if rope_scaling is not None:  # transformers >= 5.2x warns on any assignment (rope_parameters replaces it)
+            self.rope_scaling = rope_scaling
         self.model_max_length = model_max_length
         self.attention_dropout = attention_dropout
         self.q_lora_rank = q_lora_rank
