@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/data.py, without the repo root
 from data import CORPORA, token_splits  # noqa: E402
 
-from kimi_hf.cli import positive_float, positive_int  # noqa: E402
+from kimi_hf.cli import non_negative_float, positive_float, positive_int  # noqa: E402
 from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM  # noqa: E402
 
 PRESETS = {
@@ -75,13 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--output-dir {args.out} exists and is not a folder")
     return args
 
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a number >= 0."""
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def build_model(args: argparse.Namespace, mode: str, vocab_size: int) -> AttnResForCausalLM:
