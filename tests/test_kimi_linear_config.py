@@ -226,3 +226,19 @@ def test_auto_registration_leaves_the_native_kimi_linear_alone():
 def test_special_token_ids_must_fit_the_vocabulary():
     with pytest.raises(ValueError, match="pad_token_id must be None or in \\[0, vocab_size=64\\), got 163839"):
         KimiLinearConfig(vocab_size=64, bos_token_id=1, eos_token_id=2)
+    with pytest.raises(ValueError, match="give pad_token_id, bos_token_id and eos_token_id with a smaller vocab"):
+        KimiLinearConfig(vocab_size=32000)
+
+
+def test_the_readmes_small_config_builds():
+    """README.md's "small one from scratch" (it failed as written until session 21: the 48B vocabulary's ids)."""
+    config = KimiLinearConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+        num_experts=8, num_experts_per_token=2, moe_intermediate_size=256,
+        linear_attn_config={"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 4, "head_dim": 128},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = KimiLinearForCausalLM(config)
+    assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    assert 50e6 < sum(p.numel() for p in model.parameters()) < 60e6

@@ -266,7 +266,10 @@ class KimiLinearConfig(PreTrainedConfig):
         for name in ("pad_token_id", "bos_token_id"):
             token = getattr(self, name)
             if token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(f"{name} must be None or in [0, vocab_size={self.vocab_size}), got {token!r}")
+                raise ValueError(
+                    f"{name} must be None or in [0, vocab_size={self.vocab_size}), got {token!r} (the defaults are "
+                    "the 48B checkpoints' ids: give pad_token_id, bos_token_id and eos_token_id with a smaller vocab)"
+                )
         if self.num_key_value_heads != self.num_attention_heads:
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must equal num_attention_heads "
