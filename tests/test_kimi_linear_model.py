@@ -432,9 +432,11 @@ def test_padding_gives_the_logits_of_each_sequence_alone(side, dtype, rtol):
         assert_close_rel(logits[row, span], ref, rtol, f"{side}-padded row {row}")
 
 
-@pytest.mark.parametrize("how", ["position_ids", "cu_seqlens"])
+@pytest.mark.parametrize("how", ["position_ids", "cu_seqlens", "cu_seq_lens_q"])
 @pytest.mark.parametrize("dtype, rtol", DTYPES)
 def test_packed_sequences_equal_separate_runs(how, dtype, rtol):
+    """Packed sequences marked by restarting positions, ``cu_seqlens``, or flash-attention's ``cu_seq_lens_q`` (as
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` writes them; they ran as one sequence before)."""
     model = tiny_model(seed=12, dtype=dtype)
     seqs = _seqs(seed=20) + [random_ids(1, 5, seed=30)[0]]
     packed = torch.cat(seqs)[None]
@@ -442,7 +444,7 @@ def test_packed_sequences_equal_separate_runs(how, dtype, rtol):
     kwargs = (
         {"position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None]}
         if how == "position_ids"
-        else {"cu_seqlens": bounds.to(torch.int32)}
+        else {how: bounds.to(torch.int32)}
     )
     with torch.no_grad():
         logits = model(packed, **kwargs).logits[0]
@@ -544,3 +546,16 @@ def test_inference_path_equals_eager_residuals(overrides):
         for _ in range(4):
             seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, seq)
+
+
+def test_balancing_warns_when_the_bias_is_not_fp32(monkeypatch):
+    """``model.to(torch.bfloat16)`` casts the correction bias too (only from_pretrained keeps it fp32), and bf16
+    cannot hold steps of 1e-3 on a bias near 1: the update says so instead of vanishing silently."""
+    import kimi_hf.models.kimi_linear.modeling_kimi_linear as modeling
+
+    messages = []
+    monkeypatch.setattr(modeling.logger, "warning_once", messages.append)
+    model = tiny_model(seed=9, router_bias_update_rate=1e-3).to(torch.bfloat16).train()
+    for seed in range(2):
+        model(random_ids(2, 8, seed=seed))
+    assert messages and "e_score_correction_bias is torch.bfloat16" in messages[0]

@@ -443,10 +443,21 @@ class KimiLinearRouter(nn.Module):
 
     @torch.no_grad()
     def _apply_pending_bias_update(self) -> None:
-        """Auxiliary-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts."""
+        """Auxiliary-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts. Under
+        torch.distributed the load is summed over the ranks first (every rank trains in step and reaches this
+        in the same forward), so that every rank makes the same update from the global batch."""
         if self._pending_load is not None:
             load = self._pending_load
-            self.e_score_correction_bias += self.config.router_bias_update_rate * torch.sign(load.mean() - load)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(load)
+            bias = self.e_score_correction_bias
+            if bias.dtype != torch.float32:
+                logger.warning_once(
+                    f"e_score_correction_bias is {bias.dtype}: balancing steps of {self.config.router_bias_update_rate}"
+                    " fall below its resolution and are lost; keep it fp32 (from_pretrained(dtype=...) does, "
+                    "model.to(dtype) does not)"
+                )
+            bias += self.config.router_bias_update_rate * torch.sign(load.mean() - load)
             self._pending_load = None
 
 
@@ -924,9 +935,14 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         Args:
             labels: ``[B, T]`` next-token targets (shifted inside; -100 ignored).
             logits_to_keep: compute logits only for the last N positions (int) or the given indices (tensor).
+            cu_seq_lens_q (keyword): flash-attention's packed-sequence boundaries, as
+                ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` writes them; read as ``cu_seqlens``.
             Other arguments as in :meth:`KimiLinearModel.forward`.
         """
         cache = cache if cache is not None else past_key_values
+        if cu_seqlens is None and kwargs.get("cu_seq_lens_q") is not None:
+            # DataCollatorWithFlattening(return_flash_attn_kwargs=True) marks packed sequences this way only
+            cu_seqlens = kwargs["cu_seq_lens_q"]
         if self._replays_decode_graph(cache, input_ids, labels, use_cache, output_hidden_states, output_router_logits):
             logits = cache.decode_graph(self).step(input_ids)
             output = MoeCausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})

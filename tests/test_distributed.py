@@ -1,6 +1,7 @@
-"""CE-LoRA under DDP and FSDP2: two CPU processes (gloo) against a single-process emulation of data parallelism.
+"""Data parallelism on two CPU processes (gloo) against single-process emulations: CE-LoRA under DDP and FSDP2, and
+the Kimi Linear MoE's balancing bias under DDP.
 
-Each rank keeps its own channel selection, made from its own ``dY`` (CE-LoRA's state is per layer and per
+CE-LoRA: each rank keeps its own channel selection, made from its own ``dY`` (CE-LoRA's state is per layer and per
 process, never a buffer DDP would broadcast). So two ranks training together must end exactly where two replicas
 of the model end when each runs its own batch through its own CE-LoRA state and both apply the averaged LoRA
 gradients. The steps cover an exact step that selects the channels and approximate steps that use them.
@@ -41,26 +42,30 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _worker(rank: int, mode: str, init_file: str, out: str) -> None:
-    """Trains and saves, then leaves with ``os._exit``: torch's ``destroy_process_group`` (and the process group's
-    destructor at interpreter exit) joins gloo's worker thread while holding the GIL, and that thread can be
-    waiting for the GIL to release a finished allreduce's Python state: a deadlock seen with torch 2.13 (see
-    pytorch/pytorch#56297). The results are on disk by then; a failure prints its traceback and exits 1."""
-    try:
-        _train_and_save(rank, mode, init_file, out)
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
-
-
-def _train_and_save(rank: int, mode: str, init_file: str, out: str) -> None:
+def _init(rank: int, init_file: str) -> None:
     torch.set_num_threads(1)
     if os.path.exists("/sys/class/net/lo"):  # gloo over loopback: no dependence on the host's network setup
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=TIMEOUT)
     )
+
+
+def _worker(rank: int, mode: str, init_file: str, out: str) -> None:
+    """Trains and saves, then leaves with ``os._exit``: torch's ``destroy_process_group`` (and the process group's
+    destructor at interpreter exit) joins gloo's worker thread while holding the GIL, and that thread can be
+    waiting for the GIL to release a finished allreduce's Python state: a deadlock seen with torch 2.13 (see
+    pytorch/pytorch#56297). The results are on disk by then; a failure prints its traceback and exits 1."""
+    try:
+        _init(rank, init_file)
+        (_balance_and_save if mode == "router_bias" else _train_and_save)(rank, mode, out)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def _train_and_save(rank: int, mode: str, out: str) -> None:
     model = _model()
     if mode == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
@@ -103,8 +108,7 @@ def _emulated() -> tuple[dict[str, torch.Tensor], list[int]]:
     return named, [s.selections for s in ce_states(replicas[0])]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_data_parallel_matches_emulation(mode, tmp_path):
+def _spawn(mode: str, tmp_path) -> None:
     workers = mp.spawn(_worker, args=(mode, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 2 * TIMEOUT
     while not workers.join(timeout=5):  # raises if a worker failed
@@ -112,6 +116,11 @@ def test_data_parallel_matches_emulation(mode, tmp_path):
             for process in workers.processes:
                 process.kill()
             pytest.fail(f"the {mode} workers did not finish within {2 * TIMEOUT} s")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_data_parallel_matches_emulation(mode, tmp_path):
+    _spawn(mode, tmp_path)
     expected, selections = _emulated()
     # two selections (steps 0 and 2) in every layer whose input needs a gradient (not layer 0's q/k/v: the frozen
     # embedding's output does not)
@@ -126,3 +135,69 @@ def test_data_parallel_matches_emulation(mode, tmp_path):
     moved = [n for n in expected if not torch.equal(expected[n], initial[n])]
     assert len(moved) == len(expected), "every LoRA weight trained (the comparison is not of untouched weights)"
 
+
+
+# ------------------------------------------------------------------------------- the MoE's balancing bias
+RATE = 0.01
+
+
+def _routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from kimi_hf.models.kimi_linear.modeling_kimi_linear import KimiLinearRouter
+
+    return [m for m in model.modules() if isinstance(m, KimiLinearRouter)]
+
+
+def _balancing_model() -> torch.nn.Module:
+    from kimi_linear_utils import tiny_model
+
+    return tiny_model(seed=9, router_bias_update_rate=RATE).train()
+
+
+def _balancing_seed(step: int, rank: int) -> int:
+    # at step 0 the ranks' batches (seeds 0 and 2) give loads whose update differs, in one router, from the update
+    # of their sum: the test then tells a per-rank update from a global one
+    return 10 * step + 2 * rank
+
+
+def _balance_and_save(rank: int, mode: str, out: str) -> None:
+    """Two training forwards under DDP: the second applies the bias update from the first one's expert loads."""
+    from kimi_linear_utils import random_ids
+
+    model = torch.nn.parallel.DistributedDataParallel(_balancing_model(), find_unused_parameters=True)
+    for step in range(2):
+        ids = random_ids(2, 12, seed=_balancing_seed(step, rank))
+        model(ids, labels=ids).loss.backward()
+    biases = {f"router{i}": r.e_score_correction_bias.detach() for i, r in enumerate(_routers(model.module))}
+    save_file(biases, os.path.join(out, f"rank{rank}.safetensors"))
+    dist.barrier()
+
+
+def test_balancing_bias_follows_the_load_of_every_rank(tmp_path):
+    """Under DDP every rank makes the same balancing update, from the expert loads summed over the ranks (each rank
+    used to update from its own load: the ranks routed with different biases)."""
+    from kimi_linear_utils import random_ids
+
+    _spawn("router_bias", tmp_path)
+    model = _balancing_model()
+    initial = [r.e_score_correction_bias.clone() for r in _routers(model)]
+    loads = []
+    for rank in range(WORLD):  # the first step's loads of each rank's batch
+        model(random_ids(2, 12, seed=_balancing_seed(0, rank)))
+        loads.append([r._pending_load for r in _routers(model)])
+        for router in _routers(model):
+            router._pending_load = None
+    def step(load: torch.Tensor) -> torch.Tensor:
+        return torch.sign(load.mean() - load)
+
+    per_rank_differs = [not torch.equal(step(own), step(sum(rank_loads))) for rank_loads in zip(*loads)
+                        for own in rank_loads]  # fmt: skip
+    assert any(per_rank_differs), "pick other batches: every rank's own update equals the global one"
+    for router, *rank_loads in zip(_routers(model), *loads):
+        router._pending_load = sum(rank_loads)
+        router._apply_pending_bias_update()
+    expected = [r.e_score_correction_bias for r in _routers(model)]
+    assert any(not torch.equal(a, b) for a, b in zip(expected, initial)), "no update to compare"
+    for rank in range(WORLD):
+        got = load_file(tmp_path / f"rank{rank}.safetensors")
+        for i, value in enumerate(expected):
+            assert torch.equal(got[f"router{i}"], value), f"rank {rank} router {i}"
