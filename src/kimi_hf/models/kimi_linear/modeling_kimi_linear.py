@@ -454,7 +454,7 @@ class KimiLinearRouter(nn.Module):
             if bias.dtype != torch.float32:
                 logger.warning_once(
                     f"e_score_correction_bias is {bias.dtype}: balancing steps of {self.config.router_bias_update_rate}"
-                    " fall below its resolution and are lost; keep it fp32 (from_pretrained(dtype=...) does, "
+                    " can fall below its resolution and be lost; keep it fp32 (from_pretrained(dtype=...) does, "
                     "model.to(dtype) does not)"
                 )
             bias += self.config.router_bias_update_rate * torch.sign(load.mean() - load)
