@@ -160,6 +160,13 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: A
     return model.to(dtype).eval()
 
 
+def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The MoE routers of a Kimi Linear model (also inside a wrapper: DDP, PEFT), in layer order."""
+    from kimi_hf.models.kimi_linear.modeling_kimi_linear import KimiLinearRouter
+
+    return [m for m in model.modules() if isinstance(m, KimiLinearRouter)]
+
+
 def random_ids(batch: int, seq_len: int, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
     """``[batch, seq_len]`` token ids that avoid the special ids 0-2 (pad, bos, eos of the tiny config)."""
     gen = torch.Generator().manual_seed(seed)

@@ -13,6 +13,16 @@ import pytest
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "attn_res_replication.py"
 
 
+def _recipe():
+    """The recipe module, imported from ``recipes/`` (not a package)."""
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        import attn_res_replication
+    finally:
+        sys.path.pop(0)
+    return attn_res_replication
+
+
 def _run_tiny(out: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env |= {"OMP_NUM_THREADS": "1"} | ({"PYTHONPATH": pythonpath} if pythonpath else {})
@@ -51,23 +61,13 @@ def test_tiny_preset_writes_every_output_and_skips_the_plot_without_matplotlib(t
     ],
 )
 def test_bad_sizes_are_refused_before_any_work(args, message, capsys):
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import attn_res_replication
-    finally:
-        sys.path.pop(0)
     with pytest.raises(SystemExit):
-        attn_res_replication.parse_args(["--tiny", *args])
+        _recipe().parse_args(["--tiny", *args])
     assert message in capsys.readouterr().err
 
 
 def test_an_output_path_that_is_a_file_is_refused_before_training(tmp_path, capsys):
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import attn_res_replication
-    finally:
-        sys.path.pop(0)
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit):
-        attn_res_replication.parse_args(["--tiny", "--output-dir", str(tmp_path / "afile")])
+        _recipe().parse_args(["--tiny", "--output-dir", str(tmp_path / "afile")])
     assert "exists and is not a folder" in capsys.readouterr().err

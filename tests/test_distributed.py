@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_close_rel
+from kimi_linear_utils import random_ids, routers, tiny_model
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from test_ce_lora import ce_config, ce_states, tiny_llama, tokens
@@ -141,15 +142,7 @@ def test_data_parallel_matches_emulation(mode, tmp_path):
 RATE = 0.01
 
 
-def _routers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from kimi_hf.models.kimi_linear.modeling_kimi_linear import KimiLinearRouter
-
-    return [m for m in model.modules() if isinstance(m, KimiLinearRouter)]
-
-
 def _balancing_model() -> torch.nn.Module:
-    from kimi_linear_utils import tiny_model
-
     return tiny_model(seed=9, router_bias_update_rate=RATE).train()
 
 
@@ -161,13 +154,11 @@ def _balancing_seed(step: int, rank: int) -> int:
 
 def _balance_and_save(rank: int, mode: str, out: str) -> None:
     """Two training forwards under DDP: the second applies the bias update from the first one's expert loads."""
-    from kimi_linear_utils import random_ids
-
     model = torch.nn.parallel.DistributedDataParallel(_balancing_model(), find_unused_parameters=True)
     for step in range(2):
         ids = random_ids(2, 12, seed=_balancing_seed(step, rank))
         model(ids, labels=ids).loss.backward()
-    biases = {f"router{i}": r.e_score_correction_bias.detach() for i, r in enumerate(_routers(model.module))}
+    biases = {f"router{i}": r.e_score_correction_bias.detach() for i, r in enumerate(routers(model.module))}
     save_file(biases, os.path.join(out, f"rank{rank}.safetensors"))
     dist.barrier()
 
@@ -175,16 +166,14 @@ def _balance_and_save(rank: int, mode: str, out: str) -> None:
 def test_balancing_bias_follows_the_load_of_every_rank(tmp_path):
     """Under DDP every rank makes the same balancing update, from the expert loads summed over the ranks (each rank
     used to update from its own load: the ranks routed with different biases)."""
-    from kimi_linear_utils import random_ids
-
     _spawn("router_bias", tmp_path)
     model = _balancing_model()
-    initial = [r.e_score_correction_bias.clone() for r in _routers(model)]
+    initial = [r.e_score_correction_bias.clone() for r in routers(model)]
     loads = []
     for rank in range(WORLD):  # the first step's loads of each rank's batch
         model(random_ids(2, 12, seed=_balancing_seed(0, rank)))
-        loads.append([r._pending_load for r in _routers(model)])
-        for router in _routers(model):
+        loads.append([r._pending_load for r in routers(model)])
+        for router in routers(model):
             router._pending_load = None
     def step(load: torch.Tensor) -> torch.Tensor:
         return torch.sign(load.mean() - load)
@@ -192,10 +181,10 @@ def test_balancing_bias_follows_the_load_of_every_rank(tmp_path):
     per_rank_differs = [not torch.equal(step(own), step(sum(rank_loads))) for rank_loads in zip(*loads)
                         for own in rank_loads]  # fmt: skip
     assert any(per_rank_differs), "pick other batches: every rank's own update equals the global one"
-    for router, *rank_loads in zip(_routers(model), *loads):
+    for router, *rank_loads in zip(routers(model), *loads):
         router._pending_load = sum(rank_loads)
         router._apply_pending_bias_update()
-    expected = [r.e_score_correction_bias for r in _routers(model)]
+    expected = [r.e_score_correction_bias for r in routers(model)]
     assert any(not torch.equal(a, b) for a, b in zip(expected, initial)), "no update to compare"
     for rank in range(WORLD):
         got = load_file(tmp_path / f"rank{rank}.safetensors")

@@ -9,17 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel
-from kimi_linear_utils import TINY_VOCAB, random_ids, single_thread, tiny_config, tiny_model  # noqa: F401
+from kimi_linear_utils import TINY_VOCAB, random_ids, routers, single_thread, tiny_config, tiny_model  # noqa: F401
 
 from kimi_hf import KimiLinearForCausalLM, KimiLinearModel
 from kimi_hf.models.kimi_linear import KimiLinearCache
 from kimi_hf.models.kimi_linear.modeling_kimi_linear import CACHE_FIELD, KimiLinearSparseMoE
 
 MOE_LAYERS = [1, 2, 3]  # of the tiny config: layer 0 dense
-
-
-def _routers(model: KimiLinearForCausalLM):
-    return [model.model.layers[i].block_sparse_moe.gate for i in MOE_LAYERS]
 
 
 def _expected_load(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -45,7 +41,7 @@ def test_every_parameter_gets_a_gradient():
     out = model(ids, labels=ids, output_router_logits=True)
     assert out.logits.shape == (2, 24, TINY_VOCAB)
     # The test is only meaningful if every routed expert received tokens.
-    for logits, router in zip(out.router_logits, _routers(model)):
+    for logits, router in zip(out.router_logits, routers(model)):
         load = _expected_load(logits, router.e_score_correction_bias, 2)
         assert (load > 0).all(), f"pick another seed: an expert got no token ({load.tolist()})"
     out.loss.backward()
@@ -352,11 +348,11 @@ def test_grouped_experts_pad_groups_and_match_the_loop():
 
 def test_eval_routing_never_changes_the_bias():
     model = tiny_model(seed=8, router_bias_update_rate=0.01)
-    before = [r.e_score_correction_bias.clone() for r in _routers(model)]
+    before = [r.e_score_correction_bias.clone() for r in routers(model)]
     with torch.no_grad():
         for seed in range(2):
             model(random_ids(2, 8, seed=seed))
-    for b, r in zip(before, _routers(model)):
+    for b, r in zip(before, routers(model)):
         assert torch.equal(b, r.e_score_correction_bias)
 
 
@@ -365,29 +361,29 @@ def test_bias_update_applies_at_the_next_forward_not_during_recomputation(kwargs
     rate = 0.01
     model = tiny_model(seed=9, router_bias_update_rate=rate).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    routers = _routers(model)
-    bias0 = [r.e_score_correction_bias.clone() for r in routers]
+    gates = routers(model)
+    bias0 = [r.e_score_correction_bias.clone() for r in gates]
     ids1, ids2 = random_ids(2, 12, seed=1), random_ids(2, 12, seed=2)
 
     out1 = model(ids1, labels=ids1, output_router_logits=True)
     out1.loss.backward()  # recomputes every layer's forward
-    for b, r in zip(bias0, routers):
+    for b, r in zip(bias0, gates):
         assert torch.equal(b, r.e_score_correction_bias), "bias moved during the forward or the recomputation"
     loads = [_expected_load(lg.detach(), b, 2) for lg, b in zip(out1.router_logits, bias0)]
     assert any(not torch.all(ld == ld.mean()) for ld in loads), "pick another seed: perfectly balanced loads"
 
     model(ids2)  # applies the loads of the first forward
-    for b, r, load in zip(bias0, routers, loads):
+    for b, r, load in zip(bias0, gates, loads):
         expected = b + rate * torch.sign(load.mean() - load)
         assert_close_rel(r.e_score_correction_bias, expected, 1e-7, "updated bias")
         # under-loaded experts go up, over-loaded ones down
         assert torch.all((r.e_score_correction_bias > b) == (load < load.mean()))
 
-    bias1 = [r.e_score_correction_bias.clone() for r in routers]
+    bias1 = [r.e_score_correction_bias.clone() for r in gates]
     model.eval()
     with torch.no_grad():
         model(ids1)  # the pending loads of the second forward are not applied in eval mode
-    for b, r in zip(bias1, routers):
+    for b, r in zip(bias1, gates):
         assert torch.equal(b, r.e_score_correction_bias)
 
 

@@ -21,7 +21,7 @@ class CausalConv1dFunction(torch.autograd.Function):
         output_final_state: bool,
         cu_seqlens: torch.Tensor | None,
     ):
-        x, weight = x.contiguous(), weight.contiguous()
+        x = x.contiguous()  # weight and bias arrive contiguous (causal_conv1d's checks)
         initial_state = initial_state.contiguous() if initial_state is not None else None
         y, final_state, seq_ids = causal_conv1d_fwd(
             x, weight, bias, initial_state, output_final_state, cu_seqlens, silu

@@ -57,6 +57,7 @@ class KimiLinearCache:
     def __init__(self, config: KimiLinearConfig) -> None:
         self.layer_types = config.layer_types
         self.layout = _cache_layout(config)
+        self._config = config  # the config it was built for: check_config's common case, without recomputing
         n = config.num_hidden_layers
         self.conv_states: list[ConvStates | None] = [None] * n
         self.recurrent_states: list[torch.Tensor | None] = [None] * n
@@ -67,6 +68,8 @@ class KimiLinearCache:
     # ------------------------------------------------------------------ per forward (called by the model)
     def check_config(self, config: KimiLinearConfig) -> None:
         """Raise if this cache was built for a model whose layers or state shapes differ from ``config``'s."""
+        if config is self._config:
+            return
         layout = _cache_layout(config)
         if layout != self.layout:
             differ = [
