@@ -7,7 +7,8 @@
 # Compiling the Triton kernels (ours and fla's autotuned ones) takes minutes on a fresh machine and is
 # CPU-bound, so the steps before `--` run concurrently: they fill the Triton cache and check correctness,
 # and their timings are thrown away (they share the GPU). The steps after `--` then run one at a time on
-# a warm cache; only their numbers count. Each step has its own timeout; no warm step runs past
+# a warm cache; only their numbers count. Each step has its own timeout (the full `tests` step's is
+# GPU_TESTS_SECONDS, default 240); no warm step runs past
 # GPU_WARM_SECONDS (default 300) and no timed step past GPU_SESSION_SECONDS (default 560) from the start, so
 # that the autotuning choices below are kept within the device call's 10 minutes. Each step writes $OUT/<step>.log
 # (warm runs: $OUT/warm_<step>.log) progressively, so a step cut short keeps what it measured.
@@ -24,7 +25,7 @@ head -n 1 "$OUT/setup.log"
 
 step_command() {
   case "$1" in
-    tests) echo "timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
+    tests) echo "timeout ${GPU_TESTS_SECONDS:-240} python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -rf" ;;
     # the KDA kernels' GPU tests and the model's in-model op tests: a shorter warm step for calls
     # that mostly time KDA
     kda_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_kda_gpu.py tests/test_kimi_linear_gpu.py \
