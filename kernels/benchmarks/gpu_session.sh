@@ -31,6 +31,10 @@ step_command() {
     kda_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_kda_gpu.py tests/test_kimi_linear_gpu.py \
       -p no:cacheprovider --tb=short -rf \
       --deselect tests/test_kimi_linear_gpu.py::test_logits_match_transformers_native_class" ;;
+    # the conv and gated-norm GPU tests, and the model's in-model op tests (which run both)
+    conv_norm_tests) echo "timeout 200 python3 -m pytest -q -m gpu tests/test_conv_ops.py tests/test_gated_norm_ops.py \
+      tests/test_kimi_linear_gpu.py -p no:cacheprovider --tb=short -rf \
+      --deselect tests/test_kimi_linear_gpu.py::test_logits_match_transformers_native_class" ;;
     attn_res_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_attn_res_ops.py tests/test_attn_res_model.py \
       -p no:cacheprovider --tb=short -rf" ;;
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --profile --json $OUT/$2kda.json" ;;
@@ -40,6 +44,9 @@ step_command() {
       --sweep-shape ${KDA_SWEEP_SHAPE:-1x8192} --best-by ${KDA_SWEEP_BY:-fwd+bwd}" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
+    # our training steps alone, with their GPU time per kernel
+    model_train) echo "timeout 240 python3 kernels/benchmarks/bench_model.py --skip-native --no-parity --parts train \
+      --profile --json $OUT/$2model_train.json" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;
     attn_res) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res.py --json $OUT/$2attn_res.json" ;;
     attn_res_graphs) echo "timeout 200 python3 kernels/benchmarks/bench_attn_res.py --model kimi_linear --impls triton \
@@ -53,6 +60,12 @@ step_command() {
     ce_lora_quality)
       echo "timeout 240 python3 recipes/ce_lora_quality.py --preset gpu --output-dir $OUT/ce_lora_quality" ;;
     small_ops) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections conv norm kda" ;;
+    # conv_sweep / norm_sweep: CONV_SWEEP / NORM_SWEEP="NAME=v1,v2 ..." (constants of conv.triton_kernels /
+    # gated_norm.triton_kernels), every combination timed
+    conv_sweep) echo "timeout 200 python3 kernels/benchmarks/bench_small_ops.py --sections conv \
+      --sweep $(sed 's/\([A-Z_]*=\)/conv.triton_kernels.\1/g' <<< "${CONV_SWEEP:?set CONV_SWEEP}")" ;;
+    norm_sweep) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections norm \
+      --sweep $(sed 's/\([A-Z_]*=\)/gated_norm.triton_kernels.\1/g' <<< "${NORM_SWEEP:?set NORM_SWEEP}")" ;;
     *) return 1 ;;
   esac
 }

@@ -140,34 +140,64 @@ def _conv_final_state_kernel(
 
 
 @triton.jit
+def _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, j: tl.constexpr, W: tl.constexpr, HAS_H: tl.constexpr):
+    """dz[t] * input[t - W + 1 + j] for the tile's rows, fp32 ``[BT, BD]`` (zero for taps past the width)."""
+    if j < W:
+        return b_dz * _load_input(x, h, rows + (j - W + 1), seq, bos, cols, row_mask, D, W, HAS_H)
+    return tl.zeros_like(b_dz)
+
+
+@triton.jit
 def _conv_bwd_dz_kernel(
     x, w, b, h, dy, dz, dw_partial, db_partial, seq_ids, cu_seqlens, NT, T, D, SUB,
     W: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
+    TAP_TILES: tl.constexpr,
 ):
     """For SUB blocks of BT rows: dz = dL/d(pre-activation), stored fp32 (zero outside the sequences), and the
     weight/bias gradients summed over those rows into one partial row, dw[:, j] = sum_t dz[t] input[t - W + 1 + j]
-    (the same shifted inputs as the recomputed pre-activation, so they hit the cache)."""
+    (the same shifted inputs as the recomputed pre-activation, so they hit the cache).
+
+    A sum over a tile's rows crosses warps (shared memory and a barrier): taken once per tap and tile, it was most
+    of this kernel's time. With TAP_TILES (W <= 4, the models' width) each tap's products are summed per element
+    over the SUB tiles, one register tile per tap, and over the rows once at the end; otherwise each tile's rows are
+    summed.
+    """
     pid_t = tl.program_id(0)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     slots = tl.arange(0, BW)
     col_mask = cols < D
     acc_w = tl.zeros([BD, BW], dtype=tl.float32)
-    acc_b = tl.zeros([BD], dtype=tl.float32)
+    tap0 = tl.zeros([BT, BD], dtype=tl.float32)
+    tap1 = tl.zeros([BT, BD], dtype=tl.float32)
+    tap2 = tl.zeros([BT, BD], dtype=tl.float32)
+    tap3 = tl.zeros([BT, BD], dtype=tl.float32)
+    acc_b = tl.zeros([BT, BD], dtype=tl.float32)
     for sub in range(SUB):
         rows = ((pid_t * SUB + sub) * BT + tl.arange(0, BT)).to(tl.int64)
         row_mask = rows < NT
         seq, bos, eos = _locate(tl.where(row_mask, rows, 0), seq_ids, cu_seqlens, T, IS_VARLEN)
         b_dz = _grad_preact(x, w, b, h, dy, rows, seq, bos, eos, cols, row_mask, D, W, HAS_BIAS, HAS_H, SILU)
         tl.store(dz + rows[:, None] * D + cols[None, :], b_dz, mask=row_mask[:, None] & col_mask[None, :])
-        for j in tl.static_range(W):
-            inp = _load_input(x, h, rows + (j - W + 1), seq, bos, cols, row_mask, D, W, HAS_H)
-            acc_w += tl.where(slots[None, :] == j, tl.sum(b_dz * inp, axis=0)[:, None], 0.0)
-        acc_b += tl.sum(b_dz, axis=0)
+        if TAP_TILES:
+            tap0 += _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, 0, W, HAS_H)
+            tap1 += _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, 1, W, HAS_H)
+            tap2 += _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, 2, W, HAS_H)
+            tap3 += _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, 3, W, HAS_H)
+        else:
+            for j in tl.static_range(W):
+                prod = _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, j, W, HAS_H)
+                acc_w += tl.where(slots[None, :] == j, tl.sum(prod, axis=0)[:, None], 0.0)
+        acc_b += b_dz
+    if TAP_TILES:
+        acc_w = tl.where(slots[None, :] == 0, tl.sum(tap0, axis=0)[:, None], acc_w)
+        acc_w = tl.where(slots[None, :] == 1, tl.sum(tap1, axis=0)[:, None], acc_w)
+        acc_w = tl.where(slots[None, :] == 2, tl.sum(tap2, axis=0)[:, None], acc_w)
+        acc_w = tl.where(slots[None, :] == 3, tl.sum(tap3, axis=0)[:, None], acc_w)
     mask_w = col_mask[:, None] & (slots[None, :] < W)
     tl.store(dw_partial + (pid_t * D + cols[:, None]) * W + slots[None, :], acc_w, mask=mask_w)
     if HAS_BIAS:
-        tl.store(db_partial + pid_t * D + cols, acc_b, mask=col_mask)
+        tl.store(db_partial + pid_t * D + cols, tl.sum(acc_b, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -238,17 +268,19 @@ def _seq_ids(cu_seqlens: torch.Tensor, num_rows: int) -> torch.Tensor:
     return ids.clamp_(max=cu_seqlens.numel() - 2).to(torch.int32)
 
 
-# Tile shapes: [32 rows x 128 channels] (~66 registers at 8 warps for the forward). The backward runs in two
-# passes: dz (the pre-activation recomputed from W shifted inputs, times the SiLU derivative) with the weight
+# Tile shapes: [ROWS x CHANNELS] (32 x 128: ~70 registers at 8 warps for the forward and dx). The backward runs in
+# two passes: dz (the pre-activation recomputed from W shifted inputs, times the SiLU derivative) with the weight
 # gradient, then dx from W shifted rows of the stored dz. One pass that recomputed dz for each of the W taps of dx
 # (W * W input loads per element, [8 x 128] tiles to stay under the register limit) took 13.3 ms of a 103 ms
 # Kimi Linear training step on the H200 (session 7 profile, 18 convs of [8192, 2048]). A dz program takes
-# 4 row tiles, so that the weight-gradient partial sums stay small.
-_ROWS, _CHANNELS, _WARPS, _BWD_TILES_PER_PROGRAM = 32, 128, 8, 4
+# BWD_TILES_PER_PROGRAM tiles of BWD_ROWS rows, so that the weight-gradient partial sums stay small; TAP_TILES = 1
+# sums its weight gradient per element (below).
+ROWS, CHANNELS, WARPS = 32, 128, 8
+BWD_ROWS, BWD_WARPS, BWD_TILES_PER_PROGRAM, TAP_TILES = 32, 8, 4, 1
 
 
-def _tile(rows: int, dim: int) -> tuple[int, int]:
-    return min(_ROWS, triton.next_power_of_2(max(rows, 1))), min(_CHANNELS, triton.next_power_of_2(dim))
+def _tile(rows: int, dim: int, max_rows: int) -> tuple[int, int]:
+    return min(max_rows, triton.next_power_of_2(max(rows, 1))), min(CHANNELS, triton.next_power_of_2(dim))
 
 
 def causal_conv1d_fwd(
@@ -270,12 +302,12 @@ def causal_conv1d_fwd(
     rows = batch * length
     num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     seq_ids = _seq_ids(cu_seqlens, rows) if cu_seqlens is not None else None
-    block_t, block_d = _tile(rows, dim)
+    block_t, block_d = _tile(rows, dim, ROWS)
     y = torch.empty_like(x)
     _conv_fwd_kernel[(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))](
         x, weight, bias, initial_state, y, seq_ids, cu_seqlens, rows, length, dim,
         W=width, BT=block_t, BD=block_d, HAS_BIAS=bias is not None, HAS_H=initial_state is not None,
-        IS_VARLEN=cu_seqlens is not None, SILU=silu, num_warps=_WARPS,
+        IS_VARLEN=cu_seqlens is not None, SILU=silu, num_warps=WARPS,
     )
     final_state = None
     if output_final_state:
@@ -303,8 +335,8 @@ def causal_conv1d_bwd(
     batch, length, dim = x.shape
     width = weight.shape[1]
     rows = batch * length
-    block_t, block_d = _tile(rows, dim)
-    sub = max(1, min(_BWD_TILES_PER_PROGRAM, triton.cdiv(rows, block_t)))
+    block_t, block_d = _tile(rows, dim, BWD_ROWS)
+    sub = max(1, min(BWD_TILES_PER_PROGRAM, triton.cdiv(rows, block_t)))
     programs_t = triton.cdiv(rows, block_t * sub)
     dz = torch.empty(rows, dim, device=x.device, dtype=torch.float32)
     dw_partial = torch.empty(programs_t, dim, width, device=x.device, dtype=torch.float32)
@@ -313,12 +345,14 @@ def causal_conv1d_bwd(
     _conv_bwd_dz_kernel[(programs_t, triton.cdiv(dim, block_d))](
         x, weight, bias, initial_state, dy, dz, dw_partial, db_partial, seq_ids, cu_seqlens, rows, length, dim, sub,
         W=width, BW=triton.next_power_of_2(width), BT=block_t, BD=block_d, HAS_BIAS=bias is not None,
-        HAS_H=initial_state is not None, IS_VARLEN=is_varlen, SILU=silu, num_warps=_WARPS,
+        HAS_H=initial_state is not None, IS_VARLEN=is_varlen, SILU=silu, TAP_TILES=bool(TAP_TILES) and width <= 4,
+        num_warps=BWD_WARPS,
     )
     dx = torch.empty_like(x)
+    block_t, block_d = _tile(rows, dim, ROWS)
     _conv_bwd_dx_kernel[(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))](
         weight, dz, dfinal_state, dx, seq_ids, cu_seqlens, rows, length, dim,
-        W=width, BT=block_t, BD=block_d, HAS_DFS=has_dfs, IS_VARLEN=is_varlen, num_warps=_WARPS,
+        W=width, BT=block_t, BD=block_d, HAS_DFS=has_dfs, IS_VARLEN=is_varlen, num_warps=WARPS,
     )
     dinitial_state = None
     if initial_state is not None:

@@ -1,8 +1,8 @@
 """Triton kernels of the gated RMSNorm: y = x * rstd * weight * act(gate), rows of D channels.
 
 Forward keeps rstd [M] (fp32) for the backward. Each backward program walks a few consecutive row
-blocks, so the weight gradient is reduced in registers and written once per program ([P, D] partial
-sums, summed by torch) instead of once per row block.
+blocks and sums the weight gradient's products per element in registers, over its rows once at the end (a
+sum over a block's rows crosses warps), and writes one [D] partial (summed by torch) per program.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _gated_rms_norm_bwd_kernel(
     cols = tl.arange(0, BD)
     mask_d = cols < D
     b_w = tl.load(weight + cols, mask=mask_d, other=0.0).to(tl.float32)
-    b_dw = tl.zeros([BD], dtype=tl.float32)
+    b_dw = tl.zeros([BR, BD], dtype=tl.float32)
     for block in range(pid * BLOCKS, pid * BLOCKS + BLOCKS):
         rows = (block * BR + tl.arange(0, BR)).to(tl.int64)
         mask = (rows < M)[:, None] & mask_d[None, :]
@@ -60,25 +60,25 @@ def _gated_rms_norm_bwd_kernel(
         b_rstd = tl.load(rstd + rows, mask=rows < M, other=0.0)
         act, dact = _activate(b_g, ACTIVATION)
         normed = b_x * b_rstd[:, None]
-        b_dw += tl.sum(b_dy * normed * act, axis=0)
+        b_dw += b_dy * normed * act
         tl.store(dgate + offs, (b_dy * normed * b_w[None, :] * dact).to(dgate.dtype.element_ty), mask=mask)
         # d/dx of x * rstd(x): rstd * (dn - n * mean(dn * n)), with dn the gradient w.r.t. the normed x.
         dn = b_dy * b_w[None, :] * act
         b_dx = b_rstd[:, None] * (dn - normed * (tl.sum(dn * normed, axis=1) / D)[:, None])
         tl.store(dx + offs, b_dx.to(dx.dtype.element_ty), mask=mask)
-    tl.store(dweight_partial + pid * D + cols, b_dw, mask=mask_d)
+    tl.store(dweight_partial + pid * D + cols, tl.sum(b_dw, axis=0), mask=mask_d)
 
 
-# About 2K elements per block at 8 warps: 32 (forward) / ~80 (backward) registers on sm_90 for
-# D <= 1024. Eight blocks per backward program keep the dweight partials at 1/(8 * rows per block)
-# of the input.
-_WARPS, _BWD_BLOCKS_PER_PROGRAM = 8, 8
+# About ELEMENTS (2K) elements per block at 8 warps: 32 (forward) / ~80 (backward) registers on sm_90 for
+# D <= 1024. Eight blocks per backward program keep the dweight partials at 1/(8 * rows per block) of the input.
+ELEMENTS, WARPS = 2048, 8
+BWD_ELEMENTS, BWD_WARPS, BWD_BLOCKS_PER_PROGRAM = 2048, 8, 8
 
 
-def _block_rows(dim: int) -> tuple[int, int]:
-    """(rows per block, padded D)."""
+def _block_rows(dim: int, elements: int) -> tuple[int, int]:
+    """(rows per block, padded D) for blocks of about ``elements``."""
     block_d = triton.next_power_of_2(dim)
-    return max(1, min(64, 2048 // block_d)), block_d
+    return max(1, min(64, elements // block_d)), block_d
 
 
 def gated_rms_norm_fwd(
@@ -86,11 +86,11 @@ def gated_rms_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, gate ``[M, D]`` contiguous, weight ``[D]`` -> (y ``[M, D]`` in x's dtype, rstd ``[M]`` fp32)."""
     rows, dim = x.shape
-    block_r, block_d = _block_rows(dim)
+    block_r, block_d = _block_rows(dim, ELEMENTS)
     y = torch.empty_like(x)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     _gated_rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
-        x, gate, weight, y, rstd, rows, dim, eps, BR=block_r, BD=block_d, ACTIVATION=activation, num_warps=_WARPS,
+        x, gate, weight, y, rstd, rows, dim, eps, BR=block_r, BD=block_d, ACTIVATION=activation, num_warps=WARPS,
     )
     return y, rstd
 
@@ -103,14 +103,14 @@ def gated_rms_norm_bwd(
     rows, dim = x.shape
     if rows == 0:  # no program to launch; the weight gets no gradient contribution
         return torch.empty_like(x), torch.empty_like(gate), torch.zeros_like(weight)
-    block_r, block_d = _block_rows(dim)
-    blocks = min(_BWD_BLOCKS_PER_PROGRAM, triton.cdiv(rows, block_r))
+    block_r, block_d = _block_rows(dim, BWD_ELEMENTS)
+    blocks = min(BWD_BLOCKS_PER_PROGRAM, triton.cdiv(rows, block_r))
     programs = triton.cdiv(rows, block_r * blocks)
     dx = torch.empty_like(x)
     dgate = torch.empty_like(gate)
     dweight_partial = torch.empty(programs, dim, device=x.device, dtype=torch.float32)
     _gated_rms_norm_bwd_kernel[(programs,)](
         dy, x, gate, weight, rstd, dx, dgate, dweight_partial, rows, dim,
-        BR=block_r, BD=block_d, BLOCKS=blocks, ACTIVATION=activation, num_warps=_WARPS,
+        BR=block_r, BD=block_d, BLOCKS=blocks, ACTIVATION=activation, num_warps=BWD_WARPS,
     )
     return dx, dgate, dweight_partial.sum(0).to(weight.dtype)
