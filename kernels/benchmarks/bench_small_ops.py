@@ -63,6 +63,7 @@ class _Setup:
     dtype: torch.dtype
     tiny: bool
     bandwidth: float  # bytes per second
+    gpu_time: bool = False  # time every op by its kernels' GPU time (profiler), not do_bench
 
     def floor_us(self, num_bytes: float) -> float:
         return num_bytes / self.bandwidth * 1e6
@@ -70,7 +71,16 @@ class _Setup:
 
 def _time_us(fn: Callable[[], object], setup: _Setup, grad_to_none: list[torch.Tensor] | None = None,
              graph: bool = False) -> float:
-    """Median microseconds of fn(). Off CUDA (--tiny smoke run) a wall-clock median of 3 calls."""
+    """Median microseconds of fn(). Off CUDA (--tiny smoke run) a wall-clock median of 3 calls. With
+    ``setup.gpu_time``, the GPU time of fn()'s kernels per call instead (``grad_to_none`` reset before each call, so
+    that no gradient accumulation is timed)."""
+    if setup.device == "cuda" and setup.gpu_time:
+        def call():
+            for t in grad_to_none or ():
+                t.grad = None
+            return fn()
+
+        return kernel_time_us(call)
     if setup.device != "cuda":
         times = []
         for _ in range(3):
@@ -383,14 +393,15 @@ _SECTIONS = {
 
 
 def run_benchmarks(tiny: bool = False, sections: tuple[str, ...] = ("conv", "norm", "kda"),
-                   bandwidth_tbs: float | None = None) -> list[Row]:
+                   bandwidth_tbs: float | None = None, gpu_time: bool = False) -> list[Row]:
     """Run the chosen sections (names of ``_SECTIONS``); tiny=True: tiny fp32 shapes, CPU interpreter works. The
-    floors are at ``bandwidth_tbs`` (default: :func:`floor_bandwidth_tbs`)."""
+    floors are at ``bandwidth_tbs`` (default: :func:`floor_bandwidth_tbs`); ``gpu_time``: every op timed by its
+    kernels' GPU time (see ``--gpu-time``)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not tiny:
         raise ValueError("full-size benchmarks need a CUDA GPU; use tiny=True (--tiny) for a CPU smoke run")
     bandwidth_tbs = floor_bandwidth_tbs(bandwidth_tbs)
-    setup = _Setup(device, torch.float32 if device == "cpu" else torch.bfloat16, tiny, bandwidth_tbs * 1e12)
+    setup = _Setup(device, torch.float32 if device == "cpu" else torch.bfloat16, tiny, bandwidth_tbs * 1e12, gpu_time)
     unknown = [s for s in sections if s not in _SECTIONS]
     if unknown:
         raise ValueError(f"unknown sections {unknown}: expected some of {list(_SECTIONS)}")
@@ -412,15 +423,16 @@ def _environment() -> str:
     return f"{gpu}; torch {torch.__version__}, triton {triton.__version__}, fla {fla_version}"
 
 
-def markdown_table(rows: list[Row], bandwidth_tbs: float) -> str:
-    """The rows as a markdown table (environment line first)."""
+def markdown_table(rows: list[Row], bandwidth_tbs: float, gpu_time: bool = False) -> str:
+    """The rows as a markdown table (environment line first; ``gpu_time``: the rows are kernels' GPU time)."""
 
     def num(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.1f}"
 
     lines = [
-        f"Environment: {_environment()}. Medians of triton.testing.do_bench; "
-        f"floor = minimum bytes at {bandwidth_tbs:.2f} TB/s.",
+        f"Environment: {_environment()}. "
+        + ("GPU time of the kernels per call (profiler); " if gpu_time else "Medians of triton.testing.do_bench; ")
+        + f"floor = minimum bytes at {bandwidth_tbs:.2f} TB/s.",
         "",
         "| op | shape | kimi_hf (us) | anchor | anchor (us) | speed-up vs anchor | floor (us) | floor / kimi_hf |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
@@ -445,6 +457,9 @@ def main() -> None:
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "
                         "(e.g. attn_res.fused.BWD_SOURCE_TILE=4,8); each row names its combination")  # fmt: skip
     add_set_option(parser, "attn_res.fused.BWD_SOURCE_TILE=4", "the whole run (before --sweep's)")
+    parser.add_argument("--gpu-time", action="store_true",
+                        help="time every op by the GPU time of its kernels (profiler; no L2 flush) instead of "
+                        "do_bench's wall time: steadier on a machine whose wall times jump, for sweeps")  # fmt: skip
     args = parser.parse_args()
     apply_set_option(parser, args)
     grid, saved = {}, {}  # the values to sweep, and each constant's value to restore afterwards
@@ -462,11 +477,11 @@ def main() -> None:
             combination = [f"{name}={value}" for name, value in zip(grid, values)]
             set_launch_constants(combination)
             tag = f" [{', '.join(combination)}]" if combination else ""
-            for row in run_benchmarks(args.tiny, tuple(args.sections), bandwidth):
+            for row in run_benchmarks(args.tiny, tuple(args.sections), bandwidth, args.gpu_time):
                 rows.append(dataclasses.replace(row, op=row.op + tag))
     finally:
         set_launch_constants([f"{name}={value}" for name, value in saved.items()])
-    print(markdown_table(rows, bandwidth))
+    print(markdown_table(rows, bandwidth, args.gpu_time))
 
 
 if __name__ == "__main__":

@@ -61,10 +61,10 @@ step_command() {
       echo "timeout 240 python3 recipes/ce_lora_quality.py --preset gpu --output-dir $OUT/ce_lora_quality" ;;
     small_ops) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections conv norm kda" ;;
     # conv_sweep / norm_sweep: CONV_SWEEP / NORM_SWEEP="NAME=v1,v2 ..." (constants of conv.triton_kernels /
-    # gated_norm.triton_kernels), every combination timed
-    conv_sweep) echo "timeout 200 python3 kernels/benchmarks/bench_small_ops.py --sections conv \
+    # gated_norm.triton_kernels), every combination timed by its kernels' GPU time
+    conv_sweep) echo "timeout 200 python3 kernels/benchmarks/bench_small_ops.py --sections conv --gpu-time \
       --sweep $(sed 's/\([A-Z_]*=\)/conv.triton_kernels.\1/g' <<< "${CONV_SWEEP:?set CONV_SWEEP}")" ;;
-    norm_sweep) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections norm \
+    norm_sweep) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections norm --gpu-time \
       --sweep $(sed 's/\([A-Z_]*=\)/gated_norm.triton_kernels.\1/g' <<< "${NORM_SWEEP:?set NORM_SWEEP}")" ;;
     *) return 1 ;;
   esac
