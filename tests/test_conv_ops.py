@@ -202,16 +202,14 @@ def test_triton_matches_reference_interpreter(name):
 
 
 @pytest.mark.parametrize("tiles_per_program", [1, 3])
-@pytest.mark.parametrize("tap_tiles", [0, 1])
 @pytest.mark.parametrize("width", [2, 4, 5])
-def test_triton_weight_grad_partials_interpreter(monkeypatch, tiles_per_program, tap_tiles, width):
-    """The weight/bias gradients summed per tap tile (TAP_TILES, up to width 4) or per row tile (wider, or
-    TAP_TILES = 0), over one or several row tiles per backward program, and over several programs' partials."""
+def test_triton_weight_grad_partials_interpreter(monkeypatch, tiles_per_program, width):
+    """The weight/bias gradients summed per tap tile (up to width 4) or per row tile (wider), over one or several
+    row tiles per backward program, and over several programs' partials."""
     from kimi_hf.kernels.conv import triton_kernels
 
     monkeypatch.setattr(triton_kernels, "BWD_TILES_PER_PROGRAM", tiles_per_program)
     monkeypatch.setattr(triton_kernels, "BWD_ROWS", 8)
-    monkeypatch.setattr(triton_kernels, "TAP_TILES", tap_tiles)
     case = dict(_CASES["batch_states"], width=width)
     x, w, b, h, cu = _case_inputs(case, length=29)
     _triton_vs_reference(x, w, b, h, "silu", cu, True, "cpu", 1e-5, 1e-5)

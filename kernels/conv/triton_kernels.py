@@ -152,16 +152,14 @@ def _conv_bwd_dz_kernel(
     x, w, b, h, dy, dz, dw_partial, db_partial, seq_ids, cu_seqlens, NT, T, D, SUB,
     W: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
-    TAP_TILES: tl.constexpr,
 ):
     """For SUB blocks of BT rows: dz = dL/d(pre-activation), stored fp32 (zero outside the sequences), and the
     weight/bias gradients summed over those rows into one partial row, dw[:, j] = sum_t dz[t] input[t - W + 1 + j]
     (the same shifted inputs as the recomputed pre-activation, so they hit the cache).
 
     A sum over a tile's rows crosses warps (shared memory and a barrier): taken once per tap and tile, it was most
-    of this kernel's time. With TAP_TILES (W <= 4, the models' width) each tap's products are summed per element
-    over the SUB tiles, one register tile per tap, and over the rows once at the end; otherwise each tile's rows are
-    summed.
+    of this kernel's time. Up to W = 4 (the models' width) each tap's products are summed per element over the SUB
+    tiles, one register tile per tap, and over the rows once at the end; wider convs sum each tile's rows.
     """
     pid_t = tl.program_id(0)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -179,7 +177,7 @@ def _conv_bwd_dz_kernel(
         seq, bos, eos = _locate(tl.where(row_mask, rows, 0), seq_ids, cu_seqlens, T, IS_VARLEN)
         b_dz = _grad_preact(x, w, b, h, dy, rows, seq, bos, eos, cols, row_mask, D, W, HAS_BIAS, HAS_H, SILU)
         tl.store(dz + rows[:, None] * D + cols[None, :], b_dz, mask=row_mask[:, None] & col_mask[None, :])
-        if TAP_TILES:
+        if W <= 4:
             tap0 += _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, 0, W, HAS_H)
             tap1 += _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, 1, W, HAS_H)
             tap2 += _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, 2, W, HAS_H)
@@ -189,7 +187,7 @@ def _conv_bwd_dz_kernel(
                 prod = _tap_product(x, h, b_dz, rows, seq, bos, cols, row_mask, D, j, W, HAS_H)
                 acc_w += tl.where(slots[None, :] == j, tl.sum(prod, axis=0)[:, None], 0.0)
         acc_b += b_dz
-    if TAP_TILES:
+    if W <= 4:
         acc_w = tl.where(slots[None, :] == 0, tl.sum(tap0, axis=0)[:, None], acc_w)
         acc_w = tl.where(slots[None, :] == 1, tl.sum(tap1, axis=0)[:, None], acc_w)
         acc_w = tl.where(slots[None, :] == 2, tl.sum(tap2, axis=0)[:, None], acc_w)
@@ -268,15 +266,16 @@ def _seq_ids(cu_seqlens: torch.Tensor, num_rows: int) -> torch.Tensor:
     return ids.clamp_(max=cu_seqlens.numel() - 2).to(torch.int32)
 
 
-# Tile shapes: [ROWS x CHANNELS] (32 x 128: ~70 registers at 8 warps for the forward and dx). The backward runs in
-# two passes: dz (the pre-activation recomputed from W shifted inputs, times the SiLU derivative) with the weight
-# gradient, then dx from W shifted rows of the stored dz. One pass that recomputed dz for each of the W taps of dx
-# (W * W input loads per element, [8 x 128] tiles to stay under the register limit) took 13.3 ms of a 103 ms
-# Kimi Linear training step on the H200 (session 7 profile, 18 convs of [8192, 2048]). A dz program takes
-# BWD_TILES_PER_PROGRAM tiles of BWD_ROWS rows, so that the weight-gradient partial sums stay small; TAP_TILES = 1
-# sums its weight gradient per element (below).
-ROWS, CHANNELS, WARPS = 32, 128, 8
-BWD_ROWS, BWD_WARPS, BWD_TILES_PER_PROGRAM, TAP_TILES = 32, 8, 4, 1
+# The backward runs in two passes: dz (the pre-activation recomputed from W shifted inputs, times the SiLU
+# derivative) with the weight gradient, then dx from W shifted rows of the stored dz. One pass that recomputed dz for
+# each of the W taps of dx (W * W input loads per element, [8 x 128] tiles to stay under the register limit) took
+# 13.3 ms of a 103 ms Kimi Linear training step on the H200 (session 7 profile, 18 convs of [8192, 2048]). A dz
+# program takes BWD_TILES_PER_PROGRAM tiles of BWD_ROWS rows, so that the weight-gradient partial sums stay small.
+# Tiles: the fastest of 16 settings in GPU time (session 22, H100, B1 T8192 D4096 W4 bf16; BENCHMARKS.md): forward
+# and dx on [64 x 128] at 8 warps (forward 89.5 us against 100.2 on [32 x 128]), dz on [32 x 128] at 4 warps
+# (forward + backward 461 us, against 573 at 8 warps and 759 before the per-tap sums).
+ROWS, CHANNELS, WARPS = 64, 128, 8
+BWD_ROWS, BWD_WARPS, BWD_TILES_PER_PROGRAM = 32, 4, 4
 
 
 def _tile(rows: int, dim: int, max_rows: int) -> tuple[int, int]:
@@ -345,8 +344,7 @@ def causal_conv1d_bwd(
     _conv_bwd_dz_kernel[(programs_t, triton.cdiv(dim, block_d))](
         x, weight, bias, initial_state, dy, dz, dw_partial, db_partial, seq_ids, cu_seqlens, rows, length, dim, sub,
         W=width, BW=triton.next_power_of_2(width), BT=block_t, BD=block_d, HAS_BIAS=bias is not None,
-        HAS_H=initial_state is not None, IS_VARLEN=is_varlen, SILU=silu, TAP_TILES=bool(TAP_TILES) and width <= 4,
-        num_warps=BWD_WARPS,
+        HAS_H=initial_state is not None, IS_VARLEN=is_varlen, SILU=silu, num_warps=BWD_WARPS,
     )
     dx = torch.empty_like(x)
     block_t, block_d = _tile(rows, dim, ROWS)
