@@ -215,22 +215,6 @@ def test_triton_weight_grad_partials_interpreter(monkeypatch, tiles_per_program,
     _triton_vs_reference(x, w, b, h, "silu", cu, True, "cpu", 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("max_grid_y", [65535, 2])
-def test_triton_channels_first_launch_interpreter(monkeypatch, max_grid_y):
-    """CHANNELS_FIRST launch order (grid [channel blocks, row tiles]), and its fallback to rows first where the row
-    tiles exceed the grid's second dimension: the same values."""
-    from kimi_hf.kernels.conv import triton_kernels
-
-    monkeypatch.setattr(triton_kernels, "CHANNELS_FIRST", 1)
-    monkeypatch.setattr(triton_kernels, "_MAX_GRID_Y", max_grid_y)
-    monkeypatch.setattr(triton_kernels, "ROWS", 8)
-    monkeypatch.setattr(triton_kernels, "BWD_ROWS", 8)
-    monkeypatch.setattr(triton_kernels, "CHANNELS", 4)
-    for name in ("batch_states", "varlen_ragged"):
-        x, w, b, h, cu = _case_inputs(_CASES[name], length=29)
-        _triton_vs_reference(x, w, b, h, _CASES[name]["activation"], cu, True, "cpu", 1e-5, 1e-5)
-
-
 def test_triton_reads_a_strided_bias_and_weight_interpreter():
     """A bias or weight that is a strided view (e.g. a column of a larger tensor) reaches the kernels as its values."""
     x, w, b = _inputs(1, 9, 6, 4)

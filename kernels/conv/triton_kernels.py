@@ -107,24 +107,13 @@ def _dx_from_dz(w, dz, dfs, s, seq, bos, eos, cols, row_mask, D, W: tl.constexpr
 
 
 @triton.jit
-def _tile_ids(CHANNELS_FIRST: tl.constexpr):
-    """(row tile, channel block) of this program; the grid is [channel blocks, row tiles] with CHANNELS_FIRST (see
-    ``_grid``)."""
-    if CHANNELS_FIRST:
-        return tl.program_id(1), tl.program_id(0)
-    return tl.program_id(0), tl.program_id(1)
-
-
-@triton.jit
 def _conv_fwd_kernel(
     x, w, b, h, y, seq_ids, cu_seqlens, NT, T, D,
     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
-    CHANNELS_FIRST: tl.constexpr,
 ):
-    pid_t, pid_d = _tile_ids(CHANNELS_FIRST)
-    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    cols = pid_d * BD + tl.arange(0, BD)
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
     row_mask = rows < NT
     seq, bos, _ = _locate(tl.where(row_mask, rows, 0), seq_ids, cu_seqlens, T, IS_VARLEN)
     z = _preact(x, w, b, h, rows, seq, bos, cols, row_mask, D, W, HAS_BIAS, HAS_H)
@@ -163,7 +152,6 @@ def _conv_bwd_dz_kernel(
     x, w, b, h, dy, dz, dw_partial, db_partial, seq_ids, cu_seqlens, NT, T, D, SUB,
     W: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
-    CHANNELS_FIRST: tl.constexpr,
 ):
     """For SUB blocks of BT rows: dz = dL/d(pre-activation), stored fp32 (zero outside the sequences), and the
     weight/bias gradients summed over those rows into one partial row, dw[:, j] = sum_t dz[t] input[t - W + 1 + j]
@@ -173,8 +161,8 @@ def _conv_bwd_dz_kernel(
     of this kernel's time. Up to W = 4 (the models' width) each tap's products are summed per element over the SUB
     tiles, one register tile per tap, and over the rows once at the end; wider convs sum each tile's rows.
     """
-    pid_t, pid_d = _tile_ids(CHANNELS_FIRST)
-    cols = pid_d * BD + tl.arange(0, BD)
+    pid_t = tl.program_id(0)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
     slots = tl.arange(0, BW)
     col_mask = cols < D
     acc_w = tl.zeros([BD, BW], dtype=tl.float32)
@@ -214,12 +202,10 @@ def _conv_bwd_dz_kernel(
 def _conv_bwd_dx_kernel(
     w, dz, dfs, dx, seq_ids, cu_seqlens, NT, T, D,
     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_DFS: tl.constexpr, IS_VARLEN: tl.constexpr,
-    CHANNELS_FIRST: tl.constexpr,
 ):
     """dx for a tile of BT rows from the stored dz."""
-    pid_t, pid_d = _tile_ids(CHANNELS_FIRST)
-    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    cols = pid_d * BD + tl.arange(0, BD)
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
     row_mask = rows < NT
     seq, bos, eos = _locate(tl.where(row_mask, rows, 0), seq_ids, cu_seqlens, T, IS_VARLEN)
     b_dx = _dx_from_dz(w, dz, dfs, rows, seq, bos, eos, cols, row_mask, D, W, HAS_DFS)
@@ -288,20 +274,8 @@ def _seq_ids(cu_seqlens: torch.Tensor, num_rows: int) -> torch.Tensor:
 # Tiles: the fastest of 16 settings in GPU time (session 22, H100, B1 T8192 D4096 W4 bf16; BENCHMARKS.md): forward
 # and dx on [64 x 128] at 8 warps (forward 89.5 us against 100.2 on [32 x 128]), dz on [32 x 128] at 4 warps
 # (forward + backward 461 us, against 573 at 8 warps and 759 before the per-tap sums).
-# CHANNELS_FIRST = 1 launches the channel blocks of a row tile next to each other (as fla's forward does), so that
-# programs running together read whole rows; 0 walks down the rows of one channel block. Not timed yet.
 ROWS, CHANNELS, WARPS = 64, 128, 8
 BWD_ROWS, BWD_WARPS, BWD_TILES_PER_PROGRAM = 32, 4, 4
-CHANNELS_FIRST = 0
-_MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension
-
-
-def _grid(row_tiles: int, channel_blocks: int) -> tuple[tuple[int, int], bool]:
-    """The launch grid and whether it is channels-first (``CHANNELS_FIRST``, unless the row tiles exceed the second
-    grid dimension's limit)."""
-    if CHANNELS_FIRST and row_tiles <= _MAX_GRID_Y:
-        return (channel_blocks, row_tiles), True
-    return (row_tiles, channel_blocks), False
 
 
 def _tile(rows: int, dim: int, max_rows: int) -> tuple[int, int]:
@@ -329,11 +303,10 @@ def causal_conv1d_fwd(
     seq_ids = _seq_ids(cu_seqlens, rows) if cu_seqlens is not None else None
     block_t, block_d = _tile(rows, dim, ROWS)
     y = torch.empty_like(x)
-    grid, channels_first = _grid(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))
-    _conv_fwd_kernel[grid](
+    _conv_fwd_kernel[(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))](
         x, weight, bias, initial_state, y, seq_ids, cu_seqlens, rows, length, dim,
         W=width, BT=block_t, BD=block_d, HAS_BIAS=bias is not None, HAS_H=initial_state is not None,
-        IS_VARLEN=cu_seqlens is not None, SILU=silu, CHANNELS_FIRST=channels_first, num_warps=WARPS,
+        IS_VARLEN=cu_seqlens is not None, SILU=silu, num_warps=WARPS,
     )
     final_state = None
     if output_final_state:
@@ -368,20 +341,16 @@ def causal_conv1d_bwd(
     dw_partial = torch.empty(programs_t, dim, width, device=x.device, dtype=torch.float32)
     db_partial = torch.empty(programs_t, dim, device=x.device, dtype=torch.float32) if bias is not None else None
     is_varlen, has_dfs = cu_seqlens is not None, dfinal_state is not None
-    grid, channels_first = _grid(programs_t, triton.cdiv(dim, block_d))
-    _conv_bwd_dz_kernel[grid](
+    _conv_bwd_dz_kernel[(programs_t, triton.cdiv(dim, block_d))](
         x, weight, bias, initial_state, dy, dz, dw_partial, db_partial, seq_ids, cu_seqlens, rows, length, dim, sub,
         W=width, BW=triton.next_power_of_2(width), BT=block_t, BD=block_d, HAS_BIAS=bias is not None,
-        HAS_H=initial_state is not None, IS_VARLEN=is_varlen, SILU=silu, CHANNELS_FIRST=channels_first,
-        num_warps=BWD_WARPS,
+        HAS_H=initial_state is not None, IS_VARLEN=is_varlen, SILU=silu, num_warps=BWD_WARPS,
     )
     dx = torch.empty_like(x)
     block_t, block_d = _tile(rows, dim, ROWS)
-    grid, channels_first = _grid(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))
-    _conv_bwd_dx_kernel[grid](
+    _conv_bwd_dx_kernel[(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))](
         weight, dz, dfinal_state, dx, seq_ids, cu_seqlens, rows, length, dim,
-        W=width, BT=block_t, BD=block_d, HAS_DFS=has_dfs, IS_VARLEN=is_varlen, CHANNELS_FIRST=channels_first,
-        num_warps=WARPS,
+        W=width, BT=block_t, BD=block_d, HAS_DFS=has_dfs, IS_VARLEN=is_varlen, num_warps=WARPS,
     )
     dinitial_state = None
     if initial_state is not None:
