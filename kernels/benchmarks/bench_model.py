@@ -104,6 +104,14 @@ def graphed_train_step_ms(model, batch: int, seq_len: int, device: torch.device,
 
 
 @torch.no_grad()
+def greedy_generate(model, ids: torch.Tensor, new: int, **kwargs) -> None:
+    """Greedy ``generate`` of exactly ``new`` tokens after the prompt ``ids`` ``[B, P]`` (no end-of-sequence stop);
+    ``kwargs`` go to ``generate`` (e.g. a static cache)."""
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                   do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs)  # fmt: skip
+
+
+@torch.no_grad()
 def decode_ms_per_token(
     model, batch: int, prompt: int, new: int, device: torch.device, repeats: int, static_cache: bool = False
 ) -> float:
@@ -114,7 +122,7 @@ def decode_ms_per_token(
     """
     model.eval()
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs = {}
     cache = None
     if static_cache:
         from kimi_hf import KimiLinearStaticCache
@@ -129,7 +137,7 @@ def decode_ms_per_token(
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kwargs)
+        greedy_generate(model, ids, n, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -210,11 +218,18 @@ def run(args: argparse.Namespace) -> dict:
         if args.profile and device.type == "cuda":
             from _profile import gpu_time_table
 
-            for batch, seq_len in train_shapes:
+            for batch, seq_len in train_shapes if "train" in args.parts else []:
                 step = train_step(model, batch, seq_len, device)
                 title = f"{label}: train step B{batch} T{seq_len}"
                 print(gpu_time_table(step, title, iters=3, top=30, host_top=args.profile_host), flush=True)
                 model.zero_grad(set_to_none=True)
+            if "decode" in args.parts:
+                # The growing cache's decoding is host-bound: with --profile-host, where its host time goes.
+                title = f"{label}: greedy decode B1, prompt {prompt}, {new} new tokens, growing cache (one generate)"
+                model.eval()
+                ids = torch.randint(3, config.vocab_size, (1, prompt), device=device)
+                generate = lambda: greedy_generate(model, ids, new)  # noqa: E731
+                print(gpu_time_table(generate, title, iters=2, top=15, host_top=args.profile_host), flush=True)
         for batch, seq_len in train_shapes if "train" in args.parts else []:
             out[("train", batch, seq_len)] = train_step_ms(model, batch, seq_len, device, args.rep)
             print(f"{label}: train step B{batch} T{seq_len}: {out[('train', batch, seq_len)][0]:.2f} ms", flush=True)
@@ -306,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--profile", action="store_true",
-                        help="print each model's per-kernel GPU time and wall time per training shape")  # fmt: skip
+                        help="print each model's per-kernel GPU time and wall time per training shape, and of one "
+                        "greedy generate with the growing cache")  # fmt: skip
     parser.add_argument("--graph", action="store_true",
                         help="also time our training step replayed from a CUDA graph (kimi_hf.GraphedLossStep)")
     parser.add_argument("--profile-host", type=int, default=0, metavar="N",

@@ -47,6 +47,9 @@ step_command() {
     # our training steps alone, with their GPU time per kernel
     model_train) echo "timeout 240 python3 kernels/benchmarks/bench_model.py --skip-native --no-parity --parts train \
       --profile --json $OUT/$2model_train.json" ;;
+    # our decoding alone, with where one growing-cache generate spends its host time
+    model_decode_host) echo "timeout 240 python3 kernels/benchmarks/bench_model.py --skip-native --no-parity --parts decode \
+      --profile --profile-host 30" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;
     attn_res) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res.py --json $OUT/$2attn_res.json" ;;
     attn_res_graphs) echo "timeout 200 python3 kernels/benchmarks/bench_attn_res.py --model kimi_linear --impls triton \
