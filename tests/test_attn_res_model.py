@@ -52,6 +52,11 @@ def _model(seed: int = 0, **overrides) -> AttnResForCausalLM:
         ({"rope_theta": "1e4"}, "rope_theta must be a number > 0, got '1e4'"),
         ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a number > 0, got 0.0"),
         ({"attn_res_two_phase": "no"}, "attn_res_two_phase must be True or False, got 'no'"),
+        ({"attention_dropout": 1.0}, r"attention_dropout must be a number in \[0, 1\), got 1.0"),
+        ({"initializer_range": -0.02}, "initializer_range must be a number > 0, got -0.02"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "only the default RoPE is implemented"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "only the default RoPE is implemented"),
+        ({"rope_parameters": {"rope_theta": 5e5}, "rope_theta": 1e4}, "rope_theta 10000.0 and rope_parameters'"),
     ],
 )
 def test_config_validation(overrides, match):
@@ -61,6 +66,40 @@ def test_config_validation(overrides, match):
 
 def test_block_size_only_checked_in_block_mode():
     assert _config(residual="full", attn_res_block_size=None).num_sublayers == 6
+
+
+def test_rope_theta_from_rope_parameters(tmp_path):
+    """transformers 5 states theta in rope_parameters: the model uses it, and it survives a save/load."""
+    config = _config(rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    assert config.rope_theta == 5e5
+    model = AttnResForCausalLM(config)
+    assert torch.allclose(model.model.rotary_emb.inv_freq, _model(rope_theta=5e5).model.rotary_emb.inv_freq)
+    config.save_pretrained(tmp_path)
+    assert AttnResConfig.from_pretrained(tmp_path).rope_theta == 5e5
+    assert _config().rope_theta == 10000.0
+
+
+def test_output_attentions_eager_and_refused_elsewhere():
+    """Eager attention returns every layer's weights (causal, rows summing to 1, and the same logits as sdpa);
+    an implementation that cannot return them is refused, not answered with None."""
+    model = _model(residual="block").eval()
+    ids = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        sdpa_logits = model(ids).logits
+        with pytest.raises(ValueError, match="output_attentions needs the eager attention.*'sdpa'"):
+            model(ids, output_attentions=True)
+        model.set_attn_implementation("eager")  # switching at runtime takes effect
+        assert model.config._attn_implementation == "eager"
+        out = model(ids, output_attentions=True)
+    assert_close_rel(out.logits, sdpa_logits, 1e-5, "eager vs sdpa logits")
+    assert len(out.attentions) == model.config.num_hidden_layers
+    for weights in out.attentions:
+        assert weights.shape == (2, model.config.num_attention_heads, 6, 6)
+        assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-5)
+        assert weights.triu(1).abs().max() == 0
+    generated = model.generate(ids, max_new_tokens=2, do_sample=False, output_attentions=True,
+                               return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+    assert all(t is not None for step in generated.attentions for t in step)
 
 
 @pytest.mark.parametrize("residual", ["standard", "full", "block"])

@@ -101,6 +101,56 @@ def test_output_hidden_states_and_router_logits():
         assert logits.shape == (2 * 6, model.config.num_experts) and logits.dtype == torch.float32
 
 
+def test_output_attentions_of_the_mla_layers():
+    """Eager attention returns one weight tensor per MLA layer (KDA has no attention matrix): causal, rows summing
+    to 1, the same logits as sdpa; asked under sdpa it is refused, not answered with None."""
+    model = tiny_model(seed=5).eval()
+    ids = random_ids(2, 6, seed=5)
+    with torch.no_grad():
+        sdpa_logits = model(ids).logits
+        with pytest.raises(ValueError, match="output_attentions needs the eager attention.*'sdpa'"):
+            model(ids, output_attentions=True)
+        model.set_attn_implementation("eager")
+        out = model(ids, output_attentions=True)
+    assert_close_rel(out.logits, sdpa_logits, 1e-5, "eager vs sdpa logits")
+    mla_layers = [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
+    assert len(out.attentions) == len(mla_layers) > 0
+    for weights in out.attentions:
+        assert weights.shape == (2, model.config.num_attention_heads, 6, 6)
+        assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-5)
+        assert weights.triu(1).abs().max() == 0
+
+
+def test_base_model_return_dict_false_gives_a_tuple():
+    model = tiny_model(seed=6).eval()
+    ids = random_ids(1, 5, seed=6)
+    with torch.no_grad():
+        as_dict = model.model(ids, use_cache=False)
+        as_tuple = model.model(ids, use_cache=False, return_dict=False)
+    assert isinstance(as_tuple, tuple) and not isinstance(as_tuple, dict)
+    assert_close_rel(as_tuple[0], as_dict.last_hidden_state, 0, "last_hidden_state")
+
+
+@pytest.mark.parametrize("pad_position", [0, 1])
+def test_left_padded_single_row_with_position_ids_is_not_read_as_packed(pad_position):
+    """A batch of one left-padded row with the usual position_ids (cumsum(mask) - 1, padding at 0 or 1) restarts
+    its positions after the padding: the mask, not the positions, decides (it was read as packed sequences)."""
+    model = tiny_model(seed=7).eval()
+    ids = random_ids(1, 9, seed=7)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, pad_position)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        alone = model(ids[:, 3:])
+    assert_close_rel(padded.logits[:, 3:], alone.logits, 1e-5, "real tokens of the padded row")
+    assert getattr(padded, CACHE_FIELD) is not None
+    # with no padding, restarting positions still mark packed sequences
+    packed = model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5]]), use_cache=False)
+    with torch.no_grad():
+        second = model(ids[:, 3:]).logits
+    assert_close_rel(packed.logits[:, 3:], second, 1e-5, "second packed sequence")
+
+
 def test_bf16_forward_is_close_to_fp32():
     model = tiny_model(seed=5)
     ids = random_ids(2, 20, seed=5)

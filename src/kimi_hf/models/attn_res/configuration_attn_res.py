@@ -35,6 +35,10 @@ class AttnResConfig(PreTrainedConfig):
     under ``torch.no_grad()``: two-phase depth attention, residual additions fused into the next read),
     ``attn_res_backend`` (``"triton"``, ``"torch"`` or None = automatic).
 
+    RoPE is the default (unscaled) one with ``rope_theta`` (default 10000), which transformers 5's
+    ``rope_parameters={"rope_type": "default", "rope_theta": ...}`` may give instead; scaled RoPE types
+    (``rope_scaling``/``rope_parameters`` with another ``rope_type``) are not implemented and refused.
+
     Raises:
         ValueError: naming the field and the value, for inconsistent or out-of-range settings.
     """
@@ -60,7 +64,7 @@ class AttnResConfig(PreTrainedConfig):
         bos_token_id: int | None = 1,
         eos_token_id: int | None = 2,
         tie_word_embeddings: bool = False,
-        rope_theta: float = 10000.0,
+        rope_theta: float | None = None,
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
         residual: str = "block",
@@ -90,7 +94,6 @@ class AttnResConfig(PreTrainedConfig):
         self.attn_res_eps = attn_res_eps
         self.attn_res_two_phase = attn_res_two_phase
         self.attn_res_backend = attn_res_backend
-        self.validate_attn_res_config()
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -98,6 +101,25 @@ class AttnResConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        self._resolve_rope_theta()
+        self.validate_attn_res_config()
+
+    def _resolve_rope_theta(self) -> None:
+        """Take ``rope_theta`` from ``rope_parameters`` (where transformers puts ``rope_scaling`` too) when it is given
+        there; refuse RoPE scaling, which the model does not implement (it would be saved and silently ignored)."""
+        params = self.__dict__.get("rope_parameters") or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        unknown = set(params) - {"rope_type", "type", "rope_theta"}
+        if rope_type != "default" or unknown:
+            raise ValueError(
+                f"only the default RoPE is implemented (rope_type 'default' with rope_theta), got rope "
+                f"parameters {params!r}"
+            )
+        theta = params.get("rope_theta")
+        if theta is not None and self.rope_theta is not None and theta != self.rope_theta:
+            raise ValueError(f"rope_theta {self.rope_theta!r} and rope_parameters' rope_theta {theta!r} differ")
+        if self.rope_theta is None:
+            self.rope_theta = 10000.0 if theta is None else theta
 
     @property
     def num_sublayers(self) -> int:
@@ -114,7 +136,10 @@ class AttnResConfig(PreTrainedConfig):
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        check_positive_numbers(self, ("rms_norm_eps", "attn_res_eps", "rope_theta"))
+        check_positive_numbers(self, ("rms_norm_eps", "attn_res_eps", "rope_theta", "initializer_range"))
+        dropout = self.attention_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"attention_dropout must be a number in [0, 1), got {dropout!r}")
         if not isinstance(self.attn_res_two_phase, bool):
             raise ValueError(f"attn_res_two_phase must be True or False, got {self.attn_res_two_phase!r}")
         if self.hidden_act != "silu":

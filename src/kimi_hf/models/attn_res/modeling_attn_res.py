@@ -103,8 +103,9 @@ class AttnResAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
-        """hidden_states [B, T, D] (already normalised) -> raw sublayer output [B, T, D]."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [B, T, D] (already normalised) -> raw sublayer output [B, T, D], and the attention weights
+        [B, H, T, S] where the implementation returns them (eager), else None."""
         batch, seq = hidden_states.shape[:2]
         shape = (batch, seq, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -113,10 +114,11 @@ class AttnResAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager":
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-        out, _ = attention_interface(
+        # get_interface: transformers lets set_attn_implementation() switch a model whose code looks it up this way
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_interface(
             self,
             q,
             k,
@@ -126,7 +128,7 @@ class AttnResAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        return self.o_proj(out.reshape(batch, seq, -1).contiguous())
+        return self.o_proj(out.reshape(batch, seq, -1).contiguous()), weights
 
 
 class AttnResMLP(nn.Module):
@@ -161,14 +163,15 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> AttnResState:
-        """Run both sublayers from ``residual_state``; return the residual state after them.
+    ) -> tuple[AttnResState, torch.Tensor | None]:
+        """Run both sublayers from ``residual_state``; return the residual state after them and the attention
+        weights (eager attention; else None).
 
         Each sublayer's PreNorm is fused into its AttnRes input (``sublayer_input(state, norm.weight, eps)``).
         """
         kwargs.pop("use_cache", None)
         norm = self.input_layernorm
-        out = self.self_attn(
+        out, weights = self.self_attn(
             attn_res.sublayer_input(residual_state, norm.weight, norm.variance_epsilon),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -178,7 +181,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         state = attn_res.add_sublayer_output(residual_state, out)
         norm = self.post_attention_layernorm
         out = self.mlp(attn_res.sublayer_input(state, norm.weight, norm.variance_epsilon))
-        return attn_res.add_sublayer_output(state, out)
+        return attn_res.add_sublayer_output(state, out), weights
 
 
 class AttnResPreTrainedModel(PreTrainedModel):
@@ -239,8 +242,9 @@ class AttnResModel(AttnResPreTrainedModel):
         cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
-        """Returns ``last_hidden_state`` [B, T, D] (final AttnRes aggregation, normalised), the KV cache and,
-        with ``output_hidden_states``, the input of every decoder layer's attention sublayer plus the final output.
+        """Returns ``last_hidden_state`` [B, T, D] (final AttnRes aggregation, normalised), the KV cache, with
+        ``output_hidden_states`` the input of every decoder layer's attention sublayer plus the final output, and
+        with ``output_attentions`` (eager attention only) every layer's attention weights [B, H, T, S].
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -250,7 +254,15 @@ class AttnResModel(AttnResPreTrainedModel):
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        kwargs.pop("output_attentions", None)
+        output_attentions = kwargs.pop("output_attentions", None)
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions needs the eager attention, which returns the weights; this model uses "
+                f"{self.config._attn_implementation!r}: load it with attn_implementation='eager' or call "
+                f"model.set_attn_implementation('eager')"
+            )
         if self.training:  # the residual state is a Python object: only non-reentrant checkpointing sees it
             check_non_reentrant_checkpointing(self.layers)
         if inputs_embeds is None:
@@ -269,11 +281,11 @@ class AttnResModel(AttnResPreTrainedModel):
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         state = self.attn_res.begin(inputs_embeds)
-        all_hidden = []
+        all_hidden, all_weights = [], []
         for layer in self.layers:
             if output_hidden_states:  # the (un-normalised) input of the layer's attention sublayer
                 all_hidden.append(self.attn_res.sublayer_input(state))
-            state = layer(
+            state, weights = layer(
                 state,
                 attn_res=self.attn_res,
                 position_embeddings=position_embeddings,
@@ -281,12 +293,14 @@ class AttnResModel(AttnResPreTrainedModel):
                 **{CACHE_NAME: cache},
                 **kwargs,
             )
+            all_weights.append(weights)
         hidden = self.attn_res.final_output(state, self.norm.weight, self.norm.variance_epsilon)
         if output_hidden_states:
             all_hidden.append(hidden)
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_weights) if output_attentions else None,
             **{_OUTPUT_CACHE_NAME: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
@@ -344,6 +358,7 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **{_OUTPUT_CACHE_NAME: getattr(outputs, _OUTPUT_CACHE_NAME)},
         )
         return output if return_dict else output.to_tuple()

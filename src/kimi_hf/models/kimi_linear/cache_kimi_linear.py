@@ -322,8 +322,8 @@ class DecodeGraph:
         return id(model), model.model.embed_tokens.weight.data_ptr(), model.lm_head.weight.data_ptr()
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.model(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state
-        return self.model.lm_head(hidden)
+        outputs = self.model.model(input_ids=input_ids, cache=self.cache, use_cache=True, return_dict=True)
+        return self.model.lm_head(outputs.last_hidden_state)
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         batch = self.cache.key_mask.shape[0]

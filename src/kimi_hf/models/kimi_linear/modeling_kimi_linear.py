@@ -122,8 +122,14 @@ def build_sequence_layout(
     device: torch.device,
 ) -> SequenceLayout:
     """Decide padding/packing once per forward, for all layers (a few host synchronisations; none for a
-    batch without ``attention_mask``, ``position_ids`` or ``cu_seqlens``)."""
-    if cu_seqlens is None and position_ids is not None and batch == 1 and seq_len > 1 and past_len == 0:
+    batch without ``attention_mask``, ``position_ids`` or ``cu_seqlens``).
+
+    Restarting ``position_ids`` mark packed sequences only where no token is padding: a left-padded row's
+    positions restart after its padding (``cumsum(mask) - 1``, padding at 0 or 1), and the mask decides there."""
+    if (
+        cu_seqlens is None and position_ids is not None and batch == 1 and seq_len > 1 and past_len == 0
+        and (attention_mask is None or bool(attention_mask.all()))
+    ):  # fmt: skip
         cu_seqlens = _packed_cu_seqlens(position_ids)
     if cu_seqlens is not None:
         if batch != 1:
@@ -349,11 +355,11 @@ class KimiMLAAttention(nn.Module):
         key = torch.cat([k_nope, rope_key], dim=-1)
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(
+        out, weights = attention(
             self, q, key, value, layout.mla_mask,
             dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling,
         )  # fmt: skip
-        return self.o_proj(out.reshape(batch, seq_len, -1))
+        return self.o_proj(out.reshape(batch, seq_len, -1)), weights
 
 
 # ---------------------------------------------------------------------------------------------------- MLP / MoE
@@ -664,19 +670,24 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
         attn_res: AttentionResiduals,
         layout: SequenceLayout,
         cache: KimiLinearCache | None = None,
-    ) -> tuple[AttnResState, torch.Tensor | None]:
-        """Run both sublayers; returns the residual state after them and the router logits (None if dense).
+    ) -> tuple[AttnResState, torch.Tensor | None, torch.Tensor | None]:
+        """Run both sublayers; returns the residual state after them, the router logits (None if dense) and the
+        MLA attention weights ``[B, H, T, S]`` (eager attention; None for KDA, which has no attention matrix).
 
         Each PreNorm is fused into its sublayer's input (``attn_res.sublayer_input(state, weight, eps)``):
         with AttnRes on the Triton training path the input is then recomputed in backward, not stored.
         """
         norm = self.input_layernorm
         h = attn_res.sublayer_input(residual_state, norm.weight, norm.variance_epsilon)
-        state = attn_res.add_sublayer_output(residual_state, self.self_attn(h, layout, cache))
+        if self.is_kda:
+            attn_out, attn_weights = self.self_attn(h, layout, cache), None
+        else:
+            attn_out, attn_weights = self.self_attn(h, layout, cache)
+        state = attn_res.add_sublayer_output(residual_state, attn_out)
         norm = self.post_attention_layernorm
         h = attn_res.sublayer_input(state, norm.weight, norm.variance_epsilon)
         ff, router_logits = self.block_sparse_moe(h) if self.is_moe else (self.mlp(h), None)
-        return attn_res.add_sublayer_output(state, ff), router_logits
+        return attn_res.add_sublayer_output(state, ff), router_logits, attn_weights
 
 
 class KimiLinearPreTrainedModel(PreTrainedModel):
@@ -771,8 +782,10 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         output_router_logits: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
         cache: KimiLinearCache | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
+    ) -> MoeModelOutputWithPast | tuple:
         r"""
         Args:
             input_ids: ``[B, T]`` token ids (or ``inputs_embeds [B, T, hidden]``).
@@ -781,6 +794,8 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
                 ``DataCollatorWithFlattening``); positions carry no other information in Kimi Linear.
             past_key_values / cache: a :class:`KimiLinearCache` (either name).
             cu_seqlens: ``[N + 1]`` boundaries of N sequences packed into a batch of one.
+            output_attentions: return the attention weights ``[B, H, T, S]`` of every MLA layer (one entry per MLA
+                layer: KDA layers have no attention matrix); needs the eager attention implementation.
 
         Packed sequences have no single continuation to cache: with ``use_cache`` left to the config they
         return no cache, and asking for one (``use_cache=True`` or a cache passed in) is an error.
@@ -793,6 +808,14 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions needs the eager attention, which returns the weights; this model uses "
+                f"{self.config._attn_implementation!r}: load it with attn_implementation='eager' or call "
+                f"model.set_attn_implementation('eager')"
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False.")
@@ -835,24 +858,29 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         state = self.attn_res.begin(inputs_embeds)
         all_hidden: list[torch.Tensor] = []
         all_router_logits: list[torch.Tensor] = []
+        all_attentions: list[torch.Tensor] = []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden.append(self.attn_res.sublayer_input(state))
-            state, router_logits = layer(state, attn_res=self.attn_res, layout=layout, cache=cache)
+            state, router_logits, attn_weights = layer(state, attn_res=self.attn_res, layout=layout, cache=cache)
             if output_router_logits and router_logits is not None:
                 all_router_logits.append(router_logits)
+            if output_attentions and attn_weights is not None:
+                all_attentions.append(attn_weights)
         hidden_states = self.attn_res.final_output(state, self.norm.weight, self.norm.variance_epsilon)
         if output_hidden_states:
             all_hidden.append(hidden_states)
         if cache is not None:
             cache.end_forward(seq_len)
 
-        return MoeModelOutputWithPast(
+        output = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
             router_logits=tuple(all_router_logits) if output_router_logits else None,
             **{CACHE_FIELD: cache},
         )
+        return output if return_dict else output.to_tuple()
 
 
 class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
@@ -929,6 +957,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         cu_seqlens: torch.Tensor | None = None,
         cache: KimiLinearCache | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast | tuple:
         r"""
@@ -943,7 +972,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         if cu_seqlens is None and kwargs.get("cu_seq_lens_q") is not None:
             # DataCollatorWithFlattening(return_flash_attn_kwargs=True) marks packed sequences this way only
             cu_seqlens = kwargs["cu_seq_lens_q"]
-        if self._replays_decode_graph(cache, input_ids, labels, use_cache, output_hidden_states, output_router_logits):
+        outputs_asked = (output_hidden_states, output_router_logits, output_attentions)
+        if self._replays_decode_graph(cache, input_ids, labels, use_cache, outputs_asked):
             logits = cache.decode_graph(self).step(input_ids)
             output = MoeCausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
             return output if return_dict is not False else output.to_tuple()
@@ -957,6 +987,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
             cu_seqlens=cu_seqlens,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -968,6 +1000,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
@@ -979,11 +1012,14 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None,
         labels: torch.Tensor | None,
         use_cache: bool | None,
-        output_hidden_states: bool | None,
-        output_router_logits: bool | None,
+        outputs_asked: tuple[bool | None, bool | None, bool | None],
     ) -> bool:
         """Whether this forward is a one-token decode step that a :class:`KimiLinearStaticCache` runs as a
-        CUDA graph: inference on CUDA, after a prefill, with only logits to return."""
+        CUDA graph: inference on CUDA, after a prefill, with only logits to return (``outputs_asked``: the
+        ``output_hidden_states``, ``output_router_logits`` and ``output_attentions`` arguments)."""
+        configured = (self.config.output_hidden_states, self.config.output_router_logits, self.config.output_attentions)
+        if any(asked if asked is not None else default for asked, default in zip(outputs_asked, configured)):
+            return False
         return (
             isinstance(cache, KimiLinearStaticCache)
             and cache.cuda_graphs
@@ -995,8 +1031,6 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             and not self.training
             and not torch.is_grad_enabled()
             and labels is None
-            and not (output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
-            and not (output_router_logits if output_router_logits is not None else self.config.output_router_logits)
         )
 
     def prepare_inputs_for_generation(
