@@ -128,6 +128,18 @@ def test_config_ratio_patterns_and_svd_rank():
     assert CELoraConfig(ce_ratio={r"layers\.0\..*": 0.4}).ratio_for("model.layers.0.mlp.up_proj") == 0.4
 
 
+def test_overlapping_ratio_patterns_are_refused_not_resolved_by_order():
+    """adapter_config.json is saved with sorted keys: a first-match rule would give another ratio after a reload.
+    Overlaps with one ratio are fine; overlaps with different ratios are an error naming both."""
+    overlapping = CELoraConfig(ce_ratio={"v_proj": 0.5, r"layers\.0\..*": 0.25})
+    assert overlapping.ratio_for("model.layers.1.self_attn.v_proj") == 0.5
+    assert overlapping.ratio_for("model.layers.0.mlp.up_proj") == 0.25
+    with pytest.raises(ValueError, match=r"different ratios match 'model.layers.0.self_attn.v_proj'.*v_proj.*0.25"):
+        overlapping.ratio_for("model.layers.0.self_attn.v_proj")
+    same = CELoraConfig(ce_ratio={"v_proj": 0.5, r"layers\.0\..*": 0.5})
+    assert same.ratio_for("model.layers.0.self_attn.v_proj") == 0.5
+
+
 def test_kept_channels_fill_whole_tiles():
     for out_features, ratio, rank in [(4096, 0.65, 14), (14336, 0.55, 14), (4096, 0.25, 7), (1000, 0.3, 40)]:
         keep = kept_channels(out_features, ratio, rank)

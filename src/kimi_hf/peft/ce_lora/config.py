@@ -14,7 +14,8 @@ from .registration import ensure_peft_type
 # The public code's keep ratios (arXiv 2502.01378); modules not listed (q/k/gate) keep the exact backward.
 PAPER_RATIOS: dict[str, float] = {"v_proj": 0.55, "o_proj": 0.55, "up_proj": 0.65, "down_proj": 0.65}
 
-# LoRA variants replace LoRA's forward; CE-LoRA's layer computes plain LoRA's branch itself.
+# LoRA variants replace LoRA's forward; CE-LoRA's layer computes plain LoRA's branch itself. (MiCA is an
+# init_lora_weights value, not a field: its forward is LoRA's, and CE-LoRA trains it.)
 _UNSUPPORTED_LORA_OPTIONS = (
     "use_dora",
     "use_bdlora",
@@ -22,7 +23,6 @@ _UNSUPPORTED_LORA_OPTIONS = (
     "alora_invocation_tokens",
     "velora_config",
     "monteclora_config",
-    "mica",
     "kasa_config",
     "use_qalora",
 )
@@ -46,8 +46,8 @@ class CELoraConfig(LoraConfig):
         ce_ratio: fraction of output channels whose residual gradient is kept, in (0, 1]. A float applies
             to every targeted ``nn.Linear``; a dict maps module-name patterns (regex matched against the
             end of the module name, like ``rank_pattern``) to ratios, and modules that match no pattern
-            keep the exact backward (ratio 1). Default: the paper's 0.55 for ``v_proj``/``o_proj``, 0.65
-            for ``up_proj``/``down_proj``.
+            keep the exact backward (ratio 1). Patterns with different ratios must not match the same
+            module. Default: the paper's 0.55 for ``v_proj``/``o_proj``, 0.65 for ``up_proj``/``down_proj``.
         ce_svd_rank: rank of the frozen factorisation ``W ~= B0 A0`` used for the dropped channels
             (default ``7r/8``, rounded down, at least 1, from each module's LoRA rank ``r``).
         ce_recompute_every: the kept channels are reselected every this many backward passes through the
@@ -114,13 +114,19 @@ class CELoraConfig(LoraConfig):
         self.init_lora_weights = value
 
     def ratio_for(self, module_name: str) -> float:
-        """Keep ratio of the module called ``module_name`` (1.0 = exact backward)."""
+        """Keep ratio of the module called ``module_name`` (1.0 = exact backward).
+
+        Raises ``ValueError`` when patterns with different ratios match the module: the order of ``ce_ratio``'s keys
+        cannot decide, since ``adapter_config.json`` is written with sorted keys and would reload another order.
+        """
         if not isinstance(self.ce_ratio, dict):
             return self.ce_ratio
-        for pattern, ratio in self.ce_ratio.items():
-            if re.match(rf"(.*\.)?(?:{pattern})$", module_name):
-                return ratio
-        return 1.0
+        matches = {p: r for p, r in self.ce_ratio.items() if re.match(rf"(.*\.)?(?:{p})$", module_name)}
+        if len(set(matches.values())) > 1:
+            raise ValueError(
+                f"ce_ratio patterns with different ratios match {module_name!r}: {matches}; make them disjoint"
+            )
+        return next(iter(matches.values()), 1.0)
 
     def svd_rank_for(self, lora_rank: int) -> int:
         """SVD rank for a module whose LoRA rank is ``lora_rank``."""
