@@ -215,6 +215,16 @@ def test_triton_weight_grad_partials_interpreter(monkeypatch, tiles_per_program,
     _triton_vs_reference(x, w, b, h, "silu", cu, True, "cpu", 1e-5, 1e-5)
 
 
+def test_triton_refuses_more_rows_than_int32_indexes(monkeypatch):
+    """The kernels find each row's sequence with int32 row indices: B * T must stay under 2**31 (lowered here)."""
+    from kimi_hf.kernels.conv import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "_MAX_ROWS", 16)
+    x, w, b = _inputs(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31 tokens .* got B=2, T=8"):
+        causal_conv1d(x, w, b, backend="triton")
+
+
 def test_triton_reads_a_strided_bias_and_weight_interpreter():
     """A bias or weight that is a strided view (e.g. a column of a larger tensor) reaches the kernels as its values."""
     x, w, b = _inputs(1, 9, 6, 4)
