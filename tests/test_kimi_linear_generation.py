@@ -274,3 +274,43 @@ def test_decode_graph_checks_its_input_and_room_and_follows_the_weights():
         graph.step(random_ids(2, 1, seed=14))
     model.to(torch.float64)
     assert cache.decode_graph(model) is not graph
+
+
+@pytest.mark.parametrize("cache", ["growing", "passed", "static", "cache_implementation"])
+def test_chunked_prefill_equals_one_prefill(model, cache):
+    """generate(prefill_chunk_size=...) feeds the prompt in chunks: each chunk as given (transformers passes no
+    next_sequence_length), into a cache that exists from the first chunk (it failed or fed nothing)."""
+    ids = random_ids(2, 11, seed=9)
+    kwargs = {"do_sample": False}
+    if cache == "passed":
+        kwargs[CACHE_FIELD] = KimiLinearCache(model.config)
+    elif cache == "static":
+        kwargs[CACHE_FIELD] = KimiLinearStaticCache(model.config, 11 + NEW_TOKENS)
+    elif cache == "cache_implementation":
+        kwargs["cache_implementation"] = "static"
+    chunked = _generate(model, ids, True, prefill_chunk_size=4, **kwargs)
+    assert torch.equal(chunked, _generate(model, ids, False, do_sample=False))
+
+
+def test_reusing_a_filled_cache_for_a_new_prompt_is_an_error(model):
+    ids = random_ids(2, 7, seed=10)
+    for cache in (KimiLinearCache(model.config), KimiLinearStaticCache(model.config, 2 * (7 + NEW_TOKENS))):
+        _generate(model, ids, True, do_sample=False, **{CACHE_FIELD: cache})
+        with pytest.raises(ValueError, match="already holds 12 positions.*call cache.reset()"):
+            _generate(model, ids, True, do_sample=False, **{CACHE_FIELD: cache})
+
+
+def test_static_cache_refuses_autograd_and_growing_cache_a_new_dtype():
+    """The static cache writes in place: a forward that autograd records is refused (its backward failed deep in
+    autograd). The growing cache meeting another dtype after its prompt is refused clearly (a matmul failed)."""
+    model = tiny_model(seed=22)
+    ids = random_ids(1, 5, seed=11)
+    with pytest.raises(ValueError, match="KimiLinearStaticCache writes its buffers in place"):
+        model(ids, use_cache=True, **{CACHE_FIELD: KimiLinearStaticCache(model.config, 8)})
+    cache = KimiLinearCache(model.config)
+    with torch.no_grad():
+        model(ids, use_cache=True, **{CACHE_FIELD: cache})
+        model.to(torch.bfloat16)
+        with pytest.raises(ValueError, match="holds states on cpu in torch.float32, got .* torch.bfloat16"):
+            model(ids[:, :1], use_cache=True, **{CACHE_FIELD: cache})
+    assert KimiLinearCache.is_croppable is False

@@ -53,6 +53,7 @@ class KimiLinearCache:
     """
 
     is_compileable = False
+    is_croppable = False  # recurrent states cannot go back to an earlier position (transformers reads this)
 
     def __init__(self, config: KimiLinearConfig) -> None:
         self.layer_types = config.layer_types
@@ -64,6 +65,7 @@ class KimiLinearCache:
         self.latents: list[torch.Tensor | None] = [None] * n
         self.rope_keys: list[torch.Tensor | None] = [None] * n
         self.seen_tokens = 0
+        self.held: tuple[torch.device, torch.dtype] | None = None  # device and activation dtype of the states
 
     # ------------------------------------------------------------------ per forward (called by the model)
     def check_config(self, config: KimiLinearConfig) -> None:
@@ -84,7 +86,16 @@ class KimiLinearCache:
         dtype: torch.dtype,
     ) -> torch.Tensor | None:
         """Called once per forward before the layers, with the batch's size, device and activation dtype; a
-        static cache returns the MLA mask (None here: the model builds it from the attention mask)."""
+        static cache returns the MLA mask (None here: the model builds it from the attention mask).
+
+        Raises ``ValueError`` when a filled cache meets another device or dtype (e.g. the model was cast after the
+        prompt): its states would mix dtypes in the next layer."""
+        if self.seen_tokens and self.held != (device, dtype):
+            raise ValueError(
+                f"this KimiLinearCache holds states on {self.held[0]} in {self.held[1]}, got activations on {device} "
+                f"in {dtype}; call reset() (or use a new cache) after moving or casting the model"
+            )
+        self.held = (device, dtype)
         return None
 
     def end_forward(self, seq_len: int) -> None:
@@ -253,7 +264,18 @@ class KimiLinearStaticCache(KimiLinearCache):
         # After reset() the buffers keep their old values: a new sequence starts from no state.
         return super().kda_states(layer_idx) if self.seen_tokens else None
 
+    @staticmethod
+    def _refuse_autograd(*tensors: torch.Tensor) -> None:
+        """The buffers are written in place, which autograd cannot differentiate through (the next step's write
+        changes what the last one saved for backward)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            raise ValueError(
+                "KimiLinearStaticCache writes its buffers in place, which autograd cannot differentiate through: "
+                "run the forward under torch.no_grad() (generate() does), or use KimiLinearCache"
+            )
+
     def update_kda(self, layer_idx: int, conv_states: ConvStates, recurrent_state: torch.Tensor) -> None:
+        self._refuse_autograd(*conv_states, recurrent_state)
         if self.recurrent_states[layer_idx] is None:
             super().update_kda(layer_idx, conv_states, recurrent_state)
             return
@@ -267,6 +289,7 @@ class KimiLinearStaticCache(KimiLinearCache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``latent [B, T, R]`` and ``rope_key [B, T, P]`` at this forward's positions; returns the
         ``[B, max_cache_len, .]`` buffers (unwritten positions hold zeros or old values and are masked)."""
+        self._refuse_autograd(latent, rope_key)
         if self.latents[layer_idx] is None:
             batch = latent.shape[0]
             self.latents[layer_idx] = latent.new_zeros(batch, self.max_cache_len, latent.shape[-1])

@@ -919,13 +919,13 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         """``generate(..., cache_implementation="static")`` decodes with a :class:`KimiLinearStaticCache` of
         ``max_cache_length`` positions (CUDA graphs on CUDA); everything else is transformers' own handling (which
         refuses a cache passed together with ``cache_implementation``, and leaves the growing cache to the model)."""
-        if (
-            generation_config.cache_implementation == "static"
-            and model_kwargs.get(CACHE_FIELD) is None
-            and generation_config.use_cache is not False
-        ):
-            model_kwargs[CACHE_FIELD] = KimiLinearStaticCache(self.config, max_cache_len=max_cache_length)
-            return
+        if model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation == "static":
+                model_kwargs[CACHE_FIELD] = KimiLinearStaticCache(self.config, max_cache_len=max_cache_length)
+                return
+            if generation_config.prefill_chunk_size is not None:  # chunked prefill needs the cache from the start
+                model_kwargs[CACHE_FIELD] = KimiLinearCache(self.config)
+                return
         super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
@@ -1042,18 +1042,24 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         logits_to_keep: int | None = None,
         **kwargs,
     ) -> dict:
-        """Feed only the tokens the cache has not seen; the cache travels under the installed name."""
+        """Feed only the tokens the cache has not seen; the cache travels under the installed name.
+
+        As transformers' own method: ``next_sequence_length`` (from ``generate``) says how many of ``input_ids`` are
+        new; None means all of them (decoding without a cache, chunked prefill, or only new tokens passed).
+        """
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if isinstance(cache, KimiLinearCache) else 0
-        if past > 0:
-            # generate() says how many tokens are new (transformers >= 5.2x); else the full-length mask does:
-            # input_ids lacks the prompt when it was given as inputs_embeds.
-            new = kwargs.get("next_sequence_length")
-            if new is None:
-                new = (attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]) - past
-            model_inputs: dict = {"input_ids": input_ids[:, input_ids.shape[1] - new :]}
-        elif inputs_embeds is not None:
-            model_inputs = {"inputs_embeds": inputs_embeds}
+        new = kwargs.get("next_sequence_length")
+        if new is not None and new <= 0:
+            raise ValueError(
+                f"the cache already holds {past} positions and the {input_ids.shape[1]} tokens given add none: "
+                f"call cache.reset() (or pass a new cache) before generating from a new prompt"
+            )
+        if inputs_embeds is not None and (past == 0 or kwargs.get("is_first_iteration")):
+            # a prompt given as embeddings (after a filled cache: the whole sequence's, as for input_ids)
+            model_inputs: dict = {"inputs_embeds": inputs_embeds if new is None else inputs_embeds[:, -new:]}
+        elif past > 0:
+            model_inputs = {"input_ids": input_ids if new is None else input_ids[:, -new:]}
         else:
             model_inputs = {"input_ids": input_ids}
         model_inputs.update(attention_mask=attention_mask, use_cache=use_cache, **{CACHE_FIELD: cache})
