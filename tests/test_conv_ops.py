@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel
 
-from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update, naive_causal_conv1d
+from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update, naive_causal_conv1d, naive_causal_conv1d_update
 
 
 def _conv1d_oracle(x, weight, bias, activation, history=None):
@@ -34,10 +34,10 @@ def _inputs(batch, length, dim, width, dtype=torch.float32, bias=True, seed=0):
 @pytest.mark.parametrize("bias", [True, False])
 def test_reference_matches_conv1d(activation, bias):
     x, w, b = _inputs(2, 11, 6, 4, bias=bias)
-    y, _ = causal_conv1d(x, w, b, activation, backend="torch")
+    y, _ = causal_conv1d(x, w, b, activation=activation, backend="torch")
     assert_close_rel(y, _conv1d_oracle(x, w, b, activation), 1e-6, "y")
     h = torch.randn(2, 6, 4)
-    y, _ = causal_conv1d(x, w, b, activation, initial_state=h, backend="torch")
+    y, _ = causal_conv1d(x, w, b, activation=activation, initial_state=h, backend="torch")
     assert_close_rel(y, _conv1d_oracle(x, w, b, activation, h), 1e-6, "y with initial state")
 
 
@@ -54,7 +54,7 @@ def test_final_state_continues_prefill_and_decode():
     y1, s1 = causal_conv1d(x[:, :5], w, b, output_final_state=True, backend="torch")
     y2, s2 = causal_conv1d(x[:, 5:10], w, b, initial_state=s1, output_final_state=True, backend="torch")
     state = s2.clone()
-    ys = [causal_conv1d_update(x[:, t], state, w, b, backend="torch") for t in range(10, 13)]
+    ys = [causal_conv1d_update(x[:, t], state, weight=w, bias=b, backend="torch") for t in range(10, 13)]
     assert_close_rel(torch.cat([y1, y2, torch.stack(ys, 1)], 1), y_full, 1e-6, "chunked + decode")
     assert_close_rel(state, s_full, 0, "state after decode")
     assert_close_rel(s_full, x[:, -4:].transpose(1, 2), 0, "final state = last W inputs")
@@ -88,8 +88,8 @@ def test_update_accepts_three_dim_tokens():
     x, w, b = _inputs(3, 1, 6, 4)
     state1 = torch.randn(3, 6, 4)
     state2 = state1.clone()
-    y1 = causal_conv1d_update(x, state1, w, b, backend="torch")
-    y2 = causal_conv1d_update(x[:, 0], state2, w, b, backend="torch")
+    y1 = causal_conv1d_update(x, state1, weight=w, bias=b, activation="silu", backend="torch")
+    y2 = causal_conv1d_update(x[:, 0], state2, weight=w, bias=b, activation="silu", backend="torch")
     assert y1.shape == (3, 1, 6) and torch.equal(y1[:, 0], y2) and torch.equal(state1, state2)
 
 
@@ -143,9 +143,11 @@ def test_triton_tokens_past_last_sequence_stay_in_bounds():
 
 def test_update_bad_input_raises():
     with pytest.raises(ValueError, match="one token"):
-        causal_conv1d_update(torch.randn(2, 3, 6), torch.randn(2, 6, 4), torch.randn(6, 4), backend="torch")
-    with pytest.raises(ValueError, match="conv_state"):
-        causal_conv1d_update(torch.randn(2, 6), torch.randn(3, 6, 4), torch.randn(6, 4), backend="torch")
+        causal_conv1d_update(torch.randn(2, 3, 6), torch.randn(2, 6, 4), weight=torch.randn(6, 4), backend="torch")
+    with pytest.raises(ValueError, match=r"cache \(the conv state\) must be \[N, D, W\]"):
+        causal_conv1d_update(torch.randn(2, 6), torch.randn(3, 6, 4), weight=torch.randn(6, 4), backend="torch")
+    with pytest.raises(ValueError, match="weight must be a tensor, got None"):
+        causal_conv1d_update(torch.randn(2, 6), torch.randn(2, 6, 4), backend="torch")
 
 
 def _triton_vs_reference(x, w, b, h, activation, cu, output_final_state, device, rtol_y, rtol_grad):
@@ -153,7 +155,8 @@ def _triton_vs_reference(x, w, b, h, activation, cu, output_final_state, device,
     leaves = [t.detach().to(device).requires_grad_() if t is not None else None for t in (x, w, b, h)]
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, h)]
     cu_dev = cu.to(device) if cu is not None else None
-    y, s = causal_conv1d(*leaves[:3], activation, leaves[3], output_final_state, cu_dev, backend="triton")
+    y, s = causal_conv1d(*leaves[:3], initial_state=leaves[3], output_final_state=output_final_state,
+                         activation=activation, cu_seqlens=cu_dev, backend="triton")
     y_ref, s_ref = naive_causal_conv1d(*ref_leaves[:3], activation, ref_leaves[3], output_final_state, cu)
     assert_close_rel(y, y_ref, rtol_y, "y")
     gen = torch.Generator().manual_seed(7)
@@ -225,6 +228,43 @@ def test_triton_refuses_more_rows_than_int32_indexes(monkeypatch):
         causal_conv1d(x, w, b, backend="triton")
 
 
+def test_arguments_follow_flas_order_and_defaults():
+    """fla 0.6.0's order (x, weight, bias, residual, initial_state, output_final_state, activation, backend,
+    cu_seqlens) and defaults (no activation; "swish" is SiLU): a call written for fla means the same here."""
+    import inspect
+
+    x, w, b = _inputs(2, 7, 6, 4)
+    residual, h = torch.randn(2, 7, 6), torch.randn(2, 6, 4)
+    y, s = causal_conv1d(x, w, b, residual, h, True, "swish", "torch")
+    y_ref, s_ref = naive_causal_conv1d(x, w, b, "silu", h, True, None)
+    assert_close_rel(y, y_ref + residual, 1e-6, "y, positional, with residual")
+    assert_close_rel(s, s_ref, 0, "final state, positional")
+    assert_close_rel(causal_conv1d(x, w, b, backend="torch")[0], _conv1d_oracle(x, w, b, None), 1e-6, "default act")
+    state, token, res = h.clone(), torch.randn(2, 6), torch.randn(2, 6)
+    step = causal_conv1d_update(token, state, res, w, b, "swish", "torch")
+    ref = naive_causal_conv1d_update(token, h.clone(), w, b, "silu")
+    assert_close_rel(step, ref + res, 1e-6, "update, positional, with residual")
+    with pytest.raises(ValueError, match=r"residual must be a tensor of the output's shape \(2, 7, 6\)"):
+        causal_conv1d(x, w, b, torch.randn(2, 6), backend="torch")
+    fla_conv = pytest.importorskip("fla.modules.causal_conv1d")
+    pairs = ((causal_conv1d, fla_conv.causal_conv1d, 9), (causal_conv1d_update, fla_conv.causal_conv1d_update, 6))
+    for ours, theirs, shared in pairs:
+        assert list(inspect.signature(ours).parameters)[:shared] == list(inspect.signature(theirs).parameters)[:shared]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_cu_seqlens_and_empty_batch_interpreter(backend):
+    """cu_seqlens as a strided view (the kernels read offsets at unit stride: it was silently wrong), and B = 0."""
+    x, w, b = _inputs(1, 20, 6, 4)
+    cu = torch.tensor([0, 99, 7, 99, 20])[::2]
+    y, s = causal_conv1d(x, w, b, output_final_state=True, activation="silu", cu_seqlens=cu, backend=backend)
+    y_ref, s_ref = naive_causal_conv1d(x, w, b, "silu", None, True, torch.tensor([0, 7, 20]))
+    assert_close_rel(y, y_ref, 1e-5, "y")
+    assert_close_rel(s, s_ref, 0, "final state")
+    y, s = causal_conv1d(torch.randn(0, 5, 6), w, b, output_final_state=True, backend=backend)
+    assert y.shape == (0, 5, 6) and s.shape == (0, 6, 4)
+
+
 def test_triton_reads_a_strided_bias_and_weight_interpreter():
     """A bias or weight that is a strided view (e.g. a column of a larger tensor) reaches the kernels as its values."""
     x, w, b = _inputs(1, 9, 6, 4)
@@ -234,8 +274,8 @@ def test_triton_reads_a_strided_bias_and_weight_interpreter():
     y, _ = causal_conv1d(x, strided_w, strided_b, backend="triton")
     assert_close_rel(y, causal_conv1d(x, w, b, backend="torch")[0], 1e-5, "y")
     tokens, state = x[0, :2], torch.randn(2, 6, 4)  # one token for each of two sequences
-    step = causal_conv1d_update(tokens, state.clone(), strided_w, strided_b, backend="triton")
-    ref = causal_conv1d_update(tokens, state.clone(), w, b, backend="torch")
+    step = causal_conv1d_update(tokens, state.clone(), weight=strided_w, bias=strided_b, backend="triton")
+    ref = causal_conv1d_update(tokens, state.clone(), weight=w, bias=b, backend="torch")
     assert_close_rel(step, ref, 1e-5, "update")
 
 
@@ -245,8 +285,8 @@ def test_triton_update_matches_reference_interpreter(squeeze):
     x = x[:, 0] if squeeze else x
     cache = torch.randn(3, 2, 6, 4)
     state, state_ref = cache[:, 1], cache[:, 1].clone()  # a non-contiguous slice of a larger cache
-    y = causal_conv1d_update(x, state, w, b, backend="triton")
-    y_ref = causal_conv1d_update(x, state_ref, w, b, backend="torch")
+    y = causal_conv1d_update(x, state, weight=w, bias=b, activation="silu", backend="triton")
+    y_ref = causal_conv1d_update(x, state_ref, weight=w, bias=b, activation="silu", backend="torch")
     assert_close_rel(y, y_ref, 1e-6, "y")
     assert_close_rel(cache[:, 1], state_ref, 0, "state updated in place")
 
@@ -270,13 +310,13 @@ def test_triton_update_cuda_graph():
     x = x[:, 0]
     state = torch.randn(4, 4096, 4, device="cuda", dtype=torch.bfloat16)
     state_ref = state.clone()
-    causal_conv1d_update(x, state.clone(), w, b)  # compile outside the capture
+    causal_conv1d_update(x, state.clone(), weight=w, bias=b, activation="silu")  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = causal_conv1d_update(x, state, w, b)
+        y = causal_conv1d_update(x, state, weight=w, bias=b, activation="silu")
     graph.replay()
     graph.replay()
-    causal_conv1d_update(x, state_ref, w, b, backend="torch")
-    y_ref = causal_conv1d_update(x, state_ref, w, b, backend="torch")
+    causal_conv1d_update(x, state_ref, weight=w, bias=b, activation="silu", backend="torch")
+    y_ref = causal_conv1d_update(x, state_ref, weight=w, bias=b, activation="silu", backend="torch")
     assert_close_rel(state, state_ref, 0, "state after two replays")
     assert_close_rel(y, y_ref, 1e-2, "y")

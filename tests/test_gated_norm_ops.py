@@ -43,6 +43,8 @@ def test_reference_gradcheck(activation):
         (dict(gate=torch.randn(2, 5)), "gate must"),
         (dict(weight=torch.randn(5)), "weight must"),
         (dict(activation="relu"), "activation"),
+        (dict(x=torch.ones(2, 6, dtype=torch.int64)), "x must be a floating-point tensor, got torch.int64"),
+        (dict(gate=torch.ones(2, 6, dtype=torch.int32)), "gate must be a floating-point tensor, got torch.int32"),
         (dict(x=torch.randn(1, 8200), gate=torch.randn(1, 8200), weight=torch.randn(8200), backend="triton"), "D <="),
     ],
 )

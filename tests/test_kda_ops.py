@@ -174,7 +174,7 @@ def _bad(**changes):
         (dict(initial_state=torch.zeros(3, 2, 16, 8)), "initial_state must be"),
         (dict(initial_state=torch.zeros(2, 2, 16, 8, dtype=torch.bfloat16)), "initial_state must be fp32"),
         (dict(cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)), "batch size must be 1"),
-        (dict(use_gate_in_kernel=True), "needs both A_log and dt_bias"),
+        (dict(use_gate_in_kernel=True), r"needs A_log \(dt_bias is optional, as in fla\)"),
         (dict(A_log=torch.zeros(2)), "only used with use_gate_in_kernel"),
         (dict(use_gate_in_kernel=True, A_log=torch.zeros(3), dt_bias=torch.zeros(32)), "A_log must have shape"),
         (dict(use_gate_in_kernel=True, A_log=torch.zeros(2), dt_bias=torch.zeros(31)), "dt_bias must have shape"),

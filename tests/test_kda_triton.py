@@ -264,6 +264,31 @@ def test_fused_recurrent_decode_matches_reference():
     assert_close_rel(state, s_ref, 2e-5, "state written in place")
 
 
+def test_strided_cu_seqlens():
+    """cu_seqlens as a strided view: the kernels read the offsets at unit stride (they segfaulted or read the wrong
+    ones); both ops give the contiguous offsets' answer."""
+    strided = torch.tensor([0, 99, 7, 99, 20], dtype=torch.int32).to(DEVICE)[::2]
+    inputs = _inputs(T=20, N=2, seed=12)
+    for op in (chunk_kda, fused_recurrent_kda):
+        o, s, _ = _run(op, "triton", inputs, {}, torch.float32, cu_seqlens=strided)
+        o_ref, s_ref, _ = _run(op, "torch", inputs, {}, torch.float64, cu_seqlens=strided.contiguous())
+        assert_close_rel(o, o_ref, 2e-5, f"{op.__name__} o")
+        assert_close_rel(s, s_ref, 2e-5, f"{op.__name__} final state")
+
+
+def test_fused_gate_without_dt_bias_is_a_zero_bias():
+    """fla's dt_bias is optional with the fused gate: None is no bias, on both ops and both paths (it was refused)."""
+    inputs = _inputs(T=20, N=1, seed=13, raw_gate=True)
+    A_log = torch.randn(2, generator=torch.Generator().manual_seed(3))
+    for op in (chunk_kda, fused_recurrent_kda):
+        for backend in ("torch", "triton"):
+            got = _run(op, backend, inputs, {"A_log": A_log}, torch.float32, use_gate_in_kernel=True)
+            zero = _run(op, backend, inputs, {"A_log": A_log, "dt_bias": torch.zeros(2 * 16)}, torch.float32,
+                        use_gate_in_kernel=True)  # fmt: skip
+            assert_close_rel(got[0], zero[0], 0, f"{op.__name__} {backend} o")
+            assert_close_rel(got[1], zero[1], 0, f"{op.__name__} {backend} final state")
+
+
 def test_triton_path_rejects_unsupported_inputs():
     inputs = _inputs(T=2, N=1)
     with pytest.raises(ValueError, match="fp16/bf16/fp32"):

@@ -131,11 +131,14 @@ def bench_conv(setup: _Setup) -> list[Row]:
 
         return lambda: fla_causal_conv1d(x, w, activation="silu")[0].backward(dy)
 
+    def ours():
+        return causal_conv1d(x, w, activation="silu", backend="triton")[0]
+
     rows = [
-        Row("causal_conv1d fwd", shape, _time_us(lambda: causal_conv1d(x, w, backend="triton")[0], setup),
+        Row("causal_conv1d fwd", shape, _time_us(ours, setup),
             "fla causal_conv1d", _anchor_us(fla_conv, setup), setup.floor_us(2 * x.numel() * esize)),
         Row("causal_conv1d fwd+bwd", shape,
-            _time_us(lambda: causal_conv1d(x, w, backend="triton")[0].backward(dy), setup, grad_to_none=[x, w]),
+            _time_us(lambda: ours().backward(dy), setup, grad_to_none=[x, w]),
             "fla causal_conv1d", _anchor_us(fla_conv_fb, setup, grad_to_none=[x, w]),
             setup.floor_us(5 * x.numel() * esize)),
     ]
@@ -152,7 +155,8 @@ def bench_conv(setup: _Setup) -> list[Row]:
 
         rows.append(Row(
             "causal_conv1d_update (decode)", f"N{N} D{D} W{W}",
-            _time_us(lambda: causal_conv1d_update(xt, state, w_eval, backend="triton"), setup),
+            _time_us(lambda: causal_conv1d_update(xt, state, weight=w_eval, activation="silu", backend="triton"),
+                     setup),
             "fla causal_conv1d_update", _anchor_us(fla_update, setup),
             setup.floor_us((2 * N * D * W + 2 * N * D) * esize),
         ))

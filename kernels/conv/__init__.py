@@ -2,7 +2,9 @@
 
 ``causal_conv1d`` runs a whole (optionally packed, variable-length) batch and can return the conv
 state for decoding; ``causal_conv1d_update`` consumes one token per sequence and updates that state
-in place. Both dispatch to the Triton kernels or to the plain-torch reference (``naive.py``).
+in place. Both dispatch to the Triton kernels or to the plain-torch reference (``naive.py``), and take fla 0.6.0's
+arguments in fla's positional order with fla's defaults (``activation=None``; ``"swish"`` is ``"silu"``), so that a
+call written for ``fla.modules.causal_conv1d`` means the same here.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from .triton_kernels import causal_conv1d_update_fwd
 
 __all__ = ["causal_conv1d", "causal_conv1d_update", "naive_causal_conv1d", "naive_causal_conv1d_update"]
 
-_ACTIVATIONS = ("silu", None)
+_ACTIVATIONS = ("silu", "swish", None)
 
 
 def _check_weight_bias(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int, activation: str | None
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, dim: int, activation: str | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate x's dtype and return weight as ``[D, W]`` (the checkpoint's ``[D, 1, W]`` is accepted) and bias,
     both contiguous (the Triton kernels index them as such)."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a tensor, got {_described(weight)}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise ValueError(f"bias must be a tensor or None, got {_described(bias)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     if weight.dim() == 3 and weight.shape[1] == 1:
@@ -37,38 +43,59 @@ def _check_weight_bias(
     return weight.contiguous(), (None if bias is None else bias.contiguous())
 
 
+def _described(value: object) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+
+
+def _add_residual(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """fla's ``residual``: added to the activated output."""
+    if residual is None:
+        return y
+    if not isinstance(residual, torch.Tensor) or residual.shape != y.shape:
+        raise ValueError(
+            f"residual must be a tensor of the output's shape {tuple(y.shape)}, got {_described(residual)}"
+        )
+    return y + residual
+
+
 def causal_conv1d(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    activation: str | None = "silu",
+    residual: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    activation: str | None = None,
     backend: str | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y[t] = act(sum_{j<W} weight[:, j] * x[t - W + 1 + j] + bias), per channel, causal.
+    """y[t] = act(sum_{j<W} weight[:, j] * x[t - W + 1 + j] + bias) + residual[t], per channel, causal.
+
+    fla 0.6.0's ``causal_conv1d`` arguments, order and defaults (its further options, e.g. ``cu_seqlens_cpu``, are
+    not taken).
 
     Args:
         x: ``[B, T, D]`` (B must be 1 when ``cu_seqlens`` is given).
-        weight: ``[D, W]`` or ``[D, 1, W]``.
+        weight: ``[D, W]`` or ``[D, 1, W]`` (required).
         bias: ``[D]`` or None.
-        activation: ``"silu"`` or None.
+        residual: ``[B, T, D]`` added to the output, or None.
         initial_state: ``[N, D, W]``, the last W inputs before t=0 of each sequence (oldest first),
             or None for zero history. N = B, or ``len(cu_seqlens) - 1``.
         output_final_state: also return the state ``[N, D, W]`` after the last token (x's dtype).
+        activation: ``"silu"`` (or ``"swish"``, the same) or None (fla's default).
+        backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
         cu_seqlens: ``[N + 1]`` integer offsets of packed sequences along T (rising from 0 to T; checked on the
             torch path, not on the Triton path, where it would need a host sync), or None.
-        backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
 
     Returns:
-        ``(y [B, T, D] in x's dtype, final_state or None)``. Differentiable w.r.t. x, weight, bias and
+        ``(y [B, T, D] in x's dtype, final_state or None)``. Differentiable w.r.t. x, weight, bias, residual and
         initial_state.
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, T, D], got shape {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a [B, T, D] tensor, got {_described(x)}")
     batch, seq_len, dim = x.shape
     weight, bias = _check_weight_bias(x, weight, bias, dim, activation)
+    activation = "silu" if activation == "swish" else activation
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
             raise ValueError(
@@ -88,31 +115,42 @@ def causal_conv1d(
             int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len or bool((cu_seqlens.diff() < 0).any())
         ):
             raise ValueError(f"cu_seqlens must rise from 0 to T={seq_len}, got {cu_seqlens.tolist()}")
-        return naive_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
-    return CausalConv1dFunction.apply(
-        x, weight, bias, initial_state, activation == "silu", output_final_state, cu_seqlens
-    )
+        y, final_state = naive_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+    else:
+        if cu_seqlens is not None:  # the kernels read the offsets at unit stride
+            cu_seqlens = cu_seqlens.contiguous()
+        y, final_state = CausalConv1dFunction.apply(
+            x, weight, bias, initial_state, activation == "silu", output_final_state, cu_seqlens
+        )
+    return _add_residual(y, residual), final_state
 
 
 def causal_conv1d_update(
     x: torch.Tensor,
-    conv_state: torch.Tensor,
-    weight: torch.Tensor,
+    cache: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    activation: str | None = "silu",
+    activation: str | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Decode one token per sequence with the short conv; ``conv_state`` is updated in place.
+    """Decode one token per sequence with the short conv; the conv state ``cache`` is updated in place.
+
+    fla 0.6.0's ``causal_conv1d_update`` arguments, order and defaults, plus ``backend``.
 
     Args:
         x: ``[N, D]`` or ``[N, 1, D]``.
-        conv_state: ``[N, D, W]`` (the last W inputs, oldest first); shifted left and x appended.
-        weight: ``[D, W]`` or ``[D, 1, W]``; bias ``[D]`` or None; activation ``"silu"`` or None.
+        cache: the conv state ``[N, D, W]`` (the last W inputs, oldest first); shifted left and x appended.
+        residual: added to the output (x's shape), or None.
+        weight: ``[D, W]`` or ``[D, 1, W]`` (required); bias ``[D]`` or None.
+        activation: ``"silu"`` (or ``"swish"``) or None (fla's default).
         backend: ``"triton"``, ``"torch"`` or None.
 
     Returns:
-        y with x's shape and dtype: act(sum(conv_state * weight, -1) + bias) after the update.
+        y with x's shape and dtype: act(sum(cache * weight, -1) + bias) after the update, plus the residual.
     """
+    if not isinstance(x, torch.Tensor) or not isinstance(cache, torch.Tensor):
+        raise ValueError(f"x and cache must be tensors, got {_described(x)} and {_described(cache)}")
     squeeze = x.dim() == 3
     if squeeze:
         if x.shape[1] != 1:
@@ -122,13 +160,14 @@ def causal_conv1d_update(
         raise ValueError(f"x must be [N, D] or [N, 1, D], got shape {tuple(x.shape)}")
     num_seqs, dim = x.shape
     weight, bias = _check_weight_bias(x, weight, bias, dim, activation)
-    if tuple(conv_state.shape) != (num_seqs, dim, weight.shape[1]):
+    activation = "silu" if activation == "swish" else activation
+    if tuple(cache.shape) != (num_seqs, dim, weight.shape[1]):
         raise ValueError(
-            f"conv_state must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(conv_state.shape)}"
+            f"cache (the conv state) must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(cache.shape)}"
         )
     if resolve_backend(backend, x) == "torch":
-        y = naive_causal_conv1d_update(x, conv_state, weight, bias, activation)
+        y = naive_causal_conv1d_update(x, cache, weight, bias, activation)
     else:
         x = x if x.stride(-1) == 1 else x.contiguous()
-        y = causal_conv1d_update_fwd(x, conv_state, weight, bias, activation == "silu")
-    return y.unsqueeze(1) if squeeze else y
+        y = causal_conv1d_update_fwd(x, cache, weight, bias, activation == "silu")
+    return _add_residual(y.unsqueeze(1) if squeeze else y, residual)

@@ -66,6 +66,9 @@ def naive_causal_conv1d(
         y, state = _conv_one(piece, wc, bc, activation, history)
         ys.append(y)
         states.append(state)
+    if not pieces:  # an empty batch (B = 0) or no sequences
+        y, final_state = xc.new_empty(x.shape), x.new_empty(0, x.shape[-1], width) if output_final_state else None
+        return y.to(x.dtype), final_state
     y = torch.stack(ys, 0) if cu_seqlens is None else torch.cat(ys, 0).unsqueeze(0)
     final_state = torch.stack(states, 0).to(x.dtype) if output_final_state else None
     return y.to(x.dtype), final_state

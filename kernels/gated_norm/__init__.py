@@ -37,6 +37,9 @@ def gated_rms_norm(
     """
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be [..., D] with D > 0, got shape {tuple(x.shape)}")
+    for name, value in (("x", x), ("gate", gate), ("weight", weight)):
+        if not value.is_floating_point():  # the output takes x's dtype: integers would be truncated
+            raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if gate.shape != x.shape:
         raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
     if tuple(weight.shape) != (x.shape[-1],):

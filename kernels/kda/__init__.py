@@ -11,7 +11,7 @@ import torch
 
 from .._backend import resolve_backend
 from .naive import naive_chunk_kda, naive_recurrent_kda
-from .utils import check_kda_inputs, kda_gate, l2norm
+from .utils import check_kda_inputs, default_dt_bias, kda_gate, l2norm
 
 __all__ = ["chunk_kda", "fused_recurrent_kda", "kda_gate", "naive_chunk_kda", "naive_recurrent_kda"]
 
@@ -65,7 +65,7 @@ def chunk_kda(
         output_final_state: also return the final ``[N, H, K, V]`` fp32 state.
         use_qk_l2norm_in_kernel: L2-normalise q and k over K inside the op.
         use_gate_in_kernel: compute the decay from raw ``g`` with ``A_log`` (``[H]`` or ``[1, 1, H, 1]``)
-            and ``dt_bias`` (``[H*K]`` or ``[H, K]``).
+            and ``dt_bias`` (``[H*K]`` or ``[H, K]``; None: no bias, as in fla).
         cu_seqlens: ``[N + 1]`` int32/int64 offsets of sequences packed along T (B must be 1).
         backend: ``"triton"``, ``"torch"`` or None (automatic).
 
@@ -73,6 +73,7 @@ def chunk_kda(
         ``(o [B, T, H, V] in q's dtype, final state [N, H, K, V] or None)``.
     """
     check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias)
+    dt_bias = default_dt_bias(dt_bias, g, use_gate_in_kernel)
     if resolve_backend(backend, q) == "triton":
         from .chunk import chunk_kda_triton
 
@@ -114,6 +115,7 @@ def fused_recurrent_kda(
     The Triton path is forward-only (decoding); the torch path is differentiable.
     """
     check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias)
+    dt_bias = default_dt_bias(dt_bias, g, use_gate_in_kernel)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias, initial_state)
     )

@@ -149,7 +149,7 @@ def _chunks(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.devic
         flat = torch.arange(B * per_seq, device=device, dtype=torch.int32)
         indices = torch.stack([flat // per_seq, flat % per_seq], dim=1)
         return _Chunks(cu, indices, offsets, B * per_seq, B)
-    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()  # the kernels read it at unit stride
     bounds = cu_seqlens.tolist()
     num_chunks = sum(triton.cdiv(end - start, CHUNK) for start, end in zip(bounds[:-1], bounds[1:]))
     counts = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK

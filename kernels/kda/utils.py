@@ -30,6 +30,13 @@ def gate_params(A_log: torch.Tensor, dt_bias: torch.Tensor, H: int, K: int) -> t
     return A_log.reshape(H), dt_bias.reshape(H, K)
 
 
+def default_dt_bias(dt_bias: torch.Tensor | None, g: torch.Tensor, use_gate_in_kernel: bool) -> torch.Tensor | None:
+    """fla's ``dt_bias`` is optional with the fused gate: None there is no bias, zeros ``[H*K]`` (fp32, no grad)."""
+    if use_gate_in_kernel and dt_bias is None:
+        return torch.zeros(g.shape[2] * g.shape[3], device=g.device, dtype=torch.float32)
+    return dt_bias
+
+
 def kda_gate(g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """KDA's per-channel log-decay ``-exp(A_log[h]) * softplus(g + dt_bias[h])``.
 
@@ -89,9 +96,9 @@ def check_kda_inputs(
     if tuple(beta.shape) != (B, T, H):
         raise ValueError(f"beta must be [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
     if use_gate_in_kernel:
-        if A_log is None or dt_bias is None:
-            raise ValueError("use_gate_in_kernel=True needs both A_log and dt_bias")
-        gate_params(A_log, dt_bias, H, K)
+        if A_log is None:
+            raise ValueError("use_gate_in_kernel=True needs A_log (dt_bias is optional, as in fla)")
+        gate_params(A_log, dt_bias if dt_bias is not None else torch.zeros(H * K), H, K)
     elif A_log is not None or dt_bias is not None:
         raise ValueError("A_log/dt_bias are only used with use_gate_in_kernel=True; apply kda_gate yourself otherwise")
     N = B

@@ -215,7 +215,7 @@ class ShortConvolution(nn.Module):
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """One token per sequence: ``x [N, D]``; ``state [N, D, W]`` is updated in place."""
-        return causal_conv1d_update(x, state, self.weight, activation="silu")
+        return causal_conv1d_update(x, state, weight=self.weight, activation="silu")
 
 
 class KimiDeltaAttention(nn.Module):
