@@ -192,11 +192,19 @@ def test_remote_code_load_in_fresh_process(tmp_path):
         f"""
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers import AutoModel
+        # AutoModel first: before any remote code has imported (and registered) kimi_hf, only auto_map leads to it
+        base = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        assert type(base).__module__.startswith("transformers_modules"), type(base).__module__
+        assert type(base).__name__ == "AttnResModel", type(base)
+        # (the remote code imported kimi_hf, whose registered class transformers may now take: the same code)
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(model).__name__ == "AttnResForCausalLM", type(model)
         ref = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             err = (model(ref["ids"]).logits - ref["logits"]).abs().max().item()
+            hidden = base(ref["ids"]).last_hidden_state - model.model(ref["ids"]).last_hidden_state
+            err = max(err, hidden.abs().max().item())
         print("MAXERR", err)
         """
     )

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-from kimi_hf import KimiLinearForCausalLM
+from kimi_hf import KimiLinearForCausalLM, KimiLinearModel
 
 FP32_NAMES = ("A_log", "dt_bias", "gate.weight", "e_score_correction_bias")
 
@@ -311,6 +311,31 @@ def test_native_checkpoint_gives_the_native_logits_in_ours(saved, foreign_run):
     _, ids, _ = saved
     model = KimiLinearForCausalLM.from_pretrained(foreign_run / "native_ckpt").eval()
     assert_close_rel(_logits(model, ids), torch.load(foreign_run / "native_logits.pt"), 1e-5, "our logits, native ckpt")
+
+
+def test_base_model_reads_a_native_checkpoint(saved, foreign_run):
+    """KimiLinearModel.from_pretrained maps the native class's dense-MLP names too (it left that MLP random)."""
+    _, ids, _ = saved
+    base = KimiLinearModel.from_pretrained(foreign_run / "native_ckpt").eval()
+    full = KimiLinearForCausalLM.from_pretrained(foreign_run / "native_ckpt").eval()
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, full.model(ids).last_hidden_state)
+
+
+def test_attn_res_classes_save_an_auto_map_of_their_own(tmp_path):
+    """The KimiLinearAttnRes* classes (what the Auto classes give for a kimi_linear_attn_res checkpoint) save an
+    AutoModel entry whose class takes their config (it named KimiLinearModel, which refuses it)."""
+    from transformers import AutoModelForCausalLM
+
+    from kimi_hf import KimiLinearAttnResConfig
+
+    model = AutoModelForCausalLM.from_config(KimiLinearAttnResConfig(**tiny_config_dict(), attn_res_block_size=2))
+    assert type(model.model).__name__ == "KimiLinearAttnResModel"
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_kimi_linear.KimiLinearAttnResModel"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_kimi_linear.KimiLinearAttnResForCausalLM"
+    assert type(AutoModel.from_pretrained(tmp_path, trust_remote_code=True)).__name__ == "KimiLinearAttnResModel"
 
 
 def test_remote_code_load_in_a_fresh_process(saved, foreign_run):

@@ -26,6 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
+from kimi_hf.models.auto_map import BaseModelAutoMapMixin
 from kimi_hf.modules import AttentionResiduals, AttnResState
 from kimi_hf.modules.attention import eager_attention_forward
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
@@ -184,7 +185,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         return attn_res.add_sublayer_output(state, out), weights
 
 
-class AttnResPreTrainedModel(PreTrainedModel):
+class AttnResPreTrainedModel(BaseModelAutoMapMixin, PreTrainedModel):
     config_class = AttnResConfig
     config: AttnResConfig
     base_model_prefix = "model"

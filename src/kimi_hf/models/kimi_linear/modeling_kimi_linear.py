@@ -12,7 +12,6 @@ KDA math runs through :mod:`kimi_hf.kernels` (Triton on CUDA, the plain-torch re
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +31,7 @@ from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
 from kimi_hf.kernels.moe import MAX_TOKENS as MOE_MAX_TOKENS
 from kimi_hf.kernels.moe import TRITON_DTYPES as MOE_DTYPES
 from kimi_hf.kernels.moe import ExpertTable, moe_experts
+from kimi_hf.models.auto_map import BaseModelAutoMapMixin
 from kimi_hf.modules.attention import eager_attention_forward
 from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
 from kimi_hf.modules.checkpointing import check_non_reentrant_checkpointing
@@ -690,7 +690,7 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
         return attn_res.add_sublayer_output(state, ff), router_logits, attn_weights
 
 
-class KimiLinearPreTrainedModel(PreTrainedModel):
+class KimiLinearPreTrainedModel(BaseModelAutoMapMixin, PreTrainedModel):
     config_class = KimiLinearConfig
     config: KimiLinearConfig
     base_model_prefix = "model"
@@ -701,18 +701,18 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight", "dt_bias", "A_log"]
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """As :meth:`transformers.PreTrainedModel.save_pretrained`. Once registered for ``auto_map``
-        (:func:`kimi_hf.register_all`), the saved ``auto_map`` names the base model under ``AutoModel`` too, as the
-        official checkpoints' does: transformers writes only the saved class's entry, and an ``AutoModel`` entry
-        read from another checkpoint would point at a file that is not saved here."""
-        if self._auto_class is not None:
-            base = type(self.base_model)
-            self.config.auto_map = {
-                **(getattr(self.config, "auto_map", None) or {}),
-                "AutoModel": f"{base.__module__.rsplit('.', 1)[-1]}.{base.__name__}",
-            }
-        super().save_pretrained(save_directory, *args, **kwargs)
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As :meth:`transformers.PreTrainedModel.from_pretrained`; also reads checkpoints written by
+        transformers' native class (dense MLP saved as ``block_sparse_moe.{gate,up,down}_proj``), into the causal
+        LM or the base model."""
+        kwargs.setdefault("key_mapping", NATIVE_DENSE_MLP_KEY_MAPPING)
+        loaded = super().from_pretrained(*args, **kwargs)
+        # transformers would replay the renaming backwards on save; our module names are already the
+        # official checkpoint names, which is what save_pretrained must write.
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        model._weight_conversions = None
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -889,24 +889,14 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     # tied only where the config asks (tie_word_embeddings, False in every public checkpoint)
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
+    base_model_class: type[KimiLinearModel] = KimiLinearModel
+
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__(config)
-        self.model = KimiLinearModel(config)
+        self.model = self.base_model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As :meth:`transformers.PreTrainedModel.from_pretrained`; also reads checkpoints written by
-        transformers' native class (dense MLP saved as ``block_sparse_moe.{gate,up,down}_proj``)."""
-        kwargs.setdefault("key_mapping", NATIVE_DENSE_MLP_KEY_MAPPING)
-        loaded = super().from_pretrained(*args, **kwargs)
-        # transformers would replay the renaming backwards on save; our module names are already the
-        # official checkpoint names, which is what save_pretrained must write.
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
-        model._weight_conversions = None
-        return loaded
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -1080,9 +1070,11 @@ class KimiLinearAttnResModel(KimiLinearModel):
 
 
 class KimiLinearAttnResForCausalLM(KimiLinearForCausalLM):
-    """:class:`KimiLinearForCausalLM` for ``model_type: "kimi_linear_attn_res"`` checkpoints (Auto classes)."""
+    """:class:`KimiLinearForCausalLM` for ``model_type: "kimi_linear_attn_res"`` checkpoints (Auto classes); its
+    base model is a :class:`KimiLinearAttnResModel`, so that a saved ``auto_map`` pairs each class with its config."""
 
     config_class = KimiLinearAttnResConfig
+    base_model_class = KimiLinearAttnResModel
 
 
 __all__ = [
