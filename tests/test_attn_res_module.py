@@ -227,3 +227,35 @@ def test_fused_prenorm_equals_norm_of_input(backend, grad):
             state = attn_res.add_sublayer_output(state, torch.tanh(fused))
         fused = attn_res.final_output(state, weight, 1e-5)
         assert_close_rel(fused, rms_norm(attn_res.final_output(state), weight, 1e-5), 1e-5, "final")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_low_precision_sources_score_in_fp32_and_block_sums_keep_the_banks_dtype(backend):
+    """fp16 sources of size 1e3-1e4 (scores are O(|w| sqrt(D)) after the key norm, but the torch path took the dot
+    in fp16 and overflowed to NaN); bf16 outputs over fp32 sources (autocast) summed within a block in fp32 (they
+    were rounded to bf16 first), on the training and the two-phase path."""
+    torch.manual_seed(0)
+    attn_res = AttentionResiduals(D, 4, mode="block", block_size=2, backend=backend).half()
+    _randomise(attn_res)
+    x = (torch.randn(1, 2, D) * 1e4).clamp(-6e4, 6e4).half()
+    outs = [(torch.randn(1, 2, D) * 1e3).half() for _ in range(4)]
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            state, inputs = attn_res.begin(x), []
+            for out in outs:
+                inputs.append(attn_res.sublayer_input(state))
+                state = attn_res.add_sublayer_output(state, out)
+            inputs.append(attn_res.final_output(state))
+        assert all(torch.isfinite(h).all() for h in inputs), f"fp16, grad={grad}"
+    attn_res = AttentionResiduals(D, 3, mode="block", block_size=3, backend=backend)  # zero queries: the mean
+    x, outs = torch.randn(4, D), [torch.randn(4, D).bfloat16() for _ in range(3)]
+    exact = (x.double() + sum(o.double() for o in outs)) / 2
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            state = attn_res.begin(x)
+            for out in outs:
+                attn_res.sublayer_input(state)
+                state = attn_res.add_sublayer_output(state, out)
+            final = attn_res.final_output(state)
+        assert final.dtype == torch.float32
+        assert_close_rel(final, exact, 1e-6, f"block sum of bf16 outputs over fp32 sources, grad={grad}")

@@ -100,7 +100,9 @@ def append_source(bank: SourceBank, x: torch.Tensor, y: torch.Tensor | None = No
 
         handle = StoreSourceFunction.apply(bank.storage, bank.num_sources, x, y)
         return replace(bank, handles=bank.handles + (handle,))
-    v = (x + y if y is not None else x).to(bank.dtype)
+    # summed in the wider dtype: a bf16 block sum stored in an fp32 bank would otherwise be rounded first
+    v = x.to(bank.dtype) if y is None else x.to(torch.promote_types(bank.dtype, x.dtype)) + y
+    v = v.to(bank.dtype)
     return replace(bank, handles=bank.handles + (v,), rstds=bank.rstds + (source_rstd(v, bank.eps),))
 
 

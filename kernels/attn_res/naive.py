@@ -59,7 +59,8 @@ def naive_depth_attention(
 
 def _scores(sources: Sequence[torch.Tensor], rstds: Sequence[torch.Tensor], u: torch.Tensor) -> torch.Tensor:
     """Scores [..., N] of the sources against ``u`` [D, Q] (``w * g`` per query): r_i * (v_i @ u)."""
-    return torch.stack([r * (v @ u.to(v.dtype)).to(r.dtype) for v, r in zip(sources, rstds)], dim=-2)
+    # In the statistics' dtype (fp32): in fp16 a dot of large activations overflows, and bf16 loses 2^-8 of it.
+    return torch.stack([r * (v.to(r.dtype) @ u.to(r.dtype)) for v, r in zip(sources, rstds)], dim=-2)
 
 
 def torch_depth_attention(
@@ -105,7 +106,7 @@ def torch_phase2(
     The partial sum is one more source; online-softmax merging of the two parts is exact.
     """
     rstd = source_rstd(partial, eps).squeeze(-1)
-    s_p = rstd * (partial @ (query.to(rstd.dtype) * gain.to(rstd.dtype)).to(partial.dtype)).to(rstd.dtype)
+    s_p = rstd * (partial.to(rstd.dtype) @ (query.to(rstd.dtype) * gain.to(rstd.dtype)))
     new_lse = torch.logaddexp(lse, s_p)
     h = torch.exp(lse - new_lse).unsqueeze(-1) * out + torch.exp(s_p - new_lse).unsqueeze(-1) * partial
     return h.to(out.dtype)

@@ -238,7 +238,10 @@ class AttentionResiduals(nn.Module):
         out, lse = state.cache["phase1"]
         if folded is not None or state.partial is None:
             # a repeated read, or the block's second sublayer, whose partial sum is the first one's output
-            partial = folded[0] if folded is not None else state.pending
+            if folded is not None:
+                partial = folded[0]
+            else:  # in the bank's dtype where wider, as on the training path
+                partial = state.pending.to(torch.promote_types(state.bank.dtype, state.pending.dtype))
             x = depth_attention_phase2(
                 out[pos], lse[pos], partial, query, gain, self.eps, self.backend, norm_weight, norm_eps
             )
@@ -262,7 +265,10 @@ class AttentionResiduals(nn.Module):
             return replace(state, sublayer=sub + 1, partial=state.partial + output)
         ends_block = (sub + 1) % self.block_size == 0 or sub + 1 == self.num_sublayers
         if not ends_block:
-            partial = output if state.partial is None else state.partial + output
+            if state.partial is None:  # a block's sum in the bank's dtype where wider (fp32 sources, bf16 outputs)
+                partial = output.to(torch.promote_types(state.bank.dtype, output.dtype))
+            else:
+                partial = state.partial + output
             return replace(state, sublayer=sub + 1, partial=partial)
         if state.partial is None:
             bank = append_source(state.bank, output)
