@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/data.py, without the repo root
 from data import CORPORA, token_splits  # noqa: E402
 
-from kimi_hf.cli import non_negative_float, positive_float, positive_int  # noqa: E402
+from kimi_hf.cli import check_output_dir, non_negative_float, positive_float, positive_int, seed_int  # noqa: E402
 from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM  # noqa: E402
 
 PRESETS = {
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=["standard", "block", "full"], choices=("standard", "block", "full"))
     p.add_argument("--corpus", choices=CORPORA, default="grammar", help="--docs sets the grammar corpus' size")
     p.add_argument("--output-dir", "--out", dest="out", default="attn_res_replication", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     for name in PRESETS["cpu"]:
         kind = {"lr": positive_float, "budget_s": non_negative_float}.get(name, positive_int)
@@ -71,14 +71,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--block-size {args.block_size} exceeds the {2 * args.layers} sublayers of --layers {args.layers}")
     if args.docs < 2:
         p.error(f"--docs must be >= 2 (training and validation documents), got {args.docs}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--output-dir {args.out} exists and is not a folder")
+    check_output_dir(p, args.out)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        p.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device!r}: no CUDA GPU here")
+    for mode in args.modes:  # the model's settings, checked before the corpus is built (e.g. --hidden / --heads)
+        try:
+            model_config(args, mode, vocab_size=3)
+        except ValueError as exc:
+            p.error(f"--hidden/--heads/--layers/--block-size: {exc}")
     return args
 
 
 
-def build_model(args: argparse.Namespace, mode: str, vocab_size: int) -> AttnResForCausalLM:
-    config = AttnResConfig(
+def model_config(args: argparse.Namespace, mode: str, vocab_size: int) -> AttnResConfig:
+    return AttnResConfig(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -92,6 +102,10 @@ def build_model(args: argparse.Namespace, mode: str, vocab_size: int) -> AttnRes
         eos_token_id=2,
         attn_implementation="sdpa",
     )
+
+
+def build_model(args: argparse.Namespace, mode: str, vocab_size: int) -> AttnResForCausalLM:
+    config = model_config(args, mode, vocab_size)
     torch.manual_seed(args.seed)
     return AttnResForCausalLM(config)
 

@@ -38,7 +38,7 @@ from ce_lora_task import PROBLEM, TASKS, VOCAB, collate, exact_match, make_examp
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from kimi_hf.cli import positive_float, positive_int  # noqa: E402
+from kimi_hf.cli import check_output_dir, positive_float, positive_int, seed_int  # noqa: E402
 from kimi_hf.peft import PAPER_RATIOS, CELoraConfig  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-task", choices=TASKS, default="digit_sum", help="task the base model learns")
     p.add_argument("--task", choices=TASKS, default="digit_product", help="task the adapters are fine-tuned on")
     p.add_argument("--output-dir", "--out", dest="out", default="ce_lora_quality", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning data, adapter init and data order")
-    p.add_argument("--base-seed", type=int, default=None,
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the fine-tuning data, adapter init and data order")
+    p.add_argument("--base-seed", type=seed_int, default=None,
                    help="seed of the base model's pre-training (default: --seed)")  # fmt: skip
     p.add_argument("--base-dir", default=None,
                    help="keep the pre-trained base model here (safetensors) and reuse it when it is already there, "
@@ -102,6 +102,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             valid = False
         if not valid:
             p.error(f"--ratios: {ratio!r} is neither 'paper' nor a number in (0, 1]")
+    check_output_dir(p, args.out)
+    check_output_dir(p, args.base_dir, "--base-dir")
+    if args.replot and not os.path.exists(os.path.join(args.out, "curves.csv")):
+        p.error(f"--replot: {os.path.join(args.out, 'curves.csv')} does not exist (run the recipe first)")
+    if args.train_size < args.batch:  # training drops the last incomplete batch: no step would run
+        p.error(f"--train-size {args.train_size} is smaller than --batch {args.batch}")
+    try:
+        llama_config(args)
+    except Exception as exc:  # ValueError, or huggingface_hub's strict-dataclass validation error (not one)
+        p.error(f"--hidden/--heads/--kv-heads: {str(exc).splitlines()[-1].strip()}")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     return args
 
 
@@ -130,7 +142,8 @@ def training_args(
         output_dir=out,
         max_steps=steps,
         per_device_train_batch_size=args.batch,
-        per_device_eval_batch_size=args.batch,
+        # drop_last (below) is for the timed training steps; evaluation sees every example in whole batches
+        per_device_eval_batch_size=max(d for d in range(1, args.batch + 1) if args.eval_size % d == 0),
         learning_rate=lr,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
@@ -158,13 +171,17 @@ BASE_SETTINGS = ("base_seed", "pretrain_task", "pretrain_steps", "pretrain_lr", 
                  "kv_heads", "intermediate", "pairs", "batch", "train_size")  # fmt: skip
 
 
-def pretrain(args: argparse.Namespace) -> LlamaForCausalLM:
-    """A Llama trained from scratch (all weights) on ``--pretrain-task`` with ``--base-seed``."""
-    config = LlamaConfig(
+def llama_config(args: argparse.Namespace) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(VOCAB), hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=PROBLEM * args.pairs + 8, pad_token_id=0, bos_token_id=None, eos_token_id=1,
     )  # fmt: skip
+
+
+def pretrain(args: argparse.Namespace) -> LlamaForCausalLM:
+    """A Llama trained from scratch (all weights) on ``--pretrain-task`` with ``--base-seed``."""
+    config = llama_config(args)
     torch.manual_seed(args.base_seed)
     model = LlamaForCausalLM(config)
     train = as_dataset(make_examples(args.train_size, args.pairs, args.pretrain_task, seed=args.base_seed + 1))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import math
 import os
@@ -37,6 +38,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ce_lora_quality.py, without the repo root
 import ce_lora_quality  # noqa: E402
+
+from kimi_hf.cli import seed_int  # noqa: E402
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96).
 _T975 = (
@@ -53,12 +56,12 @@ CRITERIA = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", required=True, help="seeds of the recipe, one run each")
+    p.add_argument("--seeds", type=seed_int, nargs="+", required=True, help="seeds of the recipe, one run each")
     p.add_argument("--preset", choices=sorted(ce_lora_quality.PRESETS), default="cpu_unsaturated")
     p.add_argument("--output-dir", "--out", dest="out", default="ce_lora_seeds", help="output folder")
     p.add_argument("--min-base-exact-match", type=float, default=0.1,
                    help="leave out seeds whose base model scores below this on its pre-training task")  # fmt: skip
-    p.add_argument("--base-seed", type=int, default=None,
+    p.add_argument("--base-seed", type=seed_int, default=None,
                    help="fine-tune one base model, pre-trained with this seed, for every seed")  # fmt: skip
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -72,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--min-base-exact-match is a fraction in [0, 1], got {args.min_base_exact_match}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds has repeats: {args.seeds}")
+    ce_lora_quality.parse_args(recipe_argv(args, args.seeds[0]))  # the recipe's own checks, before anything is written
     return args
 
 
@@ -89,18 +93,22 @@ def recipe_argv(args: argparse.Namespace, seed: int) -> list[str]:
 
 
 def check_folder(args: argparse.Namespace) -> None:
-    """Record the sweep's settings in ``<output-dir>/sweep.json``, or refuse a folder that holds another sweep's
-    runs (they would be read back as if they were this one's)."""
+    """Record the sweep's settings in ``<output-dir>/sweep.json``, or refuse (exit with an error) a folder that holds
+    another sweep's runs: they would be read back as if they were this one's. A folder without runs takes the new
+    settings."""
     settings = {"preset": args.preset, "base_seed": args.base_seed, "recipe_args": args.recipe_args}
     path = os.path.join(args.out, "sweep.json")
-    if os.path.exists(path):
+    has_runs = bool(glob.glob(os.path.join(args.out, "seed_*", "results.csv")))
+    if os.path.exists(path) and has_runs:
         with open(path) as f:
             saved = json.load(f)
         if saved != settings:
-            raise ValueError(f"--output-dir {args.out} holds runs of another sweep: {saved}, not {settings}")
-    else:
-        with open(path, "w") as f:
-            json.dump(settings, f)
+            raise SystemExit(
+                f"ce_lora_seeds.py: error: --output-dir {args.out} holds runs of another sweep: {saved}, not "
+                f"{settings}; use another folder"
+            )
+    with open(path, "w") as f:
+        json.dump(settings, f)
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:

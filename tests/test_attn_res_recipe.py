@@ -58,6 +58,9 @@ def test_tiny_preset_writes_every_output_and_skips_the_plot_without_matplotlib(t
         (["--budget-s", "-1"], "argument --budget-s: must be >= 0, got -1"),
         (["--docs", "1"], "--docs must be >= 2"),
         (["--layers", "1", "--block-size", "3"], "--block-size 3 exceeds the 2 sublayers of --layers 1"),
+        (["--heads", "3"], "head_dim must be even for RoPE, got 21"),
+        (["--device", "foo"], "--device 'foo'"),
+        (["--seed", "-1"], "argument --seed: must be in [0, 2**32), got -1"),
     ],
 )
 def test_bad_sizes_are_refused_before_any_work(args, message, capsys):

@@ -113,8 +113,13 @@ def test_seeds_summary_pairs_each_seed_with_lora(tmp_path, monkeypatch, recipes)
     assert (tmp_path / "curves.png").stat().st_size > 0
     ce_lora_seeds.main(["--seeds", "1", "2", "3", "4", "--output-dir", str(tmp_path)])
     assert calls == [1, 2, 3, 4], "finished seeds are read back, not run again"
-    with pytest.raises(ValueError, match="another sweep"):
+    with pytest.raises(SystemExit, match="another sweep"):
         ce_lora_seeds.main(["--seeds", "1", "--base-seed", "7", "--output-dir", str(tmp_path)])
+    # a folder without runs takes a new sweep's settings; settings the recipe refuses write nothing
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit):
+        ce_lora_seeds.main(["--seeds", "1", "--output-dir", str(fresh), "--", "--lr", "0"])
+    assert not fresh.exists()
 
 
 def test_seeds_share_one_base_model(tmp_path, monkeypatch, recipes):
@@ -162,3 +167,22 @@ def test_ratio_of_means_and_its_bootstrap(recipes):
     point, low, high = ce_lora_seeds.ratio_of_means(pairs, resamples=2000)
     assert abs(point - 100 * (1.9 / 1.7 - 1)) < 1e-9 and low <= point <= high and low < high
     assert ce_lora_seeds.ratio_of_means([(0.3, 0.2)] * 5, resamples=100)[1:] == pytest.approx((50.0, 50.0))
+
+
+def test_quality_recipe_refuses_bad_settings_and_evaluates_every_example(recipes, tmp_path, capsys):
+    """Settings that failed after the pre-training (or in it) are argparse errors naming the value; the eval batch
+    divides the eval set (training drops incomplete batches, evaluation must not)."""
+    ce_lora_quality, _ = recipes
+    for extra, message in [
+        (["--heads", "3"], "not a multiple of the number of attention heads (3)"),
+        (["--kv-heads", "3"], "--heads 4 must be a multiple of --kv-heads 3"),
+        (["--train-size", "16"], "--train-size 16 is smaller than --batch 32"),
+        (["--seed", "-1"], "must be in [0, 2**32), got -1"),
+        (["--replot", "--output-dir", str(tmp_path / "none")], "curves.csv does not exist"),
+    ]:
+        with pytest.raises(SystemExit):
+            ce_lora_quality.parse_args(["--tiny", *extra])
+        assert message in capsys.readouterr().err, extra
+    args = ce_lora_quality.parse_args(["--tiny", "--eval-size", "48", "--output-dir", str(tmp_path)])
+    eval_batch = ce_lora_quality.training_args(args, str(tmp_path), 1, 1e-3, True, 0).per_device_eval_batch_size
+    assert args.eval_size % eval_batch == 0 and eval_batch == 24

@@ -23,3 +23,22 @@ def test_tiny_demo_trains_generates_saves_and_reloads(tmp_path, monkeypatch):
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     assert {"modeling_kimi_linear.py", "config.json", "tokenizer_config.json", "data.py"} <= files
     assert os.path.isdir(summary["saved_to"])
+
+
+def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
+    """A negative seed (numpy refused it after setup), a model the config refuses and an output path that is a file
+    end in argparse errors naming the value, before any data is read."""
+    import pytest
+
+    from kimi_hf.cli import main
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for argv, message in [
+        (["demo", "--seed", "-1"], "--seed: must be in [0, 2**32), got -1"),
+        (["demo", "--residual", "block", "--attn-res-block-size", "9"], "attn_res_block_size must be an integer"),
+        (["demo", "--output-dir", str(a_file)], "exists and is not a folder"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

@@ -36,6 +36,7 @@ def test_script_answers_help(command):
 
 SHELL_SCRIPTS = [
     "scripts/setup_env.sh", "scripts/fetch_gpu_wheels.sh", "scripts/test.sh", "kernels/benchmarks/gpu_session.sh",
+    "scripts/demo.sh",
 ]  # fmt: skip
 
 

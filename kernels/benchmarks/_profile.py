@@ -1,9 +1,10 @@
-"""Where a benchmark's GPU time goes, shared by the benchmark scripts: the torch profiler's per-kernel table, and the
-device's copy bandwidth that the byte floors are measured against."""
+"""Where a benchmark's GPU time goes, shared by the benchmark scripts: the torch profiler's per-kernel table, the
+device's copy bandwidth that the byte floors are measured against, and standard JSON for their results."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Callable
 
@@ -13,6 +14,18 @@ from triton.testing import do_bench
 from kimi_hf.cli import positive_float
 
 H200_COPY_TBS = 4.27  # shared/REFERENCE.md: the floors of a CPU smoke run, whose timings mean nothing
+
+
+def json_safe(value: object) -> object:
+    """``value`` with NaN and infinities (a CPU run's missing timings) as None, so that ``json.dump(...,
+    allow_nan=False)`` writes standard JSON (Python's default writes ``NaN``, which JSON readers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def copy_bandwidth_tbs(n_bytes: int = 2**30) -> float:

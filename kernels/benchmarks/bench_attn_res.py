@@ -51,6 +51,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from _profile import json_safe
 
 import kimi_hf.modules.attn_res as attn_res_module
 from kimi_hf import KimiLinearForCausalLM, KimiLinearStaticCache
@@ -471,13 +472,13 @@ def run_variants(args, model_name: str, pairs, device, dtype, timer, report: dic
             model, built_for = None, None
         row["wall_s"] = round(time.perf_counter() - start, 1)
         if warm_only:
-            print(json.dumps({**row, "warm-up": True}), flush=True)
+            print(json.dumps(json_safe({**row, "warm-up": True}), allow_nan=False), flush=True)
             continue
         report["results"].append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(json_safe(row), allow_nan=False), flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
+                json.dump(json_safe(report), f, indent=2, allow_nan=False)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -29,7 +29,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from _profile import kernel_times_us
+from _profile import json_safe, kernel_times_us
 from bench_attn_res import MODELS, build_model, configure_impl, shape_of
 
 from kimi_hf import KimiLinearForCausalLM, KimiLinearStaticCache
@@ -123,7 +123,7 @@ def measure_model(args: argparse.Namespace, model_name: str, device: torch.devic
                     total, own = wall_time_us(fn, calls), float("nan")
                 row = dict(model=model_name, phase=phase, rep=rep, residual=residual, total_us=total, own_us=own)
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                print(json.dumps(json_safe(row), allow_nan=False), flush=True)
     return rows
 
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(markdown(summary, header), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows, summary=summary), f, indent=2)
+            json.dump(json_safe(dict(args=vars(args), rows=rows, summary=summary)), f, indent=2, allow_nan=False)
     return summary
 
 

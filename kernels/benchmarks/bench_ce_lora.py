@@ -38,7 +38,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from _profile import json_safe
 
+from kimi_hf.cli import positive_int
 from kimi_hf.kernels._launch import add_set_option, apply_set_option
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (out, in): q/o-like, down_proj, up/gate-like
@@ -54,9 +56,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per layer backward (default 16384)")
     parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS, help="keep ratios to time per layer")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r; the SVD rank is 7r/8 (default 16)")
-    parser.add_argument("--batch", type=int, default=4, help="model step batch size (default 4)")
-    parser.add_argument("--seq", type=int, default=2048, help="model step sequence length (default 2048)")
-    parser.add_argument("--steps", type=int, default=8, help="timed model steps per setting (default 8)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="model step batch size (default 4; --tiny: 2)")
+    parser.add_argument("--seq", type=positive_int, default=2048,
+                        help="model step sequence length (default 2048; --tiny: 64)")  # fmt: skip
+    parser.add_argument("--steps", type=positive_int, default=8,
+                        help="timed model steps per setting (default 8; --tiny: 2)")  # fmt: skip
     parser.add_argument("--hbm-tbps", type=float, default=4.0, help="bandwidth of the memory floor (TB/s)")
     parser.add_argument("--adapter-dtypes", nargs="+", choices=sorted(ADAPTER_DTYPES), default=list(ADAPTER_DTYPES),
                         help="model-step groups: fp32 adapters (PEFT's default) and/or bf16 adapters")
@@ -122,14 +126,14 @@ class Recorder:
     def __init__(self, env: dict, path: str | None) -> None:
         self.results: dict = {"environment": env, "layers": [], "host": [], "model_steps": []}
         self.path = path
-        print(json.dumps({"part": "environment", **env}), flush=True)
+        print(json.dumps(json_safe({"part": "environment", **env}), allow_nan=False), flush=True)
 
     def add(self, part: str, row: dict) -> None:
         self.results[part].append(row)
-        print(json.dumps({"part": part, **row}), flush=True)
+        print(json.dumps(json_safe({"part": part, **row}), allow_nan=False), flush=True)
         if self.path:
             with open(self.path, "w") as f:
-                json.dump(self.results, f, indent=2)
+                json.dump(json_safe(self.results), f, indent=2, allow_nan=False)
 
 
 def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, record: Recorder) -> None:

@@ -29,7 +29,9 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from _profile import add_bandwidth_option, floor_bandwidth_tbs, gpu_time_table, kernel_time_us, kernel_times_us
+from _profile import (
+    add_bandwidth_option, floor_bandwidth_tbs, gpu_time_table, json_safe, kernel_time_us, kernel_times_us,
+)
 
 from kimi_hf.kernels._launch import add_set_option, apply_set_option
 from kimi_hf.kernels.kda import chunk, chunk_kda, fused_recurrent_kda
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(markdown_table(rows, env))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(environment=env, rows=rows), f, indent=2)
+            json.dump(json_safe(dict(environment=env, rows=rows)), f, indent=2, allow_nan=False)
     return rows
 
 

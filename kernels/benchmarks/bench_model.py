@@ -25,8 +25,10 @@ import tempfile
 import time
 
 import torch
+from _profile import json_safe
 
 from kimi_hf import GraphedLossStep
+from kimi_hf.cli import positive_int
 from kimi_hf.kernels._launch import add_set_option, apply_set_option
 
 
@@ -317,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="check the fp32 logits against the native class (compiles fp32 kernels)")  # fmt: skip
     parser.add_argument("--parts", nargs="+", choices=("train", "decode"), default=["train", "decode"],
                         help="what to time (default: both)")  # fmt: skip
-    parser.add_argument("--rep", type=int, default=200, help="do_bench time budget per training measurement (ms)")
-    parser.add_argument("--decode-repeats", type=int, default=3)
+    parser.add_argument("--rep", type=positive_int, default=200,
+                        help="do_bench time budget per training measurement (ms)")  # fmt: skip
+    parser.add_argument("--decode-repeats", type=positive_int, default=3)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--profile", action="store_true",
                         help="print each model's per-kernel GPU time and wall time per training shape, and of one "
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(json_safe(results), f, indent=2, allow_nan=False)
     return 0
 
 

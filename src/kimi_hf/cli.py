@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -203,6 +204,20 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed, 0 <= seed < 2**32 (numpy's range, which transformers' set_seed goes through)."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return value
+
+
+def check_output_dir(parser: argparse.ArgumentParser, path: str | None, option: str = "--output-dir") -> None:
+    """``parser.error`` when ``path`` exists and is not a folder (it would fail after the work)."""
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"{option} {path!r} exists and is not a folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimi-hf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -227,13 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-blocks", type=positive_int, default=64, help="held-out blocks to evaluate on")
     demo.add_argument("--new-tokens", type=positive_int, default=24, help="tokens to generate per prompt")
     demo.add_argument("--device", choices=["cpu", "auto"], default="cpu", help="'auto' uses a GPU when present")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=seed_int, default=0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
+        check_output_dir(parser, args.output_dir)
+        try:  # the model's settings, checked before any data is read (a bad block size named by the config)
+            _demo_config(args, 1, 0, 0, 0)
+        except ValueError as exc:
+            parser.error(str(exc))
         run_demo(args)
     return 0
 
