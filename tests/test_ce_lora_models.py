@@ -12,7 +12,7 @@ import kimi_linear_utils
 import pytest
 import torch
 import transformers
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from kimi_hf.models import attn_res
 from kimi_hf.peft import CELinear, CELoraConfig
@@ -74,6 +74,12 @@ def test_deepseek_v3_kimi_k2_architecture():
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(deepseek_v3_config())
     targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # the routed experts are fused parameters in transformers 5: the same targets as PEFT LoRA (they were left out)
+    lora = {n for n, _ in get_peft_model(DeepseekV3ForCausalLM(deepseek_v3_config()),
+                                         LoraConfig(target_modules=list(targets))).named_modules() if "lora_A" in n}
+    ce = {n for n, _ in get_peft_model(DeepseekV3ForCausalLM(deepseek_v3_config()),
+                                       CELoraConfig(target_modules=list(targets))).named_modules() if "lora_A" in n}
+    assert ce == lora and any(".experts." in n for n in ce), sorted(ce ^ lora)
     check_ce_lora_trains(model, targets, torch.randint(0, 96, (2, 12)))
 
 

@@ -25,6 +25,26 @@ class CELoraModel(LoraModel):
 
     prefix: str = "lora_"
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """As LoRA's. On transformers 5 PEFT first rewrites the targets of MoE models whose experts became fused
+        parameters (e.g. ``deepseek_v3``'s ``gate_proj``/``up_proj``/``down_proj`` to ``experts.gate_up_proj`` /
+        ``experts.down_proj``), for LoRA configs only: CE-LoRA's config gets the same rewrite, so that it targets
+        what LoRA targets (its routed experts were left untrained) and an exported LoRA adapter means the same."""
+        from peft.utils.peft_types import PeftType
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+
+        config = self.peft_config[adapter_name]
+        if hasattr(getattr(model, "config", None), "model_type"):
+            peft_type, config.peft_type = config.peft_type, PeftType.LORA
+            try:
+                convert_peft_config_for_transformers(config, model, get_model_conversion_mapping(model))
+            finally:
+                config.peft_type = peft_type
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     def _create_and_replace(
         self,
         lora_config: CELoraConfig,
