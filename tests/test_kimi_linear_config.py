@@ -122,12 +122,13 @@ def _lac(**changes):
         ({"residual": "block", "attn_res_block_size": 0}, ["attn_res_block_size", "0"]),
         ({"residual": "block", "attn_res_block_size": 9}, ["attn_res_block_size", "9"]),
         ({"router_bias_update_rate": -0.1}, ["router_bias_update_rate", "-0.1"]),
+        ({"router_bias_update_rate": float("nan")}, ["router_bias_update_rate", "nan"]),
         ({"hidden_act": "swish_x"}, ["hidden_act", "swish_x", "silu"]),
     ],
     ids=[
         "overlapping-layers", "missing-layer", "layer-0", "layer-n+1", "kda-heads", "hidden", "experts", "kv-lora",
         "topk>experts", "router-fn", "kv-heads", "topk_group>groups", "experts%groups", "rotary-mla",
-        "residual-mode", "block-size-0", "block-size>sublayers", "bias-rate", "activation",
+        "residual-mode", "block-size-0", "block-size>sublayers", "bias-rate", "bias-rate-nan", "activation",
     ],
 )  # fmt: skip
 def test_validation_errors_name_field_and_value(overrides, words):
@@ -242,3 +243,17 @@ def test_the_readmes_small_config_builds():
         model = KimiLinearForCausalLM(config)
     assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
     assert 50e6 < sum(p.numel() for p in model.parameters()) < 60e6
+
+
+def test_native_spellings_and_the_mlp_layer_types_native_reads():
+    """The native config's norm_topk_prob / n_group mean ours (they were ignored); with moe_layer_freq != 1,
+    mlp_layer_types is written, since the native class reads it and ignores moe_layer_freq (it built other layers
+    from a checkpoint of ours)."""
+    config = tiny_config(norm_topk_prob=False, n_group=2, topk_group=1, use_grouped_topk=True)
+    assert config.moe_renormalize is False and config.num_expert_group == 2
+    sparse_every_other = tiny_config(moe_layer_freq=2)
+    written = sparse_every_other.to_dict()["mlp_layer_types"]
+    assert written == sparse_every_other.mlp_layer_types and written.count("sparse") < len(written) - 1
+    native = pytest.importorskip("transformers").KimiLinearConfig
+    fields = {k: v for k, v in sparse_every_other.to_dict().items() if k not in ("auto_map", "architectures")}
+    assert list(native(**fields).mlp_layer_types) == written

@@ -437,6 +437,35 @@ def test_bias_update_applies_at_the_next_forward_not_during_recomputation(kwargs
         assert torch.equal(b, r.e_score_correction_bias)
 
 
+def test_padding_does_not_count_in_the_balancing_load():
+    """The expert load a training forward leaves for the next bias update counts the real tokens only: a padded
+    batch leaves the load of the same tokens packed into one row (it counted the padding too)."""
+    ids = random_ids(2, 10, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    loads = []
+    for inputs in (dict(input_ids=ids, attention_mask=mask),
+                   dict(input_ids=torch.cat([ids[0, 6:], ids[1]])[None], cu_seqlens=torch.tensor([0, 4, 14]))):
+        model = tiny_model(seed=9, router_bias_update_rate=0.01).train()  # fresh: a second forward would update
+        model(**inputs)
+        loads.append([r._pending_load for r in routers(model)])
+    for padded, packed in zip(*loads):
+        assert torch.equal(padded, packed) and padded.sum() == 14 * model.config.num_experts_per_token
+
+
+def test_float64_model_decodes_with_its_cache_in_float64():
+    """An fp64 model's KDA state is fp64: decoding returns it instead of updating an fp32 state in place (it was
+    refused), and beta stays fp64 (it was rounded to fp32)."""
+    model = tiny_model(seed=10, dtype=torch.float64).eval()
+    ids = random_ids(1, 6, seed=10)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+        full = model(out[:, :-1]).logits[:, -3:]
+        cache = getattr(model(out[:, :6], use_cache=True), CACHE_FIELD)
+        steps = [model(out[:, 6 + i : 7 + i], **{CACHE_FIELD: cache}, use_cache=True).logits for i in range(3)]
+    assert_close_rel(torch.cat(steps, 1)[:, :2], full[:, 1:], 1e-12, "cached fp64 decode vs full forward")
+
+
 # ---------------------------------------------------------------------------------------------- padding, packing
 LENGTHS = (70, 23)  # the first crosses KDA's 64-token chunk boundary
 # fp64 models still compute RMSNorm and the router in fp32 (as the official code), so fp64 runs that

@@ -10,6 +10,7 @@ what we save. In particular ``linear_attn_config["kda_layers"]`` and ``["full_at
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -76,8 +77,10 @@ class KimiLinearConfig(PreTrainedConfig):
       saved with ``model_type: "kimi_linear_attn_res"`` so that classes that would ignore the AttnRes
       weights (transformers' native ``kimi_linear``, the official remote code) refuse it.
     - ``router_bias_update_rate``: step size of the auxiliary-loss-free load balancing of the MoE
-      routers (the correction bias moves by this amount towards under-loaded experts at each training
-      forward; 0 keeps it frozen, as the official checkpoints expect for fine-tuning).
+      routers (the correction bias moves by this amount towards under-loaded experts, from the real tokens'
+      load of the previous training forward, at each training forward: with N micro-batches of gradient
+      accumulation that is N updates per optimizer step, where DeepSeek-V3 makes one, so divide the rate by N to
+      keep its pace; 0 keeps it frozen, as the official checkpoints expect for fine-tuning).
     - ``output_router_logits``: return the routers' logits.
 
     Raises:
@@ -92,6 +95,9 @@ class KimiLinearConfig(PreTrainedConfig):
         "n_shared_experts": "num_shared_experts",
         "n_routed_experts": "num_experts",
         "max_position_embeddings": "model_max_length",
+        # the native class's spellings
+        "norm_topk_prob": "moe_renormalize",
+        "n_group": "num_expert_group",
     }
 
     def __init__(
@@ -245,6 +251,11 @@ class KimiLinearConfig(PreTrainedConfig):
         return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     @property
+    def mlp_layer_types(self) -> list[str]:
+        """Per layer (0-indexed): ``"sparse"`` (MoE) or ``"dense"``, as transformers' native config spells it."""
+        return ["sparse" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers)]
+
+    @property
     def num_sublayers(self) -> int:
         """Attention and MLP/MoE sublayers: the "layers" of Attention Residuals."""
         return 2 * self.num_hidden_layers
@@ -302,8 +313,9 @@ class KimiLinearConfig(PreTrainedConfig):
                 f"num_experts_per_token ({self.num_experts_per_token}) exceeds the experts reachable in topk_group "
                 f"({self.topk_group}) groups of {self.num_experts // self.num_expert_group}"
             )
-        if self.router_bias_update_rate < 0:
-            raise ValueError(f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate!r}")
+        rate = self.router_bias_update_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"router_bias_update_rate must be a finite number >= 0, got {rate!r}")
         self._validate_linear_attn_config()
         check_residual(self.residual, self.attn_res_block_size, self.num_sublayers)
 
@@ -349,7 +361,7 @@ class KimiLinearConfig(PreTrainedConfig):
         """A config written by transformers' native class repeats fields in derived form: they must agree."""
         expected = {
             "layer_types": self.layer_types,
-            "mlp_layer_types": ["sparse" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers)],
+            "mlp_layer_types": self.mlp_layer_types,
             "linear_num_heads": self.linear_num_heads,
             "linear_head_dim": self.linear_head_dim,
             "qk_head_dim": self.qk_head_dim,
@@ -382,6 +394,11 @@ class KimiLinearConfig(PreTrainedConfig):
         output["model_type"] = (
             KimiLinearConfig.model_type if self.residual == "standard" else KimiLinearAttnResConfig.model_type
         )
+        if self.moe_layer_freq != 1:
+            # transformers' native class ignores moe_layer_freq and reads this (else it derives it from
+            # first_k_dense_replace alone, and builds other layers than ours); official configs (frequency 1)
+            # stay as they are
+            output["mlp_layer_types"] = self.mlp_layer_types
         return output
 
     def to_diff_dict(self) -> dict[str, Any]:

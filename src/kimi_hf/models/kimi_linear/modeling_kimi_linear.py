@@ -277,14 +277,15 @@ class KimiDeltaAttention(nn.Module):
             conv_states = (sq, sk, sv)
 
         gate = self.f_b_proj(self.f_a_proj(x)).view(heads)
-        beta = torch.sigmoid(self.b_proj(x).float())
+        beta = torch.sigmoid(self.b_proj(x).to(torch.promote_types(x.dtype, torch.float32)))  # fp64 in fp64 models
         kda = fused_recurrent_kda if decoding else chunk_kda
         o, final_state = kda(
             q.view(heads), k.view(heads), v.view(heads), gate, beta,
             initial_state=initial_state, output_final_state=cache is not None,
             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
             cu_seqlens=None if decoding else layout.cu_seqlens,
-            **({"inplace_final_state": True} if decoding else {}),
+            # in place where the state is fp32 (the kernel's state dtype); an fp64 model's state is returned
+            **({"inplace_final_state": True} if decoding and initial_state.dtype == torch.float32 else {}),
         )  # fmt: skip
         if cache is not None:
             cache.update_kda(self.layer_idx, conv_states, final_state)
@@ -423,8 +424,12 @@ class KimiLinearRouter(nn.Module):
         # so that a checkpointing recomputation routes exactly as the forward it replays).
         self._pending_load: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [N, hidden]`` -> router logits ``[N, E]`` (fp32), weights ``[N, k]`` (fp32), expert ids ``[N, k]``."""
+    def forward(
+        self, x: torch.Tensor, real_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [N, hidden]`` -> router logits ``[N, E]`` (fp32), weights ``[N, k]`` (fp32), expert ids ``[N, k]``.
+
+        ``real_rows``: the rows that are real tokens (None: all); only they count in the balancing load."""
         cfg = self.config
         if self.training and cfg.router_bias_update_rate > 0 and not _inside_backward():
             self._apply_pending_bias_update()
@@ -444,7 +449,8 @@ class KimiLinearRouter(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * cfg.routed_scaling_factor
         if self.training and cfg.router_bias_update_rate > 0 and not _inside_backward():
-            self._pending_load = _expert_counts(expert_ids, self.num_experts).float()
+            chosen = expert_ids if real_rows is None else expert_ids.index_select(0, real_rows)
+            self._pending_load = _expert_counts(chosen, self.num_experts).float()
         return logits, weights, expert_ids
 
     @torch.no_grad()
@@ -557,11 +563,14 @@ class KimiLinearSparseMoE(nn.Module):
         )
         self._expert_table = ExpertTable()  # the experts' weight addresses, for the decode kernels
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, T, hidden]`` -> output ``[B, T, hidden]`` and router logits ``[B*T, E]``."""
+    def forward(
+        self, hidden_states: torch.Tensor, real_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, hidden]`` -> output ``[B, T, hidden]`` and router logits ``[B*T, E]``; ``real_rows``: the flat
+        indices ``[n]`` of the real (not padding) tokens in ``[B*T]``, or None when all are, for the balancing load."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        logits, weights, expert_ids = self.gate(x)
+        logits, weights, expert_ids = self.gate(x, real_rows)
         out = (
             self._experts_decode(x, weights, expert_ids)
             if self._use_decode_experts(x)
@@ -686,7 +695,7 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
         state = attn_res.add_sublayer_output(residual_state, attn_out)
         norm = self.post_attention_layernorm
         h = attn_res.sublayer_input(state, norm.weight, norm.variance_epsilon)
-        ff, router_logits = self.block_sparse_moe(h) if self.is_moe else (self.mlp(h), None)
+        ff, router_logits = self.block_sparse_moe(h, layout.indices) if self.is_moe else (self.mlp(h), None)
         return attn_res.add_sublayer_output(state, ff), router_logits, attn_weights
 
 
