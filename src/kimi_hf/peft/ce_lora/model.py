@@ -7,6 +7,8 @@ from typing import Any
 
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.peft_types import PeftType
+from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers, get_model_conversion_mapping
 from torch import nn
 
 from .config import CELoraConfig
@@ -30,12 +32,6 @@ class CELoraModel(LoraModel):
         parameters (e.g. ``deepseek_v3``'s ``gate_proj``/``up_proj``/``down_proj`` to ``experts.gate_up_proj`` /
         ``experts.down_proj``), for LoRA configs only: CE-LoRA's config gets the same rewrite, so that it targets
         what LoRA targets (its routed experts were left untrained) and an exported LoRA adapter means the same."""
-        from peft.utils.peft_types import PeftType
-        from peft.utils.transformers_weight_conversion import (
-            convert_peft_config_for_transformers,
-            get_model_conversion_mapping,
-        )
-
         config = self.peft_config[adapter_name]
         if hasattr(getattr(model, "config", None), "model_type"):
             peft_type, config.peft_type = config.peft_type, PeftType.LORA
