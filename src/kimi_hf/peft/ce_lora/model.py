@@ -22,7 +22,7 @@ class CELoraModel(LoraModel):
     Everything but the layer class is LoRA's: trainable parameters, state-dict keys (prefix ``lora_``),
     merging, multiple adapters. Targets that are not plain ``nn.Linear`` (embeddings, convolutions,
     ``target_parameters``) get PEFT's ordinary LoRA layers, with a warning where a keep ratio below 1 asked for the
-    approximation.
+    approximation (not for embeddings, which have no input gradient to approximate).
     """
 
     prefix: str = "lora_"
