@@ -21,11 +21,11 @@ __all__ = ["causal_conv1d", "causal_conv1d_update", "naive_causal_conv1d", "naiv
 _ACTIVATIONS = ("silu", "swish", None)
 
 
-def _check_weight_bias(
+def _check_params(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, dim: int, activation: str | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
     """Validate x's dtype and return weight as ``[D, W]`` (the checkpoint's ``[D, 1, W]`` is accepted) and bias,
-    both contiguous (the Triton kernels index them as such)."""
+    both contiguous (the Triton kernels index them as such), and the activation (``"swish"`` read as ``"silu"``)."""
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight must be a tensor, got {_described(weight)}")
     if bias is not None and not isinstance(bias, torch.Tensor):
@@ -40,7 +40,8 @@ def _check_weight_bias(
         raise ValueError(f"bias must be [D] with D={dim}, got {tuple(bias.shape)}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    return weight.contiguous(), (None if bias is None else bias.contiguous())
+    bias = None if bias is None else bias.contiguous()
+    return weight.contiguous(), bias, "silu" if activation == "swish" else activation
 
 
 def _described(value: object) -> str:
@@ -94,8 +95,7 @@ def causal_conv1d(
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [B, T, D] tensor, got {_described(x)}")
     batch, seq_len, dim = x.shape
-    weight, bias = _check_weight_bias(x, weight, bias, dim, activation)
-    activation = "silu" if activation == "swish" else activation
+    weight, bias, activation = _check_params(x, weight, bias, dim, activation)
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
             raise ValueError(
@@ -159,8 +159,7 @@ def causal_conv1d_update(
     if x.dim() != 2:
         raise ValueError(f"x must be [N, D] or [N, 1, D], got shape {tuple(x.shape)}")
     num_seqs, dim = x.shape
-    weight, bias = _check_weight_bias(x, weight, bias, dim, activation)
-    activation = "silu" if activation == "swish" else activation
+    weight, bias, activation = _check_params(x, weight, bias, dim, activation)
     if tuple(cache.shape) != (num_seqs, dim, weight.shape[1]):
         raise ValueError(
             f"cache (the conv state) must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(cache.shape)}"

@@ -94,6 +94,12 @@ class AttnResState:
         return self.cache is not None
 
 
+def _in_bank_dtype(state: AttnResState, output: torch.Tensor) -> torch.Tensor:
+    """The first output of a block as its running sum: in the bank's dtype where that is wider (fp32 sources, bf16
+    outputs under autocast), so that the block's sum is not rounded to the outputs' dtype."""
+    return output.to(torch.promote_types(state.bank.dtype, output.dtype))
+
+
 class AttentionResiduals(nn.Module):
     """Pseudo-queries and key norms of all sublayers of one decoder, plus the bookkeeping of the sources.
 
@@ -238,10 +244,7 @@ class AttentionResiduals(nn.Module):
         out, lse = state.cache["phase1"]
         if folded is not None or state.partial is None:
             # a repeated read, or the block's second sublayer, whose partial sum is the first one's output
-            if folded is not None:
-                partial = folded[0]
-            else:  # in the bank's dtype where wider, as on the training path
-                partial = state.pending.to(torch.promote_types(state.bank.dtype, state.pending.dtype))
+            partial = folded[0] if folded is not None else _in_bank_dtype(state, state.pending)
             x = depth_attention_phase2(
                 out[pos], lse[pos], partial, query, gain, self.eps, self.backend, norm_weight, norm_eps
             )
@@ -265,10 +268,7 @@ class AttentionResiduals(nn.Module):
             return replace(state, sublayer=sub + 1, partial=state.partial + output)
         ends_block = (sub + 1) % self.block_size == 0 or sub + 1 == self.num_sublayers
         if not ends_block:
-            if state.partial is None:  # a block's sum in the bank's dtype where wider (fp32 sources, bf16 outputs)
-                partial = output.to(torch.promote_types(state.bank.dtype, output.dtype))
-            else:
-                partial = state.partial + output
+            partial = _in_bank_dtype(state, output) if state.partial is None else state.partial + output
             return replace(state, sublayer=sub + 1, partial=partial)
         if state.partial is None:
             bank = append_source(state.bank, output)
