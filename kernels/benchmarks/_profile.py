@@ -104,4 +104,29 @@ def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: in
             f"  {e.self_cpu_time_total / iters / 1e3:8.3f} ms  {e.count // iters:6d} calls  {e.key[:80]}"
             for e in host[:host_top]
         ]
+        lines += python_time_lines(step, host_top)
     return "\n".join(lines)
+
+
+def python_time_lines(step: Callable[[], None], top: int) -> list[str]:
+    """One call of ``step`` under cProfile: the ``top`` Python functions by own time (where a host-bound step's time
+    goes between the operators: launchers, argument checks, module calls; cProfile's overhead inflates the times)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    # {(file, line, name): (primitive calls, calls, own time, cumulative time, callers)}
+    stats = pstats.Stats(profiler).stats
+    total = sum(value[2] for value in stats.values()) * 1e3
+    lines = [f"python: {total:.3f} ms of own time in one step (cProfile)"]
+    for order, column in (("own time", 2), ("cumulative time", 3)):
+        lines.append(f"python: top functions by {order}:")
+        rows = sorted(stats.items(), key=lambda item: -item[1][column])[:top]
+        for (path, line, name), (_, calls, own, cumulative, _) in rows:
+            where = f"{'/'.join(path.split('/')[-2:])}:{line}({name})"
+            lines.append(f"  {own * 1e3:8.3f} ms own {cumulative * 1e3:9.3f} ms cumul. {calls:6d} calls  {where[:88]}")
+    return lines
