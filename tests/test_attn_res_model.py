@@ -7,7 +7,10 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_close_rel
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 import kimi_hf  # noqa: F401  (registers the Auto classes)
 from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM, register_auto
@@ -271,3 +274,40 @@ def test_gpu_standard_residual_triton_prenorm_matches_torch_bf16():
     for a, e, name, rtol in zip(results["triton"], results["torch"], ("loss", "d_embedding", "d_norm_weight"),
                                 (1e-2, 5e-2, 5e-2)):  # fmt: skip
         assert_close_rel(a, e, rtol, name)
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, position_ids=None, **kwargs):
+    """A flash-attention-like implementation on the CPU: no mask, packed sequences found from ``position_ids``
+    [1, T] (each restart at 0 begins one), as transformers' flash attention does; plain causal without them.
+    query [B, H, T, Dh], key/value [B, Hkv, T, Dh] -> output [B, T, H, Dh], no weights."""
+    starts = [0, query.shape[2]]
+    if position_ids is not None:
+        starts = (position_ids[0] == 0).nonzero().flatten().tolist()[1:]
+        starts = [0, *starts, query.shape[2]]
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, enable_gqa=True
+            )
+            for a, b in zip(starts[:-1], starts[1:])
+        ],
+        dim=2,
+    )
+    return out.transpose(1, 2), None
+
+
+def test_position_ids_reach_the_attention_implementation(monkeypatch):
+    """Padding-free packing (``DataCollatorWithFlattening``: one row, position_ids restarting at 0, no mask) with a
+    flash-attention-like implementation, which finds the sequences from ``position_ids`` (its mask is None): each
+    sequence's logits are its own, as for Llama (the position ids were not passed on: the sequences attended
+    across their boundary)."""
+    monkeypatch.setitem(AttentionInterface._global_mapping, "varlen_test", _varlen_attention)
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, "varlen_test", flash_attention_mask)
+    model = _model()
+    model.set_attn_implementation("varlen_test")
+    first, second = torch.randint(3, 97, (1, 5)), torch.randint(3, 97, (1, 4))
+    position_ids = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat([first, second], dim=1), position_ids=position_ids, use_cache=False).logits
+        apart = torch.cat([model(first).logits, model(second).logits], dim=1)
+    assert_close_rel(packed, apart, 1e-5, "packed vs separate sequences")

@@ -286,11 +286,13 @@ class AttnResModel(AttnResPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:  # the (un-normalised) input of the layer's attention sublayer
                 all_hidden.append(self.attn_res.sublayer_input(state))
+            # position_ids go on to the attention implementation: flash attention finds packed sequences by them
             state, weights = layer(
                 state,
                 attn_res=self.attn_res,
                 position_embeddings=position_embeddings,
                 attention_mask=mask,
+                position_ids=position_ids,
                 **{CACHE_NAME: cache},
                 **kwargs,
             )
