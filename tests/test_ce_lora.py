@@ -236,6 +236,31 @@ def test_reselection_period_and_exact_first_step():
     assert torch.equal(selected[0], selected[2]) and not torch.equal(selected[2], selected[3])
 
 
+def test_non_finite_gradient_does_not_select_channels():
+    """An fp16 overflow step (NaN/inf dY, skipped by the loss scaler) must not pick the kept channels: NaN scores
+    rank channels arbitrarily, and that selection was used for the next recompute_every - 1 steps."""
+    w = decaying_matrix(256, 128, seed=8)
+    gen = torch.Generator().manual_seed(0)
+    dy = torch.randn(16, 256, generator=gen, dtype=torch.float64) * torch.rand(256, generator=gen, dtype=torch.float64)
+    reference = CEChannelState(CEOptions(0.25, 8, 100, "activation_aware"), 256)
+    reference.grad_input(dy, w)
+    state = CEChannelState(CEOptions(0.25, 8, 100, "activation_aware"), 256)
+    overflow = dy.clone()
+    overflow[:, ::2] = float("inf")
+    overflow[0] = float("nan")
+    state.grad_input(overflow, w)
+    assert state.plan is None and state.steps == 0 and state.selections == 0
+    dx, _ = state.grad_input(dy, w)  # exact again, and selects from this step's dY
+    assert torch.allclose(dx, dy @ w) and state.steps == 1 and state.selections == 1
+    assert torch.equal(state.plan.index, reference.plan.index)
+    for _ in range(99):  # a later selecting step that overflows keeps the current selection, and is not counted
+        state.grad_input(dy, w)
+    kept = state.plan.index.clone()
+    assert torch.allclose(state.grad_input(overflow, w)[0].nan_to_num(), (overflow @ w).nan_to_num())
+    assert state.steps == 100 and state.selections == 1 and torch.equal(state.plan.index, kept)
+    assert torch.allclose(state.grad_input(dy, w)[0], dy @ w) and state.selections == 2
+
+
 def test_factors_follow_weight_changes():
     w = decaying_matrix(256, 128, seed=6)
     state = CEChannelState(CEOptions(0.25, 8, 100, "activation_aware"), 256)

@@ -44,6 +44,8 @@ class CEChannelState:
     ``steps`` counts backward passes through the layer. Step ``0, N, 2N, ...`` (``N = recompute_every``)
     computes the exact ``dY W`` and, from that step's ``dY``, selects the kept channels used by the next
     ``N - 1`` steps. A recomputed forward (gradient checkpointing) runs no backward, so it is not counted.
+    Neither is a selecting backward whose ``dY`` is not finite (an fp16 overflow step, which the loss scaler
+    skips): it keeps the previous selection and the next backward is exact and selects instead.
     """
 
     def __init__(self, options: CEOptions, out_features: int, backend: str | None = None) -> None:
@@ -79,8 +81,7 @@ class CEChannelState:
         dtype = grad_output.dtype
         if self.exact or self._due(weight):
             grad_input = grad_output @ weight.to(dtype)
-            if not self.exact:
-                self._reselect(grad_output, weight)
+            if not self.exact and self._reselect(grad_output, weight):
                 self.steps += 1
             if lora is None:
                 return grad_input, None
@@ -124,8 +125,16 @@ class CEChannelState:
         self._weight_key, self._fingerprint = key, fingerprint
 
     @torch.no_grad()
-    def _reselect(self, grad_output: torch.Tensor, weight: torch.Tensor) -> None:
+    def _reselect(self, grad_output: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Select the kept channels from ``dY [T, O]``; ``False`` (nothing changed) when the scores are not finite.
+
+        A NaN/inf ``dY`` (fp16 overflow) ranks channels arbitrarily (``topk`` puts NaN first): that selection would
+        be used for ``recompute_every - 1`` steps. Checking costs one host sync per selection, not per step.
+        """
         scores = channel_scores(grad_output, self.row_norms, self.options.score)
+        if not bool(torch.isfinite(scores).all()):
+            return False
         index = select_channels(scores, self.keep)
         self.plan = make_plan(weight, self.b0, self.a0, index, grad_output.dtype, self.options.lora_rank)
         self.selections += 1
+        return True
