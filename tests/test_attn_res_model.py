@@ -67,6 +67,30 @@ def test_config_validation(overrides, match):
         _config(**overrides)
 
 
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act must be 'silu'"),  # the model would have run SiLU
+        ({"attn_res_eps": -1.0}, "attn_res_eps must be a number > 0, got -1.0"),  # NaN logits
+        ({"attn_res_block_size": 100}, r"attn_res_block_size must be an integer in \[1, 6\].* got 100"),
+    ],
+)
+def test_fields_set_after_the_config_checks_are_checked(tmp_path, override, match):
+    """``from_pretrained(path, **overrides)`` and attribute assignments set fields after the config's own checks:
+    building a model and saving a config check them again (the model was built, or the config written, with the
+    bad value)."""
+    _model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        AttnResForCausalLM.from_pretrained(tmp_path, **override)
+    config = _config()
+    for name, value in override.items():
+        setattr(config, name, value)
+    with pytest.raises(ValueError, match=match):
+        AttnResForCausalLM(config)
+    with pytest.raises(ValueError, match=match):
+        config.save_pretrained(tmp_path / "edited")
+
+
 def test_block_size_only_checked_in_block_mode():
     assert _config(residual="full", attn_res_block_size=None).num_sublayers == 6
 

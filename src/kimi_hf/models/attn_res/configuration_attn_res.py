@@ -40,7 +40,8 @@ class AttnResConfig(PreTrainedConfig):
     (``rope_scaling``/``rope_parameters`` with another ``rope_type``) are not implemented and refused.
 
     Raises:
-        ValueError: naming the field and the value, for inconsistent or out-of-range settings.
+        ValueError: naming the field and the value, for inconsistent or out-of-range settings (also for fields
+            set after ``__init__``: when a model is built from the config, or the config is saved).
     """
 
     model_type = "kimi_attn_res"
@@ -102,7 +103,7 @@ class AttnResConfig(PreTrainedConfig):
             **kwargs,
         )
         self._resolve_rope_theta()
-        self.validate_attn_res_config()
+        self.validate()
 
     def _resolve_rope_theta(self) -> None:
         """Take ``rope_theta`` from ``rope_parameters`` (where transformers puts ``rope_scaling`` too) when it is given
@@ -126,8 +127,12 @@ class AttnResConfig(PreTrainedConfig):
         """Attention and MLP sublayers: the "layers" of the AttnRes paper."""
         return 2 * self.num_hidden_layers
 
-    def validate_attn_res_config(self) -> None:
-        """Check every field; raise ``ValueError`` naming the first bad one."""
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError`` naming the first bad one.
+
+        Also run by transformers' ``save_pretrained`` (the hook's name) and by the models' constructors: fields set
+        after ``__init__`` (``from_pretrained(path, **overrides)``, attribute assignments) are checked there.
+        """
         check_positive_ints(self, _POSITIVE_INT_FIELDS)
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(

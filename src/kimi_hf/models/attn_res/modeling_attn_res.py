@@ -197,6 +197,11 @@ class AttnResPreTrainedModel(BaseModelAutoMapMixin, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def __init__(self, config: AttnResConfig, *inputs, **kwargs) -> None:
+        # from_pretrained(path, **overrides) and attribute assignments set fields after the config's own checks
+        config.validate()
+        super().__init__(config, *inputs, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, AttnResRotaryEmbedding):
