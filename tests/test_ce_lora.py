@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -604,6 +606,33 @@ def test_targets_left_to_lora_are_named_in_a_warning():
     assert messages == ["CE-LoRA approximates the backward of nn.Linear targets only: transformer.h.0.attn.c_attn "
                         "(Conv1D) gets LoRA's exact backward"]  # fmt: skip
     assert not any(isinstance(m, CELinear) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # a typo, or the default's Llama names on a model that names its projections otherwise
+        ({"ce_ratio": {"v_porj": 0.5}}, r"ce_ratio=\{'v_porj': 0.5\} matches none of its 14 nn.Linear targets "
+                                        r"\(e.g. model.layers.0.self_attn.q_proj\)"),
+        # v_proj is 128 wide: 71 kept channels + a 16-wide factorisation round up to the whole 128
+        ({"target_modules": ["q_proj", "v_proj"]}, r"the 2 layers ce_ratio matches are too narrow .* "
+                                                   r"\(e.g. model.layers.0.self_attn.v_proj\)"),
+        ({"ce_ratio": 0.5, "ce_svd_rank": 512}, "the 14 layers ce_ratio matches are too narrow"),
+    ],
+)
+def test_adapter_that_approximates_nothing_is_named_in_a_warning(kwargs, message):
+    """A ratio below 1 that leaves every targeted layer exact trained as plain LoRA without a word."""
+    with pytest.warns(UserWarning, match="CE-LoRA adapter 'default' approximates no layer's backward") as caught:
+        get_peft_model(tiny_llama(), ce_config(**kwargs))
+    assert any(re.search(message, str(w.message)) for w in caught), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"ce_ratio": 1.0}, {"ce_ratio": {"v_proj": 1.0}}])
+def test_no_warning_where_some_layer_is_approximated_or_none_was_asked(kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(tiny_llama(), ce_config(**kwargs))
+    assert not [w for w in caught if "approximates no layer" in str(w.message)]
 
 
 def test_pissa_adapter_converts_to_lora_on_save(tmp_path):

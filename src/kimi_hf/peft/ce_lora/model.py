@@ -40,6 +40,7 @@ class CELoraModel(LoraModel):
             finally:
                 config.peft_type = peft_type
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        _warn_if_nothing_approximated(model, adapter_name, config)
 
     def _create_and_replace(
         self,
@@ -79,3 +80,29 @@ class CELoraModel(LoraModel):
                 lora_config.fan_in_fan_out = False
             return CELinear(target, adapter_name, config=lora_config, **kwargs)
         return LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
+
+
+def _warn_if_nothing_approximated(model: nn.Module, adapter_name: str, config: CELoraConfig) -> None:
+    """Warn when ``config`` asks for a keep ratio below 1 yet every ``CELinear`` of the adapter has the exact backward.
+
+    The adapter then trains as plain LoRA, without CE-LoRA's speed-up: ``ce_ratio``'s patterns match none of the
+    targets (e.g. the default's ``v_proj``/``o_proj``/``up_proj``/``down_proj`` on a model with other names), or the
+    matched layers are too narrow for the kept channels plus the factorisation's rank to cost less than ``dY W``.
+    """
+    ratios = config.ce_ratio.values() if isinstance(config.ce_ratio, dict) else [config.ce_ratio]
+    if min(ratios) >= 1.0:
+        return  # an exact backward was asked for
+    states = {n: m.ce_state[adapter_name] for n, m in model.named_modules()
+              if isinstance(m, CELinear) and adapter_name in m.ce_state}  # fmt: skip
+    if not states or any(not state.exact for state in states.values()):
+        return
+    matched = [n for n, state in states.items() if state.options.ratio < 1.0]
+    if not matched:
+        why = f"ce_ratio={config.ce_ratio!r} matches none of its {len(states)} nn.Linear targets"
+        example = next(iter(states))
+    else:
+        why = (f"the {len(matched)} layers ce_ratio matches are too narrow for the kept channels plus the "
+               "factorisation's rank (ce_svd_rank, default 7r/8) to cost less than the exact backward")  # fmt: skip
+        example = matched[0]
+    warnings.warn(f"CE-LoRA adapter {adapter_name!r} approximates no layer's backward and trains as plain LoRA: "
+                  f"{why} (e.g. {example})")  # fmt: skip
