@@ -322,19 +322,26 @@ def test_pair_gathers_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda t: _TakeRows.apply(t, torch.tensor([4, 0, 13, 7])), (y,))
 
 
-def test_decode_experts_match_the_routed_experts(monkeypatch):
-    """The inference path for few tokens (kimi_hf.kernels.moe, without host synchronisation, for CUDA graphs;
-    on CUDA it is Triton) equals the routed path, forced here on CPU with the op's torch path."""
-    moe = _moe(num_experts_per_token=3)
+@pytest.mark.parametrize("shared", [1, 2], ids=["shared-rides", "shared-apart"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_experts_match_the_routed_experts(backend, shared, monkeypatch):
+    """The inference path for few tokens (kimi_hf.kernels.moe: one routing launch, then the experts without host
+    synchronisation, for CUDA graphs; on CUDA it is Triton) equals the routed path, forced here on CPU with the ops'
+    torch path or their Triton kernels under the interpreter. One shared expert rides with the routed ones as
+    expert E; two (twice an expert's width) run as their own MLP."""
+    moe = _moe(num_experts_per_token=3, num_shared_experts=shared)
     with torch.no_grad():
         moe.gate.e_score_correction_bias.normal_(0, 0.1)
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert not moe._use_decode_experts(x[0])  # CPU: the routed path
-        routed, _ = moe(x)
+        routed, routed_logits = moe(x)
+        assert moe._shared_expert_rides() == (shared == 1)
         monkeypatch.setattr(KimiLinearSparseMoE, "_use_decode_experts", lambda self, x: True)
-        decoded, _ = moe(x)
+        monkeypatch.setenv("KIMI_HF_KERNEL_BACKEND", backend)
+        decoded, logits = moe(x)
     assert_close_rel(decoded, routed, 1e-6, "decode experts")
+    assert torch.equal(logits, routed_logits)
 
 
 def test_wrapped_experts_are_called_as_modules(monkeypatch):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel
 
-from kimi_hf.kernels.moe import ExpertTable, moe_experts, naive_moe_experts
+from kimi_hf.kernels.moe import ExpertTable, moe_experts, moe_route, naive_moe_experts, naive_moe_route
 
 
 def _oracle(x, expert_ids, weights, w1, w3, w2):
@@ -124,3 +124,67 @@ def test_cuda_graph_replays_new_routing():
     ids.copy_(ids.flip(0))
     graph.replay()
     assert_close_rel(out, _oracle(x, ids, weights, w1, w3, w2), 2e-2, "out after a replay with new routing")
+
+
+# (tokens, experts, top-k, activation, bias, renormalize, shared expert): experts not a power of two, top-1,
+# top-k = E, softmax, no bias, no renormalisation, with and without a shared expert riding as the last column.
+_ROUTE_CASES = [
+    (1, 16, 4, "sigmoid", True, True, 16),
+    (5, 10, 3, "sigmoid", True, True, None),
+    (7, 12, 1, "softmax", False, False, None),
+    (3, 6, 6, "softmax", True, True, 6),
+]
+
+
+def _route_oracle(logits, top_k, bias, activation, renormalize, scaling):
+    """Each token on its own in float64: sort by biased score, keep the top-k, weigh by the unbiased scores."""
+    ids, weights = [], []
+    for row in logits.double():
+        scores = row.sigmoid() if activation == "sigmoid" else row.softmax(-1)
+        choice = scores + (bias.double() if bias is not None else 0)
+        order = sorted(range(row.numel()), key=lambda e: -float(choice[e]))[:top_k]
+        w = scores[order]
+        w = w / (w.sum() + 1e-20) if renormalize else w
+        ids.append(order)
+        weights.append(w * scaling)
+    return torch.tensor(ids), torch.stack(weights)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", _ROUTE_CASES)
+def test_route_matches_per_token_oracle(case, backend):
+    tokens, experts, top_k, activation, has_bias, renormalize, shared = case
+    gen = torch.Generator().manual_seed(tokens * 100 + experts)
+    logits = torch.randn(tokens, experts, generator=gen) * 3
+    bias = torch.randn(experts, generator=gen) * 0.1 if has_bias else None
+    ids, weights = moe_route(logits, top_k, bias, activation, renormalize, 2.5, shared, backend=backend)
+    want_ids, want_weights = _route_oracle(logits, top_k, bias, activation, renormalize, 2.5)
+    assert ids.dtype == torch.int64 and ids.shape == weights.shape == (tokens, top_k + (shared is not None))
+    assert torch.equal(ids[:, :top_k], want_ids)
+    assert_close_rel(weights[:, :top_k], want_weights, 1e-6, "weights")
+    if shared is not None:
+        assert torch.equal(ids[:, -1], torch.full((tokens,), shared))
+        assert torch.equal(weights[:, -1], torch.ones(tokens))
+
+
+def test_route_triton_ties_and_nan():
+    """Ties go to the lowest id; a NaN score is chosen first, as torch.topk does, so that it reaches the output."""
+    logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, -1.0], [0.5, float("nan"), 2.0, 0.0, 1.0]])
+    ids, weights = moe_route(logits, 2, renormalize=False, backend="triton")
+    assert ids.tolist() == [[1, 2], [1, 2]]
+    assert weights[1, 0].isnan() and weights[1, 1] == torch.tensor(2.0).sigmoid()
+    assert torch.equal(naive_moe_route(logits, 2, renormalize=False)[0][1], ids[1])
+
+
+def test_route_bad_inputs_are_named():
+    logits = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, E=8\], got 9"):
+        moe_route(logits, 9)
+    with pytest.raises(ValueError, match="activation must be one of .* got 'relu'"):
+        moe_route(logits, 2, activation="relu")
+    with pytest.raises(ValueError, match=r"bias must be \[E\] = \(8,\), got shape \(7,\)"):
+        moe_route(logits, 2, torch.zeros(7))
+    with pytest.raises(ValueError, match="float32 logits, got torch.float64"):
+        moe_route(logits.double(), 2, backend="triton")
+    with pytest.raises(ValueError, match="inference-only"):
+        moe_route(logits.requires_grad_(), 2, backend="triton")

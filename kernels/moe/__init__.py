@@ -15,10 +15,19 @@ import torch
 import triton
 
 from .._backend import resolve_backend
-from .naive import naive_moe_experts
-from .triton_kernels import moe_act_kernel, moe_down_kernel, moe_gate_up_kernel
+from .naive import naive_moe_experts, naive_moe_route
+from .triton_kernels import moe_act_kernel, moe_down_kernel, moe_gate_up_kernel, moe_route_kernel
 
-__all__ = ["MAX_TOKENS", "TRITON_DTYPES", "ExpertTable", "moe_experts", "naive_moe_experts"]
+__all__ = [
+    "MAX_TOKENS",
+    "ROUTER_ACTIVATIONS",
+    "TRITON_DTYPES",
+    "ExpertTable",
+    "moe_experts",
+    "moe_route",
+    "naive_moe_experts",
+    "naive_moe_route",
+]
 
 MAX_TOKENS = 64  # the kernels hold all tokens as the rows of one tile
 # Tiles: intermediate columns per gate/up program and hidden columns per step; output columns per down program
@@ -180,3 +189,78 @@ def moe_experts(
         TOPK=topk, BN=BN, BJ=BJ, BD=DOWN_BLOCK_D, BI=DOWN_BLOCK_I, IEEE=ieee, num_warps=DOWN_WARPS,
     )  # fmt: skip
     return partial.sum(0).to(x.dtype)
+
+
+ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
+
+
+def moe_route(
+    logits: torch.Tensor,
+    top_k: int,
+    bias: torch.Tensor | None = None,
+    activation: str = "sigmoid",
+    renormalize: bool = True,
+    scaling: float = 1.0,
+    shared_expert: int | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing of a few tokens: on the Triton path one launch, where the torch formula takes about ten (a
+    decode step is bound by its launches).
+
+    Args:
+        logits: ``[N, E]`` router logits; N <= ``MAX_TOKENS`` and float32 on the Triton path.
+        top_k: experts per token, in ``[1, E]``.
+        bias: ``[E]`` selection-only correction added to the scores before the top-k (DeepSeek-V3's
+            ``e_score_correction_bias``), or None.
+        activation: ``"sigmoid"`` or ``"softmax"``, from logits to scores.
+        renormalize: divide the chosen scores by their sum (+1e-20).
+        scaling: factor on the mixing weights (``routed_scaling_factor``).
+        shared_expert: an expert id that every token also takes with weight 1, as a last column: a shared expert
+            run by :func:`moe_experts` with the routed ones.
+        num_groups, topk_groups: grouped top-k (DeepSeek-V3): with ``num_groups`` > 1 equal groups of experts, only
+            the ``topk_groups`` groups with the best sum of their two best biased scores are chosen from. Torch
+            path only.
+        backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
+
+    Returns:
+        expert ids ``[N, k (+1)]`` int64, by decreasing biased score, and mixing weights ``[N, k (+1)]``. Ties go to
+        the lowest id on the Triton path (torch.topk does not specify its order). The Triton path is
+        inference-only; the torch path (:func:`naive_moe_route`) is differentiable.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, E], got shape {tuple(logits.shape)}")
+    n, num_experts = logits.shape
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, E={num_experts}], got {top_k!r}")
+    if activation not in ROUTER_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ROUTER_ACTIVATIONS}, got {activation!r}")
+    if bias is not None and tuple(bias.shape) != (num_experts,):
+        raise ValueError(f"bias must be [E] = ({num_experts},), got shape {tuple(bias.shape)}")
+    if num_groups < 1 or num_experts % num_groups or not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"grouped top-k needs num_groups dividing E={num_experts} and topk_groups in [1, num_groups], "
+                         f"got num_groups={num_groups}, topk_groups={topk_groups}")  # fmt: skip
+    if resolve_backend(backend, logits) == "torch":
+        return naive_moe_route(
+            logits, top_k, bias, activation, renormalize, scaling, shared_expert, num_groups, topk_groups
+        )
+    if num_groups > 1:
+        raise ValueError(f"the Triton moe_route has no grouped top-k, got num_groups={num_groups}: use backend='torch'")
+    if n > MAX_TOKENS:
+        raise ValueError(f"the Triton moe_route takes at most {MAX_TOKENS} tokens, got {n}")
+    if logits.dtype != torch.float32:
+        raise ValueError(f"the Triton moe_route takes float32 logits, got {logits.dtype}: use backend='torch'")
+    if torch.is_grad_enabled() and logits.requires_grad:
+        raise ValueError("the Triton moe_route is inference-only: call it under torch.no_grad()")
+    k_out = top_k + (shared_expert is not None)
+    logits = logits.contiguous()
+    expert_ids = logits.new_empty(n, k_out, dtype=torch.int64)
+    weights = logits.new_empty(n, k_out)
+    moe_route_kernel[(n,)](
+        logits, logits if bias is None else bias.contiguous(), expert_ids, weights, num_experts, float(scaling),
+        -1 if shared_expert is None else int(shared_expert),
+        TOPK=top_k, K_OUT=k_out, BE=triton.next_power_of_2(num_experts), BJ=triton.next_power_of_2(k_out),
+        SOFTMAX=activation == "softmax", HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize),
+    )  # fmt: skip
+    return expert_ids, weights

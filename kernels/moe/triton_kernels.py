@@ -119,3 +119,47 @@ def moe_down_kernel(
             b_o += tl.dot(b_a, b_w, input_precision=IEEE)
     offs = (e * N + n[:, None]).to(tl.int64) * HID + cols[None, :]
     tl.store(partial + offs, tl.where(picked[:, None], b_o, 0.0), mask=nmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def moe_route_kernel(
+    logits, bias, expert_ids, weights, E, scaling, shared_expert,
+    TOPK: tl.constexpr, K_OUT: tl.constexpr, BE: tl.constexpr, BJ: tl.constexpr, SOFTMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+):  # fmt: skip
+    """Per token n: scores of ``logits [N, E]`` (fp32), the TOPK experts of largest score + ``bias`` (ties: the
+    lowest id; a NaN first), their unbiased scores as weights (renormalised, times ``scaling``) into ``expert_ids`` and
+    ``weights [N, K_OUT]``; with K_OUT = TOPK + 1 the last column is ``shared_expert`` with weight 1."""
+    n = tl.program_id(0)
+    e = tl.arange(0, BE)
+    emask = e < E
+    b_l = tl.load(logits + n * E + e, mask=emask, other=float("-inf")).to(tl.float32)
+    if SOFTMAX:
+        b_p = tl.exp(b_l - tl.max(b_l, axis=0))
+        b_s = b_p / tl.sum(b_p, axis=0)
+    else:
+        b_s = tl.sigmoid(b_l)
+    b_c = b_s
+    if HAS_BIAS:
+        b_c += tl.load(bias + e, mask=emask, other=0.0).to(tl.float32)
+    b_c = tl.where(emask, b_c, float("-inf"))
+    j = tl.arange(0, BJ)
+    b_ids = tl.zeros([BJ], dtype=tl.int64)
+    b_w = tl.zeros([BJ], dtype=tl.float32)
+    for t in tl.static_range(TOPK):
+        # As torch.topk: a NaN ranks above every number (a broken router shows in the output, not as a dropped expert)
+        is_nan = b_c != b_c
+        best = tl.where(is_nan, float("-inf"), b_c)
+        best = tl.where(is_nan | (best == tl.max(best, axis=0)), e, BE)
+        pick = tl.min(tl.where(tl.max(is_nan.to(tl.int32), axis=0) > 0, tl.where(is_nan, e, BE), best), axis=0)
+        b_ids = tl.where(j == t, pick, b_ids)
+        b_w = tl.where(j == t, tl.sum(tl.where(e == pick, b_s, 0.0), axis=0), b_w)
+        b_c = tl.where(e == pick, float("-inf"), b_c)
+    if RENORMALIZE:
+        b_w = b_w / (tl.sum(b_w, axis=0) + 1e-20)
+    b_w *= scaling
+    if K_OUT > TOPK:
+        b_ids = tl.where(j == TOPK, shared_expert, b_ids)
+        b_w = tl.where(j == TOPK, 1.0, b_w)
+    tl.store(expert_ids + n * K_OUT + j, b_ids, mask=j < K_OUT)
+    tl.store(weights + n * K_OUT + j, b_w, mask=j < K_OUT)

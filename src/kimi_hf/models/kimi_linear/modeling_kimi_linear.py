@@ -30,7 +30,7 @@ from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
 from kimi_hf.kernels.moe import MAX_TOKENS as MOE_MAX_TOKENS
 from kimi_hf.kernels.moe import TRITON_DTYPES as MOE_DTYPES
-from kimi_hf.kernels.moe import ExpertTable, moe_experts
+from kimi_hf.kernels.moe import ExpertTable, moe_experts, moe_route
 from kimi_hf.models.auto_map import BaseModelAutoMapMixin
 from kimi_hf.modules.attention import eager_attention_forward
 from kimi_hf.modules.attn_res import AttentionResiduals, AttnResState
@@ -277,12 +277,12 @@ class KimiDeltaAttention(nn.Module):
             conv_states = (sq, sk, sv)
 
         gate = self.f_b_proj(self.f_a_proj(x)).view(heads)
-        beta = torch.sigmoid(self.b_proj(x).to(torch.promote_types(x.dtype, torch.float32)))  # fp64 in fp64 models
+        beta_logits = self.b_proj(x)  # the op takes their sigmoid in fp32 (fp64 in fp64 models)
         kda = fused_recurrent_kda if decoding else chunk_kda
         o, final_state = kda(
-            q.view(heads), k.view(heads), v.view(heads), gate, beta,
-            initial_state=initial_state, output_final_state=cache is not None,
-            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+            q.view(heads), k.view(heads), v.view(heads), gate, beta_logits,
+            initial_state=initial_state, output_final_state=cache is not None, use_qk_l2norm_in_kernel=True,
+            use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
             cu_seqlens=None if decoding else layout.cu_seqlens,
             # in place where the state is fp32 (the kernel's state dtype); an fp64 model's state is returned
             **({"inplace_final_state": True} if decoding and initial_state.dtype == torch.float32 else {}),
@@ -425,31 +425,32 @@ class KimiLinearRouter(nn.Module):
         self._pending_load: torch.Tensor | None = None
 
     def forward(
-        self, x: torch.Tensor, real_rows: torch.Tensor | None = None
+        self, x: torch.Tensor, real_rows: torch.Tensor | None = None, shared_expert: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [N, hidden]`` -> router logits ``[N, E]`` (fp32), weights ``[N, k]`` (fp32), expert ids ``[N, k]``.
 
-        ``real_rows``: the rows that are real tokens (None: all); only they count in the balancing load."""
+        ``real_rows``: the rows that are real tokens (None: all); only they count in the balancing load.
+        ``shared_expert``: an id that every token also takes with weight 1, appended as a column ``k`` of the
+        weights and ids (a shared expert run with the routed ones)."""
         cfg = self.config
-        if self.training and cfg.router_bias_update_rate > 0 and not _inside_backward():
+        records_load = self.training and cfg.router_bias_update_rate > 0 and not _inside_backward()
+        if records_load:
             self._apply_pending_bias_update()
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32 routing, fp64 in fp64 models
         logits = F.linear(x.to(acc), self.weight.to(acc))
-        scores = logits.sigmoid() if cfg.moe_router_activation_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores.detach() + self.e_score_correction_bias
-        if cfg.use_grouped_topk and cfg.num_expert_group > 1:
-            grouped = choice.view(-1, cfg.num_expert_group, self.num_experts // cfg.num_expert_group)
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
-            best_groups = group_scores.topk(cfg.topk_group, dim=-1).indices
-            group_keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
-            choice = grouped.masked_fill(~group_keep[..., None], float("-inf")).view(-1, self.num_experts)
-        expert_ids = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, expert_ids)
-        if cfg.moe_renormalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        weights = weights * cfg.routed_scaling_factor
-        if self.training and cfg.router_bias_update_rate > 0 and not _inside_backward():
-            chosen = expert_ids if real_rows is None else expert_ids.index_select(0, real_rows)
+        groups, topk_groups = (cfg.num_expert_group, cfg.topk_group) if cfg.use_grouped_topk else (1, 1)
+        # A decode step's few tokens take the one-launch Triton routing (on CUDA); autograd, fp64 and grouped
+        # top-k the torch formula.
+        one_launch = (
+            not torch.is_grad_enabled() and logits.dtype == torch.float32 and x.shape[0] <= MOE_MAX_TOKENS
+            and groups == 1
+        )  # fmt: skip
+        expert_ids, weights = moe_route(
+            logits, self.top_k, self.e_score_correction_bias, cfg.moe_router_activation_func, cfg.moe_renormalize,
+            cfg.routed_scaling_factor, shared_expert, groups, topk_groups, backend=None if one_launch else "torch",
+        )  # fmt: skip
+        if records_load:
+            chosen = expert_ids[:, : self.top_k] if real_rows is None else expert_ids[real_rows, : self.top_k]
             self._pending_load = _expert_counts(chosen, self.num_experts).float()
         return logits, weights, expert_ids
 
@@ -570,14 +571,13 @@ class KimiLinearSparseMoE(nn.Module):
         indices ``[n]`` of the real (not padding) tokens in ``[B*T]``, or None when all are, for the balancing load."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        logits, weights, expert_ids = self.gate(x, real_rows)
-        out = (
-            self._experts_decode(x, weights, expert_ids)
-            if self._use_decode_experts(x)
-            else self._routed(x, weights, expert_ids)
-        )
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if self._use_decode_experts(x):
+            out, logits = self._decode(x, real_rows)
+        else:
+            logits, weights, expert_ids = self.gate(x, real_rows)
+            out = self._routed(x, weights, expert_ids)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(x)
         return out.view(shape), logits
 
     def _use_decode_experts(self, x: torch.Tensor) -> bool:
@@ -595,10 +595,33 @@ class KimiLinearSparseMoE(nn.Module):
         reading its ``.weight`` would skip the wrapper (LoRA's ``weight`` is the frozen base weight)."""
         return all(type(getattr(e, name)) is nn.Linear for e in self.experts for name in ("w1", "w3", "w2"))
 
-    def _experts_decode(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """``x [N, hidden]``, mixing ``weights`` and ``expert_ids [N, k]`` -> routed output ``[N, hidden]``."""
+    def _shared_expert_rides(self) -> bool:
+        """Whether the shared experts can run in the decode kernels as one more routed expert: plain ``nn.Linear``
+        projections of one expert's shape and dtype (``num_shared_experts == 1``)."""
+        shared = self.shared_experts
+        if shared is None:
+            return False
+        if any(type(m) is not nn.Linear for m in (shared.gate_proj, shared.up_proj, shared.down_proj)):
+            return False
+        w1 = self.experts[0].w1.weight
+        return shared.gate_proj.weight.shape == w1.shape and shared.gate_proj.weight.dtype == w1.dtype
+
+    def _decode(self, x: torch.Tensor, real_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [N, hidden]`` -> output ``[N, hidden]`` (routed + shared experts) and router logits ``[N, E]``.
+
+        A decode step is bound by its launches: the routing is one kernel, and the shared expert rides with the
+        routed ones as expert E, chosen by every token with weight 1 (summed with them in fp32), where the five
+        launches of its own MLP and the add would otherwise follow."""
+        rides = self._shared_expert_rides()
+        logits, weights, expert_ids = self.gate(x, real_rows, shared_expert=self.num_experts if rides else None)
         w1, w3, w2 = ([getattr(e, name).weight for e in self.experts] for name in ("w1", "w3", "w2"))
-        return moe_experts(x, expert_ids, weights, w1, w3, w2, table=self._expert_table)
+        if rides:
+            shared = self.shared_experts
+            w1, w3, w2 = w1 + [shared.gate_proj.weight], w3 + [shared.up_proj.weight], w2 + [shared.down_proj.weight]
+        out = moe_experts(x, expert_ids, weights, w1, w3, w2, table=self._expert_table)
+        if self.shared_experts is not None and not rides:
+            out = out + self.shared_experts(x)
+        return out, logits
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Each token through its chosen experts only: ``x [N, hidden]`` -> ``[N, hidden]``."""
