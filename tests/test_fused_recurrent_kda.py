@@ -55,7 +55,7 @@ def _check(device, dtype, B, T, H, K, V, lengths, l2norm, gate, use_h0, inplace,
     state = h0.to(device).clone() if use_h0 else None
     scale = K**-0.5
     o, final = fused_recurrent_kda_fwd(
-        *args, scale, state, True, l2norm, gate, A_log.to(device) if gate else None,
+        *args, scale, state, True, l2norm, gate, False, A_log.to(device) if gate else None,
         dt_bias.to(device) if gate else None, cu, inplace, block_v=block_v,
     )  # fmt: skip
     assert o.dtype == dtype and o.shape == v.shape
@@ -103,6 +103,21 @@ def test_public_op_triton_matches_torch_path_interpreter():
     o_ref, s_ref = fused_recurrent_kda(q, k, v, g, beta, backend="torch", **kw)
     assert_close_rel(o, o_ref, 1e-5, "o")
     assert_close_rel(s, s_ref, 1e-5, "final state")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_beta_logits_take_the_sigmoid_in_kernel(backend):
+    """``use_beta_sigmoid_in_kernel``: beta given as logits (fla's option) equals sigmoid(beta) given, against the
+    fp64 loop (the Triton kernel applies the sigmoid itself)."""
+    q, k, v, g, _, A_log, dt_bias, h0 = _inputs(1, 5, 2, 16, 16, True, 1, seed=3)
+    logits = torch.randn(1, 5, 2, generator=torch.Generator().manual_seed(4)) * 3
+    o, s = fused_recurrent_kda(
+        q, k, v, g, logits, A_log, dt_bias, None, h0, True, True, True, True, backend=backend
+    )  # fmt: skip
+    qd, kd, gd = _prologue(q, k, g, A_log, dt_bias, True, True)
+    o_ref, s_ref = _loop_kda(qd[0], kd[0], v[0], gd[0], logits[0].double().sigmoid(), 16**-0.5, h0[0])
+    assert_close_rel(o[0], o_ref, 1e-5, "o")
+    assert_close_rel(s[0], s_ref, 1e-5, "final state")
 
 
 @pytest.mark.gpu

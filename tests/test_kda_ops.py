@@ -199,12 +199,28 @@ def test_positional_arguments_follow_flas_order():
     o, s = chunk_kda(q, k, v, g, beta, 0.5, h0, True)
     assert_close_rel(o, o_ref, 1e-5, "chunk o, positional")
     fla_kda = pytest.importorskip("fla.ops.kda")
-    pairs = ((fused_recurrent_kda, fla_kda.fused_recurrent_kda, 12), (chunk_kda, fla_kda.chunk_kda, 10))
+    pairs = ((fused_recurrent_kda, fla_kda.fused_recurrent_kda, 13), (chunk_kda, fla_kda.chunk_kda, 11))
     for ours, theirs, shared in pairs:
         names = list(inspect.signature(ours).parameters)
         assert names[:shared] == list(inspect.signature(theirs).parameters)[:shared], ours.__name__
         kinds = [p.kind for p in inspect.signature(ours).parameters.values()]
         assert set(kinds[shared:]) == {inspect.Parameter.KEYWORD_ONLY}, ours.__name__
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunk_beta_logits_equal_sigmoid_given(backend):
+    """chunk_kda's ``use_beta_sigmoid_in_kernel``: logits give what their sigmoid gives, and the logits' gradient is
+    the beta gradient times sigmoid'."""
+    q, k, v, g, _, h0 = make_inputs(B=1, T=70, seed=15)
+    logits = torch.randn(1, 70, 2, generator=torch.Generator().manual_seed(16)).mul(3).requires_grad_()
+    o, _ = chunk_kda(q, k, v, g, logits, None, h0, False, False, False, True, backend=backend)
+    beta = logits.detach().sigmoid().requires_grad_()
+    o_ref, _ = chunk_kda(q, k, v, g, beta, initial_state=h0, backend="torch")
+    assert_close_rel(o, o_ref, 1e-5, "o")
+    do = torch.randn_like(o)
+    (d_logits,) = torch.autograd.grad(o, logits, do)
+    (d_beta,) = torch.autograd.grad(o_ref, beta, do)
+    assert_close_rel(d_logits, d_beta * beta * (1 - beta), 1e-5, "d logits")
 
 
 def test_inplace_final_state_refuses_autograd():

@@ -221,7 +221,7 @@ def bench_kda_decode(setup: _Setup) -> list[Row]:
 
         def ours_fwd():
             return fused_recurrent_kda_fwd(
-                *qkvgb, D**-0.5, t["state"], True, True, True, t["A_log"], t["dt_bias"], None, True
+                *qkvgb, D**-0.5, t["state"], True, True, True, False, t["A_log"], t["dt_bias"], None, True
             )
 
         def ours_public():
@@ -264,7 +264,7 @@ def sweep_kda_block_v(setup: _Setup) -> list[Row]:
         args = [t[n] for n in ("q", "k", "v", "g", "beta")]
         for block_v, warps in itertools.product((16, 32, 64, 128), (2, 4, 8)):
             fn = lambda: fused_recurrent_kda_fwd(  # noqa: E731
-                *args, D**-0.5, t["state"], True, True, True, t["A_log"], t["dt_bias"], None, True,
+                *args, D**-0.5, t["state"], True, True, True, False, t["A_log"], t["dt_bias"], None, True,
                 block_v=block_v, num_warps=warps,
             )  # fmt: skip
             rows.append(Row(f"KDA decode kernel, block_v={block_v}, {warps} warps", f"B{N} H{H} K=V={D}",

@@ -1,6 +1,7 @@
 """Kimi Delta Attention (KDA): chunked (training/prefill) and recurrent (decode) ops.
 
-Layout as in fla: q, k, g ``[B, T, H, K]``, v ``[B, T, H, V]``, beta ``[B, T, H]`` (post-sigmoid),
+Layout as in fla: q, k, g ``[B, T, H, K]``, v ``[B, T, H, V]``, beta ``[B, T, H]`` (post-sigmoid, or its logits
+with ``use_beta_sigmoid_in_kernel``),
 states ``[N, H, K, V]`` fp32. ``backend=None`` picks Triton for CUDA tensors and the plain-torch
 reference otherwise (see :func:`kimi_hf.kernels.resolve_backend`).
 """
@@ -11,7 +12,7 @@ import torch
 
 from .._backend import resolve_backend
 from .naive import naive_chunk_kda, naive_recurrent_kda
-from .utils import check_kda_inputs, default_dt_bias, kda_gate, l2norm
+from .utils import beta_sigmoid, check_kda_inputs, default_dt_bias, kda_gate, l2norm
 
 __all__ = ["chunk_kda", "fused_recurrent_kda", "kda_gate", "naive_chunk_kda", "naive_recurrent_kda"]
 
@@ -44,6 +45,7 @@ def chunk_kda(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     use_gate_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
     *,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
@@ -52,8 +54,8 @@ def chunk_kda(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA over whole sequences in chunks of 64 tokens (training and prefill). Differentiable.
 
-    fla 0.6.0's ``chunk_kda`` signature: the same positional arguments up to ``use_gate_in_kernel``, the rest
-    keyword-only (fla's next positions are options we do not have).
+    fla 0.6.0's ``chunk_kda`` signature: the same positional arguments up to ``use_beta_sigmoid_in_kernel``, the
+    rest keyword-only (fla's next positions are options we do not have).
 
     Args:
         q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]``. beta: ``[B, T, H]``, already sigmoid.
@@ -66,6 +68,8 @@ def chunk_kda(
         use_qk_l2norm_in_kernel: L2-normalise q and k over K inside the op.
         use_gate_in_kernel: compute the decay from raw ``g`` with ``A_log`` (``[H]`` or ``[1, 1, H, 1]``)
             and ``dt_bias`` (``[H*K]`` or ``[H, K]``; None: no bias, as in fla).
+        use_beta_sigmoid_in_kernel: ``beta`` holds logits; the op applies the sigmoid (in fp32; here before the
+            chunk kernels, an elementwise op autograd differentiates).
         cu_seqlens: ``[N + 1]`` int32/int64 offsets of sequences packed along T (B must be 1).
         backend: ``"triton"``, ``"torch"`` or None (automatic).
 
@@ -74,6 +78,8 @@ def chunk_kda(
     """
     check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias)
     dt_bias = default_dt_bias(dt_bias, g, use_gate_in_kernel)
+    if use_beta_sigmoid_in_kernel:
+        beta = beta_sigmoid(beta)
     if resolve_backend(backend, q) == "triton":
         from .chunk import chunk_kda_triton
 
@@ -98,6 +104,7 @@ def fused_recurrent_kda(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     use_gate_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
     *,
     cu_seqlens: torch.Tensor | None = None,
     inplace_final_state: bool = False,
@@ -105,7 +112,8 @@ def fused_recurrent_kda(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA token by token, for decoding (small T). Same arguments and math as :func:`chunk_kda`, in the order of
     fla 0.6.0's ``fused_recurrent_kda`` (``A_log`` and ``dt_bias`` after ``beta``; keyword-only from
-    ``cu_seqlens``, where fla's positions are options we do not have), plus:
+    ``cu_seqlens``, where fla's positions are options we do not have; the Triton kernel applies
+    ``use_beta_sigmoid_in_kernel``'s sigmoid itself, saving a decode step two launches), plus:
 
     Args:
         inplace_final_state: write the final state into ``initial_state`` (which must be given,
@@ -146,9 +154,12 @@ def fused_recurrent_kda(
             scale=q.shape[-1] ** -0.5 if scale is None else scale,
             initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
-            A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens, inplace_final_state=inplace_final_state,
+            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, A_log=A_log, dt_bias=dt_bias,
+            cu_seqlens=cu_seqlens, inplace_final_state=inplace_final_state,
         )  # fmt: skip
     q, k, g = _torch_prologue(q, k, g, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias)
+    if use_beta_sigmoid_in_kernel:
+        beta = beta_sigmoid(beta)
     o, final = naive_recurrent_kda(
         q, k, v, g, beta, scale, initial_state, output_final_state or inplace_final_state, cu_seqlens
     )

@@ -24,7 +24,7 @@ def _fused_recurrent_kda_fwd_kernel(
     q, k, v, g, beta, o, h0, ht, A_log, dt_bias, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     L2_EPS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, BETA_SIGMOID: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     # One grid axis, a head's column tiles next to each other in launch order: they read the parts of the same state
     # rows, which the DRAM serves better together (B64 H32: 69.4 us against 71.7 with a second grid axis over tiles).
@@ -62,6 +62,8 @@ def _fused_recurrent_kda_fwd_kernel(
         b_g = tl.load(g + p_qkg, mask=mask_k, other=0.0).to(tl.float32)
         b_v = tl.load(v + p_vo, mask=mask_v, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + p_beta).to(tl.float32)
+        if BETA_SIGMOID:
+            b_beta = tl.sigmoid(b_beta)
         if USE_QK_L2NORM:
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2_EPS)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + L2_EPS)
@@ -107,6 +109,7 @@ def fused_recurrent_kda_fwd(
     output_final_state: bool,
     use_qk_l2norm_in_kernel: bool,
     use_gate_in_kernel: bool,
+    use_beta_sigmoid_in_kernel: bool,
     A_log: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
@@ -126,6 +129,7 @@ def fused_recurrent_kda_fwd(
         initial_state: ``[N, H, K, V]`` (read as fp32) or None; N = B or ``len(cu_seqlens) - 1``.
         output_final_state: return the final ``[N, H, K, V]`` fp32 state.
         use_qk_l2norm_in_kernel: L2-normalise q and k (fp32, fla's epsilon) before use.
+        use_beta_sigmoid_in_kernel: ``beta`` holds logits, turned into sigmoid(beta) in fp32.
         cu_seqlens: ``[N + 1]`` offsets of sequences packed along T (B == 1), or None.
         inplace_final_state: write the final state into ``initial_state`` (contiguous fp32) and return it.
         block_v: state columns per program (a power of two; default from the number of heads), for tuning.
@@ -158,7 +162,8 @@ def fused_recurrent_kda_fwd(
         q, k, v, g, beta, o, initial_state, final_state, A_log, dt_bias, cu_seqlens, scale, T,
         H=H, K=K, V=V, BK=block_k, BV=block_v, L2_EPS=L2NORM_EPS,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
-        USE_QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, IS_VARLEN=cu_seqlens is not None,
+        USE_QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel,
+        BETA_SIGMOID=use_beta_sigmoid_in_kernel, IS_VARLEN=cu_seqlens is not None,
         num_warps=default_warps if num_warps is None else num_warps,
     )
     return o, final_state

@@ -37,6 +37,12 @@ def default_dt_bias(dt_bias: torch.Tensor | None, g: torch.Tensor, use_gate_in_k
     return dt_bias
 
 
+def beta_sigmoid(beta: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(beta)`` in fp32 at least (fp64 stays fp64): what ``use_beta_sigmoid_in_kernel`` applies to raw beta
+    logits, at the precision the kernels apply it."""
+    return torch.sigmoid(beta.to(torch.promote_types(beta.dtype, torch.float32)))
+
+
 def kda_gate(g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """KDA's per-channel log-decay ``-exp(A_log[h]) * softplus(g + dt_bias[h])``.
 
