@@ -734,6 +734,22 @@ def test_export_reads_and_writes_safetensors_only_and_refuses_other_sources(tmp_
     assert not (tmp_path / "never").exists() and not (tmp_path / "out").exists()
 
 
+def test_export_names_a_missing_adapter_and_refuses_a_name_with_a_directory(tmp_path):
+    """A missing adapter was reported as 'not a CE-LoRA adapter (config NoneType)'; with a directory, adapter_name
+    was ignored, so asking for adapter 'second' of a folder exported the folder's default adapter instead."""
+    model = trained_ce_model(ce_ratio=0.5, lora_dropout=0.0)
+    model.add_adapter("second", ce_config(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"no adapter 'third' in this model \(its adapters: \['default', 'second'\]\)"):
+        export_as_lora(model, tmp_path / "never", adapter_name="third")
+    model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="for a directory pass that adapter's folder .*saved/second"):
+        export_as_lora(tmp_path / "saved", tmp_path / "never", adapter_name="second")
+    assert not (tmp_path / "never").exists()
+    export_as_lora(tmp_path / "saved" / "second", tmp_path / "second_lora")
+    exported = json.loads((tmp_path / "second_lora" / "adapter_config.json").read_text())
+    assert exported["peft_type"] == "LORA" and exported["target_modules"] == ["q_proj"]
+
+
 def test_register_is_idempotent_and_get_peft_model_dispatches():
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import PeftType

@@ -33,7 +33,9 @@ def export_as_lora(source: PeftModel | str | Path, save_directory: str | Path, a
         source: a ``PeftModel`` holding a CE-LoRA adapter, or the directory a CE-LoRA adapter was saved to
             with ``save_pretrained`` (``adapter_config.json`` + weights).
         save_directory: where ``adapter_config.json`` (``peft_type: "LORA"``) and the weights go.
-        adapter_name: which adapter of a ``PeftModel`` to export (ignored for a directory).
+        adapter_name: which adapter of a ``PeftModel`` to export. A directory holds one adapter: pass that adapter's
+            own folder (``save_pretrained`` writes an adapter other than ``"default"`` to ``<dir>/<name>``); another
+            name than ``"default"`` with a directory is refused rather than ignored.
 
     Returns:
         ``save_directory`` as a ``Path``. The weights are read and written as ``adapter_model.safetensors`` only
@@ -41,7 +43,9 @@ def export_as_lora(source: PeftModel | str | Path, save_directory: str | Path, a
     """
     out = Path(save_directory)
     if isinstance(source, PeftModel):
-        config = source.peft_config.get(adapter_name)
+        if adapter_name not in source.peft_config:
+            raise ValueError(f"no adapter {adapter_name!r} in this model (its adapters: {sorted(source.peft_config)})")
+        config = source.peft_config[adapter_name]
         if not isinstance(config, CELoraConfig):
             raise ValueError(f"adapter {adapter_name!r} is not a CE-LoRA adapter (config {type(config).__name__})")
         lora_config = _lora_config_from(config.to_dict())
@@ -50,6 +54,9 @@ def export_as_lora(source: PeftModel | str | Path, save_directory: str | Path, a
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / SAFETENSORS_WEIGHTS_NAME))
     elif isinstance(source, (str, Path)):
         src = Path(source)
+        if adapter_name != "default":  # a folder holds one adapter: ignoring the name would export another one
+            raise ValueError(f"adapter_name={adapter_name!r} selects an adapter of a PeftModel; for a directory pass "
+                             f"that adapter's folder (save_pretrained writes it to {src / adapter_name})")  # fmt: skip
         options = json.loads((src / _CONFIG_NAME).read_text())
         if options.get("peft_type") != "CE_LORA":
             raise ValueError(f"{src / _CONFIG_NAME} is not a CE-LoRA adapter (peft_type {options.get('peft_type')!r})")
