@@ -335,3 +335,22 @@ def test_position_ids_reach_the_attention_implementation(monkeypatch):
         packed = model(torch.cat([first, second], dim=1), position_ids=position_ids, use_cache=False).logits
         apart = torch.cat([model(first).logits, model(second).logits], dim=1)
     assert_close_rel(packed, apart, 1e-5, "packed vs separate sequences")
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("training", [False, True])
+def test_packed_sequences_are_separate_with_the_default_cache_setting(implementation, training):
+    """Padding-free packing (one row, position_ids restarting at 0, no mask) with use_cache left to the config:
+    transformers' masks separate packed sequences only without a cache, so none is made (the default cache let the
+    sequences attend across their boundary: wrong logits and loss in training and evaluation alike); asking for a
+    cache with packed sequences is an error, as in Kimi Linear."""
+    model = _model(attn_implementation=implementation).train(training)
+    first, second = torch.randint(3, 97, (1, 5)), torch.randint(3, 97, (1, 4))
+    packed, position_ids = torch.cat([first, second], dim=1), torch.cat([torch.arange(5), torch.arange(4)])[None]
+    with torch.no_grad():
+        apart = torch.cat([model(first).logits, model(second).logits], dim=1)
+    out = model(packed, position_ids=position_ids)
+    assert_close_rel(out.logits, apart, 1e-5, "packed vs separate sequences")
+    assert len(out.to_tuple()) == 1, "no cache returned: only the logits"
+    with pytest.raises(ValueError, match="packed sequences .* cannot fill a cache"):
+        model(packed, position_ids=position_ids, use_cache=True)

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -45,6 +45,15 @@ def _pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | N
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("pass the KV cache as either `cache` or `past_key_values`, not both")
     return cache if cache is not None else past_key_values
+
+
+def _packed(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> bool:
+    """Whether ``position_ids`` [B, T] restart within a row with no ``attention_mask``: several sequences packed into
+    one row (``DataCollatorWithFlattening``), by transformers' rule. Not decided under torch.compile (data-dependent:
+    transformers' masks then treat every batch as possibly packed)."""
+    if position_ids is None or attention_mask is not None or torch.compiler.is_compiling():
+        return False
+    return find_packed_sequence_indices(position_ids) is not None
 
 
 class AttnResRotaryEmbedding(nn.Module):
@@ -251,10 +260,21 @@ class AttnResModel(AttnResPreTrainedModel):
         """Returns ``last_hidden_state`` [B, T, D] (final AttnRes aggregation, normalised), the KV cache, with
         ``output_hidden_states`` the input of every decoder layer's attention sublayer plus the final output, and
         with ``output_attentions`` (eager attention only) every layer's attention weights [B, H, T, S].
+
+        Packed sequences (``position_ids`` [1, T] restarting at 0, no ``attention_mask``) attend within themselves
+        and return no cache; asking for one (``use_cache=True`` or a cache passed in) is an error.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         cache = _pick_cache(past_key_values, cache)
+        if _packed(position_ids, attention_mask):
+            # transformers' masks separate packed sequences only without a cache; they have no continuation to cache
+            if use_cache or cache is not None:
+                raise ValueError(
+                    "packed sequences (position_ids restarting at 0, no attention_mask) cannot fill a cache: pass "
+                    "use_cache=False, or one sequence per batch row"
+                )
+            use_cache = False
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
