@@ -21,8 +21,8 @@ bank backwarded apart) raises, where it would double-count ``storage.grad``.
 from __future__ import annotations
 
 import torch
-import triton
 
+from .._grid import cdiv, next_power_of_2
 from . import _triton
 
 
@@ -30,7 +30,7 @@ def block_d(d: int) -> int:
     """Power-of-two register width covering the hidden size ``d`` (one token row per program)."""
     if d > 16384:
         raise ValueError(f"hidden size {d} too large for the fused depth attention (max 16384)")
-    return triton.next_power_of_2(d)
+    return next_power_of_2(d)
 
 
 # Warps of the one-row-per-program kernels (``--set attn_res.fused.ROW_WARPS=4``): the source stores, the inference
@@ -143,7 +143,7 @@ def depth_attn_fwd(
 def backward_tile(n_all: int, width: int) -> tuple[int, bool, int]:
     """(source tile, one tile, warps) of the backward for ``n_all`` sources (stored + the partial sum) of padded
     width ``width``."""
-    wide = triton.next_power_of_2(n_all)
+    wide = next_power_of_2(n_all)
     if BWD_SOURCE_TILE < n_all and wide <= BWD_ONE_TILE_SOURCES:
         return wide, True, _warps(width, max(1, BWD_ELEMENTS_PER_THREAD * BWD_SOURCE_TILE // wide))
     return BWD_SOURCE_TILE, n_all <= BWD_SOURCE_TILE, _warps(width, BWD_ELEMENTS_PER_THREAD)
@@ -173,7 +173,7 @@ def depth_attn_bwd(
     """
     m, d = storage.store.shape[1:]
     grid = _backward_grid(m, dout.device)
-    rows = triton.cdiv(m, grid)
+    rows = cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
@@ -190,7 +190,7 @@ def depth_attn_bwd(
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
     # [128, PARAM_GRAD_COLUMNS] tiles of the partials, one column block per program
-    _triton.param_grad_kernel[(triton.cdiv(d, PARAM_GRAD_COLUMNS),)](
+    _triton.param_grad_kernel[(cdiv(d, PARAM_GRAD_COLUMNS),)](
         du_part, dwn_part if dwn_part is not None else du_part, query, gain, dquery, dgain,
         dnorm if dnorm is not None else dquery, grid, d, HAS_NORM=norm_weight is not None, BLOCK=PARAM_GRAD_COLUMNS,
         ROWS=128, num_warps=4,

@@ -8,8 +8,8 @@ backward) so that the two are compared at their best. Rows of D channels, a few 
 from __future__ import annotations
 
 import torch
-import triton
 
+from .._grid import cdiv
 from . import _triton
 from .fused import block_d, num_warps
 
@@ -37,7 +37,7 @@ def rms_norm_fwd(
     y = torch.empty((m, d), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     total = x if add is None else torch.empty((m, d), dtype=torch.promote_types(x.dtype, add.dtype), device=x.device)
-    _triton.rms_norm_fwd_kernel[(triton.cdiv(m, rows),)](
+    _triton.rms_norm_fwd_kernel[(cdiv(m, rows),)](
         x, weight, y, rstd, add if add is not None else x, total, m, d, eps,
         BR=rows, BLOCK_D=width, HAS_ADD=add is not None, num_warps=warps,
     )  # fmt: skip
@@ -50,8 +50,8 @@ def rms_norm_bwd(
     """dy, x [M, D] contiguous -> (dx [M, D] in x's dtype, dweight [D] in weight's dtype)."""
     m, d = x.shape
     rows, width, warps = _rows_and_warps(d)
-    blocks = min(_BWD_BLOCKS_PER_PROGRAM, triton.cdiv(m, rows))
-    programs = triton.cdiv(m, rows * blocks)
+    blocks = min(_BWD_BLOCKS_PER_PROGRAM, cdiv(m, rows))
+    programs = cdiv(m, rows * blocks)
     dx = torch.empty_like(x)
     dw = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     _triton.rms_norm_bwd_kernel[(programs,)](

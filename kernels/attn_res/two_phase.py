@@ -14,11 +14,10 @@ sublayers costs S launches, as many as the standard residual's fused add + PreNo
 from __future__ import annotations
 
 import torch
-import triton
 
+from .._grid import cdiv, next_power_of_2
 from . import _triton
 from .fused import SourceStorage, block_d, num_warps
-
 
 # Launch constant (``--set attn_res.two_phase.PHASE1_TILE_ELEMENTS=INT``): phase 1 holds a row's completed sources in
 # one [N_PAD, padded D] register tile while it has at most this many elements (0: never). 16384 is 8 sources at D 2048,
@@ -32,7 +31,7 @@ STORE_PHASE1_SPLIT_ROWS = 256
 
 def _sources_pad(n_sources: int) -> int:
     """Rows of a source tile holding ``n_sources`` sources (a power of two, at least 2)."""
-    return max(2, triton.next_power_of_2(n_sources))
+    return max(2, next_power_of_2(n_sources))
 
 
 def fits_one_tile(n_sources: int, d: int) -> bool:
@@ -49,7 +48,7 @@ def phase1(
     q = queries.shape[0]
     out = torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
     lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
-    q_pad = max(2, triton.next_power_of_2(q))
+    q_pad = max(2, next_power_of_2(q))
     one_tile = fits_one_tile(n, d)
     # one tile: the [N_PAD, D] sources in registers; otherwise the [Q_PAD, BLOCK_D] float32 query tile, <= 8K elements
     chunk = block_d(d) if one_tile else min(block_d(d), max(16, 8192 // q_pad))
@@ -84,7 +83,7 @@ def store_phase1(
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
     per_program = 1 if m <= STORE_PHASE1_SPLIT_ROWS else q
-    _triton.store_phase1_kernel[(m * triton.cdiv(q, per_program),)](
+    _triton.store_phase1_kernel[(m * cdiv(q, per_program),)](
         x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
         norm_weight.contiguous() if norm_weight is not None else gains, out, lse, first if first is not None else out,
         n_prev, q, m, d, storage.eps, norm_eps, per_program,

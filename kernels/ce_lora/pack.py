@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grid import cdiv
+
 # Tile shapes tried on a GPU (keyed by channel count, kept count and low-rank width; the row count only sets the
 # grid). Kept short: every config is compiled on a fresh machine. Rows per program trade B0's reuse (each row block
 # re-reads its [BLOCK_O, R_PAD] tiles from L2: at 16 rows they outweigh dY's) against programs per SM; at 16K tokens
@@ -190,7 +192,7 @@ def triton_pack_grad_output(
     counts = _zeroed_counters(-(-n_rows // min(block_rows)) if split else 0, device)
 
     def grid(meta: dict) -> tuple[int]:
-        n_blocks = triton.cdiv(n_rows, meta["BLOCK_T"])
+        n_blocks = cdiv(n_rows, meta["BLOCK_T"])
         return (n_blocks * _shares(n_blocks, n_tiles, device),)
 
     args = (grad_output, b0_pad, tile_starts, tile_local, packed, partials, counts, n_rows, n_cols, keep,

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grid import cdiv, next_power_of_2
+
 
 @triton.jit
 def _bounds(seq, cu_seqlens, T, IS_VARLEN: tl.constexpr):
@@ -282,7 +284,7 @@ BWD_ROWS, BWD_WARPS, BWD_TILES_PER_PROGRAM = 32, 4, 4
 
 
 def _tile(rows: int, dim: int, max_rows: int) -> tuple[int, int]:
-    return min(max_rows, triton.next_power_of_2(max(rows, 1))), min(CHANNELS, triton.next_power_of_2(dim))
+    return min(max_rows, next_power_of_2(max(rows, 1))), min(CHANNELS, next_power_of_2(dim))
 
 
 def causal_conv1d_fwd(
@@ -308,7 +310,7 @@ def causal_conv1d_fwd(
     seq_ids = _seq_ids(cu_seqlens, rows) if cu_seqlens is not None else None
     block_t, block_d = _tile(rows, dim, ROWS)
     y = torch.empty_like(x)
-    _conv_fwd_kernel[(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))](
+    _conv_fwd_kernel[(cdiv(rows, block_t), cdiv(dim, block_d))](
         x, weight, bias, initial_state, y, seq_ids, cu_seqlens, rows, length, dim,
         W=width, BT=block_t, BD=block_d, HAS_BIAS=bias is not None, HAS_H=initial_state is not None,
         IS_VARLEN=cu_seqlens is not None, SILU=silu, num_warps=WARPS,
@@ -316,9 +318,9 @@ def causal_conv1d_fwd(
     final_state = None
     if output_final_state:
         final_state = x.new_empty(num_seqs, dim, width)
-        _conv_final_state_kernel[(num_seqs, triton.cdiv(dim, block_d))](
+        _conv_final_state_kernel[(num_seqs, cdiv(dim, block_d))](
             x, initial_state, final_state, cu_seqlens, length, dim,
-            W=width, BW=triton.next_power_of_2(width), BD=block_d, HAS_H=initial_state is not None,
+            W=width, BW=next_power_of_2(width), BD=block_d, HAS_H=initial_state is not None,
             IS_VARLEN=cu_seqlens is not None, num_warps=4,
         )
     return y, final_state, seq_ids
@@ -340,29 +342,29 @@ def causal_conv1d_bwd(
     width = weight.shape[1]
     rows = batch * length
     block_t, block_d = _tile(rows, dim, BWD_ROWS)
-    sub = max(1, min(BWD_TILES_PER_PROGRAM, triton.cdiv(rows, block_t)))
-    programs_t = triton.cdiv(rows, block_t * sub)
+    sub = max(1, min(BWD_TILES_PER_PROGRAM, cdiv(rows, block_t)))
+    programs_t = cdiv(rows, block_t * sub)
     dz = torch.empty(rows, dim, device=x.device, dtype=torch.float32)
     dw_partial = torch.empty(programs_t, dim, width, device=x.device, dtype=torch.float32)
     db_partial = torch.empty(programs_t, dim, device=x.device, dtype=torch.float32) if bias is not None else None
     is_varlen, has_dfs = cu_seqlens is not None, dfinal_state is not None
-    _conv_bwd_dz_kernel[(programs_t, triton.cdiv(dim, block_d))](
+    _conv_bwd_dz_kernel[(programs_t, cdiv(dim, block_d))](
         x, weight, bias, initial_state, dy, dz, dw_partial, db_partial, seq_ids, cu_seqlens, rows, length, dim, sub,
-        W=width, BW=triton.next_power_of_2(width), BT=block_t, BD=block_d, HAS_BIAS=bias is not None,
+        W=width, BW=next_power_of_2(width), BT=block_t, BD=block_d, HAS_BIAS=bias is not None,
         HAS_H=initial_state is not None, IS_VARLEN=is_varlen, SILU=silu, num_warps=BWD_WARPS,
     )
     dx = torch.empty_like(x)
     block_t, block_d = _tile(rows, dim, ROWS)
-    _conv_bwd_dx_kernel[(triton.cdiv(rows, block_t), triton.cdiv(dim, block_d))](
+    _conv_bwd_dx_kernel[(cdiv(rows, block_t), cdiv(dim, block_d))](
         weight, dz, dfinal_state, dx, seq_ids, cu_seqlens, rows, length, dim,
         W=width, BT=block_t, BD=block_d, HAS_DFS=has_dfs, IS_VARLEN=is_varlen, num_warps=WARPS,
     )
     dinitial_state = None
     if initial_state is not None:
         dinitial_state = torch.empty_like(initial_state)
-        _conv_bwd_initial_state_kernel[(initial_state.shape[0], triton.cdiv(dim, block_d))](
+        _conv_bwd_initial_state_kernel[(initial_state.shape[0], cdiv(dim, block_d))](
             weight, dz, dfinal_state, dinitial_state, cu_seqlens, length, dim,
-            W=width, BW=triton.next_power_of_2(width), BD=block_d, HAS_DFS=has_dfs, IS_VARLEN=is_varlen,
+            W=width, BW=next_power_of_2(width), BD=block_d, HAS_DFS=has_dfs, IS_VARLEN=is_varlen,
             num_warps=4,
         )
     dweight = dw_partial.sum(0).to(weight.dtype)
@@ -376,10 +378,10 @@ def causal_conv1d_update_fwd(
     """x ``[N, D]`` (unit channel stride), conv_state ``[N, D, W]`` (any strides, updated in place)."""
     num_seqs, dim = x.shape
     width = weight.shape[1]
-    block_d = min(256, triton.next_power_of_2(dim))
+    block_d = min(256, next_power_of_2(dim))
     y = torch.empty_like(x)
-    _conv_update_kernel[(num_seqs, triton.cdiv(dim, block_d))](
+    _conv_update_kernel[(num_seqs, cdiv(dim, block_d))](
         x, conv_state, weight, bias, y, dim, x.stride(0), *conv_state.stride(), y.stride(0),
-        W=width, BW=triton.next_power_of_2(width), BD=block_d, HAS_BIAS=bias is not None, SILU=silu, num_warps=4,
+        W=width, BW=next_power_of_2(width), BD=block_d, HAS_BIAS=bias is not None, SILU=silu, num_warps=4,
     )
     return y

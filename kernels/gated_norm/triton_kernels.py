@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grid import cdiv, next_power_of_2
+
 
 @triton.jit
 def _activate(gate, ACTIVATION: tl.constexpr):
@@ -77,7 +79,7 @@ BWD_ELEMENTS, BWD_WARPS, BWD_BLOCKS_PER_PROGRAM = 2048, 8, 8
 
 def _block_rows(dim: int, elements: int) -> tuple[int, int]:
     """(rows per block, padded D) for blocks of about ``elements``."""
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_power_of_2(dim)
     return max(1, min(64, elements // block_d)), block_d
 
 
@@ -89,7 +91,7 @@ def gated_rms_norm_fwd(
     block_r, block_d = _block_rows(dim, ELEMENTS)
     y = torch.empty_like(x)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
-    _gated_rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
+    _gated_rms_norm_fwd_kernel[(cdiv(rows, block_r),)](
         x, gate, weight, y, rstd, rows, dim, eps, BR=block_r, BD=block_d, ACTIVATION=activation, num_warps=WARPS,
     )
     return y, rstd
@@ -104,8 +106,8 @@ def gated_rms_norm_bwd(
     if rows == 0:  # no program to launch; the weight gets no gradient contribution
         return torch.empty_like(x), torch.empty_like(gate), torch.zeros_like(weight)
     block_r, block_d = _block_rows(dim, BWD_ELEMENTS)
-    blocks = min(BWD_BLOCKS_PER_PROGRAM, triton.cdiv(rows, block_r))
-    programs = triton.cdiv(rows, block_r * blocks)
+    blocks = min(BWD_BLOCKS_PER_PROGRAM, cdiv(rows, block_r))
+    programs = cdiv(rows, block_r * blocks)
     dx = torch.empty_like(x)
     dgate = torch.empty_like(gate)
     dweight_partial = torch.empty(programs, dim, device=x.device, dtype=torch.float32)

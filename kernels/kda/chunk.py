@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
+from .._grid import cdiv, next_power_of_2
 from .chunk_bwd import (
     kda_direct_bwd_kernel, kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel,
     kda_state_bwd_kernel, l2norm_bwd_kernel,
@@ -143,7 +143,7 @@ def _chunks(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.devic
     a host synchronisation here stalled every forward until the GPU drained. Packed sequences read the offsets
     once (their validation has already done so)."""
     if cu_seqlens is None:
-        per_seq = triton.cdiv(T, CHUNK)
+        per_seq = cdiv(T, CHUNK)
         cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
         offsets = torch.arange(B + 1, device=device, dtype=torch.int32) * per_seq
         flat = torch.arange(B * per_seq, device=device, dtype=torch.int32)
@@ -151,7 +151,7 @@ def _chunks(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.devic
         return _Chunks(cu, indices, offsets, B * per_seq, B)
     cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()  # the kernels read it at unit stride
     bounds = cu_seqlens.tolist()
-    num_chunks = sum(triton.cdiv(end - start, CHUNK) for start, end in zip(bounds[:-1], bounds[1:]))
+    num_chunks = sum(cdiv(end - start, CHUNK) for start, end in zip(bounds[:-1], bounds[1:]))
     counts = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK
     offsets = torch.zeros(counts.numel() + 1, device=device, dtype=torch.int32)
     offsets[1:] = counts.cumsum(0)
@@ -164,7 +164,7 @@ def _chunks(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.devic
 
 
 def _dims(K: int, V: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
+    return max(16, next_power_of_2(K)), min(64, max(16, next_power_of_2(V)))
 
 
 def _state_block_v(BK: int, BV: int) -> int:
@@ -255,13 +255,13 @@ def kda_chunk_fwd(
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BVs = _state_block_v(BK, BV)
     # num_stages=1: software pipelining of the chunk loop would need more shared memory than Hopper has.
-    kda_state_fwd_kernel[(N * triton.cdiv(V, BVs), H)](
+    kda_state_fwd_kernel[(N * cdiv(V, BVs), H)](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
         num_warps=_state_fwd_warps(BK), num_stages=1,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
-    kda_output_fwd_kernel[(NC * triton.cdiv(V, BV), H)](
+    kda_output_fwd_kernel[(NC * cdiv(V, BV), H)](
         qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
         BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
@@ -276,8 +276,8 @@ def _l2norm_bwd(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // K
     dx = torch.empty_like(x)
     BR = 16
-    l2norm_bwd_kernel[(triton.cdiv(rows, BR),)](
-        x, dy, dx, rows, K, EPS=L2NORM_EPS, BR=BR, BD=max(16, triton.next_power_of_2(K)), num_warps=4
+    l2norm_bwd_kernel[(cdiv(rows, BR),)](
+        x, dy, dx, rows, K, EPS=L2NORM_EPS, BR=BR, BD=max(16, next_power_of_2(K)), num_warps=4
     )
     return dx
 
@@ -312,7 +312,7 @@ def kda_chunk_bwd(
     dv_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if has_initial_state else None
     BVs = _state_block_v(BK, BV)
-    kda_state_bwd_kernel[(N * triton.cdiv(V, BVs), H)](
+    kda_state_bwd_kernel[(N * cdiv(V, BVs), H)](
         saved["qg"], saved["kh"], saved["gl"], saved["W"], saved["A_qk"], do, dh, dv_new, dht, dh0,
         chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_initial_state, IEEE=ieee,
@@ -334,14 +334,14 @@ def kda_chunk_bwd(
     dq, dk, dg = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(3))
     dlast_part = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     BKd = min(BK, BWD_DIRECT_KEY_BLOCK)
-    kda_direct_bwd_kernel[(NC * triton.cdiv(K, BKd), H)](
+    kda_direct_bwd_kernel[(NC * cdiv(K, BKd), H)](
         saved["kn"], saved["G"], saved["h"], dh, saved["v_new"], dv, do, dq, dk, dg, dlast_part,
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=BKd, BV=min(BV, BWD_DIRECT_BLOCK_V), IEEE=ieee, num_warps=BWD_DIRECT_WARPS,
         num_stages=BWD_DIRECT_STAGES,
     )  # fmt: skip
     BKs = min(BK, BWD_KEY_BLOCK)
-    NKB, NS = triton.cdiv(K, BKs), CHUNK // SUB
+    NKB, NS = cdiv(K, BKs), CHUNK // SUB
     kda_key_bwd_kernel[(NC * NKB * NS, H)](
         saved["qn"], saved["kn"], saved["G"], dA_qk, dP, dq, dk, dg, chunks.indices, chunks.cu_seqlens,
         scale, H, K, BT=CHUNK, BC=SUB, BK=BKs, SPAN=DIAG_DOT_SPAN, IEEE=ieee,

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._grid import cdiv, next_power_of_2
 from .chunk_fwd import softplus
 from .utils import L2NORM_EPS, gate_params
 
@@ -93,9 +94,9 @@ def _tiling(num_heads_total: int, K: int, V: int, block_v: int | None = None) ->
     wide = num_heads_total >= 1024
     if block_v is None:
         block_v = 64 if wide else 32 if num_heads_total >= 512 else 16 if num_heads_total >= 128 else 8
-        block_v = min(block_v, triton.next_power_of_2(V))
+        block_v = min(block_v, next_power_of_2(V))
     per_thread = 64 if wide else 16
-    return block_v, max(1, min(8, triton.next_power_of_2(K) * block_v // (32 * per_thread)))
+    return block_v, max(1, min(8, next_power_of_2(K) * block_v // (32 * per_thread)))
 
 
 def fused_recurrent_kda_fwd(
@@ -155,10 +156,10 @@ def fused_recurrent_kda_fwd(
     else:
         final_state = None
     o = q.new_empty(B, T, H, V)
-    block_k = triton.next_power_of_2(K)
+    block_k = next_power_of_2(K)
     block_v, default_warps = _tiling(N * H, K, V, block_v)
     # one grid axis (the others stop at 65535 programs)
-    _fused_recurrent_kda_fwd_kernel[(N * H * triton.cdiv(V, block_v),)](
+    _fused_recurrent_kda_fwd_kernel[(N * H * cdiv(V, block_v),)](
         q, k, v, g, beta, o, initial_state, final_state, A_log, dt_bias, cu_seqlens, scale, T,
         H=H, K=K, V=V, BK=block_k, BV=block_v, L2_EPS=L2NORM_EPS,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
 
 from .._backend import resolve_backend
+from .._grid import cdiv, next_power_of_2
 from .naive import naive_moe_experts, naive_moe_route
 from .triton_kernels import moe_act_kernel, moe_down_kernel, moe_gate_up_kernel, moe_route_kernel
 
@@ -161,30 +161,30 @@ def moe_experts(
         raise ValueError("moe_experts reads the expert weights in place: they must be contiguous")
     ptrs = table.pointers()
     x, expert_ids, weights = x.contiguous(), expert_ids.contiguous(), weights.contiguous()
-    BN = max(16, triton.next_power_of_2(n))
-    BJ = triton.next_power_of_2(topk)
+    BN = max(16, next_power_of_2(n))
+    BJ = next_power_of_2(topk)
     ieee = "ieee" if x.dtype == torch.float32 else "tf32"
     wanted = GATE_UP_SPLIT if n <= GATE_UP_SPLIT_MAX_TOKENS else 1
-    split = max(1, min(wanted, triton.cdiv(hidden, GATE_UP_BLOCK_H)))
-    per_split = triton.cdiv(triton.cdiv(hidden, split), GATE_UP_BLOCK_H) * GATE_UP_BLOCK_H
+    split = max(1, min(wanted, cdiv(hidden, GATE_UP_BLOCK_H)))
+    per_split = cdiv(cdiv(hidden, split), GATE_UP_BLOCK_H) * GATE_UP_BLOCK_H
     act = x.new_empty(num_experts, n, inter)
     if split > 1:  # the slices' fp32 partial sums
         gate = x.new_empty(split, num_experts, n, inter, dtype=torch.float32)
         up = torch.empty_like(gate)
     else:  # the gate/up kernel writes act itself
         gate = up = act
-    moe_gate_up_kernel[(num_experts, triton.cdiv(inter, GATE_UP_BLOCK_I), split)](
+    moe_gate_up_kernel[(num_experts, cdiv(inter, GATE_UP_BLOCK_I), split)](
         x, expert_ids, weights, ptrs, act, gate, up, n, num_experts, hidden, inter, per_split,
         TOPK=topk, BN=BN, BJ=BJ, BI=GATE_UP_BLOCK_I, BH=GATE_UP_BLOCK_H, SPLIT=split, IEEE=ieee,
         num_warps=GATE_UP_WARPS,
     )  # fmt: skip
     if split > 1:
-        moe_act_kernel[(num_experts, triton.cdiv(inter, ACT_BLOCK_I))](
+        moe_act_kernel[(num_experts, cdiv(inter, ACT_BLOCK_I))](
             gate, up, expert_ids, weights, act, n, num_experts, inter,
             TOPK=topk, BN=BN, BJ=BJ, BI=ACT_BLOCK_I, SPLIT=split,
         )  # fmt: skip
     partial = x.new_empty(num_experts, n, hidden, dtype=torch.float32)
-    moe_down_kernel[(num_experts, triton.cdiv(hidden, DOWN_BLOCK_D))](
+    moe_down_kernel[(num_experts, cdiv(hidden, DOWN_BLOCK_D))](
         act, expert_ids, weights, ptrs, partial, n, num_experts, hidden, inter,
         TOPK=topk, BN=BN, BJ=BJ, BD=DOWN_BLOCK_D, BI=DOWN_BLOCK_I, IEEE=ieee, num_warps=DOWN_WARPS,
     )  # fmt: skip
@@ -260,7 +260,7 @@ def moe_route(
     moe_route_kernel[(n,)](
         logits, logits if bias is None else bias.contiguous(), expert_ids, weights, num_experts, float(scaling),
         -1 if shared_expert is None else int(shared_expert),
-        TOPK=top_k, K_OUT=k_out, BE=triton.next_power_of_2(num_experts), BJ=triton.next_power_of_2(k_out),
+        TOPK=top_k, K_OUT=k_out, BE=next_power_of_2(num_experts), BJ=next_power_of_2(k_out),
         SOFTMAX=activation == "softmax", HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize),
     )  # fmt: skip
     return expert_ids, weights
