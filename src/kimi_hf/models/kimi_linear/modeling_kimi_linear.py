@@ -589,11 +589,25 @@ class KimiLinearSparseMoE(nn.Module):
             return False
         return self._experts_read_in_place() and x.dtype in MOE_DTYPES and x.dtype == self.experts[0].w1.weight.dtype
 
+    def _expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
+        """The experts' ``w1``, ``w3`` and ``w2`` weights (a list over the experts each), or None if a projection is not
+        a plain ``nn.Linear``: a wrapped one (a PEFT adapter, a quantised layer) must be called as a module, since
+        reading its ``.weight`` would skip the wrapper (LoRA's ``weight`` is the frozen base weight).
+
+        Read from the modules' dicts: attribute access goes through ``nn.Module.__getattr__`` (about 0.5 us a time),
+        and every decode step asks this of every MoE layer, for three projections of every expert."""
+        weights: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
+        for expert in self.experts._modules.values():
+            for name, found in zip(("w1", "w3", "w2"), weights):
+                linear = expert._modules[name]
+                if type(linear) is not nn.Linear:
+                    return None
+                found.append(linear._parameters["weight"])
+        return weights
+
     def _experts_read_in_place(self) -> bool:
-        """Whether every expert projection is a plain ``nn.Linear``, whose weight the grouped-GEMM and decode paths
-        may read directly. A wrapped projection (a PEFT adapter, a quantised layer) must be called as a module:
-        reading its ``.weight`` would skip the wrapper (LoRA's ``weight`` is the frozen base weight)."""
-        return all(type(getattr(e, name)) is nn.Linear for e in self.experts for name in ("w1", "w3", "w2"))
+        """Whether the grouped-GEMM and decode paths may read the expert weights in place (:meth:`_expert_weights`)."""
+        return self._expert_weights() is not None
 
     def _shared_expert_rides(self) -> bool:
         """Whether the shared experts can run in the decode kernels as one more routed expert: plain ``nn.Linear``
@@ -614,7 +628,7 @@ class KimiLinearSparseMoE(nn.Module):
         launches of its own MLP and the add would otherwise follow."""
         rides = self._shared_expert_rides()
         logits, weights, expert_ids = self.gate(x, real_rows, shared_expert=self.num_experts if rides else None)
-        w1, w3, w2 = ([getattr(e, name).weight for e in self.experts] for name in ("w1", "w3", "w2"))
+        w1, w3, w2 = self._expert_weights()  # not None: _use_decode_experts checked
         if rides:
             shared = self.shared_experts
             w1, w3, w2 = w1 + [shared.gate_proj.weight], w3 + [shared.up_proj.weight], w2 + [shared.down_proj.weight]
