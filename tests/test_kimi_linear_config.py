@@ -257,3 +257,22 @@ def test_native_spellings_and_the_mlp_layer_types_native_reads():
     native = pytest.importorskip("transformers").KimiLinearConfig
     fields = {k: v for k, v in sparse_every_other.to_dict().items() if k not in ("auto_map", "architectures")}
     assert list(native(**fields).mlp_layer_types) == written
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [({"rms_norm_eps": -1.0}, "rms_norm_eps must be a number > 0"), ({"hidden_act": "no_such_act"}, "hidden_act")],
+)
+def test_fields_set_after_the_config_checks_are_checked(tmp_path, override, match):
+    """``from_pretrained(path, **overrides)`` and attribute assignments set fields after the config's own checks:
+    building a model and saving a config check them again (rms_norm_eps=-1 loaded and gave NaN logits)."""
+    KimiLinearForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        KimiLinearForCausalLM.from_pretrained(tmp_path, **override)
+    config = tiny_config()
+    for name, value in override.items():
+        setattr(config, name, value)
+    with pytest.raises(ValueError, match=match):
+        KimiLinearForCausalLM(config)
+    with pytest.raises(ValueError, match=match):
+        config.save_pretrained(tmp_path / "edited")

@@ -210,7 +210,7 @@ class KimiLinearConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate_kimi_linear()
+        self.validate()
         self._check_native_views(layer_types, mlp_layer_types, linear_num_heads, linear_head_dim, qk_head_dim)
 
     # ------------------------------------------------------------------ derived views
@@ -261,8 +261,12 @@ class KimiLinearConfig(PreTrainedConfig):
         return 2 * self.num_hidden_layers
 
     # ------------------------------------------------------------------ validation
-    def validate_kimi_linear(self) -> None:
-        """Check every field; raise ``ValueError`` naming the first bad one."""
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError`` naming the first bad one.
+
+        Also run by transformers' ``save_pretrained`` (the hook's name) and by the models' constructors: fields set
+        after ``__init__`` (``from_pretrained(path, **overrides)``, attribute assignments) are checked there.
+        """
         check_positive_ints(self, _POSITIVE_INT_FIELDS)
         for name in ("qk_rope_head_dim", "num_shared_experts", "first_k_dense_replace"):
             value = getattr(self, name)

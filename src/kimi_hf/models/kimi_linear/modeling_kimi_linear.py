@@ -747,6 +747,11 @@ class KimiLinearPreTrainedModel(BaseModelAutoMapMixin, PreTrainedModel):
     _is_stateful = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight", "dt_bias", "A_log"]
 
+    def __init__(self, config: KimiLinearConfig, *inputs, **kwargs) -> None:
+        # from_pretrained(path, **overrides) and attribute assignments set fields after the config's own checks
+        config.validate()
+        super().__init__(config, *inputs, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As :meth:`transformers.PreTrainedModel.from_pretrained`; also reads checkpoints written by
