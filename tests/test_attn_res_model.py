@@ -51,12 +51,13 @@ def _model(seed: int = 0, **overrides) -> AttnResForCausalLM:
         ({"hidden_size": -4}, "hidden_size must be a positive integer, got -4"),
         ({"attn_res_backend": "cuda"}, "attn_res_backend .* got 'cuda'"),
         ({"hidden_act": "gelu"}, "hidden_act must be 'silu'"),
-        ({"attn_res_eps": None}, "attn_res_eps must be a number > 0, got None"),
-        ({"rope_theta": "1e4"}, "rope_theta must be a number > 0, got '1e4'"),
-        ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a number > 0, got 0.0"),
+        ({"attn_res_eps": None}, "attn_res_eps must be a finite number > 0, got None"),
+        ({"rope_theta": "1e4"}, "rope_theta must be a finite number > 0, got '1e4'"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a finite number > 0, got 0.0"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a finite number > 0, got inf"),
         ({"attn_res_two_phase": "no"}, "attn_res_two_phase must be True or False, got 'no'"),
         ({"attention_dropout": 1.0}, r"attention_dropout must be a number in \[0, 1\), got 1.0"),
-        ({"initializer_range": -0.02}, "initializer_range must be a number > 0, got -0.02"),
+        ({"initializer_range": -0.02}, "initializer_range must be a finite number > 0, got -0.02"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "only the default RoPE is implemented"),
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "only the default RoPE is implemented"),
         ({"rope_parameters": {"rope_theta": 5e5}, "rope_theta": 1e4}, "rope_theta 10000.0 and rope_parameters'"),
@@ -71,7 +72,7 @@ def test_config_validation(overrides, match):
     "override,match",
     [
         ({"hidden_act": "gelu"}, "hidden_act must be 'silu'"),  # the model would have run SiLU
-        ({"attn_res_eps": -1.0}, "attn_res_eps must be a number > 0, got -1.0"),  # NaN logits
+        ({"attn_res_eps": -1.0}, "attn_res_eps must be a finite number > 0, got -1.0"),  # NaN logits
         ({"attn_res_block_size": 100}, r"attn_res_block_size must be an integer in \[1, 6\].* got 100"),
     ],
 )

@@ -261,7 +261,11 @@ def test_native_spellings_and_the_mlp_layer_types_native_reads():
 
 @pytest.mark.parametrize(
     "override, match",
-    [({"rms_norm_eps": -1.0}, "rms_norm_eps must be a number > 0"), ({"hidden_act": "no_such_act"}, "hidden_act")],
+    [
+        ({"rms_norm_eps": -1.0}, "rms_norm_eps must be a finite number > 0"),
+        ({"rms_norm_eps": float("inf")}, "rms_norm_eps must be a finite number > 0"),
+        ({"hidden_act": "no_such_act"}, "hidden_act"),
+    ],
 )
 def test_fields_set_after_the_config_checks_are_checked(tmp_path, override, match):
     """``from_pretrained(path, **overrides)`` and attribute assignments set fields after the config's own checks:

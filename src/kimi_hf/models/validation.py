@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from kimi_hf.modules.attn_res import RESIDUAL_MODES
@@ -20,11 +21,12 @@ def check_positive_ints(config: object, names: Iterable[str]) -> None:
 
 
 def check_positive_numbers(config: object, names: Iterable[str]) -> None:
-    """Every attribute in ``names`` must be a real number > 0 (an int or float, not a bool)."""
+    """Every attribute in ``names`` must be a finite real number > 0 (an int or float, not a bool; an infinite
+    ``rope_theta`` would leave RoPE without frequencies, and JSON has no infinity)."""
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_residual(residual: str, block_size: int | None, num_sublayers: int) -> None:
