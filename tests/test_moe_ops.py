@@ -105,6 +105,16 @@ def test_bad_inputs_are_named():
         moe_experts(x, ids[:, :0], weights[:, :0], w1, w3, w2, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_expert_chosen_twice_by_a_token_counts_with_both_weights(backend):
+    """Routers never repeat an id in a row, but a caller may: each column counts with its own weight, the expert's
+    output computed once (the Triton path sums the expert's partial once, its mixing weights summed)."""
+    x, _, weights, w1, w3, w2 = _inputs(3, 40, 24, 6, 3, seed=5)
+    ids = torch.tensor([[2, 2, 5], [0, 4, 0], [1, 1, 1]])
+    assert_close_rel(moe_experts(x, ids, weights, w1, w3, w2, backend=backend), _oracle(x, ids, weights, w1, w3, w2),
+                     1e-5, "out")  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("tokens", [1, 7, 64])

@@ -16,7 +16,9 @@ import torch
 from .._backend import resolve_backend
 from .._grid import cdiv, next_power_of_2
 from .naive import naive_moe_experts, naive_moe_route
-from .triton_kernels import moe_act_kernel, moe_down_kernel, moe_gate_up_kernel, moe_route_kernel
+from .triton_kernels import (
+    moe_act_kernel, moe_combine_kernel, moe_down_kernel, moe_gate_up_kernel, moe_route_kernel,
+)  # fmt: skip
 
 __all__ = [
     "MAX_TOKENS",
@@ -48,6 +50,7 @@ ACT_BLOCK_I = 32
 DOWN_BLOCK_D = 64
 DOWN_BLOCK_I = 128
 DOWN_WARPS = 4
+COMBINE_BLOCK_D = 1024  # columns per program of the sum over a token's chosen experts (not timed)
 
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton path takes
@@ -188,7 +191,12 @@ def moe_experts(
         act, expert_ids, weights, ptrs, partial, n, num_experts, hidden, inter,
         TOPK=topk, BN=BN, BJ=BJ, BD=DOWN_BLOCK_D, BI=DOWN_BLOCK_I, IEEE=ieee, num_warps=DOWN_WARPS,
     )  # fmt: skip
-    return partial.sum(0).to(x.dtype)
+    # The chosen experts' partial sums in one launch (a sum over all E and a cast took two, and read every expert's)
+    out = torch.empty_like(x)
+    moe_combine_kernel[(n, cdiv(hidden, COMBINE_BLOCK_D))](
+        partial, expert_ids, out, n, num_experts, hidden, TOPK=topk, BJ=BJ, BD=COMBINE_BLOCK_D,
+    )  # fmt: skip
+    return out
 
 
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")

@@ -100,14 +100,14 @@ def moe_down_kernel(
     IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (expert e, block of BD output columns): partial[e, n] = act[e, n] w2[e]^T (``partial [E, N, HID]``
-    fp32; zeros for the tokens that did not choose e, so that the sum over experts needs no mask)."""
+    fp32), written only for the tokens that chose e: :func:`moe_combine_kernel` reads no other."""
     e, i_d = tl.program_id(0), tl.program_id(1)
     n, _, picked, chosen = _mix_of_expert(expert_ids, weights, e, N, TOPK, BN, BJ)
-    nmask = n < N
-    cols = i_d * BD + tl.arange(0, BD)
-    cmask = cols < HID
-    b_o = tl.zeros([BN, BD], dtype=tl.float32)
     if chosen > 0:
+        nmask = n < N
+        cols = i_d * BD + tl.arange(0, BD)
+        cmask = cols < HID
+        b_o = tl.zeros([BN, BD], dtype=tl.float32)
         w2 = tl.load(table + 2 * E + e).to(tl.pointer_type(act.dtype.element_ty))
         for i0 in range(0, INTER, BI):
             ci = i0 + tl.arange(0, BI)
@@ -117,8 +117,29 @@ def moe_down_kernel(
             w_offs = cols[None, :].to(tl.int64) * INTER + ci[:, None]  # [BI, BD]: w2[e]^T
             b_w = tl.load(w2 + w_offs, mask=imask[:, None] & cmask[None, :], other=0.0)
             b_o += tl.dot(b_a, b_w, input_precision=IEEE)
-    offs = (e * N + n[:, None]).to(tl.int64) * HID + cols[None, :]
-    tl.store(partial + offs, tl.where(picked[:, None], b_o, 0.0), mask=nmask[:, None] & cmask[None, :])
+        offs = (e * N + n[:, None]).to(tl.int64) * HID + cols[None, :]
+        tl.store(partial + offs, b_o, mask=(nmask & picked)[:, None] & cmask[None, :])
+
+
+@triton.jit
+def moe_combine_kernel(
+    partial, expert_ids, out, N, E, HID, TOPK: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    """Per (token n, block of BD columns): out[n] = sum of partial[e, n] over the distinct valid experts e that n
+    chose (an id repeated in a row is counted once, as its mixing weights were summed into that expert's
+    partial; an id outside [0, E) adds nothing), in out's dtype."""
+    n, i_d = tl.program_id(0), tl.program_id(1)
+    j = tl.arange(0, BJ)
+    b_ids = tl.load(expert_ids + n * TOPK + j, mask=j < TOPK, other=-1)
+    cols = i_d * BD + tl.arange(0, BD)
+    cmask = cols < HID
+    b_o = tl.zeros([BD], dtype=tl.float32)
+    for t in tl.static_range(TOPK):
+        e = tl.sum(tl.where(j == t, b_ids, 0))
+        earlier = tl.sum(((j < t) & (b_ids == e)).to(tl.int32))  # columns before t that chose e too
+        if (e >= 0) & (e < E) & (earlier == 0):
+            b_o += tl.load(partial + (e * N + n).to(tl.int64) * HID + cols, mask=cmask, other=0.0)
+    tl.store(out + n.to(tl.int64) * HID + cols, b_o.to(out.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
