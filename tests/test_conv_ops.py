@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel
 
-from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update, naive_causal_conv1d, naive_causal_conv1d_update
+from kimi_hf.kernels.conv import (
+    causal_conv1d,
+    causal_conv1d_update,
+    causal_conv1d_update_group,
+    naive_causal_conv1d,
+    naive_causal_conv1d_update,
+)
 
 
 def _conv1d_oracle(x, weight, bias, activation, history=None):
@@ -289,6 +295,49 @@ def test_triton_update_matches_reference_interpreter(squeeze):
     y_ref = causal_conv1d_update(x, state_ref, weight=w, bias=b, activation="silu", backend="torch")
     assert_close_rel(y, y_ref, 1e-6, "y")
     assert_close_rel(cache[:, 1], state_ref, 0, "state updated in place")
+
+
+@pytest.mark.parametrize("count", [1, 3, 4])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_update_group_matches_one_by_one(backend, bias, count, monkeypatch):
+    """Several convs' decode updates at once (on Triton up to three per launch: 4 takes a group of 3 and one of 1)
+    equal one causal_conv1d_update each, outputs and states; on Triton no single-conv launch is made."""
+    gen = torch.Generator().manual_seed(count)
+    xs = [torch.randn(3, 1, 6, generator=gen) for _ in range(count)]
+    weights = [torch.randn(6, 1, 4, generator=gen) for _ in range(count)]
+    biases = [torch.randn(6, generator=gen) for _ in range(count)] if bias else None
+    caches = [torch.randn(3, 6, 4, generator=gen) for _ in range(count)]
+    wanted_caches = [c.clone() for c in caches]
+    wanted = [
+        causal_conv1d_update(x, c, weight=w, bias=biases[i] if bias else None, activation="silu", backend="torch")
+        for i, (x, c, w) in enumerate(zip(xs, wanted_caches, weights))
+    ]
+    if backend == "triton":
+        import kimi_hf.kernels.conv as conv
+
+        monkeypatch.setattr(conv, "causal_conv1d_update_fwd", None)  # would fail if called
+    ys = causal_conv1d_update_group(xs, caches, weights, biases, activation="silu", backend=backend)
+    for i in range(count):
+        assert ys[i].shape == xs[i].shape
+        assert_close_rel(ys[i], wanted[i], 1e-6, f"y {i}")
+        assert_close_rel(caches[i], wanted_caches[i], 0, f"state {i}")
+
+
+def test_update_group_mixed_shapes_and_bad_input():
+    """Convs of different widths are updated one by one; lists of different lengths are refused by name."""
+    xs = [torch.randn(2, 6), torch.randn(2, 8)]
+    caches = [torch.randn(2, 6, 4), torch.randn(2, 8, 3)]
+    weights = [torch.randn(6, 4), torch.randn(8, 3)]
+    wanted_caches = [c.clone() for c in caches]
+    ys = causal_conv1d_update_group(xs, caches, weights, backend="triton")
+    for x, y, c, w, cw in zip(xs, ys, caches, weights, wanted_caches):
+        assert_close_rel(y, causal_conv1d_update(x, cw, weight=w, backend="torch"), 1e-6, "y")
+        assert_close_rel(c, cw, 0, "state")
+    with pytest.raises(ValueError, match="one entry per convolution, got 2, 1, 2 and 2"):
+        causal_conv1d_update_group(xs, caches[:1], weights)
+    with pytest.raises(ValueError, match=r"cache \(the conv state\) must be \[N, D, W\]"):
+        causal_conv1d_update_group(xs, caches[::-1], weights)
 
 
 @pytest.mark.gpu

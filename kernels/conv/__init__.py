@@ -9,14 +9,22 @@ call written for ``fla.modules.causal_conv1d`` means the same here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .._backend import resolve_backend
 from .autograd import CausalConv1dFunction
 from .naive import naive_causal_conv1d, naive_causal_conv1d_update
-from .triton_kernels import causal_conv1d_update_fwd
+from .triton_kernels import causal_conv1d_update_fwd, causal_conv1d_update_group_fwd
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "naive_causal_conv1d", "naive_causal_conv1d_update"]
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "causal_conv1d_update_group",
+    "naive_causal_conv1d",
+    "naive_causal_conv1d_update",
+]
 
 _ACTIVATIONS = ("silu", "swish", None)
 
@@ -125,6 +133,29 @@ def causal_conv1d(
     return _add_residual(y, residual), final_state
 
 
+def _update_args(
+    x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, activation: str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str | None, bool]:
+    """Validate one decode update's arguments: returns x as ``[N, D]``, weight ``[D, W]``, bias, the activation
+    (``"swish"`` read as ``"silu"``) and whether x came as ``[N, 1, D]``."""
+    if not isinstance(x, torch.Tensor) or not isinstance(cache, torch.Tensor):
+        raise ValueError(f"x and cache must be tensors, got {_described(x)} and {_described(cache)}")
+    squeeze = x.dim() == 3
+    if squeeze:
+        if x.shape[1] != 1:
+            raise ValueError(f"x must be [N, D] or [N, 1, D] (one token), got shape {tuple(x.shape)}")
+        x = x.squeeze(1)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D] or [N, 1, D], got shape {tuple(x.shape)}")
+    num_seqs, dim = x.shape
+    weight, bias, activation = _check_params(x, weight, bias, dim, activation)
+    if tuple(cache.shape) != (num_seqs, dim, weight.shape[1]):
+        raise ValueError(
+            f"cache (the conv state) must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(cache.shape)}"
+        )
+    return x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation, squeeze
+
+
 def causal_conv1d_update(
     x: torch.Tensor,
     cache: torch.Tensor,
@@ -149,24 +180,59 @@ def causal_conv1d_update(
     Returns:
         y with x's shape and dtype: act(sum(cache * weight, -1) + bias) after the update, plus the residual.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(cache, torch.Tensor):
-        raise ValueError(f"x and cache must be tensors, got {_described(x)} and {_described(cache)}")
-    squeeze = x.dim() == 3
-    if squeeze:
-        if x.shape[1] != 1:
-            raise ValueError(f"x must be [N, D] or [N, 1, D] (one token), got shape {tuple(x.shape)}")
-        x = x.squeeze(1)
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, D] or [N, 1, D], got shape {tuple(x.shape)}")
-    num_seqs, dim = x.shape
-    weight, bias, activation = _check_params(x, weight, bias, dim, activation)
-    if tuple(cache.shape) != (num_seqs, dim, weight.shape[1]):
-        raise ValueError(
-            f"cache (the conv state) must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(cache.shape)}"
-        )
+    x, weight, bias, activation, squeeze = _update_args(x, cache, weight, bias, activation)
     if resolve_backend(backend, x) == "torch":
         y = naive_causal_conv1d_update(x, cache, weight, bias, activation)
     else:
-        x = x if x.stride(-1) == 1 else x.contiguous()
         y = causal_conv1d_update_fwd(x, cache, weight, bias, activation == "silu")
     return _add_residual(y.unsqueeze(1) if squeeze else y, residual)
+
+
+def causal_conv1d_update_group(
+    xs: Sequence[torch.Tensor],
+    caches: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None] | None = None,
+    activation: str | None = None,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """Several independent :func:`causal_conv1d_update` calls, up to three per launch on the Triton path (KDA's q, k
+    and v convs at a decode step: a step is bound by its launches and their host time).
+
+    Args:
+        xs, caches, weights: one entry per convolution, each as in :func:`causal_conv1d_update`.
+        biases: one ``[D]`` or None per convolution, or None for none.
+        activation: ``"silu"`` (or ``"swish"``) or None, for all.
+        backend: ``"triton"``, ``"torch"`` or None.
+
+    Returns:
+        one y per convolution (its x's shape and dtype). Convolutions of different shapes, dtypes or strides are
+        launched one by one.
+    """
+    biases = [None] * len(xs) if biases is None else list(biases)
+    if not len(xs) == len(caches) == len(weights) == len(biases):
+        raise ValueError(f"xs, caches, weights and biases must have one entry per convolution, got {len(xs)}, "
+                         f"{len(caches)}, {len(weights)} and {len(biases)}")  # fmt: skip
+    args = [_update_args(*one, activation) for one in zip(xs, caches, weights, biases)]
+    if not args:
+        return []
+    backend = resolve_backend(backend, args[0][0])
+    x0, weight0, bias0, activation, _ = args[0]
+    together = backend == "triton" and all(
+        x.shape == x0.shape and x.dtype == x0.dtype and x.stride() == x0.stride() and w.shape == weight0.shape
+        and (b is None) == (bias0 is None) and c.dtype == caches[0].dtype and c.stride() == caches[0].stride()
+        for (x, w, b, _, _), c in zip(args, caches)
+    )  # fmt: skip
+    if together:
+        ys = []
+        for start in range(0, len(args), 3):
+            group = args[start : start + 3]
+            ys += causal_conv1d_update_group_fwd([a[0] for a in group], caches[start : start + 3],
+                                                 [a[1] for a in group], [a[2] for a in group], activation == "silu")
+    else:
+        ys = [
+            naive_causal_conv1d_update(x, c, w, b, activation) if backend == "torch"
+            else causal_conv1d_update_fwd(x, c, w, b, activation == "silu")
+            for (x, w, b, _, _), c in zip(args, caches)
+        ]  # fmt: skip
+    return [y.unsqueeze(1) if squeeze else y for y, (_, _, _, _, squeeze) in zip(ys, args)]

@@ -10,6 +10,8 @@ takes dx from W shifted rows of it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -234,13 +236,11 @@ def _conv_bwd_initial_state_kernel(
 
 
 @triton.jit
-def _conv_update_kernel(
-    x, state, w, b, y, D, stride_xn, stride_sn, stride_sd, stride_sw, stride_yn,
-    W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-):
-    """One token per sequence: state <- [state[:, 1:], x]; y = act(sum(state * w) + b)."""
-    n = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+def _conv_update_rows(
+    x, state, w, b, y, n, cols, D, stride_xn, stride_sn, stride_sd, stride_sw, stride_yn,
+    W: tl.constexpr, BW: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    """Sequence n, channels ``cols``: state <- [state[:, 1:], x]; y = act(sum(state * w) + b)."""
     slots = tl.arange(0, BW)
     col_mask = cols < D
     base = state + n * stride_sn + cols[:, None] * stride_sd
@@ -258,6 +258,40 @@ def _conv_update_kernel(
     if SILU:
         z = z * tl.sigmoid(z)
     tl.store(y + n * stride_yn + cols, z.to(y.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _conv_update_kernel(
+    x, state, w, b, y, D, stride_xn, stride_sn, stride_sd, stride_sw, stride_yn,
+    W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    """One token per sequence: state <- [state[:, 1:], x]; y = act(sum(state * w) + b)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    _conv_update_rows(x, state, w, b, y, n, cols, D, stride_xn, stride_sn, stride_sd, stride_sw, stride_yn,
+                      W, BW, HAS_BIAS, SILU)  # fmt: skip
+
+
+@triton.jit
+def _conv_update_group_kernel(
+    x0, x1, x2, s0, s1, s2, w0, w1, w2, b0, b1, b2, y0, y1, y2,
+    D, stride_xn, stride_sn, stride_sd, stride_sw, stride_yn,
+    W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    """:func:`_conv_update_kernel` for up to three convolutions of one shape (the third grid axis picks one), so
+    that KDA's q, k and v convs take one launch per decode step."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    which = tl.program_id(2)
+    if which == 0:
+        _conv_update_rows(x0, s0, w0, b0, y0, n, cols, D, stride_xn, stride_sn, stride_sd, stride_sw, stride_yn,
+                          W, BW, HAS_BIAS, SILU)  # fmt: skip
+    elif which == 1:
+        _conv_update_rows(x1, s1, w1, b1, y1, n, cols, D, stride_xn, stride_sn, stride_sd, stride_sw, stride_yn,
+                          W, BW, HAS_BIAS, SILU)  # fmt: skip
+    else:
+        _conv_update_rows(x2, s2, w2, b2, y2, n, cols, D, stride_xn, stride_sn, stride_sd, stride_sw, stride_yn,
+                          W, BW, HAS_BIAS, SILU)  # fmt: skip
 
 
 def _seq_ids(cu_seqlens: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -385,3 +419,27 @@ def causal_conv1d_update_fwd(
         W=width, BW=next_power_of_2(width), BD=block_d, HAS_BIAS=bias is not None, SILU=silu, num_warps=4,
     )
     return y
+
+
+def causal_conv1d_update_group_fwd(
+    xs: Sequence[torch.Tensor],
+    conv_states: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    silu: bool,
+) -> list[torch.Tensor]:
+    """Up to three :func:`causal_conv1d_update_fwd` of one shape in one launch: xs ``[N, D]`` with one row stride
+    (unit channel stride), conv_states ``[N, D, W]`` with one set of strides, weights ``[D, W]`` contiguous, biases
+    all None or all ``[D]``."""
+    num_seqs, dim = xs[0].shape
+    width = weights[0].shape[1]
+    block_d = min(256, next_power_of_2(dim))
+    ys = [torch.empty_like(xs[0]) for _ in xs]
+    # unused slots repeat the first convolution's tensors; the grid never reaches them
+    pad = lambda group: [*group, *[group[0]] * (3 - len(group))]  # noqa: E731
+    _conv_update_group_kernel[(num_seqs, cdiv(dim, block_d), len(xs))](
+        *pad(xs), *pad(conv_states), *pad(weights), *pad(biases), *pad(ys), dim, xs[0].stride(0),
+        *conv_states[0].stride(), ys[0].stride(0),
+        W=width, BW=next_power_of_2(width), BD=block_d, HAS_BIAS=biases[0] is not None, SILU=silu, num_warps=4,
+    )  # fmt: skip
+    return ys
