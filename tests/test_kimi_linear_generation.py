@@ -314,3 +314,45 @@ def test_static_cache_refuses_autograd_and_growing_cache_a_new_dtype():
         with pytest.raises(ValueError, match="holds states on cpu in torch.float32, got .* torch.bfloat16"):
             model(ids[:, :1], use_cache=True, **{CACHE_FIELD: cache})
     assert KimiLinearCache.is_croppable is False
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_a_padding_token_fed_alone_leaves_the_kda_states_alone(model, static):
+    """A left-padded prompt fed one token at a time: each padding step is dropped as in a multi-token forward
+    (it went through the KDA layers as a real token, changing the logits of every later token). The padding id
+    is the eos id, whose embedding is not zero (the padding_idx row's would hide the defect); row 0 also has
+    padding after real tokens."""
+    ids = random_ids(2, 9, seed=12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[0, 5] = 0
+    ids[mask == 0] = model.config.eos_token_id
+    cache = KimiLinearStaticCache(model.config, max_cache_len=9) if static else KimiLinearCache(model.config)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        pieces = [
+            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **{CACHE_FIELD: cache}).logits for t in range(9)
+        ]
+        steps = torch.cat(pieces, dim=1)
+        alone = model(ids[1:, 4:]).logits
+    real = mask.bool()
+    assert_close_rel(steps[real], full[real], 1e-5, "real tokens, one step each")
+    assert_close_rel(steps[1, 4:], alone[0], 1e-5, "padded row against the row alone")
+    prompt_ids, prompt_mask = ids[1:].clone(), mask[1:].clone()  # left padding only, as generate() expects
+    chunked = _generate(model, prompt_ids, True, attention_mask=prompt_mask, do_sample=False, prefill_chunk_size=1)
+    assert torch.equal(chunked[0, 9:], _generate(model, ids[1:, 4:], True, do_sample=False)[0, 5:])
+
+
+@pytest.mark.parametrize("cache", ["growing", "static"])
+def test_chunked_prefill_of_a_prompt_padded_to_a_fixed_length(model, cache):
+    """Prompts padded to a fixed length (tokenizer padding="max_length") start with columns of padding only: a
+    prefill chunk of them holds no real token (the KDA layers failed on zero tokens: 'cannot reshape tensor of 0
+    elements')."""
+    ids = random_ids(2, 9, seed=13)
+    mask = torch.ones_like(ids)
+    mask[:, :3] = 0
+    mask[1, 3] = 0
+    ids[mask == 0] = model.config.pad_token_id
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    chunked = _generate(model, ids, True, attention_mask=mask, do_sample=False, prefill_chunk_size=2, **kwargs)
+    assert torch.equal(chunked, _generate(model, ids, True, attention_mask=mask, do_sample=False))

@@ -161,7 +161,10 @@ def build_sequence_layout(
                 f"(past {past_len} + current {seq_len} tokens)"
             )
         keep = attention_mask.to(device=device, dtype=torch.bool)
-        if bool(keep.all()):
+        # One host synchronisation for both questions: is any position padding, is any new one. A one-token step
+        # can bring padding too (a left-padded prompt fed token by token, generate(prefill_chunk_size=1)).
+        all_real, new_real = torch.stack([keep.all(), keep[:, past_len:].all()]).tolist()
+        if all_real:
             keep = None
     if keep is None:
         # Causal attention needs no mask unless several new tokens follow cached ones (sdpa's is_causal
@@ -169,10 +172,9 @@ def build_sequence_layout(
         mask = _mla_mask(None, past_len, seq_len, device) if past_len and seq_len > 1 else None
         return SequenceLayout(None, None, mask)
     mask = _mla_mask(keep, past_len, seq_len, device)
-    current = keep[:, past_len:]
-    # A decoded token is real in generate(): only a multi-token step can bring new padding.
-    if seq_len == 1 or bool(current.all()):
+    if new_real:
         return SequenceLayout(None, None, mask)
+    current = keep[:, past_len:]
     lengths = current.sum(dim=1, dtype=torch.int32)
     cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     cu[1:] = lengths.cumsum(0)
@@ -257,9 +259,10 @@ class KimiDeltaAttention(nn.Module):
         """``hidden_states [B, T, hidden]`` -> ``[B, T, hidden]``."""
         batch, seq_len, _ = hidden_states.shape
         states = cache.kda_states(self.layer_idx) if cache is not None else None
-        # One new token with a filled cache takes the in-place decode kernels, which are forward-only; with
-        # autograd on (e.g. a model called outside torch.no_grad) the chunked path handles it differentiably.
-        decoding = states is not None and seq_len == 1 and not torch.is_grad_enabled()
+        # One new real token per row with a filled cache takes the in-place decode kernels, which are forward-only;
+        # with autograd on (e.g. a model called outside torch.no_grad) the chunked path handles it differentiably,
+        # and a padding token (``layout.indices`` set) is dropped there, leaving its row's states as they were.
+        decoding = states is not None and seq_len == 1 and layout.indices is None and not torch.is_grad_enabled()
         conv_states, initial_state = states if states is not None else ((None, None, None), None)
         x = hidden_states if decoding else layout.pack(hidden_states)  # [B or 1, T', hidden]
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
@@ -291,7 +294,8 @@ class KimiDeltaAttention(nn.Module):
             cache.update_kda(self.layer_idx, conv_states, final_state)
 
         out_gate = self.g_b_proj(self.g_a_proj(x)).view(heads)
-        o = self.o_norm(o, out_gate).reshape(*x.shape[:2], -1)
+        # explicit width: a step whose tokens are all padding packs to zero tokens, where -1 is ambiguous
+        o = self.o_norm(o, out_gate).reshape(*x.shape[:2], self.num_heads * self.head_dim)
         o = self.o_proj(o)
         return o if decoding else layout.unpack(o, batch, seq_len)
 
