@@ -42,3 +42,31 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_remote_code_failure_reports_the_childs_error(tmp_path):
+    """The remote-code reload runs in a child interpreter; when it fails, the demo ends with the child's own error
+    (it used to raise CalledProcessError naming only the exit status and a page of generated code)."""
+    import pytest
+    import torch
+
+    from kimi_hf.cli import remote_code_logits
+
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(SystemExit) as info:
+        remote_code_logits(tmp_path, ids, torch.ones_like(ids), tmp_path / "logits.pt")  # an empty folder: no model
+    message = str(info.value)
+    assert "through remote code failed" in message and "config.json" in message, message
+    assert "torch.tensor" not in message  # the error, not the generated code
+
+
+def test_a_seq_len_longer_than_the_corpus_is_refused_by_name():
+    """A --seq-len that leaves fewer than two blocks (one to train on, one held out) is an error naming it, not the
+    Trainer's 'num_samples should be a positive integer value' after the model was built."""
+    import pytest
+
+    from kimi_hf.cli import _lm_datasets
+    from kimi_hf.data import ByteTokenizer
+
+    with pytest.raises(SystemExit, match=r"--seq-len 10000000: the corpus makes [01] blocks"):
+        _lm_datasets(ByteTokenizer(), 10_000_000)

@@ -73,6 +73,9 @@ def _lm_datasets(tokenizer, seq_len: int, eval_fraction: float = 0.05):
 
     tokenized = docs.map(tokenize, batched=True, remove_columns=["text"], desc="tokenize")
     grouped = tokenized.map(blocks, batched=True, remove_columns=tokenized.column_names, desc="group")
+    if len(grouped) < 2:  # one to train on and one held out; with fewer, the split or the Trainer fails obscurely
+        raise SystemExit(f"kimi-hf demo: error: --seq-len {seq_len}: the corpus makes {len(grouped)} blocks of that "
+                         "length, at least 2 are needed (one held out): use a shorter --seq-len")  # fmt: skip
     split = grouped.train_test_split(test_size=eval_fraction, seed=0)
     return split["train"], split["test"]
 
@@ -81,10 +84,30 @@ def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def run_demo(args: argparse.Namespace) -> dict:
-    """Train, evaluate, generate, save and reload; return a summary dict (also printed as JSON)."""
+def remote_code_logits(
+    save_dir: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, path: Path
+) -> torch.Tensor:
+    """Logits of the model in ``save_dir`` loaded through remote code (``trust_remote_code=True``) in a fresh
+    interpreter that never imported kimi_hf itself; the child writes them to ``path``.
+
+    A failing child ends the demo with its own error (the last lines of its stderr), not a bare exit status."""
     import subprocess
 
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM;"
+        f"m = AutoModelForCausalLM.from_pretrained({str(save_dir)!r}, trust_remote_code=True).eval();"
+        f"ids = torch.tensor({input_ids.cpu().tolist()}); mask = torch.tensor({attention_mask.cpu().tolist()});"
+        "torch.save(m(ids, attention_mask=mask).logits.float(), sys.argv[1])"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-20:])
+        raise SystemExit(f"loading {save_dir} through remote code failed (exit status {done.returncode}):\n{tail}")
+    return torch.load(path)
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """Train, evaluate, generate, save and reload; return a summary dict (also printed as JSON)."""
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
     from kimi_hf import KimiLinearForCausalLM
@@ -150,16 +173,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         reference = model(probe, attention_mask=batch["attention_mask"]).logits.float().cpu()
         reloaded = KimiLinearForCausalLM.from_pretrained(save_dir).to(model.device).eval()
         ours = reloaded(probe, attention_mask=batch["attention_mask"]).logits.float().cpu()
-    # Remote code in a fresh interpreter that never imported kimi_hf itself.
-    code = (
-        "import sys, torch; from transformers import AutoModelForCausalLM;"
-        f"m = AutoModelForCausalLM.from_pretrained({str(save_dir)!r}, trust_remote_code=True).eval();"
-        f"ids = torch.tensor({probe.cpu().tolist()}); mask = torch.tensor({batch['attention_mask'].cpu().tolist()});"
-        "torch.save(m(ids, attention_mask=mask).logits.float(), sys.argv[1])"
-    )
-    remote_path = out / "remote_logits.pt"
-    subprocess.run([sys.executable, "-c", code, str(remote_path)], check=True, capture_output=True, text=True)
-    remote = torch.load(remote_path)
+    remote = remote_code_logits(save_dir, probe, batch["attention_mask"], out / "remote_logits.pt")
 
     summary = {
         "parameters": n_params,
