@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,11 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--block-size {args.block_size} exceeds the {2 * args.layers} sublayers of --layers {args.layers}")
     if args.docs < 2:
         p.error(f"--docs must be >= 2 (training and validation documents), got {args.docs}")
+    if len(set(args.modes)) != len(args.modes):  # a repeat would train that mode twice into the same rows
+        p.error(f"--modes has repeats: {' '.join(args.modes)}")
     check_output_dir(p, args.out)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
         p.error(f"--device {args.device!r}: {exc}")
+    if device.type not in ("cpu", "cuda"):  # it trains in fp32 on CPU or with bf16 autocast on CUDA, nowhere else
+        p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device!r}: no CUDA GPU here")
     for mode in args.modes:  # the model's settings, checked before the corpus is built (e.g. --hidden / --heads)
@@ -257,6 +262,7 @@ def write_outputs(rows: list[dict], args, device: torch.device) -> str:
     try:
         plot_curves(rows, modes, path + ".png", f"AttnRes replication ({args.corpus}, preset {args.preset})")
     except ImportError:
+        Path(path + ".png").unlink(missing_ok=True)  # an earlier run's plot would sit beside these curves
         print("matplotlib is not installed: the .png plot is not written (the .csv holds its curves)")
 
     finals = {m: [r for r in rows if r["mode"] == m][-1] for m in modes}
@@ -297,7 +303,10 @@ def main(argv: list[str] | None = None) -> str:
         torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls outside autocast
     begin = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)  # before any training: a folder that cannot be made fails at once
-    train, val, tokenizer = token_splits(args.corpus, args.seq, seed=args.seed, num_docs=args.docs)
+    try:
+        train, val, tokenizer = token_splits(args.corpus, args.seq, seed=args.seed, num_docs=args.docs)
+    except ValueError as exc:  # a split too small for one block of --seq: a usage error, not a traceback
+        raise SystemExit(f"attn_res_replication.py: error: --seq {args.seq} --docs {args.docs}: {exc}") from None
     print(f"{args.corpus}: {train.numel():,} train / {val.numel():,} validation tokens; device {device}", flush=True)
     if args.budget_s > 0:
         fit_budget(args, calibrate(args, train, tokenizer.vocab_size, device))

@@ -60,6 +60,8 @@ def test_tiny_preset_writes_every_output_and_skips_the_plot_without_matplotlib(t
         (["--layers", "1", "--block-size", "3"], "--block-size 3 exceeds the 2 sublayers of --layers 1"),
         (["--heads", "3"], "head_dim must be even for RoPE, got 21"),
         (["--device", "foo"], "--device 'foo'"),
+        (["--device", "meta"], "--device 'meta': expected cpu, cuda or cuda:N"),  # was autocast's error after setup
+        (["--modes", "block", "block"], "--modes has repeats: block block"),  # was trained twice into one table
         (["--seed", "-1"], "argument --seed: must be in [0, 2**32), got -1"),
     ],
 )
@@ -74,3 +76,26 @@ def test_an_output_path_that_is_a_file_is_refused_before_training(tmp_path, caps
     with pytest.raises(SystemExit):
         _recipe().parse_args(["--tiny", "--output-dir", str(tmp_path / "afile")])
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_a_corpus_split_too_small_for_one_block_is_an_error_naming_the_options(tmp_path):
+    """Validation documents too short for one block of --seq end in an error naming --seq and --docs (was a
+    ValueError traceback from the data module)."""
+    with pytest.raises(SystemExit, match=r"--seq 4096 --docs 2: corpus split too small for one block of 4096"):
+        _recipe().main(["--tiny", "--docs", "2", "--seq", "4096", "--output-dir", str(tmp_path)])
+
+
+def test_a_rerun_without_matplotlib_removes_the_earlier_plot(tmp_path, monkeypatch):
+    """Outputs rewritten without matplotlib drop the .png of an earlier run in that folder, which would otherwise
+    show other curves (other modes, other steps) beside the new .csv."""
+    recipe = _recipe()
+    args = recipe.parse_args(["--tiny", "--modes", "standard", "--output-dir", str(tmp_path)])
+    rows = [dict(mode="standard", step=s, train_loss=3.0, val_loss=3.0 - s / 100, params=10, elapsed_s=s / 10)
+            for s in (10, 20)]  # fmt: skip
+    recipe.write_outputs(rows, args, recipe.torch.device("cpu"))
+    png = tmp_path / "attn_res_replication.png"
+    assert png.stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import now raises ImportError
+    recipe.write_outputs(rows[:1], args, recipe.torch.device("cpu"))
+    assert not png.exists()
+    assert json.loads((tmp_path / "attn_res_replication.json").read_text())["rows"] == rows[:1]
