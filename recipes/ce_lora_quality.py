@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -102,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             valid = False
         if not valid:
             p.error(f"--ratios: {ratio!r} is neither 'paper' nor a number in (0, 1]")
+    names = [method_name(ratio) for ratio in args.ratios]
+    if len(set(names)) != len(names):  # one method twice: one output folder, and rows the seeds sweep cannot pair
+        p.error(f"--ratios has repeats: {' '.join(args.ratios)}")
     check_output_dir(p, args.out)
     check_output_dir(p, args.base_dir, "--base-dir")
     if args.replot and not os.path.exists(os.path.join(args.out, "curves.csv")):
@@ -229,13 +233,18 @@ def base_accuracy(
     return accuracy
 
 
+def method_name(ratio: str) -> str:
+    """The name of CE-LoRA at a ``--ratios`` value in the tables and output folders (0.5 and 0.50 are one)."""
+    return "CE-LoRA paper ratios" if ratio == "paper" else f"CE-LoRA {float(ratio):g}"
+
+
 def method_configs(args: argparse.Namespace) -> list[tuple[str, LoraConfig]]:
     common = dict(r=16, lora_alpha=32, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
     methods: list[tuple[str, LoraConfig]] = [("LoRA", LoraConfig(**common))]
     for ratio in args.ratios:
         ce_ratio = dict(PAPER_RATIOS) if ratio == "paper" else float(ratio)
-        name = "CE-LoRA paper ratios" if ratio == "paper" else f"CE-LoRA {float(ratio):g}"
-        methods.append((name, CELoraConfig(ce_ratio=ce_ratio, ce_recompute_every=args.recompute_every, **common)))
+        config = CELoraConfig(ce_ratio=ce_ratio, ce_recompute_every=args.recompute_every, **common)
+        methods.append((method_name(ratio), config))
     return methods
 
 
@@ -330,7 +339,10 @@ def write_outputs(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.replot:
-        plot_losses(args.out)
+        try:
+            plot_losses(args.out)
+        except ImportError:
+            raise SystemExit("ce_lora_quality.py: error: --replot needs matplotlib, which is not installed") from None
         return
     os.makedirs(args.out, exist_ok=True)
     eval_data = make_examples(args.eval_size, args.pairs, args.task, seed=args.seed + 3)
@@ -351,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         plot_losses(args.out)
     except ImportError:
+        Path(args.out, "loss.png").unlink(missing_ok=True)  # an earlier run's plot would sit beside these curves
         print("matplotlib is not installed: loss.png not written (redraw it elsewhere with --replot)")
 
 

@@ -35,6 +35,7 @@ import os
 import random
 import statistics
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ce_lora_quality.py, without the repo root
 import ce_lora_quality  # noqa: E402
@@ -67,10 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
     args.recipe_args = argv[split + 1 :]
-    reserved = {"--seed", "--output-dir", "--out", "--preset", "--tiny", "--base-seed", "--base-dir"}
+    # --replot would redraw a plot instead of running: the sweep would then read a missing or stale results.csv
+    reserved = {"--seed", "--output-dir", "--out", "--preset", "--tiny", "--base-seed", "--base-dir", "--replot"}
     taken = sorted(reserved & {a.split("=")[0] for a in args.recipe_args})
     if taken:
-        p.error(f"the sweep sets {', '.join(taken)} itself; drop it from the recipe arguments after --")
+        p.error(f"the sweep owns {', '.join(taken)} (each seed's run, folder and preset); drop it from the recipe "
+                "arguments after --")
     if not 0.0 <= args.min_base_exact_match <= 1.0:
         p.error(f"--min-base-exact-match is a fraction in [0, 1], got {args.min_base_exact_match}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -209,7 +212,11 @@ def summarize(gaps: list[dict], excluded: dict[int, float], recipe: str) -> str:
               "|---" * 4 + "|"]  # fmt: skip
     for m in methods:
         point, low, high = ratio_of_means([(g["eval_loss"], g["lora_eval_loss"]) for g in gaps if g["method"] == m])
-        verdict = f"{'yes' if high <= limit else 'not shown'} (worse end {high:+.2f}%, limit {limit:+g}%)"
+        if len(seeds) < 2:  # resampling one seed gives a zero-width interval, which decides nothing
+            low = high = math.nan
+            verdict = "undecided (one seed)"
+        else:
+            verdict = f"{'yes' if high <= limit else 'not shown'} (worse end {high:+.2f}%, limit {limit:+g}%)"
         lines.append(f"| {m} | {point:+.2f}% | [{low:+.2f}, {high:+.2f}]% | {verdict} |")
     return "\n".join(lines)
 
@@ -258,6 +265,8 @@ def main(argv: list[str] | None = None) -> str:
         else:
             rows += seed_rows
     gaps = paired_gaps(rows) if rows else []
+    for stale in ("summary.csv", "curves.png"):  # an earlier sweep's (other seeds), unless rewritten below
+        Path(args.out, stale).unlink(missing_ok=True)
     if gaps:
         with open(os.path.join(args.out, "summary.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(gaps[0]))

@@ -150,6 +150,8 @@ def test_seeds_share_one_base_model(tmp_path, monkeypatch, recipes):
         (["--lr", "0"], "argument --lr: must be > 0, got 0"),
         (["--ratios", "abc"], "--ratios: 'abc' is neither 'paper' nor a number in (0, 1]"),
         (["--see", "5"], "unrecognized arguments: --see 5"),  # no abbreviation slips past the seeds sweep's guard
+        (["--ratios", "0.5", "0.50"], "--ratios has repeats: 0.5 0.50"),  # was one method trained twice
+        (["--ratios", "paper", "paper"], "--ratios has repeats: paper paper"),
     ],
 )
 def test_quality_recipe_refuses_bad_options(args, message, recipes, capsys):
@@ -186,3 +188,54 @@ def test_quality_recipe_refuses_bad_settings_and_evaluates_every_example(recipes
     args = ce_lora_quality.parse_args(["--tiny", "--eval-size", "48", "--output-dir", str(tmp_path)])
     eval_batch = ce_lora_quality.training_args(args, str(tmp_path), 1, 1e-3, True, 0).per_device_eval_batch_size
     assert args.eval_size % eval_batch == 0 and eval_batch == 24
+
+
+def test_seeds_sweep_one_seed_decides_nothing_and_replot_is_refused(tmp_path, recipes, capsys):
+    """With one seed the bootstrap over seeds has zero width: its verdict is undecided, as the t-interval's (it said
+    'yes'). ``--replot`` after ``--`` would redraw a plot instead of running the recipe, and is refused by name even
+    where the seed's folder holds a curves.csv (the recipe's own check passes there)."""
+    _, ce_lora_seeds = recipes
+    gaps = ce_lora_seeds.paired_gaps([
+        {"seed": "1", "method": "LoRA", "eval_loss": "0.20", "exact_match": "0.5"},
+        {"seed": "1", "method": "CE-LoRA 0.5", "eval_loss": "0.201", "exact_match": "0.5"},
+    ])  # fmt: skip
+    text = ce_lora_seeds.summarize(gaps, {}, "--preset tiny")
+    assert "yes" not in text and text.count("undecided (one seed)") == 3, text
+    (tmp_path / "seed_1").mkdir()
+    (tmp_path / "seed_1" / "curves.csv").write_text("method,step,kind,loss\n")
+    with pytest.raises(SystemExit):
+        ce_lora_seeds.parse_args(["--seeds", "1", "--output-dir", str(tmp_path), "--", "--replot"])
+    assert "the sweep owns --replot" in capsys.readouterr().err
+
+
+def test_seeds_sweep_removes_outputs_it_does_not_rewrite(tmp_path, monkeypatch, recipes):
+    """A sweep in a folder holding an earlier sweep's summary.csv and curves.png (other seeds) removes those it does
+    not write: curves.png without matplotlib, summary.csv when no seed passed pre-training."""
+    ce_lora_quality, ce_lora_seeds = recipes
+    table = {s: {"LoRA": (0.2, 0.5), "CE-LoRA 0.5": (0.21, 0.5)} for s in (1, 2, 3)}
+    monkeypatch.setattr(ce_lora_quality, "main", _fake_recipe([], table, {1: 0.9, 2: 0.9, 3: 0.0}))
+    common = ["--output-dir", str(tmp_path), "--", "--ratios", "0.5"]
+    ce_lora_seeds.main(["--seeds", "1", "2", *common])
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "summary.csv").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import now raises ImportError
+    ce_lora_seeds.main(["--seeds", "1", *common])
+    assert not (tmp_path / "curves.png").exists()
+    with open(tmp_path / "summary.csv") as f:
+        assert {row["seed"] for row in csv.DictReader(f)} == {"1"}
+    assert "no seed passed" in ce_lora_seeds.main(["--seeds", "3", *common])
+    assert not (tmp_path / "summary.csv").exists()
+
+
+def test_quality_recipe_without_matplotlib_removes_an_earlier_plot(tmp_path, monkeypatch, recipes):
+    """A run without matplotlib in a folder where an earlier run drew loss.png removes it (it showed the earlier
+    run's curves beside this run's curves.csv); ``--replot`` then says matplotlib is needed instead of a traceback."""
+    ce_lora_quality, _ = recipes
+    argv = ["--tiny", "--ratios", "0.5", "--pretrain-steps", "1", "--finetune-steps", "2", "--eval-every", "2",
+            "--train-size", "64", "--eval-size", "32", "--output-dir", str(tmp_path)]  # fmt: skip
+    ce_lora_quality.main(argv)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import now raises ImportError
+    ce_lora_quality.main(argv)
+    assert not (tmp_path / "loss.png").exists() and (tmp_path / "curves.csv").exists()
+    with pytest.raises(SystemExit, match="--replot needs matplotlib"):
+        ce_lora_quality.main([*argv, "--replot"])
