@@ -131,6 +131,25 @@ def test_decoding_with_the_cache_matches_the_full_forward(model, chunks, with_ma
     assert_close_rel(torch.cat(pieces, dim=1), full, 1e-5, f"cached logits, chunks {chunks}")
 
 
+def test_decode_steps_on_the_triton_kernels_match_the_full_forward(model, monkeypatch):
+    """The decode path CUDA takes, run on CPU under Triton's interpreter (fp32): the MoE's one-launch routing with the
+    shared expert riding the decode experts, the grouped conv update, the KDA decode kernel taking beta logits, the
+    MLA latent norm's kernel; against the torch path's full forward."""
+    from kimi_hf.models.kimi_linear.modeling_kimi_linear import KimiLinearSparseMoE
+
+    ids = random_ids(2, 8, seed=9)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        monkeypatch.setattr(KimiLinearSparseMoE, "_use_decode_experts", lambda self, x: x.shape[0] <= 64)
+        monkeypatch.setenv("KIMI_HF_KERNEL_BACKEND", "triton")
+        out = model(ids[:, :5], use_cache=True)
+        pieces, cache = [out.logits], getattr(out, CACHE_FIELD)
+        for t in range(5, 8):
+            out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_FIELD: cache})
+            pieces.append(out.logits)
+    assert_close_rel(torch.cat(pieces, dim=1), full, 1e-5, "logits of the Triton decode steps")
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_padded_decoding_with_the_cache_matches_the_full_forward(model, static):
     ids = random_ids(2, 10, seed=5)

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
+from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update_group
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import chunk_kda, fused_recurrent_kda
 from kimi_hf.kernels.moe import MAX_TOKENS as MOE_MAX_TOKENS
@@ -215,10 +215,6 @@ class ShortConvolution(nn.Module):
             cu_seqlens=cu_seqlens,
         )  # fmt: skip
 
-    def step(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: ``x [N, D]``; ``state [N, D, W]`` is updated in place."""
-        return causal_conv1d_update(x, state, weight=self.weight, activation="silu")
-
 
 class KimiDeltaAttention(nn.Module):
     """Kimi Delta Attention: gated delta rule with a per-channel forget gate.
@@ -268,10 +264,9 @@ class KimiDeltaAttention(nn.Module):
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
 
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if decoding:
-            q = self.q_conv1d.step(q[:, 0], conv_states[0])[:, None]
-            k = self.k_conv1d.step(k[:, 0], conv_states[1])[:, None]
-            v = self.v_conv1d.step(v[:, 0], conv_states[2])[:, None]
+        if decoding:  # the three conv states updated in place, in one launch
+            weights = [conv.weight for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d)]
+            q, k, v = causal_conv1d_update_group((q, k, v), conv_states, weights, activation="silu")
         else:
             keep = cache is not None
             q, sq = self.q_conv1d(q, layout.cu_seqlens, conv_states[0], keep)
