@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,43 @@ def test_demo_refuses_non_positive_sizes_before_any_work(option, value, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", option, value])
     assert f"argument {option}: must be" in capsys.readouterr().err
+
+
+def _fake_checkout(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A copy of scripts/ beside a .venv whose python, python3 and kimi-hf only log their folder and arguments: the
+    shell scripts run as they are, without installing or running anything. Returns (root, log, environment)."""
+    root = tmp_path / "checkout"
+    shutil.copytree(ROOT / "scripts", root / "scripts")
+    (root / "pyproject.toml").write_text("")
+    bin_dir = root / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    for tool in ("python", "python3", "kimi-hf"):
+        (bin_dir / tool).write_text(f'#!/usr/bin/env bash\necho "{tool} $PWD $*" >> "$CALLS_LOG"\n')
+        (bin_dir / tool).chmod(0o755)
+    (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+    return root, log, {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS_LOG": str(log)}
+
+
+def test_demo_script_runs_the_demo_in_the_callers_folder(tmp_path):
+    """``bash scripts/demo.sh --output-dir run1`` from another folder writes run1 there, where the user looks for it
+    (the script used to cd to the repository first, so relative paths landed inside the checkout)."""
+    root, log, env = _fake_checkout(tmp_path)
+    elsewhere = tmp_path / "experiments"
+    elsewhere.mkdir()
+    done = subprocess.run(["bash", str(root / "scripts" / "demo.sh"), "--output-dir", "run1", "--steps", "3"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines()[-1] == f"kimi-hf {elsewhere} demo --output-dir run1 --steps 3"
+
+
+def test_test_script_runs_only_the_test_files_it_is_given(tmp_path):
+    """``bash scripts/test.sh tests/test_cli.py`` runs that file: pytest gets no extra ``tests`` path (which made it
+    run the whole suite whatever file was named); with options only, pyproject's testpaths picks tests/."""
+    assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()  # what the script relies on
+    root, log, env = _fake_checkout(tmp_path)
+    for args in (["tests/test_cli.py", "-x"], ["-k", "ce_lora"]):
+        done = subprocess.run(["bash", str(root / "scripts" / "test.sh"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert log.read_text().splitlines()[-1] == f"python {root} -m pytest -q -ra {' '.join(args)}"
