@@ -194,3 +194,24 @@ def test_test_script_runs_only_the_test_files_it_is_given(tmp_path):
                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert log.read_text().splitlines()[-1] == f"python {root} -m pytest -q -ra {' '.join(args)}"
+
+
+def test_setup_reuses_a_venv_set_up_for_this_pyproject_without_installing(tmp_path):
+    """A second ``setup_env.sh`` (every demo.sh and test.sh run makes one) installs nothing: pip's upgrade and the
+    editable build need the package index even when all is installed, so a set-up machine could not run the demo
+    offline. A changed pyproject.toml or new extras install again."""
+    root, log, env = _fake_checkout(tmp_path)
+
+    def pip_calls(*args: str) -> int:
+        before = len(log.read_text().splitlines()) if log.exists() else 0
+        done = subprocess.run(["bash", str(root / "scripts" / "setup_env.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return sum(" -m pip install" in line for line in log.read_text().splitlines()[before:])
+
+    assert pip_calls() == 3  # pip's upgrade, torch, kimi_hf
+    assert pip_calls() == 0
+    assert pip_calls("test") == 3
+    assert pip_calls("test") == 0 and pip_calls() == 0  # the test extras include the runtime's
+    (root / "pyproject.toml").write_text("# changed\n")
+    assert pip_calls() == 3
