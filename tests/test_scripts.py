@@ -19,6 +19,7 @@ SCRIPTS = [
     "kernels/benchmarks/bench_kda.py",
     "kernels/benchmarks/bench_model.py",
     "kernels/benchmarks/bench_small_ops.py",
+    "kernels/benchmarks/decode_host_cost.py",
     "kernels/benchmarks/kda_registers.py",
     "recipes/attn_res_replication.py",
     "recipes/ce_lora_quality.py",
@@ -215,3 +216,18 @@ def test_setup_reuses_a_venv_set_up_for_this_pyproject_without_installing(tmp_pa
     assert pip_calls("test") == 0 and pip_calls() == 0  # the test extras include the runtime's
     (root / "pyproject.toml").write_text("# changed\n")
     assert pip_calls() == 3
+
+
+def test_a_decode_step_launches_at_most_172_kernels():
+    """The growing-cache decode step is host-bound on the GPU: its launch count (session 23: 309 -> 172, counted on
+    the CUDA path under Triton's interpreter) must not creep back up unnoticed."""
+    import re
+
+    done = subprocess.run(
+        [sys.executable, "kernels/benchmarks/decode_host_cost.py", "--steps", "1"], cwd=ROOT, capture_output=True,
+        text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r"(\d+) aten operators \+ (\d+) Triton launches = (\d+);", done.stdout)
+    assert found, done.stdout[-2000:]
+    assert int(found[3]) <= 172, done.stdout
