@@ -16,7 +16,8 @@ fine-tuning: data, adapter init, data order). Everything is generated locally (`
 nothing is downloaded.
 
   python recipes/ce_lora_quality.py --tiny                       # CPU smoke test (~30 s; learns nothing)
-  python recipes/ce_lora_quality.py --preset cpu_unsaturated      # ~4 minutes on CPU; LoRA not saturated
+  python recipes/ce_lora_quality.py --preset cpu_unsaturated      # ~4 minutes on CPU; LoRA not saturated (the
+                                                                 # default without CUDA)
   python recipes/ce_lora_quality.py --preset gpu --output-dir q  # about 2-3 minutes on one H200
 """
 
@@ -70,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="settings (default: gpu on a machine with CUDA, cpu_unsaturated elsewhere; the gpu preset "
+                   "takes hours on CPU)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="shorthand for --preset tiny (CPU smoke test)")
     p.add_argument("--ratios", nargs="+", default=["paper", "0.5"],
                    help="CE-LoRA keep ratios to compare with LoRA ('paper' = per-module paper defaults)")  # fmt: skip
@@ -91,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
+    if args.preset is None:
+        args.preset = "gpu" if torch.cuda.is_available() else "cpu_unsaturated"
     if args.base_seed is None:
         args.base_seed = args.seed
     for name, value in PRESETS[args.preset].items():

@@ -239,3 +239,15 @@ def test_quality_recipe_without_matplotlib_removes_an_earlier_plot(tmp_path, mon
     assert not (tmp_path / "loss.png").exists() and (tmp_path / "curves.csv").exists()
     with pytest.raises(SystemExit, match="--replot needs matplotlib"):
         ce_lora_quality.main([*argv, "--replot"])
+
+
+def test_the_default_preset_follows_the_machine(recipes, monkeypatch):
+    """Without --preset: the gpu preset only where CUDA is (on CPU it takes hours), cpu_unsaturated elsewhere."""
+    import torch
+
+    ce_lora_quality, _ = recipes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ce_lora_quality.parse_args([]).preset == "cpu_unsaturated"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ce_lora_quality.parse_args([]).preset == "gpu"
+    assert ce_lora_quality.parse_args(["--preset", "tiny"]).preset == "tiny"
