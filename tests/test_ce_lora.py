@@ -142,6 +142,19 @@ def test_overlapping_ratio_patterns_are_refused_not_resolved_by_order():
     assert same.ratio_for("model.layers.0.self_attn.v_proj") == 0.5
 
 
+def test_overlapping_ratio_patterns_leave_the_model_untouched():
+    """The overlap is found before any layer is replaced: the refused model keeps its plain nn.Linear layers (it was
+    left half-injected, layer 0's attention already wrapped)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = tiny_llama()
+    config = CELoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                          ce_ratio={"v_proj": 0.5, r"layers\.1\..*": 0.25})  # fmt: skip
+    with pytest.raises(ValueError, match=r"different ratios match 'model.layers.1.self_attn.v_proj'"):
+        get_peft_model(model, config)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
 def test_kept_channels_fill_whole_tiles():
     for out_features, ratio, rank in [(4096, 0.65, 14), (14336, 0.55, 14), (4096, 0.25, 7), (1000, 0.3, 40)]:
         keep = kept_channels(out_features, ratio, rank)

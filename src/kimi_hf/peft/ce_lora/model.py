@@ -31,7 +31,8 @@ class CELoraModel(LoraModel):
         """As LoRA's. On transformers 5 PEFT first rewrites the targets of MoE models whose experts became fused
         parameters (e.g. ``deepseek_v3``'s ``gate_proj``/``up_proj``/``down_proj`` to ``experts.gate_up_proj`` /
         ``experts.down_proj``), for LoRA configs only: CE-LoRA's config gets the same rewrite, so that it targets
-        what LoRA targets (its routed experts were left untrained) and an exported LoRA adapter means the same."""
+        what LoRA targets (its routed experts were left untrained) and an exported LoRA adapter means the same.
+        A ``ce_ratio`` that gives a target two ratios is refused before any layer is replaced."""
         config = self.peft_config[adapter_name]
         if hasattr(getattr(model, "config", None), "model_type"):
             peft_type, config.peft_type = config.peft_type, PeftType.LORA
@@ -39,6 +40,12 @@ class CELoraModel(LoraModel):
                 convert_peft_config_for_transformers(config, model, get_model_conversion_mapping(model))
             finally:
                 config.peft_type = peft_type
+        if config.target_modules is not None:
+            # Patterns of ce_ratio that give a target two ratios raise in _create_and_replace, part-way through the
+            # injection: checked first, so that a refused config leaves the model as it was.
+            for name, _ in model.named_modules():
+                if name and self._check_target_module_exists(config, name):
+                    config.ratio_for(name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         _warn_if_nothing_approximated(model, adapter_name, config)
 
