@@ -155,6 +155,22 @@ def test_overlapping_ratio_patterns_leave_the_model_untouched():
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
+def test_add_weighted_adapter_names_the_ce_options_it_drops():
+    """The combined adapter takes the first adapter's CE-LoRA options (as LoRA takes its other options): a warning
+    names those another adapter had otherwise; none when they agree."""
+    model = get_peft_model(tiny_llama(), CELoraConfig(r=4, target_modules=["v_proj"], ce_ratio=0.5))
+    model.add_adapter("other", CELoraConfig(r=4, target_modules=["v_proj"], ce_ratio=0.25, ce_recompute_every=7))
+    model.add_adapter("same", CELoraConfig(r=4, target_modules=["v_proj"], ce_ratio=0.5))
+    with pytest.warns(UserWarning, match=r"'mix' takes 'default'.*'other' differs in ce_ratio=0.25, "
+                      r"ce_recompute_every=7"):  # fmt: skip
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="linear")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.add_weighted_adapter(["default", "same"], [0.5, 0.5], "mix2", combination_type="linear")
+    assert not [w for w in caught if "CE-LoRA options" in str(w.message)]
+    assert model.peft_config["mix"].ce_ratio == 0.5
+
+
 def test_kept_channels_fill_whole_tiles():
     for out_features, ratio, rank in [(4096, 0.65, 14), (14336, 0.55, 14), (4096, 0.25, 7), (1000, 0.3, 40)]:
         keep = kept_channels(out_features, ratio, rank)

@@ -28,6 +28,10 @@ _UNSUPPORTED_LORA_OPTIONS = (
 )
 
 
+# CE-LoRA's own options (the rest are LoRA's)
+CE_FIELDS = ("ce_ratio", "ce_svd_rank", "ce_recompute_every", "ce_score")
+
+
 def _check_ratio(ratio: object, where: str) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
         raise ValueError(f"{where} must be a number in (0, 1], got {ratio!r}")

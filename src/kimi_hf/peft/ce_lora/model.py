@@ -11,7 +11,7 @@ from peft.utils.peft_types import PeftType
 from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers, get_model_conversion_mapping
 from torch import nn
 
-from .config import CELoraConfig
+from .config import CE_FIELDS, CELoraConfig
 from .layer import CELinear
 from .state import CEOptions
 
@@ -48,6 +48,20 @@ class CELoraModel(LoraModel):
                     config.ratio_for(name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         _warn_if_nothing_approximated(model, adapter_name, config)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args: Any,
+                             **kwargs: Any) -> None:  # fmt: skip
+        """As LoRA's. The combined adapter takes the CE-LoRA options (``ce_*``) of ``adapters[0]``, as LoRA takes its
+        other options: a warning names the options where another adapter differs."""
+        first = self.peft_config[adapters[0]]
+        for name in adapters[1:]:
+            other = self.peft_config.get(name)
+            differ = [f"{f}={getattr(other, f)!r}" for f in CE_FIELDS
+                      if other is not None and getattr(other, f, None) != getattr(first, f)]  # fmt: skip
+            if differ:
+                warnings.warn(f"add_weighted_adapter: {adapter_name!r} takes {adapters[0]!r}'s CE-LoRA options; "
+                              f"{name!r} differs in {', '.join(differ)}")  # fmt: skip
+        super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
 
     def _create_and_replace(
         self,
