@@ -57,6 +57,10 @@ step_command() {
     attn_res_paired) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res_paired.py --json $OUT/$2attn_res_paired.json" ;;
     attn_res_sweep) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections attn_res \
       --sweep attn_res.fused.FWD_SOURCE_TILE=1,2,4 attn_res.fused.FWD_ELEMENTS_PER_THREAD=16,8" ;;
+    # the two-phase prefill's kernels (the dense model's block boundary misses the 2% target) at each row warp count,
+    # by kernel GPU time; ROW_WARPS also sets the anchor, the standard residual's RMSNorm
+    attn_res_prefill_sweep) echo "timeout 150 python3 kernels/benchmarks/bench_small_ops.py --sections attn_res_prefill \
+      --gpu-time --sweep attn_res.fused.ROW_WARPS=4,8,16" ;;
     attn_res_replication)
       echo "timeout 170 python3 recipes/attn_res_replication.py --preset gpu --output-dir $OUT/attn_res_replication" ;;
     ce_lora) echo "timeout 360 python3 kernels/benchmarks/bench_ce_lora.py --json $OUT/$2ce_lora.json" ;;
