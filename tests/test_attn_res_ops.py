@@ -358,6 +358,24 @@ def test_triton_prenorm_matches_reference():
         prenorm(torch.randn(2, 8), torch.ones(7))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_of_empty_rows_gives_zero_parameter_gradients(backend):
+    """No rows (an empty batch): the backward launches nothing and the per-channel parameters get zero gradients
+    (the Triton backward divided the rows by zero programs)."""
+    blocks, partial, query, gain = _inputs(1, shape=(0, 3, 48))
+    weight = torch.randn(48, requires_grad=True)
+    h = partial.clone().requires_grad_()
+    prenorm(h, weight, backend=backend).sum().backward()
+    assert h.grad.shape == (0, 3, 48) and torch.equal(weight.grad, torch.zeros(48))
+    for norm_weight in (None, torch.randn(48, requires_grad=True)):
+        q, g, p = (t.clone().requires_grad_() for t in (query, gain, partial))
+        bank = append_source(new_source_bank(2, blocks[0], backend=backend), blocks[0])
+        depth_attention(bank, q, g, p, norm_weight=norm_weight).sum().backward()
+        for grad in (q.grad, g.grad) + ((norm_weight.grad,) if norm_weight is not None else ()):
+            assert torch.equal(grad, torch.zeros(48))
+        assert p.grad.shape == (0, 3, 48)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype,weight_dtype,d", [(torch.bfloat16, torch.bfloat16, 2048), (torch.bfloat16, torch.float32, 1000)]

@@ -172,6 +172,10 @@ def depth_attn_bwd(
     Returns (dpartial [M, D] or None, dquery [D], dgain [D], dnorm_weight [D] or None), each in its input's dtype.
     """
     m, d = storage.store.shape[1:]
+    if m == 0:  # no rows (an empty batch): no program to launch, and the rows' partials would divide by 0 programs
+        dnorm = torch.zeros_like(norm_weight) if norm_weight is not None else None
+        dpart = torch.empty_like(partial) if partial is not None else None
+        return dpart, torch.zeros_like(query), torch.zeros_like(gain), dnorm
     grid = _backward_grid(m, dout.device)
     rows = cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)

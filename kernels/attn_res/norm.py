@@ -49,6 +49,8 @@ def rms_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dy, x [M, D] contiguous -> (dx [M, D] in x's dtype, dweight [D] in weight's dtype)."""
     m, d = x.shape
+    if m == 0:  # no rows: no program to launch (the block count below would be 0), and no weight gradient
+        return torch.empty_like(x), torch.zeros_like(weight)
     rows, width, warps = _rows_and_warps(d)
     blocks = min(_BWD_BLOCKS_PER_PROGRAM, cdiv(m, rows))
     programs = cdiv(m, rows * blocks)
