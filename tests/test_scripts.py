@@ -218,8 +218,8 @@ def test_setup_reuses_a_venv_set_up_for_this_pyproject_without_installing(tmp_pa
     assert pip_calls() == 3
 
 
-def test_a_decode_step_launches_at_most_172_kernels():
-    """The growing-cache decode step is host-bound on the GPU: its launch count (session 23: 309 -> 172, counted on
+def test_a_decode_step_launches_at_most_170_kernels():
+    """The growing-cache decode step is host-bound on the GPU: its launch count (session 23: 309 -> 170, counted on
     the CUDA path under Triton's interpreter) must not creep back up unnoticed."""
     import re
 
@@ -230,4 +230,4 @@ def test_a_decode_step_launches_at_most_172_kernels():
     assert done.returncode == 0, done.stderr[-2000:]
     found = re.search(r"(\d+) aten operators \+ (\d+) Triton launches = (\d+);", done.stdout)
     assert found, done.stdout[-2000:]
-    assert int(found[3]) <= 172, done.stdout
+    assert int(found[3]) <= 170, done.stdout

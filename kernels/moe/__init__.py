@@ -1,10 +1,11 @@
-"""Routed experts for a few tokens (decoding): every chosen expert's SwiGLU in two Triton kernels, or torch.
+"""Routing and routed experts for a few tokens (decoding), in Triton kernels or torch.
 
 The training and prefill path of the model sorts (token, expert) pairs and runs grouped GEMMs; for the
 handful of tokens of a decode step that costs more in launches and host synchronisation than it saves.
-``moe_experts`` reads each chosen expert's weights once, for all tokens that chose it, skips the others,
-and never synchronises with the host, so a decode step that uses it can be captured in a CUDA graph.
-Inference only (no autograd).
+``moe_route`` picks each token's experts in one launch; ``moe_experts`` reads each chosen expert's weights once,
+for all tokens that chose it, skips the others (gate/up, down, and a launch that sums each token's chosen
+experts), and never synchronises with the host, so a decode step that uses them can be captured in a CUDA graph.
+The Triton paths are inference only (no autograd).
 """
 
 from __future__ import annotations

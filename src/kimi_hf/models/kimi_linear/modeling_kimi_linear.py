@@ -161,9 +161,10 @@ def build_sequence_layout(
                 f"(past {past_len} + current {seq_len} tokens)"
             )
         keep = attention_mask.to(device=device, dtype=torch.bool)
-        # One host synchronisation for both questions: is any position padding, is any new one. A one-token step
-        # can bring padding too (a left-padded prompt fed token by token, generate(prefill_chunk_size=1)).
-        all_real, new_real = torch.stack([keep.all(), keep[:, past_len:].all()]).tolist()
+        # Is any position padding; if so, is any new one (a one-token step can bring padding too: a left-padded
+        # prompt fed token by token, generate(prefill_chunk_size=1)). The common unpadded step asks only the first.
+        all_real = bool(keep.all())
+        new_real = all_real or bool(keep[:, past_len:].all())
         if all_real:
             keep = None
     if keep is None:
