@@ -60,7 +60,7 @@ def test_final_state_continues_prefill_and_decode():
     y1, s1 = causal_conv1d(x[:, :5], w, b, output_final_state=True, backend="torch")
     y2, s2 = causal_conv1d(x[:, 5:10], w, b, initial_state=s1, output_final_state=True, backend="torch")
     state = s2.clone()
-    ys = [causal_conv1d_update(x[:, t], state, weight=w, bias=b, backend="torch") for t in range(10, 13)]
+    ys = [causal_conv1d_update(x[:, t], state, weight=w, bias=b, backend="torch")[0] for t in range(10, 13)]
     assert_close_rel(torch.cat([y1, y2, torch.stack(ys, 1)], 1), y_full, 1e-6, "chunked + decode")
     assert_close_rel(state, s_full, 0, "state after decode")
     assert_close_rel(s_full, x[:, -4:].transpose(1, 2), 0, "final state = last W inputs")
@@ -90,13 +90,20 @@ def test_varlen_matches_separate_sequences():
         assert_close_rel(s[n : n + 1], s_n, 0, f"state of sequence {n}")
 
 
-def test_update_accepts_three_dim_tokens():
-    x, w, b = _inputs(3, 1, 6, 4)
-    state1 = torch.randn(3, 6, 4)
-    state2 = state1.clone()
-    y1 = causal_conv1d_update(x, state1, weight=w, bias=b, activation="silu", backend="torch")
-    y2 = causal_conv1d_update(x[:, 0], state2, weight=w, bias=b, activation="silu", backend="torch")
-    assert y1.shape == (3, 1, 6) and torch.equal(y1[:, 0], y2) and torch.equal(state1, state2)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_update_takes_and_returns_flas_layouts(backend):
+    """fla's causal_conv1d_update returns ``(y, cache)`` (ours returned y alone: ``y, _ = ...`` unpacked y's rows,
+    silently at N = 2) and takes one token per sequence as [N, D], [N, 1, D] or [1, N, D] (the last was refused)."""
+    x, w, b = _inputs(2, 1, 6, 4)
+    state = torch.randn(2, 6, 4)
+    ref_state = state.clone()
+    ref = naive_causal_conv1d_update(x[:, 0], ref_state, w, b, "silu")
+    for tokens in (x[:, 0], x, x.transpose(0, 1)):
+        cache = state.clone()
+        y, returned = causal_conv1d_update(tokens, cache, None, w, b, "silu", backend)
+        assert returned is cache and y.shape == tokens.shape
+        assert_close_rel(y.reshape(2, 6), ref, 1e-6, f"y of {tuple(tokens.shape)}")
+        assert_close_rel(cache, ref_state, 0, f"state after {tuple(tokens.shape)}")
 
 
 def test_reference_gradcheck():
@@ -247,7 +254,7 @@ def test_arguments_follow_flas_order_and_defaults():
     assert_close_rel(s, s_ref, 0, "final state, positional")
     assert_close_rel(causal_conv1d(x, w, b, backend="torch")[0], _conv1d_oracle(x, w, b, None), 1e-6, "default act")
     state, token, res = h.clone(), torch.randn(2, 6), torch.randn(2, 6)
-    step = causal_conv1d_update(token, state, res, w, b, "swish", "torch")
+    step, _ = causal_conv1d_update(token, state, res, w, b, "swish", "torch")
     ref = naive_causal_conv1d_update(token, h.clone(), w, b, "silu")
     assert_close_rel(step, ref + res, 1e-6, "update, positional, with residual")
     with pytest.raises(ValueError, match=r"residual must be a tensor of the output's shape \(2, 7, 6\)"):
@@ -280,8 +287,8 @@ def test_triton_reads_a_strided_bias_and_weight_interpreter():
     y, _ = causal_conv1d(x, strided_w, strided_b, backend="triton")
     assert_close_rel(y, causal_conv1d(x, w, b, backend="torch")[0], 1e-5, "y")
     tokens, state = x[0, :2], torch.randn(2, 6, 4)  # one token for each of two sequences
-    step = causal_conv1d_update(tokens, state.clone(), weight=strided_w, bias=strided_b, backend="triton")
-    ref = causal_conv1d_update(tokens, state.clone(), weight=w, bias=b, backend="torch")
+    step, _ = causal_conv1d_update(tokens, state.clone(), weight=strided_w, bias=strided_b, backend="triton")
+    ref, _ = causal_conv1d_update(tokens, state.clone(), weight=w, bias=b, backend="torch")
     assert_close_rel(step, ref, 1e-5, "update")
 
 
@@ -291,8 +298,8 @@ def test_triton_update_matches_reference_interpreter(squeeze):
     x = x[:, 0] if squeeze else x
     cache = torch.randn(3, 2, 6, 4)
     state, state_ref = cache[:, 1], cache[:, 1].clone()  # a non-contiguous slice of a larger cache
-    y = causal_conv1d_update(x, state, weight=w, bias=b, activation="silu", backend="triton")
-    y_ref = causal_conv1d_update(x, state_ref, weight=w, bias=b, activation="silu", backend="torch")
+    y, _ = causal_conv1d_update(x, state, weight=w, bias=b, activation="silu", backend="triton")
+    y_ref, _ = causal_conv1d_update(x, state_ref, weight=w, bias=b, activation="silu", backend="torch")
     assert_close_rel(y, y_ref, 1e-6, "y")
     assert_close_rel(cache[:, 1], state_ref, 0, "state updated in place")
 
@@ -310,7 +317,7 @@ def test_update_group_matches_one_by_one(backend, bias, count, monkeypatch):
     caches = [torch.randn(3, 6, 4, generator=gen) for _ in range(count)]
     wanted_caches = [c.clone() for c in caches]
     wanted = [
-        causal_conv1d_update(x, c, weight=w, bias=biases[i] if bias else None, activation="silu", backend="torch")
+        causal_conv1d_update(x, c, weight=w, bias=biases[i] if bias else None, activation="silu", backend="torch")[0]
         for i, (x, c, w) in enumerate(zip(xs, wanted_caches, weights))
     ]
     if backend == "triton":
@@ -332,7 +339,7 @@ def test_update_group_mixed_shapes_and_bad_input():
     wanted_caches = [c.clone() for c in caches]
     ys = causal_conv1d_update_group(xs, caches, weights, backend="triton")
     for x, y, c, w, cw in zip(xs, ys, caches, weights, wanted_caches):
-        assert_close_rel(y, causal_conv1d_update(x, cw, weight=w, backend="torch"), 1e-6, "y")
+        assert_close_rel(y, causal_conv1d_update(x, cw, weight=w, backend="torch")[0], 1e-6, "y")
         assert_close_rel(c, cw, 0, "state")
     with pytest.raises(ValueError, match="one entry per convolution, got 2, 1, 2 and 2"):
         causal_conv1d_update_group(xs, caches[:1], weights)
@@ -362,10 +369,10 @@ def test_triton_update_cuda_graph():
     causal_conv1d_update(x, state.clone(), weight=w, bias=b, activation="silu")  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = causal_conv1d_update(x, state, weight=w, bias=b, activation="silu")
+        y, _ = causal_conv1d_update(x, state, weight=w, bias=b, activation="silu")
     graph.replay()
     graph.replay()
     causal_conv1d_update(x, state_ref, weight=w, bias=b, activation="silu", backend="torch")
-    y_ref = causal_conv1d_update(x, state_ref, weight=w, bias=b, activation="silu", backend="torch")
+    y_ref, _ = causal_conv1d_update(x, state_ref, weight=w, bias=b, activation="silu", backend="torch")
     assert_close_rel(state, state_ref, 0, "state after two replays")
     assert_close_rel(y, y_ref, 1e-2, "y")

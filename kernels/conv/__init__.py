@@ -135,25 +135,26 @@ def causal_conv1d(
 
 def _update_args(
     x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, activation: str | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str | None, bool]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str | None, torch.Size]:
     """Validate one decode update's arguments: returns x as ``[N, D]``, weight ``[D, W]``, bias, the activation
-    (``"swish"`` read as ``"silu"``) and whether x came as ``[N, 1, D]``."""
+    (``"swish"`` read as ``"silu"``) and x's shape as given (``[N, D]``, ``[N, 1, D]`` or ``[1, N, D]``, as fla
+    takes them), which the output gets back."""
     if not isinstance(x, torch.Tensor) or not isinstance(cache, torch.Tensor):
         raise ValueError(f"x and cache must be tensors, got {_described(x)} and {_described(cache)}")
-    squeeze = x.dim() == 3
-    if squeeze:
-        if x.shape[1] != 1:
-            raise ValueError(f"x must be [N, D] or [N, 1, D] (one token), got shape {tuple(x.shape)}")
-        x = x.squeeze(1)
+    shape = x.shape
+    if x.dim() == 3:
+        if 1 not in shape[:2]:
+            raise ValueError(f"x must be [N, D], [N, 1, D] or [1, N, D] (one token each), got shape {tuple(shape)}")
+        x = x.squeeze(1) if shape[1] == 1 else x.squeeze(0)
     if x.dim() != 2:
-        raise ValueError(f"x must be [N, D] or [N, 1, D], got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be [N, D], [N, 1, D] or [1, N, D], got shape {tuple(shape)}")
     num_seqs, dim = x.shape
     weight, bias, activation = _check_params(x, weight, bias, dim, activation)
     if tuple(cache.shape) != (num_seqs, dim, weight.shape[1]):
         raise ValueError(
             f"cache (the conv state) must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(cache.shape)}"
         )
-    return x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation, squeeze
+    return x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation, shape
 
 
 def causal_conv1d_update(
@@ -164,13 +165,13 @@ def causal_conv1d_update(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one token per sequence with the short conv; the conv state ``cache`` is updated in place.
 
-    fla 0.6.0's ``causal_conv1d_update`` arguments, order and defaults, plus ``backend``.
+    fla 0.6.0's ``causal_conv1d_update`` arguments, order, defaults and results, plus ``backend``.
 
     Args:
-        x: ``[N, D]`` or ``[N, 1, D]``.
+        x: ``[N, D]``, ``[N, 1, D]`` or ``[1, N, D]``: one token of each of N sequences.
         cache: the conv state ``[N, D, W]`` (the last W inputs, oldest first); shifted left and x appended.
         residual: added to the output (x's shape), or None.
         weight: ``[D, W]`` or ``[D, 1, W]`` (required); bias ``[D]`` or None.
@@ -178,14 +179,15 @@ def causal_conv1d_update(
         backend: ``"triton"``, ``"torch"`` or None.
 
     Returns:
-        y with x's shape and dtype: act(sum(cache * weight, -1) + bias) after the update, plus the residual.
+        ``(y, cache)``, as fla returns them: y with x's shape and dtype, act(sum(cache * weight, -1) + bias) after
+        the update, plus the residual; and ``cache`` itself, updated.
     """
-    x, weight, bias, activation, squeeze = _update_args(x, cache, weight, bias, activation)
+    x, weight, bias, activation, shape = _update_args(x, cache, weight, bias, activation)
     if resolve_backend(backend, x) == "torch":
         y = naive_causal_conv1d_update(x, cache, weight, bias, activation)
     else:
         y = causal_conv1d_update_fwd(x, cache, weight, bias, activation == "silu")
-    return _add_residual(y.unsqueeze(1) if squeeze else y, residual)
+    return _add_residual(y.reshape(shape), residual), cache
 
 
 def causal_conv1d_update_group(
@@ -235,4 +237,4 @@ def causal_conv1d_update_group(
             else causal_conv1d_update_fwd(x, c, w, b, activation == "silu")
             for (x, w, b, _, _), c in zip(args, caches)
         ]  # fmt: skip
-    return [y.unsqueeze(1) if squeeze else y for y, (_, _, _, _, squeeze) in zip(ys, args)]
+    return [y.reshape(shape) for y, (_, _, _, _, shape) in zip(ys, args)]
