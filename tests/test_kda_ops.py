@@ -172,7 +172,8 @@ def _bad(**changes):
         (dict(beta=torch.rand(2, 8, 2, 1)), "beta must be"),
         (dict(beta=torch.ones(2, 8, 2, dtype=torch.int64)), "beta must be a floating"),
         (dict(initial_state=torch.zeros(3, 2, 16, 8)), "initial_state must be"),
-        (dict(initial_state=torch.zeros(2, 2, 16, 8, dtype=torch.bfloat16)), "initial_state must be fp32"),
+        (dict(initial_state=torch.zeros(2, 2, 16, 8, dtype=torch.int32)), "initial_state must be a floating"),
+        (dict(initial_state=torch.zeros(2, 2, 16, 8, device="meta")), "initial_state is on meta but q is on cpu"),
         (dict(cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)), "batch size must be 1"),
         (dict(use_gate_in_kernel=True), r"needs A_log \(dt_bias is optional, as in fla\)"),
         (dict(A_log=torch.zeros(2)), "only used with use_gate_in_kernel"),
@@ -221,6 +222,27 @@ def test_chunk_beta_logits_equal_sigmoid_given(backend):
     (d_logits,) = torch.autograd.grad(o, logits, do)
     (d_beta,) = torch.autograd.grad(o_ref, beta, do)
     assert_close_rel(d_logits, d_beta * beta * (1 - beta), 1e-5, "d logits")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", [chunk_kda, fused_recurrent_kda])
+def test_low_precision_initial_state_is_read_as_fp32(op, backend):
+    """fla takes a bf16 initial state (its chunk_kda example passes one); it was refused. The op reads it as fp32:
+    the same results as its fp32 copy, an fp32 final state, and the state's gradient in bf16."""
+    q, k, v, g, beta, h0 = make_inputs(B=1, T=5, seed=17)
+    h0_bf16 = h0.bfloat16().requires_grad_()
+    h0_fp32 = h0_bf16.detach().float().requires_grad_()
+    with torch.set_grad_enabled(op is chunk_kda or backend == "torch"):  # Triton's recurrence is forward-only
+        o, s = op(q, k, v, g, beta, initial_state=h0_bf16, output_final_state=True, backend=backend)
+        o_ref, s_ref = op(q, k, v, g, beta, initial_state=h0_fp32, output_final_state=True, backend="torch")
+    assert s.dtype == torch.float32
+    assert_close_rel(o, o_ref, 1e-5, "o")
+    assert_close_rel(s, s_ref, 1e-5, "final state")
+    if o.requires_grad:
+        (o.sum() + s.sum()).backward()
+        (o_ref.sum() + s_ref.sum()).backward()
+        assert h0_bf16.grad.dtype == torch.bfloat16
+        assert_close_rel(h0_bf16.grad.float(), h0_fp32.grad, 1e-2, "d initial_state")
 
 
 def test_inplace_final_state_refuses_autograd():

@@ -63,7 +63,8 @@ def chunk_kda(
             decays through pivots, exact and overflow-free for decays); with ``use_gate_in_kernel``
             the raw gate pre-activation, turned into ``-exp(A_log) * softplus(g + dt_bias)`` by the op.
         scale: query scale, default ``K ** -0.5``.
-        initial_state: ``[N, H, K, V]`` fp32; N = B, or ``len(cu_seqlens) - 1``.
+        initial_state: ``[N, H, K, V]``, fp32 (bf16/fp16, as fla takes them, are read as fp32; the gradient comes
+            back in its dtype); N = B, or ``len(cu_seqlens) - 1``.
         output_final_state: also return the final ``[N, H, K, V]`` fp32 state.
         use_qk_l2norm_in_kernel: L2-normalise q and k over K inside the op.
         use_gate_in_kernel: compute the decay from raw ``g`` with ``A_log`` (``[H]`` or ``[1, 1, H, 1]``)

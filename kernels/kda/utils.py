@@ -124,6 +124,9 @@ def check_kda_inputs(
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (N, H, K, V):
             got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state)
             raise ValueError(f"initial_state must be [N, H, K, V] = {(N, H, K, V)}, got {got}")
-        if initial_state.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"initial_state must be fp32 (or fp64), got {initial_state.dtype}")
+        # fla takes a state of any float dtype (its own example passes bf16) and reads it as fp32
+        if initial_state.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"initial_state must be a floating tensor (fp32 recommended), got {initial_state.dtype}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
     return N
