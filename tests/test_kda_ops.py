@@ -103,6 +103,16 @@ def test_l2norm_and_gate_options_equal_doing_it_outside(op):
     assert_close_rel(kda_gate(g_raw, A_log.reshape(H), dt_bias.reshape(H, K)), g, 1e-6, "kda_gate")
 
 
+def test_kda_gate_bias_is_optional_as_in_fla():
+    """fla's gate functions take ``dt_bias=None`` (no bias), as our ops' fused gate does; kda_gate refused it."""
+    _, _, _, g_raw, _, _ = make_inputs(T=6, seed=18)
+    A_log = torch.randn(2)
+    g = kda_gate(g_raw, A_log)
+    assert_close_rel(g, kda_gate(g_raw, A_log, torch.zeros(2, 16)), 0, "no bias = a zero bias")
+    fla_gate = pytest.importorskip("fla.ops.kda.gate")
+    assert_close_rel(g, fla_gate.naive_kda_gate(g_raw, A_log), 1e-6, "fla's naive_kda_gate")
+
+
 def test_public_ops_dispatch_to_reference_on_cpu():
     q, k, v, g, beta, h0 = make_inputs(T=30, seed=6)
     o_c, s_c = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)

@@ -43,22 +43,21 @@ def beta_sigmoid(beta: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(beta.to(torch.promote_types(beta.dtype, torch.float32)))
 
 
-def kda_gate(g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+def kda_gate(g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None = None) -> torch.Tensor:
     """KDA's per-channel log-decay ``-exp(A_log[h]) * softplus(g + dt_bias[h])``.
 
     Args:
         g: raw gate pre-activation ``f_b(f_a(x))`` reshaped to ``[B, T, H, K]``.
         A_log: ``[H]`` or ``[1, 1, H, 1]``.
-        dt_bias: ``[H*K]`` or ``[H, K]``.
+        dt_bias: ``[H*K]`` or ``[H, K]``, or None for no bias (as fla's ``naive_kda_gate``/``fused_kda_gate``).
 
     Returns:
         ``[B, T, H, K]`` in fp32 (fp64 when ``g`` is fp64), always <= 0.
     """
     if g.dim() != 4:
         raise ValueError(f"g must be [B, T, H, K], got shape {tuple(g.shape)}")
-    H, K = g.shape[2], g.shape[3]
-    A_log, dt_bias = gate_params(A_log, dt_bias, H, K)
     dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    A_log, dt_bias = gate_params(A_log, default_dt_bias(dt_bias, g, True), g.shape[2], g.shape[3])
     decay_rate = A_log.to(dtype).exp()[:, None]
     return -decay_rate * F.softplus(g.to(dtype) + dt_bias.to(dtype))
 
