@@ -13,7 +13,7 @@ from kimi_hf import KimiLinearForCausalLM, KimiLinearStaticCache
 
 pytestmark = pytest.mark.gpu
 
-OPS = ("chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm")
+OPS = ("chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update_group", "gated_rms_norm")
 
 
 def _run(model, ids, mask):
