@@ -1,5 +1,6 @@
 """AttnResForCausalLM: config validation, checkpointing, save/load (incl. remote code), cached generation."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 import kimi_hf  # noqa: F401  (registers the Auto classes)
-from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM, register_auto
+from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM, AttnResModel, register_auto
 
 
 def _config(**overrides) -> AttnResConfig:
@@ -207,6 +208,20 @@ def test_save_load_round_trip(tmp_path):
     ids = torch.randint(0, 97, (1, 6))
     with torch.no_grad():
         assert_close_rel(loaded(ids).logits, model(ids).logits, 1e-6, "logits after reload")
+
+
+def test_saved_base_model_names_its_causal_lm_in_auto_map(tmp_path):
+    """A saved AttnResModel lists the causal LM too (transformers writes only the saved class's entry), as a saved
+    AttnResForCausalLM lists the base model, and an inherited entry for another class is not carried over."""
+    register_auto()
+    config = _config()
+    config.auto_map = {"AutoModelForSequenceClassification": "modeling_other.OtherForSequenceClassification"}
+    AttnResModel(config).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_attn_res.AttnResConfig",
+        "AutoModel": "modeling_attn_res.AttnResModel",
+        "AutoModelForCausalLM": "modeling_attn_res.AttnResForCausalLM",
+    }
 
 
 def test_remote_code_load_in_fresh_process(tmp_path):

@@ -341,3 +341,52 @@ def test_attn_res_classes_save_an_auto_map_of_their_own(tmp_path):
 def test_remote_code_load_in_a_fresh_process(saved, foreign_run):
     _, _, logits = saved
     assert torch.equal(torch.load(foreign_run / "remote_logits.pt"), logits)
+
+
+# ---------------------------------------------------------------------------------------------- re-saves, auto_map
+def test_resave_writes_the_same_config_json_without_the_loaded_path(saved, tmp_path):
+    """save -> load -> save gives the same config.json: the path it was loaded from (``_name_or_path``, a local folder
+    here) was written into it, so a published checkpoint named the publisher's directories."""
+    path, _, _ = saved
+    KimiLinearForCausalLM.from_pretrained(path).save_pretrained(tmp_path)
+    text = (tmp_path / "config.json").read_text()
+    assert "_name_or_path" not in json.loads(text) and str(path) not in text
+    assert text == (path / "config.json").read_text()
+    assert (tmp_path / "generation_config.json").read_text() == (path / "generation_config.json").read_text()
+
+
+def test_base_model_saves_the_causal_lm_entry_and_drops_foreign_ones(tmp_path):
+    """A base model whose config came with the official ``auto_map`` (``modeling_kimi.*``, a file not saved here)
+    saves entries that name only its own saved files, the causal LM included: the stale one failed to load, and
+    without one ``AutoModelForCausalLM(..., trust_remote_code=True)`` fell through to transformers' native class,
+    which fails on the remote config."""
+    from transformers import AutoModelForCausalLM
+
+    config = KimiLinearModel.config_class.from_dict(tiny_config_dict())
+    assert config.auto_map["AutoModelForCausalLM"] == "modeling_kimi.KimiLinearForCausalLM"
+    torch.manual_seed(0)
+    base = KimiLinearModel(config).eval()
+    base.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_kimi_linear.KimiLinearConfig",
+        "AutoModel": "modeling_kimi_linear.KimiLinearModel",
+        "AutoModelForCausalLM": "modeling_kimi_linear.KimiLinearForCausalLM",
+    }
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(lm).__module__.startswith("transformers_modules.") and type(lm).__name__ == "KimiLinearForCausalLM"
+    saved_state, loaded_state = base.state_dict(), lm.model.state_dict()
+    assert sorted(saved_state) == sorted(loaded_state)
+    for name, tensor in saved_state.items():
+        assert torch.equal(loaded_state[name], tensor), name
+
+
+def test_safe_serialization_false_is_refused(tmp_path):
+    """transformers 5 writes safetensors only and silently ignored ``safe_serialization=False``: refused by name,
+    before anything is written; ``True`` (what is done anyway) is accepted."""
+    model = tiny_model(seed=2)
+    with pytest.raises(ValueError, match="safe_serialization=False.*safetensors only"):
+        model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert not (tmp_path / "bin").exists()
+    model.save_pretrained(tmp_path / "safe", safe_serialization=True)
+    assert {p.suffix for p in (tmp_path / "safe").iterdir()} == {".json", ".py", ".safetensors"}

@@ -407,8 +407,12 @@ class KimiLinearConfig(PreTrainedConfig):
 
     def to_diff_dict(self) -> dict[str, Any]:
         # Write every field, like the official config.json: readers with other defaults (the native class,
-        # the official remote code) must see our values, not theirs.
-        return self.to_dict()
+        # the official remote code) must see our values, not theirs. Not `_name_or_path` (where the config was read
+        # from), which transformers' own diff drops too: a local path leaked into a published config.json, and a
+        # save -> load -> save round trip changed the file.
+        output = self.to_dict()
+        output.pop("_name_or_path", None)
+        return output
 
 
 class KimiLinearAttnResConfig(KimiLinearConfig):
