@@ -95,3 +95,13 @@ def test_autocast_with_fp32_master_weights():
         loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in params)
+
+
+def test_pack_of_no_rows():
+    """An empty batch packs to an empty G (the channel shares divided by the zero row blocks; the interpreter's
+    path has no shares, so this is a GPU test)."""
+    w = torch.randn(256, 64, device="cuda")
+    b0, a0 = low_rank_factors(w, 6)
+    plan = make_plan(w, b0, a0, torch.arange(kept_channels(256, 0.5, 6), device="cuda"), torch.bfloat16)
+    packed = ce_pack_grad_output(torch.zeros(0, 256, device="cuda", dtype=torch.bfloat16), plan, "triton")
+    assert packed.shape == (0, plan.b0_pad.shape[1] + plan.keep)

@@ -184,6 +184,8 @@ def triton_pack_grad_output(
     device = grad_output.device
     buffer = torch.empty(r_pad + keep, -(-n_rows // 8) * 8, device=device, dtype=grad_output.dtype)
     packed = buffer[:, :n_rows].T
+    if n_rows == 0:  # no row block to launch (and none to share the channels between)
+        return packed
     n_tiles = -(-n_cols // block_o)
     block_rows = (16,) if _INTERPRETED else tuple(c.kwargs["BLOCK_T"] for c in _CONFIGS)
     max_shares = max(_shares(-(-n_rows // rows), n_tiles, device) for rows in block_rows)

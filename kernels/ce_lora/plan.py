@@ -109,11 +109,16 @@ def make_plan(
 ) -> CEPlan:
     """Build a :class:`CEPlan` from the frozen weight ``[O, I]``, fp32 factors and the kept ``index``.
 
-    ``lora_rank`` reserves (zeroed) slots for LoRA's factors next to ``B0``/``A0``; ``channel_tile`` (a power of
-    two) is the packing kernel's step over ``dY``'s channels.
+    ``index``: distinct kept channels in any order (the plan keeps them sorted: the packing kernel's tile map needs
+    that, and the approximation does not depend on the order). ``lora_rank`` reserves (zeroed) slots for LoRA's
+    factors next to ``B0``/``A0``; ``channel_tile`` (a power of two) is the packing kernel's step over ``dY``'s
+    channels. Checking that the channels are distinct reads one number back to the host, once per plan.
     """
     if channel_tile < MIN_DOT or channel_tile & (channel_tile - 1):
         raise ValueError(f"channel_tile must be a power of two >= {MIN_DOT}, got {channel_tile}")
+    index = index.sort().values
+    if bool((index[1:] == index[:-1]).any()):
+        raise ValueError("index must hold distinct channels: a repeated one would be counted twice in dX")
     svd_rank = b0.shape[1]
     r_pad = padded_rank(svd_rank + lora_rank)
     tile_starts, tile_local = channel_tiles(index, weight.shape[0], channel_tile)

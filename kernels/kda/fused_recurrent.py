@@ -143,8 +143,8 @@ def fused_recurrent_kda_fwd(
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
-    if cu_seqlens is not None:  # the kernel reads the offsets at unit stride
-        cu_seqlens = cu_seqlens.contiguous()
+    if cu_seqlens is not None:  # the kernel reads the offsets at unit stride, on q's device (as the chunked op)
+        cu_seqlens = cu_seqlens.to(q.device).contiguous()
     if initial_state is not None and not inplace_final_state:
         initial_state = initial_state.contiguous()
     if use_gate_in_kernel:
