@@ -390,3 +390,23 @@ def test_safe_serialization_false_is_refused(tmp_path):
     assert not (tmp_path / "bin").exists()
     model.save_pretrained(tmp_path / "safe", safe_serialization=True)
     assert {p.suffix for p in (tmp_path / "safe").iterdir()} == {".json", ".py", ".safetensors"}
+
+
+def test_saving_into_an_earlier_save_leaves_no_stale_weights(tmp_path):
+    """A sharded save into a folder holding a single-file save left that file, which from_pretrained read instead of
+    the new shards (the earlier weights); a single-file save over a sharded one left an index naming deleted shards."""
+
+    def assert_loads(model: KimiLinearForCausalLM) -> None:
+        loaded = KimiLinearForCausalLM.from_pretrained(tmp_path).state_dict()
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded[name], tensor), name
+
+    first, second = tiny_model(seed=1), tiny_model(seed=2)
+    first.save_pretrained(tmp_path)
+    second.save_pretrained(tmp_path, max_shard_size="30KB")
+    weights = sorted(p.name for p in tmp_path.iterdir() if ".safetensors" in p.name)
+    assert "model.safetensors" not in weights and "model.safetensors.index.json" in weights and len(weights) > 2
+    assert_loads(second)
+    first.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if ".safetensors" in p.name) == ["model.safetensors"]
+    assert_loads(first)
