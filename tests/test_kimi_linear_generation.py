@@ -168,6 +168,38 @@ def test_padded_decoding_with_the_cache_matches_the_full_forward(model, static):
     assert_close_rel(steps[1, 4:], full[1, 4:], 1e-5, "padded row, real tokens")
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_latent_space_attention_of_decode_steps_equals_the_expanded_form(model, chunk, static, monkeypatch):
+    """Decode-sized steps over a long cache attend with the up-projections absorbed (forced here from 1 cached
+    position): the logits equal the full forward's, with left padding in one row and steps of one or three tokens
+    (an explicit causal mask across the folded heads), with the growing and the static cache; a spy checks that the
+    latent path ran."""
+    from kimi_hf.models.kimi_linear import modeling_kimi_linear as modeling
+
+    monkeypatch.setattr(modeling, "MLA_ABSORB_MIN_KEYS", 1)
+    calls = []
+    latent_attention = modeling.KimiMLAAttention._latent_attention
+    monkeypatch.setattr(modeling.KimiMLAAttention, "_latent_attention",
+                        lambda self, *a: calls.append(1) or latent_attention(self, *a))  # fmt: skip
+    ids = random_ids(2, 12, seed=15)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    cache = {CACHE_FIELD: KimiLinearStaticCache(model.config, max_cache_len=16)} if static else {}
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True, **cache)
+        pieces, cache = [out.logits], getattr(out, CACHE_FIELD)
+        for t in range(6, 12, chunk):
+            out = model(ids[:, t : t + chunk], attention_mask=mask[:, : t + chunk], use_cache=True,
+                        **{CACHE_FIELD: cache})  # fmt: skip
+            pieces.append(out.logits)
+    assert calls, "the latent-space path did not run"
+    steps = torch.cat(pieces, dim=1)
+    assert_close_rel(steps[0], full[0], 1e-5, "unpadded row")
+    assert_close_rel(steps[1, 3:], full[1, 3:], 1e-5, "padded row, real tokens")
+
+
 def test_generate_from_inputs_embeds_equals_generate_from_ids(model):
     """With ``inputs_embeds`` the prompt never enters ``input_ids`` (which then holds only the generated
     tokens), so the tokens to feed cannot be found by slicing ``input_ids`` at the cache length."""

@@ -151,6 +151,30 @@ def test_cuda_graph_decoding_equals_eager_decoding(dtype, batch, residual):
         assert_close_rel(graph_scores, dynamic_scores, 1e-5, "graph vs growing-cache scores")
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_latent_space_decoding_equals_the_expanded_form(dtype, rtol, monkeypatch):
+    """MLA's decode steps attending in the latent space (forced from 1 cached position; sdpa over folded heads)
+    give the expanded form's scores, with the growing cache and in the static cache's CUDA graph, left-padded."""
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config()).cuda().to(dtype).eval()
+    ids = torch.randint(3, 256, (3, 40), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1:, :7] = 0
+
+    def scores(cache=None):
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
+            eos_token_id=None, output_scores=True, return_dict_in_generate=True,
+            **({modeling.CACHE_FIELD: cache} if cache is not None else {}),
+        )  # fmt: skip
+        return torch.stack(out.scores)
+
+    expanded = scores()
+    monkeypatch.setattr(modeling, "MLA_ABSORB_MIN_KEYS", 1)
+    assert_close_rel(scores(), expanded, rtol, "latent-space scores, growing cache")
+    assert_close_rel(scores(KimiLinearStaticCache(model.config, 50)), expanded, rtol, "latent space, CUDA graph")
+
+
 def test_logits_match_transformers_native_class(tmp_path):
     """fp32 on the same weights, with every expert active: with top-k < experts a random-init router has
     near ties, and rounding differences (fla's kernels vs ours) flip expert choices, which no tolerance

@@ -300,13 +300,21 @@ class KimiDeltaAttention(nn.Module):
 # The official remote code (and transformers' native class) build the MLA LoRA norms without passing
 # an eps, so they use RMSNorm's default 1e-6, not config.rms_norm_eps (1e-5) as every other norm does.
 MLA_LORA_NORM_EPS = 1e-6
+# A step of at most this many new tokens over at least MLA_ABSORB_MIN_KEYS cached positions attends in the latent
+# space: the expanded form computes every position's per-head key and value again at each step (S * H * (qk + v)
+# numbers written and read, 20 GB per layer at 1M positions on the 48B config), the absorbed one reads each
+# position's latent and rope key once (S * (kv_lora_rank + rope)). Below about a thousand positions the two cost a
+# few microseconds either way and the absorbed form's extra launches would show (a byte and FLOP estimate; not timed).
+MLA_ABSORB_MAX_NEW_TOKENS = 16
+MLA_ABSORB_MIN_KEYS = 1024
 
 
 class KimiMLAAttention(nn.Module):
     """Multi-head latent attention without positional encoding (``mla_use_nope``).
 
     Keys and values are expanded from a normalised latent of size ``kv_lora_rank`` plus one shared
-    "rope" key of size ``qk_rope_head_dim`` used without rotation; the cache keeps the latent.
+    "rope" key of size ``qk_rope_head_dim`` used without rotation; the cache keeps the latent. Decode-sized steps
+    over a long cache attend in the latent space instead (:meth:`_latent_attention`), with sdpa.
     """
 
     is_causal = True
@@ -350,6 +358,11 @@ class KimiMLAAttention(nn.Module):
         if cache is not None:
             latent, rope_key = cache.update_latents(self.layer_idx, latent, rope_key)
         kv_len = latent.shape[1]
+        if (
+            cache is not None and seq_len <= MLA_ABSORB_MAX_NEW_TOKENS and kv_len >= MLA_ABSORB_MIN_KEYS
+            and self.config._attn_implementation == "sdpa" and not (self.training and self.config.attention_dropout)
+        ):  # fmt: skip
+            return self.o_proj(self._latent_attention(q, latent, rope_key, layout.mla_mask)), None
         kv = self.kv_b_proj(latent).view(batch, kv_len, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
         rope_key = rope_key[:, None].expand(batch, self.num_heads, kv_len, self.rope_dim)
@@ -361,6 +374,38 @@ class KimiMLAAttention(nn.Module):
             dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling,
         )  # fmt: skip
         return self.o_proj(out.reshape(batch, seq_len, -1)), weights
+
+    def _latent_attention(
+        self, q: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The same attention with the key and value up-projections absorbed (DeepSeek-V2's decoding form):
+        score = (W_uk^T q_nope) . c_s + q_rope . r_s, output = W_uv (sum_s p_s c_s), so that no per-head key or
+        value is ever formed. The heads are folded into the query length of one sdpa head.
+
+        Args:
+            q: ``[B, H, T, nope + rope]``; latent ``[B, S, R]`` (normalised), rope_key ``[B, S, P]``.
+            mask: ``[B or 1, 1, T, S]`` bool (True = attend), or None: causal, the queries the last T positions.
+
+        Returns:
+            ``[B, T, H * v]``, the heads' outputs before ``o_proj``.
+        """
+        batch, heads, seq_len, _ = q.shape
+        kv_len, rank = latent.shape[1], self.kv_lora_rank
+        w_uk, w_uv = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, rank).split(
+            [self.nope_dim, self.v_dim], dim=1
+        )  # [H, nope, R], [H, v, R]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
+        query = query.reshape(batch, 1, heads * seq_len, rank + self.rope_dim)  # row h * T + t
+        keys = torch.cat([latent, rope_key], dim=-1)[:, None]  # [B, 1, S, R + P]
+        if mask is None and seq_len > 1:
+            mask = torch.ones(seq_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - seq_len)
+        if mask is not None:  # each head's rows take their token's mask
+            mask = mask[..., :kv_len].expand(batch, 1, seq_len, kv_len)[:, :, None]
+            mask = mask.expand(batch, 1, heads, seq_len, kv_len).reshape(batch, 1, heads * seq_len, kv_len)
+        out = F.scaled_dot_product_attention(query, keys, keys[..., :rank], attn_mask=mask, scale=self.scaling)
+        out = torch.einsum("bhtr,hvr->bthv", out.view(batch, heads, seq_len, rank), w_uv)
+        return out.reshape(batch, seq_len, heads * self.v_dim)
 
 
 # ---------------------------------------------------------------------------------------------------- MLP / MoE
