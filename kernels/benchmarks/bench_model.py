@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
     ours.to(dtype)
 
     train_shapes = [(1, 64)] if args.tiny else [(2, 4096), (1, 2048)]
-    prompt, new = (16, 8) if args.tiny else (512, 64)
+    prompt, new = (16, 8) if args.tiny else (args.decode_prompt, 64)
     decode_batches = [1, 4] if args.tiny else [1, 32]
 
     def measure(model, label: str, static_cache: bool = False, graph: bool = False) -> dict:
@@ -322,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep", type=positive_int, default=200,
                         help="do_bench time budget per training measurement (ms)")  # fmt: skip
     parser.add_argument("--decode-repeats", type=positive_int, default=3)
+    parser.add_argument("--decode-prompt", type=positive_int, default=512,
+                        help="prompt tokens before the timed decoding (default 512, the issue's setting)")
+    parser.add_argument("--mla-latent-min-keys", type=positive_int, default=None, metavar="N",
+                        help="our MLA decode steps attend in the latent space from N cached positions (default: the "
+                        "model's MLA_ABSORB_MIN_KEYS, 1024); a larger N than the cache keeps the expanded form")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--profile", action="store_true",
                         help="print each model's per-kernel GPU time and wall time per training shape, and of one "
@@ -333,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     add_set_option(parser, "moe.GATE_UP_SPLIT=4")
     args = parser.parse_args(argv)
     overrides = apply_set_option(parser, args)
+    if args.mla_latent_min_keys is not None:
+        from kimi_hf.models.kimi_linear import modeling_kimi_linear
+
+        modeling_kimi_linear.MLA_ABSORB_MIN_KEYS = args.mla_latent_min_keys
+        overrides["MLA_ABSORB_MIN_KEYS"] = args.mla_latent_min_keys
     results = run(args)
     results["launch_constants"] = overrides
     print(markdown(results))

@@ -50,6 +50,11 @@ step_command() {
     # our decoding alone, with where one growing-cache generate spends its host time
     model_decode_host) echo "timeout 240 python3 kernels/benchmarks/bench_model.py --skip-native --no-parity --parts decode \
       --profile --profile-host 30" ;;
+    # decoding after a 16K-token prompt, MLA in the latent space (the default from 1024 cached positions) and expanded
+    model_long_decode) echo "timeout 270 python3 kernels/benchmarks/bench_model.py --skip-native --no-parity --parts decode \
+      --decode-prompt 16384 --decode-repeats 1 --json $OUT/$2model_long_decode.json" ;;
+    model_long_decode_expanded) echo "timeout 270 python3 kernels/benchmarks/bench_model.py --skip-native --no-parity \
+      --parts decode --decode-prompt 16384 --decode-repeats 1 --mla-latent-min-keys 1000000" ;;
     model_quick) echo "timeout 200 python3 kernels/benchmarks/bench_model.py --no-parity --rep 1 --decode-repeats 1" ;;
     attn_res) echo "timeout 330 python3 kernels/benchmarks/bench_attn_res.py --json $OUT/$2attn_res.json" ;;
     attn_res_graphs) echo "timeout 200 python3 kernels/benchmarks/bench_attn_res.py --model kimi_linear --impls triton \
