@@ -394,6 +394,26 @@ def test_a_padding_token_fed_alone_leaves_the_kda_states_alone(model, static):
     assert torch.equal(chunked[0, 9:], _generate(model, ids[1:, 4:], True, do_sample=False)[0, 5:])
 
 
+def test_the_decode_graph_replays_only_real_tokens(model):
+    """The graph takes its token as real: until a prompt's one-token step is all real, the step's mask is read and a
+    padding step runs eagerly (left padding: after the first all-real step every later token is real, so the check
+    stops); reset() starts a prompt that checks again. The replay conditions other than the token's are met here
+    by a stand-in CUDA input (the decision reads only its device flag and shape)."""
+    from types import SimpleNamespace
+
+    cache = KimiLinearStaticCache(model.config, max_cache_len=8)
+    cache.seen_tokens = 3
+    token = SimpleNamespace(is_cuda=True, shape=(2, 1))
+    padded, real = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), torch.ones(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        replays = lambda mask: model._replays_decode_graph(cache, token, None, True, (None,) * 3, mask)  # noqa: E731
+        assert not replays(padded) and cache.steps_may_be_padding
+        assert replays(real) and not cache.steps_may_be_padding
+        assert replays(padded)  # no longer read: left padding ends before the first real token
+        cache.reset()
+        assert cache.steps_may_be_padding
+
+
 @pytest.mark.parametrize("cache", ["growing", "static"])
 def test_chunked_prefill_of_a_prompt_padded_to_a_fixed_length(model, cache):
     """Prompts padded to a fixed length (tokenizer padding="max_length") start with columns of padding only: a

@@ -175,6 +175,23 @@ def test_latent_space_decoding_equals_the_expanded_form(dtype, rtol, monkeypatch
     assert_close_rel(scores(KimiLinearStaticCache(model.config, 50)), expanded, rtol, "latent space, CUDA graph")
 
 
+def test_decode_graph_after_a_left_padded_prompt_fed_token_by_token():
+    """generate(prefill_chunk_size=1) on a left-padded batch with the static cache's CUDA graph: the padding steps
+    run eagerly (dropped), so the tokens equal the growing cache's; the padding id's embedding is not zero."""
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config()).cuda().eval()
+    ids = torch.randint(3, 256, (2, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ids[mask == 0] = model.config.eos_token_id
+
+    def generate(**kwargs):
+        return model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              pad_token_id=0, eos_token_id=None, prefill_chunk_size=1, **kwargs)  # fmt: skip
+
+    assert torch.equal(generate(cache_implementation="static"), generate())
+
+
 def test_logits_match_transformers_native_class(tmp_path):
     """fp32 on the same weights, with every expert active: with top-k < experts a random-init router has
     near ties, and rounding differences (fla's kernels vs ours) flip expert choices, which no tolerance

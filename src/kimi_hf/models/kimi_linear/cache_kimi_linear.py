@@ -203,6 +203,9 @@ class KimiLinearStaticCache(KimiLinearCache):
         self._positions: torch.Tensor | None = None  # [T] positions of the current forward
         self.dtype: torch.dtype | None = None  # the activations' dtype the layer buffers were allocated in
         self._decode_graph: DecodeGraph | None = None
+        # Until a one-token step of this prompt is all real, the model checks each step's mask before replaying the
+        # graph, which takes its token as real (KimiLinearForCausalLM._replays_decode_graph)
+        self.steps_may_be_padding = True
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len
@@ -312,6 +315,7 @@ class KimiLinearStaticCache(KimiLinearCache):
     def reset(self) -> None:
         """Start a new sequence; keeps the buffers (and the captured graph) for the same batch size."""
         self.seen_tokens = 0
+        self.steps_may_be_padding = True
 
     def decode_graph(self, model: KimiLinearForCausalLM) -> DecodeGraph:
         """The decode-step graph of ``model`` on this cache (built on first use, and again when the model or

@@ -1059,7 +1059,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             # DataCollatorWithFlattening(return_flash_attn_kwargs=True) marks packed sequences this way only
             cu_seqlens = kwargs["cu_seq_lens_q"]
         outputs_asked = (output_hidden_states, output_router_logits, output_attentions)
-        if self._replays_decode_graph(cache, input_ids, labels, use_cache, outputs_asked):
+        if self._replays_decode_graph(cache, input_ids, labels, use_cache, outputs_asked, attention_mask):
             logits = cache.decode_graph(self).step(input_ids)
             output = MoeCausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
             return output if return_dict is not False else output.to_tuple()
@@ -1099,14 +1099,21 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None,
         use_cache: bool | None,
         outputs_asked: tuple[bool | None, bool | None, bool | None],
+        attention_mask: torch.Tensor | None = None,
     ) -> bool:
         """Whether this forward is a one-token decode step that a :class:`KimiLinearStaticCache` runs as a
         CUDA graph: inference on CUDA, after a prefill, with only logits to return (``outputs_asked``: the
-        ``output_hidden_states``, ``output_router_logits`` and ``output_attentions`` arguments)."""
+        ``output_hidden_states``, ``output_router_logits`` and ``output_attentions`` arguments), and a real token.
+
+        The graph takes its token as real. A one-token step can be padding (``generate(prefill_chunk_size=1)`` on a
+        left-padded batch): until a step's tokens are all real, ``attention_mask``'s last column is read (one host
+        synchronisation per step), and a step with padding runs eagerly, which drops it. With left padding every
+        later token is real, so a prompt's steps stop asking after the first all-real one (``generate``'s usual
+        one-chunk prefill asks once)."""
         configured = (self.config.output_hidden_states, self.config.output_router_logits, self.config.output_attentions)
         if any(asked if asked is not None else default for asked, default in zip(outputs_asked, configured)):
             return False
-        return (
+        replayable = (
             isinstance(cache, KimiLinearStaticCache)
             and cache.cuda_graphs
             and use_cache is not False
@@ -1118,6 +1125,11 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             and not torch.is_grad_enabled()
             and labels is None
         )
+        if replayable and attention_mask is not None and cache.steps_may_be_padding:
+            if not bool(attention_mask[:, -1].all()):
+                return False
+            cache.steps_may_be_padding = False
+        return replayable
 
     def prepare_inputs_for_generation(
         self,
