@@ -726,9 +726,11 @@ class KimiLinearSparseMoE(nn.Module):
         capacity = -(-routed_in.shape[0] // align) * align + align * self.num_experts
         padded = routed_in.new_zeros(capacity, routed_in.shape[1]).index_copy(0, rows, routed_in)
         offsets = torch.cat([ends[:-1], ends.new_full((1,), capacity)]).to(torch.int32)
-        # Experts keep the official per-expert modules; stacking their weights costs one read of them.
-        w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts])  # [E, 2I, hidden]
-        w2 = torch.stack([e.w2.weight for e in self.experts])  # [E, hidden, I]
+        # Experts keep the official per-expert modules; stacking their weights costs one read of them (and three
+        # launches: a concatenation per expert took E + 1).
+        w1, w3, w2 = self._expert_weights()  # not None: _experts_read_in_place checked
+        w13 = torch.cat([torch.stack(w1), torch.stack(w3)], dim=1)  # [E, 2I, hidden]
+        w2 = torch.stack(w2)  # [E, hidden, I]
         gate, up = torch._grouped_mm(padded, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         act = self.experts[0].act_fn(gate) * up
         return _TakeRows.apply(torch._grouped_mm(act, w2.transpose(1, 2), offs=offsets), rows)
