@@ -170,9 +170,10 @@ def moe_route_kernel(
     for t in tl.static_range(TOPK):
         # As torch.topk: a NaN ranks above every number (a broken router shows in the output, not as a dropped expert)
         is_nan = b_c != b_c
-        best = tl.where(is_nan, float("-inf"), b_c)
-        best = tl.where(is_nan | (best == tl.max(best, axis=0)), e, BE)
-        pick = tl.min(tl.where(tl.max(is_nan.to(tl.int32), axis=0) > 0, tl.where(is_nan, e, BE), best), axis=0)
+        numbers = tl.where(is_nan, float("-inf"), b_c)
+        at_max = tl.where(numbers == tl.max(numbers, axis=0), e, BE)  # the ids holding the largest number
+        any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
+        pick = tl.min(tl.where(any_nan, tl.where(is_nan, e, BE), at_max), axis=0)
         b_ids = tl.where(j == t, pick, b_ids)
         b_w = tl.where(j == t, tl.sum(tl.where(e == pick, b_s, 0.0), axis=0), b_w)
         b_c = tl.where(e == pick, float("-inf"), b_c)
