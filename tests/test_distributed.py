@@ -190,3 +190,15 @@ def test_balancing_bias_follows_the_load_of_every_rank(tmp_path):
         got = load_file(tmp_path / f"rank{rank}.safetensors")
         for i, value in enumerate(expected):
             assert torch.equal(got[f"router{i}"], value), f"rank {rank} router {i}"
+
+
+def test_router_routes_in_fp32_under_autocast():
+    """The Trainer's ``bf16=True`` keeps fp32 weights and runs the forward under autocast, whose bf16 linear gave
+    bf16 router logits: experts chosen and weighed from rounded scores. Routing must be the fp32 model's."""
+    router = routers(_balancing_model().eval())[0]
+    x = torch.randn(64, router.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    expected = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+    for name, a, b in zip(("logits", "weights", "expert ids"), got, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name} under autocast: {a.dtype}, fp32 gives {b.dtype}"

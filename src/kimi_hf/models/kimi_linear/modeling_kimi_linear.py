@@ -481,8 +481,7 @@ class KimiLinearRouter(nn.Module):
         records_load = self.training and cfg.router_bias_update_rate > 0 and not _inside_backward()
         if records_load:
             self._apply_pending_bias_update()
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 routing, fp64 in fp64 models
-        logits = F.linear(x.to(acc), self.weight.to(acc))
+        logits = self._logits(x)
         groups, topk_groups = (cfg.num_expert_group, cfg.topk_group) if cfg.use_grouped_topk else (1, 1)
         # A decode step's few tokens take the one-launch Triton routing (on CUDA); autograd, fp64 and grouped
         # top-k the torch formula.
@@ -498,6 +497,17 @@ class KimiLinearRouter(nn.Module):
             chosen = expert_ids[:, : self.top_k] if real_rows is None else expert_ids[real_rows, : self.top_k]
             self._pending_load = _expert_counts(chosen, self.num_experts).float()
         return logits, weights, expert_ids
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, hidden]`` -> router logits ``[N, E]`` in fp32 (fp64 in fp64 models), also under autocast: its
+        bf16/fp16 linear would choose the experts and weigh them from rounded scores (an fp32 model trained with
+        autocast, as the Trainer's ``bf16=True`` runs it, routed less precisely than the same model cast to bf16)."""
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self._logits(x)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return F.linear(x.to(acc), self.weight.to(acc))
 
     @torch.no_grad()
     def _apply_pending_bias_update(self) -> None:
