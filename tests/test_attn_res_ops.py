@@ -311,6 +311,29 @@ def test_triton_refuses_a_second_backward_through_a_bank():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["depth_attention", "prenorm"])
+def test_triton_backward_refuses_create_graph(backend, op):
+    """A second derivative (create_graph=True, e.g. a gradient penalty) through the ops: the Triton backward kernels
+    are not differentiable, and the first gradients' graph missed their dependence on the forward tensors (the second
+    derivative came out wrong without a word), so that backward refuses; the torch path's autograd gives it. The loss's
+    grad output is constant (``.sum()``), which ``once_differentiable`` would not have caught."""
+    blocks, partial, query, gain = _inputs(1, shape=(2, 8))
+    lin = torch.nn.Linear(8, 8)
+    source = blocks[0].requires_grad_()
+    if op == "depth_attention":
+        bank = append_source(new_source_bank(2, source, backend=backend), lin(source))
+        out = depth_attention(bank, query, gain, partial)
+    else:
+        out = prenorm(lin(source), gain, 1e-6, backend=backend)
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            torch.autograd.grad(out.sum(), lin.weight, create_graph=True)
+    else:
+        (grad,) = torch.autograd.grad(out.sum(), lin.weight, create_graph=True)
+        assert torch.autograd.grad(grad.square().sum(), lin.weight)[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_prenorm_weight_of_another_dtype_promotes_on_both_paths(backend):
     """fp16 sources with an fp32 PreNorm weight: the output follows :func:`prenorm`'s promotion (fp32) on the
     kernels' path too (they fuse the PreNorm only for a weight of the sources' dtype), with the reference's values."""

@@ -15,7 +15,9 @@ The store is append-only and every slot is written exactly once per forward with
 so re-running a decoder layer under (non-reentrant) gradient checkpointing rewrites identical bytes and
 is safe. The storage is referenced from ``ctx`` (not saved tensors): it lives until the graph is freed.
 Backward may run once per forward: a second one through a stored source (``retain_graph``, or two losses over one
-bank backwarded apart) raises, where it would double-count ``storage.grad``.
+bank backwarded apart) raises, where it would double-count ``storage.grad``. The backward kernels are not themselves
+differentiable, so a backward with ``create_graph=True`` (a gradient penalty, any second derivative) raises: it would
+treat their gradients as constants and give wrong second derivatives without a word.
 """
 
 from __future__ import annotations
@@ -73,6 +75,20 @@ PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reductio
 def _warps(width: int, elements_per_thread: int) -> int:
     """Warps for a row of ``width`` (padded D) at ``elements_per_thread`` of it per thread, 1 to 16."""
     return max(1, min(16, width // (32 * elements_per_thread)))
+
+
+def refuse_create_graph() -> None:
+    """Raise in a backward run with ``create_graph=True`` (grad mode is on inside backward only then).
+
+    ``once_differentiable`` is not enough: it marks only the gradients computed from grad outputs that require grad,
+    while the kernels' gradients also depend on the saved forward tensors (a loss ``out.sum()`` has a constant grad
+    output), and the stored sources' gradients reach their producers through ``storage.grad``, outside autograd.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the Triton AttnRes kernels' backward is not differentiable (create_graph=True, a second derivative): "
+            "use backend='torch' (KIMI_HF_KERNEL_BACKEND=torch), whose backward autograd differentiates"
+        )
 
 
 class SourceStorage:
@@ -215,6 +231,7 @@ class StoreSourceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_handle: torch.Tensor | None):
+        refuse_create_graph()
         # storage.grad sums every reader's slot gradient once: a second backward through this node (two losses
         # over one bank backwarded apart, or retain_graph) would hand it on again. Nothing is saved here, so
         # autograd itself would not notice; refuse as it does.
@@ -260,6 +277,7 @@ class DepthAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor | None):
+        refuse_create_graph()
         if dout is None:
             return (None,) * (7 + ctx.n)
         query, gain, part2, wn, lse, h_rstd = ctx.saved_tensors
