@@ -39,6 +39,26 @@ def test_refuses_python_side_state_it_cannot_replay():
         GraphedLossStep(peft_model, _batch())
 
 
+def test_refuses_what_kimi_linear_reads_back_to_the_host(monkeypatch):
+    """A mask (all ones too), cu_seqlens, a batch of one's position_ids and the MoE's per-expert loop synchronise: CUDA
+    broke the capture off with errors that named none of them (seen on an H100). Only Kimi Linear is concerned."""
+    refuse = GraphedLossStep._refuse_host_syncs
+    model = KimiLinearForCausalLM(tiny_kimi_linear_config())
+    ones = torch.ones(2, 64, dtype=torch.long)
+    for extra, named in (({"attention_mask": ones}, "attention_mask"), ({"cu_seqlens": ones[0, :2]}, "cu_seqlens"),
+                         ({"position_ids": torch.arange(64)[None]}, "position_ids")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"Kimi Linear reads {named} back to the host"):
+            refuse(model, {**_batch(), **extra})
+    with pytest.raises(ValueError, match=r"MoE would run its experts as a loop \(experts torch.float32 on cpu"):
+        refuse(model, _batch())
+    monkeypatch.setattr(modeling, "_grouped_mm_ok", lambda x: True)  # as bf16 experts on a Hopper GPU
+    refuse(model, {**_batch(), "position_ids": torch.arange(64).expand(2, 64)})  # a batch of two: not read
+    monkeypatch.setattr(modeling.KimiLinearSparseMoE, "use_grouped_mm", False)
+    with pytest.raises(ValueError, match="use_grouped_mm=False"):
+        refuse(model, _batch())
+    refuse(torch.nn.Sequential(torch.nn.Linear(2, 2)), {**_batch(), "attention_mask": ones})  # not Kimi Linear
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_replays_equal_eager_steps():
@@ -64,3 +84,8 @@ def test_replays_equal_eager_steps():
             assert_close_rel(got, g, 2e-2, f"grad {name} of batch {seed}")
     with pytest.raises(ValueError, match=r"batch\['input_ids'\] is torch.int64 \(2, 32\)"):
         step({"input_ids": batch["input_ids"][:, :32], "labels": batch["labels"][:, :32]})
+    mask = {"attention_mask": torch.ones_like(batch["input_ids"])}
+    with pytest.raises(ValueError, match="Kimi Linear reads attention_mask back to the host"):
+        GraphedLossStep(model, {**batch, **mask})
+    with pytest.raises(ValueError, match="MoE would run its experts as a loop"):
+        GraphedLossStep(model.float(), batch)

@@ -34,7 +34,9 @@ class GraphedLossStep:
           adapters (their kept channels are reselected on a step schedule).
         - The step must not synchronise with the host: CUDA refuses to capture it. Kimi Linear's is free of
           synchronisations without padding or packing, with its MoE on the grouped-GEMM path (bf16/fp16 weights on
-          Hopper or newer; the per-expert loop of other dtypes reads the expert sizes back to the host).
+          Hopper or newer; the per-expert loop of other dtypes reads the expert sizes back to the host). Both are
+          refused up front: an ``attention_mask`` (all ones too), ``cu_seqlens``, ``position_ids`` of a batch of
+          one, and an MoE that would take the loop.
 
     Args:
         model: a model on one CUDA device whose ``forward(**batch)`` returns an output with ``.loss``; its mode
@@ -68,6 +70,7 @@ class GraphedLossStep:
         device = self._params[0].device
         self._static = {name: t.detach().clone() for name, t in example_batch.items()}
         kwargs = {**(forward_kwargs or {}), **self._static}
+        self._refuse_host_syncs(model, kwargs)
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -103,6 +106,37 @@ class GraphedLossStep:
         if any(isinstance(m, CELinear) for m in model.modules()):
             raise ValueError("CE-LoRA adapters reselect their kept channels on a step schedule kept in Python, which "
                              "a replayed graph cannot follow; train them eagerly")  # fmt: skip
+
+    @staticmethod
+    def _refuse_host_syncs(model: nn.Module, inputs: Mapping[str, Any]) -> None:
+        """Refuse the inputs and settings that make this package's Kimi Linear models read values back to the host.
+
+        CUDA would break the capture off with an error that names neither (``operation failed due to a previous
+        error during capture``, or a refused copy to the host), and an all-ones ``attention_mask``, which
+        tokenizers and collators hand over, is read back as much as a padded one.
+        """
+        from .models.kimi_linear import modeling_kimi_linear as kimi_linear
+
+        if not any(isinstance(m, kimi_linear.KimiLinearModel) for m in model.modules()):
+            return
+        syncing = [name for name in ("attention_mask", "cu_seqlens", "cu_seq_lens_q") if inputs.get(name) is not None]
+        positions = inputs.get("position_ids")
+        if isinstance(positions, torch.Tensor) and positions.shape[0] == 1:  # a batch of one is checked for packing
+            syncing.append("position_ids")
+        if syncing:
+            raise ValueError(
+                f"Kimi Linear reads {', '.join(syncing)} back to the host to lay out padding and packing, which a "
+                "CUDA graph cannot capture: leave them out (unpadded, unpacked batches only)"
+            )
+        for moe in (m for m in model.modules() if isinstance(m, kimi_linear.KimiLinearSparseMoE)):
+            weight = moe.experts[0].w1.weight
+            if not (moe.use_grouped_mm and moe._experts_read_in_place() and kimi_linear._grouped_mm_ok(weight)):
+                raise ValueError(
+                    f"Kimi Linear's MoE would run its experts as a loop (experts {weight.dtype} on "
+                    f"{weight.device}, use_grouped_mm={moe.use_grouped_mm}, plain nn.Linear experts: "
+                    f"{moe._experts_read_in_place()}), which reads the expert sizes back to the host; the capturable "
+                    "grouped-GEMM path needs bf16/fp16 plain nn.Linear experts on a Hopper or newer GPU"
+                )
 
     def _clear_grads(self) -> None:
         for p in self._params:
