@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="prompt tokens before the timed decoding (default 512, the issue's setting)")
     parser.add_argument("--mla-latent-min-keys", type=positive_int, default=None, metavar="N",
                         help="our MLA decode steps attend in the latent space from N cached positions (default: the "
-                        "model's MLA_ABSORB_MIN_KEYS, 1024); a larger N than the cache keeps the expanded form")
+                        "model's MLA_ABSORB_MIN_KEYS, 4096); a larger N than the cache keeps the expanded form")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--profile", action="store_true",
                         help="print each model's per-kernel GPU time and wall time per training shape, and of one "

@@ -302,11 +302,12 @@ class KimiDeltaAttention(nn.Module):
 MLA_LORA_NORM_EPS = 1e-6
 # A step of at most this many new tokens over at least MLA_ABSORB_MIN_KEYS cached positions attends in the latent
 # space: the expanded form computes every position's per-head key and value again at each step (S * H * (qk + v)
-# numbers written and read, 20 GB per layer at 1M positions on the 48B config), the absorbed one reads each
-# position's latent and rope key once (S * (kv_lora_rank + rope)). Below about a thousand positions the two cost a
-# few microseconds either way and the absorbed form's extra launches would show (a byte and FLOP estimate; not timed).
+# numbers written and read, 20 GB per layer at 1M positions on the 48B config), the latent one reads each position's
+# latent and rope key (S * (kv_lora_rank + rope)) but launches a few more kernels. H100, session 23, ~1B config, B1
+# after a 16K prompt: 1.49 against 2.03 ms/token with the static cache's CUDA graph; 9.26 against 8.76 with the
+# growing cache, whose steps are bound by their launches. From 4096 positions the bytes saved outweigh the launches.
 MLA_ABSORB_MAX_NEW_TOKENS = 16
-MLA_ABSORB_MIN_KEYS = 1024
+MLA_ABSORB_MIN_KEYS = 4096
 
 
 class KimiMLAAttention(nn.Module):
@@ -314,7 +315,7 @@ class KimiMLAAttention(nn.Module):
 
     Keys and values are expanded from a normalised latent of size ``kv_lora_rank`` plus one shared
     "rope" key of size ``qk_rope_head_dim`` used without rotation; the cache keeps the latent. Decode-sized steps
-    over a long cache attend in the latent space instead (:meth:`_latent_attention`), with sdpa.
+    over a long cache attend in the latent space instead (:meth:`_latent_attention`).
     """
 
     is_causal = True
@@ -380,30 +381,35 @@ class KimiMLAAttention(nn.Module):
     ) -> torch.Tensor:
         """The same attention with the key and value up-projections absorbed (DeepSeek-V2's decoding form):
         score = (W_uk^T q_nope) . c_s + q_rope . r_s, output = W_uv (sum_s p_s c_s), so that no per-head key or
-        value is ever formed. The heads are folded into the query length of one sdpa head.
+        value is ever formed. The heads are folded into the query rows of two GEMMs over the positions, in fp32 (fp64
+        in fp64 models): sdpa would run them as one head with a handful of query rows, a single program per step
+        (2.1x slower than the expanded form after a 16K prompt on the H100, session 23).
 
         Args:
             q: ``[B, H, T, nope + rope]``; latent ``[B, S, R]`` (normalised), rope_key ``[B, S, P]``.
             mask: ``[B or 1, 1, T, S]`` bool (True = attend), or None: causal, the queries the last T positions.
 
         Returns:
-            ``[B, T, H * v]``, the heads' outputs before ``o_proj``.
+            ``[B, T, H * v]`` in q's dtype, the heads' outputs before ``o_proj``.
         """
         batch, heads, seq_len, _ = q.shape
         kv_len, rank = latent.shape[1], self.kv_lora_rank
+        acc = torch.promote_types(q.dtype, torch.float32)
         w_uk, w_uv = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, rank).split(
             [self.nope_dim, self.v_dim], dim=1
         )  # [H, nope, R], [H, v, R]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
-        query = query.reshape(batch, 1, heads * seq_len, rank + self.rope_dim)  # row h * T + t
-        keys = torch.cat([latent, rope_key], dim=-1)[:, None]  # [B, 1, S, R + P]
+        query = query.reshape(batch, heads * seq_len, rank + self.rope_dim).to(acc) * self.scaling  # row h * T + t
+        keys = torch.cat([latent, rope_key], dim=-1).to(acc)  # [B, S, R + P]
+        scores = torch.matmul(query, keys.transpose(1, 2))  # [B, H * T, S]
         if mask is None and seq_len > 1:
             mask = torch.ones(seq_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - seq_len)
         if mask is not None:  # each head's rows take their token's mask
-            mask = mask[..., :kv_len].expand(batch, 1, seq_len, kv_len)[:, :, None]
-            mask = mask.expand(batch, 1, heads, seq_len, kv_len).reshape(batch, 1, heads * seq_len, kv_len)
-        out = F.scaled_dot_product_attention(query, keys, keys[..., :rank], attn_mask=mask, scale=self.scaling)
+            mask = mask[..., :kv_len].expand(batch, 1, seq_len, kv_len)
+            mask = mask.expand(batch, heads, seq_len, kv_len).reshape(batch, heads * seq_len, kv_len)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1), keys[..., :rank]).to(q.dtype)  # [B, H * T, R]
         out = torch.einsum("bhtr,hvr->bthv", out.view(batch, heads, seq_len, rank), w_uv)
         return out.reshape(batch, seq_len, heads * self.v_dim)
 
