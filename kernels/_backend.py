@@ -33,3 +33,18 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
             "triton is first imported (it is read then) to run the kernels on CPU under Triton's interpreter"
         )
     return choice
+
+
+def refuse_create_graph(op: str) -> None:
+    """Raise in a Triton backward run with ``create_graph=True`` (grad mode is on inside backward only then).
+
+    The Triton backward kernels are not differentiable: a second derivative would take their gradients as constants,
+    silently wrong. ``once_differentiable`` is not enough: it marks only the gradients computed from grad outputs
+    that require grad, while the kernels' gradients also depend on the saved forward tensors (a loss ``out.sum()``
+    has a constant grad output).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the Triton {op} backward is not differentiable (create_graph=True, a second derivative): use "
+            f"backend='torch' ({BACKEND_ENV_VAR}=torch), whose backward autograd differentiates"
+        )

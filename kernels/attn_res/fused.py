@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .._backend import refuse_create_graph
 from .._grid import cdiv, next_power_of_2
 from . import _triton
 
@@ -75,20 +76,6 @@ PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reductio
 def _warps(width: int, elements_per_thread: int) -> int:
     """Warps for a row of ``width`` (padded D) at ``elements_per_thread`` of it per thread, 1 to 16."""
     return max(1, min(16, width // (32 * elements_per_thread)))
-
-
-def refuse_create_graph() -> None:
-    """Raise in a backward run with ``create_graph=True`` (grad mode is on inside backward only then).
-
-    ``once_differentiable`` is not enough: it marks only the gradients computed from grad outputs that require grad,
-    while the kernels' gradients also depend on the saved forward tensors (a loss ``out.sum()`` has a constant grad
-    output), and the stored sources' gradients reach their producers through ``storage.grad``, outside autograd.
-    """
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "the Triton AttnRes kernels' backward is not differentiable (create_graph=True, a second derivative): "
-            "use backend='torch' (KIMI_HF_KERNEL_BACKEND=torch), whose backward autograd differentiates"
-        )
 
 
 class SourceStorage:
@@ -231,7 +218,8 @@ class StoreSourceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_handle: torch.Tensor | None):
-        refuse_create_graph()
+        # (also: the stored sources' gradients reach their producers through storage.grad, outside autograd)
+        refuse_create_graph("AttnRes")
         # storage.grad sums every reader's slot gradient once: a second backward through this node (two losses
         # over one bank backwarded apart, or retain_graph) would hand it on again. Nothing is saved here, so
         # autograd itself would not notice; refuse as it does.
@@ -277,7 +265,7 @@ class DepthAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor | None):
-        refuse_create_graph()
+        refuse_create_graph("AttnRes")
         if dout is None:
             return (None,) * (7 + ctx.n)
         query, gain, part2, wn, lse, h_rstd = ctx.saved_tensors

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .._backend import refuse_create_graph
 from .._grid import cdiv
 from . import _triton
-from .fused import block_d, num_warps, refuse_create_graph
+from .fused import block_d, num_warps
 
 # Backward programs walk this many row blocks each: the weight-gradient partials stay small ([P, D]).
 _BWD_BLOCKS_PER_PROGRAM = 8
@@ -76,7 +77,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        refuse_create_graph()
+        refuse_create_graph("RMSNorm")
         x2, w, rstd = ctx.saved_tensors
         dx, dw = rms_norm_bwd(dy.reshape(x2.shape).contiguous(), x2, w, rstd)
         return dx.view(dy.shape), dw, None

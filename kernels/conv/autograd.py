@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._backend import refuse_create_graph
 from .triton_kernels import causal_conv1d_bwd, causal_conv1d_fwd
 
 
@@ -32,6 +33,7 @@ class CausalConv1dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor, dfinal_state: torch.Tensor | None):
+        refuse_create_graph("causal_conv1d")
         x, weight, bias, initial_state, cu_seqlens, seq_ids = ctx.saved_tensors
         dfinal_state = dfinal_state.contiguous() if dfinal_state is not None else None
         dx, dweight, dbias, dinitial_state = causal_conv1d_bwd(

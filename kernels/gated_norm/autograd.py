@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._backend import refuse_create_graph
 from .triton_kernels import gated_rms_norm_bwd, gated_rms_norm_fwd
 
 
@@ -23,6 +24,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        refuse_create_graph("gated_rms_norm")
         x2d, g2d, w, rstd = ctx.saved_tensors
         dx, dgate, dweight = gated_rms_norm_bwd(dy.reshape(x2d.shape).contiguous(), x2d, g2d, w, rstd, ctx.activation)
         return dx.view(dy.shape), dgate.view(dy.shape), dweight, None, None

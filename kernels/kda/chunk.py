@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._backend import refuse_create_graph
 from .._grid import cdiv, next_power_of_2
 from .chunk_bwd import (
     kda_direct_bwd_kernel, kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel,
@@ -395,6 +396,7 @@ class ChunkKDAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
+        refuse_create_graph("chunk_kda")
         B, T, H, K, V, scale, has_h0, use_qk_l2norm, use_gate = ctx.meta
         qf, kf, vf, gf, bf, A_logf, dt_biasf, *rest = ctx.saved_tensors
         saved = dict(zip(ctx.saved_names, rest))
