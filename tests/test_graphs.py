@@ -39,6 +39,20 @@ def test_refuses_python_side_state_it_cannot_replay():
         GraphedLossStep(peft_model, _batch())
 
 
+def test_refuses_distributed_training(tmp_path):
+    """A model under DDP (one gloo process on CPU here) is refused by name before anything is captured."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(KimiLinearForCausalLM(tiny_kimi_linear_config()))
+        with pytest.raises(ValueError, match=r"does not capture distributed training \(DistributedDataParallel\)"):
+            GraphedLossStep(model, _batch())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_refuses_what_kimi_linear_reads_back_to_the_host(monkeypatch):
     """A mask (all ones too), cu_seqlens, a batch of one's position_ids and the MoE's per-expert loop synchronise: CUDA
     broke the capture off with errors that named none of them (seen on an H100). Only Kimi Linear is concerned."""

@@ -93,7 +93,8 @@ class GraphedLossStep:
 
     @staticmethod
     def _refuse_python_state(model: nn.Module) -> None:
-        """Refuse the models of this package whose forward hands Python-side state from one step to the next."""
+        """Refuse the models of this package whose forward hands Python-side state from one step to the next, and
+        models under DDP or FSDP."""
         rates = {getattr(m.config, "router_bias_update_rate", 0.0) for m in model.modules() if hasattr(m, "config")}
         rate = max(rates, default=0.0)  # any model of ours inside a wrapper (a PEFT model, nn.Sequential, ...)
         if rate:
@@ -106,6 +107,20 @@ class GraphedLossStep:
         if any(isinstance(m, CELinear) for m in model.modules()):
             raise ValueError("CE-LoRA adapters reselect their kept channels on a step schedule kept in Python, which "
                              "a replayed graph cannot follow; train them eagerly")  # fmt: skip
+        # DDP and FSDP reduce (and FSDP gathers) in hooks around backward, with buckets and collectives decided in
+        # Python at each step; their capture and replay are untested here, and a replay that skipped a reduction
+        # would train each rank on its own gradients without a word.
+        if not torch.distributed.is_available():
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.nn.parallel import DistributedDataParallel
+
+        fsdp2 = getattr(torch.distributed.fsdp, "FSDPModule", ())
+        wrapped = [type(m).__name__ for m in model.modules()
+                   if isinstance(m, (DistributedDataParallel, FullyShardedDataParallel, fsdp2))]  # fmt: skip
+        if wrapped:
+            raise ValueError(f"GraphedLossStep does not capture distributed training ({wrapped[0]}): its gradient "
+                             "reductions run in hooks around backward; train such models eagerly")  # fmt: skip
 
     @staticmethod
     def _refuse_host_syncs(model: nn.Module, inputs: Mapping[str, Any]) -> None:
