@@ -632,8 +632,10 @@ class KimiLinearSparseMoE(nn.Module):
         indices ``[n]`` of the real (not padding) tokens in ``[B*T]``, or None when all are, for the balancing load."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        if self._use_decode_experts(x):
-            out, logits = self._decode(x, real_rows)
+        # The decode path reads the experts' weights in place, so it also needs plain nn.Linear experts.
+        expert_weights = self._expert_weights() if self._use_decode_experts(x) else None
+        if expert_weights is not None:
+            out, logits = self._decode(x, real_rows, expert_weights)
         else:
             logits, weights, expert_ids = self.gate(x, real_rows)
             out = self._routed(x, weights, expert_ids)
@@ -645,10 +647,11 @@ class KimiLinearSparseMoE(nn.Module):
         """Inference on CUDA with few tokens (decoding) takes the small-batch experts op: each chosen expert's
         weights are read once for all the tokens that chose it, in Triton kernels with no sorting and no host
         synchronisation, so the step can be captured in a CUDA graph. Inputs of another dtype than the weights
-        (autocast) take the routed path, whose linear layers autocast handles, as does float64."""
+        (autocast) take the routed path, whose linear layers autocast handles, as does float64. (Wrapped experts
+        take it too: :meth:`forward` asks :meth:`_expert_weights`, whose weights the decode path then reads.)"""
         if self.hidden_act != "silu" or not x.is_cuda or torch.is_grad_enabled() or x.shape[0] > MOE_MAX_TOKENS:
             return False
-        return self._experts_read_in_place() and x.dtype in MOE_DTYPES and x.dtype == self.experts[0].w1.weight.dtype
+        return x.dtype in MOE_DTYPES and x.dtype == self.experts[0].w1.weight.dtype
 
     def _expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
         """The experts' ``w1``, ``w3`` and ``w2`` weights (a list over the experts each), or None if a projection is not
@@ -681,15 +684,18 @@ class KimiLinearSparseMoE(nn.Module):
         w1 = self.experts[0].w1.weight
         return shared.gate_proj.weight.shape == w1.shape and shared.gate_proj.weight.dtype == w1.dtype
 
-    def _decode(self, x: torch.Tensor, real_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [N, hidden]`` -> output ``[N, hidden]`` (routed + shared experts) and router logits ``[N, E]``.
+    def _decode(
+        self, x: torch.Tensor, real_rows: torch.Tensor | None, expert_weights: tuple[list[torch.Tensor], ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [N, hidden]`` -> output ``[N, hidden]`` (routed + shared experts) and router logits ``[N, E]``;
+        ``expert_weights``: :meth:`_expert_weights`.
 
         A decode step is bound by its launches: the routing is one kernel, and the shared expert rides with the
         routed ones as expert E, chosen by every token with weight 1 (summed with them in fp32), where the five
         launches of its own MLP and the add would otherwise follow."""
         rides = self._shared_expert_rides()
         logits, weights, expert_ids = self.gate(x, real_rows, shared_expert=self.num_experts if rides else None)
-        w1, w3, w2 = self._expert_weights()  # not None: _use_decode_experts checked
+        w1, w3, w2 = expert_weights
         if rides:
             shared = self.shared_experts
             w1, w3, w2 = w1 + [shared.gate_proj.weight], w3 + [shared.up_proj.weight], w2 + [shared.down_proj.weight]
