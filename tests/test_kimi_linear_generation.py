@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from helpers import assert_close_rel
 from kimi_linear_utils import random_ids, single_thread, tiny_model  # noqa: F401 (single_thread: autouse fixture)
 
@@ -427,3 +429,70 @@ def test_chunked_prefill_of_a_prompt_padded_to_a_fixed_length(model, cache):
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     chunked = _generate(model, ids, True, attention_mask=mask, do_sample=False, prefill_chunk_size=2, **kwargs)
     assert torch.equal(chunked, _generate(model, ids, True, attention_mask=mask, do_sample=False))
+
+
+@pytest.mark.parametrize("form", ["ids", "chunked", "embeds", "static"])
+@pytest.mark.parametrize("layers", ["hybrid", "kda-only"])
+def test_continued_generation_from_a_filled_cache_equals_one_generation(model, layers, form):
+    """generate() again with the cache of a first call and the whole sequence (ids, chunked prefill, embeddings; the
+    growing and the static cache): only the new tokens are fed. A model of KDA layers only reported every layer as
+    linear, which transformers reads as "the cache counts no positions": it re-fed the cached prompt into the
+    recurrent states and generated other tokens, silently."""
+    if form == "chunked" and Version(transformers.__version__) < Version("5.24"):
+        pytest.skip("transformers 5.17's chunked prefill feeds the whole sequence from position 0, past a filled cache")
+    if layers == "kda-only":
+        lac = {**model.config.linear_attn_config, "kda_layers": [1, 2, 3, 4], "full_attn_layers": []}
+        model = tiny_model(seed=3, linear_attn_config=lac)
+        model.generation_config.eos_token_id = None
+    ids = random_ids(2, 7, seed=26)
+    expected = _generate(model, ids, False, do_sample=False)
+    cache = KimiLinearStaticCache(model.config, 7 + NEW_TOKENS) if form == "static" else KimiLinearCache(model.config)
+    with torch.no_grad():
+        first = model.generate(ids, max_new_tokens=3, do_sample=False, **{CACHE_FIELD: cache})
+        kwargs = {"max_new_tokens": NEW_TOKENS - 3, "do_sample": False, CACHE_FIELD: cache}
+        if form == "embeds":
+            more = model.generate(inputs_embeds=model.get_input_embeddings()(first), **kwargs)
+            second = torch.cat([first, more], dim=1)
+        else:
+            second = model.generate(first, prefill_chunk_size=2 if form == "chunked" else None, **kwargs)
+    assert cache.get_seq_length() == 7 + NEW_TOKENS - 1
+    assert torch.equal(second, expected)
+
+
+def test_a_cache_of_another_batch_size_is_refused_by_name(model):
+    """generate() repeats the prompt for num_beams, not a cache passed in (nor does transformers for its own caches):
+    the forward names both sizes (a KDA layer failed on the conv state's shape)."""
+    ids = random_ids(2, 5, seed=27)
+    cache = KimiLinearCache(model.config)
+    with torch.no_grad():
+        first = model.generate(ids, max_new_tokens=2, do_sample=False, **{CACHE_FIELD: cache})
+        with pytest.raises(ValueError, match="this KimiLinearCache holds 2 rows, got a batch of 4: generate"):
+            model.generate(first, max_new_tokens=2, num_beams=2, **{CACHE_FIELD: cache})
+
+
+def test_cache_implementation_static_honours_max_cache_len(model):
+    """``max_cache_len`` in the generation config sizes the static cache that generate() builds, as transformers sizes
+    its StaticCache (it was ignored: the returned cache was full, and continuing from it failed)."""
+    ids = random_ids(2, 7, seed=28)
+    out = _generate(model, ids, True, do_sample=False, cache_implementation="static", max_cache_len=32,
+                    return_dict_in_generate=True)  # fmt: skip
+    cache = getattr(out, CACHE_FIELD)
+    assert isinstance(cache, KimiLinearStaticCache) and cache.max_cache_len == 32
+    more = _generate(model, out.sequences, True, do_sample=False, **{CACHE_FIELD: cache})
+    longer = model.generate(ids, max_new_tokens=2 * NEW_TOKENS, do_sample=False, use_cache=False)
+    assert torch.equal(more, longer)
+
+
+def test_continuing_with_only_the_new_tokens_needs_the_whole_mask(model):
+    """Only the new tokens with an attention_mask over past and new positions continue the cached sequence; without
+    that mask transformers cuts them at the cache length, and the error says how to continue (it only said to reset
+    the cache for a new prompt)."""
+    ids = random_ids(2, 7, seed=29)
+    cache = KimiLinearCache(model.config)
+    with torch.no_grad():
+        first = model.generate(ids, max_new_tokens=3, do_sample=False, **{CACHE_FIELD: cache})
+        more = model.generate(first[:, -1:], attention_mask=torch.ones_like(first), max_new_tokens=NEW_TOKENS - 3,
+                              do_sample=False, **{CACHE_FIELD: cache})  # fmt: skip
+        assert torch.equal(torch.cat([first[:, :-1], more], dim=1), _generate(model, ids, False, do_sample=False))
+        with pytest.raises(ValueError, match="or only the new tokens with an attention_mask over all past and new"):
+            model.generate(more[:, -1:], max_new_tokens=2, do_sample=False, **{CACHE_FIELD: cache})

@@ -95,7 +95,24 @@ class KimiLinearCache:
                 f"this KimiLinearCache holds states on {self.held[0]} in {self.held[1]}, got activations on {device} "
                 f"in {dtype}; call reset() (or use a new cache) after moving or casting the model"
             )
+        rows = self._rows() if self.seen_tokens else None
+        if rows is not None and rows != batch:
+            # Checked here, by name: a layer would fail later on a shape ("the conv state must be [N, D, W]").
+            raise ValueError(
+                f"this KimiLinearCache holds {rows} rows, got a batch of {batch}: generate() repeats the prompt for "
+                f"num_beams / num_return_sequences but not a cache passed in, and beam search leaves batch * num_beams "
+                f"rows in its cache; pass a fresh cache, or pick its rows with batch_select_indices / "
+                f"batch_repeat_interleave"
+            )
         self.held = (device, dtype)
+        return None
+
+    def _rows(self) -> int | None:
+        """Batch rows of the states held (None before the first forward)."""
+        for states in (self.recurrent_states, self.latents):
+            for state in states:
+                if state is not None:
+                    return state.shape[0]
         return None
 
     def end_forward(self, seq_len: int) -> None:
@@ -136,8 +153,13 @@ class KimiLinearCache:
 
     @property
     def is_linear(self) -> list[bool]:
-        """Per layer: True for KDA (a recurrent state, no per-token keys), as transformers' caches report it."""
-        return [kind == "linear_attention" for kind in self.layer_types]
+        """Per layer: False, also for KDA layers. transformers' ``generate`` reads ``all(cache.is_linear)`` as "this
+        cache does not count positions" (its linear-attention layers keep none) and then feeds a continued prompt
+        whole instead of cutting it at ``get_seq_length()``. This cache counts the positions of every layer
+        (``seen_tokens``), so a model of KDA layers only must be cut as a hybrid one is (reporting its layers as
+        linear re-fed the cached prompt into the recurrent states: wrong tokens, silently). Which layers are KDA:
+        ``layer_types``."""
+        return [False] * len(self.layer_types)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for i in range(len(self.layer_types)):

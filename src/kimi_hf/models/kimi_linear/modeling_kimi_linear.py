@@ -1027,11 +1027,14 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
         """``generate(..., cache_implementation="static")`` decodes with a :class:`KimiLinearStaticCache` of
-        ``max_cache_length`` positions (CUDA graphs on CUDA); everything else is transformers' own handling (which
-        refuses a cache passed together with ``cache_implementation``, and leaves the growing cache to the model)."""
+        ``max_cache_length`` positions, or ``max_cache_len`` where the generation config asks for more (as transformers
+        sizes its StaticCache: room to continue from the returned cache); CUDA graphs on CUDA. Everything else is
+        transformers' own handling (which refuses a cache passed together with ``cache_implementation``, and leaves
+        the growing cache to the model)."""
         if model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation == "static":
-                model_kwargs[CACHE_FIELD] = KimiLinearStaticCache(self.config, max_cache_len=max_cache_length)
+                size = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+                model_kwargs[CACHE_FIELD] = KimiLinearStaticCache(self.config, max_cache_len=size)
                 return
             if generation_config.prefill_chunk_size is not None:  # chunked prefill needs the cache from the start
                 model_kwargs[CACHE_FIELD] = KimiLinearCache(self.config)
@@ -1173,9 +1176,12 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         past = cache.get_seq_length() if isinstance(cache, KimiLinearCache) else 0
         new = kwargs.get("next_sequence_length")
         if new is not None and new <= 0:
+            # Not only a new prompt: also a continuation given only its new tokens, without the mask of the whole.
+            given = inputs_embeds.shape[1] if inputs_embeds is not None else input_ids.shape[1]
             raise ValueError(
-                f"the cache already holds {past} positions and the {input_ids.shape[1]} tokens given add none: "
-                f"call cache.reset() (or pass a new cache) before generating from a new prompt"
+                f"the cache already holds {past} positions and the {given} tokens given add none: to continue, pass "
+                f"the whole sequence (prompt and generated tokens), or only the new tokens with an attention_mask over "
+                f"all past and new positions; to start a new prompt, call cache.reset() (or pass a new cache)"
             )
         if inputs_embeds is not None and (past == 0 or kwargs.get("is_first_iteration")):
             # a prompt given as embeddings (after a filled cache: the whole sequence's, as for input_ids)
