@@ -162,11 +162,15 @@ def test_gradient_checkpointing_gives_same_grads(backend):
         assert_close_rel(checkpointed[name], g, 1e-5, name)
 
 
-def test_reentrant_checkpointing_is_refused():
+@pytest.mark.parametrize("kwargs", [{"use_reentrant": True}, {}, {"preserve_rng_state": False}])
+def test_reentrant_checkpointing_is_refused(kwargs):
+    """Reentrant checkpointing would drop the gradients carried by the residual state; torch runs it also when
+    ``use_reentrant`` is not given (e.g. ``{}``, peft's ``prepare_model_for_kbit_training`` default): those were let
+    through, and only 5 of the 32 parameters got gradients."""
     model = _model()
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    with pytest.raises(ValueError, match="non-reentrant"):
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    with pytest.raises(ValueError, match="use_reentrant=.* is not supported.*non-reentrant"):
         model(torch.randint(0, 97, (1, 4)))
 
 
@@ -208,6 +212,47 @@ def test_save_load_round_trip(tmp_path):
     ids = torch.randint(0, 97, (1, 6))
     with torch.no_grad():
         assert_close_rel(loaded(ids).logits, model(ids).logits, 1e-6, "logits after reload")
+
+
+def test_device_map_auto_keeps_the_decoder_on_one_device():
+    """Every layer reads the residual state of the earlier ones: device_map="auto" must not split the decoder over
+    GPUs (it put the embeddings on GPU 0 and the layers on GPU 1, and the state would not follow them)."""
+    from transformers.integrations.accelerate import infer_auto_device_map
+
+    model = _model()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    device_map = infer_auto_device_map(
+        model, max_memory={0: size // 2, 1: size, "cpu": size}, no_split_module_classes=model._no_split_modules
+    )
+    assert device_map["model"] == 1 and not any(key.startswith("model.") for key in device_map), device_map
+
+
+@pytest.mark.parametrize(
+    "offloaded,weight", [("model.layers.1", "layers.1.input_layernorm.weight"), ("model.attn_res", "attn_res.queries")]
+)
+def test_offloaded_weights_are_refused_clearly(tmp_path, offloaded, weight):
+    """The fused PreNorms and the AttnRes parameters are read outside their modules' forward, so accelerate's
+    offload hooks never load them: a clear error naming the weight (it was a meta-device error deep in a kernel)."""
+    _model().save_pretrained(tmp_path / "model")
+    layers = [f"model.layers.{i}" for i in range(3)]
+    modules = ["model.embed_tokens", *layers, "model.attn_res", "model.norm", "lm_head"]
+    device_map = {name: "disk" if name == offloaded else "cpu" for name in modules}
+    model = AttnResForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "o")
+    with pytest.raises(ValueError, match=rf"{weight} is on the meta device \(offloaded by device_map\)"):
+        model(torch.randint(0, 97, (1, 4)))
+
+
+def test_placement_is_checked_once_per_device():
+    """The placement check walks 2L+3 weights (tens of microseconds of a decode step's host time): once per device,
+    again after the model is moved or cast."""
+    model = _model()
+    ids = torch.randint(0, 97, (1, 4))
+    model(ids)
+    assert model.model._placement_checked_on == torch.device("cpu")
+    model.to(torch.float64)
+    assert model.model._placement_checked_on is None
+    model(ids)
+    assert model.model._placement_checked_on == torch.device("cpu")
 
 
 def test_saved_base_model_names_its_causal_lm_in_auto_map(tmp_path):

@@ -18,9 +18,16 @@ def check_non_reentrant_checkpointing(layers: Iterable[nn.Module]) -> None:
         if not getattr(layer, "gradient_checkpointing", False):
             continue
         func = getattr(layer, "_gradient_checkpointing_func", None)
-        if getattr(func, "keywords", {}).get("use_reentrant", False):
+        # transformers binds the checkpointing kwargs with functools.partial; a custom function's are unknown
+        keywords = getattr(func, "keywords", None)
+        if keywords is None:
+            continue
+        # torch.utils.checkpoint runs reentrant when use_reentrant is missing or None (with only a warning), e.g.
+        # gradient_checkpointing_kwargs={} as peft's prepare_model_for_kbit_training passes by default
+        use_reentrant = keywords.get("use_reentrant")
+        if use_reentrant is None or use_reentrant:
             raise ValueError(
-                "use_reentrant=True is not supported: kimi_hf decoder layers need non-reentrant gradient "
-                "checkpointing, e.g. "
+                f"use_reentrant={use_reentrant!r} is not supported (torch.utils.checkpoint runs reentrant when it is "
+                "None or missing): kimi_hf decoder layers need non-reentrant gradient checkpointing, e.g. "
                 "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
             )

@@ -199,7 +199,10 @@ class AttnResPreTrainedModel(BaseModelAutoMapMixin, PreTrainedModel):
     config: AttnResConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["AttnResDecoderLayer"]
+    # The residual state (sources of every earlier block, one shared source store on the Triton backend) and the
+    # shared pseudo-queries are read by every layer: the decoder must stay on one device, so device_map="auto" keeps
+    # AttnResModel whole. The decoder layer stays listed for FSDP's transformer-based auto wrap, which takes this list.
+    _no_split_modules = ["AttnResModel", "AttnResDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -242,7 +245,47 @@ class AttnResModel(AttnResPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = AttnResRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self._placement_checked_on: torch.device | None = None  # see _check_placement
         self.post_init()
+
+    def _apply(self, fn, recurse: bool = True):
+        self._placement_checked_on = None  # moved or cast: check the placement again at the next forward
+        return super()._apply(fn, recurse)
+
+    def _check_placement(self, device: torch.device) -> None:
+        """Refuse a decoder whose weights read outside their modules' forward are not on ``device`` (the embeddings').
+
+        Checked once per device (again after ``.to()``): walking the 2L+3 weights costs tens of microseconds, a share
+        of a decode step's host time; accelerate places or offloads the weights when it loads the model, before any
+        forward.
+
+        The PreNorm gains (fused into the AttnRes reads), the pseudo-queries and the key-norm gains are read as
+        tensors, so accelerate's offload hooks (device_map with "cpu" on an accelerator, or "disk"), which load a
+        module's weights only around its own forward, leave them on the meta device; and a decoder split over devices
+        would mix devices in one read (the residual state does not follow the layers' hooks).
+        """
+        if self._placement_checked_on == device:
+            return
+        weights = [("norm.weight", self.norm.weight)]
+        weights += [("attn_res." + name, p) for name, p in self.attn_res.named_parameters()]
+        for i, layer in enumerate(self.layers):
+            weights.append((f"layers.{i}.input_layernorm.weight", layer.input_layernorm.weight))
+            weights.append((f"layers.{i}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight))
+        for name, weight in weights:
+            if weight.device == device:
+                continue
+            if weight.is_meta:
+                raise ValueError(
+                    f"{name} is on the meta device (offloaded by device_map): AttnRes models do not support CPU or "
+                    f"disk offload, as their fused PreNorms and AttnRes parameters are read outside their modules' "
+                    f"forward; load the model on devices that hold it whole"
+                )
+            raise ValueError(
+                f"{name} is on {weight.device}, the embeddings on {device}: the AttnRes decoder must be on one "
+                f"device (every layer reads the residual state of all earlier ones): give it a device_map that puts "
+                f"the whole decoder on one device (device_map='auto' does for AttnResForCausalLM)"
+            )
+        self._placement_checked_on = device
 
     def forward(
         self,
@@ -293,6 +336,7 @@ class AttnResModel(AttnResPreTrainedModel):
             check_non_reentrant_checkpointing(self.layers)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        self._check_placement(inputs_embeds.device)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
