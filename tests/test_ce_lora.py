@@ -142,13 +142,15 @@ def test_overlapping_ratio_patterns_are_refused_not_resolved_by_order():
     assert same.ratio_for("model.layers.0.self_attn.v_proj") == 0.5
 
 
-def test_overlapping_ratio_patterns_leave_the_model_untouched():
+@pytest.mark.parametrize("target_modules", [["q_proj", "v_proj", "up_proj"], "all-linear", None])
+def test_overlapping_ratio_patterns_leave_the_model_untouched(target_modules):
     """The overlap is found before any layer is replaced: the refused model keeps its plain nn.Linear layers (it was
-    left half-injected, layer 0's attention already wrapped)."""
+    left half-injected, layer 0's attention already wrapped; with "all-linear", or no target_modules (Llama's default
+    q_proj/v_proj), the check saw no targets at all)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     model = tiny_llama()
-    config = CELoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+    config = CELoraConfig(r=4, target_modules=target_modules, task_type="CAUSAL_LM",
                           ce_ratio={"v_proj": 0.5, r"layers\.1\..*": 0.25})  # fmt: skip
     with pytest.raises(ValueError, match=r"different ratios match 'model.layers.1.self_attn.v_proj'"):
         get_peft_model(model, config)
@@ -680,6 +682,19 @@ def test_no_warning_where_some_layer_is_approximated_or_none_was_asked(kwargs):
     assert not [w for w in caught if "approximates no layer" in str(w.message)]
 
 
+def test_ce_ratio_keys_matching_no_target_are_named_in_a_warning():
+    """As PEFT warns for ``rank_pattern``: a misspelt key beside a matching one left down_proj exact without a word.
+    Not for the paper's default (it names projections a model need not target) nor when every key matches."""
+    with pytest.warns(UserWarning, match=r"the ce_ratio keys \['down_porj'\] match none of its targets"):
+        model = get_peft_model(tiny_llama(), ce_config(ce_ratio={"v_proj": 0.5, "down_porj": 0.5}))
+    assert model.base_model.model.model.layers[0].mlp.down_proj.ce_state["default"].options.ratio == 1.0
+    for kwargs in ({"target_modules": ["q_proj", "v_proj"]}, {"ce_ratio": {"v_proj": 0.5, "down_proj": 0.5}}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            get_peft_model(tiny_llama(), ce_config(**kwargs))
+        assert not [w for w in caught if "ce_ratio keys" in str(w.message)], kwargs
+
+
 def test_pissa_adapter_converts_to_lora_on_save(tmp_path):
     """``save_pretrained(path_initial_model_for_weight_conversion=...)`` (PiSSA/OLoRA): PEFT resets the initial
     adapter's ``init_weights`` for methods other than LoRA, which CE-LoRA maps onto ``init_lora_weights``."""
@@ -699,6 +714,30 @@ def test_pissa_adapter_converts_to_lora_on_save(tmp_path):
     converted = PeftModel.from_pretrained(tiny_llama(), tmp_path / "converted")
     assert converted.peft_config["default"].r == 2 * config.r  # the conversion stacks the two adapters
     assert_close_rel(outputs(converted, ids), expected, 1e-5, "converted PiSSA adapter on the original base")
+
+
+def test_eva_rank_redistribution_resizes_the_ce_options():
+    """EVA (``initialize_lora_eva_weights``) re-creates adapters at new ranks through ``update_layer``; the CE options
+    kept the old rank (LoRA's slots in the packed backward, the 7r/8 factorisation), and the first approximate
+    backward failed with a shape mismatch."""
+    from peft import EvaConfig, initialize_lora_eva_weights
+
+    torch.manual_seed(11)
+    config = ce_config(init_lora_weights="eva", eva_config=EvaConfig(rho=2.0), ce_ratio=0.5)
+    model = get_peft_model(tiny_llama(layers=1), config, low_cpu_mem_usage=True)
+    batches = [{"input_ids": tokens(40 + i), "attention_mask": torch.ones(2, 16, dtype=torch.long)} for i in range(4)]
+    initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+    layers = [m for m in model.modules() if isinstance(m, CELinear)]
+    assert any(m.r["default"] != 8 for m in layers), "EVA kept every rank: nothing to test"
+    for layer in layers:
+        rank, options = layer.r["default"], layer.ce_state["default"].options
+        assert (options.lora_rank, options.svd_rank) == (rank, max(1, 7 * rank // 8))
+    model.enable_input_require_grads()
+    for _ in range(2):  # step 0 exact, step 1 approximate (the one that failed)
+        model.zero_grad()
+        train_backward(model, tokens(45))
+    assert all(s.steps == 2 for s in ce_states(model)) and ce_states(model)
+    assert all(torch.isfinite(g).all() for g in lora_grads(model).values())
 
 
 def test_merge_and_unload_keeps_outputs():

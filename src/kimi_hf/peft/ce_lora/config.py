@@ -125,12 +125,16 @@ class CELoraConfig(LoraConfig):
         """
         if not isinstance(self.ce_ratio, dict):
             return self.ce_ratio
-        matches = {p: r for p, r in self.ce_ratio.items() if re.match(rf"(.*\.)?(?:{p})$", module_name)}
+        matches = self.ratio_patterns_matching(module_name)
         if len(set(matches.values())) > 1:
             raise ValueError(
                 f"ce_ratio patterns with different ratios match {module_name!r}: {matches}; make them disjoint"
             )
         return next(iter(matches.values()), 1.0)
+
+    def ratio_patterns_matching(self, module_name: str) -> dict[str, float]:
+        """The patterns of a dict ``ce_ratio`` that match ``module_name`` (as ``rank_pattern``'s), with their ratios."""
+        return {p: r for p, r in self.ce_ratio.items() if re.match(rf"(.*\.)?(?:{p})$", module_name)}
 
     def svd_rank_for(self, lora_rank: int) -> int:
         """SVD rank for a module whose LoRA rank is ``lora_rank``."""

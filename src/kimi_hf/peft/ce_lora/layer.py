@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -30,6 +31,19 @@ class CELinear(LoraLinear):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         self.ce_state: dict[str, CEChannelState] = {}
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        """As LoRA's; re-creating an adapter that has CE options at another rank re-sizes them.
+
+        EVA (``initialize_lora_eva_weights``) redistributes ranks this way, calling ``update_layer`` directly: CE's
+        packed backward kept ``r`` slots for LoRA's own input gradient and a ``7r/8`` factorisation sized for the old
+        rank, and the first approximate backward failed with a shape mismatch.
+        """
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+        state = getattr(self, "ce_state", {}).get(adapter_name)  # none yet while LoRA's __init__ runs
+        if state is not None and state.options.lora_rank != r:
+            options = dataclasses.replace(state.options, lora_rank=r, svd_rank=config.svd_rank_for(r))
+            self.set_ce_options(adapter_name, options)
 
     def set_ce_options(self, adapter_name: str, options: CEOptions) -> None:
         """Attach (or replace) ``adapter_name``'s CE options; its factors are built at its first backward."""

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
-from peft.tuners.lora import LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils.peft_types import PeftType
 from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers, get_model_conversion_mapping
 from torch import nn
 
-from .config import CE_FIELDS, CELoraConfig
+from .config import CE_FIELDS, PAPER_RATIOS, CELoraConfig
 from .layer import CELinear
 from .state import CEOptions
 
@@ -40,13 +41,18 @@ class CELoraModel(LoraModel):
                 convert_peft_config_for_transformers(config, model, get_model_conversion_mapping(model))
             finally:
                 config.peft_type = peft_type
-        if config.target_modules is not None:
-            # Patterns of ce_ratio that give a target two ratios raise in _create_and_replace, part-way through the
-            # injection: checked first, so that a refused config leaves the model as it was.
+        # Patterns of ce_ratio that give a target two ratios raise in _create_and_replace, part-way through the
+        # injection: checked first, so that a refused config leaves the model as it was. The targets are resolved on a
+        # copy as LoRA resolves them ("all-linear", and target_modules=None taking the model type's defaults).
+        probe = _maybe_include_all_linear_layers(
+            self._prepare_adapter_config(copy.copy(config), self.get_model_config(model)), model
+        )
+        if probe.target_modules is not None:
             for name, _ in model.named_modules():
-                if name and self._check_target_module_exists(config, name):
+                if name and self._check_target_module_exists(probe, name):
                     config.ratio_for(name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        _warn_if_ratio_patterns_unmatched(model, adapter_name, config)
         _warn_if_nothing_approximated(model, adapter_name, config)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args: Any,
@@ -101,6 +107,23 @@ class CELoraModel(LoraModel):
                 lora_config.fan_in_fan_out = False
             return CELinear(target, adapter_name, config=lora_config, **kwargs)
         return LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
+
+
+def _warn_if_ratio_patterns_unmatched(model: nn.Module, adapter_name: str, config: CELoraConfig) -> None:
+    """Warn about ``ce_ratio`` keys that match none of the adapter's targets, as PEFT does for ``rank_pattern``.
+
+    A typo in one key (``{"v_proj": 0.5, "down_porj": 0.5}``) left its layers on the exact backward without a word.
+    Not for the default (the paper's ratios name projections a model need not target) nor where no key matches
+    (:func:`_warn_if_nothing_approximated` names that case).
+    """
+    if not isinstance(config.ce_ratio, dict) or config.ce_ratio == PAPER_RATIOS:
+        return
+    targets = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r]
+    matched = {pattern for name in targets for pattern in config.ratio_patterns_matching(name)}
+    unmatched = sorted(set(config.ce_ratio) - matched)
+    if matched and unmatched:
+        warnings.warn(f"CE-LoRA adapter {adapter_name!r}: the ce_ratio keys {unmatched} match none of its targets and "
+                      "were ignored")  # fmt: skip
 
 
 def _warn_if_nothing_approximated(model: nn.Module, adapter_name: str, config: CELoraConfig) -> None:
