@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import assert_close_rel
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kimi_hf.kernels.ce_lora import (
@@ -802,6 +803,8 @@ assert "kimi_hf" not in sys.modules
     for adapter in (from_model, from_dir):
         assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
         assert_close_rel(torch.load(adapter / "logits.pt"), expected, 1e-6, f"exported {adapter.name}")
+        with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+            assert f.metadata() == {"format": "pt"}  # as PEFT's save_pretrained writes it
 
 
 def test_export_reads_and_writes_safetensors_only_and_refuses_other_sources(tmp_path):

@@ -51,7 +51,9 @@ def export_as_lora(source: PeftModel | str | Path, save_directory: str | Path, a
         lora_config = _lora_config_from(config.to_dict())
         state = get_peft_model_state_dict(source, adapter_name=adapter_name)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / SAFETENSORS_WEIGHTS_NAME))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        # the metadata PEFT's own save_pretrained writes (accelerate's loader warns without it)
+        save_file(tensors, str(out / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     elif isinstance(source, (str, Path)):
         src = Path(source)
         if adapter_name != "default":  # a folder holds one adapter: ignoring the name would export another one
