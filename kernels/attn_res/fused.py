@@ -41,15 +41,17 @@ def block_d(d: int) -> int:
 # each of these launches is one row, and the warps set how many threads share its reductions (sm_90, D 2048: phase 2
 # 64 registers at 4 warps, 39 at 8; the block boundary 216 and 115, and it spills at 2). Session 14 at decode (H200,
 # D 2048): phase 2 1.7 us at 4 and 8 warps, 1.9 at 16; the boundary 2.1-2.9 us at 4, 2.2-3.1 at 8, 5.3-6.0 at 16; the
-# anchor 1.2 us at each. Kept by D: the warps also set these kernels at prefill, not timed at 4.
+# anchor 1.2 us at each. Session 24 at prefill (H200, M 8192, D 2048): the block boundary 80-178 us at 4 warps, 99-229
+# at 8, 776-1558 at 16; the anchor 33.8, 33.6 and 36.2 us. Past D 2048 the row pads to 4096 columns, and 4 warps would
+# hold 32 of each source's values per thread (untimed), so 8 stay there.
 ROW_WARPS = 0
 
 
 def num_warps(d: int) -> int:
-    """Warps of the one-row-per-program kernels: ``ROW_WARPS`` if set, else 4 up to D 1024, 8 up to 4096, 16 above."""
+    """Warps of the one-row-per-program kernels: ``ROW_WARPS`` if set, else 4 up to D 2048, 8 up to 4096, 16 above."""
     if ROW_WARPS:
         return ROW_WARPS
-    return 4 if d <= 1024 else (8 if d <= 4096 else 16)
+    return 4 if d <= 2048 else (8 if d <= 4096 else 16)
 
 
 # Launch constants of the depth attention (``--set attn_res.fused.NAME=INT`` in the benchmarks). Defaults: the best of
