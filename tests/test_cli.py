@@ -26,8 +26,9 @@ def test_tiny_demo_trains_generates_saves_and_reloads(tmp_path, monkeypatch):
 
 
 def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
-    """A negative seed (numpy refused it after setup), a model the config refuses and an output path that is a file
-    end in argparse errors naming the value, before any data is read."""
+    """A negative seed (numpy refused it after setup), a model the config refuses, an output path that is a file, a
+    block length or rate that cannot train and a block size the residual ignores end in argparse errors naming the
+    value, before any data is read."""
     import pytest
 
     from kimi_hf.cli import main
@@ -38,6 +39,12 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
         (["demo", "--seed", "-1"], "--seed: must be in [0, 2**32), got -1"),
         (["demo", "--residual", "block", "--attn-res-block-size", "9"], "attn_res_block_size must be an integer"),
         (["demo", "--output-dir", str(a_file)], "exists and is not a folder"),
+        # a one-token block has no next token: it trained on nothing (loss 0.0, eval loss NaN) and exited 0
+        (["demo", "--seq-len", "1"], "--seq-len: must be >= 2"),
+        (["demo", "--learning-rate", "inf"], "--learning-rate: must be a finite number > 0, got inf"),
+        # it was ignored without a word
+        (["demo", "--attn-res-block-size", "4"], "--attn-res-block-size applies to --residual block only"),
+        (["demo", "--residual", "full", "--attn-res-block-size", "4"], "not --residual full"),
     ]:
         with pytest.raises(SystemExit):
             main(argv)
@@ -70,3 +77,20 @@ def test_a_seq_len_longer_than_the_corpus_is_refused_by_name():
 
     with pytest.raises(SystemExit, match=r"--seq-len 10000000: the corpus makes [01] blocks"):
         _lm_datasets(ByteTokenizer(), 10_000_000)
+
+
+def test_a_diverged_demo_fails_its_checks():
+    """NaN losses and logits fail the demo's checks: they compared NaN with ``>``, so a diverged run (``--learning-rate
+    1e30``) printed NaN everywhere and exited 0."""
+    import pytest
+
+    from kimi_hf.cli import check_summary
+
+    good = {"train_loss": 2.5, "eval_loss": 2.4, "cached_generation_equals_recomputation": True,
+            "reload_rel_diff": 0.0, "remote_code_rel_diff": 0.0}  # fmt: skip
+    check_summary(good)
+    nan = float("nan")
+    with pytest.raises(SystemExit, match="training diverged: train loss 2.5, eval loss nan"):
+        check_summary({**good, "eval_loss": nan})
+    with pytest.raises(SystemExit, match="logits differ .* nan through remote code"):
+        check_summary({**good, "reload_rel_diff": nan, "remote_code_rel_diff": nan})

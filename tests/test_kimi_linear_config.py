@@ -124,11 +124,25 @@ def _lac(**changes):
         ({"router_bias_update_rate": -0.1}, ["router_bias_update_rate", "-0.1"]),
         ({"router_bias_update_rate": float("nan")}, ["router_bias_update_rate", "nan"]),
         ({"hidden_act": "swish_x"}, ["hidden_act", "swish_x", "silu"]),
+        # the 48B model's eos id kept with a small vocabulary: generate never stopped (pad and bos were refused)
+        ({"eos_token_id": 163586}, ["eos_token_id", "163586", "vocab_size=64"]),
+        ({"eos_token_id": [2, 64]}, ["eos_token_id", "[2, 64]"]),
+        # NaN gave NaN logits, a string an unrelated TypeError in the first MoE forward
+        ({"routed_scaling_factor": float("nan")}, ["routed_scaling_factor", "nan"]),
+        ({"routed_scaling_factor": "2.446"}, ["routed_scaling_factor", "'2.446'"]),
+        # these failed with TypeErrors naming no field ("... is not iterable")
+        ({"linear_attn_config": [1, 3]}, ["linear_attn_config must be a dict", "[1, 3]"]),
+        ({"linear_attn_config": _lac(kda_layers=None)}, ["'kda_layers'", "must be a list", "None"]),
+        ({"num_hidden_layers": "4"}, ["num_hidden_layers", "'4'"]),
+        # no rotary embedding anywhere: the scaling was accepted and did nothing
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["rope_scaling", "'linear'", "no rotary"]),
     ],
     ids=[
         "overlapping-layers", "missing-layer", "layer-0", "layer-n+1", "kda-heads", "hidden", "experts", "kv-lora",
         "topk>experts", "router-fn", "kv-heads", "topk_group>groups", "experts%groups", "rotary-mla",
         "residual-mode", "block-size-0", "block-size>sublayers", "bias-rate", "bias-rate-nan", "activation",
+        "eos-outside-vocab", "eos-list-outside-vocab", "routed-scaling-nan", "routed-scaling-str", "lac-not-dict",
+        "kda-layers-none", "layers-str", "rope-scaling",
     ],
 )  # fmt: skip
 def test_validation_errors_name_field_and_value(overrides, words):
@@ -144,6 +158,8 @@ def test_valid_grouped_topk_and_block_residual_are_accepted():
     assert config.num_expert_group == 4
     config = tiny_config(residual="block", attn_res_block_size=8)
     assert config.to_dict()["model_type"] == "kimi_linear_attn_res"
+    assert tiny_config(eos_token_id=[2, 3]).eos_token_id == [2, 3]  # several end tokens, each in the vocabulary
+    assert tiny_config(rope_scaling={"rope_type": "default"}).to_dict()["rope_parameters"]["rope_type"] == "default"
 
 
 def _native_style(**changes) -> dict:

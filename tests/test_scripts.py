@@ -27,7 +27,11 @@ SCRIPTS = [
 ]
 
 
-@pytest.mark.parametrize("command", [[s] for s in SCRIPTS] + [["-m", "kimi_hf.cli"]], ids=[*SCRIPTS, "kimi-hf"])
+@pytest.mark.parametrize(
+    "command",
+    [[s] for s in SCRIPTS] + [["-m", "kimi_hf.cli"], ["-m", "kimi_hf"]],
+    ids=[*SCRIPTS, "kimi-hf", "-m kimi_hf"],
+)
 def test_script_answers_help(command):
     done = subprocess.run(
         [sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False

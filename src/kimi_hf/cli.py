@@ -18,10 +18,14 @@ from pathlib import Path
 import torch
 
 
+DEFAULT_ATTN_RES_BLOCK_SIZE = 2
+
+
 def _demo_config(args: argparse.Namespace, vocab_size: int, pad: int, bos: int, eos: int):
     from kimi_hf import KimiLinearConfig
 
     layers = args.layers
+    block_size = args.attn_res_block_size or DEFAULT_ATTN_RES_BLOCK_SIZE  # None: not given
     full = sorted({layers} | set(range(4, layers + 1, 4)))  # the 48B model's pattern, scaled down
     return KimiLinearConfig(
         vocab_size=vocab_size,
@@ -46,7 +50,7 @@ def _demo_config(args: argparse.Namespace, vocab_size: int, pad: int, bos: int, 
             "short_conv_kernel_size": 4,
         },
         residual=args.residual,
-        attn_res_block_size=args.attn_res_block_size if args.residual == "block" else None,
+        attn_res_block_size=block_size if args.residual == "block" else None,
         pad_token_id=pad,
         bos_token_id=bos,
         eos_token_id=eos,
@@ -187,11 +191,23 @@ def run_demo(args: argparse.Namespace) -> dict:
         "files": sorted(p.name for p in save_dir.iterdir()),
     }
     print(json.dumps(summary, indent=2))
+    check_summary(summary)
+    return summary
+
+
+def check_summary(summary: dict) -> None:
+    """End the demo with an error naming the check that ``summary`` (:func:`run_demo`'s) fails.
+
+    NaN fails every check: a diverged run (``--learning-rate 1e30``: NaN losses, NaN logits, so NaN relative
+    differences, which ``> 1e-5`` let through) passed them all and exited 0."""
+    if not (math.isfinite(summary["train_loss"]) and math.isfinite(summary["eval_loss"])):
+        raise SystemExit(f"training diverged: train loss {summary['train_loss']}, eval loss {summary['eval_loss']} "
+                         "(try a smaller --learning-rate)")  # fmt: skip
     if not summary["cached_generation_equals_recomputation"]:
         raise SystemExit("cached generation differs from recomputation")
-    if summary["reload_rel_diff"] > 1e-5 or summary["remote_code_rel_diff"] > 1e-5:
-        raise SystemExit("reloaded model's logits differ")
-    return summary
+    if not (summary["reload_rel_diff"] <= 1e-5 and summary["remote_code_rel_diff"] <= 1e-5):
+        raise SystemExit(f"reloaded model's logits differ (relative difference {summary['reload_rel_diff']} with our "
+                         f"class, {summary['remote_code_rel_diff']} through remote code)")  # fmt: skip
 
 
 def positive_int(text: str) -> int:
@@ -203,10 +219,19 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a number > 0 (NaN refused)."""
+    """argparse type: a finite number > 0 (NaN and infinity refused: ``--learning-rate inf`` trained to NaN)."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def seq_len_int(text: str) -> int:
+    """argparse type: a training block length >= 2 (each token is trained to predict the next one: a block of one
+    token has no target, and ``--seq-len 1`` trained on nothing, with loss 0.0 and an eval loss of NaN)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (the next-token loss needs two tokens), got {text}")
     return value
 
 
@@ -244,14 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="outputs/demo", help="where the trained model is saved")
     demo.add_argument("--steps", type=positive_int, default=200, help="training steps")
     demo.add_argument("--batch-size", type=positive_int, default=8)
-    demo.add_argument("--seq-len", type=positive_int, default=128, help="tokens (bytes) per training block")
+    demo.add_argument("--seq-len", type=seq_len_int, default=128, help="tokens (bytes) per training block")
     demo.add_argument("--hidden-size", type=positive_int, default=128)
     demo.add_argument("--layers", type=positive_int, default=4, help="decoder layers (MLA every 4th and at the last)")
     demo.add_argument("--learning-rate", type=positive_float, default=3e-3)
     demo.add_argument("--residual", choices=["standard", "block", "full"], default="standard",
                       help="residual connection: standard, or Attention Residuals (block/full)")  # fmt: skip
-    demo.add_argument("--attn-res-block-size", type=positive_int, default=2,
-                      help="sublayers per block with --residual block")  # fmt: skip
+    demo.add_argument("--attn-res-block-size", type=positive_int, default=None,
+                      help=f"sublayers per block, with --residual block only "
+                           f"(default {DEFAULT_ATTN_RES_BLOCK_SIZE})")  # fmt: skip
     demo.add_argument("--gradient-checkpointing", action="store_true")
     demo.add_argument("--eval-blocks", type=positive_int, default=64, help="held-out blocks to evaluate on")
     demo.add_argument("--new-tokens", type=positive_int, default=24, help="tokens to generate per prompt")
@@ -265,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         check_output_dir(parser, args.output_dir)
+        if args.attn_res_block_size is not None and args.residual != "block":  # it was ignored without a word
+            parser.error(f"--attn-res-block-size applies to --residual block only, not --residual {args.residual}")
         try:  # the model's settings, checked before any data is read (a bad block size named by the config)
             _demo_config(args, 1, 0, 0, 0)
         except ValueError as exc:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
-from kimi_hf.models.validation import check_positive_ints, check_positive_numbers, check_residual
+from kimi_hf.models.validation import check_positive_ints, check_positive_numbers, check_residual, is_int
 
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 
@@ -197,10 +198,19 @@ class KimiLinearConfig(PreTrainedConfig):
             linear_attn_config = _linear_attn_config_from_layer_types(
                 layer_types, linear_num_heads, linear_head_dim, linear_conv_kernel_dim
             )
+        check_positive_ints(self, ("num_hidden_layers",))  # the default layer lists and their checks count on it
         if linear_attn_config is None:
             linear_attn_config = _default_linear_attn_config(num_hidden_layers)
+        if not isinstance(linear_attn_config, Mapping):  # dict() of a list failed with an unrelated TypeError
+            raise ValueError(
+                "linear_attn_config must be a dict (kda_layers, full_attn_layers, num_heads, head_dim, "
+                f"short_conv_kernel_size), got {linear_attn_config!r}"
+            )
         # A deep copy, so that the caller's dict (often the json one) and its lists are never aliased.
         self.linear_attn_config = copy.deepcopy(dict(linear_attn_config))
+        # Checked before PreTrainedConfig.__init__, which reads `layer_types` (derived from the layer lists): a bad
+        # list failed there with "'NoneType' object is not iterable"; validate() checks it again after assignments.
+        self._validate_linear_attn_config()
         self.residual = residual
         self.attn_res_block_size = attn_res_block_size
         super().__init__(
@@ -274,13 +284,19 @@ class KimiLinearConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise ValueError(f"q_lora_rank must be None or a positive integer, got {self.q_lora_rank!r}")
-        check_positive_numbers(self, ("rms_norm_eps",))
+        # routed_scaling_factor multiplies every routed expert's output: NaN gave NaN logits, a string failed in the
+        # first MoE forward with an unrelated TypeError
+        check_positive_numbers(self, ("rms_norm_eps", "routed_scaling_factor"))
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act must be one of transformers' activations {sorted(ACT2FN)}, "
                              f"got {self.hidden_act!r}")  # fmt: skip
-        for name in ("pad_token_id", "bos_token_id"):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             token = getattr(self, name)
-            if token is not None and not 0 <= token < self.vocab_size:
+            # eos_token_id may be a list (generate stops at any of them). It was not checked: a small vocabulary
+            # given without eos_token_id kept the 48B id 163586, which no logit can produce, so generate never
+            # stopped at the end of a sequence.
+            tokens = token if name == "eos_token_id" and isinstance(token, (list, tuple)) else [token]
+            if any(t is not None and (not is_int(t) or not 0 <= t < self.vocab_size) for t in tokens):
                 raise ValueError(
                     f"{name} must be None or in [0, vocab_size={self.vocab_size}), got {token!r} (the defaults are "
                     "the 48B checkpoints' ids: give pad_token_id, bos_token_id and eos_token_id with a smaller vocab)"
@@ -294,6 +310,15 @@ class KimiLinearConfig(PreTrainedConfig):
             raise ValueError(
                 "mla_use_nope=False (rotary MLA) is not supported: Kimi Linear's MLA layers use no positional "
                 "encoding (the KDA layers carry position), and no public checkpoint sets it"
+            )
+        # `rope_scaling` is stored by transformers as `rope_parameters`. With no rotary embedding anywhere, a scaling
+        # (YaRN, linear, ...) was accepted and did nothing: a "context extension" that never happened.
+        rope = getattr(self, "rope_parameters", None)
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type != "default":
+            raise ValueError(
+                f"rope_scaling={rope!r} has no effect: Kimi Linear has no rotary position embedding (its MLA layers "
+                "use none, mla_use_nope=True, and the KDA layers need none); leave rope_scaling null"
             )
         if self.num_experts_per_token > self.num_experts:
             raise ValueError(
@@ -328,6 +353,9 @@ class KimiLinearConfig(PreTrainedConfig):
         for key in ("kda_layers", "full_attn_layers", "num_heads", "head_dim"):
             if key not in cfg:
                 raise ValueError(f"linear_attn_config is missing {key!r} (got keys {sorted(cfg)})")
+        for key in ("kda_layers", "full_attn_layers"):
+            if not isinstance(cfg[key], (list, tuple)):  # None or a bare int failed with "... is not iterable"
+                raise ValueError(f"linear_attn_config[{key!r}] must be a list of 1-indexed layers, got {cfg[key]!r}")
         for key in ("num_heads", "head_dim", "short_conv_kernel_size"):
             value = cfg.get(key, 4)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -336,10 +364,10 @@ class KimiLinearConfig(PreTrainedConfig):
         seen: dict[int, str] = {}
         for key in ("kda_layers", "full_attn_layers"):
             for layer in cfg[key]:
-                if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n:
+                if not is_int(layer) or not 1 <= layer <= n:
                     raise ValueError(
-                        f"linear_attn_config[{key!r}] names layer {layer!r}, outside 1..{n} "
-                        "(the lists are 1-indexed, num_hidden_layers={n})".format(n=n)
+                        f"linear_attn_config[{key!r}] names layer {layer!r}: the lists hold integers in 1..{n} "
+                        f"(1-indexed, num_hidden_layers={n})"
                     )
                 if layer in seen:
                     raise ValueError(
