@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 
 import pytest
 import torch
@@ -296,3 +298,23 @@ def test_fields_set_after_the_config_checks_are_checked(tmp_path, override, matc
         KimiLinearForCausalLM(config)
     with pytest.raises(ValueError, match=match):
         config.save_pretrained(tmp_path / "edited")
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"moe_router_activation_func": "softmax"}, "moe_router_activation_func='softmax'"),
+        ({"num_experts": 8, "num_expert_group": 4, "topk_group": 2, "use_grouped_topk": False},
+         "use_grouped_topk=False with num_expert_group=4"),
+    ],
+)  # fmt: skip
+def test_saving_routing_the_native_class_ignores_warns(tmp_path, changes, named):
+    """transformers' native class always routes by sigmoid scores in num_expert_group groups: it loads these
+    kimi_linear checkpoints silently, with other logits. Saving names the option (AttnRes checkpoints, of their own
+    model type, and the official routing do not warn)."""
+    with pytest.warns(UserWarning, match=rf"saving a kimi_linear checkpoint with {re.escape(named)}: transformers"):
+        tiny_config(**changes).save_pretrained(tmp_path / "ignored")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_config().save_pretrained(tmp_path / "official")
+        tiny_config(residual="block", attn_res_block_size=8, **changes).save_pretrained(tmp_path / "attn_res")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -432,6 +433,33 @@ class KimiLinearConfig(PreTrainedConfig):
             # stay as they are
             output["mlp_layer_types"] = self.mlp_layer_types
         return output
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """As transformers'; warns when the checkpoint, saved as ``kimi_linear``, uses routing that transformers'
+        native class does not read (it loads such a checkpoint without a word and computes other logits)."""
+        ignored = self._options_the_native_class_ignores()
+        if ignored:
+            warnings.warn(
+                f"saving a kimi_linear checkpoint with {', '.join(ignored)}: transformers' native "
+                "KimiLinearForCausalLM ignores this and would load it with other logits (it always routes by sigmoid "
+                "scores and groups the experts by num_expert_group); load it with kimi_hf's class or "
+                "trust_remote_code=True",
+                stacklevel=2,
+            )
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def _options_the_native_class_ignores(self) -> list[str]:
+        """Routing options of ours that a checkpoint of ``model_type: kimi_linear`` cannot carry to the native class.
+        (AttnRes checkpoints have their own model type, which the native class does not take through the Auto
+        classes.)"""
+        if self.residual != "standard":
+            return []
+        ignored = []
+        if self.moe_router_activation_func != "sigmoid":
+            ignored.append(f"moe_router_activation_func={self.moe_router_activation_func!r}")
+        if not self.use_grouped_topk and self.num_expert_group > 1:
+            ignored.append(f"use_grouped_topk=False with num_expert_group={self.num_expert_group}")
+        return ignored
 
     def to_diff_dict(self) -> dict[str, Any]:
         # Write every field, like the official config.json: readers with other defaults (the native class,
