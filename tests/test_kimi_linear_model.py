@@ -641,3 +641,112 @@ def test_balancing_warns_when_the_bias_is_not_fp32(monkeypatch):
     for seed in range(2):
         model(random_ids(2, 8, seed=seed))
     assert messages and "e_score_correction_bias is torch.bfloat16" in messages[0]
+
+
+# ---------------------------------------------------------------------------------------------- accelerate placement
+def _saved_tiny(tmp_path, **overrides) -> tuple[KimiLinearForCausalLM, str]:
+    """A tiny model and the folder it was saved to (for ``from_pretrained(device_map=...)``)."""
+    model = tiny_model(seed=3, **overrides)
+    model.save_pretrained(tmp_path / "model")
+    return model, str(tmp_path / "model")
+
+
+def _device_map(model: KimiLinearForCausalLM, offloaded: str) -> dict[str, str]:
+    """Every top-level block on "cpu" and ``offloaded`` on "disk"; the blocks above it are listed by their children
+    (accelerate refuses a map whose entries nest)."""
+    names = ["model.embed_tokens", *[f"model.layers.{i}" for i in range(4)], "model.norm", "lm_head"]
+    if model.config.residual != "standard":
+        names.append("model.attn_res")
+    parts = offloaded.split(".")
+    for depth in range(3, len(parts)):  # e.g. model.layers.1, then model.layers.1.block_sparse_moe
+        parent = ".".join(parts[:depth])
+        children = [f"{parent}.{name}" for name, _ in model.get_submodule(parent).named_children()]
+        names = [n for n in names if n != parent] + children
+    return {**{name: "cpu" for name in names}, offloaded: "disk"}
+
+
+@pytest.mark.parametrize("residual", ["standard", "block"])
+def test_device_map_auto_splits_only_a_standard_decoder(residual):
+    """An AttnRes decoder's residual state (the sources of all earlier blocks) cannot follow its layers over
+    devices: device_map="auto" keeps it whole (it put the embeddings on GPU 0 and the layers on GPU 1). A
+    standard decoder may be split: the model moves its residual stream to each layer's device."""
+    from transformers.integrations.accelerate import infer_auto_device_map
+
+    model = tiny_model(residual=residual, attn_res_block_size=2)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    device_map = infer_auto_device_map(
+        model, max_memory={0: size // 2, 1: size, "cpu": size}, no_split_module_classes=model._no_split_modules
+    )
+    if residual == "standard":
+        assert device_map["model.embed_tokens"] == 0 and "model" not in device_map, device_map
+    else:
+        assert device_map["model"] == 1 and not any(key.startswith("model.") for key in device_map), device_map
+
+
+@pytest.mark.parametrize(
+    "residual,offloaded",
+    [
+        ("standard", "model.layers.0"),  # KDA + dense MLP: fused PreNorms, conv weights of the decode step
+        ("standard", "model.layers.1"),  # MLA + MoE
+        ("standard", "model.norm"),  # the final norm, fused into the last residual read
+        ("standard", "model.layers.1.block_sparse_moe.experts"),
+        ("block", "model.layers.2"),
+    ],
+)
+def test_offloaded_weights_give_the_plain_models_outputs(tmp_path, residual, offloaded):
+    """Weights read as tensors outside their module's forward (fused PreNorm gains, KDA's conv weights in the
+    decode step) stay on the meta device under accelerate's offload hooks, which load a module's weights only
+    around its own forward: a "disk" entry failed with a meta-device error deep in a norm or conv op. Now those
+    modules are called where their weights are offloaded: the logits and greedy tokens of the plain model."""
+    model, path = _saved_tiny(tmp_path, residual=residual, attn_res_block_size=2)
+    device_map = _device_map(model, offloaded)
+    placed = KimiLinearForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=tmp_path / "o")
+    ids = random_ids(2, 6, seed=3)
+    assert_close_rel(placed(ids).logits, model(ids).logits, 1e-6, f"logits with {offloaded} offloaded")
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(placed.generate(ids, max_new_tokens=3, do_sample=False), expected)
+    assert not placed.model.graphable  # a decode-step CUDA graph would replay the offload hooks' transient copies
+
+
+def test_offloaded_attn_res_parameters_are_refused_by_name(tmp_path):
+    """The pseudo-queries and key-norm gains are read by every layer, never in a forward of their own module:
+    offloaded, a clear error names them (it was "Cannot copy out of meta tensor" from a layer's hook)."""
+    model, path = _saved_tiny(tmp_path, residual="block", attn_res_block_size=2)
+    placed = KimiLinearForCausalLM.from_pretrained(
+        path, device_map=_device_map(model, "model.attn_res"), offload_folder=tmp_path / "o"
+    )
+    with pytest.raises(ValueError, match=r"attn_res.queries is on the meta device \(offloaded by device_map\)"):
+        placed(random_ids(1, 4))
+
+
+def test_placement_is_checked_once_per_device():
+    """The placement check walks every expert's weights: once per device, again after the model is moved or cast
+    (a decode step's host time could not afford it at every forward)."""
+    model = tiny_model()
+    ids = random_ids(1, 4)
+    model(ids)
+    assert model.model._placement_checked_on == torch.device("cpu")
+    model.to(torch.float64)
+    assert model.model._placement_checked_on is None
+    model(ids)
+    assert model.model._placement_checked_on == torch.device("cpu") and model.model.graphable
+
+
+def test_lora_on_kv_b_proj_reaches_the_latent_attention(monkeypatch):
+    """A decode step over a long cache attends in the latent space, reading ``kv_b_proj.weight`` as a tensor: with a
+    LoRA adapter on ``kv_b_proj`` that is the frozen base weight, and the adapter was silently dropped from every
+    such step (from 4096 cached positions; the threshold is lowered here). A wrapped ``kv_b_proj`` is called."""
+    from peft import LoraConfig, get_peft_model
+
+    from kimi_hf.models.kimi_linear import modeling_kimi_linear as modeling
+
+    monkeypatch.setattr(modeling, "MLA_ABSORB_MIN_KEYS", 1)
+    model = get_peft_model(
+        tiny_model(seed=4), LoraConfig(target_modules=["kv_b_proj"], r=2, init_lora_weights=False)
+    ).eval()
+    ids = random_ids(1, 6, seed=4)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, -1]  # no cache: the expanded form, adapter called
+        prompt = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], cache=getattr(prompt, CACHE_FIELD), use_cache=True).logits[:, -1]
+    assert_close_rel(step, full, 1e-5, "decode step with LoRA on kv_b_proj")

@@ -246,6 +246,10 @@ class KimiDeltaAttention(nn.Module):
         self.g_b_proj = nn.Linear(self.head_dim, inner, bias=False)
         self.o_norm = KimiLinearGatedRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(inner, hidden, bias=False)
+        # The decode step reads the conv weights as tensors, outside ShortConvolution.forward; where device_map
+        # offloaded them (accelerate loads them only around that forward) the step calls the modules instead.
+        # Set by KimiLinearModel._check_placement.
+        self.conv_offloaded = False
 
     def forward(
         self,
@@ -265,7 +269,7 @@ class KimiDeltaAttention(nn.Module):
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
 
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if decoding:  # the three conv states updated in place, in one launch
+        if decoding and not self.conv_offloaded:  # the three conv states updated in place, in one launch
             weights = [conv.weight for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d)]
             q, k, v = causal_conv1d_update_group((q, k, v), conv_states, weights, activation="silu")
         else:
@@ -340,6 +344,9 @@ class KimiMLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=MLA_LORA_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
+        # The latent attention reads kv_b_proj's weight as a tensor: where device_map offloaded it (accelerate loads
+        # it only around the Linear's forward), the expanded form runs. Set by KimiLinearModel._check_placement.
+        self.kv_b_offloaded = False
 
     def forward(
         self,
@@ -362,6 +369,8 @@ class KimiMLAAttention(nn.Module):
         if (
             cache is not None and seq_len <= MLA_ABSORB_MAX_NEW_TOKENS and kv_len >= MLA_ABSORB_MIN_KEYS
             and self.config._attn_implementation == "sdpa" and not (self.training and self.config.attention_dropout)
+            # a wrapped kv_b_proj (a PEFT adapter, a quantised layer) must be called: its .weight skips the wrapper
+            and type(self.kv_b_proj) is nn.Linear and not self.kv_b_offloaded
         ):  # fmt: skip
             return self.o_proj(self._latent_attention(q, latent, rope_key, layout.mla_mask)), None
         kv = self.kv_b_proj(latent).view(batch, kv_len, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -624,6 +633,10 @@ class KimiLinearSparseMoE(nn.Module):
             else None
         )
         self._expert_table = ExpertTable()  # the experts' weight addresses, for the decode kernels
+        # The grouped-GEMM and decode paths read the expert (and shared expert) weights as tensors: where device_map
+        # offloaded any (accelerate loads them only around each Linear's forward), the experts are called as
+        # modules. Set by KimiLinearModel._check_placement.
+        self.experts_offloaded = False
 
     def forward(
         self, hidden_states: torch.Tensor, real_rows: torch.Tensor | None = None
@@ -649,7 +662,10 @@ class KimiLinearSparseMoE(nn.Module):
         synchronisation, so the step can be captured in a CUDA graph. Inputs of another dtype than the weights
         (autocast) take the routed path, whose linear layers autocast handles, as does float64. (Wrapped experts
         take it too: :meth:`forward` asks :meth:`_expert_weights`, whose weights the decode path then reads.)"""
-        if self.hidden_act != "silu" or not x.is_cuda or torch.is_grad_enabled() or x.shape[0] > MOE_MAX_TOKENS:
+        if (
+            self.hidden_act != "silu" or not x.is_cuda or torch.is_grad_enabled() or x.shape[0] > MOE_MAX_TOKENS
+            or self.experts_offloaded
+        ):  # fmt: skip
             return False
         return x.dtype in MOE_DTYPES and x.dtype == self.experts[0].w1.weight.dtype
 
@@ -671,7 +687,7 @@ class KimiLinearSparseMoE(nn.Module):
 
     def _experts_read_in_place(self) -> bool:
         """Whether the grouped-GEMM and decode paths may read the expert weights in place (:meth:`_expert_weights`)."""
-        return self._expert_weights() is not None
+        return not self.experts_offloaded and self._expert_weights() is not None
 
     def _shared_expert_rides(self) -> bool:
         """Whether the shared experts can run in the decode kernels as one more routed expert: plain ``nn.Linear``
@@ -778,6 +794,19 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
             self.mlp = KimiLinearMLP(config, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # The PreNorm gains are read as tensors (fused into the residual read): where device_map offloaded them
+        # (accelerate loads them only around RMSNorm.forward), the norms are called instead, on the unfused read.
+        # Set by KimiLinearModel._check_placement.
+        self.norms_offloaded = False
+
+    def _sublayer_input(
+        self, residual_state: AttnResState, attn_res: AttentionResiduals, norm: RMSNorm
+    ) -> torch.Tensor:
+        """The PreNorm of the next sublayer's input ``[B, T, hidden]``: fused into the residual read, or the norm
+        module called where its weight is offloaded (the same formula: :func:`~kimi_hf.kernels.attn_res.prenorm`)."""
+        if self.norms_offloaded:
+            return norm(attn_res.sublayer_input(residual_state))
+        return attn_res.sublayer_input(residual_state, norm.weight, norm.variance_epsilon)
 
     def forward(
         self,
@@ -792,17 +821,46 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
         Each PreNorm is fused into its sublayer's input (``attn_res.sublayer_input(state, weight, eps)``):
         with AttnRes on the Triton training path the input is then recomputed in backward, not stored.
         """
-        norm = self.input_layernorm
-        h = attn_res.sublayer_input(residual_state, norm.weight, norm.variance_epsilon)
+        h = self._sublayer_input(residual_state, attn_res, self.input_layernorm)
         if self.is_kda:
             attn_out, attn_weights = self.self_attn(h, layout, cache), None
         else:
             attn_out, attn_weights = self.self_attn(h, layout, cache)
         state = attn_res.add_sublayer_output(residual_state, attn_out)
-        norm = self.post_attention_layernorm
-        h = attn_res.sublayer_input(state, norm.weight, norm.variance_epsilon)
+        h = self._sublayer_input(state, attn_res, self.post_attention_layernorm)
         ff, router_logits = self.block_sparse_moe(h, layout.indices) if self.is_moe else (self.mlp(h), None)
         return attn_res.add_sublayer_output(state, ff), router_logits, attn_weights
+
+
+def _execution_device(module: nn.Module) -> torch.device | None:
+    """Where ``module`` runs: the execution device of the first accelerate hook in it (device_map), else its first
+    weight's device; None when it has neither (all its weights offloaded without a hook)."""
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for h in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+            runs_on = getattr(h, "execution_device", None)
+            if runs_on is not None:
+                device = torch.device(runs_on) if isinstance(runs_on, (int, str)) else runs_on
+                # "cuda" without an index: the current device, where accelerate's copies land (as the embeddings)
+                return torch.empty(0, device=device).device if device.index is None else device
+    for param in module.parameters():
+        if not param.is_meta:
+            return param.device
+    return None
+
+
+def _move_residual_stream(
+    state: AttnResState, layout: SequenceLayout, device: torch.device
+) -> tuple[AttnResState, SequenceLayout]:
+    """A standard-residual state and the batch layout on ``device``, for the next layer of a decoder split over
+    devices: accelerate's hooks move a layer's tensor arguments, not these dataclasses. (Standard mode: the stream and
+    the pending sublayer output; the inference path's per-read cache is empty between layers.)"""
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    state = replace(state, partial=move(state.partial), pending=move(state.pending))
+    return state, SequenceLayout(move(layout.indices), move(layout.cu_seqlens), move(layout.mla_mask))
 
 
 class KimiLinearPreTrainedModel(BaseModelAutoMapMixin, PreTrainedModel):
@@ -810,7 +868,12 @@ class KimiLinearPreTrainedModel(BaseModelAutoMapMixin, PreTrainedModel):
     config: KimiLinearConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    # device_map="auto" may split a standard-residual decoder between layers (the model moves the residual stream to
+    # each layer's device); KimiLinearModel adds itself for AttnRes, whose residual state no layer can leave.
     _no_split_modules = ["KimiLinearDecoderLayer"]
+    # accelerate's hooks move a layer's tensor-like arguments to its device: not the shared AttentionResiduals module
+    # (nn.Module.to on every layer call), nor the cache, whose states each layer keeps on its own device
+    _skip_keys_device_placement = ["past_key_values", "cache", "attn_res"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _is_stateful = True
@@ -882,6 +945,18 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
+        if config.residual != "standard":
+            # Every layer reads the residual state of all earlier ones (a bank of sources) and the shared
+            # pseudo-queries: device_map="auto" must keep the decoder on one device. The layer stays listed for
+            # FSDP's transformer-based auto wrap, which takes this list.
+            self._no_split_modules = [type(self).__name__, "KimiLinearDecoderLayer"]
+        # See _check_placement: the device it last checked, where each layer's device differs from the one before
+        # (index num_hidden_layers: the final norm), whether the final norm is offloaded, and whether the forward runs
+        # on one device with every weight in place (what a CUDA graph of the decode step needs).
+        self._placement_checked_on: torch.device | None = None
+        self._device_changes: dict[int, torch.device] = {}
+        self.norm_offloaded = False
+        self.graphable = True
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -889,6 +964,78 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def _apply(self, fn, recurse: bool = True):
+        self._placement_checked_on = None  # moved or cast: check the placement again at the next forward
+        return super()._apply(fn, recurse)
+
+    def _check_placement(self, device: torch.device) -> None:
+        """Adapt to, or refuse, a placement by accelerate (``from_pretrained(device_map=...)``); ``device``: the
+        embeddings'. Checked once per device (again after ``.to()``): the walk over the weights costs far more than a
+        decode step's host time allows; accelerate places or offloads the weights when it loads the model.
+
+        Weights read as tensors outside their module's forward are not loaded by accelerate's offload hooks (a
+        device_map entry "disk", or "cpu" beside an accelerator: the weights stay on the meta device and are loaded
+        around each module's own forward only): the fused PreNorm gains, the final norm's, the KDA conv weights of
+        the decode step, MLA's ``kv_b_proj`` in the latent attention, the experts' in the grouped-GEMM and decode
+        paths. Where they are offloaded, their modules are called instead (flags set here). AttnRes's pseudo-queries
+        and key-norm gains are read by every layer: offloaded, refused by name.
+
+        A decoder split over devices between layers (device_map="auto" over several GPUs, or a hand-made map) has its
+        residual stream moved to each layer's device in :meth:`forward` (standard residuals); AttnRes's state (the
+        sources of all earlier blocks) cannot follow the layers: refused, naming the layer.
+
+        Raises:
+            ValueError: an AttnRes parameter offloaded, or an AttnRes decoder on several devices.
+        """
+        if self._placement_checked_on == device:
+            return
+        offloaded = []
+        for layer in self.layers:
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            layer.norms_offloaded = any(norm.weight.is_meta for norm in norms)
+            attn = layer.self_attn
+            if layer.is_kda:
+                attn.conv_offloaded = any(c.weight.is_meta for c in (attn.q_conv1d, attn.k_conv1d, attn.v_conv1d))
+                offloaded.append(layer.norms_offloaded or attn.conv_offloaded)
+            else:
+                attn.kv_b_offloaded = attn.kv_b_proj.weight.is_meta
+                offloaded.append(layer.norms_offloaded or attn.kv_b_offloaded)
+            if layer.is_moe:
+                moe = layer.block_sparse_moe
+                experts = [moe.experts] + ([moe.shared_experts] if moe.shared_experts is not None else [])
+                moe.experts_offloaded = any(p.is_meta for m in experts for p in m.parameters())
+                offloaded.append(moe.experts_offloaded)
+        self.norm_offloaded = self.norm.weight.is_meta
+        changes, current = {}, device
+        for i, module in enumerate([*self.layers, self.norm]):
+            runs_on = _execution_device(module)
+            if runs_on is not None and runs_on != current:
+                changes[i] = current = runs_on
+        if self.config.residual != "standard":
+            for name, param in self.attn_res.named_parameters():
+                if param.is_meta:
+                    raise ValueError(
+                        f"attn_res.{name} is on the meta device (offloaded by device_map): AttnRes parameters are "
+                        f"read by every layer, outside their module's forward, so they cannot be offloaded; keep "
+                        f"model.attn_res on {device}, the embeddings' device"
+                    )
+                if param.device != device:
+                    raise ValueError(
+                        f"attn_res.{name} is on {param.device}, the embeddings on {device}: the AttnRes decoder must "
+                        f"be on one device"
+                    )
+            if changes:
+                first = min(changes)
+                name = f"layers.{first}" if first < len(self.layers) else "norm"
+                raise ValueError(
+                    f"{name} runs on {changes[first]}, the embeddings on {device}: the AttnRes decoder must be on one "
+                    f"device (every layer reads the residual state of all earlier ones): give it a device_map that "
+                    f"puts the whole decoder on one device (device_map='auto' does)"
+                )
+        self._device_changes = changes
+        self.graphable = not changes and not self.norm_offloaded and not any(offloaded)
+        self._placement_checked_on = device
 
     def forward(
         self,
@@ -944,6 +1091,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        self._check_placement(inputs_embeds.device)
         if use_cache and cache is None:
             cache = KimiLinearCache(self.config)
         if not use_cache:
@@ -979,7 +1127,10 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         all_hidden: list[torch.Tensor] = []
         all_router_logits: list[torch.Tensor] = []
         all_attentions: list[torch.Tensor] = []
-        for layer in self.layers:
+        changes = self._device_changes  # empty unless the decoder is split over devices
+        for i, layer in enumerate(self.layers):
+            if changes and i in changes:
+                state, layout = _move_residual_stream(state, layout, changes[i])
             if output_hidden_states:
                 all_hidden.append(self.attn_res.sublayer_input(state))
             state, router_logits, attn_weights = layer(state, attn_res=self.attn_res, layout=layout, cache=cache)
@@ -987,7 +1138,12 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
                 all_router_logits.append(router_logits)
             if output_attentions and attn_weights is not None:
                 all_attentions.append(attn_weights)
-        hidden_states = self.attn_res.final_output(state, self.norm.weight, self.norm.variance_epsilon)
+        if changes and len(self.layers) in changes:
+            state, layout = _move_residual_stream(state, layout, changes[len(self.layers)])
+        if self.norm_offloaded:
+            hidden_states = self.norm(self.attn_res.final_output(state))
+        else:
+            hidden_states = self.attn_res.final_output(state, self.norm.weight, self.norm.variance_epsilon)
         if output_hidden_states:
             all_hidden.append(hidden_states)
         if cache is not None:
@@ -1143,6 +1299,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         replayable = (
             isinstance(cache, KimiLinearStaticCache)
             and cache.cuda_graphs
+            # a graph replays fixed weight addresses on one device: not accelerate's offload loads or a split model
+            and self.model.graphable
             and use_cache is not False
             and cache.get_seq_length() > 0
             and input_ids is not None
