@@ -132,6 +132,12 @@ def test_reference_gradcheck():
         (dict(x=torch.randn(1, 4, 6), cu_seqlens=torch.tensor([0, 3])), r"rise from 0 to T=4, got \[0, 3\]"),
         (dict(x=torch.randn(1, 4, 6), cu_seqlens=torch.tensor([0, 3, 2, 4])), r"got \[0, 3, 2, 4\]"),
         (dict(x=torch.ones(2, 4, 6, dtype=torch.int64)), "floating-point tensor, got torch.int64"),
+        # these three raised AttributeError (a list) or reached the kernels (another device's state)
+        (dict(x=torch.randn(1, 4, 6), cu_seqlens=[0, 4]), r"cu_seqlens must be a 1-D int32/int64 .* got \[0, 4\]"),
+        # the Triton path numbered rows in int16, wrapping past 32767 tokens
+        (dict(x=torch.randn(1, 4, 6), cu_seqlens=torch.tensor([0, 4], dtype=torch.int16)), "got torch.int16"),
+        (dict(initial_state=[0.0]), r"initial_state must be \[N, D, W\] = \(2, 6, 4\), got \[0.0\]"),
+        (dict(initial_state=torch.zeros(2, 6, 4, device="meta")), "on x's device cpu, got torch.float32 on meta"),
     ],
 )
 def test_bad_input_raises(kwargs, match):
@@ -161,6 +167,11 @@ def test_update_bad_input_raises():
         causal_conv1d_update(torch.randn(2, 6), torch.randn(3, 6, 4), weight=torch.randn(6, 4), backend="torch")
     with pytest.raises(ValueError, match="weight must be a tensor, got None"):
         causal_conv1d_update(torch.randn(2, 6), torch.randn(2, 6, 4), backend="torch")
+    # an integer cache took x truncated to integers, silently; a cache on another device reached the kernels
+    for cache in (torch.zeros(2, 6, 4, dtype=torch.int32), torch.zeros(2, 6, 4, device="meta")):
+        with pytest.raises(ValueError, match=f"cache must be a floating-point tensor on x's device cpu, got "
+                                             f"{cache.dtype} on {cache.device}"):  # fmt: skip
+            causal_conv1d_update(torch.randn(2, 6), cache, weight=torch.randn(6, 4), backend="torch")
 
 
 def _triton_vs_reference(x, w, b, h, activation, cu, output_final_state, device, rtol_y, rtol_grad):

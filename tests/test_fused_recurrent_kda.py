@@ -105,6 +105,16 @@ def test_public_op_triton_matches_torch_path_interpreter():
     assert_close_rel(s, s_ref, 1e-5, "final state")
 
 
+def test_tensor_scale_as_in_chunk_kda_interpreter():
+    """A 0-d tensor ``scale`` (taken by chunk_kda and the torch path) stopped the Triton decode kernel with a type
+    error about a pointer operand."""
+    q, k, v, g, beta, _, _, h0 = _inputs(1, 3, 2, 16, 8, False, 1, seed=3)
+    for backend in ("torch", "triton"):
+        o, _ = fused_recurrent_kda(q, k, v, g, beta, scale=torch.tensor(0.3), initial_state=h0, backend=backend)
+        o_ref, _ = fused_recurrent_kda(q, k, v, g, beta, scale=0.3, initial_state=h0, backend="torch")
+        assert_close_rel(o, o_ref, 1e-5, f"o ({backend})")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_beta_logits_take_the_sigmoid_in_kernel(backend):
     """``use_beta_sigmoid_in_kernel``: beta given as logits (fla's option) equals sigmoid(beta) given, against the

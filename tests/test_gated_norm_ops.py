@@ -55,6 +55,14 @@ def test_bad_input_raises(kwargs, match):
         gated_rms_norm(**args)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swish_is_silu_as_in_fla(backend):
+    """fla's gated norms name SiLU "swish" (their default activation); ours refused it."""
+    x, g, w = _inputs((3, 8), seed=2)
+    want = gated_rms_norm(x, g, w, activation="silu", backend=backend)
+    assert_close_rel(gated_rms_norm(x, g, w, activation="swish", backend=backend), want, 0, "swish")
+
+
 def _triton_vs_reference(shape, activation, dtype, device, rtol_y, rtol_grad):
     x, g, w = _inputs(shape, seed=5)
     leaves = [x.to(device, dtype), g.to(device, dtype), w.to(device)]

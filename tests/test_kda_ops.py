@@ -113,6 +113,22 @@ def test_kda_gate_bias_is_optional_as_in_fla():
     assert_close_rel(g, fla_gate.naive_kda_gate(g_raw, A_log), 1e-6, "fla's naive_kda_gate")
 
 
+def test_kda_gate_takes_any_leading_dims_as_fla():
+    """fla's gate functions take g ``[..., H, K]``; kda_gate refused a decode step's ``[B, H, K]`` and packed
+    ``[N, H, K]`` rows (only ``[B, T, H, K]``)."""
+    _, _, _, g_raw, _, _ = make_inputs(T=5, seed=20)
+    B, T, H, K = g_raw.shape
+    A_log, dt_bias = torch.randn(1, 1, H, 1), torch.randn(H * K)
+    full = kda_gate(g_raw, A_log, dt_bias)
+    assert_close_rel(kda_gate(g_raw[:, -1], A_log, dt_bias), full[:, -1], 0, "[B, H, K]")
+    assert_close_rel(kda_gate(g_raw.reshape(B * T, H, K), A_log, dt_bias), full.reshape(B * T, H, K), 0, "[N, H, K]")
+    with pytest.raises(ValueError, match=r"g must be \[..., H, K\], got \(16,\)"):
+        kda_gate(g_raw[0, 0, 0], A_log, dt_bias)
+    fla_gate = pytest.importorskip("fla.ops.kda.gate")
+    assert_close_rel(kda_gate(g_raw[:, -1], A_log, dt_bias), fla_gate.naive_kda_gate(g_raw[:, -1], A_log, dt_bias),
+                     1e-6, "fla's naive_kda_gate")  # fmt: skip
+
+
 def test_public_ops_dispatch_to_reference_on_cpu():
     q, k, v, g, beta, h0 = make_inputs(T=30, seed=6)
     o_c, s_c = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
@@ -218,6 +234,18 @@ def test_positional_arguments_follow_flas_order():
         assert set(kinds[shared:]) == {inspect.Parameter.KEYWORD_ONLY}, ours.__name__
 
 
+def test_naive_chunk_takes_flas_positional_chunk_size():
+    """fla's ``naive_chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)``: ours had
+    ``cu_seqlens`` in chunk_size's place, so a ported positional call failed on a 'cu_seqlens' it never passed."""
+    q, k, v, g, beta, h0 = make_inputs(B=1, T=40, seed=21)
+    o, s = naive_chunk_kda(q, k, v, g, beta, None, h0, True, 16)
+    o_ref, s_ref = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert_close_rel(o, o_ref, 1e-5, "o")
+    assert_close_rel(s, s_ref, 1e-5, "final state")
+    packed = naive_chunk_kda(q, k, v, g, beta, None, h0[[0, 0]], True, cu_seqlens=torch.tensor([0, 25, 40]))[0]
+    assert_close_rel(packed[:, :25], o[:, :25], 1e-5, "first packed sequence")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_chunk_beta_logits_equal_sigmoid_given(backend):
     """chunk_kda's ``use_beta_sigmoid_in_kernel``: logits give what their sigmoid gives, and the logits' gradient is
@@ -277,3 +305,33 @@ def test_bad_cu_seqlens_and_inplace_raise():
                             inplace_final_state=True)  # fmt: skip
     with pytest.raises(ValueError, match="chunk_size"):
         naive_chunk_kda(q, k, v, g, beta, chunk_size=0)
+
+
+def test_triton_forced_on_cpu_names_the_environment_variable(monkeypatch):
+    """A call that passed no backend, forced to Triton by KIMI_HF_KERNEL_BACKEND, was told that backend='triton'
+    needs CUDA tensors: the error must name the variable that asked for it."""
+    import kimi_hf.kernels._backend as backend_module
+
+    q, k, v, g, beta, _ = make_inputs(B=1, T=3, seed=19, state=False)
+    monkeypatch.setattr(backend_module, "_triton_interpreter_on", lambda: False)  # as on a CPU machine without it
+    monkeypatch.setenv(backend_module.BACKEND_ENV_VAR, "triton")
+    with pytest.raises(ValueError, match="KIMI_HF_KERNEL_BACKEND='triton' needs CUDA tensors"):
+        chunk_kda(q, k, v, g, beta)
+    with pytest.raises(ValueError, match="^backend='triton' needs CUDA tensors"):
+        chunk_kda(q, k, v, g, beta, backend="triton")
+
+
+def test_automatic_backend_sends_fp64_cuda_tensors_to_the_references(monkeypatch):
+    """Triton was picked for every CUDA tensor: chunk_kda then refused fp64 (a float64 model on a GPU stopped in its
+    first KDA layer) and the decode, conv and norm kernels computed fp64 inputs in fp32. Only the device and dtype
+    are read, so a stand-in for a CUDA tensor shows the choice on CPU."""
+    from types import SimpleNamespace
+
+    from kimi_hf.kernels import BACKEND_ENV_VAR, resolve_backend
+
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    for dtype, want in ((torch.float64, "torch"), (torch.float32, "triton"), (torch.bfloat16, "triton")):
+        cuda_tensor = SimpleNamespace(is_cuda=True, dtype=dtype, device=torch.device("cuda"))
+        assert resolve_backend(None, cuda_tensor) == want, dtype
+    # asked for explicitly, Triton is still used (the ops then refuse or compute in fp32, as documented)
+    assert resolve_backend("triton", SimpleNamespace(is_cuda=True, dtype=torch.float64)) == "triton"

@@ -198,3 +198,13 @@ def test_route_bad_inputs_are_named():
         moe_route(logits.double(), 2, backend="triton")
     with pytest.raises(ValueError, match="inference-only"):
         moe_route(logits.requires_grad_(), 2, backend="triton")
+
+
+def test_route_grouped_top_k_beyond_the_kept_groups_is_refused():
+    """With 4 groups of 2 experts and 1 group kept only 2 experts are reachable: a top-3 took a masked expert of a
+    dropped group (and its real score as weight) silently."""
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="top_k=3 exceeds the 2 experts of the topk_groups=1 kept groups of 2"):
+        moe_route(logits, 3, num_groups=4, topk_groups=1, backend="torch")
+    ids, _ = moe_route(logits, 4, num_groups=4, topk_groups=2, backend="torch")  # exactly the reachable ones
+    assert all(len({e // 2 for e in row}) == 2 for row in ids.tolist())

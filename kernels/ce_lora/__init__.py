@@ -2,8 +2,8 @@
 
 ``dX ~= [dY B0 | dY[:, S]] @ [A0 ; R[S, :]]`` with ``W = B0 A0 + R``: one packing pass over ``dY``
 (Triton: :mod:`.pack`; torch: :func:`.naive.naive_pack_grad_output`) and one dense GEMM of inner size
-``r_pad + k`` (a multiple of 64). ``backend=None`` picks Triton for CUDA tensors, the torch reference
-elsewhere (see :func:`kimi_hf.kernels.resolve_backend`).
+``r_pad + k`` (a multiple of 64). ``backend=None`` picks Triton for CUDA tensors (not fp64), the torch
+reference elsewhere (see :func:`kimi_hf.kernels.resolve_backend`).
 """
 
 from __future__ import annotations

@@ -105,19 +105,26 @@ def causal_conv1d(
     batch, seq_len, dim = x.shape
     weight, bias, activation = _check_params(x, weight, bias, dim, activation)
     if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError(
-                f"cu_seqlens must be a 1-D integer tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-            )
+        # int32/int64 only (as chunk_kda and fla): the Triton path numbers the rows in cu_seqlens' dtype, which
+        # wrapped past 32767 tokens in int16 and silently mixed sequences
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor [N + 1], got {_described(cu_seqlens)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor [N + 1], got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")  # fmt: skip
         if batch != 1:
             raise ValueError(f"packed input (cu_seqlens) needs B == 1, got B={batch}")
         if cu_seqlens.device != x.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
     num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
-    if initial_state is not None and tuple(initial_state.shape) != (num_seqs, dim, weight.shape[1]):
-        raise ValueError(
-            f"initial_state must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(initial_state.shape)}"
-        )
+    if initial_state is not None:
+        want = (num_seqs, dim, weight.shape[1])
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state must be [N, D, W] = {want}, got {_described(initial_state)}")
+        # The Triton kernels would read a state on another device through a bad pointer
+        if not initial_state.is_floating_point() or initial_state.device != x.device:
+            raise ValueError(f"initial_state must be a floating-point tensor on x's device {x.device}, got "
+                             f"{initial_state.dtype} on {initial_state.device}")  # fmt: skip
     if resolve_backend(backend, x) == "torch":
         if cu_seqlens is not None and (
             int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len or bool((cu_seqlens.diff() < 0).any())
@@ -154,6 +161,10 @@ def _update_args(
         raise ValueError(
             f"cache (the conv state) must be [N, D, W] = {(num_seqs, dim, weight.shape[1])}, got {tuple(cache.shape)}"
         )
+    # x is written into the cache: an integer cache truncated it silently; the kernels cannot reach another device
+    if not cache.is_floating_point() or cache.device != x.device:
+        raise ValueError(f"cache must be a floating-point tensor on x's device {x.device}, got {cache.dtype} on "
+                         f"{cache.device}")  # fmt: skip
     return x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation, shape
 
 

@@ -10,7 +10,7 @@ from .naive import naive_gated_rms_norm
 
 __all__ = ["gated_rms_norm", "naive_gated_rms_norm"]
 
-_ACTIVATIONS = ("sigmoid", "silu")
+_ACTIVATIONS = ("sigmoid", "silu", "swish")
 MAX_TRITON_DIM = 8192
 
 
@@ -29,7 +29,8 @@ def gated_rms_norm(
         gate: same shape as x (pre-activation).
         weight: ``[D]``.
         eps: added to the mean square.
-        activation: ``"sigmoid"`` (Kimi Linear) or ``"silu"``.
+        activation: ``"sigmoid"`` (Kimi Linear) or ``"silu"`` (``"swish"``, fla's name and default for it, is the
+            same).
         backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
 
     Returns:
@@ -46,6 +47,8 @@ def gated_rms_norm(
         raise ValueError(f"weight must be [D] with D={x.shape[-1]}, got {tuple(weight.shape)}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    # fla's gated norms say "swish" (their default): taken as "silu", as the conv takes it, so fla calls port as written
+    activation = "silu" if activation == "swish" else activation
     if resolve_backend(backend, x) == "torch":
         return naive_gated_rms_norm(x, gate, weight, eps, activation)
     if x.shape[-1] > MAX_TRITON_DIM:

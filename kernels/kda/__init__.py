@@ -2,7 +2,7 @@
 
 Layout as in fla: q, k, g ``[B, T, H, K]``, v ``[B, T, H, V]``, beta ``[B, T, H]`` (post-sigmoid, or its logits
 with ``use_beta_sigmoid_in_kernel``),
-states ``[N, H, K, V]`` fp32. ``backend=None`` picks Triton for CUDA tensors and the plain-torch
+states ``[N, H, K, V]`` fp32. ``backend=None`` picks Triton for CUDA tensors (not fp64) and the plain-torch
 reference otherwise (see :func:`kimi_hf.kernels.resolve_backend`).
 """
 
@@ -89,7 +89,7 @@ def chunk_kda(
             use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, cu_seqlens,
         )  # fmt: skip
     q, k, g = _torch_prologue(q, k, g, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias)
-    return naive_chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return naive_chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens)
 
 
 def fused_recurrent_kda(
@@ -152,7 +152,8 @@ def fused_recurrent_kda(
 
         return fused_recurrent_kda_fwd(
             q, k, v, g, beta,
-            scale=q.shape[-1] ** -0.5 if scale is None else scale,
+            # float(): a 0-d tensor scale (which chunk_kda and the torch path take) reached the kernel as a pointer
+            scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
             initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
             use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, A_log=A_log, dt_bias=dt_bias,

@@ -195,10 +195,14 @@ def naive_chunk_kda(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA in chunkwise (WY) form: same arguments and results as :func:`naive_recurrent_kda`.
+
+    fla's ``naive_chunk_kda`` order (``chunk_size`` after ``output_final_state``; a positional chunk size was taken
+    as ``cu_seqlens``), with ``cu_seqlens`` keyword-only.
 
     The intra-chunk part is batched over batch, heads and chunks (T is zero-padded to a multiple of
     ``chunk_size``); only the state recurrence loops over chunks. Memory: about

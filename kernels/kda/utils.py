@@ -31,9 +31,10 @@ def gate_params(A_log: torch.Tensor, dt_bias: torch.Tensor, H: int, K: int) -> t
 
 
 def default_dt_bias(dt_bias: torch.Tensor | None, g: torch.Tensor, use_gate_in_kernel: bool) -> torch.Tensor | None:
-    """fla's ``dt_bias`` is optional with the fused gate: None there is no bias, zeros ``[H*K]`` (fp32, no grad)."""
+    """fla's ``dt_bias`` is optional with the fused gate: None there is no bias, zeros ``[H*K]`` (fp32, no grad);
+    ``g`` is ``[..., H, K]``."""
     if use_gate_in_kernel and dt_bias is None:
-        return torch.zeros(g.shape[2] * g.shape[3], device=g.device, dtype=torch.float32)
+        return torch.zeros(g.shape[-2] * g.shape[-1], device=g.device, dtype=torch.float32)
     return dt_bias
 
 
@@ -47,17 +48,18 @@ def kda_gate(g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None 
     """KDA's per-channel log-decay ``-exp(A_log[h]) * softplus(g + dt_bias[h])``.
 
     Args:
-        g: raw gate pre-activation ``f_b(f_a(x))`` reshaped to ``[B, T, H, K]``.
+        g: raw gate pre-activation ``f_b(f_a(x))`` reshaped to ``[..., H, K]`` (any leading dims, as fla's gate
+            functions take it: ``[B, T, H, K]`` in prefill, ``[B, H, K]`` or packed ``[N, H, K]`` rows too).
         A_log: ``[H]`` or ``[1, 1, H, 1]``.
         dt_bias: ``[H*K]`` or ``[H, K]``, or None for no bias (as fla's ``naive_kda_gate``/``fused_kda_gate``).
 
     Returns:
-        ``[B, T, H, K]`` in fp32 (fp64 when ``g`` is fp64), always <= 0.
+        g's shape in fp32 (fp64 when ``g`` is fp64), always <= 0.
     """
-    if g.dim() != 4:
-        raise ValueError(f"g must be [B, T, H, K], got shape {tuple(g.shape)}")
+    if not isinstance(g, torch.Tensor) or g.dim() < 2:
+        raise ValueError(f"g must be [..., H, K], got {tuple(g.shape) if isinstance(g, torch.Tensor) else g!r}")
     dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-    A_log, dt_bias = gate_params(A_log, default_dt_bias(dt_bias, g, True), g.shape[2], g.shape[3])
+    A_log, dt_bias = gate_params(A_log, default_dt_bias(dt_bias, g, True), g.shape[-2], g.shape[-1])
     decay_rate = A_log.to(dtype).exp()[:, None]
     return -decay_rate * F.softplus(g.to(dtype) + dt_bias.to(dtype))
 

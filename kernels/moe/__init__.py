@@ -229,8 +229,8 @@ def moe_route(
         shared_expert: an expert id that every token also takes with weight 1, as a last column: a shared expert
             run by :func:`moe_experts` with the routed ones.
         num_groups, topk_groups: grouped top-k (DeepSeek-V3): with ``num_groups`` > 1 equal groups of experts, only
-            the ``topk_groups`` groups with the best sum of their two best biased scores are chosen from. Torch
-            path only.
+            the ``topk_groups`` groups with the best sum of their two best biased scores are chosen from (so
+            ``top_k`` must be at most ``topk_groups * E / num_groups``). Torch path only.
         backend: ``"triton"``, ``"torch"`` or None (see :func:`kimi_hf.kernels.resolve_backend`).
 
     Returns:
@@ -250,6 +250,12 @@ def moe_route(
     if num_groups < 1 or num_experts % num_groups or not 1 <= topk_groups <= num_groups:
         raise ValueError(f"grouped top-k needs num_groups dividing E={num_experts} and topk_groups in [1, num_groups], "
                          f"got num_groups={num_groups}, topk_groups={topk_groups}")  # fmt: skip
+    reachable = topk_groups * (num_experts // num_groups)
+    if top_k > reachable:
+        # Past the kept groups' experts topk would pick masked (-inf) ones from dropped groups: arbitrary experts
+        # with their real scores as weights, silently (the model's config refuses this; a direct call did not).
+        raise ValueError(f"top_k={top_k} exceeds the {reachable} experts of the topk_groups={topk_groups} kept groups "
+                         f"of {num_experts // num_groups} (num_groups={num_groups}, E={num_experts})")  # fmt: skip
     if resolve_backend(backend, logits) == "torch":
         return naive_moe_route(
             logits, top_k, bias, activation, renormalize, scaling, shared_expert, num_groups, topk_groups
