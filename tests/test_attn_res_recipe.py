@@ -54,7 +54,7 @@ def test_tiny_preset_writes_every_output_and_skips_the_plot_without_matplotlib(t
         (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
         (["--eval-every", "0"], "argument --eval-every: must be >= 1, got 0"),
         (["--seq", "-4"], "argument --seq: must be >= 1, got -4"),
-        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
         (["--budget-s", "-1"], "argument --budget-s: must be >= 0, got -1"),
         (["--docs", "1"], "--docs must be >= 2"),
         (["--layers", "1", "--block-size", "3"], "--block-size 3 exceeds the 2 sublayers of --layers 1"),

@@ -147,7 +147,7 @@ def test_seeds_share_one_base_model(tmp_path, monkeypatch, recipes):
     [
         (["--finetune-steps", "-1"], "argument --finetune-steps: must be >= 1, got -1"),
         (["--pairs", "0"], "argument --pairs: must be >= 1, got 0"),
-        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
         (["--ratios", "abc"], "--ratios: 'abc' is neither 'paper' nor a number in (0, 1]"),
         (["--see", "5"], "unrecognized arguments: --see 5"),  # no abbreviation slips past the seeds sweep's guard
         (["--ratios", "0.5", "0.50"], "--ratios has repeats: 0.5 0.50"),  # was one method trained twice

@@ -140,7 +140,7 @@ def test_bandwidth_option_rejects_non_positive_values_and_the_floor_falls_back_o
     for bad in ["0", "-1", "nan"]:
         with pytest.raises(SystemExit):
             parser.parse_args(["--bandwidth-tbs", bad])
-        assert f"argument --bandwidth-tbs: must be > 0, got {bad}" in capsys.readouterr().err
+        assert f"argument --bandwidth-tbs: must be a finite number > 0, got {bad}" in capsys.readouterr().err
     assert _profile.floor_bandwidth_tbs(2.5) == 2.5
     if not torch.cuda.is_available():
         assert _profile.floor_bandwidth_tbs() == _profile.H200_COPY_TBS
