@@ -536,7 +536,7 @@ def test_packed_sequences_equal_separate_runs(how, dtype, rtol):
 
 def test_packed_sequences_build_no_cache_and_refuse_one():
     """Packed sequences have no single continuation: no cache by default in eval, an explicit one is refused, and
-    boundaries that go back are refused by value."""
+    boundaries that go back, or padding in the packed row, are refused by value."""
     model = tiny_model(seed=12).eval()
     ids, position_ids = random_ids(1, 6, seed=40), torch.tensor([[0, 1, 0, 1, 2, 3]])
     with torch.no_grad():
@@ -546,6 +546,54 @@ def test_packed_sequences_build_no_cache_and_refuse_one():
                 model(ids, position_ids=position_ids, **kwargs)
         with pytest.raises(ValueError, match=re.escape("without decreasing, got [0, 4, 2, 6]")):
             model(ids, cu_seqlens=torch.tensor([0, 4, 2, 6]))
+        # padding in a packed row was silently attended to (the mask was ignored)
+        with pytest.raises(ValueError, match=re.escape("(cu_seqlens [0, 4, 6]) cannot be combined with padding")):
+            model(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0]]), cu_seqlens=torch.tensor([0, 4, 6]))
+        all_real = model(ids, attention_mask=torch.ones(1, 6), cu_seqlens=torch.tensor([0, 4, 6])).logits
+        assert_close_rel(all_real, model(ids, cu_seqlens=torch.tensor([0, 4, 6])).logits, 0, "all-ones mask")
+
+
+@pytest.mark.parametrize(
+    "collator_kwargs",
+    [
+        {},
+        {"position_ids_start": 1},
+        {"return_position_ids": False, "return_seq_idx": True},
+        {"return_position_ids": False, "return_flash_attn_kwargs": True},
+    ],
+    ids=["positions", "positions-from-1", "seq_idx-only", "flash-kwargs-only"],
+)
+def test_flattening_collator_gives_the_loss_of_the_padded_batch(collator_kwargs):
+    """Each way ``DataCollatorWithFlattening`` marks its packed sequences gives the loss of the same examples as a
+    right-padded batch. Positions restarting at 1 and ``seq_idx`` alone were not read: the sequences ran as one,
+    each attending to the ones before it."""
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_model(seed=15).train()
+    seqs = [random_ids(1, n, seed=60 + i)[0] for i, n in enumerate((9, 4, 7))]
+    packed = DataCollatorWithFlattening(**collator_kwargs)([{"input_ids": s.tolist()} for s in seqs])
+    ids, mask, _ = _padded(seqs, "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    expected = model(ids, attention_mask=mask, labels=labels).loss
+    assert_close_rel(model(**packed).loss, expected, 1e-5, f"packed loss ({collator_kwargs})")
+
+
+def test_base_model_reads_the_flattening_collators_boundaries():
+    """``KimiLinearModel`` (no LM head) reads ``cu_seq_lens_q`` and ``seq_idx`` too (it ignored them)."""
+    model = tiny_model(seed=16).model
+    seqs = [random_ids(1, n, seed=70 + i)[0] for i, n in enumerate((5, 6))]
+    with torch.no_grad():
+        alone = [model(s[None]).last_hidden_state[0] for s in seqs]
+        marks = {
+            "cu_seq_lens_q": torch.tensor([0, 5, 11], dtype=torch.int32),
+            "seq_idx": torch.tensor([[0] * 5 + [1] * 6], dtype=torch.int32),
+        }
+        for name, value in marks.items():
+            hidden = model(torch.cat(seqs)[None], **{name: value}).last_hidden_state[0]
+            assert_close_rel(hidden[5:], alone[1], 1e-5, f"second sequence marked by {name}")
+            assert_close_rel(hidden[:5], alone[0], 1e-5, f"first sequence marked by {name}")
+        with pytest.raises(ValueError, match=re.escape("expected shape [1, seq_len], got (11,)")):
+            model(torch.cat(seqs)[None], seq_idx=marks["seq_idx"][0])
 
 
 @pytest.mark.parametrize("layout", ["packed", "right-padded"])

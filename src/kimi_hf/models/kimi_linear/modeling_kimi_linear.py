@@ -88,15 +88,48 @@ class SequenceLayout:
         return out.view(batch, seq_len, *y.shape[2:])
 
 
+def _cu_seqlens_from_starts(starts: torch.Tensor) -> torch.Tensor | None:
+    """``[N + 1]`` int32 boundaries of the sequences of a ``[1, T]`` row from ``starts [1, T]`` (bool, True where a
+    sequence begins; the first token always does), or None when the row holds a single sequence."""
+    starts = starts[0].clone()
+    starts[0] = True
+    begins = starts.nonzero().flatten()
+    if begins.numel() == 1:
+        return None
+    return torch.cat([begins, begins.new_tensor([starts.numel()])]).to(torch.int32)
+
+
 def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Sequence boundaries of a packed ``[1, T]`` batch from its restarting ``position_ids`` (as written by
-    ``DataCollatorWithFlattening``), or None when there is a single sequence."""
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    if not starts or starts == [0]:
-        return None  # one sequence (positions carry no other information in Kimi Linear)
-    if starts[0] != 0:
-        raise ValueError(f"packed position_ids restart at {starts} but the first sequence does not start at 0")
-    return torch.tensor([*starts, position_ids.shape[1]], dtype=torch.int32, device=position_ids.device)
+    """Sequence boundaries of a packed ``[1, T]`` batch from its restarting ``position_ids``, or None when there is a
+    single sequence. As transformers' ``find_packed_sequence_indices`` reads them: a sequence starts wherever a
+    position is not its predecessor's plus one, so that ``DataCollatorWithFlattening(position_ids_start=1)`` packs
+    too (reading only restarts at 0 ran such sequences as one, each attending to the ones before it)."""
+    position_ids = position_ids.reshape(1, -1)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids.diff(dim=1) != 1
+    return _cu_seqlens_from_starts(starts)
+
+
+def _packed_boundaries(cu_seqlens: torch.Tensor | None, kwargs: dict) -> torch.Tensor | None:
+    """``cu_seqlens``, or the packed-sequence boundaries that ``DataCollatorWithFlattening`` writes under other names
+    (read from the forward's ``kwargs``): flash-attention's ``cu_seq_lens_q`` (``return_flash_attn_kwargs=True``), or
+    ``seq_idx [1, T]``, the sequence of each token (``return_seq_idx=True``). Without them, with
+    ``return_position_ids=False``, the packed sequences ran as one."""
+    if cu_seqlens is not None:
+        return cu_seqlens
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return kwargs["cu_seq_lens_q"]
+    seq_idx = kwargs.get("seq_idx")
+    if seq_idx is None:
+        return None
+    if seq_idx.dim() != 2 or seq_idx.shape[0] != 1:
+        raise ValueError(
+            f"seq_idx marks sequences packed into one row (DataCollatorWithFlattening(return_seq_idx=True)): expected "
+            f"shape [1, seq_len], got {tuple(seq_idx.shape)}"
+        )
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx.diff(dim=1) != 0
+    return _cu_seqlens_from_starts(starts)
 
 
 def _mla_mask(keep: torch.Tensor | None, past_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -136,6 +169,12 @@ def build_sequence_layout(
             raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
         if past_len:
             raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # the packed layout runs every token as real: padding would be attended to and absorbed into states
+            raise ValueError(
+                f"packed sequences (cu_seqlens {cu_seqlens.tolist()}) cannot be combined with padding (an "
+                f"attention_mask with zeros): leave the padding out of the packed row, or pass no cu_seqlens"
+            )
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
         if int(cu_seqlens[-1]) != seq_len or int(cu_seqlens[0]) != 0 or bool((cu_seqlens.diff() < 0).any()):
             raise ValueError(
@@ -1057,10 +1096,14 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         Args:
             input_ids: ``[B, T]`` token ids (or ``inputs_embeds [B, T, hidden]``).
             attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding (left or right).
-            position_ids: only read to find packed sequences (``[1, T]`` restarting at 0, as written by
-                ``DataCollatorWithFlattening``); positions carry no other information in Kimi Linear.
+            position_ids: only read to find packed sequences (``[1, T]``, a new sequence wherever a position is not
+                the previous one plus one, as written by ``DataCollatorWithFlattening``); positions carry no other
+                information in Kimi Linear.
             past_key_values / cache: a :class:`KimiLinearCache` (either name).
             cu_seqlens: ``[N + 1]`` boundaries of N sequences packed into a batch of one.
+            cu_seq_lens_q / seq_idx (keywords): the packed-sequence marks of
+                ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` (boundaries, read as ``cu_seqlens``)
+                and ``DataCollatorWithFlattening(return_seq_idx=True)`` (``[1, T]`` sequence of each token).
             output_attentions: return the attention weights ``[B, H, T, S]`` of every MLA layer (one entry per MLA
                 layer: KDA layers have no attention matrix); needs the eager attention implementation.
 
@@ -1069,6 +1112,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         """
         cache = cache if cache is not None else past_key_values
         cache_requested = use_cache is True or cache is not None
+        cu_seqlens = _packed_boundaries(cu_seqlens, kwargs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -1109,7 +1153,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         if layout.packed and cache is not None:
             if cache_requested:
                 raise ValueError(
-                    "packed sequences (cu_seqlens, or position_ids restarting at 0) cannot fill a cache: "
+                    "packed sequences (cu_seqlens, seq_idx, or position_ids restarting) cannot fill a cache: "
                     "pass use_cache=False, or one sequence per batch row"
                 )
             cache = None
@@ -1233,14 +1277,10 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         Args:
             labels: ``[B, T]`` next-token targets (shifted inside; -100 ignored).
             logits_to_keep: compute logits only for the last N positions (int) or the given indices (tensor).
-            cu_seq_lens_q (keyword): flash-attention's packed-sequence boundaries, as
-                ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` writes them; read as ``cu_seqlens``.
-            Other arguments as in :meth:`KimiLinearModel.forward`.
+            Other arguments (also the keywords ``cu_seq_lens_q`` and ``seq_idx``) as in :meth:`KimiLinearModel.forward`.
         """
         cache = cache if cache is not None else past_key_values
-        if cu_seqlens is None and kwargs.get("cu_seq_lens_q") is not None:
-            # DataCollatorWithFlattening(return_flash_attn_kwargs=True) marks packed sequences this way only
-            cu_seqlens = kwargs["cu_seq_lens_q"]
+        cu_seqlens = _packed_boundaries(cu_seqlens, kwargs)
         outputs_asked = (output_hidden_states, output_router_logits, output_attentions)
         if self._replays_decode_graph(cache, input_ids, labels, use_cache, outputs_asked, attention_mask):
             logits = cache.decode_graph(self).step(input_ids)
