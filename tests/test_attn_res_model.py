@@ -415,3 +415,19 @@ def test_packed_sequences_are_separate_with_the_default_cache_setting(implementa
     assert len(out.to_tuple()) == 1, "no cache returned: only the logits"
     with pytest.raises(ValueError, match="packed sequences .* cannot fill a cache"):
         model(packed, position_ids=position_ids, use_cache=True)
+
+
+def test_trainer_label_smoothing_shifts_the_labels(tmp_path):
+    """The Trainer shifts the labels for its label smoother only for class names in transformers' causal-LM table:
+    without an entry there, our causal LMs were smoothed against unshifted labels (each token trained towards itself).
+    """
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = _model()
+    args = TrainingArguments(tmp_path, label_smoothing_factor=0.1, use_cpu=True, report_to=[])
+    ids = torch.randint(0, 97, (2, 6))
+    loss = Trainer(model=model, args=args).compute_loss(model, {"input_ids": ids, "labels": ids})
+    logits = model(input_ids=ids).logits
+    expected = LabelSmoother(epsilon=0.1)({"logits": logits}, ids, shift_labels=True)
+    assert_close_rel(loss, expected, 1e-6, "smoothed loss")

@@ -54,13 +54,15 @@ def test_refuses_distributed_training(tmp_path):
 
 
 def test_refuses_what_kimi_linear_reads_back_to_the_host(monkeypatch):
-    """A mask (all ones too), cu_seqlens, a batch of one's position_ids and the MoE's per-expert loop synchronise: CUDA
-    broke the capture off with errors that named none of them (seen on an H100). Only Kimi Linear is concerned."""
+    """A mask (all ones too), cu_seqlens, seq_idx, a batch of one's position_ids and the MoE's per-expert loop
+    synchronise: CUDA broke the capture off with errors that named none of them (seen on an H100). Only Kimi Linear is
+    concerned."""
     refuse = GraphedLossStep._refuse_host_syncs
     model = KimiLinearForCausalLM(tiny_kimi_linear_config())
     ones = torch.ones(2, 64, dtype=torch.long)
     for extra, named in (({"attention_mask": ones}, "attention_mask"), ({"cu_seqlens": ones[0, :2]}, "cu_seqlens"),
-                         ({"position_ids": torch.arange(64)[None]}, "position_ids")):  # fmt: skip
+                         ({"position_ids": torch.arange(64)[None]}, "position_ids"),
+                         ({"seq_idx": torch.zeros(1, 64, dtype=torch.long)}, "seq_idx")):  # fmt: skip
         with pytest.raises(ValueError, match=f"Kimi Linear reads {named} back to the host"):
             refuse(model, {**_batch(), **extra})
     with pytest.raises(ValueError, match=r"MoE would run its experts as a loop \(experts torch.float32 on cpu"):

@@ -134,7 +134,8 @@ class GraphedLossStep:
 
         if not any(isinstance(m, kimi_linear.KimiLinearModel) for m in model.modules()):
             return
-        syncing = [name for name in ("attention_mask", "cu_seqlens", "cu_seq_lens_q") if inputs.get(name) is not None]
+        packing = ("attention_mask", "cu_seqlens", "cu_seq_lens_q", "seq_idx")
+        syncing = [name for name in packing if inputs.get(name) is not None]
         positions = inputs.get("position_ids")
         if isinstance(positions, torch.Tensor) and positions.shape[0] == 1:  # a batch of one is checked for packing
             syncing.append("position_ids")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .data import ByteTokenizer
+from .models.attn_res import AttnResConfig, AttnResForCausalLM
 from .models.attn_res import register_auto as register_attn_res_auto
 from .models.kimi_linear import (
     KimiLinearAttnResConfig,
@@ -29,6 +31,9 @@ def register_all() -> None:
       config still maps to the native models (by name alone, the two ``KimiLinearConfig`` would collide).
     - :class:`~kimi_hf.data.ByteTokenizer` for ``auto_map``: a saved tokenizer folder carries its code, so
       ``AutoTokenizer.from_pretrained(path, trust_remote_code=True)`` loads it (no model type owns it).
+    - Our own model types' causal LMs in transformers' table of causal-LM class names, which the Trainer reads to
+      shift the labels for its label smoother (``label_smoothing_factor``) and ``compute_loss_func``: unlisted,
+      they were smoothed against unshifted labels, each token trained towards itself.
     - CE-LoRA with PEFT.
     """
     KimiLinearConfig.register_for_auto_class()
@@ -41,4 +46,9 @@ def register_all() -> None:
     AutoModelForCausalLM.register(KimiLinearAttnResConfig, KimiLinearAttnResForCausalLM, exist_ok=True)
     ByteTokenizer.register_for_auto_class("AutoTokenizer")
     register_attn_res_auto()
+    for config_class, model_class in (
+        (KimiLinearAttnResConfig, KimiLinearAttnResForCausalLM),
+        (AttnResConfig, AttnResForCausalLM),
+    ):
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(config_class.model_type, model_class.__name__)
     register_ce_lora()
