@@ -1,5 +1,7 @@
 """AttentionResiduals module: paper semantics (init, Full = block size 1, one block), two-phase, errors."""
 
+import re
+
 import pytest
 import torch
 from helpers import assert_close_rel
@@ -192,6 +194,7 @@ def test_gradients_reach_every_pseudo_query():
         ({"mode": "block", "block_size": 0}, "got 0"),
         ({"mode": "block", "block_size": 9}, "got 9"),
         ({"mode": "block", "block_size": None}, "got None"),
+        ({"mode": "block", "block_size": True}, r"^block_size must be an int in \[1, num_sublayers = 8\].* got True"),
     ],
 )
 def test_invalid_settings_raise(kwargs, match):
@@ -259,3 +262,81 @@ def test_low_precision_sources_score_in_fp32_and_block_sums_keep_the_banks_dtype
             final = attn_res.final_output(state)
         assert final.dtype == torch.float32
         assert_close_rel(final, exact, 1e-6, f"block sum of bf16 outputs over fp32 sources, grad={grad}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inference_rereads_of_older_states_give_their_first_answer(backend):
+    """States are immutable, so reading an older state again (e.g. collecting hidden states after the loop) must
+    give its first answer. The inference path cached only the running block's phase 1 and applied it to an older
+    state of another block: a silently wrong input (or an IndexError after the final aggregation's phase 1)."""
+    attn_res = AttentionResiduals(D, num_sublayers=6, mode="block", block_size=2, backend=backend)
+    _randomise(attn_res, seed=10)
+    x, outs = torch.randn(2, 3, D), [torch.randn(2, 3, D) for _ in range(6)]
+    with torch.no_grad():
+        state, states, inputs = attn_res.begin(x), [], []
+        for out in outs:
+            states.append(state)
+            inputs.append(attn_res.sublayer_input(state))
+            state = attn_res.add_sublayer_output(state, out)
+        # block 0's second sublayer after block 2 began; block 1's first (re-storing b_1), then block 2's second
+        for i in (1, 2, 5):
+            assert_close_rel(attn_res.sublayer_input(states[i]), inputs[i], 1e-6, f"re-read of sublayer {i}")
+        final = attn_res.final_output(state)
+        assert_close_rel(attn_res.sublayer_input(states[3]), inputs[3], 1e-6, "re-read after the final output")
+        assert_close_rel(attn_res.final_output(state), final, 1e-6, "final output read again")
+    with torch.enable_grad():
+        assert_close_rel(final, _run(attn_res, [lambda h, o=o: o for o in outs], x), 1e-5, "vs the training path")
+
+
+@pytest.mark.parametrize("mode", ["standard", "block"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_wrong_shaped_sublayer_output_raises(mode, grad):
+    """A sublayer output that broadcasts against the stream ([B, 1, D], [D]) was silently summed into it (standard
+    mode; block mode: into a block's partial sum); another shape failed later naming internal tensors."""
+    attn_res = AttentionResiduals(D, num_sublayers=4, mode=mode, block_size=4)
+    with torch.set_grad_enabled(grad):
+        state = attn_res.begin(torch.randn(2, 3, D))
+        state = attn_res.add_sublayer_output(state, torch.randn(2, 3, D))
+        for bad in (torch.randn(2, 1, D), torch.randn(D), torch.randn(2, 3, 8)):
+            attn_res.sublayer_input(state)
+            message = f"sublayer 1's output has shape {tuple(bad.shape)}, expected the embeddings' (2, 3, 32)"
+            with pytest.raises(ValueError, match=re.escape(message)):
+                attn_res.add_sublayer_output(state, bad)
+
+
+@pytest.mark.parametrize("mode", ["standard", "block"])
+def test_gradients_through_a_forward_begun_under_no_grad_raise_clearly(mode):
+    """Frozen lower sublayers under no_grad, trainable upper ones: begin() under no_grad chose the inference-only
+    path, and the next read failed inside a kernel op telling the user to call it under torch.no_grad()."""
+    attn_res = AttentionResiduals(D, num_sublayers=4, mode=mode, block_size=2)
+    weight, upper = torch.ones(D), torch.nn.Linear(D, D)
+    with torch.no_grad():
+        state = attn_res.begin(torch.randn(2, 3, D))
+        state = attn_res.add_sublayer_output(state, torch.tanh(attn_res.sublayer_input(state, weight)))
+        state = attn_res.add_sublayer_output(state, torch.tanh(attn_res.sublayer_input(state, weight)))
+    # block mode: the trainable pseudo-query of sublayer 2; standard mode: sublayer 2's trainable output
+    failing = 2 if mode == "block" else 3
+    with pytest.raises(ValueError, match=rf"sublayer {failing} needs gradients, but this forward's begin\(\) ran"):
+        state = attn_res.add_sublayer_output(state, upper(attn_res.sublayer_input(state, weight)))
+        attn_res.sublayer_input(state, weight)
+
+
+def test_inference_branches_of_one_state_stay_apart():
+    """Two states branched from one (two candidate outputs of one sublayer) on the inference path: the reads of the
+    second branch reused the first branch's cached fold and phase 1 (both keyed by sublayer index only)."""
+    attn_res = AttentionResiduals(D, num_sublayers=4, mode="block", block_size=2)
+    _randomise(attn_res, seed=11)
+    x, outs, alternative = torch.randn(2, 3, D), [torch.randn(2, 3, D) for _ in range(4)], torch.randn(2, 3, D)
+
+    def branches() -> list[torch.Tensor]:
+        state = attn_res.begin(x)
+        state = attn_res.add_sublayer_output(state, outs[0])
+        ends = [attn_res.add_sublayer_output(state, out) for out in (outs[1], alternative)]  # both end block 0
+        reads = [attn_res.sublayer_input(end) for end in ends]  # block 1's first sublayer: phase 1 of each bank
+        nexts = [attn_res.add_sublayer_output(end, outs[2]) for end in ends]
+        return reads + [attn_res.sublayer_input(state) for state in nexts]  # block 1's second: phase 2
+
+    with torch.no_grad():
+        inference = branches()
+    for i, (a, e) in enumerate(zip(inference, branches())):
+        assert_close_rel(a, e, 1e-5, f"read {i}")

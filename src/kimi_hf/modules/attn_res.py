@@ -30,7 +30,15 @@ of called, which on the Triton path also avoids storing h (recomputed in backwar
 
 ``AttnResState`` is immutable (each call returns a new one), so a decoder layer that takes a state and
 returns a state can be re-run by non-reentrant gradient checkpointing (reentrant checkpointing only
-tracks tensor arguments: not supported).
+tracks tensor arguments: not supported), and an older state can be read again. One exception: on the Triton
+backend, states branched from one state (two candidate outputs of one sublayer) must not both end a block: they
+write the same slot of the forward's shared source store.
+
+In your own ``PreTrainedModel``, initialise it in ``_init_weights`` (transformers' default leaves unknown modules
+alone, so ``from_pretrained`` of a checkpoint without AttnRes would keep uninitialised memory in its parameters):
+
+    if isinstance(module, AttentionResiduals):
+        module.reset_parameters()
 
 Under ``torch.no_grad()`` with ``two_phase=True`` (the default) the inference path runs, chosen once by
 ``begin``: at the first sublayer of a block, phase 1 scores all of the block's pseudo-queries against the
@@ -53,6 +61,7 @@ from kimi_hf.kernels.attn_res import (
     append_source,
     append_source_phase1,
     depth_attention,
+    depth_attention_phase1,
     depth_attention_phase2,
     depth_attention_phase2_add,
     new_source_bank,
@@ -74,8 +83,10 @@ class AttnResState:
         pending: inference path only: the output of the last sublayer (at sublayer 0 the embedding), not yet
             added to ``partial`` or stored in ``bank``: the next read does it in its own kernel.
         cache: inference path only, shared by the states of one forward: the running block's phase 1
-            ("phase1": (out, lse)) and, per sublayer read, the partial sum and bank with ``pending`` folded
-            in (taken by ``add_sublayer_output``, so that each lives only as long as the eager path's would).
+            ("phase1": (the block's first sublayer, its bank, out, lse)) and, per sublayer read, the partial sum and
+            bank with ``pending`` folded in (taken by ``add_sublayer_output``, so that each lives only as long as the
+            eager path's would), under the (partial, pending, bank) they were folded from: states are immutable, so
+            an older state read again, or two states branched from one, must not get another state's entries.
         rows: when gradients are needed, (pseudo-queries, key-norm gains) unbound once into per-sublayer
             rows [D]: one backward node gathers all their gradients (indexing each sublayer's row would
             cost a zero-filled [L + 1, D] gradient and an accumulation per sublayer).
@@ -98,6 +109,19 @@ def _in_bank_dtype(state: AttnResState, output: torch.Tensor) -> torch.Tensor:
     """The first output of a block as its running sum: in the bank's dtype where that is wider (fp32 sources, bf16
     outputs under autocast), so that the block's sum is not rounded to the outputs' dtype."""
     return output.to(torch.promote_types(state.bank.dtype, output.dtype))
+
+
+def _fold_key(state: AttnResState) -> tuple:
+    """What an inference read folds (compared by identity): the partial sum, the pending output and the bank."""
+    return (state.partial, state.pending, state.bank)
+
+
+def _cached_fold(state: AttnResState, index: int) -> tuple | None:
+    """(partial sum, bank) cached by an earlier read of sublayer ``index`` of this very state, else None."""
+    entry = state.cache.get(index)
+    if entry is None or any(a is not b for a, b in zip(entry[0], _fold_key(state))):
+        return None
+    return entry[1:]
 
 
 class AttentionResiduals(nn.Module):
@@ -134,8 +158,13 @@ class AttentionResiduals(nn.Module):
             raise ValueError(f"num_sublayers must be >= 1, got {num_sublayers}")
         if mode == "full":
             block_size = 1
-        if mode == "block" and (not isinstance(block_size, int) or not 1 <= block_size <= num_sublayers):
-            raise ValueError(f"attn_res_block_size must be an int in [1, {num_sublayers}], got {block_size!r}")
+        # (a bool is an int to isinstance: block_size=True would silently mean Full AttnRes)
+        valid = isinstance(block_size, int) and not isinstance(block_size, bool)
+        if mode == "block" and (not valid or not 1 <= block_size <= num_sublayers):
+            raise ValueError(
+                f"block_size must be an int in [1, num_sublayers = {num_sublayers}] (sublayers per block; "
+                f"{num_sublayers} is one block), got {block_size!r}"
+            )
         self.hidden_size = hidden_size
         self.num_sublayers = num_sublayers
         self.mode = mode
@@ -213,7 +242,19 @@ class AttentionResiduals(nn.Module):
         """Inference: the input of sublayer ``index`` (L: the final aggregation), with ``state.pending`` folded
         into the partial sum or the bank by the same kernel; the folded state goes to ``state.cache[index]``.
         A second read of one state (e.g. ``output_hidden_states`` before the layer's own) reuses the fold."""
-        folded = state.cache.get(index)
+        # The inference kernels are not differentiable; without this check, a forward begun under no_grad whose
+        # upper sublayers run with gradients (frozen lower layers) failed inside a kernel op saying to use no_grad.
+        # (Standard mode without a fused norm is a plain, differentiable addition.)
+        if torch.is_grad_enabled() and (self.mode != "standard" or norm_weight is not None):
+            params = (self.queries, self.norm_weight) if self.mode != "standard" else ()
+            if any(t is not None and t.requires_grad for t in (state.partial, state.pending, norm_weight, *params)):
+                what = f"sublayer {index}" if index < self.num_sublayers else "the final output"
+                raise ValueError(
+                    f"{what} needs gradients, but this forward's begin() ran under torch.no_grad(), which "
+                    "chose the inference-only two-phase path for the whole forward: call begin() with gradients "
+                    "enabled (or set two_phase=False)"
+                )
+        folded = _cached_fold(state, index)
         if self.mode == "standard":
             if folded is not None or state.partial is None:
                 h = folded[0] if folded is not None else state.pending
@@ -222,26 +263,29 @@ class AttentionResiduals(nn.Module):
                 h, x = add_prenorm(state.partial, state.pending, norm_weight, norm_eps, self.backend)
             else:
                 h = x = state.partial + state.pending
-            state.cache[index] = (h, None)
+            state.cache[index] = (_fold_key(state), h, None)
             return x
         query, gain = self.queries[index], self.norm_weight[index]
         pos = index % self.block_size
-        if index == self.num_sublayers or pos == 0:  # a block boundary: the finished block (or v_0) is stored
-            if folded is not None:
-                out, lse = state.cache["phase1"]
-                return depth_attention_phase2(
-                    out[0], lse[0], None, query, gain, self.eps, self.backend, norm_weight, norm_eps
-                )
-            last = self.num_sublayers
-            stop = last + 1 if index == last else min(index + self.block_size, last)
+        boundary = index == self.num_sublayers or pos == 0
+        start = index - (0 if boundary else pos)  # first query of this read's phase 1 (L: the final aggregation)
+        if boundary and folded is None:  # a block boundary: the finished block (or v_0) is stored
+            stop = self._phase1_stop(start)
             summands = (state.pending, None) if state.partial is None else (state.partial, state.pending)
             bank, out, lse, x = append_source_phase1(
-                state.bank, *summands, self.queries[index:stop], self.norm_weight[index:stop], norm_weight, norm_eps
+                state.bank, *summands, self.queries[start:stop], self.norm_weight[start:stop], norm_weight, norm_eps
             )
-            state.cache["phase1"] = (out, lse)  # the running block's: replaced at the next boundary
-            state.cache[index] = (None, bank)
+            cached = state.cache.get("phase1")
+            if cached is None or cached[0] <= start:  # an older state's re-read keeps the running block's
+                state.cache["phase1"] = (start, bank, out, lse)  # the running block's: replaced at the next boundary
+            state.cache[index] = (_fold_key(state), None, bank)
             return x if norm_weight is not None else out[0]
-        out, lse = state.cache["phase1"]
+        out, lse = self._phase1(state, start, folded[1] if folded is not None else state.bank)
+        if boundary:
+            # a repeated read of a block's first sublayer (or the final aggregation): its input is out[0]
+            return depth_attention_phase2(
+                out[0], lse[0], None, query, gain, self.eps, self.backend, norm_weight, norm_eps
+            )
         if folded is not None or state.partial is None:
             # a repeated read, or the block's second sublayer, whose partial sum is the first one's output
             partial = folded[0] if folded is not None else _in_bank_dtype(state, state.pending)
@@ -253,16 +297,42 @@ class AttentionResiduals(nn.Module):
                 out[pos], lse[pos], state.partial, state.pending, query, gain, self.eps, self.backend,
                 norm_weight, norm_eps,
             )  # fmt: skip
-        state.cache[index] = (partial, state.bank)
+        state.cache[index] = (_fold_key(state), partial, state.bank)
         return x
+
+    def _phase1_stop(self, start: int) -> int:
+        """End (exclusive) of the pseudo-query rows phase 1 scores for the block starting at sublayer ``start``."""
+        last = self.num_sublayers
+        return last + 1 if start == last else min(start + self.block_size, last)
+
+    def _phase1(self, state: AttnResState, start: int, bank: SourceBank) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phase 1 (out [Q, B, T, D], lse [Q, B, T]) of the block starting at sublayer ``start``, whose completed
+        sources are ``bank``: the cached one of the running block, or, for an older state of this forward read
+        again after a later block began (states are immutable, so that must give its first answer) or a state of
+        another branch, recomputed without replacing the cache (it holds one block's, which the running one needs)."""
+        cached = state.cache.get("phase1")
+        if cached is not None and cached[0] == start and cached[1] is bank:
+            return cached[2], cached[3]
+        stop = self._phase1_stop(start)
+        return depth_attention_phase1(bank, self.queries[start:stop], self.norm_weight[start:stop])
 
     def add_sublayer_output(self, state: AttnResState, output: torch.Tensor) -> AttnResState:
         """Record the raw output [B, T, D] of the sublayer that just ran; returns the next state."""
         sub = self._check_running(state)
+        # Checked here, where the culprit is known: a broadcastable output ([B, 1, D], [D]) would otherwise be summed
+        # into the residual stream or a block's partial sum silently, and another one fail in a later read.
+        if state.bank is not None:
+            expected = state.bank.shape
+        else:  # standard mode: the stream (on the inference path at sublayer 0, the still pending embeddings)
+            expected = (state.partial if state.partial is not None else state.pending).shape
+        if tuple(output.shape) != tuple(expected):
+            raise ValueError(
+                f"sublayer {sub}'s output has shape {tuple(output.shape)}, expected the embeddings' {tuple(expected)}"
+            )
         if state.inference:
-            if sub not in state.cache:  # the sublayer never read its input: fold the pending output now
+            if _cached_fold(state, sub) is None:  # the sublayer never read its input: fold the pending output now
                 self._inference_read(state, sub, None, 1e-6)
-            partial, bank = state.cache.pop(sub)
+            partial, bank = state.cache.pop(sub)[1:]
             return replace(state, sublayer=sub + 1, partial=partial, bank=bank, pending=output)
         if self.mode == "standard":
             return replace(state, sublayer=sub + 1, partial=state.partial + output)
