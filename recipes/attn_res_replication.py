@@ -33,7 +33,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/data.py, without the repo root
 from data import CORPORA, token_splits  # noqa: E402
 
-from kimi_hf.cli import check_output_dir, non_negative_float, positive_float, positive_int, seed_int  # noqa: E402
+from kimi_hf.cli import (  # noqa: E402
+    check_output_dir,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    seed_int,
+    seq_len_int,
+)
 from kimi_hf.models.attn_res import AttnResConfig, AttnResForCausalLM  # noqa: E402
 
 PRESETS = {
@@ -58,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     for name in PRESETS["cpu"]:
-        kind = {"lr": positive_float, "budget_s": non_negative_float}.get(name, positive_int)
+        # --seq 1 would leave no next-token target: the loss came out NaN after all the training
+        kind = {"lr": positive_float, "budget_s": non_negative_float, "seq": seq_len_int}.get(name, positive_int)
         extra = " (seconds of training + evaluation of all modes; 0: none)" if name == "budget_s" else ""
         flag = f"--{name.replace('_', '-')}"
         p.add_argument(flag, type=kind, default=None, help=f"override the preset's {name}{extra}")
@@ -70,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.block_size > 2 * args.layers:
         p.error(f"--block-size {args.block_size} exceeds the {2 * args.layers} sublayers of --layers {args.layers}")
+    if args.warmup > args.steps:  # the learning rate would never reach --lr (and the cosine never start)
+        p.error(f"--warmup {args.warmup} exceeds --steps {args.steps}")
     if args.docs < 2:
         p.error(f"--docs must be >= 2 (training and validation documents), got {args.docs}")
     if len(set(args.modes)) != len(args.modes):  # a repeat would train that mode twice into the same rows
@@ -193,7 +203,8 @@ def fit_budget(args, seconds: dict[str, float]) -> None:
     eval_s = evals * args.eval_batches * step_s / 3
     steps = int((args.budget_s - eval_s) / step_s)
     if steps < evals:
-        raise SystemExit(f"budget {args.budget_s:.0f} s leaves {steps} steps at {step_s:.3f} s per step of all modes")
+        raise SystemExit(f"attn_res_replication.py: error: --budget-s {args.budget_s:g} leaves {steps} steps (fewer "
+                         f"than the {evals} evaluations) at {step_s:.3f} s per step of all modes: raise it")
     if steps < args.steps:
         args.warmup = max(1, args.warmup * steps // args.steps)
         args.steps = steps

@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ratios has repeats: {' '.join(args.ratios)}")
     check_output_dir(p, args.out)
     check_output_dir(p, args.base_dir, "--base-dir")
+    if args.base_dir and os.path.isdir(args.base_dir) and os.listdir(args.base_dir):
+        # Only a folder this recipe filled is read back; any other model there would be overwritten by the newly
+        # pre-trained one (a folder holding someone's model looks like what --base-dir asks for).
+        if not os.path.exists(os.path.join(args.base_dir, "base_settings.json")):
+            p.error(f"--base-dir {args.base_dir!r} holds files but no base_settings.json (not a base model saved by "
+                    "this recipe); its files would be overwritten: give an empty or new folder")  # fmt: skip
     if args.replot and not os.path.exists(os.path.join(args.out, "curves.csv")):
         p.error(f"--replot: {os.path.join(args.out, 'curves.csv')} does not exist (run the recipe first)")
     if args.train_size < args.batch:  # training drops the last incomplete batch: no step would run

@@ -40,9 +40,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ce_lora_quality.py, without the repo root
 import ce_lora_quality  # noqa: E402
 
-from kimi_hf.cli import seed_int  # noqa: E402
+from kimi_hf.cli import check_output_dir, seed_int  # noqa: E402
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96).
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: `t975`'s expansion).
 _T975 = (
     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
     2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--min-base-exact-match is a fraction in [0, 1], got {args.min_base_exact_match}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds has repeats: {args.seeds}")
+    check_output_dir(p, args.out)  # the recipe checks only <out>/seed_<s>: a file here was a FileExistsError
     ce_lora_quality.parse_args(recipe_argv(args, args.seeds[0]))  # the recipe's own checks, before anything is written
     return args
 
@@ -146,6 +147,17 @@ def paired_gaps(rows: list[dict]) -> list[dict]:
     return gaps
 
 
+def t975(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom: the table up to 30, then the
+    Cornish-Fisher expansion around the normal's 1.95996 (within 1e-4 there; the normal's own 1.96, used before,
+    made the interval 1.5% too narrow at 80 seeds and 4% at 32)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))  # fmt: skip
+
+
 def interval(values: list[float]) -> tuple[float, float, float, float]:
     """(mean, standard deviation, lower, upper) with the two-sided 95% Student-t interval of the mean; the
     deviation and interval are NaN for fewer than two values."""
@@ -153,7 +165,7 @@ def interval(values: list[float]) -> tuple[float, float, float, float]:
     if len(values) < 2:
         return mean, math.nan, math.nan, math.nan
     std = statistics.stdev(values)
-    half = (_T975[len(values) - 2] if len(values) - 1 <= len(_T975) else 1.96) * std / math.sqrt(len(values))
+    half = t975(len(values) - 1) * std / math.sqrt(len(values))
     return mean, std, mean - half, mean + half
 
 

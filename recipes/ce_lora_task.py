@@ -2,14 +2,15 @@
 
 An example is a line of ``pairs`` single-digit problems written back to back, ``"3+4=72+5=7..."``, then
 ``<eos>``. The task sets the table: ``"digit_sum"`` answers ``(a + b) mod 10``, ``"digit_product"``
-``(a * b) mod 10``. Only the answers (and ``<eos>``) are labelled.
+``(a * b) mod 10``. Only the answers are labelled: the ``<eos>`` closing every line, at a fixed position,
+would only add a token every method predicts, diluting the loss gaps between them.
 
 Each answer reads the two digits just before it, an attention pattern a small model learns in a few
 hundred steps. A base model pre-trained on one table can then be fine-tuned to the other: attention
 stays, the 100-entry table its MLPs compute changes.
 
-Exact match: an example counts when every answer digit and the ``<eos>`` are the model's top-1
-predictions given the true prefix. Since each answer depends only on its own prefix, this is the same as
+Exact match: an example counts when every answer digit is the model's top-1 prediction given the true
+prefix. Since each answer depends only on its own prefix, this is the same as
 greedy decoding of every answer, in one forward pass. A constant guess gets ``0.1**pairs`` on the sum
 table and ``0.27**pairs`` on the product table (whose answer is 0 for 27 of its 100 entries).
 
@@ -39,7 +40,7 @@ def make_examples(count: int, pairs: int, task: str, seed: int) -> dict[str, tor
     ids = torch.stack([a + DIGIT0, ops[0], b + DIGIT0, ops[1], c + DIGIT0], dim=-1).reshape(count, -1)
     ids = torch.cat([ids, torch.full((count, 1), EOS)], dim=1)
     labels = torch.full_like(ids, -100)
-    labels[:, PROBLEM - 1 :: PROBLEM] = ids[:, PROBLEM - 1 :: PROBLEM]  # the answers, then <eos>
+    labels[:, PROBLEM - 1 :: PROBLEM] = ids[:, PROBLEM - 1 :: PROBLEM]  # the answers (not the final <eos>)
     return {"input_ids": ids, "labels": labels}
 
 

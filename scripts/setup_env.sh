@@ -3,7 +3,8 @@
 # for this pyproject.toml is reused without installing anything (no package index needed).
 #   bash scripts/setup_env.sh            runtime dependencies only
 #   bash scripts/setup_env.sh test       plus the test extras (pytest, fla 0.6.0 as an independent reference)
-# torch is pinned to the 2.13.0 CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+# torch is pinned to 2.13.0 and installed first: that is the CPU wheel where pip's index serves one (PyPI itself
+# serves the multi-GB CUDA build on Linux; pip's PIP_INDEX_URL / PIP_EXTRA_INDEX_URL choose the index).
 set -euo pipefail
 source "$(dirname "$0")/_usage.sh" "$@"
 cd "$(dirname "$0")/.."

@@ -53,7 +53,7 @@ def test_tiny_preset_writes_every_output_and_skips_the_plot_without_matplotlib(t
     [
         (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
         (["--eval-every", "0"], "argument --eval-every: must be >= 1, got 0"),
-        (["--seq", "-4"], "argument --seq: must be >= 1, got -4"),
+        (["--seq", "-4"], "argument --seq: must be >= 2 (the next-token loss needs two tokens), got -4"),
         (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
         (["--budget-s", "-1"], "argument --budget-s: must be >= 0, got -1"),
         (["--docs", "1"], "--docs must be >= 2"),
@@ -63,6 +63,8 @@ def test_tiny_preset_writes_every_output_and_skips_the_plot_without_matplotlib(t
         (["--device", "meta"], "--device 'meta': expected cpu, cuda or cuda:N"),  # was autocast's error after setup
         (["--modes", "block", "block"], "--modes has repeats: block block"),  # was trained twice into one table
         (["--seed", "-1"], "argument --seed: must be in [0, 2**32), got -1"),
+        (["--seq", "1"], "argument --seq: must be >= 2"),  # trained on no target: every loss NaN
+        (["--steps", "10", "--warmup", "20"], "--warmup 20 exceeds --steps 10"),  # never reached --lr
     ],
 )
 def test_bad_sizes_are_refused_before_any_work(args, message, capsys):
@@ -99,3 +101,11 @@ def test_a_rerun_without_matplotlib_removes_the_earlier_plot(tmp_path, monkeypat
     recipe.write_outputs(rows[:1], args, recipe.torch.device("cpu"))
     assert not png.exists()
     assert json.loads((tmp_path / "attn_res_replication.json").read_text())["rows"] == rows[:1]
+
+
+def test_a_budget_too_small_for_the_evaluations_names_the_option_and_its_value():
+    """The error used to read "budget 0 s leaves -3 steps" for ``--budget-s 0.01``: no option, a rounded value."""
+    recipe = _recipe()
+    args = recipe.parse_args(["--tiny", "--budget-s", "0.01"])
+    with pytest.raises(SystemExit, match=r"--budget-s 0.01 leaves -?\d+ steps \(fewer than the 3 evaluations\)"):
+        recipe.fit_budget(args, {"standard": 0.01, "block": 0.01})

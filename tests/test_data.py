@@ -49,3 +49,28 @@ def test_stdlib_corpus_is_fixed_and_substantial():
     assert first == second and len(set(first)) == len(first)
     assert all(len(doc) >= 200 for doc in first)
     assert sum(map(len, first)) > 100_000, f"only {sum(map(len, first))} characters on Python {sys.version}"
+
+
+def test_added_tokens_get_new_ids_count_in_len_and_decode():
+    """``add_tokens`` twice gives two ids past the bytes and ``len(tokenizer)`` counts them (what
+    ``resize_token_embeddings(len(tokenizer))`` needs); decoding keeps their text. Before, both got id 259,
+    ``len`` stayed 259 and ``decode`` raised on the added token."""
+    tokenizer = ByteTokenizer()
+    tokenizer.add_tokens(["<a>"])
+    tokenizer.add_tokens(["<b>"])
+    assert tokenizer.convert_tokens_to_ids(["<a>", "<b>"]) == [259, 260] and len(tokenizer) == 261
+    ids = tokenizer("x<a>é<b>")["input_ids"]
+    assert ids == [1, 123, 259, 198, 172, 260]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "x<a>é<b>"
+    with pytest.raises(ValueError, match="no token with id 300"):  # not decoded as some character
+        tokenizer.decode([1, 300])
+    # every vocabulary entry, control bytes included, is a token that maps back to its id
+    assert all(tokenizer.convert_tokens_to_ids(tok) == i for tok, i in tokenizer.get_vocab().items())
+
+
+def test_special_tokens_mask_lines_up_with_the_ids():
+    tokenizer = ByteTokenizer()
+    one = tokenizer("ab", return_special_tokens_mask=True)
+    assert one["input_ids"] == [1, 100, 101] and one["special_tokens_mask"] == [1, 0, 0]
+    pair = tokenizer("ab", "c", return_special_tokens_mask=True)
+    assert pair["input_ids"] == [1, 100, 101, 2, 102] and pair["special_tokens_mask"] == [1, 0, 0, 1, 0]

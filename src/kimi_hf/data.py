@@ -58,8 +58,13 @@ class ByteTokenizer(PreTrainedTokenizer):
         return len(self.SPECIALS) + 256
 
     def get_vocab(self) -> dict[str, int]:
+        # The tokens exactly as `_tokenize` spells them (control bytes too), so that every entry maps back through
+        # `convert_tokens_to_ids`; then the tokens added with `add_tokens`, as HF tokenizers do: `len(tokenizer)`
+        # and the next added token's id are derived from this dict (without them, two `add_tokens` calls both got
+        # id 259 and `len(tokenizer)` stayed 259, too small for `resize_token_embeddings`).
         vocab = {tok: i for i, tok in enumerate(self.SPECIALS)}
-        vocab.update({chr(b) if b >= 32 else f"<0x{b:02X}>": len(self.SPECIALS) + b for b in range(256)})
+        vocab.update({chr(b): len(self.SPECIALS) + b for b in range(256)})
+        vocab.update(self.added_tokens_encoder)
         return vocab
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
@@ -74,16 +79,20 @@ class ByteTokenizer(PreTrainedTokenizer):
         return len(self.SPECIALS) + ord(token)
 
     def _convert_id_to_token(self, index: int) -> str:
+        # Reached for ids that are not added tokens: past the bytes there is no token (e.g. an LM head padded wider
+        # than the vocabulary), and a character past 255 would decode as text instead of failing.
+        if not 0 <= index < self.vocab_size:
+            raise ValueError(f"ByteTokenizer has no token with id {index} (vocabulary: 0 to {len(self) - 1})")
         if index < len(self.SPECIALS):
             return self.SPECIALS[index]
         return chr(index - len(self.SPECIALS))
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         # Runs of bytes decode together (a character may span several); special tokens, which reach here only
-        # with skip_special_tokens=False, keep their text.
+        # with skip_special_tokens=False, and tokens added with `add_tokens` (any text) keep their text.
         pieces, run = [], bytearray()
         for token in tokens:
-            if token in self.SPECIALS:
+            if len(token) != 1 or ord(token) > 255:
                 pieces += [run.decode("utf-8", errors="replace"), token]
                 run = bytearray()
             else:
@@ -93,6 +102,16 @@ class ByteTokenizer(PreTrainedTokenizer):
     def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
         ids = [self.bos_token_id, *token_ids_0]
         return ids if token_ids_1 is None else [*ids, self.eos_token_id, *token_ids_1]
+
+    def get_special_tokens_mask(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
+    ) -> list[int]:
+        """1 where :meth:`build_inputs_with_special_tokens` puts ``<s>`` / ``</s>``, 0 on the sequences' tokens
+        (transformers' default knows only its named patterns and returned a mask one entry short of the ids)."""
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        mask = [1] + [0] * len(token_ids_0)
+        return mask if token_ids_1 is None else [*mask, 1] + [0] * len(token_ids_1)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         # The vocabulary is implicit; record what it is so that the folder documents itself.
