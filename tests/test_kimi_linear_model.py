@@ -273,6 +273,20 @@ def test_moe_grouped_topk_picks_the_best_groups():
         assert_close_rel(out[0], _manual_moe(moe, x, [[2, 3, 6]]), 1e-6, "grouped MoE output")
 
 
+def test_moe_top1_weight_is_the_scaled_score_and_trains_the_router():
+    """With one expert per token the official code does not renormalise (``top_k > 1 and moe_renormalize``): the
+    mixing weight is the chosen expert's score times routed_scaling_factor. Renormalised it was the constant
+    2.446, other outputs than the official ones, and the router weight got no gradient at all (never learned)."""
+    moe = _moe(num_experts_per_token=1).train()
+    x = torch.tensor([[2.0, 1.0, 0.5, -1.0, -2.0, -2.0, -2.0, -2.0], [-3.0, -3.0, -3.0, -3.0, -3.0, 3.0, 2.5, -3.0]])
+    _, weights, ids = moe.gate(x)
+    assert ids.tolist() == [[0], [5]]
+    assert_close_rel(weights[:, 0], torch.sigmoid(torch.tensor([2.0, 3.0])) * 2.446, 1e-6, "top-1 mixing weights")
+    out, _ = moe(x[None])
+    out.square().sum().backward()
+    assert moe.gate.weight.grad[[0, 5]].abs().amin(dim=-1).gt(1e-3).all(), "the top-1 router weight got no gradient"
+
+
 def test_moe_output_matches_a_manual_loop_on_random_tokens():
     moe = _moe(num_experts_per_token=2)
     with torch.no_grad():
@@ -411,6 +425,20 @@ def test_eval_routing_never_changes_the_bias():
             model(random_ids(2, 8, seed=seed))
     for b, r in zip(before, routers(model)):
         assert torch.equal(b, r.e_score_correction_bias)
+
+
+def test_no_grad_forwards_in_train_mode_never_change_the_bias():
+    """Balancing follows training forwards: generate() (under no_grad) or an evaluation pass of a model left in train
+    mode moved the bias at every step (generate: at every new token) and recorded their loads for the next one."""
+    model = tiny_model(seed=8, router_bias_update_rate=0.01).train()
+    before = [r.e_score_correction_bias.clone() for r in routers(model)]
+    ids = random_ids(1, 5, seed=8)
+    with torch.no_grad():
+        model(ids)
+        model(ids)
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    for b, r in zip(before, routers(model)):
+        assert torch.equal(b, r.e_score_correction_bias) and r._pending_load is None
 
 
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}], ids=["default", "non-reentrant"])

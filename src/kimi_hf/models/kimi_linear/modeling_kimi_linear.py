@@ -508,8 +508,9 @@ class KimiLinearRouter(nn.Module):
     """Sigmoid (or softmax) router with an expert-selection bias (``gate.weight``, ``gate.e_score_correction_bias``).
 
     The correction bias only chooses experts; the mixing weights are the unbiased scores of the
-    chosen experts, renormalised (``moe_renormalize``) and times ``routed_scaling_factor``. Grouped
-    top-k first keeps the ``topk_group`` groups with the best sum of their two best biased scores.
+    chosen experts, renormalised (``moe_renormalize``, with more than one expert per token, as the official
+    code does) and times ``routed_scaling_factor``. Grouped top-k first keeps the ``topk_group`` groups with
+    the best sum of their two best biased scores.
     """
 
     def __init__(self, config: KimiLinearConfig) -> None:
@@ -532,7 +533,11 @@ class KimiLinearRouter(nn.Module):
         ``shared_expert``: an id that every token also takes with weight 1, appended as a column ``k`` of the
         weights and ids (a shared expert run with the routed ones)."""
         cfg = self.config
-        records_load = self.training and cfg.router_bias_update_rate > 0 and not _inside_backward()
+        # Balancing follows training forwards only: not a recomputation in backward, nor a forward under no_grad
+        # (generate() or an evaluation pass of a model left in train mode moved the bias at every step).
+        records_load = (
+            self.training and cfg.router_bias_update_rate > 0 and torch.is_grad_enabled() and not _inside_backward()
+        )
         if records_load:
             self._apply_pending_bias_update()
         logits = self._logits(x)
@@ -543,8 +548,12 @@ class KimiLinearRouter(nn.Module):
             not torch.is_grad_enabled() and logits.dtype == torch.float32 and x.shape[0] <= MOE_MAX_TOKENS
             and groups == 1
         )  # fmt: skip
+        # The official code renormalises only with more than one expert per token: one renormalised weight is the
+        # constant 1, which gave the router weight no gradient (a top-1 router never learned) and other outputs than
+        # the official ones (the score times routed_scaling_factor).
+        renormalize = cfg.moe_renormalize and self.top_k > 1
         expert_ids, weights = moe_route(
-            logits, self.top_k, self.e_score_correction_bias, cfg.moe_router_activation_func, cfg.moe_renormalize,
+            logits, self.top_k, self.e_score_correction_bias, cfg.moe_router_activation_func, renormalize,
             cfg.routed_scaling_factor, shared_expert, groups, topk_groups, backend=None if one_launch else "torch",
         )  # fmt: skip
         if records_load:
