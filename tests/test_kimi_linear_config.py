@@ -138,13 +138,14 @@ def _lac(**changes):
         ({"num_hidden_layers": "4"}, ["num_hidden_layers", "'4'"]),
         # no rotary embedding anywhere: the scaling was accepted and did nothing
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["rope_scaling", "'linear'", "no rotary"]),
+        ({"moe_layer_freq": 0}, ["moe_layer_freq", "0"]),  # a ZeroDivisionError while laying out the MoE layers
     ],
     ids=[
         "overlapping-layers", "missing-layer", "layer-0", "layer-n+1", "kda-heads", "hidden", "experts", "kv-lora",
         "topk>experts", "router-fn", "kv-heads", "topk_group>groups", "experts%groups", "rotary-mla",
         "residual-mode", "block-size-0", "block-size>sublayers", "bias-rate", "bias-rate-nan", "activation",
         "eos-outside-vocab", "eos-list-outside-vocab", "routed-scaling-nan", "routed-scaling-str", "lac-not-dict",
-        "kda-layers-none", "layers-str", "rope-scaling",
+        "kda-layers-none", "layers-str", "rope-scaling", "moe-freq-0",
     ],
 )  # fmt: skip
 def test_validation_errors_name_field_and_value(overrides, words):
@@ -306,6 +307,7 @@ def test_fields_set_after_the_config_checks_are_checked(tmp_path, override, matc
         ({"moe_router_activation_func": "softmax"}, "moe_router_activation_func='softmax'"),
         ({"num_experts": 8, "num_expert_group": 4, "topk_group": 2, "use_grouped_topk": False},
          "use_grouped_topk=False with num_expert_group=4"),
+        ({"num_experts_per_token": 1}, "num_experts_per_token=1 with moe_renormalize=True"),
     ],
 )  # fmt: skip
 def test_saving_routing_the_native_class_ignores_warns(tmp_path, changes, named):

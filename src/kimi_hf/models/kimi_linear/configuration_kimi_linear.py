@@ -199,7 +199,8 @@ class KimiLinearConfig(PreTrainedConfig):
             linear_attn_config = _linear_attn_config_from_layer_types(
                 layer_types, linear_num_heads, linear_head_dim, linear_conv_kernel_dim
             )
-        check_positive_ints(self, ("num_hidden_layers",))  # the default layer lists and their checks count on it
+        # the default layer lists and their checks count on these (moe_layer_freq 0: a ZeroDivisionError there)
+        check_positive_ints(self, ("num_hidden_layers", "moe_layer_freq"))
         if linear_attn_config is None:
             linear_attn_config = _default_linear_attn_config(num_hidden_layers)
         if not isinstance(linear_attn_config, Mapping):  # dict() of a list failed with an unrelated TypeError
@@ -442,8 +443,8 @@ class KimiLinearConfig(PreTrainedConfig):
             warnings.warn(
                 f"saving a kimi_linear checkpoint with {', '.join(ignored)}: transformers' native "
                 "KimiLinearForCausalLM ignores this and would load it with other logits (it always routes by sigmoid "
-                "scores and groups the experts by num_expert_group); load it with kimi_hf's class or "
-                "trust_remote_code=True",
+                "scores, groups the experts by num_expert_group and renormalises even one expert's weight); load it "
+                "with kimi_hf's class or trust_remote_code=True",
                 stacklevel=2,
             )
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
@@ -459,6 +460,8 @@ class KimiLinearConfig(PreTrainedConfig):
             ignored.append(f"moe_router_activation_func={self.moe_router_activation_func!r}")
         if not self.use_grouped_topk and self.num_expert_group > 1:
             ignored.append(f"use_grouped_topk=False with num_expert_group={self.num_expert_group}")
+        if self.num_experts_per_token == 1 and self.moe_renormalize:  # ours, as the official code: no renormalising
+            ignored.append("num_experts_per_token=1 with moe_renormalize=True")
         return ignored
 
     def to_diff_dict(self) -> dict[str, Any]:
