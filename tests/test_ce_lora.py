@@ -182,6 +182,8 @@ def test_kept_channels_fill_whole_tiles():
         assert (r_pad + keep) % 64 == 0 and r_pad + keep - 64 < r_pad + math.ceil(ratio * out_features)
     assert kept_channels(4096, 1.0, 14) is None  # exact: nothing to save
     assert kept_channels(64, 0.65, 14) is None  # rounding up reaches the full width
+    # ratio * O lands a hair above an integer in floats (0.56 * 200 = 112.00000000000001): no extra tile for that
+    assert kept_channels(200, 0.56, 14) == 112 and kept_channels(5000, 0.56, 14) == 2800
 
 
 # ----------------------------------------------------------------------------------------------- math
@@ -314,6 +316,26 @@ def test_factors_follow_weight_changes():
     assert state.selections == 3
 
 
+def test_writes_through_weight_data_are_caught_at_the_next_selection():
+    """``weight.data`` writes (PEFT's unsafe merge/unmerge, older user code) bypass the version counter: the factors
+    and ``||R_i||`` of the old weight stayed in use for good, reselections included. Now the next selecting backward
+    compares the values, refactorises and approximates the new weight."""
+    w = decaying_matrix(256, 128, seed=6)
+    state = CEChannelState(CEOptions(0.25, 8, 3, "activation_aware"), 256)
+    dy = torch.randn(16, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        state.grad_input(dy, w)
+    version = w._version
+    w.data.mul_(2.0)
+    assert w._version == version  # what made the change invisible
+    state.grad_input(dy, w)  # step 2: approximate, still on the old values (documented)
+    assert torch.allclose(state.grad_input(dy, w)[0], dy @ w)  # step 3 selects: exact, and refactorised
+    fresh_b0, fresh_a0 = low_rank_factors(w, 8)
+    assert torch.equal(state.b0, fresh_b0) and torch.equal(state.a0, fresh_a0)
+    expected = naive_ce_grad_input(dy, w, fresh_b0.double(), fresh_a0.double(), state.plan.index)
+    assert_close_rel(state.grad_input(dy, w)[0], expected, 1e-12, "dX after the write")
+
+
 def test_channel_tiles_map_every_kept_channel_once():
     gen = torch.Generator().manual_seed(0)
     for out_features, keep, tile in [(1000, 300, 128), (200, 64, 32), (4096, 2096, 128), (130, 10, 64), (64, 64, 64)]:
@@ -343,6 +365,8 @@ def test_channel_tiles_map_every_kept_channel_once():
         (200, 37, 0.3, 8, torch.float32, 128),  # a partial channel tile and row block, LoRA slots filled
         (1000, 21, 0.5, 0, torch.float32, 32),  # 32 channel tiles, O not a multiple of 16
         (512, 18, 0.25, 16, torch.float16, 64),  # half precision (bf16 is broken in the interpreter)
+        # r_pad 14 + 24 -> 48, not a power of two (tl.arange refused it: LoRA ranks 24, 40, 128 failed on a GPU)
+        (200, 21, 0.3, 24, torch.float32, 64),
     ],
 )
 @pytest.mark.parametrize("shares", [0, 3], ids=["auto-shares", "3-shares"])
@@ -390,6 +414,13 @@ def test_plan_takes_the_kept_channels_in_any_order():
     assert_close_rel(ce_grad_input(dy, shuffled, backend), ce_grad_input(dy, ordered, "torch"), 1e-5, "dX")
     with pytest.raises(ValueError, match="distinct channels"):
         make_plan(w, b0, a0, torch.tensor([3, 5, 3]), torch.float32)
+    # channels outside [0, O) or an index of another shape/dtype are named (they failed in channel_tiles' indexing)
+    for bad in (torch.tensor([3, 200]), torch.tensor([-1, 5])):
+        with pytest.raises(ValueError, match=r"channels in \[0, 200\), got -?\d+ to \d+"):
+            make_plan(w, b0, a0, bad, torch.float32)
+    for bad in (torch.tensor([[1, 2], [3, 4]]), torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="1-D int32/int64 tensor of at most 200 channels"):
+            make_plan(w, b0, a0, bad, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------- PEFT model

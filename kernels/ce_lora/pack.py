@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._grid import cdiv
+from .._grid import cdiv, next_power_of_2
 
 # Tile shapes tried on a GPU (keyed by channel count, kept count and low-rank width; the row count only sets the
 # grid). Kept short: every config is compiled on a fresh machine. Rows per program trade B0's reuse (each row block
@@ -71,6 +71,7 @@ def _ce_pack_kernel(
     stride_dy,
     stride_g,
     R_PAD: tl.constexpr,
+    R_BLOCK: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     IEEE: tl.constexpr,
@@ -80,7 +81,8 @@ def _ce_pack_kernel(
     dy ``[n_rows, n_cols]`` (row stride ``stride_dy``), b0 ``[n_cols, R_PAD]`` contiguous, starts
     ``[cdiv(n_cols, BLOCK_O) + 1]`` and local ``[cdiv(n_cols, BLOCK_O), BLOCK_O]`` int32 (the plan's kept-column
     map), g ``[n_rows, R_PAD + n_keep]`` column-major (element (t, c) at ``c * stride_g + t``); ``n_keep`` only keys
-    the autotuner.
+    the autotuner. ``R_PAD`` is a multiple of 16 but not always a power of two (48 for LoRA rank 24, 240 for 128),
+    which ``tl.arange`` requires: the low-rank tiles are ``R_BLOCK`` (``R_PAD`` rounded up to one) wide, masked.
 
     The grid holds ``shares`` programs per row block (adjacent in launch order), each with a contiguous share of
     the channel tiles. With one share the program writes its ``dY B0`` rows itself. With several, each writes its
@@ -96,9 +98,10 @@ def _ce_pack_kernel(
     row_ok = rows < n_rows
     rows = rows.to(tl.int64)  # rows * stride overflows int32 beyond 2**31 elements
     dy_rows = dy_ptr + rows[:, None] * stride_dy
-    rk = tl.arange(0, R_PAD)
+    rk = tl.arange(0, R_BLOCK)
+    rk_ok = rk < R_PAD
     slots = tl.arange(0, BLOCK_O)
-    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T, R_BLOCK), dtype=tl.float32)
     for tile in range(share * per_share, tl.minimum(share * per_share + per_share, n_tiles)):
         cols = tile * BLOCK_O + slots
         col_ok = cols < n_cols
@@ -108,7 +111,7 @@ def _ce_pack_kernel(
         count = tl.load(starts_ptr + tile + 1) - first
         local = tl.load(local_ptr + tile * BLOCK_O + slots)
         values = tl.load(dy_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :], mask=col_ok[:, None], other=0.0)
+        b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :], mask=col_ok[:, None] & rk_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(values, b0, acc, input_precision="ieee")
         else:
@@ -117,17 +120,18 @@ def _ce_pack_kernel(
         g_kept = g_ptr + rows[:, None] + (R_PAD + first + slots[None, :]).to(tl.int64) * stride_g
         tl.store(g_kept, kept, mask=row_ok[:, None] & (slots < count)[None, :])
     g_low = g_ptr + rows[:, None] + rk[None, :] * stride_g
+    low_ok = row_ok[:, None] & rk_ok[None, :]
     if shares == 1:
-        tl.store(g_low, acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(g_low, acc.to(g_ptr.dtype.element_ty), mask=low_ok)
     else:
         part = part_ptr + rows[:, None] * R_PAD + rk[None, :]
-        tl.store(part + share * n_rows * R_PAD, acc, mask=row_ok[:, None])
+        tl.store(part + share * n_rows * R_PAD, acc, mask=low_ok)
         tl.debug_barrier()  # every thread's partial stored before the count says so (release, GPU scope)
         if tl.atomic_add(count_ptr + block, 1, sem="acq_rel") == shares - 1:
-            total = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+            total = tl.zeros((BLOCK_T, R_BLOCK), dtype=tl.float32)
             for other in range(shares):  # .cg: from L2, where the other programs' stores are visible
-                total += tl.load(part + other * n_rows * R_PAD, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-            tl.store(g_low, total.to(g_ptr.dtype.element_ty), mask=row_ok[:, None])
+                total += tl.load(part + other * n_rows * R_PAD, mask=low_ok, other=0.0, cache_modifier=".cg")
+            tl.store(g_low, total.to(g_ptr.dtype.element_ty), mask=low_ok)
             tl.atomic_xchg(count_ptr + block, 0)  # zeros again: later launches reuse the buffer (_zeroed_counters)
 
 
@@ -199,7 +203,8 @@ def triton_pack_grad_output(
 
     args = (grad_output, b0_pad, tile_starts, tile_local, packed, partials, counts, n_rows, n_cols, keep,
             grad_output.stride(0), buffer.stride(0))  # fmt: skip
-    meta = {"R_PAD": r_pad, "BLOCK_O": block_o, "IEEE": grad_output.dtype == torch.float32}
+    meta = {"R_PAD": r_pad, "R_BLOCK": next_power_of_2(r_pad), "BLOCK_O": block_o,
+            "IEEE": grad_output.dtype == torch.float32}  # fmt: skip
     if _INTERPRETED:  # one small tile, so that tiny test shapes still take several row blocks
         _ce_pack_kernel[grid({"BLOCK_T": 16})](*args, BLOCK_T=16, **meta)
         return packed

@@ -30,7 +30,9 @@ def kept_channels(out_features: int, ratio: float, rank: int) -> int | None:
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"CE-LoRA keep ratio must be in (0, 1], got {ratio}")
     r_pad = padded_rank(rank)
-    keep = math.ceil(ratio * out_features)
+    # rounded first: 0.56 * 200 is 112.00000000000001 in floats, whose ceil kept one more channel and, at a tile
+    # boundary, a whole extra tile of 64 (176 channels instead of 112)
+    keep = math.ceil(round(ratio * out_features, 6))
     keep = TILE * math.ceil((r_pad + keep) / TILE) - r_pad
     return keep if r_pad + keep < out_features else None
 
@@ -112,16 +114,30 @@ def make_plan(
     ``index``: distinct kept channels in any order (the plan keeps them sorted: the packing kernel's tile map needs
     that, and the approximation does not depend on the order). ``lora_rank`` reserves (zeroed) slots for LoRA's
     factors next to ``B0``/``A0``; ``channel_tile`` (a power of two) is the packing kernel's step over ``dY``'s
-    channels. Checking that the channels are distinct reads one number back to the host, once per plan.
+    channels. Checking that the channels are distinct and in range reads two flags back to the host (one sync), once
+    per plan.
     """
     if channel_tile < MIN_DOT or channel_tile & (channel_tile - 1):
         raise ValueError(f"channel_tile must be a power of two >= {MIN_DOT}, got {channel_tile}")
-    index = index.sort().values
-    if bool((index[1:] == index[:-1]).any()):
+    out_features = weight.shape[0]
+    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64) or index.numel() > out_features:
+        raise ValueError(
+            f"index must be a 1-D int32/int64 tensor of at most {out_features} channels, got {index.dtype} of shape "
+            f"{tuple(index.shape)}"
+        )
+    index = index.long().sort().values
+    # one read-back for both checks (an out-of-range channel failed deep in channel_tiles' indexing)
+    flags = torch.stack([(index[1:] == index[:-1]).any(), (index[:1] < 0).any() | (index[-1:] >= out_features).any()])
+    repeated, outside = flags.tolist()
+    if repeated:
         raise ValueError("index must hold distinct channels: a repeated one would be counted twice in dX")
+    if outside:
+        raise ValueError(
+            f"index must hold channels in [0, {out_features}), got {index[0].item()} to {index[-1].item()}"
+        )
     svd_rank = b0.shape[1]
     r_pad = padded_rank(svd_rank + lora_rank)
-    tile_starts, tile_local = channel_tiles(index, weight.shape[0], channel_tile)
+    tile_starts, tile_local = channel_tiles(index, out_features, channel_tile)
     return CEPlan(
         b0_pad=pad_b0(b0, r_pad, dtype, offset=lora_rank),
         stack=build_stack(weight, b0, a0, index, r_pad, dtype, offset=lora_rank),

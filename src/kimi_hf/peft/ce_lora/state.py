@@ -5,8 +5,9 @@ weight (never saved; recomputed deterministically after loading; the backward co
 are not saved either, so a resumed run selects again on its first backward), must not be broadcast by DDP every
 step, and must not appear in ``state_dict``. They are rebuilt whenever the weight's device, dtype, storage or
 values change (``.to()``, merging, in-place edits, a new weight tensor). Writes through ``weight.data`` are the
-exception: they bypass torch's version counter, so the factors would follow the old values until the weight's
-version next changes; edit a frozen weight in place under ``torch.no_grad()`` instead.
+exception: they bypass torch's version counter, so the factors and the kept rows follow the old values until the
+next selecting (exact) backward, which always compares the values; edit a frozen weight in place under
+``torch.no_grad()`` instead.
 """
 
 from __future__ import annotations
@@ -97,18 +98,23 @@ class CEChannelState:
 
     def _due(self, weight: torch.Tensor) -> bool:
         """Whether this backward is exact and reselects (every ``recompute_every``-th, or no valid plan)."""
-        self._sync_factors(weight)
-        return self.steps % self.options.recompute_every == 0 or self.plan is None
+        selecting = self.steps % self.options.recompute_every == 0
+        # A selecting step compares the values even under an unchanged key: a write through ``weight.data`` (PEFT's
+        # unsafe merge and unmerge write so) leaves the key as it was, and the factors then stayed stale for good.
+        # One more read of W per selection, which reads W for the exact product anyway.
+        self._sync_factors(weight, compare_values=selecting)
+        return selecting or self.plan is None
 
-    def _sync_factors(self, weight: torch.Tensor) -> None:
+    def _sync_factors(self, weight: torch.Tensor, compare_values: bool = False) -> None:
         """(Re)build the factors when the weight's device, dtype, shape or values changed.
 
         A bumped version counter or new storage alone is not a change: FSDP, for one, rewrites the same values
-        into the weight's storage every step. Only then is a fingerprint (sum and norm, one read of ``W``)
-        compared. The storage's address is in the key because a new weight tensor starts at version 0 again.
+        into the weight's storage every step. Only then (or with ``compare_values``) is a fingerprint (sum and
+        norm, one read of ``W``) compared. The storage's address is in the key because a new weight tensor starts
+        at version 0 again.
         """
         key = (weight.device, weight.dtype, tuple(weight.shape), weight._version, weight.data_ptr())
-        if key == self._weight_key:
+        if key == self._weight_key and not compare_values:
             return
         with torch.no_grad():
             acc = torch.promote_types(weight.dtype, torch.float32)
