@@ -36,16 +36,29 @@ def test_triton_pack_bf16_matches_reference(shape, ratio, shares, monkeypatch):
     from kimi_hf.kernels.ce_lora import pack
 
     monkeypatch.setattr(pack, "SHARES", shares)
+    _check_bf16_pack(shape, ratio, lora_rank=16)
+
+
+@pytest.mark.parametrize("lora_rank", [24, 128])
+def test_triton_pack_bf16_low_rank_width_not_a_power_of_two(lora_rank):
+    """LoRA ranks whose packed low-rank width (SVD rank 7r/8 + r, rounded up to 16) is no power of two: 48 and 240
+    wide; the kernel's tiles are rounded up and masked (tl.arange refused them)."""
+    _check_bf16_pack((1000, 333), 0.25, lora_rank)
+
+
+def _check_bf16_pack(shape: tuple[int, int], ratio: float, lora_rank: int) -> None:
+    """The Triton pack against the torch one, and dX against float64, for ``W [O, I] = shape`` in bf16."""
     out_features, in_features = shape
+    svd_rank = 7 * lora_rank // 8
     torch.manual_seed(0)
     weight = torch.randn(out_features, in_features, device="cuda") / in_features**0.5
     dy = torch.randn(2048 + 17, out_features, device="cuda")
-    b0, a0 = low_rank_factors(weight, 14)
-    keep = kept_channels(out_features, ratio, 14 + 16)
+    b0, a0 = low_rank_factors(weight, svd_rank)
+    keep = kept_channels(out_features, ratio, svd_rank + lora_rank)
     index = select_channels(channel_scores(dy, residual_row_norms(weight, b0, a0), "activation_aware"), keep)
-    plan = make_plan(weight, b0, a0, index, torch.bfloat16, lora_rank=16)
-    lora_a = torch.randn(16, in_features, device="cuda").bfloat16()
-    plan.set_lora(lora_a, torch.randn(out_features, 16, device="cuda").bfloat16())
+    plan = make_plan(weight, b0, a0, index, torch.bfloat16, lora_rank=lora_rank)
+    plan.set_lora(torch.randn(lora_rank, in_features, device="cuda").bfloat16(),
+                  torch.randn(out_features, lora_rank, device="cuda").bfloat16())  # fmt: skip
     dy16 = dy.bfloat16()
     packed = ce_pack_grad_output(dy16, plan, "triton")
     reference = ce_pack_grad_output(dy16, plan, "torch")
