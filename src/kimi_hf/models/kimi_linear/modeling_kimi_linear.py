@@ -1289,7 +1289,6 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             Other arguments (also the keywords ``cu_seq_lens_q`` and ``seq_idx``) as in :meth:`KimiLinearModel.forward`.
         """
         cache = cache if cache is not None else past_key_values
-        cu_seqlens = _packed_boundaries(cu_seqlens, kwargs)
         outputs_asked = (output_hidden_states, output_router_logits, output_attentions)
         if self._replays_decode_graph(cache, input_ids, labels, use_cache, outputs_asked, attention_mask):
             logits = cache.decode_graph(self).step(input_ids)
@@ -1305,6 +1304,9 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
             cu_seqlens=cu_seqlens,
+            # the collator's other packing marks: the model reads them (kwargs also go on to the loss function)
+            cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
+            seq_idx=kwargs.get("seq_idx"),
             output_attentions=output_attentions,
             return_dict=True,
         )
