@@ -221,6 +221,30 @@ def test_block_boundary_matches_its_parts(backend, n_prev, with_y, with_norm, ti
     assert_close_rel(h, naive_depth_attention(sources + [partial], queries[1], gains[1]), 1e-5, "later read")
 
 
+@pytest.mark.parametrize("tile_elements", [16384, 0], ids=["sources-in-registers", "sources-one-at-a-time"])
+@pytest.mark.parametrize("split_rows", [256, 0], ids=["program-per-query", "program-per-row"])
+def test_phase1_over_one_source_returns_that_source(tile_elements, split_rows, monkeypatch):
+    """Phase 1 over v_0 alone (the dense model's first block boundary): every query's output is v_0 itself, so the
+    Triton kernels write none (out is a view of v_0's slot), and their lse still gives phase 2 the exact merge."""
+    from kimi_hf.kernels.attn_res import two_phase
+
+    monkeypatch.setattr(two_phase, "PHASE1_TILE_ELEMENTS", tile_elements)
+    monkeypatch.setattr(two_phase, "STORE_PHASE1_SPLIT_ROWS", split_rows)
+    (v0,), partial, _, _ = _inputs(1, shape=(2, 5, 300), seed=8)
+    g = torch.Generator().manual_seed(9)
+    queries, gains = torch.randn(3, 300, generator=g), 1 + 0.3 * torch.randn(3, 300, generator=g)
+    with torch.no_grad():
+        bank, fused_out, fused_lse, _ = append_source_phase1(new_source_bank(1, v0, backend="triton"), v0, None,
+                                                             queries, gains)  # fmt: skip
+        out, lse = depth_attention_phase1(bank, queries, gains)
+        slot = bank.storage.store[0].view(v0.shape)
+        for o, lse_ in ((fused_out, fused_lse), (out, lse)):
+            assert o.data_ptr() == slot.data_ptr() and o.stride(0) == 0 and torch.equal(o[2], v0)
+            for j in range(3):
+                h = depth_attention_phase2(o[j], lse_[j], partial, queries[j], gains[j], backend="triton")
+                assert_close_rel(h, naive_depth_attention([v0, partial], queries[j], gains[j]), 1e-5, f"phase2[{j}]")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_phase2_add_matches_add_then_phase2(backend, with_norm):

@@ -332,24 +332,46 @@ def param_grad_kernel(
 
 
 @triton.jit
-def _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask):
+def _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT: tl.constexpr):
     """Phase 1 of query j (u = its pseudo-query times its key-norm gain, ``_query_key``) for one row whose sources
     are the register tile v [N_PAD, BLOCK_D] (rstd r, rows ``valid``): all its scores in one reduction over D, its
     output in one over the sources (within a thread).
-    Stores out[j, row] and lse[j, row]; returns the output row (rounded to out's dtype)."""
+    Stores lse[j, row] and, with WRITE_OUT, out[j, row]; returns the output row (rounded to out's dtype). Without
+    WRITE_OUT the row has one source, which is its output exactly (a softmax over one score is 1): the launcher
+    returns that stored source as every query's output instead of Q copies of it."""
     s = tl.where(valid, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
     m = tl.max(s, axis=0)
     p = tl.exp(s - m)  # zero on padding rows
     denom = tl.sum(p, axis=0)
     tl.store(lse_ptr + j * M + row, m + tl.log(denom))
     h = tl.sum((p / denom)[:, None] * v, axis=0).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + (j * M + row) * D + cols, h, mask=mask)
+    if WRITE_OUT:
+        tl.store(out_ptr + (j * M + row) * D + cols, h, mask=mask)
     return h
 
 
 @triton.jit
-def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row,
-                     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _phase1_queries(v, r, valid, u, q_ptr, g_ptr, out_ptr, lse_ptr, j_start, j_end, M, D, row, cols, mask,
+                    WRITE_OUT: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+    """Queries j_start .. j_end - 1 of one row (``_phase1_query``); u is query j_start's, loaded by the caller.
+    PREFETCH: each query's u is loaded one query ahead, before the previous query's stores: loaded after them, as
+    program order has it otherwise, the load cannot be moved above them (they might alias) and its latency adds to
+    each query's."""
+    for j in range(j_start, j_end):
+        if PREFETCH:
+            u_next = _query_key(q_ptr + (j + 1) * D, g_ptr + (j + 1) * D, cols, cols < tl.where(j + 1 < j_end, D, 0))
+        else:
+            u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
+            u_next = u
+        _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT)
+        u = u_next
+
+
+@triton.jit
+def _phase1_one_tile(
+    store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_OUT: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
     """Phase 1 of one row whose n_src <= N_PAD sources fit one [N_PAD, BLOCK_D] register tile (BLOCK_D >= D): the
     tile is loaded once, every load in flight together. (A function of its own: in the kernel's body its 2-D tile
     would share a name with the other path's 1-D rows, which Triton's loops refuse.)"""
@@ -358,9 +380,9 @@ def _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src,
     v, r, stored, _ = _source_tile(  # no partial sum in phase 1: its row and rstd arguments are unused
         store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
     )
-    for j in range(n_q):
-        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
-        _phase1_query(v, r, stored, u, out_ptr, lse_ptr, j, M, D, row, cols, mask)
+    u = _query_key(q_ptr, g_ptr, cols, mask)
+    _phase1_queries(v, r, stored, u, q_ptr, g_ptr, out_ptr, lse_ptr, 0, n_q, M, D, row, cols, mask, WRITE_OUT,
+                    PREFETCH)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n_prev", "n_q", "M", "per_program"])
@@ -368,11 +390,13 @@ def store_phase1_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
     n_prev, n_q, M, D, eps, norm_eps, per_program,
     HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_OUT: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """A block boundary at inference in one launch: source n_prev = x (+ y) is stored with its rstd (as
     ``store_source_kernel``), then phase 1 runs the n_q queries against sources 0 .. n_prev, held in one
     [N_PAD, BLOCK_D] register tile (the new source straight from registers). With HAS_NORM, query 0's sublayer
     input goes to first [M, D]: the PreNorm of its output (a block's first sublayer has no partial sum).
+    WRITE_OUT: see ``_phase1_query`` (off when the new source is the only one).
 
     Program ``row * cdiv(n_q, per_program) + p`` runs queries p * per_program .. (p + 1) * per_program - 1 of its
     row; the p = 0 program stores the new source. One program per row (per_program = n_q) reads the row's sources
@@ -381,14 +405,18 @@ def store_phase1_kernel(
     programs_per_row = tl.cdiv(n_q, per_program)
     row = (tl.program_id(0) // programs_per_row).to(tl.int64)
     j0 = (tl.program_id(0) % programs_per_row) * per_program
+    j_end = tl.minimum(j0 + per_program, n_q)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    # Every load first (the stored sources, the first query, the gain, the new source's summands): in program order
-    # after the new source's reduction and store, the tile's loads waited for them (a second memory latency).
+    # Every load first (the stored sources, the first two queries, the gain, the new source's summands): in program
+    # order after the new source's reduction and store, the tile's loads waited for them (a second memory latency).
     v, r, stored, _ = _source_tile(  # rows 0 .. n_prev - 1; the new source's row n_prev is filled below
         store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_prev, M, row, cols, mask, D, False, N_PAD
     )
     u = _query_key(q_ptr + j0 * D, g_ptr + j0 * D, cols, mask)
+    u_next = u  # the next query's, with PREFETCH (without it, _phase1_queries loads each query's where it runs)
+    if PREFETCH:
+        u_next = _query_key(q_ptr + (j0 + 1) * D, g_ptr + (j0 + 1) * D, cols, cols < tl.where(j0 + 1 < j_end, D, 0))
     if HAS_NORM:
         wn = _gain(wn_ptr, cols, mask)
     v_new, v_new_f, r_new = _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, store_ptr.dtype.element_ty, HAS_Y)
@@ -399,14 +427,13 @@ def store_phase1_kernel(
     v = tl.where(is_new[:, None], v_new_f[None, :], v)
     r = tl.where(is_new, r_new, r)
     valid = stored | is_new
-    h = _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j0, M, D, row, cols, mask)
+    h = _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j0, M, D, row, cols, mask, WRITE_OUT)
     if HAS_NORM:
         if j0 == 0:
             first = _prenorm_row(h, wn, D, norm_eps)[0]
             tl.store(first_ptr + row * D + cols, first, mask=mask)
-    for j in range(j0 + 1, tl.minimum(j0 + per_program, n_q)):
-        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
-        _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask)
+    _phase1_queries(v, r, valid, u_next, q_ptr, g_ptr, out_ptr, lse_ptr, j0 + 1, j_end, M, D, row, cols, mask,
+                    WRITE_OUT, PREFETCH)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])
@@ -414,17 +441,19 @@ def phase1_kernel(
     store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr,
     n_src, n_q, M, D,
     Q_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr,
+    WRITE_OUT: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Two-phase inference, phase 1: n_q pseudo-queries (q, g [n_q, D]) against the n_src completed sources.
 
-    Writes out [n_q, M, D] (softmax-normalised over the sources) and lse [n_q, M]. ONE_TILE: the row's sources
-    fit one register tile (``_phase1_one_tile``). Otherwise the sources are read one at a time, twice (scores,
-    then outputs), and the hidden dimension is walked in BLOCK_D chunks so that the [Q_PAD, BLOCK_D] query tile
-    stays in registers.
+    Writes out [n_q, M, D] (softmax-normalised over the sources; only with WRITE_OUT, see ``_phase1_query``) and
+    lse [n_q, M]. ONE_TILE: the row's sources fit one register tile (``_phase1_one_tile``). Otherwise the sources
+    are read one at a time, twice (scores, then outputs), and the hidden dimension is walked in BLOCK_D chunks so
+    that the [Q_PAD, BLOCK_D] query tile stays in registers.
     """
     row = tl.program_id(0).to(tl.int64)
     if ONE_TILE:
-        _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row, N_PAD, BLOCK_D)
+        _phase1_one_tile(store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr, n_src, n_q, M, D, row, N_PAD, BLOCK_D,
+                         WRITE_OUT, PREFETCH)  # fmt: skip
         return
     qs = tl.arange(0, Q_PAD)
     idx = tl.arange(0, N_PAD)
@@ -447,6 +476,8 @@ def phase1_kernel(
     denom = tl.sum(p, axis=1)
     alpha = p / denom[:, None]
     tl.store(lse_ptr + qs * M + row, m + tl.log(denom), mask=q_mask)
+    if not WRITE_OUT:
+        return
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = cols < D

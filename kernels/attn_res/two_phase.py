@@ -27,6 +27,11 @@ PHASE1_TILE_ELEMENTS = 16384
 # rows (decoding: one row per sequence, where one program per row left the launch a chain of Q queries), and one
 # program per row above it (prefill: each row's sources read once).
 STORE_PHASE1_SPLIT_ROWS = 256
+# Launch constant: queries per program of the fused block boundary above STORE_PHASE1_SPLIT_ROWS rows (0: all of the
+# row's queries, its sources read once).
+STORE_PHASE1_ROW_QUERIES = 0
+# Launch constant: phase 1 loads each query's pseudo-query one query ahead (``_triton._phase1_queries``; 0: off).
+PHASE1_PREFETCH = 1
 
 
 def _sources_pad(n_sources: int) -> int:
@@ -40,13 +45,25 @@ def fits_one_tile(n_sources: int, d: int) -> bool:
     return _sources_pad(n_sources) * block_d(d) <= PHASE1_TILE_ELEMENTS
 
 
+def _phase1_out(storage: SourceStorage, n: int, q: int) -> torch.Tensor:
+    """Phase 1's out [Q, M, D] over ``n`` sources: a new tensor, or with one source that source itself, the output
+    of every query (a softmax over one score is 1), as a view of its slot that the kernels do not write: a block
+    boundary that stores v_0 then writes no Q copies of it (session 25: a quarter of the dense ~1B model's
+    boundary bytes in prefill)."""
+    m, d = storage.store.shape[1:]
+    if n == 1:
+        return storage.store[0].expand(q, m, d)
+    return torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
+
+
 def phase1(
     storage: SourceStorage, n: int, queries: torch.Tensor, gains: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``queries``/``gains`` [Q, D] against the first ``n`` stored sources -> (out [Q, M, D], lse [Q, M] float32)."""
+    """``queries``/``gains`` [Q, D] against the first ``n`` stored sources -> (out [Q, M, D], lse [Q, M] float32).
+    With one source, out is a read-only view of it (``_phase1_out``)."""
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
-    out = torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
+    out = _phase1_out(storage, n, q)
     lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
     q_pad = max(2, next_power_of_2(q))
     one_tile = fits_one_tile(n, d)
@@ -55,7 +72,8 @@ def phase1(
     _triton.phase1_kernel[(m,)](
         storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse,
         n, q, m, d,
-        Q_PAD=q_pad, N_PAD=_sources_pad(n), BLOCK_D=chunk, ONE_TILE=one_tile, num_warps=num_warps(d),
+        Q_PAD=q_pad, N_PAD=_sources_pad(n), BLOCK_D=chunk, ONE_TILE=one_tile, WRITE_OUT=n > 1,
+        PREFETCH=bool(PHASE1_PREFETCH), num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse
 
@@ -73,22 +91,22 @@ def store_phase1(
     """Store ``x (+ y)`` [M, D] as source ``n_prev``, then phase 1 of ``queries``/``gains`` [Q, D] against sources
     0 .. n_prev, in one launch (needs ``fits_one_tile(n_prev + 1, D)``).
 
-    Returns out [Q, M, D], lse [Q, M] float32 and, with ``norm_weight``, query 0's sublayer input [M, D] (the
-    PreNorm of out[0]), else None.
+    Returns out [Q, M, D] (with ``n_prev`` 0, a read-only view of the new source: ``_phase1_out``), lse [Q, M]
+    float32 and, with ``norm_weight``, query 0's sublayer input [M, D] (the PreNorm of out[0]), else None.
     """
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
     dev = storage.store.device
-    out = torch.empty((q, m, d), dtype=storage.store.dtype, device=dev)
+    out = _phase1_out(storage, n_prev + 1, q)
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
-    per_program = 1 if m <= STORE_PHASE1_SPLIT_ROWS else q
+    per_program = 1 if m <= STORE_PHASE1_SPLIT_ROWS else min(q, STORE_PHASE1_ROW_QUERIES or q)
     _triton.store_phase1_kernel[(m * cdiv(q, per_program),)](
         x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
         norm_weight.contiguous() if norm_weight is not None else gains, out, lse, first if first is not None else out,
         n_prev, q, m, d, storage.eps, norm_eps, per_program,
         HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=_sources_pad(n_prev + 1),
-        BLOCK_D=block_d(d), num_warps=num_warps(d),
+        BLOCK_D=block_d(d), WRITE_OUT=n_prev > 0, PREFETCH=bool(PHASE1_PREFETCH), num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, first
 

@@ -44,7 +44,11 @@ def signature(
     int_pointers: set = _INT_POINTERS,
 ) -> dict:
     """Triton's type of every argument of ``fn``: constexpr, a scalar (``scalars``: name -> type), or a pointer (bf16
-    unless it is an fp32 or int32 buffer). The defaults are the KDA kernels' names."""
+    unless it is an fp32 or int32 buffer). The defaults are the KDA kernels' names. Every constexpr parameter must be
+    given: one left out would be compiled as a pointer, and a report of another variant than the launchers run."""
+    missing = [fn.arg_names[i] for i in fn.constexprs if fn.arg_names[i] not in constexprs]
+    if missing:
+        raise ValueError(f"{fn.__name__}: no value for the constexpr parameters {missing}")
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
