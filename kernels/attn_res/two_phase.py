@@ -27,11 +27,9 @@ PHASE1_TILE_ELEMENTS = 16384
 # rows (decoding: one row per sequence, where one program per row left the launch a chain of Q queries), and one
 # program per row above it (prefill: each row's sources read once).
 STORE_PHASE1_SPLIT_ROWS = 256
-# Launch constant: queries per program of the fused block boundary above STORE_PHASE1_SPLIT_ROWS rows (0: all of the
-# row's queries, its sources read once).
-STORE_PHASE1_ROW_QUERIES = 0
-# Launch constant: phase 1 loads each query's pseudo-query one query ahead (``_triton._phase1_queries``; 0: off).
-PHASE1_PREFETCH = 1
+# Launch constant: rows per program of the block boundary that stores the first source (``store_scores_kernel``)
+# above STORE_PHASE1_SPLIT_ROWS rows.
+ONE_SOURCE_ROWS = 4
 
 
 def _sources_pad(n_sources: int) -> int:
@@ -73,7 +71,7 @@ def phase1(
         storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse,
         n, q, m, d,
         Q_PAD=q_pad, N_PAD=_sources_pad(n), BLOCK_D=chunk, ONE_TILE=one_tile, WRITE_OUT=n > 1,
-        PREFETCH=bool(PHASE1_PREFETCH), num_warps=num_warps(d),
+        num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse
 
@@ -89,7 +87,8 @@ def store_phase1(
     norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Store ``x (+ y)`` [M, D] as source ``n_prev``, then phase 1 of ``queries``/``gains`` [Q, D] against sources
-    0 .. n_prev, in one launch (needs ``fits_one_tile(n_prev + 1, D)``).
+    0 .. n_prev, in one launch (needs ``fits_one_tile(n_prev + 1, D)``; the first source of a prefill:
+    ``store_scores_kernel``, rows in groups).
 
     Returns out [Q, M, D] (with ``n_prev`` 0, a read-only view of the new source: ``_phase1_out``), lse [Q, M]
     float32 and, with ``norm_weight``, query 0's sublayer input [M, D] (the PreNorm of out[0]), else None.
@@ -100,13 +99,22 @@ def store_phase1(
     out = _phase1_out(storage, n_prev + 1, q)
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
-    per_program = 1 if m <= STORE_PHASE1_SPLIT_ROWS else min(q, STORE_PHASE1_ROW_QUERIES or q)
+    if n_prev == 0 and m > STORE_PHASE1_SPLIT_ROWS:
+        _triton.store_scores_kernel[(cdiv(m, ONE_SOURCE_ROWS),)](
+            x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
+            norm_weight.contiguous() if norm_weight is not None else gains, lse, first if first is not None else lse,
+            q, m, d, storage.eps, norm_eps,
+            HAS_Y=y is not None, HAS_NORM=norm_weight is not None, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d),
+            num_warps=num_warps(d),
+        )  # fmt: skip
+        return out, lse, first
+    per_program = 1 if m <= STORE_PHASE1_SPLIT_ROWS else q
     _triton.store_phase1_kernel[(m * cdiv(q, per_program),)](
         x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
         norm_weight.contiguous() if norm_weight is not None else gains, out, lse, first if first is not None else out,
         n_prev, q, m, d, storage.eps, norm_eps, per_program,
         HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=_sources_pad(n_prev + 1),
-        BLOCK_D=block_d(d), WRITE_OUT=n_prev > 0, PREFETCH=bool(PHASE1_PREFETCH), num_warps=num_warps(d),
+        BLOCK_D=block_d(d), WRITE_OUT=n_prev > 0, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, first
 

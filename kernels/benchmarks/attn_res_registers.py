@@ -50,20 +50,20 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
                                  ONE_TILE=one_tile),
                             bwd_warps))  # fmt: skip
     configs.append((_triton.param_grad_kernel, dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=128), 4))
-    prefetch = bool(two_phase.PHASE1_PREFETCH)
     for n_sources in (1, 2, 4, _BLOCK_SOURCES):  # N_PAD 2, 4 and 8: the Block model's boundaries (v_0 alone: no out)
         configs.append((_triton.store_phase1_kernel,
                         dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=two_phase._sources_pad(n_sources),
-                             BLOCK_D=width, WRITE_OUT=n_sources > 1, PREFETCH=prefetch),
+                             BLOCK_D=width, WRITE_OUT=n_sources > 1),
                         warps))  # fmt: skip
+    configs.append((_triton.store_scores_kernel,
+                    dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width), warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
                     dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_BLOCK_SOURCES), BLOCK_D=width, ONE_TILE=True,
-                         WRITE_OUT=True, PREFETCH=prefetch),
+                         WRITE_OUT=True),
                     warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
                     dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_FULL_SOURCES),
-                         BLOCK_D=min(width, max(16, 8192 // q_pad)), ONE_TILE=False, WRITE_OUT=True,
-                         PREFETCH=prefetch),
+                         BLOCK_D=min(width, max(16, 8192 // q_pad)), ONE_TILE=False, WRITE_OUT=True),
                     warps))  # fmt: skip
     for partial, add in ((True, True), (True, False), (False, False)):
         configs.append((_triton.phase2_kernel,

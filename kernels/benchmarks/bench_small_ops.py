@@ -337,9 +337,10 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
     """AttnRes's inference (prefill) path at a block boundary, as the models run it (``append_source_phase1``): the
     finished block (partial sum + last output) is stored, then the next block's Q pseudo-queries read all n sources
     (the new one included) and the first sublayer's PreNorm is applied, at the shapes of the ~1B models (Kimi
-    Linear: Q 4; dense: Q 8). Minimum bytes in [M, D] passes: n + Q + 2 (read the two summands and the n - 1
-    stored sources, write the new source, Q outputs and the first sublayer's input), or n + 2 for one source, the
-    Q outputs' value itself (``two_phase._phase1_out``). The anchor column is the
+    Linear: Q 4; dense: Q 8). Minimum bytes in [M, D] passes: n + Q + 3 (read the two summands and the n - 1
+    stored sources, write the new source, Q outputs and the first sublayer's input), or 4 for one source, which is
+    itself every query's output (``two_phase._phase1_out``). Until session 25 the floor counted n + Q + 2 passes,
+    one too few. The anchor column is the
     standard residual's add + PreNorm, one sublayer's worth of the op the block's reads replace. Kernel GPU time
     per call."""
     M, D, rand, shape, bytes_per_pass = _depth_inputs(setup)
@@ -353,7 +354,7 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
                 queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
                 op = f"block boundary: store + phase 1, {n_q} queries x {n} source{'s' if n > 1 else ''} + PreNorm"
                 ours = _kernel_us(lambda: append_source_phase1(bank, h, out, queries, gains, w), setup)
-                floor = setup.floor_us((n + (n_q if n > 1 else 0) + 2) * bytes_per_pass)
+                floor = setup.floor_us((n + (n_q if n > 1 else 0) + 3) * bytes_per_pass)
                 rows.append(Row(op, shape, ours, "add + prenorm fwd (Triton)", norm_us, floor))
     return rows
 
