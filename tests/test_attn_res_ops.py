@@ -462,10 +462,10 @@ def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_prev", [1, 4])
+@pytest.mark.parametrize("n_prev", [0, 1, 4])
 def test_gpu_block_boundary_bf16(n_prev):
     """The fused block boundary with a program per row (514 rows) in bf16 against float32, 8 queries at D 2048 over 2
-    and 5 sources."""
+    and 5 sources; over v_0 alone, four rows per program (``store_scores_kernel``). Outputs and log-sum-exps."""
     blocks, _, _, _ = _inputs(n_prev + 1, shape=(2, 257, 2048), dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(7)
     queries = torch.randn(8, 2048, generator=g, device="cuda", dtype=torch.bfloat16)
@@ -475,11 +475,14 @@ def test_gpu_block_boundary_bf16(n_prev):
     for b in blocks[:-1]:
         bank = append_source(bank, b)
     with torch.no_grad():
-        _, out, _, first = append_source_phase1(bank, blocks[-1], None, queries, gains, norm_w, 1e-5)
+        _, out, lse, first = append_source_phase1(bank, blocks[-1], None, queries, gains, norm_w, 1e-5)
     sources = [b.float() for b in blocks]
+    keys = torch.stack([v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + bank.eps) for v in sources])
     for j in range(8):
         ref = naive_depth_attention(sources, queries[j].float(), gains[j].float())
         assert_close_rel(out[j], ref, 1e-2, f"out[{j}]")
+        scores = keys @ (queries[j].float() * gains[j].float())
+        assert_close_rel(lse[j], torch.logsumexp(scores, dim=0), 1e-2, f"lse[{j}]")
     assert_close_rel(first, rms_norm(out[0].float(), norm_w.float(), 1e-5), 1e-2, "query 0's PreNorm")
 
 
