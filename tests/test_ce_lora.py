@@ -509,6 +509,19 @@ def test_approximate_steps_change_gradients_by_a_bounded_amount():
     assert 1e-4 < total / ref < 0.5
 
 
+def test_data_parallel_replicas_are_refused_by_name():
+    """nn.DataParallel (the Trainer's choice on several GPUs without torchrun) runs replicas that share each layer's
+    CE-LoRA state; their forward is refused with the fix, not run against one state. The replica is made as
+    DataParallel makes it, which needs no GPU."""
+    model = get_peft_model(tiny_llama(layers=1), ce_config(ce_ratio=0.5, target_modules=["v_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    x = torch.randn(2, 3, 256, requires_grad=True)
+    layer(x)  # the original module runs
+    replica = layer._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match="DataParallel.*torchrun"):
+        replica(x)
+
+
 def test_eval_and_no_grad_forward_do_not_count_steps():
     model = get_peft_model(tiny_llama(), ce_config(ce_ratio=0.5))
     ids = tokens(2)

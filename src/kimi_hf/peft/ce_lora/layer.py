@@ -69,6 +69,15 @@ class CELinear(LoraLinear):
         names = self._ce_adapters(x, args, kwargs)
         if names is None:
             return super().forward(x, *args, **kwargs)
+        if getattr(self, "_is_replica", False):
+            # nn.DataParallel's replicas share this layer's Python attributes, so all of them would use one state:
+            # its factors rebuilt for each replica's device at every step, its counter raced by their threads.
+            raise RuntimeError(
+                "CE-LoRA layers cannot run under torch.nn.DataParallel, which the Trainer uses on several GPUs when "
+                "the script was not started by torchrun or accelerate launch: its replicas would share one CE-LoRA "
+                "state. Launch with `torchrun --nproc_per_node N` or `accelerate launch` (DistributedDataParallel), "
+                "or make one GPU visible (CUDA_VISIBLE_DEVICES)"
+            )
         state = self.ce_state[names[0]]  # adapters share the base weight: the first one's options decide
         base = self.get_base_layer()
         name = names[0]
