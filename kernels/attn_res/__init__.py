@@ -196,6 +196,8 @@ def depth_attention_phase1(
     """Phase 1: Q pseudo-queries [Q, D] (gains [Q, D]) against all completed sources in one pass.
 
     Returns out [Q, ..., D] (normalised over the sources) and lse [Q, ...] float32 (log-sum-exp of the scores).
+    Over one source on the Triton backend, out is that source itself for every query, as a read-only view of the
+    bank's storage (no copies are written): do not write into it.
     """
     _inference_only(queries, gains)
     if bank.num_sources == 0:
@@ -316,7 +318,8 @@ def append_source_phase1(
 
     Returns (the new bank, out [Q, ..., D], lse [Q, ...] float32, query 0's sublayer input or None): with
     ``norm_weight`` [D] the last is the PreNorm of out[0], the input of the block's first sublayer (it has no
-    partial sum to merge). Triton: one kernel while the sources fit phase 1's register tile
+    partial sum to merge). Into an empty bank (x is the only source) out is read-only, as in
+    :func:`depth_attention_phase1`. Triton: one kernel while the sources fit phase 1's register tile
     (``two_phase.fits_one_tile``), otherwise the store, phase 1 and phase 2 kernels in turn.
     """
     _inference_only(queries, gains, x, *([y] if y is not None else []))
