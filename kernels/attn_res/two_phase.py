@@ -44,15 +44,15 @@ def fits_one_tile(n_sources: int, d: int) -> bool:
     return _sources_pad(n_sources) * block_d(d) <= PHASE1_TILE_ELEMENTS
 
 
-def _phase1_out(storage: SourceStorage, n: int, q: int) -> torch.Tensor:
-    """Phase 1's out [Q, M, D] over ``n`` sources: a new tensor, or with one source that source itself, the output
-    of every query (a softmax over one score is 1), as a view of its slot that the kernels do not write: a block
-    boundary that stores v_0 then writes no Q copies of it (in the dense ~1B model's prefill, 8 of the 62 passes over
-    [M, D] that its block boundaries made)."""
+def _phase1_out(storage: SourceStorage, n: int, q: int) -> tuple[torch.Tensor, bool]:
+    """Phase 1's out [Q, M, D] over ``n`` sources and whether the kernels write it: a new tensor, or with one source
+    that source itself, the output of every query (a softmax over one score is 1), as a view of its slot that the
+    kernels do not write: a block boundary that stores v_0 then writes no Q copies of it (in the dense ~1B model's
+    prefill, 8 of the 62 passes over [M, D] that its block boundaries made)."""
     m, d = storage.store.shape[1:]
     if n == 1:
-        return storage.store[0].expand(q, m, d)
-    return torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device)
+        return storage.store[0].expand(q, m, d), False
+    return torch.empty((q, m, d), dtype=storage.store.dtype, device=storage.store.device), True
 
 
 def phase1(
@@ -62,7 +62,7 @@ def phase1(
     With one source, out is a read-only view of it (``_phase1_out``)."""
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
-    out = _phase1_out(storage, n, q)
+    out, write_out = _phase1_out(storage, n, q)
     lse = torch.empty((q, m), dtype=torch.float32, device=storage.store.device)
     q_pad = max(2, next_power_of_2(q))
     one_tile = fits_one_tile(n, d)
@@ -71,7 +71,7 @@ def phase1(
     _triton.phase1_kernel[(m,)](
         storage.store, storage.rstd, queries.contiguous(), gains.contiguous(), out, lse,
         n, q, m, d,
-        Q_PAD=q_pad, N_PAD=_sources_pad(n), BLOCK_D=chunk, ONE_TILE=one_tile, WRITE_OUT=n > 1,
+        Q_PAD=q_pad, N_PAD=_sources_pad(n), BLOCK_D=chunk, ONE_TILE=one_tile, WRITE_OUT=write_out,
         num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse
@@ -97,7 +97,7 @@ def store_phase1(
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
     dev = storage.store.device
-    out = _phase1_out(storage, n_prev + 1, q)
+    out, write_out = _phase1_out(storage, n_prev + 1, q)
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
     if n_prev == 0 and m > STORE_PHASE1_SPLIT_ROWS:
@@ -115,7 +115,7 @@ def store_phase1(
         norm_weight.contiguous() if norm_weight is not None else gains, out, lse, first if first is not None else out,
         n_prev, q, m, d, storage.eps, norm_eps, per_program,
         HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=_sources_pad(n_prev + 1),
-        BLOCK_D=block_d(d), WRITE_OUT=n_prev > 0, num_warps=num_warps(d),
+        BLOCK_D=block_d(d), WRITE_OUT=write_out, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, first
 
