@@ -188,7 +188,8 @@ def test_two_phase_matches_naive(backend, shape, n_q, tile_elements, monkeypatch
 def test_block_boundary_matches_its_parts(backend, n_prev, with_y, with_norm, tile_elements, split_rows, monkeypatch):
     """append_source_phase1 (Triton: one kernel with a program per query or per row, or its three parts when the
     sources do not fit the tile) against the naive formula over the sources with x (+ y) appended, and query 0's
-    PreNorm; the stored source and its rstd against a plain append_source."""
+    PreNorm; the stored source and its rstd against a plain append_source. With the PreNorm, first_out=False
+    gives queries 1 .. Q - 1 only (the kernels skip query 0's output), the same lse and PreNorm."""
     from kimi_hf.kernels.attn_res import two_phase
 
     monkeypatch.setattr(two_phase, "PHASE1_TILE_ELEMENTS", tile_elements)
@@ -211,8 +212,14 @@ def test_block_boundary_matches_its_parts(backend, n_prev, with_y, with_norm, ti
         assert_close_rel(out[j], naive_depth_attention(sources, queries[j], gains[j]), 1e-5, f"out[{j}]")
     if with_norm:
         assert_close_rel(first, rms_norm(out[0], norm_w, 1e-5), 1e-5, "query 0's PreNorm")
+        with torch.no_grad():
+            _, rest, rest_lse, rest_first = append_source_phase1(bank, x, y, queries, gains, norm_w, 1e-5, False)
+        assert rest.shape == (2, 2, 5, 300)
+        assert torch.equal(rest, out[1:]) and torch.equal(rest_lse, lse) and torch.equal(rest_first, first)
     else:
         assert first is None
+        with pytest.raises(ValueError, match="first_out=False needs norm_weight"):
+            append_source_phase1(bank, x, y, queries, gains, None, 1e-5, False)
     if backend == "triton":  # the fused store wrote the same bytes and statistic as the plain one
         assert torch.equal(new_bank.storage.store[n_prev], plain.storage.store[n_prev])
         assert_close_rel(new_bank.storage.rstd[n_prev], plain.storage.rstd[n_prev], 1e-6, "rstd")

@@ -16,6 +16,7 @@ sharing the buffers), which keeps decoder layers re-runnable under gradient chec
 Inference with the residual bookkeeping fused into the reads (one launch per sublayer on Triton):
 
     bank, out, lse, x0 = append_source_phase1(bank, partial, last_output, queries, gains, w0)  # block boundary
+    # (first_out=False: out holds queries 1 .. Q - 1 only, query 0 is read through x0)
     x, partial = depth_attention_phase2_add(out[j], lse[j], partial, last_output, queries[j], gains[j], eps, w)
     h, x = add_prenorm(h, last_output, w, eps)               # standard residual: add + PreNorm
 
@@ -312,6 +313,7 @@ def append_source_phase1(
     gains: torch.Tensor,
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
+    first_out: bool = True,
 ) -> tuple[SourceBank, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A block boundary at inference: append ``x (+ y)`` [..., D] as the bank's next source, then phase 1 of
     ``queries``/``gains`` [Q, D] against all sources, the new one included.
@@ -321,10 +323,16 @@ def append_source_phase1(
     partial sum to merge). Into an empty bank (x is the only source) out is read-only, as in
     :func:`depth_attention_phase1`. Triton: one kernel while the sources fit phase 1's register tile
     (``two_phase.fits_one_tile``), otherwise the store, phase 1 and phase 2 kernels in turn.
+
+    ``first_out=False`` (with ``norm_weight``, for a caller that reads query 0 only through its PreNorm): out is
+    [Q - 1, ..., D], queries 1 .. Q - 1, and the one-kernel path does not write query 0's output (one pass over
+    [..., D] less); lse keeps all Q rows.
     """
     _inference_only(queries, gains, x, *([y] if y is not None else []))
     if queries.dim() != 2 or queries.shape != gains.shape:
         raise ValueError(f"queries/gains must both be [Q, D], got {tuple(queries.shape)} / {tuple(gains.shape)}")
+    if not first_out and norm_weight is None:
+        raise ValueError("first_out=False needs norm_weight: query 0's output would be returned in no form")
     _check_hidden_size(queries, bank.shape[-1], "queries")
     _check_vectors(bank.shape[-1], norm_weight=norm_weight)
     _check_shape(bank, x, "source")
@@ -339,12 +347,12 @@ def append_source_phase1(
             storage = bank.storage
             out, lse, first = store_phase1(
                 storage, n, x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous() if y is not None else None,
-                queries, gains, norm_weight, norm_eps,
+                queries, gains, norm_weight, norm_eps, first_out,
             )  # fmt: skip
             bank = replace(bank, handles=bank.handles + (storage.store[n],))
             lead = tuple(bank.shape[:-1])
             first = first.view(bank.shape) if first is not None else None
-            return bank, out.view(len(queries), *lead, d), lse.view(len(queries), *lead), first
+            return bank, out.view(len(out), *lead, d), lse.view(len(queries), *lead), first
     bank = append_source(bank, x, y)
     out, lse = depth_attention_phase1(bank, queries, gains)
     first = None
@@ -352,7 +360,7 @@ def append_source_phase1(
         first = depth_attention_phase2(
             out[0], lse[0], None, queries[0], gains[0], bank.eps, bank.backend, norm_weight, norm_eps
         )
-    return bank, out, lse, first
+    return bank, out if first_out else out[1:], lse, first
 
 
 def add_prenorm(

@@ -341,13 +341,17 @@ def param_grad_kernel(
 
 
 @triton.jit
-def _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT: tl.constexpr):
+def _phase1_query(
+    v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT: tl.constexpr, FIRST_OUT: tl.constexpr
+):  # fmt: skip
     """Phase 1 of query j (u = its pseudo-query times its key-norm gain, ``_query_key``) for one row whose sources
     are the register tile v [N_PAD, BLOCK_D] (rstd r, rows ``valid``): all its scores in one reduction over D, its
     output in one over the sources (within a thread).
     Stores lse[j, row] and, with WRITE_OUT, out[j, row]; returns the output row (rounded to out's dtype). Without
     WRITE_OUT the row has one source, which is its output exactly (a softmax over one score is 1): the launcher
-    returns that stored source as every query's output instead of Q copies of it."""
+    returns that stored source as every query's output instead of Q copies of it. Without FIRST_OUT, out holds
+    queries 1 .. n_q - 1 (query j at out[j - 1]) and query 0's output is only returned (``store_phase1_kernel``
+    writes its PreNorm instead)."""
     s = tl.where(valid, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
     m = tl.max(s, axis=0)
     p = tl.exp(s - m)  # zero on padding rows
@@ -355,7 +359,10 @@ def _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WR
     tl.store(lse_ptr + j * M + row, m + tl.log(denom))
     h = tl.sum((p / denom)[:, None] * v, axis=0).to(out_ptr.dtype.element_ty)
     if WRITE_OUT:
-        tl.store(out_ptr + (j * M + row) * D + cols, h, mask=mask)
+        if FIRST_OUT:
+            tl.store(out_ptr + (j * M + row) * D + cols, h, mask=mask)
+        elif j > 0:
+            tl.store(out_ptr + ((j - 1) * M + row) * D + cols, h, mask=mask)
     return h
 
 
@@ -374,7 +381,7 @@ def _phase1_one_tile(
     )
     for j in range(n_q):
         u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
-        _phase1_query(v, r, stored, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT)
+        _phase1_query(v, r, stored, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT, True)
 
 
 @triton.jit(do_not_specialize=["n_prev", "n_q", "M", "per_program"])
@@ -382,13 +389,14 @@ def store_phase1_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
     n_prev, n_q, M, D, eps, norm_eps, per_program,
     HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    WRITE_OUT: tl.constexpr,
+    WRITE_OUT: tl.constexpr, FIRST_OUT: tl.constexpr,
 ):  # fmt: skip
     """A block boundary at inference in one launch: source n_prev = x (+ y) is stored with its rstd (as
     ``store_source_kernel``), then phase 1 runs the n_q queries against sources 0 .. n_prev, held in one
     [N_PAD, BLOCK_D] register tile (the new source straight from registers). With HAS_NORM, query 0's sublayer
     input goes to first [M, D]: the PreNorm of its output (a block's first sublayer has no partial sum).
-    WRITE_OUT: see ``_phase1_query`` (off when the new source is the only one).
+    WRITE_OUT, FIRST_OUT: see ``_phase1_query`` (WRITE_OUT off when the new source is the only one; FIRST_OUT off
+    when ``first`` replaces query 0's output).
 
     Program ``row * cdiv(n_q, per_program) + p`` runs queries p * per_program .. (p + 1) * per_program - 1 of its
     row; the p = 0 program stores the new source. One program per row (per_program = n_q) reads the row's sources
@@ -415,14 +423,14 @@ def store_phase1_kernel(
     v = tl.where(is_new[:, None], v_new_f[None, :], v)
     r = tl.where(is_new, r_new, r)
     valid = stored | is_new
-    h = _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j0, M, D, row, cols, mask, WRITE_OUT)
+    h = _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j0, M, D, row, cols, mask, WRITE_OUT, FIRST_OUT)
     if HAS_NORM:
         if j0 == 0:
             first = _prenorm_row(h, wn, D, norm_eps)[0]
             tl.store(first_ptr + row * D + cols, first, mask=mask)
     for j in range(j0 + 1, tl.minimum(j0 + per_program, n_q)):
         u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
-        _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT)
+        _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT, FIRST_OUT)
 
 
 @triton.jit(do_not_specialize=["n_q", "M"])

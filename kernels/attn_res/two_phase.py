@@ -45,10 +45,10 @@ def fits_one_tile(n_sources: int, d: int) -> bool:
 
 
 def _phase1_out(storage: SourceStorage, n: int, q: int) -> tuple[torch.Tensor, bool]:
-    """Phase 1's out [Q, M, D] over ``n`` sources and whether the kernels write it: a new tensor, or with one source
-    that source itself, the output of every query (a softmax over one score is 1), as a view of its slot that the
-    kernels do not write: a block boundary that stores v_0 then writes no Q copies of it (in the dense ~1B model's
-    prefill, 8 of the 62 passes over [M, D] that its block boundaries made)."""
+    """Phase 1's out [q, M, D] over ``n`` sources (for ``q`` queries) and whether the kernels write it: a new tensor,
+    or with one source that source itself, the output of every query (a softmax over one score is 1), as a view of
+    its slot that the kernels do not write: a block boundary that stores v_0 then writes no Q copies of it (in the
+    dense ~1B model's prefill, 8 of the 62 passes over [M, D] that its block boundaries made)."""
     m, d = storage.store.shape[1:]
     if n == 1:
         return storage.store[0].expand(q, m, d), False
@@ -86,6 +86,7 @@ def store_phase1(
     gains: torch.Tensor,
     norm_weight: torch.Tensor | None,
     norm_eps: float,
+    first_out: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Store ``x (+ y)`` [M, D] as source ``n_prev``, then phase 1 of ``queries``/``gains`` [Q, D] against sources
     0 .. n_prev, in one launch (needs ``fits_one_tile(n_prev + 1, D)``; the first source of a prefill:
@@ -93,11 +94,15 @@ def store_phase1(
 
     Returns out [Q, M, D] (with ``n_prev`` 0, a read-only view of the new source: ``_phase1_out``), lse [Q, M]
     float32 and, with ``norm_weight``, query 0's sublayer input [M, D] (the PreNorm of out[0]), else None.
+    ``first_out=False`` (needs ``norm_weight``): out [Q - 1, M, D] holds queries 1 .. Q - 1, query 0's output is not
+    written (one pass over [M, D] less; its PreNorm is the third result).
     """
+    if not first_out and norm_weight is None:
+        raise ValueError("first_out=False needs norm_weight: query 0's output would be returned in no form")
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
     dev = storage.store.device
-    out, write_out = _phase1_out(storage, n_prev + 1, q)
+    out, write_out = _phase1_out(storage, n_prev + 1, q if first_out else q - 1)
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
     if n_prev == 0 and m > STORE_PHASE1_SPLIT_ROWS:
@@ -115,7 +120,7 @@ def store_phase1(
         norm_weight.contiguous() if norm_weight is not None else gains, out, lse, first if first is not None else out,
         n_prev, q, m, d, storage.eps, norm_eps, per_program,
         HAS_Y=y is not None, HAS_NORM=norm_weight is not None, N_PAD=_sources_pad(n_prev + 1),
-        BLOCK_D=block_d(d), WRITE_OUT=write_out, num_warps=num_warps(d),
+        BLOCK_D=block_d(d), WRITE_OUT=write_out, FIRST_OUT=first_out, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, first
 

@@ -50,10 +50,11 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
                                  ONE_TILE=one_tile),
                             bwd_warps))  # fmt: skip
     configs.append((_triton.param_grad_kernel, dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=128), 4))
-    for n_sources in (1, 2, 4, _BLOCK_SOURCES):  # N_PAD 2, 4 and 8: the Block model's boundaries (v_0 alone: no out)
+    # N_PAD 2, 4 and 8: the Block model's boundaries (v_0 alone: no out; query 0's output kept only as its PreNorm)
+    for n_sources in (1, 2, 4, _BLOCK_SOURCES):
         configs.append((_triton.store_phase1_kernel,
                         dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=two_phase._sources_pad(n_sources),
-                             BLOCK_D=width, WRITE_OUT=n_sources > 1),
+                             BLOCK_D=width, WRITE_OUT=n_sources > 1, FIRST_OUT=False),
                         warps))  # fmt: skip
     configs.append((_triton.store_scores_kernel,
                     dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width), warps))  # fmt: skip

@@ -337,10 +337,11 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
     """AttnRes's inference (prefill) path at a block boundary, as the models run it (``append_source_phase1``): the
     finished block (partial sum + last output) is stored, then the next block's Q pseudo-queries read all n sources
     (the new one included) and the first sublayer's PreNorm is applied, at the shapes of the ~1B models (Kimi
-    Linear: Q 4; dense: Q 8). Minimum bytes in [M, D] passes: n + Q + 3 (read the two summands and the n - 1
-    stored sources, write the new source, Q outputs and the first sublayer's input), or 4 for one source, which is
-    itself every query's output (``two_phase._phase1_out``). Until session 25 the floor counted n + Q + 2 passes,
-    one too few. The anchor column is the
+    Linear: Q 4; dense: Q 8). The models keep query 0's output only as that PreNorm (``first_out=False``); the
+    rows "query 0's output written" time the full out for comparison. Minimum bytes in [M, D] passes: n + Q + 2
+    (read the two summands and the n - 1 stored sources, write the new source, Q - 1 outputs and the first
+    sublayer's input; n + Q + 3 with query 0's output), or 4 for one source, which is itself every query's output
+    (``two_phase._phase1_out``). Until session 25 the floor counted one pass too few. The anchor column is the
     standard residual's add + PreNorm, one sublayer's worth of the op the block's reads replace. Kernel GPU time
     per call."""
     M, D, rand, shape, bytes_per_pass = _depth_inputs(setup)
@@ -353,9 +354,13 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
                 bank = _filled_bank(n - 1, h, rand, capacity=n)
                 queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
                 op = f"block boundary: store + phase 1, {n_q} queries x {n} source{'s' if n > 1 else ''} + PreNorm"
-                ours = _kernel_us(lambda: append_source_phase1(bank, h, out, queries, gains, w), setup)
-                floor = setup.floor_us((n + (n_q if n > 1 else 0) + 3) * bytes_per_pass)
-                rows.append(Row(op, shape, ours, "add + prenorm fwd (Triton)", norm_us, floor))
+                for first_out in (False, True) if n > 1 else (False,):
+                    ours = _kernel_us(
+                        lambda: append_source_phase1(bank, h, out, queries, gains, w, first_out=first_out), setup
+                    )
+                    floor = setup.floor_us((n + (n_q - 1 + first_out if n > 1 else 0) + 3) * bytes_per_pass)
+                    name = op + (", query 0's output written" if first_out else "")
+                    rows.append(Row(name, shape, ours, "add + prenorm fwd (Triton)", norm_us, floor))
     return rows
 
 
@@ -363,9 +368,9 @@ def bench_decode_reads(setup: _Setup) -> list[Row]:
     """AttnRes's inference reads at one token (B1 decode), as the ~1B models run them: phase 2 with the previous
     sublayer's output added to the partial sum and the PreNorm fused (``depth_attention_phase2_add``, all but a
     block's first sublayer), and the block boundary (``append_source_phase1``: store, phase 1 of Q queries over n
-    sources, one program per query, and the first sublayer's PreNorm), against the standard residual's add +
-    PreNorm at one token. A one-row launch is a chain of loads and reductions, not bytes: no floor. Kernel GPU time
-    per call."""
+    sources, one program per query, and the first sublayer's PreNorm, query 0's output kept only as that PreNorm),
+    against the standard residual's add + PreNorm at one token. A one-row launch is a chain of loads and
+    reductions, not bytes: no floor. Kernel GPU time per call."""
     _, D, rand, _, _ = _depth_inputs(setup)  # the other AttnRes sections' hidden size and seeded inputs, one row
     shape = f"M1 D{D} {str(setup.dtype).removeprefix('torch.')}"
     h, out, addend, w = rand(1, D), rand(1, D), rand(1, D), torch.ones(D, device=setup.device, dtype=setup.dtype)
@@ -382,7 +387,7 @@ def bench_decode_reads(setup: _Setup) -> list[Row]:
             bank = _filled_bank(n - 1, h, rand, capacity=n)
             queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
             op = f"decode block boundary: store + phase 1, {n_q} queries x {n} sources + PreNorm"
-            ours = _kernel_us(lambda: append_source_phase1(bank, h, out, queries, gains, w), setup)
+            ours = _kernel_us(lambda: append_source_phase1(bank, h, out, queries, gains, w, first_out=False), setup)
             rows.append(Row(op, shape, ours, anchor, norm_us, None))
     return rows
 

@@ -272,9 +272,14 @@ class AttentionResiduals(nn.Module):
         if boundary and folded is None:  # a block boundary: the finished block (or v_0) is stored
             stop = self._phase1_stop(start)
             summands = (state.pending, None) if state.partial is None else (state.partial, state.pending)
+            # With the PreNorm fused, query 0's raw output is not written (a repeated read recomputes it, below)
+            first_out = norm_weight is None
             bank, out, lse, x = append_source_phase1(
-                state.bank, *summands, self.queries[start:stop], self.norm_weight[start:stop], norm_weight, norm_eps
-            )
+                state.bank, *summands, self.queries[start:stop], self.norm_weight[start:stop], norm_weight, norm_eps,
+                first_out,
+            )  # fmt: skip
+            if not first_out:
+                out = (None, *out.unbind(0))  # indexed by query as the full out is
             cached = state.cache.get("phase1")
             if cached is None or cached[0] <= start:  # an older state's re-read keeps the running block's
                 state.cache["phase1"] = (start, bank, out, lse)  # the running block's: replaced at the next boundary
@@ -282,7 +287,9 @@ class AttentionResiduals(nn.Module):
             return x if norm_weight is not None else out[0]
         out, lse = self._phase1(state, start, folded[1] if folded is not None else state.bank)
         if boundary:
-            # a repeated read of a block's first sublayer (or the final aggregation): its input is out[0]
+            # a repeated read of a block's first sublayer (or the final aggregation): its input is query 0's output
+            if out[0] is None:
+                out, lse = depth_attention_phase1(folded[1], query[None], gain[None])
             return depth_attention_phase2(
                 out[0], lse[0], None, query, gain, self.eps, self.backend, norm_weight, norm_eps
             )
@@ -309,7 +316,9 @@ class AttentionResiduals(nn.Module):
         """Phase 1 (out [Q, B, T, D], lse [Q, B, T]) of the block starting at sublayer ``start``, whose completed
         sources are ``bank``: the cached one of the running block, or, for an older state of this forward read
         again after a later block began (states are immutable, so that must give its first answer) or a state of
-        another branch, recomputed without replacing the cache (it holds one block's, which the running one needs)."""
+        another branch, recomputed without replacing the cache (it holds one block's, which the running one needs).
+        The cached out may be a tuple of per-query [B, T, D] whose query 0 is None (not written: the block boundary
+        returned only its PreNorm)."""
         cached = state.cache.get("phase1")
         if cached is not None and cached[0] == start and cached[1] is bank:
             return cached[2], cached[3]
