@@ -349,18 +349,19 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
     with torch.no_grad():
         norm_us = _kernel_us(lambda: add_prenorm(h, out, w, backend="triton"), setup)
         rows = []
-        for n_q in (4, 8):
-            for n in (1, 2, 4):
-                bank = _filled_bank(n - 1, h, rand, capacity=n)
-                queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
-                op = f"block boundary: store + phase 1, {n_q} queries x {n} source{'s' if n > 1 else ''} + PreNorm"
-                for first_out in (False, True) if n > 1 else (False,):
-                    ours = _kernel_us(
-                        lambda: append_source_phase1(bank, h, out, queries, gains, w, first_out=first_out), setup
-                    )
-                    floor = setup.floor_us((n + (n_q - 1 + first_out if n > 1 else 0) + 3) * bytes_per_pass)
-                    name = op + (", query 0's output written" if first_out else "")
-                    rows.append(Row(name, shape, ours, "add + prenorm fwd (Triton)", norm_us, floor))
+        # (1 query x 5 sources: the dense model's final aggregation)
+        for n_q, n in ((4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4), (1, 5)):
+            bank = _filled_bank(n - 1, h, rand, capacity=n)
+            queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
+            what = f"{n_q} {'queries' if n_q > 1 else 'query'} x {n} {'sources' if n > 1 else 'source'}"
+            op = f"block boundary: store + phase 1, {what} + PreNorm"
+            for first_out in (False, True) if n > 1 else (False,):
+                ours = _kernel_us(
+                    lambda: append_source_phase1(bank, h, out, queries, gains, w, first_out=first_out), setup
+                )
+                floor = setup.floor_us((n + (n_q - 1 + first_out if n > 1 else 0) + 3) * bytes_per_pass)
+                name = op + (", query 0's output written" if first_out else "")
+                rows.append(Row(name, shape, ours, "add + prenorm fwd (Triton)", norm_us, floor))
     return rows
 
 
