@@ -222,10 +222,14 @@ def test_fused_prenorm_equals_norm_of_input(backend, grad):
     attn_res = AttentionResiduals(D, num_sublayers=3, mode="block", block_size=2, backend=backend)
     _randomise(attn_res, seed=7)
     weight = 1 + 0.2 * torch.randn(D)
-    state = attn_res.begin(torch.randn(2, 3, D))
-    with torch.set_grad_enabled(grad):  # grad off: the two-phase path, norm applied after the merge
-        for _ in range(3):
+    x = torch.randn(2, 3, D)
+    with torch.set_grad_enabled(grad):  # grad off: the two-phase path (begin() chooses it), norm after the merge
+        state = attn_res.begin(x)
+        for i in range(3):
             fused = attn_res.sublayer_input(state, weight, 1e-5)
+            if not grad and i % 2 == 0:  # a block boundary read with its PreNorm keeps query 0 only in that form
+                assert state.cache["phase1"][2][0] is None
+            # the plain read after the fused one: at a boundary, query 0's output recomputed
             assert_close_rel(fused, rms_norm(attn_res.sublayer_input(state), weight, 1e-5), 1e-5, "sublayer")
             state = attn_res.add_sublayer_output(state, torch.tanh(fused))
         fused = attn_res.final_output(state, weight, 1e-5)
