@@ -470,6 +470,132 @@ def store_scores_kernel(
         tl.store(lse_ptr + j * M + rows, rstd * tl.sum(vf * u[None, :], axis=1), mask=rmask)
 
 
+@triton.jit
+def _exact_dot(a, b, acc, dtype: tl.constexpr):
+    """acc + a @ b in float32, one operand (a or b) in ``dtype`` (the sources') and the other float32: at float32
+    an IEEE dot; at 16 bits the float32 operand is split into two ``dtype`` terms (hi + lo, 16 significant bits),
+    so that the tensor-core dot keeps about the precision of a float32 product instead of rounding it to 8 bits."""
+    # (if/else throughout: code after an early return is still compiled, with the other branch's dtypes)
+    if dtype == tl.float32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        hi = a.to(dtype)
+        acc = tl.dot(hi, b, acc)
+        acc = tl.dot((a - hi.to(tl.float32)).to(dtype), b, acc)
+    else:
+        hi = b.to(dtype)
+        acc = tl.dot(a, hi, acc)
+        acc = tl.dot(a, (b - hi.to(tl.float32)).to(dtype), acc)
+    return acc
+
+
+@triton.jit
+def _boundary_chunk(
+    x_ptr, y_ptr, store_ptr, slot_offs, src_rows, cols, cmask, stored, is_new, D, HAS_Y: tl.constexpr
+):  # fmt: skip
+    """One [BR * N_PAD, CHUNK] chunk of the boundary's source tile (``store_phase1_dot_kernel``): the stored sources'
+    rows from the store, the new source's rows x (+ y) rounded to the store's dtype. Returns (tile, new rows)."""
+    offs = slot_offs[:, None] + cols[None, :]
+    v = tl.load(store_ptr + offs, mask=stored[:, None] & cmask[None, :], other=0.0)
+    new_mask = is_new[:, None] & cmask[None, :]
+    new = tl.load(x_ptr + src_rows[:, None] * D + cols[None, :], mask=new_mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        new += tl.load(y_ptr + src_rows[:, None] * D + cols[None, :], mask=new_mask, other=0.0).to(tl.float32)
+    new = new.to(store_ptr.dtype.element_ty)
+    return tl.where(is_new[:, None], new, v), new
+
+
+@triton.jit(do_not_specialize=["n_prev", "n_q", "M"])
+def store_phase1_dot_kernel(
+    x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
+    n_prev, n_q, M, D, eps, norm_eps,
+    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr,
+    BR: tl.constexpr, Q_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """``store_phase1_kernel``'s block boundary (n_prev >= 1) for BR rows per program, its reductions over D done by
+    tensor-core dots on [CHUNK]-wide chunks instead of one cross-warp reduction per query and row: the sources of
+    the BR rows form one [BR * N_PAD, CHUNK] tile (row r's source i at r * N_PAD + i), so that every query's
+    scores of every row come from one dot with u [CHUNK, Q_PAD], and the outputs of every (row, query) from one dot
+    of the block-diagonal weights [BR * Q_PAD, BR * N_PAD] with the tile.
+
+    Three passes over the chunks: (1) store the new source x (+ y) and accumulate its sum of squares and the
+    scores; softmax, lse; (2) the outputs (out [n_q, M, D] as ``store_phase1_kernel`` writes it, without query 0
+    unless FIRST_OUT) and, with HAS_NORM, query 0's output into ``first`` with its sum of squares; (3) with HAS_NORM,
+    ``first`` scaled into its PreNorm. Passes 2 and 3 re-read the tile and ``first`` from the caches: the HBM bytes
+    are the single pass's."""
+    dtype = store_ptr.dtype.element_ty
+    src = tl.arange(0, BR * N_PAD)
+    src_i = src % N_PAD
+    src_rows = tl.program_id(0).to(tl.int64) * BR + src // N_PAD
+    row_ok = src_rows < M
+    stored = (src_i < n_prev) & row_ok
+    is_new = (src_i == n_prev) & row_ok
+    slot_offs = (src_i.to(tl.int64) * M + src_rows) * D
+    qs = tl.arange(0, Q_PAD)
+    q_ok = qs < n_q
+    scores = tl.zeros((BR * N_PAD, Q_PAD), tl.float32)
+    new_ss = tl.zeros((BR * N_PAD,), tl.float32)
+    for c0 in range(0, D, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
+        cmask = cols < D
+        v, new = _boundary_chunk(x_ptr, y_ptr, store_ptr, slot_offs, src_rows, cols, cmask, stored, is_new, D, HAS_Y)
+        tl.store(store_ptr + slot_offs[:, None] + cols[None, :], new, mask=is_new[:, None] & cmask[None, :])
+        new_f = new.to(tl.float32)
+        new_ss += tl.sum(new_f * new_f, axis=1)
+        # u [Q_PAD, CHUNK] loaded along D (coalesced), then transposed in registers: loaded as [CHUNK, Q_PAD], each
+        # element was a separate access D apart (session 26, H200: 2-3x slower than the program per row)
+        u = _query_key(q_ptr, g_ptr, qs[:, None] * D + cols[None, :], q_ok[:, None] & cmask[None, :])
+        scores = _exact_dot(v, tl.trans(u), scores, dtype)
+    r_new = 1.0 / tl.sqrt(new_ss / D + eps)
+    rstd_offs = src_i.to(tl.int64) * M + src_rows
+    tl.store(rstd_ptr + rstd_offs, r_new, mask=is_new)
+    r = tl.where(is_new, r_new, tl.load(rstd_ptr + rstd_offs, mask=stored, other=0.0))
+    # past the row's sources: -inf (rows past M have zero tiles and finite scores, and write nothing)
+    s = tl.where((src_i <= n_prev)[:, None], scores * r[:, None], float("-inf"))
+    s3 = tl.reshape(s, (BR, N_PAD, Q_PAD))
+    m = tl.max(s3, axis=1)
+    p = tl.exp(s3 - m[:, None, :])
+    denom = tl.sum(p, axis=1)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    tl.store(lse_ptr + qs[None, :] * M + rows[:, None], m + tl.log(denom), mask=(rows < M)[:, None] & q_ok[None, :])
+    # block-diagonal weights: [(r, q), (r', i)] = alpha[r, i, q] where r == r'
+    alpha = tl.permute(p / denom[:, None, :], (0, 2, 1))  # [BR, Q_PAD, N_PAD]
+    same = tl.arange(0, BR)[:, None] == tl.arange(0, BR)[None, :]
+    weights = tl.reshape(tl.where(same[:, None, :, None], alpha[:, :, None, :], 0.0), (BR * Q_PAD, BR * N_PAD))
+    oq = tl.arange(0, BR * Q_PAD) % Q_PAD
+    out_rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR * Q_PAD) // Q_PAD
+    out_ok = (out_rows < M) & (oq < n_q)
+    if FIRST_OUT:
+        out_offs = (oq.to(tl.int64) * M + out_rows) * D
+    else:
+        out_ok = out_ok & (oq > 0)
+        out_offs = ((oq.to(tl.int64) - 1) * M + out_rows) * D
+    is_first = (oq == 0) & (out_rows < M)
+    first_ss = tl.zeros((BR * Q_PAD,), tl.float32)
+    for c0 in range(0, D, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
+        cmask = cols < D
+        v, _ = _boundary_chunk(x_ptr, y_ptr, store_ptr, slot_offs, src_rows, cols, cmask, stored, is_new, D, HAS_Y)
+        h = _exact_dot(weights, v, tl.zeros((BR * Q_PAD, CHUNK), tl.float32), dtype).to(dtype)
+        tl.store(out_ptr + out_offs[:, None] + cols[None, :], h, mask=out_ok[:, None] & cmask[None, :])
+        if HAS_NORM:
+            tl.store(first_ptr + out_rows[:, None] * D + cols[None, :], h, mask=is_first[:, None] & cmask[None, :])
+            h_f = tl.where(is_first[:, None], h.to(tl.float32), 0.0)
+            first_ss += tl.sum(h_f * h_f, axis=1)
+    if HAS_NORM:
+        # query 0's rsqrt per row; ``first`` holds its output, written above by other threads
+        hr = 1.0 / tl.sqrt(tl.sum(tl.reshape(first_ss, (BR, Q_PAD)), axis=1) / D + norm_eps)
+        tl.debug_barrier()
+        for c0 in range(0, D, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            cmask = cols < D
+            mask = (rows < M)[:, None] & cmask[None, :]
+            h = tl.load(first_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            wn = _gain(wn_ptr, cols, cmask)
+            normed = ((h * hr[:, None]).to(dtype).to(tl.float32) * wn[None, :]).to(dtype)
+            tl.store(first_ptr + rows[:, None] * D + cols[None, :], normed, mask=mask)
+
+
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])
 def phase1_kernel(
     store_ptr, rstd_ptr, q_ptr, g_ptr, out_ptr, lse_ptr,
