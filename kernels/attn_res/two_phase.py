@@ -31,25 +31,11 @@ STORE_PHASE1_SPLIT_ROWS = 256
 # above STORE_PHASE1_SPLIT_ROWS rows. Session 25 (H100, M 8192 D 2048, 8 queries): 64.6 us at 1 row, 61.6 at 4, 62.4
 # at 8; one row per program in ``store_phase1_kernel``, 100.7.
 ONE_SOURCE_ROWS = 4
-# Launch constants of the prefill block boundary over n_prev >= 1 stored sources (``store_phase1_dot_kernel``, above
-# STORE_PHASE1_SPLIT_ROWS rows; 0: ``store_phase1_kernel``'s program per row): source rows per program's tile (rows
-# per program = this / N_PAD), the width of its chunks of D, and its warps.
-STORE_PHASE1_DOT = 1
-DOT_SOURCE_ROWS = 16
-DOT_CHUNK = 64
-DOT_WARPS = 4
 
 
 def _sources_pad(n_sources: int) -> int:
     """Rows of a source tile holding ``n_sources`` sources (a power of two, at least 2)."""
     return max(2, next_power_of_2(n_sources))
-
-
-def dot_tile(n_sources: int, q: int) -> tuple[int, int, int]:
-    """(N_PAD, rows per program, Q_PAD) of ``store_phase1_dot_kernel`` for ``n_sources`` sources and ``q`` queries:
-    its dots need at least 16 rows and columns (source rows: DOT_SOURCE_ROWS // N_PAD rows of N_PAD sources)."""
-    n_pad = _sources_pad(n_sources)
-    return n_pad, max(1, DOT_SOURCE_ROWS // n_pad), max(16, next_power_of_2(q))
 
 
 def fits_one_tile(n_sources: int, d: int) -> bool:
@@ -129,17 +115,9 @@ def store_phase1(
             **flags, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d), num_warps=num_warps(d),
         )  # fmt: skip
         return out, lse, first
-    outputs = (out, lse, first if first is not None else out)
-    if STORE_PHASE1_DOT and m > STORE_PHASE1_SPLIT_ROWS:
-        n_pad, rows, q_pad = dot_tile(n_prev + 1, q)
-        _triton.store_phase1_dot_kernel[(cdiv(m, rows),)](
-            *inputs, *outputs, n_prev, q, m, d, storage.eps, norm_eps,
-            **flags, FIRST_OUT=first_out, N_PAD=n_pad, BR=rows, Q_PAD=q_pad, CHUNK=DOT_CHUNK, num_warps=DOT_WARPS,
-        )  # fmt: skip
-        return out, lse, first
     per_program = 1 if m <= STORE_PHASE1_SPLIT_ROWS else q
     _triton.store_phase1_kernel[(m * cdiv(q, per_program),)](
-        *inputs, *outputs, n_prev, q, m, d, storage.eps, norm_eps, per_program,
+        *inputs, out, lse, first if first is not None else out, n_prev, q, m, d, storage.eps, norm_eps, per_program,
         **flags, N_PAD=_sources_pad(n_prev + 1), BLOCK_D=block_d(d), WRITE_OUT=write_out, FIRST_OUT=first_out,
         num_warps=num_warps(d),
     )  # fmt: skip

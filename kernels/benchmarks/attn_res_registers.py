@@ -56,12 +56,6 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
                         dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=two_phase._sources_pad(n_sources),
                              BLOCK_D=width, WRITE_OUT=n_sources > 1, FIRST_OUT=False),
                         warps))  # fmt: skip
-    for n_sources in (2, 4, _BLOCK_SOURCES):  # the prefill boundaries over stored sources, 8 queries
-        n_pad, rows_per_program, dot_q_pad = two_phase.dot_tile(n_sources, 8)
-        configs.append((_triton.store_phase1_dot_kernel,
-                        dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, N_PAD=n_pad, BR=rows_per_program,
-                             Q_PAD=dot_q_pad, CHUNK=two_phase.DOT_CHUNK),
-                        two_phase.DOT_WARPS))  # fmt: skip
     configs.append((_triton.store_scores_kernel,
                     dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width), warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
