@@ -97,8 +97,6 @@ def store_phase1(
     ``first_out=False`` (needs ``norm_weight``): out [Q - 1, M, D] holds queries 1 .. Q - 1, query 0's output is not
     written (one pass over [M, D] less; its PreNorm is the third result).
     """
-    if not first_out and norm_weight is None:
-        raise ValueError("first_out=False needs norm_weight: query 0's output would be returned in no form")
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
     dev = storage.store.device
