@@ -179,21 +179,28 @@ def test_two_phase_matches_naive(backend, shape, n_q, tile_elements, monkeypatch
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("n_prev,with_y,with_norm", [(0, False, True), (2, True, True), (3, True, False)])
 @pytest.mark.parametrize(
-    "tile_elements,split_rows",
-    [(16384, 256), (16384, 0), (0, 256)],
-    ids=["one-kernel-program-per-query", "one-kernel-program-per-row", "store-phase1-phase2"],
+    "n_prev,with_y,with_norm", [(0, False, True), (1, True, True), (2, True, True), (3, True, False), (4, False, True)]
 )
-def test_block_boundary_matches_its_parts(backend, n_prev, with_y, with_norm, tile_elements, split_rows, monkeypatch):
-    """append_source_phase1 (Triton: one kernel with a program per query or per row, or its three parts when the
-    sources do not fit the tile) against the naive formula over the sources with x (+ y) appended, and query 0's
-    PreNorm; the stored source and its rstd against a plain append_source. With the PreNorm, first_out=False
-    gives queries 1 .. Q - 1 only (the kernels skip query 0's output), the same lse and PreNorm."""
+@pytest.mark.parametrize(
+    "tile_elements,split_rows,row_sources",
+    [(16384, 256, 8), (16384, 0, 8), (16384, 0, 1), (0, 256, 8)],
+    ids=["one-kernel-program-per-query", "one-kernel-rows-per-program", "one-kernel-program-per-row",
+         "store-phase1-phase2"],
+)  # fmt: skip
+def test_block_boundary_matches_its_parts(
+    backend, n_prev, with_y, with_norm, tile_elements, split_rows, row_sources, monkeypatch
+):
+    """append_source_phase1 (Triton: one kernel with a program per query, per row or per group of rows, or its
+    three parts when the sources do not fit the tile) against the naive formula over the sources with x (+ y)
+    appended, and query 0's PreNorm; the stored source and its rstd against a plain append_source. With the
+    PreNorm, first_out=False gives queries 1 .. Q - 1 only (the kernels skip query 0's output), the same lse and
+    PreNorm. Over 10 rows, 2 .. 8 sources make row groups of 4 (the last one partial), 2 and 1."""
     from kimi_hf.kernels.attn_res import two_phase
 
     monkeypatch.setattr(two_phase, "PHASE1_TILE_ELEMENTS", tile_elements)
     monkeypatch.setattr(two_phase, "STORE_PHASE1_SPLIT_ROWS", split_rows)
+    monkeypatch.setattr(two_phase, "PREFILL_ROW_SOURCES", row_sources)
     blocks, partial, _, _ = _inputs(n_prev + 2, shape=(2, 5, 300), seed=3)
     blocks, x, y = blocks[:n_prev], blocks[n_prev], (blocks[n_prev + 1] if with_y else None)
     g = torch.Generator().manual_seed(4)

@@ -32,15 +32,20 @@ def _sum_pair(a, b, axis: tl.constexpr):
 
 
 @triton.jit
-def _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, dtype: tl.constexpr, HAS_Y: tl.constexpr):
-    """Row ``row`` of a new source x (+ y), rounded to the store's dtype: (that row, it in float32, its rstd
-    rsqrt(mean(v^2) + eps) of the rounded value)."""
-    v = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+def _new_rows(x_ptr, y_ptr, offs, mask, dtype: tl.constexpr, HAS_Y: tl.constexpr):
+    """Rows of a new source x (+ y) at ``offs`` [..., BLOCK_D], rounded to the store's dtype: (those rows, them in
+    float32). Their rstd: ``_rstd`` of the second."""
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_Y:
-        v += tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        v += tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = v.to(dtype)
-    vf = v.to(tl.float32)
-    return v, vf, 1.0 / tl.sqrt(tl.sum(vf * vf, axis=0) / D + eps)
+    return v, v.to(tl.float32)
+
+
+@triton.jit
+def _rstd(vf, D, eps):
+    """rsqrt(mean(v^2) + eps) of the rows vf [..., BLOCK_D] (float32, zero past D): a source's key-norm statistic."""
+    return 1.0 / tl.sqrt(tl.sum(vf * vf, axis=-1) / D + eps)
 
 
 @triton.jit
@@ -49,9 +54,9 @@ def store_source_kernel(x_ptr, y_ptr, slot_ptr, rstd_ptr, D, eps, HAS_Y: tl.cons
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    v, _, rstd = _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, slot_ptr.dtype.element_ty, HAS_Y)
+    v, vf = _new_rows(x_ptr, y_ptr, row * D + cols, mask, slot_ptr.dtype.element_ty, HAS_Y)
     tl.store(slot_ptr + row * D + cols, v, mask=mask)
-    tl.store(rstd_ptr + row, rstd)
+    tl.store(rstd_ptr + row, _rstd(vf, D, eps))
 
 
 @triton.jit
@@ -384,10 +389,10 @@ def _phase1_one_tile(
         _phase1_query(v, r, stored, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT, True)
 
 
-@triton.jit(do_not_specialize=["n_prev", "n_q", "M", "per_program"])
+@triton.jit(do_not_specialize=["n_prev", "n_q", "M"])
 def store_phase1_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
-    n_prev, n_q, M, D, eps, norm_eps, per_program,
+    n_prev, n_q, M, D, eps, norm_eps,
     HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     WRITE_OUT: tl.constexpr, FIRST_OUT: tl.constexpr,
 ):  # fmt: skip
@@ -398,13 +403,11 @@ def store_phase1_kernel(
     WRITE_OUT, FIRST_OUT: see ``_phase1_query`` (WRITE_OUT off when the new source is the only one; FIRST_OUT off
     when ``first`` replaces query 0's output).
 
-    Program ``row * cdiv(n_q, per_program) + p`` runs queries p * per_program .. (p + 1) * per_program - 1 of its
-    row; the p = 0 program stores the new source. One program per row (per_program = n_q) reads the row's sources
-    once; one per query (1) runs the queries side by side (a row's programs adjacent in launch order, so that its
-    sources come from L2 after the first read), which shortens a launch whose rows cannot fill the GPU (decoding)."""
-    programs_per_row = tl.cdiv(n_q, per_program)
-    row = (tl.program_id(0) // programs_per_row).to(tl.int64)
-    j0 = (tl.program_id(0) % programs_per_row) * per_program
+    Program ``row * n_q + j`` runs query j of its row; the j = 0 program stores the new source. The queries run side
+    by side (a row's programs adjacent in launch order, so that its sources come from L2 after the first read),
+    which shortens a launch whose rows cannot fill the GPU (decoding; prefill: ``store_phase1_rows_kernel``)."""
+    row = (tl.program_id(0) // n_q).to(tl.int64)
+    j0 = tl.program_id(0) % n_q
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     # Every load first (the stored sources, the first query, the gain, the new source's summands): in program order
@@ -415,7 +418,8 @@ def store_phase1_kernel(
     u = _query_key(q_ptr + j0 * D, g_ptr + j0 * D, cols, mask)
     if HAS_NORM:
         wn = _gain(wn_ptr, cols, mask)
-    v_new, v_new_f, r_new = _new_source(x_ptr, y_ptr, row, cols, mask, D, eps, store_ptr.dtype.element_ty, HAS_Y)
+    v_new, v_new_f = _new_rows(x_ptr, y_ptr, row * D + cols, mask, store_ptr.dtype.element_ty, HAS_Y)
+    r_new = _rstd(v_new_f, D, eps)
     if j0 == 0:
         tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
         tl.store(rstd_ptr + n_prev * M + row, r_new)
@@ -428,9 +432,74 @@ def store_phase1_kernel(
         if j0 == 0:
             first = _prenorm_row(h, wn, D, norm_eps)[0]
             tl.store(first_ptr + row * D + cols, first, mask=mask)
-    for j in range(j0 + 1, tl.minimum(j0 + per_program, n_q)):
-        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
-        _phase1_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, row, cols, mask, WRITE_OUT, FIRST_OUT)
+
+
+@triton.jit
+def _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask, FIRST_OUT: tl.constexpr):
+    """``_phase1_query`` for BR rows at once: their sources are the register tile v [BR, N_PAD, BLOCK_D] (rstd
+    r [BR, N_PAD], sources ``valid`` [1, N_PAD]); every row's scores come from one reduction over D. Stores
+    lse[j, rows] and out[j, rows] (out[j - 1] without FIRST_OUT, nothing for j = 0); returns the output rows
+    [BR, BLOCK_D] (rounded to out's dtype)."""
+    s = tl.where(valid, r * tl.sum(v * u[None, None, :], axis=2), float("-inf"))
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])  # zero on padding sources
+    denom = tl.sum(p, axis=1)
+    tl.store(lse_ptr + j * M + rows, m + tl.log(denom), mask=rmask)
+    h = tl.sum((p / denom[:, None])[:, :, None] * v, axis=1).to(out_ptr.dtype.element_ty)
+    mask = rmask[:, None] & cmask[None, :]
+    if FIRST_OUT:
+        tl.store(out_ptr + (j * M + rows[:, None]) * D + cols[None, :], h, mask=mask)
+    elif j > 0:
+        tl.store(out_ptr + ((j - 1) * M + rows[:, None]) * D + cols[None, :], h, mask=mask)
+    return h
+
+
+@triton.jit(do_not_specialize=["n_prev", "n_q", "M"])
+def store_phase1_rows_kernel(
+    x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
+    n_prev, n_q, M, D, eps, norm_eps,
+    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr, BR: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The prefill block boundary over n_prev >= 1 stored sources, every query of BR rows per program:
+    ``store_phase1_kernel``'s work (store x (+ y) as source n_prev, phase 1 of every query over sources
+    0 .. n_prev, query 0's PreNorm into first with HAS_NORM) with the rows' sources in one [BR, N_PAD, BLOCK_D]
+    register tile, read once, and each query's u loaded and reduced once per BR rows. A kernel of its own, with no
+    runtime choice of the program's queries: one kernel for both layouts, a runtime range of queries per program,
+    took 2-27% longer than this one (session 27, H100, M 8192 D 2048)."""
+    dtype = store_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rmask = rows < M
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    src = tl.arange(0, N_PAD)
+    stored = src < n_prev
+    is_new = src == n_prev
+    # Every load first, as in store_phase1_kernel: the stored sources, query 0, the gain, the new source's summands
+    slots = src.to(tl.int64)[None, :] * M + rows[:, None]  # [BR, N_PAD]
+    smask = rmask[:, None] & stored[None, :]
+    v = tl.load(store_ptr + slots[:, :, None] * D + cols[None, None, :], mask=smask[:, :, None] & cmask[None, None, :],
+                other=0.0).to(tl.float32)  # fmt: skip
+    r = tl.load(rstd_ptr + slots, mask=smask, other=0.0)
+    u = _query_key(q_ptr, g_ptr, cols, cmask)
+    if HAS_NORM:
+        wn = _gain(wn_ptr, cols, cmask)
+    offs = rows[:, None] * D + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    v_new, v_new_f = _new_rows(x_ptr, y_ptr, offs, mask, dtype, HAS_Y)
+    tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
+    r_new = _rstd(v_new_f, D, eps)
+    tl.store(rstd_ptr + n_prev * M + rows, r_new, mask=rmask)
+    v = tl.where(is_new[None, :, None], v_new_f[:, None, :], v)
+    r = tl.where(is_new[None, :], r_new[:, None], r)
+    valid = (stored | is_new)[None, :]
+    h = _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask, FIRST_OUT)
+    if HAS_NORM:
+        first = _prenorm_rows(h.to(tl.float32), dtype, wn, D, norm_eps)[0]
+        tl.store(first_ptr + offs, first.to(dtype), mask=mask)
+    for j in range(1, n_q):
+        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
+        _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask, FIRST_OUT)
 
 
 @triton.jit(do_not_specialize=["n_q", "M"])
@@ -454,13 +523,9 @@ def store_scores_kernel(
     offs = rows[:, None] * D + cols[None, :]
     if HAS_NORM:
         wn = _gain(wn_ptr, cols, cmask)
-    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Y:
-        v += tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = v.to(slot_ptr.dtype.element_ty)
+    v, vf = _new_rows(x_ptr, y_ptr, offs, mask, slot_ptr.dtype.element_ty, HAS_Y)
     tl.store(slot_ptr + offs, v, mask=mask)
-    vf = v.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(vf * vf, axis=1) / D + eps)
+    rstd = _rstd(vf, D, eps)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
     if HAS_NORM:
         first = _prenorm_rows(vf, v.dtype, wn, D, norm_eps)[0]

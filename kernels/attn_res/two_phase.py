@@ -24,13 +24,21 @@ from .fused import SourceStorage, block_d, num_warps
 # 64 float32 registers per thread at 8 warps (119 in all for sm_90): the largest tile compiled and measured.
 PHASE1_TILE_ELEMENTS = 16384
 # Launch constant: the fused block boundary (``store_phase1``) gives each query a program of its own up to this many
-# rows (decoding: one row per sequence, where one program per row left the launch a chain of Q queries), and one
-# program per row above it (prefill: each row's sources read once).
+# rows (decoding: one row per sequence, where one program per row left the launch a chain of Q queries), and runs
+# every query of a group of rows in one program above it (prefill: each row's sources read once; the first source:
+# ``store_scores_kernel``, later ones ``store_phase1_rows_kernel``).
 STORE_PHASE1_SPLIT_ROWS = 256
 # Launch constant: rows per program of the block boundary that stores the first source (``store_scores_kernel``)
 # above STORE_PHASE1_SPLIT_ROWS rows. Session 25 (H100, M 8192 D 2048, 8 queries): 64.6 us at 1 row, 61.6 at 4, 62.4
 # at 8; one row per program in ``store_phase1_kernel``, 100.7.
 ONE_SOURCE_ROWS = 4
+# Launch constant: the prefill block boundary over stored sources (``store_phase1_rows_kernel``, above
+# STORE_PHASE1_SPLIT_ROWS rows) holds about this many source rows in its [rows, N_PAD, D] tile: rows per program
+# PREFILL_ROW_SOURCES // N_PAD, at least 1. Session 27 (H100, M 8192 D 2048, us): at 4, two rows of 2 sources
+# (8 queries 156.0, 4 queries 102.4) and one row of 4 or 8 (8 queries x 4 sources 194.5, the final aggregation's
+# 1 query x 5 sources 111.0); one row per program in ``store_phase1_kernel``'s layout before it, 155.0, 104.8,
+# 194.5, 129.4. Larger groups were slower (8: up to 21%; 16: up to 5x), and so were 8 warps (9-20% at 4).
+PREFILL_ROW_SOURCES = 4
 
 
 def _sources_pad(n_sources: int) -> int:
@@ -113,11 +121,17 @@ def store_phase1(
             **flags, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d), num_warps=num_warps(d),
         )  # fmt: skip
         return out, lse, first
-    per_program = 1 if m <= STORE_PHASE1_SPLIT_ROWS else q
-    _triton.store_phase1_kernel[(m * cdiv(q, per_program),)](
-        *inputs, out, lse, first if first is not None else out, n_prev, q, m, d, storage.eps, norm_eps, per_program,
-        **flags, N_PAD=_sources_pad(n_prev + 1), BLOCK_D=block_d(d), WRITE_OUT=write_out, FIRST_OUT=first_out,
-        num_warps=num_warps(d),
+    n_pad = _sources_pad(n_prev + 1)
+    if m > STORE_PHASE1_SPLIT_ROWS:
+        rows = max(1, PREFILL_ROW_SOURCES // n_pad)
+        _triton.store_phase1_rows_kernel[(cdiv(m, rows),)](
+            *inputs, out, lse, first if first is not None else out, n_prev, q, m, d, storage.eps, norm_eps,
+            **flags, FIRST_OUT=first_out, N_PAD=n_pad, BR=rows, BLOCK_D=block_d(d), num_warps=num_warps(d),
+        )  # fmt: skip
+        return out, lse, first
+    _triton.store_phase1_kernel[(m * q,)](
+        *inputs, out, lse, first if first is not None else out, n_prev, q, m, d, storage.eps, norm_eps,
+        **flags, N_PAD=n_pad, BLOCK_D=block_d(d), WRITE_OUT=write_out, FIRST_OUT=first_out, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, first
 

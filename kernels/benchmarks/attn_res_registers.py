@@ -50,12 +50,19 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
                                  ONE_TILE=one_tile),
                             bwd_warps))  # fmt: skip
     configs.append((_triton.param_grad_kernel, dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=128), 4))
-    # N_PAD 2, 4 and 8: the Block model's boundaries (v_0 alone: no out; query 0's output kept only as its PreNorm)
+    # N_PAD 2, 4 and 8: the Block model's boundaries (v_0 alone: no out; query 0's output kept only as its PreNorm),
+    # at decode (a program per row and query) and in prefill (rows in groups, over stored sources)
     for n_sources in (1, 2, 4, _BLOCK_SOURCES):
+        n_pad = two_phase._sources_pad(n_sources)
         configs.append((_triton.store_phase1_kernel,
-                        dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=two_phase._sources_pad(n_sources),
-                             BLOCK_D=width, WRITE_OUT=n_sources > 1, FIRST_OUT=False),
+                        dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=n_pad, BLOCK_D=width, WRITE_OUT=n_sources > 1,
+                             FIRST_OUT=False),
                         warps))  # fmt: skip
+        if n_sources > 1:
+            configs.append((_triton.store_phase1_rows_kernel,
+                            dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, N_PAD=n_pad,
+                                 BR=max(1, two_phase.PREFILL_ROW_SOURCES // n_pad), BLOCK_D=width),
+                            warps))  # fmt: skip
     configs.append((_triton.store_scores_kernel,
                     dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width), warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
