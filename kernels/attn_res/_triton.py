@@ -4,7 +4,9 @@ Layout: every source is a row-major [M, D] matrix (M = batch * tokens). Complete
 store [S_max, M, D] written once each (never stacked again) with their rsqrt statistics cached in
 rstd [S_max, M] float32. ``u = query * gain`` (formed in-kernel) turns the key RMSNorm + dot into
 ``s_i = rstd_i * (u . v_i)``.
-One program handles one token row with the whole hidden dimension in registers (D <= 16384).
+A program handles one token row with the whole hidden dimension in registers (D <= 16384), a few rows at once
+(the prefill block boundaries ``store_scores_kernel`` and ``store_phase1_rows_kernel``, the RMSNorm kernels), or
+a range of rows in turn (the backward).
 
 Length-like integer arguments (M, n_src, n_q, P, rows per program) are never specialised
 (``do_not_specialize``): Triton would otherwise compile another variant whenever such a value becomes 1 or
