@@ -478,8 +478,9 @@ def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_prev", [0, 1, 4])
 def test_gpu_block_boundary_bf16(n_prev):
-    """The fused block boundary with a program per row (514 rows) in bf16 against float32, 8 queries at D 2048 over 2
-    and 5 sources; over v_0 alone, four rows per program (``store_scores_kernel``). Outputs and log-sum-exps."""
+    """The fused prefill block boundary (514 rows) in bf16 against float32, 8 queries at D 2048 over 2 and 5 sources
+    (``store_phase1_rows_kernel``: rows in groups of 2 and of 1); over v_0 alone, four rows per
+    program (``store_scores_kernel``). Outputs and log-sum-exps."""
     blocks, _, _, _ = _inputs(n_prev + 1, shape=(2, 257, 2048), dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(7)
     queries = torch.randn(8, 2048, generator=g, device="cuda", dtype=torch.bfloat16)

@@ -122,15 +122,16 @@ def store_phase1(
         )  # fmt: skip
         return out, lse, first
     n_pad = _sources_pad(n_prev + 1)
+    outputs = (out, lse, first if first is not None else out)
     if m > STORE_PHASE1_SPLIT_ROWS:
         rows = max(1, PREFILL_ROW_SOURCES // n_pad)
         _triton.store_phase1_rows_kernel[(cdiv(m, rows),)](
-            *inputs, out, lse, first if first is not None else out, n_prev, q, m, d, storage.eps, norm_eps,
+            *inputs, *outputs, n_prev, q, m, d, storage.eps, norm_eps,
             **flags, FIRST_OUT=first_out, N_PAD=n_pad, BR=rows, BLOCK_D=block_d(d), num_warps=num_warps(d),
         )  # fmt: skip
         return out, lse, first
     _triton.store_phase1_kernel[(m * q,)](
-        *inputs, out, lse, first if first is not None else out, n_prev, q, m, d, storage.eps, norm_eps,
+        *inputs, *outputs, n_prev, q, m, d, storage.eps, norm_eps,
         **flags, N_PAD=n_pad, BLOCK_D=block_d(d), WRITE_OUT=write_out, FIRST_OUT=first_out, num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, first
