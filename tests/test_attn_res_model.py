@@ -145,8 +145,11 @@ def test_loss_and_outputs(residual):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_gradient_checkpointing_gives_same_grads(backend):
-    model = _model(attn_res_backend=backend, num_hidden_layers=2, attn_res_block_size=3)
+@pytest.mark.parametrize("layers,block_size", [(2, 3), (6, 4)])
+def test_gradient_checkpointing_gives_same_grads(backend, layers, block_size):
+    """Also with blocks of 4 sublayers over 2 and 3 stored sources, whose readers defer their gradients into them on
+    the Triton backend (``fused.DeferredGrads``), in the re-run forward too."""
+    model = _model(attn_res_backend=backend, num_hidden_layers=layers, attn_res_block_size=block_size)
     model.train()
     ids = torch.randint(0, 97, (1, 5))
 

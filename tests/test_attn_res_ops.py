@@ -117,6 +117,58 @@ def test_triton_many_sources_matches_reference(fwd_tile, bwd_tile, one_tile_sour
         assert_close_rel(a, e, 3e-5, "grad")
 
 
+def _readers_graph(backend: str, n_readers: int, shape=(2, 3, 48), dtype=torch.float32, device="cpu", rounded=None):
+    """A block's worth of readers of the same 3 stored sources (the first without a partial sum, the others with
+    their own, some with the fused PreNorm), then the block stored from the last partial and a reader of all 4:
+    the readers' gradients into the stored sources may be deferred and summed in one pass (``DeferredGrads``).
+    Inputs are drawn in float32 (and rounded to ``rounded`` first), the graph runs in ``dtype``. Returns the
+    outputs, then the leaves' gradients (sources, partials, queries, gain, PreNorm weight)."""
+    blocks, _, query, gain = _inputs(3, shape)
+    g = torch.Generator().manual_seed(5)
+    partials = [torch.randn(shape, generator=g) for _ in range(n_readers)]
+    queries = [torch.randn(query.shape, generator=g) for _ in range(n_readers + 1)]
+    norm_w = 1 + 0.2 * torch.randn(query.shape, generator=g)
+    leaves = [t.to(rounded or dtype).to(device, dtype).requires_grad_()
+              for t in (*blocks, *partials, *queries, gain, norm_w)]  # fmt: skip
+    srcs, parts, qs, (gn, wn) = leaves[:3], leaves[3:3 + n_readers], leaves[3 + n_readers:-2], leaves[-2:]
+    bank = _bank(srcs, backend)
+    outs = []
+    for j in range(n_readers):
+        norm = dict(norm_weight=wn, norm_eps=1e-5) if j % 2 else {}
+        outs.append(depth_attention(bank, qs[j], gn, parts[j] if j else None, **norm))
+    bank = append_source(bank, parts[-1], outs[-1])
+    outs.append(depth_attention(bank, qs[-1], gn))
+    loss = sum((h.float() * torch.randn(h.shape, generator=g).to(device)).sum() for h in outs)
+    loss.backward()
+    return outs + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]  # (parts[0] unused)
+
+
+@pytest.mark.parametrize("defer_readers,passes", [(0, []), (3, [3, 2]), (8, [5])])
+def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, monkeypatch):
+    """Five readers of 3 stored sources: gradients added by each reader (0), deferred in passes of 3 readers (the
+    buffers fill once, then the rest is added when the stored sources' gradients are handed on) and of all 5."""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "DEFER_READERS", defer_readers)
+    flushed = []
+    flush = fused.DeferredGrads.flush
+    monkeypatch.setattr(fused.DeferredGrads, "flush", lambda self: (flushed.append(self.count), flush(self)))
+    expected = _readers_graph("torch", 5)
+    actual = _readers_graph("triton", 5)
+    assert [k for k in flushed if k] == passes  # readers summed per deferred pass
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
+
+
+def test_deferral_follows_the_bytes_moved():
+    """Readers defer only when their group moves fewer [M, D] rows that way: 2 n K against 2 K + 3 n."""
+    from kimi_hf.kernels.attn_res.fused import _defers
+
+    assert not _defers(1, 8)  # one source: 16 rows either way, plus 3 for the pass
+    assert _defers(2, 4) and not _defers(2, 3)  # 16 > 14; 12 = 12
+    assert _defers(4, 3) and not _defers(4, 2) and not _defers(5, 1)
+
+
 def test_triton_parameter_gradient_kernel_sums_many_tiles():
     """The backward's finishing kernel over 300 per-program partial rows (three 128-row tiles) and 40 columns
     (two 32-column programs): dq = sum(du) * gain, dg = sum(du) * query, dnorm = sum(dwn)."""
@@ -473,6 +525,17 @@ def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
         h2 = depth_attention_phase2(out[1], lse[1], srcs[-1], queries[1], gains[1])
         ref2 = naive_depth_attention([t.float() for t in srcs], queries[1].float(), gains[1].float())
         assert_close_rel(h2, ref2, 1e-2, "two-phase")
+
+
+@pytest.mark.gpu
+def test_gpu_deferred_source_gradients_bf16():
+    """Eight readers of 3 stored sources (514 rows, D 2048) deferring their gradients into them, in bf16 against the
+    torch backend in float32."""
+    shape = (2, 257, 2048)
+    actual = _readers_graph("triton", 8, shape, torch.bfloat16, "cuda")
+    expected = _readers_graph("torch", 8, shape, torch.float32, "cuda", rounded=torch.bfloat16)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close_rel(a, e, 2e-2, f"output or gradient {i}")
 
 
 @pytest.mark.gpu

@@ -217,10 +217,10 @@ def _tile_grad(v, r, s, alpha, u, dh, v_dh, dh_h, D):
 @triton.jit(do_not_specialize=["n_src", "M", "rows_per_program"])
 def depth_attn_bwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, dout_ptr, lse_ptr, hrstd_ptr, gstore_ptr, dpart_ptr, du_ptr,
-    dwn_ptr,
+    dwn_ptr, dh_ptr, coef_ptr, u_ptr,
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
     h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
@@ -234,6 +234,12 @@ def depth_attn_bwd_kernel(
     Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader); the
     partial sum's gradient is written to dpart; each program writes its partial du (and dwn) row, reduced by
     ``param_grad_kernel`` (deterministic).
+
+    DEFER (needs ONE_TILE): the stored sources' gradients are not touched here. Each of them is
+    dv_i = alpha_i dh + c_i u - e_i v_i with c_i = ds_i r_i and e_i = ds_i s_i r_i^2 / D, so the row's dh goes to
+    dh [M, D] and (alpha_i, c_i, e_i) to coef [M, 3, COEF_PAD] float32 (COEF_PAD >= n_src), program 0 writes u
+    [D] float32, and ``deferred_grad_kernel`` later adds the sum over a group of readers of the same sources into
+    gstore in one pass: a group of K readers then reads and writes each stored gradient once, not K times.
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -264,7 +270,8 @@ def depth_attn_bwd_kernel(
                 store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
             )
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
-            g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
+            if not DEFER:
+                g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
             if HAS_PARTIAL:
                 v_u, v_v = _sum_pair(v * u[None, :], v * v, 1)
                 r = tl.where(is_partial, 1.0 / tl.sqrt(v_v / D + eps), r)
@@ -297,7 +304,15 @@ def depth_attn_bwd_kernel(
             v_dh = tl.sum(v * dh[None, :], axis=1)
             dh_h = tl.sum(dh * h, axis=0)
             dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, v_dh, dh_h, D)
-            tl.store(gstore_ptr + g_offs, (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty), mask=g_mask)
+            if DEFER:
+                tl.store(dh_ptr + row * D + cols, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+                c_offs = row * 3 * COEF_PAD + tl.arange(0, SRC_TILE)
+                tl.store(coef_ptr + c_offs, alpha, mask=stored)
+                tl.store(coef_ptr + c_offs + COEF_PAD, ds_r, mask=stored)
+                tl.store(coef_ptr + c_offs + 2 * COEF_PAD, ds_r * s * r / D, mask=stored)
+            else:
+                g_new = (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty)
+                tl.store(gstore_ptr + g_offs, g_new, mask=g_mask)
             du += tl.sum(ds_r[:, None] * v, axis=0)
             dvp = tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
         else:
@@ -318,6 +333,40 @@ def depth_attn_bwd_kernel(
     tl.store(du_ptr + pid * D + cols, du, mask=mask)
     if HAS_NORM:
         tl.store(dwn_ptr + pid * D + cols, dwn, mask=mask)
+    if DEFER:
+        if pid == 0:
+            tl.store(u_ptr + cols, u, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_src", "M"])
+def deferred_grad_kernel(
+    store_ptr, gstore_ptr, dh_ptr, coef_ptr, u_ptr, n_src, M, D,
+    K: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The stored sources' gradients from K readers of the same n_src sources (``depth_attn_bwd_kernel`` with
+    DEFER), one row per program: gstore[i] += sum_k (alpha_ki dh_k + c_ki u_k) - (sum_k e_ki) v_i for i < n_src,
+    from dh [K, M, D], coef [K, M, 3, N_PAD] float32 and u [K, D] float32. The sum over readers stays in float32
+    registers ([N_PAD, BLOCK_D]) and each gradient row is read and written once."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    src = tl.arange(0, N_PAD)
+    stored = src < n_src
+    acc = tl.zeros((N_PAD, BLOCK_D), tl.float32)
+    e = tl.zeros((N_PAD,), tl.float32)
+    for k in tl.static_range(K):  # unrolled: every reader's loads can be in flight together
+        dh = tl.load(dh_ptr + (k * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + k * D + cols, mask=mask, other=0.0)
+        c_offs = (k * M + row) * 3 * N_PAD + src
+        alpha = tl.load(coef_ptr + c_offs, mask=stored, other=0.0)
+        c = tl.load(coef_ptr + c_offs + N_PAD, mask=stored, other=0.0)
+        e += tl.load(coef_ptr + c_offs + 2 * N_PAD, mask=stored, other=0.0)
+        acc += alpha[:, None] * dh[None, :] + c[:, None] * u[None, :]
+    offs = (src.to(tl.int64)[:, None] * M + row) * D + cols[None, :]
+    smask = stored[:, None] & mask[None, :]
+    v = tl.load(store_ptr + offs, mask=smask, other=0.0).to(tl.float32)
+    g = tl.load(gstore_ptr + offs, mask=smask, other=0.0).to(tl.float32)
+    tl.store(gstore_ptr + offs, (g + acc - e[:, None] * v).to(gstore_ptr.dtype.element_ty), mask=smask)
 
 
 @triton.jit(do_not_specialize=["P"])

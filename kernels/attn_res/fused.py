@@ -73,11 +73,66 @@ FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this)
 BWD_ELEMENTS_PER_THREAD = 16
 BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient partials) per SM
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
+# Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
+# one ``deferred_grad_kernel`` pass (0: every reader adds into the stored gradients itself). 8: a block of the dense
+# ~1B model.
+DEFER_READERS = 8
+DEFER_ELEMENTS_PER_THREAD = 64  # of the deferred pass's [N_PAD, padded D] float32 sum: warps = its size / (32 * this)
 
 
 def _warps(width: int, elements_per_thread: int) -> int:
     """Warps for a row of ``width`` (padded D) at ``elements_per_thread`` of it per thread, 1 to 16."""
     return max(1, min(16, width // (32 * elements_per_thread)))
+
+
+def _defers(n: int, readers: int) -> bool:
+    """Whether ``readers`` backward passes over the same ``n`` stored sources should defer their gradients into them
+    (``DeferredGrads``), by the [M, D] rows each moves: K = min(readers, DEFER_READERS) readers adding into the
+    stored gradients themselves read and write 2 n K rows; deferred, each writes its dh and one pass reads them
+    back, with the sources and their gradients once: 2 K + 3 n."""
+    k = min(readers, DEFER_READERS)
+    return 2 * n * k > 2 * k + 3 * n
+
+
+class DeferredGrads:
+    """Backward state of the readers of the first ``n`` stored sources (a block's sublayers) whose gradients into
+    those sources one ``deferred_grad_kernel`` pass adds into ``storage.grad``, instead of each reader reading and
+    writing every stored gradient row (``depth_attn_bwd_kernel``'s DEFER).
+
+    Attributes:
+        dh: [capacity, M, D] each reader's gradient of its h, in the store's dtype.
+        coef: [capacity, M, 3, pad] float32 each reader's (alpha_i, c_i, e_i) per stored source i (pad >= n).
+        u: [capacity, D] float32 each reader's pseudo-query times gain.
+        count: readers taken since the last pass.
+    """
+
+    def __init__(self, storage: SourceStorage, n: int, capacity: int) -> None:
+        m, d = storage.store.shape[1:]
+        dev = storage.store.device
+        self.storage, self.n, self.pad, self.count = storage, n, next_power_of_2(n), 0
+        self.dh = torch.empty((capacity, m, d), dtype=storage.store.dtype, device=dev)
+        self.coef = torch.empty((capacity, m, 3, self.pad), dtype=torch.float32, device=dev)
+        self.u = torch.empty((capacity, d), dtype=torch.float32, device=dev)
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A reader's (dh [M, D], coef [M, 3, pad], u [D]) buffers; a full set of buffers is first summed."""
+        if self.count == len(self.dh):
+            self.flush()
+        k = self.count
+        self.count += 1
+        return self.dh[k], self.coef[k], self.u[k]
+
+    def flush(self) -> None:
+        """Add the readers taken so far into the stored sources' gradients (one launch)."""
+        if self.count == 0:
+            return
+        m, d = self.storage.store.shape[1:]
+        width = block_d(d)
+        _triton.deferred_grad_kernel[(m,)](
+            self.storage.store, self.storage.grad_buffer(), self.dh, self.coef, self.u, self.n, m, d,
+            K=self.count, N_PAD=self.pad, BLOCK_D=width, num_warps=_warps(width * self.pad, DEFER_ELEMENTS_PER_THREAD),
+        )  # fmt: skip
+        self.count = 0
 
 
 class SourceStorage:
@@ -87,6 +142,10 @@ class SourceStorage:
         store: [num_slots, M, D] completed sources (embedding, then one per finished block).
         rstd: [num_slots, M] float32 cached rsqrt(mean(v^2) + eps) of each stored source.
         grad: [num_slots, M, D] gradient accumulators, allocated by the first backward that needs them.
+        readers: per number of stored sources n, the pseudo-queries (by address) that read exactly those n in a
+            forward: how many readers a backward over them can defer (a set, so that the forward a gradient
+            checkpoint runs again counts no reader twice).
+        deferred: per n, the ``DeferredGrads`` of the readers of those n sources not yet added into ``grad``.
     """
 
     def __init__(self, num_slots: int, like: torch.Tensor, eps: float) -> None:
@@ -97,11 +156,30 @@ class SourceStorage:
         self.store = torch.empty((num_slots, m, d), dtype=like.dtype, device=like.device)
         self.rstd = torch.empty((num_slots, m), dtype=torch.float32, device=like.device)
         self.grad: torch.Tensor | None = None
+        self.readers: dict[int, set[int]] = {}
+        self.deferred: dict[int, DeferredGrads] = {}
 
     def grad_buffer(self) -> torch.Tensor:
         if self.grad is None:
             self.grad = torch.zeros_like(self.store)
         return self.grad
+
+    def deferral(self, n: int) -> DeferredGrads | None:
+        """The ``DeferredGrads`` a backward over the first ``n`` stored sources adds into, or None when its readers
+        are too few for deferring to move fewer bytes (``_defers``)."""
+        if n in self.deferred:
+            return self.deferred[n]
+        readers = len(self.readers.get(n, ()))
+        if DEFER_READERS == 0 or not _defers(n, readers):
+            return None
+        self.deferred[n] = DeferredGrads(self, n, min(readers, DEFER_READERS))
+        return self.deferred[n]
+
+    def settle(self, slot: int) -> None:
+        """Add every deferred gradient into stored source ``slot`` (from the readers of more than ``slot`` sources)
+        and free those readers' buffers: called before the slot's gradient is handed on."""
+        for n in [n for n in self.deferred if n > slot]:
+            self.deferred.pop(n).flush()
 
 
 def store_source_fwd(storage: SourceStorage, slot: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -171,8 +249,11 @@ def depth_attn_bwd(
     dout: torch.Tensor,
     lse: torch.Tensor,
     h_rstd: torch.Tensor | None,
+    defer: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Accumulate the stored sources' gradients into ``storage.grad``; two launches in all.
+    """Accumulate the stored sources' gradients into ``storage.grad``, or with ``defer`` hand them to the readers'
+    ``storage.deferral(n)`` where there is one (a row on one tile only); two launches in all (three when that
+    fills the deferral's buffers).
 
     Returns (dpartial [M, D] or None, dquery [D], dgain [D], dnorm_weight [D] or None), each in its input's dtype.
     """
@@ -186,15 +267,22 @@ def depth_attn_bwd(
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
-    gstore = storage.grad_buffer()
     src_tile, one_tile, warps = backward_tile(n + (partial is not None), block_d(d))
+    deferral = storage.deferral(n) if defer and one_tile and n > 0 else None
+    if deferral is not None:
+        dh, coef, u = deferral.take()
+        gstore = storage.store  # not written
+    else:
+        gstore = storage.grad_buffer()
+        dh, coef, u = dout, du_part, du_part  # not written
     _triton.depth_attn_bwd_kernel[(grid,)](
         storage.store, storage.rstd, partial if partial is not None else dout, query, gain,
         norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
-        dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
+        dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part, dh, coef, u,
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
-        SRC_TILE=src_tile, ONE_TILE=one_tile, num_warps=warps,
+        SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
+        COEF_PAD=deferral.pad if deferral is not None else 1, num_warps=warps,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
@@ -231,6 +319,7 @@ class StoreSourceFunction(torch.autograd.Function):
                 "readers' gradients once per forward): backward one loss over all its readers, or use backend='torch'"
             )
         ctx.used = True
+        ctx.storage.settle(ctx.slot)
         grad = ctx.storage.grad
         g = grad[ctx.slot].view(ctx.storage.shape) if grad is not None else None
         if grad_handle is not None:
@@ -257,6 +346,8 @@ class DepthAttentionFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.set_materialize_grads(False)
         m, d = storage.store.shape[1:]
+        if n > 0:
+            storage.readers.setdefault(n, set()).add(query.data_ptr())
         query, gain = query.contiguous(), gain.contiguous()
         part2 = partial.reshape(m, d).contiguous() if partial is not None else None
         wn = norm_weight.contiguous() if norm_weight is not None else None
@@ -274,6 +365,11 @@ class DepthAttentionFunction(torch.autograd.Function):
         storage = ctx.storage
         m, d = storage.store.shape[1:]
         dout2 = dout.reshape(m, d).to(storage.store.dtype).contiguous()
-        dpart, dquery, dgain, dnorm = depth_attn_bwd(storage, ctx.n, part2, query, gain, wn, dout2, lse, h_rstd)
+        # the stored sources' gradients may wait for the other readers of the same sources (``DeferredGrads``)
+        # unless no source needs one
+        defer = any(ctx.needs_input_grad[7:])
+        dpart, dquery, dgain, dnorm = depth_attn_bwd(
+            storage, ctx.n, part2, query, gain, wn, dout2, lse, h_rstd, defer
+        )
         dpartial = dpart.view(storage.shape) if dpart is not None else None
         return (None, None, dquery, dgain, dpartial, dnorm, None) + (None,) * ctx.n

@@ -4,7 +4,8 @@ Every kernel of ``kimi_hf.kernels.attn_res._triton`` is compiled for sm_90 with 
 picks at hidden size D (default 2048, the ~1B models'; bf16 activations, float32 statistics), in the variants the
 models launch: with and without the partial sum, the fused PreNorm and the fused addition; phase 1 with its
 sources in one register tile and without; the backward on one tile of a few sources, on one wider tile
-(``fused.BWD_ONE_TILE_SOURCES``) and on two passes. It shows what Triton's interpreter cannot: a kernel that does
+(``fused.BWD_ONE_TILE_SOURCES``) and on two passes, and with its stored sources' gradients deferred
+(``fused.DeferredGrads``). It shows what Triton's interpreter cannot: a kernel that does
 not compile for the GPU (a session-11 edit of phase 1 compiled under the interpreter and failed on the H200) and
 one that spills. The compile step is ``kda_registers.py``'s.
 
@@ -23,7 +24,7 @@ from kda_registers import default_ptxas, report, signature  # noqa: E402
 
 from kimi_hf.kernels.attn_res import _triton, fused, norm, two_phase  # noqa: E402
 
-_FP32_POINTERS = {"rstd_ptr", "lse_ptr", "hrstd_ptr", "du_ptr", "dwn_ptr", "dw_ptr"}
+_FP32_POINTERS = {"rstd_ptr", "lse_ptr", "hrstd_ptr", "du_ptr", "dwn_ptr", "dw_ptr", "coef_ptr", "u_ptr"}
 _INTS = ("n_src", "M", "D", "n_prev", "n_q", "per_program", "rows_per_program", "P")
 _SCALARS = {name: "i32" for name in _INTS} | {"eps": "fp32", "norm_eps": "fp32"}
 # Sources of the dense ~1B Block model at its last boundary (embedding + 4 blocks), and of a 32-sublayer Full one.
@@ -43,12 +44,18 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
                         dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=fused.FWD_SOURCE_TILE),
                         fwd_warps))  # fmt: skip
         # as backward_tile picks them for rows of a few sources, of up to BWD_ONE_TILE_SOURCES, and of more
+        # (deferring the stored sources' gradients on one tile, as a block of the dense model's sublayers does)
         for n_all in (fused.BWD_SOURCE_TILE, fused.BWD_ONE_TILE_SOURCES, fused.BWD_ONE_TILE_SOURCES + 1):
             src_tile, one_tile, bwd_warps = fused.backward_tile(n_all, width)
-            configs.append((_triton.depth_attn_bwd_kernel,
-                            dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
-                                 ONE_TILE=one_tile),
-                            bwd_warps))  # fmt: skip
+            for defer in (False, True) if one_tile else (False,):
+                configs.append((_triton.depth_attn_bwd_kernel,
+                                dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
+                                     ONE_TILE=one_tile, DEFER=defer,
+                                     COEF_PAD=triton.next_power_of_2(n_all - partial) if defer else 1),
+                                bwd_warps))  # fmt: skip
+    for n_pad in (2, 4, 8):  # the deferred pass over a block's 8 readers, at the dense model's source counts
+        configs.append((_triton.deferred_grad_kernel, dict(K=fused.DEFER_READERS, N_PAD=n_pad, BLOCK_D=width),
+                        fused._warps(width * n_pad, fused.DEFER_ELEMENTS_PER_THREAD)))  # fmt: skip
     configs.append((_triton.param_grad_kernel, dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=128), 4))
     # N_PAD 2, 4 and 8: the Block model's boundaries (v_0 alone: no out; query 0's output kept only as its PreNorm),
     # at decode (a program per row and query) and in prefill (rows in groups, over stored sources)
