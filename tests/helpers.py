@@ -4,11 +4,11 @@ the repository root must not be on it, or its `kernels/` folder would shadow Hug
 import torch
 
 
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "tensor") -> None:
-    """Assert ``||actual - expected|| <= rtol * ||expected||`` (Frobenius norms, in float64).
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor") -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius norms, in float64).
 
-    NaN or inf in either tensor always fails: a relative error computed from NaN compares False,
-    and we check finiteness explicitly so that it cannot pass by accident.
+    NaN or inf in either tensor, or a shape mismatch, raises AssertionError: a relative error computed from NaN
+    compares False, and we check finiteness explicitly so that it cannot pass by accident.
     """
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
@@ -17,11 +17,15 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
         raise AssertionError(f"{name}: result has NaN/inf")
     if not torch.isfinite(e).all():
         raise AssertionError(f"{name}: reference has NaN/inf")
-    err = (a - e).norm().item()
-    ref = e.norm().item()
-    rel = err / max(ref, 1e-30)
+    return (a - e).norm().item() / max(e.norm().item(), 1e-30)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "tensor") -> None:
+    """Assert ``||actual - expected|| <= rtol * ||expected||`` (``relative_error``; NaN or inf always fails)."""
+    rel = relative_error(actual, expected, name)
     if not rel <= rtol:
-        raise AssertionError(f"{name}: relative error {rel:.3e} > {rtol:.1e} (abs {err:.3e}, ref norm {ref:.3e})")
+        ref = expected.detach().double().norm().item()
+        raise AssertionError(f"{name}: relative error {rel:.3e} > {rtol:.1e} (abs {rel * ref:.3e}, ref norm {ref:.3e})")
 
 
 def tiny_kimi_linear_config(**overrides):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close_rel
+from helpers import assert_close_rel, relative_error
 
 from kimi_hf.kernels.attn_res import (
     add_prenorm,
@@ -528,14 +528,23 @@ def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_deferred_source_gradients_bf16():
-    """Eight readers of 3 stored sources (514 rows, D 2048) deferring their gradients into them, in bf16 against the
-    torch backend in float32."""
+def test_gpu_deferred_source_gradients_bf16(monkeypatch):
+    """Eight readers of 3 stored sources (514 rows, D 2048) in bf16 against the torch backend in float64: deferring
+    their gradients into the sources (one float32 sum of the eight) is at least as accurate as each reader adding
+    into them (eight bf16 roundings of the running sum), and within 3e-2 (the sum over readers cancels, session 28:
+    up to 2.0e-2)."""
+    from kimi_hf.kernels.attn_res import fused
+
     shape = (2, 257, 2048)
-    actual = _readers_graph("triton", 8, shape, torch.bfloat16, "cuda")
-    expected = _readers_graph("torch", 8, shape, torch.float32, "cuda", rounded=torch.bfloat16)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert_close_rel(a, e, 2e-2, f"output or gradient {i}")
+    expected = _readers_graph("torch", 8, shape, torch.float64, "cuda", rounded=torch.bfloat16)
+    errors = {}
+    for readers in (0, 8):
+        monkeypatch.setattr(fused, "DEFER_READERS", readers)
+        actual = _readers_graph("triton", 8, shape, torch.bfloat16, "cuda")
+        pairs = [(a, e) for a, e in zip(actual, expected) if e.any()]  # (the first reader's partial is unused)
+        errors[readers] = [relative_error(a, e, f"tensor {i}") for i, (a, e) in enumerate(pairs)]
+    for i, (direct, deferred) in enumerate(zip(errors[0], errors[8])):
+        assert deferred <= max(1.25 * direct, 5e-3) and deferred < 3e-2, (i, direct, deferred)
 
 
 @pytest.mark.gpu
