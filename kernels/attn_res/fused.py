@@ -71,13 +71,20 @@ BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in r
 BWD_ONE_TILE_SOURCES = 8
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_ELEMENTS_PER_THREAD = 16
-BWD_PROGRAMS_PER_SM = 4  # backward programs (and rows of the parameter-gradient partials) per SM
+# Backward programs (and rows of the parameter-gradient partials) per SM. Session 28 (H100, dense ~1B Block training
+# step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
+# reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
+BWD_PROGRAMS_PER_SM = 2
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 # Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
 # one ``deferred_grad_kernel`` pass (0: every reader adds into the stored gradients itself). 8: a block of the dense
-# ~1B model.
+# ~1B model. Session 28 (H100, training step's kernels, 4 backward programs per SM): dense Block 9.01 ms against
+# 9.12 without (the backward 6.24 -> 5.45 ms, the deferred passes 0.69), Kimi Linear 4.72 against 4.63 (its blocks
+# of 4 readers move about as many bytes either way).
 DEFER_READERS = 8
-DEFER_ELEMENTS_PER_THREAD = 64  # of the deferred pass's [N_PAD, padded D] float32 sum: warps = its size / (32 * this)
+# Of the deferred pass's [N_PAD, padded D] float32 sum per thread: warps = its size / (32 * this). Session 28 (H100,
+# dense step): 64 0.69 ms, 32 0.83, 128 1.24.
+DEFER_ELEMENTS_PER_THREAD = 64
 
 
 def _warps(width: int, elements_per_thread: int) -> int:
