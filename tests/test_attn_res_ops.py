@@ -89,18 +89,23 @@ def test_triton_backward_matches_torch(with_norm):
 
 
 @pytest.mark.parametrize(
-    "fwd_tile,bwd_tile,one_tile_sources,n_blocks",
-    [(8, 8, 8, 9), (4, 2, 2, 9), (1, 16, 16, 9), (1, 4, 8, 6), (1, 4, 8, 9)],
+    "fwd_tile,bwd_tile,one_tile_sources,n_blocks,fwd_one_tile_sources",
+    [(8, 8, 8, 9, 0), (4, 2, 2, 9, 0), (1, 16, 16, 9, 16), (1, 4, 8, 6, 8), (1, 4, 8, 9, 8), (1, 4, 8, 2, 4)],
 )
-def test_triton_many_sources_matches_reference(fwd_tile, bwd_tile, one_tile_sources, n_blocks, monkeypatch):
+def test_triton_many_sources_matches_reference(
+    fwd_tile, bwd_tile, one_tile_sources, n_blocks, fwd_one_tile_sources, monkeypatch
+):
     """Stored sources and the partial sum, in source tiles of each size: online softmax across tiles (the partial in
     the last one), the backward's two passes over tiles, its one-tile path (bwd tile 16), and its one-tile path on a
-    wider tile than ``BWD_SOURCE_TILE`` (6 stored + the partial in a tile of 8; 10 sources stay on two passes)."""
+    wider tile than ``BWD_SOURCE_TILE`` (6 stored + the partial in a tile of 8; 10 sources stay on two passes). The
+    forward's one-tile path likewise (``FWD_ONE_TILE_SOURCES``: 10 sources in a tile of 16, 7 in one of 8, 3 in
+    one of 4; 10 sources above 8 on the online softmax)."""
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "FWD_SOURCE_TILE", fwd_tile)
     monkeypatch.setattr(fused, "BWD_SOURCE_TILE", bwd_tile)
     monkeypatch.setattr(fused, "BWD_ONE_TILE_SOURCES", one_tile_sources)
+    monkeypatch.setattr(fused, "FWD_ONE_TILE_SOURCES", fwd_one_tile_sources)
     blocks, partial, query, gain = _inputs(n_blocks, shape=(1, 2, 24))
     norm_w = 1 + 0.2 * torch.randn_like(query)
     leaves = [t.double().requires_grad_() for t in (*blocks, partial, query, gain, norm_w)]
@@ -502,10 +507,12 @@ def test_gpu_prenorm_matches_reference(dtype, weight_dtype, d):
 @pytest.mark.parametrize("one_tile_sources", [4, 8])
 def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
     """bf16 against float32; the rows of 4 stored sources and the partial on the backward's two passes
-    (``fused.BWD_ONE_TILE_SOURCES`` 4) and on one tile of 8 (8)."""
+    (``fused.BWD_ONE_TILE_SOURCES`` 4) and on one tile of 8 (8), and so in the forward (``FWD_ONE_TILE_SOURCES``;
+    with 1 stored source, one tile of 2 either way)."""
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "BWD_ONE_TILE_SOURCES", one_tile_sources)
+    monkeypatch.setattr(fused, "FWD_ONE_TILE_SOURCES", one_tile_sources)
     blocks, partial, query, gain = _inputs(n_blocks, shape=(2, 257, d), dtype=torch.bfloat16, device="cuda")
     leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain)]
     *srcs, q, g = leaves

@@ -152,15 +152,46 @@ def _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE: tl.constexpr):
     return offs, stored[:, None] & mask[None, :]
 
 
+@triton.jit
+def _row_tile(store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL: tl.constexpr,
+              SRC_TILE: tl.constexpr):  # fmt: skip
+    """A row whose sources (n_src stored + the partial sum) fit one [SRC_TILE, BLOCK_D] tile, every load in flight
+    together: ``_source_tile`` with the partial sum's raw row, its rstd left to ``_tile_softmax`` (so that the loads
+    need not wait for a reduction). Returns (tile, rstd of the stored rows, stored, is_partial)."""
+    vp = cols.to(tl.float32)  # a placeholder without a partial sum (``_source_tile`` then ignores it)
+    if HAS_PARTIAL:
+        vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    return _source_tile(store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE)
+
+
+@triton.jit
+def _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL: tl.constexpr):
+    """The softmax over a ``_row_tile``: the partial's rstd comes from the scores' reduction, two sums per source
+    (v . u, v . v) in one round; each round of a row's chain (warp shuffles, block barriers) is latency its program
+    cannot hide. Returns (rstd with the partial's, scores s, p = exp(s - max) (zero on padding rows), max, sum(p))."""
+    if HAS_PARTIAL:
+        v_u, v_v = _sum_pair(v * u[None, :], v * v, 1)
+        r = tl.where(is_partial, 1.0 / tl.sqrt(v_v / D + eps), r)
+    else:
+        v_u = tl.sum(v * u[None, :], axis=1)
+    s = r * v_u
+    valid = stored | is_partial
+    m = tl.max(tl.where(valid, s, float("-inf")), axis=0)
+    p = tl.where(valid, tl.exp(s - m), 0.0)
+    return r, s, p, m, tl.sum(p, axis=0)
+
+
 @triton.jit(do_not_specialize=["n_src", "M"])
 def depth_attn_fwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
     n_src, M, D, eps, norm_eps,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):  # fmt: skip
     """h[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum), online softmax over tiles of
     SRC_TILE sources (a tile's loads are issued together, with one cross-warp reduction per tile; which tile is
-    fastest is measured, not assumed: ``fused.FWD_SOURCE_TILE``).
+    fastest is measured, not assumed: ``fused.FWD_SOURCE_TILE``). ONE_TILE (every source and the partial fit one
+    tile of SRC_TILE): ``_row_tile`` and ``_tile_softmax``, the partial's rstd joined to the scores' reduction.
 
     With HAS_NORM the sublayer's PreNorm is fused: out = wn * (h * rsqrt(mean(h^2) + norm_eps)) (rounded to the
     output dtype before the gain, as transformers' RMSNorm does) and h itself is never written.
@@ -171,24 +202,31 @@ def depth_attn_fwd_kernel(
     u = _query_key(q_ptr, g_ptr, cols, mask)
     if HAS_NORM:  # with the inputs, in its own dtype until used (96 registers at D 2048, 4 warps; 90 before)
         wn = tl.load(wn_ptr + cols, mask=mask, other=0.0)
-    vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
-    n_all = n_src
-    if HAS_PARTIAL:
-        n_all = n_src + 1
-    m = tl.full((), float("-inf"), tl.float32)
-    denom = tl.full((), 0.0, tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for s0 in range(0, n_all, SRC_TILE):
-        v, r, stored, is_partial = _source_tile(
-            store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+    if ONE_TILE:
+        v, r, stored, is_partial = _row_tile(
+            store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
         )
-        s = tl.where(stored | is_partial, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))  # finite: every tile holds a source
-        p = tl.exp(s - m_new)
-        scale = tl.exp(m - m_new)
-        denom = denom * scale + tl.sum(p, axis=0)
-        acc = acc * scale + tl.sum(p[:, None] * v, axis=0)
-        m = m_new
+        _, _, p, m, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL)
+        acc = tl.sum(p[:, None] * v, axis=0)
+    else:
+        vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
+        n_all = n_src
+        if HAS_PARTIAL:
+            n_all = n_src + 1
+        m = tl.full((), float("-inf"), tl.float32)
+        denom = tl.full((), 0.0, tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for s0 in range(0, n_all, SRC_TILE):
+            v, r, stored, is_partial = _source_tile(
+                store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+            )
+            s = tl.where(stored | is_partial, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))  # finite: every tile holds a source
+            p = tl.exp(s - m_new)
+            scale = tl.exp(m - m_new)
+            denom = denom * scale + tl.sum(p, axis=0)
+            acc = acc * scale + tl.sum(p[:, None] * v, axis=0)
+            m = m_new
     h = (acc / denom).to(out_ptr.dtype.element_ty)
     if HAS_NORM:
         h, hr = _prenorm_row(h, wn.to(tl.float32), D, norm_eps)
@@ -260,29 +298,17 @@ def depth_attn_bwd_kernel(
             hr = tl.load(hrstd_ptr + row)
         if ONE_TILE:
             # Every load of the row goes out before the first reduction (the sources with the partial sum's raw row,
-            # their gradient rows; the partial's rstd reduction came first, so they waited for it), and that rstd
-            # comes from the scores' reduction: two sums per source (v . u, v . v) in one round. Each round of a
-            # row's chain (warp shuffles, block barriers) is latency its program cannot hide: five rounds, now four.
-            vp = cols.to(tl.float32)  # a placeholder without a partial sum (``_source_tile`` then ignores it)
-            if HAS_PARTIAL:
-                vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-            v, r, stored, is_partial = _source_tile(
-                store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+            # their gradient rows), and the partial's rstd comes from the scores' reduction: four rounds, from five.
+            v, r, stored, is_partial = _row_tile(
+                store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
             )
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
             if not DEFER:
                 g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
-            if HAS_PARTIAL:
-                v_u, v_v = _sum_pair(v * u[None, :], v * v, 1)
-                r = tl.where(is_partial, 1.0 / tl.sqrt(v_v / D + eps), r)
-            else:
-                v_u = tl.sum(v * u[None, :], axis=1)
             # the softmax of the recomputed scores (the whole row is in the tile): its weights sum to one, where
             # exp(s - lse) with the forward's lse carried the two summations' difference into every gradient
-            s = r * v_u
-            valid = stored | is_partial
-            p = tl.where(valid, tl.exp(s - tl.max(tl.where(valid, s, float("-inf")), axis=0)), 0.0)
-            alpha = p / tl.sum(p, axis=0)
+            r, s, p, _, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL)
+            alpha = p / denom
             h = tl.sum(alpha[:, None] * v, axis=0)
         else:
             lse = tl.load(lse_ptr + row)

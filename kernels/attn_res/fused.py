@@ -61,6 +61,11 @@ def num_warps(d: int) -> int:
 # Sources (stored + the partial sum) whose loads a forward program issues together. Session 14: tiles of 8 sources
 # were 1.4-2.3x slower at 4 warps (the tile spills) and 4.4-7.7x at 16.
 FWD_SOURCE_TILE = 1
+# Rows of at most this many sources (stored + the partial sum; a power of two) take the forward's one-tile path
+# instead: every source loaded at once and scored in one reduction, the partial's rstd with them (what the backward
+# does, ``_row_tile``); 0: off. FWD_ONE_TILE_ELEMENTS of the tile per thread: warps = tile x padded D / (32 x this).
+FWD_ONE_TILE_SOURCES = 0
+FWD_ONE_TILE_ELEMENTS = 64
 BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in registers between the two passes
 # Rows with more sources than BWD_SOURCE_TILE and at most this many (a power of two) also take the one-tile backward,
 # on a tile of the next power of two with proportionally more warps, so that each thread holds as many elements as
@@ -219,15 +224,24 @@ def depth_attn_fwd(
     out = torch.empty((m, d), dtype=storage.store.dtype, device=dev)
     lse = torch.empty((m,), dtype=torch.float32, device=dev)
     h_rstd = torch.empty((m,), dtype=torch.float32, device=dev) if norm_weight is not None else None
+    src_tile, one_tile, warps = forward_tile(n + (partial is not None), block_d(d))
     _triton.depth_attn_fwd_kernel[(m,)](
         storage.store, storage.rstd, partial if partial is not None else out, query, gain,
         norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), SRC_TILE=FWD_SOURCE_TILE,
-        num_warps=_warps(block_d(d), FWD_ELEMENTS_PER_THREAD),
+        BLOCK_D=block_d(d), SRC_TILE=src_tile, ONE_TILE=one_tile, num_warps=warps,
     )  # fmt: skip
     return out, lse, h_rstd
+
+
+def forward_tile(n_all: int, width: int) -> tuple[int, bool, int]:
+    """(source tile, one tile, warps) of the forward for ``n_all`` sources (stored + the partial sum) of padded width
+    ``width``."""
+    wide = next_power_of_2(n_all)
+    if wide <= FWD_ONE_TILE_SOURCES:
+        return wide, True, _warps(width * wide, FWD_ONE_TILE_ELEMENTS)
+    return FWD_SOURCE_TILE, False, _warps(width, FWD_ELEMENTS_PER_THREAD)
 
 
 def backward_tile(n_all: int, width: int) -> tuple[int, bool, int]:

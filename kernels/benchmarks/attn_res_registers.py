@@ -35,14 +35,18 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
     """(kernel, constexprs, num_warps) as the launchers in ``fused.py``, ``two_phase.py`` and ``norm.py`` pick them
     for hidden size ``d``."""
     width, warps = fused.block_d(d), fused.num_warps(d)
-    fwd_warps = fused._warps(width, fused.FWD_ELEMENTS_PER_THREAD)
     rows, norm_width, norm_warps = norm._rows_and_warps(d)
     q_pad = triton.next_power_of_2(8)  # a block of 8 sublayers
     configs = [(_triton.store_source_kernel, dict(HAS_Y=True, BLOCK_D=width), warps)]
     for partial in (True, False):
-        configs.append((_triton.depth_attn_fwd_kernel,
-                        dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=fused.FWD_SOURCE_TILE),
-                        fwd_warps))  # fmt: skip
+        # the forward as forward_tile picks it for 4 sources, and on one tile of 2, 4 and 8 sources (as it picks them
+        # up to ``fused.FWD_ONE_TILE_SOURCES``)
+        one_tiles = [(wide, True, fused._warps(width * wide, fused.FWD_ONE_TILE_ELEMENTS)) for wide in (2, 4, 8)]
+        for src_tile, one_tile, fwd_warps in dict.fromkeys([fused.forward_tile(4, width), *one_tiles]):
+            configs.append((_triton.depth_attn_fwd_kernel,
+                            dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
+                                 ONE_TILE=one_tile),
+                            fwd_warps))  # fmt: skip
         # as backward_tile picks them for rows of a few sources, of up to BWD_ONE_TILE_SOURCES, and of more
         # (deferring the stored sources' gradients on one tile, as a block of the dense model's sublayers does)
         for n_all in (fused.BWD_SOURCE_TILE, fused.BWD_ONE_TILE_SOURCES, fused.BWD_ONE_TILE_SOURCES + 1):
