@@ -64,7 +64,9 @@ FWD_SOURCE_TILE = 1
 # Rows of at most this many sources (stored + the partial sum; a power of two) take the forward's one-tile path
 # instead: every source loaded at once and scored in one reduction, the partial's rstd with them (what the backward
 # does, ``_row_tile``); 0: off. FWD_ONE_TILE_ELEMENTS of the tile per thread: warps = tile x padded D / (32 x this).
-FWD_ONE_TILE_SOURCES = 0
+# Session 28 (H100, the forward's kernels per training step): dense Block 2.10 ms at 4 against 2.37 off, 2.77 at 8
+# (tiles of 8 at 8 warps; 2.65 at 4 warps, 3.78 at 16); Kimi Linear 1.04 against 1.15 off, 1.32 at 8.
+FWD_ONE_TILE_SOURCES = 4
 FWD_ONE_TILE_ELEMENTS = 64
 BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in registers between the two passes
 # Rows with more sources than BWD_SOURCE_TILE and at most this many (a power of two) also take the one-tile backward,
