@@ -132,6 +132,22 @@ def test_paired_attn_res_benchmark_runs_tiny():
     assert all(s["ratio_min"] <= s["ratio_median"] <= s["ratio_max"] and s["standard_us"] > 0 for s in summary)
 
 
+def test_paired_attn_res_kernel_split_takes_medians_over_repetitions():
+    """The per-kernel table: a kernel's median over the repetitions of one model, phase and residual, a repetition
+    whose profile lacks it counting 0."""
+    sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
+    try:
+        from bench_attn_res_paired import kernel_split
+    finally:
+        sys.path.pop(0)
+    row = dict(model="dense", phase="train", residual="block")
+    rows = [dict(row, kernels={"fwd": 3.0, "bwd": 9.0}), dict(row, kernels={"fwd": 1.0}),
+            dict(row, kernels={"fwd": 2.0, "bwd": 5.0}), dict(row, residual="standard", kernels={"norm": 4.0})]  # fmt: skip
+    assert [(k["residual"], k["kernel"], k["us"]) for k in kernel_split(rows)] == [
+        ("block", "bwd", 5.0), ("block", "fwd", 2.0), ("standard", "norm", 4.0)
+    ]
+
+
 def test_bandwidth_option_rejects_non_positive_values_and_the_floor_falls_back_off_the_gpu(capsys):
     """``--bandwidth-tbs`` (the benchmarks' byte floors): a value that is not positive is refused by name; without it
     the floors use the GPU's measured copy bandwidth, or on CPU (smoke runs) the H200's from REFERENCE.md."""

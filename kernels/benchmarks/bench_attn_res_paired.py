@@ -14,7 +14,8 @@ cached one-token decode step at B1 (after a ``--decode-prompt``-token prompt; Ki
 ``KimiLinearStaticCache``, i.e. CUDA-graph replays). Also the residual's own kernels, the Triton kernels of
 ``kimi_hf.kernels.attn_res`` (the standard's fused PreNorm and addition; Block's depth attention, phase 1 and 2,
 source stores and parameter reduction): their difference is the overhead of the residual itself, apart from any
-drift of the other kernels. The models, shapes and block sizes are ``bench_attn_res.py``'s.
+drift of the other kernels. A second table splits those kernels by name (median GPU time per call over the
+repetitions): where the overhead goes. The models, shapes and block sizes are ``bench_attn_res.py``'s.
 
   python kernels/benchmarks/bench_attn_res_paired.py                      # both models, 7 repetitions (GPU)
   python kernels/benchmarks/bench_attn_res_paired.py --model kimi_linear --reps 11 --phases decode
@@ -112,16 +113,19 @@ def measure_model(args: argparse.Namespace, model_name: str, device: torch.devic
             for residual in RESIDUALS if rep % 2 == 0 else RESIDUALS[::-1]:
                 fn = getattr(subjects[residual], phase)
                 calls = args.calls_per_phase[phase]  # after one untimed call: a warm step of this model, not the other
+                kernels = {}
                 if device.type == "cuda":
                     times = kernel_times_us(fn, calls)
-                    total, own = sum(times.values()), sum(t for name, t in times.items() if name in names)
+                    kernels = {name: t for name, t in times.items() if name in names}
+                    total, own = sum(times.values()), sum(kernels.values())
                     if own == 0:  # a renamed kernel would drop out of the residual's share: say so, keep the totals
                         print(f"WARNING: no kernel of {sorted(names)} in the {residual} model's {phase} profile; "
                               "its residual share is not measured", flush=True)  # fmt: skip
                         own = float("nan")
                 else:
                     total, own = wall_time_us(fn, calls), float("nan")
-                row = dict(model=model_name, phase=phase, rep=rep, residual=residual, total_us=total, own_us=own)
+                row = dict(model=model_name, phase=phase, rep=rep, residual=residual, total_us=total, own_us=own,
+                           kernels=kernels)  # fmt: skip
                 rows.append(row)
                 print(json.dumps(json_safe(row), allow_nan=False), flush=True)
     return rows
@@ -147,6 +151,18 @@ def summarise(rows: list[dict]) -> list[dict]:
             ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
             own_share_median=statistics.median(own) if own else float("nan"),
         ))  # fmt: skip
+    return out
+
+
+def kernel_split(rows: list[dict]) -> list[dict]:
+    """Per model, phase, residual and residual kernel: the median of its GPU time per call over the repetitions
+    (0 in a repetition whose profile lacks it). Empty off the GPU."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["phase"], r["residual"]) for r in rows):
+        reps = [r["kernels"] for r in rows if (r["model"], r["phase"], r["residual"]) == key]
+        for name in sorted({name for kernels in reps for name in kernels}):
+            median = statistics.median(kernels.get(name, 0.0) for kernels in reps)
+            out.append(dict(model=key[0], phase=key[1], residual=key[2], kernel=name, us=median))
     return out
 
 
@@ -212,9 +228,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = (f"{gpu}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}; {args.reps} repetitions, "
               f"{'GPU time (profiler)' if device.type == 'cuda' else 'wall time'} per call")  # fmt: skip
     print(markdown(summary, header), flush=True)
+    split = kernel_split(rows)
+    if split:
+        print("\n| model | phase | residual | kernel | GPU time per call (us), median |")
+        print("| --- | --- | --- | --- | ---: |")
+        for k in split:
+            print(f"| {k['model']} | {k['phase']} | {k['residual']} | {k['kernel']} | {k['us']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(json_safe(dict(args=vars(args), rows=rows, summary=summary)), f, indent=2, allow_nan=False)
+            record = dict(args=vars(args), rows=rows, summary=summary, kernels=split)
+            json.dump(json_safe(record), f, indent=2, allow_nan=False)
     return summary
 
 
