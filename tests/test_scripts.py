@@ -141,8 +141,12 @@ def test_paired_attn_res_kernel_split_takes_medians_over_repetitions():
     finally:
         sys.path.pop(0)
     row = dict(model="dense", phase="train", residual="block")
-    rows = [dict(row, kernels={"fwd": 3.0, "bwd": 9.0}), dict(row, kernels={"fwd": 1.0}),
-            dict(row, kernels={"fwd": 2.0, "bwd": 5.0}), dict(row, residual="standard", kernels={"norm": 4.0})]  # fmt: skip
+    rows = [
+        dict(row, kernels={"fwd": 3.0, "bwd": 9.0}),
+        dict(row, kernels={"fwd": 1.0}),
+        dict(row, kernels={"fwd": 2.0, "bwd": 5.0}),
+        dict(row, residual="standard", kernels={"norm": 4.0}),
+    ]
     assert [(k["residual"], k["kernel"], k["us"]) for k in kernel_split(rows)] == [
         ("block", "bwd", 5.0), ("block", "fwd", 2.0), ("standard", "norm", 4.0)
     ]
