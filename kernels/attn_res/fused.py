@@ -9,7 +9,10 @@ cost a [S_max, M, D] tensor per sublayer. Instead:
   later reader) and returns a handle that only carries the autograd edge.
 * ``DepthAttentionFunction`` reads the first ``n`` slots directly (handles are inputs only so that autograd
   runs their backward after every reader's) and ACCUMULATES the slot gradients into ``storage.grad``;
-  the slot's ``StoreSourceFunction.backward`` then hands the summed gradient to the producer.
+  the slot's ``StoreSourceFunction.backward`` then hands the summed gradient to the producer. The readers of the
+  same ``n`` slots (a block's sublayers) may instead leave their share in a ``DeferredGrads``, which adds the
+  sum of all of them in one pass when the first of those slots' ``StoreSourceFunction.backward`` runs
+  (``SourceStorage.settle``): autograd runs it only after every reader of the slot.
 
 The store is append-only and every slot is written exactly once per forward with deterministic values,
 so re-running a decoder layer under (non-reentrant) gradient checkpointing rewrites identical bytes and
@@ -272,11 +275,11 @@ def depth_attn_bwd(
     dout: torch.Tensor,
     lse: torch.Tensor,
     h_rstd: torch.Tensor | None,
-    defer: bool = True,
+    defer: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Accumulate the stored sources' gradients into ``storage.grad``, or with ``defer`` hand them to the readers'
-    ``storage.deferral(n)`` where there is one (a row on one tile only); two launches in all (three when that
-    fills the deferral's buffers).
+    ``storage.deferral(n)`` where there is one (a row on one tile only; the caller then has ``storage.settle`` run
+    before those gradients are read); two launches in all (three when that fills the deferral's buffers).
 
     Returns (dpartial [M, D] or None, dquery [D], dgain [D], dnorm_weight [D] or None), each in its input's dtype.
     """
