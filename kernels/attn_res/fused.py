@@ -247,7 +247,9 @@ def forward_tile(n_all: int, width: int) -> tuple[int, bool, int]:
     """(source tile, one tile, warps) of the forward for ``n_all`` sources (stored + the partial sum) of padded width
     ``width``."""
     wide = next_power_of_2(n_all)
-    if wide <= FWD_ONE_TILE_SOURCES:
+    # (and only while 16 warps hold the tile at FWD_ONE_TILE_ELEMENTS per thread: past that, at D 16384 say, each
+    # thread would hold more of it, untimed, where the online softmax's per-source rows were measured)
+    if wide <= FWD_ONE_TILE_SOURCES and width * wide <= 16 * 32 * FWD_ONE_TILE_ELEMENTS:
         return wide, True, _warps(width * wide, FWD_ONE_TILE_ELEMENTS)
     return FWD_SOURCE_TILE, False, _warps(width, FWD_ELEMENTS_PER_THREAD)
 
