@@ -164,7 +164,7 @@ def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, pre
     monkeypatch.setattr(fused, "BWD_PREFETCH", prefetch)
     flushed = []
     flush = fused.DeferredGrads.flush
-    monkeypatch.setattr(fused.DeferredGrads, "flush", lambda self: (flushed.append(self.count), flush(self)))
+    monkeypatch.setattr(fused.DeferredGrads, "flush", lambda self, s: (flushed.append(self.count), flush(self, s)))
     expected = _readers_graph("torch", 5)
     actual = _readers_graph("triton", 5)
     assert [k for k in flushed if k] == passes  # readers summed per deferred pass

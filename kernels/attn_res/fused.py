@@ -129,27 +129,29 @@ class DeferredGrads:
     def __init__(self, storage: SourceStorage, n: int, capacity: int) -> None:
         m, d = storage.store.shape[1:]
         dev = storage.store.device
-        self.storage, self.n, self.pad, self.count = storage, n, next_power_of_2(n), 0
+        # (the storage is passed to take/flush, not kept: it holds this object, and a cycle would keep its
+        # [num_slots, M, D] buffers alive until the garbage collector ran)
+        self.n, self.pad, self.count = n, next_power_of_2(n), 0
         self.dh = torch.empty((capacity, m, d), dtype=storage.store.dtype, device=dev)
         self.coef = torch.empty((capacity, m, 3, self.pad), dtype=torch.float32, device=dev)
         self.u = torch.empty((capacity, d), dtype=torch.float32, device=dev)
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def take(self, storage: SourceStorage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A reader's (dh [M, D], coef [M, 3, pad], u [D]) buffers; a full set of buffers is first summed."""
         if self.count == len(self.dh):
-            self.flush()
+            self.flush(storage)
         k = self.count
         self.count += 1
         return self.dh[k], self.coef[k], self.u[k]
 
-    def flush(self) -> None:
-        """Add the readers taken so far into the stored sources' gradients (one launch)."""
+    def flush(self, storage: SourceStorage) -> None:
+        """Add the readers taken so far into ``storage``'s stored sources' gradients (one launch)."""
         if self.count == 0:
             return
-        m, d = self.storage.store.shape[1:]
+        m, d = storage.store.shape[1:]
         width = block_d(d)
         _triton.deferred_grad_kernel[(m,)](
-            self.storage.store, self.storage.grad_buffer(), self.dh, self.coef, self.u, self.n, m, d,
+            storage.store, storage.grad_buffer(), self.dh, self.coef, self.u, self.n, m, d,
             K=self.count, N_PAD=self.pad, BLOCK_D=width, num_warps=_warps(width * self.pad, DEFER_ELEMENTS_PER_THREAD),
         )  # fmt: skip
         self.count = 0
@@ -190,7 +192,7 @@ class SourceStorage:
         if n in self.deferred:
             return self.deferred[n]
         readers = len(self.readers.get(n, ()))
-        if DEFER_READERS == 0 or not _defers(n, readers):
+        if not _defers(n, readers):  # (also with DEFER_READERS 0)
             return None
         self.deferred[n] = DeferredGrads(self, n, min(readers, DEFER_READERS))
         return self.deferred[n]
@@ -199,7 +201,7 @@ class SourceStorage:
         """Add every deferred gradient into stored source ``slot`` (from the readers of more than ``slot`` sources)
         and free those readers' buffers: called before the slot's gradient is handed on."""
         for n in [n for n in self.deferred if n > slot]:
-            self.deferred.pop(n).flush()
+            self.deferred.pop(n).flush(self)
 
 
 def store_source_fwd(storage: SourceStorage, slot: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -243,13 +245,14 @@ def depth_attn_fwd(
     return out, lse, h_rstd
 
 
-def forward_tile(n_all: int, width: int) -> tuple[int, bool, int]:
+def forward_tile(n_all: int, width: int, one_tile_sources: int | None = None) -> tuple[int, bool, int]:
     """(source tile, one tile, warps) of the forward for ``n_all`` sources (stored + the partial sum) of padded width
-    ``width``."""
+    ``width``, with rows of up to ``one_tile_sources`` (default ``FWD_ONE_TILE_SOURCES``) on one tile."""
     wide = next_power_of_2(n_all)
+    limit = FWD_ONE_TILE_SOURCES if one_tile_sources is None else one_tile_sources
     # (and only while 16 warps hold the tile at FWD_ONE_TILE_ELEMENTS per thread: past that, at D 16384 say, each
     # thread would hold more of it, untimed, where the online softmax's per-source rows were measured)
-    if wide <= FWD_ONE_TILE_SOURCES and width * wide <= 16 * 32 * FWD_ONE_TILE_ELEMENTS:
+    if wide <= limit and width * wide <= 16 * 32 * FWD_ONE_TILE_ELEMENTS:
         return wide, True, _warps(width * wide, FWD_ONE_TILE_ELEMENTS)
     return FWD_SOURCE_TILE, False, _warps(width, FWD_ELEMENTS_PER_THREAD)
 
@@ -299,9 +302,9 @@ def depth_attn_bwd(
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
     src_tile, one_tile, warps = backward_tile(n + (partial is not None), block_d(d))
-    deferral = storage.deferral(n) if defer and one_tile and n > 0 else None
+    deferral = storage.deferral(n) if defer and one_tile else None  # (none over 0 stored sources: no readers)
     if deferral is not None:
-        dh, coef, u = deferral.take()
+        dh, coef, u = deferral.take(storage)
         gstore = storage.store  # not written
     else:
         gstore = storage.grad_buffer()

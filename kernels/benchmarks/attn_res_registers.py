@@ -40,10 +40,10 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
     q_pad = triton.next_power_of_2(8)  # a block of 8 sublayers
     configs = [(_triton.store_source_kernel, dict(HAS_Y=True, BLOCK_D=width), warps)]
     for partial in (True, False):
-        # the forward as forward_tile picks it for 4 sources, and on one tile of 2, 4 and 8 sources (as it picks them
-        # up to ``fused.FWD_ONE_TILE_SOURCES``)
-        one_tiles = [(wide, True, fused._warps(width * wide, fused.FWD_ONE_TILE_ELEMENTS)) for wide in (2, 4, 8)]
-        for src_tile, one_tile, fwd_warps in dict.fromkeys([fused.forward_tile(4, width), *one_tiles]):
+        # the forward as forward_tile picks it for the dense model's rows of 5 sources (above FWD_ONE_TILE_SOURCES:
+        # the online softmax), and on one tile of 2, 4 and 8 sources
+        one_tiles = [fused.forward_tile(wide, width, one_tile_sources=8) for wide in (2, 4, 8)]
+        for src_tile, one_tile, fwd_warps in dict.fromkeys([fused.forward_tile(_BLOCK_SOURCES, width), *one_tiles]):
             configs.append((_triton.depth_attn_fwd_kernel,
                             dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
                                  ONE_TILE=one_tile),
