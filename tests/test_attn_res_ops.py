@@ -74,12 +74,8 @@ def _graph(backend: str, with_norm: bool):
     return [h1, h2] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_triton_backward_matches_torch(with_norm, prefetch, monkeypatch):
-    from kimi_hf.kernels.attn_res import fused
-
-    monkeypatch.setattr(fused, "BWD_PREFETCH", prefetch)
+def test_triton_backward_matches_torch(with_norm):
     torch.manual_seed(0)
     expected = _graph("torch", with_norm)
     torch.manual_seed(0)
@@ -152,16 +148,13 @@ def _readers_graph(backend: str, n_readers: int, shape=(2, 3, 48), dtype=torch.f
     return outs + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]  # (parts[0] unused)
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
 @pytest.mark.parametrize("defer_readers,passes", [(0, []), (3, [3, 2]), (8, [5])])
-def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, prefetch, monkeypatch):
+def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, monkeypatch):
     """Five readers of 3 stored sources: gradients added by each reader (0), deferred in passes of 3 readers (the
-    buffers fill once, then the rest is added when the stored sources' gradients are handed on) and of all 5; each
-    with the backward's loads one row ahead (``BWD_PREFETCH``: 6 rows in 4 programs of 2, the last one empty)."""
+    buffers fill once, then the rest is added when the stored sources' gradients are handed on) and of all 5."""
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "DEFER_READERS", defer_readers)
-    monkeypatch.setattr(fused, "BWD_PREFETCH", prefetch)
     flushed = []
     flush = fused.DeferredGrads.flush
     monkeypatch.setattr(fused.DeferredGrads, "flush", lambda self, s: (flushed.append(self.count), flush(self, s)))
@@ -542,16 +535,14 @@ def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_gpu_deferred_source_gradients_bf16(prefetch, monkeypatch):
+def test_gpu_deferred_source_gradients_bf16(monkeypatch):
     """Eight readers of 3 stored sources (514 rows, D 2048) in bf16 against the torch backend in float64: deferring
     their gradients into the sources (one float32 sum of the eight) is at least as accurate as each reader adding
     into them (eight bf16 roundings of the running sum). Both stay within 1e-1: at D 2048 these O(1) queries give
     scores of tens, whose softmax gradients cancel (session 28, H100: the last partial's gradient at 5.1e-2 on either
-    path). Also with the backward's loads one row ahead (``BWD_PREFETCH``)."""
+    path)."""
     from kimi_hf.kernels.attn_res import fused
 
-    monkeypatch.setattr(fused, "BWD_PREFETCH", prefetch)
     shape = (2, 257, 2048)
     expected = _readers_graph("torch", 8, shape, torch.float64, "cuda", rounded=torch.bfloat16)
     errors = {}

@@ -101,24 +101,20 @@ def _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL: tl.constexpr):
 
 
 @triton.jit
-def _stored_rows(store_ptr, rstd_ptr, s0, n_src, M, row, cols, mask, D, SRC_TILE: tl.constexpr):
-    """Stored sources s0 .. s0 + SRC_TILE - 1 of one row in the store's dtype, every row's load issued at once (one
-    memory latency per tile, not per source), rows from n_src on zeros: (tile [SRC_TILE, BLOCK_D], rstd [SRC_TILE])."""
+def _source_tile(
+    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D,
+    HAS_PARTIAL: tl.constexpr, SRC_TILE: tl.constexpr,
+):  # fmt: skip
+    """Sources s0 .. s0 + SRC_TILE - 1 of one row as a [SRC_TILE, BLOCK_D] float32 tile, every row's load issued at
+    once (one memory latency per tile, not per source). Source n_src is the partial sum (vp, rstd rp) with
+    HAS_PARTIAL; rows past it are zeros. Returns (tile, rstd [SRC_TILE], stored, is_partial): ``stored`` marks the
+    rows read from the store, ``is_partial`` the partial's row."""
     idx = s0 + tl.arange(0, SRC_TILE)
     stored = idx < n_src
     offs = (idx.to(tl.int64) * M + row) * D
     v = tl.load(store_ptr + offs[:, None] + cols[None, :], mask=stored[:, None] & mask[None, :], other=0.0)
-    return v, tl.load(rstd_ptr + idx.to(tl.int64) * M + row, mask=stored, other=0.0)
-
-
-@triton.jit
-def _add_partial(v, r, vp, rp, s0, n_src, HAS_PARTIAL: tl.constexpr, SRC_TILE: tl.constexpr):
-    """A ``_stored_rows`` tile in float32 with the partial sum (vp, rstd rp) as its source n_src (HAS_PARTIAL).
-    Returns (tile, rstd [SRC_TILE], stored, is_partial): ``stored`` marks the rows read from the store,
-    ``is_partial`` the partial's row."""
-    idx = s0 + tl.arange(0, SRC_TILE)
-    stored = idx < n_src
     v = v.to(tl.float32)
+    r = tl.load(rstd_ptr + idx.to(tl.int64) * M + row, mask=stored, other=0.0)
     is_partial = idx == n_src
     if HAS_PARTIAL:
         v = tl.where(is_partial[:, None], vp[None, :], v)
@@ -126,18 +122,6 @@ def _add_partial(v, r, vp, rp, s0, n_src, HAS_PARTIAL: tl.constexpr, SRC_TILE: t
     else:
         is_partial = is_partial & stored  # no partial row: all false
     return v, r, stored, is_partial
-
-
-@triton.jit
-def _source_tile(
-    store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D,
-    HAS_PARTIAL: tl.constexpr, SRC_TILE: tl.constexpr,
-):  # fmt: skip
-    """Sources s0 .. s0 + SRC_TILE - 1 of one row as a [SRC_TILE, BLOCK_D] float32 tile (``_stored_rows``, then
-    ``_add_partial``: source n_src is the partial sum with HAS_PARTIAL; rows past it are zeros). Returns (tile,
-    rstd [SRC_TILE], stored, is_partial)."""
-    v, r = _stored_rows(store_ptr, rstd_ptr, s0, n_src, M, row, cols, mask, D, SRC_TILE)
-    return _add_partial(v, r, vp, rp, s0, n_src, HAS_PARTIAL, SRC_TILE)
 
 
 @triton.jit
@@ -178,25 +162,6 @@ def _row_tile(store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_P
     if HAS_PARTIAL:
         vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     return _source_tile(store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE)
-
-
-@triton.jit
-def _row_loads(
-    store_ptr, rstd_ptr, part_ptr, dout_ptr, hrstd_ptr, n_src, M, row, live, cols, mask, D,
-    HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, SRC_TILE: tl.constexpr,
-):  # fmt: skip
-    """Every load of one backward row on one tile, in the tensors' own dtypes (nothing read unless ``live``): the
-    stored sources and their rstd (``_stored_rows``), the partial sum's row, dout's row and the PreNorm's rstd
-    (zeros in place of what the flags leave out). Returns (tile, rstd, partial row, dout row, PreNorm rstd)."""
-    rmask = cols < tl.where(live, D, 0)  # mask & live (which the interpreter cannot form from a scalar live)
-    v, r = _stored_rows(store_ptr, rstd_ptr, 0, tl.where(live, n_src, 0), M, row, cols, mask, D, SRC_TILE)
-    vp = tl.zeros(cols.shape, tl.float32)
-    if HAS_PARTIAL:
-        vp = tl.load(part_ptr + row * D + cols, mask=rmask, other=0.0)
-    hr = tl.full((), 0.0, tl.float32)
-    if HAS_NORM:  # (a row past the program's, when not live: one scalar, in bounds, unused)
-        hr = tl.load(hrstd_ptr + tl.minimum(row, M - 1))
-    return v, r, vp, tl.load(dout_ptr + row * D + cols, mask=rmask, other=0.0), hr
 
 
 @triton.jit
@@ -293,7 +258,7 @@ def depth_attn_bwd_kernel(
     dwn_ptr, dh_ptr, coef_ptr, u_ptr,
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
-    ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr, PREFETCH: tl.constexpr,
+    ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
     h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
@@ -313,9 +278,6 @@ def depth_attn_bwd_kernel(
     dh [M, D] and (alpha_i, c_i, e_i) to coef [M, 3, COEF_PAD] float32 (COEF_PAD >= n_src), program 0 writes u
     [D] float32, and ``deferred_grad_kernel`` later adds the sum over a group of readers of the same sources into
     gstore in one pass: a group of K readers then reads and writes each stored gradient once, not K times.
-
-    PREFETCH (needs ONE_TILE): a row's loads (``_row_loads``) are issued one row ahead, in the previous row's
-    iteration, and carried in registers, so that their latency runs under that row's chain of reductions.
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -330,32 +292,16 @@ def depth_attn_bwd_kernel(
         n_all = n_src + 1
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: S_max * M * D may exceed 2^31
     row_end = tl.minimum(row_start + rows_per_program, M)
-    if PREFETCH:
-        v_next, r_next, vp_next, dout_next, hr_next = _row_loads(
-            store_ptr, rstd_ptr, part_ptr, dout_ptr, hrstd_ptr, n_src, M, row_start, row_start < row_end, cols, mask,
-            D, HAS_PARTIAL, HAS_NORM, SRC_TILE,
-        )  # fmt: skip
     for row in range(row_start, row_end):
-        if PREFETCH:
-            v, r, vp, dout, hr = v_next, r_next, vp_next, dout_next, hr_next
-            v_next, r_next, vp_next, dout_next, hr_next = _row_loads(
-                store_ptr, rstd_ptr, part_ptr, dout_ptr, hrstd_ptr, n_src, M, row + 1, row + 1 < row_end, cols,
-                mask, D, HAS_PARTIAL, HAS_NORM, SRC_TILE,
-            )  # fmt: skip
-            dout = dout.to(tl.float32)
-            v, r, stored, is_partial = _add_partial(v, r, vp.to(tl.float32), 0.0, 0, n_src, HAS_PARTIAL, SRC_TILE)
-        else:
-            dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                hr = tl.load(hrstd_ptr + row)
-            if ONE_TILE:
-                # Every load of the row goes out before the first reduction (the sources with the partial sum's raw
-                # row, their gradient rows), and the partial's rstd comes from the scores' reduction: four rounds,
-                # from five.
-                v, r, stored, is_partial = _row_tile(
-                    store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
-                )
+        dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            hr = tl.load(hrstd_ptr + row)
         if ONE_TILE:
+            # Every load of the row goes out before the first reduction (the sources with the partial sum's raw row,
+            # their gradient rows), and the partial's rstd comes from the scores' reduction: four rounds, from five.
+            v, r, stored, is_partial = _row_tile(
+                store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+            )
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
             if not DEFER:
                 g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)

@@ -85,9 +85,6 @@ BWD_ELEMENTS_PER_THREAD = 16
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
 # reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
 BWD_PROGRAMS_PER_SM = 2
-# 1: the one-tile backward issues each row's loads one row ahead (``depth_attn_bwd_kernel``'s PREFETCH); 0: off.
-# Untimed (session 28: no device time was left).
-BWD_PREFETCH = 0
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 # Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
 # one ``deferred_grad_kernel`` pass (0: every reader adds into the stored gradients itself). 8: a block of the dense
@@ -316,7 +313,7 @@ def depth_attn_bwd(
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
-        COEF_PAD=deferral.pad if deferral is not None else 1, PREFETCH=one_tile and BWD_PREFETCH == 1, num_warps=warps,
+        COEF_PAD=deferral.pad if deferral is not None else 1, num_warps=warps,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None

@@ -4,11 +4,10 @@ Every kernel of ``kimi_hf.kernels.attn_res._triton`` is compiled for sm_90 with 
 picks at hidden size D (default 2048, the ~1B models'; bf16 activations, float32 statistics), in the variants the
 models launch: with and without the partial sum, the fused PreNorm and the fused addition; phase 1 with its
 sources in one register tile and without; the forward on one tile of 2, 4 and 8 sources; the backward on one tile
-of a few sources, on one wider tile (``fused.BWD_ONE_TILE_SOURCES``) and on two passes, with its stored sources'
-gradients deferred (``fused.DeferredGrads``, with the deferred pass), also with each row's loads one row ahead
-(``fused.BWD_PREFETCH``). It shows what Triton's interpreter cannot: a kernel that does not compile for the GPU (a
-session-11 edit of phase 1 compiled under the interpreter and failed on the H200) and one that spills. The compile
-step is ``kda_registers.py``'s.
+of a few sources, on one wider tile (``fused.BWD_ONE_TILE_SOURCES``) and on two passes, and with its stored sources'
+gradients deferred (``fused.DeferredGrads``, with the deferred pass). It shows what Triton's interpreter cannot: a
+kernel that does not compile for the GPU (a session-11 edit of phase 1 compiled under the interpreter and failed on
+the H200) and one that spills. The compile step is ``kda_registers.py``'s.
 
     python kernels/benchmarks/attn_res_registers.py [--hidden-size 2048] [--ptxas PATH]
 """
@@ -52,12 +51,11 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
         # (deferring the stored sources' gradients on one tile, as a block of the dense model's sublayers does)
         for n_all in (fused.BWD_SOURCE_TILE, fused.BWD_ONE_TILE_SOURCES, fused.BWD_ONE_TILE_SOURCES + 1):
             src_tile, one_tile, bwd_warps = fused.backward_tile(n_all, width)
-            for defer, prefetch in ((False, False), (True, False), (True, True)) if one_tile else ((False, False),):
+            for defer in (False, True) if one_tile else (False,):
                 configs.append((_triton.depth_attn_bwd_kernel,
                                 dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
                                      ONE_TILE=one_tile, DEFER=defer,
-                                     COEF_PAD=triton.next_power_of_2(n_all - partial) if defer else 1,
-                                     PREFETCH=prefetch),
+                                     COEF_PAD=triton.next_power_of_2(n_all - partial) if defer else 1),
                                 bwd_warps))  # fmt: skip
     for n_pad in (2, 4, 8):  # the deferred pass over a block's 8 readers, at the dense model's source counts
         configs.append((_triton.deferred_grad_kernel, dict(K=fused.DEFER_READERS, N_PAD=n_pad, BLOCK_D=width),
