@@ -85,16 +85,6 @@ BWD_ELEMENTS_PER_THREAD = 16
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
 # reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
 BWD_PROGRAMS_PER_SM = 2
-# Registers per thread the backward is compiled to (Triton's maxnreg); 0: the compiler's choice, about 255 at D 2048
-# on sm_90, where an SM's register file holds 2 programs of 4 warps (a tile of up to 4 sources) and 1 of 8 (8 sources),
-# and each program walks its rows one at a time: the rows in flight per SM, not the bytes, bound the backward. With a
-# cap the grid has as many programs per SM as the register file holds at it (BWD_PROGRAMS_PER_SM is then unused), and
-# what no longer fits spills to local memory, cached in L1. Session 29 (sm_90 compile, D 2048, partial + PreNorm,
-# deferred): 168 registers spill 196 B on a tile of 4 and 8 B on a tile of 8; 128 spill 596 B and 348 B.
-BWD_MAX_REGISTERS = 0
-# The same for the forward (one row per program: the grid is M either way). Session 29: 96 registers uncapped at 4
-# warps (5 programs per SM); 80 spill 16 B online and 44 B on a tile of 4.
-FWD_MAX_REGISTERS = 0
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 # Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
 # one ``deferred_grad_kernel`` pass (0: every reader adds into the stored gradients itself). 8: a block of the dense
@@ -247,7 +237,7 @@ def depth_attn_fwd(
         norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), SRC_TILE=src_tile, ONE_TILE=one_tile, num_warps=warps, **_register_cap(FWD_MAX_REGISTERS),
+        BLOCK_D=block_d(d), SRC_TILE=src_tile, ONE_TILE=one_tile, num_warps=warps,
     )  # fmt: skip
     return out, lse, h_rstd
 
@@ -273,21 +263,11 @@ def backward_tile(n_all: int, width: int) -> tuple[int, bool, int]:
     return BWD_SOURCE_TILE, n_all <= BWD_SOURCE_TILE, _warps(width, BWD_ELEMENTS_PER_THREAD)
 
 
-def _register_cap(cap: int) -> dict[str, int]:
-    """The launch option that compiles a kernel to at most ``cap`` registers per thread (none for 0)."""
-    return {"maxnreg": cap} if cap else {}
-
-
-def _backward_grid(m: int, device: torch.device, warps: int) -> int:
-    """Programs of the backward kernel at ``warps`` each: as many per SM as are resident together (BWD_PROGRAMS_PER_SM,
-    or what the register file holds at BWD_MAX_REGISTERS), few enough that the du partials stay small."""
-    if device.type != "cuda":
-        return min(m, 4)
-    props = torch.cuda.get_device_properties(device)
-    per_sm = BWD_PROGRAMS_PER_SM
-    if BWD_MAX_REGISTERS:
-        per_sm = max(1, props.regs_per_multiprocessor // (BWD_MAX_REGISTERS * 32 * warps))
-    return min(m, props.multi_processor_count * per_sm)
+def _backward_grid(m: int, device: torch.device) -> int:
+    """Programs of the backward kernel: enough to fill the GPU, few enough that the du partials stay small."""
+    if device.type == "cuda":
+        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * BWD_PROGRAMS_PER_SM)
+    return min(m, 4)
 
 
 def depth_attn_bwd(
@@ -313,12 +293,12 @@ def depth_attn_bwd(
         dnorm = torch.zeros_like(norm_weight) if norm_weight is not None else None
         dpart = torch.empty_like(partial) if partial is not None else None
         return dpart, torch.zeros_like(query), torch.zeros_like(gain), dnorm
-    src_tile, one_tile, warps = backward_tile(n + (partial is not None), block_d(d))
-    grid = _backward_grid(m, dout.device, warps)
+    grid = _backward_grid(m, dout.device)
     rows = cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
+    src_tile, one_tile, warps = backward_tile(n + (partial is not None), block_d(d))
     deferral = storage.deferral(n) if defer and one_tile else None  # (none over 0 stored sources: no readers)
     if deferral is not None:
         dh, coef, u = deferral.take(storage)
@@ -333,7 +313,7 @@ def depth_attn_bwd(
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
-        COEF_PAD=deferral.pad if deferral is not None else 1, num_warps=warps, **_register_cap(BWD_MAX_REGISTERS),
+        COEF_PAD=deferral.pad if deferral is not None else 1, num_warps=warps,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
