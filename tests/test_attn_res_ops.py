@@ -155,6 +155,7 @@ def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, mon
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "DEFER_READERS", defer_readers)
+    monkeypatch.setattr(fused, "DEFER_MIN_READERS", 1)
     flushed = []
     flush = fused.DeferredGrads.flush
     monkeypatch.setattr(fused.DeferredGrads, "flush", lambda self, s: (flushed.append(self.count), flush(self, s)))
@@ -165,13 +166,17 @@ def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, mon
         assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
 
 
-def test_deferral_follows_the_bytes_moved():
-    """Readers defer only when their group moves fewer [M, D] rows that way: 2 n K against 2 K + 3 n."""
-    from kimi_hf.kernels.attn_res.fused import _defers
+def test_deferral_follows_the_bytes_moved(monkeypatch):
+    """Readers defer only when their group is at least ``DEFER_MIN_READERS`` (6) and moves fewer [M, D] rows that
+    way: 2 n K against 2 K + 3 n."""
+    from kimi_hf.kernels.attn_res import fused
 
-    assert not _defers(1, 8)  # one source: 16 rows either way, plus 3 for the pass
-    assert _defers(2, 4) and not _defers(2, 3)  # 16 > 14; 12 = 12
-    assert _defers(4, 3) and not _defers(4, 2) and not _defers(5, 1)
+    assert fused._defers(2, 8) and fused._defers(4, 6)  # the dense ~1B model's blocks of 8 over 2 to 4 sources
+    assert not fused._defers(2, 4) and not fused._defers(4, 5)  # Kimi Linear's blocks of 4: too few readers
+    assert not fused._defers(1, 8)  # one source: 16 rows either way, plus 3 for the pass
+    monkeypatch.setattr(fused, "DEFER_MIN_READERS", 1)
+    assert fused._defers(2, 4) and not fused._defers(2, 3)  # 16 > 14; 12 = 12
+    assert fused._defers(4, 3) and not fused._defers(4, 2) and not fused._defers(5, 1)
 
 
 def test_triton_parameter_gradient_kernel_sums_many_tiles():

@@ -92,6 +92,13 @@ PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reductio
 # 9.12 without (the backward 6.24 -> 5.45 ms, the deferred passes 0.69), Kimi Linear 4.72 against 4.63 (its blocks
 # of 4 readers move about as many bytes either way).
 DEFER_READERS = 8
+# Fewer readers than this never defer, whatever the bytes: the per-reader backward is bound by each row's chain of
+# loads and reductions, so what a reader saves by deferring is less than its bytes say, and a deferred pass costs
+# more. Session 29 (H100, training step's kernels): Kimi Linear's blocks of 4 readers, the backward 3.09 ms direct
+# against 2.67 + 0.49 of deferred passes (paired, the whole step +2.90% against +3.03%); session 28, the dense
+# model's blocks of 8: 6.24 against 5.45 + 0.69. That is about 34 us saved per reader and 100 + 17 K us per pass of
+# K readers (M 8192, D 2048): deferring pays from about 6.
+DEFER_MIN_READERS = 6
 # Of the deferred pass's [N_PAD, padded D] float32 sum per thread: warps = its size / (32 * this). Session 28 (H100,
 # dense step): 64 0.69 ms, 32 0.83, 128 1.24.
 DEFER_ELEMENTS_PER_THREAD = 64
@@ -104,11 +111,11 @@ def _warps(width: int, elements_per_thread: int) -> int:
 
 def _defers(n: int, readers: int) -> bool:
     """Whether ``readers`` backward passes over the same ``n`` stored sources should defer their gradients into them
-    (``DeferredGrads``), by the [M, D] rows each moves: K = min(readers, DEFER_READERS) readers adding into the
-    stored gradients themselves read and write 2 n K rows; deferred, each writes its dh and one pass reads them
-    back, with the sources and their gradients once: 2 K + 3 n."""
+    (``DeferredGrads``): a pass sums K = min(readers, DEFER_READERS) of them, at least DEFER_MIN_READERS, and moves
+    fewer [M, D] rows: K readers adding into the stored gradients themselves read and write 2 n K rows; deferred,
+    each writes its dh and one pass reads them back, with the sources and their gradients once: 2 K + 3 n."""
     k = min(readers, DEFER_READERS)
-    return 2 * n * k > 2 * k + 3 * n
+    return k >= DEFER_MIN_READERS and 2 * n * k > 2 * k + 3 * n
 
 
 class DeferredGrads:
@@ -185,7 +192,7 @@ class SourceStorage:
 
     def deferral(self, n: int) -> DeferredGrads | None:
         """The ``DeferredGrads`` a backward over the first ``n`` stored sources adds into, or None when its readers
-        are too few for deferring to move fewer bytes (``_defers``)."""
+        are too few for deferring to pay (``_defers``)."""
         if n in self.deferred:
             return self.deferred[n]
         readers = len(self.readers.get(n, ()))
