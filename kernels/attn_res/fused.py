@@ -62,7 +62,9 @@ def num_warps(d: int) -> int:
 # The training kernels' loops are plain: software-pipelined (Triton's num_stages 2) they were no faster in session 14
 # (fwd+bwd 182-214 us against 182-203).
 # Sources (stored + the partial sum) whose loads a forward program issues together. Session 14: tiles of 8 sources
-# were 1.4-2.3x slower at 4 warps (the tile spills) and 4.4-7.7x at 16.
+# were 1.4-2.3x slower at 4 warps (the tile spills) and 4.4-7.7x at 16. It now sets only rows of more than
+# FWD_ONE_TILE_SOURCES: session 29 (H100, Kimi Linear step, its rows of 5) the forward 1.019 ms at 2 against about
+# 1.03 at 1 (one call, within its spread), 1.061 at 4.
 FWD_SOURCE_TILE = 1
 # Rows of at most this many sources (stored + the partial sum; a power of two) take the forward's one-tile path
 # instead: every source loaded at once and scored in one reduction, the partial's rstd with them (what the backward
@@ -77,7 +79,7 @@ BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in r
 # at BWD_SOURCE_TILE (D 2048: 8 sources at 8 warps, like 4 at 4; 255 registers, no spills on sm_90). Wider rows take
 # two passes over the tiles, reading their sources twice (and spilling 200 B with the partial sum). Session 14, H200,
 # M 8192 D 2048 bf16, 4 stored sources and the partial: fwd+bwd 390 us against 438 on two passes (4 = off); rows of
-# up to 4 sources unchanged.
+# up to 4 sources unchanged. Session 29 (H100, Kimi Linear step): the backward 3.07 ms against 3.22 at 4.
 BWD_ONE_TILE_SOURCES = 8
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_ELEMENTS_PER_THREAD = 16
