@@ -166,7 +166,7 @@ def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, mon
         assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
 
 
-def test_deferral_follows_the_bytes_moved(monkeypatch):
+def test_deferral_needs_enough_readers_and_fewer_bytes(monkeypatch):
     """Readers defer only when their group is at least ``DEFER_MIN_READERS`` (6) and moves fewer [M, D] rows that
     way: 2 n K against 2 K + 3 n."""
     from kimi_hf.kernels.attn_res import fused
