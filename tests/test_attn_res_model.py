@@ -146,9 +146,13 @@ def test_loss_and_outputs(residual):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("layers,block_size", [(2, 3), (6, 4)])
-def test_gradient_checkpointing_gives_same_grads(backend, layers, block_size):
+def test_gradient_checkpointing_gives_same_grads(backend, layers, block_size, monkeypatch):
     """Also with blocks of 4 sublayers over 2 and 3 stored sources, whose readers defer their gradients into them on
-    the Triton backend (``fused.DeferredGrads``), in the re-run forward too."""
+    the Triton backend (``fused.DeferredGrads``; ``DEFER_MIN_READERS`` lowered to 1 for it), in the re-run forward
+    too."""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "DEFER_MIN_READERS", 1)
     model = _model(attn_res_backend=backend, num_hidden_layers=layers, attn_res_block_size=block_size)
     model.train()
     ids = torch.randint(0, 97, (1, 5))

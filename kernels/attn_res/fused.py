@@ -89,10 +89,10 @@ BWD_ELEMENTS_PER_THREAD = 16
 BWD_PROGRAMS_PER_SM = 2
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 # Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
-# one ``deferred_grad_kernel`` pass (0: every reader adds into the stored gradients itself). 8: a block of the dense
-# ~1B model. Session 28 (H100, training step's kernels, 4 backward programs per SM): dense Block 9.01 ms against
-# 9.12 without (the backward 6.24 -> 5.45 ms, the deferred passes 0.69), Kimi Linear 4.72 against 4.63 (its blocks
-# of 4 readers move about as many bytes either way).
+# one ``deferred_grad_kernel`` pass (0, or fewer than DEFER_MIN_READERS: every reader adds into the stored gradients
+# itself). 8: a block of the dense ~1B model. Session 28 (H100, training step's kernels, 4 backward programs per SM):
+# dense Block 9.01 ms against 9.12 without (the backward 6.24 -> 5.45 ms, the deferred passes 0.69), Kimi Linear 4.72
+# against 4.63 (its blocks of 4 readers move about as many bytes either way).
 DEFER_READERS = 8
 # Fewer readers than this never defer, whatever the bytes: the per-reader backward is bound by each row's chain of
 # loads and reductions, so what a reader saves by deferring is less than its bytes say, and a deferred pass costs
