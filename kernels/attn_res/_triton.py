@@ -244,10 +244,35 @@ def _prenorm_bwd(h, dout, wn, hr, D, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile_grad(v, r, s, alpha, u, dh, v_dh, dh_h, D):
+def _tile_dh(v, h, dout, wn, hr, D, dtype: tl.constexpr, HAS_NORM: tl.constexpr):
+    """dh (the gradient of h [BLOCK_D], from dout through the fused PreNorm with HAS_NORM, as ``_prenorm_bwd``) and
+    (v_i - h) . dh [SRC_TILE] of a one-tile row, every sum over D in ONE round of reductions (warp shuffles and a
+    block barrier: each round is latency in the row's chain that its program cannot hide). Returns (dh, those dots,
+    this row's gain gradient, zeros without HAS_NORM).
+
+    dh = hr (g - K xq) with g = dout wn, xq the rounded h times hr and K = (g . xq) / D depends on one of the sums,
+    so the others are taken against g and xq and combined: (v_i - h) . dh = hr ((v_i - h) . g - K (v_i - h) . xq).
+    Each sum is over v_i - h, not v_i and h apart: the softmax's ds_i = alpha_i (v_i - h) . dh, and the difference of
+    two such sums (dh . v_i - dh . h) cancels most of their digits."""
+    centred = v - h[None, :]
+    if HAS_NORM:
+        xq = h.to(dtype).to(tl.float32) * hr  # the rounded h the forward normalised
+        g = dout * wn
+        g_xq = tl.where((tl.arange(0, v.shape[0]) == 0)[:, None], (g * xq)[None, :], 0.0)  # in row 0 of the round
+        sums = tl.sum(tl.join(tl.join(centred * g[None, :], centred * xq[None, :]), tl.join(g_xq, g_xq)), axis=1)
+        c_sums, row_sums = tl.split(sums)
+        c_g, c_xq = tl.split(c_sums)
+        k = tl.sum(tl.split(row_sums)[0], axis=0) / D
+        return hr * (g - xq * k), hr * (c_g - k * c_xq), dout * xq.to(dtype).to(tl.float32)
+    else:
+        return dout, tl.sum(centred * dout[None, :], axis=1), dout * 0.0
+
+
+@triton.jit
+def _tile_grad(v, r, s, alpha, u, dh, c_dh, D):
     """Gradients of a source tile: dv = alpha dh + ds (r u - s r^2 v / D) [SRC_TILE, BLOCK_D] and ds r [SRC_TILE],
-    with ds = alpha (dh . v - dh . h) (v_dh = dh . v per source)."""
-    ds = alpha * (v_dh - dh_h)
+    with ds = alpha (dh . v - dh . h) (c_dh = dh . v - dh . h per source)."""
+    ds = alpha * c_dh
     dv = alpha[:, None] * dh[None, :] + ds[:, None] * (r[:, None] * u[None, :] - (s * r * r / D)[:, None] * v)
     return dv, ds * r
 
@@ -319,17 +344,13 @@ def depth_attn_bwd_kernel(
                     store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse, HAS_PARTIAL, SRC_TILE
                 )
                 h += tl.sum(alpha[:, None] * v, axis=0)
-        if HAS_NORM:
-            dh, dwn_row = _prenorm_bwd(h, dout, wn, hr, D, dout_ptr.dtype.element_ty)
-            dwn += dwn_row
-        else:
-            dh = dout
         if ONE_TILE:
-            # Two sums, not one _sum_pair: the two terms of ds nearly cancel, and joined (or dh . h taken as
-            # sum_i alpha_i dh . v_i) they lost 2-20x in accuracy against float64 under the interpreter.
-            v_dh = tl.sum(v * dh[None, :], axis=1)
-            dh_h = tl.sum(dh * h, axis=0)
-            dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, v_dh, dh_h, D)
+            if HAS_NORM:
+                dh, c_dh, dwn_row = _tile_dh(v, h, dout, wn, hr, D, dout_ptr.dtype.element_ty, True)
+                dwn += dwn_row
+            else:
+                dh, c_dh, _ = _tile_dh(v, h, dout, dout, 0.0, D, dout_ptr.dtype.element_ty, False)
+            dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, c_dh, D)
             if DEFER:
                 tl.store(dh_ptr + row * D + cols, dh.to(dh_ptr.dtype.element_ty), mask=mask)
                 c_offs = row * 3 * COEF_PAD + tl.arange(0, SRC_TILE)
@@ -342,13 +363,18 @@ def depth_attn_bwd_kernel(
             du += tl.sum(ds_r[:, None] * v, axis=0)
             dvp = tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
         else:
-            dh_h = tl.sum(dh * h, axis=0)
+            if HAS_NORM:
+                dh, dwn_row = _prenorm_bwd(h, dout, wn, hr, D, dout_ptr.dtype.element_ty)
+                dwn += dwn_row
+            else:
+                dh = dout
+            dh_h = tl.sum(dh * h, axis=0)  # (the v - h of ``_tile_dh`` would keep h live through the loop: spills)
             dvp = tl.zeros((BLOCK_D,), tl.float32)
             for s0 in range(0, n_all, SRC_TILE):
                 v, r, stored, is_partial, s, alpha = _scored_tile(
                     store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, u, lse, HAS_PARTIAL, SRC_TILE
                 )
-                dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, tl.sum(v * dh[None, :], axis=1), dh_h, D)
+                dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, tl.sum(v * dh[None, :], axis=1) - dh_h, D)
                 g_offs, g_mask = _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE)
                 g_new = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32) + dv
                 tl.store(gstore_ptr + g_offs, g_new.to(gstore_ptr.dtype.element_ty), mask=g_mask)

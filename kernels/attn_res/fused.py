@@ -267,9 +267,11 @@ def backward_tile(n_all: int, width: int) -> tuple[int, bool, int]:
     """(source tile, one tile, warps) of the backward for ``n_all`` sources (stored + the partial sum) of padded
     width ``width``."""
     wide = next_power_of_2(n_all)
-    if BWD_SOURCE_TILE < n_all and wide <= BWD_ONE_TILE_SOURCES:
+    if wide <= BWD_SOURCE_TILE:
+        return wide, True, _warps(width, BWD_ELEMENTS_PER_THREAD)
+    if wide <= BWD_ONE_TILE_SOURCES:
         return wide, True, _warps(width, max(1, BWD_ELEMENTS_PER_THREAD * BWD_SOURCE_TILE // wide))
-    return BWD_SOURCE_TILE, n_all <= BWD_SOURCE_TILE, _warps(width, BWD_ELEMENTS_PER_THREAD)
+    return BWD_SOURCE_TILE, False, _warps(width, BWD_ELEMENTS_PER_THREAD)
 
 
 def _backward_grid(m: int, device: torch.device) -> int:
