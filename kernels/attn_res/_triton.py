@@ -244,31 +244,6 @@ def _prenorm_bwd(h, dout, wn, hr, D, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile_again(store_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL: tl.constexpr, SRC_TILE: tl.constexpr,
-                LAST: tl.constexpr):  # fmt: skip
-    """A ``_row_tile``'s sources [SRC_TILE, BLOCK_D] (float32) read again, from L1 or L2, where keeping them in
-    registers through a round of reductions would limit the rows in flight per SM. Each read is a load of its own,
-    which the compiler does not merge with another read of the same rows: the last (LAST) ``.ca``, an earlier one
-    marked ``evict_last`` (read again later)."""
-    idx = tl.arange(0, SRC_TILE)
-    stored = idx < n_src
-    ptrs = store_ptr + ((idx.to(tl.int64) * M + row) * D)[:, None] + cols[None, :]
-    smask = stored[:, None] & mask[None, :]
-    if LAST:
-        v = tl.load(ptrs, mask=smask, other=0.0, cache_modifier=".ca").to(tl.float32)
-    else:
-        v = tl.load(ptrs, mask=smask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    if HAS_PARTIAL:
-        if LAST:
-            vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0, cache_modifier=".ca").to(tl.float32)
-        else:
-            vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0, eviction_policy="evict_last")
-            vp = vp.to(tl.float32)
-        v = tl.where((idx == n_src)[:, None], vp[None, :], v)
-    return v
-
-
-@triton.jit
 def _tile_dh(v, h, dout, wn, hr, D, dtype: tl.constexpr, HAS_NORM: tl.constexpr):
     """dh (the gradient of h [BLOCK_D], from dout through the fused PreNorm with HAS_NORM, as ``_prenorm_bwd``) and
     (v_i - h) . dh [SRC_TILE] of a one-tile row, every sum over D in ONE round of reductions (warp shuffles and a
@@ -308,7 +283,7 @@ def depth_attn_bwd_kernel(
     dwn_ptr, dh_ptr, coef_ptr, u_ptr,
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
-    ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr, RELOAD: tl.constexpr,
+    ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
     h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
@@ -353,14 +328,12 @@ def depth_attn_bwd_kernel(
                 store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
             )
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
-            if not DEFER and RELOAD == 0:
+            if not DEFER:
                 g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
             # the softmax of the recomputed scores (the whole row is in the tile): its weights sum to one, where
             # exp(s - lse) with the forward's lse carried the two summations' difference into every gradient
             r, s, p, _, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL)
             alpha = p / denom
-            if RELOAD >= 1:
-                v = _tile_again(store_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE, RELOAD == 1)
             h = tl.sum(alpha[:, None] * v, axis=0)
         else:
             lse = tl.load(lse_ptr + row)
@@ -377,10 +350,6 @@ def depth_attn_bwd_kernel(
                 dwn += dwn_row
             else:
                 dh, c_dh, _ = _tile_dh(v, h, dout, dout, 0.0, D, dout_ptr.dtype.element_ty, False)
-            if RELOAD >= 2:
-                v = _tile_again(store_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE, True)
-            if not DEFER and RELOAD > 0:
-                g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
             dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, c_dh, D)
             if DEFER:
                 tl.store(dh_ptr + row * D + cols, dh.to(dh_ptr.dtype.element_ty), mask=mask)

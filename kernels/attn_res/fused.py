@@ -87,9 +87,6 @@ BWD_ELEMENTS_PER_THREAD = 16
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
 # reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
 BWD_PROGRAMS_PER_SM = 2
-BWD_RELOAD = 0
-BWD_WIDE_ELEMENTS_PER_THREAD = 8
-BWD_MAX_REGISTERS = 0
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 # Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
 # one ``deferred_grad_kernel`` pass (0, or fewer than DEFER_MIN_READERS: every reader adds into the stored gradients
@@ -273,7 +270,7 @@ def backward_tile(n_all: int, width: int) -> tuple[int, bool, int]:
     if wide <= BWD_SOURCE_TILE:
         return wide, True, _warps(width, BWD_ELEMENTS_PER_THREAD)
     if wide <= BWD_ONE_TILE_SOURCES:
-        return wide, True, _warps(width, max(1, BWD_WIDE_ELEMENTS_PER_THREAD))
+        return wide, True, _warps(width, max(1, BWD_ELEMENTS_PER_THREAD * BWD_SOURCE_TILE // wide))
     return BWD_SOURCE_TILE, False, _warps(width, BWD_ELEMENTS_PER_THREAD)
 
 
@@ -327,8 +324,7 @@ def depth_attn_bwd(
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
-        COEF_PAD=deferral.pad if deferral is not None else 1, RELOAD=BWD_RELOAD if one_tile else 0, num_warps=warps,
-        **({"maxnreg": BWD_MAX_REGISTERS} if BWD_MAX_REGISTERS and one_tile and src_tile <= BWD_SOURCE_TILE else {}),
+        COEF_PAD=deferral.pad if deferral is not None else 1, num_warps=warps,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
