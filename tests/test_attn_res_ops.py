@@ -179,6 +179,18 @@ def test_deferral_needs_enough_readers_and_fewer_bytes(monkeypatch):
     assert fused._defers(4, 3) and not fused._defers(4, 2) and not fused._defers(5, 1)
 
 
+def test_backward_tiles_fit_their_rows():
+    """A row of up to ``BWD_SOURCE_TILE`` (4) sources takes one tile of its own width (no padding rows for 1 or 2),
+    up to ``BWD_ONE_TILE_SOURCES`` (8) a wider tile with more warps, beyond that two passes over tiles of 4."""
+    from kimi_hf.kernels.attn_res import fused
+
+    width = 2048
+    tiles = [fused.backward_tile(n, width) for n in (1, 2, 3, 4)]
+    assert tiles == [(1, True, 4), (2, True, 4), (4, True, 4), (4, True, 4)]
+    assert fused.backward_tile(5, width) == (8, True, 8) and fused.backward_tile(8, width) == (8, True, 8)
+    assert fused.backward_tile(9, width) == (4, False, 4)
+
+
 def test_triton_parameter_gradient_kernel_sums_many_tiles():
     """The backward's finishing kernel over 300 per-program partial rows (three 128-row tiles) and 40 columns
     (two 32-column programs): dq = sum(du) * gain, dg = sum(du) * query, dnorm = sum(dwn)."""

@@ -73,7 +73,9 @@ FWD_SOURCE_TILE = 1
 # (tiles of 8 at 8 warps; 2.65 at 4 warps, 3.78 at 16); Kimi Linear 1.04 against 1.15 off, 1.32 at 8.
 FWD_ONE_TILE_SOURCES = 4
 FWD_ONE_TILE_ELEMENTS = 64
-BWD_SOURCE_TILE = 4  # the same in backward; up to this many the tile stays in registers between the two passes
+# Rows of up to this many sources (a power of two) take the backward on one tile of their own width (the next power
+# of two: rows of 2 a tile of 2, not of 4; no measurable change in the training step, session 30), kept in registers.
+BWD_SOURCE_TILE = 4
 # Rows with more sources than BWD_SOURCE_TILE and at most this many (a power of two) also take the one-tile backward,
 # on a tile of the next power of two with proportionally more warps, so that each thread holds as many elements as
 # at BWD_SOURCE_TILE (D 2048: 8 sources at 8 warps, like 4 at 4; 255 registers, no spills on sm_90). Wider rows take
