@@ -90,14 +90,16 @@ def test_triton_backward_matches_torch(with_norm):
 
 @pytest.mark.parametrize(
     "fwd_tile,bwd_tile,one_tile_sources,n_blocks,fwd_one_tile_sources",
-    [(8, 8, 8, 9, 0), (4, 2, 2, 9, 0), (1, 16, 16, 9, 16), (1, 4, 8, 6, 8), (1, 4, 8, 9, 8), (1, 4, 8, 2, 4)],
+    [(8, 8, 8, 9, 0), (4, 2, 2, 9, 0), (1, 16, 16, 9, 16), (1, 4, 8, 6, 8), (1, 4, 8, 9, 8), (1, 4, 8, 2, 4),
+     (1, 4, 8, 4, 4)],
 )
 def test_triton_many_sources_matches_reference(
     fwd_tile, bwd_tile, one_tile_sources, n_blocks, fwd_one_tile_sources, monkeypatch
 ):
     """Stored sources and the partial sum, in source tiles of each size: online softmax across tiles (the partial in
     the last one), the backward's two passes over tiles, its one-tile path (bwd tile 16), and its one-tile path on a
-    wider tile than ``BWD_SOURCE_TILE`` (6 stored + the partial in a tile of 8; 10 sources stay on two passes). The
+    wider tile than ``BWD_SOURCE_TILE`` (6 stored + the partial in a tile of 8; 10 sources stay on two passes), and
+    4 stored sources with the partial apart from their tile (``BWD_PARTIAL_APART``). The
     forward's one-tile path likewise (``FWD_ONE_TILE_SOURCES``: 10 sources in a tile of 16, 7 in one of 8, 3 in
     one of 4; 10 sources above 8 on the online softmax)."""
     from kimi_hf.kernels.attn_res import fused
@@ -122,20 +124,23 @@ def test_triton_many_sources_matches_reference(
         assert_close_rel(a, e, 3e-5, "grad")
 
 
-def _readers_graph(backend: str, n_readers: int, shape=(2, 3, 48), dtype=torch.float32, device="cpu", rounded=None):
-    """A block's worth of readers of the same 3 stored sources (the first without a partial sum, the others with
-    their own, some with the fused PreNorm), then the block stored from the last partial and a reader of all 4:
+def _readers_graph(
+    backend: str, n_readers: int, shape=(2, 3, 48), dtype=torch.float32, device="cpu", rounded=None, n_blocks=3
+):
+    """A block's worth of readers of the same ``n_blocks`` stored sources (the first without a partial sum, the others
+    with their own, some with the fused PreNorm), then the block stored from the last partial and a reader of all:
     the readers' gradients into the stored sources may be deferred and summed in one pass (``DeferredGrads``).
     Inputs are drawn in float32 (and rounded to ``rounded`` first), the graph runs in ``dtype``. Returns the
     outputs, then the leaves' gradients (sources, partials, queries, gain, PreNorm weight)."""
-    blocks, _, query, gain = _inputs(3, shape)
+    blocks, _, query, gain = _inputs(n_blocks, shape)
     g = torch.Generator().manual_seed(5)
     partials = [torch.randn(shape, generator=g) for _ in range(n_readers)]
     queries = [torch.randn(query.shape, generator=g) for _ in range(n_readers + 1)]
     norm_w = 1 + 0.2 * torch.randn(query.shape, generator=g)
     leaves = [t.to(rounded or dtype).to(device, dtype).requires_grad_()
               for t in (*blocks, *partials, *queries, gain, norm_w)]  # fmt: skip
-    srcs, parts, qs, (gn, wn) = leaves[:3], leaves[3:3 + n_readers], leaves[3 + n_readers:-2], leaves[-2:]
+    n = n_blocks
+    srcs, parts, qs, (gn, wn) = leaves[:n], leaves[n:n + n_readers], leaves[n + n_readers:-2], leaves[-2:]
     bank = _bank(srcs, backend)
     outs = []
     for j in range(n_readers):
@@ -148,10 +153,11 @@ def _readers_graph(backend: str, n_readers: int, shape=(2, 3, 48), dtype=torch.f
     return outs + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]  # (parts[0] unused)
 
 
-@pytest.mark.parametrize("defer_readers,passes", [(0, []), (3, [3, 2]), (8, [5])])
-def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, monkeypatch):
+@pytest.mark.parametrize("defer_readers,passes,n_blocks", [(0, [], 3), (3, [3, 2], 3), (8, [5], 3), (8, [5], 4)])
+def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, n_blocks, monkeypatch):
     """Five readers of 3 stored sources: gradients added by each reader (0), deferred in passes of 3 readers (the
-    buffers fill once, then the rest is added when the stored sources' gradients are handed on) and of all 5."""
+    buffers fill once, then the rest is added when the stored sources' gradients are handed on) and of all 5; and
+    of 4 stored sources, whose readers with a partial sum keep it apart from their tile (``BWD_PARTIAL_APART``)."""
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "DEFER_READERS", defer_readers)
@@ -159,8 +165,8 @@ def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, mon
     flushed = []
     flush = fused.DeferredGrads.flush
     monkeypatch.setattr(fused.DeferredGrads, "flush", lambda self, s: (flushed.append(self.count), flush(self, s)))
-    expected = _readers_graph("torch", 5)
-    actual = _readers_graph("triton", 5)
+    expected = _readers_graph("torch", 5, n_blocks=n_blocks)
+    actual = _readers_graph("triton", 5, n_blocks=n_blocks)
     assert [k for k in flushed if k] == passes  # readers summed per deferred pass
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
@@ -179,16 +185,21 @@ def test_deferral_needs_enough_readers_and_fewer_bytes(monkeypatch):
     assert fused._defers(4, 3) and not fused._defers(4, 2) and not fused._defers(5, 1)
 
 
-def test_backward_tiles_fit_their_rows():
-    """A row of up to ``BWD_SOURCE_TILE`` (4) sources takes one tile of its own width (no padding rows for 1 or 2),
-    up to ``BWD_ONE_TILE_SOURCES`` (8) a wider tile with more warps, beyond that two passes over tiles of 4."""
+def test_backward_tiles_fit_their_rows(monkeypatch):
+    """A row of up to ``BWD_SOURCE_TILE`` (4) sources takes one tile of its own width (no padding rows for 1 or 2);
+    4 stored sources and the partial sum, a tile of 4 with the partial apart (``BWD_PARTIAL_APART``; else a tile of
+    8); up to ``BWD_ONE_TILE_SOURCES`` (8) a wider tile with more warps, beyond that two passes over tiles of 4."""
     from kimi_hf.kernels.attn_res import fused
 
     width = 2048
-    tiles = [fused.backward_tile(n, width) for n in (1, 2, 3, 4)]
-    assert tiles == [(1, True, 4), (2, True, 4), (4, True, 4), (4, True, 4)]
-    assert fused.backward_tile(5, width) == (8, True, 8) and fused.backward_tile(8, width) == (8, True, 8)
-    assert fused.backward_tile(9, width) == (4, False, 4)
+    tiles = [fused.backward_tile(n, False, width) for n in (1, 2, 3, 4)]
+    assert tiles == [(1, True, 4, False), (2, True, 4, False), (4, True, 4, False), (4, True, 4, False)]
+    assert fused.backward_tile(1, True, width) == (2, True, 4, False)
+    assert fused.backward_tile(4, True, width) == (4, True, 4, True)
+    assert fused.backward_tile(5, False, width) == (8, True, 8, False) == fused.backward_tile(7, True, width)
+    assert fused.backward_tile(8, True, width) == (4, False, 4, False)
+    monkeypatch.setattr(fused, "BWD_PARTIAL_APART", 0)
+    assert fused.backward_tile(4, True, width) == (8, True, 8, False)
 
 
 def test_triton_parameter_gradient_kernel_sums_many_tiles():
@@ -521,13 +532,15 @@ def test_gpu_prenorm_matches_reference(dtype, weight_dtype, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_blocks,d", [(1, 2048), (4, 2048), (9, 1000)])
-@pytest.mark.parametrize("one_tile_sources", [4, 8])
-def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, monkeypatch):
+@pytest.mark.parametrize("one_tile_sources,apart", [(4, 0), (8, 0), (8, 1)])
+def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, apart, monkeypatch):
     """bf16 against float32; the rows of 4 stored sources and the partial on the backward's two passes
-    (``fused.BWD_ONE_TILE_SOURCES`` 4) and on one tile of 8 (8), and so in the forward (``FWD_ONE_TILE_SOURCES``;
-    with 1 stored source, one tile of 2 either way)."""
+    (``fused.BWD_ONE_TILE_SOURCES`` 4), on one tile of 8 (8) and on a tile of 4 with the partial apart
+    (``BWD_PARTIAL_APART``), and so in the forward (``FWD_ONE_TILE_SOURCES``; with 1 stored source, one tile of 2
+    every way)."""
     from kimi_hf.kernels.attn_res import fused
 
+    monkeypatch.setattr(fused, "BWD_PARTIAL_APART", apart)
     monkeypatch.setattr(fused, "BWD_ONE_TILE_SOURCES", one_tile_sources)
     monkeypatch.setattr(fused, "FWD_ONE_TILE_SOURCES", one_tile_sources)
     blocks, partial, query, gain = _inputs(n_blocks, shape=(2, 257, d), dtype=torch.bfloat16, device="cuda")

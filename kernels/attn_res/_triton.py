@@ -181,6 +181,24 @@ def _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL: tl.constexpr
     return r, s, p, m, tl.sum(p, axis=0)
 
 
+@triton.jit
+def _apart_softmax(v, r, stored, vp, u, D, eps):
+    """``_tile_softmax`` over a tile of stored sources v [SRC_TILE, BLOCK_D] (rstd r) and the partial sum vp
+    [BLOCK_D] kept apart from it (its row would double the tile): its two sums (vp . u, vp . vp) ride in rows 0 and 1
+    of the tile's round. Returns (scores s, p = exp(s - max) (zero on padding rows), the partial's rstd, score and p,
+    sum of all p)."""
+    rows = tl.arange(0, v.shape[0])
+    extra = tl.where((rows == 0)[:, None], (vp * u)[None, :], tl.where((rows == 1)[:, None], (vp * vp)[None, :], 0.0))
+    v_u, e = _sum_pair(v * u[None, :], extra, 1)
+    rp = 1.0 / tl.sqrt(tl.sum(tl.where(rows == 1, e, 0.0), axis=0) / D + eps)
+    s = r * v_u
+    s_p = rp * tl.sum(tl.where(rows == 0, e, 0.0), axis=0)
+    m = tl.maximum(tl.max(tl.where(stored, s, float("-inf")), axis=0), s_p)
+    p = tl.where(stored, tl.exp(s - m), 0.0)
+    p_p = tl.exp(s_p - m)
+    return s, p, rp, s_p, p_p, tl.sum(p, axis=0) + p_p
+
+
 @triton.jit(do_not_specialize=["n_src", "M"])
 def depth_attn_fwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
@@ -244,29 +262,46 @@ def _prenorm_bwd(h, dout, wn, hr, D, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile_dh(v, h, dout, wn, hr, D, dtype: tl.constexpr, HAS_NORM: tl.constexpr):
+def _tile_dh(v, vp, h, dout, wn, hr, D, dtype: tl.constexpr, HAS_NORM: tl.constexpr, APART: tl.constexpr):
     """dh (the gradient of h [BLOCK_D], from dout through the fused PreNorm with HAS_NORM, as ``_prenorm_bwd``) and
     (v_i - h) . dh [SRC_TILE] of a one-tile row, every sum over D in one round of reductions (the PreNorm's sum,
-    dh . v_i and dh . h took three). Returns (dh, those dots, this row's gain gradient, zeros without HAS_NORM).
+    dh . v_i and dh . h took three). With APART the partial sum vp [BLOCK_D] is not in the tile, and its
+    (vp - h) . dh comes from the same round. Returns (dh, those dots, the partial's (zero without APART), this row's
+    gain gradient (zeros without HAS_NORM)).
 
     dh = hr (g - K xq) with g = dout wn, xq the rounded h times hr and K = (g . xq) / D depends on one of the sums,
     so the others are taken against g and xq and combined: (v_i - h) . dh = hr ((v_i - h) . g - K (v_i - h) . xq).
     Each sum is over v_i - h, not v_i and h apart: the softmax's ds_i = alpha_i (v_i - h) . dh, and the difference
     dh . v_i - dh . h cancels most of the two sums' digits (session 30, fp32 under the interpreter against float64:
     the query's gradient at 3.2e-6 against 6.9e-6 with the two sums, the sources' at 1.4e-6 against 1.8e-6)."""
+    rows = tl.arange(0, v.shape[0])
+    first = (rows == 0)[:, None]
     centred = v - h[None, :]
+    cp = vp - h
     if HAS_NORM:
         xq = h.to(dtype).to(tl.float32) * hr  # the rounded h the forward normalised
         g = dout * wn
-        # g . xq rides in row 0 of the round's second pair (joined with itself: the compiler merges the copy)
-        g_xq = tl.where((tl.arange(0, v.shape[0]) == 0)[:, None], (g * xq)[None, :], 0.0)
-        sums = tl.sum(tl.join(tl.join(centred * g[None, :], centred * xq[None, :]), tl.join(g_xq, g_xq)), axis=1)
+        # the row sums ride in rows 0 and 1 of the round's second pair: g . xq, and with APART (vp - h) . g and
+        # (vp - h) . xq (without it the pair is g . xq twice: the compiler merges the copy)
+        if APART:
+            extra = tl.where(first, (g * xq)[None, :], tl.where((rows == 1)[:, None], (cp * g)[None, :], 0.0))
+            extra2 = tl.where(first, (cp * xq)[None, :], 0.0)
+        else:
+            extra = tl.where(first, (g * xq)[None, :], 0.0)
+            extra2 = extra
+        sums = tl.sum(tl.join(tl.join(centred * g[None, :], centred * xq[None, :]), tl.join(extra, extra2)), axis=1)
         c_sums, row_sums = tl.split(sums)
         c_g, c_xq = tl.split(c_sums)
-        k = tl.sum(tl.split(row_sums)[0], axis=0) / D
-        return hr * (g - xq * k), hr * (c_g - k * c_xq), dout * xq.to(dtype).to(tl.float32)
+        e, e2 = tl.split(row_sums)
+        k = tl.sum(tl.where(rows == 0, e, 0.0), axis=0) / D
+        cp_dh = hr * (tl.sum(tl.where(rows == 1, e, 0.0), axis=0) - k * tl.sum(tl.where(rows == 0, e2, 0.0), axis=0))
+        return hr * (g - xq * k), hr * (c_g - k * c_xq), cp_dh, dout * xq.to(dtype).to(tl.float32)
     else:
-        return dout, tl.sum(centred * dout[None, :], axis=1), dout * 0.0
+        if APART:
+            c_dh, e = _sum_pair(centred * dout[None, :], tl.where(first, (cp * dout)[None, :], 0.0), 1)
+            return dout, c_dh, tl.sum(tl.where(rows == 0, e, 0.0), axis=0), dout * 0.0
+        else:
+            return dout, tl.sum(centred * dout[None, :], axis=1), 0.0, dout * 0.0
 
 
 @triton.jit
@@ -284,7 +319,7 @@ def depth_attn_bwd_kernel(
     dwn_ptr, dh_ptr, coef_ptr, u_ptr,
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
-    ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr,
+    ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr, APART: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
     h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
@@ -325,17 +360,30 @@ def depth_attn_bwd_kernel(
         if ONE_TILE:
             # Every load of the row goes out before the first reduction (the sources with the partial sum's raw row,
             # their gradient rows), and the partial's rstd comes from the scores' reduction: two rounds in all.
-            v, r, stored, is_partial = _row_tile(
-                store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
-            )
+            if APART:
+                vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+                v, r, stored, is_partial = _source_tile(
+                    store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, False, SRC_TILE
+                )
+            else:
+                v, r, stored, is_partial = _row_tile(
+                    store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+                )
+                vp = dout  # (unused)
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
             if not DEFER:
                 g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
             # the softmax of the recomputed scores (the whole row is in the tile): its weights sum to one, where
             # exp(s - lse) with the forward's lse carried the two summations' difference into every gradient
-            r, s, p, _, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL)
+            if APART:
+                s, p, rp, s_p, p_p, denom = _apart_softmax(v, r, stored, vp, u, D, eps)
+                a_p = p_p / denom
+            else:
+                r, s, p, _, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL)
             alpha = p / denom
             h = tl.sum(alpha[:, None] * v, axis=0)
+            if APART:
+                h += a_p * vp
         else:
             lse = tl.load(lse_ptr + row)
             vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
@@ -347,10 +395,10 @@ def depth_attn_bwd_kernel(
                 h += tl.sum(alpha[:, None] * v, axis=0)
         if ONE_TILE:
             if HAS_NORM:
-                dh, c_dh, dwn_row = _tile_dh(v, h, dout, wn, hr, D, dout_ptr.dtype.element_ty, True)
+                dh, c_dh, cp_dh, dwn_row = _tile_dh(v, vp, h, dout, wn, hr, D, dout_ptr.dtype.element_ty, True, APART)
                 dwn += dwn_row
             else:
-                dh, c_dh, _ = _tile_dh(v, h, dout, dout, 0.0, D, dout_ptr.dtype.element_ty, False)
+                dh, c_dh, cp_dh, _ = _tile_dh(v, vp, h, dout, dout, 0.0, D, dout_ptr.dtype.element_ty, False, APART)
             dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, c_dh, D)
             if DEFER:
                 tl.store(dh_ptr + row * D + cols, dh.to(dh_ptr.dtype.element_ty), mask=mask)
@@ -362,7 +410,13 @@ def depth_attn_bwd_kernel(
                 g_new = (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty)
                 tl.store(gstore_ptr + g_offs, g_new, mask=g_mask)
             du += tl.sum(ds_r[:, None] * v, axis=0)
-            dvp = tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
+            if APART:  # the partial's row of ``_tile_grad``, as a tile of one
+                one = tl.zeros((1,), tl.float32)
+                dv_p, dsr_p = _tile_grad(vp[None, :], rp + one, s_p + one, a_p + one, u, dh, cp_dh + one, D)
+                dvp = tl.sum(dv_p, axis=0)
+                du += tl.sum(dsr_p[:, None] * vp[None, :], axis=0)
+            else:
+                dvp = tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
         else:
             if HAS_NORM:
                 dh, dwn_row = _prenorm_bwd(h, dout, wn, hr, D, dout_ptr.dtype.element_ty)

@@ -85,6 +85,7 @@ BWD_SOURCE_TILE = 4
 BWD_ONE_TILE_SOURCES = 8
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_ELEMENTS_PER_THREAD = 16
+BWD_PARTIAL_APART = 1
 # Backward programs (and rows of the parameter-gradient partials) per SM. Session 28 (H100, dense ~1B Block training
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
 # reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
@@ -265,15 +266,17 @@ def forward_tile(n_all: int, width: int, one_tile_sources: int | None = None) ->
     return FWD_SOURCE_TILE, False, _warps(width, FWD_ELEMENTS_PER_THREAD)
 
 
-def backward_tile(n_all: int, width: int) -> tuple[int, bool, int]:
-    """(source tile, one tile, warps) of the backward for ``n_all`` sources (stored + the partial sum) of padded
-    width ``width``."""
-    wide = next_power_of_2(n_all)
+def backward_tile(n: int, partial: bool, width: int) -> tuple[int, bool, int, bool]:
+    """(source tile, one tile, warps, partial apart) of the backward over ``n`` stored sources and the partial sum
+    (``partial``), of padded width ``width``."""
+    if BWD_PARTIAL_APART and partial and n == BWD_SOURCE_TILE:
+        return n, True, _warps(width, BWD_ELEMENTS_PER_THREAD), True
+    wide = next_power_of_2(n + partial)
     if wide <= BWD_SOURCE_TILE:
-        return wide, True, _warps(width, BWD_ELEMENTS_PER_THREAD)
+        return wide, True, _warps(width, BWD_ELEMENTS_PER_THREAD), False
     if wide <= BWD_ONE_TILE_SOURCES:
-        return wide, True, _warps(width, max(1, BWD_ELEMENTS_PER_THREAD * BWD_SOURCE_TILE // wide))
-    return BWD_SOURCE_TILE, False, _warps(width, BWD_ELEMENTS_PER_THREAD)
+        return wide, True, _warps(width, max(1, BWD_ELEMENTS_PER_THREAD * BWD_SOURCE_TILE // wide)), False
+    return BWD_SOURCE_TILE, False, _warps(width, BWD_ELEMENTS_PER_THREAD), False
 
 
 def _backward_grid(m: int, device: torch.device) -> int:
@@ -311,7 +314,7 @@ def depth_attn_bwd(
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
-    src_tile, one_tile, warps = backward_tile(n + (partial is not None), block_d(d))
+    src_tile, one_tile, warps, apart = backward_tile(n, partial is not None, block_d(d))
     deferral = storage.deferral(n) if defer and one_tile else None  # (none over 0 stored sources: no readers)
     if deferral is not None:
         dh, coef, u = deferral.take(storage)
@@ -326,7 +329,7 @@ def depth_attn_bwd(
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
-        COEF_PAD=deferral.pad if deferral is not None else 1, num_warps=warps,
+        COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, num_warps=warps,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None

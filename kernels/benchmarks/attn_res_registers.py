@@ -47,15 +47,18 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
                             dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
                                  ONE_TILE=one_tile),
                             fwd_warps))  # fmt: skip
-        # as backward_tile picks them for rows of a few sources, of up to BWD_ONE_TILE_SOURCES, and of more
-        # (deferring the stored sources' gradients on one tile, as a block of the dense model's sublayers does)
-        for n_all in (fused.BWD_SOURCE_TILE, fused.BWD_ONE_TILE_SOURCES, fused.BWD_ONE_TILE_SOURCES + 1):
-            src_tile, one_tile, bwd_warps = fused.backward_tile(n_all, width)
+        # as backward_tile picks them for rows of a few sources, one more (with the partial sum: apart from a full
+        # tile of stored sources), of up to BWD_ONE_TILE_SOURCES, and of more (deferring the stored sources'
+        # gradients on one tile, as a block of the dense model's sublayers does)
+        counts = (fused.BWD_SOURCE_TILE, fused.BWD_SOURCE_TILE + 1, fused.BWD_ONE_TILE_SOURCES,
+                  fused.BWD_ONE_TILE_SOURCES + 1)  # fmt: skip
+        tiles = {fused.backward_tile(n_all - partial, partial, width): n_all - partial for n_all in counts}
+        for (src_tile, one_tile, bwd_warps, apart), n_stored in tiles.items():
             for defer in (False, True) if one_tile else (False,):
                 configs.append((_triton.depth_attn_bwd_kernel,
                                 dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
                                      ONE_TILE=one_tile, DEFER=defer,
-                                     COEF_PAD=triton.next_power_of_2(n_all - partial) if defer else 1),
+                                     COEF_PAD=triton.next_power_of_2(n_stored) if defer else 1, APART=apart),
                                 bwd_warps))  # fmt: skip
     for n_pad in (2, 4, 8):  # the deferred pass over a block's 8 readers, at the dense model's source counts
         configs.append((_triton.deferred_grad_kernel, dict(K=fused.DEFER_READERS, N_PAD=n_pad, BLOCK_D=width),
