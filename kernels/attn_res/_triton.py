@@ -320,6 +320,7 @@ def depth_attn_bwd_kernel(
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
     ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr, APART: tl.constexpr,
+    ROW_PARAMS: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
     h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
@@ -343,17 +344,22 @@ def depth_attn_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    u = _query_key(q_ptr, g_ptr, cols, mask)
+    if not ROW_PARAMS:
+        u = _query_key(q_ptr, g_ptr, cols, mask)
+        if HAS_NORM:
+            wn = _gain(wn_ptr, cols, mask)
     du = tl.zeros((BLOCK_D,), tl.float32)
     dwn = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_NORM:
-        wn = _gain(wn_ptr, cols, mask)
     n_all = n_src
     if HAS_PARTIAL:
         n_all = n_src + 1
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: S_max * M * D may exceed 2^31
     row_end = tl.minimum(row_start + rows_per_program, M)
     for row in range(row_start, row_end):
+        if ROW_PARAMS:
+            u = _query_key(q_ptr, g_ptr, cols, mask)
+            if HAS_NORM:
+                wn = _gain(wn_ptr, cols, mask)
         dout = tl.load(dout_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_NORM:
             hr = tl.load(hrstd_ptr + row)
@@ -443,7 +449,7 @@ def depth_attn_bwd_kernel(
         tl.store(dwn_ptr + pid * D + cols, dwn, mask=mask)
     if DEFER:
         if pid == 0:
-            tl.store(u_ptr + cols, u, mask=mask)
+            tl.store(u_ptr + cols, _query_key(q_ptr, g_ptr, cols, mask), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_src", "M"])

@@ -90,6 +90,8 @@ BWD_PARTIAL_APART = 1
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
 # reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
 BWD_PROGRAMS_PER_SM = 2
+BWD_NARROW_SOURCES = 2
+BWD_NARROW_PROGRAMS_PER_SM = 3
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 # Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
 # one ``deferred_grad_kernel`` pass (0, or fewer than DEFER_MIN_READERS: every reader adds into the stored gradients
@@ -279,11 +281,21 @@ def backward_tile(n: int, partial: bool, width: int) -> tuple[int, bool, int, bo
     return BWD_SOURCE_TILE, False, _warps(width, BWD_ELEMENTS_PER_THREAD), False
 
 
-def _backward_grid(m: int, device: torch.device) -> int:
+def _backward_grid(m: int, device: torch.device, programs_per_sm: int) -> int:
     """Programs of the backward kernel: enough to fill the GPU, few enough that the du partials stay small."""
     if device.type == "cuda":
-        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * BWD_PROGRAMS_PER_SM)
+        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * programs_per_sm)
     return min(m, 4)
+
+
+def _narrow_launch(src_tile: int, one_tile: bool, warps: int) -> tuple[int, dict]:
+    """(programs per SM, extra launch options) of the backward: rows on one tile of at most BWD_NARROW_SOURCES
+    sources run BWD_NARROW_PROGRAMS_PER_SM programs per SM, their registers capped so that they all fit (the SM's
+    65536 over the programs' threads) and the query and gain re-read for each row instead of held."""
+    if not (BWD_NARROW_PROGRAMS_PER_SM and one_tile and src_tile <= BWD_NARROW_SOURCES):
+        return BWD_PROGRAMS_PER_SM, {"ROW_PARAMS": False}
+    cap = min(255, 65536 // (32 * warps * BWD_NARROW_PROGRAMS_PER_SM) // 8 * 8)
+    return BWD_NARROW_PROGRAMS_PER_SM, {"ROW_PARAMS": True, "maxnreg": cap}
 
 
 def depth_attn_bwd(
@@ -309,12 +321,13 @@ def depth_attn_bwd(
         dnorm = torch.zeros_like(norm_weight) if norm_weight is not None else None
         dpart = torch.empty_like(partial) if partial is not None else None
         return dpart, torch.zeros_like(query), torch.zeros_like(gain), dnorm
-    grid = _backward_grid(m, dout.device)
+    src_tile, one_tile, warps, apart = backward_tile(n, partial is not None, block_d(d))
+    programs_per_sm, narrow = _narrow_launch(src_tile, one_tile, warps)
+    grid = _backward_grid(m, dout.device, programs_per_sm)
     rows = cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
     dpart = torch.empty_like(partial) if partial is not None else None
-    src_tile, one_tile, warps, apart = backward_tile(n, partial is not None, block_d(d))
     deferral = storage.deferral(n) if defer and one_tile else None  # (none over 0 stored sources: no readers)
     if deferral is not None:
         dh, coef, u = deferral.take(storage)
@@ -329,7 +342,7 @@ def depth_attn_bwd(
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
-        COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, num_warps=warps,
+        COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, num_warps=warps, **narrow,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None

@@ -58,7 +58,8 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
                 configs.append((_triton.depth_attn_bwd_kernel,
                                 dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
                                      ONE_TILE=one_tile, DEFER=defer,
-                                     COEF_PAD=triton.next_power_of_2(n_stored) if defer else 1, APART=apart),
+                                     COEF_PAD=triton.next_power_of_2(n_stored) if defer else 1, APART=apart,
+                                     ROW_PARAMS=False),
                                 bwd_warps))  # fmt: skip
     for n_pad in (2, 4, 8):  # the deferred pass over a block's 8 readers, at the dense model's source counts
         configs.append((_triton.deferred_grad_kernel, dict(K=fused.DEFER_READERS, N_PAD=n_pad, BLOCK_D=width),
