@@ -91,7 +91,7 @@ def test_triton_backward_matches_torch(with_norm):
 @pytest.mark.parametrize(
     "fwd_tile,bwd_tile,one_tile_sources,n_blocks,fwd_one_tile_sources",
     [(8, 8, 8, 9, 0), (4, 2, 2, 9, 0), (1, 16, 16, 9, 16), (1, 4, 8, 6, 8), (1, 4, 8, 9, 8), (1, 4, 8, 2, 4),
-     (1, 4, 8, 4, 4)],
+     (1, 4, 8, 4, 4), (1, 4, 8, 1, 4)],
 )
 def test_triton_many_sources_matches_reference(
     fwd_tile, bwd_tile, one_tile_sources, n_blocks, fwd_one_tile_sources, monkeypatch
@@ -99,7 +99,8 @@ def test_triton_many_sources_matches_reference(
     """Stored sources and the partial sum, in source tiles of each size: online softmax across tiles (the partial in
     the last one), the backward's two passes over tiles, its one-tile path (bwd tile 16), and its one-tile path on a
     wider tile than ``BWD_SOURCE_TILE`` (6 stored + the partial in a tile of 8; 10 sources stay on two passes), and
-    4 stored sources with the partial apart from their tile (``BWD_PARTIAL_APART``). The
+    4 stored sources with the partial apart from their tile (``BWD_PARTIAL_APART``), and 1 stored source with the
+    partial on a narrow tile (``_narrow_launch``: the query, gain and PreNorm weight re-read per row). The
     forward's one-tile path likewise (``FWD_ONE_TILE_SOURCES``: 10 sources in a tile of 16, 7 in one of 8, 3 in
     one of 4; 10 sources above 8 on the online softmax)."""
     from kimi_hf.kernels.attn_res import fused
@@ -200,6 +201,22 @@ def test_backward_tiles_fit_their_rows(monkeypatch):
     assert fused.backward_tile(8, True, width) == (4, False, 4, False)
     monkeypatch.setattr(fused, "BWD_PARTIAL_APART", 0)
     assert fused.backward_tile(4, True, width) == (8, True, 8, False)
+
+
+def test_narrow_tiles_launch_more_programs_with_capped_registers(monkeypatch):
+    """Rows on tiles of at most ``BWD_NARROW_SOURCES`` (2) sources run ``BWD_NARROW_PROGRAMS_PER_SM`` (3) programs per
+    SM, their registers capped so that the SM's 65536 hold them all (168 at 4 warps), the parameters re-read per row;
+    wider tiles, the two-pass path, and warps too many for a cap of at least ``BWD_NARROW_REGISTERS`` (168) run
+    ``BWD_PROGRAMS_PER_SM`` (2) uncapped."""
+    from kimi_hf.kernels.attn_res import fused
+
+    assert fused._narrow_launch(2, True, 4) == (3, {"ROW_PARAMS": True, "maxnreg": 168})
+    assert fused._narrow_launch(1, True, 2) == (3, {"ROW_PARAMS": True, "maxnreg": 255})
+    default = (2, {"ROW_PARAMS": False})
+    assert fused._narrow_launch(4, True, 4) == fused._narrow_launch(2, False, 4) == default
+    assert fused._narrow_launch(2, True, 8) == default  # 3 programs would leave 80 registers, 1 is fewer than 2
+    monkeypatch.setattr(fused, "BWD_NARROW_PROGRAMS_PER_SM", 0)
+    assert fused._narrow_launch(2, True, 4) == (2, {"ROW_PARAMS": False})
 
 
 def test_triton_parameter_gradient_kernel_sums_many_tiles():

@@ -167,8 +167,8 @@ def _row_tile(store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_P
 @triton.jit
 def _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL: tl.constexpr):
     """The softmax over a ``_row_tile``: the partial's rstd comes from the scores' reduction, two sums per source
-    (v . u, v . v) in one round; each round of a row's chain (warp shuffles, block barriers) is latency its program
-    cannot hide. Returns (rstd with the partial's, scores s, p = exp(s - max) (zero on padding rows), max, sum(p))."""
+    (v . u, v . v) in one round. Returns (rstd with the partial's, scores s, p = exp(s - max) (zero on padding rows),
+    max, sum(p))."""
     if HAS_PARTIAL:
         v_u, v_v = _sum_pair(v * u[None, :], v * v, 1)
         r = tl.where(is_partial, 1.0 / tl.sqrt(v_v / D + eps), r)
@@ -183,7 +183,7 @@ def _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL: tl.constexpr
 
 @triton.jit
 def _apart_softmax(v, r, stored, vp, u, D, eps):
-    """``_tile_softmax`` over a tile of stored sources v [SRC_TILE, BLOCK_D] (rstd r) and the partial sum vp
+    """``_tile_softmax`` over a tile of stored sources v [SRC_TILE >= 2, BLOCK_D] (rstd r) and the partial sum vp
     [BLOCK_D] kept apart from it (its row would double the tile): its two sums (vp . u, vp . vp) ride in rows 0 and 1
     of the tile's round. Returns (scores s, p = exp(s - max) (zero on padding rows), the partial's rstd, score and p,
     sum of all p)."""
@@ -265,9 +265,9 @@ def _prenorm_bwd(h, dout, wn, hr, D, dtype: tl.constexpr):
 def _tile_dh(v, vp, h, dout, wn, hr, D, dtype: tl.constexpr, HAS_NORM: tl.constexpr, APART: tl.constexpr):
     """dh (the gradient of h [BLOCK_D], from dout through the fused PreNorm with HAS_NORM, as ``_prenorm_bwd``) and
     (v_i - h) . dh [SRC_TILE] of a one-tile row, every sum over D in one round of reductions (the PreNorm's sum,
-    dh . v_i and dh . h took three). With APART the partial sum vp [BLOCK_D] is not in the tile, and its
-    (vp - h) . dh comes from the same round. Returns (dh, those dots, the partial's (zero without APART), this row's
-    gain gradient (zeros without HAS_NORM)).
+    dh . v_i and dh . h took three). With APART the partial sum vp [BLOCK_D] is not in the tile (of at least two
+    rows), and its (vp - h) . dh comes from the same round. Returns (dh, those dots, the partial's (zero without
+    APART), this row's gain gradient (zeros without HAS_NORM)).
 
     dh = hr (g - K xq) with g = dout wn, xq the rounded h times hr and K = (g . xq) / D depends on one of the sums,
     so the others are taken against g and xq and combined: (v_i - h) . dh = hr ((v_i - h) . g - K (v_i - h) . xq).
@@ -334,6 +334,12 @@ def depth_attn_bwd_kernel(
     Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader); the
     partial sum's gradient is written to dpart; each program writes its partial du (and dwn) row, reduced by
     ``param_grad_kernel`` (deterministic).
+
+    APART (with ONE_TILE and HAS_PARTIAL): the tile holds the stored sources only, and the partial sum is a row of its
+    own beside it (``_apart_softmax``, ``_tile_dh``): 4 stored sources and the partial would take a tile of 8, whose
+    registers at 8 warps leave one program per SM, where a tile of 4 at 4 warps leaves two.
+    ROW_PARAMS: the query, gain and PreNorm weight are re-read for every row (from L1) instead of held by the
+    program, 32 registers fewer to hold where the launch caps them to fit more programs per SM.
 
     DEFER (needs ONE_TILE): the stored sources' gradients are not touched here. Each of them is
     dv_i = alpha_i dh + c_i u - e_i v_i with c_i = ds_i r_i and e_i = ds_i s_i r_i^2 / D, so the row's dh goes to

@@ -85,13 +85,23 @@ BWD_SOURCE_TILE = 4
 BWD_ONE_TILE_SOURCES = 8
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_ELEMENTS_PER_THREAD = 16
+# Rows of BWD_SOURCE_TILE stored sources and the partial sum: the partial apart from a tile of BWD_SOURCE_TILE at its
+# warps (1), not all of them on a tile of twice that (0). Session 30 (H100, training step; sm_90, D 2048: 249
+# registers deferred, 255 and 20 B of spills direct, so 2 programs of 4 warps per SM, where the tile of 8 at 8 warps
+# fits 1): the backward 4.38 ms per dense step against 5.51, 2.69 against 3.10 on Kimi Linear (its last block's rows).
 BWD_PARTIAL_APART = 1
 # Backward programs (and rows of the parameter-gradient partials) per SM. Session 28 (H100, dense ~1B Block training
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
 # reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
 BWD_PROGRAMS_PER_SM = 2
+# ...except rows on one tile of at most BWD_NARROW_SOURCES sources: BWD_NARROW_PROGRAMS_PER_SM (0: as the others), with
+# their registers capped to fit (168 at 4 warps; sm_90, D 2048: no spills deferred, 36 B direct with the partial sum
+# and the PreNorm) and the query, gain and PreNorm weight re-read per row. The backward's time follows the rows in
+# flight per SM, not the work per row. Session 30 (H100, training step): 3 took the backward from 4.33 to 4.17 ms per
+# dense step (the parameter reduction 0.19 -> 0.20), from 2.66 to 2.57 on Kimi Linear.
 BWD_NARROW_SOURCES = 2
 BWD_NARROW_PROGRAMS_PER_SM = 3
+BWD_NARROW_REGISTERS = 168  # the least registers per thread a narrow launch is capped at (the figures above)
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 # Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
 # one ``deferred_grad_kernel`` pass (0, or fewer than DEFER_MIN_READERS: every reader adds into the stored gradients
@@ -271,7 +281,7 @@ def forward_tile(n_all: int, width: int, one_tile_sources: int | None = None) ->
 def backward_tile(n: int, partial: bool, width: int) -> tuple[int, bool, int, bool]:
     """(source tile, one tile, warps, partial apart) of the backward over ``n`` stored sources and the partial sum
     (``partial``), of padded width ``width``."""
-    if BWD_PARTIAL_APART and partial and n == BWD_SOURCE_TILE:
+    if BWD_PARTIAL_APART and partial and n == BWD_SOURCE_TILE >= 2:  # (the partial's sums ride in 2 tile rows)
         return n, True, _warps(width, BWD_ELEMENTS_PER_THREAD), True
     wide = next_power_of_2(n + partial)
     if wide <= BWD_SOURCE_TILE:
@@ -291,11 +301,12 @@ def _backward_grid(m: int, device: torch.device, programs_per_sm: int) -> int:
 def _narrow_launch(src_tile: int, one_tile: bool, warps: int) -> tuple[int, dict]:
     """(programs per SM, extra launch options) of the backward: rows on one tile of at most BWD_NARROW_SOURCES
     sources run BWD_NARROW_PROGRAMS_PER_SM programs per SM, their registers capped so that they all fit (the SM's
-    65536 over the programs' threads) and the query and gain re-read for each row instead of held."""
-    if not (BWD_NARROW_PROGRAMS_PER_SM and one_tile and src_tile <= BWD_NARROW_SOURCES):
+    65536 over the programs' threads) and the query, gain and PreNorm weight re-read for each row instead of held;
+    only where the cap leaves them BWD_NARROW_REGISTERS (at 8 warps, D 4096, three programs would leave 80)."""
+    programs = min(BWD_NARROW_PROGRAMS_PER_SM, 65536 // (32 * warps * BWD_NARROW_REGISTERS))
+    if not (one_tile and src_tile <= BWD_NARROW_SOURCES and programs > BWD_PROGRAMS_PER_SM):
         return BWD_PROGRAMS_PER_SM, {"ROW_PARAMS": False}
-    cap = min(255, 65536 // (32 * warps * BWD_NARROW_PROGRAMS_PER_SM) // 8 * 8)
-    return BWD_NARROW_PROGRAMS_PER_SM, {"ROW_PARAMS": True, "maxnreg": cap}
+    return programs, {"ROW_PARAMS": True, "maxnreg": min(255, 65536 // (32 * warps * programs) // 8 * 8)}
 
 
 def depth_attn_bwd(

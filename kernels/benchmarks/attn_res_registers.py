@@ -4,10 +4,11 @@ Every kernel of ``kimi_hf.kernels.attn_res._triton`` is compiled for sm_90 with 
 picks at hidden size D (default 2048, the ~1B models'; bf16 activations, float32 statistics), in the variants the
 models launch: with and without the partial sum, the fused PreNorm and the fused addition; phase 1 with its
 sources in one register tile and without; the forward on one tile of 2, 4 and 8 sources; the backward on one tile
-of a few sources, on one wider tile (``fused.BWD_ONE_TILE_SOURCES``) and on two passes, and with its stored sources'
-gradients deferred (``fused.DeferredGrads``, with the deferred pass). It shows what Triton's interpreter cannot: a
-kernel that does not compile for the GPU (a session-11 edit of phase 1 compiled under the interpreter and failed on
-the H200) and one that spills. The compile step is ``kda_registers.py``'s.
+of 2 sources (three programs per SM, registers capped: ``fused._narrow_launch``) and of a few, with the partial sum
+apart from a tile of 4 (``fused.BWD_PARTIAL_APART``), on one wider tile (``fused.BWD_ONE_TILE_SOURCES``) and on two
+passes, and with its stored sources' gradients deferred (``fused.DeferredGrads``, with the deferred pass). It shows
+what Triton's interpreter cannot: a kernel that does not compile for the GPU (a session-11 edit of phase 1 compiled
+under the interpreter and failed on the H200) and one that spills. The compile step is ``kda_registers.py``'s.
 
     python kernels/benchmarks/attn_res_registers.py [--hidden-size 2048] [--ptxas PATH]
 """
@@ -31,9 +32,9 @@ _SCALARS = {name: "i32" for name in _INTS} | {"eps": "fp32", "norm_eps": "fp32"}
 _BLOCK_SOURCES, _FULL_SOURCES = 5, 33
 
 
-def launch_configs(d: int) -> list[tuple[object, dict, int]]:
-    """(kernel, constexprs, num_warps) as the launchers in ``fused.py``, ``two_phase.py`` and ``norm.py`` pick them
-    for hidden size ``d``."""
+def launch_configs(d: int) -> list[tuple]:
+    """(kernel, constexprs, num_warps[, register cap]) as the launchers in ``fused.py``, ``two_phase.py`` and
+    ``norm.py`` pick them for hidden size ``d``."""
     width, warps = fused.block_d(d), fused.num_warps(d)
     rows, norm_width, norm_warps = norm._rows_and_warps(d)
     q_pad = triton.next_power_of_2(8)  # a block of 8 sublayers
@@ -50,17 +51,18 @@ def launch_configs(d: int) -> list[tuple[object, dict, int]]:
         # as backward_tile picks them for rows of a few sources, one more (with the partial sum: apart from a full
         # tile of stored sources), of up to BWD_ONE_TILE_SOURCES, and of more (deferring the stored sources'
         # gradients on one tile, as a block of the dense model's sublayers does)
-        counts = (fused.BWD_SOURCE_TILE, fused.BWD_SOURCE_TILE + 1, fused.BWD_ONE_TILE_SOURCES,
+        counts = (2, fused.BWD_SOURCE_TILE, fused.BWD_SOURCE_TILE + 1, fused.BWD_ONE_TILE_SOURCES,
                   fused.BWD_ONE_TILE_SOURCES + 1)  # fmt: skip
         tiles = {fused.backward_tile(n_all - partial, partial, width): n_all - partial for n_all in counts}
         for (src_tile, one_tile, bwd_warps, apart), n_stored in tiles.items():
+            _, narrow = fused._narrow_launch(src_tile, one_tile, bwd_warps)  # (rows of 2: capped registers)
             for defer in (False, True) if one_tile else (False,):
                 configs.append((_triton.depth_attn_bwd_kernel,
                                 dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
                                      ONE_TILE=one_tile, DEFER=defer,
                                      COEF_PAD=triton.next_power_of_2(n_stored) if defer else 1, APART=apart,
-                                     ROW_PARAMS=False),
-                                bwd_warps))  # fmt: skip
+                                     ROW_PARAMS=narrow["ROW_PARAMS"]),
+                                bwd_warps, narrow.get("maxnreg")))  # fmt: skip
     for n_pad in (2, 4, 8):  # the deferred pass over a block's 8 readers, at the dense model's source counts
         configs.append((_triton.deferred_grad_kernel, dict(K=fused.DEFER_READERS, N_PAD=n_pad, BLOCK_D=width),
                         fused._warps(width * n_pad, fused.DEFER_ELEMENTS_PER_THREAD)))  # fmt: skip
@@ -108,10 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"triton {triton.__version__}, sm_90, bf16, D = {args.hidden_size}")
     print("| kernel | variant | warps | stages | registers | spill stores (B) | spill loads (B) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for fn, constexprs, warps in launch_configs(args.hidden_size):
+    for fn, constexprs, warps, *cap in launch_configs(args.hidden_size):
         types = signature(fn, constexprs, _SCALARS, _FP32_POINTERS, set())  # statistics and partials fp32, else bf16
         variant = tuple(k for k in constexprs if k != "BLOCK_D")
-        print(report(fn, constexprs, warps, 1, ptxas, types, divisible, variant), flush=True)
+        print(report(fn, constexprs, warps, 1, ptxas, types, divisible, variant, cap[0] if cap else None), flush=True)
 
 
 if __name__ == "__main__":

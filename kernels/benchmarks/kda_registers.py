@@ -120,12 +120,13 @@ def report(
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
     shown: tuple[str, ...] = ("BK", "BV"),
+    maxnreg: int | None = None,
 ) -> str:
     """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""
     types = types or signature(fn, constexprs)
     src = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=_aligned(fn, types, divisible_ints))
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    options = {"num_warps": num_warps, "num_stages": num_stages} | ({"maxnreg": maxnreg} if maxnreg else {})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
