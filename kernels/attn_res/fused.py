@@ -86,7 +86,7 @@ BWD_ONE_TILE_SOURCES = 8
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_ELEMENTS_PER_THREAD = 16
 # Rows of BWD_SOURCE_TILE stored sources and the partial sum: the partial apart from a tile of BWD_SOURCE_TILE at its
-# warps (1), not all of them on a tile of twice that (0). Session 30 (H100, training step; sm_90, D 2048: 249
+# warps (1), not all of them on a tile of twice that (0). Session 30 (H100, training step; sm_90, D 2048: 253
 # registers deferred, 255 and 20 B of spills direct, so 2 programs of 4 warps per SM, where the tile of 8 at 8 warps
 # fits 1): the backward 4.38 ms per dense step against 5.51, 2.69 against 3.10 on Kimi Linear (its last block's rows).
 BWD_PARTIAL_APART = 1
