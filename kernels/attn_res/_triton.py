@@ -294,7 +294,10 @@ def _tile_dh(v, vp, h, dout, wn, hr, D, dtype: tl.constexpr, HAS_NORM: tl.conste
         c_g, c_xq = tl.split(c_sums)
         e, e2 = tl.split(row_sums)
         k = tl.sum(tl.where(rows == 0, e, 0.0), axis=0) / D
-        cp_dh = hr * (tl.sum(tl.where(rows == 1, e, 0.0), axis=0) - k * tl.sum(tl.where(rows == 0, e2, 0.0), axis=0))
+        cp_dh = 0.0
+        if APART:
+            cp_g = tl.sum(tl.where(rows == 1, e, 0.0), axis=0)
+            cp_dh = hr * (cp_g - k * tl.sum(tl.where(rows == 0, e2, 0.0), axis=0))
         return hr * (g - xq * k), hr * (c_g - k * c_xq), cp_dh, dout * xq.to(dtype).to(tl.float32)
     else:
         if APART:
@@ -381,7 +384,7 @@ def depth_attn_bwd_kernel(
                 v, r, stored, is_partial = _row_tile(
                     store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
                 )
-                vp = dout  # (unused)
+                vp = dout  # (a placeholder: the partial is in the tile)
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
             if not DEFER:
                 g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
