@@ -182,6 +182,13 @@ def _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL: tl.constexpr
 
 
 @triton.jit
+def _tile_row(x, i):
+    """Element i of x [SRC_TILE] (a row sum that rode in row i of a tile's round of reductions), as a scalar: a
+    masked sum over the tile's rows, which each thread holds."""
+    return tl.sum(tl.where(tl.arange(0, x.shape[0]) == i, x, 0.0), axis=0)
+
+
+@triton.jit
 def _apart_softmax(v, r, stored, vp, u, D, eps):
     """``_tile_softmax`` over a tile of stored sources v [SRC_TILE >= 2, BLOCK_D] (rstd r) and the partial sum vp
     [BLOCK_D] kept apart from it (its row would double the tile): its two sums (vp . u, vp . vp) ride in rows 0 and 1
@@ -190,9 +197,9 @@ def _apart_softmax(v, r, stored, vp, u, D, eps):
     rows = tl.arange(0, v.shape[0])
     extra = tl.where((rows == 0)[:, None], (vp * u)[None, :], tl.where((rows == 1)[:, None], (vp * vp)[None, :], 0.0))
     v_u, e = _sum_pair(v * u[None, :], extra, 1)
-    rp = 1.0 / tl.sqrt(tl.sum(tl.where(rows == 1, e, 0.0), axis=0) / D + eps)
+    rp = 1.0 / tl.sqrt(_tile_row(e, 1) / D + eps)
     s = r * v_u
-    s_p = rp * tl.sum(tl.where(rows == 0, e, 0.0), axis=0)
+    s_p = rp * _tile_row(e, 0)
     m = tl.maximum(tl.max(tl.where(stored, s, float("-inf")), axis=0), s_p)
     p = tl.where(stored, tl.exp(s - m), 0.0)
     p_p = tl.exp(s_p - m)
@@ -277,7 +284,7 @@ def _tile_dh(v, vp, h, dout, wn, hr, D, dtype: tl.constexpr, HAS_NORM: tl.conste
     rows = tl.arange(0, v.shape[0])
     first = (rows == 0)[:, None]
     centred = v - h[None, :]
-    cp = vp - h
+    cp = vp - h  # (used only with APART)
     if HAS_NORM:
         xq = h.to(dtype).to(tl.float32) * hr  # the rounded h the forward normalised
         g = dout * wn
@@ -293,16 +300,15 @@ def _tile_dh(v, vp, h, dout, wn, hr, D, dtype: tl.constexpr, HAS_NORM: tl.conste
         c_sums, row_sums = tl.split(sums)
         c_g, c_xq = tl.split(c_sums)
         e, e2 = tl.split(row_sums)
-        k = tl.sum(tl.where(rows == 0, e, 0.0), axis=0) / D
+        k = _tile_row(e, 0) / D
         cp_dh = 0.0
         if APART:
-            cp_g = tl.sum(tl.where(rows == 1, e, 0.0), axis=0)
-            cp_dh = hr * (cp_g - k * tl.sum(tl.where(rows == 0, e2, 0.0), axis=0))
+            cp_dh = hr * (_tile_row(e, 1) - k * _tile_row(e2, 0))
         return hr * (g - xq * k), hr * (c_g - k * c_xq), cp_dh, dout * xq.to(dtype).to(tl.float32)
     else:
         if APART:
             c_dh, e = _sum_pair(centred * dout[None, :], tl.where(first, (cp * dout)[None, :], 0.0), 1)
-            return dout, c_dh, tl.sum(tl.where(rows == 0, e, 0.0), axis=0), dout * 0.0
+            return dout, c_dh, _tile_row(e, 0), dout * 0.0
         else:
             return dout, tl.sum(centred * dout[None, :], axis=1), 0.0, dout * 0.0
 

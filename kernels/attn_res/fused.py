@@ -102,6 +102,7 @@ BWD_PROGRAMS_PER_SM = 2
 BWD_NARROW_SOURCES = 2
 BWD_NARROW_PROGRAMS_PER_SM = 3
 BWD_NARROW_REGISTERS = 168  # the least registers per thread a narrow launch is capped at (the figures above)
+_SM_REGISTERS = 65536  # 32-bit registers per SM (sm_80 and sm_90)
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
 # Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
 # one ``deferred_grad_kernel`` pass (0, or fewer than DEFER_MIN_READERS: every reader adds into the stored gradients
@@ -303,10 +304,10 @@ def _narrow_launch(src_tile: int, one_tile: bool, warps: int) -> tuple[int, dict
     sources run BWD_NARROW_PROGRAMS_PER_SM programs per SM, their registers capped so that they all fit (the SM's
     65536 over the programs' threads) and the query, gain and PreNorm weight re-read for each row instead of held;
     only where the cap leaves them BWD_NARROW_REGISTERS (at 8 warps, D 4096, three programs would leave 80)."""
-    programs = min(BWD_NARROW_PROGRAMS_PER_SM, 65536 // (32 * warps * BWD_NARROW_REGISTERS))
+    programs = min(BWD_NARROW_PROGRAMS_PER_SM, _SM_REGISTERS // (32 * warps * BWD_NARROW_REGISTERS))
     if not (one_tile and src_tile <= BWD_NARROW_SOURCES and programs > BWD_PROGRAMS_PER_SM):
         return BWD_PROGRAMS_PER_SM, {"ROW_PARAMS": False}
-    return programs, {"ROW_PARAMS": True, "maxnreg": min(255, 65536 // (32 * warps * programs) // 8 * 8)}
+    return programs, {"ROW_PARAMS": True, "maxnreg": min(255, _SM_REGISTERS // (32 * warps * programs) // 8 * 8)}
 
 
 def depth_attn_bwd(
