@@ -203,6 +203,24 @@ def test_backward_tiles_fit_their_rows(monkeypatch):
     assert fused.backward_tile(4, True, width) == (8, True, 8, False)
 
 
+def test_forward_tiles_fit_their_rows(monkeypatch):
+    """A row of up to ``FWD_ONE_TILE_SOURCES`` (4) sources takes one tile of the next power of two, at
+    ``FWD_ONE_TILE_ELEMENTS`` (64) of it per thread; 4 stored sources and the partial sum, a tile of 4 with the partial
+    apart (``FWD_PARTIAL_APART``; else the online softmax over tiles of ``FWD_SOURCE_TILE``, 1), as do wider rows and
+    rows whose tile would need more than 16 warps (D 16384)."""
+    from kimi_hf.kernels.attn_res import fused
+
+    width = 2048
+    tiles = [fused.forward_tile(n, False, width) for n in (1, 2, 3, 4)]
+    assert tiles == [(1, True, 1, False), (2, True, 2, False), (4, True, 4, False), (4, True, 4, False)]
+    assert fused.forward_tile(3, True, width) == (4, True, 4, False)
+    assert fused.forward_tile(4, True, width) == (4, True, 4, True)
+    assert fused.forward_tile(5, False, width) == (1, False, 4, False) == fused.forward_tile(8, True, width)
+    assert fused.forward_tile(4, True, 16384) == (1, False, 16, False)
+    monkeypatch.setattr(fused, "FWD_PARTIAL_APART", 0)
+    assert fused.forward_tile(4, True, width) == (1, False, 4, False)
+
+
 def test_narrow_tiles_launch_more_programs_with_capped_registers(monkeypatch):
     """Rows on tiles of at most ``BWD_NARROW_SOURCES`` (2) sources run ``BWD_NARROW_PROGRAMS_PER_SM`` (3) programs per
     SM, their registers capped so that the SM's 65536 hold them all (168 at 4 warps), the parameters re-read per row;

@@ -103,18 +103,21 @@ def _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL: tl.constexpr):
 @triton.jit
 def _source_tile(
     store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D,
-    HAS_PARTIAL: tl.constexpr, SRC_TILE: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, SRC_TILE: tl.constexpr, RSTD: tl.constexpr,
 ):  # fmt: skip
     """Sources s0 .. s0 + SRC_TILE - 1 of one row as a [SRC_TILE, BLOCK_D] float32 tile, every row's load issued at
     once (one memory latency per tile, not per source). Source n_src is the partial sum (vp, rstd rp) with
     HAS_PARTIAL; rows past it are zeros. Returns (tile, rstd [SRC_TILE], stored, is_partial): ``stored`` marks the
-    rows read from the store, ``is_partial`` the partial's row."""
+    rows read from the store, ``is_partial`` the partial's row. Without RSTD the stored rows' rstd is not loaded
+    (zeros): the caller takes it from the tile, in a reduction it makes anyway (``_tile_softmax``)."""
     idx = s0 + tl.arange(0, SRC_TILE)
     stored = idx < n_src
     offs = (idx.to(tl.int64) * M + row) * D
     v = tl.load(store_ptr + offs[:, None] + cols[None, :], mask=stored[:, None] & mask[None, :], other=0.0)
     v = v.to(tl.float32)
-    r = tl.load(rstd_ptr + idx.to(tl.int64) * M + row, mask=stored, other=0.0)
+    r = tl.zeros((SRC_TILE,), tl.float32)
+    if RSTD:
+        r = tl.load(rstd_ptr + idx.to(tl.int64) * M + row, mask=stored, other=0.0)
     is_partial = idx == n_src
     if HAS_PARTIAL:
         v = tl.where(is_partial[:, None], vp[None, :], v)
@@ -139,7 +142,7 @@ def _scored_tile(
 ):  # fmt: skip
     """``_source_tile`` and its ``_tile_scores``: (tile, rstd, stored, is_partial, s, alpha)."""
     v, r, stored, is_partial = _source_tile(
-        store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+        store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE, True
     )
     s, alpha = _tile_scores(v, r, stored | is_partial, u, lse)
     return v, r, stored, is_partial, s, alpha
@@ -154,24 +157,32 @@ def _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE: tl.constexpr):
 
 @triton.jit
 def _row_tile(store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL: tl.constexpr,
-              SRC_TILE: tl.constexpr):  # fmt: skip
+              SRC_TILE: tl.constexpr, TILE_RSTD: tl.constexpr):  # fmt: skip
     """A row whose sources (n_src stored + the partial sum) fit one [SRC_TILE, BLOCK_D] tile, every load in flight
     together: ``_source_tile`` with the partial sum's raw row, its rstd left to ``_tile_softmax`` (so that the loads
-    need not wait for a reduction). Returns (tile, rstd of the stored rows, stored, is_partial)."""
+    need not wait for a reduction), and with TILE_RSTD the stored rows' too (not loaded). Returns (tile, rstd of the
+    stored rows (zeros with HAS_PARTIAL and TILE_RSTD), stored, is_partial)."""
     vp = cols.to(tl.float32)  # a placeholder without a partial sum (``_source_tile`` then ignores it)
     if HAS_PARTIAL:
         vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    return _source_tile(store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE)
+    return _source_tile(
+        store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE,
+        not (HAS_PARTIAL and TILE_RSTD),
+    )
 
 
 @triton.jit
-def _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL: tl.constexpr):
-    """The softmax over a ``_row_tile``: the partial's rstd comes from the scores' reduction, two sums per source
-    (v . u, v . v) in one round. Returns (rstd with the partial's, scores s, p = exp(s - max) (zero on padding rows),
-    max, sum(p))."""
+def _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL: tl.constexpr, TILE_RSTD: tl.constexpr):
+    """The softmax over a ``_row_tile``: with the partial sum, its rstd comes from the scores' reduction, two sums per
+    source (v . u, v . v) in one round, and with TILE_RSTD every stored row's too (``store_source_kernel``'s formula
+    over the same stored values), in place of loads that ptxas issues late, after the tile's first use where
+    registers are short (sm_90, the backward at 255 registers: a second memory latency per row, 8% of its stall
+    samples in session 31's ncu profile). Returns (rstd, scores s, p = exp(s - max) (zero on padding rows), max,
+    sum(p))."""
     if HAS_PARTIAL:
         v_u, v_v = _sum_pair(v * u[None, :], v * v, 1)
-        r = tl.where(is_partial, 1.0 / tl.sqrt(v_v / D + eps), r)
+        r_tile = 1.0 / tl.sqrt(v_v / D + eps)
+        r = r_tile if TILE_RSTD else tl.where(is_partial, r_tile, r)
     else:
         v_u = tl.sum(v * u[None, :], axis=1)
     s = r * v_u
@@ -189,21 +200,29 @@ def _tile_row(x, i):
 
 
 @triton.jit
-def _apart_softmax(v, r, stored, vp, u, D, eps):
+def _apart_softmax(v, r, stored, vp, u, D, eps, TILE_RSTD: tl.constexpr):
     """``_tile_softmax`` over a tile of stored sources v [SRC_TILE >= 2, BLOCK_D] (rstd r) and the partial sum vp
     [BLOCK_D] kept apart from it (its row would double the tile): its two sums (vp . u, vp . vp) ride in rows 0 and 1
-    of the tile's round. Returns (scores s, p = exp(s - max) (zero on padding rows), the partial's rstd, score and p,
-    sum of all p)."""
+    of the tile's round. With TILE_RSTD the stored rows' rstd comes from it too (r unused), v . v in a third tile of
+    sums: the forward's choice (one memory latency per row); in the backward that third tile cost more than the
+    late rstd loads (its rows of 4 + 1 sources 6% slower, session 31). Returns (rstd, scores s, p = exp(s - max)
+    (zero on padding rows), the partial's rstd, score and p, max, sum of all p)."""
     rows = tl.arange(0, v.shape[0])
     extra = tl.where((rows == 0)[:, None], (vp * u)[None, :], tl.where((rows == 1)[:, None], (vp * vp)[None, :], 0.0))
-    v_u, e = _sum_pair(v * u[None, :], extra, 1)
+    if TILE_RSTD:  # (the join's fourth tile is the third again: the compiler merges the copy)
+        v_sums, e_sums = tl.split(tl.sum(tl.join(tl.join(v * u[None, :], v * v), tl.join(extra, extra)), axis=1))
+        v_u, v_v = tl.split(v_sums)
+        e, _ = tl.split(e_sums)
+        r = 1.0 / tl.sqrt(v_v / D + eps)
+    else:
+        v_u, e = _sum_pair(v * u[None, :], extra, 1)
     rp = 1.0 / tl.sqrt(_tile_row(e, 1) / D + eps)
     s = r * v_u
     s_p = rp * _tile_row(e, 0)
     m = tl.maximum(tl.max(tl.where(stored, s, float("-inf")), axis=0), s_p)
     p = tl.where(stored, tl.exp(s - m), 0.0)
     p_p = tl.exp(s_p - m)
-    return s, p, rp, s_p, p_p, tl.sum(p, axis=0) + p_p
+    return r, s, p, rp, s_p, p_p, m, tl.sum(p, axis=0) + p_p
 
 
 @triton.jit(do_not_specialize=["n_src", "M"])
@@ -211,12 +230,15 @@ def depth_attn_fwd_kernel(
     store_ptr, rstd_ptr, part_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, hrstd_ptr,
     n_src, M, D, eps, norm_eps,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr, APART: tl.constexpr,
 ):  # fmt: skip
     """h[row] = softmax-weighted sum of the n_src stored sources (+ the partial sum), online softmax over tiles of
     SRC_TILE sources (a tile's loads are issued together, with one cross-warp reduction per tile; which tile is
     fastest is measured, not assumed: ``fused.FWD_SOURCE_TILE``). ONE_TILE (every source and the partial fit one
     tile of SRC_TILE): ``_row_tile`` and ``_tile_softmax``, the partial's rstd joined to the scores' reduction.
+    APART (with ONE_TILE and HAS_PARTIAL): SRC_TILE stored sources on the tile and the partial sum apart from it
+    (``_apart_softmax``), as the backward's APART: one memory latency per row where the online softmax over tiles
+    of one source waited for each source in turn.
 
     With HAS_NORM the sublayer's PreNorm is fused: out = wn * (h * rsqrt(mean(h^2) + norm_eps)) (rounded to the
     output dtype before the gain, as transformers' RMSNorm does) and h itself is never written.
@@ -227,11 +249,18 @@ def depth_attn_fwd_kernel(
     u = _query_key(q_ptr, g_ptr, cols, mask)
     if HAS_NORM:  # with the inputs, in its own dtype until used (96 registers at D 2048, 4 warps; 90 before)
         wn = tl.load(wn_ptr + cols, mask=mask, other=0.0)
-    if ONE_TILE:
-        v, r, stored, is_partial = _row_tile(
-            store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+    if ONE_TILE and APART:
+        vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        v, r, stored, _ = _source_tile(
+            store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, False, SRC_TILE, False
         )
-        _, _, p, m, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL)
+        _, _, p, _, _, p_p, m, denom = _apart_softmax(v, r, stored, vp, u, D, eps, True)
+        acc = tl.sum(p[:, None] * v, axis=0) + p_p * vp
+    elif ONE_TILE:
+        v, r, stored, is_partial = _row_tile(
+            store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE, True
+        )
+        _, _, p, m, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL, True)
         acc = tl.sum(p[:, None] * v, axis=0)
     else:
         vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
@@ -243,7 +272,7 @@ def depth_attn_fwd_kernel(
         acc = tl.zeros((BLOCK_D,), tl.float32)
         for s0 in range(0, n_all, SRC_TILE):
             v, r, stored, is_partial = _source_tile(
-                store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+                store_ptr, rstd_ptr, vp, rp, s0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE, True
             )
             s = tl.where(stored | is_partial, r * tl.sum(v * u[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=0))  # finite: every tile holds a source
@@ -384,11 +413,13 @@ def depth_attn_bwd_kernel(
             if APART:
                 vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
                 v, r, stored, is_partial = _source_tile(
-                    store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, False, SRC_TILE
+                    store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, False, SRC_TILE, True
                 )
             else:
+                # the stored rows' rstd from the tile only where their gradients are deferred: the direct rows hold
+                # their gradient rows, and on a tile of 2 at 168 registers spill 56 B, not 36, 4% slower (session 31)
                 v, r, stored, is_partial = _row_tile(
-                    store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE
+                    store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE, DEFER
                 )
                 vp = dout  # (a placeholder: the partial is in the tile)
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
@@ -397,10 +428,10 @@ def depth_attn_bwd_kernel(
             # the softmax of the recomputed scores (the whole row is in the tile): its weights sum to one, where
             # exp(s - lse) with the forward's lse carried the two summations' difference into every gradient
             if APART:
-                s, p, rp, s_p, p_p, denom = _apart_softmax(v, r, stored, vp, u, D, eps)
+                r, s, p, rp, s_p, p_p, _, denom = _apart_softmax(v, r, stored, vp, u, D, eps, False)
                 a_p = p_p / denom
             else:
-                r, s, p, _, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL)
+                r, s, p, _, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL, DEFER)
             alpha = p / denom
             h = tl.sum(alpha[:, None] * v, axis=0)
             if APART:
@@ -431,11 +462,19 @@ def depth_attn_bwd_kernel(
                 g_new = (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty)
                 tl.store(gstore_ptr + g_offs, g_new, mask=g_mask)
             du += tl.sum(ds_r[:, None] * v, axis=0)
-            if APART:  # the partial's row of ``_tile_grad``, as a tile of one
+            if DEFER and HAS_PARTIAL and not APART:
+                # only the partial's row of the tile's gradient is used (the stored rows' wait in coef): its row of
+                # ``_tile_grad`` as a tile of one, the rest of dv left dead (ptxas drops it: 4 x 16 elements' worth
+                # of instructions per thread and row), its values picked out of the tile
+                vp = tl.sum(tl.where(is_partial[:, None], v, 0.0), axis=0)
+                rp, s_p, a_p = _tile_row(r, n_src), _tile_row(s, n_src), _tile_row(alpha, n_src)
+                cp_dh = _tile_row(c_dh, n_src)
+            if APART or (DEFER and HAS_PARTIAL):  # the partial's row of ``_tile_grad``, as a tile of one
                 one = tl.zeros((1,), tl.float32)
                 dv_p, dsr_p = _tile_grad(vp[None, :], rp + one, s_p + one, a_p + one, u, dh, cp_dh + one, D)
                 dvp = tl.sum(dv_p, axis=0)
-                du += tl.sum(dsr_p[:, None] * vp[None, :], axis=0)
+                if APART:
+                    du += tl.sum(dsr_p[:, None] * vp[None, :], axis=0)
             else:
                 dvp = tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
         else:
@@ -562,7 +601,7 @@ def _phase1_one_tile(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     v, r, stored, _ = _source_tile(  # no partial sum in phase 1: its row and rstd arguments are unused
-        store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD
+        store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_src, M, row, cols, mask, D, False, N_PAD, True
     )
     for j in range(n_q):
         u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
@@ -593,7 +632,7 @@ def store_phase1_kernel(
     # Every load first (the stored sources, the first query, the gain, the new source's summands): in program order
     # after the new source's reduction and store, the tile's loads waited for them (a second memory latency).
     v, r, stored, _ = _source_tile(  # rows 0 .. n_prev - 1; the new source's row n_prev is filled below
-        store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_prev, M, row, cols, mask, D, False, N_PAD
+        store_ptr, rstd_ptr, cols.to(tl.float32), 0.0, 0, n_prev, M, row, cols, mask, D, False, N_PAD, True
     )
     u = _query_key(q_ptr + j0 * D, g_ptr + j0 * D, cols, mask)
     if HAS_NORM:

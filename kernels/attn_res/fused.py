@@ -73,6 +73,9 @@ FWD_SOURCE_TILE = 1
 # (tiles of 8 at 8 warps; 2.65 at 4 warps, 3.78 at 16); Kimi Linear 1.04 against 1.15 off, 1.32 at 8.
 FWD_ONE_TILE_SOURCES = 4
 FWD_ONE_TILE_ELEMENTS = 64
+# Rows of FWD_ONE_TILE_SOURCES stored sources and the partial sum: the partial apart from a one-tile row of the stored
+# ones (1), as the backward's BWD_PARTIAL_APART, not the online softmax over tiles of FWD_SOURCE_TILE (0).
+FWD_PARTIAL_APART = 1
 # Rows of up to this many sources (a power of two) take the backward on one tile of their own width (the next power
 # of two: rows of 2 a tile of 2, not of 4; no measurable change in the training step, session 30), kept in registers.
 BWD_SOURCE_TILE = 4
@@ -256,27 +259,33 @@ def depth_attn_fwd(
     out = torch.empty((m, d), dtype=storage.store.dtype, device=dev)
     lse = torch.empty((m,), dtype=torch.float32, device=dev)
     h_rstd = torch.empty((m,), dtype=torch.float32, device=dev) if norm_weight is not None else None
-    src_tile, one_tile, warps = forward_tile(n + (partial is not None), block_d(d))
+    src_tile, one_tile, warps, apart = forward_tile(n, partial is not None, block_d(d))
     _triton.depth_attn_fwd_kernel[(m,)](
         storage.store, storage.rstd, partial if partial is not None else out, query, gain,
         norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), SRC_TILE=src_tile, ONE_TILE=one_tile, num_warps=warps,
+        BLOCK_D=block_d(d), SRC_TILE=src_tile, ONE_TILE=one_tile, APART=apart, num_warps=warps,
     )  # fmt: skip
     return out, lse, h_rstd
 
 
-def forward_tile(n_all: int, width: int, one_tile_sources: int | None = None) -> tuple[int, bool, int]:
-    """(source tile, one tile, warps) of the forward for ``n_all`` sources (stored + the partial sum) of padded width
-    ``width``, with rows of up to ``one_tile_sources`` (default ``FWD_ONE_TILE_SOURCES``) on one tile."""
-    wide = next_power_of_2(n_all)
+def forward_tile(
+    n: int, partial: bool, width: int, one_tile_sources: int | None = None
+) -> tuple[int, bool, int, bool]:
+    """(source tile, one tile, warps, partial apart) of the forward over ``n`` stored sources and the partial sum
+    (``partial``) of padded width ``width``, with rows of up to ``one_tile_sources`` (default
+    ``FWD_ONE_TILE_SOURCES``) sources on one tile."""
     limit = FWD_ONE_TILE_SOURCES if one_tile_sources is None else one_tile_sources
     # (and only while 16 warps hold the tile at FWD_ONE_TILE_ELEMENTS per thread: past that, at D 16384 say, each
     # thread would hold more of it, untimed, where the online softmax's per-source rows were measured)
+    fits = width * limit <= 16 * 32 * FWD_ONE_TILE_ELEMENTS
+    if FWD_PARTIAL_APART and partial and n == limit >= 2 and fits:  # (the partial's sums ride in 2 tile rows)
+        return n, True, _warps(width * n, FWD_ONE_TILE_ELEMENTS), True
+    wide = next_power_of_2(n + partial)
     if wide <= limit and width * wide <= 16 * 32 * FWD_ONE_TILE_ELEMENTS:
-        return wide, True, _warps(width * wide, FWD_ONE_TILE_ELEMENTS)
-    return FWD_SOURCE_TILE, False, _warps(width, FWD_ELEMENTS_PER_THREAD)
+        return wide, True, _warps(width * wide, FWD_ONE_TILE_ELEMENTS), False
+    return FWD_SOURCE_TILE, False, _warps(width, FWD_ELEMENTS_PER_THREAD), False
 
 
 def backward_tile(n: int, partial: bool, width: int) -> tuple[int, bool, int, bool]:

@@ -42,11 +42,12 @@ def launch_configs(d: int) -> list[tuple]:
     for partial in (True, False):
         # the forward as forward_tile picks it for the dense model's rows of 5 sources (above FWD_ONE_TILE_SOURCES:
         # the online softmax), and on one tile of 2, 4 and 8 sources
-        one_tiles = [fused.forward_tile(wide, width, one_tile_sources=8) for wide in (2, 4, 8)]
-        for src_tile, one_tile, fwd_warps in dict.fromkeys([fused.forward_tile(_BLOCK_SOURCES, width), *one_tiles]):
+        one_tiles = [fused.forward_tile(wide - partial, partial, width, one_tile_sources=8) for wide in (2, 4, 8)]
+        block_row = fused.forward_tile(_BLOCK_SOURCES - partial, partial, width)
+        for src_tile, one_tile, fwd_warps, apart in dict.fromkeys([block_row, *one_tiles]):
             configs.append((_triton.depth_attn_fwd_kernel,
                             dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
-                                 ONE_TILE=one_tile),
+                                 ONE_TILE=one_tile, APART=apart),
                             fwd_warps))  # fmt: skip
         # as backward_tile picks them for rows of a few sources, one more (with the partial sum: apart from a full
         # tile of stored sources), of up to BWD_ONE_TILE_SOURCES, and of more (deferring the stored sources'
