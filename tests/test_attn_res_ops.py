@@ -188,19 +188,23 @@ def test_deferral_needs_enough_readers_and_fewer_bytes(monkeypatch):
 
 def test_backward_tiles_fit_their_rows(monkeypatch):
     """A row of up to ``BWD_SOURCE_TILE`` (4) sources takes one tile of its own width (no padding rows for 1 or 2);
-    4 stored sources and the partial sum, a tile of 4 with the partial apart (``BWD_PARTIAL_APART``; else a tile of
-    8); up to ``BWD_ONE_TILE_SOURCES`` (8) a wider tile with more warps, beyond that two passes over tiles of 4."""
+    2 or 4 stored sources and the partial sum, a tile of theirs with the partial apart (``BWD_PARTIAL_APART``; else
+    a tile of 4 or 8); up to ``BWD_ONE_TILE_SOURCES`` (8) a wider tile with more warps, beyond that two passes over
+    tiles of 4."""
     from kimi_hf.kernels.attn_res import fused
 
     width = 2048
     tiles = [fused.backward_tile(n, False, width) for n in (1, 2, 3, 4)]
     assert tiles == [(1, True, 4, False), (2, True, 4, False), (4, True, 4, False), (4, True, 4, False)]
     assert fused.backward_tile(1, True, width) == (2, True, 4, False)
+    assert fused.backward_tile(2, True, width) == (2, True, 4, True)
+    assert fused.backward_tile(3, True, width) == (4, True, 4, False)
     assert fused.backward_tile(4, True, width) == (4, True, 4, True)
     assert fused.backward_tile(5, False, width) == (8, True, 8, False) == fused.backward_tile(7, True, width)
     assert fused.backward_tile(8, True, width) == (4, False, 4, False)
     monkeypatch.setattr(fused, "BWD_PARTIAL_APART", 0)
     assert fused.backward_tile(4, True, width) == (8, True, 8, False)
+    assert fused.backward_tile(2, True, width) == (4, True, 4, False)
 
 
 def test_forward_tiles_fit_their_rows(monkeypatch):
@@ -566,13 +570,14 @@ def test_gpu_prenorm_matches_reference(dtype, weight_dtype, d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_blocks,d", [(1, 2048), (4, 2048), (9, 1000)])
+@pytest.mark.parametrize("n_blocks,d", [(1, 2048), (2, 2048), (4, 2048), (9, 1000)])
 @pytest.mark.parametrize("one_tile_sources,apart", [(4, 0), (8, 0), (8, 1)])
 def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, apart, monkeypatch):
     """bf16 against float32; the rows of 4 stored sources and the partial on the backward's two passes
     (``fused.BWD_ONE_TILE_SOURCES`` 4), on one tile of 8 (8) and on a tile of 4 with the partial apart
-    (``BWD_PARTIAL_APART``), and so in the forward (``FWD_ONE_TILE_SOURCES``; with 1 stored source, one tile of 2
-    every way)."""
+    (``BWD_PARTIAL_APART``), 2 stored sources and the partial on a tile of 4 or on a tile of 2 with the partial apart;
+    in the forward (``FWD_ONE_TILE_SOURCES``) 4 stored sources and the partial on a tile of 4 with the partial apart
+    (4) or on a tile of 8 (8); with 1 stored source, one tile of 2 every way."""
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "BWD_PARTIAL_APART", apart)

@@ -88,20 +88,24 @@ BWD_SOURCE_TILE = 4
 BWD_ONE_TILE_SOURCES = 8
 FWD_ELEMENTS_PER_THREAD = 16  # of each row of D: warps = padded D / (32 * this), at most 16
 BWD_ELEMENTS_PER_THREAD = 16
-# Rows of BWD_SOURCE_TILE stored sources and the partial sum: the partial apart from a tile of BWD_SOURCE_TILE at its
-# warps (1), not all of them on a tile of twice that (0). Session 30 (H100, training step; sm_90, D 2048: 253
-# registers deferred, 255 and 20 B of spills direct, so 2 programs of 4 warps per SM, where the tile of 8 at 8 warps
-# fits 1): the backward 4.38 ms per dense step against 5.51, 2.69 against 3.10 on Kimi Linear (its last block's rows).
+# Rows of 2 or 4 (up to BWD_SOURCE_TILE) stored sources and the partial sum: the partial apart from a tile of the
+# stored ones (1), not all of them on a tile of twice that (0). 4 + 1, session 30 (H100, training step; sm_90, D 2048:
+# 253 registers deferred, 255 and 20 B of spills direct, so 2 programs of 4 warps per SM, where the tile of 8 at 8
+# warps fits 1): the backward 4.38 ms per dense step against 5.51, 2.69 against 3.10 on Kimi Linear (its last block's
+# rows). 2 + 1, session 31 (H100, training step, 5 pairs each in one call): a tile of 2 with no padding row, and so a
+# narrow launch (below; 44 B of spills deferred, 104 B direct), where the tile of 4 held 2 programs per SM: the
+# backward 4.04 ms per dense step against 4.24, 2.55 against 2.61 on Kimi Linear.
 BWD_PARTIAL_APART = 1
 # Backward programs (and rows of the parameter-gradient partials) per SM. Session 28 (H100, dense ~1B Block training
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
 # reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
 BWD_PROGRAMS_PER_SM = 2
 # ...except rows on one tile of at most BWD_NARROW_SOURCES sources: BWD_NARROW_PROGRAMS_PER_SM (0: as the others), with
-# their registers capped to fit (168 at 4 warps; sm_90, D 2048: no spills deferred, 36 B direct with the partial sum
-# and the PreNorm) and the query, gain and PreNorm weight re-read per row. The backward's time follows the rows in
-# flight per SM, not the work per row. Session 30 (H100, training step): 3 took the backward from 4.33 to 4.17 ms per
-# dense step (the parameter reduction 0.19 -> 0.20), from 2.66 to 2.57 on Kimi Linear.
+# their registers capped to fit (168 at 4 warps; sm_90, D 2048, with the PreNorm: 1 stored source and the partial sum
+# no spills deferred, 36 B direct; 2 and the partial apart 44 B deferred, 104 B direct) and the query, gain and
+# PreNorm weight re-read per row. The backward's time follows the rows in flight per SM, not the work per row.
+# Session 30 (H100, training step): 3 took the backward from 4.33 to 4.17 ms per dense step (the parameter reduction
+# 0.19 -> 0.20), from 2.66 to 2.57 on Kimi Linear.
 BWD_NARROW_SOURCES = 2
 BWD_NARROW_PROGRAMS_PER_SM = 3
 BWD_NARROW_REGISTERS = 168  # the least registers per thread a narrow launch is capped at (the figures above)
@@ -291,7 +295,8 @@ def forward_tile(
 def backward_tile(n: int, partial: bool, width: int) -> tuple[int, bool, int, bool]:
     """(source tile, one tile, warps, partial apart) of the backward over ``n`` stored sources and the partial sum
     (``partial``), of padded width ``width``."""
-    if BWD_PARTIAL_APART and partial and n == BWD_SOURCE_TILE >= 2:  # (the partial's sums ride in 2 tile rows)
+    # (the stored sources fill their tile, of at least 2 rows: the partial's sums ride in 2 of them)
+    if BWD_PARTIAL_APART and partial and 2 <= n <= BWD_SOURCE_TILE and n == next_power_of_2(n):
         return n, True, _warps(width, BWD_ELEMENTS_PER_THREAD), True
     wide = next_power_of_2(n + partial)
     if wide <= BWD_SOURCE_TILE:

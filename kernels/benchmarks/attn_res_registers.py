@@ -52,7 +52,7 @@ def launch_configs(d: int) -> list[tuple]:
         # as backward_tile picks them for rows of a few sources, one more (with the partial sum: apart from a full
         # tile of stored sources), of up to BWD_ONE_TILE_SOURCES, and of more (deferring the stored sources'
         # gradients on one tile, as a block of the dense model's sublayers does)
-        counts = (2, fused.BWD_SOURCE_TILE, fused.BWD_SOURCE_TILE + 1, fused.BWD_ONE_TILE_SOURCES,
+        counts = (2, 3, fused.BWD_SOURCE_TILE, fused.BWD_SOURCE_TILE + 1, fused.BWD_ONE_TILE_SOURCES,
                   fused.BWD_ONE_TILE_SOURCES + 1)  # fmt: skip
         tiles = {fused.backward_tile(n_all - partial, partial, width): n_all - partial for n_all in counts}
         for (src_tile, one_tile, bwd_warps, apart), n_stored in tiles.items():
