@@ -205,7 +205,8 @@ def _apart_softmax(v, r, stored, vp, u, D, eps, TILE_RSTD: tl.constexpr):
     [BLOCK_D] kept apart from it (its row would double the tile): its two sums (vp . u, vp . vp) ride in rows 0 and 1
     of the tile's round. With TILE_RSTD the stored rows' rstd comes from it too (r unused), v . v in a third tile of
     sums: the forward's choice (one memory latency per row); in the backward that third tile cost more than the
-    late rstd loads (its rows of 4 + 1 sources 6% slower, session 31). Returns (rstd, scores s, p = exp(s - max)
+    late rstd loads (its rows of 4 + 1 sources 6% slower, session 31), so the two take the rstd of the same stored
+    values, summed in another order. Returns (rstd, scores s, p = exp(s - max)
     (zero on padding rows), the partial's rstd, score and p, max, sum of all p)."""
     rows = tl.arange(0, v.shape[0])
     extra = tl.where((rows == 0)[:, None], (vp * u)[None, :], tl.where((rows == 1)[:, None], (vp * vp)[None, :], 0.0))
@@ -375,7 +376,8 @@ def depth_attn_bwd_kernel(
 
     APART (with ONE_TILE and HAS_PARTIAL): the tile holds the stored sources only, and the partial sum is a row of its
     own beside it (``_apart_softmax``, ``_tile_dh``): 4 stored sources and the partial would take a tile of 8, whose
-    registers at 8 warps leave one program per SM, where a tile of 4 at 4 warps leaves two.
+    registers at 8 warps leave one program per SM, where a tile of 4 at 4 warps leaves two; 2 and the partial a tile
+    of 4 with a padding row, where a tile of 2 takes a narrow launch (``fused._narrow_launch``).
     ROW_PARAMS: the query, gain and PreNorm weight are re-read for every row (from L1) instead of held by the
     program, 32 registers fewer to hold where the launch caps them to fit more programs per SM.
 
@@ -464,8 +466,8 @@ def depth_attn_bwd_kernel(
             du += tl.sum(ds_r[:, None] * v, axis=0)
             if DEFER and HAS_PARTIAL and not APART:
                 # only the partial's row of the tile's gradient is used (the stored rows' wait in coef): its row of
-                # ``_tile_grad`` as a tile of one, the rest of dv left dead (ptxas drops it: 4 x 16 elements' worth
-                # of instructions per thread and row), its values picked out of the tile
+                # ``_tile_grad`` as a tile of one, its values picked out of the tile, the rest of dv left dead (sm_90,
+                # tile of 4: 1608 SASS instructions per row loop, not 1821)
                 vp = tl.sum(tl.where(is_partial[:, None], v, 0.0), axis=0)
                 rp, s_p, a_p = _tile_row(r, n_src), _tile_row(s, n_src), _tile_row(alpha, n_src)
                 cp_dh = _tile_row(c_dh, n_src)
