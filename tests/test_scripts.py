@@ -21,6 +21,7 @@ SCRIPTS = [
     "kernels/benchmarks/bench_small_ops.py",
     "kernels/benchmarks/decode_host_cost.py",
     "kernels/benchmarks/kda_registers.py",
+    "kernels/benchmarks/ncu_profile.py",
     "recipes/attn_res_replication.py",
     "recipes/ce_lora_quality.py",
     "recipes/ce_lora_seeds.py",
@@ -38,6 +39,46 @@ def test_script_answers_help(command):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage: "), done.stdout[:500]
+
+
+def _ncu_profile():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ncu_profile", ROOT / "kernels" / "benchmarks" / "ncu_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ncu_summary_reads_a_raw_page():
+    """Two lines per launch: its metrics in their units (ns to us, bytes to MB) and its stall reasons, most first."""
+    reasons = ("long_scoreboard", "selected", "wait")
+    stalls = ",".join(f'"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio"' for r in reasons)
+    raw = (
+        '"ID","Kernel Name","gpu__time_duration.sum","dram__bytes_read.sum","launch__registers_per_thread",'
+        f"{stalls}\n"
+        '"","","nsecond","Gbyte","register/thread","","",""\n'
+        '"0","depth_attn_bwd_kernel","122,020","0.17","255","1.18","1","0.57"\n'
+    )
+    lines = _ncu_profile().summary(raw)
+    assert lines[0] == "0 depth_attn_bwd_kernel: us 122, read_MB 170, registers 255"
+    assert lines[1] == "    cycles per issued instruction 2.75: long_scoreboard 1.18, selected 1.00, wait 0.57"
+
+
+def test_ncu_sass_summary_counts_stall_samples():
+    """By reason and by opcode (predicates dropped), then the instructions holding the most samples."""
+    head = '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_long_sb","stall_wait"'
+    source = "\n".join([
+        '"Kernel Name","depth_attn_bwd_kernel",""', head,
+        '"0x7f0000000010","      LDG.E.128 R4, desc[UR4][R2.64]","0","10","0","0"',
+        '"0x7f0000000020","      PRMT R8, R4, 0x7632, R8","30","10","27","3"',
+        '"0x7f0000000030","@P5   R2UR UR7, R45","10","10","9","1"',
+    ])  # fmt: skip
+    lines = _ncu_profile().sass(source, top=2)
+    assert lines[:2] == ["3 instructions, 40 samples", "  by reason: long_sb 90.0%, wait 10.0%"]
+    assert lines[2] == "  by opcode (samples, executed): PRMT 75.0% 33.3%, R2UR 25.0% 33.3%, LDG 0.0% 33.3%"
+    assert lines[3].split() == ["00020", "75.0%", "long_sb", "PRMT", "R8,", "R4,", "0x7632,", "R8"]
+    assert len(lines) == 5
 
 
 SHELL_SCRIPTS = [
