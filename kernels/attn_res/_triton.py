@@ -157,18 +157,20 @@ def _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE: tl.constexpr):
 
 @triton.jit
 def _row_tile(store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL: tl.constexpr,
-              SRC_TILE: tl.constexpr, TILE_RSTD: tl.constexpr):  # fmt: skip
+              SRC_TILE: tl.constexpr, TILE_RSTD: tl.constexpr, APART: tl.constexpr):  # fmt: skip
     """A row whose sources (n_src stored + the partial sum) fit one [SRC_TILE, BLOCK_D] tile, every load in flight
-    together: ``_source_tile`` with the partial sum's raw row, its rstd left to ``_tile_softmax`` (so that the loads
-    need not wait for a reduction), and with TILE_RSTD the stored rows' too (not loaded). Returns (tile, rstd of the
-    stored rows (zeros with HAS_PARTIAL and TILE_RSTD), stored, is_partial)."""
+    together: ``_source_tile`` with the partial sum's raw row vp, its rstd left to ``_tile_softmax`` (so that the
+    loads need not wait for a reduction), and with TILE_RSTD the stored rows' too (not loaded). With APART the tile
+    holds the stored sources only and vp stays apart (``_apart_softmax``). Returns (tile, rstd of the stored rows
+    (zeros with HAS_PARTIAL and TILE_RSTD), stored, is_partial, vp)."""
     vp = cols.to(tl.float32)  # a placeholder without a partial sum (``_source_tile`` then ignores it)
     if HAS_PARTIAL:
         vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    return _source_tile(
-        store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE,
+    v, r, stored, is_partial = _source_tile(
+        store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, HAS_PARTIAL and not APART, SRC_TILE,
         not (HAS_PARTIAL and TILE_RSTD),
     )
+    return v, r, stored, is_partial, vp
 
 
 @triton.jit
@@ -250,19 +252,16 @@ def depth_attn_fwd_kernel(
     u = _query_key(q_ptr, g_ptr, cols, mask)
     if HAS_NORM:  # with the inputs, in its own dtype until used (96 registers at D 2048, 4 warps; 90 before)
         wn = tl.load(wn_ptr + cols, mask=mask, other=0.0)
-    if ONE_TILE and APART:
-        vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        v, r, stored, _ = _source_tile(
-            store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, False, SRC_TILE, False
+    if ONE_TILE:
+        v, r, stored, is_partial, vp = _row_tile(
+            store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE, True, APART
         )
-        _, _, p, _, _, p_p, m, denom = _apart_softmax(v, r, stored, vp, u, D, eps, True)
-        acc = tl.sum(p[:, None] * v, axis=0) + p_p * vp
-    elif ONE_TILE:
-        v, r, stored, is_partial = _row_tile(
-            store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE, True
-        )
-        _, _, p, m, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL, True)
-        acc = tl.sum(p[:, None] * v, axis=0)
+        if APART:
+            _, _, p, _, _, p_p, m, denom = _apart_softmax(v, r, stored, vp, u, D, eps, True)
+            acc = tl.sum(p[:, None] * v, axis=0) + p_p * vp
+        else:
+            _, _, p, m, denom = _tile_softmax(v, r, stored, is_partial, u, D, eps, HAS_PARTIAL, True)
+            acc = tl.sum(p[:, None] * v, axis=0)
     else:
         vp, rp = _partial_row(part_ptr, row, D, cols, mask, eps, HAS_PARTIAL)
         n_all = n_src
@@ -412,18 +411,13 @@ def depth_attn_bwd_kernel(
         if ONE_TILE:
             # Every load of the row goes out before the first reduction (the sources with the partial sum's raw row,
             # their gradient rows), and the partial's rstd comes from the scores' reduction: two rounds in all.
-            if APART:
-                vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-                v, r, stored, is_partial = _source_tile(
-                    store_ptr, rstd_ptr, vp, 0.0, 0, n_src, M, row, cols, mask, D, False, SRC_TILE, True
-                )
-            else:
-                # the stored rows' rstd from the tile only where their gradients are deferred: the direct rows hold
-                # their gradient rows, and on a tile of 2 at 168 registers spill 56 B, not 36, 4% slower (session 31)
-                v, r, stored, is_partial = _row_tile(
-                    store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE, DEFER
-                )
-                vp = dout  # (a placeholder: the partial is in the tile)
+            # the stored rows' rstd from the tile only where their gradients are deferred and the partial is in the
+            # tile: the direct rows hold their gradient rows (on a tile of 2 at 168 registers they spill 56 B, not
+            # 36, 4% slower), and apart it takes a third tile of sums (``_apart_softmax``) (session 31)
+            v, r, stored, is_partial, vp = _row_tile(
+                store_ptr, rstd_ptr, part_ptr, n_src, M, row, cols, mask, D, HAS_PARTIAL, SRC_TILE,
+                DEFER and not APART, APART,
+            )
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
             if not DEFER:
                 g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)

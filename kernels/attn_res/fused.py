@@ -284,13 +284,15 @@ def forward_tile(
     (``partial``) of padded width ``width``, with rows of up to ``one_tile_sources`` (default
     ``FWD_ONE_TILE_SOURCES``) sources on one tile."""
     limit = FWD_ONE_TILE_SOURCES if one_tile_sources is None else one_tile_sources
-    # (and only while 16 warps hold the tile at FWD_ONE_TILE_ELEMENTS per thread: past that, at D 16384 say, each
-    # thread would hold more of it, untimed, where the online softmax's per-source rows were measured)
-    fits = width * limit <= 16 * 32 * FWD_ONE_TILE_ELEMENTS
-    if FWD_PARTIAL_APART and partial and n == limit >= 2 and fits:  # (the partial's sums ride in 2 tile rows)
+    def fits(tile: int) -> bool:
+        # (only while 16 warps hold the tile at FWD_ONE_TILE_ELEMENTS per thread: past that, at D 16384 say, each
+        # thread would hold more of it, untimed, where the online softmax's per-source rows were measured)
+        return width * tile <= 16 * 32 * FWD_ONE_TILE_ELEMENTS
+
+    if FWD_PARTIAL_APART and partial and n == limit >= 2 and fits(n):  # (the partial's sums ride in 2 tile rows)
         return n, True, _warps(width * n, FWD_ONE_TILE_ELEMENTS), True
     wide = next_power_of_2(n + partial)
-    if wide <= limit and width * wide <= 16 * 32 * FWD_ONE_TILE_ELEMENTS:
+    if wide <= limit and fits(wide):
         return wide, True, _warps(width * wide, FWD_ONE_TILE_ELEMENTS), False
     return FWD_SOURCE_TILE, False, _warps(width, FWD_ELEMENTS_PER_THREAD), False
 

@@ -151,8 +151,8 @@ def sass(source_csv: str, top: int) -> list[str]:
     samples, executed = col["Warp Stall Sampling (All Samples)"], col["Instructions Executed"]
     reasons = [name for name in header if name.startswith("stall_") and "(Not Issued)" not in name]
 
-    def total(i: int, rows: list[list[str]] = body) -> float:
-        return sum(_number(row[i]) or 0.0 for row in rows) or 1.0
+    def total(i: int) -> float:
+        return sum(_number(row[i]) or 0.0 for row in body) or 1.0
 
     all_samples, all_executed = total(samples), total(executed)
     by_reason = sorted(((total(col[name]), name[6:]) for name in reasons), reverse=True)
@@ -180,11 +180,11 @@ def sass(source_csv: str, top: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    attn = sub.add_parser("target", help="run launches for ncu to profile (GPU)")
-    attn.add_argument("what", choices=("attn_res", "kda"))
-    attn.add_argument("--rows", type=int, default=8192, help="attn_res: rows M (B x T)")
-    attn.add_argument("--hidden-size", type=int, default=2048, help="attn_res: hidden size D")
-    attn.add_argument("--seq-len", type=int, default=8192, help="kda: sequence length T at B1 H32 D128")
+    target = sub.add_parser("target", help="run launches for ncu to profile (GPU)")
+    target.add_argument("what", choices=("attn_res", "kda"))
+    target.add_argument("--rows", type=int, default=8192, help="attn_res: rows M (B x T)")
+    target.add_argument("--hidden-size", type=int, default=2048, help="attn_res: hidden size D")
+    target.add_argument("--seq-len", type=int, default=8192, help="kda: sequence length T at B1 H32 D128")
     report = sub.add_parser("summary", help="one line per launch of an ncu report")
     report.add_argument("report")
     source = sub.add_parser("sass", help="stall samples of one launch's source page (csv)")
