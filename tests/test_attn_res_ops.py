@@ -173,6 +173,47 @@ def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, n_b
         assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_triton_source_gradients_whichever_reader_writes_first(defer, monkeypatch):
+    """The stored sources' gradient buffer is not zeroed: the first kernel to write a slot stores into it
+    (``SourceStorage.grad_buffer``). Here a reader of an older bank (one source) runs its backward first, so the
+    readers of three sources after it (each adding its own, or deferred into one pass) find slot 0 written and slots
+    1 and 2 not (zeroed first); the fourth stored source, read by none, hands on no gradient."""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "DEFER_MIN_READERS", 1 if defer else 99)
+    calls = []
+    grad_buffer = fused.SourceStorage.grad_buffer
+
+    def spy(storage, n):
+        before = sorted(storage.written)
+        out = grad_buffer(storage, n)
+        calls.append((n, out[1], before))
+        return out
+
+    monkeypatch.setattr(fused.SourceStorage, "grad_buffer", spy)
+
+    def run(backend):
+        blocks, partial, query, gain = _inputs(4)
+        leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain)]
+        *srcs, p, q, g = leaves
+        banks = [new_source_bank(4, srcs[0], backend=backend)]
+        for src in srcs:
+            banks.append(append_source(banks[-1], src))  # banks[k] holds k sources
+        outs = [depth_attention(banks[3], q * (1 + j), g, p) for j in range(3)]
+        outs.append(depth_attention(banks[1], q.flip(0), g, p))
+        w = torch.Generator().manual_seed(3)
+        sum((h * torch.randn(h.shape, generator=w)).sum() for h in outs).backward()
+        return outs + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+
+    expected = run("torch")
+    actual = run("triton")
+    assert calls[:2] == [(1, True, []), (3, False, [0])]  # fresh, then a mixed range
+    assert not actual[4 + 3].any()  # the unread source's gradient
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
+
+
 def test_deferral_needs_enough_readers_and_fewer_bytes(monkeypatch):
     """Readers defer only when their group is at least ``DEFER_MIN_READERS`` (6) and moves fewer [M, D] rows that
     way: 2 n K against 2 K + 3 n."""

@@ -358,7 +358,7 @@ def depth_attn_bwd_kernel(
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
     ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr, APART: tl.constexpr,
-    ROW_PARAMS: tl.constexpr,
+    ROW_PARAMS: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
     h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
@@ -369,8 +369,9 @@ def depth_attn_bwd_kernel(
     stored sources' gradient rows, and kept in registers; alpha is the softmax of its scores. Otherwise two passes
     over the tiles (h, then the gradients; the second reads the row's sources again, from cache), with
     alpha_i = exp(s_i - lse) from the forward's log-sum-exp.
-    Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader); the
-    partial sum's gradient is written to dpart; each program writes its partial du (and dwn) row, reduced by
+    Stored sources' gradients are ACCUMULATED into gstore (a block's gradient sums over every later reader), or
+    without ACCUMULATE stored there (the first writer of those rows: no read of them); the partial sum's gradient
+    is written to dpart; each program writes its partial du (and dwn) row, reduced by
     ``param_grad_kernel`` (deterministic).
 
     APART (with ONE_TILE and HAS_PARTIAL): the tile holds the stored sources only, and the partial sum is a row of its
@@ -419,7 +420,7 @@ def depth_attn_bwd_kernel(
                 DEFER and not APART, APART,
             )
             g_offs, g_mask = _grad_rows(0, stored, M, row, cols, mask, D, SRC_TILE)
-            if not DEFER:
+            if not DEFER and ACCUMULATE:
                 g_old = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0)
             # the softmax of the recomputed scores (the whole row is in the tile): its weights sum to one, where
             # exp(s - lse) with the forward's lse carried the two summations' difference into every gradient
@@ -455,8 +456,9 @@ def depth_attn_bwd_kernel(
                 tl.store(coef_ptr + c_offs + COEF_PAD, ds_r, mask=stored)
                 tl.store(coef_ptr + c_offs + 2 * COEF_PAD, ds_r * s * r / D, mask=stored)
             else:
-                g_new = (g_old.to(tl.float32) + dv).to(gstore_ptr.dtype.element_ty)
-                tl.store(gstore_ptr + g_offs, g_new, mask=g_mask)
+                if ACCUMULATE:
+                    dv += g_old.to(tl.float32)
+                tl.store(gstore_ptr + g_offs, dv.to(gstore_ptr.dtype.element_ty), mask=g_mask)
             du += tl.sum(ds_r[:, None] * v, axis=0)
             if DEFER and HAS_PARTIAL and not APART:
                 # only the partial's row of the tile's gradient is used (the stored rows' wait in coef): its row of
@@ -488,8 +490,9 @@ def depth_attn_bwd_kernel(
                 )
                 dv, ds_r = _tile_grad(v, r, s, alpha, u, dh, tl.sum(v * dh[None, :], axis=1) - dh_h, D)
                 g_offs, g_mask = _grad_rows(s0, stored, M, row, cols, mask, D, SRC_TILE)
-                g_new = tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32) + dv
-                tl.store(gstore_ptr + g_offs, g_new.to(gstore_ptr.dtype.element_ty), mask=g_mask)
+                if ACCUMULATE:
+                    dv += tl.load(gstore_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
+                tl.store(gstore_ptr + g_offs, dv.to(gstore_ptr.dtype.element_ty), mask=g_mask)
                 du += tl.sum(ds_r[:, None] * v, axis=0)
                 dvp += tl.sum(tl.where(is_partial[:, None], dv, 0.0), axis=0)
         if HAS_PARTIAL:
@@ -505,12 +508,13 @@ def depth_attn_bwd_kernel(
 @triton.jit(do_not_specialize=["n_src", "M"])
 def deferred_grad_kernel(
     store_ptr, gstore_ptr, dh_ptr, coef_ptr, u_ptr, n_src, M, D,
-    K: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     """The stored sources' gradients from K readers of the same n_src sources (``depth_attn_bwd_kernel`` with
     DEFER), one row per program: gstore[i] += sum_k (alpha_ki dh_k + c_ki u_k) - (sum_k e_ki) v_i for i < n_src,
     from dh [K, M, D], coef [K, M, 3, N_PAD] float32 and u [K, D] float32. The sum over readers stays in float32
-    registers ([N_PAD, BLOCK_D]) and each gradient row is read and written once."""
+    registers ([N_PAD, BLOCK_D]) and each gradient row is read and written once (without ACCUMULATE only written:
+    gstore[i] = that sum)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -529,8 +533,10 @@ def deferred_grad_kernel(
     offs = (src.to(tl.int64)[:, None] * M + row) * D + cols[None, :]
     smask = stored[:, None] & mask[None, :]
     v = tl.load(store_ptr + offs, mask=smask, other=0.0).to(tl.float32)
-    g = tl.load(gstore_ptr + offs, mask=smask, other=0.0).to(tl.float32)
-    tl.store(gstore_ptr + offs, (g + acc - e[:, None] * v).to(gstore_ptr.dtype.element_ty), mask=smask)
+    acc -= e[:, None] * v
+    if ACCUMULATE:
+        acc += tl.load(gstore_ptr + offs, mask=smask, other=0.0).to(tl.float32)
+    tl.store(gstore_ptr + offs, acc.to(gstore_ptr.dtype.element_ty), mask=smask)
 
 
 @triton.jit(do_not_specialize=["P"])

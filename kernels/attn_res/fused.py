@@ -114,6 +114,10 @@ BWD_NARROW_PROGRAMS_PER_SM = 3
 BWD_NARROW_REGISTERS = 168  # the least registers per thread a narrow launch is capped at (the figures above)
 _SM_REGISTERS = 65536  # 32-bit registers per SM (sm_80 and sm_90)
 PARAM_GRAD_COLUMNS = 8  # columns per program of the parameter-gradient reduction
+# Rows of the per-program partials it sums per step (a [ROWS, COLUMNS] tile): the backward's programs' partials (two
+# or three per SM) in one step, so that its loads are in flight together. Session 32 (H100, dense training step): 160
+# us per step against 210 at 128 (three steps of 128 rows each waiting for its loads).
+PARAM_GRAD_ROWS = 512
 # Deferred stored-source gradients (``DeferredGrads``): at most this many readers of the same stored sources share
 # one ``deferred_grad_kernel`` pass (0, or fewer than DEFER_MIN_READERS: every reader adds into the stored gradients
 # itself). 8: a block of the dense ~1B model. Session 28 (H100, training step's kernels, 4 backward programs per SM):
@@ -182,9 +186,11 @@ class DeferredGrads:
             return
         m, d = storage.store.shape[1:]
         width = block_d(d)
+        gstore, fresh = storage.grad_buffer(self.n)
         _triton.deferred_grad_kernel[(m,)](
-            storage.store, storage.grad_buffer(), self.dh, self.coef, self.u, self.n, m, d,
-            K=self.count, N_PAD=self.pad, BLOCK_D=width, num_warps=_warps(width * self.pad, DEFER_ELEMENTS_PER_THREAD),
+            storage.store, gstore, self.dh, self.coef, self.u, self.n, m, d,
+            K=self.count, N_PAD=self.pad, BLOCK_D=width, ACCUMULATE=not fresh,
+            num_warps=_warps(width * self.pad, DEFER_ELEMENTS_PER_THREAD),
         )  # fmt: skip
         self.count = 0
 
@@ -195,7 +201,8 @@ class SourceStorage:
     Attributes:
         store: [num_slots, M, D] completed sources (embedding, then one per finished block).
         rstd: [num_slots, M] float32 cached rsqrt(mean(v^2) + eps) of each stored source.
-        grad: [num_slots, M, D] gradient accumulators, allocated by the first backward that needs them.
+        grad: [num_slots, M, D] gradient accumulators, allocated (not zeroed) by the first backward that needs them.
+        written: the slots of ``grad`` that a kernel has written (``grad_buffer``); the others hold no values.
         readers: per number of stored sources n, the pseudo-queries (by address) that read exactly those n in a
             forward: how many readers a backward over them can defer (a set, so that the forward a gradient
             checkpoint runs again counts no reader twice).
@@ -210,13 +217,30 @@ class SourceStorage:
         self.store = torch.empty((num_slots, m, d), dtype=like.dtype, device=like.device)
         self.rstd = torch.empty((num_slots, m), dtype=torch.float32, device=like.device)
         self.grad: torch.Tensor | None = None
+        self.written: set[int] = set()
         self.readers: dict[int, set[int]] = {}
         self.deferred: dict[int, DeferredGrads] = {}
 
-    def grad_buffer(self) -> torch.Tensor:
+    def grad_buffer(self, n: int) -> tuple[torch.Tensor, bool]:
+        """(``grad``, whether a kernel writing the first ``n`` slots' gradients stores them instead of adding into
+        them). The buffer is not zeroed: a slot holds values only once a kernel has written it (``written``), and
+        the first to do so stores. The first backward reader is usually the last forward's, over every slot (the
+        final aggregation), so this spares a zero fill of the whole buffer and that reader a read of it (the dense
+        ~1B model: 2 x 168 MB per step). Slots of a mixed range are zeroed first."""
         if self.grad is None:
-            self.grad = torch.zeros_like(self.store)
-        return self.grad
+            self.grad = torch.empty_like(self.store)
+        fresh = [s for s in range(n) if s not in self.written]
+        if len(fresh) == n:
+            self.written.update(fresh)
+            return self.grad, True
+        for s in fresh:
+            self.grad[s].zero_()
+            self.written.add(s)
+        return self.grad, False
+
+    def slot_grad(self, slot: int) -> torch.Tensor | None:
+        """The gradient summed into stored source ``slot`` [M, D], or None where no reader wrote one."""
+        return self.grad[slot] if slot in self.written else None
 
     def deferral(self, n: int) -> DeferredGrads | None:
         """The ``DeferredGrads`` a backward over the first ``n`` stored sources adds into, or None when its readers
@@ -362,9 +386,9 @@ def depth_attn_bwd(
     deferral = storage.deferral(n) if defer and one_tile else None  # (none over 0 stored sources: no readers)
     if deferral is not None:
         dh, coef, u = deferral.take(storage)
-        gstore = storage.store  # not written
+        gstore, fresh = storage.store, False  # not written
     else:
-        gstore = storage.grad_buffer()
+        gstore, fresh = storage.grad_buffer(n)
         dh, coef, u = dout, du_part, du_part  # not written
     _triton.depth_attn_bwd_kernel[(grid,)](
         storage.store, storage.rstd, partial if partial is not None else dout, query, gain,
@@ -373,15 +397,16 @@ def depth_attn_bwd(
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
-        COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, num_warps=warps, **narrow,
+        COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh, num_warps=warps,
+        **narrow,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
-    # [128, PARAM_GRAD_COLUMNS] tiles of the partials, one column block per program
+    # [PARAM_GRAD_ROWS, PARAM_GRAD_COLUMNS] tiles of the partials, one column block per program
     _triton.param_grad_kernel[(cdiv(d, PARAM_GRAD_COLUMNS),)](
         du_part, dwn_part if dwn_part is not None else du_part, query, gain, dquery, dgain,
         dnorm if dnorm is not None else dquery, grid, d, HAS_NORM=norm_weight is not None, BLOCK=PARAM_GRAD_COLUMNS,
-        ROWS=128, num_warps=4,
+        ROWS=PARAM_GRAD_ROWS, num_warps=4,
     )  # fmt: skip
     return dpart, dquery, dgain, dnorm
 
@@ -411,8 +436,9 @@ class StoreSourceFunction(torch.autograd.Function):
             )
         ctx.used = True
         ctx.storage.settle(ctx.slot)
-        grad = ctx.storage.grad
-        g = grad[ctx.slot].view(ctx.storage.shape) if grad is not None else None
+        g = ctx.storage.slot_grad(ctx.slot)
+        if g is not None:
+            g = g.view(ctx.storage.shape)
         if grad_handle is not None:
             g = grad_handle if g is None else g + grad_handle
         return None, None, g, (g if ctx.has_y else None)

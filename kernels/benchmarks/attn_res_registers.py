@@ -57,17 +57,23 @@ def launch_configs(d: int) -> list[tuple]:
         tiles = {fused.backward_tile(n_all - partial, partial, width): n_all - partial for n_all in counts}
         for (src_tile, one_tile, bwd_warps, apart), n_stored in tiles.items():
             _, narrow = fused._narrow_launch(src_tile, one_tile, bwd_warps)  # (rows of 2: capped registers)
-            for defer in (False, True) if one_tile else (False,):
+            # (and the first writer of the stored gradients, no read of them: the final aggregation, no partial sum)
+            modes = [(False, True), (True, True)] if one_tile else [(False, True)]
+            if not partial:
+                modes.append((False, False))
+            for defer, accumulate in modes:
                 configs.append((_triton.depth_attn_bwd_kernel,
                                 dict(HAS_PARTIAL=partial, HAS_NORM=True, BLOCK_D=width, SRC_TILE=src_tile,
                                      ONE_TILE=one_tile, DEFER=defer,
                                      COEF_PAD=triton.next_power_of_2(n_stored) if defer else 1, APART=apart,
-                                     ROW_PARAMS=narrow["ROW_PARAMS"]),
+                                     ROW_PARAMS=narrow["ROW_PARAMS"], ACCUMULATE=accumulate),
                                 bwd_warps, narrow.get("maxnreg")))  # fmt: skip
     for n_pad in (2, 4, 8):  # the deferred pass over a block's 8 readers, at the dense model's source counts
-        configs.append((_triton.deferred_grad_kernel, dict(K=fused.DEFER_READERS, N_PAD=n_pad, BLOCK_D=width),
+        configs.append((_triton.deferred_grad_kernel,
+                        dict(K=fused.DEFER_READERS, N_PAD=n_pad, BLOCK_D=width, ACCUMULATE=True),
                         fused._warps(width * n_pad, fused.DEFER_ELEMENTS_PER_THREAD)))  # fmt: skip
-    configs.append((_triton.param_grad_kernel, dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=128), 4))
+    configs.append((_triton.param_grad_kernel,
+                    dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=fused.PARAM_GRAD_ROWS), 4))
     # N_PAD 2, 4 and 8: the Block model's boundaries (v_0 alone: no out; query 0's output kept only as its PreNorm),
     # at decode (a program per row and query) and in prefill (rows in groups, over stored sources)
     for n_sources in (1, 2, 4, _BLOCK_SOURCES):
