@@ -214,6 +214,40 @@ def test_triton_source_gradients_whichever_reader_writes_first(defer, monkeypatc
         assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
 
 
+@pytest.mark.parametrize("written_first", [False, True])
+@pytest.mark.parametrize("last_as_partial", [1, 0])
+def test_triton_last_source_as_partial_matches_torch(last_as_partial, written_first, monkeypatch):
+    """A reader of 5 stored sources without a partial sum (a 4-block model's final aggregation) reads the fifth as
+    its partial sum (``LAST_AS_PARTIAL``), whose gradient goes straight to that source's slot; not where a reader of
+    the same sources with a partial sum, created after it, has already written that slot (``written_first``)."""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "LAST_AS_PARTIAL", last_as_partial)
+    first_writes = []
+    first_write = fused.SourceStorage.first_write
+    monkeypatch.setattr(fused.SourceStorage, "first_write", lambda st, slot: (first_writes.append(slot),
+                                                                               first_write(st, slot))[1])
+
+    def run(backend):
+        blocks, partial, query, gain = _inputs(5)
+        norm_w = 1 + 0.2 * torch.randn(query.shape, generator=torch.Generator().manual_seed(1))
+        leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain, norm_w)]
+        *srcs, p, q, g, wn = leaves
+        bank = _bank(srcs, backend)
+        outs = [depth_attention(bank, q, g, None, wn, 1e-5)]
+        if written_first:
+            outs.append(depth_attention(bank, q.flip(0), g, p))
+        w = torch.Generator().manual_seed(3)
+        sum((h * torch.randn(h.shape, generator=w)).sum() for h in outs).backward()
+        return outs + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+
+    expected = run("torch")
+    actual = run("triton")
+    assert first_writes == ([4] if last_as_partial and not written_first else [])
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
+
+
 def test_deferral_needs_enough_readers_and_fewer_bytes(monkeypatch):
     """Readers defer only when their group is at least ``DEFER_MIN_READERS`` (6) and moves fewer [M, D] rows that
     way: 2 n K against 2 K + 3 n."""
@@ -643,6 +677,29 @@ def test_gpu_bf16_matches_reference(n_blocks, d, one_tile_sources, apart, monkey
         h2 = depth_attention_phase2(out[1], lse[1], srcs[-1], queries[1], gains[1])
         ref2 = naive_depth_attention([t.float() for t in srcs], queries[1].float(), gains[1].float())
         assert_close_rel(h2, ref2, 1e-2, "two-phase")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("last_as_partial", [1, 0])
+def test_gpu_final_aggregation_bf16(last_as_partial, monkeypatch):
+    """5 stored sources and no partial sum (a 4-block model's final aggregation), D 2048, bf16 against float32: the
+    fifth read as the partial sum (``LAST_AS_PARTIAL``), or all five on the forward's online softmax and the
+    backward's tile of 8."""
+    from kimi_hf.kernels.attn_res import fused
+
+    monkeypatch.setattr(fused, "LAST_AS_PARTIAL", last_as_partial)
+    blocks, _, query, gain = _inputs(5, shape=(2, 257, 2048), dtype=torch.bfloat16, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (*blocks, query, gain)]
+    *srcs, q, g = leaves
+    w = torch.randn_like(srcs[0])
+    h = depth_attention(_bank(srcs, "triton"), q, g)
+    (h.float() * w).sum().backward()
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref = naive_depth_attention(ref_leaves[:-2], ref_leaves[-2], ref_leaves[-1])
+    (ref * w).sum().backward()
+    assert_close_rel(h, ref, 1e-2, "h")
+    for a, t in zip(leaves, ref_leaves):
+        assert_close_rel(a.grad, t.grad, 2e-2, "grad")
 
 
 @pytest.mark.gpu

@@ -99,6 +99,15 @@ BWD_ELEMENTS_PER_THREAD = 16
 # narrow launch (below; 44 B of spills deferred, 104 B direct), where the tile of 4 held 2 programs per SM: the
 # backward 4.04 ms per dense step against 4.24, 2.55 against 2.61 on Kimi Linear.
 BWD_PARTIAL_APART = 1
+# Rows over n stored sources and no partial sum whose first n - 1 fill the tile that rows with a partial sum keep it
+# apart from (forward: FWD_ONE_TILE_SOURCES of them, backward: BWD_SOURCE_TILE), while n alone would take a wider path
+# (the forward's online softmax over tiles of one source; the backward's tile of 8 at 8 warps, one program per SM):
+# the last stored source is read as the partial sum (1; 0: off). A model of 4 blocks ends on such a row, its final
+# aggregation over the 4 blocks and the embedding. In the backward, the partial's gradient goes straight to that
+# source's slot, where the row is its first writer (else the wider path). Session 32 (H100, dense training step, same
+# call): the backward 3.85 ms per step against 3.98 (the final aggregation's launch 168 us against about 290), the
+# forward 1.86 against 1.87.
+LAST_AS_PARTIAL = 1
 # Backward programs (and rows of the parameter-gradient partials) per SM. Session 28 (H100, dense ~1B Block training
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
 # reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
@@ -238,6 +247,15 @@ class SourceStorage:
             self.written.add(s)
         return self.grad, False
 
+    def first_write(self, slot: int) -> torch.Tensor:
+        """The gradient row block [M, D] of stored source ``slot``, which no kernel has written yet and the caller's
+        will (it stores, not adds)."""
+        if slot in self.written:
+            raise RuntimeError(f"stored source {slot}'s gradient is already written")
+        self.grad_buffer(0)  # (allocates it)
+        self.written.add(slot)
+        return self.grad[slot]
+
     def slot_grad(self, slot: int) -> torch.Tensor | None:
         """The gradient summed into stored source ``slot`` [M, D], or None where no reader wrote one."""
         return self.grad[slot] if slot in self.written else None
@@ -290,6 +308,8 @@ def depth_attn_fwd(
     out = torch.empty((m, d), dtype=storage.store.dtype, device=dev)
     lse = torch.empty((m,), dtype=torch.float32, device=dev)
     h_rstd = torch.empty((m,), dtype=torch.float32, device=dev) if norm_weight is not None else None
+    if _last_as_partial(n, partial is not None, block_d(d), backward=False):
+        n, partial = n - 1, storage.store[n - 1]
     src_tile, one_tile, warps, apart = forward_tile(n, partial is not None, block_d(d))
     _triton.depth_attn_fwd_kernel[(m,)](
         storage.store, storage.rstd, partial if partial is not None else out, query, gain,
@@ -335,6 +355,16 @@ def backward_tile(n: int, partial: bool, width: int) -> tuple[int, bool, int, bo
     return BWD_SOURCE_TILE, False, _warps(width, BWD_ELEMENTS_PER_THREAD), False
 
 
+def _last_as_partial(n: int, partial: bool, width: int, backward: bool) -> bool:
+    """Whether a row over ``n`` stored sources (and a partial sum, ``partial``) of padded width ``width`` reads the
+    last of them as its partial sum (``LAST_AS_PARTIAL``) in the forward or the ``backward``."""
+    if not LAST_AS_PARTIAL or partial or n < 3:
+        return False
+    if backward:
+        return next_power_of_2(n) > BWD_SOURCE_TILE and backward_tile(n - 1, True, width)[3]
+    return next_power_of_2(n) > FWD_ONE_TILE_SOURCES and forward_tile(n - 1, True, width)[3]
+
+
 def _backward_grid(m: int, device: torch.device, programs_per_sm: int) -> int:
     """Programs of the backward kernel: enough to fill the GPU, few enough that the du partials stay small."""
     if device.type == "cuda":
@@ -367,7 +397,8 @@ def depth_attn_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Accumulate the stored sources' gradients into ``storage.grad``, or with ``defer`` hand them to the readers'
     ``storage.deferral(n)`` where there is one (a row on one tile only; the caller then has ``storage.settle`` run
-    before those gradients are read); two launches in all (three when that fills the deferral's buffers).
+    before those gradients are read); two launches in all (three when that fills the deferral's buffers). A row over
+    n stored sources and no partial sum may read the last of them as its partial (``LAST_AS_PARTIAL``).
 
     Returns (dpartial [M, D] or None, dquery [D], dgain [D], dnorm_weight [D] or None), each in its input's dtype.
     """
@@ -376,14 +407,19 @@ def depth_attn_bwd(
         dnorm = torch.zeros_like(norm_weight) if norm_weight is not None else None
         dpart = torch.empty_like(partial) if partial is not None else None
         return dpart, torch.zeros_like(query), torch.zeros_like(gain), dnorm
-    src_tile, one_tile, warps, apart = backward_tile(n, partial is not None, block_d(d))
+    width = block_d(d)
+    last = _last_as_partial(n, partial is not None, width, backward=True) and n - 1 not in storage.written
+    if last:  # (its readers are not those of the first n - 1 sources: it never defers)
+        n, partial = n - 1, storage.store[n - 1]
+    src_tile, one_tile, warps, apart = backward_tile(n, partial is not None, width)
     programs_per_sm, narrow = _narrow_launch(src_tile, one_tile, warps)
     grid = _backward_grid(m, dout.device, programs_per_sm)
     rows = cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
-    dpart = torch.empty_like(partial) if partial is not None else None
-    deferral = storage.deferral(n) if defer and one_tile else None  # (none over 0 stored sources: no readers)
+    # (with ``last``, the partial's gradient is the last source's: written into its slot, returned as None)
+    dpart = storage.first_write(n) if last else torch.empty_like(partial) if partial is not None else None
+    deferral = storage.deferral(n) if defer and one_tile and not last else None  # (none over 0 stored sources)
     if deferral is not None:
         dh, coef, u = deferral.take(storage)
         gstore, fresh = storage.store, False  # not written
@@ -395,11 +431,13 @@ def depth_attn_bwd(
         norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
         dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part, dh, coef, u,
         n, m, d, storage.eps, rows,
-        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d),
+        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=width,
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
         COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh, num_warps=warps,
         **narrow,
     )  # fmt: skip
+    if last:
+        dpart = None
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
     # [PARAM_GRAD_ROWS, PARAM_GRAD_COLUMNS] tiles of the partials, one column block per program
