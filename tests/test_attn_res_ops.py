@@ -55,10 +55,10 @@ def test_forward_matches_reference(backend, with_partial):
     assert_close_rel(h, ref, 1e-5, f"h ({backend})")
 
 
-def _graph(backend: str, with_norm: bool):
+def _graph(backend: str, with_norm: bool, d: int = 48):
     """Two readers of the same stored block plus a block stored from (partial, output): exercises the
     accumulation of slot gradients, the StoreSource backward and (optionally) the fused PreNorm."""
-    blocks, partial, query, gain = _inputs(2)
+    blocks, partial, query, gain = _inputs(2, shape=(2, 3, d))
     norm_w = 1 + 0.2 * torch.randn_like(query)
     leaves = [t.clone().requires_grad_() for t in (*blocks, partial, query, gain, norm_w)]
     b0, b1, p, q, g, wn = leaves
@@ -74,12 +74,13 @@ def _graph(backend: str, with_norm: bool):
     return [h1, h2] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
 
 
+@pytest.mark.parametrize("d", [48, 64], ids=["masked", "even"])  # (64: the backward's EVEN_D, no column masks)
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_triton_backward_matches_torch(with_norm):
+def test_triton_backward_matches_torch(with_norm, d):
     torch.manual_seed(0)
-    expected = _graph("torch", with_norm)
+    expected = _graph("torch", with_norm, d)
     torch.manual_seed(0)
-    actual = _graph("triton", with_norm)
+    actual = _graph("triton", with_norm, d)
     names = ["h1", "h2", "d_block0", "d_block1", "d_partial", "d_query", "d_gain", "d_norm_weight"]
     for a, e, name in zip(actual, expected, names):
         if name == "d_norm_weight" and not with_norm:
@@ -154,11 +155,15 @@ def _readers_graph(
     return outs + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]  # (parts[0] unused)
 
 
-@pytest.mark.parametrize("defer_readers,passes,n_blocks", [(0, [], 3), (3, [3, 2], 3), (8, [5], 3), (8, [5], 4)])
-def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, n_blocks, monkeypatch):
+@pytest.mark.parametrize(
+    "defer_readers,passes,n_blocks,d", [(0, [], 3, 48), (3, [3, 2], 3, 48), (8, [5], 3, 48), (8, [5], 4, 48),
+                                        (8, [5], 4, 64)]
+)
+def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, n_blocks, d, monkeypatch):
     """Five readers of 3 stored sources: gradients added by each reader (0), deferred in passes of 3 readers (the
     buffers fill once, then the rest is added when the stored sources' gradients are handed on) and of all 5; and
-    of 4 stored sources, whose readers with a partial sum keep it apart from their tile (``BWD_PARTIAL_APART``)."""
+    of 4 stored sources, whose readers with a partial sum keep it apart from their tile (``BWD_PARTIAL_APART``), at D
+    48 and 64 (a power of two: the backward without column masks, ``EVEN_D``)."""
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "DEFER_READERS", defer_readers)
@@ -166,8 +171,8 @@ def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, n_b
     flushed = []
     flush = fused.DeferredGrads.flush
     monkeypatch.setattr(fused.DeferredGrads, "flush", lambda self, s: (flushed.append(self.count), flush(self, s)))
-    expected = _readers_graph("torch", 5, n_blocks=n_blocks)
-    actual = _readers_graph("triton", 5, n_blocks=n_blocks)
+    expected = _readers_graph("torch", 5, (2, 3, d), n_blocks=n_blocks)
+    actual = _readers_graph("triton", 5, (2, 3, d), n_blocks=n_blocks)
     assert [k for k in flushed if k] == passes  # readers summed per deferred pass
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_close_rel(a, e, 1e-5, f"output or gradient {i}")

@@ -99,6 +99,8 @@ BWD_ELEMENTS_PER_THREAD = 16
 # narrow launch (below; 44 B of spills deferred, 104 B direct), where the tile of 4 held 2 programs per SM: the
 # backward 4.04 ms per dense step against 4.24, 2.55 against 2.61 on Kimi Linear.
 BWD_PARTIAL_APART = 1
+# The backward at a hidden size that is a power of two compiled without column masks (1; 0: masked as at any other).
+BWD_EVEN_D = 1
 # Rows over n stored sources and no partial sum whose first n - 1 fill the tile that rows with a partial sum keep it
 # apart from (forward: FWD_ONE_TILE_SOURCES of them, backward: BWD_SOURCE_TILE), while n alone would take a wider path
 # (the forward's online softmax over tiles of one source; the backward's tile of 8 at 8 warps, one program per SM):
@@ -433,8 +435,8 @@ def depth_attn_bwd(
         n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=width,
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
-        COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh, num_warps=warps,
-        **narrow,
+        COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh,
+        EVEN_D=bool(BWD_EVEN_D) and d == width, num_warps=warps, **narrow,
     )  # fmt: skip
     if last:
         dpart = None
