@@ -238,25 +238,28 @@ class SourceStorage:
         the first to do so stores. The first backward reader is usually the last forward's, over every slot (the
         final aggregation), so this spares a zero fill of the whole buffer and that reader a read of it (the dense
         ~1B model: 2 x 168 MB per step). Slots of a mixed range are zeroed first."""
-        if self.grad is None:
-            self.grad = torch.empty_like(self.store)
+        grad = self._grad()
         fresh = [s for s in range(n) if s not in self.written]
         if len(fresh) == n:
             self.written.update(fresh)
-            return self.grad, True
+            return grad, True
         for s in fresh:
-            self.grad[s].zero_()
+            grad[s].zero_()
             self.written.add(s)
-        return self.grad, False
+        return grad, False
 
     def first_write(self, slot: int) -> torch.Tensor:
         """The gradient row block [M, D] of stored source ``slot``, which no kernel has written yet and the caller's
         will (it stores, not adds)."""
         if slot in self.written:
             raise RuntimeError(f"stored source {slot}'s gradient is already written")
-        self.grad_buffer(0)  # (allocates it)
         self.written.add(slot)
-        return self.grad[slot]
+        return self._grad()[slot]
+
+    def _grad(self) -> torch.Tensor:
+        if self.grad is None:
+            self.grad = torch.empty_like(self.store)
+        return self.grad
 
     def slot_grad(self, slot: int) -> torch.Tensor | None:
         """The gradient summed into stored source ``slot`` [M, D], or None where no reader wrote one."""

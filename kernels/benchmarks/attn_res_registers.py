@@ -57,9 +57,8 @@ def launch_configs(d: int) -> list[tuple]:
         tiles = {fused.backward_tile(n_all - partial, partial, width): n_all - partial for n_all in counts}
         for (src_tile, one_tile, bwd_warps, apart), n_stored in tiles.items():
             _, narrow = fused._narrow_launch(src_tile, one_tile, bwd_warps)  # (rows of 2: capped registers)
-            # (and the first writer of the stored gradients, no read of them: the final aggregation, no partial sum)
             modes = [(False, True), (True, True)] if one_tile else [(False, True)]
-            if not partial:
+            if apart:  # as the final aggregation of 4 blocks runs it (``LAST_AS_PARTIAL``): no read of the gradients
                 modes.append((False, False))
             for defer, accumulate in modes:
                 configs.append((_triton.depth_attn_bwd_kernel,
