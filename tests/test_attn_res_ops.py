@@ -178,6 +178,23 @@ def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, n_b
         assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
 
 
+def _poison_gradient_buffer(monkeypatch) -> None:
+    """Fill the stored sources' gradient buffer with NaN when it is allocated (it is not zeroed: every read of a slot
+    no kernel wrote must then show)."""
+    from kimi_hf.kernels.attn_res import fused
+
+    alloc = fused.SourceStorage._grad
+
+    def poisoned(storage):
+        new = storage.grad is None
+        grad = alloc(storage)
+        if new:
+            grad.fill_(float("nan"))
+        return grad
+
+    monkeypatch.setattr(fused.SourceStorage, "_grad", poisoned)
+
+
 @pytest.mark.parametrize("defer", [False, True])
 def test_triton_source_gradients_whichever_reader_writes_first(defer, monkeypatch):
     """The stored sources' gradient buffer is not zeroed: the first kernel to write a slot stores into it
@@ -187,6 +204,7 @@ def test_triton_source_gradients_whichever_reader_writes_first(defer, monkeypatc
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "DEFER_MIN_READERS", 1 if defer else 99)
+    _poison_gradient_buffer(monkeypatch)
     calls = []
     grad_buffer = fused.SourceStorage.grad_buffer
 
@@ -228,6 +246,7 @@ def test_triton_last_source_as_partial_matches_torch(last_as_partial, written_fi
     from kimi_hf.kernels.attn_res import fused
 
     monkeypatch.setattr(fused, "LAST_AS_PARTIAL", last_as_partial)
+    _poison_gradient_buffer(monkeypatch)
     first_writes = []
     first_write = fused.SourceStorage.first_write
     monkeypatch.setattr(fused.SourceStorage, "first_write", lambda st, slot: (first_writes.append(slot),
