@@ -315,15 +315,16 @@ def depth_attn_fwd(
     out = torch.empty((m, d), dtype=storage.store.dtype, device=dev)
     lse = torch.empty((m,), dtype=torch.float32, device=dev)
     h_rstd = torch.empty((m,), dtype=torch.float32, device=dev) if norm_weight is not None else None
-    if _last_as_partial(n, partial is not None, block_d(d), backward=False):
+    width = block_d(d)
+    if _last_as_partial(n, partial is not None, width, backward=False):
         n, partial = n - 1, storage.store[n - 1]
-    src_tile, one_tile, warps, apart = forward_tile(n, partial is not None, block_d(d))
+    src_tile, one_tile, warps, apart = forward_tile(n, partial is not None, width)
     _triton.depth_attn_fwd_kernel[(m,)](
         storage.store, storage.rstd, partial if partial is not None else out, query, gain,
         norm_weight if norm_weight is not None else gain, out, lse, h_rstd if h_rstd is not None else lse,
         n, m, d, storage.eps, norm_eps,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), SRC_TILE=src_tile, ONE_TILE=one_tile, APART=apart, num_warps=warps,
+        BLOCK_D=width, SRC_TILE=src_tile, ONE_TILE=one_tile, APART=apart, num_warps=warps,
     )  # fmt: skip
     return out, lse, h_rstd
 
@@ -424,8 +425,9 @@ def depth_attn_bwd(
     rows = cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
-    # (with ``last``, the partial's gradient is the last source's: written into its slot, returned as None)
-    dpart = storage.first_write(n) if last else torch.empty_like(partial) if partial is not None else None
+    dpart = torch.empty_like(partial) if partial is not None and not last else None
+    # where the kernel writes the partial's gradient: with ``last``, the last source's slot (returned as None)
+    part_grad = storage.first_write(n) if last else dpart
     deferral = storage.deferral(n) if defer and one_tile and not last else None  # (none over 0 stored sources)
     if deferral is not None:
         dh, coef, u = deferral.take(storage)
@@ -436,15 +438,13 @@ def depth_attn_bwd(
     _triton.depth_attn_bwd_kernel[(grid,)](
         storage.store, storage.rstd, partial if partial is not None else dout, query, gain,
         norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
-        dpart if dpart is not None else dout, du_part, dwn_part if dwn_part is not None else du_part, dh, coef, u,
-        n, m, d, storage.eps, rows,
+        part_grad if part_grad is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
+        dh, coef, u, n, m, d, storage.eps, rows,
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=width,
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
         COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh,
         EVEN_D=bool(BWD_EVEN_D) and d == width, num_warps=warps, **narrow,
     )  # fmt: skip
-    if last:
-        dpart = None
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
     # [PARAM_GRAD_ROWS, PARAM_GRAD_COLUMNS] tiles of the partials, one column block per program
