@@ -358,7 +358,7 @@ def depth_attn_bwd_kernel(
     n_src, M, D, eps, rows_per_program,
     HAS_PARTIAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr, SRC_TILE: tl.constexpr,
     ONE_TILE: tl.constexpr, DEFER: tl.constexpr, COEF_PAD: tl.constexpr, APART: tl.constexpr,
-    ROW_PARAMS: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN_D: tl.constexpr,
+    ROW_PARAMS: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``depth_attn_fwd_kernel`` for a range of rows: the weights alpha_i (recomputed) and
     h = sum_i alpha_i v_i (with HAS_NORM also the PreNorm backward: dh from dout, and the gain's gradient dwn), then
@@ -381,6 +381,8 @@ def depth_attn_bwd_kernel(
     EVEN_D: D is BLOCK_D (no column past D: sm_90, D 2048, 1-8% fewer instructions per row).
     ROW_PARAMS: the query, gain and PreNorm weight are re-read for every row (from L1) instead of held by the
     program, 32 registers fewer to hold where the launch caps them to fit more programs per SM.
+    STAGES: Triton's software pipelining of the row loop (``fused.BWD_STAGES``): the next rows' loads in flight
+    through shared memory while this row computes.
 
     DEFER (needs ONE_TILE): the stored sources' gradients are not touched here. Each of them is
     dv_i = alpha_i dh + c_i u - e_i v_i with c_i = ds_i r_i and e_i = ds_i s_i r_i^2 / D, so the row's dh goes to
@@ -405,7 +407,7 @@ def depth_attn_bwd_kernel(
         n_all = n_src + 1
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: S_max * M * D may exceed 2^31
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row in range(row_start, row_end):
+    for row in tl.range(row_start, row_end, num_stages=STAGES):
         if ROW_PARAMS:
             u = _query_key(q_ptr, g_ptr, cols, mask)
             if HAS_NORM:
