@@ -112,11 +112,15 @@ BWD_EVEN_D = 1
 # call): the backward 3.85 ms per step against 3.98 (the final aggregation's launch 168 us against about 290), the
 # forward 1.86 against 1.87.
 LAST_AS_PARTIAL = 1
-# Software-pipelining stages of the backward's row loop (Triton's ``num_stages`` on it; 1: none). From 3 the loads of
-# the next rows go out through cp.async into shared memory while this row computes (sm_90, D 2048, triton 3.6: rows of
-# 3 + 1 deferred, 255 registers and 49 KB of shared memory per program; at 2 the next row's copies are issued only
-# after this row's last use of the single buffer, at the end of the loop, so nothing overlaps).
-BWD_STAGES = 1
+# Software-pipelining stages of the backward's row loop (Triton's ``num_stages`` on it; 1: none), for rows that read no
+# gradient rows (deferred, or the first writer of their sources). At 3 the next row's loads go out through cp.async into
+# shared memory while this row computes (sm_90, D 2048, triton 3.6: rows of 3 + 1 deferred, 255 registers and 49 KB of
+# shared memory per program); at 2 its copies wait for this row's last use of the single buffer, at the end of the
+# loop, so nothing overlaps. Session 33 (H100, dense training step, same call): the backward 3.35 ms per step at 3
+# against 3.76 at 1 and 4.19 at 4 (the whole step +2.72% against +2.93%). Rows that add into the stored gradients
+# stay at 1: their gradient rows pipelined too take 74-82 KB of shared memory and spill 112-364 B (Kimi Linear's
+# blocks of 4 readers, all such rows at 3: 3.25 ms against 2.40).
+BWD_STAGES = 3
 # Backward programs (and rows of the parameter-gradient partials) per SM. Session 28 (H100, dense ~1B Block training
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
 # reduction 0.36 -> 0.20 ms: half the partial rows); 8 took 6.28. Session 14 (H200, op level): 4 against 8.
@@ -448,7 +452,8 @@ def depth_attn_bwd(
         HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=width,
         SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
         COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh,
-        EVEN_D=bool(BWD_EVEN_D) and d == width, STAGES=BWD_STAGES, num_warps=warps, **narrow,
+        EVEN_D=bool(BWD_EVEN_D) and d == width, STAGES=BWD_STAGES if deferral is not None or fresh else 1,
+        num_warps=warps, **narrow,
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
