@@ -273,13 +273,14 @@ def test_triton_last_source_as_partial_matches_torch(last_as_partial, written_fi
 
 
 def test_deferral_needs_enough_readers_and_fewer_bytes(monkeypatch):
-    """Readers defer only when their group is at least ``DEFER_MIN_READERS`` (6) and moves fewer [M, D] rows that
+    """Readers defer only when their group is at least ``DEFER_MIN_READERS`` (4) and moves fewer [M, D] rows that
     way: 2 n K against 2 K + 3 n."""
     from kimi_hf.kernels.attn_res import fused
 
     assert fused._defers(2, 8) and fused._defers(4, 6)  # the dense ~1B model's blocks of 8 over 2 to 4 sources
-    assert not fused._defers(2, 4) and not fused._defers(4, 5)  # Kimi Linear's blocks of 4: too few readers
-    assert not fused._defers(1, 8)  # one source: 16 rows either way, plus 3 for the pass
+    assert fused._defers(2, 4) and fused._defers(4, 4)  # Kimi Linear's blocks of 4
+    assert not fused._defers(4, 3) and not fused._defers(8, 2)  # too few readers, whatever the bytes
+    assert not fused._defers(1, 8) and not fused._defers(1, 4)  # one source: 16 (8) rows either way, + 3 for the pass
     monkeypatch.setattr(fused, "DEFER_MIN_READERS", 1)
     assert fused._defers(2, 4) and not fused._defers(2, 3)  # 16 > 14; 12 = 12
     assert fused._defers(4, 3) and not fused._defers(4, 2) and not fused._defers(5, 1)

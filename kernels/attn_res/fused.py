@@ -59,8 +59,8 @@ def num_warps(d: int) -> int:
 
 # Launch constants of the depth attention (``--set attn_res.fused.NAME=INT`` in the benchmarks). Defaults: the best of
 # a session-8 sweep by kernel GPU time on an H200 (bench_small_ops.py --sections attn_res, D 2048 bf16; BENCHMARKS.md).
-# The training kernels' loops are plain: software-pipelined (Triton's num_stages 2) they were no faster in session 14
-# (fwd+bwd 182-214 us against 182-203).
+# The backward's row loop is software-pipelined where its rows read no gradient rows (``BWD_STAGES``; at Triton's
+# num_stages 2 nothing overlaps, and session 14 found it no faster: fwd+bwd 182-214 us against 182-203).
 # Sources (stored + the partial sum) whose loads a forward program issues together. Session 14: tiles of 8 sources
 # were 1.4-2.3x slower at 4 warps (the tile spills) and 4.4-7.7x at 16. It now sets only rows of more than
 # FWD_ONE_TILE_SOURCES: session 29 (H100, Kimi Linear step, its rows of 5) the forward 1.019 ms at 2 against about
@@ -146,13 +146,13 @@ PARAM_GRAD_ROWS = 512
 # dense Block 9.01 ms against 9.12 without (the backward 6.24 -> 5.45 ms, the deferred passes 0.69), Kimi Linear 4.72
 # against 4.63 (its blocks of 4 readers move about as many bytes either way).
 DEFER_READERS = 8
-# Fewer readers than this never defer, whatever the bytes: the per-reader backward is bound by each row's chain of
-# loads and reductions, so what a reader saves by deferring is less than its bytes say, and a deferred pass costs
-# more. Session 29 (H100, training step's kernels): Kimi Linear's blocks of 4 readers, the backward 3.09 ms direct
-# against 2.67 + 0.49 of deferred passes (paired, the whole step +2.90% against +3.03%); session 28, the dense
-# model's blocks of 8: 6.24 against 5.45 + 0.69. That is about 34 us saved per reader and 100 + 17 K us per pass of
-# K readers (M 8192, D 2048): deferring pays from about 6.
-DEFER_MIN_READERS = 6
+# Fewer readers than this never defer, whatever the bytes: a deferred pass costs about 100 + 17 K us (K readers, M
+# 8192, D 2048, H100), more than a reader's bytes say it saves where the reader's backward is bound by its row chain.
+# Session 29 (H100, rows not pipelined): Kimi Linear's blocks of 4 readers, the backward 3.09 ms direct against 2.67 +
+# 0.49 of deferred passes (the whole step +2.90% against +3.03%), so 6. Session 33 (H100, paired training step, same
+# call): with the deferred rows' loop pipelined (``BWD_STAGES``) and the direct ones not, those blocks deferred take
+# the backward to 1.56 ms + 0.45 of deferred passes against 2.33 direct, the whole step +1.60% against +2.06%.
+DEFER_MIN_READERS = 4
 # Of the deferred pass's [N_PAD, padded D] float32 sum per thread: warps = its size / (32 * this). Session 28 (H100,
 # dense step): 64 0.69 ms, 32 0.83, 128 1.24.
 DEFER_ELEMENTS_PER_THREAD = 64
