@@ -178,6 +178,39 @@ def test_triton_deferred_source_gradients_match_torch(defer_readers, passes, n_b
         assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
 
 
+def test_triton_backward_unpipelined_where_its_buffers_do_not_fit(monkeypatch):
+    """A pipelined backward launch (``BWD_STAGES``) that Triton refuses for its shared memory (``OutOfResources``,
+    raised before the kernel runs: wide rows, small GPUs) runs unpipelined with the same gradients, and is not tried
+    pipelined again."""
+    from triton.runtime.errors import OutOfResources
+
+    from kimi_hf.kernels.attn_res import _triton, fused
+
+    kernel, stages = _triton.depth_attn_bwd_kernel, []
+
+    class SharedMemoryLimited:
+        def __getitem__(self, grid):
+            def launch(*args, STAGES, **constants):
+                stages.append(STAGES)
+                if STAGES > 1:
+                    raise OutOfResources(STAGES * 2**16, 2**16, "shared memory")
+                return kernel[grid](*args, STAGES=STAGES, **constants)
+
+            return launch
+
+    monkeypatch.setattr(_triton, "depth_attn_bwd_kernel", SharedMemoryLimited())
+    monkeypatch.setattr(fused, "_UNPIPELINED", set())
+    monkeypatch.setattr(fused, "BWD_STAGES", 3)
+    expected = _readers_graph("torch", 5)
+    for attempt in range(2):  # (5 readers of 3 sources defer; the last reader is every slot's first writer)
+        stages.clear()
+        actual = _readers_graph("triton", 5)
+        assert (fused.BWD_STAGES in stages) == (attempt == 0) and 1 in stages, (attempt, stages)
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close_rel(a, e, 1e-5, f"output or gradient {i}")
+    assert fused._UNPIPELINED
+
+
 def _poison_gradient_buffer(monkeypatch) -> None:
     """Fill the stored sources' gradient buffer with NaN when it is allocated (it is not zeroed: every read of a slot
     no kernel wrote must then show)."""

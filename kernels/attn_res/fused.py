@@ -26,6 +26,7 @@ treat their gradients as constants and give wrong second derivatives without a w
 from __future__ import annotations
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from .._backend import refuse_create_graph
 from .._grid import cdiv, next_power_of_2
@@ -400,6 +401,31 @@ def _narrow_launch(src_tile: int, one_tile: bool, warps: int) -> tuple[int, dict
     return programs, {"ROW_PARAMS": True, "maxnreg": min(255, _SM_REGISTERS // (32 * warps * programs) // 8 * 8)}
 
 
+def backward_stages(deferred: bool, accumulate: bool) -> int:
+    """Pipelining stages of a backward launch: ``BWD_STAGES`` where its rows read no gradient rows (deferred, or the
+    first writer of their sources), else 1."""
+    return BWD_STAGES if deferred or not accumulate else 1
+
+
+# (device, launch constants) of backward launches whose pipelined buffers exceeded the device's shared memory
+_UNPIPELINED: set[tuple] = set()
+
+
+def _launch_backward(grid: int, args: tuple, constants: dict, stages: int) -> None:
+    """``depth_attn_bwd_kernel`` over ``grid`` programs at ``stages``, or unpipelined where that many stages' buffers
+    do not fit the device's shared memory (rows wider than D 2048's 49-57 KB per program at 3 stages, or GPUs with
+    less than the H100's 227 KB per block): Triton refuses such a launch before it runs, and the launch is then
+    remembered, so that its compile is not tried again."""
+    key = (args[0].device, tuple(sorted(constants.items())))
+    if stages > 1 and key not in _UNPIPELINED:
+        try:
+            _triton.depth_attn_bwd_kernel[(grid,)](*args, STAGES=stages, **constants)
+            return
+        except OutOfResources:
+            _UNPIPELINED.add(key)
+    _triton.depth_attn_bwd_kernel[(grid,)](*args, STAGES=1, **constants)
+
+
 def depth_attn_bwd(
     storage: SourceStorage,
     n: int,
@@ -444,16 +470,17 @@ def depth_attn_bwd(
     else:
         gstore, fresh = storage.grad_buffer(n)
         dh, coef, u = dout, du_part, du_part  # not written
-    _triton.depth_attn_bwd_kernel[(grid,)](
-        storage.store, storage.rstd, partial if partial is not None else dout, query, gain,
-        norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
-        part_grad if part_grad is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
-        dh, coef, u, n, m, d, storage.eps, rows,
-        HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=width,
-        SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
-        COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh,
-        EVEN_D=bool(BWD_EVEN_D) and d == width, STAGES=BWD_STAGES if deferral is not None or fresh else 1,
-        num_warps=warps, **narrow,
+    _launch_backward(
+        grid,
+        (storage.store, storage.rstd, partial if partial is not None else dout, query, gain,
+         norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
+         part_grad if part_grad is not None else dout, du_part, dwn_part if dwn_part is not None else du_part,
+         dh, coef, u, n, m, d, storage.eps, rows),
+        dict(HAS_PARTIAL=partial is not None, HAS_NORM=norm_weight is not None, BLOCK_D=width,
+             SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
+             COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh,
+             EVEN_D=bool(BWD_EVEN_D) and d == width, num_warps=warps, **narrow),
+        backward_stages(deferral is not None, not fresh),
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None

@@ -67,7 +67,7 @@ def launch_configs(d: int) -> list[tuple]:
                                      COEF_PAD=triton.next_power_of_2(n_stored) if defer else 1, APART=apart,
                                      ROW_PARAMS=narrow["ROW_PARAMS"], ACCUMULATE=accumulate,
                                      EVEN_D=bool(fused.BWD_EVEN_D) and width == d,
-                                     STAGES=fused.BWD_STAGES if defer or not accumulate else 1),
+                                     STAGES=fused.backward_stages(defer, accumulate)),
                                 bwd_warps, narrow.get("maxnreg")))  # fmt: skip
     for n_pad in (2, 4, 8):  # the deferred pass over a block's 8 readers, at the dense model's source counts
         configs.append((_triton.deferred_grad_kernel,
