@@ -413,9 +413,9 @@ _UNPIPELINED: set[tuple] = set()
 
 def _launch_backward(grid: int, args: tuple, constants: dict, stages: int) -> None:
     """``depth_attn_bwd_kernel`` over ``grid`` programs at ``stages``, or unpipelined where that many stages' buffers
-    do not fit the device's shared memory (rows wider than D 2048's 49-57 KB per program at 3 stages, or GPUs with
-    less than the H100's 227 KB per block): Triton refuses such a launch before it runs, and the launch is then
-    remembered, so that its compile is not tried again."""
+    do not fit the device's shared memory (they grow with the row: 49-57 KB per program at D 2048 and 3 stages on
+    sm_90, against the H100's 227 KB per block; less on smaller GPUs): Triton refuses such a launch before it runs,
+    and the launch is then remembered, so that its compile is not tried again."""
     key = (args[0].device, tuple(sorted(constants.items())))
     if stages > 1 and key not in _UNPIPELINED:
         try:
