@@ -411,12 +411,13 @@ def backward_stages(deferred: bool, accumulate: bool) -> int:
 _UNPIPELINED: set[tuple] = set()
 
 
-def _launch_backward(grid: int, args: tuple, constants: dict, stages: int) -> None:
-    """``depth_attn_bwd_kernel`` over ``grid`` programs at ``stages``, or unpipelined where that many stages' buffers
-    do not fit the device's shared memory (they grow with the row: 49-57 KB per program at D 2048 and 3 stages on
-    sm_90, against the H100's 227 KB per block; less on smaller GPUs): Triton refuses such a launch before it runs,
-    and the launch is then remembered, so that its compile is not tried again."""
-    key = (args[0].device, tuple(sorted(constants.items())))
+def _launch_backward(grid: int, args: tuple, constants: dict) -> None:
+    """``depth_attn_bwd_kernel`` over ``grid`` programs at its ``backward_stages``, or unpipelined where that many
+    stages' buffers do not fit the device's shared memory (they grow with the row: 49-57 KB per program at D 2048
+    and 3 stages on sm_90, against the H100's 227 KB per block; less on smaller GPUs): Triton refuses such a launch
+    before it runs, and the launch is then remembered, so that its compile is not tried again."""
+    stages = backward_stages(constants["DEFER"], constants["ACCUMULATE"])
+    key = (args[0].device, *constants.items())  # (one call site: the constants always come in the same order)
     if stages > 1 and key not in _UNPIPELINED:
         try:
             _triton.depth_attn_bwd_kernel[(grid,)](*args, STAGES=stages, **constants)
@@ -480,7 +481,6 @@ def depth_attn_bwd(
              SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
              COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh,
              EVEN_D=bool(BWD_EVEN_D) and d == width, num_warps=warps, **narrow),
-        backward_stages(deferral is not None, not fresh),
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None
