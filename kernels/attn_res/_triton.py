@@ -681,85 +681,91 @@ def _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, c
     return h
 
 
-@triton.jit(do_not_specialize=["n_prev", "n_q", "M"])
+@triton.jit(do_not_specialize=["n_prev", "M"])
 def store_phase1_rows_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
-    n_prev, n_q, M, D, eps, norm_eps,
-    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr, BR: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    n_prev, M, D, eps, norm_eps,
+    N_Q: tl.constexpr, HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr,
+    BR: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """The prefill block boundary over n_prev >= 1 stored sources, every query of BR rows per program:
+    """The prefill block boundary over n_prev >= 1 stored sources, every one of the N_Q queries of BR rows at a time:
     ``store_phase1_kernel``'s work (store x (+ y) as source n_prev, phase 1 of every query over sources
     0 .. n_prev, query 0's PreNorm into first with HAS_NORM) with the rows' sources in one [BR, N_PAD, BLOCK_D]
     register tile, read once, and each query's u loaded and reduced once per BR rows. A kernel of its own, with no
     runtime choice of the program's queries: one kernel for both layouts, a runtime range of queries per program,
-    took 2-27% longer than this one (session 27, H100, M 8192 D 2048)."""
+    took 2-27% longer than this one (session 27, H100, M 8192 D 2048).
+
+    Each program walks groups of BR rows (the grid's stride apart), its loop software-pipelined over STAGES: the next
+    groups' sources and summands are in flight (cp.async into shared memory) while this group's queries run, where a
+    program per group waited for its loads, then computed with none in flight. The query loop is unrolled (N_Q):
+    Triton pipelines no loop that holds another."""
     dtype = store_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    rmask = rows < M
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     src = tl.arange(0, N_PAD)
     stored = src < n_prev
     is_new = src == n_prev
-    # Every load first, as in store_phase1_kernel: the stored sources, query 0, the gain, the new source's summands
-    slots = src.to(tl.int64)[None, :] * M + rows[:, None]  # [BR, N_PAD]
-    smask = rmask[:, None] & stored[None, :]
-    v = tl.load(store_ptr + slots[:, :, None] * D + cols[None, None, :], mask=smask[:, :, None] & cmask[None, None, :],
-                other=0.0).to(tl.float32)  # fmt: skip
-    r = tl.load(rstd_ptr + slots, mask=smask, other=0.0)
-    u = _query_key(q_ptr, g_ptr, cols, cmask)
-    if HAS_NORM:
-        wn = _gain(wn_ptr, cols, cmask)
-    offs = rows[:, None] * D + cols[None, :]
-    mask = rmask[:, None] & cmask[None, :]
-    v_new, v_new_f = _new_rows(x_ptr, y_ptr, offs, mask, dtype, HAS_Y)
-    tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
-    r_new = _rstd(v_new_f, D, eps)
-    tl.store(rstd_ptr + n_prev * M + rows, r_new, mask=rmask)
-    v = tl.where(is_new[None, :, None], v_new_f[:, None, :], v)
-    r = tl.where(is_new[None, :], r_new[:, None], r)
     valid = (stored | is_new)[None, :]
-    h = _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask, FIRST_OUT)
-    if HAS_NORM:
-        first = _prenorm_rows(h.to(tl.float32), dtype, wn, D, norm_eps)[0]
-        tl.store(first_ptr + offs, first.to(dtype), mask=mask)
-    for j in range(1, n_q):
-        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
-        _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask, FIRST_OUT)
+    for group in tl.range(tl.program_id(0), tl.cdiv(M, BR), tl.num_programs(0), num_stages=STAGES):
+        rows = (group * BR + tl.arange(0, BR)).to(tl.int64)  # (M < 2^31; the offsets below, row * D, are not)
+        rmask = rows < M
+        # Every load first, as in store_phase1_kernel: the stored sources, the new source's summands, query 0, the gain
+        slots = src.to(tl.int64)[None, :] * M + rows[:, None]  # [BR, N_PAD]
+        smask = rmask[:, None] & stored[None, :]
+        v = tl.load(store_ptr + slots[:, :, None] * D + cols[None, None, :],
+                    mask=smask[:, :, None] & cmask[None, None, :], other=0.0).to(tl.float32)  # fmt: skip
+        r = tl.load(rstd_ptr + slots, mask=smask, other=0.0)
+        offs = rows[:, None] * D + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        v_new, v_new_f = _new_rows(x_ptr, y_ptr, offs, mask, dtype, HAS_Y)
+        tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
+        r_new = _rstd(v_new_f, D, eps)
+        tl.store(rstd_ptr + n_prev * M + rows, r_new, mask=rmask)
+        v = tl.where(is_new[None, :, None], v_new_f[:, None, :], v)
+        r = tl.where(is_new[None, :], r_new[:, None], r)
+        if M > 0:  # always true: see UNSTAGED
+            u = _query_key(q_ptr, g_ptr, cols, cmask)
+            h = _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask, FIRST_OUT)
+            if HAS_NORM:
+                first = _prenorm_rows(h.to(tl.float32), dtype, _gain(wn_ptr, cols, cmask), D, norm_eps)[0]
+                tl.store(first_ptr + offs, first.to(dtype), mask=mask)
+            for j in tl.static_range(1, N_Q):
+                u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
+                _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask, FIRST_OUT)
 
 
-@triton.jit(do_not_specialize=["n_q", "M"])
+@triton.jit(do_not_specialize=["M"])
 def store_scores_kernel(
     x_ptr, y_ptr, slot_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, lse_ptr, first_ptr,
-    n_q, M, D, eps, norm_eps,
-    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr,
+    M, D, eps, norm_eps,
+    N_Q: tl.constexpr, HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
-    """The block boundary that stores the first source, BR rows per program: slot = x (+ y) with its rstd, then
+    """The block boundary that stores the first source, BR rows at a time: slot = x (+ y) with its rstd, then
     phase 1 over that lone source, whose output is the source itself and whose lse is its score,
-    lse[j] = rstd * (u_j . v), for each of the n_q queries; with HAS_NORM, query 0's sublayer input goes to first
+    lse[j] = rstd * (u_j . v), for each of the N_Q queries; with HAS_NORM, query 0's sublayer input goes to first
     [M, D] (the PreNorm of the source). What ``store_phase1_kernel`` does with WRITE_OUT off, but each query's u is
     loaded and reduced once per BR rows: at one row per program the queries' chain of loads and reductions, not the
-    bytes, set the time (session 25, H100, M 8192 D 2048, 8 queries: 100.7 us against a 44.8 us floor; here 61.6 at
-    four rows)."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    bytes, set the time (session 25, H100, M 8192 D 2048, 8 queries: 100.7 us against a 44.8 us floor; 61.6 at four
+    rows). Groups of rows as in ``store_phase1_rows_kernel``: a grid-strided loop pipelined over STAGES."""
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    rmask = rows < M
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    if HAS_NORM:
-        wn = _gain(wn_ptr, cols, cmask)
-    v, vf = _new_rows(x_ptr, y_ptr, offs, mask, slot_ptr.dtype.element_ty, HAS_Y)
-    tl.store(slot_ptr + offs, v, mask=mask)
-    rstd = _rstd(vf, D, eps)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    if HAS_NORM:
-        first = _prenorm_rows(vf, v.dtype, wn, D, norm_eps)[0]
-        tl.store(first_ptr + offs, first.to(v.dtype), mask=mask)
-    for j in range(n_q):
-        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
-        tl.store(lse_ptr + j * M + rows, rstd * tl.sum(vf * u[None, :], axis=1), mask=rmask)
+    for group in tl.range(tl.program_id(0), tl.cdiv(M, BR), tl.num_programs(0), num_stages=STAGES):
+        rows = (group * BR + tl.arange(0, BR)).to(tl.int64)  # (M < 2^31; the offsets below, row * D, are not)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        v, vf = _new_rows(x_ptr, y_ptr, offs, mask, slot_ptr.dtype.element_ty, HAS_Y)
+        tl.store(slot_ptr + offs, v, mask=mask)
+        rstd = _rstd(vf, D, eps)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+        if M > 0:  # always true: see UNSTAGED in store_phase1_rows_kernel
+            if HAS_NORM:
+                first = _prenorm_rows(vf, v.dtype, _gain(wn_ptr, cols, cmask), D, norm_eps)[0]
+                tl.store(first_ptr + offs, first.to(v.dtype), mask=mask)
+            for j in tl.static_range(N_Q):
+                u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
+                tl.store(lse_ptr + j * M + rows, rstd * tl.sum(vf * u[None, :], axis=1), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])

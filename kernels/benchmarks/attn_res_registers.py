@@ -83,13 +83,16 @@ def launch_configs(d: int) -> list[tuple]:
                         dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=n_pad, BLOCK_D=width, WRITE_OUT=n_sources > 1,
                              FIRST_OUT=False),
                         warps))  # fmt: skip
-        if n_sources > 1:
+        if n_sources > 1:  # (the last: the final aggregation, one query)
             configs.append((_triton.store_phase1_rows_kernel,
-                            dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, N_PAD=n_pad,
-                                 BR=max(1, two_phase.PREFILL_ROW_SOURCES // n_pad), BLOCK_D=width),
+                            dict(N_Q=1 if n_sources == _BLOCK_SOURCES else q_pad, HAS_Y=True, HAS_NORM=True,
+                                 FIRST_OUT=False, N_PAD=n_pad, BR=max(1, two_phase.PREFILL_ROW_SOURCES // n_pad),
+                                 BLOCK_D=width, STAGES=two_phase.PREFILL_STAGES),
                             warps))  # fmt: skip
     configs.append((_triton.store_scores_kernel,
-                    dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width), warps))  # fmt: skip
+                    dict(N_Q=q_pad, HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width,
+                         STAGES=two_phase.PREFILL_STAGES),
+                    warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
                     dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_BLOCK_SOURCES), BLOCK_D=width, ONE_TILE=True,
                          WRITE_OUT=True),
@@ -116,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     ptxas = args.ptxas or default_ptxas()
     divisible = ("D",) if args.hidden_size % 16 == 0 else ()
     print(f"triton {triton.__version__}, sm_90, bf16, D = {args.hidden_size}")
-    print("| kernel | variant | warps | stages | registers | spill stores (B) | spill loads (B) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| kernel | variant | warps | stages | registers | spill stores (B) | spill loads (B) | shared memory (B) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for fn, constexprs, warps, *cap in launch_configs(args.hidden_size):
         types = signature(fn, constexprs, _SCALARS, _FP32_POINTERS, set())  # statistics and partials fp32, else bf16
         variant = tuple(k for k in constexprs if k != "BLOCK_D")

@@ -122,7 +122,8 @@ def report(
     shown: tuple[str, ...] = ("BK", "BV"),
     maxnreg: int | None = None,
 ) -> str:
-    """One line: registers per thread and spilled bytes of ``fn`` compiled for sm_90, with the constexprs ``shown``.
+    """One line: registers per thread, spilled bytes and shared memory per program of ``fn`` compiled for sm_90, with
+    the constexprs ``shown``.
     ``types`` (Triton's argument types, constexprs included; see :func:`signature`) defaults to the KDA kernels'."""
     types = types or signature(fn, constexprs)
     src = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=_aligned(fn, types, divisible_ints))
@@ -139,7 +140,8 @@ def report(
     stores, loads = (spill.group(1), spill.group(2)) if spill else ("0", "0")
     tiles = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in shown)
     used = regs.group(1) if regs else "?"
-    return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {num_stages} | {used} | {stores} | {loads} |"
+    shared = compiled.metadata.shared
+    return f"| {fn.fn.__name__} | {tiles} | {num_warps} | {num_stages} | {used} | {stores} | {loads} | {shared} |"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ptxas = args.ptxas or default_ptxas()
     print(f"triton {triton.__version__}, sm_90, bf16, K = V = {args.head_dim}")
-    print("| kernel | tiles | warps | stages | registers | spill stores (B) | spill loads (B) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| kernel | tiles | warps | stages | registers | spill stores (B) | spill loads (B) | shared memory (B) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for fn, constexprs, warps, stages in launch_configs(args.head_dim):
         print(report(fn, constexprs, warps, stages, ptxas), flush=True)
 
