@@ -698,7 +698,12 @@ def store_phase1_rows_kernel(
     Each program walks groups of BR rows (the grid's stride apart), its loop software-pipelined over STAGES: the next
     groups' sources and summands are in flight (cp.async into shared memory) while this group's queries run, where a
     program per group waited for its loads, then computed with none in flight. The query loop is unrolled (N_Q):
-    Triton pipelines no loop that holds another."""
+    Triton pipelines no loop that holds another.
+    UNSTAGED: the queries, gains and PreNorm weight are loaded under a runtime branch that is always taken
+    (``M > 0`` inside the loop), because Triton's pipeliner stages only the loads at the top level of the loop's
+    body. They are the same for every group (L1 hits), and staged they would take most of the shared memory: 8
+    queries and gains at D 2048 in bf16 are 64 KB per stage, room for one program per SM (sm_90, triton 3.6: 205 KB,
+    against 66 KB unstaged)."""
     dtype = store_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -709,7 +714,8 @@ def store_phase1_rows_kernel(
     for group in tl.range(tl.program_id(0), tl.cdiv(M, BR), tl.num_programs(0), num_stages=STAGES):
         rows = (group * BR + tl.arange(0, BR)).to(tl.int64)  # (M < 2^31; the offsets below, row * D, are not)
         rmask = rows < M
-        # Every load first, as in store_phase1_kernel: the stored sources, the new source's summands, query 0, the gain
+        # The group's loads first (staged: in flight while the previous group computes): its stored sources, their
+        # rstd and the new source's summands
         slots = src.to(tl.int64)[None, :] * M + rows[:, None]  # [BR, N_PAD]
         smask = rmask[:, None] & stored[None, :]
         v = tl.load(store_ptr + slots[:, :, None] * D + cols[None, None, :],
@@ -723,7 +729,7 @@ def store_phase1_rows_kernel(
         tl.store(rstd_ptr + n_prev * M + rows, r_new, mask=rmask)
         v = tl.where(is_new[None, :, None], v_new_f[:, None, :], v)
         r = tl.where(is_new[None, :], r_new[:, None], r)
-        if M > 0:  # always true: see UNSTAGED
+        if M > 0:  # always true: UNSTAGED
             u = _query_key(q_ptr, g_ptr, cols, cmask)
             h = _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask, FIRST_OUT)
             if HAS_NORM:
