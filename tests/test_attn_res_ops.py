@@ -520,7 +520,13 @@ def test_phase1_over_one_source_returns_that_source(tile_elements, split_rows, m
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_phase2_add_matches_add_then_phase2(backend, with_norm):
+@pytest.mark.parametrize("stages", [1, 3], ids=["program-per-row", "programs-walk-rows"])
+def test_phase2_add_matches_add_then_phase2(backend, with_norm, stages, monkeypatch):
+    """Phase 2 with the addition fused (and without) against the addition, then the naive formula; Triton: a program
+    per row, or (``PHASE2_STAGES`` > 1) 4 programs on the CPU walking the 14 rows."""
+    from kimi_hf.kernels.attn_res import two_phase
+
+    monkeypatch.setattr(two_phase, "PHASE2_STAGES", stages)
     blocks, partial, _, _ = _inputs(3, shape=(2, 7, 48), seed=5)
     addend = torch.randn_like(partial)
     g = torch.Generator().manual_seed(6)
@@ -534,6 +540,11 @@ def test_phase2_add_matches_add_then_phase2(backend, with_norm):
     assert torch.equal(new_partial, partial + addend)  # rounded once, as the eager addition
     h = naive_depth_attention(blocks + [partial + addend], queries[1], gains[1])
     assert_close_rel(x, rms_norm(h, norm_w, 1e-5) if with_norm else h, 1e-5, "phase 2 after the addition")
+    with torch.no_grad():
+        x = depth_attention_phase2(out[1], lse[1], partial, queries[1], gains[1], backend=backend,
+                                   norm_weight=norm_w, norm_eps=1e-5)  # fmt: skip
+    h = naive_depth_attention(blocks + [partial], queries[1], gains[1])
+    assert_close_rel(x, rms_norm(h, norm_w, 1e-5) if with_norm else h, 1e-5, "phase 2")
     with pytest.raises(ValueError, match="addend has shape"):
         depth_attention_phase2_add(out[1], lse[1], partial, addend[:, :1], queries[1], gains[1], backend=backend)
 

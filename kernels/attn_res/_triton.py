@@ -829,41 +829,60 @@ def phase1_kernel(
 
 
 @triton.jit
-def phase2_kernel(
-    o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, D, eps, norm_eps,
+def _phase2_row(
+    o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, row, M, D, eps, norm_eps,
     HAS_PARTIAL: tl.constexpr, HAS_ADD: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``phase2_kernel`` of one row (int64)."""
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    h = tl.load(o_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PARTIAL:
+        vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + row)
+        if HAS_ADD:
+            vp += tl.load(add_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            vp = vp.to(new_part_ptr.dtype.element_ty).to(tl.float32)  # (rounded as the eager addition)
+    if M > 0:  # always true: the parameters' loads unstaged (``store_phase1_rows_kernel``'s UNSTAGED)
+        if HAS_NORM:
+            wn = _gain(wn_ptr, cols, mask)
+        if HAS_PARTIAL:
+            u = _query_key(q_ptr, g_ptr, cols, mask)  # (loaded before the store: it may alias)
+            if HAS_ADD:
+                tl.store(new_part_ptr + row * D + cols, vp.to(new_part_ptr.dtype.element_ty), mask=mask)
+            dot, square = _sum_pair(u * vp, vp * vp, 0)
+            s = dot / tl.sqrt(square / D + eps)
+            m = tl.maximum(lse, s)
+            w_o = tl.exp(lse - m)
+            w_p = tl.exp(s - m)
+            h = (w_o * h + w_p * vp) / (w_o + w_p)
+        out = h.to(h_ptr.dtype.element_ty)
+        if HAS_NORM:
+            out, _ = _prenorm_row(out, wn, D, norm_eps)
+        tl.store(h_ptr + row * D + cols, out, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def phase2_kernel(
+    o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, M, D, eps, norm_eps,
+    HAS_PARTIAL: tl.constexpr, HAS_ADD: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """Two-phase inference, phase 2: merge one query's phase-1 row with the partial-sum source (online softmax),
     then (HAS_NORM) the sublayer's PreNorm, as in ``depth_attn_fwd_kernel``: one launch per sublayer.
 
     HAS_ADD: the partial sum is first brought up to date, part + add (rounded to its dtype, as the eager addition
     rounds), and written to new_part: the previous sublayer's output is added in this launch instead of its own.
+    A program per row at STAGES 1; above, each program walks rows (the grid's stride apart), its loop
+    software-pipelined over STAGES (the next rows' loads in flight while this one computes).
     """
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    if HAS_NORM:
-        wn = _gain(wn_ptr, cols, mask)
-    h = tl.load(o_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_PARTIAL:
-        u = _query_key(q_ptr, g_ptr, cols, mask)
-        vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        lse = tl.load(lse_ptr + row)  # before the store below, which it would otherwise wait behind
-        if HAS_ADD:
-            vp += tl.load(add_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-            vp = vp.to(new_part_ptr.dtype.element_ty)
-            tl.store(new_part_ptr + row * D + cols, vp, mask=mask)
-            vp = vp.to(tl.float32)
-        dot, square = _sum_pair(u * vp, vp * vp, 0)
-        s = dot / tl.sqrt(square / D + eps)
-        m = tl.maximum(lse, s)
-        w_o = tl.exp(lse - m)
-        w_p = tl.exp(s - m)
-        h = (w_o * h + w_p * vp) / (w_o + w_p)
-    h = h.to(h_ptr.dtype.element_ty)
-    if HAS_NORM:
-        h, _ = _prenorm_row(h, wn, D, norm_eps)
-    tl.store(h_ptr + row * D + cols, h, mask=mask)
+    args = (o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr)
+    if STAGES == 1:
+        _phase2_row(*args, tl.program_id(0).to(tl.int64), M, D, eps, norm_eps, HAS_PARTIAL, HAS_ADD, HAS_NORM,
+                    BLOCK_D)  # fmt: skip
+    else:
+        for row in tl.range(tl.program_id(0).to(tl.int64), M, tl.num_programs(0), num_stages=STAGES):
+            _phase2_row(*args, row, M, D, eps, norm_eps, HAS_PARTIAL, HAS_ADD, HAS_NORM, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -47,6 +47,10 @@ PREFILL_ROW_SOURCES = 4
 PREFILL_STAGES = 3
 # Launch constant: programs per SM of the pipelined prefill boundaries (their registers fit two of 4 warps).
 PREFILL_PROGRAMS_PER_SM = 2
+# Launch constants: phase 2's row loop, as PREFILL_STAGES (1: a program per row), and its programs per SM when
+# pipelined (sm_90, D 2048, triton 3.6: 40-72 registers at 4 warps, 12-25 KB of shared memory at 3 stages).
+PHASE2_STAGES = 1
+PHASE2_PROGRAMS_PER_SM = 6
 
 
 def _sources_pad(n_sources: int) -> int:
@@ -175,11 +179,14 @@ def phase2(
     new_partial = partial
     if add is not None:
         new_partial = torch.empty((m, d), dtype=torch.promote_types(partial.dtype, add.dtype), device=out.device)
-    _triton.phase2_kernel[(m,)](
-        out, lse, partial if partial is not None else out, add if add is not None else out,
-        new_partial if add is not None else out, query.contiguous(), gain.contiguous(),
-        norm_weight.contiguous() if norm_weight is not None else gain, h, d, eps, norm_eps,
-        HAS_PARTIAL=partial is not None, HAS_ADD=add is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), num_warps=num_warps(d),
+    grid = m if PHASE2_STAGES <= 1 else resident_grid(m, out.device, PHASE2_PROGRAMS_PER_SM)
+    launch_pipelined(
+        _triton.phase2_kernel, grid,
+        (out, lse, partial if partial is not None else out, add if add is not None else out,
+         new_partial if add is not None else out, query.contiguous(), gain.contiguous(),
+         norm_weight.contiguous() if norm_weight is not None else gain, h, m, d, eps, norm_eps),
+        dict(HAS_PARTIAL=partial is not None, HAS_ADD=add is not None, HAS_NORM=norm_weight is not None,
+             BLOCK_D=block_d(d), num_warps=num_warps(d)),
+        PHASE2_STAGES,
     )  # fmt: skip
     return h, new_partial

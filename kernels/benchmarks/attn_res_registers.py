@@ -103,7 +103,9 @@ def launch_configs(d: int) -> list[tuple]:
                     warps))  # fmt: skip
     for partial, add in ((True, True), (True, False), (False, False)):
         configs.append((_triton.phase2_kernel,
-                        dict(HAS_PARTIAL=partial, HAS_ADD=add, HAS_NORM=True, BLOCK_D=width), warps))  # fmt: skip
+                        dict(HAS_PARTIAL=partial, HAS_ADD=add, HAS_NORM=True, BLOCK_D=width,
+                             STAGES=two_phase.PHASE2_STAGES),
+                        warps))  # fmt: skip
     for add in (True, False):
         configs.append((_triton.rms_norm_fwd_kernel, dict(BR=rows, BLOCK_D=norm_width, HAS_ADD=add), norm_warps))
     configs.append((_triton.rms_norm_bwd_kernel,
