@@ -681,97 +681,85 @@ def _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, c
     return h
 
 
-@triton.jit(do_not_specialize=["n_prev", "M"])
+@triton.jit(do_not_specialize=["n_prev", "n_q", "M"])
 def store_phase1_rows_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
-    n_prev, M, D, eps, norm_eps,
-    N_Q: tl.constexpr, HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr,
-    BR: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    n_prev, n_q, M, D, eps, norm_eps,
+    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr, BR: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """The prefill block boundary over n_prev >= 1 stored sources, every one of the N_Q queries of BR rows at a time:
+    """The prefill block boundary over n_prev >= 1 stored sources, every query of BR rows per program:
     ``store_phase1_kernel``'s work (store x (+ y) as source n_prev, phase 1 of every query over sources
     0 .. n_prev, query 0's PreNorm into first with HAS_NORM) with the rows' sources in one [BR, N_PAD, BLOCK_D]
     register tile, read once, and each query's u loaded and reduced once per BR rows. A kernel of its own, with no
     runtime choice of the program's queries: one kernel for both layouts, a runtime range of queries per program,
-    took 2-27% longer than this one (session 27, H100, M 8192 D 2048).
-
-    Each program walks groups of BR rows (the grid's stride apart), its loop software-pipelined over STAGES: the next
-    groups' sources and summands are in flight (cp.async into shared memory) while this group's queries run, where a
-    program per group waited for its loads, then computed with none in flight. The query loop is unrolled (N_Q):
-    Triton pipelines no loop that holds another.
-    UNSTAGED: the queries, gains and PreNorm weight are loaded under a runtime branch that is always taken
-    (``M > 0`` inside the loop), because Triton's pipeliner stages only the loads at the top level of the loop's
-    body. They are the same for every group (L1 hits), and staged they would take most of the shared memory: 8
-    queries and gains at D 2048 in bf16 are 64 KB per stage, room for one program per SM (sm_90, triton 3.6: 205 KB,
-    against 66 KB unstaged)."""
+    took 2-27% longer than this one (session 27, H100, M 8192 D 2048)."""
     dtype = store_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rmask = rows < M
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     src = tl.arange(0, N_PAD)
     stored = src < n_prev
     is_new = src == n_prev
+    # Every load first, as in store_phase1_kernel: the stored sources, query 0, the gain, the new source's summands
+    slots = src.to(tl.int64)[None, :] * M + rows[:, None]  # [BR, N_PAD]
+    smask = rmask[:, None] & stored[None, :]
+    v = tl.load(store_ptr + slots[:, :, None] * D + cols[None, None, :], mask=smask[:, :, None] & cmask[None, None, :],
+                other=0.0).to(tl.float32)  # fmt: skip
+    r = tl.load(rstd_ptr + slots, mask=smask, other=0.0)
+    u = _query_key(q_ptr, g_ptr, cols, cmask)
+    if HAS_NORM:
+        wn = _gain(wn_ptr, cols, cmask)
+    offs = rows[:, None] * D + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    v_new, v_new_f = _new_rows(x_ptr, y_ptr, offs, mask, dtype, HAS_Y)
+    tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
+    r_new = _rstd(v_new_f, D, eps)
+    tl.store(rstd_ptr + n_prev * M + rows, r_new, mask=rmask)
+    v = tl.where(is_new[None, :, None], v_new_f[:, None, :], v)
+    r = tl.where(is_new[None, :], r_new[:, None], r)
     valid = (stored | is_new)[None, :]
-    for group in tl.range(tl.program_id(0), tl.cdiv(M, BR), tl.num_programs(0), num_stages=STAGES):
-        rows = (group * BR + tl.arange(0, BR)).to(tl.int64)  # (M < 2^31; the offsets below, row * D, are not)
-        rmask = rows < M
-        # The group's loads first (staged: in flight while the previous group computes): its stored sources, their
-        # rstd and the new source's summands
-        slots = src.to(tl.int64)[None, :] * M + rows[:, None]  # [BR, N_PAD]
-        smask = rmask[:, None] & stored[None, :]
-        v = tl.load(store_ptr + slots[:, :, None] * D + cols[None, None, :],
-                    mask=smask[:, :, None] & cmask[None, None, :], other=0.0).to(tl.float32)  # fmt: skip
-        r = tl.load(rstd_ptr + slots, mask=smask, other=0.0)
-        offs = rows[:, None] * D + cols[None, :]
-        mask = rmask[:, None] & cmask[None, :]
-        v_new, v_new_f = _new_rows(x_ptr, y_ptr, offs, mask, dtype, HAS_Y)
-        tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
-        r_new = _rstd(v_new_f, D, eps)
-        tl.store(rstd_ptr + n_prev * M + rows, r_new, mask=rmask)
-        v = tl.where(is_new[None, :, None], v_new_f[:, None, :], v)
-        r = tl.where(is_new[None, :], r_new[:, None], r)
-        if M > 0:  # always true: UNSTAGED
-            u = _query_key(q_ptr, g_ptr, cols, cmask)
-            h = _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask, FIRST_OUT)
-            if HAS_NORM:
-                first = _prenorm_rows(h.to(tl.float32), dtype, _gain(wn_ptr, cols, cmask), D, norm_eps)[0]
-                tl.store(first_ptr + offs, first.to(dtype), mask=mask)
-            for j in tl.static_range(1, N_Q):
-                u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
-                _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask, FIRST_OUT)
+    h = _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask, FIRST_OUT)
+    if HAS_NORM:
+        first = _prenorm_rows(h.to(tl.float32), dtype, wn, D, norm_eps)[0]
+        tl.store(first_ptr + offs, first.to(dtype), mask=mask)
+    for j in range(1, n_q):
+        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
+        _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask, FIRST_OUT)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["n_q", "M"])
 def store_scores_kernel(
     x_ptr, y_ptr, slot_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, lse_ptr, first_ptr,
-    M, D, eps, norm_eps,
-    N_Q: tl.constexpr, HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr,
+    n_q, M, D, eps, norm_eps,
+    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """The block boundary that stores the first source, BR rows at a time: slot = x (+ y) with its rstd, then
+    """The block boundary that stores the first source, BR rows per program: slot = x (+ y) with its rstd, then
     phase 1 over that lone source, whose output is the source itself and whose lse is its score,
-    lse[j] = rstd * (u_j . v), for each of the N_Q queries; with HAS_NORM, query 0's sublayer input goes to first
+    lse[j] = rstd * (u_j . v), for each of the n_q queries; with HAS_NORM, query 0's sublayer input goes to first
     [M, D] (the PreNorm of the source). What ``store_phase1_kernel`` does with WRITE_OUT off, but each query's u is
     loaded and reduced once per BR rows: at one row per program the queries' chain of loads and reductions, not the
-    bytes, set the time (session 25, H100, M 8192 D 2048, 8 queries: 100.7 us against a 44.8 us floor; 61.6 at four
-    rows). Groups of rows as in ``store_phase1_rows_kernel``: a grid-strided loop pipelined over STAGES."""
+    bytes, set the time (session 25, H100, M 8192 D 2048, 8 queries: 100.7 us against a 44.8 us floor; here 61.6 at
+    four rows)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    for group in tl.range(tl.program_id(0), tl.cdiv(M, BR), tl.num_programs(0), num_stages=STAGES):
-        rows = (group * BR + tl.arange(0, BR)).to(tl.int64)  # (M < 2^31; the offsets below, row * D, are not)
-        rmask = rows < M
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
-        v, vf = _new_rows(x_ptr, y_ptr, offs, mask, slot_ptr.dtype.element_ty, HAS_Y)
-        tl.store(slot_ptr + offs, v, mask=mask)
-        rstd = _rstd(vf, D, eps)
-        tl.store(rstd_ptr + rows, rstd, mask=rmask)
-        if M > 0:  # always true: see UNSTAGED in store_phase1_rows_kernel
-            if HAS_NORM:
-                first = _prenorm_rows(vf, v.dtype, _gain(wn_ptr, cols, cmask), D, norm_eps)[0]
-                tl.store(first_ptr + offs, first.to(v.dtype), mask=mask)
-            for j in tl.static_range(N_Q):
-                u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
-                tl.store(lse_ptr + j * M + rows, rstd * tl.sum(vf * u[None, :], axis=1), mask=rmask)
+    rmask = rows < M
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    if HAS_NORM:
+        wn = _gain(wn_ptr, cols, cmask)
+    v, vf = _new_rows(x_ptr, y_ptr, offs, mask, slot_ptr.dtype.element_ty, HAS_Y)
+    tl.store(slot_ptr + offs, v, mask=mask)
+    rstd = _rstd(vf, D, eps)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    if HAS_NORM:
+        first = _prenorm_rows(vf, v.dtype, wn, D, norm_eps)[0]
+        tl.store(first_ptr + offs, first.to(v.dtype), mask=mask)
+    for j in range(n_q):
+        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
+        tl.store(lse_ptr + j * M + rows, rstd * tl.sum(vf * u[None, :], axis=1), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])
@@ -829,60 +817,41 @@ def phase1_kernel(
 
 
 @triton.jit
-def _phase2_row(
-    o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, row, M, D, eps, norm_eps,
-    HAS_PARTIAL: tl.constexpr, HAS_ADD: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """``phase2_kernel`` of one row (int64)."""
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    h = tl.load(o_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_PARTIAL:
-        vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        lse = tl.load(lse_ptr + row)
-        if HAS_ADD:
-            vp += tl.load(add_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-            vp = vp.to(new_part_ptr.dtype.element_ty).to(tl.float32)  # (rounded as the eager addition)
-    if M > 0:  # always true: the parameters' loads unstaged (``store_phase1_rows_kernel``'s UNSTAGED)
-        if HAS_NORM:
-            wn = _gain(wn_ptr, cols, mask)
-        if HAS_PARTIAL:
-            u = _query_key(q_ptr, g_ptr, cols, mask)  # (loaded before the store: it may alias)
-            if HAS_ADD:
-                tl.store(new_part_ptr + row * D + cols, vp.to(new_part_ptr.dtype.element_ty), mask=mask)
-            dot, square = _sum_pair(u * vp, vp * vp, 0)
-            s = dot / tl.sqrt(square / D + eps)
-            m = tl.maximum(lse, s)
-            w_o = tl.exp(lse - m)
-            w_p = tl.exp(s - m)
-            h = (w_o * h + w_p * vp) / (w_o + w_p)
-        out = h.to(h_ptr.dtype.element_ty)
-        if HAS_NORM:
-            out, _ = _prenorm_row(out, wn, D, norm_eps)
-        tl.store(h_ptr + row * D + cols, out, mask=mask)
-
-
-@triton.jit(do_not_specialize=["M"])
 def phase2_kernel(
-    o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, M, D, eps, norm_eps,
+    o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, D, eps, norm_eps,
     HAS_PARTIAL: tl.constexpr, HAS_ADD: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr,
 ):  # fmt: skip
     """Two-phase inference, phase 2: merge one query's phase-1 row with the partial-sum source (online softmax),
     then (HAS_NORM) the sublayer's PreNorm, as in ``depth_attn_fwd_kernel``: one launch per sublayer.
 
     HAS_ADD: the partial sum is first brought up to date, part + add (rounded to its dtype, as the eager addition
     rounds), and written to new_part: the previous sublayer's output is added in this launch instead of its own.
-    A program per row at STAGES 1; above, each program walks rows (the grid's stride apart), its loop
-    software-pipelined over STAGES (the next rows' loads in flight while this one computes).
     """
-    args = (o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr)
-    if STAGES == 1:
-        _phase2_row(*args, tl.program_id(0).to(tl.int64), M, D, eps, norm_eps, HAS_PARTIAL, HAS_ADD, HAS_NORM,
-                    BLOCK_D)  # fmt: skip
-    else:
-        for row in tl.range(tl.program_id(0).to(tl.int64), M, tl.num_programs(0), num_stages=STAGES):
-            _phase2_row(*args, row, M, D, eps, norm_eps, HAS_PARTIAL, HAS_ADD, HAS_NORM, BLOCK_D)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    if HAS_NORM:
+        wn = _gain(wn_ptr, cols, mask)
+    h = tl.load(o_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PARTIAL:
+        u = _query_key(q_ptr, g_ptr, cols, mask)
+        vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + row)  # before the store below, which it would otherwise wait behind
+        if HAS_ADD:
+            vp += tl.load(add_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            vp = vp.to(new_part_ptr.dtype.element_ty)
+            tl.store(new_part_ptr + row * D + cols, vp, mask=mask)
+            vp = vp.to(tl.float32)
+        dot, square = _sum_pair(u * vp, vp * vp, 0)
+        s = dot / tl.sqrt(square / D + eps)
+        m = tl.maximum(lse, s)
+        w_o = tl.exp(lse - m)
+        w_p = tl.exp(s - m)
+        h = (w_o * h + w_p * vp) / (w_o + w_p)
+    h = h.to(h_ptr.dtype.element_ty)
+    if HAS_NORM:
+        h, _ = _prenorm_row(h, wn, D, norm_eps)
+    tl.store(h_ptr + row * D + cols, h, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -383,12 +383,11 @@ def _last_as_partial(n: int, partial: bool, width: int, backward: bool) -> bool:
     return next_power_of_2(n) > FWD_ONE_TILE_SOURCES and forward_tile(n - 1, True, width)[3]
 
 
-def resident_grid(units: int, device: torch.device, programs_per_sm: int) -> int:
-    """Programs of a kernel whose programs each walk a share of ``units`` (rows, groups of rows): enough to fill the
-    GPU at ``programs_per_sm``, no more (4 on the CPU, under the interpreter)."""
+def _backward_grid(m: int, device: torch.device, programs_per_sm: int) -> int:
+    """Programs of the backward kernel: enough to fill the GPU, few enough that the du partials stay small."""
     if device.type == "cuda":
-        return min(units, torch.cuda.get_device_properties(device).multi_processor_count * programs_per_sm)
-    return min(units, 4)
+        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * programs_per_sm)
+    return min(m, 4)
 
 
 def _narrow_launch(src_tile: int, one_tile: bool, warps: int) -> tuple[int, dict]:
@@ -408,24 +407,24 @@ def backward_stages(deferred: bool, accumulate: bool) -> int:
     return BWD_STAGES if deferred or not accumulate else 1
 
 
-# (kernel, device, launch constants) of pipelined launches whose buffers exceeded the device's shared memory
+# (device, launch constants) of backward launches whose pipelined buffers exceeded the device's shared memory
 _UNPIPELINED: set[tuple] = set()
 
 
-def launch_pipelined(kernel, grid: int, args: tuple, constants: dict, stages: int) -> None:
-    """``kernel`` (a Triton kernel with a ``STAGES`` constant, its loop's software-pipelining stages) over ``grid``
-    programs at ``stages``, or unpipelined where that many stages' buffers do not fit the device's shared memory
-    (they grow with the rows: the backward's 49-57 KB per program at D 2048 and 3 stages on sm_90, against the H100's
-    227 KB per block; less on smaller GPUs): Triton refuses such a launch before it runs, and the launch is then
-    remembered, so that its compile is not tried again."""
-    key = (kernel, args[0].device, *constants.items())  # (one call site per kernel: the same order of constants)
+def _launch_backward(grid: int, args: tuple, constants: dict) -> None:
+    """``depth_attn_bwd_kernel`` over ``grid`` programs at its ``backward_stages``, or unpipelined where that many
+    stages' buffers do not fit the device's shared memory (they grow with the row: 49-57 KB per program at D 2048
+    and 3 stages on sm_90, against the H100's 227 KB per block; less on smaller GPUs): Triton refuses such a launch
+    before it runs, and the launch is then remembered, so that its compile is not tried again."""
+    stages = backward_stages(constants["DEFER"], constants["ACCUMULATE"])
+    key = (args[0].device, *constants.items())  # (one call site: the constants always come in the same order)
     if stages > 1 and key not in _UNPIPELINED:
         try:
-            kernel[(grid,)](*args, STAGES=stages, **constants)
+            _triton.depth_attn_bwd_kernel[(grid,)](*args, STAGES=stages, **constants)
             return
         except OutOfResources:
             _UNPIPELINED.add(key)
-    kernel[(grid,)](*args, STAGES=1, **constants)
+    _triton.depth_attn_bwd_kernel[(grid,)](*args, STAGES=1, **constants)
 
 
 def depth_attn_bwd(
@@ -458,7 +457,7 @@ def depth_attn_bwd(
         n, partial = n - 1, storage.store[n - 1]
     src_tile, one_tile, warps, apart = backward_tile(n, partial is not None, width)
     programs_per_sm, narrow = _narrow_launch(src_tile, one_tile, warps)
-    grid = resident_grid(m, dout.device, programs_per_sm)
+    grid = _backward_grid(m, dout.device, programs_per_sm)
     rows = cdiv(m, grid)
     du_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device)
     dwn_part = torch.empty((grid, d), dtype=torch.float32, device=dout.device) if norm_weight is not None else None
@@ -472,8 +471,7 @@ def depth_attn_bwd(
     else:
         gstore, fresh = storage.grad_buffer(n)
         dh, coef, u = dout, du_part, du_part  # not written
-    launch_pipelined(
-        _triton.depth_attn_bwd_kernel,
+    _launch_backward(
         grid,
         (storage.store, storage.rstd, partial if partial is not None else dout, query, gain,
          norm_weight if norm_weight is not None else gain, dout, lse, h_rstd if h_rstd is not None else lse, gstore,
@@ -483,7 +481,6 @@ def depth_attn_bwd(
              SRC_TILE=src_tile, ONE_TILE=one_tile, DEFER=deferral is not None,
              COEF_PAD=deferral.pad if deferral is not None else 1, APART=apart, ACCUMULATE=not fresh,
              EVEN_D=bool(BWD_EVEN_D) and d == width, num_warps=warps, **narrow),
-        backward_stages(deferral is not None, not fresh),
     )  # fmt: skip
     dquery, dgain = torch.empty_like(query), torch.empty_like(gain)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else None

@@ -17,7 +17,7 @@ import torch
 
 from .._grid import cdiv, next_power_of_2
 from . import _triton
-from .fused import SourceStorage, block_d, launch_pipelined, num_warps, resident_grid
+from .fused import SourceStorage, block_d, num_warps
 
 # Launch constant (``--set attn_res.two_phase.PHASE1_TILE_ELEMENTS=INT``): phase 1 holds a row's completed sources in
 # one [N_PAD, padded D] register tile while it has at most this many elements (0: never). 16384 is 8 sources at D 2048,
@@ -39,18 +39,6 @@ ONE_SOURCE_ROWS = 4
 # 1 query x 5 sources 111.0); one row per program in ``store_phase1_kernel``'s layout before it, 155.0, 104.8,
 # 194.5, 129.4. Larger groups were slower (8: up to 21%; 16: up to 5x), and so were 8 warps (9-20% at 4).
 PREFILL_ROW_SOURCES = 4
-# Launch constant: software-pipelining stages of the prefill block boundaries' loop over groups of rows (both kernels
-# above; 1: none, and a program per group). At 3 each program walks groups of rows with the next groups' loads in
-# flight (cp.async into shared memory; sm_90, D 2048, triton 3.6: 49-82 KB per program, 218-255 registers, no spills)
-# while this group's queries run: a program per group waited for its loads, then ran its queries with none in flight,
-# at 58-87% of the byte floor (sessions 24-27).
-PREFILL_STAGES = 3
-# Launch constant: programs per SM of the pipelined prefill boundaries (their registers fit two of 4 warps).
-PREFILL_PROGRAMS_PER_SM = 2
-# Launch constants: phase 2's row loop, as PREFILL_STAGES (1: a program per row), and its programs per SM when
-# pipelined (sm_90, D 2048, triton 3.6: 40-72 registers at 4 warps, 12-25 KB of shared memory at 3 stages).
-PHASE2_STAGES = 1
-PHASE2_PROGRAMS_PER_SM = 6
 
 
 def _sources_pad(n_sources: int) -> int:
@@ -97,13 +85,6 @@ def phase1(
     return out, lse
 
 
-def _launch_prefill(kernel, groups: int, args: tuple, constants: dict) -> None:
-    """A prefill block boundary over ``groups`` groups of rows: a program per group, or at ``PREFILL_STAGES`` > 1
-    PREFILL_PROGRAMS_PER_SM programs per SM walking them, their loop pipelined."""
-    grid = groups if PREFILL_STAGES <= 1 else resident_grid(groups, args[0].device, PREFILL_PROGRAMS_PER_SM)
-    launch_pipelined(kernel, grid, args, constants, PREFILL_STAGES)
-
-
 def store_phase1(
     storage: SourceStorage,
     n_prev: int,
@@ -135,20 +116,18 @@ def store_phase1(
               norm_weight.contiguous() if norm_weight is not None else gains)  # fmt: skip
     flags = dict(HAS_Y=y is not None, HAS_NORM=norm_weight is not None)
     if n_prev == 0 and m > STORE_PHASE1_SPLIT_ROWS:
-        _launch_prefill(
-            _triton.store_scores_kernel, cdiv(m, ONE_SOURCE_ROWS),
-            (*inputs, lse, first if first is not None else lse, m, d, storage.eps, norm_eps),
-            dict(N_Q=q, **flags, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d), num_warps=num_warps(d)),
+        _triton.store_scores_kernel[(cdiv(m, ONE_SOURCE_ROWS),)](
+            *inputs, lse, first if first is not None else lse, q, m, d, storage.eps, norm_eps,
+            **flags, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d), num_warps=num_warps(d),
         )  # fmt: skip
         return out, lse, first
     n_pad = _sources_pad(n_prev + 1)
     outputs = (out, lse, first if first is not None else out)
     if m > STORE_PHASE1_SPLIT_ROWS:
         rows = max(1, PREFILL_ROW_SOURCES // n_pad)
-        _launch_prefill(
-            _triton.store_phase1_rows_kernel, cdiv(m, rows),
-            (*inputs, *outputs, n_prev, m, d, storage.eps, norm_eps),
-            dict(N_Q=q, **flags, FIRST_OUT=first_out, N_PAD=n_pad, BR=rows, BLOCK_D=block_d(d), num_warps=num_warps(d)),
+        _triton.store_phase1_rows_kernel[(cdiv(m, rows),)](
+            *inputs, *outputs, n_prev, q, m, d, storage.eps, norm_eps,
+            **flags, FIRST_OUT=first_out, N_PAD=n_pad, BR=rows, BLOCK_D=block_d(d), num_warps=num_warps(d),
         )  # fmt: skip
         return out, lse, first
     _triton.store_phase1_kernel[(m * q,)](
@@ -179,14 +158,11 @@ def phase2(
     new_partial = partial
     if add is not None:
         new_partial = torch.empty((m, d), dtype=torch.promote_types(partial.dtype, add.dtype), device=out.device)
-    grid = m if PHASE2_STAGES <= 1 else resident_grid(m, out.device, PHASE2_PROGRAMS_PER_SM)
-    launch_pipelined(
-        _triton.phase2_kernel, grid,
-        (out, lse, partial if partial is not None else out, add if add is not None else out,
-         new_partial if add is not None else out, query.contiguous(), gain.contiguous(),
-         norm_weight.contiguous() if norm_weight is not None else gain, h, m, d, eps, norm_eps),
-        dict(HAS_PARTIAL=partial is not None, HAS_ADD=add is not None, HAS_NORM=norm_weight is not None,
-             BLOCK_D=block_d(d), num_warps=num_warps(d)),
-        PHASE2_STAGES,
+    _triton.phase2_kernel[(m,)](
+        out, lse, partial if partial is not None else out, add if add is not None else out,
+        new_partial if add is not None else out, query.contiguous(), gain.contiguous(),
+        norm_weight.contiguous() if norm_weight is not None else gain, h, d, eps, norm_eps,
+        HAS_PARTIAL=partial is not None, HAS_ADD=add is not None, HAS_NORM=norm_weight is not None,
+        BLOCK_D=block_d(d), num_warps=num_warps(d),
     )  # fmt: skip
     return h, new_partial

@@ -83,16 +83,13 @@ def launch_configs(d: int) -> list[tuple]:
                         dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=n_pad, BLOCK_D=width, WRITE_OUT=n_sources > 1,
                              FIRST_OUT=False),
                         warps))  # fmt: skip
-        if n_sources > 1:  # (the last: the final aggregation, one query)
+        if n_sources > 1:
             configs.append((_triton.store_phase1_rows_kernel,
-                            dict(N_Q=1 if n_sources == _BLOCK_SOURCES else q_pad, HAS_Y=True, HAS_NORM=True,
-                                 FIRST_OUT=False, N_PAD=n_pad, BR=max(1, two_phase.PREFILL_ROW_SOURCES // n_pad),
-                                 BLOCK_D=width, STAGES=two_phase.PREFILL_STAGES),
+                            dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, N_PAD=n_pad,
+                                 BR=max(1, two_phase.PREFILL_ROW_SOURCES // n_pad), BLOCK_D=width),
                             warps))  # fmt: skip
     configs.append((_triton.store_scores_kernel,
-                    dict(N_Q=q_pad, HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width,
-                         STAGES=two_phase.PREFILL_STAGES),
-                    warps))  # fmt: skip
+                    dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width), warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
                     dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_BLOCK_SOURCES), BLOCK_D=width, ONE_TILE=True,
                          WRITE_OUT=True),
@@ -103,9 +100,7 @@ def launch_configs(d: int) -> list[tuple]:
                     warps))  # fmt: skip
     for partial, add in ((True, True), (True, False), (False, False)):
         configs.append((_triton.phase2_kernel,
-                        dict(HAS_PARTIAL=partial, HAS_ADD=add, HAS_NORM=True, BLOCK_D=width,
-                             STAGES=two_phase.PHASE2_STAGES),
-                        warps))  # fmt: skip
+                        dict(HAS_PARTIAL=partial, HAS_ADD=add, HAS_NORM=True, BLOCK_D=width), warps))  # fmt: skip
     for add in (True, False):
         configs.append((_triton.rms_norm_fwd_kernel, dict(BR=rows, BLOCK_D=norm_width, HAS_ADD=add), norm_warps))
     configs.append((_triton.rms_norm_bwd_kernel,
