@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -41,13 +42,14 @@ def test_script_answers_help(command):
     assert done.stdout.startswith("usage: "), done.stdout[:500]
 
 
-def _ncu_profile():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ncu_profile", ROOT / "kernels" / "benchmarks" / "ncu_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _benchmark_module(name: str):
+    """The module ``name`` of kernels/benchmarks, imported with that folder on sys.path (where its scripts run, and
+    whose sibling modules they import)."""
+    sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def test_ncu_summary_reads_a_raw_page():
@@ -60,7 +62,7 @@ def test_ncu_summary_reads_a_raw_page():
         '"","","nsecond","Gbyte","register/thread","","",""\n'
         '"0","depth_attn_bwd_kernel","122,020","0.17","255","1.18","1","0.57"\n'
     )
-    lines = _ncu_profile().summary(raw)
+    lines = _benchmark_module("ncu_profile").summary(raw)
     assert lines[0] == "0 depth_attn_bwd_kernel: us 122, read_MB 170, registers 255"
     assert lines[1] == "    cycles per issued instruction 2.75: long_scoreboard 1.18, selected 1.00, wait 0.57"
 
@@ -74,7 +76,7 @@ def test_ncu_sass_summary_counts_stall_samples():
         '"0x7f0000000020","      PRMT R8, R4, 0x7632, R8","30","10","27","3"',
         '"0x7f0000000030","@P5   R2UR UR7, R45","10","10","9","1"',
     ])  # fmt: skip
-    lines = _ncu_profile().sass(source, top=2)
+    lines = _benchmark_module("ncu_profile").sass(source, top=2)
     assert lines[:2] == ["3 instructions, 40 samples", "  by reason: long_sb 90.0%, wait 10.0%"]
     assert lines[2] == "  by opcode (samples, executed): PRMT 75.0% 33.3%, R2UR 25.0% 33.3%, LDG 0.0% 33.3%"
     assert lines[3].split() == ["00020", "75.0%", "long_sb", "PRMT", "R8,", "R4,", "0x7632,", "R8"]
@@ -138,11 +140,7 @@ def test_set_file_is_applied_before_set_and_a_missing_file_is_an_error(monkeypat
 def test_small_ops_depth_attention_section_runs_tiny():
     """The depth-attention rows of ``bench_small_ops.py`` build their bank and run fwd / fwd+bwd, the block
     boundary and the one-token reads (interpreter)."""
-    sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
-    try:
-        from bench_small_ops import run_benchmarks
-    finally:
-        sys.path.pop(0)
+    run_benchmarks = _benchmark_module("bench_small_ops").run_benchmarks
     rows = run_benchmarks(tiny=True, sections=("attn_res", "attn_res_prefill", "attn_res_decode"))
     assert [r.op.rsplit(", ", 1)[1] for r in rows[:6]] == ["fwd", "fwd+bwd"] * 3
     # the boundaries as the models call them (query 0 kept as its PreNorm), over stored sources also with query 0's
@@ -161,11 +159,7 @@ def test_small_ops_depth_attention_section_runs_tiny():
 
 def test_paired_attn_res_benchmark_runs_tiny():
     """``bench_attn_res_paired.py --tiny``: both residuals measured alternately in every phase, one ratio per pair."""
-    sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
-    try:
-        from bench_attn_res_paired import main
-    finally:
-        sys.path.pop(0)
+    main = _benchmark_module("bench_attn_res_paired").main
     summary = main(["--tiny", "--model", "dense", "--reps", "2"])
     assert [(s["model"], s["phase"], s["reps"]) for s in summary] == [
         ("dense", phase, 2) for phase in ("train", "prefill", "decode")
@@ -176,11 +170,7 @@ def test_paired_attn_res_benchmark_runs_tiny():
 def test_paired_attn_res_kernel_split_takes_medians_over_repetitions():
     """The per-kernel table: a kernel's median over the repetitions of one model, phase and residual, a repetition
     whose profile lacks it counting 0."""
-    sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
-    try:
-        from bench_attn_res_paired import kernel_split
-    finally:
-        sys.path.pop(0)
+    kernel_split = _benchmark_module("bench_attn_res_paired").kernel_split
     row = dict(model="dense", phase="train", residual="block")
     rows = [
         dict(row, kernels={"fwd": 3.0, "bwd": 9.0}),
@@ -198,11 +188,7 @@ def test_bandwidth_option_rejects_non_positive_values_and_the_floor_falls_back_o
     the floors use the GPU's measured copy bandwidth, or on CPU (smoke runs) the H200's from REFERENCE.md."""
     import argparse
 
-    sys.path.insert(0, str(ROOT / "kernels" / "benchmarks"))
-    try:
-        import _profile
-    finally:
-        sys.path.pop(0)
+    _profile = _benchmark_module("_profile")
     parser = argparse.ArgumentParser()
     _profile.add_bandwidth_option(parser)
     assert parser.parse_args(["--bandwidth-tbs", "3.0"]).bandwidth_tbs == 3.0
