@@ -60,8 +60,6 @@ def num_warps(d: int) -> int:
 
 # Launch constants of the depth attention (``--set attn_res.fused.NAME=INT`` in the benchmarks). Defaults: the best of
 # a session-8 sweep by kernel GPU time on an H200 (bench_small_ops.py --sections attn_res, D 2048 bf16; BENCHMARKS.md).
-# The backward's row loop is software-pipelined where its rows read no gradient rows (``BWD_STAGES``; at Triton's
-# num_stages 2 nothing overlaps, and session 14 found it no faster: fwd+bwd 182-214 us against 182-203).
 # Sources (stored + the partial sum) whose loads a forward program issues together. Session 14: tiles of 8 sources
 # were 1.4-2.3x slower at 4 warps (the tile spills) and 4.4-7.7x at 16. It now sets only rows of more than
 # FWD_ONE_TILE_SOURCES: session 29 (H100, Kimi Linear step, its rows of 5) the forward 1.019 ms at 2 against about
@@ -116,11 +114,11 @@ LAST_AS_PARTIAL = 1
 # Software-pipelining stages of the backward's row loop (Triton's ``num_stages`` on it; 1: none), for rows that read no
 # gradient rows (deferred, or the first writer of their sources). At 3 the next row's loads go out through cp.async into
 # shared memory while this row computes (sm_90, D 2048, triton 3.6: rows of 3 + 1 deferred, 255 registers and 49 KB of
-# shared memory per program); at 2 its copies wait for this row's last use of the single buffer, at the end of the
-# loop, so nothing overlaps. Session 33 (H100, dense training step, same call): the backward 3.35 ms per step at 3
-# against 3.76 at 1 and 4.19 at 4 (the whole step +2.72% against +2.93%). Rows that add into the stored gradients
-# stay at 1: their gradient rows pipelined too take 74-82 KB of shared memory and spill 112-364 B (Kimi Linear's
-# blocks of 4 readers, all such rows at 3: 3.25 ms against 2.40).
+# shared memory per program); at 2 its copies wait for this row's last use of the single buffer, at the end of the loop,
+# so nothing overlaps (session 14 found 2 no faster: fwd+bwd 182-214 us against 182-203). Session 33 (H100, dense
+# training step, same call): the backward 3.35 ms per step at 3 against 3.76 at 1 and 4.19 at 4 (the whole step +2.72%
+# against +2.93%). Rows that add into the stored gradients stay at 1: their gradient rows pipelined too take 74-82 KB of
+# shared memory and spill 112-364 B (Kimi Linear's blocks of 4 readers, all such rows at 3: 3.25 ms against 2.40).
 BWD_STAGES = 3
 # Backward programs (and rows of the parameter-gradient partials) per SM. Session 28 (H100, dense ~1B Block training
 # step, deferred gradients): 2 took the backward and its parameter reduction from 5.81 ms per step at 4 to 5.57 (the
