@@ -157,6 +157,17 @@ def test_small_ops_depth_attention_section_runs_tiny():
     assert all(r.ours_us > 0 and r.anchor_us > 0 for r in rows)
 
 
+def test_small_ops_traffic_section_runs_tiny():
+    """``--sections traffic``: the streaming kernel at every read/write mix, floors counting its passes, and the
+    torch anchors where one moves the same bytes (interpreter)."""
+    rows = _benchmark_module("bench_small_ops").run_benchmarks(tiny=True, sections=("traffic",), bandwidth_tbs=1.0)
+    mixes = [tuple(int(w) for w in r.op.split()[1:5:3]) for r in rows]
+    assert mixes[:3] == [(1, 0), (0, 1), (1, 1)] and (3, 9) in mixes
+    pass_us = 16 * 64 * 4 / 1e12 * 1e6  # one [16, 64] float32 pass at 1 TB/s
+    assert all(r.floor_us == pytest.approx(sum(m) * pass_us) and r.ours_us > 0 for r, m in zip(rows, mixes))
+    assert [r.anchor for r in rows[:3]] == ["n/a", "torch zero_", "torch copy_"] and rows[1].anchor_us > 0
+
+
 def test_paired_attn_res_benchmark_runs_tiny():
     """``bench_attn_res_paired.py --tiny``: both residuals measured alternately in every phase, one ratio per pair."""
     main = _benchmark_module("bench_attn_res_paired").main

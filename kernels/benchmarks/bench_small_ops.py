@@ -3,7 +3,8 @@
 Ops: the short causal conv (forward, forward+backward, one-token decode update), the gated RMSNorm
 (forward, forward+backward), the KDA decode kernel (one token, eager and CUDA-graph captured) and
 AttnRes's depth attention (``--sections attn_res``; its anchor is the standard residual's PreNorm) and its two-phase
-inference (``--sections attn_res_prefill``, and at one token ``attn_res_decode``).
+inference (``--sections attn_res_prefill``, and at one token ``attn_res_decode``); ``--sections traffic`` times a plain
+streaming kernel at the read/write mixes of the prefill's residual kernels, the rate a kernel of that mix can reach.
 Every number is a triton.testing.do_bench median (L2 flushed between calls; the CUDA-graph rows use
 do_bench_cudagraph, unflushed). "floor" is the time to move the op's minimum bytes at the device's copy
 bandwidth, measured in the run (a 1 GiB copy) unless --bandwidth-tbs gives it; the CPU smoke run, whose timings mean
@@ -27,9 +28,11 @@ from typing import Callable
 
 import torch
 import triton
+import triton.language as tl
 from _profile import add_bandwidth_option, floor_bandwidth_tbs, kernel_time_us
 
 from kimi_hf.kernels._launch import add_set_option, apply_set_option, get_launch_constant, set_launch_constants
+from kimi_hf.kernels._grid import next_power_of_2
 from kimi_hf.kernels.attn_res import (
     add_prenorm,
     append_source,
@@ -393,6 +396,60 @@ def bench_decode_reads(setup: _Setup) -> list[Row]:
     return rows
 
 
+@triton.jit
+def _stream_kernel(src_ptr, dst_ptr, M, D, READS: tl.constexpr, WRITES: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One row per program: read row ``row`` of READS [M, D] slabs of src, write WRITES slabs of dst (the sum times
+    the slab's index + 1, so that no store is a copy the compiler could share); no other work."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in tl.static_range(READS):
+        acc += tl.load(src_ptr + (i * M + row) * D + cols, mask=mask, other=0.0).to(tl.float32)
+    for j in tl.static_range(WRITES):
+        tl.store(dst_ptr + (j * M + row) * D + cols, (acc * (j + 1)).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+# (reads, writes) of [M, D] per launch, and the kernel of the models' prefill with that mix (dense ~1B unless named)
+_TRAFFIC_MIXES = (
+    (1, 0, "read only"),
+    (0, 1, "write only"),
+    (1, 1, "copy; the standard residual's PreNorm of the embeddings"),
+    (2, 2, "the standard residual's add + PreNorm"),
+    (3, 2, "phase 2 with the add"),
+    (1, 2, "the first block boundary (store v_0, its PreNorm)"),
+    (3, 9, "the boundary over 2 sources, 8 queries"),
+    (4, 9, "the boundary over 3 sources, 8 queries"),
+    (5, 9, "the boundary over 4 sources, 8 queries"),
+    (6, 2, "the final aggregation over 5 sources"),
+    (3, 5, "Kimi Linear's boundary over 2 sources, 4 queries"),
+)
+
+
+def bench_traffic(setup: _Setup) -> list[Row]:
+    """The rate a kernel can reach at each read/write mix of the prefill's residual kernels (``_TRAFFIC_MIXES``):
+    ``_stream_kernel``, one [M, D] row per program at the inference kernels' warps, does nothing but move those
+    bytes. A kernel of that mix whose time is close to this one's is bound by its traffic, not by its work, however
+    far it is from the floor (taken at the copy bandwidth). Anchors: torch's ``zero_`` (write only) and ``copy_``.
+    Kernel GPU time per call."""
+    from kimi_hf.kernels.attn_res.fused import num_warps
+
+    M, D, rand, shape, bytes_per_pass = _depth_inputs(setup)
+    src, dst = rand(6, M, D), rand(9, M, D)
+    anchors = {(0, 1): ("torch zero_", lambda: dst[0].zero_()), (1, 1): ("torch copy_", lambda: dst[0].copy_(src[0]))}
+    rows = []
+    for reads, writes, what in _TRAFFIC_MIXES:
+        def stream(reads=reads, writes=writes):
+            _stream_kernel[(M,)](src, dst, M, D, READS=reads, WRITES=writes, BLOCK_D=next_power_of_2(D),
+                                 num_warps=num_warps(D))  # fmt: skip
+
+        anchor, anchor_fn = anchors.get((reads, writes), ("n/a", None))
+        rows.append(Row(f"stream {reads} reads + {writes} writes ({what})", shape, _kernel_us(stream, setup), anchor,
+                        _kernel_us(anchor_fn, setup) if anchor_fn is not None else None,
+                        setup.floor_us((reads + writes) * bytes_per_pass)))  # fmt: skip
+    return rows
+
+
 _SECTIONS = {
     "conv": bench_conv,
     "norm": bench_gated_norm,
@@ -401,6 +458,7 @@ _SECTIONS = {
     "attn_res": bench_depth_attention,
     "attn_res_prefill": bench_two_phase,
     "attn_res_decode": bench_decode_reads,
+    "traffic": bench_traffic,
 }
 
 
@@ -463,7 +521,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["conv", "norm", "kda"], choices=list(_SECTIONS),
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
                         "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary; "
-                        "attn_res_decode: its reads at one token)")
+                        "attn_res_decode: its reads at one token; traffic: a streaming kernel at the prefill's "
+                        "read/write mixes)")
     add_bandwidth_option(parser)
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "
