@@ -6,6 +6,9 @@ range, so that ncu's ``--profile-from-start off`` sees only the second:
 * ``target attn_res``: the AttnRes training kernels (forward and backward, fused PreNorm) of the dense ~1B model's
   sublayers, one launch per row type: 1 to 4 stored sources with the partial sum and 4 without, M rows of D (8192 x
   2048, bf16), the readers of 2 or more stored sources deferring their gradients as the model's blocks of 8 do;
+* ``target attn_res_prefill``: the dense ~1B Block model's prefill as its inference path runs it (two-phase): the
+  block boundaries (the first, over v_0 alone; over 2, 3 and 4 sources with 8 queries; the final aggregation, 1 query
+  over 5), each storing the finished block and applying the next sublayer's PreNorm, and one phase 2 with the add;
 * ``target kda``: one KDA forward of ours and one of fla 0.6.0 at B1 T8192 H32 D128 bf16 (``bench_kda.py``'s
   inputs, q/k L2-normalised in the kernel).
 
@@ -75,6 +78,35 @@ def target_attn_res(rows: int, hidden: int) -> None:
             fused.depth_attn_bwd(storage, n, part, query, gain, norm, dout, lse, h_rstd, defer=True)
         for n in list(storage.deferred):
             storage.deferred.pop(n).flush(storage)
+        torch.cuda.synchronize()
+
+    _profiled(launches)
+
+
+def target_attn_res_prefill(rows: int, hidden: int) -> None:
+    """The dense prefill's block boundaries and one phase 2 (``two_phase``), once to compile and once profiled."""
+    import torch
+
+    from kimi_hf.kernels.attn_res import append_source_phase1, depth_attention_phase2_add, new_source_bank
+
+    torch.manual_seed(0)
+    like = torch.randn(rows, hidden, dtype=torch.bfloat16, device="cuda")
+    norm = torch.ones(hidden, dtype=torch.bfloat16, device="cuda")
+
+    def params(n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n_q, hidden, device="cuda") * 0.05, 1 + 0.05 * torch.randn(n_q, hidden, device="cuda")
+
+    def launches() -> None:
+        with torch.no_grad():
+            bank = new_source_bank(5, like, backend="triton")
+            bank, out, lse, _ = append_source_phase1(bank, like, None, *params(8), norm, first_out=False)
+            for _ in range(3):  # the boundaries over 2, 3 and 4 sources
+                bank, out, lse, _ = append_source_phase1(
+                    bank, torch.randn_like(like), torch.randn_like(like), *params(8), norm, first_out=False
+                )
+            query, gain = params(1)  # the second sublayer of the last block (out holds queries 1 .. 7)
+            depth_attention_phase2_add(out[0], lse[1], like, like, query[0], gain[0], 1e-6, norm_weight=norm)
+            append_source_phase1(bank, like, like, *params(1), norm, first_out=False)  # the final aggregation
         torch.cuda.synchronize()
 
     _profiled(launches)
@@ -181,9 +213,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     target = sub.add_parser("target", help="run launches for ncu to profile (GPU)")
-    target.add_argument("what", choices=("attn_res", "kda"))
-    target.add_argument("--rows", type=int, default=8192, help="attn_res: rows M (B x T)")
-    target.add_argument("--hidden-size", type=int, default=2048, help="attn_res: hidden size D")
+    target.add_argument("what", choices=("attn_res", "attn_res_prefill", "kda"))
+    target.add_argument("--rows", type=int, default=8192, help="attn_res, attn_res_prefill: rows M (B x T)")
+    target.add_argument("--hidden-size", type=int, default=2048, help="attn_res, attn_res_prefill: hidden size D")
     target.add_argument("--seq-len", type=int, default=8192, help="kda: sequence length T at B1 H32 D128")
     report = sub.add_parser("summary", help="one line per launch of an ncu report")
     report.add_argument("report")
@@ -193,6 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "target" and args.what == "attn_res":
         target_attn_res(args.rows, args.hidden_size)
+    elif args.command == "target" and args.what == "attn_res_prefill":
+        target_attn_res_prefill(args.rows, args.hidden_size)
     elif args.command == "target":
         target_kda(args.seq_len)
     elif args.command == "summary":
