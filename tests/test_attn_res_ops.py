@@ -441,9 +441,9 @@ def test_two_phase_matches_naive(backend, shape, n_q, tile_elements, monkeypatch
 )
 @pytest.mark.parametrize(
     "tile_elements,split_rows,row_sources",
-    [(16384, 256, 8), (16384, 0, 8), (16384, 0, 1), (0, 256, 8)],
-    ids=["one-kernel-program-per-query", "one-kernel-rows-per-program", "one-kernel-program-per-row",
-         "store-phase1-phase2"],
+    [(16384, 256, 8), (16384, 0, 8), (16384, 0, 4), (16384, 0, 1), (0, 256, 8)],
+    ids=["one-kernel-program-per-query", "one-kernel-rows-per-program", "one-kernel-default-rows",
+         "one-kernel-program-per-row", "store-phase1-phase2"],
 )  # fmt: skip
 def test_block_boundary_matches_its_parts(
     backend, n_prev, with_y, with_norm, tile_elements, split_rows, row_sources, monkeypatch
@@ -452,7 +452,9 @@ def test_block_boundary_matches_its_parts(
     three parts when the sources do not fit the tile) against the naive formula over the sources with x (+ y)
     appended, and query 0's PreNorm; the stored source and its rstd against a plain append_source. With the
     PreNorm, first_out=False gives queries 1 .. Q - 1 only (the kernels skip query 0's output), the same lse and
-    PreNorm. Over 10 rows, 2 .. 8 sources make row groups of 4 (the last one partial), 2 and 1."""
+    PreNorm. Over 10 rows, 2 .. 8 sources make row groups of 4 (the last one partial), 2 and 1; at the default
+    PREFILL_ROW_SOURCES (4), pairs of rows over 2 sources (their launch capped in registers), and 3 or 5 sources
+    with the new one apart from the tile of stored ones (``two_phase.prefill_rows_layout``)."""
     from kimi_hf.kernels.attn_res import two_phase
 
     monkeypatch.setattr(two_phase, "PHASE1_TILE_ELEMENTS", tile_elements)
@@ -782,11 +784,12 @@ def test_gpu_deferred_source_gradients_bf16(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_prev", [0, 1, 4])
+@pytest.mark.parametrize("n_prev", [0, 1, 2, 4])
 def test_gpu_block_boundary_bf16(n_prev):
     """The fused prefill block boundary (2053 rows: several waves of programs, the last group partial) in bf16
-    against float32, 8 queries at D 2048 over 2 and 5 sources (``store_phase1_rows_kernel``: rows in groups of 2 and
-    of 1); over v_0 alone, four rows per program (``store_scores_kernel``). Outputs and log-sum-exps."""
+    against float32, 8 queries at D 2048 over 2, 3 and 5 sources (``store_phase1_rows_kernel``: rows in pairs, at a
+    register cap; one row with the new source apart from the tile, 3 and 5); over v_0 alone, four rows per program
+    (``store_scores_kernel``). Outputs and log-sum-exps."""
     blocks, _, _, _ = _inputs(n_prev + 1, shape=(1, 2053, 2048), dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(7)
     queries = torch.randn(8, 2048, generator=g, device="cuda", dtype=torch.bfloat16)

@@ -662,17 +662,35 @@ def store_phase1_kernel(
 
 
 @triton.jit
-def _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask, FIRST_OUT: tl.constexpr):
+def _phase1_rows_query(
+    v, r, valid, v_new, r_new, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask,
+    NEW_APART: tl.constexpr, FIRST_OUT: tl.constexpr,
+):  # fmt: skip
     """``_phase1_query`` for BR rows at once: their sources are the register tile v [BR, N_PAD, BLOCK_D] (rstd
-    r [BR, N_PAD], sources ``valid`` [1, N_PAD]); every row's scores come from one reduction over D. Stores
-    lse[j, rows] and out[j, rows] (out[j - 1] without FIRST_OUT, nothing for j = 0); returns the output rows
-    [BR, BLOCK_D] (rounded to out's dtype)."""
-    s = tl.where(valid, r * tl.sum(v * u[None, None, :], axis=2), float("-inf"))
-    m = tl.max(s, axis=1)
-    p = tl.exp(s - m[:, None])  # zero on padding sources
-    denom = tl.sum(p, axis=1)
-    tl.store(lse_ptr + j * M + rows, m + tl.log(denom), mask=rmask)
-    h = tl.sum((p / denom[:, None])[:, :, None] * v, axis=1).to(out_ptr.dtype.element_ty)
+    r [BR, N_PAD], sources ``valid`` [1, N_PAD]); every row's scores come from one reduction over D. With NEW_APART
+    the rows' new source v_new [BR, BLOCK_D] (rstd r_new [BR]) is one more source, kept apart from the tile (it would
+    double it): its score rides in row 0 of the tile's round (``_sum_pair``). Stores lse[j, rows] and out[j, rows]
+    (out[j - 1] without FIRST_OUT, nothing for j = 0); returns the output rows [BR, BLOCK_D] (rounded to out's
+    dtype)."""
+    if NEW_APART:
+        first = (tl.arange(0, v.shape[1]) == 0)[None, :, None]
+        v_u, new_u = _sum_pair(v * u[None, None, :], tl.where(first, (v_new * u[None, :])[:, None, :], 0.0), 2)
+        s_new = r_new * tl.sum(new_u, axis=1)  # (new_u is zero past its row 0)
+        s = tl.where(valid, r * v_u, float("-inf"))
+        m = tl.maximum(tl.max(s, axis=1), s_new)
+        p_new = tl.exp(s_new - m)
+        p = tl.exp(s - m[:, None])  # zero on padding sources
+        denom = tl.sum(p, axis=1) + p_new
+        tl.store(lse_ptr + j * M + rows, m + tl.log(denom), mask=rmask)
+        h = tl.sum((p / denom[:, None])[:, :, None] * v, axis=1) + (p_new / denom)[:, None] * v_new
+    else:
+        s = tl.where(valid, r * tl.sum(v * u[None, None, :], axis=2), float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.exp(s - m[:, None])  # zero on padding sources
+        denom = tl.sum(p, axis=1)
+        tl.store(lse_ptr + j * M + rows, m + tl.log(denom), mask=rmask)
+        h = tl.sum((p / denom[:, None])[:, :, None] * v, axis=1)
+    h = h.to(out_ptr.dtype.element_ty)
     mask = rmask[:, None] & cmask[None, :]
     if FIRST_OUT:
         tl.store(out_ptr + (j * M + rows[:, None]) * D + cols[None, :], h, mask=mask)
@@ -685,15 +703,16 @@ def _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, c
 def store_phase1_rows_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
     n_prev, n_q, M, D, eps, norm_eps,
-    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr, BR: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr,
+    NEW_APART: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The prefill block boundary over n_prev >= 1 stored sources, every query of BR rows per program:
     ``store_phase1_kernel``'s work (store x (+ y) as source n_prev, phase 1 of every query over sources
     0 .. n_prev, query 0's PreNorm into first with HAS_NORM) with the rows' sources in one [BR, N_PAD, BLOCK_D]
-    register tile, read once, and each query's u loaded and reduced once per BR rows. A kernel of its own, with no
-    runtime choice of the program's queries: one kernel for both layouts, a runtime range of queries per program,
-    took 2-27% longer than this one (session 27, H100, M 8192 D 2048)."""
+    register tile, read once, and each query's u loaded and reduced once per BR rows. NEW_APART (n_prev a power of
+    two, N_PAD = n_prev): the new source is kept apart from the tile of stored ones, which it would double. A
+    kernel of its own, with no runtime choice of the program's queries: one kernel for both layouts, a runtime
+    range of queries per program, took 2-27% longer than this one (session 27, H100, M 8192 D 2048)."""
     dtype = store_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rmask = rows < M
@@ -701,7 +720,7 @@ def store_phase1_rows_kernel(
     cmask = cols < D
     src = tl.arange(0, N_PAD)
     stored = src < n_prev
-    is_new = src == n_prev
+    is_new = src == n_prev  # (never, with NEW_APART)
     # Every load first, as in store_phase1_kernel: the stored sources, query 0, the gain, the new source's summands
     slots = src.to(tl.int64)[None, :] * M + rows[:, None]  # [BR, N_PAD]
     smask = rmask[:, None] & stored[None, :]
@@ -717,16 +736,20 @@ def store_phase1_rows_kernel(
     tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
     r_new = _rstd(v_new_f, D, eps)
     tl.store(rstd_ptr + n_prev * M + rows, r_new, mask=rmask)
-    v = tl.where(is_new[None, :, None], v_new_f[:, None, :], v)
-    r = tl.where(is_new[None, :], r_new[:, None], r)
-    valid = (stored | is_new)[None, :]
-    h = _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask, FIRST_OUT)
+    valid = stored[None, :]
+    if not NEW_APART:  # the new source in the tile's row n_prev
+        v = tl.where(is_new[None, :, None], v_new_f[:, None, :], v)
+        r = tl.where(is_new[None, :], r_new[:, None], r)
+        valid = (stored | is_new)[None, :]
+    h = _phase1_rows_query(v, r, valid, v_new_f, r_new, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask,
+                           NEW_APART, FIRST_OUT)  # fmt: skip
     if HAS_NORM:
         first = _prenorm_rows(h.to(tl.float32), dtype, wn, D, norm_eps)[0]
         tl.store(first_ptr + offs, first.to(dtype), mask=mask)
     for j in range(1, n_q):
         u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
-        _phase1_rows_query(v, r, valid, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask, FIRST_OUT)
+        _phase1_rows_query(v, r, valid, v_new_f, r_new, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask,
+                           NEW_APART, FIRST_OUT)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n_q", "M"])

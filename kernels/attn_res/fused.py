@@ -388,6 +388,11 @@ def _backward_grid(m: int, device: torch.device, programs_per_sm: int) -> int:
     return min(m, 4)
 
 
+def register_cap(warps: int, programs: int) -> int:
+    """Registers per thread (``maxnreg``) that let ``programs`` programs of ``warps`` warps share an SM."""
+    return min(255, _SM_REGISTERS // (32 * warps * programs) // 8 * 8)
+
+
 def _narrow_launch(src_tile: int, one_tile: bool, warps: int) -> tuple[int, dict]:
     """(programs per SM, extra launch options) of the backward: rows on one tile of at most BWD_NARROW_SOURCES
     sources run BWD_NARROW_PROGRAMS_PER_SM programs per SM, their registers capped so that they all fit (the SM's
@@ -396,7 +401,7 @@ def _narrow_launch(src_tile: int, one_tile: bool, warps: int) -> tuple[int, dict
     programs = min(BWD_NARROW_PROGRAMS_PER_SM, _SM_REGISTERS // (32 * warps * BWD_NARROW_REGISTERS))
     if not (one_tile and src_tile <= BWD_NARROW_SOURCES and programs > BWD_PROGRAMS_PER_SM):
         return BWD_PROGRAMS_PER_SM, {"ROW_PARAMS": False}
-    return programs, {"ROW_PARAMS": True, "maxnreg": min(255, _SM_REGISTERS // (32 * warps * programs) // 8 * 8)}
+    return programs, {"ROW_PARAMS": True, "maxnreg": register_cap(warps, programs)}
 
 
 def backward_stages(deferred: bool, accumulate: bool) -> int:

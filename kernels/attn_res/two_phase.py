@@ -17,7 +17,7 @@ import torch
 
 from .._grid import cdiv, next_power_of_2
 from . import _triton
-from .fused import SourceStorage, block_d, num_warps
+from .fused import SourceStorage, block_d, num_warps, register_cap
 
 # Launch constant (``--set attn_res.two_phase.PHASE1_TILE_ELEMENTS=INT``): phase 1 holds a row's completed sources in
 # one [N_PAD, padded D] register tile while it has at most this many elements (0: never). 16384 is 8 sources at D 2048,
@@ -39,11 +39,35 @@ ONE_SOURCE_ROWS = 4
 # 1 query x 5 sources 111.0); one row per program in ``store_phase1_kernel``'s layout before it, 155.0, 104.8,
 # 194.5, 129.4. Larger groups were slower (8: up to 21%; 16: up to 5x), and so were 8 warps (9-20% at 4).
 PREFILL_ROW_SOURCES = 4
+# Launch constant: the prefill block boundary over stored sources in pairs of rows (``store_phase1_rows_kernel`` at
+# N_PAD 2, two rows per program) has its registers capped so that this many programs share an SM (0: no cap).
+# Session 35 (H100, M 8192 D 2048, kernel GPU time in us): at 4 (146 registers to 128, 12 B of spills) 8 queries
+# 152.7 against 157.9 uncapped, 4 queries 100.5 against 108.8, and 5 or 6 slower (208.0, 245.3). The other
+# boundaries were no faster capped at 4 (the first over v_0: 61.2 against 61.3) or slower (8 queries x 4 sources
+# 198.9 against 193.4; the final aggregation's 238 registers, spilling, 211.5 against 111.9).
+PAIR_ROWS_PROGRAMS_PER_SM = 4
+# Launch constant: 1 keeps the new source apart from the tile of stored sources where their count is a power of two
+# (``prefill_rows_layout``), 0 puts it in the tile (which it then doubles).
+PREFILL_NEW_APART = 1
 
 
 def _sources_pad(n_sources: int) -> int:
     """Rows of a source tile holding ``n_sources`` sources (a power of two, at least 2)."""
     return max(2, next_power_of_2(n_sources))
+
+
+def prefill_rows_layout(n_prev: int, d: int) -> tuple[dict, dict]:
+    """(constexprs, launch options) of ``store_phase1_rows_kernel`` over ``n_prev`` stored sources at hidden size
+    ``d``: the tile holds the stored sources and the new one (N_PAD the next power of two), or, where ``n_prev`` is a
+    power of two (which the new source would double), the stored ones alone and the new one apart (NEW_APART);
+    about PREFILL_ROW_SOURCES sources' rows per program; pairs of rows capped to PAIR_ROWS_PROGRAMS_PER_SM."""
+    apart = bool(PREFILL_NEW_APART) and n_prev >= 2 and _sources_pad(n_prev) == n_prev
+    n_pad = _sources_pad(n_prev if apart else n_prev + 1)
+    rows = max(1, PREFILL_ROW_SOURCES // (n_pad + apart))
+    options = {"num_warps": num_warps(d)}
+    if n_pad == 2 and rows == 2 and PAIR_ROWS_PROGRAMS_PER_SM:
+        options["maxnreg"] = register_cap(options["num_warps"], PAIR_ROWS_PROGRAMS_PER_SM)
+    return dict(N_PAD=n_pad, NEW_APART=apart, BR=rows, BLOCK_D=block_d(d)), options
 
 
 def fits_one_tile(n_sources: int, d: int) -> bool:
@@ -124,10 +148,10 @@ def store_phase1(
     n_pad = _sources_pad(n_prev + 1)
     outputs = (out, lse, first if first is not None else out)
     if m > STORE_PHASE1_SPLIT_ROWS:
-        rows = max(1, PREFILL_ROW_SOURCES // n_pad)
-        _triton.store_phase1_rows_kernel[(cdiv(m, rows),)](
-            *inputs, *outputs, n_prev, q, m, d, storage.eps, norm_eps,
-            **flags, FIRST_OUT=first_out, N_PAD=n_pad, BR=rows, BLOCK_D=block_d(d), num_warps=num_warps(d),
+        constants, options = prefill_rows_layout(n_prev, d)
+        _triton.store_phase1_rows_kernel[(cdiv(m, constants["BR"]),)](
+            *inputs, *outputs, n_prev, q, m, d, storage.eps, norm_eps, **flags, FIRST_OUT=first_out, **constants,
+            **options,
         )  # fmt: skip
         return out, lse, first
     _triton.store_phase1_kernel[(m * q,)](

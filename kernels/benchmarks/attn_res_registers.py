@@ -76,18 +76,18 @@ def launch_configs(d: int) -> list[tuple]:
     configs.append((_triton.param_grad_kernel,
                     dict(HAS_NORM=True, BLOCK=fused.PARAM_GRAD_COLUMNS, ROWS=fused.PARAM_GRAD_ROWS), 4))
     # N_PAD 2, 4 and 8: the Block model's boundaries (v_0 alone: no out; query 0's output kept only as its PreNorm),
-    # at decode (a program per row and query) and in prefill (rows in groups, over stored sources)
+    # at decode (a program per row and query); then in prefill (rows in groups, over stored sources)
     for n_sources in (1, 2, 4, _BLOCK_SOURCES):
         n_pad = two_phase._sources_pad(n_sources)
         configs.append((_triton.store_phase1_kernel,
                         dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=n_pad, BLOCK_D=width, WRITE_OUT=n_sources > 1,
                              FIRST_OUT=False),
                         warps))  # fmt: skip
-        if n_sources > 1:
-            configs.append((_triton.store_phase1_rows_kernel,
-                            dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, N_PAD=n_pad,
-                                 BR=max(1, two_phase.PREFILL_ROW_SOURCES // n_pad), BLOCK_D=width),
-                            warps))  # fmt: skip
+    for n_prev in range(1, _BLOCK_SOURCES):  # prefill, over stored sources (3 and 5: the new one apart)
+        constants, options = two_phase.prefill_rows_layout(n_prev, d)
+        configs.append((_triton.store_phase1_rows_kernel,
+                        dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, **constants),
+                        options["num_warps"], options.get("maxnreg")))  # fmt: skip
     configs.append((_triton.store_scores_kernel,
                     dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width), warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
