@@ -145,15 +145,16 @@ def test_small_ops_depth_attention_section_runs_tiny():
     assert [r.op.rsplit(", ", 1)[1] for r in rows[:6]] == ["fwd", "fwd+bwd"] * 3
     # the boundaries as the models call them (query 0 kept as its PreNorm), over stored sources also with query 0's
     # output written; the last, the final aggregation
-    boundaries = [r.op.removeprefix("block boundary: store + phase 1, ") for r in rows[6:18]]
+    boundaries = [r.op.removeprefix("block boundary: store + phase 1, ") for r in rows[6:20]]
     expected = []
     for what in ("4 queries x 1 source", "4 queries x 2 sources", "4 queries x 4 sources", "8 queries x 1 source",
-                 "8 queries x 2 sources", "8 queries x 4 sources", "1 query x 5 sources"):  # fmt: skip
+                 "8 queries x 2 sources", "8 queries x 3 sources", "8 queries x 4 sources",
+                 "1 query x 5 sources"):  # fmt: skip
         expected.append(f"{what} + PreNorm")
         if "1 source" not in what:
             expected.append(f"{what} + PreNorm, query 0's output written")
     assert boundaries == expected
-    assert [r.shape.split()[0] for r in rows[18:]] == ["M1"] * 5  # the one-token reads
+    assert [r.shape.split()[0] for r in rows[20:]] == ["M1"] * 5  # the one-token reads
     assert all(r.ours_us > 0 and r.anchor_us > 0 for r in rows)
 
 

@@ -353,7 +353,7 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
         norm_us = _kernel_us(lambda: add_prenorm(h, out, w, backend="triton"), setup)
         rows = []
         # (1 query x 5 sources: the dense model's final aggregation)
-        for n_q, n in ((4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4), (1, 5)):
+        for n_q, n in ((4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 3), (8, 4), (1, 5)):
             bank = _filled_bank(n - 1, h, rand, capacity=n)
             queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
             what = f"{n_q} {'queries' if n_q > 1 else 'query'} x {n} {'sources' if n > 1 else 'source'}"
