@@ -33,18 +33,20 @@ STORE_PHASE1_SPLIT_ROWS = 256
 # at 8; one row per program in ``store_phase1_kernel``, 100.7.
 ONE_SOURCE_ROWS = 4
 # Launch constant: the prefill block boundary over stored sources (``store_phase1_rows_kernel``, above
-# STORE_PHASE1_SPLIT_ROWS rows) holds about this many source rows in its [rows, N_PAD, D] tile: rows per program
-# PREFILL_ROW_SOURCES // N_PAD, at least 1. Session 27 (H100, M 8192 D 2048, us): at 4, two rows of 2 sources
-# (8 queries 156.0, 4 queries 102.4) and one row of 4 or 8 (8 queries x 4 sources 194.5, the final aggregation's
-# 1 query x 5 sources 111.0); one row per program in ``store_phase1_kernel``'s layout before it, 155.0, 104.8,
-# 194.5, 129.4. Larger groups were slower (8: up to 21%; 16: up to 5x), and so were 8 warps (9-20% at 4).
+# STORE_PHASE1_SPLIT_ROWS rows) holds about this many source rows in its [rows, N_PAD, D] tile and the new source's
+# row apart from it (``prefill_rows_layout``): rows per program PREFILL_ROW_SOURCES // (N_PAD, plus 1 if apart), at
+# least 1. Session 27 (H100, M 8192 D 2048, us): at 4, two rows of 2 sources (8 queries 156.0, 4 queries 102.4) and
+# one row of 4 or 8 (8 queries x 4 sources 194.5, the final aggregation's 1 query x 5 sources 111.0); one row per
+# program in ``store_phase1_kernel``'s layout before it, 155.0, 104.8, 194.5, 129.4. Larger groups were slower (8: up
+# to 21%; 16: up to 5x), and so were 8 warps (9-20% at 4).
 PREFILL_ROW_SOURCES = 4
 # Launch constant: the prefill block boundary over stored sources in pairs of rows (``store_phase1_rows_kernel`` at
 # N_PAD 2, two rows per program) has its registers capped so that this many programs share an SM (0: no cap).
-# Session 35 (H100, M 8192 D 2048, kernel GPU time in us): at 4 (146 registers to 128, 12 B of spills) 8 queries
-# 152.7 against 157.9 uncapped, 4 queries 100.5 against 108.8, and 5 or 6 slower (208.0, 245.3). The other
-# boundaries were no faster capped at 4 (the first over v_0: 61.2 against 61.3) or slower (8 queries x 4 sources
-# 198.9 against 193.4; the final aggregation's 238 registers, spilling, 211.5 against 111.9).
+# Session 35 (H100, M 8192 D 2048, kernel GPU time in us): at 4 (sm_90 compile: 146 registers to 128, 12 B of
+# spills) 8 queries 152.7 against 157.9 uncapped, 4 queries 100.5 against 108.8, and 5 or 6 slower (208.0, 245.3).
+# The other boundaries were no faster capped at 4 (the first over v_0: 61.2 against 61.3) or slower (8 queries x 4
+# sources 198.9 against 193.4; the final aggregation, 238 registers uncapped and spilling at the cap, 211.5 against
+# 111.9).
 PAIR_ROWS_PROGRAMS_PER_SM = 4
 # Launch constant: 1 keeps the new source apart from the tile of stored sources where their count is a power of two
 # (``prefill_rows_layout``), 0 puts it in the tile (which it then doubles). Session 35 (H100, M 8192 D 2048, us):
@@ -65,7 +67,7 @@ def prefill_rows_layout(n_prev: int, d: int) -> tuple[dict, dict]:
     about PREFILL_ROW_SOURCES sources' rows per program; pairs of rows capped to PAIR_ROWS_PROGRAMS_PER_SM."""
     apart = bool(PREFILL_NEW_APART) and n_prev >= 2 and _sources_pad(n_prev) == n_prev
     n_pad = _sources_pad(n_prev if apart else n_prev + 1)
-    rows = max(1, PREFILL_ROW_SOURCES // (n_pad + apart))
+    rows = max(1, PREFILL_ROW_SOURCES // (n_pad + int(apart)))
     options = {"num_warps": num_warps(d)}
     if n_pad == 2 and rows == 2 and PAIR_ROWS_PROGRAMS_PER_SM:
         options["maxnreg"] = register_cap(options["num_warps"], PAIR_ROWS_PROGRAMS_PER_SM)
