@@ -32,7 +32,6 @@ import triton.language as tl
 from _profile import add_bandwidth_option, floor_bandwidth_tbs, kernel_time_us
 
 from kimi_hf.kernels._launch import add_set_option, apply_set_option, get_launch_constant, set_launch_constants
-from kimi_hf.kernels._grid import next_power_of_2
 from kimi_hf.kernels.attn_res import (
     add_prenorm,
     append_source,
@@ -42,6 +41,7 @@ from kimi_hf.kernels.attn_res import (
     new_source_bank,
     prenorm,
 )
+from kimi_hf.kernels.attn_res.fused import block_d, num_warps
 from kimi_hf.kernels.conv import causal_conv1d, causal_conv1d_update
 from kimi_hf.kernels.gated_norm import gated_rms_norm
 from kimi_hf.kernels.kda import fused_recurrent_kda
@@ -432,15 +432,13 @@ def bench_traffic(setup: _Setup) -> list[Row]:
     bytes. A kernel of that mix whose time is close to this one's is bound by its traffic, not by its work, however
     far it is from the floor (taken at the copy bandwidth). Anchors: torch's ``zero_`` (write only) and ``copy_``.
     Kernel GPU time per call."""
-    from kimi_hf.kernels.attn_res.fused import num_warps
-
     M, D, rand, shape, bytes_per_pass = _depth_inputs(setup)
     src, dst = rand(6, M, D), rand(9, M, D)
     anchors = {(0, 1): ("torch zero_", lambda: dst[0].zero_()), (1, 1): ("torch copy_", lambda: dst[0].copy_(src[0]))}
     rows = []
     for reads, writes, what in _TRAFFIC_MIXES:
         def stream(reads=reads, writes=writes):
-            _stream_kernel[(M,)](src, dst, M, D, READS=reads, WRITES=writes, BLOCK_D=next_power_of_2(D),
+            _stream_kernel[(M,)](src, dst, M, D, READS=reads, WRITES=writes, BLOCK_D=block_d(D),
                                  num_warps=num_warps(D))  # fmt: skip
 
         anchor, anchor_fn = anchors.get((reads, writes), ("n/a", None))

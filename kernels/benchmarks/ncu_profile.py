@@ -96,17 +96,22 @@ def target_attn_res_prefill(rows: int, hidden: int) -> None:
     def params(n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(n_q, hidden, device="cuda") * 0.05, 1 + 0.05 * torch.randn(n_q, hidden, device="cuda")
 
+    # every input made here, so that the profiled range holds the AttnRes kernels alone
+    block_params = [params(8) for _ in range(4)]  # the boundaries over 1, 2, 3 and 4 sources
+    summands = [(torch.randn_like(like), torch.randn_like(like)) for _ in range(3)]
+    merge_query, merge_gain = params(1)
+    final_params = params(1)
+
     def launches() -> None:
         with torch.no_grad():
             bank = new_source_bank(5, like, backend="triton")
-            bank, out, lse, _ = append_source_phase1(bank, like, None, *params(8), norm, first_out=False)
-            for _ in range(3):  # the boundaries over 2, 3 and 4 sources
-                bank, out, lse, _ = append_source_phase1(
-                    bank, torch.randn_like(like), torch.randn_like(like), *params(8), norm, first_out=False
-                )
-            query, gain = params(1)  # the second sublayer of the last block (out holds queries 1 .. 7)
-            depth_attention_phase2_add(out[0], lse[1], like, like, query[0], gain[0], 1e-6, norm_weight=norm)
-            append_source_phase1(bank, like, like, *params(1), norm, first_out=False)  # the final aggregation
+            bank, out, lse, _ = append_source_phase1(bank, like, None, *block_params[0], norm, first_out=False)
+            for (x, y), (queries, gains) in zip(summands, block_params[1:]):
+                bank, out, lse, _ = append_source_phase1(bank, x, y, queries, gains, norm, first_out=False)
+            # the second sublayer of the last block (out holds queries 1 .. 7)
+            depth_attention_phase2_add(out[0], lse[1], like, like, merge_query[0], merge_gain[0], 1e-6,
+                                       norm_weight=norm)  # fmt: skip
+            append_source_phase1(bank, like, like, *final_params, norm, first_out=False)  # the final aggregation
         torch.cuda.synchronize()
 
     _profiled(launches)
