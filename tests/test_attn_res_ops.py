@@ -435,7 +435,7 @@ def test_two_phase_matches_naive(backend, shape, n_q, tile_elements, monkeypatch
             assert_close_rel(h, naive_depth_attention(blocks + [partial], queries[j], gains[j]), 1e-5, f"phase2[{j}]")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,query_pairs", [("torch", 0), ("triton", 0), ("triton", 1)])
 @pytest.mark.parametrize(
     "n_prev,with_y,with_norm", [(0, False, True), (1, True, True), (2, True, True), (3, True, False), (4, False, True)]
 )
@@ -446,7 +446,7 @@ def test_two_phase_matches_naive(backend, shape, n_q, tile_elements, monkeypatch
          "one-kernel-program-per-row", "store-phase1-phase2"],
 )  # fmt: skip
 def test_block_boundary_matches_its_parts(
-    backend, n_prev, with_y, with_norm, tile_elements, split_rows, row_sources, monkeypatch
+    backend, query_pairs, n_prev, with_y, with_norm, tile_elements, split_rows, row_sources, monkeypatch
 ):
     """append_source_phase1 (Triton: one kernel with a program per query, per row or per group of rows, or its
     three parts when the sources do not fit the tile) against the naive formula over the sources with x (+ y)
@@ -454,12 +454,15 @@ def test_block_boundary_matches_its_parts(
     PreNorm, first_out=False gives queries 1 .. Q - 1 only (the kernels skip query 0's output), the same lse and
     PreNorm. Over 10 rows, 2 .. 8 sources make row groups of 4 (the last one partial), 2 and 1; at the default
     PREFILL_ROW_SOURCES (4), pairs of rows over 2 sources (their launch capped in registers), and 3 or 5 sources
-    with the new one apart from the tile of stored ones (``two_phase.prefill_rows_layout``)."""
+    with the new one apart from the tile of stored ones (``two_phase.prefill_rows_layout``). With query_pairs the
+    row groups score the 3 queries in pairs, the second pair's partner absent. ``store=False`` gives the same
+    results and the bank unchanged, and the one kernel over stored sources leaves the slot unwritten."""
     from kimi_hf.kernels.attn_res import two_phase
 
     monkeypatch.setattr(two_phase, "PHASE1_TILE_ELEMENTS", tile_elements)
     monkeypatch.setattr(two_phase, "STORE_PHASE1_SPLIT_ROWS", split_rows)
     monkeypatch.setattr(two_phase, "PREFILL_ROW_SOURCES", row_sources)
+    monkeypatch.setattr(two_phase, "PREFILL_QUERY_PAIRS", query_pairs)
     blocks, partial, _, _ = _inputs(n_prev + 2, shape=(2, 5, 300), seed=3)
     blocks, x, y = blocks[:n_prev], blocks[n_prev], (blocks[n_prev + 1] if with_y else None)
     g = torch.Generator().manual_seed(4)
@@ -492,6 +495,17 @@ def test_block_boundary_matches_its_parts(
     with torch.no_grad():  # the new bank serves later reads like any other
         h = depth_attention(new_bank, queries[1], gains[1], partial)
     assert_close_rel(h, naive_depth_attention(sources + [partial], queries[1], gains[1]), 1e-5, "later read")
+    if backend == "triton":
+        new_bank.storage.store[n_prev].fill_(float("nan"))  # unwritten, it stays NaN
+    with torch.no_grad():  # the source read but not kept (the final aggregation)
+        kept, no_store, no_store_lse, no_store_first = append_source_phase1(
+            bank, x, y, queries, gains, norm_w, 1e-5, store=False
+        )
+    assert kept is bank
+    assert torch.equal(no_store, out) and torch.equal(no_store_lse, lse)
+    assert (no_store_first is None) == (first is None) and (first is None or torch.equal(no_store_first, first))
+    if backend == "triton" and n_prev > 0 and tile_elements:  # the one-kernel path over stored sources
+        assert bank.storage.store[n_prev].isnan().all()
 
 
 @pytest.mark.parametrize("tile_elements", [16384, 0], ids=["sources-in-registers", "sources-one-at-a-time"])
@@ -784,12 +798,16 @@ def test_gpu_deferred_source_gradients_bf16(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("query_pairs", [0, 1])
 @pytest.mark.parametrize("n_prev", [0, 1, 2, 4])
-def test_gpu_block_boundary_bf16(n_prev):
+def test_gpu_block_boundary_bf16(n_prev, query_pairs, monkeypatch):
     """The fused prefill block boundary (2053 rows: several waves of programs, the last group partial) in bf16
     against float32, 8 queries at D 2048 over 2, 3 and 5 sources (``store_phase1_rows_kernel``: rows in pairs, at a
-    register cap; one row with the new source apart from the tile, 3 and 5); over v_0 alone, four rows per program
-    (``store_scores_kernel``). Outputs and log-sum-exps."""
+    register cap; one row with the new source apart from the tile, 3 and 5; the queries one at a time and in pairs);
+    over v_0 alone, four rows per program (``store_scores_kernel``). Outputs and log-sum-exps."""
+    from kimi_hf.kernels.attn_res import two_phase
+
+    monkeypatch.setattr(two_phase, "PREFILL_QUERY_PAIRS", query_pairs)
     blocks, _, _, _ = _inputs(n_prev + 1, shape=(1, 2053, 2048), dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(7)
     queries = torch.randn(8, 2048, generator=g, device="cuda", dtype=torch.bfloat16)

@@ -314,6 +314,7 @@ def append_source_phase1(
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
     first_out: bool = True,
+    store: bool = True,
 ) -> tuple[SourceBank, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A block boundary at inference: append ``x (+ y)`` [..., D] as the bank's next source, then phase 1 of
     ``queries``/``gains`` [Q, D] against all sources, the new one included.
@@ -327,6 +328,9 @@ def append_source_phase1(
     ``first_out=False`` (with ``norm_weight``, for a caller that reads query 0 only through its PreNorm): out is
     [Q - 1, ..., D], queries 1 .. Q - 1, and the one-kernel path does not write query 0's output (one pass over
     [..., D] less); lse keeps all Q rows.
+
+    ``store=False`` (a read that no later read needs: the final aggregation): the new source is scored but not
+    kept, and the bank returned is ``bank`` itself; the one-kernel path writes no [..., D] pass for it.
     """
     _inference_only(queries, gains, x, *([y] if y is not None else []))
     if queries.dim() != 2 or queries.shape != gains.shape:
@@ -339,7 +343,7 @@ def append_source_phase1(
     if y is not None:
         _check_shape(bank, y, "second summand")
     n = bank.num_sources
-    if bank.backend == "triton" and n < bank.capacity:
+    if bank.backend == "triton" and n < bank.capacity and (store or n):  # (a lone source's output is its slot)
         from .two_phase import fits_one_tile, store_phase1
 
         d = bank.shape[-1]
@@ -347,20 +351,21 @@ def append_source_phase1(
             storage = bank.storage
             out, lse, first = store_phase1(
                 storage, n, x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous() if y is not None else None,
-                queries, gains, norm_weight, norm_eps, first_out,
+                queries, gains, norm_weight, norm_eps, first_out, store,
             )  # fmt: skip
-            bank = replace(bank, handles=bank.handles + (storage.store[n],))
+            if store:
+                bank = replace(bank, handles=bank.handles + (storage.store[n],))
             lead = tuple(bank.shape[:-1])
             first = first.view(bank.shape) if first is not None else None
             return bank, out.view(len(out), *lead, d), lse.view(len(queries), *lead), first
-    bank = append_source(bank, x, y)
-    out, lse = depth_attention_phase1(bank, queries, gains)
+    grown = append_source(bank, x, y)
+    out, lse = depth_attention_phase1(grown, queries, gains)
     first = None
     if norm_weight is not None:
         first = depth_attention_phase2(
             out[0], lse[0], None, queries[0], gains[0], bank.eps, bank.backend, norm_weight, norm_eps
         )
-    return bank, out if first_out else out[1:], lse, first
+    return grown if store else bank, out if first_out else out[1:], lse, first
 
 
 def add_prenorm(

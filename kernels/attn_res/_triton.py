@@ -621,14 +621,15 @@ def store_phase1_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
     n_prev, n_q, M, D, eps, norm_eps,
     HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    WRITE_OUT: tl.constexpr, FIRST_OUT: tl.constexpr,
+    WRITE_OUT: tl.constexpr, FIRST_OUT: tl.constexpr, STORE: tl.constexpr,
 ):  # fmt: skip
     """A block boundary at inference in one launch: source n_prev = x (+ y) is stored with its rstd (as
     ``store_source_kernel``), then phase 1 runs the n_q queries against sources 0 .. n_prev, held in one
     [N_PAD, BLOCK_D] register tile (the new source straight from registers). With HAS_NORM, query 0's sublayer
     input goes to first [M, D]: the PreNorm of its output (a block's first sublayer has no partial sum).
     WRITE_OUT, FIRST_OUT: see ``_phase1_query`` (WRITE_OUT off when the new source is the only one; FIRST_OUT off
-    when ``first`` replaces query 0's output).
+    when ``first`` replaces query 0's output). Without STORE the new source is not written, only its rstd (see
+    ``store_phase1_rows_kernel``).
 
     Program ``row * n_q + j`` runs query j of its row; the j = 0 program stores the new source. The queries run side
     by side (a row's programs adjacent in launch order, so that its sources come from L2 after the first read),
@@ -648,7 +649,8 @@ def store_phase1_kernel(
     v_new, v_new_f = _new_rows(x_ptr, y_ptr, row * D + cols, mask, store_ptr.dtype.element_ty, HAS_Y)
     r_new = _rstd(v_new_f, D, eps)
     if j0 == 0:
-        tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
+        if STORE:
+            tl.store(store_ptr + (n_prev * M + row) * D + cols, v_new, mask=mask)
         tl.store(rstd_ptr + n_prev * M + row, r_new)
     is_new = tl.arange(0, N_PAD) == n_prev
     v = tl.where(is_new[:, None], v_new_f[None, :], v)
@@ -662,34 +664,41 @@ def store_phase1_kernel(
 
 
 @triton.jit
-def _phase1_rows_query(
-    v, r, valid, v_new, r_new, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask,
+def _rows_summands(v, v_new, u, NEW_APART: tl.constexpr):
+    """The summands of one query's scores over a row group, reduced over D by the caller (alone, or joined with
+    another query's): v * u [BR, N_PAD, BLOCK_D] for the tile of sources and, with NEW_APART, the new source's
+    v_new * u [BR, BLOCK_D] in row 0 of a tile of v's shape (zeros elsewhere: its sum over D and the sources is the
+    new source's dot). Without NEW_APART the second is the first again (unused)."""
+    a = v * u[None, None, :]
+    b = a
+    if NEW_APART:
+        b = tl.where((tl.arange(0, v.shape[1]) == 0)[None, :, None], (v_new * u[None, :])[:, None, :], 0.0)
+    return a, b
+
+
+@triton.jit
+def _rows_output(
+    v_u, new_u, v, r, valid, v_new, r_new, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask,
     NEW_APART: tl.constexpr, FIRST_OUT: tl.constexpr,
 ):  # fmt: skip
-    """``_phase1_query`` for BR rows at once: their sources are the register tile v [BR, N_PAD, BLOCK_D] (rstd
-    r [BR, N_PAD], sources ``valid`` [1, N_PAD]); every row's scores come from one reduction over D. With NEW_APART
-    the rows' new source v_new [BR, BLOCK_D] (rstd r_new [BR]) is one more source, kept apart from the tile (it would
-    double it): its score rides in row 0 of the tile's round (``_sum_pair``). Stores lse[j, rows] and out[j, rows]
-    (out[j - 1] without FIRST_OUT, nothing for j = 0); returns the output rows [BR, BLOCK_D] (rounded to out's
-    dtype)."""
+    """Query j's softmax and output over a row group, given its dots with the tile of sources v_u [BR, N_PAD] and,
+    with NEW_APART, with the new source (new_u [BR, N_PAD], zero past row 0; v_new [BR, BLOCK_D], rstd r_new [BR]).
+    Stores lse[j, rows] and out[j, rows] (out[j - 1] without FIRST_OUT, nothing for j = 0) where ``rmask`` [BR];
+    returns the output rows [BR, BLOCK_D] (rounded to out's dtype)."""
+    s = tl.where(valid, r * v_u, float("-inf"))
     if NEW_APART:
-        first = (tl.arange(0, v.shape[1]) == 0)[None, :, None]
-        v_u, new_u = _sum_pair(v * u[None, None, :], tl.where(first, (v_new * u[None, :])[:, None, :], 0.0), 2)
-        s_new = r_new * tl.sum(new_u, axis=1)  # (new_u is zero past its row 0)
-        s = tl.where(valid, r * v_u, float("-inf"))
+        s_new = r_new * tl.sum(new_u, axis=1)
         m = tl.maximum(tl.max(s, axis=1), s_new)
         p_new = tl.exp(s_new - m)
         p = tl.exp(s - m[:, None])  # zero on padding sources
         denom = tl.sum(p, axis=1) + p_new
-        tl.store(lse_ptr + j * M + rows, m + tl.log(denom), mask=rmask)
         h = tl.sum((p / denom[:, None])[:, :, None] * v, axis=1) + (p_new / denom)[:, None] * v_new
     else:
-        s = tl.where(valid, r * tl.sum(v * u[None, None, :], axis=2), float("-inf"))
         m = tl.max(s, axis=1)
         p = tl.exp(s - m[:, None])  # zero on padding sources
         denom = tl.sum(p, axis=1)
-        tl.store(lse_ptr + j * M + rows, m + tl.log(denom), mask=rmask)
         h = tl.sum((p / denom[:, None])[:, :, None] * v, axis=1)
+    tl.store(lse_ptr + j * M + rows, m + tl.log(denom), mask=rmask)
     h = h.to(out_ptr.dtype.element_ty)
     mask = rmask[:, None] & cmask[None, :]
     if FIRST_OUT:
@@ -699,20 +708,71 @@ def _phase1_rows_query(
     return h
 
 
+@triton.jit
+def _phase1_rows_query(
+    v, r, valid, v_new, r_new, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask,
+    NEW_APART: tl.constexpr, FIRST_OUT: tl.constexpr,
+):  # fmt: skip
+    """``_phase1_query`` for BR rows at once: their sources are the register tile v [BR, N_PAD, BLOCK_D] (rstd
+    r [BR, N_PAD], sources ``valid`` [1, N_PAD]); every row's scores come from one reduction over D. With NEW_APART
+    the rows' new source v_new [BR, BLOCK_D] (rstd r_new [BR]) is one more source, kept apart from the tile (it would
+    double it): its score rides in row 0 of the tile's round (``_sum_pair``). Stores and returns as
+    ``_rows_output``."""
+    a, b = _rows_summands(v, v_new, u, NEW_APART)
+    if NEW_APART:
+        v_u, new_u = _sum_pair(a, b, 2)
+    else:
+        v_u = tl.sum(a, axis=2)
+        new_u = v_u
+    return _rows_output(v_u, new_u, v, r, valid, v_new, r_new, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask,
+                        NEW_APART, FIRST_OUT)  # fmt: skip
+
+
+@triton.jit
+def _phase1_rows_pair(
+    v, r, valid, v_new, r_new, q_ptr, g_ptr, out_ptr, lse_ptr, j, n_q, M, D, rows, rmask, cols, cmask,
+    NEW_APART: tl.constexpr, FIRST_OUT: tl.constexpr,
+):  # fmt: skip
+    """``_phase1_rows_query`` for queries j and j + 1 with both queries' scores from one round of reductions over D
+    (a query's round is a chain of shuffles and block barriers: pairs halve their number); query j + 1 exists only
+    if j + 1 < n_q (else its pseudo-query reads as zeros and nothing of it is stored). Returns query j's output
+    rows."""
+    u0 = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
+    u1 = _query_key(q_ptr + (j + 1) * D, g_ptr + (j + 1) * D, cols, cmask & (cols * 0 + j + 1 < n_q))
+    a0, b0 = _rows_summands(v, v_new, u0, NEW_APART)
+    a1, b1 = _rows_summands(v, v_new, u1, NEW_APART)
+    if NEW_APART:
+        tile_sums, new_sums = tl.split(tl.sum(tl.join(tl.join(a0, a1), tl.join(b0, b1)), axis=2))
+        v_u0, v_u1 = tl.split(tile_sums)
+        new_u0, new_u1 = tl.split(new_sums)
+    else:
+        v_u0, v_u1 = _sum_pair(a0, a1, 2)
+        new_u0, new_u1 = v_u0, v_u1
+    h = _rows_output(v_u0, new_u0, v, r, valid, v_new, r_new, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask,
+                     NEW_APART, FIRST_OUT)  # fmt: skip
+    _rows_output(v_u1, new_u1, v, r, valid, v_new, r_new, out_ptr, lse_ptr, j + 1, M, D, rows,
+                 rmask & (rows * 0 + j + 1 < n_q), cols, cmask, NEW_APART, FIRST_OUT)  # fmt: skip
+    return h
+
+
 @triton.jit(do_not_specialize=["n_prev", "n_q", "M"])
 def store_phase1_rows_kernel(
     x_ptr, y_ptr, store_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, out_ptr, lse_ptr, first_ptr,
     n_prev, n_q, M, D, eps, norm_eps,
     HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr,
-    NEW_APART: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEW_APART: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr, QUERY_PAIRS: tl.constexpr,
+    STORE: tl.constexpr,
 ):  # fmt: skip
     """The prefill block boundary over n_prev >= 1 stored sources, every query of BR rows per program:
     ``store_phase1_kernel``'s work (store x (+ y) as source n_prev, phase 1 of every query over sources
     0 .. n_prev, query 0's PreNorm into first with HAS_NORM) with the rows' sources in one [BR, N_PAD, BLOCK_D]
     register tile, read once, and each query's u loaded and reduced once per BR rows. NEW_APART (n_prev a power of
-    two, N_PAD = n_prev): the new source is kept apart from the tile of stored ones, which it would double. A
-    kernel of its own, with no runtime choice of the program's queries: one kernel for both layouts, a runtime
-    range of queries per program, took 2-27% longer than this one (session 27, H100, M 8192 D 2048)."""
+    two, N_PAD = n_prev): the new source is kept apart from the tile of stored ones, which it would double.
+    QUERY_PAIRS: the queries' scores two at a time, in one round of reductions (``_phase1_rows_pair``). Without
+    STORE the new source is read and scored but not written (its rstd still is): a final aggregation, which no
+    later read needs, or a source already in its slot. A kernel of its own, with no runtime choice of the
+    program's queries: one kernel for both layouts, a runtime range of queries per program, took 2-27% longer than
+    this one (session 27, H100, M 8192 D 2048)."""
     dtype = store_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rmask = rows < M
@@ -727,13 +787,15 @@ def store_phase1_rows_kernel(
     v = tl.load(store_ptr + slots[:, :, None] * D + cols[None, None, :], mask=smask[:, :, None] & cmask[None, None, :],
                 other=0.0).to(tl.float32)  # fmt: skip
     r = tl.load(rstd_ptr + slots, mask=smask, other=0.0)
-    u = _query_key(q_ptr, g_ptr, cols, cmask)
+    if not QUERY_PAIRS:
+        u = _query_key(q_ptr, g_ptr, cols, cmask)
     if HAS_NORM:
         wn = _gain(wn_ptr, cols, cmask)
     offs = rows[:, None] * D + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
     v_new, v_new_f = _new_rows(x_ptr, y_ptr, offs, mask, dtype, HAS_Y)
-    tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
+    if STORE:
+        tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
     r_new = _rstd(v_new_f, D, eps)
     tl.store(rstd_ptr + n_prev * M + rows, r_new, mask=rmask)
     valid = stored[None, :]
@@ -741,24 +803,34 @@ def store_phase1_rows_kernel(
         v = tl.where(is_new[None, :, None], v_new_f[:, None, :], v)
         r = tl.where(is_new[None, :], r_new[:, None], r)
         valid = (stored | is_new)[None, :]
-    h = _phase1_rows_query(v, r, valid, v_new_f, r_new, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask,
-                           NEW_APART, FIRST_OUT)  # fmt: skip
+    if QUERY_PAIRS:
+        h = _phase1_rows_pair(v, r, valid, v_new_f, r_new, q_ptr, g_ptr, out_ptr, lse_ptr, 0, n_q, M, D, rows, rmask,
+                              cols, cmask, NEW_APART, FIRST_OUT)  # fmt: skip
+    else:
+        h = _phase1_rows_query(v, r, valid, v_new_f, r_new, u, out_ptr, lse_ptr, 0, M, D, rows, rmask, cols, cmask,
+                               NEW_APART, FIRST_OUT)  # fmt: skip
     if HAS_NORM:
         first = _prenorm_rows(h.to(tl.float32), dtype, wn, D, norm_eps)[0]
         tl.store(first_ptr + offs, first.to(dtype), mask=mask)
-    for j in range(1, n_q):
-        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
-        _phase1_rows_query(v, r, valid, v_new_f, r_new, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask,
-                           NEW_APART, FIRST_OUT)  # fmt: skip
+    if QUERY_PAIRS:
+        for j in range(2, n_q, 2):
+            _phase1_rows_pair(v, r, valid, v_new_f, r_new, q_ptr, g_ptr, out_ptr, lse_ptr, j, n_q, M, D, rows, rmask,
+                              cols, cmask, NEW_APART, FIRST_OUT)  # fmt: skip
+    else:
+        for j in range(1, n_q):
+            u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
+            _phase1_rows_query(v, r, valid, v_new_f, r_new, u, out_ptr, lse_ptr, j, M, D, rows, rmask, cols, cmask,
+                               NEW_APART, FIRST_OUT)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n_q", "M"])
 def store_scores_kernel(
     x_ptr, y_ptr, slot_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, lse_ptr, first_ptr,
     n_q, M, D, eps, norm_eps,
-    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr, STORE: tl.constexpr,
 ):  # fmt: skip
-    """The block boundary that stores the first source, BR rows per program: slot = x (+ y) with its rstd, then
+    """The block boundary that stores the first source, BR rows per program: slot = x (+ y) with its rstd (without
+    STORE only the rstd: x is the slot already), then
     phase 1 over that lone source, whose output is the source itself and whose lse is its score,
     lse[j] = rstd * (u_j . v), for each of the n_q queries; with HAS_NORM, query 0's sublayer input goes to first
     [M, D] (the PreNorm of the source). What ``store_phase1_kernel`` does with WRITE_OUT off, but each query's u is
@@ -774,7 +846,8 @@ def store_scores_kernel(
     if HAS_NORM:
         wn = _gain(wn_ptr, cols, cmask)
     v, vf = _new_rows(x_ptr, y_ptr, offs, mask, slot_ptr.dtype.element_ty, HAS_Y)
-    tl.store(slot_ptr + offs, v, mask=mask)
+    if STORE:
+        tl.store(slot_ptr + offs, v, mask=mask)
     rstd = _rstd(vf, D, eps)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
     if HAS_NORM:

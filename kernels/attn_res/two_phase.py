@@ -53,6 +53,14 @@ PAIR_ROWS_PROGRAMS_PER_SM = 4
 # 8 queries x 3 sources 180.0 against 187.7 in the tile, the final aggregation (1 x 5) 99.6 against 112.3: no padding
 # rows, and fewer registers (``attn_res_registers.py``: 102 against 128, 137 against 207).
 PREFILL_NEW_APART = 1
+# Launch constant: 1 scores the prefill boundary's queries two at a time (``store_phase1_rows_kernel``'s
+# QUERY_PAIRS: one round of reductions over D per pair, where a query's round, a chain of shuffles and block
+# barriers, is most of its work), 0 one at a time.
+PREFILL_QUERY_PAIRS = 0
+# Launch constant: the prefill boundary with its queries in pairs has its registers capped so that this many
+# programs share an SM (0: no cap; in place of PAIR_ROWS_PROGRAMS_PER_SM). sm_90 compile (D 2048): at 4 (128
+# registers) no spills at any layout; uncapped, 8 queries x 4 sources take 138 (3 programs per SM).
+QUERY_PAIRS_PROGRAMS_PER_SM = 4
 
 
 def _sources_pad(n_sources: int) -> int:
@@ -60,18 +68,22 @@ def _sources_pad(n_sources: int) -> int:
     return max(2, next_power_of_2(n_sources))
 
 
-def prefill_rows_layout(n_prev: int, d: int) -> tuple[dict, dict]:
+def prefill_rows_layout(n_prev: int, d: int, q: int) -> tuple[dict, dict]:
     """(constexprs, launch options) of ``store_phase1_rows_kernel`` over ``n_prev`` stored sources at hidden size
-    ``d``: the tile holds the stored sources and the new one (N_PAD the next power of two), or, where ``n_prev`` is a
-    power of two (which the new source would double), the stored ones alone and the new one apart (NEW_APART);
-    about PREFILL_ROW_SOURCES sources' rows per program; pairs of rows capped to PAIR_ROWS_PROGRAMS_PER_SM."""
+    ``d`` for ``q`` queries: the tile holds the stored sources and the new one (N_PAD the next power of two), or,
+    where ``n_prev`` is a power of two (which the new source would double), the stored ones alone and the new one
+    apart (NEW_APART); about PREFILL_ROW_SOURCES sources' rows per program; several queries scored in pairs with
+    PREFILL_QUERY_PAIRS, capped to QUERY_PAIRS_PROGRAMS_PER_SM; otherwise pairs of rows capped to
+    PAIR_ROWS_PROGRAMS_PER_SM."""
     apart = bool(PREFILL_NEW_APART) and n_prev >= 2 and _sources_pad(n_prev) == n_prev
     n_pad = _sources_pad(n_prev if apart else n_prev + 1)
     rows = max(1, PREFILL_ROW_SOURCES // (n_pad + int(apart)))
+    pairs = bool(PREFILL_QUERY_PAIRS) and q > 1
+    programs = QUERY_PAIRS_PROGRAMS_PER_SM if pairs else PAIR_ROWS_PROGRAMS_PER_SM * (n_pad == 2 and rows == 2)
     options = {"num_warps": num_warps(d)}
-    if n_pad == 2 and rows == 2 and PAIR_ROWS_PROGRAMS_PER_SM:
-        options["maxnreg"] = register_cap(options["num_warps"], PAIR_ROWS_PROGRAMS_PER_SM)
-    return dict(N_PAD=n_pad, NEW_APART=apart, BR=rows, BLOCK_D=block_d(d)), options
+    if programs:
+        options["maxnreg"] = register_cap(options["num_warps"], programs)
+    return dict(N_PAD=n_pad, NEW_APART=apart, BR=rows, BLOCK_D=block_d(d), QUERY_PAIRS=pairs), options
 
 
 def fits_one_tile(n_sources: int, d: int) -> bool:
@@ -123,10 +135,13 @@ def store_phase1(
     norm_weight: torch.Tensor | None,
     norm_eps: float,
     first_out: bool = True,
+    store: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Store ``x (+ y)`` [M, D] as source ``n_prev``, then phase 1 of ``queries``/``gains`` [Q, D] against sources
     0 .. n_prev, in one launch (needs ``fits_one_tile(n_prev + 1, D)``; the first source of a prefill:
-    ``store_scores_kernel``, rows in groups).
+    ``store_scores_kernel``, rows in groups). ``store=False`` (``n_prev`` >= 1) writes only the new source's rstd,
+    not the source (a read that no later one needs: the final aggregation); nor is it written where ``x`` is its
+    slot already (an embedding gathered into slot 0).
 
     Returns out [Q, M, D] (with ``n_prev`` 0, a read-only view of the new source: ``_phase1_out``), lse [Q, M]
     float32 and, with ``norm_weight``, query 0's sublayer input [M, D] (the PreNorm of out[0]), else None.
@@ -136,13 +151,16 @@ def store_phase1(
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
     dev = storage.store.device
+    in_slot = y is None and x.dtype == storage.store.dtype and x.data_ptr() == storage.store[n_prev].data_ptr()
+    if not (store or in_slot or n_prev):
+        raise ValueError("store=False needs a stored source: over the new one alone, out is that source's slot")
     out, write_out = _phase1_out(storage, n_prev + 1, q if first_out else q - 1)
     lse = torch.empty((q, m), dtype=torch.float32, device=dev)
     first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
     # the sources' pointers and the parameters, in every kernel's order (unused ones point at any tensor)
     inputs = (x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
               norm_weight.contiguous() if norm_weight is not None else gains)  # fmt: skip
-    flags = dict(HAS_Y=y is not None, HAS_NORM=norm_weight is not None)
+    flags = dict(HAS_Y=y is not None, HAS_NORM=norm_weight is not None, STORE=store and not in_slot)
     if n_prev == 0 and m > STORE_PHASE1_SPLIT_ROWS:
         _triton.store_scores_kernel[(cdiv(m, ONE_SOURCE_ROWS),)](
             *inputs, lse, first if first is not None else lse, q, m, d, storage.eps, norm_eps,
@@ -152,7 +170,7 @@ def store_phase1(
     n_pad = _sources_pad(n_prev + 1)
     outputs = (out, lse, first if first is not None else out)
     if m > STORE_PHASE1_SPLIT_ROWS:
-        constants, options = prefill_rows_layout(n_prev, d)
+        constants, options = prefill_rows_layout(n_prev, d, q)
         _triton.store_phase1_rows_kernel[(cdiv(m, constants["BR"]),)](
             *inputs, *outputs, n_prev, q, m, d, storage.eps, norm_eps, **flags, FIRST_OUT=first_out, **constants,
             **options,

@@ -16,6 +16,7 @@ under the interpreter and failed on the H200) and one that spills. The compile s
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # a real compilation, not the interpreter
@@ -81,15 +82,25 @@ def launch_configs(d: int) -> list[tuple]:
         n_pad = two_phase._sources_pad(n_sources)
         configs.append((_triton.store_phase1_kernel,
                         dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=n_pad, BLOCK_D=width, WRITE_OUT=n_sources > 1,
-                             FIRST_OUT=False),
+                             FIRST_OUT=False, STORE=n_sources < _BLOCK_SOURCES),
                         warps))  # fmt: skip
-    for n_prev in range(1, _BLOCK_SOURCES):  # prefill, over stored sources (3 and 5: the new one apart)
-        constants, options = two_phase.prefill_rows_layout(n_prev, d)
+    # prefill, over stored sources (3 and 5: the new one apart), 8 queries and the final aggregation's one (its new
+    # source not stored), each with the queries one at a time and in pairs
+    default_pairs = two_phase.PREFILL_QUERY_PAIRS
+    for (n_prev, q), pairs in itertools.product([(1, 8), (2, 8), (3, 8), (_BLOCK_SOURCES - 1, 1)], (0, 1)):
+        two_phase.PREFILL_QUERY_PAIRS = pairs
+        constants, options = two_phase.prefill_rows_layout(n_prev, d, q)
+        if pairs and not constants["QUERY_PAIRS"]:
+            continue
         configs.append((_triton.store_phase1_rows_kernel,
-                        dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, **constants),
+                        dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, STORE=q > 1, **constants),
                         options["num_warps"], options.get("maxnreg")))  # fmt: skip
-    configs.append((_triton.store_scores_kernel,
-                    dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width), warps))  # fmt: skip
+    two_phase.PREFILL_QUERY_PAIRS = default_pairs
+    # the first boundary, storing v_0 or finding it in its slot
+    for store in (True, False):
+        configs.append((_triton.store_scores_kernel,
+                        dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width, STORE=store),
+                        warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
                     dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_BLOCK_SOURCES), BLOCK_D=width, ONE_TILE=True,
                          WRITE_OUT=True),

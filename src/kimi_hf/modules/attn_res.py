@@ -274,10 +274,15 @@ class AttentionResiduals(nn.Module):
             summands = (state.pending, None) if state.partial is None else (state.partial, state.pending)
             # With the PreNorm fused, query 0's raw output is not written (a repeated read recomputes it, below)
             first_out = norm_weight is None
+            # The final aggregation's last block is read, not stored: no later read needs it (nothing is cached
+            # for it, so a repeated read of the final output runs it again)
+            final = index == self.num_sublayers
             bank, out, lse, x = append_source_phase1(
                 state.bank, *summands, self.queries[start:stop], self.norm_weight[start:stop], norm_weight, norm_eps,
-                first_out,
+                first_out, store=not final,
             )  # fmt: skip
+            if final:
+                return x if norm_weight is not None else out[0]
             if not first_out:
                 out = (None, *out.unbind(0))  # indexed by query as the full out is
             cached = state.cache.get("phase1")
@@ -287,7 +292,7 @@ class AttentionResiduals(nn.Module):
             return x if norm_weight is not None else out[0]
         out, lse = self._phase1(state, start, folded[1] if folded is not None else state.bank)
         if boundary:
-            # a repeated read of a block's first sublayer (or the final aggregation): its input is query 0's output
+            # a repeated read of a block's first sublayer: its input is query 0's output
             if out[0] is None:
                 out, lse = depth_attention_phase1(folded[1], query[None], gain[None])
             return depth_attention_phase2(
