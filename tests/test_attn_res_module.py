@@ -350,3 +350,75 @@ def test_inference_branches_of_one_state_stay_apart():
         inference = branches()
     for i, (a, e) in enumerate(zip(inference, branches())):
         assert_close_rel(a, e, 1e-5, f"read {i}")
+
+
+class _LaunchSpy:
+    """A Triton kernel stand-in that records each launch's keyword arguments (the constexprs) and runs the kernel."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launches.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+class _ScaledEmbedding(torch.nn.Embedding):
+    """A subclass whose forward is not ``weight[ids]``: begin_from_ids must call it."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(ids)
+
+
+@pytest.mark.parametrize("split_rows", [256, 0], ids=["program-per-query", "rows-per-program"])
+def test_begin_from_ids_gathers_into_the_source_slot(split_rows, monkeypatch):
+    """On the Triton inference path a plain nn.Embedding gathers straight into v_0's slot, and the first block
+    boundary (a program per query at decode sizes, row groups in prefill) then stores nothing; every other case
+    (gradients, standard mode, an embedding whose forward is not weight[ids]: a subclass, a hook, max_norm) calls the
+    module. Either way the model's inputs and output equal those of begin(embed_tokens(ids))."""
+    from kimi_hf.kernels.attn_res import _triton, two_phase
+
+    monkeypatch.setattr(two_phase, "STORE_PHASE1_SPLIT_ROWS", split_rows)
+    kernel = "store_phase1_kernel" if split_rows else "store_scores_kernel"
+    spy = _LaunchSpy(getattr(_triton, kernel))
+    monkeypatch.setattr(_triton, kernel, spy)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 5))
+    outs = [torch.randn(2, 5, D) for _ in range(4)]
+    plain, scaled, hooked = torch.nn.Embedding(50, D), _ScaledEmbedding(50, D), torch.nn.Embedding(50, D)
+    hooked.register_forward_hook(lambda module, args, out: out + 1)
+
+    def inputs(attn_res, state):
+        hs = []
+        for out in outs:
+            hs.append(attn_res.sublayer_input(state))
+            state = attn_res.add_sublayer_output(state, out)
+        return hs + [attn_res.final_output(state)]
+
+    for mode in ("block", "standard"):
+        attn_res = AttentionResiduals(D, 4, mode=mode, block_size=2, backend="triton")
+        if mode == "block":
+            _randomise(attn_res)
+        for embed, grad in ((plain, False), (plain, True), (scaled, False), (hooked, False)):
+            spy.launches.clear()
+            with torch.set_grad_enabled(grad):
+                state, embeddings = attn_res.begin_from_ids(embed, ids)
+                expected = embed(ids)
+                assert torch.equal(embeddings, expected)
+                got, want = inputs(attn_res, state), inputs(attn_res, attn_res.begin(expected))
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert_close_rel(a, b, 1e-6, f"{mode}, {type(embed).__name__}, grad={grad}: input {i}")
+            direct = mode == "block" and embed is plain and not grad
+            in_slot = state.bank is not None and embeddings.data_ptr() == state.bank.storage.store[0].data_ptr()
+            assert in_slot == direct, (mode, type(embed).__name__, grad)
+            if direct:  # the first boundary read v_0 in its slot and did not store it again
+                assert spy.launches and spy.launches[0]["STORE"] is False
+    renormed = torch.nn.Embedding(50, D, max_norm=1.0)
+    with torch.no_grad():
+        state, embeddings = AttentionResiduals(D, 4, block_size=2, backend="triton").begin_from_ids(renormed, ids)
+    assert embeddings.norm(dim=-1).max() <= 1.0 + 1e-6 and state.pending is embeddings

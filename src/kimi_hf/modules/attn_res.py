@@ -124,6 +124,22 @@ def _cached_fold(state: AttnResState, index: int) -> tuple | None:
     return entry[1:]
 
 
+def _plain_embedding(module: nn.Module) -> bool:
+    """Whether ``module(ids)`` is exactly ``module.weight[ids]``: an ``nn.Embedding`` itself (not a subclass or a
+    wrapper such as PEFT's), with no ``max_norm`` (which renormalises the weight's rows in place), whose forward
+    nothing intercepts: no hooks of its own or global ones, no forward set on the instance (accelerate's device and
+    offload hooks replace it so)."""
+    from torch.nn.modules import module as torch_module
+
+    return (
+        type(module) is nn.Embedding
+        and module.max_norm is None
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+        and "forward" not in vars(module)
+    )
+
+
 class AttentionResiduals(nn.Module):
     """Pseudo-queries and key norms of all sublayers of one decoder, plus the bookkeeping of the sources.
 
@@ -186,6 +202,10 @@ class AttentionResiduals(nn.Module):
             nn.init.zeros_(self.queries)
             nn.init.ones_(self.norm_weight)
 
+    def _inference(self) -> bool:
+        """Whether a forward begun now runs the inference path."""
+        return self.two_phase and not torch.is_grad_enabled()
+
     def begin(self, embeddings: torch.Tensor) -> AttnResState:
         """State before sublayer 0; ``embeddings`` [B, T, D] is v_0.
 
@@ -197,7 +217,7 @@ class AttentionResiduals(nn.Module):
         bank = None
         if self.mode != "standard":
             bank = new_source_bank(self.num_blocks + 1, embeddings, self.eps, self.backend)
-        if self.two_phase and not torch.is_grad_enabled():
+        if self._inference():
             return AttnResState(sublayer=0, partial=None, bank=bank, pending=embeddings, cache={})
         if self.mode == "standard":
             return AttnResState(sublayer=0, partial=embeddings)
@@ -205,6 +225,26 @@ class AttentionResiduals(nn.Module):
         if torch.is_grad_enabled() and (self.queries.requires_grad or self.norm_weight.requires_grad):
             rows = (self.queries.unbind(0), self.norm_weight.unbind(0))
         return AttnResState(sublayer=0, partial=None, bank=append_source(bank, embeddings), rows=rows)
+
+    def begin_from_ids(self, embed_tokens: nn.Module, input_ids: torch.Tensor) -> tuple[AttnResState, torch.Tensor]:
+        """``begin(embed_tokens(input_ids))``, and those embeddings [B, T, D].
+
+        On the inference path of a Triton source bank, a plain ``nn.Embedding`` (``_plain_embedding``) gathers
+        its rows straight into the bank's slot of v_0, which the first block boundary then reads in place instead
+        of storing a copy: one [B, T, D] write less per forward. The embeddings returned are that slot's view.
+        """
+        weight = getattr(embed_tokens, "weight", None)
+        if self.mode != "standard" and self._inference() and _plain_embedding(embed_tokens):
+            like = weight.new_empty(()).expand(*input_ids.shape, weight.shape[-1])  # (no memory: a shape, a dtype)
+            if like.shape[-1] == self.hidden_size and input_ids.device == weight.device:
+                bank = new_source_bank(self.num_blocks + 1, like, self.eps, self.backend)
+                if bank.backend == "triton":
+                    slot = bank.storage.store[0]
+                    torch.index_select(weight, 0, input_ids.reshape(-1), out=slot)
+                    embeddings = slot.view(like.shape)
+                    return AttnResState(sublayer=0, partial=None, bank=bank, pending=embeddings, cache={}), embeddings
+        embeddings = embed_tokens(input_ids)
+        return self.begin(embeddings), embeddings
 
     def _query_gain(self, state: AttnResState, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo-query and key-norm gain [D] of sublayer ``index`` (L: the final aggregation)."""

@@ -334,8 +334,9 @@ class AttnResModel(AttnResPreTrainedModel):
             )
         if self.training:  # the residual state is a Python object: only non-reentrant checkpointing sees it
             check_non_reentrant_checkpointing(self.layers)
+        state = None  # (from input_ids, the embeddings may go straight into the AttnRes source store)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            state, inputs_embeds = self.attn_res.begin_from_ids(self.embed_tokens, input_ids)
         self._check_placement(inputs_embeds.device)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -350,7 +351,8 @@ class AttnResModel(AttnResPreTrainedModel):
             **{CACHE_NAME: cache},
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        state = self.attn_res.begin(inputs_embeds)
+        if state is None:
+            state = self.attn_res.begin(inputs_embeds)
         all_hidden, all_weights = [], []
         for layer in self.layers:
             if output_hidden_states:  # the (un-normalised) input of the layer's attention sublayer

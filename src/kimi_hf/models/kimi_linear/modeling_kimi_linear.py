@@ -1142,8 +1142,9 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             use_cache = False
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        state = None  # (from input_ids, the embeddings may go straight into the AttnRes source store)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            state, inputs_embeds = self.attn_res.begin_from_ids(self.embed_tokens, input_ids)
         self._check_placement(inputs_embeds.device)
         if use_cache and cache is None:
             cache = KimiLinearCache(self.config)
@@ -1176,7 +1177,8 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
 
         if self.training:
             check_non_reentrant_checkpointing(self.layers)
-        state = self.attn_res.begin(inputs_embeds)
+        if state is None:
+            state = self.attn_res.begin(inputs_embeds)
         all_hidden: list[torch.Tensor] = []
         all_router_logits: list[torch.Tensor] = []
         all_attentions: list[torch.Tensor] = []
