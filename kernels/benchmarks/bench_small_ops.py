@@ -343,11 +343,12 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
     Linear: Q 4; dense: Q 8). The models keep query 0's output only as that PreNorm (``first_out=False``); the
     rows "query 0's output written" time the full out for comparison. Minimum bytes in [M, D] passes: n + Q + 2
     (read the two summands and the n - 1 stored sources, write the new source, Q - 1 outputs and the first
-    sublayer's input; n + Q + 3 with query 0's output), or 4 for one source, which is itself every query's output
-    (``two_phase._phase1_out``); one pass less for the final aggregation (1 query), whose new source is read and
-    not stored (since session 36). Until session 25 the floor counted one pass too few. The anchor column is the
-    standard residual's add + PreNorm, one sublayer's worth of the op the block's reads replace. Kernel GPU time
-    per call."""
+    sublayer's input; n + Q + 3 with query 0's output); one pass less for the final aggregation (1 query), whose new
+    source is read and not stored; 2 for v_0 alone, read in the slot that the embeddings were gathered into (the
+    models' ``begin_from_ids``) and itself every query's output (``two_phase._phase1_out``): the read and the first
+    sublayer's input (both since session 36). Until session 25 the floor counted one pass too few. The anchor
+    column is the standard residual's add + PreNorm, one sublayer's worth of the op the block's reads replace.
+    Kernel GPU time per call."""
     M, D, rand, shape, bytes_per_pass = _depth_inputs(setup)
     h, out, w = rand(M, D), rand(M, D), torch.ones(D, device=setup.device, dtype=setup.dtype)
     with torch.no_grad():
@@ -360,12 +361,16 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
             what = f"{n_q} {'queries' if n_q > 1 else 'query'} x {n} {'sources' if n > 1 else 'source'}"
             op = f"block boundary: store + phase 1, {what} + PreNorm"
             store = n_q > 1  # (the final aggregation reads its new source without storing it, as the models do)
+            x, y = h, out
+            if n == 1:  # v_0 alone, already in its slot (``begin_from_ids``): read there, not stored
+                x, y = bank.storage.store[0].view_as(h).copy_(h), None
             for first_out in (False, True) if n > 1 else (False,):
                 ours = _kernel_us(
-                    lambda: append_source_phase1(bank, h, out, queries, gains, w, first_out=first_out, store=store),
+                    lambda: append_source_phase1(bank, x, y, queries, gains, w, first_out=first_out, store=store),
                     setup,
                 )
-                floor = setup.floor_us((n + (n_q - 1 + first_out if n > 1 else 0) + 2 + store) * bytes_per_pass)
+                passes = n + n_q - 1 + first_out + 2 + store if n > 1 else 2
+                floor = setup.floor_us(passes * bytes_per_pass)
                 name = op + (", query 0's output written" if first_out else "")
                 rows.append(Row(name, shape, ours, "add + prenorm fwd (Triton)", norm_us, floor))
     return rows
