@@ -828,9 +828,10 @@ def store_scores_kernel(
     x_ptr, y_ptr, slot_ptr, rstd_ptr, q_ptr, g_ptr, wn_ptr, lse_ptr, first_ptr,
     n_q, M, D, eps, norm_eps,
     HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr, STORE: tl.constexpr,
+    QUERY_PAIRS: tl.constexpr,
 ):  # fmt: skip
     """The block boundary that stores the first source, BR rows per program: slot = x (+ y) with its rstd (without
-    STORE only the rstd: x is the slot already), then
+    STORE only the rstd: x is the slot already; QUERY_PAIRS: the queries' dots two at a time), then
     phase 1 over that lone source, whose output is the source itself and whose lse is its score,
     lse[j] = rstd * (u_j . v), for each of the n_q queries; with HAS_NORM, query 0's sublayer input goes to first
     [M, D] (the PreNorm of the source). What ``store_phase1_kernel`` does with WRITE_OUT off, but each query's u is
@@ -853,9 +854,17 @@ def store_scores_kernel(
     if HAS_NORM:
         first = _prenorm_rows(vf, v.dtype, wn, D, norm_eps)[0]
         tl.store(first_ptr + offs, first.to(v.dtype), mask=mask)
-    for j in range(n_q):
-        u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
-        tl.store(lse_ptr + j * M + rows, rstd * tl.sum(vf * u[None, :], axis=1), mask=rmask)
+    if QUERY_PAIRS:  # two queries' dots in each round of reductions (``_phase1_rows_pair``)
+        for j in range(0, n_q, 2):
+            u0 = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
+            u1 = _query_key(q_ptr + (j + 1) * D, g_ptr + (j + 1) * D, cols, cmask & (cols * 0 + j + 1 < n_q))
+            dot0, dot1 = _sum_pair(vf * u0[None, :], vf * u1[None, :], 1)
+            tl.store(lse_ptr + j * M + rows, rstd * dot0, mask=rmask)
+            tl.store(lse_ptr + (j + 1) * M + rows, rstd * dot1, mask=rmask & (rows * 0 + j + 1 < n_q))
+    else:
+        for j in range(n_q):
+            u = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
+            tl.store(lse_ptr + j * M + rows, rstd * tl.sum(vf * u[None, :], axis=1), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["n_src", "n_q", "M"])

@@ -96,10 +96,11 @@ def launch_configs(d: int) -> list[tuple]:
                         dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, STORE=q > 1, **constants),
                         options["num_warps"], options.get("maxnreg")))  # fmt: skip
     two_phase.PREFILL_QUERY_PAIRS = default_pairs
-    # the first boundary, storing v_0 or finding it in its slot
-    for store in (True, False):
+    # the first boundary, storing v_0 or finding it in its slot; its queries one at a time and in pairs
+    for store, pairs in itertools.product((True, False), (False, True)):
         configs.append((_triton.store_scores_kernel,
-                        dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width, STORE=store),
+                        dict(HAS_Y=False, HAS_NORM=True, BR=two_phase.ONE_SOURCE_ROWS, BLOCK_D=width, STORE=store,
+                             QUERY_PAIRS=pairs),
                         warps))  # fmt: skip
     configs.append((_triton.phase1_kernel,
                     dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_BLOCK_SOURCES), BLOCK_D=width, ONE_TILE=True,
