@@ -464,6 +464,7 @@ def test_block_boundary_matches_its_parts(
     monkeypatch.setattr(two_phase, "STORE_PHASE1_SPLIT_ROWS", split_rows)
     monkeypatch.setattr(two_phase, "PREFILL_ROW_SOURCES", row_sources)
     monkeypatch.setattr(two_phase, "PREFILL_QUERY_PAIRS", query_pairs)
+    monkeypatch.setattr(two_phase, "ONE_SOURCE_QUERY_PAIRS", query_pairs)
     blocks, partial, _, _ = _inputs(n_prev + 2, shape=(2, 5, 300), seed=3)
     blocks, x, y = blocks[:n_prev], blocks[n_prev], (blocks[n_prev + 1] if with_y else None)
     g = torch.Generator().manual_seed(4)
@@ -812,6 +813,7 @@ def test_gpu_block_boundary_bf16(n_prev, query_pairs, monkeypatch):
     from kimi_hf.kernels.attn_res import two_phase
 
     monkeypatch.setattr(two_phase, "PREFILL_QUERY_PAIRS", query_pairs)
+    monkeypatch.setattr(two_phase, "ONE_SOURCE_QUERY_PAIRS", query_pairs)
     blocks, _, _, _ = _inputs(n_prev + 1, shape=(1, 2053, 2048), dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(7)
     queries = torch.randn(8, 2048, generator=g, device="cuda", dtype=torch.bfloat16)

@@ -54,8 +54,8 @@ PAIR_ROWS_PROGRAMS_PER_SM = 4
 # rows, and fewer registers (``attn_res_registers.py``: 102 against 128, 137 against 207).
 PREFILL_NEW_APART = 1
 # Launch constant: 1 scores the prefill boundaries' queries two at a time where the tile of sources has 2 rows
-# (``store_phase1_rows_kernel``'s QUERY_PAIRS; and ``store_scores_kernel``'s over v_0 alone): one round of
-# reductions over D per pair, where a query's round is a chain of shuffles and block barriers; 0 one at a time.
+# (``store_phase1_rows_kernel``'s QUERY_PAIRS): one round of reductions over D per pair, where a query's round is a
+# chain of shuffles and block barriers; 0 one at a time.
 # Session 36 (H100, M 8192 D 2048, kernel GPU time in us, pairs against one at a time): 8 queries x 2 sources 146.0
 # against 153.5, 8 x 3 (the new source apart) 175.4 against 179.8, Kimi Linear's 4 x 2 96.1 against 100.8; on a
 # tile of 4 no gain (8 x 4 191.9 against 193.2, 4 x 4 132.6 against 129.2), so those stay one at a time.
@@ -64,6 +64,9 @@ PREFILL_QUERY_PAIRS = 1
 # programs share an SM (0: no cap; in place of PAIR_ROWS_PROGRAMS_PER_SM). sm_90 compile (D 2048): 128 registers
 # at 4, no spills. Session 36 (H100, us): uncapped, 8 x 2 154.6 against 146.0, 4 x 2 106.6 against 96.1.
 QUERY_PAIRS_PROGRAMS_PER_SM = 4
+# Launch constant: 1 scores the queries of the prefill boundary over v_0 alone (``store_scores_kernel``) two at a
+# time, as PREFILL_QUERY_PAIRS does over stored sources; 0 one at a time (not yet timed on a GPU).
+ONE_SOURCE_QUERY_PAIRS = 0
 
 
 def _sources_pad(n_sources: int) -> int:
@@ -167,7 +170,7 @@ def store_phase1(
     if n_prev == 0 and m > STORE_PHASE1_SPLIT_ROWS:
         _triton.store_scores_kernel[(cdiv(m, ONE_SOURCE_ROWS),)](
             *inputs, lse, first if first is not None else lse, q, m, d, storage.eps, norm_eps,
-            **flags, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d), QUERY_PAIRS=bool(PREFILL_QUERY_PAIRS) and q > 1,
+            **flags, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d), QUERY_PAIRS=bool(ONE_SOURCE_QUERY_PAIRS) and q > 1,
             num_warps=num_warps(d),
         )  # fmt: skip
         return out, lse, first
