@@ -343,7 +343,8 @@ def append_source_phase1(
     if y is not None:
         _check_shape(bank, y, "second summand")
     n = bank.num_sources
-    if bank.backend == "triton" and n < bank.capacity and (store or n):  # (a lone source's output is its slot)
+    # (store=False into an empty bank takes the unfused path: a lone source's output is its slot, so it is stored)
+    if bank.backend == "triton" and n < bank.capacity and (store or n):
         from .two_phase import fits_one_tile, store_phase1
 
         d = bank.shape[-1]

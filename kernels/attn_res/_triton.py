@@ -25,6 +25,14 @@ def _query_key(q_ptr, g_ptr, offsets, mask):
 
 
 @triton.jit
+def _pair_keys(q_ptr, g_ptr, j, n_q, D, cols, mask):
+    """``_query_key`` of queries j and j + 1 of n_q (q, g [n_q, D]), scored together in one round of reductions;
+    query j + 1 reads as zeros where it does not exist (j + 1 = n_q)."""
+    u0 = _query_key(q_ptr + j * D, g_ptr + j * D, cols, mask)
+    return u0, _query_key(q_ptr + (j + 1) * D, g_ptr + (j + 1) * D, cols, mask & (cols * 0 + j + 1 < n_q))
+
+
+@triton.jit
 def _sum_pair(a, b, axis: tl.constexpr):
     """(sum(a, axis), sum(b, axis)) in one reduction: one round of warp shuffles and block barriers where two tl.sum
     calls take two (for a row per program, these rounds are most of a short launch's time). Joined into one tensor:
@@ -735,10 +743,8 @@ def _phase1_rows_pair(
 ):  # fmt: skip
     """``_phase1_rows_query`` for queries j and j + 1 with both queries' scores from one round of reductions over D
     (a query's round is a chain of shuffles and block barriers: pairs halve their number); query j + 1 exists only
-    if j + 1 < n_q (else its pseudo-query reads as zeros and nothing of it is stored). Returns query j's output
-    rows."""
-    u0 = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
-    u1 = _query_key(q_ptr + (j + 1) * D, g_ptr + (j + 1) * D, cols, cmask & (cols * 0 + j + 1 < n_q))
+    if j + 1 < n_q (else nothing of it is stored: ``_pair_keys``). Returns query j's output rows."""
+    u0, u1 = _pair_keys(q_ptr, g_ptr, j, n_q, D, cols, cmask)
     a0, b0 = _rows_summands(v, v_new, u0, NEW_APART)
     a1, b1 = _rows_summands(v, v_new, u1, NEW_APART)
     if NEW_APART:
@@ -856,8 +862,7 @@ def store_scores_kernel(
         tl.store(first_ptr + offs, first.to(v.dtype), mask=mask)
     if QUERY_PAIRS:  # two queries' dots in each round of reductions (``_phase1_rows_pair``)
         for j in range(0, n_q, 2):
-            u0 = _query_key(q_ptr + j * D, g_ptr + j * D, cols, cmask)
-            u1 = _query_key(q_ptr + (j + 1) * D, g_ptr + (j + 1) * D, cols, cmask & (cols * 0 + j + 1 < n_q))
+            u0, u1 = _pair_keys(q_ptr, g_ptr, j, n_q, D, cols, cmask)
             dot0, dot1 = _sum_pair(vf * u0[None, :], vf * u1[None, :], 1)
             tl.store(lse_ptr + j * M + rows, rstd * dot0, mask=rmask)
             tl.store(lse_ptr + (j + 1) * M + rows, rstd * dot1, mask=rmask & (rows * 0 + j + 1 < n_q))

@@ -21,6 +21,9 @@ Usage in any decoder loop (each sublayer keeps its own PreNorm: out = f(norm(h))
         state = attn_res.add_sublayer_output(state, layer.mlp(layer.mlp_norm(h)))
     hidden = final_norm(attn_res.final_output(state))     # then the LM head
 
+From token ids, ``state, inputs_embeds = attn_res.begin_from_ids(embed_tokens, input_ids)`` does the embedding
+lookup and ``begin`` in one; on the inference path it gathers the embeddings straight into the source store.
+
 Weight-only RMSNorms (transformers' ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``) can be fused instead
 of called, which on the Triton path also avoids storing h (recomputed in backward):
 
