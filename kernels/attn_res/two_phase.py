@@ -85,7 +85,11 @@ def prefill_rows_layout(n_prev: int, d: int, q: int) -> tuple[dict, dict]:
     n_pad = _sources_pad(n_prev if apart else n_prev + 1)
     rows = max(1, PREFILL_ROW_SOURCES // (n_pad + int(apart)))
     pairs = bool(PREFILL_QUERY_PAIRS) and q > 1 and n_pad == 2
-    programs = QUERY_PAIRS_PROGRAMS_PER_SM if pairs else PAIR_ROWS_PROGRAMS_PER_SM * (n_pad == 2 and rows == 2)
+    programs = 0  # (no cap)
+    if pairs:
+        programs = QUERY_PAIRS_PROGRAMS_PER_SM
+    elif n_pad == 2 and rows == 2:
+        programs = PAIR_ROWS_PROGRAMS_PER_SM
     options = {"num_warps": num_warps(d)}
     if programs:
         options["maxnreg"] = register_cap(options["num_warps"], programs)

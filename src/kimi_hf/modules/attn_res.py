@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from kimi_hf.kernels import resolve_backend
 from kimi_hf.kernels.attn_res import (
     SourceBank,
     add_prenorm,
@@ -236,18 +237,22 @@ class AttentionResiduals(nn.Module):
         its rows straight into the bank's slot of v_0, which the first block boundary then reads in place instead
         of storing a copy: one [B, T, D] write less per forward. The embeddings returned are that slot's view.
         """
-        weight = getattr(embed_tokens, "weight", None)
-        if self.mode != "standard" and self._inference() and _plain_embedding(embed_tokens):
-            like = weight.new_empty(()).expand(*input_ids.shape, weight.shape[-1])  # (no memory: a shape, a dtype)
-            if like.shape[-1] == self.hidden_size and input_ids.device == weight.device:
-                bank = new_source_bank(self.num_blocks + 1, like, self.eps, self.backend)
-                if bank.backend == "triton":
-                    slot = bank.storage.store[0]
-                    torch.index_select(weight, 0, input_ids.reshape(-1), out=slot)
-                    embeddings = slot.view(like.shape)
-                    return AttnResState(sublayer=0, partial=None, bank=bank, pending=embeddings, cache={}), embeddings
-        embeddings = embed_tokens(input_ids)
-        return self.begin(embeddings), embeddings
+        direct = self.mode != "standard" and self._inference() and _plain_embedding(embed_tokens)
+        weight = embed_tokens.weight if direct else None
+        if not (
+            direct
+            and weight.shape[-1] == self.hidden_size
+            and input_ids.device == weight.device
+            and resolve_backend(self.backend, weight) == "triton"  # (the bank's: begin's embeddings have its device)
+        ):
+            embeddings = embed_tokens(input_ids)
+            return self.begin(embeddings), embeddings
+        like = weight.new_empty(()).expand(*input_ids.shape, weight.shape[-1])  # (no memory: a shape, a dtype)
+        bank = new_source_bank(self.num_blocks + 1, like, self.eps, self.backend)
+        slot = bank.storage.store[0]
+        torch.index_select(weight, 0, input_ids.reshape(-1), out=slot)
+        embeddings = slot.view(like.shape)
+        return AttnResState(sublayer=0, partial=None, bank=bank, pending=embeddings, cache={}), embeddings
 
     def _query_gain(self, state: AttnResState, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo-query and key-norm gain [D] of sublayer ``index`` (L: the final aggregation)."""
