@@ -127,9 +127,11 @@ def test_standard_mode_prenorm_is_rms_norm_of_stream(backend):
 
 
 @pytest.mark.parametrize(
-    "backend,block_size", [("torch", 1), ("torch", 3), ("torch", 7), ("triton", 3)]  # interpreter: one case
+    "backend,block_size", [("torch", 1), ("torch", 3), ("torch", 7), ("triton", 3), ("triton", 7)]
 )
 def test_two_phase_inference_matches_training_path(backend, block_size):
+    """Blocks of 3 over 7 sublayers end with a block of one (the final aggregation merges its output alone); one
+    block of 7 has the final aggregation merge over v_0 alone, which phase 1 did not score."""
     fns = _sublayers(7, seed=5)
     attn_res = AttentionResiduals(D, num_sublayers=7, mode="block", block_size=block_size, backend=backend)
     _randomise(attn_res, seed=6)
@@ -273,7 +275,8 @@ def test_inference_rereads_of_older_states_give_their_first_answer(backend):
     """States are immutable, so reading an older state again (e.g. collecting hidden states after the loop) must
     give its first answer. The inference path cached only the running block's phase 1 and applied it to an older
     state of another block: a silently wrong input (or an IndexError after the final aggregation's phase 1). The
-    final aggregation does not store the last block (no later read needs it), so reading it again runs it again."""
+    final aggregation merges the last block in phase 2 without storing it (no later read needs it), so reading it
+    again runs it again."""
     attn_res = AttentionResiduals(D, num_sublayers=6, mode="block", block_size=2, backend=backend)
     _randomise(attn_res, seed=10)
     x, outs = torch.randn(2, 3, D), [torch.randn(2, 3, D) for _ in range(6)]
@@ -353,7 +356,7 @@ def test_inference_branches_of_one_state_stay_apart():
 
 
 class _LaunchSpy:
-    """A Triton kernel stand-in that records each launch's keyword arguments (the constexprs) and runs the kernel."""
+    """A Triton kernel stand-in that records each launch's arguments by name and runs the kernel."""
 
     def __init__(self, kernel) -> None:
         self.kernel, self.launches = kernel, []
@@ -362,7 +365,7 @@ class _LaunchSpy:
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
-            self.launches.append(kwargs)
+            self.launches.append(dict(zip(self.kernel.arg_names, args), **kwargs))
             return launch(*args, **kwargs)
 
         return run
@@ -375,18 +378,15 @@ class _ScaledEmbedding(torch.nn.Embedding):
         return 2 * super().forward(ids)
 
 
-@pytest.mark.parametrize("split_rows", [256, 0], ids=["program-per-query", "rows-per-program"])
-def test_begin_from_ids_gathers_into_the_source_slot(split_rows, monkeypatch):
+def test_begin_from_ids_gathers_into_the_source_slot(monkeypatch):
     """On the Triton inference path a plain nn.Embedding gathers straight into v_0's slot, and the first block
-    boundary (a program per query at decode sizes, row groups in prefill) then stores nothing; every other case
-    (gradients, standard mode, an embedding whose forward is not weight[ids]: a subclass, a hook, max_norm) calls the
-    module. Either way the model's inputs and output equal those of begin(embed_tokens(ids))."""
-    from kimi_hf.kernels.attn_res import _triton, two_phase
+    boundary then stores nothing (nor scores any query: its phase 2 reads score v_0); every other case (gradients,
+    standard mode, an embedding whose forward is not weight[ids]: a subclass, a hook, max_norm) calls the module.
+    Either way the model's inputs and output equal those of begin(embed_tokens(ids))."""
+    from kimi_hf.kernels.attn_res import _triton
 
-    monkeypatch.setattr(two_phase, "STORE_PHASE1_SPLIT_ROWS", split_rows)
-    kernel = "store_phase1_kernel" if split_rows else "store_scores_kernel"
-    spy = _LaunchSpy(getattr(_triton, kernel))
-    monkeypatch.setattr(_triton, kernel, spy)
+    spy = _LaunchSpy(_triton.store_scores_kernel)
+    monkeypatch.setattr(_triton, "store_scores_kernel", spy)
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (2, 5))
     outs = [torch.randn(2, 5, D) for _ in range(4)]
@@ -417,7 +417,7 @@ def test_begin_from_ids_gathers_into_the_source_slot(split_rows, monkeypatch):
             in_slot = state.bank is not None and embeddings.data_ptr() == state.bank.storage.store[0].data_ptr()
             assert in_slot == direct, (mode, type(embed).__name__, grad)
             if direct:  # the first boundary read v_0 in its slot and did not store it again
-                assert spy.launches and spy.launches[0]["STORE"] is False
+                assert spy.launches and spy.launches[0]["STORE"] is False and spy.launches[0]["n_q"] == 0
     renormed = torch.nn.Embedding(50, D, max_norm=1.0)
     with torch.no_grad():
         state, embeddings = AttentionResiduals(D, 4, block_size=2, backend="triton").begin_from_ids(renormed, ids)

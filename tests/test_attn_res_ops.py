@@ -513,6 +513,49 @@ def test_block_boundary_matches_its_parts(
         assert bank.storage.store[n_prev].isnan().all()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("split_rows", [256, 0], ids=["decode-size", "prefill-size"])
+def test_boundary_over_one_source_without_scores(backend, split_rows, monkeypatch):
+    """``scores=False`` into an empty bank: v_0 is stored with its rstd, query 0's PreNorm is right, lse is None, and
+    phase 2 given lse=None (the lone source scored from out itself, with and without an addend, the sum kept or
+    not) equals the naive formula and phase 2 given the scored lse. Into a bank that holds a source it is refused."""
+    from kimi_hf.kernels.attn_res import two_phase
+
+    monkeypatch.setattr(two_phase, "STORE_PHASE1_SPLIT_ROWS", split_rows)
+    (v0, b1), partial, _, _ = _inputs(2, shape=(2, 5, 300), seed=12)
+    addend = torch.randn_like(partial)
+    g = torch.Generator().manual_seed(13)
+    queries, gains = torch.randn(3, 300, generator=g), 1 + 0.3 * torch.randn(3, 300, generator=g)
+    norm_w = 1 + 0.2 * torch.randn(300, generator=g)
+    with torch.no_grad():
+        bank, out, lse, first = append_source_phase1(new_source_bank(2, v0, backend=backend), v0, None, queries, gains,
+                                                     norm_w, 1e-5, first_out=False, scores=False)  # fmt: skip
+        _, _, scored_lse, _ = append_source_phase1(new_source_bank(2, v0, backend=backend), v0, None, queries, gains)
+        plain = append_source(new_source_bank(2, v0, backend=backend), v0)
+    assert lse is None and out.shape == (2, 2, 5, 300) and torch.equal(out[1], v0)
+    assert_close_rel(first, rms_norm(v0, norm_w, 1e-5), 1e-6, "query 0's PreNorm")
+    if backend == "triton":
+        assert torch.equal(bank.storage.store[0], plain.storage.store[0])
+        assert_close_rel(bank.storage.rstd[0], plain.storage.rstd[0], 1e-6, "rstd")
+    for j in (1, 2):
+        o = out[j - 1]
+        with torch.no_grad():
+            h = depth_attention_phase2(o, None, partial, queries[j], gains[j], backend=backend)
+            h_scored = depth_attention_phase2(o, scored_lse[j], partial, queries[j], gains[j], backend=backend)
+            x, merged = depth_attention_phase2_add(o, None, partial, addend, queries[j], gains[j], backend=backend,
+                                                   norm_weight=norm_w, norm_eps=1e-5)  # fmt: skip
+            x_unkept, unkept = depth_attention_phase2_add(o, None, partial, addend, queries[j], gains[j],
+                                                          backend=backend, norm_weight=norm_w, norm_eps=1e-5,
+                                                          keep_sum=False)  # fmt: skip
+        assert_close_rel(h, naive_depth_attention([v0, partial], queries[j], gains[j]), 1e-5, f"phase2[{j}]")
+        assert_close_rel(h, h_scored, 1e-6, f"phase2[{j}] against the scored lse")
+        expected = rms_norm(naive_depth_attention([v0, partial + addend], queries[j], gains[j]), norm_w, 1e-5)
+        assert_close_rel(x, expected, 1e-5, f"phase2 + add[{j}]")
+        assert torch.equal(merged, partial + addend) and unkept is None and torch.equal(x_unkept, x)
+    with pytest.raises(ValueError, match="scores=False needs an empty bank"), torch.no_grad():
+        append_source_phase1(bank, b1, None, queries, gains, scores=False)
+
+
 @pytest.mark.parametrize("tile_elements", [16384, 0], ids=["sources-in-registers", "sources-one-at-a-time"])
 @pytest.mark.parametrize("split_rows", [256, 0], ids=["program-per-query", "program-per-row"])
 def test_phase1_over_one_source_returns_that_source(tile_elements, split_rows, monkeypatch):
@@ -553,6 +596,10 @@ def test_phase2_add_matches_add_then_phase2(backend, with_norm):
     assert torch.equal(new_partial, partial + addend)  # rounded once, as the eager addition
     h = naive_depth_attention(blocks + [partial + addend], queries[1], gains[1])
     assert_close_rel(x, rms_norm(h, norm_w, 1e-5) if with_norm else h, 1e-5, "phase 2 after the addition")
+    with torch.no_grad():  # the sum not kept (the final aggregation): the same output, no sum returned
+        unkept = depth_attention_phase2_add(out[1], lse[1], partial, addend, queries[1], gains[1], backend=backend,
+                                            norm_weight=norm_w, norm_eps=1e-5, keep_sum=False)  # fmt: skip
+    assert torch.equal(unkept[0], x) and unkept[1] is None
     with pytest.raises(ValueError, match="addend has shape"):
         depth_attention_phase2_add(out[1], lse[1], partial, addend[:, :1], queries[1], gains[1], backend=backend)
 
@@ -832,6 +879,35 @@ def test_gpu_block_boundary_bf16(n_prev, query_pairs, monkeypatch):
         scores = keys @ (queries[j].float() * gains[j].float())
         assert_close_rel(lse[j], torch.logsumexp(scores, dim=0), 1e-2, f"lse[{j}]")
     assert_close_rel(first, rms_norm(out[0].float(), norm_w.float(), 1e-5), 1e-2, "query 0's PreNorm")
+
+
+@pytest.mark.gpu
+def test_gpu_phase2_scores_a_lone_source_bf16():
+    """Phase 2 of the first block in bf16 (2053 rows, D 2048): after the boundary over v_0 that scores no query
+    (``scores=False``), lse=None (v_0 scored in the kernel) against the scored lse and against float32, with the
+    addend and the sum kept or not."""
+    (v0,), partial, _, _ = _inputs(1, shape=(1, 2053, 2048), dtype=torch.bfloat16, device="cuda", seed=14)
+    addend = torch.randn_like(partial)
+    g = torch.Generator(device="cuda").manual_seed(15)
+    queries = torch.randn(8, 2048, generator=g, device="cuda", dtype=torch.bfloat16)
+    gains = (1 + 0.3 * torch.randn(8, 2048, generator=g, device="cuda")).to(torch.bfloat16)
+    norm_w = (1 + 0.2 * torch.randn(2048, generator=g, device="cuda")).to(torch.bfloat16)
+    with torch.no_grad():
+        _, out, lse, _ = append_source_phase1(new_source_bank(1, v0, backend="triton"), v0, None, queries, gains,
+                                              norm_w, 1e-5, first_out=False, scores=False)  # fmt: skip
+        _, _, scored, _ = append_source_phase1(new_source_bank(1, v0, backend="triton"), v0, None, queries, gains)
+        assert lse is None
+        for j in (1, 7):
+            x, merged = depth_attention_phase2_add(out[j - 1], None, partial, addend, queries[j], gains[j],
+                                                   norm_weight=norm_w, norm_eps=1e-5)  # fmt: skip
+            x_scored, _ = depth_attention_phase2_add(out[j - 1], scored[j], partial, addend, queries[j], gains[j],
+                                                     norm_weight=norm_w, norm_eps=1e-5)  # fmt: skip
+            x_unkept, unkept = depth_attention_phase2_add(out[j - 1], None, partial, addend, queries[j], gains[j],
+                                                          norm_weight=norm_w, norm_eps=1e-5, keep_sum=False)
+            ref = naive_depth_attention([v0.float(), merged.float()], queries[j].float(), gains[j].float())
+            assert_close_rel(x, rms_norm(ref, norm_w.float(), 1e-5), 1e-2, f"phase 2 [{j}]")
+            assert_close_rel(x, x_scored, 1e-2, f"phase 2 [{j}] against the scored lse")
+            assert torch.equal(x_unkept, x) and unkept is None
 
 
 def test_kernels_compile_for_hopper():

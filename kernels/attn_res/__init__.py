@@ -218,13 +218,14 @@ def depth_attention_phase1(
 
 def _check_phase2(
     out: torch.Tensor,
-    lse: torch.Tensor,
+    lse: torch.Tensor | None,
     partial: torch.Tensor | None,
     query: torch.Tensor,
     gain: torch.Tensor,
     norm_weight: torch.Tensor | None,
 ) -> None:
-    if lse.shape != out.shape[:-1] or (partial is not None and partial.shape != out.shape):
+    lse_shape = lse.shape if lse is not None else out.shape[:-1]
+    if lse_shape != out.shape[:-1] or (partial is not None and partial.shape != out.shape):
         shape = tuple(partial.shape) if partial is not None else None
         raise ValueError(f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {tuple(lse.shape)}, partial {shape}")
     _check_vectors(out.shape[-1], query=query, gain=gain, norm_weight=norm_weight)
@@ -232,7 +233,7 @@ def _check_phase2(
 
 def _phase2(
     out: torch.Tensor,
-    lse: torch.Tensor,
+    lse: torch.Tensor | None,
     partial: torch.Tensor | None,
     addend: torch.Tensor | None,
     query: torch.Tensor,
@@ -241,26 +242,30 @@ def _phase2(
     backend: str | None,
     norm_weight: torch.Tensor | None,
     norm_eps: float,
+    keep_sum: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Both phase-2 ops, checked: (h or its PreNorm, the partial sum merged: ``partial + addend`` with ``addend``)."""
+    """Both phase-2 ops, checked: (h or its PreNorm, the partial sum merged: ``partial + addend`` with ``addend``,
+    None for an addend without ``keep_sum``)."""
     if resolve_backend(backend, out) == "triton":
         if not _fuses_prenorm(norm_weight, out.dtype):
-            h, merged = _phase2(out, lse, partial, addend, query, gain, eps, backend, None, norm_eps)
+            h, merged = _phase2(out, lse, partial, addend, query, gain, eps, backend, None, norm_eps, keep_sum)
             return prenorm(h, norm_weight, norm_eps, backend), merged
         from .two_phase import phase2
 
         d = out.shape[-1]
         out2, part2, add2 = (t.reshape(-1, d).contiguous() if t is not None else None for t in (out, partial, addend))
-        h, merged = phase2(out2, lse.reshape(-1).contiguous(), part2, query, gain, eps, norm_weight, norm_eps, add2)
+        lse2 = lse.reshape(-1).contiguous() if lse is not None else None
+        h, merged = phase2(out2, lse2, part2, query, gain, eps, norm_weight, norm_eps, add2, keep_sum)
         return h.view(out.shape), merged.view(out.shape) if merged is not None else None
     merged = partial + addend if addend is not None else partial
     h = torch_phase2(out, lse, merged, query, gain, eps) if merged is not None else out
-    return (rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h), merged
+    h = rms_norm(h, norm_weight, norm_eps) if norm_weight is not None else h
+    return h, merged if addend is None or keep_sum else None
 
 
 def depth_attention_phase2(
     out: torch.Tensor,
-    lse: torch.Tensor,
+    lse: torch.Tensor | None,
     partial: torch.Tensor | None,
     query: torch.Tensor,
     gain: torch.Tensor,
@@ -272,7 +277,9 @@ def depth_attention_phase2(
     """Phase 2: merge one query's phase-1 ``out`` [..., D] / ``lse`` [...] with ``partial`` [..., D] (exact).
 
     ``partial=None`` (first sublayer of a block) returns ``out``; ``norm_weight`` applies the sublayer's PreNorm
-    as in :func:`depth_attention` (fused into the same kernel on the Triton backend).
+    as in :func:`depth_attention` (fused into the same kernel on the Triton backend). ``lse=None``: ``out`` is a
+    lone source (phase 1 over one source: :func:`append_source_phase1` with ``scores=False``), whose lse is its own
+    score, computed here with the key-norm epsilon ``eps``.
     """
     _inference_only(query, gain, *([partial] if partial is not None else []))
     _check_phase2(out, lse, partial, query, gain, norm_weight)
@@ -283,7 +290,7 @@ def depth_attention_phase2(
 
 def depth_attention_phase2_add(
     out: torch.Tensor,
-    lse: torch.Tensor,
+    lse: torch.Tensor | None,
     partial: torch.Tensor,
     addend: torch.Tensor,
     query: torch.Tensor,
@@ -292,17 +299,20 @@ def depth_attention_phase2_add(
     backend: str | None = None,
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_sum: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Phase 2 with the partial sum first brought up to date: ``partial + addend`` (the last sublayer's output).
 
     Returns (h [..., D], or its PreNorm with ``norm_weight``; the new partial sum ``partial + addend``); on the
     Triton backend both come from one kernel, with the sum rounded as the eager addition rounds it.
+    ``keep_sum=False`` (a read that no later one needs: the final aggregation) returns None for the sum, which the
+    kernel then does not write. ``lse`` as in :func:`depth_attention_phase2`.
     """
     _inference_only(query, gain, partial, addend)
     _check_phase2(out, lse, partial, query, gain, norm_weight)
     if addend.shape != partial.shape:
         raise ValueError(f"addend has shape {tuple(addend.shape)}, the partial sum {tuple(partial.shape)}")
-    return _phase2(out, lse, partial, addend, query, gain, eps, backend, norm_weight, norm_eps)
+    return _phase2(out, lse, partial, addend, query, gain, eps, backend, norm_weight, norm_eps, keep_sum)
 
 
 def append_source_phase1(
@@ -315,7 +325,8 @@ def append_source_phase1(
     norm_eps: float = 1e-6,
     first_out: bool = True,
     store: bool = True,
-) -> tuple[SourceBank, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    scores: bool = True,
+) -> tuple[SourceBank, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A block boundary at inference: append ``x (+ y)`` [..., D] as the bank's next source, then phase 1 of
     ``queries``/``gains`` [Q, D] against all sources, the new one included.
 
@@ -331,6 +342,11 @@ def append_source_phase1(
 
     ``store=False`` (a read that no later read needs: the final aggregation): the new source is scored but not
     kept, and the bank returned is ``bank`` itself; the one-kernel path writes no [..., D] pass for it.
+
+    ``scores=False`` (into an empty bank only): lse is None. Over the lone source, each query's lse is that source's
+    score, which phase 2 computes from ``out`` itself (:func:`depth_attention_phase2` with ``lse=None``) in the
+    round of reductions it makes anyway; the boundary is then a PreNorm (a launch scoring Q queries is a chain of Q
+    reductions per row: the dense ~1B model's first boundary took twice its bytes' time).
     """
     _inference_only(queries, gains, x, *([y] if y is not None else []))
     if queries.dim() != 2 or queries.shape != gains.shape:
@@ -343,6 +359,8 @@ def append_source_phase1(
     if y is not None:
         _check_shape(bank, y, "second summand")
     n = bank.num_sources
+    if not (scores or n == 0):
+        raise ValueError(f"scores=False needs an empty bank (a lone source), this one holds {n} sources")
     # (store=False into an empty bank takes the unfused path: a lone source's output is its slot, so it is stored)
     if bank.backend == "triton" and n < bank.capacity and (store or n):
         from .two_phase import fits_one_tile, store_phase1
@@ -352,13 +370,14 @@ def append_source_phase1(
             storage = bank.storage
             out, lse, first = store_phase1(
                 storage, n, x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous() if y is not None else None,
-                queries, gains, norm_weight, norm_eps, first_out, store,
+                queries, gains, norm_weight, norm_eps, first_out, store, scores,
             )  # fmt: skip
             if store:
                 bank = replace(bank, handles=bank.handles + (storage.store[n],))
             lead = tuple(bank.shape[:-1])
             first = first.view(bank.shape) if first is not None else None
-            return bank, out.view(len(out), *lead, d), lse.view(len(queries), *lead), first
+            lse = lse.view(len(queries), *lead) if lse is not None else None
+            return bank, out.view(len(out), *lead, d), lse, first
     grown = append_source(bank, x, y)
     out, lse = depth_attention_phase1(grown, queries, gains)
     first = None
@@ -366,7 +385,7 @@ def append_source_phase1(
         first = depth_attention_phase2(
             out[0], lse[0], None, queries[0], gains[0], bank.eps, bank.backend, norm_weight, norm_eps
         )
-    return grown if store else bank, out if first_out else out[1:], lse, first
+    return grown if store else bank, out if first_out else out[1:], lse if scores else None, first
 
 
 def add_prenorm(

@@ -42,6 +42,15 @@ def _sum_pair(a, b, axis: tl.constexpr):
 
 
 @triton.jit
+def _sum_two_pairs(a, b, c, d, axis: tl.constexpr):
+    """The sums of a, b, c and d over ``axis`` in one round of reductions, as ``_sum_pair`` does for two."""
+    ab, cd = tl.split(tl.sum(tl.join(tl.join(a, b), tl.join(c, d)), axis=axis))
+    sum_a, sum_b = tl.split(ab)
+    sum_c, sum_d = tl.split(cd)
+    return sum_a, sum_b, sum_c, sum_d
+
+
+@triton.jit
 def _new_rows(x_ptr, y_ptr, offs, mask, dtype: tl.constexpr, HAS_Y: tl.constexpr):
     """Rows of a new source x (+ y) at ``offs`` [..., BLOCK_D], rounded to the store's dtype: (those rows, them in
     float32). Their rstd: ``_rstd`` of the second."""
@@ -748,9 +757,7 @@ def _phase1_rows_pair(
     a0, b0 = _rows_summands(v, v_new, u0, NEW_APART)
     a1, b1 = _rows_summands(v, v_new, u1, NEW_APART)
     if NEW_APART:
-        tile_sums, new_sums = tl.split(tl.sum(tl.join(tl.join(a0, a1), tl.join(b0, b1)), axis=2))
-        v_u0, v_u1 = tl.split(tile_sums)
-        new_u0, new_u1 = tl.split(new_sums)
+        v_u0, v_u1, new_u0, new_u1 = _sum_two_pairs(a0, a1, b0, b1, 2)
     else:
         v_u0, v_u1 = _sum_pair(a0, a1, 2)
         new_u0, new_u1 = v_u0, v_u1
@@ -929,13 +936,16 @@ def phase1_kernel(
 @triton.jit
 def phase2_kernel(
     o_ptr, lse_ptr, part_ptr, add_ptr, new_part_ptr, q_ptr, g_ptr, wn_ptr, h_ptr, D, eps, norm_eps,
-    HAS_PARTIAL: tl.constexpr, HAS_ADD: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, HAS_ADD: tl.constexpr, STORE_SUM: tl.constexpr, SCORE_OUT: tl.constexpr,
+    HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Two-phase inference, phase 2: merge one query's phase-1 row with the partial-sum source (online softmax),
     then (HAS_NORM) the sublayer's PreNorm, as in ``depth_attn_fwd_kernel``: one launch per sublayer.
 
     HAS_ADD: the partial sum is first brought up to date, part + add (rounded to its dtype, as the eager addition
-    rounds), and written to new_part: the previous sublayer's output is added in this launch instead of its own.
+    rounds), and with STORE_SUM written to new_part: the previous sublayer's output is added in this launch
+    instead of its own. SCORE_OUT: the phase-1 row is a lone source (phase 1 over one source), whose lse is its own
+    score, computed here from the row in the partial sum's round of reductions (lse_ptr is not read).
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -946,13 +956,19 @@ def phase2_kernel(
     if HAS_PARTIAL:
         u = _query_key(q_ptr, g_ptr, cols, mask)
         vp = tl.load(part_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        lse = tl.load(lse_ptr + row)  # before the store below, which it would otherwise wait behind
+        if not SCORE_OUT:
+            lse = tl.load(lse_ptr + row)  # before the store below, which it would otherwise wait behind
         if HAS_ADD:
             vp += tl.load(add_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             vp = vp.to(new_part_ptr.dtype.element_ty)
-            tl.store(new_part_ptr + row * D + cols, vp, mask=mask)
+            if STORE_SUM:
+                tl.store(new_part_ptr + row * D + cols, vp, mask=mask)
             vp = vp.to(tl.float32)
-        dot, square = _sum_pair(u * vp, vp * vp, 0)
+        if SCORE_OUT:
+            dot, square, out_dot, out_square = _sum_two_pairs(u * vp, vp * vp, u * h, h * h, 0)
+            lse = out_dot / tl.sqrt(out_square / D + eps)
+        else:
+            dot, square = _sum_pair(u * vp, vp * vp, 0)
         s = dot / tl.sqrt(square / D + eps)
         m = tl.maximum(lse, s)
         w_o = tl.exp(lse - m)

@@ -98,15 +98,28 @@ def torch_phase1(
     return out.movedim(-2, 0).to(sources[0].dtype), lse.movedim(-1, 0)
 
 
+def _source_score(v: torch.Tensor, query: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """The score [...] of one source v [..., D]: rstd(v) * (v . (query * gain)), in float32 (float64 for float64)."""
+    rstd = source_rstd(v, eps).squeeze(-1)
+    return rstd * (v.to(rstd.dtype) @ (query.to(rstd.dtype) * gain.to(rstd.dtype)))
+
+
 def torch_phase2(
-    out: torch.Tensor, lse: torch.Tensor, partial: torch.Tensor, query: torch.Tensor, gain: torch.Tensor, eps: float
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    partial: torch.Tensor,
+    query: torch.Tensor,
+    gain: torch.Tensor,
+    eps: float,
 ) -> torch.Tensor:
     """Phase 2: merge one query's phase-1 result (out [..., D], lse [...]) with the intra-block partial sum.
 
-    The partial sum is one more source; online-softmax merging of the two parts is exact.
+    The partial sum is one more source; online-softmax merging of the two parts is exact. ``lse=None``: out is a
+    lone source, whose lse is its own score.
     """
-    rstd = source_rstd(partial, eps).squeeze(-1)
-    s_p = rstd * (partial.to(rstd.dtype) @ (query.to(rstd.dtype) * gain.to(rstd.dtype)))
+    s_p = _source_score(partial, query, gain, eps)
+    if lse is None:
+        lse = _source_score(out, query, gain, eps)
     new_lse = torch.logaddexp(lse, s_p)
     h = torch.exp(lse - new_lse).unsqueeze(-1) * out + torch.exp(s_p - new_lse).unsqueeze(-1) * partial
     return h.to(out.dtype)

@@ -65,8 +65,10 @@ PREFILL_QUERY_PAIRS = 1
 # at 4, no spills. Session 36 (H100, us): uncapped, 8 x 2 154.6 against 146.0, 4 x 2 106.6 against 96.1.
 QUERY_PAIRS_PROGRAMS_PER_SM = 4
 # Launch constant: 1 scores the queries of the prefill boundary over v_0 alone (``store_scores_kernel``) two at a
-# time, as PREFILL_QUERY_PAIRS does over stored sources; 0 one at a time (not yet timed on a GPU).
-ONE_SOURCE_QUERY_PAIRS = 0
+# time, as PREFILL_QUERY_PAIRS does over stored sources; 0 one at a time. Session 37 (H200, M 8192 D 2048, kernel
+# GPU time in us, pairs against one at a time): 8 queries 34.6 against 37.7, 4 queries 24.7 against 26.6. (The
+# models' inference path scores no query there: ``store_phase1(scores=False)``.)
+ONE_SOURCE_QUERY_PAIRS = 1
 
 
 def _sources_pad(n_sources: int) -> int:
@@ -146,12 +148,15 @@ def store_phase1(
     norm_eps: float,
     first_out: bool = True,
     store: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    scores: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Store ``x (+ y)`` [M, D] as source ``n_prev``, then phase 1 of ``queries``/``gains`` [Q, D] against sources
-    0 .. n_prev, in one launch (needs ``fits_one_tile(n_prev + 1, D)``; the first source of a prefill:
-    ``store_scores_kernel``, rows in groups). ``store=False`` (``n_prev`` >= 1) writes only the new source's rstd,
-    not the source (a read that no later one needs: the final aggregation); nor is it written where ``x`` is its
-    slot already (an embedding gathered into slot 0).
+    0 .. n_prev, in one launch (needs ``fits_one_tile(n_prev + 1, D)``; the first source of a prefill, or any
+    first source without ``scores``: ``store_scores_kernel``, rows in groups). ``store=False`` (``n_prev`` >= 1)
+    writes only the new source's rstd, not the source (a read that no later one needs); nor is it written where
+    ``x`` is its slot already (an embedding gathered into slot 0). ``scores=False`` (``n_prev`` 0) scores no query:
+    lse is None, each query's being the score of out, the lone source, which phase 2 computes from it (``phase2``
+    with ``lse=None``).
 
     Returns out [Q, M, D] (with ``n_prev`` 0, a read-only view of the new source: ``_phase1_out``), lse [Q, M]
     float32 and, with ``norm_weight``, query 0's sublayer input [M, D] (the PreNorm of out[0]), else None.
@@ -164,18 +169,21 @@ def store_phase1(
     in_slot = y is None and x.dtype == storage.store.dtype and x.data_ptr() == storage.store[n_prev].data_ptr()
     if not (store or in_slot or n_prev):
         raise ValueError("store=False needs a stored source: over the new one alone, out is that source's slot")
+    if not (scores or n_prev == 0):
+        raise ValueError(f"scores=False needs the new source to be the only one, it is source {n_prev}")
     out, write_out = _phase1_out(storage, n_prev + 1, q if first_out else q - 1)
-    lse = torch.empty((q, m), dtype=torch.float32, device=dev)
+    lse = torch.empty((q, m), dtype=torch.float32, device=dev) if scores else None
     first = torch.empty((m, d), dtype=storage.store.dtype, device=dev) if norm_weight is not None else None
     # the sources' pointers and the parameters, in every kernel's order (unused ones point at any tensor)
     inputs = (x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
               norm_weight.contiguous() if norm_weight is not None else gains)  # fmt: skip
     flags = dict(HAS_Y=y is not None, HAS_NORM=norm_weight is not None, STORE=store and not in_slot)
-    if n_prev == 0 and m > STORE_PHASE1_SPLIT_ROWS:
+    if n_prev == 0 and (m > STORE_PHASE1_SPLIT_ROWS or not scores):
+        n_scored = q if scores else 0
         _triton.store_scores_kernel[(cdiv(m, ONE_SOURCE_ROWS),)](
-            *inputs, lse, first if first is not None else lse, q, m, d, storage.eps, norm_eps,
-            **flags, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d), QUERY_PAIRS=bool(ONE_SOURCE_QUERY_PAIRS) and q > 1,
-            num_warps=num_warps(d),
+            *inputs, lse if scores else storage.rstd, first if first is not None else x, n_scored, m, d, storage.eps,
+            norm_eps, **flags, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d),
+            QUERY_PAIRS=bool(ONE_SOURCE_QUERY_PAIRS) and n_scored > 1, num_warps=num_warps(d),
         )  # fmt: skip
         return out, lse, first
     n_pad = _sources_pad(n_prev + 1)
@@ -196,7 +204,7 @@ def store_phase1(
 
 def phase2(
     out: torch.Tensor,
-    lse: torch.Tensor,
+    lse: torch.Tensor | None,
     partial: torch.Tensor | None,
     query: torch.Tensor,
     gain: torch.Tensor,
@@ -204,22 +212,28 @@ def phase2(
     norm_weight: torch.Tensor | None,
     norm_eps: float,
     add: torch.Tensor | None = None,
+    keep_sum: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Merge out [M, D] / lse [M] with the partial sum [M, D] (if any), then the optional PreNorm.
 
-    With ``add`` [M, D] the partial sum merged is ``partial + add``, formed and written in the same launch.
-    Returns (h [M, D], the partial sum merged: ``partial`` itself without ``add``).
+    ``lse=None``: out is a lone source, whose lse is its score (computed in the kernel, with key-norm ``eps``).
+    With ``add`` [M, D] the partial sum merged is ``partial + add``, formed in the same launch and, with
+    ``keep_sum``, written. Returns (h [M, D], the partial sum merged: ``partial`` itself without ``add``, None
+    without ``keep_sum``).
     """
     m, d = out.shape
     h = torch.empty_like(out)
-    new_partial = partial
+    new_partial, sum_out = partial, out  # (sum_out: where the kernel writes partial + add, and in whose dtype)
     if add is not None:
-        new_partial = torch.empty((m, d), dtype=torch.promote_types(partial.dtype, add.dtype), device=out.device)
+        # not kept, the sum is still rounded to its dtype, which a one-element tensor gives the kernel
+        sum_out = torch.empty((m, d) if keep_sum else (1,), dtype=torch.promote_types(partial.dtype, add.dtype),
+                              device=out.device)  # fmt: skip
+        new_partial = sum_out if keep_sum else None
     _triton.phase2_kernel[(m,)](
-        out, lse, partial if partial is not None else out, add if add is not None else out,
-        new_partial if add is not None else out, query.contiguous(), gain.contiguous(),
-        norm_weight.contiguous() if norm_weight is not None else gain, h, d, eps, norm_eps,
-        HAS_PARTIAL=partial is not None, HAS_ADD=add is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_D=block_d(d), num_warps=num_warps(d),
+        out, lse if lse is not None else out, partial if partial is not None else out, add if add is not None else out,
+        sum_out, query.contiguous(), gain.contiguous(), norm_weight.contiguous() if norm_weight is not None else gain,
+        h, d, eps, norm_eps,
+        HAS_PARTIAL=partial is not None, HAS_ADD=add is not None, STORE_SUM=keep_sum, SCORE_OUT=lse is None,
+        HAS_NORM=norm_weight is not None, BLOCK_D=block_d(d), num_warps=num_warps(d),
     )  # fmt: skip
     return h, new_partial

@@ -110,9 +110,13 @@ def launch_configs(d: int) -> list[tuple]:
                     dict(Q_PAD=q_pad, N_PAD=two_phase._sources_pad(_FULL_SOURCES),
                          BLOCK_D=min(width, max(16, 8192 // q_pad)), ONE_TILE=False, WRITE_OUT=True),
                     warps))  # fmt: skip
-    for partial, add in ((True, True), (True, False), (False, False)):
+    # (a later sublayer, a block's second, the final aggregation; each also in the first block, scoring its out)
+    for partial, add, store_sum, score_out in ((True, True, True, False), (True, False, True, False),
+                                               (True, True, False, False), (True, True, True, True),
+                                               (True, False, True, True), (False, False, True, False)):  # fmt: skip
         configs.append((_triton.phase2_kernel,
-                        dict(HAS_PARTIAL=partial, HAS_ADD=add, HAS_NORM=True, BLOCK_D=width), warps))  # fmt: skip
+                        dict(HAS_PARTIAL=partial, HAS_ADD=add, STORE_SUM=store_sum, SCORE_OUT=score_out, HAS_NORM=True,
+                             BLOCK_D=width), warps))  # fmt: skip
     for add in (True, False):
         configs.append((_triton.rms_norm_fwd_kernel, dict(BR=rows, BLOCK_D=norm_width, HAS_ADD=add), norm_warps))
     configs.append((_triton.rms_norm_bwd_kernel,

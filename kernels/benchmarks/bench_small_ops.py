@@ -340,39 +340,52 @@ def bench_two_phase(setup: _Setup) -> list[Row]:
     """AttnRes's inference (prefill) path at a block boundary, as the models run it (``append_source_phase1``): the
     finished block (partial sum + last output) is stored, then the next block's Q pseudo-queries read all n sources
     (the new one included) and the first sublayer's PreNorm is applied, at the shapes of the ~1B models (Kimi
-    Linear: Q 4; dense: Q 8). The models keep query 0's output only as that PreNorm (``first_out=False``); the
-    rows "query 0's output written" time the full out for comparison. Minimum bytes in [M, D] passes: n + Q + 2
-    (read the two summands and the n - 1 stored sources, write the new source, Q - 1 outputs and the first
-    sublayer's input; n + Q + 3 with query 0's output); one pass less for the final aggregation (1 query), whose new
-    source is read and not stored; 2 for v_0 alone, read in the slot that the embeddings were gathered into (the
-    models' ``begin_from_ids``) and itself every query's output (``two_phase._phase1_out``): the read and the first
-    sublayer's input (both since session 36). Until session 25 the floor counted one pass too few. The anchor
-    column is the standard residual's add + PreNorm, one sublayer's worth of the op the block's reads replace.
-    Kernel GPU time per call."""
+    Linear: Q 4; dense: Q 8; the last block's phase 1 scores the final aggregation's query too: Q 5 and 9). The
+    models keep query 0's output only as that PreNorm (``first_out=False``); the rows "query 0's output written"
+    time the full out for comparison. Minimum bytes in [M, D] passes: n + Q + 2 (read the two summands and the
+    n - 1 stored sources, write the new source, Q - 1 outputs and the first sublayer's input; n + Q + 3 with query
+    0's output). Over v_0 alone, read in the slot that the embeddings were gathered into (``begin_from_ids``) and
+    itself every query's output (``two_phase._phase1_out``): 2 passes (the read and the first sublayer's input);
+    the models score no query there (``scores=False``, since session 37: each phase 2 of the first block scores
+    v_0 itself), the "queries scored" rows time the launch that does. The final aggregation is a phase 2 of the
+    last block that keeps no sum (``keep_sum=False``, 4 passes: the query's phase-1 out, the partial sum and the
+    last output read, the input of the final norm written); until session 36 it was a boundary of 1 query over
+    n = 5 sources that stored nothing (n + 2 passes), timed for comparison. The anchor column is the standard
+    residual's add + PreNorm, one sublayer's worth of the op the block's reads replace. Kernel GPU time per call."""
     M, D, rand, shape, bytes_per_pass = _depth_inputs(setup)
     h, out, w = rand(M, D), rand(M, D), torch.ones(D, device=setup.device, dtype=setup.dtype)
+    lse = torch.zeros(M, device=setup.device, dtype=torch.float32)
+    query, gain = rand(D) * 0.1, 1 + 0.1 * rand(D)
+    anchor = "add + prenorm fwd (Triton)"
     with torch.no_grad():
         norm_us = _kernel_us(lambda: add_prenorm(h, out, w, backend="triton"), setup)
         rows = []
-        # (1 query x 5 sources: the dense model's final aggregation)
-        for n_q, n in ((4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 3), (8, 4), (1, 5)):
+        for n_q, n in ((4, 1), (4, 2), (5, 4), (8, 1), (8, 2), (8, 3), (9, 4), (1, 5)):
             bank = _filled_bank(n - 1, h, rand, capacity=n)
             queries, gains = rand(n_q, D) * 0.1, 1 + 0.1 * rand(n_q, D)
             what = f"{n_q} {'queries' if n_q > 1 else 'query'} x {n} {'sources' if n > 1 else 'source'}"
             op = f"block boundary: store + phase 1, {what} + PreNorm"
-            store = n_q > 1  # (the final aggregation reads its new source without storing it, as the models do)
+            store = n_q > 1  # (1 x 5: the final aggregation before session 37, which stored nothing)
             x, y = h, out
             if n == 1:  # v_0 alone, already in its slot (``begin_from_ids``): read there, not stored
                 x, y = bank.storage.store[0].view_as(h).copy_(h), None
-            for first_out in (False, True) if n > 1 else (False,):
-                ours = _kernel_us(
-                    lambda: append_source_phase1(bank, x, y, queries, gains, w, first_out=first_out, store=store),
-                    setup,
-                )
+            variants = [(False, True, "")] if n > 1 else [(False, False, ""), (False, True, ", queries scored")]
+            if n > 1:
+                variants.append((True, True, ", query 0's output written"))
+            for first_out, scores, label in variants:
+                ours = _kernel_us(lambda: append_source_phase1(bank, x, y, queries, gains, w, first_out=first_out,
+                                                               store=store, scores=scores), setup)  # fmt: skip
                 passes = n + n_q - 1 + first_out + 2 + store if n > 1 else 2
-                floor = setup.floor_us(passes * bytes_per_pass)
-                name = op + (", query 0's output written" if first_out else "")
-                rows.append(Row(name, shape, ours, "add + prenorm fwd (Triton)", norm_us, floor))
+                rows.append(Row(op + label, shape, ours, anchor, norm_us, setup.floor_us(passes * bytes_per_pass)))
+        for score_out in (False, True):
+            op = "phase 2: partial + last output, merge, PreNorm" + (", scoring its lone source" if score_out else "")
+            ours = _kernel_us(lambda: depth_attention_phase2_add(out, None if score_out else lse, h, out, query, gain,
+                                                                 backend="triton", norm_weight=w), setup)  # fmt: skip
+            rows.append(Row(op, shape, ours, anchor, norm_us, setup.floor_us(5 * bytes_per_pass)))
+        ours = _kernel_us(lambda: depth_attention_phase2_add(out, lse, h, out, query, gain, backend="triton",
+                                                             norm_weight=w, keep_sum=False), setup)  # fmt: skip
+        rows.append(Row("final aggregation: phase 2 of the last block, sum not kept, + norm", shape, ours, anchor,
+                        norm_us, setup.floor_us(4 * bytes_per_pass)))  # fmt: skip
     return rows
 
 

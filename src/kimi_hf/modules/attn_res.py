@@ -45,10 +45,12 @@ alone, so ``from_pretrained`` of a checkpoint without AttnRes would keep uniniti
 
 Under ``torch.no_grad()`` with ``two_phase=True`` (the default) the inference path runs, chosen once by
 ``begin``: at the first sublayer of a block, phase 1 scores all of the block's pseudo-queries against the
-completed blocks in one pass; each sublayer then merges its running partial sum by online softmax (exact). A
-sublayer's output is not added when it is recorded but by the next read, in the same kernel: the partial sum's
-update by phase 2, a finished block's store by the next block's phase 1 (standard mode: the addition by the
-next PreNorm). So every sublayer costs one launch on the Triton backend, in all three modes.
+completed blocks in one pass (the last block's, the final aggregation's query too); each sublayer then merges its
+running partial sum by online softmax (exact). A sublayer's output is not added when it is recorded but by the next
+read, in the same kernel: the partial sum's update by phase 2, a finished block's store by the next block's phase 1
+(standard mode: the addition by the next PreNorm). So every sublayer costs one launch on the Triton backend, in all
+three modes. The first block's phase 1, over the embedding alone, scores no query: its output is the embedding,
+whose score each phase 2 takes from it.
 """
 
 from __future__ import annotations
@@ -314,25 +316,24 @@ class AttentionResiduals(nn.Module):
             state.cache[index] = (_fold_key(state), h, None)
             return x
         query, gain = self.queries[index], self.norm_weight[index]
-        pos = index % self.block_size
-        boundary = index == self.num_sublayers or pos == 0
-        start = index - (0 if boundary else pos)  # first query of this read's phase 1 (L: the final aggregation)
+        start = self._block_start(index)  # first query of this read's phase 1
+        pos = index - start
+        boundary = pos == 0
         if boundary and folded is None:  # a block boundary: the finished block (or v_0) is stored
             stop = self._phase1_stop(start)
             summands = (state.pending, None) if state.partial is None else (state.partial, state.pending)
             # With the PreNorm fused, query 0's raw output is not written (a repeated read recomputes it, below)
             first_out = norm_weight is None
-            # The final aggregation's last block is read, not stored: no later read needs it (nothing is cached
-            # for it, so a repeated read of the final output runs it again)
-            final = index == self.num_sublayers
+            # Over v_0 alone no query is scored: each one's lse is v_0's own score, which its phase 2 computes
+            scores = state.bank.num_sources > 0
             bank, out, lse, x = append_source_phase1(
                 state.bank, *summands, self.queries[start:stop], self.norm_weight[start:stop], norm_weight, norm_eps,
-                first_out, store=not final,
+                first_out, scores=scores,
             )  # fmt: skip
-            if final:
-                return x if norm_weight is not None else out[0]
             if not first_out:
                 out = (None, *out.unbind(0))  # indexed by query as the full out is
+            if not scores:
+                lse = (None,) * (stop - start)
             cached = state.cache.get("phase1")
             if cached is None or cached[0] <= start:  # an older state's re-read keeps the running block's
                 state.cache["phase1"] = (start, bank, out, lse)  # the running block's: replaced at the next boundary
@@ -346,6 +347,9 @@ class AttentionResiduals(nn.Module):
             return depth_attention_phase2(
                 out[0], lse[0], None, query, gain, self.eps, self.backend, norm_weight, norm_eps
             )
+        # The final aggregation merges the last block's sum without keeping it: no read follows (nothing is cached
+        # for it, so a repeated read of the final output runs it again)
+        final = index == self.num_sublayers
         if folded is not None or state.partial is None:
             # a repeated read, or the block's second sublayer, whose partial sum is the first one's output
             partial = folded[0] if folded is not None else _in_bank_dtype(state, state.pending)
@@ -355,15 +359,23 @@ class AttentionResiduals(nn.Module):
         else:
             x, partial = depth_attention_phase2_add(
                 out[pos], lse[pos], state.partial, state.pending, query, gain, self.eps, self.backend,
-                norm_weight, norm_eps,
+                norm_weight, norm_eps, keep_sum=not final,
             )  # fmt: skip
-        state.cache[index] = (_fold_key(state), partial, state.bank)
+        if not final:
+            state.cache[index] = (_fold_key(state), partial, state.bank)
         return x
 
+    def _block_start(self, index: int) -> int:
+        """First sublayer of the block of sublayer ``index``; the final aggregation (L) belongs to the last block,
+        whose phase 1 scores its query too (``_phase1_stop``): it then merges that block's sum in phase 2 instead
+        of storing it and reading all the sources again."""
+        return min(index, self.num_sublayers - 1) // self.block_size * self.block_size
+
     def _phase1_stop(self, start: int) -> int:
-        """End (exclusive) of the pseudo-query rows phase 1 scores for the block starting at sublayer ``start``."""
-        last = self.num_sublayers
-        return last + 1 if start == last else min(start + self.block_size, last)
+        """End (exclusive) of the pseudo-query rows phase 1 scores for the block starting at sublayer ``start``:
+        the last block's include the final aggregation's (row L)."""
+        stop = min(start + self.block_size, self.num_sublayers)
+        return stop + 1 if stop == self.num_sublayers else stop
 
     def _phase1(self, state: AttnResState, start: int, bank: SourceBank) -> tuple[torch.Tensor, torch.Tensor]:
         """Phase 1 (out [Q, B, T, D], lse [Q, B, T]) of the block starting at sublayer ``start``, whose completed
