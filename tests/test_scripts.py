@@ -143,18 +143,21 @@ def test_small_ops_depth_attention_section_runs_tiny():
     run_benchmarks = _benchmark_module("bench_small_ops").run_benchmarks
     rows = run_benchmarks(tiny=True, sections=("attn_res", "attn_res_prefill", "attn_res_decode"))
     assert [r.op.rsplit(", ", 1)[1] for r in rows[:6]] == ["fwd", "fwd+bwd"] * 3
-    # the boundaries as the models call them (query 0 kept as its PreNorm), over stored sources also with query 0's
-    # output written; the last, the final aggregation
-    boundaries = [r.op.removeprefix("block boundary: store + phase 1, ") for r in rows[6:20]]
+    # the boundaries as the models call them (query 0 kept as its PreNorm; over v_0 alone no query scored), over
+    # v_0 also with the queries scored, over stored sources also with query 0's output written; then phase 2, with
+    # its lone source scored, and the final aggregation
+    boundaries = [r.op.removeprefix("block boundary: store + phase 1, ") for r in rows[6:23]]
     expected = []
-    for what in ("4 queries x 1 source", "4 queries x 2 sources", "4 queries x 4 sources", "8 queries x 1 source",
-                 "8 queries x 2 sources", "8 queries x 3 sources", "8 queries x 4 sources",
-                 "1 query x 5 sources"):  # fmt: skip
+    for what in ("4 queries x 1 source", "4 queries x 2 sources", "5 queries x 4 sources", "8 queries x 1 source",
+                 "8 queries x 2 sources", "8 queries x 3 sources", "9 queries x 4 sources"):  # fmt: skip
         expected.append(f"{what} + PreNorm")
-        if "1 source" not in what:
-            expected.append(f"{what} + PreNorm, query 0's output written")
+        other = "queries scored" if "1 source" in what else "query 0's output written"
+        expected.append(f"{what} + PreNorm, {other}")
+    expected += ["phase 2: partial + last output, merge, PreNorm",
+                 "phase 2: partial + last output, merge, PreNorm, scoring its lone source",
+                 "final aggregation: phase 2 of the last block, sum not kept, + norm"]  # fmt: skip
     assert boundaries == expected
-    assert [r.shape.split()[0] for r in rows[20:]] == ["M1"] * 5  # the one-token reads
+    assert [r.shape.split()[0] for r in rows[23:]] == ["M1"] * 5  # the one-token reads
     assert all(r.ours_us > 0 and r.anchor_us > 0 for r in rows)
 
 

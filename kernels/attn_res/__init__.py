@@ -324,7 +324,6 @@ def append_source_phase1(
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
     first_out: bool = True,
-    store: bool = True,
     scores: bool = True,
 ) -> tuple[SourceBank, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A block boundary at inference: append ``x (+ y)`` [..., D] as the bank's next source, then phase 1 of
@@ -339,9 +338,6 @@ def append_source_phase1(
     ``first_out=False`` (with ``norm_weight``, for a caller that reads query 0 only through its PreNorm): out is
     [Q - 1, ..., D], queries 1 .. Q - 1, and the one-kernel path does not write query 0's output (one pass over
     [..., D] less); lse keeps all Q rows.
-
-    ``store=False`` (a read that no later read needs: the final aggregation): the new source is scored but not
-    kept, and the bank returned is ``bank`` itself; the one-kernel path writes no [..., D] pass for it.
 
     ``scores=False`` (into an empty bank only): lse is None. Over the lone source, each query's lse is that source's
     score, which phase 2 computes from ``out`` itself (:func:`depth_attention_phase2` with ``lse=None``) in the
@@ -361,8 +357,7 @@ def append_source_phase1(
     n = bank.num_sources
     if not (scores or n == 0):
         raise ValueError(f"scores=False needs an empty bank (a lone source), this one holds {n} sources")
-    # (store=False into an empty bank takes the unfused path: a lone source's output is its slot, so it is stored)
-    if bank.backend == "triton" and n < bank.capacity and (store or n):
+    if bank.backend == "triton" and n < bank.capacity:
         from .two_phase import fits_one_tile, store_phase1
 
         d = bank.shape[-1]
@@ -370,10 +365,9 @@ def append_source_phase1(
             storage = bank.storage
             out, lse, first = store_phase1(
                 storage, n, x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous() if y is not None else None,
-                queries, gains, norm_weight, norm_eps, first_out, store, scores,
+                queries, gains, norm_weight, norm_eps, first_out, scores,
             )  # fmt: skip
-            if store:
-                bank = replace(bank, handles=bank.handles + (storage.store[n],))
+            bank = replace(bank, handles=bank.handles + (storage.store[n],))
             lead = tuple(bank.shape[:-1])
             first = first.view(bank.shape) if first is not None else None
             lse = lse.view(len(queries), *lead) if lse is not None else None
@@ -385,7 +379,7 @@ def append_source_phase1(
         first = depth_attention_phase2(
             out[0], lse[0], None, queries[0], gains[0], bank.eps, bank.backend, norm_weight, norm_eps
         )
-    return grown if store else bank, out if first_out else out[1:], lse if scores else None, first
+    return grown, out if first_out else out[1:], lse if scores else None, first
 
 
 def add_prenorm(

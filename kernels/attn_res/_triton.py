@@ -645,8 +645,8 @@ def store_phase1_kernel(
     [N_PAD, BLOCK_D] register tile (the new source straight from registers). With HAS_NORM, query 0's sublayer
     input goes to first [M, D]: the PreNorm of its output (a block's first sublayer has no partial sum).
     WRITE_OUT, FIRST_OUT: see ``_phase1_query`` (WRITE_OUT off when the new source is the only one; FIRST_OUT off
-    when ``first`` replaces query 0's output). Without STORE the new source is not written, only its rstd (see
-    ``store_phase1_rows_kernel``).
+    when ``first`` replaces query 0's output). Without STORE the new source is not written, only its rstd: x is its
+    slot already (an embedding gathered into slot 0).
 
     Program ``row * n_q + j`` runs query j of its row; the j = 0 program stores the new source. The queries run side
     by side (a row's programs adjacent in launch order, so that its sources come from L2 after the first read),
@@ -774,16 +774,14 @@ def store_phase1_rows_kernel(
     n_prev, n_q, M, D, eps, norm_eps,
     HAS_Y: tl.constexpr, HAS_NORM: tl.constexpr, FIRST_OUT: tl.constexpr, N_PAD: tl.constexpr,
     NEW_APART: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr, QUERY_PAIRS: tl.constexpr,
-    STORE: tl.constexpr,
 ):  # fmt: skip
     """The prefill block boundary over n_prev >= 1 stored sources, every query of BR rows per program:
     ``store_phase1_kernel``'s work (store x (+ y) as source n_prev, phase 1 of every query over sources
     0 .. n_prev, query 0's PreNorm into first with HAS_NORM) with the rows' sources in one [BR, N_PAD, BLOCK_D]
     register tile, read once, and each query's u loaded and reduced once per BR rows. NEW_APART (n_prev a power of
     two, N_PAD = n_prev): the new source is kept apart from the tile of stored ones, which it would double.
-    QUERY_PAIRS: the queries' scores two at a time, in one round of reductions (``_phase1_rows_pair``). Without
-    STORE the new source is read and scored but not written (its rstd still is): a final aggregation, which no
-    later read needs, or a source already in its slot. A kernel of its own, with no runtime choice of the
+    QUERY_PAIRS: the queries' scores two at a time, in one round of reductions (``_phase1_rows_pair``). A kernel
+    of its own, with no runtime choice of the
     program's queries: one kernel for both layouts, a runtime range of queries per program, took 2-27% longer than
     this one (session 27, H100, M 8192 D 2048)."""
     dtype = store_ptr.dtype.element_ty
@@ -807,8 +805,7 @@ def store_phase1_rows_kernel(
     offs = rows[:, None] * D + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
     v_new, v_new_f = _new_rows(x_ptr, y_ptr, offs, mask, dtype, HAS_Y)
-    if STORE:
-        tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
+    tl.store(store_ptr + (n_prev * M + rows[:, None]) * D + cols[None, :], v_new, mask=mask)
     r_new = _rstd(v_new_f, D, eps)
     tl.store(rstd_ptr + n_prev * M + rows, r_new, mask=rmask)
     valid = stored[None, :]

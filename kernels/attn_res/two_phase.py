@@ -147,16 +147,14 @@ def store_phase1(
     norm_weight: torch.Tensor | None,
     norm_eps: float,
     first_out: bool = True,
-    store: bool = True,
     scores: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Store ``x (+ y)`` [M, D] as source ``n_prev``, then phase 1 of ``queries``/``gains`` [Q, D] against sources
     0 .. n_prev, in one launch (needs ``fits_one_tile(n_prev + 1, D)``; the first source of a prefill, or any
-    first source without ``scores``: ``store_scores_kernel``, rows in groups). ``store=False`` (``n_prev`` >= 1)
-    writes only the new source's rstd, not the source (a read that no later one needs); nor is it written where
-    ``x`` is its slot already (an embedding gathered into slot 0). ``scores=False`` (``n_prev`` 0) scores no query:
-    lse is None, each query's being the score of out, the lone source, which phase 2 computes from it (``phase2``
-    with ``lse=None``).
+    first source without ``scores``: ``store_scores_kernel``, rows in groups). Where ``x`` is the new source's slot
+    already (an embedding gathered into slot 0), only its rstd is written. ``scores=False`` (``n_prev`` 0) scores
+    no query: lse is None, each query's being the score of out, the lone source, which phase 2 computes from it
+    (``phase2`` with ``lse=None``).
 
     Returns out [Q, M, D] (with ``n_prev`` 0, a read-only view of the new source: ``_phase1_out``), lse [Q, M]
     float32 and, with ``norm_weight``, query 0's sublayer input [M, D] (the PreNorm of out[0]), else None.
@@ -167,8 +165,6 @@ def store_phase1(
     q = queries.shape[0]
     dev = storage.store.device
     in_slot = y is None and x.dtype == storage.store.dtype and x.data_ptr() == storage.store[n_prev].data_ptr()
-    if not (store or in_slot or n_prev):
-        raise ValueError("store=False needs a stored source: over the new one alone, out is that source's slot")
     if not (scores or n_prev == 0):
         raise ValueError(f"scores=False needs the new source to be the only one, it is source {n_prev}")
     out, write_out = _phase1_out(storage, n_prev + 1, q if first_out else q - 1)
@@ -177,12 +173,12 @@ def store_phase1(
     # the sources' pointers and the parameters, in every kernel's order (unused ones point at any tensor)
     inputs = (x, y if y is not None else x, storage.store, storage.rstd, queries.contiguous(), gains.contiguous(),
               norm_weight.contiguous() if norm_weight is not None else gains)  # fmt: skip
-    flags = dict(HAS_Y=y is not None, HAS_NORM=norm_weight is not None, STORE=store and not in_slot)
+    flags = dict(HAS_Y=y is not None, HAS_NORM=norm_weight is not None)
     if n_prev == 0 and (m > STORE_PHASE1_SPLIT_ROWS or not scores):
         n_scored = q if scores else 0
         _triton.store_scores_kernel[(cdiv(m, ONE_SOURCE_ROWS),)](
             *inputs, lse if scores else storage.rstd, first if first is not None else x, n_scored, m, d, storage.eps,
-            norm_eps, **flags, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d),
+            norm_eps, **flags, STORE=not in_slot, BR=ONE_SOURCE_ROWS, BLOCK_D=block_d(d),
             QUERY_PAIRS=bool(ONE_SOURCE_QUERY_PAIRS) and n_scored > 1, num_warps=num_warps(d),
         )  # fmt: skip
         return out, lse, first
@@ -197,7 +193,8 @@ def store_phase1(
         return out, lse, first
     _triton.store_phase1_kernel[(m * q,)](
         *inputs, *outputs, n_prev, q, m, d, storage.eps, norm_eps,
-        **flags, N_PAD=n_pad, BLOCK_D=block_d(d), WRITE_OUT=write_out, FIRST_OUT=first_out, num_warps=num_warps(d),
+        **flags, STORE=not in_slot, N_PAD=n_pad, BLOCK_D=block_d(d), WRITE_OUT=write_out, FIRST_OUT=first_out,
+        num_warps=num_warps(d),
     )  # fmt: skip
     return out, lse, first
 

@@ -82,18 +82,17 @@ def launch_configs(d: int) -> list[tuple]:
         n_pad = two_phase._sources_pad(n_sources)
         configs.append((_triton.store_phase1_kernel,
                         dict(HAS_Y=n_sources > 1, HAS_NORM=True, N_PAD=n_pad, BLOCK_D=width, WRITE_OUT=n_sources > 1,
-                             FIRST_OUT=False, STORE=n_sources < _BLOCK_SOURCES),
+                             FIRST_OUT=False, STORE=True),
                         warps))  # fmt: skip
-    # prefill, over stored sources (3 and 5: the new one apart), 8 queries and the final aggregation's one (its new
-    # source not stored), each with the queries one at a time and in pairs
+    # prefill, over 2, 3 (the new one apart) and 4 sources, 8 queries one at a time and in pairs
     default_pairs = two_phase.PREFILL_QUERY_PAIRS
-    for (n_prev, q), pairs in itertools.product([(1, 8), (2, 8), (3, 8), (_BLOCK_SOURCES - 1, 1)], (0, 1)):
+    for (n_prev, q), pairs in itertools.product([(1, 8), (2, 8), (3, 8)], (0, 1)):
         two_phase.PREFILL_QUERY_PAIRS = pairs
         constants, options = two_phase.prefill_rows_layout(n_prev, d, q)
         if pairs and not constants["QUERY_PAIRS"]:
             continue
         configs.append((_triton.store_phase1_rows_kernel,
-                        dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, STORE=q > 1, **constants),
+                        dict(HAS_Y=True, HAS_NORM=True, FIRST_OUT=False, **constants),
                         options["num_warps"], options.get("maxnreg")))  # fmt: skip
     two_phase.PREFILL_QUERY_PAIRS = default_pairs
     # the first boundary, storing v_0 or finding it in its slot; its queries one at a time and in pairs

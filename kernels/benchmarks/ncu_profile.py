@@ -84,7 +84,8 @@ def target_attn_res(rows: int, hidden: int) -> None:
 
 
 def target_attn_res_prefill(rows: int, hidden: int) -> None:
-    """The dense prefill's block boundaries and one phase 2 (``two_phase``), once to compile and once profiled."""
+    """The dense prefill's block boundaries, one phase 2 and the final aggregation (``two_phase``), as the model
+    runs them, once to compile and once profiled."""
     import torch
 
     from kimi_hf.kernels.attn_res import append_source_phase1, depth_attention_phase2_add, new_source_bank
@@ -96,22 +97,23 @@ def target_attn_res_prefill(rows: int, hidden: int) -> None:
     def params(n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(n_q, hidden, device="cuda") * 0.05, 1 + 0.05 * torch.randn(n_q, hidden, device="cuda")
 
-    # every input made here, so that the profiled range holds the AttnRes kernels alone
-    block_params = [params(8) for _ in range(4)]  # the boundaries over 1, 2, 3 and 4 sources
+    # every input made here, so that the profiled range holds the AttnRes kernels alone; the boundaries over 1
+    # (scoring no query), 2, 3 and 4 sources (the last one's 9th query: the final aggregation's)
+    block_params = [params(8), params(8), params(8), params(9)]
     summands = [(torch.randn_like(like), torch.randn_like(like)) for _ in range(3)]
-    merge_query, merge_gain = params(1)
-    final_params = params(1)
 
     def launches() -> None:
         with torch.no_grad():
-            bank = new_source_bank(5, like, backend="triton")
-            bank, out, lse, _ = append_source_phase1(bank, like, None, *block_params[0], norm, first_out=False)
+            bank = new_source_bank(4, like, backend="triton")
+            bank, out, lse, _ = append_source_phase1(bank, like, None, *block_params[0], norm, first_out=False,
+                                                     scores=False)  # fmt: skip
             for (x, y), (queries, gains) in zip(summands, block_params[1:]):
                 bank, out, lse, _ = append_source_phase1(bank, x, y, queries, gains, norm, first_out=False)
-            # the second sublayer of the last block (out holds queries 1 .. 7)
-            depth_attention_phase2_add(out[0], lse[1], like, like, merge_query[0], merge_gain[0], 1e-6,
-                                       norm_weight=norm)  # fmt: skip
-            append_source_phase1(bank, like, like, *final_params, norm, first_out=False)  # the final aggregation
+            # the second sublayer of the last block (out holds queries 1 .. 8), then the final aggregation
+            queries, gains = block_params[3]
+            depth_attention_phase2_add(out[0], lse[1], like, like, queries[1], gains[1], 1e-6, norm_weight=norm)
+            depth_attention_phase2_add(out[7], lse[8], like, like, queries[8], gains[8], 1e-6, norm_weight=norm,
+                                       keep_sum=False)  # fmt: skip
         torch.cuda.synchronize()
 
     _profiled(launches)
