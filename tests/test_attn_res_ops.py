@@ -627,6 +627,9 @@ def test_bad_inputs_raise():
         new_source_bank(2, partial, backend="cuda")
     with pytest.raises(ValueError, match="num_slots"):
         new_source_bank(0, partial)
+    with pytest.raises(ValueError, match=r"shapes disagree: out \(2, 3, 48\), lse None, partial \(2, 3, 8\)"):
+        with torch.no_grad():
+            depth_attention_phase2(blocks[0], None, partial[..., :8], query, gain)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

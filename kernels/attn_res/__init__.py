@@ -227,7 +227,8 @@ def _check_phase2(
     lse_shape = lse.shape if lse is not None else out.shape[:-1]
     if lse_shape != out.shape[:-1] or (partial is not None and partial.shape != out.shape):
         shape = tuple(partial.shape) if partial is not None else None
-        raise ValueError(f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {tuple(lse.shape)}, partial {shape}")
+        lse_text = tuple(lse.shape) if lse is not None else None
+        raise ValueError(f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {lse_text}, partial {shape}")
     _check_vectors(out.shape[-1], query=query, gain=gain, norm_weight=norm_weight)
 
 

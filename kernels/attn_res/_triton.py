@@ -781,9 +781,8 @@ def store_phase1_rows_kernel(
     register tile, read once, and each query's u loaded and reduced once per BR rows. NEW_APART (n_prev a power of
     two, N_PAD = n_prev): the new source is kept apart from the tile of stored ones, which it would double.
     QUERY_PAIRS: the queries' scores two at a time, in one round of reductions (``_phase1_rows_pair``). A kernel
-    of its own, with no runtime choice of the
-    program's queries: one kernel for both layouts, a runtime range of queries per program, took 2-27% longer than
-    this one (session 27, H100, M 8192 D 2048)."""
+    of its own, with no runtime choice of the program's queries: one kernel for both layouts, a runtime range of
+    queries per program, took 2-27% longer than this one (session 27, H100, M 8192 D 2048)."""
     dtype = store_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rmask = rows < M

@@ -383,7 +383,7 @@ class AttentionResiduals(nn.Module):
         again after a later block began (states are immutable, so that must give its first answer) or a state of
         another branch, recomputed without replacing the cache (it holds one block's, which the running one needs).
         The cached out may be a tuple of per-query [B, T, D] whose query 0 is None (not written: the block boundary
-        returned only its PreNorm)."""
+        returned only its PreNorm), and the first block's lse a tuple of None (not scored: phase 2 scores v_0)."""
         cached = state.cache.get("phase1")
         if cached is not None and cached[0] == start and cached[1] is bank:
             return cached[2], cached[3]
