@@ -374,13 +374,17 @@ def append_source_phase1(
             lse = lse.view(len(queries), *lead) if lse is not None else None
             return bank, out.view(len(out), *lead, d), lse, first
     grown = append_source(bank, x, y)
-    out, lse = depth_attention_phase1(grown, queries, gains)
+    if scores:
+        out, lse = depth_attention_phase1(grown, queries, gains)
+    else:  # over the lone source, every query's output is that source (a read-only view, as the kernels give)
+        out, lse = grown.handles[0].expand(len(queries), *grown.shape), None
     first = None
-    if norm_weight is not None:
+    if norm_weight is not None:  # (query 0's first sublayer has no partial sum: its lse is not read)
         first = depth_attention_phase2(
-            out[0], lse[0], None, queries[0], gains[0], bank.eps, bank.backend, norm_weight, norm_eps
+            out[0], lse[0] if scores else None, None, queries[0], gains[0], bank.eps, bank.backend, norm_weight,
+            norm_eps,
         )
-    return grown, out if first_out else out[1:], lse if scores else None, first
+    return grown, out if first_out else out[1:], lse, first
 
 
 def add_prenorm(
