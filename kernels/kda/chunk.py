@@ -67,10 +67,6 @@ MAX_HEAD_DIM = 256
 # 1.451).
 PAIRS_KEY_BLOCK = 16
 PAIRS_WARPS = 4
-# Since the pairs kernel computes the gate and the cumsum itself (session 38) it holds 210 registers at 4 warps, two
-# programs per SM, against 168 and three before; PAIRS_MAX_REGISTERS caps them (0: the compiler's choice; 168 spills
-# 16 B per thread as compiled for sm_90, kda_registers.py).
-PAIRS_MAX_REGISTERS = 0
 # Session 20 (H200, B8 T4096): the inverse inside the pairs kernel, from the pairs between sub-blocks it held in
 # registers (as fla's inter-block kernel solves its system), took the forward to 5.003 ms against 4.536; removed.
 # Session 18's sweep on the H200 (B1 T8192, forward 1.346 / fwd+bwd 4.080 ms at session 15's kernels) timed the
@@ -245,7 +241,6 @@ def kda_chunk_fwd(
     kda_pairs_chunk_fwd_kernel[(NC, H)](
         q, k, g, A_log, dt_bias, rq, rk, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, **gate, num_warps=PAIRS_WARPS, num_stages=1,
-        maxnreg=PAIRS_MAX_REGISTERS or None,
     )  # fmt: skip
     kda_inverse_fwd_kernel[(NC, H)](
         P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
