@@ -153,18 +153,17 @@ def kernel_breakdown(bandwidth_tbs: float, H: int = 32, D: int = 128) -> str:
 def forward_bytes(K: int, V: int) -> dict[str, int]:
     """Bytes that each kernel of our inference forward reads or writes per (token, head), as ``bench_chunk`` calls it
     (bf16 q/k/v/beta, fp32 g, L2 norm inside): every tensor a kernel touches counted once (a chunk's rows re-read
-    from the caches are not counted), fp32 P and inverse norms, the chunk-start state h ``[K, V]`` bf16 shared by a
-    chunk's tokens. Summed over the B T H (token, head) pairs, it is the least memory traffic of this decomposition."""
+    from the caches are not counted), fp32 G and P, the chunk-start state h ``[K, V]`` bf16 shared by a chunk's
+    tokens. Summed over the B T H (token, head) pairs, it is the least memory traffic of this decomposition."""
     bt, sub = chunk.CHUNK, chunk.SUB
     e, f = 2, 4  # bytes of bf16 and fp32
     state = e * K * V // bt
     return {
-        # q, k, g in; the diagonal tiles of A_qk and P and the rows' inverse norms out
-        "kda_diag_dots_fwd_kernel": (2 * e + f) * K + (e + f) * sub + 2 * f,
-        "kda_pairs_chunk_fwd_kernel": (2 * e + f) * K + 2 * f + (e + f) * (bt - sub),  # the same in; the other tiles
+        "kda_prep_fwd_kernel": 2 * (f + 2 * e) * K,  # g, q, k in; G, qn, kn out
+        "kda_diag_dots_fwd_kernel": (2 * e + f) * K + (e + f) * sub,  # q, k, G in; A_qk, P diagonal tiles out
+        "kda_pairs_chunk_fwd_kernel": (2 * e + f) * K + (e + f) * (bt - sub),  # the same; the other tiles out
         "kda_inverse_fwd_kernel": f * bt + e + e * bt,  # P, beta in; M out
-        # q, k, g, the inverse norms, v, M, beta in; W, qg, kh, U out (an inference forward saves nothing)
-        "kda_wu_fwd_kernel": (2 * e + f) * K + 2 * f + e * V + e * bt + e + 3 * e * K + e * V,
+        "kda_wu_fwd_kernel": (2 * e + f) * K + e * V + e * bt + e + 3 * e * K + e * V,  # q k G v M beta; W qg kh U
         "kda_state_fwd_kernel": 2 * e * K + e * V + e * V + state,  # kh, W, U in; v_new, h out
         "kda_output_fwd_kernel": e * K + e * bt + state + e * V + e * V,  # qg, A_qk, h, v_new in; o out
     }

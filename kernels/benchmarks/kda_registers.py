@@ -30,7 +30,7 @@ from kimi_hf.kernels.kda import chunk, chunk_bwd, chunk_fwd  # noqa: E402
 _FP32_POINTERS = {
     "G", "P", "gl", "h0", "ht", "dht", "dh0", "dA_qk", "dP", "dg", "dG", "dlast_part", "dbeta", "dA_log_part",
     "ddt_bias_part", "dq", "dk", "dkp", "dkm",
-    "A_log", "dt_bias", "g", "g_raw", "beta", "rq", "rk",
+    "A_log", "dt_bias", "g", "g_raw", "beta",
 }  # fmt: skip
 _INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
 _SCALARS = {"scale": "fp32", "H": "i32", "K": "i32", "V": "i32"}
@@ -66,17 +66,17 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     BK, BV = chunk._dims(head_dim, head_dim)
     bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
-    gate = dict(L2NORM=True, GATE=True)  # the model's options: the norms and the gate in the kernels
     warps = chunk.NUM_WARPS
     return [
-        (chunk_fwd.kda_diag_dots_fwd_kernel,
-         dict(common | gate, BC=chunk.SUB, BK=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN, EPS=1e-6),
-         chunk.DIAG_DOTS_WARPS, 1),
+        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
-         dict(common | gate, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
+        (chunk_fwd.kda_diag_dots_fwd_kernel,
+         dict(common, BC=chunk.SUB, BK=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN),
+         chunk.DIAG_DOTS_WARPS, 1),
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, 1),
-        *((chunk_fwd.kda_wu_fwd_kernel, dict(common | gate, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV, SAVE=save),
-           chunk.WU_WARPS, chunk.WU_STAGES) for save in (False, True)),
+        (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS,
+         chunk.WU_STAGES),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
          chunk._state_fwd_warps(BK), 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
@@ -119,7 +119,7 @@ def report(
     ptxas: str,
     types: dict | None = None,
     divisible_ints: tuple[str, ...] = ("H", "K", "V"),
-    shown: tuple[str, ...] = ("BK", "BV", "SAVE"),
+    shown: tuple[str, ...] = ("BK", "BV"),
     maxnreg: int | None = None,
 ) -> str:
     """One line: registers per thread, spilled bytes and shared memory per program of ``fn`` compiled for sm_90, with

@@ -1,11 +1,8 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: diagonal (A_qk, P inside each sub-block, per sub-block; the rows' inverse L2 norms) -> pairs (A_qk, P
-between sub-blocks, per chunk) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U, qg, kh per chunk, from
-the stored M; for training also the normalised q, k and the cumulative decays G) -> state (sequential over chunks,
-per head and V tile) -> output. Each per-chunk kernel reads the raw q, k and g and computes the gate, the in-chunk
-cumsum and the norms it needs itself: a kernel of their own (until session 38) wrote normalised q, k and G that the
-next three kernels read back, 20% of an inference forward's bytes.
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> diagonal (A_qk, P inside each sub-block, per sub-block)
+-> pairs (A_qk, P between sub-blocks, per chunk) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
+qg, kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
 (the dq, dk terms through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk
 and dG per chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm
@@ -28,7 +25,7 @@ from .chunk_bwd import (
 )  # fmt: skip
 from .chunk_fwd import (
     kda_diag_dots_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel,
-    kda_pairs_chunk_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
+    kda_pairs_chunk_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
@@ -211,12 +208,11 @@ def kda_chunk_fwd(
     A_log: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     chunks: _Chunks,
-    save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Forward on flattened contiguous ``[TT, H, D]`` inputs (q, k, v of one dtype).
 
     Returns ``o [TT, H, V]``, the final state ``[N, H, K, V]`` fp32 (or None) and the tensors the
-    backward needs (an empty dict unless ``save``: an inference forward writes only what its kernels read).
+    backward needs.
     """
     TT, H, K = q.shape
     V = v.shape[-1]
@@ -225,22 +221,25 @@ def kda_chunk_fwd(
     ieee = _precision(dt)
     NC, N = chunks.num_chunks, chunks.num_seqs
     dev = q.device
+    G = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+    qn, kn = (torch.empty_like(q), torch.empty_like(k)) if use_qk_l2norm else (q, k)
     P = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
     # M in the inputs' dtype: W/U rounds it to that dtype for its dots anyway, and the backward's dA = M^T dM M^T
     # starts from the rounded M, as fla's does (session 19 on an H100, B8 T4096: forward 5.995 against 6.085 ms
     # with M in fp32, fwd+bwd unchanged).
     M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
-    rq, rk = (torch.empty(TT, H, device=dev, dtype=torch.float32) for _ in range(2)) if use_qk_l2norm else (None, None)
-    gate = dict(L2NORM=use_qk_l2norm, GATE=use_gate)
+    kda_prep_fwd_kernel[(NC, H)](
+        q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
+        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
+    )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
-        q, k, g, A_log, dt_bias, A_qk, P, rq, rk, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee, EPS=L2NORM_EPS, **gate,
-        num_warps=DIAG_DOTS_WARPS,
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee, num_warps=DIAG_DOTS_WARPS,
     )  # fmt: skip
     kda_pairs_chunk_fwd_kernel[(NC, H)](
-        q, k, g, A_log, dt_bias, rq, rk, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, **gate, num_warps=PAIRS_WARPS, num_stages=1,
+        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
     )  # fmt: skip
     kda_inverse_fwd_kernel[(NC, H)](
         P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
@@ -248,14 +247,9 @@ def kda_chunk_fwd(
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    # What only the backward reads: the normalised q, k and the cumulative decays, written by W/U from its tiles.
-    G = torch.empty(TT, H, K, device=dev, dtype=torch.float32) if save else None
-    qn, kn = (torch.empty_like(q), torch.empty_like(k)) if save and use_qk_l2norm else (q, k)
     kda_wu_fwd_kernel[(NC, H)](
-        q, k, v, g, A_log, dt_bias, beta, M, rq, rk, W, U, qg, kh, gl, qn, kn, G, chunks.indices, chunks.cu_seqlens,
-        scale, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, **gate, SAVE=save, num_warps=WU_WARPS,
-        num_stages=WU_STAGES,
+        qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
@@ -272,9 +266,8 @@ def kda_chunk_fwd(
         qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
         BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
-    if not save:
-        return o, ht, {}
-    return o, ht, dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, qg=qg, kh=kh, gl=gl, h=h, v_new=v_new)
+    saved = dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, qg=qg, kh=kh, gl=gl, h=h, v_new=v_new)
+    return o, ht, saved
 
 
 def _l2norm_bwd(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -375,7 +368,7 @@ class ChunkKDAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
-                use_qk_l2norm, use_gate, cu_seqlens, save):  # fmt: skip
+                use_qk_l2norm, use_gate, cu_seqlens):  # fmt: skip
         B, T, H, K = q.shape
         V = v.shape[-1]
         dt = q.dtype
@@ -388,7 +381,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         chunks = _chunks(cu_seqlens, B, T, q.device)
         o, ht, saved = kda_chunk_fwd(
-            qf, kf, vf, gf, bf, scale, h0, output_final_state, use_qk_l2norm, use_gate, A_logf, dt_biasf, chunks, save
+            qf, kf, vf, gf, bf, scale, h0, output_final_state, use_qk_l2norm, use_gate, A_logf, dt_biasf, chunks
         )
         ctx.save_for_backward(qf, kf, vf, gf, bf, A_logf, dt_biasf, *saved.values())
         ctx.saved_names = list(saved)
@@ -427,7 +420,7 @@ class ChunkKDAFunction(torch.autograd.Function):
             dA_log,
             ddt_bias,
             dh0.to(h0_dtype) if dh0 is not None else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -453,12 +446,7 @@ def chunk_kda_triton(
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise ValueError(f"the Triton KDA kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
     scale = K**-0.5 if scale is None else float(scale)
-    # Only a forward that autograd will differentiate writes what the backward reads (the normalised q, k and the
-    # cumulative decays): inside the Function's forward grad mode is always off, so it is decided here.
-    save = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, beta, A_log, dt_bias, initial_state)
-    )
     return ChunkKDAFunction.apply(
         q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
-        use_qk_l2norm_in_kernel, use_gate_in_kernel, cu_seqlens, save,
+        use_qk_l2norm_in_kernel, use_gate_in_kernel, cu_seqlens,
     )  # fmt: skip

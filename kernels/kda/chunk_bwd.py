@@ -15,35 +15,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _chunk_bounds, _load_rows, _state_tile, _store_rows, _tile_and_item, softplus
-
-
-@triton.jit
-def _load_row(ptr, r, eos, cols, H, i_h, D):
-    """Row ``r`` (a global token index) of head ``i_h`` of a ``[TT, H, D]`` tensor, columns ``cols``, as an fp32
-    vector (zeros for columns past D, and everywhere if ``r`` is past the sequence end ``eos``)."""
-    limit = tl.where(r < eos, D, 0)
-    return tl.load(ptr + (r.to(tl.int64) * H + i_h) * D + cols, mask=cols < limit, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexpr):
-    """G rows of a chunk, channels ``k0 .. k0 + BK`` (``[BT, BK]`` fp32); rows past the sequence end
-    repeat the last valid row (as if g = 0 there). Also returns the last row, the row indices, the
-    rows, their mask, the columns and the column mask.
-
-    The last row is loaded (a cached row: the tile was just read), not picked out of the tile by a reduction across
-    its rows: that cut the pair and direct kernels' spills (68 -> 60 and 56 -> 0 B, kda_registers.py), and in the
-    forward's W/U kernel, when it read G, took the forward from 5.215 to 5.178 ms (session 19, H100, B8 T4096)."""
-    idx = tl.arange(0, BT)
-    rows = t0 + idx
-    rmask = rows < eos
-    cols = k0 + tl.arange(0, BK)
-    cmask = cols < K
-    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    b_last = _load_row(G, t0 + tl.minimum(eos - t0, BT) - 1, eos, cols, H, i_h, K)
-    b_G = tl.where(rmask[:, None], b_G, b_last[None, :])
-    return b_G, b_last, idx, rows, rmask, cols, cmask
+from .chunk_fwd import (
+    _chunk_bounds, _load_cum_decay, _load_row, _load_rows, _state_tile, _store_rows, _tile_and_item, softplus,
+)  # fmt: skip
 
 
 @triton.jit

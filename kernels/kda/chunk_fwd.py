@@ -66,35 +66,47 @@ def _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
 
 
 @triton.jit
-def _gate_tile(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE: tl.constexpr):
-    """Per-token log-decays of rows ``rows``, channels ``cols`` of head ``i_h`` (``[rows, cols]`` fp32): ``g`` itself
-    or, with the fused gate, ``-exp(A_log) * softplus(g + dt_bias)``. Zeros outside the masks (no decay), so that an
-    in-chunk cumsum carries the last valid row's value past the sequence end."""
-    b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    if GATE:
-        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
-        b_x = b_g + tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_x), 0.0)
-    return b_g
+def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexpr):
+    """G rows of a chunk, channels ``k0 .. k0 + BK`` (``[BT, BK]`` fp32); rows past the sequence end
+    repeat the last valid row (as if g = 0 there). Also returns the last row, the row indices, the
+    rows, their mask, the columns and the column mask.
+
+    The last row is loaded (a cached row: the tile was just read), not picked out of the tile by a reduction across
+    its rows: in W/U that took the forward from 5.215 to 5.178 ms (session 19, H100, B8 T4096, outputs identical).
+    In the backward's pair and direct kernels it also cut their spills (68 -> 60 and 56 -> 0 B, kda_registers.py);
+    their time with it was not measured."""
+    idx = tl.arange(0, BT)
+    rows = t0 + idx
+    rmask = rows < eos
+    cols = k0 + tl.arange(0, BK)
+    cmask = cols < K
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_last = _load_row(G, t0 + tl.minimum(eos - t0, BT) - 1, eos, cols, H, i_h, K)
+    b_G = tl.where(rmask[:, None], b_G, b_last[None, :])
+    return b_G, b_last, idx, rows, rmask, cols, cmask
 
 
 @triton.jit
-def _inv_norms(r, rows, rmask, H, i_h):
-    """The rows' stored ``1 / ||x||`` (fp32, ``[TT, H]``; 0 past the sequence end, where x is 0 too)."""
-    return tl.load(r + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0)
+def _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K):
+    """The ``[rows, cols]`` tiles of G, scale * q and k of head ``i_h``, fp32."""
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    return b_G, b_q, b_k
 
 
 @triton.jit
-def _row_of(b_x, idx, j):
-    """Row ``j`` of a register tile whose rows are numbered ``idx`` (a reduction: a tile cannot be indexed)."""
-    return tl.sum(tl.where((idx == j)[:, None], b_x, 0.0), axis=0)
+def _load_row(ptr, r, eos, cols, H, i_h, D):
+    """Row ``r`` (a global token index) of head ``i_h`` of a ``[TT, H, D]`` tensor, columns ``cols``, as an fp32
+    vector (zeros for columns past D, and everywhere if ``r`` is past the sequence end ``eos``)."""
+    limit = tl.where(r < eos, D, 0)
+    return tl.load(ptr + (r.to(tl.int64) * H + i_h) * D + cols, mask=cols < limit, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def kda_diag_dots_fwd_kernel(
-    q, k, g, A_log, dt_bias, A_qk, P, rq, rk, chunk_indices, cu_seqlens, scale, H, K,
+    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
-    L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, sub-block; head): the sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P with exact in-chunk
     decays, A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i and P[i, j] the same with k_i for j < i
@@ -103,12 +115,7 @@ def kda_diag_dots_fwd_kernel(
     factors far inside fp32's range) is two ``[BC, BK] x [BK, BC]`` dots; any other block goes one partner at a time
     with exact decays. Each block's share of the sums is exact either way, so the two paths mix freely within a
     sub-block. (Until session 20 a kernel of one token per program took an exp per partner and channel, about 8.5 K
-    per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.)
-
-    From the raw inputs: the gate (``GATE``) and the decays' cumsum within the sub-block (the pairs need only their
-    differences), and with ``L2NORM`` the rows' norms, summed over the key blocks and applied to the finished sums
-    (A_qk[i, j] / (||q_i|| ||k_j||)); their inverses go to ``rq``/``rk`` ``[TT, H]`` for the later kernels. (Until
-    session 38 a kernel of its own wrote the normalised q, k and G, 20% of the forward's bytes.)"""
+    per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.)"""
     NS: tl.constexpr = BT // BC
     i_s, i_c = _tile_and_item(NS)
     i_h = tl.program_id(1)
@@ -118,22 +125,14 @@ def kda_diag_dots_fwd_kernel(
         idx = tl.arange(0, BC)
         rows = s0 + idx
         rmask = rows < eos
-        mid = tl.minimum(BC // 2, eos - s0 - 1)  # the middle row, within the sub-block
+        mid = s0 + tl.minimum(BC // 2, eos - s0 - 1)
         b_A = tl.zeros([BC, BC], dtype=tl.float32)
         b_P = tl.zeros([BC, BC], dtype=tl.float32)
-        b_qq = tl.zeros([BC], dtype=tl.float32)
-        b_kk = tl.zeros([BC], dtype=tl.float32)
         for kb in range(0, K, BK):
             cols = kb + tl.arange(0, BK)
             cmask = cols < K
-            b_G = tl.cumsum(_gate_tile(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE), axis=0)
-            b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-            b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-            if L2NORM:
-                b_qq += tl.sum(b_q * b_q, axis=1)
-                b_kk += tl.sum(b_k * b_k, axis=1)
-            b_q *= scale
-            b_d = tl.where(rmask[:, None], b_G - _row_of(b_G, idx, mid)[None, :], 0.0)
+            b_G, b_q, b_k = _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K)
+            b_d = tl.where(rmask[:, None], b_G - _load_row(G, mid, eos, cols, H, i_h, K)[None, :], 0.0)
             if tl.max(tl.abs(b_d)) <= SPAN:
                 b_up = tl.exp(b_d)
                 b_kd = tl.trans(b_k * tl.exp(-b_d))
@@ -141,22 +140,14 @@ def kda_diag_dots_fwd_kernel(
                 b_P = tl.dot(b_k * b_up, b_kd, b_P, input_precision=IEEE)
             else:
                 for j in range(0, BC):
-                    b_Gj = _row_of(b_G, idx, j)
-                    b_kj = _row_of(b_k, idx, j)
+                    b_Gj = _load_row(G, s0 + j, eos, cols, H, i_h, K)
+                    b_kj = _load_row(k, s0 + j, eos, cols, H, i_h, K)
                     # masked in the exponent: an upper or out-of-sequence entry would overflow before a mask
                     on = ((idx >= j) & rmask)[:, None]
                     b_e = tl.exp(tl.where(on, b_G - b_Gj[None, :], float("-inf"))) * b_kj[None, :]
                     hit = (idx == j)[None, :]
                     b_A += tl.where(hit, tl.sum(b_q * b_e, axis=1)[:, None], 0.0)
                     b_P += tl.where(hit, tl.sum(b_k * b_e, axis=1)[:, None], 0.0)
-        if L2NORM:
-            b_rq = 1.0 / tl.sqrt(b_qq + EPS)
-            b_rk = 1.0 / tl.sqrt(b_kk + EPS)
-            b_A *= b_rq[:, None] * b_rk[None, :]
-            b_P *= b_rk[:, None] * b_rk[None, :]
-            norms = rows.to(tl.int64) * H + i_h
-            tl.store(rq + norms, b_rq, mask=rmask)
-            tl.store(rk + norms, b_rk, mask=rmask)
         offs = _tile_offsets(rows, i_s * BC + idx, H, i_h, BT)
         lower = idx[:, None] >= idx[None, :]
         tl.store(A_qk + offs, tl.where(lower, b_A, 0.0).to(A_qk.dtype.element_ty), mask=rmask[:, None])
@@ -185,19 +176,42 @@ def _state_tile(cu_seqlens, chunk_offsets, s0, i_n, i_h, i_v, H, K, V,
 
 
 @triton.jit
-def _sub_block_tiles(q, k, g, A_log, dt_bias, rq, rk, t0, eos, s, cols, cmask, scale, H, i_h, K,
-                     BC: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr):  # fmt: skip
-    """Sub-block ``s``'s ``[BC, BK]`` tiles of the decays' cumsum within it, scale * q and k (fp32, normalised with
-    ``L2NORM``; rows past the sequence end: no decay, q = k = 0), and the sub-block's total decay ``[BK]``."""
+def kda_prep_fwd_kernel(
+    q, k, g, A_log, dt_bias, qn, kn, G, chunk_indices, cu_seqlens, H, K,
+    BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): optional L2 norm of q/k (written to qn/kn), optional gate, in-chunk cumsum -> G."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    rows = t0 + tl.arange(0, BT)
+    rmask = rows < eos
+    cols = tl.arange(0, BK)
+    cmask = cols < K
+    b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    if GATE:
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+        b_x = b_g + tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_x), 0.0)
+    _store_rows(G, tl.cumsum(b_g, axis=0), rows, rmask, cols, cmask, H, i_h, K)
+    if L2NORM:
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q, axis=1) + EPS)[:, None]
+        _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, axis=1) + EPS)[:, None]
+        _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
+
+
+@triton.jit
+def _sub_block_tiles(q, k, G, b_Glast, t0, eos, s, cols, cmask, scale, H, i_h, K, BC: tl.constexpr):
+    """Sub-block ``s``'s ``[BC, BK]`` tiles of G, scale * q and k (fp32; rows past the sequence end: G of its last
+    row, q = k = 0) and its pivot, G's first row (the last row's G if that row is past the end too)."""
     rows = t0 + s * BC + tl.arange(0, BC)
     rmask = rows < eos
-    b_g = _gate_tile(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE)
-    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * scale
-    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    if L2NORM:
-        b_q *= _inv_norms(rq, rows, rmask, H, i_h)[:, None]
-        b_k *= _inv_norms(rk, rows, rmask, H, i_h)[:, None]
-    return tl.cumsum(b_g, axis=0), b_q, b_k, tl.sum(b_g, axis=0)
+    b_G, b_q, b_k = _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K)
+    b_G = tl.where(rmask[:, None], b_G, b_Glast[None, :])
+    first = t0 + s * BC
+    return b_G, b_q, b_k, tl.where(first < eos, _load_row(G, first, eos, cols, H, i_h, K), b_Glast)
 
 
 @triton.jit
@@ -218,19 +232,17 @@ def _store_block(A_qk, P, b_A, b_P, t0, eos, i, j, H, i_h, BT: tl.constexpr, BC:
 
 
 @triton.jit
-def _pairs_accumulate(c0, k0, d0, c1, q1, k1, d1, c2, q2, k2, d2, c3, q3, k3,
+def _pairs_accumulate(G0, k0, G1, q1, k1, p1, G2, q2, k2, p2, G3, q3, k3, p3,
                       A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE: tl.constexpr):  # fmt: skip
     """Adds one block of key channels to the six ``[BC, BC]`` tiles (i, j < i) of A_qk and P between sub-blocks:
-    ``[BC, BK] x [BK, BC]`` dots through the start of sub-block i, exp(G_r - G_c) = exp(c_i(r)) exp(D_ji - c_j(c))
-    with c_s the decays' cumsum within sub-block s and D_ji the decay from the start of sub-block j to that of i, both
-    factors <= 1 and no difference of two chunk-wide cumsums. Sub-block s's tiles: ``cs`` (cumsum), ``qs``
-    (scale * q), ``ks``; ``ds`` its total decay ``[BK]``."""
-    e1, e2, e3 = tl.exp(c1), tl.exp(c2), tl.exp(c3)  # rows of sub-block i decayed from its start
-    f0, f1, f2 = d0[None, :] - c0, d1[None, :] - c1, d2[None, :] - c2  # columns' decays to their sub-block's end
-    c10 = tl.trans(k0 * tl.exp(f0))
-    c20, c21 = tl.trans(k0 * tl.exp(f0 + d1[None, :])), tl.trans(k1 * tl.exp(f1))
-    c30 = tl.trans(k0 * tl.exp(f0 + (d1 + d2)[None, :]))
-    c31, c32 = tl.trans(k1 * tl.exp(f1 + d2[None, :])), tl.trans(k2 * tl.exp(f2))
+    ``[BC, BK] x [BK, BC]`` dots with sub-block i's first row p_i as the pivot, exp(G_r - G_c) = exp(G_r - G_p)
+    exp(G_p - G_c), both factors <= 1. Sub-block s's tiles: ``Gs`` (cumulative decays), ``qs`` (scale * q), ``ks``."""
+    # rows of sub-block i decayed to its pivot; the columns (sub-blocks j < i) from it
+    e1, e2, e3 = tl.exp(G1 - p1[None, :]), tl.exp(G2 - p2[None, :]), tl.exp(G3 - p3[None, :])
+    c10 = tl.trans(k0 * tl.exp(p1[None, :] - G0))
+    c20, c21 = tl.trans(k0 * tl.exp(p2[None, :] - G0)), tl.trans(k1 * tl.exp(p2[None, :] - G1))
+    c30 = tl.trans(k0 * tl.exp(p3[None, :] - G0))
+    c31, c32 = tl.trans(k1 * tl.exp(p3[None, :] - G1)), tl.trans(k2 * tl.exp(p3[None, :] - G2))
     qe1, ke1, qe2, ke2, qe3, ke3 = q1 * e1, k1 * e1, q2 * e2, k2 * e2, q3 * e3, k3 * e3
     A10, P10 = _pair_dots(qe1, ke1, c10, A10, P10, IEEE)
     A20, P20 = _pair_dots(qe2, ke2, c20, A20, P20, IEEE)
@@ -259,35 +271,31 @@ def _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31,
 
 @triton.jit
 def kda_pairs_chunk_fwd_kernel(
-    q, k, g, A_log, dt_bias, rq, rk, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, L2NORM: tl.constexpr,
-    GATE: tl.constexpr,
+    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles
-    (:func:`kda_diag_dots_fwd_kernel` writes those), for BT = 4 BC, from the raw inputs: the gate, the decays' cumsum
-    within each sub-block, and with ``L2NORM`` q and k scaled by the inverse norms that the diagonal kernel wrote. Each
-    sub-block's tiles are loaded once per block of ``BK`` key channels (:func:`_pairs_accumulate`). (Until session 15
-    one program per sub-block reloaded the chunk's k and G for each of them, with [BC, BT] dots over the whole chunk:
-    0.362 against 0.218 ms at B1 T8192 H32 on the H200.)"""
+    (:func:`kda_diag_dots_fwd_kernel` writes those), for BT = 4 BC, from the normalised q, k and the cumulative decays G
+    that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of ``BK`` key channels
+    (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
+    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)"""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
     P10, P20, P21, P30, P31, P32 = zero, zero, zero, zero, zero, zero
+    last = t0 + tl.minimum(eos - t0, BT) - 1
     for kb in range(0, K, BK):
         cols = kb + tl.arange(0, BK)
         cmask = cols < K
-        c0, _, k0, d0 = _sub_block_tiles(
-            q, k, g, A_log, dt_bias, rq, rk, t0, eos, 0, cols, cmask, scale, H, i_h, K, BC, L2NORM, GATE)
-        c1, q1, k1, d1 = _sub_block_tiles(
-            q, k, g, A_log, dt_bias, rq, rk, t0, eos, 1, cols, cmask, scale, H, i_h, K, BC, L2NORM, GATE)
-        c2, q2, k2, d2 = _sub_block_tiles(
-            q, k, g, A_log, dt_bias, rq, rk, t0, eos, 2, cols, cmask, scale, H, i_h, K, BC, L2NORM, GATE)
-        c3, q3, k3, _ = _sub_block_tiles(
-            q, k, g, A_log, dt_bias, rq, rk, t0, eos, 3, cols, cmask, scale, H, i_h, K, BC, L2NORM, GATE)
+        b_Glast = _load_row(G, last, eos, cols, H, i_h, K)
+        G0, _, k0, _ = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 0, cols, cmask, scale, H, i_h, K, BC)
+        G1, q1, k1, p1 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 1, cols, cmask, scale, H, i_h, K, BC)
+        G2, q2, k2, p2 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 2, cols, cmask, scale, H, i_h, K, BC)
+        G3, q3, k3, p3 = _sub_block_tiles(q, k, G, b_Glast, t0, eos, 3, cols, cmask, scale, H, i_h, K, BC)
         A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32 = _pairs_accumulate(
-            c0, k0, d0, c1, q1, k1, d1, c2, q2, k2, d2, c3, q3, k3,
+            G0, k0, G1, q1, k1, p1, G2, q2, k2, p2, G3, q3, k3, p3,
             A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE,
         )  # fmt: skip
     _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, t0, eos, H, i_h, BT, BC)
@@ -399,18 +407,14 @@ def _store_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, idx, t0,
 
 @triton.jit
 def kda_wu_fwd_kernel(
-    q, k, v, g, A_log, dt_bias, beta, M, rq, rk, W, U, qg, kh, gl, qn, kn, G, chunk_indices, cu_seqlens, scale,
-    H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, L2NORM: tl.constexpr,
-    GATE: tl.constexpr, SAVE: tl.constexpr,
+    q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
     otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
-    q and k are normalised with the diagonal kernel's inverse norms (``L2NORM``), G is the chunk's cumsum of the gated
-    decays; ``SAVE`` also writes the normalised q, k (inputs' dtype) and G (fp32) for the backward, reads that a
-    training forward needs anyway. (A program per key or value block, each loading M, was slower on the H200 in
-    session 18: forward 1.437 against 1.346 ms at B1 T8192.)"""
+    (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
+    1.346 ms at B1 T8192.)"""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
@@ -418,28 +422,26 @@ def kda_wu_fwd_kernel(
     rmask = rows < eos
     b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
-    b_rq = _inv_norms(rq, rows, rmask, H, i_h) if L2NORM else tl.full([BT], 1.0, tl.float32)
-    b_rk = _inv_norms(rk, rows, rmask, H, i_h) if L2NORM else tl.full([BT], 1.0, tl.float32)
     for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        b_G = tl.cumsum(_gate_tile(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE), axis=0)
-        b_last = _row_of(b_G, idx, BT - 1)  # past the sequence end the cumsum stays at its last row's value
-        b_gexp = tl.exp(b_G)
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * b_rq[:, None]
-        _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * b_rk[:, None]
-        _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
-        tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
-        b_w = (b_k * b_gexp * b_beta[:, None]).to(W.dtype.element_ty)
-        _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
-        if SAVE:
-            _store_rows(G, b_G, rows, rmask, cols, cmask, H, i_h, K)
-            if L2NORM:
-                _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
-                _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
+        _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
     for v0 in range(0, V, BV):
         _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
+
+
+@triton.jit
+def _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K,
+                  BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Key channels ``k0 .. k0 + BK`` of a chunk: W = M (beta * k * exp(G)), qg, kh and gl (see
+    :func:`kda_wu_fwd_kernel`); ``b_Md`` is M ``[BT, BT]`` in W's dtype, ``b_beta`` the chunk's beta."""
+    b_G, b_last, _, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+    b_gexp = tl.exp(b_G)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
+    tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
+    b_w = (b_k * b_gexp * b_beta[:, None]).to(W.dtype.element_ty)
+    _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
 
 
 @triton.jit
