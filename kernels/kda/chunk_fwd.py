@@ -236,13 +236,17 @@ def _pairs_accumulate(G0, k0, G1, q1, k1, p1, G2, q2, k2, p2, G3, q3, k3, p3,
                       A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31, P32, IEEE: tl.constexpr):  # fmt: skip
     """Adds one block of key channels to the six ``[BC, BC]`` tiles (i, j < i) of A_qk and P between sub-blocks:
     ``[BC, BK] x [BK, BC]`` dots with sub-block i's first row p_i as the pivot, exp(G_r - G_c) = exp(G_r - G_p)
-    exp(G_p - G_c), both factors <= 1. Sub-block s's tiles: ``Gs`` (cumulative decays), ``qs`` (scale * q), ``ks``."""
+    exp(G_p - G_c), both factors <= 1. Sub-block s's tiles: ``Gs`` (cumulative decays), ``qs`` (scale * q), ``ks``.
+
+    The columns of sub-block j decayed to a later pivot p_i are those decayed to p_{j+1} times exp(p_i - p_{j+1})
+    (``[BK]``, <= 1: an underflow of either factor is one of the product too), so six column tiles take three tile
+    exps and two vector ones: the kernel is bound by its work, not its bytes (BENCHMARKS.md, KDA, session 38)."""
     # rows of sub-block i decayed to its pivot; the columns (sub-blocks j < i) from it
     e1, e2, e3 = tl.exp(G1 - p1[None, :]), tl.exp(G2 - p2[None, :]), tl.exp(G3 - p3[None, :])
-    c10 = tl.trans(k0 * tl.exp(p1[None, :] - G0))
-    c20, c21 = tl.trans(k0 * tl.exp(p2[None, :] - G0)), tl.trans(k1 * tl.exp(p2[None, :] - G1))
-    c30 = tl.trans(k0 * tl.exp(p3[None, :] - G0))
-    c31, c32 = tl.trans(k1 * tl.exp(p3[None, :] - G1)), tl.trans(k2 * tl.exp(p3[None, :] - G2))
+    k0e, k1e, k2e = k0 * tl.exp(p1[None, :] - G0), k1 * tl.exp(p2[None, :] - G1), k2 * tl.exp(p3[None, :] - G2)
+    s21, s32 = tl.exp(p2 - p1)[None, :], tl.exp(p3 - p2)[None, :]
+    c10, c20, c30 = tl.trans(k0e), tl.trans(k0e * s21), tl.trans(k0e * (s21 * s32))
+    c21, c31, c32 = tl.trans(k1e), tl.trans(k1e * s32), tl.trans(k2e)
     qe1, ke1, qe2, ke2, qe3, ke3 = q1 * e1, k1 * e1, q2 * e2, k2 * e2, q3 * e3, k3 * e3
     A10, P10 = _pair_dots(qe1, ke1, c10, A10, P10, IEEE)
     A20, P20 = _pair_dots(qe2, ke2, c20, A20, P20, IEEE)
