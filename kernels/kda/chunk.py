@@ -74,8 +74,8 @@ PAIRS_WARPS = 4
 # (1.401 ms; an inference forward then stored no h). BENCHMARKS.md has the tables.
 # Session 38 (H200, B8 T4096): no prep kernel, the diagonal, pairs and W/U kernels each computing the gate, the
 # in-chunk cumsum and the L2 norms from the raw inputs (20% fewer bytes): forward 4.85 ms against these kernels'
-# 4.12 in session 24 (fla 4.10 and 4.09 in the two runs), the pairs kernel 1.66 against 0.82 (210 registers
-# against 168); reverted.
+# 4.12 in session 24 (fla 4.10 and 4.09 in the two runs), the pairs kernel 1.66 against 0.82 ms even with its
+# registers capped at these kernels' 168 (210 uncapped: forward 5.39 ms); reverted.
 # The pairs inside each sub-block, forward (since session 20) and backward (in the key kernel): tensor-core dots
 # through the sub-block's middle row m (exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c)), exact while every
 # |G_r - G_m| of a key block is at most DIAG_DOT_SPAN (both factors within e^+-40, far inside fp32's range); a
