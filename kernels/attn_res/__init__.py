@@ -224,8 +224,7 @@ def _check_phase2(
     gain: torch.Tensor,
     norm_weight: torch.Tensor | None,
 ) -> None:
-    lse_shape = lse.shape if lse is not None else out.shape[:-1]
-    if lse_shape != out.shape[:-1] or (partial is not None and partial.shape != out.shape):
+    if (lse is not None and lse.shape != out.shape[:-1]) or (partial is not None and partial.shape != out.shape):
         shape = tuple(partial.shape) if partial is not None else None
         lse_text = tuple(lse.shape) if lse is not None else None
         raise ValueError(f"phase-2 shapes disagree: out {tuple(out.shape)}, lse {lse_text}, partial {shape}")

@@ -157,9 +157,9 @@ def store_phase1(
     (``phase2`` with ``lse=None``).
 
     Returns out [Q, M, D] (with ``n_prev`` 0, a read-only view of the new source: ``_phase1_out``), lse [Q, M]
-    float32 and, with ``norm_weight``, query 0's sublayer input [M, D] (the PreNorm of out[0]), else None.
-    ``first_out=False`` (needs ``norm_weight``): out [Q - 1, M, D] holds queries 1 .. Q - 1, query 0's output is not
-    written (one pass over [M, D] less; its PreNorm is the third result).
+    float32 (None without ``scores``) and, with ``norm_weight``, query 0's sublayer input [M, D] (the PreNorm of
+    out[0]), else None. ``first_out=False`` (needs ``norm_weight``): out [Q - 1, M, D] holds queries 1 .. Q - 1,
+    query 0's output is not written (one pass over [M, D] less; its PreNorm is the third result).
     """
     m, d = storage.store.shape[1:]
     q = queries.shape[0]
