@@ -134,12 +134,11 @@ def test_chunk_ragged_sub_blocks(lengths):
 
 @pytest.mark.parametrize("lengths", [[17, 0, 1, 50], [130, 64, 3]], ids=["ragged", "multi-chunk"])
 def test_chunk_solve_blocks(lengths, monkeypatch):
-    """The W/U kernel's W over two key blocks and U over two value blocks (V wider than one), and the prep kernel's
-    L2 norms, G, qg, kh, kb and gl over two key blocks, against the reference."""
+    """The W/U kernel's W, qg, kh over two key blocks and U over two value blocks (V wider than one), against
+    the reference."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "WU_KEY_BLOCK", 16)  # two key blocks at K = 32
-    monkeypatch.setattr(chunk, "PREP_KEY_BLOCK", 16)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=80, seed=6), {}, cu_seqlens=cu.to(DEVICE))
 
@@ -201,7 +200,7 @@ def test_chunk_cases(case, monkeypatch):
         _check(_inputs(T=200, N=5, K=32, V=16, seed=13, raw_gate=True), params, cu_seqlens=cu.to(DEVICE),
                use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)  # fmt: skip
     elif case == "two-blocks":  # every per-chunk kernel's key channels in two blocks at K = 32, W/U's values at V = 80
-        for name in ("PREP_KEY_BLOCK", "DIAG_DOTS_KEY_BLOCK", "PAIRS_KEY_BLOCK", "BWD_KEY_BLOCK", "WU_KEY_BLOCK"):
+        for name in ("DIAG_DOTS_KEY_BLOCK", "PAIRS_KEY_BLOCK", "BWD_KEY_BLOCK", "WU_KEY_BLOCK"):
             monkeypatch.setattr(chunk, name, 16)
         cu = torch.tensor([0, 130, 194, 197], dtype=torch.int32)
         _check(_inputs(T=197, N=3, K=32, V=80, seed=14), cu_seqlens=cu.to(DEVICE), use_qk_l2norm_in_kernel=True)

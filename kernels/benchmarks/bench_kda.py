@@ -159,11 +159,11 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
     e, f = 2, 4  # bytes of bf16 and fp32
     state = e * K * V // bt
     return {
-        "kda_prep_fwd_kernel": (f + 2 * e) * K + e + (f + 5 * e) * K + f * K // bt,  # g q k beta; G qn kn qg kh kb gl
+        "kda_prep_fwd_kernel": 2 * (f + 2 * e) * K,  # g, q, k in; G, qn, kn out
         "kda_diag_dots_fwd_kernel": (2 * e + f) * K + (e + f) * sub,  # q, k, G in; A_qk, P diagonal tiles out
         "kda_pairs_chunk_fwd_kernel": (2 * e + f) * K + (e + f) * (bt - sub),  # the same; the other tiles out
         "kda_inverse_fwd_kernel": f * bt + e + e * bt,  # P, beta in; M out
-        "kda_wu_fwd_kernel": e * K + e * V + e * bt + e + e * K + e * V,  # kb v M beta in; W U out
+        "kda_wu_fwd_kernel": (2 * e + f) * K + e * V + e * bt + e + 3 * e * K + e * V,  # q k G v M beta; W qg kh U
         "kda_state_fwd_kernel": 2 * e * K + e * V + e * V + state,  # kh, W, U in; v_new, h out
         "kda_output_fwd_kernel": e * K + e * bt + state + e * V + e * V,  # qg, A_qk, h, v_new in; o out
     }

@@ -68,8 +68,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
     warps = chunk.NUM_WARPS
     return [
-        (chunk_fwd.kda_prep_fwd_kernel,
-         dict(BT=chunk.CHUNK, BK=min(BK, chunk.PREP_KEY_BLOCK), L2NORM=True, GATE=True, EPS=1e-6), chunk.PREP_WARPS, 1),
+        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,

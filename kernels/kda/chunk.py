@@ -1,9 +1,8 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: prep (L2 norm, gate, in-chunk cumsum, the gated copies qg, kh, kb) -> diagonal (A_qk, P inside each
-sub-block, per sub-block) -> pairs (A_qk, P between sub-blocks, per chunk) -> inverse (M per chunk, on [16, 16]
-blocks) -> W/U (W, U per chunk, from the stored M and kb) -> state (sequential over chunks, per head and V tile)
--> output.
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> diagonal (A_qk, P inside each sub-block, per sub-block)
+-> pairs (A_qk, P between sub-blocks, per chunk) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
+qg, kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
 (the dq, dk terms through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk
 and dG per chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm
@@ -77,6 +76,9 @@ PAIRS_WARPS = 4
 # in-chunk cumsum and the L2 norms from the raw inputs (20% fewer bytes): forward 4.85 ms against these kernels'
 # 4.12 in session 24 (fla 4.10 and 4.09 in the two runs), the pairs kernel 1.66 against 0.82 ms even with its
 # registers capped at these kernels' 168 (210 uncapped: forward 5.39 ms); reverted.
+# Session 41 (H100, B8 T4096, two alternating runs): the prep kernel writing W/U's gated copies (qg, kh, gl and
+# kb = beta k exp(G), in key blocks of 64 after a pass for the norms), W/U reading only kb, v, beta and M (5% fewer
+# bytes): forward 4.89 ms against these kernels' 4.77, 4.83 with W/U's key blocks of 64; reverted (9779529).
 # The pairs inside each sub-block, forward (since session 20) and backward (in the key kernel): tensor-core dots
 # through the sub-block's middle row m (exp(G_r - G_c) = exp(G_r - G_m) exp(G_m - G_c)), exact while every
 # |G_r - G_m| of a key block is at most DIAG_DOT_SPAN (both factors within e^+-40, far inside fp32's range); a
@@ -94,11 +96,6 @@ DIAG_DOTS_WARPS = 2
 # Session 19 (H100, B8 T4096 forward): the inverse inside the W/U kernel (M stored and read back after a barrier)
 # took 6.83 ms against 6.09, with the pairs between sub-blocks in it too 6.71; both removed.
 INVERSE_WARPS = 2
-# The prep kernel writes W/U's gated copies too (session 41; before, W/U read q, k and G to compute them): it walks
-# the key channels in blocks of 64 after a pass for the rows' L2 norms, so that its tiles stay small (the former
-# kernel held [64, 128] tiles at 8 warps).
-PREP_KEY_BLOCK = 64
-PREP_WARPS = 8
 WU_KEY_BLOCK = 32
 WU_WARPS = 4
 # Session 19 sweep on an H100 at B8 T4096 (forward 5.209 ms at these defaults): W/U at 8 warps, 64 key channels or
@@ -239,12 +236,9 @@ def kda_chunk_fwd(
     # with M in fp32, fwd+bwd unchanged).
     M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
-    qg, kh, kb = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
-    gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     kda_prep_fwd_kernel[(NC, H)](
-        q, k, g, beta, A_log, dt_bias, qn, kn, G, qg, kh, gl, kb, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BK=min(BK, PREP_KEY_BLOCK), L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS,
-        num_warps=PREP_WARPS,
+        q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
+        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
         qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
@@ -257,10 +251,11 @@ def kda_chunk_fwd(
     kda_inverse_fwd_kernel[(NC, H)](
         P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
     )  # fmt: skip
-    W = torch.empty(TT, H, K, device=dev, dtype=dt)
+    W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
+    gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     kda_wu_fwd_kernel[(NC, H)](
-        kb, v, beta, M, W, U, chunks.indices, chunks.cu_seqlens, H, K, V,
+        qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)

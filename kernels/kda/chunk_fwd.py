@@ -176,66 +176,30 @@ def _state_tile(cu_seqlens, chunk_offsets, s0, i_n, i_h, i_v, H, K, V,
 
 
 @triton.jit
-def _inverse_l2norms(x, rows, rmask, H, i_h, K, BT: tl.constexpr, BK: tl.constexpr, EPS: tl.constexpr):
-    """``1 / sqrt(|x_r|^2 + eps)`` of rows ``rows`` of head ``i_h`` of a ``[TT, H, K]`` tensor (``[BT]`` fp32), summed
-    over blocks of ``BK`` channels so that no tile is wider than the prep kernel's others."""
-    b_ss = tl.zeros([BT], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        b_x = _load_rows(x, rows, rmask, cols, cols < K, H, i_h, K).to(tl.float32)
-        b_ss += tl.sum(b_x * b_x, axis=1)
-    return 1.0 / tl.sqrt(b_ss + EPS)
-
-
-@triton.jit
 def kda_prep_fwd_kernel(
-    q, k, g, beta, A_log, dt_bias, qn, kn, G, qg, kh, gl, kb, chunk_indices, cu_seqlens, scale, H, K,
+    q, k, g, A_log, dt_bias, qn, kn, G, chunk_indices, cu_seqlens, H, K,
     BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head), over blocks of ``BK`` key channels: the optional gate, the in-chunk cumsum G, the optional L2
-    norm of q and k (written to qn, kn), and the gated copies that the later kernels read: qg = scale qn exp(G) (the
-    output), kh = kn exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``; the state pass), kb = beta kn exp(G)
-    (W/U's operand, in the inputs' dtype).
-
-    The gated copies are computed from qn and kn rounded to the inputs' dtype, as every other kernel reads them, so
-    that W, the pairs and the state pass see one k. (W/U computed them before session 41, reading q, k and the fp32 G:
-    2,434 bytes per token and head against 1,154 now. On the H200 it moved 2.55 GB in 0.878 ms at B8 T4096, where
-    fla's W/U moves about 2.0 GB in 0.525 ms: BENCHMARKS.md, session 24.)"""
+    """Per (chunk, head): optional L2 norm of q/k (written to qn/kn), optional gate, in-chunk cumsum -> G."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
-    idx = tl.arange(0, BT)
-    rows = t0 + idx
+    rows = t0 + tl.arange(0, BT)
     rmask = rows < eos
-    b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
+    cols = tl.arange(0, BK)
+    cmask = cols < K
+    b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    if GATE:
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+        b_x = b_g + tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_x), 0.0)
+    _store_rows(G, tl.cumsum(b_g, axis=0), rows, rmask, cols, cmask, H, i_h, K)
     if L2NORM:
-        b_rq = _inverse_l2norms(q, rows, rmask, H, i_h, K, BT, BK, EPS)
-        b_rk = _inverse_l2norms(k, rows, rmask, H, i_h, K, BT, BK, EPS)
-    # the chunk's last valid row: rows past the sequence end add g = 0, so the cumsum there repeats that row
-    last = (idx == tl.minimum(eos - t0, BT) - 1)[:, None]
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        if GATE:
-            b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
-            b_x = b_g + tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_x), 0.0)
-        b_G = tl.cumsum(b_g, axis=0)
-        _store_rows(G, b_G, rows, rmask, cols, cmask, H, i_h, K)
-        b_last = tl.sum(tl.where(last, b_G, 0.0), axis=0)  # exact: one row, zeros elsewhere
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K)
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K)
-        if L2NORM:
-            b_q = (b_q.to(tl.float32) * b_rq[:, None]).to(qn.dtype.element_ty)
-            b_k = (b_k.to(tl.float32) * b_rk[:, None]).to(kn.dtype.element_ty)
-            _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
-            _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
-        b_q, b_k = b_q.to(tl.float32), b_k.to(tl.float32)
-        b_gexp = tl.exp(b_G)
-        _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
-        _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
-        _store_rows(kb, b_k * b_gexp * b_beta[:, None], rows, rmask, cols, cmask, H, i_h, K)
-        tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
+        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q, axis=1) + EPS)[:, None]
+        _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
+        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, axis=1) + EPS)[:, None]
+        _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
 
 
 @triton.jit
@@ -447,11 +411,12 @@ def _store_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, idx, t0,
 
 @triton.jit
 def kda_wu_fwd_kernel(
-    kb, v, beta, M, W, U, chunk_indices, cu_seqlens, H, K, V,
+    q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): W = M kb and U = M (beta * v) from the stored M and kb = beta k exp(G) (both written by
-    earlier kernels), taking the key channels in blocks of ``BK`` and the value columns in blocks of ``BV``.
+    """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
+    channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
+    otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
     (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
     1.346 ms at B1 T8192.)"""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -462,12 +427,25 @@ def kda_wu_fwd_kernel(
     b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
     for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        b_kb = _load_rows(kb, rows, rmask, cols, cmask, H, i_h, K)
-        _store_rows(W, tl.dot(b_Md, b_kb, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
+        _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K, BT, BK, IEEE)
     for v0 in range(0, V, BV):
         _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
+
+
+@triton.jit
+def _wu_key_block(q, k, G, W, qg, kh, gl, b_Md, b_beta, t0, eos, i_c, k0, scale, H, i_h, K,
+                  BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Key channels ``k0 .. k0 + BK`` of a chunk: W = M (beta * k * exp(G)), qg, kh and gl (see
+    :func:`kda_wu_fwd_kernel`); ``b_Md`` is M ``[BT, BT]`` in W's dtype, ``b_beta`` the chunk's beta."""
+    b_G, b_last, _, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+    b_gexp = tl.exp(b_G)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
+    tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
+    b_w = (b_k * b_gexp * b_beta[:, None]).to(W.dtype.element_ty)
+    _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
 
 
 @triton.jit
