@@ -85,7 +85,7 @@ def test_ncu_sass_summary_counts_stall_samples():
 
 SHELL_SCRIPTS = [
     "scripts/setup_env.sh", "scripts/fetch_gpu_wheels.sh", "scripts/test.sh", "kernels/benchmarks/gpu_session.sh",
-    "scripts/demo.sh",
+    "scripts/demo.sh", "kernels/benchmarks/kda_ab.sh",
 ]  # fmt: skip
 
 
@@ -245,6 +245,42 @@ def _fake_checkout(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
         (bin_dir / tool).chmod(0o755)
     (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
     return root, log, {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS_LOG": str(log)}
+
+
+def test_kda_ab_alternates_the_trees_and_restores_the_checkout(tmp_path):
+    """``kda_ab.sh OTHER`` times this checkout's kernels/kda and OTHER's in turn (each round: checkout, then other),
+    each tree's modules exactly (a module only one tree has is absent from the other's runs), and puts the checkout's
+    files back at the end; also when a timeout stops it during the other tree's run."""
+    root = tmp_path / "checkout"
+    (root / "kernels" / "benchmarks").mkdir(parents=True)
+    shutil.copytree(ROOT / "scripts", root / "scripts")
+    shutil.copy(ROOT / "kernels" / "benchmarks" / "kda_ab.sh", root / "kernels" / "benchmarks")
+    own, other = root / "kernels" / "kda", tmp_path / "other"
+    own_modules = {"chunk.py": "own", "only_own.py": ""}
+    for folder, modules in ((own, own_modules), (other, {"chunk.py": "other"})):
+        folder.mkdir(parents=True)
+        for name, text in modules.items():
+            (folder / name).write_text(text)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # stands in for bench_kda.py: a sweep row naming the tree in place, then (if asked) a long run
+    (bin_dir / "python3").write_text(
+        '#!/usr/bin/env bash\necho "| 1 | $(cat kernels/kda/chunk.py) $(ls kernels/kda | tr \'\\n\' \' \')|"\n'
+        '[ -n "${SLOW_TREE:-}" ] && grep -q "$SLOW_TREE" kernels/kda/chunk.py && sleep 30\nexit 0\n'
+    )
+    (bin_dir / "python3").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    script = str(root / "kernels" / "benchmarks" / "kda_ab.sh")
+    done = subprocess.run(["bash", script, str(other), "1x64", "2"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |")]
+    assert rows == ["| 1 | own chunk.py only_own.py |", "| 1 | other chunk.py |"] * 2, done.stdout
+    assert {p.name: p.read_text() for p in own.iterdir()} == own_modules
+    stopped = subprocess.run(["timeout", "5", "bash", script, str(other)], env={**env, "SLOW_TREE": "other"},
+                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert stopped.returncode == 124 and stopped.stdout.splitlines()[-1].startswith("== other"), stopped.stdout
+    assert {p.name: p.read_text() for p in own.iterdir()} == own_modules
 
 
 def test_demo_script_runs_the_demo_in_the_callers_folder(tmp_path):

@@ -42,6 +42,9 @@ step_command() {
     # KDA_SWEEP_BY (fwd or fwd+bwd, default fwd+bwd)
     kda_sweep) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --sweep ${KDA_SWEEP:?set KDA_SWEEP} \
       --sweep-shape ${KDA_SWEEP_SHAPE:-1x8192} --best-by ${KDA_SWEEP_BY:-fwd+bwd}" ;;
+    # KDA_AB_TREE: another tree's kernels/kda folder, carried (kda_ab.sh says how to make it): ours alone at B8 T4096,
+    # this checkout's kernels and that tree's in alternation
+    kda_ab) echo "timeout 300 bash kernels/benchmarks/kda_ab.sh ${KDA_AB_TREE:?set KDA_AB_TREE}" ;;
     kda_quick) echo "timeout 200 python3 kernels/benchmarks/bench_kda.py --quick --profile --json $OUT/$2kda_quick.json" ;;
     model) echo "timeout 480 python3 kernels/benchmarks/bench_model.py --no-parity --profile --json $OUT/$2model.json" ;;
     # our training steps alone, with their GPU time per kernel

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Time this checkout's KDA kernels against another tree's on one GPU, in alternation, ours alone at one shape:
+#   bash kernels/benchmarks/kda_ab.sh OTHER_KDA_FOLDER [BxT] [ROUNDS]
+# OTHER_KDA_FOLDER holds the other tree's kernels/kda/*.py. Make it before the device call (the lent machine gets
+# the working tree, not the git history), in an ignored folder that the call carries, e.g.
+#   mkdir -p .scratch/base && git archive main kernels/kda | tar -x -C .scratch/base   # -> .scratch/base/kernels/kda
+# Each of ROUNDS rounds (default 2) copies this checkout's files, then the other tree's, into kernels/kda/ and runs
+# `bench_kda.py --sweep WU_STAGES=1` at BxT (default 8x4096): the forward and fwd+bwd medians of the kernels'
+# defaults, in a fresh process per tree, so a change shows against the spread between rounds. The checkout's own
+# files are put back at exit, also after an error or a timeout. Session 41 compared a candidate this way (BENCHMARKS.md,
+# KDA section): two rounds took about 70 s on a fresh H100.
+set -euo pipefail
+source "$(dirname "$0")/../../scripts/_usage.sh" "$@"
+cd "$(dirname "$0")/../.."
+other="${1:?usage: kda_ab.sh OTHER_KDA_FOLDER [BxT] [ROUNDS] (see --help)}"
+shape="${2:-8x4096}"
+rounds="${3:-2}"
+ls "$other"/chunk.py > /dev/null
+own="$(mktemp -d)"
+cp kernels/kda/*.py "$own"/
+use() { rm -f kernels/kda/*.py && cp "$1"/*.py kernels/kda/; }  # a tree's modules exactly, none left from the other
+trap 'use "$own" && rm -r "$own"' EXIT
+for round in $(seq "$rounds"); do
+  for tree in checkout other; do
+    if [ "$tree" = checkout ]; then use "$own"; else use "$other"; fi
+    echo "== $tree, round $round: | WU_STAGES | fwd ms | fwd+bwd ms | diff |"
+    python3 kernels/benchmarks/bench_kda.py --sweep WU_STAGES=1 --sweep-shape "$shape" 2>&1 \
+      | grep -E "^\| 1 \||rror" || echo "(bench_kda.py failed or printed no row)"
+  done
+done
