@@ -271,8 +271,8 @@ def test_kda_ab_alternates_the_trees_and_restores_the_checkout(tmp_path):
     (bin_dir / "python3").chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
     script = str(root / "kernels" / "benchmarks" / "kda_ab.sh")
-    done = subprocess.run(["bash", script, str(other), "1x64", "2"], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(["bash", script, "other", "1x64", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip (OTHER relative to the caller's folder)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |")]
     assert rows == ["| 1 | own chunk.py only_own.py |", "| 1 | other chunk.py |"] * 2, done.stdout

@@ -11,10 +11,10 @@
 # KDA section): two rounds took about 70 s on a fresh H100.
 set -euo pipefail
 source "$(dirname "$0")/../../scripts/_usage.sh" "$@"
-cd "$(dirname "$0")/../.."
-other="${1:?usage: kda_ab.sh OTHER_KDA_FOLDER [BxT] [ROUNDS] (see --help)}"
+other="$(cd "${1:?usage: kda_ab.sh OTHER_KDA_FOLDER [BxT] [ROUNDS] (see --help)}" && pwd)"  # before the cd below
 shape="${2:-8x4096}"
 rounds="${3:-2}"
+cd "$(dirname "$0")/../.."
 ls "$other"/chunk.py > /dev/null
 own="$(mktemp -d)"
 cp kernels/kda/*.py "$own"/
