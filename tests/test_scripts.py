@@ -251,9 +251,8 @@ def test_kda_ab_alternates_the_trees_and_restores_the_checkout(tmp_path):
     """``kda_ab.sh OTHER`` times this checkout's kernels/kda and OTHER's in turn (each round: checkout, then other),
     each tree's modules exactly (a module only one tree has is absent from the other's runs), and puts the checkout's
     files back at the end; also when a timeout stops it during the other tree's run."""
-    root = tmp_path / "checkout"
+    root, _, env = _fake_checkout(tmp_path)
     (root / "kernels" / "benchmarks").mkdir(parents=True)
-    shutil.copytree(ROOT / "scripts", root / "scripts")
     shutil.copy(ROOT / "kernels" / "benchmarks" / "kda_ab.sh", root / "kernels" / "benchmarks")
     own, other = root / "kernels" / "kda", tmp_path / "other"
     own_modules = {"chunk.py": "own", "only_own.py": ""}
@@ -261,15 +260,11 @@ def test_kda_ab_alternates_the_trees_and_restores_the_checkout(tmp_path):
         folder.mkdir(parents=True)
         for name, text in modules.items():
             (folder / name).write_text(text)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     # stands in for bench_kda.py: a sweep row naming the tree in place, then (if asked) a long run
-    (bin_dir / "python3").write_text(
+    (root / ".venv" / "bin" / "python3").write_text(
         '#!/usr/bin/env bash\necho "| 1 | $(cat kernels/kda/chunk.py) $(ls kernels/kda | tr \'\\n\' \' \')|"\n'
         '[ -n "${SLOW_TREE:-}" ] && grep -q "$SLOW_TREE" kernels/kda/chunk.py && sleep 30\nexit 0\n'
     )
-    (bin_dir / "python3").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
     script = str(root / "kernels" / "benchmarks" / "kda_ab.sh")
     done = subprocess.run(["bash", script, "other", "1x64", "2"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip (OTHER relative to the caller's folder)
