@@ -146,10 +146,11 @@ def test_chunk_solve_blocks(lengths, monkeypatch):
 @pytest.mark.parametrize("lengths", [[17, 0, 1, 50], [130, 64, 3]], ids=["ragged", "multi-chunk"])
 def test_chunk_pairs_key_blocks(lengths, monkeypatch):
     """The pairs between sub-blocks over two key blocks, with sequences ending inside and before a sub-block,
-    against the reference."""
+    against the reference (every chunk on the sub-block kernels)."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)  # two key blocks at K = 32
+    monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)  # every chunk on the sub-block kernels
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 
@@ -181,6 +182,67 @@ def test_inverse_kernel_against_float64():
             assert torch.all(M[start : start + n, h, n:] == 0), "M above the diagonal past the sequence end"
 
 
+def _chunk_pairs_float64(q, k, g, start, n, scale):
+    """A_qk and P of the chunk of rows ``start .. start + n`` of ``[T, H, K]`` inputs in float64, ``[n, H, n]``:
+    A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i, P[i, j] the same with k_i for j < i."""
+    q, k = q[start : start + n].double(), k[start : start + n].double()
+    G = g[start : start + n].double().cumsum(0)
+    decay = torch.exp(G[:, None] - G[None, :])  # [i, j, H, K]
+    on = torch.tril(torch.ones(n, n, dtype=torch.bool))[:, :, None]
+    below = on & ~torch.eye(n, dtype=torch.bool)[:, :, None]
+    A = torch.where(on, scale * torch.einsum("ihd,jhd,ijhd->ijh", q, k, decay), 0.0)
+    P = torch.where(below, torch.einsum("ihd,jhd,ijhd->ijh", k, k, decay), 0.0)
+    return A.permute(0, 2, 1), P.permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("key_block", [32, 16], ids=["one-key-block", "two-key-blocks"])
+def test_chunk_dots_kernel_against_float64(key_block):
+    """The chunk dots kernel alone, against float64, on three chunks of one sequence (T = 150: the last ends inside
+    its first half's sub-blocks) with decays of up to -3 per token, and the middle chunk's decays 30 times stronger
+    in one channel: the mild chunks are computed (every entry of A_qk and P, zeros above the diagonal) and not
+    flagged, the strong one flagged and left unwritten."""
+    from kimi_hf.kernels.kda.chunk import CHUNK, CHUNK_DOT_SPAN, _chunks
+
+    T, H, K, scale = 150, 2, 32, 0.3
+    gen = torch.Generator().manual_seed(22)
+    q, k = torch.randn(T, H, K, generator=gen), torch.randn(T, H, K, generator=gen)
+    g = -3 * torch.rand(T, H, K, generator=gen)
+    g[CHUNK : 2 * CHUNK, 1, 5] *= 30
+    G = torch.cat([g[s : s + CHUNK].cumsum(0) for s in range(0, T, CHUNK)])
+    chunks = _chunks(None, 1, T, torch.device(DEVICE))
+    A_qk, P = (torch.full((T, H, CHUNK), float("nan"), device=DEVICE) for _ in range(2))
+    exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
+    chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
+        q.to(DEVICE), k.to(DEVICE), G.to(DEVICE), A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, IEEE="ieee", num_warps=4,
+    )  # fmt: skip
+    assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]
+    for c, start in enumerate(range(0, T, CHUNK)):
+        n = min(CHUNK, T - start)
+        A_ref, P_ref = _chunk_pairs_float64(q, k, g, start, n, scale)
+        for h in range(H):
+            rows = slice(start, start + n)
+            if exact[c, h]:
+                assert torch.isnan(A_qk[rows, h]).all() and torch.isnan(P[rows, h]).all(), f"chunk {c} written"
+                continue
+            assert_close_rel(A_qk[rows, h, :n], A_ref[:, h], 1e-5, f"A_qk of chunk {c}, head {h}")
+            assert_close_rel(P[rows, h, :n], P_ref[:, h], 1e-5, f"P of chunk {c}, head {h}")
+            assert torch.all(A_qk[rows, h, n:] == 0) and torch.all(P[rows, h, n:] == 0), "past the sequence end"
+
+
+def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(monkeypatch):
+    """CHUNK_DOT_SPAN = -1 flags every chunk, so the diagonal and pairs kernels compute all of A_qk and P (with
+    mild decays they otherwise run on no chunk), each over two key blocks: forward and backward against the reference,
+    ragged sequences."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)
+    monkeypatch.setattr(chunk, "DIAG_DOTS_KEY_BLOCK", 16)
+    monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)
+    cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)
+    _check(_inputs(T=200, N=5, K=32, V=16, seed=23), cu_seqlens=cu.to(DEVICE), use_qk_l2norm_in_kernel=True)
+
+
 @pytest.mark.parametrize(
     "case",
     ["fused-gate-ragged", "two-blocks", "caller-normalised", "fp16", "strong-decay", "mixed-decay", "head-dim-48"],
@@ -200,7 +262,7 @@ def test_chunk_cases(case, monkeypatch):
         _check(_inputs(T=200, N=5, K=32, V=16, seed=13, raw_gate=True), params, cu_seqlens=cu.to(DEVICE),
                use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)  # fmt: skip
     elif case == "two-blocks":  # every per-chunk kernel's key channels in two blocks at K = 32, W/U's values at V = 80
-        for name in ("DIAG_DOTS_KEY_BLOCK", "PAIRS_KEY_BLOCK", "BWD_KEY_BLOCK", "WU_KEY_BLOCK"):
+        for name in ("CHUNK_DOTS_KEY_BLOCK", "DIAG_DOTS_KEY_BLOCK", "PAIRS_KEY_BLOCK", "BWD_KEY_BLOCK", "WU_KEY_BLOCK"):
             monkeypatch.setattr(chunk, name, 16)
         cu = torch.tensor([0, 130, 194, 197], dtype=torch.int32)
         _check(_inputs(T=197, N=3, K=32, V=80, seed=14), cu_seqlens=cu.to(DEVICE), use_qk_l2norm_in_kernel=True)

@@ -155,13 +155,15 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
     (bf16 q/k/v/beta, fp32 g, L2 norm inside): every tensor a kernel touches counted once (a chunk's rows re-read
     from the caches are not counted), fp32 G and P, the chunk-start state h ``[K, V]`` bf16 shared by a chunk's
     tokens. Summed over the B T H (token, head) pairs, it is the least memory traffic of this decomposition."""
-    bt, sub = chunk.CHUNK, chunk.SUB
+    bt = chunk.CHUNK
     e, f = 2, 4  # bytes of bf16 and fp32
     state = e * K * V // bt
     return {
         "kda_prep_fwd_kernel": 2 * (f + 2 * e) * K,  # g, q, k in; G, qn, kn out
-        "kda_diag_dots_fwd_kernel": (2 * e + f) * K + (e + f) * sub,  # q, k, G in; A_qk, P diagonal tiles out
-        "kda_pairs_chunk_fwd_kernel": (2 * e + f) * K + (e + f) * (bt - sub),  # the same; the other tiles out
+        "kda_chunk_dots_fwd_kernel": (2 * e + f) * K + (e + f) * bt,  # q, k, G in; A_qk, P out
+        # the sub-block kernels read only their chunk's flag where the chunk dots kernel took every chunk
+        "kda_diag_dots_fwd_kernel": 0,
+        "kda_pairs_chunk_fwd_kernel": 0,
         "kda_inverse_fwd_kernel": f * bt + e + e * bt,  # P, beta in; M out
         "kda_wu_fwd_kernel": (2 * e + f) * K + e * V + e * bt + e + 3 * e * K + e * V,  # q k G v M beta; W qg kh U
         "kda_state_fwd_kernel": 2 * e * K + e * V + e * V + state,  # kh, W, U in; v_new, h out
@@ -187,7 +189,8 @@ def traffic_table(B: int, T: int, bandwidth_tbs: float, H: int = 32, D: int = 12
         gb = per_pair * pairs / 1e9
         floor = gb / bandwidth_tbs
         total_ms, total_gb = total_ms + ms, total_gb + gb
-        lines.append(f"| {name} | {ms:.3f} | {gb:.2f} | {gb / ms:.2f} | {floor:.3f} | {ms / floor:.2f} |")
+        ratio = f"{ms / floor:.2f}" if floor else "-"  # (the sub-block kernels' flag reads count as no bytes)
+        lines.append(f"| {name} | {ms:.3f} | {gb:.2f} | {gb / ms:.2f} | {floor:.3f} | {ratio} |")
     floor = total_gb / bandwidth_tbs
     lines.append(f"| all of the above | {total_ms:.3f} | {total_gb:.2f} | {total_gb / total_ms:.2f} | {floor:.3f} "
                  f"| {total_ms / floor:.2f} |")

@@ -32,7 +32,7 @@ _FP32_POINTERS = {
     "ddt_bias_part", "dq", "dk", "dkp", "dkm",
     "A_log", "dt_bias", "g", "g_raw", "beta",
 }  # fmt: skip
-_INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
+_INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets", "exact"}
 _SCALARS = {"scale": "fp32", "H": "i32", "K": "i32", "V": "i32"}
 
 
@@ -69,6 +69,8 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     warps = chunk.NUM_WARPS
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
+        (chunk_fwd.kda_chunk_dots_fwd_kernel,
+         dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN), chunk.CHUNK_DOTS_WARPS, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,

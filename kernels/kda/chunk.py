@@ -1,7 +1,8 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: prep (L2 norm, gate, in-chunk cumsum) -> diagonal (A_qk, P inside each sub-block, per sub-block)
--> pairs (A_qk, P between sub-blocks, per chunk) -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> chunk dots (A_qk, P per chunk where its decays allow) ->
+diagonal (A_qk, P inside each sub-block, per sub-block) and pairs (A_qk, P between sub-blocks, per chunk), both for
+the chunks the chunk dots left out -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
 qg, kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
 (the dq, dk terms through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk
@@ -24,7 +25,7 @@ from .chunk_bwd import (
     kda_state_bwd_kernel, l2norm_bwd_kernel,
 )  # fmt: skip
 from .chunk_fwd import (
-    kda_diag_dots_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel,
+    kda_chunk_dots_fwd_kernel, kda_diag_dots_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel,
     kda_pairs_chunk_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
@@ -89,6 +90,13 @@ PAIRS_WARPS = 4
 DIAG_DOT_SPAN = 40.0
 DIAG_DOTS_KEY_BLOCK = 64
 DIAG_DOTS_WARPS = 2
+# Since session 42 the sub-block kernels above compute only the chunks that kda_chunk_dots_fwd_kernel leaves out:
+# it takes a chunk's whole A_qk and P as six [32, BK] x [BK, 32] dots per key block through the halves' middle rows,
+# for chunks whose |G_i - G_m| stay within CHUNK_DOT_SPAN over each half (16 tokens either side of m: factors up to
+# e^64 = 6e27, so q and k up to ~5e10 stay finite in fp32). Untimed on a GPU when written.
+CHUNK_DOT_SPAN = 64.0
+CHUNK_DOTS_KEY_BLOCK = 32
+CHUNK_DOTS_WARPS = 4
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
@@ -240,12 +248,17 @@ def kda_chunk_fwd(
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
+    exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
+    kda_chunk_dots_fwd_kernel[(NC, H)](
+        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, IEEE=ieee, num_warps=CHUNK_DOTS_WARPS,
+    )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
-        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee, num_warps=DIAG_DOTS_WARPS,
     )  # fmt: skip
     kda_pairs_chunk_fwd_kernel[(NC, H)](
-        qn, kn, G, A_qk, P, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
     )  # fmt: skip
     kda_inverse_fwd_kernel[(NC, H)](

@@ -105,7 +105,7 @@ def _load_row(ptr, r, eos, cols, H, i_h, D):
 
 @triton.jit
 def kda_diag_dots_fwd_kernel(
-    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, sub-block; head): the sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P with exact in-chunk
@@ -115,13 +115,14 @@ def kda_diag_dots_fwd_kernel(
     factors far inside fp32's range) is two ``[BC, BK] x [BK, BC]`` dots; any other block goes one partner at a time
     with exact decays. Each block's share of the sums is exact either way, so the two paths mix freely within a
     sub-block. (Until session 20 a kernel of one token per program took an exp per partner and channel, about 8.5 K
-    per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.)"""
+    per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.) Only the chunks that ``exact``
+    flags (:func:`kda_chunk_dots_fwd_kernel`) are computed; the other programs return at once."""
     NS: tl.constexpr = BT // BC
     i_s, i_c = _tile_and_item(NS)
     i_h = tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     s0 = t0 + i_s * BC  # the sub-block's first token
-    if s0 < eos:
+    if (s0 < eos) & (tl.load(exact + i_c * H + i_h) != 0):
         idx = tl.arange(0, BC)
         rows = s0 + idx
         rmask = rows < eos
@@ -152,6 +153,91 @@ def kda_diag_dots_fwd_kernel(
         lower = idx[:, None] >= idx[None, :]
         tl.store(A_qk + offs, tl.where(lower, b_A, 0.0).to(A_qk.dtype.element_ty), mask=rmask[:, None])
         tl.store(P + offs, tl.where(idx[:, None] > idx[None, :], b_P, 0.0), mask=rmask[:, None])
+
+
+@triton.jit
+def _half_tiles(q, k, G, t0, eos, half, ref, cols, cmask, scale, H, i_h, K, HB: tl.constexpr):
+    """Half ``half`` (rows ``half * HB ..``) of a chunk, key channels ``cols``: scale * q, k (fp32, rows past the
+    sequence end 0) and d = G - G_ref (``ref``: that row's G, ``[BK]``; 0 past the end, so that those rows' factors
+    are 1 and their zero q, k add nothing)."""
+    rows = t0 + half * HB + tl.arange(0, HB)
+    rmask = rows < eos
+    b_G, b_q, b_k = _load_gqk(G, q, k, rows, rmask, cols, cmask, scale, H, i_h, K)
+    return b_q, b_k, tl.where(rmask[:, None], b_G - ref[None, :], 0.0)
+
+
+@triton.jit
+def _store_half_row(A_qk, P, b_A0, b_P0, b_A1, b_P1, t0, eos, half, H, i_h, BT: tl.constexpr):
+    """The rows of half ``half`` of a chunk's A_qk and P, their two ``[BT / 2, BT / 2]`` tiles left to right."""
+    HB: tl.constexpr = BT // 2
+    idx = tl.arange(0, HB)
+    rows = t0 + half * HB + idx
+    mask = (rows < eos)[:, None]  # every column is inside the chunk; the store broadcasts the rows' mask
+    offs = _tile_offsets(rows, idx, H, i_h, BT)
+    tl.store(A_qk + offs, b_A0.to(A_qk.dtype.element_ty), mask=mask)
+    tl.store(P + offs, b_P0, mask=mask)
+    tl.store(A_qk + offs + HB, b_A1.to(A_qk.dtype.element_ty), mask=mask)
+    tl.store(P + offs + HB, b_P1, mask=mask)
+
+
+@triton.jit
+def kda_chunk_dots_fwd_kernel(
+    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
+    j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
+    per block of ``BK`` key channels, when the chunk's decays allow; ``exact [NC, H]`` (int32) says which chunks
+    they did not allow, for :func:`kda_diag_dots_fwd_kernel` and :func:`kda_pairs_chunk_fwd_kernel` to compute.
+
+    exp(G_i - G_j) is split through a middle row: each half's tile with itself through its own middle row m
+    (exp(G_i - G_m) exp(G_m - G_j)), the second half's rows against the first half's columns through the second
+    half's first row x (exp(G_i - G_x) exp(G_x - G_j), both factors <= 1), those factors taken from the halves'
+    own as exp(G_i - G_m1) exp(G_m1 - G_x) and exp(G_x - G_m0) exp(G_m0 - G_j). Every factor lies within
+    e^+-SPAN while each |G_i - G_m| of its half and |G_x - G_m0| do (a chunk whose decays average down to about
+    -SPAN / 16 per token), far inside fp32's range, and a product of two is then exact or, when it underflows, below
+    e^-87 relative to q k. A chunk past that in any key block stores nothing here and is flagged. (The sub-block
+    kernels alone, one program per [16, 16] diagonal tile and one per chunk for the six tiles below it, took 0.506 +
+    0.820 ms of the 4.11 ms forward at B8 T4096 H32 on the H200 in session 24.)"""
+    HB: tl.constexpr = BT // 2
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
+    last = tl.minimum(eos - t0, BT) - 1  # rows past the sequence end take the last valid row's place as a pivot
+    m0, m1, x = t0 + tl.minimum(HB // 2, last), t0 + tl.minimum(HB + HB // 2, last), t0 + tl.minimum(HB, last)
+    zero = tl.zeros([HB, HB], dtype=tl.float32)
+    A0, P0, A1, P1, AX, PX = zero, zero, zero, zero, zero, zero
+    span = 0.0
+    for kb in range(0, K, BK):
+        cols = kb + tl.arange(0, BK)
+        cmask = cols < K
+        g_m0 = _load_row(G, m0, eos, cols, H, i_h, K)
+        g_m1 = _load_row(G, m1, eos, cols, H, i_h, K)
+        g_x = _load_row(G, x, eos, cols, H, i_h, K)
+        q0, k0, d0 = _half_tiles(q, k, G, t0, eos, 0, g_m0, cols, cmask, scale, H, i_h, K, HB)
+        q1, k1, d1 = _half_tiles(q, k, G, t0, eos, 1, g_m1, cols, cmask, scale, H, i_h, K, HB)
+        span = tl.maximum(span, tl.maximum(tl.max(tl.abs(g_x - g_m0)), tl.max(tl.abs(d0))))
+        span = tl.maximum(span, tl.max(tl.abs(d1)))
+        e0, e1 = tl.exp(d0), tl.exp(d1)
+        c0 = k0 * tl.exp(-d0)  # the first half's columns from its middle row
+        c1 = tl.trans(k1 * tl.exp(-d1))
+        cx = tl.trans(c0 * tl.exp(g_x - g_m0)[None, :])  # ... and from the second half's first row
+        c0 = tl.trans(c0)
+        qe1, ke1 = q1 * e1, k1 * e1
+        sx = tl.exp(g_m1 - g_x)[None, :]  # the second half's rows to its first row
+        A0 = tl.dot(q0 * e0, c0, A0, input_precision=IEEE)
+        P0 = tl.dot(k0 * e0, c0, P0, input_precision=IEEE)
+        A1 = tl.dot(qe1, c1, A1, input_precision=IEEE)
+        P1 = tl.dot(ke1, c1, P1, input_precision=IEEE)
+        AX = tl.dot(qe1 * sx, cx, AX, input_precision=IEEE)
+        PX = tl.dot(ke1 * sx, cx, PX, input_precision=IEEE)
+    fits = span <= SPAN
+    tl.store(exact + i_c * H + i_h, tl.where(fits, 0, 1))
+    if fits:
+        idx = tl.arange(0, HB)
+        # above the diagonal the products overflow (masked here, never summed into a kept entry)
+        on, below = idx[:, None] >= idx[None, :], idx[:, None] > idx[None, :]
+        _store_half_row(A_qk, P, tl.where(on, A0, 0.0), tl.where(below, P0, 0.0), zero, zero, t0, eos, 0, H, i_h, BT)
+        _store_half_row(A_qk, P, AX, PX, tl.where(on, A1, 0.0), tl.where(below, P1, 0.0), t0, eos, 1, H, i_h, BT)
 
 
 @triton.jit
@@ -275,16 +361,25 @@ def _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31,
 
 @triton.jit
 def kda_pairs_chunk_fwd_kernel(
-    q, k, G, A_qk, P, chunk_indices, cu_seqlens, scale, H, K,
+    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles
     (:func:`kda_diag_dots_fwd_kernel` writes those), for BT = 4 BC, from the normalised q, k and the cumulative decays G
     that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of ``BK`` key channels
     (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
-    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.)"""
+    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.) Only the
+    chunks that ``exact`` flags (:func:`kda_chunk_dots_fwd_kernel`) are computed."""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if tl.load(exact + i_c * H + i_h) != 0:
+        _pairs_chunk(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, BT, BC, BK, IEEE)
+
+
+@triton.jit
+def _pairs_chunk(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K,
+                 BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """The body of :func:`kda_pairs_chunk_fwd_kernel` for chunk ``i_c``, head ``i_h``."""
     _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
