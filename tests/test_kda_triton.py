@@ -171,8 +171,8 @@ def test_inverse_kernel_against_float64():
     chunks = _chunks(None, 1, T, torch.device(DEVICE))
     M = torch.zeros(T, H, CHUNK, device=DEVICE)
     chunk_fwd.kda_inverse_fwd_kernel[(chunks.num_chunks, H)](
-        P.float().to(DEVICE), beta.float().to(DEVICE), M, chunks.indices, chunks.cu_seqlens, H,
-        BT=CHUNK, BC=SUB, IEEE="ieee", num_warps=2,
+        P.float().to(DEVICE), beta.float().to(DEVICE), M, None, chunks.indices, chunks.cu_seqlens, H,
+        BT=CHUNK, BC=SUB, FLAGGED=False, IEEE="ieee", num_warps=2,
     )  # fmt: skip
     for start in range(0, T, CHUNK):
         n = min(CHUNK, T - start)
@@ -195,26 +195,30 @@ def _chunk_pairs_float64(q, k, g, start, n, scale):
     return A.permute(0, 2, 1), P.permute(0, 2, 1)
 
 
-@pytest.mark.parametrize("key_block", [32, 16], ids=["one-key-block", "two-key-blocks"])
-def test_chunk_dots_kernel_against_float64(key_block):
+@pytest.mark.parametrize(
+    "key_block, inverse", [(32, False), (16, True)], ids=["one-key-block", "two-key-blocks-and-inverse"]
+)
+def test_chunk_dots_kernel_against_float64(key_block, inverse):
     """The chunk dots kernel alone, against float64, on three chunks of one sequence (T = 150: the last ends inside
     its first half's sub-blocks) with decays of up to -3 per token, and the middle chunk's decays 30 times stronger
-    in one channel: the mild chunks are computed (every entry of A_qk and P, zeros above the diagonal) and not
-    flagged, the strong one flagged and left unwritten."""
+    in one channel: the mild chunks are computed (every entry of A_qk and P, zeros above the diagonal; with
+    ``inverse`` also M = (I + Diag(beta) P)^-1) and not flagged, the strong one flagged and left unwritten."""
     from kimi_hf.kernels.kda.chunk import CHUNK, CHUNK_DOT_SPAN, _chunks
 
     T, H, K, scale = 150, 2, 32, 0.3
     gen = torch.Generator().manual_seed(22)
     q, k = torch.randn(T, H, K, generator=gen), torch.randn(T, H, K, generator=gen)
+    beta = torch.rand(T, H, generator=gen)
     g = -3 * torch.rand(T, H, K, generator=gen)
     g[CHUNK : 2 * CHUNK, 1, 5] *= 30
     G = torch.cat([g[s : s + CHUNK].cumsum(0) for s in range(0, T, CHUNK)])
     chunks = _chunks(None, 1, T, torch.device(DEVICE))
-    A_qk, P = (torch.full((T, H, CHUNK), float("nan"), device=DEVICE) for _ in range(2))
+    A_qk, P, M = (torch.full((T, H, CHUNK), float("nan"), device=DEVICE) for _ in range(3))
     exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
     chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
-        q.to(DEVICE), k.to(DEVICE), G.to(DEVICE), A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, IEEE="ieee", num_warps=4,
+        q.to(DEVICE), k.to(DEVICE), G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, exact, chunks.indices,
+        chunks.cu_seqlens, scale, H, K, BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, IEEE="ieee",
+        num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]
     for c, start in enumerate(range(0, T, CHUNK)):
@@ -223,11 +227,30 @@ def test_chunk_dots_kernel_against_float64(key_block):
         for h in range(H):
             rows = slice(start, start + n)
             if exact[c, h]:
-                assert torch.isnan(A_qk[rows, h]).all() and torch.isnan(P[rows, h]).all(), f"chunk {c} written"
+                for name, x in (("A_qk", A_qk), ("P", P), ("M", M)):
+                    assert torch.isnan(x[rows, h]).all(), f"{name} of the flagged chunk {c} written"
                 continue
             assert_close_rel(A_qk[rows, h, :n], A_ref[:, h], 1e-5, f"A_qk of chunk {c}, head {h}")
             assert_close_rel(P[rows, h, :n], P_ref[:, h], 1e-5, f"P of chunk {c}, head {h}")
             assert torch.all(A_qk[rows, h, n:] == 0) and torch.all(P[rows, h, n:] == 0), "past the sequence end"
+            if inverse:
+                L = torch.eye(n, dtype=torch.float64) + beta[rows, h, None].double() * P_ref[:, h]
+                assert_close_rel(M[rows, h, :n], torch.linalg.inv(L), 1e-5, f"M of chunk {c}, head {h}")
+                assert torch.all(M[rows, h, n:] == 0), "M past the sequence end"
+            else:
+                assert torch.isnan(M[rows, h]).all(), "M written without INVERSE"
+
+
+def test_chunk_forward_with_the_inverse_in_the_chunk_dots_kernel(monkeypatch):
+    """CHUNK_DOTS_INVERSE = 1: the chunk dots kernel stores M of the chunks it computes and the inverse kernel only
+    the flagged chunks'; one chunk of three flagged (strong decays in it): forward and backward against the
+    reference."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_INVERSE", 1)
+    inputs = _inputs(T=150, N=1, K=32, V=16, seed=24)
+    inputs["g"][:, 70:90] *= 20 / 3
+    _check(inputs, use_qk_l2norm_in_kernel=True)
 
 
 def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(monkeypatch):
@@ -237,6 +260,7 @@ def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(monkeypatch):
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_INVERSE", 1)  # the inverse kernel on the flagged chunks
     monkeypatch.setattr(chunk, "DIAG_DOTS_KEY_BLOCK", 16)
     monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)
     cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)

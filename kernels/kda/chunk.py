@@ -97,6 +97,9 @@ DIAG_DOTS_WARPS = 2
 CHUNK_DOT_SPAN = 64.0
 CHUNK_DOTS_KEY_BLOCK = 32
 CHUNK_DOTS_WARPS = 4
+# 1: the chunk dots kernel also stores M of the chunks it computes (from its halves' [32, 32] blocks of P), the
+# inverse kernel only the flagged chunks'; 0: the inverse kernel all of them. Untimed when written.
+CHUNK_DOTS_INVERSE = 0
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
@@ -250,8 +253,9 @@ def kda_chunk_fwd(
     )  # fmt: skip
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
     kda_chunk_dots_fwd_kernel[(NC, H)](
-        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, IEEE=ieee, num_warps=CHUNK_DOTS_WARPS,
+        qn, kn, G, beta, A_qk, P, M, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
+        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=bool(CHUNK_DOTS_INVERSE), IEEE=ieee,
+        num_warps=CHUNK_DOTS_WARPS,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
         qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
@@ -262,7 +266,8 @@ def kda_chunk_fwd(
         BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
     )  # fmt: skip
     kda_inverse_fwd_kernel[(NC, H)](
-        P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
+        P, beta, M, exact, chunks.indices, chunks.cu_seqlens, H,
+        BT=CHUNK, BC=SUB, FLAGGED=bool(CHUNK_DOTS_INVERSE), IEEE=ieee, num_warps=INVERSE_WARPS,
     )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)

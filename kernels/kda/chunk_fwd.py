@@ -167,23 +167,21 @@ def _half_tiles(q, k, G, t0, eos, half, ref, cols, cmask, scale, H, i_h, K, HB: 
 
 
 @triton.jit
-def _store_half_row(A_qk, P, b_A0, b_P0, b_A1, b_P1, t0, eos, half, H, i_h, BT: tl.constexpr):
-    """The rows of half ``half`` of a chunk's A_qk and P, their two ``[BT / 2, BT / 2]`` tiles left to right."""
+def _store_half_row(X, b_left, b_right, t0, eos, half, H, i_h, BT: tl.constexpr):
+    """The rows of half ``half`` of a chunk's ``X [TT, H, BT]``: its two ``[BT / 2, BT / 2]`` tiles, left and right."""
     HB: tl.constexpr = BT // 2
     idx = tl.arange(0, HB)
     rows = t0 + half * HB + idx
     mask = (rows < eos)[:, None]  # every column is inside the chunk; the store broadcasts the rows' mask
     offs = _tile_offsets(rows, idx, H, i_h, BT)
-    tl.store(A_qk + offs, b_A0.to(A_qk.dtype.element_ty), mask=mask)
-    tl.store(P + offs, b_P0, mask=mask)
-    tl.store(A_qk + offs + HB, b_A1.to(A_qk.dtype.element_ty), mask=mask)
-    tl.store(P + offs + HB, b_P1, mask=mask)
+    tl.store(X + offs, b_left.to(X.dtype.element_ty), mask=mask)
+    tl.store(X + offs + HB, b_right.to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def kda_chunk_dots_fwd_kernel(
-    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
+    q, k, G, beta, A_qk, P, M, exact, chunk_indices, cu_seqlens, scale, H, K,
+    BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
     j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
@@ -198,7 +196,10 @@ def kda_chunk_dots_fwd_kernel(
     -SPAN / 16 per token), far inside fp32's range, and a product of two is then exact or, when it underflows, below
     e^-87 relative to q k. A chunk past that in any key block stores nothing here and is flagged. (The sub-block
     kernels alone, one program per [16, 16] diagonal tile and one per chunk for the six tiles below it, took 0.506 +
-    0.820 ms of the 4.11 ms forward at B8 T4096 H32 on the H200 in session 24.)"""
+    0.820 ms of the 4.11 ms forward at B8 T4096 H32 on the H200 in session 24.)
+
+    With ``INVERSE`` it also stores M = (I + Diag(beta) P)^-1 of the chunks it computes, from P in registers: the
+    halves' diagonal blocks by :func:`_unit_lower_inverse`, the block below them M_10 = -M_11 L_10 M_00."""
     HB: tl.constexpr = BT // 2
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
@@ -236,8 +237,20 @@ def kda_chunk_dots_fwd_kernel(
         idx = tl.arange(0, HB)
         # above the diagonal the products overflow (masked here, never summed into a kept entry)
         on, below = idx[:, None] >= idx[None, :], idx[:, None] > idx[None, :]
-        _store_half_row(A_qk, P, tl.where(on, A0, 0.0), tl.where(below, P0, 0.0), zero, zero, t0, eos, 0, H, i_h, BT)
-        _store_half_row(A_qk, P, AX, PX, tl.where(on, A1, 0.0), tl.where(below, P1, 0.0), t0, eos, 1, H, i_h, BT)
+        P0, P1 = tl.where(below, P0, 0.0), tl.where(below, P1, 0.0)
+        _store_half_row(A_qk, tl.where(on, A0, 0.0), zero, t0, eos, 0, H, i_h, BT)
+        _store_half_row(A_qk, AX, tl.where(on, A1, 0.0), t0, eos, 1, H, i_h, BT)
+        _store_half_row(P, P0, zero, t0, eos, 0, H, i_h, BT)
+        _store_half_row(P, PX, P1, t0, eos, 1, H, i_h, BT)
+        if INVERSE:
+            eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+            b0 = _sub_block_beta(beta, idx, t0, eos, 0, H, i_h, HB)
+            b1 = _sub_block_beta(beta, idx, t0, eos, 1, H, i_h, HB)
+            M0 = _unit_lower_inverse(b0[:, None] * P0, eye, 5, IEEE)
+            M1 = _unit_lower_inverse(b1[:, None] * P1, eye, 5, IEEE)
+            MX = -tl.dot(M1, tl.dot(b1[:, None] * PX, M0, input_precision=IEEE), input_precision=IEEE)
+            _store_half_row(M, M0, zero, t0, eos, 0, H, i_h, BT)
+            _store_half_row(M, MX, M1, t0, eos, 1, H, i_h, BT)
 
 
 @triton.jit
@@ -408,18 +421,17 @@ def _sub_block_beta(beta, idx, t0, eos, s, H, i_h, BC: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(b_N, eye, IEEE: tl.constexpr):
-    """``(I + N)^-1`` for a strictly lower triangular ``[16, 16]`` N, as the product (I - N)(I + N^2)(I + N^4)(I + N^8)
-    = sum_{k < 16} (-N)^k (N^16 = 0): six dots, four in a dependent chain. (Until session 18: fifteen substitution
-    steps, each a load of P's next row and a reduction across the tile; the H200 forward at B1 T8192 took 1.346 ms
-    with them against 1.285 with the product.)"""
-    b_N2 = tl.dot(b_N, b_N, input_precision=IEEE)
-    b_N4 = tl.dot(b_N2, b_N2, input_precision=IEEE)
-    b_N8 = tl.dot(b_N4, b_N4, input_precision=IEEE)
+def _unit_lower_inverse(b_N, eye, LOG2_ROWS: tl.constexpr, IEEE: tl.constexpr):
+    """``(I + N)^-1`` for a strictly lower triangular ``[2^LOG2_ROWS, 2^LOG2_ROWS]`` N, as the product
+    (I - N)(I + N^2)(I + N^4) ... = sum_{k < rows} (-N)^k (N^rows = 0): 2 (LOG2_ROWS - 1) dots (six for 16 rows).
+    (Until session 18: fifteen substitution steps, each a load of P's next row and a reduction across the tile; the
+    H200 forward at B1 T8192 took 1.346 ms with them against 1.285 with the product.)"""
     b_X = eye - b_N
-    b_X = tl.dot(b_X, b_N2, b_X, input_precision=IEEE)
-    b_X = tl.dot(b_X, b_N4, b_X, input_precision=IEEE)
-    return tl.dot(b_X, b_N8, b_X, input_precision=IEEE)
+    b_Np = b_N
+    for _ in tl.static_range(1, LOG2_ROWS):
+        b_Np = tl.dot(b_Np, b_Np, input_precision=IEEE)
+        b_X = tl.dot(b_X, b_Np, b_X, input_precision=IEEE)
+    return b_X
 
 
 @triton.jit
@@ -445,8 +457,8 @@ def _store_block_row(M, b0, b1, b2, b3, idx, t0, eos, s, H, i_h, BT: tl.constexp
 
 @triton.jit
 def kda_inverse_fwd_kernel(
-    P, beta, M, chunk_indices, cu_seqlens, H,
-    BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
+    P, beta, M, exact, chunk_indices, cu_seqlens, H,
+    BT: tl.constexpr, BC: tl.constexpr, FLAGGED: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]``, zeros above the diagonal; computed in fp32,
     stored in the inputs' dtype), blockwise on the four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks'
@@ -455,9 +467,21 @@ def kda_inverse_fwd_kernel(
 
     Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
     share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
-    :func:`kda_wu_fwd_kernel`.
+    :func:`kda_wu_fwd_kernel`. With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel stored
+    the others' M).
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if FLAGGED:
+        if tl.load(exact + i_c * H + i_h) != 0:
+            _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H, BT, BC, IEEE)
+    else:
+        _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H, BT, BC, IEEE)
+
+
+@triton.jit
+def _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H,
+                   BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """The body of :func:`kda_inverse_fwd_kernel` for chunk ``i_c``, head ``i_h``."""
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BC)
     m00, m11, m22, m33 = _diagonal_inverses(P, beta, idx, t0, eos, H, i_h, BT, BC, IEEE)
@@ -476,10 +500,10 @@ def _diagonal_inverses(P, beta, idx, t0, eos, H, i_h, BT: tl.constexpr, BC: tl.c
     tl.static_assert(BT == 4 * BC, "the blocked inverse is written out for four sub-blocks")
     tl.static_assert(BC == 16, "the product form is written out for 16 rows")
     eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
-    m00 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 0, 0, H, i_h, BT, BC), eye, IEEE)
-    m11 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 1, 1, H, i_h, BT, BC), eye, IEEE)
-    m22 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 2, 2, H, i_h, BT, BC), eye, IEEE)
-    m33 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 3, 3, H, i_h, BT, BC), eye, IEEE)
+    m00 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 0, 0, H, i_h, BT, BC), eye, 4, IEEE)
+    m11 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 1, 1, H, i_h, BT, BC), eye, 4, IEEE)
+    m22 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 2, 2, H, i_h, BT, BC), eye, 4, IEEE)
+    m33 = _unit_lower_inverse(_lower_block(P, beta, idx, t0, eos, 3, 3, H, i_h, BT, BC), eye, 4, IEEE)
     return m00, m11, m22, m33
 
 
