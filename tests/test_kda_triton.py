@@ -216,8 +216,9 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse):
     A_qk, P, M = (torch.full((T, H, CHUNK), float("nan"), device=DEVICE) for _ in range(3))
     exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
     chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
-        q.to(DEVICE), k.to(DEVICE), G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, exact, chunks.indices,
-        chunks.cu_seqlens, scale, H, K, BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, IEEE="ieee",
+        q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None, None,
+        exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
+        BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
         num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]
@@ -241,14 +242,16 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse):
                 assert torch.isnan(M[rows, h]).all(), "M written without INVERSE"
 
 
-def test_chunk_forward_with_the_inverse_in_the_chunk_dots_kernel(monkeypatch):
-    """CHUNK_DOTS_INVERSE = 1: the chunk dots kernel stores M of the chunks it computes and the inverse kernel only
-    the flagged chunks'; one chunk of three flagged (strong decays in it): forward and backward against the
-    reference."""
+@pytest.mark.parametrize("fuse", [1, 2], ids=["inverse", "inverse-and-wu"])
+def test_chunk_forward_with_more_work_in_the_chunk_dots_kernel(fuse, monkeypatch):
+    """CHUNK_DOTS_FUSE 1 (2): the chunk dots kernel stores M (and W, U, qg, kh, gl) of the chunks it computes and the
+    inverse (and W/U) kernel only the flagged chunks'; one chunk of three flagged (strong decays in it), W/U's work
+    over two key and two value blocks: forward and backward against the reference."""
     from kimi_hf.kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, "CHUNK_DOTS_INVERSE", 1)
-    inputs = _inputs(T=150, N=1, K=32, V=16, seed=24)
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)
+    monkeypatch.setattr(chunk, "WU_KEY_BLOCK", 16)
+    inputs = _inputs(T=150, N=1, K=32, V=80, seed=24)
     inputs["g"][:, 70:90] *= 20 / 3
     _check(inputs, use_qk_l2norm_in_kernel=True)
 
@@ -260,7 +263,7 @@ def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(monkeypatch):
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)
-    monkeypatch.setattr(chunk, "CHUNK_DOTS_INVERSE", 1)  # the inverse kernel on the flagged chunks
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", 2)  # the inverse and W/U kernels on the flagged chunks
     monkeypatch.setattr(chunk, "DIAG_DOTS_KEY_BLOCK", 16)
     monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)
     cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)

@@ -97,9 +97,10 @@ DIAG_DOTS_WARPS = 2
 CHUNK_DOT_SPAN = 64.0
 CHUNK_DOTS_KEY_BLOCK = 32
 CHUNK_DOTS_WARPS = 4
-# 1: the chunk dots kernel also stores M of the chunks it computes (from its halves' [32, 32] blocks of P), the
-# inverse kernel only the flagged chunks'; 0: the inverse kernel all of them. Untimed when written.
-CHUNK_DOTS_INVERSE = 0
+# What else the chunk dots kernel does for the chunks it computes, leaving to the separate kernels only the flagged
+# chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (M read back); 0 neither.
+# Untimed when written.
+CHUNK_DOTS_FUSE = 0
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
@@ -251,11 +252,16 @@ def kda_chunk_fwd(
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
+    W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
+    U = torch.empty(TT, H, V, device=dev, dtype=dt)
+    gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
+    if CHUNK_DOTS_FUSE not in (0, 1, 2):
+        raise ValueError(f"CHUNK_DOTS_FUSE must be 0, 1 or 2, got {CHUNK_DOTS_FUSE}")
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
     kda_chunk_dots_fwd_kernel[(NC, H)](
-        qn, kn, G, beta, A_qk, P, M, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
-        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=bool(CHUNK_DOTS_INVERSE), IEEE=ieee,
-        num_warps=CHUNK_DOTS_WARPS,
+        qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=CHUNK_DOTS_FUSE >= 1,
+        WU=CHUNK_DOTS_FUSE == 2, BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=CHUNK_DOTS_WARPS,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
         qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
@@ -267,14 +273,12 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_inverse_fwd_kernel[(NC, H)](
         P, beta, M, exact, chunks.indices, chunks.cu_seqlens, H,
-        BT=CHUNK, BC=SUB, FLAGGED=bool(CHUNK_DOTS_INVERSE), IEEE=ieee, num_warps=INVERSE_WARPS,
+        BT=CHUNK, BC=SUB, FLAGGED=CHUNK_DOTS_FUSE >= 1, IEEE=ieee, num_warps=INVERSE_WARPS,
     )  # fmt: skip
-    W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
-    U = torch.empty(TT, H, V, device=dev, dtype=dt)
-    gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     kda_wu_fwd_kernel[(NC, H)](
-        qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
+        qn, kn, v, G, beta, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, FLAGGED=CHUNK_DOTS_FUSE == 2, IEEE=ieee, num_warps=WU_WARPS,
+        num_stages=WU_STAGES,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)

@@ -180,8 +180,9 @@ def _store_half_row(X, b_left, b_right, t0, eos, half, H, i_h, BT: tl.constexpr)
 
 @triton.jit
 def kda_chunk_dots_fwd_kernel(
-    q, k, G, beta, A_qk, P, M, exact, chunk_indices, cu_seqlens, scale, H, K,
-    BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, IEEE: tl.constexpr,
+    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
+    BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
     j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
@@ -199,7 +200,9 @@ def kda_chunk_dots_fwd_kernel(
     0.820 ms of the 4.11 ms forward at B8 T4096 H32 on the H200 in session 24.)
 
     With ``INVERSE`` it also stores M = (I + Diag(beta) P)^-1 of the chunks it computes, from P in registers: the
-    halves' diagonal blocks by :func:`_unit_lower_inverse`, the block below them M_10 = -M_11 L_10 M_00."""
+    halves' diagonal blocks by :func:`_unit_lower_inverse`, the block below them M_10 = -M_11 L_10 M_00; with ``WU``
+    (and ``INVERSE``) then what :func:`kda_wu_fwd_kernel` computes (key blocks of ``BK_WU``, value blocks of
+    ``BV``), from M read back, as the chunk's q, k, G and v are, from the caches."""
     HB: tl.constexpr = BT // 2
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
@@ -251,6 +254,10 @@ def kda_chunk_dots_fwd_kernel(
             MX = -tl.dot(M1, tl.dot(b1[:, None] * PX, M0, input_precision=IEEE), input_precision=IEEE)
             _store_half_row(M, M0, zero, t0, eos, 0, H, i_h, BT)
             _store_half_row(M, MX, M1, t0, eos, 1, H, i_h, BT)
+            if WU:
+                tl.debug_barrier()  # M's rows as every thread of the program wrote them
+                _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K,
+                          V, BT, BK_WU, BV, IEEE)  # fmt: skip
 
 
 @triton.jit
@@ -530,15 +537,29 @@ def _store_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, idx, t0,
 
 @triton.jit
 def kda_wu_fwd_kernel(
-    q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+    q, k, v, G, beta, M, W, U, qg, kh, gl, exact, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FLAGGED: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
     otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
     (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
-    1.346 ms at B1 T8192.)"""
+    1.346 ms at B1 T8192.) With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel did the
+    others)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if FLAGGED:
+        if tl.load(exact + i_c * H + i_h) != 0:
+            _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V,
+                      BT, BK, BV, IEEE)  # fmt: skip
+    else:
+        _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V,
+                  BT, BK, BV, IEEE)  # fmt: skip
+
+
+@triton.jit
+def _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V,
+              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """The body of :func:`kda_wu_fwd_kernel` for chunk ``i_c``, head ``i_h``."""
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
     rows = t0 + idx
