@@ -1,9 +1,9 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: prep (L2 norm, gate, in-chunk cumsum) -> chunk dots (A_qk, P per chunk where its decays allow) ->
-diagonal (A_qk, P inside each sub-block, per sub-block) and pairs (A_qk, P between sub-blocks, per chunk), both for
-the chunks the chunk dots left out -> inverse (M per chunk, on [16, 16] blocks) -> W/U (W, U,
-qg, kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
+Forward: prep (L2 norm, gate, in-chunk cumsum) -> chunk dots (per chunk where its decays allow: A_qk, P, M and W/U's
+work, see CHUNK_DOTS_FUSE) -> for the chunks the chunk dots left out: diagonal (A_qk, P inside each sub-block, per
+sub-block), pairs (A_qk, P between sub-blocks, per chunk), inverse (M per chunk, on [16, 16] blocks), W/U (W, U, qg,
+kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
 (the dq, dk terms through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk
 and dG per chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm
@@ -93,14 +93,21 @@ DIAG_DOTS_WARPS = 2
 # Since session 42 the sub-block kernels above compute only the chunks that kda_chunk_dots_fwd_kernel leaves out:
 # it takes a chunk's whole A_qk and P as six [32, BK] x [BK, 32] dots per key block through the halves' middle rows,
 # for chunks whose |G_i - G_m| stay within CHUNK_DOT_SPAN over each half (16 tokens either side of m: factors up to
-# e^64 = 6e27, so q and k up to ~5e10 stay finite in fp32). Untimed on a GPU when written.
+# e^64 = 6e27, so q and k up to ~5e10 stay finite in fp32). Session 42 (H100, B8 T4096, two alternating rounds
+# against the sub-block kernels alone): forward 4.463 / 4.460 ms against 4.768 / 4.770, fwd+bwd 13.84 against 14.16;
+# the kernel took 1.029 ms where the diagonal and pairs kernels had taken 0.540 + 0.850 (session 21), at 240
+# registers (4 warps, 32 key channels; 16 channels 0.02 ms slower in the forward). The sub-block kernels' programs
+# that return at once cost 0.06 ms there.
 CHUNK_DOT_SPAN = 64.0
 CHUNK_DOTS_KEY_BLOCK = 32
 CHUNK_DOTS_WARPS = 4
 # What else the chunk dots kernel does for the chunks it computes, leaving to the separate kernels only the flagged
 # chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (M read back); 0 neither.
-# Untimed when written.
-CHUNK_DOTS_FUSE = 0
+# Session 42 sweep (H100, B8 T4096, 32 key channels): forward 4.406 ms at 2, 4.464 at 0, 4.567 at 1 (the inverse
+# on [32, 32] blocks in the chunk dots kernel costs more than the inverse kernel's 0.263 ms unless W/U's launch and
+# M's round trip through memory go with it); fwd+bwd 13.81, 13.84, 13.94. At 2 the kernel takes 2.26 ms, where the
+# three kernels it stands for took 1.03 + 0.26 + 1.09.
+CHUNK_DOTS_FUSE = 2
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
