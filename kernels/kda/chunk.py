@@ -101,6 +101,9 @@ DIAG_DOTS_WARPS = 2
 CHUNK_DOT_SPAN = 64.0
 CHUNK_DOTS_KEY_BLOCK = 32
 CHUNK_DOTS_WARPS = 4
+# 1: each half's q and k rows as one [64, BK] operand, three [64, BK] x [BK, 32] dots per key block (the M of 64 that
+# Hopper's wgmma takes) instead of six [32, BK] x [BK, 32]. Untimed when written.
+CHUNK_DOTS_STACKED = 0
 # What else the chunk dots kernel does for the chunks it computes, leaving to the separate kernels only the flagged
 # chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (M read back); 0 neither.
 # Session 42 sweep (H100, B8 T4096, 32 key channels): forward 4.406 ms at 2, 4.464 at 0, 4.567 at 1 (the inverse
@@ -267,7 +270,8 @@ def kda_chunk_fwd(
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
     kda_chunk_dots_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=CHUNK_DOTS_FUSE >= 1,
+        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, STACKED=bool(CHUNK_DOTS_STACKED),
+        INVERSE=CHUNK_DOTS_FUSE >= 1,
         WU=CHUNK_DOTS_FUSE == 2, BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=CHUNK_DOTS_WARPS,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
