@@ -196,16 +196,13 @@ def _chunk_pairs_float64(q, k, g, start, n, scale):
 
 
 @pytest.mark.parametrize(
-    "key_block, stacked, inverse",
-    [(32, False, False), (16, False, True), (16, True, True)],
-    ids=["one-key-block", "two-key-blocks-and-inverse", "stacked"],
+    "key_block, inverse", [(32, False), (16, True)], ids=["one-key-block", "two-key-blocks-and-inverse"]
 )
-def test_chunk_dots_kernel_against_float64(key_block, stacked, inverse):
+def test_chunk_dots_kernel_against_float64(key_block, inverse):
     """The chunk dots kernel alone, against float64, on three chunks of one sequence (T = 150: the last ends inside
     its first half's sub-blocks) with decays of up to -3 per token, and the middle chunk's decays 30 times stronger
     in one channel: the mild chunks are computed (every entry of A_qk and P, zeros above the diagonal; with
-    ``inverse`` also M = (I + Diag(beta) P)^-1) and not flagged, the strong one flagged and left unwritten
-    (``stacked``: a half's q and k rows as one dot operand)."""
+    ``inverse`` also M = (I + Diag(beta) P)^-1) and not flagged, the strong one flagged and left unwritten."""
     from kimi_hf.kernels.kda.chunk import CHUNK, CHUNK_DOT_SPAN, _chunks
 
     T, H, K, scale = 150, 2, 32, 0.3
@@ -221,8 +218,7 @@ def test_chunk_dots_kernel_against_float64(key_block, stacked, inverse):
     chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
         q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None, None,
         exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
-        BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, STACKED=stacked, INVERSE=inverse, WU=False, BK_WU=16, BV=16,
-        IEEE="ieee",
+        BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
         num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]

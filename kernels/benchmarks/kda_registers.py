@@ -71,7 +71,6 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
         (chunk_fwd.kda_chunk_dots_fwd_kernel,
          dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN,
-              STACKED=bool(chunk.CHUNK_DOTS_STACKED),
               INVERSE=chunk.CHUNK_DOTS_FUSE >= 1, WU=chunk.CHUNK_DOTS_FUSE == 2, BK_WU=min(BK, chunk.WU_KEY_BLOCK),
               BV=BV), chunk.CHUNK_DOTS_WARPS, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,

@@ -97,13 +97,11 @@ DIAG_DOTS_WARPS = 2
 # against the sub-block kernels alone): forward 4.463 / 4.460 ms against 4.768 / 4.770, fwd+bwd 13.84 against 14.16;
 # the kernel took 1.029 ms where the diagonal and pairs kernels had taken 0.540 + 0.850 (session 21), at 240
 # registers (4 warps, 32 key channels; 16 channels 0.02 ms slower in the forward). The sub-block kernels' programs
-# that return at once cost 0.06 ms there.
+# that return at once cost 0.06 ms there. A second sweep at the default CHUNK_DOTS_FUSE below: 8 warps 5.608 ms
+# against 4.358 at 4 (each half's q and k rows stacked into one dot operand, bf58bc0: 5.570 and 5.636; removed).
 CHUNK_DOT_SPAN = 64.0
 CHUNK_DOTS_KEY_BLOCK = 32
 CHUNK_DOTS_WARPS = 4
-# 1: each half's q and k rows as one [64, BK] operand, three [64, BK] x [BK, 32] dots per key block (the M of 64 that
-# Hopper's wgmma takes) instead of six [32, BK] x [BK, 32]. Untimed when written.
-CHUNK_DOTS_STACKED = 0
 # What else the chunk dots kernel does for the chunks it computes, leaving to the separate kernels only the flagged
 # chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (M read back); 0 neither.
 # Session 42 sweep (H100, B8 T4096, 32 key channels): forward 4.406 ms at 2, 4.464 at 0, 4.567 at 1 (the inverse
@@ -270,8 +268,7 @@ def kda_chunk_fwd(
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
     kda_chunk_dots_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, STACKED=bool(CHUNK_DOTS_STACKED),
-        INVERSE=CHUNK_DOTS_FUSE >= 1,
+        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=CHUNK_DOTS_FUSE >= 1,
         WU=CHUNK_DOTS_FUSE == 2, BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=CHUNK_DOTS_WARPS,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](

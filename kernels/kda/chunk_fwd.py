@@ -215,69 +215,10 @@ def _pair_sums(q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK: tl.constexpr, 
 
 
 @triton.jit
-def _stacked_rows(q, k, G, t0, eos, half, ref, cols, cmask, scale, H, i_h, K, HB: tl.constexpr):
-    """Half ``half``'s scale * q rows above its k rows (``[2 HB, BK]`` fp32, rows past the sequence end 0) and each
-    stacked row's d = G - G_ref, as :func:`_half_tiles` gives them."""
-    r = tl.arange(0, 2 * HB)
-    is_q = r < HB
-    rows = t0 + half * HB + r % HB
-    rmask = rows < eos
-    offs = _tile_offsets(rows, cols, H, i_h, K)
-    ok = rmask[:, None] & cmask[None, :]
-    # two loads, each masked to its rows: the same bytes as one, from two tensors
-    b_x = tl.load(q + offs, mask=ok & is_q[:, None], other=0.0).to(tl.float32) * scale
-    b_x += tl.load(k + offs, mask=ok & ~is_q[:, None], other=0.0).to(tl.float32)
-    b_G = tl.load(G + offs, mask=ok, other=0.0)
-    return b_x, tl.where(rmask[:, None], b_G - ref[None, :], 0.0)
-
-
-@triton.jit
-def _split_rows(x):
-    """``[2 n, m]`` -> its top and bottom ``[n, m]`` halves."""
-    n: tl.constexpr = x.shape[0] // 2
-    return tl.split(tl.permute(tl.reshape(x, (2, n, x.shape[1])), (1, 2, 0)))
-
-
-@triton.jit
-def _pair_sums_stacked(q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK: tl.constexpr, HB: tl.constexpr,
-                       IEEE: tl.constexpr):  # fmt: skip
-    """:func:`_pair_sums` with each half's q rows stacked above its k rows: the A_qk and P tiles that share their
-    columns come out of one ``[2 HB, BK] x [BK, HB]`` dot, three per key block instead of six (the column
-    operands read each half's k and G again, from the caches)."""
-    Y0 = tl.zeros([2 * HB, HB], dtype=tl.float32)
-    Y1, YX = Y0, Y0
-    span = 0.0
-    for kb in range(0, K, BK):
-        cols = kb + tl.arange(0, BK)
-        cmask = cols < K
-        g_m0 = _load_row(G, m0, eos, cols, H, i_h, K)
-        g_m1 = _load_row(G, m1, eos, cols, H, i_h, K)
-        g_x = _load_row(G, x, eos, cols, H, i_h, K)
-        s0, d0 = _stacked_rows(q, k, G, t0, eos, 0, g_m0, cols, cmask, scale, H, i_h, K, HB)
-        s1, d1 = _stacked_rows(q, k, G, t0, eos, 1, g_m1, cols, cmask, scale, H, i_h, K, HB)
-        _, k0, dc0 = _half_tiles(q, k, G, t0, eos, 0, g_m0, cols, cmask, scale, H, i_h, K, HB)
-        _, k1, dc1 = _half_tiles(q, k, G, t0, eos, 1, g_m1, cols, cmask, scale, H, i_h, K, HB)
-        span = tl.maximum(span, tl.maximum(tl.max(tl.abs(g_x - g_m0)), tl.max(tl.abs(d0))))
-        span = tl.maximum(span, tl.max(tl.abs(d1)))
-        c0 = k0 * tl.exp(-dc0)  # the first half's columns from its middle row
-        c1 = tl.trans(k1 * tl.exp(-dc1))
-        cx = tl.trans(c0 * tl.exp(g_x - g_m0)[None, :])  # ... and from the second half's first row
-        c0 = tl.trans(c0)
-        se1 = s1 * tl.exp(d1)
-        Y0 = tl.dot(s0 * tl.exp(d0), c0, Y0, input_precision=IEEE)
-        Y1 = tl.dot(se1, c1, Y1, input_precision=IEEE)
-        YX = tl.dot(se1 * tl.exp(g_m1 - g_x)[None, :], cx, YX, input_precision=IEEE)
-    A0, P0 = _split_rows(Y0)
-    A1, P1 = _split_rows(Y1)
-    AX, PX = _split_rows(YX)
-    return A0, P0, A1, P1, AX, PX, span
-
-
-@triton.jit
 def kda_chunk_dots_fwd_kernel(
     q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, STACKED: tl.constexpr, INVERSE: tl.constexpr,
-    WU: tl.constexpr, BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
+    BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
     j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
@@ -294,8 +235,8 @@ def kda_chunk_dots_fwd_kernel(
     kernels alone, one program per [16, 16] diagonal tile and one per chunk for the six tiles below it, took 0.506 +
     0.820 ms of the 4.11 ms forward at B8 T4096 H32 on the H200 in session 24.)
 
-    ``STACKED`` takes each half's q and k rows as one ``[BT, BK]`` operand: three ``[BT, BK] x [BK, BT / 2]`` dots per
-    key block (:func:`_pair_sums_stacked`) instead of six (:func:`_pair_sums`).
+    (Each half's q rows stacked above its k rows, three ``[BT, BK] x [BK, BT / 2]`` dots per key block that compile to
+    wgmma, took the forward from 4.36 to 5.57 ms at B8 T4096 on an H100 in session 42; bf58bc0, removed.)
 
     With ``INVERSE`` it also stores M = (I + Diag(beta) P)^-1 of the chunks it computes, from P in registers: the
     halves' diagonal blocks by :func:`_unit_lower_inverse`, the block below them M_10 = -M_11 L_10 M_00; with ``WU``
@@ -306,10 +247,7 @@ def kda_chunk_dots_fwd_kernel(
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     last = tl.minimum(eos - t0, BT) - 1  # rows past the sequence end take the last valid row's place as a pivot
     m0, m1, x = t0 + tl.minimum(HB // 2, last), t0 + tl.minimum(HB + HB // 2, last), t0 + tl.minimum(HB, last)
-    if STACKED:
-        A0, P0, A1, P1, AX, PX, span = _pair_sums_stacked(q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK, HB, IEEE)
-    else:
-        A0, P0, A1, P1, AX, PX, span = _pair_sums(q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK, HB, IEEE)
+    A0, P0, A1, P1, AX, PX, span = _pair_sums(q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK, HB, IEEE)
     zero = tl.zeros([HB, HB], dtype=tl.float32)
     fits = span <= SPAN
     tl.store(exact + i_c * H + i_h, tl.where(fits, 0, 1))
