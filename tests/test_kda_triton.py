@@ -134,8 +134,8 @@ def test_chunk_ragged_sub_blocks(lengths):
 
 @pytest.mark.parametrize("lengths", [[17, 0, 1, 50], [130, 64, 3]], ids=["ragged", "multi-chunk"])
 def test_chunk_solve_blocks(lengths, monkeypatch):
-    """The W/U kernel's W, qg, kh over two key blocks and U over two value blocks (V wider than one), against
-    the reference."""
+    """W/U's work (in the chunk dots kernel by default) with W, qg, kh over two key blocks and U over two value blocks
+    (V wider than one), against the reference."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "WU_KEY_BLOCK", 16)  # two key blocks at K = 32
@@ -254,6 +254,15 @@ def test_chunk_forward_with_more_work_in_the_chunk_dots_kernel(fuse, monkeypatch
     inputs = _inputs(T=150, N=1, K=32, V=80, seed=24)
     inputs["g"][:, 70:90] *= 20 / 3
     _check(inputs, use_qk_l2norm_in_kernel=True)
+
+
+def test_chunk_dots_fuse_level_is_checked(monkeypatch):
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", 3)
+    inputs = _inputs(T=8, N=1)
+    with pytest.raises(ValueError, match="CHUNK_DOTS_FUSE must be 0, 1 or 2, got 3"):
+        chunk_kda(**{n: x.to(DEVICE) for n, x in inputs.items()}, backend="triton")
 
 
 def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(monkeypatch):

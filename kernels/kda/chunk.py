@@ -241,6 +241,8 @@ def kda_chunk_fwd(
     Returns ``o [TT, H, V]``, the final state ``[N, H, K, V]`` fp32 (or None) and the tensors the
     backward needs.
     """
+    if CHUNK_DOTS_FUSE not in (0, 1, 2):
+        raise ValueError(f"CHUNK_DOTS_FUSE must be 0, 1 or 2, got {CHUNK_DOTS_FUSE}")
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _dims(K, V)
@@ -263,8 +265,6 @@ def kda_chunk_fwd(
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
-    if CHUNK_DOTS_FUSE not in (0, 1, 2):
-        raise ValueError(f"CHUNK_DOTS_FUSE must be 0, 1 or 2, got {CHUNK_DOTS_FUSE}")
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
     kda_chunk_dots_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
