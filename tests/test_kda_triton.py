@@ -250,6 +250,7 @@ def test_chunk_forward_with_more_work_in_the_chunk_dots_kernel(fuse, monkeypatch
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_MAXNREG", 168)  # (a launch option; the interpreter runs it unchanged)
     monkeypatch.setattr(chunk, "WU_KEY_BLOCK", 16)
     inputs = _inputs(T=150, N=1, K=32, V=80, seed=24)
     inputs["g"][:, 70:90] *= 20 / 3

@@ -102,6 +102,9 @@ DIAG_DOTS_WARPS = 2
 CHUNK_DOT_SPAN = 64.0
 CHUNK_DOTS_KEY_BLOCK = 32
 CHUNK_DOTS_WARPS = 4
+# A register cap for the chunk dots kernel (Triton's maxnreg; 0: none). Untimed: at 168 (three programs of 4 warps
+# per SM instead of two) it spills 40 B at 16 key channels and 132 B at 32 (kda_registers.py, triton 3.9, fuse 2).
+CHUNK_DOTS_MAXNREG = 0
 # What else the chunk dots kernel does for the chunks it computes, leaving to the separate kernels only the flagged
 # chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (M read back); 0 neither.
 # Session 42 sweep (H100, B8 T4096, 32 key channels): forward 4.406 ms at 2, 4.464 at 0, 4.567 at 1 (the inverse
@@ -270,6 +273,7 @@ def kda_chunk_fwd(
         qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=CHUNK_DOTS_FUSE >= 1,
         WU=CHUNK_DOTS_FUSE == 2, BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=CHUNK_DOTS_WARPS,
+        maxnreg=CHUNK_DOTS_MAXNREG or None,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
         qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
