@@ -156,22 +156,22 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
     from the caches are not counted), fp32 G and P, the chunk-start state h ``[K, V]`` bf16 shared by a chunk's
     tokens. Summed over the B T H (token, head) pairs, it is the least memory traffic of this decomposition."""
     e, f = 2, 4  # bytes of bf16 and fp32
-    bt, fuse = chunk.CHUNK, chunk.CHUNK_DOTS_FUSE
-    inverse, wu = int(fuse >= 1), int(fuse == 2)
-    # q, k, G, v, M, beta in; W, qg, kh, U out (with wu, the chunk dots kernel re-reads q, k, G and M from the caches)
-    wu_bytes = (2 * e + f) * K + e * V + e * bt + e + 3 * e * K + e * V
+    bt = chunk.CHUNK
+    inverse, wu = (int(level) for level in chunk._fuse_levels())
+    qkG = (2 * e + f) * K  # q, k, G in
+    wu_own = e * V + 3 * e * K + e * V  # what W/U alone moves: v in; W, qg, kh, U out
     state = e * K * V // bt
     return {
         "kda_prep_fwd_kernel": 2 * (f + 2 * e) * K,  # g, q, k in; G, qn, kn out
-        # q, k, G (and beta) in; A_qk, P (and M; and W/U's other traffic) out
-        "kda_chunk_dots_fwd_kernel": (2 * e + f) * K + (e + f) * bt + inverse * (e + e * bt)
-        + wu * (wu_bytes - (2 * e + f) * K - e * bt - e),
+        # q, k, G in; A_qk, P out; with the inverse beta in, M out; with W/U its own traffic (M and q, k, G re-read
+        # from the caches)
+        "kda_chunk_dots_fwd_kernel": qkG + (e + f) * bt + inverse * (e + e * bt) + wu * wu_own,
         # the sub-block kernels (and the inverse and W/U where the chunk dots kernel does their work) read only their
         # chunk's flag where the chunk dots kernel took every chunk
         "kda_diag_dots_fwd_kernel": 0,
         "kda_pairs_chunk_fwd_kernel": 0,
         "kda_inverse_fwd_kernel": (1 - inverse) * (f * bt + e + e * bt),  # P, beta in; M out
-        "kda_wu_fwd_kernel": (1 - wu) * wu_bytes,
+        "kda_wu_fwd_kernel": (1 - wu) * (qkG + e * bt + e + wu_own),  # q, k, G, M, beta and its own traffic
         "kda_state_fwd_kernel": 2 * e * K + e * V + e * V + state,  # kh, W, U in; v_new, h out
         "kda_output_fwd_kernel": e * K + e * bt + state + e * V + e * V,  # qg, A_qk, h, v_new in; o out
     }

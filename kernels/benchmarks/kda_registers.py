@@ -67,21 +67,21 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
     warps = chunk.NUM_WARPS
+    inverse, wu = chunk._fuse_levels()
     return [
         (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
         (chunk_fwd.kda_chunk_dots_fwd_kernel,
          dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN,
-              INVERSE=chunk.CHUNK_DOTS_FUSE >= 1, WU=chunk.CHUNK_DOTS_FUSE == 2, BK_WU=min(BK, chunk.WU_KEY_BLOCK),
-              BV=BV), chunk.CHUNK_DOTS_WARPS, 1),
+              INVERSE=inverse, WU=wu, BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.CHUNK_DOTS_WARPS, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN),
          chunk.DIAG_DOTS_WARPS, 1),
-        (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB, FLAGGED=chunk.CHUNK_DOTS_FUSE >= 1),
+        (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB, FLAGGED=inverse),
          chunk.INVERSE_WARPS, 1),
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV,
-                                           FLAGGED=chunk.CHUNK_DOTS_FUSE == 2), chunk.WU_WARPS, chunk.WU_STAGES),
+                                           FLAGGED=wu), chunk.WU_WARPS, chunk.WU_STAGES),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
          chunk._state_fwd_warps(BK), 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),

@@ -217,6 +217,14 @@ def _state_fwd_warps(BK: int) -> int:
     return STATE_FWD_WARPS * 2 if BK > 128 else STATE_FWD_WARPS
 
 
+def _fuse_levels() -> tuple[bool, bool]:
+    """(inverse, wu) of ``CHUNK_DOTS_FUSE``: whether the chunk dots kernel also computes M, and W/U's work, for the
+    chunks it takes (the inverse and W/U kernels then take only the flagged ones)."""
+    if CHUNK_DOTS_FUSE not in (0, 1, 2):
+        raise ValueError(f"CHUNK_DOTS_FUSE must be 0, 1 or 2, got {CHUNK_DOTS_FUSE}")
+    return CHUNK_DOTS_FUSE >= 1, CHUNK_DOTS_FUSE == 2
+
+
 def _precision(dtype: torch.dtype) -> str:
     # Precision of the dots whose operands are fp32 (decay-weighted pairs, the inverse, dA). fp32 inputs get
     # exact fp32 (tf32 would cost ~1e-3 relative error, but the FMA lowering needs many more registers);
@@ -244,8 +252,7 @@ def kda_chunk_fwd(
     Returns ``o [TT, H, V]``, the final state ``[N, H, K, V]`` fp32 (or None) and the tensors the
     backward needs.
     """
-    if CHUNK_DOTS_FUSE not in (0, 1, 2):
-        raise ValueError(f"CHUNK_DOTS_FUSE must be 0, 1 or 2, got {CHUNK_DOTS_FUSE}")
+    inverse, wu = _fuse_levels()
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _dims(K, V)
@@ -271,8 +278,8 @@ def kda_chunk_fwd(
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
     kda_chunk_dots_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=CHUNK_DOTS_FUSE >= 1,
-        WU=CHUNK_DOTS_FUSE == 2, BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=CHUNK_DOTS_WARPS,
+        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
+        BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=CHUNK_DOTS_WARPS,
         maxnreg=CHUNK_DOTS_MAXNREG or None,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
@@ -285,12 +292,11 @@ def kda_chunk_fwd(
     )  # fmt: skip
     kda_inverse_fwd_kernel[(NC, H)](
         P, beta, M, exact, chunks.indices, chunks.cu_seqlens, H,
-        BT=CHUNK, BC=SUB, FLAGGED=CHUNK_DOTS_FUSE >= 1, IEEE=ieee, num_warps=INVERSE_WARPS,
+        BT=CHUNK, BC=SUB, FLAGGED=inverse, IEEE=ieee, num_warps=INVERSE_WARPS,
     )  # fmt: skip
     kda_wu_fwd_kernel[(NC, H)](
         qn, kn, v, G, beta, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, FLAGGED=CHUNK_DOTS_FUSE == 2, IEEE=ieee, num_warps=WU_WARPS,
-        num_stages=WU_STAGES,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, FLAGGED=wu, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)

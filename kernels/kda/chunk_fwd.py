@@ -104,6 +104,17 @@ def _load_row(ptr, r, eos, cols, H, i_h, D):
 
 
 @triton.jit
+def _runs(exact, i_c, i_h, H, FLAGGED: tl.constexpr):
+    """Whether a fallback kernel's program computes chunk ``i_c``, head ``i_h``: with ``FLAGGED`` only where
+    ``exact [NC, H]`` flags it (:func:`kda_chunk_dots_fwd_kernel` left the chunk out), else always."""
+    if FLAGGED:
+        run = tl.load(exact + i_c * H + i_h) != 0
+    else:
+        run = tl.full([], 1, tl.int1)
+    return run
+
+
+@triton.jit
 def kda_diag_dots_fwd_kernel(
     q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
@@ -122,7 +133,7 @@ def kda_diag_dots_fwd_kernel(
     i_h = tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     s0 = t0 + i_s * BC  # the sub-block's first token
-    if (s0 < eos) & (tl.load(exact + i_c * H + i_h) != 0):
+    if (s0 < eos) & _runs(exact, i_c, i_h, H, True):
         idx = tl.arange(0, BC)
         rows = s0 + idx
         rmask = rows < eos
@@ -172,10 +183,9 @@ def _store_half_row(X, b_left, b_right, t0, eos, half, H, i_h, BT: tl.constexpr)
     HB: tl.constexpr = BT // 2
     idx = tl.arange(0, HB)
     rows = t0 + half * HB + idx
-    mask = (rows < eos)[:, None]  # every column is inside the chunk; the store broadcasts the rows' mask
-    offs = _tile_offsets(rows, idx, H, i_h, BT)
-    tl.store(X + offs, b_left.to(X.dtype.element_ty), mask=mask)
-    tl.store(X + offs + HB, b_right.to(X.dtype.element_ty), mask=mask)
+    rmask = rows < eos
+    _store_rows(X, b_left, rows, rmask, idx, idx < HB, H, i_h, BT)
+    _store_rows(X, b_right, rows, rmask, HB + idx, idx < HB, H, i_h, BT)
 
 
 @triton.jit
@@ -407,7 +417,7 @@ def kda_pairs_chunk_fwd_kernel(
     chunks that ``exact`` flags (:func:`kda_chunk_dots_fwd_kernel`) are computed."""
     tl.static_assert(BT == 4 * BC)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if tl.load(exact + i_c * H + i_h) != 0:
+    if _runs(exact, i_c, i_h, H, True):
         _pairs_chunk(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, BT, BC, BK, IEEE)
 
 
@@ -493,10 +503,7 @@ def kda_inverse_fwd_kernel(
     the others' M).
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if FLAGGED:
-        if tl.load(exact + i_c * H + i_h) != 0:
-            _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H, BT, BC, IEEE)
-    else:
+    if _runs(exact, i_c, i_h, H, FLAGGED):
         _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H, BT, BC, IEEE)
 
 
@@ -562,11 +569,7 @@ def kda_wu_fwd_kernel(
     1.346 ms at B1 T8192.) With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel did the
     others)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if FLAGGED:
-        if tl.load(exact + i_c * H + i_h) != 0:
-            _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V,
-                      BT, BK, BV, IEEE)  # fmt: skip
-    else:
+    if _runs(exact, i_c, i_h, H, FLAGGED):
         _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V,
                   BT, BK, BV, IEEE)  # fmt: skip
 
