@@ -93,6 +93,24 @@ def test_mixed_decay_paths(dtype):
     _check(mixed, dtype, use_qk_l2norm_in_kernel=True)
 
 
+@pytest.mark.parametrize("fuse", [0, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_chunk_dots_fuse_level(fuse, dtype, monkeypatch):
+    """Each ``CHUNK_DOTS_FUSE`` level, the inference forward (no input needs a gradient: at level 3 the chunk dots
+    kernel then stores G, qn, kn of the flagged chunks only) and fwd+bwd, on ragged sequences with the fused gate and
+    a stretch of strong decays (flagged chunks), against float64."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)
+    cu = torch.tensor([0, 1, 65, 200, 777, 1200], device="cuda", dtype=torch.int32)
+    params = dict(A_log=torch.randn(1, 1, 4, 1, device="cuda"), dt_bias=torch.randn(4 * 128, device="cuda"))
+    inputs = _inputs(1, 1200, 4, 128, 128, N=5, seed=7, raw_gate=True)
+    inputs["g"][:, 300:500] += 8  # softplus ~8 -> decays beyond CHUNK_DOT_SPAN over a chunk's half
+    for backward in (False, True):
+        _check(inputs, dtype, params, backward=backward, cu_seqlens=cu, use_gate_in_kernel=True,
+               use_qk_l2norm_in_kernel=True)  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_long_sequence_forward(dtype):
     """T = 32K, forward only, vs the float64 chunked reference."""

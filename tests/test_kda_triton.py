@@ -216,10 +216,10 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse):
     A_qk, P, M = (torch.full((T, H, CHUNK), float("nan"), device=DEVICE) for _ in range(3))
     exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
     chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
-        q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None, None,
-        exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
+        q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), None, None, None, beta.to(DEVICE), A_qk, P, M, None, None,
+        None, None, None, None, None, None, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
         BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
-        num_warps=4,
+        RAW=False, GATE=False, L2NORM=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=False, num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]
     for c, start in enumerate(range(0, T, CHUNK)):
@@ -242,11 +242,63 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse):
                 assert torch.isnan(M[rows, h]).all(), "M written without INVERSE"
 
 
-@pytest.mark.parametrize("fuse", [1, 2], ids=["inverse", "inverse-and-wu"])
+@pytest.mark.parametrize("save", [False, True], ids=["inference", "for-backward"])
+def test_chunk_dots_kernel_from_the_raw_inputs(save):
+    """The chunk dots kernel taking the raw q, k and log-decays (``RAW``, the prep kernel's work in it), against
+    float64, on three chunks of one sequence (T = 150): the middle chunk's decays 30 times stronger in one channel of
+    head 1 (flagged by the span), the last chunk's q rows 1e15 times larger in head 0 (flagged by ``ROW_LIMIT``:
+    squared norms ~3e31). The computed chunks' A_qk, P and M are those of the L2-normalised q, k; G, qn and kn are
+    stored for the flagged chunks and, with ``SAVE``, for all."""
+    from kimi_hf.kernels.kda.chunk import CHUNK, CHUNK_DOT_SPAN, _chunks, _row_limit
+
+    T, H, K, V, scale, eps = 150, 2, 32, 16, 0.3, 1e-6
+    gen = torch.Generator().manual_seed(29)
+    q, k = torch.randn(T, H, K, generator=gen), torch.randn(T, H, K, generator=gen)
+    q[2 * CHUNK : 2 * CHUNK + 5, 0] *= 1e15
+    v, beta = torch.randn(T, H, V, generator=gen), torch.rand(T, H, generator=gen)
+    g = -3 * torch.rand(T, H, K, generator=gen)
+    g[CHUNK : 2 * CHUNK, 1, 5] *= 30
+    chunks = _chunks(None, 1, T, torch.device(DEVICE))
+    nan = lambda *shape: torch.full(shape, float("nan"), device=DEVICE)  # noqa: E731
+    A_qk, P, M = nan(T, H, CHUNK), nan(T, H, CHUNK), nan(T, H, CHUNK)
+    W, qg, kh, U, gl, G, qn, kn = nan(T, H, K), nan(T, H, K), nan(T, H, K), nan(T, H, V), nan(3, H, K), *(
+        nan(T, H, K) for _ in range(3))  # fmt: skip
+    exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
+    chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), G, g.to(DEVICE), None, None, beta.to(DEVICE), A_qk, P, M, W, U,
+        qg, kh, gl, qn, kn, nan(T, H, 2), exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BK=16, SPAN=CHUNK_DOT_SPAN, INVERSE=True, WU=True, BK_WU=16, BV=16, IEEE="ieee",
+        RAW=True, GATE=False, L2NORM=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, num_warps=4,
+    )  # fmt: skip
+    assert exact.tolist() == [[0, 0], [0, 1], [1, 0]]
+    normed = lambda x: x.double() / (x.double().pow(2).sum(-1, keepdim=True) + eps).sqrt()  # noqa: E731
+    qn_ref, kn_ref = normed(q), normed(k)
+    for c, start in enumerate(range(0, T, CHUNK)):
+        n = min(CHUNK, T - start)
+        A_ref, P_ref = _chunk_pairs_float64(qn_ref, kn_ref, g, start, n, scale)
+        rows = slice(start, start + n)
+        for h in range(H):
+            G_ref = g[rows, h].double().cumsum(0)
+            for name, x, ref in (("G", G, G_ref), ("qn", qn, qn_ref[rows, h]), ("kn", kn, kn_ref[rows, h])):
+                if save or exact[c, h]:
+                    assert_close_rel(x[rows, h], ref, 1e-5, f"{name} of chunk {c}, head {h}")
+                else:
+                    assert torch.isnan(x[rows, h]).all(), f"{name} of the computed chunk {c} stored without SAVE"
+            if exact[c, h]:
+                assert torch.isnan(A_qk[rows, h]).all(), f"A_qk of the flagged chunk {c} written"
+                continue
+            assert_close_rel(A_qk[rows, h, :n], A_ref[:, h], 1e-5, f"A_qk of chunk {c}, head {h}")
+            assert_close_rel(P[rows, h, :n], P_ref[:, h], 1e-5, f"P of chunk {c}, head {h}")
+            L = torch.eye(n, dtype=torch.float64) + beta[rows, h, None].double() * P_ref[:, h]
+            assert_close_rel(M[rows, h, :n], torch.linalg.inv(L), 1e-5, f"M of chunk {c}, head {h}")
+
+
+@pytest.mark.parametrize("fuse", [1, 2, 3], ids=["inverse", "inverse-and-wu", "prep-inverse-and-wu"])
 def test_chunk_forward_with_more_work_in_the_chunk_dots_kernel(fuse, monkeypatch):
     """CHUNK_DOTS_FUSE 1 (2): the chunk dots kernel stores M (and W, U, qg, kh, gl) of the chunks it computes and the
-    inverse (and W/U) kernel only the flagged chunks'; one chunk of three flagged (strong decays in it), W/U's work
-    over two key and two value blocks: forward and backward against the reference."""
+    inverse (and W/U) kernel only the flagged chunks'; 3: it also takes the raw inputs (no prep kernel). One chunk of
+    three flagged (strong decays in it), W/U's work over two key and two value blocks: the inference forward (at 3
+    G, qn, kn then stored for the flagged chunk only) and forward and backward against the reference."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)
@@ -254,26 +306,61 @@ def test_chunk_forward_with_more_work_in_the_chunk_dots_kernel(fuse, monkeypatch
     monkeypatch.setattr(chunk, "WU_KEY_BLOCK", 16)
     inputs = _inputs(T=150, N=1, K=32, V=80, seed=24)
     inputs["g"][:, 70:90] *= 20 / 3
+    _check(inputs, backward=False, use_qk_l2norm_in_kernel=True)
     _check(inputs, use_qk_l2norm_in_kernel=True)
+
+
+@pytest.mark.parametrize("case", ["fused-gate-ragged", "caller-normalised", "large-rows"])
+def test_chunk_forward_from_the_raw_inputs(case, monkeypatch):
+    """CHUNK_DOTS_FUSE 3 (the chunk dots kernel takes the raw q, k and log-decays), inference forward and forward and
+    backward against the reference: ragged sequences with the fused gate and the L2 norm, key channels in two blocks
+    in both of its phases; q, k normalised by the caller (no L2 norm in the kernel); and rows of q too large to sum
+    unnormalised (squared norms past ``_row_limit()``, 1e24 here): their chunk is flagged and normalised first."""
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", 3)
+    if case == "fused-gate-ragged":
+        monkeypatch.setattr(chunk, "CHUNK_DOTS_KEY_BLOCK", 16)
+        monkeypatch.setattr(chunk, "WU_KEY_BLOCK", 16)
+        gen = torch.Generator().manual_seed(25)
+        params = dict(A_log=torch.randn(2, generator=gen), dt_bias=torch.randn(2 * 32, generator=gen))
+        cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)
+        inputs = _inputs(T=200, N=5, K=32, V=16, seed=26, raw_gate=True)
+        options = dict(cu_seqlens=cu.to(DEVICE), use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
+    elif case == "caller-normalised":
+        params = {}
+        inputs = _inputs(T=130, N=1, K=32, V=16, seed=27)
+        for name in ("q", "k"):
+            inputs[name] = inputs[name] / inputs[name].norm(dim=-1, keepdim=True)
+        options = dict(use_qk_l2norm_in_kernel=False)
+    else:
+        params = {}
+        inputs = _inputs(T=130, N=1, K=32, V=16, seed=28)
+        inputs["q"][:, 70:80] *= 1e12
+        assert (inputs["q"][:, 70:80] ** 2).sum(-1).min() > chunk._row_limit()
+        options = dict(use_qk_l2norm_in_kernel=True)
+    _check(inputs, params, backward=False, **options)
+    _check(inputs, params, **options)
 
 
 def test_chunk_dots_fuse_level_is_checked(monkeypatch):
     from kimi_hf.kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", 3)
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", 4)
     inputs = _inputs(T=8, N=1)
-    with pytest.raises(ValueError, match="CHUNK_DOTS_FUSE must be 0, 1 or 2, got 3"):
+    with pytest.raises(ValueError, match="CHUNK_DOTS_FUSE must be 0, 1, 2 or 3, got 4"):
         chunk_kda(**{n: x.to(DEVICE) for n, x in inputs.items()}, backend="triton")
 
 
-def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(monkeypatch):
+@pytest.mark.parametrize("fuse", [2, 3], ids=["after-prep", "from-raw-inputs"])
+def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(fuse, monkeypatch):
     """CHUNK_DOT_SPAN = -1 flags every chunk, so the diagonal and pairs kernels compute all of A_qk and P (with
     mild decays they otherwise run on no chunk), each over two key blocks: forward and backward against the reference,
-    ragged sequences."""
+    ragged sequences; at CHUNK_DOTS_FUSE 3 from the G, qn, kn that the chunk dots kernel stores for flagged chunks."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)
-    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", 2)  # the inverse and W/U kernels on the flagged chunks
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)  # the inverse and W/U kernels on the flagged chunks
     monkeypatch.setattr(chunk, "DIAG_DOTS_KEY_BLOCK", 16)
     monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)
     cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)

@@ -30,7 +30,7 @@ from kimi_hf.kernels.kda import chunk, chunk_bwd, chunk_fwd  # noqa: E402
 _FP32_POINTERS = {
     "G", "P", "gl", "h0", "ht", "dht", "dh0", "dA_qk", "dP", "dg", "dG", "dlast_part", "dbeta", "dA_log_part",
     "ddt_bias_part", "dq", "dk", "dkp", "dkm",
-    "A_log", "dt_bias", "g", "g_raw", "beta",
+    "A_log", "dt_bias", "g", "g_raw", "beta", "rnorm",
 }  # fmt: skip
 _INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets", "exact"}
 _SCALARS = {"scale": "fp32", "H": "i32", "K": "i32", "V": "i32"}
@@ -67,12 +67,14 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
     warps = chunk.NUM_WARPS
-    inverse, wu = chunk._fuse_levels()
+    inverse, wu, raw = chunk._fuse_levels()
+    prep = dict(L2NORM=True, GATE=True, EPS=chunk.L2NORM_EPS)  # as the model calls it
     return [
-        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=True, GATE=True, EPS=1e-6), warps, 1),
+        (chunk_fwd.kda_prep_fwd_kernel, dict(prep, BT=chunk.CHUNK, BK=BK), warps, 1),
         (chunk_fwd.kda_chunk_dots_fwd_kernel,
-         dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN,
-              INVERSE=inverse, WU=wu, BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.CHUNK_DOTS_WARPS, 1),
+         dict(common | prep, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN, INVERSE=inverse,
+              WU=wu, BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, RAW=raw, ROW_LIMIT=chunk._row_limit(), SAVE=True),
+         chunk.CHUNK_DOTS_WARPS, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,

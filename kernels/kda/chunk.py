@@ -14,6 +14,7 @@ and packed (cu_seqlens) sequences share one code path.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,7 @@ CHUNK_DOTS_MAXNREG = 0
 # on [32, 32] blocks in the chunk dots kernel costs more than the inverse kernel's 0.263 ms unless W/U's launch and
 # M's round trip through memory go with it); fwd+bwd 13.81, 13.84, 13.94. At 2 the kernel takes 2.26 ms, where the
 # three kernels it stands for took 1.03 + 0.26 + 1.09.
-CHUNK_DOTS_FUSE = 2
+CHUNK_DOTS_FUSE = 3
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
@@ -217,12 +218,20 @@ def _state_fwd_warps(BK: int) -> int:
     return STATE_FWD_WARPS * 2 if BK > 128 else STATE_FWD_WARPS
 
 
-def _fuse_levels() -> tuple[bool, bool]:
-    """(inverse, wu) of ``CHUNK_DOTS_FUSE``: whether the chunk dots kernel also computes M, and W/U's work, for the
-    chunks it takes (the inverse and W/U kernels then take only the flagged ones)."""
-    if CHUNK_DOTS_FUSE not in (0, 1, 2):
-        raise ValueError(f"CHUNK_DOTS_FUSE must be 0, 1 or 2, got {CHUNK_DOTS_FUSE}")
-    return CHUNK_DOTS_FUSE >= 1, CHUNK_DOTS_FUSE == 2
+def _fuse_levels() -> tuple[bool, bool, bool]:
+    """(inverse, wu, raw) of ``CHUNK_DOTS_FUSE``: whether the chunk dots kernel also computes M, and W/U's work, for
+    the chunks it takes (the inverse and W/U kernels then take only the flagged ones), and whether it reads the raw
+    inputs in place of the prep kernel's output (the prep kernel then does not run)."""
+    if CHUNK_DOTS_FUSE not in (0, 1, 2, 3):
+        raise ValueError(f"CHUNK_DOTS_FUSE must be 0, 1, 2 or 3, got {CHUNK_DOTS_FUSE}")
+    return CHUNK_DOTS_FUSE >= 1, CHUNK_DOTS_FUSE >= 2, CHUNK_DOTS_FUSE == 3
+
+
+def _row_limit() -> float:
+    """The largest squared row norm of q or k that the chunk dots kernel sums unnormalised (``CHUNK_DOTS_FUSE`` 3):
+    every entry of a row times a factor up to e^CHUNK_DOT_SPAN must stay finite in fp32."""
+    fp32_max = torch.finfo(torch.float32).max
+    return min(fp32_max, (fp32_max * math.exp(-CHUNK_DOT_SPAN)) ** 2)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -246,13 +255,15 @@ def kda_chunk_fwd(
     A_log: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     chunks: _Chunks,
+    for_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Forward on flattened contiguous ``[TT, H, D]`` inputs (q, k, v of one dtype).
 
     Returns ``o [TT, H, V]``, the final state ``[N, H, K, V]`` fp32 (or None) and the tensors the
-    backward needs.
+    backward needs (empty unless ``for_backward``: at ``CHUNK_DOTS_FUSE`` 3 an inference forward stores no G, qn, kn
+    but those of the chunks that the fallback kernels compute).
     """
-    inverse, wu = _fuse_levels()
+    inverse, wu, raw = _fuse_levels()
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _dims(K, V)
@@ -268,18 +279,23 @@ def kda_chunk_fwd(
     # with M in fp32, fwd+bwd unchanged).
     M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
-    kda_prep_fwd_kernel[(NC, H)](
-        q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
-        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    if not raw:
+        kda_prep_fwd_kernel[(NC, H)](
+            q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
+            BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
+        )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
+    # the inverse norms of q's and k's rows, from the chunk dots kernel's sums to its W/U work
+    rnorm = torch.empty(TT, H, 2, device=dev, dtype=torch.float32) if raw and use_qk_l2norm else None
     kda_chunk_dots_fwd_kernel[(NC, H)](
-        qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        q if raw else qn, k if raw else kn, v, G, g, A_log, dt_bias, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn,
+        rnorm, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
-        BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=CHUNK_DOTS_WARPS,
+        BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, RAW=raw, GATE=use_gate, L2NORM=use_qk_l2norm,
+        EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(), SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS,
         maxnreg=CHUNK_DOTS_MAXNREG or None,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
@@ -313,6 +329,8 @@ def kda_chunk_fwd(
         qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
         BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
+    if not for_backward:
+        return o, ht, {}
     saved = dict(qn=qn, kn=kn, G=G, A_qk=A_qk, P=P, M=M, W=W, qg=qg, kh=kh, gl=gl, h=h, v_new=v_new)
     return o, ht, saved
 
@@ -428,7 +446,8 @@ class ChunkKDAFunction(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         chunks = _chunks(cu_seqlens, B, T, q.device)
         o, ht, saved = kda_chunk_fwd(
-            qf, kf, vf, gf, bf, scale, h0, output_final_state, use_qk_l2norm, use_gate, A_logf, dt_biasf, chunks
+            qf, kf, vf, gf, bf, scale, h0, output_final_state, use_qk_l2norm, use_gate, A_logf, dt_biasf, chunks,
+            for_backward=any(ctx.needs_input_grad),
         )
         ctx.save_for_backward(qf, kf, vf, gf, bf, A_logf, dt_biasf, *saved.values())
         ctx.saved_names = list(saved)
