@@ -216,10 +216,10 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse):
     A_qk, P, M = (torch.full((T, H, CHUNK), float("nan"), device=DEVICE) for _ in range(3))
     exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
     chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
-        q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), None, None, None, beta.to(DEVICE), A_qk, P, M, None, None,
-        None, None, None, None, None, None, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
+        q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None, None,
+        None, None, None, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
         BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
-        RAW=False, GATE=False, L2NORM=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=False, num_warps=4,
+        NORMS=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=False, num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]
     for c, start in enumerate(range(0, T, CHUNK)):
@@ -243,12 +243,12 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse):
 
 
 @pytest.mark.parametrize("save", [False, True], ids=["inference", "for-backward"])
-def test_chunk_dots_kernel_from_the_raw_inputs(save):
-    """The chunk dots kernel taking the raw q, k and log-decays (``RAW``, the prep kernel's work in it), against
-    float64, on three chunks of one sequence (T = 150): the middle chunk's decays 30 times stronger in one channel of
-    head 1 (flagged by the span), the last chunk's q rows 1e15 times larger in head 0 (flagged by ``ROW_LIMIT``:
-    squared norms ~3e31). The computed chunks' A_qk, P and M are those of the L2-normalised q, k; G, qn and kn are
-    stored for the flagged chunks and, with ``SAVE``, for all."""
+def test_chunk_dots_kernel_normalising_q_and_k(save):
+    """The chunk dots kernel taking the L2 norms of the raw q, k (``NORMS``), against float64, on three chunks of one
+    sequence (T = 150): the middle chunk's decays 30 times stronger in one channel of head 1 (flagged by the span),
+    the last chunk's q rows 1e15 times larger in head 0 (flagged by ``ROW_LIMIT``: squared norms ~3e31). The computed
+    chunks' A_qk, P and M are those of the normalised q, k; qn and kn are stored for the flagged chunks and, with
+    ``SAVE``, for all."""
     from kimi_hf.kernels.kda.chunk import CHUNK, CHUNK_DOT_SPAN, _chunks, _row_limit
 
     T, H, K, V, scale, eps = 150, 2, 32, 16, 0.3, 1e-6
@@ -258,17 +258,18 @@ def test_chunk_dots_kernel_from_the_raw_inputs(save):
     v, beta = torch.randn(T, H, V, generator=gen), torch.rand(T, H, generator=gen)
     g = -3 * torch.rand(T, H, K, generator=gen)
     g[CHUNK : 2 * CHUNK, 1, 5] *= 30
+    G = torch.cat([g[s : s + CHUNK].cumsum(0) for s in range(0, T, CHUNK)])
     chunks = _chunks(None, 1, T, torch.device(DEVICE))
     nan = lambda *shape: torch.full(shape, float("nan"), device=DEVICE)  # noqa: E731
     A_qk, P, M = nan(T, H, CHUNK), nan(T, H, CHUNK), nan(T, H, CHUNK)
-    W, qg, kh, U, gl, G, qn, kn = nan(T, H, K), nan(T, H, K), nan(T, H, K), nan(T, H, V), nan(3, H, K), *(
-        nan(T, H, K) for _ in range(3))  # fmt: skip
+    W, qg, kh, qn, kn = (nan(T, H, K) for _ in range(5))
+    U, gl = nan(T, H, V), nan(3, H, K)
     exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
     chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
-        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), G, g.to(DEVICE), None, None, beta.to(DEVICE), A_qk, P, M, W, U,
-        qg, kh, gl, qn, kn, nan(T, H, 2), exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, W, U, qg, kh, gl, qn,
+        kn, nan(T, H, 2), exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=16, SPAN=CHUNK_DOT_SPAN, INVERSE=True, WU=True, BK_WU=16, BV=16, IEEE="ieee",
-        RAW=True, GATE=False, L2NORM=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, num_warps=4,
+        NORMS=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [1, 0]]
     normed = lambda x: x.double() / (x.double().pow(2).sum(-1, keepdim=True) + eps).sqrt()  # noqa: E731
@@ -278,8 +279,7 @@ def test_chunk_dots_kernel_from_the_raw_inputs(save):
         A_ref, P_ref = _chunk_pairs_float64(qn_ref, kn_ref, g, start, n, scale)
         rows = slice(start, start + n)
         for h in range(H):
-            G_ref = g[rows, h].double().cumsum(0)
-            for name, x, ref in (("G", G, G_ref), ("qn", qn, qn_ref[rows, h]), ("kn", kn, kn_ref[rows, h])):
+            for name, x, ref in (("qn", qn, qn_ref[rows, h]), ("kn", kn, kn_ref[rows, h])):
                 if save or exact[c, h]:
                     assert_close_rel(x[rows, h], ref, 1e-5, f"{name} of chunk {c}, head {h}")
                 else:
@@ -293,12 +293,12 @@ def test_chunk_dots_kernel_from_the_raw_inputs(save):
             assert_close_rel(M[rows, h, :n], torch.linalg.inv(L), 1e-5, f"M of chunk {c}, head {h}")
 
 
-@pytest.mark.parametrize("fuse", [1, 2, 3], ids=["inverse", "inverse-and-wu", "prep-inverse-and-wu"])
+@pytest.mark.parametrize("fuse", [1, 2, 3], ids=["inverse", "inverse-and-wu", "norms-inverse-and-wu"])
 def test_chunk_forward_with_more_work_in_the_chunk_dots_kernel(fuse, monkeypatch):
     """CHUNK_DOTS_FUSE 1 (2): the chunk dots kernel stores M (and W, U, qg, kh, gl) of the chunks it computes and the
-    inverse (and W/U) kernel only the flagged chunks'; 3: it also takes the raw inputs (no prep kernel). One chunk of
-    three flagged (strong decays in it), W/U's work over two key and two value blocks: the inference forward (at 3
-    G, qn, kn then stored for the flagged chunk only) and forward and backward against the reference."""
+    inverse (and W/U) kernel only the flagged chunks'; 3: it also takes the L2 norms of q, k. One chunk of three
+    flagged (strong decays in it), W/U's work over two key and two value blocks: the inference forward (at 3 qn, kn
+    then stored for the flagged chunk only) and forward and backward against the reference."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)
@@ -311,11 +311,11 @@ def test_chunk_forward_with_more_work_in_the_chunk_dots_kernel(fuse, monkeypatch
 
 
 @pytest.mark.parametrize("case", ["fused-gate-ragged", "caller-normalised", "large-rows"])
-def test_chunk_forward_from_the_raw_inputs(case, monkeypatch):
-    """CHUNK_DOTS_FUSE 3 (the chunk dots kernel takes the raw q, k and log-decays), inference forward and forward and
-    backward against the reference: ragged sequences with the fused gate and the L2 norm, key channels in two blocks
-    in both of its phases; q, k normalised by the caller (no L2 norm in the kernel); and rows of q too large to sum
-    unnormalised (squared norms past ``_row_limit()``, 1e24 here): their chunk is flagged and normalised first."""
+def test_chunk_forward_with_the_norms_in_the_chunk_dots_kernel(case, monkeypatch):
+    """CHUNK_DOTS_FUSE 3 (the chunk dots kernel takes the L2 norms of q, k), inference forward and forward and
+    backward against the reference: ragged sequences with the fused gate, key channels in two blocks in both of the
+    kernel's phases; q, k normalised by the caller (no L2 norm: the prep kernel's path); and rows of q too large to
+    sum unnormalised (squared norms past ``_row_limit()``, 1e24 here): their chunk is flagged and normalised first."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", 3)
@@ -352,11 +352,11 @@ def test_chunk_dots_fuse_level_is_checked(monkeypatch):
         chunk_kda(**{n: x.to(DEVICE) for n, x in inputs.items()}, backend="triton")
 
 
-@pytest.mark.parametrize("fuse", [2, 3], ids=["after-prep", "from-raw-inputs"])
+@pytest.mark.parametrize("fuse", [2, 3], ids=["normalised-by-prep", "normalised-by-chunk-dots"])
 def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(fuse, monkeypatch):
     """CHUNK_DOT_SPAN = -1 flags every chunk, so the diagonal and pairs kernels compute all of A_qk and P (with
     mild decays they otherwise run on no chunk), each over two key blocks: forward and backward against the reference,
-    ragged sequences; at CHUNK_DOTS_FUSE 3 from the G, qn, kn that the chunk dots kernel stores for flagged chunks."""
+    ragged sequences; at CHUNK_DOTS_FUSE 3 from the qn, kn that the chunk dots kernel stores for flagged chunks."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)

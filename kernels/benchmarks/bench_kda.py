@@ -157,15 +157,15 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
     tokens. Summed over the B T H (token, head) pairs, it is the least memory traffic of this decomposition."""
     e, f = 2, 4  # bytes of bf16 and fp32
     bt = chunk.CHUNK
-    inverse, wu, raw = (int(level) for level in chunk._fuse_levels())
-    qkG = (2 * e + f) * K  # q, k, G in (from the raw inputs: q, k, g)
+    inverse, wu, norms = (int(level) for level in chunk._fuse_levels())
+    qkG = (2 * e + f) * K  # q, k, G in
     wu_own = e * V + 3 * e * K + e * V  # what W/U alone moves: v in; W, qg, kh, U out
     state = e * K * V // bt
-    prep = {} if raw else {"kda_prep_fwd_kernel": 2 * (f + 2 * e) * K}  # g, q, k in; G, qn, kn out
-    return prep | {
+    return {
+        "kda_prep_fwd_kernel": 2 * f * K + (1 - norms) * 4 * e * K,  # g in, G out; without norms q, k in, qn, kn out
         # q, k, G in; A_qk, P out; with the inverse beta in, M out; with W/U its own traffic (M and q, k, G re-read
-        # from the caches); from the raw inputs the rows' inverse norms out (read back from the caches)
-        "kda_chunk_dots_fwd_kernel": qkG + (e + f) * bt + inverse * (e + e * bt) + wu * wu_own + raw * 2 * f,
+        # from the caches); with the norms the rows' inverse norms out (read back from the caches)
+        "kda_chunk_dots_fwd_kernel": qkG + (e + f) * bt + inverse * (e + e * bt) + wu * wu_own + norms * 2 * f,
         # the sub-block kernels (and the inverse and W/U where the chunk dots kernel does their work) read only their
         # chunk's flag where the chunk dots kernel took every chunk
         "kda_diag_dots_fwd_kernel": 0,

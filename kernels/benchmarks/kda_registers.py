@@ -67,14 +67,13 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
     warps = chunk.NUM_WARPS
-    inverse, wu, raw = chunk._fuse_levels()
-    prep = dict(L2NORM=True, GATE=True, EPS=chunk.L2NORM_EPS)  # as the model calls it
+    inverse, wu, norms = chunk._fuse_levels()  # (with the L2 norm of q, k, as the model calls the op)
     return [
-        (chunk_fwd.kda_prep_fwd_kernel, dict(prep, BT=chunk.CHUNK, BK=BK), warps, 1),
+        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=not norms, GATE=True, EPS=1e-6), warps, 1),
         (chunk_fwd.kda_chunk_dots_fwd_kernel,
-         dict(common | prep, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN, INVERSE=inverse,
-              WU=wu, BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, RAW=raw, ROW_LIMIT=chunk._row_limit(), SAVE=True),
-         chunk.CHUNK_DOTS_WARPS, 1),
+         dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
+              BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, NORMS=norms, EPS=1e-6, ROW_LIMIT=chunk._row_limit(),
+              SAVE=True), chunk.CHUNK_DOTS_WARPS, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,

@@ -219,9 +219,9 @@ def _state_fwd_warps(BK: int) -> int:
 
 
 def _fuse_levels() -> tuple[bool, bool, bool]:
-    """(inverse, wu, raw) of ``CHUNK_DOTS_FUSE``: whether the chunk dots kernel also computes M, and W/U's work, for
-    the chunks it takes (the inverse and W/U kernels then take only the flagged ones), and whether it reads the raw
-    inputs in place of the prep kernel's output (the prep kernel then does not run)."""
+    """(inverse, wu, norms) of ``CHUNK_DOTS_FUSE``: whether the chunk dots kernel also computes M, and W/U's work, for
+    the chunks it takes (the inverse and W/U kernels then take only the flagged ones), and whether it takes the L2
+    norms of q and k in place of the prep kernel."""
     if CHUNK_DOTS_FUSE not in (0, 1, 2, 3):
         raise ValueError(f"CHUNK_DOTS_FUSE must be 0, 1, 2 or 3, got {CHUNK_DOTS_FUSE}")
     return CHUNK_DOTS_FUSE >= 1, CHUNK_DOTS_FUSE >= 2, CHUNK_DOTS_FUSE == 3
@@ -260,10 +260,11 @@ def kda_chunk_fwd(
     """Forward on flattened contiguous ``[TT, H, D]`` inputs (q, k, v of one dtype).
 
     Returns ``o [TT, H, V]``, the final state ``[N, H, K, V]`` fp32 (or None) and the tensors the
-    backward needs (empty unless ``for_backward``: at ``CHUNK_DOTS_FUSE`` 3 an inference forward stores no G, qn, kn
+    backward needs (empty unless ``for_backward``: at ``CHUNK_DOTS_FUSE`` 3 an inference forward stores no qn, kn
     but those of the chunks that the fallback kernels compute).
     """
-    inverse, wu, raw = _fuse_levels()
+    inverse, wu, norms = _fuse_levels()
+    norms = norms and use_qk_l2norm  # the chunk dots kernel normalises q, k, the prep kernel computes G alone
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _dims(K, V)
@@ -279,24 +280,22 @@ def kda_chunk_fwd(
     # with M in fp32, fwd+bwd unchanged).
     M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
-    if not raw:
-        kda_prep_fwd_kernel[(NC, H)](
-            q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
-            BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
-        )  # fmt: skip
+    kda_prep_fwd_kernel[(NC, H)](
+        q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
+        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm and not norms, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
+    )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
     # the inverse norms of q's and k's rows, from the chunk dots kernel's sums to its W/U work
-    rnorm = torch.empty(TT, H, 2, device=dev, dtype=torch.float32) if raw and use_qk_l2norm else None
+    rnorm = torch.empty(TT, H, 2, device=dev, dtype=torch.float32) if norms else None
     kda_chunk_dots_fwd_kernel[(NC, H)](
-        q if raw else qn, k if raw else kn, v, G, g, A_log, dt_bias, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn,
-        rnorm, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        q if norms else qn, k if norms else kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, rnorm, exact,
+        chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
-        BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, RAW=raw, GATE=use_gate, L2NORM=use_qk_l2norm,
-        EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(), SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS,
-        maxnreg=CHUNK_DOTS_MAXNREG or None,
+        BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, NORMS=norms, EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(),
+        SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS, maxnreg=CHUNK_DOTS_MAXNREG or None,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
         qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,

@@ -45,18 +45,6 @@ def softplus(x):
 
 
 @triton.jit
-def _load_gate(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE: tl.constexpr):
-    """The per-token log-decays of rows ``rows``, channels ``cols`` (fp32; 0 past the sequence end and past K): ``g``
-    itself, or with ``GATE`` ``-exp(A_log[h]) * softplus(g + dt_bias[h])``."""
-    b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-    if GATE:
-        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
-        b_x = b_g + tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_x), 0.0)
-    return b_g
-
-
-@triton.jit
 def _tile_and_item(n_tiles):
     """(tile, item) of a program whose first grid axis counts ``item * n_tiles + tile`` (the second is the head): the
     tiles of one item (a sequence's or a chunk's tiles of value columns or key channels) are launched next to each
@@ -201,69 +189,42 @@ def _store_half_row(X, b_left, b_right, t0, eos, half, H, i_h, BT: tl.constexpr)
 
 
 @triton.jit
-def _raw_halves(q, k, g, A_log, dt_bias, t0, eos, cols, cmask, H, i_h, K, HB: tl.constexpr, GATE: tl.constexpr):
-    """:func:`_half_tiles` of both halves of a chunk from the raw inputs, for key channels ``cols``: q, k as given
-    (fp32, unscaled, 0 past the sequence end), d = G - G_m of each half from the in-chunk cumsum of the log-decays
-    (:func:`_load_gate`), and the cross-half exponents G_x - G_m0 and G_m1 - G_x (``[BK]``). With each half's own
-    cumsum c (G_i = c_i in the first half, c0_last + c_i in the second) these are c - c_mid and column sums: the
-    pivots' rows of G are never formed. Past the sequence end the log-decays are 0, so a pivot there is the last
-    valid row, as :func:`kda_chunk_dots_fwd_kernel` takes it from G."""
-    idx = tl.arange(0, HB)
-    rows0, rows1 = t0 + idx, t0 + HB + idx
-    r0, r1 = rows0 < eos, rows1 < eos
-    q0 = _load_rows(q, rows0, r0, cols, cmask, H, i_h, K).to(tl.float32)
-    k0 = _load_rows(k, rows0, r0, cols, cmask, H, i_h, K).to(tl.float32)
-    q1 = _load_rows(q, rows1, r1, cols, cmask, H, i_h, K).to(tl.float32)
-    k1 = _load_rows(k, rows1, r1, cols, cmask, H, i_h, K).to(tl.float32)
-    g0 = _load_gate(g, A_log, dt_bias, rows0, r0, cols, cmask, H, i_h, K, GATE)
-    g1 = _load_gate(g, A_log, dt_bias, rows1, r1, cols, cmask, H, i_h, K, GATE)
-    to_mid = idx[:, None] <= HB // 2
-    mid0 = tl.sum(tl.where(to_mid, g0, 0.0), axis=0)  # G_m0
-    mid1 = tl.sum(tl.where(to_mid, g1, 0.0), axis=0)  # G_m1 - G of the first half's last row
-    first1 = tl.sum(tl.where(idx[:, None] == 0, g1, 0.0), axis=0)  # g_x
-    d0 = tl.where(r0[:, None], tl.cumsum(g0, axis=0) - mid0[None, :], 0.0)
-    d1 = tl.where(r1[:, None], tl.cumsum(g1, axis=0) - mid1[None, :], 0.0)
-    return q0, k0, d0, q1, k1, d1, tl.sum(g0, axis=0) - mid0 + first1, mid1 - first1
-
-
-@triton.jit
-def _pair_sums(q, k, G, g, A_log, dt_bias, t0, eos, m0, m1, x, scale, H, i_h, K, BK: tl.constexpr,
-               HB: tl.constexpr, IEEE: tl.constexpr, RAW: tl.constexpr, GATE: tl.constexpr):  # fmt: skip
+def _pair_sums(q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK: tl.constexpr, HB: tl.constexpr,
+               IEEE: tl.constexpr, NORMS: tl.constexpr):  # fmt: skip
     """The ``[HB, HB]`` tiles of A_qk and P of :func:`kda_chunk_dots_fwd_kernel` (the first half with itself, the
     second half with itself, the second half's rows against the first half's columns) over all key channels, in
     blocks of ``BK``, and the largest |exponent| of their factors (the span to check). ``m0``, ``m1``: the halves'
-    middle rows; ``x``: the second half's first row (global token indices). With ``RAW`` from the raw q, k and
-    log-decays (:func:`_raw_halves`): the sums are then those of the unnormalised, unscaled q and k, and the squared
-    norms of the halves' q and k rows (``[HB]`` each, zeros otherwise) come with them."""
+    middle rows; ``x``: the second half's first row (global token indices). With ``NORMS`` the sums are those of the
+    unnormalised, unscaled q and k, and the squared norms of the halves' q and k rows (``[HB]`` each, zeros
+    otherwise) come with them."""
     zero = tl.zeros([HB, HB], dtype=tl.float32)
     A0, P0, A1, P1, AX, PX = zero, zero, zero, zero, zero, zero
     sq0 = tl.zeros([HB], dtype=tl.float32)
     sk0, sq1, sk1 = sq0, sq0, sq0
+    q_scale = scale
+    if NORMS:
+        q_scale = 1.0  # (applied with the norms, after the sums)
     span = 0.0
     for kb in range(0, K, BK):
         cols = kb + tl.arange(0, BK)
         cmask = cols < K
-        if RAW:
-            q0, k0, d0, q1, k1, d1, dx0, dx1 = _raw_halves(q, k, g, A_log, dt_bias, t0, eos, cols, cmask, H, i_h, K,
-                                                            HB, GATE)  # fmt: skip
+        g_m0 = _load_row(G, m0, eos, cols, H, i_h, K)
+        g_m1 = _load_row(G, m1, eos, cols, H, i_h, K)
+        g_x = _load_row(G, x, eos, cols, H, i_h, K)
+        q0, k0, d0 = _half_tiles(q, k, G, t0, eos, 0, g_m0, cols, cmask, q_scale, H, i_h, K, HB)
+        q1, k1, d1 = _half_tiles(q, k, G, t0, eos, 1, g_m1, cols, cmask, q_scale, H, i_h, K, HB)
+        if NORMS:
             sq0, sk0 = sq0 + tl.sum(q0 * q0, axis=1), sk0 + tl.sum(k0 * k0, axis=1)
             sq1, sk1 = sq1 + tl.sum(q1 * q1, axis=1), sk1 + tl.sum(k1 * k1, axis=1)
-        else:
-            g_m0 = _load_row(G, m0, eos, cols, H, i_h, K)
-            g_m1 = _load_row(G, m1, eos, cols, H, i_h, K)
-            g_x = _load_row(G, x, eos, cols, H, i_h, K)
-            q0, k0, d0 = _half_tiles(q, k, G, t0, eos, 0, g_m0, cols, cmask, scale, H, i_h, K, HB)
-            q1, k1, d1 = _half_tiles(q, k, G, t0, eos, 1, g_m1, cols, cmask, scale, H, i_h, K, HB)
-            dx0, dx1 = g_x - g_m0, g_m1 - g_x
-        span = tl.maximum(span, tl.maximum(tl.max(tl.abs(dx0)), tl.max(tl.abs(d0))))
+        span = tl.maximum(span, tl.maximum(tl.max(tl.abs(g_x - g_m0)), tl.max(tl.abs(d0))))
         span = tl.maximum(span, tl.max(tl.abs(d1)))
         e0, e1 = tl.exp(d0), tl.exp(d1)
         c0 = k0 * tl.exp(-d0)  # the first half's columns from its middle row
         c1 = tl.trans(k1 * tl.exp(-d1))
-        cx = tl.trans(c0 * tl.exp(dx0)[None, :])  # ... and from the second half's first row
+        cx = tl.trans(c0 * tl.exp(g_x - g_m0)[None, :])  # ... and from the second half's first row
         c0 = tl.trans(c0)
         qe1, ke1 = q1 * e1, k1 * e1
-        sx = tl.exp(dx1)[None, :]  # the second half's rows to its first row
+        sx = tl.exp(g_m1 - g_x)[None, :]  # the second half's rows to its first row
         A0 = tl.dot(q0 * e0, c0, A0, input_precision=IEEE)
         P0 = tl.dot(k0 * e0, c0, P0, input_precision=IEEE)
         A1 = tl.dot(qe1, c1, A1, input_precision=IEEE)
@@ -271,16 +232,6 @@ def _pair_sums(q, k, G, g, A_log, dt_bias, t0, eos, m0, m1, x, scale, H, i_h, K,
         AX = tl.dot(qe1 * sx, cx, AX, input_precision=IEEE)
         PX = tl.dot(ke1 * sx, cx, PX, input_precision=IEEE)
     return A0, P0, A1, P1, AX, PX, span, sq0, sk0, sq1, sk1
-
-
-@triton.jit
-def _inverse_norms(sq, EPS: tl.constexpr, L2NORM: tl.constexpr):
-    """1 / sqrt(|x|^2 + EPS) of rows with squared norms ``sq`` (as the L2 norm of q, k divides), or ones."""
-    if L2NORM:
-        r = 1.0 / tl.sqrt(sq + EPS)
-    else:
-        r = tl.full(sq.shape, 1.0, tl.float32)
-    return r
 
 
 @triton.jit
@@ -293,26 +244,18 @@ def _store_half_norms(rnorm, rq, rk, t0, eos, half, H, i_h, HB: tl.constexpr):
 
 
 @triton.jit
-def _row_norms(rnorm, rows, rmask, H, i_h, L2NORM: tl.constexpr):
-    """The inverse norms of q's and k's rows ``rows`` as :func:`_store_half_norms` stored them (ones without the
-    L2 norm)."""
-    if L2NORM:
-        offs = (rows.to(tl.int64) * H + i_h) * 2
-        rq = tl.load(rnorm + offs, mask=rmask, other=0.0)
-        rk = tl.load(rnorm + offs + 1, mask=rmask, other=0.0)
-    else:
-        rq = tl.full(rows.shape, 1.0, tl.float32)
-        rk = rq
-    return rq, rk
+def _row_norms(rnorm, rows, rmask, H, i_h):
+    """The inverse norms of q's and k's rows ``rows`` as :func:`_store_half_norms` stored them."""
+    offs = (rows.to(tl.int64) * H + i_h) * 2
+    return tl.load(rnorm + offs, mask=rmask, other=0.0), tl.load(rnorm + offs + 1, mask=rmask, other=0.0)
 
 
 @triton.jit
 def kda_chunk_dots_fwd_kernel(
-    q, k, v, G, g, A_log, dt_bias, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, rnorm, exact, chunk_indices,
-    cu_seqlens, scale, H, K, V,
+    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, rnorm, exact, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
-    BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, RAW: tl.constexpr, GATE: tl.constexpr,
-    L2NORM: tl.constexpr, EPS: tl.constexpr, ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr,
+    BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr, EPS: tl.constexpr,
+    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
     j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
@@ -337,31 +280,29 @@ def kda_chunk_dots_fwd_kernel(
     (and ``INVERSE``) then what :func:`kda_wu_fwd_kernel` computes (key blocks of ``BK_WU``, value blocks of
     ``BV``), from M read back, as the chunk's q, k, G and v are, from the caches.
 
-    With ``RAW`` (and ``WU``) it also does :func:`kda_prep_fwd_kernel`'s work, which then does not run: q, k are the
-    raw inputs and ``g`` the raw log-decays (with ``GATE`` the gate's input), the in-chunk cumsum is taken per key
-    block where it is used, and the L2 norms (``L2NORM``) scale the sums afterwards (A_qk by q's and k's inverse
-    norms, P by k's) and W/U's rows, through ``rnorm [TT, H, 2]`` (written, then read back after a barrier). The
-    sums are then over unnormalised rows, whose entries times factors up to e^SPAN must stay finite in fp32: a chunk
-    with a squared row norm of q or k past ``ROW_LIMIT`` is flagged too. G, qn and kn are stored for the chunks it
-    flags (the fallback kernels read them) and, with ``SAVE`` (the backward reads them), for every chunk."""
+    With ``NORMS`` (and ``WU``) it also takes the L2 norms of q and k, which the prep kernel then leaves out: q, k
+    are the raw inputs, and their rows' inverse norms scale the sums afterwards (A_qk by q's and k's, P by k's) and
+    W/U's rows, through ``rnorm [TT, H, 2]`` (written, then read back after a barrier). The sums are then over
+    unnormalised rows, whose entries times factors up to e^SPAN must stay finite in fp32: a chunk with a squared row
+    norm of q or k past ``ROW_LIMIT`` is flagged too. qn and kn are stored for the chunks it flags (the fallback
+    kernels read them) and, with ``SAVE`` (the backward reads them), for every chunk."""
     HB: tl.constexpr = BT // 2
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     last = tl.minimum(eos - t0, BT) - 1  # rows past the sequence end take the last valid row's place as a pivot
     m0, m1, x = t0 + tl.minimum(HB // 2, last), t0 + tl.minimum(HB + HB // 2, last), t0 + tl.minimum(HB, last)
-    tl.static_assert(WU or not RAW, "the chunk dots kernel takes the raw inputs only with W/U's work in it")
+    tl.static_assert(WU or not NORMS, "the chunk dots kernel takes the L2 norms only with W/U's work in it")
     A0, P0, A1, P1, AX, PX, span, sq0, sk0, sq1, sk1 = _pair_sums(
-        q, k, G, g, A_log, dt_bias, t0, eos, m0, m1, x, scale, H, i_h, K, BK, HB, IEEE, RAW, GATE
+        q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK, HB, IEEE, NORMS
     )
     zero = tl.zeros([HB, HB], dtype=tl.float32)
     fits = span <= SPAN
-    if RAW:
+    if NORMS:
         fits = fits & (tl.maximum(tl.max(tl.maximum(sq0, sk0)), tl.max(tl.maximum(sq1, sk1))) <= ROW_LIMIT)
-        rq0, rk0 = _inverse_norms(sq0, EPS, L2NORM), _inverse_norms(sk0, EPS, L2NORM)
-        rq1, rk1 = _inverse_norms(sq1, EPS, L2NORM), _inverse_norms(sk1, EPS, L2NORM)
-        if L2NORM:
-            _store_half_norms(rnorm, rq0, rk0, t0, eos, 0, H, i_h, HB)
-            _store_half_norms(rnorm, rq1, rk1, t0, eos, 1, H, i_h, HB)
+        rq0, rk0 = 1.0 / tl.sqrt(sq0 + EPS), 1.0 / tl.sqrt(sk0 + EPS)
+        rq1, rk1 = 1.0 / tl.sqrt(sq1 + EPS), 1.0 / tl.sqrt(sk1 + EPS)
+        _store_half_norms(rnorm, rq0, rk0, t0, eos, 0, H, i_h, HB)
+        _store_half_norms(rnorm, rq1, rk1, t0, eos, 1, H, i_h, HB)
         A0 = A0 * (scale * rq0)[:, None] * rk0[None, :]
         A1 = A1 * (scale * rq1)[:, None] * rk1[None, :]
         AX = AX * (scale * rq1)[:, None] * rk0[None, :]
@@ -389,17 +330,15 @@ def kda_chunk_dots_fwd_kernel(
             _store_half_row(M, MX, M1, t0, eos, 1, H, i_h, BT)
             if WU:
                 tl.debug_barrier()  # M's rows (and the inverse norms) as every thread of the program wrote them
-                _wu_chunk(q, k, v, G, g, A_log, dt_bias, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indices,
-                          cu_seqlens, i_c, i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, RAW, GATE, L2NORM,
-                          SAVE)  # fmt: skip
-    elif RAW:
+                _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indices, cu_seqlens, i_c,
+                          i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, NORMS, SAVE)  # fmt: skip
+    elif NORMS:
         tl.debug_barrier()  # the inverse norms as every thread of the program wrote them
         rows = t0 + tl.arange(0, BT)
         rmask = rows < eos
-        b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h, L2NORM)
+        b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h)
         for k0 in range(0, K, BK_WU):
-            _chunk_key_block(q, k, G, g, A_log, dt_bias, qn, kn, b_rq, b_rk, t0, eos, k0, H, i_h, K, BT, BK_WU, RAW,
-                             GATE, L2NORM, True)  # fmt: skip
+            _chunk_key_block(q, k, G, qn, kn, b_rq, b_rk, t0, eos, k0, H, i_h, K, BT, BK_WU, NORMS, True)
 
 
 @triton.jit
@@ -435,7 +374,11 @@ def kda_prep_fwd_kernel(
     rmask = rows < eos
     cols = tl.arange(0, BK)
     cmask = cols < K
-    b_g = _load_gate(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE)
+    b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    if GATE:
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+        b_x = b_g + tl.load(dt_bias + i_h * K + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        b_g = tl.where(rmask[:, None] & cmask[None, :], -b_a * softplus(b_x), 0.0)
     _store_rows(G, tl.cumsum(b_g, axis=0), rows, rmask, cols, cmask, H, i_h, K)
     if L2NORM:
         b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
@@ -683,70 +626,60 @@ def kda_wu_fwd_kernel(
     others)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     if _runs(exact, i_c, i_h, H, FLAGGED):
-        _wu_chunk(q, k, v, G, None, None, None, beta, M, W, U, qg, kh, gl, None, None, None, chunk_indices,
-                  cu_seqlens, i_c, i_h, scale, H, K, V, BT, BK, BV, IEEE, False, False, False, False)  # fmt: skip
+        _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, None, None, None, chunk_indices, cu_seqlens, i_c, i_h,
+                  scale, H, K, V, BT, BK, BV, IEEE, False, False)  # fmt: skip
 
 
 @triton.jit
-def _wu_chunk(q, k, v, G, g, A_log, dt_bias, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indices, cu_seqlens,
-              i_c, i_h, scale, H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
-              RAW: tl.constexpr, GATE: tl.constexpr, L2NORM: tl.constexpr, SAVE: tl.constexpr):  # fmt: skip
-    """The body of :func:`kda_wu_fwd_kernel` for chunk ``i_c``, head ``i_h``; with ``RAW`` from the raw inputs, as
-    :func:`kda_chunk_dots_fwd_kernel` takes them (:func:`_chunk_key_block`)."""
+def _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K,
+              V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr,
+              SAVE: tl.constexpr):  # fmt: skip
+    """The body of :func:`kda_wu_fwd_kernel` for chunk ``i_c``, head ``i_h``; with ``NORMS`` from the raw q, k and
+    their rows' inverse norms in ``rnorm``, as :func:`kda_chunk_dots_fwd_kernel` takes them
+    (:func:`_chunk_key_block`)."""
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
     rows = t0 + idx
     rmask = rows < eos
     b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
-    b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h, L2NORM and RAW)
+    b_rq, b_rk = b_beta, b_beta  # (read only with NORMS)
+    if NORMS:
+        b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h)
     for k0 in range(0, K, BK):
-        _wu_key_block(q, k, G, g, A_log, dt_bias, W, qg, kh, gl, qn, kn, b_Md, b_beta, b_rq, b_rk, t0, eos, i_c, k0,
-                      scale, H, i_h, K, BT, BK, IEEE, RAW, GATE, L2NORM, SAVE)  # fmt: skip
+        _wu_key_block(q, k, G, W, qg, kh, gl, qn, kn, b_Md, b_beta, b_rq, b_rk, t0, eos, i_c, k0, scale, H, i_h, K,
+                      BT, BK, IEEE, NORMS, SAVE)  # fmt: skip
     for v0 in range(0, V, BV):
         _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
 
 
 @triton.jit
-def _chunk_key_block(q, k, G, g, A_log, dt_bias, qn, kn, b_rq, b_rk, t0, eos, k0, H, i_h, K, BT: tl.constexpr,
-                     BK: tl.constexpr, RAW: tl.constexpr, GATE: tl.constexpr, L2NORM: tl.constexpr,
-                     SAVE: tl.constexpr):  # fmt: skip
-    """Key channels ``k0 .. k0 + BK`` of a chunk's G (as :func:`_load_cum_decay` returns it, with its last row),
-    q and k (fp32, L2-normalised where asked), the rows, their mask, the columns and the column mask: read from the
-    prep kernel's G, qn, kn, or with ``RAW`` computed from the raw inputs (the log-decays' cumsum; q, k times their
-    inverse norms ``b_rq``, ``b_rk`` ``[BT]``), and then with ``SAVE`` stored to G, qn and kn (qn, kn with
-    ``L2NORM``; without it they are q and k themselves)."""
-    if RAW:
-        rows = t0 + tl.arange(0, BT)
-        rmask = rows < eos
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        b_g = _load_gate(g, A_log, dt_bias, rows, rmask, cols, cmask, H, i_h, K, GATE)
-        b_G = tl.cumsum(b_g, axis=0)  # rows past the sequence end repeat the last valid row (their g is 0)
-        b_last = tl.sum(b_g, axis=0)
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * b_rq[:, None]
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32) * b_rk[:, None]
+def _chunk_key_block(q, k, G, qn, kn, b_rq, b_rk, t0, eos, k0, H, i_h, K, BT: tl.constexpr, BK: tl.constexpr,
+                     NORMS: tl.constexpr, SAVE: tl.constexpr):  # fmt: skip
+    """Key channels ``k0 .. k0 + BK`` of a chunk's G (as :func:`_load_cum_decay` returns it, with its last row), q
+    and k (fp32), the rows, their mask, the columns and the column mask. With ``NORMS`` q and k are the raw inputs,
+    normalised here by their rows' inverse norms ``b_rq``, ``b_rk`` ``[BT]``, and with ``SAVE`` then stored to qn,
+    kn."""
+    b_G, b_last, _, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+    b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    if NORMS:
+        b_q, b_k = b_q * b_rq[:, None], b_k * b_rk[:, None]
         if SAVE:
-            _store_rows(G, b_G, rows, rmask, cols, cmask, H, i_h, K)
-            if L2NORM:
-                _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
-                _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
-    else:
-        b_G, b_last, _, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
-        b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
-        b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+            _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
+            _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
     return b_G, b_last, b_q, b_k, rows, rmask, cols, cmask
 
 
 @triton.jit
-def _wu_key_block(q, k, G, g, A_log, dt_bias, W, qg, kh, gl, qn, kn, b_Md, b_beta, b_rq, b_rk, t0, eos, i_c, k0,
-                  scale, H, i_h, K, BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, RAW: tl.constexpr,
-                  GATE: tl.constexpr, L2NORM: tl.constexpr, SAVE: tl.constexpr):  # fmt: skip
+def _wu_key_block(q, k, G, W, qg, kh, gl, qn, kn, b_Md, b_beta, b_rq, b_rk, t0, eos, i_c, k0, scale, H, i_h, K,
+                  BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr,
+                  SAVE: tl.constexpr):  # fmt: skip
     """Key channels ``k0 .. k0 + BK`` of a chunk: W = M (beta * k * exp(G)), qg, kh and gl (see
     :func:`kda_wu_fwd_kernel`); ``b_Md`` is M ``[BT, BT]`` in W's dtype, ``b_beta`` the chunk's beta; the chunk's
     G, q and k as :func:`_chunk_key_block` gives them."""
     b_G, b_last, b_q, b_k, rows, rmask, cols, cmask = _chunk_key_block(
-        q, k, G, g, A_log, dt_bias, qn, kn, b_rq, b_rk, t0, eos, k0, H, i_h, K, BT, BK, RAW, GATE, L2NORM, SAVE
+        q, k, G, qn, kn, b_rq, b_rk, t0, eos, k0, H, i_h, K, BT, BK, NORMS, SAVE
     )
     b_gexp = tl.exp(b_G)
     _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
