@@ -171,8 +171,24 @@ def test_latent_space_decoding_equals_the_expanded_form(dtype, rtol, monkeypatch
 
     expanded = scores()
     monkeypatch.setattr(modeling, "MLA_ABSORB_MIN_KEYS", 1)
-    assert_close_rel(scores(), expanded, rtol, "latent-space scores, growing cache")
-    assert_close_rel(scores(KimiLinearStaticCache(model.config, 50)), expanded, rtol, "latent space, CUDA graph")
+    _assert_same_greedy_scores(scores(), expanded, rtol, "latent-space scores, growing cache")
+    graph = scores(KimiLinearStaticCache(model.config, 50))
+    _assert_same_greedy_scores(graph, expanded, rtol, "latent space, CUDA graph")
+
+
+def _assert_same_greedy_scores(got, expected, rtol, name):
+    """Greedy decoding's scores ``[steps, B, vocab]`` of two computations of one model, each row compared up to the
+    first step at which they pick different tokens, and such a step allowed only where the expected scores' top two
+    are within ``rtol`` of each other: a tie that rounding may break either way (then the rows go on from different
+    tokens). Session 43: a bf16 row whose top two logits were 0.4590 and 0.4570, one bf16 step apart, flipped when
+    the KDA kernels' rounding changed, and the scores of the steps after it differed by 50%."""
+    for b in range(expected.shape[1]):
+        differ = (got[:, b].argmax(-1) != expected[:, b].argmax(-1)).nonzero()
+        end = differ[0].item() + 1 if len(differ) else expected.shape[0]
+        assert_close_rel(got[:end, b], expected[:end, b], rtol, f"{name}, row {b}")
+        if len(differ):
+            top = expected[end - 1, b].float().topk(2).values
+            assert top[0] - top[1] <= rtol * top[0].abs(), f"{name}, row {b}: another token at step {end - 1}, no tie"
 
 
 def test_decode_graph_after_a_left_padded_prompt_fed_token_by_token():

@@ -1,7 +1,8 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
-Forward: prep (L2 norm, gate, in-chunk cumsum) -> chunk dots (per chunk where its decays allow: A_qk, P, M and W/U's
-work, see CHUNK_DOTS_FUSE) -> for the chunks the chunk dots left out: diagonal (A_qk, P inside each sub-block, per
+Forward: prep (gate, in-chunk cumsum; the L2 norm below CHUNK_DOTS_FUSE 3) -> chunk dots (per chunk where its decays
+allow: A_qk, P, M and W/U's work, at level 3 from the raw q, k and their norms, see CHUNK_DOTS_FUSE) -> for the
+chunks the chunk dots left out: diagonal (A_qk, P inside each sub-block, per
 sub-block), pairs (A_qk, P between sub-blocks, per chunk), inverse (M per chunk, on [16, 16] blocks), W/U (W, U, qg,
 kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
@@ -100,18 +101,28 @@ DIAG_DOTS_WARPS = 2
 # registers (4 warps, 32 key channels; 16 channels 0.02 ms slower in the forward). The sub-block kernels' programs
 # that return at once cost 0.06 ms there. A second sweep at the default CHUNK_DOTS_FUSE below: 8 warps 5.608 ms
 # against 4.358 at 4 (each half's q and k rows stacked into one dot operand, bf58bc0: 5.570 and 5.636; removed).
+# Session 43 (H100, CHUNK_DOTS_FUSE 3 below): 16 key channels per block 1.153 ms forward at B1 T8192 against 1.166
+# at 32 (fwd+bwd 3.623 against 3.641), 4.174 against 4.189 at B8 T4096; 220 registers against 255.
 CHUNK_DOT_SPAN = 64.0
-CHUNK_DOTS_KEY_BLOCK = 32
+CHUNK_DOTS_KEY_BLOCK = 16
 CHUNK_DOTS_WARPS = 4
-# A register cap for the chunk dots kernel (Triton's maxnreg; 0: none). Untimed: at 168 (three programs of 4 warps
-# per SM instead of two) it spills 40 B at 16 key channels and 132 B at 32 (kda_registers.py, triton 3.9, fuse 2).
+# A register cap for the chunk dots kernel (Triton's maxnreg; 0: none). Session 43 (H100, B1 T8192, fuse 3): at 168
+# (three programs of 4 warps per SM instead of two; spills of 84 B at 16 key channels, 176 B at 32 as kda_registers.py
+# compiles it with triton 3.9) forward 1.214 / 1.230 ms against 1.153 / 1.166 uncapped.
 CHUNK_DOTS_MAXNREG = 0
 # What else the chunk dots kernel does for the chunks it computes, leaving to the separate kernels only the flagged
-# chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (M read back); 0 neither.
+# chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (M read back); 0 neither;
+# 3 as 2, and it takes the L2 norms of q and k (when the op is asked for them): it sums the raw rows and scales the
+# sums by the rows' inverse norms, so the prep kernel neither reads q, k nor writes qn, kn (the inference forward
+# stores no qn, kn but the flagged chunks'; training stores them from W/U's work for the backward).
 # Session 42 sweep (H100, B8 T4096, 32 key channels): forward 4.406 ms at 2, 4.464 at 0, 4.567 at 1 (the inverse
 # on [32, 32] blocks in the chunk dots kernel costs more than the inverse kernel's 0.263 ms unless W/U's launch and
 # M's round trip through memory go with it); fwd+bwd 13.81, 13.84, 13.94. At 2 the kernel takes 2.26 ms, where the
 # three kernels it stands for took 1.03 + 0.26 + 1.09.
+# Session 43 (H100, B8 T4096): forward 4.189 / 4.174 ms at 3 (32 / 16 key channels) against 4.359 / 4.451 at 2,
+# fwd+bwd 13.79 / 13.80 against 13.71 / 13.81; the prep kernel 0.372 ms against 0.750, the chunk dots kernel 2.49
+# against 2.26. Its first version, which also took the gate and the in-chunk cumsum (no prep kernel; each half's
+# cumsum per key block, the pivots' G as column sums), was slower: forward 4.591 / 4.505, the kernel 3.23 ms.
 CHUNK_DOTS_FUSE = 3
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
