@@ -315,7 +315,8 @@ def test_chunk_forward_with_the_norms_in_the_chunk_dots_kernel(case, monkeypatch
     """CHUNK_DOTS_FUSE 3 (the chunk dots kernel takes the L2 norms of q, k), inference forward and forward and
     backward against the reference: ragged sequences with the fused gate, key channels in two blocks in both of the
     kernel's phases; q, k normalised by the caller (no L2 norm: the prep kernel's path); and rows of q too large to
-    sum unnormalised (squared norms past ``_row_limit()``, 1e24 here): their chunk is flagged and normalised first."""
+    sum unnormalised (entries of 1e12, squared norms ~3e25 past ``_row_limit()``): their chunk is flagged and
+    normalised first."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", 3)
