@@ -2,9 +2,9 @@
 
 Forward: prep (gate, in-chunk cumsum; the L2 norm below CHUNK_DOTS_FUSE 3) -> chunk dots (per chunk where its decays
 allow: A_qk, P, M and W/U's work, at level 3 from the raw q, k and their norms, see CHUNK_DOTS_FUSE) -> for the
-chunks the chunk dots left out: diagonal (A_qk, P inside each sub-block, per
-sub-block), pairs (A_qk, P between sub-blocks, per chunk), inverse (M per chunk, on [16, 16] blocks), W/U (W, U, qg,
-kh per chunk, from the stored M) -> state (sequential over chunks, per head and V tile) -> output.
+chunks the chunk dots left out: diagonal (A_qk, P inside each sub-block, per sub-block), pairs (A_qk, P between
+sub-blocks, per chunk), inverse (M per chunk, on [16, 16] blocks), W/U (W, U, qg, kh per chunk, from the stored M)
+-> state (sequential over chunks, per head and V tile) -> output.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
 (the dq, dk terms through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk
 and dG per chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm

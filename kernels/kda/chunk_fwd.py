@@ -643,7 +643,7 @@ def _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indice
     rmask = rows < eos
     b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
-    b_rq, b_rk = b_beta, b_beta  # (read only with NORMS)
+    b_rq, b_rk = b_beta, b_beta  # unused without NORMS (Triton needs the names bound on both sides of its branch)
     if NORMS:
         b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h)
     for k0 in range(0, K, BK):
