@@ -97,8 +97,8 @@ def test_mixed_decay_paths(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_each_chunk_dots_fuse_level(fuse, dtype, monkeypatch):
     """Each ``CHUNK_DOTS_FUSE`` level, the inference forward (no input needs a gradient: at level 3 the chunk dots
-    kernel then stores G, qn, kn of the flagged chunks only) and fwd+bwd, on ragged sequences with the fused gate and
-    a stretch of strong decays (flagged chunks), against float64."""
+    kernel then stores qn, kn of the flagged chunks only) and fwd+bwd, on ragged sequences with the fused gate and a
+    stretch of strong decays (flagged chunks), against float64."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)

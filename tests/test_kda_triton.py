@@ -310,13 +310,13 @@ def test_chunk_forward_with_more_work_in_the_chunk_dots_kernel(fuse, monkeypatch
     _check(inputs, use_qk_l2norm_in_kernel=True)
 
 
-@pytest.mark.parametrize("case", ["fused-gate-ragged", "caller-normalised", "large-rows"])
+@pytest.mark.parametrize("case", ["fused-gate-ragged", "large-rows"])
 def test_chunk_forward_with_the_norms_in_the_chunk_dots_kernel(case, monkeypatch):
     """CHUNK_DOTS_FUSE 3 (the chunk dots kernel takes the L2 norms of q, k), inference forward and forward and
     backward against the reference: ragged sequences with the fused gate, key channels in two blocks in both of the
-    kernel's phases; q, k normalised by the caller (no L2 norm: the prep kernel's path); and rows of q too large to
-    sum unnormalised (entries of 1e12, squared norms ~3e25 past ``_row_limit()``): their chunk is flagged and
-    normalised first."""
+    kernel's phases; and rows of q too large to sum unnormalised (entries of 1e12, squared norms ~3e25 past
+    ``_row_limit()``): their chunk is flagged and normalised first. (Without the L2 norm, level 3 is level 2:
+    test_chunk_cases' caller-normalised case.)"""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", 3)
@@ -328,12 +328,6 @@ def test_chunk_forward_with_the_norms_in_the_chunk_dots_kernel(case, monkeypatch
         cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)
         inputs = _inputs(T=200, N=5, K=32, V=16, seed=26, raw_gate=True)
         options = dict(cu_seqlens=cu.to(DEVICE), use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
-    elif case == "caller-normalised":
-        params = {}
-        inputs = _inputs(T=130, N=1, K=32, V=16, seed=27)
-        for name in ("q", "k"):
-            inputs[name] = inputs[name] / inputs[name].norm(dim=-1, keepdim=True)
-        options = dict(use_qk_l2norm_in_kernel=False)
     else:
         params = {}
         inputs = _inputs(T=130, N=1, K=32, V=16, seed=28)
