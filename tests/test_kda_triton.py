@@ -171,7 +171,7 @@ def test_inverse_kernel_against_float64():
     chunks = _chunks(None, 1, T, torch.device(DEVICE))
     M = torch.zeros(T, H, CHUNK, device=DEVICE)
     chunk_fwd.kda_inverse_fwd_kernel[(chunks.num_chunks, H)](
-        P.float().to(DEVICE), beta.float().to(DEVICE), M, None, chunks.indices, chunks.cu_seqlens, H,
+        P.float().to(DEVICE), beta.float().to(DEVICE), M, None, chunks.indices, chunks.cu_seqlens, chunks.num_chunks, H,
         BT=CHUNK, BC=SUB, FLAGGED=False, IEEE="ieee", num_warps=2,
     )  # fmt: skip
     for start in range(0, T, CHUNK):
@@ -196,13 +196,16 @@ def _chunk_pairs_float64(q, k, g, start, n, scale):
 
 
 @pytest.mark.parametrize(
-    "key_block, inverse", [(32, False), (16, True)], ids=["one-key-block", "two-key-blocks-and-inverse"]
+    "key_block, inverse, save",
+    [(32, False, False), (16, True, False), (16, True, True)],
+    ids=["one-key-block", "two-key-blocks-and-inverse", "two-key-blocks-inverse-for-backward"],
 )
-def test_chunk_dots_kernel_against_float64(key_block, inverse):
+def test_chunk_dots_kernel_against_float64(key_block, inverse, save):
     """The chunk dots kernel alone, against float64, on three chunks of one sequence (T = 150: the last ends inside
     its first half's sub-blocks) with decays of up to -3 per token, and the middle chunk's decays 30 times stronger
-    in one channel: the mild chunks are computed (every entry of A_qk and P, zeros above the diagonal; with
-    ``inverse`` also M = (I + Diag(beta) P)^-1) and not flagged, the strong one flagged and left unwritten."""
+    in one channel: the mild chunks are computed (every entry of A_qk, zeros above the diagonal; with ``inverse``
+    also M = (I + Diag(beta) P)^-1; P where it is read: without ``inverse``, by the inverse kernel, or with ``save``,
+    by the backward) and not flagged, the strong one flagged and left unwritten."""
     from kimi_hf.kernels.kda.chunk import CHUNK, CHUNK_DOT_SPAN, _chunks
 
     T, H, K, scale = 150, 2, 32, 0.3
@@ -219,7 +222,7 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse):
         q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None, None,
         None, None, None, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
         BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
-        NORMS=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=False, num_warps=4,
+        NORMS=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=save, WU_REGS=True, num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]
     for c, start in enumerate(range(0, T, CHUNK)):
@@ -232,8 +235,12 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse):
                     assert torch.isnan(x[rows, h]).all(), f"{name} of the flagged chunk {c} written"
                 continue
             assert_close_rel(A_qk[rows, h, :n], A_ref[:, h], 1e-5, f"A_qk of chunk {c}, head {h}")
-            assert_close_rel(P[rows, h, :n], P_ref[:, h], 1e-5, f"P of chunk {c}, head {h}")
-            assert torch.all(A_qk[rows, h, n:] == 0) and torch.all(P[rows, h, n:] == 0), "past the sequence end"
+            assert torch.all(A_qk[rows, h, n:] == 0), "A_qk past the sequence end"
+            if save or not inverse:
+                assert_close_rel(P[rows, h, :n], P_ref[:, h], 1e-5, f"P of chunk {c}, head {h}")
+                assert torch.all(P[rows, h, n:] == 0), "P past the sequence end"
+            else:
+                assert torch.isnan(P[rows, h]).all(), "P stored for an inference forward that computes M"
             if inverse:
                 L = torch.eye(n, dtype=torch.float64) + beta[rows, h, None].double() * P_ref[:, h]
                 assert_close_rel(M[rows, h, :n], torch.linalg.inv(L), 1e-5, f"M of chunk {c}, head {h}")
@@ -242,13 +249,15 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse):
                 assert torch.isnan(M[rows, h]).all(), "M written without INVERSE"
 
 
+@pytest.mark.parametrize("wu_regs", [False, True], ids=["wu-from-memory", "wu-from-registers"])
 @pytest.mark.parametrize("save", [False, True], ids=["inference", "for-backward"])
-def test_chunk_dots_kernel_normalising_q_and_k(save):
-    """The chunk dots kernel taking the L2 norms of the raw q, k (``NORMS``), against float64, on three chunks of one
-    sequence (T = 150): the middle chunk's decays 30 times stronger in one channel of head 1 (flagged by the span),
-    the last chunk's q rows 1e15 times larger in head 0 (flagged by ``ROW_LIMIT``: squared norms ~3e31). The computed
-    chunks' A_qk, P and M are those of the normalised q, k; qn and kn are stored for the flagged chunks and, with
-    ``SAVE``, for all."""
+def test_chunk_dots_kernel_normalising_q_and_k(save, wu_regs):
+    """The chunk dots kernel taking the L2 norms of the raw q, k (``NORMS``) and doing W/U's work (from M stored and
+    read back, or from M's blocks in registers: ``WU_REGS``), against float64, on three chunks of one sequence
+    (T = 150): the middle chunk's decays 30 times stronger in one channel of head 1 (flagged by the span), the last
+    chunk's q rows 1e15 times larger in head 0 (flagged by ``ROW_LIMIT``: squared norms ~3e31). The computed chunks'
+    A_qk, W, U, qg, kh and gl (and with ``SAVE`` P and M) are those of the normalised q, k; qn and kn are stored for
+    the flagged chunks and, with ``SAVE``, for all."""
     from kimi_hf.kernels.kda.chunk import CHUNK, CHUNK_DOT_SPAN, _chunks, _row_limit
 
     T, H, K, V, scale, eps = 150, 2, 32, 16, 0.3, 1e-6
@@ -269,7 +278,7 @@ def test_chunk_dots_kernel_normalising_q_and_k(save):
         q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, W, U, qg, kh, gl, qn,
         kn, nan(T, H, 2), exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=16, SPAN=CHUNK_DOT_SPAN, INVERSE=True, WU=True, BK_WU=16, BV=16, IEEE="ieee",
-        NORMS=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, num_warps=4,
+        NORMS=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, WU_REGS=wu_regs, num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [1, 0]]
     normed = lambda x: x.double() / (x.double().pow(2).sum(-1, keepdim=True) + eps).sqrt()  # noqa: E731
@@ -288,9 +297,22 @@ def test_chunk_dots_kernel_normalising_q_and_k(save):
                 assert torch.isnan(A_qk[rows, h]).all(), f"A_qk of the flagged chunk {c} written"
                 continue
             assert_close_rel(A_qk[rows, h, :n], A_ref[:, h], 1e-5, f"A_qk of chunk {c}, head {h}")
-            assert_close_rel(P[rows, h, :n], P_ref[:, h], 1e-5, f"P of chunk {c}, head {h}")
-            L = torch.eye(n, dtype=torch.float64) + beta[rows, h, None].double() * P_ref[:, h]
-            assert_close_rel(M[rows, h, :n], torch.linalg.inv(L), 1e-5, f"M of chunk {c}, head {h}")
+            b = beta[rows, h, None].double()
+            M_ref = torch.linalg.inv(torch.eye(n, dtype=torch.float64) + b * P_ref[:, h])
+            if save:
+                assert_close_rel(P[rows, h, :n], P_ref[:, h], 1e-5, f"P of chunk {c}, head {h}")
+                assert_close_rel(M[rows, h, :n], M_ref, 1e-5, f"M of chunk {c}, head {h}")
+            else:
+                assert torch.isnan(P[rows, h]).all(), f"P of chunk {c} stored for an inference forward"
+                assert torch.isnan(M[rows, h]).all() == wu_regs, f"M of chunk {c}: stored only to be read back"
+            Gc = G[rows, h].double()
+            expected = dict(
+                W=M_ref @ (b * kn_ref[rows, h] * Gc.exp()), U=M_ref @ (b * v[rows, h].double()),
+                qg=scale * qn_ref[rows, h] * Gc.exp(), kh=kn_ref[rows, h] * (Gc[-1] - Gc).exp(),
+            )  # fmt: skip
+            for name, x in (("W", W), ("U", U), ("qg", qg), ("kh", kh)):
+                assert_close_rel(x[rows, h], expected[name], 1e-5, f"{name} of chunk {c}, head {h}")
+            assert_close_rel(gl[c, h], Gc[-1].exp(), 1e-6, f"gl of chunk {c}, head {h}")
 
 
 @pytest.mark.parametrize("fuse", [1, 2, 3], ids=["inverse", "inverse-and-wu", "norms-inverse-and-wu"])
@@ -351,10 +373,12 @@ def test_chunk_dots_fuse_level_is_checked(monkeypatch):
 def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(fuse, monkeypatch):
     """CHUNK_DOT_SPAN = -1 flags every chunk, so the diagonal and pairs kernels compute all of A_qk and P (with
     mild decays they otherwise run on no chunk), each over two key blocks: forward and backward against the reference,
-    ragged sequences; at CHUNK_DOTS_FUSE 3 from the qn, kn that the chunk dots kernel stores for flagged chunks."""
+    ragged sequences; at CHUNK_DOTS_FUSE 3 from the qn, kn that the chunk dots kernel stores for flagged chunks. One
+    fallback program per head (``FALLBACK_PROGRAMS`` = H) walks all six chunks (four programs their sub-blocks)."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)
+    monkeypatch.setattr(chunk, "FALLBACK_PROGRAMS", 2)
     monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)  # the inverse and W/U kernels on the flagged chunks
     monkeypatch.setattr(chunk, "DIAG_DOTS_KEY_BLOCK", 16)
     monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)

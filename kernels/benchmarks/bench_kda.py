@@ -134,11 +134,11 @@ def bench_decode(B: int, bandwidth_tbs: float, H: int = 32, D: int = 128) -> dic
 
 def kernel_breakdown(bandwidth_tbs: float, H: int = 32, D: int = 128) -> str:
     """Per-kernel GPU time (ours and fla), from the torch profiler: one fwd+bwd at the first chunked shape, and one
-    inference forward (no input needs a gradient) at the last, where the forward trails fla, with that forward's
-    bytes against its GPU time (:func:`traffic_table`)."""
+    inference forward (no input needs a gradient) at every chunked shape, with the last one's bytes against its GPU
+    time (:func:`traffic_table`)."""
     fla_chunk, _ = _fla()
     tables = []
-    for (B, T), backward in ((CHUNK_SHAPES[0], True), (CHUNK_SHAPES[-1], False)):
+    for (B, T), backward in ((CHUNK_SHAPES[0], True), *((shape, False) for shape in CHUNK_SHAPES)):
         inputs = _chunk_inputs(B, T, H, D, torch.bfloat16, backward)
         title = f"{'fwd+bwd' if backward else 'fwd'} B{B} T{T} H{H} D{D}"
         tables += [
@@ -158,14 +158,17 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
     e, f = 2, 4  # bytes of bf16 and fp32
     bt = chunk.CHUNK
     inverse, wu, norms = (int(level) for level in chunk._fuse_levels())
+    regs = wu * int(bool(chunk.CHUNK_DOTS_WU_REGS))  # W/U's work from M and the norms in registers
     qkG = (2 * e + f) * K  # q, k, G in
     wu_own = e * V + 3 * e * K + e * V  # what W/U alone moves: v in; W, qg, kh, U out
     state = e * K * V // bt
     return {
         "kda_prep_fwd_kernel": 2 * f * K + (1 - norms) * 4 * e * K,  # g in, G out; without norms q, k in, qn, kn out
-        # q, k, G in; A_qk, P out; with the inverse beta in, M out; with W/U its own traffic (M and q, k, G re-read
-        # from the caches); with the norms the rows' inverse norms out (read back from the caches)
-        "kda_chunk_dots_fwd_kernel": qkG + (e + f) * bt + inverse * (e + e * bt) + wu * wu_own + norms * 2 * f,
+        # q, k, G in; A_qk out, P out unless the kernel computes M (else only the backward reads P); with the inverse
+        # beta in, M out unless W/U's work takes it from registers; with W/U its own traffic (q, k, G and any M
+        # re-read from the caches); with the norms and W/U from memory the rows' inverse norms out (and read back)
+        "kda_chunk_dots_fwd_kernel": qkG + e * bt + (1 - inverse) * f * bt + inverse * (e + (1 - regs) * e * bt)
+        + wu * wu_own + norms * (1 - regs) * 2 * f,
         # the sub-block kernels (and the inverse and W/U where the chunk dots kernel does their work) read only their
         # chunk's flag where the chunk dots kernel took every chunk
         "kda_diag_dots_fwd_kernel": 0,

@@ -33,7 +33,7 @@ _FP32_POINTERS = {
     "A_log", "dt_bias", "g", "g_raw", "beta", "rnorm",
 }  # fmt: skip
 _INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets", "exact"}
-_SCALARS = {"scale": "fp32", "H": "i32", "K": "i32", "V": "i32"}
+_SCALARS = {"scale": "fp32", "NC": "i32", "H": "i32", "K": "i32", "V": "i32"}
 
 
 def signature(
@@ -74,7 +74,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_fwd.kda_chunk_dots_fwd_kernel,
          dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
               BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, NORMS=norms, EPS=eps, ROW_LIMIT=chunk._row_limit(),
-              SAVE=True), chunk.CHUNK_DOTS_WARPS, 1),
+              SAVE=True, WU_REGS=bool(chunk.CHUNK_DOTS_WU_REGS)), chunk.CHUNK_DOTS_WARPS, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,

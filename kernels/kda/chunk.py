@@ -124,6 +124,16 @@ CHUNK_DOTS_MAXNREG = 0
 # against 2.26. Its first version, which also took the gate and the in-chunk cumsum (no prep kernel; each half's
 # cumsum per key block, the pivots' G as column sums), was slower: forward 4.591 / 4.505, the kernel 3.23 ms.
 CHUNK_DOTS_FUSE = 3
+# At CHUNK_DOTS_FUSE 2 and 3: 1 runs W/U's work from M's [32, 32] blocks as the chunk dots kernel holds them in
+# registers (and, at 3, the rows' inverse norms too), half by half; 0 stores M, the norms in an [TT, H, 2] buffer,
+# and reads them back after a barrier as [64, 64] M and [64] vectors. At 1 an inference forward stores no M.
+CHUNK_DOTS_WU_REGS = 1
+# The fallback kernels (diagonal, pairs, and at CHUNK_DOTS_FUSE >= 1 the inverse and W/U), which compute only the
+# chunks that the chunk dots kernel flags, run at most FALLBACK_PROGRAMS programs over chunks and heads, each walking a
+# stride of the chunks and reading their flags; 0: one program per chunk (sub-block for the diagonal kernel). With one
+# per chunk their early returns took 0.085 ms of the 4.16 ms forward at B8 T4096 H32 on an H100 (session 43: 65536
+# programs for the diagonal kernel, 16384 for each of the others).
+FALLBACK_PROGRAMS = 1024
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
@@ -238,6 +248,16 @@ def _fuse_levels() -> tuple[bool, bool, bool]:
     return CHUNK_DOTS_FUSE >= 1, CHUNK_DOTS_FUSE >= 2, CHUNK_DOTS_FUSE == 3
 
 
+def _fallback_grid(NC: int, H: int, flagged: bool, per_chunk: int = 1) -> tuple[int, int]:
+    """Grid of a kernel over ``NC`` chunks (``per_chunk`` items each) and ``H`` heads whose programs walk a stride of
+    the items: with ``flagged`` (it computes only the flagged chunks) about ``FALLBACK_PROGRAMS`` programs, else one per
+    item."""
+    programs = NC
+    if flagged and FALLBACK_PROGRAMS:
+        programs = min(NC, cdiv(FALLBACK_PROGRAMS, H))
+    return programs * per_chunk, H
+
+
 def _row_limit() -> float:
     """The largest squared row norm of q or k that the chunk dots kernel sums unnormalised (``CHUNK_DOTS_FUSE`` 3):
     every entry of a row times a factor up to e^CHUNK_DOT_SPAN must stay finite in fp32."""
@@ -300,28 +320,29 @@ def kda_chunk_fwd(
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
     # the inverse norms of q's and k's rows, from the chunk dots kernel's sums to its W/U work
-    rnorm = torch.empty(TT, H, 2, device=dev, dtype=torch.float32) if norms else None
+    rnorm = torch.empty(TT, H, 2, device=dev, dtype=torch.float32) if norms and not CHUNK_DOTS_WU_REGS else None
     kda_chunk_dots_fwd_kernel[(NC, H)](
         q if norms else qn, k if norms else kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, rnorm, exact,
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
         BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, NORMS=norms, EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(),
-        SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS, maxnreg=CHUNK_DOTS_MAXNREG or None,
+        SAVE=for_backward, WU_REGS=bool(CHUNK_DOTS_WU_REGS), num_warps=CHUNK_DOTS_WARPS,
+        maxnreg=CHUNK_DOTS_MAXNREG or None,
     )  # fmt: skip
-    kda_diag_dots_fwd_kernel[(NC * (CHUNK // SUB), H)](
-        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
+    kda_diag_dots_fwd_kernel[_fallback_grid(NC, H, True, CHUNK // SUB)](
+        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee, num_warps=DIAG_DOTS_WARPS,
     )  # fmt: skip
-    kda_pairs_chunk_fwd_kernel[(NC, H)](
-        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, H, K,
+    kda_pairs_chunk_fwd_kernel[_fallback_grid(NC, H, True)](
+        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
     )  # fmt: skip
-    kda_inverse_fwd_kernel[(NC, H)](
-        P, beta, M, exact, chunks.indices, chunks.cu_seqlens, H,
+    kda_inverse_fwd_kernel[_fallback_grid(NC, H, inverse)](
+        P, beta, M, exact, chunks.indices, chunks.cu_seqlens, NC, H,
         BT=CHUNK, BC=SUB, FLAGGED=inverse, IEEE=ieee, num_warps=INVERSE_WARPS,
     )  # fmt: skip
-    kda_wu_fwd_kernel[(NC, H)](
-        qn, kn, v, G, beta, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+    kda_wu_fwd_kernel[_fallback_grid(NC, H, wu)](
+        qn, kn, v, G, beta, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K, V,
         BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, FLAGGED=wu, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
     )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)

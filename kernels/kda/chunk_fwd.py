@@ -116,7 +116,7 @@ def _runs(exact, i_c, i_h, H, FLAGGED: tl.constexpr):
 
 @triton.jit
 def kda_diag_dots_fwd_kernel(
-    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, H, K,
+    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, NC, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, sub-block; head): the sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P with exact in-chunk
@@ -127,13 +127,24 @@ def kda_diag_dots_fwd_kernel(
     with exact decays. Each block's share of the sums is exact either way, so the two paths mix freely within a
     sub-block. (Until session 20 a kernel of one token per program took an exp per partner and channel, about 8.5 K
     per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.) Only the chunks that ``exact``
-    flags (:func:`kda_chunk_dots_fwd_kernel`) are computed; the other programs return at once."""
+    flags (:func:`kda_chunk_dots_fwd_kernel`) are computed, by programs that each walk a stride of the ``NC * BT /
+    BC`` sub-blocks (:func:`_fallback_items`)."""
     NS: tl.constexpr = BT // BC
-    i_s, i_c = _tile_and_item(NS)
     i_h = tl.program_id(1)
+    for item in range(tl.program_id(0), NC * NS, tl.num_programs(0)):
+        i_s, i_c = item % NS, item // NS
+        if _runs(exact, i_c, i_h, H, True):
+            _diag_dots_sub_block(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_s, i_h, scale, H, K, BT, BC, BK,
+                                 SPAN, IEEE)  # fmt: skip
+
+
+@triton.jit
+def _diag_dots_sub_block(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_s, i_h, scale, H, K, BT: tl.constexpr,
+                         BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """The body of :func:`kda_diag_dots_fwd_kernel` for sub-block ``i_s`` of chunk ``i_c``, head ``i_h``."""
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     s0 = t0 + i_s * BC  # the sub-block's first token
-    if (s0 < eos) & _runs(exact, i_c, i_h, H, True):
+    if s0 < eos:
         idx = tl.arange(0, BC)
         rows = s0 + idx
         rmask = rows < eos
@@ -255,7 +266,7 @@ def kda_chunk_dots_fwd_kernel(
     q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, rnorm, exact, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
     BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr, EPS: tl.constexpr,
-    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr,
+    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr, WU_REGS: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
     j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
@@ -297,12 +308,14 @@ def kda_chunk_dots_fwd_kernel(
     )
     zero = tl.zeros([HB, HB], dtype=tl.float32)
     fits = span <= SPAN
+    rq0, rk0, rq1, rk1 = sq0, sk0, sq1, sk1  # the rows' inverse norms with NORMS (Triton binds names on both sides)
     if NORMS:
         fits = fits & (tl.maximum(tl.max(tl.maximum(sq0, sk0)), tl.max(tl.maximum(sq1, sk1))) <= ROW_LIMIT)
         rq0, rk0 = 1.0 / tl.sqrt(sq0 + EPS), 1.0 / tl.sqrt(sk0 + EPS)
         rq1, rk1 = 1.0 / tl.sqrt(sq1 + EPS), 1.0 / tl.sqrt(sk1 + EPS)
-        _store_half_norms(rnorm, rq0, rk0, t0, eos, 0, H, i_h, HB)
-        _store_half_norms(rnorm, rq1, rk1, t0, eos, 1, H, i_h, HB)
+        if not WU_REGS:
+            _store_half_norms(rnorm, rq0, rk0, t0, eos, 0, H, i_h, HB)
+            _store_half_norms(rnorm, rq1, rk1, t0, eos, 1, H, i_h, HB)
         A0 = A0 * (scale * rq0)[:, None] * rk0[None, :]
         A1 = A1 * (scale * rq1)[:, None] * rk1[None, :]
         AX = AX * (scale * rq1)[:, None] * rk0[None, :]
@@ -317,8 +330,9 @@ def kda_chunk_dots_fwd_kernel(
         P0, P1 = tl.where(below, P0, 0.0), tl.where(below, P1, 0.0)
         _store_half_row(A_qk, tl.where(on, A0, 0.0), zero, t0, eos, 0, H, i_h, BT)
         _store_half_row(A_qk, AX, tl.where(on, A1, 0.0), t0, eos, 1, H, i_h, BT)
-        _store_half_row(P, P0, zero, t0, eos, 0, H, i_h, BT)
-        _store_half_row(P, PX, P1, t0, eos, 1, H, i_h, BT)
+        if SAVE or not INVERSE:  # read by the backward, or by the inverse kernel
+            _store_half_row(P, P0, zero, t0, eos, 0, H, i_h, BT)
+            _store_half_row(P, PX, P1, t0, eos, 1, H, i_h, BT)
         if INVERSE:
             eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
             b0 = _sub_block_beta(beta, idx, t0, eos, 0, H, i_h, HB)
@@ -326,19 +340,70 @@ def kda_chunk_dots_fwd_kernel(
             M0 = _unit_lower_inverse(b0[:, None] * P0, eye, 5, IEEE)
             M1 = _unit_lower_inverse(b1[:, None] * P1, eye, 5, IEEE)
             MX = -tl.dot(M1, tl.dot(b1[:, None] * PX, M0, input_precision=IEEE), input_precision=IEEE)
-            _store_half_row(M, M0, zero, t0, eos, 0, H, i_h, BT)
-            _store_half_row(M, MX, M1, t0, eos, 1, H, i_h, BT)
+            if SAVE or not (WU and WU_REGS):  # read by the backward, or by W/U's work from memory
+                _store_half_row(M, M0, zero, t0, eos, 0, H, i_h, BT)
+                _store_half_row(M, MX, M1, t0, eos, 1, H, i_h, BT)
             if WU:
-                tl.debug_barrier()  # M's rows (and the inverse norms) as every thread of the program wrote them
-                _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indices, cu_seqlens, i_c,
-                          i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, NORMS, SAVE)  # fmt: skip
-    elif NORMS:
-        tl.debug_barrier()  # the inverse norms as every thread of the program wrote them
-        rows = t0 + tl.arange(0, BT)
-        rmask = rows < eos
-        b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h)
-        for k0 in range(0, K, BK_WU):
-            _chunk_key_block(q, k, G, qn, kn, b_rq, b_rk, t0, eos, k0, H, i_h, K, BT, BK_WU, NORMS, True)
+                if WU_REGS:
+                    dt = W.dtype.element_ty
+                    _wu_halves(q, k, v, G, W, U, qg, kh, gl, qn, kn, M0.to(dt), MX.to(dt), M1.to(dt), b0, b1, rq0,
+                               rk0, rq1, rk1, t0, eos, i_c, i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, NORMS,
+                               SAVE)  # fmt: skip
+                else:
+                    tl.debug_barrier()  # M's rows (and the inverse norms) as every thread of the program wrote them
+                    _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indices, cu_seqlens, i_c,
+                              i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, NORMS, SAVE)  # fmt: skip
+    elif NORMS:  # qn, kn of the flagged chunk, for the fallback kernels
+        if WU_REGS:
+            for k0 in range(0, K, BK_WU):
+                cols = k0 + tl.arange(0, BK_WU)
+                _normed_rows(q, k, qn, kn, rq0, rk0, t0, eos, cols, H, i_h, K, HB, NORMS, True)
+                _normed_rows(q, k, qn, kn, rq1, rk1, t0 + HB, eos, cols, H, i_h, K, HB, NORMS, True)
+        else:
+            tl.debug_barrier()  # the inverse norms as every thread of the program wrote them
+            rows = t0 + tl.arange(0, BT)
+            rmask = rows < eos
+            b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h)
+            for k0 in range(0, K, BK_WU):
+                cols = k0 + tl.arange(0, BK_WU)
+                _normed_rows(q, k, qn, kn, b_rq, b_rk, t0, eos, cols, H, i_h, K, BT, NORMS, True)
+
+
+@triton.jit
+def _wu_halves(q, k, v, G, W, U, qg, kh, gl, qn, kn, M0, MX, M1, b0, b1, rq0, rk0, rq1, rk1, t0, eos, i_c, i_h, scale,
+               H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr,
+               SAVE: tl.constexpr):  # fmt: skip
+    """W/U's work (:func:`kda_wu_fwd_kernel`) for a chunk whose M = [[M0, 0], [MX, M1]] the chunk dots kernel holds in
+    registers (``[BT / 2, BT / 2]`` blocks in W's dtype), half by half: W's and U's first half M0 X_0, their second
+    MX X_0 + M1 X_1. ``b0``, ``b1``: the halves' beta; ``rq0`` .. ``rk1``: with ``NORMS`` their rows' inverse norms
+    (:func:`_normed_rows`)."""
+    HB: tl.constexpr = BT // 2
+    x = t0 + HB  # the second half's first row
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        b_last = _last_decay(G, gl, t0, eos, i_c, cols, H, i_h, K, BT)
+        w0 = _wu_rows(q, k, G, qg, kh, qn, kn, b0, rq0, rk0, b_last, t0, eos, cols, scale, H, i_h, K, HB, NORMS, SAVE)
+        w1 = _wu_rows(q, k, G, qg, kh, qn, kn, b1, rq1, rk1, b_last, x, eos, cols, scale, H, i_h, K, HB, NORMS, SAVE)
+        w0, w1 = w0.to(W.dtype.element_ty), w1.to(W.dtype.element_ty)
+        _store_half_rows(W, tl.dot(M0, w0, input_precision=IEEE),
+                         tl.dot(M1, w1, tl.dot(MX, w0, input_precision=IEEE), input_precision=IEEE),
+                         t0, eos, cols, H, i_h, K, HB)  # fmt: skip
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        u0 = _beta_rows(v, b0, t0, eos, cols_v, H, i_h, V, HB).to(U.dtype.element_ty)
+        u1 = _beta_rows(v, b1, x, eos, cols_v, H, i_h, V, HB).to(U.dtype.element_ty)
+        _store_half_rows(U, tl.dot(M0, u0, input_precision=IEEE),
+                         tl.dot(M1, u1, tl.dot(MX, u0, input_precision=IEEE), input_precision=IEEE),
+                         t0, eos, cols_v, H, i_h, V, HB)  # fmt: skip
+
+
+@triton.jit
+def _store_half_rows(X, b_top, b_bottom, t0, eos, cols, H, i_h, D, HB: tl.constexpr):
+    """A chunk's rows of ``X [TT, H, D]``, columns ``cols``: the first half's ``b_top``, the second half's ``b_bottom``
+    (``[HB, len(cols)]`` each)."""
+    idx = tl.arange(0, HB)
+    _store_rows(X, b_top, t0 + idx, t0 + idx < eos, cols, cols < D, H, i_h, D)
+    _store_rows(X, b_bottom, t0 + HB + idx, t0 + HB + idx < eos, cols, cols < D, H, i_h, D)
 
 
 @triton.jit
@@ -462,7 +527,7 @@ def _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31,
 
 @triton.jit
 def kda_pairs_chunk_fwd_kernel(
-    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, H, K,
+    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, NC, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles
@@ -470,11 +535,13 @@ def kda_pairs_chunk_fwd_kernel(
     that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of ``BK`` key channels
     (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
     them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.) Only the
-    chunks that ``exact`` flags (:func:`kda_chunk_dots_fwd_kernel`) are computed."""
+    chunks that ``exact`` flags (:func:`kda_chunk_dots_fwd_kernel`) are computed, a stride of them per program
+    (:func:`_fallback_items`)."""
     tl.static_assert(BT == 4 * BC)
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if _runs(exact, i_c, i_h, H, True):
-        _pairs_chunk(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, BT, BC, BK, IEEE)
+    i_h = tl.program_id(1)
+    for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
+        if _runs(exact, i_c, i_h, H, True):
+            _pairs_chunk(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, BT, BC, BK, IEEE)
 
 
 @triton.jit
@@ -545,7 +612,7 @@ def _store_block_row(M, b0, b1, b2, b3, idx, t0, eos, s, H, i_h, BT: tl.constexp
 
 @triton.jit
 def kda_inverse_fwd_kernel(
-    P, beta, M, exact, chunk_indices, cu_seqlens, H,
+    P, beta, M, exact, chunk_indices, cu_seqlens, NC, H,
     BT: tl.constexpr, BC: tl.constexpr, FLAGGED: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]``, zeros above the diagonal; computed in fp32,
@@ -556,11 +623,12 @@ def kda_inverse_fwd_kernel(
     Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
     share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
     :func:`kda_wu_fwd_kernel`. With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel stored
-    the others' M).
+    the others' M). Each program walks a stride of the ``NC`` chunks (:func:`_fallback_items`).
     """
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if _runs(exact, i_c, i_h, H, FLAGGED):
-        _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H, BT, BC, IEEE)
+    i_h = tl.program_id(1)
+    for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
+        if _runs(exact, i_c, i_h, H, FLAGGED):
+            _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H, BT, BC, IEEE)
 
 
 @triton.jit
@@ -615,7 +683,7 @@ def _store_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, idx, t0,
 
 @triton.jit
 def kda_wu_fwd_kernel(
-    q, k, v, G, beta, M, W, U, qg, kh, gl, exact, chunk_indices, cu_seqlens, scale, H, K, V,
+    q, k, v, G, beta, M, W, U, qg, kh, gl, exact, chunk_indices, cu_seqlens, scale, NC, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FLAGGED: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
@@ -623,20 +691,21 @@ def kda_wu_fwd_kernel(
     otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
     (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
     1.346 ms at B1 T8192.) With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel did the
-    others)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if _runs(exact, i_c, i_h, H, FLAGGED):
-        _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, None, None, None, chunk_indices, cu_seqlens, i_c, i_h,
-                  scale, H, K, V, BT, BK, BV, IEEE, False, False)  # fmt: skip
+    others). Each program walks a stride of the ``NC`` chunks (:func:`_fallback_items`)."""
+    i_h = tl.program_id(1)
+    for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
+        if _runs(exact, i_c, i_h, H, FLAGGED):
+            _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, None, None, None, chunk_indices, cu_seqlens, i_c, i_h,
+                      scale, H, K, V, BT, BK, BV, IEEE, False, False)  # fmt: skip
 
 
 @triton.jit
 def _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K,
               V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr,
               SAVE: tl.constexpr):  # fmt: skip
-    """The body of :func:`kda_wu_fwd_kernel` for chunk ``i_c``, head ``i_h``; with ``NORMS`` from the raw q, k and
-    their rows' inverse norms in ``rnorm``, as :func:`kda_chunk_dots_fwd_kernel` takes them
-    (:func:`_chunk_key_block`)."""
+    """The body of :func:`kda_wu_fwd_kernel` for chunk ``i_c``, head ``i_h``, from M ``[BT, BT]`` in memory; with
+    ``NORMS`` from the raw q, k and their rows' inverse norms in ``rnorm``, as :func:`kda_chunk_dots_fwd_kernel` takes
+    them (:func:`_normed_rows`)."""
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
     rows = t0 + idx
@@ -647,56 +716,68 @@ def _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indice
     if NORMS:
         b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h)
     for k0 in range(0, K, BK):
-        _wu_key_block(q, k, G, W, qg, kh, gl, qn, kn, b_Md, b_beta, b_rq, b_rk, t0, eos, i_c, k0, scale, H, i_h, K,
-                      BT, BK, IEEE, NORMS, SAVE)  # fmt: skip
+        cols = k0 + tl.arange(0, BK)
+        b_last = _last_decay(G, gl, t0, eos, i_c, cols, H, i_h, K, BT)
+        b_w = _wu_rows(q, k, G, qg, kh, qn, kn, b_beta, b_rq, b_rk, b_last, t0, eos, cols, scale, H, i_h, K, BT,
+                       NORMS, SAVE)  # fmt: skip
+        b_w = tl.dot(b_Md, b_w.to(W.dtype.element_ty), input_precision=IEEE)
+        _store_rows(W, b_w, rows, rmask, cols, cols < K, H, i_h, K)
     for v0 in range(0, V, BV):
-        _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV, IEEE)
+        cols_v = v0 + tl.arange(0, BV)
+        b_u = _beta_rows(v, b_beta, t0, eos, cols_v, H, i_h, V, BT).to(U.dtype.element_ty)
+        _store_rows(U, tl.dot(b_Md, b_u, input_precision=IEEE), rows, rmask, cols_v, cols_v < V, H, i_h, V)
 
 
 @triton.jit
-def _chunk_key_block(q, k, G, qn, kn, b_rq, b_rk, t0, eos, k0, H, i_h, K, BT: tl.constexpr, BK: tl.constexpr,
-                     NORMS: tl.constexpr, SAVE: tl.constexpr):  # fmt: skip
-    """Key channels ``k0 .. k0 + BK`` of a chunk's G (as :func:`_load_cum_decay` returns it, with its last row), q
-    and k (fp32), the rows, their mask, the columns and the column mask. With ``NORMS`` q and k are the raw inputs,
-    normalised here by their rows' inverse norms ``b_rq``, ``b_rk`` ``[BT]``, and with ``SAVE`` then stored to qn,
-    kn."""
-    b_G, b_last, _, rows, rmask, cols, cmask = _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT, BK)
+def _last_decay(G, gl, t0, eos, i_c, cols, H, i_h, K, BT: tl.constexpr):
+    """G's last row of chunk ``i_c`` (starting at token ``t0``), key channels ``cols`` (``[BK]`` fp32), with gl =
+    exp(G_last) stored (``[NC, H, K]``)."""
+    b_last = _load_row(G, t0 + tl.minimum(eos - t0, BT) - 1, eos, cols, H, i_h, K)
+    tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cols < K)
+    return b_last
+
+
+@triton.jit
+def _normed_rows(q, k, qn, kn, rq, rk, r0, eos, cols, H, i_h, K, NR: tl.constexpr, NORMS: tl.constexpr,
+                 SAVE: tl.constexpr):  # fmt: skip
+    """Rows ``r0 .. r0 + NR`` (zeros past the sequence end), key channels ``cols`` of q and k, fp32. With ``NORMS``
+    q and k are the raw inputs, normalised here by their rows' inverse norms ``rq``, ``rk`` ``[NR]``, and with
+    ``SAVE`` then stored to qn, kn."""
+    rows = r0 + tl.arange(0, NR)
+    rmask, cmask = rows < eos, cols < K
     b_q = _load_rows(q, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     b_k = _load_rows(k, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     if NORMS:
-        b_q, b_k = b_q * b_rq[:, None], b_k * b_rk[:, None]
+        b_q, b_k = b_q * rq[:, None], b_k * rk[:, None]
         if SAVE:
             _store_rows(qn, b_q, rows, rmask, cols, cmask, H, i_h, K)
             _store_rows(kn, b_k, rows, rmask, cols, cmask, H, i_h, K)
-    return b_G, b_last, b_q, b_k, rows, rmask, cols, cmask
+    return b_q, b_k
 
 
 @triton.jit
-def _wu_key_block(q, k, G, W, qg, kh, gl, qn, kn, b_Md, b_beta, b_rq, b_rk, t0, eos, i_c, k0, scale, H, i_h, K,
-                  BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr,
-                  SAVE: tl.constexpr):  # fmt: skip
-    """Key channels ``k0 .. k0 + BK`` of a chunk: W = M (beta * k * exp(G)), qg, kh and gl (see
-    :func:`kda_wu_fwd_kernel`); ``b_Md`` is M ``[BT, BT]`` in W's dtype, ``b_beta`` the chunk's beta; the chunk's
-    G, q and k as :func:`_chunk_key_block` gives them."""
-    b_G, b_last, b_q, b_k, rows, rmask, cols, cmask = _chunk_key_block(
-        q, k, G, qn, kn, b_rq, b_rk, t0, eos, k0, H, i_h, K, BT, BK, NORMS, SAVE
-    )
+def _wu_rows(q, k, G, qg, kh, qn, kn, b_beta, rq, rk, b_last, r0, eos, cols, scale, H, i_h, K, NR: tl.constexpr,
+             NORMS: tl.constexpr, SAVE: tl.constexpr):  # fmt: skip
+    """Rows ``r0 .. r0 + NR`` of a chunk whose G ends in ``b_last``, key channels ``cols``: stores qg = scale * q *
+    exp(G) and kh = k * exp(G_last - G) (see :func:`kda_wu_fwd_kernel`; q, k as :func:`_normed_rows` gives them) and
+    returns W's right-hand side beta * k * exp(G) (``[NR, BK]`` fp32; ``b_beta``: the rows' beta). Rows past the
+    sequence end are zero and not stored."""
+    rows = r0 + tl.arange(0, NR)
+    rmask, cmask = rows < eos, cols < K
+    b_G = _load_rows(G, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
+    b_q, b_k = _normed_rows(q, k, qn, kn, rq, rk, r0, eos, cols, H, i_h, K, NR, NORMS, SAVE)
     b_gexp = tl.exp(b_G)
     _store_rows(qg, b_q * b_gexp * scale, rows, rmask, cols, cmask, H, i_h, K)
     _store_rows(kh, b_k * tl.exp(b_last[None, :] - b_G), rows, rmask, cols, cmask, H, i_h, K)
-    tl.store(gl + (i_c * H + i_h).to(tl.int64) * K + cols, tl.exp(b_last), mask=cmask)
-    b_w = (b_k * b_gexp * b_beta[:, None]).to(W.dtype.element_ty)
-    _store_rows(W, tl.dot(b_Md, b_w, input_precision=IEEE), rows, rmask, cols, cmask, H, i_h, K)
+    return b_k * b_gexp * b_beta[:, None]
 
 
 @triton.jit
-def _wu_value_block(v, U, b_Md, b_beta, rows, rmask, v0, H, i_h, V, BV: tl.constexpr, IEEE: tl.constexpr):
-    """Value columns ``v0 .. v0 + BV`` of a chunk: U = M (beta * v)."""
-    cols_v = v0 + tl.arange(0, BV)
-    vmask = cols_v < V
-    b_v = _load_rows(v, rows, rmask, cols_v, vmask, H, i_h, V).to(tl.float32) * b_beta[:, None]
-    b_u = tl.dot(b_Md, b_v.to(U.dtype.element_ty), input_precision=IEEE)
-    _store_rows(U, b_u, rows, rmask, cols_v, vmask, H, i_h, V)
+def _beta_rows(v, b_beta, r0, eos, cols_v, H, i_h, V, NR: tl.constexpr):
+    """U's right-hand side beta * v on rows ``r0 .. r0 + NR`` (zeros past the sequence end), value columns ``cols_v``
+    (fp32; ``b_beta``: the rows' beta)."""
+    rows = r0 + tl.arange(0, NR)
+    return _load_rows(v, rows, rows < eos, cols_v, cols_v < V, H, i_h, V).to(tl.float32) * b_beta[:, None]
 
 
 @triton.jit
