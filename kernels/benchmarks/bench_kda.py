@@ -158,17 +158,15 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
     e, f = 2, 4  # bytes of bf16 and fp32
     bt = chunk.CHUNK
     inverse, wu, norms = (int(level) for level in chunk._fuse_levels())
-    regs = wu * int(bool(chunk.CHUNK_DOTS_WU_REGS))  # W/U's work from M and the norms in registers
     qkG = (2 * e + f) * K  # q, k, G in
     wu_own = e * V + 3 * e * K + e * V  # what W/U alone moves: v in; W, qg, kh, U out
     state = e * K * V // bt
     return {
         "kda_prep_fwd_kernel": 2 * f * K + (1 - norms) * 4 * e * K,  # g in, G out; without norms q, k in, qn, kn out
-        # q, k, G in; A_qk out, P out unless the kernel computes M (else only the backward reads P); with the inverse
-        # beta in, M out unless W/U's work takes it from registers; with W/U its own traffic (q, k, G and any M
-        # re-read from the caches); with the norms and W/U from memory the rows' inverse norms out (and read back)
-        "kda_chunk_dots_fwd_kernel": qkG + e * bt + (1 - inverse) * f * bt + inverse * (e + (1 - regs) * e * bt)
-        + wu * wu_own + norms * (1 - regs) * 2 * f,
+        # q, k, G in; A_qk out; P out unless the kernel computes M, M unless it does W/U's work (else only the
+        # backward reads them); with the inverse beta in; with W/U its own traffic (q, k, G re-read from the caches)
+        "kda_chunk_dots_fwd_kernel": qkG + e * bt + (1 - inverse) * f * bt + inverse * e + (inverse - wu) * e * bt
+        + wu * wu_own,
         # the sub-block kernels (and the inverse and W/U where the chunk dots kernel does their work) read only their
         # chunk's flag where the chunk dots kernel took every chunk
         "kda_diag_dots_fwd_kernel": 0,

@@ -30,7 +30,7 @@ from kimi_hf.kernels.kda import chunk, chunk_bwd, chunk_fwd  # noqa: E402
 _FP32_POINTERS = {
     "G", "P", "gl", "h0", "ht", "dht", "dh0", "dA_qk", "dP", "dg", "dG", "dlast_part", "dbeta", "dA_log_part",
     "ddt_bias_part", "dq", "dk", "dkp", "dkm",
-    "A_log", "dt_bias", "g", "g_raw", "beta", "rnorm",
+    "A_log", "dt_bias", "g", "g_raw", "beta",
 }  # fmt: skip
 _INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets", "exact"}
 _SCALARS = {"scale": "fp32", "NC": "i32", "H": "i32", "K": "i32", "V": "i32"}
@@ -74,7 +74,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_fwd.kda_chunk_dots_fwd_kernel,
          dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
               BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, NORMS=norms, EPS=eps, ROW_LIMIT=chunk._row_limit(),
-              SAVE=True, WU_REGS=bool(chunk.CHUNK_DOTS_WU_REGS)), chunk.CHUNK_DOTS_WARPS, 1),
+              SAVE=True), chunk.CHUNK_DOTS_WARPS, 1),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,
@@ -85,7 +85,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV,
                                            FLAGGED=wu), chunk.WU_WARPS, chunk.WU_STAGES),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
-         chunk._state_fwd_warps(BK), 1),
+         chunk._state_fwd_warps(BK), chunk.STATE_FWD_STAGES),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)),

@@ -124,10 +124,11 @@ CHUNK_DOTS_MAXNREG = 0
 # against 2.26. Its first version, which also took the gate and the in-chunk cumsum (no prep kernel; each half's
 # cumsum per key block, the pivots' G as column sums), was slower: forward 4.591 / 4.505, the kernel 3.23 ms.
 CHUNK_DOTS_FUSE = 3
-# At CHUNK_DOTS_FUSE 2 and 3: 1 runs W/U's work from M's [32, 32] blocks as the chunk dots kernel holds them in
-# registers (and, at 3, the rows' inverse norms too), half by half; 0 stores M, the norms in an [TT, H, 2] buffer,
-# and reads them back after a barrier as [64, 64] M and [64] vectors. At 1 an inference forward stores no M.
-CHUNK_DOTS_WU_REGS = 1
+# Session 44 (H100, fuse 3, fla 4.83 / 4.87 / ~1.26 ms): W/U's work from M's [32, 32] blocks and the rows' inverse
+# norms as the chunk dots kernel holds them in registers, half by half (an inference forward stores neither M nor
+# P), took the forward from 4.069 to 3.912 ms at B8 T4096, 4.297 to 4.149 at B1 T32768, 1.139 to 1.099 at B1 T8192,
+# against M and the norms stored and read back after a barrier; fwd+bwd 13.72 -> 13.81, 13.99 -> 14.05,
+# 3.62 -> 3.64.
 # The fallback kernels (diagonal, pairs, and at CHUNK_DOTS_FUSE >= 1 the inverse and W/U), which compute only the
 # chunks that the chunk dots kernel flags, run at most FALLBACK_PROGRAMS programs over chunks and heads, each walking a
 # stride of the chunks and reading their flags; 0: one program per chunk (sub-block for the diagonal kernel). With one
@@ -176,6 +177,10 @@ BWD_PAIR_WARPS = 4
 # STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
 STATE_FWD_WARPS = 4
 STATE_BLOCK_V = 0
+# Software pipelining of the forward state pass's chunk loop by Triton (num_stages): each chunk's W, U and kh tiles
+# copied asynchronously to shared memory, steps ahead (2 stages: 146 registers and 80 KB of shared memory at K = 128,
+# 145 KB at K = 256; kda_registers.py).
+STATE_FWD_STAGES = 2
 NUM_WARPS = 8  # the other kernels
 
 
@@ -319,15 +324,12 @@ def kda_chunk_fwd(
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
-    # the inverse norms of q's and k's rows, from the chunk dots kernel's sums to its W/U work
-    rnorm = torch.empty(TT, H, 2, device=dev, dtype=torch.float32) if norms and not CHUNK_DOTS_WU_REGS else None
     kda_chunk_dots_fwd_kernel[(NC, H)](
-        q if norms else qn, k if norms else kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, rnorm, exact,
+        q if norms else qn, k if norms else kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact,
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
         BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, NORMS=norms, EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(),
-        SAVE=for_backward, WU_REGS=bool(CHUNK_DOTS_WU_REGS), num_warps=CHUNK_DOTS_WARPS,
-        maxnreg=CHUNK_DOTS_MAXNREG or None,
+        SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS, maxnreg=CHUNK_DOTS_MAXNREG or None,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[_fallback_grid(NC, H, True, CHUNK // SUB)](
         qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K,
@@ -349,11 +351,10 @@ def kda_chunk_fwd(
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BVs = _state_block_v(BK, BV)
-    # num_stages=1: software pipelining of the chunk loop would need more shared memory than Hopper has.
     kda_state_fwd_kernel[(N * cdiv(V, BVs), H)](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=_state_fwd_warps(BK), num_stages=1,
+        num_warps=_state_fwd_warps(BK), num_stages=STATE_FWD_STAGES,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
     kda_output_fwd_kernel[(NC * cdiv(V, BV), H)](

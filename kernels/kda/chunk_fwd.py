@@ -246,27 +246,11 @@ def _pair_sums(q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK: tl.constexpr, 
 
 
 @triton.jit
-def _store_half_norms(rnorm, rq, rk, t0, eos, half, H, i_h, HB: tl.constexpr):
-    """The inverse norms of half ``half``'s q and k rows into ``rnorm [TT, H, 2]`` (q's, then k's)."""
-    rows = t0 + half * HB + tl.arange(0, HB)
-    offs = (rows.to(tl.int64) * H + i_h) * 2
-    tl.store(rnorm + offs, rq, mask=rows < eos)
-    tl.store(rnorm + offs + 1, rk, mask=rows < eos)
-
-
-@triton.jit
-def _row_norms(rnorm, rows, rmask, H, i_h):
-    """The inverse norms of q's and k's rows ``rows`` as :func:`_store_half_norms` stored them."""
-    offs = (rows.to(tl.int64) * H + i_h) * 2
-    return tl.load(rnorm + offs, mask=rmask, other=0.0), tl.load(rnorm + offs + 1, mask=rmask, other=0.0)
-
-
-@triton.jit
 def kda_chunk_dots_fwd_kernel(
-    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, rnorm, exact, chunk_indices, cu_seqlens, scale, H, K, V,
+    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
     BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr, EPS: tl.constexpr,
-    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr, WU_REGS: tl.constexpr,
+    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
     j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
@@ -286,17 +270,21 @@ def kda_chunk_dots_fwd_kernel(
     (Each half's q rows stacked above its k rows, three ``[BT, BK] x [BK, BT / 2]`` dots per key block that compile to
     wgmma, took the forward from 4.36 to 5.57 ms at B8 T4096 on an H100 in session 42; bf58bc0, removed.)
 
-    With ``INVERSE`` it also stores M = (I + Diag(beta) P)^-1 of the chunks it computes, from P in registers: the
+    With ``INVERSE`` it also computes M = (I + Diag(beta) P)^-1 of the chunks it computes, from P in registers: the
     halves' diagonal blocks by :func:`_unit_lower_inverse`, the block below them M_10 = -M_11 L_10 M_00; with ``WU``
     (and ``INVERSE``) then what :func:`kda_wu_fwd_kernel` computes (key blocks of ``BK_WU``, value blocks of
-    ``BV``), from M read back, as the chunk's q, k, G and v are, from the caches.
+    ``BV``), from M's blocks in registers (:func:`_wu_halves`), the chunk's q, k, G and v read again, from the
+    caches. P and M are stored only where something reads them: P without ``INVERSE`` (the inverse kernel), M without
+    ``WU`` (the W/U kernel), both with ``SAVE`` (the backward). (Until session 44 W/U's work read M back from memory
+    after a barrier, as one [BT, BT] tile: forward 3.91 against 4.07 ms at B8 T4096 on an H100, 4.15 against 4.30 at
+    B1 T32768.)
 
     With ``NORMS`` (and ``WU``) it also takes the L2 norms of q and k, which the prep kernel then leaves out: q, k
     are the raw inputs, and their rows' inverse norms scale the sums afterwards (A_qk by q's and k's, P by k's) and
-    W/U's rows, through ``rnorm [TT, H, 2]`` (written, then read back after a barrier). The sums are then over
-    unnormalised rows, whose entries times factors up to e^SPAN must stay finite in fp32: a chunk with a squared row
-    norm of q or k past ``ROW_LIMIT`` is flagged too. qn and kn are stored for the chunks it flags (the fallback
-    kernels read them) and, with ``SAVE`` (the backward reads them), for every chunk."""
+    W/U's rows. The sums are then over unnormalised rows, whose entries times factors up to e^SPAN must stay finite in
+    fp32: a chunk with a squared row norm of q or k past ``ROW_LIMIT`` is flagged too. qn and kn are stored for the
+    chunks it flags (the fallback kernels read them) and, with ``SAVE`` (the backward reads them), for every
+    chunk."""
     HB: tl.constexpr = BT // 2
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
@@ -313,9 +301,6 @@ def kda_chunk_dots_fwd_kernel(
         fits = fits & (tl.maximum(tl.max(tl.maximum(sq0, sk0)), tl.max(tl.maximum(sq1, sk1))) <= ROW_LIMIT)
         rq0, rk0 = 1.0 / tl.sqrt(sq0 + EPS), 1.0 / tl.sqrt(sk0 + EPS)
         rq1, rk1 = 1.0 / tl.sqrt(sq1 + EPS), 1.0 / tl.sqrt(sk1 + EPS)
-        if not WU_REGS:
-            _store_half_norms(rnorm, rq0, rk0, t0, eos, 0, H, i_h, HB)
-            _store_half_norms(rnorm, rq1, rk1, t0, eos, 1, H, i_h, HB)
         A0 = A0 * (scale * rq0)[:, None] * rk0[None, :]
         A1 = A1 * (scale * rq1)[:, None] * rk1[None, :]
         AX = AX * (scale * rq1)[:, None] * rk0[None, :]
@@ -340,33 +325,18 @@ def kda_chunk_dots_fwd_kernel(
             M0 = _unit_lower_inverse(b0[:, None] * P0, eye, 5, IEEE)
             M1 = _unit_lower_inverse(b1[:, None] * P1, eye, 5, IEEE)
             MX = -tl.dot(M1, tl.dot(b1[:, None] * PX, M0, input_precision=IEEE), input_precision=IEEE)
-            if SAVE or not (WU and WU_REGS):  # read by the backward, or by W/U's work from memory
+            if SAVE or not WU:  # read by the backward, or by the W/U kernel
                 _store_half_row(M, M0, zero, t0, eos, 0, H, i_h, BT)
                 _store_half_row(M, MX, M1, t0, eos, 1, H, i_h, BT)
             if WU:
-                if WU_REGS:
-                    dt = W.dtype.element_ty
-                    _wu_halves(q, k, v, G, W, U, qg, kh, gl, qn, kn, M0.to(dt), MX.to(dt), M1.to(dt), b0, b1, rq0,
-                               rk0, rq1, rk1, t0, eos, i_c, i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, NORMS,
-                               SAVE)  # fmt: skip
-                else:
-                    tl.debug_barrier()  # M's rows (and the inverse norms) as every thread of the program wrote them
-                    _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indices, cu_seqlens, i_c,
-                              i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, NORMS, SAVE)  # fmt: skip
+                dt = W.dtype.element_ty
+                _wu_halves(q, k, v, G, W, U, qg, kh, gl, qn, kn, M0.to(dt), MX.to(dt), M1.to(dt), b0, b1, rq0, rk0,
+                           rq1, rk1, t0, eos, i_c, i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, NORMS, SAVE)  # fmt: skip
     elif NORMS:  # qn, kn of the flagged chunk, for the fallback kernels
-        if WU_REGS:
-            for k0 in range(0, K, BK_WU):
-                cols = k0 + tl.arange(0, BK_WU)
-                _normed_rows(q, k, qn, kn, rq0, rk0, t0, eos, cols, H, i_h, K, HB, NORMS, True)
-                _normed_rows(q, k, qn, kn, rq1, rk1, t0 + HB, eos, cols, H, i_h, K, HB, NORMS, True)
-        else:
-            tl.debug_barrier()  # the inverse norms as every thread of the program wrote them
-            rows = t0 + tl.arange(0, BT)
-            rmask = rows < eos
-            b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h)
-            for k0 in range(0, K, BK_WU):
-                cols = k0 + tl.arange(0, BK_WU)
-                _normed_rows(q, k, qn, kn, b_rq, b_rk, t0, eos, cols, H, i_h, K, BT, NORMS, True)
+        for k0 in range(0, K, BK_WU):
+            cols = k0 + tl.arange(0, BK_WU)
+            _normed_rows(q, k, qn, kn, rq0, rk0, t0, eos, cols, H, i_h, K, HB, NORMS, True)
+            _normed_rows(q, k, qn, kn, rq1, rk1, t0 + HB, eos, cols, H, i_h, K, HB, NORMS, True)
 
 
 @triton.jit
@@ -695,31 +665,26 @@ def kda_wu_fwd_kernel(
     i_h = tl.program_id(1)
     for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
         if _runs(exact, i_c, i_h, H, FLAGGED):
-            _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, None, None, None, chunk_indices, cu_seqlens, i_c, i_h,
-                      scale, H, K, V, BT, BK, BV, IEEE, False, False)  # fmt: skip
+            _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V, BT,
+                      BK, BV, IEEE)  # fmt: skip
 
 
 @triton.jit
-def _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, qn, kn, rnorm, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K,
-              V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr,
-              SAVE: tl.constexpr):  # fmt: skip
-    """The body of :func:`kda_wu_fwd_kernel` for chunk ``i_c``, head ``i_h``, from M ``[BT, BT]`` in memory; with
-    ``NORMS`` from the raw q, k and their rows' inverse norms in ``rnorm``, as :func:`kda_chunk_dots_fwd_kernel` takes
-    them (:func:`_normed_rows`)."""
+def _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V,
+              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """The body of :func:`kda_wu_fwd_kernel` for chunk ``i_c``, head ``i_h``, from M ``[BT, BT]`` in memory and the
+    normalised q, k."""
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
     rows = t0 + idx
     rmask = rows < eos
     b_Md = _load_rows(M, rows, rmask, idx, idx < BT, H, i_h, BT).to(W.dtype.element_ty)
     b_beta = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=rmask, other=0.0).to(tl.float32)
-    b_rq, b_rk = b_beta, b_beta  # unused without NORMS (Triton needs the names bound on both sides of its branch)
-    if NORMS:
-        b_rq, b_rk = _row_norms(rnorm, rows, rmask, H, i_h)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         b_last = _last_decay(G, gl, t0, eos, i_c, cols, H, i_h, K, BT)
-        b_w = _wu_rows(q, k, G, qg, kh, qn, kn, b_beta, b_rq, b_rk, b_last, t0, eos, cols, scale, H, i_h, K, BT,
-                       NORMS, SAVE)  # fmt: skip
+        b_w = _wu_rows(q, k, G, qg, kh, None, None, b_beta, None, None, b_last, t0, eos, cols, scale, H, i_h, K, BT,
+                       False, False)  # fmt: skip
         b_w = tl.dot(b_Md, b_w.to(W.dtype.element_ty), input_precision=IEEE)
         _store_rows(W, b_w, rows, rmask, cols, cols < K, H, i_h, K)
     for v0 in range(0, V, BV):
@@ -787,33 +752,25 @@ def kda_state_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (sequence, V tile; head): the sequential state pass. Writes the state at the start of
-    every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
-    loaded before the current chunk's dots, so memory latency overlaps the math."""
+    every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. Each chunk's tiles are loaded at the top of its
+    step: launched with ``num_stages`` > 1, Triton's pipeliner turns them into asynchronous copies to shared memory,
+    issued steps ahead, which the dots read in place."""
     i_v, i_n = _tile_and_item(tl.cdiv(V, BV))
     i_h = tl.program_id(1)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
         cu_seqlens, chunk_offsets, h0, i_n, i_h, i_v, H, K, V, BK, BV, HAS_H0
     )
-    NT = tl.cdiv(eos - bos, BT)
-    rows = bos + tl.arange(0, BT)
-    rmask = rows < eos
-    b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
-    b_u = _load_rows(U, rows, rmask, cols_v, vmask, H, i_h, V)
-    b_kh = _load_rows(kh, rows, rmask, cols, cmask, H, i_h, K)
-    b_gl = tl.load(gl + (c0 * H + i_h) * K + cols, mask=cols < K * tl.minimum(NT, 1), other=0.0)
-    for i_t in range(0, NT):
+    for i_t in range(0, tl.cdiv(eos - bos, BT)):
+        rows = bos + i_t * BT + tl.arange(0, BT)
+        rmask = rows < eos
         tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_S.to(h.dtype.element_ty), mask=st_mask)
-        nrows = rows + BT
-        nmask = nrows < eos
-        n_w = _load_rows(W, nrows, nmask, cols, cmask, H, i_h, K)
-        n_u = _load_rows(U, nrows, nmask, cols_v, vmask, H, i_h, V)
-        n_kh = _load_rows(kh, nrows, nmask, cols, cmask, H, i_h, K)
-        has_next = tl.minimum(NT - 1 - i_t, 1)
-        n_gl = tl.load(gl + ((c0 + i_t + 1) * H + i_h) * K + cols, mask=cols < K * has_next, other=0.0)
+        b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
+        b_u = _load_rows(U, rows, rmask, cols_v, vmask, H, i_h, V)
+        b_kh = _load_rows(kh, rows, rmask, cols, cmask, H, i_h, K)
+        b_gl = tl.load(gl + ((c0 + i_t) * H + i_h) * K + cols, mask=cmask, other=0.0)
         b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype), input_precision=IEEE)
         _store_rows(v_new, b_vn, rows, rmask, cols_v, vmask, H, i_h, V)
         b_S = b_S * b_gl[:, None] + tl.dot(tl.trans(b_kh), b_vn.to(b_w.dtype), input_precision=IEEE)
-        rows, rmask, b_w, b_u, b_kh, b_gl = nrows, nmask, n_w, n_u, n_kh, n_gl
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, b_S, mask=st_mask)
 
