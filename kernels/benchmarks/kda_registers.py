@@ -33,6 +33,8 @@ _FP32_POINTERS = {
     "A_log", "dt_bias", "g", "g_raw", "beta",
 }  # fmt: skip
 _INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets", "exact"}
+# The stages of a launch that names none: Triton's default for CUDA (the report otherwise describes another kernel)
+UNNAMED_STAGES = 3
 _SCALARS = {"scale": "fp32", "NC": "i32", "H": "i32", "K": "i32", "V": "i32"}
 
 
@@ -70,22 +72,23 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     inverse, wu, norms = chunk._fuse_levels()  # (with the L2 norm of q, k, as the model calls the op)
     eps = chunk.L2NORM_EPS
     return [
-        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=not norms, GATE=True, EPS=eps), warps, 1),
+        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=not norms, GATE=True, EPS=eps), warps,
+         UNNAMED_STAGES),
         (chunk_fwd.kda_chunk_dots_fwd_kernel,
          dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
               BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, NORMS=norms, EPS=eps, ROW_LIMIT=chunk._row_limit(),
-              SAVE=True), chunk.CHUNK_DOTS_WARPS, 1),
+              SAVE=False), chunk.CHUNK_DOTS_WARPS, chunk.CHUNK_DOTS_STAGES),
         (chunk_fwd.kda_pairs_chunk_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
         (chunk_fwd.kda_diag_dots_fwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN),
-         chunk.DIAG_DOTS_WARPS, 1),
+         chunk.DIAG_DOTS_WARPS, UNNAMED_STAGES),
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB, FLAGGED=inverse),
-         chunk.INVERSE_WARPS, 1),
+         chunk.INVERSE_WARPS, UNNAMED_STAGES),
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV,
                                            FLAGGED=wu), chunk.WU_WARPS, chunk.WU_STAGES),
         (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
-         chunk._state_fwd_warps(BK), chunk.STATE_FWD_STAGES),
+         chunk._state_fwd_warps(BK), 1),
         (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)),
@@ -96,7 +99,8 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
         (chunk_bwd.kda_key_bwd_kernel,
          dict(common, BC=chunk.SUB, BK=min(BK, chunk.BWD_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN),
          chunk.BWD_KEY_WARPS, chunk.BWD_KEY_STAGES),
-        (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True), 4, 1),
+        (chunk_bwd.kda_gate_bwd_kernel, dict(BT=chunk.CHUNK, BK=min(BK, chunk.BWD_KEY_BLOCK), GATE=True), 4,
+         UNNAMED_STAGES),
     ]  # fmt: skip
 
 

@@ -110,6 +110,10 @@ CHUNK_DOTS_WARPS = 4
 # (three programs of 4 warps per SM instead of two; spills of 84 B at 16 key channels, 176 B at 32 as kda_registers.py
 # compiles it with triton 3.9) forward 1.214 / 1.230 ms against 1.153 / 1.166 uncapped.
 CHUNK_DOTS_MAXNREG = 0
+# Software-pipelining stages of the chunk dots kernel's loops (Triton's num_stages; 3 is Triton's default, which the
+# launch used without naming it until session 44: 255 registers for an inference forward where kda_registers.py, then
+# compiling at 1 stage, reported 216-220).
+CHUNK_DOTS_STAGES = 3
 # What else the chunk dots kernel does for the chunks it computes, leaving to the separate kernels only the flagged
 # chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (M read back); 0 neither;
 # 3 as 2, and it takes the L2 norms of q and k (when the op is asked for them): it sums the raw rows and scales the
@@ -177,10 +181,6 @@ BWD_PAIR_WARPS = 4
 # STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
 STATE_FWD_WARPS = 4
 STATE_BLOCK_V = 0
-# Software pipelining of the forward state pass's chunk loop by Triton (num_stages): each chunk's W, U and kh tiles
-# copied asynchronously to shared memory, steps ahead (2 stages: 146 registers and 80 KB of shared memory at K = 128,
-# 145 KB at K = 256; kda_registers.py).
-STATE_FWD_STAGES = 2
 NUM_WARPS = 8  # the other kernels
 
 
@@ -329,7 +329,8 @@ def kda_chunk_fwd(
         chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
         BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, NORMS=norms, EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(),
-        SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS, maxnreg=CHUNK_DOTS_MAXNREG or None,
+        SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS, num_stages=CHUNK_DOTS_STAGES,
+        maxnreg=CHUNK_DOTS_MAXNREG or None,
     )  # fmt: skip
     kda_diag_dots_fwd_kernel[_fallback_grid(NC, H, True, CHUNK // SUB)](
         qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K,
@@ -351,10 +352,15 @@ def kda_chunk_fwd(
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BVs = _state_block_v(BK, BV)
+    # num_stages=1, the next chunk's tiles prefetched into registers by hand. Session 44 (H100): each chunk's tiles
+    # loaded at its own step and pipelined by Triton (asynchronous copies to shared memory, 2 stages; 146 registers
+    # against 220) took the pass from 0.722 to 0.771 ms at B8 T4096 and from 0.966 to 1.173 at B1 T32768; unpipelined,
+    # forward 4.004 against 3.916 ms at B8 T4096. (That sweep stopped with an illegal memory access at 8 warps, not
+    # investigated.)
     kda_state_fwd_kernel[(N * cdiv(V, BVs), H)](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=_state_fwd_warps(BK), num_stages=STATE_FWD_STAGES,
+        num_warps=_state_fwd_warps(BK), num_stages=1,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
     kda_output_fwd_kernel[(NC * cdiv(V, BV), H)](

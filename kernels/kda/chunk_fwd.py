@@ -752,25 +752,33 @@ def kda_state_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (sequence, V tile; head): the sequential state pass. Writes the state at the start of
-    every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. Each chunk's tiles are loaded at the top of its
-    step: launched with ``num_stages`` > 1, Triton's pipeliner turns them into asynchronous copies to shared memory,
-    issued steps ahead, which the dots read in place."""
+    every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
+    loaded before the current chunk's dots, so memory latency overlaps the math."""
     i_v, i_n = _tile_and_item(tl.cdiv(V, BV))
     i_h = tl.program_id(1)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
         cu_seqlens, chunk_offsets, h0, i_n, i_h, i_v, H, K, V, BK, BV, HAS_H0
     )
-    for i_t in range(0, tl.cdiv(eos - bos, BT)):
-        rows = bos + i_t * BT + tl.arange(0, BT)
-        rmask = rows < eos
+    NT = tl.cdiv(eos - bos, BT)
+    rows = bos + tl.arange(0, BT)
+    rmask = rows < eos
+    b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
+    b_u = _load_rows(U, rows, rmask, cols_v, vmask, H, i_h, V)
+    b_kh = _load_rows(kh, rows, rmask, cols, cmask, H, i_h, K)
+    b_gl = tl.load(gl + (c0 * H + i_h) * K + cols, mask=cols < K * tl.minimum(NT, 1), other=0.0)
+    for i_t in range(0, NT):
         tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_S.to(h.dtype.element_ty), mask=st_mask)
-        b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
-        b_u = _load_rows(U, rows, rmask, cols_v, vmask, H, i_h, V)
-        b_kh = _load_rows(kh, rows, rmask, cols, cmask, H, i_h, K)
-        b_gl = tl.load(gl + ((c0 + i_t) * H + i_h) * K + cols, mask=cmask, other=0.0)
+        nrows = rows + BT
+        nmask = nrows < eos
+        n_w = _load_rows(W, nrows, nmask, cols, cmask, H, i_h, K)
+        n_u = _load_rows(U, nrows, nmask, cols_v, vmask, H, i_h, V)
+        n_kh = _load_rows(kh, nrows, nmask, cols, cmask, H, i_h, K)
+        has_next = tl.minimum(NT - 1 - i_t, 1)
+        n_gl = tl.load(gl + ((c0 + i_t + 1) * H + i_h) * K + cols, mask=cols < K * has_next, other=0.0)
         b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype), input_precision=IEEE)
         _store_rows(v_new, b_vn, rows, rmask, cols_v, vmask, H, i_h, V)
         b_S = b_S * b_gl[:, None] + tl.dot(tl.trans(b_kh), b_vn.to(b_w.dtype), input_precision=IEEE)
+        rows, rmask, b_w, b_u, b_kh, b_gl = nrows, nmask, n_w, n_u, n_kh, n_gl
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + st_offs, b_S, mask=st_mask)
 
