@@ -102,7 +102,8 @@ DIAG_DOTS_WARPS = 2
 # that return at once cost 0.06 ms there. A second sweep at the default CHUNK_DOTS_FUSE below: 8 warps 5.608 ms
 # against 4.358 at 4 (each half's q and k rows stacked into one dot operand, bf58bc0: 5.570 and 5.636; removed).
 # Session 43 (H100, CHUNK_DOTS_FUSE 3 below): 16 key channels per block 1.153 ms forward at B1 T8192 against 1.166
-# at 32 (fwd+bwd 3.623 against 3.641), 4.174 against 4.189 at B8 T4096; 220 registers against 255.
+# at 32 (fwd+bwd 3.623 against 3.641), 4.174 against 4.189 at B8 T4096; 220 registers against 255 as
+# kda_registers.py then compiled it, at 1 stage (at the launch's 3 stages: 255 against 255 with 48 B of spills).
 CHUNK_DOT_SPAN = 64.0
 CHUNK_DOTS_KEY_BLOCK = 16
 CHUNK_DOTS_WARPS = 4
@@ -112,10 +113,12 @@ CHUNK_DOTS_WARPS = 4
 CHUNK_DOTS_MAXNREG = 0
 # Software-pipelining stages of the chunk dots kernel's loops (Triton's num_stages; 3 is Triton's default, which the
 # launch used without naming it until session 44: 255 registers for an inference forward where kda_registers.py, then
-# compiling at 1 stage, reported 216-220).
+# compiling at 1 stage, reported 216-220). Session 44 sweep (H100, B1 T32768): forward 4.218 ms at 3, 4.231 at 2,
+# 4.321 at 1 (W/U's key blocks of 32; of 64: 4.264-4.340).
 CHUNK_DOTS_STAGES = 3
 # What else the chunk dots kernel does for the chunks it computes, leaving to the separate kernels only the flagged
-# chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (M read back); 0 neither;
+# chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (from M's blocks in
+# registers); 0 neither;
 # 3 as 2, and it takes the L2 norms of q and k (when the op is asked for them): it sums the raw rows and scales the
 # sums by the rows' inverse norms, so the prep kernel neither reads q, k nor writes qn, kn (the inference forward
 # stores no qn, kn but the flagged chunks'; training stores them from W/U's work for the backward).
@@ -134,10 +137,10 @@ CHUNK_DOTS_FUSE = 3
 # against M and the norms stored and read back after a barrier; fwd+bwd 13.72 -> 13.81, 13.99 -> 14.05,
 # 3.62 -> 3.64.
 # The fallback kernels (diagonal, pairs, and at CHUNK_DOTS_FUSE >= 1 the inverse and W/U), which compute only the
-# chunks that the chunk dots kernel flags, run at most FALLBACK_PROGRAMS programs over chunks and heads, each walking a
+# chunks that the chunk dots kernel flags, run about FALLBACK_PROGRAMS programs over chunks and heads, each walking a
 # stride of the chunks and reading their flags; 0: one program per chunk (sub-block for the diagonal kernel). With one
 # per chunk their early returns took 0.085 ms of the 4.16 ms forward at B8 T4096 H32 on an H100 (session 43: 65536
-# programs for the diagonal kernel, 16384 for each of the others).
+# programs for the diagonal kernel, 16384 for each of the others); strided, 0.057 ms (forward 3.912 against 3.968).
 FALLBACK_PROGRAMS = 1024
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
@@ -179,6 +182,8 @@ BWD_PAIR_WARPS = 4
 # compiled for sm_90, 164 at 8; session 15: forward 1.400 against 1.457 ms at 8, outputs identical; fla's forward
 # state pass autotunes over 2 and 4 warps on Hopper) and at twice that above (see _state_fwd_warps).
 # STATE_BLOCK_V = 0: the automatic tile of _state_block_v (else a power of two >= 16).
+# Session 44 (H100, the forward): 16 columns or 8 warps 4.246-4.458 ms against 4.219 at B1 T32768, 1.115-1.154
+# against 1.100 at B1 T8192 (fwd+bwd 14.04 -> 14.97 at 16 columns).
 STATE_FWD_WARPS = 4
 STATE_BLOCK_V = 0
 NUM_WARPS = 8  # the other kernels

@@ -128,7 +128,7 @@ def kda_diag_dots_fwd_kernel(
     sub-block. (Until session 20 a kernel of one token per program took an exp per partner and channel, about 8.5 K
     per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.) Only the chunks that ``exact``
     flags (:func:`kda_chunk_dots_fwd_kernel`) are computed, by programs that each walk a stride of the ``NC * BT /
-    BC`` sub-blocks (:func:`_fallback_items`)."""
+    BC`` sub-blocks (:func:`chunk._fallback_grid`)."""
     NS: tl.constexpr = BT // BC
     i_h = tl.program_id(1)
     for item in range(tl.program_id(0), NC * NS, tl.num_programs(0)):
@@ -506,7 +506,7 @@ def kda_pairs_chunk_fwd_kernel(
     (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
     them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.) Only the
     chunks that ``exact`` flags (:func:`kda_chunk_dots_fwd_kernel`) are computed, a stride of them per program
-    (:func:`_fallback_items`)."""
+    (:func:`chunk._fallback_grid`)."""
     tl.static_assert(BT == 4 * BC)
     i_h = tl.program_id(1)
     for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
@@ -593,7 +593,7 @@ def kda_inverse_fwd_kernel(
     Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
     share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
     :func:`kda_wu_fwd_kernel`. With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel stored
-    the others' M). Each program walks a stride of the ``NC`` chunks (:func:`_fallback_items`).
+    the others' M). Each program walks a stride of the ``NC`` chunks (:func:`chunk._fallback_grid`).
     """
     i_h = tl.program_id(1)
     for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
@@ -661,7 +661,7 @@ def kda_wu_fwd_kernel(
     otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
     (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
     1.346 ms at B1 T8192.) With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel did the
-    others). Each program walks a stride of the ``NC`` chunks (:func:`_fallback_items`)."""
+    others). Each program walks a stride of the ``NC`` chunks (:func:`chunk._fallback_grid`)."""
     i_h = tl.program_id(1)
     for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
         if _runs(exact, i_c, i_h, H, FLAGGED):
