@@ -40,7 +40,8 @@ step_command() {
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --profile --json $OUT/$2kda.json" ;;
     # KDA_SWEEP="NAME=v1,v2 ..." (constants of kda.chunk), at KDA_SWEEP_SHAPE (BxT, default 1x8192; the step
     # kda_sweep:BxT names its own), fastest by KDA_SWEEP_BY (fwd or fwd+bwd, default fwd+bwd)
-    kda_sweep|kda_sweep:*) shape=${1#kda_sweep}; shape=${shape#:}; echo "timeout 200 python3 kernels/benchmarks/bench_kda.py \
+    kda_sweep|kda_sweep:*) shape=${1#kda_sweep}; shape=${shape#:}
+      echo "timeout 200 python3 kernels/benchmarks/bench_kda.py \
       --sweep ${KDA_SWEEP:?set KDA_SWEEP} --sweep-shape ${shape:-${KDA_SWEEP_SHAPE:-1x8192}} \
       --best-by ${KDA_SWEEP_BY:-fwd+bwd}" ;;
     # KDA_AB_TREE: another tree's kernels/kda folder, carried (kda_ab.sh says how to make it): ours alone at B8 T4096,

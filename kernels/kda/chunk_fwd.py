@@ -72,7 +72,8 @@ def _load_cum_decay(G, t0, eos, H, i_h, K, k0, BT: tl.constexpr, BK: tl.constexp
     rows, their mask, the columns and the column mask.
 
     The last row is loaded (a cached row: the tile was just read), not picked out of the tile by a reduction across
-    its rows: in W/U that took the forward from 5.215 to 5.178 ms (session 19, H100, B8 T4096, outputs identical).
+    its rows: in W/U (now :func:`_last_decay`) that took the forward from 5.215 to 5.178 ms (session 19, H100, B8
+    T4096, outputs identical).
     In the backward's pair and direct kernels it also cut their spills (68 -> 60 and 56 -> 0 B, kda_registers.py);
     their time with it was not measured."""
     idx = tl.arange(0, BT)
