@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -74,7 +73,8 @@ class _Setup:
 
 def _time_us(fn: Callable[[], object], setup: _Setup, grad_to_none: list[torch.Tensor] | None = None,
              graph: bool = False) -> float:
-    """Median microseconds of fn(). Off CUDA (--tiny smoke run) a wall-clock median of 3 calls. With
+    """Median microseconds of fn(). Off CUDA (--tiny smoke run) the wall-clock time of one call: under the
+    interpreter the time says nothing of the kernels, and each call costs seconds of the CPU test suite. With
     ``setup.gpu_time``, the GPU time of fn()'s kernels per call instead (``grad_to_none`` reset before each call, so
     that no gradient accumulation is timed)."""
     if setup.device == "cuda" and setup.gpu_time:
@@ -85,12 +85,9 @@ def _time_us(fn: Callable[[], object], setup: _Setup, grad_to_none: list[torch.T
 
         return kernel_time_us(call)
     if setup.device != "cuda":
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e6
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
     if graph:
         return triton.testing.do_bench_cudagraph(fn, grad_to_none=grad_to_none, return_mode="median") * 1e3
     return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median") * 1e3
