@@ -299,7 +299,7 @@ def test_test_script_runs_only_the_test_files_it_is_given(tmp_path):
         done = subprocess.run(["bash", str(root / "scripts" / "test.sh"), *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        assert log.read_text().splitlines()[-1] == f"python {root} -m pytest -q -ra {' '.join(args)}"
+        assert log.read_text().splitlines()[-1] == f"python {root} -m pytest -q -ra -n auto {' '.join(args)}"
 
 
 def test_setup_reuses_a_venv_set_up_for_this_pyproject_without_installing(tmp_path):
