@@ -118,10 +118,9 @@ CHUNK_DOTS_MAXNREG = 0
 CHUNK_DOTS_STAGES = 3
 # What else the chunk dots kernel does for the chunks it computes, leaving to the separate kernels only the flagged
 # chunks: 1 also M (from its halves' [32, 32] blocks of P), 2 also M and then W/U's work (from M's blocks in
-# registers); 0 neither;
-# 3 as 2, and it takes the L2 norms of q and k (when the op is asked for them): it sums the raw rows and scales the
-# sums by the rows' inverse norms, so the prep kernel neither reads q, k nor writes qn, kn (the inference forward
-# stores no qn, kn but the flagged chunks'; training stores them from W/U's work for the backward).
+# registers); 0 neither; 3 as 2, and it takes the L2 norms of q and k (when the op is asked for them): it sums the raw
+# rows and scales the sums by the rows' inverse norms, so the prep kernel neither reads q, k nor writes qn, kn (the
+# inference forward stores no qn, kn but the flagged chunks'; training stores them from W/U's work for the backward).
 # Session 42 sweep (H100, B8 T4096, 32 key channels): forward 4.406 ms at 2, 4.464 at 0, 4.567 at 1 (the inverse
 # on [32, 32] blocks in the chunk dots kernel costs more than the inverse kernel's 0.263 ms unless W/U's launch and
 # M's round trip through memory go with it); fwd+bwd 13.81, 13.84, 13.94. At 2 the kernel takes 2.26 ms, where the
@@ -130,12 +129,12 @@ CHUNK_DOTS_STAGES = 3
 # fwd+bwd 13.79 / 13.80 against 13.71 / 13.81; the prep kernel 0.372 ms against 0.750, the chunk dots kernel 2.49
 # against 2.26. Its first version, which also took the gate and the in-chunk cumsum (no prep kernel; each half's
 # cumsum per key block, the pivots' G as column sums), was slower: forward 4.591 / 4.505, the kernel 3.23 ms.
-CHUNK_DOTS_FUSE = 3
 # Session 44 (H100, fuse 3, fla 4.83 / 4.87 / ~1.26 ms): W/U's work from M's [32, 32] blocks and the rows' inverse
 # norms as the chunk dots kernel holds them in registers, half by half (an inference forward stores neither M nor
 # P), took the forward from 4.069 to 3.912 ms at B8 T4096, 4.297 to 4.149 at B1 T32768, 1.139 to 1.099 at B1 T8192,
 # against M and the norms stored and read back after a barrier; fwd+bwd 13.72 -> 13.81, 13.99 -> 14.05,
 # 3.62 -> 3.64.
+CHUNK_DOTS_FUSE = 3
 # The fallback kernels (diagonal, pairs, and at CHUNK_DOTS_FUSE >= 1 the inverse and W/U), which compute only the
 # chunks that the chunk dots kernel flags, run about FALLBACK_PROGRAMS programs over chunks and heads, each walking a
 # stride of the chunks and reading their flags; 0: one program per chunk (sub-block for the diagonal kernel). With one

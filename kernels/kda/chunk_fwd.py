@@ -356,22 +356,22 @@ def _wu_halves(q, k, v, G, W, U, qg, kh, gl, qn, kn, M0, MX, M1, b0, b1, rq0, rk
         w0 = _wu_rows(q, k, G, qg, kh, qn, kn, b0, rq0, rk0, b_last, t0, eos, cols, scale, H, i_h, K, HB, NORMS, SAVE)
         w1 = _wu_rows(q, k, G, qg, kh, qn, kn, b1, rq1, rk1, b_last, x, eos, cols, scale, H, i_h, K, HB, NORMS, SAVE)
         w0, w1 = w0.to(W.dtype.element_ty), w1.to(W.dtype.element_ty)
-        _store_half_rows(W, tl.dot(M0, w0, input_precision=IEEE),
-                         tl.dot(M1, w1, tl.dot(MX, w0, input_precision=IEEE), input_precision=IEEE),
-                         t0, eos, cols, H, i_h, K, HB)  # fmt: skip
+        _store_halves(W, tl.dot(M0, w0, input_precision=IEEE),
+                      tl.dot(M1, w1, tl.dot(MX, w0, input_precision=IEEE), input_precision=IEEE),
+                      t0, eos, cols, H, i_h, K, HB)  # fmt: skip
     for v0 in range(0, V, BV):
         cols_v = v0 + tl.arange(0, BV)
         u0 = _beta_rows(v, b0, t0, eos, cols_v, H, i_h, V, HB).to(U.dtype.element_ty)
         u1 = _beta_rows(v, b1, x, eos, cols_v, H, i_h, V, HB).to(U.dtype.element_ty)
-        _store_half_rows(U, tl.dot(M0, u0, input_precision=IEEE),
-                         tl.dot(M1, u1, tl.dot(MX, u0, input_precision=IEEE), input_precision=IEEE),
-                         t0, eos, cols_v, H, i_h, V, HB)  # fmt: skip
+        _store_halves(U, tl.dot(M0, u0, input_precision=IEEE),
+                      tl.dot(M1, u1, tl.dot(MX, u0, input_precision=IEEE), input_precision=IEEE),
+                      t0, eos, cols_v, H, i_h, V, HB)  # fmt: skip
 
 
 @triton.jit
-def _store_half_rows(X, b_top, b_bottom, t0, eos, cols, H, i_h, D, HB: tl.constexpr):
+def _store_halves(X, b_top, b_bottom, t0, eos, cols, H, i_h, D, HB: tl.constexpr):
     """A chunk's rows of ``X [TT, H, D]``, columns ``cols``: the first half's ``b_top``, the second half's ``b_bottom``
-    (``[HB, len(cols)]`` each)."""
+    (``[HB, len(cols)]`` each; :func:`_store_half_row` stores one half's rows, by their left and right columns)."""
     idx = tl.arange(0, HB)
     _store_rows(X, b_top, t0 + idx, t0 + idx < eos, cols, cols < D, H, i_h, D)
     _store_rows(X, b_bottom, t0 + HB + idx, t0 + HB + idx < eos, cols, cols < D, H, i_h, D)
