@@ -218,12 +218,13 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse, save):
     chunks = _chunks(None, 1, T, torch.device(DEVICE))
     A_qk, P, M = (torch.full((T, H, CHUNK), float("nan"), device=DEVICE) for _ in range(3))
     exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
-    chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
-        q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None, None,
-        None, None, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
-        BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
-        NORMS=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=save, num_warps=4,
-    )  # fmt: skip
+    for first, count in ((0, 1), (1, chunks.num_chunks - 1)):  # in two launches, as a split forward runs it
+        chunk_fwd.kda_chunk_dots_fwd_kernel[(count * H,)](
+            q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None,
+            None, None, None, exact, None, chunks.indices, chunks.cu_seqlens, first, scale, H, K, 0,
+            BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
+            NORMS=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=save, READY=False, num_warps=4,
+        )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]
     for c, start in enumerate(range(0, T, CHUNK)):
         n = min(CHUNK, T - start)
@@ -273,13 +274,15 @@ def test_chunk_dots_kernel_normalising_q_and_k(save):
     W, qg, kh, qn, kn = (nan(T, H, K) for _ in range(5))
     U, gl = nan(T, H, V), nan(3, H, K)
     exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
-    chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks, H)](
+    ready = torch.zeros(chunks.num_chunks, H, device=DEVICE, dtype=torch.int32)
+    chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks * H,)](
         q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, W, U, qg, kh, gl, qn,
-        kn, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        kn, exact, ready, chunks.indices, chunks.cu_seqlens, 0, scale, H, K, V,
         BT=CHUNK, BK=16, SPAN=CHUNK_DOT_SPAN, INVERSE=True, WU=True, BK_WU=16, BV=16, IEEE="ieee",
-        NORMS=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, num_warps=4,
+        NORMS=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, READY=True, num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [1, 0]]
+    assert ready.tolist() == [[1, 1], [1, 0], [0, 1]], "the computed chunks' flags for the overlapped state pass"
     normed = lambda x: x.double() / (x.double().pow(2).sum(-1, keepdim=True) + eps).sqrt()  # noqa: E731
     qn_ref, kn_ref = normed(q), normed(k)
     for c, start in enumerate(range(0, T, CHUNK)):
@@ -357,6 +360,16 @@ def test_chunk_forward_with_the_norms_in_the_chunk_dots_kernel(case, monkeypatch
         options = dict(use_qk_l2norm_in_kernel=True)
     _check(inputs, params, backward=False, **options)
     _check(inputs, params, **options)
+
+
+def test_state_overlap_split_is_checked(monkeypatch):
+    from kimi_hf.kernels.kda import chunk
+
+    monkeypatch.setattr(chunk, "STATE_OVERLAP_SPLIT", 50)
+    assert chunk._overlap_split(9) == 4
+    monkeypatch.setattr(chunk, "STATE_OVERLAP_SPLIT", 101)
+    with pytest.raises(ValueError, match="STATE_OVERLAP_SPLIT must be a percentage from 0 to 100, got 101"):
+        chunk._overlap_split(9)
 
 
 def test_chunk_dots_fuse_level_is_checked(monkeypatch):

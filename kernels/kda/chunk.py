@@ -15,6 +15,7 @@ and packed (cu_seqlens) sequences share one code path.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -185,6 +186,24 @@ BWD_PAIR_WARPS = 4
 # against 1.100 at B1 T8192 (fwd+bwd 14.04 -> 14.97 at 16 columns).
 STATE_FWD_WARPS = 4
 STATE_BLOCK_V = 0
+# The forward state pass overlapped with the chunk dots (STATE_PASS_OVERLAP 1): where its programs (sequences x V
+# tiles x heads) fit one per SM, it runs on a high-priority side stream while the chunk dots kernel still computes,
+# taking each chunk once the chunk dots (or, for a flagged chunk, the W/U kernel) set its flag, and the output kernel
+# waits for it. At a small batch the pass is latency-bound (one program per SM of 4 warps: B1 T32768 H32 took 0.974 ms
+# of the 4.22 ms forward on an H100 in session 44, B8 T4096 0.720 of 3.94 with eight times the programs), so most of
+# its time the SMs it holds have room for chunk dots programs beside it. It is launched after STATE_OVERLAP_SPLIT
+# percent of the chunks' chunk dots are done (their launch split in two there), so that it holds its SMs for less of
+# the chunk dots kernel's time. (Where the programs outnumber the SMs, the pass waits for the chunk dots: resident
+# programs that spin could otherwise leave no SM for the chunk dots programs they wait for.)
+STATE_PASS_OVERLAP = 1
+STATE_OVERLAP_SPLIT = 0
+# The prep kernel's key channels per program (0: all K) and warps; with the L2 norm in it (CHUNK_DOTS_FUSE < 3 or
+# no norm asked for... with the norm) it takes all K.
+PREP_KEY_BLOCK = 0
+PREP_WARPS = 8
+# The output kernel's value columns per program (0: up to 64) and warps.
+OUTPUT_BLOCK_V = 0
+OUTPUT_WARPS = 8
 NUM_WARPS = 8  # the other kernels
 
 
@@ -241,11 +260,48 @@ def _state_block_v(BK: int, BV: int) -> int:
     return 16 if BK > 128 else min(BV, 32)
 
 
+def _prep_key_block(BK: int, norms: bool) -> int:
+    """Key channels per program of the prep kernel: ``PREP_KEY_BLOCK`` (0: all), all of them when it takes the L2
+    norms (``norms``), which sum over a row's channels."""
+    return BK if norms or not PREP_KEY_BLOCK else min(BK, PREP_KEY_BLOCK)
+
+
+def _output_block_v(BV: int) -> int:
+    """Value columns per program of the output kernel: ``OUTPUT_BLOCK_V`` (0: ``BV``)."""
+    return min(BV, OUTPUT_BLOCK_V) if OUTPUT_BLOCK_V else BV
+
+
 def _state_fwd_warps(BK: int) -> int:
     """Warps of the forward state pass: ``STATE_FWD_WARPS``, doubled for K > 128. At K = 256 and 4 warps the
     [256, 16] state tiles spill 576 B per thread, at 8 none (198 registers; kda_registers.py). Both passed the
     head-dim-256 GPU test (sessions 14 and 15); K = 256 was not timed at either."""
     return STATE_FWD_WARPS * 2 if BK > 128 else STATE_FWD_WARPS
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The high-priority stream of the overlapped state pass on ``device``: its programs are placed as soon as SMs
+    free up, ahead of the chunk dots programs still waiting for one."""
+    return torch.cuda.Stream(device, priority=-1)  # torch's higher of its two priorities
+
+
+def _overlaps_state_pass(device: torch.device, programs: int) -> bool:
+    """Whether the forward state pass of ``programs`` programs runs beside the chunk dots (``STATE_PASS_OVERLAP``):
+    on a GPU, where the programs fit one per SM (see the constant)."""
+    return bool(STATE_PASS_OVERLAP) and device.type == "cuda" and programs <= _sm_count(device)
+
+
+def _overlap_split(NC: int) -> int:
+    """The chunks (of ``NC``) whose chunk dots run before the overlapped state pass starts: ``STATE_OVERLAP_SPLIT``
+    percent."""
+    if not 0 <= STATE_OVERLAP_SPLIT <= 100:
+        raise ValueError(f"STATE_OVERLAP_SPLIT must be a percentage from 0 to 100, got {STATE_OVERLAP_SPLIT}")
+    return NC * STATE_OVERLAP_SPLIT // 100
 
 
 def _fuse_levels() -> tuple[bool, bool, bool]:
@@ -320,22 +376,37 @@ def kda_chunk_fwd(
     # with M in fp32, fwd+bwd unchanged).
     M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
-    kda_prep_fwd_kernel[(NC, H)](
+    prep_norms = use_qk_l2norm and not norms
+    BKp = _prep_key_block(BK, prep_norms)
+    kda_prep_fwd_kernel[(NC * cdiv(K, BKp), H)](
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
-        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm and not norms, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
+        BT=CHUNK, BK=BKp, L2NORM=prep_norms, GATE=use_gate, EPS=L2NORM_EPS, num_warps=PREP_WARPS,
     )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
-    kda_chunk_dots_fwd_kernel[(NC, H)](
-        q if norms else qn, k if norms else kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact,
-        chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
-        BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, NORMS=norms, EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(),
-        SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS, num_stages=CHUNK_DOTS_STAGES,
-        maxnreg=CHUNK_DOTS_MAXNREG or None,
-    )  # fmt: skip
+    h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
+    v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
+    ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    BVs = _state_block_v(BK, BV)
+    overlap = _overlaps_state_pass(dev, N * cdiv(V, BVs) * H)
+    # per (chunk, head): set once the chunk's W, U, kh and gl are stored (the overlapped state pass reads them)
+    ready = torch.zeros(NC, H, device=dev, dtype=torch.int32) if overlap else None
+    split = _overlap_split(NC) if overlap else 0
+    start = torch.cuda.Event() if overlap else None
+    for part, (first, count) in enumerate(((0, split), (split, NC - split))):
+        if count:
+            kda_chunk_dots_fwd_kernel[(count * H,)](
+                q if norms else qn, k if norms else kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact, ready,
+                chunks.indices, chunks.cu_seqlens, first, scale, H, K, V,
+                BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
+                BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, NORMS=norms, EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(),
+                SAVE=for_backward, READY=overlap and wu, num_warps=CHUNK_DOTS_WARPS, num_stages=CHUNK_DOTS_STAGES,
+                maxnreg=CHUNK_DOTS_MAXNREG or None,
+            )  # fmt: skip
+        if overlap and part == 0:
+            start.record()  # the state pass starts after the first part (after the flags' zeroing when it is empty)
     kda_diag_dots_fwd_kernel[_fallback_grid(NC, H, True, CHUNK // SUB)](
         qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K,
         BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee, num_warps=DIAG_DOTS_WARPS,
@@ -349,27 +420,34 @@ def kda_chunk_fwd(
         BT=CHUNK, BC=SUB, FLAGGED=inverse, IEEE=ieee, num_warps=INVERSE_WARPS,
     )  # fmt: skip
     kda_wu_fwd_kernel[_fallback_grid(NC, H, wu)](
-        qn, kn, v, G, beta, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, FLAGGED=wu, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
+        qn, kn, v, G, beta, M, W, U, qg, kh, gl, exact, ready, chunks.indices, chunks.cu_seqlens, scale, NC, H, K, V,
+        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, FLAGGED=wu, IEEE=ieee, READY=overlap, num_warps=WU_WARPS,
+        num_stages=WU_STAGES,
     )  # fmt: skip
-    h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
-    v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
-    ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    BVs = _state_block_v(BK, BV)
+    # The overlapped state pass is launched after every kernel that sets its flags, so that a launch that blocks the
+    # host (CUDA_LAUNCH_BLOCKING) never waits for a kernel not yet launched.
+    side = _side_stream(dev) if overlap else None
+    if overlap:
+        side.wait_event(start)
     # num_stages=1, the next chunk's tiles prefetched into registers by hand. Session 44 (H100): each chunk's tiles
     # loaded at its own step and pipelined by Triton (asynchronous copies to shared memory, 2 stages; 146 registers
     # against 220) took the pass from 0.722 to 0.771 ms at B8 T4096 and from 0.966 to 1.173 at B1 T32768; unpipelined,
     # forward 4.004 against 3.916 ms at B8 T4096. (That sweep stopped with an illegal memory access at 8 warps, not
     # investigated.)
-    kda_state_fwd_kernel[(N * cdiv(V, BVs), H)](
-        kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
-        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=_state_fwd_warps(BK), num_stages=1,
-    )  # fmt: skip
+    with torch.cuda.stream(side):  # a no-op context for None
+        kda_state_fwd_kernel[(N * cdiv(V, BVs), H)](
+            kh, gl, W, U, h, v_new, initial_state, ht, ready, chunks.cu_seqlens, chunks.offsets, H, K, V,
+            BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
+            WAIT=overlap, num_warps=_state_fwd_warps(BK), num_stages=1,
+        )  # fmt: skip
+    if overlap:
+        # the output kernel reads what the pass wrote; on one stream again, the pass's tensors are freed after it
+        torch.cuda.current_stream(dev).wait_stream(side)
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
-    kda_output_fwd_kernel[(NC * cdiv(V, BV), H)](
+    BVo = _output_block_v(BV)
+    kda_output_fwd_kernel[(NC * cdiv(V, BVo), H)](
         qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
-        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
+        BT=CHUNK, BK=BK, BV=BVo, IEEE=ieee, num_warps=OUTPUT_WARPS, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
     if not for_backward:
         return o, ht, {}

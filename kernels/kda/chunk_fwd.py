@@ -56,6 +56,33 @@ def _tile_and_item(n_tiles):
 
 
 @triton.jit
+def _publish(ready, i):
+    """Sets flag ``i`` of ``ready`` (int32, zeroed before the launch) once the stores of every thread of the program
+    before it are visible to the whole GPU: a barrier, then a release at GPU scope (by one thread). The overlapped state
+    pass (:func:`kda_state_fwd_kernel` with ``WAIT``) reads these flags while the chunk dots run."""
+    tl.debug_barrier()
+    tl.atomic_xchg(ready + i, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _acquire(flag):
+    """The int32 at ``flag``, loaded by every thread with acquire semantics at GPU scope, so that the thread's later
+    loads see what a :func:`_publish` of it released. (Inline PTX: a scalar atomic would pass a barrier to share one
+    thread's result, stalling the whole program on the load; this one stalls only where the value is used.)"""
+    return tl.inline_asm_elementwise(
+        "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [flag], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _await(flag, seen):
+    """Spins until the int32 at ``flag`` is set; ``seen``: its value as an earlier :func:`_acquire` loaded it (when
+    that was set, nothing waits)."""
+    while seen == 0:
+        seen = _acquire(flag)
+
+
+@triton.jit
 def _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
     """(sequence, first token of the chunk, end of the sequence) of chunk ``i_c``."""
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int32)
@@ -248,10 +275,10 @@ def _pair_sums(q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK: tl.constexpr, 
 
 @triton.jit
 def kda_chunk_dots_fwd_kernel(
-    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
+    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact, ready, chunk_indices, cu_seqlens, first_chunk,
+    scale, H, K, V, BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
     BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr, EPS: tl.constexpr,
-    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr,
+    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr, READY: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
     j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
@@ -285,9 +312,14 @@ def kda_chunk_dots_fwd_kernel(
     W/U's rows. The sums are then over unnormalised rows, whose entries times factors up to e^SPAN must stay finite in
     fp32: a chunk with a squared row norm of q or k past ``ROW_LIMIT`` is flagged too. qn and kn are stored for the
     chunks it flags (the fallback kernels read them) and, with ``SAVE`` (the backward reads them), for every
-    chunk."""
+    chunk.
+
+    One grid axis runs over the chunks from ``first_chunk`` on, the heads of a chunk next to each other, so that
+    chunks finish in order. With ``READY`` (and ``WU``) it sets the chunk's flag in ``ready [NC, H]``
+    (:func:`_publish`) once its W, U, kh and gl are stored, for the overlapped state pass."""
     HB: tl.constexpr = BT // 2
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
+    i_c, i_h = first_chunk + pid // H, pid % H
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     last = tl.minimum(eos - t0, BT) - 1  # rows past the sequence end take the last valid row's place as a pivot
     m0, m1, x = t0 + tl.minimum(HB // 2, last), t0 + tl.minimum(HB + HB // 2, last), t0 + tl.minimum(HB, last)
@@ -333,6 +365,8 @@ def kda_chunk_dots_fwd_kernel(
                 dt = W.dtype.element_ty
                 _wu_halves(q, k, v, G, W, U, qg, kh, gl, qn, kn, M0.to(dt), MX.to(dt), M1.to(dt), b0, b1, rq0, rk0,
                            rq1, rk1, t0, eos, i_c, i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, NORMS, SAVE)  # fmt: skip
+                if READY:
+                    _publish(ready, i_c * H + i_h)
     elif NORMS:  # qn, kn of the flagged chunk, for the fallback kernels
         for k0 in range(0, K, BK_WU):
             cols = k0 + tl.arange(0, BK_WU)
@@ -403,12 +437,14 @@ def kda_prep_fwd_kernel(
     q, k, g, A_log, dt_bias, qn, kn, G, chunk_indices, cu_seqlens, H, K,
     BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): optional L2 norm of q/k (written to qn/kn), optional gate, in-chunk cumsum -> G."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """Per (chunk, block of ``BK`` key channels; head): optional gate, in-chunk cumsum -> G, and the optional L2 norm
+    of q/k (written to qn/kn; then one block holds all K channels)."""
+    i_k, i_c = _tile_and_item(tl.cdiv(K, BK))
+    i_h = tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     rows = t0 + tl.arange(0, BT)
     rmask = rows < eos
-    cols = tl.arange(0, BK)
+    cols = i_k * BK + tl.arange(0, BK)
     cmask = cols < K
     b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     if GATE:
@@ -654,20 +690,24 @@ def _store_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, idx, t0,
 
 @triton.jit
 def kda_wu_fwd_kernel(
-    q, k, v, G, beta, M, W, U, qg, kh, gl, exact, chunk_indices, cu_seqlens, scale, NC, H, K, V,
+    q, k, v, G, beta, M, W, U, qg, kh, gl, exact, ready, chunk_indices, cu_seqlens, scale, NC, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FLAGGED: tl.constexpr, IEEE: tl.constexpr,
+    READY: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
     otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
     (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
     1.346 ms at B1 T8192.) With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel did the
-    others). Each program walks a stride of the ``NC`` chunks (:func:`chunk._fallback_grid`)."""
+    others). Each program walks a stride of the ``NC`` chunks (:func:`chunk._fallback_grid`). With ``READY`` it sets
+    the flags in ``ready [NC, H]`` of the chunks it computes (:func:`_publish`)."""
     i_h = tl.program_id(1)
     for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
         if _runs(exact, i_c, i_h, H, FLAGGED):
             _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V, BT,
                       BK, BV, IEEE)  # fmt: skip
+            if READY:
+                _publish(ready, i_c * H + i_h)
 
 
 @triton.jit
@@ -748,19 +788,29 @@ def _beta_rows(v, b_beta, r0, eos, cols_v, H, i_h, V, NR: tl.constexpr):
 
 @triton.jit
 def kda_state_fwd_kernel(
-    kh, gl, W, U, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H, K, V,
+    kh, gl, W, U, h, v_new, h0, ht, ready, cu_seqlens, chunk_offsets, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr, WAIT: tl.constexpr,
 ):  # fmt: skip
     """Per (sequence, V tile; head): the sequential state pass. Writes the state at the start of
     every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
-    loaded before the current chunk's dots, so memory latency overlaps the math."""
+    loaded before the current chunk's dots, so memory latency overlaps the math.
+
+    With ``WAIT`` it runs while the chunk dots (and W/U) kernels still write its inputs: it loads a chunk's tiles only
+    once the chunk's flag in ``ready [NC, H]`` is set (:func:`_publish`), reading each flag a step ahead so that, when
+    its writer is done, nothing waits."""
     i_v, i_n = _tile_and_item(tl.cdiv(V, BV))
     i_h = tl.program_id(1)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
         cu_seqlens, chunk_offsets, h0, i_n, i_h, i_v, H, K, V, BK, BV, HAS_H0
     )
     NT = tl.cdiv(eos - bos, BT)
+    c_last = c0 + tl.maximum(NT, 1) - 1  # flags past the sequence's last chunk are read as that chunk's
+    seen = tl.full([], 1, tl.int32)
+    if WAIT:
+        if NT > 0:
+            _await(ready + c0 * H + i_h, _acquire(ready + c0 * H + i_h))
+            seen = _acquire(ready + tl.minimum(c0 + 1, c_last) * H + i_h)
     rows = bos + tl.arange(0, BT)
     rmask = rows < eos
     b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
@@ -769,6 +819,9 @@ def kda_state_fwd_kernel(
     b_gl = tl.load(gl + (c0 * H + i_h) * K + cols, mask=cols < K * tl.minimum(NT, 1), other=0.0)
     for i_t in range(0, NT):
         tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_S.to(h.dtype.element_ty), mask=st_mask)
+        if WAIT:
+            _await(ready + tl.minimum(c0 + i_t + 1, c_last) * H + i_h, seen)
+            seen = _acquire(ready + tl.minimum(c0 + i_t + 2, c_last) * H + i_h)
         nrows = rows + BT
         nmask = nrows < eos
         n_w = _load_rows(W, nrows, nmask, cols, cmask, H, i_h, K)
