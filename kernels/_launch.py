@@ -1,6 +1,6 @@
 """Overriding integer launch constants (tiles, warps, variant switches) of ``kimi_hf.kernels`` modules for one run.
 
-The benchmarks' ``--set MODULE.NAME=INT`` (e.g. ``kda.chunk.PAIRS_WARPS=2``, ``moe.GATE_UP_SPLIT=1``): the
+The benchmarks' ``--set MODULE.NAME=INT`` (e.g. ``kda.chunk.FLAGGED_WARPS=2``, ``moe.GATE_UP_SPLIT=1``): the
 launchers read these module constants at each call, so a setting applies from the next call on.
 """
 

@@ -111,31 +111,28 @@ def test_each_chunk_dots_fuse_level(fuse, dtype, monkeypatch):
                use_qk_l2norm_in_kernel=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("split", [0, 50, 100])
-def test_overlapped_state_pass_matches_the_sequential_one(split, monkeypatch):
-    """The forward state pass overlapped with the chunk dots (``STATE_PASS_OVERLAP``, reading each chunk once its flag
-    is set), started after ``split`` percent of them, gives the sequential pass's bits: the output, the final state
-    and every input gradient, on ragged sequences with a stretch of strong decays (flagged chunks, whose W/U kernel
-    sets their flags). Programs that outnumber the SMs are not overlapped."""
-    from kimi_hf.kernels.kda import chunk
+def test_equal_length_layout_is_kept_per_stream_and_not_while_capturing():
+    """The chunk layout of an equal-length batch is built once per shape and stream (torch's Stream objects for one
+    stream compare equal), again on another stream, and not kept from a CUDA graph capture, whose tensors hold
+    nothing until the graph replays."""
+    from kimi_hf.kernels.kda.chunk import _chunks
 
-    cu = torch.tensor([0, 1, 65, 200, 777, 3000], device="cuda", dtype=torch.int32)
-    params = dict(A_log=torch.randn(1, 1, 4, 1, device="cuda"), dt_bias=torch.randn(4 * 128, device="cuda"))
-    inputs = _inputs(1, 3000, 4, 128, 128, N=5, seed=8, raw_gate=True)
-    inputs["g"][:, 1000:1200] += 8  # decays beyond CHUNK_DOT_SPAN over a chunk's half
-    options = dict(cu_seqlens=cu, use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
-    grads = (torch.randn_like(inputs["v"], dtype=torch.float64), torch.randn(5, 4, 128, 128, device="cuda").double())
-    monkeypatch.setattr(chunk, "STATE_OVERLAP_SPLIT", split)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert chunk._overlaps_state_pass(torch.device("cuda", 0), 5 * 4 * 4)
-    assert not chunk._overlaps_state_pass(torch.device("cuda", 0), sms + 1)
-    for dtype in (torch.bfloat16, torch.float32):
-        results = []
-        for overlap in (1, 0):
-            monkeypatch.setattr(chunk, "STATE_PASS_OVERLAP", overlap)
-            results.append(_outputs(inputs, params, dtype, grads, "triton", **options))
-        for name, got in results[0].items():
-            assert torch.equal(got, results[1][name]), f"{name} ({dtype}) differs with the state pass overlapped"
+    dev = torch.device("cuda", torch.cuda.current_device())
+    first = _chunks(None, 2, 300, dev)
+    assert _chunks(None, 2, 300, dev) is first
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        other = _chunks(None, 2, 300, dev)
+    assert other is not first
+    side.synchronize()
+    assert torch.equal(other.indices, first.indices)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _chunks(None, 2, 300, dev)
+    assert captured is not _chunks(None, 2, 300, dev)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.indices, first.indices)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -88,6 +88,8 @@ def test_chunk_layout_of_equal_lengths_matches_packed_and_reads_no_device_value(
     ragged = _chunks(torch.tensor([0, 1, 64, 65, 300]), 1, 300, torch.device("cpu"))
     assert ragged.indices.tolist() == [[0, 0], [1, 0], [2, 0], [3, 0], [3, 1], [3, 2], [3, 3]]
     assert ragged.offsets.tolist() == [0, 1, 2, 3, 7]
+    assert _chunks(None, B, T, torch.device("cpu")) is equal, "the equal-length layout built again"
+    assert _chunks(None, B, T + 1, torch.device("cpu")) is not equal
 
 
 @pytest.mark.parametrize("state_block_v", [0, 16], ids=["auto-state-tile", "16-column-state-tile"])
@@ -146,11 +148,11 @@ def test_chunk_solve_blocks(lengths, monkeypatch):
 @pytest.mark.parametrize("lengths", [[17, 0, 1, 50], [130, 64, 3]], ids=["ragged", "multi-chunk"])
 def test_chunk_pairs_key_blocks(lengths, monkeypatch):
     """The pairs between sub-blocks over two key blocks, with sequences ending inside and before a sub-block,
-    against the reference (every chunk on the sub-block kernels)."""
+    against the reference (every chunk on the flagged kernel)."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)  # two key blocks at K = 32
-    monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)  # every chunk on the sub-block kernels
+    monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)  # every chunk on the flagged kernel
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     _check(_inputs(T=int(cu[-1]), N=len(lengths), K=32, V=16, seed=7), {}, cu_seqlens=cu.to(DEVICE))
 
@@ -171,8 +173,8 @@ def test_inverse_kernel_against_float64():
     chunks = _chunks(None, 1, T, torch.device(DEVICE))
     M = torch.zeros(T, H, CHUNK, device=DEVICE)
     chunk_fwd.kda_inverse_fwd_kernel[(chunks.num_chunks, H)](
-        P.float().to(DEVICE), beta.float().to(DEVICE), M, None, chunks.indices, chunks.cu_seqlens, chunks.num_chunks, H,
-        BT=CHUNK, BC=SUB, FLAGGED=False, IEEE="ieee", num_warps=2,
+        P.float().to(DEVICE), beta.float().to(DEVICE), M, chunks.indices, chunks.cu_seqlens, H,
+        BT=CHUNK, BC=SUB, IEEE="ieee", num_warps=2,
     )  # fmt: skip
     for start in range(0, T, CHUNK):
         n = min(CHUNK, T - start)
@@ -218,13 +220,12 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse, save):
     chunks = _chunks(None, 1, T, torch.device(DEVICE))
     A_qk, P, M = (torch.full((T, H, CHUNK), float("nan"), device=DEVICE) for _ in range(3))
     exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
-    for first, count in ((0, 1), (1, chunks.num_chunks - 1)):  # in two launches, as a split forward runs it
-        chunk_fwd.kda_chunk_dots_fwd_kernel[(count * H,)](
-            q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None,
-            None, None, None, exact, None, chunks.indices, chunks.cu_seqlens, first, scale, H, K, 0,
-            BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
-            NORMS=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=save, READY=False, num_warps=4,
-        )  # fmt: skip
+    chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks * H,)](
+        q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None, None,
+        None, None, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
+        BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
+        NORMS=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=save, num_warps=4,
+    )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]
     for c, start in enumerate(range(0, T, CHUNK)):
         n = min(CHUNK, T - start)
@@ -274,15 +275,13 @@ def test_chunk_dots_kernel_normalising_q_and_k(save):
     W, qg, kh, qn, kn = (nan(T, H, K) for _ in range(5))
     U, gl = nan(T, H, V), nan(3, H, K)
     exact = torch.full((chunks.num_chunks, H), -1, device=DEVICE, dtype=torch.int32)
-    ready = torch.zeros(chunks.num_chunks, H, device=DEVICE, dtype=torch.int32)
     chunk_fwd.kda_chunk_dots_fwd_kernel[(chunks.num_chunks * H,)](
         q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, W, U, qg, kh, gl, qn,
-        kn, exact, ready, chunks.indices, chunks.cu_seqlens, 0, scale, H, K, V,
+        kn, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=16, SPAN=CHUNK_DOT_SPAN, INVERSE=True, WU=True, BK_WU=16, BV=16, IEEE="ieee",
-        NORMS=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, READY=True, num_warps=4,
+        NORMS=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [1, 0]]
-    assert ready.tolist() == [[1, 1], [1, 0], [0, 1]], "the computed chunks' flags for the overlapped state pass"
     normed = lambda x: x.double() / (x.double().pow(2).sum(-1, keepdim=True) + eps).sqrt()  # noqa: E731
     qn_ref, kn_ref = normed(q), normed(k)
     for c, start in enumerate(range(0, T, CHUNK)):
@@ -320,9 +319,9 @@ def test_chunk_dots_kernel_normalising_q_and_k(save):
 @pytest.mark.parametrize("fuse", [1, 2, 3], ids=["inverse", "inverse-and-wu", "norms-inverse-and-wu"])
 def test_chunk_forward_with_more_work_in_the_chunk_dots_kernel(fuse, monkeypatch):
     """CHUNK_DOTS_FUSE 1 (2): the chunk dots kernel stores M (and W, U, qg, kh, gl) of the chunks it computes and the
-    inverse (and W/U) kernel only the flagged chunks'; 3: it also takes the L2 norms of q, k. One chunk of three
-    flagged (strong decays in it), W/U's work over two key and two value blocks: the inference forward (at 3 qn, kn
-    then stored for the flagged chunk only) and forward and backward against the reference."""
+    flagged kernel the flagged chunks' (at 1 the W/U kernel then takes every chunk); 3: it also takes the L2 norms of
+    q, k. One chunk of three flagged (strong decays in it), W/U's work over two key and two value blocks: the inference
+    forward (at 3 qn, kn then stored for the flagged chunk only) and forward and backward against the reference."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)
@@ -362,14 +361,13 @@ def test_chunk_forward_with_the_norms_in_the_chunk_dots_kernel(case, monkeypatch
     _check(inputs, params, **options)
 
 
-def test_state_overlap_split_is_checked(monkeypatch):
+def test_flagged_block_is_checked(monkeypatch):
     from kimi_hf.kernels.kda import chunk
 
-    monkeypatch.setattr(chunk, "STATE_OVERLAP_SPLIT", 50)
-    assert chunk._overlap_split(9) == 4
-    monkeypatch.setattr(chunk, "STATE_OVERLAP_SPLIT", 101)
-    with pytest.raises(ValueError, match="STATE_OVERLAP_SPLIT must be a percentage from 0 to 100, got 101"):
-        chunk._overlap_split(9)
+    monkeypatch.setattr(chunk, "FLAGGED_BLOCK", 12)
+    inputs = _inputs(T=8, N=1)
+    with pytest.raises(ValueError, match="FLAGGED_BLOCK must be a power of two, got 12"):
+        chunk_kda(**{n: x.to(DEVICE) for n, x in inputs.items()}, backend="triton")
 
 
 def test_chunk_dots_fuse_level_is_checked(monkeypatch):
@@ -381,17 +379,21 @@ def test_chunk_dots_fuse_level_is_checked(monkeypatch):
         chunk_kda(**{n: x.to(DEVICE) for n, x in inputs.items()}, backend="triton")
 
 
-@pytest.mark.parametrize("fuse", [2, 3], ids=["normalised-by-prep", "normalised-by-chunk-dots"])
-def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(fuse, monkeypatch):
-    """CHUNK_DOT_SPAN = -1 flags every chunk, so the diagonal and pairs kernels compute all of A_qk and P (with
-    mild decays they otherwise run on no chunk), each over two key blocks: forward and backward against the reference,
-    ragged sequences; at CHUNK_DOTS_FUSE 3 from the qn, kn that the chunk dots kernel stores for flagged chunks. One
-    fallback program per head (``FALLBACK_PROGRAMS`` = H) walks all six chunks (four programs their sub-blocks)."""
+@pytest.mark.parametrize(
+    "fuse", [1, 2, 3], ids=["inverse-flagged-wu-kernel", "normalised-by-prep", "normalised-by-chunk-dots"]
+)
+def test_chunk_forward_with_every_chunk_on_the_flagged_kernel(fuse, monkeypatch):
+    """CHUNK_DOT_SPAN = -1 flags every chunk, so the flagged kernel computes all of A_qk and P (with mild decays it
+    computes no chunk) inside the sub-blocks and between them, each over two key blocks, and M (at CHUNK_DOTS_FUSE 1
+    the W/U kernel then takes every chunk; above, the flagged kernel does W/U's work too): forward and backward
+    against the reference, ragged sequences; at CHUNK_DOTS_FUSE 3 from the qn, kn that the chunk dots kernel stores
+    for flagged chunks. Its programs take ``FLAGGED_BLOCK`` = 8 of the twelve (chunk, head) items each, the last
+    program four."""
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(chunk, "CHUNK_DOT_SPAN", -1.0)
-    monkeypatch.setattr(chunk, "FALLBACK_PROGRAMS", 2)
-    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)  # the inverse and W/U kernels on the flagged chunks
+    monkeypatch.setattr(chunk, "FLAGGED_BLOCK", 8)
+    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)
     monkeypatch.setattr(chunk, "DIAG_DOTS_KEY_BLOCK", 16)
     monkeypatch.setattr(chunk, "PAIRS_KEY_BLOCK", 16)
     cu = torch.tensor([0, 17, 17, 18, 68, 200], dtype=torch.int32)
@@ -405,7 +407,7 @@ def test_chunk_forward_with_every_chunk_on_the_sub_block_kernels(fuse, monkeypat
 def test_chunk_cases(case, monkeypatch):
     """Forward and backward against the float64 reference on: ragged packed sequences with the fused gate, two key
     blocks in every per-chunk kernel and two value blocks in W/U, q/k normalised by the caller, the fp16 path, decays
-    far below fp32's range (every sub-block on the exact diagonal paths of the forward's diagonal kernel and the
+    far below fp32's range (every sub-block on the exact diagonal paths of the forward's flagged kernel and the
     backward's key kernel, sequences ending inside a sub-block), strong in part of a chunk (both diagonal paths in one
     program), and K = 48 (norms over a padded 64-channel tile)."""
     from kimi_hf.kernels.kda import chunk

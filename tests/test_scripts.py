@@ -124,14 +124,14 @@ def test_set_file_is_applied_before_set_and_a_missing_file_is_an_error(monkeypat
     from kimi_hf.kernels.kda import chunk
 
     monkeypatch.setattr(moe, "GATE_UP_SPLIT", moe.GATE_UP_SPLIT)
-    monkeypatch.setattr(chunk, "PAIRS_WARPS", chunk.PAIRS_WARPS)
+    monkeypatch.setattr(chunk, "FLAGGED_WARPS", chunk.FLAGGED_WARPS)
     best = tmp_path / "best.txt"
-    best.write_text("kda.chunk.PAIRS_WARPS=2 moe.GATE_UP_SPLIT=2\n")
+    best.write_text("kda.chunk.FLAGGED_WARPS=2 moe.GATE_UP_SPLIT=2\n")
     parser = argparse.ArgumentParser()
     _launch.add_set_option(parser, "moe.GATE_UP_SPLIT=4")
     args = parser.parse_args(["--set-file", str(best), "--set", "moe.GATE_UP_SPLIT=3"])
-    assert _launch.apply_set_option(parser, args) == {"kda.chunk.PAIRS_WARPS": 2, "moe.GATE_UP_SPLIT": 3}
-    assert (chunk.PAIRS_WARPS, moe.GATE_UP_SPLIT) == (2, 3)
+    assert _launch.apply_set_option(parser, args) == {"kda.chunk.FLAGGED_WARPS": 2, "moe.GATE_UP_SPLIT": 3}
+    assert (chunk.FLAGGED_WARPS, moe.GATE_UP_SPLIT) == (2, 3)
     with pytest.raises(SystemExit):
         _launch.apply_set_option(parser, parser.parse_args(["--set-file", str(tmp_path / "missing.txt")]))
     assert "missing.txt" in capsys.readouterr().err

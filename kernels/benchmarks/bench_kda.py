@@ -9,7 +9,7 @@ unless --bandwidth-tbs gives it).
 Every time is a ``triton.testing.do_bench`` median in milliseconds.
 
     python kernels/benchmarks/bench_kda.py [--json results.json] [--quick]
-    python kernels/benchmarks/bench_kda.py --sweep PAIRS_KEY_BLOCK=16,32,64 PAIRS_WARPS=2,4,8
+    python kernels/benchmarks/bench_kda.py --sweep PAIRS_KEY_BLOCK=16,32,64 FLAGGED_WARPS=2,4,8
 
 ``--sweep`` times ours alone at one shape (``--sweep-shape``, default the first) for every combination of the
 given launch constants of ``kimi_hf.kernels.kda.chunk`` (tile sizes, warps, candidate paths), and checks each
@@ -167,15 +167,13 @@ def forward_bytes(K: int, V: int) -> dict[str, int]:
         # backward reads them); with the inverse beta in; with W/U its own traffic (q, k, G re-read from the caches)
         "kda_chunk_dots_fwd_kernel": qkG + e * bt + (1 - inverse) * f * bt + inverse * e + (inverse - wu) * e * bt
         + wu * wu_own,
-        # the sub-block kernels (and the inverse and W/U where the chunk dots kernel does their work) read only their
-        # chunk's flag where the chunk dots kernel took every chunk
-        "kda_diag_dots_fwd_kernel": 0,
-        "kda_pairs_chunk_fwd_kernel": 0,
-        "kda_inverse_fwd_kernel": (1 - inverse) * (f * bt + e + e * bt),  # P, beta in; M out
-        "kda_wu_fwd_kernel": (1 - wu) * (qkG + e * bt + e + wu_own),  # q, k, G, M, beta and its own traffic
+        # the flags only, where the chunk dots kernel took every chunk
+        "kda_flagged_fwd_kernel": 0,
         "kda_state_fwd_kernel": 2 * e * K + e * V + e * V + state,  # kh, W, U in; v_new, h out
         "kda_output_fwd_kernel": e * K + e * bt + state + e * V + e * V,  # qg, A_qk, h, v_new in; o out
-    }
+    } | ({} if inverse else {"kda_inverse_fwd_kernel": f * bt + e + e * bt}) | (  # P, beta in; M out
+        {} if wu else {"kda_wu_fwd_kernel": qkG + e * bt + e + wu_own}  # q, k, G, M, beta and its own traffic
+    )
 
 
 def traffic_table(B: int, T: int, bandwidth_tbs: float, H: int = 32, D: int = 128) -> str:
@@ -196,7 +194,7 @@ def traffic_table(B: int, T: int, bandwidth_tbs: float, H: int = 32, D: int = 12
         gb = per_pair * pairs / 1e9
         floor = gb / bandwidth_tbs
         total_ms, total_gb = total_ms + ms, total_gb + gb
-        ratio = f"{ms / floor:.2f}" if floor else "-"  # (the sub-block kernels' flag reads count as no bytes)
+        ratio = f"{ms / floor:.2f}" if floor else "-"  # (the flagged kernel's flag reads count as no bytes)
         lines.append(f"| {name} | {ms:.3f} | {gb:.2f} | {gb / ms:.2f} | {floor:.3f} | {ratio} |")
     floor = total_gb / bandwidth_tbs
     lines.append(f"| all of the above | {total_ms:.3f} | {total_gb:.2f} | {total_gb / total_ms:.2f} | {floor:.3f} "
@@ -350,7 +348,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="with --sweep: the time that picks the fastest combination (default fwd+bwd)")
     p.add_argument("--best-to", metavar="PATH",
                    help="with --sweep: write the fastest combination as --set specs, for a later --set-file")
-    add_set_option(p, "kda.chunk.PAIRS_WARPS=2")
+    add_set_option(p, "kda.chunk.FLAGGED_WARPS=2")
     args = p.parse_args(argv)
     grid = _parse_sweep(args.sweep) if args.sweep else None
     overrides = apply_set_option(p, args)

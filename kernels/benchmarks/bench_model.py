@@ -12,7 +12,7 @@ MLA at 4,8; 16 experts top-4; vocab 32000; sdpa; bf16), in one run:
 
 Medians of ``triton.testing.do_bench`` (training) and of repeated timed ``generate`` calls (decoding).
 Prints a markdown table (GPU, versions, ratios) and optionally writes JSON. ``--set`` overrides integer launch
-constants of ``kimi_hf.kernels`` for the run, e.g. ``--set moe.GATE_UP_SPLIT=4 kda.chunk.PAIRS_WARPS=2``.
+constants of ``kimi_hf.kernels`` for the run, e.g. ``--set moe.GATE_UP_SPLIT=4 kda.chunk.FLAGGED_WARPS=2``.
 """
 
 from __future__ import annotations

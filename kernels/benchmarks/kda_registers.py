@@ -32,10 +32,10 @@ _FP32_POINTERS = {
     "ddt_bias_part", "dq", "dk", "dkp", "dkm",
     "A_log", "dt_bias", "g", "g_raw", "beta",
 }  # fmt: skip
-_INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets", "exact", "ready"}
+_INT_POINTERS = {"chunk_indices", "cu_seqlens", "chunk_offsets", "exact"}
 # The stages of a launch that names none: Triton's default for CUDA (the report otherwise describes another kernel)
 UNNAMED_STAGES = 3
-_SCALARS = {"scale": "fp32", "NC": "i32", "H": "i32", "K": "i32", "V": "i32", "first_chunk": "i32"}
+_SCALARS = {"scale": "fp32", "NC": "i32", "H": "i32", "K": "i32", "V": "i32"}
 
 
 def signature(
@@ -62,36 +62,33 @@ def signature(
     return sig
 
 
-def launch_configs(head_dim: int, overlap: bool) -> list[tuple[object, dict, int, int]]:
+def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     """(kernel, constexprs, num_warps, num_stages) as the launchers in ``chunk.py`` use them for bf16 and
-    K = V = head_dim, with the state pass overlapped (a small batch) or not."""
+    K = V = head_dim."""
     BK, BV = chunk._dims(head_dim, head_dim)
     bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
     warps = chunk.NUM_WARPS
     inverse, wu, norms = chunk._fuse_levels()  # (with the L2 norm of q, k, as the model calls the op)
     eps = chunk.L2NORM_EPS
-    bvo = chunk._output_block_v(BV)
-    bkp = chunk._prep_key_block(BK, not norms)
     return [
-        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=bkp, L2NORM=not norms, GATE=True, EPS=eps),
-         chunk.PREP_WARPS, UNNAMED_STAGES),
+        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=not norms, GATE=True, EPS=eps), warps,
+         UNNAMED_STAGES),
         (chunk_fwd.kda_chunk_dots_fwd_kernel,
          dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
               BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, NORMS=norms, EPS=eps, ROW_LIMIT=chunk._row_limit(),
-              SAVE=False, READY=overlap), chunk.CHUNK_DOTS_WARPS, chunk.CHUNK_DOTS_STAGES),
-        (chunk_fwd.kda_pairs_chunk_fwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.PAIRS_KEY_BLOCK)), chunk.PAIRS_WARPS, 1),
-        (chunk_fwd.kda_diag_dots_fwd_kernel,
-         dict(common, BC=chunk.SUB, BK=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), SPAN=chunk.DIAG_DOT_SPAN),
-         chunk.DIAG_DOTS_WARPS, UNNAMED_STAGES),
-        (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB, FLAGGED=inverse),
-         chunk.INVERSE_WARPS, UNNAMED_STAGES),
-        (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV,
-                                           FLAGGED=wu, READY=overlap), chunk.WU_WARPS, chunk.WU_STAGES),
-        (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True, WAIT=overlap),
+              SAVE=False), chunk.CHUNK_DOTS_WARPS, chunk.CHUNK_DOTS_STAGES),
+        (chunk_fwd.kda_flagged_fwd_kernel,
+         dict(common, BC=chunk.SUB, BK_DIAG=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), BK_PAIRS=min(BK, chunk.PAIRS_KEY_BLOCK),
+              BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, SPAN=chunk.DIAG_DOT_SPAN, INVERSE=inverse, WU=wu,
+              BLOCK=chunk.FLAGGED_BLOCK), chunk.FLAGGED_WARPS, 1),
+        # (launched below CHUNK_DOTS_FUSE 1 and 2)
+        (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, UNNAMED_STAGES),
+        (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS,
+         chunk.WU_STAGES),
+        (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
          chunk._state_fwd_warps(BK), 1),
-        (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=bvo), chunk.OUTPUT_WARPS, 1 if BK > 128 else 2),
+        (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)),
          chunk.BWD_PAIR_WARPS, chunk.BWD_PAIR_STAGES),
@@ -166,13 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"triton {triton.__version__}, sm_90, bf16, K = V = {args.head_dim}")
     print("| kernel | tiles | warps | stages | registers | spill stores (B) | spill loads (B) | shared memory (B) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    reported = []
-    for overlap in (False, True):  # then only the kernels that differ with the state pass overlapped
-        for config in launch_configs(args.head_dim, overlap):
-            if config not in reported:
-                reported.append(config)
-                fn, constexprs, warps, stages = config
-                print(report(fn, constexprs, warps, stages, ptxas, shown=("BK", "BV", "READY", "WAIT")), flush=True)
+    for fn, constexprs, warps, stages in launch_configs(args.head_dim):
+        print(report(fn, constexprs, warps, stages, ptxas), flush=True)
 
 
 if __name__ == "__main__":

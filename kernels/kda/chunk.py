@@ -1,10 +1,10 @@
 """Chunked KDA on Triton: launchers and the autograd Function (the kernels are in chunk_fwd/chunk_bwd.py).
 
 Forward: prep (gate, in-chunk cumsum; the L2 norm below CHUNK_DOTS_FUSE 3) -> chunk dots (per chunk where its decays
-allow: A_qk, P, M and W/U's work, at level 3 from the raw q, k and their norms, see CHUNK_DOTS_FUSE) -> for the
-chunks the chunk dots left out: diagonal (A_qk, P inside each sub-block, per sub-block), pairs (A_qk, P between
-sub-blocks, per chunk), inverse (M per chunk, on [16, 16] blocks), W/U (W, U, qg, kh per chunk, from the stored M)
--> state (sequential over chunks, per head and V tile) -> output.
+allow: A_qk, P, M and W/U's work, at level 3 from the raw q, k and their norms, see CHUNK_DOTS_FUSE) -> flagged (the
+chunks the chunk dots left out, each in one program: A_qk and P inside each sub-block and between them, M on [16, 16]
+blocks, W, U, qg, kh from the stored M) -> state (sequential over chunks, per head and V tile) -> output. Below
+CHUNK_DOTS_FUSE 2 the inverse and W/U kernels take every chunk after the flagged kernel.
 Backward: state (reverse) -> pair (dv, dbeta and the gradients of the in-chunk pair matrices, per chunk) -> direct
 (the dq, dk terms through the states, per chunk and block of key channels) -> key (adds the in-chunk pairs: dq, dk
 and dG per chunk, block of key channels and sub-block of rows) -> gate (dg: reverse cumsum, fused gate) -> L2-norm
@@ -28,8 +28,8 @@ from .chunk_bwd import (
     kda_state_bwd_kernel, l2norm_bwd_kernel,
 )  # fmt: skip
 from .chunk_fwd import (
-    kda_chunk_dots_fwd_kernel, kda_diag_dots_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel,
-    kda_pairs_chunk_fwd_kernel, kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
+    kda_chunk_dots_fwd_kernel, kda_flagged_fwd_kernel, kda_inverse_fwd_kernel, kda_output_fwd_kernel,
+    kda_prep_fwd_kernel, kda_state_fwd_kernel, kda_wu_fwd_kernel,
 )  # fmt: skip
 from .utils import L2NORM_EPS
 
@@ -46,12 +46,12 @@ MAX_HEAD_DIM = 256
 # kernel, as fla does, was slower (0.621 + 0.274 ms for pairs, inverse and W/U against 0.362 + 0.133 + 0.276; branch
 # kda-solve-blocks).
 # The forward's pairs inside a sub-block (the diagonal [16, 16] tiles of A_qk and P): one program per sub-block, as
-# tensor-core dots through its middle row where the decays allow (kda_diag_dots_fwd_kernel, see DIAG_DOT_SPAN below;
-# 64 key channels per block at 2 warps, 162 registers). Session 20: forward 4.121 against 4.536 ms at B8 T4096 on the
-# H200, fwd+bwd 12.72 against 13.12 (32 channels or 4 warps 0.09-0.55 ms slower); on an H100 that kernel took 0.539 ms
-# where the former one, a token per program with one exp per partner and channel, took 0.925 (session 19). That
-# kernel (sessions 6-19: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against the partners summed inside the pairs and key
-# kernels) is removed; storing its rows whole instead of an element per partner was 0.15 ms slower.
+# tensor-core dots through its middle row where the decays allow (until session 44 kda_diag_dots_fwd_kernel, see
+# DIAG_DOT_SPAN below; 64 key channels per block at 2 warps, 162 registers). Session 20: forward 4.121 against 4.536 ms
+# at B8 T4096 on the H200, fwd+bwd 12.72 against 13.12 (32 channels or 4 warps 0.09-0.55 ms slower); on an H100 that
+# kernel took 0.539 ms where the former one, a token per program with one exp per partner and channel, took 0.925
+# (session 19). That kernel (sessions 6-19: fwd+bwd 6.90 -> 5.45 ms at B1 T8192 against the partners summed inside the
+# pairs and key kernels) is removed; storing its rows whole instead of an element per partner was 0.15 ms slower.
 # The backward key kernel (the pairs between sub-blocks): 64 key channels per block at 2 warps (session 6: fwd+bwd
 # 5.21 ms against 5.46 at 32 channels and 4 warps, the best before the diagonal moved out; 8 warps were 1.5x slower
 # then).
@@ -61,13 +61,12 @@ MAX_HEAD_DIM = 256
 # Registers and spills without a GPU: kernels/benchmarks/kda_registers.py (until session 12 it compiled without the
 # launcher's 16-byte alignment facts and reported 255 registers and spills where the launched kernels have far fewer,
 # e.g. the former solve kernel 255 for 128); timings: bench_kda.py --sweep.
-# The pairs between sub-blocks run one program per (chunk, head) (kda_pairs_chunk_fwd_kernel; since session 15: the
-# former kernel, one program per sub-block, took 0.362 ms of the 1.59 ms forward at B1 T8192 on the H200, this one
-# 0.218, forward 1.46 against 1.59 ms in one sweep). 16 key channels per block at 4 warps: 168 registers as compiled
-# for sm_90, three programs per SM (session 15 sweep: 32 channels 1.458 ms forward, 8 warps 1.645-1.789, against
-# 1.451).
+# The pairs between sub-blocks run one program per (chunk, head) (until session 44 kda_pairs_chunk_fwd_kernel; since
+# session 15: the former kernel, one program per sub-block, took 0.362 ms of the 1.59 ms forward at B1 T8192 on the
+# H200, this one 0.218, forward 1.46 against 1.59 ms in one sweep). 16 key channels per block at 4 warps: 168 registers
+# as compiled for sm_90, three programs per SM (session 15 sweep: 32 channels 1.458 ms forward, 8 warps 1.645-1.789,
+# against 1.451).
 PAIRS_KEY_BLOCK = 16
-PAIRS_WARPS = 4
 # Session 20 (H200, B8 T4096): the inverse inside the pairs kernel, from the pairs between sub-blocks it held in
 # registers (as fla's inter-block kernel solves its system), took the forward to 5.003 ms against 4.536; removed.
 # Session 18's sweep on the H200 (B1 T8192, forward 1.346 / fwd+bwd 4.080 ms at session 15's kernels) timed the
@@ -92,8 +91,7 @@ PAIRS_WARPS = 4
 # (session 18: 4 warps or 32 channels 0.01-0.21 ms slower in fwd+bwd).
 DIAG_DOT_SPAN = 40.0
 DIAG_DOTS_KEY_BLOCK = 64
-DIAG_DOTS_WARPS = 2
-# Since session 42 the sub-block kernels above compute only the chunks that kda_chunk_dots_fwd_kernel leaves out:
+# Since session 42 the sub-block steps above compute only the chunks that kda_chunk_dots_fwd_kernel leaves out:
 # it takes a chunk's whole A_qk and P as six [32, BK] x [BK, 32] dots per key block through the halves' middle rows,
 # for chunks whose |G_i - G_m| stay within CHUNK_DOT_SPAN over each half (16 tokens either side of m: factors up to
 # e^64 = 6e27, so q and k up to ~5e10 stay finite in fp32). Session 42 (H100, B8 T4096, two alternating rounds
@@ -136,12 +134,15 @@ CHUNK_DOTS_STAGES = 3
 # against M and the norms stored and read back after a barrier; fwd+bwd 13.72 -> 13.81, 13.99 -> 14.05,
 # 3.62 -> 3.64.
 CHUNK_DOTS_FUSE = 3
-# The fallback kernels (diagonal, pairs, and at CHUNK_DOTS_FUSE >= 1 the inverse and W/U), which compute only the
-# chunks that the chunk dots kernel flags, run about FALLBACK_PROGRAMS programs over chunks and heads, each walking a
-# stride of the chunks and reading their flags; 0: one program per chunk (sub-block for the diagonal kernel). With one
-# per chunk their early returns took 0.085 ms of the 4.16 ms forward at B8 T4096 H32 on an H100 (session 43: 65536
-# programs for the diagonal kernel, 16384 for each of the others); strided, 0.057 ms (forward 3.912 against 3.968).
-FALLBACK_PROGRAMS = 1024
+# The chunks that the chunk dots kernel flags go to one kernel, kda_flagged_fwd_kernel: the pairs inside each
+# sub-block and between them (the diagonal and pairs kernels until session 44), and at CHUNK_DOTS_FUSE >= 1 the
+# inverse, at >= 2 W/U's work, each chunk whole in one program of FLAGGED_WARPS warps (steps in loops not pipelined by
+# Triton, num_stages 1). Its programs each read the flags of FLAGGED_BLOCK (chunk, head) items at once and return
+# where none is set. Session 43-44 (H100, B8 T4096 H32): with a kernel per step, their programs reading a flag each,
+# the early returns cost 0.085 ms of GPU time at one program per chunk (sub-block for the diagonal kernel), 0.057 ms at
+# 1024 programs walking strides of the chunks.
+FLAGGED_BLOCK = 16
+FLAGGED_WARPS = 4
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4
 # warps with 32 key channels per block (session 15 sweep on the H200, B1 T8192 forward: the inverse at 4 warps
 # 0.10-0.11 ms slower in every W/U setting; W/U 1.563 ms at 4 warps against 1.595 at 8, 64 channels 1.567-1.611, its
@@ -186,24 +187,13 @@ BWD_PAIR_WARPS = 4
 # against 1.100 at B1 T8192 (fwd+bwd 14.04 -> 14.97 at 16 columns).
 STATE_FWD_WARPS = 4
 STATE_BLOCK_V = 0
-# The forward state pass overlapped with the chunk dots (STATE_PASS_OVERLAP 1): where its programs (sequences x V
-# tiles x heads) fit one per SM, it runs on a high-priority side stream while the chunk dots kernel still computes,
-# taking each chunk once the chunk dots (or, for a flagged chunk, the W/U kernel) set its flag, and the output kernel
-# waits for it. At a small batch the pass is latency-bound (one program per SM of 4 warps: B1 T32768 H32 took 0.974 ms
-# of the 4.22 ms forward on an H100 in session 44, B8 T4096 0.720 of 3.94 with eight times the programs), so most of
-# its time the SMs it holds have room for chunk dots programs beside it. It is launched after STATE_OVERLAP_SPLIT
-# percent of the chunks' chunk dots are done (their launch split in two there), so that it holds its SMs for less of
-# the chunk dots kernel's time. (Where the programs outnumber the SMs, the pass waits for the chunk dots: resident
-# programs that spin could otherwise leave no SM for the chunk dots programs they wait for.)
-STATE_PASS_OVERLAP = 1
-STATE_OVERLAP_SPLIT = 0
-# The prep kernel's key channels per program (0: all K) and warps; with the L2 norm in it (CHUNK_DOTS_FUSE < 3 or
-# no norm asked for... with the norm) it takes all K.
-PREP_KEY_BLOCK = 0
-PREP_WARPS = 8
-# The output kernel's value columns per program (0: up to 64) and warps.
-OUTPUT_BLOCK_V = 0
-OUTPUT_WARPS = 8
+# Session 45 (H100; aa3936a, removed): the forward state pass overlapped with the chunk dots, on a high-priority
+# stream where its programs fit one per SM, reading each chunk once a flag set by the chunk dots said it was stored:
+# forward 4.876 ms at B1 T32768 against 4.098 sequential (4.531 / 4.253 with the pass started after a quarter / half
+# of the chunks), 1.237 against 1.079 at B1 T8192. Beside a resident pass program (236 registers at 4 warps) an SM
+# holds one chunk dots program where it held two. The same run timed the prep kernel at 4 warps and 32 or 64 key
+# channels per program and the output kernel at 32 or 128 value columns and 4 warps: within -1% / +5% of these
+# kernels (B8 T4096 forward 3.822-3.859 ms against 3.854).
 NUM_WARPS = 8  # the other kernels
 
 
@@ -221,15 +211,15 @@ class _Chunks:
 
 def _chunks(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device) -> _Chunks:
     """Equal-length batches (``cu_seqlens`` None) are laid out from B and T alone, without waiting for the device:
-    a host synchronisation here stalled every forward until the GPU drained. Packed sequences read the offsets
-    once (their validation has already done so)."""
+    a host synchronisation here stalled every forward until the GPU drained. Their layout is kept for the next call
+    of the same shape on the same stream (:func:`_kept_equal_layout`), except one being captured into a CUDA graph,
+    whose tensors hold nothing until it replays. Packed sequences read the offsets once (their validation has
+    already done so)."""
     if cu_seqlens is None:
-        per_seq = cdiv(T, CHUNK)
-        cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
-        offsets = torch.arange(B + 1, device=device, dtype=torch.int32) * per_seq
-        flat = torch.arange(B * per_seq, device=device, dtype=torch.int32)
-        indices = torch.stack([flat // per_seq, flat % per_seq], dim=1)
-        return _Chunks(cu, indices, offsets, B * per_seq, B)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return _equal_layout(B, T, device)
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        return _kept_equal_layout(B, T, device, stream)
     cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()  # the kernels read it at unit stride
     bounds = cu_seqlens.tolist()
     num_chunks = sum(cdiv(end - start, CHUNK) for start, end in zip(bounds[:-1], bounds[1:]))
@@ -242,6 +232,24 @@ def _chunks(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.devic
     within = torch.arange(num_chunks, device=device, dtype=torch.int32) - offsets[seq.long()]
     indices = torch.stack([seq, within], dim=1).contiguous()
     return _Chunks(cu, indices, offsets, num_chunks, counts.numel())
+
+
+def _equal_layout(B: int, T: int, device: torch.device) -> _Chunks:
+    """The layout of B sequences of T tokens, built on ``device`` (on the current stream)."""
+    per_seq = cdiv(T, CHUNK)
+    cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
+    offsets = torch.arange(B + 1, device=device, dtype=torch.int32) * per_seq
+    flat = torch.arange(B * per_seq, device=device, dtype=torch.int32)
+    indices = torch.stack([flat // per_seq, flat % per_seq], dim=1)
+    return _Chunks(cu, indices, offsets, B * per_seq, B)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_equal_layout(B: int, T: int, device: torch.device, stream: torch.cuda.Stream | None) -> _Chunks:
+    """:func:`_equal_layout`, built once per shape, device and stream (``stream``: the one it is built and read on,
+    so that no stream reads it before the kernels that write it have run). Its seven small kernels took 0.011 ms of
+    the 1.05 ms forward at B1 T8192 H32 on an H100 (session 45), each call."""
+    return _equal_layout(B, T, device)
 
 
 def _dims(K: int, V: int) -> tuple[int, int]:
@@ -260,48 +268,11 @@ def _state_block_v(BK: int, BV: int) -> int:
     return 16 if BK > 128 else min(BV, 32)
 
 
-def _prep_key_block(BK: int, norms: bool) -> int:
-    """Key channels per program of the prep kernel: ``PREP_KEY_BLOCK`` (0: all), all of them when it takes the L2
-    norms (``norms``), which sum over a row's channels."""
-    return BK if norms or not PREP_KEY_BLOCK else min(BK, PREP_KEY_BLOCK)
-
-
-def _output_block_v(BV: int) -> int:
-    """Value columns per program of the output kernel: ``OUTPUT_BLOCK_V`` (0: ``BV``)."""
-    return min(BV, OUTPUT_BLOCK_V) if OUTPUT_BLOCK_V else BV
-
-
 def _state_fwd_warps(BK: int) -> int:
     """Warps of the forward state pass: ``STATE_FWD_WARPS``, doubled for K > 128. At K = 256 and 4 warps the
     [256, 16] state tiles spill 576 B per thread, at 8 none (198 registers; kda_registers.py). Both passed the
     head-dim-256 GPU test (sessions 14 and 15); K = 256 was not timed at either."""
     return STATE_FWD_WARPS * 2 if BK > 128 else STATE_FWD_WARPS
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The high-priority stream of the overlapped state pass on ``device``: its programs are placed as soon as SMs
-    free up, ahead of the chunk dots programs still waiting for one."""
-    return torch.cuda.Stream(device, priority=-1)  # torch's higher of its two priorities
-
-
-def _overlaps_state_pass(device: torch.device, programs: int) -> bool:
-    """Whether the forward state pass of ``programs`` programs runs beside the chunk dots (``STATE_PASS_OVERLAP``):
-    on a GPU, where the programs fit one per SM (see the constant)."""
-    return bool(STATE_PASS_OVERLAP) and device.type == "cuda" and programs <= _sm_count(device)
-
-
-def _overlap_split(NC: int) -> int:
-    """The chunks (of ``NC``) whose chunk dots run before the overlapped state pass starts: ``STATE_OVERLAP_SPLIT``
-    percent."""
-    if not 0 <= STATE_OVERLAP_SPLIT <= 100:
-        raise ValueError(f"STATE_OVERLAP_SPLIT must be a percentage from 0 to 100, got {STATE_OVERLAP_SPLIT}")
-    return NC * STATE_OVERLAP_SPLIT // 100
 
 
 def _fuse_levels() -> tuple[bool, bool, bool]:
@@ -311,16 +282,6 @@ def _fuse_levels() -> tuple[bool, bool, bool]:
     if CHUNK_DOTS_FUSE not in (0, 1, 2, 3):
         raise ValueError(f"CHUNK_DOTS_FUSE must be 0, 1, 2 or 3, got {CHUNK_DOTS_FUSE}")
     return CHUNK_DOTS_FUSE >= 1, CHUNK_DOTS_FUSE >= 2, CHUNK_DOTS_FUSE == 3
-
-
-def _fallback_grid(NC: int, H: int, flagged: bool, per_chunk: int = 1) -> tuple[int, int]:
-    """Grid of a kernel over ``NC`` chunks (``per_chunk`` items each) and ``H`` heads whose programs walk a stride of
-    the items: with ``flagged`` (it computes only the flagged chunks) about ``FALLBACK_PROGRAMS`` programs, else one per
-    item."""
-    programs = NC
-    if flagged and FALLBACK_PROGRAMS:
-        programs = min(NC, cdiv(FALLBACK_PROGRAMS, H))
-    return programs * per_chunk, H
 
 
 def _row_limit() -> float:
@@ -357,7 +318,7 @@ def kda_chunk_fwd(
 
     Returns ``o [TT, H, V]``, the final state ``[N, H, K, V]`` fp32 (or None) and the tensors the
     backward needs (empty unless ``for_backward``: at ``CHUNK_DOTS_FUSE`` 3 an inference forward stores no qn, kn
-    but those of the chunks that the fallback kernels compute).
+    but those of the chunks that the flagged kernel computes).
     """
     inverse, wu, norms = _fuse_levels()
     norms = norms and use_qk_l2norm  # the chunk dots kernel normalises q, k, the prep kernel computes G alone
@@ -376,78 +337,57 @@ def kda_chunk_fwd(
     # with M in fp32, fwd+bwd unchanged).
     M = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
     A_qk = torch.empty(TT, H, CHUNK, device=dev, dtype=dt)
-    prep_norms = use_qk_l2norm and not norms
-    BKp = _prep_key_block(BK, prep_norms)
-    kda_prep_fwd_kernel[(NC * cdiv(K, BKp), H)](
+    kda_prep_fwd_kernel[(NC, H)](
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
-        BT=CHUNK, BK=BKp, L2NORM=prep_norms, GATE=use_gate, EPS=L2NORM_EPS, num_warps=PREP_WARPS,
+        BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm and not norms, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
     )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
     gl = torch.empty(NC, H, K, device=dev, dtype=torch.float32)
     exact = torch.empty(NC, H, device=dev, dtype=torch.int32)  # the chunks whose decays the chunk dots leave out
+    kda_chunk_dots_fwd_kernel[(NC * H,)](
+        q if norms else qn, k if norms else kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact,
+        chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+        BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
+        BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, NORMS=norms, EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(),
+        SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS, num_stages=CHUNK_DOTS_STAGES,
+        maxnreg=CHUNK_DOTS_MAXNREG or None,
+    )  # fmt: skip
+    if FLAGGED_BLOCK < 1 or FLAGGED_BLOCK & (FLAGGED_BLOCK - 1):
+        raise ValueError(f"FLAGGED_BLOCK must be a power of two, got {FLAGGED_BLOCK}")
+    kda_flagged_fwd_kernel[(cdiv(NC * H, FLAGGED_BLOCK),)](
+        qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K, V,
+        BT=CHUNK, BC=SUB, BK_DIAG=min(BK, DIAG_DOTS_KEY_BLOCK), BK_PAIRS=min(BK, PAIRS_KEY_BLOCK),
+        BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, SPAN=DIAG_DOT_SPAN, INVERSE=inverse, WU=wu, IEEE=ieee,
+        BLOCK=FLAGGED_BLOCK, num_warps=FLAGGED_WARPS, num_stages=1,
+    )  # fmt: skip
+    if not inverse:  # M of every chunk
+        kda_inverse_fwd_kernel[(NC, H)](
+            P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
+        )  # fmt: skip
+    if not wu:  # W/U's work for every chunk
+        kda_wu_fwd_kernel[(NC, H)](
+            qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
+            BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
+        )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BVs = _state_block_v(BK, BV)
-    overlap = _overlaps_state_pass(dev, N * cdiv(V, BVs) * H)
-    # per (chunk, head): set once the chunk's W, U, kh and gl are stored (the overlapped state pass reads them)
-    ready = torch.zeros(NC, H, device=dev, dtype=torch.int32) if overlap else None
-    split = _overlap_split(NC) if overlap else 0
-    start = torch.cuda.Event() if overlap else None
-    for part, (first, count) in enumerate(((0, split), (split, NC - split))):
-        if count:
-            kda_chunk_dots_fwd_kernel[(count * H,)](
-                q if norms else qn, k if norms else kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact, ready,
-                chunks.indices, chunks.cu_seqlens, first, scale, H, K, V,
-                BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
-                BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, NORMS=norms, EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(),
-                SAVE=for_backward, READY=overlap and wu, num_warps=CHUNK_DOTS_WARPS, num_stages=CHUNK_DOTS_STAGES,
-                maxnreg=CHUNK_DOTS_MAXNREG or None,
-            )  # fmt: skip
-        if overlap and part == 0:
-            start.record()  # the state pass starts after the first part (after the flags' zeroing when it is empty)
-    kda_diag_dots_fwd_kernel[_fallback_grid(NC, H, True, CHUNK // SUB)](
-        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, DIAG_DOTS_KEY_BLOCK), SPAN=DIAG_DOT_SPAN, IEEE=ieee, num_warps=DIAG_DOTS_WARPS,
-    )  # fmt: skip
-    kda_pairs_chunk_fwd_kernel[_fallback_grid(NC, H, True)](
-        qn, kn, G, A_qk, P, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K,
-        BT=CHUNK, BC=SUB, BK=min(BK, PAIRS_KEY_BLOCK), IEEE=ieee, num_warps=PAIRS_WARPS, num_stages=1,
-    )  # fmt: skip
-    kda_inverse_fwd_kernel[_fallback_grid(NC, H, inverse)](
-        P, beta, M, exact, chunks.indices, chunks.cu_seqlens, NC, H,
-        BT=CHUNK, BC=SUB, FLAGGED=inverse, IEEE=ieee, num_warps=INVERSE_WARPS,
-    )  # fmt: skip
-    kda_wu_fwd_kernel[_fallback_grid(NC, H, wu)](
-        qn, kn, v, G, beta, M, W, U, qg, kh, gl, exact, ready, chunks.indices, chunks.cu_seqlens, scale, NC, H, K, V,
-        BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, FLAGGED=wu, IEEE=ieee, READY=overlap, num_warps=WU_WARPS,
-        num_stages=WU_STAGES,
-    )  # fmt: skip
-    # The overlapped state pass is launched after every kernel that sets its flags, so that a launch that blocks the
-    # host (CUDA_LAUNCH_BLOCKING) never waits for a kernel not yet launched.
-    side = _side_stream(dev) if overlap else None
-    if overlap:
-        side.wait_event(start)
     # num_stages=1, the next chunk's tiles prefetched into registers by hand. Session 44 (H100): each chunk's tiles
     # loaded at its own step and pipelined by Triton (asynchronous copies to shared memory, 2 stages; 146 registers
     # against 220) took the pass from 0.722 to 0.771 ms at B8 T4096 and from 0.966 to 1.173 at B1 T32768; unpipelined,
     # forward 4.004 against 3.916 ms at B8 T4096. (That sweep stopped with an illegal memory access at 8 warps, not
     # investigated.)
-    with torch.cuda.stream(side):  # a no-op context for None
-        kda_state_fwd_kernel[(N * cdiv(V, BVs), H)](
-            kh, gl, W, U, h, v_new, initial_state, ht, ready, chunks.cu_seqlens, chunks.offsets, H, K, V,
-            BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-            WAIT=overlap, num_warps=_state_fwd_warps(BK), num_stages=1,
-        )  # fmt: skip
-    if overlap:
-        # the output kernel reads what the pass wrote; on one stream again, the pass's tensors are freed after it
-        torch.cuda.current_stream(dev).wait_stream(side)
+    kda_state_fwd_kernel[(N * cdiv(V, BVs), H)](
+        kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
+        num_warps=_state_fwd_warps(BK), num_stages=1,
+    )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
-    BVo = _output_block_v(BV)
-    kda_output_fwd_kernel[(NC * cdiv(V, BVo), H)](
+    kda_output_fwd_kernel[(NC * cdiv(V, BV), H)](
         qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
-        BT=CHUNK, BK=BK, BV=BVo, IEEE=ieee, num_warps=OUTPUT_WARPS, num_stages=1 if BK > 128 else 2,
+        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
     if not for_backward:
         return o, ht, {}

@@ -56,33 +56,6 @@ def _tile_and_item(n_tiles):
 
 
 @triton.jit
-def _publish(ready, i):
-    """Sets flag ``i`` of ``ready`` (int32, zeroed before the launch) once the stores of every thread of the program
-    before it are visible to the whole GPU: a barrier, then a release at GPU scope (by one thread). The overlapped state
-    pass (:func:`kda_state_fwd_kernel` with ``WAIT``) reads these flags while the chunk dots run."""
-    tl.debug_barrier()
-    tl.atomic_xchg(ready + i, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _acquire(flag):
-    """The int32 at ``flag``, loaded by every thread with acquire semantics at GPU scope, so that the thread's later
-    loads see what a :func:`_publish` of it released. (Inline PTX: a scalar atomic would pass a barrier to share one
-    thread's result, stalling the whole program on the load; this one stalls only where the value is used.)"""
-    return tl.inline_asm_elementwise(
-        "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [flag], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
-def _await(flag, seen):
-    """Spins until the int32 at ``flag`` is set; ``seen``: its value as an earlier :func:`_acquire` loaded it (when
-    that was set, nothing waits)."""
-    while seen == 0:
-        seen = _acquire(flag)
-
-
-@triton.jit
 def _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
     """(sequence, first token of the chunk, end of the sequence) of chunk ``i_c``."""
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int32)
@@ -132,44 +105,52 @@ def _load_row(ptr, r, eos, cols, H, i_h, D):
 
 
 @triton.jit
-def _runs(exact, i_c, i_h, H, FLAGGED: tl.constexpr):
-    """Whether a fallback kernel's program computes chunk ``i_c``, head ``i_h``: with ``FLAGGED`` only where
-    ``exact [NC, H]`` flags it (:func:`kda_chunk_dots_fwd_kernel` left the chunk out), else always."""
-    if FLAGGED:
-        run = tl.load(exact + i_c * H + i_h) != 0
-    else:
-        run = tl.full([], 1, tl.int1)
-    return run
-
-
-@triton.jit
-def kda_diag_dots_fwd_kernel(
-    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, NC, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr,
+def kda_flagged_fwd_kernel(
+    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunk_indices, cu_seqlens, scale, NC, H, K, V,
+    BT: tl.constexpr, BC: tl.constexpr, BK_DIAG: tl.constexpr, BK_PAIRS: tl.constexpr, BK_WU: tl.constexpr,
+    BV: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, sub-block; head): the sub-block's diagonal ``[BC, BC]`` tiles of A_qk and P with exact in-chunk
-    decays, A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i and P[i, j] the same with k_i for j < i
-    (zeros above), as tensor-core dots through the sub-block's middle row m: exp(G_i - G_j) = exp(G_i - G_m)
-    exp(G_m - G_j), block of ``BK`` key channels by block. A block whose |G_i - G_m| are all at most SPAN (both
-    factors far inside fp32's range) is two ``[BC, BK] x [BK, BC]`` dots; any other block goes one partner at a time
-    with exact decays. Each block's share of the sums is exact either way, so the two paths mix freely within a
-    sub-block. (Until session 20 a kernel of one token per program took an exp per partner and channel, about 8.5 K
-    per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.) Only the chunks that ``exact``
-    flags (:func:`kda_chunk_dots_fwd_kernel`) are computed, by programs that each walk a stride of the ``NC * BT /
-    BC`` sub-blocks (:func:`chunk._fallback_grid`)."""
-    NS: tl.constexpr = BT // BC
-    i_h = tl.program_id(1)
-    for item in range(tl.program_id(0), NC * NS, tl.num_programs(0)):
-        i_s, i_c = item % NS, item // NS
-        if _runs(exact, i_c, i_h, H, True):
-            _diag_dots_sub_block(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_s, i_h, scale, H, K, BT, BC, BK,
-                                 SPAN, IEEE)  # fmt: skip
+    """The chunks that :func:`kda_chunk_dots_fwd_kernel` flags (``exact [NC, H]``, int32) and leaves out, each whole in
+    one program: A_qk and P inside each sub-block (:func:`_diag_dots_sub_block`) and between them
+    (:func:`_pairs_chunk`), then with ``INVERSE`` M (:func:`_inverse_chunk`, from P) and with ``WU`` W/U's work
+    (:func:`_wu_chunk`, from M), with a barrier before each step that reads what the steps before it stored.
+
+    Each program takes ``BLOCK`` consecutive (chunk, head) items (flattened as ``exact`` is) and loads their flags
+    at once; where none is set, the usual case, it returns. (Sessions 43-44: a kernel per step, each with programs
+    walking a stride of the chunks and reading each flag, took 0.057 ms of GPU time at B8 T4096 H32 on an H100 with
+    no chunk flagged; before that, with one program per chunk and sub-block, 0.085.)"""
+    first = tl.program_id(0) * BLOCK
+    items = first + tl.arange(0, BLOCK)
+    if tl.max(tl.load(exact + items, mask=items < NC * H, other=0)) != 0:
+        for item in range(first, tl.minimum(first + BLOCK, NC * H)):
+            if tl.load(exact + item) != 0:
+                i_c, i_h = item // H, item % H
+                for i_s in range(0, BT // BC):
+                    _diag_dots_sub_block(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_s, i_h, scale, H, K, BT,
+                                         BC, BK_DIAG, SPAN, IEEE)  # fmt: skip
+                _pairs_chunk(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, BT, BC, BK_PAIRS,
+                             IEEE)  # fmt: skip
+                if INVERSE:
+                    tl.debug_barrier()  # every thread's P stored
+                    _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H, BT, BC, IEEE)
+                    if WU:
+                        tl.debug_barrier()  # every thread's M stored
+                        _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale,
+                                  H, K, V, BT, BK_WU, BV, IEEE)  # fmt: skip
 
 
 @triton.jit
 def _diag_dots_sub_block(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_s, i_h, scale, H, K, BT: tl.constexpr,
                          BC: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """The body of :func:`kda_diag_dots_fwd_kernel` for sub-block ``i_s`` of chunk ``i_c``, head ``i_h``."""
+    """Sub-block ``i_s`` of chunk ``i_c``, head ``i_h``: its diagonal ``[BC, BC]`` tiles of A_qk and P with exact
+    in-chunk decays, A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for j <= i and P[i, j] the same with k_i for
+    j < i (zeros above), as tensor-core dots through the sub-block's middle row m: exp(G_i - G_j) = exp(G_i - G_m)
+    exp(G_m - G_j), block of ``BK`` key channels by block. A block whose |G_i - G_m| are all at most SPAN (both
+    factors far inside fp32's range) is two ``[BC, BK] x [BK, BC]`` dots; any other block goes one partner at a time
+    with exact decays. Each block's share of the sums is exact either way, so the two paths mix freely within a
+    sub-block. (Until session 20 a kernel of one token per program took an exp per partner and channel, about 8.5 K
+    per row against 2 K here: 0.925 against 0.539 ms at B8 T4096 H32 on an H100.)"""
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     s0 = t0 + i_s * BC  # the sub-block's first token
     if s0 < eos:
@@ -275,15 +256,15 @@ def _pair_sums(q, k, G, t0, eos, m0, m1, x, scale, H, i_h, K, BK: tl.constexpr, 
 
 @triton.jit
 def kda_chunk_dots_fwd_kernel(
-    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact, ready, chunk_indices, cu_seqlens, first_chunk,
-    scale, H, K, V, BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
+    q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
     BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr, EPS: tl.constexpr,
-    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr, READY: tl.constexpr,
+    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
     j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
     per block of ``BK`` key channels, when the chunk's decays allow; ``exact [NC, H]`` (int32) says which chunks
-    they did not allow, for :func:`kda_diag_dots_fwd_kernel` and :func:`kda_pairs_chunk_fwd_kernel` to compute.
+    they did not allow, for :func:`kda_flagged_fwd_kernel` to compute.
 
     exp(G_i - G_j) is split through a middle row: each half's tile with itself through its own middle row m
     (exp(G_i - G_m) exp(G_m - G_j)), the second half's rows against the first half's columns through the second
@@ -311,15 +292,15 @@ def kda_chunk_dots_fwd_kernel(
     are the raw inputs, and their rows' inverse norms scale the sums afterwards (A_qk by q's and k's, P by k's) and
     W/U's rows. The sums are then over unnormalised rows, whose entries times factors up to e^SPAN must stay finite in
     fp32: a chunk with a squared row norm of q or k past ``ROW_LIMIT`` is flagged too. qn and kn are stored for the
-    chunks it flags (the fallback kernels read them) and, with ``SAVE`` (the backward reads them), for every
+    chunks it flags (:func:`kda_flagged_fwd_kernel` reads them) and, with ``SAVE`` (the backward reads them), for every
     chunk.
 
-    One grid axis runs over the chunks from ``first_chunk`` on, the heads of a chunk next to each other, so that
-    chunks finish in order. With ``READY`` (and ``WU``) it sets the chunk's flag in ``ready [NC, H]``
-    (:func:`_publish`) once its W, U, kh and gl are stored, for the overlapped state pass."""
+    The one grid axis runs over (chunk, head), the heads of a chunk next to each other: their rows lie together in
+    memory, and the kernel took 2.14 ms at B8 T4096 H32 on an H100 (session 45) against 2.24 with the chunks of one
+    head next to each other (session 44)."""
     HB: tl.constexpr = BT // 2
     pid = tl.program_id(0)
-    i_c, i_h = first_chunk + pid // H, pid % H
+    i_c, i_h = pid // H, pid % H
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     last = tl.minimum(eos - t0, BT) - 1  # rows past the sequence end take the last valid row's place as a pivot
     m0, m1, x = t0 + tl.minimum(HB // 2, last), t0 + tl.minimum(HB + HB // 2, last), t0 + tl.minimum(HB, last)
@@ -365,9 +346,7 @@ def kda_chunk_dots_fwd_kernel(
                 dt = W.dtype.element_ty
                 _wu_halves(q, k, v, G, W, U, qg, kh, gl, qn, kn, M0.to(dt), MX.to(dt), M1.to(dt), b0, b1, rq0, rk0,
                            rq1, rk1, t0, eos, i_c, i_h, scale, H, K, V, BT, BK_WU, BV, IEEE, NORMS, SAVE)  # fmt: skip
-                if READY:
-                    _publish(ready, i_c * H + i_h)
-    elif NORMS:  # qn, kn of the flagged chunk, for the fallback kernels
+    elif NORMS:  # qn, kn of the flagged chunk, for kda_flagged_fwd_kernel
         for k0 in range(0, K, BK_WU):
             cols = k0 + tl.arange(0, BK_WU)
             _normed_rows(q, k, qn, kn, rq0, rk0, t0, eos, cols, H, i_h, K, HB, NORMS, True)
@@ -437,14 +416,12 @@ def kda_prep_fwd_kernel(
     q, k, g, A_log, dt_bias, qn, kn, G, chunk_indices, cu_seqlens, H, K,
     BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, block of ``BK`` key channels; head): optional gate, in-chunk cumsum -> G, and the optional L2 norm
-    of q/k (written to qn/kn; then one block holds all K channels)."""
-    i_k, i_c = _tile_and_item(tl.cdiv(K, BK))
-    i_h = tl.program_id(1)
+    """Per (chunk, head): optional L2 norm of q/k (written to qn/kn), optional gate, in-chunk cumsum -> G."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     rows = t0 + tl.arange(0, BT)
     rmask = rows < eos
-    cols = i_k * BK + tl.arange(0, BK)
+    cols = tl.arange(0, BK)
     cmask = cols < K
     b_g = _load_rows(g, rows, rmask, cols, cmask, H, i_h, K).to(tl.float32)
     if GATE:
@@ -533,28 +510,15 @@ def _store_pairs(A_qk, P, A10, A20, A21, A30, A31, A32, P10, P20, P21, P30, P31,
 
 
 @triton.jit
-def kda_pairs_chunk_fwd_kernel(
-    q, k, G, A_qk, P, exact, chunk_indices, cu_seqlens, scale, NC, H, K,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """Per (chunk, head): A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal ``[BC, BC]`` tiles
-    (:func:`kda_diag_dots_fwd_kernel` writes those), for BT = 4 BC, from the normalised q, k and the cumulative decays G
-    that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of ``BK`` key channels
-    (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's k and G for each of
-    them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the H200.) Only the
-    chunks that ``exact`` flags (:func:`kda_chunk_dots_fwd_kernel`) are computed, a stride of them per program
-    (:func:`chunk._fallback_grid`)."""
-    tl.static_assert(BT == 4 * BC)
-    i_h = tl.program_id(1)
-    for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
-        if _runs(exact, i_c, i_h, H, True):
-            _pairs_chunk(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, BT, BC, BK, IEEE)
-
-
-@triton.jit
 def _pairs_chunk(q, k, G, A_qk, P, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K,
                  BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """The body of :func:`kda_pairs_chunk_fwd_kernel` for chunk ``i_c``, head ``i_h``."""
+    """Chunk ``i_c``, head ``i_h``: A_qk and P (``[TT, H, BT]``, exact in-chunk decays) outside the diagonal
+    ``[BC, BC]`` tiles (:func:`_diag_dots_sub_block` writes those), for BT = 4 BC, from the normalised q, k and the
+    cumulative decays G that :func:`kda_prep_fwd_kernel` wrote. Each sub-block's tiles are loaded once per block of
+    ``BK`` key channels (:func:`_pairs_accumulate`). (Until session 15 one program per sub-block reloaded the chunk's
+    k and G for each of them, with [BC, BT] dots over the whole chunk: 0.362 against 0.218 ms at B1 T8192 H32 on the
+    H200.)"""
+    tl.static_assert(BT == 4 * BC)
     _seq, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)  # (``_`` is taken by the loop's unpacking)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     A10, A20, A21, A30, A31, A32 = zero, zero, zero, zero, zero, zero
@@ -619,8 +583,7 @@ def _store_block_row(M, b0, b1, b2, b3, idx, t0, eos, s, H, i_h, BT: tl.constexp
 
 @triton.jit
 def kda_inverse_fwd_kernel(
-    P, beta, M, exact, chunk_indices, cu_seqlens, NC, H,
-    BT: tl.constexpr, BC: tl.constexpr, FLAGGED: tl.constexpr, IEEE: tl.constexpr,
+    P, beta, M, chunk_indices, cu_seqlens, H, BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]``, zeros above the diagonal; computed in fp32,
     stored in the inputs' dtype), blockwise on the four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks'
@@ -629,19 +592,16 @@ def kda_inverse_fwd_kernel(
 
     Small ``[BC, BC]`` tiles keep the serial steps' reductions short and the registers few, so several programs
     share an SM and hide each other's load latency; W and U, which stream the chunk's keys and values, are in
-    :func:`kda_wu_fwd_kernel`. With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel stored
-    the others' M). Each program walks a stride of the ``NC`` chunks (:func:`chunk._fallback_grid`).
+    :func:`kda_wu_fwd_kernel`. (Launched where the chunk dots kernel leaves M out, ``CHUNK_DOTS_FUSE`` 0; else
+    :func:`kda_flagged_fwd_kernel` computes M of the chunks it flags.)
     """
-    i_h = tl.program_id(1)
-    for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
-        if _runs(exact, i_c, i_h, H, FLAGGED):
-            _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H, BT, BC, IEEE)
+    _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, tl.program_id(0), tl.program_id(1), H, BT, BC, IEEE)
 
 
 @triton.jit
 def _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, i_c, i_h, H,
                    BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """The body of :func:`kda_inverse_fwd_kernel` for chunk ``i_c``, head ``i_h``."""
+    """:func:`kda_inverse_fwd_kernel`'s M for chunk ``i_c``, head ``i_h``."""
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BC)
     m00, m11, m22, m33 = _diagonal_inverses(P, beta, idx, t0, eos, H, i_h, BT, BC, IEEE)
@@ -690,30 +650,23 @@ def _store_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, idx, t0,
 
 @triton.jit
 def kda_wu_fwd_kernel(
-    q, k, v, G, beta, M, W, U, qg, kh, gl, exact, ready, chunk_indices, cu_seqlens, scale, NC, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FLAGGED: tl.constexpr, IEEE: tl.constexpr,
-    READY: tl.constexpr,
+    q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
     otherwise recompute: qg = scale * q * exp(G), kh = k * exp(G_last - G) and gl = exp(G_last) (``[NC, H, K]``).
     (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
-    1.346 ms at B1 T8192.) With ``FLAGGED`` only the chunks that ``exact`` flags (the chunk dots kernel did the
-    others). Each program walks a stride of the ``NC`` chunks (:func:`chunk._fallback_grid`). With ``READY`` it sets
-    the flags in ``ready [NC, H]`` of the chunks it computes (:func:`_publish`)."""
-    i_h = tl.program_id(1)
-    for i_c in range(tl.program_id(0), NC, tl.num_programs(0)):
-        if _runs(exact, i_c, i_h, H, FLAGGED):
-            _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V, BT,
-                      BK, BV, IEEE)  # fmt: skip
-            if READY:
-                _publish(ready, i_c * H + i_h)
+    1.346 ms at B1 T8192.) Launched where the chunk dots kernel leaves W/U's work out (``CHUNK_DOTS_FUSE`` below 2;
+    else :func:`kda_flagged_fwd_kernel` does it for the chunks it flags)."""
+    _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, tl.program_id(0), tl.program_id(1),
+              scale, H, K, V, BT, BK, BV, IEEE)  # fmt: skip
 
 
 @triton.jit
 def _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, i_c, i_h, scale, H, K, V,
               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """The body of :func:`kda_wu_fwd_kernel` for chunk ``i_c``, head ``i_h``, from M ``[BT, BT]`` in memory and the
+    """:func:`kda_wu_fwd_kernel`'s work for chunk ``i_c``, head ``i_h``, from M ``[BT, BT]`` in memory and the
     normalised q, k."""
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     idx = tl.arange(0, BT)
@@ -788,29 +741,19 @@ def _beta_rows(v, b_beta, r0, eos, cols_v, H, i_h, V, NR: tl.constexpr):
 
 @triton.jit
 def kda_state_fwd_kernel(
-    kh, gl, W, U, h, v_new, h0, ht, ready, cu_seqlens, chunk_offsets, H, K, V,
+    kh, gl, W, U, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr, WAIT: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (sequence, V tile; head): the sequential state pass. Writes the state at the start of
     every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
-    loaded before the current chunk's dots, so memory latency overlaps the math.
-
-    With ``WAIT`` it runs while the chunk dots (and W/U) kernels still write its inputs: it loads a chunk's tiles only
-    once the chunk's flag in ``ready [NC, H]`` is set (:func:`_publish`), reading each flag a step ahead so that, when
-    its writer is done, nothing waits."""
+    loaded before the current chunk's dots, so memory latency overlaps the math."""
     i_v, i_n = _tile_and_item(tl.cdiv(V, BV))
     i_h = tl.program_id(1)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
         cu_seqlens, chunk_offsets, h0, i_n, i_h, i_v, H, K, V, BK, BV, HAS_H0
     )
     NT = tl.cdiv(eos - bos, BT)
-    c_last = c0 + tl.maximum(NT, 1) - 1  # flags past the sequence's last chunk are read as that chunk's
-    seen = tl.full([], 1, tl.int32)
-    if WAIT:
-        if NT > 0:
-            _await(ready + c0 * H + i_h, _acquire(ready + c0 * H + i_h))
-            seen = _acquire(ready + tl.minimum(c0 + 1, c_last) * H + i_h)
     rows = bos + tl.arange(0, BT)
     rmask = rows < eos
     b_w = _load_rows(W, rows, rmask, cols, cmask, H, i_h, K)
@@ -819,9 +762,6 @@ def kda_state_fwd_kernel(
     b_gl = tl.load(gl + (c0 * H + i_h) * K + cols, mask=cols < K * tl.minimum(NT, 1), other=0.0)
     for i_t in range(0, NT):
         tl.store(h + ((c0 + i_t) * H + i_h) * K * V + st_offs, b_S.to(h.dtype.element_ty), mask=st_mask)
-        if WAIT:
-            _await(ready + tl.minimum(c0 + i_t + 1, c_last) * H + i_h, seen)
-            seen = _acquire(ready + tl.minimum(c0 + i_t + 2, c_last) * H + i_h)
         nrows = rows + BT
         nmask = nrows < eos
         n_w = _load_rows(W, nrows, nmask, cols, cmask, H, i_h, K)
