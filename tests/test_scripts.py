@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -247,10 +249,9 @@ def _fake_checkout(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     return root, log, {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS_LOG": str(log)}
 
 
-def test_kda_ab_alternates_the_trees_and_restores_the_checkout(tmp_path):
-    """``kda_ab.sh OTHER`` times this checkout's kernels/kda and OTHER's in turn (each round: checkout, then other),
-    each tree's modules exactly (a module only one tree has is absent from the other's runs), and puts the checkout's
-    files back at the end; also when a timeout stops it during the other tree's run."""
+def _kda_ab_checkout(tmp_path: Path, python3: str) -> tuple[dict[str, str], Path, Path, dict[str, str], str]:
+    """A fake checkout with kda_ab.sh, its own kernels/kda (two modules) and another tree's (one), ``python3`` standing
+    in for bench_kda.py. Returns (environment, own folder, other folder, own modules, script)."""
     root, _, env = _fake_checkout(tmp_path)
     (root / "kernels" / "benchmarks").mkdir(parents=True)
     shutil.copy(ROOT / "kernels" / "benchmarks" / "kda_ab.sh", root / "kernels" / "benchmarks")
@@ -260,12 +261,20 @@ def test_kda_ab_alternates_the_trees_and_restores_the_checkout(tmp_path):
         folder.mkdir(parents=True)
         for name, text in modules.items():
             (folder / name).write_text(text)
+    (root / ".venv" / "bin" / "python3").write_text(python3)
+    return env, own, other, own_modules, str(root / "kernels" / "benchmarks" / "kda_ab.sh")
+
+
+def test_kda_ab_alternates_the_trees_and_restores_the_checkout(tmp_path):
+    """``kda_ab.sh OTHER`` times this checkout's kernels/kda and OTHER's in turn (each round: checkout, then other),
+    each tree's modules exactly (a module only one tree has is absent from the other's runs), and puts the checkout's
+    files back at the end; also when a timeout stops it during the other tree's run."""
     # stands in for bench_kda.py: a sweep row naming the tree in place, then (if asked) a long run
-    (root / ".venv" / "bin" / "python3").write_text(
+    env, own, other, own_modules, script = _kda_ab_checkout(
+        tmp_path,
         '#!/usr/bin/env bash\necho "| 1 | $(cat kernels/kda/chunk.py) $(ls kernels/kda | tr \'\\n\' \' \')|"\n'
-        '[ -n "${SLOW_TREE:-}" ] && grep -q "$SLOW_TREE" kernels/kda/chunk.py && sleep 30\nexit 0\n'
+        '[ -n "${SLOW_TREE:-}" ] && grep -q "$SLOW_TREE" kernels/kda/chunk.py && sleep 30\nexit 0\n',
     )
-    script = str(root / "kernels" / "benchmarks" / "kda_ab.sh")
     done = subprocess.run(["bash", script, "other", "1x64", "2"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip (OTHER relative to the caller's folder)
     assert done.returncode == 0, done.stderr
@@ -275,6 +284,40 @@ def test_kda_ab_alternates_the_trees_and_restores_the_checkout(tmp_path):
     stopped = subprocess.run(["timeout", "5", "bash", script, str(other)], env={**env, "SLOW_TREE": "other"},
                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert stopped.returncode == 124 and stopped.stdout.splitlines()[-1].startswith("== other"), stopped.stdout
+    assert {p.name: p.read_text() for p in own.iterdir()} == own_modules
+
+
+def test_kda_ab_restore_outlives_a_second_signal(tmp_path):
+    """`timeout` signals the script, then its whole process group; on a loaded machine the second signal can land
+    while the restore copies the checkout's files back (CI, session 45). Here a slow ``cp`` holds the restore open
+    while the group is signalled again: the restore, which ignores INT and TERM, and the cp it started finish."""
+    flag = tmp_path / "flag"
+    env, own, other, own_modules, script = _kda_ab_checkout(
+        tmp_path, f'#!/usr/bin/env bash\ngrep -q other kernels/kda/chunk.py && touch "{flag}.running" && sleep 30\n'
+    )
+    cp = Path(env["PATH"].split(":")[0]) / "cp"  # the fake checkout's bin, first on PATH
+    cp.write_text(f'#!/usr/bin/env bash\n[ -e "{flag}.running" ] && touch "{flag}.restoring" && sleep 2\n'
+                  f'exec {shutil.which("cp")} "$@"\n')  # fmt: skip
+    cp.chmod(0o755)
+
+    def wait_for(path: Path) -> None:
+        for _ in range(300):
+            if path.exists():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{path.name} never appeared")
+
+    run = subprocess.Popen(["bash", script, str(other)], env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(Path(f"{flag}.running"))
+        os.killpg(run.pid, signal.SIGTERM)
+        wait_for(Path(f"{flag}.restoring"))
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
     assert {p.name: p.read_text() for p in own.iterdir()} == own_modules
 
 

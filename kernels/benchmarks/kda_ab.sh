@@ -18,8 +18,15 @@ cd "$(dirname "$0")/../.."
 ls "$other"/chunk.py > /dev/null
 own="$(mktemp -d)"
 cp kernels/kda/*.py "$own"/
-use() { rm -f kernels/kda/*.py && cp "$1"/*.py kernels/kda/; }  # a tree's modules exactly, none left from the other
-trap 'use "$own" && rm -r "$own"' EXIT
+# A tree's modules exactly: its files copied over, then the modules it lacks removed (never an empty folder between).
+use() {
+  cp "$1"/*.py kernels/kda/
+  for module in kernels/kda/*.py; do [ -e "$1/${module##*/}" ] || rm "$module"; done
+}
+# The restore ignores INT and TERM, and so do the cp and rm it starts: `timeout` signals the whole process group just
+# after the script, and on a loaded machine that second signal reached a cp of the restore (CI, session 45: the
+# checkout's kernels/kda left empty).
+trap 'trap "" INT TERM; use "$own" && rm -r "$own"' EXIT
 for round in $(seq "$rounds"); do
   for tree in checkout other; do
     if [ "$tree" = checkout ]; then use "$own"; else use "$other"; fi
