@@ -82,7 +82,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
          dict(common, BC=chunk.SUB, BK_DIAG=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), BK_PAIRS=min(BK, chunk.PAIRS_KEY_BLOCK),
               BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, SPAN=chunk.DIAG_DOT_SPAN, INVERSE=inverse, WU=wu,
               BLOCK=chunk.FLAGGED_BLOCK), chunk.FLAGGED_WARPS, 1),
-        # (launched below CHUNK_DOTS_FUSE 1 and 2)
+        # (the inverse kernel launched below CHUNK_DOTS_FUSE 1, the W/U kernel below 2)
         (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, UNNAMED_STAGES),
         (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS,
          chunk.WU_STAGES),

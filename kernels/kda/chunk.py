@@ -217,10 +217,11 @@ def _chunks(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.devic
     whose tensors hold nothing until it replays. Packed sequences read the offsets once (their validation has
     already done so)."""
     if cu_seqlens is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type != "cuda":
+            return _kept_equal_layout(B, T, device, None)
+        if torch.cuda.is_current_stream_capturing():
             return _equal_layout(B, T, device)
-        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        return _kept_equal_layout(B, T, device, stream)
+        return _kept_equal_layout(B, T, device, torch.cuda.current_stream(device))
     cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()  # the kernels read it at unit stride
     bounds = cu_seqlens.tolist()
     num_chunks = sum(cdiv(end - start, CHUNK) for start, end in zip(bounds[:-1], bounds[1:]))
