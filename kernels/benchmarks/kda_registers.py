@@ -68,7 +68,7 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     BK, BV = chunk._dims(head_dim, head_dim)
     bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
-    pdl = bool(chunk.DEPENDENT_LAUNCH)  # the forward's kernels as launched on Hopper
+    pdl = bool(chunk.DEPENDENT_LAUNCH)  # the forward's kernels as launched on Hopper at that setting
     fwd = dict(common, PDL=pdl)
     warps = chunk.NUM_WARPS
     inverse, wu, norms = chunk._fuse_levels()  # (with the L2 norm of q, k, as the model calls the op)
