@@ -199,8 +199,9 @@ STATE_BLOCK_V = 0
 NUM_WARPS = 8  # the other kernels
 # 1: the forward's kernels are launched with programmatic dependent launch where the device has it (Hopper on; see
 # kernels/_dependent_launch.py): each next kernel's launch and first programs overlap the tail of the one before.
-# Off (0) until a GPU has run test_dependent_launch_gives_the_plain_launches_outputs and timed it (session 46 got no
-# device machine; `bench_kda.py --sweep DEPENDENT_LAUNCH=0,1` times both).
+# Off (0) until it is timed: session 46's one short device call (H100) ran its GPU test at CHUNK_DOTS_FUSE 1 (four
+# forwards bitwise equal to plain launches) and then ran out of device time before the test at fuse 3 and the timing
+# (`bench_kda.py --sweep DEPENDENT_LAUNCH=0,1,0,1 --best-by fwd` times both in alternation).
 DEPENDENT_LAUNCH = 0
 
 
