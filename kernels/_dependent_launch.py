@@ -26,8 +26,8 @@ def _hopper_or_later(index: int) -> bool:
 
 def dependent_launch(device: torch.device) -> bool:
     """Whether to launch the next kernels on ``device`` with PDL: CUDA devices of compute capability 9 or later, not
-    under Triton's interpreter and not while the stream is captured into a CUDA graph (whose programmatic edges this
-    code does not rely on)."""
+    under Triton's interpreter and not while the stream is captured into a CUDA graph (captured, a dependent launch
+    becomes a programmatic edge of the graph, which no test here has run)."""
     if device.type != "cuda" or _triton_interpreter_on():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
