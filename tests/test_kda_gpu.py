@@ -135,35 +135,6 @@ def test_equal_length_layout_is_kept_per_stream_and_not_while_capturing():
     assert torch.equal(captured.indices, first.indices)
 
 
-@pytest.mark.parametrize("fuse", [1, 3])
-def test_dependent_launch_gives_the_plain_launches_outputs(fuse, monkeypatch):
-    """The forward's kernels launched with programmatic dependent launch (compute capability 9 on) give bitwise the
-    outputs of plain launches, run after run: each kernel waits for the one before it before touching memory. Several
-    waves of programs per kernel, a stretch of flagged chunks, and at ``CHUNK_DOTS_FUSE`` 1 the inverse and W/U
-    kernels between the flagged kernel and the state pass. Not while a CUDA graph is captured."""
-    from kimi_hf.kernels._dependent_launch import dependent_launch
-    from kimi_hf.kernels.kda import chunk
-
-    dev = torch.device("cuda", torch.cuda.current_device())
-    if not dependent_launch(dev):
-        pytest.skip("programmatic dependent launch needs compute capability 9 or later")
-    monkeypatch.setattr(chunk, "CHUNK_DOTS_FUSE", fuse)
-    inputs = _inputs(2, 4096, 8, 128, 128, seed=31)
-    inputs["g"][:, 1000:1300] *= 20  # decays beyond CHUNK_DOT_SPAN over a chunk's half: flagged chunks
-    args = {n: x.to(torch.bfloat16) if n in ("q", "k", "v", "beta") else x for n, x in inputs.items()}
-    runs = {}
-    for launch in (0, 1):
-        monkeypatch.setattr(chunk, "DEPENDENT_LAUNCH", launch)
-        runs[launch] = [chunk_kda(**args, output_final_state=True, use_qk_l2norm_in_kernel=True) for _ in range(4)]
-    (o, s), *_ = runs[0]
-    for o_pdl, s_pdl in runs[1]:
-        assert torch.equal(o_pdl, o) and torch.equal(s_pdl, s)
-    x = torch.zeros(1, device=dev)
-    with torch.cuda.graph(torch.cuda.CUDAGraph()):
-        x.add_(1)
-        assert not dependent_launch(dev)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_long_sequence_forward(dtype):
     """T = 32K, forward only, vs the float64 chunked reference."""

@@ -174,7 +174,7 @@ def test_inverse_kernel_against_float64():
     M = torch.zeros(T, H, CHUNK, device=DEVICE)
     chunk_fwd.kda_inverse_fwd_kernel[(chunks.num_chunks, H)](
         P.float().to(DEVICE), beta.float().to(DEVICE), M, chunks.indices, chunks.cu_seqlens, H,
-        BT=CHUNK, BC=SUB, IEEE="ieee", PDL=False, num_warps=2,
+        BT=CHUNK, BC=SUB, IEEE="ieee", num_warps=2,
     )  # fmt: skip
     for start in range(0, T, CHUNK):
         n = min(CHUNK, T - start)
@@ -224,7 +224,7 @@ def test_chunk_dots_kernel_against_float64(key_block, inverse, save):
         q.to(DEVICE), k.to(DEVICE), None, G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, None, None, None, None, None,
         None, None, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, 0,
         BT=CHUNK, BK=key_block, SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=False, BK_WU=16, BV=16, IEEE="ieee",
-        NORMS=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=save, PDL=False, num_warps=4,
+        NORMS=False, EPS=0.0, ROW_LIMIT=0.0, SAVE=save, num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [0, 0]]
     for c, start in enumerate(range(0, T, CHUNK)):
@@ -279,7 +279,7 @@ def test_chunk_dots_kernel_normalising_q_and_k(save):
         q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), G.to(DEVICE), beta.to(DEVICE), A_qk, P, M, W, U, qg, kh, gl, qn,
         kn, exact, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
         BT=CHUNK, BK=16, SPAN=CHUNK_DOT_SPAN, INVERSE=True, WU=True, BK_WU=16, BV=16, IEEE="ieee",
-        NORMS=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, PDL=False, num_warps=4,
+        NORMS=True, EPS=eps, ROW_LIMIT=_row_limit(), SAVE=save, num_warps=4,
     )  # fmt: skip
     assert exact.tolist() == [[0, 0], [0, 1], [1, 0]]
     normed = lambda x: x.double() / (x.double().pow(2).sum(-1, keepdim=True) + eps).sqrt()  # noqa: E731

@@ -37,7 +37,7 @@ step_command() {
       --deselect tests/test_kimi_linear_gpu.py::test_logits_match_transformers_native_class" ;;
     attn_res_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_attn_res_ops.py tests/test_attn_res_model.py \
       -p no:cacheprovider --tb=short -rf" ;;
-    # KDA_SET="kda.chunk.NAME=V ...": launch constants for the kda step (e.g. kda.chunk.DEPENDENT_LAUNCH=1)
+    # KDA_SET="kda.chunk.NAME=V ...": launch constants for the kda step (e.g. kda.chunk.CHUNK_DOTS_FUSE=1)
     kda) echo "timeout 240 python3 kernels/benchmarks/bench_kda.py --profile ${KDA_SET:+--set $KDA_SET} \
       --json $OUT/$2kda.json" ;;
     # KDA_SWEEP="NAME=v1,v2 ..." (constants of kda.chunk), at KDA_SWEEP_SHAPE (BxT, default 1x8192; the step

@@ -68,29 +68,27 @@ def launch_configs(head_dim: int) -> list[tuple[object, dict, int, int]]:
     BK, BV = chunk._dims(head_dim, head_dim)
     bvs = chunk._state_block_v(BK, BV)
     common = dict(BT=chunk.CHUNK, IEEE="tf32")
-    pdl = bool(chunk.DEPENDENT_LAUNCH)  # the forward's kernels as launched on Hopper at that setting
-    fwd = dict(common, PDL=pdl)
     warps = chunk.NUM_WARPS
     inverse, wu, norms = chunk._fuse_levels()  # (with the L2 norm of q, k, as the model calls the op)
     eps = chunk.L2NORM_EPS
     return [
-        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=not norms, GATE=True, EPS=eps, PDL=pdl),
-         warps, UNNAMED_STAGES),
+        (chunk_fwd.kda_prep_fwd_kernel, dict(BT=chunk.CHUNK, BK=BK, L2NORM=not norms, GATE=True, EPS=eps), warps,
+         UNNAMED_STAGES),
         (chunk_fwd.kda_chunk_dots_fwd_kernel,
-         dict(fwd, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
+         dict(common, BK=min(BK, chunk.CHUNK_DOTS_KEY_BLOCK), SPAN=chunk.CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
               BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, NORMS=norms, EPS=eps, ROW_LIMIT=chunk._row_limit(),
               SAVE=False), chunk.CHUNK_DOTS_WARPS, chunk.CHUNK_DOTS_STAGES),
         (chunk_fwd.kda_flagged_fwd_kernel,
-         dict(fwd, BC=chunk.SUB, BK_DIAG=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), BK_PAIRS=min(BK, chunk.PAIRS_KEY_BLOCK),
+         dict(common, BC=chunk.SUB, BK_DIAG=min(BK, chunk.DIAG_DOTS_KEY_BLOCK), BK_PAIRS=min(BK, chunk.PAIRS_KEY_BLOCK),
               BK_WU=min(BK, chunk.WU_KEY_BLOCK), BV=BV, SPAN=chunk.DIAG_DOT_SPAN, INVERSE=inverse, WU=wu,
               BLOCK=chunk.FLAGGED_BLOCK), chunk.FLAGGED_WARPS, 1),
         # (the inverse kernel launched below CHUNK_DOTS_FUSE 1, the W/U kernel below 2)
-        (chunk_fwd.kda_inverse_fwd_kernel, dict(fwd, BC=chunk.SUB), chunk.INVERSE_WARPS, UNNAMED_STAGES),
-        (chunk_fwd.kda_wu_fwd_kernel, dict(fwd, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS,
+        (chunk_fwd.kda_inverse_fwd_kernel, dict(common, BC=chunk.SUB), chunk.INVERSE_WARPS, UNNAMED_STAGES),
+        (chunk_fwd.kda_wu_fwd_kernel, dict(common, BK=min(BK, chunk.WU_KEY_BLOCK), BV=BV), chunk.WU_WARPS,
          chunk.WU_STAGES),
-        (chunk_fwd.kda_state_fwd_kernel, dict(fwd, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
+        (chunk_fwd.kda_state_fwd_kernel, dict(common, BK=BK, BV=bvs, HAS_H0=True, STORE_HT=True),
          chunk._state_fwd_warps(BK), 1),
-        (chunk_fwd.kda_output_fwd_kernel, dict(fwd, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
+        (chunk_fwd.kda_output_fwd_kernel, dict(common, BK=BK, BV=BV), warps, 1 if BK > 128 else 2),
         (chunk_bwd.kda_state_bwd_kernel, dict(common, BK=BK, BV=bvs, HAS_DHT=True, STORE_DH0=True), warps, 1),
         (chunk_bwd.kda_pair_bwd_kernel, dict(common, BK=BK, BV=min(BV, chunk.BWD_PAIR_BLOCK_V)),
          chunk.BWD_PAIR_WARPS, chunk.BWD_PAIR_STAGES),

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from .._backend import refuse_create_graph
-from .._dependent_launch import dependent_launch
 from .._grid import cdiv, next_power_of_2
 from .chunk_bwd import (
     kda_direct_bwd_kernel, kda_gate_bwd_kernel, kda_key_bwd_kernel, kda_pair_bwd_kernel,
@@ -196,13 +195,10 @@ STATE_BLOCK_V = 0
 # holds one chunk dots program where it held two. The same run timed the prep kernel at 4 warps and 32 or 64 key
 # channels per program and the output kernel at 32 or 128 value columns and 4 warps: within -1% / +5% of these
 # kernels (B8 T4096 forward 3.822-3.859 ms against 3.854).
+# Session 47 (H100; 8c8b539, removed): the forward's kernels under programmatic dependent launch, each waiting first
+# for the one before it: correct (bitwise equal to plain launches at fuse levels 1 and 3) but slower, forward
+# 1.102 / 1.079 ms at B1 T8192 against 1.041 / 1.039 plain, in alternation.
 NUM_WARPS = 8  # the other kernels
-# 1: the forward's kernels are launched with programmatic dependent launch where the device has it (Hopper on; see
-# kernels/_dependent_launch.py): each next kernel's launch and first programs overlap the tail of the one before.
-# Off (0) until it is timed: session 46's one short device call (H100) ran its GPU test at CHUNK_DOTS_FUSE 1 (four
-# forwards bitwise equal to plain launches) and then ran out of device time before the test at fuse 3 and the timing
-# (`bench_kda.py --sweep DEPENDENT_LAUNCH=0,1,0,1 --best-by fwd` times both in alternation).
-DEPENDENT_LAUNCH = 0
 
 
 @dataclass
@@ -338,8 +334,6 @@ def kda_chunk_fwd(
     ieee = _precision(dt)
     NC, N = chunks.num_chunks, chunks.num_seqs
     dev = q.device
-    pdl = bool(DEPENDENT_LAUNCH) and dependent_launch(dev)
-    chained = dict(PDL=pdl, launch_pdl=pdl)  # with pdl, each kernel below waits first for the one before it
     G = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
     qn, kn = (torch.empty_like(q), torch.empty_like(k)) if use_qk_l2norm else (q, k)
     P = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
@@ -351,7 +345,6 @@ def kda_chunk_fwd(
     kda_prep_fwd_kernel[(NC, H)](
         q, k, g, A_log, dt_bias, qn, kn, G, chunks.indices, chunks.cu_seqlens, H, K,
         BT=CHUNK, BK=BK, L2NORM=use_qk_l2norm and not norms, GATE=use_gate, EPS=L2NORM_EPS, num_warps=NUM_WARPS,
-        **chained,
     )  # fmt: skip
     W, qg, kh = (torch.empty(TT, H, K, device=dev, dtype=dt) for _ in range(3))
     U = torch.empty(TT, H, V, device=dev, dtype=dt)
@@ -363,7 +356,7 @@ def kda_chunk_fwd(
         BT=CHUNK, BK=min(BK, CHUNK_DOTS_KEY_BLOCK), SPAN=CHUNK_DOT_SPAN, INVERSE=inverse, WU=wu,
         BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, NORMS=norms, EPS=L2NORM_EPS, ROW_LIMIT=_row_limit(),
         SAVE=for_backward, num_warps=CHUNK_DOTS_WARPS, num_stages=CHUNK_DOTS_STAGES,
-        maxnreg=CHUNK_DOTS_MAXNREG or None, **chained,
+        maxnreg=CHUNK_DOTS_MAXNREG or None,
     )  # fmt: skip
     if FLAGGED_BLOCK < 1 or FLAGGED_BLOCK & (FLAGGED_BLOCK - 1):
         raise ValueError(f"FLAGGED_BLOCK must be a power of two, got {FLAGGED_BLOCK}")
@@ -371,17 +364,16 @@ def kda_chunk_fwd(
         qn, kn, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunks.indices, chunks.cu_seqlens, scale, NC, H, K, V,
         BT=CHUNK, BC=SUB, BK_DIAG=min(BK, DIAG_DOTS_KEY_BLOCK), BK_PAIRS=min(BK, PAIRS_KEY_BLOCK),
         BK_WU=min(BK, WU_KEY_BLOCK), BV=BV, SPAN=DIAG_DOT_SPAN, INVERSE=inverse, WU=wu, IEEE=ieee,
-        BLOCK=FLAGGED_BLOCK, num_warps=FLAGGED_WARPS, num_stages=1, **chained,
+        BLOCK=FLAGGED_BLOCK, num_warps=FLAGGED_WARPS, num_stages=1,
     )  # fmt: skip
     if not inverse:  # M of every chunk
         kda_inverse_fwd_kernel[(NC, H)](
             P, beta, M, chunks.indices, chunks.cu_seqlens, H, BT=CHUNK, BC=SUB, IEEE=ieee, num_warps=INVERSE_WARPS,
-            **chained,
         )  # fmt: skip
     if not wu:  # W/U's work for every chunk
         kda_wu_fwd_kernel[(NC, H)](
             qn, kn, v, G, beta, M, W, U, qg, kh, gl, chunks.indices, chunks.cu_seqlens, scale, H, K, V,
-            BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES, **chained,
+            BT=CHUNK, BK=min(BK, WU_KEY_BLOCK), BV=BV, IEEE=ieee, num_warps=WU_WARPS, num_stages=WU_STAGES,
         )  # fmt: skip
     h = torch.empty(NC, H, K, V, device=dev, dtype=dt)
     v_new = torch.empty(TT, H, V, device=dev, dtype=dt)
@@ -395,12 +387,12 @@ def kda_chunk_fwd(
     kda_state_fwd_kernel[(N * cdiv(V, BVs), H)](
         kh, gl, W, U, h, v_new, initial_state, ht, chunks.cu_seqlens, chunks.offsets, H, K, V,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=initial_state is not None, STORE_HT=output_final_state, IEEE=ieee,
-        num_warps=_state_fwd_warps(BK), num_stages=1, **chained,
+        num_warps=_state_fwd_warps(BK), num_stages=1,
     )  # fmt: skip
     o = torch.empty(TT, H, V, device=dev, dtype=dt)
     kda_output_fwd_kernel[(NC * cdiv(V, BV), H)](
         qg, A_qk, h, v_new, o, chunks.indices, chunks.cu_seqlens, H, K, V,
-        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2, **chained,
+        BT=CHUNK, BK=BK, BV=BV, IEEE=ieee, num_warps=NUM_WARPS, num_stages=1 if BK > 128 else 2,
     )  # fmt: skip
     if not for_backward:
         return o, ht, {}

@@ -18,8 +18,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._dependent_launch import await_prior_grid
-
 
 @triton.jit
 def _tile_offsets(rows, cols, H, i_h, D):
@@ -111,7 +109,7 @@ def kda_flagged_fwd_kernel(
     q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, exact, chunk_indices, cu_seqlens, scale, NC, H, K, V,
     BT: tl.constexpr, BC: tl.constexpr, BK_DIAG: tl.constexpr, BK_PAIRS: tl.constexpr, BK_WU: tl.constexpr,
     BV: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK: tl.constexpr, PDL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The chunks that :func:`kda_chunk_dots_fwd_kernel` flags (``exact [NC, H]``, int32) and leaves out, each whole in
     one program: A_qk and P inside each sub-block (:func:`_diag_dots_sub_block`) and between them
@@ -122,7 +120,6 @@ def kda_flagged_fwd_kernel(
     at once; where none is set, the usual case, it returns: 0.002-0.004 ms of GPU time with no chunk flagged on an
     H100 (session 45, B1 T8192 to B8 T4096 H32), where a kernel per step, each with programs walking a stride of the
     chunks and reading a flag at a time, took 0.023-0.059 ms (session 44)."""
-    await_prior_grid(PDL)
     first = tl.program_id(0) * BLOCK
     items = first + tl.arange(0, BLOCK)
     if tl.max(tl.load(exact + items, mask=items < NC * H, other=0)) != 0:
@@ -262,7 +259,7 @@ def kda_chunk_dots_fwd_kernel(
     q, k, v, G, beta, A_qk, P, M, W, U, qg, kh, gl, qn, kn, exact, chunk_indices, cu_seqlens, scale, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, INVERSE: tl.constexpr, WU: tl.constexpr,
     BK_WU: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, NORMS: tl.constexpr, EPS: tl.constexpr,
-    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr, PDL: tl.constexpr,
+    ROW_LIMIT: tl.constexpr, SAVE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): all of A_qk and P (``[TT, H, BT]``; A_qk[i, j] = scale sum_d q_id k_jd exp(G_id - G_jd) for
     j <= i, P[i, j] the same with k_i for j < i, zeros above) as six ``[BT / 2, BK] x [BK, BT / 2]`` tensor-core dots
@@ -301,7 +298,6 @@ def kda_chunk_dots_fwd_kernel(
     The one grid axis runs over (chunk, head), the heads of a chunk next to each other: their rows lie together in
     memory, and the kernel took 2.14 ms at B8 T4096 H32 on an H100 (session 45) against 2.24 with the chunks of one
     head next to each other (session 44)."""
-    await_prior_grid(PDL)
     HB: tl.constexpr = BT // 2
     pid = tl.program_id(0)
     i_c, i_h = pid // H, pid % H
@@ -418,10 +414,9 @@ def _state_tile(cu_seqlens, chunk_offsets, s0, i_n, i_h, i_v, H, K, V,
 @triton.jit
 def kda_prep_fwd_kernel(
     q, k, g, A_log, dt_bias, qn, kn, G, chunk_indices, cu_seqlens, H, K,
-    BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr, PDL: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, GATE: tl.constexpr, EPS: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): optional L2 norm of q/k (written to qn/kn), optional gate, in-chunk cumsum -> G."""
-    await_prior_grid(PDL)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
     rows = t0 + tl.arange(0, BT)
@@ -588,7 +583,7 @@ def _store_block_row(M, b0, b1, b2, b3, idx, t0, eos, s, H, i_h, BT: tl.constexp
 
 @triton.jit
 def kda_inverse_fwd_kernel(
-    P, beta, M, chunk_indices, cu_seqlens, H, BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    P, beta, M, chunk_indices, cu_seqlens, H, BT: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): M = (I + Diag(beta) P)^-1 (``[TT, H, BT]``, zeros above the diagonal; computed in fp32,
     stored in the inputs' dtype), blockwise on the four ``[BC, BC]`` sub-blocks (BT = 4 BC): the diagonal blocks'
@@ -600,7 +595,6 @@ def kda_inverse_fwd_kernel(
     :func:`kda_wu_fwd_kernel`. (Launched where the chunk dots kernel leaves M out, ``CHUNK_DOTS_FUSE`` 0; else
     :func:`kda_flagged_fwd_kernel` computes M of the chunks it flags.)
     """
-    await_prior_grid(PDL)
     _inverse_chunk(P, beta, M, chunk_indices, cu_seqlens, tl.program_id(0), tl.program_id(1), H, BT, BC, IEEE)
 
 
@@ -657,7 +651,7 @@ def _store_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, idx, t0,
 @triton.jit
 def kda_wu_fwd_kernel(
     q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, scale, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, head): W = M (beta * k * exp(G)) and U = M (beta * v) from the stored M, taking the key
     channels in blocks of ``BK`` and the value columns in blocks of ``BV``. Also what the sequential kernels would
@@ -665,7 +659,6 @@ def kda_wu_fwd_kernel(
     (A program per key or value block, each loading M, was slower on the H200 in session 18: forward 1.437 against
     1.346 ms at B1 T8192.) Launched where the chunk dots kernel leaves W/U's work out (``CHUNK_DOTS_FUSE`` below 2;
     else :func:`kda_flagged_fwd_kernel` does it for the chunks it flags)."""
-    await_prior_grid(PDL)
     _wu_chunk(q, k, v, G, beta, M, W, U, qg, kh, gl, chunk_indices, cu_seqlens, tl.program_id(0), tl.program_id(1),
               scale, H, K, V, BT, BK, BV, IEEE)  # fmt: skip
 
@@ -750,12 +743,11 @@ def _beta_rows(v, b_beta, r0, eos, cols_v, H, i_h, V, NR: tl.constexpr):
 def kda_state_fwd_kernel(
     kh, gl, W, U, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (sequence, V tile; head): the sequential state pass. Writes the state at the start of
     every chunk to ``h [NC, H, K, V]`` and V' = U - W S to ``v_new``. The next chunk's tiles are
     loaded before the current chunk's dots, so memory latency overlaps the math."""
-    await_prior_grid(PDL)
     i_v, i_n = _tile_and_item(tl.cdiv(V, BV))
     i_h = tl.program_id(1)
     bos, eos, c0, cols, cmask, st_offs, st_mask, b_S, cols_v, vmask = _state_tile(
@@ -788,10 +780,9 @@ def kda_state_fwd_kernel(
 @triton.jit
 def kda_output_fwd_kernel(
     qg, A_qk, h, v_new, o, chunk_indices, cu_seqlens, H, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Per (chunk, V tile; head): O = qg S + A_qk V' (qg = scale * q * exp(G))."""
-    await_prior_grid(PDL)
     i_v, i_c = _tile_and_item(tl.cdiv(V, BV))
     i_h = tl.program_id(1)
     _, t0, eos = _chunk_bounds(chunk_indices, cu_seqlens, i_c, BT)
