@@ -138,10 +138,7 @@ CHUNK_DOTS_FUSE = 3
 # sub-block and between them (the diagonal and pairs kernels until session 44), and at CHUNK_DOTS_FUSE >= 1 the
 # inverse, at >= 2 W/U's work, each chunk whole in one program of FLAGGED_WARPS warps (steps in loops not pipelined by
 # Triton, num_stages 1). Its programs each read the flags of FLAGGED_BLOCK (chunk, head) items at once and return
-# where none is set: 0.002-0.004 ms of GPU time with no chunk flagged (session 45, H100, B1 T8192 to B8 T4096 H32).
-# With a kernel per step, their programs reading a flag each, the early returns cost 0.085 ms at B8 T4096 at one
-# program per chunk (sub-block for the diagonal kernel; session 43), 0.057 ms at 1024 programs walking strides of the
-# chunks (session 44).
+# where none is set (its docstring gives the measured cost against a kernel per step).
 FLAGGED_BLOCK = 16
 FLAGGED_WARPS = 4
 # The inverse at 2 warps (135 registers as compiled for sm_90; 166 with session 15's substitution loop) and W/U at 4

@@ -119,7 +119,8 @@ def kda_flagged_fwd_kernel(
     Each program takes ``BLOCK`` consecutive (chunk, head) items (flattened as ``exact`` is) and loads their flags
     at once; where none is set, the usual case, it returns: 0.002-0.004 ms of GPU time with no chunk flagged on an
     H100 (session 45, B1 T8192 to B8 T4096 H32), where a kernel per step, each with programs walking a stride of the
-    chunks and reading a flag at a time, took 0.023-0.059 ms (session 44)."""
+    chunks and reading a flag at a time, took 0.023-0.059 ms (session 44), and one program per chunk (per sub-block for
+    the diagonal step) 0.085 ms at B8 T4096 (session 43)."""
     first = tl.program_id(0) * BLOCK
     items = first + tl.arange(0, BLOCK)
     if tl.max(tl.load(exact + items, mask=items < NC * H, other=0)) != 0:
