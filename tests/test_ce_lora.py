@@ -400,6 +400,19 @@ def test_triton_pack_matches_torch_reference(
         assert not counters.any()
 
 
+def test_forced_pack_config_is_checked(monkeypatch):
+    """``pack.CONFIG`` (sweeps launch one tile config at every shape): -1 leaves the pick to the autotuner, an index
+    outside the config list is named."""
+    from kimi_hf.kernels.ce_lora import pack
+
+    assert pack.forced_config() is None  # the default
+    monkeypatch.setattr(pack, "CONFIG", 1)
+    assert pack.forced_config() is pack._CONFIGS[1]
+    monkeypatch.setattr(pack, "CONFIG", len(pack._CONFIGS))
+    with pytest.raises(ValueError, match=f"got {len(pack._CONFIGS)}"):
+        pack.forced_config()
+
+
 def test_plan_takes_the_kept_channels_in_any_order():
     """An unsorted index gives the sorted one's plan (the Triton tile map assumed sorted channels: dX was wrong by
     about 17 on values of order 1; found by the kernel audit); a repeated channel is refused."""

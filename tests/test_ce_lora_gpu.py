@@ -39,6 +39,18 @@ def test_triton_pack_bf16_matches_reference(shape, ratio, shares, monkeypatch):
     _check_bf16_pack(shape, ratio, lora_rank=16)
 
 
+@pytest.mark.parametrize("config", range(7))
+@pytest.mark.parametrize("channel_tile", [128, 64])
+def test_triton_pack_bf16_every_tile_config(config, channel_tile, monkeypatch):
+    """Every tile config the autotuner may pick (``pack.CONFIG`` launches it at every shape: 16 to 128 rows, 4 to 16
+    warps), on the plan's channel tiles of 128 and 64, with the launcher's channel shares."""
+    from kimi_hf.kernels.ce_lora import pack
+
+    assert len(pack._CONFIGS) == 7  # a config added to the list is added here too
+    monkeypatch.setattr(pack, "CONFIG", config)
+    _check_bf16_pack((4096, 4096), 0.5, lora_rank=16, channel_tile=channel_tile)
+
+
 @pytest.mark.parametrize("lora_rank", [24, 128])
 def test_triton_pack_bf16_low_rank_width_not_a_power_of_two(lora_rank):
     """LoRA ranks whose packed low-rank width (SVD rank 7r/8 + r, rounded up to 16) is no power of two: 48 and 240
@@ -46,7 +58,7 @@ def test_triton_pack_bf16_low_rank_width_not_a_power_of_two(lora_rank):
     _check_bf16_pack((1000, 333), 0.25, lora_rank)
 
 
-def _check_bf16_pack(shape: tuple[int, int], ratio: float, lora_rank: int) -> None:
+def _check_bf16_pack(shape: tuple[int, int], ratio: float, lora_rank: int, channel_tile: int = 128) -> None:
     """The Triton pack against the torch one, and dX against float64, for ``W [O, I] = shape`` in bf16."""
     out_features, in_features = shape
     svd_rank = 7 * lora_rank // 8
@@ -56,7 +68,7 @@ def _check_bf16_pack(shape: tuple[int, int], ratio: float, lora_rank: int) -> No
     b0, a0 = low_rank_factors(weight, svd_rank)
     keep = kept_channels(out_features, ratio, svd_rank + lora_rank)
     index = select_channels(channel_scores(dy, residual_row_norms(weight, b0, a0), "activation_aware"), keep)
-    plan = make_plan(weight, b0, a0, index, torch.bfloat16, lora_rank=lora_rank)
+    plan = make_plan(weight, b0, a0, index, torch.bfloat16, lora_rank=lora_rank, channel_tile=channel_tile)
     plan.set_lora(torch.randn(lora_rank, in_features, device="cuda").bfloat16(),
                   torch.randn(out_features, lora_rank, device="cuda").bfloat16())  # fmt: skip
     dy16 = dy.bfloat16()

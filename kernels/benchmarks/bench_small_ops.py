@@ -4,7 +4,9 @@ Ops: the short causal conv (forward, forward+backward, one-token decode update),
 (forward, forward+backward), the KDA decode kernel (one token, eager and CUDA-graph captured) and
 AttnRes's depth attention (``--sections attn_res``; its anchor is the standard residual's PreNorm) and its two-phase
 inference (``--sections attn_res_prefill``, and at one token ``attn_res_decode``); ``--sections traffic`` times a plain
-streaming kernel at the read/write mixes of the prefill's residual kernels, the rate a kernel of that mix can reach.
+streaming kernel at the read/write mixes of the prefill's residual kernels, the rate a kernel of that mix can reach;
+``--sections ce_lora_pack`` times CE-LoRA's packing pass at the shapes of ``bench_ce_lora.py`` (sweep its tiles with
+``--sweep ce_lora.pack.CONFIG=-1,0,1``).
 Every number is a triton.testing.do_bench median (L2 flushed between calls; the CUDA-graph rows use
 do_bench_cudagraph, unflushed). "floor" is the time to move the op's minimum bytes at the device's copy
 bandwidth, measured in the run (a 1 GiB copy) unless --bandwidth-tbs gives it; the CPU smoke run, whose timings mean
@@ -466,6 +468,39 @@ def bench_traffic(setup: _Setup) -> list[Row]:
     return rows
 
 
+# CE-LoRA's packing pass at the shapes of bench_ce_lora.py: the ~0.9B Llama step's B4 x T2048 rows at its channel
+# counts (k/v; q/o/down; gate/up) and the per-layer part's 16K x 4096
+_PACK_SHAPES = ((8192, 1024), (8192, 2048), (8192, 5632), (16384, 4096))
+_PACK_RATIO, _PACK_SVD_RANK, _PACK_LORA_RANK = 0.5, 14, 16  # LoRA r16's dX rides beside an SVD of rank 14
+
+
+def bench_ce_lora_pack(setup: _Setup) -> list[Row]:
+    """CE-LoRA's packing pass ``G = [dY B0 | dY[:, S]]`` (``kimi_hf.kernels.ce_lora.ce_pack_grad_output``) at
+    ``_PACK_SHAPES``, keep ratio 0.5, with the plan's channel tiles of 128 (the default) and 64. Anchor: cuBLAS's
+    ``dY @ B0`` alone, which reads all of ``dY`` as the pass does; floor: read ``dY``, write ``G``."""
+    from kimi_hf.kernels.ce_lora import ce_pack_grad_output, kept_channels, make_plan
+
+    shapes = ((64, 256), (48, 200)) if setup.tiny else _PACK_SHAPES
+    elem = torch.finfo(setup.dtype).bits // 8
+    rows = []
+    for n_rows, n_cols in shapes:
+        generator = torch.Generator().manual_seed(n_cols)
+        keep = kept_channels(n_cols, _PACK_RATIO, _PACK_SVD_RANK + _PACK_LORA_RANK)
+        index = torch.randperm(n_cols, generator=generator)[:keep].to(setup.device)
+        weight = torch.randn(n_cols, 64, device=setup.device, dtype=setup.dtype)  # the pass never reads W's columns
+        b0 = torch.randn(n_cols, _PACK_SVD_RANK, device=setup.device)
+        a0 = torch.randn(_PACK_SVD_RANK, 64, device=setup.device)
+        dy = torch.randn(n_rows, n_cols, device=setup.device, dtype=setup.dtype)
+        for tile in (128, 64):
+            plan = make_plan(weight, b0, a0, index, setup.dtype, lora_rank=_PACK_LORA_RANK, channel_tile=tile)
+            width = plan.stack.shape[0]
+            rows.append(Row(f"CE-LoRA pack, ratio {_PACK_RATIO}, channel tile {tile}", f"T{n_rows} O{n_cols} "
+                            f"r_pad+k={width}", _time_us(lambda: ce_pack_grad_output(dy, plan, "triton"), setup),
+                            "torch dY @ B0", _time_us(lambda: dy @ plan.b0_pad, setup),
+                            setup.floor_us(n_rows * (n_cols + width) * elem)))  # fmt: skip
+    return rows
+
+
 _SECTIONS = {
     "conv": bench_conv,
     "norm": bench_gated_norm,
@@ -475,6 +510,7 @@ _SECTIONS = {
     "attn_res_prefill": bench_two_phase,
     "attn_res_decode": bench_decode_reads,
     "traffic": bench_traffic,
+    "ce_lora_pack": bench_ce_lora_pack,
 }
 
 
@@ -538,7 +574,7 @@ def main() -> None:
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
                         "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary; "
                         "attn_res_decode: its reads at one token; traffic: a streaming kernel at the prefill's "
-                        "read/write mixes)")
+                        "read/write mixes; ce_lora_pack: CE-LoRA's packing pass)")
     add_bandwidth_option(parser)
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "

@@ -76,6 +76,21 @@ step_command() {
     attn_res_replication)
       echo "timeout 170 python3 recipes/attn_res_replication.py --preset gpu --output-dir $OUT/attn_res_replication" ;;
     ce_lora) echo "timeout 360 python3 kernels/benchmarks/bench_ce_lora.py --json $OUT/$2ce_lora.json" ;;
+    ce_lora_tests) echo "timeout 240 python3 -m pytest -q -m gpu tests/test_ce_lora_gpu.py \
+      -p no:cacheprovider --tb=short -rf" ;;
+    # the per-layer part alone, at the ratios the FLOP-bound target names
+    ce_lora_layers) echo "timeout 200 python3 kernels/benchmarks/bench_ce_lora.py --skip-model --ratios 0.25 0.5 0.65 \
+      --json $OUT/$2ce_lora_layers.json" ;;
+    # the ~0.9B Llama step at ratio 0.5 against PEFT LoRA (bf16 adapters, no checkpointing), with its kernels' GPU
+    # time; ce_lora_step_liger: every setting on Liger-Kernel's fused Llama ops
+    ce_lora_step) echo "timeout 240 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers --settings PEFT 0.5 \
+      --adapter-dtypes bf16 --checkpointing off --profile --json $OUT/$2ce_lora_step.json" ;;
+    ce_lora_step_liger) echo "timeout 240 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers --settings PEFT 0.5 \
+      --adapter-dtypes bf16 --checkpointing off --profile --liger --json $OUT/$2ce_lora_step_liger.json" ;;
+    # CE_LORA_PACK_SWEEP="NAME=v1,v2 ..." (constants of ce_lora.pack, e.g. CONFIG=-1,0,1 PROGRAMS_PER_SM=1,4): the
+    # packing pass at the step's and the per-layer part's shapes, every combination
+    ce_lora_pack_sweep) echo "timeout 240 python3 kernels/benchmarks/bench_small_ops.py --sections ce_lora_pack \
+      --sweep $(sed 's/\([A-Z_]*=\)/ce_lora.pack.\1/g' <<< "${CE_LORA_PACK_SWEEP:?set CE_LORA_PACK_SWEEP}")" ;;
     ce_lora_quality)
       echo "timeout 240 python3 recipes/ce_lora_quality.py --preset gpu --output-dir $OUT/ce_lora_quality" ;;
     small_ops) echo "timeout 120 python3 kernels/benchmarks/bench_small_ops.py --sections conv norm kda" ;;

@@ -41,8 +41,11 @@ from .._grid import cdiv, next_power_of_2
 # the autotuner picked 64 rows at 8 warps for every layer shape of the benchmark.
 _CONFIGS = [
     triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s)
-    for bt, w, s in [(16, 4, 4), (32, 4, 3), (32, 8, 3), (64, 8, 3)]
+    for bt, w, s in [(16, 4, 4), (32, 4, 3), (32, 8, 3), (64, 8, 3), (64, 4, 3), (128, 8, 2), (128, 16, 2)]
 ]
+# Index into _CONFIGS of the tile launched at every shape in place of the autotuner's pick (-1), for sweeps
+# (``--set ce_lora.pack.CONFIG=N``; ``bench_small_ops.py --sections ce_lora_pack``).
+CONFIG = -1
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Channel shares per row block (``--set ce_lora.pack.SHARES=N``; 0: enough for about PROGRAMS_PER_SM programs on
 # every SM). At 8K tokens one program per 64-row block launched 128 programs, fewer than the H200's SMs, each walking
@@ -173,6 +176,15 @@ def _shares(n_blocks: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, -(-PROGRAMS_PER_SM * _sm_count(device) // n_blocks)))
 
 
+def forced_config() -> triton.Config | None:
+    """The config that ``CONFIG`` forces at every shape, or None (the autotuner's pick)."""
+    if CONFIG == -1:
+        return None
+    if not 0 <= CONFIG < len(_CONFIGS):
+        raise ValueError(f"ce_lora.pack.CONFIG must be -1 (autotuned) or an index below {len(_CONFIGS)}, got {CONFIG}")
+    return _CONFIGS[CONFIG]
+
+
 def triton_pack_grad_output(
     grad_output: torch.Tensor,
     b0_pad: torch.Tensor,
@@ -209,7 +221,7 @@ def triton_pack_grad_output(
         _ce_pack_kernel[grid({"BLOCK_T": 16})](*args, BLOCK_T=16, **meta)
         return packed
     key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype)
-    config = _PICKED.get(key)
+    config = forced_config() or _PICKED.get(key)
     if config is None:
         _ce_pack_tuned[grid](*args, **meta)
         _PICKED[key] = _ce_pack_tuned.best_config
