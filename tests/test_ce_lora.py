@@ -21,6 +21,7 @@ from kimi_hf.kernels.ce_lora import (
     ce_grad_input,
     ce_pack_grad_output,
     channel_scores,
+    channel_slots,
     channel_tiles,
     kept_channels,
     low_rank_factors,
@@ -336,7 +337,7 @@ def test_writes_through_weight_data_are_caught_at_the_next_selection():
     assert_close_rel(state.grad_input(dy, w)[0], expected, 1e-12, "dX after the write")
 
 
-def test_channel_tiles_map_every_kept_channel_once():
+def test_channel_tiles_and_slots_map_every_kept_channel_once():
     gen = torch.Generator().manual_seed(0)
     for out_features, keep, tile in [(1000, 300, 128), (200, 64, 32), (4096, 2096, 128), (130, 10, 64), (64, 64, 64)]:
         index = torch.randperm(out_features, generator=gen)[:keep].sort().values
@@ -348,6 +349,9 @@ def test_channel_tiles_map_every_kept_channel_once():
         assert torch.equal(torch.cat(rebuilt).long(), index)  # in G's order, each kept channel once
         for t in range(n_tiles):  # slots past a tile's count point at column 0 (never stored)
             assert (local[t, starts[t + 1] - starts[t] :] == 0).all()
+        slots = channel_slots(index, out_features)  # the scatter variant's map: channel -> kept column, or -1
+        assert slots.dtype == torch.int32 and torch.equal(slots[index].long(), torch.arange(keep))
+        assert (slots >= 0).sum() == keep
     w = torch.randn(64, 32)
     b0, a0 = low_rank_factors(w, 4)
     for bad in (48, 8):
@@ -370,14 +374,17 @@ def test_channel_tiles_map_every_kept_channel_once():
     ],
 )
 @pytest.mark.parametrize("shares", [0, 3], ids=["auto-shares", "3-shares"])
+@pytest.mark.parametrize("scatter", [0, 1], ids=["gather", "scatter"])
 def test_triton_pack_matches_torch_reference(
-    out_features, rows, ratio, lora_rank, dtype, channel_tile, shares, monkeypatch
+    out_features, rows, ratio, lora_rank, dtype, channel_tile, shares, scatter, monkeypatch
 ):
-    """The packing kernel against the torch reference; with 3 channel shares per row block, the partial products'
-    hand-over (the last program of a row block sums them) is exercised too."""
+    """The packing kernel against the torch reference, with the kept columns picked by tl.gather and stored through
+    the per-channel slots; with 3 channel shares per row block, the partial products' hand-over (the last program of a
+    row block sums them) is exercised too."""
     from kimi_hf.kernels.ce_lora import pack
 
     monkeypatch.setattr(pack, "SHARES", shares)
+    monkeypatch.setattr(pack, "SCATTER", scatter)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     in_features = 96
     w = decaying_matrix(out_features, in_features, seed=7, dtype=torch.float32).to(device)

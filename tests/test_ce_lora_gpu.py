@@ -30,24 +30,29 @@ pytestmark = [
 @pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (1000, 333)])
 @pytest.mark.parametrize("ratio", [0.25, 0.65])
 @pytest.mark.parametrize("shares", [0, 1, 5])
-def test_triton_pack_bf16_matches_reference(shape, ratio, shares, monkeypatch):
+@pytest.mark.parametrize("scatter", [0, 1], ids=["gather", "scatter"])
+def test_triton_pack_bf16_matches_reference(shape, ratio, shares, scatter, monkeypatch):
     """bf16 at real sizes, with the channel shares the launcher picks, one, and five per row block (the partial
-    products handed between programs of different SMs)."""
+    products handed between programs of different SMs), the kept columns gathered and scattered."""
     from kimi_hf.kernels.ce_lora import pack
 
     monkeypatch.setattr(pack, "SHARES", shares)
+    monkeypatch.setattr(pack, "SCATTER", scatter)
     _check_bf16_pack(shape, ratio, lora_rank=16)
 
 
 @pytest.mark.parametrize("config", range(7))
 @pytest.mark.parametrize("channel_tile", [128, 64])
-def test_triton_pack_bf16_every_tile_config(config, channel_tile, monkeypatch):
+@pytest.mark.parametrize("scatter", [0, 1], ids=["gather", "scatter"])
+def test_triton_pack_bf16_every_tile_config(config, channel_tile, scatter, monkeypatch):
     """Every tile config the autotuner may pick (``pack.CONFIG`` launches it at every shape: 16 to 128 rows, 4 to 16
-    warps), on the plan's channel tiles of 128 and 64, with the launcher's channel shares."""
+    warps), on the plan's channel tiles of 128 and 64, with the launcher's channel shares, both ways of storing the
+    kept columns."""
     from kimi_hf.kernels.ce_lora import pack
 
     assert len(pack._CONFIGS) == 7  # a config added to the list is added here too
     monkeypatch.setattr(pack, "CONFIG", config)
+    monkeypatch.setattr(pack, "SCATTER", scatter)
     _check_bf16_pack((4096, 4096), 0.5, lora_rank=16, channel_tile=channel_tile)
 
 

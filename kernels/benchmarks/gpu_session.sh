@@ -82,11 +82,12 @@ step_command() {
     ce_lora_layers) echo "timeout 200 python3 kernels/benchmarks/bench_ce_lora.py --skip-model --ratios 0.25 0.5 0.65 \
       --json $OUT/$2ce_lora_layers.json" ;;
     # the ~0.9B Llama step at ratio 0.5 against PEFT LoRA (bf16 adapters, no checkpointing), with its kernels' GPU
-    # time; ce_lora_step_liger: every setting on Liger-Kernel's fused Llama ops
-    ce_lora_step) echo "timeout 240 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers --settings PEFT 0.5 \
-      --adapter-dtypes bf16 --checkpointing off --profile --json $OUT/$2ce_lora_step.json" ;;
-    ce_lora_step_liger) echo "timeout 240 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers --settings PEFT 0.5 \
-      --adapter-dtypes bf16 --checkpointing off --profile --liger --json $OUT/$2ce_lora_step_liger.json" ;;
+    # time; ce_lora_step_liger: every setting on Liger-Kernel's fused Llama ops; ce_lora_step[_liger]:NAME=V sets the
+    # launch constant ce_lora.pack.NAME for the run
+    ce_lora_step|ce_lora_step:*|ce_lora_step_liger|ce_lora_step_liger:*) name=${1%%:*}; set=${1#"$name"}; set=${set#:}
+      echo "timeout 240 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers --settings PEFT 0.5 \
+      --adapter-dtypes bf16 --checkpointing off --profile ${set:+--set ce_lora.pack.$set} \
+      $([ "$name" = ce_lora_step_liger ] && echo --liger) --json $OUT/$2$name${set:+_$set}.json" ;;
     # CE_LORA_PACK_SWEEP="NAME=v1,v2 ..." (constants of ce_lora.pack, e.g. CONFIG=-1,0,1 PROGRAMS_PER_SM=1,4): the
     # packing pass at the step's and the per-layer part's shapes, every combination
     ce_lora_pack_sweep) echo "timeout 240 python3 kernels/benchmarks/bench_small_ops.py --sections ce_lora_pack \

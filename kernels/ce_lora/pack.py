@@ -46,6 +46,12 @@ _CONFIGS = [
 # Index into _CONFIGS of the tile launched at every shape in place of the autotuner's pick (-1), for sweeps
 # (``--set ce_lora.pack.CONFIG=N``; ``bench_small_ops.py --sections ce_lora_pack``).
 CONFIG = -1
+# Candidate (``--set ce_lora.pack.SCATTER=1``): each tile stored whole through the plan's per-channel slots (the kept
+# channels' columns of G, -1 elsewhere), masked per channel, instead of picking the kept columns by tl.gather. With G
+# column-major each channel is a contiguous run of rows, so Triton transposes the tile through shared memory and stores
+# 16 bytes at a time: sm_90 compile at 64 rows, 8 warps: 64 registers and 1 SHFL against 110 and 129. (The scatter
+# variant of session 9, 9-15% of the floor, stored into a row-major G two bytes at a time.)
+SCATTER = 0
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Channel shares per row block (``--set ce_lora.pack.SHARES=N``; 0: enough for about PROGRAMS_PER_SM programs on
 # every SM). At 8K tokens one program per 64-row block launched 128 programs, fewer than the H200's SMs, each walking
@@ -65,6 +71,7 @@ def _ce_pack_kernel(
     b0_ptr,
     starts_ptr,
     local_ptr,
+    slots_ptr,
     g_ptr,
     part_ptr,
     count_ptr,
@@ -78,6 +85,7 @@ def _ce_pack_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     IEEE: tl.constexpr,
+    SCATTER: tl.constexpr,
 ):
     """One program: ``BLOCK_T`` rows of ``dY`` and one share of their channel tiles, walked in order.
 
@@ -110,18 +118,25 @@ def _ce_pack_kernel(
         col_ok = cols < n_cols
         # The tile's kept-column map first: loaded after the dot, its start and count went out only after the
         # gather, right before the store that needs them (sm_90 SASS), an exposed L2 latency per tile.
-        first = tl.load(starts_ptr + tile)
-        count = tl.load(starts_ptr + tile + 1) - first
-        local = tl.load(local_ptr + tile * BLOCK_O + slots)
+        if SCATTER:
+            slot = tl.load(slots_ptr + cols, mask=col_ok, other=-1)
+        else:
+            first = tl.load(starts_ptr + tile)
+            count = tl.load(starts_ptr + tile + 1) - first
+            local = tl.load(local_ptr + tile * BLOCK_O + slots)
         values = tl.load(dy_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :], mask=col_ok[:, None] & rk_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(values, b0, acc, input_precision="ieee")
         else:
             acc = tl.dot(values, b0, acc)
-        kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
-        g_kept = g_ptr + rows[:, None] + (R_PAD + first + slots[None, :]).to(tl.int64) * stride_g
-        tl.store(g_kept, kept, mask=row_ok[:, None] & (slots < count)[None, :])
+        if SCATTER:
+            g_kept = g_ptr + rows[:, None] + (R_PAD + slot[None, :]).to(tl.int64) * stride_g
+            tl.store(g_kept, values, mask=row_ok[:, None] & (slot >= 0)[None, :])
+        else:
+            kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
+            g_kept = g_ptr + rows[:, None] + (R_PAD + first + slots[None, :]).to(tl.int64) * stride_g
+            tl.store(g_kept, kept, mask=row_ok[:, None] & (slots < count)[None, :])
     g_low = g_ptr + rows[:, None] + rk[None, :] * stride_g
     low_ok = row_ok[:, None] & rk_ok[None, :]
     if shares == 1:
@@ -138,7 +153,7 @@ def _ce_pack_kernel(
             tl.atomic_xchg(count_ptr + block, 0)  # zeros again: later launches reuse the buffer (_zeroed_counters)
 
 
-_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O"])(
+_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O", "SCATTER"])(
     _ce_pack_kernel
 )
 # Completion counters of the shared row blocks, per (device, stream). The kernel sets each counter back to zero when
@@ -191,6 +206,7 @@ def triton_pack_grad_output(
     keep: int,
     tile_starts: torch.Tensor,
     tile_local: torch.Tensor,
+    slots: torch.Tensor,
 ) -> torch.Tensor:
     """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]`` and the kept-column map
     ``tile_starts``/``tile_local`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_tiles`: the transposed view of a
@@ -213,14 +229,14 @@ def triton_pack_grad_output(
         n_blocks = cdiv(n_rows, meta["BLOCK_T"])
         return (n_blocks * _shares(n_blocks, n_tiles, device),)
 
-    args = (grad_output, b0_pad, tile_starts, tile_local, packed, partials, counts, n_rows, n_cols, keep,
+    args = (grad_output, b0_pad, tile_starts, tile_local, slots, packed, partials, counts, n_rows, n_cols, keep,
             grad_output.stride(0), buffer.stride(0))  # fmt: skip
     meta = {"R_PAD": r_pad, "R_BLOCK": next_power_of_2(r_pad), "BLOCK_O": block_o,
-            "IEEE": grad_output.dtype == torch.float32}  # fmt: skip
+            "IEEE": grad_output.dtype == torch.float32, "SCATTER": bool(SCATTER)}  # fmt: skip
     if _INTERPRETED:  # one small tile, so that tiny test shapes still take several row blocks
         _ce_pack_kernel[grid({"BLOCK_T": 16})](*args, BLOCK_T=16, **meta)
         return packed
-    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype)
+    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype, meta["SCATTER"])
     config = forced_config() or _PICKED.get(key)
     if config is None:
         _ce_pack_tuned[grid](*args, **meta)

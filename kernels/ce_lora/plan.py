@@ -59,13 +59,22 @@ def channel_tiles(
     return starts.to(torch.int32), local
 
 
+def channel_slots(index: torch.Tensor, out_features: int) -> torch.Tensor:
+    """int32 ``[O]``: the kept column of ``G`` each channel goes to (its rank in the sorted ``index [k]``), -1 where
+    it is not kept. The packing kernel's scatter variant stores every channel of a tile through it."""
+    slots = torch.full((out_features,), -1, device=index.device, dtype=torch.int32)
+    slots[index] = torch.arange(index.numel(), device=index.device, dtype=torch.int32)
+    return slots
+
+
 @dataclass
 class CEPlan:
     """Fast-backward operands of one layer (all on the weight's device, in the compute dtype).
 
     b0_pad ``[O, r_pad]`` = ``[s*B_lora | B0 | 0]``, stack ``[r_pad + k, I]`` = ``[A_lora ; A0 ; 0 ; R[S, :]]``,
     index ``[k]`` int64 sorted; tile_starts ``[cdiv(O, tile) + 1]`` and tile_local ``[cdiv(O, tile), tile]`` int32,
-    the kept channels per channel tile (:func:`channel_tiles`).
+    the kept channels per channel tile (:func:`channel_tiles`); slots ``[O]`` int32, each channel's kept column
+    (:func:`channel_slots`).
     The LoRA slots (``0 : lora_rank``) let LoRA's own input gradient ``s (dY B) A``
     ride in the same GEMM; they hold zeros when it does not (:meth:`set_lora`).
     """
@@ -75,6 +84,7 @@ class CEPlan:
     index: torch.Tensor
     tile_starts: torch.Tensor
     tile_local: torch.Tensor
+    slots: torch.Tensor
     svd_rank: int
     lora_rank: int
 
@@ -144,6 +154,7 @@ def make_plan(
         index=index,
         tile_starts=tile_starts,
         tile_local=tile_local,
+        slots=channel_slots(index, out_features),
         svd_rank=svd_rank,
         lora_rank=lora_rank,
     )
