@@ -86,11 +86,13 @@ step_command() {
     # launch constant ce_lora.pack.NAME for the run
     ce_lora_step|ce_lora_step:*|ce_lora_step_liger|ce_lora_step_liger:*) name=${1%%:*}; set=${1#"$name"}; set=${set#:}
       echo "timeout 240 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers --settings PEFT 0.5 \
-      --adapter-dtypes bf16 --checkpointing off --profile ${set:+--set ce_lora.pack.$set} \
+      --adapter-dtypes bf16 --checkpointing off --profile --profile-host ${CE_LORA_HOST_TOP:-0} \
+      ${set:+--set ce_lora.pack.$set} \
       $([ "$name" = ce_lora_step_liger ] && echo --liger) --json $OUT/$2$name${set:+_$set}.json" ;;
     # CE_LORA_PACK_SWEEP="NAME=v1,v2 ..." (constants of ce_lora.pack, e.g. CONFIG=-1,0,1 PROGRAMS_PER_SM=1,4): the
-    # packing pass at the step's and the per-layer part's shapes, every combination
-    ce_lora_pack_sweep) echo "timeout 240 python3 kernels/benchmarks/bench_small_ops.py --sections ce_lora_pack \
+    # packing pass at the step's and the per-layer part's shapes, every combination, by its kernel's GPU time (the
+    # launcher's host time exceeds the kernel at the step's smaller shapes, and do_bench's times followed it)
+    ce_lora_pack_sweep) echo "timeout 240 python3 kernels/benchmarks/bench_small_ops.py --sections ce_lora_pack --gpu-time \
       --sweep $(sed 's/\([A-Z_]*=\)/ce_lora.pack.\1/g' <<< "${CE_LORA_PACK_SWEEP:?set CE_LORA_PACK_SWEEP}")" ;;
     ce_lora_quality)
       echo "timeout 240 python3 recipes/ce_lora_quality.py --preset gpu --output-dir $OUT/ce_lora_quality" ;;

@@ -51,7 +51,7 @@ CONFIG = -1
 # column-major each channel is a contiguous run of rows, so Triton transposes the tile through shared memory and stores
 # 16 bytes at a time: sm_90 compile at 64 rows, 8 warps: 64 registers and 1 SHFL against 110 and 129. (The scatter
 # variant of session 9, 9-15% of the floor, stored into a row-major G two bytes at a time.)
-SCATTER = 0
+SCATTER = 1
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Channel shares per row block (``--set ce_lora.pack.SHARES=N``; 0: enough for about PROGRAMS_PER_SM programs on
 # every SM). At 8K tokens one program per 64-row block launched 128 programs, fewer than the H200's SMs, each walking
