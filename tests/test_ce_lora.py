@@ -22,7 +22,6 @@ from kimi_hf.kernels.ce_lora import (
     ce_pack_grad_output,
     channel_scores,
     channel_slots,
-    channel_tiles,
     kept_channels,
     low_rank_factors,
     make_plan,
@@ -337,26 +336,14 @@ def test_writes_through_weight_data_are_caught_at_the_next_selection():
     assert_close_rel(state.grad_input(dy, w)[0], expected, 1e-12, "dX after the write")
 
 
-def test_channel_tiles_and_slots_map_every_kept_channel_once():
+def test_channel_slots_map_every_kept_channel_once():
     gen = torch.Generator().manual_seed(0)
-    for out_features, keep, tile in [(1000, 300, 128), (200, 64, 32), (4096, 2096, 128), (130, 10, 64), (64, 64, 64)]:
+    for out_features, keep in [(1000, 300), (200, 64), (4096, 2096), (130, 10), (64, 64)]:
         index = torch.randperm(out_features, generator=gen)[:keep].sort().values
-        starts, local = channel_tiles(index, out_features, tile)
-        n_tiles = math.ceil(out_features / tile)
-        assert starts.dtype == local.dtype == torch.int32 and local.shape == (n_tiles, tile)
-        assert starts[0] == 0 and starts[-1] == keep and (starts[1:] >= starts[:-1]).all()
-        rebuilt = [tile * t + local[t, : starts[t + 1] - starts[t]] for t in range(n_tiles)]
-        assert torch.equal(torch.cat(rebuilt).long(), index)  # in G's order, each kept channel once
-        for t in range(n_tiles):  # slots past a tile's count point at column 0 (never stored)
-            assert (local[t, starts[t + 1] - starts[t] :] == 0).all()
-        slots = channel_slots(index, out_features)  # the scatter variant's map: channel -> kept column, or -1
-        assert slots.dtype == torch.int32 and torch.equal(slots[index].long(), torch.arange(keep))
-        assert (slots >= 0).sum() == keep
-    w = torch.randn(64, 32)
-    b0, a0 = low_rank_factors(w, 4)
-    for bad in (48, 8):
-        with pytest.raises(ValueError, match=f"channel_tile must be a power of two >= 16, got {bad}"):
-            make_plan(w, b0, a0, torch.arange(8), torch.float32, channel_tile=bad)
+        slots = channel_slots(index, out_features)  # channel -> its column among G's kept ones, or -1
+        assert slots.dtype == torch.int32 and slots.shape == (out_features,)
+        assert torch.equal(slots[index].long(), torch.arange(keep))  # in G's order, each kept channel once
+        assert (slots >= 0).sum() == keep and (slots >= -1).all()
 
 
 @pytest.mark.skipif(
@@ -364,27 +351,24 @@ def test_channel_tiles_and_slots_map_every_kept_channel_once():
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
 @pytest.mark.parametrize(
-    "out_features, rows, ratio, lora_rank, dtype, channel_tile",
+    "out_features, rows, ratio, lora_rank, dtype, config",
     [
-        (200, 37, 0.3, 8, torch.float32, 128),  # a partial channel tile and row block, LoRA slots filled
-        (1000, 21, 0.5, 0, torch.float32, 32),  # 32 channel tiles, O not a multiple of 16
-        (512, 18, 0.25, 16, torch.float16, 64),  # half precision (bf16 is broken in the interpreter)
+        (200, 37, 0.3, 8, torch.float32, -1),  # a partial channel tile and row block, LoRA slots filled
+        (1000, 21, 0.5, 0, torch.float32, -1),  # 32 channel tiles, O not a multiple of 16
+        (512, 18, 0.25, 16, torch.float16, 4),  # half precision (bf16 is broken in the interpreter), tiles of 64
         # r_pad 14 + 24 -> 48, not a power of two (tl.arange refused it: LoRA ranks 24, 40, 128 failed on a GPU)
-        (200, 21, 0.3, 24, torch.float32, 64),
+        (200, 21, 0.3, 24, torch.float32, 0),
     ],
 )
 @pytest.mark.parametrize("shares", [0, 3], ids=["auto-shares", "3-shares"])
-@pytest.mark.parametrize("scatter", [0, 1], ids=["gather", "scatter"])
-def test_triton_pack_matches_torch_reference(
-    out_features, rows, ratio, lora_rank, dtype, channel_tile, shares, scatter, monkeypatch
-):
-    """The packing kernel against the torch reference, with the kept columns picked by tl.gather and stored through
-    the per-channel slots; with 3 channel shares per row block, the partial products' hand-over (the last program of a
-    row block sums them) is exercised too."""
+def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_rank, dtype, config, shares, monkeypatch):
+    """The packing kernel against the torch reference, on the interpreter's small tiles (16 rows, 32 channels) and on
+    two of the GPU's (``config``: an index of ``pack._CONFIGS``); with 3 channel shares per row block, the partial
+    products' hand-over (the last program of a row block sums them) is exercised too."""
     from kimi_hf.kernels.ce_lora import pack
 
     monkeypatch.setattr(pack, "SHARES", shares)
-    monkeypatch.setattr(pack, "SCATTER", scatter)
+    monkeypatch.setattr(pack, "CONFIG", config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     in_features = 96
     w = decaying_matrix(out_features, in_features, seed=7, dtype=torch.float32).to(device)
@@ -392,7 +376,7 @@ def test_triton_pack_matches_torch_reference(
     b0, a0 = low_rank_factors(w, 14)
     scores = channel_scores(dy, residual_row_norms(w, b0, a0), "activation_aware")
     index = select_channels(scores, kept_channels(out_features, ratio, 14 + lora_rank))
-    plan = make_plan(w, b0, a0, index, dtype, lora_rank=lora_rank, channel_tile=channel_tile)
+    plan = make_plan(w, b0, a0, index, dtype, lora_rank=lora_rank)
     if lora_rank:
         lora_a, lora_b = torch.randn(lora_rank, in_features, device=device), torch.randn(out_features, lora_rank)
         plan.set_lora(lora_a, lora_b.to(device), 0.5)
@@ -434,7 +418,7 @@ def test_plan_takes_the_kept_channels_in_any_order():
     assert_close_rel(ce_grad_input(dy, shuffled, backend), ce_grad_input(dy, ordered, "torch"), 1e-5, "dX")
     with pytest.raises(ValueError, match="distinct channels"):
         make_plan(w, b0, a0, torch.tensor([3, 5, 3]), torch.float32)
-    # channels outside [0, O) or an index of another shape/dtype are named (they failed in channel_tiles' indexing)
+    # channels outside [0, O) or an index of another shape/dtype are named (they would fail in channel_slots' indexing)
     for bad in (torch.tensor([3, 200]), torch.tensor([-1, 5])):
         with pytest.raises(ValueError, match=r"channels in \[0, 200\), got -?\d+ to \d+"):
             make_plan(w, b0, a0, bad, torch.float32)

@@ -30,30 +30,24 @@ pytestmark = [
 @pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (1000, 333)])
 @pytest.mark.parametrize("ratio", [0.25, 0.65])
 @pytest.mark.parametrize("shares", [0, 1, 5])
-@pytest.mark.parametrize("scatter", [0, 1], ids=["gather", "scatter"])
-def test_triton_pack_bf16_matches_reference(shape, ratio, shares, scatter, monkeypatch):
+def test_triton_pack_bf16_matches_reference(shape, ratio, shares, monkeypatch):
     """bf16 at real sizes, with the channel shares the launcher picks, one, and five per row block (the partial
-    products handed between programs of different SMs), the kept columns gathered and scattered."""
+    products handed between programs of different SMs)."""
     from kimi_hf.kernels.ce_lora import pack
 
     monkeypatch.setattr(pack, "SHARES", shares)
-    monkeypatch.setattr(pack, "SCATTER", scatter)
     _check_bf16_pack(shape, ratio, lora_rank=16)
 
 
-@pytest.mark.parametrize("config", range(7))
-@pytest.mark.parametrize("channel_tile", [128, 64])
-@pytest.mark.parametrize("scatter", [0, 1], ids=["gather", "scatter"])
-def test_triton_pack_bf16_every_tile_config(config, channel_tile, scatter, monkeypatch):
-    """Every tile config the autotuner may pick (``pack.CONFIG`` launches it at every shape: 16 to 128 rows, 4 to 16
-    warps), on the plan's channel tiles of 128 and 64, with the launcher's channel shares, both ways of storing the
-    kept columns."""
+@pytest.mark.parametrize("config", range(6))
+def test_triton_pack_bf16_every_tile_config(config, monkeypatch):
+    """Every tile config the autotuner may pick (``pack.CONFIG`` launches it at every shape: 32 and 64 rows, channel
+    tiles of 64 and 128, 4 and 8 warps), with the launcher's channel shares."""
     from kimi_hf.kernels.ce_lora import pack
 
-    assert len(pack._CONFIGS) == 7  # a config added to the list is added here too
+    assert len(pack._CONFIGS) == 6  # a config added to the list is added here too
     monkeypatch.setattr(pack, "CONFIG", config)
-    monkeypatch.setattr(pack, "SCATTER", scatter)
-    _check_bf16_pack((4096, 4096), 0.5, lora_rank=16, channel_tile=channel_tile)
+    _check_bf16_pack((4096, 4096), 0.5, lora_rank=16)
 
 
 @pytest.mark.parametrize("lora_rank", [24, 128])
@@ -63,7 +57,7 @@ def test_triton_pack_bf16_low_rank_width_not_a_power_of_two(lora_rank):
     _check_bf16_pack((1000, 333), 0.25, lora_rank)
 
 
-def _check_bf16_pack(shape: tuple[int, int], ratio: float, lora_rank: int, channel_tile: int = 128) -> None:
+def _check_bf16_pack(shape: tuple[int, int], ratio: float, lora_rank: int) -> None:
     """The Triton pack against the torch one, and dX against float64, for ``W [O, I] = shape`` in bf16."""
     out_features, in_features = shape
     svd_rank = 7 * lora_rank // 8
@@ -73,7 +67,7 @@ def _check_bf16_pack(shape: tuple[int, int], ratio: float, lora_rank: int, chann
     b0, a0 = low_rank_factors(weight, svd_rank)
     keep = kept_channels(out_features, ratio, svd_rank + lora_rank)
     index = select_channels(channel_scores(dy, residual_row_norms(weight, b0, a0), "activation_aware"), keep)
-    plan = make_plan(weight, b0, a0, index, torch.bfloat16, lora_rank=lora_rank, channel_tile=channel_tile)
+    plan = make_plan(weight, b0, a0, index, torch.bfloat16, lora_rank=lora_rank)
     plan.set_lora(torch.randn(lora_rank, in_features, device="cuda").bfloat16(),
                   torch.randn(out_features, lora_rank, device="cuda").bfloat16())  # fmt: skip
     dy16 = dy.bfloat16()

@@ -476,8 +476,8 @@ _PACK_RATIO, _PACK_SVD_RANK, _PACK_LORA_RANK = 0.5, 14, 16  # LoRA r16's dX ride
 
 def bench_ce_lora_pack(setup: _Setup) -> list[Row]:
     """CE-LoRA's packing pass ``G = [dY B0 | dY[:, S]]`` (``kimi_hf.kernels.ce_lora.ce_pack_grad_output``) at
-    ``_PACK_SHAPES``, keep ratio 0.5, with the plan's channel tiles of 128 (the default) and 64. Anchor: cuBLAS's
-    ``dY @ B0`` alone, which reads all of ``dY`` as the pass does; floor: read ``dY``, write ``G``."""
+    ``_PACK_SHAPES``, keep ratio 0.5. Anchor: cuBLAS's ``dY @ B0`` alone, which reads all of ``dY`` as the pass does;
+    floor: read ``dY``, write ``G``."""
     from kimi_hf.kernels.ce_lora import ce_pack_grad_output, kept_channels, make_plan
 
     shapes = ((64, 256), (48, 200)) if setup.tiny else _PACK_SHAPES
@@ -491,13 +491,12 @@ def bench_ce_lora_pack(setup: _Setup) -> list[Row]:
         b0 = torch.randn(n_cols, _PACK_SVD_RANK, device=setup.device)
         a0 = torch.randn(_PACK_SVD_RANK, 64, device=setup.device)
         dy = torch.randn(n_rows, n_cols, device=setup.device, dtype=setup.dtype)
-        for tile in (128, 64):
-            plan = make_plan(weight, b0, a0, index, setup.dtype, lora_rank=_PACK_LORA_RANK, channel_tile=tile)
-            width = plan.stack.shape[0]
-            rows.append(Row(f"CE-LoRA pack, ratio {_PACK_RATIO}, channel tile {tile}", f"T{n_rows} O{n_cols} "
-                            f"r_pad+k={width}", _time_us(lambda: ce_pack_grad_output(dy, plan, "triton"), setup),
-                            "torch dY @ B0", _time_us(lambda: dy @ plan.b0_pad, setup),
-                            setup.floor_us(n_rows * (n_cols + width) * elem)))  # fmt: skip
+        plan = make_plan(weight, b0, a0, index, setup.dtype, lora_rank=_PACK_LORA_RANK)
+        width = plan.stack.shape[0]
+        rows.append(Row(f"CE-LoRA pack, ratio {_PACK_RATIO}", f"T{n_rows} O{n_cols} r_pad+k={width}",
+                        _time_us(lambda: ce_pack_grad_output(dy, plan, "triton"), setup),
+                        "torch dY @ B0", _time_us(lambda: dy @ plan.b0_pad, setup),
+                        setup.floor_us(n_rows * (n_cols + width) * elem)))  # fmt: skip
     return rows
 
 

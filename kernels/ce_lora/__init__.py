@@ -20,7 +20,7 @@ from .naive import (
     residual_row_norms,
     select_channels,
 )
-from .plan import CEPlan, channel_slots, channel_tiles, kept_channels, make_plan, padded_rank
+from .plan import CEPlan, channel_slots, kept_channels, make_plan, padded_rank
 
 __all__ = [
     "SCORES",
@@ -29,7 +29,6 @@ __all__ = [
     "ce_pack_grad_output",
     "channel_scores",
     "channel_slots",
-    "channel_tiles",
     "kept_channels",
     "low_rank_factors",
     "make_plan",
@@ -59,9 +58,7 @@ def ce_pack_grad_output(grad_output: torch.Tensor, plan: CEPlan, backend: str | 
     if resolve_backend(backend, grad_output) == "triton":
         from .pack import triton_pack_grad_output  # triton is imported only when used
 
-        return triton_pack_grad_output(
-            grad_output, plan.b0_pad, plan.keep, plan.tile_starts, plan.tile_local, plan.slots
-        )
+        return triton_pack_grad_output(grad_output, plan.b0_pad, plan.keep, plan.slots)
     return naive_pack_grad_output(grad_output, plan.b0_pad, plan.index)
 
 

@@ -8,20 +8,19 @@ multiple of 64 (cuBLAS's fast path).
 
 How the pass aims at its memory floor (read ``dY`` once, write ``G`` once): a program owns ``BLOCK_T`` rows
 and a share of their channel tiles of ``BLOCK_O``, walked with plain contiguous loads (the same loop as a GEMM's, so
-Triton pipelines them as async copies). Each tile feeds the tensor-core dot of ``dY B0`` and, from registers,
-the kept columns: ``tl.gather`` picks the tile's kept channels (the plan's per-tile map, :func:`~.plan.
-channel_tiles`) into the leading slots and one masked store writes them to their place in ``G``. ``G`` is
-column-major in memory (``G^T``, rows padded to a multiple of 8), so that each kept channel is a contiguous run of
-the program's rows, stored 16 bytes at a time; the GEMM takes ``G`` as its transposed view (cuBLAS reads either
-layout). When there are too few row blocks to fill the GPU, their channel tiles are shared between programs and
-the last program of a row block sums the partial ``dY B0`` products.
+Triton pipelines them as async copies). Each tile feeds the tensor-core dot of ``dY B0`` and is stored whole through
+the plan's per-channel slots (:func:`~.plan.channel_slots`: a kept channel's column of ``G``, -1 elsewhere), masked
+per channel. ``G`` is column-major in memory (``G^T``, rows padded to a multiple of 8), so each kept channel is a
+contiguous run of the program's rows: Triton transposes the tile through shared memory and stores 16 bytes at a time.
+The GEMM takes ``G`` as its transposed view (cuBLAS reads either layout). When there are too few row blocks to fill
+the GPU, their channel tiles are shared between programs and the last program of a row block sums the partial
+``dY B0`` products.
 (Earlier designs on an H200: gathering the kept columns from memory, scattered 2-byte loads after the projection's
-loads, 20-36% of the floor; storing the kept columns through a per-channel slot map, scattered masked stores,
-9-15%; this kernel with ``G`` row-major, where no store of a tile's kept columns at an arbitrary column could be
-proven aligned and each went out two bytes at a time, 33-39%, 1.4-1.6x slower than column-major. One program per
-64-row block walking every channel tile left SMs idle at 8K tokens (128 programs); the shares make the pass 5-20%
-faster per layer there, but in a ~1B Llama training step it still runs at 28-47% of its floor, for reasons not yet
-measured: BENCHMARKS.md, session 11.)
+loads, 20-36% of the floor; storing through the slots into a row-major ``G``, two bytes at a time, 9-15%; picking a
+tile's kept columns into leading slots with ``tl.gather`` (warp shuffles: 129 SHFL per tile at 64 rows and 8 warps,
+110 registers against 64 now on sm_90) and storing them column-major: the training step's pack 4.55 against 3.70
+ms of GPU time, session 48. A tensor-core product with a one-hot matrix in place of ``tl.gather`` was 2-7% slower
+still, session 14.)
 """
 
 from __future__ import annotations
@@ -37,40 +36,33 @@ from .._grid import cdiv, next_power_of_2
 
 # Tile shapes tried on a GPU (keyed by channel count, kept count and low-rank width; the row count only sets the
 # grid). Kept short: every config is compiled on a fresh machine. Rows per program trade B0's reuse (each row block
-# re-reads its [BLOCK_O, R_PAD] tiles from L2: at 16 rows they outweigh dY's) against programs per SM; at 16K tokens
-# the autotuner picked 64 rows at 8 warps for every layer shape of the benchmark.
+# re-reads its [BLOCK_O, R_PAD] tiles from L2) against programs per SM. Session 48 (H200) timed 16 to 128 rows at 4 to
+# 16 warps: the autotuner picked 32 rows at 4 or 8 warps at the ~0.9B Llama step's 8K tokens, 64 at 8 warps for 2K
+# tokens and for 14336 channels; 16 rows and 128 rows never won, and are not tried. Channel tiles of 64 beat 128 at the
+# step's 1024-5632 channels by 5-10% and lost by 10% at 16K x 4096 (gather-era kernel and this one alike).
 _CONFIGS = [
-    triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s)
-    for bt, w, s in [(16, 4, 4), (32, 4, 3), (32, 8, 3), (64, 8, 3), (64, 4, 3), (128, 8, 2), (128, 16, 2)]
+    triton.Config({"BLOCK_T": bt, "BLOCK_O": bo}, num_warps=w, num_stages=3)
+    for bt, bo, w in [(32, 128, 4), (32, 128, 8), (64, 128, 4), (64, 128, 8), (32, 64, 4), (64, 64, 8)]
 ]
 # Index into _CONFIGS of the tile launched at every shape in place of the autotuner's pick (-1), for sweeps
-# (``--set ce_lora.pack.CONFIG=N``; ``bench_small_ops.py --sections ce_lora_pack``).
+# (``--set ce_lora.pack.CONFIG=N``; ``bench_small_ops.py --sections ce_lora_pack``) and tests.
 CONFIG = -1
-# Candidate (``--set ce_lora.pack.SCATTER=1``): each tile stored whole through the plan's per-channel slots (the kept
-# channels' columns of G, -1 elsewhere), masked per channel, instead of picking the kept columns by tl.gather. With G
-# column-major each channel is a contiguous run of rows, so Triton transposes the tile through shared memory and stores
-# 16 bytes at a time: sm_90 compile at 64 rows, 8 warps: 64 registers and 1 SHFL against 110 and 129. (The scatter
-# variant of session 9, 9-15% of the floor, stored into a row-major G two bytes at a time.)
-SCATTER = 1
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Under Triton's interpreter (CPU tests) unless CONFIG says otherwise: small tiles, so that tiny test shapes still take
+# several row blocks and channel tiles
+_INTERPRETED_CONFIG = triton.Config({"BLOCK_T": 16, "BLOCK_O": 32})
 # Channel shares per row block (``--set ce_lora.pack.SHARES=N``; 0: enough for about PROGRAMS_PER_SM programs on
 # every SM). At 8K tokens one program per 64-row block launched 128 programs, fewer than the H200's SMs, each walking
 # every channel tile in turn; shares split the channel tiles between programs. PROGRAMS_PER_SM 1-16 were within the
 # run-to-run spread of a training step (session 11); 4 is what the per-layer comparison (shared or not) ran with.
 SHARES = 0
 PROGRAMS_PER_SM = 4
-# A tile's kept columns are picked by ``tl.gather``, which Triton lowers to warp shuffles (129 SHFL per tile at 64 rows
-# and 8 warps in the sm_90 SASS, not overlapped with the loads). A tensor-core product with a one-hot [channel, slot]
-# matrix instead (exact, 225 registers against 118) made the layer's backward 2-7% slower in all nine cells of the
-# per-layer benchmark (session 14, H200), so it was removed.
 
 
 @triton.jit
 def _ce_pack_kernel(
     dy_ptr,
     b0_ptr,
-    starts_ptr,
-    local_ptr,
     slots_ptr,
     g_ptr,
     part_ptr,
@@ -85,15 +77,14 @@ def _ce_pack_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     IEEE: tl.constexpr,
-    SCATTER: tl.constexpr,
 ):
     """One program: ``BLOCK_T`` rows of ``dY`` and one share of their channel tiles, walked in order.
 
-    dy ``[n_rows, n_cols]`` (row stride ``stride_dy``), b0 ``[n_cols, R_PAD]`` contiguous, starts
-    ``[cdiv(n_cols, BLOCK_O) + 1]`` and local ``[cdiv(n_cols, BLOCK_O), BLOCK_O]`` int32 (the plan's kept-column
-    map), g ``[n_rows, R_PAD + n_keep]`` column-major (element (t, c) at ``c * stride_g + t``); ``n_keep`` only keys
-    the autotuner. ``R_PAD`` is a multiple of 16 but not always a power of two (48 for LoRA rank 24, 240 for 128),
-    which ``tl.arange`` requires: the low-rank tiles are ``R_BLOCK`` (``R_PAD`` rounded up to one) wide, masked.
+    dy ``[n_rows, n_cols]`` (row stride ``stride_dy``), b0 ``[n_cols, R_PAD]`` contiguous, slots ``[n_cols]`` int32
+    (each channel's kept column of ``G``, -1 if not kept), g ``[n_rows, R_PAD + n_keep]`` column-major (element
+    (t, c) at ``c * stride_g + t``); ``n_keep`` only keys the autotuner. ``R_PAD`` is a multiple of 16 but not always a
+    power of two (48 for LoRA rank 24, 240 for 128), which ``tl.arange`` requires: the low-rank tiles are ``R_BLOCK``
+    (``R_PAD`` rounded up to one) wide, masked.
 
     The grid holds ``shares`` programs per row block (adjacent in launch order), each with a contiguous share of
     the channel tiles. With one share the program writes its ``dY B0`` rows itself. With several, each writes its
@@ -111,32 +102,19 @@ def _ce_pack_kernel(
     dy_rows = dy_ptr + rows[:, None] * stride_dy
     rk = tl.arange(0, R_BLOCK)
     rk_ok = rk < R_PAD
-    slots = tl.arange(0, BLOCK_O)
     acc = tl.zeros((BLOCK_T, R_BLOCK), dtype=tl.float32)
     for tile in range(share * per_share, tl.minimum(share * per_share + per_share, n_tiles)):
-        cols = tile * BLOCK_O + slots
+        cols = tile * BLOCK_O + tl.arange(0, BLOCK_O)
         col_ok = cols < n_cols
-        # The tile's kept-column map first: loaded after the dot, its start and count went out only after the
-        # gather, right before the store that needs them (sm_90 SASS), an exposed L2 latency per tile.
-        if SCATTER:
-            slot = tl.load(slots_ptr + cols, mask=col_ok, other=-1)
-        else:
-            first = tl.load(starts_ptr + tile)
-            count = tl.load(starts_ptr + tile + 1) - first
-            local = tl.load(local_ptr + tile * BLOCK_O + slots)
+        slot = tl.load(slots_ptr + cols, mask=col_ok, other=-1)
         values = tl.load(dy_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :], mask=col_ok[:, None] & rk_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(values, b0, acc, input_precision="ieee")
         else:
             acc = tl.dot(values, b0, acc)
-        if SCATTER:
-            g_kept = g_ptr + rows[:, None] + (R_PAD + slot[None, :]).to(tl.int64) * stride_g
-            tl.store(g_kept, values, mask=row_ok[:, None] & (slot >= 0)[None, :])
-        else:
-            kept = tl.gather(values, tl.broadcast_to(local[None, :], (BLOCK_T, BLOCK_O)), axis=1)
-            g_kept = g_ptr + rows[:, None] + (R_PAD + first + slots[None, :]).to(tl.int64) * stride_g
-            tl.store(g_kept, kept, mask=row_ok[:, None] & (slots < count)[None, :])
+        g_kept = g_ptr + rows[:, None] + (R_PAD + slot[None, :]).to(tl.int64) * stride_g
+        tl.store(g_kept, values, mask=row_ok[:, None] & (slot >= 0)[None, :])
     g_low = g_ptr + rows[:, None] + rk[None, :] * stride_g
     low_ok = row_ok[:, None] & rk_ok[None, :]
     if shares == 1:
@@ -153,7 +131,7 @@ def _ce_pack_kernel(
             tl.atomic_xchg(count_ptr + block, 0)  # zeros again: later launches reuse the buffer (_zeroed_counters)
 
 
-_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "BLOCK_O", "SCATTER"])(
+_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD"])(
     _ce_pack_kernel
 )
 # Completion counters of the shared row blocks, per (device, stream). The kernel sets each counter back to zero when
@@ -201,43 +179,36 @@ def forced_config() -> triton.Config | None:
 
 
 def triton_pack_grad_output(
-    grad_output: torch.Tensor,
-    b0_pad: torch.Tensor,
-    keep: int,
-    tile_starts: torch.Tensor,
-    tile_local: torch.Tensor,
-    slots: torch.Tensor,
+    grad_output: torch.Tensor, b0_pad: torch.Tensor, keep: int, slots: torch.Tensor
 ) -> torch.Tensor:
-    """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]`` and the kept-column map
-    ``tile_starts``/``tile_local`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_tiles`: the transposed view of a
+    """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]`` and the kept channels' columns
+    ``slots [O]`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_slots`: the transposed view of a
     ``[r_pad + keep, T rounded up to 8]`` buffer."""
     n_rows, n_cols = grad_output.shape
-    r_pad, block_o = b0_pad.shape[1], tile_local.shape[1]
+    r_pad = b0_pad.shape[1]
     device = grad_output.device
     buffer = torch.empty(r_pad + keep, -(-n_rows // 8) * 8, device=device, dtype=grad_output.dtype)
     packed = buffer[:, :n_rows].T
     if n_rows == 0:  # no row block to launch (and none to share the channels between)
         return packed
-    n_tiles = -(-n_cols // block_o)
-    block_rows = (16,) if _INTERPRETED else tuple(c.kwargs["BLOCK_T"] for c in _CONFIGS)
-    max_shares = max(_shares(-(-n_rows // rows), n_tiles, device) for rows in block_rows)
+    key = (n_cols, keep, r_pad, grad_output.dtype, b0_pad.dtype)
+    config = forced_config() or (_INTERPRETED_CONFIG if _INTERPRETED else _PICKED.get(key))
+    tiles = [config.kwargs] if config is not None else [c.kwargs for c in _CONFIGS]  # what the launch may take
+
+    def shares(meta: dict) -> int:
+        return _shares(cdiv(n_rows, meta["BLOCK_T"]), cdiv(n_cols, meta["BLOCK_O"]), device)
+
+    max_shares = max(shares(tile) for tile in tiles)
     split = max_shares > 1
     partials = torch.empty(max_shares if split else 0, n_rows, r_pad, device=device, dtype=torch.float32)
-    counts = _zeroed_counters(-(-n_rows // min(block_rows)) if split else 0, device)
+    counts = _zeroed_counters(max(cdiv(n_rows, tile["BLOCK_T"]) for tile in tiles) if split else 0, device)
 
     def grid(meta: dict) -> tuple[int]:
-        n_blocks = cdiv(n_rows, meta["BLOCK_T"])
-        return (n_blocks * _shares(n_blocks, n_tiles, device),)
+        return (cdiv(n_rows, meta["BLOCK_T"]) * shares(meta),)
 
-    args = (grad_output, b0_pad, tile_starts, tile_local, slots, packed, partials, counts, n_rows, n_cols, keep,
-            grad_output.stride(0), buffer.stride(0))  # fmt: skip
-    meta = {"R_PAD": r_pad, "R_BLOCK": next_power_of_2(r_pad), "BLOCK_O": block_o,
-            "IEEE": grad_output.dtype == torch.float32, "SCATTER": bool(SCATTER)}  # fmt: skip
-    if _INTERPRETED:  # one small tile, so that tiny test shapes still take several row blocks
-        _ce_pack_kernel[grid({"BLOCK_T": 16})](*args, BLOCK_T=16, **meta)
-        return packed
-    key = (n_cols, keep, r_pad, block_o, grad_output.dtype, b0_pad.dtype, meta["SCATTER"])
-    config = forced_config() or _PICKED.get(key)
+    args = (grad_output, b0_pad, slots, packed, partials, counts, n_rows, n_cols, keep, grad_output.stride(0),
+            buffer.stride(0))  # fmt: skip
+    meta = {"R_PAD": r_pad, "R_BLOCK": next_power_of_2(r_pad), "IEEE": grad_output.dtype == torch.float32}
     if config is None:
         _ce_pack_tuned[grid](*args, **meta)
         _PICKED[key] = _ce_pack_tuned.best_config

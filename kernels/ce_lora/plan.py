@@ -11,7 +11,6 @@ from .naive import build_stack, pad_b0
 
 TILE = 64  # the packed GEMM's inner size is rounded up to this (cuBLAS/Triton fast path)
 MIN_DOT = 16  # smallest tensor-core dot width
-CHANNEL_TILE = 128  # dY channels per step of the packing kernel (the plan's kept-column map is laid out per tile)
 
 
 def padded_rank(rank: int) -> int:
@@ -37,31 +36,9 @@ def kept_channels(out_features: int, ratio: float, rank: int) -> int | None:
     return keep if r_pad + keep < out_features else None
 
 
-def channel_tiles(
-    index: torch.Tensor, out_features: int, tile: int = CHANNEL_TILE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each tile of ``tile`` consecutive output channels puts its kept channels in ``G``.
-
-    For the sorted kept channels ``index [k]``, returns ``starts`` int32 ``[n + 1]`` (``n = cdiv(O, tile)``): tile
-    ``t``'s kept channels are ``G``'s kept columns ``[starts[t], starts[t + 1])``, and ``local`` int32 ``[n, tile]``:
-    the ``j``-th of them is channel ``tile * t + local[t, j]`` (entries past the tile's count are 0). The packing
-    kernel reads ``dY`` tile by tile and picks these columns out of the tile it holds.
-    """
-    n_tiles = -(-out_features // tile)
-    tile_of = torch.div(index, tile, rounding_mode="floor")
-    counts = torch.zeros(n_tiles, device=index.device, dtype=torch.int64)
-    counts.index_add_(0, tile_of, torch.ones_like(tile_of))  # not bincount: on CUDA it reads the max back to the host
-    starts = torch.zeros(n_tiles + 1, device=index.device, dtype=torch.int64)
-    starts[1:] = counts.cumsum(0)
-    rank_in_tile = torch.arange(index.numel(), device=index.device) - starts[tile_of]
-    local = torch.zeros(n_tiles, tile, device=index.device, dtype=torch.int32)
-    local[tile_of, rank_in_tile] = (index - tile * tile_of).to(torch.int32)
-    return starts.to(torch.int32), local
-
-
 def channel_slots(index: torch.Tensor, out_features: int) -> torch.Tensor:
     """int32 ``[O]``: the kept column of ``G`` each channel goes to (its rank in the sorted ``index [k]``), -1 where
-    it is not kept. The packing kernel's scatter variant stores every channel of a tile through it."""
+    it is not kept. The packing kernel stores every channel of a tile of ``dY`` through it."""
     slots = torch.full((out_features,), -1, device=index.device, dtype=torch.int32)
     slots[index] = torch.arange(index.numel(), device=index.device, dtype=torch.int32)
     return slots
@@ -72,9 +49,7 @@ class CEPlan:
     """Fast-backward operands of one layer (all on the weight's device, in the compute dtype).
 
     b0_pad ``[O, r_pad]`` = ``[s*B_lora | B0 | 0]``, stack ``[r_pad + k, I]`` = ``[A_lora ; A0 ; 0 ; R[S, :]]``,
-    index ``[k]`` int64 sorted; tile_starts ``[cdiv(O, tile) + 1]`` and tile_local ``[cdiv(O, tile), tile]`` int32,
-    the kept channels per channel tile (:func:`channel_tiles`); slots ``[O]`` int32, each channel's kept column
-    (:func:`channel_slots`).
+    index ``[k]`` int64 sorted; slots ``[O]`` int32, each channel's kept column (:func:`channel_slots`).
     The LoRA slots (``0 : lora_rank``) let LoRA's own input gradient ``s (dY B) A``
     ride in the same GEMM; they hold zeros when it does not (:meth:`set_lora`).
     """
@@ -82,8 +57,6 @@ class CEPlan:
     b0_pad: torch.Tensor
     stack: torch.Tensor
     index: torch.Tensor
-    tile_starts: torch.Tensor
-    tile_local: torch.Tensor
     slots: torch.Tensor
     svd_rank: int
     lora_rank: int
@@ -117,18 +90,14 @@ def make_plan(
     index: torch.Tensor,
     dtype: torch.dtype,
     lora_rank: int = 0,
-    channel_tile: int = CHANNEL_TILE,
 ) -> CEPlan:
     """Build a :class:`CEPlan` from the frozen weight ``[O, I]``, fp32 factors and the kept ``index``.
 
-    ``index``: distinct kept channels in any order (the plan keeps them sorted: the packing kernel's tile map needs
-    that, and the approximation does not depend on the order). ``lora_rank`` reserves (zeroed) slots for LoRA's
-    factors next to ``B0``/``A0``; ``channel_tile`` (a power of two) is the packing kernel's step over ``dY``'s
-    channels. Checking that the channels are distinct and in range reads two flags back to the host (one sync), once
-    per plan.
+    ``index``: distinct kept channels in any order (the plan keeps them sorted, so that ``G``'s kept columns follow
+    ``dY``'s channel order and a tile of ``dY`` is stored to consecutive rows of ``G^T``; the approximation does not
+    depend on the order). ``lora_rank`` reserves (zeroed) slots for LoRA's factors next to ``B0``/``A0``. Checking
+    that the channels are distinct and in range reads two flags back to the host (one sync), once per plan.
     """
-    if channel_tile < MIN_DOT or channel_tile & (channel_tile - 1):
-        raise ValueError(f"channel_tile must be a power of two >= {MIN_DOT}, got {channel_tile}")
     out_features = weight.shape[0]
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64) or index.numel() > out_features:
         raise ValueError(
@@ -136,7 +105,7 @@ def make_plan(
             f"{tuple(index.shape)}"
         )
     index = index.long().sort().values
-    # one read-back for both checks (an out-of-range channel failed deep in channel_tiles' indexing)
+    # one read-back for both checks (an out-of-range channel would fail deep in channel_slots' indexing)
     flags = torch.stack([(index[1:] == index[:-1]).any(), (index[:1] < 0).any() | (index[-1:] >= out_features).any()])
     repeated, outside = flags.tolist()
     if repeated:
@@ -147,13 +116,10 @@ def make_plan(
         )
     svd_rank = b0.shape[1]
     r_pad = padded_rank(svd_rank + lora_rank)
-    tile_starts, tile_local = channel_tiles(index, out_features, channel_tile)
     return CEPlan(
         b0_pad=pad_b0(b0, r_pad, dtype, offset=lora_rank),
         stack=build_stack(weight, b0, a0, index, r_pad, dtype, offset=lora_rank),
         index=index,
-        tile_starts=tile_starts,
-        tile_local=tile_local,
         slots=channel_slots(index, out_features),
         svd_rank=svd_rank,
         lora_rank=lora_rank,
