@@ -39,13 +39,13 @@ def test_triton_pack_bf16_matches_reference(shape, ratio, shares, monkeypatch):
     _check_bf16_pack(shape, ratio, lora_rank=16)
 
 
-@pytest.mark.parametrize("config", range(6))
+@pytest.mark.parametrize("config", range(5))
 def test_triton_pack_bf16_every_tile_config(config, monkeypatch):
     """Every tile config the autotuner may pick (``pack.CONFIG`` launches it at every shape: 32 and 64 rows, channel
-    tiles of 64 and 128, 4 and 8 warps), with the launcher's channel shares."""
+    tiles of 128 and 64, 4 and 8 warps), with the launcher's channel shares."""
     from kimi_hf.kernels.ce_lora import pack
 
-    assert len(pack._CONFIGS) == 6  # a config added to the list is added here too
+    assert len(pack._CONFIGS) == 5  # a config added to the list is added here too
     monkeypatch.setattr(pack, "CONFIG", config)
     _check_bf16_pack((4096, 4096), 0.5, lora_rank=16)
 

@@ -172,9 +172,9 @@ def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                 packed = ce_pack_grad_output(grad_out, plan)
                 width = packed.shape[1]
                 if device.type == "cuda":
-                    from kimi_hf.kernels.ce_lora.pack import _ce_pack_tuned
+                    from kimi_hf.kernels.ce_lora.pack import _ce_pack_tuned, forced_config
 
-                    row["pack_config"] = str(_ce_pack_tuned.best_config)
+                    row["pack_config"] = str(forced_config() or _ce_pack_tuned.best_config)
                 row.update(
                     kept=keep,
                     ce_ms=bench(lambda: ce_grad_input(grad_out, plan), device),

@@ -37,12 +37,12 @@ from .._grid import cdiv, next_power_of_2
 # Tile shapes tried on a GPU (keyed by channel count, kept count and low-rank width; the row count only sets the
 # grid). Kept short: every config is compiled on a fresh machine. Rows per program trade B0's reuse (each row block
 # re-reads its [BLOCK_O, R_PAD] tiles from L2) against programs per SM. Session 48 (H200) timed 16 to 128 rows at 4 to
-# 16 warps: the autotuner picked 32 rows at 4 or 8 warps at the ~0.9B Llama step's 8K tokens, 64 at 8 warps for 2K
-# tokens and for 14336 channels; 16 rows and 128 rows never won, and are not tried. Channel tiles of 64 beat 128 at the
-# step's 1024-5632 channels by 5-10% and lost by 10% at 16K x 4096 (gather-era kernel and this one alike).
+# 16 warps: the autotuner picked 32 rows at 4 or 8 warps at the ~0.9B Llama step's 8K tokens and at 16K x 4096, 64
+# rows at 8 warps at the GPU tests' 2K tokens; 16 and 128 rows never won and are not tried. Channel tiles of 64 beat
+# 128 at the step's 1024-5632 channels by 5-10% (32 rows, 4 warps) and lost by 10% at 16K x 4096: both are tried.
 _CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_O": bo}, num_warps=w, num_stages=3)
-    for bt, bo, w in [(32, 128, 4), (32, 128, 8), (64, 128, 4), (64, 128, 8), (32, 64, 4), (64, 64, 8)]
+    for bt, bo, w in [(32, 128, 4), (32, 128, 8), (64, 128, 4), (64, 128, 8), (32, 64, 4)]
 ]
 # Index into _CONFIGS of the tile launched at every shape in place of the autotuner's pick (-1), for sweeps
 # (``--set ce_lora.pack.CONFIG=N``; ``bench_small_ops.py --sections ce_lora_pack``) and tests.
