@@ -147,9 +147,10 @@ def layer_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         residual_row_norms,
         select_channels,
     )
+    from kimi_hf.peft import CELoraConfig
 
     shapes = [(256, 192), (192, 512)] if args.tiny else SHAPES
-    svd_rank = max(1, 7 * args.rank // 8)
+    svd_rank = CELoraConfig().svd_rank_for(args.rank)  # CE-LoRA's default, 7r/8
     elem = torch.finfo(dtype).bits // 8
     for out_features, in_features in shapes:
         torch.manual_seed(0)

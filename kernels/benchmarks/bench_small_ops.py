@@ -471,7 +471,7 @@ def bench_traffic(setup: _Setup) -> list[Row]:
 # CE-LoRA's packing pass at the shapes of bench_ce_lora.py: the ~0.9B Llama step's B4 x T2048 rows at its channel
 # counts (k/v; q/o/down; gate/up) and the per-layer part's 16K x 4096
 _PACK_SHAPES = ((8192, 1024), (8192, 2048), (8192, 5632), (16384, 4096))
-_PACK_RATIO, _PACK_SVD_RANK, _PACK_LORA_RANK = 0.5, 14, 16  # LoRA r16's dX rides beside an SVD of rank 14
+_PACK_RATIO, _PACK_LORA_RANK = 0.5, 16  # LoRA r16's dX rides in the low-rank block beside the SVD's
 
 
 def bench_ce_lora_pack(setup: _Setup) -> list[Row]:
@@ -479,17 +479,19 @@ def bench_ce_lora_pack(setup: _Setup) -> list[Row]:
     ``_PACK_SHAPES``, keep ratio 0.5. Anchor: cuBLAS's ``dY @ B0`` alone, which reads all of ``dY`` as the pass does;
     floor: read ``dY``, write ``G``."""
     from kimi_hf.kernels.ce_lora import ce_pack_grad_output, kept_channels, make_plan
+    from kimi_hf.peft import CELoraConfig
 
+    svd_rank = CELoraConfig().svd_rank_for(_PACK_LORA_RANK)  # CE-LoRA's default, 7r/8
     shapes = ((64, 256), (48, 200)) if setup.tiny else _PACK_SHAPES
     elem = torch.finfo(setup.dtype).bits // 8
     rows = []
     for n_rows, n_cols in shapes:
         generator = torch.Generator().manual_seed(n_cols)
-        keep = kept_channels(n_cols, _PACK_RATIO, _PACK_SVD_RANK + _PACK_LORA_RANK)
+        keep = kept_channels(n_cols, _PACK_RATIO, svd_rank + _PACK_LORA_RANK)
         index = torch.randperm(n_cols, generator=generator)[:keep].to(setup.device)
         weight = torch.randn(n_cols, 64, device=setup.device, dtype=setup.dtype)  # the pass never reads W's columns
-        b0 = torch.randn(n_cols, _PACK_SVD_RANK, device=setup.device)
-        a0 = torch.randn(_PACK_SVD_RANK, 64, device=setup.device)
+        b0 = torch.randn(n_cols, svd_rank, device=setup.device)
+        a0 = torch.randn(svd_rank, 64, device=setup.device)
         dy = torch.randn(n_rows, n_cols, device=setup.device, dtype=setup.dtype)
         plan = make_plan(weight, b0, a0, index, setup.dtype, lora_rank=_PACK_LORA_RANK)
         width = plan.stack.shape[0]

@@ -193,27 +193,27 @@ def triton_pack_grad_output(
         return packed
     key = (n_cols, keep, r_pad, grad_output.dtype, b0_pad.dtype)
     config = forced_config() or (_INTERPRETED_CONFIG if _INTERPRETED else _PICKED.get(key))
-    tiles = [config.kwargs] if config is not None else [c.kwargs for c in _CONFIGS]  # what the launch may take
 
     def shares(meta: dict) -> int:
         return _shares(cdiv(n_rows, meta["BLOCK_T"]), cdiv(n_cols, meta["BLOCK_O"]), device)
 
-    max_shares = max(shares(tile) for tile in tiles)
+    if config is None:  # the autotuner may launch any config: buffers for the largest grid
+        max_shares = max(shares(c.kwargs) for c in _CONFIGS)
+        n_blocks = cdiv(n_rows, min(c.kwargs["BLOCK_T"] for c in _CONFIGS))
+    else:
+        max_shares, n_blocks = shares(config.kwargs), cdiv(n_rows, config.kwargs["BLOCK_T"])
     split = max_shares > 1
     partials = torch.empty(max_shares if split else 0, n_rows, r_pad, device=device, dtype=torch.float32)
-    counts = _zeroed_counters(max(cdiv(n_rows, tile["BLOCK_T"]) for tile in tiles) if split else 0, device)
-
-    def grid(meta: dict) -> tuple[int]:
-        return (cdiv(n_rows, meta["BLOCK_T"]) * shares(meta),)
+    counts = _zeroed_counters(n_blocks if split else 0, device)
 
     args = (grad_output, b0_pad, slots, packed, partials, counts, n_rows, n_cols, keep, grad_output.stride(0),
             buffer.stride(0))  # fmt: skip
     meta = {"R_PAD": r_pad, "R_BLOCK": next_power_of_2(r_pad), "IEEE": grad_output.dtype == torch.float32}
     if config is None:
-        _ce_pack_tuned[grid](*args, **meta)
+        _ce_pack_tuned[lambda meta: (cdiv(n_rows, meta["BLOCK_T"]) * shares(meta),)](*args, **meta)
         _PICKED[key] = _ce_pack_tuned.best_config
     else:
-        _ce_pack_kernel[grid(config.kwargs)](
+        _ce_pack_kernel[(n_blocks * max_shares,)](
             *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
         )
     return packed
