@@ -377,16 +377,27 @@ def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_ran
     scores = channel_scores(dy, residual_row_norms(w, b0, a0), "activation_aware")
     index = select_channels(scores, kept_channels(out_features, ratio, 14 + lora_rank))
     plan = make_plan(w, b0, a0, index, dtype, lora_rank=lora_rank)
-    if lora_rank:
-        lora_a, lora_b = torch.randn(lora_rank, in_features, device=device), torch.randn(out_features, lora_rank)
-        plan.set_lora(lora_a, lora_b.to(device), 0.5)
+    lora = None
+    if lora_rank:  # LoRA's B enters G through the kernel's low-rank tiles, its A the stack through the same launch
+        lora_a = torch.randn(lora_rank, in_features, device=device, dtype=dtype)
+        lora = (lora_a, torch.randn(out_features, lora_rank, device=device, dtype=dtype), 0.5)
     dy = dy.to(dtype)
-    packed, reference = ce_pack_grad_output(dy, plan, "triton"), ce_pack_grad_output(dy, plan, "torch")
+    packed = ce_pack_grad_output(dy, plan, "triton", lora=lora)
+    if lora:
+        assert torch.equal(plan.stack[plan.lora_slots], lora_a)
+        plan.stack[plan.lora_slots].zero_()  # the torch path writes it back
+    reference = ce_pack_grad_output(dy, plan, "torch", lora=lora)
     r_pad = plan.b0_pad.shape[1]
     assert torch.equal(packed[:, r_pad:], reference[:, r_pad:])  # the kept columns are copies
     rtol = 1e-5 if dtype == torch.float32 else 2e-3
     assert_close_rel(packed[:, :r_pad], reference[:, :r_pad], rtol, "low-rank block")
-    assert_close_rel(ce_grad_input(dy, plan, "triton"), ce_grad_input(dy, plan, "torch"), rtol, "dX")
+    grad_input = ce_grad_input(dy, plan, "triton", lora=lora)
+    assert_close_rel(grad_input, ce_grad_input(dy, plan, "torch", lora=lora), rtol, "dX")
+    if lora:  # LoRA's input gradient is in dX, and a pack without LoRA clears it from the stack again
+        with_lora = (dy.double() @ (0.5 * lora[1].double())) @ lora_a.double()
+        without = ce_grad_input(dy, plan, "triton")
+        assert not plan.stack[plan.lora_slots].any()
+        assert_close_rel(grad_input.double() - without.double(), with_lora, 10 * rtol, "LoRA's dX")
     for counters in pack._COUNTERS.values():  # left zeroed for the next launch, which reuses them (the one above did)
         assert not counters.any()
 

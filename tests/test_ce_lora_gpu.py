@@ -68,17 +68,20 @@ def _check_bf16_pack(shape: tuple[int, int], ratio: float, lora_rank: int) -> No
     keep = kept_channels(out_features, ratio, svd_rank + lora_rank)
     index = select_channels(channel_scores(dy, residual_row_norms(weight, b0, a0), "activation_aware"), keep)
     plan = make_plan(weight, b0, a0, index, torch.bfloat16, lora_rank=lora_rank)
-    plan.set_lora(torch.randn(lora_rank, in_features, device="cuda").bfloat16(),
-                  torch.randn(out_features, lora_rank, device="cuda").bfloat16())  # fmt: skip
+    lora_a = torch.randn(lora_rank, in_features, device="cuda").bfloat16()
+    lora_b = torch.randn(out_features, lora_rank, device="cuda").bfloat16()
+    lora = (lora_a, lora_b, 0.5)
     dy16 = dy.bfloat16()
-    packed = ce_pack_grad_output(dy16, plan, "triton")
-    reference = ce_pack_grad_output(dy16, plan, "torch")
+    packed = ce_pack_grad_output(dy16, plan, "triton", lora=lora)
+    reference = ce_pack_grad_output(dy16, plan, "torch", lora=lora)
     r_pad = plan.b0_pad.shape[1]
     assert torch.equal(packed[:, r_pad:], reference[:, r_pad:])  # the kept columns are copies
     assert_close_rel(packed[:, :r_pad], reference[:, :r_pad], 1e-2, "low-rank block")
     expected = naive_ce_grad_input(dy.double(), weight.double(), b0.double(), a0.double(), index)
-    expected += (dy.double() @ plan.b0_pad[:, plan.lora_slots].double()) @ plan.stack[plan.lora_slots].double()
-    assert_close_rel(ce_grad_input(dy16, plan, "triton"), expected, 2e-2, "dX")
+    expected += (dy.double() @ (0.5 * lora_b.double())) @ lora_a.double()
+    plan.stack[plan.lora_slots].zero_()  # the launch below writes A back
+    assert_close_rel(ce_grad_input(dy16, plan, "triton", lora=lora), expected, 2e-2, "dX")
+    assert torch.equal(plan.stack[plan.lora_slots], lora_a)
 
 
 def test_bf16_training_triton_matches_torch_backend():

@@ -40,28 +40,65 @@ __all__ = [
 ]
 
 
-def _check(grad_output: torch.Tensor, plan: CEPlan) -> None:
+def _check(
+    grad_output: torch.Tensor, plan: CEPlan, lora: tuple[torch.Tensor, torch.Tensor, float] | None
+) -> None:
     if grad_output.dim() != 2:
         raise ValueError(f"grad_output must be 2-D [T, O], got shape {tuple(grad_output.shape)}")
-    if grad_output.shape[1] != plan.b0_pad.shape[0]:
-        raise ValueError(
-            f"grad_output has {grad_output.shape[1]} channels but the plan was built for {plan.b0_pad.shape[0]}"
-        )
+    out_features, in_features = plan.b0_pad.shape[0], plan.stack.shape[1]
+    if grad_output.shape[1] != out_features:
+        raise ValueError(f"grad_output has {grad_output.shape[1]} channels but the plan was built for {out_features}")
     if grad_output.dtype != plan.stack.dtype:
         raise ValueError(f"grad_output dtype {grad_output.dtype} != plan dtype {plan.stack.dtype}")
+    if lora is None:
+        return
+    lora_a, lora_b, _ = lora
+    expected = {"A": (plan.lora_rank, in_features), "B": (out_features, plan.lora_rank)}
+    for name, tensor in (("A", lora_a), ("B", lora_b)):
+        if tuple(tensor.shape) != expected[name] or tensor.dtype != plan.stack.dtype:
+            raise ValueError(
+                f"LoRA's {name} must be {plan.stack.dtype} of shape {expected[name]} (the plan's LoRA rank and layer "
+                f"shape), got {tensor.dtype} of shape {tuple(tensor.shape)}"
+            )
 
 
-def ce_pack_grad_output(grad_output: torch.Tensor, plan: CEPlan, backend: str | None = None) -> torch.Tensor:
-    """``G = [dY B0 | dY[:, S]]``, ``[T, r_pad + k]``, from ``dY [T, O]`` (same dtype as the plan)."""
-    _check(grad_output, plan)
+def ce_pack_grad_output(
+    grad_output: torch.Tensor,
+    plan: CEPlan,
+    backend: str | None = None,
+    *,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """``G = [dY s B | dY B0 | dY[:, S]]``, ``[T, r_pad + k]``, from ``dY [T, O]`` (same dtype as the plan).
+
+    ``lora = (A [r, I], B [O, r], s)`` (the plan's LoRA rank and dtype) also writes ``A`` into the plan's LoRA rows of
+    ``stack``, so that ``G @ plan.stack`` includes LoRA's input gradient ``(dY s B) A``. Without it, ``G``'s LoRA
+    columns and those rows are zeros.
+    """
+    _check(grad_output, plan, lora)
     grad_output = grad_output.contiguous()
+    if lora is None:
+        plan.clear_lora()
+    else:
+        lora = (lora[0].contiguous(), lora[1].contiguous(), lora[2])
+        plan.lora_in_stack = True
     if resolve_backend(backend, grad_output) == "triton":
         from .pack import triton_pack_grad_output  # triton is imported only when used
 
-        return triton_pack_grad_output(grad_output, plan.b0_pad, plan.keep, plan.slots)
-    return naive_pack_grad_output(grad_output, plan.b0_pad, plan.index)
+        lora_rows = plan.stack[plan.lora_slots] if lora is not None else None
+        return triton_pack_grad_output(grad_output, plan.b0_pad, plan.keep, plan.slots, lora, lora_rows)
+    if lora is not None:
+        plan.stack[plan.lora_slots].copy_(lora[0])
+    return naive_pack_grad_output(grad_output, plan.b0_pad, plan.index, *(lora[1:] if lora is not None else ()))
 
 
-def ce_grad_input(grad_output: torch.Tensor, plan: CEPlan, backend: str | None = None) -> torch.Tensor:
-    """Approximate ``dX = dY W`` as ``G @ [A0 ; R[S, :]]``: ``[T, I]`` from ``dY [T, O]``."""
-    return ce_pack_grad_output(grad_output, plan, backend) @ plan.stack
+def ce_grad_input(
+    grad_output: torch.Tensor,
+    plan: CEPlan,
+    backend: str | None = None,
+    *,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """Approximate ``dX = dY W`` as ``G @ [A0 ; R[S, :]]``: ``[T, I]`` from ``dY [T, O]``; with ``lora`` (see
+    :func:`ce_pack_grad_output`) LoRA's input gradient ``(dY s B) A`` is added."""
+    return ce_pack_grad_output(grad_output, plan, backend, lora=lora) @ plan.stack

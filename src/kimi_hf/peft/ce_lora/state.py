@@ -91,8 +91,7 @@ class CEChannelState:
             return grad_input.addmm_(dy_b, lora_a), dy_b
         if self.plan.stack.dtype != dtype:  # e.g. autocast switched on or off
             self.plan = make_plan(weight, self.b0, self.a0, self.plan.index, dtype, self.options.lora_rank)
-        self.plan.set_lora(*(lora if lora is not None else (None, None, 1.0)))
-        packed = ce_pack_grad_output(grad_output, self.plan, self.backend)
+        packed = ce_pack_grad_output(grad_output, self.plan, self.backend, lora=lora)
         self.steps += 1
         return packed @ self.plan.stack, (packed[:, self.plan.lora_slots] if lora is not None else None)
 
