@@ -104,6 +104,12 @@ def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: in
             f"  {e.self_cpu_time_total / iters / 1e3:8.3f} ms  {e.count // iters:6d} calls  {e.key[:80]}"
             for e in host[:host_top]
         ]
+        # inclusive times name the autograd nodes (``evaluate_function: <node>``) whose backward costs the most host
+        lines.append("host: top operators by total CPU time (their callees included):")
+        lines += [
+            f"  {e.cpu_time_total / iters / 1e3:8.3f} ms  {e.count // iters:6d} calls  {e.key[:80]}"
+            for e in sorted(host, key=lambda e: -e.cpu_time_total)[:host_top]
+        ]
         lines += python_time_lines(step, host_top)
     return "\n".join(lines)
 
@@ -115,10 +121,13 @@ def python_time_lines(step: Callable[[], None], top: int) -> list[str]:
     import pstats
 
     profiler = cProfile.Profile()
-    profiler.enable()
-    step()
-    torch.cuda.synchronize()
-    profiler.disable()
+    # backward on this thread: cProfile sees only the thread that enabled it, and CUDA backward nodes (Python autograd
+    # Functions' backward among them) run on the autograd engine's device thread otherwise
+    with torch.autograd.set_multithreading_enabled(False):
+        profiler.enable()
+        step()
+        torch.cuda.synchronize()
+        profiler.disable()
     # {(file, line, name): (primitive calls, calls, own time, cumulative time, callers)}
     stats = pstats.Stats(profiler).stats
     total = sum(value[2] for value in stats.values()) * 1e3
