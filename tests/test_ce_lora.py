@@ -378,7 +378,7 @@ def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_ran
     index = select_channels(scores, kept_channels(out_features, ratio, 14 + lora_rank))
     plan = make_plan(w, b0, a0, index, dtype, lora_rank=lora_rank)
     lora = None
-    if lora_rank:  # LoRA's B enters G through the kernel's low-rank tiles, its A the stack through the same launch
+    if lora_rank:  # s B goes into the plan's b0 slots, and the kernel copies A into its stack rows in the same launch
         lora_a = torch.randn(lora_rank, in_features, device=device, dtype=dtype)
         lora = (lora_a, torch.randn(out_features, lora_rank, device=device, dtype=dtype), 0.5)
     dy = dy.to(dtype)
@@ -393,10 +393,10 @@ def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_ran
     assert_close_rel(packed[:, :r_pad], reference[:, :r_pad], rtol, "low-rank block")
     grad_input = ce_grad_input(dy, plan, "triton", lora=lora)
     assert_close_rel(grad_input, ce_grad_input(dy, plan, "torch", lora=lora), rtol, "dX")
-    if lora:  # LoRA's input gradient is in dX, and a pack without LoRA clears it from the stack again
+    if lora:  # LoRA's input gradient is in dX, and a pack without LoRA clears the slots again
         with_lora = (dy.double() @ (0.5 * lora[1].double())) @ lora_a.double()
         without = ce_grad_input(dy, plan, "triton")
-        assert not plan.stack[plan.lora_slots].any()
+        assert not plan.stack[plan.lora_slots].any() and not plan.b0_pad[:, plan.lora_slots].any()
         assert_close_rel(grad_input.double() - without.double(), with_lora, 10 * rtol, "LoRA's dX")
     for counters in pack._COUNTERS.values():  # left zeroed for the next launch, which reuses them (the one above did)
         assert not counters.any()
@@ -436,6 +436,26 @@ def test_plan_takes_the_kept_channels_in_any_order():
     for bad in (torch.tensor([[1, 2], [3, 4]]), torch.tensor([1.0, 2.0])):
         with pytest.raises(ValueError, match="1-D int32/int64 tensor of at most 200 channels"):
             make_plan(w, b0, a0, bad, torch.float32)
+
+
+def test_pack_names_bad_inputs():
+    """dY of another rank, width or dtype than the plan's, and LoRA factors of another rank, shape or dtype, are named
+    (a LoRA B of the wrong rank would be read past its rows by the kernel)."""
+    w = decaying_matrix(200, 48, seed=3, dtype=torch.float32)
+    b0, a0 = low_rank_factors(w, 6)
+    plan = make_plan(w, b0, a0, torch.arange(100), torch.float32, lora_rank=8)
+    lora_a, lora_b = torch.randn(8, 48), torch.randn(200, 8)
+    for dy, message in [(torch.randn(2, 3, 200), r"2-D \[T, O\], got shape \(2, 3, 200\)"),
+                        (torch.randn(4, 199), "199 channels but the plan was built for 200"),
+                        (torch.randn(4, 200).double(), "torch.float64 != plan dtype torch.float32")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ce_pack_grad_output(dy, plan, "torch")
+    dy = torch.randn(4, 200)
+    for lora, message in [((lora_a[:4], lora_b, 1.0), r"\[8, 48\] and \[200, 8\].*got \[4, 48\] and \[200, 8\]"),
+                          ((lora_a, lora_b[:, :4], 1.0), r"got \[8, 48\] and \[200, 4\]"),
+                          ((lora_a.half(), lora_b, 1.0), "must be torch.float32.*got torch.float16 and torch.float32")]:
+        with pytest.raises(ValueError, match=message):
+            ce_pack_grad_output(dy, plan, "torch", lora=lora)
 
 
 # ---------------------------------------------------------------------------------------- PEFT model

@@ -126,9 +126,12 @@ def test_autocast_with_fp32_master_weights():
 
 def test_pack_of_no_rows():
     """An empty batch packs to an empty G (the channel shares divided by the zero row blocks; the interpreter's
-    path has no shares, so this is a GPU test)."""
+    path has no shares, so this is a GPU test) and still writes LoRA's A, which the kernel copies otherwise."""
     w = torch.randn(256, 64, device="cuda")
     b0, a0 = low_rank_factors(w, 6)
-    plan = make_plan(w, b0, a0, torch.arange(kept_channels(256, 0.5, 6), device="cuda"), torch.bfloat16)
-    packed = ce_pack_grad_output(torch.zeros(0, 256, device="cuda", dtype=torch.bfloat16), plan, "triton")
+    plan = make_plan(w, b0, a0, torch.arange(kept_channels(256, 0.5, 6 + 4), device="cuda"), torch.bfloat16, 4)
+    lora_a = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    lora = (lora_a, torch.randn(256, 4, device="cuda", dtype=torch.bfloat16), 2.0)
+    packed = ce_pack_grad_output(torch.zeros(0, 256, device="cuda", dtype=torch.bfloat16), plan, "triton", lora=lora)
     assert packed.shape == (0, plan.b0_pad.shape[1] + plan.keep)
+    assert torch.equal(plan.stack[plan.lora_slots], lora_a)  # no launch, but A is in the stack all the same

@@ -52,14 +52,16 @@ def _check(
         raise ValueError(f"grad_output dtype {grad_output.dtype} != plan dtype {plan.stack.dtype}")
     if lora is None:
         return
-    lora_a, lora_b, _ = lora
-    expected = {"A": (plan.lora_rank, in_features), "B": (out_features, plan.lora_rank)}
-    for name, tensor in (("A", lora_a), ("B", lora_b)):
-        if tuple(tensor.shape) != expected[name] or tensor.dtype != plan.stack.dtype:
-            raise ValueError(
-                f"LoRA's {name} must be {plan.stack.dtype} of shape {expected[name]} (the plan's LoRA rank and layer "
-                f"shape), got {tensor.dtype} of shape {tuple(tensor.shape)}"
-            )
+    lora_a, lora_b, _ = lora  # compared as they come: this runs on every layer's backward
+    if lora_a.shape != (plan.lora_rank, in_features) or lora_b.shape != (out_features, plan.lora_rank):
+        raise ValueError(
+            f"LoRA's A and B must be [{plan.lora_rank}, {in_features}] and [{out_features}, {plan.lora_rank}] (the "
+            f"plan's LoRA rank and layer shape), got {list(lora_a.shape)} and {list(lora_b.shape)}"
+        )
+    if lora_a.dtype != plan.stack.dtype or lora_b.dtype != plan.stack.dtype:
+        raise ValueError(
+            f"LoRA's A and B must be {plan.stack.dtype} (the plan's), got {lora_a.dtype} and {lora_b.dtype}"
+        )
 
 
 def ce_pack_grad_output(
@@ -71,25 +73,28 @@ def ce_pack_grad_output(
 ) -> torch.Tensor:
     """``G = [dY s B | dY B0 | dY[:, S]]``, ``[T, r_pad + k]``, from ``dY [T, O]`` (same dtype as the plan).
 
-    ``lora = (A [r, I], B [O, r], s)`` (the plan's LoRA rank and dtype) also writes ``A`` into the plan's LoRA rows of
-    ``stack``, so that ``G @ plan.stack`` includes LoRA's input gradient ``(dY s B) A``. Without it, ``G``'s LoRA
-    columns and those rows are zeros.
+    ``lora = (A [r, I], B [O, r], s)`` (the plan's LoRA rank and dtype) writes ``s B`` into the plan's LoRA columns of
+    ``b0_pad`` and ``A`` into its LoRA rows of ``stack`` (the Triton kernel copies ``A`` in its own launch), so that
+    ``G @ plan.stack`` includes LoRA's input gradient ``(dY s B) A``. Without it, those columns and rows are zeros.
     """
     _check(grad_output, plan, lora)
     grad_output = grad_output.contiguous()
+    lora_a = None
     if lora is None:
         plan.clear_lora()
     else:
-        lora = (lora[0].contiguous(), lora[1].contiguous(), lora[2])
-        plan.lora_in_stack = True
+        lora_a, lora_b, scaling = lora
+        lora_a = lora_a.contiguous()
+        torch.mul(lora_b, scaling, out=plan.b0_pad[:, plan.lora_slots])  # scaled and copied in one kernel
+        plan.lora_in_use = True
+    lora_rows = plan.stack[plan.lora_slots]
     if resolve_backend(backend, grad_output) == "triton":
         from .pack import triton_pack_grad_output  # triton is imported only when used
 
-        lora_rows = plan.stack[plan.lora_slots] if lora is not None else None
-        return triton_pack_grad_output(grad_output, plan.b0_pad, plan.keep, plan.slots, lora, lora_rows)
-    if lora is not None:
-        plan.stack[plan.lora_slots].copy_(lora[0])
-    return naive_pack_grad_output(grad_output, plan.b0_pad, plan.index, *(lora[1:] if lora is not None else ()))
+        return triton_pack_grad_output(grad_output, plan.b0_pad, plan.keep, plan.slots, lora_a, lora_rows)
+    if lora_a is not None:
+        lora_rows.copy_(lora_a)
+    return naive_pack_grad_output(grad_output, plan.b0_pad, plan.index)
 
 
 def ce_grad_input(

@@ -108,20 +108,8 @@ def build_stack(
     return stack
 
 
-def naive_pack_grad_output(
-    grad_output: torch.Tensor,
-    b0_pad: torch.Tensor,
-    index: torch.Tensor,
-    lora_b: torch.Tensor | None = None,
-    scaling: float = 1.0,
-) -> torch.Tensor:
-    """``G = [dY B0 | dY[:, index]]``: ``[T, r_pad + k]`` from ``dY [T, O]``, ``B0 [O, r_pad]``, ``index [k]``.
-
-    ``lora_b [O, r]``: ``B0``'s first ``r`` columns (zeros) are ``scaling * lora_b``, rounded to its dtype.
-    """
-    if lora_b is not None:
-        b0_pad = b0_pad.clone()
-        b0_pad[:, : lora_b.shape[1]] = lora_b * scaling
+def naive_pack_grad_output(grad_output: torch.Tensor, b0_pad: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``G = [dY B0 | dY[:, index]]``: ``[T, r_pad + k]`` from ``dY [T, O]``, ``B0 [O, r_pad]``, ``index [k]``."""
     acc = torch.promote_types(grad_output.dtype, torch.float32)
     low = (grad_output.to(acc) @ b0_pad.to(acc)).to(grad_output.dtype)
     return torch.cat([low, grad_output.index_select(1, index)], dim=1)

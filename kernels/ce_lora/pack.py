@@ -69,20 +69,16 @@ def _ce_pack_kernel(
     g_ptr,
     part_ptr,
     count_ptr,
-    lora_b_ptr,
     lora_a_ptr,
     lora_rows_ptr,
-    scaling,
     n_rows,
     n_cols,
     n_keep,
     n_lora_a,
     stride_dy,
     stride_g,
-    stride_lora_b,
     R_PAD: tl.constexpr,
     R_BLOCK: tl.constexpr,
-    LORA_RANK: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     COPY_BLOCK: tl.constexpr,
@@ -96,11 +92,10 @@ def _ce_pack_kernel(
     power of two (48 for LoRA rank 24, 240 for 128), which ``tl.arange`` requires: the low-rank tiles are ``R_BLOCK``
     (``R_PAD`` rounded up to one) wide, masked.
 
-    ``LORA_RANK`` > 0: LoRA's ``B [n_cols, LORA_RANK]`` (row stride ``stride_lora_b``) times ``scaling`` fills b0's
-    first ``LORA_RANK`` columns (zeros in memory), so that ``G`` starts with ``dY s B``; and the programs copy LoRA's
-    ``A`` (``n_lora_a`` elements, contiguous) into ``lora_rows`` (the stacked operand's first rows, which the GEMM
-    after this launch reads). Done here, not by two torch ops before the launch: each was a launch of its own per
-    layer backward, on a step whose wall time follows the host.
+    The programs also copy ``n_lora_a`` elements (0: none) of LoRA's ``A`` (contiguous) into ``lora_rows`` (the
+    stacked operand's first rows, which the GEMM after this launch reads), a contiguous slice each. In this launch
+    rather than a copy of its own: that was a ``Memcpy DtoD`` of about 11 us of GPU time per layer backward on the
+    H200 (session 48), and one more launch on a step whose wall time follows the host.
 
     The grid holds ``shares`` programs per row block (adjacent in launch order), each with a contiguous share of
     the channel tiles. With one share the program writes its ``dY B0`` rows itself. With several, each writes its
@@ -118,28 +113,20 @@ def _ce_pack_kernel(
     dy_rows = dy_ptr + rows[:, None] * stride_dy
     rk = tl.arange(0, R_BLOCK)
     rk_ok = rk < R_PAD
-    if LORA_RANK > 0:  # A into the stacked operand, a contiguous slice per program
-        per_program = tl.cdiv(n_lora_a, tl.num_programs(0))
-        copy_start = tl.program_id(0) * per_program
-        copy_end = tl.minimum(copy_start + per_program, n_lora_a)
-        for offset in range(copy_start, copy_end, COPY_BLOCK):
-            elements = offset + tl.arange(0, COPY_BLOCK)
-            copy_ok = elements < copy_end
-            tl.store(lora_rows_ptr + elements, tl.load(lora_a_ptr + elements, mask=copy_ok), mask=copy_ok)
+    per_program = tl.cdiv(n_lora_a, tl.num_programs(0))  # LoRA's A into the stacked operand
+    copy_start = tl.program_id(0) * per_program
+    copy_end = tl.minimum(copy_start + per_program, n_lora_a)
+    for offset in range(copy_start, copy_end, COPY_BLOCK):
+        elements = offset + tl.arange(0, COPY_BLOCK)
+        copy_ok = elements < copy_end
+        tl.store(lora_rows_ptr + elements, tl.load(lora_a_ptr + elements, mask=copy_ok), mask=copy_ok)
     acc = tl.zeros((BLOCK_T, R_BLOCK), dtype=tl.float32)
     for tile in range(share * per_share, tl.minimum(share * per_share + per_share, n_tiles)):
         cols = tile * BLOCK_O + tl.arange(0, BLOCK_O)
         col_ok = cols < n_cols
         slot = tl.load(slots_ptr + cols, mask=col_ok, other=-1)
         values = tl.load(dy_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        # b0's LoRA columns hold zeros and are not read: LoRA's s B (rounded to b0's dtype, as torch's ``B * s``) is
-        # loaded in their place, so that the tile costs the L2 reads it cost without LoRA
-        b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :],
-                     mask=col_ok[:, None] & (rk_ok & (rk >= LORA_RANK))[None, :], other=0.0)  # fmt: skip
-        if LORA_RANK > 0:
-            lora_ok = col_ok[:, None] & (rk < LORA_RANK)[None, :]
-            lora_b = tl.load(lora_b_ptr + cols[:, None] * stride_lora_b + rk[None, :], mask=lora_ok, other=0.0)
-            b0 += (lora_b.to(tl.float32) * scaling).to(b0.dtype)
+        b0 = tl.load(b0_ptr + cols[:, None] * R_PAD + rk[None, :], mask=col_ok[:, None] & rk_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(values, b0, acc, input_precision="ieee")
         else:
@@ -214,23 +201,21 @@ def triton_pack_grad_output(
     b0_pad: torch.Tensor,
     keep: int,
     slots: torch.Tensor,
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    lora_a: torch.Tensor | None = None,
     lora_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]`` and the kept channels' columns
     ``slots [O]`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_slots`: the transposed view of a
-    ``[r_pad + keep, T rounded up to 8]`` buffer.
-
-    ``lora = (A [r, I], B [O, r], s)`` (contiguous, ``dY``'s dtype; ``B0``'s first ``r`` columns zeros): ``G``'s first
-    ``r`` columns are ``dY s B`` and ``A`` is copied into ``lora_rows [r, I]`` (contiguous) in the same launch."""
+    ``[r_pad + keep, T rounded up to 8]`` buffer. With ``lora_a``, the same launch copies it into ``lora_rows`` (both
+    contiguous, of one shape and dtype)."""
     n_rows, n_cols = grad_output.shape
     r_pad = b0_pad.shape[1]
     device = grad_output.device
     buffer = torch.empty(r_pad + keep, -(-n_rows // 8) * 8, device=device, dtype=grad_output.dtype)
     packed = buffer[:, :n_rows].T
     if n_rows == 0:  # no row block to launch (and none to share the channels between); A is copied all the same
-        if lora is not None:
-            lora_rows.copy_(lora[0])
+        if lora_a is not None:
+            lora_rows.copy_(lora_a)
         return packed
     key = (n_cols, keep, r_pad, grad_output.dtype, b0_pad.dtype)
     config = forced_config() or (_INTERPRETED_CONFIG if _INTERPRETED else _PICKED.get(key))
@@ -246,14 +231,12 @@ def triton_pack_grad_output(
     split = max_shares > 1
     partials = torch.empty(max_shares if split else 0, n_rows, r_pad, device=device, dtype=torch.float32)
     counts = _zeroed_counters(n_blocks if split else 0, device)
-    if lora is None:  # b0 stands in for LoRA's pointers, never read (LORA_RANK 0 compiles them out)
-        lora_a, lora_b, scaling, lora_rows = b0_pad, b0_pad, 1.0, b0_pad
-    else:
-        lora_a, lora_b, scaling = lora
-    lora_rank = 0 if lora is None else lora_b.shape[1]
-    args = (grad_output, b0_pad, slots, packed, partials, counts, lora_b, lora_a, lora_rows, scaling, n_rows, n_cols,
-            keep, lora_rank * lora_a.shape[-1], grad_output.stride(0), buffer.stride(0), lora_b.stride(0))  # fmt: skip
-    meta = {"R_PAD": r_pad, "R_BLOCK": next_power_of_2(r_pad), "LORA_RANK": lora_rank, "COPY_BLOCK": _COPY_BLOCK,
+    n_lora_a = 0 if lora_a is None else lora_a.numel()
+    if lora_a is None:  # B0 stands in for A's pointers (no element is copied)
+        lora_a = lora_rows = b0_pad
+    args = (grad_output, b0_pad, slots, packed, partials, counts, lora_a, lora_rows, n_rows, n_cols, keep, n_lora_a,
+            grad_output.stride(0), buffer.stride(0))  # fmt: skip
+    meta = {"R_PAD": r_pad, "R_BLOCK": next_power_of_2(r_pad), "COPY_BLOCK": _COPY_BLOCK,
             "IEEE": grad_output.dtype == torch.float32}  # fmt: skip
     if config is None:
         _ce_pack_tuned[lambda meta: (cdiv(n_rows, meta["BLOCK_T"]) * shares(meta),)](*args, **meta)

@@ -48,11 +48,11 @@ def channel_slots(index: torch.Tensor, out_features: int) -> torch.Tensor:
 class CEPlan:
     """Fast-backward operands of one layer (all on the weight's device, in the compute dtype).
 
-    b0_pad ``[O, r_pad]`` = ``[0 | B0 | 0]``, stack ``[r_pad + k, I]`` = ``[A_lora ; A0 ; 0 ; R[S, :]]``,
+    b0_pad ``[O, r_pad]`` = ``[s*B_lora | B0 | 0]``, stack ``[r_pad + k, I]`` = ``[A_lora ; A0 ; 0 ; R[S, :]]``,
     index ``[k]`` int64 sorted; slots ``[O]`` int32, each channel's kept column (:func:`channel_slots`).
     The LoRA slots (``0 : lora_rank``) let LoRA's own input gradient ``s (dY B) A`` ride in the same GEMM: a pack
-    with LoRA (:func:`~kimi_hf.kernels.ce_lora.ce_pack_grad_output`) computes ``dY s B`` into ``G``'s first columns
-    (b0_pad's stay zeros) and writes ``A`` into the stack's first rows; they hold zeros otherwise.
+    with LoRA (:func:`~kimi_hf.kernels.ce_lora.ce_pack_grad_output`) writes LoRA's current factors there; they hold
+    zeros otherwise.
     """
 
     b0_pad: torch.Tensor
@@ -61,7 +61,7 @@ class CEPlan:
     slots: torch.Tensor
     svd_rank: int
     lora_rank: int
-    lora_in_stack: bool = False  # whether a pack wrote LoRA's A into the stack's LoRA rows since they were zeroed
+    lora_in_use: bool = False  # whether a pack wrote LoRA's factors into the slots since they were zeroed
 
     @property
     def keep(self) -> int:
@@ -74,11 +74,12 @@ class CEPlan:
         return slice(0, self.lora_rank)
 
     def clear_lora(self) -> None:
-        """Zero the stack's LoRA rows if a pack wrote ``A`` there: a pack without LoRA has zero LoRA columns in ``G``,
-        and zero times a non-finite ``A`` would still be NaN. Once per switch, not per backward."""
-        if self.lora_in_stack:
+        """Zero the LoRA slots if a pack wrote LoRA's factors there: once when packs without LoRA follow (``B``'s
+        slots would add ``s (dY B) A`` to their ``dX``), not on every backward."""
+        if self.lora_in_use:
+            self.b0_pad[:, self.lora_slots].zero_()
             self.stack[self.lora_slots].zero_()
-            self.lora_in_stack = False
+            self.lora_in_use = False
 
 
 def make_plan(
