@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -111,7 +112,28 @@ def gpu_time_table(step: Callable[[], None], title: str, iters: int = 5, top: in
             for e in sorted(host, key=lambda e: -e.cpu_time_total)[:host_top]
         ]
         lines += python_time_lines(step, host_top)
+        lines += sync_lines(step)
     return "\n".join(lines)
+
+
+def sync_lines(step: Callable[[], None]) -> list[str]:
+    """The torch calls in one ``step`` that synchronise the host with the GPU (torch.cuda's sync debug mode), by the
+    Python line that made them, with counts: a step with any has a wall time above both its host and GPU times."""
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.set_multithreading_enabled(False):
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    counts: dict[str, int] = {}
+    for warning in caught:
+        if "synchroniz" in str(warning.message):  # torch: "called a synchronizing CUDA operation"
+            where = f"{'/'.join(warning.filename.split('/')[-2:])}:{warning.lineno}"
+            counts[where] = counts.get(where, 0) + 1
+    lines = [f"sync: {sum(counts.values())} synchronising torch calls in one step"]
+    return lines + [f"  {count:6d} x {where}" for where, count in sorted(counts.items(), key=lambda item: -item[1])]
 
 
 def python_time_lines(step: Callable[[], None], top: int) -> list[str]:
