@@ -383,6 +383,8 @@ def test_triton_pack_matches_torch_reference(out_features, rows, ratio, lora_ran
         lora = (lora_a, torch.randn(out_features, lora_rank, device=device, dtype=dtype), 0.5)
     dy = dy.to(dtype)
     packed = ce_pack_grad_output(dy, plan, "triton", lora=lora)
+    # column-major, each column 16-byte aligned (the GEMM reads G transposed; cuBLAS needs aligned columns for speed)
+    assert packed.stride(0) == 1 and packed.stride(1) % 8 == 0 and rows <= packed.stride(1) < rows + 8
     if lora:
         assert torch.equal(plan.stack[plan.lora_slots], lora_a)
         plan.stack[plan.lora_slots].zero_()  # the torch path writes it back

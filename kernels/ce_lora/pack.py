@@ -205,14 +205,14 @@ def triton_pack_grad_output(
     lora_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]`` and the kept channels' columns
-    ``slots [O]`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_slots`: the transposed view of a
-    ``[r_pad + keep, T rounded up to 8]`` buffer. With ``lora_a``, the same launch copies it into ``lora_rows`` (both
+    ``slots [O]`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_slots`, column-major (strides ``(1, T rounded up to
+    8)``). With ``lora_a``, the same launch copies it into ``lora_rows`` (both
     contiguous, of one shape and dtype)."""
     n_rows, n_cols = grad_output.shape
     r_pad = b0_pad.shape[1]
     device = grad_output.device
-    buffer = torch.empty(r_pad + keep, -(-n_rows // 8) * 8, device=device, dtype=grad_output.dtype)
-    packed = buffer[:, :n_rows].T
+    stride_g = -(-n_rows // 8) * 8  # column-major, columns 16-byte aligned
+    packed = torch.empty_strided((n_rows, r_pad + keep), (1, stride_g), device=device, dtype=grad_output.dtype)
     if n_rows == 0:  # no row block to launch (and none to share the channels between); A is copied all the same
         if lora_a is not None:
             lora_rows.copy_(lora_a)
@@ -235,7 +235,7 @@ def triton_pack_grad_output(
     if lora_a is None:  # B0 stands in for A's pointers (no element is copied)
         lora_a = lora_rows = b0_pad
     args = (grad_output, b0_pad, slots, packed, partials, counts, lora_a, lora_rows, n_rows, n_cols, keep, n_lora_a,
-            grad_output.stride(0), buffer.stride(0))  # fmt: skip
+            grad_output.stride(0), stride_g)  # fmt: skip
     meta = {"R_PAD": r_pad, "R_BLOCK": next_power_of_2(r_pad), "COPY_BLOCK": _COPY_BLOCK,
             "IEEE": grad_output.dtype == torch.float32}  # fmt: skip
     if config is None:
