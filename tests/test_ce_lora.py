@@ -559,6 +559,27 @@ def test_data_parallel_replicas_are_refused_by_name():
         replica(x)
 
 
+def test_base_layers_with_accelerate_hooks_take_loras_path():
+    """A base layer with an accelerate hook (offloading moves its weight in the hook) runs LoRA's own forward, so
+    that the hook sees the call; its neighbours without one keep CE-LoRA's path."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = get_peft_model(tiny_llama(layers=1), ce_config(ce_ratio=0.5, target_modules=["v_proj", "o_proj"]))
+    attention = model.base_model.model.model.layers[0].self_attn
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    add_hook_to_module(attention.v_proj.get_base_layer(), Counting())
+    model.train()
+    model(input_ids=tokens(0), labels=tokens(0)).loss.backward()
+    assert calls == [attention.v_proj.get_base_layer()]
+    assert attention.v_proj.ce_state["default"].steps == 0 and attention.o_proj.ce_state["default"].steps == 1
+
+
 def test_eval_and_no_grad_forward_do_not_count_steps():
     model = get_peft_model(tiny_llama(), ce_config(ce_ratio=0.5))
     ids = tokens(2)

@@ -49,27 +49,32 @@ class CELinear(LoraLinear):
         """Attach (or replace) ``adapter_name``'s CE options; its factors are built at its first backward."""
         self.ce_state[adapter_name] = CEChannelState(options, self.out_features)
 
-    def _ce_adapters(self, x: torch.Tensor, args: tuple, kwargs: dict) -> list[str] | None:
-        """Active adapters of this layer when the CE path applies to this call, else ``None``."""
+    def _ce_adapters(self, base: nn.Module, args: tuple, kwargs: dict) -> list[str] | None:
+        """Active adapters of this layer when the CE path applies to this call on ``base`` (the base layer), else
+        ``None``."""
         if not (self.training and torch.is_grad_enabled()) or args or kwargs:
             return None
         if self.disable_adapters or self.merged:
             return None
-        base = self.get_base_layer()
         if type(base) is not nn.Linear or base.weight.requires_grad:
             return None
-        if base._forward_hooks or base._forward_pre_hooks or getattr(base, "_hf_hook", None) is not None:
-            return None  # e.g. accelerate offloading: the hook must see the call
-        names = [n for n in self.active_adapters if n in self.lora_A]
+        # accelerate's hook (offloading) must see the call; it is a plain attribute, read without a failed lookup
+        if base._forward_hooks or base._forward_pre_hooks or base.__dict__.get("_hf_hook") is not None:
+            return None
+        lora_a = self.lora_A
+        names = [n for n in self.active_adapters if n in lora_a]
         if not names or names[0] not in self.ce_state:
             return None
         return names
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        names = self._ce_adapters(x, args, kwargs)
+        # Runs once per adapted projection and step, on a training step whose wall time can follow the host: the base
+        # layer (PEFT resolves it through failing attribute lookups) and each submodule are looked up once.
+        base = self.get_base_layer()
+        names = self._ce_adapters(base, args, kwargs)
         if names is None:
             return super().forward(x, *args, **kwargs)
-        if getattr(self, "_is_replica", False):
+        if self.__dict__.get("_is_replica", False):
             # nn.DataParallel's replicas share this layer's Python attributes, so all of them would use one state:
             # its factors rebuilt for each replica's device at every step, its counter raced by their threads.
             raise RuntimeError(
@@ -78,18 +83,18 @@ class CELinear(LoraLinear):
                 "state. Launch with `torchrun --nproc_per_node N` or `accelerate launch` (DistributedDataParallel), "
                 "or make one GPU visible (CUDA_VISIBLE_DEVICES)"
             )
-        state = self.ce_state[names[0]]  # adapters share the base weight: the first one's options decide
-        base = self.get_base_layer()
         name = names[0]
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        state = self.ce_state[name]  # adapters share the base weight: the first one's options decide
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name]
         fusable = isinstance(self.lora_dropout[name], nn.Identity) and lora_b.bias is None
         # with input casting off (peft.helpers.disable_input_dtype_casting), x meets A in its own dtype
-        fusable = fusable and (getattr(self, "cast_input_dtype_enabled", True) or x.dtype == lora_a.weight.dtype)
+        fusable = fusable and (getattr(self, "cast_input_dtype_enabled", True) or x.dtype == lora_a.dtype)
+        weight, bias = base.weight, base.bias
         if len(names) == 1 and fusable:
-            return ce_lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], state)
+            return ce_lora_linear(x, weight, bias, lora_a, lora_b.weight, self.scaling[name], state)
         if state.exact or not x.requires_grad:
             return super().forward(x, *args, **kwargs)
-        result = ce_linear(x, base.weight, base.bias, state)
+        result = ce_linear(x, weight, bias, state)
         result_dtype = result.dtype
         for name in names:  # PEFT LoRA's (vanilla) branch, unchanged
             lora_a = self.lora_A[name]
