@@ -25,6 +25,12 @@ import torch.nn.functional as F
 from .state import CEChannelState
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the dispatcher call when it already has that dtype: this runs about eight times
+    per adapted projection and training step, whose wall time can follow the host."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class _CELinearFunction(torch.autograd.Function):
     """``F.linear(x, W, b)``; backward ``dX`` from :meth:`CEChannelState.grad_input`, exact ``db``."""
 
@@ -39,7 +45,7 @@ class _CELinearFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x, _ = ctx.state.grad_input(grad_2d, ctx.weight)
-            grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
+            grad_x = _as(grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]), ctx.x_dtype)
         grad_b = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b, None
 
@@ -53,8 +59,8 @@ class _CELoraLinearFunction(torch.autograd.Function):
         dtype = out.dtype
         lora_dtype = dtype if torch.is_autocast_enabled(x.device.type) else lora_a.dtype
         x_2d = x.reshape(-1, x.shape[-1])
-        a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
-        xa = x_2d.to(lora_dtype) @ a.T  # [T, r]
+        a, b = _as(lora_a, lora_dtype), _as(lora_b, lora_dtype)
+        xa = _as(x_2d, lora_dtype) @ a.T  # [T, r]
         out_2d = out.view(-1, out.shape[-1])
         if lora_dtype == dtype:
             out_2d.addmm_(xa, b.T, alpha=scaling)
@@ -62,7 +68,7 @@ class _CELoraLinearFunction(torch.autograd.Function):
             out_2d.copy_(torch.addmm(out_2d.to(lora_dtype), xa, b.T, alpha=scaling))
         widening = torch.promote_types(x.dtype, lora_dtype) == lora_dtype
         ctx.save_for_backward(
-            (x_2d if widening else x_2d.to(lora_dtype)) if ctx.needs_input_grad[3] else None,
+            (x_2d if widening else _as(x_2d, lora_dtype)) if ctx.needs_input_grad[3] else None,
             xa if ctx.needs_input_grad[4] else None,
             lora_a,
             lora_b,
@@ -75,8 +81,8 @@ class _CELoraLinearFunction(torch.autograd.Function):
         x_2d, xa, lora_a, lora_b = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         dtype, lora_dtype = grad_2d.dtype, ctx.lora_dtype
-        a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
-        grad_lora = grad_2d.to(lora_dtype)  # dY as LoRA's branch sees it (no copy when the dtypes agree)
+        a, b = _as(lora_a, lora_dtype), _as(lora_b, lora_dtype)
+        grad_lora = _as(grad_2d, lora_dtype)  # dY as LoRA's branch sees it (no copy when the dtypes agree)
         fused = lora_dtype == dtype  # LoRA's dX term joins CE's packed GEMM only in the GEMM's dtype
         grad_x = dy_b = None
         if ctx.needs_input_grad[0]:
@@ -86,8 +92,8 @@ class _CELoraLinearFunction(torch.autograd.Function):
         if grad_x is not None:
             if not fused:  # as PEFT: LoRA's input gradient in the branch's dtype, rounded, then added
                 grad_x.add_((dy_b @ a).to(dtype))
-            grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
-        grad_a = dy_b.T @ x_2d.to(lora_dtype) if ctx.needs_input_grad[3] else None
+            grad_x = _as(grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]), ctx.x_dtype)
+        grad_a = dy_b.T @ _as(x_2d, lora_dtype) if ctx.needs_input_grad[3] else None
         grad_b = None
         if ctx.needs_input_grad[4]:  # s dY^T (x A^T) in one GEMM (beta=0: the input is only a shape, never read)
             grad_b = torch.addmm(b, grad_lora.T, xa, beta=0, alpha=ctx.scaling)
