@@ -316,20 +316,27 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     batch, seq = (2, 64) if args.tiny else (args.batch, args.seq)
     checkpointing_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]
     groups = [(c, a) for a in args.adapter_dtypes for c in checkpointing_modes]
+    chosen = [(n, c) for n, c in settings if not args.settings or any(word in n for word in args.settings)]
+
+    def build(config, checkpointing: bool, adapters: str):
+        model = build_llama(args, device, dtype)
+        model = get_peft_model(model, config, autocast_adapter_dtype=ADAPTER_DTYPES[adapters])
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+        return model, _train_step(model, ids)
+
+    def release() -> None:  # after the caller's `del`: free a model before the next one's peak memory
+        gc.collect()  # PEFT wrappers hold reference cycles
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     for checkpointing, adapters in groups:
         anchor = exact = None
-        for name, config in settings:
-            if args.settings and not any(word in name for word in args.settings):
-                continue
-            model = get_peft_model(
-                build_llama(args, device, dtype), config, autocast_adapter_dtype=ADAPTER_DTYPES[adapters]
-            )
-            if checkpointing:
-                model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
-                model.enable_input_require_grads()
-            model.train()
-            ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-            step = _train_step(model, ids)
+        for name, config in chosen:
+            model, step = build(config, checkpointing, adapters)
             ms = statistics.median(_step_times_ms(step, 2 if args.tiny else args.steps, device))
             anchor = ms if name == "PEFT LoRA" else anchor
             exact = ms if name == EXACT_LAYER else exact
@@ -340,15 +347,22 @@ def model_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                                        "speedup_vs_lora": anchor / ms if anchor is not None else None,
                                        "speedup_vs_exact_layer": exact / ms if exact is not None else None,
                                        "peak_gib": peak, "tokens_per_s": batch * seq / ms * 1e3})  # fmt: skip
-            if args.profile and device.type == "cuda":
-                from _profile import gpu_time_table
+            del model, step
+            release()
+        if not (args.profile and device.type == "cuda"):
+            continue
+        from _profile import gpu_time_table
 
-                title = f"{name}, {adapter_dtype} adapters, checkpointing {checkpointing}"
-                print(gpu_time_table(step, title, iters=3, top=25, host_top=args.profile_host), flush=True)
-            del model, step  # free it before the next one's peak memory
-            gc.collect()  # PEFT wrappers hold reference cycles
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        # Profiled once every setting of the group is timed, so that no wall time above follows a profiler session in
+        # this process. Until session 49 every setting's but the first's did, and those (CE-LoRA's) were the ones whose
+        # wall time exceeded their GPU time. gpu_time_table's own wall time, taken after such a session, shows whether
+        # one slows the launches that follow it.
+        for name, config in chosen:
+            model, step = build(config, checkpointing, adapters)
+            title = f"{name}, {adapters} adapters, checkpointing {checkpointing}"
+            print(gpu_time_table(step, title, iters=3, top=25, host_top=args.profile_host), flush=True)
+            del model, step
+            release()
 
 
 def _percent(fraction: float | None) -> str:
