@@ -476,8 +476,9 @@ _PACK_RATIO, _PACK_LORA_RANK = 0.5, 16  # LoRA r16's dX rides in the low-rank bl
 
 def bench_ce_lora_pack(setup: _Setup) -> list[Row]:
     """CE-LoRA's packing pass ``G = [dY B0 | dY[:, S]]`` (``kimi_hf.kernels.ce_lora.ce_pack_grad_output``) at
-    ``_PACK_SHAPES``, keep ratio 0.5. Anchor: cuBLAS's ``dY @ B0`` alone, which reads all of ``dY`` as the pass does;
-    floor: read ``dY``, write ``G``."""
+    ``_PACK_SHAPES``, keep ratio 0.5, with LoRA's factors as a training step passes them (``s B`` written into the
+    plan, ``A`` copied by the kernel's launch). Anchor: cuBLAS's ``dY @ B0`` alone, which reads all of ``dY`` as the
+    pass does; floor: read ``dY``, write ``G``."""
     from kimi_hf.kernels.ce_lora import ce_pack_grad_output, kept_channels, make_plan
     from kimi_hf.peft import CELoraConfig
 
@@ -494,9 +495,11 @@ def bench_ce_lora_pack(setup: _Setup) -> list[Row]:
         a0 = torch.randn(svd_rank, 64, device=setup.device)
         dy = torch.randn(n_rows, n_cols, device=setup.device, dtype=setup.dtype)
         plan = make_plan(weight, b0, a0, index, setup.dtype, lora_rank=_PACK_LORA_RANK)
+        lora = (torch.randn(_PACK_LORA_RANK, 64, device=setup.device, dtype=setup.dtype),
+                torch.randn(n_cols, _PACK_LORA_RANK, device=setup.device, dtype=setup.dtype), 2.0)  # fmt: skip
         width = plan.stack.shape[0]
         rows.append(Row(f"CE-LoRA pack, ratio {_PACK_RATIO}", f"T{n_rows} O{n_cols} r_pad+k={width}",
-                        _time_us(lambda: ce_pack_grad_output(dy, plan, "triton"), setup),
+                        _time_us(lambda: ce_pack_grad_output(dy, plan, "triton", lora=lora), setup),
                         "torch dY @ B0", _time_us(lambda: dy @ plan.b0_pad, setup),
                         setup.floor_us(n_rows * (n_cols + width) * elem)))  # fmt: skip
     return rows
