@@ -79,15 +79,14 @@ def ce_pack_grad_output(
     """
     _check(grad_output, plan, lora)
     grad_output = grad_output.contiguous()
-    lora_a = None
+    lora_a = lora_rows = None
     if lora is None:
         plan.clear_lora()
     else:
         lora_a, lora_b, scaling = lora
-        lora_a = lora_a.contiguous()
+        lora_a, lora_rows = lora_a.contiguous(), plan.stack[plan.lora_slots]
         torch.mul(lora_b, scaling, out=plan.b0_pad[:, plan.lora_slots])  # scaled and copied in one kernel
         plan.lora_in_use = True
-    lora_rows = plan.stack[plan.lora_slots]
     if resolve_backend(backend, grad_output) == "triton":
         from .pack import triton_pack_grad_output  # triton is imported only when used
 

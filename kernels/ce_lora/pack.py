@@ -206,8 +206,7 @@ def triton_pack_grad_output(
 ) -> torch.Tensor:
     """``G [T, r_pad + keep]`` from ``dY [T, O]`` (unit column stride), ``B0 [O, r_pad]`` and the kept channels' columns
     ``slots [O]`` of :func:`kimi_hf.kernels.ce_lora.plan.channel_slots`, column-major (strides ``(1, T rounded up to
-    8)``). With ``lora_a``, the same launch copies it into ``lora_rows`` (both
-    contiguous, of one shape and dtype)."""
+    8)``). With ``lora_a``, the same launch copies it into ``lora_rows`` (both contiguous, of one shape and dtype)."""
     n_rows, n_cols = grad_output.shape
     r_pad = b0_pad.shape[1]
     device = grad_output.device

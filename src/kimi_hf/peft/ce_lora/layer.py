@@ -85,13 +85,13 @@ class CELinear(LoraLinear):
             )
         name = names[0]
         state = self.ce_state[name]  # adapters share the base weight: the first one's options decide
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name]
+        a_weight, lora_b = self.lora_A[name].weight, self.lora_B[name]
         fusable = isinstance(self.lora_dropout[name], nn.Identity) and lora_b.bias is None
         # with input casting off (peft.helpers.disable_input_dtype_casting), x meets A in its own dtype
-        fusable = fusable and (getattr(self, "cast_input_dtype_enabled", True) or x.dtype == lora_a.dtype)
+        fusable = fusable and (getattr(self, "cast_input_dtype_enabled", True) or x.dtype == a_weight.dtype)
         weight, bias = base.weight, base.bias
         if len(names) == 1 and fusable:
-            return ce_lora_linear(x, weight, bias, lora_a, lora_b.weight, self.scaling[name], state)
+            return ce_lora_linear(x, weight, bias, a_weight, lora_b.weight, self.scaling[name], state)
         if state.exact or not x.requires_grad:
             return super().forward(x, *args, **kwargs)
         result = ce_linear(x, weight, bias, state)
