@@ -69,10 +69,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", default=[], metavar="WORD",
                         help="model steps: only the settings whose name contains one of these words (default all)")
     parser.add_argument("--profile", action="store_true",
-                        help="model steps: also print each setting's GPU time per step next to its wall time, "
-                        "and its kernels by GPU time (torch profiler; CUDA only)")
+                        help="model steps: once every setting of a group is timed, rebuild each and print its GPU "
+                        "time per step and its kernels by GPU time (torch profiler; CUDA only)")
     parser.add_argument("--profile-host", type=int, default=0, metavar="N",
-                        help="with --profile: also list the N host operators with the most self CPU time")
+                        help="with --profile: also list the N host operators with the most self and total CPU time, "
+                        "the N Python functions with the most time, and the step's synchronising calls")
     parser.add_argument("--liger", action="store_true",
                         help="model steps: Liger-Kernel's fused Llama ops (RMSNorm, RoPE, SwiGLU, fused linear cross "
                         "entropy) in the base model of every setting, so that its elementwise passes shrink")

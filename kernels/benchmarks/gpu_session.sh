@@ -85,7 +85,7 @@ step_command() {
     # time; ce_lora_step_liger: every setting on Liger-Kernel's fused Llama ops; ce_lora_step[_liger]:NAME=V sets the
     # launch constant ce_lora.pack.NAME for the run
     ce_lora_step|ce_lora_step:*|ce_lora_step_liger|ce_lora_step_liger:*) name=${1%%:*}; set=${1#"$name"}; set=${set#:}
-      echo "timeout 240 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers --settings PEFT 0.5 \
+      echo "timeout 300 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers --settings PEFT 0.5 \
       --adapter-dtypes bf16 --checkpointing off --profile --profile-host ${CE_LORA_HOST_TOP:-0} \
       ${set:+--set ce_lora.pack.$set} \
       $([ "$name" = ce_lora_step_liger ] && echo --liger) --json $OUT/$2$name${set:+_$set}.json" ;;
