@@ -214,24 +214,26 @@ def run(args: argparse.Namespace) -> dict:
     prompt, new = (16, 8) if args.tiny else (args.decode_prompt, 64)
     decode_batches = [1, 4] if args.tiny else [1, 32]
 
-    def measure(model, label: str, static_cache: bool = False, graph: bool = False) -> dict:
-        """Every measurement of one model, printed as it finishes (a run cut short keeps what it measured)."""
-        out = {}
-        if args.profile and device.type == "cuda":
-            from _profile import gpu_time_table
+    def profile(model, label: str) -> None:
+        """The GPU time of ``model``'s training step and growing-cache decoding, by kernel (``--profile``)."""
+        from _profile import gpu_time_table
 
-            for batch, seq_len in train_shapes if "train" in args.parts else []:
-                step = train_step(model, batch, seq_len, device)
-                title = f"{label}: train step B{batch} T{seq_len}"
-                print(gpu_time_table(step, title, iters=3, top=30, host_top=args.profile_host), flush=True)
-                model.zero_grad(set_to_none=True)
-            if "decode" in args.parts:
-                # The growing cache's decoding is host-bound: with --profile-host, where its host time goes.
-                title = f"{label}: greedy decode B1, prompt {prompt}, {new} new tokens, growing cache (one generate)"
-                model.eval()
-                ids = torch.randint(3, config.vocab_size, (1, prompt), device=device)
-                generate = lambda: greedy_generate(model, ids, new)  # noqa: E731
-                print(gpu_time_table(generate, title, iters=2, top=15, host_top=args.profile_host), flush=True)
+        for batch, seq_len in train_shapes if "train" in args.parts else []:
+            step = train_step(model, batch, seq_len, device)
+            title = f"{label}: train step B{batch} T{seq_len}"
+            print(gpu_time_table(step, title, iters=3, top=30, host_top=args.profile_host), flush=True)
+            model.zero_grad(set_to_none=True)
+        if "decode" in args.parts:
+            # The growing cache's decoding is host-bound: with --profile-host, where its host time goes.
+            title = f"{label}: greedy decode B1, prompt {prompt}, {new} new tokens, growing cache (one generate)"
+            model.eval()
+            ids = torch.randint(3, config.vocab_size, (1, prompt), device=device)
+            generate = lambda: greedy_generate(model, ids, new)  # noqa: E731
+            print(gpu_time_table(generate, title, iters=2, top=15, host_top=args.profile_host), flush=True)
+
+    def measure(model, label: str, static_cache: bool = False, graph: bool = False) -> dict:
+        """Every timing of one model, printed as it finishes (a run cut short keeps what it measured)."""
+        out = {}
         for batch, seq_len in train_shapes if "train" in args.parts else []:
             out[("train", batch, seq_len)] = train_step_ms(model, batch, seq_len, device, args.rep)
             print(f"{label}: train step B{batch} T{seq_len}: {out[('train', batch, seq_len)][0]:.2f} ms", flush=True)
@@ -252,6 +254,16 @@ def run(args: argparse.Namespace) -> dict:
     mine = measure(ours, "ours", static_cache=True, graph=args.graph)
     ours.cpu()
     theirs = measure(native.to(device=device, dtype=dtype), "native") if native is not None else {}
+    if args.profile and device.type == "cuda":
+        # After every timing: a profiler session can leave CUPTI's launch callbacks attached to the process
+        # (pytorch/pytorch#144455), and until session 49 each model was timed after one (its own, and ours before the
+        # native class's), on steps that are host-bound at B1.
+        if native is not None:
+            native.cpu()
+        profile(ours.to(device), "ours")
+        if native is not None:
+            ours.cpu()
+            profile(native.to(device), "native")
 
     def add(name: str, ours_value: float, native_value: float | None, unit: str, extra: str = "") -> None:
         # speedup > 1: ours is better (times: lower is better; throughputs: higher is better)
