@@ -84,9 +84,7 @@ def ce_pack_grad_output(
         plan.clear_lora()
     else:
         lora_a, lora_b, scaling = lora
-        lora_a, lora_rows = lora_a.contiguous(), plan.stack[plan.lora_slots]
-        torch.mul(lora_b, scaling, out=plan.b0_pad[:, plan.lora_slots])  # scaled and copied in one kernel
-        plan.lora_in_use = True
+        lora_a, lora_rows = lora_a.contiguous(), plan.use_lora(lora_b, scaling)
     if resolve_backend(backend, grad_output) == "triton":
         from .pack import triton_pack_grad_output  # triton is imported only when used
 

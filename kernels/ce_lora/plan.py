@@ -73,6 +73,13 @@ class CEPlan:
         # svd_rank cuBLAS fell back to a 2-element-aligned kernel, 2.3 ms per step of the ~0.9B Llama)
         return slice(0, self.lora_rank)
 
+    def use_lora(self, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Write ``scaling * B [O, r]`` into the LoRA slots of ``b0_pad``; returns the stack's LoRA rows ``[r, I]``,
+        where the pack puts ``A`` (:func:`~kimi_hf.kernels.ce_lora.ce_pack_grad_output`)."""
+        torch.mul(lora_b, scaling, out=self.b0_pad[:, self.lora_slots])  # scaled and copied in one kernel
+        self.lora_in_use = True
+        return self.stack[self.lora_slots]
+
     def clear_lora(self) -> None:
         """Zero the LoRA slots if a pack wrote LoRA's factors there: once when packs without LoRA follow (``B``'s
         slots would add ``s (dY B) A`` to their ``dX``), not on every backward."""

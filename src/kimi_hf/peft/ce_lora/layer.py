@@ -61,8 +61,8 @@ class CELinear(LoraLinear):
         # accelerate's hook (offloading) must see the call; it is a plain attribute, read without a failed lookup
         if base._forward_hooks or base._forward_pre_hooks or base.__dict__.get("_hf_hook") is not None:
             return None
-        lora_a = self.lora_A
-        names = [n for n in self.active_adapters if n in lora_a]
+        a_modules = self.lora_A
+        names = [n for n in self.active_adapters if n in a_modules]
         if not names or names[0] not in self.ce_state:
             return None
         return names
