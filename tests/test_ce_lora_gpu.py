@@ -135,3 +135,22 @@ def test_pack_of_no_rows():
     packed = ce_pack_grad_output(torch.zeros(0, 256, device="cuda", dtype=torch.bfloat16), plan, "triton", lora=lora)
     assert packed.shape == (0, plan.b0_pad.shape[1] + plan.keep)
     assert torch.equal(plan.stack[plan.lora_slots], lora_a)  # no launch, but A is in the stack all the same
+
+
+def test_triton_pack_tunes_each_row_bucket():
+    """The tile is picked per power-of-two bucket of the row count: the best tile depends on it (2-3x apart between
+    2K and 16K rows on an H100), and one pick reused at every row count would keep the first one's."""
+    from kimi_hf.kernels.ce_lora import pack
+
+    if pack.forced_config() is not None:
+        pytest.skip("ce_lora.pack.CONFIG forces one tile")
+    out_features, in_features = 1000, 333
+    weight = torch.randn(out_features, in_features, device="cuda") / in_features**0.5
+    b0, a0 = low_rank_factors(weight, 14)
+    plan = make_plan(weight, b0, a0, torch.arange(0, out_features, 3, device="cuda"), torch.bfloat16)
+    for rows in (100, 120, 3000):
+        dy = torch.randn(rows, out_features, device="cuda", dtype=torch.bfloat16)
+        expected = naive_ce_grad_input(dy.double(), weight.double(), b0.double(), a0.double(), plan.index)
+        assert_close_rel(ce_grad_input(dy, plan).double(), expected, 2e-2, f"dX at {rows} rows")
+    buckets = sorted(key[3] for key in pack._PICKED if key[:3] == (out_features, plan.keep, plan.b0_pad.shape[1]))
+    assert buckets == [128, 4096]

@@ -34,8 +34,8 @@ import triton.language as tl
 
 from .._grid import cdiv, next_power_of_2
 
-# Tile shapes tried on a GPU (keyed by channel count, kept count and low-rank width; the row count only sets the
-# grid). Kept short: every config is compiled on a fresh machine. Rows per program trade B0's reuse (each row block
+# Tile shapes tried on a GPU (keyed by channel count, kept count, low-rank width and the row count's power-of-two
+# bucket). Kept short: every config is compiled on a fresh machine. Rows per program trade B0's reuse (each row block
 # re-reads its [BLOCK_O, R_PAD] tiles from L2) against programs per SM. Session 48 (H200) timed 16 to 128 rows at 4 to
 # 16 warps: the autotuner picked 32 rows at 4 or 8 warps at the ~0.9B Llama step's 8K tokens and at 16K x 4096, 64
 # rows at 8 warps at the GPU tests' 2K tokens; 16 and 128 rows never won and are not tried. Channel tiles of 64 beat
@@ -74,6 +74,7 @@ def _ce_pack_kernel(
     n_rows,
     n_cols,
     n_keep,
+    rows_bucket,
     n_lora_a,
     stride_dy,
     stride_g,
@@ -88,7 +89,8 @@ def _ce_pack_kernel(
 
     dy ``[n_rows, n_cols]`` (row stride ``stride_dy``), b0 ``[n_cols, R_PAD]`` contiguous, slots ``[n_cols]`` int32
     (each channel's kept column of ``G``, -1 if not kept), g ``[n_rows, R_PAD + n_keep]`` column-major (element
-    (t, c) at ``c * stride_g + t``); ``n_keep`` only keys the autotuner. ``R_PAD`` is a multiple of 16 but not always a
+    (t, c) at ``c * stride_g + t``); ``n_keep`` and ``rows_bucket`` (``n_rows`` rounded up to a power of two) only key
+    the autotuner. ``R_PAD`` is a multiple of 16 but not always a
     power of two (48 for LoRA rank 24, 240 for 128), which ``tl.arange`` requires: the low-rank tiles are ``R_BLOCK``
     (``R_PAD`` rounded up to one) wide, masked.
 
@@ -149,7 +151,12 @@ def _ce_pack_kernel(
             tl.atomic_xchg(count_ptr + block, 0)  # zeros again: later launches reuse the buffer (_zeroed_counters)
 
 
-_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD"])(
+# The row count is in the key, bucketed, because the best tile depends on it and Triton reuses a key's pick at every
+# other row count (in the process and, with TRITON_CACHE_AUTOTUNING, on disk). On an H100 (session 50), 4096
+# channels with about 1060 kept: at a GPU test's 2065 rows, 64 rows at 8 warps took 29 us and 32 rows on tiles of 64
+# took 73; at 16K rows the latter won, 73 against 124 us. Powers of two bound the tuning runs of a job whose sequence
+# lengths vary.
+_ce_pack_tuned = triton.autotune(configs=_CONFIGS, key=["n_cols", "n_keep", "R_PAD", "rows_bucket"])(
     _ce_pack_kernel
 )
 # Completion counters of the shared row blocks, per (device, stream). The kernel sets each counter back to zero when
@@ -216,7 +223,8 @@ def triton_pack_grad_output(
         if lora_a is not None:
             lora_rows.copy_(lora_a)
         return packed
-    key = (n_cols, keep, r_pad, grad_output.dtype, b0_pad.dtype)
+    rows_bucket = next_power_of_2(n_rows)
+    key = (n_cols, keep, r_pad, rows_bucket, grad_output.dtype, b0_pad.dtype)
     config = forced_config() or (_INTERPRETED_CONFIG if _INTERPRETED else _PICKED.get(key))
 
     def shares(meta: dict) -> int:
@@ -233,8 +241,8 @@ def triton_pack_grad_output(
     n_lora_a = 0 if lora_a is None else lora_a.numel()
     if lora_a is None:  # B0 stands in for A's pointers (no element is copied)
         lora_a = lora_rows = b0_pad
-    args = (grad_output, b0_pad, slots, packed, partials, counts, lora_a, lora_rows, n_rows, n_cols, keep, n_lora_a,
-            grad_output.stride(0), stride_g)  # fmt: skip
+    args = (grad_output, b0_pad, slots, packed, partials, counts, lora_a, lora_rows, n_rows, n_cols, keep, rows_bucket,
+            n_lora_a, grad_output.stride(0), stride_g)  # fmt: skip
     meta = {"R_PAD": r_pad, "R_BLOCK": next_power_of_2(r_pad), "COPY_BLOCK": _COPY_BLOCK,
             "IEEE": grad_output.dtype == torch.float32}  # fmt: skip
     if config is None:
