@@ -684,6 +684,46 @@ def test_bf16_layer_follows_loras_adapter_dtype(autocast_adapter_dtype):
     assert not [t for t in ce_saved if t.shape == (64, 256) and t.dtype == torch.float32], "an fp32 copy of x"
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_layer_under_autocast_matches_lora(bias):
+    """fp32 model and adapters under autocast (the Trainer's ``bf16=True``): the fused layer computes in bf16 as PEFT
+    LoRA does, bias included. Its base GEMM (an in-place addmm_, which autocast does not cast) casts x, W and b."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 64, generator=gen).requires_grad_()
+    dy = torch.randn(2, 16, 96, generator=gen).bfloat16()
+    results = []
+    for config in (
+        LoraConfig(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False),
+        CELoraConfig(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False, ce_ratio=1.0),
+    ):
+        torch.manual_seed(6)
+        base = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=bias)).requires_grad_(False)
+        model = get_peft_model(base, config).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        layer = model.base_model.model[0]
+        grads = torch.autograd.grad(out, (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight), dy)
+        results.append((out, grads))
+    (lora_out, lora_grads), (ce_out, ce_grads) = results
+    assert type(ce_out.grad_fn).__name__ == "_CELoraLinearFunctionBackward"  # the fused path ran
+    assert ce_out.dtype == lora_out.dtype == torch.bfloat16 and ce_out.shape == lora_out.shape == (2, 16, 96)
+    assert_close_rel(ce_out, lora_out, 1e-2, "out")
+    for name, got, expected in zip(("dX", "dA", "dB"), ce_grads, lora_grads):
+        assert got.dtype == expected.dtype
+        assert_close_rel(got, expected, 2e-2, name)
+
+
+def test_fused_layer_refuses_mismatched_dtypes_as_lora_does():
+    """fp32 ``x`` into a bf16 base layer with fp32 adapters, no autocast: PEFT LoRA's ``nn.Linear`` raises, and so
+    does the fused layer (its base GEMM casts only under autocast; no silent copy of W in another dtype)."""
+    x = torch.randn(4, 64)
+    for config in (LoraConfig(r=8, target_modules=["0"]), CELoraConfig(r=8, target_modules=["0"], ce_ratio=1.0)):
+        base = torch.nn.Sequential(torch.nn.Linear(64, 96)).bfloat16().requires_grad_(False)
+        model = get_peft_model(base, config).train()
+        with pytest.raises(RuntimeError, match="dtype"):
+            model(x)
+
+
 def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():

@@ -17,7 +17,7 @@ class CELinear(LoraLinear):
     """LoRA on an ``nn.Linear``; in training, ``dX`` through the frozen weight follows CE-LoRA.
 
     Forward values, LoRA's branch and all parameter gradients are PEFT LoRA's, up to rounding (the fused path adds
-    the scaled branch in one rounding, PEFT in three; see the README). Only the input gradient
+    base and scaled branch in one rounding, PEFT in three; see the README). Only the input gradient
     through the frozen base weight ``W [O, I]`` is approximated (see :class:`CEChannelState`). The CE
     path is taken when the layer trains (``self.training``, grad enabled, adapters enabled and unmerged,
     ``W`` frozen, no forward hooks on the base layer, no extra forward arguments); every other call is
