@@ -90,9 +90,8 @@ def _ce_pack_kernel(
     dy ``[n_rows, n_cols]`` (row stride ``stride_dy``), b0 ``[n_cols, R_PAD]`` contiguous, slots ``[n_cols]`` int32
     (each channel's kept column of ``G``, -1 if not kept), g ``[n_rows, R_PAD + n_keep]`` column-major (element
     (t, c) at ``c * stride_g + t``); ``n_keep`` and ``rows_bucket`` (``n_rows`` rounded up to a power of two) only key
-    the autotuner. ``R_PAD`` is a multiple of 16 but not always a
-    power of two (48 for LoRA rank 24, 240 for 128), which ``tl.arange`` requires: the low-rank tiles are ``R_BLOCK``
-    (``R_PAD`` rounded up to one) wide, masked.
+    the autotuner. ``R_PAD`` is a multiple of 16 but not always a power of two (48 for LoRA rank 24, 240 for 128),
+    which ``tl.arange`` requires: the low-rank tiles are ``R_BLOCK`` (``R_PAD`` rounded up to one) wide, masked.
 
     The programs also copy ``n_lora_a`` elements (0: none) of LoRA's ``A`` (contiguous) into ``lora_rows`` (the
     stacked operand's first rows, which the GEMM after this launch reads), a contiguous slice each. In this launch

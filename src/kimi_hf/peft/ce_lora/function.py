@@ -79,7 +79,7 @@ class _CELoraLinearFunction(torch.autograd.Function):
                 operands = tuple(None if t is None else _as(t, autocast) for t in operands)
             x_base, w_base, b_base = operands
             out_2d = (xa @ b.T).addmm_(x_base, w_base.T, beta=scaling)
-            if b_base is not None:
+            if b_base is not None:  # a pass of its own (LLMs' projections seldom have a bias)
                 out_2d.add_(b_base)
         else:  # PEFT adds the branch to the base output in the branch's dtype, then rounds
             out_2d = F.linear(x_2d, weight, bias).contiguous()
