@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,6 +62,14 @@ class CEPlan:
     svd_rank: int
     lora_rank: int
     lora_in_use: bool = False  # whether a pack wrote LoRA's factors into the slots since they were zeroed
+    # the LoRA slots' views, b0_pad's columns [O, r] and stack's rows [r, I], made once: every approximate backward
+    # with LoRA writes them, on a training step whose wall time can follow the host
+    lora_columns: torch.Tensor = field(init=False, repr=False)
+    lora_rows: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.lora_columns = self.b0_pad[:, self.lora_slots]
+        self.lora_rows = self.stack[self.lora_slots]
 
     @property
     def keep(self) -> int:
@@ -76,16 +84,16 @@ class CEPlan:
     def use_lora(self, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
         """Write ``scaling * B [O, r]`` into the LoRA slots of ``b0_pad``; returns the stack's LoRA rows ``[r, I]``,
         where the pack puts ``A`` (:func:`~kimi_hf.kernels.ce_lora.ce_pack_grad_output`)."""
-        torch.mul(lora_b, scaling, out=self.b0_pad[:, self.lora_slots])  # scaled and copied in one kernel
+        torch.mul(lora_b, scaling, out=self.lora_columns)  # scaled and copied in one kernel
         self.lora_in_use = True
-        return self.stack[self.lora_slots]
+        return self.lora_rows
 
     def clear_lora(self) -> None:
         """Zero the LoRA slots if a pack wrote LoRA's factors there: once when packs without LoRA follow (``B``'s
         slots would add ``s (dY B) A`` to their ``dX``), not on every backward."""
         if self.lora_in_use:
-            self.b0_pad[:, self.lora_slots].zero_()
-            self.stack[self.lora_slots].zero_()
+            self.lora_columns.zero_()
+            self.lora_rows.zero_()
             self.lora_in_use = False
 
 
