@@ -82,7 +82,7 @@ class _CELoraLinearFunction(torch.autograd.Function):
             if b_base is not None:  # a pass of its own (LLMs' projections seldom have a bias)
                 out_2d.add_(b_base)
         else:  # PEFT adds the branch to the base output in the branch's dtype, then rounds
-            out_2d = F.linear(x_2d, weight, bias).contiguous()
+            out_2d = F.linear(x_2d, weight, bias)
             out_2d.copy_(torch.addmm(out_2d.to(lora_dtype), xa, b.T, alpha=scaling))
         out = out_2d.view(*x.shape[:-1], out_2d.shape[-1])
         widening = torch.promote_types(x.dtype, lora_dtype) == lora_dtype
