@@ -29,7 +29,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from .._backend import refuse_create_graph
-from .._grid import cdiv, next_power_of_2
+from .._grid import cdiv, next_power_of_2, sm_count
 from . import _triton
 
 
@@ -384,7 +384,7 @@ def _last_as_partial(n: int, partial: bool, width: int, backward: bool) -> bool:
 def _backward_grid(m: int, device: torch.device, programs_per_sm: int) -> int:
     """Programs of the backward kernel: enough to fill the GPU, few enough that the du partials stay small."""
     if device.type == "cuda":
-        return min(m, torch.cuda.get_device_properties(device).multi_processor_count * programs_per_sm)
+        return min(m, sm_count(device) * programs_per_sm)
     return min(m, 4)
 
 

@@ -6,7 +6,8 @@ AttnRes's depth attention (``--sections attn_res``; its anchor is the standard r
 inference (``--sections attn_res_prefill``, and at one token ``attn_res_decode``); ``--sections traffic`` times a plain
 streaming kernel at the read/write mixes of the prefill's residual kernels, the rate a kernel of that mix can reach;
 ``--sections ce_lora_pack`` times CE-LoRA's packing pass at the shapes of ``bench_ce_lora.py`` (sweep its tiles with
-``--sweep ce_lora.pack.CONFIG=-1,0,1``).
+``--sweep ce_lora.pack.CONFIG=-1,0,1``); ``--sections lora_branch`` times the fp32 LoRA branch's kernels on bf16
+activations against PEFT's torch sequence.
 Every number is a triton.testing.do_bench median (L2 flushed between calls; the CUDA-graph rows use
 do_bench_cudagraph, unflushed). "floor" is the time to move the op's minimum bytes at the device's copy
 bandwidth, measured in the run (a 1 GiB copy) unless --bandwidth-tbs gives it; the CPU smoke run, whose timings mean
@@ -505,6 +506,41 @@ def bench_ce_lora_pack(setup: _Setup) -> list[Row]:
     return rows
 
 
+# LoRA's fp32 branch on bf16 activations at the ~0.9B Llama step's rows and widths (2048: q/k/v/o inputs, down's
+# output; 5632: gate/up outputs, down's input), LoRA r16
+_BRANCH_SHAPES = ((8192, 2048), (8192, 5632))
+_BRANCH_RANK = 16
+
+
+def bench_lora_branch(setup: _Setup) -> list[Row]:
+    """``kimi_hf.kernels.lora_branch``'s kernels (fp32 LoRA factors, 16-bit activations read as they are) against the
+    torch sequences PEFT LoRA runs (16-bit tensors widened to fp32 copies); floor: the 16-bit tensor read (and, for
+    the in-place update, written) once."""
+    from kimi_hf.kernels.lora_branch import lora_down, lora_up_add_, lora_weight_grad
+
+    elem = torch.finfo(setup.dtype).bits // 8
+    rows = []
+    for n_rows, width in ((48, 200), (40, 96)) if setup.tiny else _BRANCH_SHAPES:
+        generator = torch.Generator().manual_seed(width)
+        big = torch.randn(n_rows, width, generator=generator).to(setup.device, setup.dtype)
+        y = torch.randn(n_rows, _BRANCH_RANK, generator=generator).to(setup.device)
+        weight = torch.randn(_BRANCH_RANK, width, generator=generator).to(setup.device)
+        shape = f"T{n_rows} N{width} r{_BRANCH_RANK}"
+        ops = [  # (name, the op for a backend, passes over the 16-bit tensor)
+            ("x A^T (lora_down)", lambda b: lambda: lora_down(big, weight, backend=b), 1),
+            ("branch added, rounded once (lora_up_add_)",
+             lambda b: lambda: lora_up_add_(big, y, weight.T, 2.0, backend=b), 2),
+            ("dX branch rounded first (lora_up_add_)",
+             lambda b: lambda: lora_up_add_(big, y, weight.T, round_first=True, backend=b), 2),
+            ("dA = (dY s B)^T x (lora_weight_grad)", lambda b: lambda: lora_weight_grad(y, big, backend=b), 1),
+        ]  # fmt: skip
+        for name, op, passes in ops:
+            rows.append(Row(f"LoRA fp32 branch: {name}", shape, _time_us(op("triton"), setup),
+                            "PEFT's torch sequence", _time_us(op("torch"), setup),
+                            setup.floor_us(passes * n_rows * width * elem)))  # fmt: skip
+    return rows
+
+
 _SECTIONS = {
     "conv": bench_conv,
     "norm": bench_gated_norm,
@@ -515,6 +551,7 @@ _SECTIONS = {
     "attn_res_decode": bench_decode_reads,
     "traffic": bench_traffic,
     "ce_lora_pack": bench_ce_lora_pack,
+    "lora_branch": bench_lora_branch,
 }
 
 
@@ -578,7 +615,8 @@ def main() -> None:
                         help="which ops (kda_sweep: the decode kernel at each state tile width; "
                         "attn_res: the depth attention; attn_res_prefill: its two-phase inference at a block boundary; "
                         "attn_res_decode: its reads at one token; traffic: a streaming kernel at the prefill's "
-                        "read/write mixes; ce_lora_pack: CE-LoRA's packing pass)")
+                        "read/write mixes; ce_lora_pack: CE-LoRA's packing pass; lora_branch: the fp32 LoRA branch's "
+                        "kernels)")
     add_bandwidth_option(parser)
     parser.add_argument("--sweep", nargs="+", default=[], metavar="MODULE.NAME=V1,V2",
                         help="run the sections once per combination of these launch constants of kimi_hf.kernels "

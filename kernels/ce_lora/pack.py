@@ -25,14 +25,13 @@ training step against this kernel's 3.70 (session 48); a tensor-core product wit
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .._grid import cdiv, next_power_of_2
+from .._grid import cdiv, next_power_of_2, sm_count
 
 # Tile shapes tried on a GPU (keyed by channel count, kept count, low-rank width and the row count's power-of-two
 # bucket). Kept short: every config is compiled on a fresh machine. Rows per program trade B0's reuse (each row block
@@ -179,18 +178,13 @@ def _zeroed_counters(size: int, device: torch.device) -> torch.Tensor:
 _PICKED: dict[tuple, triton.Config] = {}
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _shares(n_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Channel shares per row block: ``SHARES`` if set, else enough programs for ``PROGRAMS_PER_SM`` per SM."""
     if SHARES:
         return max(1, min(SHARES, n_tiles))
     if _INTERPRETED:
         return 1
-    return max(1, min(n_tiles, -(-PROGRAMS_PER_SM * _sm_count(device) // n_blocks)))
+    return max(1, min(n_tiles, -(-PROGRAMS_PER_SM * sm_count(device) // n_blocks)))
 
 
 def forced_config() -> triton.Config | None:

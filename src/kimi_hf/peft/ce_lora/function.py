@@ -14,13 +14,18 @@ sum is rounded once to the base output's dtype, and LoRA's gradients are compute
 When branch and base share a dtype, the base GEMM adds onto the branch's output (``addmm_``) and, in
 backward, LoRA's input gradient ``s (dY B) A`` rides in CE-LoRA's packed GEMM. Unlike PEFT, ``x`` is
 saved as it came when the branch's dtype only widens it (bf16 to fp32 is exact) and widened again in
-backward: same values, no fp32 copy of every adapted layer's input held until backward.
+backward: same values, no fp32 copy of every adapted layer's input held until backward. When the branch is the
+wider one (PEFT's fp32 adapters on a bf16 or fp16 model), its products and sums run in
+:mod:`kimi_hf.kernels.lora_branch` (Triton on a GPU), which widens the 16-bit tensors in registers instead of
+copying ``x``, ``dY`` and the base output to fp32 as PEFT does.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kimi_hf.kernels.lora_branch import lora_down, lora_up_add_, lora_weight_grad
 
 from .state import CEChannelState
 
@@ -68,7 +73,8 @@ class _CELoraLinearFunction(torch.autograd.Function):
         lora_dtype = dtype if torch.is_autocast_enabled(x.device.type) else lora_a.dtype
         x_2d = x.reshape(-1, x.shape[-1])
         a, b = _as(lora_a, lora_dtype), _as(lora_b, lora_dtype)
-        xa = _as(x_2d, lora_dtype) @ a.T  # [T, r]
+        # [T, r]; a widened x (PEFT's fp32 adapters on a bf16 model) is widened in the kernel's registers, not copied
+        xa = x_2d @ a.T if lora_dtype == x.dtype else lora_down(x_2d, a, backend=state.backend)
         if lora_dtype == dtype:
             # The branch first, then the base GEMM adds onto it, scaled (beta), in its epilogue. Adding the branch
             # afterwards (addmm_ into the base output) read and wrote [T, O] once more: 4.4 ms of GPU time per
@@ -82,8 +88,7 @@ class _CELoraLinearFunction(torch.autograd.Function):
             if b_base is not None:  # a pass of its own (LLMs' projections seldom have a bias)
                 out_2d.add_(b_base)
         else:  # PEFT adds the branch to the base output in the branch's dtype, then rounds
-            out_2d = F.linear(x_2d, weight, bias)
-            out_2d.copy_(torch.addmm(out_2d.to(lora_dtype), xa, b.T, alpha=scaling))
+            out_2d = lora_up_add_(F.linear(x_2d, weight, bias), xa, b, scaling, backend=state.backend)
         out = out_2d.view(*x.shape[:-1], out_2d.shape[-1])
         widening = torch.promote_types(x.dtype, lora_dtype) == lora_dtype
         ctx.save_for_backward(
@@ -99,23 +104,25 @@ class _CELoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_2d, xa, lora_a, lora_b = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        dtype, lora_dtype = grad_2d.dtype, ctx.lora_dtype
+        dtype, lora_dtype, scaling, backend = grad_2d.dtype, ctx.lora_dtype, ctx.scaling, ctx.state.backend
         a, b = _as(lora_a, lora_dtype), _as(lora_b, lora_dtype)
-        grad_lora = _as(grad_2d, lora_dtype)  # dY as LoRA's branch sees it (no copy when the dtypes agree)
         fused = lora_dtype == dtype  # LoRA's dX term joins CE's packed GEMM only in the GEMM's dtype
         grad_x = dy_b = None
         if ctx.needs_input_grad[0]:
-            grad_x, dy_b = ctx.state.grad_input(grad_2d, ctx.weight, (a, b, ctx.scaling) if fused else None)
+            grad_x, dy_b = ctx.state.grad_input(grad_2d, ctx.weight, (a, b, scaling) if fused else None)
         if dy_b is None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
-            dy_b = grad_lora @ (b * ctx.scaling)  # [T, r]
+            dy_b = lora_down(grad_2d, b.T, scaling, backend=backend)  # [T, r], dY as LoRA's branch sees it
         if grad_x is not None:
             if not fused:  # as PEFT: LoRA's input gradient in the branch's dtype, rounded, then added
-                grad_x.add_((dy_b @ a).to(dtype))
+                lora_up_add_(grad_x, dy_b, a.T, round_first=True, backend=backend)
             grad_x = _as(grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]), ctx.x_dtype)
-        grad_a = dy_b.T @ _as(x_2d, lora_dtype) if ctx.needs_input_grad[3] else None
+        grad_a = lora_weight_grad(dy_b, x_2d, backend=backend) if ctx.needs_input_grad[3] else None
         grad_b = None
-        if ctx.needs_input_grad[4]:  # s dY^T (x A^T) in one GEMM (beta=0: the input is only a shape, never read)
-            grad_b = torch.addmm(b, grad_lora.T, xa, beta=0, alpha=ctx.scaling)
+        if ctx.needs_input_grad[4]:
+            if fused:  # s dY^T (x A^T) in one GEMM (beta=0: the input is only a shape, never read)
+                grad_b = torch.addmm(b, grad_2d.T, xa, beta=0, alpha=scaling)
+            else:
+                grad_b = lora_weight_grad(xa, grad_2d, scaling, transpose=True, backend=backend)
         grad_bias = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
