@@ -84,7 +84,14 @@ def _check_bf16_pack(shape: tuple[int, int], ratio: float, lora_rank: int) -> No
     assert torch.equal(plan.stack[plan.lora_slots], lora_a)
 
 
-def test_bf16_training_triton_matches_torch_backend():
+# Both backends must select the same channels at the first backward for the later approximate ones to agree: with bf16
+# adapters the forward runs the same torch ops on both, so dY and the selection are the same. With fp32 adapters
+# (PEFT's default) the forward's fp32 branch runs in lora_branch's kernels on one and in torch on the other; their
+# rounding differs by a step here and there, a near-tie between two channels' scores can flip, and the gradients of
+# the approximate steps then differ by more than rounding (1.2% in an fp16 run under the interpreter, against 0.2% at
+# ratio 1). So that case runs at ratio 1: the branch's kernels in a whole model, no selection.
+@pytest.mark.parametrize("autocast_adapter_dtype, ratio", [(False, 0.5), (True, 1.0)])
+def test_bf16_training_triton_matches_torch_backend(autocast_adapter_dtype, ratio):
     config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
     ids = torch.randint(0, 512, (2, 256), device="cuda")
@@ -93,8 +100,8 @@ def test_bf16_training_triton_matches_torch_backend():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
         targets = ["q_proj", "o_proj", "up_proj", "down_proj"]
-        ce_config = CELoraConfig(r=16, lora_alpha=32, ce_ratio=0.5, init_lora_weights=False, target_modules=targets)
-        model = get_peft_model(model, ce_config)
+        ce_config = CELoraConfig(r=16, lora_alpha=32, ce_ratio=ratio, init_lora_weights=False, target_modules=targets)
+        model = get_peft_model(model, ce_config, autocast_adapter_dtype=autocast_adapter_dtype)
         states = [m.ce_state["default"] for m in model.modules() if isinstance(m, CELinear)]
         for state in states:
             state.backend = backend
@@ -102,7 +109,8 @@ def test_bf16_training_triton_matches_torch_backend():
         for _ in range(3):
             model.zero_grad()
             model(input_ids=ids, labels=ids).loss.backward()
-        assert {s.steps for s in states if not s.exact} == {0, 3}  # 0: layer 0's q_proj input needs no dX
+        if ratio < 1:
+            assert {s.steps for s in states if not s.exact} == {0, 3}  # 0: layer 0's q_proj input needs no dX
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[1].items():
         assert_close_rel(grads[0][name], grad, 3e-2, name)
