@@ -4,8 +4,8 @@ PEFT's default adapters on a bf16 model are fp32 (``autocast_adapter_dtype=True`
 copy, widens the bf16 base output to add the fp32 branch, and in backward widens ``dY`` and casts LoRA's input
 gradient back to bf16 before adding it. Each of those is a pass over a ``[T, I]`` or ``[T, O]`` tensor in fp32. These
 kernels widen in registers instead: per element of the large tensors they read 2 bytes (and write 2 where they
-update one in place). Sums are fp32. The in-place update's products are fp32 ones (``input_precision="ieee"``); the
-two reductions over a long dimension use ``PRECISION`` (below), within a few fp32 rounding steps of PEFT's fp32 GEMMs.
+update one in place), with fp32 products and sums as PEFT's fp32 GEMMs (``input_precision="ieee"``, no TF32; the
+two reductions over a long dimension take ``PRECISION``, below).
 
 * :func:`lora_down_fwd`: ``y = scale * x @ w^T`` (``x [T, N]`` 16-bit, ``w [R, N]`` fp32, ``y [T, R]`` fp32);
   LoRA's ``x A^T`` and ``dY s B``.
@@ -35,10 +35,10 @@ STAGES = 3
 # Programs per SM the weight gradient's row splits aim for (its [R, N] output alone gives only N / BLOCK_N programs)
 PROGRAMS_PER_SM = 4
 MIN_SPLIT_ROWS = 256  # fewer rows per split would make the partials' traffic comparable to x's
-# Products of the two reductions over a long dimension: three TF32 tensor-core products per fp32 one (the 16-bit
-# operand is exact in TF32, the fp32 one split in two), fp32 sums. As CUDA-core fp32 ("ieee") x A^T ran at 7% of its
-# byte floor on an H100, 0.6x PEFT's widened copy plus cuBLAS (session 51).
-PRECISION: tl.constexpr = tl.constexpr("tf32x3")
+# Products of the two reductions over a long dimension: fp32 on CUDA cores ("ieee"). On an H100 x A^T ran at 7% of its
+# byte floor that way, 0.6x PEFT's widened copy plus cuBLAS (session 51). "tf32x3" (three TF32 tensor-core products per
+# fp32 one; the 16-bit operand is exact in TF32) is the candidate, not yet run on a GPU.
+PRECISION: tl.constexpr = tl.constexpr("ieee")
 
 
 def _rank_block(rank: int) -> int:
