@@ -105,12 +105,15 @@ def test_lora_weight_grad_matches_float64(dtype, shape, transpose, min_split_row
 
 @needs_triton
 def test_ops_take_no_rows():
-    """An empty batch: empty outputs, zero weight gradients, ``out`` untouched."""
+    """An empty batch: empty outputs, zero weight gradients, ``out`` untouched; a layer of no columns."""
     x, weight = torch.empty(0, 64, device=DEVICE, dtype=torch.bfloat16), torch.randn(16, 64, device=DEVICE)
     assert lora_down(x, weight, backend="triton").shape == (0, 16)
     assert lora_up_add_(x, torch.empty(0, 16, device=DEVICE), weight.T, backend="triton").shape == (0, 64)
     grad = lora_weight_grad(torch.empty(0, 16, device=DEVICE), x, backend="triton")
     assert grad.shape == (16, 64) and not grad.any()
+    no_columns = torch.empty(8, 0, device=DEVICE, dtype=torch.bfloat16)
+    grad = lora_weight_grad(torch.randn(8, 16, device=DEVICE), no_columns, transpose=True, backend="triton")
+    assert grad.shape == (0, 16)
 
 
 def test_other_dtypes_run_pefts_torch_ops():
@@ -133,6 +136,7 @@ def test_other_dtypes_run_pefts_torch_ops():
         (lambda: lora_up_add_(torch.zeros(4, 8), torch.zeros(4, 2), torch.zeros(8, 3)), "must agree"),
         (lambda: lora_up_add_(torch.zeros(4, 8), torch.zeros(4, 2), torch.zeros(8, 2).double()), "share the branch"),
         (lambda: lora_weight_grad(torch.zeros(4, 2), torch.zeros(5, 8)), "must share T"),
+        (lambda: lora_up_add_(torch.zeros(1, 8).expand(4, 8), torch.zeros(4, 2), torch.zeros(8, 2)), "rows overlap"),
     ],
 )
 def test_ops_name_bad_input(call, message):

@@ -85,6 +85,8 @@ def lora_up_add_(
         )
     if y.dtype != weight.dtype:
         raise ValueError(f"y and weight must share the branch's dtype, got {y.dtype} and {weight.dtype}")
+    if out.shape[0] > 1 and out.stride(1) == 1 and out.stride(0) < out.shape[1]:  # as torch's in-place ops refuse
+        raise ValueError(f"out's rows overlap in memory (shape {tuple(out.shape)}, strides {out.stride()})")
     if _use_triton(out, weight, backend):
         from .triton_kernels import lora_up_add_fwd
 

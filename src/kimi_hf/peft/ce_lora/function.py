@@ -116,7 +116,9 @@ class _CELoraLinearFunction(torch.autograd.Function):
             if not fused:  # as PEFT: LoRA's input gradient in the branch's dtype, rounded, then added
                 lora_up_add_(grad_x, dy_b, a.T, round_first=True, backend=backend)
             grad_x = _as(grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]), ctx.x_dtype)
-        grad_a = lora_weight_grad(dy_b, x_2d, backend=backend) if ctx.needs_input_grad[3] else None
+        grad_a = None
+        if ctx.needs_input_grad[3]:  # the fused path's operands share a dtype: one GEMM, no dispatch on the host
+            grad_a = dy_b.T @ _as(x_2d, lora_dtype) if fused else lora_weight_grad(dy_b, x_2d, backend=backend)
         grad_b = None
         if ctx.needs_input_grad[4]:
             if fused:  # s dY^T (x A^T) in one GEMM (beta=0: the input is only a shape, never read)
