@@ -31,6 +31,11 @@ SHAPES = [(70, 100, 16), (33, 64, 8), (129, 40, 24)]
 HALF = [torch.bfloat16, torch.float16]
 
 
+def on_16bit_shapes(test):
+    """``test(dtype, shape, ...)`` under Triton, for each 16-bit activation dtype and each of ``SHAPES``."""
+    return needs_triton(pytest.mark.parametrize("dtype", HALF)(pytest.mark.parametrize("shape", SHAPES)(test)))
+
+
 def _randn(*shape: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
 
@@ -49,9 +54,7 @@ def _assert_rounded_like(actual: torch.Tensor, expected: torch.Tensor, branch: t
         assert (diff > 0).float().mean().item() < 0.01, f"{name}: {(diff > 0).float().mean().item():.2%} differ"
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("shape", SHAPES)
+@on_16bit_shapes
 @pytest.mark.parametrize("strided", [False, True])
 def test_lora_down_matches_float64(dtype, shape, strided):
     """``scale x W^T`` of 16-bit ``x`` and fp32 ``W`` to fp32 accuracy, also for a transposed view (``B^T``)."""
@@ -64,9 +67,7 @@ def test_lora_down_matches_float64(dtype, shape, strided):
     assert_close_rel(got, naive_lora_down(x.double(), weight.double(), 0.75), 1e-6, "y")
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("shape", SHAPES)
+@on_16bit_shapes
 @pytest.mark.parametrize("round_first", [False, True])
 def test_lora_up_add_rounds_like_peft(dtype, shape, round_first):
     """``out += s y W^T`` in place, rounded as PEFT's torch ops round it (once, or the branch first)."""
@@ -85,9 +86,7 @@ def test_lora_up_add_rounds_like_peft(dtype, shape, round_first):
     _assert_rounded_like(got, expected, y.double() @ a.double(), "out, A^T")
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("shape", SHAPES)
+@on_16bit_shapes
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("min_split_rows", [16, 10**9])
 def test_lora_weight_grad_matches_float64(dtype, shape, transpose, min_split_rows, monkeypatch):
