@@ -165,7 +165,7 @@ def lora_weight_grad_fwd(y: torch.Tensor, x: torch.Tensor, scale: float, transpo
     wanted = cdiv(PROGRAMS_PER_SM * sm_count(x.device), col_blocks) if x.is_cuda else 2
     splits = max(1, min(wanted, n_rows // MIN_SPLIT_ROWS))
     split_rows = BLOCK_T * cdiv(cdiv(n_rows, splits), BLOCK_T)
-    splits = max(1, cdiv(n_rows, split_rows))  # every split non-empty
+    splits = cdiv(n_rows, split_rows)  # every split non-empty (n_rows > 0 here)
     shape = (splits, n_cols, rank) if transpose else (splits, rank, n_cols)
     partials = torch.empty(shape, device=x.device, dtype=torch.float32)
     stride_pr, stride_pn = (1, rank) if transpose else (n_cols, 1)
