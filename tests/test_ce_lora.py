@@ -614,6 +614,31 @@ def test_gradient_checkpointing_counts_backward_passes_not_forwards(use_reentran
     assert [s.selections for s in states] == [2] * len(states)
 
 
+def test_torch_compile_matches_eager():
+    """``torch.compile`` must not freeze the per-step Python state (the backward counter, the reselection, the plan)
+    into a traced graph: compiled and eager steps follow the same exact/approximate schedule and gradients."""
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(6)
+        base = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 128))
+        config = ce_config(r=4, lora_alpha=8, target_modules=["0", "2"], ce_ratio=0.25, ce_recompute_every=2)
+        config.task_type = None
+        model = get_peft_model(base, config).train()
+        forward = torch.compile(model) if compiled else model
+        grads = []
+        for step in range(5):
+            x = torch.randn(64, 128, generator=torch.Generator().manual_seed(step), requires_grad=True)
+            forward(x).square().sum().backward()
+            grads.append([x.grad.clone(), *lora_grads(model).values()])
+            model.zero_grad()
+        runs[compiled] = grads, [(s.steps, s.selections) for s in ce_states(model)]
+    (eager, eager_counts), (compiled, compiled_counts) = runs[False], runs[True]
+    assert eager_counts == compiled_counts == [(5, 3), (5, 3)]
+    for step, (expected, actual) in enumerate(zip(eager, compiled)):
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            assert_close_rel(a, e, 1e-5, f"step {step} gradient {i}")
+
+
 def test_gradient_accumulation_sums_micro_batch_gradients():
     torch.manual_seed(4)
     acc = get_peft_model(tiny_llama(layers=1), ce_config(ce_ratio=0.5, ce_recompute_every=1000))
