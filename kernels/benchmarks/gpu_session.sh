@@ -89,6 +89,13 @@ step_command() {
       --adapter-dtypes bf16 --checkpointing off --profile --profile-host ${CE_LORA_HOST_TOP:-0} \
       ${set:+--set ce_lora.pack.$set} \
       $([ "$name" = ce_lora_step_liger ] && echo --liger) --json $OUT/$2$name${set:+_$set}.json" ;;
+    # PEFT's default fp32 adapters on the bf16 model (kimi_hf.kernels.lora_branch): PEFT LoRA, our exact layer and
+    # ratio 0.5, with and without checkpointing; ce_lora_step_fp32_liger: on Liger-Kernel's ops, no checkpointing
+    ce_lora_step_fp32) echo "timeout 300 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers \
+      --settings PEFT exact 0.5 --adapter-dtypes fp32 --checkpointing both --json $OUT/$2ce_lora_step_fp32.json" ;;
+    ce_lora_step_fp32_liger) echo "timeout 200 python3 kernels/benchmarks/bench_ce_lora.py --skip-layers \
+      --settings PEFT exact 0.5 --adapter-dtypes fp32 --checkpointing off --liger \
+      --json $OUT/$2ce_lora_step_fp32_liger.json" ;;
     # CE_LORA_PACK_SWEEP="NAME=v1,v2 ..." (constants of ce_lora.pack, e.g. CONFIG=-1,0,1 PROGRAMS_PER_SM=1,4): the
     # packing pass at the step's and the per-layer part's shapes, every combination, by its kernel's GPU time (the
     # launcher's host time exceeds the kernel at the step's smaller shapes, and do_bench's times followed it)
