@@ -632,7 +632,7 @@ def test_torch_compile_matches_eager(device, dtype, tolerance):
         torch.manual_seed(6)
         base = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 128))
         config = ce_config(r=4, lora_alpha=8, target_modules=["0", "2"], ce_ratio=0.25, ce_recompute_every=2)
-        config.task_type = None
+        config.task_type = None  # a plain module, not a causal LM
         model = get_peft_model(base.to(device, dtype), config).train()
         forward = torch.compile(model) if compiled else model
         grads = []
